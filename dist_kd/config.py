@@ -1,0 +1,195 @@
+"""Run configuration: nested dataclasses, YAML files and dotted command-line overrides.
+
+Precedence is dataclass defaults <- YAML file <- ``a.b=c`` overrides. Every key is checked against the
+dataclass fields: an unknown key is an error naming the closest known one (users write these files by
+hand, and a typo that silently falls back to a default wastes a cluster job). Field-level validation
+lives in each dataclass's ``__post_init__`` and raises ``ValueError`` naming the field and the allowed values.
+
+The stage-specific dataclasses (general distillation, task distillation) are defined by the modules
+that use them; this module only knows how to build any of them from a mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a one-line description (shown in errors and ``describe``)."""
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"doc": text})
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) != len(typing.get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        return typing.Union[tuple(args)], optional  # noqa: UP007 - rebuilt from runtime args
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ValueError naming the key."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ValueError(f"config key '{where}' must not be null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{where}' must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        # e.g. `str | list[int]`: accept the first alternative that fits.
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(value, alt, where)
+            except ValueError:
+                continue
+        raise ValueError(f"config key '{where}' has value {value!r}, which is none of {tp}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config key '{where}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{where}' must be a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key '{where}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key '{where}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config key '{where}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"config key '{where}' must be a string, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise ValueError(f"unknown config key '{where}'{_closest(where, known)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        if prefix and not str(err).startswith(prefix):
+            raise ValueError(f"{prefix}.{err}") from None
+        raise
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=3", "c=[1, 2]"]`` into a nested mapping; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ValueError(f"override '{item}' has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build a config dataclass from defaults, an optional YAML file and dotted overrides.
+
+    Args:
+        cls: the top-level config dataclass.
+        path: a YAML file (None for defaults only).
+        overrides: ``key.sub=value`` strings, applied after the file.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ValueError: an unknown key, a value of the wrong type, or a field's own validation failed.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(cls, data)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain Python data (for YAML/JSON), keys in field order."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    """The fully resolved config as YAML, loadable again with ``load_config``."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

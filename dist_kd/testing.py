@@ -1,0 +1,132 @@
+"""Tiny models, tokenizers and text for tests, benchmarks and debugging.
+
+Everything here is built from configs in a few milliseconds and saved to a directory in the same layout
+as a real Hugging Face checkpoint, so tests exercise the same loading code users run. The vocabulary
+holds whole words and ``##`` continuation pieces, so some words tokenize to one piece and others to
+several (augmentation treats the two differently).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+WORDS = (
+    "the a an and or but of to in on at for with from by as is are was were be been it this that these those "
+    "he she they we you i his her their our my your its not no yes all some many few more most other such "
+    "one two three four five six seven eight nine ten first last new old good bad great small large long short "
+    "high low big little early late young day night year time week month world city country house home school "
+    "work game team player match goal season club music film book story news report market price bank company "
+    "government minister party election vote law court police people man woman child family friend life health "
+    "water food money business trade oil energy power car road train plane phone computer software internet data "
+    "said says told asked made make take took give gave get got go went come came see saw know knew think thought "
+    "find found show showed play played win won lose lost run ran buy sold rise fell grow grew start started end "
+    "happy sad love hate like want need help try call keep hold turn move live believe bring happen write read"
+).split()
+
+PIECES = "##s ##ed ##ing ##er ##ly ##est ##ness ##ment ##tion ##al ##ful ##less ##able ##ize ##ous".split()
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+
+
+def tiny_vocab() -> list[str]:
+    """The tiny WordPiece vocabulary: specials, whole words, continuation pieces, single characters."""
+    chars = [c for c in CHARS if c not in WORDS]
+    return SPECIAL_TOKENS + WORDS + PIECES + chars + [f"##{c}" for c in CHARS if c.isalnum()]
+
+
+def build_tiny_tokenizer(directory: str | Path):
+    """Write a BERT WordPiece fast tokenizer over ``tiny_vocab()`` to ``directory`` and return it."""
+    from transformers import BertTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {token: index for index, token in enumerate(tiny_vocab())}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def tiny_bert_config(
+    num_layers: int = 4,
+    hidden_size: int = 32,
+    num_heads: int = 4,
+    intermediate_size: int = 64,
+    vocab_size: int | None = None,
+    max_position_embeddings: int = 128,
+):
+    """A BertConfig small enough to train on a CPU in seconds."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size or len(tiny_vocab()),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def build_tiny_bert(directory: str | Path, seed: int = 0, model_class: str = "BertModel", **config_kwargs) -> Path:
+    """Save a randomly initialised tiny BERT (``model_class`` from transformers) and its tokenizer.
+
+    Args:
+        directory: where to save the HF directory.
+        seed: torch seed for the weights.
+        model_class: e.g. ``BertModel``, ``BertForMaskedLM``, ``BertForSequenceClassification``.
+        **config_kwargs: passed to ``tiny_bert_config`` (and ``num_labels`` etc. set on the config).
+
+    Returns:
+        The directory.
+    """
+    import torch
+    import transformers
+
+    directory = Path(directory)
+    extra = {k: config_kwargs.pop(k) for k in list(config_kwargs) if k in ("num_labels", "id2label", "label2id")}
+    config = tiny_bert_config(**config_kwargs)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    model.save_pretrained(directory)
+    build_tiny_tokenizer(directory)
+    return directory
+
+
+def build_tiny_roberta(directory: str | Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 32) -> Path:
+    """Save a tiny RoBERTa encoder (a second architecture) with a BERT WordPiece tokenizer."""
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    directory = Path(directory)
+    config = RobertaConfig(
+        vocab_size=len(tiny_vocab()),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=132,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    RobertaModel(config).save_pretrained(directory)
+    build_tiny_tokenizer(directory)
+    return directory
+
+
+def random_sentences(num: int, seed: int = 0, min_words: int = 3, max_words: int = 20) -> list[str]:
+    """Deterministic pseudo-English sentences over the tiny vocabulary (plus a few multi-piece words)."""
+    rng = random.Random(seed)
+    extra = ["played", "goals", "markets", "quickly", "happiness", "xyzzy"]
+    out = []
+    for _ in range(num):
+        n = rng.randint(min_words, max_words)
+        out.append(" ".join(rng.choice(WORDS + extra) for _ in range(n)) + ".")
+    return out

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models and tokenizers built from configs, saved like real HF checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from dist_kd.testing import build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 4-layer, 32-wide BERT teacher with its tokenizer."""
+    from dist_kd.testing import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory):
+    from dist_kd.testing import build_tiny_roberta
+
+    return build_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta"), seed=0)
