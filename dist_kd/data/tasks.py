@@ -1,0 +1,477 @@
+"""Task definitions and task data loading.
+
+Every stage that touches task data (augmentation, teacher precompute, task distillation, evaluation) reads
+it through :func:`load_task_examples`, which turns TSV / CSV / JSONL / Parquet files and ``datasets``
+directories into one shape: a table with ``example_id``, ``text_a``, ``text_b`` (nullable) and ``label``
+(class index or float, nullable). Column names in the file map through the :class:`TaskSpec`.
+
+Label order is explicit: a classification task carries its label list, and a label index means "position
+in that list" everywhere downstream (soft targets, teacher heads, student heads). Labels in files may be
+names or ids; they are resolved against the list here, once, so nothing later has to guess.
+:func:`label_order_check` is the one place that compares two label orders; stages call it on teachers,
+soft-target stores and students so that a mismatch is an error rather than silently permuted classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dist_kd.config import doc
+
+TASK_TYPES = ("classification", "regression")
+METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
+DEFAULT_TEXT_B = "text_b"
+# Column a file may carry with its own stable ids; used when the spec names no id column.
+DEFAULT_ID_COLUMN = "example_id"
+FILE_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """What a task is and how its files map onto ``text_a`` / ``text_b`` / ``label``."""
+
+    name: str = doc("task name; used in example ids and in every output's metadata")
+    type: str = doc("classification | regression", default="classification")
+    labels: list[str] = doc("label names in index order (classification); empty for regression", default_factory=list)
+    text_a: str = doc("column holding the first (or only) text", default="text_a")
+    text_b: str | None = doc(
+        "column holding the second text of sentence pairs; null for single texts. The default 'text_b' is "
+        "optional: a file without that column reads as single-text",
+        default=DEFAULT_TEXT_B,
+    )
+    label: str | None = doc("column holding the label; null when the data has no labels", default="label")
+    metric: str = doc("headline metric: accuracy | f1 | mcc | pearson | spearman", default="accuracy")
+    id_column: str | None = doc("column with stable example ids; null -> '<task>-<row index>'", default=None)
+    tsv_columns: list[str] | None = doc(
+        "names of a headerless TSV's columns (GLUE's CoLA); a file whose first row holds text_a is read as headed",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("task name must not be empty")
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task '{self.name}': type must be one of {list(TASK_TYPES)}, got {self.type!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task '{self.name}': metric must be one of {list(METRICS)}, got {self.metric!r}")
+        self.labels = [str(label) for label in self.labels]
+        if self.type == "classification":
+            if len(self.labels) < 2:
+                raise ValueError(
+                    f"task '{self.name}': a classification task needs an explicit list of at least 2 labels "
+                    f"(labels: [a, b, ...] or --labels a,b,...), got {self.labels}"
+                )
+            duplicates = sorted({label for label in self.labels if self.labels.count(label) > 1})
+            if duplicates:
+                raise ValueError(f"task '{self.name}': labels {self.labels} repeat {duplicates}")
+        elif self.labels:
+            raise ValueError(f"task '{self.name}': a regression task takes no labels, got {self.labels}")
+
+    @property
+    def num_labels(self) -> int:
+        """Output width of a head for this task: the number of classes, or 1 for regression."""
+        return len(self.labels) if self.type == "classification" else 1
+
+
+def _glue(name: str, text_a: str, text_b: str | None, label: str, labels: list[str], metric: str, **kw) -> TaskSpec:
+    kind = "regression" if not labels else "classification"
+    return TaskSpec(name=name, type=kind, labels=labels, text_a=text_a, text_b=text_b, label=label, metric=metric, **kw)
+
+
+# Column names as they appear in the GLUE distribution's train/dev TSV files; label orders follow the
+# reference GLUE processors (BERT / TinyBERT), so teachers fine-tuned with those scripts line up.
+GLUE_TASKS: dict[str, TaskSpec] = {
+    "cola": _glue(
+        "cola", "sentence", None, "label", ["0", "1"], "mcc", tsv_columns=["source", "label", "author", "sentence"]
+    ),
+    "sst2": _glue("sst2", "sentence", None, "label", ["0", "1"], "accuracy"),
+    "mrpc": _glue("mrpc", "#1 String", "#2 String", "Quality", ["0", "1"], "f1"),
+    "qqp": _glue("qqp", "question1", "question2", "is_duplicate", ["0", "1"], "f1", id_column="id"),
+    "stsb": _glue("stsb", "sentence1", "sentence2", "score", [], "pearson"),
+    "mnli": _glue(
+        "mnli", "sentence1", "sentence2", "gold_label", ["contradiction", "entailment", "neutral"], "accuracy"
+    ),
+    "qnli": _glue("qnli", "question", "sentence", "label", ["entailment", "not_entailment"], "accuracy"),
+    "rte": _glue("rte", "sentence1", "sentence2", "label", ["entailment", "not_entailment"], "accuracy"),
+    "wnli": _glue("wnli", "sentence1", "sentence2", "label", ["0", "1"], "accuracy"),
+}
+
+
+def resolve_task_spec(
+    name: str,
+    *,
+    type: str | None = None,  # noqa: A002 - mirrors the config key
+    labels: Sequence[str] | None = None,
+    text_a: str | None = None,
+    text_b: str | None = DEFAULT_TEXT_B,
+    label: str | None = "label",
+    metric: str | None = None,
+    id_column: str | None = None,
+) -> TaskSpec:
+    """Build a task spec: a GLUE registry entry with column overrides, or a custom task.
+
+    For a GLUE name (``sst2``, ``mnli``, ...; case-insensitive, ``sst-2``/``sts-b`` accepted) the registry's
+    columns and label order are the defaults; column arguments left at their defaults keep the registry's
+    names. ``labels`` given for a GLUE task must equal the registry's order (the order is part of the model).
+
+    Args:
+        name: task name.
+        type: classification | regression (custom tasks; default classification).
+        labels: label names in index order.
+        text_a: text column (default ``text_a``).
+        text_b: second text column, or None (default ``text_b``, optional in the file).
+        label: label column, or None for unlabeled data.
+        metric: headline metric (default accuracy, or pearson for regression).
+        id_column: column with stable example ids.
+
+    Returns:
+        The validated :class:`TaskSpec`.
+
+    Raises:
+        ValueError: invalid fields, or labels that disagree with a GLUE task's order.
+    """
+    key = name.lower().replace("-", "")
+    if key in GLUE_TASKS:
+        base = GLUE_TASKS[key]
+        if labels is not None:
+            label_order_check(base.labels, list(labels), f"the labels given for GLUE task '{key}'", task=key)
+        if type is not None and type != base.type:
+            raise ValueError(f"GLUE task '{key}' is {base.type}, got type {type!r}")
+        return dataclasses.replace(
+            base,
+            text_a=text_a or base.text_a,
+            text_b=base.text_b if text_b == DEFAULT_TEXT_B else text_b,
+            label=base.label if label == "label" else label,
+            metric=metric or base.metric,
+            id_column=id_column or base.id_column,
+        )
+    kind = type or "classification"
+    return TaskSpec(
+        name=name,
+        type=kind,
+        labels=list(labels or []),
+        text_a=text_a or "text_a",
+        text_b=text_b,
+        label=label,
+        metric=metric or ("pearson" if kind == "regression" else "accuracy"),
+        id_column=id_column,
+    )
+
+
+def label_order_check(expected: Sequence[str], found: Sequence[str], what: str, task: str | None = None) -> None:
+    """Raise unless two label orders are identical.
+
+    Call it wherever labels cross a boundary: a teacher's ``id2label``, a soft-target store's
+    ``label_names`` metadata, a student head, against the task's list. A permuted order would otherwise
+    train and evaluate on silently swapped classes.
+
+    Args:
+        expected: the task's label list (index order).
+        found: the other side's label list (index order).
+        what: who ``found`` belongs to, e.g. ``"teacher runs/t1"`` or ``"soft-target store st/ (metadata)"``.
+        task: task name, for the message.
+
+    Raises:
+        ValueError: the orders differ; the message shows both and says whether only the order differs.
+    """
+    expected_list = [str(label) for label in expected]
+    found_list = [str(label) for label in found]
+    if expected_list == found_list:
+        return
+    hint = (
+        "the same labels in a different order"
+        if sorted(expected_list) == sorted(found_list)
+        else "a different label set"
+    )
+    owner = f"task '{task}'" if task else "the task"
+    raise ValueError(
+        f"{what} has labels {found_list}, {owner} expects {expected_list} ({hint}); "
+        "label order must match exactly, retrain or remap explicitly"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def detect_format(path: str | Path) -> str:
+    """``tsv`` | ``csv`` | ``jsonl`` | ``parquet`` | ``datasets`` for a path, from its suffix or directory."""
+    path = Path(path)
+    if path.is_dir():
+        return "datasets"
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"task data {path}: cannot tell the format from suffix {path.suffix!r}; "
+            f"expected one of {sorted(FILE_FORMATS)} or a datasets directory"
+        )
+    return fmt
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"task data {path} is not valid {encoding} text ({err}); pass the file's encoding (e.g. --encoding latin-1)"
+        ) from None
+
+
+def _rows_to_table(path: Path, header: list[str], rows: list[list[str]]) -> pa.Table:
+    width = len(header)
+    for number, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(
+                f"task data {path}: data row {number} has {len(row)} fields, the header has {width} ({header})"
+            )
+    if len(set(header)) != width:
+        raise ValueError(f"task data {path}: the header repeats column names: {header}")
+    return pa.table({name: pa.array([row[i] for row in rows], pa.string()) for i, name in enumerate(header)})
+
+
+def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.Table:
+    text = _read_text(path, encoding)
+    if fmt == "tsv":
+        # GLUE TSVs contain unbalanced quotes inside sentences; quoting must be off or rows merge.
+        reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(text.splitlines())
+    rows = [row for row in reader if row]
+    if not rows:
+        raise ValueError(f"task data {path} is empty: no header and no rows")
+    header, body = rows[0], rows[1:]
+    if fmt == "tsv" and spec.tsv_columns and spec.text_a not in header:
+        header, body = list(spec.tsv_columns), rows
+    return _rows_to_table(path, header, body)
+
+
+def _read_jsonl(path: Path, encoding: str) -> pa.Table:
+    records = []
+    for number, line in enumerate(_read_text(path, encoding).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"task data {path}: line {number} is not valid JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"task data {path}: line {number} must be a JSON object, found {type(record).__name__}")
+        records.append(record)
+    if not records:
+        return pa.table({})
+    columns: dict[str, list[Any]] = {}
+    for record in records:
+        for key in record:
+            columns.setdefault(key, [])
+    # Build columns as Python lists: JSON rows may mix ints and strings in one field (labels "1" and 1).
+    return pa.table({key: pa.array([_plain(r.get(key)) for r in records]) for key in columns})
+
+
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, bool | int | float) else str(value)
+
+
+def _read_datasets(path: Path, split: str | None) -> tuple[pa.Table, dict[str, list[str]]]:
+    """A ``datasets`` directory as a table plus the names of its ClassLabel columns."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"task data {path} is not a datasets directory ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = sorted(loaded)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in loaded:
+            raise ValueError(f"task data {path} holds splits {splits}; choose one with split= (got {split!r})")
+        loaded = loaded[split]
+    class_names = {
+        column: list(feature.names)
+        for column, feature in loaded.features.items()
+        if isinstance(feature, datasets.ClassLabel)
+    }
+    return loaded.with_format("arrow")[:], class_names
+
+
+def read_raw_table(
+    path: str | Path, spec: TaskSpec, encoding: str = "utf-8", split: str | None = None
+) -> tuple[pa.Table, dict[str, list[str]]]:
+    """The file's columns as stored, plus ClassLabel names for ``datasets`` columns that have them."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"task data {path} does not exist (task '{spec.name}')")
+    fmt = detect_format(path)
+    if fmt == "datasets":
+        return _read_datasets(path, split)
+    if fmt == "parquet":
+        return pq.read_table(path), {}
+    if fmt == "jsonl":
+        return _read_jsonl(path, encoding), {}
+    return _read_delimited(path, fmt, spec, encoding), {}
+
+
+# -------------------------------------------------------------------------------------------- normalise
+
+
+def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[str] | None) -> list[Any]:
+    """Raw label cells -> class indices (classification) or floats (regression); None stays None."""
+    out: list[Any] = []
+    if spec.type == "regression":
+        for row, value in enumerate(values):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                out.append(None)
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"task data {path}: row {row}, column '{spec.label}' holds {value!r}, expected a number "
+                    f"(task '{spec.name}' is regression)"
+                ) from None
+            if not math.isfinite(number):
+                raise ValueError(f"task data {path}: row {row}, column '{spec.label}' holds {value!r}")
+            out.append(number)
+        return out
+    index_of = {label: i for i, label in enumerate(spec.labels)}
+    # Integer ids are accepted only when no label name is itself an integer: with labels ["1", "2"],
+    # the cell "1" must mean the label named "1", and a cell "0" is an error, not label "1".
+    ids_allowed = not any(_as_int(label) is not None for label in spec.labels)
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            out.append(None)
+            continue
+        if names is not None:
+            # datasets ClassLabel: ints index the dataset's own names (-1 = no label); map by name so a
+            # dataset whose label order differs from the task's cannot permute classes.
+            if int(value) < 0:
+                out.append(None)
+                continue
+            value = names[int(value)]
+        key = _cell_key(value)
+        if key in index_of:
+            out.append(index_of[key])
+            continue
+        number = _as_int(key)
+        if ids_allowed and number is not None and 0 <= number < len(spec.labels):
+            out.append(number)
+            continue
+        allowed = f"{spec.labels}" + (f" or their ids 0..{len(spec.labels) - 1}" if ids_allowed else "")
+        raise ValueError(
+            f"task data {path}: row {row}, column '{spec.label}' holds unknown label {value!r}; "
+            f"task '{spec.name}' allows {allowed}"
+        )
+    return out
+
+
+def _cell_key(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _as_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _column(table: pa.Table, name: str, path: Path, spec: TaskSpec, role: str) -> list[Any]:
+    if name not in table.column_names:
+        raise ValueError(
+            f"task data {path} has no column '{name}' ({role} of task '{spec.name}'); columns found: "
+            f"{table.column_names}. Map the column with --{role.replace('_', '-')} or the task config's '{role}' key"
+        )
+    return table.column(name).to_pylist()
+
+
+def task_schema(spec: TaskSpec) -> pa.Schema:
+    """Arrow schema of :func:`load_task_examples` output: int64 labels for classification, float64 else."""
+    label_type = pa.int64() if spec.type == "classification" else pa.float64()
+    return pa.schema(
+        [("example_id", pa.string()), ("text_a", pa.string()), ("text_b", pa.string()), ("label", label_type)]
+    )
+
+
+def load_task_examples(
+    path: str | Path,
+    spec: TaskSpec,
+    *,
+    require_labels: bool = True,
+    encoding: str = "utf-8",
+    split: str | None = None,
+) -> pa.Table:
+    """Load task data into the normalised shape every stage uses.
+
+    Args:
+        path: a ``.tsv`` / ``.csv`` / ``.jsonl`` (``.json`` lines) / ``.parquet`` file, or a directory saved
+            with ``datasets`` (``Dataset.save_to_disk``; for a ``DatasetDict`` pass ``split``).
+        spec: the task (columns, type, label order).
+        require_labels: if True, the label column must exist and every row must have a label; if False
+            (test sets), a missing label column or empty cells give null labels.
+        encoding: text encoding of TSV / CSV / JSONL files.
+        split: split of a ``DatasetDict`` directory (optional when it has one split).
+
+    Returns:
+        A table with the schema :func:`task_schema`: ``example_id`` (string: the spec's id column, else an
+        ``example_id`` column in the file, else ``"<task>-<row index>"``), ``text_a`` (string), ``text_b``
+        (string or null), ``label`` (int64 index into ``spec.labels``, or float64 for regression; null only
+        when ``require_labels`` is False). Rows keep the file's order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: an unknown format, no rows, a missing column (naming the file, the column and the columns
+            found), an unknown label (naming the file, row, label and the allowed labels), a missing label or
+            text, or duplicate example ids.
+    """
+    path = Path(path)
+    raw, class_names = read_raw_table(path, spec, encoding=encoding, split=split)
+    if raw.num_rows == 0:
+        raise ValueError(f"task data {path} has no examples (task '{spec.name}'); columns found: {raw.column_names}")
+    num_rows = raw.num_rows
+
+    text_a = _column(raw, spec.text_a, path, spec, "text_a")
+    if spec.text_b is None or (spec.text_b == DEFAULT_TEXT_B and spec.text_b not in raw.column_names):
+        text_b: list[Any] = [None] * num_rows
+    else:
+        text_b = _column(raw, spec.text_b, path, spec, "text_b")
+    for row, value in enumerate(text_a):
+        if value is None:
+            raise ValueError(f"task data {path}: row {row} has no text in column '{spec.text_a}' (text_a)")
+    text_a = [str(value) for value in text_a]
+    text_b = [None if value is None else str(value) for value in text_b]
+
+    if spec.label is None or (not require_labels and spec.label not in raw.column_names):
+        labels: list[Any] = [None] * num_rows
+    else:
+        column_names = class_names.get(spec.label)
+        labels = _resolve_labels(_column(raw, spec.label, path, spec, "label"), spec, path, column_names)
+        if require_labels:
+            missing = [row for row, value in enumerate(labels) if value is None]
+            if missing:
+                raise ValueError(
+                    f"task data {path}: rows {missing[:10]}{'...' if len(missing) > 10 else ''} have no label in "
+                    f"column '{spec.label}'; pass require_labels=False for unlabeled (test) data"
+                )
+    if spec.label is None and require_labels:
+        raise ValueError(f"task '{spec.name}' has no label column (label: null) but labels are required")
+
+    id_column = spec.id_column or (DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in raw.column_names else None)
+    if id_column is not None:
+        ids = [str(value) for value in _column(raw, id_column, path, spec, "id_column")]
+        if len(set(ids)) != num_rows:
+            seen: set[str] = set()
+            duplicate = next(value for value in ids if value in seen or seen.add(value))
+            raise ValueError(f"task data {path}: column '{id_column}' repeats the id {duplicate!r}; ids must be unique")
+    else:
+        ids = [f"{spec.name}-{row}" for row in range(num_rows)]
+    return pa.table({"example_id": ids, "text_a": text_a, "text_b": text_b, "label": labels}, schema=task_schema(spec))
