@@ -32,8 +32,8 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
 
 def tiny_vocab() -> list[str]:
     """The tiny WordPiece vocabulary: specials, whole words, continuation pieces, single characters."""
-    chars = [c for c in CHARS if c not in WORDS]
-    return SPECIAL_TOKENS + WORDS + PIECES + chars + [f"##{c}" for c in CHARS if c.isalnum()]
+    tokens = SPECIAL_TOKENS + WORDS + PIECES + CHARS + [f"##{c}" for c in CHARS if c.isalnum()]
+    return list(dict.fromkeys(tokens))  # first occurrence wins: ids stay stable, no duplicate entries
 
 
 def build_tiny_tokenizer(directory: str | Path):

@@ -1,0 +1,183 @@
+"""Distillation losses as pure tensor functions (no modules held, no globals).
+
+All reductions accumulate in fp32 whatever the input dtype: teachers run in fp16/bf16, and a squared
+error summed over B*H*L*L half-precision elements loses most of its mantissa. Padding is excluded
+through explicit masks, so a batch's loss does not depend on how much padding it carries.
+
+Shapes use suffixes: B batch, H heads, L sequence length, D width, C classes, K teachers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _mask_BL(mask: torch.Tensor | None, like_BL: torch.Size, device: torch.device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(like_BL, dtype=torch.float32, device=device)
+    if mask.shape != like_BL:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(like_BL)} (B, L)")
+    return mask.to(device=device, dtype=torch.float32)
+
+
+def attention_mse(
+    student_scores: torch.Tensor, teacher_scores: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """MSE between unnormalized attention scores (QK^T / sqrt(d), before mask and softmax).
+
+    Args:
+        student_scores: ``(B, H, L, L)``.
+        teacher_scores: ``(B, H, L, L)``, same head count (TinyBERT compares head by head).
+        attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding; None means all real.
+
+    Returns:
+        Scalar fp32: mean over (b, h, i, j) where tokens i and j are both real. This equals
+        ``1/H * sum_h MSE(A_S_h, A_T_h)`` of the paper restricted to real token pairs.
+    """
+    if student_scores.shape != teacher_scores.shape:
+        raise ValueError(
+            f"attention score shapes differ: student {tuple(student_scores.shape)} vs teacher "
+            f"{tuple(teacher_scores.shape)}; (B, H, L, L) must match, including the head count"
+        )
+    batch, heads, length, _ = student_scores.shape
+    mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_scores.device)
+    pair_B1LL = (mask_BL[:, :, None] * mask_BL[:, None, :])[:, None]
+    diff = student_scores.float() - teacher_scores.float()
+    total = (diff.square() * pair_B1LL).sum()
+    count = pair_B1LL.sum() * heads
+    return total / count.clamp_min(1.0)
+
+
+def hidden_mse(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    projection: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """MSE between student states (projected to the teacher's width) and teacher states.
+
+    Args:
+        student_hidden: ``(B, L, D_S)``.
+        teacher_hidden: ``(B, L, D_T)``.
+        attention_mask: ``(B, L)``, 1 for real tokens; None means all real.
+        projection: ``nn.Linear(D_S, D_T)`` (W_e or W_h) or None when the widths already match.
+
+    Returns:
+        Scalar fp32: mean over real tokens and the D_T features.
+    """
+    if projection is not None:
+        student_hidden = projection(student_hidden.to(next(projection.parameters()).dtype))
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"hidden shapes differ: student {tuple(student_hidden.shape)} vs teacher {tuple(teacher_hidden.shape)}; "
+            "a projection from the student to the teacher width is needed"
+        )
+    batch, length, width = teacher_hidden.shape
+    mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_hidden.device)
+    diff = student_hidden.float() - teacher_hidden.float()
+    total = (diff.square() * mask_BL[:, :, None]).sum()
+    return total / (mask_BL.sum() * width).clamp_min(1.0)
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Cross-entropy against soft targets: mean over the batch of ``-sum_c Q_c log softmax(z_S / t)_c``.
+
+    Args:
+        student_logits: ``(B, C)``.
+        teacher_probs: ``(B, C)`` target distribution Q (already at temperature t, e.g. from
+            ``ensemble_probs(teacher_logits, t)``).
+        temperature: t, applied to the student logits.
+
+    Returns:
+        Scalar fp32.
+    """
+    if student_logits.shape != teacher_probs.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher probabilities {tuple(teacher_probs.shape)} "
+            "differ; (B, C) must match (same number and order of labels)"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(teacher_probs.float() * log_probs).sum(dim=-1).mean()
+
+
+def ensemble_probs(teacher_logits: Sequence[torch.Tensor] | torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Soft targets of an ensemble: the mean of the K teachers' softmaxes at temperature t.
+
+    Args:
+        teacher_logits: a list of K ``(B, C)`` tensors or a ``(K, B, C)`` tensor.
+        temperature: t, applied to every teacher's logits.
+
+    Returns:
+        ``(B, C)`` fp32 probabilities (rows sum to 1).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits_KBC = torch.stack(list(teacher_logits)) if not torch.is_tensor(teacher_logits) else teacher_logits
+    if logits_KBC.dim() != 3:
+        raise ValueError(f"teacher logits must be K x (B, C), got shape {tuple(logits_KBC.shape)}")
+    return F.softmax(logits_KBC.float() / temperature, dim=-1).mean(dim=0)
+
+
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str = "classification") -> torch.Tensor:
+    """The usual supervised loss: cross-entropy for classification, MSE for regression.
+
+    Args:
+        logits: ``(B, C)`` for classification, ``(B,)`` or ``(B, 1)`` for regression.
+        labels: ``(B,)`` class indices, or float targets for regression.
+        task_type: ``classification`` or ``regression``.
+
+    Returns:
+        Scalar fp32, mean over the batch.
+    """
+    if task_type == "classification":
+        return F.cross_entropy(logits.float(), labels.long())
+    if task_type == "regression":
+        return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
+    raise ValueError(f"task type must be 'classification' or 'regression', got {task_type!r}")
+
+
+def prediction_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    temperature: float = 1.0,
+    task_type: str = "classification",
+) -> dict[str, torch.Tensor]:
+    """Soft/hard mixed prediction-layer loss: ``soft_weight * CE(Q, z_S/t) + hard_weight * hard(z_S, y)``.
+
+    For regression the "soft target" is the teacher's (ensemble mean) prediction, compared by MSE.
+
+    Args:
+        student_logits: ``(B, C)``.
+        teacher_probs: ``(B, C)`` soft targets, or None when the task has no teacher.
+        labels: ``(B,)`` hard labels, or None (augmented rows carry none).
+        soft_weight: weight of the soft term (ignored when ``teacher_probs`` is None).
+        hard_weight: weight of the hard term (ignored when ``labels`` is None).
+        temperature: t for the soft term.
+        task_type: ``classification`` or ``regression``.
+
+    Returns:
+        ``{"loss": total, "soft": ..., "hard": ...}`` (terms present only when used).
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if teacher_probs is not None and soft_weight:
+        if task_type == "regression":
+            terms["soft"] = F.mse_loss(student_logits.float().reshape(-1), teacher_probs.float().reshape(-1))
+        else:
+            terms["soft"] = soft_cross_entropy(student_logits, teacher_probs, temperature)
+    if labels is not None and hard_weight:
+        terms["hard"] = hard_label_loss(student_logits, labels, task_type)
+    if not terms:
+        raise ValueError("prediction_loss needs soft targets with soft_weight > 0 or labels with hard_weight > 0")
+    weights = {"soft": soft_weight, "hard": hard_weight}
+    terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+    return terms

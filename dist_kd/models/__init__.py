@@ -1,0 +1,1 @@
+"""Teachers, students, projections and feature capture."""

@@ -1,0 +1,169 @@
+"""Feature capture: embedding output, hidden states and raw attention scores of chosen layers.
+
+TinyBERT's attention loss compares *unnormalized* scores QK^T / sqrt(d_head), before the mask and the
+softmax. No stock attention implementation returns them: SDPA returns nothing, and ``eager`` with
+``output_attentions`` returns softmax probabilities. transformers (>= 5) dispatches attention through a
+registry keyed by ``config._attn_implementation``; dist_kd registers one more entry, ``dist_kd``, which
+
+- in layers marked for capture computes the scores explicitly, hands them to the capture, and
+  finishes attention itself (mask + fp32 softmax + dropout + weighted sum, as eager does);
+- in every other layer defers to SDPA, so unmapped layers never materialise an L x L matrix.
+
+Layers are marked by setting attributes on the modules of each transformer layer, so the mechanism is
+independent of the architecture's attribute names: any encoder whose attention goes through the registry
+(BERT, RoBERTa, ELECTRA, XLM-R, ...) works. An encoder that does not (its attention never calls the
+registry) is rejected at load time with a clear error rather than silently returning no scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ATTN_IMPLEMENTATION = "dist_kd"
+_LAYER_ATTR = "_dist_kd_layer"
+_SINK_ATTR = "_dist_kd_sink"
+
+
+@dataclass
+class EncoderFeatures:
+    """What the distillation losses read from one forward pass.
+
+    Attributes:
+        embeddings: ``(B, L, D)`` embedding output (``hidden_states[0]``).
+        hidden: 1-based layer index -> ``(B, L, D)`` output of that transformer layer.
+        scores: 1-based layer index -> ``(B, H, L, L)`` raw attention scores of that layer.
+        last_hidden: ``(B, L, D)`` output of the last layer that ran.
+    """
+
+    embeddings: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    last_hidden: torch.Tensor | None = None
+
+
+def _capture_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sink = getattr(module, _SINK_ATTR, None)
+    if sink is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores_BHLL = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    sink[getattr(module, _LAYER_ATTR)] = scores_BHLL
+    logits = scores_BHLL.float()
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            # finfo.min rather than -inf: a fully padded query row must give a finite softmax, as SDPA does.
+            logits = logits.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+        else:
+            logits = logits + attention_mask.float()
+    probs = torch.softmax(logits, dim=-1).to(value.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, None
+
+
+def register_attention() -> None:
+    """Register the ``dist_kd`` attention function and its mask format (SDPA's boolean masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _capture_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def find_layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """Locate the encoder's list of transformer layers (``encoder.layer`` in BERT, ``layers`` elsewhere).
+
+    Returns:
+        ``(parent module, attribute name, the ModuleList)``.
+
+    Raises:
+        ValueError: no ModuleList with ``config.num_hidden_layers`` entries was found.
+    """
+    num_layers = model.config.num_hidden_layers
+    for _name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == num_layers and child_name in ("layer", "layers"):
+                return module, child_name, child
+    raise ValueError(
+        f"{type(model).__name__}: found no list of {num_layers} transformer layers named 'layer' or 'layers'; "
+        "dist_kd supports BERT-family encoders (BERT, RoBERTa, ELECTRA, XLM-R, ...)"
+    )
+
+
+class FeatureCapture:
+    """Marks layers of a model for capture and collects their features on each forward pass.
+
+    Args:
+        model: an HF encoder loaded with ``attn_implementation="dist_kd"``.
+        score_layers: 1-based layers whose raw attention scores are captured.
+    """
+
+    def __init__(self, model: nn.Module, score_layers: list[int]):
+        self.model = model
+        self.sink: dict[int, torch.Tensor] = {}
+        _, _, layers = find_layer_list(model)
+        for index, layer in enumerate(layers, start=1):
+            for module in layer.modules():
+                setattr(module, _LAYER_ATTR, index)
+                if index in score_layers:
+                    setattr(module, _SINK_ATTR, self.sink)
+                elif hasattr(module, _SINK_ATTR):
+                    delattr(module, _SINK_ATTR)
+        self.score_layers = sorted(score_layers)
+        self.num_layers = len(layers)
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden_layers: list[int] | None = None
+    ) -> EncoderFeatures:
+        """Run the encoder and return its features.
+
+        Args:
+            input_ids: ``(B, L)``.
+            attention_mask: ``(B, L)`` or None.
+            hidden_layers: 1-based layers whose outputs are kept (default: all that ran).
+        """
+        self.sink.clear()
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True
+        )
+        states = outputs.hidden_states
+        missing = [n for n in self.score_layers if n not in self.sink]
+        if missing:
+            raise RuntimeError(
+                f"{type(self.model).__name__} did not route attention through the '{ATTN_IMPLEMENTATION}' "
+                f"implementation for layers {missing}; its raw attention scores cannot be captured"
+            )
+        wanted = hidden_layers if hidden_layers is not None else range(1, len(states))
+        features = EncoderFeatures(
+            embeddings=states[0],
+            hidden={n: states[n] for n in wanted},
+            scores=dict(self.sink),
+            last_hidden=states[-1],
+        )
+        self.sink.clear()
+        return features
+
+
+def truncate_layers(model: nn.Module, num_layers: int) -> None:
+    """Drop the transformer layers above ``num_layers``: general distillation never reads them."""
+    parent, name, layers = find_layer_list(model)
+    if num_layers < len(layers):
+        setattr(parent, name, nn.ModuleList(list(layers)[:num_layers]))
+        model.config.num_hidden_layers = num_layers

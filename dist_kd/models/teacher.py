@@ -1,0 +1,125 @@
+"""Frozen teachers: loading, precision, and feature extraction.
+
+A teacher is any BERT-family encoder in a local Hugging Face directory. It runs outside the DeepSpeed
+engine (ZeRO never partitions it), in eval mode, with no parameter requiring grad, under ``no_grad``.
+``no_grad`` rather than ``inference_mode``: teacher outputs are targets in losses whose graph reaches
+the student, and inference-mode tensors cannot be saved for backward.
+
+Precision: fp16 by default on GPU. CPUs lack fast fp16 kernels, so an fp16 request on a CPU falls
+back to fp32 with a logged warning (bf16 is kept when asked for explicitly).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dist_kd.config import doc
+from dist_kd.models.capture import ATTN_IMPLEMENTATION, EncoderFeatures, FeatureCapture, register_attention
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher model."""
+
+    path: str = doc("local Hugging Face directory of the teacher encoder", "")
+    dtype: str = doc("teacher precision: fp16 | bf16 | fp32 (fp16 falls back to fp32 on a CPU)", "fp16")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"teacher.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype to run a frozen model in on ``device``, with the CPU fallback for fp16."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    if device.type == "cpu" and name == "fp16":
+        logger.warning("fp16 teachers are slow or unsupported on a CPU; running the teacher in fp32 instead")
+        return torch.float32
+    return DTYPES[name]
+
+
+def check_model_dir(path: str | Path, what: str) -> Path:
+    """Raise a clear error unless ``path`` is a Hugging Face model directory."""
+    if not path:
+        raise ValueError(f"{what} is not set; give a local Hugging Face model directory")
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {path} does not exist (expected a Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {path} has no config.json; is it a Hugging Face model directory?")
+    return path
+
+
+def load_frozen(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode with every parameter frozen."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+class Teacher:
+    """A frozen teacher encoder with feature capture for the mapped layers.
+
+    Args:
+        path: local HF directory.
+        dtype: ``fp16`` | ``bf16`` | ``fp32``.
+        device: where to run it.
+        score_layers: 1-based layers whose raw attention scores are captured (the mapped layers).
+        max_layer: drop the layers above this one (general distillation never reads them); None keeps all.
+        model_class: the transformers auto class to load with (``AutoModel`` for an encoder,
+            ``AutoModelForSequenceClassification`` to also get logits).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str = "fp16",
+        device: torch.device | str = "cpu",
+        score_layers: list[int] | None = None,
+        max_layer: int | None = None,
+        model_class: str = "AutoModel",
+    ):
+        import transformers
+
+        from dist_kd.models.capture import truncate_layers
+
+        self.path = check_model_dir(path, "teacher.path")
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        register_attention()
+        auto = getattr(transformers, model_class)
+        model = auto.from_pretrained(self.path, attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype)
+        self.config = model.config
+        self.num_layers = model.config.num_hidden_layers
+        self.num_heads = model.config.num_attention_heads
+        self.hidden_size = model.config.hidden_size
+        if max_layer is not None:
+            if not 1 <= max_layer <= self.num_layers:
+                raise ValueError(f"max_layer {max_layer} outside 1..{self.num_layers} for teacher {self.path}")
+            truncate_layers(model, max_layer)
+        self.model = load_frozen(model.to(self.device))
+        self.encoder = self.model.base_model if model_class != "AutoModel" else self.model
+        self.capture = FeatureCapture(self.encoder, list(score_layers or []))
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> EncoderFeatures:
+        """Embedding output, hidden states and the captured raw attention scores of one batch."""
+        return self.capture(
+            input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
+        )
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """Classification logits (needs ``model_class="AutoModelForSequenceClassification"``)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits

@@ -1,0 +1,116 @@
+"""The combined TinyBERT objective over captured features.
+
+``L = w_embd * L_embd + w_hidden * sum_m L_hidn(m) + w_attn * sum_m L_attn(m) + w_pred * L_pred``
+
+The per-layer terms are summed over the M student layers, as in the paper (``L = sum_m lambda_m L(m)``)
+and the reference implementation. Terms whose weight is 0 are not computed at all (general
+distillation has no prediction loss; a prediction-only task stage needs no attention scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_kd.config import doc
+from dist_kd.layer_map import layer_map as build_layer_map
+from dist_kd.losses import attention_mse, hidden_mse, soft_cross_entropy
+from dist_kd.models.capture import EncoderFeatures
+from dist_kd.models.student import Projections
+
+TERMS = ("embd", "hidden", "attn", "pred")
+
+
+@dataclass
+class LossWeights:
+    """Weight of each loss term."""
+
+    embd: float = doc("embedding-layer loss weight", 1.0)
+    hidden: float = doc("hidden-state loss weight (summed over student layers)", 1.0)
+    attn: float = doc("raw attention-score loss weight (summed over student layers)", 1.0)
+    pred: float = doc("prediction-layer soft cross-entropy weight (0 in general distillation)", 0.0)
+
+    def __post_init__(self):
+        for name in TERMS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"distill.weights.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class DistillConfig:
+    """How the student learns from the teacher."""
+
+    layer_map: str | list[int] = doc("uniform | top | bottom | an explicit list of teacher layers", "uniform")
+    temperature: float = doc("softmax temperature t for the prediction loss (student and teacher alike)", 1.0)
+    weights: LossWeights = doc("loss term weights", default_factory=LossWeights)
+    projection: str = doc("auto (W_e/W_h only when widths differ) | always", "auto")
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
+        if isinstance(self.layer_map, str) and self.layer_map not in ("uniform", "top", "bottom"):
+            raise ValueError(f"distill.layer_map must be uniform | top | bottom | a list, got {self.layer_map!r}")
+        if self.projection not in ("auto", "always"):
+            raise ValueError(f"distill.projection must be auto | always, got {self.projection!r}")
+
+    def mapping(self, num_teacher_layers: int, num_student_layers: int) -> list[int]:
+        """g(1..M) for this config."""
+        return build_layer_map(num_teacher_layers, num_student_layers, self.layer_map)
+
+
+def tinybert_objective(
+    student: EncoderFeatures,
+    teacher: EncoderFeatures,
+    mapping: list[int],
+    attention_mask: torch.Tensor | None,
+    weights: LossWeights,
+    projections: Projections | None = None,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Weighted TinyBERT loss and each of its terms.
+
+    Args:
+        student: student features (all M layers' hidden states and scores).
+        teacher: teacher features (at least the mapped layers).
+        mapping: g(1..M), 1-based teacher layers.
+        attention_mask: ``(B, L)``, 1 for real tokens.
+        weights: per-term weights; a 0 weight skips the term.
+        projections: W_e/W_h, or None when the widths match.
+        student_logits: ``(B, C)`` for the prediction loss.
+        teacher_logits: ``(B, C)`` for the prediction loss; softmax at ``temperature`` gives the targets.
+        temperature: t, applied to student and teacher logits alike.
+
+    Returns:
+        ``{"loss": total, "embd": ..., "hidden": ..., "attn": ..., "pred": ...}`` (fp32 scalars; only the
+        terms with a positive weight).
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if weights.embd > 0:
+        w_e = projections.embedding if projections is not None else None
+        terms["embd"] = hidden_mse(student.embeddings, teacher.embeddings, attention_mask, w_e)
+    if weights.hidden > 0:
+        terms["hidden"] = sum(
+            hidden_mse(
+                student.hidden[m],
+                teacher.hidden[n],
+                attention_mask,
+                projections.layer(m) if projections is not None else None,
+            )
+            for m, n in enumerate(mapping, start=1)
+        )
+    if weights.attn > 0:
+        terms["attn"] = sum(
+            attention_mse(student.scores[m], teacher.scores[n], attention_mask) for m, n in enumerate(mapping, start=1)
+        )
+    if weights.pred > 0:
+        if student_logits is None or teacher_logits is None:
+            raise ValueError("distill.weights.pred > 0 needs student and teacher logits")
+        teacher_probs = torch.softmax(teacher_logits.float() / temperature, dim=-1)
+        terms["pred"] = soft_cross_entropy(student_logits, teacher_probs, temperature)
+    if not terms:
+        raise ValueError("every distill.weights entry is 0: nothing to learn from")
+    terms["loss"] = sum(getattr(weights, name) * value for name, value in terms.items())
+    return terms

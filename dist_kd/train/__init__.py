@@ -1,0 +1,1 @@
+"""Training loops on a DeepSpeed engine: general and task distillation, checkpoint and resume."""

@@ -1,0 +1,184 @@
+"""The DeepSpeed engine around student + projections: config filling, optimizer, schedule.
+
+The JSON files in ``ds_configs/`` hold only what is DeepSpeed's business (ZeRO stage, offload,
+communication buckets). Batch size, accumulation, precision and clipping are filled in here from the
+run config, so the two can never disagree; a JSON file that sets one of them to a different value is an
+error rather than a silent override.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_kd.config import doc
+
+OPTIMIZERS = ("adamw", "adamax")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings."""
+
+    max_steps: int = doc("optimizer steps to run", 1000)
+    lr: float = doc("peak learning rate", 5.0e-5)
+    warmup_ratio: float = doc("fraction of max_steps with linear warmup (then linear decay to 0)", 0.1)
+    grad_accum: int = doc("micro-batches accumulated per optimizer step", 1)
+    clip: float = doc("gradient-norm clipping threshold (0 disables)", 1.0)
+    seed: int = doc("seed for weights, dropout and data order", 42)
+    optimizer: str = doc("adamw | adamax", "adamw")
+    weight_decay: float = doc("decoupled weight decay (not applied to biases and LayerNorm)", 0.01)
+    precision: str = doc("student precision: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16", "auto")
+    global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.clip < 0:
+            raise ValueError(f"train.clip must be >= 0, got {self.clip}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass
+class DeepSpeedSection:
+    """Which DeepSpeed JSON to start from."""
+
+    config: str = doc(
+        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in", "ds_configs/zero2.json"
+    )
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    if name != "auto":
+        if device.type == "cpu" and name != "fp32":
+            raise ValueError(f"train.precision={name} needs a GPU; use fp32 (or auto) on a CPU")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def resolve_ds_path(path: str) -> Path:
+    """A DeepSpeed JSON path as given, or relative to the dist_kd checkout."""
+    candidate = Path(path)
+    if not candidate.is_file() and not candidate.is_absolute():
+        candidate = REPO_ROOT / path
+    if not candidate.is_file():
+        raise FileNotFoundError(f"deepspeed.config {path} does not exist (see ds_configs/ for the shipped ones)")
+    return candidate
+
+
+def build_ds_config(
+    path: str, micro_batch_size: int, grad_accum: int, world_size: int, precision: str, clip: float
+) -> dict[str, Any]:
+    """Load a DeepSpeed JSON and fill in batch, accumulation, precision and clipping.
+
+    Raises:
+        ValueError: the JSON sets one of those keys to a value that disagrees with the run config.
+    """
+    source = resolve_ds_path(path)
+    try:
+        ds_config = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"deepspeed.config {source} is not valid JSON: {err}") from None
+    filled: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": clip,
+    }
+    for key, value in filled.items():
+        if key in ds_config and ds_config[key] != value:
+            raise ValueError(
+                f"deepspeed.config {source} sets {key}={ds_config[key]}, but the run config gives {value} "
+                "(micro_batch_size x grad_accum x world size); remove the key from the JSON"
+            )
+    ds_config.update(filled)
+    for key in ("fp16", "bf16"):
+        if ds_config.get(key, {}).get("enabled") and precision != key:
+            raise ValueError(f"deepspeed.config {source} enables {key}, but train.precision resolves to {precision}")
+        ds_config[key] = {"enabled": precision == key}
+    if precision == "fp16":
+        ds_config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16})
+    # Offload with a torch optimizer is fine for our small students; DeepSpeed otherwise insists on its own.
+    ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds_config
+
+
+def check_batch(micro_batch_size: int, grad_accum: int, world_size: int, global_batch_size: int | None) -> int:
+    """The global batch; an explicit ``train.global_batch_size`` must agree."""
+    computed = micro_batch_size * grad_accum * world_size
+    if global_batch_size is not None and global_batch_size != computed:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} but data.micro_batch_size ({micro_batch_size}) x world size "
+            f"({world_size}) x train.grad_accum ({grad_accum}) = {computed}"
+        )
+    return computed
+
+
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and LayerNorm weights are excluded, as in BERT."""
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (default) or Adamax over the trainable parameters."""
+    groups = parameter_groups(module, cfg.weight_decay)
+    if cfg.optimizer == "adamax":
+        return torch.optim.Adamax(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def linear_schedule(max_steps: int, warmup_ratio: float):
+    """Multiplier of the peak lr at step s: linear warmup, then linear decay to 0 at ``max_steps``."""
+    warmup = math.ceil(max_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+
+    return factor
+
+
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]):
+    """Wrap ``module`` (student + projections) in a DeepSpeed engine with optimizer and schedule.
+
+    Returns:
+        The engine (its ``.optimizer`` and ``.lr_scheduler`` are set up and checkpointed by DeepSpeed).
+    """
+    import deepspeed
+
+    optimizer = build_optimizer(module, cfg)
+    factor = linear_schedule(cfg.max_steps, cfg.warmup_ratio)
+
+    # A callable, so the schedule is built on the optimizer DeepSpeed hands back (ZeRO wraps the original).
+    def scheduler(wrapped: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(wrapped, factor)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    return engine
