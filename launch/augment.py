@@ -1,0 +1,149 @@
+"""Augment a task's training data with TinyBERT's algorithm (docs/augment.md).
+
+One process:
+
+    python launch/augment.py --task sst2 --data glue/SST-2/train.tsv --mlm models/bert-base-uncased-mlm \
+        --glove glove/glove.6B.300d.txt --output data/sst2-aug
+
+Split across ranks (each rank augments a contiguous share and writes output/parts/part-R-of-W.parquet;
+rank 0 merges them into output/augmented.parquet, the same file a single process writes):
+
+    deepspeed --num_gpus 2 launch/augment.py --task sst2 ...        # or
+    torchrun --nproc_per_node 2 launch/augment.py --task sst2 ...
+
+Custom task: --task topic --labels business,sport,tech --text-a text --label category.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dist_kd.data import augment as aug
+from dist_kd.data.tasks import load_task_examples, resolve_task_spec
+
+logger = logging.getLogger("dist_kd.augment")
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the deepspeed / torchrun environment; (0, 1, 0) without one."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _optional(value: str) -> str | None:
+    return None if value.lower() in ("", "none", "null") else value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    defaults = aug.AugmentConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, help="GLUE name (sst2, mnli, ...) or a custom task name")
+    parser.add_argument("--data", required=True, help="TSV / CSV / JSONL / Parquet file or datasets directory")
+    parser.add_argument("--mlm", required=True, help="HF *ForMaskedLM directory (model + tokenizer)")
+    parser.add_argument("--glove", required=True, help="GloVe text file, .npy (+ --glove-vocab) or directory")
+    parser.add_argument("--glove-vocab", default=None, help="vocabulary of a .npy: .txt lines or .parquet 'index'")
+    parser.add_argument("--glove-dim", type=int, default=None, help="expected vector dimension (checked)")
+    parser.add_argument("--output", required=True, help="output directory (augmented.parquet)")
+    parser.add_argument("--labels", default=None, help="comma-separated label names in index order")
+    parser.add_argument("--task-type", default=None, choices=["classification", "regression"])
+    parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
+    parser.add_argument("--text-b", type=_optional, default="text_b", help="column of the second text; none")
+    parser.add_argument("--label", type=_optional, default="label", help="label column; none for unlabeled data")
+    parser.add_argument("--split", default=None, help="split of a DatasetDict directory")
+    parser.add_argument("--encoding", default="utf-8", help="text encoding of TSV / CSV / JSONL files")
+    parser.add_argument("--p-t", type=float, default=defaults.p_t, help="replacement probability per word")
+    parser.add_argument("--n-a", type=int, default=defaults.n_a, help="augmented copies per example")
+    parser.add_argument("--k", type=int, default=defaults.k, help="candidates per word")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="masked sequences per pass")
+    parser.add_argument("--max-seq-length", type=int, default=None, help="masked-LM context in pieces")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    parser.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="seconds rank 0 waits for parts")
+    parser.add_argument("--debug", action="store_true", help="one process, ignore launcher variables, debug logs")
+    # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse -> build -> run; rank 0 merges the parts."""
+    import torch
+    import torch.distributed as dist
+
+    args = parse_args(argv)
+    rank, world_size, local_rank = (0, 1, 0) if args.debug else launcher_env()
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.INFO if rank == 0 else logging.WARNING),
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    use_group = world_size > 1 and "MASTER_ADDR" in os.environ
+    if use_group:
+        # gloo: the barrier only orders file writes, and works with or without GPUs.
+        timeout = datetime.timedelta(seconds=args.wait_timeout)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        spec = resolve_task_spec(
+            args.task,
+            type=args.task_type,
+            labels=args.labels.split(",") if args.labels else None,
+            text_a=args.text_a,
+            text_b=args.text_b,
+            label=args.label,
+        )
+        examples = load_task_examples(
+            args.data, spec, require_labels=spec.label is not None, encoding=args.encoding, split=args.split
+        )
+        config = aug.AugmentConfig(
+            p_t=args.p_t,
+            n_a=args.n_a,
+            k=args.k,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_seq_length=args.max_seq_length,
+        )
+        device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        augmenter = aug.build_augmenter(
+            args.mlm, args.glove, config, glove_vocab=args.glove_vocab, glove_dim=args.glove_dim, device=device
+        )
+        metadata = aug.build_metadata(
+            config,
+            task=spec.name,
+            task_type=spec.type,
+            label_names=spec.labels,
+            mlm_dir=args.mlm,
+            glove=augmenter.glove.glove,
+            data_path=args.data,
+            num_examples=examples.num_rows,
+        )
+        metadata["run"] = aug.run_key(metadata)
+        start, stop = aug.shard_range(examples.num_rows, rank, world_size)
+        part = aug.part_path(args.output, rank, world_size)
+        if part.is_file() and aug.read_metadata(part).get("run") == metadata["run"]:
+            logger.info("reusing %s from an earlier run with the same inputs", part)
+        else:
+            logger.info("augmenting examples %d..%d of %d on %s", start, stop, examples.num_rows, device)
+            table = augmenter.augment(examples.slice(start, stop - start), spec.name, progress=rank == 0)
+            aug.write_parquet(table, part, metadata)
+        if use_group:
+            dist.barrier()
+        if rank == 0:
+            parts = [aug.part_path(args.output, r, world_size) for r in range(world_size)]
+            aug.wait_for_parts(parts, metadata["run"], args.wait_timeout)
+            merged = aug.merge_parts(parts, aug.final_path(args.output), metadata)
+            for path in parts:
+                Path(path).unlink()
+            if not any(parts[0].parent.iterdir()):
+                parts[0].parent.rmdir()
+            logger.info("wrote %s: %d rows", aug.final_path(args.output), merged.num_rows)
+    finally:
+        if use_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
