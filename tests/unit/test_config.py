@@ -1,0 +1,65 @@
+"""YAML + dotted overrides into nested dataclasses, with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from dist_kd.config import doc, dump_config, load_config, parse_overrides
+from dist_kd.objective import DistillConfig
+
+
+@dataclass
+class Inner:
+    rate: float = doc("a rate", 0.5)
+    name: str = doc("a name", "x")
+
+
+@dataclass
+class Outer:
+    steps: int = doc("steps", 10)
+    flag: bool = doc("a flag", False)
+    path: str | None = doc("optional path", None)
+    inner: Inner = doc("nested", default_factory=Inner)
+    distill: DistillConfig = doc("real section", default_factory=DistillConfig)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\ninner: {rate: 2}\ndistill: {layer_map: [1, 3], weights: {attn: 0.5}}\n")
+    cfg = load_config(Outer, path, ["inner.name=y", "flag=true", "steps=7", "path=/a/b"])
+    assert cfg.steps == 7 and cfg.flag is True and cfg.path == "/a/b"
+    assert cfg.inner.rate == 2.0 and isinstance(cfg.inner.rate, float) and cfg.inner.name == "y"
+    assert cfg.distill.layer_map == [1, 3] and cfg.distill.weights.attn == 0.5 and cfg.distill.weights.embd == 1.0
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(Outer, None, ["distill.layer_map=top", "inner.rate=0.25"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(Outer, path) == cfg
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ValueError, match=r"unknown config key 'inner.rat'.*'inner.rate'"):
+        load_config(Outer, None, ["inner.rat=1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'distill.weights.atn'.*'distill.weights.attn'"):
+        load_config(Outer, None, ["distill.weights.atn=1"])
+
+
+def test_type_and_validation_errors(tmp_path):
+    with pytest.raises(ValueError, match="'steps' must be an integer"):
+        load_config(Outer, None, ["steps=abc"])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        load_config(Outer, None, ["steps=0"])
+    with pytest.raises(ValueError, match="distill.layer_map must be"):
+        load_config(Outer, None, ["distill.layer_map=middle"])
+    with pytest.raises(ValueError, match="look like"):
+        parse_overrides(["novalue"])
+    with pytest.raises(FileNotFoundError):
+        load_config(Outer, tmp_path / "missing.yaml")
