@@ -271,12 +271,15 @@ def _read_jsonl(path: Path, encoding: str) -> pa.Table:
     for record in records:
         for key in record:
             columns.setdefault(key, [])
-    # Build columns as Python lists: JSON rows may mix ints and strings in one field (labels "1" and 1).
-    return pa.table({key: pa.array([_plain(r.get(key)) for r in records]) for key in columns})
+    return pa.table({key: _json_column([record.get(key) for record in records]) for key in columns})
 
 
-def _plain(value: Any) -> Any:
-    return value if value is None or isinstance(value, bool | int | float) else str(value)
+def _json_column(values: list[Any]) -> pa.Array:
+    """One JSONL field as an array; fields that mix types (labels ``"sport"`` and ``2``) become strings."""
+    kinds = {type(value) for value in values if value is not None}
+    if kinds <= {int, float} or kinds in ({str}, {bool}):
+        return pa.array(values)
+    return pa.array([None if value is None else str(value) for value in values], pa.string())
 
 
 def _read_datasets(path: Path, split: str | None) -> tuple[pa.Table, dict[str, list[str]]]:

@@ -1,0 +1,207 @@
+"""Task data loading: formats, column mapping, label resolution, GLUE registry, and the errors users see."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dist_kd.data.tasks import (
+    GLUE_TASKS,
+    TaskSpec,
+    label_order_check,
+    load_task_examples,
+    resolve_task_spec,
+    task_schema,
+)
+
+ROWS = [
+    {"text": "the team won", "other": "a goal", "category": "sport"},
+    {"text": "markets fell", "other": "oil price", "category": "business"},
+    {"text": "new phone", "other": "software", "category": "tech"},
+]
+TOPIC = TaskSpec(name="topic", labels=["business", "sport", "tech"], text_a="text", text_b="other", label="category")
+
+
+def _write(path, rows, fmt):
+    if fmt in ("tsv", "csv"):
+        sep = "\t" if fmt == "tsv" else ","
+        lines = [sep.join(rows[0])] + [sep.join(str(v) for v in row.values()) for row in rows]
+        path.write_text("\n".join(lines) + "\n")
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif fmt == "datasets":
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet", "datasets"])
+def test_every_format_loads_to_the_same_table(tmp_path, fmt):
+    path = _write(tmp_path / (f"data.{fmt}" if fmt != "datasets" else "ds"), ROWS, fmt)
+    table = load_task_examples(path, TOPIC)
+    assert table.schema == task_schema(TOPIC)
+    assert table.to_pydict() == {
+        "example_id": ["topic-0", "topic-1", "topic-2"],
+        "text_a": ["the team won", "markets fell", "new phone"],
+        "text_b": ["a goal", "oil price", "software"],
+        "label": [1, 0, 2],
+    }
+
+
+def test_label_ids_accepted_when_names_are_not_integers(tmp_path):
+    rows = [{"text": "a", "category": 2}, {"text": "b", "category": "sport"}, {"text": "c", "category": 0}]
+    path = _write(tmp_path / "d.jsonl", rows, "jsonl")
+    spec = dataclasses.replace(TOPIC, text_b=None)
+    assert load_task_examples(path, spec).column("label").to_pylist() == [2, 1, 0]
+
+
+def test_integer_label_names_are_names_never_ids(tmp_path):
+    # Labels named "1", "2": the cell "1" is the label named "1" (index 0), and "0" is unknown, not index 0.
+    spec = TaskSpec(name="stars", labels=["1", "2"], text_a="text", label="stars")
+    path = _write(tmp_path / "d.csv", [{"text": "x", "stars": "2"}, {"text": "y", "stars": "1"}], "csv")
+    assert load_task_examples(path, spec).column("label").to_pylist() == [1, 0]
+    _write(path, [{"text": "x", "stars": "0"}], "csv")
+    with pytest.raises(ValueError, match=r"unknown label '0'"):
+        load_task_examples(path, spec)
+
+
+def test_datasets_class_labels_map_by_name_not_by_index(tmp_path):
+    import datasets
+
+    # The dataset's own order is [tech, sport, business]; index 0 there is "tech" = index 2 for the task.
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "category": datasets.ClassLabel(names=["tech", "sport", "business"])}
+    )
+    data = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "category": [0, 1, 2]}, features=features)
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "ds"))
+    spec = TaskSpec(name="topic", labels=["business", "sport", "tech"], text_a="text", label="category")
+    assert load_task_examples(tmp_path / "ds", spec, split="train").column("label").to_pylist() == [2, 1, 0]
+
+
+def test_regression_and_id_column(tmp_path):
+    spec = TaskSpec(name="sim", type="regression", text_a="s1", text_b="s2", label="score", id_column="pair")
+    rows = [{"pair": "p7", "s1": "a", "s2": "b", "score": "4.5"}, {"pair": "p9", "s1": "c", "s2": "d", "score": "0"}]
+    table = load_task_examples(_write(tmp_path / "d.tsv", rows, "tsv"), spec)
+    assert table.column("example_id").to_pylist() == ["p7", "p9"]
+    assert table.column("label").to_pylist() == [4.5, 0.0]
+    assert table.schema.field("label").type == pa.float64()
+    _write(tmp_path / "d.tsv", [{"pair": "p1", "s1": "a", "s2": "b", "score": "high"}], "tsv")
+    with pytest.raises(ValueError, match=r"row 0, column 'score' holds 'high', expected a number"):
+        load_task_examples(tmp_path / "d.tsv", spec)
+
+
+def test_default_columns_and_optional_text_b(tmp_path):
+    spec = TaskSpec(name="t", labels=["neg", "pos"])  # text_a / text_b / label by default; text_b optional
+    path = _write(tmp_path / "d.jsonl", [{"text_a": "good", "label": "pos"}], "jsonl")
+    assert load_task_examples(path, spec).to_pylist() == [
+        {"example_id": "t-0", "text_a": "good", "text_b": None, "label": 1}
+    ]
+
+
+def test_unlabeled_data_when_labels_not_required(tmp_path):
+    path = _write(tmp_path / "test.tsv", [{"text": "a", "other": "b"}], "tsv")
+    assert load_task_examples(path, TOPIC, require_labels=False).column("label").to_pylist() == [None]
+    with pytest.raises(ValueError, match="no column 'category'"):
+        load_task_examples(path, TOPIC)
+
+
+def test_glue_tsv_quotes_and_headerless_cola(tmp_path):
+    mrpc = tmp_path / "mrpc.tsv"
+    mrpc.write_text(
+        'Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said "yes.\tShe said "no".\n0\t3\t4\tA b\tC d\n'
+    )
+    table = load_task_examples(mrpc, resolve_task_spec("MRPC"))
+    assert table.column("text_a").to_pylist() == ['He said "yes.', "A b"]
+    assert table.column("label").to_pylist() == [1, 0]
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more we eat.\n")
+    table = load_task_examples(cola, resolve_task_spec("cola"))
+    assert table.column("text_a").to_pylist() == ["The sailors rode the breeze.", "The more we eat."]
+    assert table.column("label").to_pylist() == [1, 0]
+
+
+def test_glue_registry():
+    assert set(GLUE_TASKS) == {"sst2", "cola", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
+    assert GLUE_TASKS["mnli"].labels == ["contradiction", "entailment", "neutral"]
+    assert GLUE_TASKS["stsb"].type == "regression" and GLUE_TASKS["stsb"].num_labels == 1
+    assert resolve_task_spec("sts-b").name == "stsb"
+    assert resolve_task_spec("sst2", text_a="review").text_a == "review"
+    with pytest.raises(ValueError, match=r"has labels \['neutral', 'entailment', 'contradiction'\]"):
+        resolve_task_spec("mnli", labels=["neutral", "entailment", "contradiction"])
+
+
+def test_label_order_check_message():
+    label_order_check(["a", "b"], ["a", "b"], "teacher t1")
+    with pytest.raises(ValueError) as info:
+        label_order_check(["a", "b", "c"], ["b", "a", "c"], "teacher runs/t1", task="topic")
+    message = str(info.value)
+    assert "teacher runs/t1 has labels ['b', 'a', 'c'], task 'topic' expects ['a', 'b', 'c']" in message
+    assert "different order" in message
+    with pytest.raises(ValueError, match="different label set"):
+        label_order_check(["a", "b"], ["a", "c"], "soft-target store")
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="explicit list of at least 2 labels"):
+        TaskSpec(name="t")
+    with pytest.raises(ValueError, match="type must be one of"):
+        TaskSpec(name="t", type="ranking", labels=["a", "b"])
+    with pytest.raises(ValueError, match="repeat"):
+        TaskSpec(name="t", labels=["a", "a"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.tsv does not exist"):
+        load_task_examples(tmp_path / "nope.tsv", TOPIC)
+
+
+def test_missing_column_names_file_column_and_columns_found(tmp_path):
+    path = _write(tmp_path / "d.csv", [{"txt": "a", "other": "b", "category": "tech"}], "csv")
+    with pytest.raises(ValueError) as info:
+        load_task_examples(path, TOPIC)
+    message = str(info.value)
+    assert str(path) in message and "no column 'text'" in message and "['txt', 'other', 'category']" in message
+
+
+def test_unknown_label_names_file_row_label_and_allowed(tmp_path):
+    rows = [dict(ROWS[0]), {"text": "x", "other": "y", "category": "politics"}]
+    path = _write(tmp_path / "d.tsv", rows, "tsv")
+    with pytest.raises(ValueError) as info:
+        load_task_examples(path, TOPIC)
+    message = str(info.value)
+    assert str(path) in message and "row 1" in message and "'politics'" in message
+    assert "['business', 'sport', 'tech']" in message
+
+
+@pytest.mark.parametrize("content", ["", "text\tother\tcategory\n"])
+def test_empty_input(tmp_path, content):
+    path = tmp_path / "d.tsv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="empty|no examples"):
+        load_task_examples(path, TOPIC)
+
+
+def test_empty_jsonl_and_parquet(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no examples"):
+        load_task_examples(tmp_path / "d.jsonl", TOPIC)
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="no examples"):
+        load_task_examples(tmp_path / "d.parquet", TOPIC)
+
+
+def test_ragged_rows_and_unknown_suffix(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("text\tother\tcategory\na\tb\n")
+    with pytest.raises(ValueError, match="data row 0 has 2 fields, the header has 3"):
+        load_task_examples(path, TOPIC)
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        load_task_examples(tmp_path / "d.xlsx", TOPIC)
