@@ -1,0 +1,89 @@
+"""DeepSpeed config filling, batch checks, schedule, and checkpoint discovery."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_kd.train import checkpoint as ckpt
+from dist_kd.train.engine import (
+    build_ds_config,
+    check_batch,
+    linear_schedule,
+    parameter_groups,
+    resolve_precision,
+)
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+def test_shipped_configs_fill_batch_and_precision(stage):
+    config = build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, "bf16", 0.5)
+    assert config["train_batch_size"] == 64
+    assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 4
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    # The shipped JSONs hold only what is DeepSpeed's business.
+    raw = json.loads(open(f"ds_configs/{stage}.json").read())
+    assert not {"train_batch_size", "train_micro_batch_size_per_gpu", "fp16", "bf16", "gradient_clipping"} & set(raw)
+
+
+def test_disagreeing_json_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 100}))
+    with pytest.raises(ValueError, match="train_batch_size=100"):
+        build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    path.write_text(json.dumps({"fp16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="enables fp16"):
+        build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    with pytest.raises(FileNotFoundError, match="deepspeed.config"):
+        build_ds_config(str(tmp_path / "missing.json"), 8, 1, 2, "fp32", 1.0)
+
+
+def test_batch_check_and_precision():
+    assert check_batch(8, 2, 4, None) == 64
+    with pytest.raises(ValueError, match="global_batch_size=60"):
+        check_batch(8, 2, 4, 60)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve_precision("bf16", torch.device("cpu"))
+
+
+def test_linear_schedule_warms_up_and_decays():
+    factor = linear_schedule(100, 0.1)
+    values = [factor(s) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:10], values[1:10]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[-1] == pytest.approx(1 / 90)
+
+
+def test_no_weight_decay_on_bias_and_layernorm():
+    from transformers import BertModel
+
+    from dist_kd.testing import tiny_bert_config
+
+    model = BertModel(tiny_bert_config(num_layers=1))
+    decay, no_decay = parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any("LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    for step in (100, 200):
+        (tmp_path / ckpt.step_dir_name(step)).mkdir()
+        (tmp_path / ckpt.step_dir_name(step) / "meta.json").write_text("{}")
+    (tmp_path / ckpt.step_dir_name(300)).mkdir()  # no meta.json: incomplete
+    (tmp_path / ".tmp-step-00000400").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-00000200"
+    assert ckpt.latest_checkpoint(tmp_path / "none") is None
+
+
+def test_resume_compatibility_names_the_difference(tmp_path):
+    saved = {"teacher": {"num_layers": 12}, "student": {"hidden_size": 312}, "step": 5}
+    ckpt.check_compatible(saved, {"teacher": {"num_layers": 12}, "student": {"hidden_size": 312}}, tmp_path)
+    with pytest.raises(ValueError, match="student: checkpoint has .*312.*this run has .*768"):
+        ckpt.check_compatible(saved, {"teacher": {"num_layers": 12}, "student": {"hidden_size": 768}}, tmp_path)
