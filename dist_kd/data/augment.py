@@ -55,7 +55,6 @@ METADATA_KEY = b"dist_kd"
 _HEAD_NAMES = ("cls", "lm_head", "predictions")
 _MLM_DECIMALS = 4
 _GLOVE_DECIMALS = 5
-_TOPK_MARGIN = 8
 
 
 @dataclasses.dataclass
@@ -241,31 +240,33 @@ def load_glove(
 
 
 def _stable_topk(scores, k: int, decimals: int) -> list[list[int]]:
-    """Top-k ids per row, robust to last-bit noise: rounded scores, ties broken by the smaller id."""
+    """Top-k ids per row, robust to last-bit noise: rounded scores, ties broken by the smaller id.
+
+    In float64 the rounded scores (spacing 10^-decimals) minus ``id * 1e-12`` order first by score, then by
+    id, so equal scores (synthetic data, or noise rounded away) never leave the choice to ``topk``.
+    """
     import torch
 
-    width = min(k + _TOPK_MARGIN, scores.shape[-1])
-    values, ids = torch.topk(scores, width, dim=-1)
-    values = torch.round(values.float().cpu(), decimals=decimals).tolist()
-    ids = ids.cpu().tolist()
-    out = []
-    for row_values, row_ids in zip(values, ids):
-        ranked = sorted(zip(row_values, row_ids), key=lambda pair: (-pair[0], pair[1]))
-        out.append([i for v, i in ranked if v != float("-inf")][:k])
-    return out
+    ids = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float64)
+    keyed = torch.round(scores.double(), decimals=decimals) - ids * 1e-12
+    values, top = torch.topk(keyed, min(k, scores.shape[-1]), dim=-1)
+    return [
+        [i for v, i in zip(row_values, row_ids) if v != float("-inf")]
+        for row_values, row_ids in zip(values.cpu().tolist(), top.cpu().tolist())
+    ]
 
 
 class GloveNeighbours:
     """K nearest GloVe words by cosine similarity, from batched matrix products, cached per word."""
 
-    def __init__(self, glove: GloveVectors, k: int, device: str = "cpu", max_scores: int = 1 << 25) -> None:
+    def __init__(self, glove: GloveVectors, k: int, device: str = "cpu", max_scores: int = 1 << 24) -> None:
         import torch
 
         self.glove = glove
         self.k = k
-        matrix = torch.from_numpy(np.ascontiguousarray(glove.vectors, dtype=np.float32)).to(device)
+        matrix = torch.from_numpy(np.array(glove.vectors, dtype=np.float32)).to(device)  # copy: the map is read-only
         self.unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        # Bounds the (queries x vocabulary) score block: 2^25 floats = 128 MiB.
+        # Bounds the (queries x vocabulary) score block: 2^24 scores, 128 MiB once keyed in float64.
         self.queries_per_block = max(1, max_scores // max(1, len(glove.words)))
         self._cache: dict[str, list[str]] = {}
 

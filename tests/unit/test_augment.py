@@ -1,0 +1,268 @@
+"""TinyBERT augmentation on a tiny masked-LM and a tiny GloVe file whose answers the tests know in advance.
+
+The masked-LM's output bias makes "bank" (then "market") the top prediction at every masked position, and
+the GloVe file puts "joy" next to "happiness": so a replaced single-piece word must read "bank" and a
+replaced multi-piece word must read "joy", and any routing mistake shows up as the other word.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dist_kd.data import augment as aug
+
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def biased_mlm_dir(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from dist_kd.testing import build_tiny_bert, tiny_vocab
+
+    directory = build_tiny_bert(tmp_path_factory.mktemp("mlm"), seed=0, model_class="BertForMaskedLM", num_layers=2)
+    model = AutoModelForMaskedLM.from_pretrained(directory)
+    vocab = tiny_vocab()
+    with torch.no_grad():
+        model.cls.predictions.bias[vocab.index("bank")] = 100.0
+        model.cls.predictions.bias[vocab.index("market")] = 90.0
+    model.save_pretrained(directory)
+    return directory
+
+
+def _glove_words_and_vectors(seed: int = 0) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    known = {
+        "happiness": [1.0, 0, 0, 0, 0, 0, 0, 0],
+        "joy": [0.95, 0.1, 0, 0, 0, 0, 0, 0],
+        "sadness": [0.6, 0.6, 0.1, 0, 0, 0, 0, 0],
+        "quickly": [0, 0, 1.0, 0, 0, 0, 0, 0],
+        "rapidly": [0, 0, 0.95, 0.1, 0, 0, 0, 0],
+        "markets": [0, 0, 0, 0, 1.0, 0, 0, 0],
+        "stocks": [0, 0, 0, 0, 0.9, 0.2, 0, 0],
+    }
+    filler = [f"filler{i}" for i in range(40)]
+    # Filler lives in the last two dimensions only, orthogonal to the known words.
+    filler_vectors = np.zeros((len(filler), DIM), np.float32)
+    filler_vectors[:, 6:] = rng.normal(size=(len(filler), 2))
+    vectors = np.concatenate([np.array(list(known.values()), np.float32), filler_vectors])
+    return list(known) + filler, vectors
+
+
+def _write_glove_text(path, words, vectors):
+    path.write_text("".join(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n" for w, v in zip(words, vectors)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def glove_txt(tmp_path_factory):
+    words, vectors = _glove_words_and_vectors()
+    return _write_glove_text(tmp_path_factory.mktemp("glove") / "glove.tiny.8d.txt", words, vectors)
+
+
+def _augmenter(mlm_dir, glove_path, **config) -> aug.Augmenter:
+    return aug.build_augmenter(mlm_dir, glove_path, aug.AugmentConfig(**config))
+
+
+def _examples(texts_a, texts_b=None, labels=None) -> pa.Table:
+    num = len(texts_a)
+    return pa.table(
+        {
+            "example_id": [f"t-{i}" for i in range(num)],
+            "text_a": texts_a,
+            "text_b": texts_b or [None] * num,
+            "label": labels or list(range(num)),
+        },
+        schema=pa.schema(
+            [("example_id", pa.string()), ("text_a", pa.string()), ("text_b", pa.string()), ("label", pa.int64())]
+        ),
+    )
+
+
+def _random_examples(num: int, seed: int = 0) -> pa.Table:
+    from dist_kd.testing import random_sentences
+
+    return _examples(random_sentences(num, seed=seed), random_sentences(num, seed=seed + 1))
+
+
+def test_replacements_come_from_the_right_source(biased_mlm_dir, glove_txt):
+    augmenter = _augmenter(biased_mlm_dir, glove_txt, p_t=1.0, n_a=2, k=1)
+    text = "The team played happiness, xyzzy [SEP] bank."
+    sources = {c.word.text: c.source for c in augmenter.word_candidates([text])[0]}
+    assert sources == {
+        "The": "mlm", "team": "mlm", "played": "mlm", "bank": "mlm",  # single pieces in the tiny vocabulary
+        "happiness": "glove", "xyzzy": "glove",  # several pieces
+        ",": "none", ".": "none", "[SEP]": "none",  # punctuation and special tokens are never replaced
+    }  # fmt: skip
+    out = augmenter.augment(_examples([text]), "t")
+    # k = 1, p_t = 1: every single-piece word becomes the masked-LM's favourite ("bank", or "market" where
+    # the word is "bank" itself), the multi-piece word becomes its GloVe neighbour; "xyzzy" is not in GloVe.
+    assert out.column("text_a").to_pylist() == [text] + ["Bank bank bank joy, xyzzy [SEP] market."] * 2
+
+
+def test_candidate_lists(biased_mlm_dir, glove_txt):
+    augmenter = _augmenter(biased_mlm_dir, glove_txt, k=2)
+    words = augmenter.word_candidates(["the markets rose quickly"])[0]
+    by_word = {c.word.text: c.candidates for c in words}
+    assert by_word["the"] == ["bank", "market"]
+    assert by_word["markets"] == ["stocks", "happiness"]  # the rest score 0 (orthogonal): ties go to the lower row
+    assert by_word["quickly"][0] == "rapidly"
+
+
+def test_p_t_zero_gives_back_the_originals(biased_mlm_dir, glove_txt):
+    augmenter = _augmenter(biased_mlm_dir, glove_txt, p_t=0.0, n_a=3, k=5)
+    examples = _random_examples(6)
+    out = augmenter.augment(examples, "t").to_pylist()
+    assert len(out) == 6 * 4
+    for i, original in enumerate(examples.to_pylist()):
+        rows = out[4 * i : 4 * i + 4]
+        assert [r["example_id"] for r in rows] == [f"t-{i}"] + [f"t-{i}-aug{k}" for k in range(3)]
+        assert {(r["text_a"], r["text_b"]) for r in rows} == {(original["text_a"], original["text_b"])}
+        assert [r["label"] for r in rows] == [original["label"], None, None, None]
+        assert {r["task"] for r in rows} == {"t"}
+
+
+def test_n_a_copies_per_example_and_words_change(biased_mlm_dir, glove_txt):
+    augmenter = _augmenter(biased_mlm_dir, glove_txt, p_t=0.5, n_a=5, k=3)
+    examples = _random_examples(4)
+    out = augmenter.augment(examples, "t")
+    assert out.num_rows == 4 * 6
+    ids = out.column("example_id").to_pylist()
+    for i in range(4):
+        assert ids.count(f"t-{i}") == 1 and sum(x.startswith(f"t-{i}-aug") for x in ids) == 5
+    originals = set(examples.column("text_a").to_pylist())
+    augmented = [r["text_a"] for r in out.to_pylist() if "-aug" in r["example_id"]]
+    assert sum(text not in originals for text in augmented) >= 15  # p_t = 0.5: nearly every copy changes
+    assert out.schema == aug.augmented_schema(pa.int64())
+
+
+def test_same_seed_same_output_regardless_of_batching_and_order(biased_mlm_dir, glove_txt):
+    examples = _random_examples(10, seed=3)
+    reference = _augmenter(biased_mlm_dir, glove_txt, p_t=0.4, n_a=4, k=5, seed=7).augment(examples, "t")
+    rebatched = _augmenter(biased_mlm_dir, glove_txt, p_t=0.4, n_a=4, k=5, seed=7, batch_size=3, chunk_size=4)
+    assert rebatched.augment(examples, "t").equals(reference)
+    # Each example's stream depends on (seed, example_id) only: reordering the input reorders the output.
+    reversed_out = rebatched.augment(examples.take(list(range(9, -1, -1))), "t").to_pylist()
+    assert sorted(reversed_out, key=lambda r: r["example_id"]) == sorted(
+        reference.to_pylist(), key=lambda r: r["example_id"]
+    )
+    twins = rebatched.augment(_examples([examples["text_a"][0].as_py()] * 2), "t").column("text_a").to_pylist()
+    assert twins[1:5] != twins[6:10]  # the same text under another id draws its own copies
+    other_seed = _augmenter(biased_mlm_dir, glove_txt, p_t=0.4, n_a=4, k=5, seed=8).augment(examples, "t")
+    assert not other_seed.equals(reference)
+
+
+def test_parts_merge_to_the_single_run(biased_mlm_dir, glove_txt, tmp_path):
+    examples = _random_examples(7, seed=5)
+    augmenter = _augmenter(biased_mlm_dir, glove_txt, n_a=2, k=4)
+    metadata = {"run": "abc", "task": "t"}
+    single = augmenter.augment(examples, "t")
+    parts = []
+    for rank in range(3):
+        start, stop = aug.shard_range(examples.num_rows, rank, 3)
+        parts.append(aug.part_path(tmp_path, rank, 3))
+        aug.write_parquet(augmenter.augment(examples.slice(start, stop - start), "t"), parts[-1], metadata)
+    aug.wait_for_parts(parts, "abc", timeout_s=1)
+    aug.merge_parts(parts, aug.final_path(tmp_path), metadata)
+    merged = pq.read_table(aug.final_path(tmp_path))
+    assert merged.replace_schema_metadata(None).equals(single)
+    assert aug.read_metadata(aug.final_path(tmp_path)) == {"task": "t", "num_rows": single.num_rows}
+    aug.write_parquet(single, parts[0], {"run": "other"})
+    with pytest.raises(TimeoutError, match="part-00000-of-00003"):
+        aug.wait_for_parts(parts, "abc", timeout_s=0, poll_s=0)
+    with pytest.raises(ValueError, match="another run"):
+        aug.merge_parts(parts, tmp_path / "x.parquet", metadata)
+
+
+# ------------------------------------------------------------------------------------------------ GloVe
+
+
+def test_glove_sources_agree_and_text_is_cached(tmp_path):
+    words, vectors = _glove_words_and_vectors()
+    text = _write_glove_text(tmp_path / "g.txt", words, vectors)
+    from_text = aug.load_glove(text)
+    cached = list(tmp_path.glob("g.txt.*.npy"))
+    assert len(cached) == 1
+    again = aug.load_glove(text)
+    assert isinstance(again.vectors, np.memmap) and again.source == str(text)
+    np.save(tmp_path / "g.npy", vectors)
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    from_npy = aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "vocab.txt")
+    directory = tmp_path / "kumo_like"
+    directory.mkdir()
+    np.save(directory / "emb.npy", vectors)
+    pq.write_table(pa.table({"index": words}), directory / "index.parquet")
+    from_dir = aug.load_glove(directory)
+    for glove in (again, from_npy, from_dir):
+        assert glove.words == from_text.words
+        np.testing.assert_allclose(glove.vectors, from_text.vectors, atol=1e-6)
+    assert from_text.lookup("Happiness") == 0 and from_text.lookup("absent") is None
+
+
+def test_batched_neighbours_match_a_plain_loop(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    words = [f"w{i}" for i in range(300)]
+    glove = aug.GloveVectors(words=words, vectors=vectors, source="test")
+    neighbours = aug.GloveNeighbours(glove, k=5, max_scores=300 * 7)  # several query blocks
+    queries = [f"w{i}" for i in range(0, 300, 11)] + ["missing"]
+    got = neighbours.neighbours(queries)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for query in queries[:-1]:
+        row = words.index(query)
+        scores = [(float(unit[row] @ unit[j]), j) for j in range(300) if j != row]
+        expected = [words[j] for _, j in sorted(scores, key=lambda pair: -pair[0])[:5]]
+        assert got[query] == expected
+    assert got["missing"] == []
+
+
+def test_glove_rows_of_different_dimensions(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("a 1 2 3\nb 1 2 3\nc 1 2\n")
+    with pytest.raises(ValueError, match=r"line 3 \(word 'c'\) has 2 values, expected 3"):
+        aug.load_glove(path)
+
+
+def test_glove_dimension_other_than_expected(tmp_path, glove_txt):
+    with pytest.raises(ValueError, match="has 8 values, expected 50"):
+        aug.load_glove(glove_txt, expected_dim=50, cache_dir=tmp_path)
+    words, vectors = _glove_words_and_vectors()
+    np.save(tmp_path / "g.npy", vectors)
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    with pytest.raises(ValueError, match="dimension 8, expected 300"):
+        aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "vocab.txt", expected_dim=300)
+
+
+def test_glove_npy_rows_must_match_vocabulary(tmp_path):
+    words, vectors = _glove_words_and_vectors()
+    np.save(tmp_path / "g.npy", vectors[:-1])
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    with pytest.raises(ValueError, match=r"have 46 rows but the vocabulary .*vocab.txt has 47 words"):
+        aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "vocab.txt")
+    with pytest.raises(ValueError, match="give their vocabulary"):
+        aug.load_glove(tmp_path / "g.npy")
+    with pytest.raises(FileNotFoundError):
+        aug.load_glove(tmp_path / "absent.txt")
+
+
+# ------------------------------------------------------------------------------------------------ misc
+
+
+def test_split_words_keeps_offsets():
+    words = aug.split_words("Don't stop, [SEP] now!", ["[SEP]", "[CLS]"])
+    assert [(w.text, w.replaceable) for w in words] == [
+        ("Don", True), ("'", False), ("t", True), ("stop", True), (",", False), ("[SEP]", False), ("now", True),
+        ("!", False),
+    ]  # fmt: skip
+
+
+def test_config_validation():
+    assert (aug.AugmentConfig().p_t, aug.AugmentConfig().n_a, aug.AugmentConfig().k) == (0.4, 20, 15)
+    with pytest.raises(ValueError, match="p_t must be in"):
+        aug.AugmentConfig(p_t=1.5)
+    with pytest.raises(ValueError, match="n_a must be >= 1"):
+        aug.AugmentConfig(n_a=0)
