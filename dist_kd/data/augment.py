@@ -55,6 +55,7 @@ METADATA_KEY = b"dist_kd"
 _HEAD_NAMES = ("cls", "lm_head", "predictions")
 _MLM_DECIMALS = 4
 _GLOVE_DECIMALS = 5
+_TOPK_MARGIN = 16
 
 
 @dataclasses.dataclass
@@ -242,31 +243,40 @@ def load_glove(
 def _stable_topk(scores, k: int, decimals: int) -> list[list[int]]:
     """Top-k ids per row, robust to last-bit noise: rounded scores, ties broken by the smaller id.
 
-    In float64 the rounded scores (spacing 10^-decimals) minus ``id * 1e-12`` order first by score, then by
-    id, so equal scores (synthetic data, or noise rounded away) never leave the choice to ``topk``.
+    A plain ``topk`` with a margin finds a window of candidates; the window is ranked by (rounded score, id).
+    Rounding is monotone, so ids outside the window cannot tie the k-th unless the window's last rounded
+    score equals the k-th's; only such rows (mass ties, e.g. synthetic data) are re-ranked over the whole
+    row in float64 as rounded score minus ``id * 1e-12``.
     """
     import torch
 
-    ids = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float64)
-    keyed = torch.round(scores.double(), decimals=decimals) - ids * 1e-12
-    values, top = torch.topk(keyed, min(k, scores.shape[-1]), dim=-1)
-    return [
-        [i for v, i in zip(row_values, row_ids) if v != float("-inf")]
-        for row_values, row_ids in zip(values.cpu().tolist(), top.cpu().tolist())
-    ]
+    width = min(k + _TOPK_MARGIN, scores.shape[-1])
+    values, ids = torch.topk(scores.float(), width, dim=-1)
+    rounded = torch.round(values.double(), decimals=decimals).cpu().tolist()
+    out = []
+    for row, (row_values, row_ids) in enumerate(zip(rounded, ids.cpu().tolist())):
+        ranked = sorted(zip(row_values, row_ids), key=lambda pair: (-pair[0], pair[1]))
+        ranked = [(v, i) for v, i in ranked if v != float("-inf")]
+        if len(ranked) >= k and width < scores.shape[-1] and min(row_values) >= ranked[k - 1][0]:
+            positions = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float64)
+            keyed = torch.round(scores[row].double(), decimals=decimals) - positions * 1e-12
+            top_values, top_ids = torch.topk(keyed, k)
+            ranked = [(v, i) for v, i in zip(top_values.tolist(), top_ids.tolist()) if v != float("-inf")]
+        out.append([i for _, i in ranked[:k]])
+    return out
 
 
 class GloveNeighbours:
     """K nearest GloVe words by cosine similarity, from batched matrix products, cached per word."""
 
-    def __init__(self, glove: GloveVectors, k: int, device: str = "cpu", max_scores: int = 1 << 24) -> None:
+    def __init__(self, glove: GloveVectors, k: int, device: str = "cpu", max_scores: int = 1 << 25) -> None:
         import torch
 
         self.glove = glove
         self.k = k
         matrix = torch.from_numpy(np.array(glove.vectors, dtype=np.float32)).to(device)  # copy: the map is read-only
         self.unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        # Bounds the (queries x vocabulary) score block: 2^24 scores, 128 MiB once keyed in float64.
+        # Bounds the (queries x vocabulary) score block: 2^25 float32 scores = 128 MiB.
         self.queries_per_block = max(1, max_scores // max(1, len(glove.words)))
         self._cache: dict[str, list[str]] = {}
 
