@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -218,7 +219,9 @@ def detect_format(path: str | Path) -> str:
 
 def _read_text(path: Path, encoding: str) -> str:
     try:
-        return path.read_text(encoding=encoding)
+        # newline="": the csv module sees line ends itself, so quoted fields may span lines (tweets do).
+        with open(path, encoding=encoding, newline="") as handle:
+            return handle.read()
     except UnicodeDecodeError as err:
         raise ValueError(
             f"task data {path} is not valid {encoding} text ({err}); pass the file's encoding (e.g. --encoding latin-1)"
@@ -241,9 +244,9 @@ def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.T
     text = _read_text(path, encoding)
     if fmt == "tsv":
         # GLUE TSVs contain unbalanced quotes inside sentences; quoting must be off or rows merge.
-        reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
-        reader = csv.reader(text.splitlines())
+        reader = csv.reader(io.StringIO(text, newline=""))
     rows = [row for row in reader if row]
     if not rows:
         raise ValueError(f"task data {path} is empty: no header and no rows")

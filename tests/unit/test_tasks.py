@@ -97,6 +97,16 @@ def test_regression_and_id_column(tmp_path):
         load_task_examples(tmp_path / "d.tsv", spec)
 
 
+def test_csv_quoted_fields_span_lines_and_encoding(tmp_path):
+    path = tmp_path / "tweets.csv"
+    path.write_bytes('sentiment,text\r\nneg,"two\r\nlines, one tweet"\r\npos,caf\xe9\r\n'.encode("latin-1"))
+    spec = TaskSpec(name="tweets", labels=["neg", "pos"], text_a="text", label="sentiment")
+    with pytest.raises(ValueError, match="not valid utf-8 text.*--encoding latin-1"):
+        load_task_examples(path, spec)
+    table = load_task_examples(path, spec, encoding="latin-1")
+    assert table.column("text_a").to_pylist() == ["two\r\nlines, one tweet", "caf\xe9"]
+
+
 def test_default_columns_and_optional_text_b(tmp_path):
     spec = TaskSpec(name="t", labels=["neg", "pos"])  # text_a / text_b / label by default; text_b optional
     path = _write(tmp_path / "d.jsonl", [{"text_a": "good", "label": "pos"}], "jsonl")
