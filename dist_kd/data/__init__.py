@@ -1,0 +1,1 @@
+"""Data pipelines: corpus shards (write + stream), task datasets, augmentation and Parquet stores."""

@@ -1,0 +1,864 @@
+"""Corpus shards: tokenise raw text once, pack it into fixed-length sequences, write WebDataset shards.
+
+General distillation reads billions of tokens, so tokenisation happens once, offline, here, and the
+training stream (``dist_kd.data.stream``) only reads integers. The output directory is the contract of
+ARCHITECTURE.md: ``shard-NNNNNN.tar`` files whose samples hold ``<key>.input_ids.npy`` (1-D, uint16 when
+the vocabulary fits, else int32) and a ``manifest.json`` written last, atomically, so a directory with a
+manifest is always complete.
+
+Design:
+
+- **Inputs** are discovered in a fixed order (paths as given, directories walked in sorted order), then
+  read as a stream of documents: ``.txt``/``.txt.gz`` (a document per blank-line-separated paragraph by
+  default; ``txt_document="line"`` or ``"file"`` for the other common layouts), ``.jsonl``/``.jsonl.gz``
+  (a document per line, in the ``text_column`` field), ``.parquet``/``.arrow`` files and ``datasets``
+  directories saved with ``save_to_disk`` (a document per row of ``text_column``; every split of a
+  ``DatasetDict``, in name order).
+- **Tokenisation** runs in worker processes over batches of documents; results come back in submission
+  order with a bounded number in flight, so the output does not depend on the number of workers and
+  memory stays flat whatever the corpus size.
+- **Packing** (default ``packing="pack"``): the documents form one token stream with a ``[SEP]`` between
+  consecutive documents; the stream is cut into bodies of ``seq_len - 2`` tokens and each sequence is
+  ``[CLS] body [SEP]``, no padding. A body may therefore start or end at a document boundary next to the
+  framing token (``[CLS] [SEP] ...``); BERT-style encoders see such boundaries in pre-training anyway. The
+  final partial body (fewer than ``seq_len - 2`` tokens) is dropped and reported. With
+  ``packing="document"`` each document becomes one sequence ``[CLS] doc[:seq_len-2] [SEP]`` (longer ones
+  truncated, reported), stored without padding; the stream pads and builds attention masks.
+- **Determinism**: tar members carry fixed metadata (mtime 0, uid/gid 0, empty owner names, mode 0644,
+  USTAR format), keys are global sequence numbers, and the manifest is JSON with sorted keys and no
+  timestamps, so the same inputs and options give byte-identical shards and manifest.
+- **Tokenizer fingerprint**: a sha256 over the vocabulary, the special tokens and the normaliser
+  settings (lower-casing, accents), not over file bytes or paths, so the same tokenizer saved to two
+  directories matches and a different one does not.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dist_kd.io import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SAMPLE_SUFFIX = ".input_ids.npy"
+PACKINGS = ("pack", "document")
+TXT_DOCUMENT_MODES = ("paragraph", "line", "file")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+TABLE_SUFFIXES = (".parquet", ".arrow")
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES
+
+# Documents per tokenisation task, and a cap on their characters: large enough to amortise the
+# inter-process transfer, small enough that (tasks in flight x task size) stays a few MB.
+_DOCS_PER_TASK = 256
+_CHARS_PER_TASK = 1 << 20
+_TAR_BLOCK = 512
+_TAR_RECORD = 20 * _TAR_BLOCK  # what tarfile pads an archive to; matching it keeps shards readable by all tools
+
+
+class CorruptShardError(ValueError):
+    """A shard that cannot be read as the manifest describes it (missing, truncated, malformed)."""
+
+    def __init__(self, shard: str | os.PathLike, reason: str | None = None):
+        # The one-argument form (a full message) lets DataLoader workers re-raise this type in the main process.
+        self.shard = str(shard)
+        self.reason = reason or ""
+        super().__init__(f"corrupt corpus shard {self.shard}: {reason}" if reason is not None else self.shard)
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index`` (``shard-000042.tar``)."""
+    return f"shard-{index:06d}.tar"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer identity
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a fast (Rust) Hugging Face tokenizer from a local directory, or raise a clear error.
+
+    Args:
+        path: a directory with a tokenizer (a teacher's HF directory works).
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the tokenizer is not a fast one (slow tokenizers are orders of magnitude slower).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer in {path} is not a fast tokenizer (found {type(tokenizer).__name__})")
+    return tokenizer
+
+
+def _normalizer_settings(tokenizer) -> Any:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        return {"normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer")}
+    # Only fast tokenizers reach here in practice; the flag keeps slow ones comparable among themselves.
+    return {"do_lower_case": getattr(tokenizer, "do_lower_case", None)}
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Identity of a tokenizer for the manifest: ``{name_or_path, vocab_size, sha256}``.
+
+    The sha256 covers what decides the token ids (vocabulary with ids, special tokens, normaliser and
+    pre-tokeniser settings), not file bytes or paths, so it is stable across directories and re-saves.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    payload = {
+        "vocab": vocab,
+        "special_tokens": sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items()),
+        "settings": _normalizer_settings(tokenizer),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+    return {"name_or_path": str(tokenizer.name_or_path), "vocab_size": len(tokenizer), "sha256": digest}
+
+
+def check_tokenizer_matches(
+    manifest_tokenizer: dict[str, Any], teacher_tokenizer: Any, shards_dir: str | os.PathLike
+) -> None:
+    """Raise if the corpus was tokenised with another tokenizer than the teacher's.
+
+    Token ids from another vocabulary would train silently on garbage, so this runs before any step.
+
+    Args:
+        manifest_tokenizer: the manifest's ``tokenizer`` entry.
+        teacher_tokenizer: the teacher's tokenizer, or a directory to load it from.
+        shards_dir: the corpus directory (named in the error).
+
+    Raises:
+        ValueError: on a mismatch, naming both tokenizers and their fingerprints.
+    """
+    if isinstance(teacher_tokenizer, str | os.PathLike):
+        teacher_tokenizer = load_tokenizer(teacher_tokenizer)
+    teacher = tokenizer_fingerprint(teacher_tokenizer)
+    if manifest_tokenizer.get("sha256") != teacher["sha256"]:
+        raise ValueError(
+            f"corpus {shards_dir} was tokenized with {manifest_tokenizer.get('name_or_path')} "
+            f"(sha256 {str(manifest_tokenizer.get('sha256'))[:16]}, "
+            f"vocab_size {manifest_tokenizer.get('vocab_size')}), "
+            f"teacher uses {teacher['name_or_path']} (sha256 {teacher['sha256'][:16]}, "
+            f"vocab_size {teacher['vocab_size']}); re-run launch/prepare_corpus.py with --tokenizer set to the "
+            "teacher's directory"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs: discovery and documents
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    )
+
+
+def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand input paths into the ordered list of sources (files and ``datasets`` directories).
+
+    Directories are walked in sorted order; files with unsupported suffixes inside them are skipped.
+
+    Raises:
+        FileNotFoundError: for a path that does not exist.
+        ValueError: for a file with an unsupported suffix, or a directory without any input.
+    """
+    if not inputs:
+        raise ValueError("no input paths given (expected at least one file or directory)")
+    sources: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist")
+        if path.is_dir():
+            found = _walk(path)
+            if not found:
+                raise ValueError(
+                    f"input directory {path} holds no corpus files (expected {', '.join(SUPPORTED_SUFFIXES)} files "
+                    "or a datasets directory saved with save_to_disk)"
+                )
+            sources.extend(found)
+        elif _suffix(path) is None:
+            raise ValueError(f"input {path} has an unsupported type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
+        else:
+            sources.append(path)
+    return sources
+
+
+def _walk(directory: Path) -> list[Path]:
+    if _is_dataset_dir(directory):
+        return [directory]
+    found = []
+    for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+        if entry.is_dir():
+            found.extend(_walk(entry))
+        elif _suffix(entry) is not None:
+            found.append(entry)
+    return found
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _text_documents(path: Path, mode: str) -> Iterator[str]:
+    with _open_text(path) as handle:
+        if mode == "file":
+            text = handle.read().strip()
+            if text:
+                yield text
+        elif mode == "line":
+            for line in handle:
+                if line.strip():
+                    yield line.strip()
+        else:
+            paragraph: list[str] = []
+            for line in handle:
+                if line.strip():
+                    paragraph.append(line.strip())
+                elif paragraph:
+                    yield "\n".join(paragraph)
+                    paragraph = []
+            if paragraph:
+                yield "\n".join(paragraph)
+
+
+def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
+    with _open_text(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or text_column not in record:
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{line_number}: no '{text_column}' field (found {found})")
+            text = record[text_column]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"{path}:{line_number}: field '{text_column}' must be a string, found {type(text).__name__}"
+                )
+            if text.strip():
+                yield text
+
+
+def _column_texts(values: Iterable[Any], where: str, text_column: str) -> Iterator[str]:
+    for text in values:
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: column '{text_column}' must hold strings, found {type(text).__name__}")
+        if text.strip():
+            yield text
+
+
+def _check_column(names: Sequence[str], text_column: str, where: Path) -> None:
+    if text_column not in names:
+        raise ValueError(
+            f"{where} has no text column '{text_column}' (found columns: {', '.join(names)}); "
+            "choose one with --text-column"
+        )
+
+
+def _table_documents(path: Path, text_column: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.name.lower().endswith(".parquet"):
+        parquet = pq.ParquetFile(path)
+        _check_column(parquet.schema_arrow.names, text_column, path)
+        batches = parquet.iter_batches(columns=[text_column], batch_size=1024)
+    else:
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            # datasets writes its .arrow cache files in the IPC *stream* format, not the file format.
+            source.seek(0)
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        _check_column(reader.schema.names, text_column, path)
+    for batch in batches:
+        yield from _column_texts(batch.column(text_column).to_pylist(), str(path), text_column)
+
+
+def _dataset_documents(path: Path, text_column: str) -> Iterator[str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    splits = [loaded[name] for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    for split in splits:
+        _check_column(split.column_names, text_column, path)
+        for batch in split.select_columns([text_column]).iter(batch_size=1024):
+            yield from _column_texts(batch[text_column], str(path), text_column)
+
+
+def iter_documents(source: Path, txt_document: str = "paragraph", text_column: str = "text") -> Iterator[str]:
+    """The documents of one source (a file or a saved ``datasets`` directory), in file order.
+
+    Raises:
+        ValueError: naming the file (and line) for undecodable text, bad JSON, or a missing text field/column.
+    """
+    try:
+        if source.is_dir():
+            yield from _dataset_documents(source, text_column)
+            return
+        suffix = _suffix(source)
+        if suffix in TEXT_SUFFIXES:
+            yield from _text_documents(source, txt_document)
+        elif suffix in JSONL_SUFFIXES:
+            yield from _jsonl_documents(source, text_column)
+        else:
+            yield from _table_documents(source, text_column)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (EOFError, gzip.BadGzipFile) as error:
+        raise ValueError(f"{source} is not a valid gzip file ({error})") from None
+
+
+def _document_batches(
+    sources: Sequence[Path], txt_document: str, text_column: str, counter: list[int]
+) -> Iterator[list[str]]:
+    batch: list[str] = []
+    num_chars = 0
+    for source in sources:
+        for document in iter_documents(source, txt_document, text_column):
+            batch.append(document)
+            num_chars += len(document)
+            counter[0] += 1
+            if len(batch) >= _DOCS_PER_TASK or num_chars >= _CHARS_PER_TASK:
+                yield batch
+                batch, num_chars = [], 0
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenisation (worker processes)
+# ----------------------------------------------------------------------------------------------------------
+
+_WORKER_TOKENIZER = None
+
+
+def _init_tokenizer_worker(tokenizer_dir: str) -> None:
+    global _WORKER_TOKENIZER
+    # One Rust thread per process: the parallelism is the processes; nested thread pools only contend.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+    _WORKER_TOKENIZER.model_max_length = 1 << 62  # documents are cut by the packer, not the tokenizer
+
+
+def _tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts`` without special tokens, as (flat int32 ids, per-document lengths)."""
+    encoded = _WORKER_TOKENIZER(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
+    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _ordered_map(
+    function: Callable[[Any], Any], items: Iterable[Any], num_workers: int, initializer: Callable, initargs: tuple
+) -> Iterator[Any]:
+    """``map`` over worker processes, results in input order, at most ``4 * num_workers`` tasks in flight.
+
+    ``Pool.imap`` would read the whole input into its task queue ahead of the workers; the bound keeps
+    memory flat for corpora larger than RAM.
+    """
+    if num_workers <= 0:
+        initializer(*initargs)
+        yield from map(function, items)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with context.Pool(num_workers, initializer=initializer, initargs=initargs) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(function, (item,)))
+            if len(pending) >= 4 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Packer:
+    """Turns batches of tokenised documents into stored sequences (see the module docstring)."""
+
+    def __init__(self, seq_len: int, cls_id: int, sep_id: int, packing: str, dtype: np.dtype):
+        self.seq_len = seq_len
+        self.cls_id = cls_id
+        self.sep_id = sep_id
+        self.packing = packing
+        self.dtype = dtype
+        self.num_dropped_tokens = 0
+        self._carry = np.zeros(0, dtype=np.int64)
+        self._seen_document = False
+
+    def add(self, flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        if self.packing == "document":
+            return self._one_per_document(flat, lengths)
+        lengths = lengths[lengths > 0]
+        if len(lengths) == 0:
+            return []
+        # [SEP] between consecutive documents, including across task batches.
+        stream = np.insert(flat.astype(np.int64), np.cumsum(lengths)[:-1], self.sep_id)
+        if self._seen_document:
+            stream = np.concatenate([[self.sep_id], stream])
+        self._seen_document = True
+        buffer = np.concatenate([self._carry, stream])
+        body = self.seq_len - 2
+        num_full = len(buffer) // body
+        bodies = buffer[: num_full * body].reshape(num_full, body)
+        self._carry = buffer[num_full * body :]
+        framed = np.empty((num_full, self.seq_len), dtype=self.dtype)
+        framed[:, 0] = self.cls_id
+        framed[:, 1:-1] = bodies
+        framed[:, -1] = self.sep_id
+        return list(framed)
+
+    def _one_per_document(self, flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        out = []
+        body = self.seq_len - 2
+        for start, length in zip(np.cumsum(lengths) - lengths, lengths, strict=True):
+            if length == 0:
+                continue
+            kept = min(int(length), body)
+            self.num_dropped_tokens += int(length) - kept
+            sequence = np.empty(kept + 2, dtype=self.dtype)
+            sequence[0] = self.cls_id
+            sequence[1:-1] = flat[start : start + kept]
+            sequence[-1] = self.sep_id
+            out.append(sequence)
+        return out
+
+    def finish(self) -> None:
+        # The last partial body would need padding, which packed shards never store.
+        self.num_dropped_tokens += len(self._carry)
+        self._carry = self._carry[:0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shard writing and reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+class _ShardWriter:
+    """Writes sequences into ``shard-NNNNNN.tar`` files of ``shard_size`` samples each.
+
+    Each shard is written under a hidden temporary name, hashed while written, fsynced and renamed, so
+    a shard under its final name is always complete.
+    """
+
+    def __init__(self, directory: Path, shard_size: int, dtype: np.dtype):
+        self.directory = directory
+        self.shard_size = shard_size
+        self.dtype = dtype
+        self.shards: list[dict[str, Any]] = []
+        self.num_sequences = 0
+        self.num_tokens = 0
+        self._handle = None
+        self._digest = None
+        self._in_shard = 0
+        self._bytes = 0
+        self._npy_headers: dict[int, bytes] = {}
+
+    def _write(self, data: bytes) -> None:
+        self._handle.write(data)
+        self._digest.update(data)
+        self._bytes += len(data)
+
+    def write(self, sequence: np.ndarray) -> None:
+        if self._handle is None:
+            name = shard_name(len(self.shards))
+            self._handle = open(self.directory / f".{name}.tmp", "wb")
+            self._digest = hashlib.sha256()
+            self._in_shard = 0
+            self._bytes = 0
+        header = self._npy_headers.get(len(sequence))
+        if header is None:
+            header = self._npy_headers[len(sequence)] = _npy_header(self.dtype, len(sequence))
+        payload = header + sequence.astype(self.dtype, copy=False).tobytes()
+        # Keys are global sequence numbers: unique across shards and stable across runs.
+        self._write(_tar_header(f"{self.num_sequences:012d}{SAMPLE_SUFFIX}", len(payload)))
+        self._write(payload)
+        self._write(b"\0" * (-len(payload) % _TAR_BLOCK))
+        self._in_shard += 1
+        self.num_sequences += 1
+        self.num_tokens += len(sequence)
+        if self._in_shard == self.shard_size:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._write(b"\0" * (2 * _TAR_BLOCK))
+        self._write(b"\0" * (-self._bytes % _TAR_RECORD))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        name = shard_name(len(self.shards))
+        os.replace(self.directory / f".{name}.tmp", self.directory / name)
+        self.shards.append(
+            {
+                "name": name,
+                "num_sequences": self._in_shard,
+                "num_bytes": self._bytes,
+                "sha256": self._digest.hexdigest(),
+            }
+        )
+        self._handle = None
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._handle is not None:
+            self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (after an error), leaving no temporary file behind."""
+        if self._handle is not None:
+            self._handle.close()
+            (self.directory / f".{shard_name(len(self.shards))}.tmp").unlink(missing_ok=True)
+            self._handle = None
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER_CACHE: dict[bytes, tuple[np.dtype, int]] = {}
+
+
+def _parse_npy_header(header: bytes) -> tuple[np.dtype, int]:
+    parsed = _NPY_HEADER_CACHE.get(header)
+    if parsed is None:
+        spec = ast.literal_eval(header.decode("latin1"))
+        shape = spec["shape"]
+        if spec.get("fortran_order") or len(shape) != 1:
+            raise ValueError(f"expected a 1-D array, found shape {shape}")
+        parsed = _NPY_HEADER_CACHE[header] = (np.dtype(spec["descr"]), int(shape[0]))
+    return parsed
+
+
+def read_shard(path: str | os.PathLike, expected_num_sequences: int | None = None) -> list[np.ndarray]:
+    """Read a shard's ``input_ids`` arrays, in file order, validating the tar and npy structure.
+
+    A hand-rolled reader: shards are USTAR archives of small members, and parsing them directly is several
+    times faster than ``tarfile`` (the stream's throughput is bound by this loop). Members with other
+    suffixes are ignored, as WebDataset readers would.
+
+    Args:
+        path: the shard file.
+        expected_num_sequences: the manifest's count for this shard, checked when given.
+
+    Returns:
+        1-D arrays (views into the file's bytes) in key order.
+
+    Raises:
+        CorruptShardError: naming the shard, for a missing file, a truncated or malformed archive, or a
+            sequence count different from the manifest's.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CorruptShardError(path, f"cannot be read ({error.strerror or error})") from None
+    arrays: list[np.ndarray] = []
+    offset = 0
+    size_total = len(data)
+    try:
+        while True:
+            if offset + _TAR_BLOCK > size_total:
+                raise ValueError(f"archive ends without an end marker at byte {offset} (file truncated?)")
+            header = data[offset : offset + _TAR_BLOCK]
+            if header[0] == 0 and not header.strip(b"\0"):
+                break  # end-of-archive marker
+            checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+                raise ValueError(f"bad tar header checksum at byte {offset}")
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            start = offset + _TAR_BLOCK
+            end = start + size
+            if end > size_total:
+                raise ValueError(f"member {name} needs {size} bytes but the file ends at byte {size_total} (truncated)")
+            offset = start + size + (-size % _TAR_BLOCK)
+            if header[156:157] not in (b"0", b"\0") or not name.endswith(SAMPLE_SUFFIX):
+                continue
+            if data[start : start + 6] != _NPY_MAGIC:
+                raise ValueError(f"member {name} is not a .npy array")
+            if data[start + 6] == 1:
+                header_len, body = int.from_bytes(data[start + 8 : start + 10], "little"), start + 10
+            else:
+                header_len, body = int.from_bytes(data[start + 8 : start + 12], "little"), start + 12
+            try:
+                dtype, length = _parse_npy_header(data[body : body + header_len])
+            except (ValueError, SyntaxError, KeyError, TypeError) as error:
+                raise ValueError(f"member {name} has a malformed .npy header ({error})") from None
+            body += header_len
+            if body + length * dtype.itemsize != end:
+                raise ValueError(f"member {name} holds {end - body} bytes for {length} x {dtype}")
+            arrays.append(np.frombuffer(data, dtype=dtype, count=length, offset=body))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptShardError(path, str(error)) from None
+    if expected_num_sequences is not None and len(arrays) != expected_num_sequences:
+        raise CorruptShardError(path, f"holds {len(arrays)} sequences, manifest says {expected_num_sequences}")
+    return arrays
+
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate ``manifest.json`` of a corpus directory.
+
+    Raises:
+        FileNotFoundError: when the directory or its manifest is missing.
+        ValueError: when a required field is missing or the format version is unknown.
+    """
+    path = Path(shards_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {shards_dir} is not a prepared corpus (run launch/prepare_corpus.py; "
+            "an interrupted run leaves no manifest)"
+        )
+    manifest = json.loads(path.read_text())
+    for field in ("format_version", "tokenizer", "seq_len", "num_sequences", "shards"):
+        if field not in manifest:
+            raise ValueError(f"{path}: missing field '{field}'")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: field 'format_version' is {manifest['format_version']}, this version reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prepare_corpus
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorpusSummary:
+    """What ``prepare_corpus`` wrote, for the end-of-run summary and the benchmark."""
+
+    num_documents: int
+    num_input_tokens: int
+    num_sequences: int
+    num_tokens: int
+    num_shards: int
+    num_bytes: int
+    num_dropped_tokens: int
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokenised input tokens per second of wall time."""
+        return self.num_input_tokens / max(self.elapsed_s, 1e-9)
+
+    def format(self) -> str:
+        """One human-readable line."""
+        return (
+            f"{self.num_documents:,} documents, {self.num_input_tokens:,} tokens -> {self.num_sequences:,} sequences "
+            f"in {self.num_shards:,} shards ({self.num_bytes / 1e6:,.1f} MB; {self.num_dropped_tokens:,} tokens "
+            f"dropped by packing/truncation) in {self.elapsed_s:.1f} s, {self.tokens_per_s:,.0f} tokens/s"
+        )
+
+
+def _validate_options(seq_len: int, shard_size: int, num_workers: int, packing: str, txt_document: str) -> None:
+    if seq_len < 3:
+        raise ValueError(f"seq_len must be at least 3 ([CLS] + a token + [SEP]), found {seq_len}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1 sequence, found {shard_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, found {num_workers}")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, found {packing!r}")
+    if txt_document not in TXT_DOCUMENT_MODES:
+        raise ValueError(f"txt_document must be one of {TXT_DOCUMENT_MODES}, found {txt_document!r}")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = output / MANIFEST_NAME
+    if manifest.exists():
+        if not overwrite:
+            raise FileExistsError(f"{output} already holds a corpus ({manifest}); pass --overwrite to replace it")
+        # Removed first: a crash while shards are rewritten must not leave a manifest over mixed shards.
+        manifest.unlink()
+    for stale in output.glob(".shard-*.tar.tmp"):
+        stale.unlink()
+
+
+def prepare_corpus(
+    inputs: Sequence[str | os.PathLike],
+    tokenizer: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    seq_len: int = 128,
+    shard_size: int = 10_000,
+    num_workers: int = 1,
+    packing: str = "pack",
+    txt_document: str = "paragraph",
+    text_column: str = "text",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CorpusSummary:
+    """Tokenise ``inputs`` with ``tokenizer``, pack them, and write shards plus ``manifest.json``.
+
+    Args:
+        inputs: files and directories (see the module docstring for the formats).
+        tokenizer: the teacher's tokenizer directory (a fast tokenizer).
+        output_dir: the corpus directory to write.
+        seq_len: tokens per sequence, ``[CLS]`` and ``[SEP]`` included.
+        shard_size: sequences per shard (the last shard may hold fewer).
+        num_workers: tokeniser processes; 0 tokenises in this process.
+        packing: ``"pack"`` (full sequences across documents) or ``"document"`` (one per document).
+        txt_document: how ``.txt`` files split into documents: ``"paragraph"``, ``"line"`` or ``"file"``.
+        text_column: field of ``.jsonl`` records / column of tables and datasets holding the text.
+        overwrite: replace an existing corpus in ``output_dir``.
+        progress: show a progress bar.
+
+    Returns:
+        The summary of what was written.
+
+    Raises:
+        FileNotFoundError: for a missing input or tokenizer.
+        FileExistsError: when ``output_dir`` holds a corpus and ``overwrite`` is false.
+        ValueError: for bad options or bad inputs (naming the file and, for JSONL, the line).
+    """
+    from tqdm import tqdm
+
+    _validate_options(seq_len, shard_size, num_workers, packing, txt_document)
+    started = time.perf_counter()
+    sources = discover_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    for role in ("cls", "sep", "pad"):
+        if getattr(tok, f"{role}_token_id") is None:
+            raise ValueError(f"tokenizer {tokenizer} has no {role} token (expected a BERT-style tokenizer)")
+    fingerprint = tokenizer_fingerprint(tok)
+    dtype = np.dtype(np.uint16) if fingerprint["vocab_size"] <= 65535 else np.dtype(np.int32)
+    output = Path(output_dir)
+    _prepare_output(output, overwrite)
+
+    packer = _Packer(seq_len, tok.cls_token_id, tok.sep_token_id, packing, dtype)
+    writer = _ShardWriter(output, shard_size, dtype)
+    num_documents = [0]
+    num_input_tokens = 0
+    batches = _document_batches(sources, txt_document, text_column, num_documents)
+    bar = tqdm(desc="prepare_corpus", unit="tok", unit_scale=True, disable=not progress)
+    try:
+        for flat, lengths in _ordered_map(
+            _tokenize_batch, batches, num_workers, _init_tokenizer_worker, (str(tokenizer),)
+        ):
+            num_input_tokens += len(flat)
+            for sequence in packer.add(flat, lengths):
+                writer.write(sequence)
+            bar.update(len(flat))
+            bar.set_postfix(sequences=writer.num_sequences, shards=len(writer.shards), refresh=False)
+        packer.finish()
+        shards = writer.close()
+    finally:
+        bar.close()
+        writer.abort()
+    if not shards:
+        raise ValueError(
+            f"inputs {[str(p) for p in inputs]} gave no sequence of {seq_len} tokens "
+            f"({num_documents[0]} documents, {num_input_tokens} tokens)"
+        )
+    names = {shard["name"] for shard in shards}
+    for stale in output.glob("shard-*.tar"):
+        if stale.name not in names:  # left by an earlier, larger corpus in the same directory
+            stale.unlink()
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": fingerprint,
+        "seq_len": seq_len,
+        "num_sequences": writer.num_sequences,
+        "num_tokens": writer.num_tokens,
+        "num_documents": num_documents[0],
+        "dtype": dtype.name,
+        "packing": packing,
+        "special_tokens": {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id},
+        "options": {"txt_document": txt_document, "text_column": text_column, "shard_size": shard_size},
+        "shards": shards,
+    }
+    write_json_atomic(output / MANIFEST_NAME, manifest)
+    summary = CorpusSummary(
+        num_documents=num_documents[0],
+        num_input_tokens=num_input_tokens,
+        num_sequences=writer.num_sequences,
+        num_tokens=writer.num_tokens,
+        num_shards=len(shards),
+        num_bytes=sum(shard["num_bytes"] for shard in shards),
+        num_dropped_tokens=packer.num_dropped_tokens,
+        elapsed_s=time.perf_counter() - started,
+    )
+    logger.info("prepare_corpus: %s", summary.format())
+    return summary

@@ -1,0 +1,79 @@
+"""Tokenise raw text into WebDataset corpus shards for general distillation.
+
+    python launch/prepare_corpus.py --input data/wiki/ data/books.jsonl --tokenizer models/teacher \
+        --output corpus/wiki-128 --seq-len 128 [--shard-size 10000] [--num-workers 8] \
+        [--packing pack|document] [--txt-document paragraph|line|file] [--text-column text] [--overwrite]
+
+Writes ``shard-NNNNNN.tar`` files and ``manifest.json`` (format: ARCHITECTURE.md, details: docs/corpus.md)
+and prints a summary. The logic lives in ``dist_kd.data.corpus``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+from dist_kd.data.corpus import PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files or directories (.txt, .txt.gz, .jsonl, .parquet, .arrow, datasets dirs saved with save_to_disk)",
+    )
+    parser.add_argument("--tokenizer", required=True, help="the teacher's (fast) tokenizer directory")
+    parser.add_argument("--output", required=True, help="corpus directory to write")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, [CLS] and [SEP] included")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="sequences per shard")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="tokeniser processes (0: in this process)",
+    )
+    parser.add_argument(
+        "--packing",
+        choices=PACKINGS,
+        default="pack",
+        help="pack: full sequences across documents; document: one (truncated) document per sequence",
+    )
+    parser.add_argument(
+        "--txt-document",
+        choices=TXT_DOCUMENT_MODES,
+        default="paragraph",
+        help="a document in .txt files: a blank-line-separated paragraph, a line, or the whole file",
+    )
+    parser.add_argument("--text-column", default="text", help="JSONL field / table column holding the text")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, write the corpus, print the summary."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = prepare_corpus(
+        args.input,
+        args.tokenizer,
+        args.output,
+        seq_len=args.seq_len,
+        shard_size=args.shard_size,
+        num_workers=args.num_workers,
+        packing=args.packing,
+        txt_document=args.txt_document,
+        text_column=args.text_column,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.output}: {summary.format()}")
+
+
+if __name__ == "__main__":
+    main()
