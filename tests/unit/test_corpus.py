@@ -1,0 +1,222 @@
+"""prepare_corpus: formats, packing, determinism, tokenizer fingerprints, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_kd.data.corpus import (
+    check_tokenizer_matches,
+    discover_inputs,
+    iter_documents,
+    load_tokenizer,
+    prepare_corpus,
+    read_manifest,
+    read_shard,
+    tokenizer_fingerprint,
+)
+from dist_kd.data.stream import build_corpus_loader
+from dist_kd.testing import build_tiny_tokenizer, random_sentences
+
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return random_sentences(240, seed=3, min_words=2, max_words=30)
+
+
+@pytest.fixture(scope="module")
+def text_inputs(tmp_path_factory, texts) -> Path:
+    """Three files of three formats; documents in discovery order are ``texts``."""
+    directory = tmp_path_factory.mktemp("text_inputs")
+    (directory / "a.txt").write_text("\n\n".join(texts[:80]) + "\n")
+    with gzip.open(directory / "b.txt.gz", "wt") as handle:
+        handle.write("\n\n\n".join(texts[80:160]))
+    records = [json.dumps({"text": text, "id": index}) for index, text in enumerate(texts[160:])]
+    (directory / "c.jsonl").write_text("\n".join(records) + "\n")
+    (directory / "README.md").write_text("not a corpus file; skipped inside directories")
+    return directory
+
+
+def _expected_stream(tokenizer, texts: list[str]) -> list[int]:
+    stream: list[int] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if stream:
+            stream.append(tokenizer.sep_token_id)
+        stream.extend(ids)
+    return stream
+
+
+def _all_sequences(directory: Path) -> list[np.ndarray]:
+    manifest = read_manifest(directory)
+    return [
+        array for shard in manifest["shards"] for array in read_shard(directory / shard["name"], shard["num_sequences"])
+    ]
+
+
+def _tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_round_trip_packed(tmp_path, text_inputs, texts, tiny_tokenizer_dir):
+    summary = prepare_corpus(
+        [text_inputs], tiny_tokenizer_dir, tmp_path / "out", seq_len=SEQ_LEN, shard_size=7, num_workers=0
+    )
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    stream = build_corpus_loader(tmp_path / "out", micro_batch_size=1, num_workers=0, shuffle=False)
+    batches = list(stream)
+    ids = np.concatenate([batch["input_ids"].numpy() for batch in batches])
+    assert all(batch["attention_mask"].all() for batch in batches)
+    assert ids.shape == (summary.num_sequences, SEQ_LEN)
+    assert (ids[:, 0] == tokenizer.cls_token_id).all() and (ids[:, -1] == tokenizer.sep_token_id).all()
+    expected = _expected_stream(tokenizer, texts)
+    body = SEQ_LEN - 2
+    assert ids[:, 1:-1].reshape(-1).tolist() == expected[: len(expected) // body * body]
+    assert summary.num_dropped_tokens == len(expected) % body
+    assert summary.num_documents == len(texts)
+    # Decoding the first sequence gives the first document's words back.
+    first_words = tokenizer.decode(ids[0, 1:-1].tolist()).replace(" .", ".").split()
+    assert first_words[:3] == texts[0].split()[:3]
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["num_sequences"] == sum(shard["num_sequences"] for shard in manifest["shards"])
+    assert manifest["dtype"] == "uint16" and manifest["num_tokens"] == summary.num_sequences * SEQ_LEN
+
+
+def test_round_trip_one_document_per_sequence(tmp_path, text_inputs, texts, tiny_tokenizer_dir):
+    seq_len = 12
+    prepare_corpus(
+        [text_inputs], tiny_tokenizer_dir, tmp_path / "out", seq_len=seq_len, packing="document", num_workers=0
+    )
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    batches = list(build_corpus_loader(tmp_path / "out", micro_batch_size=4, num_workers=0, shuffle=False))
+    ids = np.concatenate([batch["input_ids"].numpy() for batch in batches])
+    mask = np.concatenate([batch["attention_mask"].numpy() for batch in batches])
+    assert len(ids) == len(texts) // 4 * 4  # the remainder of a partial micro-batch is left out
+    for row, text in enumerate(texts[: len(ids)]):
+        expected = [tokenizer.cls_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"][: seq_len - 2]
+        expected.append(tokenizer.sep_token_id)
+        assert mask[row].sum() == len(expected)
+        assert ids[row, : len(expected)].tolist() == expected
+        assert (ids[row, len(expected) :] == tokenizer.pad_token_id).all()
+
+
+def test_shards_are_byte_identical_on_a_second_run(tmp_path, text_inputs, tiny_tokenizer_dir):
+    options = dict(seq_len=SEQ_LEN, shard_size=9, progress=False)
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "one", num_workers=0, **options)
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "two", num_workers=2, **options)
+    first = _tree_bytes(tmp_path / "one")
+    assert len(first) > 3 and "manifest.json" in first
+    assert _tree_bytes(tmp_path / "two") == first
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "one", num_workers=0, **options)
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "one", num_workers=0, overwrite=True, **options)
+    assert _tree_bytes(tmp_path / "one") == first
+
+
+def test_overwrite_with_a_smaller_corpus_removes_stale_shards(tmp_path, text_inputs, tiny_tokenizer_dir):
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "out", seq_len=SEQ_LEN, shard_size=5, num_workers=0)
+    prepare_corpus(
+        [text_inputs / "a.txt"], tiny_tokenizer_dir, tmp_path / "out", seq_len=SEQ_LEN, shard_size=5, num_workers=0,
+        overwrite=True,
+    )  # fmt: skip
+    names = {shard["name"] for shard in read_manifest(tmp_path / "out")["shards"]}
+    assert {path.name for path in (tmp_path / "out").glob("shard-*.tar")} == names
+
+
+def test_table_and_dataset_sources_match_jsonl(tmp_path, texts, tiny_tokenizer_dir):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": list(range(len(texts))), "body": texts})
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    pq.write_table(table, tmp_path / "docs.parquet")
+    with pa.OSFile(str(tmp_path / "docs.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "saved"))
+    digests = []
+    for source in ("docs.jsonl", "docs.parquet", "docs.arrow", "saved"):
+        out = tmp_path / f"out_{source}"
+        prepare_corpus([tmp_path / source], tiny_tokenizer_dir, out, seq_len=SEQ_LEN, text_column="body", num_workers=0)
+        digests.append([shard["sha256"] for shard in read_manifest(out)["shards"]])
+    assert digests[0] and all(digest == digests[0] for digest in digests)
+
+
+def test_txt_document_modes(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text("title line\nsecond line\n\nparagraph two\n\n\nparagraph three\n")
+    assert list(iter_documents(path, "paragraph")) == ["title line\nsecond line", "paragraph two", "paragraph three"]
+    assert len(list(iter_documents(path, "line"))) == 4
+    assert len(list(iter_documents(path, "file"))) == 1
+
+
+def test_bad_inputs_name_the_file(tmp_path, tiny_tokenizer_dir):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        discover_inputs([tmp_path / "missing.txt"])
+    (tmp_path / "notes.docx").write_text("x")
+    with pytest.raises(ValueError, match="notes.docx.*unsupported"):
+        discover_inputs([tmp_path / "notes.docx"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no corpus files"):
+        discover_inputs([tmp_path / "empty"])
+
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "fine"}\n\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: no 'text' field \(found \['body'\]\)"):
+        prepare_corpus([bad_jsonl], tiny_tokenizer_dir, tmp_path / "out1", num_workers=0)
+    assert not (tmp_path / "out1" / "manifest.json").exists()
+    assert not list((tmp_path / "out1").glob("*.tmp"))
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"sentence": ["a b c"], "label": [1]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t\.parquet has no text column 'text' \(found columns: sentence, label\)"):
+        prepare_corpus([tmp_path / "t.parquet"], tiny_tokenizer_dir, tmp_path / "out2", num_workers=0)
+
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 ol\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
+        prepare_corpus([tmp_path / "latin.txt"], tiny_tokenizer_dir, tmp_path / "out3", num_workers=0)
+    with pytest.raises(ValueError, match="seq_len must be at least 3"):
+        prepare_corpus([bad_jsonl], tiny_tokenizer_dir, tmp_path / "out4", seq_len=2)
+
+
+def test_fingerprint_is_stable_across_directories_and_detects_other_tokenizers(tmp_path, tiny_tokenizer_dir):
+    from transformers import BertTokenizerFast
+
+    from dist_kd.testing import tiny_vocab
+
+    same = tokenizer_fingerprint(build_tiny_tokenizer(tmp_path / "copy"))
+    original = tokenizer_fingerprint(load_tokenizer(tiny_tokenizer_dir))
+    assert same["sha256"] == original["sha256"] and same["name_or_path"] != original["name_or_path"]
+    assert original["vocab_size"] == len(tiny_vocab())
+
+    cased = BertTokenizerFast(vocab={t: i for i, t in enumerate(tiny_vocab())}, do_lower_case=False)
+    cased.save_pretrained(tmp_path / "cased")
+    cased = load_tokenizer(tmp_path / "cased")
+    assert tokenizer_fingerprint(cased)["sha256"] != original["sha256"]
+
+    check_tokenizer_matches(original, tmp_path / "copy", "corpus_dir")
+    with pytest.raises(ValueError, match=r"corpus corpus_dir was tokenized with .* \(sha256 .*teacher uses .*cased"):
+        check_tokenizer_matches(original, cased, "corpus_dir")
+
+
+def test_prepare_corpus_command(tmp_path, text_inputs, tiny_tokenizer_dir, monkeypatch, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    try:
+        from launch.prepare_corpus import main
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cli"
+    argv = ["--input", str(text_inputs / "a.txt"), str(text_inputs / "c.jsonl"), "--tokenizer", str(tiny_tokenizer_dir)]
+    main([*argv, "--output", str(out), "--seq-len", "16", "--shard-size", "10", "--num-workers", "0", "--no-progress"])
+    manifest = read_manifest(out)
+    assert manifest["seq_len"] == 16 and all(shard["num_sequences"] <= 10 for shard in manifest["shards"])
+    assert "tokens/s" in capsys.readouterr().out

@@ -1,0 +1,218 @@
+"""The corpus stream: exactly-once coverage across ranks and workers, seeded shuffle, exact resume, resize,
+tokenizer check and corrupt shards. Ranks are simulated in one process (rank/world_size are arguments)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dist_kd.data.corpus import CorruptShardError, prepare_corpus, read_manifest, read_shard
+from dist_kd.data.stream import CorpusStream, build_corpus_loader
+from dist_kd.testing import build_tiny_tokenizer, random_sentences
+
+SEQ_LEN = 16
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """About 330 packed sequences of 16 tokens in 21 shards of 16 (the last one partial)."""
+    directory = tmp_path_factory.mktemp("stream_corpus")
+    (directory / "docs.txt").write_text("\n".join(random_sentences(320, seed=11)) + "\n")
+    out = directory / "shards"
+    prepare_corpus(
+        [directory / "docs.txt"], tiny_tokenizer_dir, out, seq_len=SEQ_LEN, shard_size=16, txt_document="line",
+        num_workers=0, progress=False,
+    )  # fmt: skip
+    return out
+
+
+def _sequences(directory: Path) -> list[tuple[int, ...]]:
+    manifest = read_manifest(directory)
+    return [
+        tuple(int(token) for token in array)
+        for shard in manifest["shards"]
+        for array in read_shard(directory / shard["name"], shard["num_sequences"])
+    ]
+
+
+def _rows(batches) -> list[tuple[int, ...]]:
+    return [tuple(row) for batch in batches for row in batch["input_ids"].tolist()]
+
+
+def _take(stream: CorpusStream, count: int) -> list[dict]:
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def _stream(corpus: Path, **kwargs) -> CorpusStream:
+    options = dict(micro_batch_size=BATCH, num_workers=0, seed=5, shuffle=True, shuffle_buffer=10)
+    options.update(kwargs)
+    return build_corpus_loader(corpus, **options)
+
+
+def test_batches_are_int64_with_masks(corpus):
+    import torch
+
+    batch = next(iter(_stream(corpus)))
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
+    assert tuple(batch["input_ids"].shape) == (BATCH, SEQ_LEN) and bool(batch["attention_mask"].all())
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_exactly_once_across_two_ranks_and_two_workers(corpus, shuffle):
+    everything = Counter(_sequences(corpus))
+    total = sum(everything.values())
+    world = 2
+    per_rank = []
+    for epoch in range(2):
+        seen: Counter = Counter()
+        for rank in range(world):
+            stream = _stream(corpus, rank=rank, world_size=world, num_workers=2, shuffle=shuffle)
+            for _ in range(epoch):
+                list(stream)  # move to the epoch under test
+            rows = _rows(stream)
+            per_rank.append(len(rows))
+            seen.update(rows)
+        assert not seen - everything, "a sequence was delivered more often than it exists"
+        expected = world * ((total // world) // BATCH) * BATCH
+        assert sum(seen.values()) == expected and total - expected < world * BATCH
+    assert len(set(per_rank)) == 1, "every rank must run the same number of steps"
+
+
+def test_unshuffled_single_rank_is_manifest_order(corpus):
+    rows = _rows(_stream(corpus, shuffle=False))
+    sequences = _sequences(corpus)
+    assert rows == sequences[: len(rows)] and len(sequences) - len(rows) < BATCH
+
+
+def test_shuffle_is_seeded_and_changes_each_epoch(corpus):
+    stream = _stream(corpus, seed=1)
+    epoch0, epoch1 = _rows(stream), _rows(stream)
+    assert stream.epoch == 2
+    assert epoch0 != epoch1
+    # Samples are shuffled within shards too, not only the shard order.
+    index = {row: position for position, row in enumerate(_sequences(corpus))}
+    neighbours = sum(index[b] - index[a] == 1 for a, b in zip(epoch0, epoch0[1:], strict=False))
+    assert neighbours < len(epoch0) // 3
+    again = _stream(corpus, seed=1)
+    assert _rows(again) == epoch0 and _rows(again) == epoch1
+    assert _rows(_stream(corpus, seed=2)) != epoch0
+    assert epoch0 != _rows(_stream(corpus, shuffle=False))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize(
+    ("num_workers", "consumed"),
+    [(0, 5), (2, 3), (2, 4), (3, 7), (2, "epoch")],
+)
+def test_resume_gives_exactly_the_uninterrupted_batches(corpus, num_workers, consumed):
+    options = dict(rank=1, world_size=2, num_workers=num_workers)
+    reference_stream = _stream(corpus, **options)
+    reference = _rows(reference_stream) + _rows(reference_stream)  # two epochs
+    per_epoch = len(reference_stream)
+    consumed = per_epoch if consumed == "epoch" else consumed
+
+    interrupted = _stream(corpus, **options)
+    before = _rows(_take(interrupted, consumed))
+    state = json.loads(json.dumps(interrupted.state_dict()))  # must survive a JSON checkpoint
+    other_rank = _stream(corpus, **{**options, "rank": 0})
+    _take(other_rank, consumed)
+    assert other_rank.state_dict() == state, "state must be the same on every rank at the same step"
+
+    resumed = _stream(corpus, **options)
+    resumed.load_state_dict(state)
+    after = []
+    while resumed.epoch < 2:  # the rest of epoch 0 (if any), then epoch 1
+        after += _rows(resumed)
+    assert before + after == reference
+
+
+def test_resize_continues_the_epoch_without_repeats(corpus):
+    everything = Counter(_sequences(corpus))
+    old = [_stream(corpus, rank=rank, world_size=2, num_workers=2, shuffle_buffer=6) for rank in range(2)]
+    before = Counter(row for stream in old for row in _rows(_take(stream, 5)))
+    state = old[0].state_dict()
+    new = [_stream(corpus, rank=rank, world_size=3, num_workers=1, shuffle_buffer=6) for rank in range(3)]
+    for stream in new:
+        stream.load_state_dict(state)
+    after_per_rank = [_rows(stream) for stream in new]
+    assert len({len(rows) for rows in after_per_rank}) == 1
+    after = Counter(row for rows in after_per_rank for row in rows)
+    assert not (before + after) - everything, "a sequence repeated within the epoch after the resize"
+    # Left out: partly delivered shuffle windows (< window per old worker) and the new layout's remainder.
+    missing = sum(everything.values()) - sum(before.values()) - sum(after.values())
+    assert 0 <= missing < 2 * 2 * 6 + 3 * BATCH
+    assert all(stream.epoch == 1 for stream in new)
+
+
+def test_state_from_another_seed_is_rejected(corpus):
+    state = _stream(corpus, seed=1).state_dict()
+    with pytest.raises(ValueError, match="field 'seed' is 1 but this stream has 2"):
+        _stream(corpus, seed=2).load_state_dict(state)
+
+
+def test_tokenizer_mismatch_is_a_clear_error(corpus, tiny_tokenizer_dir, tmp_path):
+    from transformers import BertTokenizerFast
+
+    from dist_kd.testing import tiny_vocab
+
+    build_corpus_loader(corpus, micro_batch_size=BATCH, num_workers=0, teacher_tokenizer=tiny_tokenizer_dir)
+    other = BertTokenizerFast(vocab={t: i for i, t in enumerate(reversed(tiny_vocab()))}, do_lower_case=True)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"was tokenized with .*tiny_tokenizer.*teacher uses .*other"):
+        build_corpus_loader(corpus, micro_batch_size=BATCH, num_workers=0, teacher_tokenizer=tmp_path / "other")
+    build_tiny_tokenizer(tmp_path / "copy")  # the same tokenizer elsewhere is accepted
+    build_corpus_loader(corpus, micro_batch_size=BATCH, num_workers=0, teacher_tokenizer=tmp_path / "copy")
+
+
+def test_seq_len_and_missing_manifest_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="seq_len is 16, the run expects 128"):
+        _stream(corpus, seq_len=128)
+    with pytest.raises(FileNotFoundError, match="manifest.json does not exist"):
+        _stream(tmp_path)
+    with pytest.raises(ValueError, match="fewer than one micro-batch per rank"):
+        _stream(corpus, micro_batch_size=10_000)
+
+
+def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplog):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    shard = damaged / "shard-000003.tar"
+    lost = Counter(tuple(int(t) for t in array) for array in read_shard(shard))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CorruptShardError, match=r"shard-000003\.tar.*truncated"):
+        _stream(damaged)
+    streams = [_stream(damaged, rank=rank, world_size=2, skip_corrupt=True) for rank in range(2)]
+    assert "skipping corrupt corpus shard" in caplog.text and "shard-000003.tar" in caplog.text
+    assert all(stream.num_skipped_shards == 1 for stream in streams)
+    seen = Counter(row for stream in streams for row in _rows(stream))
+    remaining = Counter(_sequences(corpus)) - lost
+    assert not seen - remaining and sum(remaining.values()) - sum(seen.values()) < 2 * BATCH
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    shard = damaged / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[512 * 4 + 100 : 512 * 4 + 108] = b"garbage!"  # the tar header of the 3rd member; the size is unchanged
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=r"shard-000002\.tar.*checksum"):
+        list(_stream(damaged, shuffle=False, num_workers=num_workers))
+    stream = _stream(damaged, shuffle=False, num_workers=num_workers, skip_corrupt=True)
+    batches = list(stream)
+    assert stream.num_skipped_shards == 1 and "shard-000002.tar" in stream.skipped_shards
+    # Its sequences become fully masked rows, so every rank still runs the same number of steps.
+    masked = sum(int((batch["attention_mask"].sum(dim=1) == 0).sum()) for batch in batches)
+    assert masked == 16 and len(batches) == len(stream)
