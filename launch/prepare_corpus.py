@@ -1,8 +1,9 @@
-"""Tokenise raw text into WebDataset corpus shards for general distillation.
+r"""Tokenise raw text into WebDataset corpus shards for general distillation.
 
     python launch/prepare_corpus.py --input data/wiki/ data/books.jsonl --tokenizer models/teacher \
         --output corpus/wiki-128 --seq-len 128 [--shard-size 10000] [--num-workers 8] \
-        [--packing pack|document] [--txt-document paragraph|line|file] [--text-column text] [--overwrite]
+        [--packing pack|document] [--txt-document paragraph|line|file] [--text-column text] \
+        [--encoding-errors strict|replace|ignore] [--overwrite]
 
 Writes ``shard-NNNNNN.tar`` files and ``manifest.json`` (format: ARCHITECTURE.md, details: docs/corpus.md)
 and prints a summary. The logic lives in ``dist_kd.data.corpus``.
@@ -15,7 +16,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from dist_kd.data.corpus import PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
+from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,6 +51,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a document in .txt files: a blank-line-separated paragraph, a line, or the whole file",
     )
     parser.add_argument("--text-column", default="text", help="JSONL field / table column holding the text")
+    parser.add_argument(
+        "--encoding-errors",
+        choices=ENCODING_ERRORS,
+        default="strict",
+        help="non-UTF-8 bytes in text files: strict (an error naming the file), replace or ignore",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -69,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         packing=args.packing,
         txt_document=args.txt_document,
         text_column=args.text_column,
+        encoding_errors=args.encoding_errors,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

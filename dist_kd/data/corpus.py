@@ -62,6 +62,7 @@ MANIFEST_NAME = "manifest.json"
 SAMPLE_SUFFIX = ".input_ids.npy"
 PACKINGS = ("pack", "document")
 TXT_DOCUMENT_MODES = ("paragraph", "line", "file")
+ENCODING_ERRORS = ("strict", "replace", "ignore")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -241,14 +242,14 @@ def _walk(directory: Path) -> list[Path]:
     return found
 
 
-def _open_text(path: Path):
+def _open_text(path: Path, encoding_errors: str):
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", errors=encoding_errors)
+    return open(path, encoding="utf-8", errors=encoding_errors)
 
 
-def _text_documents(path: Path, mode: str) -> Iterator[str]:
-    with _open_text(path) as handle:
+def _text_documents(path: Path, mode: str, encoding_errors: str) -> Iterator[str]:
+    with _open_text(path, encoding_errors) as handle:
         if mode == "file":
             text = handle.read().strip()
             if text:
@@ -269,8 +270,8 @@ def _text_documents(path: Path, mode: str) -> Iterator[str]:
                 yield "\n".join(paragraph)
 
 
-def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
-    with _open_text(path) as handle:
+def _jsonl_documents(path: Path, text_column: str, encoding_errors: str) -> Iterator[str]:
+    with _open_text(path, encoding_errors) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -344,8 +345,16 @@ def _dataset_documents(path: Path, text_column: str) -> Iterator[str]:
             yield from _column_texts(batch[text_column], str(path), text_column)
 
 
-def iter_documents(source: Path, txt_document: str = "paragraph", text_column: str = "text") -> Iterator[str]:
+def iter_documents(
+    source: Path, txt_document: str = "paragraph", text_column: str = "text", encoding_errors: str = "strict"
+) -> Iterator[str]:
     """The documents of one source (a file or a saved ``datasets`` directory), in file order.
+
+    Args:
+        source: a file or a saved ``datasets`` directory (from ``discover_inputs``).
+        txt_document: how ``.txt`` files split into documents (``paragraph``, ``line``, ``file``).
+        text_column: JSONL field / table column with the text.
+        encoding_errors: how text files treat bytes that are not UTF-8 (``strict``, ``replace``, ``ignore``).
 
     Raises:
         ValueError: naming the file (and line) for undecodable text, bad JSON, or a missing text field/column.
@@ -356,24 +365,27 @@ def iter_documents(source: Path, txt_document: str = "paragraph", text_column: s
             return
         suffix = _suffix(source)
         if suffix in TEXT_SUFFIXES:
-            yield from _text_documents(source, txt_document)
+            yield from _text_documents(source, txt_document, encoding_errors)
         elif suffix in JSONL_SUFFIXES:
-            yield from _jsonl_documents(source, text_column)
+            yield from _jsonl_documents(source, text_column, encoding_errors)
         else:
             yield from _table_documents(source, text_column)
     except UnicodeDecodeError as error:
-        raise ValueError(f"{source} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise ValueError(
+            f"{source} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "pass --encoding-errors replace to substitute such bytes"
+        ) from None
     except (EOFError, gzip.BadGzipFile) as error:
         raise ValueError(f"{source} is not a valid gzip file ({error})") from None
 
 
 def _document_batches(
-    sources: Sequence[Path], txt_document: str, text_column: str, counter: list[int]
+    sources: Sequence[Path], txt_document: str, text_column: str, encoding_errors: str, counter: list[int]
 ) -> Iterator[list[str]]:
     batch: list[str] = []
     num_chars = 0
     for source in sources:
-        for document in iter_documents(source, txt_document, text_column):
+        for document in iter_documents(source, txt_document, text_column, encoding_errors):
             batch.append(document)
             num_chars += len(document)
             counter[0] += 1
@@ -507,6 +519,7 @@ def _npy_header(dtype: np.dtype, length: int) -> bytes:
 
 
 def _tar_header(name: str, size: int) -> bytes:
+    """The USTAR header ``tarfile`` writes for a regular file with fixed metadata (mtime 0, root, 0644)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -515,6 +528,27 @@ def _tar_header(name: str, size: int) -> bytes:
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+class _HeaderTemplate:
+    """``_tar_header`` for many names of one length and one size, without building a TarInfo each time.
+
+    Building the header is most of the writer's per-sequence cost; only the name and checksum differ
+    between samples, so they are patched into a template (byte-identical to ``_tar_header``; tested).
+    """
+
+    def __init__(self, name_length: int, size: int):
+        self.template = bytearray(_tar_header("0" * name_length, size))
+        self.template[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+        self.base_sum = sum(self.template) - sum(self.template[:name_length])
+        self.name_length = name_length
+
+    def header(self, name: bytes) -> bytes:
+        assert len(name) == self.name_length
+        header = self.template.copy()
+        header[: self.name_length] = name
+        header[148:155] = b"%06o\0" % (self.base_sum + sum(name))
+        return bytes(header)
 
 
 class _ShardWriter:
@@ -536,6 +570,7 @@ class _ShardWriter:
         self._in_shard = 0
         self._bytes = 0
         self._npy_headers: dict[int, bytes] = {}
+        self._tar_headers: dict[int, _HeaderTemplate] = {}
 
     def _write(self, data: bytes) -> None:
         self._handle.write(data)
@@ -554,7 +589,11 @@ class _ShardWriter:
             header = self._npy_headers[len(sequence)] = _npy_header(self.dtype, len(sequence))
         payload = header + sequence.astype(self.dtype, copy=False).tobytes()
         # Keys are global sequence numbers: unique across shards and stable across runs.
-        self._write(_tar_header(f"{self.num_sequences:012d}{SAMPLE_SUFFIX}", len(payload)))
+        name = f"{self.num_sequences:012d}{SAMPLE_SUFFIX}".encode()
+        template = self._tar_headers.get(len(payload))
+        if template is None or template.name_length != len(name):
+            template = self._tar_headers[len(payload)] = _HeaderTemplate(len(name), len(payload))
+        self._write(template.header(name))
         self._write(payload)
         self._write(b"\0" * (-len(payload) % _TAR_BLOCK))
         self._in_shard += 1
@@ -731,7 +770,9 @@ class CorpusSummary:
         )
 
 
-def _validate_options(seq_len: int, shard_size: int, num_workers: int, packing: str, txt_document: str) -> None:
+def _validate_options(
+    seq_len: int, shard_size: int, num_workers: int, packing: str, txt_document: str, encoding_errors: str
+) -> None:
     if seq_len < 3:
         raise ValueError(f"seq_len must be at least 3 ([CLS] + a token + [SEP]), found {seq_len}")
     if shard_size < 1:
@@ -742,6 +783,8 @@ def _validate_options(seq_len: int, shard_size: int, num_workers: int, packing: 
         raise ValueError(f"packing must be one of {PACKINGS}, found {packing!r}")
     if txt_document not in TXT_DOCUMENT_MODES:
         raise ValueError(f"txt_document must be one of {TXT_DOCUMENT_MODES}, found {txt_document!r}")
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, found {encoding_errors!r}")
 
 
 def _prepare_output(output: Path, overwrite: bool) -> None:
@@ -766,6 +809,7 @@ def prepare_corpus(
     packing: str = "pack",
     txt_document: str = "paragraph",
     text_column: str = "text",
+    encoding_errors: str = "strict",
     overwrite: bool = False,
     progress: bool = True,
 ) -> CorpusSummary:
@@ -781,6 +825,8 @@ def prepare_corpus(
         packing: ``"pack"`` (full sequences across documents) or ``"document"`` (one per document).
         txt_document: how ``.txt`` files split into documents: ``"paragraph"``, ``"line"`` or ``"file"``.
         text_column: field of ``.jsonl`` records / column of tables and datasets holding the text.
+        encoding_errors: ``strict`` (default: a non-UTF-8 text file is an error naming it), ``replace`` or
+            ``ignore`` (Python's codec error handlers).
         overwrite: replace an existing corpus in ``output_dir``.
         progress: show a progress bar.
 
@@ -794,7 +840,7 @@ def prepare_corpus(
     """
     from tqdm import tqdm
 
-    _validate_options(seq_len, shard_size, num_workers, packing, txt_document)
+    _validate_options(seq_len, shard_size, num_workers, packing, txt_document, encoding_errors)
     started = time.perf_counter()
     sources = discover_inputs(inputs)
     tok = load_tokenizer(tokenizer)
@@ -810,7 +856,7 @@ def prepare_corpus(
     writer = _ShardWriter(output, shard_size, dtype)
     num_documents = [0]
     num_input_tokens = 0
-    batches = _document_batches(sources, txt_document, text_column, num_documents)
+    batches = _document_batches(sources, txt_document, text_column, encoding_errors, num_documents)
     bar = tqdm(desc="prepare_corpus", unit="tok", unit_scale=True, disable=not progress)
     try:
         for flat, lengths in _ordered_map(
@@ -846,7 +892,12 @@ def prepare_corpus(
         "dtype": dtype.name,
         "packing": packing,
         "special_tokens": {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id},
-        "options": {"txt_document": txt_document, "text_column": text_column, "shard_size": shard_size},
+        "options": {
+            "txt_document": txt_document,
+            "text_column": text_column,
+            "encoding_errors": encoding_errors,
+            "shard_size": shard_size,
+        },
         "shards": shards,
     }
     write_json_atomic(output / MANIFEST_NAME, manifest)

@@ -220,3 +220,28 @@ def test_prepare_corpus_command(tmp_path, text_inputs, tiny_tokenizer_dir, monke
     manifest = read_manifest(out)
     assert manifest["seq_len"] == 16 and all(shard["num_sequences"] <= 10 for shard in manifest["shards"])
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_shards_are_standard_tar_and_webdataset_files(tmp_path, text_inputs, tiny_tokenizer_dir):
+    import tarfile
+
+    import webdataset
+
+    from dist_kd.data.corpus import _HeaderTemplate, _tar_header
+
+    for size in (0, 160, 384, 70_000):
+        template = _HeaderTemplate(26, size)
+        for key in (0, 7, 123_456_789_012):
+            name = f"{key:012d}.input_ids.npy"
+            assert template.header(name.encode()) == _tar_header(name, size)
+
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "out", seq_len=SEQ_LEN, shard_size=7, num_workers=0)
+    shard = tmp_path / "out" / "shard-000001.tar"
+    with tarfile.open(shard) as archive:
+        members = archive.getmembers()
+        assert [m.name for m in members] == [f"{k:012d}.input_ids.npy" for k in range(7, 14)]
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
+    samples = list(webdataset.WebDataset(str(shard), shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == [f"{k:012d}" for k in range(7, 14)]
+    for sample, array in zip(samples, read_shard(shard, 7), strict=True):
+        assert sample["input_ids.npy"].dtype == np.uint16 and (sample["input_ids.npy"] == array).all()
