@@ -1,0 +1,184 @@
+"""Soft-target store: schema, round trip, manifest-last completeness, and every validation of the reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dist_kd.data import soft_targets as st
+
+LABELS = ["neg", "neu", "pos"]
+
+
+def _metadata(**overrides) -> st.StoreMetadata:
+    fields = dict(
+        task="topic",
+        task_type="classification",
+        label_names=LABELS,
+        temperature=2.0,
+        teachers=[{"path": "/t1", "sha256": "a" * 64}, {"path": "/t2", "sha256": "b" * 64}],
+        source_data={"path": "/data.tsv", "sha256": "c" * 64},
+        has_teacher_logits=True,
+    )
+    return st.StoreMetadata(**(fields | overrides))
+
+
+def _rows(num: int, metadata: st.StoreMetadata, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    examples = pa.table(
+        {
+            "example_id": [f"topic-{i}" for i in range(num)],
+            "text_a": [f"text {i}" for i in range(num)],
+            "text_b": [None if i % 2 else f"second {i}" for i in range(num)],
+            "label": [None if i % 3 == 0 else i % 3 for i in range(num)],
+        }
+    )
+    logits = rng.normal(size=(num, metadata.num_teachers, metadata.num_classes)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    kept = logits if metadata.has_teacher_logits else None
+    return st.build_rows(examples, metadata.task, probs.mean(1), kept, metadata.task_type)
+
+
+def test_round_trip_keeps_rows_order_and_arrays(tmp_path):
+    metadata = _metadata()
+    rows = _rows(7, metadata)
+    st.write_soft_targets([rows.slice(0, 3), rows.slice(3)], tmp_path / "store", metadata, rows_per_file=2)
+    manifest = json.loads((tmp_path / "store" / st.MANIFEST_NAME).read_text())
+    assert [f["num_rows"] for f in manifest["files"]] == [2, 2, 2, 1]
+    assert manifest["num_rows"] == 7
+
+    loaded = st.load_soft_targets(tmp_path / "store", expected_labels=LABELS, task="topic")
+    assert loaded.metadata == metadata
+    assert loaded.table.equals(rows.replace_schema_metadata(None))
+    assert loaded.table.schema.field("soft_probs").type == pa.list_(pa.float32())
+    assert loaded.table.column("text_b").null_count == 3
+    assert loaded.soft_probs().shape == (7, 3)
+    np.testing.assert_allclose(loaded.soft_probs().sum(1), 1.0, rtol=1e-6)
+    assert loaded.teacher_logits().shape == (7, 2, 3)  # K x C per row
+    # Every part file describes itself with the same metadata (readable copied out of the directory).
+    for entry in manifest["files"]:
+        assert st.read_file_metadata(tmp_path / "store" / entry["name"]) == metadata.to_dict()
+
+
+def test_without_teacher_logits_and_regression(tmp_path):
+    metadata = _metadata(task_type="regression", label_names=[], has_teacher_logits=False)
+    examples = pa.table({"example_id": ["a", "b"], "text_a": ["x", "y"], "text_b": [None, None], "label": [0.5, None]})
+    rows = st.build_rows(examples, "topic", np.array([[0.25], [1.5]]), None, "regression")
+    st.write_soft_targets(rows, tmp_path, metadata)
+    loaded = st.load_soft_targets(tmp_path, expected_labels=[])
+    assert loaded.teacher_logits() is None
+    assert loaded.soft_probs().tolist() == [[0.25], [1.5]]
+    assert loaded.table.schema.field("label").type == pa.float64()
+
+
+def test_empty_store_is_valid(tmp_path):
+    metadata = _metadata()
+    st.write_soft_targets([], tmp_path, metadata)
+    loaded = st.load_soft_targets(tmp_path)
+    assert loaded.num_rows == 0
+    assert loaded.soft_probs().shape == (0, 3)
+
+
+def test_no_manifest_means_incomplete(tmp_path):
+    metadata = _metadata()
+    st.write_soft_targets(_rows(4, metadata), tmp_path, metadata)
+    (tmp_path / st.MANIFEST_NAME).unlink()  # as if the writer died before its last step
+    assert not st.is_complete(tmp_path)
+    with pytest.raises(ValueError, match="incomplete.*re-run launch/precompute.py"):
+        st.load_soft_targets(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        st.load_soft_targets(tmp_path / "nowhere")
+    (tmp_path / "part-00000.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="no _manifest.json"):
+        st.load_soft_targets(tmp_path)
+
+
+def test_failed_write_leaves_no_part_under_its_final_name(tmp_path):
+    metadata = _metadata()
+
+    def tables():
+        yield _rows(3, metadata)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        st.write_soft_targets(tables(), tmp_path, metadata)
+    assert not (tmp_path / st.MANIFEST_NAME).exists()
+    assert not list(tmp_path.glob("part-*.parquet"))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_rewrite_removes_the_old_manifest_first(tmp_path):
+    metadata = _metadata()
+    st.write_soft_targets(_rows(4, metadata), tmp_path, metadata)
+
+    def failing():
+        yield _rows(2, metadata)
+        raise RuntimeError("crash mid-rewrite")
+
+    with pytest.raises(RuntimeError):
+        st.write_soft_targets(failing(), tmp_path, metadata)
+    assert not st.is_complete(tmp_path)
+
+
+def test_label_order_and_task_checks(tmp_path):
+    metadata = _metadata()
+    st.write_soft_targets(_rows(3, metadata), tmp_path, metadata)
+    with pytest.raises(ValueError, match="same labels in a different order"):
+        st.load_soft_targets(tmp_path, expected_labels=["pos", "neu", "neg"])
+    with pytest.raises(ValueError, match="a different label set"):
+        st.load_soft_targets(tmp_path, expected_labels=["neg", "pos"])
+    with pytest.raises(ValueError, match="computed for task 'topic', not 'sst2'"):
+        st.load_soft_targets(tmp_path, task="sst2")
+
+
+def test_tampered_part_file_is_detected(tmp_path):
+    metadata = _metadata()
+    st.write_soft_targets(_rows(5, metadata), tmp_path, metadata)
+    part = tmp_path / "part-00000.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, 4), part)  # same metadata, a row lost
+    with pytest.raises(ValueError, match="sha256"):
+        st.load_soft_targets(tmp_path)
+    with pytest.raises(ValueError, match="4 rows, manifest says 5"):
+        st.load_soft_targets(tmp_path, verify_checksums=False)
+    part.unlink()
+    with pytest.raises(FileNotFoundError, match="part-00000.parquet"):
+        st.load_soft_targets(tmp_path)
+
+
+def test_rows_that_disagree_with_metadata_are_refused(tmp_path):
+    metadata = _metadata()
+    wrong_width = _rows(3, _metadata(label_names=["a", "b"]))
+    with pytest.raises(ValueError, match="soft_probs lists have lengths 2..2, expected 3"):
+        st.write_soft_targets(wrong_width, tmp_path, metadata)
+    three_teachers = _rows(3, _metadata(teachers=[{"path": str(i), "sha256": "d"} for i in range(3)]))
+    with pytest.raises(ValueError, match="2 x 3"):
+        st.write_soft_targets(three_teachers, tmp_path, metadata)
+    no_logits = _rows(3, _metadata(has_teacher_logits=False))
+    with pytest.raises(ValueError, match="schema"):
+        st.write_soft_targets(no_logits, tmp_path, metadata)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"task_type": "ranking"}, "task_type"),
+        ({"label_names": ["only"]}, ">= 2 label_names"),
+        ({"task_type": "regression"}, "no label_names"),
+        ({"teachers": []}, "at least one teacher"),
+        ({"temperature": 0.0}, "temperature"),
+    ],
+)
+def test_metadata_validation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _metadata(**overrides)
+
+
+def test_newer_format_version_is_refused():
+    data = _metadata().to_dict() | {"version": st.FORMAT_VERSION + 1}
+    with pytest.raises(ValueError, match="upgrade dist_kd"):
+        st.StoreMetadata.from_dict(data, "somewhere")
