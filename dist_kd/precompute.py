@@ -1,0 +1,572 @@
+"""Precompute: run K frozen fine-tuned teachers once over task data and write the soft-target store.
+
+MT-DNN-KD trains the student on ``Q = mean_k softmax(z_k / t)``. Task distillation iterates many epochs
+over (augmented) data, so the ensemble runs here, once, and the task stage loads no teacher at all.
+
+Design:
+
+- **Checks first, weights last.** Label names and order (``config.id2label``) and the tokenizer fingerprint
+  are compared across teachers and against the task before any weights load: averaging softmaxes whose
+  columns mean different classes, or that saw different token ids, would be silently wrong.
+- **Chunks are the unit of work and of resume.** Examples ``[c * chunk_size, (c + 1) * chunk_size)`` form
+  chunk ``c``, whatever the world size. Chunks not yet on disk are dealt to ranks round-robin; each is
+  written atomically to ``OUTPUT/_chunks/chunk-NNNNNN.parquet`` tagged with the run's key. A restart (any
+  world size) reuses every chunk with the same key; ``_chunks/run.json`` records the parameters of the first
+  start, and a restart with other teachers / temperature / data is an error rather than a mixed store.
+- **Length buckets.** Within a chunk, rows are sorted by token length and batched, so a batch pads to
+  about its own length; outputs are scattered back to input order. Batches depend only on the chunk, so the
+  numbers are identical whichever rank (or how many ranks) computed them.
+- **Merge last.** When every chunk exists, rank 0 streams them, in order, into the store
+  (:mod:`dist_kd.data.soft_targets`), whose manifest is written last; then ``_chunks`` is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dist_kd import distributed
+from dist_kd.config import doc
+from dist_kd.data import soft_targets as store
+from dist_kd.data.tasks import TaskSpec, label_order_check, load_task_examples
+from dist_kd.io import sha256_file, write_json_atomic
+from dist_kd.models.teacher import DTYPES, check_model_dir
+
+logger = logging.getLogger(__name__)
+
+CHUNKS_DIR = "_chunks"
+RUN_RECORD = "run.json"
+# A directory of the augmentation stage (launch/augment.py) holds its rows in this file.
+AUGMENTED_FILE = "augmented.parquet"
+
+
+@dataclasses.dataclass
+class PrecomputeConfig:
+    """Teachers and how to run them."""
+
+    teachers: list[str] = doc("HF *ForSequenceClassification directories of the K fine-tuned teachers", None)
+    temperature: float = doc("t of each teacher's softmax (ignored for regression: the mean prediction)", 1.0)
+    keep_teacher_logits: bool = doc("also store each teacher's raw logits (K x C per row)", False)
+    batch_size: int = doc("sequences per teacher forward pass", 64)
+    max_length: int = doc("truncate tokenised inputs to this many pieces", 128)
+    dtype: str = doc("teacher precision: fp16 | bf16 | fp32 (fp16 runs as fp32 on a CPU)", "fp16")
+    chunk_size: int = doc("examples per resumable chunk file", 4096)
+    rows_per_file: int = doc("rows per part file of the final store", store.DEFAULT_ROWS_PER_FILE)
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ValueError("teachers: give at least one teacher directory (--teachers DIR1 DIR2 ...)")
+        self.teachers = [str(path) for path in self.teachers]
+        if len(set(self.teachers)) != len(self.teachers):
+            raise ValueError(f"teachers: a directory is listed twice in {self.teachers}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_size", "max_length", "chunk_size", "rows_per_file"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleCheck:
+    """What the teachers agree on (the result of :func:`check_teachers`)."""
+
+    label_names: list[str]
+    tokenizer: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeResult:
+    """What one rank did.
+
+    Attributes:
+        directory: the store directory.
+        num_rows: rows in the store.
+        computed_examples: examples this rank ran through the teachers (0 when everything was reused).
+        reused_chunks: chunks found complete on disk (counted on rank 0 only).
+        teacher_seconds: wall time this rank spent on tokenising + teacher passes.
+    """
+
+    directory: Path
+    num_rows: int
+    computed_examples: int
+    reused_chunks: int
+    teacher_seconds: float
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def teacher_label_names(config: Any, path: str | Path) -> list[str]:
+    """Label names of a classification head in index order, from ``config.id2label``."""
+    id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"teacher {path}: config.json id2label has ids {sorted(id2label)}, expected 0..C-1")
+    return [id2label[index] for index in range(len(id2label))]
+
+
+def _load_tokenizer(path: str | Path):
+    from dist_kd.data.corpus import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, TypeError) as err:
+        raise ValueError(f"teacher {path}: no usable tokenizer in the directory ({err})") from None
+
+
+def check_teachers(paths: Sequence[str | Path], spec: TaskSpec) -> EnsembleCheck:
+    """Check that the teachers form one ensemble for ``spec``; loads configs and tokenizers, not weights.
+
+    Args:
+        paths: teacher directories (HF ``*ForSequenceClassification`` with a tokenizer).
+        spec: the task (type and label order).
+
+    Returns:
+        The shared label names (empty for regression) and tokenizer fingerprint.
+
+    Raises:
+        FileNotFoundError: a directory or its config.json is missing.
+        ValueError: two teachers differ in label names/order or tokenizer (both are named), a teacher's
+            labels differ from the task's (via :func:`label_order_check`), or a regression task meets a
+            teacher with more than one output.
+    """
+    from transformers import AutoConfig
+
+    from dist_kd.data.corpus import tokenizer_fingerprint
+
+    first_labels: list[str] | None = None
+    first_fingerprint: dict[str, Any] | None = None
+    for path in paths:
+        check_model_dir(path, "teacher")
+        config = AutoConfig.from_pretrained(path)
+        fingerprint = tokenizer_fingerprint(_load_tokenizer(path))
+        if spec.type == "regression":
+            if config.num_labels != 1:
+                raise ValueError(
+                    f"teacher {path} has {config.num_labels} outputs ({teacher_label_names(config, path)}); "
+                    f"task '{spec.name}' is regression and needs one"
+                )
+            labels: list[str] = []
+        else:
+            labels = teacher_label_names(config, path)
+        if first_labels is None:
+            first_labels, first_fingerprint = labels, fingerprint
+            continue
+        if labels != first_labels:
+            raise ValueError(
+                f"teachers disagree on labels: {paths[0]} has {first_labels}, {path} has {labels}; an ensemble "
+                "averages class columns, so every teacher needs the same label names in the same order"
+            )
+        if fingerprint["sha256"] != first_fingerprint["sha256"]:
+            first, this = first_fingerprint, fingerprint
+            raise ValueError(
+                f"teachers disagree on the tokenizer: {paths[0]} uses {first['name_or_path']} "
+                f"(vocab {first['vocab_size']}, sha256 {first['sha256'][:16]}), {path} uses "
+                f"{this['name_or_path']} (vocab {this['vocab_size']}, sha256 {this['sha256'][:16]})"
+                "; inputs are tokenised once for the whole ensemble"
+            )
+    if spec.type == "classification":
+        label_order_check(spec.labels, first_labels, f"teacher {paths[0]} (config.json id2label)", spec.name)
+    return EnsembleCheck(label_names=list(first_labels), tokenizer=first_fingerprint)
+
+
+# ---------------------------------------------------------------------------------------- data and keys
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """A task data file or directory; an augmentation output directory stands for its ``augmented.parquet``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"task data {path} does not exist")
+    if path.is_dir() and (path / AUGMENTED_FILE).is_file():
+        return path / AUGMENTED_FILE
+    return path
+
+
+def spec_for_data(spec: TaskSpec, path: Path) -> TaskSpec:
+    """The spec to read ``path`` with: an augmented set (``launch/augment.py``) has canonical columns.
+
+    Raises:
+        ValueError: the augmented set was made for labels in another order than the task's.
+    """
+    if path.suffix.lower() != ".parquet":
+        return spec
+    try:
+        found = store.read_file_metadata(path)
+    except ValueError:
+        return spec
+    if found.get("kind") != "augmented_task_data":
+        return spec
+    if spec.type == "classification":
+        label_order_check(spec.labels, found.get("label_names", []), f"augmented data {path} (metadata)", spec.name)
+    return dataclasses.replace(spec, text_a="text_a", text_b="text_b", label="label", id_column="example_id")
+
+
+def data_sha256(path: str | Path) -> str:
+    """sha256 of a data file, or of a directory's files (relative names and their digests, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    lines = [f"{item.relative_to(path).as_posix()}:{sha256_file(item)}\n" for item in sorted(path.rglob("*"))
+             if item.is_file()]  # fmt: skip
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _weights_sha256(path: str | Path) -> str:
+    from dist_kd.data.augment import weights_sha256
+
+    return weights_sha256(path)
+
+
+def build_store_metadata(
+    spec: TaskSpec,
+    config: PrecomputeConfig,
+    check: EnsembleCheck,
+    data_path: Path,
+    hashes: dict[str, Any],
+    num_examples: int,
+) -> store.StoreMetadata:
+    """The store's metadata; it depends on the inputs and parameters only (not on ranks or time)."""
+    from dist_kd import __version__
+
+    return store.StoreMetadata(
+        task=spec.name,
+        task_type=spec.type,
+        label_names=list(spec.labels),
+        temperature=float(config.temperature),
+        teachers=[
+            {"path": str(Path(p).resolve()), "sha256": sha} for p, sha in zip(config.teachers, hashes["teachers"])
+        ],
+        source_data={"path": str(data_path.resolve()), "sha256": hashes["data"], "num_examples": num_examples},
+        has_teacher_logits=config.keep_teacher_logits,
+        extra={
+            "producer": f"dist_kd {__version__} precompute",
+            "columns": {"text_a": spec.text_a, "text_b": spec.text_b, "label": spec.label, "id": spec.id_column},
+            "max_length": config.max_length,
+            "dtype": config.dtype,
+            "chunk_size": config.chunk_size,
+            "tokenizer": check.tokenizer,
+        },
+    )
+
+
+def run_record(metadata: store.StoreMetadata) -> dict[str, Any]:
+    """The parameters a resumed run must share with the first start: the metadata minus paths.
+
+    Paths are left out so a moved data set or teacher directory (same bytes) still resumes.
+    """
+    record = metadata.to_dict()
+    record["teachers"] = [teacher["sha256"] for teacher in record["teachers"]]
+    record["source_data"] = {key: value for key, value in record["source_data"].items() if key != "path"}
+    record["extra"] = {key: value for key, value in record["extra"].items() if key != "producer"}
+    record["extra"]["tokenizer"] = record["extra"]["tokenizer"]["sha256"]
+    return record
+
+
+def run_key(record: dict[str, Any]) -> str:
+    """Short digest of a run record; chunk files carry it so chunks of another run are never merged."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            out += _differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            out.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- chunks
+
+
+def chunk_bounds(num_examples: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every chunk, in input order."""
+    return [(start, min(start + chunk_size, num_examples)) for start in range(0, num_examples, chunk_size)]
+
+
+def chunk_path(output_dir: str | Path, index: int) -> Path:
+    """``OUTPUT/_chunks/chunk-NNNNNN.parquet``."""
+    return Path(output_dir) / CHUNKS_DIR / f"chunk-{index:06d}.parquet"
+
+
+def chunk_is_complete(path: Path, key: str, index: int, num_rows: int) -> bool:
+    """True when ``path`` is a finished chunk of this run (atomic writes: existing means whole)."""
+    try:
+        found = store.read_file_metadata(path)
+        rows = pq.read_metadata(path).num_rows
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return False
+    return found.get("run") == key and found.get("chunk") == index and rows == num_rows
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices grouped into batches of similar length (longest first, ties in input order)."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+# ------------------------------------------------------------------------------------------- teachers
+
+
+class TeacherEnsemble:
+    """K frozen teachers sharing one tokenizer; logits of a list of examples, batched by length.
+
+    Args:
+        paths: teacher directories (already checked with :func:`check_teachers`).
+        dtype: ``fp16`` | ``bf16`` | ``fp32``.
+        device: where the teachers run.
+        max_length: truncation length in pieces.
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], dtype: str, device: torch.device, max_length: int, batch_size: int):
+        from dist_kd.models.teacher import Teacher
+
+        self.tokenizer = _load_tokenizer(paths[0])
+        self.teachers = [
+            Teacher(path, dtype=dtype, device=device, model_class="AutoModelForSequenceClassification")
+            for path in paths
+        ]
+        for teacher in self.teachers:
+            limit = getattr(teacher.config, "max_position_embeddings", None)
+            if limit is not None and max_length > limit:
+                raise ValueError(
+                    f"max_length {max_length} exceeds teacher {teacher.path}'s max_position_embeddings {limit}"
+                )
+        self.device, self.max_length, self.batch_size = device, max_length, batch_size
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.use_token_types = "token_type_ids" in self.tokenizer.model_input_names
+
+    def _encode(self, text_a: list[str], text_b: list[str | None]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and segment ids per row; single texts and pairs are tokenised as separate groups."""
+        ids: list[list[int]] = [[] for _ in text_a]
+        types: list[list[int]] = [[] for _ in text_a]
+        pairs = [row for row, second in enumerate(text_b) if second is not None]
+        singles = [row for row, second in enumerate(text_b) if second is None]
+        for rows, is_pair in ((singles, False), (pairs, True)):
+            if not rows:
+                continue
+            firsts = [text_a[row] for row in rows]
+            seconds = [text_b[row] for row in rows] if is_pair else None
+            enc = self.tokenizer(
+                firsts, seconds, truncation=True, max_length=self.max_length, return_token_type_ids=True
+            )
+            for position, row in enumerate(rows):
+                ids[row] = enc["input_ids"][position]
+                types[row] = enc["token_type_ids"][position]
+        return ids, types
+
+    @torch.no_grad()
+    def logits(self, text_a: list[str], text_b: list[str | None]) -> np.ndarray:
+        """``(N, K, C)`` float32 logits of every teacher, rows in the order given."""
+        ids, types = self._encode(text_a, text_b)
+        out: np.ndarray | None = None
+        for batch in length_batches([len(row) for row in ids], self.batch_size):
+            width = max(len(ids[row]) for row in batch)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            token_types = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for position, row in enumerate(batch):
+                length = len(ids[row])
+                input_ids[position, :length] = torch.tensor(ids[row])
+                token_types[position, :length] = torch.tensor(types[row])
+                mask[position, :length] = 1
+            extra = {"token_type_ids": token_types.to(self.device)} if self.use_token_types else {}
+            per_teacher = [
+                teacher.logits(input_ids.to(self.device), mask.to(self.device), **extra).float().cpu()
+                for teacher in self.teachers
+            ]
+            logits_BKC = torch.stack(per_teacher, dim=1).numpy()
+            if out is None:
+                out = np.empty((len(ids), *logits_BKC.shape[1:]), dtype=np.float32)
+            out[batch] = logits_BKC
+        assert out is not None, "logits() needs at least one example"
+        return out
+
+
+def soft_targets_from_logits(logits_NKC: np.ndarray, task_type: str, temperature: float) -> np.ndarray:
+    """``(N, C)`` mean of the K softmaxes at ``temperature`` (classification) or ``(N, 1)`` mean prediction."""
+    if task_type == "regression":
+        return logits_NKC.astype(np.float32).mean(axis=1)
+    from dist_kd.losses import ensemble_probs
+
+    logits_KNC = torch.from_numpy(np.ascontiguousarray(logits_NKC.transpose(1, 0, 2)))
+    return ensemble_probs(logits_KNC, temperature).numpy()
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
+    """On rank 0: ``done`` when the store is already complete for this run, else ``work`` (run.json written).
+
+    Raises:
+        ValueError: the output holds a store or a partial run with other parameters.
+    """
+    if store.is_complete(output):
+        found = run_record(store.read_store_metadata(output))
+        if found == record:
+            # A crash between the manifest and the clean-up leaves chunks behind; they are no longer needed.
+            shutil.rmtree(output / CHUNKS_DIR, ignore_errors=True)
+            return "done"
+        changes = "; ".join(_differences(found, record)) or "unknown"
+        raise ValueError(
+            f"output {output} already holds a soft-target store computed with other parameters ({changes}); "
+            "choose another --output or delete it"
+        )
+    record_path = output / CHUNKS_DIR / RUN_RECORD
+    if record_path.is_file():
+        found = json.loads(record_path.read_text())
+        if found != record:
+            changes = "; ".join(_differences(found, record))
+            raise ValueError(
+                f"{output} holds a partial precompute started with other parameters ({changes}); resume it with the "
+                f"same teachers, temperature and data, or delete {output / CHUNKS_DIR} to start over"
+            )
+    else:
+        write_json_atomic(record_path, record)
+    return "work"
+
+
+def _missing_chunks(output: Path, bounds: list[tuple[int, int]], key: str) -> list[int]:
+    return [
+        index
+        for index, (start, stop) in enumerate(bounds)
+        if not chunk_is_complete(chunk_path(output, index), key, index, stop - start)
+    ]
+
+
+def _compute_chunk(ensemble: TeacherEnsemble, examples: pa.Table, spec: TaskSpec, config: PrecomputeConfig) -> pa.Table:
+    text_a = examples.column("text_a").to_pylist()
+    text_b = examples.column("text_b").to_pylist()
+    logits_NKC = ensemble.logits(text_a, text_b)
+    probs = soft_targets_from_logits(logits_NKC, spec.type, config.temperature)
+    kept = logits_NKC if config.keep_teacher_logits else None
+    return store.build_rows(examples, spec.name, probs, kept, spec.type)
+
+
+def _read_chunks(output: Path, num_chunks: int) -> Iterator[pa.Table]:
+    for index in range(num_chunks):
+        yield pq.read_table(chunk_path(output, index)).replace_schema_metadata(None)
+
+
+def precompute_soft_targets(
+    spec: TaskSpec,
+    data_path: str | Path,
+    output_dir: str | Path,
+    config: PrecomputeConfig,
+    *,
+    device: torch.device | None = None,
+    progress: bool = True,
+    on_chunk_written: Callable[[int], None] | None = None,
+) -> PrecomputeResult:
+    """Run the ensemble over the task data and write (or finish) the soft-target store at ``output_dir``.
+
+    Collective when a process group is initialised (every rank calls it with the same arguments); works
+    without one as a single process. Safe to call again after a crash: finished chunks are reused.
+
+    Args:
+        spec: the task; its label order must equal the teachers'.
+        data_path: task data file or directory (``load_task_examples`` formats; an augmentation output
+            directory is read through its ``augmented.parquet``). Rows may lack labels.
+        output_dir: the store directory.
+        config: teachers and run parameters.
+        device: where teachers run (default: this rank's device from :mod:`dist_kd.distributed`).
+        progress: show a progress bar on rank 0.
+        on_chunk_written: called with the chunk index after each chunk file is in place (tests use it to
+            simulate a crash).
+
+    Returns:
+        What this rank did.
+
+    Raises:
+        FileNotFoundError: missing data or teacher directories.
+        ValueError: teachers that disagree (labels, order, tokenizer) or disagree with the task; an output
+            holding a store or partial run with other parameters; a chunk missing at merge time.
+    """
+    info = distributed.current()
+    device = device or info.device
+    output = Path(output_dir)
+    data_path = resolve_data_path(data_path)
+    spec = spec_for_data(spec, data_path)
+    check = check_teachers(config.teachers, spec)
+    examples = load_task_examples(data_path, spec, require_labels=False)
+    # Hashing weights and data reads every byte; one rank does it and tells the others.
+    hashes = None
+    if info.is_main:
+        hashes = {"teachers": [_weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
+    hashes = distributed.broadcast_object(hashes)
+    metadata = build_store_metadata(spec, config, check, data_path, hashes, examples.num_rows)
+    record = run_record(metadata)
+    key = run_key(record)
+    bounds = chunk_bounds(examples.num_rows, config.chunk_size)
+
+    # Rank 0 decides and every rank learns the outcome, so a refusal raises everywhere instead of
+    # leaving the other ranks waiting at a barrier.
+    decision: dict[str, Any] = {}
+    if info.is_main:
+        try:
+            decision["status"] = _prepare_work_dir(output, record)
+            decision["missing"] = _missing_chunks(output, bounds, key) if decision["status"] == "work" else []
+        except ValueError as err:
+            decision["error"] = str(err)
+    decision = distributed.broadcast_object(decision)
+    if "error" in decision:
+        raise ValueError(decision["error"])
+    if decision["status"] == "done":
+        logger.info("%s is already complete for these inputs; nothing to do", output)
+        return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)
+
+    # Dealing the *missing* chunks round-robin keeps ranks balanced on a resume too.
+    mine = decision["missing"][info.rank :: info.world_size]
+    reused = len(bounds) - len(decision["missing"])
+    if info.is_main:
+        logger.info(
+            "%d examples in %d chunks: %d done earlier, %d to compute on %d rank(s)",
+            examples.num_rows, len(bounds), reused, len(decision["missing"]), info.world_size,
+        )  # fmt: skip
+    computed, seconds = 0, 0.0
+    if mine:
+        ensemble = TeacherEnsemble(config.teachers, config.dtype, device, config.max_length, config.batch_size)
+        from tqdm.auto import tqdm
+
+        total = sum(bounds[index][1] - bounds[index][0] for index in mine)
+        with tqdm(total=total, desc="precompute", unit="ex", disable=not (progress and info.is_main)) as bar:
+            for index in mine:
+                start, stop = bounds[index]
+                began = time.perf_counter()
+                rows = _compute_chunk(ensemble, examples.slice(start, stop - start), spec, config)
+                seconds += time.perf_counter() - began
+                store.write_table_atomic(rows, chunk_path(output, index), {"run": key, "chunk": index})
+                computed += stop - start
+                bar.update(stop - start)
+                if on_chunk_written is not None:
+                    on_chunk_written(index)
+        del ensemble
+    distributed.barrier()
+
+    if info.is_main:
+        still_missing = _missing_chunks(output, bounds, key)
+        if still_missing:
+            raise ValueError(f"{output}: chunks {still_missing[:10]} are missing after every rank finished")
+        store.write_soft_targets(_read_chunks(output, len(bounds)), output, metadata, config.rows_per_file)
+        shutil.rmtree(output / CHUNKS_DIR)
+        logger.info("wrote %s: %d rows", output, examples.num_rows)
+    distributed.barrier()
+    return PrecomputeResult(output, examples.num_rows, computed, reused if info.is_main else 0, seconds)

@@ -1,0 +1,320 @@
+"""Precompute in one process: soft targets against an independent computation, ensemble checks, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dist_kd.data import soft_targets as st
+from dist_kd.data.tasks import resolve_task_spec
+from dist_kd.precompute import (
+    CHUNKS_DIR,
+    PrecomputeConfig,
+    chunk_path,
+    length_batches,
+    precompute_soft_targets,
+)
+from dist_kd.testing import build_tiny_bert, random_sentences
+
+LABELS = ["neg", "neu", "pos"]
+ID2LABEL = dict(enumerate(LABELS))
+NUM_ROWS = 11
+
+
+def _teacher(directory, seed: int, labels=LABELS):
+    return build_tiny_bert(
+        directory,
+        seed=seed,
+        model_class="BertForSequenceClassification",
+        num_layers=2,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Three teachers and a JSONL file mixing sentence pairs and single sentences (lengths vary a lot)."""
+    root = tmp_path_factory.mktemp("precompute")
+    teachers = [str(_teacher(root / f"t{k}", seed=k)) for k in (1, 2, 3)]
+    firsts = random_sentences(NUM_ROWS, seed=5, min_words=2, max_words=40)
+    seconds = random_sentences(NUM_ROWS, seed=6)
+    rows = [
+        {"id": f"ex{i}", "a": a, "b": b if i % 3 else None, "y": LABELS[i % 3] if i % 4 else None}
+        for i, (a, b) in enumerate(zip(firsts, seconds))
+    ]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = resolve_task_spec("topic", labels=LABELS, text_a="a", text_b="b", label="y", id_column="id")
+    return root, teachers, data, spec, rows
+
+
+def _config(teachers, **kw) -> PrecomputeConfig:
+    return PrecomputeConfig(teachers=teachers, **({"dtype": "fp32", "batch_size": 4, "chunk_size": 4} | kw))
+
+
+def _independent_logits(teacher_dir: str, rows) -> np.ndarray:
+    """Each example alone through plain transformers: no padding, no batching, no dist_kd code."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            enc = tokenizer(row["a"], row["b"], truncation=True, max_length=128, return_tensors="pt")
+            out.append(model(**enc).logits[0].numpy())
+    return np.stack(out)
+
+
+def test_soft_probs_equal_mean_of_independent_softmaxes(setup, tmp_path):
+    _, teachers, data, spec, rows = setup
+    temperature = 2.0
+    result = precompute_soft_targets(
+        spec, data, tmp_path / "st", _config(teachers, temperature=temperature, keep_teacher_logits=True),
+        progress=False,
+    )  # fmt: skip
+    assert result.num_rows == NUM_ROWS and result.computed_examples == NUM_ROWS
+    loaded = st.load_soft_targets(tmp_path / "st", expected_labels=LABELS, task="topic")
+
+    logits_KNC = np.stack([_independent_logits(t, rows) for t in teachers])
+    z = logits_KNC / temperature
+    softmax = np.exp(z - z.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    np.testing.assert_allclose(loaded.soft_probs(), softmax.mean(0), atol=2e-6)
+    # keep-teacher-logits: K x C per row, teacher order as given
+    assert loaded.teacher_logits().shape == (NUM_ROWS, 3, 3)
+    np.testing.assert_allclose(loaded.teacher_logits(), logits_KNC.transpose(1, 0, 2), atol=2e-5)
+
+    # Every row, in input order, with its texts and (nullable) label index.
+    table = loaded.table
+    assert table.column("example_id").to_pylist() == [row["id"] for row in rows]
+    assert table.column("text_b").to_pylist() == [row["b"] for row in rows]
+    assert table.column("label").to_pylist() == [None if row["y"] is None else LABELS.index(row["y"]) for row in rows]
+    assert set(table.column("task").to_pylist()) == {"topic"}
+    meta = loaded.metadata
+    assert meta.label_names == LABELS and meta.temperature == temperature and meta.num_teachers == 3
+    assert [t["sha256"] for t in meta.teachers] == [_weights_sha(t) for t in teachers]
+    assert meta.source_data["sha256"] == _file_sha(data)
+    assert not (tmp_path / "st" / CHUNKS_DIR).exists()
+
+
+def _weights_sha(teacher_dir: str) -> str:
+    from dist_kd.io import sha256_file
+
+    return sha256_file(f"{teacher_dir}/model.safetensors")
+
+
+def _file_sha(path) -> str:
+    from dist_kd.io import sha256_file
+
+    return sha256_file(path)
+
+
+def test_results_do_not_depend_on_batch_size(setup, tmp_path):
+    _, teachers, data, spec, _ = setup
+    precompute_soft_targets(spec, data, tmp_path / "a", _config(teachers[:2], batch_size=1), progress=False)
+    precompute_soft_targets(spec, data, tmp_path / "b", _config(teachers[:2], batch_size=64), progress=False)
+    a, b = st.load_soft_targets(tmp_path / "a"), st.load_soft_targets(tmp_path / "b")
+    np.testing.assert_allclose(a.soft_probs(), b.soft_probs(), atol=1e-6)  # padding is masked out
+
+
+def test_length_batches_sort_by_length_and_cover_every_row():
+    lengths = [3, 9, 1, 9, 5, 2, 7]
+    batches = length_batches(lengths, 3)
+    assert [b.tolist() for b in batches] == [[1, 3, 6], [4, 0, 5], [2]]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+
+
+def test_teachers_with_different_label_order_are_refused(setup, tmp_path):
+    root, teachers, data, spec, _ = setup
+    permuted = str(_teacher(tmp_path / "permuted", seed=9, labels=["pos", "neu", "neg"]))
+    with pytest.raises(ValueError, match="teachers disagree on labels") as err:
+        precompute_soft_targets(spec, data, tmp_path / "out", _config([teachers[0], permuted]), progress=False)
+    assert teachers[0] in str(err.value) and permuted in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_teachers_that_disagree_with_the_task_are_refused(setup, tmp_path):
+    _, teachers, data, _, _ = setup
+    spec = resolve_task_spec("topic", labels=["pos", "neu", "neg"], text_a="a", text_b="b", label="y")
+    with pytest.raises(ValueError, match=r"same labels in a different order"):
+        precompute_soft_targets(spec, data, tmp_path / "out", _config(teachers), progress=False)
+    sst2 = resolve_task_spec("sst2", text_a="a", text_b="b", label=None)  # GLUE registry labels ["0", "1"]
+    with pytest.raises(ValueError, match="a different label set"):
+        precompute_soft_targets(sst2, data, tmp_path / "out", _config(teachers), progress=False)
+
+
+def test_teachers_with_different_tokenizers_are_refused(setup, tmp_path):
+    _, teachers, data, spec, _ = setup
+    other = _teacher(tmp_path / "other_tok", seed=4)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["zebra"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ValueError, match="teachers disagree on the tokenizer") as err:
+        precompute_soft_targets(spec, data, tmp_path / "out", _config([teachers[0], str(other)]), progress=False)
+    assert teachers[0] in str(err.value) and str(other) in str(err.value)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def test_crash_after_first_chunk_resumes_to_identical_store(setup, tmp_path):
+    _, teachers, data, spec, _ = setup
+    config = _config(teachers[:2], keep_teacher_logits=True)
+    precompute_soft_targets(spec, data, tmp_path / "reference", config, progress=False)
+
+    def crash(index: int) -> None:
+        raise Crash(f"simulated crash after chunk {index}")
+
+    out = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        precompute_soft_targets(spec, data, out, config, progress=False, on_chunk_written=crash)
+    assert chunk_path(out, 0).is_file() and not chunk_path(out, 1).exists()
+    assert not st.is_complete(out)
+    with pytest.raises(ValueError, match="incomplete"):
+        st.load_soft_targets(out)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+
+    written = []
+    result = precompute_soft_targets(spec, data, out, config, progress=False, on_chunk_written=written.append)
+    assert written == [1, 2]  # chunk 0 was reused, not recomputed
+    assert result.computed_examples == NUM_ROWS - 4 and result.reused_chunks == 1
+    assert _files(out) == _files(tmp_path / "reference")  # byte-identical parts and manifest
+    assert not (out / CHUNKS_DIR).exists()
+
+
+def test_a_lost_chunk_is_recomputed_and_a_foreign_chunk_is_not_reused(setup, tmp_path):
+    _, teachers, data, spec, _ = setup
+    config = _config(teachers[:2])
+    precompute_soft_targets(spec, data, tmp_path / "reference", config, progress=False)
+    out = tmp_path / "out"
+    seen = []
+
+    def crash_at_two(index: int) -> None:
+        seen.append(index)
+        if index == 2:
+            raise Crash("late crash")
+
+    with pytest.raises(Crash):
+        precompute_soft_targets(spec, data, out, config, progress=False, on_chunk_written=crash_at_two)
+    chunk_path(out, 1).unlink()
+    # A chunk file from another run (other key) under chunk 0's name must not be merged.
+    table = pq.read_table(chunk_path(out, 0))
+    st.write_table_atomic(table.replace_schema_metadata(None), chunk_path(out, 0), {"run": "other", "chunk": 0})
+    written = []
+    precompute_soft_targets(spec, data, out, config, progress=False, on_chunk_written=written.append)
+    assert written == [0, 1]
+    assert _files(out) == _files(tmp_path / "reference")
+
+
+def test_resume_with_other_parameters_is_refused(setup, tmp_path):
+    _, teachers, data, spec, _ = setup
+    out = tmp_path / "out"
+
+    def crash(index: int) -> None:
+        raise Crash
+
+    with pytest.raises(Crash):
+        precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False, on_chunk_written=crash)
+    with pytest.raises(ValueError, match=r"partial precompute.*temperature: 1.0 -> 3.0"):
+        precompute_soft_targets(spec, data, out, _config(teachers[:2], temperature=3.0), progress=False)
+    with pytest.raises(ValueError, match=r"partial precompute.*teachers"):
+        precompute_soft_targets(spec, data, out, _config(teachers[1:]), progress=False)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(data.read_text().replace("ex0", "exZ"))
+    with pytest.raises(ValueError, match=r"partial precompute.*source_data.sha256"):
+        precompute_soft_targets(spec, changed, out, _config(teachers[:2]), progress=False)
+
+
+def test_complete_store_is_kept_and_not_overwritten_by_other_parameters(setup, tmp_path):
+    _, teachers, data, spec, _ = setup
+    out = tmp_path / "out"
+    precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
+    before = _files(out)
+    again = precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
+    assert again.computed_examples == 0 and _files(out) == before
+    with pytest.raises(ValueError, match=r"already holds a soft-target store.*keep_teacher_logits|has_teacher_logits"):
+        precompute_soft_targets(spec, data, out, _config(teachers[:2], keep_teacher_logits=True), progress=False)
+    assert _files(out) == before
+
+
+def test_regression_stores_the_mean_prediction(tmp_path):
+    teachers = [
+        str(build_tiny_bert(tmp_path / f"r{k}", seed=k, model_class="BertForSequenceClassification", num_layers=1,
+                            num_labels=1))
+        for k in (1, 2)
+    ]  # fmt: skip
+    rows = [{"a": s, "score": float(i)} for i, s in enumerate(random_sentences(5, seed=8))]
+    data = tmp_path / "reg.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = resolve_task_spec("sim", type="regression", text_a="a", text_b=None, label="score")
+    precompute_soft_targets(spec, data, tmp_path / "st", _config(teachers, temperature=5.0), progress=False)
+    loaded = st.load_soft_targets(tmp_path / "st", task="sim")
+    expected = np.mean([_independent_logits(t, [{"a": r["a"], "b": None} for r in rows]) for t in teachers], axis=0)
+    np.testing.assert_allclose(loaded.soft_probs(), expected, atol=2e-6)  # (N, 1), no softmax
+    assert loaded.table.column("label").to_pylist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert loaded.metadata.label_names == []
+    three_class = str(_teacher(tmp_path / "three", seed=1))
+    with pytest.raises(ValueError, match="has 3 outputs.*regression and needs one"):
+        precompute_soft_targets(spec, data, tmp_path / "x", _config([three_class]), progress=False)
+
+
+def test_augmented_directory_is_read_with_canonical_columns(setup, tmp_path):
+    """An augment output dir (augmented.parquet + its metadata) is accepted as --data, whatever the spec's columns."""
+    _, teachers, _, spec, _ = setup
+    table = pa.table(
+        {
+            "example_id": ["x-0", "x-0-aug1"],
+            "task": ["topic", "topic"],
+            "text_a": ["the team won", "the club won"],
+            "text_b": [None, None],
+            "label": pa.array([2, None], pa.int64()),
+        }
+    )
+    meta = {"kind": "augmented_task_data", "label_names": LABELS}
+    st.write_table_atomic(table, tmp_path / "aug" / "augmented.parquet", meta)
+    precompute_soft_targets(spec, tmp_path / "aug", tmp_path / "st", _config(teachers[:1]), progress=False)
+    loaded = st.load_soft_targets(tmp_path / "st")
+    assert loaded.table.column("example_id").to_pylist() == ["x-0", "x-0-aug1"]
+    assert loaded.table.column("label").to_pylist() == [2, None]
+    meta["label_names"] = ["pos", "neu", "neg"]
+    st.write_table_atomic(table, tmp_path / "aug2" / "augmented.parquet", meta)
+    with pytest.raises(ValueError, match="augmented data"):
+        precompute_soft_targets(spec, tmp_path / "aug2", tmp_path / "st2", _config(teachers[:1]), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"teachers": []}, "at least one teacher"),
+        ({"teachers": ["a", "a"]}, "listed twice"),
+        ({"temperature": 0}, "temperature"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PrecomputeConfig(**({"teachers": ["t"]} | kw))
+
+
+def test_missing_inputs(setup, tmp_path):
+    _, teachers, data, spec, _ = setup
+    with pytest.raises(FileNotFoundError, match="task data"):
+        precompute_soft_targets(spec, tmp_path / "none.tsv", tmp_path / "o", _config(teachers), progress=False)
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        precompute_soft_targets(spec, data, tmp_path / "o", _config([str(tmp_path / "nope")]), progress=False)
