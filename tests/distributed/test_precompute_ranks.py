@@ -1,0 +1,97 @@
+"""launch/precompute.py on 2 ranks (torchrun, gloo) writes the same store, byte for byte, as on 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "launch" / "precompute.py")
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_name, None)
+LABELS = ["business", "sport", "tech"]
+NUM_ROWS = 13
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit code {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from dist_kd.testing import build_tiny_bert, random_sentences
+
+    root = tmp_path_factory.mktemp("precompute_ranks")
+    label_maps = {"id2label": dict(enumerate(LABELS)), "label2id": {name: i for i, name in enumerate(LABELS)}}
+    teachers = [
+        str(build_tiny_bert(root / f"t{k}", seed=k, model_class="BertForSequenceClassification", num_layers=1,
+                            num_labels=3, **label_maps))
+        for k in (1, 2)
+    ]  # fmt: skip
+    texts = random_sentences(NUM_ROWS, seed=11, max_words=30)
+    data = root / "news.csv"
+    data.write_text("body,category\n" + "".join(f"{t},{LABELS[i % 3]}\n" for i, t in enumerate(texts)))
+    args = [
+        "--task", "news", "--labels", ",".join(LABELS), "--text-a", "body", "--label", "category",
+        "--data", str(data), "--teachers", *teachers, "--chunk-size", "3", "--batch-size", "2",
+        "--keep-teacher-logits", "--temperature", "2", "--no-progress",
+    ]  # fmt: skip
+    single = root / "single"
+    _run([sys.executable, SCRIPT, *args, "--output", str(single)])
+    return args, single
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_two_ranks_write_the_same_store_as_one(inputs, tmp_path):
+    from dist_kd.data.soft_targets import load_soft_targets
+
+    args, single = inputs
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           SCRIPT, *args, "--output", str(out)]  # fmt: skip
+    proc = _run(cmd)
+    assert "5 to compute on 2 rank(s)" in proc.stderr
+    loaded = load_soft_targets(out, expected_labels=LABELS, task="news")
+    assert loaded.table.column("example_id").to_pylist() == [f"news-{i}" for i in range(NUM_ROWS)]  # all, in order
+    assert loaded.teacher_logits().shape == (NUM_ROWS, 2, 3)
+    assert _files(out) == _files(single)  # 5 chunks dealt 3/2 to the ranks; merged bytes do not depend on it
+
+
+def test_bad_input_exits_2_with_one_error_line(inputs, tmp_path):
+    args, _ = inputs
+    bad = [a if a != ",".join(LABELS) else "tech,sport,business" for a in args]
+    proc = _run([sys.executable, SCRIPT, *bad, "--output", str(tmp_path / "x")], check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "same labels in a different order" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_manifest_describes_the_run(inputs):
+    _, single = inputs
+    manifest = json.loads((single / "_manifest.json").read_text())
+    assert manifest["num_rows"] == NUM_ROWS
+    assert manifest["metadata"]["label_names"] == LABELS
+    assert manifest["metadata"]["temperature"] == 2.0
+    assert len(manifest["metadata"]["teachers"]) == 2
