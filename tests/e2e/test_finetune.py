@@ -1,0 +1,98 @@
+"""launch/finetune.py end to end: two tiny teachers from a headless base encoder, exported, scored, reusable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.e2e.conftest import run_script
+
+LABELS = ["neg", "pos"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    from dist_kd.testing import build_tiny_bert, random_sentences
+
+    root = tmp_path_factory.mktemp("finetune")
+    # A plain encoder without a classification head, like all-MiniLM-L6-v2.
+    base = build_tiny_bert(root / "base", seed=0, num_layers=2)
+    for name, num, seed in (("train", 24, 1), ("dev", 10, 2)):
+        rows = [{"body": s, "y": LABELS[len(s.split()) > 10]} for s in random_sentences(num, seed=seed)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = [
+        "launch/finetune.py", "--task", "demo", "--labels", ",".join(LABELS), "--text-a", "body", "--label", "y",
+        "--train", str(root / "train.jsonl"), "--dev", str(root / "dev.jsonl"), "--base", str(base),
+        "--output", str(root / "out"), "--num-teachers", "2", "--seeds", "3", "4", "--dropouts", "0.1", "0.2",
+        "--max-steps", "4", "--batch-size", "8", "--lr", "1e-3", "--cpu",
+    ]  # fmt: skip
+    run_script(*args, timeout=300)
+    return root, args
+
+
+def test_exported_teachers_load_with_the_task_label_maps(finetuned):
+    from transformers import AutoModelForSequenceClassification
+
+    root, _ = finetuned
+    models = [AutoModelForSequenceClassification.from_pretrained(root / "out" / f"teacher-{k}") for k in (1, 2)]
+    for model, dropout in zip(models, (0.1, 0.2)):
+        assert model.config.id2label == {0: "neg", 1: "pos"}
+        assert model.config.label2id == {"neg": 0, "pos": 1}
+        assert model.config.hidden_dropout_prob == dropout
+        assert model.classifier.out_features == 2
+    # Different seeds give different teachers (head init, dropout masks, data order).
+    assert not torch.equal(models[0].classifier.weight, models[1].classifier.weight)
+    assert (root / "out" / "teacher-1" / "tokenizer.json").is_file()
+
+
+def test_report_metrics_match_an_independent_evaluation(finetuned):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root, _ = finetuned
+    report = json.loads((root / "out" / "report.json").read_text())
+    assert report["label_names"] == LABELS and report["metric"] == "accuracy"
+    assert [t["seed"] for t in report["teachers"]] == [3, 4]
+    assert [t["steps"] for t in report["teachers"]] == [4, 4]
+    dev = [json.loads(line) for line in (root / "dev.jsonl").read_text().splitlines()]
+    labels = np.array([LABELS.index(row["y"]) for row in dev])
+    probs = []
+    for k, entry in enumerate(report["teachers"], start=1):
+        path = root / "out" / f"teacher-{k}"
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with torch.no_grad():
+            logits = torch.cat([model(**tokenizer(row["body"], return_tensors="pt")).logits for row in dev])
+        assert entry["dev"]["accuracy"] == pytest.approx(float((logits.argmax(1).numpy() == labels).mean()))
+        assert set(entry["dev"]) == {"accuracy", "f1", "mcc"}
+        probs.append(logits.softmax(-1))
+    ensemble = torch.stack(probs).mean(0).argmax(1).numpy()
+    assert report["ensemble_dev"]["accuracy"] == pytest.approx(float((ensemble == labels).mean()))
+    lines = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert {line["teacher"] for line in lines} == {1, 2} and all(np.isfinite(line["loss"]) for line in lines)
+
+
+def test_the_ensemble_feeds_precompute(finetuned, tmp_path):
+    from dist_kd.data.soft_targets import load_soft_targets
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.precompute import PrecomputeConfig, precompute_soft_targets
+
+    root, _ = finetuned
+    spec = resolve_task_spec("demo", labels=LABELS, text_a="body", label="y")
+    teachers = [str(root / "out" / f"teacher-{k}") for k in (1, 2)]
+    precompute_soft_targets(spec, root / "dev.jsonl", tmp_path / "st", PrecomputeConfig(teachers=teachers),
+                            progress=False)  # fmt: skip
+    assert load_soft_targets(tmp_path / "st", expected_labels=LABELS).soft_probs().shape == (10, 2)
+
+
+def test_rerun_reuses_finished_teachers_and_bad_input_exits_2(finetuned):
+    root, args = finetuned
+    before = (root / "out" / "teacher-1" / "model.safetensors").stat().st_mtime_ns
+    run_script(*args, timeout=300)
+    assert (root / "out" / "teacher-1" / "model.safetensors").stat().st_mtime_ns == before
+    bad = [*args[:-1], "--seeds", "1", "2", "3", "--cpu"]
+    proc = run_script(*bad, check=False)
+    assert proc.returncode == 2
+    assert "error: seeds: give one per teacher (2 for --num-teachers)" in proc.stderr
