@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # preempted: a checkpoint is saved, the job can be requeued
         trainer.export()
         agreement = None
-        if cfg.data.eval_shards and info.is_main:
+        if cfg.data.eval_shards:
+            # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
             agreement = trainer.agreement(cfg.data.eval_shards, cfg.data.eval_batches)
         if info.is_main:
             lines = summary_lines(trainer, agreement)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from dist_kd.models.student import DistillStudent, StudentConfig, build_projecti
 from dist_kd.models.teacher import Teacher, TeacherConfig, check_model_dir
 from dist_kd.objective import DistillConfig, tinybert_objective
 from dist_kd.train import checkpoint as ckpt
+from dist_kd.train.common import RunConfig, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
     DeepSpeedSection,
     TrainConfig,
@@ -41,8 +41,6 @@ from dist_kd.train.engine import (
 from dist_kd.train.metrics import MetricsLogger, estimate_mfu
 
 logger = logging.getLogger(__name__)
-
-RESUME_MODES = ("auto", "never")
 
 
 @dataclass
@@ -66,27 +64,6 @@ class DataConfig:
 
 
 @dataclass
-class RunConfig:
-    """The run directory, logging and checkpoints."""
-
-    output_dir: str = doc("run directory (config.yaml, metrics.jsonl, checkpoints/, student/)", "runs/general")
-    log_every: int = doc("optimizer steps between metric lines", 10)
-    save_every: int = doc("optimizer steps between checkpoints (0: only at the end)", 500)
-    keep_last: int = doc("complete checkpoints kept (0 keeps all)", 3)
-    resume: str = doc("auto (continue from the newest checkpoint if any) | never (refuse a used directory)", "auto")
-    tensorboard: bool = doc("also write TensorBoard event files under run_dir/tensorboard", False)
-    progress: bool = doc("tqdm progress bar on rank 0", True)
-
-    def __post_init__(self):
-        if self.resume not in RESUME_MODES:
-            raise ValueError(f"run.resume must be one of {list(RESUME_MODES)}, got {self.resume!r}")
-        if self.log_every < 1:
-            raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
-        if self.save_every < 0 or self.keep_last < 0:
-            raise ValueError("run.save_every and run.keep_last must be >= 0")
-
-
-@dataclass
 class GeneralConfig:
     """General distillation: ``deepspeed launch/general.py --config FILE [a.b=c ...]``."""
 
@@ -107,24 +84,6 @@ def _teacher_config(path: str):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(check_model_dir(path, "teacher.path"))
-
-
-class _StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; the loop checkpoints and exits at the next step."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        logger.warning("received %s: saving a checkpoint and stopping after this step", signal.Signals(signum).name)
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 class GeneralTrainer:
@@ -253,7 +212,13 @@ class GeneralTrainer:
             shuffle=shuffle,
             shuffle_buffer=self.cfg.data.shuffle_buffer,
             skip_corrupt=self.cfg.data.skip_corrupt,
+            pin_memory=self.info.device.type == "cuda",
         )
+
+    def _batches(self):
+        """Micro-batches across epoch boundaries (iterating the stream yields the rest of one epoch)."""
+        while True:
+            yield from self.loader
 
     def _load(self, checkpoint: Path) -> None:
         state = ckpt.load_checkpoint(self.engine, checkpoint)
@@ -298,21 +263,18 @@ class GeneralTrainer:
         self.engine.step()
         return {name: value.detach() for name, value in terms.items()}
 
-    def _stop_agreed(self, local: bool) -> bool:
-        # Every rank must leave the loop at the same step, or the collective save would hang.
-        flag = torch.tensor([1.0 if local else 0.0], device=self.info.device)
-        return bool(distributed.all_reduce_mean(flag).item() > 0)
-
     def train(self) -> bool:
         """Run until ``train.max_steps`` or a stop signal. Returns True when training finished."""
         cfg = self.cfg
-        stop = _StopSignal()
-        bar = self._progress_bar()
+        stop = StopSignal()
+        bar = progress_bar(
+            cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
+        )
         sums: dict[str, torch.Tensor] = {}
         micro_batches = 0
         tokens = torch.zeros((), dtype=torch.long, device=self.info.device)
         window_start = time.perf_counter()
-        batches = iter(self.loader)
+        batches = self._batches()
         try:
             while self.step < cfg.train.max_steps:
                 for _ in range(cfg.train.grad_accum):
@@ -333,7 +295,7 @@ class GeneralTrainer:
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:
                     self.save()
-                if self._stop_agreed(stop.requested):
+                if stop_agreed(stop.requested, self.info.device):
                     self.save()
                     logger.warning("stopped at step %d; run again with run.resume=auto to continue", self.step)
                     return False
@@ -342,18 +304,6 @@ class GeneralTrainer:
         finally:
             bar.close()
             stop.restore()
-
-    def _progress_bar(self):
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.cfg.train.max_steps,
-            initial=self.step,
-            desc="general distillation",
-            unit="step",
-            disable=not (self.info.is_main and self.cfg.run.progress),
-            dynamic_ncols=True,
-        )
 
     def _log(self, sums: dict[str, torch.Tensor], micro_batches: int, tokens: torch.Tensor, elapsed: float) -> dict:
         names = sorted(sums)

@@ -1,0 +1,52 @@
+"""End-to-end fixtures: a tiny teacher and a tiny sharded corpus, and a runner for the launch scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def script_env() -> dict[str, str]:
+    return dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def run_script(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python ARGS...`` (or ``deepspeed ...`` when args[0] == 'deepspeed') from the repository root."""
+    cmd = list(args) if args[0] == "deepspeed" else [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory, tiny_bert_dir):
+    """~300 packed sequences of length 32 tokenised with the tiny teacher's tokenizer."""
+    from dist_kd.data.corpus import prepare_corpus
+    from dist_kd.testing import random_sentences
+
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "text.txt").write_text("\n\n".join(random_sentences(600, seed=3)))
+    prepare_corpus(
+        [root / "text.txt"], tiny_bert_dir, root / "shards", seq_len=32, shard_size=64, num_workers=0, progress=False
+    )
+    (root / "heldout.txt").write_text("\n\n".join(random_sentences(100, seed=4)))
+    prepare_corpus(
+        [root / "heldout.txt"], tiny_bert_dir, root / "eval", seq_len=32, shard_size=64, num_workers=0, progress=False
+    )
+    return root
