@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from dist_kd.data.tasks import resolve_task_spec
-from dist_kd.precompute import PrecomputeConfig, TeacherEnsemble, length_batches, precompute_soft_targets
+from dist_kd.precompute import PrecomputeConfig, TeacherEnsemble, precompute_soft_targets
+from dist_kd.predict import length_batches
 from dist_kd.testing import build_tiny_bert, random_sentences
 
 
@@ -108,8 +109,7 @@ def main() -> None:
 
         ensemble = TeacherEnsemble(teachers[:1], "fp32", torch.device("cpu"), args.max_length, args.batch_size)
         rows = [json.loads(line) for line in data.read_text().splitlines()]
-        ids, _ = ensemble._encode([r["a"] for r in rows], [r["b"] for r in rows])
-        lengths = [len(row) for row in ids]
+        lengths = ensemble.encode([r["a"] for r in rows], [r["b"] for r in rows]).lengths.tolist()
         print(f"padding tokens per batch: {padding_share(lengths, args.batch_size, True):.1%} with length buckets, "
               f"{padding_share(lengths, args.batch_size, False):.1%} in input order "
               f"(mean length {np.mean(lengths):.1f} pieces)")  # fmt: skip

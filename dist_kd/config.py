@@ -117,8 +117,12 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except ValueError as err:
-        if prefix and not str(err).startswith(prefix):
-            raise ValueError(f"{prefix}.{err}") from None
+        message = str(err)
+        if prefix and not message.startswith(prefix):
+            # "lr must be > 0" names a field of this section: "train.lr must be > 0"; any other message
+            # ("task 'x': ...") gets the section as a location: "tasks[1]: task 'x': ...".
+            names_field = any(message.startswith(f"{name} ") for name in names)
+            raise ValueError(f"{prefix}.{message}" if names_field else f"{prefix}: {message}") from None
         raise
 
 

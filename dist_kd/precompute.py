@@ -40,9 +40,11 @@ import torch
 from dist_kd import distributed
 from dist_kd.config import doc
 from dist_kd.data import soft_targets as store
+from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_token_types
 from dist_kd.data.tasks import TaskSpec, label_order_check, load_task_examples
 from dist_kd.io import sha256_file, write_json_atomic
 from dist_kd.models.teacher import DTYPES, check_model_dir
+from dist_kd.predict import batched_logits
 
 logger = logging.getLogger(__name__)
 
@@ -315,12 +317,6 @@ def chunk_is_complete(path: Path, key: str, index: int, num_rows: int) -> bool:
     return found.get("run") == key and found.get("chunk") == index and rows == num_rows
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Row indices grouped into batches of similar length (longest first, ties in input order)."""
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 # ------------------------------------------------------------------------------------------- teachers
 
 
@@ -350,54 +346,24 @@ class TeacherEnsemble:
                     f"max_length {max_length} exceeds teacher {teacher.path}'s max_position_embeddings {limit}"
                 )
         self.device, self.max_length, self.batch_size = device, max_length, batch_size
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.use_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.use_token_types = uses_token_types(self.tokenizer)
 
-    def _encode(self, text_a: list[str], text_b: list[str | None]) -> tuple[list[list[int]], list[list[int]]]:
-        """Token ids and segment ids per row; single texts and pairs are tokenised as separate groups."""
-        ids: list[list[int]] = [[] for _ in text_a]
-        types: list[list[int]] = [[] for _ in text_a]
-        pairs = [row for row, second in enumerate(text_b) if second is not None]
-        singles = [row for row, second in enumerate(text_b) if second is None]
-        for rows, is_pair in ((singles, False), (pairs, True)):
-            if not rows:
-                continue
-            firsts = [text_a[row] for row in rows]
-            seconds = [text_b[row] for row in rows] if is_pair else None
-            enc = self.tokenizer(
-                firsts, seconds, truncation=True, max_length=self.max_length, return_token_type_ids=True
-            )
-            for position, row in enumerate(rows):
-                ids[row] = enc["input_ids"][position]
-                types[row] = enc["token_type_ids"][position]
-        return ids, types
+    def encode(self, text_a: list[str], text_b: list[str | None]) -> TokenizedRows:
+        """Token ids and segment ids per row (single texts and pairs may mix)."""
+        return tokenize_rows(self.tokenizer, text_a, text_b, self.max_length)
 
     @torch.no_grad()
     def logits(self, text_a: list[str], text_b: list[str | None]) -> np.ndarray:
         """``(N, K, C)`` float32 logits of every teacher, rows in the order given."""
-        ids, types = self._encode(text_a, text_b)
-        out: np.ndarray | None = None
-        for batch in length_batches([len(row) for row in ids], self.batch_size):
-            width = max(len(ids[row]) for row in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            token_types = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for position, row in enumerate(batch):
-                length = len(ids[row])
-                input_ids[position, :length] = torch.tensor(ids[row])
-                token_types[position, :length] = torch.tensor(types[row])
-                mask[position, :length] = 1
-            extra = {"token_type_ids": token_types.to(self.device)} if self.use_token_types else {}
-            per_teacher = [
-                teacher.logits(input_ids.to(self.device), mask.to(self.device), **extra).float().cpu()
-                for teacher in self.teachers
-            ]
-            logits_BKC = torch.stack(per_teacher, dim=1).numpy()
-            if out is None:
-                out = np.empty((len(ids), *logits_BKC.shape[1:]), dtype=np.float32)
-            out[batch] = logits_BKC
-        assert out is not None, "logits() needs at least one example"
-        return out
+
+        def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+            per_teacher = [t.logits(batch["input_ids"], batch["attention_mask"], **extra) for t in self.teachers]
+            return torch.stack([logits.float() for logits in per_teacher], dim=1)
+
+        rows = self.encode(text_a, text_b)
+        return batched_logits(forward, rows, self.pad_id, self.batch_size, self.device, self.use_token_types)
 
 
 def soft_targets_from_logits(logits_NKC: np.ndarray, task_type: str, temperature: float) -> np.ndarray:

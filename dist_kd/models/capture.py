@@ -130,7 +130,11 @@ class FeatureCapture:
         self.num_layers = len(layers)
 
     def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hidden_layers: list[int] | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        hidden_layers: list[int] | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> EncoderFeatures:
         """Run the encoder and return its features.
 
@@ -138,10 +142,12 @@ class FeatureCapture:
             input_ids: ``(B, L)``.
             attention_mask: ``(B, L)`` or None.
             hidden_layers: 1-based layers whose outputs are kept (default: all that ran).
+            token_type_ids: ``(B, L)`` segment ids of sentence pairs (None: the model's default, all 0).
         """
         self.sink.clear()
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **extra
         )
         states = outputs.hidden_states
         missing = [n for n in self.score_layers if n not in self.sink]

@@ -170,8 +170,10 @@ class DistillStudent(nn.Module):
         self.projections = projections
         self.capture = FeatureCapture(student, list(range(1, student.config.num_hidden_layers + 1)))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> EncoderFeatures:
-        return self.capture(input_ids, attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None = None
+    ) -> EncoderFeatures:
+        return self.capture(input_ids, attention_mask, token_type_ids=token_type_ids)
 
     def save_student(self, directory: str | Path) -> None:
         """Save only the student encoder (no projection weights) as an HF directory."""

@@ -113,10 +113,17 @@ class Teacher:
         self.capture = FeatureCapture(self.encoder, list(score_layers or []))
 
     @torch.no_grad()
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> EncoderFeatures:
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> EncoderFeatures:
         """Embedding output, hidden states and the captured raw attention scores of one batch."""
         return self.capture(
-            input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
+            input_ids.to(self.device),
+            None if attention_mask is None else attention_mask.to(self.device),
+            token_type_ids=None if token_type_ids is None else token_type_ids.to(self.device),
         )
 
     @torch.no_grad()

@@ -54,6 +54,21 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resume_point(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a run starts from: the newest complete one under ``run_dir/checkpoints``, or None.
+
+    Raises:
+        ValueError: ``resume`` is ``never`` and ``run_dir`` already holds a run (checkpoints or metrics).
+    """
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if resume == "never" and (latest is not None or (run_dir / "metrics.jsonl").exists()):
+        raise ValueError(
+            f"run.output_dir {run_dir} already holds a run; use run.resume=auto to continue it "
+            "or choose another run.output_dir"
+        )
+    return latest
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) RNG states of this process."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -117,7 +132,11 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume when the teacher or the student shape changed since the checkpoint.
+    """Refuse to resume when what defines the run (teacher, student shape, tasks, ...) changed since the checkpoint.
+
+    Args:
+        saved: the checkpoint's ``meta.json``.
+        current: this run's meta (every key is compared; ``step`` and ``world_size`` are added at save time).
 
     Raises:
         ValueError: naming each differing field with its saved and current value.
@@ -125,7 +144,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
     differences = [
         f"{key}: checkpoint has {saved.get(key)!r}, this run has {current[key]!r}"
         for key in current
-        if key in ("teacher", "student") and saved.get(key) != current[key]
+        if saved.get(key) != current[key]
     ]
     if differences:
         raise ValueError(

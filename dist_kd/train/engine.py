@@ -182,3 +182,18 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     return engine
+
+
+def gathered_parameters(engine, parameters: list[torch.nn.Parameter]):
+    """A context in which ZeRO-3 partitioned ``parameters`` are whole on every rank (a no-op for stages 0-2).
+
+    Exports read full weights; under ZeRO-3 each rank holds only a shard, so every rank must enter this
+    (it is collective) even if only rank 0 writes.
+    """
+    import contextlib
+
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return contextlib.nullcontext()

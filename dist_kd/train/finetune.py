@@ -18,7 +18,6 @@ Teachers are exported atomically, so a restart skips the teachers already finish
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -33,12 +32,13 @@ import torch
 
 from dist_kd import distributed
 from dist_kd.config import doc
+from dist_kd.data.encode import TokenizedRows, pad_id_of, pad_rows, tokenize_rows, uses_token_types
 from dist_kd.data.tasks import TaskSpec, load_task_examples
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
 from dist_kd.losses import ensemble_probs, hard_label_loss
-from dist_kd.precompute import length_batches
-from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, resolve_precision
+from dist_kd.predict import batched_logits
+from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, gathered_parameters, resolve_precision
 from dist_kd.train.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -95,48 +95,27 @@ class FinetuneConfig:
 
 @dataclasses.dataclass
 class Encoded:
-    """Tokenised examples: piece ids and segment ids per row, and the labels."""
+    """Tokenised examples (:class:`TokenizedRows`) and their labels."""
 
-    ids: list[list[int]]
-    types: list[list[int]]
+    rows: TokenizedRows
     labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def encode(tokenizer, table, max_length: int) -> Encoded:
     """Tokenise a ``load_task_examples`` table (pairs and single texts may mix)."""
-    text_a = table.column("text_a").to_pylist()
-    text_b = table.column("text_b").to_pylist()
-    ids: list[list[int]] = [[] for _ in text_a]
-    types: list[list[int]] = [[] for _ in text_a]
-    for is_pair in (False, True):
-        rows = [row for row, second in enumerate(text_b) if (second is not None) == is_pair]
-        if rows:
-            seconds = [text_b[row] for row in rows] if is_pair else None
-            enc = tokenizer([text_a[row] for row in rows], seconds, truncation=True, max_length=max_length,
-                            return_token_type_ids=True)  # fmt: skip
-            for position, row in enumerate(rows):
-                ids[row], types[row] = enc["input_ids"][position], enc["token_type_ids"][position]
-    return Encoded(ids, types, np.asarray(table.column("label").to_pylist()))
+    rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
+    return Encoded(rows, np.asarray(table.column("label").to_pylist()))
 
 
 def collate(data: Encoded, rows: np.ndarray, pad_id: int, device: torch.device, task_type: str) -> dict:
-    """Right-padded tensors for ``rows`` of ``data``."""
-    width = max(len(data.ids[row]) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    token_types = torch.zeros_like(input_ids)
-    mask = torch.zeros_like(input_ids)
-    for position, row in enumerate(rows):
-        length = len(data.ids[row])
-        input_ids[position, :length] = torch.tensor(data.ids[row])
-        token_types[position, :length] = torch.tensor(data.types[row])
-        mask[position, :length] = 1
+    """Right-padded tensors for ``rows`` of ``data``, with their labels, on ``device``."""
+    batch = pad_rows(data.rows, rows, pad_id)
     label_dtype = torch.long if task_type == "classification" else torch.float32
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": mask.to(device),
-        "token_type_ids": token_types.to(device),
-        "labels": torch.as_tensor(data.labels[rows], dtype=label_dtype).to(device),
-    }
+    batch["labels"] = torch.as_tensor(data.labels[rows], dtype=label_dtype)
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
@@ -159,25 +138,16 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     return AutoModelForSequenceClassification.from_pretrained(base, config=config)
 
 
-def _gathered(engine, module: torch.nn.Module):
-    """Materialise ZeRO-3 partitioned parameters for export (a no-op for stages 0-2)."""
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 class TeacherTrainer:
     """Trains, evaluates and exports one teacher on its own DeepSpeed engine."""
 
     def __init__(self, spec: TaskSpec, cfg: FinetuneConfig, info: distributed.DistInfo, tokenizer, index: int):
         self.spec, self.cfg, self.info, self.tokenizer, self.index = spec, cfg, info, tokenizer, index
         self.seed, self.dropout = cfg.seeds[index], cfg.dropouts[index]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id_of(tokenizer)
         torch.manual_seed(self.seed)  # head init and dropout masks
         model = build_classifier(cfg.base, spec, self.dropout)
-        self.use_token_types = "token_type_ids" in tokenizer.model_input_names
+        self.use_token_types = uses_token_types(tokenizer)
         self.model = model
         self.engine = None
 
@@ -188,7 +158,7 @@ class TeacherTrainer:
     def train(self, data: Encoded, metrics: MetricsLogger) -> dict[str, Any]:
         """Run the optimizer steps; returns ``{"steps", "final_loss"}``."""
         cfg, info = self.cfg, self.info
-        num_rows = len(data.ids)
+        num_rows = len(data)
         global_batch = cfg.batch_size * info.world_size
         max_steps = cfg.epochs * math.ceil(num_rows / global_batch)
         max_steps = min(max_steps, cfg.max_steps or max_steps)
@@ -241,17 +211,16 @@ class TeacherTrainer:
         same batches, and dev sets are small next to training.
         """
         self.engine.module.eval()
-        out = np.zeros((len(data.ids), self.spec.num_labels), dtype=np.float32)
-        for rows in length_batches([len(ids) for ids in data.ids], self.cfg.eval_batch_size):
-            batch = collate(data, rows, self.pad_id, self.info.device, self.spec.type)
-            out[rows] = self._forward(batch).float().cpu().numpy()
-        self.engine.module.train()
-        return out
+        try:
+            return batched_logits(lambda batch: self.engine.module(**batch).logits, data.rows, self.pad_id,
+                                  self.cfg.eval_batch_size, self.info.device, self.use_token_types)  # fmt: skip
+        finally:
+            self.engine.module.train()
 
     def export(self, target: Path, result: dict[str, Any], dev_logits: np.ndarray) -> None:
         """Save the HF classifier + tokenizer + results to ``target`` atomically (collective)."""
         module = self.engine.module
-        with _gathered(self.engine, module):
+        with gathered_parameters(self.engine, list(module.parameters())):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.save_pretrained(tmp)
@@ -374,8 +343,8 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         "metric": spec.metric,
         "label_names": list(spec.labels),
         "base": str(Path(cfg.base).resolve()),
-        "num_train": len(train.ids),
-        "num_dev": len(dev.ids),
+        "num_train": len(train),
+        "num_dev": len(dev),
         "teachers": entries,
         "ensemble_dev": _dev_metrics(spec, ensemble, dev.labels),
     }

@@ -36,6 +36,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
     check_batch,
+    gathered_parameters,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger, estimate_mfu
@@ -132,7 +133,7 @@ class GeneralTrainer:
         self.manifest = read_manifest(cfg.data.shards)
         self.tokenizer = load_tokenizer(cfg.teacher.path)
         check_tokenizer_matches(self.manifest["tokenizer"], self.tokenizer, cfg.data.shards)
-        resume_from = self._resume_checkpoint()
+        resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
 
         # --- build ---------------------------------------------------------------------------------
         self.teacher = Teacher(
@@ -188,16 +189,6 @@ class GeneralTrainer:
         self.last_terms: dict[str, float] | None = None
 
     # --- set-up helpers ------------------------------------------------------------------------------
-
-    def _resume_checkpoint(self) -> Path | None:
-        checkpoints = self.run_dir / "checkpoints"
-        latest = ckpt.latest_checkpoint(checkpoints)
-        if self.cfg.run.resume == "never" and (latest is not None or (self.run_dir / "metrics.jsonl").exists()):
-            raise ValueError(
-                f"run.output_dir {self.run_dir} already holds a run; use run.resume=auto to continue it "
-                "or choose another run.output_dir"
-            )
-        return latest
 
     def _build_loader(self, shards: str, shuffle: bool):
         from dist_kd.data.stream import build_corpus_loader
@@ -337,7 +328,7 @@ class GeneralTrainer:
         """Save the student (no projections) with the teacher's tokenizer to ``run_dir/student`` (collective)."""
         target = self.run_dir / "student"
         student = self.engine.module.student
-        gather = _gathered(self.engine, list(student.parameters()))
+        gather = gathered_parameters(self.engine, list(student.parameters()))
         with gather:
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
@@ -404,17 +395,6 @@ class GeneralTrainer:
 
     def close(self) -> None:
         self.metrics.close()
-
-
-def _gathered(engine, parameters):
-    """A context that materialises ZeRO-3 partitioned parameters (a no-op for stages 0-2)."""
-    import contextlib
-
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 def summary_lines(trainer: GeneralTrainer, agreement: dict[str, float] | None) -> list[str]:

@@ -16,9 +16,9 @@ from dist_kd.precompute import (
     CHUNKS_DIR,
     PrecomputeConfig,
     chunk_path,
-    length_batches,
     precompute_soft_targets,
 )
+from dist_kd.predict import length_batches
 from dist_kd.testing import build_tiny_bert, random_sentences
 
 LABELS = ["neg", "neu", "pos"]

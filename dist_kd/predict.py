@@ -1,0 +1,158 @@
+"""Batched inference over tokenised task rows, and prediction files.
+
+Dev evaluation in task distillation, stand-alone evaluation (``launch/evaluate.py``) and teacher scoring
+all run a classifier over a set of rows in length buckets (little padding) and scatter the logits back to
+row order; they share :func:`batched_logits`. A prediction file is JSON lines, one per row, in the rows'
+order::
+
+    {"example_id": "topic-17", "label": "sport", "prediction": "sport", "logits": [-1.2, 0.3, 4.1]}
+
+with label names for classification (``label`` null for unlabeled rows) and floats for regression, so
+that anyone can recompute a metric from it without dist_kd.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dist_kd.data.encode import TokenizedRows, pad_rows
+from dist_kd.data.tasks import TaskSpec
+from dist_kd.io import atomic_path
+
+
+def length_batches(lengths: np.ndarray | list[int], batch_size: int) -> list[np.ndarray]:
+    """Row indices grouped into batches of similar length (longest first, ties in input order)."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def batched_logits(
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    rows: TokenizedRows,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    use_token_types: bool,
+) -> np.ndarray:
+    """``(N, C)`` float32 outputs of ``forward`` over every row, in row order.
+
+    Args:
+        forward: maps a batch (``input_ids``, ``attention_mask`` and, when ``use_token_types``,
+            ``token_type_ids``, on ``device``) to ``(B, C)`` logits.
+        rows: the tokenised rows.
+        pad_id: the tokenizer's padding id.
+        batch_size: rows per forward pass.
+        device: where the model runs.
+        use_token_types: pass segment ids (BERT) or not (RoBERTa).
+    """
+    out: np.ndarray | None = None
+    for batch_rows in length_batches(rows.lengths, batch_size):
+        batch = {name: tensor.to(device) for name, tensor in pad_rows(rows, batch_rows, pad_id).items()}
+        if not use_token_types:
+            batch.pop("token_type_ids")
+        logits = forward(batch).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
+        out[batch_rows] = logits
+    if out is None:
+        raise ValueError("batched_logits needs at least one row")
+    return out
+
+
+def predictions_of(spec: TaskSpec, logits: np.ndarray) -> np.ndarray:
+    """Class ids (classification) or values (regression) from ``(N, C)`` logits."""
+    return logits.argmax(axis=1) if spec.type == "classification" else logits[:, 0]
+
+
+def write_predictions(path: str | Path, spec: TaskSpec, table: pa.Table, logits: np.ndarray) -> None:
+    """Write one JSON line per row of ``table`` (``example_id``, ``label``) with its prediction (atomically)."""
+    ids = table.column("example_id").to_pylist()
+    labels = table.column("label").to_pylist()
+    predicted = predictions_of(spec, logits)
+    lines = []
+    for row, example_id in enumerate(ids):
+        if spec.type == "classification":
+            label = None if labels[row] is None else spec.labels[labels[row]]
+            prediction = spec.labels[int(predicted[row])]
+        else:
+            label, prediction = labels[row], float(predicted[row])
+        record = {"example_id": example_id, "label": label, "prediction": prediction}
+        record["logits"] = [round(float(value), 6) for value in logits[row]]
+        lines.append(json.dumps(record))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+
+
+def evaluate_classifier(
+    model_dir: str | Path,
+    spec: TaskSpec,
+    data: str | Path,
+    *,
+    batch_size: int = 128,
+    max_length: int = 128,
+    device: torch.device | str = "cpu",
+    output: str | Path | None = None,
+) -> dict:
+    """Score an HF ``*ForSequenceClassification`` directory on task data (``launch/evaluate.py``).
+
+    The model's ``id2label`` must equal the task's label order (a regression model has one output).
+
+    Args:
+        model_dir: the classifier (e.g. a task run's ``tasks/<name>/`` or ``best/<name>/``) with tokenizer.
+        spec: the task; unlabeled rows are allowed (no metrics then).
+        data: task data file or ``datasets`` directory.
+        batch_size: rows per forward pass.
+        max_length: truncation length in pieces.
+        device: where to run.
+        output: a directory for ``predictions.jsonl`` and ``metrics.json`` (None writes nothing).
+
+    Returns:
+        ``{"task", "model", "data", "num_rows", "metrics"}``; ``metrics`` is None when some row has no label.
+
+    Raises:
+        FileNotFoundError / ValueError: missing inputs, or labels that disagree with the model's.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from dist_kd.data.corpus import load_tokenizer
+    from dist_kd.data.encode import pad_id_of, tokenize_rows, uses_token_types
+    from dist_kd.data.tasks import label_order_check, load_task_examples
+    from dist_kd.evaluate import compute_metrics
+    from dist_kd.io import write_json_atomic
+    from dist_kd.models.teacher import check_model_dir
+    from dist_kd.precompute import teacher_label_names
+
+    model_dir = check_model_dir(model_dir, "--model")
+    config = AutoConfig.from_pretrained(model_dir)
+    if spec.type == "classification":
+        label_order_check(
+            spec.labels, teacher_label_names(config, model_dir), f"model {model_dir} (id2label)", spec.name
+        )
+    elif config.num_labels != 1:
+        raise ValueError(f"model {model_dir} has {config.num_labels} outputs; regression task '{spec.name}' needs 1")
+    table = load_task_examples(data, spec, require_labels=False)
+    tokenizer = load_tokenizer(model_dir)
+    rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
+    device = torch.device(device)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
+    logits = batched_logits(lambda batch: model(**batch).logits, rows, pad_id_of(tokenizer), batch_size, device,
+                            uses_token_types(tokenizer))  # fmt: skip
+    labels = table.column("label").to_pylist()
+    metrics = None
+    if all(label is not None for label in labels):
+        metrics = compute_metrics(spec.type, spec.metric, logits, np.asarray(labels), spec.num_labels)
+    report = {"task": spec.name, "model": str(model_dir), "data": str(data), "num_rows": len(rows), "metrics": metrics}
+    if output is not None:
+        output = Path(output)
+        write_predictions(output / "predictions.jsonl", spec, table, logits)
+        write_json_atomic(output / "metrics.json", report)
+    return report
