@@ -151,6 +151,7 @@ def prediction_loss(
     hard_weight: float = 0.0,
     temperature: float = 1.0,
     task_type: str = "classification",
+    label_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Soft/hard mixed prediction-layer loss: ``soft_weight * CE(Q, z_S/t) + hard_weight * hard(z_S, y)``.
 
@@ -164,6 +165,8 @@ def prediction_loss(
         hard_weight: weight of the hard term (ignored when ``labels`` is None).
         temperature: t for the soft term.
         task_type: ``classification`` or ``regression``.
+        label_mask: ``(B,)`` bool, True where ``labels`` holds a label (a batch mixing original and augmented
+            rows); the hard term is the mean over those rows, and absent when there are none. None: all rows.
 
     Returns:
         ``{"loss": total, "soft": ..., "hard": ...}`` (terms present only when used).
@@ -175,9 +178,20 @@ def prediction_loss(
         else:
             terms["soft"] = soft_cross_entropy(student_logits, teacher_probs, temperature)
     if labels is not None and hard_weight:
-        terms["hard"] = hard_label_loss(student_logits, labels, task_type)
+        if label_mask is None:
+            terms["hard"] = hard_label_loss(student_logits, labels, task_type)
+        elif bool(label_mask.any()):
+            rows = label_mask.nonzero().squeeze(1)
+            terms["hard"] = hard_label_loss(
+                student_logits.index_select(0, rows), labels.index_select(0, rows), task_type
+            )
     if not terms:
-        raise ValueError("prediction_loss needs soft targets with soft_weight > 0 or labels with hard_weight > 0")
+        if labels is not None and hard_weight and label_mask is not None:
+            # Only unlabelled rows and no soft term: a zero that still reaches every logit, so the backward
+            # pass (and a data-parallel gradient reduction) runs as on any other batch.
+            terms["hard"] = student_logits.float().sum() * 0.0
+        else:
+            raise ValueError("prediction_loss needs soft targets with soft_weight > 0 or labels with hard_weight > 0")
     weights = {"soft": soft_weight, "hard": hard_weight}
     terms["loss"] = sum(weights[name] * value for name, value in terms.items())
     return terms

@@ -1,0 +1,177 @@
+"""Multi-task training data: each task's tokenised rows and targets, and MT-DNN's task sampler.
+
+A task's training rows come from a soft-target store (``launch/precompute.py``: texts, the ensemble's
+probabilities, labels on original rows and none on augmented ones) or from task data with hard labels.
+Either way they are tokenised once, with the student's tokenizer, into flat arrays
+(:class:`dist_kd.data.encode.TokenizedRows`).
+
+:class:`TaskSampler` decides which task each micro-batch comes from and which rows it takes; its whole
+state is a few integers, so a resumed run continues exactly (see ``dist_kd.train.task``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dist_kd.data.encode import TokenizedRows, tokenize_rows
+from dist_kd.data.tasks import TaskSpec, load_task_examples
+
+
+@dataclass
+class TaskData:
+    """One task's training rows and targets, and its dev set.
+
+    Attributes:
+        spec: the task.
+        rows: tokenised training rows.
+        soft: ``(N, C)`` float32 soft targets (None for a hard-label task).
+        labels: ``(N,)`` class ids (int64) or values (float64); ``has_label`` marks the valid ones.
+        has_label: ``(N,)`` bool.
+        dev_table: the dev examples (``load_task_examples``), or None.
+        dev_rows: tokenised dev rows, or None.
+        teacher: phase intermediate: the teacher directory.
+        source: where the training rows came from (logged and recorded in checkpoints).
+    """
+
+    spec: TaskSpec
+    rows: TokenizedRows
+    soft: np.ndarray | None
+    labels: np.ndarray
+    has_label: np.ndarray
+    dev_table: Any
+    dev_rows: TokenizedRows | None
+    teacher: str | None
+    source: str
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+
+def _labels_array(values: list[Any], task_type: str) -> tuple[np.ndarray, np.ndarray]:
+    has_label = np.array([value is not None for value in values], dtype=bool)
+    if task_type == "classification":
+        labels = np.array([-1 if value is None else value for value in values], dtype=np.int64)
+    else:
+        labels = np.array([np.nan if value is None else value for value in values], dtype=np.float64)
+    return labels, has_label
+
+
+def load_task_data(
+    spec: TaskSpec,
+    *,
+    train: str | None,
+    soft_targets: str | None,
+    dev: str | None,
+    tokenizer,
+    max_length: int,
+    need_labels: bool,
+    teacher: str | None = None,
+) -> TaskData:
+    """Read, check and tokenise one task's training rows (a soft-target store, else ``train``) and dev set.
+
+    Args:
+        spec: the task.
+        train: task data with hard labels (file, ``datasets`` directory, or an augment output directory).
+        soft_targets: a soft-target store; when given, its rows are the training rows.
+        dev: dev data (labels required), or None.
+        tokenizer: the student's tokenizer.
+        max_length: truncation length in pieces.
+        need_labels: every training row must have a label (hard-label training without a store).
+        teacher: the task's teacher directory (phase intermediate), recorded as given.
+
+    Raises:
+        FileNotFoundError / ValueError: missing files, a store made for another task, type or label order,
+            no training rows, or rows without labels where ``need_labels``.
+    """
+    from dist_kd.data.soft_targets import load_soft_targets
+    from dist_kd.precompute import resolve_data_path, spec_for_data
+
+    soft = None
+    if soft_targets:
+        targets = load_soft_targets(soft_targets, expected_labels=spec.labels, task=spec.name)
+        if targets.metadata.task_type != spec.type:
+            raise ValueError(
+                f"soft-target store {soft_targets} holds a {targets.metadata.task_type} task, "
+                f"but task '{spec.name}' is {spec.type}"
+            )
+        table, soft, source = targets.table, targets.soft_probs(), str(soft_targets)
+    else:
+        path = resolve_data_path(train)
+        table = load_task_examples(path, spec_for_data(spec, path), require_labels=False)
+        source = str(path)
+    if table.num_rows == 0:
+        raise ValueError(f"task '{spec.name}': {source} has no training rows")
+    labels, has_label = _labels_array(table.column("label").to_pylist(), spec.type)
+    if soft is None and need_labels and not has_label.all():
+        missing = int((~has_label).sum())
+        raise ValueError(
+            f"task '{spec.name}': {missing} training rows of {source} have no label (augmented rows?); a task "
+            "without soft_targets trains on hard labels, so give it a soft-target store from launch/precompute.py"
+        )
+    rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
+    dev_table = dev_rows = None
+    if dev:
+        dev_table = load_task_examples(dev, spec)
+        dev_rows = tokenize_rows(
+            tokenizer, dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist(), max_length
+        )
+    return TaskData(spec, rows, soft, labels, has_label, dev_table, dev_rows, teacher, source)
+
+
+class TaskSampler:
+    """Which task each micro-batch comes from and which of its rows (see the module docstring).
+
+    Args:
+        sizes: training rows per task.
+        weights: sampling weight per task (normalised here).
+        seed: the run's seed.
+        rows_per_batch: rows one micro-batch takes across all ranks (micro-batch size x world size).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, rows_per_batch: int):
+        self.sizes = list(sizes)
+        total = float(sum(weights))
+        self.probs = np.array([weight / total for weight in weights], dtype=np.float64)
+        self.seed = seed
+        self.rows_per_batch = rows_per_batch
+        self.micro_batches = 0
+        self.positions = [0] * len(sizes)
+        self._permutations: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _permutation(self, task: int, epoch: int) -> np.ndarray:
+        cached = self._permutations.get(task)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, task, epoch]).permutation(self.sizes[task]))
+            self._permutations[task] = cached
+        return cached[1]
+
+    def next(self) -> tuple[int, np.ndarray]:
+        """The task index of the next micro-batch and its ``rows_per_batch`` row indices (all ranks)."""
+        draw = np.random.default_rng([self.seed, 1 << 20, self.micro_batches])
+        task = int(draw.choice(len(self.sizes), p=self.probs))
+        rows, position, size = [], self.positions[task], self.sizes[task]
+        wanted = self.rows_per_batch
+        while wanted:
+            epoch, offset = divmod(position, size)
+            take = min(wanted, size - offset)
+            rows.append(self._permutation(task, epoch)[offset : offset + take])
+            position, wanted = position + take, wanted - take
+        self.positions[task] = position
+        self.micro_batches += 1
+        return task, np.concatenate(rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_batches": self.micro_batches, "positions": list(self.positions), "sizes": list(self.sizes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["sizes"] != self.sizes:
+            raise ValueError(
+                f"the tasks' training rows changed since the checkpoint ({state['sizes']} rows then, "
+                f"{self.sizes} now); start a new run.output_dir"
+            )
+        self.micro_batches = state["micro_batches"]
+        self.positions = list(state["positions"])

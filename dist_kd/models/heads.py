@@ -1,0 +1,141 @@
+"""The multi-task student of MT-DNN: one shared encoder, one small head per task.
+
+Each task head is taken from the architecture's own ``*ForSequenceClassification`` model, built for the
+task's label count, so that a task's student exports as a stock classifier directory (the shared encoder
+plus that task's head) that anyone can load with ``AutoModelForSequenceClassification`` and that computes
+exactly the logits it computed in training. Two head shapes cover the BERT family:
+
+- ``pooled`` (BERT): ``classifier`` is a linear layer on the dropout of the encoder's pooler output;
+- ``sequence`` (RoBERTa, XLM-R, ELECTRA, MPNet): ``classifier`` is a module that reads the sequence output
+  itself (it takes the first token through dense + tanh + linear).
+
+Other layouts (DistilBERT's pre-classifier, DeBERTa's context pooler) are refused with a clear error rather
+than trained with a head that would not export. Regression tasks have one output.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HEAD_STYLES = ("pooled", "sequence")
+
+
+def _task_config(encoder_config, num_outputs: int, labels: list[str] | None):
+    """The encoder's config with the task's label maps (what the exported classifier carries)."""
+    config = copy.deepcopy(encoder_config)
+    config.num_labels = num_outputs
+    if labels is not None:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: index for index, name in enumerate(labels)}
+        config.problem_type = "single_label_classification"
+    else:
+        config.id2label = {0: "score"}
+        config.label2id = {"score": 0}
+        config.problem_type = "regression"
+    config.architectures = None
+    return config
+
+
+def _classifier_model(config):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+class TaskHead(nn.Module):
+    """One task's head, as the architecture's sequence classifier defines it.
+
+    Args:
+        encoder: the shared encoder (read for its config and to check it has a pooler where needed).
+        num_outputs: classes, or 1 for regression.
+        labels: label names in index order, or None for regression.
+        dropout: the head's dropout rate (None: the encoder's ``classifier_dropout`` or hidden dropout).
+
+    Raises:
+        ValueError: the architecture's classifier is neither of the two supported shapes.
+    """
+
+    def __init__(self, encoder: nn.Module, num_outputs: int, labels: list[str] | None, dropout: float | None = None):
+        super().__init__()
+        config = _task_config(encoder.config, num_outputs, labels)
+        if dropout is not None:
+            config.classifier_dropout = dropout
+        model = _classifier_model(config)
+        self.model_type = type(model).__name__
+        classifier = getattr(model, "classifier", None)
+        if isinstance(classifier, nn.Linear) and getattr(encoder, "pooler", None) is not None:
+            self.style = "pooled"
+            self.dropout = getattr(model, "dropout", None) or nn.Identity()
+        elif isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Linear):
+            self.style = "sequence"
+            self.dropout = nn.Identity()
+        else:
+            raise ValueError(
+                f"{self.model_type}: dist_kd's task heads support BERT-style classifiers (a linear layer on the "
+                "pooler output) and RoBERTa-style ones (a head module on the sequence output); this architecture "
+                "has neither"
+            )
+        self.classifier = classifier
+        self.num_outputs = num_outputs
+        self.labels = labels
+
+    def forward(self, outputs) -> torch.Tensor:
+        """``(B, C)`` logits from the encoder's outputs."""
+        if self.style == "pooled":
+            return self.classifier(self.dropout(outputs.pooler_output))
+        return self.classifier(outputs.last_hidden_state)
+
+
+class MultiTaskStudent(nn.Module):
+    """Shared encoder + per-task heads.
+
+    Args:
+        encoder: an HF encoder (e.g. the general-distilled student loaded with ``AutoModel``).
+        tasks: task name -> (number of outputs, label names or None for regression).
+        dropout: head dropout (None: as the architecture's classifier sets it).
+    """
+
+    def __init__(
+        self, encoder: nn.Module, tasks: dict[str, tuple[int, list[str] | None]], dropout: float | None = None
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(
+            {name: TaskHead(encoder, outputs, labels, dropout) for name, (outputs, labels) in tasks.items()}
+        )
+
+    def forward(
+        self,
+        task: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, C)`` of ``task``."""
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        return self.heads[task](outputs)
+
+    def task_model(self, task: str) -> nn.Module:
+        """A stand-alone HF ``*ForSequenceClassification`` for ``task`` holding copies of the current weights."""
+        head = self.heads[task]
+        model = _classifier_model(_task_config(self.encoder.config, head.num_outputs, head.labels))
+        base = getattr(model, model.base_model_prefix)
+        wanted = base.state_dict().keys()
+        # The classifier's base may lack parts of the encoder it does not use (RoBERTa's has no pooler).
+        result = base.load_state_dict({k: v for k, v in self.encoder.state_dict().items() if k in wanted}, strict=False)
+        if result.missing_keys:
+            raise ValueError(f"{type(model).__name__}: the encoder lacks weights {result.missing_keys[:5]} for export")
+        model.classifier.load_state_dict(head.classifier.state_dict())
+        return model
+
+    def export_task(self, task: str, directory: str | Path, tokenizer=None) -> None:
+        """Save ``task`` as an HF ``*ForSequenceClassification`` directory (shared encoder + this head)."""
+        model = self.task_model(task)
+        model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)

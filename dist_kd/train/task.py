@@ -1,0 +1,540 @@
+"""Task distillation: the multi-task MT-DNN-KD student and TinyBERT's task stage, on a DeepSpeed engine.
+
+One ``TaskTrainer`` per rank, selected by ``distill.phase``:
+
+- ``prediction`` (MT-DNN-KD, and TinyBERT's second task phase): a shared encoder with one head per task.
+  Each micro-batch comes from one task. A task with a soft-target store (``launch/precompute.py``) trains on
+  the store's rows (augmented ones included) against the ensemble's probabilities,
+  ``soft_weight * CE(Q, softmax(z/t)) + hard_weight * CE(y, z)`` (the hard term on rows that have a label);
+  a task without one trains on its hard labels. No teacher is loaded: the store carries the texts and the
+  targets, and the teacher directories it names are never opened.
+- ``intermediate`` (TinyBERT's first task phase): the general stage's losses (embeddings, hidden states,
+  raw attention scores through g(m)) against a live, frozen, fine-tuned teacher per task, on the task's
+  (augmented) rows; the student encoder (no heads) is exported for the prediction phase.
+
+Sampling is MT-DNN's: the task of micro-batch i is drawn with probability proportional to its training
+rows (or to the configured ``weight``) from an RNG seeded by (seed, i), so every rank draws the same task
+and a resumed run draws the same sequence. Within a task, rows follow a seeded permutation per epoch of
+that task; each micro-batch takes the next ``micro_batch_size x world_size`` rows and each rank its slice,
+so the state to save is one counter per task (plus the micro-batch counter), valid for any world size.
+
+One *epoch* is as many rows as all training sets together; dev sets are scored after each epoch (or every
+``eval.every`` steps) and at the end, with each task's metric; the best step per task is exported as an
+HF ``*ForSequenceClassification`` directory under ``best/``.
+
+Every input is validated before anything is written to the run directory, as in the general stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_kd import distributed
+from dist_kd.config import dump_config
+from dist_kd.data.encode import pad_id_of, pad_rows, uses_token_types
+from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
+from dist_kd.evaluate import compute_metrics
+from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
+from dist_kd.losses import prediction_loss
+from dist_kd.models.teacher import check_model_dir
+from dist_kd.objective import tinybert_objective
+from dist_kd.predict import batched_logits, length_batches, write_predictions
+from dist_kd.train import checkpoint as ckpt
+from dist_kd.train.common import StopSignal, progress_bar, stop_agreed
+from dist_kd.train.engine import (
+    build_ds_config,
+    build_engine,
+    check_batch,
+    gathered_parameters,
+    resolve_precision,
+)
+from dist_kd.train.metrics import MetricsLogger
+from dist_kd.train.task_config import TaskConfig
+
+logger = logging.getLogger(__name__)
+
+
+class TaskTrainer:
+    """Task distillation on one rank.
+
+    Args:
+        cfg: the validated config.
+        info: this process's place in the job (``distributed.init_distributed()``).
+    """
+
+    def __init__(self, cfg: TaskConfig, info: distributed.DistInfo):
+        from transformers import AutoConfig
+
+        from dist_kd.data.corpus import load_tokenizer
+
+        self.cfg, self.info = cfg, info
+        self.phase = cfg.distill.phase
+        self.run_dir = Path(cfg.run.output_dir)
+        torch.manual_seed(cfg.train.seed)
+
+        # --- validate every input before writing anything -------------------------------------------
+        student_dir = check_model_dir(cfg.student.path, "student.path")
+        self.student_config = AutoConfig.from_pretrained(student_dir)
+        try:
+            self.tokenizer = load_tokenizer(student_dir)
+        except (OSError, TypeError, ValueError) as err:
+            raise ValueError(f"student.path {student_dir} has no usable tokenizer ({err})") from None
+        limit = getattr(self.student_config, "max_position_embeddings", None)
+        if limit is not None and cfg.data.max_length > limit:
+            raise ValueError(
+                f"data.max_length {cfg.data.max_length} exceeds the student's max_position_embeddings {limit}"
+            )
+        check_batch(cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size)
+        self.precision = resolve_precision(cfg.train.precision, info.device)
+        ds_config = build_ds_config(
+            cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
+            cfg.train.clip,
+        )  # fmt: skip
+        self.tasks = [
+            load_task_data(
+                entry.spec(), train=entry.train, soft_targets=entry.soft_targets, dev=entry.dev,
+                tokenizer=self.tokenizer, max_length=cfg.data.max_length, need_labels=self.phase == "prediction",
+                teacher=entry.teacher or cfg.teacher.path or None,
+            )
+            for entry in cfg.tasks
+        ]  # fmt: skip
+        if self.phase == "intermediate":
+            for task in self.tasks:
+                if not task.teacher:
+                    raise ValueError(
+                        f"task '{task.spec.name}': phase intermediate needs a teacher (tasks[].teacher or teacher.path)"
+                    )
+        self.names = [task.spec.name for task in self.tasks]
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.use_token_types = uses_token_types(self.tokenizer)
+        rows_per_step = cfg.data.micro_batch_size * info.world_size * cfg.train.grad_accum
+        self.steps_per_epoch = max(1, math.ceil(sum(task.num_rows for task in self.tasks) / rows_per_step))
+        self.max_steps = (
+            max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch)) if cfg.train.epochs else cfg.train.max_steps
+        )
+        self.eval_every = cfg.eval.every or self.steps_per_epoch
+        weights = [entry.weight for entry in cfg.tasks]  # every task has one, or none has (checked)
+        if weights[0] is None:
+            weights = [float(task.num_rows) for task in self.tasks]
+        self.sampler = TaskSampler(
+            [task.num_rows for task in self.tasks], weights, cfg.train.seed, cfg.data.micro_batch_size * info.world_size
+        )
+        self.teachers = self._load_teachers() if self.phase == "intermediate" else {}
+        resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
+
+        # --- build ---------------------------------------------------------------------------------
+        self.model = self._build_model(student_dir)
+        train_cfg = dataclasses.replace(cfg.train, max_steps=self.max_steps)
+        self.engine = build_engine(self.model, train_cfg, ds_config)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, dict[str, Any]] = {}
+        self.meta = {
+            "phase": self.phase,
+            "student": {
+                "model_type": self.student_config.model_type,
+                "num_layers": self.student_config.num_hidden_layers,
+                "hidden_size": self.student_config.hidden_size,
+                "num_heads": self.student_config.num_attention_heads,
+            },
+            "tasks": [
+                {"name": t.spec.name, "type": t.spec.type, "labels": t.spec.labels, "rows": t.num_rows}
+                for t in self.tasks
+            ],
+        }
+        if resume_from is not None:
+            ckpt.check_compatible(ckpt.read_meta(resume_from), self.meta, resume_from)
+        # --- the run directory: only now -------------------------------------------------------------
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg)))
+        self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(self.engine, resume_from)
+            self.load_state_dict(state)
+            self.metrics.truncate_after(self.step)
+            logger.info("resumed from %s at step %d", resume_from, self.step)
+        self._window = _LossWindow(info.device)
+        self._dev_cache: dict[str, tuple[int, np.ndarray]] = {}
+        self._saved_step: int | None = self.step if resume_from is not None else None
+        logger.info(
+            "phase %s: %s; %d steps (%d per epoch)",
+            self.phase,
+            ", ".join(f"{t.spec.name} {t.num_rows} rows ({t.source})" for t in self.tasks),
+            self.max_steps,
+            self.steps_per_epoch,
+        )
+
+    # --- set-up helpers ------------------------------------------------------------------------------
+
+    def _load_teachers(self) -> dict[str, Any]:
+        """Phase intermediate: one frozen teacher per distinct directory, checked against the student."""
+        from dist_kd.data.corpus import tokenizer_fingerprint
+        from dist_kd.models.student import check_heads
+        from dist_kd.models.teacher import Teacher
+
+        teachers: dict[str, Any] = {}
+        shapes = set()
+        for task in self.tasks:
+            if task.teacher in teachers:
+                continue
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(check_model_dir(task.teacher, f"task '{task.spec.name}' teacher"))
+            shapes.add((config.num_hidden_layers, config.hidden_size, config.num_attention_heads))
+            if len(shapes) > 1:
+                raise ValueError(
+                    "phase intermediate: the tasks' teachers differ in shape (layers, hidden, heads) "
+                    f"{sorted(shapes)}; they share the student's projections, so give teachers of one shape"
+                )
+            student_tokens, teacher_tokens = tokenizer_fingerprint(self.tokenizer), _teacher_tokenizer(task.teacher)
+            if student_tokens["sha256"] != teacher_tokens["sha256"]:
+                raise ValueError(
+                    f"task '{task.spec.name}': teacher {task.teacher} tokenizes with {teacher_tokens['name_or_path']} "
+                    f"(sha256 {teacher_tokens['sha256'][:16]}) but the student with {student_tokens['name_or_path']} "
+                    f"(sha256 {student_tokens['sha256'][:16]}); phase intermediate feeds both the same token ids"
+                )
+            self.mapping = self.cfg.distill.mapping(config.num_hidden_layers, self.student_config.num_hidden_layers)
+            if self.cfg.distill.weights.attn > 0:
+                check_heads(config.num_attention_heads, self.student_config.num_attention_heads)
+            teachers[task.teacher] = Teacher(
+                task.teacher,
+                dtype=self.cfg.teacher.dtype,
+                device=self.info.device,
+                score_layers=self.mapping if self.cfg.distill.weights.attn > 0 else [],
+                max_layer=max(self.mapping),
+            )
+        return teachers
+
+    def _build_model(self, student_dir: Path) -> torch.nn.Module:
+        from dist_kd.models.heads import MultiTaskStudent
+        from dist_kd.models.student import DistillStudent, StudentConfig, build_projections, build_student
+
+        dropout = self.cfg.student.dropout
+        if dropout is None:
+            dropout = getattr(self.student_config, "hidden_dropout_prob", 0.1)
+        encoder = build_student(StudentConfig(path=str(student_dir), dropout=dropout), self.student_config)
+        if self.phase == "intermediate":
+            teacher = next(iter(self.teachers.values()))
+            projections = build_projections(
+                encoder.config.hidden_size,
+                teacher.hidden_size,
+                encoder.config.num_hidden_layers,
+                always=self.cfg.distill.projection == "always",
+            )
+            return DistillStudent(encoder, projections)
+        tasks = {t.spec.name: (t.spec.num_labels, t.spec.labels if t.spec.type == "classification" else None)
+                 for t in self.tasks}  # fmt: skip
+        return MultiTaskStudent(encoder, tasks, dropout=self.cfg.student.head_dropout)
+
+    # --- state -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's trainer state (model and optimizer live in the DeepSpeed checkpoint)."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "sampler": self.sampler.state_dict(),
+            "history": self.history,
+            "best": self.best,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+
+    def save(self) -> Path:
+        """A complete checkpoint of the current step (collective)."""
+        self._saved_step = self.step
+        return ckpt.save_checkpoint(
+            self.engine, self.run_dir / "checkpoints", self.step, self.state_dict(), self.meta, self.cfg.run.keep_last
+        )
+
+    # --- training --------------------------------------------------------------------------------------
+
+    def _batch(self, task: TaskData, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = pad_rows(task.rows, rows, self.pad_id)
+        if not self.use_token_types:
+            batch.pop("token_type_ids")
+        return {name: tensor.to(self.info.device, non_blocking=True) for name, tensor in batch.items()}
+
+    def train_step(self, task_index: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Forward, losses and backward of this rank's slice of one micro-batch (the engine steps at the
+        accumulation boundary). Returns the loss terms (detached)."""
+        task = self.tasks[task_index]
+        size = self.cfg.data.micro_batch_size
+        mine = rows[self.info.rank * size : (self.info.rank + 1) * size]
+        batch = self._batch(task, mine)
+        if self.phase == "intermediate":
+            terms = self._intermediate_terms(task, batch)
+        else:
+            terms = self._prediction_terms(task, mine, batch)
+        self.engine.backward(terms["loss"])
+        self.engine.step()
+        return {name: value.detach() for name, value in terms.items()}
+
+    def _prediction_terms(self, task: TaskData, rows: np.ndarray, batch: dict) -> dict[str, torch.Tensor]:
+        cfg = self.cfg.distill
+        logits = self.engine(task.spec.name, **batch)
+        device = logits.device
+        soft = None if task.soft is None else torch.from_numpy(task.soft[rows]).to(device)
+        return prediction_loss(
+            logits,
+            soft,
+            torch.from_numpy(task.labels[rows]).to(device),
+            soft_weight=cfg.soft_weight,
+            hard_weight=cfg.hard_weight if task.soft is not None else 1.0,  # a task without a teacher: hard labels
+            temperature=cfg.temperature,
+            task_type=task.spec.type,
+            label_mask=torch.from_numpy(task.has_label[rows]).to(device),
+        )
+
+    def _intermediate_terms(self, task: TaskData, batch: dict) -> dict[str, torch.Tensor]:
+        teacher = self.teachers[task.teacher]
+        mask = batch["attention_mask"]
+        types = batch.get("token_type_ids")
+        teacher_features = teacher.features(batch["input_ids"], mask, types)
+        student_features = self.engine(batch["input_ids"], mask, types)
+        return tinybert_objective(
+            student_features, teacher_features, self.mapping, mask, self.cfg.distill.weights,
+            self.engine.module.projections,
+        )  # fmt: skip
+
+    def train(self) -> bool:
+        """Run until the last step or a stop signal. Returns True when training finished."""
+        cfg = self.cfg
+        stop = StopSignal()
+        bar = progress_bar(self.max_steps, self.step, f"task distillation ({self.phase})", self.info.is_main
+                           and cfg.run.progress)  # fmt: skip
+        try:
+            while self.step < self.max_steps:
+                for _ in range(cfg.train.grad_accum):
+                    task_index, rows = self.sampler.next()
+                    terms = self.train_step(task_index, rows)
+                    tokens = int(self.tasks[task_index].rows.lengths[rows].sum())
+                    self._window.add(self.names[task_index], terms, tokens, len(rows))
+                self.step += 1
+                if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
+                    record = self._log()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.update(1)
+                if self.step % self.eval_every == 0 or self.step == self.max_steps:
+                    self.evaluate()
+                if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.max_steps:
+                    self.save()
+                if stop_agreed(stop.requested, self.info.device):
+                    self.save()
+                    logger.warning("stopped at step %d; run again with run.resume=auto to continue", self.step)
+                    return False
+            if self._saved_step != self.step:  # a finished run started again has nothing new to save
+                self.save()
+            return True
+        finally:
+            bar.close()
+            stop.restore()
+
+    def _log(self) -> dict[str, Any]:
+        values, counts, tokens, rows, elapsed = self._window.reduce()
+        task_losses = {name[len("task/") :]: value for name, value in values.items() if name.startswith("task/")}
+        self.tokens_seen += tokens
+        record = {
+            "step": self.step,
+            "loss": values["loss"],
+            **{f"loss_{name}": value for name, value in values.items() if name != "loss" and "/" not in name},
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "samples_per_s": rows / max(elapsed, 1e-9),
+            "tokens_seen": self.tokens_seen,
+            "task_loss": task_losses,
+            "task_batches": {name[len("task/") :]: count for name, count in counts.items() if name.startswith("task/")},
+        }
+        self.metrics.log(record)
+        return record
+
+    # --- evaluation and export ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def dev_logits(self, task: TaskData) -> np.ndarray:
+        """``(N, C)`` logits of the current student on ``task``'s dev set (every rank runs every batch: under
+        ZeRO-3 each forward gathers partitioned weights collectively)."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            return batched_logits(lambda batch: module(task.spec.name, **batch), task.dev_rows, self.pad_id,
+                                  self.cfg.eval.batch_size, self.info.device, self.use_token_types)  # fmt: skip
+        finally:
+            module.train(was_training)
+
+    @torch.no_grad()
+    def dev_losses(self, task: TaskData) -> dict[str, float]:
+        """Phase intermediate: the layer losses against the task's teacher on its dev set (mean per row)."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        sums: dict[str, float] = {}
+        try:
+            for rows in length_batches(task.dev_rows.lengths, self.cfg.eval.batch_size):
+                batch = pad_rows(task.dev_rows, rows, self.pad_id)
+                if not self.use_token_types:
+                    batch.pop("token_type_ids")
+                batch = {name: tensor.to(self.info.device) for name, tensor in batch.items()}
+                teacher = self.teachers[task.teacher]
+                types = batch.get("token_type_ids")
+                terms = tinybert_objective(
+                    module(batch["input_ids"], batch["attention_mask"], types),
+                    teacher.features(batch["input_ids"], batch["attention_mask"], types),
+                    self.mapping, batch["attention_mask"], self.cfg.distill.weights, module.projections,
+                )  # fmt: skip
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.item() * len(rows)
+        finally:
+            module.train(was_training)
+        count = len(task.dev_rows)
+        return {("loss" if name == "loss" else f"loss_{name}"): value / count for name, value in sums.items()}
+
+    def headline(self, name: str) -> str:
+        """The figure task ``name`` is judged by: its metric, or the dev loss in phase intermediate."""
+        if self.phase == "intermediate":
+            return "loss"
+        return next(task.spec.metric for task in self.tasks if task.spec.name == name)
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Score every task's dev set, record it in ``eval.json`` and export a task's new best (collective)."""
+        results: dict[str, dict[str, float]] = {}
+        for task in self.tasks:
+            if task.dev_rows is None:
+                continue
+            if self.phase == "intermediate":
+                results[task.spec.name] = self.dev_losses(task)
+                continue
+            logits = self.dev_logits(task)
+            self._dev_cache[task.spec.name] = (self.step, logits)
+            labels = np.asarray(task.dev_table.column("label").to_pylist())
+            metrics = compute_metrics(task.spec.type, task.spec.metric, logits, labels, task.spec.num_labels)
+            # Rank 0's numbers decide, so that every rank takes the same export branch (it is collective).
+            results[task.spec.name] = metrics = distributed.broadcast_object(metrics)
+            best = self.best.get(task.spec.name)
+            if best is None or metrics[task.spec.metric] > best[task.spec.metric]:
+                self.best[task.spec.name] = {"step": self.step, **metrics}
+                self._export_task(task, self.run_dir / "best" / task.spec.name, logits)
+        if not results:
+            return results
+        self.history.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "tasks": results})
+        if self.info.is_main:
+            write_json_atomic(self.run_dir / "eval.json", self.eval_report())
+            summary = ", ".join(
+                f"{name} {self.headline(name)}={values[self.headline(name)]:.4f}" for name, values in results.items()
+            )
+            logger.info("step %d dev: %s", self.step, summary)
+        return results
+
+    def eval_report(self) -> dict[str, Any]:
+        """What ``eval.json`` holds: the latest and best dev figures per task, and every evaluation."""
+        latest = self.history[-1] if self.history else {"step": None, "tasks": {}}
+        tasks = {
+            task.spec.name: {
+                "metric": self.headline(task.spec.name),
+                "num_dev": len(task.dev_rows),
+                "final": latest["tasks"].get(task.spec.name),
+                "best": self.best.get(task.spec.name),
+            }
+            for task in self.tasks
+            if task.dev_rows is not None
+        }
+        return {"phase": self.phase, "step": latest["step"], "tasks": tasks, "history": self.history}
+
+    def _export_task(self, task: TaskData, target: Path, dev_logits: np.ndarray | None) -> None:
+        """``target``: the task's HF classifier + tokenizer (+ dev predictions), atomically (collective)."""
+        module = self.engine.module
+        with gathered_parameters(self.engine, list(module.parameters())):
+            if self.info.is_main:
+                with atomic_dir(target) as tmp:
+                    module.export_task(task.spec.name, tmp, self.tokenizer)
+                    if dev_logits is not None:
+                        write_predictions(tmp / "dev_predictions.jsonl", task.spec, task.dev_table, dev_logits)
+        distributed.barrier()
+
+    def export(self) -> dict[str, Path]:
+        """The final student (collective): ``student/`` (the shared encoder with tokenizer) and, in phase
+        prediction, ``tasks/<name>/`` per task (an HF classifier) with ``predictions/<name>.dev.jsonl``."""
+        module = self.engine.module
+        encoder = module.student if self.phase == "intermediate" else module.encoder
+        exported = {"student": self.run_dir / "student"}
+        with gathered_parameters(self.engine, list(encoder.parameters())):
+            if self.info.is_main:
+                with atomic_dir(exported["student"]) as tmp:
+                    encoder.save_pretrained(tmp)
+                    self.tokenizer.save_pretrained(tmp)
+        distributed.barrier()
+        if self.phase == "intermediate":
+            return exported
+        for task in self.tasks:
+            target = self.run_dir / "tasks" / task.spec.name
+            self._export_task(task, target, None)
+            exported[task.spec.name] = target
+            if task.dev_rows is None:
+                continue
+            step, logits = self._dev_cache.get(task.spec.name, (None, None))
+            if step != self.step:
+                logits = self.dev_logits(task)
+            if self.info.is_main:
+                predictions = self.run_dir / "predictions" / f"{task.spec.name}.dev.jsonl"
+                write_predictions(predictions, task.spec, task.dev_table, logits)
+        return exported
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _teacher_tokenizer(path: str) -> dict[str, Any]:
+    from dist_kd.data.corpus import load_tokenizer, tokenizer_fingerprint
+
+    try:
+        return tokenizer_fingerprint(load_tokenizer(path))
+    except (OSError, TypeError) as err:
+        raise ValueError(f"teacher {path}: no usable tokenizer in the directory ({err})") from None
+
+
+class _LossWindow:
+    """Loss terms summed on the device between log steps; one host sync per log line."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.tokens = 0
+        self.rows = 0
+        self.started = time.perf_counter()
+
+    def add(self, task: str, terms: dict[str, torch.Tensor], tokens: int, rows: int) -> None:
+        for name, value in [*terms.items(), (f"task/{task}", terms["loss"])]:
+            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value.float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.tokens += tokens
+        self.rows += rows
+
+    def reduce(self) -> tuple[dict[str, float], dict[str, int], int, int, float]:
+        """Means over the window (and ranks: every rank ran the same tasks), counts, tokens, rows, seconds."""
+        names = sorted(self.sums)
+        reduced = distributed.all_reduce_mean(torch.stack([self.sums[name] for name in names])).tolist()
+        values = {name: total / self.counts[name] for name, total in zip(names, reduced, strict=True)}
+        out = (values, dict(self.counts), self.tokens, self.rows, time.perf_counter() - self.started)
+        self.reset()
+        return out

@@ -1,0 +1,168 @@
+"""Run config of task distillation (``launch/task.py``): tasks, phase, losses, batching, evaluation.
+
+The section names and the keys of ARCHITECTURE.md's task-distillation config are part of the contract;
+everything else here is an addition with a default. ``train``, ``deepspeed`` and ``run`` are the general
+stage's sections (``train.epochs`` is the task stage's own addition).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_kd.config import doc
+from dist_kd.data.tasks import TaskSpec, resolve_task_spec
+from dist_kd.models.teacher import TeacherConfig
+from dist_kd.objective import DistillConfig
+from dist_kd.train.common import RunConfig
+from dist_kd.train.engine import DeepSpeedSection, TrainConfig
+
+PHASES = ("prediction", "intermediate")
+
+
+@dataclass
+class TaskEntry:
+    """One task of the multi-task student (a GLUE name picks up the registry's columns, labels and metric)."""
+
+    name: str = doc("task name (also the head's name, and the name the soft-target store was made for)", "")
+    type: str | None = doc("classification | regression (default: the GLUE registry's, else classification)", None)
+    labels: list[str] | None = doc("label names in index order (classification)", None)
+    metric: str | None = doc("accuracy | f1 | mcc | pearson | spearman (default: accuracy / pearson)", None)
+    train: str | None = doc("training data (file, datasets dir or augment output); optional with soft_targets", None)
+    dev: str | None = doc("dev data, scored with the task metric after each epoch", None)
+    soft_targets: str | None = doc("soft-target store (launch/precompute.py): its rows are the training rows", None)
+    teacher: str | None = doc("fine-tuned teacher of this task for phase intermediate (default: teacher.path)", None)
+    text_a: str | None = doc("column of the first text (default text_a, or the GLUE registry's)", None)
+    text_b: str | None = doc("column of the second text; null for single texts", "text_b")
+    label: str | None = doc("label column", "label")
+    id_column: str | None = doc("column with stable example ids (default <task>-<row>)", None)
+    weight: float | None = doc("sampling weight (default: proportional to the task's training rows)", None)
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("tasks[].name must be set")
+        if not self.train and not self.soft_targets:
+            raise ValueError(f"task '{self.name}': give train (hard labels) or soft_targets (a precompute store)")
+        if self.weight is not None and self.weight <= 0:
+            raise ValueError(f"task '{self.name}': weight must be > 0, got {self.weight}")
+        self.spec()  # columns, type, labels and metric are checked now, before any file is read
+
+    def spec(self) -> TaskSpec:
+        """The task's :class:`TaskSpec` (columns, labels, metric)."""
+        return resolve_task_spec(
+            self.name,
+            type=self.type,
+            labels=self.labels,
+            text_a=self.text_a,
+            text_b=self.text_b,
+            label=self.label,
+            metric=self.metric,
+            id_column=self.id_column,
+        )
+
+
+@dataclass
+class TaskStudentConfig:
+    """The student encoder."""
+
+    path: str = doc("HF directory of the student encoder with tokenizer (the general stage's student/)", "")
+    dropout: float | None = doc("hidden and attention dropout (null keeps the directory's)", None)
+    head_dropout: float | None = doc("dropout before the task heads (null: the architecture's default)", None)
+
+    def __post_init__(self):
+        for name in ("dropout", "head_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"student.{name} must be in [0, 1), got {value}")
+
+
+@dataclass
+class TaskDistillConfig(DistillConfig):
+    """The phase and its losses (``layer_map``, ``weights``, ``projection`` apply to phase intermediate)."""
+
+    phase: str = doc("prediction (heads, soft/hard targets) | intermediate (layer losses, live teacher)", "prediction")
+    soft_weight: float = doc("weight of the soft cross-entropy against the store's probabilities", 1.0)
+    hard_weight: float = doc("weight of the hard-label loss on rows with a label (tasks with soft targets)", 0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.phase not in PHASES:
+            raise ValueError(f"distill.phase must be one of {list(PHASES)}, got {self.phase!r}")
+        if self.soft_weight < 0 or self.hard_weight < 0:
+            raise ValueError("distill.soft_weight and distill.hard_weight must be >= 0")
+        if self.phase == "prediction" and self.soft_weight == 0 and self.hard_weight == 0:
+            raise ValueError("distill.soft_weight and distill.hard_weight are both 0: nothing to learn from")
+        if self.phase == "intermediate" and self.weights.pred > 0:
+            raise ValueError(
+                "distill.weights.pred must be 0 in phase intermediate (logits come from the store in phase prediction)"
+            )
+
+
+@dataclass
+class TaskDataConfig:
+    """Batching of task rows."""
+
+    micro_batch_size: int = doc("rows per rank per micro-batch", 32)
+    max_length: int = doc("truncate each row to this many pieces", 128)
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1 or self.max_length < 2:
+            raise ValueError("data.micro_batch_size must be >= 1 and data.max_length >= 2")
+
+
+@dataclass
+class EvalConfig:
+    """Dev-set evaluation."""
+
+    every: int | None = doc("optimizer steps between dev evaluations (null: after each epoch)", None)
+    batch_size: int = doc("rows per dev forward pass", 128)
+
+    def __post_init__(self):
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"eval.every must be >= 1 or null, got {self.every}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class TaskTrainConfig(TrainConfig):
+    """Optimisation settings; ``epochs`` (when set) decides the number of steps instead of ``max_steps``."""
+
+    epochs: float | None = doc("epochs to train (one epoch = as many rows as all training sets); overrides", None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"train.epochs must be > 0 or null, got {self.epochs}")
+
+
+@dataclass
+class TaskRunConfig(RunConfig):
+    """The run directory, logging and checkpoints."""
+
+    output_dir: str = doc("run directory (config.yaml, metrics.jsonl, eval.json, checkpoints/, student/)", "runs/task")
+
+
+@dataclass
+class TaskConfig:
+    """Task distillation: ``deepspeed launch/task.py --config FILE [a.b=c ...]``."""
+
+    student: TaskStudentConfig = doc("the student encoder", default_factory=TaskStudentConfig)
+    tasks: list[TaskEntry] = doc("the tasks (one head each)", default_factory=list)
+    teacher: TeacherConfig = doc("phase intermediate: the default fine-tuned teacher", default_factory=TeacherConfig)
+    distill: TaskDistillConfig = doc("phase and losses", default_factory=TaskDistillConfig)
+    data: TaskDataConfig = doc("batching", default_factory=TaskDataConfig)
+    eval: EvalConfig = doc("dev evaluation", default_factory=EvalConfig)
+    train: TaskTrainConfig = doc("optimisation", default_factory=TaskTrainConfig)
+    deepspeed: DeepSpeedSection = doc("DeepSpeed JSON", default_factory=DeepSpeedSection)
+    run: TaskRunConfig = doc("run directory, logging, checkpoints", default_factory=TaskRunConfig)
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("tasks: list at least one task ({name: ..., train: ... | soft_targets: ...})")
+        names = [task.name for task in self.tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"tasks: the names {duplicates} appear more than once")
+        weighted = [task.name for task in self.tasks if task.weight is not None]
+        if weighted and len(weighted) != len(self.tasks):
+            raise ValueError(f"tasks: give a weight to every task or to none (only {weighted} have one)")

@@ -1,0 +1,307 @@
+"""launch/task.py (and launch/evaluate.py) end to end on tiny models and a learnable synthetic task.
+
+The fixture runs the real pipeline: two teachers fine-tuned by launch/finetune.py on a 3-class topic task,
+their soft targets written by launch/precompute.py, then task distillation of a small random student with
+the topic task (soft targets) and a regression task without a teacher (hard labels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dist_kd.testing import random_sentences, topic_examples
+from tests.e2e.conftest import REPO, run_script, script_env
+
+LABELS = ["business", "politics", "sport"]
+SHARE_TASK = "name: share, type: regression, train: SHARE, text_a: text, label: score"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Data, two fine-tuned teachers, their soft-target store and a random 2-layer student."""
+    from dist_kd.testing import build_tiny_bert
+
+    root = tmp_path_factory.mktemp("task")
+    # Initialised at 0.1 (not BERT's 0.02), models this small learn the task in a few epochs, reliably.
+    base = build_tiny_bert(root / "base", seed=0, initializer_range=0.1)
+    build_tiny_bert(root / "student", seed=5, num_layers=2, initializer_range=0.1)
+    rows = topic_examples(900, seed=1, num_keywords=3)
+    _jsonl(root / "topic_train.jsonl", rows[:600])
+    _jsonl(root / "topic_dev.jsonl", rows[600:])
+    # Regression without a teacher: the share of words that are "the" (a function of the text).
+    sentences = [s.replace("a ", "the ", 1) for s in random_sentences(400, seed=5, min_words=4, max_words=12)]
+    length = [{"text": s, "score": s.split().count("the") / len(s.split())} for s in sentences]
+    _jsonl(root / "share_train.jsonl", length[:300])
+    _jsonl(root / "share_dev.jsonl", length[300:])
+    run_script(
+        "launch/finetune.py", "--task", "topic", "--labels", ",".join(LABELS), "--text-a", "text",
+        "--train", str(root / "topic_train.jsonl"), "--dev", str(root / "topic_dev.jsonl"), "--base", str(base),
+        "--output", str(root / "teachers"), "--num-teachers", "2", "--epochs", "3", "--lr", "1e-3",
+        "--batch-size", "16", "--max-length", "32", "--cpu",
+    )  # fmt: skip
+    teachers = [str(root / "teachers" / f"teacher-{k}") for k in (1, 2)]
+    run_script(
+        "launch/precompute.py", "--task", "topic", "--labels", ",".join(LABELS), "--text-a", "text",
+        "--data", str(root / "topic_train.jsonl"), "--teachers", *teachers, "--output", str(root / "soft"), "--cpu",
+    )  # fmt: skip
+    return root
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _config(root: Path, out: Path, *, share: bool = True, **sections) -> Path:
+    topic = {"name": "topic", "labels": LABELS, "soft_targets": str(root / "soft"), "text_a": "text"}
+    tasks = [{**topic, "dev": str(root / "topic_dev.jsonl")}]
+    if share:
+        tasks.append({"name": "share", "type": "regression", "train": str(root / "share_train.jsonl"),
+                      "dev": str(root / "share_dev.jsonl"), "text_a": "text", "label": "score"})  # fmt: skip
+    config = {
+        "student": {"path": str(root / "student")},
+        "tasks": tasks,
+        "distill": {"soft_weight": 1.0, "hard_weight": 0.0},
+        "data": {"micro_batch_size": 8, "max_length": 32},
+        "train": {"epochs": 3, "lr": 2.0e-3, "warmup_ratio": 0.1},
+        "deepspeed": {"config": "ds_configs/zero2.json"},
+        "run": {"output_dir": str(out), "log_every": 5, "save_every": 0, "progress": False},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _two_ranks(config: Path, port: int) -> None:
+    run_script("deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/task.py", "--config", str(config))
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(pipeline):
+    out = pipeline / "run2"
+    _two_ranks(_config(pipeline, out), 29531)
+    return out
+
+
+@pytest.mark.distributed
+def test_two_ranks_multitask_run_follows_the_contract(two_rank_run):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    records = _metrics(two_rank_run)
+    for record in records:
+        for key in ("step", "loss", "lr", "tokens_per_s", "samples_per_s", "task_loss", "task_batches"):
+            assert key in record, key
+    assert {name for r in records for name in r["task_batches"]} == {"topic", "share"}
+    assert any("loss_soft" in r for r in records) and any("loss_hard" in r for r in records)
+    topic_losses = [r["task_loss"]["topic"] for r in records if "topic" in r["task_loss"]]
+    assert np.mean(topic_losses[-3:]) < 0.8 * np.mean(topic_losses[:3]), "the topic loss should fall"
+    report = json.loads((two_rank_run / "eval.json").read_text())
+    assert set(report["tasks"]) == {"topic", "share"} and len(report["history"]) == 3  # one per epoch
+    assert report["tasks"]["topic"]["metric"] == "accuracy" and report["tasks"]["share"]["metric"] == "pearson"
+    assert report["tasks"]["topic"]["final"]["accuracy"] > 0.8  # chance is 1/3
+    assert AutoModel.from_pretrained(two_rank_run / "student").config.num_hidden_layers == 2
+    topic = AutoModelForSequenceClassification.from_pretrained(two_rank_run / "tasks" / "topic")
+    assert [topic.config.id2label[i] for i in range(3)] == LABELS
+    best = report["tasks"]["topic"]["best"]
+    assert (two_rank_run / "best" / "topic" / "config.json").is_file() and best["accuracy"] >= max(
+        h["tasks"]["topic"]["accuracy"] for h in report["history"]
+    )
+    assert (
+        json.loads((two_rank_run / "checkpoints" / f"step-{report['step']:08d}" / "meta.json").read_text())[
+            "world_size"
+        ]
+        == 2
+    )
+
+
+@pytest.mark.distributed
+def test_deleting_the_teachers_changes_nothing(pipeline, two_rank_run):
+    moved = pipeline / "teachers-away"
+    shutil.move(pipeline / "teachers", moved)
+    try:
+        out = pipeline / "run2-no-teachers"
+        _two_ranks(_config(pipeline, out), 29533)
+    finally:
+        shutil.move(moved, pipeline / "teachers")
+    drop = ("tokens_per_s", "samples_per_s")
+    strip = [[{k: v for k, v in r.items() if k not in drop} for r in _metrics(run)] for run in (two_rank_run, out)]
+    assert strip[0] == strip[1]
+    assert json.loads((out / "eval.json").read_text()) == json.loads((two_rank_run / "eval.json").read_text())
+
+
+def test_eval_json_equals_metrics_recomputed_from_the_predictions(pipeline, two_rank_run):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    report = json.loads((two_rank_run / "eval.json").read_text())
+    topic = [json.loads(line) for line in (two_rank_run / "predictions" / "topic.dev.jsonl").read_text().splitlines()]
+    truth = [json.loads(line)["label"] for line in (pipeline / "topic_dev.jsonl").read_text().splitlines()]
+    assert [row["label"] for row in topic] == truth
+    accuracy = np.mean([row["prediction"] == row["label"] for row in topic])
+    assert report["tasks"]["topic"]["final"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    share = [json.loads(line) for line in (two_rank_run / "predictions" / "share.dev.jsonl").read_text().splitlines()]
+    predicted, target = np.array([r["prediction"] for r in share]), np.array([r["label"] for r in share])
+    pearson = np.corrcoef(predicted, target)[0, 1]
+    assert report["tasks"]["share"]["final"]["pearson"] == pytest.approx(pearson, abs=1e-5)
+
+    # The exported classifier, run here without dist_kd, predicts what the file says.
+    model = AutoModelForSequenceClassification.from_pretrained(two_rank_run / "tasks" / "topic").eval()
+    tokenizer = AutoTokenizer.from_pretrained(two_rank_run / "tasks" / "topic")
+    texts = [json.loads(line)["text"] for line in (pipeline / "topic_dev.jsonl").read_text().splitlines()]
+    batches = [texts[i : i + 64] for i in range(0, len(texts), 64)]
+    with torch.no_grad():
+        encoded = [tokenizer(b, padding=True, truncation=True, max_length=32, return_tensors="pt") for b in batches]
+        logits = torch.cat([model(**batch).logits for batch in encoded])
+    assert [LABELS[i] for i in logits.argmax(1).tolist()] == [row["prediction"] for row in topic]
+    np.testing.assert_allclose(logits.numpy(), np.array([row["logits"] for row in topic]), atol=1e-4)
+
+
+def test_evaluate_command_reproduces_eval_json(pipeline, two_rank_run, tmp_path):
+    proc = run_script(
+        "launch/evaluate.py", "--model", str(two_rank_run / "tasks" / "topic"), "--task", "topic",
+        "--data", str(pipeline / "topic_dev.jsonl"), "--text-a", "text", "--max-length", "32",
+        "--output", str(tmp_path / "ev"), "--cpu",
+    )  # fmt: skip
+    printed = json.loads(proc.stdout[proc.stdout.index("{") :])
+    expected = json.loads((two_rank_run / "eval.json").read_text())["tasks"]["topic"]["final"]
+    for key, value in expected.items():
+        assert printed["metrics"][key] == pytest.approx(value, abs=1e-9), key
+    lines = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    assert lines == (two_rank_run / "predictions" / "topic.dev.jsonl").read_text().splitlines()
+    bad = run_script(
+        "launch/evaluate.py", "--model", str(two_rank_run / "tasks" / "topic"), "--task", "topic", "--labels",
+        "politics,business,sport", "--data", str(pipeline / "topic_dev.jsonl"), "--text-a", "text", "--cpu",
+        check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "label order must match" in bad.stderr
+
+
+def test_student_of_the_soft_targets_reaches_the_ensemble(pipeline):
+    """The soft-target path learns: distilled from the ensemble's probabilities alone (no hard labels), the
+    student's dev accuracy comes within 0.05 of the ensemble's."""
+    ensemble = json.loads((pipeline / "teachers" / "report.json").read_text())["ensemble_dev"]["accuracy"]
+    out = pipeline / "learn"
+    config = _config(pipeline, out, share=False, train={"epochs": 8}, deepspeed={"config": "ds_configs/zero0.json"})
+    run_script("launch/task.py", "--debug", "--config", str(config))
+    best = json.loads((out / "eval.json").read_text())["tasks"]["topic"]["best"]["accuracy"]
+    assert ensemble > 0.8, f"the ensemble itself should have learned the task (dev accuracy {ensemble})"
+    assert best >= ensemble - 0.05, f"student {best:.3f} vs ensemble {ensemble:.3f}"
+
+
+def test_resume_after_sigterm_gives_the_same_run(pipeline):
+    settings = {"train": {"epochs": 6}, "run": {"log_every": 1}, "deepspeed": {"config": "ds_configs/zero0.json"}}
+    straight = pipeline / "straight"
+    run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, straight, **settings)))
+
+    interrupted = pipeline / "interrupted"
+    config = _config(pipeline, interrupted, **settings)
+    cmd = [sys.executable, "launch/task.py", "--debug", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = interrupted / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-4000:]
+    saved = sorted((interrupted / "checkpoints").glob("step-*"))
+    total = _metrics(straight)[-1]["step"]
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < total, saved
+    run_script("launch/task.py", "--debug", "--config", str(config))
+
+    expected, resumed = _metrics(straight), _metrics(interrupted)
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == list(range(1, total + 1))
+    for a, b in zip(expected, resumed, strict=True):
+        for key in ("loss", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+        assert a["task_batches"] == b["task_batches"], a["step"]
+    history = [json.loads((run / "eval.json").read_text())["history"] for run in (straight, interrupted)]
+    assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]]
+    for a, b in zip(history[0], history[1], strict=True):
+        assert b["tasks"]["topic"]["accuracy"] == pytest.approx(a["tasks"]["topic"]["accuracy"])
+
+
+def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_learns(pipeline):
+    from transformers import AutoModel
+
+    teacher = str(pipeline / "teachers" / "teacher-1")
+    copy = pipeline / "phase1-copy"
+    run_script("launch/task.py", "--debug", "--config", str(_config(
+        pipeline, copy, share=False, student={"path": teacher, "dropout": 0.0}, teacher={"dtype": "fp32"},
+        distill={"phase": "intermediate"}, train={"max_steps": 2, "epochs": None}, run={"log_every": 1},
+    )), f"teacher.path={teacher}")  # fmt: skip
+    first = _metrics(copy)[0]
+    for key in ("loss", "loss_embd", "loss_hidden", "loss_attn"):
+        assert first[key] < 1e-9, (key, first[key])
+
+    out = pipeline / "phase1"
+    run_script("launch/task.py", "--debug", "--config", str(_config(
+        pipeline, out, share=False, distill={"phase": "intermediate"}, teacher={"path": teacher, "dtype": "fp32"},
+        train={"epochs": 3, "lr": 3.0e-3}, run={"log_every": 2},
+    )))  # fmt: skip
+    losses = [r["loss"] for r in _metrics(out)]
+    assert losses[-1] < 0.7 * losses[0]
+    report = json.loads((out / "eval.json").read_text())
+    dev = [h["tasks"]["topic"]["loss"] for h in report["history"]]
+    assert report["phase"] == "intermediate" and dev[-1] < dev[0]
+    student = AutoModel.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == 2 and not (out / "tasks").exists()
+    # The phase-1 student is the phase-2 starting point.
+    phase2 = pipeline / "phase2"
+    run_script("launch/task.py", "--debug", "--config",
+               str(_config(pipeline, phase2, share=False, student={"path": str(out / "student")},
+                           train={"epochs": 1})))  # fmt: skip
+    assert (phase2 / "tasks" / "topic" / "config.json").is_file()
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "message"),
+    [
+        ("label order", ["tasks=[{name: topic, labels: [politics, business, sport], soft_targets: SOFT}]"],
+         r"soft-target store .* has labels \['business', 'politics', 'sport'\], task 'topic' expects"),
+        ("store of another task", ["tasks=[{name: news, labels: [business, politics, sport], soft_targets: SOFT}]"],
+         "was computed for task 'topic', not 'news'"),
+        ("missing student", ["student.path=/nonexistent/student"], "student.path /nonexistent/student does not exist"),
+        ("unknown key", ["distill.soft_weigth=1"], "did you mean 'distill.soft_weight'"),
+        ("intermediate without teacher", ["distill.phase=intermediate"], "phase intermediate needs a teacher"),
+        ("missing dev file", [f"tasks=[{{{SHARE_TASK}, dev: /nonexistent.jsonl}}]"],
+         "task data /nonexistent.jsonl does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(case, overrides, message, pipeline, two_rank_run):
+    before = _snapshot(two_rank_run)
+    substitutions = {"SOFT": str(pipeline / "soft"), "SHARE": str(pipeline / "share_train.jsonl")}
+    overrides = [re.sub("SOFT|SHARE", lambda m: substitutions[m.group(0)], o) for o in overrides]
+    proc = run_script("launch/task.py", "--debug", "--config", str(pipeline / "run2.yaml"), *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(two_rank_run) == before

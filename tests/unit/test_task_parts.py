@@ -1,0 +1,199 @@
+"""Pieces of the task stage: tokenised rows, the multi-task sampler, task heads and their export, the masked
+prediction loss, and the task-run config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_kd.config import load_config
+from dist_kd.data.encode import pad_rows, tokenize_rows
+from dist_kd.data.multitask import TaskSampler
+from dist_kd.losses import prediction_loss
+from dist_kd.testing import random_sentences
+from dist_kd.train.task_config import TaskConfig
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def test_tokenize_rows_equals_the_tokenizer_row_by_row(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    text_a = random_sentences(9, seed=1)
+    text_b = [None if i % 3 else s.upper() for i, s in enumerate(random_sentences(9, seed=2))]
+    rows = tokenize_rows(tokenizer, text_a, text_b, max_length=16)
+    assert len(rows) == 9
+    for i, (a, b) in enumerate(zip(text_a, text_b, strict=True)):
+        expected = tokenizer(a, b, truncation=True, max_length=16, return_token_type_ids=True)
+        assert rows.row(i).tolist() == expected["input_ids"]
+        start, stop = rows.offsets[i], rows.offsets[i + 1]
+        assert rows.types[start:stop].tolist() == expected["token_type_ids"]
+    assert rows.lengths.tolist() == [len(rows.row(i)) for i in range(9)]
+
+
+def test_pad_rows_right_pads_with_a_mask(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    rows = tokenize_rows(tokenizer, ["a b c d e f", "a", "x y"], ["one two", None, None], max_length=32)
+    batch = pad_rows(rows, [1, 0], pad_id=0)
+    width = int(rows.lengths.max())
+    assert batch["input_ids"].shape == (2, width) and batch["input_ids"].dtype == torch.int64
+    assert batch["attention_mask"].sum(1).tolist() == [rows.lengths[1], rows.lengths[0]]
+    assert batch["input_ids"][0, : rows.lengths[1]].tolist() == rows.row(1).tolist()
+    assert (batch["input_ids"][0, rows.lengths[1] :] == 0).all()
+    assert batch["token_type_ids"][1].max() == 1  # the pair's second segment
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+def _drain(sampler: TaskSampler, count: int) -> list[tuple[int, list[int]]]:
+    return [(task, rows.tolist()) for task, rows in (sampler.next() for _ in range(count))]
+
+
+def test_sampler_draws_tasks_in_proportion_to_their_weights():
+    sampler = TaskSampler([100, 300], [1.0, 3.0], seed=0, rows_per_batch=4)
+    tasks = np.array([task for task, _ in _drain(sampler, 4000)])
+    share = (tasks == 1).mean()
+    # Binomial(4000, 0.75): standard deviation 0.0068; 5 of them.
+    assert abs(share - 0.75) < 0.035
+
+
+def test_sampler_visits_every_row_once_per_task_epoch_and_ranks_split_batches():
+    sizes = [10, 7]
+    sampler = TaskSampler(sizes, [1.0, 1.0], seed=3, rows_per_batch=4)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for task, rows in _drain(sampler, 60):
+        assert len(rows) == 4
+        seen[task].extend(rows)
+    for task, size in enumerate(sizes):
+        rows = seen[task]
+        for epoch in range(len(rows) // size):
+            assert sorted(rows[epoch * size : (epoch + 1) * size]) == list(range(size)), (task, epoch)
+        # Epochs are reshuffled.
+        assert rows[:size] != rows[size : 2 * size]
+
+
+def test_sampler_resumes_exactly_and_refuses_other_data():
+    straight = TaskSampler([13, 5, 8], [2.0, 1.0, 1.0], seed=7, rows_per_batch=3)
+    expected = _drain(straight, 50)
+    first = TaskSampler([13, 5, 8], [2.0, 1.0, 1.0], seed=7, rows_per_batch=3)
+    head = _drain(first, 21)
+    state = first.state_dict()
+    resumed = TaskSampler([13, 5, 8], [2.0, 1.0, 1.0], seed=7, rows_per_batch=3)
+    resumed.load_state_dict(state)
+    assert head + _drain(resumed, 29) == expected
+    with pytest.raises(ValueError, match="training rows changed"):
+        TaskSampler([13, 6, 8], [2.0, 1.0, 1.0], seed=7, rows_per_batch=3).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_task_heads_export_as_stock_classifiers_with_the_same_logits(arch, tiny_bert_dir, tiny_roberta_dir, tmp_path):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from dist_kd.models.heads import MultiTaskStudent
+
+    encoder = AutoModel.from_pretrained(tiny_bert_dir if arch == "bert" else tiny_roberta_dir)
+    student = MultiTaskStudent(encoder, {"topic": (3, ["a", "b", "c"]), "score": (1, None)}).eval()
+    assert {head.style for head in student.heads.values()} == {"pooled" if arch == "bert" else "sequence"}
+    ids = torch.randint(5, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    for task, num_outputs in (("topic", 3), ("score", 1)):
+        logits = student(task, ids, mask)
+        assert logits.shape == (3, num_outputs)
+        student.export_task(task, tmp_path / task)
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / task).eval()
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits)
+    assert loaded.config.problem_type == "regression"
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "topic").config.id2label == {
+        0: "a",
+        1: "b",
+        2: "c",
+    }
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def test_masked_hard_loss_is_the_mean_over_labelled_rows_only():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, requires_grad=True)
+    probs = torch.softmax(torch.randn(5, 3), dim=-1)
+    labels = torch.tensor([2, -1, 0, -1, 1])
+    mask = labels >= 0
+    out = prediction_loss(logits, probs, labels, soft_weight=0.4, hard_weight=0.6, label_mask=mask)
+    log_p = torch.log_softmax(logits.detach(), dim=-1)
+    soft_ref = -(probs * log_p).sum(1).mean()
+    hard_ref = -(log_p[0, 2] + log_p[2, 0] + log_p[4, 1]) / 3
+    torch.testing.assert_close(out["soft"], soft_ref)
+    torch.testing.assert_close(out["hard"], hard_ref)
+    torch.testing.assert_close(out["loss"], 0.4 * soft_ref + 0.6 * hard_ref)
+    out["loss"].backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_masked_regression_and_a_batch_without_labels():
+    logits = torch.tensor([[0.5], [1.0], [2.0]], requires_grad=True)
+    values = torch.tensor([1.0, float("nan"), 0.0])
+    out = prediction_loss(logits, None, values, hard_weight=1.0, task_type="regression",
+                          label_mask=~torch.isnan(values))  # fmt: skip
+    torch.testing.assert_close(out["hard"], torch.tensor(((0.5 - 1.0) ** 2 + (2.0 - 0.0) ** 2) / 2))
+    empty = prediction_loss(logits, None, values, hard_weight=1.0, task_type="regression",
+                            label_mask=torch.zeros(3, dtype=torch.bool))  # fmt: skip
+    assert empty["loss"].item() == 0.0
+    empty["loss"].backward()  # still a graph through the logits
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    assert F.mse_loss(torch.zeros(1), torch.zeros(1)) == 0  # the reference itself is sane
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _task_config(tmp_path, text: str, overrides: list[str] | None = None) -> TaskConfig:
+    path = tmp_path / "task.yaml"
+    path.write_text(text)
+    return load_config(TaskConfig, path, overrides)
+
+
+GOOD = """
+student: {path: S}
+tasks:
+  - {name: topic, labels: [a, b], soft_targets: ST}
+  - {name: stsb, train: T}
+"""
+
+
+def test_config_reads_tasks_and_glue_defaults(tmp_path):
+    cfg = _task_config(tmp_path, GOOD, ["train.epochs=2", "distill.hard_weight=0.5"])
+    topic, stsb = cfg.tasks
+    assert topic.spec().labels == ["a", "b"] and topic.spec().metric == "accuracy"
+    assert stsb.spec().type == "regression" and stsb.spec().metric == "pearson"
+    assert stsb.spec().text_a == "sentence1" and stsb.spec().text_b == "sentence2"
+    assert cfg.train.epochs == 2 and cfg.distill.hard_weight == 0.5 and cfg.distill.phase == "prediction"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("student: {path: S}\ntasks: []\n", "list at least one task"),
+        ("tasks: [{name: a, labels: [x, y]}]\n", "give train .* or soft_targets"),
+        ("tasks: [{name: a, labels: [x], train: T}]\n", "at least 2 labels"),
+        ("tasks: [{name: a, labels: [x, y], train: T}, {name: a, labels: [x, y], train: T}]\n", "more than once"),
+        ("tasks: [{name: a, labels: [x, y], train: T, weight: 2}, {name: b, labels: [x, y], train: T}]\n",
+         "weight to every task or to none"),
+        ("tasks: [{name: a, labels: [x, y], train: T, wieght: 2}]\n", "did you mean 'tasks\\[0\\].weight'"),
+        ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {phase: both}\n", "distill.phase must be one of"),
+        ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {soft_weight: 0}\n", "both 0"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_key(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        _task_config(tmp_path, text)
