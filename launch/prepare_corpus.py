@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
@@ -62,26 +63,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the command line, write the corpus, print the summary."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, write the corpus, print the summary; returns the exit code (2: bad input)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = prepare_corpus(
-        args.input,
-        args.tokenizer,
-        args.output,
-        seq_len=args.seq_len,
-        shard_size=args.shard_size,
-        num_workers=args.num_workers,
-        packing=args.packing,
-        txt_document=args.txt_document,
-        text_column=args.text_column,
-        encoding_errors=args.encoding_errors,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = prepare_corpus(
+            args.input,
+            args.tokenizer,
+            args.output,
+            seq_len=args.seq_len,
+            shard_size=args.shard_size,
+            num_workers=args.num_workers,
+            packing=args.packing,
+            txt_document=args.txt_document,
+            text_column=args.text_column,
+            encoding_errors=args.encoding_errors,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(f"wrote {args.output}: {summary.format()}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

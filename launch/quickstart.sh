@@ -25,7 +25,7 @@ for split in train eval; do
   if [ ! -f "$out/manifest.json" ]; then
     mapfile -t files < "$DATA/${split}_files.txt"
     python launch/prepare_corpus.py --input "${files[@]}" --tokenizer "$TEACHER" --output "$out" \
-      --seq-len 128 --shard-size 2000 --num-workers 2
+      --seq-len 128 --shard-size 2000 --num-workers 2 --encoding-errors replace  # one article is not UTF-8
   fi
 done
 

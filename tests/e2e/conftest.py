@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,34 @@ def run_script(*args: str, timeout: float = 600, check: bool = True) -> subproce
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def run_until_lines_then_sigterm(args: list[str], metrics: Path, lines: int = 3, timeout: float = 300) -> str:
+    """Run ``python ARGS...``, send SIGTERM once ``metrics`` has ``lines`` lines, wait; returns stderr.
+
+    Fails unless the process exits 0 (a preempted run checkpoints and exits cleanly).
+    """
+    cmd = [sys.executable, *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\nstderr:\n{stderr[-4000:]}")
+    return stderr
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` (to show that a failed command wrote nothing there)."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")

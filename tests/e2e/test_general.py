@@ -3,17 +3,12 @@ exact resume after SIGTERM, the copy-of-the-teacher invariant, and clear errors 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, run_script, script_env
+from tests.e2e.conftest import run_script, run_until_lines_then_sigterm, snapshot
 
 CONFIG = "launch/configs/quickstart.yaml"
 TINY_STUDENT = [
@@ -92,18 +87,8 @@ def test_resume_after_sigterm_gives_the_same_losses(tiny_bert_dir, tiny_corpus, 
     run_script("launch/general.py", "--debug", "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, straight, *steps))
 
     interrupted = tmp_path / "interrupted"
-    cmd = [sys.executable, "launch/general.py", "--debug", "--config", CONFIG]
-    cmd += _args(tiny_bert_dir, tiny_corpus, interrupted, *steps)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    metrics = interrupted / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-4000:]
+    args = ["launch/general.py", "--debug", "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, interrupted, *steps)]
+    run_until_lines_then_sigterm(args, interrupted / "metrics.jsonl")
     saved = sorted((interrupted / "checkpoints").glob("step-*"))
     assert len(saved) == 1, "SIGTERM should leave exactly one checkpoint"
     stopped_at = int(saved[0].name.split("-")[1])
@@ -132,14 +117,6 @@ def test_copy_of_teacher_starts_at_zero_loss(tiny_bert_dir, tiny_corpus, tmp_pat
     first = _metrics(out)[0]
     for key in ("loss", "loss_embd", "loss_hidden", "loss_attn"):
         assert first[key] < 1e-9, (key, first[key])
-
-
-def _snapshot(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +159,7 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
 ):
     import re
 
-    before = _snapshot(finished_run)
+    before = snapshot(finished_run)
     overrides = [o.replace("OTHER", str(other_tokenizer_corpus)) for o in overrides]
     proc = run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
@@ -193,4 +170,4 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert _snapshot(finished_run) == before
+    assert snapshot(finished_run) == before

@@ -7,14 +7,9 @@ the topic task (soft targets) and a regression task without a teacher (hard labe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +17,7 @@ import pytest
 import yaml
 
 from dist_kd.testing import random_sentences, topic_examples
-from tests.e2e.conftest import REPO, run_script, script_env
+from tests.e2e.conftest import run_script, run_until_lines_then_sigterm, snapshot
 
 LABELS = ["business", "politics", "sport"]
 SHARE_TASK = "name: share, type: regression, train: SHARE, text_a: text, label: score"
@@ -212,17 +207,7 @@ def test_resume_after_sigterm_gives_the_same_run(pipeline):
 
     interrupted = pipeline / "interrupted"
     config = _config(pipeline, interrupted, **settings)
-    cmd = [sys.executable, "launch/task.py", "--debug", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    metrics = interrupted / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-4000:]
+    run_until_lines_then_sigterm(["launch/task.py", "--debug", "--config", str(config)], interrupted / "metrics.jsonl")
     saved = sorted((interrupted / "checkpoints").glob("step-*"))
     total = _metrics(straight)[-1]["step"]
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < total, saved
@@ -273,14 +258,6 @@ def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_lea
     assert (phase2 / "tasks" / "topic" / "config.json").is_file()
 
 
-def _snapshot(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.mark.parametrize(
     ("case", "overrides", "message"),
     [
@@ -296,7 +273,7 @@ def _snapshot(directory: Path) -> dict[str, str]:
     ],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(case, overrides, message, pipeline, two_rank_run):
-    before = _snapshot(two_rank_run)
+    before = snapshot(two_rank_run)
     substitutions = {"SOFT": str(pipeline / "soft"), "SHARE": str(pipeline / "share_train.jsonl")}
     overrides = [re.sub("SOFT|SHARE", lambda m: substitutions[m.group(0)], o) for o in overrides]
     proc = run_script("launch/task.py", "--debug", "--config", str(pipeline / "run2.yaml"), *overrides, check=False)
@@ -304,4 +281,4 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(case, overrides, m
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert _snapshot(two_rank_run) == before
+    assert snapshot(two_rank_run) == before
