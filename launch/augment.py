@@ -23,8 +23,9 @@ import os
 import sys
 from pathlib import Path
 
+from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
 from dist_kd.data import augment as aug
-from dist_kd.data.tasks import load_task_examples, resolve_task_spec
+from dist_kd.data.tasks import load_task_examples
 
 logger = logging.getLogger("dist_kd.augment")
 
@@ -34,26 +35,17 @@ def launcher_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _optional(value: str) -> str | None:
-    return None if value.lower() in ("", "none", "null") else value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     defaults = aug.AugmentConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, help="GLUE name (sst2, mnli, ...) or a custom task name")
     parser.add_argument("--data", required=True, help="TSV / CSV / JSONL / Parquet file or datasets directory")
     parser.add_argument("--mlm", required=True, help="HF *ForMaskedLM directory (model + tokenizer)")
     parser.add_argument("--glove", required=True, help="GloVe text file, .npy (+ --glove-vocab) or directory")
     parser.add_argument("--glove-vocab", default=None, help="vocabulary of a .npy: .txt lines or .parquet 'index'")
     parser.add_argument("--glove-dim", type=int, default=None, help="expected vector dimension (checked)")
     parser.add_argument("--output", required=True, help="output directory (augmented.parquet)")
-    parser.add_argument("--labels", default=None, help="comma-separated label names in index order")
-    parser.add_argument("--task-type", default=None, choices=["classification", "regression"])
-    parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
-    parser.add_argument("--text-b", type=_optional, default="text_b", help="column of the second text; none")
-    parser.add_argument("--label", type=_optional, default="label", help="label column; none for unlabeled data")
+    add_task_arguments(parser, unlabeled=True)
     parser.add_argument("--split", default=None, help="split of a DatasetDict directory")
     parser.add_argument("--encoding", default="utf-8", help="text encoding of TSV / CSV / JSONL files")
     parser.add_argument("--p-t", type=float, default=defaults.p_t, help="replacement probability per word")
@@ -65,36 +57,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     parser.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="seconds rank 0 waits for parts")
     parser.add_argument("--debug", action="store_true", help="one process, ignore launcher variables, debug logs")
-    # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_launcher_argument(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse -> build -> run; rank 0 merges the parts."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse -> build -> run; rank 0 merges the parts. Returns the exit code (2 for bad input)."""
     import torch
     import torch.distributed as dist
 
     args = parse_args(argv)
     rank, world_size, local_rank = (0, 1, 0) if args.debug else launcher_env()
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else (logging.INFO if rank == 0 else logging.WARNING),
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(rank, debug=args.debug)
     use_group = world_size > 1 and "MASTER_ADDR" in os.environ
     if use_group:
         # gloo: the barrier only orders file writes, and works with or without GPUs.
         timeout = datetime.timedelta(seconds=args.wait_timeout)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     try:
-        spec = resolve_task_spec(
-            args.task,
-            type=args.task_type,
-            labels=args.labels.split(",") if args.labels else None,
-            text_a=args.text_a,
-            text_b=args.text_b,
-            label=args.label,
-        )
+        spec = task_spec_from_args(args)
         examples = load_task_examples(
             args.data, spec, require_labels=spec.label is not None, encoding=args.encoding, split=args.split
         )
@@ -140,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
             if not any(parts[0].parent.iterdir()):
                 parts[0].parent.rmdir()
             logger.info("wrote %s: %d rows", aug.final_path(args.output), merged.num_rows)
+        return 0
+    except (ValueError, FileNotFoundError) as err:
+        return bad_input(err)
     finally:
         if use_group and dist.is_initialized():
             dist.destroy_process_group()

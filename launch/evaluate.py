@@ -19,23 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-
-def _optional(value: str) -> str | None:
-    return None if value.lower() in ("", "none", "null") else value
+from dist_kd.cli import add_task_arguments, bad_input, task_spec_from_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF *ForSequenceClassification directory with tokenizer")
-    parser.add_argument("--task", required=True, help="GLUE name or a custom task name")
     parser.add_argument("--data", required=True, help="task data file or datasets directory")
     parser.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
-    parser.add_argument("--labels", default=None, help="comma-separated label names (default: the model's id2label)")
-    parser.add_argument("--task-type", default=None, choices=["classification", "regression"])
-    parser.add_argument("--metric", default=None, help="accuracy | f1 | mcc | pearson | spearman")
-    parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
-    parser.add_argument("--text-b", type=_optional, default="text_b", help="column of the second text; none")
-    parser.add_argument("--label", default="label", help="label column")
+    add_task_arguments(parser, metric=True, labels_help="comma-separated label names (default: the model's id2label)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
@@ -46,22 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from dist_kd.data.tasks import GLUE_TASKS, resolve_task_spec
+    from dist_kd.data.tasks import GLUE_TASKS
     from dist_kd.predict import evaluate_classifier
 
     try:
-        labels = args.labels.split(",") if args.labels else None
-        task_type = args.task_type
-        if labels is None and args.task.lower() not in GLUE_TASKS:
-            labels, task_type = _model_labels(args.model, task_type)
-        spec = resolve_task_spec(args.task, type=task_type, labels=labels, text_a=args.text_a, text_b=args.text_b,
-                                 label=args.label, metric=args.metric)  # fmt: skip
+        labels = task_type = None
+        if args.labels is None and args.task.lower() not in GLUE_TASKS:
+            labels, task_type = _model_labels(args.model, args.task_type)
+        spec = task_spec_from_args(args, labels=labels, task_type=task_type)
         device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
         report = evaluate_classifier(args.model, spec, args.data, batch_size=args.batch_size,
                                      max_length=args.max_length, device=device, output=args.output)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input(err)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -19,21 +19,16 @@ import logging
 import sys
 
 from dist_kd import distributed
-from dist_kd.data.tasks import resolve_task_spec
+from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
 from dist_kd.train.finetune import FinetuneConfig, finetune_teachers
 
 logger = logging.getLogger("dist_kd.finetune")
-
-
-def _optional(value: str) -> str | None:
-    return None if value.lower() in ("", "none", "null") else value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     defaults = FinetuneConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, help="GLUE name (sst2, mnli, ...) or a custom task name")
     parser.add_argument("--train", required=True, help="training data file or datasets directory")
     parser.add_argument("--dev", required=True, help="dev data scored with the task metric")
     parser.add_argument("--base", required=True, help="HF directory of the base encoder (with tokenizer)")
@@ -49,15 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--precision", default=defaults.precision, help="auto | fp32 | bf16 | fp16")
     parser.add_argument("--deepspeed-config", default=defaults.deepspeed_config, help="DeepSpeed JSON")
-    parser.add_argument("--labels", default=None, help="comma-separated label names in index order")
-    parser.add_argument("--task-type", default=None, choices=["classification", "regression"])
-    parser.add_argument("--metric", default=None, help="accuracy | f1 | mcc | pearson | spearman")
-    parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
-    parser.add_argument("--text-b", type=_optional, default="text_b", help="column of the second text; none")
-    parser.add_argument("--label", default="label", help="label column")
+    add_task_arguments(parser, metric=True)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
-    # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_launcher_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -67,19 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     info = None
     try:
         info = distributed.init_distributed(force_cpu=args.cpu)
-        logging.basicConfig(
-            level=logging.INFO if info.is_main else logging.WARNING,
-            format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s",
-        )
-        spec = resolve_task_spec(
-            args.task,
-            type=args.task_type,
-            labels=args.labels.split(",") if args.labels else None,
-            text_a=args.text_a,
-            text_b=args.text_b,
-            label=args.label,
-            metric=args.metric,
-        )
+        configure_logging(info.rank)
+        spec = task_spec_from_args(args)
         cfg = FinetuneConfig(
             train=args.train,
             dev=args.dev,
@@ -104,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("dev %s: %s", spec.metric, json.dumps(summary))
         return 0
     except (ValueError, FileNotFoundError) as err:
-        if info is None or info.is_main:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+        return bad_input(err, show=info is None or info.is_main)
     finally:
         distributed.teardown()
 

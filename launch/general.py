@@ -12,19 +12,19 @@ A run directory with checkpoints is resumed (``run.resume: auto``); SIGTERM/SIGU
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from dist_kd.cli import add_launcher_argument, bad_input, configure_logging, drop_launcher_variables  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
     parser.add_argument("--debug", action="store_true", help="one process, no launcher, no DataLoader workers")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_launcher_argument(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser.parse_args(argv)
 
@@ -38,17 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.debug:
         # One process you can step through: no launcher variables, data read in the main process.
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-            os.environ.pop(key, None)
+        drop_launcher_variables()
         overrides = ["data.num_workers=0", *overrides]
     trainer = None
     try:
         cfg = load_config(GeneralConfig, args.config, overrides)
         info = distributed.init_distributed()
-        logging.basicConfig(
-            level=logging.INFO if info.is_main else logging.WARNING,
-            format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(info.rank)
         trainer = GeneralTrainer(cfg, info)
         if not trainer.train():
             return 0  # preempted: a checkpoint is saved, the job can be requeued
@@ -63,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(lines), flush=True)
         return 0
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input(err)
     finally:
         if trainer is not None:
             trainer.close()

@@ -17,39 +17,29 @@ import logging
 import sys
 
 from dist_kd import distributed
-from dist_kd.data.tasks import resolve_task_spec
+from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
 from dist_kd.precompute import PrecomputeConfig, precompute_soft_targets
 
 logger = logging.getLogger("dist_kd.precompute")
-
-
-def _optional(value: str) -> str | None:
-    return None if value.lower() in ("", "none", "null") else value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     defaults = PrecomputeConfig(teachers=["-"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, help="GLUE name (sst2, mnli, ...) or a custom task name")
     parser.add_argument("--data", required=True, help="TSV / CSV / JSONL / Parquet file, datasets or augment dir")
     parser.add_argument("--teachers", required=True, nargs="+", help="HF *ForSequenceClassification directories")
     parser.add_argument("--output", required=True, help="soft-target store directory")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--keep-teacher-logits", action="store_true", help="also store K x C raw logits per row")
-    parser.add_argument("--labels", default=None, help="comma-separated label names in index order")
-    parser.add_argument("--task-type", default=None, choices=["classification", "regression"])
-    parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
-    parser.add_argument("--text-b", type=_optional, default="text_b", help="column of the second text; none")
-    parser.add_argument("--label", type=_optional, default="label", help="label column; none for unlabeled data")
+    add_task_arguments(parser, unlabeled=True)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--dtype", default=defaults.dtype, help="fp16 | bf16 | fp32 (fp16 runs as fp32 on a CPU)")
     parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="examples per resumable chunk")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_launcher_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -59,18 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     info = None
     try:
         info = distributed.init_distributed(force_cpu=args.cpu)
-        logging.basicConfig(
-            level=logging.INFO if info.is_main else logging.WARNING,
-            format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s",
-        )
-        spec = resolve_task_spec(
-            args.task,
-            type=args.task_type,
-            labels=args.labels.split(",") if args.labels else None,
-            text_a=args.text_a,
-            text_b=args.text_b,
-            label=args.label,
-        )
+        configure_logging(info.rank)
+        spec = task_spec_from_args(args)
         config = PrecomputeConfig(
             teachers=args.teachers,
             temperature=args.temperature,
@@ -85,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("soft-target store %s: %d rows", result.directory, result.num_rows)
         return 0
     except (ValueError, FileNotFoundError) as err:
-        if info is None or info.is_main:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
+        return bad_input(err, show=info is None or info.is_main)
     finally:
         distributed.teardown()
 

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dist_kd.cli import bad_input
 from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
 
 
@@ -83,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input(err)
     print(f"wrote {args.output}: {summary.format()}")
     return 0
 

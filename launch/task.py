@@ -13,19 +13,19 @@ and ``checkpoints/``; ``run.resume: auto`` continues a stopped run, SIGTERM/SIGU
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from dist_kd.cli import add_launcher_argument, bad_input, configure_logging, drop_launcher_variables  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="run config YAML (launch/configs/task_*.yaml)")
     parser.add_argument("--debug", action="store_true", help="one process, no launcher")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_launcher_argument(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser.parse_args(argv)
 
@@ -54,16 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     from dist_kd.train.task_config import TaskConfig
 
     if args.debug:
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-            os.environ.pop(key, None)
+        drop_launcher_variables()
     trainer = None
     try:
         cfg = load_config(TaskConfig, args.config, args.overrides)
         info = distributed.init_distributed()
-        logging.basicConfig(
-            level=logging.INFO if info.is_main else logging.WARNING,
-            format=f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(info.rank)
         trainer = TaskTrainer(cfg, info)
         if not trainer.train():
             return 0  # preempted: a checkpoint is saved, the job can be requeued
@@ -72,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(summary_lines(trainer, exported)), flush=True)
         return 0
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input(err)
     finally:
         if trainer is not None:
             trainer.close()

@@ -1,0 +1,98 @@
+"""Command-line pieces the launch scripts share.
+
+Every task-data command (augment, finetune, precompute, evaluate) names a task and its columns the same
+way, every launched command accepts the ``--local_rank`` the deepspeed launcher appends, and every one
+reports bad input as a single ``error: ...`` line with exit code 2. Keeping those here keeps the flags, their
+help and their meaning identical across commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from dist_kd.data.tasks import TaskSpec, resolve_task_spec
+
+# Launcher variables a --debug run ignores, so that it is one plain process whatever the shell exported.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
+BAD_INPUT_EXIT_CODE = 2
+
+
+def optional_value(value: str) -> str | None:
+    """``none`` / ``null`` / empty on the command line mean "no such column"."""
+    return None if value.lower() in ("", "none", "null") else value
+
+
+def add_task_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    unlabeled: bool = False,
+    metric: bool = False,
+    labels_help: str = "comma-separated label names in index order",
+) -> None:
+    """``--task`` and the flags that describe a custom task's labels and columns.
+
+    Args:
+        parser: the command's parser.
+        unlabeled: accept ``--label none`` (data without labels, e.g. to precompute or augment).
+        metric: add ``--metric`` (commands that score a dev set).
+        labels_help: help text of ``--labels`` (evaluate defaults it to the model's label order).
+    """
+    parser.add_argument("--task", required=True, help="GLUE name (sst2, mnli, ...) or a custom task name")
+    parser.add_argument("--labels", default=None, help=labels_help)
+    parser.add_argument("--task-type", default=None, choices=["classification", "regression"])
+    if metric:
+        parser.add_argument("--metric", default=None, help="accuracy | f1 | mcc | pearson | spearman")
+    parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
+    parser.add_argument("--text-b", type=optional_value, default="text_b", help="column of the second text; none")
+    if unlabeled:
+        parser.add_argument("--label", type=optional_value, default="label", help="label column; none if unlabeled")
+    else:
+        parser.add_argument("--label", default="label", help="label column")
+
+
+def task_spec_from_args(
+    args: argparse.Namespace, *, labels: list[str] | None = None, task_type: str | None = None
+) -> TaskSpec:
+    """The task spec that :func:`add_task_arguments`' flags describe.
+
+    Args:
+        args: parsed flags.
+        labels: label order to use when ``--labels`` was not given (e.g. the model's own).
+        task_type: task type to use when ``--task-type`` was not given.
+    """
+    return resolve_task_spec(
+        args.task,
+        type=args.task_type or task_type,
+        labels=args.labels.split(",") if args.labels else labels,
+        text_a=args.text_a,
+        text_b=args.text_b,
+        label=args.label,
+        metric=getattr(args, "metric", None),
+    )
+
+
+def add_launcher_argument(parser: argparse.ArgumentParser) -> None:
+    """Accept the ``--local_rank=N`` the deepspeed launcher appends (the environment carries the same value)."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def drop_launcher_variables() -> None:
+    """Forget launcher variables so that a ``--debug`` run is one process whatever the shell exported."""
+    for key in LAUNCHER_VARIABLES:
+        os.environ.pop(key, None)
+
+
+def configure_logging(rank: int, debug: bool = False) -> None:
+    """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank."""
+    level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def bad_input(err: Exception, show: bool = True) -> int:
+    """Report bad input as one ``error: ...`` line on stderr (where ``show``) and return the exit code for it."""
+    if show:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return BAD_INPUT_EXIT_CODE
