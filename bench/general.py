@@ -69,6 +69,7 @@ from dist_kd.models.student import (
 from dist_kd.models.teacher import DTYPES, Teacher, check_model_dir
 from dist_kd.objective import LossWeights, tinybert_objective
 from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, resolve_precision
+from dist_kd.train.metrics import count_parameters
 
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[Batch], None]
@@ -267,10 +268,6 @@ def build_baseline_step(
 
 
 # --- timing and report -------------------------------------------------------------------------------------
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def synchronize(device: torch.device) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ class RunConfig:
             raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
         if self.save_every < 0 or self.keep_last < 0:
             raise ValueError("run.save_every and run.keep_last must be >= 0")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            # Checked with the config, before the run directory is touched, not at the first log line.
+            raise ValueError(
+                "run.tensorboard is true but the tensorboard package is not installed: "
+                "pip install 'dist_kd[tensorboard]' (or tensorboard), or set run.tensorboard=false"
+            )
 
 
 class StopSignal:

@@ -16,7 +16,16 @@ import torch
 from dist_kd.io import atomic_path
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+# First match wins, so the PCIe H100 (lower clocks) comes before the SXM part's plain "H100".
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "V100": 125e12,
+}
 
 
 class MetricsLogger:
@@ -55,16 +64,33 @@ class MetricsLogger:
 
 
 def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """All parameters, at full size also under ZeRO-3 (whose partitioned parameters keep ``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def matmul_parameters(module: torch.nn.Module) -> int:
+    """Weights that enter a matrix product once per token: every ``nn.Linear`` weight (ZeRO-3 aware).
+
+    Embedding tables are lookups, not products, and are left out, as in the usual 6N estimate; for a small
+    student they are most of its parameters (all-MiniLM-L6-v2: 11.7M of 22.7M), so counting them would
+    roughly double the FLOPs claimed.
+    """
+    return sum(
+        getattr(layer.weight, "ds_numel", layer.weight.numel())
+        for layer in module.modules()
+        if isinstance(layer, torch.nn.Linear)
+    )
 
 
 def estimate_mfu(
     model: torch.nn.Module, teacher: Any, tokens_per_s_per_rank: float, device: torch.device
 ) -> float | None:
-    """Model FLOPs utilisation of one GPU: (6 x student params + 2 x teacher params) FLOPs per token.
+    """Model FLOPs utilisation of one GPU: (6 x student + 2 x teacher matmul weights) FLOPs per token.
 
-    Attention's L^2 terms are left out (small at L = 128 against the matrix products), so this slightly
-    understates the work done. None on a CPU or an unknown GPU.
+    The student (with its projections) trains: forward and backward, 6 FLOPs per weight and token; the
+    frozen teacher runs forward only, 2. Only the teacher layers that run are counted (the model is already
+    truncated above the highest mapped layer). Attention's L^2 terms are left out (small at L = 128 against
+    the matrix products), so this slightly understates the work done. None on a CPU or an unknown GPU.
     """
     if device.type != "cuda":
         return None
@@ -72,5 +98,5 @@ def estimate_mfu(
     peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
     if peak is None:
         return None
-    flops_per_token = 6 * count_parameters(model) + 2 * count_parameters(teacher.model)
+    flops_per_token = 6 * matmul_parameters(model) + 2 * matmul_parameters(teacher.model)
     return flops_per_token * tokens_per_s_per_rank / peak

@@ -1,0 +1,84 @@
+"""metrics.jsonl writing and truncation on resume, the TensorBoard option, and the FLOP count behind MFU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from dist_kd.train.common import RunConfig
+from dist_kd.train.metrics import MetricsLogger, count_parameters, estimate_mfu, matmul_parameters
+
+
+def test_lines_and_truncation_after_a_resumed_step(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True)
+    for step in (10, 20, 30):
+        logger.log({"step": step, "loss": 1.0 / step})
+    logger.truncate_after(20)
+    logger.log({"step": 30, "loss": 0.5})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [10, 20, 30] and lines[-1]["loss"] == 0.5
+    MetricsLogger(tmp_path / "other", enabled=False).log({"step": 1, "loss": 1.0})  # not rank 0: nothing written
+    assert not (tmp_path / "other").exists()
+
+
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ValueError, match=r"run.tensorboard .* pip install 'dist_kd\[tensorboard\]'"):
+        RunConfig(tensorboard=True)
+    RunConfig(tensorboard=False)
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    logger.log({"step": 5, "loss": 2.5, "loss_attn": 2.0, "note": "text is skipped"})
+    logger.log({"step": 10, "loss": 1.5, "loss_attn": 1.0})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "loss_attn"}
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(5, 2.5), (10, 1.5)]
+
+
+def test_matmul_parameters_count_linear_weights_not_embeddings(tiny_bert_dir):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    config = model.config
+    width, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer = 4 * width * width + 2 * width * ffn  # Q, K, V, output; FFN in and out
+    assert matmul_parameters(model) == layers * per_layer + width * width  # + the pooler
+    assert count_parameters(model) > matmul_parameters(model) + config.vocab_size * width - 1
+
+
+def test_zero3_partitioned_weights_count_at_full_size():
+    layer = torch.nn.Linear(8, 4)
+    # What ZeRO-3 leaves on a rank: an empty local tensor, the full size in ds_numel.
+    layer.weight = torch.nn.Parameter(torch.empty(0))
+    layer.weight.ds_numel = 32
+    layer.bias = torch.nn.Parameter(torch.empty(0))
+    layer.bias.ds_numel = 4
+    assert matmul_parameters(layer) == 32 and count_parameters(layer) == 36
+
+
+def test_mfu_is_none_on_cpu():
+    assert estimate_mfu(torch.nn.Linear(2, 2), None, 1e6, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe")])
+def test_mfu_on_a_known_gpu_follows_the_formula(monkeypatch, name, peak):
+    from dist_kd.train import metrics
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: name)  # no GPU needed to check the arithmetic
+    student, teacher_model = torch.nn.Linear(10, 20), torch.nn.Linear(30, 40)
+    teacher = type("Teacher", (), {"model": teacher_model})()
+    expected = (6 * 200 + 2 * 1200) * 1e6 / metrics.PEAK_FLOPS[peak]
+    assert estimate_mfu(student, teacher, 1e6, torch.device("cuda")) == pytest.approx(expected)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some Future GPU")
+    assert estimate_mfu(student, teacher, 1e6, torch.device("cuda")) is None
