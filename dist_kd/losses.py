@@ -152,6 +152,7 @@ def prediction_loss(
     temperature: float = 1.0,
     task_type: str = "classification",
     label_mask: torch.Tensor | None = None,
+    hard_rows: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Soft/hard mixed prediction-layer loss: ``soft_weight * CE(Q, z_S/t) + hard_weight * hard(z_S, y)``.
 
@@ -166,10 +167,16 @@ def prediction_loss(
         temperature: t for the soft term.
         task_type: ``classification`` or ``regression``.
         label_mask: ``(B,)`` bool, True where ``labels`` holds a label (a batch mixing original and augmented
-            rows); the hard term is the mean over those rows, and absent when there are none. None: all rows.
+            rows); the hard term covers those rows only. None: all rows.
+        hard_rows: what the hard term's sum over labelled rows is divided by; None: the number of labelled
+            rows here (a plain mean). Data-parallel training passes the whole micro-batch's labelled count
+            over the world size: the ranks' gradients are averaged, so the hard term is then the mean over
+            every labelled row of the micro-batch, whichever rank holds them.
 
     Returns:
-        ``{"loss": total, "soft": ..., "hard": ...}`` (terms present only when used).
+        ``{"loss": total, "soft": ..., "hard": ...}``: ``soft`` when used; ``hard`` whenever ``labels`` and
+        ``hard_weight`` are given, 0 (still a graph through the logits) when no row here has a label, so
+        that every rank returns the same terms.
     """
     terms: dict[str, torch.Tensor] = {}
     if teacher_probs is not None and soft_weight:
@@ -179,19 +186,18 @@ def prediction_loss(
             terms["soft"] = soft_cross_entropy(student_logits, teacher_probs, temperature)
     if labels is not None and hard_weight:
         if label_mask is None:
-            terms["hard"] = hard_label_loss(student_logits, labels, task_type)
-        elif bool(label_mask.any()):
-            rows = label_mask.nonzero().squeeze(1)
-            terms["hard"] = hard_label_loss(
-                student_logits.index_select(0, rows), labels.index_select(0, rows), task_type
-            )
-    if not terms:
-        if labels is not None and hard_weight and label_mask is not None:
-            # Only unlabelled rows and no soft term: a zero that still reaches every logit, so the backward
-            # pass (and a data-parallel gradient reduction) runs as on any other batch.
-            terms["hard"] = student_logits.float().sum() * 0.0
+            label_mask = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        rows = label_mask.nonzero().squeeze(1)
+        denominator = float(rows.numel()) if hard_rows is None else float(hard_rows)
+        if rows.numel() and denominator > 0:
+            mean = hard_label_loss(student_logits.index_select(0, rows), labels.index_select(0, rows), task_type)
+            terms["hard"] = mean * (rows.numel() / denominator)
         else:
-            raise ValueError("prediction_loss needs soft targets with soft_weight > 0 or labels with hard_weight > 0")
+            # No labelled row here: a zero that still reaches every logit, so the backward pass (and a
+            # data-parallel gradient reduction) runs as on any other batch.
+            terms["hard"] = student_logits.float().sum() * 0.0
+    if not terms:
+        raise ValueError("prediction_loss needs soft targets with soft_weight > 0 or labels with hard_weight > 0")
     weights = {"soft": soft_weight, "hard": hard_weight}
     terms["loss"] = sum(weights[name] * value for name, value in terms.items())
     return terms

@@ -11,13 +11,18 @@ state is a few integers, so a resumed run continues exactly (see ``dist_kd.train
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from dist_kd.data.encode import TokenizedRows, tokenize_rows
 from dist_kd.data.tasks import TaskSpec, load_task_examples
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +65,26 @@ def _labels_array(values: list[Any], task_type: str) -> tuple[np.ndarray, np.nda
     return labels, has_label
 
 
+def _soft_at(targets, path: str, temperature: float | None) -> np.ndarray:
+    """The store's soft targets at the student's temperature (see :func:`load_task_data`)."""
+    stored = targets.metadata.temperature
+    if temperature is None or targets.metadata.task_type == "regression" or math.isclose(stored, temperature):
+        return targets.soft_probs()
+    logits = targets.teacher_logits()
+    if logits is None:
+        raise ValueError(
+            f"soft-target store {path} holds teacher probabilities at temperature {stored:g}, but "
+            f"distill.temperature is {temperature:g} (student and teachers must share t): set "
+            f"distill.temperature={stored:g}, or re-run launch/precompute.py with --temperature {temperature:g} "
+            "(with --keep-teacher-logits any temperature can be used later)"
+        )
+    from dist_kd.losses import ensemble_probs
+
+    logger.info("soft-target store %s: recomputing its targets at temperature %g from the teachers' logits "
+                "(written at %g)", path, temperature, stored)  # fmt: skip
+    return ensemble_probs(torch.from_numpy(logits).transpose(0, 1), temperature).numpy()
+
+
 def load_task_data(
     spec: TaskSpec,
     *,
@@ -70,6 +95,7 @@ def load_task_data(
     max_length: int,
     need_labels: bool,
     teacher: str | None = None,
+    temperature: float | None = None,
 ) -> TaskData:
     """Read, check and tokenise one task's training rows (a soft-target store, else ``train``) and dev set.
 
@@ -82,6 +108,9 @@ def load_task_data(
         max_length: truncation length in pieces.
         need_labels: every training row must have a label (hard-label training without a store).
         teacher: the task's teacher directory (phase intermediate), recorded as given.
+        temperature: ``distill.temperature``, the t the student's logits are divided by. A classification
+            store's targets must be at the same t (the loss compares softmax(z_T/t) with softmax(z_S/t)): they
+            are recomputed from the store's teacher logits when it kept them, else a different t is an error.
 
     Raises:
         FileNotFoundError / ValueError: missing files, a store made for another task, type or label order,
@@ -98,7 +127,7 @@ def load_task_data(
                 f"soft-target store {soft_targets} holds a {targets.metadata.task_type} task, "
                 f"but task '{spec.name}' is {spec.type}"
             )
-        table, soft, source = targets.table, targets.soft_probs(), str(soft_targets)
+        table, soft, source = targets.table, _soft_at(targets, soft_targets, temperature), str(soft_targets)
     else:
         path = resolve_data_path(train)
         table = load_task_examples(path, spec_for_data(spec, path), require_labels=False)

@@ -308,6 +308,22 @@ def _read_datasets(path: Path, split: str | None) -> tuple[pa.Table, dict[str, l
     return loaded.with_format("arrow")[:], class_names
 
 
+def _augmented_label_names(table: pa.Table) -> dict[str, list[str]]:
+    """An augmented set (``launch/augment.py``) stores class *ids* in ``label`` with its ``label_names`` in
+    the file's ``dist_kd`` metadata; like a ``datasets`` ClassLabel, they are mapped by name. Read as names,
+    ids would silently permute classes whose names look like integers (labels ``["1", "0"]``)."""
+    raw = (table.schema.metadata or {}).get(b"dist_kd")
+    if raw is None:
+        return {}
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        return {}
+    if metadata.get("kind") != "augmented_task_data" or not metadata.get("label_names"):
+        return {}
+    return {"label": [str(name) for name in metadata["label_names"]]}
+
+
 def read_raw_table(
     path: str | Path, spec: TaskSpec, encoding: str = "utf-8", split: str | None = None
 ) -> tuple[pa.Table, dict[str, list[str]]]:
@@ -319,7 +335,8 @@ def read_raw_table(
     if fmt == "datasets":
         return _read_datasets(path, split)
     if fmt == "parquet":
-        return pq.read_table(path), {}
+        table = pq.read_table(path)
+        return table, _augmented_label_names(table)
     if fmt == "jsonl":
         return _read_jsonl(path, encoding), {}
     return _read_delimited(path, fmt, spec, encoding), {}
@@ -361,6 +378,11 @@ def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[s
             if int(value) < 0:
                 out.append(None)
                 continue
+            if int(value) >= len(names):
+                raise ValueError(
+                    f"task data {path}: row {row}, column '{spec.label}' holds class id {value}, but the file "
+                    f"names only {len(names)} classes {names}"
+                )
             value = names[int(value)]
         key = _cell_key(value)
         if key in index_of:

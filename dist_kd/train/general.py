@@ -158,6 +158,11 @@ class GeneralTrainer:
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
+        # The log window: this rank's loss sums, micro-batches and real tokens since the last log line. It
+        # is part of the checkpoint, so a run resumed between log lines logs the same line as one that wasn't.
+        self._sums: dict[str, torch.Tensor] = {}
+        self._micro_batches = 0
+        self._tokens = torch.zeros((), dtype=torch.long, device=info.device)
         self.meta = {
             "teacher": {
                 "path": str(Path(cfg.teacher.path).resolve()),
@@ -221,12 +226,22 @@ class GeneralTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's trainer state (model and optimizer live in the DeepSpeed checkpoint)."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.loader.state_dict()}
+        window = {
+            "sums": {name: value.item() for name, value in self._sums.items()},
+            "micro_batches": self._micro_batches,
+            "tokens": int(self._tokens.item()),
+        }
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.loader.state_dict(), "window": window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.loader.load_state_dict(state["data"])
+        window = state.get("window", {"sums": {}, "micro_batches": 0, "tokens": 0})
+        device = self.info.device
+        self._sums = {name: torch.tensor(value, device=device) for name, value in window["sums"].items()}
+        self._micro_batches = window["micro_batches"]
+        self._tokens.fill_(window["tokens"])
 
     def save(self) -> Path:
         """A complete checkpoint of the current step (collective)."""
@@ -261,9 +276,6 @@ class GeneralTrainer:
         bar = progress_bar(
             cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
         )
-        sums: dict[str, torch.Tensor] = {}
-        micro_batches = 0
-        tokens = torch.zeros((), dtype=torch.long, device=self.info.device)
         window_start = time.perf_counter()
         batches = self._batches()
         try:
@@ -272,16 +284,16 @@ class GeneralTrainer:
                     batch = next(batches)
                     terms = self.train_step(batch)
                     for name, value in terms.items():
-                        sums[name] = sums.get(name, 0.0) + value
-                    micro_batches += 1
-                    tokens += batch["attention_mask"].sum().to(tokens.device)
+                        self._sums[name] = self._sums.get(name, 0.0) + value
+                    self._micro_batches += 1
+                    self._tokens += batch["attention_mask"].sum().to(self._tokens.device)
                 self.step += 1
                 if self.step % cfg.run.log_every == 0 or self.step == cfg.train.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    record = self._log(sums, micro_batches, tokens, elapsed)
+                    record = self._log(self._sums, self._micro_batches, self._tokens, elapsed)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    sums, micro_batches = {}, 0
-                    tokens.zero_()
+                    self._sums, self._micro_batches = {}, 0
+                    self._tokens.zero_()
                     window_start = time.perf_counter()
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:

@@ -103,6 +103,7 @@ class TaskTrainer:
                 entry.spec(), train=entry.train, soft_targets=entry.soft_targets, dev=entry.dev,
                 tokenizer=self.tokenizer, max_length=cfg.data.max_length, need_labels=self.phase == "prediction",
                 teacher=entry.teacher or cfg.teacher.path or None,
+                temperature=cfg.distill.temperature if self.phase == "prediction" else None,
             )
             for entry in cfg.tasks
         ]  # fmt: skip
@@ -159,12 +160,12 @@ class TaskTrainer:
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg)))
         self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+        self._window = _LossWindow(info.device, self.names)
         if resume_from is not None:
             state = ckpt.load_checkpoint(self.engine, resume_from)
             self.load_state_dict(state)
             self.metrics.truncate_after(self.step)
             logger.info("resumed from %s at step %d", resume_from, self.step)
-        self._window = _LossWindow(info.device)
         self._dev_cache: dict[str, tuple[int, np.ndarray]] = {}
         self._saved_step: int | None = self.step if resume_from is not None else None
         logger.info(
@@ -247,6 +248,7 @@ class TaskTrainer:
             "sampler": self.sampler.state_dict(),
             "history": self.history,
             "best": self.best,
+            "window": self._window.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,6 +257,8 @@ class TaskTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.history = list(state["history"])
         self.best = dict(state["best"])
+        if "window" in state:
+            self._window.load_state_dict(state["window"])
 
     def save(self) -> Path:
         """A complete checkpoint of the current step (collective)."""
@@ -281,12 +285,16 @@ class TaskTrainer:
         if self.phase == "intermediate":
             terms = self._intermediate_terms(task, batch)
         else:
-            terms = self._prediction_terms(task, mine, batch)
+            # The hard term averages over the whole micro-batch's labelled rows, not each rank's own.
+            hard_rows = float(task.has_label[rows].sum()) / self.info.world_size
+            terms = self._prediction_terms(task, mine, batch, hard_rows)
         self.engine.backward(terms["loss"])
         self.engine.step()
         return {name: value.detach() for name, value in terms.items()}
 
-    def _prediction_terms(self, task: TaskData, rows: np.ndarray, batch: dict) -> dict[str, torch.Tensor]:
+    def _prediction_terms(
+        self, task: TaskData, rows: np.ndarray, batch: dict, hard_rows: float
+    ) -> dict[str, torch.Tensor]:
         cfg = self.cfg.distill
         logits = self.engine(task.spec.name, **batch)
         device = logits.device
@@ -300,6 +308,7 @@ class TaskTrainer:
             temperature=cfg.temperature,
             task_type=task.spec.type,
             label_mask=torch.from_numpy(task.has_label[rows]).to(device),
+            hard_rows=hard_rows,
         )
 
     def _intermediate_terms(self, task: TaskData, batch: dict) -> dict[str, torch.Tensor]:
@@ -326,6 +335,7 @@ class TaskTrainer:
                     terms = self.train_step(task_index, rows)
                     tokens = int(self.tasks[task_index].rows.lengths[rows].sum())
                     self._window.add(self.names[task_index], terms, tokens, len(rows))
+                    self.tokens_seen += tokens  # counted per step: a checkpoint between log lines keeps it
                 self.step += 1
                 if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
                     record = self._log()
@@ -349,7 +359,6 @@ class TaskTrainer:
     def _log(self) -> dict[str, Any]:
         values, counts, tokens, rows, elapsed = self._window.reduce()
         task_losses = {name[len("task/") :]: value for name, value in values.items() if name.startswith("task/")}
-        self.tokens_seen += tokens
         record = {
             "step": self.step,
             "loss": values["loss"],
@@ -510,31 +519,55 @@ def _teacher_tokenizer(path: str) -> dict[str, Any]:
 
 
 class _LossWindow:
-    """Loss terms summed on the device between log steps; one host sync per log line."""
+    """Loss terms summed on the device between log steps; one collective per log line.
 
-    def __init__(self, device: torch.device):
+    The names are fixed up front and the sums are reduced together with their counts, so the reduction has
+    the same shape on every rank whatever terms a rank's batches produced, and every mean is a global sum
+    over a global count.
+    """
+
+    TERMS = ("loss", "soft", "hard", "embd", "hidden", "attn", "pred")
+
+    def __init__(self, device: torch.device, tasks: list[str]):
         self.device = device
+        self.names = [*self.TERMS, *(f"task/{name}" for name in tasks)]
+        self.index = {name: i for i, name in enumerate(self.names)}
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.sums = torch.zeros(len(self.names), device=self.device)
+        self.counts = torch.zeros(len(self.names), device=self.device)
         self.tokens = 0
         self.rows = 0
         self.started = time.perf_counter()
 
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's window since the last log line (checkpointed, so a resumed run logs the same line)."""
+        return {"names": self.names, "sums": self.sums.tolist(), "counts": self.counts.tolist(),
+                "tokens": self.tokens, "rows": self.rows}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["names"] != self.names:
+            return  # a checkpoint of other tasks is refused elsewhere; nothing to restore here
+        self.sums = torch.tensor(state["sums"], device=self.device)
+        self.counts = torch.tensor(state["counts"], device=self.device)
+        self.tokens, self.rows = state["tokens"], state["rows"]
+
     def add(self, task: str, terms: dict[str, torch.Tensor], tokens: int, rows: int) -> None:
         for name, value in [*terms.items(), (f"task/{task}", terms["loss"])]:
-            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value.float()
-            self.counts[name] = self.counts.get(name, 0) + 1
+            if name not in self.index:
+                raise KeyError(f"loss term {name!r} is not one the log window knows ({self.names})")
+            self.sums[self.index[name]] += value.float()
+            self.counts[self.index[name]] += 1
         self.tokens += tokens
         self.rows += rows
 
     def reduce(self) -> tuple[dict[str, float], dict[str, int], int, int, float]:
-        """Means over the window (and ranks: every rank ran the same tasks), counts, tokens, rows, seconds."""
-        names = sorted(self.sums)
-        reduced = distributed.all_reduce_mean(torch.stack([self.sums[name] for name in names])).tolist()
-        values = {name: total / self.counts[name] for name, total in zip(names, reduced, strict=True)}
-        out = (values, dict(self.counts), self.tokens, self.rows, time.perf_counter() - self.started)
+        """Means over the window and the ranks, micro-batches per name and rank, tokens, rows, seconds."""
+        reduced = distributed.all_reduce_mean(torch.cat([self.sums, self.counts])).tolist()
+        sums, counts = reduced[: len(self.names)], reduced[len(self.names) :]
+        values = {name: total / count for name, total, count in zip(self.names, sums, counts, strict=True) if count}
+        batches = {name: round(count) for name, count in zip(self.names, counts, strict=True) if count}
+        out = (values, batches, self.tokens, self.rows, time.perf_counter() - self.started)
         self.reset()
         return out

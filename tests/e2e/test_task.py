@@ -222,7 +222,8 @@ def test_student_of_the_soft_targets_reaches_the_ensemble(pipeline):
 
 
 def test_resume_after_sigterm_gives_the_same_run(pipeline):
-    settings = {"train": {"epochs": 6}, "run": {"log_every": 1}, "deepspeed": {"config": "ds_configs/zero0.json"}}
+    # log_every=3: the signal usually lands between log lines, so the checkpoint must carry the open window.
+    settings = {"train": {"epochs": 6}, "run": {"log_every": 3}, "deepspeed": {"config": "ds_configs/zero0.json"}}
     straight = pipeline / "straight"
     run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, straight, **settings)))
 
@@ -235,11 +236,12 @@ def test_resume_after_sigterm_gives_the_same_run(pipeline):
     run_script("launch/task.py", "--debug", "--config", str(config))
 
     expected, resumed = _metrics(straight), _metrics(interrupted)
-    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == list(range(1, total + 1))
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected]
+    assert [r["step"] for r in expected][:-1] == list(range(3, total, 3)) and expected[-1]["step"] == total
     for a, b in zip(expected, resumed, strict=True):
         for key in ("loss", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
-        assert a["task_batches"] == b["task_batches"], a["step"]
+        assert a["task_batches"] == b["task_batches"] and a["tokens_seen"] == b["tokens_seen"], a["step"]
     history = [json.loads((run / "eval.json").read_text())["history"] for run in (straight, interrupted)]
     assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]]
     for a, b in zip(history[0], history[1], strict=True):

@@ -266,3 +266,27 @@ def test_config_validation():
         aug.AugmentConfig(p_t=1.5)
     with pytest.raises(ValueError, match="n_a must be >= 1"):
         aug.AugmentConfig(n_a=0)
+
+
+def test_augmented_labels_read_back_as_ids_even_when_names_look_like_integers(tmp_path):
+    """augment writes class ids; names like ["1", "0"] must not turn id 0 into the class named "0"."""
+    import pyarrow as pa
+
+    from dist_kd.data.tasks import load_task_examples, resolve_task_spec
+    from dist_kd.precompute import spec_for_data
+
+    spec = resolve_task_spec("flipped", labels=["1", "0"], text_a="sentence", label="y")
+    table = pa.table({
+        "example_id": ["a", "a-aug0", "b", "b-aug0"], "task": ["flipped"] * 4,
+        "text_a": ["good film", "fine film", "bad film", "poor film"], "text_b": pa.array([None] * 4, pa.string()),
+        "label": pa.array([0, None, 1, None], pa.int64()),
+    })  # fmt: skip
+    path = tmp_path / "augmented.parquet"
+    aug.write_parquet(table, path, {"kind": "augmented_task_data", "task": "flipped", "label_names": ["1", "0"]})
+    read = load_task_examples(path, spec_for_data(spec, path), require_labels=False)
+    assert read.column("label").to_pylist() == [0, None, 1, None]
+
+    bad = table.set_column(4, "label", pa.array([0, None, 5, None], pa.int64()))
+    aug.write_parquet(bad, path, {"kind": "augmented_task_data", "task": "flipped", "label_names": ["1", "0"]})
+    with pytest.raises(ValueError, match="class id 5, but the file names only 2 classes"):
+        load_task_examples(path, spec_for_data(spec, path), require_labels=False)

@@ -197,3 +197,52 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
 def test_config_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         _task_config(tmp_path, text)
+
+
+# ------------------------------------------------------------------------------------------------ store temperature
+
+
+def _store(tmp_path, temperature: float, keep_logits: bool):
+    import pyarrow as pa
+
+    from dist_kd.data import soft_targets as st
+    from dist_kd.losses import ensemble_probs
+
+    logits_NKC = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(1))
+    probs = ensemble_probs(logits_NKC.transpose(0, 1), temperature).numpy()
+    examples = pa.table({"example_id": [f"t-{i}" for i in range(4)], "text_a": ["a b", "c d", "e f", "g h"],
+                         "text_b": pa.array([None] * 4, pa.string()), "label": [0, 1, 2, 0]})  # fmt: skip
+    rows = st.build_rows(examples, "topic", probs, logits_NKC.numpy() if keep_logits else None, "classification")
+    metadata = st.StoreMetadata(
+        task="topic", task_type="classification", label_names=["x", "y", "z"], temperature=temperature,
+        teachers=[{"path": "t1", "sha256": "0"}, {"path": "t2", "sha256": "1"}], source_data={"path": "d"},
+        has_teacher_logits=keep_logits,
+    )  # fmt: skip
+    directory = tmp_path / f"store-{temperature}-{keep_logits}"
+    st.write_soft_targets(rows, directory, metadata)
+    return directory, logits_NKC
+
+
+def test_store_targets_follow_the_students_temperature(tmp_path, tiny_tokenizer_dir):
+    from dist_kd.data.corpus import load_tokenizer
+    from dist_kd.data.multitask import load_task_data
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.losses import ensemble_probs
+
+    spec = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a")
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+
+    def load(store, temperature):
+        return load_task_data(spec, train=None, soft_targets=str(store), dev=None, tokenizer=tokenizer,
+                              max_length=16, need_labels=True, temperature=temperature)  # fmt: skip
+
+    plain, _ = _store(tmp_path, 2.0, keep_logits=False)
+    assert load(plain, 2.0).soft.shape == (4, 3)  # same t: used as stored
+    with pytest.raises(ValueError, match=r"at temperature 2, but distill.temperature is 1 .*--temperature 1"):
+        load(plain, 1.0)
+
+    with_logits, logits_NKC = _store(tmp_path, 2.0, keep_logits=True)
+    recomputed = load(with_logits, 4.0).soft
+    np.testing.assert_allclose(recomputed, ensemble_probs(logits_NKC.transpose(0, 1), 4.0).numpy(), rtol=1e-6)
+    # Different from the stored t=2 targets, so the recomputation is not a no-op.
+    assert not np.allclose(recomputed, load(with_logits, 2.0).soft, atol=1e-3)
