@@ -18,6 +18,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any worker thread writes files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _ordinary_mode(path: Path, directory: bool) -> None:
+    """Give a temporary file or directory the mode a plain ``open`` / ``mkdir`` would have.
+
+    ``mkstemp`` and ``mkdtemp`` create owner-only entries (0600 / 0700), and the rename keeps that mode: a
+    manifest, config or exported model would be unreadable by the rest of a cluster group.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -33,6 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    _ordinary_mode(tmp, directory=False)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -52,6 +72,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _ordinary_mode(tmp, directory=True)
     try:
         yield tmp
         if final.exists():

@@ -45,6 +45,7 @@ import multiprocessing
 import os
 import tarfile
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -375,7 +376,7 @@ def iter_documents(
             f"{source} is not UTF-8 text ({error.reason} at byte {error.start}); "
             "pass --encoding-errors replace to substitute such bytes"
         ) from None
-    except (EOFError, gzip.BadGzipFile) as error:
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise ValueError(f"{source} is not a valid gzip file ({error})") from None
 
 
@@ -727,10 +728,19 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} does not exist: {shards_dir} is not a prepared corpus (run launch/prepare_corpus.py; "
             "an interrupted run leaves no manifest)"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); prepare the corpus again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
     for field in ("format_version", "tokenizer", "seq_len", "num_sequences", "shards"):
         if field not in manifest:
             raise ValueError(f"{path}: missing field '{field}'")
+    for index, shard in enumerate(manifest["shards"]):
+        missing = [key for key in ("name", "num_sequences") if not isinstance(shard, dict) or key not in shard]
+        if missing:
+            raise ValueError(f"{path}: shards[{index}] lacks {missing}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{path}: field 'format_version' is {manifest['format_version']}, this version reads {FORMAT_VERSION}"

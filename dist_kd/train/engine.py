@@ -41,6 +41,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.seed < 0:
+            raise ValueError(f"train.seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -421,6 +421,10 @@ def summary_lines(trainer: GeneralTrainer, agreement: dict[str, float] | None) -
             "agreement with the teacher on held-out text (cosine of last-layer states, mapped to teacher width): "
             f"distilled student {agreement['student']:.3f} vs random student {agreement['random_student']:.3f}"
         )
+    skipped = trainer.loader.skipped_shards  # this rank's view: damage found while reading is seen per rank
+    if skipped:
+        names = ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
+        lines.append(f"skipped {len(skipped)} corrupt corpus shard(s) (data.skip_corrupt): {names}")
     return lines
 
 

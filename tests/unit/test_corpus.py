@@ -245,3 +245,24 @@ def test_shards_are_standard_tar_and_webdataset_files(tmp_path, text_inputs, tin
     assert [s["__key__"] for s in samples] == [f"{k:012d}" for k in range(7, 14)]
     for sample, array in zip(samples, read_shard(shard, 7), strict=True):
         assert sample["input_ids.npy"].dtype == np.uint16 and (sample["input_ids.npy"] == array).all()
+
+
+def test_damaged_gzip_and_manifest_are_clear_errors(tmp_path, text_inputs, tiny_tokenizer_dir):
+    # A damaged deflate stream (not a truncated one) raises zlib.error deep in gzip: it must name the file.
+    payload = bytearray(gzip.compress(("the market fell and the team won. " * 400).encode(), mtime=0))
+    for offset in range(40, len(payload) - 20, 7):
+        payload[offset] ^= 0x5A
+    (tmp_path / "damaged.txt.gz").write_bytes(bytes(payload))
+    with pytest.raises(ValueError, match=r"damaged\.txt\.gz is not a valid gzip file"):
+        list(iter_documents(tmp_path / "damaged.txt.gz"))
+
+    out = tmp_path / "corpus"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, out, seq_len=16, num_workers=0, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(manifest)[:-20])
+    with pytest.raises(ValueError, match=r"manifest\.json is not valid JSON"):
+        read_manifest(out)
+    del manifest["shards"][0]["num_sequences"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json: shards\[0\] lacks \['num_sequences'\]"):
+        read_manifest(out)

@@ -87,3 +87,10 @@ def test_resume_compatibility_names_the_difference(tmp_path):
     ckpt.check_compatible(saved, {"teacher": {"num_layers": 12}, "student": {"hidden_size": 312}}, tmp_path)
     with pytest.raises(ValueError, match="student: checkpoint has .*312.*this run has .*768"):
         ckpt.check_compatible(saved, {"teacher": {"num_layers": 12}, "student": {"hidden_size": 768}}, tmp_path)
+
+
+def test_negative_seed_is_a_config_error():
+    from dist_kd.train.engine import TrainConfig
+
+    with pytest.raises(ValueError, match="train.seed must be >= 0"):
+        TrainConfig(seed=-1)

@@ -199,6 +199,14 @@ def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplo
     remaining = Counter(_sequences(corpus)) - lost
     assert not seen - remaining and sum(remaining.values()) - sum(seen.values()) < 2 * BATCH
 
+    # The general stage's end-of-run summary reports them.
+    from types import SimpleNamespace
+
+    from dist_kd.train.general import summary_lines
+
+    trainer = SimpleNamespace(run_dir=tmp_path, first_terms=None, last_terms=None, loader=streams[0])
+    assert summary_lines(trainer, None)[-1] == "skipped 1 corrupt corpus shard(s) (data.skip_corrupt): shard-000003.tar"
+
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers):
