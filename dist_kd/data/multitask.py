@@ -82,7 +82,7 @@ def _soft_at(targets, path: str, temperature: float | None) -> np.ndarray:
 
     logger.info("soft-target store %s: recomputing its targets at temperature %g from the teachers' logits "
                 "(written at %g)", path, temperature, stored)  # fmt: skip
-    return ensemble_probs(torch.from_numpy(logits).transpose(0, 1), temperature).numpy()
+    return ensemble_probs(torch.tensor(logits).transpose(0, 1), temperature).numpy()  # a copy: the column is read-only
 
 
 def load_task_data(
