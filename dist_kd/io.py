@@ -102,3 +102,49 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# Every Parquet file dist_kd writes (soft-target stores, precompute chunks, augmented sets) carries what
+# produced it as JSON under this schema-metadata key.
+PARQUET_METADATA_KEY = b"dist_kd"
+
+
+def encode_parquet_metadata(metadata: dict[str, Any]) -> dict[bytes, bytes]:
+    """Schema metadata holding ``metadata`` under :data:`PARQUET_METADATA_KEY` (sorted keys: deterministic)."""
+    return {PARQUET_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
+
+
+def parquet_metadata_of(schema_metadata: dict[bytes, bytes] | None) -> dict[str, Any] | None:
+    """The dist_kd JSON in a Parquet schema's metadata, or None when there is none (or it is not JSON)."""
+    raw = (schema_metadata or {}).get(PARQUET_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The dist_kd JSON of one Parquet file (read from its footer only).
+
+    Raises:
+        ValueError: the file carries none (it was not written by dist_kd).
+    """
+    import pyarrow.parquet as pq
+
+    found = parquet_metadata_of(pq.read_schema(path).metadata)
+    if found is None:
+        raise ValueError(
+            f"{path} has no '{PARQUET_METADATA_KEY.decode()}' Parquet metadata; was it written by dist_kd?"
+        )
+    return found
+
+
+def write_parquet_atomic(table, path: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """Write a ``pyarrow.Table`` to one Parquet file with ``metadata`` (see above), atomically."""
+    import pyarrow.parquet as pq
+
+    table = table.replace_schema_metadata(encode_parquet_metadata(metadata))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

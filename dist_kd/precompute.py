@@ -42,7 +42,7 @@ from dist_kd.config import doc
 from dist_kd.data import soft_targets as store
 from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_token_types
 from dist_kd.data.tasks import TaskSpec, label_order_check, load_task_examples
-from dist_kd.io import sha256_file, write_json_atomic
+from dist_kd.io import read_parquet_metadata, sha256_file, write_json_atomic, write_parquet_atomic
 from dist_kd.models.teacher import DTYPES, check_model_dir
 from dist_kd.predict import batched_logits
 
@@ -207,7 +207,7 @@ def spec_for_data(spec: TaskSpec, path: Path) -> TaskSpec:
     if path.suffix.lower() != ".parquet":
         return spec
     try:
-        found = store.read_file_metadata(path)
+        found = read_parquet_metadata(path)
     except ValueError:
         return spec
     if found.get("kind") != "augmented_task_data":
@@ -310,7 +310,7 @@ def chunk_path(output_dir: str | Path, index: int) -> Path:
 def chunk_is_complete(path: Path, key: str, index: int, num_rows: int) -> bool:
     """True when ``path`` is a finished chunk of this run (atomic writes: existing means whole)."""
     try:
-        found = store.read_file_metadata(path)
+        found = read_parquet_metadata(path)
         rows = pq.read_metadata(path).num_rows
     except (OSError, ValueError, pa.ArrowInvalid):
         return False
@@ -519,7 +519,7 @@ def precompute_soft_targets(
                 began = time.perf_counter()
                 rows = _compute_chunk(ensemble, examples.slice(start, stop - start), spec, config)
                 seconds += time.perf_counter() - began
-                store.write_table_atomic(rows, chunk_path(output, index), {"run": key, "chunk": index})
+                write_parquet_atomic(rows, chunk_path(output, index), {"run": key, "chunk": index})
                 computed += stop - start
                 bar.update(stop - start)
                 if on_chunk_written is not None:

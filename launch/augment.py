@@ -26,6 +26,7 @@ from pathlib import Path
 from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
 from dist_kd.data import augment as aug
 from dist_kd.data.tasks import load_task_examples
+from dist_kd.io import read_parquet_metadata, write_parquet_atomic
 
 logger = logging.getLogger("dist_kd.augment")
 
@@ -104,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         metadata["run"] = aug.run_key(metadata)
         start, stop = aug.shard_range(examples.num_rows, rank, world_size)
         part = aug.part_path(args.output, rank, world_size)
-        if part.is_file() and aug.read_metadata(part).get("run") == metadata["run"]:
+        if part.is_file() and read_parquet_metadata(part).get("run") == metadata["run"]:
             logger.info("reusing %s from an earlier run with the same inputs", part)
         else:
             logger.info("augmenting examples %d..%d of %d on %s", start, stop, examples.num_rows, device)
             table = augmenter.augment(examples.slice(start, stop - start), spec.name, progress=rank == 0)
-            aug.write_parquet(table, part, metadata)
+            write_parquet_atomic(table, part, metadata)
         if use_group:
             dist.barrier()
         if rank == 0:

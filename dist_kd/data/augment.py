@@ -44,12 +44,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dist_kd.config import doc
-from dist_kd.io import atomic_path, sha256_file
+from dist_kd.io import atomic_path, read_parquet_metadata, sha256_file, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-METADATA_KEY = b"dist_kd"
 # Heads of common *ForMaskedLM classes that map final hidden states to vocabulary logits on their own;
 # with one of these only the masked positions go through the (vocabulary-sized) output projection.
 _HEAD_NAMES = ("cls", "lm_head", "predictions")
@@ -688,33 +687,18 @@ def build_metadata(
     }
 
 
-def write_parquet(table: pa.Table, path: str | Path, metadata: dict[str, Any]) -> None:
-    """Write ``table`` with ``metadata`` under the ``dist_kd`` key, atomically."""
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``dist_kd`` metadata of a Parquet file written by :func:`write_parquet`."""
-    schema_metadata = pq.read_schema(path).metadata or {}
-    if METADATA_KEY not in schema_metadata:
-        raise ValueError(f"{path} has no '{METADATA_KEY.decode()}' metadata; was it written by dist_kd?")
-    return json.loads(schema_metadata[METADATA_KEY])
-
-
 def merge_parts(parts: Sequence[str | Path], output: str | Path, metadata: dict[str, Any]) -> pa.Table:
     """Concatenate rank parts (in rank order, i.e. input order) into the final file, atomically."""
     tables = []
     for part in parts:
-        found = read_metadata(part)
+        found = read_parquet_metadata(part)
         if found.get("run") != metadata.get("run"):
             raise ValueError(f"rank part {part} belongs to another run ({found.get('run')} != {metadata.get('run')})")
         tables.append(pq.read_table(part).replace_schema_metadata(None))
     merged = pa.concat_tables(tables)
     final_metadata = {key: value for key, value in metadata.items() if key != "run"}
     final_metadata["num_rows"] = merged.num_rows
-    write_parquet(merged, output, final_metadata)
+    write_parquet_atomic(merged, output, final_metadata)
     return merged
 
 
@@ -731,7 +715,7 @@ def wait_for_parts(parts: Sequence[str | Path], run: str, timeout_s: float, poll
         missing = []
         for part in parts:
             try:
-                if read_metadata(part).get("run") != run:
+                if read_parquet_metadata(part).get("run") != run:
                     missing.append(str(part))
             except (FileNotFoundError, OSError, ValueError):
                 missing.append(str(part))

@@ -32,11 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dist_kd.data.tasks import TASK_TYPES, label_order_check
-from dist_kd.io import atomic_path, sha256_file, write_json_atomic
+from dist_kd.io import atomic_path, encode_parquet_metadata, read_parquet_metadata, sha256_file, write_json_atomic
 
 FORMAT = "dist_kd.soft_targets"
 FORMAT_VERSION = 1
-METADATA_KEY = b"dist_kd"
 MANIFEST_NAME = "_manifest.json"
 PART_PATTERN = "part-{index:05d}.parquet"
 DEFAULT_ROWS_PER_FILE = 1_000_000
@@ -221,25 +220,6 @@ def _list_column_array(column: pa.ChunkedArray, inner_shape: tuple[int, ...]) ->
     return flat.reshape(len(column), *inner_shape)
 
 
-def _encode(metadata: StoreMetadata) -> dict[bytes, bytes]:
-    return {METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True).encode()}
-
-
-def read_file_metadata(path: str | Path) -> dict[str, Any]:
-    """The raw ``dist_kd`` JSON of one Parquet file (a store part or a precompute chunk)."""
-    schema_metadata = pq.read_schema(path).metadata or {}
-    if METADATA_KEY not in schema_metadata:
-        raise ValueError(f"{path} has no '{METADATA_KEY.decode()}' Parquet metadata; was it written by dist_kd?")
-    return json.loads(schema_metadata[METADATA_KEY])
-
-
-def write_table_atomic(table: pa.Table, path: str | Path, metadata: dict[str, Any]) -> None:
-    """Write one Parquet file with ``metadata`` under the ``dist_kd`` key, atomically (temp file + rename)."""
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
 def write_soft_targets(
     tables: Iterable[pa.Table] | pa.Table,
     directory: str | Path,
@@ -269,7 +249,8 @@ def write_soft_targets(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
-    schema = soft_target_schema(metadata.task_type, metadata.has_teacher_logits).with_metadata(_encode(metadata))
+    schema = soft_target_schema(metadata.task_type, metadata.has_teacher_logits)
+    schema = schema.with_metadata(encode_parquet_metadata(metadata.to_dict()))
     files: list[dict[str, Any]] = []
     writer = _PartWriter(directory, schema, rows_per_file, files)
     try:
@@ -469,7 +450,7 @@ def load_soft_targets(
             raise FileNotFoundError(f"{where}: part file {entry['name']} listed in {MANIFEST_NAME} is missing")
         if verify_checksums and sha256_file(path) != entry["sha256"]:
             raise ValueError(f"{where}: {entry['name']} has another sha256 than {MANIFEST_NAME} records (modified?)")
-        if read_file_metadata(path) != manifest["metadata"]:
+        if read_parquet_metadata(path) != manifest["metadata"]:
             raise ValueError(f"{where}: {entry['name']} carries other metadata than {MANIFEST_NAME}")
         wanted = None if columns is None else list(dict.fromkeys(["example_id", *columns, "soft_probs"]))
         table = pq.read_table(path, columns=wanted)

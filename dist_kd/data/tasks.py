@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dist_kd.config import doc
+from dist_kd.io import parquet_metadata_of
 
 TASK_TYPES = ("classification", "regression")
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
@@ -312,13 +313,7 @@ def _augmented_label_names(table: pa.Table) -> dict[str, list[str]]:
     """An augmented set (``launch/augment.py``) stores class *ids* in ``label`` with its ``label_names`` in
     the file's ``dist_kd`` metadata; like a ``datasets`` ClassLabel, they are mapped by name. Read as names,
     ids would silently permute classes whose names look like integers (labels ``["1", "0"]``)."""
-    raw = (table.schema.metadata or {}).get(b"dist_kd")
-    if raw is None:
-        return {}
-    try:
-        metadata = json.loads(raw)
-    except ValueError:
-        return {}
+    metadata = parquet_metadata_of(table.schema.metadata) or {}
     if metadata.get("kind") != "augmented_task_data" or not metadata.get("label_names"):
         return {}
     return {"label": [str(name) for name in metadata["label_names"]]}

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dist_kd.data import augment as aug
+from dist_kd.io import read_parquet_metadata, write_parquet_atomic
 
 DIM = 8
 
@@ -165,13 +166,13 @@ def test_parts_merge_to_the_single_run(biased_mlm_dir, glove_txt, tmp_path):
     for rank in range(3):
         start, stop = aug.shard_range(examples.num_rows, rank, 3)
         parts.append(aug.part_path(tmp_path, rank, 3))
-        aug.write_parquet(augmenter.augment(examples.slice(start, stop - start), "t"), parts[-1], metadata)
+        write_parquet_atomic(augmenter.augment(examples.slice(start, stop - start), "t"), parts[-1], metadata)
     aug.wait_for_parts(parts, "abc", timeout_s=1)
     aug.merge_parts(parts, aug.final_path(tmp_path), metadata)
     merged = pq.read_table(aug.final_path(tmp_path))
     assert merged.replace_schema_metadata(None).equals(single)
-    assert aug.read_metadata(aug.final_path(tmp_path)) == {"task": "t", "num_rows": single.num_rows}
-    aug.write_parquet(single, parts[0], {"run": "other"})
+    assert read_parquet_metadata(aug.final_path(tmp_path)) == {"task": "t", "num_rows": single.num_rows}
+    write_parquet_atomic(single, parts[0], {"run": "other"})
     with pytest.raises(TimeoutError, match="part-00000-of-00003"):
         aug.wait_for_parts(parts, "abc", timeout_s=0, poll_s=0)
     with pytest.raises(ValueError, match="another run"):
@@ -282,11 +283,11 @@ def test_augmented_labels_read_back_as_ids_even_when_names_look_like_integers(tm
         "label": pa.array([0, None, 1, None], pa.int64()),
     })  # fmt: skip
     path = tmp_path / "augmented.parquet"
-    aug.write_parquet(table, path, {"kind": "augmented_task_data", "task": "flipped", "label_names": ["1", "0"]})
+    write_parquet_atomic(table, path, {"kind": "augmented_task_data", "task": "flipped", "label_names": ["1", "0"]})
     read = load_task_examples(path, spec_for_data(spec, path), require_labels=False)
     assert read.column("label").to_pylist() == [0, None, 1, None]
 
     bad = table.set_column(4, "label", pa.array([0, None, 5, None], pa.int64()))
-    aug.write_parquet(bad, path, {"kind": "augmented_task_data", "task": "flipped", "label_names": ["1", "0"]})
+    write_parquet_atomic(bad, path, {"kind": "augmented_task_data", "task": "flipped", "label_names": ["1", "0"]})
     with pytest.raises(ValueError, match="class id 5, but the file names only 2 classes"):
         load_task_examples(path, spec_for_data(spec, path), require_labels=False)

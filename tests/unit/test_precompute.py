@@ -12,6 +12,7 @@ import torch
 
 from dist_kd.data import soft_targets as st
 from dist_kd.data.tasks import resolve_task_spec
+from dist_kd.io import write_parquet_atomic
 from dist_kd.precompute import (
     CHUNKS_DIR,
     PrecomputeConfig,
@@ -214,7 +215,7 @@ def test_a_lost_chunk_is_recomputed_and_a_foreign_chunk_is_not_reused(setup, tmp
     chunk_path(out, 1).unlink()
     # A chunk file from another run (other key) under chunk 0's name must not be merged.
     table = pq.read_table(chunk_path(out, 0))
-    st.write_table_atomic(table.replace_schema_metadata(None), chunk_path(out, 0), {"run": "other", "chunk": 0})
+    write_parquet_atomic(table.replace_schema_metadata(None), chunk_path(out, 0), {"run": "other", "chunk": 0})
     written = []
     precompute_soft_targets(spec, data, out, config, progress=False, on_chunk_written=written.append)
     assert written == [0, 1]
@@ -286,13 +287,13 @@ def test_augmented_directory_is_read_with_canonical_columns(setup, tmp_path):
         }
     )
     meta = {"kind": "augmented_task_data", "label_names": LABELS}
-    st.write_table_atomic(table, tmp_path / "aug" / "augmented.parquet", meta)
+    write_parquet_atomic(table, tmp_path / "aug" / "augmented.parquet", meta)
     precompute_soft_targets(spec, tmp_path / "aug", tmp_path / "st", _config(teachers[:1]), progress=False)
     loaded = st.load_soft_targets(tmp_path / "st")
     assert loaded.table.column("example_id").to_pylist() == ["x-0", "x-0-aug1"]
     assert loaded.table.column("label").to_pylist() == [2, None]
     meta["label_names"] = ["pos", "neu", "neg"]
-    st.write_table_atomic(table, tmp_path / "aug2" / "augmented.parquet", meta)
+    write_parquet_atomic(table, tmp_path / "aug2" / "augmented.parquet", meta)
     with pytest.raises(ValueError, match="augmented data"):
         precompute_soft_targets(spec, tmp_path / "aug2", tmp_path / "st2", _config(teachers[:1]), progress=False)
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dist_kd.data import soft_targets as st
+from dist_kd.io import read_parquet_metadata
 
 LABELS = ["neg", "neu", "pos"]
 
@@ -61,7 +62,7 @@ def test_round_trip_keeps_rows_order_and_arrays(tmp_path):
     assert loaded.teacher_logits().shape == (7, 2, 3)  # K x C per row
     # Every part file describes itself with the same metadata (readable copied out of the directory).
     for entry in manifest["files"]:
-        assert st.read_file_metadata(tmp_path / "store" / entry["name"]) == metadata.to_dict()
+        assert read_parquet_metadata(tmp_path / "store" / entry["name"]) == metadata.to_dict()
 
 
 def test_without_teacher_logits_and_regression(tmp_path):
