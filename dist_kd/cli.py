@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from dist_kd.data.tasks import TaskSpec, resolve_task_spec
 
@@ -96,3 +98,51 @@ def bad_input(err: Exception, show: bool = True) -> int:
     if show:
         print(f"error: {err}", file=sys.stderr, flush=True)
     return BAD_INPUT_EXIT_CODE
+
+
+def config_job_parser(description: str, config_help: str, debug_help: str) -> argparse.ArgumentParser:
+    """The command line of a config-driven training job: ``--config FILE [--debug] [key=value ...]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    add_launcher_argument(parser)
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def run_config_job(
+    args: argparse.Namespace,
+    config_class: type,
+    trainer_class: type,
+    finish: Callable[[Any, Any, Any], None],
+    debug_overrides: Sequence[str] = (),
+) -> int:
+    """Config -> process group -> trainer -> train -> ``finish(trainer, cfg, info)``; returns the exit code.
+
+    A preempted run (the trainer's ``train()`` returns False after checkpointing) exits 0 without
+    ``finish``, so the job can be requeued; bad input is one error line and exit code 2. ``--debug`` is one
+    process whatever launcher variables the shell holds, with ``debug_overrides`` before the user's.
+    """
+    from dist_kd import distributed
+    from dist_kd.config import load_config
+
+    overrides = list(args.overrides)
+    if args.debug:
+        drop_launcher_variables()
+        overrides = [*debug_overrides, *overrides]
+    trainer = None
+    try:
+        cfg = load_config(config_class, args.config, overrides)
+        info = distributed.init_distributed()
+        configure_logging(info.rank)
+        trainer = trainer_class(cfg, info)
+        if not trainer.train():
+            return 0  # preempted: a checkpoint is saved, the job can be requeued
+        finish(trainer, cfg, info)
+        return 0
+    except (ValueError, FileNotFoundError) as err:
+        return bad_input(err)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.teardown()

@@ -17,53 +17,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_kd.cli import add_launcher_argument, bad_input, configure_logging, drop_launcher_variables  # noqa: E402
+from dist_kd.cli import config_job_parser, run_config_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
-    parser.add_argument("--debug", action="store_true", help="one process, no launcher, no DataLoader workers")
-    add_launcher_argument(parser)
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser.parse_args(argv)
+    return config_job_parser(
+        __doc__.split("\n\n")[0],
+        config_help="run config YAML (launch/configs/*.yaml)",
+        debug_help="one process, no launcher, no DataLoader workers",
+    ).parse_args(argv)
+
+
+def finish(trainer, cfg, info) -> None:
+    """Export the student, measure its agreement with the teacher, print and save the summary."""
+    from dist_kd.train.general import summary_lines, write_summary
+
+    trainer.export()
+    agreement = None
+    if cfg.data.eval_shards:
+        # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
+        agreement = trainer.agreement(cfg.data.eval_shards, cfg.data.eval_batches)
+    if info.is_main:
+        lines = summary_lines(trainer, agreement)
+        write_summary(trainer.run_dir, lines, agreement)
+        print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from dist_kd import distributed
-    from dist_kd.config import load_config
-    from dist_kd.train.general import GeneralConfig, GeneralTrainer, summary_lines, write_summary
+    from dist_kd.train.general import GeneralConfig, GeneralTrainer
 
-    overrides = list(args.overrides)
-    if args.debug:
-        # One process you can step through: no launcher variables, data read in the main process.
-        drop_launcher_variables()
-        overrides = ["data.num_workers=0", *overrides]
-    trainer = None
-    try:
-        cfg = load_config(GeneralConfig, args.config, overrides)
-        info = distributed.init_distributed()
-        configure_logging(info.rank)
-        trainer = GeneralTrainer(cfg, info)
-        if not trainer.train():
-            return 0  # preempted: a checkpoint is saved, the job can be requeued
-        trainer.export()
-        agreement = None
-        if cfg.data.eval_shards:
-            # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
-            agreement = trainer.agreement(cfg.data.eval_shards, cfg.data.eval_batches)
-        if info.is_main:
-            lines = summary_lines(trainer, agreement)
-            write_summary(trainer.run_dir, lines, agreement)
-            print("\n".join(lines), flush=True)
-        return 0
-    except (ValueError, FileNotFoundError) as err:
-        return bad_input(err)
-    finally:
-        if trainer is not None:
-            trainer.close()
-        distributed.teardown()
+    # --debug reads data in the main process too, so that one process can be stepped through.
+    return run_config_job(parse_args(argv), GeneralConfig, GeneralTrainer, finish, ["data.num_workers=0"])
 
 
 if __name__ == "__main__":

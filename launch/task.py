@@ -18,16 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_kd.cli import add_launcher_argument, bad_input, configure_logging, drop_launcher_variables  # noqa: E402
+from dist_kd.cli import config_job_parser, run_config_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="run config YAML (launch/configs/task_*.yaml)")
-    parser.add_argument("--debug", action="store_true", help="one process, no launcher")
-    add_launcher_argument(parser)
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser.parse_args(argv)
+    return config_job_parser(
+        __doc__.split("\n\n")[0],
+        config_help="run config YAML (launch/configs/task_*.yaml)",
+        debug_help="one process, no launcher",
+    ).parse_args(argv)
 
 
 def summary_lines(trainer, exported: dict[str, Path]) -> list[str]:
@@ -46,33 +45,18 @@ def summary_lines(trainer, exported: dict[str, Path]) -> list[str]:
     return lines
 
 
+def finish(trainer, cfg, info) -> None:
+    """Export the shared encoder and the per-task classifiers; print where they are and the dev figures."""
+    exported = trainer.export()
+    if info.is_main:
+        print("\n".join(summary_lines(trainer, exported)), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from dist_kd import distributed
-    from dist_kd.config import load_config
     from dist_kd.train.task import TaskTrainer
     from dist_kd.train.task_config import TaskConfig
 
-    if args.debug:
-        drop_launcher_variables()
-    trainer = None
-    try:
-        cfg = load_config(TaskConfig, args.config, args.overrides)
-        info = distributed.init_distributed()
-        configure_logging(info.rank)
-        trainer = TaskTrainer(cfg, info)
-        if not trainer.train():
-            return 0  # preempted: a checkpoint is saved, the job can be requeued
-        exported = trainer.export()
-        if info.is_main:
-            print("\n".join(summary_lines(trainer, exported)), flush=True)
-        return 0
-    except (ValueError, FileNotFoundError) as err:
-        return bad_input(err)
-    finally:
-        if trainer is not None:
-            trainer.close()
-        distributed.teardown()
+    return run_config_job(parse_args(argv), TaskConfig, TaskTrainer, finish)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,64 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys):
 def test_metric_flag_only_where_asked():
     with pytest.raises(SystemExit):
         _parse(["--task", "sst2", "--metric", "f1"])
+
+
+def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, monkeypatch):
+    import os
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from dist_kd import distributed
+    from dist_kd.cli import config_job_parser, run_config_job
+
+    @dataclass
+    class Config:
+        steps: int = 1
+
+        def __post_init__(self):
+            if self.steps < 1:
+                raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    events = []
+
+    class Trainer:
+        def __init__(self, cfg, info):
+            self.cfg = cfg
+
+        def train(self):
+            events.append(("train", self.cfg.steps))
+            return self.cfg.steps < 100  # 100 steps stand for a preempted run
+
+        def close(self):
+            events.append(("close",))
+
+    def finish(trainer, cfg, info):
+        events.append(("finish", info.rank))
+
+    def init_distributed():  # no process group here: record what the launcher variables were
+        events.append(("init", os.environ.get("RANK")))
+        return SimpleNamespace(rank=0, world_size=1, is_main=True)
+
+    monkeypatch.setattr(distributed, "init_distributed", init_distributed)
+    monkeypatch.setattr(distributed, "teardown", lambda: events.append(("teardown",)))
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 3\n")
+    parser = config_job_parser("job", config_help="YAML", debug_help="one process")
+
+    monkeypatch.setenv("RANK", "3")
+    assert run_config_job(parser.parse_args(["--config", str(config)]), Config, Trainer, finish) == 0
+    assert events == [("init", "3"), ("train", 3), ("finish", 0), ("close",), ("teardown",)]
+
+    events.clear()
+    args = parser.parse_args(["--config", str(config), "--debug", "steps=7"])
+    assert run_config_job(args, Config, Trainer, finish, ["steps=5"]) == 0
+    # --debug: launcher variables dropped; its overrides come before the user's, which win.
+    assert events == [("init", None), ("train", 7), ("finish", 0), ("close",), ("teardown",)]
+
+    events.clear()
+    assert run_config_job(parser.parse_args(["--config", str(config), "steps=100"]), Config, Trainer, finish) == 0
+    assert events == [("init", None), ("train", 100), ("close",), ("teardown",)]  # preempted: no finish
+
+    events.clear()
+    assert run_config_job(parser.parse_args(["--config", str(config), "steps=0"]), Config, Trainer, finish) == 2
+    assert events == [("teardown",)] and capsys.readouterr().err == "error: steps must be >= 1, got 0\n"
