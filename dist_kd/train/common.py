@@ -1,11 +1,15 @@
-"""Pieces every training entry point shares: the ``run`` config section, preemption signals, progress bar."""
+"""Pieces every training entry point shares: the ``run`` config section, preemption signals, progress bar,
+and the window of loss terms between log lines."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import signal
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,3 +80,86 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+@dataclass
+class WindowStats:
+    """One log line's worth of a :class:`LossWindow`, over every rank.
+
+    Attributes:
+        values: term -> mean over the window's micro-batches and the ranks (terms nobody produced are absent).
+        batches: term -> micro-batches per rank that produced it (``task/<name>``: batches of that task).
+        tokens: real tokens of all ranks.
+        rows: rows of all ranks.
+        seconds: wall time since the window opened.
+    """
+
+    values: dict[str, float]
+    batches: dict[str, int]
+    tokens: int
+    rows: int
+    seconds: float
+
+
+class LossWindow:
+    """Loss terms, real tokens and rows of this rank, summed on the device between log lines.
+
+    One collective per log line: the sums are reduced together with their counts, over a fixed list of
+    names, so the reduction has the same shape on every rank whatever terms a rank's batches produced, and
+    every mean is a global sum over a global count. The open window is part of a checkpoint
+    (:meth:`state_dict`), so a run resumed between log lines logs the same line as one that was not stopped.
+    float64 keeps token counts of long windows exact.
+
+    Args:
+        device: where the sums live (the training device: adding a loss needs no host sync).
+        groups: names of the per-task losses (``task/<name>``: the loss of that task's batches).
+    """
+
+    TERMS = ("loss", "soft", "hard", "embd", "hidden", "attn", "pred")
+
+    def __init__(self, device: torch.device, groups: Sequence[str] = ()):
+        self.device = device
+        self.names = [*self.TERMS, *(f"task/{name}" for name in groups)]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.reset()
+
+    def reset(self) -> None:
+        # Layout: sums per name, counts per name, tokens, rows.
+        self.totals = torch.zeros(2 * len(self.names) + 2, dtype=torch.float64, device=self.device)
+        self.started = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], tokens: int | torch.Tensor, rows: int, group: str | None = None):
+        """One micro-batch: its loss terms (``group``: also as that task's loss), this rank's tokens and rows."""
+        named = [*terms.items(), *([(f"task/{group}", terms["loss"])] if group is not None else [])]
+        count = len(self.names)
+        for name, value in named:
+            if name not in self.index:
+                raise KeyError(f"loss term {name!r} is not one the log window knows ({self.names})")
+            self.totals[self.index[name]] += value.detach().double()
+            self.totals[count + self.index[name]] += 1
+        self.totals[-2] += tokens.to(self.device) if torch.is_tensor(tokens) else tokens
+        self.totals[-1] += rows
+
+    def reduce(self) -> WindowStats:
+        """The window over every rank (collective), then a new window."""
+        world_size = distributed.current().world_size
+        reduced = (distributed.all_reduce_mean(self.totals) * world_size).tolist()  # sums over ranks
+        count = len(self.names)
+        sums, counts = reduced[:count], reduced[count : 2 * count]
+        stats = WindowStats(
+            values={name: total / n for name, total, n in zip(self.names, sums, counts, strict=True) if n},
+            batches={name: round(n / world_size) for name, n in zip(self.names, counts, strict=True) if n},
+            tokens=round(reduced[-2]),
+            rows=round(reduced[-1]),
+            seconds=time.perf_counter() - self.started,
+        )
+        self.reset()
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's open window (the time it has been open is not kept)."""
+        return {"names": self.names, "totals": self.totals.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["names"] == self.names:  # a checkpoint of other tasks is refused elsewhere
+            self.totals = torch.tensor(state["totals"], dtype=torch.float64, device=self.device)

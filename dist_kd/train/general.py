@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from dist_kd.models.student import DistillStudent, StudentConfig, build_projecti
 from dist_kd.models.teacher import Teacher, TeacherConfig, check_model_dir
 from dist_kd.objective import DistillConfig, tinybert_objective
 from dist_kd.train import checkpoint as ckpt
-from dist_kd.train.common import RunConfig, StopSignal, progress_bar, stop_agreed
+from dist_kd.train.common import LossWindow, RunConfig, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
     DeepSpeedSection,
     TrainConfig,
@@ -158,11 +157,7 @@ class GeneralTrainer:
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
-        # The log window: this rank's loss sums, micro-batches and real tokens since the last log line. It
-        # is part of the checkpoint, so a run resumed between log lines logs the same line as one that wasn't.
-        self._sums: dict[str, torch.Tensor] = {}
-        self._micro_batches = 0
-        self._tokens = torch.zeros((), dtype=torch.long, device=info.device)
+        self._window = LossWindow(info.device)
         self.meta = {
             "teacher": {
                 "path": str(Path(cfg.teacher.path).resolve()),
@@ -226,22 +221,19 @@ class GeneralTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's trainer state (model and optimizer live in the DeepSpeed checkpoint)."""
-        window = {
-            "sums": {name: value.item() for name, value in self._sums.items()},
-            "micro_batches": self._micro_batches,
-            "tokens": int(self._tokens.item()),
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": self.loader.state_dict(),
+            "window": self._window.state_dict(),
         }
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.loader.state_dict(), "window": window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.loader.load_state_dict(state["data"])
-        window = state.get("window", {"sums": {}, "micro_batches": 0, "tokens": 0})
-        device = self.info.device
-        self._sums = {name: torch.tensor(value, device=device) for name, value in window["sums"].items()}
-        self._micro_batches = window["micro_batches"]
-        self._tokens.fill_(window["tokens"])
+        if "window" in state:
+            self._window.load_state_dict(state["window"])
 
     def save(self) -> Path:
         """A complete checkpoint of the current step (collective)."""
@@ -276,25 +268,18 @@ class GeneralTrainer:
         bar = progress_bar(
             cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
         )
-        window_start = time.perf_counter()
         batches = self._batches()
         try:
             while self.step < cfg.train.max_steps:
                 for _ in range(cfg.train.grad_accum):
                     batch = next(batches)
                     terms = self.train_step(batch)
-                    for name, value in terms.items():
-                        self._sums[name] = self._sums.get(name, 0.0) + value
-                    self._micro_batches += 1
-                    self._tokens += batch["attention_mask"].sum().to(self._tokens.device)
+                    mask = batch["attention_mask"]
+                    self._window.add(terms, tokens=mask.sum(), rows=mask.shape[0])
                 self.step += 1
                 if self.step % cfg.run.log_every == 0 or self.step == cfg.train.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = self._log(self._sums, self._micro_batches, self._tokens, elapsed)
+                    record = self._log()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    self._sums, self._micro_batches = {}, 0
-                    self._tokens.zero_()
-                    window_start = time.perf_counter()
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:
                     self.save()
@@ -308,20 +293,18 @@ class GeneralTrainer:
             bar.close()
             stop.restore()
 
-    def _log(self, sums: dict[str, torch.Tensor], micro_batches: int, tokens: torch.Tensor, elapsed: float) -> dict:
-        names = sorted(sums)
-        stacked = torch.stack([sums[n].float() / micro_batches for n in names] + [tokens.float()])
-        reduced = distributed.all_reduce_mean(stacked).tolist()  # one sync for every term
-        values = dict(zip(names, reduced[:-1], strict=True))
-        total_tokens = reduced[-1] * self.info.world_size
-        self.tokens_seen += int(total_tokens)
+    def _log(self) -> dict:
+        window = self._window.reduce()  # one sync for every term
+        values = dict(sorted(window.values.items()))
+        self.tokens_seen += window.tokens
+        elapsed = max(window.seconds, 1e-9)
         record = {
             "step": self.step,
             "loss": values.pop("loss"),
             **{f"loss_{name}": value for name, value in values.items()},
             "lr": self.engine.get_lr()[0],
-            "tokens_per_s": total_tokens / max(elapsed, 1e-9),
-            "samples_per_s": micro_batches * self.cfg.data.micro_batch_size * self.info.world_size / max(elapsed, 1e-9),
+            "tokens_per_s": window.tokens / elapsed,
+            "samples_per_s": window.rows / elapsed,
             "tokens_seen": self.tokens_seen,
         }
         mfu = estimate_mfu(self.model, self.teacher, record["tokens_per_s"] / self.info.world_size, self.info.device)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from dist_kd.models.teacher import check_model_dir
 from dist_kd.objective import tinybert_objective
 from dist_kd.predict import batched_logits, length_batches, write_predictions
 from dist_kd.train import checkpoint as ckpt
-from dist_kd.train.common import StopSignal, progress_bar, stop_agreed
+from dist_kd.train.common import LossWindow, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
@@ -160,7 +159,7 @@ class TaskTrainer:
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg)))
         self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
-        self._window = _LossWindow(info.device, self.names)
+        self._window = LossWindow(info.device, self.names)
         if resume_from is not None:
             state = ckpt.load_checkpoint(self.engine, resume_from)
             self.load_state_dict(state)
@@ -275,12 +274,16 @@ class TaskTrainer:
             batch.pop("token_type_ids")
         return {name: tensor.to(self.info.device, non_blocking=True) for name, tensor in batch.items()}
 
+    def _rank_rows(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's slice of a micro-batch's rows (every rank draws the same micro-batch)."""
+        size = self.cfg.data.micro_batch_size
+        return rows[self.info.rank * size : (self.info.rank + 1) * size]
+
     def train_step(self, task_index: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Forward, losses and backward of this rank's slice of one micro-batch (the engine steps at the
         accumulation boundary). Returns the loss terms (detached)."""
         task = self.tasks[task_index]
-        size = self.cfg.data.micro_batch_size
-        mine = rows[self.info.rank * size : (self.info.rank + 1) * size]
+        mine = self._rank_rows(rows)
         batch = self._batch(task, mine)
         if self.phase == "intermediate":
             terms = self._intermediate_terms(task, batch)
@@ -333,9 +336,9 @@ class TaskTrainer:
                 for _ in range(cfg.train.grad_accum):
                     task_index, rows = self.sampler.next()
                     terms = self.train_step(task_index, rows)
-                    tokens = int(self.tasks[task_index].rows.lengths[rows].sum())
-                    self._window.add(self.names[task_index], terms, tokens, len(rows))
-                    self.tokens_seen += tokens  # counted per step: a checkpoint between log lines keeps it
+                    mine = self._rank_rows(rows)
+                    tokens = int(self.tasks[task_index].rows.lengths[mine].sum())
+                    self._window.add(terms, tokens, len(mine), group=self.names[task_index])
                 self.step += 1
                 if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
                     record = self._log()
@@ -357,15 +360,17 @@ class TaskTrainer:
             stop.restore()
 
     def _log(self) -> dict[str, Any]:
-        values, counts, tokens, rows, elapsed = self._window.reduce()
+        window = self._window.reduce()
+        values, counts, elapsed = window.values, window.batches, max(window.seconds, 1e-9)
+        self.tokens_seen += window.tokens
         task_losses = {name[len("task/") :]: value for name, value in values.items() if name.startswith("task/")}
         record = {
             "step": self.step,
             "loss": values["loss"],
             **{f"loss_{name}": value for name, value in values.items() if name != "loss" and "/" not in name},
             "lr": self.engine.get_lr()[0],
-            "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "samples_per_s": rows / max(elapsed, 1e-9),
+            "tokens_per_s": window.tokens / elapsed,
+            "samples_per_s": window.rows / elapsed,
             "tokens_seen": self.tokens_seen,
             "task_loss": task_losses,
             "task_batches": {name[len("task/") :]: count for name, count in counts.items() if name.startswith("task/")},
@@ -516,58 +521,3 @@ def _teacher_tokenizer(path: str) -> dict[str, Any]:
         return tokenizer_fingerprint(load_tokenizer(path))
     except (OSError, TypeError) as err:
         raise ValueError(f"teacher {path}: no usable tokenizer in the directory ({err})") from None
-
-
-class _LossWindow:
-    """Loss terms summed on the device between log steps; one collective per log line.
-
-    The names are fixed up front and the sums are reduced together with their counts, so the reduction has
-    the same shape on every rank whatever terms a rank's batches produced, and every mean is a global sum
-    over a global count.
-    """
-
-    TERMS = ("loss", "soft", "hard", "embd", "hidden", "attn", "pred")
-
-    def __init__(self, device: torch.device, tasks: list[str]):
-        self.device = device
-        self.names = [*self.TERMS, *(f"task/{name}" for name in tasks)]
-        self.index = {name: i for i, name in enumerate(self.names)}
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums = torch.zeros(len(self.names), device=self.device)
-        self.counts = torch.zeros(len(self.names), device=self.device)
-        self.tokens = 0
-        self.rows = 0
-        self.started = time.perf_counter()
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's window since the last log line (checkpointed, so a resumed run logs the same line)."""
-        return {"names": self.names, "sums": self.sums.tolist(), "counts": self.counts.tolist(),
-                "tokens": self.tokens, "rows": self.rows}  # fmt: skip
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["names"] != self.names:
-            return  # a checkpoint of other tasks is refused elsewhere; nothing to restore here
-        self.sums = torch.tensor(state["sums"], device=self.device)
-        self.counts = torch.tensor(state["counts"], device=self.device)
-        self.tokens, self.rows = state["tokens"], state["rows"]
-
-    def add(self, task: str, terms: dict[str, torch.Tensor], tokens: int, rows: int) -> None:
-        for name, value in [*terms.items(), (f"task/{task}", terms["loss"])]:
-            if name not in self.index:
-                raise KeyError(f"loss term {name!r} is not one the log window knows ({self.names})")
-            self.sums[self.index[name]] += value.float()
-            self.counts[self.index[name]] += 1
-        self.tokens += tokens
-        self.rows += rows
-
-    def reduce(self) -> tuple[dict[str, float], dict[str, int], int, int, float]:
-        """Means over the window and the ranks, micro-batches per name and rank, tokens, rows, seconds."""
-        reduced = distributed.all_reduce_mean(torch.cat([self.sums, self.counts])).tolist()
-        sums, counts = reduced[: len(self.names)], reduced[len(self.names) :]
-        values = {name: total / count for name, total, count in zip(self.names, sums, counts, strict=True) if count}
-        batches = {name: round(count) for name, count in zip(self.names, counts, strict=True) if count}
-        out = (values, batches, self.tokens, self.rows, time.perf_counter() - self.started)
-        self.reset()
-        return out

@@ -43,4 +43,5 @@ def test_hard_term_and_log_window_with_labels_on_one_rank(ranks, tmp_path):
         assert values["loss"] == pytest.approx(0.5 * soft + 0.5 * hard, rel=1e-5)
         assert values["task/topic"] == values["loss"]
         assert result["batches"]["task/topic"] == 1
+        assert (result["tokens"], result["rows"]) == (20, 8)  # each rank's 10 tokens and 4 rows, summed
         assert "embd" not in values  # terms nobody produced are left out, not logged as 0

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dist_kd import distributed
 from dist_kd.losses import prediction_loss
-from dist_kd.train.task import _LossWindow
+from dist_kd.train.common import LossWindow
 
 
 def main(out_dir: str) -> None:
@@ -36,15 +36,18 @@ def main(out_dir: str) -> None:
         gathered = [torch.zeros_like(grad) for _ in range(info.world_size)]
         dist.all_gather(gathered, grad / info.world_size)  # the engine's averaging, kept per row here
 
-        window = _LossWindow(torch.device("cpu"), ["topic"])
-        window.add("topic", {name: value.detach() for name, value in terms.items()}, tokens=10, rows=4)
-        values, batches, *_ = window.reduce()
+        window = LossWindow(torch.device("cpu"), ["topic"])
+        window.add({name: value.detach() for name, value in terms.items()}, tokens=10, rows=4, group="topic")
+        stats = window.reduce()
+        values, batches = stats.values, stats.batches
         result = {
             "terms": sorted(terms),
             "hard": terms["hard"].item(),
             "grad": torch.cat(gathered).tolist(),
             "values": values,
             "batches": batches,
+            "tokens": stats.tokens,
+            "rows": stats.rows,
         }
         Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:
