@@ -1,0 +1,308 @@
+"""Quality signals of an encoder that do not depend on the distillation loss: embedding spread and a linear probe.
+
+A falling loss does not say the student is usable: a student whose every sentence maps to nearly the same
+vector can still match the teacher's large common component and score a low MSE. Two signals catch that:
+
+- **spread**: the mean pairwise cosine similarity of mean-pooled last-layer states over held-out texts.
+  A collapsed encoder gives values near 1; a useful one stays near its teacher's.
+- **probe**: the k-fold cross-validated accuracy of a multinomial logistic regression trained on frozen
+  mean-pooled embeddings of labelled held-out texts. It is read against the teacher's probe on the same
+  folds (a ratio), and against chance (1 / number of classes).
+
+The maths are plain tensor functions on ``(N, D)`` embeddings, deterministic for a given seed.
+:class:`HeldOutTexts` holds the tokenised texts (and labels) a run evaluates on, read from a task-data
+file (``eval.texts``) or taken from held-out corpus shards (``data.eval_shards``, spread only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_kd.config import doc
+from dist_kd.data.encode import TokenizedRows, pad_id_of, pad_rows, tokenize_rows, uses_token_types
+
+# A student is called collapsed when its spread exceeds this (every text close to one direction) ...
+COLLAPSED_SPREAD = 0.95
+# ... or when its probe accuracy is within this margin of chance.
+CHANCE_MARGIN = 0.05
+
+
+def mean_pool(hidden_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Mean of the real tokens' states: ``(B, L, D)`` and ``(B, L)`` (1 = real) -> ``(B, D)`` fp32."""
+    mask = mask_BL.to(hidden_BLD.device, torch.float32)[:, :, None]
+    return (hidden_BLD.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def embedding_spread(embeddings_ND: torch.Tensor | np.ndarray) -> float:
+    """Mean cosine similarity over all pairs of distinct rows (1.0: every row points the same way).
+
+    Uses ``|sum_i u_i|^2 = N + sum_{i != j} u_i.u_j`` for unit vectors u, so it is O(N D), not O(N^2 D).
+    """
+    x = torch.as_tensor(embeddings_ND, dtype=torch.float64)
+    count = x.shape[0]
+    if count < 2:
+        raise ValueError(f"the spread needs at least 2 embeddings, got {count}")
+    unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    total = unit.sum(0)
+    return float((total.dot(total) - count) / (count * (count - 1)))
+
+
+def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
+    """Fold index of each row: every class is spread evenly over the folds, in a seeded order."""
+    labels = np.asarray(labels)
+    folds = np.empty(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    offset = 0
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        rng.shuffle(rows)
+        folds[rows] = (np.arange(len(rows)) + offset) % num_folds
+        offset += len(rows)  # the next class starts where this one ended, so fold sizes stay balanced
+    return folds
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int) -> torch.Tensor:
+    """Multinomial logistic regression (weights with a bias row) by L-BFGS on the full batch."""
+    features = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    weight = torch.zeros(features.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(features @ weight, y) + l2 * weight[:-1].square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach()
+
+
+def linear_probe(
+    embeddings_ND: torch.Tensor | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    num_classes: int,
+    num_folds: int = 5,
+    l2: float = 1e-3,
+    seed: int = 0,
+    max_iter: int = 200,
+) -> float:
+    """k-fold cross-validated accuracy of a linear classifier on frozen embeddings.
+
+    Features are standardised with the training folds' mean and standard deviation, so the result does not
+    depend on the embeddings' scale (a student and its teacher are compared on equal terms).
+
+    Args:
+        embeddings_ND: one embedding per labelled text.
+        labels: class index of each text.
+        num_classes: C.
+        num_folds: k; every row is scored exactly once, by the classifier that did not see it.
+        l2: L2 penalty on the (standardised) weights.
+        seed: fold assignment.
+        max_iter: L-BFGS iterations per fold.
+
+    Returns:
+        Accuracy over all rows.
+    """
+    x = torch.as_tensor(np.asarray(embeddings_ND), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{x.shape[0]} embeddings but {y.shape[0]} labels")
+    if num_folds < 2 or x.shape[0] < num_folds:
+        raise ValueError(f"the probe needs num_folds >= 2 and at least num_folds rows, got {num_folds}, {x.shape[0]}")
+    folds = torch.as_tensor(stratified_folds(y.numpy(), num_folds, seed))
+    correct = 0
+    for fold in range(num_folds):
+        test = folds == fold
+        train_x, train_y = x[~test], y[~test]
+        mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
+        weight = _fit_logistic((train_x - mean) / std, train_y, num_classes, l2, max_iter)
+        test_x = torch.cat([(x[test] - mean) / std, torch.ones(int(test.sum()), 1, dtype=x.dtype)], dim=1)
+        correct += int(((test_x @ weight).argmax(1) == y[test]).sum())
+    return correct / x.shape[0]
+
+
+@dataclass
+class QualityReport:
+    """Spread and probe of one encoder (``probe`` is None without labelled texts)."""
+
+    spread: float
+    probe: float | None = None
+
+
+def collapse_reasons(report: QualityReport, chance: float | None) -> list[str]:
+    """Why ``report`` looks like a collapsed encoder (empty when it does not).
+
+    Args:
+        report: the encoder's figures.
+        chance: the probe accuracy of always predicting the most frequent class (None: no probe).
+    """
+    reasons = []
+    if report.spread > COLLAPSED_SPREAD:
+        reasons.append(f"embedding spread {report.spread:.3f} > {COLLAPSED_SPREAD} (its sentences all look alike)")
+    if report.probe is not None and chance is not None and report.probe < chance + CHANCE_MARGIN:
+        reasons.append(f"probe accuracy {report.probe:.3f} is near chance ({chance:.3f})")
+    return reasons
+
+
+@dataclass
+class QualityConfig:
+    """Quality signals of the student on held-out text, logged at eval steps (``eval`` section)."""
+
+    every: int | None = doc("optimizer steps between evaluations (null: at the start and the end only)", None)
+    texts: str | None = doc(
+        "held-out texts for spread and probe: a task-data file (TSV/CSV/JSONL/Parquet/datasets dir); "
+        "null: the sequences of data.eval_shards (spread only)",
+        None,
+    )
+    text: str = doc("column of the texts in eval.texts", "text")
+    label: str | None = doc("column of the probe's labels in eval.texts (null: spread only)", "label")
+    max_texts: int = doc("use at most this many texts (the first ones)", 2000)
+    max_length: int = doc("truncate each text to this many pieces", 128)
+    batch_size: int = doc("texts per forward pass", 64)
+    folds: int = doc("folds of the cross-validated linear probe", 5)
+
+    def __post_init__(self):
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"eval.every must be >= 1 or null, got {self.every}")
+        for name in ("max_texts", "max_length", "batch_size"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"eval.{name} must be >= 2, got {getattr(self, name)}")
+        if self.folds < 2:
+            raise ValueError(f"eval.folds must be >= 2, got {self.folds}")
+
+
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+class HeldOutTexts:
+    """Tokenised held-out texts (and optional class labels) on which encoders are compared.
+
+    Args:
+        rows: the tokenised texts.
+        labels: ``(N,)`` class ids, or None (spread only).
+        label_names: the class names behind the ids.
+        source: where the texts came from (for messages).
+        pad_id: the tokenizer's padding id.
+        use_token_types: pass segment ids to the encoder (BERT) or not (RoBERTa).
+    """
+
+    def __init__(
+        self,
+        rows: TokenizedRows,
+        labels: np.ndarray | None,
+        label_names: list[str],
+        source: str,
+        pad_id: int,
+        use_token_types: bool,
+    ):
+        if len(rows) < 2:
+            raise ValueError(f"held-out texts {source}: need at least 2 texts, found {len(rows)}")
+        self.rows, self.labels, self.label_names = rows, labels, label_names
+        self.source, self.pad_id, self.use_token_types = source, pad_id, use_token_types
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def from_file(cls, path: str | Path, tokenizer, cfg: QualityConfig) -> HeldOutTexts:
+        """Texts (and labels, when ``cfg.label`` is set) from a task-data file; labels are sorted names.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: a missing column (naming the file and the columns found), a row without text or label,
+                fewer than 2 classes, or fewer texts than probe folds.
+        """
+        from dist_kd.data.tasks import TaskSpec, read_raw_table
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"eval.texts {path} does not exist (a task-data file of held-out texts)")
+        spec = TaskSpec(name="eval", type="regression", text_a=cfg.text, text_b=None, label=cfg.label, metric="pearson")
+        table, _ = read_raw_table(path, spec)
+        wanted = [cfg.text] + ([cfg.label] if cfg.label else [])
+        missing = [column for column in wanted if column not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"eval.texts {path}: no column {missing[0]!r} (eval.text / eval.label); columns found: "
+                f"{table.column_names}"
+            )
+        table = table.slice(0, cfg.max_texts)
+        texts = table.column(cfg.text).to_pylist()
+        empty = [row for row, text in enumerate(texts) if not text]
+        if empty:
+            raise ValueError(f"eval.texts {path}: rows {empty[:5]} have no text in column {cfg.text!r}")
+        labels, names = None, []
+        if cfg.label:
+            cells = table.column(cfg.label).to_pylist()
+            unlabelled = [row for row, cell in enumerate(cells) if cell is None or cell == ""]
+            if unlabelled:
+                raise ValueError(f"eval.texts {path}: rows {unlabelled[:5]} have no label in column {cfg.label!r}")
+            names = sorted({str(cell) for cell in cells})
+            if len(names) < 2:
+                raise ValueError(f"eval.texts {path}: the probe needs at least 2 classes in {cfg.label!r}, got {names}")
+            labels = np.array([names.index(str(cell)) for cell in cells], dtype=np.int64)
+            if len(labels) < cfg.folds:
+                raise ValueError(f"eval.texts {path}: {len(labels)} texts are fewer than eval.folds={cfg.folds}")
+        rows = tokenize_rows(tokenizer, [str(text) for text in texts], [None] * len(texts), cfg.max_length)
+        return cls(rows, labels, names, str(path), pad_id_of(tokenizer), uses_token_types(tokenizer))
+
+    @classmethod
+    def from_sequences(cls, sequences: list[np.ndarray], tokenizer, source: str) -> HeldOutTexts:
+        """Unlabelled token sequences (held-out corpus shards), spread only."""
+        lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.concatenate(sequences).astype(np.int32) if sequences else np.zeros(0, np.int32)
+        rows = TokenizedRows(ids=ids, types=np.zeros(len(ids), np.int8), offsets=offsets)
+        return cls(rows, None, [], source, pad_id_of(tokenizer), uses_token_types(tokenizer))
+
+    @property
+    def chance(self) -> float | None:
+        """Probe accuracy of always answering the most frequent class (None without labels)."""
+        if self.labels is None:
+            return None
+        return float(np.bincount(self.labels).max() / len(self.labels))
+
+    @torch.no_grad()
+    def embeddings(self, forward: Forward, device: torch.device, batch_size: int) -> torch.Tensor:
+        """``(N, D)`` mean-pooled last states of ``forward`` (a batch -> ``(B, L, D)``), in row order."""
+        from dist_kd.predict import length_batches
+
+        out: torch.Tensor | None = None
+        for batch_rows in length_batches(self.rows.lengths, batch_size):
+            batch = {name: tensor.to(device) for name, tensor in pad_rows(self.rows, batch_rows, self.pad_id).items()}
+            if not self.use_token_types:
+                batch.pop("token_type_ids")
+            pooled = mean_pool(forward(batch), batch["attention_mask"]).cpu()
+            if out is None:
+                out = torch.empty(len(self.rows), pooled.shape[1], dtype=torch.float32)
+            out[torch.from_numpy(batch_rows)] = pooled
+        assert out is not None  # at least 2 rows (checked in __init__)
+        return out
+
+    def report(self, forward: Forward, device: torch.device, batch_size: int, folds: int) -> QualityReport:
+        """Spread (and probe, with labels) of the encoder behind ``forward``."""
+        embeddings = self.embeddings(forward, device, batch_size)
+        probe = None
+        if self.labels is not None:
+            probe = linear_probe(embeddings, self.labels, len(self.label_names), num_folds=folds)
+        return QualityReport(spread=embedding_spread(embeddings), probe=probe)
+
+
+def last_states(model: torch.nn.Module) -> Forward:
+    """A :data:`Forward` over an HF encoder: its last hidden states, in eval mode (restored afterwards)."""
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return model(**batch).last_hidden_state
+        finally:
+            model.train(was_training)
+
+    return forward

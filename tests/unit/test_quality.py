@@ -1,0 +1,140 @@
+"""Quality signals (spread, linear probe, held-out texts) against brute-force references and known values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dist_kd.quality import (
+    HeldOutTexts,
+    QualityConfig,
+    QualityReport,
+    collapse_reasons,
+    embedding_spread,
+    linear_probe,
+    mean_pool,
+    stratified_folds,
+)
+
+
+def test_spread_matches_pairwise_cosines():
+    x = torch.randn(17, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pairs = [
+        torch.nn.functional.cosine_similarity(x[i], x[j], dim=0).item()
+        for i in range(len(x))
+        for j in range(len(x))
+        if i != j
+    ]
+    assert embedding_spread(x) == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
+
+
+def test_spread_known_values():
+    assert embedding_spread(torch.ones(5, 3) * torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(1.0)
+    assert embedding_spread(torch.eye(4)) == pytest.approx(0.0, abs=1e-12)
+    assert embedding_spread(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        embedding_spread(torch.ones(1, 3))
+
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    expected = torch.stack([hidden[0, :2].mean(0), hidden[1, :1].mean(0)])
+    torch.testing.assert_close(mean_pool(hidden, mask), expected)
+
+
+def test_stratified_folds_balance_every_class():
+    labels = np.array([0] * 23 + [1] * 7 + [2] * 50)
+    folds = stratified_folds(labels, 5, seed=3)
+    for label in range(3):
+        counts = np.bincount(folds[labels == label], minlength=5)
+        assert counts.max() - counts.min() <= 1
+    assert np.bincount(folds).max() - np.bincount(folds).min() <= 1
+    assert (stratified_folds(labels, 5, seed=3) == folds).all()
+
+
+def test_probe_separates_separable_classes_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=150)
+    centres = rng.normal(size=(3, 8)) * 4
+    separable = centres[labels] + rng.normal(size=(150, 8)) * 0.3
+    assert linear_probe(separable, labels, 3) == 1.0
+    noise = rng.normal(size=(150, 8))
+    assert linear_probe(noise, labels, 3) < 0.55  # chance is about 1/3
+
+
+def test_probe_is_scale_invariant():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, size=80)
+    x = rng.normal(size=(80, 5)) + labels[:, None] * 0.7
+    assert linear_probe(x, labels, 2) == linear_probe(x * 1000.0 + 5.0, labels, 2)
+
+
+def test_collapse_reasons():
+    assert collapse_reasons(QualityReport(spread=0.3, probe=0.9), chance=0.25) == []
+    assert "spread" in collapse_reasons(QualityReport(spread=0.99, probe=0.9), chance=0.25)[0]
+    assert "chance" in collapse_reasons(QualityReport(spread=0.3, probe=0.27), chance=0.25)[0]
+    assert collapse_reasons(QualityReport(spread=0.3), chance=None) == []
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_heldout_texts_from_file(tiny_bert_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dist_kd.testing import topic_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    path = _write_jsonl(tmp_path / "probe.jsonl", topic_examples(40, seed=1))
+    texts = HeldOutTexts.from_file(path, tokenizer, QualityConfig(max_texts=30))
+    assert len(texts) == 30 and texts.label_names == ["business", "politics", "sport"]
+    assert texts.chance == pytest.approx(np.bincount(texts.labels).max() / 30)
+    unlabelled = HeldOutTexts.from_file(path, tokenizer, QualityConfig(label=None))
+    assert unlabelled.labels is None and unlabelled.chance is None
+
+
+def test_heldout_texts_errors_name_the_file_and_column(tiny_bert_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    path = _write_jsonl(tmp_path / "probe.jsonl", [{"sentence": "a b", "label": "x"}] * 6)
+    with pytest.raises(ValueError, match=r"probe\.jsonl: no column 'text'.*sentence"):
+        HeldOutTexts.from_file(path, tokenizer, QualityConfig())
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        HeldOutTexts.from_file(path, tokenizer, QualityConfig(text="sentence"))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        HeldOutTexts.from_file(tmp_path / "nope.jsonl", tokenizer, QualityConfig())
+    with pytest.raises(ValueError, match="eval.every"):
+        QualityConfig(every=0)
+
+
+def test_report_of_a_copy_equals_the_original(tiny_bert_dir, tmp_path):
+    """Two encoders with the same weights give the same figures; the spread matches a direct computation."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from dist_kd.quality import last_states
+    from dist_kd.testing import topic_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = HeldOutTexts.from_file(
+        _write_jsonl(tmp_path / "p.jsonl", topic_examples(30, seed=2)), tokenizer, QualityConfig()
+    )
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    model.train()
+    report = texts.report(last_states(model), torch.device("cpu"), batch_size=7, folds=3)
+    assert model.training, "the model's mode is restored"
+    again = texts.report(last_states(AutoModel.from_pretrained(tiny_bert_dir)), torch.device("cpu"), 30, 3)
+    assert report.spread == pytest.approx(again.spread, abs=1e-5) and report.probe == again.probe
+    with torch.no_grad():
+        rows = [json.loads(line)["text"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+        enc = tokenizer(rows, padding=True, return_tensors="pt")
+        pooled = mean_pool(model.eval()(**enc).last_hidden_state, enc["attention_mask"])
+    assert report.spread == pytest.approx(embedding_spread(pooled), abs=1e-5)
+    assert not math.isnan(report.probe)
