@@ -82,6 +82,45 @@ def hidden_mse(
     return total / (mask_BL.sum() * width).clamp_min(1.0)
 
 
+def hidden_variance(hidden_BLD: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Variance of states over the real tokens, averaged over features: the MSE of the best constant guess.
+
+    Args:
+        hidden_BLD: ``(B, L, D)``.
+        attention_mask: ``(B, L)``, 1 for real tokens; None means all real.
+
+    Returns:
+        Scalar fp32 ``mean_d Var_{real tokens}(h_d)``; dividing :func:`hidden_mse` by the teacher's value
+        gives the fraction of the teacher's variation the student misses, whatever the layer's scale.
+    """
+    batch, length, _ = hidden_BLD.shape
+    mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), hidden_BLD.device)
+    weight = mask_BL[:, :, None]
+    count = mask_BL.sum().clamp_min(1.0)
+    values = hidden_BLD.float()
+    mean_D = (values * weight).sum((0, 1)) / count
+    return ((values - mean_D).square() * weight).sum() / (count * hidden_BLD.shape[-1])
+
+
+def score_variance(scores_BHLL: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Variance of attention scores over the real (query, key) pairs of each head, averaged over heads.
+
+    Args:
+        scores_BHLL: ``(B, H, L, L)``.
+        attention_mask: ``(B, L)``, 1 for real tokens; None means all real.
+
+    Returns:
+        Scalar fp32, the :func:`attention_mse` of predicting each head's mean score everywhere.
+    """
+    batch, heads, length, _ = scores_BHLL.shape
+    mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), scores_BHLL.device)
+    pair_B1LL = (mask_BL[:, :, None] * mask_BL[:, None, :])[:, None]
+    count = pair_B1LL.sum().clamp_min(1.0)
+    values = scores_BHLL.float()
+    mean_H = (values * pair_B1LL).sum((0, 2, 3)) / count
+    return ((values - mean_H[None, :, None, None]).square() * pair_B1LL).sum() / (count * heads)
+
+
 def soft_cross_entropy(
     student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

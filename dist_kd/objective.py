@@ -5,6 +5,12 @@
 The per-layer terms are summed over the M student layers, as in the paper (``L = sum_m lambda_m L(m)``)
 and the reference implementation. Terms whose weight is 0 are not computed at all (general
 distillation has no prediction loss; a prediction-only task stage needs no attention scores).
+
+``normalize: variance`` divides each layer's MSE by the teacher's variance at that layer in the batch
+(``hidden_variance`` / ``score_variance``, no gradient), so each term is the share of the teacher's variation
+the student misses. With raw MSE a layer's weight in the sum is its scale: all-MiniLM-L6-v2's last layer
+has a fifth of the variance of its middle layers and its raw scores dwarf every state term, so a student's
+last layer (the one every downstream use reads) gets almost no signal and collapses (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import torch
 
 from dist_kd.config import doc
 from dist_kd.layer_map import layer_map as build_layer_map
-from dist_kd.losses import attention_mse, hidden_mse, soft_cross_entropy
+from dist_kd.losses import attention_mse, hidden_mse, hidden_variance, score_variance, soft_cross_entropy
 from dist_kd.models.capture import EncoderFeatures
-from dist_kd.models.student import Projections
+from dist_kd.models.student import Projections, SelectedDimensions
 
 TERMS = ("embd", "hidden", "attn", "pred")
+NORMALIZATIONS = ("none", "variance")
 
 
 @dataclass
@@ -44,15 +51,24 @@ class DistillConfig:
     layer_map: str | list[int] = doc("uniform | top | bottom | an explicit list of teacher layers", "uniform")
     temperature: float = doc("softmax temperature t for the prediction loss (student and teacher alike)", 1.0)
     weights: LossWeights = doc("loss term weights", default_factory=LossWeights)
-    projection: str = doc("auto (W_e/W_h only when widths differ) | always", "auto")
+    projection: str = doc(
+        "auto (learnt W_e/W_h when widths differ) | always (learnt, even at equal widths) | select (no learnt "
+        "map: student dimension k against a fixed, evenly spaced teacher dimension)",
+        "auto",
+    )
+    normalize: str = doc(
+        "none (TinyBERT's raw MSE per layer) | variance (each layer's MSE over the teacher's variance there)", "none"
+    )
 
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
         if isinstance(self.layer_map, str) and self.layer_map not in ("uniform", "top", "bottom"):
             raise ValueError(f"distill.layer_map must be uniform | top | bottom | a list, got {self.layer_map!r}")
-        if self.projection not in ("auto", "always"):
-            raise ValueError(f"distill.projection must be auto | always, got {self.projection!r}")
+        if self.projection not in ("auto", "always", "select"):
+            raise ValueError(f"distill.projection must be auto | always | select, got {self.projection!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"distill.normalize must be one of {list(NORMALIZATIONS)}, got {self.normalize!r}")
 
     def mapping(self, num_teacher_layers: int, num_student_layers: int) -> list[int]:
         """g(1..M) for this config."""
@@ -65,10 +81,11 @@ def tinybert_objective(
     mapping: list[int],
     attention_mask: torch.Tensor | None,
     weights: LossWeights,
-    projections: Projections | None = None,
+    projections: Projections | SelectedDimensions | None = None,
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     temperature: float = 1.0,
+    normalize: str = "none",
 ) -> dict[str, torch.Tensor]:
     """Weighted TinyBERT loss and each of its terms.
 
@@ -78,33 +95,39 @@ def tinybert_objective(
         mapping: g(1..M), 1-based teacher layers.
         attention_mask: ``(B, L)``, 1 for real tokens.
         weights: per-term weights; a 0 weight skips the term.
-        projections: W_e/W_h, or None when the widths match.
+        projections: W_e/W_h, the fixed selected teacher dimensions, or None when the widths match.
         student_logits: ``(B, C)`` for the prediction loss.
         teacher_logits: ``(B, C)`` for the prediction loss; softmax at ``temperature`` gives the targets.
         temperature: t, applied to student and teacher logits alike.
+        normalize: ``none`` | ``variance`` (each layer term divided by the teacher's variance there).
 
     Returns:
         ``{"loss": total, "embd": ..., "hidden": ..., "attn": ..., "pred": ...}`` (fp32 scalars; only the
         terms with a positive weight).
     """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
+    relative = normalize == "variance"
+
+    def state_term(m, student_BLD, teacher_BLD):
+        if projections is not None:
+            student_BLD, teacher_BLD = projections.compare(m, student_BLD, teacher_BLD)
+        loss = hidden_mse(student_BLD, teacher_BLD, attention_mask)
+        return loss / hidden_variance(teacher_BLD, attention_mask).clamp_min(1e-12) if relative else loss
+
+    def score_term(student_BHLL, teacher_BHLL):
+        loss = attention_mse(student_BHLL, teacher_BHLL, attention_mask)
+        return loss / score_variance(teacher_BHLL, attention_mask).clamp_min(1e-12) if relative else loss
+
     terms: dict[str, torch.Tensor] = {}
     if weights.embd > 0:
-        w_e = projections.embedding if projections is not None else None
-        terms["embd"] = hidden_mse(student.embeddings, teacher.embeddings, attention_mask, w_e)
+        terms["embd"] = state_term(0, student.embeddings, teacher.embeddings)
     if weights.hidden > 0:
         terms["hidden"] = sum(
-            hidden_mse(
-                student.hidden[m],
-                teacher.hidden[n],
-                attention_mask,
-                projections.layer(m) if projections is not None else None,
-            )
-            for m, n in enumerate(mapping, start=1)
+            state_term(m, student.hidden[m], teacher.hidden[n]) for m, n in enumerate(mapping, start=1)
         )
     if weights.attn > 0:
-        terms["attn"] = sum(
-            attention_mse(student.scores[m], teacher.scores[n], attention_mask) for m, n in enumerate(mapping, start=1)
-        )
+        terms["attn"] = sum(score_term(student.scores[m], teacher.scores[n]) for m, n in enumerate(mapping, start=1))
     if weights.pred > 0:
         if student_logits is None or teacher_logits is None:
             raise ValueError("distill.weights.pred > 0 needs student and teacher logits")

@@ -1,9 +1,11 @@
 """Students: construction from the teacher's config, initialisation, and projections to the teacher width.
 
 A student is an HF encoder of the teacher's architecture with fewer/narrower layers (built from the
-teacher's config with overrides) or any encoder from an HF directory. ``init: teacher`` copies the
-embeddings and the mapped teacher layers g(1..M); it needs equal widths, since a 768-wide layer has no
-meaningful copy in 312 dimensions.
+teacher's config with overrides) or any encoder from an HF directory. ``init: teacher`` starts it from the
+teacher: embeddings, pooler and the mapped teacher layers g(1..M), copied where widths match and cut to a
+consistent subset of the teacher's units where the student is narrower (weight selection). A narrow student
+trained from random init on a small budget learns to match the teacher's mean state and little else; one
+cut from the teacher starts with sentence embeddings that already separate topics (docs/quality.md).
 
 The projections W_e (embeddings) and W_h (one per student layer, or one shared) map student states to
 the teacher width for the hidden-state losses. They train with the student inside the engine but are
@@ -40,9 +42,18 @@ class StudentConfig:
     num_heads: int = doc("attention heads (must equal the teacher's for the attention loss)", 12)
     intermediate_size: int = doc("feed-forward width", 1200)
     dropout: float = doc("hidden and attention dropout", 0.1)
-    init: str = doc("random | teacher (copy embeddings and the mapped teacher layers; needs equal widths)", "random")
+    init: str = doc(
+        "random | teacher (embeddings, pooler and the mapped layers g(m) from the teacher; a narrower student "
+        "takes a consistent subset of the teacher's units)",
+        "random",
+    )
     path: str | None = doc("start from this HF directory instead of building from the teacher's config", None)
     shared_projection: bool = doc("one W_h shared by all layers instead of one per layer", False)
+    calibrate: bool = doc(
+        "with init teacher: match each state dimension's mean and std to the teacher's on a few corpus batches",
+        True,
+    )
+    calibration_batches: int = doc("micro-batches of the corpus used by student.calibrate", 8)
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -56,6 +67,8 @@ class StudentConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"student.dropout must be in [0, 1), got {self.dropout}")
+        if self.calibration_batches < 1:
+            raise ValueError(f"student.calibration_batches must be >= 1, got {self.calibration_batches}")
 
 
 def student_config_from_teacher(teacher_config, cfg: StudentConfig):
@@ -82,24 +95,206 @@ def check_heads(teacher_heads: int, student_heads: int) -> None:
         )
 
 
-def copy_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]) -> None:
-    """Initialise the student's embeddings and layer m from the teacher's embeddings and layer g(m).
+def evenly_spaced(total: int, count: int) -> torch.Tensor:
+    """``count`` of ``range(total)`` spread evenly, first one included: ``floor(k * total / count)``."""
+    if not 1 <= count <= total:
+        raise ValueError(f"cannot select {count} of {total} units")
+    return torch.tensor([k * total // count for k in range(count)], dtype=torch.long)
+
+
+@dataclass
+class UnitSelection:
+    """Which teacher units each student unit takes over (weight selection).
+
+    Attributes:
+        residual: teacher hidden dimensions kept, one per student hidden dimension (the same set in every
+            matrix that reads or writes the residual stream, so the layers stay consistent).
+        inner: teacher query/key/value dimensions kept (whole heads chosen evenly, then evenly within each).
+        ffn: teacher feed-forward units kept.
+    """
+
+    residual: torch.Tensor
+    inner: torch.Tensor
+    ffn: torch.Tensor
+
+
+def unit_selection(student_config, teacher_config) -> UnitSelection:
+    """The consistent subsets of teacher units for a student no wider than its teacher.
 
     Raises:
-        ValueError: the widths differ, so there is nothing to copy into.
+        ValueError: a student dimension exceeds the teacher's (there is nothing to select it from).
     """
-    s_cfg, t_cfg = student.config, teacher.config
+    shape = {}
     for name in ("hidden_size", "intermediate_size", "num_attention_heads"):
-        if getattr(s_cfg, name) != getattr(t_cfg, name):
+        s_value, t_value = getattr(student_config, name), getattr(teacher_config, name)
+        if s_value > t_value:
             raise ValueError(
-                f"student.init=teacher copies teacher layers, so the student's {name} ({getattr(s_cfg, name)}) must "
-                f"equal the teacher's ({getattr(t_cfg, name)}); use student.init=random for a narrower student"
+                f"student.init=teacher takes the student's units from the teacher's, so the student's {name} "
+                f"({s_value}) must not exceed the teacher's ({t_value}); use student.init=random for a wider student"
             )
-    student.embeddings.load_state_dict(teacher.embeddings.state_dict())
-    _, _, s_layers = find_layer_list(student)
-    _, _, t_layers = find_layer_list(teacher)
-    for m, n in enumerate(mapping, start=1):
-        s_layers[m - 1].load_state_dict(t_layers[n - 1].state_dict())
+        shape[name] = (s_value, t_value)
+    (s_heads, t_heads) = shape["num_attention_heads"]
+    s_head_dim = student_config.hidden_size // s_heads
+    t_head_dim = teacher_config.hidden_size // t_heads
+    if s_head_dim > t_head_dim:
+        raise ValueError(
+            f"student.init=teacher: the student's heads are {s_head_dim} wide, wider than the teacher's "
+            f"{t_head_dim}; use more student heads or student.init=random"
+        )
+    within = evenly_spaced(t_head_dim, s_head_dim)
+    inner = torch.cat([head * t_head_dim + within for head in evenly_spaced(t_heads, s_heads).tolist()])
+    return UnitSelection(
+        residual=evenly_spaced(teacher_config.hidden_size, student_config.hidden_size),
+        inner=inner,
+        ffn=evenly_spaced(teacher_config.intermediate_size, student_config.intermediate_size),
+    )
+
+
+# Linear layers of BERT-style encoders (BERT, RoBERTa, XLM-R, ELECTRA) whose output (rows) or input
+# (columns) dimensions are attention-inner dimensions rather than residual ones. They matter only when the
+# student has fewer heads than its teacher; otherwise evenly spaced inner and residual subsets coincide.
+_INNER_ROWS = ("attention.self.query.", "attention.self.key.", "attention.self.value.")
+_INNER_COLUMNS = ("attention.output.dense.",)
+
+
+def _layer_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the encoder's transformer layers (``encoder.layer.`` in BERT)."""
+    _, _, layers = find_layer_list(model)
+    name = next(name for name, module in model.named_modules() if module is layers)
+    return f"{name}."
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]) -> UnitSelection:
+    """Initialise the student from the teacher: embeddings, pooler and student layer m from teacher layer g(m).
+
+    Where the student is narrower (hidden, feed-forward or head width, head count), every teacher matrix
+    is cut to a consistent subset of its units (weight selection, Xu et al. 2023): the same residual
+    dimensions everywhere, whole heads and evenly spaced dimensions within each head, evenly spaced
+    feed-forward units. Nothing is rescaled: LayerNorm re-normalises the kept dimensions, and measured on
+    all-MiniLM-L6-v2 -> 3 x 192, rescaling the cut sums made every layer's states less like the teacher's.
+    With equal widths this is an exact copy of the mapped layers.
+
+    Returns:
+        The selection used (the projections W_e/W_h start as its transpose).
+
+    Raises:
+        ValueError: the student is wider than the teacher somewhere, or its parameters do not match the
+            teacher's names (another architecture).
+    """
+    selection = unit_selection(student.config, teacher.config)
+    heads_differ = student.config.num_attention_heads != teacher.config.num_attention_heads
+    s_prefix, t_prefix = _layer_prefix(student), _layer_prefix(teacher)
+    t_state = teacher.state_dict()
+    s_hidden, t_hidden = student.config.hidden_size, teacher.config.hidden_size
+    s_ffn, t_ffn = student.config.intermediate_size, teacher.config.intermediate_size
+    new_state = {}
+    for name, value in student.state_dict().items():
+        t_name = name
+        if name.startswith(s_prefix):
+            index, rest = name[len(s_prefix) :].split(".", 1)
+            t_name = f"{t_prefix}{mapping[int(index)] - 1}.{rest}"
+        if t_name not in t_state:
+            raise ValueError(f"student.init=teacher: the teacher has no parameter {t_name} for the student's {name}")
+        source = t_state[t_name]
+        for axis, (s_size, t_size) in enumerate(zip(value.shape, source.shape)):
+            if s_size == t_size:
+                continue
+            inner = heads_differ and any(key in name for key in (_INNER_COLUMNS if axis else _INNER_ROWS))
+            if (s_size, t_size) == (s_hidden, t_hidden):
+                keep = selection.inner if inner else selection.residual
+            elif (s_size, t_size) == (s_ffn, t_ffn):
+                keep = selection.ffn
+            else:
+                raise ValueError(
+                    f"student.init=teacher: cannot select the teacher's {t_name} {tuple(source.shape)} down to "
+                    f"{tuple(value.shape)} (axis {axis} is neither the hidden nor the feed-forward width)"
+                )
+            source = source.index_select(axis, keep.to(source.device))
+        new_state[name] = source.to(value.dtype)
+    student.load_state_dict(new_state)
+    return selection
+
+
+def _output_layer_norm(module: nn.Module) -> nn.Module | None:
+    """The last LayerNorm registered in ``module`` (in post-LN encoders, the one that produces its output)."""
+    norms = [child for child in module.modules() if isinstance(child, nn.LayerNorm)]
+    return norms[-1] if norms else None
+
+
+def _keep_output(store: dict):
+    def hook(module, inputs, output):
+        store["out"] = output
+
+    return hook
+
+
+@torch.no_grad()
+def calibrate_to_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
+    mapping: list[int],
+    batches: list[dict[str, torch.Tensor]],
+    residual: torch.Tensor | None = None,
+) -> list[float]:
+    """Match the mean and standard deviation of every student state dimension to the teacher's.
+
+    A student cut from the teacher runs teacher layer g(m) on the output of student layer m-1, not on
+    what that layer saw in the teacher, so its states drift in scale and gather a large component shared by
+    every token; Adam, moving each weight by about the learning rate per step, needs thousands of steps to
+    undo that. For the embeddings and each layer m, in order, this rescales the output LayerNorm's gain and
+    shifts its bias so that, on ``batches``, each dimension of the student's state has the mean and
+    standard deviation of its teacher dimension (layer g(m), dimension ``residual[k]``): the same
+    correction as re-estimating normalisation statistics after pruning.
+
+    Args:
+        student: the student encoder (post-LN: every layer ends in a LayerNorm).
+        teacher: the teacher encoder (at least g(M) layers).
+        mapping: g(1..M).
+        batches: ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) batches on the models' device.
+        residual: the teacher dimension of each student dimension (None: the widths are equal).
+
+    Returns:
+        The relative MSE (MSE over the teacher's variance) of each state, embeddings first, after calibration.
+
+    Raises:
+        ValueError: a layer's output is not the output of a LayerNorm (a pre-LN encoder).
+    """
+    _, _, layers = find_layer_list(student)
+    norms = [_output_layer_norm(student.embeddings), *(_output_layer_norm(layer) for layer in layers)]
+    was_training = student.training
+    student.eval()
+    teacher_states = []
+    for batch in batches:
+        states = teacher(**batch, output_hidden_states=True).hidden_states
+        teacher_states.append([states[n].float() for n in [0, *mapping]])
+    errors = []
+    try:
+        for index, norm in enumerate(norms):
+            student_rows, teacher_rows = [], []
+            for batch, targets in zip(batches, teacher_states, strict=True):
+                real = batch["attention_mask"].bool()
+                captured: dict[str, torch.Tensor] = {}
+                handle = None if norm is None else norm.register_forward_hook(_keep_output(captured))
+                states = student(**batch, output_hidden_states=True).hidden_states[index]
+                if handle is not None:
+                    handle.remove()
+                if norm is None or not torch.equal(captured["out"], states):
+                    raise ValueError(
+                        f"student.calibrate: state {index} of {type(student).__name__} is not the output of a "
+                        "LayerNorm (a pre-LN encoder?); set student.calibrate=false"
+                    )
+                student_rows.append(states.float()[real])
+                target = targets[index][real]
+                teacher_rows.append(target if residual is None else target.index_select(-1, residual.to(target.device)))
+            s_rows, t_rows = torch.cat(student_rows), torch.cat(teacher_rows)
+            scale = t_rows.std(0) / s_rows.std(0).clamp_min(1e-6)
+            norm.weight.mul_(scale.to(norm.weight.dtype))
+            norm.bias.copy_((scale * (norm.bias.float() - s_rows.mean(0)) + t_rows.mean(0)).to(norm.bias.dtype))
+            corrected = (s_rows - s_rows.mean(0)) * scale + t_rows.mean(0)
+            errors.append(float((corrected - t_rows).square().mean() / t_rows.var(0, unbiased=False).mean()))
+    finally:
+        student.train(was_training)
+    return errors
 
 
 def build_student(
@@ -130,7 +325,7 @@ def build_student(
         if cfg.init == "teacher":
             if teacher_model is None or mapping is None:
                 raise ValueError("student.init=teacher needs the teacher model and the layer mapping")
-            copy_from_teacher(model, teacher_model, mapping)
+            init_from_teacher(model, teacher_model, mapping)
     model = model.float()
     model.train()
     return model
@@ -144,18 +339,62 @@ class Projections(nn.Module):
         teacher_width: d_T.
         num_layers: M, the number of student layers (one W_h each unless ``shared``).
         shared: one W_h for all layers.
+        bias: give each map a bias. Without one, a constant the student adds to every state reaches the
+            loss (W c) instead of being cancelled by the bias, so the student cannot drift into a large common
+            component that the loss never sees (docs/quality.md).
     """
 
-    def __init__(self, student_width: int, teacher_width: int, num_layers: int, shared: bool = False):
+    def __init__(
+        self, student_width: int, teacher_width: int, num_layers: int, shared: bool = False, bias: bool = True
+    ):
         super().__init__()
-        self.embedding = nn.Linear(student_width, teacher_width)
+        self.embedding = nn.Linear(student_width, teacher_width, bias=bias)
         count = 1 if shared else num_layers
-        self.layers = nn.ModuleList(nn.Linear(student_width, teacher_width) for _ in range(count))
+        self.layers = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=bias) for _ in range(count))
         self.shared = shared
 
     def layer(self, m: int) -> nn.Linear:
         """W_h for student layer m (1-based)."""
         return self.layers[0 if self.shared else m - 1]
+
+    def compare(self, m: int, student_BLD: torch.Tensor, teacher_BLD: torch.Tensor):
+        """The pair the state loss of layer m (0: embeddings) compares: W student, teacher."""
+        linear = self.embedding if m == 0 else self.layer(m)
+        return linear(student_BLD.to(linear.weight.dtype)), teacher_BLD
+
+    @torch.no_grad()
+    def init_as_selection(self, residual: torch.Tensor) -> None:
+        """Start every projection as the transpose of the weight selection: student dimension k goes back to
+        teacher dimension ``residual[k]``, the other teacher dimensions start at 0 (and are learnt).
+
+        A randomly initialised W_h would send random gradients into a student that already sits close to
+        the teacher on the kept dimensions.
+        """
+        for linear in (self.embedding, *self.layers):
+            linear.weight.zero_()
+            linear.bias.zero_()
+            linear.weight[residual.to(linear.weight.device), torch.arange(len(residual))] = 1.0
+
+
+class SelectedDimensions(nn.Module):
+    """``distill.projection: select``: no learnt map; student dimension k is compared with teacher dimension
+    ``residual[k]`` (the weight-selection subset), in every layer.
+
+    A learnt W_h lets the student hide a large common component in directions W_h maps to almost nothing:
+    the loss never sees it, and the student's sentence embeddings collapse onto it (docs/quality.md). Tied
+    to fixed teacher dimensions, every direction of the student's states is held to the teacher's.
+
+    Args:
+        residual: ``(d_S,)`` teacher dimensions, one per student dimension.
+    """
+
+    def __init__(self, residual: torch.Tensor):
+        super().__init__()
+        self.register_buffer("residual", residual.clone().long(), persistent=False)
+
+    def compare(self, m: int, student_BLD: torch.Tensor, teacher_BLD: torch.Tensor):
+        """The pair the state loss of layer m compares: the student, the teacher's selected dimensions."""
+        return student_BLD, teacher_BLD.index_select(-1, self.residual.to(teacher_BLD.device))
 
 
 class DistillStudent(nn.Module):
@@ -164,7 +403,7 @@ class DistillStudent(nn.Module):
     ``forward`` returns the student's features for the distillation losses; only ``student`` is exported.
     """
 
-    def __init__(self, student: nn.Module, projections: Projections | None):
+    def __init__(self, student: nn.Module, projections: Projections | SelectedDimensions | None):
         super().__init__()
         self.student = student
         self.projections = projections
@@ -181,9 +420,27 @@ class DistillStudent(nn.Module):
 
 
 def build_projections(
-    student_width: int, teacher_width: int, num_layers: int, shared: bool = False, always: bool = False
-):
-    """Projections when the widths differ (or ``always``); None when states can be compared directly."""
+    student_width: int,
+    teacher_width: int,
+    num_layers: int,
+    shared: bool = False,
+    always: bool = False,
+    select: bool = False,
+) -> Projections | SelectedDimensions | None:
+    """How student states meet teacher states in the state losses.
+
+    Returns:
+        None when the widths match (and not ``always``): states are compared directly. Otherwise learnt
+        projections W_e/W_h, or with ``select`` the fixed :class:`SelectedDimensions` (evenly spaced teacher
+        dimensions, the subset ``student.init: teacher`` copies).
+    """
     if student_width == teacher_width and not always:
         return None
+    if select:
+        if student_width > teacher_width:
+            raise ValueError(
+                f"distill.projection=select compares each student dimension with one teacher dimension, so the "
+                f"student ({student_width}) must not be wider than the teacher ({teacher_width})"
+            )
+        return SelectedDimensions(evenly_spaced(teacher_width, student_width))
     return Projections(student_width, teacher_width, num_layers, shared)

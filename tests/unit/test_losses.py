@@ -12,7 +12,9 @@ from dist_kd.losses import (
     ensemble_probs,
     hard_label_loss,
     hidden_mse,
+    hidden_variance,
     prediction_loss,
+    score_variance,
     soft_cross_entropy,
 )
 
@@ -97,6 +99,30 @@ def test_hidden_mse_matches_reference_with_projection():
 def test_hidden_mse_width_mismatch_without_projection_is_clear():
     with pytest.raises(ValueError, match="projection"):
         hidden_mse(torch.zeros(1, 2, 3), torch.zeros(1, 2, 5), None)
+
+
+def test_hidden_variance_matches_per_feature_variance_of_real_tokens():
+    torch.manual_seed(5)
+    h = torch.randn(3, 6, 4) * torch.tensor([1.0, 3.0, 0.5, 10.0]) + 7.0
+    lengths = [6, 2, 4]
+    real = torch.cat([h[b, :n] for b, n in enumerate(lengths)])  # (tokens, D)
+    expected = real.var(dim=0, unbiased=False).mean()
+    assert hidden_variance(h, _mask(3, 6, lengths)).item() == pytest.approx(expected.item(), rel=1e-5)
+    # it is the hidden_mse of the best constant guess: the real tokens' mean state
+    guess = real.mean(0).expand_as(h)
+    assert hidden_mse(guess, h, _mask(3, 6, lengths)).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_score_variance_matches_per_head_variance_of_real_pairs():
+    torch.manual_seed(6)
+    scores = torch.randn(2, 3, 5, 5) * torch.tensor([1.0, 4.0, 0.2])[None, :, None, None] + 2.0
+    lengths = [5, 3]
+    per_head = []
+    for head in range(3):
+        real = torch.cat([scores[b, head, :n, :n].reshape(-1) for b, n in enumerate(lengths)])
+        per_head.append(real.var(unbiased=False))
+    expected = torch.stack(per_head).mean()
+    assert score_variance(scores, _mask(2, 5, lengths)).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_soft_cross_entropy_matches_reference_and_temperature():

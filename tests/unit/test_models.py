@@ -168,6 +168,54 @@ def test_exact_copy_of_real_teacher_on_real_text():
         assert losses[name].item() < 1e-8, name
 
 
+def test_variance_normalisation_is_raw_mse_over_teacher_variance_and_scale_free():
+    from dist_kd.losses import attention_mse, hidden_mse, hidden_variance, score_variance
+    from dist_kd.models.capture import EncoderFeatures
+
+    torch.manual_seed(3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+    def features(scale):
+        return EncoderFeatures(
+            embeddings=torch.randn(2, 4, 8) * scale,
+            hidden={n: torch.randn(2, 4, 8) * scale * n for n in (1, 2)},
+            scores={n: torch.randn(2, 2, 4, 4) * scale * n for n in (1, 2)},
+        )
+
+    def scaled(features, factor):
+        return EncoderFeatures(
+            features.embeddings * factor,
+            {n: h * factor for n, h in features.hidden.items()},
+            {n: a * factor for n, a in features.scores.items()},
+        )
+
+    student, teacher = features(1.0), features(3.0)
+    relative = tinybert_objective(student, teacher, [1, 2], mask, LossWeights(), normalize="variance")
+    expected = {
+        "embd": hidden_mse(student.embeddings, teacher.embeddings, mask) / hidden_variance(teacher.embeddings, mask),
+        "hidden": sum(
+            hidden_mse(student.hidden[n], teacher.hidden[n], mask) / hidden_variance(teacher.hidden[n], mask)
+            for n in (1, 2)
+        ),
+        "attn": sum(
+            attention_mse(student.scores[n], teacher.scores[n], mask) / score_variance(teacher.scores[n], mask)
+            for n in (1, 2)
+        ),
+    }
+    for name, value in expected.items():
+        assert relative[name].item() == pytest.approx(value.item(), rel=1e-5), name
+    # scaling student and teacher alike leaves every normalised term as it was; raw terms grow by 10^2
+    raw = tinybert_objective(student, teacher, [1, 2], mask, LossWeights())
+    big = scaled(student, 10.0), scaled(teacher, 10.0)
+    big_relative = tinybert_objective(*big, [1, 2], mask, LossWeights(), normalize="variance")
+    big_raw = tinybert_objective(*big, [1, 2], mask, LossWeights())
+    for name in ("embd", "hidden", "attn"):
+        assert big_relative[name].item() == pytest.approx(relative[name].item(), rel=1e-4), name
+        assert big_raw[name].item() == pytest.approx(100 * raw[name].item(), rel=1e-4), name
+    with pytest.raises(ValueError, match="normalize"):
+        tinybert_objective(student, teacher, [1, 2], mask, LossWeights(), normalize="bogus")
+
+
 def test_gradients_reach_student_and_projections_only(tiny_bert_dir):
     teacher = Teacher(tiny_bert_dir, dtype="fp32", score_layers=[2, 4])
     mapping = layer_map(4, 2)
@@ -196,15 +244,118 @@ def test_shared_projection():
     assert build_projections(32, 32, 3, always=True) is not None
 
 
-def test_head_mismatch_and_width_mismatch_are_clear(tiny_bert_dir):
+def test_head_mismatch_and_wider_student_are_clear(tiny_bert_dir):
     with pytest.raises(ValueError, match="teacher has 12 heads and the student 4"):
         check_heads(12, 4)
     with pytest.raises(ValueError, match="not divisible"):
         StudentConfig(hidden_size=312, num_heads=5)
     teacher = Teacher(tiny_bert_dir, dtype="fp32")
-    cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, init="teacher")
-    with pytest.raises(ValueError, match="hidden_size"):
-        build_student(cfg, teacher.config, teacher.model, [2, 4])
+    wider = StudentConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=32, init="teacher")
+    with pytest.raises(ValueError, match=r"hidden_size \(64\) must not exceed the teacher's \(32\)"):
+        build_student(wider, teacher.config, teacher.model, [2, 4])
+    wide_heads = StudentConfig(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=32, init="teacher")
+    with pytest.raises(ValueError, match="heads are 16 wide, wider than the teacher's 8"):
+        build_student(wide_heads, teacher.config, teacher.model, [2, 4])
+
+
+def _selected_student(teacher_dir, **shape):
+    teacher = Teacher(teacher_dir, dtype="fp32")
+    cfg = StudentConfig(num_layers=2, dropout=0.0, init="teacher", **shape)
+    mapping = layer_map(teacher.num_layers, 2)
+    return teacher.model, build_student(cfg, teacher.config, teacher.model, mapping), mapping
+
+
+def test_weight_selection_takes_the_same_units_from_every_matrix(tiny_bert_dir):
+    """Teacher 32 wide (4 heads of 8), FFN 64 -> student 16 wide (4 heads of 4), FFN 32: every other unit."""
+    teacher, student, mapping = _selected_student(tiny_bert_dir, hidden_size=16, num_heads=4, intermediate_size=32)
+    residual = torch.arange(0, 32, 2)  # evenly spaced: 0, 2, ..., 30
+    inner = torch.tensor([h * 8 + d for h in range(4) for d in (0, 2, 4, 6)])  # every other dim of each head
+    ffn = torch.arange(0, 64, 2)
+    torch.testing.assert_close(
+        student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight[:, residual]
+    )
+    torch.testing.assert_close(student.embeddings.LayerNorm.weight, teacher.embeddings.LayerNorm.weight[residual])
+    torch.testing.assert_close(student.pooler.dense.weight, teacher.pooler.dense.weight[residual][:, residual])
+    for m, n in enumerate(mapping):
+        s_layer, t_layer = student.encoder.layer[m], teacher.encoder.layer[n - 1]
+        query = t_layer.attention.self.query
+        torch.testing.assert_close(s_layer.attention.self.query.weight, query.weight[inner][:, residual])
+        torch.testing.assert_close(s_layer.attention.self.query.bias, query.bias[inner])
+        out = t_layer.attention.output.dense
+        torch.testing.assert_close(s_layer.attention.output.dense.weight, out.weight[residual][:, inner])
+        up = t_layer.intermediate.dense
+        torch.testing.assert_close(s_layer.intermediate.dense.weight, up.weight[ffn][:, residual])
+        down = t_layer.output.dense
+        torch.testing.assert_close(s_layer.output.dense.weight, down.weight[residual][:, ffn])
+        torch.testing.assert_close(s_layer.output.LayerNorm.bias, t_layer.output.LayerNorm.bias[residual])
+
+
+def test_weight_selection_with_fewer_heads_keeps_whole_heads(tiny_bert_dir):
+    """4 heads of 8 -> 2 heads of 8: heads 0 and 2 whole, while the residual keeps every other dimension."""
+    teacher, student, mapping = _selected_student(tiny_bert_dir, hidden_size=16, num_heads=2, intermediate_size=64)
+    inner = torch.tensor([*range(0, 8), *range(16, 24)])
+    residual = torch.arange(0, 32, 2)
+    s_layer, t_layer = student.encoder.layer[0], teacher.encoder.layer[mapping[0] - 1]
+    torch.testing.assert_close(s_layer.attention.self.key.weight, t_layer.attention.self.key.weight[inner][:, residual])
+    torch.testing.assert_close(
+        s_layer.attention.output.dense.weight, t_layer.attention.output.dense.weight[residual][:, inner]
+    )
+    torch.testing.assert_close(s_layer.intermediate.dense.weight, t_layer.intermediate.dense.weight[:, residual])
+
+
+def test_weight_selection_is_exact_when_the_dropped_units_are_silent(tiny_bert_dir):
+    """With the teacher's unkept feed-forward units switched off, the narrower-FFN student computes exactly
+    the teacher's layers: every loss term is 0."""
+    teacher = Teacher(tiny_bert_dir, dtype="fp32", score_layers=[1, 2, 3, 4])
+    dropped = torch.arange(1, 64, 2)
+    with torch.no_grad():
+        for layer in teacher.model.encoder.layer:
+            layer.output.dense.weight[:, dropped] = 0.0
+    mapping = layer_map(4, 4)
+    cfg = StudentConfig(num_layers=4, hidden_size=32, num_heads=4, intermediate_size=32, dropout=0.0, init="teacher")
+    student = DistillStudent(build_student(cfg, teacher.config, teacher.model, mapping), None)
+    ids, mask = _batch(tiny_bert_dir)
+    losses = tinybert_objective(student(ids, mask), teacher.features(ids, mask), mapping, mask, LossWeights())
+    for name in ("embd", "hidden", "attn"):
+        assert losses[name].item() < 1e-10, name
+
+
+def test_calibration_matches_every_state_dimension_to_its_teacher_dimension(tiny_bert_dir):
+    """After calibration, each student state dimension has the mean and std of its teacher dimension on the
+    calibration batches (checked with a fresh forward pass), and the reported errors are those states'."""
+    from dist_kd.models.student import calibrate_to_teacher, unit_selection
+
+    teacher, student, mapping = _selected_student(tiny_bert_dir, hidden_size=16, num_heads=4, intermediate_size=32)
+    ids, mask = _batch(tiny_bert_dir, num=6)
+    batches = [{"input_ids": ids[:3], "attention_mask": mask[:3]}, {"input_ids": ids[3:], "attention_mask": mask[3:]}]
+    residual = unit_selection(student.config, teacher.config).residual
+    student.train()
+    errors = calibrate_to_teacher(student, teacher, mapping, batches, residual)
+    assert student.training, "the student's mode is restored"
+    real = mask.bool()
+    with torch.no_grad():
+        s_states = student.eval()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        t_states = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(errors) == 3
+    for index, n in enumerate([0, *mapping]):
+        s_rows, t_rows = s_states[index][real], t_states[n][real][:, residual]
+        torch.testing.assert_close(s_rows.mean(0), t_rows.mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(s_rows.std(0), t_rows.std(0), atol=1e-4, rtol=1e-4)
+        relative = (s_rows - t_rows).square().mean() / t_rows.var(0, unbiased=False).mean()
+        assert errors[index] == pytest.approx(relative.item(), rel=1e-3)
+
+
+def test_projections_start_as_the_selection_transpose():
+    from dist_kd.models.student import evenly_spaced
+
+    projections = build_projections(3, 7, 2)
+    residual = evenly_spaced(7, 3)
+    assert residual.tolist() == [0, 2, 4]
+    projections.init_as_selection(residual)
+    states = torch.tensor([[1.5, -2.0, 3.0]])
+    expected = torch.tensor([[1.5, 0.0, -2.0, 0.0, 3.0, 0.0, 0.0]])
+    for linear in (projections.embedding, projections.layer(1), projections.layer(2)):
+        torch.testing.assert_close(linear(states), expected)
 
 
 def test_exported_student_has_no_projection_and_loads(tiny_bert_dir, tmp_path):
