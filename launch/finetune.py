@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="micro-batch per rank")
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument(
+        "--group-by-length", action=argparse.BooleanOptionalAction, default=defaults.group_by_length,
+        help="batch rows of similar length together (less padding)",
+    )  # fmt: skip
     parser.add_argument("--precision", default=defaults.precision, help="auto | fp32 | bf16 | fp16")
     parser.add_argument("--deepspeed-config", default=defaults.deepspeed_config, help="DeepSpeed JSON")
     add_task_arguments(parser, metric=True)
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_ratio=args.warmup_ratio,
             batch_size=args.batch_size,
             max_length=args.max_length,
+            group_by_length=args.group_by_length,
             precision=args.precision,
             deepspeed_config=args.deepspeed_config,
         )

@@ -103,6 +103,37 @@ def pad_rows(rows_data: TokenizedRows, rows: Sequence[int] | np.ndarray, pad_id:
     }
 
 
+def length_grouped_order(
+    lengths: np.ndarray, batch_rows: int, rng: np.random.Generator, group_batches: int = 50, first_batch: int = 0
+) -> np.ndarray:
+    """A random order of ``range(len(lengths))`` in which each batch of ``batch_rows`` rows has similar lengths.
+
+    The rows are shuffled, cut into groups of ``group_batches`` batches, sorted by length within each group
+    and cut into batches, and the full batches are shuffled. Every row still comes once per pass, each batch
+    still draws from all over the set, and a padded batch of tweets carries ~95 % real tokens instead of ~60 %.
+
+    Args:
+        lengths: ``(N,)`` pieces per row.
+        batch_rows: rows per batch (all ranks together).
+        rng: the pass's generator (the same on every rank).
+        group_batches: batches per sorting group.
+        first_batch: rows before the first batch boundary (a batch that began in the previous pass ends
+            there; those rows stay random).
+    """
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    head, rest = order[:first_batch], order[first_batch:]
+    group = batch_rows * group_batches
+    for start in range(0, len(rest), group):
+        chunk = rest[start : start + group]
+        rest[start : start + group] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    batches = [rest[start : start + batch_rows] for start in range(0, len(rest), batch_rows)]
+    # A short last batch stays last: it is completed by the next pass's first rows.
+    full = [batch for batch in batches if len(batch) == batch_rows]
+    tail = batches[len(full) :]
+    return np.concatenate([head, *[full[i] for i in rng.permutation(len(full))], *tail]).astype(order.dtype)
+
+
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's padding id (0 when it defines none)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

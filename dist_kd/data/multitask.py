@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_kd.data.encode import TokenizedRows, tokenize_rows
+from dist_kd.data.encode import TokenizedRows, length_grouped_order, tokenize_rows
 from dist_kd.data.tasks import TaskSpec, load_task_examples
 
 logger = logging.getLogger(__name__)
@@ -159,10 +159,20 @@ class TaskSampler:
         weights: sampling weight per task (normalised here).
         seed: the run's seed.
         rows_per_batch: rows one micro-batch takes across all ranks (micro-batch size x world size).
+        lengths: pieces per row of each task; when given, each task's order per epoch groups rows of
+            similar length into the same micro-batch (:func:`length_grouped_order`), which cuts padding.
     """
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int, rows_per_batch: int):
+    def __init__(
+        self,
+        sizes: list[int],
+        weights: list[float],
+        seed: int,
+        rows_per_batch: int,
+        lengths: list[np.ndarray] | None = None,
+    ):
         self.sizes = list(sizes)
+        self.lengths = lengths
         total = float(sum(weights))
         self.probs = np.array([weight / total for weight in weights], dtype=np.float64)
         self.seed = seed
@@ -174,7 +184,15 @@ class TaskSampler:
     def _permutation(self, task: int, epoch: int) -> np.ndarray:
         cached = self._permutations.get(task)
         if cached is None or cached[0] != epoch:
-            cached = (epoch, np.random.default_rng([self.seed, task, epoch]).permutation(self.sizes[task]))
+            rng = np.random.default_rng([self.seed, task, epoch])
+            if self.lengths is None:
+                order = rng.permutation(self.sizes[task])
+            else:
+                # The task's draws start at multiples of rows_per_batch from its position 0: in this epoch
+                # the first boundary comes after (-epoch * size) mod rows_per_batch rows.
+                first = (-epoch * self.sizes[task]) % self.rows_per_batch
+                order = length_grouped_order(self.lengths[task], self.rows_per_batch, rng, first_batch=first)
+            cached = (epoch, order)
             self._permutations[task] = cached
         return cached[1]
 

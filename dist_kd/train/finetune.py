@@ -32,7 +32,14 @@ import torch
 
 from dist_kd import distributed
 from dist_kd.config import doc
-from dist_kd.data.encode import TokenizedRows, pad_id_of, pad_rows, tokenize_rows, uses_token_types
+from dist_kd.data.encode import (
+    TokenizedRows,
+    length_grouped_order,
+    pad_id_of,
+    pad_rows,
+    tokenize_rows,
+    uses_token_types,
+)
 from dist_kd.data.tasks import TaskSpec, load_task_examples
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
@@ -70,6 +77,7 @@ class FinetuneConfig:
     batch_size: int = doc("micro-batch per rank", 32)
     eval_batch_size: int = doc("sequences per dev forward pass", 128)
     max_length: int = doc("truncate inputs to this many pieces", 128)
+    group_by_length: bool = doc("batch rows of similar length together (less padding; still random batches)", True)
     precision: str = doc("auto | fp32 | bf16 | fp16", "auto")
     deepspeed_config: str = doc("DeepSpeed JSON (ZeRO stage, ...)", "ds_configs/zero0.json")
     log_every: int = doc("optimizer steps between metrics.jsonl lines", 10)
@@ -173,7 +181,11 @@ class TeacherTrainer:
         while step < max_steps:
             # Same permutation on every rank (seeded by teacher and epoch); each rank takes its slice of every
             # global batch. Wrapping pads the last batch, so all ranks run the same number of steps.
-            order = np.random.default_rng([self.seed, epoch]).permutation(num_rows)
+            rng = np.random.default_rng([self.seed, epoch])
+            if cfg.group_by_length:
+                order = length_grouped_order(data.rows.lengths, global_batch, rng)
+            else:
+                order = rng.permutation(num_rows)
             order = np.resize(order, math.ceil(num_rows / global_batch) * global_batch)
             for start in range(0, len(order), global_batch):
                 if step >= max_steps:
@@ -257,6 +269,7 @@ def teacher_params(spec: TaskSpec, cfg: FinetuneConfig, index: int) -> dict[str,
                 "clip",
                 "batch_size",
                 "max_length",
+                "group_by_length",
                 "precision",
             )
         },  # fmt: skip

@@ -43,6 +43,7 @@ from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
 from dist_kd.losses import prediction_loss
+from dist_kd.models.student import StudentConfig, student_config_from_teacher, unit_selection
 from dist_kd.models.teacher import check_model_dir
 from dist_kd.objective import tinybert_objective
 from dist_kd.predict import batched_logits, length_batches, write_predictions
@@ -81,7 +82,13 @@ class TaskTrainer:
 
         # --- validate every input before writing anything -------------------------------------------
         student_dir = check_model_dir(cfg.student.path, "student.path")
-        self.student_config = AutoConfig.from_pretrained(student_dir)
+        self.source_config = AutoConfig.from_pretrained(student_dir)
+        self.student_shape = self._new_student_shape()
+        self.student_config = self.source_config
+        if self.student_shape is not None:
+            self.student_config = student_config_from_teacher(self.source_config, self.student_shape)
+            if self.student_shape.init == "teacher":
+                unit_selection(self.student_config, self.source_config)  # a wider student is an error now
         try:
             self.tokenizer = load_tokenizer(student_dir)
         except (OSError, TypeError, ValueError) as err:
@@ -125,8 +132,9 @@ class TaskTrainer:
         if weights[0] is None:
             weights = [float(task.num_rows) for task in self.tasks]
         self.sampler = TaskSampler(
-            [task.num_rows for task in self.tasks], weights, cfg.train.seed, cfg.data.micro_batch_size * info.world_size
-        )
+            [task.num_rows for task in self.tasks], weights, cfg.train.seed, cfg.data.micro_batch_size * info.world_size,
+            lengths=[task.rows.lengths for task in self.tasks] if cfg.data.group_by_length else None,
+        )  # fmt: skip
         self.teachers = self._load_teachers() if self.phase == "intermediate" else {}
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
 
@@ -216,14 +224,41 @@ class TaskTrainer:
             )
         return teachers
 
+    def _new_student_shape(self) -> StudentConfig | None:
+        """``student.init`` random | teacher: the new student (shape, dropout, init); None for pretrained."""
+        student = self.cfg.student
+        if student.init == "pretrained":
+            return None
+        dropout = student.dropout
+        if dropout is None:
+            dropout = getattr(self.source_config, "hidden_dropout_prob", 0.1)
+        shape = StudentConfig(**student.shape(self.source_config), dropout=dropout, init=student.init)
+        if student.init == "teacher" and shape.num_layers > self.source_config.num_hidden_layers:
+            raise ValueError(
+                f"student.init=teacher: student.num_layers {shape.num_layers} exceeds the "
+                f"{self.source_config.num_hidden_layers} layers of student.path"
+            )
+        return shape
+
     def _build_model(self, student_dir: Path) -> torch.nn.Module:
         from dist_kd.models.heads import MultiTaskStudent
-        from dist_kd.models.student import DistillStudent, StudentConfig, build_projections, build_student
+        from dist_kd.models.student import DistillStudent, build_projections, build_student
 
         dropout = self.cfg.student.dropout
         if dropout is None:
             dropout = getattr(self.student_config, "hidden_dropout_prob", 0.1)
-        encoder = build_student(StudentConfig(path=str(student_dir), dropout=dropout), self.student_config)
+        if self.student_shape is None:
+            encoder = build_student(StudentConfig(path=str(student_dir), dropout=dropout), self.student_config)
+        else:
+            source, mapping = None, None
+            if self.student_shape.init == "teacher":
+                from transformers import AutoModel
+
+                from dist_kd.layer_map import layer_map
+
+                source = AutoModel.from_pretrained(student_dir)
+                mapping = layer_map(self.source_config.num_hidden_layers, self.student_shape.num_layers)
+            encoder = build_student(self.student_shape, self.source_config, source, mapping)
         if self.phase == "intermediate":
             teacher = next(iter(self.teachers.values()))
             projections = build_projections(
@@ -231,6 +266,7 @@ class TaskTrainer:
                 teacher.hidden_size,
                 encoder.config.num_hidden_layers,
                 always=self.cfg.distill.projection == "always",
+                select=self.cfg.distill.projection == "select",
             )
             return DistillStudent(encoder, projections)
         tasks = {t.spec.name: (t.spec.num_labels, t.spec.labels if t.spec.type == "classification" else None)
@@ -322,7 +358,7 @@ class TaskTrainer:
         student_features = self.engine(batch["input_ids"], mask, types)
         return tinybert_objective(
             student_features, teacher_features, self.mapping, mask, self.cfg.distill.weights,
-            self.engine.module.projections,
+            self.engine.module.projections, normalize=self.cfg.distill.normalize,
         )  # fmt: skip
 
     def train(self) -> bool:
@@ -412,6 +448,7 @@ class TaskTrainer:
                     module(batch["input_ids"], batch["attention_mask"], types),
                     teacher.features(batch["input_ids"], batch["attention_mask"], types),
                     self.mapping, batch["attention_mask"], self.cfg.distill.weights, module.projections,
+                    normalize=self.cfg.distill.normalize,
                 )  # fmt: skip
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() * len(rows)
@@ -439,6 +476,8 @@ class TaskTrainer:
             self._dev_cache[task.spec.name] = (self.step, logits)
             labels = np.asarray(task.dev_table.column("label").to_pylist())
             metrics = compute_metrics(task.spec.type, task.spec.metric, logits, labels, task.spec.num_labels)
+            if task.spec.type == "classification":
+                metrics["predicted_classes"] = len(np.unique(logits.argmax(axis=1)))
             # Rank 0's numbers decide, so that every rank takes the same export branch (it is collective).
             results[task.spec.name] = metrics = distributed.broadcast_object(metrics)
             best = self.best.get(task.spec.name)
@@ -449,12 +488,27 @@ class TaskTrainer:
             return results
         self.history.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "tasks": results})
         if self.info.is_main:
+            self._warn_single_class()
             write_json_atomic(self.run_dir / "eval.json", self.eval_report())
             summary = ", ".join(
                 f"{name} {self.headline(name)}={values[self.headline(name)]:.4f}" for name, values in results.items()
             )
             logger.info("step %d dev: %s", self.step, summary)
         return results
+
+    def _warn_single_class(self) -> None:
+        """A task whose dev predictions were all one class at the last two evaluations is not being learnt."""
+        if len(self.history) < 2:
+            return
+        previous, latest = self.history[-2], self.history[-1]
+        for name, metrics in latest["tasks"].items():
+            before = previous["tasks"].get(name, {})
+            if metrics.get("predicted_classes") == 1 and before.get("predicted_classes") == 1:
+                logger.warning(
+                    "task '%s': every dev prediction fell into one class at steps %d and %d; the head is not "
+                    "learning the task (try a lower train.lr, or check the student's init and the targets)",
+                    name, previous["step"], latest["step"],
+                )  # fmt: skip
 
     def eval_report(self) -> dict[str, Any]:
         """What ``eval.json`` holds: the latest and best dev figures per task, and every evaluation."""

@@ -17,6 +17,8 @@ from dist_kd.train.common import RunConfig
 from dist_kd.train.engine import DeepSpeedSection, TrainConfig
 
 PHASES = ("prediction", "intermediate")
+STUDENT_INITS = ("pretrained", "random", "teacher")
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "intermediate_size")
 
 
 @dataclass
@@ -67,12 +69,43 @@ class TaskStudentConfig:
     path: str = doc("HF directory of the student encoder with tokenizer (the general stage's student/)", "")
     dropout: float | None = doc("hidden and attention dropout (null keeps the directory's)", None)
     head_dropout: float | None = doc("dropout before the task heads (null: the architecture's default)", None)
+    init: str = doc(
+        "pretrained (path's weights) | random (path's architecture and tokenizer, new random weights: the "
+        "baseline without general distillation) | teacher (cut from path's weights: layers g(m) of a uniform "
+        "map and a consistent subset of units, as student.init=teacher in general distillation)",
+        "pretrained",
+    )
+    num_layers: int | None = doc("init random | teacher: transformer layers (null: path's)", None)
+    hidden_size: int | None = doc("init random | teacher: hidden width (null: path's)", None)
+    num_heads: int | None = doc("init random | teacher: attention heads (null: path's)", None)
+    intermediate_size: int | None = doc("init random | teacher: feed-forward width (null: path's)", None)
 
     def __post_init__(self):
         for name in ("dropout", "head_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"student.{name} must be in [0, 1), got {value}")
+        if self.init not in STUDENT_INITS:
+            raise ValueError(f"student.init must be one of {list(STUDENT_INITS)}, got {self.init!r}")
+        for name in SHAPE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and self.init == "pretrained":
+                raise ValueError(
+                    f"student.{name} changes the shape, which the pretrained weights of student.path fix; "
+                    "set student.init=random or student.init=teacher to build a new student of that shape"
+                )
+            if value is not None and value < 1:
+                raise ValueError(f"student.{name} must be >= 1, got {value}")
+
+    def shape(self, source_config) -> dict[str, int]:
+        """The student's shape: the given fields, the others from ``source_config`` (path's config)."""
+        source = {
+            "num_layers": source_config.num_hidden_layers,
+            "hidden_size": source_config.hidden_size,
+            "num_heads": source_config.num_attention_heads,
+            "intermediate_size": source_config.intermediate_size,
+        }
+        return {name: source[name] if getattr(self, name) is None else getattr(self, name) for name in SHAPE_FIELDS}
 
 
 @dataclass
@@ -103,6 +136,7 @@ class TaskDataConfig:
 
     micro_batch_size: int = doc("rows per rank per micro-batch", 32)
     max_length: int = doc("truncate each row to this many pieces", 128)
+    group_by_length: bool = doc("batch rows of similar length together (less padding; still random batches)", True)
 
     def __post_init__(self):
         if self.micro_batch_size < 1 or self.max_length < 2:

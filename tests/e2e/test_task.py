@@ -281,6 +281,73 @@ def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_lea
     assert (phase2 / "tasks" / "topic" / "config.json").is_file()
 
 
+def test_random_init_student_of_a_chosen_shape_learns(pipeline):
+    """student.init=random builds the no-general-distillation baseline from any directory's config and
+    tokenizer: the shape given, new weights, and it learns the task."""
+    import torch
+    from transformers import AutoModel
+
+    out = pipeline / "random-init"
+    shape = {"num_layers": 2, "hidden_size": 16, "num_heads": 4, "intermediate_size": 32}
+    config = _config(
+        pipeline, out, share=False, student={"path": str(pipeline / "base"), "init": "random", **shape},
+        train={"epochs": 6}, deepspeed={"config": "ds_configs/zero0.json"},
+    )  # fmt: skip
+    run_script("launch/task.py", "--debug", "--config", str(config))
+    student = AutoModel.from_pretrained(out / "student")
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 16)
+    assert student.config.intermediate_size == 32
+    base = AutoModel.from_pretrained(pipeline / "base")
+    cut = base.embeddings.word_embeddings.weight[:, ::2]
+    assert not torch.allclose(student.embeddings.word_embeddings.weight, cut, atol=1e-2), "weights are new"
+    report = json.loads((out / "eval.json").read_text())
+    assert report["tasks"]["topic"]["best"]["accuracy"] > 0.6  # chance is 1/3
+
+
+def test_teacher_init_student_is_cut_from_the_directory(pipeline):
+    """student.init=teacher: the student starts as every other unit of the directory's layers 2 and 4."""
+    import torch
+    from transformers import AutoModel
+
+    out = pipeline / "teacher-init"
+    shape = {"num_layers": 2, "hidden_size": 16, "num_heads": 4, "intermediate_size": 32}
+    config = _config(
+        pipeline, out, share=False, student={"path": str(pipeline / "base"), "init": "teacher", **shape},
+        train={"max_steps": 1, "epochs": None, "lr": 1.0e-12}, deepspeed={"config": "ds_configs/zero0.json"},
+    )  # fmt: skip
+    run_script("launch/task.py", "--debug", "--config", str(config))
+    student, base = AutoModel.from_pretrained(out / "student"), AutoModel.from_pretrained(pipeline / "base")
+    torch.testing.assert_close(
+        student.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight[:, ::2], atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        student.encoder.layer[1].intermediate.dense.weight,
+        base.encoder.layer[3].intermediate.dense.weight[::2, ::2], atol=1e-6, rtol=0,
+    )  # fmt: skip
+
+
+def test_one_class_predictions_for_two_evaluations_are_warned(pipeline, tmp_path):
+    """A head that predicts one class at two evaluations in a row is named in a warning; a learning head is not."""
+    rows = [json.loads(line) for line in (pipeline / "topic_train.jsonl").read_text().splitlines()]
+    _jsonl(tmp_path / "one_label.jsonl", [{**row, "label": "sport"} for row in rows[:200]])
+    stuck = tmp_path / "stuck"
+    config = _config(pipeline, stuck, share=False, train={"epochs": 2}, deepspeed={"config": "ds_configs/zero0.json"})
+    settings = yaml.safe_load(config.read_text())
+    settings["tasks"][0].pop("soft_targets")
+    settings["tasks"][0]["train"] = str(tmp_path / "one_label.jsonl")
+    config.write_text(yaml.safe_dump(settings))
+    proc = run_script("launch/task.py", "--debug", "--config", str(config))
+    history = json.loads((stuck / "eval.json").read_text())["history"]
+    assert [h["tasks"]["topic"]["predicted_classes"] for h in history] == [1, 1]
+    warnings = [line for line in proc.stderr.splitlines() if "fell into one class" in line]
+    assert len(warnings) == 1 and "task 'topic'" in warnings[0], proc.stderr[-2000:]
+    learning = run_script(
+        "launch/task.py", "--debug", "--config", str(_config(pipeline, tmp_path / "fine", share=False,
+        train={"epochs": 2}, deepspeed={"config": "ds_configs/zero0.json"})),
+    )  # fmt: skip
+    assert "fell into one class" not in learning.stderr
+
+
 @pytest.mark.parametrize(
     ("case", "overrides", "message"),
     [
@@ -293,6 +360,9 @@ def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_lea
         ("intermediate without teacher", ["distill.phase=intermediate"], "phase intermediate needs a teacher"),
         ("missing dev file", [f"tasks=[{{{SHARE_TASK}, dev: /nonexistent.jsonl}}]"],
          "task data /nonexistent.jsonl does not exist"),
+        ("shape of pretrained weights", ["student.num_layers=1"], "set student.init=random or student.init=teacher"),
+        ("wider than its source", ["student.init=teacher", "student.hidden_size=64"],
+         r"hidden_size \(64\) must not exceed the teacher's \(32\)"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(case, overrides, message, pipeline, two_rank_run):
