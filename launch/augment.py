@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = aug.AugmentConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="TSV / CSV / JSONL / Parquet file or datasets directory")
-    parser.add_argument("--mlm", required=True, help="HF *ForMaskedLM directory (model + tokenizer)")
+    parser.add_argument(
+        "--mlm", required=True, help="HF *ForMaskedLM directory (model + tokenizer), or 'none' for GloVe only"
+    )
     parser.add_argument("--glove", required=True, help="GloVe text file, .npy (+ --glove-vocab) or directory")
     parser.add_argument("--glove-vocab", default=None, help="vocabulary of a .npy: .txt lines or .parquet 'index'")
     parser.add_argument("--glove-dim", type=int, default=None, help="expected vector dimension (checked)")
@@ -89,15 +91,16 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_length=args.max_seq_length,
         )
         device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        mlm = None if args.mlm.lower() == "none" else args.mlm
         augmenter = aug.build_augmenter(
-            args.mlm, args.glove, config, glove_vocab=args.glove_vocab, glove_dim=args.glove_dim, device=device
+            mlm, args.glove, config, glove_vocab=args.glove_vocab, glove_dim=args.glove_dim, device=device
         )
         metadata = aug.build_metadata(
             config,
             task=spec.name,
             task_type=spec.type,
             label_names=spec.labels,
-            mlm_dir=args.mlm,
+            mlm_dir=mlm,
             glove=augmenter.glove.glove,
             data_path=args.data,
             num_examples=examples.num_rows,

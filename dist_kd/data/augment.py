@@ -505,17 +505,33 @@ class WordCandidates:
 
 
 class Augmenter:
-    """TinyBERT augmentation over a masked-LM and GloVe neighbours (see the module docstring)."""
+    """TinyBERT augmentation over a masked-LM and GloVe neighbours (see the module docstring).
 
-    def __init__(self, masked_lm: MaskedLMCandidates, glove: GloveNeighbours, config: AugmentConfig) -> None:
+    Without a masked-LM (``masked_lm`` None, ``--mlm none``) every replaceable word takes its GloVe
+    neighbours: the GloVe-only variant, for when no masked-LM is at hand or its one forward pass per word is
+    too slow (docs/augment.md).
+    """
+
+    def __init__(self, masked_lm: MaskedLMCandidates | None, glove: GloveNeighbours, config: AugmentConfig) -> None:
         self.masked_lm = masked_lm
         self.glove = glove
         self.config = config
-        self.special_tokens = list(masked_lm.tokenizer.all_special_tokens)
+        self.special_tokens = [] if masked_lm is None else list(masked_lm.tokenizer.all_special_tokens)
 
     def word_candidates(self, texts: Sequence[str]) -> list[list[WordCandidates]]:
         """Candidates for every word of each text (computed in batches across all the texts)."""
         split = [split_words(text, self.special_tokens) for text in texts]
+        if self.masked_lm is None:
+            neighbours = self.glove.neighbours(sorted({w.text for words in split for w in words if w.replaceable}))
+            return [
+                [
+                    WordCandidates(w, neighbours.get(w.text, []), "glove")
+                    if w.replaceable
+                    else WordCandidates(w, [], "none")
+                    for w in words
+                ]
+                for words in split
+            ]
         spans = self.masked_lm.piece_spans([[w.text for w in words] for words in split]) if texts else []
         jobs, glove_words = [], set()
         for words, (ids, positions) in zip(split, spans):
@@ -616,7 +632,7 @@ def augmented_schema(label_type: pa.DataType | None = None) -> pa.Schema:
 
 
 def build_augmenter(
-    mlm_dir: str | Path,
+    mlm_dir: str | Path | None,
     glove_path: str | Path,
     config: AugmentConfig,
     *,
@@ -624,10 +640,12 @@ def build_augmenter(
     glove_dim: int | None = None,
     device: str = "cpu",
 ) -> Augmenter:
-    """Load the masked-LM and GloVe vectors and return a ready :class:`Augmenter`."""
-    masked_lm = MaskedLMCandidates(
-        mlm_dir, config.k, batch_size=config.batch_size, device=device, max_seq_length=config.max_seq_length
-    )
+    """Load the masked-LM (None: GloVe only) and GloVe vectors and return a ready :class:`Augmenter`."""
+    masked_lm = None
+    if mlm_dir is not None:
+        masked_lm = MaskedLMCandidates(
+            mlm_dir, config.k, batch_size=config.batch_size, device=device, max_seq_length=config.max_seq_length
+        )
     glove = load_glove(glove_path, vocab_path=glove_vocab, expected_dim=glove_dim)
     return Augmenter(masked_lm, GloveNeighbours(glove, config.k, device=device), config)
 
@@ -658,7 +676,7 @@ def build_metadata(
     task: str,
     task_type: str,
     label_names: Sequence[str],
-    mlm_dir: str | Path,
+    mlm_dir: str | Path | None,
     glove: GloveVectors,
     data_path: str | Path,
     num_examples: int,
@@ -674,9 +692,11 @@ def build_metadata(
         "task": task,
         "task_type": task_type,
         "label_names": list(label_names),
-        "parameters": dataclasses.asdict(config) | {"algorithm": "tinybert"},
+        "parameters": dataclasses.asdict(config) | {"algorithm": "tinybert" if mlm_dir else "glove_only"},
         "seed": config.seed,
-        "masked_lm": {"path": str(Path(mlm_dir).resolve()), "sha256": weights_sha256(mlm_dir)},
+        "masked_lm": None
+        if mlm_dir is None
+        else {"path": str(Path(mlm_dir).resolve()), "sha256": weights_sha256(mlm_dir)},
         "glove": {"source": glove.source, "num_words": len(glove.words), "dim": glove.dim},
         "source_data": {
             "path": str(data_path.resolve()),

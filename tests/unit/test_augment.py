@@ -105,6 +105,23 @@ def test_replacements_come_from_the_right_source(biased_mlm_dir, glove_txt):
     assert out.column("text_a").to_pylist() == [text] + ["Bank bank bank joy, xyzzy [SEP] market."] * 2
 
 
+def test_glove_only_replaces_every_word_from_glove(glove_txt):
+    """--mlm none: single-piece words take GloVe neighbours too, and the metadata says so."""
+    augmenter = _augmenter(None, glove_txt, p_t=1.0, n_a=1, k=1)
+    text = "Markets fell quickly, happiness."
+    sources = {c.word.text: c.source for c in augmenter.word_candidates([text])[0]}
+    assert sources == {"Markets": "glove", "fell": "glove", "quickly": "glove", "happiness": "glove", ",": "none",
+                       ".": "none"}  # fmt: skip
+    out = augmenter.augment(_examples([text]), "t")
+    # GloVe is lower-case; "fell" is not in it and stays. The case of the original word is kept.
+    assert out.column("text_a").to_pylist() == [text, "Stocks fell rapidly, joy."]
+    metadata = aug.build_metadata(
+        augmenter.config, task="t", task_type="classification", label_names=["a"], mlm_dir=None,
+        glove=augmenter.glove.glove, data_path=glove_txt, num_examples=1,
+    )  # fmt: skip
+    assert metadata["masked_lm"] is None and metadata["parameters"]["algorithm"] == "glove_only"
+
+
 def test_candidate_lists(biased_mlm_dir, glove_txt):
     augmenter = _augmenter(biased_mlm_dir, glove_txt, k=2)
     words = augmenter.word_candidates(["the markets rose quickly"])[0]

@@ -1,0 +1,246 @@
+"""A masked-LM for augmentation when none is at hand: fit an MLM head on a frozen encoder over a corpus.
+
+TinyBERT's augmentation ranks replacement word pieces with a BERT masked-LM. Encoders published for
+sentence embeddings (all-MiniLM-L6-v2 among them) ship without their MLM head, and no BERT masked-LM can be
+installed offline here. Their token states still say a lot about the masked word, so this module loads the
+encoder as ``AutoModelForMaskedLM`` (a fresh prediction head whose output matrix is tied to the frozen input
+embeddings), freezes the encoder and trains the head's transform and output bias on masked tokens of a
+prepared corpus (``launch/prepare_corpus.py`` shards). Only the masked positions go through the head.
+
+The result is an ordinary HF ``*ForMaskedLM`` directory (with the tokenizer and ``mlm.json``: steps, loss,
+held-out top-1 / top-k accuracy of the fitted head against the untrained one) that ``launch/augment.py
+--mlm`` takes as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dist_kd.config import doc
+from dist_kd.io import atomic_dir, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "mlm.json"
+
+
+@dataclass
+class MlmHeadConfig:
+    """Fitting an MLM head on a frozen encoder."""
+
+    encoder: str = doc("HF directory of the encoder (with tokenizer)", "")
+    shards: str = doc("corpus shards of launch/prepare_corpus.py, tokenised with the encoder's tokenizer", "")
+    output: str = doc("output directory (an HF *ForMaskedLM directory)", "")
+    steps: int = doc("optimizer steps", 300)
+    batch_size: int = doc("sequences per step", 16)
+    lr: float = doc("peak learning rate (linear warmup over 5 % of the steps, then linear decay)", 1e-3)
+    mask_prob: float = doc("share of the real tokens chosen for prediction (BERT: 0.15)", 0.15)
+    eval_batches: int = doc("held-out batches (taken from the start of the stream, never trained on)", 8)
+    top_k: int = doc("k of the reported top-k accuracy (augmentation's K)", 15)
+    seed: int = doc("seed of masking and head init", 0)
+    train_layers: int = doc("also train the encoder's top N transformer layers (0: head only)", 0)
+
+    def __post_init__(self):
+        if self.train_layers < 0:
+            raise ValueError(f"train_layers must be >= 0, got {self.train_layers}")
+        for name in ("steps", "batch_size", "eval_batches", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_ids: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    prob: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: choose ``prob`` of the real, non-special tokens; of those 80 % become ``mask_id``,
+    10 % a random piece, 10 % stay. Returns ``(masked input ids, (B, L) bool of the chosen positions)``."""
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+    chosen = (torch.rand(input_ids.shape, generator=generator) < prob) & candidates
+    roll = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (roll < 0.8)] = mask_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[swap] = torch.randint(vocab_size, (int(swap.sum()),), generator=generator)
+    return masked, chosen
+
+
+class MlmHead:
+    """An encoder loaded as a masked-LM with only its prediction head trainable.
+
+    Args:
+        encoder_dir: HF directory of the encoder.
+        seed: head initialisation.
+    """
+
+    def __init__(self, encoder_dir: str | Path, seed: int = 0, train_layers: int = 0):
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        from dist_kd.models.teacher import check_model_dir
+
+        self.encoder_dir = check_model_dir(encoder_dir, "encoder")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.encoder_dir)
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError(f"encoder {self.encoder_dir}: its tokenizer has no mask token")
+        torch.manual_seed(seed)
+        try:
+            self.model = AutoModelForMaskedLM.from_pretrained(self.encoder_dir)
+        except ValueError as err:
+            raise ValueError(
+                f"encoder {self.encoder_dir}: transformers has no masked-LM class for it ({err})"
+            ) from None
+        self.encoder = self.model.base_model
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad_(False)  # the output matrix is tied to these input embeddings: frozen too
+        from dist_kd.models.capture import find_layer_list
+
+        _, _, layers = find_layer_list(self.encoder)
+        if train_layers > len(layers):
+            raise ValueError(f"train_layers {train_layers} exceeds the encoder's {len(layers)} layers")
+        self.trains_encoder = train_layers > 0
+        for layer in list(layers)[len(layers) - train_layers :]:
+            for parameter in layer.parameters():
+                parameter.requires_grad_(True)
+        self.head_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.head_parameters:
+            raise ValueError(f"encoder {self.encoder_dir}: its masked-LM has no head parameters to fit")
+        self.head = self.model.get_output_embeddings()
+        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+
+    def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``(P, V)`` vocabulary logits at the ``(B, L)`` bool ``positions`` (encoder under no_grad)."""
+        self.encoder.eval()
+        with torch.set_grad_enabled(self.trains_encoder and torch.is_grad_enabled()):
+            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        prediction_head = _prediction_head(self.model)
+        return prediction_head(states[positions])
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _prediction_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module mapping final states to vocabulary logits (``cls`` in BERT, ``lm_head`` in RoBERTa)."""
+    for name in ("cls", "lm_head", "predictions"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise ValueError(f"{type(model).__name__}: found no masked-LM head (cls, lm_head, predictions)")
+
+
+@torch.no_grad()
+def masked_accuracy(
+    head: MlmHead, batches: list[dict[str, torch.Tensor]], cfg: MlmHeadConfig, seed: int
+) -> dict[str, float]:
+    """Top-1 / top-k accuracy and loss at masked positions of ``batches`` (fixed masks from ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    hits1 = hitsk = total = 0
+    loss = 0.0
+    for batch in batches:
+        masked, chosen = _mask(head, batch, cfg, generator)
+        logits = head.logits_at(masked, batch["attention_mask"], chosen)
+        targets = batch["input_ids"][chosen]
+        top = logits.topk(cfg.top_k, dim=-1).indices
+        hits1 += int((top[:, 0] == targets).sum())
+        hitsk += int((top == targets[:, None]).any(dim=1).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+        total += int(targets.numel())
+    return {"top1": hits1 / max(total, 1), f"top{cfg.top_k}": hitsk / max(total, 1), "loss": loss / max(total, 1)}
+
+
+def _mask(head: MlmHead, batch: dict[str, torch.Tensor], cfg: MlmHeadConfig, generator: torch.Generator):
+    return mask_tokens(
+        batch["input_ids"],
+        batch["attention_mask"],
+        head.special_ids,
+        head.tokenizer.mask_token_id,
+        len(head.tokenizer),
+        cfg.mask_prob,
+        generator,
+    )
+
+
+def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
+    """Fit the head, save the masked-LM to ``cfg.output`` (atomically) and return its figures.
+
+    Raises:
+        FileNotFoundError: no encoder directory or corpus manifest.
+        ValueError: a corpus tokenised with another tokenizer, or an encoder without a masked-LM class.
+    """
+    from dist_kd.data.stream import build_corpus_loader
+    from dist_kd.train.common import progress_bar
+
+    head = MlmHead(cfg.encoder, cfg.seed, cfg.train_layers)
+    loader = build_corpus_loader(
+        cfg.shards, micro_batch_size=cfg.batch_size, num_workers=0, seed=cfg.seed, shuffle=False,
+        teacher_tokenizer=head.tokenizer,
+    )  # fmt: skip
+
+    held_out = []
+    for batch in loader:
+        held_out.append(batch)
+        if len(held_out) == cfg.eval_batches:
+            break
+
+    def batches():
+        """Training batches: the unshuffled stream without its first ``eval_batches`` (the held-out ones)."""
+        while True:
+            count = 0
+            for index, batch in enumerate(loader):
+                if index >= cfg.eval_batches:
+                    count += 1
+                    yield batch
+            if not count:
+                raise ValueError(f"corpus {cfg.shards} has no batches left after the {cfg.eval_batches} held out")
+
+    stream = batches()
+    before = masked_accuracy(head, held_out, cfg, cfg.seed + 1)
+    optimizer = torch.optim.AdamW(head.head_parameters, lr=cfg.lr, weight_decay=0.01)
+    warmup = max(1, round(0.05 * cfg.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup)))
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    bar = progress_bar(cfg.steps, 0, "MLM head", progress)
+    start = time.perf_counter()
+    loss = torch.tensor(0.0)
+    for _ in range(cfg.steps):
+        batch = next(stream)
+        masked, chosen = _mask(head, batch, cfg, generator)
+        logits = head.logits_at(masked, batch["attention_mask"], chosen)
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["input_ids"][chosen])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    after = masked_accuracy(head, held_out, cfg, cfg.seed + 1)
+    result = {
+        "encoder": str(Path(cfg.encoder).resolve()),
+        "config": asdict(cfg),
+        "seconds": round(time.perf_counter() - start, 1),
+        "last_train_loss": float(loss),
+        "held_out_before": before,
+        "held_out_after": after,
+    }
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(output) as tmp:
+        head.save(tmp)
+        write_json_atomic(tmp / RESULT_FILE, result)
+    return result

@@ -1,0 +1,76 @@
+"""launch/mlm_head.py: a masked-LM head fitted on a frozen tiny encoder predicts masked pieces better than the
+untrained head, leaves the encoder untouched, and loads as an HF masked-LM that augmentation accepts."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.e2e.conftest import run_script
+
+
+def test_fitted_head_beats_untrained_and_keeps_encoder(tiny_bert_dir, tiny_corpus, tmp_path):
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    out = tmp_path / "mlm"
+    proc = run_script(
+        "launch/mlm_head.py", "--encoder", str(tiny_bert_dir), "--shards", str(tiny_corpus / "shards"),
+        "--output", str(out), "--steps", "60", "--batch-size", "8", "--lr", "3e-3", "--eval-batches", "4",
+        "--top-k", "5",
+    )  # fmt: skip
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads((out / "mlm.json").read_text())
+    assert printed["held_out_after"] == result["held_out_after"]
+    before, after = result["held_out_before"], result["held_out_after"]
+    # the tiny corpus draws words uniformly, so little beyond the word/piece statistics is learnable
+    assert after["loss"] < before["loss"], (before, after)
+    assert after["top5"] > before["top5"] + 0.05, (before, after)
+    mlm = AutoModelForMaskedLM.from_pretrained(out)
+    encoder = AutoModel.from_pretrained(tiny_bert_dir)
+    for name, value in encoder.state_dict().items():
+        if name.startswith("pooler"):
+            continue  # a masked-LM has no pooler
+        torch.testing.assert_close(mlm.base_model.state_dict()[name], value, msg=name)
+
+
+def test_augment_accepts_the_fitted_head(tiny_bert_dir, tiny_corpus, tmp_path):
+    from dist_kd.data.augment import MaskedLMCandidates
+
+    out = tmp_path / "mlm"
+    run_script(
+        "launch/mlm_head.py", "--encoder", str(tiny_bert_dir), "--shards", str(tiny_corpus / "shards"),
+        "--output", str(out), "--steps", "5", "--batch-size", "4", "--eval-batches", "1",
+    )  # fmt: skip
+    candidates = MaskedLMCandidates(out, k=3, batch_size=8, device="cpu")
+    assert candidates.tokenizer.mask_token_id is not None
+
+
+def test_bad_input_is_one_error_line(tmp_path, tiny_bert_dir):
+    proc = run_script(
+        "launch/mlm_head.py", "--encoder", str(tmp_path / "nope"), "--shards", str(tmp_path), "--output",
+        str(tmp_path / "o"), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "nope" in proc.stderr
+    proc = run_script(
+        "launch/mlm_head.py", "--encoder", str(tiny_bert_dir), "--shards", str(tmp_path), "--output",
+        str(tmp_path / "o"), "--mask-prob", "1.5", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "mask_prob" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_layers_changes_only_the_top_layers(tiny_bert_dir, tiny_corpus, tmp_path):
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    out = tmp_path / "mlm"
+    run_script(
+        "launch/mlm_head.py", "--encoder", str(tiny_bert_dir), "--shards", str(tiny_corpus / "shards"),
+        "--output", str(out), "--steps", "10", "--batch-size", "4", "--eval-batches", "1", "--train-layers", "1",
+    )  # fmt: skip
+    mlm, encoder = AutoModelForMaskedLM.from_pretrained(out).base_model, AutoModel.from_pretrained(tiny_bert_dir)
+    for name, value in encoder.state_dict().items():
+        if name.startswith("pooler"):
+            continue
+        changed = not torch.equal(mlm.state_dict()[name], value)
+        assert changed == name.startswith("encoder.layer.3."), name
