@@ -54,6 +54,28 @@ def bbc_examples(directory: str | Path) -> list[dict[str, str]]:
     return rows
 
 
+def bbc_corpus_files(directory: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """The BBC article files, in sorted order, without those whose ``example_id`` is in the JSONL ``exclude``.
+
+    The quickstart distils on these: the articles of the topic task's dev set stay out of the general
+    corpus, so they are held-out text for the probe and never seen by the student before its task is scored.
+    """
+    directory = Path(directory)
+    excluded: set[str] = set()
+    if exclude is not None:
+        with open(exclude, encoding="utf-8") as handle:
+            excluded = {json.loads(line)["example_id"] for line in handle if line.strip()}
+    files = [
+        path
+        for label in TOPIC_LABELS
+        for path in sorted((directory / label).glob("*.txt"))
+        if f"{label}/{path.stem}" not in excluded
+    ]
+    if not files:
+        raise FileNotFoundError(f"BBC News directory {directory} has no articles left outside {exclude}")
+    return files
+
+
 def tweet_examples(path: str | Path) -> list[dict[str, str]]:
     """One row per tweet of the latin-1 CSV (columns ``sentiment``, ``confidence``, ``text``)."""
     path = Path(path)
@@ -137,35 +159,78 @@ def prepare_example_data(
 
 
 def comparison(teacher_reports: dict[str, str | Path], student_runs: dict[str, str | Path]) -> dict[str, Any]:
-    """Dev scores side by side: every teacher, the ensemble, and each student run, per task.
+    """Dev scores side by side: every teacher, the ensemble, and each student run, per task, with each
+    score's ratio to the best single teacher of its task.
 
     Args:
         teacher_reports: task -> ``report.json`` of ``launch/finetune.py``.
         student_runs: row name -> run directory of ``launch/task.py`` (its ``eval.json``, final figures).
 
     Returns:
-        ``{"tasks": {task: {"metric": m, "rows": [[name, value], ...]}}}``.
+        ``{"tasks": {task: {"metric": m, "best_teacher": v, "mean_teacher": v, "rows": [[name, value, ratio],
+        ...]}}}``.
     """
     tasks: dict[str, Any] = {}
     for task, path in teacher_reports.items():
         report = json.loads(Path(path).read_text())
         metric = report["metric"]
         rows = [[f"teacher {entry['dir']}", entry["dev"][metric]] for entry in report["teachers"]]
+        singles = [value for _, value in rows]
         rows.append([f"ensemble of {len(report['teachers'])} (mean softmax)", report["ensemble_dev"][metric]])
-        tasks[task] = {"metric": metric, "rows": rows}
+        tasks[task] = {
+            "metric": metric,
+            "best_teacher": max(singles),
+            "mean_teacher": sum(singles) / len(singles),
+            "rows": rows,
+        }
     for name, run in student_runs.items():
         report = json.loads((Path(run) / "eval.json").read_text())
         for task, entry in report["tasks"].items():
-            slot = tasks.setdefault(task, {"metric": entry["metric"], "rows": []})
+            slot = tasks.setdefault(task, {"metric": entry["metric"], "best_teacher": None, "rows": []})
             slot["rows"].append([name, (entry["final"] or {}).get(entry["metric"])])
+    for entry in tasks.values():
+        best = entry.get("best_teacher")
+        entry["rows"] = [
+            [name, value, None if value is None or not best else value / best] for name, value in entry["rows"]
+        ]
     return {"tasks": tasks}
 
 
 def comparison_lines(table: dict[str, Any]) -> list[str]:
     """The comparison as a Markdown table per task."""
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
     lines = []
     for task, entry in table["tasks"].items():
-        lines += [f"### {task} (dev {entry['metric']})", "", "| model | score |", "| --- | --- |"]
-        lines += [f"| {name} | {'n/a' if value is None else f'{value:.4f}'} |" for name, value in entry["rows"]]
+        lines += [
+            f"### {task} (dev {entry['metric']})",
+            "",
+            "| model | score | / best teacher |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {name} | {cell(value)} | {cell(ratio)} |" for name, value, ratio in entry["rows"]]
         lines.append("")
+    return lines
+
+
+def read_timings(path: str | Path) -> dict[str, float]:
+    """``NAME SECONDS`` lines (a part run again adds up with its earlier runs)."""
+    timings: dict[str, float] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"timings file {path}: line {number} is not 'NAME SECONDS': {line!r}")
+        timings[fields[0]] = timings.get(fields[0], 0.0) + float(fields[1])
+    return timings
+
+
+def timing_lines(timings: dict[str, float]) -> list[str]:
+    """The parts' wall times as a Markdown table, with the total."""
+    lines = ["### time per part (wall clock)", "", "| part | minutes |", "| --- | --- |"]
+    lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
+    lines += [f"| total | {sum(timings.values()) / 60:.1f} |", ""]
     return lines

@@ -128,6 +128,10 @@ class LossWindow:
         self.totals = torch.zeros(2 * len(self.names) + 2, dtype=torch.float64, device=self.device)
         self.started = time.perf_counter()
 
+    def restart_clock(self) -> None:
+        """Start the window's time now: work done since it opened (an evaluation) is not training time."""
+        self.started = time.perf_counter()
+
     def add(self, terms: dict[str, torch.Tensor], tokens: int | torch.Tensor, rows: int, group: str | None = None):
         """One micro-batch: its loss terms (``group``: also as that task's loss), this rank's tokens and rows."""
         named = [*terms.items(), *([(f"task/{group}", terms["loss"])] if group is not None else [])]

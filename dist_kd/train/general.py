@@ -210,6 +210,7 @@ class GeneralTrainer:
         self.first_terms: dict[str, float] | None = None
         self.last_terms: dict[str, float] | None = None
         self._teacher_quality: QualityReport | None = None
+        self._last_quality: tuple[int, QualityReport] | None = None
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class GeneralTrainer:
                     last or bool(cfg.eval.every and self.step % cfg.eval.every == 0)
                 )
                 if self.step % cfg.run.log_every == 0 or last or evaluate:
-                    record = self._log(self.quality_record() if evaluate else {})
+                    record = self._log(evaluate)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:
@@ -360,7 +361,7 @@ class GeneralTrainer:
             bar.close()
             stop.restore()
 
-    def _log(self, quality: dict[str, float | None]) -> dict:
+    def _log(self, evaluate: bool) -> dict:
         window = self._window.reduce()  # one sync for every term
         values = dict(sorted(window.values.items()))
         self.tokens_seen += window.tokens
@@ -381,7 +382,10 @@ class GeneralTrainer:
         if self.first_terms is None:
             self.first_terms = terms
         self.last_terms = terms
-        record.update({key: value for key, value in quality.items() if value is not None})
+        if evaluate:
+            quality = self.quality_record()
+            record.update({key: value for key, value in quality.items() if value is not None})
+            self._window.restart_clock()  # the evaluation is not training time
         self.metrics.log(record)
         return record
 
@@ -398,9 +402,16 @@ class GeneralTrainer:
             self._teacher_quality = self.quality(self.teacher.model)
         return self._teacher_quality
 
+    def current_quality(self) -> QualityReport:
+        """The student's figures at the current step (the last evaluation's when it was at this step)."""
+        if self._last_quality is not None and self._last_quality[0] == self.step:
+            return self._last_quality[1]
+        return self.quality(self.engine.module.student)  # e.g. a finished run started again
+
     def quality_record(self) -> dict[str, float | None]:
         """The student's quality beside the teacher's, as ``eval_*`` metrics; warns when it looks collapsed."""
         student = self.quality(self.engine.module.student)
+        self._last_quality = (self.step, student)
         teacher = self.teacher_quality()
         ratio = None
         if student.probe is not None and teacher.probe:
@@ -466,7 +477,7 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
     if trainer.heldout is None:
         return None
     teacher = trainer.teacher_quality()
-    final = trainer.quality(trainer.engine.module.student)
+    final = trainer.current_quality()
     reports = {"teacher": teacher}
     if trainer.initial_quality is not None:
         reports["student at step 0"] = QualityReport(

@@ -132,9 +132,12 @@ class TaskTrainer:
         if weights[0] is None:
             weights = [float(task.num_rows) for task in self.tasks]
         self.sampler = TaskSampler(
-            [task.num_rows for task in self.tasks], weights, cfg.train.seed, cfg.data.micro_batch_size * info.world_size,
+            [task.num_rows for task in self.tasks],
+            weights,
+            cfg.train.seed,
+            cfg.data.micro_batch_size * info.world_size,
             lengths=[task.rows.lengths for task in self.tasks] if cfg.data.group_by_length else None,
-        )  # fmt: skip
+        )
         self.teachers = self._load_teachers() if self.phase == "intermediate" else {}
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
 

@@ -83,10 +83,37 @@ def test_comparison_puts_teachers_ensemble_and_students_side_by_side(tmp_path):
         json.dumps({"tasks": {"topic": {"metric": "accuracy", "final": {"accuracy": 0.93}}}})
     )
     table = comparison({"topic": tmp_path / "report.json"}, {"student": run})
-    assert table["tasks"]["topic"]["rows"] == [
-        ["teacher teacher-1", 0.9],
-        ["teacher teacher-2", 0.8],
-        ["ensemble of 2 (mean softmax)", 0.95],
-        ["student", 0.93],
+    topic = table["tasks"]["topic"]
+    assert topic["best_teacher"] == 0.9 and topic["mean_teacher"] == pytest.approx(0.85)
+    assert topic["rows"] == [
+        ["teacher teacher-1", 0.9, 1.0],
+        ["teacher teacher-2", 0.8, pytest.approx(0.8 / 0.9)],
+        ["ensemble of 2 (mean softmax)", 0.95, pytest.approx(0.95 / 0.9)],
+        ["student", 0.93, pytest.approx(0.93 / 0.9)],
     ]
-    assert "| student | 0.9300 |" in comparison_lines(table)
+    assert "| student | 0.9300 | 1.0333 |" in comparison_lines(table)
+
+
+def test_corpus_files_leave_out_the_dev_articles(assets, tmp_path):
+    from dist_kd.example import bbc_corpus_files
+
+    bbc, _ = assets
+    every = bbc_corpus_files(bbc)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"example_id": f"{every[0].parent.name}/{every[0].stem}", "text": "t", "label": "x"}))
+    kept = bbc_corpus_files(bbc, dev)
+    assert kept == every[1:]
+
+
+def test_timings_add_up_repeated_parts_and_reject_bad_lines(tmp_path):
+    from dist_kd.example import read_timings, timing_lines
+
+    path = tmp_path / "timings.txt"
+    path.write_text("teachers_topic 120\nquickstart 300\n\nteachers_topic 60\n")
+    timings = read_timings(path)
+    assert timings == {"teachers_topic": 180.0, "quickstart": 300.0}
+    lines = timing_lines(timings)
+    assert "| teachers_topic | 3.0 |" in lines and "| total | 8.0 |" in lines
+    path.write_text("quickstart five minutes\n")
+    with pytest.raises(ValueError, match="line 1 is not 'NAME SECONDS'"):
+        read_timings(path)
