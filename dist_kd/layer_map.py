@@ -7,7 +7,10 @@ embeddings: g(0) = 0 is implicit and not part of the returned list).
 - ``uniform``: g(m) = floor(m * N / M), the paper's default and best strategy.
 - ``top``: the last M teacher layers, g(m) = N - M + m.
 - ``bottom``: the first M teacher layers, g(m) = m.
-- an explicit list of M strictly increasing indices within 1..N.
+- an explicit list of M non-decreasing indices within 1..N. A teacher layer may repeat: a student deeper
+  than its teacher (M > N) has no other way to be mapped, and two student layers learning one teacher layer
+  is well defined for every loss (the teacher's states and scores are read, never consumed). A list that
+  goes back down (g(m+1) < g(m)) is refused: a deeper student layer would learn a shallower teacher state.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, strategy: str | 
 
     Args:
         num_teacher_layers: N, the teacher's number of transformer layers.
-        num_student_layers: M, the student's number of transformer layers (M <= N).
-        strategy: ``uniform``, ``top``, ``bottom`` or an explicit list of M teacher layer indices.
+        num_student_layers: M, the student's number of transformer layers (M <= N unless ``strategy`` is a list).
+        strategy: ``uniform``, ``top``, ``bottom`` or an explicit non-decreasing list of M teacher layers.
 
     Returns:
         ``[g(1), ..., g(M)]``.
@@ -48,18 +51,24 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, strategy: str | 
             )
         if any(not 1 <= x <= n for x in mapping):
             raise ValueError(f"distill.layer_map {mapping}: every entry must be within 1..{n} (teacher layers)")
-        if any(b <= a for a, b in zip(mapping, mapping[1:], strict=False)):
-            raise ValueError(f"distill.layer_map {mapping} must be strictly increasing")
+        drops = [(i, a, b) for i, (a, b) in enumerate(zip(mapping, mapping[1:], strict=False), start=1) if b < a]
+        if drops:
+            i, a, b = drops[0]
+            raise ValueError(
+                f"distill.layer_map {mapping} must be non-decreasing (a teacher layer may repeat), but student "
+                f"layer {i + 1} maps to teacher layer {b}, below layer {i}'s {a}"
+            )
         return mapping
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distill.layer_map must be one of {list(STRATEGIES)} or a list of ints, got {strategy!r}")
     if m > n:
+        suggestion = [-(-i * n // m) for i in range(1, m + 1)]  # ceil(m * N / M): every teacher layer, some twice
         raise ValueError(
-            f"the student has {m} layers but the teacher only {n}: a '{strategy}' layer map needs M <= N "
-            "(give an explicit list to reuse teacher layers differently)"
+            f"the student has {m} layers but the teacher only {n}: a '{strategy}' layer map needs M <= N; give "
+            f"an explicit list that repeats teacher layers instead, e.g. distill.layer_map={suggestion}"
         )
     if strategy == "uniform":
         return [(i * n) // m for i in range(1, m + 1)]
     if strategy == "top":
         return [n - m + i for i in range(1, m + 1)]
-    if strategy == "bottom":
-        return list(range(1, m + 1))
-    raise ValueError(f"distill.layer_map must be one of {list(STRATEGIES)} or a list of ints, got {strategy!r}")
+    return list(range(1, m + 1))

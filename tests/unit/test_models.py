@@ -379,3 +379,24 @@ def test_exported_student_has_no_projection_and_loads(tiny_bert_dir, tmp_path):
 def test_student_from_hf_directory(tiny_bert_dir):
     model = build_student(StudentConfig(path=str(tiny_bert_dir), dropout=0.0), None)
     assert model.config.num_hidden_layers == 4 and model.training
+
+
+def test_deeper_student_with_a_repeating_layer_map(tiny_bert_dir):
+    """M > N with an explicit list that repeats teacher layers: the teacher captures each mapped layer once,
+    and every student layer is compared with its g(m), repeats included (a reference sum of per-layer MSEs)."""
+    from dist_kd.losses import attention_mse, hidden_mse
+
+    mapping = layer_map(4, 6, [1, 2, 2, 3, 4, 4])
+    teacher = Teacher(tiny_bert_dir, dtype="fp32", score_layers=mapping)
+    cfg = StudentConfig(num_layers=6, hidden_size=32, num_heads=4, intermediate_size=64, dropout=0.0, init="teacher")
+    student = DistillStudent(build_student(cfg, teacher.config, teacher.model, mapping), None)
+    ids, mask = _batch(tiny_bert_dir)
+    s, t = student(ids, mask), teacher.features(ids, mask)
+    losses = tinybert_objective(s, t, mapping, mask, LossWeights())
+    hidden = sum(hidden_mse(s.hidden[m], t.hidden[n], mask) for m, n in enumerate(mapping, start=1))
+    attn = sum(attention_mse(s.scores[m], t.scores[n], mask) for m, n in enumerate(mapping, start=1))
+    torch.testing.assert_close(losses["hidden"], hidden)
+    torch.testing.assert_close(losses["attn"], attn)
+    # init: teacher copies g(1): the first student layer is the teacher's first, exactly
+    assert losses["embd"].item() < 1e-10 and hidden_mse(s.hidden[1], t.hidden[1], mask).item() < 1e-10
+    assert hidden_mse(s.hidden[3], t.hidden[2], mask).item() > 1e-6  # layer 2 applied twice is not layer 2
