@@ -1,19 +1,25 @@
 """Metrics: ``metrics.jsonl`` (the run-directory contract), optional TensorBoard, and an MFU estimate.
 
 Only rank 0 writes. Each line is one JSON object per logged step with ``step``, ``loss``, each term as
-``loss_<name>``, ``lr`` and throughput. On resume, lines past the checkpoint's step are dropped (they
-are logged again as the run replays those steps), so the file never holds a step twice.
+``loss_<name>``, ``lr`` and throughput. When a run starts, lines past the step it starts from are dropped
+(the checkpoint's step on resume, every line on a start from scratch, e.g. after a kill before the first
+checkpoint): they are logged again as the run replays those steps, so the file never holds a step twice. A
+line that does not parse (cut off by a full disk or a kill mid-write) is dropped with a warning naming the
+file and line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dist_kd.io import atomic_path
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
 # First match wins, so the PCIe H100 (lower clocks) comes before the SXM part's plain "H100".
@@ -50,13 +56,36 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, int | float):
                     self.writer.add_scalar(key, value, record["step"])
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the lines logged after ``step`` (atomically)."""
+    def records(self) -> list[dict[str, Any]]:
+        """The lines logged so far, parsed; a line that does not parse is skipped with a warning."""
+        if not self.path.exists():
+            return []
+        records = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("not an object with an integer 'step'")
+            except ValueError as err:
+                logger.warning("%s line %d is damaged (%s); dropping it: %.80r", self.path, number, err, line)
+                continue
+            records.append(record)
+        return records
+
+    def start_at(self, step: int | None) -> list[dict[str, Any]]:
+        """Keep only the lines of steps up to ``step`` (None: a run from scratch keeps none), atomically.
+
+        Returns:
+            The kept records (the run's history before this process), on the writing rank; [] elsewhere.
+        """
         if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            return []
+        kept = [record for record in self.records() if step is not None and record["step"] <= step]
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        return kept
 
     def close(self) -> None:
         if self.writer is not None:

@@ -12,16 +12,46 @@ from dist_kd.train.common import RunConfig
 from dist_kd.train.metrics import MetricsLogger, count_parameters, estimate_mfu, matmul_parameters
 
 
+def _steps(path):
+    return [json.loads(line)["step"] for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_lines_and_truncation_after_a_resumed_step(tmp_path):
     logger = MetricsLogger(tmp_path, enabled=True)
     for step in (10, 20, 30):
         logger.log({"step": step, "loss": 1.0 / step})
-    logger.truncate_after(20)
+    kept = logger.start_at(20)
+    assert [record["step"] for record in kept] == [10, 20] and kept[0]["loss"] == 0.1
     logger.log({"step": 30, "loss": 0.5})
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [10, 20, 30] and lines[-1]["loss"] == 0.5
     MetricsLogger(tmp_path / "other", enabled=False).log({"step": 1, "loss": 1.0})  # not rank 0: nothing written
     assert not (tmp_path / "other").exists()
+
+
+def test_a_start_from_scratch_drops_every_earlier_line(tmp_path):
+    """Killed before the first checkpoint and run again: the rerun starts at step 0, so nothing is kept."""
+    logger = MetricsLogger(tmp_path, enabled=True)
+    for step in (0, 10, 20):
+        logger.log({"step": step, "loss": 1.0})
+    assert MetricsLogger(tmp_path, enabled=True).start_at(None) == []
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    MetricsLogger(tmp_path, enabled=True).log({"step": 0, "loss": 2.0})
+    assert _steps(tmp_path) == [0]
+
+
+def test_a_cut_off_line_is_dropped_with_a_warning_naming_the_file(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n{"step": 30, "lo')  # a full disk
+    logger = MetricsLogger(tmp_path, enabled=True)
+    with caplog.at_level("WARNING"):
+        kept = logger.start_at(30)
+    assert [record["step"] for record in kept] == [10, 20]
+    assert f"{path} line 3 is damaged" in caplog.text
+    logger.log({"step": 30, "loss": 0.8})
+    assert _steps(tmp_path) == [10, 20, 30]
+    path.write_text('{"step": 10}\n[1, 2]\n{"step": "x"}\n\n{"step": 20}\n')  # parses, but is no record
+    assert [record["step"] for record in MetricsLogger(tmp_path, enabled=True).records()] == [10, 20]
 
 
 def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
