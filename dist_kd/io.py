@@ -104,6 +104,33 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def data_fingerprint(path: str | os.PathLike) -> str:
+    """A sha256 that changes when the data under ``path`` changes (recorded in checkpoints, checked on resume).
+
+    A directory with a manifest that lists its files with their own sha256 (a corpus' ``manifest.json``, a
+    soft-target store's ``_manifest.json``) is identified by that list, so a terabyte corpus costs no read;
+    any other file or directory by the names and bytes of its files.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    for name in ("manifest.json", "_manifest.json"):
+        manifest = path / name
+        if manifest.is_file():
+            try:
+                listed = json.loads(manifest.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                break
+            entries = listed.get("shards", listed.get("files")) if isinstance(listed, dict) else None
+            if isinstance(entries, list) and entries and all(isinstance(e, dict) and e.get("sha256") for e in entries):
+                digest.update(json.dumps([[e.get("name"), e["sha256"]] for e in entries]).encode())
+                return digest.hexdigest()
+            break
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
+
+
 # Every Parquet file dist_kd writes (soft-target stores, precompute chunks, augmented sets) carries what
 # produced it as JSON under this schema-metadata key.
 PARQUET_METADATA_KEY = b"dist_kd"

@@ -5,17 +5,27 @@ Layout under ``run_dir/checkpoints/``::
     step-00000500/                 a complete checkpoint (renamed into place when every rank finished)
         <DeepSpeed files>          model, optimizer (ZeRO shards), scheduler
         rank00000.pt ...           per-rank trainer state: step, tokens, data position, RNG states
-        meta.json                  written last: step, shapes of teacher and student (for resume checks)
+        meta.json                  written last: step, shapes of teacher and student, data fingerprints
+                                   (for resume checks) and every file's size (to verify it is whole)
+    latest                         the newest complete tag, for DeepSpeed's own tools (zero_to_fp32.py)
     .tmp-step-00000750/            a save in progress (or interrupted): never picked for resume
 
 Every rank writes into the temporary directory (a shared filesystem, as DeepSpeed itself assumes); after
 a barrier rank 0 writes ``meta.json`` and renames the directory, so a checkpoint is either complete
-under its final name or absent. Older complete checkpoints beyond ``keep_last`` are then deleted.
+under its final name or absent. Older complete checkpoints beyond ``keep_last`` are then deleted. A step
+that already has a whole checkpoint (a finished run started again) is not saved again, so there is never
+a moment without the newest complete checkpoint. Resume takes the newest checkpoint whose files are all
+there at the sizes ``meta.json`` lists; a damaged one is skipped with a warning naming it and what is
+wrong, and the previous one is used. A save that fails (a full disk) removes its temporary directory and
+is reported in one line naming the directory and the free space; the checkpoints before it are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import random
 import re
 import shutil
@@ -26,9 +36,23 @@ import numpy as np
 import torch
 
 from dist_kd import distributed
-from dist_kd.io import write_json_atomic
+from dist_kd.io import atomic_path, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (reported as one line; earlier checkpoints are intact).
+
+    Attributes:
+        disk_full: the cause was a full device.
+    """
+
+    def __init__(self, message: str, disk_full: bool):
+        super().__init__(message)
+        self.disk_full = disk_full
 
 
 def step_dir_name(step: int) -> str:
@@ -36,8 +60,41 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(directory)): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != "meta.json"
+    }
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint directory, or None when it is whole.
+
+    Whole means: ``meta.json`` parses, every rank's state file is there, and every file ``meta.json`` lists
+    has its recorded size (checkpoints from before sizes were recorded are checked for rank files only).
+    """
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+    except FileNotFoundError:
+        return "no meta.json (an unfinished save)"
+    except (OSError, ValueError) as err:
+        return f"meta.json does not parse ({err})"
+    ranks = int(meta.get("world_size", 1))
+    missing = [f"rank{rank:05d}.pt" for rank in range(ranks) if not (checkpoint / f"rank{rank:05d}.pt").is_file()]
+    if missing:
+        return f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    for name, size in (meta.get("files") or {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"missing {name}"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when saved (truncated?)"
+    return None
+
+
 def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every complete checkpoint, oldest first."""
+    """``(step, path)`` of every checkpoint that finished saving (has ``meta.json``), oldest first."""
     if not checkpoints_dir.is_dir():
         return []
     found = []
@@ -49,13 +106,17 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = complete_checkpoints(checkpoints_dir)
-    return found[-1][1] if found else None
+    """The newest whole checkpoint, or None; newer damaged ones are skipped with a warning each."""
+    for _, path in reversed(complete_checkpoints(checkpoints_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is damaged (%s): skipping it for an older one", path, problem)
+    return None
 
 
 def resume_point(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint a run starts from: the newest complete one under ``run_dir/checkpoints``, or None.
+    """The checkpoint a run starts from: the newest whole one under ``run_dir/checkpoints``, or None.
 
     Raises:
         ValueError: ``resume`` is ``never`` and ``run_dir`` already holds a run (checkpoints or metrics).
@@ -106,24 +167,70 @@ def save_checkpoint(
     name = step_dir_name(step)
     tmp_tag = f".tmp-{name}"
     final = checkpoints_dir / name
+    if final.is_dir() and damage(final) is None:
+        # The same step is already whole (a finished run started again, resumed at its last step): the state is
+        # the same, and replacing it would open a moment without a newest complete checkpoint.
+        return final
     if info.is_main:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         if (checkpoints_dir / tmp_tag).exists():
             shutil.rmtree(checkpoints_dir / tmp_tag)  # left by an interrupted save of the same step
     distributed.barrier()
-    engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
-    torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
+    try:
+        engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
+        torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
+    except Exception as err:  # noqa: BLE001 - any failure mid-save: clean up, say why in one line
+        raise _save_failed(checkpoints_dir, tmp_tag, err) from err
     distributed.barrier()
     if info.is_main:
-        write_json_atomic(checkpoints_dir / tmp_tag / "meta.json", dict(meta, step=step, world_size=info.world_size))
-        if final.exists():
-            shutil.rmtree(final)
+        try:
+            files = _file_sizes(checkpoints_dir / tmp_tag)
+            write_json_atomic(
+                checkpoints_dir / tmp_tag / "meta.json",
+                dict(meta, step=step, world_size=info.world_size, files=files),
+            )
+        except Exception as err:  # noqa: BLE001
+            raise _save_failed(checkpoints_dir, tmp_tag, err) from err
+        if final.exists():  # a damaged checkpoint of this step: out of the way, then replaced
+            damaged = checkpoints_dir / f".damaged-{name}"
+            shutil.rmtree(damaged, ignore_errors=True)
+            final.rename(damaged)
+            shutil.rmtree(damaged, ignore_errors=True)
         (checkpoints_dir / tmp_tag).rename(final)
+        with contextlib.suppress(OSError):  # DeepSpeed's tools (zero_to_fp32.py) read the newest tag here
+            with atomic_path(checkpoints_dir / "latest") as tmp:
+                tmp.write_text(name)
         if keep_last > 0:
             for _, old in complete_checkpoints(checkpoints_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException) -> CheckpointSaveError:
+    """Remove the unfinished save and describe the failure in one line (a full disk said as such)."""
+    try:
+        free = shutil.disk_usage(checkpoints_dir).free  # before the clean-up frees some
+    except OSError:
+        free = -1
+    shutil.rmtree(checkpoints_dir / tmp_tag, ignore_errors=True)
+    causes: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in causes:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in causes)
+    previous = latest_checkpoint(checkpoints_dir)
+    kept = f"; the newest whole checkpoint, {previous.name}, is intact" if previous else ""
+    if full or 0 <= free < (64 << 20):
+        reason = f"no space left on the device ({free / 2**20:.0f} MiB free there)"
+    else:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return CheckpointSaveError(
+        f"saving a checkpoint under {checkpoints_dir} failed: {reason}{kept}; make room or fix the cause and "
+        "rerun to resume",
+        disk_full=full or 0 <= free < (64 << 20),
+    )
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
@@ -136,15 +243,16 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
 
     Args:
         saved: the checkpoint's ``meta.json``.
-        current: this run's meta (every key is compared; ``step`` and ``world_size`` are added at save time).
+        current: this run's meta (every key the checkpoint also has is compared; ``step`` and ``world_size``
+            are added at save time).
 
     Raises:
         ValueError: naming each differing field with its saved and current value.
     """
     differences = [
-        f"{key}: checkpoint has {saved.get(key)!r}, this run has {current[key]!r}"
+        f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}"
         for key in current
-        if saved.get(key) != current[key]
+        if key in saved and saved[key] != current[key]  # a key an older checkpoint lacks is not compared
     ]
     if differences:
         raise ValueError(

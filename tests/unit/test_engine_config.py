@@ -75,6 +75,7 @@ def test_no_weight_decay_on_bias_and_layernorm():
 def test_latest_checkpoint_ignores_incomplete(tmp_path):
     for step in (100, 200):
         (tmp_path / ckpt.step_dir_name(step)).mkdir()
+        (tmp_path / ckpt.step_dir_name(step) / "rank00000.pt").write_bytes(b"")
         (tmp_path / ckpt.step_dir_name(step) / "meta.json").write_text("{}")
     (tmp_path / ckpt.step_dir_name(300)).mkdir()  # no meta.json: incomplete
     (tmp_path / ".tmp-step-00000400").mkdir()

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
 
 
 def _mode(path) -> int:
@@ -32,3 +32,34 @@ def test_a_failed_block_leaves_the_old_output(tmp_path):
     assert (tmp_path / "state.json").read_text().strip().endswith("}")
     assert '"step": 1' in (tmp_path / "state.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_data_fingerprint_follows_content_not_names_or_times(tmp_path):
+    import json
+    import os
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    first = data_fingerprint(data)
+    os.utime(data, (1, 1))
+    assert data_fingerprint(data) == first  # a touch is not a change
+    data.write_text('{"text": "b"}\n')  # same size, other bytes
+    assert data_fingerprint(data) != first
+
+    folder = tmp_path / "aug"
+    folder.mkdir()
+    (folder / "part.parquet").write_bytes(b"12345")
+    before = data_fingerprint(folder)
+    (folder / "part.parquet").write_bytes(b"12346")
+    assert data_fingerprint(folder) != before
+
+    corpus = tmp_path / "corpus"  # listed shards with their sha256: the shards themselves are not read
+    corpus.mkdir()
+    shards = [{"name": "shard-00000.tar", "num_sequences": 4, "sha256": "aa"}]
+    (corpus / "manifest.json").write_text(json.dumps({"shards": shards, "seq_len": 128}))
+    listed = data_fingerprint(corpus)
+    (corpus / "manifest.json").write_text(json.dumps({"shards": shards, "seq_len": 128, "note": "other field"}))
+    assert data_fingerprint(corpus) == listed
+    shards[0]["sha256"] = "ab"
+    (corpus / "manifest.json").write_text(json.dumps({"shards": shards, "seq_len": 128}))
+    assert data_fingerprint(corpus) != listed
