@@ -23,7 +23,7 @@ import torch
 
 from dist_kd import distributed
 from dist_kd.config import doc, dump_config
-from dist_kd.io import atomic_dir, atomic_path
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint
 from dist_kd.models.student import (
     DistillStudent,
     Projections,
@@ -63,6 +63,7 @@ class DataConfig:
     shuffle: bool = doc("seeded shuffle of shard order and within a bounded buffer, new each epoch", True)
     shuffle_buffer: int = doc("sequences held in the shuffle buffer", 2048)
     skip_corrupt: bool = doc("skip corrupt shards with a warning instead of stopping", False)
+    verify_checksums: bool = doc("compare every shard's sha256 with the manifest before training (reads all)", False)
     eval_shards: str | None = doc(
         "held-out shards: their sequences are the quality texts when eval.texts is null", None
     )
@@ -195,20 +196,24 @@ class GeneralTrainer:
                 "intermediate_size": student.config.intermediate_size,
                 "layer_map": self.mapping,
             },
+            "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
         }
         if resume_from is not None:
             ckpt.check_compatible(ckpt.read_meta(resume_from), self.meta, resume_from)
+        self.initial_quality: dict[str, float | None] | None = None
+        if resume_from is not None:
+            self._load(resume_from)  # every check passes before the run directory changes
         # --- the run directory: only now -------------------------------------------------------------
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(cfg))
         self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
-        self.initial_quality: dict[str, float | None] | None = None
-        if resume_from is not None:
-            self._load(resume_from)
-        self.first_terms: dict[str, float] | None = None
-        self.last_terms: dict[str, float] | None = None
+        history = self.metrics.start_at(self.step if resume_from is not None else None)
+        logged = [{k: v for k, v in r.items() if k == "loss" or k.startswith("loss_")} for r in history if "loss" in r]
+        # the summary's first and last lines span the whole run, across resumes and reruns
+        self.first_terms: dict[str, float] | None = logged[0] if logged else None
+        self.last_terms: dict[str, float] | None = logged[-1] if logged else None
         self._teacher_quality: QualityReport | None = None
         self._last_quality: tuple[int, QualityReport] | None = None
 
@@ -227,6 +232,7 @@ class GeneralTrainer:
             shuffle=shuffle,
             shuffle_buffer=self.cfg.data.shuffle_buffer,
             skip_corrupt=self.cfg.data.skip_corrupt,
+            verify_checksums=self.cfg.data.verify_checksums and shards == self.cfg.data.shards,
             pin_memory=self.info.device.type == "cuda",
         )
 
@@ -273,7 +279,6 @@ class GeneralTrainer:
     def _load(self, checkpoint: Path) -> None:
         state = ckpt.load_checkpoint(self.engine, checkpoint)
         self.load_state_dict(state)
-        self.metrics.truncate_after(self.step)
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
     # --- state -----------------------------------------------------------------------------------------

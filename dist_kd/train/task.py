@@ -41,7 +41,7 @@ from dist_kd.config import dump_config
 from dist_kd.data.encode import pad_id_of, pad_rows, uses_token_types
 from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
 from dist_kd.evaluate import compute_metrics
-from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
 from dist_kd.losses import prediction_loss
 from dist_kd.models.student import StudentConfig, student_config_from_teacher, unit_selection
 from dist_kd.models.teacher import check_model_dir
@@ -161,21 +161,22 @@ class TaskTrainer:
                 {"name": t.spec.name, "type": t.spec.type, "labels": t.spec.labels, "rows": t.num_rows}
                 for t in self.tasks
             ],
+            "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
         }
         if resume_from is not None:
             ckpt.check_compatible(ckpt.read_meta(resume_from), self.meta, resume_from)
+        self._window = LossWindow(info.device, self.names)
+        if resume_from is not None:  # every check passes before the run directory changes
+            state = ckpt.load_checkpoint(self.engine, resume_from)
+            self.load_state_dict(state)
+            logger.info("resumed from %s at step %d", resume_from, self.step)
         # --- the run directory: only now -------------------------------------------------------------
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg)))
         self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
-        self._window = LossWindow(info.device, self.names)
-        if resume_from is not None:
-            state = ckpt.load_checkpoint(self.engine, resume_from)
-            self.load_state_dict(state)
-            self.metrics.truncate_after(self.step)
-            logger.info("resumed from %s at step %d", resume_from, self.step)
+        self.metrics.start_at(self.step if resume_from is not None else None)
         self._dev_cache: dict[str, tuple[int, np.ndarray]] = {}
         self._saved_step: int | None = self.step if resume_from is not None else None
         logger.info(
