@@ -71,6 +71,25 @@ STATE_VERSION = 1
 Interval = tuple[int, int]
 
 
+def check_token_ids(path: Path, arrays: list[np.ndarray], vocab_size: int) -> None:
+    """Every token id of a shard within the tokenizer's vocabulary (damaged bytes that keep the tar valid
+    would otherwise reach the embedding lookup as an ``IndexError`` that names no file).
+
+    Raises:
+        CorruptShardError: naming the shard, the sequence and the id.
+    """
+    if not vocab_size or not arrays:
+        return
+    for number, ids in enumerate(arrays):
+        if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+            bad = int(ids[(ids >= vocab_size) | (ids < 0)][0])
+            raise CorruptShardError(
+                path,
+                f"sequence {number} holds token id {bad}, outside the tokenizer's vocabulary 0..{vocab_size - 1} "
+                "(damaged bytes? data.verify_checksums: true compares every shard with its manifest sha256)",
+            )
+
+
 def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The order in which shards form the epoch's virtual list (manifest indices)."""
     if not shuffle:
@@ -185,6 +204,7 @@ class _PieceReader:
         name = self.spec["shard_names"][index]
         try:
             arrays = read_shard(Path(self.spec["shards_dir"]) / name, int(self.spec["shard_counts"][index]))
+            check_token_ids(Path(self.spec["shards_dir"]) / name, arrays, self.spec.get("vocab_size", 0))
         except CorruptShardError as error:
             if not self.spec["skip_corrupt"]:
                 raise
@@ -350,6 +370,7 @@ class CorpusStream:
         self.prefetch_factor = prefetch_factor
         self.seq_len = int(self.manifest["seq_len"])
         self.pad_id = int(self.manifest.get("special_tokens", {}).get("pad", 0))
+        self.vocab_size = int(self.manifest["tokenizer"].get("vocab_size") or 0)  # 0: unknown, not checked
         self._names = [shard["name"] for shard in self.manifest["shards"]]
         self._counts = np.array([int(shard["num_sequences"]) for shard in self.manifest["shards"]], dtype=np.int64)
         if int(self._counts.sum()) != int(self.manifest["num_sequences"]):
@@ -462,6 +483,7 @@ class CorpusStream:
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,
             "pad_id": self.pad_id,
+            "vocab_size": self.vocab_size,
             "skip_corrupt": self.skip_corrupt,
             "start_batches": [_consumed_batches(self._batches_consumed, num_workers, w) for w in range(num_workers)],
             # DataLoader worker i plays layout worker (i + rotation): its round-robin then resumes with the

@@ -224,3 +224,27 @@ def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers):
     # Its sequences become fully masked rows, so every rank still runs the same number of steps.
     masked = sum(int((batch["attention_mask"].sum(dim=1) == 0).sum()) for batch in batches)
     assert masked == 16 and len(batches) == len(stream)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_flipped_token_bytes_are_named_counted_or_caught_by_checksums(corpus, tmp_path, num_workers):
+    """Damage that keeps the tar valid and the size equal: the ids leave the vocabulary. The stream names the
+    shard (not an IndexError in the embedding), skip_corrupt masks its rows, verify_checksums finds it first."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    shard = damaged / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    assert data[512:518] == b"\x93NUMPY"  # the first member's .npy payload
+    start = 512 + 10 + int.from_bytes(data[520:522], "little")
+    data[start : start + 4] = b"\xff\x7f\xff\x7f"
+    shard.write_bytes(bytes(data))
+    _stream(damaged)  # size and structure are fine: nothing found before reading
+    with pytest.raises(CorruptShardError, match=r"shard-000001\.tar: sequence 0 holds token id .* outside the tok"):
+        list(_stream(damaged, shuffle=False, num_workers=num_workers))
+    stream = _stream(damaged, shuffle=False, num_workers=num_workers, skip_corrupt=True)
+    batches = list(stream)
+    assert stream.num_skipped_shards == 1 and "shard-000001.tar" in stream.skipped_shards
+    vocab = read_manifest(corpus)["tokenizer"]["vocab_size"]
+    assert all(int(batch["input_ids"].max()) < vocab for batch in batches)
+    with pytest.raises(CorruptShardError, match=r"shard-000001\.tar.*sha256"):
+        _stream(damaged, verify_checksums=True)
