@@ -7,7 +7,11 @@ This is the only module that reads launcher and SLURM environment variables. Sup
   (the first host; ``launch/slurm/general.sbatch`` exports MASTER_ADDR itself, which takes precedence).
 - a plain ``python`` process (``--debug``, notebooks, tests): world size 1 on a free local port.
 
-The backend comes from DeepSpeed's accelerator: NCCL on CUDA, gloo on the CPU accelerator.
+The backend comes from DeepSpeed's accelerator: NCCL on CUDA, gloo on the CPU accelerator. On a CPU,
+DeepSpeed JIT-builds its shared-memory communication op the first time a process group starts; a build
+killed midway leaves torch's ``lock`` file behind, and every later start would wait on it forever in
+silence. :func:`guard_jit_build` runs first: it says when the build happens, waits with a message naming
+the lock while a build runs, and removes a lock that no build holds.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -81,6 +88,79 @@ def discover_environment() -> dict[str, str]:
     return found
 
 
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
+STALE_LOCK_S = 600.0  # the op builds in about a minute; a lock this old that no process builds is stale
+
+
+def _say(message: str) -> None:
+    # Before logging is configured (this runs ahead of the process group), on every rank that waits.
+    print(f"dist_kd: {message}", file=sys.stderr, flush=True)
+
+
+def extension_dirs(name: str) -> list[Path]:
+    """Where torch JIT-builds the extension ``name``: ``$TORCH_EXTENSIONS_DIR/name``, else every Python/CUDA
+    variant under torch's default build root (``~/.cache/torch_extensions/py313_cpu/name``, ...)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return [Path(os.environ["TORCH_EXTENSIONS_DIR"]) / name]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return sorted(Path(get_default_build_root()).glob(f"*/{name}"))
+
+
+def _local_builders(directory: Path) -> list[int]:
+    """Pids of this host's processes that work in ``directory`` (the compiler and ninja run there)."""
+    target = str(directory.resolve())
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = os.readlink(proc / "cwd")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(proc.name) != os.getpid() and (cwd == target or target in cmdline):
+            found.append(int(proc.name))
+    return found
+
+
+def guard_jit_build(name: str = SHM_OP, stale_after: float = STALE_LOCK_S, poll: float = 5.0) -> None:
+    """Make DeepSpeed's JIT build of ``name`` visible and never a silent hang.
+
+    - No build yet: one line says the first run builds it (about a minute, once per machine).
+    - A ``lock`` file in its build directory while a process on this host builds there (or the lock is
+      younger than ``stale_after`` seconds: a build on another node sharing the directory): wait, with a
+      line naming the lock every 30 s.
+    - A lock that no process on this host builds under and older than ``stale_after``: left by a build
+      that was killed; it is removed, with a line naming it, and the build starts again.
+    """
+    directories = extension_dirs(name)
+    if not any((d / f"{name}.so").is_file() for d in directories):
+        _say(f"DeepSpeed builds its CPU op {name} with a C++ compiler (first run on this machine, about a minute)")
+    for directory in directories:
+        lock = directory / "lock"
+        said = -1e9
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            builders = _local_builders(directory)
+            if not builders and age > stale_after:
+                _say(
+                    f"removing {lock}: a stale lock {age / 60:.0f} minutes old that no build process holds "
+                    "(left by an interrupted DeepSpeed op build)"
+                )
+                lock.unlink(missing_ok=True)
+                break
+            if time.monotonic() - said >= 30:
+                who = f"process {', '.join(map(str, builders))} on this host" if builders else "another process"
+                _say(
+                    f"waiting for {lock}: {who} is building {name} (a lock with no build is removed after "
+                    f"{stale_after / 60:.0f} minutes)"
+                )
+                said = time.monotonic()
+            time.sleep(poll)
+
+
 def init_distributed(force_cpu: bool = False) -> DistInfo:
     """Initialise (once) the process group for this process and return its place in the job.
 
@@ -103,6 +183,8 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         from deepspeed.accelerator import get_accelerator
 
         backend = get_accelerator().communication_backend_name() if device.type == "cuda" else "gloo"
+        if get_accelerator().device_name() == "cpu":
+            guard_jit_build()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 

@@ -1,0 +1,85 @@
+"""The guard in front of DeepSpeed's JIT op build: a message before the first build, a wait with a message
+while a build holds the lock, and removal of a lock that no build holds (which torch would wait on forever)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from dist_kd.distributed import extension_dirs, guard_jit_build
+
+
+def _build_dir(tmp_path, monkeypatch, name="op_x"):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = tmp_path / name
+    directory.mkdir()
+    return directory
+
+
+def test_extension_dir_follows_torch_extensions_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert extension_dirs("op_x") == [tmp_path / "op_x"]
+
+
+def test_first_build_is_announced_and_a_built_op_is_quiet(tmp_path, monkeypatch, capsys):
+    directory = _build_dir(tmp_path, monkeypatch)
+    guard_jit_build("op_x", poll=0.01)
+    assert "builds its CPU op op_x" in capsys.readouterr().err
+    (directory / "op_x.so").write_bytes(b"")
+    guard_jit_build("op_x", poll=0.01)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_lock_no_build_holds_is_removed_once_stale(tmp_path, monkeypatch, capsys):
+    directory = _build_dir(tmp_path, monkeypatch)
+    (directory / "op_x.so").write_bytes(b"")
+    lock = directory / "lock"
+    lock.write_text("")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    guard_jit_build("op_x", stale_after=600, poll=0.01)
+    assert not lock.exists()
+    assert f"removing {lock}: a stale lock 60 minutes old" in capsys.readouterr().err
+
+
+def test_a_lock_held_by_a_running_build_is_waited_for_and_kept(tmp_path, monkeypatch, capsys):
+    directory = _build_dir(tmp_path, monkeypatch)
+    (directory / "op_x.so").write_bytes(b"")
+    lock = directory / "lock"
+    lock.write_text("")
+    old = time.time() - 3600  # old, but a process works in the directory: a build is running
+    os.utime(lock, (old, old))
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], cwd=directory)
+    try:
+        finished = threading.Event()
+
+        def build_ends():  # the build finishes: torch removes its lock
+            time.sleep(0.5)
+            lock.unlink()
+            finished.set()
+
+        threading.Thread(target=build_ends, daemon=True).start()
+        guard_jit_build("op_x", stale_after=600, poll=0.05)
+        assert finished.is_set()  # returned only once the lock was gone
+        err = capsys.readouterr().err
+        assert f"waiting for {lock}: process {builder.pid} on this host is building op_x" in err
+        assert "removing" not in err
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def test_a_young_lock_is_waited_for_even_without_a_local_build(tmp_path, monkeypatch, capsys):
+    """Another node that shares the directory may be building: wait until the lock is stale, then remove it."""
+    directory = _build_dir(tmp_path, monkeypatch)
+    (directory / "op_x.so").write_bytes(b"")
+    lock = directory / "lock"
+    lock.write_text("")
+    started = time.monotonic()
+    guard_jit_build("op_x", stale_after=0.5, poll=0.05)
+    assert time.monotonic() - started >= 0.4 and not lock.exists()
+    err = capsys.readouterr().err
+    assert f"waiting for {lock}: another process is building op_x" in err and f"removing {lock}" in err
