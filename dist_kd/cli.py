@@ -125,24 +125,50 @@ def run_config_job(
     """
     from dist_kd import distributed
     from dist_kd.config import load_config
+    from dist_kd.train.checkpoint import CheckpointSaveError
+    from dist_kd.train.runlock import RunDirInUse
 
     overrides = list(args.overrides)
     if args.debug:
         drop_launcher_variables()
         overrides = [*debug_overrides, *overrides]
     trainer = None
+    lock = None
     try:
         cfg = load_config(config_class, args.config, overrides)
         info = distributed.init_distributed()
         configure_logging(info.rank)
+        lock, refused = _lock_run_dir(cfg.run.output_dir, info)
+        if refused:
+            raise RunDirInUse(refused)
         trainer = trainer_class(cfg, info)
         if not trainer.train():
             return 0  # preempted: a checkpoint is saved, the job can be requeued
         finish(trainer, cfg, info)
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CheckpointSaveError) as err:
         return bad_input(err)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
+        print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)
+        return 130
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         distributed.teardown()
+
+
+def _lock_run_dir(run_dir: str, info: Any) -> tuple[Any, str | None]:
+    """Rank 0 takes the run directory's lock (dist_kd.train.runlock); every rank learns whether it was refused."""
+    from dist_kd import distributed
+    from dist_kd.train.runlock import RunDirInUse, RunLock
+
+    lock, refused = None, None
+    if info.is_main:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunDirInUse as err:
+            lock, refused = None, str(err)
+    return lock, distributed.broadcast_object(refused)

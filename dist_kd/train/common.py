@@ -49,16 +49,23 @@ class RunConfig:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; the loop checkpoints and exits at the next step."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT) set a flag; the loop checkpoints and exits at
+    the next step. A second Ctrl-C aborts at once (KeyboardInterrupt), losing the steps since the last
+    checkpoint."""
 
     def __init__(self):
         self.requested = False
         self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        logger.warning("received %s: saving a checkpoint and stopping after this step", signal.Signals(signum).name)
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
+        hint = " (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""
+        logger.warning(
+            "received %s: saving a checkpoint and stopping after this step%s", signal.Signals(signum).name, hint
+        )
         self.requested = True
 
     def restore(self):

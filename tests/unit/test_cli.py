@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -53,27 +54,36 @@ def test_metric_flag_only_where_asked():
         _parse(["--task", "sst2", "--metric", "f1"])
 
 
+@dataclass
+class _JobRun:
+    output_dir: str = "runs/job"
+
+
+@dataclass
+class _JobConfig:
+    steps: int = 1
+    run: _JobRun = field(default_factory=_JobRun)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
 def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, monkeypatch):
     import os
-    from dataclasses import dataclass
     from types import SimpleNamespace
 
     from dist_kd import distributed
     from dist_kd.cli import config_job_parser, run_config_job
 
-    @dataclass
-    class Config:
-        steps: int = 1
-
-        def __post_init__(self):
-            if self.steps < 1:
-                raise ValueError(f"steps must be >= 1, got {self.steps}")
+    Config = _JobConfig
 
     events = []
 
     class Trainer:
         def __init__(self, cfg, info):
             self.cfg = cfg
+            assert (tmp_path / "run" / ".dist_kd.lock").is_file()  # the run directory is this job's
 
         def train(self):
             events.append(("train", self.cfg.steps))
@@ -92,7 +102,7 @@ def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, 
     monkeypatch.setattr(distributed, "init_distributed", init_distributed)
     monkeypatch.setattr(distributed, "teardown", lambda: events.append(("teardown",)))
     config = tmp_path / "run.yaml"
-    config.write_text("steps: 3\n")
+    config.write_text(f"steps: 3\nrun: {{output_dir: {tmp_path / 'run'}}}\n")
     parser = config_job_parser("job", config_help="YAML", debug_help="one process")
 
     monkeypatch.setenv("RANK", "3")
@@ -112,3 +122,14 @@ def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, 
     events.clear()
     assert run_config_job(parser.parse_args(["--config", str(config), "steps=0"]), Config, Trainer, finish) == 2
     assert events == [("teardown",)] and capsys.readouterr().err == "error: steps must be >= 1, got 0\n"
+
+    # another live run holds the run directory: one line, exit 2, before the trainer exists
+    import json
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".dist_kd.lock").write_text(json.dumps({"host": "elsewhere", "pid": 9, "token": "t"}))
+    events.clear()
+    assert run_config_job(parser.parse_args(["--config", str(config)]), Config, Trainer, finish) == 2
+    err = capsys.readouterr().err
+    assert events == [("init", None), ("teardown",)] and err.count("\n") == 1
+    assert err.startswith(f"error: run.output_dir {tmp_path / 'run'} is in use by another run (host elsewhere, pid 9")

@@ -1,0 +1,197 @@
+"""One writer per run directory: a lock file with its owner and a heartbeat, safe on shared filesystems.
+
+``run_dir/.dist_kd.lock`` holds the owner as JSON (host, pid, SLURM job id, a random token, start time);
+its modification time is the heartbeat, renewed every ``heartbeat_s`` seconds by a daemon thread of the
+owning process (rank 0). A lock is held while its heartbeat is younger than ``stale_s`` and, on the same
+host, while its pid is alive. Otherwise it is stale (a killed or preempted job, a dead node) and the next
+run takes it over, saying so.
+
+- A second run on the same directory is refused with one line naming the owner and the lock file.
+- A SLURM requeue (the same job id) whose old heartbeat is still fresh, e.g. on another node, waits until
+  it is stale instead of failing, and then resumes.
+- Creation is atomic (``O_EXCL``); a take-over writes a new file, renames it over the stale one, and
+  re-reads it, so of two runs taking over at once one wins and the other is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".dist_kd.lock"
+HEARTBEAT_S = 30.0
+STALE_S = 180.0
+
+
+class RunDirInUse(ValueError):
+    """Another live run owns the run directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class RunLock:
+    """The lock of one run directory (take it on rank 0 only).
+
+    Args:
+        run_dir: the run directory (created if missing; removed again on release if it stayed empty).
+        heartbeat_s: seconds between heartbeats.
+        stale_s: a heartbeat older than this means the owner is gone.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.heartbeat_s = heartbeat_s
+        self.stale_s = stale_s
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "token": uuid.uuid4().hex,
+            "started": time.time(),
+        }
+        self._created_dir = False
+        self._held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    def read_owner(self) -> tuple[dict[str, Any] | None, float] | None:
+        """``(owner or None if unreadable, heartbeat age in seconds)``, or None when there is no lock."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            owner = json.loads(text)
+            owner = owner if isinstance(owner, dict) else None
+        except ValueError:
+            owner = None  # being written, or damaged: judged by its age alone
+        return owner, age
+
+    def _alive(self, owner: dict[str, Any] | None, age: float) -> bool:
+        if age >= self.stale_s:
+            return False
+        if owner is not None and owner.get("host") == self.owner["host"]:
+            return _pid_alive(int(owner.get("pid", -1)))
+        return True
+
+    @staticmethod
+    def describe(owner: dict[str, Any] | None, age: float) -> str:
+        if owner is None:
+            return f"an unreadable owner, heartbeat {age:.0f} s ago"
+        job = f", SLURM job {owner['job_id']}" if owner.get("job_id") else ""
+        return f"host {owner.get('host')}, pid {owner.get('pid')}{job}, heartbeat {age:.0f} s ago"
+
+    # --- taking and giving back -------------------------------------------------------------------------
+
+    def acquire(self, poll: float = 2.0) -> None:
+        """Take the lock, take over a stale one, or wait for a requeued job's old one; then start the heartbeat.
+
+        Raises:
+            RunDirInUse: another live run holds the directory.
+        """
+        if not self.run_dir.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._created_dir = True
+        payload = json.dumps(self.owner)
+        said = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(payload)
+                break
+            found = self.read_owner()
+            if found is None:
+                continue  # released meanwhile
+            owner, age = found
+            if not self._alive(owner, age):
+                logger.warning("taking over the stale lock %s (%s)", self.path, self.describe(owner, age))
+                if self._take_over(payload):
+                    break
+                continue
+            if owner is not None and owner.get("job_id") and owner.get("job_id") == self.owner["job_id"]:
+                if not said:  # a requeue of this job: its earlier run is gone, its heartbeat not stale yet
+                    logger.warning(
+                        "%s is held by an earlier run of this SLURM job (%s); waiting up to %.0f s for it to go stale",
+                        self.path, self.describe(owner, age), self.stale_s - age,
+                    )  # fmt: skip
+                    said = True
+                time.sleep(min(poll, max(0.05, self.stale_s - age)))
+                continue
+            raise RunDirInUse(
+                f"run.output_dir {self.run_dir} is in use by another run ({self.describe(owner, age)}; lock "
+                f"{self.path}): wait for it to finish, stop it, or choose another run.output_dir"
+            )
+        self._held = True
+        self._thread = threading.Thread(target=self._beat, name="dist_kd-run-lock", daemon=True)
+        self._thread.start()
+
+    def _take_over(self, payload: str) -> bool:
+        tmp = self.path.with_name(f"{LOCK_NAME}.{self.owner['token']}")
+        tmp.write_text(payload)
+        os.replace(tmp, self.path)
+        time.sleep(min(0.2, self.stale_s / 10))  # a concurrent take-over renames after us: the last one wins
+        found = self.read_owner()
+        return found is not None and found[0] is not None and found[0].get("token") == self.owner["token"]
+
+    def holds(self) -> bool:
+        """True while the lock file is this lock's (nobody took it over)."""
+        found = self.read_owner()
+        return bool(found and found[0] and found[0].get("token") == self.owner["token"])
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if not self.holds():
+                logger.error(
+                    "the run lock %s is no longer this run's (taken over after a stalled heartbeat?); "
+                    "two runs may now write %s",
+                    self.path,
+                    self.run_dir,
+                )
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still this run's (and a directory left empty)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._held and self.holds():
+            self.path.unlink(missing_ok=True)
+        self._held = False
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only if empty: a start refused before writing anything leaves nothing
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,126 @@
+"""One writer per run directory: the lock refuses a live second run, takes over stale locks (dead pid on
+this host, old heartbeat elsewhere), lets a SLURM requeue wait for its own old lock, and beats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dist_kd.train.runlock import LOCK_NAME, RunDirInUse, RunLock
+
+
+def _plant(run_dir, age=0.0, **owner):
+    """A lock file of another owner, its heartbeat ``age`` seconds old."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    path.write_text(json.dumps({"host": "other-node", "pid": 1, "job_id": None, "token": "theirs", **owner}))
+    when = time.time() - age
+    os.utime(path, (when, when))
+    return path
+
+
+def test_lock_is_taken_and_released_and_an_empty_new_dir_goes_with_it(tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    lock = RunLock(run_dir)
+    lock.acquire()
+    owner = json.loads((run_dir / LOCK_NAME).read_text())
+    assert owner["pid"] == os.getpid() and owner["token"] == lock.owner["token"] and lock.holds()
+    lock.release()
+    assert not run_dir.exists()  # created for the lock only: a refused start leaves nothing
+    (tmp_path / "kept").mkdir()
+    with RunLock(tmp_path / "kept"):
+        (tmp_path / "kept" / "metrics.jsonl").write_text("")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_live_second_writer_is_refused_in_one_line(tmp_path):
+    path = _plant(tmp_path, age=5, job_id="77")
+    with pytest.raises(RunDirInUse) as caught:
+        RunLock(tmp_path).acquire()
+    message = str(caught.value)
+    assert "\n" not in message and f"run.output_dir {tmp_path} is in use by another run" in message
+    assert "host other-node, pid 1, SLURM job 77, heartbeat 5 s ago" in message and str(path) in message
+    assert json.loads(path.read_text())["token"] == "theirs"  # untouched
+
+
+def test_same_host_live_pid_is_refused_and_dead_pid_is_taken_over(tmp_path, caplog):
+    import socket
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _plant(tmp_path, host=socket.gethostname(), pid=sleeper.pid)
+        with pytest.raises(RunDirInUse, match=f"pid {sleeper.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = RunLock(tmp_path)  # the same lock file, its process now dead (a SIGKILLed run)
+    with caplog.at_level("WARNING"):
+        lock.acquire()
+    assert lock.holds() and "taking over the stale lock" in caplog.text
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_another_hosts_old_heartbeat_is_stale(tmp_path):
+    _plant(tmp_path, age=500)
+    lock = RunLock(tmp_path, stale_s=180)
+    lock.acquire()
+    assert lock.holds()
+    lock.release()
+
+
+def test_a_requeued_job_waits_for_its_own_old_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _plant(tmp_path, age=0, job_id="4242")  # the previous run of this job, on another node, just died
+    lock = RunLock(tmp_path, stale_s=0.6)
+    started = time.monotonic()
+    lock.acquire(poll=0.05)
+    assert time.monotonic() - started >= 0.4 and lock.holds()
+    lock.release()
+
+
+def test_heartbeat_renews_the_lock_and_notices_a_take_over(tmp_path, caplog):
+    lock = RunLock(tmp_path, heartbeat_s=0.05)
+    lock.acquire()
+    path = tmp_path / LOCK_NAME
+    os.utime(path, (1, 1))
+    deadline = time.time() + 5
+    while path.stat().st_mtime < 100 and time.time() < deadline:
+        time.sleep(0.02)
+    assert time.time() - path.stat().st_mtime < 5  # beaten
+    with caplog.at_level("ERROR"):
+        _plant(tmp_path, age=0)  # someone took it over
+        time.sleep(0.3)
+    assert "is no longer this run's" in caplog.text
+    lock.release()
+    assert json.loads(path.read_text())["token"] == "theirs"  # not ours to remove
+
+
+def test_two_takers_of_a_stale_lock_end_with_one_owner(tmp_path):
+    _plant(tmp_path, age=1000)
+    locks = [RunLock(tmp_path) for _ in range(2)]
+    outcomes = []
+
+    def take(lock):
+        try:
+            lock.acquire(poll=0.01)
+            outcomes.append("held")
+        except RunDirInUse:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=take, args=(lock,)) for lock in locks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Same process, so the pid check says the winner is alive: exactly one holds it.
+    assert sorted(outcomes) == ["held", "refused"] and sum(lock.holds() for lock in locks) == 1
+    for lock in locks:
+        lock.release()
