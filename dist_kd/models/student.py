@@ -312,13 +312,14 @@ def build_student(
 
     register_attention()
     if cfg.path:
-        from dist_kd.models.teacher import check_model_dir
+        from dist_kd.models.teacher import check_model_dir, readable_weights
 
         path = check_model_dir(cfg.path, "student.path")
         config = AutoConfig.from_pretrained(path)
         config.hidden_dropout_prob = cfg.dropout
         config.attention_probs_dropout_prob = cfg.dropout
-        model = AutoModel.from_pretrained(path, config=config, attn_implementation=ATTN_IMPLEMENTATION)
+        with readable_weights(path, "student.path"):
+            model = AutoModel.from_pretrained(path, config=config, attn_implementation=ATTN_IMPLEMENTATION)
     else:
         config = student_config_from_teacher(teacher_config, cfg)
         model = AutoModel.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)

@@ -11,6 +11,7 @@ back to fp32 with a logged warning (bf16 is kept when asked for explicitly).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,31 @@ def check_model_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def readable_weights(path: str | Path, what: str):
+    """Loading a model's weights inside this block: a damaged weights file is a ValueError naming it.
+
+    transformers passes a truncated or overwritten ``model.safetensors`` up as safetensors' own error
+    ("Error while deserializing header: ..."), which names neither the file nor the config key.
+    """
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a weights-file error
+        name = type(err).__name__
+        text = str(err).splitlines()[0] if str(err) else name
+        if name not in ("SafetensorError", "UnpicklingError", "HeaderTooLarge") and not any(
+            fragment in text for fragment in ("deserializ", "safetensors", "PytorchStreamReader", "invalid load key")
+        ):
+            raise
+        files = sorted(p.name for p in Path(path).glob("*.safetensors")) + sorted(
+            p.name for p in Path(path).glob("pytorch_model*.bin")
+        )
+        raise ValueError(
+            f"{what} {path}: its weights ({', '.join(files) or 'no weights file'}) cannot be read ({name}: {text}); "
+            "the file is damaged or was partly copied: copy or export it again"
+        ) from None
+
+
 def load_frozen(model: nn.Module) -> nn.Module:
     """Put a model in eval mode with every parameter frozen."""
     model.eval()
@@ -99,7 +125,8 @@ class Teacher:
         self.dtype = resolve_dtype(dtype, self.device)
         register_attention()
         auto = getattr(transformers, model_class)
-        model = auto.from_pretrained(self.path, attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype)
+        with readable_weights(self.path, "teacher.path"):
+            model = auto.from_pretrained(self.path, attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype)
         self.config = model.config
         self.num_layers = model.config.num_hidden_layers
         self.num_heads = model.config.num_attention_heads

@@ -100,6 +100,17 @@ def build_ds_config(
         ds_config = json.loads(source.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"deepspeed.config {source} is not valid JSON: {err}") from None
+    if not isinstance(ds_config, dict):
+        raise ValueError(f"deepspeed.config {source} must hold a JSON object")
+    owned = [key for key in ("optimizer", "scheduler") if key in ds_config]
+    if owned:
+        # The engine gets dist_kd's AdamW and schedule (train.lr, train.warmup_ratio, ...); DeepSpeed would
+        # otherwise be handed both, and which one trains is not what the user reads in either file.
+        raise ValueError(
+            f"deepspeed.config {source} sets {' and '.join(repr(k) for k in owned)}, which dist_kd does not use: "
+            "the optimizer and schedule come from the train section (train.optimizer, train.lr, train.weight_decay, "
+            "train.warmup_ratio, ...); remove the key(s) from the JSON"
+        )
     filled: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,

@@ -63,3 +63,10 @@ def test_type_and_validation_errors(tmp_path):
         parse_overrides(["novalue"])
     with pytest.raises(FileNotFoundError):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: 5\ninner: {rate: 2\n")
+    with pytest.raises(ValueError, match=rf"config file {path} line \d+, column \d+ is not valid YAML"):
+        load_config(Outer, path, [])

@@ -39,6 +39,9 @@ def test_disagreeing_json_is_an_error(tmp_path):
         build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
     with pytest.raises(FileNotFoundError, match="deepspeed.config"):
         build_ds_config(str(tmp_path / "missing.json"), 8, 1, 2, "fp32", 1.0)
+    path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "scheduler": {"type": "x"}}))
+    with pytest.raises(ValueError, match=r"sets 'optimizer' and 'scheduler', which dist_kd does not use.*train.lr"):
+        build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
 
 
 def test_batch_check_and_precision():

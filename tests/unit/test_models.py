@@ -400,3 +400,17 @@ def test_deeper_student_with_a_repeating_layer_map(tiny_bert_dir):
     # init: teacher copies g(1): the first student layer is the teacher's first, exactly
     assert losses["embd"].item() < 1e-10 and hidden_mse(s.hidden[1], t.hidden[1], mask).item() < 1e-10
     assert hidden_mse(s.hidden[3], t.hidden[2], mask).item() > 1e-6  # layer 2 applied twice is not layer 2
+
+
+def test_damaged_weights_file_is_named(tiny_bert_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "teacher"
+    shutil.copytree(tiny_bert_dir, damaged)
+    weights = damaged / "model.safetensors"
+    assert weights.is_file()
+    weights.write_bytes(weights.read_bytes()[:100])  # a partial copy
+    with pytest.raises(ValueError, match=rf"teacher.path {damaged}: its weights \(model.safetensors\) cannot be read"):
+        Teacher(damaged, dtype="fp32")
+    with pytest.raises(ValueError, match=rf"student.path {damaged}: its weights"):
+        build_student(StudentConfig(path=str(damaged)), None)
