@@ -260,11 +260,31 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
         )
 
 
+def check_world_size(saved: dict[str, Any], world_size: int, zero_stage: int, checkpoint: Path) -> None:
+    """Refuse, before anything is loaded, a resume at another world size that DeepSpeed cannot restore.
+
+    ZeRO 0 keeps the whole optimizer state in one file, and the data stream re-lays out the rest of its
+    epoch over any number of ranks, so any world size resumes. ZeRO 1-3 partition the optimizer state (and
+    ZeRO 3 the weights) by rank; DeepSpeed fails on those with a traceback mid-load.
+
+    Raises:
+        ValueError: naming both world sizes and what to do.
+    """
+    before = int(saved.get("world_size", world_size))
+    if before != world_size and zero_stage >= 1:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was saved by {before} ranks under ZeRO-{zero_stage}, whose "
+            f"optimizer state is partitioned per rank, and this run has {world_size}; start it on {before} ranks "
+            "(deepspeed --num_gpus/--num_nodes), or start a new run.output_dir"
+        )
+
+
 def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     """Load model/optimizer/scheduler into ``engine`` and return this rank's trainer state (RNG restored).
 
-    A checkpoint from a different world size restores the model, optimizer and step; the data position
-    then comes from rank 0's state (the stream documents how it continues without repeating shards).
+    A checkpoint from a different world size (ZeRO 0 only: :func:`check_world_size`) restores the model,
+    optimizer and step; the data position then comes from rank 0's state (the stream documents how it
+    continues without repeating shards).
     """
     info = distributed.current()
     engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True)

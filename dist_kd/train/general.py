@@ -199,7 +199,10 @@ class GeneralTrainer:
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
         }
         if resume_from is not None:
-            ckpt.check_compatible(ckpt.read_meta(resume_from), self.meta, resume_from)
+            saved = ckpt.read_meta(resume_from)
+            ckpt.check_compatible(saved, self.meta, resume_from)
+            zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+            ckpt.check_world_size(saved, info.world_size, zero_stage, resume_from)
         self.initial_quality: dict[str, float | None] | None = None
         if resume_from is not None:
             self._load(resume_from)  # every check passes before the run directory changes

@@ -164,7 +164,10 @@ class TaskTrainer:
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
         }
         if resume_from is not None:
-            ckpt.check_compatible(ckpt.read_meta(resume_from), self.meta, resume_from)
+            saved = ckpt.read_meta(resume_from)
+            ckpt.check_compatible(saved, self.meta, resume_from)
+            zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+            ckpt.check_world_size(saved, info.world_size, zero_stage, resume_from)
         self._window = LossWindow(info.device, self.names)
         if resume_from is not None:  # every check passes before the run directory changes
             state = ckpt.load_checkpoint(self.engine, resume_from)

@@ -100,3 +100,14 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path):
     with pytest.raises(ckpt.CheckpointSaveError, match="PermissionError: denied") as caught:
         _save(tmp_path, 20, FakeEngine(fail=PermissionError("denied")))
     assert not caught.value.disk_full or "no space" in str(caught.value)  # unless this disk really is full
+
+
+@pytest.mark.parametrize(("stage", "refused"), [(0, False), (1, True), (2, True), (3, True)])
+def test_another_world_size_is_refused_where_zero_partitions_by_rank(tmp_path, stage, refused):
+    saved = {"world_size": 2}
+    ckpt.check_world_size(saved, 2, stage, tmp_path)  # the same world size always resumes
+    if refused:
+        with pytest.raises(ValueError, match=rf"saved by 2 ranks under ZeRO-{stage}.* this run has 1; start it on 2"):
+            ckpt.check_world_size(saved, 1, stage, tmp_path)
+    else:
+        ckpt.check_world_size(saved, 1, stage, tmp_path)
