@@ -507,6 +507,10 @@ class CorpusStream:
                     num_workers=self.num_workers,
                     pin_memory=self.pin_memory,
                     prefetch_factor=self.prefetch_factor,
+                    # Its own generator: starting an iterator otherwise draws the workers' base seed from the
+                    # global torch RNG, which also drives dropout, so a resumed run (whose iterator starts
+                    # after the checkpoint's RNG state is restored) would draw other dropout masks.
+                    generator=torch.Generator().manual_seed(self.seed),
                 )
             )
         return self._track(source, iteration)

@@ -248,3 +248,17 @@ def test_flipped_token_bytes_are_named_counted_or_caught_by_checksums(corpus, tm
     assert all(int(batch["input_ids"].max()) < vocab for batch in batches)
     with pytest.raises(CorruptShardError, match=r"shard-000001\.tar.*sha256"):
         _stream(damaged, verify_checksums=True)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterating_leaves_the_global_torch_rng_alone(corpus, num_workers):
+    """Dropout draws from torch's global RNG; a resumed run restores it and then starts the loader, so the loader
+    must not draw from it (it did: DataLoader's worker base seed), or resumed losses drift."""
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    stream = _stream(corpus, num_workers=num_workers)
+    _take(stream, 3)
+    list(stream)
+    assert torch.equal(torch.get_rng_state(), before)
