@@ -116,7 +116,8 @@ def main() -> None:
         )
     lines += ["", "| recipe | model | spread | probe | probe / teacher |", "|---" * 5 + "|"]
     for name, quality in summaries.items():
-        for model, row in quality["rows"].items():
+        for model in quality.get("order", quality["rows"]):
+            row = quality["rows"][model]
             lines.append(f"| {name} | {model} | {row['spread']:.3f} | {row['probe']:.3f} | {row['probe_ratio']:.3f} |")
     print("\n".join(lines))
     output = Path(args.output)

@@ -479,8 +479,8 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
     """Teacher, initial student, final student and a random-init student on the held-out texts (collective).
 
     Returns:
-        ``{"texts", "num_texts", "chance", "rows": {name: {"spread", "probe", "probe_ratio"}}, "collapsed"}``,
-        or None when the run has no held-out text.
+        ``{"texts", "num_texts", "chance", "rows": {name: {"spread", "probe", "probe_ratio"}}, "order": [name,
+        ...] (the table's row order; summary.json sorts keys), "collapsed"}``, or None without held-out text.
     """
     if trainer.heldout is None:
         return None
@@ -507,6 +507,7 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
         "num_classes": len(trainer.heldout.label_names) or None,
         "chance": trainer.heldout.chance,
         "rows": rows,
+        "order": list(rows),
         "collapsed": collapse_reasons(final, trainer.heldout.chance),
     }
 

@@ -38,21 +38,28 @@ def run_script(*args: str, timeout: float = 600, check: bool = True) -> subproce
     return proc
 
 
-def run_until_lines_then_sigterm(args: list[str], metrics: Path, lines: int = 3, timeout: float = 300) -> str:
-    """Run ``python ARGS...``, send SIGTERM once ``metrics`` has ``lines`` lines, wait; returns stderr.
+def run_until_lines_then_sigterm(
+    args: list[str],
+    metrics: Path,
+    lines: int = 3,
+    timeout: float = 300,
+    sig: int = signal.SIGTERM,
+    expect_code: int = 0,
+) -> str:
+    """Run ``python ARGS...``, send ``sig`` once ``metrics`` has ``lines`` lines, wait; returns stderr.
 
-    Fails unless the process exits 0 (a preempted run checkpoints and exits cleanly).
+    Fails unless the process exits with ``expect_code`` (a preempted run checkpoints and exits 0).
     """
     cmd = [sys.executable, *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
         time.sleep(0.02)
     _, stderr = proc.communicate(timeout=timeout)
-    if proc.returncode != 0:
+    if proc.returncode != expect_code:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\nstderr:\n{stderr[-4000:]}")
     return stderr
 

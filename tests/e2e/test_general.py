@@ -79,7 +79,8 @@ def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
     _check_run(out, 16, 4)
     assert "student saved to" in proc.stdout and "quality on 60 held-out texts" in proc.stdout
     quality = json.loads((out / "summary.json").read_text())["quality"]
-    assert list(quality["rows"]) == ["teacher", "student at step 0", "student at step 16", "random init, same shape"]
+    assert quality["order"] == ["teacher", "student at step 0", "student at step 16", "random init, same shape"]
+    assert sorted(quality["rows"]) == sorted(quality["order"])
     assert quality["num_classes"] == 3 and quality["chance"] == pytest.approx(max(_class_counts()) / 60)
     teacher = quality["rows"]["teacher"]
     assert teacher["probe_ratio"] == 1.0 and -1.0 <= teacher["spread"] <= 1.0
@@ -147,6 +148,31 @@ def test_copy_of_teacher_starts_at_zero_loss(tiny_bert_dir, tiny_corpus, tmp_pat
         assert first[key] < 1e-9, (key, first[key])
 
 
+def test_ctrl_c_checkpoints_like_sigterm_and_a_kill_before_any_checkpoint_logs_no_step_twice(
+    tiny_bert_dir, tiny_corpus, tmp_path
+):
+    import signal
+
+    steps = ["train.max_steps=60", "run.log_every=3", "run.save_every=0", "eval.texts=null"]
+    out = tmp_path / "run"
+    args = ["launch/general.py", "--debug", "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, out, *steps)]
+    # SIGKILL before the first checkpoint: no checkpoint, but logged lines; the rerun starts at step 0
+    run_until_lines_then_sigterm(args, out / "metrics.jsonl", sig=signal.SIGKILL, expect_code=-signal.SIGKILL)
+    assert not list((out / "checkpoints").glob("step-*")) and _metrics(out)
+    stderr = run_until_lines_then_sigterm(args, out / "metrics.jsonl", lines=9, sig=signal.SIGINT)
+    assert "received SIGINT: saving a checkpoint" in stderr and "Traceback" not in stderr
+    stopped_at = int(sorted((out / "checkpoints").glob("step-*"))[0].name.split("-")[1])
+    assert [r["step"] for r in _metrics(out)] == list(range(3, stopped_at + 1, 3))
+    proc = run_script(*args)
+    assert [r["step"] for r in _metrics(out)] == list(range(3, 61, 3))
+    # the summary's loss table spans the whole run: its first log is step 3's, across the kill and the resume
+    records = _metrics(out)
+    table = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["loss"]]
+    assert len(table) == 1, proc.stdout
+    assert float(table[0][1]) == pytest.approx(records[0]["loss"], abs=1e-4)
+    assert float(table[0][2]) == pytest.approx(records[-1]["loss"], abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_bert_dir, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
@@ -182,6 +208,9 @@ def other_tokenizer_corpus(tmp_path_factory):
         ("unknown key", ["train.max_step=3"], "unknown config key 'train.max_step'; did you mean 'train.max_steps'"),
         ("probe column", ["eval.label=topic"], r"eval.texts .*probe.jsonl: no column 'topic'"),
         ("missing held-out texts", ["eval.texts=/nonexistent/probe.jsonl"], "eval.texts /nonexistent/probe.jsonl does"),
+        # refused resumes: config.yaml and metrics.jsonl stay as they were (the snapshot below)
+        ("other seed", ["train.seed=7"], "corpus stream state field 'seed' is 42 but this stream has 7"),
+        ("other corpus, same tokenizer", ["data.shards=EVAL"], "cannot resume from .*step-00000004: corpus: "),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
@@ -190,7 +219,9 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
     import re
 
     before = snapshot(finished_run)
-    overrides = [o.replace("OTHER", str(other_tokenizer_corpus)) for o in overrides]
+    overrides = [
+        o.replace("OTHER", str(other_tokenizer_corpus)).replace("EVAL", str(tiny_corpus / "eval")) for o in overrides
+    ]
     proc = run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
         *_args(tiny_bert_dir, tiny_corpus, finished_run, "train.max_steps=8", *overrides),
