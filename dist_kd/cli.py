@@ -100,11 +100,28 @@ def bad_input(err: Exception, show: bool = True) -> int:
     return BAD_INPUT_EXIT_CODE
 
 
-def config_job_parser(description: str, config_help: str, debug_help: str) -> argparse.ArgumentParser:
-    """The command line of a config-driven training job: ``--config FILE [--debug] [key=value ...]``."""
-    parser = argparse.ArgumentParser(description=description)
+def config_job_parser(
+    description: str, config_help: str, debug_help: str, config_class: type | None = None
+) -> argparse.ArgumentParser:
+    """The command line of a config-driven training job: ``--config FILE [--debug] [key=value ...]``.
+
+    With ``config_class``, ``--help`` ends with every config key, its type, default and doc text.
+    """
+    epilog = None
+    if config_class is not None:
+        from dist_kd.config import describe
+
+        epilog = "config keys (set in the YAML or as key=value):\n" + "\n".join(
+            f"  {line}" for line in describe(config_class)
+        )
+    parser = argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (YAML + overrides) and exit"
+    )
     add_launcher_argument(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser
@@ -134,6 +151,14 @@ def run_config_job(
         overrides = [*debug_overrides, *overrides]
     trainer = None
     lock = None
+    if getattr(args, "print_config", False):
+        from dist_kd.config import dump_config
+
+        try:
+            print(dump_config(load_config(config_class, args.config, overrides)), end="")
+        except (ValueError, FileNotFoundError) as err:
+            return bad_input(err)
+        return 0
     try:
         cfg = load_config(config_class, args.config, overrides)
         info = distributed.init_distributed()

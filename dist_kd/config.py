@@ -195,6 +195,47 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, data)
 
 
+def _type_name(tp: Any) -> str:
+    tp, optional = _strip_optional(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        name = " | ".join(_type_name(arg) for arg in typing.get_args(tp))
+    elif typing.get_origin(tp) is not None:
+        args = ", ".join(_type_name(arg) for arg in typing.get_args(tp))
+        name = f"{typing.get_origin(tp).__name__}[{args}]"
+    else:
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return f"{name} | null" if optional else name
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per config key, dotted, with its type, default and doc text (the ``--help`` key reference).
+
+    Examples:
+        ``train.lr (float, default 5e-05): peak learning rate``
+    """
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, f"{key}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        shown = "null" if default is None else (repr(default) if default == "" else default)
+        text = f.metadata.get("doc", "")
+        lines.append(f"{key} ({_type_name(hints[f.name])}, default {shown}){': ' + text if text else ''}")
+        items = typing.get_args(tp)
+        if typing.get_origin(tp) is list and items and dataclasses.is_dataclass(items[0]):
+            lines.extend(describe(items[0], f"{key}[]."))  # the keys of each list entry
+    return lines
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain Python data (for YAML/JSON), keys in field order."""
     return dataclasses.asdict(cfg)

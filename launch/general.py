@@ -21,10 +21,13 @@ from dist_kd.cli import config_job_parser, run_config_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from dist_kd.train.general import GeneralConfig
+
     return config_job_parser(
         __doc__.split("\n\n")[0],
         config_help="run config YAML (launch/configs/*.yaml)",
         debug_help="one process, no launcher, no DataLoader workers",
+        config_class=GeneralConfig,
     ).parse_args(argv)
 
 

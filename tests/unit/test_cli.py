@@ -133,3 +133,24 @@ def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert events == [("init", None), ("teardown",)] and err.count("\n") == 1
     assert err.startswith(f"error: run.output_dir {tmp_path / 'run'} is in use by another run (host elsewhere, pid 9")
+
+
+def test_print_config_prints_the_resolved_yaml_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from dist_kd import distributed
+    from dist_kd.cli import config_job_parser, run_config_job
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda: pytest.fail("no process group for --print-config"))
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 3\n")
+    parser = config_job_parser("job", config_help="YAML", debug_help="one process", config_class=_JobConfig)
+    args = parser.parse_args(["--config", str(config), "--print-config", "steps=9"])
+    assert run_config_job(args, _JobConfig, None, None) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == {"steps": 9, "run": {"output_dir": "runs/job"}}
+    args = parser.parse_args(["--config", str(config), "--print-config", "steps=0"])
+    assert run_config_job(args, _JobConfig, None, None) == 2
+    assert capsys.readouterr().err == "error: steps must be >= 1, got 0\n"
+    assert "steps (int, default 1)" in parser.format_help() and "run.output_dir (str, default runs/job)" in (
+        parser.format_help()
+    )

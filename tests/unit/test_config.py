@@ -70,3 +70,28 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path.write_text("steps: 5\ninner: {rate: 2\n")
     with pytest.raises(ValueError, match=rf"config file {path} line \d+, column \d+ is not valid YAML"):
         load_config(Outer, path, [])
+
+
+def test_describe_lists_every_key_with_type_default_and_doc():
+    from dist_kd.config import describe
+    from dist_kd.train.general import GeneralConfig
+    from dist_kd.train.task_config import TaskConfig
+
+    lines = describe(GeneralConfig)
+    keys = [line.split(" ", 1)[0] for line in lines]
+    assert "train.lr (float, default 5e-05): peak learning rate" in lines
+    assert any(line.startswith("distill.layer_map (str | list[int], default uniform): ") for line in lines)
+    assert len(keys) == len(set(keys)) and "teacher.path" in keys and "eval.texts" in keys
+    # every key the resolved config holds is described, and nothing else
+    from dist_kd.config import config_to_dict, load_config
+
+    def dotted(tree, prefix=""):
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                yield from dotted(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    assert set(keys) == set(dotted(config_to_dict(load_config(GeneralConfig, None, []))))
+    task_keys = [line.split(" ", 1)[0] for line in describe(TaskConfig)]
+    assert "tasks" in task_keys and "tasks[].soft_targets" in task_keys
