@@ -83,3 +83,36 @@ def test_a_young_lock_is_waited_for_even_without_a_local_build(tmp_path, monkeyp
     assert time.monotonic() - started >= 0.4 and not lock.exists()
     err = capsys.readouterr().err
     assert f"waiting for {lock}: another process is building op_x" in err and f"removing {lock}" in err
+
+
+def test_thread_count_is_the_ranks_share_of_the_free_cores(monkeypatch):
+    from dist_kd.distributed import local_process_count, set_thread_count, threads_per_rank
+
+    assert threads_per_rank(cores=2, local_processes=1, load=0.0) == 2  # idle laptop: every core
+    assert threads_per_rank(cores=2, local_processes=1, load=2.1) == 1  # busy: one thread, not a fight
+    assert threads_per_rank(cores=2, local_processes=2, load=0.0) == 1  # two ranks share two cores
+    assert threads_per_rank(cores=64, local_processes=8, load=0.5) == 7
+    assert threads_per_rank(cores=64, local_processes=8, load=0.0) == 8
+    assert threads_per_rank(cores=4, local_processes=8, load=0.0) == 1  # never 0
+    assert local_process_count({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert local_process_count({"LOCAL_SIZE": "2"}) == 2
+    assert local_process_count({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 8
+    assert local_process_count({}) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert set_thread_count() is None  # the user's setting wins
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import subprocess
+    import sys
+
+    from dist_kd.distributed import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        busy = busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.7 <= busy <= (os.cpu_count() or 1) + 0.01
