@@ -39,8 +39,12 @@ def finish(trainer, cfg, info) -> None:
     # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
     quality = quality_summary(trainer)
     if info.is_main:
+        from dist_kd.model_card import write_model_card
+
         lines = summary_lines(trainer, quality)
         write_summary(trainer.run_dir, lines, quality)
+        if quality:
+            write_model_card(trainer.run_dir / "student", trainer.model_card(quality))  # with the measured quality
         print("\n".join(lines), flush=True)
 
 

@@ -13,6 +13,7 @@ Host syncs (``.item()``) happen only at log steps; loss terms are accumulated as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from dist_kd import distributed
 from dist_kd.config import doc, dump_config
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint
+from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.student import (
     DistillStudent,
     Projections,
@@ -438,7 +440,8 @@ class GeneralTrainer:
     # --- export and summary ----------------------------------------------------------------------------
 
     def export(self) -> Path:
-        """Save the student (no projections) with the teacher's tokenizer to ``run_dir/student`` (collective)."""
+        """Save the student (no projections) with the teacher's tokenizer and a model card to ``run_dir/student``
+        (collective)."""
         target = self.run_dir / "student"
         student = self.engine.module.student
         gather = gathered_parameters(self.engine, list(student.parameters()))
@@ -447,8 +450,47 @@ class GeneralTrainer:
                 with atomic_dir(target) as tmp:
                     student.save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
+                    write_model_card(tmp, self.model_card())
         distributed.barrier()
         return target
+
+    def model_card(self, quality: dict | None = None) -> str:
+        """The exported student's README.md: teacher, method, data, steps and, when measured, its quality."""
+        cfg, student = self.cfg, self.meta["student"]
+        teacher = self.meta["teacher"]
+        facts = {
+            "teacher": f"{cfg.teacher.path} ({teacher['model_type']}, {teacher['num_layers']} layers x "
+            f"{teacher['hidden_size']})",
+            "student": f"{student['num_layers']} layers x {student['hidden_size']}, {student['num_heads']} heads, "
+            f"FFN {student['intermediate_size']}",
+            "method": "TinyBERT general distillation: embedding, hidden-state and raw attention-score MSE through "
+            f"the layer map g = {self.mapping}",
+            "initialisation": cfg.student.path
+            or cfg.student.init
+            + (" (weight selection, calibrated)" if cfg.student.init == "teacher" and cfg.student.calibrate else ""),
+            "loss settings": f"weights {dataclasses.asdict(cfg.distill.weights)}, projection {cfg.distill.projection}, "
+            f"normalize {cfg.distill.normalize}",
+            "corpus": f"{cfg.data.shards} ({self.manifest['num_sequences']} sequences of {self.manifest['seq_len']} "
+            "tokens)",
+            "steps": f"{self.step} x {self.global_batch} sequences, {self.tokens_seen} tokens, lr {cfg.train.lr}",
+        }
+        metrics = {}
+        if quality:
+            for name in quality.get("order", quality["rows"]):
+                row = quality["rows"][name]
+                metrics[f"{name}: spread"] = row["spread"]
+                metrics[f"{name}: probe accuracy"] = row["probe"]
+            metrics["held-out texts"] = f"{quality['num_texts']} of {quality['texts']}"
+        return model_card(
+            "dist_kd general-distilled student",
+            "A smaller encoder distilled from the teacher below on unlabelled text, to be fine-tuned or "
+            "task-distilled (launch/task.py). Spread is the mean cosine between sentence embeddings of held-out "
+            "texts (1 = collapsed); probe accuracy is a 5-fold linear probe on its frozen embeddings.",
+            facts,
+            metrics,
+            encoder_load_snippet(self.run_dir / "student"),
+            pipeline_tag="feature-extraction",
+        )
 
     def random_init_quality(self) -> QualityReport:
         """A randomly initialised student of the same shape on the same texts: what distillation must beat."""

@@ -43,6 +43,7 @@ from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
 from dist_kd.losses import prediction_loss
+from dist_kd.model_card import classifier_load_snippet, encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.student import StudentConfig, student_config_from_teacher, unit_selection
 from dist_kd.models.teacher import check_model_dir
 from dist_kd.objective import tinybert_objective
@@ -98,7 +99,9 @@ class TaskTrainer:
             raise ValueError(
                 f"data.max_length {cfg.data.max_length} exceeds the student's max_position_embeddings {limit}"
             )
-        check_batch(cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size)
+        self.global_batch = check_batch(
+            cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
+        )
         self.precision = resolve_precision(cfg.train.precision, info.device)
         ds_config = build_ds_config(
             cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
@@ -490,7 +493,7 @@ class TaskTrainer:
             best = self.best.get(task.spec.name)
             if best is None or metrics[task.spec.metric] > best[task.spec.metric]:
                 self.best[task.spec.name] = {"step": self.step, **metrics}
-                self._export_task(task, self.run_dir / "best" / task.spec.name, logits)
+                self._export_task(task, self.run_dir / "best" / task.spec.name, logits, metrics)
         if not results:
             return results
         self.history.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "tasks": results})
@@ -532,13 +535,16 @@ class TaskTrainer:
         }
         return {"phase": self.phase, "step": latest["step"], "tasks": tasks, "history": self.history}
 
-    def _export_task(self, task: TaskData, target: Path, dev_logits: np.ndarray | None) -> None:
+    def _export_task(
+        self, task: TaskData, target: Path, dev_logits: np.ndarray | None, metrics: dict | None = None
+    ) -> None:
         """``target``: the task's HF classifier + tokenizer (+ dev predictions), atomically (collective)."""
         module = self.engine.module
         with gathered_parameters(self.engine, list(module.parameters())):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.export_task(task.spec.name, tmp, self.tokenizer)
+                    write_model_card(tmp, self.model_card(task, metrics))
                     if dev_logits is not None:
                         write_predictions(tmp / "dev_predictions.jsonl", task.spec, task.dev_table, dev_logits)
         distributed.barrier()
@@ -554,6 +560,7 @@ class TaskTrainer:
                 with atomic_dir(exported["student"]) as tmp:
                     encoder.save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
+                    write_model_card(tmp, self.model_card(None))
         distributed.barrier()
         if self.phase == "intermediate":
             return exported
@@ -570,6 +577,47 @@ class TaskTrainer:
                 predictions = self.run_dir / "predictions" / f"{task.spec.name}.dev.jsonl"
                 write_predictions(predictions, task.spec, task.dev_table, logits)
         return exported
+
+    def model_card(self, task: TaskData | None, metrics: dict | None = None) -> str:
+        """README.md of an export: ``task``'s classifier (``metrics``: its dev figures, default the latest
+        evaluation's), or (None) the shared encoder."""
+        cfg = self.cfg
+        recipe = {
+            "intermediate": "TinyBERT task distillation, intermediate phase: embedding, hidden-state and attention "
+            "losses against each task's fine-tuned teacher",
+            "prediction": "multi-task distillation (MT-DNN-KD): a shared encoder with one head per task, each task "
+            "learning its ensemble's soft targets where a store is given, its hard labels otherwise",
+        }[self.phase]
+        facts = {
+            "method": recipe,
+            "student start": f"{cfg.student.path} (init {cfg.student.init})",
+            "tasks": ", ".join(f"{t.spec.name} ({t.num_rows} rows from {t.source})" for t in self.tasks),
+            "steps": f"{self.step} x {self.global_batch} rows, lr {cfg.train.lr}",
+            "soft / hard weight": f"{cfg.distill.soft_weight} / {cfg.distill.hard_weight}, temperature "
+            f"{cfg.distill.temperature}",
+        }
+        latest = dict(self.history[-1]["tasks"]) if self.history else {}
+        if task is not None and metrics is not None:
+            latest[task.spec.name] = metrics
+        names = [task.spec.name] if task is not None else self.names
+        dev = {
+            f"{name} dev {metric} (step {self.step})": value
+            for name in names
+            for metric, value in (latest.get(name) or {}).items()
+            if isinstance(value, float)
+        }
+        if task is None:
+            title, load, tag = (
+                "dist_kd task-distilled shared encoder",
+                encoder_load_snippet(self.run_dir / "student"),
+                None,
+            )
+            summary = "The encoder every task head shares; the heads are exported under tasks/<name>/."
+        else:
+            title = f"dist_kd student for {task.spec.name}"
+            load, tag = classifier_load_snippet(self.run_dir / "tasks" / task.spec.name), "text-classification"
+            summary = f"A classifier for {task.spec.name} (labels: {', '.join(task.spec.labels or [])})."
+        return model_card(title, summary, facts, dev, load, tag)
 
     def close(self) -> None:
         self.metrics.close()

@@ -52,6 +52,9 @@ def _check_run(run_dir: Path, max_steps: int, log_every: int):
     assert AutoTokenizer.from_pretrained(run_dir / "student").vocab_size > 0
     assert (run_dir / "config.yaml").is_file()
     assert any((run_dir / "checkpoints").glob("step-*/meta.json"))
+    card = (run_dir / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and f"| steps | {max_steps} x " in card
+    assert f"{records[-1]['tokens_seen']} tokens" in card and "2 layers x 16" in card
 
 
 @pytest.mark.distributed
@@ -92,6 +95,8 @@ def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
     assert records[16]["eval_probe"] == final["probe"]
     assert records[16]["eval_probe_ratio"] == pytest.approx(final["probe"] / teacher["probe"])
     assert records[8]["eval_spread_teacher"] == pytest.approx(teacher["spread"], abs=1e-6)
+    card = (out / "student" / "README.md").read_text()  # rewritten with the measured quality
+    assert f"| student at step 16: probe accuracy | {final['probe']:.4f} |" in card
 
 
 def _class_counts():

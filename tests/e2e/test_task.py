@@ -124,6 +124,15 @@ def test_two_ranks_multitask_run_follows_the_contract(two_rank_run):
         ]
         == 2
     )
+    # model cards: the final and the best classifier each with its own dev figure, the shared encoder too
+    final_card = (two_rank_run / "tasks" / "topic" / "README.md").read_text()
+    assert f"| topic dev accuracy (step {report['step']}) | {report['tasks']['topic']['final']['accuracy']:.4f} |" in (
+        final_card
+    )
+    best_card = (two_rank_run / "best" / "topic" / "README.md").read_text()
+    assert f"| topic dev accuracy (step {best['step']}) | {best['accuracy']:.4f} |" in best_card
+    assert 'pipeline("text-classification"' in final_card and "labels: " + ", ".join(LABELS) in final_card
+    assert "shared encoder" in (two_rank_run / "student" / "README.md").read_text()
 
 
 @pytest.mark.distributed

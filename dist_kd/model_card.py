@@ -1,0 +1,72 @@
+"""README.md model cards for every exported model directory: what it is, how it was made, how it scored,
+and how to load it. The Hugging Face hub and ``huggingface_hub.ModelCard`` read the YAML block at the top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dist_kd.io import atomic_path
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "n/a" if value is None else str(value).replace("|", "\\|")
+
+
+def model_card(
+    title: str,
+    summary: str,
+    facts: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    load: str = "",
+    pipeline_tag: str | None = None,
+) -> str:
+    """The card's Markdown: YAML metadata, a summary, a table of how it was made, metrics, loading code.
+
+    Args:
+        title: the heading.
+        summary: a paragraph on what the model is.
+        facts: training facts, in order (teacher, method, data, steps, ...).
+        metrics: name -> value (None: left out).
+        load: Python that loads the model (shown as a code block).
+        pipeline_tag: the hub's task tag (``feature-extraction``, ``text-classification``).
+    """
+    meta = ["---", "library_name: transformers", "tags:", "- distillation", "- dist_kd"]
+    if pipeline_tag:
+        meta.append(f"pipeline_tag: {pipeline_tag}")
+    meta.append("---")
+    lines = [*meta, "", f"# {title}", "", summary, "", "## How it was made", "", "| | |", "| --- | --- |"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in facts.items()]
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {name} | {_cell(value)} |" for name, value in metrics.items() if value is not None]
+    if load:
+        lines += ["", "## Loading", "", "```python", load.strip(), "```"]
+    lines += ["", "Made with dist_kd (TinyBERT / MT-DNN-KD distillation on DeepSpeed).", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(directory: str | Path, text: str) -> Path:
+    """``directory/README.md``, atomically."""
+    path = Path(directory) / "README.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def encoder_load_snippet(directory: str | Path) -> str:
+    return (
+        "from transformers import AutoModel, AutoTokenizer\n\n"
+        f'model = AutoModel.from_pretrained("{directory}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{directory}")'
+    )
+
+
+def classifier_load_snippet(directory: str | Path) -> str:
+    return (
+        "from transformers import pipeline\n\n"
+        f'classify = pipeline("text-classification", model="{directory}")\n'
+        'print(classify("an example sentence"))'
+    )
