@@ -108,12 +108,12 @@ def data_fingerprint(path: str | os.PathLike) -> str:
     """A sha256 that changes when the data under ``path`` changes (recorded in checkpoints, checked on resume).
 
     A directory with a manifest that lists its files with their own sha256 (a corpus' ``manifest.json``, a
-    soft-target store's ``_manifest.json``) is identified by that list, so a terabyte corpus costs no read;
+    soft-target store's ``.manifest.json``) is identified by that list, so a terabyte corpus costs no read;
     any other file or directory by the names and bytes of its files.
     """
     path = Path(path)
     digest = hashlib.sha256()
-    for name in ("manifest.json", "_manifest.json"):
+    for name in ("manifest.json", ".manifest.json", "_manifest.json"):
         manifest = path / name
         if manifest.is_file():
             try:

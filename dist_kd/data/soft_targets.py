@@ -3,8 +3,12 @@
 Layout of a store directory::
 
     DIR/part-00000.parquet ...   rows in the input's order, split every ``rows_per_file`` rows
-    DIR/_manifest.json           written last: {format, version, num_rows, files: [{name, num_rows, sha256}],
+    DIR/.manifest.json           written last: {format, version, num_rows, files: [{name, num_rows, sha256}],
                                  metadata}
+
+The manifest is a dot file so that readers of a directory of Parquet files (``datasets.load_dataset(
+"parquet", data_dir=DIR)``, which skips hidden files) see only the parts. Stores written before this were
+named ``_manifest.json``; they are still read.
 
 Columns: ``example_id`` (string), ``task`` (string), ``text_a`` (string), ``text_b`` (string, null for
 single texts), ``label`` (int64 class index / float64 for regression; null for augmented rows),
@@ -36,7 +40,8 @@ from dist_kd.io import atomic_path, encode_parquet_metadata, read_parquet_metada
 
 FORMAT = "dist_kd.soft_targets"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "_manifest.json"
+MANIFEST_NAME = ".manifest.json"
+LEGACY_MANIFEST_NAME = "_manifest.json"  # stores written by earlier versions
 PART_PATTERN = "part-{index:05d}.parquet"
 DEFAULT_ROWS_PER_FILE = 1_000_000
 TEXT_COLUMNS = ("example_id", "task", "text_a", "text_b", "label")
@@ -249,6 +254,7 @@ def write_soft_targets(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    (directory / LEGACY_MANIFEST_NAME).unlink(missing_ok=True)
     schema = soft_target_schema(metadata.task_type, metadata.has_teacher_logits)
     schema = schema.with_metadata(encode_parquet_metadata(metadata.to_dict()))
     files: list[dict[str, Any]] = []
@@ -366,6 +372,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise FileNotFoundError(f"soft-target store {directory} does not exist (expected a directory)")
     path = directory / MANIFEST_NAME
+    if not path.is_file() and (directory / LEGACY_MANIFEST_NAME).is_file():
+        path = directory / LEGACY_MANIFEST_NAME
     if not path.is_file():
         if any(directory.glob("part-*.parquet")) or (directory / "_chunks").is_dir():
             raise ValueError(

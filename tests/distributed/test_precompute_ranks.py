@@ -90,7 +90,7 @@ def test_bad_input_exits_2_with_one_error_line(inputs, tmp_path):
 
 def test_manifest_describes_the_run(inputs):
     _, single = inputs
-    manifest = json.loads((single / "_manifest.json").read_text())
+    manifest = json.loads((single / ".manifest.json").read_text())
     assert manifest["num_rows"] == NUM_ROWS
     assert manifest["metadata"]["label_names"] == LABELS
     assert manifest["metadata"]["temperature"] == 2.0

@@ -94,7 +94,7 @@ def test_no_manifest_means_incomplete(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         st.load_soft_targets(tmp_path / "nowhere")
     (tmp_path / "part-00000.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match="no _manifest.json"):
+    with pytest.raises(FileNotFoundError, match="no .manifest.json"):
         st.load_soft_targets(tmp_path)
 
 
@@ -183,3 +183,19 @@ def test_newer_format_version_is_refused():
     data = _metadata().to_dict() | {"version": st.FORMAT_VERSION + 1}
     with pytest.raises(ValueError, match="upgrade dist_kd"):
         st.StoreMetadata.from_dict(data, "somewhere")
+
+
+def test_hidden_manifest_lets_datasets_read_the_store_and_legacy_stores_still_load(tmp_path):
+    metadata = _metadata()
+    rows = _rows(7, metadata)
+    store = tmp_path / "store"
+    st.write_soft_targets(rows, store, metadata, rows_per_file=3)
+    assert sorted(p.name for p in store.iterdir()) == [".manifest.json", *(f"part-0000{i}.parquet" for i in range(3))]
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset("parquet", data_dir=str(store), split="train", cache_dir=str(tmp_path / "cache"))
+    assert loaded["example_id"] == rows.column("example_id").to_pylist()
+    # a store written before the manifest became a dot file
+    (store / ".manifest.json").rename(store / "_manifest.json")
+    assert st.load_soft_targets(store).table.column("example_id").to_pylist() == loaded["example_id"]
+    st.write_soft_targets(rows, store, metadata)  # rewriting it leaves one manifest, the new one
+    assert not (store / "_manifest.json").exists() and (store / ".manifest.json").is_file()
