@@ -39,6 +39,7 @@ from dist_kd.models.student import (
 from dist_kd.models.teacher import Teacher, TeacherConfig, check_model_dir
 from dist_kd.objective import DistillConfig, tinybert_objective
 from dist_kd.quality import HeldOutTexts, QualityConfig, QualityReport, collapse_reasons, last_states
+from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, RunConfig, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
@@ -451,6 +452,9 @@ class GeneralTrainer:
                     student.save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
                     write_model_card(tmp, self.model_card())
+                    carry_sentence_modules(
+                        self.cfg.teacher.path, tmp, student.config.hidden_size, self.teacher.hidden_size
+                    )
         distributed.barrier()
         return target
 

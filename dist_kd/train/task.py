@@ -48,6 +48,7 @@ from dist_kd.models.student import StudentConfig, student_config_from_teacher, u
 from dist_kd.models.teacher import check_model_dir
 from dist_kd.objective import tinybert_objective
 from dist_kd.predict import batched_logits, length_batches, write_predictions
+from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
@@ -561,6 +562,9 @@ class TaskTrainer:
                     encoder.save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
                     write_model_card(tmp, self.model_card(None))
+                    if self.cfg.student.init != "random":  # the pooling the starting encoder was made for
+                        width = encoder.config.hidden_size
+                        carry_sentence_modules(self.cfg.student.path, tmp, width, self.source_config.hidden_size)
         distributed.barrier()
         if self.phase == "intermediate":
             return exported

@@ -1,0 +1,65 @@
+"""Carry a sentence-transformers teacher's modules (pooling, normalisation) over to its student.
+
+A sentence-transformers directory is a Hugging Face model plus ``modules.json``, which lists the modules
+applied after the encoder (``Pooling``, ``Normalize``, ``Dense``...) and where their configs live. A student
+exported without them loads in ``SentenceTransformer(dir)`` with a default pooling and no normalisation, so
+its embeddings are not the teacher's kind. The files are copied as they are, except ``Pooling``'s
+``word_embedding_dimension``, set to the student's width. A ``Dense`` module holds weights of the teacher's
+width; a student of another width cannot use them, and then nothing is carried (with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TOP_LEVEL_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: int, source_hidden: int) -> bool:
+    """Copy ``source``'s sentence-transformers modules into the exported ``target`` directory.
+
+    Args:
+        source: the teacher's (or the starting student's) directory.
+        target: the exported student directory (its HF files already written).
+        hidden_size: the student's width.
+        source_hidden: the width ``source``'s modules were made for.
+
+    Returns:
+        True when modules were carried, False when ``source`` has none or they cannot fit the student.
+    """
+    source, target = Path(source), Path(target)
+    listing = source / "modules.json"
+    if not listing.is_file():
+        return False
+    try:
+        modules = json.loads(listing.read_text())
+    except ValueError:
+        logger.warning("%s does not parse; the student gets no sentence-transformers modules", listing)
+        return False
+    kinds = [str(module.get("type", "")) for module in modules]
+    if hidden_size != source_hidden and any(kind.endswith(".Dense") for kind in kinds):
+        logger.warning(
+            "%s has a Dense module made for width %d; the %d-wide student cannot use it, so no sentence-transformers "
+            "modules are carried (load the student with AutoModel and pool it yourself)",
+            source, source_hidden, hidden_size,
+        )  # fmt: skip
+        return False
+    for name in TOP_LEVEL_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    for module in modules:
+        path = module.get("path") or ""
+        if not path or not (source / path).is_dir():
+            continue
+        shutil.copytree(source / path, target / path, dirs_exist_ok=True)
+        config = target / path / "config.json"
+        if str(module.get("type", "")).endswith(".Pooling") and config.is_file():
+            settings = json.loads(config.read_text())
+            settings["word_embedding_dimension"] = hidden_size
+            config.write_text(json.dumps(settings, indent=2) + "\n")
+    return True

@@ -1,0 +1,64 @@
+"""A sentence-transformers teacher's pooling and normalisation reach its student's export: the student then
+encodes in SentenceTransformer as the teacher's recipe says (mean pooling, unit norm), at its own width."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dist_kd.sentence_modules import carry_sentence_modules
+
+
+def _sentence_teacher(directory, width):
+    (directory / "1_Pooling").mkdir(parents=True)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    pooling = {"word_embedding_dimension": width, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+               "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}  # fmt: skip
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return modules
+
+
+def test_student_export_encodes_like_the_teachers_recipe(tiny_bert_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    _sentence_teacher(teacher, width=384)
+    student = tmp_path / "student"
+    shutil.copytree(tiny_bert_dir, student)  # a 32-wide "student" export
+    assert carry_sentence_modules(teacher, student, hidden_size=32, source_hidden=384)
+    assert json.loads((student / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 32
+    assert json.loads((teacher / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 384
+
+    st = pytest.importorskip("sentence_transformers")
+    from transformers import AutoModel, AutoTokenizer
+
+    model = st.SentenceTransformer(str(student), device="cpu")
+    texts = ["the cat sat on the mat", "a completely different sentence about markets"]
+    encoded = torch.as_tensor(model.encode(texts))
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = AutoModel.from_pretrained(student)(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(encoded, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_no_modules_or_a_dense_of_another_width_carries_nothing(tiny_bert_dir, tmp_path, caplog):
+    student = tmp_path / "student"
+    shutil.copytree(tiny_bert_dir, student)
+    assert not carry_sentence_modules(tiny_bert_dir, student, 32, 32)  # a plain HF teacher
+    teacher = tmp_path / "teacher"
+    modules = _sentence_teacher(teacher, width=384)
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (teacher / "modules.json").write_text(json.dumps(modules))
+    with caplog.at_level("WARNING"):
+        assert not carry_sentence_modules(teacher, student, 32, 384)
+    assert "Dense module made for width 384" in caplog.text and not (student / "modules.json").exists()
