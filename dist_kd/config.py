@@ -161,6 +161,26 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SHIPPED = {"launch/configs/": "launch/configs", "ds_configs/": "ds_configs"}
+
+
+def shipped_file(path: str | Path) -> Path:
+    """``path`` itself when it exists; else, for ``launch/configs/X`` and ``ds_configs/X``, the copy shipped
+    with dist_kd (the checkout's, or the installed package's ``dist_kd/launch/configs``, ``dist_kd/ds_configs``).
+    """
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    package = Path(__file__).resolve().parent
+    for prefix, folder in SHIPPED.items():
+        if path.as_posix().startswith(prefix):
+            rest = path.as_posix()[len(prefix) :]
+            for root in (package.parent / folder, package / folder):  # a checkout, then an installed package
+                if (root / rest).exists():
+                    return root / rest
+    return path
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build a config dataclass from defaults, an optional YAML file and dotted overrides.
 
@@ -178,7 +198,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = shipped_file(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:

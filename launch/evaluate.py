@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dist_kd.cli import add_task_arguments, bad_input, task_spec_from_args  # noqa: E402
 

@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:

@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dist_kd.cli import config_job_parser, run_config_job  # noqa: E402
 

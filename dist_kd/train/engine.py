@@ -78,10 +78,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def resolve_ds_path(path: str) -> Path:
-    """A DeepSpeed JSON path as given, or relative to the dist_kd checkout."""
+    """A DeepSpeed JSON path as given, or relative to the dist_kd checkout, or one shipped in the package."""
+    from dist_kd.config import shipped_file
+
     candidate = Path(path)
     if not candidate.is_file() and not candidate.is_absolute():
-        candidate = REPO_ROOT / path
+        candidate = REPO_ROOT / path if (REPO_ROOT / path).is_file() else shipped_file(path)
     if not candidate.is_file():
         raise FileNotFoundError(f"deepspeed.config {path} does not exist (see ds_configs/ for the shipped ones)")
     return candidate

@@ -1,0 +1,68 @@
+"""``dist-kd``: one command for every stage, installed with the package.
+
+    dist-kd general --config launch/configs/quickstart.yaml teacher.path=DIR
+    dist-kd task --config CONFIG
+    torchrun --nproc_per_node 8 -m dist_kd general --config CONFIG          # python -m dist_kd works too
+    deepspeed --num_gpus 8 --module dist_kd general --config CONFIG
+
+Each subcommand is the matching ``launch/<stage>.py`` script with the same flags (``dist-kd general --help``).
+Config and DeepSpeed JSON paths such as ``launch/configs/quickstart.yaml`` and ``ds_configs/zero2.json``
+resolve to the copies shipped in the package when they do not exist where the command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "prepare-corpus": ("prepare_corpus", "shard raw text into WebDataset shards with a tokenizer"),
+    "general": ("general", "general distillation (TinyBERT stage 1) on a sharded corpus"),
+    "augment": ("augment", "TinyBERT data augmentation of a task's training set"),
+    "finetune": ("finetune", "fine-tune the teachers of an ensemble"),
+    "precompute": ("precompute", "write an ensemble's soft targets to a Parquet store"),
+    "task": ("task", "task distillation: multi-task, soft targets, TinyBERT phases"),
+    "evaluate": ("evaluate", "score an exported classifier on a task file"),
+    "mlm-head": ("mlm_head", "fit a masked-LM head on a frozen encoder (for augmentation)"),
+}
+
+
+def _load(module_name: str):
+    """``dist_kd.launch.<name>`` when installed; the checkout's ``launch/<name>.py`` otherwise."""
+    try:
+        return importlib.import_module(f"dist_kd.launch.{module_name}")
+    except ModuleNotFoundError:
+        path = Path(__file__).resolve().parents[1] / "launch" / f"{module_name}.py"
+        spec = importlib.util.spec_from_file_location(f"dist_kd_launch_{module_name}", path)
+        if spec is None or not path.is_file():
+            raise
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: dist-kd COMMAND [flags ...]   (dist-kd COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = _load(COMMANDS[name][0])
+    sys.argv = [f"dist-kd {name}", *rest]  # argparse's prog in help and errors
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
