@@ -26,11 +26,14 @@ COMMANDS = {
     "task": ("task", "task distillation: multi-task, soft targets, TinyBERT phases"),
     "evaluate": ("evaluate", "score an exported classifier on a task file"),
     "mlm-head": ("mlm_head", "fit a masked-LM head on a frozen encoder (for augmentation)"),
+    "report": ("dist_kd.report", "report.md and PNG plots of run directories"),
 }
 
 
 def _load(module_name: str):
     """``dist_kd.launch.<name>`` when installed; the checkout's ``launch/<name>.py`` otherwise."""
+    if "." in module_name:  # a library module
+        return importlib.import_module(module_name)
     try:
         return importlib.import_module(f"dist_kd.launch.{module_name}")
     except ModuleNotFoundError:

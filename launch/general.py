@@ -46,7 +46,9 @@ def finish(trainer, cfg, info) -> None:
         write_summary(trainer.run_dir, lines, quality)
         if quality:
             write_model_card(trainer.run_dir / "student", trainer.model_card(quality))  # with the measured quality
-        print("\n".join(lines), flush=True)
+        from dist_kd.report import report_at_end
+
+        print("\n".join([*lines, report_at_end(trainer.run_dir)]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,9 @@ def finish(trainer, cfg, info) -> None:
     """Export the shared encoder and the per-task classifiers; print where they are and the dev figures."""
     exported = trainer.export()
     if info.is_main:
-        print("\n".join(summary_lines(trainer, exported)), flush=True)
+        from dist_kd.report import report_at_end
+
+        print("\n".join([*summary_lines(trainer, exported), report_at_end(trainer.run_dir)]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,228 @@
+"""``report.md`` and PNG plots for any run directory (general, task, finetune): ``dist-kd report RUN_DIR``.
+
+It reads only what a run writes (``metrics.jsonl``, ``summary.json``, ``eval.json``), so it works on a run
+that is finished, still going or preempted, and it runs at the end of every general and task run. Plots:
+
+- ``loss.png``: the loss and each loss term over steps (log scale), and per-task losses of a task run;
+- ``lr_throughput.png``: learning rate and tokens per second over steps;
+- ``quality.png`` (general, with held-out text): spread and probe accuracy at each evaluation, the
+  teacher's as dashed lines;
+- ``dev.png`` (task): each task's dev metric at each evaluation.
+
+Without matplotlib the report is written without plots, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dist_kd.io import atomic_path
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The parsed lines of ``metrics.jsonl`` (damaged lines skipped)."""
+    path = run_dir / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
+    """Write the PNGs; returns their file names (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+
+    def save(fig, name):
+        with atomic_path(run_dir / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(name)
+
+    terms = sorted({k for r in records for k in r if k == "loss" or k.startswith("loss_")})
+    task_names = sorted({name for r in records for name in (r.get("task_loss") or {})})
+    if terms:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in terms:
+            ax.plot(*_series(records, key), label=key, linewidth=2 if key == "loss" else 1)
+        for name in task_names:
+            steps = [r["step"] for r in records if name in (r.get("task_loss") or {})]
+            values = [r["task_loss"][name] for r in records if name in (r.get("task_loss") or {})]
+            ax.plot(steps, values, linestyle=":", label=f"task {name}")
+        if all(v > 0 for key in terms for v in _series(records, key)[1]):
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("loss terms")
+        ax.legend(fontsize=8)
+        save(fig, "loss.png")
+    if any("lr" in r for r in records):
+        fig, left = plt.subplots(figsize=(7, 4))
+        left.plot(*_series(records, "lr"), color="tab:blue")
+        left.set_xlabel("step")
+        left.set_ylabel("learning rate", color="tab:blue")
+        right = left.twinx()
+        right.plot(*_series(records, "tokens_per_s"), color="tab:orange")
+        right.set_ylabel("tokens / s", color="tab:orange")
+        left.set_title("schedule and throughput")
+        save(fig, "lr_throughput.png")
+    if quality_records:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, color in (("spread", "tab:red"), ("probe", "tab:green")):
+            steps, values = _series(quality_records, f"eval_{key}")
+            ax.plot(steps, values, marker="o", color=color, label=f"student {key}")
+            _, teacher = _series(quality_records, f"eval_{key}_teacher")
+            if teacher:
+                ax.axhline(teacher[-1], color=color, linestyle="--", label=f"teacher {key}")
+        ax.set_xlabel("step")
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
+        ax.set_title("held-out quality (spread: 1 = collapsed)")
+        ax.legend(fontsize=8)
+        save(fig, "quality.png")
+    if evaluations:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for task, (metric, points) in evaluations.items():
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"{task} ({metric})")
+        ax.set_xlabel("step")
+        ax.set_title("dev metrics")
+        ax.legend(fontsize=8)
+        save(fig, "dev.png")
+    return written
+
+
+def _task_evaluations(eval_report: dict[str, Any] | None) -> dict[str, tuple[str, list[tuple[int, float]]]]:
+    if not eval_report:
+        return {}
+    found = {}
+    for task, entry in (eval_report.get("tasks") or {}).items():
+        metric = entry.get("metric")
+        points = [
+            (h["step"], h["tasks"][task][metric])
+            for h in eval_report.get("history", [])
+            if isinstance((h.get("tasks", {}).get(task) or {}).get(metric), int | float)
+        ]
+        found[task] = (metric, points)
+    return found
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return "n/a" if value is None else str(value)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.md`` and its plots; returns the report's path.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no ``metrics.jsonl`` (not a run directory).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a dist_kd run directory")
+    records = read_metrics(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    eval_report = _read_json(run_dir / "eval.json")
+    quality_records = [r for r in records if "eval_spread" in r]
+    evaluations = _task_evaluations(eval_report)
+    plots = _plots(run_dir, records, evaluations, quality_records)
+
+    lines = [f"# Run report: {run_dir}", ""]
+    if records:
+        first, last = records[0], records[-1]
+        speeds = [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), int | float)]
+        lines += [
+            f"{len(records)} logged steps, {first['step']} to {last['step']}"
+            + (f"; {last['tokens_seen']:,} tokens" if isinstance(last.get("tokens_seen"), int) else "")
+            + (f"; median {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s" if speeds else "")
+            + ".",
+            "",
+            "| term | first log | last log |",
+            "| --- | --- | --- |",
+        ]
+        terms = [k for k in last if k == "loss" or k.startswith("loss_")]
+        lines += [f"| {key} | {_fmt(first.get(key))} | {_fmt(last.get(key))} |" for key in terms]
+        lines.append("")
+    quality = (summary or {}).get("quality")
+    if quality:
+        lines += [
+            f"## Quality on {quality['num_texts']} held-out texts ({quality['texts']})",
+            "",
+            "spread = mean cosine between sentence embeddings (1 = collapsed); probe = linear-probe accuracy",
+            "",
+            "| model | spread | probe | probe / teacher |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name in quality.get("order", quality["rows"]):
+            row = quality["rows"][name]
+            lines.append(f"| {name} | {_fmt(row['spread'])} | {_fmt(row['probe'])} | {_fmt(row['probe_ratio'])} |")
+        lines.append("")
+    if evaluations:
+        lines += ["## Dev metrics", "", "| task | metric | final | best (step) |", "| --- | --- | --- | --- |"]
+        for task, entry in eval_report["tasks"].items():
+            metric = entry.get("metric")
+            final = (entry.get("final") or {}).get(metric)
+            best = entry.get("best") or {}
+            lines.append(f"| {task} | {metric} | {_fmt(final)} | {_fmt(best.get(metric))} ({best.get('step')}) |")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots] + [""]
+    else:
+        lines += ["(No plots: install matplotlib, then run `dist-kd report RUN_DIR` again.)", ""]
+    path = run_dir / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return path
+
+
+def report_at_end(run_dir: str | Path) -> str:
+    """The end-of-run report; a failure to plot never fails the run (returns the line to print)."""
+    import logging
+
+    try:
+        return f"report: {write_report(run_dir)}"
+    except Exception as err:  # noqa: BLE001 - the run's outputs are written; the report is a convenience
+        logging.getLogger(__name__).warning("could not write the run report: %s", err)
+        return f"report: not written ({err})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from dist_kd.cli import bad_input
+
+    parser = argparse.ArgumentParser(description="report.md and PNG plots of a run directory")
+    parser.add_argument("run_dirs", nargs="+", help="run directories (general, task or finetune)")
+    args = parser.parse_args(argv)
+    try:
+        for run_dir in args.run_dirs:
+            print(f"wrote {write_report(run_dir)}")
+    except FileNotFoundError as err:
+        return bad_input(err)
+    return 0
