@@ -121,6 +121,60 @@ def score_variance(scores_BHLL: torch.Tensor, attention_mask: torch.Tensor | Non
     return ((values - mean_H[None, :, None, None]).square() * pair_B1LL).sum() / (count * heads)
 
 
+def _relation_log_probs(x_BHLd: torch.Tensor, key_mask_BL: torch.Tensor, num_relation_heads: int) -> torch.Tensor:
+    """log softmax of scaled dot products of ``x`` with itself, re-split into ``num_relation_heads`` heads.
+
+    The layer's heads are concatenated to ``(B, L, H * d)`` and split again into R relation heads of width
+    ``H * d / R``, so teacher and student relations have the same shape whatever their head counts.
+    """
+    batch, heads, length, width = x_BHLd.shape
+    total = heads * width
+    if total % num_relation_heads:
+        raise ValueError(
+            f"distill.relation_heads {num_relation_heads} does not divide the attention width {total} "
+            f"({heads} heads x {width}); choose a divisor of both the teacher's and the student's width"
+        )
+    part = total // num_relation_heads
+    x_BRLp = x_BHLd.float().transpose(1, 2).reshape(batch, length, num_relation_heads, part).transpose(1, 2)
+    logits_BRLL = torch.matmul(x_BRLp, x_BRLp.transpose(-1, -2)) / part**0.5
+    keys_B11L = key_mask_BL[:, None, None, :].bool()
+    logits_BRLL = logits_BRLL.masked_fill(~keys_B11L, torch.finfo(torch.float32).min)
+    return torch.log_softmax(logits_BRLL, dim=-1)
+
+
+def relation_kl(
+    student_BHLd: torch.Tensor,
+    teacher_BHLd: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    num_relation_heads: int,
+) -> torch.Tensor:
+    """MiniLMv2's self-attention relation loss for one of query, key or value.
+
+    ``KL(R_teacher || R_student)`` with ``R = softmax(X_r X_r^T / sqrt(d_r))`` per relation head r, averaged over
+    relation heads and real query tokens; padded tokens are neither queries nor keys. Teacher and student may
+    differ in head count and width (each must be divisible by ``num_relation_heads``), not in length.
+
+    Args:
+        student_BHLd: the student's queries (or keys, values), ``(B, H_s, L, d_s)``.
+        teacher_BHLd: the teacher's, ``(B, H_t, L, d_t)``.
+        attention_mask: ``(B, L)``, 1 for real tokens (None: all real).
+        num_relation_heads: R.
+    """
+    if student_BHLd.shape[0] != teacher_BHLd.shape[0] or student_BHLd.shape[2] != teacher_BHLd.shape[2]:
+        raise ValueError(
+            f"relation loss: student {tuple(student_BHLd.shape)} and teacher {tuple(teacher_BHLd.shape)} differ in "
+            "batch or length"
+        )
+    batch, _, length, _ = student_BHLd.shape
+    mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_BHLd.device)
+    log_t = _relation_log_probs(teacher_BHLd.detach().to(student_BHLd.device), mask_BL, num_relation_heads)
+    log_s = _relation_log_probs(student_BHLd, mask_BL, num_relation_heads)
+    keys_B11L = mask_BL[:, None, None, :]
+    kl_BRL = (log_t.exp() * (log_t - log_s) * keys_B11L).sum(-1)  # masked keys carry no teacher mass
+    queries_B1L = mask_BL[:, None, :]
+    return (kl_BRL * queries_B1L).sum() / (queries_B1L.sum() * num_relation_heads).clamp_min(1.0)
+
+
 def soft_cross_entropy(
     student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

@@ -21,12 +21,20 @@ import torch
 
 from dist_kd.config import doc
 from dist_kd.layer_map import layer_map as build_layer_map
-from dist_kd.losses import attention_mse, hidden_mse, hidden_variance, score_variance, soft_cross_entropy
+from dist_kd.losses import (
+    attention_mse,
+    hidden_mse,
+    hidden_variance,
+    relation_kl,
+    score_variance,
+    soft_cross_entropy,
+)
 from dist_kd.models.capture import EncoderFeatures
 from dist_kd.models.student import Projections, SelectedDimensions
 
 TERMS = ("embd", "hidden", "attn", "pred")
 NORMALIZATIONS = ("none", "variance")
+ATTENTION_LOSSES = ("raw_scores", "relations")
 
 
 @dataclass
@@ -59,6 +67,12 @@ class DistillConfig:
     normalize: str = doc(
         "none (TinyBERT's raw MSE per layer) | variance (each layer's MSE over the teacher's variance there)", "none"
     )
+    attention: str = doc(
+        "raw_scores (TinyBERT: MSE of QK^T/sqrt(d) head by head; equal head counts) | relations (MiniLMv2: KL of "
+        "query-query, key-key and value-value relations in relation_heads heads; any head counts and widths)",
+        "raw_scores",
+    )
+    relation_heads: int = doc("relation heads of distill.attention=relations (must divide both widths)", 12)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -69,6 +83,29 @@ class DistillConfig:
             raise ValueError(f"distill.projection must be auto | always | select, got {self.projection!r}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"distill.normalize must be one of {list(NORMALIZATIONS)}, got {self.normalize!r}")
+        if self.attention not in ATTENTION_LOSSES:
+            raise ValueError(f"distill.attention must be one of {list(ATTENTION_LOSSES)}, got {self.attention!r}")
+        if self.relation_heads < 1:
+            raise ValueError(f"distill.relation_heads must be >= 1, got {self.relation_heads}")
+
+    def check_relation_heads(self, teacher_width: int, student_width: int) -> None:
+        """With ``attention: relations``, ``relation_heads`` must divide both attention widths."""
+        if self.attention != "relations":
+            return
+        for who, width in (("teacher", teacher_width), ("student", student_width)):
+            if width % self.relation_heads:
+                raise ValueError(
+                    f"distill.relation_heads {self.relation_heads} does not divide the {who}'s width {width} "
+                    f"(teacher {teacher_width}, student {student_width}); choose a common divisor"
+                )
+
+    def capture_layers(self, mapping: list[int], attn_weight: float) -> dict[str, list[int]]:
+        """Which teacher layers to capture: raw scores or attention inputs of the mapped layers."""
+        if attn_weight <= 0:
+            return {"score_layers": [], "qkv_layers": []}
+        if self.attention == "relations":
+            return {"score_layers": [], "qkv_layers": list(mapping)}
+        return {"score_layers": list(mapping), "qkv_layers": []}
 
     def mapping(self, num_teacher_layers: int, num_student_layers: int) -> list[int]:
         """g(1..M) for this config."""
@@ -86,6 +123,8 @@ def tinybert_objective(
     teacher_logits: torch.Tensor | None = None,
     temperature: float = 1.0,
     normalize: str = "none",
+    attention: str = "raw_scores",
+    relation_heads: int = 12,
 ) -> dict[str, torch.Tensor]:
     """Weighted TinyBERT loss and each of its terms.
 
@@ -100,6 +139,8 @@ def tinybert_objective(
         teacher_logits: ``(B, C)`` for the prediction loss; softmax at ``temperature`` gives the targets.
         temperature: t, applied to student and teacher logits alike.
         normalize: ``none`` | ``variance`` (each layer term divided by the teacher's variance there).
+        attention: ``raw_scores`` (TinyBERT) | ``relations`` (MiniLMv2: sum over Q, K, V of the relation KL).
+        relation_heads: R of the relation loss.
 
     Returns:
         ``{"loss": total, "embd": ..., "hidden": ..., "attn": ..., "pred": ...}`` (fp32 scalars; only the
@@ -127,7 +168,16 @@ def tinybert_objective(
             state_term(m, student.hidden[m], teacher.hidden[n]) for m, n in enumerate(mapping, start=1)
         )
     if weights.attn > 0:
-        terms["attn"] = sum(score_term(student.scores[m], teacher.scores[n]) for m, n in enumerate(mapping, start=1))
+        if attention == "relations":
+            terms["attn"] = sum(
+                relation_kl(s, t, attention_mask, relation_heads)
+                for m, n in enumerate(mapping, start=1)
+                for s, t in zip(student.qkv[m], teacher.qkv[n], strict=True)
+            )
+        else:
+            terms["attn"] = sum(
+                score_term(student.scores[m], teacher.scores[n]) for m, n in enumerate(mapping, start=1)
+            )
     if weights.pred > 0:
         if student_logits is None or teacher_logits is None:
             raise ValueError("distill.weights.pred > 0 needs student and teacher logits")

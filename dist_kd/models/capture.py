@@ -25,6 +25,7 @@ from torch import nn
 ATTN_IMPLEMENTATION = "dist_kd"
 _LAYER_ATTR = "_dist_kd_layer"
 _SINK_ATTR = "_dist_kd_sink"
+_QKV_ATTR = "_dist_kd_qkv"
 
 
 @dataclass
@@ -35,12 +36,15 @@ class EncoderFeatures:
         embeddings: ``(B, L, D)`` embedding output (``hidden_states[0]``).
         hidden: 1-based layer index -> ``(B, L, D)`` output of that transformer layer.
         scores: 1-based layer index -> ``(B, H, L, L)`` raw attention scores of that layer.
+        qkv: 1-based layer index -> ``(query, key, value)``, each ``(B, H, L, d_head)``, as the layer's
+            attention received them (for the relation loss, ``distill.attention: relations``).
         last_hidden: ``(B, L, D)`` output of the last layer that ran.
     """
 
     embeddings: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     last_hidden: torch.Tensor | None = None
 
 
@@ -56,6 +60,9 @@ def _capture_attention(
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    qkv_sink = getattr(module, _QKV_ATTR, None)
+    if qkv_sink is not None:
+        qkv_sink[getattr(module, _LAYER_ATTR)] = (query, key, value)
     sink = getattr(module, _SINK_ATTR, None)
     if sink is None:
         return sdpa_attention_forward(
@@ -113,20 +120,28 @@ class FeatureCapture:
     Args:
         model: an HF encoder loaded with ``attn_implementation="dist_kd"``.
         score_layers: 1-based layers whose raw attention scores are captured.
+        qkv_layers: 1-based layers whose attention inputs (query, key, value) are captured.
     """
 
-    def __init__(self, model: nn.Module, score_layers: list[int]):
+    def __init__(self, model: nn.Module, score_layers: list[int], qkv_layers: list[int] | None = None):
         self.model = model
         self.sink: dict[int, torch.Tensor] = {}
+        self.qkv_sink: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        qkv_layers = list(qkv_layers or [])
         _, _, layers = find_layer_list(model)
         for index, layer in enumerate(layers, start=1):
             for module in layer.modules():
                 setattr(module, _LAYER_ATTR, index)
-                if index in score_layers:
-                    setattr(module, _SINK_ATTR, self.sink)
-                elif hasattr(module, _SINK_ATTR):
-                    delattr(module, _SINK_ATTR)
-        self.score_layers = sorted(score_layers)
+                for attr, wanted, sink in (
+                    (_SINK_ATTR, score_layers, self.sink),
+                    (_QKV_ATTR, qkv_layers, self.qkv_sink),
+                ):
+                    if index in wanted:
+                        setattr(module, attr, sink)
+                    elif hasattr(module, attr):
+                        delattr(module, attr)
+        self.score_layers = sorted(set(score_layers))
+        self.qkv_layers = sorted(set(qkv_layers))
         self.num_layers = len(layers)
 
     def __call__(
@@ -145,25 +160,29 @@ class FeatureCapture:
             token_type_ids: ``(B, L)`` segment ids of sentence pairs (None: the model's default, all 0).
         """
         self.sink.clear()
+        self.qkv_sink.clear()
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **extra
         )
         states = outputs.hidden_states
         missing = [n for n in self.score_layers if n not in self.sink]
+        missing += [n for n in self.qkv_layers if n not in self.qkv_sink and n not in missing]
         if missing:
             raise RuntimeError(
                 f"{type(self.model).__name__} did not route attention through the '{ATTN_IMPLEMENTATION}' "
-                f"implementation for layers {missing}; its raw attention scores cannot be captured"
+                f"implementation for layers {missing}; its raw attention scores or inputs cannot be captured"
             )
         wanted = hidden_layers if hidden_layers is not None else range(1, len(states))
         features = EncoderFeatures(
             embeddings=states[0],
             hidden={n: states[n] for n in wanted},
             scores=dict(self.sink),
+            qkv=dict(self.qkv_sink),
             last_hidden=states[-1],
         )
         self.sink.clear()
+        self.qkv_sink.clear()
         return features
 
 

@@ -404,11 +404,15 @@ class DistillStudent(nn.Module):
     ``forward`` returns the student's features for the distillation losses; only ``student`` is exported.
     """
 
-    def __init__(self, student: nn.Module, projections: Projections | SelectedDimensions | None):
+    def __init__(
+        self, student: nn.Module, projections: Projections | SelectedDimensions | None, attention: str = "raw_scores"
+    ):
         super().__init__()
         self.student = student
         self.projections = projections
-        self.capture = FeatureCapture(student, list(range(1, student.config.num_hidden_layers + 1)))
+        layers = list(range(1, student.config.num_hidden_layers + 1))
+        relations = attention == "relations"  # the relation loss reads Q, K, V instead of raw scores
+        self.capture = FeatureCapture(student, [] if relations else layers, layers if relations else [])
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None = None

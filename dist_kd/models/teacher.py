@@ -102,6 +102,7 @@ class Teacher:
         dtype: ``fp16`` | ``bf16`` | ``fp32``.
         device: where to run it.
         score_layers: 1-based layers whose raw attention scores are captured (the mapped layers).
+        qkv_layers: 1-based layers whose attention inputs are captured (``distill.attention: relations``).
         max_layer: drop the layers above this one (general distillation never reads them); None keeps all.
         model_class: the transformers auto class to load with (``AutoModel`` for an encoder,
             ``AutoModelForSequenceClassification`` to also get logits).
@@ -114,6 +115,7 @@ class Teacher:
         device: torch.device | str = "cpu",
         score_layers: list[int] | None = None,
         max_layer: int | None = None,
+        qkv_layers: list[int] | None = None,
         model_class: str = "AutoModel",
     ):
         import transformers
@@ -137,7 +139,7 @@ class Teacher:
             truncate_layers(model, max_layer)
         self.model = load_frozen(model.to(self.device))
         self.encoder = self.model.base_model if model_class != "AutoModel" else self.model
-        self.capture = FeatureCapture(self.encoder, list(score_layers or []))
+        self.capture = FeatureCapture(self.encoder, list(score_layers or []), list(qkv_layers or []))
 
     @torch.no_grad()
     def features(

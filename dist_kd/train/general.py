@@ -130,8 +130,10 @@ class GeneralTrainer:
             ).num_hidden_layers
         self.mapping = cfg.distill.mapping(num_teacher_layers, num_student_layers)
         weights = cfg.distill.weights
-        if weights.attn > 0 and not cfg.student.path:
+        if weights.attn > 0 and not cfg.student.path and cfg.distill.attention == "raw_scores":
             check_heads(teacher_config.num_attention_heads, cfg.student.num_heads)
+        if weights.attn > 0 and not cfg.student.path:
+            cfg.distill.check_relation_heads(teacher_config.hidden_size, cfg.student.hidden_size)
         self.global_batch = check_batch(
             cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
         )
@@ -157,11 +159,11 @@ class GeneralTrainer:
             cfg.teacher.path,
             dtype=cfg.teacher.dtype,
             device=info.device,
-            score_layers=self.mapping if weights.attn > 0 else [],
             max_layer=max(self.mapping),
+            **cfg.distill.capture_layers(self.mapping, weights.attn),
         )
         student = build_student(cfg.student, teacher_config, self.teacher.model, self.mapping)
-        if weights.attn > 0:
+        if weights.attn > 0 and cfg.distill.attention == "raw_scores":
             check_heads(self.teacher.num_heads, student.config.num_attention_heads)
         projections = build_projections(
             student.config.hidden_size,
@@ -177,7 +179,7 @@ class GeneralTrainer:
                 projections.init_as_selection(selection.residual)
             if cfg.student.calibrate and resume_from is None:
                 self._calibrate(student, selection.residual)
-        self.model = DistillStudent(student, projections)
+        self.model = DistillStudent(student, projections, cfg.distill.attention)
         self.engine = build_engine(self.model, cfg.train, ds_config)
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0
@@ -329,6 +331,8 @@ class GeneralTrainer:
             self.cfg.distill.weights,
             self.engine.module.projections,
             normalize=self.cfg.distill.normalize,
+            attention=self.cfg.distill.attention,
+            relation_heads=self.cfg.distill.relation_heads,
         )
         self.engine.backward(terms["loss"])
         self.engine.step()

@@ -224,14 +224,16 @@ class TaskTrainer:
                     f"(sha256 {student_tokens['sha256'][:16]}); phase intermediate feeds both the same token ids"
                 )
             self.mapping = self.cfg.distill.mapping(config.num_hidden_layers, self.student_config.num_hidden_layers)
-            if self.cfg.distill.weights.attn > 0:
+            if self.cfg.distill.weights.attn > 0 and self.cfg.distill.attention == "raw_scores":
                 check_heads(config.num_attention_heads, self.student_config.num_attention_heads)
+            if self.cfg.distill.weights.attn > 0:
+                self.cfg.distill.check_relation_heads(config.hidden_size, self.student_config.hidden_size)
             teachers[task.teacher] = Teacher(
                 task.teacher,
                 dtype=self.cfg.teacher.dtype,
                 device=self.info.device,
-                score_layers=self.mapping if self.cfg.distill.weights.attn > 0 else [],
                 max_layer=max(self.mapping),
+                **self.cfg.distill.capture_layers(self.mapping, self.cfg.distill.weights.attn),
             )
         return teachers
 
@@ -279,7 +281,7 @@ class TaskTrainer:
                 always=self.cfg.distill.projection == "always",
                 select=self.cfg.distill.projection == "select",
             )
-            return DistillStudent(encoder, projections)
+            return DistillStudent(encoder, projections, self.cfg.distill.attention)
         tasks = {t.spec.name: (t.spec.num_labels, t.spec.labels if t.spec.type == "classification" else None)
                  for t in self.tasks}  # fmt: skip
         return MultiTaskStudent(encoder, tasks, dropout=self.cfg.student.head_dropout)
@@ -370,6 +372,7 @@ class TaskTrainer:
         return tinybert_objective(
             student_features, teacher_features, self.mapping, mask, self.cfg.distill.weights,
             self.engine.module.projections, normalize=self.cfg.distill.normalize,
+            attention=self.cfg.distill.attention, relation_heads=self.cfg.distill.relation_heads,
         )  # fmt: skip
 
     def train(self) -> bool:
@@ -459,7 +462,8 @@ class TaskTrainer:
                     module(batch["input_ids"], batch["attention_mask"], types),
                     teacher.features(batch["input_ids"], batch["attention_mask"], types),
                     self.mapping, batch["attention_mask"], self.cfg.distill.weights, module.projections,
-                    normalize=self.cfg.distill.normalize,
+                    normalize=self.cfg.distill.normalize, attention=self.cfg.distill.attention,
+                    relation_heads=self.cfg.distill.relation_heads,
                 )  # fmt: skip
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() * len(rows)

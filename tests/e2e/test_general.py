@@ -99,6 +99,26 @@ def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
     assert f"| student at step 16: probe accuracy | {final['probe']:.4f} |" in card
 
 
+def test_relation_loss_trains_a_student_with_other_head_count(tiny_bert_dir, tiny_corpus, tmp_path):
+    """distill.attention=relations (MiniLMv2): the student has 2 heads against the teacher's 4, which the raw-score
+    loss refuses; the attention term (the only one here) is the relation KL and falls at every log."""
+    out = tmp_path / "relations"
+    heads = [a for a in _args(tiny_bert_dir, tiny_corpus, out) if not a.startswith("student.num_heads")]
+    proc = run_script(
+        "launch/general.py", "--debug", "--config", CONFIG, *heads, "student.num_heads=2", "student.init=random",
+        "distill.attention=relations", "distill.relation_heads=4", "distill.weights.embd=0", "distill.weights.hidden=0",
+        "train.max_steps=16", "run.log_every=4", "eval.texts=null",
+    )  # fmt: skip
+    attn = [r["loss_attn"] for r in _metrics(out)]
+    assert all(b < a for a, b in zip(attn, attn[1:], strict=False)) and attn[-1] > 0, attn  # the KL only falls
+    assert "student saved to" in proc.stdout
+    refused = run_script(
+        "launch/general.py", "--debug", "--config", CONFIG, *heads, "student.num_heads=2",
+        f"run.output_dir={tmp_path / 'raw'}", "train.max_steps=4", check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "head" in refused.stderr.splitlines()[-1]
+
+
 def _class_counts():
     from collections import Counter
 

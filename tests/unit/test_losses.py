@@ -178,3 +178,64 @@ def test_prediction_loss_mixes_soft_and_hard():
     assert set(prediction_loss(z, None, y, hard_weight=1.0)) == {"loss", "hard"}
     with pytest.raises(ValueError):
         prediction_loss(z, None, None)
+
+
+def _relation_kl_by_loops(student, teacher, mask, heads):
+    """MiniLMv2's relation KL written out example by example, relation head by relation head, query by query."""
+    import math
+
+    total, count = 0.0, 0
+    for b in range(student.shape[0]):
+        real = [i for i in range(student.shape[2]) if mask[b, i]]
+        concat = {
+            name: x[b].permute(1, 0, 2).reshape(x.shape[2], -1).double() for name, x in (("s", student), ("t", teacher))
+        }
+        for r in range(heads):
+            parts = {}
+            for name, x in concat.items():
+                width = x.shape[1] // heads
+                parts[name] = x[real][:, r * width : (r + 1) * width]
+            for i in range(len(real)):
+                dist = {}
+                for name, x in parts.items():
+                    width = x.shape[1]
+                    logits = [float(x[i] @ x[j]) / math.sqrt(width) for j in range(len(real))]
+                    top = max(logits)
+                    z = sum(math.exp(v - top) for v in logits)
+                    dist[name] = [math.exp(v - top) / z for v in logits]
+                total += sum(p * math.log(p / q) for p, q in zip(dist["t"], dist["s"], strict=True) if p > 0)
+                count += 1
+    return total / count
+
+
+def test_relation_kl_matches_a_loop_reference_with_padding_and_other_head_counts():
+    from dist_kd.losses import relation_kl
+
+    torch.manual_seed(0)
+    student = torch.randn(2, 2, 5, 8)  # 2 heads x 8 = 16 wide
+    teacher = torch.randn(2, 4, 5, 12)  # 4 heads x 12 = 48 wide
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    got = relation_kl(student, teacher, mask, num_relation_heads=4)
+    assert got.item() == pytest.approx(_relation_kl_by_loops(student, teacher, mask, 4), rel=1e-5)
+    # padded positions change nothing
+    padded = student.clone()
+    padded[1, :, 3:] = 1e3
+    assert relation_kl(padded, teacher, mask, 4).item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_relation_kl_is_zero_for_the_same_features_split_into_other_heads_and_has_gradients():
+    from dist_kd.losses import relation_kl
+
+    torch.manual_seed(1)
+    concat_BLD = torch.randn(3, 6, 24)
+    as_heads = lambda x, h: x.view(3, 6, h, 24 // h).transpose(1, 2)  # noqa: E731
+    teacher = as_heads(concat_BLD, 6)  # 6 heads of 4
+    student = as_heads(concat_BLD.clone().requires_grad_(True), 2)  # 2 heads of 12: the same relations
+    loss = relation_kl(student, teacher, None, num_relation_heads=3)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    other = as_heads(torch.randn(3, 6, 24, requires_grad=True), 2)
+    loss = relation_kl(other, teacher, None, 3)
+    loss.backward()
+    assert loss.item() > 1e-3
+    with pytest.raises(ValueError, match="relation_heads 5 does not divide the attention width 24"):
+        relation_kl(student, teacher, None, 5)

@@ -414,3 +414,21 @@ def test_damaged_weights_file_is_named(tiny_bert_dir, tmp_path):
         Teacher(damaged, dtype="fp32")
     with pytest.raises(ValueError, match=rf"student.path {damaged}: its weights"):
         build_student(StudentConfig(path=str(damaged)), None)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_roberta_dir"])
+def test_captured_query_key_value_equal_the_layer_projections_by_hand(fixture, request):
+    from dist_kd.models.capture import find_layer_list
+
+    model_dir = request.getfixturevalue(fixture)
+    teacher = Teacher(model_dir, dtype="fp32", qkv_layers=[2])
+    ids, mask = _batch(model_dir)
+    features = teacher.features(ids, mask)
+    assert sorted(features.qkv) == [2] and not features.scores
+    attention = find_layer_list(teacher.model)[2][1].attention.self
+    heads = teacher.config.num_attention_heads
+    batch, length, width = features.hidden[1].shape
+    with torch.no_grad():
+        for captured, linear in zip(features.qkv[2], (attention.query, attention.key, attention.value), strict=True):
+            expected = linear(features.hidden[1]).view(batch, length, heads, width // heads).transpose(1, 2)
+            torch.testing.assert_close(captured, expected, rtol=1e-5, atol=1e-5)
