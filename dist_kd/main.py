@@ -26,6 +26,7 @@ COMMANDS = {
     "task": ("task", "task distillation: multi-task, soft targets, TinyBERT phases"),
     "evaluate": ("evaluate", "score an exported classifier on a task file"),
     "mlm-head": ("mlm_head", "fit a masked-LM head on a frozen encoder (for augmentation)"),
+    "export": ("dist_kd.export", "a checkpoint's student encoder as a Hugging Face directory"),
     "report": ("dist_kd.report", "report.md and PNG plots of run directories"),
 }
 

@@ -223,6 +223,27 @@ def other_tokenizer_corpus(tmp_path_factory):
     return root / "shards"
 
 
+def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_path):
+    """dist-kd export rebuilds the student from config.yaml and the DeepSpeed files: at the last step it is
+    the student the run exported, weight for weight, and it loads with AutoModel."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    out = tmp_path / "exported"
+    proc = run_script("-m", "dist_kd", "export", "--checkpoint", str(finished_run / "checkpoints" / "step-00000004"),
+                      "--output", str(out))  # fmt: skip
+    assert f"wrote {out}" in proc.stdout
+    mine, theirs = load_file(out / "model.safetensors"), load_file(finished_run / "student" / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0, msg=name)
+    assert AutoModel.from_pretrained(out).config.hidden_size == 16 and (out / "README.md").is_file()
+    bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x"),
+                     check=False)  # fmt: skip
+    assert bad.returncode == 2 and "is not a complete dist_kd checkpoint" in bad.stderr
+
+
 @pytest.mark.parametrize(
     ("case", "overrides", "message"),
     [

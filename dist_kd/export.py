@@ -1,0 +1,114 @@
+"""Any checkpoint to a Hugging Face directory: ``dist-kd export --checkpoint RUN/checkpoints/step-N --output DIR``.
+
+A run exports its student at the end; a checkpoint of a preempted or still running run, or an earlier step
+kept for comparison, is only DeepSpeed files. This rebuilds the student's architecture from the run's
+``config.yaml`` (as the trainer did), gathers the weights with DeepSpeed's own ZeRO-to-fp32 reader (any ZeRO
+stage, any world size), and writes the encoder with the tokenizer, a model card and, for a sentence-
+transformers teacher, its pooling modules. Projections W_e/W_h and task heads are not part of the encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import yaml
+
+from dist_kd.io import atomic_dir
+
+
+def _student_model(run_dir: Path, config: dict):
+    """(an untrained encoder of the run's student architecture, the state-dict prefix, tokenizer dir, source
+    dir of sentence modules)."""
+    from transformers import AutoConfig, AutoModel
+
+    from dist_kd.config import load_config
+    from dist_kd.models.student import StudentConfig, build_student, student_config_from_teacher
+
+    if "tasks" in config:  # a task run: the shared encoder ("encoder." in phase prediction, "student." before)
+        from dist_kd.train.task_config import TaskConfig
+
+        cfg = load_config(TaskConfig, run_dir / "config.yaml")
+        source = AutoConfig.from_pretrained(cfg.student.path)
+        if cfg.student.init == "pretrained":
+            model_config = source
+        else:
+            model_config = student_config_from_teacher(source, StudentConfig(**cfg.student.shape(source)))
+        prefix = "student." if cfg.distill.phase == "intermediate" else "encoder."
+        return AutoModel.from_config(model_config), prefix, cfg.student.path, cfg.student.path
+    from dist_kd.train.general import GeneralConfig
+
+    cfg = load_config(GeneralConfig, run_dir / "config.yaml")
+    teacher_config = AutoConfig.from_pretrained(cfg.teacher.path)
+    student_cfg = dataclasses.replace(cfg.student, init="random") if not cfg.student.path else cfg.student
+    return build_student(student_cfg, teacher_config), "student.", cfg.teacher.path, cfg.teacher.path
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write the encoder of ``checkpoint`` as an HF directory at ``output`` (atomically).
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is not a complete checkpoint of a dist_kd run.
+        ValueError: the weights do not fit the architecture the run's config describes.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoTokenizer
+
+    from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
+    from dist_kd.sentence_modules import carry_sentence_modules
+
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parent.parent
+    if not (checkpoint / "meta.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete dist_kd checkpoint (no meta.json)")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: {checkpoint} must sit in RUN/checkpoints/")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    model, prefix, tokenizer_dir, modules_dir = _student_model(run_dir, config)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{checkpoint}: the weights do not fit the student {config.get('student')} "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    output = Path(output)
+    with atomic_dir(output) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        width = model.config.hidden_size
+        source_width = json.loads((Path(modules_dir) / "config.json").read_text()).get("hidden_size", width)
+        carry_sentence_modules(modules_dir, tmp, width, source_width)
+        facts = {"run": str(run_dir), "checkpoint": f"{checkpoint.name} (step {meta.get('step')})"}
+        facts.update({key: json.dumps(value) for key, value in meta.items() if key in ("teacher", "student", "phase")})
+        write_model_card(
+            tmp,
+            model_card(
+                "dist_kd student exported from a checkpoint",
+                "The encoder as it was at that step.",
+                facts,
+                None,
+                encoder_load_snippet(output),
+                "feature-extraction",
+            ),  # fmt: skip
+        )
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from dist_kd.cli import bad_input
+
+    parser = argparse.ArgumentParser(description="a checkpoint's student encoder as a Hugging Face directory")
+    parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step-NNNNNNNN")
+    parser.add_argument("--output", required=True, help="the HF directory to write")
+    args = parser.parse_args(argv)
+    try:
+        print(f"wrote {export_checkpoint(args.checkpoint, args.output)} (load with transformers.AutoModel)")
+    except (FileNotFoundError, ValueError) as err:
+        return bad_input(err)
+    return 0
