@@ -56,6 +56,14 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, int | float):
                     self.writer.add_scalar(key, value, record["step"])
 
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Extra TensorBoard scalars at ``step`` (e.g. ``dev/<task>/<metric>``); metrics.jsonl is not touched."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                self.writer.add_scalar(key, value, step)
+
     def records(self) -> list[dict[str, Any]]:
         """The lines logged so far, parsed; a line that does not parse is skipped with a warning."""
         if not self.path.exists():

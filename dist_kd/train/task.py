@@ -505,6 +505,10 @@ class TaskTrainer:
         if self.info.is_main:
             self._warn_single_class()
             write_json_atomic(self.run_dir / "eval.json", self.eval_report())
+            self.metrics.scalars(
+                {f"dev/{name}/{metric}": value for name, values in results.items() for metric, value in values.items()},
+                self.step,
+            )
             summary = ", ".join(
                 f"{name} {self.headline(name)}={values[self.headline(name)]:.4f}" for name, values in results.items()
             )

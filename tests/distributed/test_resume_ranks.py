@@ -116,3 +116,15 @@ def test_resume_on_another_world_size_under_zero2_is_refused(straight, tiny_bert
     assert errors and "saved by 2 ranks under ZeRO-2" in errors[0] and "this run has 1" in errors[0]
     assert "ZeRORuntimeException" not in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_resume_on_another_world_size_under_zero0_continues(straight, tiny_bert_dir, tiny_corpus, tmp_path):  # noqa: F811
+    """ZeRO 0 keeps the whole optimizer state in one file: a 2-rank run continues on 1 rank, each step once."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight["zero0"], out)
+    run_script(*_command(29662, tiny_bert_dir, tiny_corpus, out, "zero0", ranks=1), f"train.max_steps={STEPS + 4}")
+    assert [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 5))
+    meta = json.loads((out / "checkpoints" / f"step-{STEPS + 4:08d}" / "meta.json").read_text())
+    assert meta["world_size"] == 1

@@ -69,10 +69,12 @@ def test_tensorboard_scalars_are_written(tmp_path):
     logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
     logger.log({"step": 5, "loss": 2.5, "loss_attn": 2.0, "note": "text is skipped"})
     logger.log({"step": 10, "loss": 1.5, "loss_attn": 1.0})
+    logger.scalars({"dev/topic/accuracy": 0.75, "dev/topic/predicted_classes": 3}, 10)  # the task stage's dev metrics
     logger.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"loss", "loss_attn"}
+    assert set(events.Tags()["scalars"]) == {"loss", "loss_attn", "dev/topic/accuracy", "dev/topic/predicted_classes"}
+    assert [(e.step, e.value) for e in events.Scalars("dev/topic/accuracy")] == [(10, 0.75)]
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(5, 2.5), (10, 1.5)]
 
 
