@@ -44,7 +44,7 @@ from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_to
 from dist_kd.data.tasks import TaskSpec, label_order_check, load_task_examples
 from dist_kd.io import read_parquet_metadata, sha256_file, write_json_atomic, write_parquet_atomic
 from dist_kd.models.teacher import DTYPES, check_model_dir
-from dist_kd.predict import batched_logits
+from dist_kd.predict import batched_logits, teacher_label_names
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,6 @@ class PrecomputeResult:
 
 
 # ------------------------------------------------------------------------------------------ checks
-
-
-def teacher_label_names(config: Any, path: str | Path) -> list[str]:
-    """Label names of a classification head in index order, from ``config.id2label``."""
-    id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
-    if sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(f"teacher {path}: config.json id2label has ids {sorted(id2label)}, expected 0..C-1")
-    return [id2label[index] for index in range(len(id2label))]
 
 
 def _load_tokenizer(path: str | Path):

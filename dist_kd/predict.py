@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,14 @@ import torch
 from dist_kd.data.encode import TokenizedRows, pad_rows
 from dist_kd.data.tasks import TaskSpec
 from dist_kd.io import atomic_path
+
+
+def teacher_label_names(config: Any, path: str | Path) -> list[str]:
+    """Label names of a classification head in index order, from ``config.id2label``."""
+    id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"teacher {path}: config.json id2label has ids {sorted(id2label)}, expected 0..C-1")
+    return [id2label[index] for index in range(len(id2label))]
 
 
 def length_batches(lengths: np.ndarray | list[int], batch_size: int) -> list[np.ndarray]:
@@ -129,7 +138,6 @@ def evaluate_classifier(
     from dist_kd.evaluate import compute_metrics
     from dist_kd.io import write_json_atomic
     from dist_kd.models.teacher import check_model_dir
-    from dist_kd.precompute import teacher_label_names
 
     model_dir = check_model_dir(model_dir, "--model")
     config = AutoConfig.from_pretrained(model_dir)
