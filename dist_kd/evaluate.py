@@ -177,3 +177,8 @@ def compute_metrics(
     if metric not in allowed:
         raise ValueError(f"metric {metric!r} does not apply to a {task_type} task; expected one of {list(allowed)}")
     return results
+
+
+def predicted_classes(logits: np.ndarray) -> int:
+    """How many different classes the argmax of ``(N, C)`` logits predicts (1: every prediction is one class)."""
+    return int(len(np.unique(np.asarray(logits).argmax(axis=1))))

@@ -135,7 +135,7 @@ def evaluate_classifier(
     from dist_kd.data.corpus import load_tokenizer
     from dist_kd.data.encode import pad_id_of, tokenize_rows, uses_token_types
     from dist_kd.data.tasks import label_order_check, load_task_examples
-    from dist_kd.evaluate import compute_metrics
+    from dist_kd.evaluate import compute_metrics, predicted_classes
     from dist_kd.io import write_json_atomic
     from dist_kd.models.teacher import check_model_dir
 
@@ -158,6 +158,8 @@ def evaluate_classifier(
     metrics = None
     if all(label is not None for label in labels):
         metrics = compute_metrics(spec.type, spec.metric, logits, np.asarray(labels), spec.num_labels)
+        if spec.type == "classification":
+            metrics["predicted_classes"] = predicted_classes(logits)  # as the task stage's eval.json has it
     report = {"task": spec.name, "model": str(model_dir), "data": str(data), "num_rows": len(rows), "metrics": metrics}
     if output is not None:
         output = Path(output)

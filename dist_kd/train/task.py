@@ -40,7 +40,7 @@ from dist_kd import distributed
 from dist_kd.config import dump_config
 from dist_kd.data.encode import pad_id_of, pad_rows, uses_token_types
 from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
-from dist_kd.evaluate import compute_metrics
+from dist_kd.evaluate import compute_metrics, predicted_classes
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
 from dist_kd.losses import prediction_loss
 from dist_kd.model_card import classifier_load_snippet, encoder_load_snippet, model_card, write_model_card
@@ -492,7 +492,7 @@ class TaskTrainer:
             labels = np.asarray(task.dev_table.column("label").to_pylist())
             metrics = compute_metrics(task.spec.type, task.spec.metric, logits, labels, task.spec.num_labels)
             if task.spec.type == "classification":
-                metrics["predicted_classes"] = len(np.unique(logits.argmax(axis=1)))
+                metrics["predicted_classes"] = predicted_classes(logits)
             # Rank 0's numbers decide, so that every rank takes the same export branch (it is collective).
             results[task.spec.name] = metrics = distributed.broadcast_object(metrics)
             best = self.best.get(task.spec.name)

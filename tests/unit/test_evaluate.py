@@ -113,3 +113,12 @@ def test_compute_metrics_errors(task_type, metric, predictions, labels, match):
 def test_class_id_out_of_range():
     with pytest.raises(ValueError, match="0..1"):
         f1(np.array([0, 2]), np.array([0, 1]), num_classes=2)
+
+
+def test_predicted_classes_counts_distinct_argmax():
+    import numpy as np
+
+    from dist_kd.evaluate import predicted_classes
+
+    assert predicted_classes(np.array([[0.1, 0.9], [0.2, 0.8]])) == 1
+    assert predicted_classes(np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.0, 0.1, 0.9]])) == 3
