@@ -86,9 +86,8 @@ def straight(tiny_bert_dir, tiny_corpus, tmp_path_factory):  # noqa: F811
     return runs
 
 
-@pytest.mark.parametrize(
-    ("zero", "sig"), [("zero0", signal.SIGTERM), ("zero2", signal.SIGTERM), ("zero3", signal.SIGTERM),
-                      ("zero2", signal.SIGKILL)],
+@pytest.mark.parametrize(  # every ZeRO stage and both signals, in three runs (CI time)
+    ("zero", "sig"), [("zero0", signal.SIGTERM), ("zero2", signal.SIGKILL), ("zero3", signal.SIGTERM)],
 )  # fmt: skip
 def test_two_rank_resume_is_exact_with_dropout(zero, sig, straight, tiny_bert_dir, tiny_corpus, tmp_path):  # noqa: F811
     out = tmp_path / "run"
