@@ -188,13 +188,22 @@ def busy_cores(seconds: float = 0.2) -> float:
         idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
         return sum(values[:8]), idle, os.cpu_count() or 1
 
-    first = sample()
+    def own_ticks() -> int:  # this process's threads (an OpenMP pool still spinning after a torch op)
+        try:
+            fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    first, mine = sample(), own_ticks()
     time.sleep(seconds)
-    second = sample()
+    second, mine = sample(), own_ticks() - mine
     if first is None or second is None or second[0] <= first[0]:
         return 0.0
     total, idle = second[0] - first[0], second[1] - first[1]
-    return (total - idle) / total * second[2]
+    # /proc/stat counts ticks of every core together; the share busy, times the cores, minus our own ticks
+    busy_ticks = max(0, total - idle - mine)
+    return busy_ticks / total * second[2]
 
 
 def threads_per_rank(cores: int, local_processes: int, load: float) -> int:

@@ -116,3 +116,26 @@ def test_busy_cores_sees_a_spinning_process():
         spinner.kill()
         spinner.wait()
     assert 0.7 <= busy <= (os.cpu_count() or 1) + 0.01
+
+
+def test_busy_cores_leaves_out_this_process_own_threads():
+    """A thread of our own (an OpenMP pool still spinning after a torch op) is not other work on the machine."""
+    import threading
+
+    from dist_kd.distributed import busy_cores
+
+    base = busy_cores(0.5)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        busy = busy_cores(0.5)
+    finally:
+        stop.set()
+        spinner.join()
+    assert busy - base < 0.5, (base, busy)
