@@ -23,18 +23,10 @@ from dist_kd.io import atomic_path
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The parsed lines of ``metrics.jsonl`` (damaged lines skipped)."""
-    path = run_dir / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-    return records
+    """The parsed lines of ``metrics.jsonl`` (damaged lines skipped, as a resume skips them)."""
+    from dist_kd.train.metrics import MetricsLogger
+
+    return MetricsLogger(run_dir, enabled=False).records()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
