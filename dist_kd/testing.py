@@ -104,27 +104,76 @@ def build_tiny_bert(directory: str | Path, seed: int = 0, model_class: str = "Be
     return directory
 
 
-def build_tiny_roberta(directory: str | Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 32) -> Path:
-    """Save a tiny RoBERTa encoder (a second architecture) with a BERT WordPiece tokenizer."""
-    import torch
-    from transformers import RobertaConfig, RobertaModel
+def build_tiny_encoder(
+    directory: str | Path,
+    arch: str = "roberta",
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden_size: int = 32,
+    num_heads: int = 4,
+    **overrides,
+) -> Path:
+    """Save a tiny encoder of another architecture than BERT, with the tiny BERT WordPiece tokenizer.
 
-    directory = Path(directory)
-    config = RobertaConfig(
+    Args:
+        arch: ``roberta``; ``mpnet`` (relative position bias in attention); ``deberta-v2`` (DeBERTa-v3's
+            layout: disentangled attention with c2p and p2c, shared position keys, log-bucketed positions);
+            ``deberta-v2-unshared`` (DeBERTa-v2's separate position projections, no buckets).
+        **overrides: set on the config after the defaults.
+    """
+    import torch
+    import transformers
+
+    common = dict(
         vocab_size=len(tiny_vocab()),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
+        num_attention_heads=num_heads,
         intermediate_size=2 * hidden_size,
-        max_position_embeddings=132,
         pad_token_id=0,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+    deberta = dict(
+        max_position_embeddings=128,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        type_vocab_size=0,
+    )
+    configs = {
+        "roberta": ("RobertaConfig", "RobertaModel", dict(max_position_embeddings=132)),
+        "mpnet": ("MPNetConfig", "MPNetModel", dict(max_position_embeddings=132, relative_attention_num_buckets=32)),
+        "deberta-v2": (
+            "DebertaV2Config",
+            "DebertaV2Model",
+            dict(deberta, position_buckets=16, share_att_key=True, norm_rel_ebd="layer_norm"),
+        ),
+        "deberta-v2-unshared": (
+            "DebertaV2Config",
+            "DebertaV2Model",
+            dict(deberta, position_buckets=-1, max_relative_positions=24, share_att_key=False),
+        ),
+    }
+    if arch not in configs:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {sorted(configs)}")
+    config_name, model_name, specific = configs[arch]
+    config = getattr(transformers, config_name)(**{**common, **specific, **overrides})
+    directory = Path(directory)
     torch.manual_seed(seed)
-    RobertaModel(config).save_pretrained(directory)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # tiny random models: make the position terms as large as the content ones
+        for name, param in model.named_parameters():
+            if "relative_attention_bias" in name or "rel_embeddings" in name:
+                param.normal_(0.0, 1.0)
+    model.save_pretrained(directory)
     build_tiny_tokenizer(directory)
     return directory
+
+
+def build_tiny_roberta(directory: str | Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 32) -> Path:
+    """Save a tiny RoBERTa encoder (a second architecture) with a BERT WordPiece tokenizer."""
+    return build_tiny_encoder(directory, "roberta", seed=seed, num_layers=num_layers, hidden_size=hidden_size)
 
 
 def random_sentences(num: int, seed: int = 0, min_words: int = 3, max_words: int = 20) -> list[str]:

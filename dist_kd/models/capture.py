@@ -12,7 +12,9 @@ registry keyed by ``config._attn_implementation``; dist_kd registers one more en
 Layers are marked by setting attributes on the modules of each transformer layer, so the mechanism is
 independent of the architecture's attribute names: any encoder whose attention goes through the registry
 (BERT, RoBERTa, ELECTRA, XLM-R, ...) works. An encoder that does not (its attention never calls the
-registry) is rejected at load time with a clear error rather than silently returning no scores.
+registry) is rejected at load time with a clear error rather than silently returning no scores, unless
+an adapter reads it (``adapters.py``: MPNet and DeBERTa-v2/v3, whose attention adds position terms in
+their own code).
 """
 
 from __future__ import annotations
@@ -60,26 +62,19 @@ def _capture_attention(
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    qkv_sink = getattr(module, _QKV_ATTR, None)
-    if qkv_sink is not None:
-        qkv_sink[getattr(module, _LAYER_ATTR)] = (query, key, value)
-    sink = getattr(module, _SINK_ATTR, None)
-    if sink is None:
+    from dist_kd.models.adapters import deliver, masked_softmax
+
+    if getattr(module, _SINK_ATTR, None) is None:
+        deliver(module, None, (query, key, value))
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores_BHLL = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    sink[getattr(module, _LAYER_ATTR)] = scores_BHLL
-    logits = scores_BHLL.float()
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            # finfo.min rather than -inf: a fully padded query row must give a finite softmax, as SDPA does.
-            logits = logits.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
-        else:
-            logits = logits + attention_mask.float()
-    probs = torch.softmax(logits, dim=-1).to(value.dtype)
+    deliver(module, scores_BHLL, (query, key, value))
+    # finfo.min rather than -inf: a fully padded query row must give a finite softmax, as SDPA does.
+    probs = masked_softmax(scores_BHLL.float(), attention_mask, torch.finfo(torch.float32).min).to(value.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, None
@@ -127,7 +122,10 @@ class FeatureCapture:
         self.model = model
         self.sink: dict[int, torch.Tensor] = {}
         self.qkv_sink: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        from dist_kd.models.adapters import install_adapter
+
         qkv_layers = list(qkv_layers or [])
+        install_adapter(model)
         _, _, layers = find_layer_list(model)
         for index, layer in enumerate(layers, start=1):
             for module in layer.modules():
@@ -171,7 +169,8 @@ class FeatureCapture:
         if missing:
             raise RuntimeError(
                 f"{type(self.model).__name__} did not route attention through the '{ATTN_IMPLEMENTATION}' "
-                f"implementation for layers {missing}; its raw attention scores or inputs cannot be captured"
+                f"implementation for layers {missing}; its raw attention scores or inputs cannot be captured "
+                "(docs/encoders.md lists the supported encoders)"
             )
         wanted = hidden_layers if hidden_layers is not None else range(1, len(states))
         features = EncoderFeatures(

@@ -3,14 +3,16 @@
 Each task head is taken from the architecture's own ``*ForSequenceClassification`` model, built for the
 task's label count, so that a task's student exports as a stock classifier directory (the shared encoder
 plus that task's head) that anyone can load with ``AutoModelForSequenceClassification`` and that computes
-exactly the logits it computed in training. Two head shapes cover the BERT family:
+exactly the logits it computed in training. Three head shapes cover the BERT family:
 
 - ``pooled`` (BERT): ``classifier`` is a linear layer on the dropout of the encoder's pooler output;
 - ``sequence`` (RoBERTa, XLM-R, ELECTRA, MPNet): ``classifier`` is a module that reads the sequence output
-  itself (it takes the first token through dense + tanh + linear).
+  itself (it takes the first token through dense + tanh + linear);
+- ``context`` (DeBERTa-v2/v3): the classifier model's own ``pooler`` (first token, dense, activation) on the
+  sequence output, then dropout and a linear ``classifier``; the pooler belongs to the head.
 
-Other layouts (DistilBERT's pre-classifier, DeBERTa's context pooler) are refused with a clear error rather
-than trained with a head that would not export. Regression tasks have one output.
+Other layouts (DistilBERT's pre-classifier) are refused with a clear error rather than trained with a head
+that would not export. Regression tasks have one output.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-HEAD_STYLES = ("pooled", "sequence")
+HEAD_STYLES = ("pooled", "sequence", "context")
 
 
 def _task_config(encoder_config, num_outputs: int, labels: list[str] | None):
@@ -73,11 +75,15 @@ class TaskHead(nn.Module):
         elif isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Linear):
             self.style = "sequence"
             self.dropout = nn.Identity()
+        elif isinstance(classifier, nn.Linear) and isinstance(getattr(model, "pooler", None), nn.Module):
+            self.style = "context"
+            self.pooler = model.pooler
+            self.dropout = getattr(model, "dropout", None) or nn.Identity()
         else:
             raise ValueError(
                 f"{self.model_type}: dist_kd's task heads support BERT-style classifiers (a linear layer on the "
-                "pooler output) and RoBERTa-style ones (a head module on the sequence output); this architecture "
-                "has neither"
+                "pooler output), RoBERTa-style ones (a head module on the sequence output) and DeBERTa-style ones "
+                "(the classifier's own pooler on the sequence output); this architecture has none of them"
             )
         self.classifier = classifier
         self.num_outputs = num_outputs
@@ -87,6 +93,8 @@ class TaskHead(nn.Module):
         """``(B, C)`` logits from the encoder's outputs."""
         if self.style == "pooled":
             return self.classifier(self.dropout(outputs.pooler_output))
+        if self.style == "context":
+            return self.classifier(self.dropout(self.pooler(outputs.last_hidden_state)))
         return self.classifier(outputs.last_hidden_state)
 
 
@@ -131,6 +139,8 @@ class MultiTaskStudent(nn.Module):
         if result.missing_keys:
             raise ValueError(f"{type(model).__name__}: the encoder lacks weights {result.missing_keys[:5]} for export")
         model.classifier.load_state_dict(head.classifier.state_dict())
+        if head.style == "context":
+            model.pooler.load_state_dict(head.pooler.state_dict())
         return model
 
     def export_task(self, task: str, directory: str | Path, tokenizer=None) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dist_kd.config import doc
+from dist_kd.models.adapters import install_adapter
 from dist_kd.models.capture import (
     ATTN_IMPLEMENTATION,
     EncoderFeatures,
@@ -74,6 +75,9 @@ class StudentConfig:
 def student_config_from_teacher(teacher_config, cfg: StudentConfig):
     """The teacher's HF config with the student's shape overrides."""
     config = copy.deepcopy(teacher_config)
+    for attr in ("pooler_hidden_size", "embedding_size"):  # DeBERTa's: the hidden width unless set otherwise
+        if getattr(config, attr, None) == teacher_config.hidden_size:
+            setattr(config, attr, cfg.hidden_size)
     config.num_hidden_layers = cfg.num_layers
     config.hidden_size = cfg.hidden_size
     config.num_attention_heads = cfg.num_heads
@@ -150,13 +154,6 @@ def unit_selection(student_config, teacher_config) -> UnitSelection:
     )
 
 
-# Linear layers of BERT-style encoders (BERT, RoBERTa, XLM-R, ELECTRA) whose output (rows) or input
-# (columns) dimensions are attention-inner dimensions rather than residual ones. They matter only when the
-# student has fewer heads than its teacher; otherwise evenly spaced inner and residual subsets coincide.
-_INNER_ROWS = ("attention.self.query.", "attention.self.key.", "attention.self.value.")
-_INNER_COLUMNS = ("attention.output.dense.",)
-
-
 def _layer_prefix(model: nn.Module) -> str:
     """State-dict prefix of the encoder's transformer layers (``encoder.layer.`` in BERT)."""
     _, _, layers = find_layer_list(model)
@@ -181,8 +178,14 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
         ValueError: the student is wider than the teacher somewhere, or its parameters do not match the
             teacher's names (another architecture).
     """
+    from dist_kd.models.adapters import selection_names
+
     selection = unit_selection(student.config, teacher.config)
-    heads_differ = student.config.num_attention_heads != teacher.config.num_attention_heads
+    s_heads, t_heads = student.config.num_attention_heads, teacher.config.num_attention_heads
+    heads_differ = s_heads != t_heads
+    # Linear layers whose output (rows) or input (columns) dimensions are attention-inner rather than residual
+    # ones matter only when the student has fewer heads; otherwise the inner and residual subsets coincide.
+    inner_rows, inner_columns, per_head = selection_names(teacher)
     s_prefix, t_prefix = _layer_prefix(student), _layer_prefix(teacher)
     t_state = teacher.state_dict()
     s_hidden, t_hidden = student.config.hidden_size, teacher.config.hidden_size
@@ -199,8 +202,10 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
         for axis, (s_size, t_size) in enumerate(zip(value.shape, source.shape)):
             if s_size == t_size:
                 continue
-            inner = heads_differ and any(key in name for key in (_INNER_COLUMNS if axis else _INNER_ROWS))
-            if (s_size, t_size) == (s_hidden, t_hidden):
+            inner = heads_differ and any(key in name for key in (inner_columns if axis else inner_rows))
+            if (s_size, t_size) == (s_heads, t_heads) and any(key in name for key in per_head):
+                keep = evenly_spaced(t_heads, s_heads)  # the heads the inner selection keeps
+            elif (s_size, t_size) == (s_hidden, t_hidden):
                 keep = selection.inner if inner else selection.residual
             elif (s_size, t_size) == (s_ffn, t_ffn):
                 keep = selection.ffn
@@ -327,6 +332,7 @@ def build_student(
             if teacher_model is None or mapping is None:
                 raise ValueError("student.init=teacher needs the teacher model and the layer mapping")
             init_from_teacher(model, teacher_model, mapping)
+    install_adapter(model)
     model = model.float()
     model.train()
     return model

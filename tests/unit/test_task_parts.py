@@ -94,15 +94,19 @@ def test_sampler_resumes_exactly_and_refuses_other_data():
 # ------------------------------------------------------------------------------------------------- heads
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_task_heads_export_as_stock_classifiers_with_the_same_logits(arch, tiny_bert_dir, tiny_roberta_dir, tmp_path):
+@pytest.mark.parametrize(
+    "arch, style", [("bert", "pooled"), ("roberta", "sequence"), ("mpnet", "sequence"), ("deberta-v2", "context")]
+)
+def test_task_heads_export_as_stock_classifiers_with_the_same_logits(arch, style, tiny_bert_dir, tmp_path):
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     from dist_kd.models.heads import MultiTaskStudent
+    from dist_kd.testing import build_tiny_encoder
 
-    encoder = AutoModel.from_pretrained(tiny_bert_dir if arch == "bert" else tiny_roberta_dir)
+    model_dir = tiny_bert_dir if arch == "bert" else build_tiny_encoder(tmp_path / "encoder", arch)
+    encoder = AutoModel.from_pretrained(model_dir)
     student = MultiTaskStudent(encoder, {"topic": (3, ["a", "b", "c"]), "score": (1, None)}).eval()
-    assert {head.style for head in student.heads.values()} == {"pooled" if arch == "bert" else "sequence"}
+    assert {head.style for head in student.heads.values()} == {style}
     ids = torch.randint(5, 100, (3, 9))
     mask = torch.ones_like(ids)
     mask[2, 6:] = 0
