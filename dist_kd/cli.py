@@ -131,26 +131,24 @@ def run_config_job(
     args: argparse.Namespace,
     config_class: type,
     trainer_class: type,
-    finish: Callable[[Any, Any, Any], None],
+    finish: Callable[[Any, Any, Any], list[str]],
     debug_overrides: Sequence[str] = (),
 ) -> int:
-    """Config -> process group -> trainer -> train -> ``finish(trainer, cfg, info)``; returns the exit code.
+    """Config -> :func:`dist_kd.api.run_training` -> print ``finish``'s summary lines; returns the exit code.
 
-    A preempted run (the trainer's ``train()`` returns False after checkpointing) exits 0 without
-    ``finish``, so the job can be requeued; bad input is one error line and exit code 2. ``--debug`` is one
-    process whatever launcher variables the shell holds, with ``debug_overrides`` before the user's.
+    A preempted run (checkpointed, ``completed`` False) exits 0 so the job can be requeued; bad input is one
+    error line and exit code 2. ``--debug`` is one process whatever launcher variables the shell holds, with
+    ``debug_overrides`` before the user's.
     """
     from dist_kd import distributed
+    from dist_kd.api import run_training
     from dist_kd.config import load_config
     from dist_kd.train.checkpoint import CheckpointSaveError
-    from dist_kd.train.runlock import RunDirInUse
 
     overrides = list(args.overrides)
     if args.debug:
         drop_launcher_variables()
         overrides = [*debug_overrides, *overrides]
-    trainer = None
-    lock = None
     if getattr(args, "print_config", False):
         from dist_kd.config import dump_config
 
@@ -161,39 +159,15 @@ def run_config_job(
         return 0
     try:
         cfg = load_config(config_class, args.config, overrides)
-        info = distributed.init_distributed()
-        configure_logging(info.rank)
-        lock, refused = _lock_run_dir(cfg.run.output_dir, info)
-        if refused:
-            raise RunDirInUse(refused)
-        trainer = trainer_class(cfg, info)
-        if not trainer.train():
-            return 0  # preempted: a checkpoint is saved, the job can be requeued
-        finish(trainer, cfg, info)
+        configure_logging(distributed.init_distributed().rank)
+        result = run_training(cfg, trainer_class, finish)
+        if result.lines:
+            print("\n".join(result.lines), flush=True)
         return 0
-    except (ValueError, FileNotFoundError, CheckpointSaveError) as err:
+    except (ValueError, FileNotFoundError, CheckpointSaveError) as err:  # RunDirInUse is a ValueError
         return bad_input(err)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
         print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)
         return 130
     finally:
-        if trainer is not None:
-            trainer.close()
-        if lock is not None:
-            lock.release()
         distributed.teardown()
-
-
-def _lock_run_dir(run_dir: str, info: Any) -> tuple[Any, str | None]:
-    """Rank 0 takes the run directory's lock (dist_kd.train.runlock); every rank learns whether it was refused."""
-    from dist_kd import distributed
-    from dist_kd.train.runlock import RunDirInUse, RunLock
-
-    lock, refused = None, None
-    if info.is_main:
-        lock = RunLock(run_dir)
-        try:
-            lock.acquire()
-        except RunDirInUse as err:
-            lock, refused = None, str(err)
-    return lock, distributed.broadcast_object(refused)

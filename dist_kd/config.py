@@ -211,8 +211,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
-    return _build(cls, data)
+    return config_from_dict(cls, data, overrides)
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], overrides: list[str] | None = None) -> T:
+    """Build a config dataclass from a dict shaped like the YAML and dotted overrides (validated as a file is)."""
+    return _build(cls, _merge(data, parse_overrides(list(overrides or []))))
 
 
 def _type_name(tp: Any) -> str:
@@ -264,3 +268,35 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def dump_config(cfg: Any) -> str:
     """The fully resolved config as YAML, loadable again with ``load_config``."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# The config files of the training commands, in the key reference (docs/config.md).
+REFERENCE = (
+    ("dist_kd.train.general", "GeneralConfig", "general distillation (`dist-kd general`, launch/general.py)"),
+    ("dist_kd.train.task_config", "TaskConfig", "task distillation (`dist-kd task`, launch/task.py)"),
+)
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key of every training config with type, default and doc text (``--help``'s list)."""
+    import importlib
+
+    out = [
+        "# Config keys",
+        "",
+        "Generated from the code by `python -m dist_kd.config > docs/config.md` (a test checks it is current);",
+        "`dist-kd general --help` and `dist-kd task --help` print the same list. Set a key in the YAML file or on",
+        "the command line as `key.sub=value`; an unknown key is an error naming the closest known one, and",
+        "`--print-config` prints the resolved config and exits.",
+    ]
+    for module, name, title in REFERENCE:
+        cls = getattr(importlib.import_module(module), name)
+        out += ["", f"## {title}", ""]
+        for line in describe(cls):
+            key, rest = line.split(" ", 1)
+            out.append(f"- `{key}` {rest}")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

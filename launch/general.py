@@ -32,30 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ).parse_args(argv)
 
 
-def finish(trainer, cfg, info) -> None:
-    """Export the student, measure its quality beside the teacher's and a random init's, print the summary."""
-    from dist_kd.train.general import quality_summary, summary_lines, write_summary
-
-    trainer.export()
-    # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
-    quality = quality_summary(trainer)
-    if info.is_main:
-        from dist_kd.model_card import write_model_card
-
-        lines = summary_lines(trainer, quality)
-        write_summary(trainer.run_dir, lines, quality)
-        if quality:
-            write_model_card(trainer.run_dir / "student", trainer.model_card(quality))  # with the measured quality
-        from dist_kd.report import report_at_end
-
-        print("\n".join([*lines, report_at_end(trainer.run_dir)]), flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from dist_kd.train.general import GeneralConfig, GeneralTrainer
+    from dist_kd.train.general import GeneralConfig, GeneralTrainer, finish_general
 
     # --debug reads data in the main process too, so that one process can be stepped through.
-    return run_config_job(parse_args(argv), GeneralConfig, GeneralTrainer, finish, ["data.num_workers=0"])
+    return run_config_job(parse_args(argv), GeneralConfig, GeneralTrainer, finish_general, ["data.num_workers=0"])
 
 
 if __name__ == "__main__":

@@ -33,36 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ).parse_args(argv)
 
 
-def summary_lines(trainer, exported: dict[str, Path]) -> list[str]:
-    """Where the outputs are and each task's dev figure (final and best)."""
-    lines = [f"shared encoder saved to {exported['student']}"]
-    report = trainer.eval_report()
-    for name, entry in report["tasks"].items():
-        final, best = entry["final"] or {}, entry["best"]
-        line = f"  {name:<16} dev {entry['metric']} {final.get(entry['metric'], float('nan')):.4f} (final)"
-        if best is not None:
-            line += f", {best[entry['metric']]:.4f} (best, step {best['step']}, {trainer.run_dir / 'best' / name})"
-        lines.append(line)
-    for name, path in exported.items():
-        if name != "student":
-            lines.append(f"  {name:<16} classifier saved to {path} (AutoModelForSequenceClassification)")
-    return lines
-
-
-def finish(trainer, cfg, info) -> None:
-    """Export the shared encoder and the per-task classifiers; print where they are and the dev figures."""
-    exported = trainer.export()
-    if info.is_main:
-        from dist_kd.report import report_at_end
-
-        print("\n".join([*summary_lines(trainer, exported), report_at_end(trainer.run_dir)]), flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from dist_kd.train.task import TaskTrainer
+    from dist_kd.train.task import TaskTrainer, finish_task
     from dist_kd.train.task_config import TaskConfig
 
-    return run_config_job(parse_args(argv), TaskConfig, TaskTrainer, finish)
+    return run_config_job(parse_args(argv), TaskConfig, TaskTrainer, finish_task)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class StudentConfig:
 
     num_layers: int = doc("number of transformer layers M", 4)
     hidden_size: int = doc("hidden width d_S", 312)
-    num_heads: int = doc("attention heads (must equal the teacher's for the attention loss)", 12)
+    num_heads: int = doc("attention heads (distill.attention raw_scores needs the teacher's count; relations any)", 12)
     intermediate_size: int = doc("feed-forward width", 1200)
     dropout: float = doc("hidden and attention dropout", 0.1)
     init: str = doc(

@@ -19,6 +19,7 @@ from dist_kd.config import doc
 logger = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -30,7 +31,12 @@ class RunConfig:
     save_every: int = doc("optimizer steps between checkpoints (0: only at the end)", 500)
     keep_last: int = doc("complete checkpoints kept (0 keeps all)", 3)
     resume: str = doc("auto (continue from the newest checkpoint if any) | never (refuse a used directory)", "auto")
-    tensorboard: bool = doc("also write TensorBoard event files under run_dir/tensorboard", False)
+    report_to: list[str] = doc(
+        "trackers that also receive every metric line and the dev metrics: tensorboard (run_dir/tensorboard), "
+        "wandb, mlflow (each an optional install: pip install 'dist_kd[wandb]')",
+        default_factory=list,
+    )
+    tensorboard: bool = doc("shorthand for adding tensorboard to run.report_to", False)
     progress: bool = doc("tqdm progress bar on rank 0", True)
 
     def __post_init__(self):
@@ -40,12 +46,21 @@ class RunConfig:
             raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
         if self.save_every < 0 or self.keep_last < 0:
             raise ValueError("run.save_every and run.keep_last must be >= 0")
-        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ValueError(f"run.report_to: unknown tracker {name!r}; one of {list(TRACKERS)}")
+        for name in self.trackers():
             # Checked with the config, before the run directory is touched, not at the first log line.
-            raise ValueError(
-                "run.tensorboard is true but the tensorboard package is not installed: "
-                "pip install 'dist_kd[tensorboard]' (or tensorboard), or set run.tensorboard=false"
-            )
+            if importlib.util.find_spec(name) is None:
+                raise ValueError(
+                    f"run.report_to includes {name} but the {name} package is not installed: "
+                    f"pip install 'dist_kd[{name}]' (or {name}), or leave it out of run.report_to"
+                    + (" and set run.tensorboard=false" if name == "tensorboard" and self.tensorboard else "")
+                )
+
+    def trackers(self) -> list[str]:
+        """run.report_to, with tensorboard added by run.tensorboard, each once."""
+        return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.tensorboard else [])]))
 
 
 class StopSignal:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dist_kd import distributed
-from dist_kd.config import doc, dump_config
+from dist_kd.config import config_to_dict, doc, dump_config
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint
 from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.student import (
@@ -216,7 +216,9 @@ class GeneralTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(cfg))
-        self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=info.is_main, report_to=cfg.run.trackers(), config=config_to_dict(cfg)
+        )
         history = self.metrics.start_at(self.step if resume_from is not None else None)
         logged = [{k: v for k, v in r.items() if k == "loss" or k.startswith("loss_")} for r in history if "loss" in r]
         # the summary's first and last lines span the whole run, across resumes and reruns
@@ -597,3 +599,25 @@ def write_summary(run_dir: Path, lines: list[str], quality: dict | None) -> None
     from dist_kd.io import write_json_atomic
 
     write_json_atomic(run_dir / "summary.json", {"lines": lines, "quality": quality})
+
+
+def finish_general(trainer: GeneralTrainer, cfg: GeneralConfig, info) -> list[str]:
+    """The end of a general run (collective): export the student, measure its quality beside the teacher's
+    and a random init's, write summary.json, the model card and report.md.
+
+    Returns:
+        The summary lines (on the main rank; an empty list elsewhere).
+    """
+    trainer.export()
+    # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
+    quality = quality_summary(trainer)
+    if not info.is_main:
+        return []
+    from dist_kd.model_card import write_model_card
+    from dist_kd.report import report_at_end
+
+    lines = summary_lines(trainer, quality)
+    write_summary(trainer.run_dir, lines, quality)
+    if quality:
+        write_model_card(trainer.run_dir / "student", trainer.model_card(quality))  # with the measured quality
+    return [*lines, report_at_end(trainer.run_dir)]

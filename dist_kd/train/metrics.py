@@ -1,4 +1,4 @@
-"""Metrics: ``metrics.jsonl`` (the run-directory contract), optional TensorBoard, and an MFU estimate.
+"""Metrics: ``metrics.jsonl`` (the run-directory contract), optional trackers (TensorBoard, W&B, MLflow), MFU.
 
 Only rank 0 writes. Each line is one JSON object per logged step with ``step``, ``loss``, each term as
 ``loss_<name>``, ``lr`` and throughput. When a run starts, lines past the step it starts from are dropped
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +35,132 @@ PEAK_FLOPS = {
 }
 
 
-class MetricsLogger:
-    """Appends JSON lines to ``run_dir/metrics.jsonl`` (and TensorBoard scalars when asked)."""
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
+
+class TensorBoardTracker:
+    """Scalars in ``run_dir/tensorboard`` (event files; a resumed run appends to the same directory)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _run_id(run_dir: Path, tracker: str, make: Any) -> str:
+    """The tracker's id of this run directory, kept in ``run_dir/.<tracker>_run_id``: a resumed run continues
+    the same tracked run instead of starting a new one."""
+    path = Path(run_dir) / f".{tracker}_run_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = make()
+    with atomic_path(path) as tmp:
+        tmp.write_text(run_id + "\n")
+    return run_id
+
+
+class WandbTracker:
+    """Weights & Biases: one wandb run per run directory (project and entity from WANDB_PROJECT/WANDB_ENTITY)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None):
+        import uuid
+
+        import wandb
+
+        run_id = _run_id(run_dir, "wandb", lambda: uuid.uuid4().hex[:16])
+        self.run = wandb.init(
+            id=run_id, resume="allow", name=Path(run_dir).resolve().name, dir=str(run_dir), config=config or {}
+        )
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    """MLflow: one MLflow run per run directory (tracking URI and experiment from MLFLOW_TRACKING_URI and
+    MLFLOW_EXPERIMENT_NAME); the config's keys become parameters."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None):
+        import mlflow
+
+        self.mlflow = mlflow
+        path = Path(run_dir) / ".mlflow_run_id"
+        known = path.read_text().strip() if path.is_file() else None
+        run = mlflow.start_run(run_id=known) if known else mlflow.start_run(run_name=Path(run_dir).resolve().name)
+        if not known:
+            _run_id(run_dir, "mlflow", lambda: run.info.run_id)
+            mlflow.log_params(_flatten(config or {}))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        # MLflow keys allow letters, digits and _-./ space; metric names here use those already.
+        self.mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists as their string form)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            plain = isinstance(value, str | int | float | bool) or value is None
+            out[f"{prefix}{key}"] = value if plain else str(value)
+    return out
+
+
+TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+class MetricsLogger:
+    """Appends JSON lines to ``run_dir/metrics.jsonl`` and sends the numbers to the trackers of
+    ``run.report_to`` (tensorboard, wandb, mlflow).
+
+    Args:
+        run_dir: the run directory.
+        enabled: whether this process writes (rank 0).
+        report_to: tracker names (``RunConfig.trackers()``).
+        config: the resolved run config (wandb's config, MLflow's parameters).
+    """
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, report_to: Sequence[str] = (), config: dict[str, Any] | None = None
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.trackers = []
+        if enabled:
+            for name in report_to:
+                if name not in TRACKER_CLASSES:
+                    raise ValueError(f"run.report_to: unknown tracker {name!r}; one of {list(TRACKER_CLASSES)}")
+                self.trackers.append(TRACKER_CLASSES[name](Path(run_dir), config))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.writer.add_scalar(key, value, record["step"])
+        self.scalars(record, record["step"])
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        """Extra TensorBoard scalars at ``step`` (e.g. ``dev/<task>/<metric>``); metrics.jsonl is not touched."""
-        if self.writer is None:
-            return
-        for key, value in values.items():
-            if isinstance(value, int | float):
-                self.writer.add_scalar(key, value, step)
+    def scalars(self, values: dict[str, Any], step: int) -> None:
+        """Numbers for the trackers only (e.g. ``dev/<task>/<metric>``); metrics.jsonl is not touched."""
+        numbers = _numbers(values)
+        if numbers:
+            for tracker in self.trackers:
+                tracker.log(numbers, step)
 
     def records(self) -> list[dict[str, Any]]:
         """The lines logged so far, parsed; a line that does not parse is skipped with a warning."""
@@ -96,8 +194,9 @@ class MetricsLogger:
         return kept
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def count_parameters(module: torch.nn.Module) -> int:

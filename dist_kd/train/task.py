@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from dist_kd import distributed
-from dist_kd.config import dump_config
+from dist_kd.config import config_to_dict, dump_config
 from dist_kd.data.encode import pad_id_of, pad_rows, uses_token_types
 from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
 from dist_kd.evaluate import compute_metrics, predicted_classes
@@ -182,7 +182,9 @@ class TaskTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg)))
-        self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=info.is_main, report_to=cfg.run.trackers(), config=config_to_dict(cfg)
+        )
         self.metrics.start_at(self.step if resume_from is not None else None)
         self._dev_cache: dict[str, tuple[int, np.ndarray]] = {}
         self._saved_step: int | None = self.step if resume_from is not None else None
@@ -642,3 +644,34 @@ def _teacher_tokenizer(path: str) -> dict[str, Any]:
         return tokenizer_fingerprint(load_tokenizer(path))
     except (OSError, TypeError) as err:
         raise ValueError(f"teacher {path}: no usable tokenizer in the directory ({err})") from None
+
+
+def task_summary_lines(trainer: TaskTrainer, exported: dict[str, Path]) -> list[str]:
+    """Where the outputs are and each task's dev figure (final and best)."""
+    lines = [f"shared encoder saved to {exported['student']}"]
+    report = trainer.eval_report()
+    for name, entry in report["tasks"].items():
+        final, best = entry["final"] or {}, entry["best"]
+        line = f"  {name:<16} dev {entry['metric']} {final.get(entry['metric'], float('nan')):.4f} (final)"
+        if best is not None:
+            line += f", {best[entry['metric']]:.4f} (best, step {best['step']}, {trainer.run_dir / 'best' / name})"
+        lines.append(line)
+    for name, path in exported.items():
+        if name != "student":
+            lines.append(f"  {name:<16} classifier saved to {path} (AutoModelForSequenceClassification)")
+    return lines
+
+
+def finish_task(trainer: TaskTrainer, cfg, info) -> list[str]:
+    """The end of a task run (collective): export the shared encoder and the per-task classifiers, write
+    report.md.
+
+    Returns:
+        The summary lines: where the outputs are and the dev figures (main rank; an empty list elsewhere).
+    """
+    exported = trainer.export()
+    if not info.is_main:
+        return []
+    from dist_kd.report import report_at_end
+
+    return [*task_summary_lines(trainer, exported), report_at_end(trainer.run_dir)]

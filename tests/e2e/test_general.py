@@ -208,6 +208,41 @@ def finished_run(tiny_bert_dir, tiny_corpus, tmp_path_factory):
     return out
 
 
+def test_python_api_runs_the_same_job_as_the_command_line(finished_run, tmp_path):
+    """dist_kd.api.general with a dict config (a finished command-line run's config.yaml, another output
+    directory) and a list of overrides, in a plain Python process: the same per-step losses as the
+    launch/general.py run, and a RunResult pointing at the outputs."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.e2e.conftest import script_env
+
+    out = tmp_path / "api"
+    resolved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    resolved["run"]["output_dir"] = str(out)
+    script = (
+        "import json, sys\n"
+        "from dist_kd import api\n"
+        "result = api.general(json.loads(sys.argv[1]), ['data.num_workers=0'])\n"
+        "print(json.dumps({'completed': result.completed, 'student': str(result.student), "
+        "'lines': result.lines, 'summary': result.summary is not None}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(resolved)], cwd=tmp_path, env=script_env(),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["completed"] and result["summary"] and result["student"] == str(out / "student")
+    assert result["lines"][0].startswith(f"student saved to {out / 'student'}")
+    expected, got = _metrics(finished_run), _metrics(out)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for a, b in zip(expected, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def other_tokenizer_corpus(tmp_path_factory):
     from transformers import BertTokenizerFast

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from dist_kd.config import doc, dump_config, load_config, parse_overrides
+from dist_kd.config import describe, doc, dump_config, load_config, parse_overrides
 from dist_kd.objective import DistillConfig
 
 
@@ -95,3 +95,17 @@ def test_describe_lists_every_key_with_type_default_and_doc():
     assert set(keys) == set(dotted(config_to_dict(load_config(GeneralConfig, None, []))))
     task_keys = [line.split(" ", 1)[0] for line in describe(TaskConfig)]
     assert "tasks" in task_keys and "tasks[].soft_targets" in task_keys
+
+
+def test_docs_config_reference_is_current():
+    """docs/config.md lists every key of both training configs as the code defines them today."""
+    from pathlib import Path
+
+    from dist_kd.config import reference_markdown
+    from dist_kd.train.general import GeneralConfig
+
+    generated = reference_markdown()
+    assert "- `student.num_layers` (int, default 4)" in generated and "- `tasks[].name`" in generated
+    assert generated.count("\n- `") == len(describe(GeneralConfig)) + generated.split("## task")[1].count("\n- `")
+    docs = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert docs.read_text() == generated, "docs/config.md is stale: python -m dist_kd.config > docs/config.md"

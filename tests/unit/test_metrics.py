@@ -57,8 +57,14 @@ def test_a_cut_off_line_is_dropped_with_a_warning_naming_the_file(tmp_path, capl
 def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    with pytest.raises(ValueError, match=r"run.tensorboard .* pip install 'dist_kd\[tensorboard\]'"):
+    with pytest.raises(
+        ValueError, match=r"includes tensorboard .* pip install 'dist_kd\[tensorboard\]'.*run.tensorboard=false"
+    ):
         RunConfig(tensorboard=True)
+    with pytest.raises(ValueError, match=r"run.report_to includes tensorboard"):
+        RunConfig(report_to=["tensorboard"])
+    with pytest.raises(ValueError, match=r"unknown tracker 'comet'; one of \['tensorboard', 'wandb', 'mlflow'\]"):
+        RunConfig(report_to=["comet"])
     RunConfig(tensorboard=False)
 
 
@@ -66,7 +72,7 @@ def test_tensorboard_scalars_are_written(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    logger = MetricsLogger(tmp_path, enabled=True, report_to=RunConfig(tensorboard=True).trackers())
     logger.log({"step": 5, "loss": 2.5, "loss_attn": 2.0, "note": "text is skipped"})
     logger.log({"step": 10, "loss": 1.5, "loss_attn": 1.0})
     logger.scalars({"dev/topic/accuracy": 0.75, "dev/topic/predicted_classes": 3}, 10)  # the task stage's dev metrics
@@ -76,6 +82,64 @@ def test_tensorboard_scalars_are_written(tmp_path):
     assert set(events.Tags()["scalars"]) == {"loss", "loss_attn", "dev/topic/accuracy", "dev/topic/predicted_classes"}
     assert [(e.step, e.value) for e in events.Scalars("dev/topic/accuracy")] == [(10, 0.75)]
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(5, 2.5), (10, 1.5)]
+
+
+class _FakeWandbRun:
+    def __init__(self, calls, **kwargs):
+        self.calls = calls
+        calls.append(("init", kwargs))
+
+    def log(self, values, step):
+        self.calls.append(("log", step, dict(values)))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def _fake_trackers(monkeypatch, calls):
+    """wandb and mlflow stand-ins recording their calls (neither is installed in CI)."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: _FakeWandbRun(calls, **kwargs)
+    mlflow = types.ModuleType("mlflow")
+
+    def start_run(run_id=None, run_name=None):
+        calls.append(("start_run", run_id, run_name))
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id or "mlflow-run-1"))
+
+    mlflow.start_run = start_run
+    mlflow.log_params = lambda params: calls.append(("log_params", dict(params)))
+    mlflow.log_metrics = lambda values, step: calls.append(("log_metrics", step, dict(values)))
+    mlflow.end_run = lambda: calls.append(("end_run",))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+
+
+def test_wandb_and_mlflow_get_every_number_and_a_resumed_run_continues_the_same_tracked_run(tmp_path, monkeypatch):
+    calls = []
+    _fake_trackers(monkeypatch, calls)
+    config = {"train": {"lr": 0.001, "seed": 3}, "distill": {"layer_map": [1, 2]}}
+    logger = MetricsLogger(tmp_path, enabled=True, report_to=["wandb", "mlflow"], config=config)
+    logger.log({"step": 10, "loss": 1.5, "lr": 0.001, "note": "text", "flag": True})
+    logger.scalars({"dev/topic/accuracy": 0.8}, 10)
+    logger.close()
+    (wandb_init,) = [c for c in calls if c[0] == "init"]
+    assert wandb_init[1]["resume"] == "allow" and wandb_init[1]["config"] == config
+    assert ("log", 10, {"loss": 1.5, "lr": 0.001}) in calls and ("log", 10, {"dev/topic/accuracy": 0.8}) in calls
+    assert ("start_run", None, tmp_path.name) in calls
+    assert ("log_params", {"train.lr": 0.001, "train.seed": 3, "distill.layer_map": "[1, 2]"}) in calls
+    assert ("log_metrics", 10, {"loss": 1.5, "lr": 0.001}) in calls
+    assert calls[-2:] == [("finish",), ("end_run",)]
+    calls.clear()
+    MetricsLogger(tmp_path, enabled=True, report_to=["wandb", "mlflow"], config=config).close()  # a resume
+    assert [c for c in calls if c[0] == "init"][0][1]["id"] == wandb_init[1]["id"]
+    assert ("start_run", "mlflow-run-1", None) in calls and not [c for c in calls if c[0] == "log_params"]
+    calls.clear()
+    MetricsLogger(tmp_path, enabled=False, report_to=["wandb", "mlflow"], config=config).log({"step": 1, "loss": 1.0})
+    assert calls == []  # other ranks track nothing
 
 
 def test_matmul_parameters_count_linear_weights_not_embeddings(tiny_bert_dir):

@@ -1,0 +1,163 @@
+"""The Python API: the training stages as functions, for notebooks, sweeps and other tools' pipelines.
+
+The two config-driven runs take a config (a YAML path, a dict shaped like the YAML, or the stage's config
+object) plus ``key=value`` overrides, exactly as ``dist-kd general`` / ``dist-kd task`` do, and return a
+:class:`RunResult`::
+
+    from dist_kd import api
+
+    result = api.general("launch/configs/quickstart.yaml", ["teacher.path=models/MiniLM", "train.max_steps=50"])
+    result.student            # the student as a Hugging Face directory
+    result.summary["quality"]  # spread and probe accuracy of teacher, student and a random init
+
+    result = api.task({"student": {"path": str(result.student)}, "tasks": [...]})
+    result.eval               # eval.json: dev metrics per task
+
+They run in the calling process (one rank) or, under ``deepspeed`` / ``torchrun`` / SLURM, on every rank of
+the job (call them on every rank). Bad input raises ``ValueError`` or ``FileNotFoundError`` with the
+message the command line prints; a run stopped by SIGTERM/SIGUSR1 checkpoints and returns
+``completed=False`` (call again with the same config to resume).
+
+The other stages are library functions with their own arguments (docs/api.md shows each in use):
+:func:`prepare_corpus`, :func:`finetune_teachers`, :func:`precompute_soft_targets`, :func:`build_augmenter`
+(then ``Augmenter.augment``), :func:`export_checkpoint`, :func:`write_report` and :func:`compute_metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_kd.data.augment import AugmentConfig, build_augmenter
+from dist_kd.data.corpus import prepare_corpus
+from dist_kd.evaluate import compute_metrics
+from dist_kd.export import export_checkpoint
+from dist_kd.precompute import PrecomputeConfig, precompute_soft_targets
+from dist_kd.report import write_report
+from dist_kd.train.finetune import FinetuneConfig, finetune_teachers
+
+__all__ = [
+    "AugmentConfig",
+    "FinetuneConfig",
+    "PrecomputeConfig",
+    "RunResult",
+    "build_augmenter",
+    "compute_metrics",
+    "export_checkpoint",
+    "finetune_teachers",
+    "general",
+    "load_run_config",
+    "precompute_soft_targets",
+    "prepare_corpus",
+    "run_training",
+    "task",
+    "write_report",
+]
+
+
+@dataclass
+class RunResult:
+    """What a training run left behind.
+
+    Attributes:
+        run_dir: the run directory (config.yaml, metrics.jsonl, checkpoints/, report.md, ...).
+        completed: False when a signal stopped the run after a checkpoint (call again to resume).
+        lines: the summary the command line prints (main rank; empty on the others and when stopped).
+    """
+
+    run_dir: Path
+    completed: bool
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def student(self) -> Path:
+        """The exported student encoder (a Hugging Face directory)."""
+        return self.run_dir / "student"
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json of a general run (quality table and summary lines), None before the end."""
+        return _read_json(self.run_dir / "summary.json")
+
+    @property
+    def eval(self) -> dict[str, Any] | None:
+        """eval.json of a task run (dev metrics per task: latest, best, history), None before the first eval."""
+        return _read_json(self.run_dir / "eval.json")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_run_config(config_class: type, config: Any, overrides: Sequence[str] = ()) -> Any:
+    """A validated ``config_class`` from a YAML path, a dict shaped like the YAML, or an instance.
+
+    Raises:
+        ValueError: an unknown key (named with the closest known one) or a bad value.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    from dist_kd.config import config_from_dict, load_config
+
+    if isinstance(config, (str, Path)):
+        return load_config(config_class, config, list(overrides))
+    if isinstance(config, config_class):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"config must be a YAML path, a dict or a {config_class.__name__}, got {type(config).__name__}"
+        )
+    return config_from_dict(config_class, config, list(overrides))
+
+
+def run_training(cfg: Any, trainer_class: type, finish: Callable[[Any, Any, Any], list[str]]) -> RunResult:
+    """Process group -> run-directory lock -> trainer -> train -> ``finish``; what every training command runs.
+
+    Raises:
+        RunDirInUse: another live run writes to the run directory.
+        ValueError, FileNotFoundError, CheckpointSaveError: bad input or a failed save (nothing written is lost).
+    """
+    from dist_kd import distributed
+    from dist_kd.train.runlock import RunDirInUse, RunLock
+
+    info = distributed.init_distributed()
+    trainer = lock = None
+    try:
+        refused = None
+        if info.is_main:
+            lock = RunLock(cfg.run.output_dir)
+            try:
+                lock.acquire()
+            except RunDirInUse as err:
+                lock, refused = None, str(err)
+        refused = distributed.broadcast_object(refused)
+        if refused:
+            raise RunDirInUse(refused)
+        trainer = trainer_class(cfg, info)
+        if not trainer.train():
+            return RunResult(Path(cfg.run.output_dir), completed=False)
+        return RunResult(Path(cfg.run.output_dir), completed=True, lines=finish(trainer, cfg, info))
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if lock is not None:
+            lock.release()
+        distributed.teardown()
+
+
+def general(config: Any, overrides: Sequence[str] = ()) -> RunResult:
+    """General distillation (TinyBERT stage 1), as ``dist-kd general --config CONFIG OVERRIDES...``."""
+    from dist_kd.train.general import GeneralConfig, GeneralTrainer, finish_general
+
+    return run_training(load_run_config(GeneralConfig, config, overrides), GeneralTrainer, finish_general)
+
+
+def task(config: Any, overrides: Sequence[str] = ()) -> RunResult:
+    """Task distillation (MT-DNN-KD, TinyBERT's task stage), as ``dist-kd task --config CONFIG OVERRIDES...``."""
+    from dist_kd.train.task import TaskTrainer, finish_task
+    from dist_kd.train.task_config import TaskConfig
+
+    return run_training(load_run_config(TaskConfig, config, overrides), TaskTrainer, finish_task)
