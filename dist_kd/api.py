@@ -19,8 +19,9 @@ message the command line prints; a run stopped by SIGTERM/SIGUSR1 checkpoints an
 ``completed=False`` (call again with the same config to resume).
 
 The other stages are library functions with their own arguments (docs/api.md shows each in use):
-:func:`prepare_corpus`, :func:`finetune_teachers`, :func:`precompute_soft_targets`, :func:`build_augmenter`
-(then ``Augmenter.augment``), :func:`export_checkpoint`, :func:`write_report` and :func:`compute_metrics`.
+:func:`prepare_corpus`, :func:`finetune_teachers`, :func:`augment_task` (or :func:`build_augmenter` for tables
+in memory), :func:`precompute_soft_targets`, :func:`export_checkpoint`, :func:`write_report` and
+:func:`compute_metrics`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_kd.data.augment import AugmentConfig, build_augmenter
+from dist_kd.data.augment import AugmentConfig, augment_task, build_augmenter
 from dist_kd.data.corpus import prepare_corpus
 from dist_kd.evaluate import compute_metrics
 from dist_kd.export import export_checkpoint
@@ -45,6 +46,7 @@ __all__ = [
     "FinetuneConfig",
     "PrecomputeConfig",
     "RunResult",
+    "augment_task",
     "build_augmenter",
     "compute_metrics",
     "export_checkpoint",
@@ -114,7 +116,8 @@ def load_run_config(config_class: type, config: Any, overrides: Sequence[str] = 
 
 
 def run_training(cfg: Any, trainer_class: type, finish: Callable[[Any, Any, Any], list[str]]) -> RunResult:
-    """Process group -> run-directory lock -> trainer -> train -> ``finish``; what every training command runs.
+    """Process group (started if none is running) -> run-directory lock -> trainer -> train -> ``finish``;
+    what every training command runs.
 
     Raises:
         RunDirInUse: another live run writes to the run directory.
@@ -145,7 +148,8 @@ def run_training(cfg: Any, trainer_class: type, finish: Callable[[Any, Any, Any]
             trainer.close()
         if lock is not None:
             lock.release()
-        distributed.teardown()
+        # The process group stays up for the script's next stage (DeepSpeed caches its groups; a new group
+        # after a teardown would not match them). The commands tear it down when they exit.
 
 
 def general(config: Any, overrides: Sequence[str] = ()) -> RunResult:

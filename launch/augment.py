@@ -21,12 +21,9 @@ import datetime
 import logging
 import os
 import sys
-from pathlib import Path
 
 from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
 from dist_kd.data import augment as aug
-from dist_kd.data.tasks import load_task_examples
-from dist_kd.io import read_parquet_metadata, write_parquet_atomic
 
 logger = logging.getLogger("dist_kd.augment")
 
@@ -79,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     try:
         spec = task_spec_from_args(args)
-        examples = load_task_examples(
-            args.data, spec, require_labels=spec.label is not None, encoding=args.encoding, split=args.split
-        )
         config = aug.AugmentConfig(
             p_t=args.p_t,
             n_a=args.n_a,
@@ -90,41 +84,23 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_seq_length=args.max_seq_length,
         )
-        device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        mlm = None if args.mlm.lower() == "none" else args.mlm
-        augmenter = aug.build_augmenter(
-            mlm, args.glove, config, glove_vocab=args.glove_vocab, glove_dim=args.glove_dim, device=device
-        )
-        metadata = aug.build_metadata(
+        aug.augment_task(
+            spec,
+            args.data,
+            args.output,
+            args.glove,
             config,
-            task=spec.name,
-            task_type=spec.type,
-            label_names=spec.labels,
-            mlm_dir=mlm,
-            glove=augmenter.glove.glove,
-            data_path=args.data,
-            num_examples=examples.num_rows,
+            mlm_dir=None if args.mlm.lower() == "none" else args.mlm,
+            glove_vocab=args.glove_vocab,
+            glove_dim=args.glove_dim,
+            device=args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"),
+            rank=rank,
+            world_size=world_size,
+            barrier=dist.barrier if use_group else None,
+            encoding=args.encoding,
+            split=args.split,
+            wait_timeout=args.wait_timeout,
         )
-        metadata["run"] = aug.run_key(metadata)
-        start, stop = aug.shard_range(examples.num_rows, rank, world_size)
-        part = aug.part_path(args.output, rank, world_size)
-        if part.is_file() and read_parquet_metadata(part).get("run") == metadata["run"]:
-            logger.info("reusing %s from an earlier run with the same inputs", part)
-        else:
-            logger.info("augmenting examples %d..%d of %d on %s", start, stop, examples.num_rows, device)
-            table = augmenter.augment(examples.slice(start, stop - start), spec.name, progress=rank == 0)
-            write_parquet_atomic(table, part, metadata)
-        if use_group:
-            dist.barrier()
-        if rank == 0:
-            parts = [aug.part_path(args.output, r, world_size) for r in range(world_size)]
-            aug.wait_for_parts(parts, metadata["run"], args.wait_timeout)
-            merged = aug.merge_parts(parts, aug.final_path(args.output), metadata)
-            for path in parts:
-                Path(path).unlink()
-            if not any(parts[0].parent.iterdir()):
-                parts[0].parent.rmdir()
-            logger.info("wrote %s: %d rows", aug.final_path(args.output), merged.num_rows)
         return 0
     except (ValueError, FileNotFoundError) as err:
         return bad_input(err)

@@ -35,7 +35,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -749,3 +749,79 @@ def wait_for_parts(parts: Sequence[str | Path], run: str, timeout_s: float, poll
 def run_key(metadata: dict[str, Any]) -> str:
     """Digest of everything that determines a rank's output, so parts of another run are never merged."""
     return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def augment_task(
+    spec,
+    data_path: str | Path,
+    output_dir: str | Path,
+    glove_path: str | Path,
+    config: AugmentConfig,
+    *,
+    mlm_dir: str | Path | None = None,
+    glove_vocab: str | Path | None = None,
+    glove_dim: int | None = None,
+    device: str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    encoding: str = "utf-8",
+    split: str | None = None,
+    wait_timeout: float = 24 * 3600.0,
+    progress: bool = True,
+) -> pa.Table | None:
+    """Augment a task's data into ``output_dir/augmented.parquet`` (what ``dist-kd augment`` runs).
+
+    Each of ``world_size`` ranks augments a contiguous share into ``output_dir/parts/`` (a part from an
+    earlier run with the same inputs is reused), then rank 0 waits for every part and merges them; the
+    result is the same file one process writes.
+
+    Args:
+        spec: the task (a :class:`dist_kd.data.tasks.TaskSpec`).
+        data_path: its training data (task data formats).
+        mlm_dir: a masked-LM directory, or None for the GloVe-only variant.
+        barrier: called after this rank's part is written (a process group's barrier), or None.
+
+    Returns:
+        The merged table on rank 0, None on the other ranks.
+    """
+    from dist_kd.data.tasks import load_task_examples
+
+    examples = load_task_examples(
+        data_path, spec, require_labels=spec.label is not None, encoding=encoding, split=split
+    )
+    augmenter = build_augmenter(
+        mlm_dir, glove_path, config, glove_vocab=glove_vocab, glove_dim=glove_dim, device=device
+    )
+    metadata = build_metadata(
+        config,
+        task=spec.name,
+        task_type=spec.type,
+        label_names=spec.labels,
+        mlm_dir=mlm_dir,
+        glove=augmenter.glove.glove,
+        data_path=data_path,
+        num_examples=examples.num_rows,
+    )
+    metadata["run"] = run_key(metadata)
+    start, stop = shard_range(examples.num_rows, rank, world_size)
+    part = part_path(output_dir, rank, world_size)
+    if part.is_file() and read_parquet_metadata(part).get("run") == metadata["run"]:
+        logger.info("reusing %s from an earlier run with the same inputs", part)
+    else:
+        logger.info("augmenting examples %d..%d of %d on %s", start, stop, examples.num_rows, device)
+        table = augmenter.augment(examples.slice(start, stop - start), spec.name, progress=progress and rank == 0)
+        write_parquet_atomic(table, part, metadata)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    parts = [part_path(output_dir, r, world_size) for r in range(world_size)]
+    wait_for_parts(parts, metadata["run"], wait_timeout)
+    merged = merge_parts(parts, final_path(output_dir), metadata)
+    for path in parts:
+        Path(path).unlink()
+    if not any(parts[0].parent.iterdir()):
+        parts[0].parent.rmdir()
+    logger.info("wrote %s: %d rows", final_path(output_dir), merged.num_rows)
+    return merged

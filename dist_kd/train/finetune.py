@@ -287,7 +287,8 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     Args:
         spec: the task (labels become each teacher's ``id2label``; ``metric`` scores the dev set).
         cfg: data, base model and training settings.
-        info: this rank (default: :func:`dist_kd.distributed.current`).
+        info: this rank (default: the process group of :func:`dist_kd.distributed.init_distributed`, started
+            from the launcher's environment if none is running, one process without a launcher).
 
     Returns:
         The report written to ``OUTPUT/report.json``: ``{"task", "task_type", "metric", "label_names", "base",
@@ -301,7 +302,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     from dist_kd.data.corpus import load_tokenizer
     from dist_kd.models.teacher import check_model_dir
 
-    info = info or distributed.current()
+    info = info or distributed.init_distributed()  # DeepSpeed's engines need a process group
     output = Path(cfg.output)
     check_model_dir(cfg.base, "base")
     tokenizer = load_tokenizer(cfg.base)

@@ -1,0 +1,72 @@
+"""docs/api.md's pipeline through dist_kd.api on tiny models, in a plain Python process: corpus, general
+distillation, a 2-teacher ensemble, GloVe augmentation, soft targets, task distillation, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.e2e.conftest import REPO, script_env
+
+SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from dist_kd import api
+from dist_kd.data.tasks import resolve_task_spec
+from dist_kd.testing import build_tiny_bert, random_sentences, topic_examples
+
+root = Path(sys.argv[1])
+teacher = build_tiny_bert(root / "teacher")
+(root / "text.txt").write_text("\n\n".join(random_sentences(300, seed=1)))
+for name, rows in (("train", topic_examples(96, seed=1)), ("dev", topic_examples(48, seed=2))):
+    (root / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+(root / "glove.txt").write_text("".join(f"{w} {i} 0.5 -1 2\n" for i, w in enumerate(["game", "team", "bank", "vote"])))
+
+api.prepare_corpus([root / "text.txt"], teacher, root / "corpus", seq_len=32, shard_size=64, num_workers=0,
+                   progress=False)
+general = api.general(
+    "launch/configs/quickstart.yaml",
+    [f"teacher.path={teacher}", f"data.shards={root / 'corpus'}", f"run.output_dir={root / 'general'}",
+     "train.max_steps=4", "eval.texts=null", "data.micro_batch_size=4", "data.num_workers=0",
+     "student.num_layers=2", "student.hidden_size=16", "student.num_heads=4", "student.intermediate_size=32"],
+)
+spec = resolve_task_spec("topic", labels=["business", "politics", "sport"], text_a="text")
+api.finetune_teachers(spec, api.FinetuneConfig(
+    train=str(root / "train.jsonl"), dev=str(root / "dev.jsonl"), base=str(teacher), output=str(root / "teachers"),
+    num_teachers=2, epochs=1, lr=1e-3, batch_size=16,
+))
+teachers = [str(root / "teachers" / f"teacher-{k}") for k in (1, 2)]
+augmented = api.augment_task(spec, root / "train.jsonl", root / "aug", root / "glove.txt", api.AugmentConfig(n_a=2))
+api.precompute_soft_targets(spec, root / "aug", root / "soft", api.PrecomputeConfig(teachers=teachers),
+                            progress=False)
+task = api.task({
+    "student": {"path": str(general.student)},
+    "tasks": [{"name": "topic", "labels": spec.labels, "soft_targets": str(root / "soft"),
+               "dev": str(root / "dev.jsonl"), "text_a": "text"}],
+    "train": {"epochs": 1, "lr": 1e-3},
+    "run": {"output_dir": str(root / "task")},
+})
+report = api.write_report(root / "task")
+print(json.dumps({
+    "general": [general.completed, general.summary is not None, general.student.is_dir()],
+    "augmented_rows": augmented.num_rows,
+    "task": [task.completed, sorted(task.eval["tasks"])],
+    "report": str(report),
+}))
+"""
+
+
+def test_the_documented_pipeline_runs_through_the_python_api(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=script_env(), capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["general"] == [True, True, True]
+    assert result["augmented_rows"] == 96 * 3  # each example and its 2 copies
+    assert result["task"] == [True, ["topic"]]
+    assert result["report"] == str(tmp_path / "task" / "report.md")
+    predictions = (tmp_path / "task" / "predictions" / "topic.dev.jsonl").read_text().splitlines()
+    assert len(predictions) == 48
