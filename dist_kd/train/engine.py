@@ -18,6 +18,16 @@ import torch
 
 from dist_kd.config import doc
 
+# transformers' schedules that need nothing beyond warmup and total steps.
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 OPTIMIZERS = ("adamw", "adamax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +39,10 @@ class TrainConfig:
 
     max_steps: int = doc("optimizer steps to run", 1000)
     lr: float = doc("peak learning rate", 5.0e-5)
-    warmup_ratio: float = doc("fraction of max_steps with linear warmup (then linear decay to 0)", 0.1)
+    warmup_ratio: float = doc("fraction of max_steps with linear warmup (then train.scheduler)", 0.1)
+    scheduler: str = doc(
+        "lr schedule after the warmup, built by transformers.get_scheduler: " + " | ".join(SCHEDULERS), "linear"
+    )
     grad_accum: int = doc("micro-batches accumulated per optimizer step", 1)
     clip: float = doc("gradient-norm clipping threshold (0 disables)", 1.0)
     seed: int = doc("seed for weights, dropout and data order", 42)
@@ -55,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
 
 
 @dataclass
@@ -166,16 +181,13 @@ def build_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
 
 
-def linear_schedule(max_steps: int, warmup_ratio: float):
-    """Multiplier of the peak lr at step s: linear warmup, then linear decay to 0 at ``max_steps``."""
-    warmup = math.ceil(max_steps * warmup_ratio)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' ``get_scheduler(train.scheduler)``: linear warmup over ``ceil(warmup_ratio x max_steps)``
+    steps, then the named shape over the rest (linear and cosine reach 0 at ``max_steps``)."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
-
-    return factor
+    warmup = math.ceil(cfg.max_steps * cfg.warmup_ratio)
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]):
@@ -187,11 +199,10 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
     import deepspeed
 
     optimizer = build_optimizer(module, cfg)
-    factor = linear_schedule(cfg.max_steps, cfg.warmup_ratio)
 
     # A callable, so the schedule is built on the optimizer DeepSpeed hands back (ZeRO wraps the original).
-    def scheduler(wrapped: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(wrapped, factor)
+    def scheduler(wrapped: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return build_scheduler(wrapped, cfg)
 
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False

@@ -9,9 +9,10 @@ import torch
 
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.engine import (
+    TrainConfig,
     build_ds_config,
+    build_scheduler,
     check_batch,
-    linear_schedule,
     parameter_groups,
     resolve_precision,
 )
@@ -53,13 +54,28 @@ def test_batch_check_and_precision():
         resolve_precision("bf16", torch.device("cpu"))
 
 
-def test_linear_schedule_warms_up_and_decays():
-    factor = linear_schedule(100, 0.1)
-    values = [factor(s) for s in range(100)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(values[:10], values[1:10]))
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
-    assert values[-1] == pytest.approx(1 / 90)
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup"])
+def test_schedules_warm_up_then_follow_their_shape(name):
+    """train.scheduler through transformers.get_scheduler: the lr multiplier at each step against the formula."""
+    import math
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainConfig(max_steps=100, lr=1.0, warmup_ratio=0.1, scheduler=name))
+    values = []
+    for _ in range(100):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    shape = {
+        "linear": lambda s: (100 - s) / 90,
+        "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * (s - 10) / 90)),
+        "constant_with_warmup": lambda s: 1.0,
+    }[name]
+    expected = [s / 10 if s < 10 else shape(s) for s in range(100)]
+    assert values == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError, match=r"train.scheduler must be one of \['linear', 'cosine'"):
+        TrainConfig(scheduler="cosine_annealing")
 
 
 def test_no_weight_decay_on_bias_and_layernorm():
