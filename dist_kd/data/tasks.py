@@ -242,6 +242,57 @@ def _rows_to_table(path: Path, header: list[str], rows: list[list[str]]) -> pa.T
 
 
 def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.Table:
+    """A TSV/CSV file through pyarrow.csv, every column as strings (about 10x the csv module: bench/task_files.py).
+
+    Whatever pyarrow refuses (a row with another number of fields, bytes that are not ``encoding``, an empty
+    file) is read again with the csv module, which either reads it or raises the error naming the row.
+    """
+    import pyarrow.csv as pcsv
+
+    tsv = fmt == "tsv"
+    parse = pcsv.ParseOptions(
+        delimiter="\t" if tsv else ",",
+        # GLUE TSVs contain unbalanced quotes inside sentences; quoting must be off or rows merge.
+        quote_char=False if tsv else '"',
+        newlines_in_values=not tsv,  # quoted CSV fields may span lines (tweets do)
+        ignore_empty_lines=True,
+    )
+    try:
+        read = pcsv.ReadOptions(encoding=encoding)
+        header = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
+        if tsv and spec.tsv_columns and spec.text_a not in header:
+            header = list(spec.tsv_columns)
+            read = pcsv.ReadOptions(encoding=encoding, column_names=header)
+        if len(set(header)) != len(header):
+            raise pa.ArrowInvalid("repeated column names")
+        convert = pcsv.ConvertOptions(
+            column_types={name: pa.string() for name in header},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        )
+        return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except (pa.ArrowInvalid, UnicodeError, LookupError):
+        return _read_delimited_python(path, fmt, spec, encoding)
+
+
+def _read_jsonl(path: Path, encoding: str) -> pa.Table:
+    """A JSON-lines file through pyarrow.json (about 8x json line by line: bench/task_files.py).
+
+    pyarrow reads UTF-8 only and refuses fields whose type changes between lines, blank lines and invalid
+    lines; those files are read again line by line, which reads them or raises the error naming the line.
+    """
+    import pyarrow.json as pjson
+
+    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        return _read_jsonl_python(path, encoding)
+    try:
+        return pjson.read_json(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeError):
+        return _read_jsonl_python(path, encoding)
+
+
+def _read_delimited_python(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.Table:
+    """The csv module's reading: slow, but its errors name the data row and the fields found."""
     text = _read_text(path, encoding)
     if fmt == "tsv":
         # GLUE TSVs contain unbalanced quotes inside sentences; quoting must be off or rows merge.
@@ -257,7 +308,9 @@ def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.T
     return _rows_to_table(path, header, body)
 
 
-def _read_jsonl(path: Path, encoding: str) -> pa.Table:
+def _read_jsonl_python(path: Path, encoding: str) -> pa.Table:
+    """json's reading, line by line: slow, but its errors name the line, and fields that mix types become
+    strings."""
     records = []
     for number, line in enumerate(_read_text(path, encoding).splitlines(), start=1):
         if not line.strip():

@@ -215,3 +215,41 @@ def test_ragged_rows_and_unknown_suffix(tmp_path):
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(ValueError, match="cannot tell the format"):
         load_task_examples(tmp_path / "d.xlsx", TOPIC)
+
+
+def test_pyarrow_readers_give_the_tables_of_the_line_by_line_readers(tmp_path):
+    """The fast paths (pyarrow.csv, pyarrow.json) against the csv/json modules on awkward but valid files; a file
+    pyarrow refuses comes back from the line-by-line reader, with its coercions."""
+    import csv as csv_module
+    import json as json_module
+    from functools import partial
+
+    from dist_kd.data import tasks
+
+    spec = resolve_task_spec("t", labels=["a", "b"], text_a="text")
+    texts = ["plain", "with, comma", 'with "quotes"', "line\nbreak", "", "007", "  spaced  ", "naïve café", "1e5"]
+    with open(tmp_path / "x.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv_module.writer(handle)
+        writer.writerow(["text", "label", "extra"])
+        for i, text in enumerate(texts):
+            writer.writerow([text, "ab"[i % 2], str(i)])
+            if i == 3:
+                handle.write("\n")  # an empty line, skipped by both
+    (tmp_path / "x.tsv").write_text(
+        "text\tlabel\n" + "".join(f'{t.replace(chr(10), " ")}"\t{"ab"[i % 2]}\n' for i, t in enumerate(texts))
+    )
+    rows = [{"text": t, "label": "ab"[i % 2], "score": i * 0.5, "n": i} for i, t in enumerate(texts)]
+    (tmp_path / "x.jsonl").write_text("".join(json_module.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    for name, fast, slow in (
+        ("x.csv", partial(tasks._read_delimited, fmt="csv"), partial(tasks._read_delimited_python, fmt="csv")),
+        ("x.tsv", partial(tasks._read_delimited, fmt="tsv"), partial(tasks._read_delimited_python, fmt="tsv")),
+        ("x.jsonl", tasks._read_jsonl, tasks._read_jsonl_python),
+    ):
+        extra = {"spec": spec} if name != "x.jsonl" else {}
+        fast, slow = partial(fast, encoding="utf-8", **extra), partial(slow, encoding="utf-8", **extra)
+        got, expected = fast(tmp_path / name), slow(tmp_path / name)
+        assert got.to_pylist() == expected.to_pylist(), name
+    assert tasks._read_delimited(tmp_path / "x.csv", "csv", spec, "utf-8").column("text").to_pylist() == texts
+    # labels "a" and 1 in one field: pyarrow refuses the type change; the line reader makes strings of them
+    (tmp_path / "mixed.jsonl").write_text('{"text": "x", "label": "a"}\n\n{"text": "y", "label": 1}\n')
+    assert tasks._read_jsonl(tmp_path / "mixed.jsonl", "utf-8").column("label").to_pylist() == ["a", "1"]
