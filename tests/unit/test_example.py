@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from dist_kd.example import (
+from launch.example import (
     TOPIC_LABELS,
     bbc_examples,
     comparison,
@@ -95,7 +95,7 @@ def test_comparison_puts_teachers_ensemble_and_students_side_by_side(tmp_path):
 
 
 def test_corpus_files_leave_out_the_dev_articles(assets, tmp_path):
-    from dist_kd.example import bbc_corpus_files
+    from launch.example import bbc_corpus_files
 
     bbc, _ = assets
     every = bbc_corpus_files(bbc)
@@ -106,7 +106,7 @@ def test_corpus_files_leave_out_the_dev_articles(assets, tmp_path):
 
 
 def test_timings_add_up_repeated_parts_and_reject_bad_lines(tmp_path):
-    from dist_kd.example import read_timings, timing_lines
+    from launch.example import read_timings, timing_lines
 
     path = tmp_path / "timings.txt"
     path.write_text("teachers_topic 120\nquickstart 300\n\nteachers_topic 60\n")
