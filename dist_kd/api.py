@@ -115,7 +115,9 @@ def load_run_config(config_class: type, config: Any, overrides: Sequence[str] = 
     return config_from_dict(config_class, config, list(overrides))
 
 
-def run_training(cfg: Any, trainer_class: type, finish: Callable[[Any, Any, Any], list[str]]) -> RunResult:
+def run_training(
+    cfg: Any, trainer_class: type, finish: Callable[[Any, Any, Any], list[str]], info: Any = None
+) -> RunResult:
     """Process group (started if none is running) -> run-directory lock -> trainer -> train -> ``finish``;
     what every training command runs.
 
@@ -126,7 +128,7 @@ def run_training(cfg: Any, trainer_class: type, finish: Callable[[Any, Any, Any]
     from dist_kd import distributed
     from dist_kd.train.runlock import RunDirInUse, RunLock
 
-    info = distributed.init_distributed()
+    info = info or distributed.init_distributed()
     trainer = lock = None
     try:
         refused = None

@@ -159,8 +159,9 @@ def run_config_job(
         return 0
     try:
         cfg = load_config(config_class, args.config, overrides)
-        configure_logging(distributed.init_distributed().rank)
-        result = run_training(cfg, trainer_class, finish)
+        info = distributed.init_distributed()
+        configure_logging(info.rank)
+        result = run_training(cfg, trainer_class, finish, info)
         if result.lines:
             print("\n".join(result.lines), flush=True)
         return 0

@@ -113,7 +113,7 @@ class PrecomputeResult:
 
 
 def _load_tokenizer(path: str | Path):
-    from dist_kd.data.corpus import load_tokenizer
+    from dist_kd.data.tokenizer import load_tokenizer
 
     try:
         return load_tokenizer(path)
@@ -139,7 +139,7 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec) -> EnsembleCheck
     """
     from transformers import AutoConfig
 
-    from dist_kd.data.corpus import tokenizer_fingerprint
+    from dist_kd.data.tokenizer import tokenizer_fingerprint
 
     first_labels: list[str] | None = None
     first_fingerprint: dict[str, Any] | None = None

@@ -132,9 +132,9 @@ def evaluate_classifier(
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from dist_kd.data.corpus import load_tokenizer
     from dist_kd.data.encode import pad_id_of, tokenize_rows, uses_token_types
     from dist_kd.data.tasks import label_order_check, load_task_examples
+    from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.evaluate import compute_metrics, predicted_classes
     from dist_kd.io import write_json_atomic
     from dist_kd.models.teacher import check_model_dir

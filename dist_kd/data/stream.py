@@ -62,7 +62,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_kd.data.corpus import CorruptShardError, check_tokenizer_matches, read_manifest, read_shard
+from dist_kd.data.shards import CorruptShardError, read_manifest, read_shard
+from dist_kd.data.tokenizer import check_tokenizer_matches
 from dist_kd.io import sha256_file
 
 logger = logging.getLogger(__name__)

@@ -299,7 +299,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         FileNotFoundError: missing data or base directory.
         ValueError: bad settings, or an exported teacher in ``output`` made with other settings.
     """
-    from dist_kd.data.corpus import load_tokenizer
+    from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.models.teacher import check_model_dir
 
     info = info or distributed.init_distributed()  # DeepSpeed's engines need a process group

@@ -112,7 +112,8 @@ class GeneralTrainer:
     """
 
     def __init__(self, cfg: GeneralConfig, info: distributed.DistInfo):
-        from dist_kd.data.corpus import check_tokenizer_matches, load_tokenizer, read_manifest
+        from dist_kd.data.shards import read_manifest
+        from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer
 
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.run.output_dir)
@@ -270,7 +271,7 @@ class GeneralTrainer:
         if not self.cfg.data.eval_shards:
             logger.warning("no held-out text (eval.texts, data.eval_shards): the student's quality is not measured")
             return None
-        from dist_kd.data.corpus import read_manifest
+        from dist_kd.data.shards import read_manifest
 
         read_manifest(self.cfg.data.eval_shards)  # a clear error now, not after training
         sequences = []

@@ -75,7 +75,7 @@ class TaskTrainer:
     def __init__(self, cfg: TaskConfig, info: distributed.DistInfo):
         from transformers import AutoConfig
 
-        from dist_kd.data.corpus import load_tokenizer
+        from dist_kd.data.tokenizer import load_tokenizer
 
         self.cfg, self.info = cfg, info
         self.phase = cfg.distill.phase
@@ -200,7 +200,7 @@ class TaskTrainer:
 
     def _load_teachers(self) -> dict[str, Any]:
         """Phase intermediate: one frozen teacher per distinct directory, checked against the student."""
-        from dist_kd.data.corpus import tokenizer_fingerprint
+        from dist_kd.data.tokenizer import tokenizer_fingerprint
         from dist_kd.models.student import check_heads
         from dist_kd.models.teacher import Teacher
 
@@ -638,7 +638,7 @@ class TaskTrainer:
 
 
 def _teacher_tokenizer(path: str) -> dict[str, Any]:
-    from dist_kd.data.corpus import load_tokenizer, tokenizer_fingerprint
+    from dist_kd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     try:
         return tokenizer_fingerprint(load_tokenizer(path))

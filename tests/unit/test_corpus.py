@@ -227,7 +227,7 @@ def test_shards_are_standard_tar_and_webdataset_files(tmp_path, text_inputs, tin
 
     import webdataset
 
-    from dist_kd.data.corpus import _HeaderTemplate, _tar_header
+    from dist_kd.data.shards import _HeaderTemplate, _tar_header
 
     for size in (0, 160, 384, 70_000):
         template = _HeaderTemplate(26, size)

@@ -228,9 +228,9 @@ def _store(tmp_path, temperature: float, keep_logits: bool):
 
 
 def test_store_targets_follow_the_students_temperature(tmp_path, tiny_tokenizer_dir):
-    from dist_kd.data.corpus import load_tokenizer
     from dist_kd.data.multitask import load_task_data
     from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.losses import ensemble_probs
 
     spec = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a")

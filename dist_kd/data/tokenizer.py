@@ -1,0 +1,99 @@
+"""Tokenizer identity: loading the teacher's fast tokenizer, and a fingerprint that says whether two are the same.
+
+The fingerprint is a sha256 over the vocabulary, the special tokens and the normaliser settings
+(lower-casing, accents), not over file bytes or paths, so the same tokenizer saved to two directories matches
+and a different one does not. Corpus manifests, soft-target stores and checkpoints record it; every stage that
+reads token ids compares it with its teacher's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a fast (Rust) Hugging Face tokenizer from a local directory, or raise a clear error.
+
+    Args:
+        path: a directory with a tokenizer (a teacher's HF directory works).
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the tokenizer is not a fast one (slow tokenizers are orders of magnitude slower).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer in {path} is not a fast tokenizer (found {type(tokenizer).__name__})")
+    return tokenizer
+
+
+def _normalizer_settings(tokenizer) -> Any:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        return {"normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer")}
+    # Only fast tokenizers reach here in practice; the flag keeps slow ones comparable among themselves.
+    return {"do_lower_case": getattr(tokenizer, "do_lower_case", None)}
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Identity of a tokenizer for the manifest: ``{name_or_path, vocab_size, sha256}``.
+
+    The sha256 covers what decides the token ids (vocabulary with ids, special tokens, normaliser and
+    pre-tokeniser settings), not file bytes or paths, so it is stable across directories and re-saves.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    payload = {
+        "vocab": vocab,
+        "special_tokens": sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items()),
+        "settings": _normalizer_settings(tokenizer),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+    return {"name_or_path": str(tokenizer.name_or_path), "vocab_size": len(tokenizer), "sha256": digest}
+
+
+def check_tokenizer_matches(
+    manifest_tokenizer: dict[str, Any], teacher_tokenizer: Any, shards_dir: str | os.PathLike
+) -> None:
+    """Raise if the corpus was tokenised with another tokenizer than the teacher's.
+
+    Token ids from another vocabulary would train silently on garbage, so this runs before any step.
+
+    Args:
+        manifest_tokenizer: the manifest's ``tokenizer`` entry.
+        teacher_tokenizer: the teacher's tokenizer, or a directory to load it from.
+        shards_dir: the corpus directory (named in the error).
+
+    Raises:
+        ValueError: on a mismatch, naming both tokenizers and their fingerprints.
+    """
+    if isinstance(teacher_tokenizer, str | os.PathLike):
+        teacher_tokenizer = load_tokenizer(teacher_tokenizer)
+    teacher = tokenizer_fingerprint(teacher_tokenizer)
+    if manifest_tokenizer.get("sha256") != teacher["sha256"]:
+        raise ValueError(
+            f"corpus {shards_dir} was tokenized with {manifest_tokenizer.get('name_or_path')} "
+            f"(sha256 {str(manifest_tokenizer.get('sha256'))[:16]}, "
+            f"vocab_size {manifest_tokenizer.get('vocab_size')}), "
+            f"teacher uses {teacher['name_or_path']} (sha256 {teacher['sha256'][:16]}, "
+            f"vocab_size {teacher['vocab_size']}); re-run launch/prepare_corpus.py with --tokenizer set to the "
+            "teacher's directory"
+        )
