@@ -21,6 +21,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -208,6 +209,42 @@ def comparison(teacher_reports: dict[str, str | Path], student_runs: dict[str, s
     return {"tasks": tasks}
 
 
+def dev_curves(table: dict[str, Any], student_runs: dict[str, str | Path], output: str | Path) -> Path | None:
+    """One PNG: per task, every student's dev metric at each evaluation (from its ``eval.json`` history), with
+    the best single teacher and the ensemble as horizontal lines. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    tasks = list(table["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        entry = table["tasks"][task]
+        metric = entry["metric"]
+        for name, run in student_runs.items():
+            history = json.loads((Path(run) / "eval.json").read_text()).get("history", [])
+            points = [(h["step"], h["tasks"][task][metric]) for h in history if task in h.get("tasks", {})]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+        if entry.get("best_teacher") is not None:
+            ax.axhline(entry["best_teacher"], color="black", linestyle="--", linewidth=1, label="best teacher")
+        ensemble = [value for name, value, _ in entry["rows"] if name.startswith("ensemble")]
+        if ensemble:
+            ax.axhline(ensemble[0], color="grey", linestyle=":", linewidth=1, label="ensemble")
+        ax.set_title(f"{task}: dev {metric}")
+        ax.set_xlabel("optimizer step")  # not epochs: an augmented set's epoch is three times as long
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return output
+
+
 def comparison_lines(table: dict[str, Any]) -> list[str]:
     """The comparison as a Markdown table per task."""
 
@@ -285,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(counts))
             return 0
         if args.command == "corpus-files":
-            from dist_kd.io import atomic_path
-
             paths = bbc_corpus_files(asset_paths()["bbc"], args.exclude)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(Path(args.output)) as tmp:
@@ -294,17 +329,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(paths)} BBC articles -> {args.output}")
             return 0
         teachers = {task: Path(path) / "report.json" for task, path in _pairs(args.teachers, "--teachers").items()}
-        table = comparison(teachers, _pairs(args.students, "--students"))
+        students = _pairs(args.students, "--students")
+        table = comparison(teachers, students)
         lines = comparison_lines(table)
         if args.timings:
             table["timings"] = read_timings(args.timings)
             lines += timing_lines(table["timings"])
         print("\n".join(lines))
         if args.output:
-            from dist_kd.io import atomic_path, write_json_atomic
+            from dist_kd.io import write_json_atomic
 
             output = Path(args.output)
             output.parent.mkdir(parents=True, exist_ok=True)
+            plot = dev_curves(table, students, output.parent / "dev_curves.png")
+            if plot is not None:  # the plot, then each student's own report with its loss and dev plots
+                lines += ["", "### Dev curves of the students", "", f"![dev curves]({plot.name})", ""]
+                lines += [
+                    f"- {name}: [report]({os.path.relpath(Path(run) / 'report.md', output.parent)})"
+                    for name, run in students.items()
+                    if (Path(run) / "report.md").is_file()
+                ]
             with atomic_path(output) as tmp:
                 tmp.write_text("\n".join(lines) + "\n")
             write_json_atomic(output.with_suffix(".json"), table)

@@ -117,3 +117,37 @@ def test_timings_add_up_repeated_parts_and_reject_bad_lines(tmp_path):
     path.write_text("quickstart five minutes\n")
     with pytest.raises(ValueError, match="line 1 is not 'NAME SECONDS'"):
         read_timings(path)
+
+
+def test_report_embeds_the_dev_curves_of_every_student(tmp_path):
+    """launch/example.py report --output: the comparison table, a dev-curve plot and links to each run's report."""
+    import json
+
+    from launch.example import main
+
+    teachers = tmp_path / "teachers"
+    teachers.mkdir()
+    (teachers / "report.json").write_text(json.dumps({
+        "metric": "accuracy", "teachers": [{"dir": "teacher-1", "dev": {"accuracy": 0.8}}],
+        "ensemble_dev": {"accuracy": 0.82},
+    }))  # fmt: skip
+    runs = {}
+    for name, values in (("a", [0.5, 0.7]), ("b", [0.6, 0.78])):
+        run = tmp_path / name
+        run.mkdir()
+        history = [
+            {"step": 10 * (i + 1), "epoch": i + 1.0, "tasks": {"t": {"accuracy": v}}} for i, v in enumerate(values)
+        ]
+        final = {"accuracy": values[-1]}
+        (run / "eval.json").write_text(
+            json.dumps({"history": history, "tasks": {"t": {"metric": "accuracy", "final": final}}})
+        )
+        (run / "report.md").write_text("# run\n")
+        runs[name] = run
+    output = tmp_path / "out" / "report.md"
+    students = [f"{name}={run}" for name, run in runs.items()]
+    assert main(["report", "--teachers", f"t={teachers}", "--students", *students, "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "| b | 0.7800 | 0.9750 |" in text
+    assert "![dev curves](dev_curves.png)" in text and (output.parent / "dev_curves.png").stat().st_size > 1000
+    assert "- a: [report](../a/report.md)" in text
