@@ -274,6 +274,12 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_pat
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0, msg=name)
     assert AutoModel.from_pretrained(out).config.hidden_size == 16 and (out / "README.md").is_file()
+    # DeepSpeed's own zero_to_fp32, given only the checkpoints directory, finds the newest tag (``latest``)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(finished_run / "checkpoints"))
+    for name in theirs:
+        torch.testing.assert_close(state[f"student.{name}"], theirs[name], rtol=0, atol=0, msg=name)
     bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x"),
                      check=False)  # fmt: skip
     assert bad.returncode == 2 and "is not a complete dist_kd checkpoint" in bad.stderr
