@@ -69,7 +69,7 @@ from dist_kd.models.student import (
 from dist_kd.models.teacher import DTYPES, Teacher, check_model_dir
 from dist_kd.objective import LossWeights, tinybert_objective
 from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, resolve_precision
-from dist_kd.train.metrics import count_parameters
+from dist_kd.train.metrics import count_parameters, matmul_parameters
 
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[Batch], None]
@@ -209,6 +209,8 @@ def build_dist_kd_step(
         engine.step()
 
     built = {
+        # 6 FLOPs per trained matmul weight and token, 2 per teacher weight that runs (metrics.estimate_mfu)
+        "flops_per_token": 6 * matmul_parameters(model) + 2 * matmul_parameters(teacher.model),
         "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
         "teacher_layers_run": teacher.model.config.num_hidden_layers,
         "teacher_params_run": count_parameters(teacher.model),

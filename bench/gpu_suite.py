@@ -1,0 +1,296 @@
+"""The GPU measurement suite, in one command: throughput, MFU and peak memory of general distillation.
+
+    bash bench/gpu_suite.sh OUTPUT_DIR          # on one CUDA GPU (H100/H200): everything, about 8 minutes
+    python bench/gpu_suite.py --smoke --output OUTPUT_DIR   # the same code paths, tiny shapes, CPU, < 1 minute
+
+A BERT-base-shaped teacher (12 layers, 768 wide, 12 heads, random weights from a config: no download)
+distilled into 4L-312 and 6L-768 students at seq 128 and 512, all through the library's own step
+(``bench/general.py``'s ``build_dist_kd_step``: the ``Teacher`` truncated above max g(m), raw scores
+captured in the mapped layers only, the student in a DeepSpeed engine) and the naive eager loop beside it.
+Per student and sequence length, each row is timed on its own (warm-up steps excluded, the device
+synchronised around every step) over the same packed batches (every token real):
+
+- ``dist_kd ZeRO-0, fp16 teacher``, ``dist_kd ZeRO-2, fp16 teacher``, ``dist_kd ZeRO-0, bf16 teacher``;
+- ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
+- the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
+
+then the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median step), MFU (6 FLOPs per
+trained matmul weight and token plus 2 per teacher weight that runs, over the device's dense bf16 peak, the
+same formula for every row, so MFU ratios are speed ratios) and the peak memory the device allocated.
+
+Writes ``OUTPUT/gpu_suite.json`` (every figure, the device and versions) and ``OUTPUT/gpu_suite.md`` (the
+tables). It asserts nothing: it measures. The peer row (TextBrewer's GeneralDistiller) is not part of it yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/general.py, the step builders
+import general as bench  # noqa: E402
+
+from dist_kd import distributed  # noqa: E402
+from dist_kd.layer_map import layer_map  # noqa: E402
+from dist_kd.models.student import StudentConfig  # noqa: E402
+from dist_kd.objective import LossWeights  # noqa: E402
+from dist_kd.train.metrics import PEAK_FLOPS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    teacher: Shape
+    vocab: int
+    students: tuple[Shape, ...]
+    lengths: tuple[tuple[int, int], ...]  # (seq_len, micro-batch)
+    steps: int
+    warmup: int
+    max_batch_doublings: int
+    gpu_tests: bool
+
+
+FULL = Plan(
+    teacher=Shape("BERT-base", 12, 768, 12, 3072),
+    vocab=30522,
+    students=(Shape("4L-312", 4, 312, 12, 1200), Shape("6L-768", 6, 768, 12, 3072)),
+    lengths=((128, 128), (512, 32)),
+    steps=20,
+    warmup=5,
+    max_batch_doublings=6,
+    gpu_tests=True,
+)
+SMOKE = Plan(
+    teacher=Shape("tiny", 2, 32, 4, 64),
+    vocab=0,  # the tiny tokenizer's
+    students=(Shape("2L-16", 2, 16, 4, 32),),
+    lengths=((32, 4),),
+    steps=2,
+    warmup=1,
+    max_batch_doublings=1,
+    gpu_tests=False,
+)
+
+
+@dataclass
+class Result:
+    student: str
+    seq_len: int
+    micro_batch: int
+    row: str
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_memory_gb: float | None = None
+    ms_per_step: float | None = None
+    note: str = ""
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def batches_for(tokenizer, vocab: int, seq_len: int, batch: int, count: int, seed: int) -> list[dict]:
+    ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
+    low = max(tokenizer.all_special_ids) + 1
+    documents = bench.make_documents(count * batch * (seq_len - 2), 16 if seq_len > 16 else 3, seq_len, batch, low,
+                                     vocab, seed)  # fmt: skip
+    return bench.packed_batches(documents, batch, seq_len, ids, count)
+
+
+def time_row(step, batches, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(real tokens/s over the median step, median ms/step) of ``step`` over ``batches``."""
+    (row,) = bench.time_interleaved([("row", step, batches)], warmup, device)
+    return row.tokens_per_s, row.median_ms_per_step
+
+
+def measure(plan: Plan, teacher_path: Path, info: distributed.DistInfo, vocab: int) -> list[Result]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    device = info.device
+    peak = peak_flops(device)
+    weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
+    results: list[Result] = []
+    for shape in plan.students:
+        student_cfg = StudentConfig(num_layers=shape.layers, hidden_size=shape.hidden, num_heads=shape.heads,
+                                    intermediate_size=shape.ffn)  # fmt: skip
+        mapping = layer_map(plan.teacher.layers, shape.layers, "uniform")
+        for seq_len, batch in plan.lengths:
+            batches = batches_for(tokenizer, vocab, seq_len, batch, plan.steps, seed=0)
+            if device.type == "cuda":
+                batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+            rows = [
+                ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16"),
+                ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16"),
+                ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16"),
+            ]
+            flops = None
+            for name, zero, dtype in rows:
+                reset_memory(device)
+                torch.manual_seed(0)
+                step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, dtype,
+                                                       str(REPO / zero), batch, info)  # fmt: skip
+                flops = built["flops_per_token"]
+                tokens_per_s, ms = time_row(step, batches, plan.warmup, device)
+                results.append(Result(shape.name, seq_len, batch, name, tokens_per_s,
+                                      flops * tokens_per_s / peak if peak else None, peak_memory_gb(device), ms,
+                                      f"teacher {built['teacher_dtype']}, student {built['precision']}"))  # fmt: skip
+                del step
+            reset_memory(device)
+            torch.manual_seed(0)
+            step, _ = bench.build_baseline_step(teacher_path, student_cfg, mapping, weights, device)
+            tokens_per_s, ms = time_row(step, batches, plan.warmup, device)
+            results.append(Result(shape.name, seq_len, batch, "naive (fp32 eager, every layer)", tokens_per_s,
+                                  flops * tokens_per_s / peak if peak and flops else None, peak_memory_gb(device), ms,
+                                  "MFU with dist_kd's FLOPs per token: a speed ratio"))  # fmt: skip
+            del step
+            results.append(largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
+                                         shape, seq_len, batch))  # fmt: skip
+    return results
+
+
+def largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab, shape, seq_len, batch):
+    """Double the ZeRO-0 row's micro-batch until a step runs out of device memory (or the plan's cap)."""
+    fits, size, note = batch, batch, ""
+    for _ in range(plan.max_batch_doublings):
+        size *= 2
+        reset_memory(info.device)
+        try:
+            step, _ = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, "fp16",
+                                               str(REPO / "ds_configs/zero0.json"), size, info)  # fmt: skip
+            step(batches_for(tokenizer, vocab, seq_len, size, 1, seed=1)[0])
+            bench.synchronize(info.device)
+            fits = size
+            del step
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            note = f"{size} ran out of memory"
+            break
+    else:
+        note = f"cap of {plan.max_batch_doublings} doublings reached"
+    return Result(shape.name, seq_len, fits, "largest micro-batch that fits (ZeRO-0, fp16 teacher)",
+                  peak_memory_gb=peak_memory_gb(info.device), note=note)  # fmt: skip
+
+
+def gpu_tests() -> dict:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-n", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return {
+        "exit_code": proc.returncode,
+        "summary": lines[-1] if lines else "",
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def markdown(report: dict) -> str:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    out = [f"# GPU suite: {report['device']}", "", f"torch {report['torch']}, teacher {report['teacher']}", ""]
+    out += ["| student | seq | micro-batch | row | tokens/s | MFU | peak GiB | ms/step | note |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in report["rows"]:
+        figures = [cell(r["tokens_per_s"], ",.0f"), cell(r["mfu"], ".1%"), cell(r["peak_memory_gb"], ".2f"),
+                   cell(r["ms_per_step"], ".1f")]  # fmt: skip
+        out.append(f"| {r['student']} | {r['seq_len']} | {r['micro_batch']} | {r['row']} | {' | '.join(figures)} | "
+                   f"{r['note']} |")  # fmt: skip
+    tests = report["gpu_tests"]
+    out += ["", f"gpu tests: {tests.get('summary') or tests.get('note')}", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="directory for gpu_suite.json and gpu_suite.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code paths, < 1 minute")
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if not args.smoke and not torch.cuda.is_available():
+        print("error: the full suite needs a CUDA device; --smoke runs its code paths on the CPU", file=sys.stderr)
+        return 2
+    if args.smoke:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import transformers
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        from dist_kd.testing import build_tiny_bert, tiny_vocab
+
+        vocab = plan.vocab or len(tiny_vocab())
+        teacher_path = build_tiny_bert(Path(scratch) / "teacher", seed=0, num_layers=plan.teacher.layers,
+                                       hidden_size=plan.teacher.hidden, num_heads=plan.teacher.heads,
+                                       intermediate_size=plan.teacher.ffn, vocab_size=vocab,
+                                       max_position_embeddings=max(512, *(s for s, _ in plan.lengths)))  # fmt: skip
+        info = distributed.init_distributed(force_cpu=args.smoke)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        try:
+            rows = measure(plan, teacher_path, info, vocab)
+        finally:
+            distributed.teardown()
+    device = info.device
+    report = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "teacher": asdict(plan.teacher) | {"vocab": vocab},
+        "smoke": args.smoke,
+        "rows": [asdict(r) for r in rows],
+        "gpu_tests": gpu_tests() if plan.gpu_tests else {"note": "not run (--smoke)"},
+    }
+    report["seconds"] = time.perf_counter() - started
+    (output / "gpu_suite.json").write_text(json.dumps(report, indent=1))
+    (output / "gpu_suite.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {output / 'gpu_suite.json'} and {output / 'gpu_suite.md'} in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

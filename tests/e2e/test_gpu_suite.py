@@ -1,0 +1,25 @@
+"""bench/gpu_suite.py --smoke: the GPU suite's code paths (every row, the largest-batch search, the report
+files) on the CPU with tiny shapes, so that a lent GPU's few minutes go to measuring, not to debugging."""
+
+from __future__ import annotations
+
+import json
+
+from tests.e2e.conftest import run_script
+
+
+def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
+    proc = run_script("bench/gpu_suite.py", "--smoke", "--output", str(tmp_path))
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    rows = {row["row"]: row for row in report["rows"]}
+    timed = ["dist_kd ZeRO-0, fp16 teacher", "dist_kd ZeRO-2, fp16 teacher", "dist_kd ZeRO-0, bf16 teacher",
+             "naive (fp32 eager, every layer)"]  # fmt: skip
+    for name in timed:
+        assert rows[name]["tokens_per_s"] > 0 and rows[name]["ms_per_step"] > 0, name
+        assert rows[name]["mfu"] is None and rows[name]["peak_memory_gb"] is None  # a CPU has neither
+    assert rows["dist_kd ZeRO-0, bf16 teacher"]["note"].startswith("teacher bfloat16")
+    largest = rows["largest micro-batch that fits (ZeRO-0, fp16 teacher)"]
+    assert largest["micro_batch"] == 2 * rows[timed[0]]["micro_batch"]  # one doubling in --smoke, and it fits
+    assert report["smoke"] is True and report["gpu_tests"] == {"note": "not run (--smoke)"}
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert table.count("\n| 2L-16 | 32 |") == 5 and "wrote" in proc.stdout
