@@ -9,8 +9,8 @@
 #   4. students, all trained on both tasks at once (launch/task.py):
 #      (a) hard labels; (b) ensemble KD; (b') ensemble KD over the augmented sets, same number of steps;
 #      (c) TinyBERT's task recipe: intermediate layers against teacher-1 on the augmented sets, then (b');
-#      (d) a random init of the same shape with (b)'s training; (e) students of the teacher's size (MT-DNN)
-#      on hard labels and on the ensembles' soft targets (MT-DNN-KD);
+#      (d) a random init of the same shape with (b)'s training, (d') with (b')'s; (e) students of the
+#      teacher's size (MT-DNN) on hard labels and on the ensembles' soft targets (MT-DNN-KD);
 #   5. the report (runs/example/report.md): every teacher, the ensembles and every student, with each score's
 #      ratio to the best single teacher, and how long each part took (runs/example/timings.txt).
 #
@@ -71,8 +71,10 @@ task student-kd-aug launch/configs/task_example_aug.yaml                        
 task student-intermediate launch/configs/task_example_intermediate.yaml                             # (c), phase 1
 task student-tinybert launch/configs/task_example_aug.yaml student.path=runs/example/student-intermediate/student
 task student-random-kd launch/configs/task_example.yaml student.path="$BASE" student.init=random "${SMALL[@]}"  # (d)
-task mtdnn-hard launch/configs/task_example_hard.yaml student.path="$BASE" train.epochs=2 train.lr=5e-5   # (e)
-task mtdnn-kd launch/configs/task_example.yaml student.path="$BASE" train.epochs=2 train.lr=5e-5
+task student-random-kd-aug launch/configs/task_example_aug.yaml student.path="$BASE" student.init=random "${SMALL[@]}"  # (d')
+TEACHER_SCHEDULE=(train.epochs=2 train.lr=5e-5 data.micro_batch_size=16)  # the teachers' epochs, lr and batch
+task mtdnn-hard launch/configs/task_example_hard.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"   # (e)
+task mtdnn-kd launch/configs/task_example.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"
 
 python launch/example.py report --teachers topic=runs/example/teachers-topic sentiment=runs/example/teachers-sentiment \
   --students "(a) small, hard labels=runs/example/student-hard" \
@@ -80,6 +82,7 @@ python launch/example.py report --teachers topic=runs/example/teachers-topic sen
   "(b') small, ensemble KD on augmented data=runs/example/student-kd-aug" \
   "(c) small, TinyBERT task recipe (intermediate + augmented KD)=runs/example/student-tinybert" \
   "(d) small, random init + ensemble KD=runs/example/student-random-kd" \
+  "(d') small, random init + ensemble KD on augmented data=runs/example/student-random-kd-aug" \
   "(e) teacher-size MT-DNN, hard labels=runs/example/mtdnn-hard" \
   "(e) teacher-size MT-DNN-KD, ensemble KD=runs/example/mtdnn-kd" \
   --timings "$TIMINGS" --output runs/example/report.md
