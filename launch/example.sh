@@ -10,7 +10,8 @@
 #      (a) hard labels; (b) ensemble KD; (b') ensemble KD over the augmented sets, same number of steps;
 #      (c) TinyBERT's task recipe: intermediate layers against teacher-1 on the augmented sets, then (b');
 #      (d) a random init of the same shape with (b)'s training, (d') with (b')'s; (e) students of the
-#      teacher's size (MT-DNN) on hard labels and on the ensembles' soft targets (MT-DNN-KD);
+#      teacher's size (MT-DNN) on hard labels and on the ensembles' soft targets (MT-DNN-KD), and (e')
+#      MT-DNN-KD from the MT-DNN student's encoder, as the MT-DNN-KD paper does;
 #   5. the report (runs/example/report.md): every teacher, the ensembles and every student, with each score's
 #      ratio to the best single teacher, and how long each part took (runs/example/timings.txt).
 #
@@ -75,6 +76,9 @@ task student-random-kd-aug launch/configs/task_example_aug.yaml student.path="$B
 TEACHER_SCHEDULE=(train.epochs=2 train.lr=5e-5 data.micro_batch_size=16)  # the teachers' epochs, lr and batch
 task mtdnn-hard launch/configs/task_example_hard.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"   # (e)
 task mtdnn-kd launch/configs/task_example.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"
+# (e') MT-DNN-KD as its paper trains it: the soft targets from the multi-task (MT-DNN) student's encoder
+task mtdnn-kd-from-mtdnn launch/configs/task_example.yaml student.path=runs/example/mtdnn-hard/student \
+  "${TEACHER_SCHEDULE[@]}"
 
 python launch/example.py report --teachers topic=runs/example/teachers-topic sentiment=runs/example/teachers-sentiment \
   --students "(a) small, hard labels=runs/example/student-hard" \
@@ -85,4 +89,5 @@ python launch/example.py report --teachers topic=runs/example/teachers-topic sen
   "(d') small, random init + ensemble KD on augmented data=runs/example/student-random-kd-aug" \
   "(e) teacher-size MT-DNN, hard labels=runs/example/mtdnn-hard" \
   "(e) teacher-size MT-DNN-KD, ensemble KD=runs/example/mtdnn-kd" \
+  "(e') teacher-size MT-DNN-KD from the MT-DNN student=runs/example/mtdnn-kd-from-mtdnn" \
   --timings "$TIMINGS" --output runs/example/report.md
