@@ -259,6 +259,7 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         if get_accelerator().device_name() == "cpu":
             guard_jit_build()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        _make_host_group()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -292,6 +293,33 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size()
 
 
+_HOST_GROUP: list = []  # the gloo group of any_rank when the default group is not gloo (NCCL)
+
+
+def _make_host_group() -> None:
+    """Create (collectively, on every rank, right after the default group) the gloo group of :func:`any_rank`."""
+    import torch.distributed as dist
+
+    _HOST_GROUP.clear()
+    if dist.get_backend() != "gloo" and dist.get_world_size() > 1:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank.
+
+    A host-side all-reduce of one number (over gloo: the default group on a CPU, a gloo group beside NCCL on
+    GPUs), so it never waits for the device's queued work: no host-device sync.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_HOST_GROUP[0] if _HOST_GROUP else None)
+    return bool(value.item())
+
+
 def broadcast_object(obj, src: int = 0):
     """Broadcast a picklable object from ``src`` to every rank."""
     import torch.distributed as dist
@@ -311,3 +339,4 @@ def teardown() -> None:
         with contextlib.suppress(Exception):
             dist.barrier()
         dist.destroy_process_group()
+    _HOST_GROUP.clear()

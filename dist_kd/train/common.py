@@ -88,18 +88,13 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def stop_agreed(local: bool, device: torch.device) -> bool:
+def stop_agreed(local: bool) -> bool:
     """True on every rank when any rank was asked to stop.
 
-    Every rank must leave the loop at the same step, or the collective checkpoint save would hang. With one
-    rank the local flag is the answer: no device tensor, so no host-device sync at every step.
+    Every rank must leave the loop at the same step, or the collective checkpoint save would hang. The
+    agreement is a host-side all-reduce (:func:`distributed.any_rank`): no host-device sync at every step.
     """
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0], device=device)
-    return bool(distributed.all_reduce_mean(flag).item() > 0)
+    return distributed.any_rank(local)
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):

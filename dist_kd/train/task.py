@@ -400,7 +400,7 @@ class TaskTrainer:
                     self.evaluate()
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.max_steps:
                     self.save()
-                if stop_agreed(stop.requested, self.info.device):
+                if stop_agreed(stop.requested):
                     self.save()
                     logger.warning("stopped at step %d; run again with run.resume=auto to continue", self.step)
                     return False
