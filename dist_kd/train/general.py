@@ -366,8 +366,8 @@ class GeneralTrainer:
                 for _ in range(cfg.train.grad_accum):
                     batch = next(batches)
                     terms = self.train_step(batch)
-                    mask = batch["attention_mask"]
-                    self._window.add(terms, tokens=mask.sum(), rows=mask.shape[0])
+                    mask = batch["attention_mask"]  # the host tensor: counting its tokens needs no device sync
+                    self._window.add(terms, tokens=int(mask.sum()), rows=mask.shape[0])
                 self.step += 1
                 last = self.step == cfg.train.max_steps
                 evaluate = self.heldout is not None and (
