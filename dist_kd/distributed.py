@@ -259,7 +259,6 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         if get_accelerator().device_name() == "cpu":
             guard_jit_build()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        _make_host_group()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -293,16 +292,20 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size()
 
 
-_HOST_GROUP: list = []  # the gloo group of any_rank when the default group is not gloo (NCCL)
+_HOST_GROUP: list = []  # the gloo group of any_rank beside a default group that is not gloo (NCCL)
 
 
-def _make_host_group() -> None:
-    """Create (collectively, on every rank, right after the default group) the gloo group of :func:`any_rank`."""
+def _host_group():
+    """The group for host-side agreements: None (the default group) when that is gloo, else a gloo group made
+    on first use, whoever created the default group. Making it is collective; every rank reaches its first
+    :func:`any_rank` at the same point of the same loop."""
     import torch.distributed as dist
 
-    _HOST_GROUP.clear()
-    if dist.get_backend() != "gloo" and dist.get_world_size() > 1:
+    if dist.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP:
         _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
 
 
 def any_rank(flag: bool) -> bool:
@@ -316,7 +319,7 @@ def any_rank(flag: bool) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_HOST_GROUP[0] if _HOST_GROUP else None)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group())
     return bool(value.item())
 
 
