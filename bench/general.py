@@ -382,6 +382,11 @@ def build_textbrewer_step(
     return step
 
 
+def has_textbrewer() -> bool:
+    """Whether the peer (the ``bench`` extra) is installed."""
+    return importlib.util.find_spec("textbrewer") is not None
+
+
 # --- timing and report -------------------------------------------------------------------------------------
 
 
@@ -580,7 +585,7 @@ def measure(args: argparse.Namespace, teacher_path: Path, info: distributed.Dist
             variants.append((f"{name} (packed)", step, packed))
     if not args.no_padded_dist_kd:
         variants.append(("dist_kd (padded batches)", dist_kd_step, padded))
-    peer = args.peer == "textbrewer" or (args.peer == "auto" and importlib.util.find_spec("textbrewer") is not None)
+    peer = args.peer == "textbrewer" or (args.peer == "auto" and has_textbrewer())
     if peer:
         torch.manual_seed(args.seed)
         textbrewer_step = build_textbrewer_step(teacher_path, student_cfg, mapping, info.device)

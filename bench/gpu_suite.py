@@ -158,6 +158,10 @@ def measure(
     peak = peak_flops(device)
     weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
     results: list[Result] = []
+    text_batches = {}  # real-text rows at the first sequence length only
+    if text:
+        seq_len, batch = plan.lengths[0]
+        text_batches[seq_len] = real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device)
     for shape in plan.students:
         student_cfg = StudentConfig(num_layers=shape.layers, hidden_size=shape.hidden, num_heads=shape.heads,
                                     intermediate_size=shape.ffn)  # fmt: skip
@@ -193,21 +197,17 @@ def measure(
             del step
             results.extend(peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, batches,
                                      flops, peak))  # fmt: skip
-            if text and seq_len == plan.lengths[0][0]:
-                results.extend(text_rows(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
-                                         text, shape, seq_len, batch, peak))  # fmt: skip
+            if seq_len in text_batches:
+                results.extend(text_rows(plan, teacher_path, student_cfg, mapping, weights, info,
+                                         text_batches[seq_len], shape, seq_len, batch, peak))  # fmt: skip
             results.append(largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
                                          shape, seq_len, batch))  # fmt: skip
     return results
 
 
-def has_textbrewer() -> bool:
-    return importlib.util.find_spec("textbrewer") is not None
-
-
 def peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, batches, flops, peak):
     """TextBrewer's GeneralDistiller (bench/general.py's peer step) on the same packed batches."""
-    if not has_textbrewer():
+    if not bench.has_textbrewer():
         return [Result(shape.name, seq_len, batch, "textbrewer GeneralDistiller", note="textbrewer not installed")]
     reset_memory(device)
     torch.manual_seed(0)
@@ -218,33 +218,37 @@ def peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, 
                    "fp32 eager, its adaptors read every layer's attentions")]  # fmt: skip
 
 
-def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab, text, shape, seq_len, batch,
-              peak):  # fmt: skip
-    """Real text cut to ``seq_len``, packed and padded: dist_kd (ZeRO-0, fp16 teacher) and the peer.
+def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device) -> dict[str, list[dict]]:
+    """Real text cut to ``seq_len``, packed and padded (built once per length, shared by the students).
 
-    The rows use the real-text tokenizer's ids in the random teacher's vocabulary (ids above it wrap), which
-    changes no arithmetic: what matters is the padding real documents bring."""
+    The batches carry the real-text tokenizer's ids in the random teacher's vocabulary (ids above it wrap),
+    which changes no arithmetic: what matters is the padding real documents bring."""
     ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
-    text_tokenizer = text_tokenizer_for(tokenizer)
-    documents = bench.text_documents(text, text_tokenizer, plan.steps * batch * (seq_len - 2), seq_len, batch)
+    documents = bench.text_documents(text, text_tokenizer_for(tokenizer), plan.steps * batch * (seq_len - 2),
+                                     seq_len, batch)  # fmt: skip
     documents = [d % vocab for d in documents]
     kinds = {
         "packed": bench.packed_batches(documents, batch, seq_len, ids, plan.steps),
         "padded": bench.padded_batches(documents, batch, seq_len, ids),
     }
+    if device.type == "cuda":
+        kinds = {kind: [{k: v.pin_memory() for k, v in b.items()} for b in batches] for kind, batches in kinds.items()}
+    return kinds
+
+
+def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak):
+    """dist_kd (ZeRO-0, fp16 teacher) and the peer on :func:`real_text_batches`."""
     steps = []
     torch.manual_seed(0)
     step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, "fp16",
                                            str(REPO / "ds_configs/zero0.json"), batch, info)  # fmt: skip
     steps.append(("dist_kd ZeRO-0, fp16 teacher", step))
-    if has_textbrewer():
+    if bench.has_textbrewer():
         torch.manual_seed(0)
         steps.append(("textbrewer GeneralDistiller", bench.build_textbrewer_step(teacher_path, student_cfg, mapping,
                                                                                  info.device)))  # fmt: skip
     results = []
     for kind, batches in kinds.items():
-        if info.device.type == "cuda":
-            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
         real = sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
         for name, step in steps:
             reset_memory(info.device)
