@@ -7,7 +7,9 @@ registry keyed by ``config._attn_implementation``; dist_kd registers one more en
 
 - in layers marked for capture computes the scores explicitly, hands them to the capture, and
   finishes attention itself (mask + fp32 softmax + dropout + weighted sum, as eager does);
-- in every other layer defers to SDPA, so unmapped layers never materialise an L x L matrix.
+- in every other layer defers to SDPA, so unmapped layers never materialise an L x L matrix, except in
+  training with dropout on a CPU, where the explicit path with dist_kd's cheaper dropout mask is faster
+  than SDPA's (``models/dropout.py``).
 
 Layers are marked by setting attributes on the modules of each transformer layer, so the mechanism is
 independent of the architecture's attribute names: any encoder whose attention goes through the registry
@@ -63,8 +65,14 @@ def _capture_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from dist_kd.models.adapters import deliver, masked_softmax
+    from dist_kd.models.dropout import applies as fast_dropout_applies
+    from dist_kd.models.dropout import dropout as fast_dropout
 
-    if getattr(module, _SINK_ATTR, None) is None:
+    captured = getattr(module, _SINK_ATTR, None) is not None
+    # SDPA draws its dropout mask element by element; on a CPU the explicit path with dist_kd's cheaper mask
+    # (models/dropout.py) is faster in training.
+    cpu_dropout = fast_dropout_applies(query, dropout, module.training)
+    if not captured and not cpu_dropout:
         deliver(module, None, (query, key, value))
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -73,10 +81,10 @@ def _capture_attention(
         scaling = query.size(-1) ** -0.5
     # (Q * s) K^T: the scaling on the (B, H, L, d) query, not on the (B, H, L, L) scores (L > d in practice).
     scores_BHLL = torch.matmul(query * scaling, key.transpose(-1, -2))
-    deliver(module, scores_BHLL, (query, key, value))
+    deliver(module, scores_BHLL if captured else None, (query, key, value))
     # finfo.min rather than -inf: a fully padded query row must give a finite softmax, as SDPA does.
     probs = masked_softmax(scores_BHLL.float(), attention_mask, torch.finfo(torch.float32).min).to(value.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    probs = fast_dropout(probs, dropout, module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, None
 

@@ -30,6 +30,7 @@ from dist_kd.models.capture import (
     find_layer_list,
     register_attention,
 )
+from dist_kd.models.dropout import install_fast_dropout
 
 INITS = ("random", "teacher")
 
@@ -333,6 +334,7 @@ def build_student(
                 raise ValueError("student.init=teacher needs the teacher model and the layer mapping")
             init_from_teacher(model, teacher_model, mapping)
     install_adapter(model)
+    install_fast_dropout(model)
     model = model.float()
     model.train()
     return model

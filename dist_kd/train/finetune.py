@@ -44,6 +44,8 @@ from dist_kd.data.tasks import TaskSpec, load_task_examples
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
 from dist_kd.losses import ensemble_probs, hard_label_loss
+from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
+from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.predict import batched_logits
 from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, gathered_parameters, resolve_precision
 from dist_kd.train.metrics import MetricsLogger
@@ -143,7 +145,14 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
         raise ValueError(f"base {base}: its config has none of the dropout fields {list(DROPOUT_FIELDS)}")
     for name in found:
         setattr(config, name, dropout)
-    return AutoModelForSequenceClassification.from_pretrained(base, config=config)
+    # dist_kd's attention entry (SDPA, or on a CPU in training the explicit path with the cheaper dropout
+    # mask) and its dropout modules: the same model, faster to fine-tune on a CPU (models/dropout.py).
+    register_attention()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, config=config, attn_implementation=ATTN_IMPLEMENTATION
+    )
+    install_fast_dropout(model)
+    return model
 
 
 class TeacherTrainer:

@@ -256,6 +256,7 @@ class TaskTrainer:
         return shape
 
     def _build_model(self, student_dir: Path) -> torch.nn.Module:
+        from dist_kd.models.dropout import install_fast_dropout
         from dist_kd.models.heads import MultiTaskStudent
         from dist_kd.models.student import DistillStudent, build_projections, build_student
 
@@ -286,7 +287,9 @@ class TaskTrainer:
             return DistillStudent(encoder, projections, self.cfg.distill.attention)
         tasks = {t.spec.name: (t.spec.num_labels, t.spec.labels if t.spec.type == "classification" else None)
                  for t in self.tasks}  # fmt: skip
-        return MultiTaskStudent(encoder, tasks, dropout=self.cfg.student.head_dropout)
+        model = MultiTaskStudent(encoder, tasks, dropout=self.cfg.student.head_dropout)
+        install_fast_dropout(model)  # the heads' dropout (the encoder's has it from build_student)
+        return model
 
     # --- state -----------------------------------------------------------------------------------------
 

@@ -124,18 +124,24 @@ def test_busy_cores_leaves_out_this_process_own_threads():
 
     from dist_kd.distributed import busy_cores
 
-    base = busy_cores(0.5)
-    stop = threading.Event()
-
     def spin():
         while not stop.is_set():
             pass
 
-    spinner = threading.Thread(target=spin)
-    spinner.start()
-    try:
-        busy = busy_cores(0.5)
-    finally:
-        stop.set()
-        spinner.join()
-    assert busy - base < 0.5, (base, busy)
+    # Other work on the machine (a parallel test worker) varies between two windows, so a few tries: counted
+    # as other work, the spinner would add a whole core to every one of them.
+    seen = []
+    for _ in range(3):
+        base = busy_cores(0.5)
+        stop = threading.Event()
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        try:
+            busy = busy_cores(0.5)
+        finally:
+            stop.set()
+            spinner.join()
+        seen.append((base, busy))
+        if busy - base < 0.5:
+            break
+    assert min(busy - base for base, busy in seen) < 0.5, seen
