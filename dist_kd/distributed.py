@@ -211,10 +211,12 @@ def threads_per_rank(cores: int, local_processes: int, load: float) -> int:
 
     torch's default is every core in every process; with several ranks per node, or other jobs on the
     machine, the threads then fight for the cores (on a busy 2-core machine fine-tuning ran 6x slower than
-    with one thread). ``load`` is the number of cores other work keeps busy as this process starts.
+    with one thread). ``load`` is the number of cores other work keeps busy as this process starts; it counts
+    in whole cores, rounded, so that background work below half a core (a kernel thread, a shell) does not
+    take one of a laptop's two cores away for the whole run.
     """
-    free = max(1.0, cores - max(0.0, load))
-    return max(1, min(cores // max(1, local_processes), int(free // max(1, local_processes))))
+    free = max(1, cores - max(0, round(load)))
+    return max(1, min(cores // max(1, local_processes), free // max(1, local_processes)))
 
 
 def set_thread_count() -> int | None:
@@ -222,7 +224,9 @@ def set_thread_count() -> int | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = busy_cores()
+    # Two short readings, the smaller kept: the previous stage of a pipeline still exiting, or a spike, is not
+    # work that will compete with this run.
+    load = min(busy_cores(0.15), busy_cores(0.15))
     threads = threads_per_rank(cores, local_process_count(), load)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)

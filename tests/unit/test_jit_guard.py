@@ -91,7 +91,10 @@ def test_thread_count_is_the_ranks_share_of_the_free_cores(monkeypatch):
     assert threads_per_rank(cores=2, local_processes=1, load=0.0) == 2  # idle laptop: every core
     assert threads_per_rank(cores=2, local_processes=1, load=2.1) == 1  # busy: one thread, not a fight
     assert threads_per_rank(cores=2, local_processes=2, load=0.0) == 1  # two ranks share two cores
-    assert threads_per_rank(cores=64, local_processes=8, load=0.5) == 7
+    assert threads_per_rank(cores=2, local_processes=1, load=0.3) == 2  # background slivers: not a core
+    assert threads_per_rank(cores=2, local_processes=1, load=0.8) == 1
+    assert threads_per_rank(cores=64, local_processes=8, load=1.6) == 7
+    assert threads_per_rank(cores=64, local_processes=8, load=0.4) == 8
     assert threads_per_rank(cores=64, local_processes=8, load=0.0) == 8
     assert threads_per_rank(cores=4, local_processes=8, load=0.0) == 1  # never 0
     assert local_process_count({"LOCAL_WORLD_SIZE": "4"}) == 4
