@@ -49,9 +49,9 @@ def classifier(base: str) -> torch.nn.Module:
     return model
 
 
-def step_fn(model: torch.nn.Module, batch: int, seq_len: int, multitask: bool):
+def step_fn(model: torch.nn.Module, batch: int, seq_len: int, multitask: bool, vocab_size: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = torch.randint(1000, 20000, (batch, seq_len))
+    ids = torch.randint(vocab_size // 10, vocab_size, (batch, seq_len))  # no special tokens
     mask = torch.ones_like(ids)
     mask[: batch // 4, seq_len * 3 // 4 :] = 0  # a few padded rows, as in a real batch
     labels = torch.randint(0, 3, (batch,))
@@ -79,6 +79,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = args.base or default_base()
+    from transformers import AutoConfig
+
+    vocab_size = AutoConfig.from_pretrained(base).vocab_size
     rows = [
         ("3x192 student, 32 x 128", small_student(base), 32, 128, True),
         ("3x192 student, 32 x 40", small_student(base), 32, 40, True),
@@ -87,7 +90,7 @@ def main() -> None:
     print(f"{args.threads} threads, {args.steps} steps per mode, median ms per step")
     print("| model, batch | stock dropout | dist_kd | speed-up |\n| --- | --- | --- | --- |")
     for name, model, batch, seq_len, multitask in rows:
-        step = step_fn(model, batch, seq_len, multitask)
+        step = step_fn(model, batch, seq_len, multitask, vocab_size)
         times = {True: [], False: []}
         for index in range(args.steps + 2):
             for enabled in (False, True):
