@@ -16,6 +16,7 @@ another tool's run.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -39,9 +40,7 @@ def applies(x: torch.Tensor, p: float, training: bool) -> bool:
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """A boolean CPU mask of ``shape`` whose elements are True independently with probability ``1 - p``
     (``p`` rounded to a multiple of 1/65536)."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1)
     pieces = words.view(torch.int16)[:count].view(shape)  # uniform over [-32768, 32767]
     return pieces >= round(p * _LEVELS) - _LEVELS // 2
