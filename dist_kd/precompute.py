@@ -16,6 +16,10 @@ Design:
 - **Length buckets.** Within a chunk, rows are sorted by token length and batched, so a batch pads to
   about its own length; outputs are scattered back to input order. Batches depend only on the chunk, so the
   numbers are identical whichever rank (or how many ranks) computed them.
+- **Reuse earlier stores.** ``reuse`` names stores computed by the same teachers with the same parameters
+  (for instance the original rows' store, when the augmented set holds those rows again): a row whose texts
+  are found there takes its targets from it, and the teachers run on the other rows only. A chunk made
+  entirely of such rows loads no teacher.
 - **Merge last.** When every chunk exists, rank 0 streams them, in order, into the store
   (:mod:`dist_kd.data.soft_targets`), whose manifest is written last; then ``_chunks`` is removed.
 """
@@ -66,11 +70,16 @@ class PrecomputeConfig:
     dtype: str = doc("teacher precision: fp16 | bf16 | fp32 (fp16 runs as fp32 on a CPU)", "fp16")
     chunk_size: int = doc("examples per resumable chunk file", 4096)
     rows_per_file: int = doc("rows per part file of the final store", store.DEFAULT_ROWS_PER_FILE)
+    reuse: list[str] = doc(
+        "earlier stores of the same teachers and parameters: rows with the same texts take their targets from "
+        "there, the teachers run on the rest", default_factory=list,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.teachers:
             raise ValueError("teachers: give at least one teacher directory (--teachers DIR1 DIR2 ...)")
         self.teachers = [str(path) for path in self.teachers]
+        self.reuse = [str(path) for path in self.reuse or []]
         if len(set(self.teachers)) != len(self.teachers):
             raise ValueError(f"teachers: a directory is listed twice in {self.teachers}")
         if self.temperature <= 0:
@@ -100,6 +109,7 @@ class PrecomputeResult:
         computed_examples: examples this rank ran through the teachers (0 when everything was reused).
         reused_chunks: chunks found complete on disk (counted on rank 0 only).
         teacher_seconds: wall time this rank spent on tokenising + teacher passes.
+        reused_examples: examples of this rank's chunks whose targets came from the ``reuse`` stores.
     """
 
     directory: Path
@@ -107,6 +117,7 @@ class PrecomputeResult:
     computed_examples: int
     reused_chunks: int
     teacher_seconds: float
+    reused_examples: int = 0
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -267,6 +278,8 @@ def run_record(metadata: store.StoreMetadata) -> dict[str, Any]:
     record["source_data"] = {key: value for key, value in record["source_data"].items() if key != "path"}
     record["extra"] = {key: value for key, value in record["extra"].items() if key != "producer"}
     record["extra"]["tokenizer"] = record["extra"]["tokenizer"]["sha256"]
+    if "reused_from" in record["extra"]:
+        record["extra"]["reused_from"] = [entry["key"] for entry in record["extra"]["reused_from"]]
     return record
 
 
@@ -284,6 +297,91 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif before != after:
             out.append(f"{prefix}{key}: {before!r} -> {after!r}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- reuse
+
+# What a reused store must share with this run for its rows to be what these teachers would compute here.
+REUSE_MUST_MATCH = (
+    ("task_type",), ("label_names",), ("temperature",), ("teachers",),
+    ("extra", "max_length"), ("extra", "dtype"), ("extra", "tokenizer"),
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ReusedTargets:
+    """The rows of earlier stores, found by their texts.
+
+    Attributes:
+        rows: ``(text_a, text_b)`` -> row in ``probs`` (the first store that has the texts wins).
+        probs: ``(M, C)`` soft targets of every reused store, concatenated.
+        logits: ``(M, K, C)`` teacher logits, or None when this run does not keep them.
+        sources: ``{"path", "key", "num_rows"}`` per store, ``key`` being its run record's digest.
+    """
+
+    rows: dict[tuple[str, str | None], int]
+    probs: np.ndarray
+    logits: np.ndarray | None
+    sources: list[dict[str, Any]]
+
+    def find(self, text_a: list[str], text_b: list[str | None]) -> list[int | None]:
+        """The row of each example in ``probs``, None where no reused store has its texts."""
+        return [self.rows.get(pair) for pair in zip(text_a, text_b)]
+
+
+def load_reused_targets(paths: Sequence[str | Path], metadata: store.StoreMetadata) -> ReusedTargets:
+    """Read the stores named by ``PrecomputeConfig.reuse`` and check that they fit this run.
+
+    Args:
+        paths: store directories.
+        metadata: this run's store metadata (:func:`build_store_metadata`).
+
+    Raises:
+        FileNotFoundError: a store is missing.
+        ValueError: a store is incomplete or corrupt, was made by other teachers or with another temperature,
+            max_length, dtype, tokenizer or label order (each difference is named), or lacks the teacher logits
+            this run keeps.
+    """
+    wanted = run_record(metadata)
+    rows: dict[tuple[str, str | None], int] = {}
+    probs, logits, sources = [], [], []
+    offset = 0
+    for path in paths:
+        where = f"reuse: soft-target store {path}"
+        try:
+            found = run_record(store.read_store_metadata(path))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"reuse: {err}") from None
+        changes = []
+        for keys in REUSE_MUST_MATCH:
+            before, after = found, wanted
+            for key in keys:
+                before, after = before.get(key), after.get(key)
+            if before != after:
+                changes.append(f"{'.'.join(keys)}: {before!r} there, {after!r} here")
+        if changes:
+            raise ValueError(
+                f"{where} was not computed like this run ({'; '.join(changes)}); reuse only stores of the same "
+                "teachers with the same temperature, max_length, dtype and labels"
+            )
+        if metadata.has_teacher_logits and not found["has_teacher_logits"]:
+            raise ValueError(f"{where} has no teacher logits, and this run keeps them (--keep-teacher-logits)")
+        columns = ["text_a", "text_b"] + (["teacher_logits"] if metadata.has_teacher_logits else [])
+        loaded = store.load_soft_targets(path, columns=columns)
+        for index, pair in enumerate(
+            zip(loaded.table.column("text_a").to_pylist(), loaded.table.column("text_b").to_pylist())
+        ):
+            rows.setdefault(pair, offset + index)
+        offset += loaded.num_rows
+        probs.append(loaded.soft_probs())
+        logits.append(loaded.teacher_logits())
+        sources.append({"path": str(Path(path).resolve()), "key": run_key(found), "num_rows": loaded.num_rows})
+    return ReusedTargets(
+        rows=rows,
+        probs=np.concatenate(probs) if probs else np.zeros((0, metadata.num_classes), np.float32),
+        logits=np.concatenate(logits) if metadata.has_teacher_logits and logits else None,
+        sources=sources,
+    )
 
 
 # --------------------------------------------------------------------------------------------- chunks
@@ -410,13 +508,35 @@ def _missing_chunks(output: Path, bounds: list[tuple[int, int]], key: str) -> li
     ]
 
 
-def _compute_chunk(ensemble: TeacherEnsemble, examples: pa.Table, spec: TaskSpec, config: PrecomputeConfig) -> pa.Table:
+def _compute_chunk(
+    ensemble: Callable[[], TeacherEnsemble],
+    examples: pa.Table,
+    spec: TaskSpec,
+    config: PrecomputeConfig,
+    reused: ReusedTargets | None,
+    num_classes: int,
+) -> tuple[pa.Table, int]:
+    """A chunk's store rows, and how many of them the teachers computed (the rest came from ``reused``)."""
     text_a = examples.column("text_a").to_pylist()
     text_b = examples.column("text_b").to_pylist()
-    logits_NKC = ensemble.logits(text_a, text_b)
-    probs = soft_targets_from_logits(logits_NKC, spec.type, config.temperature)
-    kept = logits_NKC if config.keep_teacher_logits else None
-    return store.build_rows(examples, spec.name, probs, kept, spec.type)
+    found = reused.find(text_a, text_b) if reused is not None else [None] * len(text_a)
+    todo = [i for i, row in enumerate(found) if row is None]
+    done = [i for i, row in enumerate(found) if row is not None]
+    probs = np.empty((len(text_a), num_classes), np.float32)
+    kept = (
+        np.empty((len(text_a), len(config.teachers), num_classes), np.float32) if config.keep_teacher_logits else None
+    )
+    if todo:
+        logits_NKC = ensemble().logits([text_a[i] for i in todo], [text_b[i] for i in todo])
+        probs[todo] = soft_targets_from_logits(logits_NKC, spec.type, config.temperature)
+        if kept is not None:
+            kept[todo] = logits_NKC
+    if done:
+        rows = [found[i] for i in done]
+        probs[done] = reused.probs[rows]
+        if kept is not None:
+            kept[done] = reused.logits[rows]
+    return store.build_rows(examples, spec.name, probs, kept, spec.type), len(todo)
 
 
 def _read_chunks(output: Path, num_chunks: int) -> Iterator[pa.Table]:
@@ -471,6 +591,11 @@ def precompute_soft_targets(
         hashes = {"teachers": [_weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
     hashes = distributed.broadcast_object(hashes)
     metadata = build_store_metadata(spec, config, check, data_path, hashes, examples.num_rows)
+    reused = None
+    if config.reuse:
+        reused = load_reused_targets(config.reuse, metadata)
+        extra = {**metadata.extra, "reused_from": reused.sources}
+        metadata = dataclasses.replace(metadata, extra=extra)
     record = run_record(metadata)
     key = run_key(record)
     bounds = chunk_bounds(examples.num_rows, config.chunk_size)
@@ -493,15 +618,23 @@ def precompute_soft_targets(
 
     # Dealing the *missing* chunks round-robin keeps ranks balanced on a resume too.
     mine = decision["missing"][info.rank :: info.world_size]
-    reused = len(bounds) - len(decision["missing"])
+    reused_chunks = len(bounds) - len(decision["missing"])
     if info.is_main:
         logger.info(
             "%d examples in %d chunks: %d done earlier, %d to compute on %d rank(s)",
-            examples.num_rows, len(bounds), reused, len(decision["missing"]), info.world_size,
+            examples.num_rows, len(bounds), reused_chunks, len(decision["missing"]), info.world_size,
         )  # fmt: skip
-    computed, seconds = 0, 0.0
+    computed, from_reuse, seconds = 0, 0, 0.0
     if mine:
-        ensemble = TeacherEnsemble(config.teachers, config.dtype, device, config.max_length, config.batch_size)
+        loaded: list[TeacherEnsemble] = []
+
+        def ensemble() -> TeacherEnsemble:  # loaded on first use: chunks made of reused rows need no teacher
+            if not loaded:
+                loaded.append(
+                    TeacherEnsemble(config.teachers, config.dtype, device, config.max_length, config.batch_size)
+                )
+            return loaded[0]
+
         from tqdm.auto import tqdm
 
         total = sum(bounds[index][1] - bounds[index][0] for index in mine)
@@ -509,14 +642,20 @@ def precompute_soft_targets(
             for index in mine:
                 start, stop = bounds[index]
                 began = time.perf_counter()
-                rows = _compute_chunk(ensemble, examples.slice(start, stop - start), spec, config)
+                rows, ran = _compute_chunk(
+                    ensemble, examples.slice(start, stop - start), spec, config, reused, metadata.num_classes
+                )
                 seconds += time.perf_counter() - began
                 write_parquet_atomic(rows, chunk_path(output, index), {"run": key, "chunk": index})
-                computed += stop - start
+                computed += ran
+                from_reuse += stop - start - ran
                 bar.update(stop - start)
                 if on_chunk_written is not None:
                     on_chunk_written(index)
-        del ensemble
+        loaded.clear()
+        if from_reuse:
+            logger.info("rank %d: %d examples from the reused stores, %d through the teachers", info.rank,
+                        from_reuse, computed)  # fmt: skip
     distributed.barrier()
 
     if info.is_main:
@@ -527,4 +666,6 @@ def precompute_soft_targets(
         shutil.rmtree(output / CHUNKS_DIR)
         logger.info("wrote %s: %d rows", output, examples.num_rows)
     distributed.barrier()
-    return PrecomputeResult(output, examples.num_rows, computed, reused if info.is_main else 0, seconds)
+    return PrecomputeResult(
+        output, examples.num_rows, computed, reused_chunks if info.is_main else 0, seconds, from_reuse
+    )

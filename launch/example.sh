@@ -5,21 +5,24 @@
 #   2. per task, 3 fine-tuned MiniLM teachers (launch/finetune.py) and their soft targets (launch/precompute.py);
 #   3. TinyBERT augmentation, GloVe-only variant (docs/augment.md: no BERT masked-LM installs offline, and a
 #      head fitted on the sentence-embedding teacher proposes mostly function words): 2 copies of every
-#      training example (launch/augment.py --mlm none), and the ensembles' soft targets over them;
+#      training example (launch/augment.py --mlm none), and the ensembles' soft targets over them (the
+#      original rows' targets are taken from step 2's store: precompute --reuse);
 #   4. students, all trained on both tasks at once (launch/task.py):
 #      (a) hard labels; (b) ensemble KD; (b') ensemble KD over the augmented sets, same number of steps;
 #      (c) TinyBERT's task recipe: intermediate layers against teacher-1 on the augmented sets, then (b');
-#      (d) a random init of the same shape with (b)'s training, (d') with (b')'s; (e) students of the
-#      teacher's size (MT-DNN) on hard labels and on the ensembles' soft targets (MT-DNN-KD), and (e')
-#      MT-DNN-KD from the MT-DNN student's encoder, as the MT-DNN-KD paper does;
+#      (d) a random init of the same shape with (b)'s training; (e) students of the teacher's size on hard
+#      labels (MT-DNN), then from its encoder on the ensembles' soft targets (MT-DNN-KD, as its paper trains it);
+#      with --all also (d') a random init with (b')'s training and (e) MT-DNN-KD from the pretrained encoder;
 #   5. the report (runs/example/report.md): every teacher, the ensembles and every student, with each score's
 #      ratio to the best single teacher, and how long each part took (runs/example/timings.txt).
 #
-#   bash launch/example.sh [key=value ...]     # overrides go to every task.py run, e.g. train.seed=7
+#   bash launch/example.sh [--all] [key=value ...]   # overrides go to every task.py run, e.g. train.seed=7
 # Re-running skips what is finished (teachers, stores, runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ALL=0
+if [ "${1:-}" = "--all" ]; then ALL=1; shift; fi
 
 bash launch/setup.sh
 mkdir -p runs/example
@@ -55,7 +58,7 @@ for task in topic sentiment; do
     --output "data/example/aug-$task" --n-a 2
   store_done "data/example/soft-aug-$task" || timed "soft_targets_aug_$task" python launch/precompute.py \
     "${flags[@]}" --data "data/example/aug-$task" --teachers "$teachers"/teacher-{1,2,3} \
-    --output "data/example/soft-aug-$task" --max-length "${LENGTH[$task]}"
+    --reuse "data/example/soft-$task" --output "data/example/soft-aug-$task" --max-length "${LENGTH[$task]}"
 done
 
 task() {  # task NAME CONFIG [key=value ...]: one launch/task.py run into runs/example/NAME, unless finished
@@ -72,22 +75,29 @@ task student-kd-aug launch/configs/task_example_aug.yaml                        
 task student-intermediate launch/configs/task_example_intermediate.yaml                             # (c), phase 1
 task student-tinybert launch/configs/task_example_aug.yaml student.path=runs/example/student-intermediate/student
 task student-random-kd launch/configs/task_example.yaml student.path="$BASE" student.init=random "${SMALL[@]}"  # (d)
-task student-random-kd-aug launch/configs/task_example_aug.yaml student.path="$BASE" student.init=random "${SMALL[@]}"  # (d')
 TEACHER_SCHEDULE=(train.epochs=2 train.lr=5e-5 data.micro_batch_size=16)  # the teachers' epochs, lr and batch
-task mtdnn-hard launch/configs/task_example_hard.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"   # (e)
-task mtdnn-kd launch/configs/task_example.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"
-# (e') MT-DNN-KD as its paper trains it: the soft targets from the multi-task (MT-DNN) student's encoder
+task mtdnn-hard launch/configs/task_example_hard.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"   # (e) MT-DNN
+# (e) MT-DNN-KD as its paper trains it: the ensembles' soft targets, from the MT-DNN student's encoder
 task mtdnn-kd-from-mtdnn launch/configs/task_example.yaml student.path=runs/example/mtdnn-hard/student \
   "${TEACHER_SCHEDULE[@]}"
+ROWS=(
+  "(a) small, hard labels=runs/example/student-hard"
+  "(b) small, ensemble KD=runs/example/student-kd"
+  "(b') small, ensemble KD on augmented data=runs/example/student-kd-aug"
+  "(c) small, TinyBERT task recipe (intermediate + augmented KD)=runs/example/student-tinybert"
+  "(d) small, random init + ensemble KD=runs/example/student-random-kd"
+  "(e) teacher-size MT-DNN, hard labels=runs/example/mtdnn-hard"
+  "(e) teacher-size MT-DNN-KD, ensemble KD from the MT-DNN student=runs/example/mtdnn-kd-from-mtdnn"
+)
+if [ "$ALL" = 1 ]; then  # the two variants the recipe above does not need (about 9 minutes on 2 cores)
+  task student-random-kd-aug launch/configs/task_example_aug.yaml student.path="$BASE" student.init=random \
+    "${SMALL[@]}"                                                                                   # (d')
+  task mtdnn-kd launch/configs/task_example.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"      # (e'')
+  ROWS+=(
+    "(d') small, random init + ensemble KD on augmented data=runs/example/student-random-kd-aug"
+    "(e'') teacher-size MT-DNN-KD, ensemble KD from the pretrained encoder=runs/example/mtdnn-kd"
+  )
+fi
 
 python launch/example.py report --teachers topic=runs/example/teachers-topic sentiment=runs/example/teachers-sentiment \
-  --students "(a) small, hard labels=runs/example/student-hard" \
-  "(b) small, ensemble KD=runs/example/student-kd" \
-  "(b') small, ensemble KD on augmented data=runs/example/student-kd-aug" \
-  "(c) small, TinyBERT task recipe (intermediate + augmented KD)=runs/example/student-tinybert" \
-  "(d) small, random init + ensemble KD=runs/example/student-random-kd" \
-  "(d') small, random init + ensemble KD on augmented data=runs/example/student-random-kd-aug" \
-  "(e) teacher-size MT-DNN, hard labels=runs/example/mtdnn-hard" \
-  "(e) teacher-size MT-DNN-KD, ensemble KD=runs/example/mtdnn-kd" \
-  "(e') teacher-size MT-DNN-KD from the MT-DNN student=runs/example/mtdnn-kd-from-mtdnn" \
-  --timings "$TIMINGS" --output runs/example/report.md
+  --students "${ROWS[@]}" --timings "$TIMINGS" --output runs/example/report.md

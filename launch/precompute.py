@@ -2,11 +2,13 @@
 
     deepspeed launch/precompute.py --task sst2 --data data/sst2-aug --teachers runs/sst2-teachers/teacher-1 \
         runs/sst2-teachers/teacher-2 runs/sst2-teachers/teacher-3 --output data/sst2-soft [--temperature 1.0] \
-        [--keep-teacher-logits] [--batch-size 64] [--max-length 128] [--dtype fp16]
+        [--keep-teacher-logits] [--batch-size 64] [--max-length 128] [--dtype fp16] [--reuse STORE ...]
 
 The same arguments work with ``python launch/precompute.py`` (one process) and
 ``torchrun --nproc_per_node N launch/precompute.py``. Custom task: ``--task topic --labels business,sport,tech
---text-a text --label category``. Re-running the same command after a crash resumes from the finished chunks.
+--text-a text --label category``. ``--reuse data/sst2-soft-orig`` takes the targets of rows already in an earlier
+store of the same teachers (an augmented set repeats its original rows) instead of running the teachers on them.
+Re-running the same command after a crash resumes from the finished chunks.
 Bad input exits with code 2 and one ``error: ...`` line.
 """
 
@@ -37,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--dtype", default=defaults.dtype, help="fp16 | bf16 | fp32 (fp16 runs as fp32 on a CPU)")
     parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="examples per resumable chunk")
+    parser.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="STORE",
+        help="earlier stores of these teachers: rows with the same texts are copied, not recomputed",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_launcher_argument(parser)
@@ -59,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             max_length=args.max_length,
             dtype=args.dtype,
             chunk_size=args.chunk_size,
+            reuse=args.reuse,
         )
         result = precompute_soft_targets(spec, args.data, args.output, config, progress=not args.no_progress)
         if info.is_main:

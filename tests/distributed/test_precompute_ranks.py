@@ -95,3 +95,20 @@ def test_manifest_describes_the_run(inputs):
     assert manifest["metadata"]["label_names"] == LABELS
     assert manifest["metadata"]["temperature"] == 2.0
     assert len(manifest["metadata"]["teachers"]) == 2
+
+
+def test_two_ranks_reuse_an_earlier_store_through_the_flag(inputs, tmp_path):
+    """``--reuse``: every row of the data is in the single-process store, so no rank runs a teacher."""
+    from dist_kd.data.soft_targets import load_soft_targets
+
+    args, single = inputs
+    out = tmp_path / "reusing"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           SCRIPT, *args, "--reuse", str(single), "--output", str(out)]  # fmt: skip
+    proc = _run(cmd)
+    assert "examples from the reused stores, 0 through the teachers" in proc.stderr
+    reused, computed = load_soft_targets(out), load_soft_targets(single)
+    assert reused.table.column("example_id").to_pylist() == computed.table.column("example_id").to_pylist()
+    assert reused.soft_probs().tolist() == computed.soft_probs().tolist()
+    assert reused.teacher_logits().tolist() == computed.teacher_logits().tolist()
+    assert reused.metadata.extra["reused_from"][0]["num_rows"] == NUM_ROWS

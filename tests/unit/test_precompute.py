@@ -126,6 +126,77 @@ def test_results_do_not_depend_on_batch_size(setup, tmp_path):
     np.testing.assert_allclose(a.soft_probs(), b.soft_probs(), atol=1e-6)  # padding is masked out
 
 
+def _subset_file(path, rows, keep) -> object:
+    """A JSONL file of some of ``rows`` (the setup's format), in another order than the full data."""
+    path.write_text("".join(json.dumps(rows[i]) + "\n" for i in keep))
+    return path
+
+
+def test_reuse_copies_the_rows_an_earlier_store_holds_and_computes_the_others(setup, tmp_path):
+    _, teachers, data, spec, rows = setup
+    keep = [7, 0, 3, 9, 1]
+    earlier = _subset_file(tmp_path / "earlier.jsonl", rows, keep)
+    precompute_soft_targets(spec, earlier, tmp_path / "earlier", _config(teachers, keep_teacher_logits=True),
+                            progress=False)  # fmt: skip
+    config = _config(teachers, keep_teacher_logits=True, reuse=[str(tmp_path / "earlier")])
+    result = precompute_soft_targets(spec, data, tmp_path / "reusing", config, progress=False)
+    assert result.reused_examples == len(keep) and result.computed_examples == NUM_ROWS - len(keep)
+    precompute_soft_targets(spec, data, tmp_path / "fresh", _config(teachers, keep_teacher_logits=True),
+                            progress=False)  # fmt: skip
+
+    reusing, fresh = st.load_soft_targets(tmp_path / "reusing"), st.load_soft_targets(tmp_path / "fresh")
+    np.testing.assert_allclose(reusing.soft_probs(), fresh.soft_probs(), atol=1e-6)
+    np.testing.assert_allclose(reusing.teacher_logits(), fresh.teacher_logits(), atol=1e-5)
+    for column in ("example_id", "text_a", "text_b", "label"):  # rows stay in this data's order
+        assert reusing.table.column(column).to_pylist() == fresh.table.column(column).to_pylist()
+    # The copied rows are the earlier store's values exactly, so provenance is recorded.
+    earlier_store = st.load_soft_targets(tmp_path / "earlier")
+    by_id = dict(zip(earlier_store.table.column("example_id").to_pylist(), earlier_store.soft_probs()))
+    ids = reusing.table.column("example_id").to_pylist()
+    for i, example_id in enumerate(ids):
+        if example_id in by_id:
+            np.testing.assert_array_equal(reusing.soft_probs()[i], by_id[example_id])
+    sources = reusing.metadata.extra["reused_from"]
+    assert [source["num_rows"] for source in sources] == [len(keep)]
+    assert sources[0]["path"] == str((tmp_path / "earlier").resolve())
+
+
+def test_reusing_every_row_loads_no_teacher(setup, tmp_path, monkeypatch):
+    _, teachers, data, spec, _ = setup
+    precompute_soft_targets(spec, data, tmp_path / "first", _config(teachers[:2]), progress=False)
+
+    def no_teachers(*args, **kwargs):
+        raise AssertionError("a teacher was loaded although every row was in the reused store")
+
+    monkeypatch.setattr("dist_kd.precompute.TeacherEnsemble", no_teachers)
+    config = _config(teachers[:2], reuse=[str(tmp_path / "first")])
+    result = precompute_soft_targets(spec, data, tmp_path / "second", config, progress=False)
+    assert result.computed_examples == 0 and result.reused_examples == NUM_ROWS
+    first, second = st.load_soft_targets(tmp_path / "first"), st.load_soft_targets(tmp_path / "second")
+    np.testing.assert_array_equal(second.soft_probs(), first.soft_probs())
+
+
+def test_reuse_refuses_stores_computed_otherwise(setup, tmp_path):
+    _, teachers, data, spec, rows = setup
+    earlier = _subset_file(tmp_path / "earlier.jsonl", rows, [0, 1, 2])
+    precompute_soft_targets(spec, earlier, tmp_path / "earlier", _config(teachers[:2]), progress=False)
+    reuse = [str(tmp_path / "earlier")]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"reuse: .*earlier was not computed.*temperature: 1.0 there, 2.0"):
+        precompute_soft_targets(spec, data, out, _config(teachers[:2], temperature=2.0, reuse=reuse), progress=False)
+    with pytest.raises(ValueError, match=r"reuse: .*earlier was not computed like this run \(teachers: "):
+        precompute_soft_targets(spec, data, out, _config(teachers[1:], reuse=reuse), progress=False)
+    with pytest.raises(ValueError, match=r"max_length: 128 there, 64 here"):
+        precompute_soft_targets(spec, data, out, _config(teachers[:2], max_length=64, reuse=reuse), progress=False)
+    with pytest.raises(ValueError, match=r"reuse: .*has no teacher logits"):
+        config = _config(teachers[:2], keep_teacher_logits=True, reuse=reuse)
+        precompute_soft_targets(spec, data, out, config, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"reuse: soft-target store .*missing does not exist"):
+        config = _config(teachers[:2], reuse=[str(tmp_path / "missing")])
+        precompute_soft_targets(spec, data, out, config, progress=False)
+    assert not out.exists() or not any(out.rglob("*.parquet"))  # nothing was written for a refused run
+
+
 def test_length_batches_sort_by_length_and_cover_every_row():
     lengths = [3, 9, 1, 9, 5, 2, 7]
     batches = length_batches(lengths, 3)
