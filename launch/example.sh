@@ -16,22 +16,58 @@
 #   5. the report (runs/example/report.md): every teacher, the ensembles and every student, with each score's
 #      ratio to the best single teacher, and how long each part took (runs/example/timings.txt).
 #
-#   bash launch/example.sh [--all] [key=value ...]   # overrides go to every task.py run, e.g. train.seed=7
-# Re-running skips what is finished (teachers, stores, runs).
+#   bash launch/example.sh [--all] [--jobs N] [key=value ...]   # overrides go to every task.py run
+# Re-running skips what is finished (teachers, stores, runs). The five small-student runs go --jobs at a time,
+# each on its share of the cores (default on a CPU-only machine: 2, since a 3 x 192 student's step gains only
+# 1.4-1.5x from a second thread; see docs/performance.md); their logs are then runs/example/logs/NAME.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ALL=0
-if [ "${1:-}" = "--all" ]; then ALL=1; shift; fi
+ALL=0 JOBS=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --all) ALL=1; shift ;;
+    --jobs) JOBS=${2:?--jobs takes a number}; shift 2 ;;
+    *) break ;;
+  esac
+done
 
 bash launch/setup.sh
-mkdir -p runs/example
+mkdir -p runs/example/logs
 TIMINGS=runs/example/timings.txt
+STARTED=$SECONDS
 timed() {  # timed NAME command...: run it and add its wall time to $TIMINGS
   local name=$1 start=$SECONDS
   shift
   "$@"
   echo "$name $((SECONDS - start))" >> "$TIMINGS"
+}
+CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
+if [ -z "$JOBS" ]; then
+  JOBS=$(python -c "import torch; print(1 if torch.cuda.is_available() else min(2, $CORES))")
+fi
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs takes a number >= 1, got '$JOBS'" >&2; exit 2; }
+pool() {  # pool FUNCTION...: run the functions, $JOBS at a time with $CORES / $JOBS threads each; fails if any did
+  local item index failed=() pids=() threads=$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))
+  if [ "$JOBS" = 1 ]; then
+    for item in "$@"; do "$item"; done
+    return 0
+  fi
+  for item in "$@"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    echo "example: $item started ($threads threads; log runs/example/logs/$item.log)"
+    # A background subshell keeps errexit (a function called in an && or || list would not).
+    ( export OMP_NUM_THREADS=$threads; "$item" > "runs/example/logs/$item.log" 2>&1; echo "example: $item finished" ) &
+    pids+=($!)
+  done
+  for index in "${!pids[@]}"; do
+    wait "${pids[$index]}" || failed+=("${@:$((index + 1)):1}")
+  done
+  for item in "${failed[@]}"; do
+    echo "error: $item failed; the end of runs/example/logs/$item.log:" >&2
+    tail -n 20 "runs/example/logs/$item.log" >&2
+  done
+  [ ${#failed[@]} -eq 0 ]
 }
 
 [ -f runs/quickstart/student/config.json ] || timed quickstart bash launch/quickstart.sh
@@ -69,12 +105,20 @@ task() {  # task NAME CONFIG [key=value ...]: one launch/task.py run into runs/e
 }
 OVERRIDES=("$@")
 SMALL=(student.num_layers=3 student.hidden_size=192 student.num_heads=12 student.intermediate_size=768)
-task student-hard launch/configs/task_example_hard.yaml                                              # (a)
-task student-kd launch/configs/task_example.yaml                                                     # (b)
-task student-kd-aug launch/configs/task_example_aug.yaml                                             # (b')
-task student-intermediate launch/configs/task_example_intermediate.yaml                             # (c), phase 1
-task student-tinybert launch/configs/task_example_aug.yaml student.path=runs/example/student-intermediate/student
-task student-random-kd launch/configs/task_example.yaml student.path="$BASE" student.init=random "${SMALL[@]}"  # (d)
+small_a() { task student-hard launch/configs/task_example_hard.yaml; }                                   # (a)
+small_b() { task student-kd launch/configs/task_example.yaml; }                                          # (b)
+small_b_aug() { task student-kd-aug launch/configs/task_example_aug.yaml; }                              # (b')
+small_c() {                                                        # (c): the intermediate phase, then (b') from it
+  task student-intermediate launch/configs/task_example_intermediate.yaml
+  task student-tinybert launch/configs/task_example_aug.yaml student.path=runs/example/student-intermediate/student
+}
+small_d() { task student-random-kd launch/configs/task_example.yaml student.path="$BASE" student.init=random "${SMALL[@]}"; }
+small_d_aug() {                                                                                          # (d')
+  task student-random-kd-aug launch/configs/task_example_aug.yaml student.path="$BASE" student.init=random "${SMALL[@]}"
+}
+SMALL_RUNS=(small_c small_d small_a small_b small_b_aug)  # longest first
+[ "$ALL" = 1 ] && SMALL_RUNS+=(small_d_aug)
+pool "${SMALL_RUNS[@]}"
 TEACHER_SCHEDULE=(train.epochs=2 train.lr=5e-5 data.micro_batch_size=16)  # the teachers' epochs, lr and batch
 task mtdnn-hard launch/configs/task_example_hard.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"   # (e) MT-DNN
 # (e) MT-DNN-KD as its paper trains it: the ensembles' soft targets, from the MT-DNN student's encoder
@@ -89,9 +133,7 @@ ROWS=(
   "(e) teacher-size MT-DNN, hard labels=runs/example/mtdnn-hard"
   "(e) teacher-size MT-DNN-KD, ensemble KD from the MT-DNN student=runs/example/mtdnn-kd-from-mtdnn"
 )
-if [ "$ALL" = 1 ]; then  # the two variants the recipe above does not need (about 9 minutes on 2 cores)
-  task student-random-kd-aug launch/configs/task_example_aug.yaml student.path="$BASE" student.init=random \
-    "${SMALL[@]}"                                                                                   # (d')
+if [ "$ALL" = 1 ]; then  # the two variants the recipe above does not need ((d') ran with the small students)
   task mtdnn-kd launch/configs/task_example.yaml student.path="$BASE" "${TEACHER_SCHEDULE[@]}"      # (e'')
   ROWS+=(
     "(d') small, random init + ensemble KD on augmented data=runs/example/student-random-kd-aug"
@@ -99,5 +141,6 @@ if [ "$ALL" = 1 ]; then  # the two variants the recipe above does not need (abou
   )
 fi
 
+echo "wall $((SECONDS - STARTED))" >> "$TIMINGS"  # this invocation's whole time (parts may overlap)
 python launch/example.py report --teachers topic=runs/example/teachers-topic sentiment=runs/example/teachers-sentiment \
   --students "${ROWS[@]}" --timings "$TIMINGS" --output runs/example/report.md

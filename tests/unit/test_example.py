@@ -114,6 +114,11 @@ def test_timings_add_up_repeated_parts_and_reject_bad_lines(tmp_path):
     assert timings == {"teachers_topic": 180.0, "quickstart": 300.0}
     lines = timing_lines(timings)
     assert "| teachers_topic | 3.0 |" in lines and "| total | 8.0 |" in lines
+    # Parts run side by side: the invocation's wall time is the total, the parts' sum is shown beside it.
+    path.write_text("quickstart 300\nstudent_a 240\nstudent_b 240\nwall 720\n")
+    lines = timing_lines(read_timings(path))
+    assert "| total | 12.0 |" in lines and "| sum of the parts (some ran side by side) | 13.0 |" in lines
+    assert not any(line.startswith("| wall") for line in lines)
     path.write_text("quickstart five minutes\n")
     with pytest.raises(ValueError, match="line 1 is not 'NAME SECONDS'"):
         read_timings(path)
