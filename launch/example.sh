@@ -31,6 +31,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+[[ -z $JOBS || $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs takes a number >= 1, got '$JOBS'" >&2; exit 2; }
 
 bash launch/setup.sh
 mkdir -p runs/example/logs
@@ -46,7 +47,6 @@ CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
 if [ -z "$JOBS" ]; then
   JOBS=$(python -c "import torch; print(1 if torch.cuda.is_available() else min(2, $CORES))")
 fi
-[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs takes a number >= 1, got '$JOBS'" >&2; exit 2; }
 pool() {  # pool FUNCTION...: run the functions, $JOBS at a time with $CORES / $JOBS threads each; fails if any did
   local item index failed=() pids=() threads=$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))
   if [ "$JOBS" = 1 ]; then
