@@ -27,6 +27,7 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -329,29 +330,30 @@ class ReusedTargets:
         return [self.rows.get(pair) for pair in zip(text_a, text_b)]
 
 
-def load_reused_targets(paths: Sequence[str | Path], metadata: store.StoreMetadata) -> ReusedTargets:
-    """Read the stores named by ``PrecomputeConfig.reuse`` and check that they fit this run.
+def check_reused_stores(paths: Sequence[str | Path], metadata: store.StoreMetadata) -> list[dict[str, Any]]:
+    """Check, from their manifests only, that the stores named by ``PrecomputeConfig.reuse`` fit this run.
 
     Args:
         paths: store directories.
         metadata: this run's store metadata (:func:`build_store_metadata`).
 
+    Returns:
+        ``{"path", "key", "num_rows"}`` per store, ``key`` being its run record's digest.
+
     Raises:
         FileNotFoundError: a store is missing.
-        ValueError: a store is incomplete or corrupt, was made by other teachers or with another temperature,
-            max_length, dtype, tokenizer or label order (each difference is named), or lacks the teacher logits
-            this run keeps.
+        ValueError: a store is incomplete, was made by other teachers or with another temperature, max_length,
+            dtype, tokenizer or label order (each difference is named), or lacks the teacher logits this run keeps.
     """
     wanted = run_record(metadata)
-    rows: dict[tuple[str, str | None], int] = {}
-    probs, logits, sources = [], [], []
-    offset = 0
+    sources = []
     for path in paths:
         where = f"reuse: soft-target store {path}"
         try:
-            found = run_record(store.read_store_metadata(path))
+            manifest = store.read_manifest(path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"reuse: {err}") from None
+        found = run_record(store.StoreMetadata.from_dict(manifest["metadata"], str(path)))
         changes = []
         for keys in REUSE_MUST_MATCH:
             before, after = found, wanted
@@ -366,16 +368,24 @@ def load_reused_targets(paths: Sequence[str | Path], metadata: store.StoreMetada
             )
         if metadata.has_teacher_logits and not found["has_teacher_logits"]:
             raise ValueError(f"{where} has no teacher logits, and this run keeps them (--keep-teacher-logits)")
-        columns = ["text_a", "text_b"] + (["teacher_logits"] if metadata.has_teacher_logits else [])
-        loaded = store.load_soft_targets(path, columns=columns)
-        for index, pair in enumerate(
-            zip(loaded.table.column("text_a").to_pylist(), loaded.table.column("text_b").to_pylist())
-        ):
+        sources.append({"path": str(Path(path).resolve()), "key": run_key(found), "num_rows": manifest["num_rows"]})
+    return sources
+
+
+def load_reused_targets(sources: list[dict[str, Any]], metadata: store.StoreMetadata) -> ReusedTargets:
+    """The rows of the stores :func:`check_reused_stores` accepted (checksums verified as they are read)."""
+    rows: dict[tuple[str, str | None], int] = {}
+    probs, logits = [], []
+    offset = 0
+    columns = ["text_a", "text_b"] + (["teacher_logits"] if metadata.has_teacher_logits else [])
+    for source in sources:
+        loaded = store.load_soft_targets(source["path"], columns=columns)
+        texts = zip(loaded.table.column("text_a").to_pylist(), loaded.table.column("text_b").to_pylist())
+        for index, pair in enumerate(texts):
             rows.setdefault(pair, offset + index)
         offset += loaded.num_rows
         probs.append(loaded.soft_probs())
         logits.append(loaded.teacher_logits())
-        sources.append({"path": str(Path(path).resolve()), "key": run_key(found), "num_rows": loaded.num_rows})
     return ReusedTargets(
         rows=rows,
         probs=np.concatenate(probs) if probs else np.zeros((0, metadata.num_classes), np.float32),
@@ -591,11 +601,9 @@ def precompute_soft_targets(
         hashes = {"teachers": [_weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
     hashes = distributed.broadcast_object(hashes)
     metadata = build_store_metadata(spec, config, check, data_path, hashes, examples.num_rows)
-    reused = None
     if config.reuse:
-        reused = load_reused_targets(config.reuse, metadata)
-        extra = {**metadata.extra, "reused_from": reused.sources}
-        metadata = dataclasses.replace(metadata, extra=extra)
+        sources = check_reused_stores(config.reuse, metadata)
+        metadata = dataclasses.replace(metadata, extra={**metadata.extra, "reused_from": sources})
     record = run_record(metadata)
     key = run_key(record)
     bounds = chunk_bounds(examples.num_rows, config.chunk_size)
@@ -626,14 +634,13 @@ def precompute_soft_targets(
         )  # fmt: skip
     computed, from_reuse, seconds = 0, 0, 0.0
     if mine:
-        loaded: list[TeacherEnsemble] = []
+        # Read only by a rank with chunks to compute, and the teachers loaded on first use: chunks made of
+        # reused rows need none.
+        reused = load_reused_targets(metadata.extra["reused_from"], metadata) if config.reuse else None
 
-        def ensemble() -> TeacherEnsemble:  # loaded on first use: chunks made of reused rows need no teacher
-            if not loaded:
-                loaded.append(
-                    TeacherEnsemble(config.teachers, config.dtype, device, config.max_length, config.batch_size)
-                )
-            return loaded[0]
+        @functools.cache
+        def ensemble() -> TeacherEnsemble:
+            return TeacherEnsemble(config.teachers, config.dtype, device, config.max_length, config.batch_size)
 
         from tqdm.auto import tqdm
 
@@ -652,7 +659,8 @@ def precompute_soft_targets(
                 bar.update(stop - start)
                 if on_chunk_written is not None:
                     on_chunk_written(index)
-        loaded.clear()
+        ensemble.cache_clear()
+        del reused
         if from_reuse:
             logger.info("rank %d: %d examples from the reused stores, %d through the teachers", info.rank,
                         from_reuse, computed)  # fmt: skip
