@@ -11,7 +11,8 @@ The backend comes from DeepSpeed's accelerator: NCCL on CUDA, gloo on the CPU ac
 DeepSpeed JIT-builds its shared-memory communication op the first time a process group starts; a build
 killed midway leaves torch's ``lock`` file behind, and every later start would wait on it forever in
 silence. :func:`guard_jit_build` runs first: it says when the build happens, waits with a message naming
-the lock while a build runs, and removes a lock that no build holds.
+the lock while a build runs, and removes a lock that no build holds. A one-process job skips the op, which
+only reduces across ranks (:func:`skip_shm_op`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,27 @@ def _local_builders(directory: Path) -> list[int]:
         if int(proc.name) != os.getpid() and (cwd == target or target in cmdline):
             found.append(int(proc.name))
     return found
+
+
+def skip_shm_op() -> bool:
+    """Let a one-process CPU job start without DeepSpeed's shared-memory op; True when it is switched off.
+
+    DeepSpeed builds the op whenever its CPU backend starts (about a minute, once per machine, and a build
+    killed midway leaves a lock), but calls it only to reduce across more than one rank. Marking it
+    unavailable in DeepSpeed's table of compatible ops makes the backend skip it; with one rank every
+    collective is then torch.distributed's own. False (the op is built as before) when this DeepSpeed has no
+    such table.
+    """
+    try:
+        import deepspeed.ops
+
+        table = deepspeed.ops.__compatible_ops__
+    except (ImportError, AttributeError):
+        return False
+    if not isinstance(table, dict):
+        return False
+    table[SHM_OP] = False
+    return True
 
 
 def guard_jit_build(name: str = SHM_OP, stale_after: float = STALE_LOCK_S, poll: float = 5.0) -> None:
@@ -260,7 +282,7 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         from deepspeed.accelerator import get_accelerator
 
         backend = get_accelerator().communication_backend_name() if device.type == "cuda" else "gloo"
-        if get_accelerator().device_name() == "cpu":
+        if get_accelerator().device_name() == "cpu" and (world_size > 1 or not skip_shm_op()):
             guard_jit_build()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

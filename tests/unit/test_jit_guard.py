@@ -148,3 +148,24 @@ def test_busy_cores_leaves_out_this_process_own_threads():
         if busy - base < 0.5:
             break
     assert min(busy - base for base, busy in seen) < 0.5, seen
+
+
+def test_one_process_cpu_job_starts_without_building_the_shared_memory_op(tmp_path):
+    # A fresh process (the process group starts once per process) with an empty extension directory: the
+    # op that only reduces across ranks is not built, and collectives still reduce (over one rank: identity).
+    script = (
+        "import torch, deepspeed.comm as ds_comm\n"
+        "from dist_kd import distributed\n"
+        "info = distributed.init_distributed(force_cpu=True)\n"
+        "t = torch.tensor([1.5, -2.0])\n"
+        "ds_comm.all_reduce(t)\n"
+        "torch.distributed.all_reduce(t)\n"
+        "print('world', info.world_size, 'sum', t.tolist())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "world 1 sum [1.5, -2.0]" in done.stdout
+    assert not (tmp_path / "deepspeed_shm_comm").exists()
+    assert "builds its CPU op" not in done.stderr
