@@ -34,23 +34,25 @@ def build(base: str, name: str) -> tuple[torch.nn.Module, bool]:
     return (small_student(base), True) if name.startswith("3x192") else (classifier(base), False)
 
 
-def median_ms(step, steps: int) -> float:
-    times = []
+def median_ms(step, steps: int, thread_counts: tuple[int, ...]) -> dict[int, float]:
+    """Median ms per step for each thread count, alternating the counts step by step (two warm-up rounds)."""
+    times: dict[int, list[float]] = {threads: [] for threads in thread_counts}
     for index in range(steps + 2):
-        start = time.perf_counter()
-        step()
-        if index >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            start = time.perf_counter()
+            step()
+            if index >= 2:
+                times[threads].append(time.perf_counter() - start)
+    return {threads: float(np.median(values)) * 1e3 for threads, values in times.items()}
 
 
 def one_thread(base: str, steps: int, vocab_size: int) -> list[float]:
     """Every row's median ms on 1 thread (what each of two side-by-side processes runs)."""
-    torch.set_num_threads(1)
     out = []
     for name, batch, seq_len in ROWS:
         model, multitask = build(base, name)
-        out.append(median_ms(step_fn(model, batch, seq_len, multitask, vocab_size), steps))
+        out.append(median_ms(step_fn(model, batch, seq_len, multitask, vocab_size), steps, (1,))[1])
         print(f"row {len(out) - 1} {out[-1]:.1f}", flush=True)
     return out
 
@@ -82,26 +84,16 @@ def main() -> None:
     if args.worker:
         one_thread(base, args.steps, vocab_size)
         return
-    alone = {1: [], 2: []}
+    alone = []
     for name, batch, seq_len in ROWS:
         model, multitask = build(base, name)
-        step = step_fn(model, batch, seq_len, multitask, vocab_size)
-        times = {1: [], 2: []}
-        for index in range(args.steps + 2):
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                start = time.perf_counter()
-                step()
-                if index >= 2:
-                    times[threads].append(time.perf_counter() - start)
-        for threads in (1, 2):
-            alone[threads].append(float(np.median(times[threads])) * 1e3)
+        alone.append(median_ms(step_fn(model, batch, seq_len, multitask, vocab_size), args.steps, (1, 2)))
     pair = side_by_side(base, args.steps)
     print(f"median ms per step, {args.steps} steps per mode")
     print("| model, batch | 1 thread | 2 threads | 2 / 1 thread | 1 thread, 2 side by side | two jobs / one |")
     print("| --- | --- | --- | --- | --- | --- |")
     for index, (name, batch, seq_len) in enumerate(ROWS):
-        one, two = alone[1][index], alone[2][index]
+        one, two = alone[index][1], alone[index][2]
         beside = [times[index] for times in pair]
         # Two side-by-side jobs make 2 steps per max(beside); one 2-thread job makes 1 step per `two`.
         gain = 2 * two / max(beside)
