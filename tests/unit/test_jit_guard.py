@@ -163,7 +163,7 @@ def test_one_process_cpu_job_starts_without_building_the_shared_memory_op(tmp_pa
         "print('world', info.world_size, 'sum', t.tolist())\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path), CUDA_VISIBLE_DEVICES="")  # DeepSpeed's CPU accelerator here too
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "world 1 sum [1.5, -2.0]" in done.stdout
