@@ -20,7 +20,7 @@
 #   bash launch/example.sh [--all] [--jobs N] [key=value ...]   # overrides go to every task.py run
 # Re-running skips what is finished (teachers, stores, runs). The five small-student runs go --jobs at a time,
 # each on its share of the cores (default on a CPU-only machine: 2, since a 3 x 192 student's step gains only
-# 1.4-1.5x from a second thread; see docs/performance.md); their logs are then runs/example/logs/NAME.log.
+# 1.5-1.8x from a second thread; see docs/performance.md); their logs are then runs/example/logs/NAME.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
