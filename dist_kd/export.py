@@ -2,8 +2,9 @@
 
 A run exports its student at the end; a checkpoint of a preempted or still running run, or an earlier step
 kept for comparison, is only DeepSpeed files. This rebuilds the student's architecture from the run's
-``config.yaml`` (as the trainer did), gathers the weights with DeepSpeed's own ZeRO-to-fp32 reader (any ZeRO
-stage, any world size), and writes the encoder with the tokenizer, a model card and, for a sentence-
+``config.yaml`` (as the trainer did), gathers the weights in fp32 (DeepSpeed's own ZeRO-to-fp32 reader for
+ZeRO 1-3 at any world size, the one model file for ZeRO-0; the optimizer's master weights where the run
+trained in bf16/fp16), and writes the encoder with the tokenizer, a model card and, for a sentence-
 transformers teacher, its pooling modules. Projections W_e/W_h and task heads are not part of the encoder.
 """
 
@@ -13,9 +14,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 from dist_kd.io import atomic_dir
+from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
 
 def _student_model(run_dir: Path, config: dict):
@@ -45,6 +48,38 @@ def _student_model(run_dir: Path, config: dict):
     return build_student(student_cfg, teacher_config), "student.", cfg.teacher.path, cfg.teacher.path
 
 
+def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The engine module's weights at ``checkpoint`` in fp32: the optimizer's master weights where the run
+    trained in bf16/fp16.
+
+    ZeRO 1-3 go through DeepSpeed's zero_to_fp32 reader. It does not read ZeRO-0 checkpoints. For those, the
+    module's weights are in ``mp_rank_00_model_states.pt``. In half precision that file also holds DeepSpeed's
+    fp16 optimizer's ``fp32_groups``, in the order of the engine's parameter groups (decayed, then not).
+    """
+    files = sorted(checkpoint.glob("*optim_states.pt"))
+    if files:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    model_file = checkpoint / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{checkpoint} holds no DeepSpeed model states ({model_file.name})")
+    saved = torch.load(model_file, map_location="cpu", weights_only=False)
+    module, buffers = saved["module"], set(saved.get("buffer_names") or ())
+    parameters = {name: tensor for name, tensor in module.items() if name not in buffers}
+    half = [name for name, tensor in parameters.items() if tensor.dtype in HALF_DTYPES]
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    if half and masters is not None:
+        order = [n for n, t in parameters.items() if takes_weight_decay(n, t)]
+        order += [n for n, t in parameters.items() if not takes_weight_decay(n, t)]
+        flat = [tensor for group in masters for tensor in group]
+        shapes = [tuple(parameters[name].shape) for name in order]
+        if shapes != [tuple(tensor.shape) for tensor in flat]:
+            raise ValueError(f"{model_file}: the optimizer's fp32 weights do not line up with the module's parameters")
+        module = dict(module) | dict(zip(order, flat, strict=True))
+    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the encoder of ``checkpoint`` as an HF directory at ``output`` (atomically).
 
@@ -52,7 +87,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         FileNotFoundError: ``checkpoint`` is not a complete checkpoint of a dist_kd run.
         ValueError: the weights do not fit the architecture the run's config describes.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoTokenizer
 
     from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
@@ -66,7 +100,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: {checkpoint} must sit in RUN/checkpoints/")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     model, prefix, tokenizer_dir, modules_dir = _student_model(run_dir, config)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    state = fp32_state_dict(checkpoint)
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -8,7 +8,9 @@ error rather than a silent override.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 
 from dist_kd.config import doc
+
+logger = logging.getLogger(__name__)
 
 # transformers' schedules that need nothing beyond warmup and total steps.
 SCHEDULERS = (
@@ -51,7 +55,9 @@ class TrainConfig:
     fused_optimizer: bool = doc(
         "AdamW as torch's fused kernel where it has one (CUDA, CPU); false: the per-tensor loop", True
     )
-    precision: str = doc("student precision: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16", "auto")
+    precision: str = doc(
+        "student precision: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 (GPU or CPU) | fp16 (GPU)", "auto"
+    )
     global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
 
     def __post_init__(self):
@@ -85,14 +91,29 @@ class DeepSpeedSection:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    """``auto`` -> bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.
+
+    bf16 on a CPU is allowed when asked for (DeepSpeed's CPU accelerator trains it): it runs the GPU's
+    half-precision path (fp32 master weights in the optimizer), and CPUs with AMX or AVX512-BF16 run its
+    matrix products faster than fp32. fp16 needs a GPU."""
     if name != "auto":
-        if device.type == "cpu" and name != "fp32":
-            raise ValueError(f"train.precision={name} needs a GPU; use fp32 (or auto) on a CPU")
+        if device.type == "cpu" and name == "fp16":
+            raise ValueError("train.precision=fp16 needs a GPU; use fp32, auto or bf16 on a CPU")
+        if device.type == "cpu" and name == "bf16" and not cpu_has_bf16():
+            logger.warning("train.precision=bf16: this CPU has no AMX or AVX512-BF16, so bf16 runs slower than fp32")
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16, from /proc/cpuinfo's flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
 
 
 def resolve_ds_path(path: str) -> Path:
@@ -172,8 +193,13 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
+        (decay if takes_weight_decay(name, parameter) else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def takes_weight_decay(name: str, parameter: torch.Tensor) -> bool:
+    """Whether :func:`parameter_groups` puts the parameter ``name`` in the decayed group (its first)."""
+    return parameter.dim() >= 2 and "LayerNorm" not in name and "layer_norm" not in name
 
 
 def build_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -229,10 +255,76 @@ def gathered_parameters(engine, parameters: list[torch.nn.Parameter]):
     Exports read full weights; under ZeRO-3 each rank holds only a shard, so every rank must enter this
     (it is collective) even if only rank 0 writes.
     """
-    import contextlib
-
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
     return contextlib.nullcontext()
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def full_precision_weights(engine, module: torch.nn.Module):
+    """A context in which ``module``'s parameters are whole and hold the optimizer's fp32 master weights.
+
+    A bf16/fp16 engine keeps the module in half precision and the exact weights in the optimizer (fp32);
+    the module's copy is the master rounded to 8 (bf16) or 11 (fp16) significant bits. Exports run inside
+    this context, so a GPU run writes the fp32 weights it trained, as a CPU run does. A parameter with no
+    master (frozen) is written as its half value, widened. Collective under ZeRO-3 (every rank must enter);
+    the module is as before on exit. A no-op for fp32 engines.
+    """
+    parameters = list(module.parameters())
+    with gathered_parameters(engine, parameters):
+        half = [p for p in parameters if p.dtype in HALF_DTYPES]
+        if not half:
+            yield module
+            return
+        masters = master_weights(engine, half)
+        kept = [p.data for p in half]
+        try:
+            for parameter, master in zip(half, masters, strict=True):
+                parameter.data = (parameter.data if master is None else master).to(parameter.device, torch.float32)
+            yield module
+        finally:
+            for parameter, data in zip(half, kept, strict=True):
+                parameter.data = data
+
+
+def master_weights(engine, parameters: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    """The optimizer's fp32 copy of each of ``parameters`` (whole), or None where it keeps none.
+
+    ZeRO 1-3 and DeepSpeed's bf16 optimizer map each parameter to its slice of the fp32 partitions
+    (``safe_get_full_fp32_param``, collective under ZeRO-3); ZeRO-0 in half precision wraps the torch
+    optimizer in DeepSpeed's fp16 optimizer (for bf16 too), whose ``fp32_groups`` (or, fused,
+    ``fp32_groups_flat``) parallel its ``fp16_groups``.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    optimizer = engine.optimizer
+    by_id: dict[int, torch.Tensor] = {}
+    for index, group in enumerate(getattr(optimizer, "fp16_groups", None) or []):
+        if getattr(optimizer, "fp32_groups", None):
+            masters = optimizer.fp32_groups[index]
+        elif getattr(optimizer, "fp32_groups_flat", None):
+            flat = optimizer.fp32_groups_flat[index]
+            masters = [flat.narrow(0, start, p.numel()).view_as(p) for p, start in zip(group, _offsets(group))]
+        else:
+            break
+        by_id.update((id(p), master) for p, master in zip(group, masters, strict=True))
+    out = []
+    for parameter in parameters:
+        master = by_id.get(id(parameter))
+        if master is None and parameter.requires_grad:
+            master = safe_get_full_fp32_param(parameter)
+        out.append(None if master is None else master.detach())
+    return out
+
+
+def _offsets(tensors: list[torch.Tensor]) -> list[int]:
+    starts, total = [], 0
+    for tensor in tensors:
+        starts.append(total)
+        total += tensor.numel()
+    return starts

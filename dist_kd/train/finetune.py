@@ -47,7 +47,7 @@ from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.predict import batched_logits
-from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, gathered_parameters, resolve_precision
+from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, full_precision_weights, resolve_precision
 from dist_kd.train.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class TeacherTrainer:
     def export(self, target: Path, result: dict[str, Any], dev_logits: np.ndarray) -> None:
         """Save the HF classifier + tokenizer + results to ``target`` atomically (collective)."""
         module = self.engine.module
-        with gathered_parameters(self.engine, list(module.parameters())):
+        with full_precision_weights(self.engine, module):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.save_pretrained(tmp)

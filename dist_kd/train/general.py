@@ -48,7 +48,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
     check_batch,
-    gathered_parameters,
+    full_precision_weights,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger, estimate_mfu
@@ -462,8 +462,7 @@ class GeneralTrainer:
         (collective)."""
         target = self.run_dir / "student"
         student = self.engine.module.student
-        gather = gathered_parameters(self.engine, list(student.parameters()))
-        with gather:
+        with full_precision_weights(self.engine, student):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     student.save_pretrained(tmp)

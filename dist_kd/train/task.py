@@ -55,7 +55,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
     check_batch,
-    gathered_parameters,
+    full_precision_weights,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger
@@ -554,7 +554,7 @@ class TaskTrainer:
     ) -> None:
         """``target``: the task's HF classifier + tokenizer (+ dev predictions), atomically (collective)."""
         module = self.engine.module
-        with gathered_parameters(self.engine, list(module.parameters())):
+        with full_precision_weights(self.engine, module):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.export_task(task.spec.name, tmp, self.tokenizer)
@@ -569,7 +569,7 @@ class TaskTrainer:
         module = self.engine.module
         encoder = module.student if self.phase == "intermediate" else module.encoder
         exported = {"student": self.run_dir / "student"}
-        with gathered_parameters(self.engine, list(encoder.parameters())):
+        with full_precision_weights(self.engine, encoder):
             if self.info.is_main:
                 with atomic_dir(exported["student"]) as tmp:
                     encoder.save_pretrained(tmp)

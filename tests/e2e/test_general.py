@@ -398,3 +398,36 @@ def test_general_distillation_from_an_adapted_teacher(arch, tiny_corpus, tmp_pat
     assert student.config.num_hidden_layers == 2 and student.config.hidden_size == 16
     if arch == "deberta-v2":  # its task head's pooler is as wide as the student
         assert student.config.pooler_hidden_size == 16
+
+
+def test_bf16_run_on_a_cpu_exports_fp32_weights_and_its_zero0_checkpoint_exports_the_same(
+    tiny_bert_dir, tiny_corpus, tmp_path
+):
+    """The GPU's default precision end to end on a CPU (train.precision=bf16, a bf16 teacher, ZeRO-0): the run
+    trains, logs and evaluates; its student is written in fp32 (the optimizer's master weights, which a bf16
+    copy cannot hold); and dist-kd export of the last ZeRO-0 checkpoint (which DeepSpeed's zero_to_fp32 does not
+    read) gives the same weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    out = tmp_path / "bf16"
+    run_script(
+        "launch/general.py", "--debug", "--config", CONFIG,
+        *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=6", "run.log_every=2", "run.save_every=6",
+               "train.precision=bf16", "teacher.dtype=bf16", "deepspeed.config=ds_configs/zero0.json"),
+    )  # fmt: skip
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [2, 4, 6] and all(r["loss"] > 0 for r in records)
+    student = load_file(out / "student" / "model.safetensors")
+    assert {tensor.dtype for tensor in student.values()} == {torch.float32}
+    matrices = [t for t in student.values() if t.dim() == 2]
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in matrices), "the export holds only bf16 values"
+    assert AutoModel.from_pretrained(out / "student").dtype == torch.float32
+    exported = tmp_path / "exported"
+    run_script("-m", "dist_kd", "export", "--checkpoint", str(out / "checkpoints" / "step-00000006"),
+               "--output", str(exported))  # fmt: skip
+    again = load_file(exported / "model.safetensors")
+    assert again.keys() == student.keys()
+    for name in student:
+        torch.testing.assert_close(again[name], student[name], rtol=0, atol=0, msg=name)

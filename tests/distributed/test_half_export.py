@@ -1,0 +1,57 @@
+"""Exports of a bf16/fp16 engine carry the optimizer's fp32 master weights, not the module's half copy.
+
+A half-precision engine (the default on GPUs) keeps the module in bf16/fp16 and the weights it trains in
+fp32 inside the optimizer. ``full_precision_weights`` (every export of a run) and ``dist-kd export``'s
+checkpoint reader must both give those fp32 weights. Checked against DeepSpeed's own zero_to_fp32 reader of
+the same step's checkpoint (ZeRO 2-3), against the module (rounding each exported weight to the engine's
+dtype gives the module's weight exactly, and the exported weights hold bits the half copy lacks), and the
+module comes back unchanged. CPU ranks (DeepSpeed's CPU accelerator trains bf16 and fp16 engines), so these
+are the twins of the GPU path.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_kd.export import fp32_state_dict
+
+pytestmark = pytest.mark.distributed
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize(
+    ("precision", "zero", "nproc"),
+    [("bf16", "zero0", 1), ("fp16", "zero0", 2), ("bf16", "zero2", 2), ("bf16", "zero3", 2), ("fp32", "zero0", 1)],
+)
+def test_export_carries_the_fp32_master_weights(ranks, tiny_bert_dir, tmp_path, precision, zero, nproc):
+    ranks("half_export.py", str(tiny_bert_dir), str(tmp_path), f"ds_configs/{zero}.json", precision, nproc=nproc)
+    for rank in range(nproc):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text())["restored"], rank
+    exported, module = torch.load(tmp_path / "exported.pt"), torch.load(tmp_path / "module.pt")
+    assert exported.keys() == module.keys() and len(exported) > 10
+    half = HALF.get(precision)
+    assert all(tensor.dtype == torch.float32 for tensor in exported.values())
+    assert all(tensor.dtype == (half or torch.float32) for tensor in module.values())
+    if half is None:
+        for name, tensor in exported.items():
+            torch.testing.assert_close(tensor, module[name], rtol=0, atol=0, msg=name)
+    else:
+        for name, tensor in exported.items():
+            assert torch.equal(tensor.to(half), module[name]), name  # the module is the master rounded
+        extra = sum(int((tensor != module[name].float()).sum()) for name, tensor in exported.items())
+        assert extra > 0.5 * sum(t.numel() for t in exported.values()), "most weights should carry bits beyond half"
+    # The checkpoint of the same step, read back as dist-kd export reads it (zero_to_fp32 for ZeRO 1-3).
+    saved = fp32_state_dict(tmp_path / "checkpoints" / "step-00000004")
+    assert saved.keys() >= exported.keys()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
+    if zero != "zero0":  # and DeepSpeed's own reader of the whole directory, independently of ours
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), tag="step-00000004")
+        for name, tensor in exported.items():
+            torch.testing.assert_close(theirs[name], tensor, rtol=0, atol=0, msg=name)

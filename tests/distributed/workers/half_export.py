@@ -1,0 +1,59 @@
+"""Worker: train student + projections a few steps in a bf16/fp16/fp32 DeepSpeed engine on CPU ranks, save a
+checkpoint, and write what an export sees inside ``full_precision_weights`` (OUT/exported.pt, rank 0) beside
+the module's own weights (OUT/module.pt) and whether the module came back unchanged (OUT/rank<r>.json)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dist_kd import distributed
+from dist_kd.layer_map import layer_map
+from dist_kd.models.student import DistillStudent, StudentConfig, build_projections, build_student
+from dist_kd.models.teacher import Teacher
+from dist_kd.objective import LossWeights, tinybert_objective
+from dist_kd.testing import random_sentences
+from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, full_precision_weights, gathered_parameters
+
+
+def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str) -> None:
+    info = distributed.init_distributed(force_cpu=True)
+    out = Path(out_dir)
+    try:
+        torch.manual_seed(0)
+        mapping = layer_map(4, 2)
+        teacher = Teacher(teacher_dir, dtype="fp32", score_layers=mapping, max_layer=max(mapping))
+        cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, dropout=0.0)
+        model = DistillStudent(build_student(cfg, teacher.config), build_projections(16, 32, 2))
+        train = TrainConfig(max_steps=10, lr=1e-2, warmup_ratio=0.0)
+        engine = build_engine(model, train, build_ds_config(ds_json, 2, 1, info.world_size, precision, 1.0))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        enc = tokenizer(random_sentences(2, seed=100 + info.rank), padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        for _ in range(4):
+            terms = tinybert_objective(engine(ids, mask), teacher.features(ids, mask), mapping, mask, LossWeights(),
+                                       engine.module.projections)  # fmt: skip
+            engine.backward(terms["loss"])
+            engine.step()
+        engine.save_checkpoint(str(out / "checkpoints"), tag="step-00000004")
+        names = [name for name, _ in engine.module.named_parameters()]
+        with gathered_parameters(engine, list(engine.module.parameters())):
+            before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        with full_precision_weights(engine, engine.module) as module:
+            exported = {n: p.detach().clone() for n, p in module.named_parameters()}
+        with gathered_parameters(engine, list(engine.module.parameters())):
+            after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        restored = all(after[n].dtype == before[n].dtype and torch.equal(after[n], before[n]) for n in names)
+        if info.is_main:
+            torch.save(exported, out / "exported.pt")
+            torch.save(before, out / "module.pt")
+        (out / f"rank{info.rank}.json").write_text(json.dumps({"restored": restored, "world_size": info.world_size}))
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
