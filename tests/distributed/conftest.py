@@ -19,9 +19,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Start ``script`` (in tests/distributed/workers) on ``nproc`` CPU ranks with torchrun; fail on a non-zero exit."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+def run_ranks(
+    script: str, *args: str, nproc: int = 2, timeout: float = 300, cuda: bool = False
+) -> subprocess.CompletedProcess:
+    """Start ``script`` (in tests/distributed/workers) on ``nproc`` ranks with torchrun (CPU ranks unless
+    ``cuda``); fail on a non-zero exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
         str(WORKERS / script), *args,

@@ -23,12 +23,26 @@ pytestmark = pytest.mark.distributed
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@pytest.mark.parametrize(
-    ("precision", "zero", "nproc"),
-    [("bf16", "zero0", 1), ("fp16", "zero0", 2), ("bf16", "zero2", 2), ("bf16", "zero3", 2), ("fp32", "zero0", 1)],
-)
+CASES = [("bf16", "zero0", 1), ("fp16", "zero0", 2), ("bf16", "zero2", 2), ("bf16", "zero3", 2), ("fp32", "zero0", 1)]
+GPU_CASES = [pytest.param(precision, zero, "cuda", marks=pytest.mark.gpu) for precision in ("bf16", "fp16")
+             for zero in ("zero0", "zero2")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("precision", "zero", "nproc"), CASES)
 def test_export_carries_the_fp32_master_weights(ranks, tiny_bert_dir, tmp_path, precision, zero, nproc):
     ranks("half_export.py", str(tiny_bert_dir), str(tmp_path), f"ds_configs/{zero}.json", precision, nproc=nproc)
+    _check(tmp_path, precision, zero, nproc)
+
+
+@pytest.mark.parametrize(("precision", "zero", "device"), GPU_CASES)
+def test_export_carries_the_fp32_master_weights_on_a_gpu(ranks, tiny_bert_dir, tmp_path, precision, zero, device):
+    """The GPU twin, one rank on the device (nccl)."""
+    ranks("half_export.py", str(tiny_bert_dir), str(tmp_path), f"ds_configs/{zero}.json", precision, device,
+          nproc=1, cuda=True)  # fmt: skip
+    _check(tmp_path, precision, zero, 1)
+
+
+def _check(tmp_path, precision: str, zero: str, nproc: int) -> None:
     for rank in range(nproc):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text())["restored"], rank
     exported, module = torch.load(tmp_path / "exported.pt"), torch.load(tmp_path / "module.pt")

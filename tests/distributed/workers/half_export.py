@@ -17,13 +17,13 @@ from dist_kd.testing import random_sentences
 from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, full_precision_weights, gathered_parameters
 
 
-def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str) -> None:
-    info = distributed.init_distributed(force_cpu=True)
+def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str, device: str = "cpu") -> None:
+    info = distributed.init_distributed(force_cpu=device == "cpu")
     out = Path(out_dir)
     try:
         torch.manual_seed(0)
         mapping = layer_map(4, 2)
-        teacher = Teacher(teacher_dir, dtype="fp32", score_layers=mapping, max_layer=max(mapping))
+        teacher = Teacher(teacher_dir, dtype="fp32", device=info.device, score_layers=mapping, max_layer=max(mapping))
         cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, dropout=0.0)
         model = DistillStudent(build_student(cfg, teacher.config), build_projections(16, 32, 2))
         train = TrainConfig(max_steps=10, lr=1e-2, warmup_ratio=0.0)
@@ -32,7 +32,7 @@ def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         enc = tokenizer(random_sentences(2, seed=100 + info.rank), padding=True, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+        ids, mask = enc["input_ids"].to(info.device), enc["attention_mask"].to(info.device)
         for _ in range(4):
             terms = tinybert_objective(engine(ids, mask), teacher.features(ids, mask), mapping, mask, LossWeights(),
                                        engine.module.projections)  # fmt: skip
@@ -48,8 +48,8 @@ def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str) -> None:
             after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         restored = all(after[n].dtype == before[n].dtype and torch.equal(after[n], before[n]) for n in names)
         if info.is_main:
-            torch.save(exported, out / "exported.pt")
-            torch.save(before, out / "module.pt")
+            torch.save({n: t.cpu() for n, t in exported.items()}, out / "exported.pt")
+            torch.save({n: t.cpu() for n, t in before.items()}, out / "module.pt")
         (out / f"rank{info.rank}.json").write_text(json.dumps({"restored": restored, "world_size": info.world_size}))
     finally:
         distributed.teardown()
