@@ -243,10 +243,39 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
     def scheduler(wrapped: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return build_scheduler(wrapped, cfg)
 
+    half = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
+    start = [p.detach().clone() for p in module.parameters()] if half else []
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    if half:
+        seed_master_weights(engine, start)
     return engine
+
+
+def seed_master_weights(engine, start: list[torch.Tensor]) -> None:
+    """Set the optimizer's fp32 master weights to the module's weights as they were before DeepSpeed cast it.
+
+    DeepSpeed casts the module to bf16/fp16 and then copies the masters from the cast module, so a run would
+    otherwise start from its initial (say pretrained) weights rounded to half precision. ``start`` holds each
+    of ``engine.module``'s parameters before ``deepspeed.initialize``; rank 0's are broadcast first, as
+    DeepSpeed broadcasts the module itself.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    parameters = list(engine.module.parameters())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        start = [tensor.to(engine.device) for tensor in start]  # the default group's device (NCCL: the GPU)
+        for tensor in start:
+            torch.distributed.broadcast(tensor, src=0)
+    by_id = _fp16_optimizer_masters(engine.optimizer)
+    for parameter, value in zip(parameters, start, strict=True):
+        if not parameter.requires_grad or not value.is_floating_point():
+            continue
+        if id(parameter) in by_id:
+            by_id[id(parameter)].data.copy_(value)
+        else:
+            safe_set_full_fp32_param(parameter, value.to(parameter.device, torch.float32))
 
 
 def gathered_parameters(engine, parameters: list[torch.nn.Parameter]):
@@ -302,7 +331,18 @@ def master_weights(engine, parameters: list[torch.nn.Parameter]) -> list[torch.T
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    optimizer = engine.optimizer
+    by_id = _fp16_optimizer_masters(engine.optimizer)
+    out = []
+    for parameter in parameters:
+        master = by_id.get(id(parameter))
+        if master is None and parameter.requires_grad:
+            master = safe_get_full_fp32_param(parameter)
+        out.append(None if master is None else master.detach())
+    return out
+
+
+def _fp16_optimizer_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master, for DeepSpeed's fp16 optimizers (ZeRO-0 in bf16/fp16); else empty."""
     by_id: dict[int, torch.Tensor] = {}
     for index, group in enumerate(getattr(optimizer, "fp16_groups", None) or []):
         if getattr(optimizer, "fp32_groups", None):
@@ -313,13 +353,7 @@ def master_weights(engine, parameters: list[torch.nn.Parameter]) -> list[torch.T
         else:
             break
         by_id.update((id(p), master) for p, master in zip(group, masters, strict=True))
-    out = []
-    for parameter in parameters:
-        master = by_id.get(id(parameter))
-        if master is None and parameter.requires_grad:
-            master = safe_get_full_fp32_param(parameter)
-        out.append(None if master is None else master.detach())
-    return out
+    return by_id
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[int]:

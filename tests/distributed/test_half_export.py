@@ -1,4 +1,5 @@
-"""Exports of a bf16/fp16 engine carry the optimizer's fp32 master weights, not the module's half copy.
+"""Exports of a bf16/fp16 engine carry the optimizer's fp32 master weights, not the module's half copy,
+and those masters start from the module's weights as built (fp32), not rounded to half precision.
 
 A half-precision engine (the default on GPUs) keeps the module in bf16/fp16 and the weights it trains in
 fp32 inside the optimizer. ``full_precision_weights`` (every export of a run) and ``dist-kd export``'s
@@ -43,6 +44,11 @@ def test_export_carries_the_fp32_master_weights_on_a_gpu(ranks, tiny_bert_dir, t
 
 
 def _check(tmp_path, precision: str, zero: str, nproc: int) -> None:
+    # Before any step the masters are the module's weights as built (fp32), not those rounded to half.
+    start = torch.load(tmp_path / "start.pt")
+    assert start["at_start"].keys() == start["initial"].keys()
+    for name, tensor in start["initial"].items():
+        torch.testing.assert_close(start["at_start"][name], tensor, rtol=0, atol=0, msg=name)
     for rank in range(nproc):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text())["restored"], rank
     exported, module = torch.load(tmp_path / "exported.pt"), torch.load(tmp_path / "module.pt")

@@ -27,7 +27,12 @@ def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str, device: s
         cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, dropout=0.0)
         model = DistillStudent(build_student(cfg, teacher.config), build_projections(16, 32, 2))
         train = TrainConfig(max_steps=10, lr=1e-2, warmup_ratio=0.0)
+        initial = {name: p.detach().clone() for name, p in model.named_parameters()}
         engine = build_engine(model, train, build_ds_config(ds_json, 2, 1, info.world_size, precision, 1.0))
+        with full_precision_weights(engine, engine.module) as module:
+            at_start = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+        if info.is_main:
+            torch.save({"initial": initial, "at_start": at_start}, out / "start.pt")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
