@@ -100,7 +100,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if device.type == "cpu" and name == "fp16":
             raise ValueError("train.precision=fp16 needs a GPU; use fp32, auto or bf16 on a CPU")
         if device.type == "cpu" and name == "bf16" and not cpu_has_bf16():
-            logger.warning("train.precision=bf16: this CPU has no AMX or AVX512-BF16, so bf16 runs slower than fp32")
+            logger.warning(
+                "train.precision=bf16: this CPU has no AMX or AVX512-BF16, so its bf16 matrix products are emulated "
+                "(usually slower than fp32)"
+            )
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
