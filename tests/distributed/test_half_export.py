@@ -24,7 +24,8 @@ pytestmark = pytest.mark.distributed
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-CASES = [("bf16", "zero0", 1), ("fp16", "zero0", 2), ("bf16", "zero2", 2), ("bf16", "zero3", 2), ("fp32", "zero0", 1)]
+CASES = [("bf16", "zero0", 1), ("fp16", "zero0", 2), ("bf16", "zero2", 2), ("bf16", "zero3", 2), ("fp32", "zero0", 1),
+         ("bf16", "zero3_offload", 1)]  # fmt: skip
 GPU_CASES = [pytest.param(precision, zero, "cuda", marks=pytest.mark.gpu) for precision in ("bf16", "fp16")
              for zero in ("zero0", "zero2")]  # fmt: skip
 
