@@ -194,6 +194,7 @@ class Suite:
 
     def report(self) -> dict:
         return self.header | {
+            "budget_s": self.budget_s,
             "rows": [asdict(r) for r in self.rows],
             "gpu_tests": self.gpu_tests,
             "seconds": self.elapsed(),
@@ -472,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "teacher": asdict(plan.teacher) | {"vocab": vocab},
             "smoke": args.smoke,
-            "budget_s": budget_s,
         }
         suite = Suite(output, header, budget_s)
         # The tests first (their processes start before this one joins a process group).

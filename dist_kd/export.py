@@ -56,8 +56,7 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     module's weights are in ``mp_rank_00_model_states.pt``. In half precision that file also holds DeepSpeed's
     fp16 optimizer's ``fp32_groups``, in the order of the engine's parameter groups (decayed, then not).
     """
-    files = sorted(checkpoint.glob("*optim_states.pt"))
-    if files:
+    if any(checkpoint.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
@@ -67,7 +66,7 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     saved = torch.load(model_file, map_location="cpu", weights_only=False)
     module, buffers = saved["module"], set(saved.get("buffer_names") or ())
     parameters = {name: tensor for name, tensor in module.items() if name not in buffers}
-    half = [name for name, tensor in parameters.items() if tensor.dtype in HALF_DTYPES]
+    half = any(tensor.dtype in HALF_DTYPES for tensor in parameters.values())
     masters = (saved.get("optimizer") or {}).get("fp32_groups")
     if half and masters is not None:
         order = [n for n, t in parameters.items() if takes_weight_decay(n, t)]

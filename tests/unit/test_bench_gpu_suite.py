@@ -27,7 +27,7 @@ def suite_module():
     return module
 
 
-HEADER = {"device": "test", "torch": "x", "teacher": {}, "smoke": True, "budget_s": None}
+HEADER = {"device": "test", "torch": "x", "teacher": {}, "smoke": True}
 
 
 def _rows(output: Path) -> list[dict]:
@@ -61,7 +61,7 @@ def test_each_unit_is_written_at_once_and_a_failure_costs_only_its_own_row(suite
 
 def test_units_past_the_budget_are_recorded_as_skipped_not_run(suite_module, tmp_path):
     m = suite_module
-    suite = m.Suite(tmp_path, HEADER | {"budget_s": 0.0}, budget_s=0.0)
+    suite = m.Suite(tmp_path, HEADER, budget_s=0.0)
     ran = []
     suite.run(m.Result("s", 8, 2, "late"), lambda: ran.append(1) or [])
     assert not ran
