@@ -256,6 +256,35 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
     return engine
 
 
+def release_engine(engine) -> None:
+    """Free ``engine``'s memory for a process that goes on (the teachers of an ensemble one after another,
+    the Python API called in a loop). Dropping the last reference is not enough: ZeRO-2 and ZeRO-3
+    optimizers register gradient hooks that keep the engine, its module, fp32 masters and optimizer states
+    alive until ``engine.destroy()``. ZeRO-3 (DeepSpeed 0.19) also keeps the module on a module-level stack
+    that nothing pops (``parameter_offload.FWD_MODULE_STACK``) and, once it has run two steps, in a
+    class-level ``lru_cache`` of its parameter coordinator keyed by coordinator and submodule. Both are
+    cleared here (the cache only memoizes; another live engine refills it). The engine is unusable
+    afterwards."""
+    import gc
+
+    engine.destroy()
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+        if isinstance(stack, list):
+            stack[:] = [module for module in stack if module is not engine.module]
+        for function in vars(PartitionedParameterCoordinator).values():
+            cells = getattr(function, "__closure__", None) or ()  # DeepSpeed's nvtx wrapper hides the cache
+            for candidate in (function, *(cell.cell_contents for cell in cells)):
+                if callable(getattr(candidate, "cache_clear", None)):
+                    candidate.cache_clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def seed_master_weights(engine, start: list[torch.Tensor]) -> None:
     """Set the optimizer's fp32 master weights to the module's weights as they were before DeepSpeed cast it.
 
@@ -277,8 +306,27 @@ def seed_master_weights(engine, start: list[torch.Tensor]) -> None:
             continue
         if id(parameter) in by_id:
             by_id[id(parameter)].data.copy_(value)
+        elif hasattr(parameter, "ds_tensor"):
+            _set_zero3_master(parameter, value)
         else:
             safe_set_full_fp32_param(parameter, value.to(parameter.device, torch.float32))
+
+
+def _set_zero3_master(parameter: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set this rank's ZeRO-3 partition of ``parameter``'s fp32 master to its slice of ``value``.
+
+    Each rank holds an equal slice of the flattened parameter, the last one padded. DeepSpeed's
+    ``safe_set_full_fp32_param`` (0.19) cuts the slice without that padding and fails on any parameter whose
+    size is not a multiple of the ranks (a 3-label classifier's bias on 2 ranks), so the slice is cut here."""
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    size = parameter.ds_tensor.numel()
+    group = getattr(parameter, "ds_process_group", None)
+    rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+    local = value.flatten()[size * rank : size * (rank + 1)].to(torch.float32)
+    if local.numel() < size:
+        local = torch.cat([local, local.new_zeros(size - local.numel())])
+    safe_set_local_fp32_param(parameter, local.to(parameter.ds_tensor.device))
 
 
 def gathered_parameters(engine, parameters: list[torch.nn.Parameter]):

@@ -19,7 +19,6 @@ Teachers are exported atomically, so a restart skips the teachers already finish
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -47,7 +46,14 @@ from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.predict import batched_logits
-from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, full_precision_weights, resolve_precision
+from dist_kd.train.engine import (
+    TrainConfig,
+    build_ds_config,
+    build_engine,
+    full_precision_weights,
+    release_engine,
+    resolve_precision,
+)
 from dist_kd.train.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -252,11 +258,10 @@ class TeacherTrainer:
 
     def close(self) -> None:
         """Free the engine (the next teacher builds its own)."""
+        if self.engine is not None:
+            release_engine(self.engine)
         self.engine = None
         self.model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def teacher_params(spec: TaskSpec, cfg: FinetuneConfig, index: int) -> dict[str, Any]:

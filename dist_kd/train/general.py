@@ -49,6 +49,7 @@ from dist_kd.train.engine import (
     build_engine,
     check_batch,
     full_precision_weights,
+    release_engine,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger, estimate_mfu
@@ -534,7 +535,11 @@ class GeneralTrainer:
         )
 
     def close(self) -> None:
+        """Close the loggers and free the engine (the trainer is done with)."""
         self.metrics.close()
+        if self.engine is not None:
+            release_engine(self.engine)
+            self.engine = None
 
 
 def quality_summary(trainer: GeneralTrainer) -> dict | None:

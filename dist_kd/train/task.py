@@ -56,6 +56,7 @@ from dist_kd.train.engine import (
     build_engine,
     check_batch,
     full_precision_weights,
+    release_engine,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger
@@ -637,7 +638,11 @@ class TaskTrainer:
         return model_card(title, summary, facts, dev, load, tag)
 
     def close(self) -> None:
+        """Close the loggers and free the engine (the trainer is done with)."""
         self.metrics.close()
+        if self.engine is not None:
+            release_engine(self.engine)
+            self.engine = None
 
 
 def _teacher_tokenizer(path: str) -> dict[str, Any]:
