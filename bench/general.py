@@ -58,6 +58,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,9 @@ from dist_kd.models.student import (
 )
 from dist_kd.models.teacher import DTYPES, Teacher, check_model_dir
 from dist_kd.objective import LossWeights, tinybert_objective
-from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, resolve_precision
+from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, release_engine, resolve_precision
 from dist_kd.train.general import device_mask
-from dist_kd.train.metrics import count_parameters, matmul_parameters
+from dist_kd.train.metrics import count_parameters, distill_flops_per_token
 
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[Batch], None]
@@ -140,10 +141,13 @@ def make_documents(
     return documents
 
 
-def text_documents(paths: list[str], tokenizer, num_body_tokens: int, seq_len: int, multiple: int) -> list[np.ndarray]:
+def text_documents(
+    paths: list[str], tokenizer, num_body_tokens: int, seq_len: int, multiple: int, fewer_ok: bool = False
+) -> list[np.ndarray]:
     """Real documents: every ``.txt`` file under ``paths`` (files or directories, sorted), tokenised without
     special tokens and cut to ``seq_len`` with [CLS] and [SEP], until ``num_body_tokens`` as in
-    :func:`make_documents`."""
+    :func:`make_documents`. With ``fewer_ok``, all the files give when that is less (cut to a multiple of
+    ``multiple`` documents) instead of an error."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -163,6 +167,10 @@ def text_documents(paths: list[str], tokenizer, num_body_tokens: int, seq_len: i
         body = np.asarray(body[: seq_len - 2], dtype=np.int64)
         documents.append(body)
         total += len(body) + 1
+    if fewer_ok and total < num_body_tokens:
+        documents = documents[: len(documents) - len(documents) % multiple]
+        if documents:
+            return documents
     if total < num_body_tokens or len(documents) % multiple:
         raise ValueError(
             f"--text: {len(files)} .txt files give {total} tokens in {len(documents)} documents; "
@@ -223,11 +231,14 @@ def build_dist_kd_step(
     info: distributed.DistInfo,
     fused_optimizer: bool = True,
     skip_full_mask: bool = True,
+    seq_len: int | None = None,
 ) -> tuple[StepFn, dict[str, object]]:
-    """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built.
+    """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built:
+    figures, and ``release`` (frees the engine: call it before building the next one in a process that goes on).
 
     ``fused_optimizer=False`` and ``skip_full_mask=False`` (an all-ones mask passed on as a mask) switch the
-    two fast paths off, for the ``--ablations`` rows."""
+    two fast paths off, for the ``--ablations`` rows. ``seq_len`` adds attention's products to
+    ``flops_per_token``."""
     from transformers import AutoConfig
 
     teacher_config = AutoConfig.from_pretrained(teacher_path)
@@ -258,8 +269,7 @@ def build_dist_kd_step(
         engine.step()
 
     built = {
-        # 6 FLOPs per trained matmul weight and token, 2 per teacher weight that runs (metrics.estimate_mfu)
-        "flops_per_token": 6 * matmul_parameters(model) + 2 * matmul_parameters(teacher.model),
+        "flops_per_token": distill_flops_per_token(model, teacher, seq_len),  # what metrics.estimate_mfu counts
         "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
         "teacher_layers_run": teacher.model.config.num_hidden_layers,
         "teacher_params_run": count_parameters(teacher.model),
@@ -267,6 +277,7 @@ def build_dist_kd_step(
         "projection_params": count_parameters(projections) if projections is not None else 0,
         "precision": precision,
         "zero_stage": engine.zero_optimization_stage(),
+        "release": partial(release_engine, engine),
     }
     return step, built
 
@@ -383,8 +394,15 @@ def build_textbrewer_step(
 
 
 def has_textbrewer() -> bool:
-    """Whether the peer (the ``bench`` extra) is installed."""
-    return importlib.util.find_spec("textbrewer") is not None
+    """Whether the peer (the ``bench`` extra) is installed and imports (it needs tensorboard, for one)."""
+    if importlib.util.find_spec("textbrewer") is None:
+        return False
+    try:
+        import textbrewer  # noqa: F401
+    except ImportError as error:
+        logging.getLogger(__name__).warning("textbrewer is installed but does not import: %s", error)
+        return False
+    return True
 
 
 # --- timing and report -------------------------------------------------------------------------------------

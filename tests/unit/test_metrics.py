@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from dist_kd.train.common import RunConfig
-from dist_kd.train.metrics import MetricsLogger, count_parameters, estimate_mfu, matmul_parameters
+from dist_kd.train.metrics import (
+    MetricsLogger,
+    count_parameters,
+    distill_flops_per_token,
+    estimate_mfu,
+    matmul_parameters,
+)
 
 
 def _steps(path):
@@ -167,7 +173,15 @@ def test_mfu_is_none_on_cpu():
     assert estimate_mfu(torch.nn.Linear(2, 2), None, 1e6, torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe")])
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+    ],
+)
 def test_mfu_on_a_known_gpu_follows_the_formula(monkeypatch, name, peak):
     from dist_kd.train import metrics
 
@@ -178,3 +192,19 @@ def test_mfu_on_a_known_gpu_follows_the_formula(monkeypatch, name, peak):
     assert estimate_mfu(student, teacher, 1e6, torch.device("cuda")) == pytest.approx(expected)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some Future GPU")
     assert estimate_mfu(student, teacher, 1e6, torch.device("cuda")) is None
+
+
+def test_attention_products_are_counted_per_token_and_layer_given_the_sequence_length(tiny_bert_dir):
+    """Against FLOPs counted by hand for the two L x L products: Q K^T is L x L dot products of width d (2 d L^2
+    FLOPs per layer and sequence) and so is their sum of V; per token that is 4 d L per layer."""
+    from transformers import AutoModel
+
+    teacher = type("Teacher", (), {"model": AutoModel.from_pretrained(tiny_bert_dir)})()
+    student = type("Student", (torch.nn.Module,), {})()
+    student.student = AutoModel.from_pretrained(tiny_bert_dir)
+    weights = distill_flops_per_token(student, teacher)
+    assert weights == 8 * matmul_parameters(teacher.model)  # 6 + 2 per weight, nothing for attention
+    config, length = teacher.model.config, 64
+    per_sequence_and_layer = 2 * (2 * config.hidden_size * length * length)
+    attention = (3 + 1) * config.num_hidden_layers * per_sequence_and_layer / length  # student trains, teacher runs
+    assert distill_flops_per_token(student, teacher, length) == pytest.approx(weights + attention)
