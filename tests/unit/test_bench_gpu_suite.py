@@ -121,3 +121,14 @@ def test_gpu_tests_past_their_timeout_leave_no_process_behind(suite_module, tmp_
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(pid), "the test run's own child process outlived the timeout"
+
+
+def test_full_shapes_is_a_cpu_dry_run_option(suite_module, tmp_path):
+    """--full-shapes changes the --smoke plan only: the real shapes with tiny micro-batches, no gpu tests."""
+    m = suite_module
+    assert m.SHAPES.teacher == m.FULL.teacher and m.SHAPES.students == m.FULL.students
+    assert [length for length, _ in m.SHAPES.lengths] == [length for length, _ in m.FULL.lengths]
+    assert all(batch <= 4 for _, batch in m.SHAPES.lengths) and not m.SHAPES.gpu_tests
+    with pytest.raises(SystemExit):
+        m.main(["--full-shapes", "--output", str(tmp_path)])
+    assert not (tmp_path / "gpu_suite.json").exists()
