@@ -167,7 +167,7 @@ def text_documents(
         body = np.asarray(body[: seq_len - 2], dtype=np.int64)
         documents.append(body)
         total += len(body) + 1
-    if fewer_ok and total < num_body_tokens:
+    if fewer_ok:  # all the files gave: whole batches of what there is
         documents = documents[: len(documents) - len(documents) % multiple]
         if documents:
             return documents

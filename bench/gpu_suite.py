@@ -437,8 +437,9 @@ GPU_TESTS_COMMAND = [
 
 
 def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
-    """``pytest -m gpu`` in a subprocess (run first: a correctness check is worth more than one more row). On
-    the timeout its whole process group goes (the tests' own rank processes too: none is left on the device)."""
+    """``pytest -m gpu`` in a subprocess (run first: a correctness check is worth more than one more row). Its
+    whole process group goes when it ends or times out (the tests' own rank processes too: none is left on the
+    device while the rows are timed)."""
     started = time.perf_counter()
     command = command or [sys.executable, *GPU_TESTS_COMMAND]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -446,9 +447,13 @@ def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        stdout = stderr = None
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    if stdout is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
         return {"exit_code": None, "summary": f"stopped after {timeout_s:.0f} s", "seconds": timeout_s}
     lines = [line for line in stdout.splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]

@@ -267,14 +267,18 @@ def release_engine(engine) -> None:
     afterwards."""
     import gc
 
-    engine.destroy()
+    try:
+        engine.destroy()
+    except Exception:  # a clean-up must not hide the error that led here (a CUDA fault, say)
+        logger.warning("freeing the DeepSpeed engine failed; its memory may stay in use", exc_info=True)
+    modules = {id(module) for module in engine.module.modules()}  # a forward that raised left submodules too
     with contextlib.suppress(ImportError):
         from deepspeed.runtime.zero import parameter_offload
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
         stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
         if isinstance(stack, list):
-            stack[:] = [module for module in stack if module is not engine.module]
+            stack[:] = [module for module in stack if id(module) not in modules]
         for function in vars(PartitionedParameterCoordinator).values():
             cells = getattr(function, "__closure__", None) or ()  # DeepSpeed's nvtx wrapper hides the cache
             for candidate in (function, *(cell.cell_contents for cell in cells)):
@@ -282,7 +286,8 @@ def release_engine(engine) -> None:
                     candidate.cache_clear()
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.empty_cache()
 
 
 def seed_master_weights(engine, start: list[torch.Tensor]) -> None:
@@ -318,9 +323,12 @@ def _set_zero3_master(parameter: torch.nn.Parameter, value: torch.Tensor) -> Non
     Each rank holds an equal slice of the flattened parameter, the last one padded. DeepSpeed's
     ``safe_set_full_fp32_param`` (0.19) cuts the slice without that padding and fails on any parameter whose
     size is not a multiple of the ranks (a 3-label classifier's bias on 2 ranks), so the slice is cut here."""
-    from deepspeed.utils import safe_set_local_fp32_param
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
-    size = parameter.ds_tensor.numel()
+    size = getattr(parameter.ds_tensor, "ds_numel", parameter.ds_tensor.numel())
+    if parameter.ds_tensor.numel() != size:  # swapped out to NVMe (an empty placeholder): DeepSpeed's setter
+        safe_set_full_fp32_param(parameter, value.to(torch.float32))
+        return
     group = getattr(parameter, "ds_process_group", None)
     rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
     local = value.flatten()[size * rank : size * (rank + 1)].to(torch.float32)

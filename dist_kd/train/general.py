@@ -123,6 +123,16 @@ class GeneralTrainer:
     """
 
     def __init__(self, cfg: GeneralConfig, info: distributed.DistInfo):
+        self.engine = None
+        try:
+            self._set_up(cfg, info)
+        except BaseException:  # a failed check after the engine was built must not leave it on the device
+            if self.engine is not None:
+                release_engine(self.engine)
+                self.engine = None
+            raise
+
+    def _set_up(self, cfg: GeneralConfig, info: distributed.DistInfo) -> None:
         from dist_kd.data.shards import read_manifest
         from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer
 
@@ -537,10 +547,12 @@ class GeneralTrainer:
 
     def close(self) -> None:
         """Close the loggers and free the engine (the trainer is done with)."""
-        self.metrics.close()
-        if self.engine is not None:
-            release_engine(self.engine)
-            self.engine = None
+        try:
+            self.metrics.close()
+        finally:
+            engine, self.engine = self.engine, None
+            if engine is not None:
+                release_engine(engine)
 
 
 def quality_summary(trainer: GeneralTrainer) -> dict | None:

@@ -74,6 +74,16 @@ class TaskTrainer:
     """
 
     def __init__(self, cfg: TaskConfig, info: distributed.DistInfo):
+        self.engine = None
+        try:
+            self._set_up(cfg, info)
+        except BaseException:  # a failed check after the engine was built must not leave it on the device
+            if self.engine is not None:
+                release_engine(self.engine)
+                self.engine = None
+            raise
+
+    def _set_up(self, cfg: TaskConfig, info: distributed.DistInfo) -> None:
         from transformers import AutoConfig
 
         from dist_kd.data.tokenizer import load_tokenizer
@@ -639,10 +649,12 @@ class TaskTrainer:
 
     def close(self) -> None:
         """Close the loggers and free the engine (the trainer is done with)."""
-        self.metrics.close()
-        if self.engine is not None:
-            release_engine(self.engine)
-            self.engine = None
+        try:
+            self.metrics.close()
+        finally:
+            engine, self.engine = self.engine, None
+            if engine is not None:
+                release_engine(engine)
 
 
 def _teacher_tokenizer(path: str) -> dict[str, Any]:

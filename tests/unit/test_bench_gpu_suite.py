@@ -132,3 +132,21 @@ def test_full_shapes_is_a_cpu_dry_run_option(suite_module, tmp_path):
     with pytest.raises(SystemExit):
         m.main(["--full-shapes", "--output", str(tmp_path)])
     assert not (tmp_path / "gpu_suite.json").exists()
+
+
+def test_text_documents_with_fewer_ok_give_whole_batches_of_what_the_files_hold(suite_module, tmp_path):
+    """Three files and batches of 2: asking for more tokens than they hold, or for exactly what two of them
+    hold, gives the first two documents (a whole batch), where the strict call refuses the first case."""
+    bench = sys.modules["general"]
+    for index, words in enumerate((["a"] * 5, ["b"] * 5, ["c"] * 5)):
+        (tmp_path / f"{index}.txt").write_text(" ".join(words))
+
+    class Words:  # one id per word, as a tokenizer's ``input_ids``
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [ord(word[0]) for word in text.split()]}
+
+    for asked in (100, 14):
+        documents = bench.text_documents([str(tmp_path)], Words(), asked, 32, 2, fewer_ok=True)
+        assert [d.tolist() for d in documents] == [[97] * 5, [98] * 5]
+    with pytest.raises(ValueError, match="a multiple of 2 documents"):
+        bench.text_documents([str(tmp_path)], Words(), 100, 32, 2)
