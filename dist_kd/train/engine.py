@@ -290,6 +290,41 @@ def release_engine(engine) -> None:
             torch.cuda.empty_cache()
 
 
+class EngineTrainer:
+    """A trainer that owns a DeepSpeed engine and frees it on every way out.
+
+    ``__init__`` runs the subclass's ``_set_up(cfg, info)``; if that raises after building ``self.engine`` (a
+    failed resume check, say), the engine is freed before the error goes on, since no trainer is left for
+    anyone to close. ``close`` closes ``self.metrics`` and frees the engine, even when the loggers fail.
+    """
+
+    engine: Any = None
+    metrics: Any
+
+    def __init__(self, cfg: Any, info: Any):
+        self.engine = None
+        try:
+            self._set_up(cfg, info)
+        except BaseException:
+            self._release_engine()
+            raise
+
+    def _set_up(self, cfg: Any, info: Any) -> None:
+        raise NotImplementedError
+
+    def _release_engine(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            release_engine(engine)
+
+    def close(self) -> None:
+        """Close the loggers and free the engine (the trainer is done with)."""
+        try:
+            self.metrics.close()
+        finally:
+            self._release_engine()
+
+
 def seed_master_weights(engine, start: list[torch.Tensor]) -> None:
     """Set the optimizer's fp32 master weights to the module's weights as they were before DeepSpeed cast it.
 

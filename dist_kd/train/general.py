@@ -44,12 +44,12 @@ from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, RunConfig, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
     DeepSpeedSection,
+    EngineTrainer,
     TrainConfig,
     build_ds_config,
     build_engine,
     check_batch,
     full_precision_weights,
-    release_engine,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger, estimate_mfu
@@ -114,23 +114,13 @@ def device_mask(host_mask: torch.Tensor, device: torch.device) -> torch.Tensor |
     return None if bool(host_mask.all()) else host_mask.to(device, non_blocking=True)
 
 
-class GeneralTrainer:
+class GeneralTrainer(EngineTrainer):
     """General distillation on one rank.
 
     Args:
         cfg: the validated config.
         info: this process's place in the job (``distributed.init_distributed()``).
     """
-
-    def __init__(self, cfg: GeneralConfig, info: distributed.DistInfo):
-        self.engine = None
-        try:
-            self._set_up(cfg, info)
-        except BaseException:  # a failed check after the engine was built must not leave it on the device
-            if self.engine is not None:
-                release_engine(self.engine)
-                self.engine = None
-            raise
 
     def _set_up(self, cfg: GeneralConfig, info: distributed.DistInfo) -> None:
         from dist_kd.data.shards import read_manifest
@@ -544,15 +534,6 @@ class GeneralTrainer:
             seed=0,
             shuffle=False,
         )
-
-    def close(self) -> None:
-        """Close the loggers and free the engine (the trainer is done with)."""
-        try:
-            self.metrics.close()
-        finally:
-            engine, self.engine = self.engine, None
-            if engine is not None:
-                release_engine(engine)
 
 
 def quality_summary(trainer: GeneralTrainer) -> dict | None:

@@ -52,11 +52,11 @@ from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
+    EngineTrainer,
     build_ds_config,
     build_engine,
     check_batch,
     full_precision_weights,
-    release_engine,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger
@@ -65,23 +65,13 @@ from dist_kd.train.task_config import TaskConfig
 logger = logging.getLogger(__name__)
 
 
-class TaskTrainer:
+class TaskTrainer(EngineTrainer):
     """Task distillation on one rank.
 
     Args:
         cfg: the validated config.
         info: this process's place in the job (``distributed.init_distributed()``).
     """
-
-    def __init__(self, cfg: TaskConfig, info: distributed.DistInfo):
-        self.engine = None
-        try:
-            self._set_up(cfg, info)
-        except BaseException:  # a failed check after the engine was built must not leave it on the device
-            if self.engine is not None:
-                release_engine(self.engine)
-                self.engine = None
-            raise
 
     def _set_up(self, cfg: TaskConfig, info: distributed.DistInfo) -> None:
         from transformers import AutoConfig
@@ -646,15 +636,6 @@ class TaskTrainer:
             load, tag = classifier_load_snippet(self.run_dir / "tasks" / task.spec.name), "text-classification"
             summary = f"A classifier for {task.spec.name} (labels: {', '.join(task.spec.labels or [])})."
         return model_card(title, summary, facts, dev, load, tag)
-
-    def close(self) -> None:
-        """Close the loggers and free the engine (the trainer is done with)."""
-        try:
-            self.metrics.close()
-        finally:
-            engine, self.engine = self.engine, None
-            if engine is not None:
-                release_engine(engine)
 
 
 def _teacher_tokenizer(path: str) -> dict[str, Any]:

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from dist_kd.train import general, task
+from dist_kd.train import engine as engine_module
+from dist_kd.train.general import GeneralTrainer
+from dist_kd.train.task import TaskTrainer
 
 
-@pytest.fixture(params=[(general, "GeneralTrainer"), (task, "TaskTrainer")], ids=["general", "task"])
+@pytest.fixture(params=[GeneralTrainer, TaskTrainer], ids=["general", "task"])
 def trainer_class(request, monkeypatch):
-    module, name = request.param
     released = []
-    monkeypatch.setattr(module, "release_engine", released.append)
-    return getattr(module, name), released
+    monkeypatch.setattr(engine_module, "release_engine", released.append)
+    return request.param, released
 
 
 def test_a_set_up_that_fails_after_building_the_engine_frees_it(trainer_class, monkeypatch):
