@@ -37,7 +37,6 @@ the peer; as many batches as the text gives, up to the plan's steps (the 2,225 a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -45,8 +44,6 @@ import json
 import logging
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +61,8 @@ from dist_kd import distributed  # noqa: E402
 from dist_kd.layer_map import layer_map  # noqa: E402
 from dist_kd.models.student import StudentConfig  # noqa: E402
 from dist_kd.objective import LossWeights  # noqa: E402
-from dist_kd.train.metrics import PEAK_FLOPS  # noqa: E402
+from dist_kd.testing import run_process_group  # noqa: E402
+from dist_kd.train.metrics import peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,13 +131,6 @@ class Result:
     peak_memory_gb: float | None = None
     ms_per_step: float | None = None
     note: str = ""
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
 def reset_memory(device: torch.device) -> None:
@@ -441,25 +432,14 @@ def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
     whole process group goes when it ends or times out (the tests' own rank processes too: none is left on the
     device while the rows are timed)."""
     started = time.perf_counter()
-    command = command or [sys.executable, *GPU_TESTS_COMMAND]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        stdout = stderr = None
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    if stdout is None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=10)
+    proc = run_process_group(command or [sys.executable, *GPU_TESTS_COMMAND], timeout_s, cwd=REPO)
+    if proc.returncode is None:
         return {"exit_code": None, "summary": f"stopped after {timeout_s:.0f} s", "seconds": timeout_s}
-    lines = [line for line in stdout.splitlines() if line.strip()]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     return {
         "exit_code": proc.returncode,
-        "summary": lines[-1] if lines else stderr.strip()[-300:],
+        "summary": lines[-1] if lines else proc.stderr.strip()[-300:],
         "failures": failures,
         "seconds": time.perf_counter() - started,
     }

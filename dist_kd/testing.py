@@ -8,7 +8,11 @@ several (augmentation treats the two differently).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import subprocess
 from pathlib import Path
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -213,3 +217,23 @@ def topic_examples(num: int, seed: int = 0, num_keywords: int = 2) -> list[dict[
         rng.shuffle(words)
         rows.append({"text": " ".join(words) + ".", "label": label})
     return rows
+
+
+def run_process_group(command: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """Run ``command`` in a process group of its own (text output captured) and kill the whole group when it
+    ends or after ``timeout`` seconds, so none of its children (a launcher's ranks) outlive it and hold a
+    port or a device. ``returncode`` is None when the timeout stopped it (with what it wrote by then)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen_kwargs)  # fmt: skip
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out, stdout, stderr = True, "", ""
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if timed_out:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            stdout, stderr = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(command, None if timed_out else proc.returncode, stdout or "", stderr or "")

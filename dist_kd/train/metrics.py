@@ -240,15 +240,20 @@ def distill_flops_per_token(model: torch.nn.Module, teacher: Any, seq_len: int |
     return flops
 
 
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak from :data:`PEAK_FLOPS`; None on a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
 def estimate_mfu(
     model: torch.nn.Module, teacher: Any, tokens_per_s_per_rank: float, device: torch.device, seq_len: int | None = None
 ) -> float | None:
     """Model FLOPs utilisation of one GPU: :func:`distill_flops_per_token` x tokens/s over the device's dense
     bf16 peak. None on a CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    peak = peak_flops(device)
     if peak is None:
         return None
     return distill_flops_per_token(model, teacher, seq_len) * tokens_per_s_per_rank / peak

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dist_kd.testing import run_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,21 +35,10 @@ def run_script(*args: str, timeout: float = 600, check: bool = True) -> subproce
     The job runs in its own process group, and nothing of it outlives the call: a launcher's rank processes
     left behind by a timeout (or a crash) would hold the tests' fixed ports and hang the next run on them."""
     cmd = list(args) if args[0] == "deepspeed" else [sys.executable, *args]
-    popen = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = popen.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stdout = stderr = None
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGKILL)
-    if stdout is None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            stdout, stderr = popen.communicate(timeout=30)
+    proc = run_process_group(cmd, timeout, cwd=REPO, env=script_env())
+    if proc.returncode is None:
         pytest.fail(f"{' '.join(cmd)} did not end in {timeout:.0f} s (all its processes were killed)\n"
-                    f"stdout:\n{(stdout or '')[-4000:]}\nstderr:\n{(stderr or '')[-8000:]}")  # fmt: skip
-    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
+                    f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")  # fmt: skip
     if check and proc.returncode != 0:
         pytest.fail(
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
