@@ -360,12 +360,36 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def shm_buffer_path(rank: int, environ: dict[str, str] | None = None) -> Path:
+    """The shared-memory file in which DeepSpeed's CPU op keeps ``rank``'s all-reduce workspace.
+
+    The op (``shm.cpp``) names it ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``,
+    creates it when a CPU process group whose ranks are all on one node starts, and never unlinks it: every
+    multi-rank CPU run would leave about 70 MB per rank in /dev/shm (RAM) until the machine restarts.
+    """
+    env = os.environ if environ is None else environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    return Path("/dev/shm") / name
+
+
 def teardown() -> None:
-    """Destroy the process group if one exists (safe to call twice)."""
+    """Destroy the process group if one exists (safe to call twice).
+
+    On a CPU, once every rank has reached the final barrier (so each has long mapped the others' buffers),
+    each rank unlinks its own DeepSpeed shared-memory buffer (:func:`shm_buffer_path`); the mappings stay
+    valid until the processes exit. Without the barrier a rank may still be looking for the file, so a failed
+    barrier leaves it in place.
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
+        synced = False
         with contextlib.suppress(Exception):
             dist.barrier()
+            synced = True
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        if synced:
+            with contextlib.suppress(OSError):
+                shm_buffer_path(rank).unlink(missing_ok=True)
     _HOST_GROUP.clear()

@@ -20,11 +20,11 @@ def _free_port() -> int:
 
 
 def run_ranks(
-    script: str, *args: str, nproc: int = 2, timeout: float = 300, cuda: bool = False
+    script: str, *args: str, nproc: int = 2, timeout: float = 300, cuda: bool = False, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Start ``script`` (in tests/distributed/workers) on ``nproc`` ranks with torchrun (CPU ranks unless
-    ``cuda``); fail on a non-zero exit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    ``cuda``; ``env`` adds variables); fail on a non-zero exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [
