@@ -16,7 +16,9 @@ under its final name or absent. Older complete checkpoints beyond ``keep_last`` 
 that already has a whole checkpoint (a finished run started again) is not saved again, so there is never
 a moment without the newest complete checkpoint. Resume takes the newest checkpoint whose files are all
 there at the sizes ``meta.json`` lists; a damaged one is skipped with a warning naming it and what is
-wrong, and the previous one is used. A save that fails (a full disk) removes its temporary directory and
+wrong, and the previous one is used; when none is whole the run is refused (never silently restarted), and
+``keep_last`` counts whole checkpoints only. ``meta.json`` also holds the settings the optimizer state was
+built under (:func:`settings_meta`), checked on resume (:func:`check_resume`). A save that fails (a full disk) removes its temporary directory and
 is reported in one line naming the directory and the free space; the checkpoints before it are untouched.
 """
 
@@ -119,13 +121,23 @@ def resume_point(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint a run starts from: the newest whole one under ``run_dir/checkpoints``, or None.
 
     Raises:
-        ValueError: ``resume`` is ``never`` and ``run_dir`` already holds a run (checkpoints or metrics).
+        ValueError: ``resume`` is ``never`` and ``run_dir`` already holds a run (checkpoints or metrics); or
+            ``run_dir`` holds finished checkpoints and none of them is whole (starting from step 0 there would
+            throw the run's progress and its metrics away without a word).
     """
     latest = latest_checkpoint(run_dir / "checkpoints")
     if resume == "never" and (latest is not None or (run_dir / "metrics.jsonl").exists()):
         raise ValueError(
             f"run.output_dir {run_dir} already holds a run; use run.resume=auto to continue it "
             "or choose another run.output_dir"
+        )
+    saved = complete_checkpoints(run_dir / "checkpoints")
+    if latest is None and saved:
+        _, newest = saved[-1]
+        raise ValueError(
+            f"cannot resume {run_dir}: no checkpoint under {run_dir / 'checkpoints'} is whole ({len(saved)} damaged; "
+            f"newest {newest.name}: {damage(newest)}); restore the missing files, or delete the checkpoints "
+            "directory to start this run again from step 0, or choose another run.output_dir"
         )
     return latest
 
@@ -201,10 +213,25 @@ def save_checkpoint(
             with atomic_path(checkpoints_dir / "latest") as tmp:
                 tmp.write_text(name)
         if keep_last > 0:
-            for _, old in complete_checkpoints(checkpoints_dir)[:-keep_last]:
+            for old in prunable(checkpoints_dir, keep_last):
                 shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def prunable(checkpoints_dir: Path, keep_last: int) -> list[Path]:
+    """The checkpoints that ``keep_last`` lets go: everything older than the ``keep_last`` newest whole ones.
+
+    Only whole checkpoints count towards ``keep_last``: a damaged one kept in their place would leave the run
+    nothing to resume from. A damaged one older than every kept whole one can never be resumed from and goes
+    too; one between them stays (skipped on resume, replaced when its step is saved again).
+    """
+    saved = complete_checkpoints(checkpoints_dir)
+    whole = [step for step, path in saved if damage(path) is None]
+    if not whole:
+        return []
+    oldest_kept = whole[-min(keep_last, len(whole))]
+    return [path for step, path in saved if step < oldest_kept]
 
 
 def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException) -> CheckpointSaveError:
@@ -238,26 +265,82 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "meta.json").read_text())
 
 
+def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    """The settings a checkpoint's optimizer and schedule state was built under, for its ``meta.json``.
+
+    The ``train.*`` and ``deepspeed.*`` keys cannot change on resume: DeepSpeed restores the learning rate and
+    weight decay from the checkpoint's optimizer and scheduler state (a new ``train.lr`` would be recorded in
+    config.yaml and never used), and another optimizer, precision or ZeRO stage does not load (a traceback
+    mid-load, or a missing-file error that reads like damage). ``schedule`` may change: the schedule's shape
+    is rebuilt from the config on every start (:func:`check_schedule`).
+
+    Args:
+        train: the run's ``TrainConfig``.
+        ds_config: the filled DeepSpeed config (its precision and ZeRO stage as resolved).
+        max_steps: the run's total steps (the task stage derives it from epochs).
+    """
+    precision = next((key for key in ("bf16", "fp16") if ds_config.get(key, {}).get("enabled")), "fp32")
+    return {
+        "train.optimizer": train.optimizer,
+        "train.lr": train.lr,
+        "train.weight_decay": train.weight_decay,
+        "train.seed": train.seed,
+        "train.precision": precision,
+        "deepspeed.zero_stage": int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        "schedule": {"max_steps": max_steps, "warmup_ratio": train.warmup_ratio, "scheduler": train.scheduler},
+    }
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume when what defines the run (teacher, student shape, tasks, ...) changed since the checkpoint.
+    """Refuse to resume when what defines the run (teacher, student shape, tasks, optimizer settings, ...)
+    changed since the checkpoint.
 
     Args:
         saved: the checkpoint's ``meta.json``.
-        current: this run's meta (every key the checkpoint also has is compared; ``step`` and ``world_size``
-            are added at save time).
+        current: this run's meta (every key the checkpoint also has is compared, but ``schedule``, which
+            :func:`check_schedule` checks; ``step`` and ``world_size`` are added at save time).
 
     Raises:
         ValueError: naming each differing field with its saved and current value.
     """
-    differences = [
-        f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}"
-        for key in current
-        if key in saved and saved[key] != current[key]  # a key an older checkpoint lacks is not compared
-    ]
-    if differences:
-        raise ValueError(
-            f"cannot resume from {checkpoint}: " + "; ".join(differences) + " (start a new run.output_dir instead)"
+    differing = [key for key in current if key != "schedule" and key in saved and saved[key] != current[key]]
+    if not differing:  # keys an older checkpoint lacks are not compared
+        return
+    details = "; ".join(f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}" for key in differing)
+    way_out = ""
+    if any(key.startswith(("train.", "deepspeed.")) for key in differing):
+        way_out = (
+            f"; to go on from these weights under new settings, export them (dist-kd export --checkpoint {checkpoint} "
+            "--output DIR) and start a new run.output_dir with student.path=DIR"
         )
+    raise ValueError(
+        f"cannot resume from {checkpoint}: {details} (put the checkpoint's values back, or start a new "
+        f"run.output_dir{way_out})"
+    )
+
+
+def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """The schedule on resume: refuse a run shorter than the checkpoint's step; say when its shape changed.
+
+    The learning-rate schedule is a function of the step, ``max_steps``, ``warmup_ratio`` and ``scheduler``,
+    rebuilt from the config on every start: a longer ``train.max_steps`` (train on) reshapes it from the
+    checkpoint's step on, which a warning says with the values before and after.
+
+    Raises:
+        ValueError: ``max_steps`` is below the step the checkpoint was taken at.
+    """
+    step, before, now = int(saved.get("step", 0)), saved.get("schedule") or {}, current["schedule"]
+    if step > now["max_steps"]:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it is at step {step}, past this run's {now['max_steps']} steps "
+            f"(train.max_steps, or the epochs); give at least {step} steps, or start a new run.output_dir"
+        )
+    changed = [f"{key} {before[key]} -> {new}" for key, new in now.items() if key in before and before[key] != new]
+    if changed:
+        logger.warning(
+            "resuming from %s with another schedule (%s): the learning rate follows the new one from step %d on",
+            checkpoint, ", ".join(changed), step,
+        )  # fmt: skip
 
 
 def check_world_size(saved: dict[str, Any], world_size: int, zero_stage: int, checkpoint: Path) -> None:
@@ -277,6 +360,19 @@ def check_world_size(saved: dict[str, Any], world_size: int, zero_stage: int, ch
             f"optimizer state is partitioned per rank, and this run has {world_size}; start it on {before} ranks "
             "(deepspeed --num_gpus/--num_nodes), or start a new run.output_dir"
         )
+
+
+def check_resume(checkpoint: Path, meta: dict[str, Any], world_size: int) -> None:
+    """Every check of a resume, before anything is loaded or written: :func:`check_compatible`,
+    :func:`check_schedule` and :func:`check_world_size` against the checkpoint's ``meta.json``.
+
+    Args:
+        meta: this run's meta, with :func:`settings_meta` in it.
+    """
+    saved = read_meta(checkpoint)
+    check_compatible(saved, meta, checkpoint)
+    check_schedule(saved, meta, checkpoint)
+    check_world_size(saved, world_size, meta["deepspeed.zero_stage"], checkpoint)
 
 
 def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@ and the window of loss terms between log lines."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import signal
@@ -153,6 +154,16 @@ class LossWindow:
     def restart_clock(self) -> None:
         """Start the window's time now: work done since it opened (an evaluation) is not training time."""
         self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (an evaluation, a save) is not the window's training time, wherever in the window
+        it falls: the micro-batches added before it keep theirs."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - began
 
     def add(self, terms: dict[str, torch.Tensor], tokens: int | torch.Tensor, rows: int, group: str | None = None):
         """One micro-batch: its loss terms (``group``: also as that task's loss), this rank's tokens and rows."""

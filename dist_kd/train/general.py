@@ -214,12 +214,10 @@ class GeneralTrainer(EngineTrainer):
                 "layer_map": self.mapping,
             },
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
+            **ckpt.settings_meta(cfg.train, ds_config, cfg.train.max_steps),
         }
         if resume_from is not None:
-            saved = ckpt.read_meta(resume_from)
-            ckpt.check_compatible(saved, self.meta, resume_from)
-            zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-            ckpt.check_world_size(saved, info.world_size, zero_stage, resume_from)
+            ckpt.check_resume(resume_from, self.meta, info.world_size)
         self.initial_quality: dict[str, float | None] | None = None
         if resume_from is not None:
             self._load(resume_from)  # every check passes before the run directory changes
@@ -356,12 +354,14 @@ class GeneralTrainer(EngineTrainer):
         """Run until ``train.max_steps`` or a stop signal. Returns True when training finished."""
         cfg = self.cfg
         stop = StopSignal()
-        bar = progress_bar(
-            cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
-        )
         batches = self._batches()
         if self.step == 0 and self.heldout is not None:
             self.initial_quality = self.quality_record()  # what the initialisation alone gives
+        # The first window's tokens/s and the bar's rate count training only, not set-up or that evaluation.
+        bar = progress_bar(
+            cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
+        )
+        self._window.restart_clock()
         try:
             while self.step < cfg.train.max_steps:
                 for _ in range(cfg.train.grad_accum):
@@ -379,7 +379,8 @@ class GeneralTrainer(EngineTrainer):
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:
-                    self.save()
+                    with self._window.paused():  # tokens/s counts training only
+                        self.save()
                 if stop_agreed(stop.requested):
                     self.save()
                     logger.warning("stopped at step %d; run again with run.resume=auto to continue", self.step)

@@ -167,12 +167,10 @@ class TaskTrainer(EngineTrainer):
                 for t in self.tasks
             ],
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
+            **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
         }
         if resume_from is not None:
-            saved = ckpt.read_meta(resume_from)
-            ckpt.check_compatible(saved, self.meta, resume_from)
-            zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-            ckpt.check_world_size(saved, info.world_size, zero_stage, resume_from)
+            ckpt.check_resume(resume_from, self.meta, info.world_size)
         self._window = LossWindow(info.device, self.names)
         if resume_from is not None:  # every check passes before the run directory changes
             state = ckpt.load_checkpoint(self.engine, resume_from)
@@ -387,6 +385,7 @@ class TaskTrainer(EngineTrainer):
         stop = StopSignal()
         bar = progress_bar(self.max_steps, self.step, f"task distillation ({self.phase})", self.info.is_main
                            and cfg.run.progress)  # fmt: skip
+        self._window.restart_clock()  # set-up (and a resume's loading) is not training time
         try:
             while self.step < self.max_steps:
                 for _ in range(cfg.train.grad_accum):
@@ -401,9 +400,11 @@ class TaskTrainer(EngineTrainer):
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                 bar.update(1)
                 if self.step % self.eval_every == 0 or self.step == self.max_steps:
-                    self.evaluate()
+                    with self._window.paused():  # tokens/s counts training only
+                        self.evaluate()
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.max_steps:
-                    self.save()
+                    with self._window.paused():
+                        self.save()
                 if stop_agreed(stop.requested):
                     self.save()
                     logger.warning("stopped at step %d; run again with run.resume=auto to continue", self.step)

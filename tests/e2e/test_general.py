@@ -296,8 +296,13 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_pat
         ("probe column", ["eval.label=topic"], r"eval.texts .*probe.jsonl: no column 'topic'"),
         ("missing held-out texts", ["eval.texts=/nonexistent/probe.jsonl"], "eval.texts /nonexistent/probe.jsonl does"),
         # refused resumes: config.yaml and metrics.jsonl stay as they were (the snapshot below)
-        ("other seed", ["train.seed=7"], "corpus stream state field 'seed' is 42 but this stream has 7"),
+        ("other seed", ["train.seed=7"], "cannot resume from .*step-00000004: train.seed: checkpoint has 42, this"),
         ("other corpus, same tokenizer", ["data.shards=EVAL"], "cannot resume from .*step-00000004: corpus: "),
+        # the checkpoint's optimizer would keep its own lr (config.yaml would say otherwise), another ZeRO stage or
+        # a run shorter than the checkpoint does not load
+        ("other lr", ["train.lr=1e-5"], r"train.lr: checkpoint has .*this run has 1e-05 .*dist-kd export --check"),
+        ("other ZeRO stage", ["deepspeed.config=ds_configs/zero3.json"], "deepspeed.zero_stage: checkpoint has 2, "),
+        ("fewer steps", ["train.max_steps=3"], "it is at step 4, past this run's 3 steps"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
@@ -319,6 +324,26 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert snapshot(finished_run) == before
+
+
+def test_a_run_without_a_whole_checkpoint_is_refused_and_keeps_its_metrics(finished_run, tiny_bert_dir, tiny_corpus,
+                                                                           tmp_path):  # fmt: skip
+    """Every checkpoint damaged: starting again from step 0 would wipe metrics.jsonl without a word."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for checkpoint in (run / "checkpoints").glob("step-*"):
+        (checkpoint / "rank00000.pt").unlink()
+    before = snapshot(run)
+    proc = run_script(
+        "launch/general.py", "--debug", "--config", CONFIG,
+        *_args(tiny_bert_dir, tiny_corpus, run, "train.max_steps=8", "eval.texts=null"), check=False,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "no checkpoint under" in errors[0] and "is whole" in errors[0] and "missing rank00000.pt" in errors[0]
+    assert snapshot(run) == before
 
 
 @pytest.fixture(scope="module")

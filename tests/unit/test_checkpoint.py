@@ -111,3 +111,87 @@ def test_another_world_size_is_refused_where_zero_partitions_by_rank(tmp_path, s
             ckpt.check_world_size(saved, 1, stage, tmp_path)
     else:
         ckpt.check_world_size(saved, 1, stage, tmp_path)
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_refused_not_restarted(tmp_path):
+    """Starting from step 0 would throw the run's progress and its metrics away without a word."""
+    run = tmp_path / "run"
+    only = _save(run / "checkpoints", 11)
+    (only / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ValueError, match=r"no checkpoint under .* is whole \(1 damaged; newest step-00000011: missing"):
+        ckpt.resume_point(run, "auto")
+    assert ckpt.resume_point(tmp_path / "fresh", "auto") is None  # no checkpoints at all: a new run
+
+
+def test_keep_last_counts_whole_checkpoints_only(tmp_path):
+    """A damaged checkpoint never takes a whole one's place: with keep_last=1 the new whole save survives."""
+    damaged = _save(tmp_path, 11)
+    (damaged / "rank00000.pt").unlink()
+    _save(tmp_path, 12, keep_last=1)  # older than the whole one kept: the damaged one goes
+    assert [step for step, _ in ckpt.complete_checkpoints(tmp_path)] == [12]
+    for step in (13, 14):
+        _save(tmp_path, step)
+    (tmp_path / "step-00000014" / "rank00000.pt").unlink()  # the newest is damaged
+    _save(tmp_path, 15, keep_last=2)
+    # whole 13 and 15 are kept and the damaged 14 between them stays; 12 goes
+    assert [step for step, _ in ckpt.complete_checkpoints(tmp_path)] == [13, 14, 15]
+    assert ckpt.prunable(tmp_path, 2) == []
+    assert ckpt.prunable(tmp_path, 1) == [tmp_path / "step-00000013", tmp_path / "step-00000014"]
+
+
+class _Train:
+    optimizer, lr, weight_decay, seed, warmup_ratio, scheduler = "adamw", 3e-3, 0.01, 42, 0.1, "linear"
+
+
+def _meta(ds_config=None, max_steps=400, **train):
+    settings = type("T", (_Train,), train)
+    return {
+        "student": 1,
+        **ckpt.settings_meta(
+            settings, {"zero_optimization": {"stage": 2}} if ds_config is None else ds_config, max_steps
+        ),
+    }
+
+
+def test_settings_meta_resolves_precision_and_zero_stage():
+    meta = _meta({"bf16": {"enabled": True}, "fp16": {"enabled": False}, "zero_optimization": {"stage": 3}})
+    assert meta["train.precision"] == "bf16" and meta["deepspeed.zero_stage"] == 3
+    assert _meta({})["train.precision"] == "fp32" and _meta({})["deepspeed.zero_stage"] == 0
+    assert meta["schedule"] == {"max_steps": 400, "warmup_ratio": 0.1, "scheduler": "linear"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lr": 1e-5}, r"train.lr: checkpoint has 0.003, this run has 1e-05"),
+        ({"weight_decay": 0.0}, r"train.weight_decay: checkpoint has 0.01, this run has 0.0"),
+        ({"optimizer": "adamax"}, r"train.optimizer: checkpoint has 'adamw', this run has 'adamax'"),
+        ({"seed": 7}, r"train.seed: checkpoint has 42, this run has 7"),
+    ],
+)
+def test_settings_the_checkpoint_cannot_honour_are_refused_with_the_way_out(tmp_path, change, message):
+    final = _save(tmp_path / "checkpoints", 11)
+    saved = {**json.loads((final / "meta.json").read_text()), **_meta()}
+    ckpt.check_compatible(saved, _meta(), final)
+    with pytest.raises(ValueError, match=message) as caught:
+        ckpt.check_compatible(saved, _meta(**change), final)
+    assert f"dist-kd export --checkpoint {final} --output DIR" in str(caught.value)
+    with pytest.raises(ValueError, match="deepspeed.zero_stage: checkpoint has 2, this run has 3"):
+        ckpt.check_compatible(saved, _meta({"zero_optimization": {"stage": 3}}), final)
+    with pytest.raises(ValueError, match="train.precision: checkpoint has 'fp32', this run has 'bf16'"):
+        ckpt.check_compatible(saved, _meta({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}), final)
+    older = {key: value for key, value in saved.items() if not key.startswith(("train.", "deepspeed."))}
+    ckpt.check_compatible(older, _meta(**change), final)  # a checkpoint from before these keys: not compared
+
+
+def test_the_schedule_may_grow_but_not_end_before_the_checkpoint(tmp_path, caplog):
+    saved = {"step": 11, **_meta()}
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_schedule(saved, _meta(), tmp_path)
+    assert "another schedule" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_schedule(saved, _meta(max_steps=800, warmup_ratio=0.0), tmp_path)
+    assert "max_steps 400 -> 800, warmup_ratio 0.1 -> 0.0" in caplog.text and "from step 11 on" in caplog.text
+    ckpt.check_schedule(saved, _meta(max_steps=11), tmp_path)  # a finished run started again
+    with pytest.raises(ValueError, match="it is at step 11, past this run's 10 steps"):
+        ckpt.check_schedule(saved, _meta(max_steps=10), tmp_path)

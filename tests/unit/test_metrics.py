@@ -208,3 +208,20 @@ def test_attention_products_are_counted_per_token_and_layer_given_the_sequence_l
     per_sequence_and_layer = 2 * (2 * config.hidden_size * length * length)
     attention = (3 + 1) * config.num_hidden_layers * per_sequence_and_layer / length  # student trains, teacher runs
     assert distill_flops_per_token(student, teacher, length) == pytest.approx(weights + attention)
+
+
+def test_a_paused_stretch_is_not_the_windows_training_time(monkeypatch):
+    """An evaluation or a save inside a window leaves out its own time only, wherever in the window it falls."""
+    from dist_kd.train import common
+
+    now = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    window = common.LossWindow(torch.device("cpu"))
+    now[0] += 2.0  # training
+    window.add({"loss": torch.tensor(1.0)}, tokens=10, rows=1)
+    with window.paused():
+        now[0] += 30.0  # an evaluation
+    now[0] += 1.0  # training
+    window.add({"loss": torch.tensor(3.0)}, tokens=10, rows=1)
+    stats = window.reduce()
+    assert stats.seconds == pytest.approx(3.0) and stats.tokens == 20 and stats.values["loss"] == pytest.approx(2.0)
