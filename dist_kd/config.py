@@ -12,6 +12,7 @@ that use them; this module only knows how to build any of them from a mapping.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -100,7 +101,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"config key '{where}' must be a string, got {value!r}")
+        hint = ""
+        if isinstance(value, bool | datetime.date):  # YAML 1.1 reads yes/no/on/off and dates unquoted as such
+            hint = "; YAML reads yes, no, on, off and dates as booleans and dates: quote the value"
+        raise ValueError(f"config key '{where}' must be a string, got {value!r}{hint}")
     return value
 
 

@@ -18,8 +18,9 @@ a moment without the newest complete checkpoint. Resume takes the newest checkpo
 there at the sizes ``meta.json`` lists; a damaged one is skipped with a warning naming it and what is
 wrong, and the previous one is used; when none is whole the run is refused (never silently restarted), and
 ``keep_last`` counts whole checkpoints only. ``meta.json`` also holds the settings the optimizer state was
-built under (:func:`settings_meta`), checked on resume (:func:`check_resume`). A save that fails (a full disk) removes its temporary directory and
-is reported in one line naming the directory and the free space; the checkpoints before it are untouched.
+built under (:func:`settings_meta`), checked on resume (:func:`check_resume`). A save that fails (a full
+disk) removes its temporary directory and is reported in one line naming the directory and the free space;
+the checkpoints before it are untouched.
 """
 
 from __future__ import annotations

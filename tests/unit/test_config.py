@@ -65,6 +65,19 @@ def test_type_and_validation_errors(tmp_path):
         load_config(Outer, tmp_path / "missing.yaml")
 
 
+def test_yaml_booleans_and_dates_given_for_a_string_say_to_quote_them(tmp_path):
+    """YAML 1.1 reads yes/no/on/off and dates unquoted as booleans and dates: the error says so."""
+    path = tmp_path / "c.yaml"
+    path.write_text("inner: {name: yes}\n")
+    with pytest.raises(ValueError, match=r"'inner.name' must be a string, got True; YAML reads yes, .*quote the value"):
+        load_config(Outer, path)
+    with pytest.raises(ValueError, match=r"got datetime.date\(2024, 6, 1\); YAML reads .* dates"):
+        load_config(Outer, None, ["inner.name=2024-06-01"])
+    with pytest.raises(ValueError, match=r"must be a string, got \[1\]$"):  # no hint where YAML is not the cause
+        load_config(Outer, None, ["inner.name=[1]"])
+    assert load_config(Outer, None, ["inner.name='2024-06-01'"]).inner.name == "2024-06-01"
+
+
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("steps: 5\ninner: {rate: 2\n")
