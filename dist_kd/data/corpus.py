@@ -27,18 +27,24 @@ Design:
 - **Determinism**: the shard format (``dist_kd.data.shards``) fixes every tar member's metadata, keys are
   global sequence numbers, and the manifest is JSON with sorted keys and no timestamps, so the same inputs
   and options give byte-identical shards and manifest.
+- **Overwrite**: a corpus being replaced stays loadable until the new one is complete: the new one is
+  written into a hidden sibling directory and swapped in by renames at the end.
 - **Tokenizer identity** (``dist_kd.data.tokenizer``): the manifest records the tokenizer's fingerprint, which
   every reader compares with its teacher's.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import itertools
 import json
 import logging
 import multiprocessing
 import os
+import shutil
+import stat
+import tempfile
 import time
 import zlib
 from collections import deque
@@ -455,16 +461,84 @@ def _validate_options(
         raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, found {encoding_errors!r}")
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    output.mkdir(parents=True, exist_ok=True)
+def _corpus_entry(name: str) -> bool:
+    """A file that belongs to a corpus (or to a run writing one), as opposed to the user's own files."""
+    return name == MANIFEST_NAME or fnmatch.fnmatch(name, "shard-*.tar") or fnmatch.fnmatch(name, ".*.tmp")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    """The directory to write into: ``output`` itself, or a new hidden sibling when it holds a corpus.
+
+    A corpus being replaced (``overwrite``) stays complete and loadable until the new one is: the new
+    corpus is written next to it and swapped in at the end (:func:`_swap_in`), so a run that fails, for
+    instance on a wrong ``text_column`` found while streaming, leaves the old one as it was.
+    """
     manifest = output / MANIFEST_NAME
     if manifest.exists():
         if not overwrite:
             raise FileExistsError(f"{output} already holds a corpus ({manifest}); pass --overwrite to replace it")
-        # Removed first: a crash while shards are rewritten must not leave a manifest over mixed shards.
-        manifest.unlink()
+        # Resolved so that a symlinked output keeps its link and the sibling is on the target's file system.
+        target = output.resolve()
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob(".shard-*.tar.tmp"):
         stale.unlink()
+    return output
+
+
+def _swap_in(new: Path, output: Path) -> None:
+    """Replace the corpus directory ``output`` with ``new`` (same parent) by two renames, then drop the old one.
+
+    Other files kept in ``output`` (notes, a ``.gitignore``) move into the new directory.
+    """
+    target = output.resolve()
+    os.chmod(new, stat.S_IMODE(target.stat().st_mode))  # mkdtemp made it private; keep the old permissions
+    old = new.with_name(new.name.replace(".new-", ".old-", 1))
+    os.replace(target, old)
+    os.replace(new, target)
+    for entry in old.iterdir():
+        if not _corpus_entry(entry.name):
+            os.replace(entry, target / entry.name)
+    shutil.rmtree(old)
+
+
+def _write_corpus(
+    sources: Sequence[Path],
+    tok: Any,
+    tokenizer: str,
+    directory: Path,
+    seq_len: int,
+    shard_size: int,
+    num_workers: int,
+    packing: str,
+    txt_document: str,
+    text_column: str,
+    encoding_errors: str,
+    dtype: np.dtype,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], _ShardWriter, _Packer, int, int]:
+    """Tokenise, pack and write the shards into ``directory``: (shards, writer, packer, documents, input tokens)."""
+    from tqdm import tqdm
+
+    packer = _Packer(seq_len, tok.cls_token_id, tok.sep_token_id, packing, dtype)
+    writer = _ShardWriter(directory, shard_size, dtype)
+    num_documents = [0]
+    num_input_tokens = 0
+    batches = _document_batches(sources, txt_document, text_column, encoding_errors, num_documents)
+    bar = tqdm(desc="prepare_corpus", unit="tok", unit_scale=True, disable=not progress)
+    try:
+        for flat, lengths in _ordered_map(_tokenize_batch, batches, num_workers, _init_tokenizer_worker, (tokenizer,)):
+            num_input_tokens += len(flat)
+            for sequence in packer.add(flat, lengths):
+                writer.write(sequence)
+            bar.update(len(flat))
+            bar.set_postfix(sequences=writer.num_sequences, shards=len(writer.shards), refresh=False)
+        packer.finish()
+        shards = writer.close()
+    finally:
+        bar.close()
+        writer.abort()
+    return shards, writer, packer, num_documents[0], num_input_tokens
 
 
 def prepare_corpus(
@@ -506,8 +580,6 @@ def prepare_corpus(
         FileExistsError: when ``output_dir`` holds a corpus and ``overwrite`` is false.
         ValueError: for bad options or bad inputs (naming the file and, for JSONL, the line).
     """
-    from tqdm import tqdm
-
     _validate_options(seq_len, shard_size, num_workers, packing, txt_document, encoding_errors)
     started = time.perf_counter()
     sources = discover_inputs(inputs)
@@ -518,59 +590,48 @@ def prepare_corpus(
     fingerprint = tokenizer_fingerprint(tok)
     dtype = np.dtype(np.uint16) if fingerprint["vocab_size"] <= 65535 else np.dtype(np.int32)
     output = Path(output_dir)
-    _prepare_output(output, overwrite)
-
-    packer = _Packer(seq_len, tok.cls_token_id, tok.sep_token_id, packing, dtype)
-    writer = _ShardWriter(output, shard_size, dtype)
-    num_documents = [0]
-    num_input_tokens = 0
-    batches = _document_batches(sources, txt_document, text_column, encoding_errors, num_documents)
-    bar = tqdm(desc="prepare_corpus", unit="tok", unit_scale=True, disable=not progress)
+    work = _prepare_output(output, overwrite)
     try:
-        for flat, lengths in _ordered_map(
-            _tokenize_batch, batches, num_workers, _init_tokenizer_worker, (str(tokenizer),)
-        ):
-            num_input_tokens += len(flat)
-            for sequence in packer.add(flat, lengths):
-                writer.write(sequence)
-            bar.update(len(flat))
-            bar.set_postfix(sequences=writer.num_sequences, shards=len(writer.shards), refresh=False)
-        packer.finish()
-        shards = writer.close()
-    finally:
-        bar.close()
-        writer.abort()
-    if not shards:
-        raise ValueError(
-            f"inputs {[str(p) for p in inputs]} gave no sequence of {seq_len} tokens "
-            f"({num_documents[0]} documents, {num_input_tokens} tokens)"
-        )
-    names = {shard["name"] for shard in shards}
-    for stale in output.glob("shard-*.tar"):
-        if stale.name not in names:  # left by an earlier, larger corpus in the same directory
-            stale.unlink()
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": fingerprint,
-        "seq_len": seq_len,
-        "num_sequences": writer.num_sequences,
-        "num_tokens": writer.num_tokens,
-        "num_documents": num_documents[0],
-        "dtype": dtype.name,
-        "packing": packing,
-        "special_tokens": {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id},
-        "options": {
-            "txt_document": txt_document,
-            "text_column": text_column,
-            "encoding_errors": encoding_errors,
-            "shard_size": shard_size,
-        },
-        "shards": shards,
-    }
-    write_json_atomic(output / MANIFEST_NAME, manifest)
+        shards, writer, packer, num_documents, num_input_tokens = _write_corpus(
+            sources, tok, str(tokenizer), work, seq_len, shard_size, num_workers, packing, txt_document,
+            text_column, encoding_errors, dtype, progress,
+        )  # fmt: skip
+        if not shards:
+            raise ValueError(
+                f"inputs {[str(p) for p in inputs]} gave no sequence of {seq_len} tokens "
+                f"({num_documents} documents, {num_input_tokens} tokens)"
+            )
+        names = {shard["name"] for shard in shards}
+        for stale in work.glob("shard-*.tar"):
+            if stale.name not in names:  # left by an earlier, larger (incomplete) corpus in the same directory
+                stale.unlink()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": fingerprint,
+            "seq_len": seq_len,
+            "num_sequences": writer.num_sequences,
+            "num_tokens": writer.num_tokens,
+            "num_documents": num_documents,
+            "dtype": dtype.name,
+            "packing": packing,
+            "special_tokens": {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id},
+            "options": {
+                "txt_document": txt_document,
+                "text_column": text_column,
+                "encoding_errors": encoding_errors,
+                "shard_size": shard_size,
+            },
+            "shards": shards,
+        }
+        write_json_atomic(work / MANIFEST_NAME, manifest)
+    except BaseException:
+        if work != output:
+            shutil.rmtree(work, ignore_errors=True)  # the corpus being replaced stays as it was
+        raise
+    if work != output:
+        _swap_in(work, output)
     summary = CorpusSummary(
-        num_documents=num_documents[0],
+        num_documents=num_documents,
         num_input_tokens=num_input_tokens,
         num_sequences=writer.num_sequences,
         num_tokens=writer.num_tokens,

@@ -130,6 +130,37 @@ def test_overwrite_with_a_smaller_corpus_removes_stale_shards(tmp_path, text_inp
     assert {path.name for path in (tmp_path / "out").glob("shard-*.tar")} == names
 
 
+def test_a_failed_overwrite_leaves_the_old_corpus_intact(tmp_path, text_inputs, tiny_tokenizer_dir):
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    out = tmp_path / "out"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)
+    (out / "NOTES.md").write_text("kept by the user")
+    before = _tree_bytes(out)
+    # The wrong column is found only while streaming, after shards of the new corpus exist.
+    with pytest.raises(ValueError, match="no 'txt' field"):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, text_column="txt", overwrite=True, **options)
+    assert _tree_bytes(out) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary sibling left behind
+    assert len(_all_sequences(out)) == read_manifest(out)["num_sequences"]
+
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, out, overwrite=True, **options)
+    expected = tmp_path / "expected"
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, expected, **options)
+    assert _tree_bytes(out) == {**_tree_bytes(expected), "NOTES.md": b"kept by the user"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["expected", "out"]
+
+
+def test_overwrite_through_a_symlink_keeps_the_link(tmp_path, text_inputs, tiny_tokenizer_dir):
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, tmp_path / "link", **options)
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "link", overwrite=True, **options)
+    assert (tmp_path / "link").is_symlink()
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "expected", **options)
+    assert _tree_bytes(tmp_path / "real") == _tree_bytes(tmp_path / "expected")
+
+
 def test_table_and_dataset_sources_match_jsonl(tmp_path, texts, tiny_tokenizer_dir):
     import datasets
     import pyarrow as pa
