@@ -35,6 +35,7 @@ Design:
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import gzip
 import itertools
@@ -251,6 +252,28 @@ def _dataset_documents(path: Path, text_column: str) -> Iterator[str]:
             yield from _column_texts(batch[text_column], str(path), text_column)
 
 
+def _undecodable_position(path: Path, chunk_size: int = 1 << 20) -> tuple[int, int]:
+    """File offset and 1-based line of the first byte of ``path`` that is not UTF-8 (after decompression)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    consumed, newlines = 0, 0
+    with opener(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                # The decoder may hold back the start of a sequence from the previous chunk; error.start
+                # counts from those held-back bytes.
+                held = len(error.object) - len(chunk)
+                offset = consumed - held + error.start
+                return offset, newlines + error.object[: error.start].count(b"\n") + 1
+            if not chunk:
+                return consumed, newlines + 1  # not reached for a file that failed to decode
+            consumed += len(chunk)
+            newlines += chunk.count(b"\n")
+
+
 def iter_documents(
     source: Path, txt_document: str = "paragraph", text_column: str = "text", encoding_errors: str = "strict"
 ) -> Iterator[str]:
@@ -277,8 +300,11 @@ def iter_documents(
         else:
             yield from _table_documents(source, text_column)
     except UnicodeDecodeError as error:
+        # error.start counts from the start of the decoder's current chunk, not of the file.
+        offset, line = _undecodable_position(source)
+        where = f"byte {offset}" + (" of the uncompressed text" if source.name.lower().endswith(".gz") else "")
         raise ValueError(
-            f"{source} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            f"{source} is not UTF-8 text ({error.reason} at {where}, line {line}); "
             "pass --encoding-errors replace to substitute such bytes"
         ) from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:

@@ -219,6 +219,19 @@ def test_bad_inputs_name_the_file(tmp_path, tiny_tokenizer_dir):
         prepare_corpus([bad_jsonl], tiny_tokenizer_dir, tmp_path / "out4", seq_len=2)
 
 
+@pytest.mark.parametrize("name", ["late.txt", "late.txt.gz", "late.jsonl"])
+def test_non_utf8_error_gives_the_file_offset_and_line(tmp_path, name):
+    line = b'{"text": "abcdefghijklmnopq"}\n' if name.endswith(".jsonl") else b"abcdefghijklmnopqrstuvwxyz0123\n"
+    data = line * (100_000 // len(line) + 1) + b'{"text": "caf\xe9"}\n'
+    bad = data.index(b"\xe9")
+    assert bad > 100_000
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    expected_line = data[:bad].count(b"\n") + 1
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(.* at byte {bad}\b.*, line {expected_line}\)"):
+        list(iter_documents(path, "line"))
+
+
 def test_fingerprint_is_stable_across_directories_and_detects_other_tokenizers(tmp_path, tiny_tokenizer_dir):
     from transformers import BertTokenizerFast
 
