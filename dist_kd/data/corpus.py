@@ -220,6 +220,19 @@ def _check_column(names: Sequence[str], text_column: str, where: Path) -> None:
 
 def _table_documents(path: Path, text_column: str) -> Iterator[str]:
     import pyarrow as pa
+
+    kind = "Parquet" if path.name.lower().endswith(".parquet") else "Arrow IPC"
+    try:
+        yield from _table_rows(path, text_column)
+    except pa.ArrowException as error:
+        # pyarrow's own message names no file (e.g. "Parquet file size is 0 bytes").
+        raise ValueError(
+            f"{path} is not a readable {kind} file ({error}); rewrite it or leave it out of --input"
+        ) from None
+
+
+def _table_rows(path: Path, text_column: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.name.lower().endswith(".parquet"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -230,6 +231,17 @@ def test_non_utf8_error_gives_the_file_offset_and_line(tmp_path, name):
     expected_line = data[:bad].count(b"\n") + 1
     with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(.* at byte {bad}\b.*, line {expected_line}\)"):
         list(iter_documents(path, "line"))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a table at all, just some bytes"])
+@pytest.mark.parametrize("name", ["docs.parquet", "docs.arrow"])
+def test_unreadable_tables_name_the_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    kind = "Parquet" if name.endswith(".parquet") else "Arrow IPC"
+    expected = rf"{re.escape(str(path))} is not a readable {kind} file \(.+\); rewrite it or leave it out"
+    with pytest.raises(ValueError, match=expected):
+        list(iter_documents(path))
 
 
 def test_fingerprint_is_stable_across_directories_and_detects_other_tokenizers(tmp_path, tiny_tokenizer_dir):
