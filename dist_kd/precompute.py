@@ -81,8 +81,15 @@ class PrecomputeConfig:
             raise ValueError("teachers: give at least one teacher directory (--teachers DIR1 DIR2 ...)")
         self.teachers = [str(path) for path in self.teachers]
         self.reuse = [str(path) for path in self.reuse or []]
-        if len(set(self.teachers)) != len(self.teachers):
-            raise ValueError(f"teachers: a directory is listed twice in {self.teachers}")
+        # Resolved: "t1", "t1/" and "./t1" are one teacher, which would silently count twice in the ensemble.
+        first_of: dict[Path, str] = {}
+        for path in self.teachers:
+            same = first_of.setdefault(Path(path).resolve(), path)
+            if same != path or self.teachers.count(path) > 1:
+                raise ValueError(
+                    f"teachers: {same!r} and {path!r} are the same directory; list each teacher once "
+                    f"(got {self.teachers})"
+                )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.dtype not in DTYPES:

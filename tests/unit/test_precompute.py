@@ -373,7 +373,9 @@ def test_augmented_directory_is_read_with_canonical_columns(setup, tmp_path):
     ("kw", "match"),
     [
         ({"teachers": []}, "at least one teacher"),
-        ({"teachers": ["a", "a"]}, "listed twice"),
+        ({"teachers": ["a", "a"]}, "'a' and 'a' are the same directory"),
+        ({"teachers": ["a", "b", "a/"]}, "'a' and 'a/' are the same directory; list each teacher once"),
+        ({"teachers": ["a", "./b/../a"]}, "'a' and './b/../a' are the same directory"),
         ({"temperature": 0}, "temperature"),
         ({"dtype": "int8"}, "dtype"),
         ({"batch_size": 0}, "batch_size"),
