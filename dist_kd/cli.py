@@ -27,6 +27,14 @@ def optional_value(value: str) -> str | None:
     return None if value.lower() in ("", "none", "null") else value
 
 
+class _StoreGiven(argparse.Action):
+    """Store the value and set ``<dest>_given``: a flag's default and a value typed by the user can be told apart."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def add_task_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -50,7 +58,11 @@ def add_task_arguments(
     parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
     parser.add_argument("--text-b", type=optional_value, default="text_b", help="column of the second text; none")
     if unlabeled:
-        parser.add_argument("--label", type=optional_value, default="label", help="label column; none if unlabeled")
+        # label_given: a named label column must exist; the default one may be missing (unlabeled data).
+        parser.add_argument(
+            "--label", type=optional_value, default="label", action=_StoreGiven, help="label column; none if unlabeled"
+        )
+        parser.set_defaults(label_given=False)
     else:
         parser.add_argument("--label", default="label", help="label column")
 

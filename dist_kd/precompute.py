@@ -46,7 +46,7 @@ from dist_kd import distributed
 from dist_kd.config import doc
 from dist_kd.data import soft_targets as store
 from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_token_types
-from dist_kd.data.tasks import TaskSpec, label_order_check, load_task_examples
+from dist_kd.data.tasks import MissingColumnError, TaskSpec, label_order_check, load_task_examples
 from dist_kd.io import read_parquet_metadata, sha256_file, write_json_atomic, write_parquet_atomic
 from dist_kd.models.teacher import DTYPES, check_model_dir
 from dist_kd.predict import batched_logits, teacher_label_names
@@ -561,6 +561,30 @@ def _read_chunks(output: Path, num_chunks: int) -> Iterator[pa.Table]:
         yield pq.read_table(chunk_path(output, index)).replace_schema_metadata(None)
 
 
+def _load_examples(
+    data_path: Path, spec: TaskSpec, require_label_column: bool, warn: bool
+) -> tuple[pa.Table, dict[str, Any] | None]:
+    """The task rows, and what to record when the data has no label column (None when it has one)."""
+    try:
+        examples = load_task_examples(
+            data_path, spec, require_labels=False, require_label_column=spec.label is not None
+        )
+    except MissingColumnError as err:
+        if err.role != "label" or require_label_column:
+            raise
+        if warn:
+            # A store without labels is right for soft-target-only training, but a misnamed label column
+            # (e.g. 'category') would otherwise pass unnoticed.
+            logger.warning(
+                "task data %s has no label column '%s' (columns found: %s): the store gets no labels, which suits "
+                "soft-target-only training; pass --label COLUMN if one of them holds the labels",
+                data_path, err.column, ", ".join(err.columns_found),
+            )  # fmt: skip
+        examples = load_task_examples(data_path, spec, require_labels=False)
+        return examples, {"column": err.column, "columns_found": err.columns_found}
+    return examples, None
+
+
 def precompute_soft_targets(
     spec: TaskSpec,
     data_path: str | Path,
@@ -570,6 +594,7 @@ def precompute_soft_targets(
     device: torch.device | None = None,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
+    require_label_column: bool = False,
 ) -> PrecomputeResult:
     """Run the ensemble over the task data and write (or finish) the soft-target store at ``output_dir``.
 
@@ -586,6 +611,10 @@ def precompute_soft_targets(
         progress: show a progress bar on rank 0.
         on_chunk_written: called with the chunk index after each chunk file is in place (tests use it to
             simulate a crash).
+        require_label_column: the data must have the spec's label column (the user named it). Otherwise a
+            missing label column is a warning naming the file and the columns found, recorded in the store's
+            metadata (``extra.label_column_missing``), and the store has no labels: fine for soft-target-only
+            training (``load_task_data`` refuses ``hard_weight`` > 0 on a store without any label).
 
     Returns:
         What this rank did.
@@ -601,13 +630,15 @@ def precompute_soft_targets(
     data_path = resolve_data_path(data_path)
     spec = spec_for_data(spec, data_path)
     check = check_teachers(config.teachers, spec)
-    examples = load_task_examples(data_path, spec, require_labels=False)
+    examples, missing_label = _load_examples(data_path, spec, require_label_column, warn=info.is_main)
     # Hashing weights and data reads every byte; one rank does it and tells the others.
     hashes = None
     if info.is_main:
         hashes = {"teachers": [_weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
     hashes = distributed.broadcast_object(hashes)
     metadata = build_store_metadata(spec, config, check, data_path, hashes, examples.num_rows)
+    if missing_label is not None:
+        metadata = dataclasses.replace(metadata, extra={**metadata.extra, "label_column_missing": missing_label})
     if config.reuse:
         sources = check_reused_stores(config.reuse, metadata)
         metadata = dataclasses.replace(metadata, extra={**metadata.extra, "reused_from": sources})

@@ -8,7 +8,8 @@ The same arguments work with ``python launch/precompute.py`` (one process) and
 ``torchrun --nproc_per_node N launch/precompute.py``. Custom task: ``--task topic --labels business,sport,tech
 --text-a text --label category``. ``--reuse data/sst2-soft-orig`` takes the targets of rows already in an earlier
 store of the same teachers (an augmented set repeats its original rows) instead of running the teachers on them.
-Re-running the same command after a crash resumes from the finished chunks.
+Re-running the same command after a crash resumes from the finished chunks. Data without the label column
+gives a store without labels (a warning names the columns found); a column named with ``--label`` must exist.
 Bad input exits with code 2 and one ``error: ...`` line.
 """
 
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             chunk_size=args.chunk_size,
             reuse=args.reuse,
         )
-        result = precompute_soft_targets(spec, args.data, args.output, config, progress=not args.no_progress)
+        result = precompute_soft_targets(
+            spec, args.data, args.output, config, progress=not args.no_progress, require_label_column=args.label_given
+        )
         if info.is_main:
             logger.info("soft-target store %s: %d rows", result.directory, result.num_rows)
         return 0

@@ -96,6 +96,7 @@ def load_task_data(
     need_labels: bool,
     teacher: str | None = None,
     temperature: float | None = None,
+    hard_weight: float = 0.0,
 ) -> TaskData:
     """Read, check and tokenise one task's training rows (a soft-target store, else ``train``) and dev set.
 
@@ -111,10 +112,14 @@ def load_task_data(
         temperature: ``distill.temperature``, the t the student's logits are divided by. A classification
             store's targets must be at the same t (the loss compares softmax(z_T/t) with softmax(z_S/t)): they
             are recomputed from the store's teacher logits when it kept them, else a different t is an error.
+        hard_weight: ``distill.hard_weight`` (phase prediction): with a soft-target store and a weight > 0, at
+            least one training row must have a label, else the hard term would be 0 at every step. Some rows
+            without labels (augmented ones) are expected: the hard term averages over the labelled rows.
 
     Raises:
         FileNotFoundError / ValueError: missing files, a store made for another task, type or label order,
-            no training rows, or rows without labels where ``need_labels``.
+            no training rows, a training file without the label column or rows without labels where
+            ``need_labels``, or a store without any label where ``hard_weight`` > 0.
     """
     from dist_kd.data.soft_targets import load_soft_targets
     from dist_kd.precompute import resolve_data_path, spec_for_data
@@ -130,7 +135,11 @@ def load_task_data(
         table, soft, source = targets.table, _soft_at(targets, soft_targets, temperature), str(soft_targets)
     else:
         path = resolve_data_path(train)
-        table = load_task_examples(path, spec_for_data(spec, path), require_labels=False)
+        # Without a store the rows train on their labels: a missing label column is the same error as the
+        # dev set's (naming the columns found and the task config's 'label' key), not "rows have no label".
+        table = load_task_examples(
+            path, spec_for_data(spec, path), require_labels=False, require_label_column=need_labels
+        )
         source = str(path)
     if table.num_rows == 0:
         raise ValueError(f"task '{spec.name}': {source} has no training rows")
@@ -140,6 +149,13 @@ def load_task_data(
         raise ValueError(
             f"task '{spec.name}': {missing} training rows of {source} have no label (augmented rows?); a task "
             "without soft_targets trains on hard labels, so give it a soft-target store from launch/precompute.py"
+        )
+    if soft is not None and hard_weight > 0 and not has_label.any():
+        raise ValueError(
+            f"task '{spec.name}': distill.hard_weight is {hard_weight:g} but none of the {len(has_label)} training "
+            f"rows of {source} has a label, so the hard loss would be 0 at every step; set distill.hard_weight: 0 "
+            "to train on the soft targets only, or re-run launch/precompute.py with --label naming the data's label "
+            "column"
         )
     rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
     dev_table = dev_rows = None

@@ -461,11 +461,24 @@ def _as_int(text: str) -> int | None:
         return None
 
 
+class MissingColumnError(ValueError):
+    """Task data lacks a column the task names; ``role`` is the spec field (``text_a``, ``label``, ...)."""
+
+    def __init__(self, message: str, role: str, column: str, columns_found: list[str]):
+        super().__init__(message)
+        self.role = role
+        self.column = column
+        self.columns_found = columns_found
+
+
 def _column(table: pa.Table, name: str, path: Path, spec: TaskSpec, role: str) -> list[Any]:
     if name not in table.column_names:
-        raise ValueError(
+        raise MissingColumnError(
             f"task data {path} has no column '{name}' ({role} of task '{spec.name}'); columns found: "
-            f"{table.column_names}. Map the column with --{role.replace('_', '-')} or the task config's '{role}' key"
+            f"{table.column_names}. Map the column with --{role.replace('_', '-')} or the task config's '{role}' key",
+            role,
+            name,
+            list(table.column_names),
         )
     return table.column(name).to_pylist()
 
@@ -483,6 +496,7 @@ def load_task_examples(
     spec: TaskSpec,
     *,
     require_labels: bool = True,
+    require_label_column: bool | None = None,
     encoding: str = "utf-8",
     split: str | None = None,
 ) -> pa.Table:
@@ -494,6 +508,8 @@ def load_task_examples(
         spec: the task (columns, type, label order).
         require_labels: if True, the label column must exist and every row must have a label; if False
             (test sets), a missing label column or empty cells give null labels.
+        require_label_column: if True, the spec's label column must exist even when cells may be empty
+            (augmented rows have none); default: ``require_labels``.
         encoding: text encoding of TSV / CSV / JSONL files.
         split: split of a ``DatasetDict`` directory (optional when it has one split).
 
@@ -505,9 +521,9 @@ def load_task_examples(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: an unknown format, no rows, a missing column (naming the file, the column and the columns
-            found), an unknown label (naming the file, row, label and the allowed labels), a missing label or
-            text, or duplicate example ids.
+        ValueError: an unknown format, no rows, a missing column (:class:`MissingColumnError`, naming the file,
+            the column and the columns found), an unknown label (naming the file, row, label and the allowed
+            labels), a missing label or text, or duplicate example ids.
     """
     path = Path(path)
     raw, class_names = read_raw_table(path, spec, encoding=encoding, split=split)
@@ -526,7 +542,9 @@ def load_task_examples(
     text_a = [str(value) for value in text_a]
     text_b = [None if value is None else str(value) for value in text_b]
 
-    if spec.label is None or (not require_labels and spec.label not in raw.column_names):
+    if require_label_column is None:
+        require_label_column = require_labels
+    if spec.label is None or (not require_label_column and spec.label not in raw.column_names):
         labels: list[Any] = [None] * num_rows
     else:
         column_names = class_names.get(spec.label)

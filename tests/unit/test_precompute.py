@@ -392,3 +392,41 @@ def test_missing_inputs(setup, tmp_path):
         precompute_soft_targets(spec, tmp_path / "none.tsv", tmp_path / "o", _config(teachers), progress=False)
     with pytest.raises(FileNotFoundError, match="teacher"):
         precompute_soft_targets(spec, data, tmp_path / "o", _config([str(tmp_path / "nope")]), progress=False)
+
+
+def test_a_missing_label_column_is_a_warning_unless_named(setup, tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    _, teachers, data, spec, rows = setup
+    misnamed = dataclasses.replace(spec, label="category")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.precompute"):
+        precompute_soft_targets(misnamed, data, tmp_path / "st", _config(teachers[:1]), progress=False)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"task data {data} has no label column 'category' (columns found: id, a, b, y)" in warnings[0]
+    assert "--label COLUMN" in warnings[0]
+    loaded = st.load_soft_targets(tmp_path / "st")
+    assert loaded.table.column("label").to_pylist() == [None] * len(rows)
+    assert loaded.metadata.extra["label_column_missing"] == {
+        "column": "category",
+        "columns_found": ["id", "a", "b", "y"],
+    }
+
+    with pytest.raises(ValueError, match=r"data.jsonl has no column 'category' \(label of task 'topic'\); columns "
+                                         r"found: \['id', 'a', 'b', 'y'\]"):  # fmt: skip
+        precompute_soft_targets(
+            misnamed, data, tmp_path / "st2", _config(teachers[:1]), progress=False, require_label_column=True
+        )
+    # With the label column present nothing is recorded.
+    precompute_soft_targets(spec, data, tmp_path / "st3", _config(teachers[:1]), progress=False)
+    assert "label_column_missing" not in st.load_soft_targets(tmp_path / "st3").metadata.extra
+
+
+def test_the_command_line_tells_a_named_label_column_from_the_default():
+    from launch.precompute import parse_args
+
+    base = ["--data", "d", "--teachers", "t", "--output", "o", "--task", "topic"]
+    assert parse_args(base).label_given is False and parse_args(base).label == "label"
+    named = parse_args([*base, "--label", "category"])
+    assert named.label_given is True and named.label == "category"

@@ -206,7 +206,7 @@ def test_config_errors_name_the_key(tmp_path, text, message):
 # ------------------------------------------------------------------------------------------------ store temperature
 
 
-def _store(tmp_path, temperature: float, keep_logits: bool):
+def _store(tmp_path, temperature: float, keep_logits: bool, labels: tuple = (0, 1, 2, 0)):
     import pyarrow as pa
 
     from dist_kd.data import soft_targets as st
@@ -215,14 +215,15 @@ def _store(tmp_path, temperature: float, keep_logits: bool):
     logits_NKC = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(1))
     probs = ensemble_probs(logits_NKC.transpose(0, 1), temperature).numpy()
     examples = pa.table({"example_id": [f"t-{i}" for i in range(4)], "text_a": ["a b", "c d", "e f", "g h"],
-                         "text_b": pa.array([None] * 4, pa.string()), "label": [0, 1, 2, 0]})  # fmt: skip
+                         "text_b": pa.array([None] * 4, pa.string()),
+                         "label": pa.array(list(labels), pa.int64())})  # fmt: skip
     rows = st.build_rows(examples, "topic", probs, logits_NKC.numpy() if keep_logits else None, "classification")
     metadata = st.StoreMetadata(
         task="topic", task_type="classification", label_names=["x", "y", "z"], temperature=temperature,
         teachers=[{"path": "t1", "sha256": "0"}, {"path": "t2", "sha256": "1"}], source_data={"path": "d"},
         has_teacher_logits=keep_logits,
     )  # fmt: skip
-    directory = tmp_path / f"store-{temperature}-{keep_logits}"
+    directory = tmp_path / f"store-{temperature}-{keep_logits}-{sum(label is not None for label in labels)}"
     st.write_soft_targets(rows, directory, metadata)
     return directory, logits_NKC
 
@@ -250,3 +251,42 @@ def test_store_targets_follow_the_students_temperature(tmp_path, tiny_tokenizer_
     np.testing.assert_allclose(recomputed, ensemble_probs(logits_NKC.transpose(0, 1), 4.0).numpy(), rtol=1e-6)
     # Different from the stored t=2 targets, so the recomputation is not a no-op.
     assert not np.allclose(recomputed, load(with_logits, 2.0).soft, atol=1e-3)
+
+
+def _load(spec, tokenizer, **kw):
+    from dist_kd.data.multitask import load_task_data
+
+    return load_task_data(spec, dev=None, tokenizer=tokenizer, max_length=16, **({"train": None, "soft_targets": None,
+                          "need_labels": True} | kw))  # fmt: skip
+
+
+def test_hard_weight_on_a_store_without_any_label_is_an_error(tmp_path, tiny_tokenizer_dir):
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.data.tokenizer import load_tokenizer
+
+    spec = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a")
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    unlabelled, _ = _store(tmp_path, 1.0, keep_logits=False, labels=(None,) * 4)
+    with pytest.raises(ValueError, match=r"task 'topic': distill.hard_weight is 0.5 but none of the 4 training rows "
+                                         r".* has a label.*set distill.hard_weight: 0"):  # fmt: skip
+        _load(spec, tokenizer, soft_targets=str(unlabelled), hard_weight=0.5)
+    assert _load(spec, tokenizer, soft_targets=str(unlabelled), hard_weight=0.0).has_label.sum() == 0
+    # Augmented rows have no label: one labelled row is enough, the hard term averages over the labelled rows.
+    some, _ = _store(tmp_path, 1.0, keep_logits=False, labels=(2, None, None, None))
+    data = _load(spec, tokenizer, soft_targets=str(some), hard_weight=0.5)
+    assert data.has_label.tolist() == [True, False, False, False] and data.labels[0] == 2
+
+
+def test_hard_label_training_file_without_the_label_column_names_it(tmp_path, tiny_tokenizer_dir):
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.data.tokenizer import load_tokenizer
+
+    spec = resolve_task_spec("topic", labels=["x", "y"], text_a="text")
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    path = tmp_path / "train.csv"
+    path.write_text("text,category\na b,x\nc d,y\n")
+    with pytest.raises(ValueError, match=r"train.csv has no column 'label' \(label of task 'topic'\); columns found: "
+                                         r"\['text', 'category'\]\. Map the column with --label or the task config's "
+                                         r"'label' key"):  # fmt: skip
+        _load(spec, tokenizer, train=str(path))
+    assert _load(spec, tokenizer, train=str(path), need_labels=False).has_label.tolist() == [False, False]
