@@ -50,6 +50,8 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,22 +374,35 @@ def _ordered_map(
     """``map`` over worker processes, results in input order, at most ``4 * num_workers`` tasks in flight.
 
     ``Pool.imap`` would read the whole input into its task queue ahead of the workers; the bound keeps
-    memory flat for corpora larger than RAM.
+    memory flat for corpora larger than RAM. A ``ProcessPoolExecutor``, unlike a ``multiprocessing.Pool``,
+    notices a worker that dies (the OOM killer's SIGKILL) and fails instead of waiting for it forever.
+
+    Raises:
+        RuntimeError: a worker process died.
     """
     if num_workers <= 0:
         initializer(*initargs)
         yield from map(function, items)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with context.Pool(num_workers, initializer=initializer, initargs=initargs) as pool:
+    executor = ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context(method), initializer=initializer, initargs=initargs
+    )
+    try:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.apply_async(function, (item,)))
+            pending.append(executor.submit(function, item))
             if len(pending) >= 4 * num_workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise RuntimeError(
+            f"a tokenizer worker process died (killed for memory?) while {num_workers} workers tokenised the "
+            "corpus; retry with fewer --num-workers, and --txt-document line for text files without blank lines"
+        ) from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

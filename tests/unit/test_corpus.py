@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -322,3 +324,21 @@ def test_damaged_gzip_and_manifest_are_clear_errors(tmp_path, text_inputs, tiny_
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"manifest\.json: shards\[0\] lacks \['num_sequences'\]"):
         read_manifest(out)
+
+
+def _die_on_three(item: int) -> int:
+    if item == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+    return item * 2
+
+
+def test_a_killed_tokenizer_worker_is_an_error_not_a_hang():
+    from dist_kd.data.corpus import _ordered_map
+
+    assert list(_ordered_map(_die_on_three, range(3), 2, lambda: None, ())) == [0, 2, 4]
+    signal.alarm(60)  # a hang fails the test instead of blocking the suite
+    try:
+        with pytest.raises(RuntimeError, match=r"a tokenizer worker process died .*fewer --num-workers"):
+            list(_ordered_map(_die_on_three, range(8), 2, lambda: None, ()))
+    finally:
+        signal.alarm(0)
