@@ -87,6 +87,9 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES
 # inter-process transfer, small enough that (tasks in flight x task size) stays a few MB.
 _DOCS_PER_TASK = 256
 _CHARS_PER_TASK = 1 << 20
+# A paragraph of a .txt file is cut (at a line boundary) once it reaches this size, so that no document is
+# larger than one task: tokenising text takes ~150 bytes of memory per character.
+_MAX_PARAGRAPH_CHARS = _CHARS_PER_TASK
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,12 +172,26 @@ def _text_documents(path: Path, mode: str, encoding_errors: str) -> Iterator[str
                     yield line.strip()
         else:
             paragraph: list[str] = []
+            num_chars, warned = 0, False
             for line in handle:
                 if line.strip():
                     paragraph.append(line.strip())
+                    num_chars += len(paragraph[-1]) + 1
+                    if num_chars >= _MAX_PARAGRAPH_CHARS:
+                        # A file without blank lines would otherwise be one document, held and tokenised whole.
+                        if not warned:
+                            logger.warning(
+                                "%s: a paragraph (no blank line) exceeds %d characters and is cut at line "
+                                "boundaries into documents of about that size; if the file has one document per "
+                                "line, pass --txt-document line",
+                                path, _MAX_PARAGRAPH_CHARS,
+                            )  # fmt: skip
+                            warned = True
+                        yield "\n".join(paragraph)
+                        paragraph, num_chars = [], 0
                 elif paragraph:
                     yield "\n".join(paragraph)
-                    paragraph = []
+                    paragraph, num_chars = [], 0
             if paragraph:
                 yield "\n".join(paragraph)
 

@@ -191,6 +191,23 @@ def test_txt_document_modes(tmp_path):
     assert len(list(iter_documents(path, "file"))) == 1
 
 
+def test_a_paragraph_without_blank_lines_is_cut_at_line_boundaries(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from dist_kd.data import corpus
+
+    monkeypatch.setattr(corpus, "_MAX_PARAGRAPH_CHARS", 100)
+    lines = [f"line {i:02d} " + "x" * 20 for i in range(20)]  # 29 characters each, no blank line
+    path = tmp_path / "one_paragraph.txt"
+    path.write_text("\n".join(lines) + "\n\nshort paragraph\n")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        documents = list(iter_documents(path, "paragraph"))
+    # 4 lines of 29 characters (+ newlines) reach 100: pieces of 4 lines, then the next paragraph unchanged.
+    assert documents == ["\n".join(lines[i : i + 4]) for i in range(0, 20, 4)] + ["short paragraph"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "one_paragraph.txt" in warnings[0] and "--txt-document line" in warnings[0]
+
+
 def test_bad_inputs_name_the_file(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         discover_inputs([tmp_path / "missing.txt"])
