@@ -115,6 +115,7 @@ class TaskTrainer(EngineTrainer):
                 tokenizer=self.tokenizer, max_length=cfg.data.max_length, need_labels=self.phase == "prediction",
                 teacher=entry.teacher or cfg.teacher.path or None,
                 temperature=cfg.distill.temperature if self.phase == "prediction" else None,
+                hard_weight=cfg.distill.hard_weight if self.phase == "prediction" else 0.0,
             )
             for entry in cfg.tasks
         ]  # fmt: skip
