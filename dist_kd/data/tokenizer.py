@@ -14,9 +14,54 @@ import os
 from pathlib import Path
 from typing import Any
 
+# Files that hold a vocabulary for the tokenizers this project meets: a fast tokenizer's tokenizer.json,
+# WordPiece (BERT, MPNet, ELECTRA), sentencepiece (ALBERT/T5 spiece, XLM-R sentencepiece.bpe, DeBERTa-v2/v3 spm,
+# Llama-style tokenizer.model) and byte-level BPE (RoBERTa: vocab.json with merges.txt). Without one,
+# transformers builds a tokenizer holding only the special tokens and every word becomes [UNK].
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+    "tokenizer.model",
+)
+BPE_FILES = ("vocab.json", "merges.txt")
+
+
+def check_tokenizer_dir(path: str | os.PathLike) -> Path:
+    """Raise a clear error unless ``path`` is a directory holding a tokenizer vocabulary file.
+
+    Args:
+        path: the directory to check.
+
+    Returns:
+        The directory as a ``Path``.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist, is not a directory, or has no vocabulary file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer path {path} is a file, not a directory; give the directory that holds it ({path.parent})"
+        )
+    if not any((path / name).is_file() for name in VOCABULARY_FILES) and not all(
+        (path / name).is_file() for name in BPE_FILES
+    ):
+        raise FileNotFoundError(
+            f"tokenizer directory {path} has no vocabulary file (one of {', '.join(VOCABULARY_FILES)}, or "
+            f"{' + '.join(BPE_FILES)}); save the tokenizer with the model: tokenizer.save_pretrained('{path}')"
+        )
+    return path
+
 
 def load_tokenizer(path: str | os.PathLike):
     """Load a fast (Rust) Hugging Face tokenizer from a local directory, or raise a clear error.
+
+    Never contacts the Hugging Face Hub: ``path`` must be a local directory with a vocabulary file.
 
     Args:
         path: a directory with a tokenizer (a teacher's HF directory works).
@@ -25,17 +70,22 @@ def load_tokenizer(path: str | os.PathLike):
         The tokenizer.
 
     Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        ValueError: when the tokenizer is not a fast one (slow tokenizers are orders of magnitude slower).
+        FileNotFoundError: when ``path`` does not exist, is not a directory or holds no vocabulary file.
+        ValueError: when the tokenizer is not a fast one (slow tokenizers are orders of magnitude slower), or
+            its vocabulary holds nothing but special tokens.
     """
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    path = check_tokenizer_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer in {path} is not a fast tokenizer (found {type(tokenizer).__name__})")
+    special = set(tokenizer.all_special_tokens)
+    if not any(token not in special for token in tokenizer.get_vocab()):
+        raise ValueError(
+            f"tokenizer in {path} has only its {len(tokenizer)} special tokens, no vocabulary; "
+            f"save the model's real tokenizer there: tokenizer.save_pretrained('{path}')"
+        )
     return tokenizer
 
 

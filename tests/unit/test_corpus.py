@@ -283,6 +283,48 @@ def test_fingerprint_is_stable_across_directories_and_detects_other_tokenizers(t
         check_tokenizer_matches(original, cased, "corpus_dir")
 
 
+def test_load_tokenizer_refuses_directories_without_a_vocabulary(tmp_path, tiny_tokenizer_dir):
+    import time
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from dist_kd.testing import SPECIAL_TOKENS, tiny_vocab
+
+    # model.save_pretrained alone: config.json + model.safetensors, no tokenizer files. transformers would
+    # build a 5-token tokenizer from the config and every word would become [UNK].
+    model_only = tmp_path / "model_only"
+    BertModel(
+        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(model_only)
+    with pytest.raises(FileNotFoundError, match=rf"{model_only} has no vocabulary file .*tokenizer.save_pretrained"):
+        load_tokenizer(model_only)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no vocabulary file"):
+        load_tokenizer(tmp_path / "empty")
+    started = time.monotonic()  # a file path must fail here, not after the Hub's retries
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.json is a file, not a directory"):
+        load_tokenizer(tiny_tokenizer_dir / "tokenizer.json")
+    assert time.monotonic() - started < 5
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        load_tokenizer(tmp_path / "missing")
+
+    specials_only = tmp_path / "specials_only"
+    BertTokenizerFast(vocab={token: index for index, token in enumerate(SPECIAL_TOKENS)}).save_pretrained(specials_only)
+    with pytest.raises(ValueError, match=rf"{specials_only} has only its 5 special tokens"):
+        load_tokenizer(specials_only)
+    (tmp_path / "x.txt").write_text("the game\n")
+    with pytest.raises(FileNotFoundError, match=r"model_only has no vocabulary file"):
+        prepare_corpus([tmp_path / "x.txt"], model_only, tmp_path / "out", num_workers=0)
+
+    # A WordPiece vocab.txt without tokenizer.json is a vocabulary too (older BERT-family checkpoints).
+    wordpiece = tmp_path / "wordpiece"
+    wordpiece.mkdir()
+    (wordpiece / "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
+    (wordpiece / "config.json").write_text((model_only / "config.json").read_text())
+    tokenizer = load_tokenizer(wordpiece)
+    assert len(tokenizer) == len(tiny_vocab()) and tokenizer.tokenize("the game") == ["the", "game"]
+
+
 def test_prepare_corpus_command(tmp_path, text_inputs, tiny_tokenizer_dir, monkeypatch, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     try:
