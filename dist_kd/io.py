@@ -37,6 +37,25 @@ def _ordinary_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
+def _ordinary_modes_under(root: Path) -> None:
+    """Give every file and directory under ``root`` the mode a plain ``open`` / ``mkdir`` would have.
+
+    Writers inside an ``atomic_dir`` block may create owner-only files (safetensors' ``save_file`` makes
+    ``model.safetensors`` 0600), which would leave an exported model unreadable by the cluster group. Files
+    with an execute bit keep it (``0777 & ~umask``); symbolic links are left alone.
+    """
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories:
+            if not os.path.islink(os.path.join(directory, name)):
+                _ordinary_mode(Path(directory, name), directory=True)
+        for name in files:
+            file = Path(directory, name)
+            if file.is_symlink():
+                continue
+            executable = os.stat(file).st_mode & 0o111
+            _ordinary_mode(file, directory=bool(executable))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -67,7 +86,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; move it onto ``path`` if the block succeeds.
 
-    An existing directory at ``path`` is replaced only after the new one is complete.
+    An existing directory at ``path`` is replaced only after the new one is complete. Before the rename, the
+    directory and everything in it get the modes the umask implies, whatever mode their writers chose.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +95,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _ordinary_mode(tmp, directory=True)
     try:
         yield tmp
+        _ordinary_modes_under(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             if old.exists():

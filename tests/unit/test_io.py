@@ -24,6 +24,22 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     assert _mode(tmp_path / "student") == _mode(tmp_path / "plain_dir")
 
 
+def test_atomic_dir_gives_owner_only_files_inside_ordinary_permissions(tmp_path):
+    import os
+
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    with atomic_dir(tmp_path / "export") as tmp:
+        # What safetensors' save_file does: an owner-only file (0600), also one level down.
+        for path in (tmp / "model.safetensors", tmp / "sub" / "weights.bin"):
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            assert _mode(path) == 0o600
+    assert _mode(tmp_path / "export" / "model.safetensors") == _mode(tmp_path / "plain.txt")
+    assert _mode(tmp_path / "export" / "sub" / "weights.bin") == _mode(tmp_path / "plain.txt")
+    assert _mode(tmp_path / "export" / "sub") == _mode(tmp_path / "plain_dir")
+
+
 def test_a_failed_block_leaves_the_old_output(tmp_path):
     write_json_atomic(tmp_path / "state.json", {"step": 1})
     with pytest.raises(RuntimeError), atomic_path(tmp_path / "state.json") as tmp:
