@@ -14,6 +14,9 @@ Output directory::
     OUTPUT/config.yaml, metrics.jsonl
 
 Teachers are exported atomically, so a restart skips the teachers already finished with the same settings.
+``finetune.json`` records the sha256 of the dev data the saved dev logits were computed on (and of the logits
+file); a rerun with another ``--dev`` re-scores a reused teacher on it (one forward pass over the dev set)
+instead of mixing in logits of the old dev set.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from dist_kd.data.encode import (
 )
 from dist_kd.data.tasks import TaskSpec, load_task_examples
 from dist_kd.evaluate import compute_metrics
-from dist_kd.io import atomic_dir, atomic_path, write_json_atomic
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, write_json_atomic
 from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
@@ -252,8 +255,9 @@ class TeacherTrainer:
                 with atomic_dir(target) as tmp:
                     module.save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
-                    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
                     np.save(tmp / DEV_LOGITS_FILE, dev_logits)
+                    result = {**result, "dev_logits_sha256": sha256_file(tmp / DEV_LOGITS_FILE)}
+                    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         distributed.barrier()
 
     def close(self) -> None:
@@ -295,6 +299,47 @@ def _dev_metrics(spec: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict
     return compute_metrics(spec.type, spec.metric, predictions, labels, num_classes=spec.num_labels)
 
 
+def _saved_dev_logits(target: Path, previous: dict[str, Any], dev_sha256: str, num_dev: int) -> np.ndarray | None:
+    """The exported teacher's dev logits when they were computed on this dev data, else None (re-score).
+
+    Teachers exported before the dev data was recorded, a logits file that is not the one recorded (a re-score
+    interrupted between its two writes) and a row count that differs all count as stale.
+    """
+    logits_file = target / DEV_LOGITS_FILE
+    if previous.get("dev_sha256") != dev_sha256 or not logits_file.is_file():
+        return None
+    if previous.get("dev_logits_sha256") != sha256_file(logits_file):
+        return None
+    logits = np.load(logits_file)
+    return logits if len(logits) == num_dev else None
+
+
+@torch.no_grad()
+def _rescore(target: Path, cfg: FinetuneConfig, info: distributed.DistInfo, tokenizer, dev: Encoded) -> np.ndarray:
+    """Dev logits of the exported teacher in ``target`` (every rank scores; only the exported weights)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(target).to(info.device).eval()
+    return batched_logits(lambda batch: model(**batch).logits, dev.rows, pad_id_of(tokenizer), cfg.eval_batch_size,
+                          info.device, uses_token_types(tokenizer))  # fmt: skip
+
+
+def _update_dev_results(target: Path, result: dict[str, Any], dev_logits: np.ndarray, info) -> dict[str, Any]:
+    """Write re-scored dev logits and metrics into an exported teacher (rank 0; collective barrier).
+
+    The logits go first and ``finetune.json`` records their sha256, so a crash between the two writes leaves a
+    record that does not match the logits file, which the next run re-scores.
+    """
+    if info.is_main:
+        with atomic_path(target / DEV_LOGITS_FILE) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, dev_logits)
+            result = {**result, "dev_logits_sha256": sha256_file(tmp)}
+        write_json_atomic(target / RESULT_FILE, result, indent=2)
+    distributed.barrier()
+    return result
+
+
 def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.DistInfo | None = None) -> dict:
     """Fine-tune, evaluate and export the K teachers; collective across ranks.
 
@@ -322,6 +367,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     tokenizer = load_tokenizer(cfg.base)
     train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
     dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
+    dev_sha256 = data_fingerprint(cfg.dev)
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
         with atomic_path(output / "config.yaml") as tmp:
@@ -336,7 +382,13 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
             if previous["params"] != params:
                 raise ValueError(f"{target} was trained with other settings; use another --output or delete it")
             logger.info("teacher %d: reusing %s", index + 1, target)
-            result, dev_logits = previous, np.load(target / DEV_LOGITS_FILE)
+            result, dev_logits = previous, _saved_dev_logits(target, previous, dev_sha256, len(dev))
+            if dev_logits is None:
+                logger.info("teacher %d: dev data %s differs from the one scored before; re-scoring", index + 1,
+                            cfg.dev)  # fmt: skip
+                dev_logits = _rescore(target, cfg, info, tokenizer, dev)
+                result = {**previous, "dev_sha256": dev_sha256, "dev": _dev_metrics(spec, dev_logits, dev.labels)}
+                result = _update_dev_results(target, result, dev_logits, info)
         else:
             logger.info("teacher %d/%d: seed %d, dropout %.2f", index + 1, cfg.num_teachers, cfg.seeds[index],
                         cfg.dropouts[index])  # fmt: skip
@@ -344,7 +396,8 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
             try:
                 trained = trainer.train(train, metrics)
                 dev_logits = trainer.predict(dev)
-                result = {"params": params, **trained, "dev": _dev_metrics(spec, dev_logits, dev.labels)}
+                result = {"params": params, **trained, "dev": _dev_metrics(spec, dev_logits, dev.labels),
+                          "dev_sha256": dev_sha256}  # fmt: skip
                 trainer.export(target, result, dev_logits)
             finally:
                 trainer.close()

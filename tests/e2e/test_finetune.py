@@ -96,3 +96,46 @@ def test_rerun_reuses_finished_teachers_and_bad_input_exits_2(finetuned):
     proc = run_script(*bad, check=False)
     assert proc.returncode == 2
     assert "error: seeds: give one per teacher (2 for --num-teachers)" in proc.stderr
+
+
+def test_rerun_with_another_dev_set_rescores_reused_teachers(finetuned, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dist_kd.testing import random_sentences
+
+    root, args = finetuned
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)  # copy2 keeps the mtimes: a retrain would show
+    weights = (out / "teacher-1" / "model.safetensors").stat().st_mtime_ns
+    # Another dev set of another size: the old logits (10 rows) must be neither reused nor mixed in.
+    dev = [{"body": s, "y": LABELS[len(s.split()) > 6]} for s in random_sentences(7, seed=9)]
+    (tmp_path / "dev2.jsonl").write_text("".join(json.dumps(row) + "\n" for row in dev))
+    rerun = list(args)
+    rerun[rerun.index("--dev") + 1] = str(tmp_path / "dev2.jsonl")
+    rerun[rerun.index("--output") + 1] = str(out)
+    run_script(*rerun, timeout=300)
+
+    assert (out / "teacher-1" / "model.safetensors").stat().st_mtime_ns == weights  # reused, not retrained
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_dev"] == 7
+    labels = np.array([LABELS.index(row["y"]) for row in dev])
+    probs = []
+    for k, entry in enumerate(report["teachers"], start=1):
+        path = out / f"teacher-{k}"
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with torch.no_grad():
+            logits = torch.cat([model(**tokenizer(row["body"], return_tensors="pt")).logits for row in dev])
+        assert entry["dev"]["accuracy"] == pytest.approx(float((logits.argmax(1).numpy() == labels).mean()))
+        np.testing.assert_allclose(np.load(path / "dev_logits.npy"), logits.numpy(), atol=1e-4)
+        probs.append(logits.softmax(-1))
+    ensemble = torch.stack(probs).mean(0).argmax(1).numpy()
+    assert report["ensemble_dev"]["accuracy"] == pytest.approx(float((ensemble == labels).mean()))
+
+    # A second rerun on the same dev set reads the re-scored logits back (no third scoring needed).
+    saved = (out / "teacher-1" / "dev_logits.npy").stat().st_mtime_ns
+    run_script(*rerun, timeout=300)
+    assert (out / "teacher-1" / "dev_logits.npy").stat().st_mtime_ns == saved
+    assert json.loads((out / "report.json").read_text())["ensemble_dev"] == report["ensemble_dev"]
