@@ -26,6 +26,9 @@ from dist_kd.data.encode import TokenizedRows, pad_rows
 from dist_kd.data.tasks import TaskSpec
 from dist_kd.io import atomic_path
 
+# A file without this column is a test set; one without a column the user named instead is an error.
+DEFAULT_LABEL_COLUMN = TaskSpec.__dataclass_fields__["label"].default
+
 
 def teacher_label_names(config: Any, path: str | Path) -> list[str]:
     """Label names of a classification head in index order, from ``config.id2label``."""
@@ -101,6 +104,26 @@ def write_predictions(path: str | Path, spec: TaskSpec, table: pa.Table, logits:
         tmp.write_text("".join(line + "\n" for line in lines))
 
 
+def _check_named_label_column(data: str | Path, spec: TaskSpec, table: pa.Table) -> None:
+    """Raise when the label column was named explicitly and the data lacks it.
+
+    Data without the default ``label`` column is a test set (predictions, no metrics), but a column the user
+    named (``--label category``) that is missing is a typo, which would otherwise end in null metrics and exit 0.
+    """
+    from dist_kd.data.tasks import read_raw_table
+
+    if spec.label is None or spec.label == DEFAULT_LABEL_COLUMN:
+        return
+    if table.column("label").null_count < table.num_rows:
+        return  # some labels were read, so the column is there
+    columns = read_raw_table(data, spec)[0].column_names
+    if spec.label not in columns:
+        raise ValueError(
+            f"data {data} has no label column '{spec.label}' (--label); columns found: {columns}. Name one of "
+            f"them with --label, or leave --label out to score unlabeled (test) data"
+        )
+
+
 def evaluate_classifier(
     model_dir: str | Path,
     spec: TaskSpec,
@@ -128,7 +151,8 @@ def evaluate_classifier(
         ``{"task", "model", "data", "num_rows", "metrics"}``; ``metrics`` is None when some row has no label.
 
     Raises:
-        FileNotFoundError / ValueError: missing inputs, or labels that disagree with the model's.
+        FileNotFoundError / ValueError: missing inputs, labels that disagree with the model's, or a label column
+            named explicitly (not the default ``label``) that the data lacks.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -148,6 +172,7 @@ def evaluate_classifier(
     elif config.num_labels != 1:
         raise ValueError(f"model {model_dir} has {config.num_labels} outputs; regression task '{spec.name}' needs 1")
     table = load_task_examples(data, spec, require_labels=False)
+    _check_named_label_column(data, spec, table)
     tokenizer = load_tokenizer(model_dir)
     rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
     device = torch.device(device)

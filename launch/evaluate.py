@@ -7,7 +7,8 @@
 ``best/<name>/`` of a task run, a fine-tuned teacher). Its ``id2label`` is the label order unless ``--labels``
 (or a GLUE task's registry) gives one, which must then match it. Prints the task metrics as JSON; with
 ``--output`` writes ``predictions.jsonl`` (one line per row) and ``metrics.json``. Rows without a label
-(a test set) get predictions and no metrics. Bad input exits with code 2.
+(a test set) get predictions and no metrics, as does data without the default ``label`` column; a ``--label``
+column the data lacks is an error. Bad input exits with code 2.
 """
 
 from __future__ import annotations
