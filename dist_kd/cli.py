@@ -35,6 +35,17 @@ class _StoreGiven(argparse.Action):
         setattr(namespace, f"{self.dest}_given", True)
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1 (a batch size or length of 0 would fail later with a cryptic error)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {number}")
+    return number
+
+
 def add_task_arguments(
     parser: argparse.ArgumentParser,
     *,

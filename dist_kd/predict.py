@@ -151,8 +151,9 @@ def evaluate_classifier(
         ``{"task", "model", "data", "num_rows", "metrics"}``; ``metrics`` is None when some row has no label.
 
     Raises:
-        FileNotFoundError / ValueError: missing inputs, labels that disagree with the model's, or a label column
-            named explicitly (not the default ``label``) that the data lacks.
+        FileNotFoundError / ValueError: missing inputs, labels that disagree with the model's, a label column
+            named explicitly (not the default ``label``) that the data lacks, or ``max_length`` beyond the
+            model's position embeddings.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -161,10 +162,11 @@ def evaluate_classifier(
     from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.evaluate import compute_metrics, predicted_classes
     from dist_kd.io import write_json_atomic
-    from dist_kd.models.teacher import check_model_dir
+    from dist_kd.models.teacher import check_max_length, check_model_dir
 
     model_dir = check_model_dir(model_dir, "--model")
     config = AutoConfig.from_pretrained(model_dir)
+    check_max_length(config, max_length, model_dir, "--max-length")
     if spec.type == "classification":
         label_order_check(
             spec.labels, teacher_label_names(config, model_dir), f"model {model_dir} (id2label)", spec.name

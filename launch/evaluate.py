@@ -21,7 +21,7 @@ from pathlib import Path
 if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_kd.cli import add_task_arguments, bad_input, task_spec_from_args  # noqa: E402
+from dist_kd.cli import add_task_arguments, bad_input, positive_int, task_spec_from_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="task data file or datasets directory")
     parser.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
     add_task_arguments(parser, metric=True, labels_help="comma-separated label names (default: the model's id2label)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass")
+    parser.add_argument("--max-length", type=positive_int, default=128, help="truncation length in pieces")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     return parser.parse_args(argv)
 

@@ -19,7 +19,14 @@ import logging
 import sys
 
 from dist_kd import distributed
-from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
+from dist_kd.cli import (
+    add_launcher_argument,
+    add_task_arguments,
+    bad_input,
+    configure_logging,
+    positive_int,
+    task_spec_from_args,
+)
 from dist_kd.train.finetune import FinetuneConfig, finetune_teachers
 
 logger = logging.getLogger("dist_kd.finetune")
@@ -40,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per teacher")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="micro-batch per rank")
-    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="micro-batch per rank")
+    parser.add_argument("--max-length", type=positive_int, default=defaults.max_length, help="truncation length")
     parser.add_argument(
         "--group-by-length", action=argparse.BooleanOptionalAction, default=defaults.group_by_length,
         help="batch rows of similar length together (less padding)",

@@ -61,6 +61,42 @@ def check_model_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+# Architectures whose position ids start after the padding id (fairseq's layout): a RoBERTa with 514 position
+# embeddings and padding id 1 takes 512 pieces, and one more is an index error deep inside the embedding.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "roberta-prelayernorm")
+
+
+def max_input_length(config) -> int | None:
+    """The most pieces one input of a model with ``config`` can hold, or None when the config sets no limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def check_max_length(config, max_length: int, model_dir: str | Path, flag: str) -> None:
+    """Raise before any work when inputs of ``max_length`` pieces do not fit the model's position embeddings.
+
+    Args:
+        config: the model's config (``AutoConfig``).
+        max_length: the truncation length asked for.
+        model_dir: the model directory (named in the error).
+        flag: the flag or config key that set ``max_length`` (named in the error).
+
+    Raises:
+        ValueError: naming the model directory, its ``max_position_embeddings`` and ``flag``.
+    """
+    limit = max_input_length(config)
+    if limit is not None and max_length > limit:
+        usable = "" if limit == config.max_position_embeddings else f" ({limit} usable for inputs)"
+        raise ValueError(
+            f"{flag} {max_length} exceeds the max_position_embeddings {config.max_position_embeddings}{usable} of "
+            f"model {model_dir}; set {flag} to at most {limit}"
+        )
+
+
 @contextlib.contextmanager
 def readable_weights(path: str | Path, what: str):
     """Loading a model's weights inside this block: a damaged weights file is a ValueError naming it.

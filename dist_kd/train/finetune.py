@@ -356,14 +356,19 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
 
     Raises:
         FileNotFoundError: missing data or base directory.
-        ValueError: bad settings, or an exported teacher in ``output`` made with other settings.
+        ValueError: bad settings (``max_length`` beyond the base's position embeddings among them), or an exported
+            teacher in ``output`` made with other settings.
     """
+    from transformers import AutoConfig
+
     from dist_kd.data.tokenizer import load_tokenizer
-    from dist_kd.models.teacher import check_model_dir
+    from dist_kd.models.teacher import check_max_length, check_model_dir
 
     info = info or distributed.init_distributed()  # DeepSpeed's engines need a process group
     output = Path(cfg.output)
     check_model_dir(cfg.base, "base")
+    # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
+    check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
     tokenizer = load_tokenizer(cfg.base)
     train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
     dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)

@@ -45,7 +45,7 @@ from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_ato
 from dist_kd.losses import prediction_loss
 from dist_kd.model_card import classifier_load_snippet, encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.student import StudentConfig, student_config_from_teacher, unit_selection
-from dist_kd.models.teacher import check_model_dir
+from dist_kd.models.teacher import check_max_length, check_model_dir
 from dist_kd.objective import tinybert_objective
 from dist_kd.predict import batched_logits, length_batches, write_predictions
 from dist_kd.sentence_modules import carry_sentence_modules
@@ -96,11 +96,7 @@ class TaskTrainer(EngineTrainer):
             self.tokenizer = load_tokenizer(student_dir)
         except (OSError, TypeError, ValueError) as err:
             raise ValueError(f"student.path {student_dir} has no usable tokenizer ({err})") from None
-        limit = getattr(self.student_config, "max_position_embeddings", None)
-        if limit is not None and cfg.data.max_length > limit:
-            raise ValueError(
-                f"data.max_length {cfg.data.max_length} exceeds the student's max_position_embeddings {limit}"
-            )
+        check_max_length(self.student_config, cfg.data.max_length, student_dir, "data.max_length")
         self.global_batch = check_batch(
             cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
         )

@@ -139,3 +139,18 @@ def test_rerun_with_another_dev_set_rescores_reused_teachers(finetuned, tmp_path
     run_script(*rerun, timeout=300)
     assert (out / "teacher-1" / "dev_logits.npy").stat().st_mtime_ns == saved
     assert json.loads((out / "report.json").read_text())["ensemble_dev"] == report["ensemble_dev"]
+
+
+def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetuned, tmp_path):
+    root, args = finetuned
+    bad = list(args)
+    bad[bad.index("--output") + 1] = str(tmp_path / "out")
+    # build_tiny_bert's base has 128 position embeddings; any batch of more pieces would crash mid-training.
+    proc = run_script(*bad, "--max-length", "200", check=False)
+    assert proc.returncode == 2
+    assert f"error: max_length (--max-length) 200 exceeds the max_position_embeddings 128 of model {root / 'base'}" in (
+        proc.stderr
+    )
+    assert not (tmp_path / "out" / "teacher-1").exists()
+    proc = run_script(*bad, "--max-length", "0", check=False)
+    assert proc.returncode == 2 and "argument --max-length: expected a positive integer (>= 1), got 0" in proc.stderr

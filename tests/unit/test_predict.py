@@ -21,7 +21,7 @@ def classifier(tmp_path_factory) -> Path:
 
     directory = tmp_path_factory.mktemp("classifier")
     return build_tiny_bert(
-        directory, num_layers=1, model_class="BertForSequenceClassification", max_position_embeddings=64,
+        directory, num_layers=1, model_class="BertForSequenceClassification", max_position_embeddings=128,
         num_labels=2, id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
     )  # fmt: skip
 
@@ -63,3 +63,45 @@ def test_evaluate_command_exits_2_on_a_misspelt_label_column(classifier, data, c
     assert _evaluate_main([*argv, "--label", "categroy"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: data {data} has no label column 'categroy'") and err.count("\n") == 1
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused_up_front(classifier, data):
+    with pytest.raises(
+        ValueError, match=rf"--max-length 129 exceeds the max_position_embeddings 128 of model {classifier}"
+    ):
+        evaluate_classifier(classifier, _spec("category"), data, max_length=129)
+    assert evaluate_classifier(classifier, _spec("category"), data, max_length=128)["num_rows"] == 6
+
+
+def test_max_input_length_matches_what_the_model_runs(tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from dist_kd.models.teacher import check_max_length, max_input_length
+    from dist_kd.testing import build_tiny_bert, build_tiny_encoder
+
+    # The reference is the model itself: the longest input its forward accepts.
+    for directory in (build_tiny_bert(tmp_path / "bert", num_layers=1), build_tiny_encoder(tmp_path / "roberta")):
+        config = AutoConfig.from_pretrained(directory)
+        model = AutoModel.from_pretrained(directory).eval()
+        limit = max_input_length(config)
+        with torch.no_grad():
+            model(input_ids=torch.full((1, limit), 7))
+            with pytest.raises((IndexError, RuntimeError)):
+                model(input_ids=torch.full((1, limit + 1), 7))
+        check_max_length(config, limit, directory, "--max-length")
+        with pytest.raises(ValueError, match=rf"--max-length {limit + 1} exceeds .* of model {directory}; set"):
+            check_max_length(config, limit + 1, directory, "--max-length")
+    assert max_input_length(AutoConfig.from_pretrained(tmp_path / "roberta")) == 131  # 132 positions, padding id 0
+
+
+def test_evaluate_command_errors_on_bad_lengths_and_batch_sizes(classifier, data, capsys):
+    argv = ["--model", str(classifier), "--task", "demo", "--data", str(data), "--text-a", "text", "--cpu"]
+    assert _evaluate_main([*argv, "--label", "category", "--max-length", "129"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-length 129 exceeds the max_position_embeddings 128") and err.count("\n") == 1
+    for flag in ("--batch-size", "--max-length"):
+        with pytest.raises(SystemExit) as exit_info:
+            _evaluate_main([*argv, flag, "0"])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: expected a positive integer (>= 1), got 0" in capsys.readouterr().err
