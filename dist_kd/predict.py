@@ -24,10 +24,12 @@ import torch
 
 from dist_kd.data.encode import TokenizedRows, pad_rows
 from dist_kd.data.tasks import TaskSpec
-from dist_kd.io import atomic_path
+from dist_kd.io import atomic_dir, atomic_path
 
 # A file without this column is a test set; one without a column the user named instead is an error.
 DEFAULT_LABEL_COLUMN = TaskSpec.__dataclass_fields__["label"].default
+# What an evaluation's output directory holds; a directory holding nothing else is a previous evaluation.
+OUTPUT_FILES = ("predictions.jsonl", "metrics.json")
 
 
 def teacher_label_names(config: Any, path: str | Path) -> list[str]:
@@ -124,6 +126,34 @@ def _check_named_label_column(data: str | Path, spec: TaskSpec, table: pa.Table)
         )
 
 
+def check_output_dir(output: str | Path, flag: str = "--output") -> Path:
+    """Raise unless ``output`` can take an evaluation: absent, empty, or a previous evaluation (replaced whole).
+
+    A directory holding anything else (a model or run directory given by mistake) is refused rather than
+    replaced, which would delete those files, or written into, which would mix an evaluation with them.
+    """
+    output = Path(output)
+    existing = next((path for path in (output, *output.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = f"{flag} {output}" if existing == output else f"{flag} {output}: {existing}"
+        raise ValueError(f"{where} is a file; give a directory")
+    if output.is_dir():
+        # Besides the two outputs, only their temporaries from an interrupted write may be there.
+        others = sorted(
+            path.name
+            for path in output.iterdir()
+            if path.name not in OUTPUT_FILES
+            and not any(path.name.startswith(f".{name}.") and path.name.endswith(".tmp") for name in OUTPUT_FILES)
+        )
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise ValueError(
+                f"{flag} {output} holds files other than a previous evaluation ({shown}); give a new or empty "
+                f"directory, or one holding only {' and '.join(OUTPUT_FILES)} (which is replaced)"
+            )
+    return output
+
+
 def evaluate_classifier(
     model_dir: str | Path,
     spec: TaskSpec,
@@ -145,15 +175,16 @@ def evaluate_classifier(
         batch_size: rows per forward pass.
         max_length: truncation length in pieces.
         device: where to run.
-        output: a directory for ``predictions.jsonl`` and ``metrics.json`` (None writes nothing).
+        output: a directory for ``predictions.jsonl`` and ``metrics.json`` (None writes nothing). One holding a
+            previous evaluation (only those files) is replaced as a whole once the new one is complete.
 
     Returns:
         ``{"task", "model", "data", "num_rows", "metrics"}``; ``metrics`` is None when some row has no label.
 
     Raises:
         FileNotFoundError / ValueError: missing inputs, labels that disagree with the model's, a label column
-            named explicitly (not the default ``label``) that the data lacks, or ``max_length`` beyond the
-            model's position embeddings.
+            named explicitly (not the default ``label``) that the data lacks, ``max_length`` beyond the
+            model's position embeddings, or an ``output`` that is a file or a directory holding other files.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -164,6 +195,8 @@ def evaluate_classifier(
     from dist_kd.io import write_json_atomic
     from dist_kd.models.teacher import check_max_length, check_model_dir
 
+    if output is not None:
+        output = check_output_dir(output)  # before inference, so a bad --output costs no model run
     model_dir = check_model_dir(model_dir, "--model")
     config = AutoConfig.from_pretrained(model_dir)
     check_max_length(config, max_length, model_dir, "--max-length")
@@ -189,7 +222,8 @@ def evaluate_classifier(
             metrics["predicted_classes"] = predicted_classes(logits)  # as the task stage's eval.json has it
     report = {"task": spec.name, "model": str(model_dir), "data": str(data), "num_rows": len(rows), "metrics": metrics}
     if output is not None:
-        output = Path(output)
-        write_predictions(output / "predictions.jsonl", spec, table, logits)
-        write_json_atomic(output / "metrics.json", report)
+        # One directory swap: a crash never leaves new predictions beside an older evaluation's metrics.
+        with atomic_dir(output) as tmp:
+            write_predictions(tmp / "predictions.jsonl", spec, table, logits)
+            write_json_atomic(tmp / "metrics.json", report)
     return report

@@ -6,9 +6,10 @@
 ``--model`` is any HF ``*ForSequenceClassification`` directory with a tokenizer (``tasks/<name>/`` or
 ``best/<name>/`` of a task run, a fine-tuned teacher). Its ``id2label`` is the label order unless ``--labels``
 (or a GLUE task's registry) gives one, which must then match it. Prints the task metrics as JSON; with
-``--output`` writes ``predictions.jsonl`` (one line per row) and ``metrics.json``. Rows without a label
-(a test set) get predictions and no metrics, as does data without the default ``label`` column; a ``--label``
-column the data lacks is an error. Bad input exits with code 2.
+``--output`` writes ``predictions.jsonl`` (one line per row) and ``metrics.json`` into that directory, replacing
+a previous evaluation there as a whole; an ``--output`` that is a file, or a directory holding other files, is
+refused. Rows without a label (a test set) get predictions and no metrics, as does data without the default
+``label`` column; a ``--label`` column the data lacks is an error. Bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF *ForSequenceClassification directory with tokenizer")
     parser.add_argument("--data", required=True, help="task data file or datasets directory")
-    parser.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
+    parser.add_argument(
+        "--output", default=None, help="directory for predictions.jsonl and metrics.json (replaces an earlier one's)"
+    )
     add_task_arguments(parser, metric=True, labels_help="comma-separated label names (default: the model's id2label)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass")
     parser.add_argument("--max-length", type=positive_int, default=128, help="truncation length in pieces")

@@ -105,3 +105,56 @@ def test_evaluate_command_errors_on_bad_lengths_and_batch_sizes(classifier, data
             _evaluate_main([*argv, flag, "0"])
         assert exit_info.value.code == 2
         assert f"argument {flag}: expected a positive integer (>= 1), got 0" in capsys.readouterr().err
+
+
+def test_evaluate_command_exits_2_when_output_is_a_file(classifier, data, tmp_path, capsys):
+    output = tmp_path / "ev"
+    output.write_text("keep me\n")
+    argv = ["--model", str(classifier), "--task", "demo", "--data", str(data), "--text-a", "text", "--cpu"]
+    assert _evaluate_main([*argv, "--label", "category", "--output", str(output)]) == 2
+    assert capsys.readouterr().err == f"error: --output {output} is a file; give a directory\n"
+    assert output.read_text() == "keep me\n"
+    # A path below a file is the same mistake, reported the same way.
+    with pytest.raises(ValueError, match=rf"^--output {output / 'sub'}: {output} is a file; give a directory$"):
+        evaluate_classifier(classifier, _spec("category"), data, output=output / "sub")
+
+
+def test_output_directory_of_a_previous_evaluation_is_replaced_whole(classifier, data, tmp_path, monkeypatch):
+    import dist_kd.io
+
+    output = tmp_path / "ev"
+    first = evaluate_classifier(classifier, _spec("category"), data, output=output)
+    before = {name: (output / name).read_text() for name in ("predictions.jsonl", "metrics.json")}
+    assert json.loads(before["metrics.json"]) == first and len(before["predictions.jsonl"].splitlines()) == 6
+
+    # A crash after the predictions were written, before the metrics: the previous evaluation stays whole.
+    fewer = tmp_path / "dev4.jsonl"
+    fewer.write_text("".join(data.read_text().splitlines(keepends=True)[:4]))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dist_kd.io, "write_json_atomic", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            evaluate_classifier(classifier, _spec("category"), fewer, output=output)
+    assert {name: (output / name).read_text() for name in before} == before
+
+    # Completed, the new evaluation replaces the old one as a pair, leaving nothing else behind.
+    second = evaluate_classifier(classifier, _spec("category"), fewer, output=output)
+    assert json.loads((output / "metrics.json").read_text()) == second and second["num_rows"] == 4
+    assert len((output / "predictions.jsonl").read_text().splitlines()) == 4
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dev4.jsonl", "ev"]
+    assert sorted(path.name for path in output.iterdir()) == ["metrics.json", "predictions.jsonl"]
+
+
+def test_output_directory_holding_other_files_is_refused_untouched(classifier, data, tmp_path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "config.json").write_text("{}\n")
+    argv = ["--model", str(classifier), "--task", "demo", "--data", str(data), "--text-a", "text", "--cpu"]
+    assert _evaluate_main([*argv, "--label", "category", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {output} holds files other than a previous evaluation (config.json)")
+    assert err.count("\n") == 1
+    assert sorted(path.name for path in output.iterdir()) == ["config.json"]
