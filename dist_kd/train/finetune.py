@@ -13,7 +13,9 @@ Output directory::
     OUTPUT/report.json               every teacher's dev metrics and the ensemble's (mean of softmaxes)
     OUTPUT/config.yaml, metrics.jsonl
 
-Teachers are exported atomically, so a restart skips the teachers already finished with the same settings.
+Teachers are exported atomically, so a restart skips the teachers already finished with the same settings;
+a teacher that was not finished trains again from step 0, and its ``metrics.jsonl`` lines from the interrupted
+run are dropped first (the finished teachers' lines stay), so the file holds one line per (teacher, step).
 ``finetune.json`` records the sha256 of the dev data the saved dev logits were computed on (and of the logits
 file); a rerun with another ``--dev`` re-scores a reused teacher on it (one forward pass over the dev set)
 instead of mixing in logits of the old dev set.
@@ -397,6 +399,9 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         else:
             logger.info("teacher %d/%d: seed %d, dropout %.2f", index + 1, cfg.num_teachers, cfg.seeds[index],
                         cfg.dropouts[index])  # fmt: skip
+            # No checkpoints within a teacher: one that crashed restarts from step 0, so its lines from the
+            # crashed run go (those of finished, reused teachers stay) and the file never holds a step twice.
+            metrics.keep(lambda record, teacher=index + 1: record.get("teacher") != teacher)
             trainer = TeacherTrainer(spec, cfg, info, tokenizer, index)
             try:
                 trained = trainer.train(train, metrics)

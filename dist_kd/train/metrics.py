@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +188,17 @@ class MetricsLogger:
         Returns:
             The kept records (the run's history before this process), on the writing rank; [] elsewhere.
         """
+        return self.keep(lambda record: step is not None and record["step"] <= step)
+
+    def keep(self, wanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """Rewrite ``metrics.jsonl`` atomically with only the records ``wanted`` accepts (damaged lines go too).
+
+        Returns:
+            The kept records, on the writing rank; [] elsewhere.
+        """
         if not self.enabled or not self.path.exists():
             return []
-        kept = [record for record in self.records() if step is not None and record["step"] <= step]
+        kept = [record for record in self.records() if wanted(record)]
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
         return kept

@@ -141,6 +141,35 @@ def test_rerun_with_another_dev_set_rescores_reused_teachers(finetuned, tmp_path
     assert json.loads((out / "report.json").read_text())["ensemble_dev"] == report["ensemble_dev"]
 
 
+def test_rerun_after_a_crash_logs_each_teacher_step_once(finetuned, tmp_path):
+    import shutil
+
+    root, args = finetuned
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    # The state a kill leaves after teacher 2 logged its steps and before it was exported: no teacher-2
+    # directory, and its lines (marked by their loss) in metrics.jsonl, which the rerun trains and logs again.
+    shutil.rmtree(out / "teacher-2")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    finished = [line for line in lines if line["teacher"] == 1]
+    crashed = [{**line, "loss": 999.0} for line in lines if line["teacher"] == 2]
+    assert finished and crashed
+    (out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in finished + crashed))
+    rerun = list(args)
+    rerun[rerun.index("--output") + 1] = str(out)
+    run_script(*rerun, timeout=300)
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(line["teacher"], line["step"]) for line in lines]
+    assert len(keys) == len(set(keys)), f"a (teacher, step) logged twice: {keys}"
+    assert [line for line in lines if line["teacher"] == 1] == finished  # the reused teacher's lines stay
+    retrained = [line for line in lines if line["teacher"] == 2]
+    assert [line["step"] for line in retrained] == [line["step"] for line in crashed]
+    # The lines left are the rerun's own: the last one's loss is the final loss the new teacher 2 recorded.
+    result = json.loads((out / "teacher-2" / "finetune.json").read_text())
+    assert retrained[-1]["loss"] == pytest.approx(result["final_loss"]) and result["final_loss"] != 999.0
+
+
 def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetuned, tmp_path):
     root, args = finetuned
     bad = list(args)
