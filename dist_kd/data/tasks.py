@@ -286,7 +286,16 @@ def _read_jsonl(path: Path, encoding: str) -> pa.Table:
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
         return _read_jsonl_python(path, encoding)
     try:
-        return pjson.read_json(path)
+        table = pjson.read_json(path)
+        # pyarrow turns a field whose every value looks like an ISO date into timestamps ("2019-01-01" ->
+        # "2019-01-01 00:00:00", a "Z" offset dropped); ids and texts must stay as written, as json reads them.
+        temporal = [field.name for field in table.schema if pa.types.is_temporal(field.type)]
+        if temporal:
+            schema = pa.schema([(name, pa.string()) for name in temporal])
+            parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+            # an explicit schema puts its fields first; keep the file's column order
+            table = pjson.read_json(path, parse_options=parse).select(table.schema.names)
+        return table
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeError):
         return _read_jsonl_python(path, encoding)
 

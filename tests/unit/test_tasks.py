@@ -253,3 +253,26 @@ def test_pyarrow_readers_give_the_tables_of_the_line_by_line_readers(tmp_path):
     # labels "a" and 1 in one field: pyarrow refuses the type change; the line reader makes strings of them
     (tmp_path / "mixed.jsonl").write_text('{"text": "x", "label": "a"}\n\n{"text": "y", "label": 1}\n')
     assert tasks._read_jsonl(tmp_path / "mixed.jsonl", "utf-8").column("label").to_pylist() == ["a", "1"]
+
+
+def test_jsonl_iso_date_strings_load_as_written_through_both_readers(tmp_path):
+    """pyarrow.json infers timestamps from ISO-date strings; ids and texts must come back exactly as written,
+    the same from the fast reader as from the line-by-line one (forced here by a field that mixes types)."""
+    from dist_kd.data import tasks
+
+    spec = TaskSpec(name="d", labels=["a", "b"], text_a="text", text_b="other")
+    rows = [
+        {"other": "x", "example_id": "2019-01-01", "label": "a", "text": "2019-01-01"},
+        {"other": "y", "example_id": "2019-01-02T10:00:00Z", "label": "b", "text": "2019-01-02 10:00"},
+    ]
+    expected = {
+        "example_id": ["2019-01-01", "2019-01-02T10:00:00Z"],
+        "text_a": ["2019-01-01", "2019-01-02 10:00"],
+        "text_b": ["x", "y"],
+        "label": [0, 1],
+    }
+    fast = _write(tmp_path / "fast.jsonl", rows, "jsonl")
+    slow = _write(tmp_path / "slow.jsonl", [dict(rows[0], n=1), dict(rows[1], n="two")], "jsonl")
+    assert tasks._read_jsonl(fast, "utf-8").column_names == ["other", "example_id", "label", "text"]
+    assert load_task_examples(fast, spec).to_pydict() == expected
+    assert load_task_examples(slow, spec).to_pydict() == expected
