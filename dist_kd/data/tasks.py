@@ -410,6 +410,11 @@ def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[s
             if value is None or (isinstance(value, str) and not value.strip()):
                 out.append(None)
                 continue
+            if isinstance(value, bool):
+                raise ValueError(
+                    f"task data {path}: row {row}, column '{spec.label}' holds the boolean {_json_bool(value)}, "
+                    f"expected a number (task '{spec.name}' is regression); write the score as a number"
+                )
             try:
                 number = float(value)
             except (TypeError, ValueError):
@@ -441,6 +446,8 @@ def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[s
                     f"names only {len(names)} classes {names}"
                 )
             value = names[int(value)]
+        if isinstance(value, bool):
+            value = _bool_label(value, spec, path, row)
         key = _cell_key(value)
         if key in index_of:
             out.append(index_of[key])
@@ -455,6 +462,29 @@ def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[s
             f"task '{spec.name}' allows {allowed}"
         )
     return out
+
+
+def _json_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _bool_label(value: bool, spec: TaskSpec, path: Path, row: int) -> str:
+    """A boolean label cell (JSON ``true``, a Parquet bool) -> the task's label named ``true`` / ``false``.
+
+    ``str(True)`` is ``"True"``, which matched no label ``true``; and a boolean is never read as the id 0 or
+    1, which would silently put it on whatever labels ``["no", "yes"]`` or ``["1", "0"]`` hold at that index.
+    """
+    word = _json_bool(value)
+    if word in spec.labels:
+        return word
+    matches = [label for label in spec.labels if label.lower() == word]
+    if len(matches) == 1:
+        return matches[0]
+    raise ValueError(
+        f"task data {path}: row {row}, column '{spec.label}' holds the boolean {word}, which matches only a label "
+        f"named '{word}' (any case); task '{spec.name}' has labels {spec.labels}; name the task's labels false,true "
+        "or write the labels in the file as label names"
+    )
 
 
 def _cell_key(value: Any) -> str:

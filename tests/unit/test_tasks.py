@@ -276,3 +276,24 @@ def test_jsonl_iso_date_strings_load_as_written_through_both_readers(tmp_path):
     assert tasks._read_jsonl(fast, "utf-8").column_names == ["other", "example_id", "label", "text"]
     assert load_task_examples(fast, spec).to_pydict() == expected
     assert load_task_examples(slow, spec).to_pydict() == expected
+
+
+@pytest.mark.parametrize("labels", [["false", "true"], ["True", "False"]])
+def test_boolean_labels_match_the_labels_named_true_and_false(tmp_path, labels):
+    spec = TaskSpec(name="yn", labels=labels, text_a="text")
+    rows = [{"text": "a", "label": True}, {"text": "b", "label": False}, {"text": "c", "label": True}]
+    position_of_true = [label.lower() for label in labels].index("true")
+    expected = [position_of_true, 1 - position_of_true, position_of_true]
+    jsonl = _write(tmp_path / "d.jsonl", rows, "jsonl")
+    parquet = _write(tmp_path / "d.parquet", rows, "parquet")
+    assert load_task_examples(jsonl, spec).column("label").to_pylist() == expected
+    assert load_task_examples(parquet, spec).column("label").to_pylist() == expected
+
+
+@pytest.mark.parametrize("labels", [["no", "yes"], ["0", "1"]])
+def test_boolean_labels_are_never_read_as_ids(tmp_path, labels):
+    path = _write(tmp_path / "d.jsonl", [{"text": "a", "label": False}, {"text": "b", "label": True}], "jsonl")
+    with pytest.raises(ValueError, match=r"holds the boolean false, which matches only a label named 'false'"):
+        load_task_examples(path, TaskSpec(name="yn", labels=labels, text_a="text"))
+    with pytest.raises(ValueError, match=r"holds the boolean false, expected a number"):
+        load_task_examples(path, TaskSpec(name="score", type="regression", text_a="text"))
