@@ -19,7 +19,8 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,16 +230,17 @@ def _read_text(path: Path, encoding: str) -> str:
         ) from None
 
 
-def _rows_to_table(path: Path, header: list[str], rows: list[list[str]]) -> pa.Table:
+def _rows_to_table(path: Path, header: list[str], rows: list[tuple[int, list[str]]]) -> pa.Table:
     width = len(header)
-    for number, row in enumerate(rows):
+    for line, row in rows:
         if len(row) != width:
             raise ValueError(
-                f"task data {path}: data row {number} has {len(row)} fields, the header has {width} ({header})"
+                f"task data {path}: line {line} has {len(row)} fields, the header has {width} ({header}); "
+                "remove (or, in CSV, quote) the extra separators, or fill in the missing fields"
             )
     if len(set(header)) != width:
         raise ValueError(f"task data {path}: the header repeats column names: {header}")
-    return pa.table({name: pa.array([row[i] for row in rows], pa.string()) for i, name in enumerate(header)})
+    return pa.table({name: pa.array([row[i] for _, row in rows], pa.string()) for i, name in enumerate(header)})
 
 
 def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.Table:
@@ -260,7 +262,7 @@ def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.T
     try:
         read = pcsv.ReadOptions(encoding=encoding)
         header = pcsv.open_csv(path, read_options=read, parse_options=parse).schema.names
-        if tsv and spec.tsv_columns and spec.text_a not in header:
+        if _headerless(header, fmt, spec):
             header = list(spec.tsv_columns)
             read = pcsv.ReadOptions(encoding=encoding, column_names=header)
         if len(set(header)) != len(header):
@@ -301,29 +303,49 @@ def _read_jsonl(path: Path, encoding: str) -> pa.Table:
 
 
 def _read_delimited_python(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.Table:
-    """The csv module's reading: slow, but its errors name the data row and the fields found."""
-    text = _read_text(path, encoding)
+    """The csv module's reading: slow, but its errors name the line and the fields found."""
+    rows = _delimited_rows(_read_text(path, encoding), fmt)
+    if not rows:
+        raise ValueError(f"task data {path} is empty: no header and no rows")
+    header, body = rows[0][1], rows[1:]
+    if _headerless(header, fmt, spec):
+        header, body = list(spec.tsv_columns or []), rows
+    return _rows_to_table(path, header, body)
+
+
+def _headerless(first_row: list[str], fmt: str, spec: TaskSpec) -> bool:
+    return fmt == "tsv" and bool(spec.tsv_columns) and spec.text_a not in first_row
+
+
+def _delimited_rows(text: str, fmt: str) -> list[tuple[int, list[str]]]:
+    """The non-empty rows of TSV/CSV text, each with the 1-based line it starts on (a quoted CSV field may
+    span lines, and empty lines are skipped, so the row number alone does not find a row in the file)."""
     if fmt == "tsv":
         # GLUE TSVs contain unbalanced quotes inside sentences; quoting must be off or rows merge.
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(io.StringIO(text, newline=""))
-    rows = [row for row in reader if row]
-    if not rows:
-        raise ValueError(f"task data {path} is empty: no header and no rows")
-    header, body = rows[0], rows[1:]
-    if fmt == "tsv" and spec.tsv_columns and spec.text_a not in header:
-        header, body = list(spec.tsv_columns), rows
-    return _rows_to_table(path, header, body)
+    rows = []
+    start = 1
+    for row in reader:
+        if row:
+            rows.append((start, row))
+        start = reader.line_num + 1
+    return rows
+
+
+def _jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """The non-blank lines of JSON-lines text with their 1-based numbers. Lines end at \\n, \\r\\n or \\r
+    only, as for pyarrow.json and editors; ``str.splitlines`` would also split at U+2028 or U+0085, which JSON
+    strings may hold as they are."""
+    return [(number, line) for number, line in enumerate(re.split(r"\r\n?|\n", text), start=1) if line.strip()]
 
 
 def _read_jsonl_python(path: Path, encoding: str) -> pa.Table:
     """json's reading, line by line: slow, but its errors name the line, and fields that mix types become
     strings."""
     records = []
-    for number, line in enumerate(_read_text(path, encoding).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in _jsonl_lines(_read_text(path, encoding)):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -402,8 +424,65 @@ def read_raw_table(
 # -------------------------------------------------------------------------------------------- normalise
 
 
-def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[str] | None) -> list[Any]:
-    """Raw label cells -> class indices (classification) or floats (regression); None stays None."""
+class _RowPlaces:
+    """Where rows of a loaded table are in the file, in words a user can find: ``line 7`` for TSV / CSV /
+    JSONL (1-based, the header counted), ``row 7 (0-based)`` for Parquet and ``datasets``.
+
+    Blank lines and quoted CSV fields that span lines make a row index differ from its line, and the fast
+    readers count no lines, so the file is read again line by line, only when an error needs a position.
+    """
+
+    def __init__(self, path: Path, spec: TaskSpec, encoding: str, num_rows: int):
+        self.path, self.spec, self.encoding, self.num_rows = path, spec, encoding, num_rows
+        self.fmt = detect_format(path)
+        self._lines: list[int] | None = None
+        self._scanned = False
+
+    def _scan(self) -> list[int] | None:
+        text = _read_text(self.path, self.encoding)
+        if self.fmt == "jsonl":
+            lines = [number for number, _ in _jsonl_lines(text)]
+        else:
+            rows = _delimited_rows(text, self.fmt)
+            if rows and not _headerless(rows[0][1], self.fmt, self.spec):
+                rows = rows[1:]
+            lines = [line for line, _ in rows]
+        # The line reading saw other rows than the table (it should not): give no line rather than a wrong one.
+        return lines if len(lines) == self.num_rows else None
+
+    def lines(self) -> list[int] | None:
+        """Start line of each table row, or None where the format has no lines or they cannot be told."""
+        if not self._scanned and self.fmt in ("tsv", "csv", "jsonl"):
+            self._scanned = True
+            try:
+                self._lines = self._scan()
+            except (ValueError, csv.Error):
+                self._lines = None
+        return self._lines
+
+    def __call__(self, rows: int | list[int], more: bool = False) -> str:
+        """``line 3`` for one row, ``lines [3, 5, ...]`` for a list (``more``: the list is cut short)."""
+        indices = rows if isinstance(rows, list) else [rows]
+        lines = self.lines()
+        if lines is not None:
+            noun, numbers, note = "line", [lines[row] for row in indices], ""
+        elif self.fmt in ("tsv", "csv"):
+            noun, numbers, note = "data row", [row + 1 for row in indices], " (1-based, after the header)"
+        elif self.fmt == "jsonl":
+            noun, numbers, note = "record", [row + 1 for row in indices], " (1-based, blank lines not counted)"
+        else:
+            noun, numbers, note = "row", indices, " (0-based)"
+        if not isinstance(rows, list):
+            return f"{noun} {numbers[0]}{note}"
+        shown = ", ".join(str(number) for number in numbers) + (", ..." if more else "")
+        return f"{noun}s [{shown}]{note}"
+
+
+def _resolve_labels(
+    values: list[Any], spec: TaskSpec, path: Path, names: list[str] | None, where: Callable[[int], str]
+) -> list[Any]:
+    """Raw label cells -> class indices (classification) or floats (regression); None stays None.
+    ``where(row)`` says where a row is in the file, for the errors."""
     out: list[Any] = []
     if spec.type == "regression":
         for row, value in enumerate(values):
@@ -412,18 +491,21 @@ def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[s
                 continue
             if isinstance(value, bool):
                 raise ValueError(
-                    f"task data {path}: row {row}, column '{spec.label}' holds the boolean {_json_bool(value)}, "
+                    f"task data {path}: {where(row)}, column '{spec.label}' holds the boolean {_json_bool(value)}, "
                     f"expected a number (task '{spec.name}' is regression); write the score as a number"
                 )
             try:
                 number = float(value)
             except (TypeError, ValueError):
                 raise ValueError(
-                    f"task data {path}: row {row}, column '{spec.label}' holds {value!r}, expected a number "
+                    f"task data {path}: {where(row)}, column '{spec.label}' holds {value!r}, expected a number "
                     f"(task '{spec.name}' is regression)"
                 ) from None
             if not math.isfinite(number):
-                raise ValueError(f"task data {path}: row {row}, column '{spec.label}' holds {value!r}")
+                raise ValueError(
+                    f"task data {path}: {where(row)}, column '{spec.label}' holds {value!r}, expected a finite number "
+                    f"(task '{spec.name}' is regression)"
+                )
             out.append(number)
         return out
     index_of = {label: i for i, label in enumerate(spec.labels)}
@@ -442,12 +524,12 @@ def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[s
                 continue
             if int(value) >= len(names):
                 raise ValueError(
-                    f"task data {path}: row {row}, column '{spec.label}' holds class id {value}, but the file "
+                    f"task data {path}: {where(row)}, column '{spec.label}' holds class id {value}, but the file "
                     f"names only {len(names)} classes {names}"
                 )
             value = names[int(value)]
         if isinstance(value, bool):
-            value = _bool_label(value, spec, path, row)
+            value = _bool_label(value, spec, path, where(row))
         key = _cell_key(value)
         if key in index_of:
             out.append(index_of[key])
@@ -458,7 +540,7 @@ def _resolve_labels(values: list[Any], spec: TaskSpec, path: Path, names: list[s
             continue
         allowed = f"{spec.labels}" + (f" or their ids 0..{len(spec.labels) - 1}" if ids_allowed else "")
         raise ValueError(
-            f"task data {path}: row {row}, column '{spec.label}' holds unknown label {value!r}; "
+            f"task data {path}: {where(row)}, column '{spec.label}' holds unknown label {value!r}; "
             f"task '{spec.name}' allows {allowed}"
         )
     return out
@@ -468,7 +550,7 @@ def _json_bool(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _bool_label(value: bool, spec: TaskSpec, path: Path, row: int) -> str:
+def _bool_label(value: bool, spec: TaskSpec, path: Path, place: str) -> str:
     """A boolean label cell (JSON ``true``, a Parquet bool) -> the task's label named ``true`` / ``false``.
 
     ``str(True)`` is ``"True"``, which matched no label ``true``; and a boolean is never read as the id 0 or
@@ -481,7 +563,7 @@ def _bool_label(value: bool, spec: TaskSpec, path: Path, row: int) -> str:
     if len(matches) == 1:
         return matches[0]
     raise ValueError(
-        f"task data {path}: row {row}, column '{spec.label}' holds the boolean {word}, which matches only a label "
+        f"task data {path}: {place}, column '{spec.label}' holds the boolean {word}, which matches only a label "
         f"named '{word}' (any case); task '{spec.name}' has labels {spec.labels}; name the task's labels false,true "
         "or write the labels in the file as label names"
     )
@@ -569,6 +651,7 @@ def load_task_examples(
     if raw.num_rows == 0:
         raise ValueError(f"task data {path} has no examples (task '{spec.name}'); columns found: {raw.column_names}")
     num_rows = raw.num_rows
+    where = _RowPlaces(path, spec, encoding, num_rows)
 
     text_a = _column(raw, spec.text_a, path, spec, "text_a")
     if spec.text_b is None or (spec.text_b == DEFAULT_TEXT_B and spec.text_b not in raw.column_names):
@@ -577,7 +660,10 @@ def load_task_examples(
         text_b = _column(raw, spec.text_b, path, spec, "text_b")
     for row, value in enumerate(text_a):
         if value is None:
-            raise ValueError(f"task data {path}: row {row} has no text in column '{spec.text_a}' (text_a)")
+            raise ValueError(
+                f"task data {path}: {where(row)} has no text in column '{spec.text_a}' (text_a); "
+                "fill it in or drop the row"
+            )
     text_a = [str(value) for value in text_a]
     text_b = [None if value is None else str(value) for value in text_b]
 
@@ -587,13 +673,18 @@ def load_task_examples(
         labels: list[Any] = [None] * num_rows
     else:
         column_names = class_names.get(spec.label)
-        labels = _resolve_labels(_column(raw, spec.label, path, spec, "label"), spec, path, column_names)
+        labels = _resolve_labels(_column(raw, spec.label, path, spec, "label"), spec, path, column_names, where)
         if require_labels:
             missing = [row for row, value in enumerate(labels) if value is None]
             if missing:
+                place = (
+                    where(missing[0]) + " has"
+                    if len(missing) == 1
+                    else where(missing[:10], len(missing) > 10) + " have"
+                )
                 raise ValueError(
-                    f"task data {path}: rows {missing[:10]}{'...' if len(missing) > 10 else ''} have no label in "
-                    f"column '{spec.label}'; pass require_labels=False for unlabeled (test) data"
+                    f"task data {path}: {place} no label in column '{spec.label}'; pass require_labels=False for "
+                    "unlabeled (test) data"
                 )
     if spec.label is None and require_labels:
         raise ValueError(f"task '{spec.name}' has no label column (label: null) but labels are required")

@@ -93,7 +93,7 @@ def test_regression_and_id_column(tmp_path):
     assert table.column("label").to_pylist() == [4.5, 0.0]
     assert table.schema.field("label").type == pa.float64()
     _write(tmp_path / "d.tsv", [{"pair": "p1", "s1": "a", "s2": "b", "score": "high"}], "tsv")
-    with pytest.raises(ValueError, match=r"row 0, column 'score' holds 'high', expected a number"):
+    with pytest.raises(ValueError, match=r"line 2, column 'score' holds 'high', expected a number"):
         load_task_examples(tmp_path / "d.tsv", spec)
 
 
@@ -186,7 +186,7 @@ def test_unknown_label_names_file_row_label_and_allowed(tmp_path):
     with pytest.raises(ValueError) as info:
         load_task_examples(path, TOPIC)
     message = str(info.value)
-    assert str(path) in message and "row 1" in message and "'politics'" in message
+    assert str(path) in message and "line 3, column 'category'" in message and "'politics'" in message
     assert "['business', 'sport', 'tech']" in message
 
 
@@ -210,7 +210,7 @@ def test_empty_jsonl_and_parquet(tmp_path):
 def test_ragged_rows_and_unknown_suffix(tmp_path):
     path = tmp_path / "d.tsv"
     path.write_text("text\tother\tcategory\na\tb\n")
-    with pytest.raises(ValueError, match="data row 0 has 2 fields, the header has 3"):
+    with pytest.raises(ValueError, match="line 2 has 2 fields, the header has 3"):
         load_task_examples(path, TOPIC)
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(ValueError, match="cannot tell the format"):
@@ -297,3 +297,69 @@ def test_boolean_labels_are_never_read_as_ids(tmp_path, labels):
         load_task_examples(path, TaskSpec(name="yn", labels=labels, text_a="text"))
     with pytest.raises(ValueError, match=r"holds the boolean false, expected a number"):
         load_task_examples(path, TaskSpec(name="score", type="regression", text_a="text"))
+
+
+def test_errors_name_the_line_in_csv_and_tsv_files(tmp_path):
+    """Lines count the header, blank lines and every line of a quoted field, as an editor shows them."""
+    spec = TaskSpec(name="t", labels=["neg", "pos"], text_a="text", label="sentiment")
+    path = tmp_path / "d.csv"
+    # line 1 header, 2 a row, 3 blank, 4-5 one row whose text spans two lines, 6 the unknown label
+    path.write_text('text,sentiment\nfine,pos\n\n"two\nlines",neg\nbad,maybe\n')
+    with pytest.raises(ValueError, match=r"d.csv: line 6, column 'sentiment' holds unknown label 'maybe'"):
+        load_task_examples(path, spec)
+    path.write_text('text,sentiment\nfine,pos\n\n"two\nlines",\nok,neg\n,\n')
+    with pytest.raises(ValueError, match=r"d.csv: lines \[4, 7\] have no label in column 'sentiment'"):
+        load_task_examples(path, spec)
+    path.write_text("text,sentiment\nfine,pos\n\nragged\n")
+    with pytest.raises(ValueError, match=r"d.csv: line 4 has 1 fields, the header has 2"):
+        load_task_examples(path, spec)
+    cola = tmp_path / "cola.tsv"  # headerless: the first line is a row
+    cola.write_text("gj04\t1\t\tfine.\ngj04\t7\t*\tbad.\n")
+    with pytest.raises(ValueError, match=r"cola.tsv: line 2, column 'label' holds unknown label '7'"):
+        load_task_examples(cola, resolve_task_spec("cola"))
+
+
+@pytest.mark.parametrize("reader", ["pyarrow", "line by line"])
+def test_errors_name_the_line_in_jsonl_files(tmp_path, reader):
+    spec = TaskSpec(name="t", labels=["neg", "pos"], text_a="text", label="sentiment")
+    # "n" mixing types sends the file to the line-by-line reader; a raw U+2028 in a string is no line end
+    extra = [1, "two", 3, 4] if reader == "line by line" else [1, 2, 3, 4]
+    records = [
+        {"text": "a\u2028b", "sentiment": "pos"},
+        {"text": "c", "sentiment": "neg"},
+        {"text": "d", "sentiment": None},
+        {"text": "e", "sentiment": "maybe"},
+    ]
+    lines = [json.dumps(dict(record, n=n), ensure_ascii=False) for record, n in zip(records, extra)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([lines[0], "", lines[1], "  ", lines[2], lines[3]]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.jsonl: line 6, column 'sentiment' holds unknown label 'maybe'"):
+        load_task_examples(path, spec)
+    path.write_text("\n".join([lines[0], "", lines[1], "  ", lines[2]]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.jsonl: line 5 has no label in column 'sentiment'"):
+        load_task_examples(path, spec)
+    path.write_text("\n".join([lines[0], "", json.dumps({"text": None, "sentiment": "pos", "n": extra[1]})]) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl: line 3 has no text in column 'text'"):
+        load_task_examples(path, spec)
+
+
+def test_errors_name_the_0_based_row_in_parquet(tmp_path):
+    spec = TaskSpec(name="t", labels=["neg", "pos"], text_a="text", label="sentiment")
+    rows = [{"text": "a", "sentiment": "pos"}, {"text": "b", "sentiment": "maybe"}]
+    path = _write(tmp_path / "d.parquet", rows, "parquet")
+    with pytest.raises(ValueError, match=r"d.parquet: row 1 \(0-based\), column 'sentiment' holds unknown label"):
+        load_task_examples(path, spec)
+
+
+def test_row_places_without_lines_say_how_rows_are_counted(tmp_path):
+    # Should the line reading ever see other rows than the table, the message counts rows and says how.
+    from dist_kd.data.tasks import _RowPlaces
+
+    spec = TaskSpec(name="t", labels=["neg", "pos"])
+    (tmp_path / "d.csv").write_text("text_a,label\na,pos\n")
+    (tmp_path / "d.jsonl").write_text('{"text_a": "a"}\n')
+    assert _RowPlaces(tmp_path / "d.csv", spec, "utf-8", 1)(0) == "line 2"
+    assert _RowPlaces(tmp_path / "d.csv", spec, "utf-8", 5)(2) == "data row 3 (1-based, after the header)"
+    assert _RowPlaces(tmp_path / "d.jsonl", spec, "utf-8", 5)([0, 2], more=True) == (
+        "records [1, 3, ...] (1-based, blank lines not counted)"
+    )
