@@ -217,7 +217,7 @@ class HeldOutTexts:
             ValueError: a missing column (naming the file and the columns found), a row without text or label,
                 fewer than 2 classes, or fewer texts than probe folds.
         """
-        from dist_kd.data.tasks import TaskSpec, read_raw_table
+        from dist_kd.data.tasks import RowPlaces, TaskSpec, read_raw_table
 
         path = Path(path)
         if not path.exists():
@@ -231,17 +231,21 @@ class HeldOutTexts:
                 f"eval.texts {path}: no column {missing[0]!r} (eval.text / eval.label); columns found: "
                 f"{table.column_names}"
             )
+        where = RowPlaces(path, spec, "utf-8", table.num_rows)  # the rows' lines in the file, for the errors
         table = table.slice(0, cfg.max_texts)
         texts = table.column(cfg.text).to_pylist()
         empty = [row for row, text in enumerate(texts) if not text]
         if empty:
-            raise ValueError(f"eval.texts {path}: rows {empty[:5]} have no text in column {cfg.text!r}")
+            raise ValueError(
+                f"eval.texts {path}: {where(empty[:5], more=len(empty) > 5)} have no text in column {cfg.text!r}"
+            )
         labels, names = None, []
         if cfg.label:
             cells = table.column(cfg.label).to_pylist()
             unlabelled = [row for row, cell in enumerate(cells) if cell is None or cell == ""]
             if unlabelled:
-                raise ValueError(f"eval.texts {path}: rows {unlabelled[:5]} have no label in column {cfg.label!r}")
+                places = where(unlabelled[:5], more=len(unlabelled) > 5)
+                raise ValueError(f"eval.texts {path}: {places} have no label in column {cfg.label!r}")
             names = sorted({str(cell) for cell in cells})
             if len(names) < 2:
                 raise ValueError(f"eval.texts {path}: the probe needs at least 2 classes in {cfg.label!r}, got {names}")

@@ -424,7 +424,7 @@ def read_raw_table(
 # -------------------------------------------------------------------------------------------- normalise
 
 
-class _RowPlaces:
+class RowPlaces:
     """Where rows of a loaded table are in the file, in words a user can find: ``line 7`` for TSV / CSV /
     JSONL (1-based, the header counted), ``row 7 (0-based)`` for Parquet and ``datasets``.
 
@@ -651,7 +651,7 @@ def load_task_examples(
     if raw.num_rows == 0:
         raise ValueError(f"task data {path} has no examples (task '{spec.name}'); columns found: {raw.column_names}")
     num_rows = raw.num_rows
-    where = _RowPlaces(path, spec, encoding, num_rows)
+    where = RowPlaces(path, spec, encoding, num_rows)
 
     text_a = _column(raw, spec.text_a, path, spec, "text_a")
     if spec.text_b is None or (spec.text_b == DEFAULT_TEXT_B and spec.text_b not in raw.column_names):

@@ -353,13 +353,13 @@ def test_errors_name_the_0_based_row_in_parquet(tmp_path):
 
 def test_row_places_without_lines_say_how_rows_are_counted(tmp_path):
     # Should the line reading ever see other rows than the table, the message counts rows and says how.
-    from dist_kd.data.tasks import _RowPlaces
+    from dist_kd.data.tasks import RowPlaces
 
     spec = TaskSpec(name="t", labels=["neg", "pos"])
     (tmp_path / "d.csv").write_text("text_a,label\na,pos\n")
     (tmp_path / "d.jsonl").write_text('{"text_a": "a"}\n')
-    assert _RowPlaces(tmp_path / "d.csv", spec, "utf-8", 1)(0) == "line 2"
-    assert _RowPlaces(tmp_path / "d.csv", spec, "utf-8", 5)(2) == "data row 3 (1-based, after the header)"
-    assert _RowPlaces(tmp_path / "d.jsonl", spec, "utf-8", 5)([0, 2], more=True) == (
+    assert RowPlaces(tmp_path / "d.csv", spec, "utf-8", 1)(0) == "line 2"
+    assert RowPlaces(tmp_path / "d.csv", spec, "utf-8", 5)(2) == "data row 3 (1-based, after the header)"
+    assert RowPlaces(tmp_path / "d.jsonl", spec, "utf-8", 5)([0, 2], more=True) == (
         "records [1, 3, ...] (1-based, blank lines not counted)"
     )
