@@ -106,24 +106,22 @@ def write_predictions(path: str | Path, spec: TaskSpec, table: pa.Table, logits:
         tmp.write_text("".join(line + "\n" for line in lines))
 
 
-def _check_named_label_column(data: str | Path, spec: TaskSpec, table: pa.Table) -> None:
-    """Raise when the label column was named explicitly and the data lacks it.
+def _load_examples(data: str | Path, spec: TaskSpec) -> pa.Table:
+    """The rows to score. Data without the default ``label`` column is a test set (predictions, no metrics),
+    but a column the user named (``--label category``) that is missing is a typo, which would otherwise end in
+    null metrics and exit 0: the task reader's column check is required for it."""
+    from dist_kd.data.tasks import MissingColumnError, load_task_examples
 
-    Data without the default ``label`` column is a test set (predictions, no metrics), but a column the user
-    named (``--label category``) that is missing is a typo, which would otherwise end in null metrics and exit 0.
-    """
-    from dist_kd.data.tasks import read_raw_table
-
-    if spec.label is None or spec.label == DEFAULT_LABEL_COLUMN:
-        return
-    if table.column("label").null_count < table.num_rows:
-        return  # some labels were read, so the column is there
-    columns = read_raw_table(data, spec)[0].column_names
-    if spec.label not in columns:
+    named = spec.label not in (None, DEFAULT_LABEL_COLUMN)
+    try:
+        return load_task_examples(data, spec, require_labels=False, require_label_column=named)
+    except MissingColumnError as err:
+        if err.role != "label":
+            raise
         raise ValueError(
-            f"data {data} has no label column '{spec.label}' (--label); columns found: {columns}. Name one of "
-            f"them with --label, or leave --label out to score unlabeled (test) data"
-        )
+            f"data {data} has no label column '{err.column}' (--label); columns found: {err.columns_found}. Name one "
+            "of them with --label, or leave --label out to score unlabeled (test) data"
+        ) from None
 
 
 def check_output_dir(output: str | Path, flag: str = "--output") -> Path:
@@ -189,7 +187,7 @@ def evaluate_classifier(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from dist_kd.data.encode import pad_id_of, tokenize_rows, uses_token_types
-    from dist_kd.data.tasks import label_order_check, load_task_examples
+    from dist_kd.data.tasks import label_order_check
     from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.evaluate import compute_metrics, predicted_classes
     from dist_kd.io import write_json_atomic
@@ -206,8 +204,7 @@ def evaluate_classifier(
         )
     elif config.num_labels != 1:
         raise ValueError(f"model {model_dir} has {config.num_labels} outputs; regression task '{spec.name}' needs 1")
-    table = load_task_examples(data, spec, require_labels=False)
-    _check_named_label_column(data, spec, table)
+    table = _load_examples(data, spec)
     tokenizer = load_tokenizer(model_dir)
     rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
     device = torch.device(device)
