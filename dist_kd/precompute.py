@@ -84,12 +84,13 @@ class PrecomputeConfig:
         # Resolved: "t1", "t1/" and "./t1" are one teacher, which would silently count twice in the ensemble.
         first_of: dict[Path, str] = {}
         for path in self.teachers:
-            same = first_of.setdefault(Path(path).resolve(), path)
-            if same != path or self.teachers.count(path) > 1:
+            resolved = Path(path).resolve()
+            if resolved in first_of:
                 raise ValueError(
-                    f"teachers: {same!r} and {path!r} are the same directory; list each teacher once "
+                    f"teachers: {first_of[resolved]!r} and {path!r} are the same directory; list each teacher once "
                     f"(got {self.teachers})"
                 )
+            first_of[resolved] = path
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.dtype not in DTYPES:
