@@ -360,15 +360,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shm_buffer_path(rank: int, environ: dict[str, str] | None = None) -> Path:
+def shm_buffer_path(rank: int) -> Path:
     """The shared-memory file in which DeepSpeed's CPU op keeps ``rank``'s all-reduce workspace.
 
     The op (``shm.cpp``) names it ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``,
     creates it when a CPU process group whose ranks are all on one node starts, and never unlinks it: every
     multi-rank CPU run would leave about 70 MB per rank in /dev/shm (RAM) until the machine restarts.
     """
-    env = os.environ if environ is None else environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
     return Path("/dev/shm") / name
 
 
