@@ -257,9 +257,7 @@ class TeacherTrainer:
                 with atomic_dir(target) as tmp:
                     module.save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
-                    np.save(tmp / DEV_LOGITS_FILE, dev_logits)
-                    result = {**result, "dev_logits_sha256": sha256_file(tmp / DEV_LOGITS_FILE)}
-                    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+                    _write_dev_results(tmp, result, dev_logits)
         distributed.barrier()
 
     def close(self) -> None:
@@ -326,18 +324,25 @@ def _rescore(target: Path, cfg: FinetuneConfig, info: distributed.DistInfo, toke
                           info.device, uses_token_types(tokenizer))  # fmt: skip
 
 
-def _update_dev_results(target: Path, result: dict[str, Any], dev_logits: np.ndarray, info) -> dict[str, Any]:
-    """Write re-scored dev logits and metrics into an exported teacher (rank 0; collective barrier).
+def _write_dev_results(directory: Path, result: dict[str, Any], dev_logits: np.ndarray) -> dict[str, Any]:
+    """Write a teacher's dev logits, then ``finetune.json`` with ``result`` and the logits' sha256, each atomically;
+    returns what was written.
 
-    The logits go first and ``finetune.json`` records their sha256, so a crash between the two writes leaves a
-    record that does not match the logits file, which the next run re-scores.
+    The logits go first, so a crash between the two writes leaves a record that does not match the logits file,
+    which the next run re-scores (:func:`_saved_dev_logits`).
     """
+    with atomic_path(directory / DEV_LOGITS_FILE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, dev_logits)
+        result = {**result, "dev_logits_sha256": sha256_file(tmp)}
+    write_json_atomic(directory / RESULT_FILE, result, indent=2)
+    return result
+
+
+def _update_dev_results(target: Path, result: dict[str, Any], dev_logits: np.ndarray, info) -> dict[str, Any]:
+    """Write re-scored dev logits and metrics into an exported teacher (rank 0; collective barrier)."""
     if info.is_main:
-        with atomic_path(target / DEV_LOGITS_FILE) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, dev_logits)
-            result = {**result, "dev_logits_sha256": sha256_file(tmp)}
-        write_json_atomic(target / RESULT_FILE, result, indent=2)
+        result = _write_dev_results(target, result, dev_logits)
     distributed.barrier()
     return result
 
