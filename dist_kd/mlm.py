@@ -87,12 +87,13 @@ class MlmHead:
     """
 
     def __init__(self, encoder_dir: str | Path, seed: int = 0, train_layers: int = 0):
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoModelForMaskedLM
 
+        from dist_kd.data.tokenizer import load_tokenizer
         from dist_kd.models.teacher import check_model_dir
 
         self.encoder_dir = check_model_dir(encoder_dir, "encoder")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.encoder_dir)
+        self.tokenizer = load_tokenizer(self.encoder_dir)
         if self.tokenizer.mask_token_id is None:
             raise ValueError(f"encoder {self.encoder_dir}: its tokenizer has no mask token")
         torch.manual_seed(seed)

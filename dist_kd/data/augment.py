@@ -331,14 +331,16 @@ class MaskedLMCandidates:
         cache_size: int = 100_000,
     ) -> None:
         import torch
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoModelForMaskedLM
+
+        from dist_kd.data.tokenizer import load_tokenizer
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"masked-LM directory {model_dir} has no config.json (a HF *ForMaskedLM dir)")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if not self.tokenizer.is_fast:
-            raise ValueError(f"masked-LM {model_dir}: augmentation needs a fast tokenizer (word_ids), found a slow one")
+        # Fast only (augmentation needs word_ids), and never the special-tokens-only tokenizer of a directory
+        # without vocabulary files, whose every word would be [UNK].
+        self.tokenizer = load_tokenizer(model_dir)
         if self.tokenizer.mask_token_id is None:
             raise ValueError(f"masked-LM {model_dir}: its tokenizer has no mask token")
         self.device = torch.device(device)

@@ -308,3 +308,16 @@ def test_augmented_labels_read_back_as_ids_even_when_names_look_like_integers(tm
     write_parquet_atomic(bad, path, {"kind": "augmented_task_data", "task": "flipped", "label_names": ["1", "0"]})
     with pytest.raises(ValueError, match="class id 5, but the file names only 2 classes"):
         load_task_examples(path, spec_for_data(spec, path), require_labels=False)
+
+
+def test_a_masked_lm_directory_without_tokenizer_files_is_refused(biased_mlm_dir, tmp_path):
+    """A model saved without its tokenizer would load a special-tokens-only one: every word [UNK]."""
+    import shutil
+    from pathlib import Path
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(biased_mlm_dir) / name, bare / name)
+    with pytest.raises(FileNotFoundError, match=rf"tokenizer directory {bare} has no vocabulary file"):
+        aug.MaskedLMCandidates(bare, k=4)
