@@ -48,7 +48,7 @@ from dist_kd.data import soft_targets as store
 from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_token_types
 from dist_kd.data.tasks import MissingColumnError, TaskSpec, label_order_check, load_task_examples
 from dist_kd.io import read_parquet_metadata, sha256_file, write_json_atomic, write_parquet_atomic
-from dist_kd.models.teacher import DTYPES, check_model_dir
+from dist_kd.models.teacher import DTYPES, check_max_length, check_model_dir
 from dist_kd.predict import batched_logits, teacher_label_names
 
 logger = logging.getLogger(__name__)
@@ -141,12 +141,14 @@ def _load_tokenizer(path: str | Path):
         raise ValueError(f"teacher {path}: no usable tokenizer in the directory ({err})") from None
 
 
-def check_teachers(paths: Sequence[str | Path], spec: TaskSpec) -> EnsembleCheck:
+def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int | None = None) -> EnsembleCheck:
     """Check that the teachers form one ensemble for ``spec``; loads configs and tokenizers, not weights.
 
     Args:
         paths: teacher directories (HF ``*ForSequenceClassification`` with a tokenizer).
         spec: the task (type and label order).
+        max_length: the truncation length, which must fit every teacher's position embeddings (checked here,
+            before a run writes anything, so that the corrected command is not refused as another run's).
 
     Returns:
         The shared label names (empty for regression) and tokenizer fingerprint.
@@ -154,8 +156,8 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec) -> EnsembleCheck
     Raises:
         FileNotFoundError: a directory or its config.json is missing.
         ValueError: two teachers differ in label names/order or tokenizer (both are named), a teacher's
-            labels differ from the task's (via :func:`label_order_check`), or a regression task meets a
-            teacher with more than one output.
+            labels differ from the task's (via :func:`label_order_check`), a regression task meets a
+            teacher with more than one output, or ``max_length`` exceeds a teacher's position embeddings.
     """
     from transformers import AutoConfig
 
@@ -166,6 +168,8 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec) -> EnsembleCheck
     for path in paths:
         check_model_dir(path, "teacher")
         config = AutoConfig.from_pretrained(path)
+        if max_length is not None:
+            check_max_length(config, max_length, path, "max_length (--max-length)")
         fingerprint = tokenizer_fingerprint(_load_tokenizer(path))
         if spec.type == "regression":
             if config.num_labels != 1:
@@ -435,7 +439,7 @@ class TeacherEnsemble:
         paths: teacher directories (already checked with :func:`check_teachers`).
         dtype: ``fp16`` | ``bf16`` | ``fp32``.
         device: where the teachers run.
-        max_length: truncation length in pieces.
+        max_length: truncation length in pieces (within every teacher's positions: :func:`check_teachers`).
         batch_size: sequences per forward pass.
     """
 
@@ -447,12 +451,6 @@ class TeacherEnsemble:
             Teacher(path, dtype=dtype, device=device, model_class="AutoModelForSequenceClassification")
             for path in paths
         ]
-        for teacher in self.teachers:
-            limit = getattr(teacher.config, "max_position_embeddings", None)
-            if limit is not None and max_length > limit:
-                raise ValueError(
-                    f"max_length {max_length} exceeds teacher {teacher.path}'s max_position_embeddings {limit}"
-                )
         self.device, self.max_length, self.batch_size = device, max_length, batch_size
         self.pad_id = pad_id_of(self.tokenizer)
         self.use_token_types = uses_token_types(self.tokenizer)
@@ -630,7 +628,7 @@ def precompute_soft_targets(
     output = Path(output_dir)
     data_path = resolve_data_path(data_path)
     spec = spec_for_data(spec, data_path)
-    check = check_teachers(config.teachers, spec)
+    check = check_teachers(config.teachers, spec, config.max_length)
     examples, missing_label = _load_examples(data_path, spec, require_label_column, warn=info.is_main)
     # Hashing weights and data reads every byte; one rank does it and tells the others.
     hashes = None

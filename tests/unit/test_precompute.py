@@ -312,6 +312,18 @@ def test_resume_with_other_parameters_is_refused(setup, tmp_path):
         precompute_soft_targets(spec, changed, out, _config(teachers[:2]), progress=False)
 
 
+def test_a_length_beyond_a_teachers_positions_is_refused_before_anything_is_written(setup, tmp_path):
+    """Refused after the run's record was written, the corrected command would meet 'a partial precompute
+    started with other parameters'."""
+    _, teachers, data, spec, _ = setup
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"max_length \(--max-length\) 129 exceeds .*128 of model {teachers[0]}"):
+        precompute_soft_targets(spec, data, out, _config(teachers[:2], max_length=129), progress=False)
+    assert not out.exists()
+    result = precompute_soft_targets(spec, data, out, _config(teachers[:2], max_length=128), progress=False)
+    assert result.num_rows == NUM_ROWS
+
+
 def test_complete_store_is_kept_and_not_overwritten_by_other_parameters(setup, tmp_path):
     _, teachers, data, spec, _ = setup
     out = tmp_path / "out"
