@@ -236,16 +236,15 @@ class HeldOutTexts:
         texts = table.column(cfg.text).to_pylist()
         empty = [row for row, text in enumerate(texts) if not text]
         if empty:
-            raise ValueError(
-                f"eval.texts {path}: {where(empty[:5], more=len(empty) > 5)} have no text in column {cfg.text!r}"
-            )
+            raise ValueError(f"eval.texts {path}: {where.subject(empty, limit=5)} no text in column {cfg.text!r}")
         labels, names = None, []
         if cfg.label:
             cells = table.column(cfg.label).to_pylist()
             unlabelled = [row for row, cell in enumerate(cells) if cell is None or cell == ""]
             if unlabelled:
-                places = where(unlabelled[:5], more=len(unlabelled) > 5)
-                raise ValueError(f"eval.texts {path}: {places} have no label in column {cfg.label!r}")
+                raise ValueError(
+                    f"eval.texts {path}: {where.subject(unlabelled, limit=5)} no label in column {cfg.label!r}"
+                )
             names = sorted({str(cell) for cell in cells})
             if len(names) < 2:
                 raise ValueError(f"eval.texts {path}: the probe needs at least 2 classes in {cfg.label!r}, got {names}")

@@ -477,6 +477,13 @@ class RowPlaces:
         shown = ", ".join(str(number) for number in numbers) + (", ..." if more else "")
         return f"{noun}s [{shown}]{note}"
 
+    def subject(self, rows: list[int], limit: int = 10) -> str:
+        """``line 3 has`` for one row, ``lines [3, 5, ...] have`` for more (at most ``limit`` shown): the start
+        of an error sentence about these rows."""
+        if len(rows) == 1:
+            return f"{self(rows[0])} has"
+        return f"{self(rows[:limit], more=len(rows) > limit)} have"
+
 
 def _resolve_labels(
     values: list[Any], spec: TaskSpec, path: Path, names: list[str] | None, where: Callable[[int], str]
@@ -677,14 +684,9 @@ def load_task_examples(
         if require_labels:
             missing = [row for row, value in enumerate(labels) if value is None]
             if missing:
-                place = (
-                    where(missing[0]) + " has"
-                    if len(missing) == 1
-                    else where(missing[:10], len(missing) > 10) + " have"
-                )
                 raise ValueError(
-                    f"task data {path}: {place} no label in column '{spec.label}'; pass require_labels=False for "
-                    "unlabeled (test) data"
+                    f"task data {path}: {where.subject(missing)} no label in column '{spec.label}'; pass "
+                    "require_labels=False for unlabeled (test) data"
                 )
     if spec.label is None and require_labels:
         raise ValueError(f"task '{spec.name}' has no label column (label: null) but labels are required")
@@ -695,7 +697,11 @@ def load_task_examples(
         if len(set(ids)) != num_rows:
             seen: set[str] = set()
             duplicate = next(value for value in ids if value in seen or seen.add(value))
-            raise ValueError(f"task data {path}: column '{id_column}' repeats the id {duplicate!r}; ids must be unique")
+            rows = [row for row, value in enumerate(ids) if value == duplicate]
+            raise ValueError(
+                f"task data {path}: column '{id_column}' repeats the id {duplicate!r} "
+                f"({where(rows[:10], more=len(rows) > 10)}); ids must be unique"
+            )
     else:
         ids = [f"{spec.name}-{row}" for row in range(num_rows)]
     return pa.table({"example_id": ids, "text_a": text_a, "text_b": text_b, "label": labels}, schema=task_schema(spec))

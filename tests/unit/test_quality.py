@@ -114,10 +114,10 @@ def test_heldout_texts_errors_name_the_file_and_column(tiny_bert_dir, tmp_path):
     # Positions are the lines a user finds in the file (the header is line 1), not 0-based row indices.
     gaps = tmp_path / "gaps.csv"
     gaps.write_text("text,label\na b,x\n,y\nc d,\ne f,y\n")
-    with pytest.raises(ValueError, match=r"gaps\.csv: lines \[3\] have no text in column 'text'"):
+    with pytest.raises(ValueError, match=r"gaps\.csv: line 3 has no text in column 'text'"):
         HeldOutTexts.from_file(gaps, tokenizer, QualityConfig())
     gaps.write_text("text,label\na b,x\ng h,y\nc d,\ne f,y\n")
-    with pytest.raises(ValueError, match=r"gaps\.csv: lines \[4\] have no label in column 'label'"):
+    with pytest.raises(ValueError, match=r"gaps\.csv: line 4 has no label in column 'label'"):
         HeldOutTexts.from_file(gaps, tokenizer, QualityConfig())
     with pytest.raises(ValueError, match="eval.every"):
         QualityConfig(every=0)

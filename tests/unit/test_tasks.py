@@ -310,6 +310,10 @@ def test_errors_name_the_line_in_csv_and_tsv_files(tmp_path):
     path.write_text('text,sentiment\nfine,pos\n\n"two\nlines",\nok,neg\n,\n')
     with pytest.raises(ValueError, match=r"d.csv: lines \[4, 7\] have no label in column 'sentiment'"):
         load_task_examples(path, spec)
+    # A repeated id names every line that holds it.
+    path.write_text("example_id,text,sentiment\na,x,pos\nb,y,neg\n\na,z,pos\n")
+    with pytest.raises(ValueError, match=r"d.csv: column 'example_id' repeats the id 'a' \(lines \[2, 5\]\)"):
+        load_task_examples(path, spec)
     path.write_text("text,sentiment\nfine,pos\n\nragged\n")
     with pytest.raises(ValueError, match=r"d.csv: line 4 has 1 fields, the header has 2"):
         load_task_examples(path, spec)
