@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dist_kd.config import doc
+from dist_kd.evaluate import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from dist_kd.io import parquet_metadata_of
 
 TASK_TYPES = ("classification", "regression")
@@ -52,7 +53,11 @@ class TaskSpec:
         default=DEFAULT_TEXT_B,
     )
     label: str | None = doc("column holding the label; null when the data has no labels", default="label")
-    metric: str = doc("headline metric: accuracy | f1 | mcc | pearson | spearman", default="accuracy")
+    metric: str | None = doc(
+        "headline metric: accuracy | f1 | mcc (classification), pearson | spearman (regression); null: accuracy / "
+        "pearson by type",
+        default=None,
+    )
     id_column: str | None = doc("column with stable example ids; null -> '<task>-<row index>'", default=None)
     tsv_columns: list[str] | None = doc(
         "names of a headerless TSV's columns (GLUE's CoLA); a file whose first row holds text_a is read as headed",
@@ -64,8 +69,18 @@ class TaskSpec:
             raise ValueError("task name must not be empty")
         if self.type not in TASK_TYPES:
             raise ValueError(f"task '{self.name}': type must be one of {list(TASK_TYPES)}, got {self.type!r}")
+        if self.metric is None:
+            self.metric = "accuracy" if self.type == "classification" else "pearson"
         if self.metric not in METRICS:
             raise ValueError(f"task '{self.name}': metric must be one of {list(METRICS)}, got {self.metric!r}")
+        # A metric of the other type would be refused by compute_metrics only at the first evaluation, after
+        # an epoch of training (and after the tasks scored before it had exported their best/ classifiers).
+        allowed = CLASSIFICATION_METRICS if self.type == "classification" else REGRESSION_METRICS
+        if self.metric not in allowed:
+            raise ValueError(
+                f"task '{self.name}': metric {self.metric!r} does not apply to a {self.type} task; expected one of "
+                f"{list(allowed)}"
+            )
         self.labels = [str(label) for label in self.labels]
         if self.type == "classification":
             if len(self.labels) < 2:

@@ -196,6 +196,11 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
         ("tasks: [{name: a, labels: [x, y], train: T, wieght: 2}]\n", "did you mean 'tasks\\[0\\].weight'"),
         ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {phase: both}\n", "distill.phase must be one of"),
         ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {soft_weight: 0}\n", "both 0"),
+        # a metric of the other type failed only at the first evaluation, an epoch into the run
+        ("tasks: [{name: a, labels: [x, y], train: T, metric: pearson}]\n",
+         "tasks\\[0\\]: task 'a': metric 'pearson' does not apply to a classification task"),
+        ("tasks: [{name: s, type: regression, train: T, metric: f1}]\n", "'f1' does not apply to a regression task"),
+        ("tasks: [{name: stsb, train: T, metric: accuracy}]\n", "'accuracy' does not apply to a regression task"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_key(tmp_path, text, message):

@@ -165,6 +165,11 @@ def test_spec_validation():
         TaskSpec(name="t", type="ranking", labels=["a", "b"])
     with pytest.raises(ValueError, match="repeat"):
         TaskSpec(name="t", labels=["a", "a"])
+    with pytest.raises(ValueError, match="metric 'mcc' does not apply to a regression task"):
+        TaskSpec(name="t", type="regression", metric="mcc")
+    # Without a metric, each type gets its own default.
+    assert TaskSpec(name="t", type="regression").metric == "pearson"
+    assert TaskSpec(name="t", labels=["a", "b"]).metric == "accuracy"
 
 
 def test_missing_file(tmp_path):
