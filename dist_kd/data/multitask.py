@@ -177,6 +177,9 @@ class TaskSampler:
         rows_per_batch: rows one micro-batch takes across all ranks (micro-batch size x world size).
         lengths: pieces per row of each task; when given, each task's order per epoch groups rows of
             similar length into the same micro-batch (:func:`length_grouped_order`), which cuts padding.
+        group_rows: rows padded together, one rank's slice of a micro-batch (default ``rows_per_batch``).
+            The grouped order depends on it and not on the world size, so a run resumed at another world
+            size (ZeRO 0) continues each task's epoch in the same order: every row still comes once.
     """
 
     def __init__(
@@ -186,9 +189,13 @@ class TaskSampler:
         seed: int,
         rows_per_batch: int,
         lengths: list[np.ndarray] | None = None,
+        group_rows: int | None = None,
     ):
         self.sizes = list(sizes)
         self.lengths = lengths
+        self.group_rows = rows_per_batch if group_rows is None else group_rows
+        if rows_per_batch % self.group_rows:
+            raise ValueError(f"rows_per_batch {rows_per_batch} is not a multiple of group_rows {self.group_rows}")
         total = float(sum(weights))
         self.probs = np.array([weight / total for weight in weights], dtype=np.float64)
         self.seed = seed
@@ -204,10 +211,10 @@ class TaskSampler:
             if self.lengths is None:
                 order = rng.permutation(self.sizes[task])
             else:
-                # The task's draws start at multiples of rows_per_batch from its position 0: in this epoch
-                # the first boundary comes after (-epoch * size) mod rows_per_batch rows.
-                first = (-epoch * self.sizes[task]) % self.rows_per_batch
-                order = length_grouped_order(self.lengths[task], self.rows_per_batch, rng, first_batch=first)
+                # The task's draws, and so each rank's slice, start at multiples of group_rows from its
+                # position 0: in this epoch the first boundary comes after (-epoch * size) mod group_rows rows.
+                first = (-epoch * self.sizes[task]) % self.group_rows
+                order = length_grouped_order(self.lengths[task], self.group_rows, rng, first_batch=first)
             cached = (epoch, order)
             self._permutations[task] = cached
         return cached[1]

@@ -139,6 +139,7 @@ class TaskTrainer(EngineTrainer):
             cfg.train.seed,
             cfg.data.micro_batch_size * info.world_size,
             lengths=[task.rows.lengths for task in self.tasks] if cfg.data.group_by_length else None,
+            group_rows=cfg.data.micro_batch_size,
         )
         self.teachers = self._load_teachers() if self.phase == "intermediate" else {}
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)

@@ -64,3 +64,25 @@ def test_sampler_with_lengths_draws_every_row_once_per_epoch_in_grouped_batches(
         task, rows = plain.next()
         plain_spreads.append(np.ptp(lengths[task][rows]))
     assert np.median(spreads) < 0.5 * np.median(plain_spreads)
+
+
+def test_sampler_resumed_at_another_world_size_keeps_each_task_epoch_whole():
+    # Two ranks of 4 rows, then (ZeRO 0 allows it) one rank of 4: the grouped order of the epoch under way
+    # was cut for 8-row micro-batches, and re-cut for 4 it repeated some rows and skipped others.
+    sizes, micro_batch = [53, 31], 4
+    rng = np.random.default_rng(6)
+    lengths = [rng.integers(4, 60, size=n) for n in sizes]
+    two_ranks = TaskSampler(sizes, [1.0, 1.0], seed=2, rows_per_batch=2 * micro_batch, lengths=lengths,
+                            group_rows=micro_batch)  # fmt: skip
+    drawn = {0: [], 1: []}
+    for _ in range(7):
+        task, rows = two_ranks.next()
+        drawn[task].extend(rows.tolist())
+    one_rank = TaskSampler(sizes, [1.0, 1.0], seed=2, rows_per_batch=micro_batch, lengths=lengths,
+                           group_rows=micro_batch)  # fmt: skip
+    one_rank.load_state_dict(two_ranks.state_dict())
+    while min(len(drawn[0]) - sizes[0], len(drawn[1]) - sizes[1]) < 0:
+        task, rows = one_rank.next()
+        drawn[task].extend(rows.tolist())
+    for task, size in enumerate(sizes):
+        assert sorted(drawn[task][:size]) == list(range(size)), f"task {task}: rows repeated or skipped"
