@@ -558,7 +558,7 @@ class TaskTrainer(EngineTrainer):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.export_task(task.spec.name, tmp, self.tokenizer)
-                    write_model_card(tmp, self.model_card(task, metrics))
+                    write_model_card(tmp, self.model_card(task, metrics, target))
                     if dev_logits is not None:
                         write_predictions(tmp / "dev_predictions.jsonl", task.spec, task.dev_table, dev_logits)
         distributed.barrier()
@@ -595,9 +595,10 @@ class TaskTrainer(EngineTrainer):
                 write_predictions(predictions, task.spec, task.dev_table, logits)
         return exported
 
-    def model_card(self, task: TaskData | None, metrics: dict | None = None) -> str:
+    def model_card(self, task: TaskData | None, metrics: dict | None = None, directory: Path | None = None) -> str:
         """README.md of an export: ``task``'s classifier (``metrics``: its dev figures, default the latest
-        evaluation's), or (None) the shared encoder."""
+        evaluation's; ``directory``: where it is exported, default ``tasks/<name>``), or (None) the shared
+        encoder."""
         cfg = self.cfg
         recipe = {
             "intermediate": "TinyBERT task distillation, intermediate phase: embedding, hidden-state and attention "
@@ -632,7 +633,8 @@ class TaskTrainer(EngineTrainer):
             summary = "The encoder every task head shares; the heads are exported under tasks/<name>/."
         else:
             title = f"dist_kd student for {task.spec.name}"
-            load, tag = classifier_load_snippet(self.run_dir / "tasks" / task.spec.name), "text-classification"
+            directory = directory or self.run_dir / "tasks" / task.spec.name  # best/<name> loads itself
+            load, tag = classifier_load_snippet(directory), "text-classification"
             summary = f"A classifier for {task.spec.name} (labels: {', '.join(task.spec.labels or [])})."
         return model_card(title, summary, facts, dev, load, tag)
 

@@ -1,0 +1,115 @@
+"""launch/task.py --debug (one process, a free port) on three tasks of different kinds: a 3-class task with a
+soft-target store, a 2-class and a regression task on hard labels. Cheap: the store is written directly
+(no teachers to fine-tune), the student has 2 layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_kd.testing import random_sentences, topic_examples
+from tests.e2e.conftest import run_script
+
+LABELS = ["business", "politics", "sport"]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _store(root: Path, rows: list[dict]) -> Path:
+    """A soft-target store for 'topic': targets that lean to each row's label (as a good ensemble's would)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from dist_kd.data import soft_targets as st
+
+    labels = np.array([LABELS.index(row["label"]) for row in rows])
+    probs = np.full((len(rows), 3), 0.1, dtype=np.float32)
+    probs[np.arange(len(rows)), labels] = 0.8
+    examples = pa.table({
+        "example_id": [f"topic-{i}" for i in range(len(rows))], "text_a": [row["text"] for row in rows],
+        "text_b": pa.array([None] * len(rows), pa.string()), "label": pa.array(labels.tolist(), pa.int64()),
+    })  # fmt: skip
+    metadata = st.StoreMetadata(
+        task="topic", task_type="classification", label_names=LABELS, temperature=1.0,
+        teachers=[{"path": "t1", "sha256": "0"}], source_data={"path": "topic_train.jsonl"},
+    )  # fmt: skip
+    st.write_soft_targets(st.build_rows(examples, "topic", probs, None, "classification"), root / "soft", metadata)
+    return root / "soft"
+
+
+@pytest.fixture(scope="module")
+def tasks_root(tmp_path_factory):
+    from dist_kd.testing import build_tiny_bert
+
+    root = tmp_path_factory.mktemp("multitask")
+    build_tiny_bert(root / "student", seed=5, num_layers=2, initializer_range=0.1)
+    topic = topic_examples(260, seed=1, num_keywords=3)
+    _store(root, topic[:200])
+    _jsonl(root / "topic_dev.jsonl", topic[200:])
+    sentences = random_sentences(160, seed=5, min_words=4, max_words=12)
+    yes_no = [{"text": s, "label": "yes" if len(s.split()) > 8 else "no"} for s in sentences]
+    _jsonl(root / "long_train.jsonl", yes_no[:40])  # a small task beside a large one
+    _jsonl(root / "long_dev.jsonl", yes_no[120:])
+    share = [{"text": s, "score": s.split().count("the") / len(s.split())} for s in sentences]
+    _jsonl(root / "share_train.jsonl", share[:120])
+    _jsonl(root / "share_dev.jsonl", share[120:])
+    return root
+
+
+def _config(root: Path, out: Path, **sections) -> Path:
+    config = {
+        "student": {"path": str(root / "student")},
+        "tasks": [
+            {
+                "name": "topic",
+                "labels": LABELS,
+                "soft_targets": str(root / "soft"),
+                "dev": str(root / "topic_dev.jsonl"),
+                "text_a": "text",
+            },
+            {
+                "name": "long",
+                "labels": ["no", "yes"],
+                "train": str(root / "long_train.jsonl"),
+                "dev": str(root / "long_dev.jsonl"),
+                "text_a": "text",
+            },
+            {
+                "name": "share",
+                "type": "regression",
+                "train": str(root / "share_train.jsonl"),
+                "dev": str(root / "share_dev.jsonl"),
+                "text_a": "text",
+                "label": "score",
+            },
+        ],  # fmt: skip
+        "data": {"micro_batch_size": 8, "max_length": 32},
+        "train": {"epochs": 2, "lr": 2.0e-3, "warmup_ratio": 0.1},
+        "deepspeed": {"config": "ds_configs/zero0.json"},
+        "run": {"output_dir": str(out), "log_every": 5, "save_every": 0, "progress": False},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tasks_root):
+    out = tasks_root / "run"
+    run_script("launch/task.py", "--debug", "--config", str(_config(tasks_root, out)))
+    return out
+
+
+def test_each_best_classifier_card_loads_that_classifier(run):
+    """best/<task>/README.md tells the reader to load best/<task>, not the final tasks/<task> (another model)."""
+    for name in ("topic", "long", "share"):
+        best_card = (run / "best" / name / "README.md").read_text()
+        assert f'model="{run / "best" / name}"' in best_card, best_card
+        assert f'model="{run / "tasks" / name}"' in (run / "tasks" / name / "README.md").read_text()
