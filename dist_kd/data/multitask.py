@@ -126,7 +126,10 @@ def load_task_data(
 
     soft = None
     if soft_targets:
-        targets = load_soft_targets(soft_targets, expected_labels=spec.labels, task=spec.name)
+        # A regression task expects no labels: a classification store is then the type error below, not a
+        # label list compared with [].
+        expected = spec.labels if spec.type == "classification" else None
+        targets = load_soft_targets(soft_targets, expected_labels=expected, task=spec.name)
         if targets.metadata.task_type != spec.type:
             raise ValueError(
                 f"soft-target store {soft_targets} holds a {targets.metadata.task_type} task, "

@@ -295,3 +295,15 @@ def test_hard_label_training_file_without_the_label_column_names_it(tmp_path, ti
                                          r"'label' key"):  # fmt: skip
         _load(spec, tokenizer, train=str(path))
     assert _load(spec, tokenizer, train=str(path), need_labels=False).has_label.tolist() == [False, False]
+
+
+def test_store_of_the_other_task_type_is_named_as_such(tmp_path, tiny_tokenizer_dir):
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    store, _ = _store(tmp_path, 1.0, keep_logits=False)
+    # A classification store given to a regression task was reported as a label list other than [].
+    spec = resolve_task_spec("topic", type="regression", text_a="text_a")
+    with pytest.raises(ValueError, match=r"holds a classification task, but task 'topic' is regression"):
+        _load(spec, tokenizer, soft_targets=str(store))
