@@ -193,10 +193,12 @@ class TaskConfig:
     def __post_init__(self):
         if not self.tasks:
             raise ValueError("tasks: list at least one task ({name: ..., train: ... | soft_targets: ...})")
-        names = [task.name for task in self.tasks]
+        # GLUE names are compared as resolved ('SST-2' is sst2): two entries of one task would share its head.
+        names = [task.spec().name for task in self.tasks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"tasks: the names {duplicates} appear more than once")
+            given = [task.name for task in self.tasks if task.spec().name in duplicates]
+            raise ValueError(f"tasks: the names {duplicates} appear more than once (as {given})")
         weighted = [task.name for task in self.tasks if task.weight is not None]
         if weighted and len(weighted) != len(self.tasks):
             raise ValueError(f"tasks: give a weight to every task or to none (only {weighted} have one)")

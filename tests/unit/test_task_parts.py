@@ -191,6 +191,9 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
         ("tasks: [{name: a, labels: [x, y]}]\n", "give train .* or soft_targets"),
         ("tasks: [{name: a, labels: [x], train: T}]\n", "at least 2 labels"),
         ("tasks: [{name: a, labels: [x, y], train: T}, {name: a, labels: [x, y], train: T}]\n", "more than once"),
+        # two spellings of one GLUE task would share its head, best/ and eval.json entry
+        ("tasks: [{name: sst2, train: T}, {name: SST-2, train: T}]\n",
+         r"the names \['sst2'\] appear more than once \(as \['sst2', 'SST-2'\]\)"),
         ("tasks: [{name: a, labels: [x, y], train: T, weight: 2}, {name: b, labels: [x, y], train: T}]\n",
          "weight to every task or to none"),
         ("tasks: [{name: a, labels: [x, y], train: T, wieght: 2}]\n", "did you mean 'tasks\\[0\\].weight'"),
