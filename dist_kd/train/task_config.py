@@ -42,6 +42,14 @@ class TaskEntry:
     def __post_init__(self):
         if not self.name:
             raise ValueError("tasks[].name must be set")
+        # The name keys the task's head (a module name: no '.') and names its outputs best/<name>/,
+        # tasks/<name>/ and predictions/<name>.dev.jsonl (one path component).
+        bad = [char for char in "./\\" if char in self.name]
+        if bad:
+            raise ValueError(
+                f"task '{self.name}': a task name may not contain {' or '.join(repr(c) for c in bad)} (it names the "
+                "task's head and its directories best/<name>/ and tasks/<name>/); use '-' or '_' instead"
+            )
         if not self.train and not self.soft_targets:
             raise ValueError(f"task '{self.name}': give train (hard labels) or soft_targets (a precompute store)")
         if self.weight is not None and self.weight <= 0:

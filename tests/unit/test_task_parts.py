@@ -197,6 +197,9 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
         ("tasks: [{name: a, labels: [x, y], train: T, weight: 2}, {name: b, labels: [x, y], train: T}]\n",
          "weight to every task or to none"),
         ("tasks: [{name: a, labels: [x, y], train: T, wieght: 2}]\n", "did you mean 'tasks\\[0\\].weight'"),
+        # '.' ended the run in a traceback from torch's ModuleDict, '/' nested best/<name>/ in directories
+        ("tasks: [{name: mnli.m, labels: [x, y], train: T}]\n", "task 'mnli.m': a task name may not contain '.'"),
+        ("tasks: [{name: a/b, labels: [x, y], train: T}]\n", "task 'a/b': a task name may not contain '/'"),
         ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {phase: both}\n", "distill.phase must be one of"),
         ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {soft_weight: 0}\n", "both 0"),
         # a metric of the other type failed only at the first evaluation, an epoch into the run
