@@ -369,6 +369,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             manifest is not a soft-target manifest.
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(
+            f"soft-target store {directory} is a file; a store is the directory launch/precompute.py wrote "
+            "(--output), with part-*.parquet and .manifest.json"
+        )
     if not directory.is_dir():
         raise FileNotFoundError(f"soft-target store {directory} does not exist (expected a directory)")
     path = directory / MANIFEST_NAME

@@ -93,6 +93,10 @@ def test_no_manifest_means_incomplete(tmp_path):
         st.load_soft_targets(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         st.load_soft_targets(tmp_path / "nowhere")
+    # A data file given as the store exists: it was reported as missing.
+    (tmp_path / "train.jsonl").write_text('{"text": "a b", "label": "x"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl is a file; a store is the directory launch/precompute.py"):
+        st.load_soft_targets(tmp_path / "train.jsonl")
     (tmp_path / "part-00000.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="no .manifest.json"):
         st.load_soft_targets(tmp_path)
