@@ -121,7 +121,7 @@ def load_task_data(
             no training rows, a training file without the label column or rows without labels where
             ``need_labels``, or a store without any label where ``hard_weight`` > 0.
     """
-    from dist_kd.data.soft_targets import load_soft_targets
+    from dist_kd.data.soft_targets import LEGACY_MANIFEST_NAME, MANIFEST_NAME, load_soft_targets
     from dist_kd.precompute import resolve_data_path, spec_for_data
 
     soft = None
@@ -138,6 +138,11 @@ def load_task_data(
         table, soft, source = targets.table, _soft_at(targets, soft_targets, temperature), str(soft_targets)
     else:
         path = resolve_data_path(train)
+        if path.is_dir() and any((path / name).is_file() for name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME)):
+            raise ValueError(
+                f"task '{spec.name}': train {path} is a soft-target store (launch/precompute.py); give it as the "
+                "task's soft_targets"
+            )
         # Without a store the rows train on their labels: a missing label column is the same error as the
         # dev set's (naming the columns found and the task config's 'label' key), not "rows have no label".
         table = load_task_examples(

@@ -313,3 +313,15 @@ def test_store_of_the_other_task_type_is_named_as_such(tmp_path, tiny_tokenizer_
     spec = resolve_task_spec("topic", type="regression", text_a="text_a")
     with pytest.raises(ValueError, match=r"holds a classification task, but task 'topic' is regression"):
         _load(spec, tokenizer, soft_targets=str(store))
+
+
+def test_store_given_as_hard_label_training_data_says_where_it_belongs(tmp_path, tiny_tokenizer_dir):
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.data.tokenizer import load_tokenizer
+
+    spec = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a")
+    store, _ = _store(tmp_path, 1.0, keep_logits=False)
+    # It was read as a datasets directory: "neither a `Dataset` directory nor a `DatasetDict` directory".
+    with pytest.raises(ValueError, match=r"task 'topic': train .* is a soft-target store .*give it as the task's "
+                                         r"soft_targets"):  # fmt: skip
+        _load(spec, load_tokenizer(tiny_tokenizer_dir), train=str(store))
