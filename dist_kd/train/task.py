@@ -393,13 +393,16 @@ class TaskTrainer(EngineTrainer):
                     tokens = int(self.tasks[task_index].rows.lengths[mine].sum())
                     self._window.add(terms, tokens, len(mine), group=self.names[task_index])
                 self.step += 1
-                if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
-                    record = self._log()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                bar.update(1)
+                dev = None
                 if self.step % self.eval_every == 0 or self.step == self.max_steps:
                     with self._window.paused():  # tokens/s counts training only
-                        self.evaluate()
+                        dev = self.evaluate()
+                # An evaluation step always gets a line: it carries the dev figures (as the general stage's
+                # carries its quality figures).
+                if self.step % cfg.run.log_every == 0 or self.step == self.max_steps or dev:
+                    record = self._log(dev)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.max_steps:
                     with self._window.paused():
                         self.save()
@@ -414,7 +417,8 @@ class TaskTrainer(EngineTrainer):
             bar.close()
             stop.restore()
 
-    def _log(self) -> dict[str, Any]:
+    def _log(self, dev: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+        """One ``metrics.jsonl`` line of the window since the last; ``dev``: this step's dev figures per task."""
         window = self._window.reduce()
         values, counts, elapsed = window.values, window.batches, max(window.seconds, 1e-9)
         self.tokens_seen += window.tokens
@@ -430,6 +434,8 @@ class TaskTrainer(EngineTrainer):
             "task_loss": task_losses,
             "task_batches": {name[len("task/") :]: count for name, count in counts.items() if name.startswith("task/")},
         }
+        if dev:
+            record["dev"] = dev
         self.metrics.log(record)
         return record
 

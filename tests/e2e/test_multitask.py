@@ -91,7 +91,7 @@ def _config(root: Path, out: Path, **sections) -> Path:
         "data": {"micro_batch_size": 8, "max_length": 32},
         "train": {"epochs": 2, "lr": 2.0e-3, "warmup_ratio": 0.1},
         "deepspeed": {"config": "ds_configs/zero0.json"},
-        "run": {"output_dir": str(out), "log_every": 5, "save_every": 0, "progress": False},
+        "run": {"output_dir": str(out), "log_every": 4, "save_every": 0, "progress": False},
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
@@ -113,3 +113,14 @@ def test_each_best_classifier_card_loads_that_classifier(run):
         best_card = (run / "best" / name / "README.md").read_text()
         assert f'model="{run / "best" / name}"' in best_card, best_card
         assert f'model="{run / "tasks" / name}"' in (run / "tasks" / name / "README.md").read_text()
+
+
+def test_metrics_lines_carry_the_dev_figures_of_each_evaluation(run):
+    """docs/contracts.md: metrics.jsonl has the dev metrics at eval steps (they went to eval.json and the
+    trackers only). An evaluation step gets a line even off the log_every grid."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    history = json.loads((run / "eval.json").read_text())["history"]
+    assert len(history) == 2 and any(h["step"] % 4 for h in history), "an epoch should end off the log grid"
+    with_dev = {r["step"]: r["dev"] for r in records if "dev" in r}
+    assert with_dev == {h["step"]: h["tasks"] for h in history}
+    assert [r["step"] for r in records] == sorted({*range(4, history[-1]["step"] + 1, 4), *with_dev})
