@@ -169,10 +169,30 @@ def load_task_data(
     dev_table = dev_rows = None
     if dev:
         dev_table = load_task_examples(dev, spec)
+        _check_pairs(spec, source, table, dev, dev_table)
         dev_rows = tokenize_rows(
             tokenizer, dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist(), max_length
         )
     return TaskData(spec, rows, soft, labels, has_label, dev_table, dev_rows, teacher, source)
+
+
+def _check_pairs(spec: TaskSpec, source: str, table, dev: str, dev_table) -> None:
+    """Training and dev rows must both be sentence pairs or both single texts: a store made with precompute's
+    ``--text-b`` and a config without ``text_b`` would score the pair task's dev set on its first texts only."""
+    train_pairs = table.column("text_b").null_count < table.num_rows
+    dev_pairs = dev_table.column("text_b").null_count < dev_table.num_rows
+    if train_pairs == dev_pairs or dev_table.num_rows == 0:
+        return
+    if train_pairs:
+        raise ValueError(
+            f"task '{spec.name}': the training rows of {source} are sentence pairs (text_b) but the dev rows of {dev} "
+            f"are single texts (no column '{spec.text_b}' there); set the task's text_b to the dev data's second-text "
+            "column"
+        )
+    raise ValueError(
+        f"task '{spec.name}': the training rows of {source} are single texts but the dev rows of {dev} are sentence "
+        f"pairs (column '{spec.text_b}'); set the task's text_b: null, or train on pairs"
+    )
 
 
 class TaskSampler:

@@ -325,3 +325,31 @@ def test_store_given_as_hard_label_training_data_says_where_it_belongs(tmp_path,
     with pytest.raises(ValueError, match=r"task 'topic': train .* is a soft-target store .*give it as the task's "
                                          r"soft_targets"):  # fmt: skip
         _load(spec, load_tokenizer(tiny_tokenizer_dir), train=str(store))
+
+
+def test_pairs_in_training_and_single_texts_in_dev_are_an_error(tmp_path, tiny_tokenizer_dir):
+    from dist_kd.data.multitask import load_task_data
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    spec = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a")
+    kw = {"train": None, "tokenizer": tokenizer, "max_length": 16, "need_labels": True}
+    single_store, _ = _store(tmp_path, 1.0, keep_logits=False)
+    pairs_dev = tmp_path / "pairs_dev.jsonl"
+    pairs_dev.write_text(
+        '{"text_a": "a b", "text_b": "c d", "label": "x"}\n{"text_a": "e", "text_b": "f", "label": "y"}\n'
+    )
+    # The dev set was scored as pairs while the head learnt single texts (or the reverse), silently.
+    with pytest.raises(ValueError, match=r"task 'topic': the training rows of .* are single texts but the dev rows "
+                                         r"of .*pairs_dev.jsonl are sentence pairs \(column 'text_b'\)"):  # fmt: skip
+        load_task_data(spec, soft_targets=str(single_store), dev=str(pairs_dev), **kw)
+    pairs_train = tmp_path / "pairs_train.jsonl"
+    pairs_train.write_text(pairs_dev.read_text())
+    single_dev = tmp_path / "single_dev.jsonl"
+    single_dev.write_text('{"text_a": "a b", "label": "x"}\n')
+    kw["train"] = str(pairs_train)
+    with pytest.raises(ValueError, match=r"are sentence pairs \(text_b\) but the dev rows of .*single_dev.jsonl are "
+                                         r"single texts"):  # fmt: skip
+        load_task_data(spec, soft_targets=None, dev=str(single_dev), **kw)
+    assert load_task_data(spec, soft_targets=None, dev=str(pairs_dev), **kw).dev_rows is not None
