@@ -228,6 +228,11 @@ def spec_for_data(spec: TaskSpec, path: Path) -> TaskSpec:
         return spec
     if found.get("kind") != "augmented_task_data":
         return spec
+    # Two tasks with the same labels (GLUE's binary ones) pass the label check: the name tells them apart.
+    if found.get("task") not in (None, spec.name):
+        raise ValueError(f"augmented data {path} was made for task '{found['task']}', not '{spec.name}'")
+    if found.get("task_type") not in (None, spec.type):
+        raise ValueError(f"augmented data {path} holds a {found['task_type']} task, but '{spec.name}' is {spec.type}")
     if spec.type == "classification":
         label_order_check(spec.labels, found.get("label_names", []), f"augmented data {path} (metadata)", spec.name)
     return dataclasses.replace(spec, text_a="text_a", text_b="text_b", label="label", id_column="example_id")

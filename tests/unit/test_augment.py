@@ -310,6 +310,23 @@ def test_augmented_labels_read_back_as_ids_even_when_names_look_like_integers(tm
         load_task_examples(path, spec_for_data(spec, path), require_labels=False)
 
 
+def test_augmented_data_of_another_task_is_refused(tmp_path):
+    """sst2's augmented set given for cola has the same labels ['0', '1']; it was read as cola's data."""
+    import pyarrow as pa
+
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.precompute import spec_for_data
+
+    table = pa.table({"example_id": ["a"], "task": ["sst2"], "text_a": ["good film"],
+                      "text_b": pa.array([None], pa.string()), "label": pa.array([1], pa.int64())})  # fmt: skip
+    path = tmp_path / "augmented.parquet"
+    meta = {"kind": "augmented_task_data", "task": "sst2", "task_type": "classification", "label_names": ["0", "1"]}
+    write_parquet_atomic(table, path, meta)
+    assert spec_for_data(resolve_task_spec("SST-2"), path).name == "sst2"
+    with pytest.raises(ValueError, match=r"augmented data .*augmented.parquet was made for task 'sst2', not 'cola'"):
+        spec_for_data(resolve_task_spec("cola"), path)
+
+
 def test_a_masked_lm_directory_without_tokenizer_files_is_refused(biased_mlm_dir, tmp_path):
     """A model saved without its tokenizer would load a special-tokens-only one: every word [UNK]."""
     import shutil
