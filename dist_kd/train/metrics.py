@@ -37,8 +37,15 @@ PEAK_FLOPS = {
 }
 
 
-def _numbers(values: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in values.items() if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a record; nested ones (a task run's ``task_loss``, ``dev``) as ``task_loss/<task>``."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}/"))
+        elif (prefix or key != "step") and isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class TensorBoardTracker:

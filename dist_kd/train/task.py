@@ -515,11 +515,7 @@ class TaskTrainer(EngineTrainer):
         self.history.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "tasks": results})
         if self.info.is_main:
             self._warn_single_class()
-            write_json_atomic(self.run_dir / "eval.json", self.eval_report())
-            self.metrics.scalars(
-                {f"dev/{name}/{metric}": value for name, values in results.items() for metric, value in values.items()},
-                self.step,
-            )
+            write_json_atomic(self.run_dir / "eval.json", self.eval_report())  # the trackers get them with the line
             summary = ", ".join(
                 f"{name} {self.headline(name)}={values[self.headline(name)]:.4f}" for name, values in results.items()
             )

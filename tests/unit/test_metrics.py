@@ -139,6 +139,15 @@ def test_wandb_and_mlflow_get_every_number_and_a_resumed_run_continues_the_same_
     assert ("log_params", {"train.lr": 0.001, "train.seed": 3, "distill.layer_map": "[1, 2]"}) in calls
     assert ("log_metrics", 10, {"loss": 1.5, "lr": 0.001}) in calls
     assert calls[-2:] == [("finish",), ("end_run",)]
+    # A task run's line: per-task losses and batches and the dev figures are nested; they were left out.
+    calls.clear()
+    logger = MetricsLogger(tmp_path, enabled=True, report_to=["wandb"], config=config)
+    logger.log({"step": 12, "loss": 1.0, "task_loss": {"topic": 0.5, "share": 1.5}, "task_batches": {"topic": 2},
+                "dev": {"topic": {"accuracy": 0.75, "predicted_classes": 3}}})  # fmt: skip
+    wanted = {"loss": 1.0, "task_loss/topic": 0.5, "task_loss/share": 1.5, "task_batches/topic": 2,
+              "dev/topic/accuracy": 0.75, "dev/topic/predicted_classes": 3}  # fmt: skip
+    assert ("log", 12, wanted) in calls
+    logger.close()
     calls.clear()
     MetricsLogger(tmp_path, enabled=True, report_to=["wandb", "mlflow"], config=config).close()  # a resume
     assert [c for c in calls if c[0] == "init"][0][1]["id"] == wandb_init[1]["id"]
