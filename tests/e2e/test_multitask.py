@@ -91,7 +91,13 @@ def _config(root: Path, out: Path, **sections) -> Path:
         "data": {"micro_batch_size": 8, "max_length": 32},
         "train": {"epochs": 2, "lr": 2.0e-3, "warmup_ratio": 0.1},
         "deepspeed": {"config": "ds_configs/zero0.json"},
-        "run": {"output_dir": str(out), "log_every": 4, "save_every": 0, "progress": False},
+        "run": {
+            "output_dir": str(out),
+            "log_every": 4,
+            "save_every": 0,
+            "progress": False,
+            "report_to": ["tensorboard"],
+        },
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
@@ -124,3 +130,16 @@ def test_metrics_lines_carry_the_dev_figures_of_each_evaluation(run):
     with_dev = {r["step"]: r["dev"] for r in records if "dev" in r}
     assert with_dev == {h["step"]: h["tasks"] for h in history}
     assert [r["step"] for r in records] == sorted({*range(4, history[-1]["step"] + 1, 4), *with_dev})
+
+
+def test_trackers_get_each_tasks_loss_and_dev_figures_once_per_evaluation(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"task_loss/{name}" for name in ("topic", "long", "share")} <= tags  # they were left out
+    history = json.loads((run / "eval.json").read_text())["history"]
+    accuracy = [(e.step, round(e.value, 6)) for e in events.Scalars("dev/topic/accuracy")]
+    assert accuracy == [(h["step"], round(h["tasks"]["topic"]["accuracy"], 6)) for h in history]
+    assert "dev/share/pearson" in tags and "task_batches/long" in tags
