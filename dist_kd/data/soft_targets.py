@@ -348,6 +348,13 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
             f"{where}: soft_probs lists have lengths {pc.min(lengths).as_py()}..{pc.max(lengths).as_py()}, "
             f"expected {metadata.num_classes} (labels {metadata.label_names or ['<regression>']})"
         )
+    if metadata.task_type == "classification":
+        low, high = pc.min(table.column("label")).as_py(), pc.max(table.column("label")).as_py()
+        if low is not None and (low < 0 or high >= metadata.num_classes):
+            raise ValueError(
+                f"{where}: label holds class ids {low}..{high}, expected 0..{metadata.num_classes - 1} (indices into "
+                f"label_names {metadata.label_names}) or null"
+            )
     if metadata.has_teacher_logits:
         outer = pc.list_value_length(table.column("teacher_logits"))
         inner = pc.list_value_length(pc.list_flatten(table.column("teacher_logits")))

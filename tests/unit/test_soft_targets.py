@@ -166,6 +166,14 @@ def test_rows_that_disagree_with_metadata_are_refused(tmp_path):
     no_logits = _rows(3, _metadata(has_teacher_logits=False))
     with pytest.raises(ValueError, match="schema"):
         st.write_soft_targets(no_logits, tmp_path, metadata)
+    # A class id past the labels (a store written elsewhere, 1-based) failed only in the hard loss, mid-run.
+    rows = _rows(3, metadata)
+    one_based = rows.set_column(4, "label", pa.array([1, 2, 3], pa.int64()))
+    with pytest.raises(ValueError, match=r"rows to write: label holds class ids 1..3, expected 0..2 \(indices into "):
+        st.write_soft_targets(one_based, tmp_path, metadata)
+    with pytest.raises(ValueError, match=r"store X: label holds class ids -1..2"):
+        st.check_rows(rows.set_column(4, "label", pa.array([-1, None, 2], pa.int64())), metadata, "store X")
+    st.check_rows(rows.set_column(4, "label", pa.array([None, None, None], pa.int64())), metadata, "unlabelled")
 
 
 @pytest.mark.parametrize(
