@@ -348,6 +348,13 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
             f"{where}: soft_probs lists have lengths {pc.min(lengths).as_py()}..{pc.max(lengths).as_py()}, "
             f"expected {metadata.num_classes} (labels {metadata.label_names or ['<regression>']})"
         )
+    probs = pc.list_flatten(table.column("soft_probs"))
+    not_finite = len(probs) - pc.sum(pc.is_finite(probs)).as_py() if len(probs) else 0
+    if not_finite:
+        raise ValueError(
+            f"{where}: soft_probs holds {not_finite} NaN or infinite values (teachers that overflowed in fp16? "
+            "run launch/precompute.py with --dtype bf16 or fp32)"
+        )
     if metadata.task_type == "classification":
         low, high = pc.min(table.column("label")).as_py(), pc.max(table.column("label")).as_py()
         if low is not None and (low < 0 or high >= metadata.num_classes):

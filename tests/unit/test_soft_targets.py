@@ -174,6 +174,14 @@ def test_rows_that_disagree_with_metadata_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"store X: label holds class ids -1..2"):
         st.check_rows(rows.set_column(4, "label", pa.array([-1, None, 2], pa.int64())), metadata, "store X")
     st.check_rows(rows.set_column(4, "label", pa.array([None, None, None], pa.int64())), metadata, "unlabelled")
+    # NaN targets (fp16 teachers that overflowed) made every loss of the task NaN.
+    probs = np.full((3, 3), 1 / 3, dtype=np.float32)
+    probs[1, 2] = np.nan
+    examples = pa.table({"example_id": ["a", "b", "c"], "text_a": ["a", "b", "c"],
+                         "text_b": pa.array([None] * 3, pa.string()), "label": [0, 1, 2]})  # fmt: skip
+    nan_rows = st.build_rows(examples, "topic", probs, None, "classification")
+    with pytest.raises(ValueError, match="rows to write: soft_probs holds 1 NaN or infinite values"):
+        st.write_soft_targets(nan_rows, tmp_path, _metadata(has_teacher_logits=False))
 
 
 @pytest.mark.parametrize(
