@@ -164,6 +164,10 @@ class TaskTrainer(EngineTrainer):
                 {"name": t.spec.name, "type": t.spec.type, "labels": t.spec.labels, "rows": t.num_rows}
                 for t in self.tasks
             ],
+            # Top-level keys, which a checkpoint written before them lacks and is not compared on: the student
+            # dict above is compared as a whole. Either would otherwise fail mid-load with a size mismatch.
+            "student.intermediate_size": self.student_config.intermediate_size,
+            "student.vocab_size": self.student_config.vocab_size,
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
             **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
         }

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dist_kd.testing import random_sentences, topic_examples
-from tests.e2e.conftest import run_script
+from tests.e2e.conftest import run_script, snapshot
 
 LABELS = ["business", "politics", "sport"]
 
@@ -143,3 +143,17 @@ def test_trackers_get_each_tasks_loss_and_dev_figures_once_per_evaluation(run):
     accuracy = [(e.step, round(e.value, 6)) for e in events.Scalars("dev/topic/accuracy")]
     assert accuracy == [(h["step"], round(h["tasks"]["topic"]["accuracy"], 6)) for h in history]
     assert "dev/share/pearson" in tags and "task_batches/long" in tags
+
+
+def test_resume_with_another_feed_forward_width_is_refused_in_one_line(tasks_root, run):
+    """The student's intermediate_size was not in the checkpoint's meta: a resume with another one got past the
+    checks and failed in DeepSpeed's load with a traceback of size mismatches."""
+    before = snapshot(run)
+    config = _config(tasks_root, run)
+    proc = run_script("launch/task.py", "--debug", "--config", str(config), "train.epochs=3", "student.init=random",
+                      "student.intermediate_size=48", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "student.intermediate_size: checkpoint has 64, this run has 48" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(run) == before
