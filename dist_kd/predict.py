@@ -40,6 +40,18 @@ def teacher_label_names(config: Any, path: str | Path) -> list[str]:
     return [id2label[index] for index in range(len(id2label))]
 
 
+def check_classifier(config: Any, path: str | Path) -> None:
+    """Raise when ``config`` names an architecture without a sequence-classification head (an encoder such as
+    a task run's ``student/``), which ``AutoModelForSequenceClassification`` would load with a new random head."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ValueError(
+            f"model {path} is a {architectures[0]} (config.json architectures), an encoder without a classification "
+            "head, which would score with new random weights; give a *ForSequenceClassification directory (a task "
+            "run's tasks/<name>/ or best/<name>/, not its student/)"
+        )
+
+
 def length_batches(lengths: np.ndarray | list[int], batch_size: int) -> list[np.ndarray]:
     """Row indices grouped into batches of similar length (longest first, ties in input order)."""
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
@@ -197,6 +209,7 @@ def evaluate_classifier(
         output = check_output_dir(output)  # before inference, so a bad --output costs no model run
     model_dir = check_model_dir(model_dir, "--model")
     config = AutoConfig.from_pretrained(model_dir)
+    check_classifier(config, model_dir)
     check_max_length(config, max_length, model_dir, "--max-length")
     if spec.type == "classification":
         label_order_check(

@@ -65,9 +65,10 @@ def _model_labels(model: str, task_type: str | None) -> tuple[list[str] | None, 
     from transformers import AutoConfig
 
     from dist_kd.models.teacher import check_model_dir
-    from dist_kd.predict import teacher_label_names
+    from dist_kd.predict import check_classifier, teacher_label_names
 
     config = AutoConfig.from_pretrained(check_model_dir(model, "--model"))
+    check_classifier(config, model)  # an encoder's default LABEL_0, LABEL_1 are no labels to take
     if task_type == "regression" or (task_type is None and getattr(config, "problem_type", None) == "regression"):
         return None, "regression"
     return teacher_label_names(config, model), "classification"

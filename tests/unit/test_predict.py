@@ -65,6 +65,20 @@ def test_evaluate_command_exits_2_on_a_misspelt_label_column(classifier, data, c
     assert err.startswith(f"error: data {data} has no label column 'categroy'") and err.count("\n") == 1
 
 
+def test_an_encoder_without_a_classification_head_is_refused(tmp_path, data, capsys):
+    """A task run's student/ scored as a classifier got a new random head: predictions and exit 0 on a test set."""
+    from dist_kd.testing import build_tiny_bert
+
+    encoder = build_tiny_bert(tmp_path / "student", num_layers=1)
+    capsys.readouterr()  # the save's progress bars
+    argv = ["--model", str(encoder), "--task", "demo", "--data", str(data), "--text-a", "text", "--cpu"]
+    assert _evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model {encoder} is a BertModel (config.json architectures), an encoder without")
+    with pytest.raises(ValueError, match="not its student/"):
+        evaluate_classifier(encoder, _spec("category"), data)
+
+
 def test_max_length_beyond_the_position_embeddings_is_refused_up_front(classifier, data):
     with pytest.raises(
         ValueError, match=rf"--max-length 129 exceeds the max_position_embeddings 128 of model {classifier}"
