@@ -151,7 +151,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         if not key:
             raise ValueError(f"override '{item}' has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(
+                f"override '{item}': the value is not valid YAML ({problem}); quote it for a string, "
+                f"e.g. {key}=\"'{raw}'\" in a shell"
+            ) from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

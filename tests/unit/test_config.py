@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -83,6 +84,17 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path.write_text("steps: 5\ninner: {rate: 2\n")
     with pytest.raises(ValueError, match=rf"config file {path} line \d+, column \d+ is not valid YAML"):
         load_config(Outer, path, [])
+
+
+def test_override_that_is_not_valid_yaml_is_one_error_naming_it():
+    """A value YAML cannot parse (an unclosed list, a leading @ or %) is a ValueError naming the override, which
+    the commands print as one error line, not a yaml traceback."""
+    for item, problem in (("distill.layer_map=[1, 3", "expected ',' or ']'"), ("path=@models/x", "'@'")):
+        with pytest.raises(
+            ValueError, match=rf"override '{re.escape(item)}': the value is not valid YAML .*{re.escape(problem)}"
+        ):
+            load_config(Outer, None, [item])
+    assert load_config(Outer, None, ["path='@models/x'"]).path == "@models/x"
 
 
 def test_describe_lists_every_key_with_type_default_and_doc():
