@@ -116,6 +116,43 @@ def configure_logging(rank: int, debug: bool = False) -> None:
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
 
 
+LOG_FILE_REFRESH_S = 60.0  # seconds between progress lines when stderr is a file (a SLURM log), not a terminal
+
+
+class _LineStream:
+    """tqdm's output where stderr is not a terminal: each refresh one line, never a carriage return.
+
+    tqdm redraws a terminal line with ``\\r``; in a log file those redraws pile up on one line that grows for the
+    whole run (megabytes on a long job). Here each refresh is written as its own line, and a refresh that
+    repeats the previous one (tqdm shows the final state again on close) is dropped.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text and text != self.last:
+            self.stream.write(text + "\n")
+            self.last = text
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(**kwargs):
+    """A tqdm bar on stderr: redrawn in place on a terminal; in a log file, one line every
+    :data:`LOG_FILE_REFRESH_S` seconds at most (``kwargs`` are tqdm's)."""
+    from tqdm.auto import tqdm
+
+    stream = sys.stderr
+    notebook = "notebook" in tqdm.__module__  # Jupyter's widget draws in place without a terminal
+    if not notebook and not (hasattr(stream, "isatty") and stream.isatty()):
+        kwargs = {**kwargs, "file": _LineStream(stream), "mininterval": LOG_FILE_REFRESH_S}
+    return tqdm(**kwargs)
+
+
 def bad_input(err: Exception, show: bool = True) -> int:
     """Report bad input as one ``error: ...`` line on stderr (where ``show``) and return the exit code for it."""
     if show:

@@ -684,7 +684,7 @@ def precompute_soft_targets(
         def ensemble() -> TeacherEnsemble:
             return TeacherEnsemble(config.teachers, config.dtype, device, config.max_length, config.batch_size)
 
-        from tqdm.auto import tqdm
+        from dist_kd.cli import progress as tqdm
 
         total = sum(bounds[index][1] - bounds[index][0] for index in mine)
         with tqdm(total=total, desc="precompute", unit="ex", disable=not (progress and info.is_main)) as bar:

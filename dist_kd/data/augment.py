@@ -587,7 +587,7 @@ class Augmenter:
             A table with :func:`augmented_schema`; augmented rows have ids ``<id>-aug<k>`` (k = 0..N_a-1)
             and null labels.
         """
-        from tqdm.auto import tqdm
+        from dist_kd.cli import progress as tqdm
 
         rows = examples.to_pylist()
         out: dict[str, list[Any]] = {"example_id": [], "task": [], "text_a": [], "text_b": [], "label": []}

@@ -589,7 +589,7 @@ def _write_corpus(
     progress: bool,
 ) -> tuple[list[dict[str, Any]], _ShardWriter, _Packer, int, int]:
     """Tokenise, pack and write the shards into ``directory``: (shards, writer, packer, documents, input tokens)."""
-    from tqdm import tqdm
+    from dist_kd.cli import progress as tqdm
 
     packer = _Packer(seq_len, tok.cls_token_id, tok.sep_token_id, packing, dtype)
     writer = _ShardWriter(directory, shard_size, dtype)

@@ -99,10 +99,10 @@ def stop_agreed(local: bool) -> bool:
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
-    """A tqdm bar over optimizer steps (shown on rank 0 only)."""
-    from tqdm.auto import tqdm
+    """A tqdm bar over optimizer steps (shown on rank 0 only; one line a minute in a log file)."""
+    from dist_kd.cli import progress
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+    return progress(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
 
 
 @dataclass

@@ -376,7 +376,7 @@ class GeneralTrainer(EngineTrainer):
                 )
                 if self.step % cfg.run.log_every == 0 or last or evaluate:
                     record = self._log(evaluate)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:
                     with self._window.paused():  # tokens/s counts training only

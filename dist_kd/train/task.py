@@ -405,7 +405,7 @@ class TaskTrainer(EngineTrainer):
                 # carries its quality figures).
                 if self.step % cfg.run.log_every == 0 or self.step == self.max_steps or dev:
                     record = self._log(dev)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < self.max_steps:
                     with self._window.paused():

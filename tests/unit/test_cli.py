@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -154,3 +156,36 @@ def test_print_config_prints_the_resolved_yaml_and_starts_nothing(tmp_path, caps
     assert "steps (int, default 1)" in parser.format_help() and "run.output_dir (str, default runs/job)" in (
         parser.format_help()
     )
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_bar_in_a_log_file_writes_whole_lines_without_carriage_returns(monkeypatch):
+    """A SLURM log is not a terminal: the bar's redraws are separate lines, a minute apart at most, instead of
+    carriage-return redraws piling up on one line for the whole run; on a terminal it redraws in place."""
+    from dist_kd.train.common import progress_bar
+
+    for tty in (False, True):
+        stream = _Stream(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress_bar(200, 0, "general distillation", True)
+        for step in range(200):
+            if step % 2 == 0:
+                bar.set_postfix(loss=f"{1 / (step + 1):.4f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        text = stream.getvalue()
+        if tty:
+            assert "\r" in text
+            continue
+        lines = text.splitlines()
+        assert "\r" not in text and text.endswith("\n"), text[:300]
+        assert lines[0].startswith("general distillation:   0%") and "200/200" in lines[-1], lines
+        assert len(lines) < 10 and len(set(lines)) == len(lines), lines  # 200 updates, not 200 redraws
