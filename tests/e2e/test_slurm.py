@@ -1,0 +1,93 @@
+"""launch/slurm/*.sbatch under stand-ins for srun and scontrol: one task, the job's preemption signal, and
+whether the script requeues the job."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import REPO, script_env
+
+SRUN = """#!/usr/bin/env bash
+# srun for one task: drop srun's own flags, run the command; with PREEMPT_WHEN set, send the task SIGUSR1 (as
+# --signal=USR1@120 does) once that file is non-empty.
+while [[ "$1" == --* ]]; do shift; done
+export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0
+"$@" &
+task=$!
+if [ -n "${PREEMPT_WHEN:-}" ]; then
+  until [ -s "$PREEMPT_WHEN" ] || ! kill -0 "$task" 2>/dev/null; do sleep 0.05; done
+  kill -USR1 "$task" 2>/dev/null || true
+fi
+wait "$task"
+"""
+
+SCONTROL = """#!/usr/bin/env bash
+# scontrol show hostnames LIST -> this host; scontrol requeue ID -> a line in $REQUEUED.
+case "$1" in
+  show) echo localhost ;;
+  requeue) echo "$2" >> "$REQUEUED" ;;
+esac
+"""
+
+
+def _tools(directory: Path) -> Path:
+    directory.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (directory / name).write_text(text)
+        (directory / name).chmod((directory / name).stat().st_mode | stat.S_IXUSR)
+    return directory
+
+
+def sbatch(script: str, args: list[str], tmp_path: Path, preempt_when: Path | None = None):
+    """Run ``bash launch/slurm/SCRIPT ARGS`` as SLURM would (job 4242, submitted from the checkout); returns the
+    finished process and the job ids the script requeued."""
+    requeued = tmp_path / "requeued.txt"
+    requeued.unlink(missing_ok=True)
+    tools = _tools(tmp_path / "bin")
+    env = dict(
+        script_env(),
+        PATH=f"{tools}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(REPO),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_CPUS_PER_TASK="1",
+        REQUEUED=str(requeued),
+        PREEMPT_WHEN=str(preempt_when or ""),
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm" / script), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return proc, requeued.read_text().split() if requeued.exists() else []
+
+
+@pytest.fixture()
+def general_args(tiny_bert_dir, tiny_corpus, tmp_path):
+    return [
+        "launch/configs/quickstart.yaml", f"teacher.path={tiny_bert_dir}", f"data.shards={tiny_corpus / 'shards'}",
+        f"run.output_dir={tmp_path / 'run'}", "eval.texts=null", "data.num_workers=0", "data.micro_batch_size=4",
+        "student.num_layers=2", "student.hidden_size=16", "student.num_heads=4", "student.intermediate_size=32",
+        "run.log_every=1", "run.save_every=0",
+    ]  # fmt: skip
+
+
+def test_a_preempted_continuation_of_a_finished_run_is_requeued(general_args, tmp_path):
+    """A finished run continued with a longer train.max_steps already has student/ from its first end: the
+    preempted continuation must still be requeued (it was not, and the job ended at the checkpoint)."""
+    proc, requeued = sbatch("general.sbatch", [*general_args, "train.max_steps=3"], tmp_path)
+    assert proc.returncode == 0 and requeued == [], proc.stdout + proc.stderr[-3000:]
+    assert (tmp_path / "run" / "student").is_dir()
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text("")  # cut to step 3 by the resumed run anyway; non-empty again once it logs a step
+    proc, requeued = sbatch("general.sbatch", [*general_args, "train.max_steps=100000"], tmp_path, metrics)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "received SIGUSR1" in proc.stderr and "requeueing job 4242" in proc.stdout, proc.stderr[-3000:]
+    assert requeued == ["4242"]
