@@ -173,12 +173,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SHIPPED = {"launch/configs/": "launch/configs", "ds_configs/": "ds_configs"}
+SHIPPED = {"launch/configs/": "launch/configs", "ds_configs/": "ds_configs", "launch/slurm/": "launch/slurm"}
 
 
 def shipped_file(path: str | Path) -> Path:
-    """``path`` itself when it exists; else, for ``launch/configs/X`` and ``ds_configs/X``, the copy shipped
-    with dist_kd (the checkout's, or the installed package's ``dist_kd/launch/configs``, ``dist_kd/ds_configs``).
+    """``path`` itself when it exists; else, for ``launch/configs/X``, ``ds_configs/X`` and ``launch/slurm/X``,
+    the copy shipped with dist_kd (the checkout's, or the installed package's ``dist_kd/launch/configs``,
+    ``dist_kd/ds_configs``, ``dist_kd/launch/slurm``).
     """
     path = Path(path)
     if path.exists() or path.is_absolute():

@@ -57,3 +57,11 @@ def test_installed_package_runs_the_pipeline_outside_the_checkout(installed, tin
           "dist_kd", "general", "--config", "launch/configs/quickstart.yaml", f"teacher.path={tiny_bert_dir}",
           "data.shards=shards", "run.output_dir=run2", "data.num_workers=0", *TINY], work, installed)  # fmt: skip
     assert (work / "run2" / "checkpoints" / "step-00000004" / "rank00001.pt").is_file()
+
+
+def test_installed_package_ships_the_slurm_scripts_where_task_sbatch_looks(installed, tmp_path):
+    """task.sbatch submitted outside a checkout runs the installed general.sbatch, found through shipped_file."""
+    find = "from dist_kd.config import shipped_file; print(shipped_file('launch/slurm/general.sbatch'))"
+    found = _run([sys.executable, "-c", find], tmp_path, installed).stdout.strip()
+    assert found == str(installed / "dist_kd" / "launch" / "slurm" / "general.sbatch"), found
+    assert (installed / "dist_kd" / "launch" / "slurm" / "task.sbatch").is_file()

@@ -4,6 +4,7 @@ whether the script requeues the job."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -44,9 +45,9 @@ def _tools(directory: Path) -> Path:
     return directory
 
 
-def sbatch(script: str, args: list[str], tmp_path: Path, preempt_when: Path | None = None):
-    """Run ``bash launch/slurm/SCRIPT ARGS`` as SLURM would (job 4242, submitted from the checkout); returns the
-    finished process and the job ids the script requeued."""
+def sbatch(script: str, args: list[str], tmp_path: Path, preempt_when: Path | None = None, submit_dir: Path = REPO):
+    """Run ``bash launch/slurm/SCRIPT ARGS`` as SLURM would (job 4242, submitted from ``submit_dir``; SLURM runs a
+    copy of the script from its spool directory); returns the finished process and the job ids it requeued."""
     requeued = tmp_path / "requeued.txt"
     requeued.unlink(missing_ok=True)
     tools = _tools(tmp_path / "bin")
@@ -56,13 +57,16 @@ def sbatch(script: str, args: list[str], tmp_path: Path, preempt_when: Path | No
         PYTHONPATH=str(REPO),
         SLURM_JOB_ID="4242",
         SLURM_JOB_NODELIST="localhost",
-        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_SUBMIT_DIR=str(submit_dir),
         SLURM_CPUS_PER_TASK="1",
         REQUEUED=str(requeued),
         PREEMPT_WHEN=str(preempt_when or ""),
     )
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    shutil.copy(REPO / "launch" / "slurm" / script, spool / script)
     proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "slurm" / script), *args],
+        ["bash", str(spool / script), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return proc, requeued.read_text().split() if requeued.exists() else []
@@ -91,3 +95,19 @@ def test_a_preempted_continuation_of_a_finished_run_is_requeued(general_args, tm
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "received SIGUSR1" in proc.stderr and "requeueing job 4242" in proc.stdout, proc.stderr[-3000:]
     assert requeued == ["4242"]
+
+
+def test_sbatch_submitted_outside_the_checkout_runs_the_installed_commands(general_args, tmp_path):
+    """With dist_kd installed and the job submitted from a project directory (no launch/ there), the scripts
+    start the installed commands and find each other; they ran `python launch/general.py` from the submit dir."""
+    elsewhere = tmp_path / "project"
+    elsewhere.mkdir()
+    proc, requeued = sbatch("general.sbatch", [*general_args, "train.max_steps=2"], tmp_path, submit_dir=elsewhere)
+    assert proc.returncode == 0 and requeued == [], proc.stdout + proc.stderr[-3000:]
+    assert (tmp_path / "run" / "student").is_dir()
+    # task.sbatch reaches the task stage, whose first check is that the shipped example's student exists
+    proc, requeued = sbatch("task.sbatch", ["launch/configs/task_example.yaml"], tmp_path, submit_dir=elsewhere)
+    assert proc.returncode == 2 and requeued == [], proc.stdout + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: student.path runs/quickstart/student does not exist (expected a Hugging Face model directory)"
+    ), proc.stderr[-3000:]
