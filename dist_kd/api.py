@@ -123,10 +123,11 @@ def run_training(
 
     Raises:
         RunDirInUse: another live run writes to the run directory.
+        RunDirNotWritable: the run directory cannot be created or written (on every rank).
         ValueError, FileNotFoundError, CheckpointSaveError: bad input or a failed save (nothing written is lost).
     """
     from dist_kd import distributed
-    from dist_kd.train.runlock import RunDirInUse, RunLock
+    from dist_kd.train.runlock import RunDirInUse, RunDirNotWritable, RunLock
 
     info = info or distributed.init_distributed()
     trainer = lock = None
@@ -136,11 +137,12 @@ def run_training(
             lock = RunLock(cfg.run.output_dir)
             try:
                 lock.acquire()
-            except RunDirInUse as err:
-                lock, refused = None, str(err)
+            except (RunDirInUse, RunDirNotWritable) as err:
+                lock, refused = None, (type(err).__name__, str(err))
+        # Every rank learns why rank 0 refused and stops with the same error (they would wait for it forever).
         refused = distributed.broadcast_object(refused)
         if refused:
-            raise RunDirInUse(refused)
+            raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
         trainer = trainer_class(cfg, info)
         if not trainer.train():
             return RunResult(Path(cfg.run.output_dir), completed=False)

@@ -37,6 +37,10 @@ class RunDirInUse(ValueError):
     """Another live run owns the run directory."""
 
 
+class RunDirNotWritable(ValueError):
+    """The run directory cannot be created or written (a read-only or full filesystem, a file in the way)."""
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -110,7 +114,21 @@ class RunLock:
 
         Raises:
             RunDirInUse: another live run holds the directory.
+            RunDirNotWritable: the directory or its lock file cannot be written.
         """
+        try:
+            self._acquire(poll)
+        except OSError as err:
+            self.release()  # a directory this lock created and left empty goes again
+            reason = f"{err.strerror or type(err).__name__} ({err.filename})" if err.filename else str(err)
+            raise RunDirNotWritable(
+                f"run.output_dir {self.run_dir} cannot be written: {reason}; choose a writable run.output_dir"
+            ) from None
+        self._held = True
+        self._thread = threading.Thread(target=self._beat, name="dist_kd-run-lock", daemon=True)
+        self._thread.start()
+
+    def _acquire(self, poll: float) -> None:
         if not self.run_dir.exists():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._created_dir = True
@@ -147,9 +165,6 @@ class RunLock:
                 f"run.output_dir {self.run_dir} is in use by another run ({self.describe(owner, age)}; lock "
                 f"{self.path}): wait for it to finish, stop it, or choose another run.output_dir"
             )
-        self._held = True
-        self._thread = threading.Thread(target=self._beat, name="dist_kd-run-lock", daemon=True)
-        self._thread.start()
 
     def _take_over(self, payload: str) -> bool:
         tmp = self.path.with_name(f"{LOCK_NAME}.{self.owner['token']}")

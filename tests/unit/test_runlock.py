@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from dist_kd.train.runlock import LOCK_NAME, RunDirInUse, RunLock
+from dist_kd.train.runlock import LOCK_NAME, RunDirInUse, RunDirNotWritable, RunLock
 
 
 def _plant(run_dir, age=0.0, **owner):
@@ -124,3 +124,31 @@ def test_two_takers_of_a_stale_lock_end_with_one_owner(tmp_path):
     assert sorted(outcomes) == ["held", "refused"] and sum(lock.holds() for lock in locks) == 1
     for lock in locks:
         lock.release()
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_error_naming_it(tmp_path):
+    """A file where the run directory should be (or a read-only filesystem) was an OSError traceback."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirNotWritable, match=r"^run.output_dir \S+/file/run cannot be written: Not a directory"):
+        RunLock(tmp_path / "file" / "run").acquire()
+    with pytest.raises(RunDirNotWritable, match=r"file cannot be written: Not a directory"):
+        RunLock(tmp_path / "file").acquire()  # exists, but as a file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_every_rank_stops_with_rank_0s_refusal(tmp_path, monkeypatch):
+    """Rank 0 takes the lock; the other ranks raise the error it broadcasts instead of waiting for it."""
+    from types import SimpleNamespace
+
+    from dist_kd import api, distributed
+
+    told = ("RunDirNotWritable", "run.output_dir /ro/run cannot be written: Read-only file system (/ro/run)")
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: told)
+    rank1 = SimpleNamespace(rank=1, world_size=2, is_main=False)
+    cfg = SimpleNamespace(run=SimpleNamespace(output_dir=str(tmp_path / "run")))
+    with pytest.raises(RunDirNotWritable, match="Read-only file system"):
+        api.run_training(cfg, lambda *a: pytest.fail("no trainer after a refusal"), None, rank1)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: ("RunDirInUse", "in use"))
+    with pytest.raises(RunDirInUse, match="in use"):
+        api.run_training(cfg, lambda *a: pytest.fail("no trainer after a refusal"), None, rank1)
+    assert not (tmp_path / "run").exists()
