@@ -125,8 +125,10 @@ def run_training(
         RunDirInUse: another live run writes to the run directory.
         RunDirNotWritable: the run directory cannot be created or written (on every rank).
         ValueError, FileNotFoundError, CheckpointSaveError: bad input or a failed save (nothing written is lost).
+        OutputWriteError: another write in the run directory failed (a full or read-only filesystem).
     """
     from dist_kd import distributed
+    from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
     from dist_kd.train.runlock import RunDirInUse, RunDirNotWritable, RunLock
 
     info = info or distributed.init_distributed()
@@ -143,10 +145,18 @@ def run_training(
         refused = distributed.broadcast_object(refused)
         if refused:
             raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
-        trainer = trainer_class(cfg, info)
-        if not trainer.train():
-            return RunResult(Path(cfg.run.output_dir), completed=False)
-        return RunResult(Path(cfg.run.output_dir), completed=True, lines=finish(trainer, cfg, info))
+        try:
+            trainer = trainer_class(cfg, info)
+            if not trainer.train():
+                return RunResult(Path(cfg.run.output_dir), completed=False)
+            return RunResult(Path(cfg.run.output_dir), completed=True, lines=finish(trainer, cfg, info))
+        except (ValueError, FileNotFoundError, CheckpointSaveError):
+            raise
+        except Exception as err:  # a full disk while writing config.yaml, metrics, the export or the report
+            failed = output_write_failed(Path(cfg.run.output_dir), err)
+            if failed is None:
+                raise
+            raise failed from err
     finally:
         if trainer is not None:
             trainer.close()

@@ -203,7 +203,7 @@ def run_config_job(
     from dist_kd import distributed
     from dist_kd.api import run_training
     from dist_kd.config import load_config
-    from dist_kd.train.checkpoint import CheckpointSaveError
+    from dist_kd.train.checkpoint import CheckpointSaveError, OutputWriteError
 
     overrides = list(args.overrides)
     if args.debug:
@@ -225,7 +225,7 @@ def run_config_job(
         if result.lines:
             print("\n".join(result.lines), flush=True)
         return 0
-    except (ValueError, FileNotFoundError, CheckpointSaveError) as err:  # RunDirInUse is a ValueError
+    except (ValueError, FileNotFoundError, CheckpointSaveError, OutputWriteError) as err:  # RunDirInUse: ValueError
         return bad_input(err)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
         print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -56,6 +57,56 @@ class CheckpointSaveError(RuntimeError):
     def __init__(self, message: str, disk_full: bool):
         super().__init__(message)
         self.disk_full = disk_full
+
+
+class OutputWriteError(RuntimeError):
+    """The run directory could not be written outside a checkpoint save (a full or read-only filesystem while
+    writing config.yaml, metrics, the export or the report); reported as one line, checkpoints intact."""
+
+
+# Causes that can only come from writing: a full device, an exhausted quota, a read-only filesystem.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+WRITE_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    causes: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in causes:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return causes
+
+
+def write_failure(err: BaseException) -> str | None:
+    """What in ``err`` (or its causes) says a write failed: "No space left on device", ..., or None.
+
+    safetensors and DeepSpeed report a full disk in errors of their own types, with the OS's text inside.
+    """
+    for cause in _causes(err):
+        if getattr(cause, "errno", None) in WRITE_ERRNOS:
+            return os.strerror(cause.errno)
+        for message in WRITE_MESSAGES:
+            if message in str(cause):
+                return message
+    return None
+
+
+def output_write_failed(run_dir: Path, err: BaseException) -> OutputWriteError | None:
+    """``err`` as one line naming the run directory when a write failed there, else None (not a write failure)."""
+    reason = write_failure(err)
+    if reason is None:
+        return None
+    try:
+        free = f" ({shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free there)" if run_dir.exists() else ""
+    except OSError:
+        free = ""
+    previous = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    kept = f"; the newest whole checkpoint, {previous.name}, is intact" if previous else ""
+    return OutputWriteError(
+        f"writing under run.output_dir {run_dir} failed: {reason}{free}{kept}; make room or fix the cause and "
+        "rerun to resume (a finished run writes its student and report again)"
+    )
 
 
 def step_dir_name(step: int) -> str:
@@ -242,12 +293,7 @@ def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException) -> Che
     except OSError:
         free = -1
     shutil.rmtree(checkpoints_dir / tmp_tag, ignore_errors=True)
-    causes: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and cause not in causes:
-        causes.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in causes)
+    full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in _causes(err))
     previous = latest_checkpoint(checkpoints_dir)
     kept = f"; the newest whole checkpoint, {previous.name}, is intact" if previous else ""
     if full or 0 <= free < (64 << 20):

@@ -189,3 +189,51 @@ def test_progress_bar_in_a_log_file_writes_whole_lines_without_carriage_returns(
         assert "\r" not in text and text.endswith("\n"), text[:300]
         assert lines[0].startswith("general distillation:   0%") and "200/200" in lines[-1], lines
         assert len(lines) < 10 and len(set(lines)) == len(lines), lines  # 200 updates, not 200 redraws
+
+
+def test_a_full_disk_outside_a_checkpoint_save_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """A full device while a run writes config.yaml or its export (safetensors says so in its own error type)
+    was a traceback; it is one line naming the run directory, exit 2. Other errors are not disguised as it."""
+    import errno
+    from types import SimpleNamespace
+
+    from dist_kd import distributed
+    from dist_kd.cli import config_job_parser, run_config_job
+
+    class SafetensorError(Exception):
+        pass
+
+    failures = {
+        "init": OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "config.yaml")),
+        "finish": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    }
+
+    state = {"where": ""}
+
+    class Trainer:
+        def __init__(self, cfg, info):
+            if state["where"] == "init":
+                raise failures["init"]
+
+        def train(self):
+            return True
+
+        def close(self):
+            pass
+
+    def finish(trainer, cfg, info):
+        raise failures["finish"] if state["where"] == "finish" else RuntimeError("a bug, not a full disk")
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1, is_main=True))
+    monkeypatch.setattr(distributed, "teardown", lambda: None)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\n")
+    args = config_job_parser("job", config_help="YAML", debug_help="one process").parse_args(["--config", str(config)])
+    for state["where"] in ("init", "finish"):
+        assert run_config_job(args, _JobConfig, Trainer, finish) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: writing under run.output_dir {tmp_path / 'run'} failed: No space left on device")
+        assert err.count("\n") == 1, err
+    state["where"] = "elsewhere"
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_config_job(args, _JobConfig, Trainer, finish)
