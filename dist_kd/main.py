@@ -54,8 +54,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _drop_launcher_rank(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` (or ``--local_rank N``) that ``deepspeed --module dist_kd`` puts
+    before the command; LOCAL_RANK in the environment carries the same value."""
+    if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        return argv[1:]
+    if len(argv) > 1 and argv[0] in ("--local_rank", "--local-rank"):
+        return argv[2:]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _drop_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
