@@ -111,9 +111,17 @@ def drop_launcher_variables() -> None:
 
 
 def configure_logging(rank: int, debug: bool = False) -> None:
-    """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank."""
+    """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank.
+
+    transformers' own bars (``Loading weights``, ``Writing model shards``: one per model loaded or saved) show
+    on rank 0 at a terminal only: every rank drew them, and in a log file each is a carriage-return line.
+    """
     level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if rank != 0 or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 LOG_FILE_REFRESH_S = 60.0  # seconds between progress lines when stderr is a file (a SLURM log), not a terminal

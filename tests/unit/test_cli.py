@@ -237,3 +237,19 @@ def test_a_full_disk_outside_a_checkpoint_save_is_one_error_line(tmp_path, capsy
     state["where"] = "elsewhere"
     with pytest.raises(RuntimeError, match="a bug"):
         run_config_job(args, _JobConfig, Trainer, finish)
+
+
+def test_transformers_bars_only_on_rank_0_at_a_terminal(monkeypatch):
+    """Every rank drew transformers' 'Loading weights' bar for each model, as carriage-return lines in a log."""
+    from transformers.utils import logging as hf_logging
+
+    from dist_kd.cli import configure_logging
+
+    try:
+        for rank, tty, shown in ((0, True, True), (0, False, False), (1, True, False)):
+            hf_logging.enable_progress_bar()
+            monkeypatch.setattr(sys, "stderr", _Stream(tty))
+            configure_logging(rank)
+            assert hf_logging.is_progress_bar_enabled() is shown, (rank, tty)
+    finally:
+        hf_logging.enable_progress_bar()
