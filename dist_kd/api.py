@@ -129,6 +129,7 @@ def run_training(
     """
     from dist_kd import distributed
     from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
+    from dist_kd.train.common import RunSignals
     from dist_kd.train.runlock import RunDirInUse, RunDirNotWritable, RunLock
 
     info = info or distributed.init_distributed()
@@ -146,10 +147,11 @@ def run_training(
         if refused:
             raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
         try:
-            trainer = trainer_class(cfg, info)
-            if not trainer.train():
-                return RunResult(Path(cfg.run.output_dir), completed=False)
-            return RunResult(Path(cfg.run.output_dir), completed=True, lines=finish(trainer, cfg, info))
+            with RunSignals():  # preemption during set-up or the export: no death by signal (see RunSignals)
+                trainer = trainer_class(cfg, info)
+                if not trainer.train():
+                    return RunResult(Path(cfg.run.output_dir), completed=False)
+                return RunResult(Path(cfg.run.output_dir), completed=True, lines=finish(trainer, cfg, info))
         except (ValueError, FileNotFoundError, CheckpointSaveError):
             raise
         except Exception as err:  # a full disk while writing config.yaml, metrics, the export or the report

@@ -67,10 +67,14 @@ class RunConfig:
 class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT) set a flag; the loop checkpoints and exits at
     the next step. A second Ctrl-C aborts at once (KeyboardInterrupt), losing the steps since the last
-    checkpoint."""
+    checkpoint.
+
+    A StopSignal made while a :class:`RunSignals` is installed (the training loop inside a run) starts with the
+    preemption that reached the run's set-up already requested.
+    """
 
     def __init__(self):
-        self.requested = False
+        self.requested = bool(RunSignals.current and RunSignals.current.requested)
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
@@ -87,6 +91,42 @@ class StopSignal:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class RunSignals:
+    """SIGTERM / SIGUSR1 around a whole run, outside its training loop (where :class:`StopSignal` takes over).
+
+    Their default action kills the process: a preemption while the run sets up (loading the teacher, checking
+    shards) or finishes (the final evaluation, the export) ended it with 143 or 138, which the SLURM script
+    reads as a failure and does not requeue. Here a signal during set-up is remembered, and the loop stops
+    with a checkpoint at its first step; one after the loop (the final checkpoint is saved) is logged and the
+    run finishes. Ctrl-C keeps its default: it stops a run that has not started training at once.
+    """
+
+    current: RunSignals | None = None
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self.outer, RunSignals.current = RunSignals.current, self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.requested:
+            logger.warning("received %s outside the training loop: the run checkpoints and stops at its first step "
+                           "or, past its last step, finishes", name)  # fmt: skip
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        RunSignals.current = self.outer
+
+    def __enter__(self) -> RunSignals:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def stop_agreed(local: bool) -> bool:

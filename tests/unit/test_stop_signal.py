@@ -33,3 +33,63 @@ def test_second_ctrl_c_aborts_but_a_repeated_sigterm_does_not():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.restore()
+
+
+JOB = """
+import os, signal, sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from dist_kd import api
+from dist_kd.train.common import StopSignal
+
+where, run_dir = sys.argv[1], sys.argv[2]
+
+
+class Trainer:
+    def __init__(self, cfg, info):
+        if where == "setup":  # SLURM's preemption signal while the teacher loads
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def train(self):
+        stop = StopSignal()
+        try:
+            for step in range(1, 4):
+                if stop.requested:
+                    print(f"checkpoint at step {step}, stopped")
+                    return False
+            return True
+        finally:
+            stop.restore()
+
+    def close(self):
+        pass
+
+
+def finish(trainer, cfg, info):
+    if where == "finish":  # --signal=USR1@120 arriving during the final export
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return ["student exported"]
+
+
+cfg = SimpleNamespace(run=SimpleNamespace(output_dir=run_dir))
+result = api.run_training(cfg, Trainer, finish, SimpleNamespace(rank=0, world_size=1, is_main=True))
+print("completed" if result.completed else "preempted", *result.lines)
+"""
+
+
+@pytest.mark.parametrize(
+    "where, expected",
+    [("setup", "checkpoint at step 1, stopped\npreempted\n"), ("finish", "completed student exported\n")],
+)
+def test_a_preemption_signal_outside_the_loop_does_not_kill_the_run(where, expected, tmp_path):
+    """SIGTERM/SIGUSR1 while a run sets up or exports killed it (exit -15/-10: not requeued by the SLURM script);
+    one during set-up now stops the loop at its first step, one after the loop lets the run finish."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", JOB, where, str(tmp_path / "run")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout == expected, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "outside the training loop" in proc.stderr
