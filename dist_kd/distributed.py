@@ -81,9 +81,11 @@ def discover_environment() -> dict[str, str]:
         # A port derived from the job id, so every task of the job agrees without talking first.
         found.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)))
     else:
-        found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-        if "MASTER_PORT" not in env:
-            found["MASTER_PORT"] = str(_free_port())
+        # One process that no launcher started: nobody else connects, so a free local port, whatever MASTER_*
+        # the shell exported (a cluster shell's MASTER_PORT may be another job's: EADDRINUSE; its MASTER_ADDR
+        # another node).
+        found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        found["MASTER_PORT"] = str(_free_port())
     found.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     found.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
     return found
@@ -268,8 +270,9 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
-    for key, value in discover_environment().items():
-        os.environ.setdefault(key, value)
+    # What the environment says, completed (a one process job's MASTER_* replaced) unless a group already runs.
+    found = discover_environment()
+    os.environ.update({k: v for k, v in found.items() if not dist.is_initialized() or k not in os.environ})
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     set_thread_count()
