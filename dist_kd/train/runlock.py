@@ -55,7 +55,8 @@ class RunLock:
     """The lock of one run directory (take it on rank 0 only).
 
     Args:
-        run_dir: the run directory (created if missing; removed again on release if it stayed empty).
+        run_dir: the run directory (created if missing, with its missing parents; those removed again on
+            release if they stayed empty).
         heartbeat_s: seconds between heartbeats.
         stale_s: a heartbeat older than this means the owner is gone.
     """
@@ -72,7 +73,7 @@ class RunLock:
             "token": uuid.uuid4().hex,
             "started": time.time(),
         }
-        self._created_dir = False
+        self._created: list[Path] = []  # directories this lock made, deepest first
         self._held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -129,9 +130,10 @@ class RunLock:
         self._thread.start()
 
     def _acquire(self, poll: float) -> None:
-        if not self.run_dir.exists():
+        missing = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
+        if missing:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._created_dir = True
+            self._created = missing  # run.output_dir=runs/x in an empty directory makes runs/ too
         payload = json.dumps(self.owner)
         said = False
         while True:
@@ -200,9 +202,11 @@ class RunLock:
         if self._held and self.holds():
             self.path.unlink(missing_ok=True)
         self._held = False
-        if self._created_dir:
-            with contextlib.suppress(OSError):
-                self.run_dir.rmdir()  # only if empty: a start refused before writing anything leaves nothing
+        for directory in self._created:  # only if empty: a start refused before writing anything leaves nothing
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -32,7 +32,7 @@ def test_lock_is_taken_and_released_and_an_empty_new_dir_goes_with_it(tmp_path):
     owner = json.loads((run_dir / LOCK_NAME).read_text())
     assert owner["pid"] == os.getpid() and owner["token"] == lock.owner["token"] and lock.holds()
     lock.release()
-    assert not run_dir.exists()  # created for the lock only: a refused start leaves nothing
+    assert not (tmp_path / "new").exists()  # created for the lock only, parent too: a refused start leaves nothing
     (tmp_path / "kept").mkdir()
     with RunLock(tmp_path / "kept"):
         (tmp_path / "kept" / "metrics.jsonl").write_text("")
