@@ -162,9 +162,16 @@ def progress(**kwargs):
 
 
 def bad_input(err: Exception, show: bool = True) -> int:
-    """Report bad input as one ``error: ...`` line on stderr (where ``show``) and return the exit code for it."""
+    """Report bad input as one ``error: ...`` line on stderr (where ``show``) and return the exit code for it.
+
+    An OSError of the system (an output on a read-only or full disk, a file where a directory should be) is
+    said as ``PATH: reason`` instead of Python's ``[Errno 30] ...: 'PATH'``.
+    """
     if show:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        text = str(err)
+        if isinstance(err, OSError) and err.filename is not None and err.strerror:
+            text = f"{err.filename}: {err.strerror}"
+        print(f"error: {text}", file=sys.stderr, flush=True)
     return BAD_INPUT_EXIT_CODE
 
 

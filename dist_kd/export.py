@@ -142,6 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(f"wrote {export_checkpoint(args.checkpoint, args.output)} (load with transformers.AutoModel)")
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     return 0

@@ -57,6 +57,18 @@ def _ordinary_modes_under(root: Path) -> None:
 
 
 @contextlib.contextmanager
+def _naming(final: Path) -> Iterator[None]:
+    """An OSError making the temporary sibling of ``final`` names ``final`` (what the caller asked to write),
+    not the hidden temporary name."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(final)) from err
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` if the block succeeds.
 
@@ -67,8 +79,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         A temporary path in the same directory (same filesystem, so the rename is atomic).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    with _naming(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     _ordinary_mode(tmp, directory=False)
@@ -90,8 +103,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     directory and everything in it get the modes the umask implies, whatever mode their writers chose.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    with _naming(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     _ordinary_mode(tmp, directory=True)
     try:
         yield tmp

@@ -215,6 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for run_dir in args.run_dirs:
             print(f"wrote {write_report(run_dir)}")
-    except FileNotFoundError as err:
+    except OSError as err:  # FileNotFoundError: not a run directory; others: a report it cannot write
         return bad_input(err)
     return 0

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_timeout=args.wait_timeout,
         )
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     finally:
         if use_group and dist.is_initialized():

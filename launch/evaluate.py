@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
         report = evaluate_classifier(args.model, spec, args.data, batch_size=args.batch_size,
                                      max_length=args.max_length, device=device, output=args.output)  # fmt: skip
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     print(json.dumps(report, indent=2))
     return 0

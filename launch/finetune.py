@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["ensemble"] = round(report["ensemble_dev"][spec.metric], 4)
             logger.info("dev %s: %s", spec.metric, json.dumps(summary))
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err, show=info is None or info.is_main)
     finally:
         distributed.teardown()

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = MlmHeadConfig(**{name: value for name, value in vars(args).items()})
         result = fit_mlm_head(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     print(json.dumps({"output": args.output, **{k: result[k] for k in ("held_out_before", "held_out_after")}}))
     return 0

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             logger.info("soft-target store %s: %d rows", result.directory, result.num_rows)
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err, show=info is None or info.is_main)
     finally:
         distributed.teardown()

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # OSError: FileExistsError, an output it cannot write
         return bad_input(err)
     print(f"wrote {args.output}: {summary.format()}")
     return 0

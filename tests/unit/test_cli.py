@@ -49,6 +49,9 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys):
     assert capsys.readouterr().err == "error: data.tsv: column 'text' is missing\n"
     assert bad_input(ValueError("quiet"), show=False) == 2
     assert capsys.readouterr().err == ""
+    # the system's errors (an output on a read-only disk) as PATH: reason, not [Errno 30] ...: 'PATH'
+    assert bad_input(OSError(30, "Read-only file system", "/ro/shards")) == 2
+    assert capsys.readouterr().err == "error: /ro/shards: Read-only file system\n"
 
 
 def test_metric_flag_only_where_asked():

@@ -337,6 +337,10 @@ def test_prepare_corpus_command(tmp_path, text_inputs, tiny_tokenizer_dir, monke
     manifest = read_manifest(out)
     assert manifest["seq_len"] == 16 and all(shard["num_sequences"] <= 10 for shard in manifest["shards"])
     assert "tokens/s" in capsys.readouterr().out
+    # an output it cannot write (here a file in the way; a read-only disk alike) is one error line, not a traceback
+    (tmp_path / "file").write_text("x")
+    assert main([*argv, "--output", str(tmp_path / "file" / "shards"), "--num-workers", "0", "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path / 'file' / 'shards'}: Not a directory"
 
 
 def test_shards_are_standard_tar_and_webdataset_files(tmp_path, text_inputs, tiny_tokenizer_dir):

@@ -79,3 +79,13 @@ def test_data_fingerprint_follows_content_not_names_or_times(tmp_path):
     shards[0]["sha256"] = "ab"
     (corpus / "manifest.json").write_text(json.dumps({"shards": shards, "seq_len": 128}))
     assert data_fingerprint(corpus) != listed
+
+
+def test_an_output_that_cannot_be_made_is_named_not_its_temporary_sibling(tmp_path):
+    """The error named the hidden temporary name (/out/.x.g9mxc16f.tmp), not the output asked for."""
+    (tmp_path / "file").write_text("x")
+    for atomic in (atomic_dir, atomic_path):
+        with pytest.raises(OSError) as caught:
+            with atomic(tmp_path / "file" / "out"):
+                pytest.fail("no temporary output where a file is in the way")
+        assert caught.value.filename == str(tmp_path / "file" / "out") and caught.value.strerror, caught.value
