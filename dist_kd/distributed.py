@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,16 +65,22 @@ def _first_slurm_host(nodelist: str) -> str:
         return match.group(1) + (match.group(2) or "") if match else nodelist
 
 
+def slurm_tasks(env) -> str:
+    """The tasks of this SLURM step: srun's SLURM_STEP_NUM_TASKS, else SLURM_NTASKS (the job's under
+    ``srun --preserve-env`` or in the batch script), else "1"."""
+    return env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+
+
 def discover_environment() -> dict[str, str]:
     """The RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* variables this process should use (launcher, SLURM or none)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         found = {k: env[k] for k in ("RANK", "WORLD_SIZE") if k in env}
         found["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    elif "SLURM_PROCID" in env and int(slurm_tasks(env)) > 1:
         found = {
             "RANK": env["SLURM_PROCID"],
-            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "WORLD_SIZE": slurm_tasks(env),
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         }
         if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
@@ -89,6 +96,51 @@ def discover_environment() -> dict[str, str]:
     found.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     found.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
     return found
+
+
+# Variables that narrow the GPUs a process sees (SLURM's GPU binding sets them per task).
+DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
+def device_index(local_rank: int, visible: int, env: Mapping[str, str]) -> int:
+    """The GPU, among the ``visible`` ones this process sees, that the process with ``local_rank`` uses.
+
+    Usually every process of a node sees all its GPUs and takes GPU ``local_rank``. SLURM with
+    ``--gpus-per-task`` (or another per-task GPU binding) shows each task only its own GPUs, numbered from 0,
+    while SLURM_LOCALID (hence LOCAL_RANK) still counts the node's tasks 0..7: there GPU ``local_rank`` does
+    not exist ("invalid device ordinal") and the process takes ``local_rank % visible`` of its own GPUs.
+
+    Raises:
+        ValueError: ``local_rank`` is beyond the GPUs seen and nothing says they are this task's own (more
+            processes on the node than GPUs): one line naming the variables and what to do.
+    """
+    if local_rank < visible:
+        return local_rank
+    listed = next((f"{key}={env[key]}" for key in DEVICE_LISTS if env.get(key, "").strip()), None)
+    per_task = re.search(r"(\d+)$", env.get("SLURM_GPUS_PER_TASK", "").strip())
+    if visible > 0 and ((per_task and int(per_task.group(1)) == visible) or (listed and visible == 1)):
+        return local_rank % visible
+    seen = f"{visible} GPU{'s' if visible != 1 else ''}" + (f" ({listed})" if listed else "")
+    raise ValueError(
+        f"LOCAL_RANK={local_rank} but this process sees {seen}: more processes on this node than GPUs; start "
+        "one process per GPU (srun --ntasks-per-node=GPUS or --gpus-per-task=1, deepspeed --num_gpus, torchrun "
+        "--nproc_per_node)"
+    )
+
+
+def slurm_wait_message(found: Mapping[str, str]) -> str:
+    """What rank 0 of a job found from SLURM's variables says before it waits for the other tasks.
+
+    SLURM sets SLURM_PROCID=0 and SLURM_NTASKS in the batch script too, where only one copy runs: a python
+    started there without ``srun`` is rank 0 of N and would wait in silence for tasks that never start. The
+    documented variables do not tell that case apart, so the line says what was found and what to do.
+    """
+    minutes = os.environ.get("DEEPSPEED_TIMEOUT", "10")
+    return (
+        f"rank 0 of {found['WORLD_SIZE']} from SLURM_PROCID/SLURM_NTASKS: waiting for the other tasks at "
+        f"{found['MASTER_ADDR']}:{found['MASTER_PORT']} (up to DEEPSPEED_TIMEOUT={minutes} minutes); a command "
+        "in an sbatch script needs srun to start one task per rank (srun python -m dist_kd ...)"
+    )
 
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
@@ -272,13 +324,22 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
 
     # What the environment says, completed (a one process job's MASTER_* replaced) unless a group already runs.
     found = discover_environment()
+    if not dist.is_initialized() and "RANK" not in os.environ and found["WORLD_SIZE"] != "1" and found["RANK"] == "0":
+        _say(slurm_wait_message(found))
     os.environ.update({k: v for k, v in found.items() if not dist.is_initialized() or k not in os.environ})
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     set_thread_count()
     if torch.cuda.is_available() and not force_cpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        index = device_index(local_rank, torch.cuda.device_count(), os.environ)
+        if index != local_rank:
+            # DeepSpeed takes its GPU from LOCAL_RANK (the engine, ZeRO-3's parameters, NCCL's device_id).
+            if rank == 0:
+                seen = torch.cuda.device_count()
+                _say(f"LOCAL_RANK {local_rank} sees {seen} GPU(s) (a per-task binding): using GPU {index} of them")
+            os.environ["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
@@ -298,7 +359,8 @@ def current() -> DistInfo:
     if not dist.is_initialized():
         return DistInfo(0, 1, 0, torch.device("cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() and dist.get_backend() == "nccl" else None
+    nccl = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else None  # the GPU init_distributed set
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device or torch.device("cpu"))
 
 

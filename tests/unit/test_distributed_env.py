@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 
-from dist_kd.distributed import discover_environment
+import pytest
+
+from dist_kd.distributed import device_index, discover_environment
 
 LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
 
@@ -50,3 +52,83 @@ def test_one_process_ignores_a_master_port_the_shell_exported(monkeypatch):
         env.update(MASTER_PORT=str(port), MASTER_ADDR="127.0.0.1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and done.stdout.strip().endswith("1"), done.stderr[-2000:]
+
+
+def test_slurm_step_tasks_are_the_world_size(monkeypatch):
+    """``srun --preserve-env -n 2`` in a job of 8 tasks keeps SLURM_NTASKS=8; the step has 2 (SLURM_STEP_NUM_TASKS)."""
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert discover_environment()["WORLD_SIZE"] == "2"
+
+
+def test_device_index_per_task_gpus():
+    """SLURM's --gpus-per-task / GPU binding: LOCAL_RANK counts the node's tasks, each task sees its own GPUs."""
+    assert device_index(3, 8, {}) == 3  # every process sees the node's GPUs
+    assert device_index(5, 1, {"CUDA_VISIBLE_DEVICES": "5"}) == 0  # bound to one GPU
+    assert device_index(7, 1, {"SLURM_GPUS_PER_TASK": "1"}) == 0
+    assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "2", "CUDA_VISIBLE_DEVICES": "6,7"}) == 1
+    assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "a100:2"}) == 1
+
+
+def test_device_index_refuses_more_processes_than_gpus():
+    # torchrun --nproc_per_node 2 on a one-GPU machine: GPU 0 twice would fail inside NCCL
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this process sees 1 GPU: .*one process per GPU"):
+        device_index(1, 1, {})
+    # four GPUs listed for every process and eight processes: which four share is unknowable
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=5 .* 4 GPUs \(CUDA_VISIBLE_DEVICES=0,1,2,3\)"):
+        device_index(5, 4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+
+
+def test_init_distributed_uses_the_one_gpu_a_task_sees(monkeypatch):
+    """SLURM_LOCALID 5 with --gpus-per-task=1: torch.cuda.set_device(5) was 'invalid device ordinal', and
+    DeepSpeed (engine, ZeRO-3, NCCL's device_id) reads its GPU from LOCAL_RANK; both now get GPU 0."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.comm.utils import get_local_rank_from_launcher
+
+    from dist_kd import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # the group itself needs NCCL
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "13")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    info = distributed.init_distributed()
+    assert chosen == [0] and info.device == torch.device("cuda", 0), (chosen, info)
+    assert (info.rank, info.world_size, info.local_rank) == (13, 16, 5)
+    assert os.environ["LOCAL_RANK"] == "0" and get_local_rank_from_launcher() == 0
+
+
+def test_init_distributed_says_what_slurm_rank_0_waits_for(monkeypatch, capsys):
+    """A python run in an sbatch script with --ntasks 4 and no srun is rank 0 of 4 (SLURM sets SLURM_PROCID=0
+    there too) and waits for tasks that never start: it says so, with the timeout and srun, before waiting."""
+    import deepspeed
+
+    from dist_kd import distributed
+
+    def stop(**kwargs):
+        raise RuntimeError("no rendezvous in this test")
+
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setattr(distributed, "guard_jit_build", lambda *a, **k: None)
+    monkeypatch.setattr(deepspeed, "init_distributed", stop)
+    with pytest.raises(RuntimeError, match="no rendezvous"):
+        distributed.init_distributed(force_cpu=True)
+    err = capsys.readouterr().err
+    assert "rank 0 of 4 from SLURM_PROCID/SLURM_NTASKS" in err and "srun" in err and ":20077" in err, err
