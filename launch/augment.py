@@ -9,7 +9,8 @@ Split across ranks (each rank augments a contiguous share and writes output/part
 rank 0 merges them into output/augmented.parquet, the same file a single process writes):
 
     deepspeed --num_gpus 2 launch/augment.py --task sst2 ...        # or
-    torchrun --nproc_per_node 2 launch/augment.py --task sst2 ...
+    torchrun --nproc_per_node 2 launch/augment.py --task sst2 ...   # or, in a SLURM job,
+    srun -n 8 python launch/augment.py --task sst2 ...
 
 Custom task: --task topic --labels business,sport,tech --text-a text --label category.
 """
@@ -22,6 +23,7 @@ import logging
 import os
 import sys
 
+from dist_kd import distributed
 from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
 from dist_kd.data import augment as aug
 
@@ -29,8 +31,25 @@ logger = logging.getLogger("dist_kd.augment")
 
 
 def launcher_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the deepspeed / torchrun environment; (0, 1, 0) without one."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    """(rank, world size, local rank) as training finds them (``distributed.discover_environment``: deepspeed /
+    torchrun's RANK / WORLD_SIZE, else srun's SLURM_PROCID / SLURM_NTASKS); (0, 1, 0) without a launcher."""
+    found = distributed.discover_environment()
+    return int(found["RANK"]), int(found["WORLD_SIZE"]), int(found["LOCAL_RANK"])
+
+
+def rendezvous(world_size: int) -> bool:
+    """Whether the ranks meet at a gloo barrier: a launcher gave MASTER_ADDR, or srun started them (the master
+    is the job's first node). RANK / WORLD_SIZE alone (a SLURM array) poll the filesystem instead."""
+    return world_size > 1 and ("MASTER_ADDR" in os.environ or not ("RANK" in os.environ and "WORLD_SIZE" in os.environ))
+
+
+def default_device(local_rank: int) -> str:
+    """``cuda:N`` for this rank's GPU (one of its own under a per-task GPU binding), else ``cpu``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{distributed.device_index(local_rank, torch.cuda.device_count(), os.environ)}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,15 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; rank 0 merges the parts. Returns the exit code (2 for bad input)."""
-    import torch
     import torch.distributed as dist
 
     args = parse_args(argv)
     rank, world_size, local_rank = (0, 1, 0) if args.debug else launcher_env()
     configure_logging(rank, debug=args.debug)
-    use_group = world_size > 1 and "MASTER_ADDR" in os.environ
+    use_group = rendezvous(world_size) and not args.debug
     if use_group:
         # gloo: the barrier only orders file writes, and works with or without GPUs.
+        os.environ.update({k: v for k, v in distributed.discover_environment().items() if k.startswith("MASTER_")})
         timeout = datetime.timedelta(seconds=args.wait_timeout)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     try:
@@ -93,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             mlm_dir=None if args.mlm.lower() == "none" else args.mlm,
             glove_vocab=args.glove_vocab,
             glove_dim=args.glove_dim,
-            device=args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"),
+            device=args.device or default_device(local_rank),
             rank=rank,
             world_size=world_size,
             barrier=dist.barrier if use_group else None,

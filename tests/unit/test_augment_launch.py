@@ -1,0 +1,47 @@
+"""launch/augment.py finds its ranks as training does: ``srun -n 8 python launch/augment.py`` is 8 ranks of one
+run, not 8 copies writing the same output."""
+
+from __future__ import annotations
+
+import torch
+
+from launch import augment as augment_cli
+
+LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+             "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_NODELIST")  # fmt: skip
+
+
+def _clean(monkeypatch):
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_srun_tasks_are_ranks_of_one_run(monkeypatch):
+    _clean(monkeypatch)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert augment_cli.launcher_env() == (3, 8, 3)
+    assert augment_cli.rendezvous(8)  # srun's tasks meet at the job's master
+
+
+def test_launcher_variables_and_a_slurm_array(monkeypatch):
+    _clean(monkeypatch)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert augment_cli.launcher_env() == (1, 2, 0)
+    assert not augment_cli.rendezvous(2)  # RANK / WORLD_SIZE alone: rank 0 polls the filesystem
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert augment_cli.rendezvous(2)
+    _clean(monkeypatch)
+    assert augment_cli.launcher_env() == (0, 1, 0) and not augment_cli.rendezvous(1)
+
+
+def test_default_device_under_a_per_task_gpu_binding(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert augment_cli.default_device(5) == "cuda:0"  # was cuda:5, an invalid device ordinal
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert augment_cli.default_device(5) == "cuda:5"
