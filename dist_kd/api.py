@@ -151,7 +151,10 @@ def run_training(
                 trainer = trainer_class(cfg, info)
                 if not trainer.train():
                     return RunResult(Path(cfg.run.output_dir), completed=False)
-                return RunResult(Path(cfg.run.output_dir), completed=True, lines=finish(trainer, cfg, info))
+                # finish writes on rank 0 (summary, model card, report): a failure there stops every rank alike.
+                with distributed.shared_failure():
+                    lines = finish(trainer, cfg, info)
+                return RunResult(Path(cfg.run.output_dir), completed=True, lines=lines)
         except (ValueError, FileNotFoundError, CheckpointSaveError):
             raise
         except Exception as err:  # a full disk while writing config.yaml, metrics, the export or the report

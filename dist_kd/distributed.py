@@ -414,6 +414,48 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def _rebuilt(rank: int, kind: str, message: str, errno_: int | None, filename: str | None) -> Exception:
+    """Another rank's failure as an exception of the kind the commands report in one line (exit code 2)."""
+    if errno_ is not None:  # a write that failed there (a full or read-only disk): the same OSError here
+        return OSError(errno_, message, filename)
+    if kind in ("ValueError", "FileNotFoundError"):
+        return {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[kind](message)
+    return RuntimeError(f"rank {rank} failed: {kind}: {message}")
+
+
+@contextlib.contextmanager
+def shared_failure():
+    """A block every rank enters (typically rank 0 writes a file while the others wait): when it raises on
+    any rank, it raises on every rank, so that no rank goes on to a collective that the failed one never
+    reaches (a gloo error or a hang). Collective: ends with a host-side exchange of one small object, which
+    also serves as a barrier. The failed rank raises its own exception; the others an equivalent one (the
+    same OSError, ValueError or FileNotFoundError; otherwise a RuntimeError naming the rank).
+    """
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - told to every rank, then raised again below
+        error = err
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    said = None
+    if error is not None:
+        errno_ = error.errno if isinstance(error, OSError) and error.errno else None
+        text = error.strerror if errno_ and error.strerror else str(error)
+        said = (type(error).__name__, text, errno_, getattr(error, "filename", None) if errno_ else None)
+    told = [None] * dist.get_world_size()
+    dist.all_gather_object(told, said, group=_host_group())
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(told):
+        if failure is not None:
+            raise _rebuilt(rank, *failure)
+
+
 def broadcast_object(obj, src: int = 0):
     """Broadcast a picklable object from ``src`` to every rank."""
     import torch.distributed as dist

@@ -465,7 +465,7 @@ class GeneralTrainer(EngineTrainer):
         (collective)."""
         target = self.run_dir / "student"
         student = self.engine.module.student
-        with full_precision_weights(self.engine, student):
+        with full_precision_weights(self.engine, student), distributed.shared_failure():
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     student.save_pretrained(tmp)

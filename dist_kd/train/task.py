@@ -560,7 +560,7 @@ class TaskTrainer(EngineTrainer):
     ) -> None:
         """``target``: the task's HF classifier + tokenizer (+ dev predictions), atomically (collective)."""
         module = self.engine.module
-        with full_precision_weights(self.engine, module):
+        with full_precision_weights(self.engine, module), distributed.shared_failure():
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.export_task(task.spec.name, tmp, self.tokenizer)
@@ -575,7 +575,7 @@ class TaskTrainer(EngineTrainer):
         module = self.engine.module
         encoder = module.student if self.phase == "intermediate" else module.encoder
         exported = {"student": self.run_dir / "student"}
-        with full_precision_weights(self.engine, encoder):
+        with full_precision_weights(self.engine, encoder), distributed.shared_failure():
             if self.info.is_main:
                 with atomic_dir(exported["student"]) as tmp:
                     encoder.save_pretrained(tmp)
@@ -596,9 +596,10 @@ class TaskTrainer(EngineTrainer):
             step, logits = self._dev_cache.get(task.spec.name, (None, None))
             if step != self.step:
                 logits = self.dev_logits(task)
-            if self.info.is_main:
-                predictions = self.run_dir / "predictions" / f"{task.spec.name}.dev.jsonl"
-                write_predictions(predictions, task.spec, task.dev_table, logits)
+            with distributed.shared_failure():
+                if self.info.is_main:
+                    predictions = self.run_dir / "predictions" / f"{task.spec.name}.dev.jsonl"
+                    write_predictions(predictions, task.spec, task.dev_table, logits)
         return exported
 
     def model_card(self, task: TaskData | None, metrics: dict | None = None, directory: Path | None = None) -> str:
