@@ -110,14 +110,38 @@ def drop_launcher_variables() -> None:
         os.environ.pop(key, None)
 
 
+class SameOnEveryRank(logging.Filter):
+    """On a rank other than 0: drops dist_kd's warnings unless marked ``extra=RANK_SPECIFIC``.
+
+    Every rank runs the same set-up, so a warning such as "fp16 teachers are slow ... on a CPU" came once per
+    rank (64 copies on 64 ranks); rank 0 says it. Kept: warnings about one rank alone (a shard it found damaged
+    while reading, its own failure; :data:`dist_kd.distributed.RANK_SPECIFIC`), every error, and other
+    libraries' records (and, with ``--debug``, dist_kd's INFO and DEBUG lines).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or getattr(record, "rank_specific", False):
+            return True
+        return not (record.name == "dist_kd" or record.name.startswith("dist_kd."))
+
+
 def configure_logging(rank: int, debug: bool = False) -> None:
     """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank.
 
-    transformers' own bars (``Loading weights``, ``Writing model shards``: one per model loaded or saved) show
-    on rank 0 at a terminal only: every rank drew them, and in a log file each is a carriage-return line.
+    On the other ranks dist_kd's own warnings show only where they are about that rank (:class:`SameOnEveryRank`);
+    errors show from every rank. transformers' own bars (``Loading weights``, ``Writing model shards``: one per
+    model loaded or saved) show on rank 0 at a terminal only: every rank drew them, and in a log file each is a
+    carriage-return line.
     """
     level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: a process that configured logging itself keeps its own
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
+        if rank != 0:
+            handler.addFilter(SameOnEveryRank())
+        root.addHandler(handler)
+        root.setLevel(level)
     if rank != 0 or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         from transformers.utils import logging as hf_logging
 
@@ -161,17 +185,18 @@ def progress(**kwargs):
     return tqdm(**kwargs)
 
 
-def bad_input(err: Exception, show: bool = True) -> int:
+def bad_input(err: Exception, show: bool = True, rank: int = 0) -> int:
     """Report bad input as one ``error: ...`` line on stderr (where ``show``) and return the exit code for it.
 
     An OSError of the system (an output on a read-only or full disk, a file where a directory should be) is
-    said as ``PATH: reason`` instead of Python's ``[Errno 30] ...: 'PATH'``.
+    said as ``PATH: reason`` instead of Python's ``[Errno 30] ...: 'PATH'``. A rank other than 0 names itself
+    (``error: [rank 3] ...``): its error may be its own.
     """
     if show:
         text = str(err)
         if isinstance(err, OSError) and err.filename is not None and err.strerror:
             text = f"{err.filename}: {err.strerror}"
-        print(f"error: {text}", file=sys.stderr, flush=True)
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{text}", file=sys.stderr, flush=True)
     return BAD_INPUT_EXIT_CODE
 
 
@@ -232,16 +257,18 @@ def run_config_job(
         except (ValueError, FileNotFoundError) as err:
             return bad_input(err)
         return 0
+    rank = 0
     try:
         cfg = load_config(config_class, args.config, overrides)
         info = distributed.init_distributed()
-        configure_logging(info.rank)
+        rank = info.rank
+        configure_logging(rank)
         result = run_training(cfg, trainer_class, finish, info)
         if result.lines:
             print("\n".join(result.lines), flush=True)
         return 0
     except (ValueError, FileNotFoundError, CheckpointSaveError, OutputWriteError) as err:  # RunDirInUse: ValueError
-        return bad_input(err)
+        return bad_input(err, rank=rank)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
         print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)
         return 130

@@ -33,6 +33,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# ``logger.warning(..., extra=RANK_SPECIFIC)``: a warning about this rank alone (a shard it found damaged while
+# reading, its own failure), shown from every rank. dist_kd's other warnings say the same on every rank and
+# show on rank 0 only (:func:`dist_kd.cli.configure_logging`).
+RANK_SPECIFIC = {"rank_specific": True}
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_kd.data.shards import CorruptShardError, read_manifest, read_shard
 from dist_kd.data.tokenizer import check_tokenizer_matches
+from dist_kd.distributed import RANK_SPECIFIC
 from dist_kd.io import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -525,7 +526,10 @@ class CorpusStream:
             assert worker == self._batches_consumed % num_workers, "batch arrived out of round-robin order"
             for name, reason in batch.pop("_skipped"):
                 if name not in self.skipped_shards:
-                    logger.warning("skipping corrupt corpus shard %s: %s", self.shards_dir / name, reason)
+                    # found by this rank's reading alone: the other ranks read other shards
+                    logger.warning(
+                        "skipping corrupt corpus shard %s: %s", self.shards_dir / name, reason, extra=RANK_SPECIFIC
+                    )
                     self.skipped_shards[name] = reason
             # Counted before it is handed out: a state saved after the step that used it must include it.
             self._batches_consumed += 1

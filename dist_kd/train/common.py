@@ -83,9 +83,10 @@ class StopSignal:
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
         hint = " (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""
-        logger.warning(
-            "received %s: saving a checkpoint and stopping after this step%s", signal.Signals(signum).name, hint
-        )
+        logger.warning(  # a signal reaches a process: the rank that got it says so
+            "received %s: saving a checkpoint and stopping after this step%s", signal.Signals(signum).name, hint,
+            extra=distributed.RANK_SPECIFIC,
+        )  # fmt: skip
         self.requested = True
 
     def restore(self):
@@ -114,7 +115,7 @@ class RunSignals:
         name = signal.Signals(signum).name
         if not self.requested:
             logger.warning("received %s outside the training loop: the run checkpoints and stops at its first step "
-                           "or, past its last step, finishes", name)  # fmt: skip
+                           "or, past its last step, finishes", name, extra=distributed.RANK_SPECIFIC)  # fmt: skip
         self.requested = True
 
     def restore(self):

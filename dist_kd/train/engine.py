@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dist_kd.config import doc
+from dist_kd.distributed import RANK_SPECIFIC
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +271,9 @@ def release_engine(engine) -> None:
     try:
         engine.destroy()
     except Exception:  # a clean-up must not hide the error that led here (a CUDA fault, say)
-        logger.warning("freeing the DeepSpeed engine failed; its memory may stay in use", exc_info=True)
+        logger.warning(
+            "freeing the DeepSpeed engine failed; its memory may stay in use", exc_info=True, extra=RANK_SPECIFIC
+        )
     modules = {id(module) for module in engine.module.modules()}  # a forward that raised left submodules too
     with contextlib.suppress(ImportError):
         from deepspeed.runtime.zero import parameter_offload

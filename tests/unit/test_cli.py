@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -256,3 +257,51 @@ def test_transformers_bars_only_on_rank_0_at_a_terminal(monkeypatch):
             assert hf_logging.is_progress_bar_enabled() is shown, (rank, tty)
     finally:
         hf_logging.enable_progress_bar()
+
+
+LOGGING_RANK = """
+import logging, os, signal, sys
+import torch
+from dist_kd.cli import configure_logging
+configure_logging(int(sys.argv[1]))
+from dist_kd.models.teacher import resolve_dtype
+from dist_kd.train.common import StopSignal
+resolve_dtype("fp16", torch.device("cpu"))  # set-up: the same on every rank
+stop = StopSignal()
+os.kill(os.getpid(), signal.SIGUSR1)  # this rank's own signal
+stop.restore()
+logging.getLogger("dist_kd.train.general").error("this rank failed")
+logging.getLogger("some_library").warning("a library's own warning")
+"""
+
+
+def test_a_warning_the_same_on_every_rank_shows_once_a_ranks_own_and_errors_from_each():
+    """Set-up warnings ('fp16 teachers are slow ... on a CPU') printed once per rank: 64 copies on 64 ranks."""
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    logs = {
+        rank: subprocess.run(
+            [sys.executable, "-c", LOGGING_RANK, str(rank)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stderr  # fmt: skip
+        for rank in (0, 1)
+    }
+    for rank, log in logs.items():
+        assert f"[rank {rank}] WARNING dist_kd.train.common: received SIGUSR1" in log, log
+        assert f"[rank {rank}] ERROR dist_kd.train.general: this rank failed" in log, log
+        assert "a library's own warning" in log, log
+    assert "[rank 0] WARNING dist_kd.models.teacher: fp16 teachers are slow" in logs[0], logs[0]
+    assert "fp16 teachers" not in logs[1], logs[1]
+
+
+def test_bad_input_from_another_rank_names_it(capsys):
+    assert bad_input(ValueError("data.shards is not set"), rank=3) == 2
+    assert capsys.readouterr().err == "error: [rank 3] data.shards is not set\n"
+    bad_input(ValueError("data.shards is not set"))
+    assert capsys.readouterr().err == "error: data.shards is not set\n"

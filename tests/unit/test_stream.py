@@ -4,6 +4,7 @@ tokenizer check and corrupt shards. Ranks are simulated in one process (rank/wor
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -209,7 +210,7 @@ def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplo
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers):
+def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers, caplog):
     damaged = tmp_path / "damaged"
     shutil.copytree(corpus, damaged)
     shard = damaged / "shard-000002.tar"
@@ -219,8 +220,12 @@ def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers):
     with pytest.raises(CorruptShardError, match=r"shard-000002\.tar.*checksum"):
         list(_stream(damaged, shuffle=False, num_workers=num_workers))
     stream = _stream(damaged, shuffle=False, num_workers=num_workers, skip_corrupt=True)
-    batches = list(stream)
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.stream"):
+        batches = list(stream)
     assert stream.num_skipped_shards == 1 and "shard-000002.tar" in stream.skipped_shards
+    # Only the rank that read the shard finds it: its warning shows from that rank (cli.configure_logging).
+    [record] = [r for r in caplog.records if "skipping corrupt corpus shard" in r.getMessage()]
+    assert record.rank_specific
     # Its sequences become fully masked rows, so every rank still runs the same number of steps.
     masked = sum(int((batch["attention_mask"].sum(dim=1) == 0).sum()) for batch in batches)
     assert masked == 16 and len(batches) == len(stream)
