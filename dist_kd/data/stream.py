@@ -605,14 +605,12 @@ class CorpusStream:
         self._intervals = _subtract(remaining, cut)
         self._generation = int(state["generation"]) + 1
         self._batches_consumed = 0
+        changed = [f"{key} {state[key]} -> {current[key]}" for key in ("world_size", "num_workers",
+                   "micro_batch_size", "window", "excluded_shards") if state[key] != current[key]]  # fmt: skip
         logger.info(
-            "corpus stream: epoch %d resumed with a new layout (world_size %s -> %s, num_workers %s -> %s); "
-            "%d sequences left in the epoch",
+            "corpus stream: epoch %d resumed with a new layout (%s); %d sequences left in the epoch",
             self._epoch,
-            state["world_size"],
-            self.world_size,
-            state["num_workers"],
-            self._logical_workers,
+            ", ".join(changed),
             sum(end - start for start, end in self._intervals),
         )
 
