@@ -18,7 +18,8 @@ a moment without the newest complete checkpoint. Resume takes the newest checkpo
 there at the sizes ``meta.json`` lists; a damaged one is skipped with a warning naming it and what is
 wrong, and the previous one is used; when none is whole the run is refused (never silently restarted), and
 ``keep_last`` counts whole checkpoints only. ``meta.json`` also holds the settings the optimizer state was
-built under (:func:`settings_meta`), checked on resume (:func:`check_resume`). A save that fails (a full
+built under (:func:`settings_meta`) and the data settings the data position depends on (the trainers'
+``data_settings_meta``), checked on resume (:func:`check_resume`). A save that fails (a full
 disk) removes its temporary directory and is reported in one line naming the directory and the free space;
 the checkpoints before it are untouched.
 """
@@ -338,24 +339,28 @@ def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str,
     }
 
 
+UNCOMPARED = ("schedule", "changeable")  # meta.json keys a resume may change (warned about, not refused)
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume when what defines the run (teacher, student shape, tasks, optimizer settings, ...)
     changed since the checkpoint.
 
     Args:
         saved: the checkpoint's ``meta.json``.
-        current: this run's meta (every key the checkpoint also has is compared, but ``schedule``, which
-            :func:`check_schedule` checks; ``step`` and ``world_size`` are added at save time).
+        current: this run's meta (every key the checkpoint also has is compared, but ``schedule`` and
+            ``changeable``, which :func:`check_schedule` and :func:`check_changeable` check; ``step`` and
+            ``world_size`` are added at save time).
 
     Raises:
         ValueError: naming each differing field with its saved and current value.
     """
-    differing = [key for key in current if key != "schedule" and key in saved and saved[key] != current[key]]
+    differing = [key for key in current if key not in UNCOMPARED and key in saved and saved[key] != current[key]]
     if not differing:  # keys an older checkpoint lacks are not compared
         return
     details = "; ".join(f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}" for key in differing)
     way_out = ""
-    if any(key.startswith(("train.", "deepspeed.")) for key in differing):
+    if any(key.startswith(("train.", "deepspeed.", "data.")) for key in differing):
         way_out = (
             f"; to go on from these weights under new settings, export them (dist-kd export --checkpoint {checkpoint} "
             "--output DIR) and start a new run.output_dir with student.path=DIR"
@@ -390,6 +395,24 @@ def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: P
         )  # fmt: skip
 
 
+def check_changeable(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Settings a resume may change (``changeable`` in ``meta.json``): a warning naming each with both values.
+
+    The trainers record there the data settings under which the data position carries over (the general
+    stream counts sequences and lays the rest of its epoch out afresh; the task sampler counts rows per task),
+    e.g. ``data.micro_batch_size`` or ``train.grad_accum``; the ones that would re-cut the epoch in progress
+    are top-level keys, which :func:`check_compatible` refuses to see changed.
+    """
+    before, now = saved.get("changeable") or {}, current.get("changeable") or {}
+    changed = [f"{key} {before[key]} -> {new}" for key, new in now.items() if key in before and before[key] != new]
+    if changed:
+        logger.warning(
+            "resuming from %s with other data settings (%s): they apply from step %d on; the data position "
+            "carries over (nothing of the epoch in progress comes twice)",
+            checkpoint, ", ".join(changed), int(saved.get("step", 0)),
+        )  # fmt: skip
+
+
 def check_world_size(saved: dict[str, Any], world_size: int, zero_stage: int, checkpoint: Path) -> None:
     """Refuse, before anything is loaded, a resume at another world size that DeepSpeed cannot restore.
 
@@ -411,7 +434,8 @@ def check_world_size(saved: dict[str, Any], world_size: int, zero_stage: int, ch
 
 def check_resume(checkpoint: Path, meta: dict[str, Any], world_size: int) -> None:
     """Every check of a resume, before anything is loaded or written: :func:`check_compatible`,
-    :func:`check_schedule` and :func:`check_world_size` against the checkpoint's ``meta.json``.
+    :func:`check_schedule`, :func:`check_world_size` and :func:`check_changeable` against the checkpoint's
+    ``meta.json``.
 
     Args:
         meta: this run's meta, with :func:`settings_meta` in it.
@@ -420,6 +444,7 @@ def check_resume(checkpoint: Path, meta: dict[str, Any], world_size: int) -> Non
     check_compatible(saved, meta, checkpoint)
     check_schedule(saved, meta, checkpoint)
     check_world_size(saved, world_size, meta["deepspeed.zero_stage"], checkpoint)
+    check_changeable(saved, meta, checkpoint)
 
 
 def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:

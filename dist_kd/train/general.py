@@ -114,6 +114,24 @@ def device_mask(host_mask: torch.Tensor, device: torch.device) -> torch.Tensor |
     return None if bool(host_mask.all()) else host_mask.to(device, non_blocking=True)
 
 
+def data_settings_meta(cfg: GeneralConfig) -> dict[str, Any]:
+    """The data settings a checkpoint's stream position was saved under, for its ``meta.json``.
+
+    ``data.shuffle`` cannot change on resume: the epoch in progress is a permutation of the shards that only
+    the same setting continues (the stream would refuse its state after DeepSpeed's load). The stream counts
+    sequences and lays the rest of its epoch out afresh for another micro-batch size or shuffle buffer, and
+    ``train.grad_accum`` only groups its micro-batches into steps: those may change, with a warning
+    (``changeable``, :func:`dist_kd.train.checkpoint.check_changeable`).
+    """
+    changeable: dict[str, Any] = {
+        "data.micro_batch_size": cfg.data.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+    }
+    if cfg.data.shuffle:
+        changeable["data.shuffle_buffer"] = cfg.data.shuffle_buffer
+    return {"data.shuffle": cfg.data.shuffle, "changeable": changeable}
+
+
 class GeneralTrainer(EngineTrainer):
     """General distillation on one rank.
 
@@ -215,6 +233,7 @@ class GeneralTrainer(EngineTrainer):
             },
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
             **ckpt.settings_meta(cfg.train, ds_config, cfg.train.max_steps),
+            **data_settings_meta(cfg),
         }
         if resume_from is not None:
             ckpt.check_resume(resume_from, self.meta, info.world_size)

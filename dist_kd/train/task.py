@@ -65,6 +65,31 @@ from dist_kd.train.task_config import TaskConfig
 logger = logging.getLogger(__name__)
 
 
+def data_settings_meta(cfg: TaskConfig, weights: list[float]) -> dict[str, Any]:
+    """The data settings a checkpoint's sampler state was saved under, for its ``meta.json``.
+
+    The sampler keeps one row counter per task into a seeded order of that task's epoch. With
+    ``data.group_by_length`` that order groups rows by their length into micro-batches of
+    ``data.micro_batch_size`` rows, so it changes with either setting or with ``data.max_length`` (the
+    lengths): the counters would point into another order, and rows of the epoch in progress would come twice
+    or not at all. Those are refused on resume (top-level keys). Without grouping the order is a plain
+    permutation: the micro-batch size and ``max_length`` may change, and so may ``train.grad_accum`` and the
+    tasks' sampling weights (which task each later micro-batch comes from), each with a warning
+    (``changeable``, :func:`dist_kd.train.checkpoint.check_changeable`).
+
+    Args:
+        weights: the sampling weight of each task as used (configured, or the task's training rows).
+    """
+    grouping = {"data.micro_batch_size": cfg.data.micro_batch_size, "data.max_length": cfg.data.max_length}
+    changeable: dict[str, Any] = {} if cfg.data.group_by_length else dict(grouping)
+    changeable.update({"train.grad_accum": cfg.train.grad_accum, "tasks[].weight": [float(w) for w in weights]})
+    return {
+        "data.group_by_length": cfg.data.group_by_length,
+        **(grouping if cfg.data.group_by_length else {}),
+        "changeable": changeable,
+    }
+
+
 class TaskTrainer(EngineTrainer):
     """Task distillation on one rank.
 
@@ -170,6 +195,7 @@ class TaskTrainer(EngineTrainer):
             "student.vocab_size": self.student_config.vocab_size,
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
             **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
+            **data_settings_meta(cfg, weights),
         }
         if resume_from is not None:
             ckpt.check_resume(resume_from, self.meta, info.world_size)

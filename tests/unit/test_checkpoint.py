@@ -195,3 +195,85 @@ def test_the_schedule_may_grow_but_not_end_before_the_checkpoint(tmp_path, caplo
     ckpt.check_schedule(saved, _meta(max_steps=11), tmp_path)  # a finished run started again
     with pytest.raises(ValueError, match="it is at step 11, past this run's 10 steps"):
         ckpt.check_schedule(saved, _meta(max_steps=10), tmp_path)
+
+
+def _task_meta(micro_batch_size=8, max_length=32, group_by_length=True, grad_accum=1, weights=(3.0, 1.0)):
+    from types import SimpleNamespace
+
+    from dist_kd.train.task import data_settings_meta
+
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(micro_batch_size=micro_batch_size, max_length=max_length, group_by_length=group_by_length),
+        train=SimpleNamespace(grad_accum=grad_accum),
+    )
+    return {**_meta({"zero_optimization": {"stage": 0}}), **data_settings_meta(cfg, list(weights))}
+
+
+def _general_meta(micro_batch_size=8, shuffle=True, shuffle_buffer=64, grad_accum=1):
+    from types import SimpleNamespace
+
+    from dist_kd.train.general import data_settings_meta
+
+    cfg = SimpleNamespace(
+        data=SimpleNamespace(micro_batch_size=micro_batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer),
+        train=SimpleNamespace(grad_accum=grad_accum),
+    )
+    return {**_meta(), **data_settings_meta(cfg)}
+
+
+def _saved(tmp_path, meta):
+    """A checkpoint at step 11 whose meta.json holds ``meta``."""
+    return ckpt.save_checkpoint(FakeEngine(), tmp_path / "checkpoints", 11, {"step": 11}, meta, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"micro_batch_size": 4}, "data.micro_batch_size: checkpoint has 8, this run has 4"),
+        ({"max_length": 64}, "data.max_length: checkpoint has 32, this run has 64"),
+        ({"group_by_length": False}, "data.group_by_length: checkpoint has True, this run has False"),
+    ],
+)
+def test_a_task_resume_that_would_recut_the_length_grouped_epoch_is_refused_in_one_line(tmp_path, change, message):
+    """With data.group_by_length, each task's epoch order groups micro_batch_size rows by length: a resume with
+    another micro-batch size or max_length followed another order from the saved row counters (rows of the
+    epoch in progress repeated or skipped, without a word)."""
+    final = _saved(tmp_path, _task_meta())
+    ckpt.check_resume(final, _task_meta(), 1)
+    with pytest.raises(ValueError, match=message) as caught:
+        ckpt.check_resume(final, _task_meta(**change), 1)
+    assert "\n" not in str(caught.value)
+    assert f"dist-kd export --checkpoint {final} --output DIR" in str(caught.value)
+
+
+def test_a_task_resume_may_change_what_keeps_each_tasks_position_with_a_warning(tmp_path, caplog):
+    """Without length grouping the order is a plain permutation per task: the row counters carry over."""
+    final = _saved(tmp_path, _task_meta(group_by_length=False))
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, _task_meta(group_by_length=False), 1)
+    assert "other data settings" not in caplog.text
+    changed = _task_meta(micro_batch_size=4, max_length=64, group_by_length=False, grad_accum=2, weights=(1.0, 1.0))
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, changed, 2)  # at another world size too, under ZeRO 0
+    assert "data.micro_batch_size 8 -> 4, data.max_length 32 -> 64, train.grad_accum 1 -> 2" in caplog.text
+    assert "tasks[].weight [3.0, 1.0] -> [1.0, 1.0]" in caplog.text and "from step 11 on" in caplog.text
+
+
+def test_a_general_resume_refuses_another_shuffle_and_warns_of_another_batch(tmp_path, caplog):
+    """data.shuffle was refused by the stream only after DeepSpeed had loaded the checkpoint, in words that named
+    no config key; the batch settings, which the stream lays out afresh, changed without a word."""
+    final = _saved(tmp_path, _general_meta())
+    with pytest.raises(ValueError, match="data.shuffle: checkpoint has True, this run has False") as caught:
+        ckpt.check_resume(final, _general_meta(shuffle=False), 1)
+    assert "dist-kd export --checkpoint" in str(caught.value)
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, _general_meta(micro_batch_size=16, shuffle_buffer=32, grad_accum=4), 1)
+    assert "data.micro_batch_size 8 -> 16, train.grad_accum 1 -> 4, data.shuffle_buffer 64 -> 32" in caplog.text
+
+
+def test_a_checkpoint_from_before_the_data_settings_still_resumes(tmp_path, caplog):
+    older = _saved(tmp_path / "task", _meta({"zero_optimization": {"stage": 0}}))
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(older, _task_meta(micro_batch_size=4), 1)
+        ckpt.check_resume(_saved(tmp_path / "general", _meta()), _general_meta(shuffle=False), 1)
+    assert "other data settings" not in caplog.text

@@ -86,3 +86,34 @@ def test_sampler_resumed_at_another_world_size_keeps_each_task_epoch_whole():
         drawn[task].extend(rows.tolist())
     for task, size in enumerate(sizes):
         assert sorted(drawn[task][:size]) == list(range(size)), f"task {task}: rows repeated or skipped"
+
+
+def _epoch_after_resume(sizes, lengths, before_rows, after_rows):
+    """Each task's first epoch when 7 micro-batches of ``before_rows`` rows are followed, from the saved state,
+    by micro-batches of ``after_rows`` (group_rows: the rows per batch, one rank)."""
+    grouped = lengths is not None
+    first = TaskSampler(sizes, [1.0, 1.0], seed=2, rows_per_batch=before_rows, lengths=lengths,
+                        group_rows=before_rows if grouped else None)  # fmt: skip
+    drawn = {0: [], 1: []}
+    for _ in range(7):
+        task, rows = first.next()
+        drawn[task].extend(rows.tolist())
+    resumed = TaskSampler(sizes, [1.0, 1.0], seed=2, rows_per_batch=after_rows, lengths=lengths,
+                          group_rows=after_rows if grouped else None)  # fmt: skip
+    resumed.load_state_dict(first.state_dict())
+    while min(len(drawn[0]) - sizes[0], len(drawn[1]) - sizes[1]) < 0:
+        task, rows = resumed.next()
+        drawn[task].extend(rows.tolist())
+    return [sorted(drawn[task][:size]) for task, size in enumerate(sizes)]
+
+
+def test_another_micro_batch_size_keeps_each_task_epoch_whole_only_without_length_grouping():
+    """Why a task run resumes with another data.micro_batch_size only without data.group_by_length (the
+    checkpoint's meta.json refuses it with grouping): the grouped order is cut for micro_batch_size rows."""
+    sizes = [53, 31]
+    rng = np.random.default_rng(6)
+    lengths = [rng.integers(4, 60, size=n) for n in sizes]
+    whole = [list(range(size)) for size in sizes]
+    assert _epoch_after_resume(sizes, None, 4, 8) == whole
+    assert _epoch_after_resume(sizes, lengths, 4, 4) == whole
+    assert _epoch_after_resume(sizes, lengths, 4, 8) != whole  # rows repeated and skipped

@@ -1,0 +1,79 @@
+"""Resuming with other data settings, end to end (one process each, --debug: a free port): a change that would
+re-cut the epoch in progress is refused in one line before anything is loaded or written; one under which the
+data position carries over trains on, with a warning naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from dist_kd.testing import topic_examples
+from tests.e2e.conftest import run_script, snapshot
+
+GENERAL = [
+    "launch/general.py", "--debug", "--config", "launch/configs/quickstart.yaml", "student.num_layers=2",
+    "student.hidden_size=16", "student.num_heads=4", "student.intermediate_size=32", "student.init=random",
+    "eval.texts=null", "teacher.dtype=fp32", "run.log_every=2", "run.save_every=0", "data.num_workers=0",
+]  # fmt: skip
+
+
+def _errors(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_general_resume_refuses_another_shuffle_and_trains_on_with_another_batch(tiny_bert_dir, tiny_corpus, tmp_path):
+    out = tmp_path / "general"
+    args = [*GENERAL, f"teacher.path={tiny_bert_dir}", f"data.shards={tiny_corpus / 'shards'}", f"run.output_dir={out}"]
+    run_script(*args, "data.micro_batch_size=4", "train.max_steps=4")
+    before = snapshot(out)
+    # The stream refused its own state only after DeepSpeed had loaded the checkpoint, naming no config key.
+    proc = run_script(*args, "data.micro_batch_size=4", "train.max_steps=6", "data.shuffle=false", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [error] = _errors(proc)
+    assert "data.shuffle: checkpoint has True, this run has False" in error and "dist-kd export" in error
+    assert "Traceback" not in proc.stderr and "resumed from" not in proc.stderr
+    assert snapshot(out) == before
+    # Another micro-batch size and accumulation: the stream counts sequences; the run trains on and says so.
+    proc = run_script(*args, "data.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=6")
+    assert "data.micro_batch_size 4 -> 2, train.grad_accum 1 -> 2" in proc.stderr, proc.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_task_resume_refuses_another_micro_batch_under_length_grouping(tiny_bert_dir, tmp_path):
+    rows = topic_examples(96, seed=3)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "task"
+    config = {
+        "student": {"path": str(tiny_bert_dir)},
+        "tasks": [{"name": "topic", "labels": ["business", "politics", "sport"],
+                   "train": str(tmp_path / "train.jsonl"), "text_a": "text"}],
+        "data": {"micro_batch_size": 8, "max_length": 32},
+        "train": {"max_steps": 4, "lr": 1e-3},
+        "deepspeed": {"config": "ds_configs/zero0.json"},
+        "run": {"output_dir": str(out), "log_every": 2, "save_every": 0, "progress": False},
+    }  # fmt: skip
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_script("launch/task.py", "--debug", "--config", str(path))
+    before = snapshot(out)
+    # Each task's epoch order groups micro_batch_size rows by length: the saved row counter would point into
+    # another order, and rows of the epoch in progress came twice or not at all.
+    proc = run_script("launch/task.py", "--debug", "--config", str(path), "train.max_steps=6",
+                      "data.micro_batch_size=4", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [error] = _errors(proc)
+    assert "data.micro_batch_size: checkpoint has 8, this run has 4" in error
+    assert f"dist-kd export --checkpoint {out / 'checkpoints' / 'step-00000004'} --output DIR" in error
+    assert "Traceback" not in proc.stderr
+    assert snapshot(out) == before
+    # Switching the grouping off re-orders the epoch in progress as well.
+    proc = run_script("launch/task.py", "--debug", "--config", str(path), "train.max_steps=6",
+                      "data.group_by_length=false", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "data.group_by_length: checkpoint has True, this run has False" in proc.stderr
+    assert snapshot(out) == before
+    proc = run_script("launch/task.py", "--debug", "--config", str(path), "train.max_steps=6", "train.grad_accum=2")
+    assert "train.grad_accum 1 -> 2" in proc.stderr, proc.stderr[-3000:]
+    assert json.loads(Path(out / "checkpoints" / "step-00000006" / "meta.json").read_text())["step"] == 6
