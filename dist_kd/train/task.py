@@ -197,6 +197,9 @@ class TaskTrainer(EngineTrainer):
             **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
             **data_settings_meta(cfg, weights),
         }
+        if self.phase == "intermediate":  # what the projections and layer losses were learnt against
+            self.meta.update({f"tasks[{name}].teacher": teacher for name, teacher in self.teacher_meta.items()})
+            self.meta["distill.layer_map"] = self.mapping
         if resume_from is not None:
             ckpt.check_resume(resume_from, self.meta, info.world_size)
         self._window = LossWindow(info.device, self.names)
@@ -233,12 +236,20 @@ class TaskTrainer(EngineTrainer):
 
         teachers: dict[str, Any] = {}
         shapes = set()
+        self.teacher_meta: dict[str, dict[str, Any]] = {}  # per task, for the checkpoints' meta.json
         for task in self.tasks:
-            if task.teacher in teachers:
-                continue
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(check_model_dir(task.teacher, f"task '{task.spec.name}' teacher"))
+            self.teacher_meta[task.spec.name] = {
+                "path": str(Path(task.teacher).resolve()),
+                "model_type": config.model_type,
+                "num_layers": config.num_hidden_layers,
+                "hidden_size": config.hidden_size,
+                "num_heads": config.num_attention_heads,
+            }
+            if task.teacher in teachers:
+                continue
             shapes.add((config.num_hidden_layers, config.hidden_size, config.num_attention_heads))
             if len(shapes) > 1:
                 raise ValueError(

@@ -77,3 +77,37 @@ def test_task_resume_refuses_another_micro_batch_under_length_grouping(tiny_bert
     proc = run_script("launch/task.py", "--debug", "--config", str(path), "train.max_steps=6", "train.grad_accum=2")
     assert "train.grad_accum 1 -> 2" in proc.stderr, proc.stderr[-3000:]
     assert json.loads(Path(out / "checkpoints" / "step-00000006" / "meta.json").read_text())["step"] == 6
+
+
+def test_intermediate_phase_resume_with_another_teacher_is_refused(tiny_bert_dir, tmp_path):
+    """Phase intermediate recorded no teacher in its checkpoints: a resume against another teacher (another
+    tasks[].teacher or teacher.path) went on silently, its projections learnt against the first one."""
+    import shutil
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_bert_dir, other)
+    rows = topic_examples(48, seed=4)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "intermediate"
+    config = {
+        "student": {"path": str(tiny_bert_dir)},
+        "teacher": {"path": str(tiny_bert_dir), "dtype": "fp32"},
+        "distill": {"phase": "intermediate"},
+        "tasks": [{"name": "topic", "labels": ["business", "politics", "sport"],
+                   "train": str(tmp_path / "train.jsonl"), "text_a": "text"}],
+        "data": {"micro_batch_size": 8, "max_length": 32},
+        "train": {"max_steps": 2, "lr": 1e-3},
+        "deepspeed": {"config": "ds_configs/zero0.json"},
+        "run": {"output_dir": str(out), "log_every": 1, "save_every": 0, "progress": False},
+    }  # fmt: skip
+    path = tmp_path / "intermediate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_script("launch/task.py", "--debug", "--config", str(path))
+    before = snapshot(out)
+    proc = run_script("launch/task.py", "--debug", "--config", str(path), "train.max_steps=3",
+                      f"teacher.path={other}", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [error] = _errors(proc)
+    saved, now = error.split("tasks[topic].teacher: checkpoint has ")[1].split(", this run has ")
+    assert f"'path': '{Path(tiny_bert_dir).resolve()}'" in saved and f"'path': '{other.resolve()}'" in now, error
+    assert snapshot(out) == before
