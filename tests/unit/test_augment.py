@@ -245,6 +245,21 @@ def test_glove_rows_of_different_dimensions(tmp_path):
         aug.load_glove(path)
 
 
+def test_glove_word2vec_text_format_with_its_header_line(tmp_path):
+    words, vectors = _glove_words_and_vectors()
+    plain = aug.load_glove(_write_glove_text(tmp_path / "plain.txt", words, vectors))
+    lines = _write_glove_text(tmp_path / "lines", words, vectors).read_text()
+    (tmp_path / "w2v.txt").write_text(f"{len(words)} {DIM}\n" + lines)
+    glove = aug.load_glove(tmp_path / "w2v.txt")
+    assert glove.words == plain.words
+    np.testing.assert_array_equal(glove.vectors, plain.vectors)
+    with pytest.raises(ValueError, match="have dimension 8, expected 50"):
+        aug.load_glove(tmp_path / "w2v.txt", expected_dim=50, cache_dir=tmp_path / "c1")
+    (tmp_path / "cut.txt").write_text(f"{len(words) + 5} {DIM}\n" + lines)
+    with pytest.raises(ValueError, match=f"header line says {len(words) + 5} vectors but it holds {len(words)}"):
+        aug.load_glove(tmp_path / "cut.txt")
+
+
 def test_glove_dimension_other_than_expected(tmp_path, glove_txt):
     with pytest.raises(ValueError, match="has 8 values, expected 50"):
         aug.load_glove(glove_txt, expected_dim=50, cache_dir=tmp_path)
