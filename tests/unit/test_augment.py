@@ -260,6 +260,21 @@ def test_glove_word2vec_text_format_with_its_header_line(tmp_path):
         aug.load_glove(tmp_path / "cut.txt")
 
 
+def test_glove_text_file_compressed_with_gzip(tmp_path):
+    import gzip
+
+    words, vectors = _glove_words_and_vectors()
+    text = _write_glove_text(tmp_path / "glove.8d.txt", words, vectors).read_bytes()
+    plain = aug.load_glove(tmp_path / "glove.8d.txt")
+    (tmp_path / "glove.8d.txt.gz").write_bytes(gzip.compress(text))
+    glove = aug.load_glove(tmp_path / "glove.8d.txt.gz")
+    assert glove.words == plain.words
+    np.testing.assert_array_equal(glove.vectors, plain.vectors)
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(text)[:-40])  # an interrupted download
+    with pytest.raises(ValueError, match=r"cut.txt.gz: a damaged gzip file"):
+        aug.load_glove(tmp_path / "cut.txt.gz")
+
+
 def test_glove_dimension_other_than_expected(tmp_path, glove_txt):
     with pytest.raises(ValueError, match="has 8 values, expected 50"):
         aug.load_glove(glove_txt, expected_dim=50, cache_dir=tmp_path)
