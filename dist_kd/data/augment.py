@@ -153,7 +153,13 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
         with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                line = raw.decode("utf-8")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"GloVe file {path}: line {number} is not UTF-8 (byte {raw[err.start]:#04x} at column "
+                        f"{err.start + 1}); GloVe and word2vec text files are UTF-8"
+                    ) from None
                 yield number, line
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise ValueError(f"GloVe file {path}: a damaged gzip file ({err}); download or compress it again") from None

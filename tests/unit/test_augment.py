@@ -275,6 +275,13 @@ def test_glove_text_file_compressed_with_gzip(tmp_path):
         aug.load_glove(tmp_path / "cut.txt.gz")
 
 
+def test_glove_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"a 1 2 3\nb 1 2 3\ncaf\xe9 1 2 3\n")
+    with pytest.raises(ValueError, match=r"latin.txt: line 3 is not UTF-8 \(byte 0xe9 at column 4\)"):
+        aug.load_glove(path)
+
+
 def test_glove_dimension_other_than_expected(tmp_path, glove_txt):
     with pytest.raises(ValueError, match="has 8 values, expected 50"):
         aug.load_glove(glove_txt, expected_dim=50, cache_dir=tmp_path)
