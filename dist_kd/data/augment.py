@@ -189,13 +189,16 @@ def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], 
             continue
         if dim is None:
             dim, dim_source = len(parts) - 1, f"line {number}"
-        if len(parts) - 1 != dim:
+        if len(parts) - 1 < dim:
             raise ValueError(
                 f"GloVe file {path}: line {number} (word {parts[0]!r}) has {len(parts) - 1} values, "
                 f"expected {dim} (from {dim_source})"
             )
-        words.append(parts[0])
-        pending.append(" ".join(parts[1:]))
+        # The last dim fields are the vector; the word is everything before them. GloVe 840B holds words with
+        # spaces ("at name@domain.com", a lone space); they can never match a text's word, but must not stop the
+        # load.
+        words.append(" ".join(parts[:-dim]))
+        pending.append(" ".join(parts[-dim:]))
         if len(pending) == 8192:
             blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
             pending = []

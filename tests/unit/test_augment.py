@@ -282,6 +282,16 @@ def test_glove_line_that_is_not_utf8_is_named(tmp_path):
         aug.load_glove(path)
 
 
+def test_glove_words_containing_spaces_as_in_the_840b_file(tmp_path):
+    path = tmp_path / "glove.840B.txt"
+    path.write_bytes(b"a 1 0 0\n. . . 0 1 0\nat name@domain.com 0 0 1\n  1 1 0\nb 0.9 0.1 0\n")
+    glove = aug.load_glove(path)
+    assert glove.words == ["a", ". . .", "at name@domain.com", " ", "b"]
+    np.testing.assert_array_equal(glove.vectors[2], [0, 0, 1])
+    assert aug.load_glove(path).words == glove.words  # the cached vocabulary keeps them too
+    assert aug.GloveNeighbours(glove, k=1).neighbours(["a"]) == {"a": ["b"]}
+
+
 def test_glove_dimension_other_than_expected(tmp_path, glove_txt):
     with pytest.raises(ValueError, match="has 8 values, expected 50"):
         aug.load_glove(glove_txt, expected_dim=50, cache_dir=tmp_path)
