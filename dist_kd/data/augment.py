@@ -318,6 +318,13 @@ class GloveNeighbours:
         self.unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
         # Bounds the (queries x vocabulary) score block: 2^25 float32 scores = 128 MiB.
         self.queries_per_block = max(1, max_scores // max(1, len(glove.words)))
+        # Words that may never replace another: punctuation and symbols (GloVe 6B puts "!" next to "hello" and
+        # "." next to "the"), and the 840B file's words with spaces, which are no single word of a text.
+        self.banned = torch.tensor(
+            [not any(c.isalnum() for c in word) or any(c.isspace() for c in word) for word in glove.words],
+            dtype=torch.bool,
+            device=device,
+        )
         self._cache: dict[str, list[str]] = {}
 
     def neighbours(self, words: Iterable[str]) -> dict[str, list[str]]:
@@ -338,7 +345,7 @@ class GloveNeighbours:
             block = todo[start : start + self.queries_per_block]
             rows = torch.tensor([row for _, row in block], device=self.unit.device)
             with torch.no_grad():
-                scores = self.unit[rows] @ self.unit.T
+                scores = (self.unit[rows] @ self.unit.T).masked_fill(self.banned, float("-inf"))
                 scores[torch.arange(len(block), device=rows.device), rows] = float("-inf")
             for (word, _), ids in zip(block, _stable_topk(scores, self.k, _GLOVE_DECIMALS)):
                 self._cache[word] = [self.glove.words[i] for i in ids]

@@ -238,6 +238,16 @@ def test_batched_neighbours_match_a_plain_loop(tmp_path):
     assert got["missing"] == []
 
 
+def test_glove_neighbours_are_never_punctuation(tmp_path):
+    # As in GloVe 6B, where "!" is among the nearest words of "hello" and "." among those of "the".
+    words = ["hello", "!", "...", "hey", "at name@domain.com", "goodbye", "kiss"]
+    vectors = np.array([[1, 0, 0], [1, 0.01, 0], [1, 0.02, 0], [1, 0.1, 0], [1, 0.11, 0], [1, 0.2, 0], [0, 1, 0]])
+    glove = aug.GloveVectors(words=words, vectors=vectors.astype(np.float32), source="test")
+    assert aug.GloveNeighbours(glove, k=3).neighbours(["hello"]) == {"hello": ["hey", "goodbye", "kiss"]}
+    # Punctuation itself is never replaced, so it needs no candidates; asked for, it gets words only.
+    assert aug.GloveNeighbours(glove, k=2).neighbours(["!"]) == {"!": ["hello", "hey"]}
+
+
 def test_glove_rows_of_different_dimensions(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("a 1 2 3\nb 1 2 3\nc 1 2\n")
