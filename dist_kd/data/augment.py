@@ -55,6 +55,8 @@ _HEAD_NAMES = ("cls", "lm_head", "predictions")
 _MLM_DECIMALS = 4
 _GLOVE_DECIMALS = 5
 _TOPK_MARGIN = 16
+# Extra candidates ranked so that K remain once the word's own spellings and repeats are dropped.
+_SELF_MARGIN = 8
 
 
 @dataclasses.dataclass
@@ -346,10 +348,31 @@ class GloveNeighbours:
             rows = torch.tensor([row for _, row in block], device=self.unit.device)
             with torch.no_grad():
                 scores = (self.unit[rows] @ self.unit.T).masked_fill(self.banned, float("-inf"))
-                scores[torch.arange(len(block), device=rows.device), rows] = float("-inf")
-            for (word, _), ids in zip(block, _stable_topk(scores, self.k, _GLOVE_DECIMALS)):
-                self._cache[word] = [self.glove.words[i] for i in ids]
+                # The word itself in every spelling a cased file (840B) holds: "Bank" for "bank" is no change.
+                for index, (word, row) in enumerate(block):
+                    scores[index, sorted(self._spellings(word) | {row})] = float("-inf")
+            ranked = _stable_topk(scores, self.k + _SELF_MARGIN, _GLOVE_DECIMALS)
+            for (word, _), ids in zip(block, ranked):
+                # A word listed twice in the file, or in a spelling _spellings does not try ("bAnk"), is
+                # the word itself too; the margin keeps K others.
+                self._cache[word] = _other_words(word, [self.glove.words[i] for i in ids])[: self.k]
         return {word: self._cache[word] for word in words}
+
+    def _spellings(self, word: str) -> set[int]:
+        """Rows of ``word`` in its usual spellings (as written, lower, upper, capitalised)."""
+        found = (self.glove.index.get(w) for w in (word, word.lower(), word.upper(), word.capitalize()))
+        return {row for row in found if row is not None}
+
+
+def _other_words(word: str, candidates: Iterable[str]) -> list[str]:
+    """``candidates`` without ``word`` in any capitalisation and without repeats, in order."""
+    seen = {word.lower()}
+    out = []
+    for candidate in candidates:
+        if candidate.lower() not in seen:
+            seen.add(candidate.lower())
+            out.append(candidate)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- masked LM

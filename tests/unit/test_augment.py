@@ -248,6 +248,16 @@ def test_glove_neighbours_are_never_punctuation(tmp_path):
     assert aug.GloveNeighbours(glove, k=2).neighbours(["!"]) == {"!": ["hello", "hey"]}
 
 
+def test_glove_neighbours_never_the_word_itself_in_another_case_or_repeated(tmp_path):
+    # A cased file (840B) holds "Bank" and "BANK" beside "bank"; a file may list a word twice.
+    words = ["bank", "Bank", "BANK", "banks", "bank", "lender", "lenders", "Lender", "river"]
+    vectors = np.array([[1, 0, 0], [1, 0.01, 0], [1, 0.02, 0], [1, 0.03, 0], [1, 0, 0], [1, 0.1, 0], [1, 0.11, 0],
+                        [1, 0.1, 0], [0, 1, 0]], dtype=np.float32)  # fmt: skip
+    glove = aug.GloveVectors(words=words, vectors=vectors, source="test")
+    got = aug.GloveNeighbours(glove, k=3).neighbours(["bank", "Bank"])
+    assert got == {"bank": ["banks", "lender", "lenders"], "Bank": ["banks", "lender", "lenders"]}
+
+
 def test_glove_rows_of_different_dimensions(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("a 1 2 3\nb 1 2 3\nc 1 2\n")
