@@ -753,11 +753,24 @@ def build_metadata(
     glove: GloveVectors,
     data_path: str | Path,
     num_examples: int,
+    spec=None,
+    encoding: str = "utf-8",
+    split: str | None = None,
 ) -> dict[str, Any]:
-    """The ``dist_kd`` metadata of an augmented set; independent of the number of ranks."""
+    """The ``dist_kd`` metadata of an augmented set; independent of the number of ranks.
+
+    ``spec`` (the :class:`dist_kd.data.tasks.TaskSpec`), ``encoding`` and ``split`` say how the data was read:
+    they are part of the run key, so a rank part read from other columns is never reused.
+    """
     from dist_kd import __version__
+    from dist_kd.io import data_fingerprint
 
     data_path = Path(data_path)
+    read_as: dict[str, Any] = {"encoding": encoding, "split": split}
+    if spec is not None:
+        read_as["columns"] = {
+            name: getattr(spec, name) for name in ("text_a", "text_b", "label", "id_column", "tsv_columns")
+        }
     return {
         "kind": "augmented_task_data",
         "version": FORMAT_VERSION,
@@ -773,8 +786,10 @@ def build_metadata(
         "glove": {"source": glove.source, "num_words": len(glove.words), "dim": glove.dim},
         "source_data": {
             "path": str(data_path.resolve()),
-            # A datasets directory has no single file to hash; its path and row count identify it.
             "sha256": sha256_file(data_path) if data_path.is_file() else None,
+            # A datasets directory has no single file to hash: the names and bytes of its files.
+            "fingerprint": None if data_path.is_file() else data_fingerprint(data_path),
+            **read_as,
         },
         "num_examples": num_examples,
     }
@@ -875,6 +890,9 @@ def augment_task(
         glove=augmenter.glove.glove,
         data_path=data_path,
         num_examples=examples.num_rows,
+        spec=spec,
+        encoding=encoding,
+        split=split,
     )
     metadata["run"] = run_key(metadata)
     start, stop = shard_range(examples.num_rows, rank, world_size)

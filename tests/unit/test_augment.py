@@ -196,6 +196,27 @@ def test_parts_merge_to_the_single_run(biased_mlm_dir, glove_txt, tmp_path):
         aug.merge_parts(parts, tmp_path / "x.parquet", metadata)
 
 
+def test_a_rank_part_read_from_other_columns_is_not_reused(glove_txt, tmp_path):
+    import json
+
+    from dist_kd.data.tasks import TaskSpec
+
+    rows = [{"title": f"quickly {i}", "body": f"happiness {i}", "label": "a"} for i in range(4)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = aug.AugmentConfig(n_a=1, p_t=0.0)
+
+    def rank_one_part(text_a: str) -> list[str]:
+        spec = TaskSpec(name="t", labels=["a", "b"], text_a=text_a)
+        out = aug.augment_task(spec, data, tmp_path / "out", glove_txt, config, rank=1, world_size=2, progress=False)
+        assert out is None  # rank 1 writes its part and leaves the merge to rank 0
+        return pq.read_table(aug.part_path(tmp_path / "out", 1, 2)).column("text_a").to_pylist()
+
+    assert rank_one_part("title")[0] == "quickly 2"
+    # The run was stopped and restarted with the right column: the part of the wrong one must not be merged.
+    assert rank_one_part("body")[0] == "happiness 2"
+
+
 # ------------------------------------------------------------------------------------------------ GloVe
 
 
