@@ -159,11 +159,40 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     # dist_kd's attention entry (SDPA, or on a CPU in training the explicit path with the cheaper dropout
     # mask) and its dropout modules: the same model, faster to fine-tune on a CPU (models/dropout.py).
     register_attention()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, config=config, attn_implementation=ATTN_IMPLEMENTATION
-    )
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        base, config=config, attn_implementation=ATTN_IMPLEMENTATION, ignore_mismatched_sizes=True,
+        output_loading_info=True,
+    )  # fmt: skip
+    _fresh_head(model, loading, base)
     install_fast_dropout(model)
     return model
+
+
+def _fresh_head(model, loading: dict[str, Any], base: str | Path) -> None:
+    """Re-initialise (from the current torch seed) a classification head that came with the base.
+
+    A base that is itself a fine-tuned classifier (another task's teacher) brings its head: one of another size
+    is left out of the load (``ignore_mismatched_sizes``), one of the same size would be loaded and carry the
+    other task's classes under this task's label names, the same for every teacher. Every teacher gets a fresh
+    head instead, as from a headless encoder.
+    """
+    import torch
+
+    fresh = set(loading["missing_keys"]) | {entry[0] for entry in loading["mismatched_keys"]}
+    heads = [(name, child) for name, child in model.named_children() if name != model.base_model_prefix]
+    loaded = [f"{name}.{key}" for name, child in heads for key, _ in child.named_parameters()]
+    loaded = [key for key in loaded if key not in fresh]
+    if not loaded:
+        return
+    logger.info("base %s brings a classification head (%s); initialising a fresh one", base, ", ".join(loaded))
+    with torch.no_grad():
+        for _, child in heads:
+            for module in child.modules():
+                # transformers skips tensors it marked as loaded; these must be initialised again.
+                module._is_hf_initialized = False
+                for parameter in module.parameters(recurse=False):
+                    parameter._is_hf_initialized = False
+                model._init_weights(module)
 
 
 class TeacherTrainer:

@@ -183,3 +183,34 @@ def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetun
     assert not (tmp_path / "out" / "teacher-1").exists()
     proc = run_script(*bad, "--max-length", "0", check=False)
     assert proc.returncode == 2 and "argument --max-length: expected a positive integer (>= 1), got 0" in proc.stderr
+
+
+def test_a_base_that_is_a_classifier_gives_every_teacher_a_fresh_head(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from dist_kd.data.tasks import TaskSpec
+    from dist_kd.testing import build_tiny_bert
+    from dist_kd.train.finetune import build_classifier
+
+    # A teacher of another binary task as the base: its head knows that task's classes.
+    base = build_tiny_bert(tmp_path / "base", seed=0, num_layers=2, model_class="BertForSequenceClassification")
+    other = AutoModelForSequenceClassification.from_pretrained(base)
+    with torch.no_grad():
+        other.classifier.weight.fill_(1.0)
+        other.classifier.bias.fill_(5.0)
+    other.save_pretrained(base)
+    heads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = build_classifier(base, TaskSpec(name="t", labels=["x", "y"]), dropout=0.1)
+        assert model.config.id2label == {0: "x", 1: "y"}
+        assert not torch.equal(model.classifier.bias, other.classifier.bias)
+        assert float(model.classifier.weight.detach().std()) < 0.1  # freshly drawn (std 0.02), not the base's constant
+        heads.append(model.classifier.weight.detach().clone())
+    assert not torch.equal(*heads)  # the teacher's seed draws its head
+    # The encoder still comes from the base.
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(embeddings, other.bert.embeddings.word_embeddings.weight)
+    # A task with another number of classes: a fresh head of its size, not a size-mismatch traceback.
+    model = build_classifier(base, TaskSpec(name="t3", labels=["a", "b", "c"]), dropout=0.1)
+    assert model.classifier.out_features == 3 and model.config.id2label == {0: "a", 1: "b", 2: "c"}
