@@ -418,7 +418,18 @@ class MaskedLMCandidates:
         # Half precision on GPU doubles throughput; candidate ranking is rounded anyway. fp32 on CPU, where
         # fp16 matmuls are slow or unsupported.
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        model, loading = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+        prefix = model.base_model_prefix + "."
+        untrained = sorted(key for key in loading["missing_keys"] if not key.startswith(prefix))
+        if untrained:
+            # An encoder without its MLM head (a sentence-embedding model) loads with a random head, whose
+            # "top-K" would be noise.
+            raise ValueError(
+                f"masked-LM {model_dir} has no trained masked-LM head ({', '.join(untrained[:3])}"
+                f"{', ...' if len(untrained) > 3 else ''} missing from its weights): it is an encoder without one; "
+                f"fit one with launch/mlm_head.py --encoder {model_dir}, or use --mlm none"
+            )
+        self.model = model.to(self.device).eval()
         self.model_dir = model_dir
         self.k = k
         self.batch_size = batch_size

@@ -426,3 +426,12 @@ def test_a_masked_lm_directory_without_tokenizer_files_is_refused(biased_mlm_dir
         shutil.copy(Path(biased_mlm_dir) / name, bare / name)
     with pytest.raises(FileNotFoundError, match=rf"tokenizer directory {bare} has no vocabulary file"):
         aug.MaskedLMCandidates(bare, k=4)
+
+
+def test_an_encoder_without_its_masked_lm_head_is_refused(tmp_path):
+    from dist_kd.testing import build_tiny_bert
+
+    # A sentence-embedding model (all-MiniLM-L6-v2) has no MLM head: loaded as a masked-LM it gets a random one.
+    encoder = build_tiny_bert(tmp_path / "encoder", seed=0, model_class="BertModel", num_layers=2)
+    with pytest.raises(ValueError, match=r"has no trained masked-LM head \(cls\.predictions\..*launch/mlm_head.py"):
+        aug.MaskedLMCandidates(encoder, k=3)
