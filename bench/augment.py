@@ -66,7 +66,7 @@ class OneWordBaseline:
 
     def word_candidates(self, text: str) -> list[aug.WordCandidates]:
         words = aug.split_words(text, self.augmenter.special_tokens)
-        ((ids, positions),) = self.masked_lm.piece_spans([[w.text for w in words]])
+        ((ids, positions),) = self.masked_lm.piece_spans([text], [words])
         out = []
         for word, pieces in zip(words, positions):
             if not word.replaceable:

@@ -457,16 +457,32 @@ class MaskedLMCandidates:
             banned[index] = False
         return banned.to(self.device)
 
-    def piece_spans(self, word_lists: Sequence[Sequence[str]]) -> list[tuple[list[int], list[list[int]]]]:
-        """Tokenise pre-split words: per text, the input ids and each word's piece positions in them."""
-        encoded = self.tokenizer(list(map(list, word_lists)), is_split_into_words=True, add_special_tokens=True)
+    def piece_spans(
+        self, texts: Sequence[str], words: Sequence[Sequence[Word]]
+    ) -> list[tuple[list[int], list[list[int]]]]:
+        """Tokenise texts as written: per text, the input ids and each word's piece positions in them.
+
+        Pieces map to words by their character offsets. Tokenising the text itself, rather than its words one
+        by one, gives byte-level BPE (RoBERTa) and SentencePiece tokenizers the spaces their pieces carry:
+        given the words alone, RoBERTa's tokenizer reads "the bank" as "thebank" ("b", "ank").
+        """
+        import bisect
+
+        encoded = self.tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True)
         out = []
-        for index, ids in enumerate(encoded["input_ids"]):
-            positions: list[list[int]] = [[] for _ in word_lists[index]]
-            for position, word_id in enumerate(encoded.word_ids(index)):
-                if word_id is not None:
-                    positions[word_id].append(position)
-            out.append((ids, positions))
+        for index, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+            text, spans = texts[index], words[index]
+            starts = [word.start for word in spans]
+            positions: list[list[int]] = [[] for _ in spans]
+            for position, (start, end) in enumerate(offsets):
+                while start < end and text[start].isspace():  # a piece's own leading space ("Ġbank")
+                    start += 1
+                if start == end:  # special tokens, a lone "▁"
+                    continue
+                word = bisect.bisect_right(starts, start) - 1
+                if word >= 0 and start < spans[word].end:
+                    positions[word].append(position)
+            out.append((list(ids), positions))
         return out
 
     def candidates(self, jobs: Sequence[tuple[list[int], list[int]]]) -> list[dict[int, list[str]]]:
@@ -616,7 +632,7 @@ class Augmenter:
                 ]
                 for words in split
             ]
-        spans = self.masked_lm.piece_spans([[w.text for w in words] for words in split]) if texts else []
+        spans = self.masked_lm.piece_spans(texts, split) if texts else []
         jobs, glove_words = [], set()
         for words, (ids, positions) in zip(split, spans):
             single = []

@@ -35,6 +35,38 @@ def biased_mlm_dir(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def bpe_mlm_dir(tmp_path_factory):
+    """A tiny RoBERTa masked-LM with a byte-level BPE tokenizer (pieces carry their leading space as "Ġ")."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+
+    from dist_kd.testing import random_sentences
+
+    directory = tmp_path_factory.mktemp("bpe_mlm")
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = ByteLevelBPETokenizer()
+    corpus = random_sentences(300, seed=0) + ["the bank raised rates", "The Bank said"] * 20
+    bpe.train_from_iterator(corpus, vocab_size=600, min_frequency=1, special_tokens=specials)
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = RobertaTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+    )  # fmt: skip
+    tokenizer.save_pretrained(directory)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=132, pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(config)
+    vocab = tokenizer.get_vocab()
+    with torch.no_grad():
+        model.lm_head.bias[vocab["Ġrates"]] = 100.0
+    model.save_pretrained(directory)
+    return directory
+
+
 def _glove_words_and_vectors(seed: int = 0) -> tuple[list[str], np.ndarray]:
     rng = np.random.default_rng(seed)
     known = {
@@ -435,3 +467,16 @@ def test_an_encoder_without_its_masked_lm_head_is_refused(tmp_path):
     encoder = build_tiny_bert(tmp_path / "encoder", seed=0, model_class="BertModel", num_layers=2)
     with pytest.raises(ValueError, match=r"has no trained masked-LM head \(cls\.predictions\..*launch/mlm_head.py"):
         aug.MaskedLMCandidates(encoder, k=3)
+
+
+def test_a_byte_level_bpe_masked_lm_sees_the_text_with_its_spaces(bpe_mlm_dir, glove_txt):
+    augmenter = _augmenter(bpe_mlm_dir, glove_txt, k=2)
+    text = "the bank raised happiness"
+    sources = {c.word.text: (c.source, c.candidates[:1]) for c in augmenter.word_candidates([text])[0]}
+    # Given word by word, RoBERTa's tokenizer read "thebankraised..." and split "bank" into "b", "ank".
+    assert sources["bank"] == ("mlm", ["rates"])  # the masked-LM's favourite piece, "Ġrates", as a word
+    assert sources["happiness"] == ("glove", ["joy"])
+    ((ids, positions),) = augmenter.masked_lm.piece_spans([text], [aug.split_words(text)])
+    tokens = augmenter.masked_lm.tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:4] == ["<s>", "the", "Ġbank", "Ġraised"] and len(tokens) > 6  # "happiness": several pieces
+    assert positions == [[1], [2], [3], list(range(4, len(tokens) - 1))]
