@@ -436,23 +436,33 @@ class MaskedLMCandidates:
         limits = [512, self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", 512)]
         self.max_seq_length = min([max_seq_length or 512, *limits])
         self.head = next((getattr(self.model, n) for n in _HEAD_NAMES if hasattr(self.model, n)), None)
-        self.banned = self._banned_ids()
         self.surface: dict[int, str] = {}
+        self.banned = self._banned_ids()
         self._cache: collections.OrderedDict[tuple[int, ...], dict[int, list[str]]] = collections.OrderedDict()
         self._cache_size = cache_size
 
     def _banned_ids(self):
-        """Vocabulary ids that may never replace a word: specials, continuation pieces, punctuation, padding."""
+        """Vocabulary ids that may never replace a word: specials, continuation pieces, punctuation, padding.
+
+        Continuation pieces are WordPiece's ``##ing``, and, in vocabularies whose word-initial pieces carry a
+        marker (byte-level BPE's ``Ġ``, SentencePiece's ``▁``), every piece without it; pieces that decode to
+        no whole character (single bytes of a multi-byte UTF-8 character) are banned too.
+        """
         import torch
 
         num_logits = self.model.get_output_embeddings().weight.shape[0]
         banned = torch.ones(num_logits, dtype=torch.bool)
         tokens = self.tokenizer.convert_ids_to_tokens(list(range(min(num_logits, len(self.tokenizer)))))
         special = set(self.tokenizer.all_special_ids)
+        marker = next((m for m in ("Ġ", "▁") if sum(t.startswith(m) for t in tokens if t) * 5 > len(tokens)), None)
         for index, token in enumerate(tokens):
-            surface = token.lstrip("Ġ▁") if token else ""
+            if not token or index in special or token.startswith("##"):
+                continue
+            if marker is not None and not token.startswith(marker):
+                continue
+            surface = self._surface(index)
             bracketed = re.fullmatch(r"\[.*\]|<.*>", surface) is not None
-            if index in special or token.startswith("##") or bracketed or not any(c.isalnum() for c in surface):
+            if bracketed or "\ufffd" in surface or not any(c.isalnum() for c in surface):
                 continue
             banned[index] = False
         return banned.to(self.device)
@@ -548,7 +558,8 @@ class MaskedLMCandidates:
     def _surface(self, token_id: int) -> str:
         word = self.surface.get(token_id)
         if word is None:
-            word = self.tokenizer.convert_ids_to_tokens(token_id).lstrip("Ġ▁")
+            # Decoded: a byte-level piece is the UTF-8 text it stands for ("ĠcafÃ©" is "café").
+            word = self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token_id)]).strip()
             self.surface[token_id] = word
         return word
 

@@ -63,6 +63,10 @@ def bpe_mlm_dir(tmp_path_factory):
     vocab = tokenizer.get_vocab()
     with torch.no_grad():
         model.lm_head.bias[vocab["Ġrates"]] = 100.0
+        # What must never be a candidate: a continuation piece ("ank" of "b ank") and a lone byte of a
+        # multi-byte character ("Ã" begins "é"), each scored above every word.
+        model.lm_head.bias[vocab["ank"]] = 120.0
+        model.lm_head.bias[vocab["Ã"]] = 110.0
     model.save_pretrained(directory)
     return directory
 
@@ -480,3 +484,13 @@ def test_a_byte_level_bpe_masked_lm_sees_the_text_with_its_spaces(bpe_mlm_dir, g
     tokens = augmenter.masked_lm.tokenizer.convert_ids_to_tokens(ids)
     assert tokens[:4] == ["<s>", "the", "Ġbank", "Ġraised"] and len(tokens) > 6  # "happiness": several pieces
     assert positions == [[1], [2], [3], list(range(4, len(tokens) - 1))]
+
+
+def test_byte_level_bpe_continuation_pieces_and_lone_bytes_are_never_candidates(bpe_mlm_dir, glove_txt):
+    augmenter = _augmenter(bpe_mlm_dir, glove_txt, k=3)
+    candidates = {c.word.text: c.candidates for c in augmenter.word_candidates(["the bank raised rates"])[0]}
+    assert candidates["bank"][0] == "rates"
+    for word in candidates.values():
+        assert "ank" not in word and "Ã" not in word and all(any(c.isalnum() for c in w) for w in word)
+    # A piece's surface is the text it stands for.
+    assert augmenter.masked_lm._surface(augmenter.masked_lm.tokenizer.convert_tokens_to_ids("Ġbank")) == "bank"
