@@ -512,7 +512,9 @@ class MaskedLMCandidates:
         for start in range(0, len(ordered), self.batch_size):
             batch = ordered[start : start + self.batch_size]
             for item, ids in zip(batch, self._forward(batch)):
-                results[item] = [self._surface(i) for i in ids]
+                # A cased vocabulary ranks "Bank" for a masked "bank": the word itself once its case is matched.
+                original = self._surface(item[0][item[1]])
+                results[item] = _other_words(original, [self._surface(i) for i in ids])[: self.k]
         out = []
         for key, (_, positions) in zip(keys, jobs):
             entry = self._cache.pop(key, {})
@@ -553,7 +555,7 @@ class MaskedLMCandidates:
             scores = torch.log_softmax(logits.float(), dim=-1)
             scores = scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
             scores[rows, torch.tensor(originals, device=self.device)] = float("-inf")
-        return _stable_topk(scores, self.k, _MLM_DECIMALS)
+        return _stable_topk(scores, self.k + _SELF_MARGIN, _MLM_DECIMALS)
 
     def _surface(self, token_id: int) -> str:
         word = self.surface.get(token_id)

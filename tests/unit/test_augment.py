@@ -67,6 +67,7 @@ def bpe_mlm_dir(tmp_path_factory):
         # multi-byte character ("Ã" begins "é"), each scored above every word.
         model.lm_head.bias[vocab["ank"]] = 120.0
         model.lm_head.bias[vocab["Ã"]] = 110.0
+        model.lm_head.bias[vocab["ĠBank"]] = 105.0  # a cased vocabulary: "Bank" is "bank" itself
     model.save_pretrained(directory)
     return directory
 
@@ -494,3 +495,11 @@ def test_byte_level_bpe_continuation_pieces_and_lone_bytes_are_never_candidates(
         assert "ank" not in word and "Ã" not in word and all(any(c.isalnum() for c in w) for w in word)
     # A piece's surface is the text it stands for.
     assert augmenter.masked_lm._surface(augmenter.masked_lm.tokenizer.convert_tokens_to_ids("Ġbank")) == "bank"
+
+
+def test_a_cased_masked_lm_never_offers_the_word_itself_in_another_case(bpe_mlm_dir, glove_txt):
+    augmenter = _augmenter(bpe_mlm_dir, glove_txt, k=3)
+    candidates = {c.word.text: c.candidates for c in augmenter.word_candidates(["the bank raised rates"])[0]}
+    assert candidates["the"][:2] == ["Bank", "rates"]  # for another word, "Bank" is a fine candidate
+    assert candidates["bank"][0] == "rates" and len(candidates["bank"]) == 3
+    assert "bank" not in {word.lower() for word in candidates["bank"]}
