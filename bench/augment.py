@@ -46,7 +46,8 @@ class OneWordBaseline:
             logits = mlm.model(input_ids=torch.tensor([ids], device=mlm.device)).logits[0, position]
             scores = torch.log_softmax(logits.float(), dim=-1).masked_fill(mlm.banned, float("-inf"))
             scores[original] = float("-inf")
-        return [mlm._surface(i) for i in aug._stable_topk(scores[None], self.k, aug._MLM_DECIMALS)[0]]
+        ranked = aug._stable_topk(scores[None], self.k + aug._SELF_MARGIN, aug._MLM_DECIMALS)[0]
+        return aug._other_words(mlm._surface(original), [mlm._surface(i) for i in ranked])[: self.k]
 
     def _glove(self, word: str) -> list[str]:
         row = self.glove.lookup(word)
@@ -56,13 +57,16 @@ class OneWordBaseline:
         query = np.asarray(vectors[row], np.float64)
         query /= max(np.linalg.norm(query), 1e-12)
         scored = []
+        banned = self.augmenter.glove.banned
+        own = self.augmenter.glove._spellings(word) | {row}
         for index in range(len(self.glove.words)):  # the loop the batched version replaces
-            if index == row:
+            if index in own or banned[index]:
                 continue
             vector = np.asarray(vectors[index], np.float64)
             score = round(float(vector @ query) / max(float(np.linalg.norm(vector)), 1e-12), aug._GLOVE_DECIMALS)
             scored.append((-score, index))
-        return [self.glove.words[i] for _, i in heapq.nsmallest(self.k, scored)]
+        ranked = [self.glove.words[i] for _, i in heapq.nsmallest(self.k + aug._SELF_MARGIN, scored)]
+        return aug._other_words(word, ranked)[: self.k]
 
     def word_candidates(self, text: str) -> list[aug.WordCandidates]:
         words = aug.split_words(text, self.augmenter.special_tokens)
