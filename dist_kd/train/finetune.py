@@ -409,6 +409,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
     dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
     dev_sha256 = data_fingerprint(cfg.dev)
+    train_sha256 = data_fingerprint(cfg.train)
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
         with atomic_path(output / "config.yaml") as tmp:
@@ -417,11 +418,20 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     entries, all_logits = [], []
     for index in range(cfg.num_teachers):
         target = output / f"teacher-{index + 1}"
-        params = teacher_params(spec, cfg, index)
+        # The training data's bytes too: the same path with edited data (fixed labels) must train again.
+        params = {**teacher_params(spec, cfg, index), "train_sha256": train_sha256}
         if (target / RESULT_FILE).is_file():
             previous = json.loads((target / RESULT_FILE).read_text())
-            if previous["params"] != params:
-                raise ValueError(f"{target} was trained with other settings; use another --output or delete it")
+            if "train_sha256" not in previous["params"]:  # exported before the data was recorded
+                params.pop("train_sha256")
+            differ = sorted(
+                key for key in {*params, *previous["params"]} if params.get(key) != previous["params"].get(key)
+            )
+            if differ:
+                raise ValueError(
+                    f"{target} was trained with other settings ({', '.join(differ)} differ); use another --output "
+                    "or delete it"
+                )
             logger.info("teacher %d: reusing %s", index + 1, target)
             result, dev_logits = previous, _saved_dev_logits(target, previous, dev_sha256, len(dev))
             if dev_logits is None:

@@ -214,3 +214,24 @@ def test_a_base_that_is_a_classifier_gives_every_teacher_a_fresh_head(tmp_path):
     # A task with another number of classes: a fresh head of its size, not a size-mismatch traceback.
     model = build_classifier(base, TaskSpec(name="t3", labels=["a", "b", "c"]), dropout=0.1)
     assert model.classifier.out_features == 3 and model.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_edited_training_data_at_the_same_path_is_not_reused(finetuned, tmp_path):
+    import shutil
+
+    root, args = finetuned
+    shutil.copy(root / "train.jsonl", tmp_path / "train.jsonl")
+    run = list(args)
+    run[run.index("--train") + 1] = str(tmp_path / "train.jsonl")
+    run[run.index("--output") + 1] = str(tmp_path / "out")
+    run[run.index("--num-teachers") + 1 : run.index("--num-teachers") + 2] = ["1"]
+    run[run.index("--seeds") + 1 : run.index("--seeds") + 3] = ["3"]
+    run[run.index("--dropouts") + 1 : run.index("--dropouts") + 3] = ["0.1"]
+    run_script(*run, timeout=300)
+    # The user fixes labels in place and reruns the same command: the teacher of the old labels must not stay.
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    flipped = [{**row, "y": LABELS[1 - LABELS.index(row["y"])]} for row in rows]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in flipped))
+    proc = run_script(*run, timeout=300, check=False)
+    assert proc.returncode == 2
+    assert "teacher-1 was trained with other settings (train_sha256 differ)" in proc.stderr
