@@ -11,12 +11,27 @@ import pytest
 
 from dist_kd.distributed import device_index, discover_environment
 
-LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+             "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")  # fmt: skip
 
 
-def test_launcher_and_slurm_variables_are_kept(monkeypatch):
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """The environment of a process that no launcher started (the variables of the shell running the tests gone).
+
+    init_distributed writes RANK, WORLD_SIZE and MASTER_* into os.environ itself: the whole environment is put
+    back afterwards, so that no later test in this process believes it is rank 13 of 16.
+    """
+    saved = dict(os.environ)
     for key in LAUNCHERS:
         monkeypatch.delenv(key, raising=False)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("no_launcher")
+def test_launcher_and_slurm_variables_are_kept(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("MASTER_ADDR", "node7")
@@ -32,6 +47,7 @@ def test_launcher_and_slurm_variables_are_kept(monkeypatch):
                                                                                                 "29555")  # fmt: skip
 
 
+@pytest.mark.usefixtures("no_launcher")
 def test_one_process_ignores_a_master_port_the_shell_exported(monkeypatch):
     """A one-process run (--debug, a laptop) in a cluster shell with MASTER_PORT/MASTER_ADDR exported bound that
     port (EADDRINUSE when another job holds it) or waited for another node; it takes a free local port."""
@@ -39,8 +55,6 @@ def test_one_process_ignores_a_master_port_the_shell_exported(monkeypatch):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for key in LAUNCHERS:
-            monkeypatch.delenv(key, raising=False)
         monkeypatch.setenv("MASTER_PORT", str(port))
         monkeypatch.setenv("MASTER_ADDR", "node7")
         found = discover_environment()
@@ -54,10 +68,9 @@ def test_one_process_ignores_a_master_port_the_shell_exported(monkeypatch):
         assert done.returncode == 0 and done.stdout.strip().endswith("1"), done.stderr[-2000:]
 
 
+@pytest.mark.usefixtures("no_launcher")
 def test_slurm_step_tasks_are_the_world_size(monkeypatch):
     """``srun --preserve-env -n 2`` in a job of 8 tasks keeps SLURM_NTASKS=8; the step has 2 (SLURM_STEP_NUM_TASKS)."""
-    for key in LAUNCHERS:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
@@ -82,6 +95,7 @@ def test_device_index_refuses_more_processes_than_gpus():
         device_index(5, 4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
 
 
+@pytest.mark.usefixtures("no_launcher")
 def test_init_distributed_uses_the_one_gpu_a_task_sees(monkeypatch):
     """SLURM_LOCALID 5 with --gpus-per-task=1: torch.cuda.set_device(5) was 'invalid device ordinal', and
     DeepSpeed (engine, ZeRO-3, NCCL's device_id) reads its GPU from LOCAL_RANK; both now get GPU 0."""
@@ -96,8 +110,6 @@ def test_init_distributed_uses_the_one_gpu_a_task_sees(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # the group itself needs NCCL
-    for key in LAUNCHERS:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("SLURM_PROCID", "13")
     monkeypatch.setenv("SLURM_NTASKS", "16")
@@ -110,6 +122,7 @@ def test_init_distributed_uses_the_one_gpu_a_task_sees(monkeypatch):
     assert os.environ["LOCAL_RANK"] == "0" and get_local_rank_from_launcher() == 0
 
 
+@pytest.mark.usefixtures("no_launcher")
 def test_init_distributed_says_what_slurm_rank_0_waits_for(monkeypatch, capsys):
     """A python run in an sbatch script with --ntasks 4 and no srun is rank 0 of 4 (SLURM sets SLURM_PROCID=0
     there too) and waits for tasks that never start: it says so, with the timeout and srun, before waiting."""
@@ -120,8 +133,6 @@ def test_init_distributed_says_what_slurm_rank_0_waits_for(monkeypatch, capsys):
     def stop(**kwargs):
         raise RuntimeError("no rendezvous in this test")
 
-    for key in LAUNCHERS:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "4")
@@ -132,3 +143,8 @@ def test_init_distributed_says_what_slurm_rank_0_waits_for(monkeypatch, capsys):
         distributed.init_distributed(force_cpu=True)
     err = capsys.readouterr().err
     assert "rank 0 of 4 from SLURM_PROCID/SLURM_NTASKS" in err and "srun" in err and ":20077" in err, err
+
+
+def test_the_environment_is_put_back():
+    """Runs after the tests above in one process: init_distributed's variables did not leak out of them."""
+    assert os.environ.get("RANK") != "13" and os.environ.get("WORLD_SIZE") != "16"
