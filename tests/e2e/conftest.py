@@ -18,9 +18,20 @@ from dist_kd.testing import run_process_group
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Where a process sits in a job: a script inherits none of them (the test's own job, or one that a unit test's
+# init_distributed left in this process, would make it rank 13 of 16 waiting for the others).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def script_env() -> dict[str, str]:
+    """The environment of a script the tests start: one process of no job, on the CPU, offline."""
+    inherited = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in LAUNCHER_VARIABLES and not key.startswith(("SLURM_", "OMPI_", "PMI_"))
+    }
     return dict(
-        os.environ,
+        inherited,
         CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
