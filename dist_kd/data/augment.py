@@ -172,10 +172,31 @@ def _is_word2vec_header(parts: list[str]) -> bool:
     return len(parts) == 2 and all(part.isdigit() for part in parts) and int(parts[1]) > 0
 
 
+def _vector_block(path: Path, vectors: list[str], numbers: list[int], dim: int) -> np.ndarray:
+    """The ``dim`` values of each line of ``vectors`` (line ``numbers`` of ``path``) as a float32 matrix.
+
+    Raises:
+        ValueError: a value that is not a number, naming the file, the line and the value.
+    """
+    try:
+        return np.array(" ".join(vectors).split(" "), dtype=np.float32).reshape(-1, dim)
+    except ValueError:
+        for number, text in zip(numbers, vectors, strict=True):
+            for value in text.split(" "):
+                try:
+                    float(value)
+                except ValueError:
+                    raise ValueError(
+                        f"GloVe file {path}: line {number} has {value!r} where a number was expected"
+                    ) from None
+        raise
+
+
 def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], np.ndarray]:
     words: list[str] = []
     blocks: list[np.ndarray] = []
-    pending: list[str] = []
+    pending: list[str] = []  # the vectors' text, converted 8192 lines at a time
+    numbers: list[int] = []  # their line numbers
     dim = expected_dim
     dim_source, header_count = "--glove-dim", None
     for number, line in _text_lines(path):
@@ -201,11 +222,12 @@ def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], 
         # load.
         words.append(" ".join(parts[:-dim]))
         pending.append(" ".join(parts[-dim:]))
+        numbers.append(number)
         if len(pending) == 8192:
-            blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
-            pending = []
+            blocks.append(_vector_block(path, pending, numbers, dim))
+            pending, numbers = [], []
     if pending:
-        blocks.append(np.array(" ".join(pending).split(" "), dtype=np.float32).reshape(-1, dim))
+        blocks.append(_vector_block(path, pending, numbers, dim))
     if not words:
         raise ValueError(f"GloVe file {path} holds no vectors")
     if header_count is not None and header_count != len(words):

@@ -360,6 +360,17 @@ def test_glove_line_that_is_not_utf8_is_named(tmp_path):
         aug.load_glove(path)
 
 
+def test_glove_value_that_is_not_a_number_is_named(tmp_path):
+    """numpy's "could not convert string to float" named neither the file nor the line."""
+    path = tmp_path / "edited.txt"
+    lines = [f"w{i} {i} 0 1" for i in range(9000)]  # the bad line in the second block of 8192
+    lines[8500] = "w8500 0 1,5 1"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"edited.txt: line 8501 has '1,5' where a number was expected"):
+        aug.load_glove(path)
+    assert not list(tmp_path.glob("*.npy"))  # nothing cached from a file that failed
+
+
 def test_glove_words_containing_spaces_as_in_the_840b_file(tmp_path):
     path = tmp_path / "glove.840B.txt"
     path.write_bytes(b"a 1 0 0\n. . . 0 1 0\nat name@domain.com 0 0 1\n  1 1 0\nb 0.9 0.1 0\n")
