@@ -419,22 +419,26 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def _rebuilt(rank: int, kind: str, message: str, errno_: int | None, filename: str | None) -> Exception:
+def _rebuilt(
+    rank: int, kind: str, message: str, errno_: int | None, filename: str | None, known: tuple[type[Exception], ...]
+) -> Exception:
     """Another rank's failure as an exception of the kind the commands report in one line (exit code 2)."""
     if errno_ is not None:  # a write that failed there (a full or read-only disk): the same OSError here
         return OSError(errno_, message, filename)
-    if kind in ("ValueError", "FileNotFoundError"):
-        return {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[kind](message)
+    kinds = {cls.__name__: cls for cls in (ValueError, FileNotFoundError, *known)}
+    if kind in kinds:
+        return kinds[kind](message)
     return RuntimeError(f"rank {rank} failed: {kind}: {message}")
 
 
 @contextlib.contextmanager
-def shared_failure():
+def shared_failure(*known: type[Exception]):
     """A block every rank enters (typically rank 0 writes a file while the others wait): when it raises on
     any rank, it raises on every rank, so that no rank goes on to a collective that the failed one never
     reaches (a gloo error or a hang). Collective: ends with a host-side exchange of one small object, which
     also serves as a barrier. The failed rank raises its own exception; the others an equivalent one (the
-    same OSError, ValueError or FileNotFoundError; otherwise a RuntimeError naming the rank).
+    same OSError, ValueError, FileNotFoundError or one of the ``known`` classes, each made from the message
+    alone; otherwise a RuntimeError naming the rank).
     """
     import torch.distributed as dist
 
@@ -458,7 +462,7 @@ def shared_failure():
         raise error
     for rank, failure in enumerate(told):
         if failure is not None:
-            raise _rebuilt(rank, *failure)
+            raise _rebuilt(rank, *failure, known)
 
 
 def broadcast_object(obj, src: int = 0):

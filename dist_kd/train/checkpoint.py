@@ -52,12 +52,16 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (reported as one line; earlier checkpoints are intact).
 
     Attributes:
-        disk_full: the cause was a full device.
+        disk_full: the cause was a full device (by default read from the message: another rank's failure is
+            rebuilt from its message, :func:`dist_kd.distributed.shared_failure`).
     """
 
-    def __init__(self, message: str, disk_full: bool):
+    def __init__(self, message: str, disk_full: bool | None = None):
         super().__init__(message)
-        self.disk_full = disk_full
+        self.disk_full = NO_SPACE in message if disk_full is None else disk_full
+
+
+NO_SPACE = "no space left on the device"  # in a CheckpointSaveError's message when the disk is full
 
 
 class OutputWriteError(RuntimeError):
@@ -241,34 +245,36 @@ def save_checkpoint(
         if (checkpoints_dir / tmp_tag).exists():
             shutil.rmtree(checkpoints_dir / tmp_tag)  # left by an interrupted save of the same step
     distributed.barrier()
-    try:
-        engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
-        torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
-    except Exception as err:  # noqa: BLE001 - any failure mid-save: clean up, say why in one line
-        raise _save_failed(checkpoints_dir, tmp_tag, err) from err
-    distributed.barrier()
-    if info.is_main:
+    # A failure on one rank (its rank file, rank 0's meta.json or rename) stops every rank with the same one
+    # line, instead of leaving the others in the next barrier until the process group times out.
+    with distributed.shared_failure(CheckpointSaveError):
         try:
-            files = _file_sizes(checkpoints_dir / tmp_tag)
-            write_json_atomic(
-                checkpoints_dir / tmp_tag / "meta.json",
-                dict(meta, step=step, world_size=info.world_size, files=files),
-            )
-        except Exception as err:  # noqa: BLE001
+            engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
+            torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
+        except Exception as err:  # noqa: BLE001 - any failure mid-save: clean up, say why in one line
             raise _save_failed(checkpoints_dir, tmp_tag, err) from err
-        if final.exists():  # a damaged checkpoint of this step: out of the way, then replaced
-            damaged = checkpoints_dir / f".damaged-{name}"
-            shutil.rmtree(damaged, ignore_errors=True)
-            final.rename(damaged)
-            shutil.rmtree(damaged, ignore_errors=True)
-        (checkpoints_dir / tmp_tag).rename(final)
-        with contextlib.suppress(OSError):  # DeepSpeed's tools (zero_to_fp32.py) read the newest tag here
-            with atomic_path(checkpoints_dir / "latest") as tmp:
-                tmp.write_text(name)
-        if keep_last > 0:
-            for old in prunable(checkpoints_dir, keep_last):
-                shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+    with distributed.shared_failure(CheckpointSaveError):
+        if info.is_main:
+            try:
+                files = _file_sizes(checkpoints_dir / tmp_tag)
+                write_json_atomic(
+                    checkpoints_dir / tmp_tag / "meta.json",
+                    dict(meta, step=step, world_size=info.world_size, files=files),
+                )
+                if final.exists():  # a damaged checkpoint of this step: out of the way, then replaced
+                    damaged = checkpoints_dir / f".damaged-{name}"
+                    shutil.rmtree(damaged, ignore_errors=True)
+                    final.rename(damaged)
+                    shutil.rmtree(damaged, ignore_errors=True)
+                (checkpoints_dir / tmp_tag).rename(final)
+            except Exception as err:  # noqa: BLE001
+                raise _save_failed(checkpoints_dir, tmp_tag, err) from err
+            with contextlib.suppress(OSError):  # DeepSpeed's tools (zero_to_fp32.py) read the newest tag here
+                with atomic_path(checkpoints_dir / "latest") as tmp:
+                    tmp.write_text(name)
+            if keep_last > 0:
+                for old in prunable(checkpoints_dir, keep_last):
+                    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -298,7 +304,7 @@ def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException) -> Che
     previous = latest_checkpoint(checkpoints_dir)
     kept = f"; the newest whole checkpoint, {previous.name}, is intact" if previous else ""
     if full or 0 <= free < (64 << 20):
-        reason = f"no space left on the device ({free / 2**20:.0f} MiB free there)"
+        reason = f"{NO_SPACE} ({free / 2**20:.0f} MiB free there)"
     else:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return CheckpointSaveError(

@@ -54,3 +54,75 @@ def test_rank_0_failure_reaches_every_rank(tmp_path, fail):
         "none": ("ok",),
     }[fail]
     assert outcomes == {0: expected, 1: expected}
+
+
+class _Engine:
+    """What save_checkpoint asks of a DeepSpeed engine: each rank writes its own file under the tag."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+        from pathlib import Path
+
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / f"zero_rank_{self.rank}.pt").write_bytes(b"x" * (10 + self.rank))
+
+
+def _saving_rank(rank: int, store: str, checkpoints: str, fail: str, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from dist_kd import distributed
+    from dist_kd.train import checkpoint as ckpt
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    engine = _Engine(rank)
+    ckpt.save_checkpoint(engine, Path(checkpoints), 1, {"position": 1}, {"run": "x"}, keep_last=0)
+    real_save, real_write = ckpt.torch.save, ckpt.write_json_atomic
+    if fail == "rank 1 state" and rank == 1:
+        ckpt.torch.save = lambda obj, path: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded", path))
+    if fail == "rank 0 meta" and rank == 0:
+        ckpt.write_json_atomic = lambda path, obj: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left", path))
+    try:
+        ckpt.save_checkpoint(engine, Path(checkpoints), 2, {"position": 2}, {"run": "x"}, keep_last=0)
+        outcome = ("ok",)
+    except ckpt.CheckpointSaveError as err:
+        outcome = ("CheckpointSaveError", str(err).split(" failed: ")[1].split(" (")[0].split(":")[0], err.disk_full)
+    finally:
+        ckpt.torch.save, ckpt.write_json_atomic = real_save, real_write
+    distributed.barrier()  # both ranks are still in step
+    dist.destroy_process_group()
+    results.put((rank, outcome))
+
+
+@pytest.mark.parametrize("fail", ["rank 1 state", "rank 0 meta"])
+def test_a_checkpoint_save_failing_on_one_rank_stops_every_rank(tmp_path, fail):
+    """Rank 0's meta.json write (or one rank's state file) failed on that rank alone: the others waited in the
+    save's last barrier until the process group timed out."""
+    from dist_kd.train import checkpoint as ckpt
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    checkpoints = tmp_path / "checkpoints"
+    args = (str(tmp_path / "store"), str(checkpoints), fail, results)
+    procs = [context.Process(target=_saving_rank, args=(r, *args)) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(300)  # a guard against a hang, not a measurement
+    alive = [proc for proc in procs if proc.is_alive()]
+    for proc in alive:
+        proc.kill()
+    assert not alive and all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    outcomes = dict(results.get(timeout=5) for _ in procs)
+    expected = {
+        "rank 1 state": ("CheckpointSaveError", "OSError", False),
+        "rank 0 meta": ("CheckpointSaveError", "no space left on the device", True),
+    }[fail]
+    assert outcomes == {0: expected, 1: expected}
+    # The step before is whole and still the newest; the failed save left nothing a resume could take.
+    assert [step for step, _ in ckpt.complete_checkpoints(checkpoints)] == [1]
+    assert ckpt.damage(checkpoints / "step-00000001") is None
