@@ -901,6 +901,15 @@ def run_key(metadata: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def finished_run(path: Path) -> str | None:
+    """The run key of the merged set at ``path`` (its metadata less ``num_rows``), or None where there is none."""
+    try:
+        metadata = read_parquet_metadata(path)
+    except (OSError, ValueError):
+        return None
+    return run_key({key: value for key, value in metadata.items() if key != "num_rows"}) if metadata else None
+
+
 def augment_task(
     spec,
     data_path: str | Path,
@@ -924,7 +933,8 @@ def augment_task(
 
     Each of ``world_size`` ranks augments a contiguous share into ``output_dir/parts/`` (a part from an
     earlier run with the same inputs is reused), then rank 0 waits for every part and merges them; the
-    result is the same file one process writes.
+    result is the same file one process writes. A merged set of the same inputs already there is kept, and
+    nothing is augmented again.
 
     Args:
         spec: the task (a :class:`dist_kd.data.tasks.TaskSpec`).
@@ -957,6 +967,10 @@ def augment_task(
         split=split,
     )
     metadata["run"] = run_key(metadata)
+    done = final_path(output_dir)
+    if finished_run(done) == metadata["run"]:  # every rank sees it, so all skip alike
+        logger.info("%s already holds this augmentation (same data, settings and vectors): kept", done)
+        return pq.read_table(done) if rank == 0 else None
     start, stop = shard_range(examples.num_rows, rank, world_size)
     part = part_path(output_dir, rank, world_size)
     if part.is_file() and read_parquet_metadata(part).get("run") == metadata["run"]:

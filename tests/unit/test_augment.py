@@ -254,6 +254,30 @@ def test_a_rank_part_read_from_other_columns_is_not_reused(glove_txt, tmp_path):
     assert rank_one_part("body")[0] == "happiness 2"
 
 
+def test_a_finished_set_of_the_same_inputs_is_kept_and_one_of_other_settings_redone(glove_txt, tmp_path, monkeypatch):
+    """A rerun of a finished augmentation (a pipeline script run again) augmented every example again."""
+    import json
+
+    from dist_kd.data.tasks import TaskSpec
+
+    rows = [{"text": f"quickly happiness {i}", "label": "a"} for i in range(6)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = TaskSpec(name="t", labels=["a", "b"], text_a="text")
+    first = aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=2), progress=False)
+    written = aug.final_path(tmp_path / "out").stat().st_mtime_ns
+    calls = []
+    real = aug.Augmenter.augment
+    monkeypatch.setattr(aug.Augmenter, "augment", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    again = aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=2), progress=False)
+    assert calls == [] and aug.final_path(tmp_path / "out").stat().st_mtime_ns == written
+    assert again.replace_schema_metadata(None).equals(first.replace_schema_metadata(None))
+    # Another setting (or other data) is another set: augmented again and replaced.
+    other = aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=3), progress=False)
+    assert calls == [1] and other.num_rows == 6 * 3 + 6 != first.num_rows
+    assert read_parquet_metadata(aug.final_path(tmp_path / "out"))["parameters"]["n_a"] == 3
+
+
 # ------------------------------------------------------------------------------------------------ GloVe
 
 
