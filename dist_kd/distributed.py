@@ -105,6 +105,8 @@ def discover_environment() -> dict[str, str]:
 
 # Variables that narrow the GPUs a process sees (SLURM's GPU binding sets them per task).
 DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+# Set by SLURM in a job or step that was given GPUs (--gres, --gpus*).
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
 
 
 def device_index(local_rank: int, visible: int, env: Mapping[str, str]) -> int:
@@ -113,7 +115,8 @@ def device_index(local_rank: int, visible: int, env: Mapping[str, str]) -> int:
     Usually every process of a node sees all its GPUs and takes GPU ``local_rank``. SLURM with
     ``--gpus-per-task`` (or another per-task GPU binding) shows each task only its own GPUs, numbered from 0,
     while SLURM_LOCALID (hence LOCAL_RANK) still counts the node's tasks 0..7: there GPU ``local_rank`` does
-    not exist ("invalid device ordinal") and the process takes ``local_rank % visible`` of its own GPUs.
+    not exist ("invalid device ordinal") and the process takes ``local_rank % visible`` of its own GPUs. One
+    GPU listed in CUDA_VISIBLE_DEVICES counts as such a binding only in a SLURM task that was given GPUs.
 
     Raises:
         ValueError: ``local_rank`` is beyond the GPUs seen and nothing says they are this task's own (more
@@ -123,7 +126,10 @@ def device_index(local_rank: int, visible: int, env: Mapping[str, str]) -> int:
         return local_rank
     listed = next((f"{key}={env[key]}" for key in DEVICE_LISTS if env.get(key, "").strip()), None)
     per_task = re.search(r"(\d+)$", env.get("SLURM_GPUS_PER_TASK", "").strip())
-    if visible > 0 and ((per_task and int(per_task.group(1)) == visible) or (listed and visible == 1)):
+    # One GPU listed is SLURM's binding only in a SLURM task given GPUs; elsewhere (torchrun or deepspeed with
+    # a global CUDA_VISIBLE_DEVICES=0) every process would take that one GPU, and NCCL refuses duplicates.
+    bound = listed and visible == 1 and "SLURM_LOCALID" in env and any(key in env for key in SLURM_GPU_VARIABLES)
+    if visible > 0 and ((per_task and int(per_task.group(1)) == visible) or bound):
         return local_rank % visible
     seen = f"{visible} GPU{'s' if visible != 1 else ''}" + (f" ({listed})" if listed else "")
     raise ValueError(

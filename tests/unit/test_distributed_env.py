@@ -80,7 +80,8 @@ def test_slurm_step_tasks_are_the_world_size(monkeypatch):
 def test_device_index_per_task_gpus():
     """SLURM's --gpus-per-task / GPU binding: LOCAL_RANK counts the node's tasks, each task sees its own GPUs."""
     assert device_index(3, 8, {}) == 3  # every process sees the node's GPUs
-    assert device_index(5, 1, {"CUDA_VISIBLE_DEVICES": "5"}) == 0  # bound to one GPU
+    slurm = {"SLURM_LOCALID": "5", "SLURM_STEP_GPUS": "5"}
+    assert device_index(5, 1, {"CUDA_VISIBLE_DEVICES": "0", **slurm}) == 0  # bound to one GPU
     assert device_index(7, 1, {"SLURM_GPUS_PER_TASK": "1"}) == 0
     assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "2", "CUDA_VISIBLE_DEVICES": "6,7"}) == 1
     assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "a100:2"}) == 1
@@ -93,6 +94,11 @@ def test_device_index_refuses_more_processes_than_gpus():
     # four GPUs listed for every process and eight processes: which four share is unknowable
     with pytest.raises(ValueError, match=r"LOCAL_RANK=5 .* 4 GPUs \(CUDA_VISIBLE_DEVICES=0,1,2,3\)"):
         device_index(5, 4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    # torchrun --nproc_per_node 2 under a global CUDA_VISIBLE_DEVICES=0: both processes took GPU 0 (NCCL:
+    # "Duplicate GPU detected"); so did SLURM tasks that were given no GPUs
+    for env in ({}, {"SLURM_LOCALID": "1"}):
+        with pytest.raises(ValueError, match=r"LOCAL_RANK=1 .* 1 GPU \(CUDA_VISIBLE_DEVICES=0\)"):
+            device_index(1, 1, {"CUDA_VISIBLE_DEVICES": "0", **env})
 
 
 @pytest.mark.usefixtures("no_launcher")
