@@ -59,7 +59,8 @@ def _ordinary_modes_under(root: Path) -> None:
 @contextlib.contextmanager
 def _naming(final: Path) -> Iterator[None]:
     """An OSError making the temporary sibling of ``final`` names ``final`` (what the caller asked to write),
-    not the hidden temporary name."""
+    not the hidden temporary name. Only around that: an error making ``final``'s directory names the
+    directory."""
     try:
         yield
     except OSError as err:
@@ -78,9 +79,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Yields:
         A temporary path in the same directory (same filesystem, so the rename is atomic).
     """
-    final = Path(path)
+    final = Path(os.path.abspath(path))  # "out/." and "out/x/.." have no name to derive a temporary one from
+    final.parent.mkdir(parents=True, exist_ok=True)  # its own error names the directory in the way
     with _naming(final):
-        final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -102,9 +103,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing directory at ``path`` is replaced only after the new one is complete. Before the rename, the
     directory and everything in it get the modes the umask implies, whatever mode their writers chose.
     """
-    final = Path(path)
+    final = Path(os.path.abspath(path))  # "." has no name to derive a temporary one from
+    final.parent.mkdir(parents=True, exist_ok=True)  # its own error names the directory in the way
     with _naming(final):
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     _ordinary_mode(tmp, directory=True)
     try:

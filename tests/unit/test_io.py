@@ -88,4 +88,16 @@ def test_an_output_that_cannot_be_made_is_named_not_its_temporary_sibling(tmp_pa
         with pytest.raises(OSError) as caught:
             with atomic(tmp_path / "file" / "out"):
                 pytest.fail("no temporary output where a file is in the way")
-        assert caught.value.filename == str(tmp_path / "file" / "out") and caught.value.strerror, caught.value
+        # The file in the way is named (naming tmp/file/out, "File exists", pointed at a path that is not there).
+        assert caught.value.filename == str(tmp_path / "file") and caught.value.strerror, caught.value
+
+
+def test_an_output_named_by_a_dot_path_is_written(tmp_path, monkeypatch):
+    """atomic_dir(".") derived its temporary name from an empty name: "PosixPath('.') has an empty name"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with atomic_dir("out/.") as tmp:
+        (tmp / "a.txt").write_text("a")
+    with atomic_path("out/b/../b.txt") as tmp:
+        tmp.write_text("b")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt"]

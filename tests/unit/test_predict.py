@@ -172,3 +172,17 @@ def test_output_directory_holding_other_files_is_refused_untouched(classifier, d
     assert err.startswith(f"error: --output {output} holds files other than a previous evaluation (config.json)")
     assert err.count("\n") == 1
     assert sorted(path.name for path in output.iterdir()) == ["config.json"]
+
+
+def test_output_that_is_the_current_directory_is_refused(classifier, data, tmp_path, monkeypatch, capsys):
+    """--output . (empty, or holding a previous evaluation) passed the check, ran the model, then crashed on
+    "PosixPath('.') has an empty name"; replacing the directory whole would have moved the shell's own away."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(classifier), "--task", "demo", "--data", str(data), "--text-a", "text", "--cpu"]
+    for output in (".", str(tmp_path), ".."):
+        assert _evaluate_main([*argv, "--label", "category", "--output", output]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output {output} is the current directory or holds it;"), err
+        assert "(e.g. --output eval)" in err
+    assert _evaluate_main([*argv, "--label", "category", "--output", "eval"]) == 0
+    assert sorted(path.name for path in (tmp_path / "eval").iterdir()) == ["metrics.json", "predictions.jsonl"]
