@@ -156,7 +156,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
         with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM before the first line
                 except UnicodeDecodeError as err:
                     raise ValueError(
                         f"GloVe file {path}: line {number} is not UTF-8 (byte {raw[err.start]:#04x} at column "
@@ -172,6 +172,14 @@ def _is_word2vec_header(parts: list[str]) -> bool:
     return len(parts) == 2 and all(part.isdigit() for part in parts) and int(parts[1]) > 0
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _vector_block(path: Path, vectors: list[str], numbers: list[int], dim: int) -> np.ndarray:
     """The ``dim`` values of each line of ``vectors`` (line ``numbers`` of ``path``) as a float32 matrix.
 
@@ -183,12 +191,9 @@ def _vector_block(path: Path, vectors: list[str], numbers: list[int], dim: int) 
     except ValueError:
         for number, text in zip(numbers, vectors, strict=True):
             for value in text.split(" "):
-                try:
-                    float(value)
-                except ValueError:
-                    raise ValueError(
-                        f"GloVe file {path}: line {number} has {value!r} where a number was expected"
-                    ) from None
+                if not _is_number(value):
+                    where = f"GloVe file {path}: line {number} has {value!r} where a number was expected"
+                    raise ValueError(where) from None
         raise
 
 
@@ -212,7 +217,9 @@ def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], 
             continue
         if dim is None:
             dim, dim_source = len(parts) - 1, f"line {number}"
-        if len(parts) - 1 < dim:
+        if len(parts) - 1 < dim or (len(parts) - 1 > dim and _is_number(parts[-dim - 1])):
+            # More fields than a word and dim values are a word with spaces only where the field before the
+            # vector is no number: "bank 0.4 0.5 0.6" in a 2-d file is a bad line, not the word "bank 0.4".
             raise ValueError(
                 f"GloVe file {path}: line {number} (word {parts[0]!r}) has {len(parts) - 1} values, "
                 f"expected {dim} (from {dim_source})"

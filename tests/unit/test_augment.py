@@ -384,6 +384,23 @@ def test_glove_line_that_is_not_utf8_is_named(tmp_path):
         aug.load_glove(path)
 
 
+def test_glove_line_with_more_values_than_the_others_is_refused(tmp_path):
+    """The 840B file's spaced words ('. . .') end in a field that is no number; a line with one value too many
+    was read as the word 'bank 0.4', silently, and cached."""
+    path = tmp_path / "extra.txt"
+    path.write_text("the 0.1 0.2\nbank 0.4 0.5 0.6\n")
+    with pytest.raises(ValueError, match=r"extra.txt: line 2 \(word 'bank'\) has 3 values, expected 2 \(from line 1\)"):
+        aug.load_glove(path)
+    assert not list(tmp_path.glob("*.npy"))
+
+
+def test_glove_word2vec_header_after_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeff2 3\nthe 0.1 0.2 0.3\nbank 0.4 0.5 0.6\n".encode())
+    glove = aug.load_glove(path)
+    assert glove.words == ["the", "bank"] and glove.vectors.shape == (2, 3)
+
+
 def test_glove_value_that_is_not_a_number_is_named(tmp_path):
     """numpy's "could not convert string to float" named neither the file nor the line."""
     path = tmp_path / "edited.txt"
