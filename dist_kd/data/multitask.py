@@ -184,10 +184,10 @@ def _check_pairs(spec: TaskSpec, source: str, table, dev: str, dev_table) -> Non
     if train_pairs == dev_pairs or dev_table.num_rows == 0:
         return
     if train_pairs:
+        read = "the task has no text_b" if spec.text_b is None else f"no column '{spec.text_b}' there"
         raise ValueError(
             f"task '{spec.name}': the training rows of {source} are sentence pairs (text_b) but the dev rows of {dev} "
-            f"are single texts (no column '{spec.text_b}' there); set the task's text_b to the dev data's second-text "
-            "column"
+            f"are single texts ({read}); set the task's text_b to the dev data's second-text column"
         )
     raise ValueError(
         f"task '{spec.name}': the training rows of {source} are single texts but the dev rows of {dev} are sentence "

@@ -378,11 +378,15 @@ def _read_jsonl_python(path: Path, encoding: str) -> pa.Table:
 
 
 def _json_column(values: list[Any]) -> pa.Array:
-    """One JSONL field as an array; fields that mix types (labels ``"sport"`` and ``2``) become strings."""
+    """One JSONL field as an array; fields that mix types (labels ``"sport"`` and ``2``) become strings, a
+    boolean as JSON writes it (``true``, as a column of booleans alone is read: :func:`_bool_label`)."""
     kinds = {type(value) for value in values if value is not None}
     if kinds <= {int, float} or kinds in ({str}, {bool}):
         return pa.array(values)
-    return pa.array([None if value is None else str(value) for value in values], pa.string())
+    return pa.array(
+        [None if value is None else _json_bool(value) if isinstance(value, bool) else str(value) for value in values],
+        pa.string(),
+    )
 
 
 def _read_datasets(path: Path, split: str | None) -> tuple[pa.Table, dict[str, list[str]]]:

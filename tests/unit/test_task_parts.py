@@ -353,3 +353,11 @@ def test_pairs_in_training_and_single_texts_in_dev_are_an_error(tmp_path, tiny_t
                                          r"single texts"):  # fmt: skip
         load_task_data(spec, soft_targets=None, dev=str(single_dev), **kw)
     assert load_task_data(spec, soft_targets=None, dev=str(pairs_dev), **kw).dev_rows is not None
+    # A store made with --text-b beside a config with text_b: null named a column 'None'.
+    import pyarrow as pa
+
+    from dist_kd.data.multitask import _check_pairs
+
+    single = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a", text_b=None)
+    with pytest.raises(ValueError, match=r"dev rows of dev.jsonl are single texts \(the task has no text_b\); set"):
+        _check_pairs(single, "store", pa.table({"text_b": ["b"]}), "dev.jsonl", pa.table({"text_b": pa.nulls(1)}))

@@ -295,6 +295,14 @@ def test_boolean_labels_match_the_labels_named_true_and_false(tmp_path, labels):
     assert load_task_examples(parquet, spec).column("label").to_pylist() == expected
 
 
+def test_boolean_labels_beside_label_names_in_one_jsonl_column(tmp_path):
+    """A column mixing true/false with strings became strings as Python writes them: 'True', an unknown label."""
+    spec = TaskSpec(name="yn", labels=["false", "true", "unknown"], text_a="text")
+    rows = [{"text": "a", "label": True}, {"text": "b", "label": False}, {"text": "c", "label": "unknown"}]
+    path = _write(tmp_path / "d.jsonl", rows, "jsonl")
+    assert load_task_examples(path, spec).column("label").to_pylist() == [1, 0, 2]
+
+
 @pytest.mark.parametrize("labels", [["no", "yes"], ["0", "1"]])
 def test_boolean_labels_are_never_read_as_ids(tmp_path, labels):
     path = _write(tmp_path / "d.jsonl", [{"text": "a", "label": False}, {"text": "b", "label": True}], "jsonl")
