@@ -342,6 +342,10 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
         return
     import pyarrow.compute as pc
 
+    missing = table.column("soft_probs").null_count + pc.list_flatten(table.column("soft_probs")).null_count
+    if missing:
+        raise ValueError(f"{where}: soft_probs holds {missing} missing (null) rows or values; every row needs "
+                         f"{metadata.num_classes} probabilities")  # fmt: skip
     lengths = pc.list_value_length(table.column("soft_probs"))
     if pc.min(lengths).as_py() != metadata.num_classes or pc.max(lengths).as_py() != metadata.num_classes:
         raise ValueError(

@@ -182,6 +182,14 @@ def test_rows_that_disagree_with_metadata_are_refused(tmp_path):
     nan_rows = st.build_rows(examples, "topic", probs, None, "classification")
     with pytest.raises(ValueError, match="rows to write: soft_probs holds 1 NaN or infinite values"):
         st.write_soft_targets(nan_rows, tmp_path, _metadata(has_teacher_logits=False))
+    # A null (a store written elsewhere) was counted as NaN or infinite, pointing at fp16 teachers.
+    column = nan_rows.schema.get_field_index("soft_probs")
+    for holes in ([[0.5, None, 0.5], [0.2, 0.3, 0.5], None], [None, [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]]):
+        nulls = nan_rows.set_column(
+            column, nan_rows.schema.field(column), pa.array(holes, nan_rows.schema.field(column).type)
+        )
+        with pytest.raises(ValueError, match=r"store Y: soft_probs holds \d missing \(null\) rows or values"):
+            st.check_rows(nulls, _metadata(has_teacher_logits=False), "store Y")
 
 
 @pytest.mark.parametrize(
