@@ -145,3 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -218,3 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # FileNotFoundError: not a run directory; others: a report it cannot write
         return bad_input(err)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

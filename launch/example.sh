@@ -13,7 +13,7 @@
 #      training at the intermediate phase's lr (3e-4); (d) a random init of the same shape with (b)'s training;
 #      (e) students of the teacher's size on hard labels (MT-DNN), then from its encoder on the ensembles' soft
 #      targets for one epoch (MT-DNN-KD, as its paper trains it);
-#      with --all also (d') a random init with (b')'s training and (e) MT-DNN-KD from the pretrained encoder;
+#      with --all also (d') a random init with (b')'s training and (e'') MT-DNN-KD from the pretrained encoder;
 #   5. the report (runs/example/report.md): every teacher, the ensembles and every student, with each score's
 #      ratio to the best single teacher, and how long each part took (runs/example/timings.txt).
 #

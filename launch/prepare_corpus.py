@@ -5,7 +5,7 @@ r"""Tokenise raw text into WebDataset corpus shards for general distillation.
         [--packing pack|document] [--txt-document paragraph|line|file] [--text-column text] \
         [--encoding-errors strict|replace|ignore] [--overwrite]
 
-Writes ``shard-NNNNNN.tar`` files and ``manifest.json`` (format: ARCHITECTURE.md, details: docs/corpus.md)
+Writes ``shard-NNNNNN.tar`` files and ``manifest.json`` (format and details: docs/corpus.md)
 and prints a summary. The logic lives in ``dist_kd.data.corpus``.
 """
 

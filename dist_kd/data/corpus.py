@@ -2,7 +2,7 @@
 
 General distillation reads billions of tokens, so tokenisation happens once, offline, here, and the
 training stream (``dist_kd.data.stream``) only reads integers. The output directory is the contract of
-ARCHITECTURE.md: ``shard-NNNNNN.tar`` files whose samples hold ``<key>.input_ids.npy`` (1-D, uint16 when
+docs/corpus.md: ``shard-NNNNNN.tar`` files whose samples hold ``<key>.input_ids.npy`` (1-D, uint16 when
 the vocabulary fits, else int32) and a ``manifest.json`` written last, atomically, so a directory with a
 manifest is always complete.
 

@@ -1,4 +1,4 @@
-"""The soft-target store: ensemble teacher outputs on task data, in Parquet (ARCHITECTURE.md contract).
+"""The soft-target store: ensemble teacher outputs on task data, in Parquet (the contract in docs/contracts.md).
 
 Layout of a store directory::
 

@@ -1,6 +1,6 @@
 """Run config of task distillation (``launch/task.py``): tasks, phase, losses, batching, evaluation.
 
-The section names and the keys of ARCHITECTURE.md's task-distillation config are part of the contract;
+The section names and the keys of the task-distillation config (docs/contracts.md) are part of the contract;
 everything else here is an addition with a default. ``train``, ``deepspeed`` and ``run`` are the general
 stage's sections (``train.epochs`` is the task stage's own addition).
 """
@@ -169,7 +169,10 @@ class EvalConfig:
 class TaskTrainConfig(TrainConfig):
     """Optimisation settings; ``epochs`` (when set) decides the number of steps instead of ``max_steps``."""
 
-    epochs: float | None = doc("epochs to train (one epoch = as many rows as all training sets); overrides", None)
+    epochs: float | None = doc(
+        "epochs to train (one epoch = as many rows as all training sets); overrides train.max_steps",
+        None,
+    )
 
     def __post_init__(self):
         super().__post_init__()
