@@ -246,13 +246,19 @@ def save_checkpoint(
             shutil.rmtree(checkpoints_dir / tmp_tag)  # left by an interrupted save of the same step
     distributed.barrier()
     # A failure on one rank (its rank file, rank 0's meta.json or rename) stops every rank with the same one
-    # line, instead of leaving the others in the next barrier until the process group times out.
-    with distributed.shared_failure(CheckpointSaveError):
-        try:
-            engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
-            torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
-        except Exception as err:  # noqa: BLE001 - any failure mid-save: clean up, say why in one line
-            raise _save_failed(checkpoints_dir, tmp_tag, err) from err
+    # line, instead of leaving the others in the next barrier until the process group times out. The
+    # unfinished save is removed once every rank has stopped writing into it (rank 0, after the agreement).
+    try:
+        with distributed.shared_failure(CheckpointSaveError):
+            try:
+                engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
+                torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
+            except Exception as err:  # noqa: BLE001 - any failure mid-save: say why in one line
+                raise _save_failed(checkpoints_dir, tmp_tag, err, remove=False) from err
+    except CheckpointSaveError:
+        if info.is_main:
+            shutil.rmtree(checkpoints_dir / tmp_tag, ignore_errors=True)
+        raise
     with distributed.shared_failure(CheckpointSaveError):
         if info.is_main:
             try:
@@ -293,13 +299,15 @@ def prunable(checkpoints_dir: Path, keep_last: int) -> list[Path]:
     return [path for step, path in saved if step < oldest_kept]
 
 
-def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException) -> CheckpointSaveError:
-    """Remove the unfinished save and describe the failure in one line (a full disk said as such)."""
+def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException, remove: bool = True) -> CheckpointSaveError:
+    """Remove the unfinished save (where ``remove``) and describe the failure in one line (a full disk said as
+    such)."""
     try:
         free = shutil.disk_usage(checkpoints_dir).free  # before the clean-up frees some
     except OSError:
         free = -1
-    shutil.rmtree(checkpoints_dir / tmp_tag, ignore_errors=True)
+    if remove:
+        shutil.rmtree(checkpoints_dir / tmp_tag, ignore_errors=True)
     full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in _causes(err))
     previous = latest_checkpoint(checkpoints_dir)
     kept = f"; the newest whole checkpoint, {previous.name}, is intact" if previous else ""

@@ -40,7 +40,9 @@ def test_launcher_variables_and_a_slurm_array(monkeypatch):
 def test_default_device_under_a_per_task_gpu_binding(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # SLURM's binding: task 5 of the node given GPU 5 alone
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    monkeypatch.setenv("SLURM_STEP_GPUS", "5")
     assert augment_cli.default_device(5) == "cuda:0"  # was cuda:5, an invalid device ordinal
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import time
 
 import pytest
 
@@ -66,6 +67,9 @@ class _Engine:
         from pathlib import Path
 
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        # Rank 0 writes last: a rank that failed first and removed the unfinished save at once pulled the
+        # directory from under it (rank 0 then reported "Parent directory ... does not exist").
+        time.sleep(1.0 if self.rank == 0 else 0.0)
         (Path(save_dir) / tag / f"zero_rank_{self.rank}.pt").write_bytes(b"x" * (10 + self.rank))
 
 
