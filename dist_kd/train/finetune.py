@@ -328,6 +328,26 @@ def _dev_metrics(spec: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict
     return compute_metrics(spec.type, spec.metric, predictions, labels, num_classes=spec.num_labels)
 
 
+def _read_result(target: Path) -> dict[str, Any]:
+    """``target``'s ``finetune.json`` (written atomically with the teacher, so damaged only by hand or by a
+    failing disk).
+
+    Raises:
+        ValueError: it is not JSON or lacks the teacher's settings, naming the file and the way out.
+    """
+    path = target / RESULT_FILE
+    way_out = f"delete {target} to train that teacher again"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged: not JSON ({err}); {way_out}") from None
+    wanted = ("params", "steps", "final_loss", "dev")
+    missing = [key for key in wanted if not isinstance(result, dict) or key not in result]
+    if missing or not isinstance(result["params"], dict):
+        raise ValueError(f"{path} is damaged: it lacks a teacher's {', '.join(missing) or 'params'}; {way_out}")
+    return result
+
+
 def _saved_dev_logits(target: Path, previous: dict[str, Any], dev_sha256: str, num_dev: int) -> np.ndarray | None:
     """The exported teacher's dev logits when they were computed on this dev data, else None (re-score).
 
@@ -421,7 +441,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         # The training data's bytes too: the same path with edited data (fixed labels) must train again.
         params = {**teacher_params(spec, cfg, index), "train_sha256": train_sha256}
         if (target / RESULT_FILE).is_file():
-            previous = json.loads((target / RESULT_FILE).read_text())
+            previous = _read_result(target)
             if "train_sha256" not in previous["params"]:  # exported before the data was recorded
                 params.pop("train_sha256")
             differ = sorted(

@@ -235,3 +235,24 @@ def test_edited_training_data_at_the_same_path_is_not_reused(finetuned, tmp_path
     proc = run_script(*run, timeout=300, check=False)
     assert proc.returncode == 2
     assert "teacher-1 was trained with other settings (train_sha256 differ)" in proc.stderr
+
+
+def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_path):
+    """A hand-edited or cut finetune.json gave json's "Expecting value: line 1 column 1" naming no file."""
+    import shutil
+
+    root, args = finetuned
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    result = out / "teacher-2" / "finetune.json"
+    result.write_text(result.read_text()[:40])
+    rerun = list(args)
+    rerun[rerun.index("--output") + 1] = str(out)
+    proc = run_script(*rerun, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: {result} is damaged: not JSON (" in proc.stderr
+    assert f"delete {out / 'teacher-2'} to train that teacher again" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    result.write_text(json.dumps({"params": {}, "dev": {}}))  # JSON, but not a teacher's
+    proc = run_script(*rerun, timeout=300, check=False)
+    assert proc.returncode == 2 and f"{result} is damaged: it lacks a teacher's steps, final_loss;" in proc.stderr
