@@ -16,6 +16,7 @@ last layer (the one every downstream use reads) gets almost no signal and collap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -87,6 +88,26 @@ class DistillConfig:
             raise ValueError(f"distill.attention must be one of {list(ATTENTION_LOSSES)}, got {self.attention!r}")
         if self.relation_heads < 1:
             raise ValueError(f"distill.relation_heads must be >= 1, got {self.relation_heads}")
+
+    def resume_meta(self, layer_losses: bool = True) -> dict[str, Any]:
+        """The objective's settings for a checkpoint's ``meta.json``.
+
+        ``distill.projection`` decides which parameters the model has (a learnt W_e/W_h or none): another one
+        does not load, so it is a top-level key, refused on resume. The rest (term weights, temperature,
+        normalization, attention loss) change only the loss from the checkpoint's step on: ``changeable``,
+        named in a warning (:func:`dist_kd.train.checkpoint.check_changeable`).
+
+        Args:
+            layer_losses: the run learns through layer losses (general; task phase intermediate).
+        """
+        changeable: dict[str, Any] = {f"distill.weights.{term}": getattr(self.weights, term) for term in TERMS}
+        changeable["distill.temperature"] = self.temperature
+        if not layer_losses:
+            return {"changeable": changeable}
+        changeable.update({"distill.normalize": self.normalize, "distill.attention": self.attention})
+        if self.attention == "relations":
+            changeable["distill.relation_heads"] = self.relation_heads
+        return {"distill.projection": self.projection, "changeable": changeable}
 
     def check_relation_heads(self, teacher_width: int, student_width: int) -> None:
         """With ``attention: relations``, ``relation_heads`` must divide both attention widths."""

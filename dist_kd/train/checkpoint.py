@@ -409,20 +409,32 @@ def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: P
         )  # fmt: skip
 
 
+def merged_settings(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Meta dicts of settings (top-level keys, each with its ``changeable`` dict) as one."""
+    merged: dict[str, Any] = {}
+    changeable: dict[str, Any] = {}
+    for part in parts:
+        merged.update({key: value for key, value in part.items() if key != "changeable"})
+        changeable.update(part.get("changeable") or {})
+    return {**merged, "changeable": changeable}
+
+
 def check_changeable(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Settings a resume may change (``changeable`` in ``meta.json``): a warning naming each with both values.
 
     The trainers record there the data settings under which the data position carries over (the general
     stream counts sequences and lays the rest of its epoch out afresh; the task sampler counts rows per task),
-    e.g. ``data.micro_batch_size`` or ``train.grad_accum``; the ones that would re-cut the epoch in progress
-    are top-level keys, which :func:`check_compatible` refuses to see changed.
+    e.g. ``data.micro_batch_size`` or ``train.grad_accum``, and the loss settings that change the objective
+    but no parameter (``distill.weights.*``, ``distill.temperature``, ...); the ones that would re-cut the
+    epoch in progress or change the parameters are top-level keys, which :func:`check_compatible` refuses to
+    see changed.
     """
     before, now = saved.get("changeable") or {}, current.get("changeable") or {}
     changed = [f"{key} {before[key]} -> {new}" for key, new in now.items() if key in before and before[key] != new]
     if changed:
         logger.warning(
-            "resuming from %s with other data settings (%s): they apply from step %d on; the data position "
-            "carries over (nothing of the epoch in progress comes twice)",
+            "resuming from %s with other settings (%s): they apply from step %d on; the data position carries "
+            "over (nothing of the epoch in progress comes twice)",
             checkpoint, ", ".join(changed), int(saved.get("step", 0)),
         )  # fmt: skip
 

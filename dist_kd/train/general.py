@@ -233,7 +233,7 @@ class GeneralTrainer(EngineTrainer):
             },
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
             **ckpt.settings_meta(cfg.train, ds_config, cfg.train.max_steps),
-            **data_settings_meta(cfg),
+            **ckpt.merged_settings(data_settings_meta(cfg), cfg.distill.resume_meta()),
         }
         if resume_from is not None:
             ckpt.check_resume(resume_from, self.meta, info.world_size)

@@ -90,6 +90,16 @@ def data_settings_meta(cfg: TaskConfig, weights: list[float]) -> dict[str, Any]:
     }
 
 
+def objective_meta(cfg: TaskConfig, phase: str) -> dict[str, Any]:
+    """The task objective's settings for a checkpoint's ``meta.json`` (:meth:`DistillConfig.resume_meta`; in
+    phase prediction also the soft and hard weights, which may change with a warning)."""
+    meta = cfg.distill.resume_meta(layer_losses=phase == "intermediate")
+    if phase == "prediction":
+        meta["changeable"].update({"distill.soft_weight": cfg.distill.soft_weight,
+                                   "distill.hard_weight": cfg.distill.hard_weight})  # fmt: skip
+    return meta
+
+
 class TaskTrainer(EngineTrainer):
     """Task distillation on one rank.
 
@@ -195,7 +205,7 @@ class TaskTrainer(EngineTrainer):
             "student.vocab_size": self.student_config.vocab_size,
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
             **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
-            **data_settings_meta(cfg, weights),
+            **ckpt.merged_settings(data_settings_meta(cfg, weights), objective_meta(cfg, self.phase)),
         }
         if self.phase == "intermediate":  # what the projections and layer losses were learnt against
             self.meta.update({f"tasks[{name}].teacher": teacher for name, teacher in self.teacher_meta.items()})

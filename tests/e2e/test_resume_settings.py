@@ -1,4 +1,4 @@
-"""Resuming with other data settings, end to end (one process each, --debug: a free port): a change that would
+"""Resuming with other data or loss settings, end to end (one process each, --debug: a free port): a change that would
 re-cut the epoch in progress is refused in one line before anything is loaded or written; one under which the
 data position carries over trains on, with a warning naming it."""
 
@@ -35,28 +35,45 @@ def test_general_resume_refuses_another_shuffle_and_trains_on_with_another_batch
     assert "data.shuffle: checkpoint has True, this run has False" in error and "dist-kd export" in error
     assert "Traceback" not in proc.stderr and "resumed from" not in proc.stderr
     assert snapshot(out) == before
+    # Another projection is other parameters: it failed inside DeepSpeed's load.
+    proc = run_script(*args, "data.micro_batch_size=4", "train.max_steps=6", "distill.projection=auto", check=False)
+    assert proc.returncode == 2 and "distill.projection: checkpoint has 'select', this run has 'auto'" in proc.stderr
+    assert snapshot(out) == before
     # Another micro-batch size and accumulation: the stream counts sequences; the run trains on and says so.
-    proc = run_script(*args, "data.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=6")
+    # So does another loss weight.
+    proc = run_script(*args, "data.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=6",
+                      "distill.weights.attn=0.5")  # fmt: skip
     assert "data.micro_batch_size 4 -> 2, train.grad_accum 1 -> 2" in proc.stderr, proc.stderr[-3000:]
+    assert "distill.weights.attn 1.0 -> 0.5" in proc.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
 
 
-def test_task_resume_refuses_another_micro_batch_under_length_grouping(tiny_bert_dir, tmp_path):
-    rows = topic_examples(96, seed=3)
+def _task_config(
+    tmp_path: Path, student: Path, name: str, num_rows: int, max_steps: int, log_every: int, **extra
+) -> tuple[Path, Path]:
+    """A one-task topic config (``num_rows`` training rows) at ``tmp_path/NAME.yaml``, output ``tmp_path/NAME``;
+    ``extra``: more top-level sections. Returns (config path, output directory)."""
+    rows = topic_examples(num_rows, seed=num_rows)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = tmp_path / "task"
+    out = tmp_path / name
     config = {
-        "student": {"path": str(tiny_bert_dir)},
+        "student": {"path": str(student)},
         "tasks": [{"name": "topic", "labels": ["business", "politics", "sport"],
                    "train": str(tmp_path / "train.jsonl"), "text_a": "text"}],
         "data": {"micro_batch_size": 8, "max_length": 32},
-        "train": {"max_steps": 4, "lr": 1e-3},
+        "train": {"max_steps": max_steps, "lr": 1e-3},
         "deepspeed": {"config": "ds_configs/zero0.json"},
-        "run": {"output_dir": str(out), "log_every": 2, "save_every": 0, "progress": False},
+        "run": {"output_dir": str(out), "log_every": log_every, "save_every": 0, "progress": False},
+        **extra,
     }  # fmt: skip
-    path = tmp_path / "task.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path, out
+
+
+def test_task_resume_refuses_another_micro_batch_under_length_grouping(tiny_bert_dir, tmp_path):
+    path, out = _task_config(tmp_path, tiny_bert_dir, "task", num_rows=96, max_steps=4, log_every=2)
     run_script("launch/task.py", "--debug", "--config", str(path))
     before = snapshot(out)
     # Each task's epoch order groups micro_batch_size rows by length: the saved row counter would point into
@@ -86,22 +103,10 @@ def test_intermediate_phase_resume_with_another_teacher_is_refused(tiny_bert_dir
 
     other = tmp_path / "other_teacher"
     shutil.copytree(tiny_bert_dir, other)
-    rows = topic_examples(48, seed=4)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = tmp_path / "intermediate"
-    config = {
-        "student": {"path": str(tiny_bert_dir)},
-        "teacher": {"path": str(tiny_bert_dir), "dtype": "fp32"},
-        "distill": {"phase": "intermediate"},
-        "tasks": [{"name": "topic", "labels": ["business", "politics", "sport"],
-                   "train": str(tmp_path / "train.jsonl"), "text_a": "text"}],
-        "data": {"micro_batch_size": 8, "max_length": 32},
-        "train": {"max_steps": 2, "lr": 1e-3},
-        "deepspeed": {"config": "ds_configs/zero0.json"},
-        "run": {"output_dir": str(out), "log_every": 1, "save_every": 0, "progress": False},
-    }  # fmt: skip
-    path = tmp_path / "intermediate.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, out = _task_config(
+        tmp_path, tiny_bert_dir, "intermediate", num_rows=48, max_steps=2, log_every=1,
+        teacher={"path": str(tiny_bert_dir), "dtype": "fp32"}, distill={"phase": "intermediate"},
+    )  # fmt: skip
     run_script("launch/task.py", "--debug", "--config", str(path))
     before = snapshot(out)
     proc = run_script("launch/task.py", "--debug", "--config", str(path), "train.max_steps=3",

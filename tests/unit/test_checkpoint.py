@@ -251,7 +251,7 @@ def test_a_task_resume_may_change_what_keeps_each_tasks_position_with_a_warning(
     final = _saved(tmp_path, _task_meta(group_by_length=False))
     with caplog.at_level(logging.WARNING):
         ckpt.check_resume(final, _task_meta(group_by_length=False), 1)
-    assert "other data settings" not in caplog.text
+    assert "other settings" not in caplog.text
     changed = _task_meta(micro_batch_size=4, max_length=64, group_by_length=False, grad_accum=2, weights=(1.0, 1.0))
     with caplog.at_level(logging.WARNING):
         ckpt.check_resume(final, changed, 2)  # at another world size too, under ZeRO 0
@@ -276,4 +276,26 @@ def test_a_checkpoint_from_before_the_data_settings_still_resumes(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         ckpt.check_resume(older, _task_meta(micro_batch_size=4), 1)
         ckpt.check_resume(_saved(tmp_path / "general", _meta()), _general_meta(shuffle=False), 1)
-    assert "other data settings" not in caplog.text
+    assert "other settings" not in caplog.text
+
+
+def test_a_resume_names_another_loss_setting_and_refuses_another_projection(tmp_path, caplog):
+    """The objective was not recorded: another distill.projection failed inside DeepSpeed's load (the learnt
+    W_h missing or unexpected), and other loss weights or a temperature applied without a word."""
+    from dist_kd.objective import DistillConfig, LossWeights
+
+    def meta(**distill):
+        return ckpt.merged_settings(_general_meta(), DistillConfig(**distill).resume_meta())
+
+    final = _saved(tmp_path, {**_meta(), **meta()})
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, {**_meta(), **meta()}, 1)
+    assert "other settings" not in caplog.text
+    with pytest.raises(ValueError, match="distill.projection: checkpoint has 'auto', this run has 'select'"):
+        ckpt.check_resume(final, {**_meta(), **meta(projection="select")}, 1)
+    changed = meta(weights=LossWeights(attn=0.5), temperature=2.0, normalize="variance")
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, {**_meta(), **changed}, 1)
+    said = "distill.weights.attn 1.0 -> 0.5, distill.temperature 1.0 -> 2.0, distill.normalize none -> variance"
+    assert said in caplog.text and "from step 11 on" in caplog.text, caplog.text
+    assert "data.micro_batch_size" not in caplog.text  # unchanged settings are not named
