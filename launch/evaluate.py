@@ -22,7 +22,13 @@ from pathlib import Path
 if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_kd.cli import add_task_arguments, bad_input, positive_int, task_spec_from_args  # noqa: E402
+from dist_kd.cli import (  # noqa: E402
+    add_task_arguments,
+    bad_input,
+    configure_logging,
+    positive_int,
+    task_spec_from_args,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging(0)  # as the other commands: transformers' bars only at a terminal, not in a log file
     import torch
 
     from dist_kd.data.tasks import GLUE_TASKS

@@ -186,3 +186,18 @@ def test_output_that_is_the_current_directory_is_refused(classifier, data, tmp_p
         assert "(e.g. --output eval)" in err
     assert _evaluate_main([*argv, "--label", "category", "--output", "eval"]) == 0
     assert sorted(path.name for path in (tmp_path / "eval").iterdir()) == ["metrics.json", "predictions.jsonl"]
+
+
+def test_evaluate_draws_no_library_bars_into_a_log_file(classifier, data, capsys):
+    """transformers' "Loading weights" bar went into log files (a carriage-return line per model loaded);
+    the other commands turn it off where stderr is not a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as a fresh process starts
+    try:
+        argv = ["--model", str(classifier), "--task", "demo", "--data", str(data), "--text-a", "text", "--cpu"]
+        assert _evaluate_main([*argv, "--label", "category"]) == 0
+        assert "Loading weights" not in capsys.readouterr().err
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
