@@ -143,8 +143,8 @@ def check_output_dir(output: str | Path, flag: str = "--output") -> Path:
     replaced, which would delete those files, or written into, which would mix an evaluation with them.
     """
     output = Path(output)
-    here = Path.cwd().resolve()
-    if output.resolve() == here or output.resolve() in here.parents:
+    here, target = Path.cwd().resolve(), output.resolve()
+    if target == here or target in here.parents:
         raise ValueError(
             f"{flag} {output} is the current directory or holds it; an evaluation replaces its directory whole: "
             f"give a directory of its own (e.g. {flag} eval)"

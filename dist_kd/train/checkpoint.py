@@ -246,8 +246,9 @@ def save_checkpoint(
             shutil.rmtree(checkpoints_dir / tmp_tag)  # left by an interrupted save of the same step
     distributed.barrier()
     # A failure on one rank (its rank file, rank 0's meta.json or rename) stops every rank with the same one
-    # line, instead of leaving the others in the next barrier until the process group times out. The
-    # unfinished save is removed once every rank has stopped writing into it (rank 0, after the agreement).
+    # line; before, the other ranks went on to the next barrier, matched it against a later one of the failed
+    # rank and carried on as if the save had succeeded. The unfinished save is removed once every rank has
+    # stopped writing into it (rank 0, after the agreement).
     try:
         with distributed.shared_failure(CheckpointSaveError):
             try:
