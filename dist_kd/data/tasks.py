@@ -34,6 +34,19 @@ from dist_kd.io import parquet_metadata_of
 TASK_TYPES = ("classification", "regression")
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 DEFAULT_TEXT_B = "text_b"
+
+
+class DefaultColumn(str):
+    """A column name nobody typed: the default of ``--text-b`` / ``--label`` and of a task entry's keys.
+
+    A GLUE task replaces it by the registry's column, while the same name written by the user is kept: an
+    MRPC file saved from ``datasets`` has a ``label`` column, and ``--label label`` must read it, not
+    GLUE's ``Quality``. It compares equal to the plain name everywhere else.
+    """
+
+
+TEXT_B_UNSET = DefaultColumn(DEFAULT_TEXT_B)
+LABEL_UNSET = DefaultColumn("label")
 # Column a file may carry with its own stable ids; used when the spec names no id column.
 DEFAULT_ID_COLUMN = "example_id"
 FILE_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -130,8 +143,8 @@ def resolve_task_spec(
     type: str | None = None,  # noqa: A002 - mirrors the config key
     labels: Sequence[str] | None = None,
     text_a: str | None = None,
-    text_b: str | None = DEFAULT_TEXT_B,
-    label: str | None = "label",
+    text_b: str | None = TEXT_B_UNSET,
+    label: str | None = LABEL_UNSET,
     metric: str | None = None,
     id_column: str | None = None,
 ) -> TaskSpec:
@@ -139,7 +152,8 @@ def resolve_task_spec(
 
     For a GLUE name (``sst2``, ``mnli``, ...; case-insensitive, ``sst-2``/``sts-b`` accepted) the registry's
     columns and label order are the defaults; column arguments left at their defaults keep the registry's
-    names. ``labels`` given for a GLUE task must equal the registry's order (the order is part of the model).
+    names (a column typed by the user is kept, even one named ``label`` or ``text_b``). ``labels`` given for a
+    GLUE task must equal the registry's order (the order is part of the model).
 
     Args:
         name: task name.
@@ -167,8 +181,8 @@ def resolve_task_spec(
         return dataclasses.replace(
             base,
             text_a=text_a or base.text_a,
-            text_b=base.text_b if text_b == DEFAULT_TEXT_B else text_b,
-            label=base.label if label == "label" else label,
+            text_b=base.text_b if isinstance(text_b, DefaultColumn) else text_b,
+            label=base.label if isinstance(label, DefaultColumn) else label,
             metric=metric or base.metric,
             id_column=id_column or base.id_column,
         )
@@ -178,8 +192,8 @@ def resolve_task_spec(
         type=kind,
         labels=list(labels or []),
         text_a=text_a or "text_a",
-        text_b=text_b,
-        label=label,
+        text_b=None if text_b is None else str(text_b),
+        label=None if label is None else str(label),
         metric=metric or ("pearson" if kind == "regression" else "accuracy"),
         id_column=id_column,
     )
@@ -422,6 +436,29 @@ def _augmented_label_names(table: pa.Table) -> dict[str, list[str]]:
     return {"label": [str(name) for name in metadata["label_names"]]}
 
 
+def _hf_label_names(path: Path, table: pa.Table) -> dict[str, list[str]]:
+    """ClassLabel names that ``datasets`` (``Dataset.to_parquet``) keeps in a Parquet file's ``huggingface``
+    metadata. The column holds class ids into those names, whose order is the dataset's own (MNLI's is
+    entailment, neutral, contradiction; GLUE's processors', which the task uses, contradiction, entailment,
+    neutral): they are mapped by name, as for a ``datasets`` directory."""
+    raw = (table.schema.metadata or {}).get(b"huggingface")
+    if raw is None:
+        return {}
+    try:
+        features = json.loads(raw)["info"]["features"]
+        return {
+            str(column): [str(name) for name in feature["names"]]
+            for column, feature in features.items()
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"task data {path}: the 'huggingface' metadata of this Parquet file (written by datasets) cannot be "
+            f"read ({type(err).__name__}: {err}), so its class ids cannot be named; write the file again with "
+            "Dataset.to_parquet, or write the labels as names"
+        ) from None
+
+
 def read_raw_table(
     path: str | Path, spec: TaskSpec, encoding: str = "utf-8", split: str | None = None
 ) -> tuple[pa.Table, dict[str, list[str]]]:
@@ -434,7 +471,7 @@ def read_raw_table(
         return _read_datasets(path, split)
     if fmt == "parquet":
         table = pq.read_table(path)
-        return table, _augmented_label_names(table)
+        return table, {**_hf_label_names(path, table), **_augmented_label_names(table)}
     if fmt == "jsonl":
         return _read_jsonl(path, encoding), {}
     return _read_delimited(path, fmt, spec, encoding), {}
@@ -691,7 +728,10 @@ def load_task_examples(
                 "fill it in or drop the row"
             )
     text_a = [str(value) for value in text_a]
-    text_b = [None if value is None else str(value) for value in text_b]
+    # An empty cell is how CSV / TSV write a missing value: a single-text row of a file that has a text_b
+    # column (pandas writes one) stays single, as the same row in JSONL with null, not "[CLS] a [SEP] [SEP]".
+    empty = "" if where.fmt in ("tsv", "csv") else None
+    text_b = [None if value is None or value == empty else str(value) for value in text_b]
 
     if require_label_column is None:
         require_label_column = require_labels

@@ -85,6 +85,60 @@ def test_datasets_class_labels_map_by_name_not_by_index(tmp_path):
     assert load_task_examples(tmp_path / "ds", spec, split="train").column("label").to_pylist() == [2, 1, 0]
 
 
+def test_parquet_from_datasets_maps_class_ids_by_the_names_it_carries(tmp_path):
+    import datasets
+
+    # Dataset.to_parquet keeps the ClassLabel names in the file's 'huggingface' metadata; MNLI's own order
+    # (entailment, neutral, contradiction) is not GLUE's (contradiction, entailment, neutral).
+    features = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        }
+    )
+    data = datasets.Dataset.from_dict(
+        {"premise": ["p0", "p1", "p2"], "hypothesis": ["h0", "h1", "h2"], "label": [0, 1, 2]}, features=features
+    )
+    data.to_parquet(str(tmp_path / "mnli.parquet"))
+    data.save_to_disk(str(tmp_path / "ds"))
+    spec = resolve_task_spec("mnli", text_a="premise", text_b="hypothesis", label="label")
+    expected = [spec.labels.index(name) for name in ("entailment", "neutral", "contradiction")]
+    assert expected == [1, 2, 0]
+    for path in (tmp_path / "mnli.parquet", tmp_path / "ds"):
+        assert load_task_examples(path, spec).column("label").to_pylist() == expected, path.name
+    # names the task does not have are refused, not read as ids
+    other = resolve_task_spec("nli", labels=["yes", "no", "maybe"], text_a="premise", text_b="hypothesis")
+    with pytest.raises(ValueError, match="unknown label 'entailment'"):
+        load_task_examples(tmp_path / "mnli.parquet", other)
+    # damaged metadata is named, not ignored (ignoring it would read the ids in the task's order)
+    table = pq.read_table(tmp_path / "mnli.parquet")
+    pq.write_table(table.replace_schema_metadata({b"huggingface": b"{not json"}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet: the 'huggingface' metadata .* cannot be read"):
+        load_task_examples(tmp_path / "bad.parquet", spec)
+
+
+def test_an_empty_text_b_cell_is_a_single_text_as_null_in_jsonl(tmp_path):
+    from dist_kd.data import tasks
+
+    spec = TaskSpec(name="t", labels=["neg", "pos"])
+    (tmp_path / "d.csv").write_text("text_a,text_b,label\ngood film,,pos\nbad,plot,neg\n")
+    (tmp_path / "d.tsv").write_text("text_a\ttext_b\tlabel\ngood film\t\tpos\nbad\tplot\tneg\n")
+    rows = [
+        {"text_a": "good film", "text_b": None, "label": "pos"},
+        {"text_a": "bad", "text_b": "plot", "label": "neg"},
+    ]
+    jsonl = load_task_examples(_write(tmp_path / "d.jsonl", rows, "jsonl"), spec)
+    assert jsonl.column("text_b").to_pylist() == [None, "plot"]
+    for name in ("d.csv", "d.tsv"):
+        assert load_task_examples(tmp_path / name, spec).to_pylist() == jsonl.to_pylist(), name
+        # the line-by-line reader (files pyarrow refuses) agrees
+        assert (
+            tasks._read_delimited_python(tmp_path / name, name[-3:], spec, "utf-8").column("text_b").to_pylist()[0]
+            == ""
+        )
+
+
 def test_regression_and_id_column(tmp_path):
     spec = TaskSpec(name="sim", type="regression", text_a="s1", text_b="s2", label="score", id_column="pair")
     rows = [{"pair": "p7", "s1": "a", "s2": "b", "score": "4.5"}, {"pair": "p9", "s1": "c", "s2": "d", "score": "0"}]
@@ -145,6 +199,50 @@ def test_glue_registry():
     assert resolve_task_spec("sst2", text_a="review").text_a == "review"
     with pytest.raises(ValueError, match=r"has labels \['neutral', 'entailment', 'contradiction'\]"):
         resolve_task_spec("mnli", labels=["neutral", "entailment", "contradiction"])
+
+
+def test_glue_columns_typed_by_the_user_are_kept_even_when_named_label_or_text_b():
+    import argparse
+
+    from dist_kd.cli import add_task_arguments, task_spec_from_args
+    from dist_kd.train.task_config import TaskEntry
+
+    # HF's glue/stsb has sentence1, sentence2, label; the GLUE TSV has score
+    assert resolve_task_spec("stsb").label == "score"
+    assert resolve_task_spec("stsb", label="label").label == "label"
+    assert resolve_task_spec("mrpc", text_b="text_b").text_b == "text_b"
+    assert resolve_task_spec("mrpc", text_b=None).text_b is None
+    assert TaskEntry(name="stsb", train="x", label="label").spec().label == "label"
+    assert TaskEntry(name="stsb", train="x").spec().label == "score"
+    parser = argparse.ArgumentParser()
+    add_task_arguments(parser, unlabeled=True)
+    for argv, label in ((["--label", "label"], "label"), ([], "Quality"), (["--label", "none"], None)):
+        assert task_spec_from_args(parser.parse_args(["--task", "mrpc", *argv])).label == label, argv
+
+
+def test_task_entries_read_back_from_their_dumped_config_name_the_same_columns(tmp_path):
+    import yaml
+
+    from dist_kd.config import dump_config, load_config
+    from dist_kd.train.task_config import TaskConfig
+
+    tasks = [
+        {"name": "mnli", "train": "a"},
+        {"name": "stsb", "train": "b", "label": "label", "text_b": "text_b"},
+        {"name": "topic", "labels": ["x", "y"], "train": "c"},
+        {"name": "one", "labels": ["x", "y"], "train": "d", "text_b": None},
+    ]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"tasks": tasks, "student": {"path": "s"}}))
+    cfg = load_config(TaskConfig, tmp_path / "c.yaml")
+    (tmp_path / "dumped.yaml").write_text(dump_config(cfg))
+    again = load_config(TaskConfig, tmp_path / "dumped.yaml")
+    assert [entry.spec() for entry in again.tasks] == [entry.spec() for entry in cfg.tasks]
+    assert [(s.text_b, s.label) for s in (entry.spec() for entry in cfg.tasks)] == [
+        ("sentence2", "gold_label"),
+        ("text_b", "label"),
+        ("text_b", "label"),
+        (None, "label"),
+    ]
 
 
 def test_label_order_check_message():
