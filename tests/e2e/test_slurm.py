@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,16 +18,19 @@ from tests.e2e.conftest import REPO, script_env
 
 SRUN = """#!/usr/bin/env bash
 # srun for one task: drop srun's own flags, run the command; with PREEMPT_WHEN set, send the task SIGUSR1 (as
-# --signal=USR1@120 does) once that file is non-empty.
+# --signal=USR1@120 does) once that file is non-empty. Like srun, pass SIGUSR1 / SIGTERM on to the task.
 while [[ "$1" == --* ]]; do shift; done
 export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0
 "$@" &
 task=$!
+trap 'kill -USR1 "$task" 2>/dev/null || true' USR1
+trap 'kill -TERM "$task" 2>/dev/null || true' TERM
 if [ -n "${PREEMPT_WHEN:-}" ]; then
   until [ -s "$PREEMPT_WHEN" ] || ! kill -0 "$task" 2>/dev/null; do sleep 0.05; done
   kill -USR1 "$task" 2>/dev/null || true
 fi
-wait "$task"
+while :; do status=0; wait "$task" || status=$?; kill -0 "$task" 2>/dev/null || break; done
+exit "$status"
 """
 
 SCONTROL = """#!/usr/bin/env bash
@@ -45,9 +50,19 @@ def _tools(directory: Path) -> Path:
     return directory
 
 
-def sbatch(script: str, args: list[str], tmp_path: Path, preempt_when: Path | None = None, submit_dir: Path = REPO):
+def sbatch(
+    script: str,
+    args: list[str],
+    tmp_path: Path,
+    preempt_when: Path | None = None,
+    submit_dir: Path = REPO,
+    shell_signal: signal.Signals | None = None,
+):
     """Run ``bash launch/slurm/SCRIPT ARGS`` as SLURM would (job 4242, submitted from ``submit_dir``; SLURM runs a
-    copy of the script from its spool directory); returns the finished process and the job ids it requeued."""
+    copy of the script from its spool directory); returns the finished process and the job ids it requeued.
+
+    ``preempt_when``: once that file is non-empty, the task gets SIGUSR1 (``--signal=USR1@N``), or with
+    ``shell_signal`` the batch script itself gets that signal (``--signal=B:USR1@N``, ``scancel``'s SIGTERM)."""
     requeued = tmp_path / "requeued.txt"
     requeued.unlink(missing_ok=True)
     tools = _tools(tmp_path / "bin")
@@ -60,15 +75,23 @@ def sbatch(script: str, args: list[str], tmp_path: Path, preempt_when: Path | No
         SLURM_SUBMIT_DIR=str(submit_dir),
         SLURM_CPUS_PER_TASK="1",
         REQUEUED=str(requeued),
-        PREEMPT_WHEN=str(preempt_when or ""),
+        PREEMPT_WHEN=str(preempt_when or "") if shell_signal is None else "",
     )
     spool = tmp_path / "spool"
     spool.mkdir(exist_ok=True)
     shutil.copy(REPO / "launch" / "slurm" / script, spool / script)
-    proc = subprocess.run(
+    with subprocess.Popen(
         ["bash", str(spool / script), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as job:  # fmt: skip
+        if shell_signal is not None:
+            deadline = time.monotonic() + 300
+            while not (preempt_when.exists() and preempt_when.stat().st_size) and job.poll() is None:
+                assert time.monotonic() < deadline, "the run logged no step"
+                time.sleep(0.05)
+            job.send_signal(shell_signal)
+        stdout, stderr = job.communicate(timeout=600)
+    proc = subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
     return proc, requeued.read_text().split() if requeued.exists() else []
 
 
@@ -95,6 +118,23 @@ def test_a_preempted_continuation_of_a_finished_run_is_requeued(general_args, tm
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "received SIGUSR1" in proc.stderr and "requeueing job 4242" in proc.stdout, proc.stderr[-3000:]
     assert requeued == ["4242"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_the_batch_script_checkpoints_and_requeues_only_for_usr1(general_args, tmp_path, sig):
+    """--signal=B:USR1@N reaches the script, not the tasks: the script passes it on, the ranks checkpoint and
+    exit 0, and the job is requeued (the script used to keep wait's 138 from the trap, skip the requeue and
+    fail). SIGTERM (scancel, preemption) checkpoints too but is not requeued."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    args = [*general_args, "train.max_steps=100000"]
+    proc, requeued = sbatch("general.sbatch", args, tmp_path, metrics, shell_signal=sig)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "received SIGUSR1" in proc.stderr, proc.stderr[-3000:]
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*")), "no checkpoint written"
+    if sig == signal.SIGUSR1:
+        assert "requeueing job 4242" in proc.stdout and requeued == ["4242"]
+    else:
+        assert "not requeued" in proc.stdout and requeued == []
 
 
 def test_sbatch_submitted_outside_the_checkout_runs_the_installed_commands(general_args, tmp_path):
