@@ -206,6 +206,32 @@ def bad_input(err: Exception, show: bool = True, rank: int = 0) -> int:
     return BAD_INPUT_EXIT_CODE
 
 
+def run_in_process_group(body: Callable[[], int], bad: tuple[type[Exception], ...] = (ValueError, OSError)) -> int:
+    """Run a command's ``body`` (which may start the process group) and tear the group down; returns the exit code.
+
+    Bad input (``bad``) is one ``error:`` line from the rank it concerns (:func:`bad_input`): every rank of
+    the job may fail, and one rank alone may fail (a file missing on one node). An error that every rank
+    raised together (:func:`dist_kd.distributed.shared_failure`) is said once, by the rank that had it first,
+    and the ranks tear down in step. A rank that failed alone leaves without the final barrier, which would
+    wait for the others (busy in a collective it never joins) until the group's 10-minute timeout: it exits
+    at once, and the launcher stops the job.
+    """
+    from dist_kd import distributed
+
+    failed: BaseException | None = None
+    try:
+        return body()
+    except bad as err:
+        failed = err
+        rank = distributed.current().rank
+        return bad_input(err, show=not distributed.reported_elsewhere(err, rank), rank=rank)
+    except BaseException as err:
+        failed = err
+        raise
+    finally:
+        distributed.teardown(in_step=failed is None or distributed.agreed(failed))
+
+
 def config_job_parser(
     description: str, config_help: str, debug_help: str, config_class: type | None = None
 ) -> argparse.ArgumentParser:
@@ -263,20 +289,19 @@ def run_config_job(
         except (ValueError, FileNotFoundError) as err:
             return bad_input(err)
         return 0
-    rank = 0
-    try:
+
+    def body() -> int:
         cfg = load_config(config_class, args.config, overrides)
         info = distributed.init_distributed()
-        rank = info.rank
-        configure_logging(rank)
-        result = run_training(cfg, trainer_class, finish, info)
+        configure_logging(info.rank)
+        try:
+            result = run_training(cfg, trainer_class, finish, info)
+        except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
+            print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)
+            return 130
         if result.lines:
             print("\n".join(result.lines), flush=True)
         return 0
-    except (ValueError, FileNotFoundError, CheckpointSaveError, OutputWriteError) as err:  # RunDirInUse: ValueError
-        return bad_input(err, rank=rank)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
-        print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)
-        return 130
-    finally:
-        distributed.teardown()
+
+    # RunDirInUse is a ValueError
+    return run_in_process_group(body, (ValueError, FileNotFoundError, CheckpointSaveError, OutputWriteError))

@@ -465,10 +465,31 @@ def shared_failure(*known: type[Exception]):
     told = [None] * dist.get_world_size()
     dist.all_gather_object(told, said, group=_host_group())
     if error is not None:
+        error.reported_by = _reporter(told, told[dist.get_rank()])
         raise error
     for rank, failure in enumerate(told):
         if failure is not None:
-            raise _rebuilt(rank, *failure, known)
+            rebuilt = _rebuilt(rank, *failure, known)
+            rebuilt.reported_by = rank
+            raise rebuilt
+
+
+def _reporter(told: list, failure: tuple) -> int:
+    """The rank that reports an error every rank knows of: the first one that had it (one line, not one per
+    rank, when all ranks failed alike)."""
+    return next(rank for rank, other in enumerate(told) if other is not None and other[:2] == failure[:2])
+
+
+def reported_elsewhere(err: BaseException, rank: int) -> bool:
+    """True when ``err`` came out of :func:`shared_failure` and another rank reports it (the rank that had it
+    first); every rank then stops at the same point, so the process group can be torn down in step."""
+    return getattr(err, "reported_by", rank) != rank
+
+
+def agreed(err: BaseException) -> bool:
+    """True when every rank raised ``err`` (or its twin) through :func:`shared_failure`; otherwise the other
+    ranks may be inside a collective that this rank will never join."""
+    return hasattr(err, "reported_by")
 
 
 def broadcast_object(obj, src: int = 0):
@@ -494,21 +515,29 @@ def shm_buffer_path(rank: int) -> Path:
     return Path("/dev/shm") / name
 
 
-def teardown() -> None:
+def teardown(in_step: bool = True) -> None:
     """Destroy the process group if one exists (safe to call twice).
 
     On a CPU, once every rank has reached the final barrier (so each has long mapped the others' buffers),
     each rank unlinks its own DeepSpeed shared-memory buffer (:func:`shm_buffer_path`); the mappings stay
     valid until the processes exit. Without the barrier a rank may still be looking for the file, so a failed
     barrier leaves it in place.
+
+    Args:
+        in_step: every rank is here at the same point (a normal end, or an error every rank raised: see
+            :func:`agreed`). A rank that leaves on an error of its own passes False: the others may be waiting
+            in another collective, against which the final barrier would wait until the process group's timeout
+            (10 minutes) instead of exiting, so that the launcher (srun --kill-on-bad-exit, torchrun,
+            deepspeed) stops the job at once. Its buffer is then left in place.
     """
     import torch.distributed as dist
 
     if dist.is_initialized():
         synced = False
         with contextlib.suppress(Exception):
-            dist.barrier()
-            synced = True
+            if in_step or dist.get_world_size() == 1:
+                dist.barrier()
+                synced = True
         rank = dist.get_rank()
         dist.destroy_process_group()
         if synced:

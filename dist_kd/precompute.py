@@ -631,14 +631,16 @@ def precompute_soft_targets(
     info = distributed.current()
     device = device or info.device
     output = Path(output_dir)
-    data_path = resolve_data_path(data_path)
-    spec = spec_for_data(spec, data_path)
-    check = check_teachers(config.teachers, spec, config.max_length)
-    examples, missing_label = _load_examples(data_path, spec, require_label_column, warn=info.is_main)
-    # Hashing weights and data reads every byte; one rank does it and tells the others.
-    hashes = None
-    if info.is_main:
-        hashes = {"teachers": [_weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
+    # Every rank checks the inputs; a refusal on any rank (a file missing on one node) stops every rank there.
+    with distributed.shared_failure():
+        data_path = resolve_data_path(data_path)
+        spec = spec_for_data(spec, data_path)
+        check = check_teachers(config.teachers, spec, config.max_length)
+        examples, missing_label = _load_examples(data_path, spec, require_label_column, warn=info.is_main)
+        # Hashing weights and data reads every byte; one rank does it and tells the others.
+        hashes = None
+        if info.is_main:
+            hashes = {"teachers": [_weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
     hashes = distributed.broadcast_object(hashes)
     metadata = build_store_metadata(spec, config, check, data_path, hashes, examples.num_rows)
     if missing_label is not None:

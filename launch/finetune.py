@@ -22,9 +22,9 @@ from dist_kd import distributed
 from dist_kd.cli import (
     add_launcher_argument,
     add_task_arguments,
-    bad_input,
     configure_logging,
     positive_int,
+    run_in_process_group,
     task_spec_from_args,
 )
 from dist_kd.train.finetune import FinetuneConfig, finetune_teachers
@@ -64,39 +64,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the exit code."""
     args = parse_args(argv)
-    info = None
-    try:
+
+    def body() -> int:
         info = distributed.init_distributed(force_cpu=args.cpu)
         configure_logging(info.rank)
-        spec = task_spec_from_args(args)
-        cfg = FinetuneConfig(
-            train=args.train,
-            dev=args.dev,
-            base=args.base,
-            output=args.output,
-            num_teachers=args.num_teachers,
-            seeds=args.seeds,
-            dropouts=args.dropouts,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            lr=args.lr,
-            warmup_ratio=args.warmup_ratio,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            group_by_length=args.group_by_length,
-            precision=args.precision,
-            deepspeed_config=args.deepspeed_config,
-        )
+        with distributed.shared_failure():  # the same refusal on every rank: said once
+            spec = task_spec_from_args(args)
+            cfg = FinetuneConfig(
+                train=args.train,
+                dev=args.dev,
+                base=args.base,
+                output=args.output,
+                num_teachers=args.num_teachers,
+                seeds=args.seeds,
+                dropouts=args.dropouts,
+                epochs=args.epochs,
+                max_steps=args.max_steps,
+                lr=args.lr,
+                warmup_ratio=args.warmup_ratio,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                group_by_length=args.group_by_length,
+                precision=args.precision,
+                deepspeed_config=args.deepspeed_config,
+            )
         report = finetune_teachers(spec, cfg, info)
         if info.is_main:
             summary = {t["dir"]: round(t["dev"][spec.metric], 4) for t in report["teachers"]}
             summary["ensemble"] = round(report["ensemble_dev"][spec.metric], 4)
             logger.info("dev %s: %s", spec.metric, json.dumps(summary))
         return 0
-    except (ValueError, OSError) as err:  # OSError: an output it cannot write
-        return bad_input(err, show=info is None or info.is_main)
-    finally:
-        distributed.teardown()
+
+    return run_in_process_group(body)  # bad input: ValueError, or OSError for an output it cannot write
 
 
 if __name__ == "__main__":

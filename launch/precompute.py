@@ -20,7 +20,13 @@ import logging
 import sys
 
 from dist_kd import distributed
-from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
+from dist_kd.cli import (
+    add_launcher_argument,
+    add_task_arguments,
+    configure_logging,
+    run_in_process_group,
+    task_spec_from_args,
+)
 from dist_kd.precompute import PrecomputeConfig, precompute_soft_targets
 
 logger = logging.getLogger("dist_kd.precompute")
@@ -56,31 +62,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the exit code."""
     args = parse_args(argv)
-    info = None
-    try:
+
+    def body() -> int:
         info = distributed.init_distributed(force_cpu=args.cpu)
         configure_logging(info.rank)
-        spec = task_spec_from_args(args)
-        config = PrecomputeConfig(
-            teachers=args.teachers,
-            temperature=args.temperature,
-            keep_teacher_logits=args.keep_teacher_logits,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            dtype=args.dtype,
-            chunk_size=args.chunk_size,
-            reuse=args.reuse,
-        )
+        with distributed.shared_failure():  # the same refusal on every rank: said once
+            spec = task_spec_from_args(args)
+            config = PrecomputeConfig(
+                teachers=args.teachers,
+                temperature=args.temperature,
+                keep_teacher_logits=args.keep_teacher_logits,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                dtype=args.dtype,
+                chunk_size=args.chunk_size,
+                reuse=args.reuse,
+            )
         result = precompute_soft_targets(
             spec, args.data, args.output, config, progress=not args.no_progress, require_label_column=args.label_given
         )
         if info.is_main:
             logger.info("soft-target store %s: %d rows", result.directory, result.num_rows)
         return 0
-    except (ValueError, OSError) as err:  # OSError: an output it cannot write
-        return bad_input(err, show=info is None or info.is_main)
-    finally:
-        distributed.teardown()
+
+    return run_in_process_group(body)  # bad input: ValueError, or OSError for an output it cannot write
 
 
 if __name__ == "__main__":

@@ -422,18 +422,20 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
 
     info = info or distributed.init_distributed()  # DeepSpeed's engines need a process group
     output = Path(cfg.output)
-    check_model_dir(cfg.base, "base")
-    # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
-    check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
-    tokenizer = load_tokenizer(cfg.base)
-    train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
-    dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
-    dev_sha256 = data_fingerprint(cfg.dev)
-    train_sha256 = data_fingerprint(cfg.train)
-    if info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output / "config.yaml") as tmp:
-            tmp.write_text(_config_yaml(spec, cfg))
+    # Every rank reads the inputs; a refusal on any rank (a file missing on one node) stops every rank here.
+    with distributed.shared_failure():
+        check_model_dir(cfg.base, "base")
+        # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
+        check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
+        tokenizer = load_tokenizer(cfg.base)
+        train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
+        dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
+        dev_sha256 = data_fingerprint(cfg.dev)
+        train_sha256 = data_fingerprint(cfg.train)
+        if info.is_main:
+            output.mkdir(parents=True, exist_ok=True)
+            with atomic_path(output / "config.yaml") as tmp:
+                tmp.write_text(_config_yaml(spec, cfg))
     metrics = MetricsLogger(output, enabled=info.is_main)
     entries, all_logits = [], []
     for index in range(cfg.num_teachers):

@@ -7,8 +7,9 @@ host, while its pid is alive. Otherwise it is stale (a killed or preempted job, 
 run takes it over, saying so.
 
 - A second run on the same directory is refused with one line naming the owner and the lock file.
-- A SLURM requeue (the same job id) whose old heartbeat is still fresh, e.g. on another node, waits until
-  it is stale instead of failing, and then resumes.
+- A SLURM requeue (the same job id) whose old heartbeat is still fresh, on another node, waits until it is
+  stale instead of failing, and then resumes. A run of the same job that is alive (its pid on this host, or
+  its heartbeat renewed meanwhile) is another run in the same allocation, and is refused.
 - Creation is atomic (``O_EXCL``); a take-over writes a new file, renames it over the stale one, and
   re-reads it, so of two runs taking over at once one wins and the other is refused.
 """
@@ -135,7 +136,7 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._created = missing  # run.output_dir=runs/x in an empty directory makes runs/ too
         payload = json.dumps(self.owner)
-        said = False
+        said, first_beat = False, 0.0
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -154,13 +155,18 @@ class RunLock:
                 if self._take_over(payload):
                     break
                 continue
-            if owner is not None and owner.get("job_id") and owner.get("job_id") == self.owner["job_id"]:
-                if not said:  # a requeue of this job: its earlier run is gone, its heartbeat not stale yet
+            beat = time.time() - age
+            same_job = owner is not None and owner.get("job_id") and owner.get("job_id") == self.owner["job_id"]
+            # A requeue of this job: its earlier run, on another node, is gone but its heartbeat is not stale yet.
+            # Not when that run is alive on this host (its pid), or its heartbeat moves on while we wait: then it
+            # is a second run in the same allocation (an salloc shell, one batch script), which waits for nothing.
+            if same_job and owner.get("host") != self.owner["host"] and not (said and beat > first_beat + 1.0):
+                if not said:
                     logger.warning(
                         "%s is held by an earlier run of this SLURM job (%s); waiting up to %.0f s for it to go stale",
                         self.path, self.describe(owner, age), self.stale_s - age,
                     )  # fmt: skip
-                    said = True
+                    said, first_beat = True, beat
                 time.sleep(min(poll, max(0.05, self.stale_s - age)))
                 continue
             raise RunDirInUse(

@@ -88,6 +88,43 @@ def test_bad_input_exits_2_with_one_error_line(inputs, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _two_ranks(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           script, *args]  # fmt: skip
+    # 150 s: far below the process group's 10-minute timeout, which a rank waiting for the other would reach
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=150, cwd=ROOT)
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_an_error_every_rank_has_is_said_once(inputs, tmp_path):
+    args, _ = inputs
+    bad = [a if a != ",".join(LABELS) else "tech,sport,business" for a in args]
+    proc = _two_ranks(SCRIPT, [*bad, "--output", str(tmp_path / "x")])
+    assert proc.returncode != 0
+    assert len(_errors(proc)) == 1 and "same labels in a different order" in _errors(proc)[0], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fail_at", ["setup", "chunk"])
+def test_a_failure_on_one_rank_is_said_by_that_rank_and_ends_the_job(inputs, tmp_path, fail_at):
+    """Rank 1 alone fails. It used to print nothing (only rank 0 printed errors) and then wait at the final
+    barrier while rank 0 waited in a collective, both until the 10-minute timeout. Now rank 1 says why; at
+    set-up every rank stops there, mid-run rank 1 leaves at once and the launcher stops rank 0."""
+    args, _ = inputs
+    worker = str(Path(__file__).parent / "workers" / "precompute_one_rank_fails.py")
+    env = {"FAIL_AT": fail_at, "PYTHONPATH": str(ROOT)}
+    proc = _two_ranks(worker, [*args, "--output", str(tmp_path / "x")], env)
+    assert proc.returncode != 0
+    expected = "does not exist" if fail_at == "setup" else "chunk 1 broke"
+    said = [line for line in _errors(proc) if expected in line]
+    assert said and all(line.startswith("error: [rank 1] ") for line in said), proc.stderr[-4000:]
+    if fail_at == "setup":  # every rank learnt of it at the same point: one line, and nothing written
+        assert len(_errors(proc)) == 1, proc.stderr[-4000:]
+        assert not (tmp_path / "x").exists()
+
+
 def test_manifest_describes_the_run(inputs):
     _, single = inputs
     manifest = json.loads((single / ".manifest.json").read_text())

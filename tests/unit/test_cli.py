@@ -106,7 +106,7 @@ def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, 
         return SimpleNamespace(rank=0, world_size=1, is_main=True)
 
     monkeypatch.setattr(distributed, "init_distributed", init_distributed)
-    monkeypatch.setattr(distributed, "teardown", lambda: events.append(("teardown",)))
+    monkeypatch.setattr(distributed, "teardown", lambda in_step=True: events.append(("teardown",)))
     config = tmp_path / "run.yaml"
     config.write_text(f"steps: 3\nrun: {{output_dir: {tmp_path / 'run'}}}\n")
     parser = config_job_parser("job", config_help="YAML", debug_help="one process")
@@ -229,7 +229,7 @@ def test_a_full_disk_outside_a_checkpoint_save_is_one_error_line(tmp_path, capsy
         raise failures["finish"] if state["where"] == "finish" else RuntimeError("a bug, not a full disk")
 
     monkeypatch.setattr(distributed, "init_distributed", lambda: SimpleNamespace(rank=0, world_size=1, is_main=True))
-    monkeypatch.setattr(distributed, "teardown", lambda: None)
+    monkeypatch.setattr(distributed, "teardown", lambda in_step=True: None)
     config = tmp_path / "run.yaml"
     config.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\n")
     args = config_job_parser("job", config_help="YAML", debug_help="one process").parse_args(["--config", str(config)])

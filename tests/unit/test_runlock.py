@@ -86,6 +86,53 @@ def test_a_requeued_job_waits_for_its_own_old_lock(tmp_path, monkeypatch):
     lock.release()
 
 
+def _refusal(lock: RunLock, within: float = 30.0) -> BaseException:
+    """What ``lock.acquire`` raises, failing the test if it is still waiting after ``within`` seconds."""
+    raised: list[BaseException] = []
+
+    def take():
+        try:
+            lock.acquire(poll=0.05)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            raised.append(err)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"still waiting for the lock after {within} s"
+    assert raised, "the lock was taken"
+    return raised[0]
+
+
+def test_a_second_run_in_the_same_slurm_job_is_refused_not_kept_waiting(tmp_path, monkeypatch):
+    """Two runs on one directory inside one allocation (an salloc shell) share SLURM_JOB_ID: the second was
+    taken for a requeue and waited as long as the first lived."""
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    first = RunLock(tmp_path, heartbeat_s=0.05, stale_s=2.0)
+    first.acquire()
+    try:  # the same host, its pid alive
+        refused = _refusal(RunLock(tmp_path, stale_s=2.0))
+    finally:
+        first.release()
+    assert isinstance(refused, RunDirInUse) and "in use by another run" in str(refused)
+    # on another node: waited for while its heartbeat stands still, refused once it moves on
+    path = _plant(tmp_path, age=0, job_id="777")
+    beating = threading.Event()
+
+    def beat():
+        while not beating.wait(0.05):
+            os.utime(path)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        refused = _refusal(RunLock(tmp_path, stale_s=5.0), within=20.0)
+    finally:
+        beating.set()
+        thread.join()
+    assert isinstance(refused, RunDirInUse) and "host other-node" in str(refused)
+
+
 def test_heartbeat_renews_the_lock_and_notices_a_take_over(tmp_path, caplog):
     lock = RunLock(tmp_path, heartbeat_s=0.05)
     lock.acquire()
