@@ -36,7 +36,7 @@ from dist_kd.models.student import (
     check_heads,
     unit_selection,
 )
-from dist_kd.models.teacher import Teacher, TeacherConfig, check_model_dir
+from dist_kd.models.teacher import Teacher, TeacherConfig, check_max_length, check_model_dir
 from dist_kd.objective import DistillConfig, tinybert_objective
 from dist_kd.quality import HeldOutTexts, QualityConfig, QualityReport, collapse_reasons, last_states
 from dist_kd.sentence_modules import carry_sentence_modules
@@ -152,12 +152,12 @@ class GeneralTrainer(EngineTrainer):
         teacher_config = _teacher_config(cfg.teacher.path)
         num_teacher_layers = teacher_config.num_hidden_layers
         num_student_layers = cfg.student.num_layers
+        student_config = None  # a student built here copies the teacher's position embeddings
         if cfg.student.path:
             from transformers import AutoConfig
 
-            num_student_layers = AutoConfig.from_pretrained(
-                check_model_dir(cfg.student.path, "student.path")
-            ).num_hidden_layers
+            student_config = AutoConfig.from_pretrained(check_model_dir(cfg.student.path, "student.path"))
+            num_student_layers = student_config.num_hidden_layers
         self.mapping = cfg.distill.mapping(num_teacher_layers, num_student_layers)
         weights = cfg.distill.weights
         if weights.attn > 0 and not cfg.student.path and cfg.distill.attention == "raw_scores":
@@ -181,6 +181,11 @@ class GeneralTrainer(EngineTrainer):
         self.manifest = read_manifest(cfg.data.shards)
         self.tokenizer = load_tokenizer(cfg.teacher.path)
         check_tokenizer_matches(self.manifest["tokenizer"], self.tokenizer, cfg.data.shards)
+        # Sequences longer than the position embeddings fail at the first forward, deep inside the model.
+        self._position_models = [(teacher_config, cfg.teacher.path)]
+        if student_config is not None:
+            self._position_models.append((student_config, cfg.student.path))
+        self._check_seq_len(self.manifest, cfg.data.shards)
         self.heldout = self._heldout_texts()
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
 
@@ -258,6 +263,12 @@ class GeneralTrainer(EngineTrainer):
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
+    def _check_seq_len(self, manifest: dict[str, Any], shards: str) -> None:
+        """The corpus's sequences fit the teacher's (and a ``student.path`` student's) position embeddings."""
+        flag = f"the seq_len of corpus {shards} (launch/prepare_corpus.py --seq-len)"
+        for config, model_dir in self._position_models:
+            check_max_length(config, manifest["seq_len"], model_dir, flag)
+
     def _build_loader(self, shards: str, shuffle: bool):
         from dist_kd.data.stream import build_corpus_loader
 
@@ -300,8 +311,12 @@ class GeneralTrainer(EngineTrainer):
             logger.warning("no held-out text (eval.texts, data.eval_shards): the student's quality is not measured")
             return None
         from dist_kd.data.shards import read_manifest
+        from dist_kd.data.tokenizer import check_tokenizer_matches
 
-        read_manifest(self.cfg.data.eval_shards)  # a clear error now, not after training
+        # Clear errors now, not after training: the held-out sequences are read as the teacher's token ids.
+        manifest = read_manifest(self.cfg.data.eval_shards)
+        check_tokenizer_matches(manifest["tokenizer"], self.tokenizer, self.cfg.data.eval_shards)
+        self._check_seq_len(manifest, self.cfg.data.eval_shards)
         sequences = []
         for index, batch in enumerate(self._eval_loader(self.cfg.data.eval_shards)):
             if index >= self.cfg.data.eval_batches:
@@ -553,6 +568,7 @@ class GeneralTrainer(EngineTrainer):
             num_workers=0,
             seed=0,
             shuffle=False,
+            skip_corrupt=self.cfg.data.skip_corrupt,
         )
 
 

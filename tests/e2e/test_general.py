@@ -258,6 +258,20 @@ def other_tokenizer_corpus(tmp_path_factory):
     return root / "shards"
 
 
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory, tiny_bert_dir):
+    """Sequences of 200 tokens: more than the tiny teacher's 128 position embeddings. prepare_corpus refuses
+    them given the teacher's directory, so they are made with its tokenizer alone (which allows 512)."""
+    from dist_kd.data.corpus import prepare_corpus
+    from dist_kd.testing import build_tiny_tokenizer, random_sentences
+
+    root = tmp_path_factory.mktemp("long")
+    build_tiny_tokenizer(root / "tok")
+    (root / "t.txt").write_text("\n\n".join(random_sentences(200, seed=9)))
+    prepare_corpus([root / "t.txt"], root / "tok", root / "shards", seq_len=200, num_workers=0, progress=False)
+    return root / "shards"
+
+
 def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_path):
     """dist-kd export rebuilds the student from config.yaml and the DeepSpeed files: at the last step it is
     the student the run exported, weight for weight, and it loads with AutoModel."""
@@ -290,6 +304,8 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_pat
     [
         ("missing teacher", ["teacher.path=/nonexistent/teacher"], "teacher.path /nonexistent/teacher does not exist"),
         ("tokenizer mismatch", ["data.shards=OTHER"], "corpus .* was tokenized with .* teacher uses"),
+        # sequences past the teacher's position embeddings would fail at the first step, inside the model
+        ("corpus too long", ["data.shards=LONG"], r"seq_len of corpus .*long.* --seq-len\) 200 exceeds the max_po"),
         ("student shape", ["student.hidden_size=30"], "student.hidden_size 30 is not divisible by student.num_heads 4"),
         ("batch settings", ["train.global_batch_size=7"], "train.global_batch_size=7 but data.micro_batch_size"),
         ("unknown key", ["train.max_step=3"], "unknown config key 'train.max_step'; did you mean 'train.max_steps'"),
@@ -306,13 +322,16 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_pat
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
-    case, overrides, message, finished_run, tiny_bert_dir, tiny_corpus, other_tokenizer_corpus
+    case, overrides, message, finished_run, tiny_bert_dir, tiny_corpus, other_tokenizer_corpus, long_corpus
 ):
     import re
 
     before = snapshot(finished_run)
     overrides = [
-        o.replace("OTHER", str(other_tokenizer_corpus)).replace("EVAL", str(tiny_corpus / "eval")) for o in overrides
+        o.replace("OTHER", str(other_tokenizer_corpus))
+        .replace("EVAL", str(tiny_corpus / "eval"))
+        .replace("LONG", str(long_corpus))
+        for o in overrides
     ]
     proc = run_script(
         "launch/general.py", "--debug", "--config", CONFIG,

@@ -3,6 +3,7 @@ tokenizer check and corrupt shards. Ranks are simulated in one process (rank/wor
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -293,3 +294,57 @@ def test_iterating_leaves_the_global_torch_rng_alone(corpus, num_workers):
     _take(stream, 3)
     list(stream)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def _general_trainer(tokenizer_dir: Path, eval_shards: Path, skip_corrupt: bool, max_positions: int = 128):
+    """A GeneralTrainer with only what its held-out loader reads (no teacher, engine or run directory)."""
+    from transformers import BertConfig
+
+    from dist_kd.data.tokenizer import load_tokenizer
+    from dist_kd.train.general import DataConfig, GeneralConfig, GeneralTrainer
+
+    trainer = GeneralTrainer.__new__(GeneralTrainer)
+    trainer.cfg = GeneralConfig(
+        data=DataConfig(
+            micro_batch_size=BATCH, eval_shards=str(eval_shards), eval_batches=1000, skip_corrupt=skip_corrupt
+        )
+    )
+    trainer.tokenizer = load_tokenizer(tokenizer_dir)
+    trainer._position_models = [(BertConfig(max_position_embeddings=max_positions), "teacher-dir")]
+    return trainer
+
+
+def test_general_held_out_shards_skip_corrupt_ones_as_the_corpus_does(corpus, tiny_tokenizer_dir, tmp_path):
+    """data.eval_shards (and calibration) read through the same data.skip_corrupt as the training corpus."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    shard = damaged / "shard-000003.tar"
+    lost = Counter(tuple(int(t) for t in array) for array in read_shard(shard))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CorruptShardError, match=r"shard-000003\.tar"):
+        _general_trainer(tiny_tokenizer_dir, damaged, skip_corrupt=False)._heldout_texts()
+    heldout = _general_trainer(tiny_tokenizer_dir, damaged, skip_corrupt=True)._heldout_texts()
+    remaining = Counter(_sequences(corpus)) - lost
+    # every intact sequence, in whole micro-batches (the last partial one is dropped)
+    assert sum(remaining.values()) - len(heldout) < BATCH and len(heldout) % BATCH == 0
+    rows = heldout.rows
+    seen = Counter(tuple(int(t) for t in rows.ids[a:b]) for a, b in itertools.pairwise(rows.offsets))
+    assert not seen - remaining
+
+
+def test_general_held_out_shards_of_another_tokenizer_or_too_long_are_refused(corpus, tiny_tokenizer_dir, tmp_path):
+    from transformers import BertTokenizerFast
+
+    from dist_kd.testing import tiny_vocab
+
+    other = BertTokenizerFast(vocab={t: i for i, t in enumerate(reversed(tiny_vocab()))}, do_lower_case=True)
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "docs.txt").write_text("\n".join(random_sentences(50, seed=2)) + "\n")
+    prepare_corpus([tmp_path / "docs.txt"], tmp_path / "other", tmp_path / "shards", seq_len=SEQ_LEN,
+                   txt_document="line", num_workers=0, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"corpus .*shards was tokenized with .*other.*teacher uses"):
+        _general_trainer(tiny_tokenizer_dir, tmp_path / "shards", skip_corrupt=False)._heldout_texts()
+    message = r"the seq_len of corpus .* \(launch/prepare_corpus.py --seq-len\) 16 exceeds the max_position_embed"
+    with pytest.raises(ValueError, match=message):
+        _general_trainer(tiny_tokenizer_dir, corpus, skip_corrupt=False, max_positions=12)._heldout_texts()
+    assert len(_general_trainer(tiny_tokenizer_dir, corpus, skip_corrupt=False, max_positions=16)._heldout_texts())
