@@ -532,6 +532,36 @@ def _validate_options(
         raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, found {encoding_errors!r}")
 
 
+def _check_seq_len(seq_len: int, tokenizer_dir: Path, tok: Any) -> None:
+    """Refuse sequences longer than the position embeddings of the model in ``tokenizer_dir`` (the teacher's
+    directory, as usual); warn when only a tokenizer says they are too long.
+
+    Such a corpus is only found out at training time: general distillation refuses it before its first step.
+    A tokenizer directory alone does not know the model; its ``model_max_length`` is the hint it gives.
+    """
+    from types import SimpleNamespace
+
+    from dist_kd.models.teacher import check_max_length
+
+    config_file = tokenizer_dir / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            config = None  # not a model config this check can read; loading the teacher reports it
+        if isinstance(config, dict):
+            check_max_length(SimpleNamespace(**config), seq_len, tokenizer_dir, "--seq-len")
+            return
+    limit = getattr(tok, "model_max_length", None)
+    if isinstance(limit, int) and limit < seq_len:
+        logger.warning(
+            "--seq-len %d exceeds the model_max_length %d of tokenizer %s: a model with that limit cannot read "
+            "these sequences (general distillation refuses a corpus longer than its teacher's positions); "
+            "pass --seq-len %d or less unless your model takes more",
+            seq_len, limit, tokenizer_dir, limit,
+        )  # fmt: skip
+
+
 def _corpus_entry(name: str) -> bool:
     """A file that belongs to a corpus (or to a run writing one), as opposed to the user's own files."""
     return name == MANIFEST_NAME or fnmatch.fnmatch(name, "shard-*.tar") or fnmatch.fnmatch(name, ".*.tmp")
@@ -658,6 +688,7 @@ def prepare_corpus(
     for role in ("cls", "sep", "pad"):
         if getattr(tok, f"{role}_token_id") is None:
             raise ValueError(f"tokenizer {tokenizer} has no {role} token (expected a BERT-style tokenizer)")
+    _check_seq_len(seq_len, Path(tokenizer), tok)
     fingerprint = tokenizer_fingerprint(tok)
     dtype = np.dtype(np.uint16) if fingerprint["vocab_size"] <= 65535 else np.dtype(np.int32)
     output = Path(output_dir)

@@ -405,3 +405,28 @@ def test_a_killed_tokenizer_worker_is_an_error_not_a_hang():
             list(_ordered_map(_die_on_three, range(8), 2, lambda: None, ()))
     finally:
         signal.alarm(0)
+
+
+def test_seq_len_past_the_models_positions_is_refused_and_past_the_tokenizers_warned(tmp_path, text_inputs, caplog):
+    """A --tokenizer that is a model directory gives the hard limit (its config's 128 positions); a tokenizer
+    directory alone only its model_max_length, which is a warning (the model it serves is not known)."""
+    import logging
+
+    from dist_kd.testing import build_tiny_bert
+
+    model = build_tiny_bert(tmp_path / "model", max_position_embeddings=24)
+    with pytest.raises(ValueError, match=r"--seq-len 25 exceeds the max_position_embeddings 24 of model .*model; "
+                                         r"set --seq-len to at most 24"):  # fmt: skip
+        prepare_corpus([text_inputs], model, tmp_path / "out", seq_len=25, num_workers=0, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    prepare_corpus([text_inputs], model, tmp_path / "out", seq_len=24, num_workers=0, progress=False)
+    assert read_manifest(tmp_path / "out")["seq_len"] == 24
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "tok")
+    tokenizer.model_max_length = 20
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        prepare_corpus([text_inputs], tmp_path / "tok", tmp_path / "out2", seq_len=24, num_workers=0, progress=False)
+    assert "--seq-len 24 exceeds the model_max_length 20 of tokenizer" in caplog.text
+    assert read_manifest(tmp_path / "out2")["seq_len"] == 24
+
