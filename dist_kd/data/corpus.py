@@ -114,7 +114,8 @@ def _is_dataset_dir(path: Path) -> bool:
 def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand input paths into the ordered list of sources (files and ``datasets`` directories).
 
-    Directories are walked in sorted order; files with unsupported suffixes inside them are skipped.
+    Directories are walked in sorted order; files with unsupported suffixes inside them are skipped. A file
+    found more than once (overlapping inputs) is kept where it was first found, with a warning.
 
     Raises:
         FileNotFoundError: for a path that does not exist.
@@ -139,7 +140,22 @@ def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             raise ValueError(f"input {path} has an unsupported type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
         else:
             sources.append(path)
-    return sources
+    # Overlapping inputs (a directory and a file inside it, a path given twice or through a link) would write
+    # every document of the repeated file twice; the first place a file is found keeps its order.
+    unique: dict[Path, Path] = {}
+    repeated: list[Path] = []
+    for source in sources:
+        key = source.resolve()
+        if key in unique:
+            repeated.append(source)
+        else:
+            unique[key] = source
+    if repeated:
+        logger.warning(
+            "%d input(s) found more than once among the --input paths are read once: %s",
+            len(repeated), ", ".join(str(path) for path in repeated[:5]) + (" ..." if len(repeated) > 5 else ""),
+        )  # fmt: skip
+    return list(unique.values())
 
 
 def _walk(directory: Path) -> list[Path]:

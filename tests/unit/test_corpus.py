@@ -430,3 +430,20 @@ def test_seq_len_past_the_models_positions_is_refused_and_past_the_tokenizers_wa
     assert "--seq-len 24 exceeds the model_max_length 20 of tokenizer" in caplog.text
     assert read_manifest(tmp_path / "out2")["seq_len"] == 24
 
+
+def test_overlapping_inputs_read_each_file_once(tmp_path, text_inputs, tiny_tokenizer_dir, caplog):
+    """A directory and a file inside it (or one path twice, or through a link) would double its documents."""
+    import logging
+
+    (tmp_path / "link.txt").symlink_to(text_inputs / "a.txt")
+    alone = discover_inputs([text_inputs])
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        both = discover_inputs([text_inputs, text_inputs / "a.txt", tmp_path / "link.txt", text_inputs / "c.jsonl"])
+    assert both == alone
+    assert "3 input(s) found more than once" in caplog.text and "link.txt" in caplog.text
+
+    options = dict(seq_len=SEQ_LEN, num_workers=0, progress=False)
+    once = prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "once", **options)
+    twice = prepare_corpus([text_inputs, text_inputs / "a.txt"], tiny_tokenizer_dir, tmp_path / "twice", **options)
+    assert twice.num_documents == once.num_documents == 240
+    assert _tree_bytes(tmp_path / "once") == _tree_bytes(tmp_path / "twice")
