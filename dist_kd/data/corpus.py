@@ -43,6 +43,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -231,8 +232,26 @@ def _jsonl_documents(path: Path, text_column: str, encoding_errors: str) -> Iter
                 raise ValueError(
                     f"{path}:{line_number}: field '{text_column}' must be a string, found {type(text).__name__}"
                 )
+            if _SURROGATE.search(text):
+                text = _lone_surrogates(text, f"{path}:{line_number}: field '{text_column}'", encoding_errors)
             if text.strip():
                 yield text
+
+
+# JSON may escape half of a UTF-16 pair alone ("\ud83d", common in scraped text): valid JSON, but not a
+# character; such a string cannot be encoded as UTF-8, and the tokenizer fails on it naming no file.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogates(text: str, where: str, encoding_errors: str) -> str:
+    """``text`` with its lone surrogates handled as ``encoding_errors`` handles undecodable bytes."""
+    if encoding_errors == "strict":
+        found = _SURROGATE.search(text)
+        raise ValueError(
+            f"{where} holds a lone surrogate escape (\\u{ord(found.group()):04x} at character {found.start()}), "
+            "which is not text; pass --encoding-errors replace to substitute U+FFFD (or ignore to drop it)"
+        )
+    return _SURROGATE.sub("\ufffd" if encoding_errors == "replace" else "", text)
 
 
 def _column_texts(values: Iterable[Any], where: str, text_column: str) -> Iterator[str]:
@@ -331,7 +350,8 @@ def iter_documents(
         source: a file or a saved ``datasets`` directory (from ``discover_inputs``).
         txt_document: how ``.txt`` files split into documents (``paragraph``, ``line``, ``file``).
         text_column: JSONL field / table column with the text.
-        encoding_errors: how text files treat bytes that are not UTF-8 (``strict``, ``replace``, ``ignore``).
+        encoding_errors: how text files treat bytes that are not UTF-8, and JSONL texts lone surrogate escapes
+            (``strict``, ``replace``, ``ignore``).
 
     Raises:
         ValueError: naming the file (and line) for undecodable text, bad JSON, or a missing text field/column.
@@ -684,7 +704,8 @@ def prepare_corpus(
         packing: ``"pack"`` (full sequences across documents) or ``"document"`` (one per document).
         txt_document: how ``.txt`` files split into documents: ``"paragraph"``, ``"line"`` or ``"file"``.
         text_column: field of ``.jsonl`` records / column of tables and datasets holding the text.
-        encoding_errors: ``strict`` (default: a non-UTF-8 text file is an error naming it), ``replace`` or
+        encoding_errors: ``strict`` (default: a non-UTF-8 text file, or a JSONL text with a lone surrogate escape
+            such as ``\\ud83d``, is an error naming it), ``replace`` (U+FFFD) or
             ``ignore`` (Python's codec error handlers).
         overwrite: replace an existing corpus in ``output_dir``.
         progress: show a progress bar.

@@ -431,6 +431,24 @@ def test_seq_len_past_the_models_positions_is_refused_and_past_the_tokenizers_wa
     assert read_manifest(tmp_path / "out2")["seq_len"] == 24
 
 
+def test_a_lone_surrogate_escape_in_jsonl_follows_encoding_errors(tmp_path, tiny_tokenizer_dir):
+    """'\\ud83d' alone is valid JSON but no character: strict names file:line, replace gives U+FFFD (whose ids are
+    those of the tokenizer's own text with U+FFFD), ignore drops it; the tokenizer never sees it."""
+    source = tmp_path / "scraped.jsonl"
+    source.write_text('{"text": "the cat sat"}\n{"text": "a \\ud83d b cat"}\n')
+    with pytest.raises(ValueError, match=r"scraped\.jsonl:2: field 'text' holds a lone surrogate escape \(\\ud83d at "
+                                         r"character 2\).*--encoding-errors replace"):  # fmt: skip
+        list(iter_documents(source))
+    assert list(iter_documents(source, encoding_errors="replace")) == ["the cat sat", "a \ufffd b cat"]
+    assert list(iter_documents(source, encoding_errors="ignore")) == ["the cat sat", "a  b cat"]
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", seq_len=4, packing="document",
+                   encoding_errors="replace", num_workers=0, progress=False)  # fmt: skip
+    [_, second] = _all_sequences(tmp_path / "out")
+    assert second[1:-1].tolist() == tokenizer("a \ufffd b cat", add_special_tokens=False)["input_ids"][:2]
+
+
 def test_overlapping_inputs_read_each_file_once(tmp_path, text_inputs, tiny_tokenizer_dir, caplog):
     """A directory and a file inside it (or one path twice, or through a link) would double its documents."""
     import logging
