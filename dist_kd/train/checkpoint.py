@@ -479,7 +479,9 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
 
     A checkpoint from a different world size (ZeRO 0 only: :func:`check_world_size`) restores the model,
     optimizer and step; the data position then comes from rank 0's state (the stream documents how it
-    continues without repeating shards).
+    continues without repeating shards). A rank without its own state starts an empty log window: rank 0's
+    open window holds rank 0's own loss sums and tokens, which the next log line would count once more for
+    every such rank (and add to ``tokens_seen``).
     """
     info = distributed.current()
     engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True)
@@ -488,4 +490,6 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if path == own:
         set_rng_state(state["rng"])
+    else:
+        state.pop("window", None)
     return state

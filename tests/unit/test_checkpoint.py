@@ -299,3 +299,33 @@ def test_a_resume_names_another_loss_setting_and_refuses_another_projection(tmp_
     said = "distill.weights.attn 1.0 -> 0.5, distill.temperature 1.0 -> 2.0, distill.normalize none -> variance"
     assert said in caplog.text and "from step 11 on" in caplog.text, caplog.text
     assert "data.micro_batch_size" not in caplog.text  # unchanged settings are not named
+
+
+def test_a_rank_without_its_own_state_starts_an_empty_log_window(tmp_path, monkeypatch):
+    """ZeRO-0 resumed on more ranks: rank 1 takes rank 0's data position and tokens_seen, but not rank 0's open
+    log window, whose sums the next line's reduction would count twice (tokens_seen with them)."""
+    from types import SimpleNamespace
+
+    from dist_kd.train.common import LossWindow
+
+    window = LossWindow(torch.device("cpu"))
+    window.add({"loss": torch.tensor(2.0)}, tokens=100, rows=4)
+    state = {"step": 11, "tokens_seen": 5000, "window": window.state_dict()}
+    checkpoint = ckpt.save_checkpoint(FakeEngine(), tmp_path, 11, state, {"student": 1}, 0)
+
+    class LoadingEngine:
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+            assert (load_dir, tag) == (str(tmp_path), checkpoint.name)
+
+    windows = []
+    for rank in (0, 1):
+        monkeypatch.setattr(ckpt.distributed, "current", lambda rank=rank: SimpleNamespace(rank=rank, world_size=2))
+        loaded = ckpt.load_checkpoint(LoadingEngine(), checkpoint)
+        assert loaded["tokens_seen"] == 5000 and loaded["step"] == 11  # global counts: the same on every rank
+        resumed = LossWindow(torch.device("cpu"))
+        if "window" in loaded:  # as the trainers' load_state_dict
+            resumed.load_state_dict(loaded["window"])
+        windows.append(resumed)
+    # What the next log line's all-reduce sums: the open window once, as one rank would have logged it.
+    summed = sum(w.totals for w in windows)
+    torch.testing.assert_close(summed, window.totals)
