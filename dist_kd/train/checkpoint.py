@@ -481,10 +481,15 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     optimizer and step; the data position then comes from rank 0's state (the stream documents how it
     continues without repeating shards). A rank without its own state starts an empty log window: rank 0's
     open window holds rank 0's own loss sums and tokens, which the next log line would count once more for
-    every such rank (and add to ``tokens_seen``).
+    every such rank (and add to ``tokens_seen``). The learning rate is the one this run's schedule gives at
+    the checkpoint's step (:func:`dist_kd.train.engine.follow_schedule`), whatever schedule saved it.
     """
+    from dist_kd.train.engine import follow_schedule
+
     info = distributed.current()
     engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True)
+    if engine.lr_scheduler is not None:  # the first step after a resume with another schedule takes its rate
+        follow_schedule(engine.lr_scheduler)
     own = checkpoint / f"rank{info.rank:05d}.pt"
     path = own if own.is_file() else checkpoint / "rank00000.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)

@@ -233,6 +233,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
 
 
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's learning rates to what ``scheduler`` gives at the step it is at.
+
+    A checkpoint restores the optimizer's learning rates as they were: the rates the schedule it was saved
+    under set for the next step. A run resumed with another schedule (a longer ``train.max_steps``, another
+    warmup) would take that step at the old schedule's rate, and only the steps after it at the new one's.
+    Every ``train.scheduler`` is a ``LambdaLR`` (rate = base rate x multiplier of the step), and the
+    multiplier functions are the ones built from this run's config; for an unchanged schedule this sets the
+    very values the checkpoint held.
+    """
+    for group, base, multiplier in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+
+
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]):
     """Wrap ``module`` (student + projections) in a DeepSpeed engine with optimizer and schedule.
 

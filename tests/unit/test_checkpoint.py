@@ -314,6 +314,8 @@ def test_a_rank_without_its_own_state_starts_an_empty_log_window(tmp_path, monke
     checkpoint = ckpt.save_checkpoint(FakeEngine(), tmp_path, 11, state, {"student": 1}, 0)
 
     class LoadingEngine:
+        lr_scheduler = None
+
         def load_checkpoint(self, load_dir, tag, load_optimizer_states):
             assert (load_dir, tag) == (str(tmp_path), checkpoint.name)
 

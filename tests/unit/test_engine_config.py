@@ -115,3 +115,48 @@ def test_negative_seed_is_a_config_error():
 
     with pytest.raises(ValueError, match="train.seed must be >= 0"):
         TrainConfig(seed=-1)
+
+
+class ScheduledEngine:
+    """What a DeepSpeed engine saves and loads of the schedule: optimizer and scheduler state dicts."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        self.lr_scheduler = build_scheduler(self.optimizer, cfg)
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        target = ckpt.Path(save_dir) / tag
+        target.mkdir(parents=True, exist_ok=True)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict()}
+        torch.save(state, target / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+        state = torch.load(ckpt.Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+
+    def train(self, steps: int) -> list[float]:
+        rates = []
+        for _ in range(steps):
+            rates.append(self.optimizer.param_groups[0]["lr"])
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        return rates
+
+
+def test_a_resume_with_a_longer_schedule_takes_the_new_rate_from_its_first_step(tmp_path):
+    """Saved at step 10 of 100 (warmup 10: rate 1.0 next), resumed for 200 steps (warmup 20): the first step
+    after the resume runs at 10/20 of the peak, as the warning says, not at the checkpoint's 1.0."""
+    before = ScheduledEngine(TrainConfig(max_steps=100, lr=1.0, warmup_ratio=0.1))
+    before.train(10)
+    checkpoint = ckpt.save_checkpoint(before, tmp_path, 10, {"step": 10}, {}, 0)
+    assert before.optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+
+    after = ScheduledEngine(TrainConfig(max_steps=200, lr=1.0, warmup_ratio=0.1))
+    ckpt.load_checkpoint(after, checkpoint)
+    expected = [s / 20 if s < 20 else (200 - s) / 180 for s in range(10, 30)]  # linear warmup 20, then decay
+    assert after.train(20) == pytest.approx(expected, abs=1e-12)
+
+    same = ScheduledEngine(TrainConfig(max_steps=100, lr=1.0, warmup_ratio=0.1))
+    ckpt.load_checkpoint(same, checkpoint)  # an unchanged schedule resumes at exactly the rate it saved
+    assert same.train(90) == before.train(90)
