@@ -5,6 +5,11 @@ dataclass fields: an unknown key is an error naming the closest known one (users
 hand, and a typo that silently falls back to a default wastes a cluster job). Field-level validation
 lives in each dataclass's ``__post_init__`` and raises ``ValueError`` naming the field and the allowed values.
 
+A value given for a string key is the text as written: YAML would read ``001`` as 1, ``0755`` as 493, ``12:30``
+as 750 and ``2024_01_05`` as 20240105, so numbers and dates keep the text they were written as for such keys
+(:class:`_Loader`); booleans (``yes``, ``off``) are refused with a hint to quote them. A ``~`` at the start of a
+path-valued key (``doc(..., path=True)``) is the user's home directory, as in a shell.
+
 The stage-specific dataclasses (general distillation, task distillation) are defined by the modules
 that use them; this module only knows how to build any of them from a mapping.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -24,11 +30,53 @@ import yaml
 T = TypeVar("T")
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with a one-line description (shown in errors and ``describe``)."""
+def doc(
+    text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING, path: bool = False
+) -> Any:
+    """A dataclass field with a one-line description (shown in errors and ``describe``).
+
+    ``path``: the value names a file or directory; a leading ``~`` is expanded to the home directory.
+    """
+    metadata = {"doc": text, "path": True} if path else {"doc": text}
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"doc": text})
-    return dataclasses.field(default=default, metadata={"doc": text})
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """A YAML scalar that YAML typed as a number or a date, with the text it was written as."""
+
+    value: Any
+    text: str
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose numbers and dates keep their written text (:class:`_Written`): a string key
+    takes the text (YAML 1.1 reads ``001`` as 1, ``12:30`` as 750), any other key the typed value."""
+
+
+def _keeping_text(construct):
+    return lambda loader, node: _Written(construct(loader, node), node.value)
+
+
+for _tag, _construct in (
+    ("int", yaml.constructor.SafeConstructor.construct_yaml_int),
+    ("float", yaml.constructor.SafeConstructor.construct_yaml_float),
+    ("timestamp", yaml.constructor.SafeConstructor.construct_yaml_timestamp),
+):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keeping_text(_construct))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` without :class:`_Written` wrappers, at any depth."""
+    if isinstance(value, _Written):
+        return value.value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _closest(name: str, choices: list[str]) -> str:
@@ -49,6 +97,9 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, or raise ValueError naming the key."""
+    written, text = value, None
+    if isinstance(value, _Written):
+        value, text = value.value, value.text
     tp, optional = _strip_optional(tp)
     if value is None:
         if optional or tp is Any:
@@ -56,39 +107,39 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ValueError(f"config key '{where}' must not be null")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"config key '{where}' must be a mapping, got {value!r}")
+            raise ValueError(f"config key '{where}' must be a mapping, got {_plain(value)!r}")
         return _build(tp, value, where)
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (typing.Union, types.UnionType):
         # e.g. `str | list[int]`: accept the first alternative that fits.
         for alt in typing.get_args(tp):
             try:
-                return _coerce(value, alt, where)
+                return _coerce(written, alt, where)
             except ValueError:
                 continue
-        raise ValueError(f"config key '{where}' has value {value!r}, which is none of {tp}")
+        raise ValueError(f"config key '{where}' has value {_plain(value)!r}, which is none of {tp}")
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"config key '{where}' must be a list, got {value!r}")
+            raise ValueError(f"config key '{where}' must be a list, got {_plain(value)!r}")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"config key '{where}' must be a mapping, got {value!r}")
+            raise ValueError(f"config key '{where}' must be a mapping, got {_plain(value)!r}")
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config key '{where}' must be true or false, got {value!r}")
+        raise ValueError(f"config key '{where}' must be true or false, got {_plain(value)!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"config key '{where}' must be an integer, got {value!r}")
+        raise ValueError(f"config key '{where}' must be an integer, got {_plain(value)!r}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -97,27 +148,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config key '{where}' must be a number, got {value!r}")
+        raise ValueError(f"config key '{where}' must be a number, got {_plain(value)!r}")
     if tp is str:
+        if text is not None:
+            return text  # as written: YAML's reading of `001` (1) or `12:30` (750) is not what was meant
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
         hint = ""
-        if isinstance(value, bool | datetime.date):  # YAML 1.1 reads yes/no/on/off and dates unquoted as such
-            hint = "; YAML reads yes, no, on, off and dates as booleans and dates: quote the value"
-        raise ValueError(f"config key '{where}' must be a string, got {value!r}{hint}")
+        if isinstance(value, bool | datetime.date):  # YAML 1.1 reads yes/no/on/off unquoted as booleans
+            hint = "; YAML reads yes, no, on, off as booleans: quote the value"
+        raise ValueError(f"config key '{where}' must be a string, got {_plain(value)!r}{hint}")
     return value
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
+        key = _plain(key)
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             known = [f"{prefix}.{n}" if prefix else n for n in names]
             raise ValueError(f"unknown config key '{where}'{_closest(where, known)}")
         kwargs[key] = _coerce(value, hints[key], where)
+        if fields[key].metadata.get("path") and isinstance(kwargs[key], str):
+            # A shell expands ~ only at the start of a word: `run.output_dir=~/runs/x` reaches us unexpanded.
+            kwargs[key] = os.path.expanduser(kwargs[key])
     try:
         return cls(**kwargs)
     except ValueError as err:
@@ -143,7 +201,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=3", "c=[1, 2]"]`` into a nested mapping; values are parsed as YAML scalars/lists."""
+    """Turn ``["a.b=3", "c=[1, 2]"]`` into a nested mapping; values are parsed as YAML scalars/lists (numbers and
+    dates as :class:`_Written`, keeping their text for string keys)."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -152,7 +211,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key:
             raise ValueError(f"override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_Loader) if raw.strip() else None  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ValueError(
@@ -215,7 +274,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_Loader) or {}  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -266,7 +325,10 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             default = "required"
         shown = "null" if default is None else (repr(default) if default == "" else default)
         text = f.metadata.get("doc", "")
-        lines.append(f"{key} ({_type_name(hints[f.name])}, default {shown}){': ' + text if text else ''}")
+        type_name = _type_name(hints[f.name])
+        if f.metadata.get("path"):  # a str that names a file or directory (~ expands)
+            type_name = type_name.replace("str", "path", 1)
+        lines.append(f"{key} ({type_name}, default {shown}){': ' + text if text else ''}")
         items = typing.get_args(tp)
         if typing.get_origin(tp) is list and items and dataclasses.is_dataclass(items[0]):
             lines.extend(describe(items[0], f"{key}[]."))  # the keys of each list entry
@@ -300,7 +362,9 @@ def reference_markdown() -> str:
         "Generated from the code by `python -m dist_kd.config > docs/config.md` (a test checks it is current);",
         "`dist-kd general --help` and `dist-kd task --help` print the same list. Set a key in the YAML file or on",
         "the command line as `key.sub=value`; an unknown key is an error naming the closest known one, and",
-        "`--print-config` prints the resolved config and exits.",
+        "`--print-config` prints the resolved config and exits. A `str` or `path` key takes its value as written",
+        "(`run.output_dir=001` is `001`, not YAML's 1; quote `yes`/`no`/`on`/`off`), and a `path` key expands a",
+        "leading `~` to the home directory.",
     ]
     for module, name, title in REFERENCE:
         cls = getattr(importlib.import_module(module), name)

@@ -158,6 +158,7 @@ class QualityConfig:
         "held-out texts for spread and probe: a task-data file (TSV/CSV/JSONL/Parquet/datasets dir); "
         "null: the sequences of data.eval_shards (spread only)",
         None,
+        path=True,
     )
     text: str = doc("column of the texts in eval.texts", "text")
     label: str | None = doc("column of the probe's labels in eval.texts (null: spread only)", "label")

@@ -49,7 +49,9 @@ class StudentConfig:
         "takes a consistent subset of the teacher's units)",
         "random",
     )
-    path: str | None = doc("start from this HF directory instead of building from the teacher's config", None)
+    path: str | None = doc(
+        "start from this HF directory instead of building from the teacher's config", None, path=True
+    )
     shared_projection: bool = doc("one W_h shared by all layers instead of one per layer", False)
     calibrate: bool = doc(
         "with init teacher: match each state dimension's mean and std to the teacher's on a few corpus batches",

@@ -31,7 +31,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 class TeacherConfig:
     """The teacher model."""
 
-    path: str = doc("local Hugging Face directory of the teacher encoder", "")
+    path: str = doc("local Hugging Face directory of the teacher encoder", "", path=True)
     dtype: str = doc("teacher precision: fp16 | bf16 | fp32 (fp16 falls back to fp32 on a CPU)", "fp16")
 
     def __post_init__(self):

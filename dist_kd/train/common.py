@@ -27,7 +27,9 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 class RunConfig:
     """The run directory, logging and checkpoints."""
 
-    output_dir: str = doc("run directory (config.yaml, metrics.jsonl, checkpoints/, student/)", "runs/general")
+    output_dir: str = doc(
+        "run directory (config.yaml, metrics.jsonl, checkpoints/, student/)", "runs/general", path=True
+    )
     log_every: int = doc("optimizer steps between metric lines", 10)
     save_every: int = doc("optimizer steps between checkpoints (0: only at the end)", 500)
     keep_last: int = doc("complete checkpoints kept (0 keeps all)", 3)

@@ -87,7 +87,7 @@ class DeepSpeedSection:
     """Which DeepSpeed JSON to start from."""
 
     config: str = doc(
-        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in", "ds_configs/zero2.json"
+        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in", "ds_configs/zero2.json", path=True
     )
 
 

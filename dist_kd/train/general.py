@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """The corpus stream."""
 
-    shards: str = doc("directory of WebDataset shards with manifest.json (launch/prepare_corpus.py)", "")
+    shards: str = doc("directory of WebDataset shards with manifest.json (launch/prepare_corpus.py)", "", path=True)
     micro_batch_size: int = doc("sequences per rank per micro-batch", 32)
     num_workers: int = doc("DataLoader worker processes per rank", 2)
     shuffle: bool = doc("seeded shuffle of shard order and within a bounded buffer, new each epoch", True)
@@ -69,7 +69,7 @@ class DataConfig:
     skip_corrupt: bool = doc("skip corrupt shards with a warning instead of stopping", False)
     verify_checksums: bool = doc("compare every shard's sha256 with the manifest before training (reads all)", False)
     eval_shards: str | None = doc(
-        "held-out shards: their sequences are the quality texts when eval.texts is null", None
+        "held-out shards: their sequences are the quality texts when eval.texts is null", None, path=True
     )
     eval_batches: int = doc("micro-batches of eval_shards used as quality texts", 8)
 

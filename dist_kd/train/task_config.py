@@ -29,10 +29,16 @@ class TaskEntry:
     type: str | None = doc("classification | regression (default: the GLUE registry's, else classification)", None)
     labels: list[str] | None = doc("label names in index order (classification)", None)
     metric: str | None = doc("accuracy | f1 | mcc | pearson | spearman (default: accuracy / pearson)", None)
-    train: str | None = doc("training data (file, datasets dir or augment output); optional with soft_targets", None)
-    dev: str | None = doc("dev data, scored with the task metric after each epoch", None)
-    soft_targets: str | None = doc("soft-target store (launch/precompute.py): its rows are the training rows", None)
-    teacher: str | None = doc("fine-tuned teacher of this task for phase intermediate (default: teacher.path)", None)
+    train: str | None = doc(
+        "training data (file, datasets dir or augment output); optional with soft_targets", None, path=True
+    )
+    dev: str | None = doc("dev data, scored with the task metric after each epoch", None, path=True)
+    soft_targets: str | None = doc(
+        "soft-target store (launch/precompute.py): its rows are the training rows", None, path=True
+    )
+    teacher: str | None = doc(
+        "fine-tuned teacher of this task for phase intermediate (default: teacher.path)", None, path=True
+    )
     text_a: str | None = doc("column of the first text (default text_a, or the GLUE registry's)", None)
     text_b: str | None = doc(
         "column of the second text (a GLUE task's own when not set); null for single texts", TEXT_B_UNSET
@@ -79,7 +85,7 @@ class TaskEntry:
 class TaskStudentConfig:
     """The student encoder."""
 
-    path: str = doc("HF directory of the student encoder with tokenizer (the general stage's student/)", "")
+    path: str = doc("HF directory of the student encoder with tokenizer (the general stage's student/)", "", path=True)
     dropout: float | None = doc("hidden and attention dropout (null keeps the directory's)", None)
     head_dropout: float | None = doc("dropout before the task heads (null: the architecture's default)", None)
     init: str = doc(
@@ -189,7 +195,9 @@ class TaskTrainConfig(TrainConfig):
 class TaskRunConfig(RunConfig):
     """The run directory, logging and checkpoints."""
 
-    output_dir: str = doc("run directory (config.yaml, metrics.jsonl, eval.json, checkpoints/, student/)", "runs/task")
+    output_dir: str = doc(
+        "run directory (config.yaml, metrics.jsonl, eval.json, checkpoints/, student/)", "runs/task", path=True
+    )
 
 
 @dataclass

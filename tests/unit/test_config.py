@@ -66,17 +66,56 @@ def test_type_and_validation_errors(tmp_path):
         load_config(Outer, tmp_path / "missing.yaml")
 
 
-def test_yaml_booleans_and_dates_given_for_a_string_say_to_quote_them(tmp_path):
-    """YAML 1.1 reads yes/no/on/off and dates unquoted as booleans and dates: the error says so."""
+def test_yaml_booleans_given_for_a_string_say_to_quote_them(tmp_path):
+    """YAML 1.1 reads yes/no/on/off unquoted as booleans: the error says so."""
     path = tmp_path / "c.yaml"
     path.write_text("inner: {name: yes}\n")
     with pytest.raises(ValueError, match=r"'inner.name' must be a string, got True; YAML reads yes, .*quote the value"):
         load_config(Outer, path)
-    with pytest.raises(ValueError, match=r"got datetime.date\(2024, 6, 1\); YAML reads .* dates"):
-        load_config(Outer, None, ["inner.name=2024-06-01"])
     with pytest.raises(ValueError, match=r"must be a string, got \[1\]$"):  # no hint where YAML is not the cause
         load_config(Outer, None, ["inner.name=[1]"])
     assert load_config(Outer, None, ["inner.name='2024-06-01'"]).inner.name == "2024-06-01"
+
+
+# Text YAML 1.1 types as something else, and what it reads it as.
+TYPED_TEXT = {"001": 1, "0755": 493, "12:30": 750, "2024_01_05": 20240105, "1.50": 1.5, "2024-06-01": None}
+
+
+@pytest.mark.parametrize("text", sorted(TYPED_TEXT))
+def test_a_string_key_takes_numbers_and_dates_as_written(text, tmp_path):
+    """A run directory `001` (YAML: 1), mode `0755` (493), `12:30` (750, sexagesimal) or `2024_01_05` (20240105)
+    is the text, in an override and in a file, at any depth; a number key still reads the number."""
+    import yaml
+
+    if TYPED_TEXT[text] is not None:  # the premise: YAML alone changes these (2024-06-01 becomes a date)
+        assert yaml.safe_load(text) == TYPED_TEXT[text]
+    assert load_config(Outer, None, [f"inner.name={text}", f"path={text}"]).inner.name == text
+    path = tmp_path / "c.yaml"
+    path.write_text(f"inner: {{name: {text}}}\npath: {text}\ndistill: {{layer_map: [1, 3]}}\n")
+    cfg = load_config(Outer, path)
+    assert cfg.inner.name == text and cfg.path == text and cfg.distill.layer_map == [1, 3]
+    assert load_config(Outer, None, ["inner.rate=0x10", "steps=0x10"]).inner.rate == 16.0  # numbers stay numbers
+    assert load_config(Outer, None, ["path=null"]).path is None
+
+
+@dataclass
+class WithPaths:
+    output_dir: str = doc("a run directory", "runs/x", path=True)
+    shards: str | None = doc("a corpus", None, path=True)
+    name: str = doc("not a path", "~x")
+
+
+def test_a_leading_tilde_in_a_path_key_is_the_home_directory(tmp_path, monkeypatch):
+    """`run.output_dir=~/runs/x` reaches the program unexpanded (a shell expands ~ only at a word's start); a path
+    key expands it as the shell would, other keys keep it."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(WithPaths, None, ["output_dir=~/runs/x", "shards=~/c", "name=~/n"])
+    assert cfg.output_dir == os.path.join(str(tmp_path), "runs/x") and cfg.shards == f"{tmp_path}/c"
+    assert cfg.name == "~/n"
+    assert load_config(WithPaths, None, ["output_dir=runs/~x"]).output_dir == "runs/~x"
+    assert describe(WithPaths)[0] == "output_dir (path, default runs/x): a run directory"
 
 
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
