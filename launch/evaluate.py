@@ -5,7 +5,8 @@
 
 ``--model`` is any HF ``*ForSequenceClassification`` directory with a tokenizer (``tasks/<name>/`` or
 ``best/<name>/`` of a task run, a fine-tuned teacher). Its ``id2label`` is the label order unless ``--labels``
-(or a GLUE task's registry) gives one, which must then match it. Prints the task metrics as JSON; with
+(or a GLUE task's registry) gives one, which must then match it; a one-output model without a ``problem_type``
+is a regression, as transformers trains it. Prints the task metrics as JSON; with
 ``--output`` writes ``predictions.jsonl`` (one line per row) and ``metrics.json`` into that directory, replacing
 a previous evaluation there as a whole; an ``--output`` that is a file, or a directory holding other files, is
 refused. Rows without a label (a test set) get predictions and no metrics, as does data without the default
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model_labels(model: str, task_type: str | None) -> tuple[list[str] | None, str | None]:
-    """A custom task without --labels takes the label order the model carries."""
+    """A custom task without --labels takes the label order the model carries, or is a regression where the
+    model is one: ``problem_type`` regression, or (as transformers reads it) one output and no problem_type."""
     from transformers import AutoConfig
 
     from dist_kd.models.teacher import check_model_dir
@@ -76,7 +78,9 @@ def _model_labels(model: str, task_type: str | None) -> tuple[list[str] | None, 
 
     config = AutoConfig.from_pretrained(check_model_dir(model, "--model"))
     check_classifier(config, model)  # an encoder's default LABEL_0, LABEL_1 are no labels to take
-    if task_type == "regression" or (task_type is None and getattr(config, "problem_type", None) == "regression"):
+    problem_type = getattr(config, "problem_type", None)
+    regression = problem_type == "regression" or (problem_type is None and config.num_labels == 1)
+    if task_type == "regression" or (task_type is None and regression):
         return None, "regression"
     return teacher_label_names(config, model), "classification"
 

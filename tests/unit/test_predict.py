@@ -201,3 +201,32 @@ def test_evaluate_draws_no_library_bars_into_a_log_file(classifier, data, capsys
         assert "Loading weights" not in capsys.readouterr().err
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_a_one_output_model_without_problem_type_is_scored_as_a_regression(tmp_path, capsys):
+    """transformers trains a one-output classifier with no problem_type as a regression (MSE); evaluate read it
+    as a classifier with the one label LABEL_0 and refused the float scores as unknown labels."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dist_kd.testing import build_tiny_bert, random_sentences
+
+    model_dir = build_tiny_bert(
+        tmp_path / "scorer", num_layers=1, model_class="BertForSequenceClassification", num_labels=1
+    )  # fmt: skip
+    assert json.loads((model_dir / "config.json").read_text()).get("problem_type") is None
+    texts = random_sentences(8, seed=3)
+    scores = [0.5 * i for i in range(len(texts))]
+    data = tmp_path / "scores.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": s}) + "\n" for t, s in zip(texts, scores)))
+    capsys.readouterr()
+    argv = ["--model", str(model_dir), "--task", "score", "--data", str(data), "--text-a", "text", "--cpu"]
+    assert _evaluate_main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        predicted = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0].numpy()
+    assert report["metrics"]["pearson"] == pytest.approx(float(np.corrcoef(predicted, scores)[0, 1]), abs=1e-5)
