@@ -3,9 +3,11 @@
 A sentence-transformers directory is a Hugging Face model plus ``modules.json``, which lists the modules
 applied after the encoder (``Pooling``, ``Normalize``, ``Dense``...) and where their configs live. A student
 exported without them loads in ``SentenceTransformer(dir)`` with a default pooling and no normalisation, so
-its embeddings are not the teacher's kind. The files are copied as they are, except ``Pooling``'s
-``word_embedding_dimension``, set to the student's width. A ``Dense`` module holds weights of the teacher's
-width; a student of another width cannot use them, and then nothing is carried (with a warning).
+its embeddings are not the teacher's kind. The files are copied as they are, except ``Pooling``'s input
+width, set to the student's: ``embedding_dimension`` in sentence-transformers 6, ``word_embedding_dimension``
+before (6 still reads the old name, but only where the new one is absent), each one the file has. A ``Dense``
+module holds weights of the teacher's width; a student of another width cannot use them, and then nothing
+is carried (with a warning).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 TOP_LEVEL_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+POOLING_WIDTH_KEYS = ("embedding_dimension", "word_embedding_dimension")  # sentence-transformers >= 6, < 6
 
 
 def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: int, source_hidden: int) -> bool:
@@ -60,6 +63,8 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
         config = target / path / "config.json"
         if str(module.get("type", "")).endswith(".Pooling") and config.is_file():
             settings = json.loads(config.read_text())
-            settings["word_embedding_dimension"] = hidden_size
+            keys = [key for key in POOLING_WIDTH_KEYS if key in settings] or ["word_embedding_dimension"]
+            for key in keys:  # every version's name the file has; a file with neither gets the one all read
+                settings[key] = hidden_size
             config.write_text(json.dumps(settings, indent=2) + "\n")
     return True

@@ -62,3 +62,25 @@ def test_no_modules_or_a_dense_of_another_width_carries_nothing(tiny_bert_dir, t
     with caplog.at_level("WARNING"):
         assert not carry_sentence_modules(teacher, student, 32, 384)
     assert "Dense module made for width 384" in caplog.text and not (student / "modules.json").exists()
+
+
+@pytest.mark.parametrize("key", ["embedding_dimension", "word_embedding_dimension"])
+def test_sentence_transformers_reports_the_students_width(tiny_bert_dir, tmp_path, key):
+    """sentence-transformers 6 saves Pooling's width as embedding_dimension and reads the old
+    word_embedding_dimension only where the new one is absent; setting only the old one left a 32-wide student
+    reporting its teacher's 384."""
+    teacher = tmp_path / "teacher"
+    _sentence_teacher(teacher, width=384)
+    if key == "embedding_dimension":  # the file as sentence-transformers 6 writes it
+        pooling = {"embedding_dimension": 384, "pooling_mode": "mean", "include_prompt": True}
+        (teacher / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    student = tmp_path / "student"
+    shutil.copytree(tiny_bert_dir, student)
+    assert carry_sentence_modules(teacher, student, hidden_size=32, source_hidden=384)
+    settings = json.loads((student / "1_Pooling" / "config.json").read_text())
+    assert settings[key] == 32 and set(settings) == set(json.loads((teacher / "1_Pooling" / "config.json").read_text()))
+
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(student), device="cpu")
+    width = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    assert width() == 32 == model.encode(["the cat sat on the mat"]).shape[1]
