@@ -27,8 +27,11 @@ HEAD_STYLES = ("pooled", "sequence", "context")
 
 
 def _task_config(encoder_config, num_outputs: int, labels: list[str] | None):
-    """The encoder's config with the task's label maps (what the exported classifier carries)."""
+    """The encoder's config with the task's label maps (what the exported classifier carries), in fp32."""
+    from dist_kd.models.fields import set_fp32
+
     config = copy.deepcopy(encoder_config)
+    set_fp32(config)  # the heads are built in config.dtype, and train beside an fp32 encoder
     config.num_labels = num_outputs
     if labels is not None:
         config.id2label = dict(enumerate(labels))

@@ -31,6 +31,7 @@ from dist_kd.models.capture import (
     register_attention,
 )
 from dist_kd.models.dropout import install_fast_dropout
+from dist_kd.models.fields import ffn_width, set_dropout, set_ffn_width, set_fp32
 
 INITS = ("random", "teacher")
 
@@ -42,8 +43,8 @@ class StudentConfig:
     num_layers: int = doc("number of transformer layers M", 4)
     hidden_size: int = doc("hidden width d_S", 312)
     num_heads: int = doc("attention heads (distill.attention raw_scores needs the teacher's count; relations any)", 12)
-    intermediate_size: int = doc("feed-forward width", 1200)
-    dropout: float = doc("hidden and attention dropout", 0.1)
+    intermediate_size: int = doc("feed-forward width (DistilBERT's hidden_dim)", 1200)
+    dropout: float = doc("hidden and attention dropout (ModernBERT: also embedding and MLP dropout)", 0.1)
     init: str = doc(
         "random | teacher (embeddings, pooler and the mapped layers g(m) from the teacher; a narrower student "
         "takes a consistent subset of the teacher's units)",
@@ -75,18 +76,34 @@ class StudentConfig:
             raise ValueError(f"student.calibration_batches must be >= 1, got {self.calibration_batches}")
 
 
-def student_config_from_teacher(teacher_config, cfg: StudentConfig):
-    """The teacher's HF config with the student's shape overrides."""
+def student_config_from_teacher(teacher_config, cfg: StudentConfig, mapping: list[int] | None = None):
+    """The teacher's HF config with the student's shape overrides (fp32, the family's own field names).
+
+    Args:
+        teacher_config: the teacher's HF config.
+        cfg: the student's shape and dropout.
+        mapping: g(1..M). A family with per-layer settings (ModernBERT's ``layer_types``: full or sliding-window
+            attention) gives student layer m the setting of teacher layer g(m), whose weights ``init: teacher``
+            copies and whose states the losses hold it to; None: the uniform map's layers.
+    """
+    from dist_kd.layer_map import layer_map
+
     config = copy.deepcopy(teacher_config)
     for attr in ("pooler_hidden_size", "embedding_size"):  # DeBERTa's: the hidden width unless set otherwise
         if getattr(config, attr, None) == teacher_config.hidden_size:
             setattr(config, attr, cfg.hidden_size)
+    layer_types = getattr(teacher_config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == teacher_config.num_hidden_layers:
+        # One entry per layer; a copy of the teacher's fails config validation at save_pretrained.
+        if mapping is None:
+            mapping = layer_map(teacher_config.num_hidden_layers, cfg.num_layers)
+        config.layer_types = [layer_types[g - 1] for g in mapping]
     config.num_hidden_layers = cfg.num_layers
     config.hidden_size = cfg.hidden_size
     config.num_attention_heads = cfg.num_heads
-    config.intermediate_size = cfg.intermediate_size
-    config.hidden_dropout_prob = cfg.dropout
-    config.attention_probs_dropout_prob = cfg.dropout
+    set_ffn_width(config, cfg.intermediate_size)
+    set_dropout(config, cfg.dropout)
+    set_fp32(config)
     for attr in ("_name_or_path", "architectures"):
         if hasattr(config, attr):
             setattr(config, attr, None if attr == "architectures" else "")
@@ -131,15 +148,17 @@ def unit_selection(student_config, teacher_config) -> UnitSelection:
     Raises:
         ValueError: a student dimension exceeds the teacher's (there is nothing to select it from).
     """
-    shape = {}
-    for name in ("hidden_size", "intermediate_size", "num_attention_heads"):
-        s_value, t_value = getattr(student_config, name), getattr(teacher_config, name)
+    shape = {
+        "hidden_size": (student_config.hidden_size, teacher_config.hidden_size),
+        "intermediate_size": (ffn_width(student_config), ffn_width(teacher_config)),
+        "num_attention_heads": (student_config.num_attention_heads, teacher_config.num_attention_heads),
+    }
+    for name, (s_value, t_value) in shape.items():
         if s_value > t_value:
             raise ValueError(
                 f"student.init=teacher takes the student's units from the teacher's, so the student's {name} "
                 f"({s_value}) must not exceed the teacher's ({t_value}); use student.init=random for a wider student"
             )
-        shape[name] = (s_value, t_value)
     (s_heads, t_heads) = shape["num_attention_heads"]
     s_head_dim = student_config.hidden_size // s_heads
     t_head_dim = teacher_config.hidden_size // t_heads
@@ -153,7 +172,7 @@ def unit_selection(student_config, teacher_config) -> UnitSelection:
     return UnitSelection(
         residual=evenly_spaced(teacher_config.hidden_size, student_config.hidden_size),
         inner=inner,
-        ffn=evenly_spaced(teacher_config.intermediate_size, student_config.intermediate_size),
+        ffn=evenly_spaced(ffn_width(teacher_config), ffn_width(student_config)),
     )
 
 
@@ -192,7 +211,7 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
     s_prefix, t_prefix = _layer_prefix(student), _layer_prefix(teacher)
     t_state = teacher.state_dict()
     s_hidden, t_hidden = student.config.hidden_size, teacher.config.hidden_size
-    s_ffn, t_ffn = student.config.intermediate_size, teacher.config.intermediate_size
+    s_ffn, t_ffn = ffn_width(student.config), ffn_width(teacher.config)
     new_state = {}
     for name, value in student.state_dict().items():
         t_name = name
@@ -314,7 +333,8 @@ def build_student(
         cfg: the student section of the run config.
         teacher_config: the teacher's HF config (before any truncation).
         teacher_model: the teacher encoder, needed for ``init: teacher``.
-        mapping: g(1..M), needed for ``init: teacher``.
+        mapping: g(1..M), needed for ``init: teacher`` (and read for per-layer settings such as ModernBERT's
+            ``layer_types``; None: the uniform map's).
     """
     from transformers import AutoConfig, AutoModel
 
@@ -324,12 +344,11 @@ def build_student(
 
         path = check_model_dir(cfg.path, "student.path")
         config = AutoConfig.from_pretrained(path)
-        config.hidden_dropout_prob = cfg.dropout
-        config.attention_probs_dropout_prob = cfg.dropout
+        set_dropout(config, cfg.dropout)
         with readable_weights(path, "student.path"):
             model = AutoModel.from_pretrained(path, config=config, attn_implementation=ATTN_IMPLEMENTATION)
     else:
-        config = student_config_from_teacher(teacher_config, cfg)
+        config = student_config_from_teacher(teacher_config, cfg, mapping)
         model = AutoModel.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
         if cfg.init == "teacher":
             if teacher_model is None or mapping is None:
@@ -338,6 +357,7 @@ def build_student(
     install_adapter(model)
     install_fast_dropout(model)
     model = model.float()
+    set_fp32(model.config)  # a student.path saved in fp16 says so in its config; heads and exports read it
     model.train()
     return model
 

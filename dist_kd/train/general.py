@@ -26,6 +26,7 @@ from dist_kd import distributed
 from dist_kd.config import config_to_dict, doc, dump_config
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint
 from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
+from dist_kd.models.fields import ffn_width
 from dist_kd.models.student import (
     DistillStudent,
     Projections,
@@ -233,7 +234,7 @@ class GeneralTrainer(EngineTrainer):
                 "num_layers": student.config.num_hidden_layers,
                 "hidden_size": student.config.hidden_size,
                 "num_heads": student.config.num_attention_heads,
-                "intermediate_size": student.config.intermediate_size,
+                "intermediate_size": ffn_width(student.config),  # DistilBERT's hidden_dim
                 "layer_map": self.mapping,
             },
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed

@@ -44,7 +44,8 @@ from dist_kd.evaluate import compute_metrics, predicted_classes
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
 from dist_kd.losses import prediction_loss
 from dist_kd.model_card import classifier_load_snippet, encoder_load_snippet, model_card, write_model_card
-from dist_kd.models.student import StudentConfig, student_config_from_teacher, unit_selection
+from dist_kd.models.fields import ffn_width
+from dist_kd.models.student import StudentConfig, unit_selection
 from dist_kd.models.teacher import check_max_length, check_model_dir
 from dist_kd.objective import tinybert_objective
 from dist_kd.predict import batched_logits, length_batches, write_predictions
@@ -121,10 +122,9 @@ class TaskTrainer(EngineTrainer):
         # --- validate every input before writing anything -------------------------------------------
         student_dir = check_model_dir(cfg.student.path, "student.path")
         self.source_config = AutoConfig.from_pretrained(student_dir)
-        self.student_shape = self._new_student_shape()
-        self.student_config = self.source_config
+        self.student_shape = cfg.student.new_shape(self.source_config)
+        self.student_config = cfg.student.encoder_config(self.source_config)
         if self.student_shape is not None:
-            self.student_config = student_config_from_teacher(self.source_config, self.student_shape)
             if self.student_shape.init == "teacher":
                 unit_selection(self.student_config, self.source_config)  # a wider student is an error now
         try:
@@ -201,7 +201,7 @@ class TaskTrainer(EngineTrainer):
             ],
             # Top-level keys, which a checkpoint written before them lacks and is not compared on: the student
             # dict above is compared as a whole. Either would otherwise fail mid-load with a size mismatch.
-            "student.intermediate_size": self.student_config.intermediate_size,
+            "student.intermediate_size": ffn_width(self.student_config),
             "student.vocab_size": self.student_config.vocab_size,
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
             **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
@@ -287,30 +287,12 @@ class TaskTrainer(EngineTrainer):
             )
         return teachers
 
-    def _new_student_shape(self) -> StudentConfig | None:
-        """``student.init`` random | teacher: the new student (shape, dropout, init); None for pretrained."""
-        student = self.cfg.student
-        if student.init == "pretrained":
-            return None
-        dropout = student.dropout
-        if dropout is None:
-            dropout = getattr(self.source_config, "hidden_dropout_prob", 0.1)
-        shape = StudentConfig(**student.shape(self.source_config), dropout=dropout, init=student.init)
-        if student.init == "teacher" and shape.num_layers > self.source_config.num_hidden_layers:
-            raise ValueError(
-                f"student.init=teacher: student.num_layers {shape.num_layers} exceeds the "
-                f"{self.source_config.num_hidden_layers} layers of student.path"
-            )
-        return shape
-
     def _build_model(self, student_dir: Path) -> torch.nn.Module:
         from dist_kd.models.dropout import install_fast_dropout
         from dist_kd.models.heads import MultiTaskStudent
         from dist_kd.models.student import DistillStudent, build_projections, build_student
 
-        dropout = self.cfg.student.dropout
-        if dropout is None:
-            dropout = getattr(self.student_config, "hidden_dropout_prob", 0.1)
+        dropout = self.cfg.student.encoder_dropout(self.source_config)
         if self.student_shape is None:
             encoder = build_student(StudentConfig(path=str(student_dir), dropout=dropout), self.student_config)
         else:

@@ -7,10 +7,13 @@ stage's sections (``train.epochs`` is the task stage's own addition).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from dist_kd.config import doc
 from dist_kd.data.tasks import LABEL_UNSET, TEXT_B_UNSET, TaskSpec, resolve_task_spec
+from dist_kd.models.fields import dropout_rate, ffn_width, set_dropout, set_fp32
+from dist_kd.models.student import StudentConfig, student_config_from_teacher
 from dist_kd.models.teacher import TeacherConfig
 from dist_kd.objective import DistillConfig
 from dist_kd.train.common import RunConfig
@@ -86,7 +89,9 @@ class TaskStudentConfig:
     """The student encoder."""
 
     path: str = doc("HF directory of the student encoder with tokenizer (the general stage's student/)", "", path=True)
-    dropout: float | None = doc("hidden and attention dropout (null keeps the directory's)", None)
+    dropout: float | None = doc(
+        "hidden and attention dropout (ModernBERT: also embedding and MLP dropout; null keeps the directory's)", None
+    )
     head_dropout: float | None = doc("dropout before the task heads (null: the architecture's default)", None)
     init: str = doc(
         "pretrained (path's weights) | random (path's architecture and tokenizer, new random weights: the "
@@ -122,9 +127,43 @@ class TaskStudentConfig:
             "num_layers": source_config.num_hidden_layers,
             "hidden_size": source_config.hidden_size,
             "num_heads": source_config.num_attention_heads,
-            "intermediate_size": source_config.intermediate_size,
+            "intermediate_size": ffn_width(source_config),
         }
         return {name: source[name] if getattr(self, name) is None else getattr(self, name) for name in SHAPE_FIELDS}
+
+    def encoder_dropout(self, source_config) -> float:
+        """The encoder's dropout: ``dropout``, or (null) the rate ``source_config`` (path's config) records."""
+        return dropout_rate(source_config) if self.dropout is None else self.dropout
+
+    def new_shape(self, source_config) -> StudentConfig | None:
+        """``init`` random | teacher: the new student (shape, dropout, init); None for pretrained.
+
+        Raises:
+            ValueError: ``init: teacher`` with more layers than ``source_config`` has to copy from.
+        """
+        if self.init == "pretrained":
+            return None
+        shape = StudentConfig(
+            **self.shape(source_config), dropout=self.encoder_dropout(source_config), init=self.init
+        )  # fmt: skip
+        if self.init == "teacher" and shape.num_layers > source_config.num_hidden_layers:
+            raise ValueError(
+                f"student.init=teacher: student.num_layers {shape.num_layers} exceeds the "
+                f"{source_config.num_hidden_layers} layers of student.path"
+            )
+        return shape
+
+    def encoder_config(self, source_config):
+        """The HF config of the encoder the run trains and exports: path's own (pretrained) or a new shape
+        built from it (random | teacher, layers taken by the uniform map), with the run's dropout, in fp32.
+        ``dist-kd export`` rebuilds a task run's encoder from it, so a checkpoint exports as ``student/`` does."""
+        shape = self.new_shape(source_config)
+        if shape is not None:
+            return student_config_from_teacher(source_config, shape)
+        config = copy.deepcopy(source_config)
+        set_dropout(config, self.encoder_dropout(source_config))
+        set_fp32(config)
+        return config
 
 
 @dataclass

@@ -432,3 +432,91 @@ def test_captured_query_key_value_equal_the_layer_projections_by_hand(fixture, r
         for captured, linear in zip(features.qkv[2], (attention.query, attention.key, attention.value), strict=True):
             expected = linear(features.hidden[1]).view(batch, length, heads, width // heads).transpose(1, 2)
             torch.testing.assert_close(captured, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ other families' config names, dtype
+
+
+def _dropout_rates(model) -> set[float]:
+    """The rate of every dropout module of ``model`` (stock or dist_kd's FastDropout)."""
+    return {module.p for module in model.modules() if type(module).__name__ in ("Dropout", "FastDropout")}
+
+
+def _tiny_family(directory, family: str):
+    """A tiny DistilBERT (hidden_dim, dropout, attention_dropout) or ModernBERT (layer_types of 6 layers, a
+    global one every 3rd; dropout in attention_dropout, mlp_dropout, embedding_dropout) teacher."""
+    import transformers
+
+    from dist_kd.testing import build_tiny_tokenizer, tiny_vocab
+
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(
+            vocab_size=len(tiny_vocab()), dim=32, n_layers=4, n_heads=4, hidden_dim=128, max_position_embeddings=128,
+            dropout=0.1, attention_dropout=0.1,
+        )  # fmt: skip
+        model = transformers.DistilBertModel
+    else:
+        config = transformers.ModernBertConfig(
+            vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=3, local_attention=8,
+            attention_dropout=0.1, mlp_dropout=0.1, embedding_dropout=0.1,
+        )  # fmt: skip
+        model = transformers.ModernBertModel
+    torch.manual_seed(0)
+    model(config).save_pretrained(directory)
+    build_tiny_tokenizer(directory)
+    return directory
+
+
+def test_distilbert_student_takes_its_ffn_width_and_dropout_under_distilberts_names(tmp_path):
+    """DistilBERT calls them hidden_dim, dropout and attention_dropout: student.intermediate_size and
+    student.dropout were set as BERT's (unused) names, the student kept the teacher's 128-wide FFN and 0.1
+    dropout, and init: teacher failed on the missing intermediate_size."""
+    import json
+
+    from transformers import AutoConfig, AutoModel
+
+    teacher_dir = _tiny_family(tmp_path / "teacher", "distilbert")
+    teacher = AutoModel.from_pretrained(teacher_dir)
+    mapping = layer_map(4, 2)
+    cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=48, dropout=0.0, init="teacher")
+    student = build_student(cfg, AutoConfig.from_pretrained(teacher_dir), teacher, mapping)
+    assert _dropout_rates(teacher) == {0.1} and _dropout_rates(student) == {0.0}
+    residual = [k * 32 // 16 for k in range(16)]  # evenly spaced, first unit included
+    ffn = [k * 128 // 48 for k in range(48)]
+    for m, g in enumerate(mapping):
+        expected = teacher.transformer.layer[g - 1].ffn.lin1.weight[ffn][:, residual]
+        torch.testing.assert_close(student.transformer.layer[m].ffn.lin1.weight, expected)
+    student.save_pretrained(tmp_path / "student")
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert (saved["hidden_dim"], saved["dropout"], saved["attention_dropout"]) == (48, 0.0, 0.0)
+    assert not {"intermediate_size", "hidden_dropout_prob", "attention_probs_dropout_prob"} & set(saved)
+
+
+def test_modernbert_student_saves_reloads_and_keeps_its_layers_attention_kinds(tmp_path):
+    """ModernBERT has one layer_types entry per layer: the student copied the teacher's six, and save_pretrained
+    refused the 2-layer student's config at the end of a whole run. Student layer m now has the kind (full or
+    sliding-window) of teacher layer g(m), whose weights init: teacher copies; its dropout is ModernBERT's."""
+    from transformers import AutoConfig, AutoModel
+
+    teacher_dir = _tiny_family(tmp_path / "teacher", "modernbert")
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    assert teacher_config.layer_types[::3] == ["full_attention"] * 2
+    teacher = AutoModel.from_pretrained(teacher_dir)
+    ids = torch.randint(5, 100, (2, 40))  # longer than the sliding window: the kinds give different states
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    for init, mapping in (("teacher", [2, 4, 6]), ("random", None)):
+        cfg = StudentConfig(num_layers=3, hidden_size=32, num_heads=4, intermediate_size=64, dropout=0.2, init=init)
+        student = build_student(cfg, teacher_config, teacher, mapping)
+        expected = [teacher_config.layer_types[g - 1] for g in mapping or layer_map(6, 3)]
+        assert student.config.layer_types == expected == ["sliding_attention", "full_attention", "sliding_attention"]
+        assert _dropout_rates(student) == {0.2}
+        assert {student.config.attention_dropout, student.config.mlp_dropout, student.config.embedding_dropout} == {0.2}
+        student.save_pretrained(tmp_path / init)
+        reloaded = AutoModel.from_pretrained(tmp_path / init).eval()
+        assert reloaded.config.layer_types == expected
+        with torch.no_grad():
+            states = student.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).last_hidden_state, states)

@@ -124,6 +124,42 @@ def test_task_heads_export_as_stock_classifiers_with_the_same_logits(arch, style
     }
 
 
+def test_a_student_saved_in_fp16_gives_fp32_heads_and_fp32_exports(tmp_path):
+    """transformers builds from_config models in config.dtype: a student.path saved in fp16 (or a teacher that
+    a student is derived from) gave fp16 task heads beside the fp32 encoder (an fp32 run crashed on "mat1 and
+    mat2 must have the same dtype"), fp16 exported classifiers and fp16 random-init comparison students."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertModel
+
+    from dist_kd.models.heads import MultiTaskStudent
+    from dist_kd.models.student import StudentConfig, build_student
+    from dist_kd.testing import build_tiny_tokenizer, tiny_bert_config
+
+    source = tmp_path / "fp16"
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(num_layers=2)).half().save_pretrained(source)
+    build_tiny_tokenizer(source)
+    assert json.loads((source / "config.json").read_text())["dtype"] == "float16"
+
+    encoder = build_student(StudentConfig(path=str(source), dropout=0.0), None)
+    student = MultiTaskStudent(encoder, {"topic": (3, ["a", "b", "c"])}).eval()
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    ids = torch.randint(5, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    logits = student("topic", ids, mask)
+    student.export_task("topic", tmp_path / "topic")
+    assert json.loads((tmp_path / "topic" / "config.json").read_text())["dtype"] == "float32"
+    assert {t.dtype for t in load_file(tmp_path / "topic" / "model.safetensors").values()} == {torch.float32}
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "topic").eval()
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, logits)
+
+    cut = StudentConfig(num_layers=1, hidden_size=16, num_heads=4, intermediate_size=32)
+    derived = build_student(cut, AutoConfig.from_pretrained(source))
+    assert {p.dtype for p in AutoModel.from_config(derived.config).parameters()} == {torch.float32}
+
+
 # ------------------------------------------------------------------------------------------------ losses
 
 
