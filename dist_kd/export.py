@@ -23,29 +23,30 @@ from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
 def _student_model(run_dir: Path, config: dict):
     """(an untrained encoder of the run's student architecture, the state-dict prefix, tokenizer dir, source
-    dir of sentence modules)."""
+    dir of sentence modules or None), as the run's trainer built and exported its student."""
     from transformers import AutoConfig, AutoModel
 
     from dist_kd.config import load_config
-    from dist_kd.models.student import StudentConfig, build_student, student_config_from_teacher
+    from dist_kd.models.student import build_student
 
     if "tasks" in config:  # a task run: the shared encoder ("encoder." in phase prediction, "student." before)
         from dist_kd.train.task_config import TaskConfig
 
         cfg = load_config(TaskConfig, run_dir / "config.yaml")
-        source = AutoConfig.from_pretrained(cfg.student.path)
-        if cfg.student.init == "pretrained":
-            model_config = source
-        else:
-            model_config = student_config_from_teacher(source, StudentConfig(**cfg.student.shape(source)))
+        model_config = cfg.student.encoder_config(AutoConfig.from_pretrained(cfg.student.path))
         prefix = "student." if cfg.distill.phase == "intermediate" else "encoder."
-        return AutoModel.from_config(model_config), prefix, cfg.student.path, cfg.student.path
+        # A random-init student is not the encoder path's pooling was made for (TaskTrainer.export).
+        modules = None if cfg.student.init == "random" else cfg.student.path
+        return AutoModel.from_config(model_config), prefix, cfg.student.path, modules
     from dist_kd.train.general import GeneralConfig
 
     cfg = load_config(GeneralConfig, run_dir / "config.yaml")
     teacher_config = AutoConfig.from_pretrained(cfg.teacher.path)
     student_cfg = dataclasses.replace(cfg.student, init="random") if not cfg.student.path else cfg.student
-    return build_student(student_cfg, teacher_config), "student.", cfg.teacher.path, cfg.teacher.path
+    mapping = (
+        None if cfg.student.path else cfg.distill.mapping(teacher_config.num_hidden_layers, cfg.student.num_layers)
+    )
+    return build_student(student_cfg, teacher_config, mapping=mapping), "student.", cfg.teacher.path, cfg.teacher.path
 
 
 def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -79,6 +80,24 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
 
 
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The checkpoint directory ``checkpoint`` names, as an absolute path (the run directory is two levels up,
+    also from a relative ``step-N`` given inside ``RUN/checkpoints``); ``RUN/checkpoints/latest``, the file
+    holding the newest complete tag that the trainer writes for DeepSpeed's tools, names that tag.
+
+    Raises:
+        FileNotFoundError: ``latest`` names a checkpoint that is not there.
+    """
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint.name == "latest" and checkpoint.is_file():
+        tag = checkpoint.read_text().strip()
+        target = checkpoint.parent / tag
+        if not tag or not target.is_dir():
+            raise FileNotFoundError(f"{checkpoint} names the checkpoint {tag!r}, which is not in {checkpoint.parent}")
+        return target
+    return checkpoint
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the encoder of ``checkpoint`` as an HF directory at ``output`` (atomically).
 
@@ -91,7 +110,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
     from dist_kd.sentence_modules import carry_sentence_modules
 
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     run_dir = checkpoint.parent.parent
     if not (checkpoint / "meta.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete dist_kd checkpoint (no meta.json)")
@@ -112,9 +131,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        width = model.config.hidden_size
-        source_width = json.loads((Path(modules_dir) / "config.json").read_text()).get("hidden_size", width)
-        carry_sentence_modules(modules_dir, tmp, width, source_width)
+        if modules_dir is not None:
+            width = model.config.hidden_size
+            source_width = json.loads((Path(modules_dir) / "config.json").read_text()).get("hidden_size", width)
+            carry_sentence_modules(modules_dir, tmp, width, source_width)
         facts = {"run": str(run_dir), "checkpoint": f"{checkpoint.name} (step {meta.get('step')})"}
         facts.update({key: json.dumps(value) for key, value in meta.items() if key in ("teacher", "student", "phase")})
         write_model_card(
@@ -137,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     from dist_kd.cli import bad_input
 
     parser = argparse.ArgumentParser(description="a checkpoint's student encoder as a Hugging Face directory")
-    parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step-NNNNNNNN")
+    parser.add_argument(
+        "--checkpoint", required=True, help="RUN_DIR/checkpoints/step-NNNNNNNN (or RUN_DIR/checkpoints/latest)"
+    )
     parser.add_argument("--output", required=True, help="the HF directory to write")
     args = parser.parse_args(argv)
     try:

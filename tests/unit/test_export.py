@@ -1,0 +1,100 @@
+"""``dist-kd export`` of a task run's checkpoint: the path as the user gives it, and the encoder as the run's own
+``student/`` holds it (the run's dropout, its sentence modules only where the trainer carries them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from dist_kd.export import main
+from dist_kd.testing import build_tiny_bert, random_sentences, tiny_bert_config
+
+
+@pytest.fixture(scope="module")
+def sentence_student(tmp_path_factory):
+    """A 2-layer BERT (hidden and attention dropout 0.0) with sentence-transformers modules, as student.path."""
+    directory = build_tiny_bert(tmp_path_factory.mktemp("student") / "st", num_layers=2)
+    (directory / "1_Pooling").mkdir()
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return directory
+
+
+def _task_run(root, student_dir, student: dict, num_layers: int):
+    """A task run directory as the trainer leaves it: config.yaml, a ZeRO-0 checkpoint step-00000010 of the
+    shared encoder (and a head), and ``latest`` naming it. Returns (run dir, the encoder's weights)."""
+    from transformers import BertModel
+
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t, "label": "a"}) + "\n" for t in random_sentences(4, seed=2)))
+    config = {
+        "student": {"path": str(student_dir), **student},
+        "tasks": [{"name": "topic", "labels": ["a", "b"], "train": str(train), "text_a": "text"}],
+        "run": {"output_dir": str(root / "run")},
+    }
+    run = root / "run"
+    (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.manual_seed(3)
+    encoder = BertModel(tiny_bert_config(num_layers=num_layers)).state_dict()
+    module = {f"encoder.{name}": value for name, value in encoder.items()}
+    module["heads.topic.classifier.weight"] = torch.zeros(2, 32)
+    checkpoint = run / "checkpoints" / "step-00000010"
+    torch.save({"module": module, "buffer_names": []}, checkpoint / "mp_rank_00_model_states.pt")
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 10}))
+    (run / "checkpoints" / "latest").write_text("step-00000010")
+    return run, encoder
+
+
+def _exported(directory, encoder):
+    from safetensors.torch import load_file
+
+    weights = load_file(directory / "model.safetensors")
+    for name, value in weights.items():
+        torch.testing.assert_close(value, encoder[name], rtol=0, atol=0, msg=name)
+    return json.loads((directory / "config.json").read_text())
+
+
+def test_a_checkpoint_named_from_inside_checkpoints_or_by_latest_exports(
+    sentence_student, tmp_path, monkeypatch, capsys
+):
+    """``--checkpoint step-N`` run inside RUN/checkpoints took the run to be two levels above the relative path
+    ("config.yaml is missing"), and ``RUN/checkpoints/latest``, the file naming the newest tag, had "no
+    meta.json"."""
+    run, encoder = _task_run(tmp_path, sentence_student, {"dropout": 0.3}, num_layers=2)
+    monkeypatch.chdir(run / "checkpoints")
+    assert main(["--checkpoint", "step-00000010", "--output", str(tmp_path / "relative")]) == 0, capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--checkpoint", "run/checkpoints/latest", "--output", str(tmp_path / "latest")]) == 0
+    for out in ("relative", "latest"):
+        _exported(tmp_path / out, encoder)
+        assert "step-00000010 (step 10)" in (tmp_path / out / "README.md").read_text()
+    (run / "checkpoints" / "latest").write_text("step-00000020")
+    capsys.readouterr()
+    assert main(["--checkpoint", "run/checkpoints/latest", "--output", str(tmp_path / "gone")]) == 2
+    assert "names the checkpoint 'step-00000020', which is not in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("student", "num_layers", "modules"),
+    [({"dropout": 0.3}, 2, True), ({"init": "random", "num_layers": 1, "dropout": 0.25}, 1, False)],
+)
+def test_a_task_checkpoint_exports_the_runs_dropout_and_its_sentence_modules(
+    sentence_student, tmp_path, student, num_layers, modules
+):
+    """The export wrote student.path's dropout (0.0; for init random the default 0.1) instead of the run's,
+    and carried path's pooling for an init: random student, which the run's own student/ does not have."""
+    run, encoder = _task_run(tmp_path, sentence_student, student, num_layers)
+    assert main(["--checkpoint", str(run / "checkpoints" / "step-00000010"), "--output", str(tmp_path / "out")]) == 0
+    config = _exported(tmp_path / "out", encoder)
+    assert config["num_hidden_layers"] == num_layers and config["dtype"] == "float32"
+    assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == student["dropout"]
+    assert (tmp_path / "out" / "modules.json").is_file() == modules
