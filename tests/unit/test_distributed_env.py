@@ -85,6 +85,10 @@ def test_device_index_per_task_gpus():
     assert device_index(7, 1, {"SLURM_GPUS_PER_TASK": "1"}) == 0
     assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "2", "CUDA_VISIBLE_DEVICES": "6,7"}) == 1
     assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "a100:2"}) == 1
+    # --gpu-bind=closest on 8 GPUs in two sockets: tasks 4-7 see GPUs 4-7 as 0-3; task 5 takes GPU 5 (its 1)
+    closest = {"SLURM_LOCALID": "5", "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert device_index(5, 4, closest) == 1
+    assert [device_index(rank, 4, {**closest, "SLURM_LOCALID": str(rank)}) for rank in range(4, 8)] == [0, 1, 2, 3]
 
 
 def test_device_index_refuses_more_processes_than_gpus():
