@@ -212,12 +212,18 @@ def test_seq_len_and_missing_manifest_errors(corpus, tmp_path):
         _stream(corpus, micro_batch_size=10_000)
 
 
-def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplog):
+def _truncated_copy(corpus, tmp_path):
+    """A copy of ``corpus`` whose shard-000003.tar is cut short, and the sequences that shard held."""
     damaged = tmp_path / "damaged"
     shutil.copytree(corpus, damaged)
     shard = damaged / "shard-000003.tar"
     lost = Counter(tuple(int(t) for t in array) for array in read_shard(shard))
     shard.write_bytes(shard.read_bytes()[:1000])
+    return damaged, lost
+
+
+def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplog):
+    damaged, lost = _truncated_copy(corpus, tmp_path)
     with pytest.raises(CorruptShardError, match=r"shard-000003\.tar.*truncated"):
         _stream(damaged)
     streams = [_stream(damaged, rank=rank, world_size=2, skip_corrupt=True) for rank in range(2)]
@@ -316,11 +322,7 @@ def _general_trainer(tokenizer_dir: Path, eval_shards: Path, skip_corrupt: bool,
 
 def test_general_held_out_shards_skip_corrupt_ones_as_the_corpus_does(corpus, tiny_tokenizer_dir, tmp_path):
     """data.eval_shards (and calibration) read through the same data.skip_corrupt as the training corpus."""
-    damaged = tmp_path / "damaged"
-    shutil.copytree(corpus, damaged)
-    shard = damaged / "shard-000003.tar"
-    lost = Counter(tuple(int(t) for t in array) for array in read_shard(shard))
-    shard.write_bytes(shard.read_bytes()[:1000])
+    damaged, lost = _truncated_copy(corpus, tmp_path)
     with pytest.raises(CorruptShardError, match=r"shard-000003\.tar"):
         _general_trainer(tiny_tokenizer_dir, damaged, skip_corrupt=False)._heldout_texts()
     heldout = _general_trainer(tiny_tokenizer_dir, damaged, skip_corrupt=True)._heldout_texts()
