@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dist_kd.data.tasks import LABEL_UNSET, TEXT_B_UNSET, TaskSpec, resolve_task_spec
+from dist_kd.data.tasks import TaskSpec, resolve_task_spec
 
 # Launcher variables a --debug run ignores, so that it is one plain process whatever the shell exported.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
@@ -67,21 +67,15 @@ def add_task_arguments(
     if metric:
         parser.add_argument("--metric", default=None, help="accuracy | f1 | mcc | pearson | spearman")
     parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
-    parser.add_argument(
-        "--text-b", type=optional_value, default=TEXT_B_UNSET, help="column of the second text (default text_b); none"
-    )
+    parser.add_argument("--text-b", type=optional_value, default="text_b", help="column of the second text; none")
     if unlabeled:
         # label_given: a named label column must exist; the default one may be missing (unlabeled data).
         parser.add_argument(
-            "--label",
-            type=optional_value,
-            default=LABEL_UNSET,
-            action=_StoreGiven,
-            help="label column; none if unlabeled",
+            "--label", type=optional_value, default="label", action=_StoreGiven, help="label column; none if unlabeled"
         )
         parser.set_defaults(label_given=False)
     else:
-        parser.add_argument("--label", default=LABEL_UNSET, help="label column (default label)")
+        parser.add_argument("--label", default="label", help="label column")
 
 
 def task_spec_from_args(

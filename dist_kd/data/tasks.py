@@ -35,18 +35,6 @@ TASK_TYPES = ("classification", "regression")
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 DEFAULT_TEXT_B = "text_b"
 
-
-class DefaultColumn(str):
-    """A column name nobody typed: the default of ``--text-b`` / ``--label`` and of a task entry's keys.
-
-    A GLUE task replaces it by the registry's column, while the same name written by the user is kept: an
-    MRPC file saved from ``datasets`` has a ``label`` column, and ``--label label`` must read it, not
-    GLUE's ``Quality``. It compares equal to the plain name everywhere else.
-    """
-
-
-TEXT_B_UNSET = DefaultColumn(DEFAULT_TEXT_B)
-LABEL_UNSET = DefaultColumn("label")
 # Column a file may carry with its own stable ids; used when the spec names no id column.
 DEFAULT_ID_COLUMN = "example_id"
 FILE_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -143,8 +131,8 @@ def resolve_task_spec(
     type: str | None = None,  # noqa: A002 - mirrors the config key
     labels: Sequence[str] | None = None,
     text_a: str | None = None,
-    text_b: str | None = TEXT_B_UNSET,
-    label: str | None = LABEL_UNSET,
+    text_b: str | None = DEFAULT_TEXT_B,
+    label: str | None = "label",
     metric: str | None = None,
     id_column: str | None = None,
 ) -> TaskSpec:
@@ -152,8 +140,9 @@ def resolve_task_spec(
 
     For a GLUE name (``sst2``, ``mnli``, ...; case-insensitive, ``sst-2``/``sts-b`` accepted) the registry's
     columns and label order are the defaults; column arguments left at their defaults keep the registry's
-    names (a column typed by the user is kept, even one named ``label`` or ``text_b``). ``labels`` given for a
-    GLUE task must equal the registry's order (the order is part of the model).
+    names (a file without the registry's label or second-text column but with ``label`` / ``text_b``, as
+    ``datasets`` saves GLUE, reads those: :func:`load_task_examples`). ``labels`` given for a GLUE task must
+    equal the registry's order (the order is part of the model).
 
     Args:
         name: task name.
@@ -181,8 +170,8 @@ def resolve_task_spec(
         return dataclasses.replace(
             base,
             text_a=text_a or base.text_a,
-            text_b=base.text_b if isinstance(text_b, DefaultColumn) else text_b,
-            label=base.label if isinstance(label, DefaultColumn) else label,
+            text_b=base.text_b if text_b == DEFAULT_TEXT_B else text_b,
+            label=base.label if label == "label" else label,
             metric=metric or base.metric,
             id_column=id_column or base.id_column,
         )
@@ -192,8 +181,8 @@ def resolve_task_spec(
         type=kind,
         labels=list(labels or []),
         text_a=text_a or "text_a",
-        text_b=None if text_b is None else str(text_b),
-        label=None if label is None else str(label),
+        text_b=text_b,
+        label=label,
         metric=metric or ("pearson" if kind == "regression" else "accuracy"),
         id_column=id_column,
     )
@@ -675,6 +664,21 @@ def task_schema(spec: TaskSpec) -> pa.Schema:
     )
 
 
+def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
+    """A GLUE task read from a file that has ``label`` (``text_b``) but not the registry's label (second-text)
+    column reads those: ``datasets`` saves GLUE that way (MRPC's ``label``, not the TSV's ``Quality``), and
+    ``--label label`` cannot name it, since a column left at its default means the registry's."""
+    base = GLUE_TASKS.get(spec.name.lower().replace("-", ""))
+    if base is None:
+        return spec
+    moved = {}
+    for role, generic in (("label", "label"), ("text_b", DEFAULT_TEXT_B)):
+        named = getattr(spec, role)
+        if named is not None and named == getattr(base, role) and named not in columns and generic in columns:
+            moved[role] = generic
+    return dataclasses.replace(spec, **moved) if moved else spec
+
+
 def load_task_examples(
     path: str | Path,
     spec: TaskSpec,
@@ -714,6 +718,7 @@ def load_task_examples(
     if raw.num_rows == 0:
         raise ValueError(f"task data {path} has no examples (task '{spec.name}'); columns found: {raw.column_names}")
     num_rows = raw.num_rows
+    spec = _glue_columns_of(spec, raw.column_names)
     where = RowPlaces(path, spec, encoding, num_rows)
 
     text_a = _column(raw, spec.text_a, path, spec, "text_a")
@@ -728,10 +733,12 @@ def load_task_examples(
                 "fill it in or drop the row"
             )
     text_a = [str(value) for value in text_a]
-    # An empty cell is how CSV / TSV write a missing value: a single-text row of a file that has a text_b
-    # column (pandas writes one) stays single, as the same row in JSONL with null, not "[CLS] a [SEP] [SEP]".
-    empty = "" if where.fmt in ("tsv", "csv") else None
-    text_b = [None if value is None or value == empty else str(value) for value in text_b]
+    text_b = [None if value is None else str(value) for value in text_b]
+    # CSV / TSV write a missing value as an empty cell: a text_b column left empty in every row (pandas writes
+    # one for single-text data) holds no second texts, as null in JSONL, not pairs "[CLS] a [SEP] [SEP]". A
+    # pair task with some empty second texts keeps them, as a tokenizer given (a, "") does.
+    if where.fmt in ("tsv", "csv") and all(not value for value in text_b):
+        text_b = [None] * num_rows
 
     if require_label_column is None:
         require_label_column = require_labels

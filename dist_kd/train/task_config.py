@@ -11,7 +11,7 @@ import copy
 from dataclasses import dataclass
 
 from dist_kd.config import doc
-from dist_kd.data.tasks import LABEL_UNSET, TEXT_B_UNSET, TaskSpec, resolve_task_spec
+from dist_kd.data.tasks import TaskSpec, resolve_task_spec
 from dist_kd.models.fields import dropout_rate, ffn_width, set_dropout, set_fp32
 from dist_kd.models.student import StudentConfig, student_config_from_teacher
 from dist_kd.models.teacher import TeacherConfig
@@ -43,10 +43,8 @@ class TaskEntry:
         "fine-tuned teacher of this task for phase intermediate (default: teacher.path)", None, path=True
     )
     text_a: str | None = doc("column of the first text (default text_a, or the GLUE registry's)", None)
-    text_b: str | None = doc(
-        "column of the second text (a GLUE task's own when not set); null for single texts", TEXT_B_UNSET
-    )
-    label: str | None = doc("label column (a GLUE task's own when not set)", LABEL_UNSET)
+    text_b: str | None = doc("column of the second text; null for single texts", "text_b")
+    label: str | None = doc("label column", "label")
     id_column: str | None = doc("column with stable example ids (default <task>-<row>)", None)
     weight: float | None = doc("sampling weight (default: proportional to the task's training rows)", None)
 
@@ -65,10 +63,7 @@ class TaskEntry:
             raise ValueError(f"task '{self.name}': give train (hard labels) or soft_targets (a precompute store)")
         if self.weight is not None and self.weight <= 0:
             raise ValueError(f"task '{self.name}': weight must be > 0, got {self.weight}")
-        spec = self.spec()  # columns, type, labels and metric are checked now, before any file is read
-        # Columns left at their defaults become the columns they stand for (GLUE's own for a GLUE task), so
-        # that the run's config.yaml, read again by export or a rerun, names the same columns.
-        self.text_b, self.label = spec.text_b, spec.label
+        self.spec()  # columns, type, labels and metric are checked now, before any file is read
 
     def spec(self) -> TaskSpec:
         """The task's :class:`TaskSpec` (columns, labels, metric)."""

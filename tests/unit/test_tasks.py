@@ -118,25 +118,22 @@ def test_parquet_from_datasets_maps_class_ids_by_the_names_it_carries(tmp_path):
         load_task_examples(tmp_path / "bad.parquet", spec)
 
 
-def test_an_empty_text_b_cell_is_a_single_text_as_null_in_jsonl(tmp_path):
-    from dist_kd.data import tasks
-
+def test_a_text_b_column_empty_in_every_row_is_single_text_as_null_in_jsonl(tmp_path):
+    # pandas writes single-text data with an empty text_b column; read as pairs "[CLS] a [SEP] [SEP]" before
     spec = TaskSpec(name="t", labels=["neg", "pos"])
-    (tmp_path / "d.csv").write_text("text_a,text_b,label\ngood film,,pos\nbad,plot,neg\n")
-    (tmp_path / "d.tsv").write_text("text_a\ttext_b\tlabel\ngood film\t\tpos\nbad\tplot\tneg\n")
-    rows = [
-        {"text_a": "good film", "text_b": None, "label": "pos"},
-        {"text_a": "bad", "text_b": "plot", "label": "neg"},
-    ]
+    rows = [{"text_a": "good film", "text_b": None, "label": "pos"}, {"text_a": "bad", "text_b": None, "label": "neg"}]
     jsonl = load_task_examples(_write(tmp_path / "d.jsonl", rows, "jsonl"), spec)
-    assert jsonl.column("text_b").to_pylist() == [None, "plot"]
+    assert jsonl.column("text_b").to_pylist() == [None, None]
+    (tmp_path / "d.csv").write_text("text_a,text_b,label\ngood film,,pos\nbad,,neg\n")
+    (tmp_path / "d.tsv").write_text("text_a\ttext_b\tlabel\ngood film\t\tpos\nbad\t\tneg\n")
     for name in ("d.csv", "d.tsv"):
         assert load_task_examples(tmp_path / name, spec).to_pylist() == jsonl.to_pylist(), name
-        # the line-by-line reader (files pyarrow refuses) agrees
-        assert (
-            tasks._read_delimited_python(tmp_path / name, name[-3:], spec, "utf-8").column("text_b").to_pylist()[0]
-            == ""
-        )
+    # pairs, one of whose second texts is empty: still a pair, as a tokenizer given (a, "") and JSONL's ""
+    (tmp_path / "p.csv").write_text("text_a,text_b,label\ngood film,,pos\nbad,plot,neg\n")
+    rows[0]["text_b"], rows[1]["text_b"] = "", "plot"
+    pairs = load_task_examples(_write(tmp_path / "p.jsonl", rows, "jsonl"), spec)
+    assert load_task_examples(tmp_path / "p.csv", spec).to_pylist() == pairs.to_pylist()
+    assert pairs.column("text_b").to_pylist() == ["", "plot"]
 
 
 def test_regression_and_id_column(tmp_path):
@@ -201,48 +198,29 @@ def test_glue_registry():
         resolve_task_spec("mnli", labels=["neutral", "entailment", "contradiction"])
 
 
-def test_glue_columns_typed_by_the_user_are_kept_even_when_named_label_or_text_b():
-    import argparse
-
-    from dist_kd.cli import add_task_arguments, task_spec_from_args
-    from dist_kd.train.task_config import TaskEntry
-
-    # HF's glue/stsb has sentence1, sentence2, label; the GLUE TSV has score
-    assert resolve_task_spec("stsb").label == "score"
-    assert resolve_task_spec("stsb", label="label").label == "label"
-    assert resolve_task_spec("mrpc", text_b="text_b").text_b == "text_b"
-    assert resolve_task_spec("mrpc", text_b=None).text_b is None
-    assert TaskEntry(name="stsb", train="x", label="label").spec().label == "label"
-    assert TaskEntry(name="stsb", train="x").spec().label == "score"
-    parser = argparse.ArgumentParser()
-    add_task_arguments(parser, unlabeled=True)
-    for argv, label in ((["--label", "label"], "label"), ([], "Quality"), (["--label", "none"], None)):
-        assert task_spec_from_args(parser.parse_args(["--task", "mrpc", *argv])).label == label, argv
-
-
-def test_task_entries_read_back_from_their_dumped_config_name_the_same_columns(tmp_path):
-    import yaml
-
-    from dist_kd.config import dump_config, load_config
-    from dist_kd.train.task_config import TaskConfig
-
-    tasks = [
-        {"name": "mnli", "train": "a"},
-        {"name": "stsb", "train": "b", "label": "label", "text_b": "text_b"},
-        {"name": "topic", "labels": ["x", "y"], "train": "c"},
-        {"name": "one", "labels": ["x", "y"], "train": "d", "text_b": None},
-    ]
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"tasks": tasks, "student": {"path": "s"}}))
-    cfg = load_config(TaskConfig, tmp_path / "c.yaml")
-    (tmp_path / "dumped.yaml").write_text(dump_config(cfg))
-    again = load_config(TaskConfig, tmp_path / "dumped.yaml")
-    assert [entry.spec() for entry in again.tasks] == [entry.spec() for entry in cfg.tasks]
-    assert [(s.text_b, s.label) for s in (entry.spec() for entry in cfg.tasks)] == [
-        ("sentence2", "gold_label"),
-        ("text_b", "label"),
-        ("text_b", "label"),
-        (None, "label"),
-    ]
+def test_glue_data_saved_by_datasets_reads_its_label_and_text_b_columns(tmp_path):
+    """HF's glue/mrpc has sentence1, sentence2, label; the GLUE TSV #1 String, #2 String, Quality. Columns left
+    at their defaults mean the registry's, so `--label label` cannot name HF's: a file without the registry's
+    column but with `label` / `text_b` reads those."""
+    rows = [{"sentence1": "a b", "text_b": "c", "label": 1}, {"sentence1": "d", "text_b": "e f", "label": 0}]
+    path = _write(tmp_path / "mrpc.jsonl", rows, "jsonl")
+    for spec in (
+        resolve_task_spec("mrpc", text_a="sentence1"),
+        resolve_task_spec("MRPC", text_a="sentence1", label="label"),
+    ):
+        assert spec.label == "Quality"  # a config.yaml of an earlier run says label: label, and means this
+        table = load_task_examples(path, spec)
+        assert table.column("label").to_pylist() == [1, 0] and table.column("text_b").to_pylist() == ["c", "e f"]
+    # the registry's column, where the file has it, is read, even beside one named label
+    (tmp_path / "both.tsv").write_text("Quality\t#1 String\t#2 String\tlabel\n1\ta\tb\t0\n")
+    assert load_task_examples(tmp_path / "both.tsv", resolve_task_spec("mrpc")).column("label").to_pylist() == [1]
+    # a column the user named (not the registry's) is never swapped for another
+    with pytest.raises(ValueError, match="no column 'gold'"):
+        load_task_examples(path, resolve_task_spec("mrpc", text_a="sentence1", label="gold"))
+    # a file with neither: the error names the registry's column
+    (tmp_path / "none.jsonl").write_text(json.dumps({"sentence1": "a", "text_b": "b", "y": 1}) + "\n")
+    with pytest.raises(ValueError, match="no column 'Quality'"):
+        load_task_examples(tmp_path / "none.jsonl", resolve_task_spec("mrpc", text_a="sentence1"))
 
 
 def test_label_order_check_message():
