@@ -285,12 +285,12 @@ def run_config_job(
         return 0
 
     def body() -> int:
-        cfg = load_config(config_class, args.config, overrides)
-        info = distributed.init_distributed()
-        configure_logging(info.rank)
         try:
+            cfg = load_config(config_class, args.config, overrides)
+            info = distributed.init_distributed()  # may wait for the other ranks
+            configure_logging(info.rank)
             result = run_training(cfg, trainer_class, finish, info)
-        except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops)
+        except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops), or one before training
             print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)
             return 130
         if result.lines:

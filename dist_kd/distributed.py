@@ -116,8 +116,7 @@ def device_index(local_rank: int, visible: int, env: Mapping[str, str]) -> int:
     ``--gpus-per-task`` (or another per-task GPU binding) shows each task only its own GPUs, numbered from 0,
     while SLURM_LOCALID (hence LOCAL_RANK) still counts the node's tasks 0..7: there GPU ``local_rank`` does
     not exist ("invalid device ordinal") and the process takes ``local_rank % visible`` of its own GPUs. One
-    GPU listed in CUDA_VISIBLE_DEVICES counts as such a binding only in a SLURM task that was given GPUs, and
-    so do fewer GPUs listed than SLURM_GPUS_ON_NODE (``--gpu-bind=closest``: a socket's GPUs per task).
+    GPU listed in CUDA_VISIBLE_DEVICES counts as such a binding only in a SLURM task that was given GPUs.
 
     Raises:
         ValueError: ``local_rank`` is beyond the GPUs seen and nothing says they are this task's own (more
@@ -129,19 +128,18 @@ def device_index(local_rank: int, visible: int, env: Mapping[str, str]) -> int:
     per_task = re.search(r"(\d+)$", env.get("SLURM_GPUS_PER_TASK", "").strip())
     # One GPU listed is SLURM's binding only in a SLURM task given GPUs; elsewhere (torchrun or deepspeed with
     # a global CUDA_VISIBLE_DEVICES=0) every process would take that one GPU, and NCCL refuses duplicates.
-    slurm_gpus = "SLURM_LOCALID" in env and any(key in env for key in SLURM_GPU_VARIABLES)
-    bound = listed and visible == 1 and slurm_gpus
-    # --gpu-bind=closest (or a map) shows a task the node's GPUs of its own socket: 4 of 8, numbered 0..3, to
-    # tasks 0-3 and again to tasks 4-7.
-    on_node = env.get("SLURM_GPUS_ON_NODE", "").strip()
-    partial = listed and slurm_gpus and on_node.isdigit() and 0 < visible < int(on_node)
-    if visible > 0 and ((per_task and int(per_task.group(1)) == visible) or bound or partial):
+    bound = listed and visible == 1 and "SLURM_LOCALID" in env and any(key in env for key in SLURM_GPU_VARIABLES)
+    # Several GPUs listed per task without --gpus-per-task (--gpu-bind=closest: a socket's GPUs) are not taken
+    # apart: SLURM's default cyclic placement alternates sockets between tasks, so local_rank % visible would
+    # give two tasks one GPU. The error below names the bindings that work.
+    if visible > 0 and ((per_task and int(per_task.group(1)) == visible) or bound):
         return local_rank % visible
     seen = f"{visible} GPU{'s' if visible != 1 else ''}" + (f" ({listed})" if listed else "")
     raise ValueError(
         f"LOCAL_RANK={local_rank} but this process sees {seen}: more processes on this node than GPUs; start "
         "one process per GPU (srun --ntasks-per-node=GPUS or --gpus-per-task=1, deepspeed --num_gpus, torchrun "
-        "--nproc_per_node), or bind each SLURM task to its GPUs (--gpus-per-task, --gpu-bind)"
+        "--nproc_per_node), or give each SLURM task its own GPU (--gpus-per-task=1 or --gpu-bind=single:1, "
+        "not --gpu-bind=closest, which shows a task a socket's GPUs)"
     )
 
 

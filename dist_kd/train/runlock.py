@@ -30,6 +30,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".dist_kd.lock"
+_LOADED = time.time()  # no lock of this process was written before it imported this module
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
 
@@ -99,7 +100,12 @@ class RunLock:
         if age >= self.stale_s:
             return False
         if owner is not None and owner.get("host") == self.owner["host"]:
-            return _pid_alive(int(owner.get("pid", -1)))
+            pid = int(owner.get("pid", -1))
+            # Our own pid in a lock written before this process began: an earlier run's, whose pid this process
+            # now has (a requeue in a container numbers its processes alike); that run is gone.
+            if pid == os.getpid():
+                return float(owner.get("started", 0.0)) >= _LOADED
+            return _pid_alive(pid)
         return True
 
     @staticmethod
@@ -155,7 +161,10 @@ class RunLock:
                 if self._take_over(payload):
                     break
                 continue
-            beat = time.time() - age
+            try:
+                beat = self.path.stat().st_mtime  # the heartbeat itself: a slow read must not look like one
+            except FileNotFoundError:
+                continue
             same_job = owner is not None and owner.get("job_id") and owner.get("job_id") == self.owner["job_id"]
             # A requeue of this job: its earlier run, on another node, is gone but its heartbeat is not stale yet.
             # Not when that run is alive on this host (its pid), or its heartbeat moves on while we wait: then it

@@ -85,10 +85,6 @@ def test_device_index_per_task_gpus():
     assert device_index(7, 1, {"SLURM_GPUS_PER_TASK": "1"}) == 0
     assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "2", "CUDA_VISIBLE_DEVICES": "6,7"}) == 1
     assert device_index(3, 2, {"SLURM_GPUS_PER_TASK": "a100:2"}) == 1
-    # --gpu-bind=closest on 8 GPUs in two sockets: tasks 4-7 see GPUs 4-7 as 0-3; task 5 takes GPU 5 (its 1)
-    closest = {"SLURM_LOCALID": "5", "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
-    assert device_index(5, 4, closest) == 1
-    assert [device_index(rank, 4, {**closest, "SLURM_LOCALID": str(rank)}) for rank in range(4, 8)] == [0, 1, 2, 3]
 
 
 def test_device_index_refuses_more_processes_than_gpus():
@@ -98,6 +94,11 @@ def test_device_index_refuses_more_processes_than_gpus():
     # four GPUs listed for every process and eight processes: which four share is unknowable
     with pytest.raises(ValueError, match=r"LOCAL_RANK=5 .* 4 GPUs \(CUDA_VISIBLE_DEVICES=0,1,2,3\)"):
         device_index(5, 4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    # --gpu-bind=closest shows task 5 its socket's four GPUs; under SLURM's cyclic placement tasks 1 and 5 both
+    # see one socket's, so local_rank % 4 would give two tasks one GPU: refused, naming a binding that works
+    closest = {"SLURM_LOCALID": "5", "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    with pytest.raises(ValueError, match=r"--gpus-per-task=1 or --gpu-bind=single:1, not --gpu-bind=closest"):
+        device_index(5, 4, closest)
     # torchrun --nproc_per_node 2 under a global CUDA_VISIBLE_DEVICES=0: both processes took GPU 0 (NCCL:
     # "Duplicate GPU detected"); so did SLURM tasks that were given no GPUs
     for env in ({}, {"SLURM_LOCALID": "1"}):
