@@ -484,6 +484,13 @@ def _reporter(told: list, failure: tuple) -> int:
     return next(rank for rank, other in enumerate(told) if other is not None and other[:2] == failure[:2])
 
 
+def said_by(err: BaseException, rank: int) -> BaseException:
+    """Mark ``err``, which every rank raises at the same point (one rank's decision, broadcast), as said by
+    ``rank``: the others stay silent, and the ranks tear down in step (:func:`reported_elsewhere`, :func:`agreed`)."""
+    err.reported_by = rank
+    return err
+
+
 def reported_elsewhere(err: BaseException, rank: int) -> bool:
     """True when ``err`` came out of :func:`shared_failure` and another rank reports it (the rank that had it
     first); every rank then stops at the same point, so the process group can be torn down in step."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -88,7 +89,8 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     Raises:
         FileNotFoundError: ``latest`` names a checkpoint that is not there.
     """
-    checkpoint = Path(checkpoint).resolve()
+    # abspath, not resolve: a RUN/checkpoints that is a link (to scratch space) must keep RUN as its parent.
+    checkpoint = Path(os.path.abspath(checkpoint))
     if checkpoint.name == "latest" and checkpoint.is_file():
         tag = checkpoint.read_text().strip()
         target = checkpoint.parent / tag

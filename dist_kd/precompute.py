@@ -663,7 +663,7 @@ def precompute_soft_targets(
             decision["error"] = str(err)
     decision = distributed.broadcast_object(decision)
     if "error" in decision:
-        raise ValueError(decision["error"])
+        raise distributed.said_by(ValueError(decision["error"]), 0)  # rank 0's refusal, raised by every rank
     if decision["status"] == "done":
         logger.info("%s is already complete for these inputs; nothing to do", output)
         return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)

@@ -69,7 +69,12 @@ PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembe
 def max_input_length(config) -> int | None:
     """The most pieces one input of a model with ``config`` can hold, or None when the config sets no limit."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
+    # DeBERTa with position_biased_input false (v3's layout) adds no absolute positions: its relative buckets
+    # take inputs of any length.
+    relative_only = getattr(config, "model_type", None) in ("deberta", "deberta-v2") and not getattr(
+        config, "position_biased_input", True
+    )
+    if limit is None or relative_only:
         return None
     if getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS:
         limit -= (getattr(config, "pad_token_id", None) or 0) + 1

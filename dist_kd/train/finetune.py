@@ -442,18 +442,20 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         target = output / f"teacher-{index + 1}"
         # The training data's bytes too: the same path with edited data (fixed labels) must train again.
         params = {**teacher_params(spec, cfg, index), "train_sha256": train_sha256}
-        if (target / RESULT_FILE).is_file():
-            previous = _read_result(target)
-            if "train_sha256" not in previous["params"]:  # exported before the data was recorded
-                params.pop("train_sha256")
-            differ = sorted(
-                key for key in {*params, *previous["params"]} if params.get(key) != previous["params"].get(key)
-            )
-            if differ:
-                raise ValueError(
-                    f"{target} was trained with other settings ({', '.join(differ)} differ); use another --output "
-                    "or delete it"
+        with distributed.shared_failure():  # the same refusal on every rank: said once
+            previous = _read_result(target) if (target / RESULT_FILE).is_file() else None
+            if previous is not None:
+                if "train_sha256" not in previous["params"]:  # exported before the data was recorded
+                    params.pop("train_sha256")
+                differ = sorted(
+                    key for key in {*params, *previous["params"]} if params.get(key) != previous["params"].get(key)
                 )
+                if differ:
+                    raise ValueError(
+                        f"{target} was trained with other settings ({', '.join(differ)} differ); use another "
+                        "--output or delete it"
+                    )
+        if previous is not None:
             logger.info("teacher %d: reusing %s", index + 1, target)
             result, dev_logits = previous, _saved_dev_logits(target, previous, dev_sha256, len(dev))
             if dev_logits is None:

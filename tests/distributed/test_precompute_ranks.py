@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,11 +101,20 @@ def _errors(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_an_error_every_rank_has_is_said_once(inputs, tmp_path):
-    args, _ = inputs
+    args, single = inputs
     bad = [a if a != ",".join(LABELS) else "tech,sport,business" for a in args]
     proc = _two_ranks(SCRIPT, [*bad, "--output", str(tmp_path / "x")])
     assert proc.returncode != 0
     assert len(_errors(proc)) == 1 and "same labels in a different order" in _errors(proc)[0], proc.stderr[-3000:]
+    # rank 0's refusal (an output holding a store made with other parameters), told to every rank
+    other = [a if a != "2" else "3" for a in args]  # --temperature 3
+    copy = tmp_path / "copy"
+    shutil.copytree(single, copy)
+    proc = _two_ranks(SCRIPT, [*other, "--output", str(copy)])
+    assert proc.returncode != 0 and len(_errors(proc)) == 1, proc.stderr[-3000:]
+    assert "computed with other parameters (temperature" in _errors(proc)[0] and _files(copy) == _files(
+        single
+    )  # left as it was
 
 
 @pytest.mark.parametrize("fail_at", ["setup", "chunk"])

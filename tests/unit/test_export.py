@@ -81,6 +81,14 @@ def test_a_checkpoint_named_from_inside_checkpoints_or_by_latest_exports(
     capsys.readouterr()
     assert main(["--checkpoint", "run/checkpoints/latest", "--output", str(tmp_path / "gone")]) == 2
     assert "names the checkpoint 'step-00000020', which is not in" in capsys.readouterr().err
+    # RUN/checkpoints as a link to scratch space: the run is still the link's parent, not the target's
+    (run / "checkpoints").rename(tmp_path / "scratch")
+    (run / "checkpoints").symlink_to(tmp_path / "scratch")
+    (run / "checkpoints" / "latest").write_text("step-00000010")
+    for given in ("run/checkpoints/latest", "run/checkpoints/step-00000010"):
+        out = tmp_path / f"linked-{given[-6:]}"
+        assert main(["--checkpoint", given, "--output", str(out)]) == 0, capsys.readouterr().err
+        _exported(out, encoder)
 
 
 @pytest.mark.parametrize(

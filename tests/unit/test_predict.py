@@ -107,6 +107,13 @@ def test_max_input_length_matches_what_the_model_runs(tmp_path):
         with pytest.raises(ValueError, match=rf"--max-length {limit + 1} exceeds .* of model {directory}; set"):
             check_max_length(config, limit + 1, directory, "--max-length")
     assert max_input_length(AutoConfig.from_pretrained(tmp_path / "roberta")) == 131  # 132 positions, padding id 0
+    # DeBERTa-v3's layout adds no absolute positions: inputs past max_position_embeddings run, and are allowed
+    directory = build_tiny_encoder(tmp_path / "deberta", arch="deberta-v2", num_layers=1)
+    config = AutoConfig.from_pretrained(directory)
+    with torch.no_grad():
+        AutoModel.from_pretrained(directory).eval()(input_ids=torch.full((1, 2 * config.max_position_embeddings), 7))
+    assert max_input_length(config) is None
+    check_max_length(config, 2 * config.max_position_embeddings, directory, "--max-length")
 
 
 def test_evaluate_command_errors_on_bad_lengths_and_batch_sizes(classifier, data, capsys):
