@@ -50,6 +50,7 @@ from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, w
 from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
+from dist_kd.models.fields import set_fp32
 from dist_kd.predict import batched_logits
 from dist_kd.train.engine import (
     TrainConfig,
@@ -159,10 +160,13 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     # dist_kd's attention entry (SDPA, or on a CPU in training the explicit path with the cheaper dropout
     # mask) and its dropout modules: the same model, faster to fine-tune on a CPU (models/dropout.py).
     register_attention()
+    # fp32 whatever the base is stored in: transformers loads a base saved in fp16 (its config's dtype) as fp16,
+    # which the engine would then train in fp16 without master weights, and export as fp16.
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         base, config=config, attn_implementation=ATTN_IMPLEMENTATION, ignore_mismatched_sizes=True,
-        output_loading_info=True,
+        output_loading_info=True, dtype=torch.float32,
     )  # fmt: skip
+    set_fp32(model.config)
     _fresh_head(model, loading, base)
     install_fast_dropout(model)
     return model

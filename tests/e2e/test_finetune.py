@@ -185,6 +185,31 @@ def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetun
     assert proc.returncode == 2 and "argument --max-length: expected a positive integer (>= 1), got 0" in proc.stderr
 
 
+def test_a_base_stored_in_fp16_is_fine_tuned_in_fp32(tmp_path):
+    """transformers loads a base saved in fp16 as fp16 (its config's dtype): the teachers trained and exported
+    in fp16, without fp32 master weights."""
+    from transformers import AutoModel
+
+    from dist_kd.data.tasks import TaskSpec
+    from dist_kd.testing import build_tiny_bert
+    from dist_kd.train.finetune import build_classifier
+
+    base = build_tiny_bert(tmp_path / "base", num_layers=1)
+    half = AutoModel.from_pretrained(base).half()
+    half.save_pretrained(tmp_path / "half")
+    for name in ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (base / name).is_file():
+            (tmp_path / "half" / name).write_bytes((base / name).read_bytes())
+    assert AutoModel.from_pretrained(tmp_path / "half").dtype == torch.float16  # the case being tested
+    model = build_classifier(tmp_path / "half", TaskSpec(name="t", labels=["x", "y"]), dropout=0.1)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    assert model.config.dtype == torch.float32
+    # the base's weights, widened exactly
+    torch.testing.assert_close(
+        model.bert.embeddings.word_embeddings.weight, half.embeddings.word_embeddings.weight.float()
+    )
+
+
 def test_a_base_that_is_a_classifier_gives_every_teacher_a_fresh_head(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
