@@ -38,3 +38,16 @@ def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
         assert not text_rows
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.count("\n| 2L-16 | 32 |") == len(report["rows"]) == 6 + len(text_rows) and "wrote" in proc.stdout
+
+
+def test_smoke_profile_times_every_phase_and_lists_operators(tmp_path):
+    """bench/gpu_profile.py --smoke: the phase timings and the profiler tables on the CPU."""
+    phases = ["teacher forward", "student forward", "loss", "backward", "optimizer step"]
+    proc = run_script("bench/gpu_profile.py", "--smoke", "--output", str(tmp_path), "--top", "5")
+    report = json.loads((tmp_path / "gpu_profile.json").read_text())
+    (row,) = report["rows"]
+    assert list(row["phases_ms"]) == phases and all(ms > 0 for ms in row["phases_ms"].values())
+    assert len(row["profile"]["by_host_time"]) == 5 and row["profile"]["by_device_time"] == []  # no device
+    ops = [op["op"] for op in row["profile"]["by_host_time"]]
+    assert any(op.startswith("aten::") for op in ops), ops
+    assert (tmp_path / "gpu_profile.md").read_text() in proc.stdout
