@@ -521,13 +521,18 @@ class GeneralTrainer(EngineTrainer):
             f"{teacher['hidden_size']})",
             "student": f"{student['num_layers']} layers x {student['hidden_size']}, {student['num_heads']} heads, "
             f"FFN {student['intermediate_size']}",
-            "method": "TinyBERT general distillation: embedding, hidden-state and raw attention-score MSE through "
-            f"the layer map g = {self.mapping}",
+            "method": "TinyBERT general distillation: embedding, hidden-state and "
+            + (
+                "raw attention-score MSE"
+                if cfg.distill.attention == "raw_scores"
+                else f"MiniLMv2 attention-relation KL ({cfg.distill.relation_heads} relation heads)"
+            )
+            + f" through the layer map g = {self.mapping}",
             "initialisation": cfg.student.path
             or cfg.student.init
             + (" (weight selection, calibrated)" if cfg.student.init == "teacher" and cfg.student.calibrate else ""),
             "loss settings": f"weights {dataclasses.asdict(cfg.distill.weights)}, projection {cfg.distill.projection}, "
-            f"normalize {cfg.distill.normalize}",
+            f"normalize {cfg.distill.normalize}, attention {cfg.distill.attention}",
             "corpus": f"{cfg.data.shards} ({self.manifest['num_sequences']} sequences of {self.manifest['seq_len']} "
             "tokens)",
             "steps": f"{self.step} x {self.global_batch} sequences, {self.tokens_seen} tokens, lr {cfg.train.lr}",
@@ -543,7 +548,7 @@ class GeneralTrainer(EngineTrainer):
             "dist_kd general-distilled student",
             "A smaller encoder distilled from the teacher below on unlabelled text, to be fine-tuned or "
             "task-distilled (launch/task.py). Spread is the mean cosine between sentence embeddings of held-out "
-            "texts (1 = collapsed); probe accuracy is a 5-fold linear probe on its frozen embeddings.",
+            f"texts (1 = collapsed); probe accuracy is a {cfg.eval.folds}-fold linear probe on its frozen embeddings.",
             facts,
             metrics,
             encoder_load_snippet(self.run_dir / "student"),
