@@ -174,6 +174,29 @@ def _mask(head: MlmHead, batch: dict[str, torch.Tensor], cfg: MlmHeadConfig, gen
     )
 
 
+def training_batches(loader, held_out: list[dict], what: str):
+    """The training batches of an unshuffled corpus loader whose first ``len(held_out)`` batches are held out,
+    one pass after another.
+
+    A corpus loader goes on where the held-out loop left it (it keeps its position) and starts a pass from the
+    corpus's beginning only after an end; a pass that starts with the held-out batches skips them. (Skipping
+    them at the start of every pass, as before, lost the next ``len(held_out)`` batches of the first one.)
+
+    Raises:
+        ValueError: no batch is left after the held-out ones (``what`` names the corpus).
+    """
+    while True:
+        count, skip = 0, 0
+        for index, batch in enumerate(loader):
+            if index == 0 and torch.equal(batch["input_ids"], held_out[0]["input_ids"]):
+                skip = len(held_out)
+            if index >= skip:
+                count += 1
+                yield batch
+        if not count:
+            raise ValueError(f"{what} has no batches left after the {len(held_out)} held out")
+
+
 def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
     """Fit the head, save the masked-LM to ``cfg.output`` (atomically) and return its figures.
 
@@ -196,18 +219,7 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         if len(held_out) == cfg.eval_batches:
             break
 
-    def batches():
-        """Training batches: the unshuffled stream without its first ``eval_batches`` (the held-out ones)."""
-        while True:
-            count = 0
-            for index, batch in enumerate(loader):
-                if index >= cfg.eval_batches:
-                    count += 1
-                    yield batch
-            if not count:
-                raise ValueError(f"corpus {cfg.shards} has no batches left after the {cfg.eval_batches} held out")
-
-    stream = batches()
+    stream = training_batches(loader, held_out, f"corpus {cfg.shards}")
     before = masked_accuracy(head, held_out, cfg, cfg.seed + 1)
     optimizer = torch.optim.AdamW(head.head_parameters, lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, round(0.05 * cfg.steps))

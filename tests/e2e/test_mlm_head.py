@@ -74,3 +74,35 @@ def test_train_layers_changes_only_the_top_layers(tiny_bert_dir, tiny_corpus, tm
             continue
         changed = not torch.equal(mlm.state_dict()[name], value)
         assert changed == name.startswith("encoder.layer.3."), name
+
+
+def test_training_batches_are_every_batch_but_the_held_out_ones_each_pass(tiny_bert_dir, tiny_corpus):
+    """The first pass lost the len(held_out) batches after the held-out ones (the loader keeps its position, and
+    every pass skipped its first len(held_out) batches); a corpus that had just enough batches was refused."""
+    import pytest
+
+    from dist_kd.data.stream import build_corpus_loader
+    from dist_kd.data.tokenizer import load_tokenizer
+    from dist_kd.mlm import training_batches
+
+    def loader():
+        return build_corpus_loader(tiny_corpus / "shards", micro_batch_size=8, num_workers=0, seed=0, shuffle=False,
+                                   teacher_tokenizer=load_tokenizer(tiny_bert_dir))  # fmt: skip
+
+    everything = [batch["input_ids"] for batch in loader()]  # one pass of a fresh loader: the reference
+    assert len(everything) >= 6
+    for held in (2, len(everything) - 1):
+        stream = loader()
+        held_out = []
+        for batch in stream:
+            held_out.append(batch)
+            if len(held_out) == held:
+                break
+        expected = everything[held:] * 2  # two passes, each without the held-out batches
+        got = training_batches(stream, held_out, "corpus c")
+        for index, ids in enumerate(expected):
+            assert torch.equal(next(got)["input_ids"], ids), (held, index)
+    stream = loader()
+    held_out = list(stream)
+    with pytest.raises(ValueError, match=f"corpus c has no batches left after the {len(everything)} held out"):
+        next(training_batches(stream, held_out, "corpus c"))
