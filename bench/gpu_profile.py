@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -156,15 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code paths")
     parser.add_argument("--top", type=int, default=15, help="operators listed per table")
     args = parser.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("error: the profile needs a CUDA device; --smoke runs its code paths on the CPU", file=sys.stderr)
+    if not gpu_suite.set_up_process(args.smoke, "the profile"):
         return 2
-    if args.smoke:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import transformers
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    transformers.logging.set_verbosity_error()
     plan = gpu_suite.SMOKE if args.smoke else gpu_suite.FULL
     seq_len, batch = plan.lengths[0]
     steps, warmup = (3, 1) if args.smoke else (15, 5)

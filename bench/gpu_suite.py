@@ -480,6 +480,22 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def set_up_process(smoke: bool, what: str) -> bool:
+    """Check for a CUDA device (``smoke``: DeepSpeed's CPU accelerator instead) and quiet the libraries' logs;
+    False (after saying so) when ``what`` needs a device this machine lacks."""
+    if not smoke and not torch.cuda.is_available():
+        print(f"error: {what} needs a CUDA device; --smoke runs its code paths on the CPU", file=sys.stderr)
+        return False
+    if smoke:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import transformers
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory for gpu_suite.json and gpu_suite.md")
@@ -498,16 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_shapes and not args.smoke:
         parser.error("--full-shapes goes with --smoke (on a GPU the full plan runs anyway)")
     plan = (SHAPES if args.full_shapes else SMOKE) if args.smoke else FULL
-    if not args.smoke and not torch.cuda.is_available():
-        print("error: the full suite needs a CUDA device; --smoke runs its code paths on the CPU", file=sys.stderr)
+    if not set_up_process(args.smoke, "the full suite"):
         return 2
-    if args.smoke:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import transformers
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     budget_s = args.budget_s if args.budget_s is not None else (None if args.smoke else FULL_BUDGET_S)
