@@ -608,13 +608,23 @@ class Word:
     replaceable: bool
 
 
+# The CJK ideographs that BERT's basic tokenizer makes words of one character each (its _is_chinese_char;
+# kana and hangul are not among them).
+CJK = (
+    "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f\U0002b740-\U0002b81f"
+    "\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f"
+)
+
+
 def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
     """Split text into words and punctuation like BERT's basic tokenizer, keeping character offsets.
 
-    Special tokens (``[SEP]``) stay whole and are never replaced, nor is punctuation.
+    Special tokens (``[SEP]``) stay whole and are never replaced, nor is punctuation. A CJK ideograph is a
+    word of its own, as BERT splits it: a run of them as one word was many pieces, had no candidates, and
+    Chinese text came back unchanged in every copy.
     """
     specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
-    pattern = re.compile((f"({specials})|" if specials else "") + r"(\w+)|([^\w\s])")
+    pattern = re.compile((f"({specials})|" if specials else "") + rf"([{CJK}]|[^\W{CJK}]+)|([^\w\s])")
     words = []
     for match in pattern.finditer(text):
         is_word = match.lastindex == (2 if specials else 1)

@@ -555,3 +555,22 @@ def test_a_cased_masked_lm_never_offers_the_word_itself_in_another_case(bpe_mlm_
     assert candidates["the"][:2] == ["Bank", "rates"]  # for another word, "Bank" is a fine candidate
     assert candidates["bank"][0] == "rates" and len(candidates["bank"]) == 3
     assert "bank" not in {word.lower() for word in candidates["bank"]}
+
+
+def test_words_are_split_as_berts_normalizer_and_pre_tokenizer_split_them():
+    """A run of CJK ideographs was one word (many pieces, no candidates: Chinese text came back unchanged); BERT
+    makes each ideograph a word, and kana and hangul runs stay whole. The reference is the tokenizers library's
+    BertNormalizer (handle_chinese_chars) and BertPreTokenizer."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    from dist_kd.data.augment import split_words
+
+    normalizer = BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    for text in ("我喜欢这部电影, said Ann; かなは一語 and 한국어 too! 東京-2020", "plain words, no CJK (at all)",
+                 "𠀀𠀁 rare ideographs 豈"):  # fmt: skip
+        reference = [word for word, _ in BertPreTokenizer().pre_tokenize_str(normalizer.normalize_str(text))]
+        words = split_words(text)
+        assert [word.text for word in words] == reference, text
+        assert all(text[word.start : word.end] == word.text for word in words)  # offsets into the original
+    assert [word.replaceable for word in split_words("电影!")] == [True, True, False]
