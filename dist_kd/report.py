@@ -14,6 +14,7 @@ Without matplotlib the report is written without plots, and says so.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -185,8 +186,10 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots] + [""]
-    else:
+    elif importlib.util.find_spec("matplotlib") is None:
         lines += ["(No plots: install matplotlib, then run `dist-kd report RUN_DIR` again.)", ""]
+    else:
+        lines += ["(No plots yet: nothing logged to draw; `dist-kd report RUN_DIR` again once the run has logged.)", ""]
     path = run_dir / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))

@@ -60,3 +60,18 @@ def test_task_run_report_has_dev_metrics(tmp_path):
 def test_not_a_run_directory_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} has no metrics.jsonl: not a dist_kd run directory\n"
+
+
+def test_a_run_with_nothing_to_plot_says_so_not_to_install_matplotlib(tmp_path, monkeypatch):
+    """A run that has logged nothing yet was told to install matplotlib, which was installed."""
+    import importlib.util
+
+    from dist_kd import report
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert importlib.util.find_spec("matplotlib") is not None  # installed with dist_kd's dev extra
+    text = write_report(tmp_path).read_text()
+    assert "No plots yet: nothing logged to draw" in text and "install matplotlib" not in text
+    real = importlib.util.find_spec
+    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
+    assert "No plots: install matplotlib" in write_report(tmp_path).read_text()
