@@ -469,13 +469,10 @@ def shared_failure(*known: type[Exception]):
     told = [None] * dist.get_world_size()
     dist.all_gather_object(told, said, group=_host_group())
     if error is not None:
-        error.reported_by = _reporter(told, told[dist.get_rank()])
-        raise error
+        raise said_by(error, _reporter(told, told[dist.get_rank()]))
     for rank, failure in enumerate(told):
         if failure is not None:
-            rebuilt = _rebuilt(rank, *failure, known)
-            rebuilt.reported_by = rank
-            raise rebuilt
+            raise said_by(_rebuilt(rank, *failure, known), rank)
 
 
 def _reporter(told: list, failure: tuple) -> int:
