@@ -343,6 +343,8 @@ def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str,
         max_steps: the run's total steps (the task stage derives it from epochs).
     """
     precision = next((key for key in ("bf16", "fp16") if ds_config.get(key, {}).get("enabled")), "fp32")
+    if ds_config.get("torch_autocast", {}).get("enabled"):  # fp32 weights and optimizer state, unlike "bf16"
+        precision = "bf16-autocast"
     return {
         "train.optimizer": train.optimizer,
         "train.lr": train.lr,
@@ -375,8 +377,14 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
         return
     details = "; ".join(f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}" for key in differing)
     way_out = ""
-    if any(key.startswith(("train.", "deepspeed.", "data.")) for key in differing):
+    if {saved.get("train.precision"), current.get("train.precision")} == {"bf16", "bf16-autocast"}:
+        mode = "deepspeed" if saved["train.precision"] == "bf16" else "autocast"
         way_out = (
+            f"; 'bf16' is DeepSpeed's bf16 optimizer (bf16 weights, fp32 masters), 'bf16-autocast' fp32 weights "
+            f"under torch.autocast: resume this checkpoint with train.bf16_mode={mode}"
+        )
+    if any(key.startswith(("train.", "deepspeed.", "data.")) for key in differing):
+        way_out += (
             f"; to go on from these weights under new settings, export them (dist-kd export --checkpoint {checkpoint} "
             "--output DIR) and start a new run.output_dir with student.path=DIR"
         )

@@ -35,6 +35,7 @@ SCHEDULERS = (
 )
 OPTIMIZERS = ("adamw", "adamax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BF16_MODES = ("autocast", "deepspeed")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,6 +60,12 @@ class TrainConfig:
     precision: str = doc(
         "student precision: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 (GPU or CPU) | fp16 (GPU)", "auto"
     )
+    bf16_mode: str = doc(
+        "how a bf16 student trains: autocast (fp32 weights, the forward under torch.autocast, torch's fused AdamW "
+        "on the weights themselves) | deepspeed (DeepSpeed's bf16 section: bf16 weights, fp32 master copies in "
+        "its optimizer). fp16 students always use DeepSpeed's fp16 optimizer and its loss scaling",
+        "autocast",
+    )
     global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
 
     def __post_init__(self):
@@ -78,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.bf16_mode not in BF16_MODES:
+            raise ValueError(f"train.bf16_mode must be one of {list(BF16_MODES)}, got {self.bf16_mode!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
 
@@ -133,9 +142,22 @@ def resolve_ds_path(path: str) -> Path:
 
 
 def build_ds_config(
-    path: str, micro_batch_size: int, grad_accum: int, world_size: int, precision: str, clip: float
+    path: str,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    precision: str,
+    clip: float,
+    bf16_mode: str = "autocast",
 ) -> dict[str, Any]:
     """Load a DeepSpeed JSON and fill in batch, accumulation, precision and clipping.
+
+    A bf16 student with ``bf16_mode="autocast"`` gets DeepSpeed's ``torch_autocast`` section instead of its
+    ``bf16`` one: the module stays fp32, the engine's forward runs under ``torch.autocast(bf16)``, and with
+    ZeRO-0 the torch optimizer steps the weights directly. DeepSpeed's bf16 section at ZeRO-0 (its unfused fp16
+    optimizer, in bf16) keeps bf16 weights and fp32 masters and, each step, checks every gradient for
+    overflow (a host sync per tensor), casts, clips and copies tensor by tensor: a GPU profile put 40 % of a
+    general-distillation step there (docs/performance.md).
 
     Raises:
         ValueError: the JSON sets one of those keys to a value that disagrees with the run config.
@@ -169,10 +191,18 @@ def build_ds_config(
                 "(micro_batch_size x grad_accum x world size); remove the key from the JSON"
             )
     ds_config.update(filled)
+    if "torch_autocast" in ds_config:
+        raise ValueError(
+            f"deepspeed.config {source} sets 'torch_autocast', which dist_kd sets from train.precision and "
+            "train.bf16_mode; remove the key from the JSON"
+        )
+    autocast = precision == "bf16" and bf16_mode == "autocast"
     for key in ("fp16", "bf16"):
         if ds_config.get(key, {}).get("enabled") and precision != key:
             raise ValueError(f"deepspeed.config {source} enables {key}, but train.precision resolves to {precision}")
-        ds_config[key] = {"enabled": precision == key}
+        ds_config[key] = {"enabled": precision == key and not autocast}
+    if autocast:
+        ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if precision == "fp16":
         ds_config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16})
     # Offload with a torch optimizer is fine for our small students; DeepSpeed otherwise insists on its own.
@@ -270,7 +300,21 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
     )
     if half:
         seed_master_weights(engine, start)
+    elif engine.zero_optimization_stage() == 0 and engine.gradient_clipping() > 0:
+        # DeepSpeed clips an fp32 (or autocast) ZeRO-0 engine's gradients one tensor at a time, two kernels
+        # each; torch's clip_grad_norm_ takes the norm and scales with its multi-tensor kernels where the
+        # device has them (CUDA). The same norm, the same factor min(1, clip / (norm + 1e-6)); at ZeRO-0 the
+        # gradients are already averaged over the ranks, so every rank scales alike.
+        parameters = [p for p in engine.module.parameters() if p.requires_grad]
+        max_norm = engine.gradient_clipping()
+        engine.clip_fp32_gradients = lambda: clip_gradients(parameters, max_norm)
     return engine
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``parameters`` so that their global 2-norm is at most ``max_norm``; return the
+    norm before clipping. No host sync: the factor stays on the device."""
+    return torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
 
 
 def release_engine(engine) -> None:

@@ -176,6 +176,7 @@ class GeneralTrainer(EngineTrainer):
             info.world_size,
             self.precision,
             cfg.train.clip,
+            cfg.train.bf16_mode,
         )
         if not cfg.data.shards:
             raise ValueError("data.shards is not set; prepare a corpus with launch/prepare_corpus.py")

@@ -138,7 +138,7 @@ class TaskTrainer(EngineTrainer):
         self.precision = resolve_precision(cfg.train.precision, info.device)
         ds_config = build_ds_config(
             cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
-            cfg.train.clip,
+            cfg.train.clip, cfg.train.bf16_mode,
         )  # fmt: skip
         self.tasks = [
             load_task_data(

@@ -33,10 +33,13 @@ def _cpu_fp16() -> bool:
 
 
 CPU_FP16 = pytest.mark.skipif(not _cpu_fp16(), reason="this CPU has no oneDNN fp16: DeepSpeed refuses fp16 engines")
+# "bf16": train.bf16_mode=deepspeed (a bf16 module, fp32 masters in DeepSpeed's optimizer); "bf16-autocast": the
+# default bf16 mode, an fp32 module under torch.autocast, whose export is the module's weights themselves.
 CASES = [("bf16", "zero0", 1), pytest.param("fp16", "zero0", 2, marks=CPU_FP16), ("bf16", "zero2", 2),
-         ("bf16", "zero3", 2), ("fp32", "zero0", 1), ("bf16", "zero3_offload", 1)]  # fmt: skip
-GPU_CASES = [pytest.param(precision, zero, "cuda", marks=pytest.mark.gpu) for precision in ("bf16", "fp16")
-             for zero in ("zero0", "zero2")]  # fmt: skip
+         ("bf16", "zero3", 2), ("fp32", "zero0", 1), ("bf16", "zero3_offload", 1), ("bf16-autocast", "zero0", 2),
+         ("bf16-autocast", "zero2", 2)]  # fmt: skip
+GPU_CASES = [pytest.param(precision, zero, "cuda", marks=pytest.mark.gpu)
+             for precision in ("bf16", "fp16", "bf16-autocast") for zero in ("zero0", "zero2")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("precision", "zero", "nproc"), CASES)

@@ -15,11 +15,14 @@ def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     rows = {row["row"]: row for row in report["rows"]}
     timed = ["dist_kd ZeRO-0, fp16 teacher", "dist_kd ZeRO-2, fp16 teacher", "dist_kd ZeRO-0, bf16 teacher",
-             "naive (fp32 eager, every layer)"]  # fmt: skip
+             "dist_kd ZeRO-0, fp16 teacher, train.bf16_mode=deepspeed",
+             "dist_kd ZeRO-2, fp16 teacher, train.bf16_mode=deepspeed", "naive (fp32 eager, every layer)",
+             "dist_kd ZeRO-0, fp16 teacher, large micro-batch"]  # fmt: skip
     for name in timed:
         assert rows[name]["tokens_per_s"] > 0 and rows[name]["ms_per_step"] > 0, name
         assert rows[name]["mfu"] is None and rows[name]["peak_memory_gb"] is None  # a CPU has neither
     assert rows["dist_kd ZeRO-0, bf16 teacher"]["note"].startswith("teacher bfloat16")
+    assert rows[timed[-1]]["micro_batch"] == 8 and rows[timed[0]]["micro_batch"] == 4  # the smoke plan's sizes
     largest = rows["largest micro-batch that fits (ZeRO-0, fp16 teacher)"]
     assert largest["micro_batch"] == 2 * rows[timed[0]]["micro_batch"]  # one doubling in --smoke, and it fits
     assert report["smoke"] is True and report["gpu_tests"] == {"note": "not run (--smoke)"}
@@ -37,7 +40,7 @@ def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
     else:
         assert not text_rows
     table = (tmp_path / "gpu_suite.md").read_text()
-    assert table.count("\n| 2L-16 | 32 |") == len(report["rows"]) == 6 + len(text_rows) and "wrote" in proc.stdout
+    assert table.count("\n| 2L-16 | 32 |") == len(report["rows"]) == 9 + len(text_rows) and "wrote" in proc.stdout
 
 
 def test_smoke_profile_times_every_phase_and_lists_operators(tmp_path):
@@ -45,7 +48,9 @@ def test_smoke_profile_times_every_phase_and_lists_operators(tmp_path):
     phases = ["teacher forward", "student forward", "loss", "backward", "optimizer step"]
     proc = run_script("bench/gpu_profile.py", "--smoke", "--output", str(tmp_path), "--top", "5")
     report = json.loads((tmp_path / "gpu_profile.json").read_text())
-    (row,) = report["rows"]
+    row, other = report["rows"]  # train.bf16_mode autocast (traced) and deepspeed (phases only)
+    assert (row["bf16_mode"], other["bf16_mode"], other["profile"]) == ("autocast", "deepspeed", None)
+    assert list(other["phases_ms"]) == phases and all(ms > 0 for ms in other["phases_ms"].values())
     assert list(row["phases_ms"]) == phases and all(ms > 0 for ms in row["phases_ms"].values())
     assert len(row["profile"]["by_host_time"]) == 5 and row["profile"]["by_device_time"] == []  # no device
     ops = [op["op"] for op in row["profile"]["by_host_time"]]

@@ -184,6 +184,23 @@ def test_settings_the_checkpoint_cannot_honour_are_refused_with_the_way_out(tmp_
     ckpt.check_compatible(older, _meta(**change), final)  # a checkpoint from before these keys: not compared
 
 
+def test_a_bf16_checkpoint_of_the_other_bf16_mode_names_the_setting_that_resumes_it(tmp_path):
+    """DeepSpeed's bf16 optimizer (a bf16 module, fp32 masters) and autocast (an fp32 module) keep different
+    state: a checkpoint of one does not load into the other, and the refusal names train.bf16_mode."""
+    final = _save(tmp_path / "checkpoints", 11)
+    deepspeed = _meta({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}})
+    autocast = _meta({"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}})
+    assert (deepspeed["train.precision"], autocast["train.precision"]) == ("bf16", "bf16-autocast")
+    resumes = r"checkpoint has '{}', this run has '{}'.*resume this checkpoint with train.bf16_mode={}"
+    with pytest.raises(ValueError, match=resumes.format("bf16", "bf16-autocast", "deepspeed")):
+        ckpt.check_compatible(deepspeed, autocast, final)
+    with pytest.raises(ValueError, match=resumes.format("bf16-autocast", "bf16", "autocast")):
+        ckpt.check_compatible(autocast, deepspeed, final)
+    with pytest.raises(ValueError) as caught:  # fp32 <-> autocast: no bf16_mode hint, the generic way out
+        ckpt.check_compatible(_meta({"zero_optimization": {"stage": 0}}), autocast, final)
+    assert "bf16_mode" not in str(caught.value) and "dist-kd export" in str(caught.value)
+
+
 def test_the_schedule_may_grow_but_not_end_before_the_checkpoint(tmp_path, caplog):
     saved = {"step": 11, **_meta()}
     with caplog.at_level(logging.WARNING):

@@ -20,11 +20,19 @@ from dist_kd.train.engine import (
 
 @pytest.mark.parametrize("stage", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_shipped_configs_fill_batch_and_precision(stage):
-    config = build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, "bf16", 0.5)
+    config = build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, "bf16", 0.5, "deepspeed")
     assert config["train_batch_size"] == 64
     assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 4
     assert config["gradient_clipping"] == 0.5
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert "torch_autocast" not in config
+    # train.bf16_mode's default: DeepSpeed's torch_autocast section in place of its bf16 one
+    autocast = build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, "bf16", 0.5)
+    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert autocast["bf16"] == {"enabled": False} and autocast["fp16"] == {"enabled": False}
+    assert {**autocast, "bf16": config["bf16"]} == {**config, "torch_autocast": autocast["torch_autocast"]}
+    for precision in ("fp32", "fp16"):  # the mode is about bf16 students only
+        assert "torch_autocast" not in build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, precision, 0.5)
     # The shipped JSONs hold only what is DeepSpeed's business.
     raw = json.loads(open(f"ds_configs/{stage}.json").read())
     assert not {"train_batch_size", "train_micro_batch_size_per_gpu", "fp16", "bf16", "gradient_clipping"} & set(raw)
@@ -40,6 +48,11 @@ def test_disagreeing_json_is_an_error(tmp_path):
         build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
     with pytest.raises(FileNotFoundError, match="deepspeed.config"):
         build_ds_config(str(tmp_path / "missing.json"), 8, 1, 2, "fp32", 1.0)
+    path.write_text(json.dumps({"torch_autocast": {"enabled": True}}))
+    with pytest.raises(ValueError, match=r"ds.json sets 'torch_autocast'.*train.bf16_mode"):
+        build_ds_config(str(path), 8, 1, 2, "bf16", 1.0)
+    with pytest.raises(ValueError, match=r"train.bf16_mode must be one of \['autocast', 'deepspeed'\], got 'amp'"):
+        TrainConfig(bf16_mode="amp")
     path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "scheduler": {"type": "x"}}))
     with pytest.raises(ValueError, match=r"sets 'optimizer' and 'scheduler', which dist_kd does not use.*train.lr"):
         build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)

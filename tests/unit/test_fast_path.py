@@ -1,7 +1,10 @@
 """The step's fast paths give what the plain path gives: the unmasked packed batch, the masked-loss
-contraction and the fused AdamW (bench/general.py measures what each saves; these check the values)."""
+contraction, the fused AdamW and the ZeRO-0 gradient clipping (bench/general.py measures what each saves;
+these check the values)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from dist_kd.losses import attention_mse, hidden_mse
 from dist_kd.models.student import DistillStudent, StudentConfig, build_projections, build_student
 from dist_kd.models.teacher import Teacher
 from dist_kd.objective import LossWeights, tinybert_objective
-from dist_kd.train.engine import TrainConfig, build_optimizer, parameter_groups
+from dist_kd.train.engine import TrainConfig, build_optimizer, clip_gradients, parameter_groups
 from dist_kd.train.general import device_mask
 
 
@@ -106,3 +109,26 @@ def test_fused_adamw_follows_the_reference_adamw():
             optimizer.step()
     for (name, got), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_clip_gradients_scales_to_the_global_norm():
+    """build_engine's ZeRO-0 clipping: every gradient times min(1, clip / (norm + 1e-6)), the norm taken over
+    all gradients at once (a reference computed by hand); parameters without a gradient are left alone."""
+    torch.manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 3), (7,), (2, 2, 2))]
+    grads = [torch.randn(p.shape) * 3 for p in parameters[:2]]
+    for parameter, grad in zip(parameters, grads, strict=False):
+        parameter.grad = grad.clone()
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    assert norm > 2.0
+    returned = clip_gradients(parameters, 2.0)
+    assert float(returned) == pytest.approx(norm, rel=1e-6)
+    for parameter, grad in zip(parameters, grads, strict=False):
+        torch.testing.assert_close(parameter.grad, grad * (2.0 / (norm + 1e-6)), rtol=1e-6, atol=0)
+    assert parameters[2].grad is None
+    small = [g / 10 for g in grads]  # below the threshold: unchanged
+    for parameter, grad in zip(parameters, small, strict=False):
+        parameter.grad = grad.clone()
+    clip_gradients(parameters, 2.0)
+    for parameter, grad in zip(parameters, small, strict=False):
+        torch.testing.assert_close(parameter.grad, grad, rtol=1e-6, atol=0)

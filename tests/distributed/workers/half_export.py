@@ -1,6 +1,7 @@
-"""Worker: train student + projections a few steps in a bf16/fp16/fp32 DeepSpeed engine on CPU ranks, save a
-checkpoint, and write what an export sees inside ``full_precision_weights`` (OUT/exported.pt, rank 0) beside
-the module's own weights (OUT/module.pt) and whether the module came back unchanged (OUT/rank<r>.json)."""
+"""Worker: train student + projections a few steps in a bf16/fp16/fp32 (or bf16-autocast) DeepSpeed engine on CPU
+ranks, save a checkpoint, and write what an export sees inside ``full_precision_weights`` (OUT/exported.pt,
+rank 0) beside the module's own weights (OUT/module.pt) and whether the module came back unchanged
+(OUT/rank<r>.json)."""
 
 import json
 import sys
@@ -28,7 +29,10 @@ def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str, device: s
         model = DistillStudent(build_student(cfg, teacher.config), build_projections(16, 32, 2))
         train = TrainConfig(max_steps=10, lr=1e-2, warmup_ratio=0.0)
         initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-        engine = build_engine(model, train, build_ds_config(ds_json, 2, 1, info.world_size, precision, 1.0))
+        # "bf16" is DeepSpeed's bf16 optimizer (bf16 module, fp32 masters); "bf16-autocast" train.bf16_mode's default
+        mode = "autocast" if precision.endswith("-autocast") else "deepspeed"
+        ds_config = build_ds_config(ds_json, 2, 1, info.world_size, precision.removesuffix("-autocast"), 1.0, mode)
+        engine = build_engine(model, train, ds_config)
         with full_precision_weights(engine, engine.module) as module:
             at_start = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
         if info.is_main:
