@@ -232,13 +232,14 @@ def build_dist_kd_step(
     fused_optimizer: bool = True,
     skip_full_mask: bool = True,
     seq_len: int | None = None,
+    bf16_mode: str = "autocast",
 ) -> tuple[StepFn, dict[str, object]]:
     """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built:
     figures, and ``release`` (frees the engine: call it before building the next one in a process that goes on).
 
     ``fused_optimizer=False`` and ``skip_full_mask=False`` (an all-ones mask passed on as a mask) switch the
     two fast paths off, for the ``--ablations`` rows. ``seq_len`` adds attention's products to
-    ``flops_per_token``."""
+    ``flops_per_token``. ``bf16_mode`` is ``train.bf16_mode`` (for a bf16 student: a GPU's default)."""
     from transformers import AutoConfig
 
     teacher_config = AutoConfig.from_pretrained(teacher_path)
@@ -248,9 +249,9 @@ def build_dist_kd_step(
     student = build_student(student_cfg, teacher_config)
     projections = build_projections(student.config.hidden_size, teacher.hidden_size, student.config.num_hidden_layers)
     model = DistillStudent(student, projections)
-    train_cfg = TrainConfig(max_steps=SCHEDULE_STEPS, fused_optimizer=fused_optimizer)
+    train_cfg = TrainConfig(max_steps=SCHEDULE_STEPS, fused_optimizer=fused_optimizer, bf16_mode=bf16_mode)
     precision = resolve_precision(train_cfg.precision, info.device)
-    ds_config = build_ds_config(zero_config, batch_size, 1, info.world_size, precision, train_cfg.clip)
+    ds_config = build_ds_config(zero_config, batch_size, 1, info.world_size, precision, train_cfg.clip, bf16_mode)
     engine = build_engine(model, train_cfg, ds_config)
     device = info.device
 
@@ -275,7 +276,7 @@ def build_dist_kd_step(
         "teacher_params_run": count_parameters(teacher.model),
         "student_params": count_parameters(student),
         "projection_params": count_parameters(projections) if projections is not None else 0,
-        "precision": precision,
+        "precision": precision + (f" ({bf16_mode})" if precision == "bf16" else ""),
         "zero_stage": engine.zero_optimization_stage(),
         "release": partial(release_engine, engine),
     }

@@ -7,8 +7,9 @@ torch.profiler trace of whole steps.
 The suite (bench/gpu_suite.py) measures whole steps; this splits one: the teacher's forward, the student's
 forward, the loss, the backward and the optimizer step, each between two device synchronisations (so their
 sum exceeds a step's time by the overlap that synchronising removes), for the suite's BERT-base teacher and
-4L-312 / 6L-768 students at seq 128, ZeRO-0 with an fp16 teacher (the suite's first rows). Then a profiler
-trace of a few steps gives the operators with the most device time and the most host time. Writes
+4L-312 / 6L-768 students at seq 128, ZeRO-0 with an fp16 teacher (the suite's first rows), the bf16 student
+under each ``train.bf16_mode`` (autocast, the default, and DeepSpeed's bf16 optimizer). Then a profiler
+trace of a few steps of the default gives the operators with the most device time and the most host time. Writes
 OUT/gpu_profile.json and OUT/gpu_profile.md; prints the markdown.
 """
 
@@ -35,6 +36,7 @@ from dist_kd.objective import LossWeights, tinybert_objective  # noqa: E402
 from dist_kd.train.general import device_mask  # noqa: E402
 
 PHASES = ("teacher forward", "student forward", "loss", "backward", "optimizer step")
+BF16_MODES = ("autocast", "deepspeed")  # train.bf16_mode: each phase timed under both
 
 
 def _sync(device: torch.device) -> None:
@@ -76,8 +78,11 @@ def phase_times(parts: dict, batches: list[dict], warmup: int, device: torch.dev
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def build_parts(teacher_path: Path, student_cfg: StudentConfig, mapping: list[int], batch: int, info) -> dict:
-    """The objects of bench/general.py's dist_kd step (ZeRO-0, fp16 teacher), kept apart to time each phase."""
+def build_parts(
+    teacher_path: Path, student_cfg: StudentConfig, mapping: list[int], batch: int, info, bf16_mode: str = "autocast"
+) -> dict:
+    """The objects of bench/general.py's dist_kd step (ZeRO-0, fp16 teacher), kept apart to time each phase;
+    ``bf16_mode`` is ``train.bf16_mode`` (for the GPU's bf16 student)."""
     from transformers import AutoConfig
 
     from dist_kd.models.student import build_projections, build_student
@@ -88,11 +93,12 @@ def build_parts(teacher_path: Path, student_cfg: StudentConfig, mapping: list[in
     teacher = Teacher(teacher_path, dtype="fp16", device=info.device, score_layers=mapping, max_layer=max(mapping))
     student = build_student(student_cfg, teacher_config)
     projections = build_projections(student.config.hidden_size, teacher.hidden_size, student.config.num_hidden_layers)
-    train_cfg = TrainConfig(max_steps=bench.SCHEDULE_STEPS)
+    train_cfg = TrainConfig(max_steps=bench.SCHEDULE_STEPS, bf16_mode=bf16_mode)
     precision = resolve_precision(train_cfg.precision, info.device)
     zero = str(gpu_suite.REPO / "ds_configs" / "zero0.json")
     engine = build_engine(bench.DistillStudent(student, projections), train_cfg,
-                          build_ds_config(zero, batch, 1, info.world_size, precision, train_cfg.clip))  # fmt: skip
+                          build_ds_config(zero, batch, 1, info.world_size, precision, train_cfg.clip,
+                                          bf16_mode))  # fmt: skip
     weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
     return {"teacher": teacher, "engine": engine, "mapping": mapping, "weights": weights}
 
@@ -130,17 +136,19 @@ def profile_steps(parts: dict, batches: list[dict], device: torch.device, top: i
 def markdown(report: dict) -> str:
     lines = [f"# dist_kd's step, phase by phase: {report['device']}", "", f"torch {report['torch']}; "
              "each phase between two device synchronisations (median ms per step)", "",
-             "| student | seq | micro-batch | " + " | ".join(PHASES) + " | sum | tokens/s at the sum |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- | --- |"]  # fmt: skip
+             "| student | seq | micro-batch | train.bf16_mode (weights) | " + " | ".join(PHASES)
+             + " | sum | tokens/s at the sum |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- | --- |"]  # fmt: skip
     for row in report["rows"]:
         total = sum(row["phases_ms"].values())
         cells = " | ".join(f"{row['phases_ms'][name]:.1f}" for name in PHASES)
         tokens = row["seq_len"] * row["micro_batch"] / (total / 1000)
-        lines.append(f"| {row['student']} | {row['seq_len']} | {row['micro_batch']} | {cells} | {total:.1f} | "
-                     f"{tokens:,.0f} |")  # fmt: skip
+        mode = f"{row.get('bf16_mode', 'deepspeed')} ({row.get('weights', '?')})"
+        lines.append(f"| {row['student']} | {row['seq_len']} | {row['micro_batch']} | {mode} | {cells} | "
+                     f"{total:.1f} | {tokens:,.0f} |")  # fmt: skip
     for row in report["rows"]:
         for key in ("by_device_time", "by_host_time"):
-            if not row["profile"][key]:
+            if not row["profile"] or not row["profile"][key]:
                 continue
             lines += ["", f"## {row['student']}: operators {key.replace('_', ' ')} (per step)", "",
                       "| op | calls | device ms | host ms |", "| --- | --- | --- | --- |"]  # fmt: skip
@@ -183,16 +191,20 @@ def main(argv: list[str] | None = None) -> int:
                 student_cfg = StudentConfig(num_layers=shape.layers, hidden_size=shape.hidden,
                                             num_heads=shape.heads, intermediate_size=shape.ffn)  # fmt: skip
                 mapping = layer_map(plan.teacher.layers, shape.layers, "uniform")
-                torch.manual_seed(0)
-                parts = build_parts(teacher_path, student_cfg, mapping, batch, info)
-                try:
-                    phases = phase_times(parts, data, warmup, info.device)
-                    profiled = profile_steps(parts, data[:3], info.device, args.top)
-                finally:
-                    bench.release_engine(parts["engine"])
-                report["rows"].append({"student": shape.name, "seq_len": seq_len, "micro_batch": batch,
-                                       "phases_ms": phases, "profile": profiled})  # fmt: skip
-                (output / "gpu_profile.json").write_text(json.dumps(report, indent=1))
+                for mode in BF16_MODES:  # the default first; the trace of the default only
+                    torch.manual_seed(0)
+                    parts = build_parts(teacher_path, student_cfg, mapping, batch, info, mode)
+                    try:
+                        phases = phase_times(parts, data, warmup, info.device)
+                        traced = mode == BF16_MODES[0]
+                        profiled = profile_steps(parts, data[:3], info.device, args.top) if traced else None
+                        precision = parts["engine"].module.student.dtype
+                    finally:
+                        bench.release_engine(parts["engine"])
+                    report["rows"].append({"student": shape.name, "seq_len": seq_len, "micro_batch": batch,
+                                           "bf16_mode": mode, "weights": str(precision).removeprefix("torch."),
+                                           "phases_ms": phases, "profile": profiled})  # fmt: skip
+                    (output / "gpu_profile.json").write_text(json.dumps(report, indent=1))
         finally:
             distributed.teardown()
     text = markdown(report)

@@ -11,8 +11,11 @@ captured in the mapped layers only, the student in a DeepSpeed engine) and the n
 Per student and sequence length, each row is timed on its own (warm-up steps excluded, the device
 synchronised around every step) over the same packed batches (every token real):
 
-- ``dist_kd ZeRO-0, fp16 teacher``, ``dist_kd ZeRO-2, fp16 teacher``, ``dist_kd ZeRO-0, bf16 teacher``;
+- ``dist_kd ZeRO-0, fp16 teacher``, ``dist_kd ZeRO-2, fp16 teacher``, ``dist_kd ZeRO-0, bf16 teacher``
+  (the bf16 student under ``train.bf16_mode=autocast``, the default), and at the first length the first two
+  with ``train.bf16_mode=deepspeed`` (DeepSpeed's bf16 optimizer: the path of releases before);
 - ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
+- the first row again at a larger micro-batch (1,024 x 128), where launch overheads are amortised;
 - the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
 
 and, before all of them, the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median
@@ -86,6 +89,7 @@ class Plan:
     warmup: int
     max_batch_doublings: int
     gpu_tests: bool
+    large_batch: int = 0  # a dist_kd row at this micro-batch and the first length (0: none)
 
 
 FULL = Plan(
@@ -97,10 +101,11 @@ FULL = Plan(
     warmup=5,
     max_batch_doublings=6,
     gpu_tests=True,
+    large_batch=1024,  # fits both students at seq 128 (the largest that fit on an H200: 4,096 and 2,048)
 )
 # The full plan's models and lengths with tiny micro-batches: every row at its real shapes on a CPU (--full-shapes).
 SHAPES = dataclasses.replace(FULL, lengths=((128, 4), (512, 2)), steps=7, warmup=2, max_batch_doublings=1,
-                             gpu_tests=False)  # fmt: skip
+                             gpu_tests=False, large_batch=8)  # fmt: skip
 SMOKE = Plan(
     teacher=Shape("tiny", 2, 32, 4, 64),
     vocab=0,  # the tiny tokenizer's
@@ -110,10 +115,13 @@ SMOKE = Plan(
     warmup=1,
     max_batch_doublings=1,
     gpu_tests=False,
+    large_batch=8,
 )
 
 
 NAIVE = "naive (fp32 eager, every layer)"
+DEEPSPEED_BF16 = "dist_kd ZeRO-0, fp16 teacher, train.bf16_mode=deepspeed"
+LARGE = "dist_kd ZeRO-0, fp16 teacher, large micro-batch"
 PEER = "textbrewer GeneralDistiller"
 LARGEST = "largest micro-batch that fits (ZeRO-0, fp16 teacher)"
 FULL_BUDGET_S = 420.0  # rows start up to 7 minutes in; the last (a largest-batch search) ends well inside 8
@@ -226,10 +234,12 @@ def measure(
     device = info.device
     peak = peak_flops(device)
     weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
-    rows = [
-        ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16"),
-        ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16"),
-        ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16"),
+    rows = [  # the student in bf16 on a GPU: train.bf16_mode autocast (the default) but in the last two rows
+        ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16", "autocast"),
+        ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16", "autocast"),
+        ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16", "autocast"),
+        (DEEPSPEED_BF16, "ds_configs/zero0.json", "fp16", "deepspeed"),
+        (DEEPSPEED_BF16.replace("ZeRO-0", "ZeRO-2"), "ds_configs/zero2.json", "fp16", "deepspeed"),
     ]
     flops: dict[tuple[str, int], float] = {}  # per student and length: dist_kd's FLOPs per token, every row's MFU
 
@@ -237,11 +247,11 @@ def measure(
         out = batches_for(tokenizer, vocab, seq_len, batch, plan.steps, seed=0)
         return [{k: v.pin_memory() for k, v in b.items()} for b in out] if device.type == "cuda" else out
 
-    def dist_kd_row(shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype) -> list[Result]:
+    def dist_kd_row(shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode) -> list[Result]:
         reset_memory(device)
         torch.manual_seed(0)
         step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, dtype, str(REPO / zero),
-                                               batch, info, seq_len=seq_len)  # fmt: skip
+                                               batch, info, seq_len=seq_len, bf16_mode=mode)  # fmt: skip
         try:
             flops[(shape.name, seq_len)] = built["flops_per_token"]
             tokens_per_s, ms = time_row(step, data, plan.warmup, device)
@@ -275,8 +285,10 @@ def measure(
     for index, (seq_len, batch) in enumerate(plan.lengths):
         data = batches(seq_len, batch)
         for shape, student_cfg, mapping in students:
-            for name, zero, dtype in rows:
-                unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype)
+            for name, zero, dtype, mode in rows:
+                if mode == "deepspeed" and index > 0:  # the comparison at the targets' length only
+                    continue
+                unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode)
                 suite.run(Result(shape.name, seq_len, batch, name), unit)
             suite.run(Result(shape.name, seq_len, batch, NAIVE),
                       partial(naive_row, shape, student_cfg, mapping, seq_len, batch, data))  # fmt: skip
@@ -290,6 +302,14 @@ def measure(
                 unit = partial(text_unit, kinds, shape, student_cfg, mapping, seq_len, batch)
                 suite.run(Result(shape.name, seq_len, batch, "real text rows"), unit)
         del data
+        if index == 0 and plan.large_batch:  # launch overheads amortised: the rate a larger micro-batch reaches
+            large = batches(seq_len, plan.large_batch)
+            for shape, student_cfg, mapping in students:
+                _, zero, dtype, mode = rows[0]
+                unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, plan.large_batch, large, LARGE, zero,
+                               dtype, mode)  # fmt: skip
+                suite.run(Result(shape.name, seq_len, plan.large_batch, LARGE), unit)
+            del large
     for seq_len, batch in plan.lengths:
         for shape, student_cfg, mapping in students:
             suite.run(Result(shape.name, seq_len, batch, LARGEST),
