@@ -78,7 +78,14 @@ from dist_kd.models.student import (
 )
 from dist_kd.models.teacher import DTYPES, Teacher, check_model_dir
 from dist_kd.objective import LossWeights, tinybert_objective
-from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, release_engine, resolve_precision
+from dist_kd.train.engine import (
+    TrainConfig,
+    autocast_of,
+    build_ds_config,
+    build_engine,
+    release_engine,
+    resolve_precision,
+)
 from dist_kd.train.general import device_mask
 from dist_kd.train.metrics import count_parameters, distill_flops_per_token
 
@@ -232,7 +239,7 @@ def build_dist_kd_step(
     fused_optimizer: bool = True,
     skip_full_mask: bool = True,
     seq_len: int | None = None,
-    bf16_mode: str = "autocast",
+    bf16_mode: str = "auto",
 ) -> tuple[StepFn, dict[str, object]]:
     """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built:
     figures, and ``release`` (frees the engine: call it before building the next one in a process that goes on).
@@ -263,9 +270,10 @@ def build_dist_kd_step(
             mask = batch["attention_mask"].to(device, non_blocking=True)
         teacher_features = teacher.features(input_ids, mask)
         student_features = engine(input_ids, mask)
-        terms = tinybert_objective(
-            student_features, teacher_features, mapping, mask, weights, engine.module.projections
-        )
+        with autocast_of(engine):  # as GeneralTrainer.train_step
+            terms = tinybert_objective(
+                student_features, teacher_features, mapping, mask, weights, engine.module.projections
+            )
         engine.backward(terms["loss"])
         engine.step()
 
@@ -276,7 +284,8 @@ def build_dist_kd_step(
         "teacher_params_run": count_parameters(teacher.model),
         "student_params": count_parameters(student),
         "projection_params": count_parameters(projections) if projections is not None else 0,
-        "precision": precision + (f" ({bf16_mode})" if precision == "bf16" else ""),
+        "precision": precision
+        + (f" ({'autocast' if engine.torch_autocast_enabled() else 'deepspeed'})" if precision == "bf16" else ""),
         "zero_stage": engine.zero_optimization_stage(),
         "release": partial(release_engine, engine),
     }

@@ -8,7 +8,7 @@ The suite (bench/gpu_suite.py) measures whole steps; this splits one: the teache
 forward, the loss, the backward and the optimizer step, each between two device synchronisations (so their
 sum exceeds a step's time by the overlap that synchronising removes), for the suite's BERT-base teacher and
 4L-312 / 6L-768 students at seq 128, ZeRO-0 with an fp16 teacher (the suite's first rows), the bf16 student
-under each ``train.bf16_mode`` (autocast, the default, and DeepSpeed's bf16 optimizer). Then a profiler
+under each ``train.bf16_mode`` (autocast, the default at ZeRO-0, and DeepSpeed's bf16 optimizer). Then a profiler
 trace of a few steps of the default gives the operators with the most device time and the most host time. Writes
 OUT/gpu_profile.json and OUT/gpu_profile.md; prints the markdown.
 """
@@ -33,10 +33,11 @@ from dist_kd import distributed  # noqa: E402
 from dist_kd.layer_map import layer_map  # noqa: E402
 from dist_kd.models.student import StudentConfig  # noqa: E402
 from dist_kd.objective import LossWeights, tinybert_objective  # noqa: E402
+from dist_kd.train.engine import autocast_of  # noqa: E402
 from dist_kd.train.general import device_mask  # noqa: E402
 
 PHASES = ("teacher forward", "student forward", "loss", "backward", "optimizer step")
-BF16_MODES = ("autocast", "deepspeed")  # train.bf16_mode: each phase timed under both
+BF16_MODES = ("autocast", "deepspeed")  # train.bf16_mode: each phase timed under both (ZeRO-0's auto: autocast)
 
 
 def _sync(device: torch.device) -> None:
@@ -60,8 +61,9 @@ def phase_times(parts: dict, batches: list[dict], warmup: int, device: torch.dev
         student_features = engine(input_ids, mask)
         _sync(device)
         clock["student forward"] = time.perf_counter()
-        terms = tinybert_objective(student_features, teacher_features, mapping, mask, weights,
-                                   engine.module.projections)  # fmt: skip
+        with autocast_of(engine):  # as GeneralTrainer.train_step
+            terms = tinybert_objective(student_features, teacher_features, mapping, mask, weights,
+                                       engine.module.projections)  # fmt: skip
         _sync(device)
         clock["loss"] = time.perf_counter()
         engine.backward(terms["loss"])
@@ -115,8 +117,9 @@ def profile_steps(parts: dict, batches: list[dict], device: torch.device, top: i
             mask = device_mask(batch["attention_mask"], device)
             teacher_features = teacher.features(input_ids, mask)
             student_features = engine(input_ids, mask)
-            terms = tinybert_objective(student_features, teacher_features, mapping, mask, weights,
-                                       engine.module.projections)  # fmt: skip
+            with autocast_of(engine):
+                terms = tinybert_objective(student_features, teacher_features, mapping, mask, weights,
+                                           engine.module.projections)  # fmt: skip
             engine.backward(terms["loss"])
             engine.step()
         _sync(device)

@@ -12,8 +12,8 @@ Per student and sequence length, each row is timed on its own (warm-up steps exc
 synchronised around every step) over the same packed batches (every token real):
 
 - ``dist_kd ZeRO-0, fp16 teacher``, ``dist_kd ZeRO-2, fp16 teacher``, ``dist_kd ZeRO-0, bf16 teacher``
-  (the bf16 student under ``train.bf16_mode=autocast``, the default), and at the first length the first two
-  with ``train.bf16_mode=deepspeed`` (DeepSpeed's bf16 optimizer: the path of releases before);
+  (the bf16 student under ``train.bf16_mode=auto``: torch.autocast at ZeRO-0, DeepSpeed's bf16 optimizer at
+  ZeRO-2), and at the first length each ZeRO stage under the other mode;
 - ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
 - the first row again at a larger micro-batch (1,024 x 128), where launch overheads are amortised;
 - the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
@@ -120,7 +120,7 @@ SMOKE = Plan(
 
 
 NAIVE = "naive (fp32 eager, every layer)"
-DEEPSPEED_BF16 = "dist_kd ZeRO-0, fp16 teacher, train.bf16_mode=deepspeed"
+OTHER_MODE = "dist_kd ZeRO-{}, fp16 teacher, train.bf16_mode={}"
 LARGE = "dist_kd ZeRO-0, fp16 teacher, large micro-batch"
 PEER = "textbrewer GeneralDistiller"
 LARGEST = "largest micro-batch that fits (ZeRO-0, fp16 teacher)"
@@ -234,12 +234,13 @@ def measure(
     device = info.device
     peak = peak_flops(device)
     weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
-    rows = [  # the student in bf16 on a GPU: train.bf16_mode autocast (the default) but in the last two rows
-        ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16", "autocast"),
-        ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16", "autocast"),
-        ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16", "autocast"),
-        (DEEPSPEED_BF16, "ds_configs/zero0.json", "fp16", "deepspeed"),
-        (DEEPSPEED_BF16.replace("ZeRO-0", "ZeRO-2"), "ds_configs/zero2.json", "fp16", "deepspeed"),
+    rows = [  # the student in bf16 on a GPU; train.bf16_mode auto (autocast at ZeRO-0, deepspeed at ZeRO-2) but
+        # in the last two rows, each ZeRO stage under the other mode
+        ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16", "auto"),
+        ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16", "auto"),
+        ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16", "auto"),
+        (OTHER_MODE.format(0, "deepspeed"), "ds_configs/zero0.json", "fp16", "deepspeed"),
+        (OTHER_MODE.format(2, "autocast"), "ds_configs/zero2.json", "fp16", "autocast"),
     ]
     flops: dict[tuple[str, int], float] = {}  # per student and length: dist_kd's FLOPs per token, every row's MFU
 
@@ -286,7 +287,7 @@ def measure(
         data = batches(seq_len, batch)
         for shape, student_cfg, mapping in students:
             for name, zero, dtype, mode in rows:
-                if mode == "deepspeed" and index > 0:  # the comparison at the targets' length only
+                if mode != "auto" and index > 0:  # the comparison at the targets' length only
                     continue
                 unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode)
                 suite.run(Result(shape.name, seq_len, batch, name), unit)

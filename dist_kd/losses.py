@@ -1,7 +1,9 @@
 """Distillation losses as pure tensor functions (no modules held, no globals).
 
 All reductions accumulate in fp32 whatever the input dtype: teachers run in fp16/bf16, and a squared
-error summed over B*H*L*L half-precision elements loses most of its mantissa. Padding is excluded
+error summed over B*H*L*L half-precision elements loses most of its mantissa. Under a caller's
+``torch.autocast`` (a bf16 student's loss, ``train.bf16_mode=autocast``) only the projection runs in half
+precision; the contractions are taken out of autocast, which would otherwise run them in bf16. Padding is excluded
 through explicit masks, so a batch's loss does not depend on how much padding it carries.
 
 Shapes use suffixes: B batch, H heads, L sequence length, D width, C classes, K teachers.
@@ -21,6 +23,11 @@ def _mask_BL(mask: torch.Tensor | None, like_BL: torch.Size, device: torch.devic
     if mask.shape != like_BL:
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(like_BL)} (B, L)")
     return mask.to(device=device, dtype=torch.float32)
+
+
+def _exact(tensor: torch.Tensor):
+    """A context in which autocast is off for ``tensor``'s device: einsum and matmul run in their inputs' fp32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 def attention_mse(
@@ -49,7 +56,8 @@ def attention_mse(
     mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_scores.device)
     # sum over (b, h, i, j) of m_bi m_bj d^2 as one contraction: no (B, 1, L, L) pair mask is built, and the
     # backward is one broadcast product (a measured 2-4x over masking by multiplication on a CPU).
-    total = torch.einsum("bhij,bi,bj->", squared_BHLL, mask_BL, mask_BL)
+    with _exact(squared_BHLL):
+        total = torch.einsum("bhij,bi,bj->", squared_BHLL, mask_BL, mask_BL)
     count = mask_BL.sum(dim=1).square().sum() * heads
     return total / count.clamp_min(1.0)
 
@@ -83,7 +91,8 @@ def hidden_mse(
         return F.mse_loss(student_hidden.float(), teacher_hidden.float())
     squared_BLD = F.mse_loss(student_hidden.float(), teacher_hidden.float(), reduction="none")
     mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_hidden.device)
-    total = torch.einsum("bld,bl->", squared_BLD, mask_BL)
+    with _exact(squared_BLD):
+        total = torch.einsum("bld,bl->", squared_BLD, mask_BL)
     return total / (mask_BL.sum() * width).clamp_min(1.0)
 
 
@@ -141,7 +150,8 @@ def _relation_log_probs(x_BHLd: torch.Tensor, key_mask_BL: torch.Tensor, num_rel
         )
     part = total // num_relation_heads
     x_BRLp = x_BHLd.float().transpose(1, 2).reshape(batch, length, num_relation_heads, part).transpose(1, 2)
-    logits_BRLL = torch.matmul(x_BRLp, x_BRLp.transpose(-1, -2)) / part**0.5
+    with _exact(x_BRLp):
+        logits_BRLL = torch.matmul(x_BRLp, x_BRLp.transpose(-1, -2)) / part**0.5
     keys_B11L = key_mask_BL[:, None, None, :].bool()
     logits_BRLL = logits_BRLL.masked_fill(~keys_B11L, torch.finfo(torch.float32).min)
     return torch.log_softmax(logits_BRLL, dim=-1)

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch rows of similar length together (less padding)",
     )  # fmt: skip
     parser.add_argument("--precision", default=defaults.precision, help="auto | fp32 | bf16 | fp16")
+    parser.add_argument("--bf16-mode", default=defaults.bf16_mode, choices=("auto", "autocast", "deepspeed"),
+                        help="a bf16 run: autocast (fp32 weights under torch.autocast; auto's choice at ZeRO-0) or "
+                        "DeepSpeed's bf16 optimizer (auto's at ZeRO 1-3)")  # fmt: skip
     parser.add_argument("--deepspeed-config", default=defaults.deepspeed_config, help="DeepSpeed JSON")
     add_task_arguments(parser, metric=True)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 group_by_length=args.group_by_length,
                 precision=args.precision,
+                bf16_mode=args.bf16_mode,
                 deepspeed_config=args.deepspeed_config,
             )
         report = finetune_teachers(spec, cfg, info)

@@ -328,6 +328,15 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "meta.json").read_text())
 
 
+def resumed_bf16_mode(bf16_mode: str, checkpoint: Path | None) -> str:
+    """``train.bf16_mode`` for a run that resumes ``checkpoint``: ``auto`` takes the mode a bf16 checkpoint was
+    trained in (its optimizer state loads in that mode only: a checkpoint of DeepSpeed's bf16 optimizer,
+    the only bf16 path before ``train.bf16_mode``, goes on in it); anything else is kept as given."""
+    if bf16_mode != "auto" or checkpoint is None:
+        return bf16_mode
+    return {"bf16": "deepspeed", "bf16-autocast": "autocast"}.get(read_meta(checkpoint).get("train.precision"), "auto")
+
+
 def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str, Any]:
     """The settings a checkpoint's optimizer and schedule state was built under, for its ``meta.json``.
 

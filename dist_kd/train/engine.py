@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ SCHEDULERS = (
 )
 OPTIMIZERS = ("adamw", "adamax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BF16_MODES = ("autocast", "deepspeed")
+BF16_MODES = ("auto", "autocast", "deepspeed")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,10 +62,12 @@ class TrainConfig:
         "student precision: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 (GPU or CPU) | fp16 (GPU)", "auto"
     )
     bf16_mode: str = doc(
-        "how a bf16 student trains: autocast (fp32 weights, the forward under torch.autocast, torch's fused AdamW "
-        "on the weights themselves) | deepspeed (DeepSpeed's bf16 section: bf16 weights, fp32 master copies in "
-        "its optimizer). fp16 students always use DeepSpeed's fp16 optimizer and its loss scaling",
-        "autocast",
+        "how a bf16 student trains: autocast (fp32 weights, the engine's forward and the loss under "
+        "torch.autocast; at ZeRO-0 torch's AdamW steps the weights themselves) | deepspeed (DeepSpeed's bf16 "
+        "section: bf16 weights, fp32 master copies in its optimizer) | auto (a resumed run: its checkpoint's "
+        "mode; else autocast at ZeRO-0, deepspeed at ZeRO 1-3). fp16 students always use DeepSpeed's fp16 "
+        "optimizer and its loss scaling",
+        "auto",
     )
     global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
 
@@ -104,8 +107,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.
 
     bf16 on a CPU is allowed when asked for (DeepSpeed's CPU accelerator trains it): it runs the GPU's
-    half-precision path (fp32 master weights in the optimizer), and CPUs with AMX or AVX512-BF16 run its
-    matrix products faster than fp32. fp16 needs a GPU."""
+    mixed-precision path (``train.bf16_mode``: fp32 weights under torch.autocast, or DeepSpeed's bf16
+    optimizer with fp32 masters), and CPUs with AMX or AVX512-BF16 run its matrix products faster than fp32.
+    fp16 needs a GPU."""
     if name != "auto":
         if device.type == "cpu" and name == "fp16":
             raise ValueError("train.precision=fp16 needs a GPU; use fp32, auto or bf16 on a CPU")
@@ -148,16 +152,18 @@ def build_ds_config(
     world_size: int,
     precision: str,
     clip: float,
-    bf16_mode: str = "autocast",
+    bf16_mode: str = "auto",
 ) -> dict[str, Any]:
     """Load a DeepSpeed JSON and fill in batch, accumulation, precision and clipping.
 
     A bf16 student with ``bf16_mode="autocast"`` gets DeepSpeed's ``torch_autocast`` section instead of its
     ``bf16`` one: the module stays fp32, the engine's forward runs under ``torch.autocast(bf16)``, and with
-    ZeRO-0 the torch optimizer steps the weights directly. DeepSpeed's bf16 section at ZeRO-0 (its unfused fp16
-    optimizer, in bf16) keeps bf16 weights and fp32 masters and, each step, checks every gradient for
+    ZeRO-0 the torch optimizer steps the weights directly. DeepSpeed's bf16 section at ZeRO-0 (its unfused
+    fp16 optimizer, in bf16) keeps bf16 weights and fp32 masters and, each step, checks every gradient for
     overflow (a host sync per tensor), casts, clips and copies tensor by tensor: a GPU profile put 40 % of a
-    general-distillation step there (docs/performance.md).
+    general-distillation step there (docs/performance.md). ``"auto"`` is autocast at ZeRO-0 and DeepSpeed's
+    bf16 section at ZeRO 1-3, whose optimizers work on flat buffers (and where autocast would reduce the
+    embeddings' and LayerNorms' gradients in fp32), or where the JSON enables ``bf16`` itself.
 
     Raises:
         ValueError: the JSON sets one of those keys to a value that disagrees with the run config.
@@ -195,6 +201,15 @@ def build_ds_config(
         raise ValueError(
             f"deepspeed.config {source} sets 'torch_autocast', which dist_kd sets from train.precision and "
             "train.bf16_mode; remove the key from the JSON"
+        )
+    json_bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    if bf16_mode == "auto":
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        bf16_mode = "deepspeed" if json_bf16 or stage > 0 else "autocast"
+    elif bf16_mode == "autocast" and json_bf16:
+        raise ValueError(
+            f"deepspeed.config {source} enables bf16 (DeepSpeed's bf16 optimizer), but train.bf16_mode=autocast; "
+            "remove the key from the JSON, or set train.bf16_mode=deepspeed"
         )
     autocast = precision == "bf16" and bf16_mode == "autocast"
     for key in ("fp16", "bf16"):
@@ -300,18 +315,28 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
     )
     if half:
         seed_master_weights(engine, start)
-    elif engine.zero_optimization_stage() == 0 and engine.gradient_clipping() > 0:
+    elif engine.zero_optimization_stage() == 0 and engine.gradient_clipping() > 0 and not engine.has_moe_layers:
         # DeepSpeed clips an fp32 (or autocast) ZeRO-0 engine's gradients one tensor at a time, two kernels
         # each; torch's clip_grad_norm_ takes the norm and scales with its multi-tensor kernels where the
         # device has them (CUDA). The same norm, the same factor min(1, clip / (norm + 1e-6)); at ZeRO-0 the
-        # gradients are already averaged over the ranks, so every rank scales alike.
-        parameters = [p for p in engine.module.parameters() if p.requires_grad]
+        # gradients are already averaged over the ranks when the engine clips, so every rank scales alike
+        # (DeepSpeed's version also averages the norm over the ranks, for mixture-of-experts layers).
         max_norm = engine.gradient_clipping()
-        engine.clip_fp32_gradients = lambda: clip_gradients(parameters, max_norm)
+        engine.clip_fp32_gradients = lambda: clip_gradients(engine.module.parameters(), max_norm)
     return engine
 
 
-def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def autocast_of(engine):
+    """The engine's autocast for work outside its forward (the loss and its projections): the
+    ``torch.autocast`` its forward runs under, or a no-op for an engine without one."""
+    if not engine.torch_autocast_enabled():
+        return contextlib.nullcontext()
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.autocast(device_type=get_accelerator().device_name(), dtype=engine.torch_autocast_dtype())
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Scale the gradients of ``parameters`` so that their global 2-norm is at most ``max_norm``; return the
     norm before clipping. No host sync: the factor stays on the device."""
     return torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
@@ -455,11 +480,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def full_precision_weights(engine, module: torch.nn.Module):
     """A context in which ``module``'s parameters are whole and hold the optimizer's fp32 master weights.
 
-    A bf16/fp16 engine keeps the module in half precision and the exact weights in the optimizer (fp32);
-    the module's copy is the master rounded to 8 (bf16) or 11 (fp16) significant bits. Exports run inside
-    this context, so a GPU run writes the fp32 weights it trained, as a CPU run does. A parameter with no
-    master (frozen) is written as its half value, widened. Collective under ZeRO-3 (every rank must enter);
-    the module is as before on exit. A no-op for fp32 engines.
+    A bf16/fp16 engine with DeepSpeed's half-precision optimizer (fp16, or ``train.bf16_mode=deepspeed``)
+    keeps the module in half precision and the exact weights in the optimizer (fp32); the module's copy is
+    the master rounded to 8 (bf16) or 11 (fp16) significant bits. Exports run inside this context, so a GPU
+    run writes the fp32 weights it trained, as a CPU run does. A parameter with no master (frozen) is written
+    as its half value, widened. Collective under ZeRO-3 (every rank must enter); the module is as before on
+    exit. A no-op for fp32 engines and autocast ones (whose module holds the fp32 weights).
     """
     parameters = list(module.parameters())
     with gathered_parameters(engine, parameters):

@@ -93,6 +93,7 @@ class FinetuneConfig:
     max_length: int = doc("truncate inputs to this many pieces", 128)
     group_by_length: bool = doc("batch rows of similar length together (less padding; still random batches)", True)
     precision: str = doc("auto | fp32 | bf16 | fp16", "auto")
+    bf16_mode: str = doc("a bf16 run: auto | autocast | deepspeed (as train.bf16_mode)", "auto")
     deepspeed_config: str = doc("DeepSpeed JSON (ZeRO stage, ...)", "ds_configs/zero0.json")
     log_every: int = doc("optimizer steps between metrics.jsonl lines", 10)
 
@@ -224,9 +225,11 @@ class TeacherTrainer:
         max_steps = cfg.epochs * math.ceil(num_rows / global_batch)
         max_steps = min(max_steps, cfg.max_steps or max_steps)
         train_cfg = TrainConfig(max_steps=max_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
-                                seed=self.seed, weight_decay=cfg.weight_decay, precision=cfg.precision)  # fmt: skip
+                                seed=self.seed, weight_decay=cfg.weight_decay, precision=cfg.precision,
+                                bf16_mode=cfg.bf16_mode)  # fmt: skip
         precision = resolve_precision(cfg.precision, info.device)
-        ds_config = build_ds_config(cfg.deepspeed_config, cfg.batch_size, 1, info.world_size, precision, cfg.clip)
+        ds_config = build_ds_config(cfg.deepspeed_config, cfg.batch_size, 1, info.world_size, precision, cfg.clip,
+                                    cfg.bf16_mode)  # fmt: skip
         self.engine = build_engine(self.model, train_cfg, ds_config)
         step, epoch, since_log, last_loss = 0, 0, 0, math.nan
         loss_sum = torch.zeros((), device=info.device)

@@ -47,6 +47,7 @@ from dist_kd.train.engine import (
     DeepSpeedSection,
     EngineTrainer,
     TrainConfig,
+    autocast_of,
     build_ds_config,
     build_engine,
     check_batch,
@@ -169,15 +170,6 @@ class GeneralTrainer(EngineTrainer):
             cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
         )
         self.precision = resolve_precision(cfg.train.precision, info.device)
-        ds_config = build_ds_config(
-            cfg.deepspeed.config,
-            cfg.data.micro_batch_size,
-            cfg.train.grad_accum,
-            info.world_size,
-            self.precision,
-            cfg.train.clip,
-            cfg.train.bf16_mode,
-        )
         if not cfg.data.shards:
             raise ValueError("data.shards is not set; prepare a corpus with launch/prepare_corpus.py")
         self.manifest = read_manifest(cfg.data.shards)
@@ -190,6 +182,15 @@ class GeneralTrainer(EngineTrainer):
         self._check_seq_len(self.manifest, cfg.data.shards)
         self.heldout = self._heldout_texts()
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
+        ds_config = build_ds_config(
+            cfg.deepspeed.config,
+            cfg.data.micro_batch_size,
+            cfg.train.grad_accum,
+            info.world_size,
+            self.precision,
+            cfg.train.clip,
+            ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
+        )
 
         # --- build ---------------------------------------------------------------------------------
         self.teacher = Teacher(
@@ -371,17 +372,18 @@ class GeneralTrainer(EngineTrainer):
         mask = device_mask(batch["attention_mask"], self.info.device)
         teacher_features = self.teacher.features(input_ids, mask)
         student_features = self.engine(input_ids, mask)
-        terms = tinybert_objective(
-            student_features,
-            teacher_features,
-            self.mapping,
-            mask,
-            self.cfg.distill.weights,
-            self.engine.module.projections,
-            normalize=self.cfg.distill.normalize,
-            attention=self.cfg.distill.attention,
-            relation_heads=self.cfg.distill.relation_heads,
-        )
+        with autocast_of(self.engine):  # the projections, as the engine's forward (a bf16 student)
+            terms = tinybert_objective(
+                student_features,
+                teacher_features,
+                self.mapping,
+                mask,
+                self.cfg.distill.weights,
+                self.engine.module.projections,
+                normalize=self.cfg.distill.normalize,
+                attention=self.cfg.distill.attention,
+                relation_heads=self.cfg.distill.relation_heads,
+            )
         self.engine.backward(terms["loss"])
         self.engine.step()
         return {name: value.detach() for name, value in terms.items()}

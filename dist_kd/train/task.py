@@ -54,6 +54,7 @@ from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
     EngineTrainer,
+    autocast_of,
     build_ds_config,
     build_engine,
     check_batch,
@@ -136,10 +137,6 @@ class TaskTrainer(EngineTrainer):
             cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
         )
         self.precision = resolve_precision(cfg.train.precision, info.device)
-        ds_config = build_ds_config(
-            cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
-            cfg.train.clip, cfg.train.bf16_mode,
-        )  # fmt: skip
         self.tasks = [
             load_task_data(
                 entry.spec(), train=entry.train, soft_targets=entry.soft_targets, dev=entry.dev,
@@ -178,6 +175,10 @@ class TaskTrainer(EngineTrainer):
         )
         self.teachers = self._load_teachers() if self.phase == "intermediate" else {}
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
+        ds_config = build_ds_config(
+            cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
+            cfg.train.clip, ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
+        )  # fmt: skip
 
         # --- build ---------------------------------------------------------------------------------
         self.model = self._build_model(student_dir)
@@ -404,11 +405,12 @@ class TaskTrainer(EngineTrainer):
         types = batch.get("token_type_ids")
         teacher_features = teacher.features(batch["input_ids"], mask, types)
         student_features = self.engine(batch["input_ids"], mask, types)
-        return tinybert_objective(
-            student_features, teacher_features, self.mapping, mask, self.cfg.distill.weights,
-            self.engine.module.projections, normalize=self.cfg.distill.normalize,
-            attention=self.cfg.distill.attention, relation_heads=self.cfg.distill.relation_heads,
-        )  # fmt: skip
+        with autocast_of(self.engine):  # the projections, as the engine's forward (a bf16 student)
+            return tinybert_objective(
+                student_features, teacher_features, self.mapping, mask, self.cfg.distill.weights,
+                self.engine.module.projections, normalize=self.cfg.distill.normalize,
+                attention=self.cfg.distill.attention, relation_heads=self.cfg.distill.relation_heads,
+            )  # fmt: skip
 
     def train(self) -> bool:
         """Run until the last step or a stop signal. Returns True when training finished."""

@@ -444,13 +444,15 @@ def test_general_distillation_from_an_adapted_teacher(arch, tiny_corpus, tmp_pat
         assert student.config.pooler_hidden_size == 16
 
 
+@pytest.mark.parametrize("bf16_mode", ["autocast", "deepspeed"])
 def test_bf16_run_on_a_cpu_exports_fp32_weights_and_its_zero0_checkpoint_exports_the_same(
-    tiny_bert_dir, tiny_corpus, tmp_path
+    tiny_bert_dir, tiny_corpus, tmp_path, bf16_mode
 ):
-    """The GPU's default precision end to end on a CPU (train.precision=bf16, a bf16 teacher, ZeRO-0): the run
-    trains, logs and evaluates; its student is written in fp32 (the optimizer's master weights, which a bf16
-    copy cannot hold); and dist-kd export of the last ZeRO-0 checkpoint (which DeepSpeed's zero_to_fp32 does not
-    read) gives the same weights."""
+    """The GPU's default precision end to end on a CPU (train.precision=bf16, a bf16 teacher, ZeRO-0), in each
+    train.bf16_mode: the run trains, logs and evaluates; its student is written in fp32 (autocast's fp32
+    weights, or the deepspeed mode's master weights, which a bf16 copy cannot hold); dist-kd export of the
+    last ZeRO-0 checkpoint (which DeepSpeed's zero_to_fp32 does not read) gives the same weights; and the run
+    resumes from that checkpoint with train.bf16_mode=auto, which takes the checkpoint's mode."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel
@@ -459,10 +461,13 @@ def test_bf16_run_on_a_cpu_exports_fp32_weights_and_its_zero0_checkpoint_exports
     run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
         *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=6", "run.log_every=2", "run.save_every=6",
-               "train.precision=bf16", "teacher.dtype=bf16", "deepspeed.config=ds_configs/zero0.json"),
+               "train.precision=bf16", "teacher.dtype=bf16", "deepspeed.config=ds_configs/zero0.json",
+               f"train.bf16_mode={bf16_mode}"),
     )  # fmt: skip
     records = _metrics(out)
     assert [r["step"] for r in records] == [2, 4, 6] and all(r["loss"] > 0 for r in records)
+    meta = json.loads((out / "checkpoints" / "step-00000006" / "meta.json").read_text())
+    assert meta["train.precision"] == {"autocast": "bf16-autocast", "deepspeed": "bf16"}[bf16_mode]
     student = load_file(out / "student" / "model.safetensors")
     assert {tensor.dtype for tensor in student.values()} == {torch.float32}
     matrices = [t for t in student.values() if t.dim() == 2]
@@ -475,3 +480,10 @@ def test_bf16_run_on_a_cpu_exports_fp32_weights_and_its_zero0_checkpoint_exports
     assert again.keys() == student.keys()
     for name in student:
         torch.testing.assert_close(again[name], student[name], rtol=0, atol=0, msg=name)
+    run_script(
+        "launch/general.py", "--debug", "--config", CONFIG,
+        *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=8", "run.log_every=2", "run.save_every=6",
+               "train.precision=bf16", "teacher.dtype=bf16", "deepspeed.config=ds_configs/zero0.json",
+               "train.bf16_mode=auto"),
+    )  # fmt: skip
+    assert [r["step"] for r in _metrics(out)] == [2, 4, 6, 8]

@@ -196,6 +196,12 @@ def test_a_bf16_checkpoint_of_the_other_bf16_mode_names_the_setting_that_resumes
         ckpt.check_compatible(deepspeed, autocast, final)
     with pytest.raises(ValueError, match=resumes.format("bf16-autocast", "bf16", "autocast")):
         ckpt.check_compatible(autocast, deepspeed, final)
+    # train.bf16_mode=auto resumes each in its own mode; a mode given explicitly is kept (and refused above)
+    for meta, mode in ((deepspeed, "deepspeed"), (autocast, "autocast"), (_meta({}), "auto")):
+        (final / "meta.json").write_text(json.dumps(meta))
+        assert ckpt.resumed_bf16_mode("auto", final) == mode
+        assert ckpt.resumed_bf16_mode("autocast", final) == "autocast"
+    assert ckpt.resumed_bf16_mode("auto", None) == "auto"
     with pytest.raises(ValueError) as caught:  # fp32 <-> autocast: no bf16_mode hint, the generic way out
         ckpt.check_compatible(_meta({"zero_optimization": {"stage": 0}}), autocast, final)
     assert "bf16_mode" not in str(caught.value) and "dist-kd export" in str(caught.value)

@@ -26,13 +26,18 @@ def test_shipped_configs_fill_batch_and_precision(stage):
     assert config["gradient_clipping"] == 0.5
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
     assert "torch_autocast" not in config
-    # train.bf16_mode's default: DeepSpeed's torch_autocast section in place of its bf16 one
-    autocast = build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, "bf16", 0.5)
+    # train.bf16_mode=autocast: DeepSpeed's torch_autocast section in place of its bf16 one
+    autocast = build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, "bf16", 0.5, "autocast")
     assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert autocast["bf16"] == {"enabled": False} and autocast["fp16"] == {"enabled": False}
     assert {**autocast, "bf16": config["bf16"]} == {**config, "torch_autocast": autocast["torch_autocast"]}
+    # auto (the default): autocast at ZeRO-0 only
+    assert build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, "bf16", 0.5) == (
+        autocast if stage == "zero0" else config
+    )
     for precision in ("fp32", "fp16"):  # the mode is about bf16 students only
-        assert "torch_autocast" not in build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, precision, 0.5)
+        for mode in ("auto", "autocast", "deepspeed"):
+            assert "torch_autocast" not in build_ds_config(f"ds_configs/{stage}.json", 8, 4, 2, precision, 0.5, mode)
     # The shipped JSONs hold only what is DeepSpeed's business.
     raw = json.loads(open(f"ds_configs/{stage}.json").read())
     assert not {"train_batch_size", "train_micro_batch_size_per_gpu", "fp16", "bf16", "gradient_clipping"} & set(raw)
@@ -51,8 +56,12 @@ def test_disagreeing_json_is_an_error(tmp_path):
     path.write_text(json.dumps({"torch_autocast": {"enabled": True}}))
     with pytest.raises(ValueError, match=r"ds.json sets 'torch_autocast'.*train.bf16_mode"):
         build_ds_config(str(path), 8, 1, 2, "bf16", 1.0)
-    with pytest.raises(ValueError, match=r"train.bf16_mode must be one of \['autocast', 'deepspeed'\], got 'amp'"):
+    with pytest.raises(ValueError, match=r"bf16_mode must be one of \['auto', 'autocast', 'deepspeed'\], got 'amp'"):
         TrainConfig(bf16_mode="amp")
+    path.write_text(json.dumps({"bf16": {"enabled": True}}))  # a JSON that asks for DeepSpeed's bf16 itself
+    assert build_ds_config(str(path), 8, 1, 2, "bf16", 1.0)["bf16"] == {"enabled": True}
+    with pytest.raises(ValueError, match=r"ds.json enables bf16 .*but train.bf16_mode=autocast"):
+        build_ds_config(str(path), 8, 1, 2, "bf16", 1.0, "autocast")
     path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "scheduler": {"type": "x"}}))
     with pytest.raises(ValueError, match=r"sets 'optimizer' and 'scheduler', which dist_kd does not use.*train.lr"):
         build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)

@@ -132,3 +132,38 @@ def test_clip_gradients_scales_to_the_global_norm():
     clip_gradients(parameters, 2.0)
     for parameter, grad in zip(parameters, small, strict=False):
         torch.testing.assert_close(parameter.grad, grad, rtol=1e-6, atol=0)
+
+
+def test_losses_under_autocast_contract_in_fp32():
+    """A bf16 student's loss runs under torch.autocast (train.bf16_mode=autocast); the masked contractions and
+    the relation logits must not follow it into bf16: each loss equals its value outside autocast (rel 1e-6),
+    and only the projection runs in bf16 (the loss of its bf16 output, computed outside autocast)."""
+    from dist_kd.losses import relation_kl
+
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.ones(3, 9)
+    mask[0, 6:] = 0
+    mask[2, 4:] = 0
+    scores_s, scores_t = (torch.randn(3, 4, 9, 9, generator=generator) * 4 for _ in "st")
+    hidden_s, hidden_t = torch.randn(3, 9, 8, generator=generator), torch.randn(3, 9, 16, generator=generator)
+    projection = torch.nn.Linear(8, 16)
+    query_s, query_t = torch.randn(3, 2, 9, 8, generator=generator), torch.randn(3, 4, 9, 8, generator=generator)
+    wide_s = torch.randn(3, 9, 16, generator=generator)
+
+    def losses():
+        return {
+            "attention": attention_mse(scores_s, scores_t, mask),
+            "hidden": hidden_mse(wide_s, hidden_t, mask),
+            "relation": relation_kl(query_s, query_t, mask, 4),
+        }
+
+    exact = losses()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = losses()
+        projected = hidden_mse(hidden_s, hidden_t, mask, projection)
+        projected_bf16 = projection(hidden_s)
+    assert projected_bf16.dtype == torch.bfloat16  # autocast is on for the projection
+    for name, value in exact.items():
+        assert autocast[name].dtype == torch.float32
+        torch.testing.assert_close(autocast[name], value, rtol=1e-6, atol=0, msg=name)
+    torch.testing.assert_close(projected, hidden_mse(projected_bf16.float(), hidden_t, mask), rtol=1e-6, atol=0)
