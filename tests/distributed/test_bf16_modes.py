@@ -23,6 +23,7 @@ def test_bf16_modes_follow_the_fp32_run(ranks, tiny_bert_dir, tmp_path):
     assert autocast["optimizer"] == "torch.optim.adamw.AdamW"
     assert deepspeed["param_dtypes"] == ["torch.bfloat16"] and "deepspeed" in deepspeed["optimizer"]
     assert fp32["score_dtype"] == "torch.float32"
+    assert fp32["clip_overridden"] and autocast["clip_overridden"] and not deepspeed["clip_overridden"]
 
     # The losses fall; autocast follows fp32 within bf16's rounding (8 significant bits in the products; the
     # weights, LayerNorms, softmaxes and losses stay fp32), without being fp32 itself.
@@ -36,7 +37,10 @@ def test_bf16_modes_follow_the_fp32_run(ranks, tiny_bert_dir, tmp_path):
     losses = torch.tensor(deepspeed["losses"])
     assert losses[-1] < 0.6 * losses[0]
     torch.testing.assert_close(losses, reference, rtol=0.2, atol=0)
-    weights = {mode: torch.load(tmp_path / f"{mode}.pt") for mode in report}
+    weights = {mode: torch.load(tmp_path / f"{mode}-rank0.pt") for mode in report}
+    for mode in report:  # the ranks took the same steps (gradients averaged, then clipped alike)
+        other = torch.load(tmp_path / f"{mode}-rank1.pt")
+        assert all(torch.equal(other[name], tensor) for name, tensor in weights[mode].items()), mode
     assert weights["bf16-autocast"].keys() == weights["fp32"].keys()
     assert all(tensor.dtype == torch.float32 for tensor in weights["bf16-autocast"].values())
     flat = {mode: torch.cat([t.flatten() for t in weights[mode].values()]) for mode in ("fp32", "bf16-autocast")}

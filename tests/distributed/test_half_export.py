@@ -66,6 +66,8 @@ def _check(tmp_path, precision: str, zero: str, nproc: int) -> None:
         assert json.loads((tmp_path / f"rank{rank}.json").read_text())["restored"], rank
     exported, module = torch.load(tmp_path / "exported.pt"), torch.load(tmp_path / "module.pt")
     assert exported.keys() == module.keys() and len(exported) > 10
+    moved = sum(not torch.equal(tensor, start["initial"][name]) for name, tensor in exported.items())
+    assert moved > 0.5 * len(exported), "the four steps should have changed most weights"
     half = HALF.get(precision)
     assert all(tensor.dtype == torch.float32 for tensor in exported.values())
     assert all(tensor.dtype == (half or torch.float32) for tensor in module.values())

@@ -4,7 +4,8 @@ Modes: ``fp32``; ``fp32-deepspeed-clip`` (fp32 with DeepSpeed's own per-tensor g
 build_engine replaces by torch's clip_grad_norm_); ``bf16-autocast`` (train.bf16_mode=autocast, the default);
 ``bf16-deepspeed`` (DeepSpeed's bf16 optimizer). Rank 0 writes OUT/modes.json: per mode the losses of every
 step (and for fp32 the gradient norms before clipping), the module's parameter dtypes, the dtype of the
-captured attention scores and the optimizer's class; and the exported (fp32) weights to OUT/<mode>.pt.
+captured attention scores, the optimizer's class and whether build_engine replaced DeepSpeed's clipping; and
+each rank its exported (fp32) weights to OUT/<mode>-rank<r>.pt.
 """
 
 import json
@@ -35,6 +36,7 @@ def run(mode: str, teacher: Teacher, mapping, batches, info) -> dict:
     ds_config = build_ds_config("ds_configs/zero0.json", 2, 1, info.world_size, precision, train.clip, bf16_mode)
     engine = build_engine(model, train, ds_config)
     norms: list[float] = []
+    overridden = "clip_fp32_gradients" in vars(engine)  # build_engine's clipping in place of DeepSpeed's
     if variant == "deepspeed-clip":
         del engine.clip_fp32_gradients  # DeepSpeed's own method of the class again
     elif precision == "fp32":
@@ -54,6 +56,7 @@ def run(mode: str, teacher: Teacher, mapping, batches, info) -> dict:
     result = {
         "losses": losses,
         "grad_norms": norms,
+        "clip_overridden": overridden,
         "param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
         "score_dtype": score_dtype,
         "optimizer": f"{type(engine.optimizer).__module__}.{type(engine.optimizer).__name__}",
@@ -78,8 +81,7 @@ def main(teacher_dir: str, out_dir: str) -> None:
         report = {}
         for mode in MODES:
             report[mode], weights = run(mode, teacher, mapping, batches, info)
-            if info.is_main:
-                torch.save(weights, out / f"{mode}.pt")
+            torch.save(weights, out / f"{mode}-rank{info.rank}.pt")  # ZeRO-0: every rank holds the same
         if info.is_main:
             (out / "modes.json").write_text(json.dumps(report, indent=1))
     finally:
