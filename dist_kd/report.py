@@ -61,10 +61,13 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
 
     terms = sorted({k for r in records for k in r if k == "loss" or k.startswith("loss_")})
     task_names = sorted({name for r in records for name in (r.get("task_loss") or {})})
+    runs = _by_teacher(records)  # a fine-tuning directory: each teacher's steps count from 1 again
     if terms:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in terms:
-            ax.plot(*_series(records, key), label=key, linewidth=2 if key == "loss" else 1)
+        for label, part in runs.items():
+            for key in terms:
+                name = f"{label} {key}".strip()
+                ax.plot(*_series(part, key), label=name, linewidth=2 if key == "loss" else 1)
         for name in task_names:
             steps = [r["step"] for r in records if name in (r.get("task_loss") or {})]
             values = [r["task_loss"][name] for r in records if name in (r.get("task_loss") or {})]
@@ -76,13 +79,15 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, "loss.png")
     if any("lr" in r for r in records):
+        speed = "tokens_per_s" if any("tokens_per_s" in r for r in records) else "samples_per_s"
         fig, left = plt.subplots(figsize=(7, 4))
-        left.plot(*_series(records, "lr"), color="tab:blue")
+        right = left.twinx()
+        for label, part in runs.items():
+            left.plot(*_series(part, "lr"), color="tab:blue", label=label or None)
+            right.plot(*_series(part, speed), color="tab:orange")
         left.set_xlabel("step")
         left.set_ylabel("learning rate", color="tab:blue")
-        right = left.twinx()
-        right.plot(*_series(records, "tokens_per_s"), color="tab:orange")
-        right.set_ylabel("tokens / s", color="tab:orange")
+        right.set_ylabel(speed.replace("_per_s", " / s"), color="tab:orange")
         left.set_title("schedule and throughput")
         save(fig, "lr_throughput.png")
     if quality_records:
@@ -107,6 +112,14 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, "dev.png")
     return written
+
+
+def _by_teacher(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``{"": records}``, or for a fine-tuning directory (lines carry ``teacher``) ``{"teacher k": its lines}``."""
+    teachers = sorted({r["teacher"] for r in records if isinstance(r.get("teacher"), int)})
+    if not teachers:
+        return {"": records}
+    return {f"teacher {k}": [r for r in records if r.get("teacher") == k] for k in teachers}
 
 
 def _task_evaluations(eval_report: dict[str, Any] | None) -> dict[str, tuple[str, list[tuple[int, float]]]]:
@@ -147,7 +160,10 @@ def write_report(run_dir: str | Path) -> Path:
     plots = _plots(run_dir, records, evaluations, quality_records)
 
     lines = [f"# Run report: {run_dir}", ""]
-    if records:
+    runs = _by_teacher(records)
+    if "" not in runs:  # fine-tuned teachers: one row each, then their dev metrics
+        lines += _teacher_lines(runs, _read_json(run_dir / "report.json"))
+    elif records:
         first, last = records[0], records[-1]
         speeds = [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), int | float)]
         lines += [
@@ -194,6 +210,30 @@ def write_report(run_dir: str | Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
+
+
+def _teacher_lines(runs: dict[str, list[dict[str, Any]]], finetune: dict[str, Any] | None) -> list[str]:
+    """A fine-tuning directory's tables: each teacher's logged loss, and the dev metrics of report.json."""
+    lines = [
+        "| teacher | logged steps | first loss | last loss | median samples/s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, part in runs.items():
+        speeds = sorted(r["samples_per_s"] for r in part if isinstance(r.get("samples_per_s"), int | float))
+        median = f"{speeds[len(speeds) // 2]:,.0f}" if speeds else "-"
+        lines.append(f"| {label} | {part[0]['step']} to {part[-1]['step']} | {_fmt(part[0].get('loss'))} | "
+                     f"{_fmt(part[-1].get('loss'))} | {median} |")  # fmt: skip
+    lines.append("")
+    if finetune and finetune.get("teachers"):
+        metric = finetune.get("metric")
+        lines += [f"## Dev {metric} ({finetune.get('num_dev')} rows)", "", "| model | " + str(metric) + " |",
+                  "| --- | --- |"]  # fmt: skip
+        for teacher in finetune["teachers"]:
+            lines.append(f"| {teacher.get('dir')} | {_fmt((teacher.get('dev') or {}).get(metric))} |")
+        averaged = "outputs" if finetune.get("task_type") == "regression" else "probabilities"
+        lines += [f"| ensemble (mean of the teachers' {averaged}) | "
+                  f"{_fmt((finetune.get('ensemble_dev') or {}).get(metric))} |", ""]  # fmt: skip
+    return lines
 
 
 def report_at_end(run_dir: str | Path) -> str:

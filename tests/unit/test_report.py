@@ -57,6 +57,41 @@ def test_task_run_report_has_dev_metrics(tmp_path):
         assert (run / "dev.png").read_bytes()[:8] == PNG
 
 
+def test_finetune_report_has_a_row_and_a_loss_line_per_teacher(tmp_path, monkeypatch):
+    """A fine-tuning directory logs K teachers whose steps each start again at 1: one table row per teacher
+    (not the first teacher's first line against the last one's last), the dev metrics of report.json, and
+    a loss plot line per teacher."""
+    run = tmp_path / "teachers"
+    run.mkdir()
+    records = [{"teacher": k, "step": s, "loss": k / s, "lr": 1e-5, "samples_per_s": 100.0 * k}
+               for k in (1, 2) for s in (10, 20, 30)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    finetune = {"metric": "accuracy", "task_type": "classification", "num_dev": 400,
+                "teachers": [{"dir": "teacher-1", "dev": {"accuracy": 0.91}}, {"dir": "teacher-2",
+                             "dev": {"accuracy": 0.93}}], "ensemble_dev": {"accuracy": 0.94}}  # fmt: skip
+    (run / "report.json").write_text(json.dumps(finetune))
+    text = write_report(run).read_text()
+    assert "| teacher 1 | 10 to 30 | 0.1 | 0.03333 | 100 |" in text
+    assert "| teacher 2 | 10 to 30 | 0.2 | 0.06667 | 200 |" in text
+    assert "## Dev accuracy (400 rows)" in text and "| teacher-2 | 0.93 |" in text
+    assert "| ensemble (mean of the teachers' probabilities) | 0.94 |" in text
+    assert "logged steps, 10 to 30" not in text  # the single-run summary would mix the teachers
+    matplotlib = pytest.importorskip("matplotlib")
+    assert (run / "loss.png").read_bytes()[:8] == PNG and (run / "lr_throughput.png").read_bytes()[:8] == PNG
+    import dist_kd.report as report
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    report._plots(run, records, {}, [])
+    assert {"teacher 1 loss", "teacher 2 loss"} <= set(drawn)
+
+
 def test_not_a_run_directory_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} has no metrics.jsonl: not a dist_kd run directory\n"
