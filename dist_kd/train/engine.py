@@ -69,6 +69,12 @@ class TrainConfig:
         "optimizer and its loss scaling",
         "auto",
     )
+    compile: bool = doc(
+        "torch.compile the student's encoder and the teacher(s) (nn.Module.compile: in place, so checkpoints and "
+        "exports are unchanged); the first steps compile them (a minute or more), held-out evaluation at new "
+        "shapes recompiles; ZeRO 0-2",
+        False,
+    )
     global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
 
     def __post_init__(self):
@@ -324,6 +330,23 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
         max_norm = engine.gradient_clipping()
         engine.clip_fp32_gradients = lambda: clip_gradients(engine.module.parameters(), max_norm)
     return engine
+
+
+def compile_models(models: Iterable[torch.nn.Module], train: TrainConfig, ds_config: dict[str, Any]) -> None:
+    """``train.compile``: compile each of ``models`` in place (``nn.Module.compile``: its forward is compiled
+    at the first call; parameters, state dict keys and the module tree stay as they are).
+
+    Raises:
+        ValueError: ``train.compile`` with ZeRO-3, whose parameter hooks gather and release weights around
+            every submodule's forward.
+    """
+    if not train.compile:
+        return
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise ValueError("train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3")
+    for model in models:
+        model.compile()
+    logger.info("train.compile: the student and teacher compile at their first forward passes (a minute or more)")
 
 
 def autocast_of(engine):

@@ -51,6 +51,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
     check_batch,
+    compile_models,
     full_precision_weights,
     resolve_precision,
 )
@@ -218,6 +219,7 @@ class GeneralTrainer(EngineTrainer):
             if cfg.student.calibrate and resume_from is None:
                 self._calibrate(student, selection.residual)
         self.model = DistillStudent(student, projections, cfg.distill.attention)
+        compile_models([student, self.teacher.model], cfg.train, ds_config)
         self.engine = build_engine(self.model, cfg.train, ds_config)
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0

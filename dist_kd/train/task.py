@@ -58,6 +58,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
     check_batch,
+    compile_models,
     full_precision_weights,
     resolve_precision,
 )
@@ -182,6 +183,8 @@ class TaskTrainer(EngineTrainer):
 
         # --- build ---------------------------------------------------------------------------------
         self.model = self._build_model(student_dir)
+        encoder = self.model.student if self.phase == "intermediate" else self.model.encoder  # DistillStudent or heads
+        compile_models([encoder, *(teacher.model for teacher in self.teachers.values())], cfg.train, ds_config)
         train_cfg = dataclasses.replace(cfg.train, max_steps=self.max_steps)
         self.engine = build_engine(self.model, train_cfg, ds_config)
         self.step = 0

@@ -487,3 +487,34 @@ def test_bf16_run_on_a_cpu_exports_fp32_weights_and_its_zero0_checkpoint_exports
                "train.bf16_mode=auto"),
     )  # fmt: skip
     assert [r["step"] for r in _metrics(out)] == [2, 4, 6, 8]
+
+
+def test_compiled_run_takes_the_eager_runs_steps(tiny_bert_dir, tiny_corpus, tmp_path, monkeypatch):
+    """train.compile (student and teacher through torch.compile, raw-score capture included): the same
+    logged losses as the eager run from the same seed (no dropout, whose random masks a compiled graph
+    draws differently), within float reordering (rel 1e-4), and a checkpoint that exports the same
+    parameter names and shapes (nn.Module.compile leaves the state dict as it is)."""
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        out = tmp_path / name
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"inductor-{name}"))  # where kernels go
+        run_script(
+            "launch/general.py", "--debug", "--config", CONFIG,
+            *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=4", "run.log_every=1", "run.save_every=4",
+                   "student.dropout=0.0", "deepspeed.config=ds_configs/zero0.json", f"train.compile={compiled}",
+                   "eval.texts="),
+        )  # fmt: skip
+        runs[name] = out
+    assert any((tmp_path / "inductor-compiled").rglob("*.py")) and not any((tmp_path / "inductor-eager").rglob("*.py"))
+    eager, compiled = (_metrics(runs[name]) for name in ("eager", "compiled"))
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4]
+    for a, b in zip(eager, compiled, strict=True):
+        for key in ("loss", "loss_attn", "loss_hidden", "loss_embd"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    weights = {name: load_file(runs[name] / "student" / "model.safetensors") for name in runs}
+    assert {k: v.shape for k, v in weights["compiled"].items()} == {k: v.shape for k, v in weights["eager"].items()}
+    moved = [k for k, v in weights["compiled"].items() if v.dtype.is_floating_point]
+    assert all(torch.allclose(weights["compiled"][k], weights["eager"][k], rtol=1e-3, atol=1e-5) for k in moved)

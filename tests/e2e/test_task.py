@@ -295,6 +295,24 @@ def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_lea
     assert (phase2 / "tasks" / "topic" / "config.json").is_file()
 
 
+def test_compiled_intermediate_phase_copy_of_the_teacher_starts_at_zero(pipeline, monkeypatch):
+    """train.compile in the task stage: the student's encoder and the teacher compile (kernels are written),
+    and a copy of the teacher still matches it exactly (every loss term 0), as in the eager run above."""
+    teacher = str(pipeline / "teachers" / "teacher-1")
+    copy = pipeline / "phase1-copy-compiled"
+    cache = pipeline / "inductor-task"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    run_script("launch/task.py", "--debug", "--config", str(_config(
+        pipeline, copy, share=False, student={"path": teacher, "dropout": 0.0}, teacher={"dtype": "fp32"},
+        distill={"phase": "intermediate"}, train={"max_steps": 2, "epochs": None, "compile": True},
+        run={"log_every": 1},
+    )), f"teacher.path={teacher}")  # fmt: skip
+    assert any(cache.rglob("*.py"))
+    for record in _metrics(copy):
+        for key in ("loss", "loss_embd", "loss_hidden", "loss_attn"):
+            assert record[key] < 1e-9, (record["step"], key, record[key])
+
+
 def test_random_init_student_of_a_chosen_shape_learns(pipeline):
     """student.init=random builds the no-general-distillation baseline from any directory's config and
     tokenizer: the shape given, new weights, and it learns the task."""

@@ -13,6 +13,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_scheduler,
     check_batch,
+    compile_models,
     parameter_groups,
     resolve_precision,
 )
@@ -182,3 +183,17 @@ def test_a_resume_with_a_longer_schedule_takes_the_new_rate_from_its_first_step(
     same = ScheduledEngine(TrainConfig(max_steps=100, lr=1.0, warmup_ratio=0.1))
     ckpt.load_checkpoint(same, checkpoint)  # an unchanged schedule resumes at exactly the rate it saved
     assert same.train(90) == before.train(90)
+
+
+def test_compile_models_compiles_in_place_and_refuses_zero3():
+    """train.compile: each module's forward is compiled in place (the state dict keys stay), nothing without
+    the flag, and ZeRO-3 is refused before anything is built on it."""
+    models = [torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2))]
+    keys = [list(model.state_dict()) for model in models]
+    compile_models(models, TrainConfig(), {"zero_optimization": {"stage": 0}})
+    assert all(getattr(model, "_compiled_call_impl", None) is None for model in models)
+    compile_models(models, TrainConfig(compile=True), {"zero_optimization": {"stage": 2}})
+    assert all(model._compiled_call_impl is not None for model in models)
+    assert [list(model.state_dict()) for model in models] == keys
+    with pytest.raises(ValueError, match="train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3"):
+        compile_models([torch.nn.Linear(2, 2)], TrainConfig(compile=True), {"zero_optimization": {"stage": 3}})
