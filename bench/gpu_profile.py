@@ -8,7 +8,8 @@ The suite (bench/gpu_suite.py) measures whole steps; this splits one: the teache
 forward, the loss, the backward and the optimizer step, each between two device synchronisations (so their
 sum exceeds a step's time by the overlap that synchronising removes), for the suite's BERT-base teacher and
 4L-312 / 6L-768 students at seq 128, ZeRO-0 with an fp16 teacher (the suite's first rows), the bf16 student
-under each ``train.bf16_mode`` (autocast, the default at ZeRO-0, and DeepSpeed's bf16 optimizer). Then a profiler
+under each ``train.bf16_mode`` (autocast, the default at ZeRO-0, and DeepSpeed's bf16 optimizer) and, with
+autocast, under ``train.compile`` (its warm-up steps compile). Then a profiler
 trace of a few steps of the default gives the operators with the most device time and the most host time. Writes
 OUT/gpu_profile.json and OUT/gpu_profile.md; prints the markdown.
 """
@@ -37,7 +38,8 @@ from dist_kd.train.engine import autocast_of  # noqa: E402
 from dist_kd.train.general import device_mask  # noqa: E402
 
 PHASES = ("teacher forward", "student forward", "loss", "backward", "optimizer step")
-BF16_MODES = ("autocast", "deepspeed")  # train.bf16_mode: each phase timed under both (ZeRO-0's auto: autocast)
+# (train.bf16_mode, train.compile): each phase timed under each (ZeRO-0's auto is autocast); the first is traced
+MODES = (("autocast", False), ("deepspeed", False), ("autocast", True))
 
 
 def _sync(device: torch.device) -> None:
@@ -81,26 +83,32 @@ def phase_times(parts: dict, batches: list[dict], warmup: int, device: torch.dev
 
 
 def build_parts(
-    teacher_path: Path, student_cfg: StudentConfig, mapping: list[int], batch: int, info, bf16_mode: str = "autocast"
+    teacher_path: Path,
+    student_cfg: StudentConfig,
+    mapping: list[int],
+    batch: int,
+    info,
+    bf16_mode: str = "autocast",
+    compiled: bool = False,
 ) -> dict:
     """The objects of bench/general.py's dist_kd step (ZeRO-0, fp16 teacher), kept apart to time each phase;
-    ``bf16_mode`` is ``train.bf16_mode`` (for the GPU's bf16 student)."""
+    ``bf16_mode`` is ``train.bf16_mode`` (for the GPU's bf16 student), ``compiled`` ``train.compile``."""
     from transformers import AutoConfig
 
     from dist_kd.models.student import build_projections, build_student
     from dist_kd.models.teacher import Teacher
-    from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, resolve_precision
+    from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, compile_models, resolve_precision
 
     teacher_config = AutoConfig.from_pretrained(teacher_path)
     teacher = Teacher(teacher_path, dtype="fp16", device=info.device, score_layers=mapping, max_layer=max(mapping))
     student = build_student(student_cfg, teacher_config)
     projections = build_projections(student.config.hidden_size, teacher.hidden_size, student.config.num_hidden_layers)
-    train_cfg = TrainConfig(max_steps=bench.SCHEDULE_STEPS, bf16_mode=bf16_mode)
+    train_cfg = TrainConfig(max_steps=bench.SCHEDULE_STEPS, bf16_mode=bf16_mode, compile=compiled)
     precision = resolve_precision(train_cfg.precision, info.device)
     zero = str(gpu_suite.REPO / "ds_configs" / "zero0.json")
-    engine = build_engine(bench.DistillStudent(student, projections), train_cfg,
-                          build_ds_config(zero, batch, 1, info.world_size, precision, train_cfg.clip,
-                                          bf16_mode))  # fmt: skip
+    ds_config = build_ds_config(zero, batch, 1, info.world_size, precision, train_cfg.clip, bf16_mode)
+    compile_models([student, teacher.model], train_cfg, ds_config)  # as GeneralTrainer does
+    engine = build_engine(bench.DistillStudent(student, projections), train_cfg, ds_config)
     weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
     return {"teacher": teacher, "engine": engine, "mapping": mapping, "weights": weights}
 
@@ -139,7 +147,7 @@ def profile_steps(parts: dict, batches: list[dict], device: torch.device, top: i
 def markdown(report: dict) -> str:
     lines = [f"# dist_kd's step, phase by phase: {report['device']}", "", f"torch {report['torch']}; "
              "each phase between two device synchronisations (median ms per step)", "",
-             "| student | seq | micro-batch | train.bf16_mode (weights) | " + " | ".join(PHASES)
+             "| student | seq | micro-batch | train.bf16_mode (weights), train.compile | " + " | ".join(PHASES)
              + " | sum | tokens/s at the sum |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- | --- |"]  # fmt: skip
     for row in report["rows"]:
@@ -147,6 +155,7 @@ def markdown(report: dict) -> str:
         cells = " | ".join(f"{row['phases_ms'][name]:.1f}" for name in PHASES)
         tokens = row["seq_len"] * row["micro_batch"] / (total / 1000)
         mode = f"{row.get('bf16_mode', 'deepspeed')} ({row.get('weights', '?')})"
+        mode += ", compiled" if row.get("compiled") else ""
         lines.append(f"| {row['student']} | {row['seq_len']} | {row['micro_batch']} | {mode} | {cells} | "
                      f"{total:.1f} | {tokens:,.0f} |")  # fmt: skip
     for row in report["rows"]:
@@ -194,18 +203,19 @@ def main(argv: list[str] | None = None) -> int:
                 student_cfg = StudentConfig(num_layers=shape.layers, hidden_size=shape.hidden,
                                             num_heads=shape.heads, intermediate_size=shape.ffn)  # fmt: skip
                 mapping = layer_map(plan.teacher.layers, shape.layers, "uniform")
-                for mode in BF16_MODES:  # the default first; the trace of the default only
+                for mode, compiled in MODES:  # the default first; the trace of the default only
                     torch.manual_seed(0)
-                    parts = build_parts(teacher_path, student_cfg, mapping, batch, info, mode)
+                    parts = build_parts(teacher_path, student_cfg, mapping, batch, info, mode, compiled)
                     try:
-                        phases = phase_times(parts, data, warmup, info.device)
-                        traced = mode == BF16_MODES[0]
+                        phases = phase_times(parts, data, warmup, info.device)  # the warm-up steps compile
+                        traced = (mode, compiled) == MODES[0]
                         profiled = profile_steps(parts, data[:3], info.device, args.top) if traced else None
                         precision = parts["engine"].module.student.dtype
                     finally:
                         bench.release_engine(parts["engine"])
                     report["rows"].append({"student": shape.name, "seq_len": seq_len, "micro_batch": batch,
-                                           "bf16_mode": mode, "weights": str(precision).removeprefix("torch."),
+                                           "bf16_mode": mode, "compiled": compiled,
+                                           "weights": str(precision).removeprefix("torch."),
                                            "phases_ms": phases, "profile": profiled})  # fmt: skip
                     (output / "gpu_profile.json").write_text(json.dumps(report, indent=1))
         finally:
