@@ -531,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds; the "
                         "rest are recorded as skipped (default: 420 on a GPU, so the suite ends within 8 minutes; "
                         "none with --smoke)")  # fmt: skip
+    parser.add_argument("--skip-gpu-tests", action="store_true", help="leave the gpu-marked tests out (run them "
+                        "apart: python -m pytest -m gpu)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.full_shapes and not args.smoke:
         parser.error("--full-shapes goes with --smoke (on a GPU the full plan runs anyway)")
@@ -561,7 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         suite = Suite(output, header, budget_s)
         # The tests first (their processes start before this one joins a process group).
-        suite.gpu_tests = gpu_tests(GPU_TESTS_TIMEOUT_S) if plan.gpu_tests else {"note": "not run (--smoke)"}
+        if plan.gpu_tests and not args.skip_gpu_tests:
+            suite.gpu_tests = gpu_tests(GPU_TESTS_TIMEOUT_S)
+        else:
+            suite.gpu_tests = {"note": "not run (--skip-gpu-tests)" if args.skip_gpu_tests else "not run (--smoke)"}
         suite.write()
         info = distributed.init_distributed(force_cpu=args.smoke)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
