@@ -105,7 +105,11 @@ class DeepSpeedSection:
     """Which DeepSpeed JSON to start from."""
 
     config: str = doc(
-        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in", "ds_configs/zero2.json", path=True
+        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in. ZeRO-0 (the default) is the "
+        "fastest for students that fit on one GPU (on an H200 ZeRO-2 was 26-27 % slower; docs/performance.md); "
+        "ZeRO 1-3 shard optimizer state for large ones",
+        "ds_configs/zero0.json",
+        path=True,
     )
 
 
