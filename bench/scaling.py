@@ -75,12 +75,14 @@ def allreduce_bytes(parameters: int, gpus: int, bytes_per_gradient: int) -> floa
     return 2 * (gpus - 1) / gpus * parameters * bytes_per_gradient
 
 
-def suite_rates(path: Path, seq_len: int) -> dict[str, float]:
-    """Per-student tokens/s of the suite's fastest dist_kd row at ``seq_len``."""
+def suite_rates(path: Path, seq_len: int, micro_batch: int) -> dict[str, float]:
+    """Per-student tokens/s of the suite's fastest dist_kd row at ``seq_len`` and ``micro_batch`` (the step
+    the all-reduce is set against)."""
     report = json.loads(path.read_text())
     rates: dict[str, float] = {}
     for row in report["rows"]:
-        if row["seq_len"] == seq_len and row["row"].startswith("dist_kd") and row["tokens_per_s"]:
+        same_step = row["seq_len"] == seq_len and row["micro_batch"] == micro_batch
+        if same_step and row["row"].startswith("dist_kd") and row["tokens_per_s"]:
             rates[row["student"]] = max(rates.get(row["student"], 0.0), row["tokens_per_s"])
     return rates
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     link = Link(args.nvlink_gb_s * 1e9, args.network_gb_s * 1e9)
     tokens_per_step = args.micro_batch * args.seq_len * args.grad_accum
-    rates = suite_rates(args.suite, args.seq_len) if args.suite else {}
+    rates = suite_rates(args.suite, args.seq_len, args.micro_batch) if args.suite else {}
     print(f"seq {args.seq_len}, {args.micro_batch} sequences per rank per micro-step, grad_accum {args.grad_accum}: "
           f"{tokens_per_step:,} tokens per rank per optimizer step; gradients {args.bytes_per_gradient} bytes; "
           f"NVLink {args.nvlink_gb_s:.0f} GB/s (<= {GPUS_PER_NODE} GPUs), network {args.network_gb_s:.0f} GB/s "

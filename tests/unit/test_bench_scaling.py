@@ -44,10 +44,16 @@ def test_parameter_count_matches_a_built_student(scaling):
 def test_throughput_and_budget_from_a_suite(scaling, tmp_path, capsys):
     """With a measured T1 and no communication cost (1 GPU), tokens/s is T1 and the budget is 2.25e9 / T1."""
     suite = tmp_path / "gpu_suite.json"
-    row = {"student": "4L-312", "seq_len": 128, "row": "dist_kd ZeRO-0, fp16 teacher", "tokens_per_s": 2.0e6}
-    rows = [row, row | {"row": "naive (fp32 eager, every layer)", "tokens_per_s": 9.0e6}]
+    row = {"student": "4L-312", "seq_len": 128, "micro_batch": 128, "row": "dist_kd ZeRO-0, fp16 teacher",
+           "tokens_per_s": 2.0e6}  # fmt: skip
+    rows = [
+        row,
+        row | {"row": "naive (fp32 eager, every layer)", "tokens_per_s": 9.0e6},
+        row | {"micro_batch": 1024, "tokens_per_s": 5.0e6},
+    ]  # another step size: another all-reduce ratio
     suite.write_text(json.dumps({"rows": rows}))
-    assert scaling.suite_rates(suite, 128) == {"4L-312": 2.0e6}
+    assert scaling.suite_rates(suite, 128, 128) == {"4L-312": 2.0e6}
+    assert scaling.suite_rates(suite, 128, 1024) == {"4L-312": 5.0e6}
     scaling.main(["--suite", str(suite), "--gpus", "1"])
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("| 1 |"))
