@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def script_env() -> dict[str, str]:
-    """The environment of a script the tests start: one process of no job, on the CPU, offline."""
+def script_env(cuda: bool = False) -> dict[str, str]:
+    """The environment of a script the tests start: one process of no job, on the CPU (or, ``cuda``, with the
+    machine's GPUs visible), offline."""
     inherited = {
         key: value
         for key, value in os.environ.items()
@@ -32,7 +33,7 @@ def script_env() -> dict[str, str]:
     }
     return dict(
         inherited,
-        CUDA_VISIBLE_DEVICES="",
+        **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""}),
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
@@ -40,13 +41,13 @@ def script_env() -> dict[str, str]:
     )
 
 
-def run_script(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(*args: str, timeout: float = 600, check: bool = True, cuda: bool = False) -> subprocess.CompletedProcess:
     """Run ``python ARGS...`` (or ``deepspeed ...`` when args[0] == 'deepspeed') from the repository root.
 
     The job runs in its own process group, and nothing of it outlives the call: a launcher's rank processes
     left behind by a timeout (or a crash) would hold the tests' fixed ports and hang the next run on them."""
     cmd = list(args) if args[0] == "deepspeed" else [sys.executable, *args]
-    proc = run_process_group(cmd, timeout, cwd=REPO, env=script_env())
+    proc = run_process_group(cmd, timeout, cwd=REPO, env=script_env(cuda))
     if proc.returncode is None:
         pytest.fail(f"{' '.join(cmd)} did not end in {timeout:.0f} s (all its processes were killed)\n"
                     f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")  # fmt: skip

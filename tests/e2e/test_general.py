@@ -518,3 +518,32 @@ def test_compiled_run_takes_the_eager_runs_steps(tiny_bert_dir, tiny_corpus, tmp
     assert {k: v.shape for k, v in weights["compiled"].items()} == {k: v.shape for k, v in weights["eager"].items()}
     moved = [k for k, v in weights["compiled"].items() if v.dtype.is_floating_point]
     assert all(torch.allclose(weights["compiled"][k], weights["eager"][k], rtol=1e-3, atol=1e-5) for k in moved)
+
+
+@pytest.mark.gpu
+def test_default_run_on_a_gpu_trains_under_autocast_exports_fp32_and_resumes_compiled(
+    tiny_bert_dir, tiny_corpus, tmp_path
+):
+    """The GPU's defaults end to end (one GPU, single-GPU debug mode): train.precision auto resolves to bf16,
+    ZeRO-0 to train.bf16_mode autocast (fp32 weights), the teacher runs in fp16; the run logs, measures its
+    quality and MFU, exports fp32 weights that a bf16 copy could not hold, and resumes (compiled) to the end."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "gpu"
+    common = ("run.log_every=2", "run.save_every=6", "deepspeed.config=ds_configs/zero0.json")
+    run_script("launch/general.py", "--debug", "--config", CONFIG,
+               *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=6", *common), cuda=True)  # fmt: skip
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [2, 4, 6] and all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    assert records[-1].get("mfu", 0) > 0  # a known GPU's peak
+    assert json.loads((out / "summary.json").read_text())["quality"]["rows"]  # the held-out check ran
+    meta = json.loads((out / "checkpoints" / "step-00000006" / "meta.json").read_text())
+    assert meta["train.precision"] == "bf16-autocast"
+    student = load_file(out / "student" / "model.safetensors")
+    assert {tensor.dtype for tensor in student.values()} == {torch.float32}
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in student.values() if t.dim() == 2)
+    run_script("launch/general.py", "--debug", "--config", CONFIG,
+               *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=8", "train.compile=true", *common),
+               cuda=True)  # fmt: skip
+    assert [r["step"] for r in _metrics(out)] == [2, 4, 6, 8]
