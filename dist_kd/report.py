@@ -1,10 +1,12 @@
 """``report.md`` and PNG plots for any run directory (general, task, finetune): ``dist-kd report RUN_DIR``.
 
-It reads only what a run writes (``metrics.jsonl``, ``summary.json``, ``eval.json``), so it works on a run
-that is finished, still going or preempted, and it runs at the end of every general and task run. Plots:
+It reads only what a run writes (``metrics.jsonl``, ``summary.json``, ``eval.json``; a fine-tuning
+directory's ``report.json``), so it works on a run that is finished, still going or preempted, and it runs
+at the end of every general and task run. Plots:
 
-- ``loss.png``: the loss and each loss term over steps (log scale), and per-task losses of a task run;
-- ``lr_throughput.png``: learning rate and tokens per second over steps;
+- ``loss.png``: the loss and each loss term over steps (log scale), per-task losses of a task run, and one
+  line per teacher of a fine-tuning directory;
+- ``lr_throughput.png``: learning rate and tokens (fine-tuning: samples) per second over steps;
 - ``quality.png`` (general, with held-out text): spread and probe accuracy at each evaluation, the
   teacher's as dashed lines;
 - ``dev.png`` (task): each task's dev metric at each evaluation.
@@ -82,12 +84,17 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
         speed = "tokens_per_s" if any("tokens_per_s" in r for r in records) else "samples_per_s"
         fig, left = plt.subplots(figsize=(7, 4))
         right = left.twinx()
-        for label, part in runs.items():
-            left.plot(*_series(part, "lr"), color="tab:blue", label=label or None)
-            right.plot(*_series(part, speed), color="tab:orange")
+        for index, (label, part) in enumerate(runs.items()):
+            style = ("-", "--", ":", "-.")[index % 4]  # the teachers of a fine-tuning directory apart
+            left.plot(*_series(part, "lr"), color="tab:blue", linestyle=style, label=f"{label} lr".strip())
+            right.plot(*_series(part, speed), color="tab:orange", linestyle=style)
         left.set_xlabel("step")
         left.set_ylabel("learning rate", color="tab:blue")
         right.set_ylabel(speed.replace("_per_s", " / s"), color="tab:orange")
+        if len(runs) > 1:  # one line per teacher: say which is which
+            for line, label in zip(right.get_lines(), runs, strict=True):
+                line.set_label(f"{label} {speed.replace('_per_s', ' / s')}")
+            left.legend(handles=left.get_lines() + right.get_lines(), fontsize=7)
         left.set_title("schedule and throughput")
         save(fig, "lr_throughput.png")
     if quality_records:

@@ -33,8 +33,12 @@ def set_enabled(enabled: bool) -> None:
 
 
 def applies(x: torch.Tensor, p: float, training: bool) -> bool:
-    """Whether :func:`dropout` draws the cheaper mask for this call (a CPU float tensor in training, 0 < p < 1)."""
-    return _enabled and training and 0.0 < p < 1.0 and x.device.type == "cpu" and x.is_floating_point()
+    """Whether :func:`dropout` draws the cheaper mask for this call (a CPU float tensor in training, 0 < p < 1),
+    not inside a graph torch.compile traces (``train.compile``): the mask's in-place ``random_`` would break
+    the graph at every dropout, and the compiled stock dropout draws its mask in a fused kernel anyway."""
+    if not (_enabled and training and 0.0 < p < 1.0 and x.device.type == "cpu" and x.is_floating_point()):
+        return False
+    return not torch.compiler.is_compiling()
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:

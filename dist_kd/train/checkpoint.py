@@ -392,6 +392,13 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
             f"; 'bf16' is DeepSpeed's bf16 optimizer (bf16 weights, fp32 masters), 'bf16-autocast' fp32 weights "
             f"under torch.autocast: resume this checkpoint with train.bf16_mode={mode}"
         )
+    if "deepspeed.zero_stage" in differing:
+        stage = saved["deepspeed.zero_stage"]
+        way_out += (
+            f"; deepspeed.config=ds_configs/zero{stage}.json (or your own JSON of stage {stage}) resumes it: "
+            "deepspeed.config defaults to ds_configs/zero0.json since the release that added train.bf16_mode "
+            "(ds_configs/zero2.json before)"
+        )
     if any(key.startswith(("train.", "deepspeed.", "data.")) for key in differing):
         way_out += (
             f"; to go on from these weights under new settings, export them (dist-kd export --checkpoint {checkpoint} "

@@ -71,8 +71,8 @@ class TrainConfig:
     )
     compile: bool = doc(
         "torch.compile the student's encoder and the teacher(s) (nn.Module.compile: in place, so checkpoints and "
-        "exports are unchanged); the first steps compile them (a minute or more), held-out evaluation at new "
-        "shapes recompiles; ZeRO 0-2",
+        "exports are unchanged); the first steps compile them (a minute or more), new input shapes recompile "
+        "(held-out evaluation; the task stage's padded batches); ZeRO 0-2",
         False,
     )
     global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
@@ -105,9 +105,9 @@ class DeepSpeedSection:
     """Which DeepSpeed JSON to start from."""
 
     config: str = doc(
-        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in. ZeRO-0 (the default) is the "
-        "fastest for students that fit on one GPU (on an H200 ZeRO-2 was 26-27 % slower; docs/performance.md); "
-        "ZeRO 1-3 shard optimizer state for large ones",
+        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in. ZeRO-0 (the default), with a "
+        "bf16 student under autocast, was the fastest on one H200 (docs/performance.md) for students that fit a "
+        "GPU; ZeRO 1-3 shard optimizer state for large ones and overlap the all-reduce with the backward",
         "ds_configs/zero0.json",
         path=True,
     )

@@ -176,8 +176,9 @@ def test_settings_the_checkpoint_cannot_honour_are_refused_with_the_way_out(tmp_
     with pytest.raises(ValueError, match=message) as caught:
         ckpt.check_compatible(saved, _meta(**change), final)
     assert f"dist-kd export --checkpoint {final} --output DIR" in str(caught.value)
-    with pytest.raises(ValueError, match="deepspeed.zero_stage: checkpoint has 2, this run has 3"):
+    with pytest.raises(ValueError, match="deepspeed.zero_stage: checkpoint has 2, this run has 3") as caught:
         ckpt.check_compatible(saved, _meta({"zero_optimization": {"stage": 3}}), final)
+    assert "deepspeed.config=ds_configs/zero2.json (or your own JSON of stage 2) resumes it" in str(caught.value)
     with pytest.raises(ValueError, match="train.precision: checkpoint has 'fp32', this run has 'bf16'"):
         ckpt.check_compatible(saved, _meta({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}), final)
     older = {key: value for key, value in saved.items() if not key.startswith(("train.", "deepspeed."))}

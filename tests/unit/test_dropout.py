@@ -141,3 +141,22 @@ def test_fine_tuned_classifier_gets_the_cpu_dropout_and_exports_a_plain_config(t
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(5, 40, (2, 7))
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_graph_takes_stock_dropout_without_breaking():
+    """Under torch.compile (train.compile) the cheaper mask steps aside: no graph break at a dropout, and the
+    compiled dropout is still dropout (values 0 or 1 / (1 - p), keep rate 1 - p within 5 sigma)."""
+    import torch._dynamo
+
+    from dist_kd.models.dropout import dropout
+
+    def f(x):
+        return dropout(x * 1.0, 0.5, True)
+
+    x = torch.ones(256, 256)
+    assert torch._dynamo.explain(f)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="eager")(x)
+    assert set(out.unique().tolist()) <= {0.0, 2.0}
+    kept = float((out > 0).float().mean())
+    assert abs(kept - 0.5) < 5 * (0.25 / x.numel()) ** 0.5
