@@ -296,8 +296,9 @@ def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_lea
 
 
 def test_compiled_intermediate_phase_copy_of_the_teacher_starts_at_zero(pipeline, monkeypatch):
-    """train.compile in the task stage: the student's encoder and the teacher compile (kernels are written),
-    and a copy of the teacher still matches it exactly (every loss term 0), as in the eager run above."""
+    """train.compile in the task stage (ZeRO-2, the tests' JSON): the student's encoder and the teacher compile
+    (kernels are written), and a copy of the teacher still matches it exactly (every loss term 0), as in the
+    eager run above; a prediction-phase run compiles its encoder and trains."""
     teacher = str(pipeline / "teachers" / "teacher-1")
     copy = pipeline / "phase1-copy-compiled"
     cache = pipeline / "inductor-task"
@@ -311,6 +312,17 @@ def test_compiled_intermediate_phase_copy_of_the_teacher_starts_at_zero(pipeline
     for record in _metrics(copy):
         for key in ("loss", "loss_embd", "loss_hidden", "loss_attn"):
             assert record[key] < 1e-9, (record["step"], key, record[key])
+    # the prediction phase: the student's encoder under its heads compiles (with dropout: the CPU's cheaper
+    # mask steps aside inside the graph), trains and writes its classifier
+    predicted = pipeline / "prediction-compiled"
+    cache = pipeline / "inductor-task-prediction"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    run_script("launch/task.py", "--debug", "--config", str(_config(
+        pipeline, predicted, share=False, train={"max_steps": 2, "epochs": None, "compile": True},
+        run={"log_every": 1},
+    )))  # fmt: skip
+    assert any(cache.rglob("*.py")) and [r["step"] for r in _metrics(predicted)] == [1, 2]
+    assert (predicted / "tasks" / "topic" / "config.json").is_file()
 
 
 def test_random_init_student_of_a_chosen_shape_learns(pipeline):
