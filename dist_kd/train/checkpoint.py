@@ -328,13 +328,17 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "meta.json").read_text())
 
 
+# meta.json's train.precision of a bf16 run -> the train.bf16_mode that trained it (and alone can resume it)
+BF16_MODE_OF_PRECISION = {"bf16": "deepspeed", "bf16-autocast": "autocast"}
+
+
 def resumed_bf16_mode(bf16_mode: str, checkpoint: Path | None) -> str:
     """``train.bf16_mode`` for a run that resumes ``checkpoint``: ``auto`` takes the mode a bf16 checkpoint was
     trained in (its optimizer state loads in that mode only: a checkpoint of DeepSpeed's bf16 optimizer,
     the only bf16 path before ``train.bf16_mode``, goes on in it); anything else is kept as given."""
     if bf16_mode != "auto" or checkpoint is None:
         return bf16_mode
-    return {"bf16": "deepspeed", "bf16-autocast": "autocast"}.get(read_meta(checkpoint).get("train.precision"), "auto")
+    return BF16_MODE_OF_PRECISION.get(read_meta(checkpoint).get("train.precision"), "auto")
 
 
 def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str, Any]:
@@ -386,8 +390,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
         return
     details = "; ".join(f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}" for key in differing)
     way_out = ""
-    if {saved.get("train.precision"), current.get("train.precision")} == {"bf16", "bf16-autocast"}:
-        mode = "deepspeed" if saved["train.precision"] == "bf16" else "autocast"
+    if {saved.get("train.precision"), current.get("train.precision")} == set(BF16_MODE_OF_PRECISION):
+        mode = BF16_MODE_OF_PRECISION[saved["train.precision"]]
         way_out = (
             f"; 'bf16' is DeepSpeed's bf16 optimizer (bf16 weights, fp32 masters), 'bf16-autocast' fp32 weights "
             f"under torch.autocast: resume this checkpoint with train.bf16_mode={mode}"
