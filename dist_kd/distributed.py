@@ -361,9 +361,12 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         from deepspeed.accelerator import get_accelerator
 
         backend = get_accelerator().communication_backend_name() if device.type == "cuda" else "gloo"
-        if get_accelerator().device_name() == "cpu" and (world_size > 1 or not skip_shm_op()):
+        shm_op = get_accelerator().device_name() == "cpu" and (world_size > 1 or not skip_shm_op())
+        if shm_op:
             guard_jit_build()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        if shm_op and world_size > 1:
+            release_shm_buffer(rank)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -523,13 +526,29 @@ def shm_buffer_path(rank: int) -> Path:
     return Path("/dev/shm") / name
 
 
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffer (:func:`shm_buffer_path`) once every rank has mapped
+    every other's, so that no exit, SIGKILL included, leaves it in /dev/shm.
+
+    The op maps the other ranks' buffers while the process group starts (``deepspeed.init_distributed``
+    returns only after that) and never opens them again; the barrier makes sure every rank got there. The
+    mappings stay valid after the unlink (``/proc/PID/maps`` lists them as deleted) until the processes exit,
+    which then frees the memory. A group whose ranks span nodes has no buffers: nothing to unlink.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    with contextlib.suppress(OSError):
+        shm_buffer_path(rank).unlink(missing_ok=True)
+
+
 def teardown(in_step: bool = True) -> None:
     """Destroy the process group if one exists (safe to call twice).
 
-    On a CPU, once every rank has reached the final barrier (so each has long mapped the others' buffers),
-    each rank unlinks its own DeepSpeed shared-memory buffer (:func:`shm_buffer_path`); the mappings stay
-    valid until the processes exit. Without the barrier a rank may still be looking for the file, so a failed
-    barrier leaves it in place.
+    A group that :func:`init_distributed` started unlinked its DeepSpeed shared-memory buffers as it started
+    (:func:`release_shm_buffer`). For one started elsewhere (an API caller's), once every rank has reached the
+    final barrier (so each has long mapped the others' buffers) each rank unlinks its own here; without the
+    barrier a rank may still be looking for the file, so a failed barrier leaves it in place.
 
     Args:
         in_step: every rank is here at the same point (a normal end, or an error every rank raised: see

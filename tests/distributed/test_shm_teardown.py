@@ -1,7 +1,8 @@
-"""A multi-rank CPU run leaves nothing in /dev/shm. DeepSpeed's shared-memory all-reduce creates a ~70 MB
-file per rank when all ranks are on one node and never unlinks it; ``distributed.teardown`` does, after the
-final barrier. The worker first checks that the files exist under the names ``shm_buffer_path`` gives (so the
-check below looks at the right files), then tears down; afterwards none may remain."""
+"""A multi-rank CPU run leaves nothing in /dev/shm, however it ends. DeepSpeed's shared-memory all-reduce
+creates a ~70 MB file per rank when all ranks are on one node and never unlinks it; ``init_distributed``
+unlinks each rank's once every rank has mapped them all. The worker reads ``/proc/self/maps``: each rank has
+mapped every buffer under the names ``shm_buffer_path`` gives (so the check looks at the right files) and
+the kernel already marks them deleted, while the all-reduce through them still sums right."""
 
 from __future__ import annotations
 
@@ -13,11 +14,24 @@ import pytest
 pytestmark = pytest.mark.distributed
 
 
-def test_teardown_unlinks_every_ranks_shared_memory_buffer(ranks, tmp_path):
-    ranks("shm_teardown.py", str(tmp_path), env={"LOCAL_SIZE": "2"})  # what the deepspeed launcher sets
-    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+def _records(out: Path) -> list[dict]:
+    records = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
     for rank, record in enumerate(records):
-        assert record["existed"] == [True, True], (rank, "DeepSpeed's buffers are not where expected", record)
+        assert all(m["mapped"] for m in record["maps"]), (rank, "DeepSpeed's buffers are not where expected", record)
+        assert all(m["deleted"] for m in record["maps"]), (rank, "a buffer was not unlinked at start", record)
+        assert record["exist"] == [False, False], (rank, record)
         assert record["summed"], (rank, "the all-reduce through the shared buffers is wrong")
-    left = [path for path in records[0]["paths"] if Path(path).exists()]
+    return records
+
+
+def test_buffers_are_unlinked_as_the_group_starts(ranks, tmp_path):
+    ranks("shm_teardown.py", str(tmp_path), env={"LOCAL_SIZE": "2"})  # what the deepspeed launcher sets
+    left = [path for path in _records(tmp_path)[0]["paths"] if Path(path).exists()]
     assert not left, f"shared-memory buffers left behind: {left}"
+
+
+def test_a_killed_run_leaves_no_buffer(ranks, tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="exit code"):
+        ranks("shm_teardown.py", str(tmp_path), "--kill", env={"LOCAL_SIZE": "2"})
+    left = [path for path in _records(tmp_path)[0]["paths"] if Path(path).exists()]
+    assert not left, f"a SIGKILLed run left shared-memory buffers: {left}"

@@ -87,7 +87,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def _two_ranks(config: Path, port: int) -> None:
     run_script("deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/task.py", "--config", str(config))
-    # DeepSpeed's CPU all-reduce leaves a ~70 MB /dev/shm file per rank unless the run unlinks it at the end.
+    # DeepSpeed's CPU all-reduce leaves a ~70 MB /dev/shm file per rank unless the run unlinks it.
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     assert not left, f"the run left its shared-memory buffers behind: {left}"
 
