@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -101,6 +102,23 @@ class GloveVectors:
     def dim(self) -> int:
         """Vector width."""
         return int(self.vectors.shape[1])
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Hex sha256 of the words and the vectors (dtype, shape and values), whatever file they came from.
+
+        Part of an augmented set's key: vectors replaced at the same path, with as many words of the same
+        width, are other vectors, and a set made from the old ones is not reused. Read in blocks of rows, so a
+        memory-mapped matrix is never copied whole (GloVe 6B-50d: 0.26 s; a 2.2M x 300 matrix, 840B's size: 2.2 s
+        on 2 cores busy with other work).
+        """
+        digest = hashlib.sha256()
+        digest.update(json.dumps([str(self.vectors.dtype), list(self.vectors.shape)]).encode())
+        digest.update("\n".join(self.words).encode("utf-8"))
+        rows = max(1, (1 << 24) // max(1, self.vectors.itemsize * self.dim))
+        for start in range(0, self.vectors.shape[0], rows):
+            digest.update(np.ascontiguousarray(self.vectors[start : start + rows]).data)
+        return digest.hexdigest()
 
     def lookup(self, word: str) -> int | None:
         """Row of ``word``, trying it as written, then lower-cased (GloVe 6B/42B are lower-case)."""
@@ -862,7 +880,7 @@ def build_metadata(
         "masked_lm": None
         if mlm_dir is None
         else {"path": str(Path(mlm_dir).resolve()), "sha256": weights_sha256(mlm_dir)},
-        "glove": {"source": glove.source, "num_words": len(glove.words), "dim": glove.dim},
+        "glove": {"source": glove.source, "num_words": len(glove.words), "dim": glove.dim, "sha256": glove.sha256},
         "source_data": {
             "path": str(data_path.resolve()),
             "sha256": sha256_file(data_path) if data_path.is_file() else None,

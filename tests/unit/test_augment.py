@@ -303,6 +303,68 @@ def test_glove_sources_agree_and_text_is_cached(tmp_path):
     assert from_text.lookup("Happiness") == 0 and from_text.lookup("absent") is None
 
 
+def test_glove_digest_is_of_the_words_and_values_not_the_file(tmp_path):
+    import hashlib
+    import json
+
+    words, vectors = _glove_words_and_vectors()
+    np.save(tmp_path / "g.npy", vectors)
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    directory = tmp_path / "kumo_like"
+    directory.mkdir()
+    np.save(directory / "emb.npy", vectors)
+    pq.write_table(pa.table({"index": words}), directory / "index.parquet")
+    from_npy = aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "vocab.txt")
+    expected = hashlib.sha256(
+        json.dumps(["float32", list(vectors.shape)]).encode() + "\n".join(words).encode() + vectors.tobytes()
+    ).hexdigest()
+    assert from_npy.sha256 == aug.load_glove(directory).sha256 == expected
+    # Blocks of rows hash as the whole matrix does (a memory map is read a block at a time).
+    many = np.random.default_rng(0).normal(size=(70_000, 64)).astype(np.float32)
+    big = aug.GloveVectors(words=[f"w{i}" for i in range(70_000)], vectors=many, source="test")
+    assert (
+        big.sha256
+        == hashlib.sha256(
+            json.dumps(["float32", [70_000, 64]]).encode() + "\n".join(big.words).encode() + many.tobytes()
+        ).hexdigest()
+    )
+    changed = vectors.copy()
+    changed[3, 5] += 1e-3
+    assert aug.GloveVectors(words=words, vectors=changed, source="x").sha256 != expected
+    renamed = [*words[:-1], "other"]
+    assert aug.GloveVectors(words=renamed, vectors=vectors, source="x").sha256 != expected
+
+
+def test_vectors_replaced_at_the_same_path_are_not_taken_for_the_old_ones(tmp_path, monkeypatch):
+    """The run key held the GloVe path, word count and width only: other vectors written over the file gave
+    back the set augmented with the old ones."""
+    import json
+    import os
+
+    from dist_kd.data.tasks import TaskSpec
+
+    words, vectors = _glove_words_and_vectors()
+    glove = _write_glove_text(tmp_path / "glove.txt", words, vectors)
+    rows = [{"text": f"quickly happiness {i}", "label": "a"} for i in range(4)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = TaskSpec(name="t", labels=["a", "b"], text_a="text")
+    config = aug.AugmentConfig(n_a=1)
+    aug.augment_task(spec, data, tmp_path / "out", glove, config, progress=False)
+    first = read_parquet_metadata(aug.final_path(tmp_path / "out"))["glove"]
+    calls = []
+    real = aug.Augmenter.augment
+    monkeypatch.setattr(aug.Augmenter, "augment", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    stat = glove.stat()
+    _write_glove_text(glove, words, vectors[::-1].copy())  # same words, count and width; other vectors
+    os.utime(glove, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    aug.augment_task(spec, data, tmp_path / "out", glove, config, progress=False)
+    second = read_parquet_metadata(aug.final_path(tmp_path / "out"))["glove"]
+    assert calls == [1], "the set augmented with the old vectors was kept"
+    assert {k: v for k, v in first.items() if k != "sha256"} == {k: v for k, v in second.items() if k != "sha256"}
+    assert first["sha256"] != second["sha256"]
+
+
 def test_batched_neighbours_match_a_plain_loop(tmp_path):
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(300, 16)).astype(np.float32)
