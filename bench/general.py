@@ -83,6 +83,7 @@ from dist_kd.train.engine import (
     autocast_of,
     build_ds_config,
     build_engine,
+    compile_models,
     release_engine,
     resolve_precision,
 )
@@ -240,13 +241,15 @@ def build_dist_kd_step(
     skip_full_mask: bool = True,
     seq_len: int | None = None,
     bf16_mode: str = "auto",
+    compiled: bool = False,
 ) -> tuple[StepFn, dict[str, object]]:
     """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built:
     figures, and ``release`` (frees the engine: call it before building the next one in a process that goes on).
 
     ``fused_optimizer=False`` and ``skip_full_mask=False`` (an all-ones mask passed on as a mask) switch the
     two fast paths off, for the ``--ablations`` rows. ``seq_len`` adds attention's products to
-    ``flops_per_token``. ``bf16_mode`` is ``train.bf16_mode`` (for a bf16 student: a GPU's default)."""
+    ``flops_per_token``. ``bf16_mode`` is ``train.bf16_mode`` (for a bf16 student: a GPU's default), ``compiled``
+    ``train.compile`` (student and teacher compiled as GeneralTrainer compiles them; the first steps compile)."""
     from transformers import AutoConfig
 
     teacher_config = AutoConfig.from_pretrained(teacher_path)
@@ -256,9 +259,12 @@ def build_dist_kd_step(
     student = build_student(student_cfg, teacher_config)
     projections = build_projections(student.config.hidden_size, teacher.hidden_size, student.config.num_hidden_layers)
     model = DistillStudent(student, projections)
-    train_cfg = TrainConfig(max_steps=SCHEDULE_STEPS, fused_optimizer=fused_optimizer, bf16_mode=bf16_mode)
+    train_cfg = TrainConfig(
+        max_steps=SCHEDULE_STEPS, fused_optimizer=fused_optimizer, bf16_mode=bf16_mode, compile=compiled
+    )
     precision = resolve_precision(train_cfg.precision, info.device)
     ds_config = build_ds_config(zero_config, batch_size, 1, info.world_size, precision, train_cfg.clip, bf16_mode)
+    compile_models([student, teacher.model], train_cfg, ds_config)  # as GeneralTrainer does (nothing unless compiled)
     engine = build_engine(model, train_cfg, ds_config)
     device = info.device
 

@@ -16,6 +16,7 @@ synchronised around every step) over the same packed batches (every token real):
   ZeRO-2), and at the first length each ZeRO stage under the other mode;
 - ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
 - the first row again at a larger micro-batch (1,024 x 128), where launch overheads are amortised;
+- the first row again under ``train.compile`` (student and teacher compiled; the warm-up steps compile them);
 - the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
 
 and, before all of them, the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median
@@ -122,6 +123,7 @@ SMOKE = Plan(
 NAIVE = "naive (fp32 eager, every layer)"
 OTHER_MODE = "dist_kd ZeRO-{}, fp16 teacher, train.bf16_mode={}"
 LARGE = "dist_kd ZeRO-0, fp16 teacher, large micro-batch"
+COMPILED = "dist_kd ZeRO-0, fp16 teacher, train.compile"
 PEER = "textbrewer GeneralDistiller"
 LARGEST = "largest micro-batch that fits (ZeRO-0, fp16 teacher)"
 FULL_BUDGET_S = 420.0  # rows start up to 7 minutes in; the last (a largest-batch search) ends well inside 8
@@ -248,11 +250,15 @@ def measure(
         out = batches_for(tokenizer, vocab, seq_len, batch, plan.steps, seed=0)
         return [{k: v.pin_memory() for k, v in b.items()} for b in out] if device.type == "cuda" else out
 
-    def dist_kd_row(shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode) -> list[Result]:
+    def dist_kd_row(shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode,
+                    compiled=False) -> list[Result]:  # fmt: skip
         reset_memory(device)
         torch.manual_seed(0)
         step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, dtype, str(REPO / zero),
-                                               batch, info, seq_len=seq_len, bf16_mode=mode)  # fmt: skip
+                                               batch, info, seq_len=seq_len, bf16_mode=mode,
+                                               compiled=compiled)  # fmt: skip
+        counters = torch._dynamo.utils.counters
+        counters.clear()
         try:
             flops[(shape.name, seq_len)] = built["flops_per_token"]
             tokens_per_s, ms = time_row(step, data, plan.warmup, device)
@@ -260,6 +266,9 @@ def measure(
         finally:
             built["release"]()  # ZeRO-2 engines outlive their last reference otherwise (and fill the device)
         note = f"teacher {built['teacher_dtype']}, student {built['precision']}"
+        if compiled:  # a recompile per step or a graph break would show here, not only as a slow row
+            breaks = sum(counters["graph_break"].values())
+            note += f"; {counters['stats']['unique_graphs']} graphs compiled, {breaks} graph breaks"
         return [Result(shape.name, seq_len, batch, name, tokens_per_s,
                        mfu(flops[(shape.name, seq_len)], tokens_per_s, peak), memory, ms, note)]  # fmt: skip
 
@@ -311,6 +320,15 @@ def measure(
                                dtype, mode)  # fmt: skip
                 suite.run(Result(shape.name, seq_len, plan.large_batch, LARGE), unit)
             del large
+        if index == 0:  # train.compile against the first row (its warm-up steps compile: about a minute each)
+            data = batches(seq_len, batch)
+            for shape, student_cfg, mapping in students:
+                _, zero, dtype, mode = rows[0]
+                unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, COMPILED, zero, dtype,
+                               mode, compiled=True)  # fmt: skip
+                suite.run(Result(shape.name, seq_len, batch, COMPILED), unit)
+            del data
+            torch._dynamo.reset()  # the compiled graphs and their guards: none is reused by the rows after
     for seq_len, batch in plan.lengths:
         for shape, student_cfg, mapping in students:
             suite.run(Result(shape.name, seq_len, batch, LARGEST),

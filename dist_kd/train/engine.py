@@ -349,8 +349,29 @@ def compile_models(models: Iterable[torch.nn.Module], train: TrainConfig, ds_con
     if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
         raise ValueError("train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3")
     for model in models:
+        install_output_hooks(model)
         model.compile()
     logger.info("train.compile: the student and teacher compile at their first forward passes (a minute or more)")
+
+
+def install_output_hooks(model: torch.nn.Module) -> None:
+    """Install transformers' output-capturing hooks on every Hugging Face model in ``model`` now, outside any
+    compiled region.
+
+    transformers 5 collects hidden states (``output_hidden_states``, which every dist_kd forward asks for)
+    through forward hooks it installs at a model's first such call, under a lock. Inside a compiled forward
+    that first call broke the graph (at the lock and at each hook's registration: 8 breaks over a teacher
+    and a student in the GPU suite's smoke run). Installed beforehand, the first trace is the steady one and
+    the graph-break count of a run is a real check. A transformers without this mechanism has nothing to do.
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for module in model.modules():  # outer models first: installing one marks the models inside it as done
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
 
 
 def autocast_of(engine):

@@ -197,3 +197,30 @@ def test_compile_models_compiles_in_place_and_refuses_zero3():
     assert [list(model.state_dict()) for model in models] == keys
     with pytest.raises(ValueError, match="train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3"):
         compile_models([torch.nn.Linear(2, 2)], TrainConfig(compile=True), {"zero_optimization": {"stage": 3}})
+
+
+def test_compiled_teacher_and_student_trace_without_graph_breaks(tmp_path):
+    """transformers 5 installs its hidden-state hooks at a model's first forward; inside a compiled forward
+    that broke the graph 8 times over a teacher and a student. compile_models installs them first."""
+    from dist_kd.models.student import StudentConfig, build_student
+    from dist_kd.models.teacher import Teacher
+    from dist_kd.testing import build_tiny_bert
+
+    teacher = Teacher(build_tiny_bert(tmp_path / "t", num_layers=2), dtype="fp32", score_layers=[1, 2])
+    student = build_student(StudentConfig(num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32),
+                            teacher.model.config)  # fmt: skip
+    ids, mask = torch.randint(5, 50, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    eager = teacher.features(ids, mask)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compile_models([student, teacher.model], TrainConfig(compile=True), {"zero_optimization": {"stage": 0}})
+    for _ in range(2):
+        compiled = teacher.features(ids, mask)
+        student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2  # one per model: not traced again on the second step
+    for layer in (1, 2):
+        torch.testing.assert_close(compiled.hidden[layer], eager.hidden[layer], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled.scores[layer], eager.scores[layer], rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
