@@ -81,6 +81,7 @@ from dist_kd.objective import LossWeights, tinybert_objective
 from dist_kd.train.engine import (
     TrainConfig,
     autocast_of,
+    begin_compiled_step,
     build_ds_config,
     build_engine,
     compile_models,
@@ -241,15 +242,16 @@ def build_dist_kd_step(
     skip_full_mask: bool = True,
     seq_len: int | None = None,
     bf16_mode: str = "auto",
-    compiled: bool = False,
+    compile_mode: str | None = None,
 ) -> tuple[StepFn, dict[str, object]]:
     """The library's general-distillation step (the calls of ``GeneralTrainer.train_step``) and what it built:
     figures, and ``release`` (frees the engine: call it before building the next one in a process that goes on).
 
     ``fused_optimizer=False`` and ``skip_full_mask=False`` (an all-ones mask passed on as a mask) switch the
     two fast paths off, for the ``--ablations`` rows. ``seq_len`` adds attention's products to
-    ``flops_per_token``. ``bf16_mode`` is ``train.bf16_mode`` (for a bf16 student: a GPU's default), ``compiled``
-    ``train.compile`` (student and teacher compiled as GeneralTrainer compiles them; the first steps compile)."""
+    ``flops_per_token``. ``bf16_mode`` is ``train.bf16_mode`` (for a bf16 student: a GPU's default); ``compile_mode``,
+    unless None, turns ``train.compile`` on in that ``train.compile_mode`` (student and teacher compiled as
+    GeneralTrainer compiles them; the first steps compile)."""
     from transformers import AutoConfig
 
     teacher_config = AutoConfig.from_pretrained(teacher_path)
@@ -260,7 +262,11 @@ def build_dist_kd_step(
     projections = build_projections(student.config.hidden_size, teacher.hidden_size, student.config.num_hidden_layers)
     model = DistillStudent(student, projections)
     train_cfg = TrainConfig(
-        max_steps=SCHEDULE_STEPS, fused_optimizer=fused_optimizer, bf16_mode=bf16_mode, compile=compiled
+        max_steps=SCHEDULE_STEPS,
+        fused_optimizer=fused_optimizer,
+        bf16_mode=bf16_mode,
+        compile=compile_mode is not None,
+        compile_mode=compile_mode or "default",
     )
     precision = resolve_precision(train_cfg.precision, info.device)
     ds_config = build_ds_config(zero_config, batch_size, 1, info.world_size, precision, train_cfg.clip, bf16_mode)
@@ -269,6 +275,7 @@ def build_dist_kd_step(
     device = info.device
 
     def step(batch: Batch) -> None:
+        begin_compiled_step(train_cfg)
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         if skip_full_mask:
             mask = device_mask(batch["attention_mask"], device)

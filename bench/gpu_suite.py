@@ -16,7 +16,8 @@ synchronised around every step) over the same packed batches (every token real):
   ZeRO-2), and at the first length each ZeRO stage under the other mode;
 - ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
 - the first row again at a larger micro-batch (1,024 x 128), where launch overheads are amortised;
-- the first row again under ``train.compile`` (student and teacher compiled; the warm-up steps compile them);
+- the first row again under ``train.compile`` (student and teacher compiled; the warm-up steps compile them),
+  in ``train.compile_mode`` default and reduce-overhead (CUDA graphs);
 - the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
 
 and, before all of them, the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median
@@ -123,7 +124,10 @@ SMOKE = Plan(
 NAIVE = "naive (fp32 eager, every layer)"
 OTHER_MODE = "dist_kd ZeRO-{}, fp16 teacher, train.bf16_mode={}"
 LARGE = "dist_kd ZeRO-0, fp16 teacher, large micro-batch"
-COMPILED = "dist_kd ZeRO-0, fp16 teacher, train.compile"
+COMPILED = {  # train.compile_mode -> its row
+    "default": "dist_kd ZeRO-0, fp16 teacher, train.compile",
+    "reduce-overhead": "dist_kd ZeRO-0, fp16 teacher, train.compile_mode=reduce-overhead",
+}
 PEER = "textbrewer GeneralDistiller"
 LARGEST = "largest micro-batch that fits (ZeRO-0, fp16 teacher)"
 FULL_BUDGET_S = 420.0  # rows start up to 7 minutes in; the last (a largest-batch search) ends well inside 8
@@ -251,12 +255,12 @@ def measure(
         return [{k: v.pin_memory() for k, v in b.items()} for b in out] if device.type == "cuda" else out
 
     def dist_kd_row(shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode,
-                    compiled=False) -> list[Result]:  # fmt: skip
+                    compile_mode=None) -> list[Result]:  # fmt: skip
         reset_memory(device)
         torch.manual_seed(0)
         step, built = bench.build_dist_kd_step(teacher_path, student_cfg, mapping, weights, dtype, str(REPO / zero),
                                                batch, info, seq_len=seq_len, bf16_mode=mode,
-                                               compiled=compiled)  # fmt: skip
+                                               compile_mode=compile_mode)  # fmt: skip
         counters = torch._dynamo.utils.counters
         counters.clear()
         try:
@@ -266,7 +270,7 @@ def measure(
         finally:
             built["release"]()  # ZeRO-2 engines outlive their last reference otherwise (and fill the device)
         note = f"teacher {built['teacher_dtype']}, student {built['precision']}"
-        if compiled:  # a recompile per step or a graph break would show here, not only as a slow row
+        if compile_mode:  # a recompile per step or a graph break would show here, not only as a slow row
             breaks = sum(counters["graph_break"].values())
             note += f"; {counters['stats']['unique_graphs']} graphs compiled, {breaks} graph breaks"
         return [Result(shape.name, seq_len, batch, name, tokens_per_s,
@@ -322,13 +326,13 @@ def measure(
             del large
         if index == 0:  # train.compile against the first row (its warm-up steps compile: about a minute each)
             data = batches(seq_len, batch)
-            for shape, student_cfg, mapping in students:
-                _, zero, dtype, mode = rows[0]
-                unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, COMPILED, zero, dtype,
-                               mode, compiled=True)  # fmt: skip
-                suite.run(Result(shape.name, seq_len, batch, COMPILED), unit)
-            del data
-            torch._dynamo.reset()  # the compiled graphs and their guards: none is reused by the rows after
+            for compile_mode, name in COMPILED.items():
+                for shape, student_cfg, mapping in students:
+                    _, zero, dtype, mode = rows[0]
+                    unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype,
+                                   mode, compile_mode=compile_mode)  # fmt: skip
+                    suite.run(Result(shape.name, seq_len, batch, name), unit)
+                    torch._dynamo.reset()  # the row's graphs and guards (and CUDA graphs): none is reused after
     for seq_len, batch in plan.lengths:
         for shape, student_cfg, mapping in students:
             suite.run(Result(shape.name, seq_len, batch, LARGEST),

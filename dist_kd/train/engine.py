@@ -37,6 +37,8 @@ SCHEDULERS = (
 OPTIMIZERS = ("adamw", "adamax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_MODES = ("auto", "autocast", "deepspeed")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that replay CUDA graphs
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -75,6 +77,13 @@ class TrainConfig:
         "(held-out evaluation; the task stage's padded batches); ZeRO 0-2",
         False,
     )
+    compile_mode: str = doc(
+        "torch.compile's mode under train.compile: default | reduce-overhead (CUDA graphs: each step's kernels "
+        "replayed as one launch, for small students whose steps are launch-bound; each new input shape records "
+        "another graph, in GPU memory) | max-autotune (also searches kernel configurations: a longer compile) | "
+        "max-autotune-no-cudagraphs. On a CPU there are no CUDA graphs: reduce-overhead compiles as default",
+        "default",
+    )
     global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
 
     def __post_init__(self):
@@ -96,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.bf16_mode not in BF16_MODES:
             raise ValueError(f"train.bf16_mode must be one of {list(BF16_MODES)}, got {self.bf16_mode!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
 
@@ -350,8 +361,24 @@ def compile_models(models: Iterable[torch.nn.Module], train: TrainConfig, ds_con
         raise ValueError("train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3")
     for model in models:
         install_output_hooks(model)
-        model.compile()
-    logger.info("train.compile: the student and teacher compile at their first forward passes (a minute or more)")
+        model.compile(mode=train.compile_mode)
+    logger.info(
+        "train.compile (mode %s): the student and teacher compile at their first forward passes (a minute or more)",
+        train.compile_mode,
+    )
+
+
+def begin_compiled_step(train: TrainConfig) -> None:
+    """Tell torch a new training step starts, where ``train.compile_mode`` replays CUDA graphs.
+
+    A CUDA-graph replay writes its outputs into memory that the graph's next replay overwrites; marking each
+    step's start tells torch that nothing of the step before (the teacher's features, the student's
+    activations, all consumed by its backward) is still read, so the graphs of one step may reuse that memory
+    instead of torch copying outputs out or recording anew. Call it before each micro-batch's forward passes.
+    A no-op in every other mode.
+    """
+    if train.compile and train.compile_mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def install_output_hooks(model: torch.nn.Module) -> None:

@@ -48,6 +48,7 @@ from dist_kd.train.engine import (
     EngineTrainer,
     TrainConfig,
     autocast_of,
+    begin_compiled_step,
     build_ds_config,
     build_engine,
     check_batch,
@@ -370,6 +371,7 @@ class GeneralTrainer(EngineTrainer):
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward, losses and backward of one micro-batch (the engine steps at the accumulation boundary)."""
+        begin_compiled_step(self.cfg.train)
         input_ids = batch["input_ids"].to(self.info.device, non_blocking=True)
         mask = device_mask(batch["attention_mask"], self.info.device)
         teacher_features = self.teacher.features(input_ids, mask)

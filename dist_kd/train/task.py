@@ -55,6 +55,7 @@ from dist_kd.train.common import LossWindow, StopSignal, progress_bar, stop_agre
 from dist_kd.train.engine import (
     EngineTrainer,
     autocast_of,
+    begin_compiled_step,
     build_ds_config,
     build_engine,
     check_batch,
@@ -370,6 +371,7 @@ class TaskTrainer(EngineTrainer):
     def train_step(self, task_index: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Forward, losses and backward of this rank's slice of one micro-batch (the engine steps at the
         accumulation boundary). Returns the loss terms (detached)."""
+        begin_compiled_step(self.cfg.train)
         task = self.tasks[task_index]
         mine = self._rank_rows(rows)
         batch = self._batch(task, mine)

@@ -9,7 +9,9 @@ import torch
 
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.engine import (
+    COMPILE_MODES,
     TrainConfig,
+    begin_compiled_step,
     build_ds_config,
     build_scheduler,
     check_batch,
@@ -224,3 +226,18 @@ def test_compiled_teacher_and_student_trace_without_graph_breaks(tmp_path):
         torch.testing.assert_close(compiled.hidden[layer], eager.hidden[layer], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compiled.scores[layer], eager.scores[layer], rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_mark_each_step(monkeypatch):
+    calls, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode in COMPILE_MODES:
+        train = TrainConfig(compile=True, compile_mode=mode)
+        compile_models([torch.nn.Linear(2, 2)], train, {"zero_optimization": {"stage": 0}})
+        begin_compiled_step(train)
+        begin_compiled_step(TrainConfig(compile=False, compile_mode=mode))  # not compiled: nothing to mark
+    assert [kwargs["mode"] for kwargs in calls] == list(COMPILE_MODES)
+    assert len(marks) == 2  # reduce-overhead and max-autotune replay CUDA graphs; the other two do not
+    with pytest.raises(ValueError, match="train.compile_mode must be one of .*'reduce-overhead'.*, got 'fast'"):
+        TrainConfig(compile=True, compile_mode="fast")
