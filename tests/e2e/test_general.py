@@ -546,7 +546,7 @@ def test_cuda_graph_run_takes_the_eager_runs_steps(tiny_bert_dir, tiny_corpus, t
 
 @pytest.mark.gpu
 def test_default_run_on_a_gpu_trains_under_autocast_exports_fp32_and_resumes_compiled(
-    tiny_bert_dir, tiny_corpus, tmp_path
+    tiny_bert_dir, tiny_corpus, tmp_path, monkeypatch
 ):
     """The GPU's defaults end to end (one GPU, single-GPU debug mode): train.precision auto resolves to bf16,
     ZeRO-0 to train.bf16_mode autocast (fp32 weights), the teacher runs in fp16; the run logs, measures its
@@ -567,7 +567,9 @@ def test_default_run_on_a_gpu_trains_under_autocast_exports_fp32_and_resumes_com
     student = load_file(out / "student" / "model.safetensors")
     assert {tensor.dtype for tensor in student.values()} == {torch.float32}
     assert any(not torch.equal(t, t.bfloat16().float()) for t in student.values() if t.dim() == 2)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # where the compiled kernels go
     run_script("launch/general.py", "--debug", "--config", CONFIG,
                *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=8", "train.compile=true", *common),
                cuda=True)  # fmt: skip
     assert [r["step"] for r in _metrics(out)] == [2, 4, 6, 8]
+    assert any((tmp_path / "inductor").rglob("*.py")), "the resumed run did not compile"
