@@ -555,7 +555,7 @@ def teardown(in_step: bool = True) -> None:
             :func:`agreed`). A rank that leaves on an error of its own passes False: the others may be waiting
             in another collective, against which the final barrier would wait until the process group's timeout
             (10 minutes) instead of exiting, so that the launcher (srun --kill-on-bad-exit, torchrun,
-            deepspeed) stops the job at once. Its buffer is then left in place.
+            deepspeed) stops the job at once. (A group started elsewhere then leaves its buffer in place.)
     """
     import torch.distributed as dist
 

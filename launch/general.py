@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 8 launch/general.py --config launch/configs/tinybert_4l_312.yaml [key=value ...]
     deepspeed --hostfile hosts launch/general.py --config ... deepspeed.config=ds_configs/zero3.json
-    python launch/general.py --debug --config launch/configs/quickstart.yaml     # one process, no launcher
+    python launch/general.py --debug --config launch/configs/quickstart.yaml teacher.path=DIR   # one process
     sbatch launch/slurm/general.sbatch launch/configs/tinybert_4l_312.yaml       # SLURM, multi-node
 
 ``key=value`` arguments override the YAML (e.g. ``train.max_steps=100 run.output_dir=runs/try``).

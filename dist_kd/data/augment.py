@@ -15,9 +15,12 @@ Where the reference implementation spends its days, this module batches:
   product + ``topk`` per block of queries, cached per word.
 
 Determinism: each example's random stream derives from ``sha256(seed, example_id)``, so the output does
-not depend on batching, chunking, rank count or example order. Model scores are rounded (to 1e-4 for
-masked-LM log-probabilities, 1e-5 for cosines) and ties broken by id before the top-K cut, so the
-~1e-6 noise that a different batch composition puts into a forward pass does not change the candidates.
+not depend on chunking or example order. Model scores are rounded (to 1e-4 for masked-LM
+log-probabilities, 1e-5 for cosines) and ties broken by id before the top-K cut, so the ~1e-6 noise that a
+different batch composition puts into an fp32 forward pass does not change the candidates: with GloVe alone
+or the fp32 masked-LM (a CPU) the output does not depend on batching or the rank count either. A GPU's fp16
+masked-LM has noise of about 1e-3, past that rounding, so there ``batch_size`` and the rank count can change
+a few candidates (docs/augment.md).
 
 Deliberate differences from the reference: exactly N_a copies per example (duplicates are kept, so row
 counts are predictable), the original word is never its own candidate, continuation pieces / special

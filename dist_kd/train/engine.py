@@ -67,7 +67,8 @@ class TrainConfig:
         "how a bf16 student trains: autocast (fp32 weights, the engine's forward and the loss under "
         "torch.autocast; at ZeRO-0 torch's AdamW steps the weights themselves) | deepspeed (DeepSpeed's bf16 "
         "section: bf16 weights, fp32 master copies in its optimizer) | auto (a resumed run: its checkpoint's "
-        "mode; else autocast at ZeRO-0, deepspeed at ZeRO 1-3). fp16 students always use DeepSpeed's fp16 "
+        "mode; else autocast at ZeRO-0, deepspeed at ZeRO 1-3 or where the JSON enables bf16 itself). fp16 "
+        "students always use DeepSpeed's fp16 "
         "optimizer and its loss scaling",
         "auto",
     )
@@ -118,7 +119,8 @@ class DeepSpeedSection:
     config: str = doc(
         "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in. ZeRO-0 (the default), with a "
         "bf16 student under autocast, was the fastest on one H200 (docs/performance.md) for students that fit a "
-        "GPU; ZeRO 1-3 shard optimizer state for large ones and overlap the all-reduce with the backward",
+        "GPU; ZeRO 1-3 shard optimizer state for large ones, and ZeRO-2/3 (whose shipped JSONs set "
+        "overlap_comm) overlap the gradient reduction with the backward",
         "ds_configs/zero0.json",
         path=True,
     )

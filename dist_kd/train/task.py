@@ -19,8 +19,9 @@ that task; each micro-batch takes the next ``micro_batch_size x world_size`` row
 so the state to save is one counter per task (plus the micro-batch counter), valid for any world size.
 
 One *epoch* is as many rows as all training sets together; dev sets are scored after each epoch (or every
-``eval.every`` steps) and at the end, with each task's metric; the best step per task is exported as an
-HF ``*ForSequenceClassification`` directory under ``best/``.
+``eval.every`` steps) and at the end: in phase prediction with each task's metric, the best step per task
+exported as an HF ``*ForSequenceClassification`` directory under ``best/``; in phase intermediate by the
+layer losses on the dev rows, with no heads to export.
 
 Every input is validated before anything is written to the run directory, as in the general stage.
 """
