@@ -300,6 +300,10 @@ def build_dist_kd_step(
         "precision": precision
         + (f" ({'autocast' if engine.torch_autocast_enabled() else 'deepspeed'})" if precision == "bf16" else ""),
         "zero_stage": engine.zero_optimization_stage(),
+        "zero_settings": {  # as the engine read them from the JSON
+            "contiguous_gradients": engine.zero_contiguous_gradients(),
+            "overlap_comm": engine.zero_overlap_comm(),
+        },
         "release": partial(release_engine, engine),
     }
     return step, built

@@ -13,7 +13,8 @@ synchronised around every step) over the same packed batches (every token real):
 
 - ``dist_kd ZeRO-0, fp16 teacher``, ``dist_kd ZeRO-2, fp16 teacher``, ``dist_kd ZeRO-0, bf16 teacher``
   (the bf16 student under ``train.bf16_mode=auto``: torch.autocast at ZeRO-0, DeepSpeed's bf16 optimizer at
-  ZeRO-2), and at the first length each ZeRO stage under the other mode;
+  ZeRO-2), and at the first length each ZeRO stage under the other mode and ZeRO-2 with
+  ``contiguous_gradients`` and ``overlap_comm`` off (``OUTPUT/zero2_lean.json``);
 - ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
 - the first row again at a larger micro-batch (1,024 x 128), where launch overheads are amortised;
 - the first row again under ``train.compile`` (student and teacher compiled; the warm-up steps compile them),
@@ -124,6 +125,7 @@ SMOKE = Plan(
 NAIVE = "naive (fp32 eager, every layer)"
 OTHER_MODE = "dist_kd ZeRO-{}, fp16 teacher, train.bf16_mode={}"
 LARGE = "dist_kd ZeRO-0, fp16 teacher, large micro-batch"
+ZERO2_LEAN = "dist_kd ZeRO-2, fp16 teacher, contiguous_gradients and overlap_comm off"
 COMPILED = {  # train.compile_mode -> its row
     "default": "dist_kd ZeRO-0, fp16 teacher, train.compile",
     "reduce-overhead": "dist_kd ZeRO-0, fp16 teacher, train.compile_mode=reduce-overhead",
@@ -222,6 +224,16 @@ class Suite:
         return report
 
 
+def lean_zero2(directory: Path) -> Path:
+    """ds_configs/zero2.json with contiguous_gradients and overlap_comm off, written into ``directory``: on a
+    CPU the settings that cut most of what ZeRO-2 adds to one rank's step (bench/zero_overhead.py)."""
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config["zero_optimization"].update(contiguous_gradients=False, overlap_comm=False)
+    path = directory / "zero2_lean.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
 def measure(
     suite: Suite,
     plan: Plan,
@@ -247,6 +259,7 @@ def measure(
         ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16", "auto"),
         (OTHER_MODE.format(0, "deepspeed"), "ds_configs/zero0.json", "fp16", "deepspeed"),
         (OTHER_MODE.format(2, "autocast"), "ds_configs/zero2.json", "fp16", "autocast"),
+        (ZERO2_LEAN, str(lean_zero2(suite.output)), "fp16", "auto"),  # bench/zero_overhead.py's leanest ZeRO-2
     ]
     flops: dict[tuple[str, int], float] = {}  # per student and length: dist_kd's FLOPs per token, every row's MFU
 
@@ -300,7 +313,7 @@ def measure(
         data = batches(seq_len, batch)
         for shape, student_cfg, mapping in students:
             for name, zero, dtype, mode in rows:
-                if mode != "auto" and index > 0:  # the comparison at the targets' length only
+                if (mode != "auto" or name == ZERO2_LEAN) and index > 0:  # comparisons at the targets' length only
                     continue
                 unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode)
                 suite.run(Result(shape.name, seq_len, batch, name), unit)

@@ -16,7 +16,9 @@ def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
     rows = {row["row"]: row for row in report["rows"]}
     timed = ["dist_kd ZeRO-0, fp16 teacher", "dist_kd ZeRO-2, fp16 teacher", "dist_kd ZeRO-0, bf16 teacher",
              "dist_kd ZeRO-0, fp16 teacher, train.bf16_mode=deepspeed",
-             "dist_kd ZeRO-2, fp16 teacher, train.bf16_mode=autocast", "naive (fp32 eager, every layer)",
+             "dist_kd ZeRO-2, fp16 teacher, train.bf16_mode=autocast",
+             "dist_kd ZeRO-2, fp16 teacher, contiguous_gradients and overlap_comm off",
+             "naive (fp32 eager, every layer)",
              "dist_kd ZeRO-0, fp16 teacher, train.compile",
              "dist_kd ZeRO-0, fp16 teacher, train.compile_mode=reduce-overhead",
              "dist_kd ZeRO-0, fp16 teacher, large micro-batch"]  # fmt: skip
@@ -45,7 +47,7 @@ def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
     else:
         assert not text_rows
     table = (tmp_path / "gpu_suite.md").read_text()
-    assert table.count("\n| 2L-16 | 32 |") == len(report["rows"]) == 11 + len(text_rows) and "wrote" in proc.stdout
+    assert table.count("\n| 2L-16 | 32 |") == len(report["rows"]) == 12 + len(text_rows) and "wrote" in proc.stdout
 
 
 def test_smoke_profile_times_every_phase_and_lists_operators(tmp_path):
