@@ -229,7 +229,7 @@ def lean_zero2(directory: Path) -> Path:
     CPU the settings that cut most of what ZeRO-2 adds to one rank's step (bench/zero_overhead.py)."""
     config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     config["zero_optimization"].update(contiguous_gradients=False, overlap_comm=False)
-    path = directory / "zero2_lean.json"
+    path = directory.resolve() / "zero2_lean.json"  # the rows open REPO / path: absolute, from any directory
     path.write_text(json.dumps(config, indent=1))
     return path
 

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--bf16-mode", default="auto", help="train.bf16_mode of a bf16 student (a GPU's)")
+    parser.add_argument("--bf16-mode", default="autocast", choices=("autocast", "deepspeed", "auto"),
+                        help="train.bf16_mode of a bf16 student (a GPU's), the same for every row so that the "
+                        "rows differ in ZeRO alone (auto would pick autocast at ZeRO-0 and DeepSpeed's bf16 "
+                        "optimizer at ZeRO 1-2)")  # fmt: skip
     parser.add_argument("--output", help="also write the rows to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer, 24-wide student and 2 steps (tests)")
     args = parser.parse_args(argv)
@@ -127,17 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": args.seq_len,
         "device": str(info.device),
         "threads": torch.get_num_threads(),
-        "precision": built[0]["precision"],
         "rows": [],
     }
     print(f"{args.student} student, {args.batch_size} x {args.seq_len}, {info.device}, {torch.get_num_threads()} "
-          f"threads, student {built[0]['precision']}; median of {args.steps} interleaved steps")  # fmt: skip
-    print("| variant | ms/step | / ZeRO-0 | added ms |\n| --- | --- | --- | --- |")
+          f"threads; median of {args.steps} interleaved steps")  # fmt: skip
+    print("| variant | student | ms/step | / ZeRO-0 | added ms |\n| --- | --- | --- | --- | --- |")
     for row, figures in zip(rows, built, strict=True):
         median = statistics.median(row.step_seconds)
-        engine = {"zero_stage": figures["zero_stage"], **figures["zero_settings"]}  # what the engine ran
+        engine = {"zero_stage": figures["zero_stage"], **figures["zero_settings"], "precision": figures["precision"]}
         report["rows"].append({"variant": row.name, "ms_per_step": 1000 * median, "ratio": median / base} | engine)
-        print(f"| {row.name} | {1000 * median:.2f} | {median / base:.2f}x | {1000 * (median - base):+.2f} |")
+        print(f"| {row.name} | {figures['precision']} | {1000 * median:.2f} | {median / base:.2f}x | "
+              f"{1000 * (median - base):+.2f} |")  # fmt: skip
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))
     return 0

@@ -82,7 +82,8 @@ class TrainConfig:
         "torch.compile's mode under train.compile: default | reduce-overhead (CUDA graphs: each step's kernels "
         "replayed as one launch, for small students whose steps are launch-bound; each new input shape records "
         "another graph, in GPU memory) | max-autotune (also searches kernel configurations: a longer compile) | "
-        "max-autotune-no-cudagraphs. On a CPU there are no CUDA graphs: reduce-overhead compiles as default",
+        "max-autotune-no-cudagraphs. The CUDA-graph modes need train.grad_accum 1. On a CPU there are no CUDA "
+        "graphs: reduce-overhead compiles as default",
         "default",
     )
     global_batch_size: int | None = doc("optional check: must equal micro_batch_size x world size x grad_accum", None)
@@ -108,6 +109,14 @@ class TrainConfig:
             raise ValueError(f"train.bf16_mode must be one of {list(BF16_MODES)}, got {self.bf16_mode!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"train.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            # A replay of the compiled backward writes its gradients into graph memory that the next
+            # micro-batch's replay overwrites, before .grad has summed them (torch's cudagraph_trees).
+            raise ValueError(
+                f"train.compile_mode={self.compile_mode} replays CUDA graphs, which overwrite one micro-batch's "
+                f"gradients with the next one's before train.grad_accum={self.grad_accum} has summed them; use "
+                "train.grad_accum=1 (with a larger data.micro_batch_size) or train.compile_mode=default"
+            )
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
 
@@ -375,9 +384,11 @@ def begin_compiled_step(train: TrainConfig) -> None:
 
     A CUDA-graph replay writes its outputs into memory that the graph's next replay overwrites; marking each
     step's start tells torch that nothing of the step before (the teacher's features, the student's
-    activations, all consumed by its backward) is still read, so the graphs of one step may reuse that memory
-    instead of torch copying outputs out or recording anew. Call it before each micro-batch's forward passes.
-    A no-op in every other mode.
+    activations, all consumed by its backward, and the gradients, consumed by the optimizer step) is still
+    read, so the graphs of one step may reuse that memory instead of torch copying outputs out or recording
+    anew. Call it before each step's forward passes. That each step is one micro-batch is TrainConfig's
+    rule (no train.grad_accum above 1 in these modes): accumulated gradients would be overwritten. A no-op
+    in every other mode.
     """
     if train.compile and train.compile_mode in CUDA_GRAPH_MODES:
         torch.compiler.cudagraph_mark_step_begin()

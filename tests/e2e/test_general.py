@@ -4,6 +4,7 @@ exact resume after SIGTERM, the copy-of-the-teacher invariant, and clear errors 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -523,20 +524,25 @@ def test_compiled_run_takes_the_eager_runs_steps(tiny_bert_dir, tiny_corpus, tmp
 @pytest.mark.gpu
 def test_cuda_graph_run_takes_the_eager_runs_steps(tiny_bert_dir, tiny_corpus, tmp_path, monkeypatch):
     """train.compile_mode=reduce-overhead on a GPU: the student's forward and backward and the teacher's
-    forward replay CUDA graphs (inductor, told to, raises where it would skip one: a CPU tensor, a mutated
-    input), and the run logs the eager fp32 run's losses (rel 1e-4) from the same seed."""
+    forward record CUDA graphs (torch's debug log says so; inductor, told to, raises where it would skip one:
+    a CPU tensor, a mutated input), held-out evaluation runs between compiled steps, and the run logs the
+    eager fp32 run's losses (rel 1e-4) from the same seed."""
     monkeypatch.setenv("TORCHINDUCTOR_CUDAGRAPH_OR_ERROR", "1")
-    runs = {}
+    monkeypatch.setenv("TORCH_LOGS", "+cudagraphs")  # "Recording function=..., mode=..." per recorded graph
+    runs, logs = {}, {}
     for name, extra in (("eager", ()), ("graphs", ("train.compile=true", "train.compile_mode=reduce-overhead"))):
         out = tmp_path / name
-        run_script(
+        proc = run_script(
             "launch/general.py", "--debug", "--config", CONFIG,
             *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=6", "run.log_every=1", "run.save_every=6",
                    "student.dropout=0.0", "deepspeed.config=ds_configs/zero0.json", "train.precision=fp32",
-                   "teacher.dtype=fp32", "eval.texts=", *extra),
+                   "teacher.dtype=fp32", "eval.every=3", *extra),
             cuda=True,
         )  # fmt: skip
-        runs[name] = out
+        runs[name], logs[name] = out, proc.stdout + proc.stderr
+    recorded = set(re.findall(r"Recording function=\S+, mode=(\w+)", logs["graphs"]))
+    assert {"FORWARD", "BACKWARD", "INFERENCE"} <= recorded, (recorded, logs["graphs"][-3000:])
+    assert "Recording function" not in logs["eager"]
     eager, graphs = (_metrics(runs[name]) for name in ("eager", "graphs"))
     assert [r["step"] for r in graphs] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(eager, graphs, strict=True):

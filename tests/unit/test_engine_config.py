@@ -208,24 +208,27 @@ def test_compiled_teacher_and_student_trace_without_graph_breaks(tmp_path):
     from dist_kd.models.teacher import Teacher
     from dist_kd.testing import build_tiny_bert
 
-    teacher = Teacher(build_tiny_bert(tmp_path / "t", num_layers=2), dtype="fp32", score_layers=[1, 2])
+    path = build_tiny_bert(tmp_path / "t", num_layers=2)
+    teacher = Teacher(path, dtype="fp32", score_layers=[1, 2])  # never run before it is compiled
     student = build_student(StudentConfig(num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32),
                             teacher.model.config)  # fmt: skip
     ids, mask = torch.randint(5, 50, (2, 8)), torch.ones(2, 8, dtype=torch.long)
-    eager = teacher.features(ids, mask)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compile_models([student, teacher.model], TrainConfig(compile=True), {"zero_optimization": {"stage": 0}})
-    for _ in range(2):
-        compiled = teacher.features(ids, mask)
-        student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 2  # one per model: not traced again on the second step
+    try:
+        compile_models([student, teacher.model], TrainConfig(compile=True), {"zero_optimization": {"stage": 0}})
+        for _ in range(2):
+            compiled = teacher.features(ids, mask)
+            student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 2  # one per model: not traced again on the second step
+    finally:
+        torch._dynamo.reset()
+    eager = Teacher(path, dtype="fp32", score_layers=[1, 2]).features(ids, mask)  # a second, eager copy
     for layer in (1, 2):
         torch.testing.assert_close(compiled.hidden[layer], eager.hidden[layer], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compiled.scores[layer], eager.scores[layer], rtol=1e-4, atol=1e-5)
-    torch._dynamo.reset()
 
 
 def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_mark_each_step(monkeypatch):
@@ -241,3 +244,9 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_mark_each_step(
     assert len(marks) == 2  # reduce-overhead and max-autotune replay CUDA graphs; the other two do not
     with pytest.raises(ValueError, match="train.compile_mode must be one of .*'reduce-overhead'.*, got 'fast'"):
         TrainConfig(compile=True, compile_mode="fast")
+    # Accumulated gradients would be overwritten by the next micro-batch's replay: refused with the fix named.
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match=f"train.compile_mode={mode} .*train.grad_accum=2.*grad_accum=1"):
+            TrainConfig(compile=True, compile_mode=mode, grad_accum=2)
+    TrainConfig(compile=True, compile_mode="max-autotune-no-cudagraphs", grad_accum=2)
+    TrainConfig(compile=False, compile_mode="reduce-overhead", grad_accum=2)  # not compiled: nothing replays

@@ -25,6 +25,7 @@ def mapped(path: Path) -> dict[str, bool]:
 def main() -> None:
     out, kill = Path(sys.argv[1]), "--kill" in sys.argv[2:]
     info = distributed.init_distributed(force_cpu=True)
+    distributed.barrier()  # every rank past its own unlink (inside init_distributed) before any looks
     import deepspeed.comm as ds_comm
 
     paths = [distributed.shm_buffer_path(r) for r in range(info.world_size)]
