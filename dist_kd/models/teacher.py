@@ -12,6 +12,7 @@ back to fp32 with a logged warning (bf16 is kept when asked for explicitly).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
     if device.type == "cpu" and name == "fp16":
-        logger.warning("fp16 teachers are slow or unsupported on a CPU; running the teacher in fp32 instead")
+        _warn_cpu_fp16()
         return torch.float32
     return DTYPES[name]
+
+
+@functools.cache
+def _warn_cpu_fp16() -> None:
+    """Once per process: a precompute of 3 teachers, or a task run's teachers, said it once per model."""
+    logger.warning("fp16 teachers are slow or unsupported on a CPU; running the teacher(s) in fp32 instead")
 
 
 def check_model_dir(path: str | Path, what: str) -> Path:
