@@ -88,8 +88,9 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES
 # inter-process transfer, small enough that (tasks in flight x task size) stays a few MB.
 _DOCS_PER_TASK = 256
 _CHARS_PER_TASK = 1 << 20
-# A paragraph of a .txt file is cut (at a line boundary) once it reaches this size, so that no document is
-# larger than one task: tokenising text takes ~150 bytes of memory per character.
+# A paragraph of a .txt file (or, under --txt-document file, the file) is cut at a line boundary once it
+# reaches this size, so that no document is larger than one task: tokenising text takes ~150 bytes of memory
+# per character.
 _MAX_PARAGRAPH_CHARS = _CHARS_PER_TASK
 
 
@@ -180,7 +181,27 @@ def _open_text(path: Path, encoding_errors: str):
 def _text_documents(path: Path, mode: str, encoding_errors: str) -> Iterator[str]:
     with _open_text(path, encoding_errors) as handle:
         if mode == "file":
-            text = handle.read().strip()
+            # Read line by line and cut a file past the limit at line boundaries: read whole, a multi-GB file
+            # would be one document, tokenised at once (~150 bytes per character). Smaller files give the
+            # whole text, stripped, as before.
+            piece: list[str] = []
+            num_chars, warned = 0, False
+            for line in handle:
+                piece.append(line)
+                num_chars += len(line)
+                if num_chars >= _MAX_PARAGRAPH_CHARS:
+                    if not warned:
+                        logger.warning(
+                            "%s: the file exceeds %d characters and is read as documents of about that size, cut "
+                            "at line boundaries (--txt-document file holds each file whole otherwise)",
+                            path, _MAX_PARAGRAPH_CHARS,
+                        )  # fmt: skip
+                        warned = True
+                    text = "".join(piece).strip()
+                    if text:
+                        yield text
+                    piece, num_chars = [], 0
+            text = "".join(piece).strip()
             if text:
                 yield text
         elif mode == "line":

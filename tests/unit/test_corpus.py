@@ -208,6 +208,35 @@ def test_a_paragraph_without_blank_lines_is_cut_at_line_boundaries(tmp_path, mon
     assert len(warnings) == 1 and "one_paragraph.txt" in warnings[0] and "--txt-document line" in warnings[0]
 
 
+def test_a_file_past_the_limit_is_cut_at_line_boundaries_in_file_mode(tmp_path, monkeypatch, caplog):
+    """--txt-document file read each file whole: a multi-GB file was one document, tokenised at once."""
+    import logging
+
+    from dist_kd.data import corpus
+
+    small = tmp_path / "small.txt"
+    small.write_text("\n  first line\n\nsecond paragraph\n\n")
+    assert list(iter_documents(small, "file")) == [small.read_text().strip()]  # whole, as before
+    monkeypatch.setattr(corpus, "_MAX_PARAGRAPH_CHARS", 100)
+    lines = [f"line {i:02d} " + "x" * 20 + "\n" for i in range(20)]  # 29 characters each
+    lines[9] = "\n"  # a blank line stays inside its piece: the file is not split into paragraphs
+    path = tmp_path / "one_big_document.txt"
+    path.write_text("".join(lines))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        documents = list(iter_documents(path, "file"))
+    pieces, piece = [], []
+    for line in lines:  # the reference: lines gathered until they reach 100 characters
+        piece.append(line)
+        if sum(map(len, piece)) >= 100:
+            pieces.append("".join(piece).strip())
+            piece = []
+    pieces.append("".join(piece).strip())
+    assert documents == [p for p in pieces if p] and len(documents) == 5  # 4 lines a piece; 5 with the blank
+    assert "\n\n" in documents[2]  # lines 8-12, the blank line 9 kept
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "one_big_document.txt" in warnings[0]
+
+
 def test_bad_inputs_name_the_file(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         discover_inputs([tmp_path / "missing.txt"])
