@@ -50,7 +50,7 @@ from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, w
 from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
-from dist_kd.models.fields import set_fp32
+from dist_kd.models.fields import set_dropout, set_fp32
 from dist_kd.predict import batched_logits
 from dist_kd.train.engine import (
     TrainConfig,
@@ -66,7 +66,6 @@ logger = logging.getLogger(__name__)
 
 # Config attributes that hold dropout rates across BERT-family architectures (BERT/RoBERTa/MPNet/ELECTRA
 # use the first two; DistilBERT the last two).
-DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 RESULT_FILE = "finetune.json"
 DEV_LOGITS_FILE = "dev_logits.npy"
 
@@ -153,11 +152,9 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
         label2id={name: index for index, name in enumerate(labels)},
         problem_type="single_label_classification" if spec.type == "classification" else "regression",
     )
-    found = [name for name in DROPOUT_FIELDS if isinstance(getattr(config, name, None), float)]
-    if not found:
-        raise ValueError(f"base {base}: its config has none of the dropout fields {list(DROPOUT_FIELDS)}")
-    for name in found:
-        setattr(config, name, dropout)
+    # Every encoder dropout under its family's names (ModernBERT's MLP and embedding dropout too); a config
+    # with none is refused with the fields it lacks.
+    set_dropout(config, dropout)
     # dist_kd's attention entry (SDPA, or on a CPU in training the explicit path with the cheaper dropout
     # mask) and its dropout modules: the same model, faster to fine-tune on a CPU (models/dropout.py).
     register_attention()

@@ -520,3 +520,15 @@ def test_modernbert_student_saves_reloads_and_keeps_its_layers_attention_kinds(t
         with torch.no_grad():
             states = student.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
             torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).last_hidden_state, states)
+
+
+def test_a_fine_tuned_teacher_takes_every_encoder_dropout_of_its_family(tmp_path):
+    """finetune.build_classifier set the dropout fields of a list of BERT and DistilBERT names: a ModernBERT
+    base kept its MLP and embedding dropout at the checkpoint's 0.1 when 0.3 was asked."""
+    from dist_kd.data.tasks import TaskSpec
+    from dist_kd.train.finetune import build_classifier
+
+    for family in ("modernbert", "distilbert"):
+        base = _tiny_family(tmp_path / family, family)
+        model = build_classifier(base, TaskSpec(name="t", labels=["a", "b"]), dropout=0.3)
+        assert _dropout_rates(model.base_model) == {0.3}, family
