@@ -224,14 +224,20 @@ class Suite:
         return report
 
 
-def lean_zero2(directory: Path) -> Path:
-    """ds_configs/zero2.json with contiguous_gradients and overlap_comm off, written into ``directory``: on a
-    CPU the settings that cut most of what ZeRO-2 adds to one rank's step (bench/zero_overhead.py)."""
+def zero2_variant(path: Path, **settings) -> Path:
+    """Write ds_configs/zero2.json with ``settings`` over its ``zero_optimization`` to ``path``; returns it
+    absolute (the rows open REPO / path, so it holds from any working directory)."""
     config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    config["zero_optimization"].update(contiguous_gradients=False, overlap_comm=False)
-    path = directory.resolve() / "zero2_lean.json"  # the rows open REPO / path: absolute, from any directory
+    config["zero_optimization"].update(settings)
+    path = path.resolve()
     path.write_text(json.dumps(config, indent=1))
     return path
+
+
+def lean_zero2(directory: Path) -> Path:
+    """ds_configs/zero2.json with contiguous_gradients and overlap_comm off, in ``directory``: on a CPU about
+    half of what ZeRO-2 adds to one rank's step goes with them (bench/zero_overhead.py)."""
+    return zero2_variant(directory / "zero2_lean.json", contiguous_gradients=False, overlap_comm=False)
 
 
 def measure(
@@ -252,14 +258,15 @@ def measure(
     device = info.device
     peak = peak_flops(device)
     weights = LossWeights(embd=1.0, hidden=1.0, attn=1.0, pred=0.0)
-    rows = [  # the student in bf16 on a GPU; train.bf16_mode auto (autocast at ZeRO-0, deepspeed at ZeRO-2) but
-        # in the last two rows, each ZeRO stage under the other mode
-        ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16", "auto"),
-        ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16", "auto"),
-        ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16", "auto"),
-        (OTHER_MODE.format(0, "deepspeed"), "ds_configs/zero0.json", "fp16", "deepspeed"),
-        (OTHER_MODE.format(2, "autocast"), "ds_configs/zero2.json", "fp16", "autocast"),
-        (ZERO2_LEAN, str(lean_zero2(suite.output)), "fp16", "auto"),  # bench/zero_overhead.py's leanest ZeRO-2
+    rows = [  # (name, JSON, teacher dtype, train.bf16_mode, at the first length only): the student in bf16 on
+        # a GPU; train.bf16_mode auto (autocast at ZeRO-0, deepspeed at ZeRO-2), but each ZeRO stage under the
+        # other mode in two comparison rows
+        ("dist_kd ZeRO-0, fp16 teacher", "ds_configs/zero0.json", "fp16", "auto", False),
+        ("dist_kd ZeRO-2, fp16 teacher", "ds_configs/zero2.json", "fp16", "auto", False),
+        ("dist_kd ZeRO-0, bf16 teacher", "ds_configs/zero0.json", "bf16", "auto", False),
+        (OTHER_MODE.format(0, "deepspeed"), "ds_configs/zero0.json", "fp16", "deepspeed", True),
+        (OTHER_MODE.format(2, "autocast"), "ds_configs/zero2.json", "fp16", "autocast", True),
+        (ZERO2_LEAN, str(lean_zero2(suite.output)), "fp16", "auto", True),  # bench/zero_overhead.py's leanest
     ]
     flops: dict[tuple[str, int], float] = {}  # per student and length: dist_kd's FLOPs per token, every row's MFU
 
@@ -312,8 +319,8 @@ def measure(
     for index, (seq_len, batch) in enumerate(plan.lengths):
         data = batches(seq_len, batch)
         for shape, student_cfg, mapping in students:
-            for name, zero, dtype, mode in rows:
-                if (mode != "auto" or name == ZERO2_LEAN) and index > 0:  # comparisons at the targets' length only
+            for name, zero, dtype, mode, first_only in rows:
+                if first_only and index > 0:  # comparisons at the targets' length only
                     continue
                 unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode)
                 suite.run(Result(shape.name, seq_len, batch, name), unit)
@@ -328,24 +335,23 @@ def measure(
             for shape, student_cfg, mapping in students:
                 unit = partial(text_unit, kinds, shape, student_cfg, mapping, seq_len, batch)
                 suite.run(Result(shape.name, seq_len, batch, "real text rows"), unit)
-        del data
         if index == 0 and plan.large_batch:  # launch overheads amortised: the rate a larger micro-batch reaches
             large = batches(seq_len, plan.large_batch)
             for shape, student_cfg, mapping in students:
-                _, zero, dtype, mode = rows[0]
+                _, zero, dtype, mode, _ = rows[0]
                 unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, plan.large_batch, large, LARGE, zero,
                                dtype, mode)  # fmt: skip
                 suite.run(Result(shape.name, seq_len, plan.large_batch, LARGE), unit)
             del large
         if index == 0:  # train.compile against the first row (its warm-up steps compile: about a minute each)
-            data = batches(seq_len, batch)
             for compile_mode, name in COMPILED.items():
                 for shape, student_cfg, mapping in students:
-                    _, zero, dtype, mode = rows[0]
+                    _, zero, dtype, mode, _ = rows[0]
                     unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype,
                                    mode, compile_mode=compile_mode)  # fmt: skip
                     suite.run(Result(shape.name, seq_len, batch, name), unit)
                     torch._dynamo.reset()  # the row's graphs and guards (and CUDA graphs): none is reused after
+        del data
     for seq_len, batch in plan.lengths:
         for shape, student_cfg, mapping in students:
             suite.run(Result(shape.name, seq_len, batch, LARGEST),

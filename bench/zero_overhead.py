@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import general as bench  # noqa: E402
-from gpu_suite import batches_for  # noqa: E402
+from gpu_suite import batches_for, zero2_variant  # noqa: E402
 
 from dist_kd import distributed  # noqa: E402
 from dist_kd.layer_map import layer_map  # noqa: E402
@@ -59,13 +59,8 @@ def variants(directory: Path) -> dict[str, Path]:
     out = {
         f"ZeRO-{stage} (ds_configs/zero{stage}.json)": REPO / "ds_configs" / f"zero{stage}.json" for stage in (0, 1, 2)
     }
-    shipped = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     for index, (name, keys) in enumerate(ZERO2_SETTINGS.items()):
-        config = json.loads(json.dumps(shipped))
-        config["zero_optimization"].update(keys)
-        path = directory / f"zero2-{index}.json"
-        path.write_text(json.dumps(config))
-        out[name] = path
+        out[name] = zero2_variant(directory / f"zero2-{index}.json", **keys)
     return out
 
 

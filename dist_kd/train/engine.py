@@ -68,8 +68,7 @@ class TrainConfig:
         "torch.autocast; at ZeRO-0 torch's AdamW steps the weights themselves) | deepspeed (DeepSpeed's bf16 "
         "section: bf16 weights, fp32 master copies in its optimizer) | auto (a resumed run: its checkpoint's "
         "mode; else autocast at ZeRO-0, deepspeed at ZeRO 1-3 or where the JSON enables bf16 itself). fp16 "
-        "students always use DeepSpeed's fp16 "
-        "optimizer and its loss scaling",
+        "students always use DeepSpeed's fp16 optimizer and its loss scaling",
         "auto",
     )
     compile: bool = doc(

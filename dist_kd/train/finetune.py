@@ -64,8 +64,6 @@ from dist_kd.train.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
-# Config attributes that hold dropout rates across BERT-family architectures (BERT/RoBERTa/MPNet/ELECTRA
-# use the first two; DistilBERT the last two).
 RESULT_FILE = "finetune.json"
 DEV_LOGITS_FILE = "dev_logits.npy"
 
