@@ -178,15 +178,51 @@ def _open_text(path: Path, encoding_errors: str):
     return open(path, encoding="utf-8", errors=encoding_errors)
 
 
+def _bounded_lines(handle: Any, path: Path) -> Iterator[str]:
+    """The lines of ``handle``; a line longer than ``_MAX_PARAGRAPH_CHARS`` comes in pieces of at most that size.
+
+    ``for line in handle`` holds a whole line in memory, and a multi-GB file without a newline would be one
+    line. A long line is cut after its last whitespace in the second half of each piece (so that words stay
+    whole, and the text carried into the next piece stays under half a piece), or, without one there, at the
+    limit itself. The pieces concatenate to the line; only the last one ends with its newline.
+    """
+    limit = _MAX_PARAGRAPH_CHARS
+    carry, warned = "", False
+    while True:
+        size = limit - len(carry)  # pieces of at most ``limit`` characters
+        chunk = handle.readline(size)
+        text = carry + chunk
+        carry = ""
+        if not chunk or chunk.endswith("\n") or len(chunk) < size:  # a whole line, or the end of the file
+            if text:
+                yield text
+            if not chunk:
+                return
+            continue
+        if not warned:
+            logger.warning(
+                "%s: a line exceeds %d characters and is cut at whitespace into pieces of about that size",
+                path, limit,
+            )  # fmt: skip
+            warned = True
+        half = len(text) // 2
+        cut = max(text.rfind(" ", half), text.rfind("\t", half)) + 1
+        if cut <= half:  # no whitespace in the second half: cut at the end of the piece
+            cut = len(text)
+        yield text[:cut]
+        carry = text[cut:]
+
+
 def _text_documents(path: Path, mode: str, encoding_errors: str) -> Iterator[str]:
     with _open_text(path, encoding_errors) as handle:
+        lines = _bounded_lines(handle, path)
         if mode == "file":
             # Read line by line and cut a file past the limit at line boundaries: read whole, a multi-GB file
             # would be one document, tokenised at once (~150 bytes per character). Smaller files give the
             # whole text, stripped, as before.
             piece: list[str] = []
             num_chars, warned = 0, False
-            for line in handle:
+            for line in lines:
                 piece.append(line)
                 num_chars += len(line)
                 if num_chars >= _MAX_PARAGRAPH_CHARS:
@@ -205,13 +241,13 @@ def _text_documents(path: Path, mode: str, encoding_errors: str) -> Iterator[str
             if text:
                 yield text
         elif mode == "line":
-            for line in handle:
+            for line in lines:
                 if line.strip():
                     yield line.strip()
         else:
             paragraph: list[str] = []
             num_chars, warned = 0, False
-            for line in handle:
+            for line in lines:
                 if line.strip():
                     paragraph.append(line.strip())
                     num_chars += len(paragraph[-1]) + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import re
 import signal
 import sys
@@ -235,6 +236,59 @@ def test_a_file_past_the_limit_is_cut_at_line_boundaries_in_file_mode(tmp_path, 
     assert "\n\n" in documents[2]  # lines 8-12, the blank line 9 kept
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "one_big_document.txt" in warnings[0]
+
+
+@pytest.mark.parametrize("mode", ["line", "paragraph", "file"])
+def test_a_line_past_the_limit_comes_in_pieces_cut_at_whitespace(tmp_path, monkeypatch, caplog, mode):
+    """A file without newlines was one line, read whole (``for line in handle``) in every --txt-document mode."""
+    import logging
+
+    from dist_kd.data import corpus
+
+    monkeypatch.setattr(corpus, "_MAX_PARAGRAPH_CHARS", 100)
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(1, 12))) for _ in range(400)]
+    line = " ".join(words)  # about 2,800 characters, no newline
+    path = tmp_path / "one_line.txt"
+    path.write_text(line + "\nshort line\n")
+    reads = []
+    real_open = corpus._open_text
+
+    def spying_open(*args):
+        handle = real_open(*args)
+        real_readline = handle.readline
+
+        def readline(size=-1):
+            reads.append(size)
+            return real_readline(size)
+
+        handle.readline = readline
+        return handle
+
+    monkeypatch.setattr(corpus, "_open_text", spying_open)
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        documents = list(iter_documents(path, mode))
+    assert reads and all(0 < size <= 100 for size in reads)  # never a whole line
+    # Every word comes back whole and in order, and only the long line was cut.
+    assert " ".join(" ".join(documents).split()) == line + " short line"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("one_line.txt" in w and "a line exceeds 100 characters" in w for w in warnings)
+    if mode == "line":
+        assert documents[-1] == "short line" and len(documents) > 20
+        assert all(len(document) <= 100 for document in documents)
+        assert all(set(document.split()) <= set(words) for document in documents[:-1])  # cut between words
+
+
+def test_a_line_without_whitespace_past_the_limit_is_cut_at_the_limit(tmp_path, monkeypatch):
+    from dist_kd.data import corpus
+
+    monkeypatch.setattr(corpus, "_MAX_PARAGRAPH_CHARS", 100)
+    text = "x" * 250 + " " + "y" * 30  # the only whitespace is in the last piece's first half
+    path = tmp_path / "unbroken.txt"
+    path.write_text(text)
+    documents = list(iter_documents(path, "line"))
+    assert documents == ["x" * 100, "x" * 100, "x" * 50 + " " + "y" * 30]
+    assert list(iter_documents(path, "file")) == documents  # each piece reaches the file mode's limit alone
 
 
 def test_bad_inputs_name_the_file(tmp_path, tiny_tokenizer_dir):
