@@ -76,6 +76,16 @@ def slurm_tasks(env) -> str:
     return env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
 
 
+def slurm_port(env: Mapping[str, str]) -> int:
+    """A rendezvous port in 20000-39999 from the job and step ids, so every task of a step agrees without talking
+    first, and two steps of one job run side by side (``srun ... augment & srun ... precompute &``) do not
+    both listen on one port. The step id counts for nothing in step 0 or where SLURM sets none."""
+    job = int(env.get("SLURM_JOB_ID", "0") or 0)
+    step = env.get("SLURM_STEP_ID", "0")
+    step = int(step) if step.isdigit() else 0
+    return 20000 + (job + 1009 * step) % 20000
+
+
 def discover_environment() -> dict[str, str]:
     """The RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* variables this process should use (launcher, SLURM or none)."""
     env = os.environ
@@ -90,8 +100,7 @@ def discover_environment() -> dict[str, str]:
         }
         if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
             found["MASTER_ADDR"] = _first_slurm_host(env["SLURM_JOB_NODELIST"])
-        # A port derived from the job id, so every task of the job agrees without talking first.
-        found.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)))
+        found.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(slurm_port(env))))
     else:
         # One process that no launcher started: nobody else connects, so a free local port, whatever MASTER_*
         # the shell exported (a cluster shell's MASTER_PORT may be another job's: EADDRINUSE; its MASTER_ADDR

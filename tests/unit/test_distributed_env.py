@@ -12,7 +12,8 @@ import pytest
 from dist_kd.distributed import device_index, discover_environment
 
 LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-             "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")  # fmt: skip
+             "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
+             "SLURM_STEP_ID")  # fmt: skip
 
 
 @pytest.fixture
@@ -75,6 +76,29 @@ def test_slurm_step_tasks_are_the_world_size(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     assert discover_environment()["WORLD_SIZE"] == "2"
+
+
+@pytest.mark.usefixtures("no_launcher")
+def test_two_srun_steps_of_one_job_rendezvous_on_different_ports(monkeypatch):
+    """The port came from the job id alone: ``srun -n 2 dist-kd augment & srun -n 2 dist-kd precompute &`` in one
+    allocation had both steps' rank 0 listen on one port (EADDRINUSE, or the other step's ranks joining)."""
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    ports = {}
+    for step in ("0", "1", "2", "4294967294"):  # the last is SLURM's id for the batch script itself
+        monkeypatch.setenv("SLURM_STEP_ID", step)
+        per_task = set()
+        for task in ("0", "1"):
+            monkeypatch.setenv("SLURM_PROCID", task)
+            per_task.add(discover_environment()["MASTER_PORT"])
+        assert len(per_task) == 1  # every task of a step agrees
+        ports[step] = int(per_task.pop())
+    assert len(set(ports.values())) == 4 and all(20000 <= port < 40000 for port in ports.values()), ports
+    assert ports["0"] == 20000 + 123456 % 20000  # step 0: the job's port, as the sbatch scripts compute it
+    monkeypatch.delenv("SLURM_STEP_ID")
+    assert discover_environment()["MASTER_PORT"] == str(ports["0"])
+    monkeypatch.setenv("MASTER_PORT", "29555")  # an exported port still wins
+    assert discover_environment()["MASTER_PORT"] == "29555"
 
 
 def test_device_index_per_task_gpus():
