@@ -182,8 +182,10 @@ def write_report(run_dir: str | Path) -> Path:
             "| term | first log | last log |",
             "| --- | --- | --- |",
         ]
-        terms = [k for k in last if k == "loss" or k.startswith("loss_")]
-        lines += [f"| {key} | {_fmt(first.get(key))} | {_fmt(last.get(key))} |" for key in terms]
+        # Lines of windows that trained on nothing (fully masked batches, data.skip_corrupt) carry no loss.
+        logged = [r for r in records if "loss" in r] or [last]
+        terms = [k for k in logged[-1] if k == "loss" or k.startswith("loss_")]
+        lines += [f"| {key} | {_fmt(logged[0].get(key))} | {_fmt(logged[-1].get(key))} |" for key in terms]
         lines.append("")
     quality = (summary or {}).get("quality")
     if quality:

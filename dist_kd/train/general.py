@@ -225,6 +225,7 @@ class GeneralTrainer(EngineTrainer):
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
+        self.empty_batches = 0  # this rank's micro-batches of fully masked rows in this process (skip_corrupt)
         self._window = LossWindow(info.device)
         self.meta = {
             "teacher": {
@@ -410,7 +411,12 @@ class GeneralTrainer(EngineTrainer):
                     batch = next(batches)
                     terms = self.train_step(batch)
                     mask = batch["attention_mask"]  # the host tensor: counting its tokens needs no device sync
-                    self._window.add(terms, tokens=int(mask.sum()), rows=mask.shape[0])
+                    tokens = int(mask.sum())
+                    # Fully masked rows only (a shard found corrupt while reading, data.skip_corrupt): the
+                    # batch trains on nothing, and its zero losses stay out of the logged means.
+                    self._window.add(terms if tokens else {}, tokens=tokens, rows=mask.shape[0])
+                    if not tokens:
+                        self.empty_batches += 1
                 self.step += 1
                 last = self.step == cfg.train.max_steps
                 evaluate = self.heldout is not None and (
@@ -418,7 +424,8 @@ class GeneralTrainer(EngineTrainer):
                 )
                 if self.step % cfg.run.log_every == 0 or last or evaluate:
                     record = self._log(evaluate)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                    loss = f"{record['loss']:.4f}" if "loss" in record else "-"
+                    bar.set_postfix(loss=loss, tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 bar.update(1)
                 if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.train.max_steps:
                     with self._window.paused():  # tokens/s counts training only
@@ -438,9 +445,11 @@ class GeneralTrainer(EngineTrainer):
         values = dict(sorted(window.values.items()))
         self.tokens_seen += window.tokens
         elapsed = max(window.seconds, 1e-9)
+        # No loss terms when every batch of the window, on every rank, was fully masked (data.skip_corrupt).
+        loss = {"loss": values.pop("loss")} if "loss" in values else {}
         record = {
             "step": self.step,
-            "loss": values.pop("loss"),
+            **loss,
             **{f"loss_{name}": value for name, value in values.items()},
             "lr": self.engine.get_lr()[0],
             "tokens_per_s": window.tokens / elapsed,
@@ -452,9 +461,10 @@ class GeneralTrainer(EngineTrainer):
         if mfu is not None:
             record["mfu"] = mfu
         terms = {k: v for k, v in record.items() if k == "loss" or k.startswith("loss_")}
-        if self.first_terms is None:
-            self.first_terms = terms
-        self.last_terms = terms
+        if terms:
+            if self.first_terms is None:
+                self.first_terms = terms
+            self.last_terms = terms
         if evaluate:
             quality = self.quality_record()
             record.update({key: value for key, value in quality.items() if value is not None})
@@ -649,6 +659,11 @@ def summary_lines(trainer: GeneralTrainer, quality: dict | None) -> list[str]:
     if skipped:
         names = ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
         lines.append(f"skipped {len(skipped)} corrupt corpus shard(s) (data.skip_corrupt): {names}")
+    if trainer.empty_batches:
+        lines.append(
+            f"{trainer.empty_batches} micro-batch(es) of this rank held only rows of a corrupt shard and trained on "
+            "nothing; they are left out of the logged losses"
+        )
     return lines
 
 

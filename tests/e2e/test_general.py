@@ -160,6 +160,42 @@ def test_resume_after_sigterm_gives_the_same_losses(tiny_bert_dir, tiny_corpus, 
     assert initial[0] == pytest.approx(initial[1]), "the step-0 figures survive the resume"
 
 
+def test_batches_of_a_shard_found_corrupt_while_reading_stay_out_of_the_logged_losses(
+    tiny_bert_dir, tiny_corpus, tmp_path
+):
+    """data.skip_corrupt turns a shard found bad only while reading into fully masked rows (every rank keeps its
+    step count). Their zero losses were logged as the window's loss: lines of "loss 0.0" and a summary whose last
+    log read 0.0000 for every term, as if the student were perfect."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus / "shards", corpus / "shards")
+    shard = corpus / "shards" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[512 * 4 + 100 : 512 * 4 + 108] = b"garbage!"  # a member's tar header; the size is unchanged
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    proc = run_script(
+        "launch/general.py", "--debug", "--config", CONFIG,
+        *_args(tiny_bert_dir, tiny_corpus, out, f"data.shards={corpus / 'shards'}", "data.shuffle=false",
+               "data.skip_corrupt=true", "train.max_steps=32", "run.log_every=1", "eval.every=null"),
+    )  # fmt: skip
+    records = _metrics(out)
+    # In order, shard 1 (64 sequences) is steps 17-32 at 4 sequences a step: those lines have no real token.
+    empty = [r["step"] for r in records if r["tokens_per_s"] == 0]
+    assert empty == list(range(17, 33)), empty
+    assert all(("loss" in r) == (r["tokens_per_s"] > 0) for r in records)
+    assert all(r["loss"] > 0 and r["loss_attn"] > 0 for r in records if "loss" in r)
+    assert "16 micro-batch(es) of this rank held only rows of a corrupt shard" in proc.stdout
+    # The run ends inside the bad shard: the summary's and the report's last log are step 16's, the last real one.
+    first, last = records[0], records[15]
+    assert last["step"] == 16
+    logged = re.search(r"^loss +([0-9.]+) +([0-9.]+)$", proc.stdout, re.M)
+    assert logged and float(logged.group(2)) == pytest.approx(last["loss"], abs=1e-4), proc.stdout
+    report = (out / "report.md").read_text()
+    assert f"| loss | {first['loss']:.4g} | {last['loss']:.4g} |" in report, report
+
+
 def test_copy_of_teacher_starts_at_zero_loss(tiny_bert_dir, tiny_corpus, tmp_path):
     out = tmp_path / "copy"
     run_script(

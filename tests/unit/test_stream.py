@@ -238,7 +238,7 @@ def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplo
 
     from dist_kd.train.general import summary_lines
 
-    trainer = SimpleNamespace(run_dir=tmp_path, first_terms=None, last_terms=None, loader=streams[0])
+    trainer = SimpleNamespace(run_dir=tmp_path, first_terms=None, last_terms=None, loader=streams[0], empty_batches=0)
     assert summary_lines(trainer, None)[-1] == "skipped 1 corrupt corpus shard(s) (data.skip_corrupt): shard-000003.tar"
 
 
