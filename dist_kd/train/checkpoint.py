@@ -8,7 +8,7 @@ Layout under ``run_dir/checkpoints/``::
         meta.json                  written last: step, shapes of teacher and student, data fingerprints
                                    (for resume checks) and every file's size (to verify it is whole)
     latest                         the newest complete tag, for DeepSpeed's own tools (zero_to_fp32.py)
-    .tmp-step-00000750/            a save in progress (or interrupted): never picked for resume
+    .tmp-step-00000750/            a save in progress (or interrupted): never resumed from; the next save removes it
 
 Every rank writes into the temporary directory (a shared filesystem, as DeepSpeed itself assumes); after
 a barrier rank 0 writes ``meta.json`` and renames the directory, so a checkpoint is either complete
@@ -242,8 +242,7 @@ def save_checkpoint(
         return final
     if info.is_main:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        if (checkpoints_dir / tmp_tag).exists():
-            shutil.rmtree(checkpoints_dir / tmp_tag)  # left by an interrupted save of the same step
+        remove_unfinished_saves(checkpoints_dir)
     distributed.barrier()
     # A failure on one rank (its rank file, rank 0's meta.json or rename) stops every rank with the same one
     # line; before, the other ranks went on to the next barrier, matched it against a later one of the failed
@@ -283,6 +282,17 @@ def save_checkpoint(
                 for old in prunable(checkpoints_dir, keep_last):
                     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_unfinished_saves(checkpoints_dir: Path) -> None:
+    """Delete what interrupted saves left: ``.tmp-step-*`` (a rank killed mid-save, e.g. SIGKILLed after SLURM's
+    KillWait while it checkpointed on SIGTERM) and ``.damaged-step-*``. Called by rank 0 before a save, when no
+    rank writes into the directory (the run lock keeps other runs out). Such a save is rarely of a step that is
+    saved again, and a large run's was nearly a whole checkpoint, left on the disk at every preemption."""
+    for leftover in sorted([*checkpoints_dir.glob(".tmp-step-*"), *checkpoints_dir.glob(".damaged-step-*")]):
+        if leftover.is_dir():
+            logger.info("removing %s, left by an interrupted save", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def prunable(checkpoints_dir: Path, keep_last: int) -> list[Path]:

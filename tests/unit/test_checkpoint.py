@@ -57,6 +57,20 @@ def test_a_whole_step_is_not_saved_again(tmp_path):
     assert _save(tmp_path, 10, engine) == final and engine.saves == 1 and ckpt.damage(final) is None
 
 
+def test_a_save_removes_what_interrupted_saves_of_other_steps_left(tmp_path):
+    """A save killed mid-way (SIGKILL after SLURM's KillWait, during the checkpoint taken on SIGTERM) left
+    .tmp-step-N, removed only if step N was saved again, which a stop at an arbitrary step rarely is: every
+    preemption left nearly a whole checkpoint on the disk."""
+    _save(tmp_path, 10)
+    for leftover in (".tmp-step-00000013", ".tmp-step-00000027", ".damaged-step-00000010"):
+        (tmp_path / leftover).mkdir()
+        torch.save({"weights": torch.arange(100)}, tmp_path / leftover / "mp_rank_00_model_states.pt")
+    (tmp_path / ".tmp-notes").write_text("not a save of ours")  # only dist_kd's own names go
+    _save(tmp_path, 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes", "latest", "step-00000010", "step-00000020"]
+    assert ckpt.damage(tmp_path / "step-00000010") is None and ckpt.damage(tmp_path / "step-00000020") is None
+
+
 @pytest.mark.parametrize(
     ("harm", "reason"),
     [
