@@ -49,12 +49,17 @@ def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class TensorBoardTracker:
-    """Scalars in ``run_dir/tensorboard`` (event files; a resumed run appends to the same directory)."""
+    """Scalars in ``run_dir/tensorboard`` (event files; a resumed run appends to the same directory).
 
-    def __init__(self, run_dir: Path, config: dict[str, Any] | None):
+    ``purge_from``: the first step this process logs again (a resumed run: the step after its checkpoint; a run
+    from scratch: 0). TensorBoard hides the earlier processes' points from there on, as metrics.jsonl drops
+    those lines; without it a run stopped between checkpoints drew the steps after its checkpoint twice.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None, purge_from: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_from)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
@@ -77,9 +82,12 @@ def _run_id(run_dir: Path, tracker: str, make: Any) -> str:
 
 
 class WandbTracker:
-    """Weights & Biases: one wandb run per run directory (project and entity from WANDB_PROJECT/WANDB_ENTITY)."""
+    """Weights & Biases: one wandb run per run directory (project and entity from WANDB_PROJECT/WANDB_ENTITY).
 
-    def __init__(self, run_dir: Path, config: dict[str, Any] | None):
+    A wandb run takes no step below its last one: after a resume, the steps between the checkpoint and the
+    stop keep the stopped process's points (metrics.jsonl holds the resumed run's)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None, purge_from: int | None = None):
         import uuid
 
         import wandb
@@ -98,9 +106,10 @@ class WandbTracker:
 
 class MlflowTracker:
     """MLflow: one MLflow run per run directory (tracking URI and experiment from MLFLOW_TRACKING_URI and
-    MLFLOW_EXPERIMENT_NAME); the config's keys become parameters."""
+    MLFLOW_EXPERIMENT_NAME); the config's keys become parameters. After a resume, the steps between the
+    checkpoint and the stop hold two values each (MLflow keeps every point logged)."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any] | None):
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None, purge_from: int | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -149,13 +158,19 @@ class MetricsLogger:
         self, run_dir: Path, enabled: bool, report_to: Sequence[str] = (), config: dict[str, Any] | None = None
     ):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.trackers = []
-        if enabled:
-            for name in report_to:
-                if name not in TRACKER_CLASSES:
-                    raise ValueError(f"run.report_to: unknown tracker {name!r}; one of {list(TRACKER_CLASSES)}")
-                self.trackers.append(TRACKER_CLASSES[name](Path(run_dir), config))
+        self.config = config
+        for name in report_to:
+            if name not in TRACKER_CLASSES:
+                raise ValueError(f"run.report_to: unknown tracker {name!r}; one of {list(TRACKER_CLASSES)}")
+        self.report_to = list(report_to) if enabled else []
+        self.trackers: list[Any] | None = None  # opened by start_at (which knows the resumed step) or a first log
+
+    def _open_trackers(self, purge_from: int | None) -> list[Any]:
+        if self.trackers is None:
+            self.trackers = [TRACKER_CLASSES[name](self.run_dir, self.config, purge_from) for name in self.report_to]
+        return self.trackers
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -168,7 +183,7 @@ class MetricsLogger:
         """Numbers for the trackers only (e.g. ``dev/<task>/<metric>``); metrics.jsonl is not touched."""
         numbers = _numbers(values)
         if numbers:
-            for tracker in self.trackers:
+            for tracker in self._open_trackers(None):
                 tracker.log(numbers, step)
 
     def records(self) -> list[dict[str, Any]]:
@@ -190,12 +205,15 @@ class MetricsLogger:
         return records
 
     def start_at(self, step: int | None) -> list[dict[str, Any]]:
-        """Keep only the lines of steps up to ``step`` (None: a run from scratch keeps none), atomically.
+        """Keep only the lines of steps up to ``step`` (None: a run from scratch keeps none), atomically, and
+        open the trackers, TensorBoard's hiding its points past ``step`` too.
 
         Returns:
             The kept records (the run's history before this process), on the writing rank; [] elsewhere.
         """
-        return self.keep(lambda record: step is not None and record["step"] <= step)
+        kept = self.keep(lambda record: step is not None and record["step"] <= step)
+        self._open_trackers(0 if step is None else step + 1)
+        return kept
 
     def keep(self, wanted: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
         """Rewrite ``metrics.jsonl`` atomically with only the records ``wanted`` accepts (damaged lines go too).
@@ -211,7 +229,7 @@ class MetricsLogger:
         return kept
 
     def close(self) -> None:
-        for tracker in self.trackers:
+        for tracker in self.trackers or []:
             tracker.close()
         self.trackers = []
 

@@ -90,6 +90,33 @@ def test_tensorboard_scalars_are_written(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(5, 2.5), (10, 1.5)]
 
 
+def test_tensorboard_hides_the_points_a_resumed_run_logs_again(tmp_path):
+    """Killed at step 7 with its last checkpoint at step 4: metrics.jsonl goes back to step 4, and the resumed run
+    logs 5-7 again. TensorBoard showed both processes' 5-7 (a line that zig-zags back); a run from scratch in the
+    same directory drew over the old run's points."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(start, steps, offset):
+        logger = MetricsLogger(tmp_path, enabled=True, report_to=["tensorboard"])
+        logger.start_at(start)
+        for step in steps:
+            logger.log({"step": step, "loss": offset + step})
+        logger.close()
+
+    def points():
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("loss")]
+
+    run(None, range(1, 8), 0.0)
+    run(4, range(5, 11), 100.0)
+    assert points() == [(s, float(s)) for s in range(1, 5)] + [(s, 100.0 + s) for s in range(5, 11)]
+    assert _steps(tmp_path) == list(range(1, 11))
+    run(None, range(1, 4), 200.0)  # from scratch: only the new run's points
+    assert points() == [(s, 200.0 + s) for s in range(1, 4)]
+
+
 class _FakeWandbRun:
     def __init__(self, calls, **kwargs):
         self.calls = calls
@@ -149,7 +176,9 @@ def test_wandb_and_mlflow_get_every_number_and_a_resumed_run_continues_the_same_
     assert ("log", 12, wanted) in calls
     logger.close()
     calls.clear()
-    MetricsLogger(tmp_path, enabled=True, report_to=["wandb", "mlflow"], config=config).close()  # a resume
+    resumed = MetricsLogger(tmp_path, enabled=True, report_to=["wandb", "mlflow"], config=config)
+    resumed.start_at(12)  # a resume
+    resumed.close()
     assert [c for c in calls if c[0] == "init"][0][1]["id"] == wandb_init[1]["id"]
     assert ("start_run", "mlflow-run-1", None) in calls and not [c for c in calls if c[0] == "log_params"]
     calls.clear()
