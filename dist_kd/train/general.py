@@ -123,12 +123,14 @@ def data_settings_meta(cfg: GeneralConfig) -> dict[str, Any]:
 
     ``data.shuffle`` cannot change on resume: the epoch in progress is a permutation of the shards that only
     the same setting continues (the stream would refuse its state after DeepSpeed's load). The stream counts
-    sequences and lays the rest of its epoch out afresh for another micro-batch size or shuffle buffer, and
-    ``train.grad_accum`` only groups its micro-batches into steps: those may change, with a warning
-    (``changeable``, :func:`dist_kd.train.checkpoint.check_changeable`).
+    sequences and lays the rest of its epoch out afresh for another micro-batch size, shuffle buffer or number
+    of DataLoader workers (``--debug`` reads with none), and ``train.grad_accum`` only groups its micro-batches
+    into steps: those may change, with a warning (``changeable``,
+    :func:`dist_kd.train.checkpoint.check_changeable`).
     """
     changeable: dict[str, Any] = {
         "data.micro_batch_size": cfg.data.micro_batch_size,
+        "data.num_workers": cfg.data.num_workers,
         "train.grad_accum": cfg.train.grad_accum,
     }
     if cfg.data.shuffle:

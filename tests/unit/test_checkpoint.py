@@ -247,13 +247,15 @@ def _task_meta(micro_batch_size=8, max_length=32, group_by_length=True, grad_acc
     return {**_meta({"zero_optimization": {"stage": 0}}), **data_settings_meta(cfg, list(weights))}
 
 
-def _general_meta(micro_batch_size=8, shuffle=True, shuffle_buffer=64, grad_accum=1):
+def _general_meta(micro_batch_size=8, shuffle=True, shuffle_buffer=64, grad_accum=1, num_workers=2):
     from types import SimpleNamespace
 
     from dist_kd.train.general import data_settings_meta
 
     cfg = SimpleNamespace(
-        data=SimpleNamespace(micro_batch_size=micro_batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer),
+        data=SimpleNamespace(
+            micro_batch_size=micro_batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer, num_workers=num_workers
+        ),
         train=SimpleNamespace(grad_accum=grad_accum),
     )
     return {**_meta(), **data_settings_meta(cfg)}
@@ -307,6 +309,11 @@ def test_a_general_resume_refuses_another_shuffle_and_warns_of_another_batch(tmp
     with caplog.at_level(logging.WARNING):
         ckpt.check_resume(final, _general_meta(micro_batch_size=16, shuffle_buffer=32, grad_accum=4), 1)
     assert "data.micro_batch_size 8 -> 16, train.grad_accum 1 -> 4, data.shuffle_buffer 64 -> 32" in caplog.text
+    # Another worker count re-lays the epoch out as well (--debug reads with none): it was not named.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, _general_meta(num_workers=0), 1)
+    assert "other settings (data.num_workers 2 -> 0)" in caplog.text
 
 
 def test_a_checkpoint_from_before_the_data_settings_still_resumes(tmp_path, caplog):
