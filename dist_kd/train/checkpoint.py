@@ -519,8 +519,10 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     optimizer and step; the data position then comes from rank 0's state (the stream documents how it
     continues without repeating shards). A rank without its own state starts an empty log window: rank 0's
     open window holds rank 0's own loss sums and tokens, which the next log line would count once more for
-    every such rank (and add to ``tokens_seen``). The learning rate is the one this run's schedule gives at
-    the checkpoint's step (:func:`dist_kd.train.engine.follow_schedule`), whatever schedule saved it.
+    every such rank (and add to ``tokens_seen``). On fewer ranks, rank ``r`` also takes the open windows of the
+    old ranks ``r + W, r + 2W, ...`` (W the new world size), so that the next line counts every old rank's
+    once. The learning rate is the one this run's schedule gives at the checkpoint's step
+    (:func:`dist_kd.train.engine.follow_schedule`), whatever schedule saved it.
     """
     from dist_kd.train.engine import follow_schedule
 
@@ -533,6 +535,19 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if path == own:
         set_rng_state(state["rng"])
+        saved_world = int(read_meta(checkpoint).get("world_size", info.world_size))
+        for old_rank in range(info.rank + info.world_size, saved_world, info.world_size):
+            _add_window(
+                state, torch.load(checkpoint / f"rank{old_rank:05d}.pt", map_location="cpu", weights_only=False)
+            )
     else:
         state.pop("window", None)
     return state
+
+
+def _add_window(state: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add ``other``'s open log window (its sums, counts, tokens and rows) into ``state``'s."""
+    mine, theirs = state.get("window"), other.get("window")
+    if mine is None or theirs is None or mine["names"] != theirs["names"]:
+        return
+    mine["totals"] = [a + b for a, b in zip(mine["totals"], theirs["totals"], strict=True)]

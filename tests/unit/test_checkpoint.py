@@ -346,6 +346,44 @@ def test_a_resume_names_another_loss_setting_and_refuses_another_projection(tmp_
     assert "data.micro_batch_size" not in caplog.text  # unchanged settings are not named
 
 
+def test_a_resume_on_fewer_ranks_keeps_every_old_ranks_open_log_window(tmp_path, monkeypatch):
+    """ZeRO-0 saved by 3 ranks, resumed on 2: rank 2's open window (its loss sums, tokens and rows since the last
+    log line) was never read, so the next line averaged without it and tokens_seen stayed short for the run."""
+    from types import SimpleNamespace
+
+    from dist_kd.train.common import LossWindow
+
+    class Engine(FakeEngine):
+        lr_scheduler = None
+
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+            pass
+
+    windows = []
+    for rank in range(3):  # what each of the 3 ranks saves, each with its own window
+        window = LossWindow(torch.device("cpu"))
+        window.add({"loss": torch.tensor(1.0 + rank), "attn": torch.tensor(0.5)}, tokens=100 + rank, rows=4)
+        windows.append(window)
+    state = {"step": 7, "tokens_seen": 900, "window": windows[0].state_dict()}
+    checkpoint = ckpt.save_checkpoint(Engine(), tmp_path, 7, state, {"student": 1}, 0)
+    for rank in (1, 2):  # the files the other two ranks wrote into it
+        torch.save(
+            dict(state, window=windows[rank].state_dict(), rng=ckpt.rng_state()), checkpoint / f"rank{rank:05d}.pt"
+        )
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (checkpoint / "meta.json").write_text(json.dumps(dict(meta, world_size=3)))
+    resumed = []
+    for rank in (0, 1):
+        monkeypatch.setattr(ckpt.distributed, "current", lambda rank=rank: SimpleNamespace(rank=rank, world_size=2))
+        loaded = ckpt.load_checkpoint(Engine(), checkpoint)
+        window = LossWindow(torch.device("cpu"))
+        window.load_state_dict(loaded["window"])
+        resumed.append(window)
+    # The next line's all-reduce sums the 2 ranks' windows: it must equal the 3 old ranks' sum.
+    torch.testing.assert_close(sum(w.totals for w in resumed), sum(w.totals for w in windows))
+    torch.testing.assert_close(resumed[1].totals, windows[1].totals)  # rank 1 had no old rank to take
+
+
 def test_a_rank_without_its_own_state_starts_an_empty_log_window(tmp_path, monkeypatch):
     """ZeRO-0 resumed on more ranks: rank 1 takes rank 0's data position and tokens_seen, but not rank 0's open
     log window, whose sums the next line's reduction would count twice (tokens_seen with them)."""
