@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dist_kd.io import atomic_dir
+from dist_kd.io import atomic_dir, check_replaceable_dir
 from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
 
@@ -109,10 +109,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
+    from dist_kd.model_card import encoder_load_snippet, is_dist_kd_model, model_card, write_model_card
     from dist_kd.sentence_modules import carry_sentence_modules
 
     checkpoint = resolve_checkpoint(checkpoint)
+    # Before any work: the export replaces its directory whole, so one holding anything but an earlier
+    # dist_kd model (".", a run or home directory) is refused, not deleted.
+    check_replaceable_dir(output, "--output", is_dist_kd_model, "an earlier dist_kd model", "student-export")
     run_dir = checkpoint.parent.parent
     if not (checkpoint / "meta.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete dist_kd checkpoint (no meta.json)")

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_replaceable_dir(
+    output: str | os.PathLike, flag: str, earlier: Callable[[Path], bool], kind: str, example: str
+) -> Path:
+    """Raise unless :func:`atomic_dir` may replace ``output``: absent, empty, or an earlier output of its kind.
+
+    ``atomic_dir`` swaps the whole directory, so a directory holding anything else (a run directory, a home
+    directory, ``.``, given by mistake) would lose it. Call this before the work, so a bad output costs none.
+
+    Args:
+        flag: how the user named it (``--output``), for the messages.
+        earlier: whether a non-empty directory is an earlier output of this kind (then it is replaced).
+        kind: what an earlier output is, in words (``a previous evaluation``).
+        example: a directory name to suggest (``eval``).
+
+    Raises:
+        ValueError: naming the directory, what is in it, and what to give instead.
+    """
+    output = Path(output)
+    here, target = Path.cwd().resolve(), output.resolve()
+    if target == here or target in here.parents:
+        raise ValueError(
+            f"{flag} {output} is the current directory or holds it; the output replaces its directory whole: "
+            f"give a directory of its own (e.g. {flag} {example})"
+        )
+    existing = next((path for path in (output, *output.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = f"{flag} {output}" if existing == output else f"{flag} {output}: {existing}"
+        raise ValueError(f"{where} is a file; give a directory")
+    if output.is_dir():
+        names = sorted(path.name for path in output.iterdir())
+        if names and not earlier(output):
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(
+                f"{flag} {output} holds files other than {kind} ({shown}); the output replaces its directory "
+                f"whole, which would delete them: give a new or empty directory (e.g. {flag} {example})"
+            )
+    return output
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:

@@ -205,8 +205,14 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         ValueError: a corpus tokenised with another tokenizer, or an encoder without a masked-LM class.
     """
     from dist_kd.data.stream import build_corpus_loader
+    from dist_kd.io import check_replaceable_dir
     from dist_kd.train.common import progress_bar
 
+    # The output replaces its directory whole: refused before any work unless it is new, empty or an earlier head.
+    check_replaceable_dir(
+        cfg.output, "--output", lambda directory: (directory / RESULT_FILE).is_file(), f"an earlier masked-LM head "
+        f"(with {RESULT_FILE})", "mlm-head",
+    )  # fmt: skip
     head = MlmHead(cfg.encoder, cfg.seed, cfg.train_layers)
     loader = build_corpus_loader(
         cfg.shards, micro_batch_size=cfg.batch_size, num_workers=0, seed=cfg.seed, shuffle=False,

@@ -48,6 +48,20 @@ def model_card(
     return "\n".join(lines)
 
 
+def is_dist_kd_model(directory: str | Path) -> bool:
+    """Whether ``directory`` is a model dist_kd wrote: its README.md is one of our cards (the ``dist_kd`` tag in
+    its front matter). Such a directory may be replaced by a new export; anything else is the user's."""
+    card = Path(directory) / "README.md"
+    try:
+        text = card.read_text(errors="replace")
+    except OSError:
+        return False
+    if not text.startswith("---\n"):
+        return False
+    front = text[4:].split("\n---", 1)[0]
+    return "- dist_kd" in front.splitlines()
+
+
 def write_model_card(directory: str | Path, text: str) -> Path:
     """``directory/README.md``, atomically."""
     path = Path(directory) / "README.md"

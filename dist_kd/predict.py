@@ -24,7 +24,7 @@ import torch
 
 from dist_kd.data.encode import TokenizedRows, pad_rows
 from dist_kd.data.tasks import TaskSpec
-from dist_kd.io import atomic_dir, atomic_path
+from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir
 
 # A file without this column is a test set; one without a column the user named instead is an error.
 DEFAULT_LABEL_COLUMN = TaskSpec.__dataclass_fields__["label"].default
@@ -142,32 +142,16 @@ def check_output_dir(output: str | Path, flag: str = "--output") -> Path:
     A directory holding anything else (a model or run directory given by mistake) is refused rather than
     replaced, which would delete those files, or written into, which would mix an evaluation with them.
     """
-    output = Path(output)
-    here, target = Path.cwd().resolve(), output.resolve()
-    if target == here or target in here.parents:
-        raise ValueError(
-            f"{flag} {output} is the current directory or holds it; an evaluation replaces its directory whole: "
-            f"give a directory of its own (e.g. {flag} eval)"
-        )
-    existing = next((path for path in (output, *output.parents) if path.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = f"{flag} {output}" if existing == output else f"{flag} {output}: {existing}"
-        raise ValueError(f"{where} is a file; give a directory")
-    if output.is_dir():
+
+    def earlier(directory: Path) -> bool:
         # Besides the two outputs, only their temporaries from an interrupted write may be there.
-        others = sorted(
-            path.name
-            for path in output.iterdir()
-            if path.name not in OUTPUT_FILES
-            and not any(path.name.startswith(f".{name}.") and path.name.endswith(".tmp") for name in OUTPUT_FILES)
+        return all(
+            path.name in OUTPUT_FILES
+            or any(path.name.startswith(f".{file}.") and path.name.endswith(".tmp") for file in OUTPUT_FILES)
+            for path in directory.iterdir()
         )
-        if others:
-            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise ValueError(
-                f"{flag} {output} holds files other than a previous evaluation ({shown}); give a new or empty "
-                f"directory, or one holding only {' and '.join(OUTPUT_FILES)} (which is replaced)"
-            )
-    return output
+
+    return check_replaceable_dir(output, flag, earlier, "a previous evaluation", "eval")
 
 
 def evaluate_classifier(

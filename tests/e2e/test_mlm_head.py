@@ -58,6 +58,17 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_bert_dir):
     )  # fmt: skip
     assert proc.returncode == 2 and "mask_prob" in proc.stderr
     assert not (tmp_path / "o").exists()
+    # An output holding the user's files (here the encoder itself) was replaced whole: the encoder deleted.
+    before = sorted(path.name for path in tiny_bert_dir.iterdir())
+    proc = run_script(
+        "launch/mlm_head.py", "--encoder", str(tiny_bert_dir), "--shards", str(tmp_path), "--output",
+        str(tiny_bert_dir), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --output {tiny_bert_dir} holds files other than"), (
+        proc.stderr
+    )
+    assert "an earlier masked-LM head (with mlm.json)" in proc.stderr
+    assert sorted(path.name for path in tiny_bert_dir.iterdir()) == before
 
 
 def test_train_layers_changes_only_the_top_layers(tiny_bert_dir, tiny_corpus, tmp_path):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,3 +107,35 @@ def test_a_task_checkpoint_exports_the_runs_dropout_and_its_sentence_modules(
     assert config["num_hidden_layers"] == num_layers and config["dtype"] == "float32"
     assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == student["dropout"]
     assert (tmp_path / "out" / "modules.json").is_file() == modules
+
+
+def test_an_output_holding_anything_but_an_earlier_dist_kd_model_is_refused_untouched(
+    sentence_student, tmp_path, monkeypatch, capsys
+):
+    """The export swaps its whole directory in: ``--output .`` deleted the user's files in it, and ``--output RUN``
+    the run's checkpoints, config and metrics, with exit code 0."""
+    run, encoder = _task_run(tmp_path, sentence_student, {"dropout": 0.3}, num_layers=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    checkpoint = str(run / "checkpoints" / "latest")
+    cases = [
+        (".", "is the current directory or holds it"),
+        (str(tmp_path), "is the current directory or holds it"),
+        (str(run), r"holds files other than an earlier dist_kd model \(checkpoints, config.yaml, train.jsonl"),
+        (str(sentence_student), "holds files other than an earlier dist_kd model (1_Pooling, config.json"),
+    ]
+    (run / "train.jsonl").write_text("")  # one more of the user's files beside the run's
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    for output, message in cases:
+        assert main(["--checkpoint", checkpoint, "--output", output]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output {output} ") and (message in err or re.search(message, err)), err
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
+    assert (work / "notes.txt").read_text() == "mine"
+    # An earlier export (the run's own student/ included) is replaced; so is an empty directory.
+    (tmp_path / "empty").mkdir()
+    for output in ("exported", "exported", str(tmp_path / "empty")):
+        assert main(["--checkpoint", checkpoint, "--output", output]) == 0, capsys.readouterr().err
+        _exported(work / output if output == "exported" else tmp_path / "empty", encoder)
