@@ -129,11 +129,13 @@ def run_training(
     """
     from dist_kd import distributed
     from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
-    from dist_kd.train.common import RunSignals
+    from dist_kd.train.common import RunSignals, check_run_kind
     from dist_kd.train.runlock import RunDirInUse, RunDirNotWritable, RunLock
 
     info = info or distributed.init_distributed()
     trainer = lock = None
+    with distributed.shared_failure():  # before the lock creates the directory: another kind of run in it
+        check_run_kind(cfg.run.output_dir, "task" if hasattr(cfg, "tasks") else "general")
     try:
         refused = None
         if info.is_main:

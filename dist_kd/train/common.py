@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +65,44 @@ class RunConfig:
     def trackers(self) -> list[str]:
         """run.report_to, with tensorboard added by run.tensorboard, each once."""
         return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.tensorboard else [])]))
+
+
+# What a run directory's config.yaml says it holds: its top-level keys, checked in this order.
+RUN_KINDS = {
+    "finetune": ("finetune", "a fine-tuned ensemble (dist-kd finetune)"),
+    "task": ("tasks", "a task distillation run (dist-kd task)"),
+    "general": ("distill", "a general distillation run (dist-kd general)"),
+}
+
+
+def run_kind(run_dir: str | Path) -> str | None:
+    """The kind of run whose ``config.yaml`` is in ``run_dir`` (a key of ``RUN_KINDS``); None without one, or
+    for a config.yaml that is not a dist_kd run's."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(loaded, dict):
+        return None
+    return next((kind for kind, (key, _) in RUN_KINDS.items() if key in loaded), None)
+
+
+def check_run_kind(run_dir: str | Path, kind: str, flag: str = "run.output_dir") -> None:
+    """Refuse a run directory that holds another kind of run: a general run in a fine-tuning directory replaced
+    its config.yaml and emptied its metrics.jsonl (and the other way round), and exited 0.
+
+    Raises:
+        ValueError: naming the directory, what it holds, and what to do.
+    """
+    found = run_kind(run_dir)
+    if found is not None and found != kind:
+        raise ValueError(
+            f"{flag} {run_dir} holds {RUN_KINDS[found][1]}, and {RUN_KINDS[kind][1]} would overwrite its "
+            "config.yaml and metrics.jsonl: give a directory of its own"
+        )
 
 
 class StopSignal:

@@ -52,6 +52,7 @@ from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
 from dist_kd.predict import batched_logits
+from dist_kd.train.common import check_run_kind
 from dist_kd.train.engine import (
     TrainConfig,
     build_ds_config,
@@ -426,6 +427,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     output = Path(cfg.output)
     # Every rank reads the inputs; a refusal on any rank (a file missing on one node) stops every rank here.
     with distributed.shared_failure():
+        check_run_kind(output, "finetune", "--output")
         check_model_dir(cfg.base, "base")
         # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
         check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")

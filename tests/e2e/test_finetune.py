@@ -281,3 +281,34 @@ def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_pat
     result.write_text(json.dumps({"params": {}, "dev": {}}))  # JSON, but not a teacher's
     proc = run_script(*rerun, timeout=300, check=False)
     assert proc.returncode == 2 and f"{result} is damaged: it lacks a teacher's steps, final_loss;" in proc.stderr
+
+
+def test_a_run_directory_of_another_kind_is_refused_untouched(finetuned, tmp_path):
+    """A general run given a fine-tuning directory as run.output_dir replaced its config.yaml and emptied its
+    metrics.jsonl; finetune given a general run's directory overwrote that run's config.yaml. Both exited 0."""
+    from tests.e2e.conftest import snapshot
+
+    root, args = finetuned
+    before = snapshot(root / "out")
+    proc = run_script(
+        "launch/general.py", "--debug", "--config", "launch/configs/quickstart.yaml", f"teacher.path={root / 'base'}",
+        f"data.shards={root / 'shards'}", "eval.texts=null", f"run.output_dir={root / 'out'}", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: run.output_dir {root / 'out'} holds a fine-tuned ensemble (dist-kd finetune), and a general "
+        "distillation run (dist-kd general) would overwrite its config.yaml and metrics.jsonl: give a directory of "
+        "its own"
+    ], proc.stderr[-2000:]
+    assert snapshot(root / "out") == before
+    general = tmp_path / "general"
+    general.mkdir()
+    (general / "config.yaml").write_text("teacher: {path: t}\ndistill: {layer_map: null}\nrun: {output_dir: x}\n")
+    (general / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    before = snapshot(general)
+    bad = list(args)
+    bad[bad.index("--output") + 1] = str(general)
+    proc = run_script(*bad, check=False)
+    assert proc.returncode == 2 and f"error: --output {general} holds a general distillation run" in proc.stderr
+    assert snapshot(general) == before

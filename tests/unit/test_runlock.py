@@ -3,6 +3,7 @@ this host, old heartbeat elsewhere), lets a SLURM requeue wait for its own old l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -209,3 +210,29 @@ def test_every_rank_stops_with_rank_0s_refusal(tmp_path, monkeypatch):
     with pytest.raises(RunDirInUse, match="in use"):
         api.run_training(cfg, lambda *a: pytest.fail("no trainer after a refusal"), None, rank1)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_kind_of_run_a_directory_holds_comes_from_its_config_yaml(tmp_path):
+    """A task run's config.yaml has tasks and distill; a general run's distill and no tasks; finetune's finetune."""
+    import yaml
+
+    from dist_kd.train.common import check_run_kind, run_kind
+    from dist_kd.train.general import GeneralConfig
+    from dist_kd.train.task_config import TaskConfig
+
+    assert run_kind(tmp_path) is None  # nothing there yet
+    (tmp_path / "config.yaml").write_text("just: a user's file\n")
+    assert run_kind(tmp_path) is None
+    general = dataclasses.asdict(GeneralConfig())
+    task = {field.name: {} for field in dataclasses.fields(TaskConfig)}  # a valid TaskConfig needs task files
+    assert {"distill", "teacher"} <= set(task) and "tasks" in task
+    for kind, config in (("general", general), ("task", task)):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        assert run_kind(tmp_path) == kind
+        check_run_kind(tmp_path, kind)  # the same kind: a resume or a rerun
+    with pytest.raises(ValueError, match="holds a task distillation run .*, and a general distillation run"):
+        check_run_kind(tmp_path, "general")
+    (tmp_path / "config.yaml").write_text("task: {name: topic}\nfinetune: {epochs: 1}\n")
+    assert run_kind(tmp_path) == "finetune"
+    (tmp_path / "config.yaml").write_text("{unclosed")
+    assert run_kind(tmp_path) is None  # damaged: left to the run's own checks
