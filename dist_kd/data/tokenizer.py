@@ -77,7 +77,14 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = check_tokenizer_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file: a bare JSON or tokenizers error naming no file
+        files = ", ".join(name for name in (*VOCABULARY_FILES, "tokenizer_config.json") if (path / name).is_file())
+        raise ValueError(
+            f"tokenizer in {path} does not load ({type(err).__name__}: {err}); its files ({files}) may be damaged: "
+            f"save the model's tokenizer there again (tokenizer.save_pretrained)"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer in {path} is not a fast tokenizer (found {type(tokenizer).__name__})")
     special = set(tokenizer.all_special_tokens)
@@ -86,7 +93,24 @@ def load_tokenizer(path: str | os.PathLike):
             f"tokenizer in {path} has only its {len(tokenizer)} special tokens, no vocabulary; "
             f"save the model's real tokenizer there: tokenizer.save_pretrained('{path}')"
         )
+    _check_embedding_rows(tokenizer, path)
     return tokenizer
+
+
+def _check_embedding_rows(tokenizer, path: Path) -> None:
+    """Raise if the model in ``path`` (its config.json) has fewer embedding rows than the tokenizer has ids: the
+    first text with a piece past them is an IndexError deep in the embedding, in every command."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return  # a tokenizer-only directory (or a damaged config, which loading the model names)
+    vocab_size = config.get("vocab_size") if isinstance(config, dict) else None
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"{path}: its tokenizer has {len(tokenizer)} ids but the model's embeddings only {vocab_size} rows "
+            "(config.json vocab_size): the tokenizer is not the model's. Save the model's own tokenizer there, or "
+            "resize the embeddings (model.resize_token_embeddings(len(tokenizer))) and save the model"
+        )
 
 
 def _normalizer_settings(tokenizer) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,12 @@ def check_model_dir(path: str | Path, what: str) -> Path:
         raise FileNotFoundError(f"{what} {path} does not exist (expected a Hugging Face model directory)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{what} {path} has no config.json; is it a Hugging Face model directory?")
+    try:  # transformers' own error is a traceback naming no setting
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{what} {path}: config.json holds a {type(config).__name__}, not a model config")
     return path
 
 

@@ -138,6 +138,26 @@ def data_settings_meta(cfg: GeneralConfig) -> dict[str, Any]:
     return {"data.shuffle": cfg.data.shuffle, "changeable": changeable}
 
 
+def _check_student_tokenizer(student_path: str, teacher_tokenizer: Any, teacher_path: str) -> None:
+    """Refuse a student.path whose own tokenizer is not the teacher's: both read the teacher's token ids, so the
+    student's pre-trained embedding rows would be looked up by another vocabulary's ids (and the export ships
+    the teacher's tokenizer). A student directory without a tokenizer is taken as it is."""
+    from dist_kd.data.tokenizer import check_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
+
+    try:
+        check_tokenizer_dir(student_path)
+    except FileNotFoundError:
+        return
+    student, teacher = tokenizer_fingerprint(load_tokenizer(student_path)), tokenizer_fingerprint(teacher_tokenizer)
+    if student["sha256"] != teacher["sha256"]:
+        raise ValueError(
+            f"student.path {student_path} tokenizes with its own tokenizer (sha256 {student['sha256'][:16]}, "
+            f"{student['vocab_size']} ids), not teacher.path {teacher_path}'s (sha256 {teacher['sha256'][:16]}, "
+            f"{teacher['vocab_size']} ids): the student reads the teacher's token ids, so start it from a model "
+            "of the teacher's vocabulary (or leave student.path out: the student is cut from the teacher)"
+        )
+
+
 class GeneralTrainer(EngineTrainer):
     """General distillation on one rank.
 
@@ -179,6 +199,8 @@ class GeneralTrainer(EngineTrainer):
         self.manifest = read_manifest(cfg.data.shards)
         self.tokenizer = load_tokenizer(cfg.teacher.path)
         check_tokenizer_matches(self.manifest["tokenizer"], self.tokenizer, cfg.data.shards)
+        if cfg.student.path:
+            _check_student_tokenizer(cfg.student.path, self.tokenizer, cfg.teacher.path)
         # Sequences longer than the position embeddings fail at the first forward, deep inside the model.
         self._position_models = [(teacher_config, cfg.teacher.path)]
         if student_config is not None:

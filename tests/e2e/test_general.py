@@ -296,6 +296,27 @@ def other_tokenizer_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def mismatched_models(tmp_path_factory, tiny_bert_dir):
+    """Model directories whose files do not fit together: a tokenizer with more ids than the embeddings have rows,
+    a student whose tokenizer is another vocabulary of the same size, a damaged tokenizer.json and config.json."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    from dist_kd.testing import build_tiny_bert, tiny_vocab
+
+    root = tmp_path_factory.mktemp("mismatched")
+    build_tiny_bert(root / "small_vocab", vocab_size=100)
+    build_tiny_bert(root / "reversed", num_layers=2)
+    vocab = {token: index for index, token in enumerate(reversed(tiny_vocab()))}
+    BertTokenizerFast(vocab=vocab).save_pretrained(root / "reversed")
+    for name, damaged in (("bad_tokenizer", "tokenizer.json"), ("bad_config", "config.json")):
+        shutil.copytree(tiny_bert_dir, root / name)
+        (root / name / damaged).write_text('{"model":')
+    return root
+
+
+@pytest.fixture(scope="module")
 def long_corpus(tmp_path_factory, tiny_bert_dir):
     """Sequences of 200 tokens: more than the tiny teacher's 128 position embeddings. prepare_corpus refuses
     them given the teacher's directory, so they are made with its tokenizer alone (which allows 512)."""
@@ -356,11 +377,34 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_pat
         ("other lr", ["train.lr=1e-5"], r"train.lr: checkpoint has .*this run has 1e-05 .*dist-kd export --check"),
         ("other ZeRO stage", ["deepspeed.config=ds_configs/zero3.json"], "deepspeed.zero_stage: checkpoint has 2, "),
         ("fewer steps", ["train.max_steps=3"], "it is at step 4, past this run's 3 steps"),
+        # models whose files do not fit together: an IndexError deep in the embedding, a bare JSON error, a traceback,
+        # or (another student tokenizer) a run on garbage ids that exited 0
+        (
+            "tokenizer past the embeddings",
+            ["teacher.path=MODELS/small_vocab"],
+            r"small_vocab: its tokenizer has \d+ ids but the model's embeddings only 100 rows \(config.json vocab_size",
+        ),
+        (
+            "student of another vocabulary",
+            ["student.path=MODELS/reversed"],
+            r"student.path .*reversed tokenizes with its own tokenizer .* not teacher.path",
+        ),
+        (
+            "damaged tokenizer",
+            ["teacher.path=MODELS/bad_tokenizer"],
+            r"tokenizer in .*bad_tokenizer does not load \(JSONDecodeError: .*may be damaged",
+        ),
+        (
+            "damaged config",
+            ["teacher.path=MODELS/bad_config"],
+            r"teacher.path .*bad_config: config.json is not valid JSON",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
-    case, overrides, message, finished_run, tiny_bert_dir, tiny_corpus, other_tokenizer_corpus, long_corpus
-):
+    case, overrides, message, finished_run, tiny_bert_dir, tiny_corpus, other_tokenizer_corpus, long_corpus,
+    mismatched_models,
+):  # fmt: skip
     import re
 
     before = snapshot(finished_run)
@@ -368,6 +412,7 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
         o.replace("OTHER", str(other_tokenizer_corpus))
         .replace("EVAL", str(tiny_corpus / "eval"))
         .replace("LONG", str(long_corpus))
+        .replace("MODELS", str(mismatched_models))
         for o in overrides
     ]
     proc = run_script(
