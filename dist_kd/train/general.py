@@ -337,6 +337,9 @@ class GeneralTrainer(EngineTrainer):
     def _heldout_texts(self) -> HeldOutTexts | None:
         """The texts quality is measured on: ``eval.texts``, else the held-out shards' sequences, else none."""
         if self.cfg.eval.texts:
+            # Held-out texts of more pieces than the position embeddings would fail at the step-0 evaluation.
+            for config, model_dir in self._position_models:
+                check_max_length(config, self.cfg.eval.max_length, model_dir, "eval.max_length")
             return HeldOutTexts.from_file(self.cfg.eval.texts, self.tokenizer, self.cfg.eval)
         if not self.cfg.data.eval_shards:
             logger.warning("no held-out text (eval.texts, data.eval_shards): the student's quality is not measured")

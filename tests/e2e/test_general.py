@@ -369,6 +369,7 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_pat
         ("unknown key", ["train.max_step=3"], "unknown config key 'train.max_step'; did you mean 'train.max_steps'"),
         ("probe column", ["eval.label=topic"], r"eval.texts .*probe.jsonl: no column 'topic'"),
         ("missing held-out texts", ["eval.texts=/nonexistent/probe.jsonl"], "eval.texts /nonexistent/probe.jsonl does"),
+        ("held-out too long", ["eval.max_length=256"], r"eval.max_length 256 exceeds the max_position_embeddings"),
         # refused resumes: config.yaml and metrics.jsonl stay as they were (the snapshot below)
         ("other seed", ["train.seed=7"], "cannot resume from .*step-00000004: train.seed: checkpoint has 42, this"),
         ("other corpus, same tokenizer", ["data.shards=EVAL"], "cannot resume from .*step-00000004: corpus: "),
