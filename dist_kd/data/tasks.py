@@ -244,7 +244,8 @@ def _read_text(path: Path, encoding: str) -> str:
             return handle.read()
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"task data {path} is not valid {encoding} text ({err}); pass the file's encoding (e.g. --encoding latin-1)"
+            f"task data {path} is not valid {encoding} text ({err}); convert it to UTF-8 (e.g. iconv -f latin1 -t "
+            "utf-8), or with dist-kd augment pass its encoding (--encoding latin-1); the other commands read UTF-8"
         ) from None
 
 

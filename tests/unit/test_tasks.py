@@ -152,7 +152,7 @@ def test_csv_quoted_fields_span_lines_and_encoding(tmp_path):
     path = tmp_path / "tweets.csv"
     path.write_bytes('sentiment,text\r\nneg,"two\r\nlines, one tweet"\r\npos,caf\xe9\r\n'.encode("latin-1"))
     spec = TaskSpec(name="tweets", labels=["neg", "pos"], text_a="text", label="sentiment")
-    with pytest.raises(ValueError, match="not valid utf-8 text.*--encoding latin-1"):
+    with pytest.raises(ValueError, match="not valid utf-8 text.*convert it to UTF-8 .*with dist-kd augment pass its"):
         load_task_examples(path, spec)
     table = load_task_examples(path, spec, encoding="latin-1")
     assert table.column("text_a").to_pylist() == ["two\r\nlines, one tweet", "caf\xe9"]
