@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ import pyarrow.parquet as pq
 from dist_kd.config import doc
 from dist_kd.evaluate import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from dist_kd.io import parquet_metadata_of
+
+logger = logging.getLogger(__name__)
 
 TASK_TYPES = ("classification", "regression")
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
@@ -680,6 +683,38 @@ def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
     return dataclasses.replace(spec, **moved) if moved else spec
 
 
+def _texts(values: list[Any], path: Path, where: RowPlaces, column: str | None, role: str) -> list[Any]:
+    """A text column's cells as str (None stays None). Numbers (a CSV column of digits read as numbers) become
+    their text, bytes (Parquet written by Hive or Spark with strings as binary) are decoded as UTF-8; anything
+    else (a list, a record) is an error naming the rows: its Python form ("['a', 'b']", "b'...'") was trained on.
+    """
+    out: list[Any] = []
+    bad: list[int] = []
+    for row, value in enumerate(values):
+        if value is None or isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, bytes | bytearray):
+            try:
+                out.append(bytes(value).decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"task data {path}: {where(row)} holds bytes in column '{column}' ({role}) that are not UTF-8 "
+                    f"text ({err.reason} at byte {err.start}); store the texts as strings"
+                ) from None
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append(str(value))
+        else:
+            out.append(None)
+            bad.append(row)
+    if bad:
+        kind = type(values[bad[0]]).__name__
+        raise ValueError(
+            f"task data {path}: {where.subject(bad)} a {kind} in column '{column}' ({role}), not a text; give one "
+            "string per row"
+        )
+    return out
+
+
 def load_task_examples(
     path: str | Path,
     spec: TaskSpec,
@@ -733,8 +768,14 @@ def load_task_examples(
                 f"task data {path}: {where(row)} has no text in column '{spec.text_a}' (text_a); "
                 "fill it in or drop the row"
             )
-    text_a = [str(value) for value in text_a]
-    text_b = [None if value is None else str(value) for value in text_b]
+    text_a = _texts(text_a, path, where, spec.text_a, "text_a")
+    text_b = _texts(text_b, path, where, spec.text_b, "text_b")
+    empty = [row for row, value in enumerate(text_a) if not value.strip()]
+    if empty:
+        logger.warning(
+            "task data %s: %s an empty text in column '%s' (text_a); they are kept, as [CLS] [SEP] alone",
+            path, where.subject(empty), spec.text_a,
+        )  # fmt: skip
     # CSV / TSV write a missing value as an empty cell: a text_b column left empty in every row (pandas writes
     # one for single-text data) holds no second texts, as null in JSONL, not pairs "[CLS] a [SEP] [SEP]". A
     # pair task with some empty second texts keeps them, as a tokenizer given (a, "") does.

@@ -456,3 +456,34 @@ def test_row_places_without_lines_say_how_rows_are_counted(tmp_path):
     assert RowPlaces(tmp_path / "d.jsonl", spec, "utf-8", 5)([0, 2], more=True) == (
         "records [1, 3, ...] (1-based, blank lines not counted)"
     )
+
+
+def test_text_cells_that_are_not_strings_are_decoded_or_refused_not_stringified(tmp_path, caplog):
+    """A Parquet text column stored as binary (Hive, Spark) became the text "b'...'", a list column "['...']";
+    an empty text was kept without a word."""
+    import logging
+
+    spec = TaskSpec(name="t", labels=["neg", "pos"])
+    texts = ["good film", "café noir"]
+    path = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"text_a": [t.encode() for t in texts], "label": ["pos", "neg"]}), path)
+    assert load_task_examples(path, spec).column("text_a").to_pylist() == texts
+    pq.write_table(pa.table({"text_a": [b"ok", b"\xff\xfe"], "label": ["pos", "neg"]}), path)
+    with pytest.raises(
+        ValueError, match=r"binary.parquet: row 1 \(0-based\) holds bytes in column 'text_a' .*not UTF-8"
+    ):
+        load_task_examples(path, spec)
+    pq.write_table(pa.table({"text_a": [["a", "b"], ["c"]], "label": ["pos", "neg"]}), tmp_path / "list.parquet")
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] \(0-based\) have a list in column 'text_a' \(text_a\), not a"):
+        load_task_examples(tmp_path / "list.parquet", spec)
+    rows = [{"text_a": "fine", "text_b": ["x"], "label": "pos"}]
+    with pytest.raises(ValueError, match=r"line 1 has a list in column 'text_b' \(text_b\), not a text"):
+        load_task_examples(_write(tmp_path / "pair.jsonl", rows, "jsonl"), spec)
+    numbers = _write(tmp_path / "digits.csv", [{"text_a": 12, "label": "pos"}, {"text_a": 7, "label": "neg"}], "csv")
+    assert load_task_examples(numbers, spec).column("text_a").to_pylist() == ["12", "7"]  # digits stay text
+    empty = _write(
+        tmp_path / "empty.jsonl", [{"text_a": "a", "label": "pos"}, {"text_a": " ", "label": "neg"}], "jsonl"
+    )
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
+        assert load_task_examples(empty, spec).column("text_a").to_pylist() == ["a", " "]
+    assert "empty.jsonl: line 2 has an empty text in column 'text_a'" in caplog.text
