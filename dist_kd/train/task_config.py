@@ -33,7 +33,9 @@ class TaskEntry:
     labels: list[str] | None = doc("label names in index order (classification)", None)
     metric: str | None = doc("accuracy | f1 | mcc | pearson | spearman (default: accuracy / pearson)", None)
     train: str | None = doc(
-        "training data (file, datasets dir or augment output); optional with soft_targets", None, path=True
+        "training data (file, datasets dir or augment output), trained on its hard labels; not with soft_targets",
+        None,
+        path=True,
     )
     dev: str | None = doc("dev data, scored with the task metric after each epoch", None, path=True)
     soft_targets: str | None = doc(
@@ -61,6 +63,11 @@ class TaskEntry:
             )
         if not self.train and not self.soft_targets:
             raise ValueError(f"task '{self.name}': give train (hard labels) or soft_targets (a precompute store)")
+        if self.train and self.soft_targets:
+            raise ValueError(
+                f"task '{self.name}': give train or soft_targets, not both: the store's rows (the texts it was "
+                f"precomputed on) are the training rows, so train {self.train} would not be read"
+            )
         if self.weight is not None and self.weight <= 0:
             raise ValueError(f"task '{self.name}': weight must be > 0, got {self.weight}")
         self.spec()  # columns, type, labels and metric are checked now, before any file is read

@@ -225,6 +225,9 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
     [
         ("student: {path: S}\ntasks: []\n", "list at least one task"),
         ("tasks: [{name: a, labels: [x, y]}]\n", "give train .* or soft_targets"),
+        # the store's rows are the training rows: a train file beside it was silently never read
+        ("tasks: [{name: a, labels: [x, y], train: T, soft_targets: S}]\n",
+         "give train or soft_targets, not both: .*so train .*T would not be read"),
         ("tasks: [{name: a, labels: [x], train: T}]\n", "at least 2 labels"),
         ("tasks: [{name: a, labels: [x, y], train: T}, {name: a, labels: [x, y], train: T}]\n", "more than once"),
         # two spellings of one GLUE task would share its head, best/ and eval.json entry
