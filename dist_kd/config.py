@@ -16,9 +16,11 @@ that use them; this module only knows how to build any of them from a mapping.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import difflib
+import math
 import os
 import types
 import typing
@@ -141,13 +143,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ValueError(f"config key '{where}' must be an integer, got {_plain(value)!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and not math.isfinite(number):  # YAML's .nan / .inf: range checks pass NaN
+            raise ValueError(f"config key '{where}' must be a finite number, got {_plain(value)!r}")
+        if number is not None:
+            return number
         raise ValueError(f"config key '{where}' must be a number, got {_plain(value)!r}")
     if tp is str:
         if text is not None:

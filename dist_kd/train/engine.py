@@ -176,6 +176,41 @@ def resolve_ds_path(path: str) -> Path:
     return candidate
 
 
+# Top-level DeepSpeed sections defined outside deepspeed.runtime.constants (whose string constants give the rest).
+_DS_SECTIONS = (
+    "zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+    "comet", "comms_logger", "autotuning", "elasticity", "compression_training", "data_efficiency", "aio",
+    "checkpoint", "nebula", "pipeline", "weight_quantization", "hybrid_engine", "compile", "timers",
+)  # fmt: skip
+
+
+def _check_ds_keys(ds_config: dict[str, Any], source: Path) -> None:
+    """Refuse a top-level key that is a misspelling of one DeepSpeed reads: DeepSpeed ignores keys it does not
+    know, so ``zero_optimisation: {stage: 2}`` ran at ZeRO-0 without a word. A key close to none is left alone
+    (a section of a DeepSpeed release newer than these lists). ``zero_optimization.stage`` must be 0-3; a wrong
+    one was a pydantic error naming no file, after the teacher had loaded."""
+    import difflib
+
+    import deepspeed.runtime.constants as constants
+
+    known = {value for name, value in vars(constants).items() if name.isupper() and isinstance(value, str)}
+    known.update(_DS_SECTIONS)
+    for key in ds_config:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)
+        if close:
+            raise ValueError(
+                f"deepspeed.config {source} has the key {key!r}, which DeepSpeed does not read (it ignores it "
+                f"silently); did you mean {close[0]!r}?"
+            )
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if not isinstance(zero, dict) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        shown = f"stage {stage!r}" if isinstance(zero, dict) else f"{type(zero).__name__}, not an object"
+        raise ValueError(f"deepspeed.config {source}: zero_optimization must hold a stage of 0, 1, 2 or 3, got {shown}")
+
+
 def build_ds_config(
     path: str,
     micro_batch_size: int,
@@ -206,6 +241,7 @@ def build_ds_config(
         raise ValueError(f"deepspeed.config {source} is not valid JSON: {err}") from None
     if not isinstance(ds_config, dict):
         raise ValueError(f"deepspeed.config {source} must hold a JSON object")
+    _check_ds_keys(ds_config, source)
     owned = [key for key in ("optimizer", "scheduler") if key in ds_config]
     if owned:
         # The engine gets dist_kd's AdamW and schedule (train.lr, train.warmup_ratio, ...); DeepSpeed would

@@ -64,6 +64,10 @@ def test_type_and_validation_errors(tmp_path):
         parse_overrides(["novalue"])
     with pytest.raises(FileNotFoundError):
         load_config(Outer, tmp_path / "missing.yaml")
+    # YAML's .nan passed every range check (NaN compares false) and reached torch: "Invalid learning rate: nan"
+    for value in (".nan", ".inf", "-.inf", "nan"):
+        with pytest.raises(ValueError, match=r"config key 'inner.rate' must be a finite number, got "):
+            load_config(Outer, None, [f"inner.rate={value}"])
 
 
 def test_yaml_booleans_given_for_a_string_say_to_quote_them(tmp_path):

@@ -68,6 +68,19 @@ def test_disagreeing_json_is_an_error(tmp_path):
     path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "scheduler": {"type": "x"}}))
     with pytest.raises(ValueError, match=r"sets 'optimizer' and 'scheduler', which dist_kd does not use.*train.lr"):
         build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    # DeepSpeed ignores keys it does not know: a misspelt section ran at ZeRO-0 without a word, and a stage it
+    # does not have was a pydantic error naming no file, after the teacher had loaded.
+    path.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    with pytest.raises(ValueError, match=r"'zero_optimisation', which DeepSpeed does not read .*'zero_optimization'"):
+        build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    for zero, shown in (({"stage": 5}, "stage 5"), ({"stage": True}, "stage True"), (2, "int, not an object")):
+        path.write_text(json.dumps({"zero_optimization": zero}))
+        with pytest.raises(
+            ValueError, match=rf"ds.json: zero_optimization must hold a stage of 0, 1, 2 or 3, got {shown}"
+        ):
+            build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    path.write_text(json.dumps({"a_section_of_a_newer_deepspeed": {}, "wall_clock_breakdown": False}))
+    assert build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)["a_section_of_a_newer_deepspeed"] == {}  # close to none
 
 
 def test_batch_check_and_precision():
