@@ -73,13 +73,22 @@ STATE_VERSION = 1
 Interval = tuple[int, int]
 
 
-def check_token_ids(path: Path, arrays: list[np.ndarray], vocab_size: int) -> None:
+def check_token_ids(path: Path, arrays: list[np.ndarray], vocab_size: int, seq_len: int | None = None) -> None:
     """Every token id of a shard within the tokenizer's vocabulary (damaged bytes that keep the tar valid
-    would otherwise reach the embedding lookup as an ``IndexError`` that names no file).
+    would otherwise reach the embedding lookup as an ``IndexError`` that names no file), and every sequence
+    within the manifest's ``seq_len`` (an edited manifest was a NumPy broadcast error naming no file).
 
     Raises:
-        CorruptShardError: naming the shard, the sequence and the id.
+        CorruptShardError: naming the shard, the sequence and the id or length.
     """
+    if seq_len:
+        longer = next((number for number, ids in enumerate(arrays) if len(ids) > seq_len), None)
+        if longer is not None:
+            raise CorruptShardError(
+                path,
+                f"sequence {longer} has {len(arrays[longer])} tokens, more than the seq_len {seq_len} of "
+                f"{path.parent / 'manifest.json'} (the manifest edited, or shards of another corpus?)",
+            )
     if not vocab_size or not arrays:
         return
     for number, ids in enumerate(arrays):
@@ -206,7 +215,9 @@ class _PieceReader:
         name = self.spec["shard_names"][index]
         try:
             arrays = read_shard(Path(self.spec["shards_dir"]) / name, int(self.spec["shard_counts"][index]))
-            check_token_ids(Path(self.spec["shards_dir"]) / name, arrays, self.spec.get("vocab_size", 0))
+            check_token_ids(
+                Path(self.spec["shards_dir"]) / name, arrays, self.spec.get("vocab_size", 0), self.spec["seq_len"]
+            )
         except CorruptShardError as error:
             if not self.spec["skip_corrupt"]:
                 raise

@@ -350,3 +350,17 @@ def test_general_held_out_shards_of_another_tokenizer_or_too_long_are_refused(co
     with pytest.raises(ValueError, match=message):
         _general_trainer(tiny_tokenizer_dir, corpus, skip_corrupt=False, max_positions=12)._heldout_texts()
     assert len(_general_trainer(tiny_tokenizer_dir, corpus, skip_corrupt=False, max_positions=16)._heldout_texts())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sequences_longer_than_the_manifest_says_name_the_shard(corpus, tmp_path, num_workers):
+    """A manifest edited to a shorter seq_len (or shards copied from another corpus) was a NumPy broadcast error
+    ("could not broadcast input array from shape (16,) into shape (8,)") naming no file."""
+    edited = tmp_path / "edited"
+    shutil.copytree(corpus, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["seq_len"] = SEQ_LEN // 2
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptShardError, match=rf"shard-000000\.tar: sequence 0 has {SEQ_LEN} tokens, more than the "
+                       rf"seq_len {SEQ_LEN // 2} of .*edited/manifest.json"):  # fmt: skip
+        list(_stream(edited, shuffle=False, num_workers=num_workers))
