@@ -288,6 +288,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         data = loaded
+        other_kind = getattr(cls, "other_kind", None)  # a config of another command, named as such
+        said = other_kind(data) if other_kind is not None else None
+        if said:
+            raise ValueError(f"config file {path} {said}")
     return config_from_dict(cls, data, overrides)
 
 

@@ -97,6 +97,15 @@ class GeneralConfig:
     run: RunConfig = doc("run directory, logging, checkpoints", default_factory=RunConfig)
     eval: QualityConfig = doc("quality signals on held-out text (spread, probe)", default_factory=QualityConfig)
 
+    @staticmethod
+    def other_kind(data: dict[str, Any]) -> str | None:
+        """Why a loaded YAML is another command's config, or None (see :func:`dist_kd.config.load_config`)."""
+        if "tasks" in data:
+            return "is a task distillation config (it lists tasks): run it with dist-kd task (launch/task.py)"
+        if "finetune" in data:
+            return "is a fine-tuning directory's record of dist-kd finetune's settings, not a config to run"
+        return None
+
     def __post_init__(self):
         if self.distill.weights.pred > 0:
             raise ValueError("distill.weights.pred must be 0 in general distillation (there are no labels or logits)")

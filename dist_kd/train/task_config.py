@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 from dist_kd.config import doc
 from dist_kd.data.tasks import TaskSpec, resolve_task_spec
@@ -254,6 +255,16 @@ class TaskConfig:
     train: TaskTrainConfig = doc("optimisation", default_factory=TaskTrainConfig)
     deepspeed: DeepSpeedSection = doc("DeepSpeed JSON", default_factory=DeepSpeedSection)
     run: TaskRunConfig = doc("run directory, logging, checkpoints", default_factory=TaskRunConfig)
+
+    @staticmethod
+    def other_kind(data: dict[str, Any]) -> str | None:
+        """Why a loaded YAML is another command's config, or None (see :func:`dist_kd.config.load_config`)."""
+        if "finetune" in data:
+            return "is a fine-tuning directory's record of dist-kd finetune's settings, not a config to run"
+        corpus = data.get("data")
+        if "tasks" not in data and isinstance(corpus, dict) and "shards" in corpus:
+            return "is a general distillation config (a corpus, no tasks): run it with dist-kd general"
+        return None
 
     def __post_init__(self):
         if not self.tasks:

@@ -177,3 +177,21 @@ def test_docs_config_reference_is_current():
     assert generated.count("\n- `") == len(describe(GeneralConfig)) + generated.split("## task")[1].count("\n- `")
     docs = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     assert docs.read_text() == generated, "docs/config.md is stale: python -m dist_kd.config > docs/config.md"
+
+
+def test_a_config_of_the_other_command_says_so(tmp_path):
+    """A task config given to general said "unknown config key 'tasks'; did you mean 'data'?", and a general run's
+    config.yaml given to task "config key 'student.path' must not be null"."""
+    from dist_kd.train.general import GeneralConfig
+    from dist_kd.train.task_config import TaskConfig
+
+    with pytest.raises(ValueError, match=r"task_example.yaml is a task distillation config .*run it with dist-kd task"):
+        load_config(GeneralConfig, "launch/configs/task_example.yaml")
+    with pytest.raises(ValueError, match=r"quickstart.yaml is a general distillation config .*with dist-kd general"):
+        load_config(TaskConfig, "launch/configs/quickstart.yaml")
+    record = tmp_path / "config.yaml"
+    record.write_text("task: {name: topic}\nfinetune: {epochs: 1}\n")  # what dist-kd finetune writes
+    for cls in (GeneralConfig, TaskConfig):
+        with pytest.raises(ValueError, match="is a fine-tuning directory's record of dist-kd finetune's settings"):
+            load_config(cls, record)
+    load_config(GeneralConfig, "launch/configs/quickstart.yaml")  # each still loads its own
