@@ -79,15 +79,16 @@ def check_token_ids(path: Path, arrays: list[np.ndarray], vocab_size: int, seq_l
     within the manifest's ``seq_len`` (an edited manifest was a NumPy broadcast error naming no file).
 
     Raises:
-        CorruptShardError: naming the shard, the sequence and the id or length.
+        CorruptShardError: naming the shard, the sequence and the id.
+        ValueError: a sequence longer than ``seq_len``: the manifest does not describe the corpus, which
+            ``skip_corrupt`` must not skip shard by shard (every row would be masked, a run on nothing).
     """
     if seq_len:
         longer = next((number for number, ids in enumerate(arrays) if len(ids) > seq_len), None)
         if longer is not None:
-            raise CorruptShardError(
-                path,
-                f"sequence {longer} has {len(arrays[longer])} tokens, more than the seq_len {seq_len} of "
-                f"{path.parent / 'manifest.json'} (the manifest edited, or shards of another corpus?)",
+            raise ValueError(
+                f"corpus shard {path}: sequence {longer} has {len(arrays[longer])} tokens, more than the seq_len "
+                f"{seq_len} of {path.parent / 'manifest.json'} (the manifest edited, or shards of another corpus?)"
             )
     if not vocab_size or not arrays:
         return

@@ -8,6 +8,7 @@ stage's sections (``train.epochs`` is the task stage's own addition).
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from dist_kd.models.teacher import TeacherConfig
 from dist_kd.objective import DistillConfig
 from dist_kd.train.common import RunConfig
 from dist_kd.train.engine import DeepSpeedSection, TrainConfig
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("prediction", "intermediate")
 STUDENT_INITS = ("pretrained", "random", "teacher")
@@ -34,7 +37,7 @@ class TaskEntry:
     labels: list[str] | None = doc("label names in index order (classification)", None)
     metric: str | None = doc("accuracy | f1 | mcc | pearson | spearman (default: accuracy / pearson)", None)
     train: str | None = doc(
-        "training data (file, datasets dir or augment output), trained on its hard labels; not with soft_targets",
+        "training data (file, datasets dir or augment output), trained on its hard labels; not read with soft_targets",
         None,
         path=True,
     )
@@ -64,11 +67,12 @@ class TaskEntry:
             )
         if not self.train and not self.soft_targets:
             raise ValueError(f"task '{self.name}': give train (hard labels) or soft_targets (a precompute store)")
-        if self.train and self.soft_targets:
-            raise ValueError(
-                f"task '{self.name}': give train or soft_targets, not both: the store's rows (the texts it was "
-                f"precomputed on) are the training rows, so train {self.train} would not be read"
-            )
+        if self.train and self.soft_targets:  # a warning: configs (and run directories) of earlier releases have both
+            logger.warning(
+                "task '%s': train %s is not read: the soft-target store's rows (the texts it was precomputed on) are "
+                "the training rows; give train or soft_targets, not both",
+                self.name, self.train,
+            )  # fmt: skip
         if self.weight is not None and self.weight <= 0:
             raise ValueError(f"task '{self.name}': weight must be > 0, got {self.weight}")
         self.spec()  # columns, type, labels and metric are checked now, before any file is read

@@ -361,6 +361,7 @@ def test_sequences_longer_than_the_manifest_says_name_the_shard(corpus, tmp_path
     manifest = json.loads((edited / "manifest.json").read_text())
     manifest["seq_len"] = SEQ_LEN // 2
     (edited / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CorruptShardError, match=rf"shard-000000\.tar: sequence 0 has {SEQ_LEN} tokens, more than the "
-                       rf"seq_len {SEQ_LEN // 2} of .*edited/manifest.json"):  # fmt: skip
-        list(_stream(edited, shuffle=False, num_workers=num_workers))
+    for skip_corrupt in (False, True):  # not a damaged shard to skip: every shard would be masked, a run on nothing
+        with pytest.raises(ValueError, match=rf"shard-000000\.tar: sequence 0 has {SEQ_LEN} tokens, more than the "
+                           rf"seq_len {SEQ_LEN // 2} of .*edited/manifest.json"):  # fmt: skip
+            list(_stream(edited, shuffle=False, num_workers=num_workers, skip_corrupt=skip_corrupt))
