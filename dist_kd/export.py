@@ -115,7 +115,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     checkpoint = resolve_checkpoint(checkpoint)
     # Before any work: the export replaces its directory whole, so one holding anything but an earlier
     # dist_kd model (".", a run or home directory) is refused, not deleted.
-    check_replaceable_dir(output, "--output", is_dist_kd_model, "an earlier dist_kd model", "student-export")
+    check_replaceable_dir(
+        output, "--output", lambda path: [] if is_dist_kd_model(path) else [p.name for p in path.iterdir()],
+        "an earlier dist_kd model", "student-export", "an earlier dist_kd model (its README.md a dist_kd model card)",
+    )  # fmt: skip
     run_dir = checkpoint.parent.parent
     if not (checkpoint / "meta.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete dist_kd checkpoint (no meta.json)")

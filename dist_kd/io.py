@@ -126,7 +126,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_replaceable_dir(
-    output: str | os.PathLike, flag: str, earlier: Callable[[Path], bool], kind: str, example: str
+    output: str | os.PathLike,
+    flag: str,
+    strangers: Callable[[Path], list[str]],
+    kind: str,
+    example: str,
+    replaced: str,
 ) -> Path:
     """Raise unless :func:`atomic_dir` may replace ``output``: absent, empty, or an earlier output of its kind.
 
@@ -135,12 +140,15 @@ def check_replaceable_dir(
 
     Args:
         flag: how the user named it (``--output``), for the messages.
-        earlier: whether a non-empty directory is an earlier output of this kind (then it is replaced).
+        strangers: the names in an existing directory that an earlier output of this kind does not have (none:
+            it is replaced).
         kind: what an earlier output is, in words (``a previous evaluation``).
         example: a directory name to suggest (``eval``).
+        replaced: which existing directory is replaced, in words (``one holding only predictions.jsonl and
+            metrics.json``).
 
     Raises:
-        ValueError: naming the directory, what is in it, and what to give instead.
+        ValueError: naming the directory, what in it is not an earlier output, and what to give instead.
     """
     output = Path(output)
     here, target = Path.cwd().resolve(), output.resolve()
@@ -153,14 +161,13 @@ def check_replaceable_dir(
     if existing is not None and not existing.is_dir():
         where = f"{flag} {output}" if existing == output else f"{flag} {output}: {existing}"
         raise ValueError(f"{where} is a file; give a directory")
-    if output.is_dir():
-        names = sorted(path.name for path in output.iterdir())
-        if names and not earlier(output):
-            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            raise ValueError(
-                f"{flag} {output} holds files other than {kind} ({shown}); the output replaces its directory "
-                f"whole, which would delete them: give a new or empty directory (e.g. {flag} {example})"
-            )
+    others = sorted(strangers(output)) if output.is_dir() and any(output.iterdir()) else []
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ValueError(
+            f"{flag} {output} holds files other than {kind} ({shown}); the output replaces its directory whole, "
+            f"which would delete them: give a new or empty directory (e.g. {flag} {example}), or {replaced} (replaced)"
+        )
     return output
 
 

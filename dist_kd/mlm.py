@@ -210,8 +210,8 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
 
     # The output replaces its directory whole: refused before any work unless it is new, empty or an earlier head.
     check_replaceable_dir(
-        cfg.output, "--output", lambda directory: (directory / RESULT_FILE).is_file(), f"an earlier masked-LM head "
-        f"(with {RESULT_FILE})", "mlm-head",
+        cfg.output, "--output", lambda path: [] if (path / RESULT_FILE).is_file() else [p.name for p in path.iterdir()],
+        f"an earlier masked-LM head (with {RESULT_FILE})", "mlm-head", "an earlier head's directory",
     )  # fmt: skip
     head = MlmHead(cfg.encoder, cfg.seed, cfg.train_layers)
     loader = build_corpus_loader(

@@ -143,15 +143,17 @@ def check_output_dir(output: str | Path, flag: str = "--output") -> Path:
     replaced, which would delete those files, or written into, which would mix an evaluation with them.
     """
 
-    def earlier(directory: Path) -> bool:
+    def strangers(directory: Path) -> list[str]:
         # Besides the two outputs, only their temporaries from an interrupted write may be there.
-        return all(
-            path.name in OUTPUT_FILES
-            or any(path.name.startswith(f".{file}.") and path.name.endswith(".tmp") for file in OUTPUT_FILES)
+        return [
+            path.name
             for path in directory.iterdir()
-        )
+            if path.name not in OUTPUT_FILES
+            and not any(path.name.startswith(f".{file}.") and path.name.endswith(".tmp") for file in OUTPUT_FILES)
+        ]
 
-    return check_replaceable_dir(output, flag, earlier, "a previous evaluation", "eval")
+    only = f"one holding only {' and '.join(OUTPUT_FILES)}"
+    return check_replaceable_dir(output, flag, strangers, "a previous evaluation", "eval", only)
 
 
 def evaluate_classifier(

@@ -206,9 +206,14 @@ def _check_ds_keys(ds_config: dict[str, Any], source: Path) -> None:
             )
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    with contextlib.suppress(TypeError, ValueError):  # "2" and 2.0 are stage 2 to DeepSpeed (and to int() here)
+        if not isinstance(stage, bool) and float(stage) == int(float(stage)):
+            stage = int(float(stage))
     if not isinstance(zero, dict) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         shown = f"stage {stage!r}" if isinstance(zero, dict) else f"{type(zero).__name__}, not an object"
         raise ValueError(f"deepspeed.config {source}: zero_optimization must hold a stage of 0, 1, 2 or 3, got {shown}")
+    if "stage" in zero:
+        zero["stage"] = stage  # as a number, for every later reading of it
 
 
 def build_ds_config(

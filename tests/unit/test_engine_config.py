@@ -79,6 +79,9 @@ def test_disagreeing_json_is_an_error(tmp_path):
             ValueError, match=rf"ds.json: zero_optimization must hold a stage of 0, 1, 2 or 3, got {shown}"
         ):
             build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    for stage in ("2", 2.0):  # DeepSpeed reads both as stage 2
+        path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        assert build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)["zero_optimization"]["stage"] == 2
     path.write_text(json.dumps({"a_section_of_a_newer_deepspeed": {}, "wall_clock_breakdown": False}))
     assert build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)["a_section_of_a_newer_deepspeed"] == {}  # close to none
 

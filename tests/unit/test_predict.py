@@ -177,8 +177,12 @@ def test_output_directory_holding_other_files_is_refused_untouched(classifier, d
     assert _evaluate_main([*argv, "--label", "category", "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --output {output} holds files other than a previous evaluation (config.json)")
+    assert "or one holding only predictions.jsonl and metrics.json (replaced)" in err
+    (output / "metrics.json").write_text("{}\n")  # a previous evaluation's file beside it is not named
+    assert _evaluate_main([*argv, "--label", "category", "--output", str(output)]) == 2
+    assert "other than a previous evaluation (config.json);" in capsys.readouterr().err
     assert err.count("\n") == 1
-    assert sorted(path.name for path in output.iterdir()) == ["config.json"]
+    assert sorted(path.name for path in output.iterdir()) == ["config.json", "metrics.json"]
 
 
 def test_output_that_is_the_current_directory_is_refused(classifier, data, tmp_path, monkeypatch, capsys):
