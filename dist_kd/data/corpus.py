@@ -184,7 +184,8 @@ def _bounded_lines(handle: Any, path: Path) -> Iterator[str]:
     ``for line in handle`` holds a whole line in memory, and a multi-GB file without a newline would be one
     line. A long line is cut after its last whitespace in the second half of each piece (so that words stay
     whole, and the text carried into the next piece stays under half a piece), or, without one there, at the
-    limit itself. The pieces concatenate to the line; only the last one ends with its newline.
+    limit itself. The pieces concatenate to the line; only the last one ends with its newline (so a piece of
+    whitespace after a cut is the rest of a line, not a blank line).
     """
     limit = _MAX_PARAGRAPH_CHARS
     carry, warned = "", False
@@ -193,7 +194,7 @@ def _bounded_lines(handle: Any, path: Path) -> Iterator[str]:
         chunk = handle.readline(size)
         text = carry + chunk
         carry = ""
-        if not chunk or chunk.endswith("\n") or len(chunk) < size:  # a whole line, or the end of the file
+        if not chunk or chunk.endswith("\n") or len(chunk) < size:  # a line's end, or the file's
             if text:
                 yield text
             if not chunk:
@@ -247,7 +248,9 @@ def _text_documents(path: Path, mode: str, encoding_errors: str) -> Iterator[str
         else:
             paragraph: list[str] = []
             num_chars, warned = 0, False
+            line_end = True  # whether the last piece ended its line (after a cut, whitespace is no blank line)
             for line in lines:
+                after_cut, line_end = not line_end, line.endswith("\n")
                 if line.strip():
                     paragraph.append(line.strip())
                     num_chars += len(paragraph[-1]) + 1
@@ -263,7 +266,7 @@ def _text_documents(path: Path, mode: str, encoding_errors: str) -> Iterator[str
                             warned = True
                         yield "\n".join(paragraph)
                         paragraph, num_chars = [], 0
-                elif paragraph:
+                elif paragraph and not after_cut:
                     yield "\n".join(paragraph)
                     paragraph, num_chars = [], 0
             if paragraph:

@@ -684,9 +684,9 @@ def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
 
 
 def _texts(values: list[Any], path: Path, where: RowPlaces, column: str | None, role: str) -> list[Any]:
-    """A text column's cells as str (None stays None). Numbers (a CSV column of digits read as numbers) become
-    their text, bytes (Parquet written by Hive or Spark with strings as binary) are decoded as UTF-8; anything
-    else (a list, a record) is an error naming the rows: its Python form ("['a', 'b']", "b'...'") was trained on.
+    """A text column's cells as str (None stays None). Scalars (a CSV column of digits read as numbers) become
+    their text, bytes (Parquet written by Hive or Spark with strings as binary) are decoded as UTF-8, and a list
+    or a record is an error naming the rows: their Python form ("['a', 'b']", "b'...'") was trained on.
     """
     out: list[Any] = []
     bad: list[int] = []
@@ -701,11 +701,11 @@ def _texts(values: list[Any], path: Path, where: RowPlaces, column: str | None, 
                     f"task data {path}: {where(row)} holds bytes in column '{column}' ({role}) that are not UTF-8 "
                     f"text ({err.reason} at byte {err.start}); store the texts as strings"
                 ) from None
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out.append(str(value))
-        else:
+        elif isinstance(value, list | tuple | dict):
             out.append(None)
             bad.append(row)
+        else:  # a number, a boolean, a decimal: its text, as before
+            out.append(str(value))
     if bad:
         kind = type(values[bad[0]]).__name__
         raise ValueError(

@@ -79,12 +79,13 @@ def load_tokenizer(path: str | os.PathLike):
     path = check_tokenizer_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged file: a bare JSON or tokenizers error naming no file
+    except Exception as err:  # noqa: BLE001 - said with the directory: the bare error names no file
+        # A file that does not parse: JSON's error, a missing key, or the tokenizers library's own (a bare
+        # Exception). Anything else (a library the tokenizer needs, such as sentencepiece) is said as it is.
+        parse = isinstance(err, json.JSONDecodeError | KeyError) or type(err) is Exception
         files = ", ".join(name for name in (*VOCABULARY_FILES, "tokenizer_config.json") if (path / name).is_file())
-        raise ValueError(
-            f"tokenizer in {path} does not load ({type(err).__name__}: {err}); its files ({files}) may be damaged: "
-            f"save the model's tokenizer there again (tokenizer.save_pretrained)"
-        ) from None
+        advice = f"; its files ({files}) may be damaged: save the model's tokenizer there again" if parse else ""
+        raise ValueError(f"tokenizer in {path} does not load ({type(err).__name__}: {err}){advice}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer in {path} is not a fast tokenizer (found {type(tokenizer).__name__})")
     special = set(tokenizer.all_special_tokens)

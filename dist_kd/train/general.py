@@ -148,22 +148,25 @@ def data_settings_meta(cfg: GeneralConfig) -> dict[str, Any]:
 
 
 def _check_student_tokenizer(student_path: str, teacher_tokenizer: Any, teacher_path: str) -> None:
-    """Refuse a student.path whose own tokenizer is not the teacher's: both read the teacher's token ids, so the
-    student's pre-trained embedding rows would be looked up by another vocabulary's ids (and the export ships
-    the teacher's tokenizer). A student directory without a tokenizer is taken as it is."""
-    from dist_kd.data.tokenizer import check_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
+    """Refuse a student.path whose own vocabulary (token -> id) is not the teacher's: the student reads the
+    teacher's token ids, so its pre-trained embedding rows would be looked up by another vocabulary's ids (and
+    the export ships the teacher's tokenizer). Only the vocabulary counts (the embedding lookup); a student
+    directory without a tokenizer, or with one that does not load, is taken as it is."""
+    from dist_kd.data.tokenizer import check_tokenizer_dir, load_tokenizer
 
     try:
         check_tokenizer_dir(student_path)
-    except FileNotFoundError:
+        student = load_tokenizer(student_path).get_vocab()
+    except (FileNotFoundError, ValueError):
         return
-    student, teacher = tokenizer_fingerprint(load_tokenizer(student_path)), tokenizer_fingerprint(teacher_tokenizer)
-    if student["sha256"] != teacher["sha256"]:
+    teacher = teacher_tokenizer.get_vocab()
+    if student != teacher:
+        differ = sorted(token for token in set(student) | set(teacher) if student.get(token) != teacher.get(token))
         raise ValueError(
-            f"student.path {student_path} tokenizes with its own tokenizer (sha256 {student['sha256'][:16]}, "
-            f"{student['vocab_size']} ids), not teacher.path {teacher_path}'s (sha256 {teacher['sha256'][:16]}, "
-            f"{teacher['vocab_size']} ids): the student reads the teacher's token ids, so start it from a model "
-            "of the teacher's vocabulary (or leave student.path out: the student is cut from the teacher)"
+            f"student.path {student_path} has its own vocabulary ({len(student)} tokens; {len(differ)} with "
+            f"another id or missing, e.g. {differ[0]!r}), not teacher.path {teacher_path}'s ({len(teacher)} "
+            "tokens): the student reads the teacher's token ids, so start it from a model of the teacher's "
+            "vocabulary (or leave student.path out: the student is cut from the teacher)"
         )
 
 

@@ -289,6 +289,11 @@ def test_a_line_without_whitespace_past_the_limit_is_cut_at_the_limit(tmp_path, 
     documents = list(iter_documents(path, "line"))
     assert documents == ["x" * 100, "x" * 100, "x" * 50 + " " + "y" * 30]
     assert list(iter_documents(path, "file")) == documents  # each piece reaches the file mode's limit alone
+    # A line of exactly the limit ending in spaces (8 characters stripped, under the paragraph's limit): its
+    # newline, read alone, is no blank line.
+    path.write_text("aaa  bbb  \nccc\n\nddd\n")
+    monkeypatch.setattr(corpus, "_MAX_PARAGRAPH_CHARS", 10)
+    assert list(iter_documents(path, "paragraph")) == ["aaa  bbb\nccc", "ddd"]
 
 
 def test_bad_inputs_name_the_file(tmp_path, tiny_tokenizer_dir):
