@@ -231,6 +231,11 @@ def test_teachers_with_different_tokenizers_are_refused(setup, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(other)
     tokenizer.add_tokens(["zebra"])
     tokenizer.save_pretrained(other)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(other)
+    model.resize_token_embeddings(len(tokenizer))  # a row for the new token: a consistent teacher of its own
+    model.save_pretrained(other)
     with pytest.raises(ValueError, match="teachers disagree on the tokenizer") as err:
         precompute_soft_targets(spec, data, tmp_path / "out", _config([teachers[0], str(other)]), progress=False)
     assert teachers[0] in str(err.value) and str(other) in str(err.value)
