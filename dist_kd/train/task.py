@@ -29,8 +29,10 @@ Every input is validated before anything is written to the run directory, as in 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,8 @@ from dist_kd.train.engine import (
 )
 from dist_kd.train.metrics import MetricsLogger
 from dist_kd.train.task_config import TaskConfig
+
+BEST_RECORD = "best.json"  # in best/<task>/: the step and dev metrics of the export
 
 logger = logging.getLogger(__name__)
 
@@ -224,10 +228,13 @@ class TaskTrainer(EngineTrainer):
             self.load_state_dict(state)
             logger.info("resumed from %s at step %d", resume_from, self.step)
         # --- the run directory: only now -------------------------------------------------------------
+        self._reconcile_best(resume_from is not None)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg)))
+            if (self.run_dir / "eval.json").is_file():  # the stopped process's later evaluations are not this run's
+                write_json_atomic(self.run_dir / "eval.json", self.eval_report())
         self.metrics = MetricsLogger(
             self.run_dir, enabled=info.is_main, report_to=cfg.run.trackers(), config=config_to_dict(cfg)
         )
@@ -550,7 +557,7 @@ class TaskTrainer(EngineTrainer):
             best = self.best.get(task.spec.name)
             if best is None or metrics[task.spec.metric] > best[task.spec.metric]:
                 self.best[task.spec.name] = {"step": self.step, **metrics}
-                self._export_task(task, self.run_dir / "best" / task.spec.name, logits, metrics)
+                self._export_task(task, self.run_dir / "best" / task.spec.name, logits, metrics, best=True)
         if not results:
             return results
         self.history.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "tasks": results})
@@ -592,10 +599,56 @@ class TaskTrainer(EngineTrainer):
         }
         return {"phase": self.phase, "step": latest["step"], "tasks": tasks, "history": self.history}
 
+    def _reconcile_best(self, resumed: bool) -> None:
+        """Make ``best/<task>/`` and the best the run starts with agree (collective; rank 0 decides).
+
+        An evaluation exports a new best at once, but the checkpoint that records it comes later: a run killed
+        in between (or resumed from an older checkpoint, its newest one damaged) left ``best/<task>/`` holding a
+        model that ``eval.json`` and the summary did not know, and kept it whatever the resumed run scored.
+        Resumed: the export that is there (usually one made after the checkpoint) is a model this run trained
+        and scored, so it is the task's best, as its ``best.json`` says (only a better evaluation replaces it).
+        From scratch: the directory is an earlier run's and goes, as metrics.jsonl's lines do. A
+        ``best/<task>/`` of an earlier release (no best.json) is left as it is.
+        """
+        decided: dict[str, Any] = {"adopt": {}, "remove": []}
+        if self.info.is_main:
+            for task in self.tasks:
+                name = task.spec.name
+                try:
+                    record = json.loads((self.run_dir / "best" / name / BEST_RECORD).read_text())
+                    step, metrics = int(record["step"]), dict(record["metrics"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                kept = self.best.get(name)
+                if kept is not None and kept.get("step") == step:
+                    continue
+                if resumed:
+                    decided["adopt"][name] = {"step": step, **metrics}
+                else:
+                    decided["remove"].append(name)
+        decided = distributed.broadcast_object(decided)
+        for name, best in decided["adopt"].items():
+            logger.warning(
+                "task '%s': best/%s holds the classifier of step %d, not the checkpoint's best (this run resumes from "
+                "step %d); it stays the task's best until an evaluation beats its %s",
+                name, name, best["step"], self.step, self.headline(name),
+            )  # fmt: skip
+            self.best[name] = best
+        if self.info.is_main:
+            for name in decided["remove"]:
+                logger.warning("task '%s': removing best/%s, an earlier run's export", name, name)
+                shutil.rmtree(self.run_dir / "best" / name, ignore_errors=True)
+
     def _export_task(
-        self, task: TaskData, target: Path, dev_logits: np.ndarray | None, metrics: dict | None = None
+        self,
+        task: TaskData,
+        target: Path,
+        dev_logits: np.ndarray | None,
+        metrics: dict | None = None,
+        best: bool = False,
     ) -> None:
-        """``target``: the task's HF classifier + tokenizer (+ dev predictions), atomically (collective)."""
+        """``target``: the task's HF classifier + tokenizer (+ dev predictions), atomically (collective). A
+        ``best`` export also holds ``best.json`` (its step and dev metrics; see :meth:`_reconcile_best`)."""
         module = self.engine.module
         with full_precision_weights(self.engine, module), distributed.shared_failure():
             if self.info.is_main:
@@ -604,6 +657,8 @@ class TaskTrainer(EngineTrainer):
                     write_model_card(tmp, self.model_card(task, metrics, target))
                     if dev_logits is not None:
                         write_predictions(tmp / "dev_predictions.jsonl", task.spec, task.dev_table, dev_logits)
+                    if best:
+                        write_json_atomic(tmp / BEST_RECORD, {"step": self.step, "metrics": metrics})
         distributed.barrier()
 
     def export(self) -> dict[str, Path]:

@@ -419,3 +419,46 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(case, overrides, m
     assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert snapshot(two_rank_run) == before
+
+
+def test_a_best_exported_after_the_checkpoint_is_the_best_the_resumed_run_reports(pipeline, tmp_path):
+    """An evaluation exports a new best at once; the checkpoint recording it comes later. A run killed in between
+    (here: its later checkpoints gone, so it resumes from an earlier one) kept best/<task>/ from the lost steps
+    while eval.json and the summary named the checkpoint's best: a user shipped another model than the one named.
+    """
+    import re
+    import shutil
+
+    def exported(name):  # the step and headline figure the export's model card gives (first dev line)
+        card = (out / "best" / name / "README.md").read_text()
+        step, value = re.search(r"dev \w+ \(step (\d+)\) \| ([-0-9.]+) \|", card).groups()
+        return int(step), float(value)
+
+    def exported_step(name):
+        return exported(name)[0]
+
+    out = tmp_path / "run"
+    settings = {"train": {"epochs": None, "max_steps": 24}, "eval": {"every": 4},
+                "run": {"save_every": 4, "keep_last": 0}, "deepspeed": {"config": "ds_configs/zero0.json"}}  # fmt: skip
+    run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, **settings)))
+    for saved in (out / "checkpoints").glob("step-*"):  # as if killed after step 4's checkpoint: no later one
+        if saved.name != "step-00000004":
+            shutil.rmtree(saved)
+    (out / "checkpoints" / "latest").write_text("step-00000004")
+    before = {name: exported(name) for name in ("topic", "share")}
+    assert max(step for step, _ in before.values()) > 4, before  # some best was exported after the checkpoint
+    resumed = _config(pipeline, out, **{**settings, "train": {"epochs": None, "max_steps": 6}})
+    proc = run_script("launch/task.py", "--debug", "--config", str(resumed))
+    assert "resumed from" in proc.stderr and "step 4" in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    for name in ("topic", "share"):
+        best = report["tasks"][name]["best"]
+        assert best["step"] == exported_step(name), (name, best)  # eval.json names the export that is there
+        # The better export is never replaced by a worse one (step 6 overwrote step 8's better classifier).
+        metric = report["tasks"][name]["metric"]
+        assert best[metric] >= before[name][1] - 1e-4, (name, best, before[name])
+        record = json.loads((out / "best" / name / "best.json").read_text())
+        assert record["step"] == best["step"] and record["metrics"] == {k: best[k] for k in record["metrics"]}
+        if before[name][0] > 4 and best["step"] == before[name][0]:
+            assert f"best/{name} holds the classifier of step {before[name][0]}" in proc.stderr
+    assert [h["step"] for h in report["history"]] == [4, 6]  # the lost run's later evaluations are gone
