@@ -129,13 +129,16 @@ def run_training(
     """
     from dist_kd import distributed
     from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
-    from dist_kd.train.common import RunSignals, check_run_kind
+    from dist_kd.train.common import RunSignals, check_inputs_outside_outputs, check_run_kind
     from dist_kd.train.runlock import RunDirInUse, RunDirNotWritable, RunLock
 
     info = info or distributed.init_distributed()
     trainer = lock = None
     with distributed.shared_failure():  # before the lock creates the directory: another kind of run in it
         check_run_kind(cfg.run.output_dir, "task" if hasattr(cfg, "tasks") else "general")
+        inputs = {f"{key}.path": getattr(getattr(cfg, key, None), "path", None) for key in ("student", "teacher")}
+        inputs.update({f"tasks[{t.name}].teacher": t.teacher for t in getattr(cfg, "tasks", [])})
+        check_inputs_outside_outputs(cfg.run.output_dir, inputs)
     try:
         refused = None
         if info.is_main:

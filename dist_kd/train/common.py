@@ -105,6 +105,33 @@ def check_run_kind(run_dir: str | Path, kind: str, flag: str = "run.output_dir")
         )
 
 
+# What a training run replaces whole in its run directory (atomic_dir): a model given as an input there is lost.
+REPLACED_OUTPUTS = ("student", "best", "tasks")
+
+
+def check_inputs_outside_outputs(run_dir: str | Path, inputs: dict[str, str | None]) -> None:
+    """Refuse a model input that lies where the run writes its exports: ``student.path=RUN/student`` with
+    ``run.output_dir=RUN`` was replaced by the run's own student, the starting weights lost, with exit 0.
+
+    Args:
+        inputs: config key -> path (None or empty: not given).
+
+    Raises:
+        ValueError: naming the key, the path and the run directory.
+    """
+    outputs = [(Path(run_dir) / name).resolve() for name in REPLACED_OUTPUTS]
+    for key, given in inputs.items():
+        if not given:
+            continue
+        path = Path(given).resolve()
+        hit = next((out for out in outputs if path == out or out in path.parents), None)
+        if hit is not None:
+            raise ValueError(
+                f"{key} {given} lies in {hit}, which this run replaces with its own export: give run.output_dir "
+                "another directory (or copy the model out of it first)"
+            )
+
+
 class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT) set a flag; the loop checkpoints and exits at
     the next step. A second Ctrl-C aborts at once (KeyboardInterrupt), losing the steps since the last

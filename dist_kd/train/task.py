@@ -264,6 +264,8 @@ class TaskTrainer(EngineTrainer):
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(check_model_dir(task.teacher, f"task '{task.spec.name}' teacher"))
+            # The teacher reads the student's batches: longer ones than its positions failed mid-training.
+            check_max_length(config, self.cfg.data.max_length, task.teacher, "data.max_length")
             self.teacher_meta[task.spec.name] = {
                 "path": str(Path(task.teacher).resolve()),
                 "model_type": config.model_type,

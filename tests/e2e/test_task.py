@@ -407,12 +407,24 @@ def test_one_class_predictions_for_two_evaluations_are_warned(pipeline, tmp_path
         ("shape of pretrained weights", ["student.num_layers=1"], "set student.init=random or student.init=teacher"),
         ("wider than its source", ["student.init=teacher", "student.hidden_size=64"],
          r"hidden_size \(64\) must not exceed the teacher's \(32\)"),
+        # the run's export of student/ would have replaced the starting student (exit 0)
+        ("student in the outputs", ["student.path=RUN/student"], r"student.path .*student lies in .*which this run"),
+        # the teacher reads the student's batches: a RuntimeError inside its embeddings mid-training
+        ("teacher of fewer positions", ["distill.phase=intermediate", "teacher.path=SHORT"],
+         r"data.max_length 32 exceeds the max_position_embeddings 16 of model .*short_teacher"),
     ],
 )  # fmt: skip
-def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(case, overrides, message, pipeline, two_rank_run):
+def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
+    case, overrides, message, pipeline, two_rank_run, tmp_path
+):
+    from dist_kd.testing import build_tiny_bert
+
     before = snapshot(two_rank_run)
-    substitutions = {"SOFT": str(pipeline / "soft"), "SHARE": str(pipeline / "share_train.jsonl")}
-    overrides = [re.sub("SOFT|SHARE", lambda m: substitutions[m.group(0)], o) for o in overrides]
+    if "SHORT" in " ".join(overrides):
+        build_tiny_bert(tmp_path / "short_teacher", max_position_embeddings=16)
+    substitutions = {"SOFT": str(pipeline / "soft"), "SHARE": str(pipeline / "share_train.jsonl"),
+                     "RUN": str(two_rank_run), "SHORT": str(tmp_path / "short_teacher")}  # fmt: skip
+    overrides = [re.sub("SOFT|SHARE|RUN|SHORT", lambda m: substitutions[m.group(0)], o) for o in overrides]
     proc = run_script("launch/task.py", "--debug", "--config", str(pipeline / "run2.yaml"), *overrides, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

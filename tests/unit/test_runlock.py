@@ -236,3 +236,17 @@ def test_the_kind_of_run_a_directory_holds_comes_from_its_config_yaml(tmp_path):
     assert run_kind(tmp_path) == "finetune"
     (tmp_path / "config.yaml").write_text("{unclosed")
     assert run_kind(tmp_path) is None  # damaged: left to the run's own checks
+
+
+def test_a_model_input_where_the_run_writes_its_exports_is_refused(tmp_path):
+    """``dist-kd task student.path=models/student run.output_dir=models`` replaced the starting student with the
+    trained one (exit 0): the run's export of student/ swaps the whole directory in."""
+    from dist_kd.train.common import check_inputs_outside_outputs
+
+    run = tmp_path / "models"
+    for inside in ("student", "best/topic", "tasks/topic/sub"):
+        with pytest.raises(ValueError, match=rf"student.path .* lies in .*models/{inside.split('/')[0]}, which this"):
+            check_inputs_outside_outputs(run, {"student.path": str(run / inside), "teacher.path": None})
+    # elsewhere, or beside the exports in the same directory, is fine (phase 1's student/ read by phase 2's run)
+    check_inputs_outside_outputs(run, {"student.path": str(tmp_path / "phase1" / "student"), "teacher.path": ""})
+    check_inputs_outside_outputs(run, {"teacher.path": str(run / "teacher"), "student.path": str(run / "students")})
