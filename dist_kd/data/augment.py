@@ -162,6 +162,11 @@ def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVe
             "words; they must correspond row by row"
         )
     _check_dim(int(vectors.shape[1]), expected_dim, path)
+    for start in range(0, vectors.shape[0], 1 << 16):  # in row blocks of the memory map
+        _check_finite(
+            np.asarray(vectors[start : start + (1 << 16)]), path, lambda row, start=start: f"row {start + row} "
+            f"(word {words[start + row]!r})"
+        )  # fmt: skip
     return GloveVectors(words=words, vectors=vectors, source=str(path))
 
 
@@ -208,7 +213,7 @@ def _vector_block(path: Path, vectors: list[str], numbers: list[int], dim: int) 
         ValueError: a value that is not a number, naming the file, the line and the value.
     """
     try:
-        return np.array(" ".join(vectors).split(" "), dtype=np.float32).reshape(-1, dim)
+        block = np.array(" ".join(vectors).split(" "), dtype=np.float32).reshape(-1, dim)
     except ValueError:
         for number, text in zip(numbers, vectors, strict=True):
             for value in text.split(" "):
@@ -216,6 +221,20 @@ def _vector_block(path: Path, vectors: list[str], numbers: list[int], dim: int) 
                     where = f"GloVe file {path}: line {number} has {value!r} where a number was expected"
                     raise ValueError(where) from None
         raise
+    _check_finite(block, path, lambda row: f"line {numbers[row]}")
+    return block
+
+
+def _check_finite(vectors: np.ndarray, path: Path, where: Callable[[int], str]) -> None:
+    """Raise on a NaN or infinite value: such a row's cosine is NaN, which ranked it every word's nearest
+    neighbour (its word flooded the augmented copies)."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"GloVe vectors {path}: {where(row)} holds a non-finite value (NaN or infinity), in {int(bad.sum())} "
+            "row(s) in all; fix or drop those rows"
+        )
 
 
 def _parse_glove_text(path: Path, expected_dim: int | None) -> tuple[list[str], np.ndarray]:

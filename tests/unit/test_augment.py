@@ -636,3 +636,20 @@ def test_words_are_split_as_berts_normalizer_and_pre_tokenizer_split_them():
         assert [word.text for word in words] == reference, text
         assert all(text[word.start : word.end] == word.text for word in words)  # offsets into the original
     assert [word.replaceable for word in split_words("电影!")] == [True, True, False]
+
+
+def test_non_finite_glove_values_are_refused_naming_the_row(tmp_path):
+    """A row of NaNs has a NaN cosine with every word, and ranked as every word's nearest neighbour: its word
+    flooded the augmented copies, with exit 0."""
+    text = tmp_path / "nan.txt"
+    text.write_text("good 0.1 0.2 0.3\ngame nan nan nan\nfilm 0.3 0.1 0.2\n")
+    with pytest.raises(ValueError, match=r"nan.txt: line 2 holds a non-finite value \(NaN or infinity\), in 1 row"):
+        aug.load_glove(text, cache_dir=tmp_path / "cache")
+    matrix = np.array([[0.1, 0.2], [0.3, np.inf], [np.nan, 0.0]], dtype=np.float32)
+    np.save(tmp_path / "v.npy", matrix)
+    (tmp_path / "words.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ValueError, match=r"v.npy: row 1 \(word 'b'\) holds a non-finite value .*in 2 row"):
+        aug.load_glove(tmp_path / "v.npy", tmp_path / "words.txt")
+    np.save(tmp_path / "v.npy", matrix[:1])
+    (tmp_path / "words.txt").write_text("a\n")
+    assert aug.load_glove(tmp_path / "v.npy", tmp_path / "words.txt").words == ["a"]
