@@ -967,6 +967,29 @@ def finished_run(path: Path) -> str | None:
     return run_key({key: value for key, value in metadata.items() if key != "num_rows"}) if metadata else None
 
 
+def _check_before_augmenting(done: Path, task: str, ids: list[str], n_a: int) -> None:
+    """Refuse, before any work: an output holding another task's augmented set (which this run would replace,
+    hours of masked-LM work among it), and ids that the copies' ``<id>-aug<k>`` would repeat (found only by the
+    next command, "repeats the id", after the whole run)."""
+    try:
+        made_for = (read_parquet_metadata(done) or {}).get("task")
+    except (OSError, ValueError):
+        made_for = None
+    if made_for is not None and made_for != task:
+        raise ValueError(
+            f"{done} is the augmented set of task {made_for!r}; augmenting {task!r} would replace it: give another "
+            "--output (or remove that file)"
+        )
+    given = set(ids)
+    parts = (i.rpartition("-aug") for i in ids if "-aug" in i)
+    clash = next((f"{base}-aug{k}" for base, _, k in parts if k.isdigit() and int(k) < n_a and base in given), None)
+    if clash is not None:
+        raise ValueError(
+            f"task '{task}': the example id {clash!r} is also the id of an augmented copy (ids <id>-aug<k>, k < "
+            f"{n_a}); give the examples ids without an '-aug<number>' ending"
+        )
+
+
 def augment_task(
     spec,
     data_path: str | Path,
@@ -1007,6 +1030,7 @@ def augment_task(
     examples = load_task_examples(
         data_path, spec, require_labels=spec.label is not None, encoding=encoding, split=split
     )
+    _check_before_augmenting(final_path(output_dir), spec.name, examples.column("example_id").to_pylist(), config.n_a)
     augmenter = build_augmenter(
         mlm_dir, glove_path, config, glove_vocab=glove_vocab, glove_dim=glove_dim, device=device
     )

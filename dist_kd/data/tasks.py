@@ -801,7 +801,11 @@ def load_task_examples(
 
     id_column = spec.id_column or (DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in raw.column_names else None)
     if id_column is not None:
-        ids = [str(value) for value in _column(raw, id_column, path, spec, "id_column")]
+        values = _column(raw, id_column, path, spec, "id_column")
+        missing = [row for row, value in enumerate(values) if value is None]
+        if missing:  # str(None) gave every such row the id 'None'
+            raise ValueError(f"task data {path}: {where.subject(missing)} no id in column '{id_column}'; fill it in")
+        ids = [str(value) for value in values]
         if len(set(ids)) != num_rows:
             seen: set[str] = set()
             duplicate = next(value for value in ids if value in seen or seen.add(value))

@@ -276,6 +276,34 @@ def test_a_finished_set_of_the_same_inputs_is_kept_and_one_of_other_settings_red
     other = aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=3), progress=False)
     assert calls == [1] and other.num_rows == 6 * 3 + 6 != first.num_rows
     assert read_parquet_metadata(aug.final_path(tmp_path / "out"))["parameters"]["n_a"] == 3
+    # Another task's set is not replaced (silently, with exit 0, before): refused before any work.
+    before = aug.final_path(tmp_path / "out").read_bytes()
+    news = TaskSpec(name="news", labels=["a", "b"], text_a="text")
+    with pytest.raises(
+        ValueError, match=r"augmented.parquet is the augmented set of task 't'; augmenting 'news' would"
+    ):
+        aug.augment_task(news, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=3), progress=False)
+    assert calls == [1] and aug.final_path(tmp_path / "out").read_bytes() == before
+
+
+def test_ids_the_copies_would_repeat_and_missing_ids_are_refused_before_augmenting(glove_txt, tmp_path):
+    """Ids x0 and x0-aug0 gave the set x0-aug0 twice (found by the next command, after the whole run); a missing
+    id became the id 'None'."""
+    import json
+
+    from dist_kd.data.tasks import TaskSpec
+
+    spec = TaskSpec(name="t", labels=["a", "b"], text_a="text", id_column="id")
+    data = tmp_path / "data.jsonl"
+    rows = [{"id": "x0", "text": "quickly", "label": "a"}, {"id": "x0-aug1", "text": "happiness", "label": "b"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"the example id 'x0-aug1' is also the id of an augmented copy"):
+        aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=2), progress=False)
+    assert aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=1), progress=False)
+    rows[1]["id"] = None
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"data.jsonl: line 2 has no id in column 'id'"):
+        aug.augment_task(spec, data, tmp_path / "out2", glove_txt, aug.AugmentConfig(n_a=2), progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ GloVe
