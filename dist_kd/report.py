@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from dist_kd.io import atomic_path
+
+logger = logging.getLogger(__name__)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -33,10 +36,19 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """``path`` parsed, or None: absent (a run that has not written it yet), or damaged (said in a warning; the
+    report leaves its section out)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        loaded = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as err:
+        logger.warning("%s is damaged (%s); the report leaves out what it holds", path, err)
+        return None
+    if not isinstance(loaded, dict):
+        logger.warning("%s holds a %s, not an object; the report leaves out what it holds", path, type(loaded).__name__)
+        return None
+    return loaded
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -134,6 +146,8 @@ def _task_evaluations(eval_report: dict[str, Any] | None) -> dict[str, tuple[str
         return {}
     found = {}
     for task, entry in (eval_report.get("tasks") or {}).items():
+        if not isinstance(entry, dict):  # a task whose entry was never written
+            continue
         metric = entry.get("metric")
         points = [
             (h["step"], h["tasks"][task][metric])
@@ -204,6 +218,8 @@ def write_report(run_dir: str | Path) -> Path:
     if evaluations:
         lines += ["## Dev metrics", "", "| task | metric | final | best (step) |", "| --- | --- | --- | --- |"]
         for task, entry in eval_report["tasks"].items():
+            if not isinstance(entry, dict):
+                continue
             metric = entry.get("metric")
             final = (entry.get("final") or {}).get(metric)
             best = entry.get("best") or {}

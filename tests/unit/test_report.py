@@ -57,6 +57,24 @@ def test_task_run_report_has_dev_metrics(tmp_path):
         assert (run / "dev.png").read_bytes()[:8] == PNG
 
 
+def test_a_damaged_eval_json_is_said_and_left_out(tmp_path, caplog):
+    """A cut eval.json made the dev section vanish without a word; a task entry of null was an AttributeError."""
+    import logging
+
+    run = tmp_path / "task"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0, "lr": 1e-4}) + "\n")
+    (run / "eval.json").write_text('{"tasks": {"topic": {"metric": "acc')
+    with caplog.at_level(logging.WARNING, logger="dist_kd.report"):
+        text = write_report(run).read_text()
+    assert f"{run / 'eval.json'} is damaged" in caplog.text and "## Dev metrics" not in text
+    (run / "eval.json").write_text(
+        json.dumps({"tasks": {"topic": None, "share": {"metric": "pearson"}}, "history": []})
+    )
+    text = write_report(run).read_text()  # no traceback: the null entry is left out, the other listed
+    assert "| share | pearson | n/a |" in text and "| topic |" not in text
+
+
 def test_finetune_report_has_a_row_and_a_loss_line_per_teacher(tmp_path, monkeypatch):
     """A fine-tuning directory logs K teachers whose steps each start again at 1: one table row per teacher
     (not the first teacher's first line against the last one's last), the dev metrics of report.json, and
