@@ -938,6 +938,7 @@ def wait_for_parts(parts: Sequence[str | Path], run: str, timeout_s: float, poll
     import time
 
     deadline = time.monotonic() + timeout_s
+    said = False
     while True:
         missing = []
         for part in parts:
@@ -950,6 +951,14 @@ def wait_for_parts(parts: Sequence[str | Path], run: str, timeout_s: float, poll
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank parts still missing after {timeout_s:.0f} s: {missing}")
+        if not said:  # a rank 0 whose other ranks never start (a bare python under SLURM) waited in silence
+            logger.warning(
+                "waiting up to %.0f s for %d rank part(s) of the other ranks (%s%s); they come from the other ranks' "
+                "processes of the same command (srun -n W, a launcher or a job array); none started: stop this and "
+                "run with one process, or start them",
+                timeout_s, len(missing), missing[0], ", ..." if len(missing) > 1 else "",
+            )  # fmt: skip
+            said = True
         time.sleep(poll_s)
 
 

@@ -211,7 +211,7 @@ def test_same_seed_same_output_regardless_of_batching_and_order(biased_mlm_dir, 
     assert not other_seed.equals(reference)
 
 
-def test_parts_merge_to_the_single_run(biased_mlm_dir, glove_txt, tmp_path):
+def test_parts_merge_to_the_single_run(biased_mlm_dir, glove_txt, tmp_path, caplog):
     examples = _random_examples(7, seed=5)
     augmenter = _augmenter(biased_mlm_dir, glove_txt, n_a=2, k=4)
     metadata = {"run": "abc", "task": "t"}
@@ -229,6 +229,13 @@ def test_parts_merge_to_the_single_run(biased_mlm_dir, glove_txt, tmp_path):
     write_parquet_atomic(single, parts[0], {"run": "other"})
     with pytest.raises(TimeoutError, match="part-00000-of-00003"):
         aug.wait_for_parts(parts, "abc", timeout_s=0, poll_s=0)
+    # Rank 0 waiting for ranks that never started (a bare python under SLURM) said nothing for up to 24 h.
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.augment"), pytest.raises(TimeoutError):
+        aug.wait_for_parts(parts, "abc", timeout_s=0.05, poll_s=0.01)
+    said = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert len(said) == 1 and "1 rank part(s)" in said[0] and "part-00000-of-00003" in said[0]
     with pytest.raises(ValueError, match="another run"):
         aug.merge_parts(parts, tmp_path / "x.parquet", metadata)
 
