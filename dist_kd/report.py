@@ -217,10 +217,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("")
     if evaluations:
         lines += ["## Dev metrics", "", "| task | metric | final | best (step) |", "| --- | --- | --- | --- |"]
-        for task, entry in eval_report["tasks"].items():
-            if not isinstance(entry, dict):
-                continue
-            metric = entry.get("metric")
+        for task, (metric, _) in evaluations.items():  # the tasks _task_evaluations could read
+            entry = eval_report["tasks"][task]
             final = (entry.get("final") or {}).get(metric)
             best = entry.get("best") or {}
             lines.append(f"| {task} | {metric} | {_fmt(final)} | {_fmt(best.get(metric))} ({best.get('step')}) |")

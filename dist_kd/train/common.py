@@ -67,12 +67,35 @@ class RunConfig:
         return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.tensorboard else [])]))
 
 
-# What a run directory's config.yaml says it holds: its top-level keys, checked in this order.
+# The kinds of run, in words, and what a config of each says when given to another command.
 RUN_KINDS = {
-    "finetune": ("finetune", "a fine-tuned ensemble (dist-kd finetune)"),
-    "task": ("tasks", "a task distillation run (dist-kd task)"),
-    "general": ("distill", "a general distillation run (dist-kd general)"),
+    "finetune": "a fine-tuned ensemble (dist-kd finetune)",
+    "task": "a task distillation run (dist-kd task)",
+    "general": "a general distillation run (dist-kd general)",
 }
+OTHER_KIND = {
+    "finetune": "is a fine-tuning directory's record of dist-kd finetune's settings, not a config to run",
+    "task": "is a task distillation config (it lists tasks): run it with dist-kd task (launch/task.py)",
+    "general": "is a general distillation config (a corpus, no tasks): run it with dist-kd general",
+}
+
+
+def config_kind(data: dict[str, Any]) -> str | None:
+    """Which command a config mapping (a YAML file, a run's config.yaml) is for, from its top-level keys:
+    ``finetune`` (the record dist-kd finetune writes), ``tasks`` (task), a corpus ``data.shards`` (general)."""
+    if "finetune" in data:
+        return "finetune"
+    if "tasks" in data:
+        return "task"
+    corpus = data.get("data")
+    return "general" if isinstance(corpus, dict) and "shards" in corpus else None
+
+
+def other_kind(data: dict[str, Any], kind: str) -> str | None:
+    """Why a config mapping given to command ``kind`` is another command's, or None (``other_kind`` of the
+    config classes, which :func:`dist_kd.config.load_config` asks)."""
+    found = config_kind(data)
+    return OTHER_KIND[found] if found not in (None, kind) else None
 
 
 def run_kind(run_dir: str | Path) -> str | None:
@@ -85,9 +108,7 @@ def run_kind(run_dir: str | Path) -> str | None:
         loaded = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    if not isinstance(loaded, dict):
-        return None
-    return next((kind for kind, (key, _) in RUN_KINDS.items() if key in loaded), None)
+    return config_kind(loaded) if isinstance(loaded, dict) else None
 
 
 def check_run_kind(run_dir: str | Path, kind: str, flag: str = "run.output_dir") -> None:
@@ -100,7 +121,7 @@ def check_run_kind(run_dir: str | Path, kind: str, flag: str = "run.output_dir")
     found = run_kind(run_dir)
     if found is not None and found != kind:
         raise ValueError(
-            f"{flag} {run_dir} holds {RUN_KINDS[found][1]}, and {RUN_KINDS[kind][1]} would overwrite its "
+            f"{flag} {run_dir} holds {RUN_KINDS[found]}, and {RUN_KINDS[kind]} would overwrite its "
             "config.yaml and metrics.jsonl: give a directory of its own"
         )
 

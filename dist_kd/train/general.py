@@ -42,7 +42,7 @@ from dist_kd.objective import DistillConfig, tinybert_objective
 from dist_kd.quality import HeldOutTexts, QualityConfig, QualityReport, collapse_reasons, last_states
 from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
-from dist_kd.train.common import LossWindow, RunConfig, StopSignal, progress_bar, stop_agreed
+from dist_kd.train.common import LossWindow, RunConfig, StopSignal, other_kind, progress_bar, stop_agreed
 from dist_kd.train.engine import (
     DeepSpeedSection,
     EngineTrainer,
@@ -100,11 +100,7 @@ class GeneralConfig:
     @staticmethod
     def other_kind(data: dict[str, Any]) -> str | None:
         """Why a loaded YAML is another command's config, or None (see :func:`dist_kd.config.load_config`)."""
-        if "tasks" in data:
-            return "is a task distillation config (it lists tasks): run it with dist-kd task (launch/task.py)"
-        if "finetune" in data:
-            return "is a fine-tuning directory's record of dist-kd finetune's settings, not a config to run"
-        return None
+        return other_kind(data, "general")
 
     def __post_init__(self):
         if self.distill.weights.pred > 0:
@@ -152,12 +148,11 @@ def _check_student_tokenizer(student_path: str, teacher_tokenizer: Any, teacher_
     teacher's token ids, so its pre-trained embedding rows would be looked up by another vocabulary's ids (and
     the export ships the teacher's tokenizer). Only the vocabulary counts (the embedding lookup); a student
     directory without a tokenizer, or with one that does not load, is taken as it is."""
-    from dist_kd.data.tokenizer import check_tokenizer_dir, load_tokenizer
+    from dist_kd.data.tokenizer import load_tokenizer
 
     try:
-        check_tokenizer_dir(student_path)
         student = load_tokenizer(student_path).get_vocab()
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError):  # no tokenizer files there (check_tokenizer_dir), or none that loads
         return
     teacher = teacher_tokenizer.get_vocab()
     if student != teacher:

@@ -18,7 +18,7 @@ from dist_kd.models.fields import dropout_rate, ffn_width, set_dropout, set_fp32
 from dist_kd.models.student import StudentConfig, student_config_from_teacher
 from dist_kd.models.teacher import TeacherConfig
 from dist_kd.objective import DistillConfig
-from dist_kd.train.common import RunConfig
+from dist_kd.train.common import RunConfig, other_kind
 from dist_kd.train.engine import DeepSpeedSection, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -263,12 +263,7 @@ class TaskConfig:
     @staticmethod
     def other_kind(data: dict[str, Any]) -> str | None:
         """Why a loaded YAML is another command's config, or None (see :func:`dist_kd.config.load_config`)."""
-        if "finetune" in data:
-            return "is a fine-tuning directory's record of dist-kd finetune's settings, not a config to run"
-        corpus = data.get("data")
-        if "tasks" not in data and isinstance(corpus, dict) and "shards" in corpus:
-            return "is a general distillation config (a corpus, no tasks): run it with dist-kd general"
-        return None
+        return other_kind(data, "task")
 
     def __post_init__(self):
         if not self.tasks:

@@ -304,7 +304,10 @@ def test_a_run_directory_of_another_kind_is_refused_untouched(finetuned, tmp_pat
     assert snapshot(root / "out") == before
     general = tmp_path / "general"
     general.mkdir()
-    (general / "config.yaml").write_text("teacher: {path: t}\ndistill: {layer_map: null}\nrun: {output_dir: x}\n")
+    from dist_kd.config import dump_config
+    from dist_kd.train.general import GeneralConfig
+
+    (general / "config.yaml").write_text(dump_config(GeneralConfig()))  # as a general run writes it
     (general / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
     before = snapshot(general)
     bad = list(args)

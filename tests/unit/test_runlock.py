@@ -213,7 +213,8 @@ def test_every_rank_stops_with_rank_0s_refusal(tmp_path, monkeypatch):
 
 
 def test_the_kind_of_run_a_directory_holds_comes_from_its_config_yaml(tmp_path):
-    """A task run's config.yaml has tasks and distill; a general run's distill and no tasks; finetune's finetune."""
+    """A task run's config.yaml has tasks (and distill, teacher, data); a general run's a corpus (data.shards) and
+    no tasks; finetune's finetune."""
     import yaml
 
     from dist_kd.train.common import check_run_kind, run_kind
