@@ -215,7 +215,7 @@ def evaluate_classifier(
     device = torch.device(device)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
     logits = batched_logits(lambda batch: model(**batch).logits, rows, pad_id_of(tokenizer), batch_size, device,
-                            uses_token_types(tokenizer))  # fmt: skip
+                            uses_token_types(tokenizer, config))  # fmt: skip
     labels = table.column("label").to_pylist()
     metrics = None
     if all(label is not None for label in labels):

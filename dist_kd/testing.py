@@ -60,6 +60,7 @@ def tiny_bert_config(
     vocab_size: int | None = None,
     max_position_embeddings: int = 128,
     initializer_range: float = 0.02,
+    type_vocab_size: int = 2,
 ):
     """A BertConfig small enough to train on a CPU in seconds.
 
@@ -78,6 +79,7 @@ def tiny_bert_config(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         initializer_range=initializer_range,
+        type_vocab_size=type_vocab_size,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,6 +140,14 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def uses_token_types(tokenizer) -> bool:
-    """Whether the model family takes segment ids (BERT does; RoBERTa does not)."""
-    return "token_type_ids" in tokenizer.model_input_names
+def uses_token_types(tokenizer, config: Any = None) -> bool:
+    """Whether to pass segment ids: the tokenizer emits them (BERT's does; RoBERTa's does not) and the model
+    ``config`` (when given) has a segment embedding for the second one.
+
+    A model with ``type_vocab_size`` 1 (or 0: DeBERTa-v2 ignores them) knows only segment 0, so a BERT
+    tokenizer's segment id 1 on the second text of a pair would index past its embedding; such a model gets
+    none (all 0), as it was trained.
+    """
+    if "token_type_ids" not in tokenizer.model_input_names:
+        return False
+    return config is None or getattr(config, "type_vocab_size", 2) > 1

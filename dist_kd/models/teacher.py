@@ -185,6 +185,9 @@ class Teacher:
         with readable_weights(self.path, "teacher.path"):
             model = auto.from_pretrained(self.path, attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype)
         self.config = model.config
+        # A teacher with one segment embedding (type_vocab_size 1, or 0) reads every text as segment 0, as it was
+        # trained; a BERT tokenizer's segment 1 on a pair's second text would index past it.
+        self.takes_segments = getattr(model.config, "type_vocab_size", 2) > 1
         self.num_layers = model.config.num_hidden_layers
         self.num_heads = model.config.num_attention_heads
         self.hidden_size = model.config.hidden_size
@@ -204,13 +207,16 @@ class Teacher:
         token_type_ids: torch.Tensor | None = None,
     ) -> EncoderFeatures:
         """Embedding output, hidden states and the captured raw attention scores of one batch."""
+        types = token_type_ids if self.takes_segments else None
         return self.capture(
             input_ids.to(self.device),
             None if attention_mask is None else attention_mask.to(self.device),
-            token_type_ids=None if token_type_ids is None else token_type_ids.to(self.device),
+            token_type_ids=None if types is None else types.to(self.device),
         )
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
         """Classification logits (needs ``model_class="AutoModelForSequenceClassification"``)."""
+        if not self.takes_segments:
+            kwargs.pop("token_type_ids", None)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits

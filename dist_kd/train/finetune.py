@@ -205,7 +205,7 @@ class TeacherTrainer:
         self.pad_id = pad_id_of(tokenizer)
         torch.manual_seed(self.seed)  # head init and dropout masks
         model = build_classifier(cfg.base, spec, self.dropout)
-        self.use_token_types = uses_token_types(tokenizer)
+        self.use_token_types = uses_token_types(tokenizer, model.config)
         self.model = model
         self.engine = None
 
@@ -373,7 +373,7 @@ def _rescore(target: Path, cfg: FinetuneConfig, info: distributed.DistInfo, toke
 
     model = AutoModelForSequenceClassification.from_pretrained(target).to(info.device).eval()
     return batched_logits(lambda batch: model(**batch).logits, dev.rows, pad_id_of(tokenizer), cfg.eval_batch_size,
-                          info.device, uses_token_types(tokenizer))  # fmt: skip
+                          info.device, uses_token_types(tokenizer, model.config))  # fmt: skip
 
 
 def _write_dev_results(directory: Path, result: dict[str, Any], dev_logits: np.ndarray) -> dict[str, Any]:

@@ -162,7 +162,7 @@ class TaskTrainer(EngineTrainer):
                     )
         self.names = [task.spec.name for task in self.tasks]
         self.pad_id = pad_id_of(self.tokenizer)
-        self.use_token_types = uses_token_types(self.tokenizer)
+        self.use_token_types = uses_token_types(self.tokenizer, self.student_config)
         rows_per_step = cfg.data.micro_batch_size * info.world_size * cfg.train.grad_accum
         self.steps_per_epoch = max(1, math.ceil(sum(task.num_rows for task in self.tasks) / rows_per_step))
         self.max_steps = (
