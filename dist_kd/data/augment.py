@@ -471,13 +471,17 @@ class MaskedLMCandidates:
         cache_size: int = 100_000,
     ) -> None:
         import torch
-        from transformers import AutoModelForMaskedLM
+        from transformers import AutoConfig, AutoModelForMaskedLM
 
         from dist_kd.data.tokenizer import load_tokenizer
+        from dist_kd.models.teacher import check_max_length, max_input_length
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"masked-LM directory {model_dir} has no config.json (a HF *ForMaskedLM dir)")
+        config = AutoConfig.from_pretrained(model_dir)
+        if max_seq_length is not None:  # an explicit length is used as given or refused, never cut down unsaid
+            check_max_length(config, max_seq_length, model_dir, "max_seq_length (--max-seq-length)")
         # Fast only (augmentation needs word_ids), and never the special-tokens-only tokenizer of a directory
         # without vocabulary files, whose every word would be [UNK].
         self.tokenizer = load_tokenizer(model_dir)
@@ -502,8 +506,10 @@ class MaskedLMCandidates:
         self.model_dir = model_dir
         self.k = k
         self.batch_size = batch_size
-        limits = [512, self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", 512)]
-        self.max_seq_length = min([max_seq_length or 512, *limits])
+        if max_seq_length is None:  # the model's maximum, at most 512 (RoBERTa's positions start after padding)
+            limits = [512, self.tokenizer.model_max_length, max_input_length(config) or 512]
+            max_seq_length = min(limits)
+        self.max_seq_length = max_seq_length
         self.head = next((getattr(self.model, n) for n in _HEAD_NAMES if hasattr(self.model, n)), None)
         self.surface: dict[int, str] = {}
         self.banned = self._banned_ids()

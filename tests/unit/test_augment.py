@@ -688,3 +688,26 @@ def test_non_finite_glove_values_are_refused_naming_the_row(tmp_path):
     np.save(tmp_path / "v.npy", matrix[:1])
     (tmp_path / "words.txt").write_text("a\n")
     assert aug.load_glove(tmp_path / "v.npy", tmp_path / "words.txt").words == ["a"]
+
+
+def test_an_explicit_masked_lm_length_is_used_as_given_or_refused(biased_mlm_dir):
+    # The tiny masked-LM has 128 positions; a longer context asked for was cut to 128 without a word while the
+    # augmented set's metadata recorded the asked value.
+    flag = r"max_seq_length \(--max-seq-length\)"
+    with pytest.raises(ValueError, match=rf"{flag} 200 exceeds the max_position_embeddings 128 of model .*; set {flag} "
+                                         r"to at most 128"):  # fmt: skip
+        aug.MaskedLMCandidates(biased_mlm_dir, k=2, max_seq_length=200)
+    assert aug.MaskedLMCandidates(biased_mlm_dir, k=2, max_seq_length=64).max_seq_length == 64
+    assert aug.MaskedLMCandidates(biased_mlm_dir, k=2).max_seq_length == 128  # null: the model's maximum
+
+
+def test_a_roberta_masked_lm_reads_sentences_past_its_usable_positions(bpe_mlm_dir):
+    # RoBERTa's positions start after the padding id: 132 embeddings hold 130 pieces. The default context was
+    # 132, and a sentence of 131 or more pieces indexed past the position embeddings.
+    masked_lm = aug.MaskedLMCandidates(bpe_mlm_dir, k=2)
+    assert masked_lm.max_seq_length == 130
+    ids = masked_lm.tokenizer("the bank raised rates " * 60)["input_ids"]
+    assert len(ids) > 132
+    (found,) = masked_lm.candidates([(ids, [2, 128, len(ids) - 2])])
+    assert sorted(found) == [2, 128, len(ids) - 2]
+    assert found[len(ids) - 2] == []  # past the context: no candidates
