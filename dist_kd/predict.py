@@ -14,6 +14,7 @@ that anyone can recompute a metric from it without dist_kd.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import torch
 from dist_kd.data.encode import TokenizedRows, pad_rows
 from dist_kd.data.tasks import TaskSpec
 from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir
+
+logger = logging.getLogger(__name__)
 
 # A file without this column is a test set; one without a column the user named instead is an error.
 DEFAULT_LABEL_COLUMN = TaskSpec.__dataclass_fields__["label"].default
@@ -181,7 +184,8 @@ def evaluate_classifier(
             previous evaluation (only those files) is replaced as a whole once the new one is complete.
 
     Returns:
-        ``{"task", "model", "data", "num_rows", "metrics"}``; ``metrics`` is None when some row has no label.
+        ``{"task", "model", "data", "num_rows", "num_labelled", "metrics"}``; ``metrics`` are over the labelled
+        rows (a warning names the others), None when no row has a label (a test set).
 
     Raises:
         FileNotFoundError / ValueError: missing inputs, labels that disagree with the model's, a label column
@@ -217,12 +221,25 @@ def evaluate_classifier(
     logits = batched_logits(lambda batch: model(**batch).logits, rows, pad_id_of(tokenizer), batch_size, device,
                             uses_token_types(tokenizer, config))  # fmt: skip
     labels = table.column("label").to_pylist()
+    labelled = np.array([label is not None for label in labels])
     metrics = None
-    if all(label is not None for label in labels):
-        metrics = compute_metrics(spec.type, spec.metric, logits, np.asarray(labels), spec.num_labels)
+    if labelled.any():
+        if not labelled.all():  # a labelled set with gaps: scored over its labelled rows, and said so
+            ids = table.column("example_id").to_pylist()
+            unlabelled = [str(ids[row]) for row in np.flatnonzero(~labelled)]
+            logger.warning(
+                "data %s: %d of %d rows have no label (example ids %s%s); the metrics are over the %d labelled "
+                "rows, every row is predicted", data, len(unlabelled), len(labels), ", ".join(unlabelled[:5]),
+                ", ..." if len(unlabelled) > 5 else "", int(labelled.sum()),
+            )  # fmt: skip
+        known = np.asarray([label for label in labels if label is not None])
+        metrics = compute_metrics(spec.type, spec.metric, logits[labelled], known, spec.num_labels)
         if spec.type == "classification":
-            metrics["predicted_classes"] = predicted_classes(logits)  # as the task stage's eval.json has it
-    report = {"task": spec.name, "model": str(model_dir), "data": str(data), "num_rows": len(rows), "metrics": metrics}
+            metrics["predicted_classes"] = predicted_classes(logits[labelled])  # as the task stage's eval.json has it
+    report = {
+        "task": spec.name, "model": str(model_dir), "data": str(data), "num_rows": len(rows),
+        "num_labelled": int(labelled.sum()), "metrics": metrics,
+    }  # fmt: skip
     if output is not None:
         # One directory swap: a crash never leaves new predictions beside an older evaluation's metrics.
         with atomic_dir(output) as tmp:

@@ -10,7 +10,8 @@ is a regression, as transformers trains it. Prints the task metrics as JSON; wit
 ``--output`` writes ``predictions.jsonl`` (one line per row) and ``metrics.json`` into that directory, replacing
 a previous evaluation there as a whole; an ``--output`` that is a file, or a directory holding other files, is
 refused. Rows without a label (a test set) get predictions and no metrics, as does data without the default
-``label`` column; a ``--label`` column the data lacks is an error. Bad input exits with code 2.
+``label`` column; a file where only some rows lack one is scored over its labelled rows, with a warning; a
+``--label`` column the data lacks is an error. Bad input exits with code 2.
 """
 
 from __future__ import annotations

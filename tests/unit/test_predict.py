@@ -241,3 +241,35 @@ def test_a_one_output_model_without_problem_type_is_scored_as_a_regression(tmp_p
     with torch.no_grad():
         predicted = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0].numpy()
     assert report["metrics"]["pearson"] == pytest.approx(float(np.corrcoef(predicted, scores)[0, 1]), abs=1e-5)
+
+
+def test_a_file_with_some_unlabelled_rows_is_scored_over_its_labelled_rows(classifier, tmp_path, caplog):
+    """A labelled dev file with a few gaps gave metrics null and exit 0, without a word."""
+    import logging
+
+    import numpy as np
+
+    from dist_kd.testing import random_sentences
+
+    texts = random_sentences(8, seed=4)
+    labels = [LABELS[i % 2] if i not in (2, 5) else None for i in range(len(texts))]
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("".join(json.dumps({"id": f"g{i}", "text": t, "category": y}) + "\n"
+                            for i, (t, y) in enumerate(zip(texts, labels))))  # fmt: skip
+    spec = resolve_task_spec("demo", labels=LABELS, text_a="text", label="category", id_column="id")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
+        report = evaluate_classifier(classifier, spec, path, output=tmp_path / "out")
+    assert "2 of 8 rows have no label (example ids g2, g5); the metrics are over the 6 labelled rows" in caplog.text
+    assert report["num_rows"] == 8 and report["num_labelled"] == 6
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8  # every row is predicted
+    kept = [p for p in predictions if p["label"] is not None]
+    accuracy = np.mean([p["prediction"] == p["label"] for p in kept])
+    assert [p["example_id"] for p in kept] == ["g0", "g1", "g3", "g4", "g6", "g7"]
+    assert report["metrics"]["accuracy"] == pytest.approx(accuracy)
+    unlabelled = tmp_path / "test.jsonl"  # a test set: no metrics, no warning
+    unlabelled.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
+        report = evaluate_classifier(classifier, resolve_task_spec("demo", labels=LABELS, text_a="text"), unlabelled)
+    assert report["metrics"] is None and report["num_labelled"] == 0 and "no label" not in caplog.text
