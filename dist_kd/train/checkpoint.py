@@ -413,7 +413,12 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
             "deepspeed.config defaults to ds_configs/zero0.json since the release that added train.bf16_mode "
             "(ds_configs/zero2.json before)"
         )
-    if any(key.startswith(("train.", "deepspeed.", "data.")) for key in differing):
+    if any(key.endswith(".dev") for key in differing):
+        way_out += (
+            "; the dev data changed since the checkpoint, whose eval.json and best/ exports were scored on the "
+            "earlier dev set, which the new one would be mixed with"
+        )
+    if any(key.startswith(("train.", "deepspeed.", "data.")) or key.endswith(".dev") for key in differing):
         way_out += (
             f"; to go on from these weights under new settings, export them (dist-kd export --checkpoint {checkpoint} "
             "--output DIR) and start a new run.output_dir with student.path=DIR"

@@ -214,11 +214,19 @@ class TaskTrainer(EngineTrainer):
             "student.intermediate_size": ffn_width(self.student_config),
             "student.vocab_size": self.student_config.vocab_size,
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
+            # The dev sets: eval.json and best/ hold the earlier evaluations, which another dev set would mix with
+            # the new ones (and best/ pick across the two). One key per task, so the error names the task.
+            **{f"tasks[{entry.name}].dev": data_fingerprint(entry.dev) for entry in cfg.tasks if entry.dev},
             **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
             **ckpt.merged_settings(data_settings_meta(cfg, weights), objective_meta(cfg, self.phase)),
         }
         if self.phase == "intermediate":  # what the projections and layer losses were learnt against
             self.meta.update({f"tasks[{name}].teacher": teacher for name, teacher in self.teacher_meta.items()})
+            # A teacher retrained in place (same path and shape, new weights): its own key, which checkpoints of
+            # earlier releases lack (and are not compared on), so that their teacher dicts above still match.
+            self.meta.update(
+                {f"tasks[{t.spec.name}].teacher.sha256": self.teacher_sha256[t.teacher] for t in self.tasks}
+            )
             self.meta["distill.layer_map"] = self.mapping
         if resume_from is not None:
             ckpt.check_resume(resume_from, self.meta, info.world_size)
@@ -253,6 +261,7 @@ class TaskTrainer(EngineTrainer):
 
     def _load_teachers(self) -> dict[str, Any]:
         """Phase intermediate: one frozen teacher per distinct directory, checked against the student."""
+        from dist_kd.data.augment import weights_sha256
         from dist_kd.data.tokenizer import tokenizer_fingerprint
         from dist_kd.models.student import check_heads
         from dist_kd.models.teacher import Teacher
@@ -260,6 +269,7 @@ class TaskTrainer(EngineTrainer):
         teachers: dict[str, Any] = {}
         shapes = set()
         self.teacher_meta: dict[str, dict[str, Any]] = {}  # per task, for the checkpoints' meta.json
+        self.teacher_sha256: dict[str, str] = {}  # per teacher directory, its weights' digest
         for task in self.tasks:
             from transformers import AutoConfig
 
@@ -275,6 +285,7 @@ class TaskTrainer(EngineTrainer):
             }
             if task.teacher in teachers:
                 continue
+            self.teacher_sha256[task.teacher] = weights_sha256(task.teacher)
             shapes.add((config.num_hidden_layers, config.hidden_size, config.num_attention_heads))
             if len(shapes) > 1:
                 raise ValueError(

@@ -474,3 +474,45 @@ def test_a_best_exported_after_the_checkpoint_is_the_best_the_resumed_run_report
         if before[name][0] > 4 and best["step"] == before[name][0]:
             assert f"best/{name} holds the classifier of step {before[name][0]}" in proc.stderr
     assert [h["step"] for h in report["history"]] == [4, 6]  # the lost run's later evaluations are gone
+
+
+def test_resume_refuses_a_dev_set_or_teacher_changed_in_place(pipeline, tmp_path):
+    """Edited in place, the dev file mixed two dev sets in eval.json and best/; a teacher retrained in place
+    (same path and shape, new weights) was distilled from with the old one's projections. Both are refused,
+    naming the task, and the run is left as it was; put back, the run resumes."""
+    teacher, dev = tmp_path / "teacher", tmp_path / "topic_dev.jsonl"
+    shutil.copytree(pipeline / "teachers" / "teacher-1", teacher)
+    shutil.copy(pipeline / "topic_dev.jsonl", dev)
+    out = tmp_path / "run"
+
+    def config(max_steps: int) -> Path:
+        path = _config(
+            pipeline, out, share=False, distill={"phase": "intermediate"}, teacher={"path": str(teacher)},
+            train={"epochs": None, "max_steps": max_steps}, run={"save_every": 2},
+            deepspeed={"config": "ds_configs/zero0.json"},
+        )  # fmt: skip
+        settings = yaml.safe_load(path.read_text())
+        settings["tasks"][0]["dev"] = str(dev)
+        path.write_text(yaml.safe_dump(settings))
+        return path
+
+    run_script("launch/task.py", "--debug", "--config", str(config(2)))
+    before = snapshot(out)
+    lines = dev.read_text().splitlines(keepends=True)
+    dev.write_text("".join(lines[:-5]))  # five dev rows fewer
+    proc = run_script("launch/task.py", "--debug", "--config", str(config(4)), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    digest = "'[0-9a-f]{64}'"
+    assert re.search(rf"error: cannot resume from .*step-00000002: tasks\[topic\]\.dev: checkpoint has {digest}, "
+                     rf"this run has {digest}.*the dev data changed since the checkpoint", proc.stderr)  # fmt: skip
+    dev.write_text("".join(lines))
+    weights = teacher / "model.safetensors"
+    kept = weights.read_bytes()
+    shutil.copy(pipeline / "teachers" / "teacher-2" / "model.safetensors", weights)  # retrained in place
+    proc = run_script("launch/task.py", "--debug", "--config", str(config(4)), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(r"error: cannot resume from .*: tasks\[topic\]\.teacher\.sha256: checkpoint has", proc.stderr)
+    assert snapshot(out) == before
+    weights.write_bytes(kept)
+    proc = run_script("launch/task.py", "--debug", "--config", str(config(4)))
+    assert "resumed from" in proc.stderr and _metrics(out)[-1]["step"] == 4
