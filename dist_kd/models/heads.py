@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -126,10 +127,37 @@ class MultiTaskStudent(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, C)`` of ``task``."""
+        """Logits ``(B, C)`` of ``task``.
+
+        In training, every other head also runs (in eval mode, on detached inputs) and adds 0 times its logits'
+        sum: each head then gets a gradient on every step, zero for the idle ones, as ZeRO 0-2 give them anyway.
+        ZeRO-3 hands the optimizer its whole gradient buffer, in which a head that took no part in the step kept
+        its last gradient: that head was stepped again with it on every step its task was not drawn.
+        """
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        return self.heads[task](outputs)
+        logits = self.heads[task](outputs)
+        if self.training and len(self.heads) > 1:
+            logits = logits + (0.0 * self._idle_heads(task, outputs)).to(logits.dtype)
+        return logits
+
+    def _idle_heads(self, task: str, outputs) -> torch.Tensor:
+        """The sum of every other head's logits on the detached encoder outputs (eval mode: no dropout draws,
+        so the random stream, and with it a run's dropout masks, stays that of the active head alone)."""
+        pooled = getattr(outputs, "pooler_output", None)
+        detached = SimpleNamespace(
+            last_hidden_state=outputs.last_hidden_state.detach(),
+            pooler_output=None if pooled is None else pooled.detach(),
+        )
+        total = outputs.last_hidden_state.new_zeros(())
+        for name, head in self.heads.items():
+            if name != task:
+                head.train(False)
+                try:
+                    total = total + head(detached).float().sum()
+                finally:
+                    head.train(True)
+        return total
 
     def task_model(self, task: str) -> nn.Module:
         """A stand-alone HF ``*ForSequenceClassification`` for ``task`` holding copies of the current weights."""

@@ -156,20 +156,22 @@ def test_deleting_the_teachers_changes_nothing(pipeline, two_rank_run):
 
 @pytest.mark.distributed
 def test_zero3_gives_the_run_of_zero2(pipeline, two_rank_run):
-    """Heads of the tasks not in a batch get no gradient; ZeRO-3 partitions them anyway and must train alike."""
+    """ZeRO-3 kept the last gradient of a head whose task had no batch in a step and stepped the head with it
+    again (loss curves up to 4.3 % apart, 0.44 % on average); every head now takes part in every step (zero
+    gradients for the idle ones, as ZeRO 0-2 give them), and the runs agree to summation order (6e-8)."""
     out = pipeline / "run2-zero3"
     _two_ranks(_config(pipeline, out, deepspeed={"config": "ds_configs/zero3.json"}), 29537)
     gaps = []
     for a, b in zip(_metrics(two_rank_run), _metrics(out), strict=True):
         assert a["task_batches"] == b["task_batches"]
         gaps.append(abs(b["loss"] - a["loss"]) / max(a["loss"], 0.1))  # the last window can be one tiny step
-    # Same data, same maths; ZeRO-3 sums gradients in another order, and Adam's first steps amplify the
-    # last-bit differences, so the curves agree closely rather than bit for bit.
-    assert gaps[0] < 1e-3 and max(gaps) < 0.05 and float(np.mean(gaps)) < 0.01, gaps
+    # Same data, same maths; ZeRO-3 sums gradients in another order, so the curves agree to the last bits.
+    assert max(gaps) < 1e-5, gaps
     reports = [json.loads((run / "eval.json").read_text()) for run in (two_rank_run, out)]
-    assert reports[1]["tasks"]["topic"]["final"]["accuracy"] == pytest.approx(
-        reports[0]["tasks"]["topic"]["final"]["accuracy"], abs=0.02
-    )
+    for task, metric in (("topic", "accuracy"), ("share", "pearson")):  # one dev row of 300 may tip either way
+        assert reports[1]["tasks"][task]["final"][metric] == pytest.approx(
+            reports[0]["tasks"][task]["final"][metric], abs=0.004
+        )
     assert (out / "tasks" / "topic" / "model.safetensors").stat().st_size == (
         two_rank_run / "tasks" / "topic" / "model.safetensors"
     ).stat().st_size

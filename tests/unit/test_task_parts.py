@@ -124,6 +124,39 @@ def test_task_heads_export_as_stock_classifiers_with_the_same_logits(arch, style
     }
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta", "deberta-v2"])
+def test_in_training_idle_heads_get_zero_gradients_and_draw_no_dropout(arch, tiny_bert_dir, tmp_path):
+    """ZeRO-3 re-used the last gradient of a head that took no part in a step; every head now gets one, zero
+    for the idle ones. The active head's logits, and the random stream (its dropout masks), are unchanged."""
+    from transformers import AutoModel
+
+    from dist_kd.models.heads import MultiTaskStudent
+    from dist_kd.testing import build_tiny_encoder
+
+    model_dir = tiny_bert_dir if arch == "bert" else build_tiny_encoder(tmp_path / "encoder", arch)
+    tasks = {"topic": (3, ["a", "b", "c"]), "score": (1, None), "pair": (2, ["x", "y"])}
+    student = MultiTaskStudent(AutoModel.from_pretrained(model_dir), tasks, dropout=0.3).train()
+    ids, mask = torch.randint(5, 100, (4, 9)), torch.ones(4, 9, dtype=torch.long)
+    torch.manual_seed(3)
+    reference = student.heads["topic"](student.encoder(input_ids=ids, attention_mask=mask, return_dict=True))
+    after_reference = torch.get_rng_state()
+    torch.manual_seed(3)
+    logits = student("topic", ids, mask)
+    assert torch.equal(logits, reference) and torch.equal(torch.get_rng_state(), after_reference)
+    assert all(head.training for head in student.heads.values())
+    logits.square().sum().backward()
+    for name, param in student.heads.named_parameters():
+        assert param.grad is not None, name
+        if name.startswith("topic."):
+            assert param.grad.abs().sum() > 0, name
+        else:
+            assert torch.count_nonzero(param.grad) == 0, name
+    student.zero_grad(set_to_none=True)
+    student.eval()  # evaluation runs the asked head alone
+    student("topic", ids, mask).sum().backward()
+    assert all(param.grad is None for name, param in student.heads.named_parameters() if not name.startswith("topic."))
+
+
 def test_a_student_saved_in_fp16_gives_fp32_heads_and_fp32_exports(tmp_path):
     """transformers builds from_config models in config.dtype: a student.path saved in fp16 (or a teacher that
     a student is derived from) gave fp16 task heads beside the fp32 encoder (an fp32 run crashed on "mat1 and
