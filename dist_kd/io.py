@@ -8,6 +8,7 @@ file under the final name and never damages what was there before.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +57,48 @@ def _ordinary_modes_under(root: Path) -> None:
             _ordinary_mode(file, directory=bool(executable))
 
 
+# Causes that can only come from writing: a full device, an exhausted quota, a read-only filesystem.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+WRITE_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def error_causes(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from or during, outermost first."""
+    causes: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in causes:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return causes
+
+
+def write_errno(err: BaseException) -> int | None:
+    """The errno (:data:`WRITE_ERRNOS`) of the write failure that ``err`` or one of its causes reports, or None.
+
+    safetensors and DeepSpeed report a full disk in errors of their own types, with the OS's text inside.
+    """
+    for cause in error_causes(err):
+        if getattr(cause, "errno", None) in WRITE_ERRNOS:
+            return cause.errno
+        for number, message in zip(WRITE_ERRNOS, WRITE_MESSAGES, strict=True):
+            if message in str(cause):
+                return number
+    return None
+
+
+@contextlib.contextmanager
+def _writes_named(final: Path) -> Iterator[None]:
+    """A write failure inside an atomic write's block (a full disk, often raised by a library without any file
+    name, or as its own error type: safetensors') becomes an OSError naming ``final``, raised from it."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised as it was unless it is a write failure
+        number = write_errno(err)
+        if number is None or (isinstance(err, OSError) and err.filename == str(final)):
+            raise
+        raise OSError(number, os.strerror(number), str(final)) from err
+
+
 @contextlib.contextmanager
 def _naming(final: Path) -> Iterator[None]:
     """An OSError making the temporary sibling of ``final`` names ``final`` (what the caller asked to write),
@@ -87,10 +130,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     _ordinary_mode(tmp, directory=False)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        with _writes_named(final):
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -105,21 +149,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(os.path.abspath(path))  # "." has no name to derive a temporary one from
     final.parent.mkdir(parents=True, exist_ok=True)  # its own error names the directory in the way
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir() and not final.exists():  # a swap killed between its two renames: the earlier output back
+        os.replace(old, final)
     with _naming(final):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     _ordinary_mode(tmp, directory=True)
     try:
-        yield tmp
-        _ordinary_modes_under(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            if old.exists():
+        with _writes_named(final):
+            yield tmp
+            _ordinary_modes_under(tmp)
+            if final.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:
+                    os.replace(old, final)  # the earlier output stays where it was
+                    raise
                 shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+            else:
+                os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -10,6 +10,7 @@ writer (``dist_kd.data.corpus``) and the training stream (``dist_kd.data.stream`
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import io
 import json
@@ -104,9 +105,16 @@ class _ShardWriter:
         self._tar_headers: dict[int, _HeaderTemplate] = {}
 
     def _write(self, data: bytes) -> None:
-        self._handle.write(data)
+        try:
+            self._handle.write(data)
+        except OSError as err:
+            raise self._named(err) from err
         self._digest.update(data)
         self._bytes += len(data)
+
+    def _named(self, err: OSError) -> OSError:
+        """``err`` naming the shard being written (a full disk's error names no file)."""
+        return OSError(err.errno, err.strerror, str(self.directory / shard_name(len(self.shards))))
 
     def write(self, sequence: np.ndarray) -> None:
         if self._handle is None:
@@ -136,9 +144,12 @@ class _ShardWriter:
     def _close_shard(self) -> None:
         self._write(b"\0" * (2 * _TAR_BLOCK))
         self._write(b"\0" * (-self._bytes % _TAR_RECORD))
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+        except OSError as err:
+            raise self._named(err) from err
         name = shard_name(len(self.shards))
         os.replace(self.directory / f".{name}.tmp", self.directory / name)
         self.shards.append(
@@ -159,9 +170,12 @@ class _ShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (after an error), leaving no temporary file behind."""
         if self._handle is not None:
-            self._handle.close()
-            (self.directory / f".{shard_name(len(self.shards))}.tmp").unlink(missing_ok=True)
-            self._handle = None
+            try:  # closing flushes the buffer, which fails again on a full disk: the file goes all the same
+                with contextlib.suppress(OSError):
+                    self._handle.close()
+            finally:
+                (self.directory / f".{shard_name(len(self.shards))}.tmp").unlink(missing_ok=True)
+                self._handle = None
 
 
 _NPY_MAGIC = b"\x93NUMPY"

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from dist_kd import distributed
-from dist_kd.io import atomic_path, write_json_atomic
+from dist_kd.io import atomic_path, error_causes, write_errno, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -69,32 +69,11 @@ class OutputWriteError(RuntimeError):
     writing config.yaml, metrics, the export or the report); reported as one line, checkpoints intact."""
 
 
-# Causes that can only come from writing: a full device, an exhausted quota, a read-only filesystem.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-WRITE_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
-
-
-def _causes(err: BaseException) -> list[BaseException]:
-    causes: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and cause not in causes:
-        causes.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    return causes
-
-
 def write_failure(err: BaseException) -> str | None:
-    """What in ``err`` (or its causes) says a write failed: "No space left on device", ..., or None.
-
-    safetensors and DeepSpeed report a full disk in errors of their own types, with the OS's text inside.
-    """
-    for cause in _causes(err):
-        if getattr(cause, "errno", None) in WRITE_ERRNOS:
-            return os.strerror(cause.errno)
-        for message in WRITE_MESSAGES:
-            if message in str(cause):
-                return message
-    return None
+    """What in ``err`` (or its causes) says a write failed: "No space left on device", ..., or None
+    (:func:`dist_kd.io.write_errno`)."""
+    number = write_errno(err)
+    return None if number is None else os.strerror(number)
 
 
 def output_write_failed(run_dir: Path, err: BaseException) -> OutputWriteError | None:
@@ -143,6 +122,12 @@ def damage(checkpoint: Path) -> str | None:
     missing = [f"rank{rank:05d}.pt" for rank in range(ranks) if not (checkpoint / f"rank{rank:05d}.pt").is_file()]
     if missing:
         return f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    return damaged_files(checkpoint, meta)
+
+
+def damaged_files(checkpoint: Path, meta: dict[str, Any]) -> str | None:
+    """The first file that ``meta.json`` lists and that is missing or not of its recorded size, said in words;
+    None when all are whole (or the checkpoint predates the sizes)."""
     for name, size in (meta.get("files") or {}).items():
         path = checkpoint / name
         if not path.is_file():
@@ -238,7 +223,10 @@ def save_checkpoint(
     final = checkpoints_dir / name
     if final.is_dir() and damage(final) is None:
         # The same step is already whole (a finished run started again, resumed at its last step): the state is
-        # the same, and replacing it would open a moment without a newest complete checkpoint.
+        # the same, and replacing it would open a moment without a newest complete checkpoint. `latest` may
+        # still name an older one, where writing it failed the last time.
+        if info.is_main:
+            point_latest(checkpoints_dir, name)
         return final
     if info.is_main:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -275,13 +263,33 @@ def save_checkpoint(
                 (checkpoints_dir / tmp_tag).rename(final)
             except Exception as err:  # noqa: BLE001
                 raise _save_failed(checkpoints_dir, tmp_tag, err) from err
-            with contextlib.suppress(OSError):  # DeepSpeed's tools (zero_to_fp32.py) read the newest tag here
-                with atomic_path(checkpoints_dir / "latest") as tmp:
-                    tmp.write_text(name)
+            point_latest(checkpoints_dir, name)
             if keep_last > 0:
                 for old in prunable(checkpoints_dir, keep_last):
                     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def point_latest(checkpoints_dir: Path, name: str) -> None:
+    """Make ``checkpoints/latest`` (the newest tag, which DeepSpeed's zero_to_fp32.py and ``dist-kd export
+    RUN/checkpoints/latest`` read) name ``name``. Where it cannot be written (a full disk after the checkpoint
+    itself fitted), the stale file is removed, with a warning, rather than left naming a checkpoint that
+    pruning then deletes or an older one that an export would silently take."""
+    latest = checkpoints_dir / "latest"
+    with contextlib.suppress(OSError):
+        if latest.read_text().strip() == name:
+            return
+    try:
+        with atomic_path(latest) as tmp:
+            tmp.write_text(name)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            latest.unlink()
+        logger.warning(
+            "could not write %s (%s): %s is saved and resumes, but %s now names no checkpoint; name it explicitly "
+            "(RUN/checkpoints/%s) for dist-kd export and DeepSpeed's tools",
+            latest, err.strerror or err, name, latest.name, name,
+        )  # fmt: skip
 
 
 def remove_unfinished_saves(checkpoints_dir: Path) -> None:
@@ -319,17 +327,26 @@ def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException, remove
         free = -1
     if remove:
         shutil.rmtree(checkpoints_dir / tmp_tag, ignore_errors=True)
-    full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in _causes(err))
+    full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in error_causes(err))
+    refused = (errno.EACCES, errno.EPERM, errno.EROFS)
+    denied = next((c for c in error_causes(err) if getattr(c, "errno", None) in refused), None)
+    if denied is None and not full and not os.access(checkpoints_dir, os.W_OK):
+        # DeepSpeed reports an unwritable directory as "Parent directory ... does not exist".
+        denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(checkpoints_dir))
     previous = latest_checkpoint(checkpoints_dir)
     kept = f"; the newest whole checkpoint, {previous.name}, is intact" if previous else ""
-    if full or 0 <= free < (64 << 20):
+    # Little room left counts as full only when nothing says otherwise (DeepSpeed's own errors hide the errno).
+    full = full or (denied is None and 0 <= free < (64 << 20))
+    if full:
         reason = f"{NO_SPACE} ({free / 2**20:.0f} MiB free there)"
+    elif denied is not None:
+        reason = f"{denied.strerror or denied} ({getattr(denied, 'filename', None) or checkpoints_dir})"
     else:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return CheckpointSaveError(
         f"saving a checkpoint under {checkpoints_dir} failed: {reason}{kept}; make room or fix the cause and "
         "rerun to resume",
-        disk_full=full or 0 <= free < (64 << 20),
+        disk_full=full,
     )
 
 

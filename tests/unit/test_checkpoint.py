@@ -414,3 +414,43 @@ def test_a_rank_without_its_own_state_starts_an_empty_log_window(tmp_path, monke
     # What the next log line's all-reduce sums: the open window once, as one rank would have logged it.
     summed = sum(w.totals for w in windows)
     torch.testing.assert_close(summed, window.totals)
+
+
+def test_a_latest_tag_that_cannot_be_written_names_no_checkpoint_and_is_put_right(tmp_path, monkeypatch, caplog):
+    """The disk filled after a checkpoint fitted but before its 4 KiB `latest` did: `latest` kept naming
+    step 10, which pruning then deleted (export .../latest failed; with it kept, an older model was exported),
+    and a later start at the same step never rewrote it."""
+    _save(tmp_path, 10, keep_last=1)
+    real = ckpt.atomic_path
+
+    def full_for_latest(path):
+        if ckpt.Path(path).name == "latest":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(ckpt, "atomic_path", full_for_latest)
+    with caplog.at_level(logging.WARNING):
+        _save(tmp_path, 20, keep_last=1)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [20]
+    assert not (tmp_path / "latest").exists()  # not left naming the pruned step-00000010
+    assert "could not write" in caplog.text and "step-00000020 is saved and resumes" in caplog.text
+    monkeypatch.setattr(ckpt, "atomic_path", real)
+    engine = FakeEngine()
+    _save(tmp_path, 20, engine, keep_last=1)  # started again at its last step: nothing saved, `latest` written
+    assert engine.saves == 0 and (tmp_path / "latest").read_text() == "step-00000020"
+
+
+def test_a_refused_write_with_little_room_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """Any save failure on a filesystem with under 64 MiB free read "no space left on the device", also a
+    read-only checkpoints/ (DeepSpeed: "Parent directory ... does not exist"), whose cause never appeared."""
+    _save(tmp_path, 10)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 7 << 20})())
+    refused = RuntimeError(f"Parent directory {tmp_path}/.tmp-step-00000020 does not exist.")
+    refused.__context__ = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".tmp-step-00000020"))
+    with pytest.raises(ckpt.CheckpointSaveError) as caught:
+        _save(tmp_path, 20, FakeEngine(fail=refused))
+    assert not caught.value.disk_full and "no space" not in str(caught.value)
+    assert f"failed: Permission denied ({tmp_path}/.tmp-step-00000020)" in str(caught.value)
+    with pytest.raises(ckpt.CheckpointSaveError) as caught:  # nothing said: little room is the likely cause
+        _save(tmp_path, 20, FakeEngine(fail=RuntimeError("unexpected pos 6208 vs 6100")))
+    assert caught.value.disk_full and "no space left on the device (7 MiB free there)" in str(caught.value)

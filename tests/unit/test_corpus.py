@@ -553,3 +553,32 @@ def test_overlapping_inputs_read_each_file_once(tmp_path, text_inputs, tiny_toke
     twice = prepare_corpus([text_inputs, text_inputs / "a.txt"], tiny_tokenizer_dir, tmp_path / "twice", **options)
     assert twice.num_documents == once.num_documents == 240
     assert _tree_bytes(tmp_path / "once") == _tree_bytes(tmp_path / "twice")
+
+
+def test_a_full_disk_mid_shard_names_the_shard_and_leaves_no_temporary_file(tmp_path):
+    """A write that filled the disk said "[Errno 28] No space left on device" naming no file, and the abort's
+    close flushed the buffer, failed again, and left the partial .shard-NNNNNN.tar.tmp behind."""
+    import errno
+
+    import numpy as np
+
+    from dist_kd.data.shards import _ShardWriter
+
+    writer = _ShardWriter(tmp_path, shard_size=4, dtype=np.dtype(np.uint16))
+    writer.write(np.arange(10, dtype=np.int64))
+    real = writer._handle
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._handle = Full()
+    with pytest.raises(OSError) as caught:
+        writer.write(np.arange(10, dtype=np.int64))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "shard-000000.tar")
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

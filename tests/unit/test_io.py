@@ -101,3 +101,55 @@ def test_an_output_named_by_a_dot_path_is_written(tmp_path, monkeypatch):
     with atomic_path("out/b/../b.txt") as tmp:
         tmp.write_text("b")
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_a_write_failure_in_an_atomic_block_names_the_output_and_keeps_the_earlier_one(tmp_path):
+    """safetensors reports a full disk as its own error type naming no file: export printed a traceback, and
+    prepare-corpus, precompute and augment said "[Errno 28] No space left on device" without a path."""
+    import errno
+
+    out = tmp_path / "model"
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("earlier")
+    full = Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                     'on device" })')  # fmt: skip
+    for write in (atomic_dir, atomic_path):
+        target = out if write is atomic_dir else tmp_path / "file.json"
+        with pytest.raises(OSError) as caught, write(target):
+            raise full
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+        assert caught.value.__cause__ is full
+    assert (out / "weights").read_text() == "earlier"
+    with pytest.raises(KeyError), atomic_dir(out):  # anything else passes through as it was
+        raise KeyError("not a write failure")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_swap_stopped_between_its_two_renames_keeps_the_earlier_output(tmp_path, monkeypatch):
+    """atomic_dir moves the earlier output aside, then the new one in: a failure of the second rename lost the
+    earlier output under the final name (only a hidden .model.old held it, which nothing restored)."""
+    import os
+
+    from dist_kd import io
+
+    out = tmp_path / "model"
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("earlier")
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", second_fails)
+    with pytest.raises(OSError), atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("new")
+    monkeypatch.setattr(io.os, "replace", real)
+    assert (out / "weights").read_text() == "earlier" and not (tmp_path / ".model.old").exists()
+    # A process killed between the renames left only .model.old: the next write puts it back first.
+    os.rename(out, tmp_path / ".model.old")
+    with pytest.raises(RuntimeError), atomic_dir(out):
+        raise RuntimeError("the new output failed too")
+    assert (out / "weights").read_text() == "earlier"
