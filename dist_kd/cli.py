@@ -67,7 +67,10 @@ def add_task_arguments(
     if metric:
         parser.add_argument("--metric", default=None, help="accuracy | f1 | mcc | pearson | spearman")
     parser.add_argument("--text-a", default=None, help="column of the first text (default text_a / GLUE's)")
-    parser.add_argument("--text-b", type=optional_value, default="text_b", help="column of the second text; none")
+    parser.add_argument(
+        "--text-b", type=optional_value, default="text_b", action=_StoreGiven, help="column of the second text; none"
+    )
+    parser.set_defaults(text_b_given=False)
     if unlabeled:
         # label_given: a named label column must exist; the default one may be missing (unlabeled data).
         parser.add_argument(
@@ -75,7 +78,8 @@ def add_task_arguments(
         )
         parser.set_defaults(label_given=False)
     else:
-        parser.add_argument("--label", default="label", help="label column")
+        parser.add_argument("--label", default="label", action=_StoreGiven, help="label column")
+        parser.set_defaults(label_given=False)
 
 
 def task_spec_from_args(

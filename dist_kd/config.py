@@ -349,9 +349,32 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: Any) -> str:
-    """The fully resolved config as YAML, loadable again with ``load_config``."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+def dump_config(cfg: Any, absolute_paths: bool = False) -> str:
+    """The fully resolved config as YAML, loadable again with ``load_config``.
+
+    ``absolute_paths``: path-valued keys (``doc(..., path=True)``, also in lists of sections) that name an
+    existing file or directory are written absolute. A run directory's ``config.yaml`` is read again from other
+    places: ``dist-kd export`` rebuilds the student from it, and a relative ``teacher.path`` then named another
+    directory, or none, depending on where export ran. Names that are not files here (a shipped DeepSpeed JSON
+    resolved from the package, a GLUE task) are kept as written.
+    """
+    data = config_to_dict(cfg)
+    if absolute_paths:
+        _absolute_paths(cfg, data)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _absolute_paths(section: Any, data: dict[str, Any]) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("path") and isinstance(value, str) and value and os.path.exists(value):
+            data[f.name] = os.path.abspath(value)
+        elif dataclasses.is_dataclass(value):
+            _absolute_paths(value, data[f.name])
+        elif isinstance(value, list):
+            for item, item_data in zip(value, data[f.name], strict=True):
+                if dataclasses.is_dataclass(item):
+                    _absolute_paths(item, item_data)
 
 
 # The config files of the training commands, in the key reference (docs/config.md).

@@ -12,14 +12,47 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
 import yaml
 
+from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, check_replaceable_dir
+from dist_kd.train.checkpoint import complete_checkpoints, damaged_files, latest_checkpoint
 from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
+
+logger = logging.getLogger(__name__)
+
+
+def _classifier_in(directory: Path) -> str | None:
+    """What marks ``directory`` as a model with a head (a task run's ``tasks/<name>/`` or ``best/<name>/``, a
+    fine-tuned teacher, a masked-LM of ``dist-kd mlm-head``), or None."""
+    if (directory / "best.json").is_file():
+        return "best.json"
+    try:
+        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return next((f"config.json architectures {name}" for name in architectures if "For" in name), None)
+
+
+def _run_input(run_dir: Path, key: str, value: str) -> str:
+    """``value`` of ``key`` in the run's config.yaml, checked to be a directory (before transformers takes a
+    missing one for a hub name)."""
+    if not Path(value).is_dir():
+        relative = "" if Path(value).is_absolute() else (
+            " (a relative path is read from the directory export runs in; run it where the run started, or write "
+            "the absolute path into config.yaml)"
+        )  # fmt: skip
+        raise FileNotFoundError(
+            f"{run_dir / 'config.yaml'}: {key} {value} is not a directory{relative}; export rebuilds the student "
+            "from it"
+        )
+    return value
 
 
 def _student_model(run_dir: Path, config: dict):
@@ -34,6 +67,7 @@ def _student_model(run_dir: Path, config: dict):
         from dist_kd.train.task_config import TaskConfig
 
         cfg = load_config(TaskConfig, run_dir / "config.yaml")
+        _run_input(run_dir, "student.path", cfg.student.path)
         model_config = cfg.student.encoder_config(AutoConfig.from_pretrained(cfg.student.path))
         prefix = "student." if cfg.distill.phase == "intermediate" else "encoder."
         # A random-init student is not the encoder path's pooling was made for (TaskTrainer.export).
@@ -42,7 +76,9 @@ def _student_model(run_dir: Path, config: dict):
     from dist_kd.train.general import GeneralConfig
 
     cfg = load_config(GeneralConfig, run_dir / "config.yaml")
-    teacher_config = AutoConfig.from_pretrained(cfg.teacher.path)
+    teacher_config = AutoConfig.from_pretrained(_run_input(run_dir, "teacher.path", cfg.teacher.path))
+    if cfg.student.path:
+        _run_input(run_dir, "student.path", cfg.student.path)
     student_cfg = dataclasses.replace(cfg.student, init="random") if not cfg.student.path else cfg.student
     mapping = (
         None if cfg.student.path else cfg.distill.mapping(teacher_config.num_hidden_layers, cfg.student.num_layers)
@@ -96,6 +132,10 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
         target = checkpoint.parent / tag
         if not tag or not target.is_dir():
             raise FileNotFoundError(f"{checkpoint} names the checkpoint {tag!r}, which is not in {checkpoint.parent}")
+        newest = latest_checkpoint(checkpoint.parent)
+        if newest is not None and newest != target:  # a run that could not update `latest` (a full disk)
+            logger.warning("%s names %s, but %s is newer and whole; exporting %s as named", checkpoint, tag,
+                           newest.name, tag)  # fmt: skip
         return target
     return checkpoint
 
@@ -107,12 +147,18 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         FileNotFoundError: ``checkpoint`` is not a complete checkpoint of a dist_kd run.
         ValueError: the weights do not fit the architecture the run's config describes.
     """
-    from transformers import AutoTokenizer
-
+    from dist_kd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from dist_kd.model_card import encoder_load_snippet, is_dist_kd_model, model_card, write_model_card
     from dist_kd.sentence_modules import carry_sentence_modules
 
     checkpoint = resolve_checkpoint(checkpoint)
+    classifier = _classifier_in(Path(output))
+    if classifier:  # a dist_kd model too, but not an encoder export: the task head would be lost
+        raise ValueError(
+            f"--output {output} holds a model with a head ({classifier}), such as a task run's tasks/<name>/ or "
+            "best/<name>/; export writes the student encoder and replaces its directory whole, which would lose "
+            "the head: give a directory of its own (e.g. --output student-export)"
+        )
     # Before any work: the export replaces its directory whole, so one holding anything but an earlier
     # dist_kd model (".", a run or home directory) is refused, not deleted.
     check_replaceable_dir(
@@ -122,11 +168,23 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     run_dir = checkpoint.parent.parent
     if not (checkpoint / "meta.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete dist_kd checkpoint (no meta.json)")
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"checkpoint {checkpoint} is damaged: meta.json does not parse ({err})") from None
+    problem = damaged_files(checkpoint, meta)
+    if problem:  # a truncated file was a traceback from torch.load, or an OSError naming no file
+        older = [path.name for _, path in complete_checkpoints(checkpoint.parent) if path != checkpoint]
+        advice = f"; export an earlier one ({', '.join(older[-3:])})" if older else ""
+        raise ValueError(f"checkpoint {checkpoint} is damaged: {problem}{advice}")
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: {checkpoint} must sit in RUN/checkpoints/")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     model, prefix, tokenizer_dir, modules_dir = _student_model(run_dir, config)
-    state = fp32_state_dict(checkpoint)
+    try:
+        state = fp32_state_dict(checkpoint)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:  # a damaged file the sizes missed
+        raise ValueError(f"checkpoint {checkpoint} does not load ({type(err).__name__}: {err})") from None
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -134,11 +192,18 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
             f"{checkpoint}: the weights do not fit the student {config.get('student')} "
             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
-    meta = json.loads((checkpoint / "meta.json").read_text())
+    tokenizer = load_tokenizer(tokenizer_dir)
+    recorded = meta.get("tokenizer.sha256")  # checkpoints of earlier releases do not record it
+    if recorded and tokenizer_fingerprint(tokenizer)["sha256"] != recorded:
+        raise ValueError(
+            f"the tokenizer in {tokenizer_dir} (named in {run_dir / 'config.yaml'}) is not the one the run trained "
+            f"with (sha256 {recorded[:16]} in {checkpoint / 'meta.json'}): the directory changed since the run; "
+            "put the run's model back there, or the export would ship other token ids than the student's"
+        )
     output = Path(output)
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if modules_dir is not None:
             width = model.config.hidden_size
             source_width = json.loads((Path(modules_dir) / "config.json").read_text()).get("hidden_size", width)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dist_kd.config import doc
+from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class MlmHead:
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        save_tokenizer(self.tokenizer, directory)
 
 
 def _prediction_head(model: torch.nn.Module) -> torch.nn.Module:

@@ -78,9 +78,10 @@ def encoder_load_snippet(directory: str | Path) -> str:
     )
 
 
-def classifier_load_snippet(directory: str | Path) -> str:
+def classifier_load_snippet(directory: str | Path, pairs: bool = False) -> str:
+    example = '{"text": "a first sentence", "text_pair": "a second one"}' if pairs else '"an example sentence"'
     return (
         "from transformers import pipeline\n\n"
         f'classify = pipeline("text-classification", model="{directory}")\n'
-        'print(classify("an example sentence"))'
+        f"print(classify({example}))"
     )

@@ -35,6 +35,56 @@ DEFAULT_LABEL_COLUMN = TaskSpec.__dataclass_fields__["label"].default
 OUTPUT_FILES = ("predictions.jsonl", "metrics.json")
 
 
+# What a task run's classifier exports (tasks/<name>/, best/<name>/) record of the task they were trained on:
+# dist-kd evaluate reads its text columns and length from there unless told otherwise.
+TASK_RECORD = "task.json"
+
+
+def task_record(spec: TaskSpec, pairs: bool, max_length: int) -> dict[str, Any]:
+    """``task.json`` of a classifier export: the task (``text_b`` null for single texts), whether it was trained
+    on sentence pairs, and the truncation length."""
+    import dataclasses
+
+    task = dataclasses.asdict(spec) | ({} if pairs else {"text_b": None})
+    return {"task": task, "pairs": pairs, "max_length": max_length}
+
+
+def read_task_record(model_dir: str | Path) -> dict[str, Any] | None:
+    """``model_dir``'s ``task.json``, or None (another classifier, or a record that does not parse: warned)."""
+    path = Path(model_dir) / TASK_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and isinstance(record.get("task"), dict):
+            return record
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    logger.warning("%s does not parse as a task record; its text columns and length are not used", path)
+    return None
+
+
+def _check_pairs_as_trained(record: dict | None, table: pa.Table, model_dir: Path, data, spec: TaskSpec) -> None:
+    """A classifier trained on sentence pairs scored on first texts alone gave a lower score and no word (the
+    default ``text_b`` column is optional); one trained on single texts and given pairs is warned."""
+    if record is None or table.num_rows == 0:
+        return
+    given = table.column("text_b").null_count < table.num_rows
+    trained = record.get("pairs")
+    if trained and not given:
+        raise ValueError(
+            f"model {model_dir} was trained on sentence pairs (its {TASK_RECORD}: text_b "
+            f"{record['task'].get('text_b')!r}) but the data {data} has no second text (column {spec.text_b!r}): "
+            "name the data's second-text column with --text-b"
+        )
+    if trained is False and given:
+        logger.warning(
+            "model %s was trained on single texts (its %s) but the data %s gives pairs (column %r); it reads them "
+            "as one input, which it never saw: --text-b none scores the first texts alone",
+            model_dir, TASK_RECORD, data, spec.text_b,
+        )  # fmt: skip
+
+
 def teacher_label_names(config: Any, path: str | Path) -> list[str]:
     """Label names of a classification head in index order, from ``config.id2label``."""
     id2label = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
@@ -121,13 +171,13 @@ def write_predictions(path: str | Path, spec: TaskSpec, table: pa.Table, logits:
         tmp.write_text("".join(line + "\n" for line in lines))
 
 
-def _load_examples(data: str | Path, spec: TaskSpec) -> pa.Table:
+def _load_examples(data: str | Path, spec: TaskSpec, label_optional: bool = False) -> pa.Table:
     """The rows to score. Data without the default ``label`` column is a test set (predictions, no metrics),
     but a column the user named (``--label category``) that is missing is a typo, which would otherwise end in
     null metrics and exit 0: the task reader's column check is required for it."""
     from dist_kd.data.tasks import MissingColumnError, load_task_examples
 
-    named = spec.label not in (None, DEFAULT_LABEL_COLUMN)
+    named = spec.label not in (None, DEFAULT_LABEL_COLUMN) and not label_optional
     try:
         return load_task_examples(data, spec, require_labels=False, require_label_column=named)
     except MissingColumnError as err:
@@ -168,6 +218,7 @@ def evaluate_classifier(
     max_length: int = 128,
     device: torch.device | str = "cpu",
     output: str | Path | None = None,
+    label_optional: bool = False,
 ) -> dict:
     """Score an HF ``*ForSequenceClassification`` directory on task data (``launch/evaluate.py``).
 
@@ -182,6 +233,8 @@ def evaluate_classifier(
         device: where to run.
         output: a directory for ``predictions.jsonl`` and ``metrics.json`` (None writes nothing). One holding a
             previous evaluation (only those files) is replaced as a whole once the new one is complete.
+        label_optional: data without ``spec.label`` is a test set, as without the default ``label`` column
+            (the column came from the model's task record, not from the user).
 
     Returns:
         ``{"task", "model", "data", "num_rows", "num_labelled", "metrics"}``; ``metrics`` are over the labelled
@@ -213,7 +266,8 @@ def evaluate_classifier(
         )
     elif config.num_labels != 1:
         raise ValueError(f"model {model_dir} has {config.num_labels} outputs; regression task '{spec.name}' needs 1")
-    table = _load_examples(data, spec)
+    table = _load_examples(data, spec, label_optional)
+    _check_pairs_as_trained(read_task_record(model_dir), table, model_dir, data, spec)
     tokenizer = load_tokenizer(model_dir)
     rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
     device = torch.device(device)

@@ -3,10 +3,12 @@
 A falling loss does not say the student is usable: a student whose every sentence maps to nearly the same
 vector can still match the teacher's large common component and score a low MSE. Two signals catch that:
 
-- **spread**: the mean pairwise cosine similarity of mean-pooled last-layer states over held-out texts.
-  A collapsed encoder gives values near 1; a useful one stays near its teacher's.
-- **probe**: the k-fold cross-validated accuracy of a multinomial logistic regression trained on frozen
-  mean-pooled embeddings of labelled held-out texts. It is read against the teacher's probe on the same
+- **spread**: the mean pairwise cosine similarity of sentence embeddings over held-out texts: last-layer
+  states pooled as the teacher's sentence-transformers modules pool them (:func:`sentence_pool`; mean
+  pooling for a teacher without modules). A collapsed encoder gives values near 1; a useful one stays near
+  its teacher's.
+- **probe**: the k-fold cross-validated accuracy of a multinomial logistic regression trained on the frozen
+  embeddings of labelled held-out texts. It is read against the teacher's probe on the same
   folds (a ratio), and against chance (1 / number of classes).
 
 The maths are plain tensor functions on ``(N, D)`` embeddings, deterministic for a given seed.
@@ -36,6 +38,43 @@ def mean_pool(hidden_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
     """Mean of the real tokens' states: ``(B, L, D)`` and ``(B, L)`` (1 = real) -> ``(B, D)`` fp32."""
     mask = mask_BL.to(hidden_BLD.device, torch.float32)[:, :, None]
     return (hidden_BLD.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def sentence_pool(
+    hidden_BLD: torch.Tensor, mask_BL: torch.Tensor, modes: tuple[str, ...] = ("mean_tokens",), normalise: bool = False
+) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers' Pooling (and Normalize) modules make them: each of ``modes``
+    (:data:`dist_kd.sentence_modules.POOLING_MODES`) over the real tokens, concatenated, ``(B, len(modes) * D)``
+    fp32; rows are right-padded."""
+    mask = mask_BL.to(hidden_BLD.device, torch.float32)[:, :, None]
+    hidden = hidden_BLD.float()
+    lengths = mask.sum(1).clamp_min(1.0)
+    parts = []
+    for mode in modes:
+        if mode == "cls_token":
+            parts.append(hidden[:, 0])
+        elif mode == "max_tokens":
+            parts.append(hidden.masked_fill(mask == 0, -1e9).max(1).values)
+        elif mode == "mean_tokens":
+            parts.append(mean_pool(hidden_BLD, mask_BL))
+        elif mode == "mean_sqrt_len_tokens":
+            parts.append((hidden * mask).sum(1) / lengths.sqrt())
+        elif mode == "weightedmean_tokens":  # position i (1-based) weighs i
+            weights = mask * torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=torch.float32)[:, None]
+            parts.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+        elif mode == "lasttoken":
+            last = lengths.long().squeeze(1) - 1
+            parts.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        else:
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    pooled = torch.cat(parts, dim=1)
+    return torch.nn.functional.normalize(pooled, dim=1) if normalise else pooled
+
+
+def pooling_note(quality: dict) -> str:
+    """`` (cls pooling, ...)`` where a summary's embeddings were not mean-pooled; nothing for mean pooling."""
+    pooling = quality.get("pooling") or "mean"
+    return "" if pooling == "mean" else f" ({pooling} pooling, as the teacher's sentence-transformers modules)"
 
 
 def embedding_spread(embeddings_ND: torch.Tensor | np.ndarray) -> float:
@@ -205,6 +244,22 @@ class HeldOutTexts:
             raise ValueError(f"held-out texts {source}: need at least 2 texts, found {len(rows)}")
         self.rows, self.labels, self.label_names = rows, labels, label_names
         self.source, self.pad_id, self.use_token_types = source, pad_id, use_token_types
+        # How the embeddings are pooled: the teacher's sentence-transformers modules (use_pooling_of), else mean.
+        self.pooling: tuple[tuple[str, ...], bool] = (("mean_tokens",), False)
+
+    def use_pooling_of(self, model_dir: str | Path) -> None:
+        """Pool as ``model_dir``'s sentence-transformers modules do (the ones its students are exported with),
+        so that the figures measure the embeddings users get; mean pooling where it has none."""
+        from dist_kd.sentence_modules import sentence_pooling
+
+        self.pooling = sentence_pooling(model_dir) or self.pooling
+
+    @property
+    def pooling_name(self) -> str:
+        """The pooling in words, e.g. ``mean`` or ``cls + normalize``."""
+        modes, normalised = self.pooling
+        name = " + ".join(mode.removesuffix("_tokens").removesuffix("_token") for mode in modes)
+        return f"{name} + normalize" if normalised else name
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -274,7 +329,7 @@ class HeldOutTexts:
 
     @torch.no_grad()
     def embeddings(self, forward: Forward, device: torch.device, batch_size: int) -> torch.Tensor:
-        """``(N, D)`` mean-pooled last states of ``forward`` (a batch -> ``(B, L, D)``), in row order."""
+        """``(N, D)`` pooled last states of ``forward`` (a batch -> ``(B, L, D)``), in row order (:attr:`pooling`)."""
         from dist_kd.predict import length_batches
 
         out: torch.Tensor | None = None
@@ -282,7 +337,7 @@ class HeldOutTexts:
             batch = {name: tensor.to(device) for name, tensor in pad_rows(self.rows, batch_rows, self.pad_id).items()}
             if not self.use_token_types:
                 batch.pop("token_type_ids")
-            pooled = mean_pool(forward(batch), batch["attention_mask"]).cpu()
+            pooled = sentence_pool(forward(batch), batch["attention_mask"], *self.pooling).cpu()
             if out is None:
                 out = torch.empty(len(self.rows), pooled.shape[1], dtype=torch.float32)
             out[torch.from_numpy(batch_rows)] = pooled

@@ -203,10 +203,13 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("")
     quality = (summary or {}).get("quality")
     if quality:
+        from dist_kd.quality import pooling_note
+
         lines += [
             f"## Quality on {quality['num_texts']} held-out texts ({quality['texts']})",
             "",
-            "spread = mean cosine between sentence embeddings (1 = collapsed); probe = linear-probe accuracy",
+            f"spread = mean cosine between sentence embeddings{pooling_note(quality)} (1 = collapsed); probe = "
+            "linear-probe accuracy",
             "",
             "| model | spread | probe | probe / teacher |",
             "| --- | --- | --- | --- |",

@@ -68,3 +68,38 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
                 settings[key] = hidden_size
             config.write_text(json.dumps(settings, indent=2) + "\n")
     return True
+
+
+# sentence-transformers' pooling modes, in the order its Pooling module concatenates them.
+POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+# Its single-string spelling (``pooling_mode: cls``) of each.
+POOLING_NAMES = {"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens", "mean_sqrt_len_tokens":
+                 "mean_sqrt_len_tokens", "weightedmean": "weightedmean_tokens", "lasttoken": "lasttoken"}  # fmt: skip
+
+
+def sentence_pooling(source: str | Path) -> tuple[tuple[str, ...], bool] | None:
+    """How ``source``'s sentence-transformers modules turn token states into a sentence embedding:
+    ``(pooling modes in concatenation order, normalised)``; None without modules (or without a Pooling module
+    dist_kd can read, warned).
+    """
+    source = Path(source)
+    listing = source / "modules.json"
+    if not listing.is_file():
+        return None
+    try:
+        modules = json.loads(listing.read_text())
+        pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        settings = json.loads((source / (pooling.get("path") or "") / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        logger.warning("%s: no readable Pooling module; quality is measured on mean-pooled states", source)
+        return None
+    named = settings.get("pooling_mode")
+    if isinstance(named, str) and named in POOLING_NAMES:
+        modes: tuple[str, ...] = (POOLING_NAMES[named],)
+    else:
+        modes = tuple(mode for mode in POOLING_MODES if settings.get(f"pooling_mode_{mode}"))
+    if not modes:
+        logger.warning("%s: its Pooling module names no mode dist_kd knows; quality uses mean pooling", source)
+        return None
+    normalised = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
+    return modes, normalised

@@ -6,7 +6,9 @@
 ``--model`` is any HF ``*ForSequenceClassification`` directory with a tokenizer (``tasks/<name>/`` or
 ``best/<name>/`` of a task run, a fine-tuned teacher). Its ``id2label`` is the label order unless ``--labels``
 (or a GLUE task's registry) gives one, which must then match it; a one-output model without a ``problem_type``
-is a regression, as transformers trains it. Prints the task metrics as JSON; with
+is a regression, as transformers trains it. A task run's classifier holds ``task.json``: the column, metric
+and length flags not given take what it was trained with, and data without the second texts a pair classifier
+was trained on is refused. Prints the task metrics as JSON; with
 ``--output`` writes ``predictions.jsonl`` (one line per row) and ``metrics.json`` into that directory, replacing
 a previous evaluation there as a whole; an ``--output`` that is a file, or a directory holding other files, is
 refused. Rows without a label (a test set) get predictions and no metrics, as does data without the default
@@ -32,6 +34,8 @@ from dist_kd.cli import (  # noqa: E402
     task_spec_from_args,
 )
 
+DEFAULT_MAX_LENGTH = 128
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_task_arguments(parser, metric=True, labels_help="comma-separated label names (default: the model's id2label)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass")
-    parser.add_argument("--max-length", type=positive_int, default=128, help="truncation length in pieces")
+    parser.add_argument(
+        "--max-length", type=positive_int, default=None,
+        help="truncation length in pieces (default: the length in the model's task.json, else 128)",
+    )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     return parser.parse_args(argv)
 
@@ -53,20 +60,39 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dist_kd.data.tasks import GLUE_TASKS
-    from dist_kd.predict import evaluate_classifier
+    from dist_kd.predict import evaluate_classifier, read_task_record
 
     try:
+        _trained_defaults(args, read_task_record(args.model))
         labels = task_type = None
         if args.labels is None and args.task.lower() not in GLUE_TASKS:
             labels, task_type = _model_labels(args.model, args.task_type)
         spec = task_spec_from_args(args, labels=labels, task_type=task_type)
         device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
         report = evaluate_classifier(args.model, spec, args.data, batch_size=args.batch_size,
-                                     max_length=args.max_length, device=device, output=args.output)  # fmt: skip
+                                     max_length=args.max_length, device=device, output=args.output,
+                                     label_optional=args.label_optional)  # fmt: skip
     except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _trained_defaults(args: argparse.Namespace, record: dict | None) -> None:
+    """Flags not given take what the model's task record says it was trained with (a task run's classifier):
+    the text and label columns, the metric and the truncation length."""
+    task = (record or {}).get("task") or {}
+    if args.text_a is None and task.get("text_a"):
+        args.text_a = task["text_a"]
+    if not args.text_b_given and "text_b" in task:
+        args.text_b = task["text_b"]
+    args.label_optional = False
+    if not args.label_given and task.get("label"):  # missing from the data: a test set, as the default column
+        args.label, args.label_optional = task["label"], True
+    if args.metric is None and task.get("metric"):
+        args.metric = task["metric"]
+    if args.max_length is None:
+        args.max_length = (record or {}).get("max_length") or DEFAULT_MAX_LENGTH
 
 
 def _model_labels(model: str, task_type: str | None) -> tuple[list[str] | None, str | None]:

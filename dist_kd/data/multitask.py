@@ -39,6 +39,7 @@ class TaskData:
         dev_rows: tokenised dev rows, or None.
         teacher: phase intermediate: the teacher directory.
         source: where the training rows came from (logged and recorded in checkpoints).
+        pairs: the training rows are sentence pairs (some row has a second text).
     """
 
     spec: TaskSpec
@@ -50,6 +51,7 @@ class TaskData:
     dev_rows: TokenizedRows | None
     teacher: str | None
     source: str
+    pairs: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -173,7 +175,8 @@ def load_task_data(
         dev_rows = tokenize_rows(
             tokenizer, dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist(), max_length
         )
-    return TaskData(spec, rows, soft, labels, has_label, dev_table, dev_rows, teacher, source)
+    pairs = table.column("text_b").null_count < table.num_rows
+    return TaskData(spec, rows, soft, labels, has_label, dev_table, dev_rows, teacher, source, pairs)
 
 
 def _check_pairs(spec: TaskSpec, source: str, table, dev: str, dev_table) -> None:

@@ -98,6 +98,26 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(directory)`` as the tokenizer was loaded: without the truncation and padding
+    that its last call left in the Rust backend (``tokenizer.json`` then cut every input to the run's
+    ``max_length`` for anyone reading it with the tokenizers library) and without the load options
+    (``local_files_only``) that transformers writes into ``tokenizer_config.json``. transformers sets the
+    backend's truncation and padding again on every call, so the live tokenizer is unchanged."""
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    dropped = {key: tokenizer.init_kwargs.pop(key) for key in LOAD_OPTIONS if key in tokenizer.init_kwargs}
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.init_kwargs.update(dropped)
+
+
+# What AutoTokenizer.from_pretrained(..., local_files_only=True) adds to a tokenizer's init kwargs.
+LOAD_OPTIONS = ("local_files_only", "is_local")
+
+
 def _check_embedding_rows(tokenizer, path: Path) -> None:
     """Raise if the model in ``path`` (its config.json) has fewer embedding rows than the tokenizer has ids: the
     first text with a piece past them is an IndexError deep in the embedding, in every command."""

@@ -24,6 +24,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from dist_kd.data.tokenizer import save_tokenizer
+
 HEAD_STYLES = ("pooled", "sequence", "context")
 
 
@@ -92,6 +94,7 @@ class TaskHead(nn.Module):
         self.classifier = classifier
         self.num_outputs = num_outputs
         self.labels = labels
+        self.dropout_rate = dropout  # the exported classifier's classifier_dropout (None: the config's own)
 
     def forward(self, outputs) -> torch.Tensor:
         """``(B, C)`` logits from the encoder's outputs."""
@@ -162,7 +165,10 @@ class MultiTaskStudent(nn.Module):
     def task_model(self, task: str) -> nn.Module:
         """A stand-alone HF ``*ForSequenceClassification`` for ``task`` holding copies of the current weights."""
         head = self.heads[task]
-        model = _classifier_model(_task_config(self.encoder.config, head.num_outputs, head.labels))
+        config = _task_config(self.encoder.config, head.num_outputs, head.labels)
+        if head.dropout_rate is not None:  # as trained, for whoever fine-tunes the export further
+            config.classifier_dropout = head.dropout_rate
+        model = _classifier_model(config)
         base = getattr(model, model.base_model_prefix)
         wanted = base.state_dict().keys()
         # The classifier's base may lack parts of the encoder it does not use (RoBERTa's has no pooler).
@@ -179,4 +185,4 @@ class MultiTaskStudent(nn.Module):
         model = self.task_model(task)
         model.save_pretrained(directory)
         if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+            save_tokenizer(tokenizer, directory)

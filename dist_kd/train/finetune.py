@@ -45,6 +45,7 @@ from dist_kd.data.encode import (
     uses_token_types,
 )
 from dist_kd.data.tasks import TaskSpec, load_task_examples
+from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, write_json_atomic
 from dist_kd.losses import ensemble_probs, hard_label_loss
@@ -288,7 +289,7 @@ class TeacherTrainer:
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
+                    save_tokenizer(self.tokenizer, tmp)
                     _write_dev_results(tmp, result, dev_logits)
         distributed.barrier()
 

@@ -24,6 +24,7 @@ import torch
 
 from dist_kd import distributed
 from dist_kd.config import config_to_dict, doc, dump_config
+from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint
 from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.fields import ffn_width
@@ -39,7 +40,14 @@ from dist_kd.models.student import (
 )
 from dist_kd.models.teacher import Teacher, TeacherConfig, check_max_length, check_model_dir
 from dist_kd.objective import DistillConfig, tinybert_objective
-from dist_kd.quality import HeldOutTexts, QualityConfig, QualityReport, collapse_reasons, last_states
+from dist_kd.quality import (
+    HeldOutTexts,
+    QualityConfig,
+    QualityReport,
+    collapse_reasons,
+    last_states,
+    pooling_note,
+)
 from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, RunConfig, StopSignal, other_kind, progress_bar, stop_agreed
@@ -175,7 +183,7 @@ class GeneralTrainer(EngineTrainer):
 
     def _set_up(self, cfg: GeneralConfig, info: distributed.DistInfo) -> None:
         from dist_kd.data.shards import read_manifest
-        from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer
+        from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint
 
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.run.output_dir)
@@ -275,6 +283,8 @@ class GeneralTrainer(EngineTrainer):
                 "layer_map": self.mapping,
             },
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
+            # What the student's ids mean; dist-kd export checks the tokenizer it ships against it.
+            "tokenizer.sha256": tokenizer_fingerprint(self.tokenizer)["sha256"],
             **ckpt.settings_meta(cfg.train, ds_config, cfg.train.max_steps),
             **ckpt.merged_settings(data_settings_meta(cfg), cfg.distill.resume_meta()),
         }
@@ -287,7 +297,7 @@ class GeneralTrainer(EngineTrainer):
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
-                tmp.write_text(dump_config(cfg))
+                tmp.write_text(dump_config(cfg, absolute_paths=True))
         self.metrics = MetricsLogger(
             self.run_dir, enabled=info.is_main, report_to=cfg.run.trackers(), config=config_to_dict(cfg)
         )
@@ -347,7 +357,9 @@ class GeneralTrainer(EngineTrainer):
             # Held-out texts of more pieces than the position embeddings would fail at the step-0 evaluation.
             for config, model_dir in self._position_models:
                 check_max_length(config, self.cfg.eval.max_length, model_dir, "eval.max_length")
-            return HeldOutTexts.from_file(self.cfg.eval.texts, self.tokenizer, self.cfg.eval)
+            heldout = HeldOutTexts.from_file(self.cfg.eval.texts, self.tokenizer, self.cfg.eval)
+            heldout.use_pooling_of(self.cfg.teacher.path)  # the embeddings its students are exported with
+            return heldout
         if not self.cfg.data.eval_shards:
             logger.warning("no held-out text (eval.texts, data.eval_shards): the student's quality is not measured")
             return None
@@ -364,7 +376,9 @@ class GeneralTrainer(EngineTrainer):
                 break
             for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
                 sequences.append(ids[mask.bool()].numpy())
-        return HeldOutTexts.from_sequences(sequences, self.tokenizer, self.cfg.data.eval_shards)
+        heldout = HeldOutTexts.from_sequences(sequences, self.tokenizer, self.cfg.data.eval_shards)
+        heldout.use_pooling_of(self.cfg.teacher.path)
+        return heldout
 
     def _batches(self):
         """Micro-batches across epoch boundaries (iterating the stream yields the rest of one epoch)."""
@@ -555,7 +569,7 @@ class GeneralTrainer(EngineTrainer):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     student.save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
+                    save_tokenizer(self.tokenizer, tmp)
                     write_model_card(tmp, self.model_card())
                     carry_sentence_modules(
                         self.cfg.teacher.path, tmp, student.config.hidden_size, self.teacher.hidden_size
@@ -660,6 +674,7 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
         "num_texts": len(trainer.heldout),
         "num_classes": len(trainer.heldout.label_names) or None,
         "chance": trainer.heldout.chance,
+        "pooling": trainer.heldout.pooling_name,
         "rows": rows,
         "order": list(rows),
         "collapsed": collapse_reasons(final, trainer.heldout.chance),
@@ -679,7 +694,8 @@ def summary_lines(trainer: GeneralTrainer, quality: dict | None) -> list[str]:
             probe = f"probe: {trainer.cfg.eval.folds}-fold linear, {quality['num_classes']} classes, "
             probe += f"majority class {quality['chance']:.3f}"
         lines.append(f"quality on {quality['num_texts']} held-out texts ({quality['texts']}; {probe})")
-        lines.append("spread = mean cosine between sentence embeddings (1 = collapsed); probe = accuracy")
+        lines.append(f"spread = mean cosine between sentence embeddings{pooling_note(quality)} (1 = collapsed); "
+                     "probe = accuracy")  # fmt: skip
         lines.append(f"{'model':<26}{'spread':>8}{'probe':>8}{'/teacher':>10}")
 
         def cell(value, width):

@@ -43,6 +43,7 @@ from dist_kd import distributed
 from dist_kd.config import config_to_dict, dump_config
 from dist_kd.data.encode import pad_id_of, pad_rows, uses_token_types
 from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
+from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.evaluate import compute_metrics, predicted_classes
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
 from dist_kd.losses import prediction_loss
@@ -51,7 +52,7 @@ from dist_kd.models.fields import ffn_width
 from dist_kd.models.student import StudentConfig, unit_selection
 from dist_kd.models.teacher import check_max_length, check_model_dir
 from dist_kd.objective import tinybert_objective
-from dist_kd.predict import batched_logits, length_batches, write_predictions
+from dist_kd.predict import TASK_RECORD, batched_logits, length_batches, task_record, write_predictions
 from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import LossWindow, StopSignal, progress_bar, stop_agreed
@@ -120,7 +121,7 @@ class TaskTrainer(EngineTrainer):
     def _set_up(self, cfg: TaskConfig, info: distributed.DistInfo) -> None:
         from transformers import AutoConfig
 
-        from dist_kd.data.tokenizer import load_tokenizer
+        from dist_kd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
         self.cfg, self.info = cfg, info
         self.phase = cfg.distill.phase
@@ -213,6 +214,8 @@ class TaskTrainer(EngineTrainer):
             # dict above is compared as a whole. Either would otherwise fail mid-load with a size mismatch.
             "student.intermediate_size": ffn_width(self.student_config),
             "student.vocab_size": self.student_config.vocab_size,
+            # What the student's ids mean; dist-kd export checks the tokenizer it ships against it.
+            "tokenizer.sha256": tokenizer_fingerprint(self.tokenizer)["sha256"],
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
             # The dev sets: eval.json and best/ hold the earlier evaluations, which another dev set would mix with
             # the new ones (and best/ pick across the two). One key per task, so the error names the task.
@@ -240,7 +243,7 @@ class TaskTrainer(EngineTrainer):
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.run_dir / "config.yaml") as tmp:
-                tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg)))
+                tmp.write_text(dump_config(dataclasses.replace(cfg, train=train_cfg), absolute_paths=True))
             if (self.run_dir / "eval.json").is_file():  # the stopped process's later evaluations are not this run's
                 write_json_atomic(self.run_dir / "eval.json", self.eval_report())
         self.metrics = MetricsLogger(
@@ -667,6 +670,7 @@ class TaskTrainer(EngineTrainer):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.export_task(task.spec.name, tmp, self.tokenizer)
+                    write_json_atomic(tmp / TASK_RECORD, task_record(task.spec, task.pairs, self.cfg.data.max_length))
                     write_model_card(tmp, self.model_card(task, metrics, target))
                     if dev_logits is not None:
                         write_predictions(tmp / "dev_predictions.jsonl", task.spec, task.dev_table, dev_logits)
@@ -684,7 +688,7 @@ class TaskTrainer(EngineTrainer):
             if self.info.is_main:
                 with atomic_dir(exported["student"]) as tmp:
                     encoder.save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
+                    save_tokenizer(self.tokenizer, tmp)
                     write_model_card(tmp, self.model_card(None))
                     if self.cfg.student.init != "random":  # the pooling the starting encoder was made for
                         width = encoder.config.hidden_size
@@ -746,7 +750,7 @@ class TaskTrainer(EngineTrainer):
         else:
             title = f"dist_kd student for {task.spec.name}"
             directory = directory or self.run_dir / "tasks" / task.spec.name  # best/<name> loads itself
-            load, tag = classifier_load_snippet(directory), "text-classification"
+            load, tag = classifier_load_snippet(directory, task.pairs), "text-classification"
             summary = f"A classifier for {task.spec.name} (labels: {', '.join(task.spec.labels or [])})."
         return model_card(title, summary, facts, dev, load, tag)
 

@@ -58,6 +58,36 @@ def _check_run(run_dir: Path, max_steps: int, log_every: int):
     assert f"{records[-1]['tokens_seen']} tokens" in card and "2 layers x 16" in card
 
 
+def test_quality_pools_as_the_sentence_teachers_modules_and_its_student_encodes(tiny_bert_dir, tiny_corpus, tmp_path):
+    """The quality figures mean-pooled a CLS-pooled sentence-transformers teacher's states: the summary's spread
+    was not the spread of what SentenceTransformer(student/) encodes."""
+    import shutil
+
+    import torch
+
+    from dist_kd.quality import embedding_spread
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_bert_dir, teacher)
+    (teacher / "1_Pooling").mkdir()
+    (teacher / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))  # fmt: skip
+    (teacher / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                   "pooling_mode_cls_token": True}))  # fmt: skip
+    out = tmp_path / "run"
+    proc = run_script("launch/general.py", "--debug", "--config", CONFIG,
+                      *_args(teacher, tiny_corpus, out, "train.max_steps=4", "run.log_every=2"))  # fmt: skip
+    assert "(cls pooling, as the teacher's sentence-transformers modules)" in proc.stdout
+    quality = json.loads((out / "summary.json").read_text())["quality"]
+    assert quality["pooling"] == "cls"
+    st = pytest.importorskip("sentence_transformers")
+    texts = [json.loads(line)["text"] for line in (tiny_corpus / "probe.jsonl").read_text().splitlines()]
+    encoded = torch.as_tensor(st.SentenceTransformer(str(out / "student"), device="cpu").encode(texts))
+    assert embedding_spread(encoded) == pytest.approx(quality["rows"]["student at step 4"]["spread"], abs=1e-4)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_ranks_with_deepspeed_launcher(zero, tiny_bert_dir, tiny_corpus, tmp_path):

@@ -137,6 +137,12 @@ def test_two_ranks_multitask_run_follows_the_contract(two_rank_run):
     assert f"| topic dev accuracy (step {best['step']}) | {best['accuracy']:.4f} |" in best_card
     assert 'pipeline("text-classification"' in final_card and "labels: " + ", ".join(LABELS) in final_card
     assert "shared encoder" in (two_rank_run / "student" / "README.md").read_text()
+    # Every export's tokenizer as loaded: no truncation at the run's max_length left in it, absolute inputs in
+    # the run's config.yaml (dist-kd export reads it from anywhere).
+    for export in ("student", "tasks/topic", "best/topic"):
+        assert json.loads((two_rank_run / export / "tokenizer.json").read_text())["truncation"] is None, export
+    config = yaml.safe_load((two_rank_run / "config.yaml").read_text())
+    assert all(Path(path).is_absolute() for path in (config["student"]["path"], config["tasks"][0]["soft_targets"]))
 
 
 @pytest.mark.distributed
@@ -205,10 +211,12 @@ def test_eval_json_equals_metrics_recomputed_from_the_predictions(pipeline, two_
 
 
 def test_evaluate_command_reproduces_eval_json(pipeline, two_rank_run, tmp_path):
+    # No --text-a text, no --max-length 32: the classifier's task.json gives what the run trained with.
+    record = json.loads((two_rank_run / "tasks" / "topic" / "task.json").read_text())
+    assert record["max_length"] == 32 and record["pairs"] is False and record["task"]["text_a"] == "text"
     proc = run_script(
         "launch/evaluate.py", "--model", str(two_rank_run / "tasks" / "topic"), "--task", "topic",
-        "--data", str(pipeline / "topic_dev.jsonl"), "--text-a", "text", "--max-length", "32",
-        "--output", str(tmp_path / "ev"), "--cpu",
+        "--data", str(pipeline / "topic_dev.jsonl"), "--output", str(tmp_path / "ev"), "--cpu",
     )  # fmt: skip
     printed = json.loads(proc.stdout[proc.stdout.index("{") :])
     expected = json.loads((two_rank_run / "eval.json").read_text())["tasks"]["topic"]["final"]

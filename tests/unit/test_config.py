@@ -195,3 +195,32 @@ def test_a_config_of_the_other_command_says_so(tmp_path):
         with pytest.raises(ValueError, match="is a fine-tuning directory's record of dist-kd finetune's settings"):
             load_config(cls, record)
     load_config(GeneralConfig, "launch/configs/quickstart.yaml")  # each still loads its own
+
+
+def test_a_run_directorys_config_names_existing_inputs_by_absolute_paths(tmp_path, monkeypatch):
+    """dist-kd export reads RUN/config.yaml from wherever it runs: a relative teacher.path then named another
+    directory, or none."""
+    import os
+
+    import yaml
+
+    from dist_kd.train.task_config import TaskConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "student").mkdir()
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "task.yaml").write_text(
+        "student: {path: student}\ntasks: [{name: topic, labels: [a, b], train: train.jsonl, dev: missing.jsonl}]\n"
+        "deepspeed: {config: ds_configs/zero0.json}\nrun: {output_dir: runs/x}\n"
+    )
+    cfg = load_config(TaskConfig, tmp_path / "task.yaml")
+    assert yaml.safe_load(dump_config(cfg))["student"]["path"] == "student"  # as given, unless asked
+    written = yaml.safe_load(dump_config(cfg, absolute_paths=True))
+    assert written["student"]["path"] == os.path.join(tmp_path, "student")
+    assert written["tasks"][0]["train"] == os.path.join(tmp_path, "train.jsonl")  # in a list of sections too
+    # Names that are not files here stay as written (the shipped JSON resolves from the package).
+    assert written["tasks"][0]["dev"] == "missing.jsonl"
+    assert written["deepspeed"]["config"] == "ds_configs/zero0.json"
+    assert written["run"]["output_dir"] == "runs/x"
+    (tmp_path / "written.yaml").write_text(yaml.safe_dump(written))
+    assert load_config(TaskConfig, tmp_path / "written.yaml").student.path == str(tmp_path / "student")

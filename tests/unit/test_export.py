@@ -139,3 +139,110 @@ def test_an_output_holding_anything_but_an_earlier_dist_kd_model_is_refused_unto
     for output in ("exported", "exported", str(tmp_path / "empty")):
         assert main(["--checkpoint", checkpoint, "--output", output]) == 0, capsys.readouterr().err
         _exported(work / output if output == "exported" else tmp_path / "empty", encoder)
+
+
+def test_a_relative_student_path_read_from_elsewhere_is_named_not_taken_for_a_hub_model(
+    sentence_student, tmp_path, monkeypatch, capsys
+):
+    """config.yaml of earlier releases kept paths as typed: export run from another directory took
+    'student.path: st' for a hub name ("couldn't connect"), or a same-named directory there for the run's."""
+    import shutil
+
+    run, _ = _task_run(tmp_path, sentence_student, {"dropout": 0.3}, num_layers=2)
+    shutil.copytree(sentence_student, tmp_path / "st")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["student"]["path"] = "st"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["--checkpoint", str(run / "checkpoints" / "latest"), "--output", "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {run / 'config.yaml'}: student.path st is not a directory (a relative path is read from" in err
+    assert not (elsewhere / "out").exists()
+    monkeypatch.chdir(tmp_path)  # where the run started
+    assert main(["--checkpoint", str(run / "checkpoints" / "latest"), "--output", "out"]) == 0
+
+
+def test_a_tokenizer_changed_since_the_run_is_refused(sentence_student, tmp_path, capsys):
+    """The export ships the tokenizer of the directory config.yaml names; one replaced since the run (another
+    vocabulary of the same size) gave a student whose ids meant other words, without a word."""
+    import shutil
+
+    from dist_kd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    student = tmp_path / "st"
+    shutil.copytree(sentence_student, student)
+    run, encoder = _task_run(tmp_path, student, {"dropout": 0.3}, num_layers=2)
+    meta_file = run / "checkpoints" / "step-00000010" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["tokenizer.sha256"] = tokenizer_fingerprint(load_tokenizer(student))["sha256"]
+    meta_file.write_text(json.dumps(meta))
+    checkpoint = str(run / "checkpoints" / "latest")
+    assert main(["--checkpoint", checkpoint, "--output", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    _exported(tmp_path / "ok", encoder)
+    saved = json.loads((student / "tokenizer.json").read_text())
+    vocab = saved["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two words swap ids
+    (student / "tokenizer.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["--checkpoint", checkpoint, "--output", str(tmp_path / "swapped")]) == 2
+    assert "is not the one the run trained with (sha256" in capsys.readouterr().err
+    assert not (tmp_path / "swapped").exists()
+
+
+def test_an_output_holding_a_classifier_is_refused_untouched(sentence_student, tmp_path, capsys):
+    """tasks/<name>/ and best/<name>/ are dist_kd models too: export replaced one with a bare encoder, losing the
+    task's head, its best.json and its dev predictions."""
+    run, _ = _task_run(tmp_path, sentence_student, {"dropout": 0.3}, num_layers=2)
+    classifier = build_tiny_bert(run / "tasks" / "topic", num_layers=2, model_class="BertForSequenceClassification")
+    (classifier / "README.md").write_text("---\nlibrary_name: transformers\ntags: [dist_kd]\n---\n")
+    best = build_tiny_bert(run / "best" / "topic", num_layers=2)
+    (best / "best.json").write_text("{}")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    for output, mark in ((classifier, "config.json architectures BertForSequenceClassification"), (best, "best.json")):
+        assert main(["--checkpoint", str(run / "checkpoints" / "latest"), "--output", str(output)]) == 2
+        assert f"error: --output {output} holds a model with a head ({mark})" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_a_truncated_checkpoint_file_is_named(sentence_student, tmp_path, capsys):
+    run, _ = _task_run(tmp_path, sentence_student, {"dropout": 0.3}, num_layers=2)
+    checkpoint = run / "checkpoints" / "step-00000010"
+    model_file = checkpoint / "mp_rank_00_model_states.pt"
+    size = model_file.stat().st_size
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 10, "files": {model_file.name: size}}))
+    model_file.write_bytes(model_file.read_bytes()[: size // 2])
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {checkpoint} is damaged: mp_rank_00_model_states.pt has {size // 2} bytes, {size}" in err
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 10}))  # an earlier release's: no sizes recorded
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {checkpoint} does not load (") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_saved_tokenizers_carry_no_truncation_and_no_load_options(tiny_tokenizer_dir, tmp_path):
+    """The runs saved their live tokenizer: tokenizer.json kept the truncation of its last call (the run's
+    max_length), which the tokenizers library applies to every input, and tokenizer_config.json gained
+    transformers' load options (local_files_only)."""
+    from tokenizers import Tokenizer
+
+    from dist_kd.data.tokenizer import load_tokenizer, save_tokenizer
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    text = " ".join(random_sentences(8, seed=1))
+    assert len(tokenizer(text, truncation=True, max_length=8)["input_ids"]) == 8
+    save_tokenizer(tokenizer, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    settings = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in settings and "is_local" not in settings
+    full = len(tokenizer(text)["input_ids"])
+    assert full > 8 and len(Tokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json")).encode(text).ids) == full
+    # The live tokenizer is as it was: it truncates when asked, and loads offline again.
+    assert len(tokenizer(text, truncation=True, max_length=8)["input_ids"]) == 8
+    assert tokenizer.init_kwargs.get("local_files_only") is True
+    assert load_tokenizer(tmp_path / "saved")(text)["input_ids"] == tokenizer(text)["input_ids"]

@@ -273,3 +273,53 @@ def test_a_file_with_some_unlabelled_rows_is_scored_over_its_labelled_rows(class
     with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
         report = evaluate_classifier(classifier, resolve_task_spec("demo", labels=LABELS, text_a="text"), unlabelled)
     assert report["metrics"] is None and report["num_labelled"] == 0 and "no label" not in caplog.text
+
+
+def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_path, capsys):
+    """A pair classifier scored without --text-b read the first texts alone (the default text_b column is
+    optional), and at --max-length 128 whatever the run trained at: a lower score, exit 0, not a word."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dist_kd.io import write_json_atomic
+    from dist_kd.predict import TASK_RECORD, task_record
+    from dist_kd.testing import build_tiny_bert, random_sentences
+
+    model_dir = build_tiny_bert(
+        tmp_path / "pair", num_layers=1, model_class="BertForSequenceClassification", num_labels=2,
+        id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
+    )  # fmt: skip
+    spec = resolve_task_spec("para", labels=LABELS, text_a="s1", text_b="s2", label="same")
+    write_json_atomic(model_dir / TASK_RECORD, task_record(spec, pairs=True, max_length=12))
+    firsts, seconds = random_sentences(6, seed=1, min_words=8), random_sentences(6, seed=2, min_words=8)
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps({"s1": a, "s2": b, "same": LABELS[i % 2]}) + "\n"
+                            for i, (a, b) in enumerate(zip(firsts, seconds))))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = np.stack([
+            model(**tokenizer(a, b, truncation=True, max_length=12, return_tensors="pt")).logits[0].numpy()
+            for a, b in zip(firsts, seconds)
+        ])  # fmt: skip
+    capsys.readouterr()
+    for extra in ([], ["--text-a", "s1"]):  # nothing given, or only the first column: the record's pair
+        out = tmp_path / f"out{len(extra)}"
+        argv = ["--model", str(model_dir), "--task", "para", "--data", str(data), "--cpu", "--output", str(out)]
+        assert _evaluate_main(argv + extra) == 0, capsys.readouterr().err
+        predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        np.testing.assert_allclose([p["logits"] for p in predictions], expected, atol=1e-5)
+    report = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert report["metrics"]["accuracy"] == pytest.approx(np.mean(expected.argmax(1) == np.arange(6) % 2))
+    argv = ["--model", str(model_dir), "--task", "para", "--data", str(data), "--cpu"]
+    assert _evaluate_main([*argv, "--text-b", "none"]) == 2
+    assert "was trained on sentence pairs (its task.json: text_b 's2') but the data" in capsys.readouterr().err
+    assert _evaluate_main([*argv, "--text-b", "missing"]) == 2  # a named column the data lacks
+    assert "missing" in capsys.readouterr().err
+    test = tmp_path / "test.jsonl"  # the record's label column missing: a test set, as without `label`
+    test.write_text("".join(json.dumps({"s1": a, "s2": b}) + "\n" for a, b in zip(firsts, seconds)))
+    assert _evaluate_main(["--model", str(model_dir), "--task", "para", "--data", str(test), "--cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] is None
+    assert _evaluate_main([*argv, "--label", "absent"]) == 2  # but one the user names must be there
+    assert "has no label column 'absent' (--label)" in capsys.readouterr().err

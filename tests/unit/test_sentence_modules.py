@@ -84,3 +84,58 @@ def test_sentence_transformers_reports_the_students_width(tiny_bert_dir, tmp_pat
     model = st.SentenceTransformer(str(student), device="cpu")
     width = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     assert width() == 32 == model.encode(["the cat sat on the mat"]).shape[1]
+
+
+@pytest.mark.parametrize(
+    ("settings", "normalise"),
+    [
+        ({"pooling_mode_cls_token": True}, False),
+        ({"pooling_mode_max_tokens": True}, True),
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, False),  # concatenated: cls, mean
+        ({"pooling_mode_mean_sqrt_len_tokens": True}, False),
+        ({"pooling_mode_weightedmean_tokens": True}, True),
+        ({"pooling_mode_lasttoken": True}, False),
+        ({"pooling_mode": "cls"}, False),  # the single-string spelling
+    ],
+)
+def test_quality_pools_as_the_teachers_modules_do(tiny_bert_dir, tmp_path, settings, normalise):
+    """The quality figures (spread, probe) mean-pooled whatever pooling the teacher's modules, and so its
+    students' exports, use: the spread of a CLS-pooled student read 0.973 where SentenceTransformer gave 1.000."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from dist_kd.quality import sentence_pool
+    from dist_kd.sentence_modules import sentence_pooling
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_bert_dir, student)
+    modules = _sentence_teacher(student, width=32)
+    if not normalise:
+        modules = modules[:2]
+        (student / "modules.json").write_text(json.dumps(modules))
+    (student / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **settings}))
+    modes, normalised = sentence_pooling(student)
+    assert normalised == normalise
+    texts = ["the cat sat on the mat", "a completely different and much longer sentence about markets", "rates"]
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = AutoModel.from_pretrained(student)(**batch).last_hidden_state
+    pooled = sentence_pool(states, batch["attention_mask"], modes, normalised)
+    # Independent: each text alone (no padding), pooled by hand.
+    expected = []
+    for text in texts:
+        with torch.no_grad():
+            alone = AutoModel.from_pretrained(student)(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+        weights = torch.arange(1, len(alone) + 1, dtype=torch.float32)[:, None]
+        by_mode = {
+            "cls_token": alone[0], "max_tokens": alone.max(0).values, "mean_tokens": alone.mean(0),
+            "mean_sqrt_len_tokens": alone.sum(0) / len(alone) ** 0.5,
+            "weightedmean_tokens": (alone * weights).sum(0) / weights.sum(), "lasttoken": alone[-1],
+        }  # fmt: skip
+        row = torch.cat([by_mode[mode] for mode in modes])
+        expected.append(torch.nn.functional.normalize(row, dim=0) if normalise else row)
+    torch.testing.assert_close(pooled, torch.stack(expected), atol=2e-5, rtol=1e-4)
+
+    st = pytest.importorskip("sentence_transformers")
+    encoded = torch.as_tensor(st.SentenceTransformer(str(student), device="cpu").encode(texts))
+    torch.testing.assert_close(encoded, pooled, atol=2e-5, rtol=1e-4)

@@ -155,6 +155,8 @@ def test_in_training_idle_heads_get_zero_gradients_and_draw_no_dropout(arch, tin
     student.eval()  # evaluation runs the asked head alone
     student("topic", ids, mask).sum().backward()
     assert all(param.grad is None for name, param in student.heads.named_parameters() if not name.startswith("topic."))
+    # The export carries the head's dropout as trained (its config left classifier_dropout empty).
+    assert student.task_model("topic").config.classifier_dropout == 0.3
 
 
 def test_a_student_saved_in_fp16_gives_fp32_heads_and_fp32_exports(tmp_path):
