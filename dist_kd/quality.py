@@ -245,21 +245,26 @@ class HeldOutTexts:
         self.rows, self.labels, self.label_names = rows, labels, label_names
         self.source, self.pad_id, self.use_token_types = source, pad_id, use_token_types
         # How the embeddings are pooled: the teacher's sentence-transformers modules (use_pooling_of), else mean.
-        self.pooling: tuple[tuple[str, ...], bool] = (("mean_tokens",), False)
+        self.pooling: tuple[str, ...] = ("mean_tokens",)
 
     def use_pooling_of(self, model_dir: str | Path) -> None:
         """Pool as ``model_dir``'s sentence-transformers modules do (the ones its students are exported with),
-        so that the figures measure the embeddings users get; mean pooling where it has none."""
+        so that the figures measure the embeddings users get; mean pooling where it has none.
+
+        A ``Normalize`` module is left out: it does not change the spread (a cosine), and the probe reads the
+        embeddings before it, as for a teacher without modules, so that figures stay comparable across teachers
+        and releases.
+        """
         from dist_kd.sentence_modules import sentence_pooling
 
-        self.pooling = sentence_pooling(model_dir) or self.pooling
+        found = sentence_pooling(model_dir)
+        if found is not None:
+            self.pooling = found[0]
 
     @property
     def pooling_name(self) -> str:
-        """The pooling in words, e.g. ``mean`` or ``cls + normalize``."""
-        modes, normalised = self.pooling
-        name = " + ".join(mode.removesuffix("_tokens").removesuffix("_token") for mode in modes)
-        return f"{name} + normalize" if normalised else name
+        """The pooling in words, e.g. ``mean`` or ``cls + mean`` (concatenated)."""
+        return " + ".join(mode.removesuffix("_tokens").removesuffix("_token") for mode in self.pooling)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -337,7 +342,7 @@ class HeldOutTexts:
             batch = {name: tensor.to(device) for name, tensor in pad_rows(self.rows, batch_rows, self.pad_id).items()}
             if not self.use_token_types:
                 batch.pop("token_type_ids")
-            pooled = sentence_pool(forward(batch), batch["attention_mask"], *self.pooling).cpu()
+            pooled = sentence_pool(forward(batch), batch["attention_mask"], self.pooling).cpu()
             if out is None:
                 out = torch.empty(len(self.rows), pooled.shape[1], dtype=torch.float32)
             out[torch.from_numpy(batch_rows)] = pooled
