@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from dist_kd.data.tokenizer import save_tokenizer
-from dist_kd.io import atomic_dir, check_replaceable_dir
+from dist_kd.io import atomic_dir, check_replaceable_dir, write_json_atomic
 from dist_kd.train.checkpoint import complete_checkpoints, damaged_files, latest_checkpoint
 from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
@@ -140,8 +140,10 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     return checkpoint
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write the encoder of ``checkpoint`` as an HF directory at ``output`` (atomically).
+def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | None = None) -> Path:
+    """Write the encoder of ``checkpoint`` as an HF directory at ``output`` (atomically); with ``task`` (a task
+    run's checkpoint), that task's classifier: the shared encoder and the task's head, as the run's
+    ``tasks/<task>/`` holds it (with ``task.json``).
 
     Raises:
         FileNotFoundError: ``checkpoint`` is not a complete checkpoint of a dist_kd run.
@@ -153,6 +155,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
     checkpoint = resolve_checkpoint(checkpoint)
     classifier = _classifier_in(Path(output))
+    if task is not None and classifier is not None and classifier != "best.json":
+        classifier = None  # a classifier export replaces an earlier classifier; best/<task>/'s records stay
     if classifier:  # a dist_kd model too, but not an encoder export: the task head would be lost
         raise ValueError(
             f"--output {output} holds a model with a head ({classifier}), such as a task run's tasks/<name>/ or "
@@ -181,11 +185,17 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: {checkpoint} must sit in RUN/checkpoints/")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     model, prefix, tokenizer_dir, modules_dir = _student_model(run_dir, config)
+    if task is not None:
+        model, prefix, head = _with_task_head(model, prefix, run_dir, config, meta, task), "", task
+    else:
+        head = None
     try:
         state = fp32_state_dict(checkpoint)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:  # a damaged file the sizes missed
         raise ValueError(f"checkpoint {checkpoint} does not load ({type(err).__name__}: {err})") from None
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    if head is not None:  # the shared encoder and this task's head; the other tasks' heads stay behind
+        weights = {key: value for key, value in weights.items() if key.startswith(("encoder.", f"heads.{head}."))}
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
@@ -201,6 +211,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
             "put the run's model back there, or the export would ship other token ids than the student's"
         )
     output = Path(output)
+    if head is not None:
+        return _write_classifier(model, head, tokenizer, output, run_dir, checkpoint, meta)
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
@@ -224,6 +236,46 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     return output
 
 
+def _with_task_head(encoder, prefix: str, run_dir: Path, config: dict, meta: dict, task: str):
+    """The multi-task student of a task run's checkpoint with ``task``'s head alone, as the run built it."""
+    from dist_kd.models.heads import MultiTaskStudent
+
+    if "tasks" not in config:
+        raise ValueError(f"--task {task}: {run_dir} is a general run; only a task run's checkpoints hold task heads")
+    if prefix != "encoder.":
+        raise ValueError(f"--task {task}: {run_dir} ran phase intermediate, which trains no task heads")
+    recorded = {entry["name"]: entry for entry in meta.get("tasks") or []}
+    if task not in recorded:
+        raise ValueError(f"--task {task}: the run's tasks are {', '.join(recorded) or 'not recorded'}")
+    entry = recorded[task]
+    labels = entry["labels"] if entry["type"] == "classification" else None
+    head_dropout = (config.get("student") or {}).get("head_dropout")
+    return MultiTaskStudent(encoder, {task: (len(labels) if labels else 1, labels)}, dropout=head_dropout)
+
+
+def _write_classifier(model, task: str, tokenizer, output: Path, run_dir: Path, checkpoint: Path, meta: dict) -> Path:
+    """``task``'s classifier of ``model`` (weights loaded) at ``output``, as a task run exports it."""
+    from dist_kd.config import load_config
+    from dist_kd.model_card import classifier_load_snippet, model_card, write_model_card
+    from dist_kd.predict import TASK_RECORD, task_record
+    from dist_kd.train.task_config import TaskConfig
+
+    cfg = load_config(TaskConfig, run_dir / "config.yaml")
+    entry = next(entry for entry in cfg.tasks if entry.name == task)
+    spec = dataclasses.replace(entry.spec(), labels=model.heads[task].labels or [])
+    pairs = (meta.get("tasks.pairs") or {}).get(task)  # None: a checkpoint of an earlier release
+    with atomic_dir(output) as tmp:
+        model.export_task(task, tmp, tokenizer)
+        write_json_atomic(tmp / TASK_RECORD, task_record(spec, pairs, cfg.data.max_length))
+        facts = {"run": str(run_dir), "checkpoint": f"{checkpoint.name} (step {meta.get('step')})", "task": task}
+        write_model_card(tmp, model_card(
+            f"dist_kd classifier for {task} exported from a checkpoint", "The shared encoder and the task's head as "
+            "they were at that step.", facts, None, classifier_load_snippet(output, bool(pairs)),
+            "text-classification",
+        ))  # fmt: skip
+    return output
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -234,9 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint", required=True, help="RUN_DIR/checkpoints/step-NNNNNNNN (or RUN_DIR/checkpoints/latest)"
     )
     parser.add_argument("--output", required=True, help="the HF directory to write")
+    parser.add_argument(
+        "--task", default=None, help="a task run's task: its classifier (encoder and head) instead of the encoder"
+    )
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {export_checkpoint(args.checkpoint, args.output)} (load with transformers.AutoModel)")
+        written = export_checkpoint(args.checkpoint, args.output, args.task)
+        loader = "AutoModel" if args.task is None else "AutoModelForSequenceClassification"
+        print(f"wrote {written} (load with transformers.{loader})")
     except (OSError, ValueError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     return 0

@@ -40,12 +40,12 @@ OUTPUT_FILES = ("predictions.jsonl", "metrics.json")
 TASK_RECORD = "task.json"
 
 
-def task_record(spec: TaskSpec, pairs: bool, max_length: int) -> dict[str, Any]:
+def task_record(spec: TaskSpec, pairs: bool | None, max_length: int) -> dict[str, Any]:
     """``task.json`` of a classifier export: the task (``text_b`` null for single texts), whether it was trained
-    on sentence pairs, and the truncation length."""
+    on sentence pairs (None: not known, for a checkpoint of an earlier release), and the truncation length."""
     import dataclasses
 
-    task = dataclasses.asdict(spec) | ({} if pairs else {"text_b": None})
+    task = dataclasses.asdict(spec) | ({"text_b": None} if pairs is False else {})
     return {"task": task, "pairs": pairs, "max_length": max_length}
 
 

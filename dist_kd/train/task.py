@@ -216,6 +216,8 @@ class TaskTrainer(EngineTrainer):
             "student.vocab_size": self.student_config.vocab_size,
             # What the student's ids mean; dist-kd export checks the tokenizer it ships against it.
             "tokenizer.sha256": tokenizer_fingerprint(self.tokenizer)["sha256"],
+            # Which tasks train on sentence pairs: dist-kd export --task writes it into the classifier's task.json.
+            "tasks.pairs": {t.spec.name: t.pairs for t in self.tasks},
             "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
             # The dev sets: eval.json and best/ hold the earlier evaluations, which another dev set would mix with
             # the new ones (and best/ pick across the two). One key per task, so the error names the task.

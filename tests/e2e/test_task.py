@@ -210,6 +210,31 @@ def test_eval_json_equals_metrics_recomputed_from_the_predictions(pipeline, two_
     np.testing.assert_allclose(logits.numpy(), np.array([row["logits"] for row in topic]), atol=1e-4)
 
 
+def test_a_checkpoint_exports_each_tasks_classifier_as_the_run_does(two_rank_run, tmp_path):
+    """A preempted task run had no way to its classifiers but the last best/: export gave the encoder alone."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    checkpoint = two_rank_run / "checkpoints" / "latest"
+    ids = torch.randint(5, 100, (3, 12))
+    for task in ("topic", "share"):
+        out = tmp_path / task
+        proc = run_script("-m", "dist_kd", "export", "--checkpoint", str(checkpoint), "--output", str(out),
+                          "--task", task)  # fmt: skip
+        assert "load with transformers.AutoModelForSequenceClassification" in proc.stdout
+        exported, final = (AutoModelForSequenceClassification.from_pretrained(d).eval()
+                           for d in (out, two_rank_run / "tasks" / task))  # fmt: skip
+        with torch.no_grad():
+            torch.testing.assert_close(exported(input_ids=ids).logits, final(input_ids=ids).logits)
+        assert exported.config.id2label == final.config.id2label
+        assert json.loads((out / "task.json").read_text()) == json.loads(
+            (two_rank_run / "tasks" / task / "task.json").read_text()
+        )
+    bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(checkpoint), "--output",
+                     str(tmp_path / "x"), "--task", "nope", check=False)  # fmt: skip
+    assert bad.returncode == 2 and "--task nope: the run's tasks are topic, share" in bad.stderr
+
+
 def test_evaluate_command_reproduces_eval_json(pipeline, two_rank_run, tmp_path):
     # No --text-a text, no --max-length 32: the classifier's task.json gives what the run trained with.
     record = json.loads((two_rank_run / "tasks" / "topic" / "task.json").read_text())
