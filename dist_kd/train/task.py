@@ -385,9 +385,24 @@ class TaskTrainer(EngineTrainer):
 
     def _batch(self, task: TaskData, rows: np.ndarray) -> dict[str, torch.Tensor]:
         batch = pad_rows(task.rows, rows, self.pad_id)
-        if not self.use_token_types:
+        if not self.use_token_types and self.phase != "intermediate":  # a teacher decides for itself
             batch.pop("token_type_ids")
         return {name: tensor.to(self.info.device, non_blocking=True) for name, tensor in batch.items()}
+
+    def _layer_terms(self, task: TaskData, batch: dict, student: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Phase intermediate's layer losses of ``student`` (the engine, or its module in evaluation) against the
+        task's teacher. The segment ids go to the student where it has a second segment embedding, and to the
+        teacher, which drops them where it has none (Teacher.takes_segments)."""
+        teacher = self.teachers[task.teacher]
+        mask, types = batch["attention_mask"], batch.get("token_type_ids")
+        teacher_features = teacher.features(batch["input_ids"], mask, types)
+        student_features = student(batch["input_ids"], mask, types if self.use_token_types else None)
+        with autocast_of(self.engine):  # the projections, as the engine's forward (a bf16 student)
+            return tinybert_objective(
+                student_features, teacher_features, self.mapping, mask, self.cfg.distill.weights,
+                self.engine.module.projections, normalize=self.cfg.distill.normalize,
+                attention=self.cfg.distill.attention, relation_heads=self.cfg.distill.relation_heads,
+            )  # fmt: skip
 
     def _rank_rows(self, rows: np.ndarray) -> np.ndarray:
         """This rank's slice of a micro-batch's rows (every rank draws the same micro-batch)."""
@@ -402,7 +417,7 @@ class TaskTrainer(EngineTrainer):
         mine = self._rank_rows(rows)
         batch = self._batch(task, mine)
         if self.phase == "intermediate":
-            terms = self._intermediate_terms(task, batch)
+            terms = self._layer_terms(task, batch, self.engine)
         else:
             # The hard term averages over the whole micro-batch's labelled rows, not each rank's own.
             hard_rows = float(task.has_label[rows].sum()) / self.info.world_size
@@ -429,19 +444,6 @@ class TaskTrainer(EngineTrainer):
             label_mask=torch.from_numpy(task.has_label[rows]).to(device),
             hard_rows=hard_rows,
         )
-
-    def _intermediate_terms(self, task: TaskData, batch: dict) -> dict[str, torch.Tensor]:
-        teacher = self.teachers[task.teacher]
-        mask = batch["attention_mask"]
-        types = batch.get("token_type_ids")
-        teacher_features = teacher.features(batch["input_ids"], mask, types)
-        student_features = self.engine(batch["input_ids"], mask, types)
-        with autocast_of(self.engine):  # the projections, as the engine's forward (a bf16 student)
-            return tinybert_objective(
-                student_features, teacher_features, self.mapping, mask, self.cfg.distill.weights,
-                self.engine.module.projections, normalize=self.cfg.distill.normalize,
-                attention=self.cfg.distill.attention, relation_heads=self.cfg.distill.relation_heads,
-            )  # fmt: skip
 
     def train(self) -> bool:
         """Run until the last step or a stop signal. Returns True when training finished."""
@@ -529,19 +531,11 @@ class TaskTrainer(EngineTrainer):
         sums: dict[str, float] = {}
         try:
             for rows in length_batches(task.dev_rows.lengths, self.cfg.eval.batch_size):
-                batch = pad_rows(task.dev_rows, rows, self.pad_id)
-                if not self.use_token_types:
-                    batch.pop("token_type_ids")
-                batch = {name: tensor.to(self.info.device) for name, tensor in batch.items()}
-                teacher = self.teachers[task.teacher]
-                types = batch.get("token_type_ids")
-                terms = tinybert_objective(
-                    module(batch["input_ids"], batch["attention_mask"], types),
-                    teacher.features(batch["input_ids"], batch["attention_mask"], types),
-                    self.mapping, batch["attention_mask"], self.cfg.distill.weights, module.projections,
-                    normalize=self.cfg.distill.normalize, attention=self.cfg.distill.attention,
-                    relation_heads=self.cfg.distill.relation_heads,
-                )  # fmt: skip
+                batch = {
+                    name: tensor.to(self.info.device)
+                    for name, tensor in pad_rows(task.dev_rows, rows, self.pad_id).items()
+                }
+                terms = self._layer_terms(task, batch, module)
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() * len(rows)
         finally:

@@ -123,6 +123,13 @@ from dist_kd import api
 
 root = Path(sys.argv[1])
 phase = sys.argv[2]
+from dist_kd.models.teacher import Teacher
+seen = []  # the largest segment id each teacher call was given (None: none given)
+features = Teacher.features
+def recording(self, input_ids, attention_mask, token_type_ids=None):
+    seen.append(None if token_type_ids is None else int(token_type_ids.max()))
+    return features(self, input_ids, attention_mask, token_type_ids)
+Teacher.features = recording
 task = {"name": "pairs", "labels": ["no", "yes"], "train": str(root / "train.jsonl"), "dev": str(root / "dev.jsonl"),
         "text_a": "a", "text_b": "b", "id_column": "id"}
 if phase == "intermediate":
@@ -135,16 +142,19 @@ result = api.task({
     "train": {"max_steps": 3, "lr": 1e-3},
     "run": {"output_dir": str(root / phase)},
 })
-print(json.dumps({"completed": result.completed}))
+print(json.dumps({"completed": result.completed, "teacher_segments": max((v for v in seen if v is not None),
+                                                                             default=None)}))
 """
 
 
-@pytest.mark.parametrize("phase", ["prediction", "intermediate"])
-def test_the_task_stage_trains_pairs_on_one_segment_models(tmp_path, phase):
+@pytest.mark.parametrize(("phase", "teacher_types"), [("prediction", 1), ("intermediate", 1), ("intermediate", 2)])
+def test_the_task_stage_trains_pairs_on_one_segment_models(tmp_path, phase, teacher_types):
+    """Phase intermediate: a teacher with two segment embeddings still reads the pairs' segment ids beside a
+    one-segment student (they were dropped for both)."""
     from tests.e2e.conftest import REPO, script_env
 
     build_tiny_bert(tmp_path / "student", num_layers=2, type_vocab_size=1)
-    build_tiny_bert(tmp_path / "teacher", num_layers=2, type_vocab_size=1, seed=3)
+    build_tiny_bert(tmp_path / "teacher", num_layers=2, type_vocab_size=teacher_types, seed=3)
     _pairs(tmp_path / "train.jsonl", 12, seed=7)
     dev = _pairs(tmp_path / "dev.jsonl", 6, seed=9)
     proc = subprocess.run(
@@ -152,7 +162,10 @@ def test_the_task_stage_trains_pairs_on_one_segment_models(tmp_path, phase):
         text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"completed": True}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["completed"]
+    if phase == "intermediate":  # given the ids (1 on second texts) wherever it has a second segment embedding
+        assert result["teacher_segments"] == 1
     if phase == "prediction":  # the exported classifier scores dev as plain transformers does without segment ids
         predictions = (tmp_path / phase / "predictions" / "pairs.dev.jsonl").read_text().splitlines()
         logits = [json.loads(line)["logits"] for line in predictions]
