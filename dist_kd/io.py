@@ -149,9 +149,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(os.path.abspath(path))  # "." has no name to derive a temporary one from
     final.parent.mkdir(parents=True, exist_ok=True)  # its own error names the directory in the way
-    old = final.with_name(f".{final.name}.old")
+    old = final.with_name(f".{final.name}.old")  # the earlier output, whole, while the new one moves in
+    trash = final.with_name(f".{final.name}.trash")  # what is being deleted: never put back
     if old.is_dir() and not final.exists():  # a swap killed between its two renames: the earlier output back
         os.replace(old, final)
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
     with _naming(final):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     _ordinary_mode(tmp, directory=True)
@@ -160,15 +163,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             _ordinary_modes_under(tmp)
             if final.exists():
-                if old.exists():
-                    shutil.rmtree(old)
+                if old.exists():  # a stale one beside a whole output
+                    os.replace(old, trash)
+                    shutil.rmtree(trash)
                 os.replace(final, old)
                 try:
                     os.replace(tmp, final)
                 except BaseException:
                     os.replace(old, final)  # the earlier output stays where it was
                     raise
-                shutil.rmtree(old)
+                os.replace(old, trash)  # a deletion cut short leaves a .trash, never a half .old to restore
+                shutil.rmtree(trash)
             else:
                 os.replace(tmp, final)
     finally:

@@ -13,6 +13,7 @@ that anyone can recompute a metric from it without dist_kd.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -43,8 +44,6 @@ TASK_RECORD = "task.json"
 def task_record(spec: TaskSpec, pairs: bool | None, max_length: int) -> dict[str, Any]:
     """``task.json`` of a classifier export: the task (``text_b`` null for single texts), whether it was trained
     on sentence pairs (None: not known, for a checkpoint of an earlier release), and the truncation length."""
-    import dataclasses
-
     task = dataclasses.asdict(spec) | ({"text_b": None} if pairs is False else {})
     return {"task": task, "pairs": pairs, "max_length": max_length}
 
@@ -177,6 +176,17 @@ def _load_examples(data: str | Path, spec: TaskSpec, label_optional: bool = Fals
     null metrics and exit 0: the task reader's column check is required for it."""
     from dist_kd.data.tasks import MissingColumnError, load_task_examples
 
+    if label_optional and spec.label not in (None, DEFAULT_LABEL_COLUMN):
+        try:  # the model's task.json names the column: used where the data has it
+            return load_task_examples(data, spec, require_labels=False, require_label_column=True)
+        except MissingColumnError as err:
+            if err.role != "label":
+                raise
+            logger.warning(
+                "data %s has no column %r, the label column of the model's task.json; reading labels from %r if it "
+                "has one (--label names another)", data, spec.label, DEFAULT_LABEL_COLUMN,
+            )  # fmt: skip
+            spec = dataclasses.replace(spec, label=DEFAULT_LABEL_COLUMN)
     named = spec.label not in (None, DEFAULT_LABEL_COLUMN) and not label_optional
     try:
         return load_task_examples(data, spec, require_labels=False, require_label_column=named)

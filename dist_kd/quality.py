@@ -41,9 +41,9 @@ def mean_pool(hidden_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
 
 
 def sentence_pool(
-    hidden_BLD: torch.Tensor, mask_BL: torch.Tensor, modes: tuple[str, ...] = ("mean_tokens",), normalise: bool = False
+    hidden_BLD: torch.Tensor, mask_BL: torch.Tensor, modes: tuple[str, ...] = ("mean_tokens",)
 ) -> torch.Tensor:
-    """Sentence embeddings as sentence-transformers' Pooling (and Normalize) modules make them: each of ``modes``
+    """Sentence embeddings as sentence-transformers' Pooling module makes them: each of ``modes``
     (:data:`dist_kd.sentence_modules.POOLING_MODES`) over the real tokens, concatenated, ``(B, len(modes) * D)``
     fp32; rows are right-padded."""
     mask = mask_BL.to(hidden_BLD.device, torch.float32)[:, :, None]
@@ -67,8 +67,7 @@ def sentence_pool(
             parts.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
         else:
             raise ValueError(f"unknown pooling mode {mode!r}")
-    pooled = torch.cat(parts, dim=1)
-    return torch.nn.functional.normalize(pooled, dim=1) if normalise else pooled
+    return torch.cat(parts, dim=1)
 
 
 def pooling_note(quality: dict) -> str:

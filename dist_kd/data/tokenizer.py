@@ -95,18 +95,28 @@ def load_tokenizer(path: str | os.PathLike):
             f"save the model's real tokenizer there: tokenizer.save_pretrained('{path}')"
         )
     _check_embedding_rows(tokenizer, path)
+    # The truncation and padding its tokenizer.json ships with; save_tokenizer writes them back, not whatever a
+    # call left in the backend.
+    backend = tokenizer.backend_tokenizer
+    tokenizer._dist_kd_shipped = (backend.truncation, backend.padding)
     return tokenizer
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
-    """``tokenizer.save_pretrained(directory)`` as the tokenizer was loaded: without the truncation and padding
-    that its last call left in the Rust backend (``tokenizer.json`` then cut every input to the run's
-    ``max_length`` for anyone reading it with the tokenizers library) and without the load options
-    (``local_files_only``) that transformers writes into ``tokenizer_config.json``. transformers sets the
-    backend's truncation and padding again on every call, so the live tokenizer is unchanged."""
+    """``tokenizer.save_pretrained(directory)`` as the tokenizer was loaded (:func:`load_tokenizer`): with the
+    truncation and padding its files shipped with, not those its last call left in the Rust backend
+    (``tokenizer.json`` then cut every input to the run's ``max_length`` for anyone reading it with the
+    tokenizers library), and without the load options (``local_files_only``) that transformers writes into
+    ``tokenizer_config.json``. transformers sets the backend's truncation and padding again on every call, so
+    the live tokenizer is unchanged."""
     backend = tokenizer.backend_tokenizer
+    truncation, padding = getattr(tokenizer, "_dist_kd_shipped", (None, None))
     backend.no_truncation()
     backend.no_padding()
+    if truncation:
+        backend.enable_truncation(**truncation)
+    if padding:
+        backend.enable_padding(**padding)
     dropped = {key: tokenizer.init_kwargs.pop(key) for key in LOAD_OPTIONS if key in tokenizer.init_kwargs}
     try:
         tokenizer.save_pretrained(directory)

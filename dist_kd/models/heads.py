@@ -156,8 +156,8 @@ class MultiTaskStudent(nn.Module):
         for name, head in self.heads.items():
             if name != task:
                 head.train(False)
-                try:
-                    total = total + head(detached).float().sum()
+                try:  # a diverged head (inf or NaN) must not turn the active task's logits into NaN (0 x inf)
+                    total = total + torch.nan_to_num(head(detached).float().sum(), nan=0.0, posinf=0.0, neginf=0.0)
                 finally:
                     head.train(True)
         return total

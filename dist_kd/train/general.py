@@ -448,6 +448,7 @@ class GeneralTrainer(EngineTrainer):
         batches = self._batches()
         if self.step == 0 and self.heldout is not None:
             self.initial_quality = self.quality_record()  # what the initialisation alone gives
+            self.initial_quality["pooling"] = self.heldout.pooling_name  # a resume under other pooling drops it
         # The first window's tokens/s and the bar's rate count training only, not set-up or that evaluation.
         bar = progress_bar(
             cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
@@ -655,10 +656,14 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
     teacher = trainer.teacher_quality()
     final = trainer.current_quality()
     reports = {"teacher": teacher}
-    if trainer.initial_quality is not None:
-        reports["student at step 0"] = QualityReport(
-            spread=trainer.initial_quality["eval_spread"], probe=trainer.initial_quality["eval_probe"]
-        )
+    initial = trainer.initial_quality
+    if initial is not None and initial.get("pooling", "mean") != trainer.heldout.pooling_name:
+        # Measured before a resume under another pooling (a release that mean-pooled every teacher).
+        logger.warning("the step-0 quality was measured with %s pooling, this run pools %s: left out of the summary",
+                       initial.get("pooling", "mean"), trainer.heldout.pooling_name)  # fmt: skip
+        initial = None
+    if initial is not None:
+        reports["student at step 0"] = QualityReport(spread=initial["eval_spread"], probe=initial["eval_probe"])
     reports[f"student at step {trainer.step}"] = final
     reports["random init, same shape"] = trainer.random_init_quality()
     rows = {

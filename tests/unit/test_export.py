@@ -246,3 +246,11 @@ def test_saved_tokenizers_carry_no_truncation_and_no_load_options(tiny_tokenizer
     assert len(tokenizer(text, truncation=True, max_length=8)["input_ids"]) == 8
     assert tokenizer.init_kwargs.get("local_files_only") is True
     assert load_tokenizer(tmp_path / "saved")(text)["input_ids"] == tokenizer(text)["input_ids"]
+    # Truncation its tokenizer.json shipped with is kept (only what a call left behind goes).
+    shipped = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    shipped["truncation"] = {"direction": "Right", "max_length": 64, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "saved" / "tokenizer.json").write_text(json.dumps(shipped))
+    reloaded = load_tokenizer(tmp_path / "saved")
+    reloaded(text, truncation=True, max_length=8)
+    save_tokenizer(reloaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer.json").read_text())["truncation"]["max_length"] == 64

@@ -153,3 +153,16 @@ def test_a_swap_stopped_between_its_two_renames_keeps_the_earlier_output(tmp_pat
     with pytest.raises(RuntimeError), atomic_dir(out):
         raise RuntimeError("the new output failed too")
     assert (out / "weights").read_text() == "earlier"
+
+
+def test_a_deletion_of_the_earlier_output_cut_short_is_never_put_back(tmp_path):
+    """A process killed while deleting the earlier output after a swap left a half-deleted .model.old, which the
+    next write put back under the final name once the user had removed the output."""
+    out = tmp_path / "model"
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("earlier")
+    (tmp_path / ".model.trash").mkdir()  # what a cut-short deletion leaves now
+    (tmp_path / ".model.trash" / "config.json").write_text("half")
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

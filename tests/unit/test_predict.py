@@ -275,9 +275,11 @@ def test_a_file_with_some_unlabelled_rows_is_scored_over_its_labelled_rows(class
     assert report["metrics"] is None and report["num_labelled"] == 0 and "no label" not in caplog.text
 
 
-def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_path, capsys):
+def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_path, capsys, caplog):
     """A pair classifier scored without --text-b read the first texts alone (the default text_b column is
     optional), and at --max-length 128 whatever the run trained at: a lower score, exit 0, not a word."""
+    import logging
+
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -323,3 +325,11 @@ def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_
     assert json.loads(capsys.readouterr().out)["metrics"] is None
     assert _evaluate_main([*argv, "--label", "absent"]) == 2  # but one the user names must be there
     assert "has no label column 'absent' (--label)" in capsys.readouterr().err
+    # The record's column missing but the default `label` there: scored on it, with a warning (it was null).
+    relabelled = tmp_path / "relabelled.jsonl"
+    relabelled.write_text("".join(json.dumps({"s1": a, "s2": b, "label": LABELS[i % 2]}) + "\n"
+                                  for i, (a, b) in enumerate(zip(firsts, seconds))))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
+        assert _evaluate_main(["--model", str(model_dir), "--task", "para", "--data", str(relabelled), "--cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
+    assert "has no column 'same', the label column of the model's task.json" in caplog.text

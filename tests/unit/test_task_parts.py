@@ -157,6 +157,16 @@ def test_in_training_idle_heads_get_zero_gradients_and_draw_no_dropout(arch, tin
     assert all(param.grad is None for name, param in student.heads.named_parameters() if not name.startswith("topic."))
     # The export carries the head's dropout as trained (its config left classifier_dropout empty).
     assert student.task_model("topic").config.classifier_dropout == 0.3
+    # A diverged idle head (inf weights) leaves the active task alone: 0 x inf was NaN in its logits and loss.
+    student.train()
+    with torch.no_grad():
+        for param in student.heads["score"].parameters():
+            param.fill_(float("inf"))
+    student.zero_grad(set_to_none=True)
+    logits = student("topic", ids, mask)
+    assert torch.isfinite(logits).all()
+    logits.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.encoder.parameters() if p.grad is not None)
 
 
 def test_a_student_saved_in_fp16_gives_fp32_heads_and_fp32_exports(tmp_path):
