@@ -146,3 +146,34 @@ def test_report_of_a_copy_equals_the_original(tiny_bert_dir, tmp_path):
         pooled = mean_pool(model.eval()(**enc).last_hidden_state, enc["attention_mask"])
     assert report.spread == pytest.approx(embedding_spread(pooled), abs=1e-5)
     assert not math.isnan(report.probe)
+
+
+def test_a_step_zero_row_measured_with_other_pooling_is_left_out_of_the_summary(caplog):
+    """A run resumed from a checkpoint of a release that mean-pooled every teacher put that mean-pooled step-0
+    row beside this run's CLS-pooled ones."""
+    import logging
+    from types import SimpleNamespace
+
+    from dist_kd.quality import QualityReport
+    from dist_kd.train.general import quality_summary
+
+    class Heldout:
+        source, label_names, chance, pooling_name = "dev.jsonl", ["a", "b"], 0.5, "cls"
+
+        def __len__(self):
+            return 60
+
+    def rows(initial):
+        fake = SimpleNamespace(
+            heldout=Heldout(), initial_quality=initial, step=4,
+            teacher_quality=lambda: QualityReport(spread=0.1, probe=0.9),
+            current_quality=lambda: QualityReport(spread=0.3, probe=0.8),
+            random_init_quality=lambda: QualityReport(spread=0.99, probe=0.5),
+        )  # fmt: skip
+        return list(quality_summary(fake)["rows"])
+
+    same = {"eval_spread": 0.5, "eval_probe": 0.7, "pooling": "cls"}
+    assert "student at step 0" in rows(same)
+    with caplog.at_level(logging.WARNING):
+        assert "student at step 0" not in rows({"eval_spread": 0.5, "eval_probe": 0.7})  # an earlier release: mean
+    assert "measured with mean pooling, this run pools cls" in caplog.text
