@@ -155,6 +155,9 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     # Every encoder dropout under its family's names (ModernBERT's MLP and embedding dropout too); a config
     # with none is refused with the fields it lacks.
     set_dropout(config, dropout)
+    for name in ("classifier_dropout", "seq_classif_dropout", "cls_dropout"):  # the head's, where the family has one
+        if getattr(config, name, None) is not None:
+            setattr(config, name, dropout)
     # dist_kd's attention entry (SDPA, or on a CPU in training the explicit path with the cheaper dropout
     # mask) and its dropout modules: the same model, faster to fine-tune on a CPU (models/dropout.py).
     register_attention()
@@ -421,6 +424,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     """
     from transformers import AutoConfig
 
+    from dist_kd.data.augment import weights_sha256
     from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.models.teacher import check_max_length, check_model_dir
 
@@ -430,6 +434,12 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     with distributed.shared_failure():
         check_run_kind(output, "finetune", "--output")
         check_model_dir(cfg.base, "base")
+        base = Path(cfg.base).resolve()
+        if base == output.resolve() or output.resolve() in base.parents:  # teacher-1 would replace its own base
+            raise ValueError(
+                f"base {cfg.base} is inside --output {cfg.output}, whose teacher-N directories the run replaces "
+                "(and every teacher is built from the base): give a base outside it, or another --output"
+            )
         # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
         check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
         tokenizer = load_tokenizer(cfg.base)
@@ -437,6 +447,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
         dev_sha256 = data_fingerprint(cfg.dev)
         train_sha256 = data_fingerprint(cfg.train)
+        base_sha256 = weights_sha256(cfg.base)
         if info.is_main:
             output.mkdir(parents=True, exist_ok=True)
             with atomic_path(output / "config.yaml") as tmp:
@@ -445,13 +456,18 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     entries, all_logits = [], []
     for index in range(cfg.num_teachers):
         target = output / f"teacher-{index + 1}"
-        # The training data's bytes too: the same path with edited data (fixed labels) must train again.
-        params = {**teacher_params(spec, cfg, index), "train_sha256": train_sha256}
+        # The training data's bytes too: the same path with edited data (fixed labels) must train again; so must
+        # a base replaced in place, and another world size (the global batch and steps follow it).
+        params = {
+            **teacher_params(spec, cfg, index), "train_sha256": train_sha256, "base_sha256": base_sha256,
+            "world_size": info.world_size,
+        }  # fmt: skip
         with distributed.shared_failure():  # the same refusal on every rank: said once
             previous = _read_result(target) if (target / RESULT_FILE).is_file() else None
             if previous is not None:
-                if "train_sha256" not in previous["params"]:  # exported before the data was recorded
-                    params.pop("train_sha256")
+                for key in ("train_sha256", "base_sha256", "world_size"):
+                    if key not in previous["params"]:  # exported before it was recorded
+                        params.pop(key)
                 differ = sorted(
                     key for key in {*params, *previous["params"]} if params.get(key) != previous["params"].get(key)
                 )

@@ -315,3 +315,50 @@ def test_a_run_directory_of_another_kind_is_refused_untouched(finetuned, tmp_pat
     proc = run_script(*bad, check=False)
     assert proc.returncode == 2 and f"error: --output {general} holds a general distillation run" in proc.stderr
     assert snapshot(general) == before
+
+
+def test_a_base_replaced_in_place_or_inside_the_output_is_refused(finetuned, tmp_path):
+    """A base replaced at the same path (another checkpoint) still reused the teachers of the old one; a base
+    inside --output (OUT/teacher-1) was overwritten by teacher 1, and teacher 2 started from teacher 1."""
+    import shutil
+
+    from dist_kd.testing import build_tiny_bert
+
+    root, args = finetuned
+    shutil.copytree(root / "base", tmp_path / "base")
+    run = list(args)
+    run[run.index("--base") + 1] = str(tmp_path / "base")
+    run[run.index("--output") + 1] = str(tmp_path / "out")
+    run[run.index("--num-teachers") + 1 : run.index("--num-teachers") + 2] = ["1"]
+    run[run.index("--seeds") + 1 : run.index("--seeds") + 3] = ["3"]
+    run[run.index("--dropouts") + 1 : run.index("--dropouts") + 3] = ["0.1"]
+    run_script(*run, timeout=300)
+    params = json.loads((tmp_path / "out" / "teacher-1" / "finetune.json").read_text())["params"]
+    assert params["world_size"] == 1 and len(params["base_sha256"]) == 64
+    shutil.rmtree(tmp_path / "base")
+    build_tiny_bert(tmp_path / "base", seed=9, num_layers=2)  # another checkpoint at the same path
+    proc = run_script(*run, timeout=300, check=False)
+    assert proc.returncode == 2 and "teacher-1 was trained with other settings (base_sha256 differ)" in proc.stderr
+    inside = list(run)
+    inside[inside.index("--base") + 1] = str(tmp_path / "out" / "teacher-1")
+    before = (tmp_path / "out" / "teacher-1" / "model.safetensors").read_bytes()
+    proc = run_script(*inside, timeout=300, check=False)
+    assert proc.returncode == 2 and "is inside --output" in proc.stderr
+    assert (tmp_path / "out" / "teacher-1" / "model.safetensors").read_bytes() == before
+
+
+def test_the_teachers_dropout_reaches_a_head_whose_base_sets_its_own(tmp_path):
+    """--dropouts set the encoder's dropout, but a base whose config sets classifier_dropout kept that for the
+    head."""
+    from transformers import AutoConfig
+
+    from dist_kd.data.tasks import resolve_task_spec
+    from dist_kd.testing import build_tiny_bert
+    from dist_kd.train.finetune import build_classifier
+
+    base = build_tiny_bert(tmp_path / "base", num_layers=1)
+    config = AutoConfig.from_pretrained(base)
+    config.classifier_dropout = 0.3
+    config.save_pretrained(base)
+    model = build_classifier(base, resolve_task_spec("demo", labels=LABELS), dropout=0.05)
+    assert model.config.classifier_dropout == 0.05 and model.config.hidden_dropout_prob == 0.05
