@@ -98,8 +98,12 @@ def discover_environment() -> dict[str, str]:
             "WORLD_SIZE": slurm_tasks(env),
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         }
-        if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
-            found["MASTER_ADDR"] = _first_slurm_host(env["SLURM_JOB_NODELIST"])
+        # The step's first node: a step of a multi-node job may not start on the job's first node (two steps
+        # side by side, `srun ... augment & srun ... precompute &`), where nobody would listen.
+        nodelist = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)),
+                        None)  # fmt: skip
+        if "MASTER_ADDR" not in env and nodelist:
+            found["MASTER_ADDR"] = _first_slurm_host(nodelist)
         found.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(slurm_port(env))))
     else:
         # One process that no launcher started: nobody else connects, so a free local port, whatever MASTER_*
@@ -150,6 +154,24 @@ def device_index(local_rank: int, visible: int, env: Mapping[str, str]) -> int:
         "--nproc_per_node), or give each SLURM task its own GPU (--gpus-per-task=1 or --gpu-bind=single:1, "
         "not --gpu-bind=closest, which shows a task a socket's GPUs)"
     )
+
+
+def _say_about_rank_variables(found: Mapping[str, str]) -> None:
+    """RANK / WORLD_SIZE that no launcher set (left exported in a shell) made rank 0 wait in silence for ranks
+    that never start; one of the two alone was ignored without a word."""
+    env = os.environ
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        given = "RANK" if "RANK" in env else "WORLD_SIZE"
+        other = "WORLD_SIZE" if given == "RANK" else "RANK"
+        _say(f"{given}={env[given]} is set without {other}: ignored (a launcher sets both)")
+    elif "RANK" in env and found["WORLD_SIZE"] != "1" and found["RANK"] == "0" and "LOCAL_RANK" not in env:
+        minutes = env.get("DEEPSPEED_TIMEOUT", "10")
+        _say(
+            f"RANK=0 and WORLD_SIZE={found['WORLD_SIZE']} come from the environment without a launcher's LOCAL_RANK: "
+            f"waiting for the other ranks at {found['MASTER_ADDR']}:{found['MASTER_PORT']} (up to "
+            f"DEEPSPEED_TIMEOUT={minutes} minutes); unset RANK and WORLD_SIZE to run one process, or start the job "
+            "with deepspeed, torchrun or srun"
+        )
 
 
 def slurm_wait_message(found: Mapping[str, str]) -> str:
@@ -350,6 +372,8 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
     found = discover_environment()
     if not dist.is_initialized() and "RANK" not in os.environ and found["WORLD_SIZE"] != "1" and found["RANK"] == "0":
         _say(slurm_wait_message(found))
+    elif not dist.is_initialized():
+        _say_about_rank_variables(found)
     os.environ.update({k: v for k, v in found.items() if not dist.is_initialized() or k not in os.environ})
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -294,9 +294,32 @@ def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.T
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
         )
-        return pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        table = pcsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except (pa.ArrowInvalid, UnicodeError, LookupError):
-        return _read_delimited_python(path, fmt, spec, encoding)
+        table = _read_delimited_python(path, fmt, spec, encoding)
+    if tsv:
+        _warn_csv_quoted(path, table)
+    return table
+
+
+def _warn_csv_quoted(path: Path, table: pa.Table) -> None:
+    """A TSV is read without quoting (GLUE's hold unbalanced quotes), but pandas' ``to_csv(sep="\t")`` quotes
+    every cell holding a ``"``: such cells kept their quotes and doubled inner quotes in the text, silently."""
+    import pyarrow.compute as pc
+
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_string(column.type):
+            continue
+        quoted = pc.match_substring_regex(column, r'^".*"".*"$')
+        count = pc.sum(quoted).as_py() or 0
+        if count:
+            example = column.filter(quoted)[0].as_py()
+            logger.warning(
+                "task data %s: %d cells of column %r look CSV-quoted (e.g. %r); a TSV is read without quoting, so "
+                "the quotes stay in the text: write it as .csv, or without quoting (pandas: to_csv(sep='\\t', "
+                "quoting=csv.QUOTE_NONE, escapechar='\\\\'))", path, count, name, example[:80],
+            )  # fmt: skip
 
 
 def _read_jsonl(path: Path, encoding: str) -> pa.Table:
@@ -409,7 +432,11 @@ def _read_datasets(path: Path, split: str | None) -> tuple[pa.Table, dict[str, l
         if split is None and len(splits) == 1:
             split = splits[0]
         if split not in loaded:
-            raise ValueError(f"task data {path} holds splits {splits}; choose one with split= (got {split!r})")
+            shown = ", ".join(str(Path(path) / name) for name in splits[:3]) + (", ..." if len(splits) > 3 else "")
+            raise ValueError(
+                f"task data {path} holds splits {splits}: give the split's own directory ({shown}; augment also "
+                f"takes --split){'' if split is None else f', not split {split!r}'}"
+            )
         loaded = loaded[split]
     class_names = {
         column: list(feature.names)

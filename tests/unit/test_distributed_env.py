@@ -13,7 +13,7 @@ from dist_kd.distributed import device_index, discover_environment
 
 LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
              "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
-             "SLURM_STEP_ID")  # fmt: skip
+             "SLURM_STEP_ID", "SLURM_STEP_NODELIST", "SLURM_NODELIST")  # fmt: skip
 
 
 @pytest.fixture
@@ -178,6 +178,52 @@ def test_init_distributed_says_what_slurm_rank_0_waits_for(monkeypatch, capsys):
         distributed.init_distributed(force_cpu=True)
     err = capsys.readouterr().err
     assert "rank 0 of 4 from SLURM_PROCID/SLURM_NTASKS" in err and "srun" in err and ":20077" in err, err
+
+
+@pytest.mark.usefixtures("no_launcher")
+def test_the_master_is_the_first_node_of_the_step(monkeypatch):
+    """A step of a multi-node job that does not start on the job's first node (two steps side by side) took
+    the job's first node as its master, where nobody listened: both ranks waited until the timeout."""
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no scontrol")))
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "othernode,gpu[07-08]")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08]")
+    assert discover_environment()["MASTER_ADDR"] == "gpu07"
+    monkeypatch.delenv("SLURM_STEP_NODELIST")
+    assert discover_environment()["MASTER_ADDR"] == "othernode"
+    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    monkeypatch.setenv("SLURM_NODELIST", "node[3-4]")  # older SLURM's name
+    assert discover_environment()["MASTER_ADDR"] == "node3"
+
+
+@pytest.mark.usefixtures("no_launcher")
+def test_rank_variables_no_launcher_set_are_named(monkeypatch, capsys):
+    """RANK=0 WORLD_SIZE=2 left exported in a shell made rank 0 wait ten minutes without a word; RANK alone was
+    ignored silently."""
+    import deepspeed
+
+    from dist_kd import distributed
+
+    def stop(**kwargs):
+        raise RuntimeError("no rendezvous in this test")
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(distributed, "guard_jit_build", lambda *a, **k: None)
+    monkeypatch.setattr(deepspeed, "init_distributed", stop)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="no rendezvous"):
+        distributed.init_distributed(force_cpu=True)
+    err = capsys.readouterr().err
+    assert "RANK=0 and WORLD_SIZE=2 come from the environment without a launcher's LOCAL_RANK" in err, err
+    assert "unset RANK and WORLD_SIZE to run one process" in err
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(RuntimeError, match="no rendezvous"):
+        distributed.init_distributed(force_cpu=True)
+    assert "RANK=3 is set without WORLD_SIZE: ignored" in capsys.readouterr().err
 
 
 def test_the_environment_is_put_back():

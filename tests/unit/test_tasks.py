@@ -83,6 +83,12 @@ def test_datasets_class_labels_map_by_name_not_by_index(tmp_path):
     datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "ds"))
     spec = TaskSpec(name="topic", labels=["business", "sport", "tech"], text_a="text", label="category")
     assert load_task_examples(tmp_path / "ds", spec, split="train").column("label").to_pylist() == [2, 1, 0]
+    # Two splits, and a command without --split (finetune, precompute, evaluate): the message names the split
+    # directories, which load (it said "choose one with split=", a flag those commands lack).
+    datasets.DatasetDict({"train": data, "validation": data}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(ValueError, match=r"give the split's own directory \(.*two/train, .*two/validation;"):
+        load_task_examples(tmp_path / "two", spec)
+    assert load_task_examples(tmp_path / "two" / "validation", spec).column("label").to_pylist() == [2, 1, 0]
 
 
 def test_parquet_from_datasets_maps_class_ids_by_the_names_it_carries(tmp_path):
@@ -487,3 +493,22 @@ def test_text_cells_that_are_not_strings_are_decoded_or_refused_not_stringified(
     with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
         assert load_task_examples(empty, spec).column("text_a").to_pylist() == ["a", " "]
     assert "empty.jsonl: line 2 has an empty text in column 'text_a'" in caplog.text
+
+
+def test_a_tsv_written_with_csv_quoting_is_warned(tmp_path, caplog):
+    """pandas' to_csv(sep="\\t") quotes cells holding a '"'; a TSV is read without quoting (GLUE's hold unbalanced
+    quotes), so the text kept the quotes and doubled inner quotes, silently."""
+    import logging
+
+    path = tmp_path / "dev.tsv"
+    path.write_text('sentence\tlabel\n"He said ""great"" movie"\t1\nfine as it is\t0\nan "unbalanced quote\t1\n')
+    spec = resolve_task_spec("demo", labels=["0", "1"], text_a="sentence")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
+        table = load_task_examples(path, spec)
+    assert table.column("text_a").to_pylist()[0] == '"He said ""great"" movie"'  # read as written
+    assert "1 cells of column 'sentence' look CSV-quoted" in caplog.text and "write it as .csv" in caplog.text
+    caplog.clear()
+    path.write_text('sentence\tlabel\nfine as it is\t0\nan "unbalanced quote\t1\n')  # GLUE's own: no warning
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
+        load_task_examples(path, spec)
+    assert "CSV-quoted" not in caplog.text
