@@ -241,17 +241,23 @@ def test_a_base_that_is_a_classifier_gives_every_teacher_a_fresh_head(tmp_path):
     assert model.classifier.out_features == 3 and model.config.id2label == {0: "a", 1: "b", 2: "c"}
 
 
+def _one_teacher(args: list[str], output, **paths) -> list[str]:
+    """The fixture's command for its first teacher alone into ``output`` (``train=`` / ``base=`` replaced)."""
+    run = list(args)
+    for flag, value in (("--output", output), *((f"--{name}", path) for name, path in paths.items())):
+        run[run.index(flag) + 1] = str(value)
+    run[run.index("--num-teachers") + 1 : run.index("--num-teachers") + 2] = ["1"]
+    run[run.index("--seeds") + 1 : run.index("--seeds") + 3] = ["3"]
+    run[run.index("--dropouts") + 1 : run.index("--dropouts") + 3] = ["0.1"]
+    return run
+
+
 def test_edited_training_data_at_the_same_path_is_not_reused(finetuned, tmp_path):
     import shutil
 
     root, args = finetuned
     shutil.copy(root / "train.jsonl", tmp_path / "train.jsonl")
-    run = list(args)
-    run[run.index("--train") + 1] = str(tmp_path / "train.jsonl")
-    run[run.index("--output") + 1] = str(tmp_path / "out")
-    run[run.index("--num-teachers") + 1 : run.index("--num-teachers") + 2] = ["1"]
-    run[run.index("--seeds") + 1 : run.index("--seeds") + 3] = ["3"]
-    run[run.index("--dropouts") + 1 : run.index("--dropouts") + 3] = ["0.1"]
+    run = _one_teacher(args, tmp_path / "out", train=tmp_path / "train.jsonl")
     run_script(*run, timeout=300)
     # The user fixes labels in place and reruns the same command: the teacher of the old labels must not stay.
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
@@ -326,12 +332,7 @@ def test_a_base_replaced_in_place_or_inside_the_output_is_refused(finetuned, tmp
 
     root, args = finetuned
     shutil.copytree(root / "base", tmp_path / "base")
-    run = list(args)
-    run[run.index("--base") + 1] = str(tmp_path / "base")
-    run[run.index("--output") + 1] = str(tmp_path / "out")
-    run[run.index("--num-teachers") + 1 : run.index("--num-teachers") + 2] = ["1"]
-    run[run.index("--seeds") + 1 : run.index("--seeds") + 3] = ["3"]
-    run[run.index("--dropouts") + 1 : run.index("--dropouts") + 3] = ["0.1"]
+    run = _one_teacher(args, tmp_path / "out", base=tmp_path / "base")
     run_script(*run, timeout=300)
     params = json.loads((tmp_path / "out" / "teacher-1" / "finetune.json").read_text())["params"]
     assert params["world_size"] == 1 and len(params["base_sha256"]) == 64
