@@ -304,6 +304,20 @@ class TeacherTrainer:
         self.model = None
 
 
+def _differing(params: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """The settings in which ``params`` and an exported teacher's ``saved`` ones differ, a task's by field
+    (``task.labels``). The headline metric is not one: it picks a figure of the dev metrics, which hold them all."""
+    differ = []
+    for key in sorted({*params, *saved}):
+        mine, theirs = params.get(key), saved.get(key)
+        if key == "task" and isinstance(mine, dict) and isinstance(theirs, dict):
+            differ += [f"task.{field}" for field in sorted({*mine, *theirs} - {"metric"})
+                       if mine.get(field) != theirs.get(field)]  # fmt: skip
+        elif mine != theirs:
+            differ.append(key)
+    return differ
+
+
 def teacher_params(spec: TaskSpec, cfg: FinetuneConfig, index: int) -> dict[str, Any]:
     """What determines teacher ``index``; an exported teacher is reused only when these match."""
     return {
@@ -468,9 +482,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
                 for key in ("train_sha256", "base_sha256", "world_size"):
                     if key not in previous["params"]:  # exported before it was recorded
                         params.pop(key)
-                differ = sorted(
-                    key for key in {*params, *previous["params"]} if params.get(key) != previous["params"].get(key)
-                )
+                differ = _differing(params, previous["params"])
                 if differ:
                     raise ValueError(
                         f"{target} was trained with other settings ({', '.join(differ)} differ); use another "

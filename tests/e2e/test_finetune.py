@@ -92,6 +92,15 @@ def test_rerun_reuses_finished_teachers_and_bad_input_exits_2(finetuned):
     before = (root / "out" / "teacher-1" / "model.safetensors").stat().st_mtime_ns
     run_script(*args, timeout=300)
     assert (root / "out" / "teacher-1" / "model.safetensors").stat().st_mtime_ns == before
+    # Another headline metric picks another figure of the same dev metrics: no reason to train again (it was
+    # refused as "task differ"); other labels are named by field.
+    proc = run_script(*args, "--metric", "f1", timeout=300)
+    assert (root / "out" / "teacher-1" / "model.safetensors").stat().st_mtime_ns == before
+    assert "teacher 1: reusing" in proc.stderr and 'dev f1: {"teacher-1": ' in proc.stderr
+    other = list(args)
+    other[other.index("--labels") + 1] = ",".join(reversed(LABELS))
+    proc = run_script(*other, timeout=300, check=False)
+    assert proc.returncode == 2 and "(task.labels differ)" in proc.stderr
     bad = [*args[:-1], "--seeds", "1", "2", "3", "--cpu"]
     proc = run_script(*bad, check=False)
     assert proc.returncode == 2
