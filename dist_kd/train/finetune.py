@@ -542,6 +542,17 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     }
     if info.is_main:
         write_json_atomic(output / "report.json", report)
+        beyond = sorted(
+            (path.name for path in output.glob("teacher-*") if path.name.removeprefix("teacher-").isdigit()
+             and int(path.name.removeprefix("teacher-")) > cfg.num_teachers),
+            key=lambda name: int(name.removeprefix("teacher-")),
+        )  # fmt: skip
+        if beyond:  # an earlier run with more teachers: not this ensemble, though it sits beside it
+            logger.warning(
+                "%s holds %s from an earlier run with more teachers; this ensemble (report.json) is teacher-1.."
+                "teacher-%d: delete them, or do not pass them to precompute",
+                output, ", ".join(beyond), cfg.num_teachers,
+            )  # fmt: skip
     distributed.barrier()
     return report
 

@@ -97,6 +97,11 @@ def test_rerun_reuses_finished_teachers_and_bad_input_exits_2(finetuned):
     proc = run_script(*args, "--metric", "f1", timeout=300)
     assert (root / "out" / "teacher-1" / "model.safetensors").stat().st_mtime_ns == before
     assert "teacher 1: reusing" in proc.stderr and 'dev f1: {"teacher-1": ' in proc.stderr
+    # Fewer teachers than before: the ensemble is the first one; the second, still beside it, is named.
+    fewer = _one_teacher(args, root / "out")
+    proc = run_script(*fewer, timeout=300)
+    assert "holds teacher-2 from an earlier run with more teachers" in proc.stderr
+    run_script(*args, timeout=300)  # the fixture's two-teacher report back, for the tests after this one
     other = list(args)
     other[other.index("--labels") + 1] = ",".join(reversed(LABELS))
     proc = run_script(*other, timeout=300, check=False)
