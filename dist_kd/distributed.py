@@ -3,8 +3,9 @@
 This is the only module that reads launcher and SLURM environment variables. Supported starts:
 
 - ``deepspeed`` launcher and ``torchrun``: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set.
-- ``srun`` without a launcher: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, master from SLURM_JOB_NODELIST
-  (the first host; ``launch/slurm/general.sbatch`` exports MASTER_ADDR itself, which takes precedence).
+- ``srun`` without a launcher: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, master from SLURM_STEP_NODELIST
+  (else SLURM_JOB_NODELIST, SLURM_NODELIST; the first host; ``launch/slurm/general.sbatch`` exports MASTER_ADDR
+  itself, which takes precedence).
 - a plain ``python`` process (``--debug``, notebooks, tests): world size 1 on a free local port.
 
 The backend comes from DeepSpeed's accelerator: NCCL on CUDA, gloo on the CPU accelerator. On a CPU,
@@ -164,7 +165,10 @@ def _say_about_rank_variables(found: Mapping[str, str]) -> None:
         given = "RANK" if "RANK" in env else "WORLD_SIZE"
         other = "WORLD_SIZE" if given == "RANK" else "RANK"
         _say(f"{given}={env[given]} is set without {other}: ignored (a launcher sets both)")
-    elif "RANK" in env and found["WORLD_SIZE"] != "1" and found["RANK"] == "0" and "LOCAL_RANK" not in env:
+    elif (
+        "RANK" in env and found["WORLD_SIZE"] != "1" and found["RANK"] == "0"
+        and "LOCAL_RANK" not in env and "MASTER_ADDR" not in env  # a start by hand names its master
+    ):  # fmt: skip
         minutes = env.get("DEEPSPEED_TIMEOUT", "10")
         _say(
             f"RANK=0 and WORLD_SIZE={found['WORLD_SIZE']} come from the environment without a launcher's LOCAL_RANK: "
@@ -370,10 +374,11 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
 
     # What the environment says, completed (a one process job's MASTER_* replaced) unless a group already runs.
     found = discover_environment()
-    if not dist.is_initialized() and "RANK" not in os.environ and found["WORLD_SIZE"] != "1" and found["RANK"] == "0":
-        _say(slurm_wait_message(found))
-    elif not dist.is_initialized():
+    if not dist.is_initialized():
         _say_about_rank_variables(found)
+        from_slurm = not ("RANK" in os.environ and "WORLD_SIZE" in os.environ)  # discover_environment's choice
+        if from_slurm and found["WORLD_SIZE"] != "1" and found["RANK"] == "0":
+            _say(slurm_wait_message(found))
     os.environ.update({k: v for k, v in found.items() if not dist.is_initialized() or k not in os.environ})
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -40,6 +40,28 @@ def _classifier_in(directory: Path) -> str | None:
     return next((f"config.json architectures {name}" for name in architectures if "For" in name), None)
 
 
+def _check_classifier_output(output: Path, classifier: str | None, task: str) -> None:
+    """``--task``'s output may replace an earlier classifier of the same task only: not an encoder export (the
+    run's ``student/``), another task's classifier, or ``best/<task>/`` (its best.json and dev predictions)."""
+    if not (output / "config.json").is_file():
+        return  # new, empty, or not a model at all (check_replaceable_dir decides)
+    if classifier is None:
+        raise ValueError(f"--output {output} holds an encoder, not a classifier; --task writes a classifier and "
+                         "replaces its directory whole: give a directory of its own")  # fmt: skip
+    if classifier == "best.json":
+        raise ValueError(f"--output {output} holds best.json (a task run's best/<task>/): give a directory of its own")
+    if "ForSequenceClassification" not in classifier:
+        raise ValueError(f"--output {output} holds a model with another head ({classifier}): give a directory of "
+                         "its own")  # fmt: skip
+    try:
+        recorded = json.loads((output / "task.json").read_text())["task"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded is not None and recorded != task:
+        raise ValueError(f"--output {output} holds task {recorded!r}'s classifier, not {task!r}'s: give a directory of "
+                         "its own")  # fmt: skip
+
+
 def _run_input(run_dir: Path, key: str, value: str) -> str:
     """``value`` of ``key`` in the run's config.yaml, checked to be a directory (before transformers takes a
     missing one for a hub name)."""
@@ -155,9 +177,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
 
     checkpoint = resolve_checkpoint(checkpoint)
     classifier = _classifier_in(Path(output))
-    if task is not None and classifier is not None and classifier != "best.json":
-        classifier = None  # a classifier export replaces an earlier classifier; best/<task>/'s records stay
-    if classifier:  # a dist_kd model too, but not an encoder export: the task head would be lost
+    if task is not None:
+        _check_classifier_output(Path(output), classifier, task)
+    elif classifier:  # a dist_kd model too, but not an encoder export: the task head would be lost
         raise ValueError(
             f"--output {output} holds a model with a head ({classifier}), such as a task run's tasks/<name>/ or "
             "best/<name>/; export writes the student encoder and replaces its directory whole, which would lose "
@@ -261,7 +283,9 @@ def _write_classifier(model, task: str, tokenizer, output: Path, run_dir: Path, 
     from dist_kd.train.task_config import TaskConfig
 
     cfg = load_config(TaskConfig, run_dir / "config.yaml")
-    entry = next(entry for entry in cfg.tasks if entry.name == task)
+    entry = next((entry for entry in cfg.tasks if entry.name == task), None)
+    if entry is None:  # config.yaml edited since the run
+        raise ValueError(f"--task {task}: {run_dir / 'config.yaml'} lists no task {task!r} (its checkpoint does)")
     spec = dataclasses.replace(entry.spec(), labels=model.heads[task].labels or [])
     pairs = (meta.get("tasks.pairs") or {}).get(task)  # None: a checkpoint of an earlier release
     with atomic_dir(output) as tmp:

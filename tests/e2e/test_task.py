@@ -233,6 +233,18 @@ def test_a_checkpoint_exports_each_tasks_classifier_as_the_run_does(two_rank_run
     bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(checkpoint), "--output",
                      str(tmp_path / "x"), "--task", "nope", check=False)  # fmt: skip
     assert bad.returncode == 2 and "--task nope: the run's tasks are topic, share" in bad.stderr
+    # It replaces an earlier classifier of its task only: not the shared encoder, not another task's.
+    for copy, message in (("student", "holds an encoder, not a classifier"),
+                          ("tasks/share", "holds task 'share''s classifier, not 'topic''s")):  # fmt: skip
+        target = tmp_path / "copies" / copy
+        shutil.copytree(two_rank_run / copy, target)
+        before = (target / "config.json").read_text()
+        bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(checkpoint), "--output", str(target),
+                         "--task", "topic", check=False)  # fmt: skip
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+        assert (target / "config.json").read_text() == before
+    run_script("-m", "dist_kd", "export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "topic"),
+               "--task", "topic")  # fmt: skip
 
 
 def test_evaluate_command_reproduces_eval_json(pipeline, two_rank_run, tmp_path):

@@ -224,6 +224,24 @@ def test_rank_variables_no_launcher_set_are_named(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="no rendezvous"):
         distributed.init_distributed(force_cpu=True)
     assert "RANK=3 is set without WORLD_SIZE: ignored" in capsys.readouterr().err
+    # Under srun, the stray RANK does not hide what SLURM's rank 0 waits for.
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(RuntimeError, match="no rendezvous"):
+        distributed.init_distributed(force_cpu=True)
+    err = capsys.readouterr().err
+    assert "RANK=0 is set without WORLD_SIZE: ignored" in err and "rank 0 of 2 from SLURM_PROCID" in err
+    # A start by hand that names its master (one process per node) is not told to unset anything.
+    for key in ("SLURM_PROCID", "SLURM_NTASKS", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    with pytest.raises(RuntimeError, match="no rendezvous"):
+        distributed.init_distributed(force_cpu=True)
+    assert "unset RANK" not in capsys.readouterr().err
 
 
 def test_the_environment_is_put_back():
