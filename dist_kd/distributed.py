@@ -66,9 +66,19 @@ def _first_slurm_host(nodelist: str) -> str:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        # Without scontrol: "node[03-05,07],gpu1" -> "node03".
-        match = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist)
-        return match.group(1) + (match.group(2) or "") if match else nodelist
+        return _first_listed_host(nodelist)
+
+
+def _first_listed_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist without scontrol: "node[03-05,07],gpu1" -> "node03",
+    "rack[1-2]-node[01-04]" -> "rack1-node01" (every bracket group at its first value)."""
+    depth, end = 0, len(nodelist)
+    for index, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = index
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda group: re.split(r"[,-]", group.group(1))[0], nodelist[:end])
 
 
 def slurm_tasks(env) -> str:

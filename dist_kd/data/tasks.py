@@ -394,9 +394,16 @@ def _read_jsonl_python(path: Path, encoding: str) -> pa.Table:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"task data {path}: line {number} is not valid JSON ({err})") from None
+            array = "" if not line.lstrip().startswith("[") else (
+                "; a .json file is read as JSON lines (one object per line), and this one looks like one JSON "
+                "array: write one object per line (pandas: to_json(path, orient='records', lines=True))"
+            )  # fmt: skip
+            raise ValueError(f"task data {path}: line {number} is not valid JSON ({err}){array}") from None
         if not isinstance(record, dict):
-            raise ValueError(f"task data {path}: line {number} must be a JSON object, found {type(record).__name__}")
+            hint = " (a JSON array: write one object per line)" if isinstance(record, list) else ""
+            raise ValueError(
+                f"task data {path}: line {number} must be a JSON object, found {type(record).__name__}{hint}"
+            )
         records.append(record)
     if not records:
         return pa.table({})

@@ -195,6 +195,11 @@ def test_the_master_is_the_first_node_of_the_step(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_NODELIST")
     monkeypatch.setenv("SLURM_NODELIST", "node[3-4]")  # older SLURM's name
     assert discover_environment()["MASTER_ADDR"] == "node3"
+    # Host names with text after a bracket group (the fallback parser cut them at the first one).
+    for nodelist, first in (("rack[1-2]-node[01-04]", "rack1-node01"), ("nid[0001-0002]-ib", "nid0001-ib"),
+                            ("node[03-05,07],gpu1", "node03")):  # fmt: skip
+        monkeypatch.setenv("SLURM_NODELIST", nodelist)
+        assert discover_environment()["MASTER_ADDR"] == first, nodelist
 
 
 @pytest.mark.usefixtures("no_launcher")

@@ -512,3 +512,16 @@ def test_a_tsv_written_with_csv_quoting_is_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
         load_task_examples(path, spec)
     assert "CSV-quoted" not in caplog.text
+
+
+def test_a_json_array_file_is_named_as_such(tmp_path):
+    """A .json file holding one JSON array failed with "line 1 is not valid JSON" and no hint that .json is read
+    as JSON lines."""
+    path = tmp_path / "dev.json"
+    path.write_text('[\n  {"text": "a b", "label": "x"},\n  {"text": "c", "label": "y"}\n]\n')
+    spec = resolve_task_spec("demo", labels=["x", "y"], text_a="text")
+    with pytest.raises(ValueError, match=r"line 1 is not valid JSON .*looks like one JSON array: write one object"):
+        load_task_examples(path, spec)
+    path.write_text('[{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}]\n')  # the array on one line
+    with pytest.raises(ValueError, match=r"line 1 must be a JSON object, found list \(a JSON array: write one"):
+        load_task_examples(path, spec)
