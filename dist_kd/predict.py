@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from dist_kd.data.encode import TokenizedRows, pad_rows
-from dist_kd.data.tasks import TaskSpec
+from dist_kd.data.tasks import TaskSpec, has_pairs
 from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _check_pairs_as_trained(record: dict | None, table: pa.Table, model_dir: Pat
     default ``text_b`` column is optional); one trained on single texts and given pairs is warned."""
     if record is None or table.num_rows == 0:
         return
-    given = table.column("text_b").null_count < table.num_rows
+    given = has_pairs(table)
     trained = record.get("pairs")
     if trained and not given:
         raise ValueError(

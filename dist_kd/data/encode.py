@@ -150,4 +150,9 @@ def uses_token_types(tokenizer, config: Any = None) -> bool:
     """
     if "token_type_ids" not in tokenizer.model_input_names:
         return False
-    return config is None or getattr(config, "type_vocab_size", 2) > 1
+    return config is None or has_second_segment(config)
+
+
+def has_second_segment(config: Any) -> bool:
+    """Whether a model with ``config`` has an embedding for segment 1 (``type_vocab_size`` 2 or more)."""
+    return getattr(config, "type_vocab_size", 2) > 1

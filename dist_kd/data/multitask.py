@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dist_kd.data.encode import TokenizedRows, length_grouped_order, tokenize_rows
-from dist_kd.data.tasks import TaskSpec, load_task_examples
+from dist_kd.data.tasks import TaskSpec, has_pairs, load_task_examples
 
 logger = logging.getLogger(__name__)
 
@@ -175,15 +175,14 @@ def load_task_data(
         dev_rows = tokenize_rows(
             tokenizer, dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist(), max_length
         )
-    pairs = table.column("text_b").null_count < table.num_rows
+    pairs = has_pairs(table)
     return TaskData(spec, rows, soft, labels, has_label, dev_table, dev_rows, teacher, source, pairs)
 
 
 def _check_pairs(spec: TaskSpec, source: str, table, dev: str, dev_table) -> None:
     """Training and dev rows must both be sentence pairs or both single texts: a store made with precompute's
     ``--text-b`` and a config without ``text_b`` would score the pair task's dev set on its first texts only."""
-    train_pairs = table.column("text_b").null_count < table.num_rows
-    dev_pairs = dev_table.column("text_b").null_count < dev_table.num_rows
+    train_pairs, dev_pairs = has_pairs(table), has_pairs(dev_table)
     if train_pairs == dev_pairs or dev_table.num_rows == 0:
         return
     if train_pairs:

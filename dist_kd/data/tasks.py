@@ -568,6 +568,11 @@ class RowPlaces:
         return f"{self(rows[:limit], more=len(rows) > limit)} have"
 
 
+def has_pairs(table: pa.Table) -> bool:
+    """Whether canonical task rows (``load_task_examples``) are sentence pairs: some row has a ``text_b``."""
+    return table.column("text_b").null_count < table.num_rows
+
+
 def _resolve_labels(
     values: list[Any], spec: TaskSpec, path: Path, names: list[str] | None, where: Callable[[int], str]
 ) -> list[Any]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dist_kd.config import doc
+from dist_kd.data.encode import has_second_segment
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, EncoderFeatures, FeatureCapture, register_attention
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class Teacher:
         self.config = model.config
         # A teacher with one segment embedding (type_vocab_size 1, or 0) reads every text as segment 0, as it was
         # trained; a BERT tokenizer's segment 1 on a pair's second text would index past it.
-        self.takes_segments = getattr(model.config, "type_vocab_size", 2) > 1
+        self.takes_segments = has_second_segment(model.config)
         self.num_layers = model.config.num_hidden_layers
         self.num_heads = model.config.num_attention_heads
         self.hidden_size = model.config.hidden_size
