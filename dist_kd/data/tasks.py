@@ -127,6 +127,21 @@ GLUE_TASKS: dict[str, TaskSpec] = {
     "wnli": _glue("wnli", "sentence1", "sentence2", "label", ["0", "1"], "accuracy"),
 }
 
+# What ``datasets``' own GLUE builder names differently from the GLUE TSVs. Its ClassLabel names for the tasks
+# whose TSVs hold ids: class i of these names is the TSV's id i (SST-2's 0 is negative, MRPC's 1 equivalent).
+GLUE_DATASETS_CLASS_NAMES: dict[str, list[str]] = {
+    "cola": ["unacceptable", "acceptable"],
+    "sst2": ["negative", "positive"],
+    "mrpc": ["not_equivalent", "equivalent"],
+    "qqp": ["not_duplicate", "duplicate"],
+    "wnli": ["not_entailment", "entailment"],
+}
+# Its text columns where they are not the TSV's (text_a, text_b); the label column is always ``label``.
+GLUE_DATASETS_TEXT_COLUMNS: dict[str, tuple[str, str]] = {
+    "mrpc": ("sentence1", "sentence2"),
+    "mnli": ("premise", "hypothesis"),
+}
+
 
 def resolve_task_spec(
     name: str,
@@ -143,9 +158,10 @@ def resolve_task_spec(
 
     For a GLUE name (``sst2``, ``mnli``, ...; case-insensitive, ``sst-2``/``sts-b`` accepted) the registry's
     columns and label order are the defaults; column arguments left at their defaults keep the registry's
-    names (a file without the registry's label or second-text column but with ``label`` / ``text_b``, as
-    ``datasets`` saves GLUE, reads those: :func:`load_task_examples`). ``labels`` given for a GLUE task must
-    equal the registry's order (the order is part of the model).
+    names (a file without a registry column but with the one ``datasets`` saves GLUE with, or ``text_b``,
+    reads that, and ``datasets``' class names for the TSV's ids are read as those ids:
+    :func:`load_task_examples`). ``labels`` given for a GLUE task must equal the registry's order (the order
+    is part of the model).
 
     Args:
         name: task name.
@@ -707,19 +723,39 @@ def task_schema(spec: TaskSpec) -> pa.Schema:
     )
 
 
+def _glue_key(spec: TaskSpec) -> str | None:
+    key = spec.name.lower().replace("-", "")
+    return key if key in GLUE_TASKS else None
+
+
 def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
-    """A GLUE task read from a file that has ``label`` (``text_b``) but not the registry's label (second-text)
-    column reads those: ``datasets`` saves GLUE that way (MRPC's ``label``, not the TSV's ``Quality``), and
-    ``--label label`` cannot name it, since a column left at its default means the registry's."""
-    base = GLUE_TASKS.get(spec.name.lower().replace("-", ""))
-    if base is None:
+    """A GLUE task read from a file that lacks a registry column (the TSV's) but has the one ``datasets`` saves
+    GLUE with reads that: MRPC's ``label``, ``sentence1``, ``sentence2`` for the TSV's ``Quality``,
+    ``#1 String``, ``#2 String``; MNLI's ``premise``, ``hypothesis``; or ``text_b``. ``--label label`` cannot
+    name it, since a column left at its default means the registry's; a column the user named is kept."""
+    key = _glue_key(spec)
+    if key is None:
         return spec
+    base = GLUE_TASKS[key]
+    text_a, text_b = GLUE_DATASETS_TEXT_COLUMNS.get(key, (None, None))
     moved = {}
-    for role, generic in (("label", "label"), ("text_b", DEFAULT_TEXT_B)):
+    for role, others in (("label", ["label"]), ("text_a", [text_a]), ("text_b", [text_b, DEFAULT_TEXT_B])):
         named = getattr(spec, role)
-        if named is not None and named == getattr(base, role) and named not in columns and generic in columns:
-            moved[role] = generic
+        if named is None or named != getattr(base, role) or named in columns:
+            continue
+        found = [other for other in others if other is not None and other in columns]
+        if found:
+            moved[role] = found[0]
     return dataclasses.replace(spec, **moved) if moved else spec
+
+
+def _glue_class_names(spec: TaskSpec, names: list[str] | None) -> list[str] | None:
+    """ClassLabel names of a GLUE task's file, as the task's labels where they are ``datasets``' GLUE names for
+    the TSV's ids (SST-2's negative, positive are 0, 1); any other names are kept, to be mapped by name."""
+    key = _glue_key(spec)
+    if names is None or key is None or spec.labels != GLUE_TASKS[key].labels:
+        return names
+    return list(spec.labels) if names == GLUE_DATASETS_CLASS_NAMES.get(key) else names
 
 
 def _texts(values: list[Any], path: Path, where: RowPlaces, column: str | None, role: str) -> list[Any]:
@@ -826,7 +862,7 @@ def load_task_examples(
     if spec.label is None or (not require_label_column and spec.label not in raw.column_names):
         labels: list[Any] = [None] * num_rows
     else:
-        column_names = class_names.get(spec.label)
+        column_names = _glue_class_names(spec, class_names.get(spec.label))
         labels = _resolve_labels(_column(raw, spec.label, path, spec, "label"), spec, path, column_names, where)
         if require_labels:
             missing = [row for row, value in enumerate(labels) if value is None]

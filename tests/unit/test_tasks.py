@@ -229,6 +229,62 @@ def test_glue_data_saved_by_datasets_reads_its_label_and_text_b_columns(tmp_path
         load_task_examples(tmp_path / "none.jsonl", resolve_task_spec("mrpc", text_a="sentence1"))
 
 
+def _hf_glue(path, columns, names, rows):
+    """A split as ``datasets``' GLUE builder saves it: its text columns, ``label`` a ClassLabel, ``idx``."""
+    import datasets
+
+    features = {column: datasets.Value("string") for column in columns}
+    features |= {"label": datasets.ClassLabel(names=names), "idx": datasets.Value("int32")}
+    data = {column: [row[i] for row in rows] for i, column in enumerate(columns)}
+    data |= {"label": [row[-1] for row in rows], "idx": list(range(len(rows)))}
+    dataset = datasets.Dataset.from_dict(data, features=datasets.Features(features))
+    dataset.save_to_disk(str(path))
+    dataset.to_parquet(str(path) + ".parquet")
+    return [path, path.with_name(path.name + ".parquet")]
+
+
+def test_glue_splits_saved_by_datasets_read_with_the_registry_spec(tmp_path):
+    """load_dataset("glue", t)[split] saved as it is: SST-2's class names negative/positive are the TSV's ids 0/1
+    (they were refused as unknown labels), MRPC's and MNLI's text columns are datasets' own."""
+    sst2 = _hf_glue(tmp_path / "sst2", ["sentence"], ["negative", "positive"], [("bad", 0), ("good", 1), ("ok", 1)])
+    mrpc_rows = [("a", "b", 1), ("c", "d", 0)]
+    mrpc = _hf_glue(tmp_path / "mrpc", ["sentence1", "sentence2"], ["not_equivalent", "equivalent"], mrpc_rows)
+    mnli_rows = [("p0", "h0", 0), ("p1", "h1", 1), ("p2", "h2", 2)]
+    mnli = _hf_glue(tmp_path / "mnli", ["premise", "hypothesis"], ["entailment", "neutral", "contradiction"], mnli_rows)
+    for path in sst2:
+        table = load_task_examples(path, resolve_task_spec("sst2"))
+        assert table.column("label").to_pylist() == [0, 1, 1] and table.column("text_a").to_pylist()[0] == "bad"
+    for path in mrpc:
+        table = load_task_examples(path, resolve_task_spec("mrpc"))
+        assert table.column("label").to_pylist() == [1, 0]
+        assert table.column("text_a").to_pylist() == ["a", "c"] and table.column("text_b").to_pylist() == ["b", "d"]
+    labels = GLUE_TASKS["mnli"].labels
+    for path in mnli:
+        table = load_task_examples(path, resolve_task_spec("mnli"))
+        expected = [labels.index(name) for name in ("entailment", "neutral", "contradiction")]
+        assert table.column("label").to_pylist() == expected and table.column("text_b").to_pylist()[2] == "h2"
+    # GLUE's unlabelled test split (-1) reads as unlabelled
+    test = _hf_glue(tmp_path / "test", ["sentence"], ["negative", "positive"], [("x", -1)])[0]
+    assert load_task_examples(test, resolve_task_spec("sst2"), require_labels=False).column("label").to_pylist() == [
+        None
+    ]
+    # names are ids only for the GLUE task whose builder uses them, in its order: other names, another task,
+    # or a custom task with labels 0,1 are still mapped by name, so refused
+    swapped = _hf_glue(tmp_path / "swapped", ["sentence"], ["positive", "negative"], [("good", 0)])[0]
+    with pytest.raises(ValueError, match="unknown label 'positive'"):
+        load_task_examples(swapped, resolve_task_spec("sst2"))
+    with pytest.raises(ValueError, match="unknown label 'negative'"):
+        load_task_examples(sst2[0], resolve_task_spec("cola", text_a="sentence"))
+    with pytest.raises(ValueError, match="unknown label 'negative'"):
+        load_task_examples(sst2[0], resolve_task_spec("sentiment", labels=["0", "1"], text_a="sentence"))
+    # a custom task named by the dataset's names reads them as before
+    custom = resolve_task_spec("sentiment", labels=["negative", "positive"], text_a="sentence")
+    assert load_task_examples(sst2[0], custom).column("label").to_pylist() == [0, 1, 1]
+    # a text column the user named is kept, and a missing one is named
+    with pytest.raises(ValueError, match="no column 'question'"):
+        load_task_examples(mrpc[0], resolve_task_spec("mrpc", text_a="question"))
+
+
 def test_label_order_check_message():
     label_order_check(["a", "b"], ["a", "b"], "teacher t1")
     with pytest.raises(ValueError) as info:
