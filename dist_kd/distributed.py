@@ -26,11 +26,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -549,6 +552,21 @@ def agreed(err: BaseException) -> bool:
     """True when every rank raised ``err`` (or its twin) through :func:`shared_failure`; otherwise the other
     ranks may be inside a collective that this rank will never join."""
     return hasattr(err, "reported_by")
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone, its result given to every rank: for digests of model weights and data
+    that every rank needs, which would otherwise read each file once per rank (N reads of a teacher on a shared
+    filesystem). Collective. A failure on rank 0 raises on every rank (:func:`shared_failure`)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    result = None
+    with shared_failure():
+        if dist.get_rank() == 0:
+            result = compute()
+    return broadcast_object(result)
 
 
 def broadcast_object(obj, src: int = 0):

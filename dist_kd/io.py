@@ -242,6 +242,17 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """sha256 of a HF directory's weights: the file's digest, or a digest over the shards' digests."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"model directory {model_dir} holds no *.safetensors or *.bin weights")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
+
+
 def data_fingerprint(path: str | os.PathLike) -> str:
     """A sha256 that changes when the data under ``path`` changes (recorded in checkpoints, checked on resume).
 

@@ -47,7 +47,7 @@ from dist_kd.config import doc
 from dist_kd.data import soft_targets as store
 from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_token_types
 from dist_kd.data.tasks import MissingColumnError, TaskSpec, label_order_check, load_task_examples
-from dist_kd.io import read_parquet_metadata, sha256_file, write_json_atomic, write_parquet_atomic
+from dist_kd.io import read_parquet_metadata, sha256_file, weights_sha256, write_json_atomic, write_parquet_atomic
 from dist_kd.models.teacher import DTYPES, check_max_length, check_model_dir
 from dist_kd.predict import batched_logits, teacher_label_names
 
@@ -246,12 +246,6 @@ def data_sha256(path: str | Path) -> str:
     lines = [f"{item.relative_to(path).as_posix()}:{sha256_file(item)}\n" for item in sorted(path.rglob("*"))
              if item.is_file()]  # fmt: skip
     return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def _weights_sha256(path: str | Path) -> str:
-    from dist_kd.data.augment import weights_sha256
-
-    return weights_sha256(path)
 
 
 def build_store_metadata(
@@ -640,7 +634,7 @@ def precompute_soft_targets(
         # Hashing weights and data reads every byte; one rank does it and tells the others.
         hashes = None
         if info.is_main:
-            hashes = {"teachers": [_weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
+            hashes = {"teachers": [weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
     hashes = distributed.broadcast_object(hashes)
     metadata = build_store_metadata(spec, config, check, data_path, hashes, examples.num_rows)
     if missing_label is not None:

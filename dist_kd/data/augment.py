@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dist_kd.config import doc
-from dist_kd.io import atomic_path, read_parquet_metadata, sha256_file, write_parquet_atomic
+from dist_kd.io import atomic_path, read_parquet_metadata, sha256_file, weights_sha256, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -445,17 +445,6 @@ def _other_words(word: str, candidates: Iterable[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- masked LM
-
-
-def weights_sha256(model_dir: str | Path) -> str:
-    """sha256 of a HF directory's weights: the file's digest, or a digest over the shards' digests."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    if not files:
-        raise FileNotFoundError(f"model directory {model_dir} holds no *.safetensors or *.bin weights")
-    if len(files) == 1:
-        return sha256_file(files[0])
-    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
 class MaskedLMCandidates:

@@ -47,7 +47,7 @@ from dist_kd.data.encode import (
 from dist_kd.data.tasks import TaskSpec, load_task_examples
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.evaluate import compute_metrics
-from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, write_json_atomic
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, weights_sha256, write_json_atomic
 from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
@@ -438,7 +438,6 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     """
     from transformers import AutoConfig
 
-    from dist_kd.data.augment import weights_sha256
     from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.models.teacher import check_max_length, check_model_dir
 
@@ -459,13 +458,13 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         tokenizer = load_tokenizer(cfg.base)
         train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
         dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
-        dev_sha256 = data_fingerprint(cfg.dev)
-        train_sha256 = data_fingerprint(cfg.train)
-        base_sha256 = weights_sha256(cfg.base)
-        if info.is_main:
+        digests = None
+        if info.is_main:  # every byte of the base and the data: read once, by rank 0, and told to the others
+            digests = data_fingerprint(cfg.dev), data_fingerprint(cfg.train), weights_sha256(cfg.base)
             output.mkdir(parents=True, exist_ok=True)
             with atomic_path(output / "config.yaml") as tmp:
                 tmp.write_text(_config_yaml(spec, cfg))
+    dev_sha256, train_sha256, base_sha256 = distributed.broadcast_object(digests)
     metrics = MetricsLogger(output, enabled=info.is_main)
     entries, all_logits = [], []
     for index in range(cfg.num_teachers):

@@ -45,7 +45,7 @@ from dist_kd.data.encode import pad_id_of, pad_rows, uses_token_types
 from dist_kd.data.multitask import TaskData, TaskSampler, load_task_data
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.evaluate import compute_metrics, predicted_classes
-from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, weights_sha256, write_json_atomic
 from dist_kd.losses import prediction_loss
 from dist_kd.model_card import classifier_load_snippet, encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.fields import ffn_width
@@ -198,6 +198,15 @@ class TaskTrainer(EngineTrainer):
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}
+        # Digests of the data (stores or files) and the dev sets, read by rank 0 alone. The dev sets: eval.json and
+        # best/ hold the earlier evaluations, which another dev set would mix with the new ones (and best/ pick
+        # across the two). One key per task, so the error names the task.
+        data_digests = distributed.on_main(
+            lambda: {
+                "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},
+                **{f"tasks[{entry.name}].dev": data_fingerprint(entry.dev) for entry in cfg.tasks if entry.dev},
+            }
+        )
         self.meta = {
             "phase": self.phase,
             "student": {
@@ -218,10 +227,7 @@ class TaskTrainer(EngineTrainer):
             "tokenizer.sha256": tokenizer_fingerprint(self.tokenizer)["sha256"],
             # Which tasks train on sentence pairs: dist-kd export --task writes it into the classifier's task.json.
             "tasks.pairs": {t.spec.name: t.pairs for t in self.tasks},
-            "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},  # stores or files changed
-            # The dev sets: eval.json and best/ hold the earlier evaluations, which another dev set would mix with
-            # the new ones (and best/ pick across the two). One key per task, so the error names the task.
-            **{f"tasks[{entry.name}].dev": data_fingerprint(entry.dev) for entry in cfg.tasks if entry.dev},
+            **data_digests,
             **ckpt.settings_meta(cfg.train, ds_config, self.max_steps),
             **ckpt.merged_settings(data_settings_meta(cfg, weights), objective_meta(cfg, self.phase)),
         }
@@ -266,7 +272,6 @@ class TaskTrainer(EngineTrainer):
 
     def _load_teachers(self) -> dict[str, Any]:
         """Phase intermediate: one frozen teacher per distinct directory, checked against the student."""
-        from dist_kd.data.augment import weights_sha256
         from dist_kd.data.tokenizer import tokenizer_fingerprint
         from dist_kd.models.student import check_heads
         from dist_kd.models.teacher import Teacher
@@ -274,7 +279,7 @@ class TaskTrainer(EngineTrainer):
         teachers: dict[str, Any] = {}
         shapes = set()
         self.teacher_meta: dict[str, dict[str, Any]] = {}  # per task, for the checkpoints' meta.json
-        self.teacher_sha256: dict[str, str] = {}  # per teacher directory, its weights' digest
+        student_tokens = tokenizer_fingerprint(self.tokenizer)
         for task in self.tasks:
             from transformers import AutoConfig
 
@@ -290,14 +295,13 @@ class TaskTrainer(EngineTrainer):
             }
             if task.teacher in teachers:
                 continue
-            self.teacher_sha256[task.teacher] = weights_sha256(task.teacher)
             shapes.add((config.num_hidden_layers, config.hidden_size, config.num_attention_heads))
             if len(shapes) > 1:
                 raise ValueError(
                     "phase intermediate: the tasks' teachers differ in shape (layers, hidden, heads) "
                     f"{sorted(shapes)}; they share the student's projections, so give teachers of one shape"
                 )
-            student_tokens, teacher_tokens = tokenizer_fingerprint(self.tokenizer), _teacher_tokenizer(task.teacher)
+            teacher_tokens = _teacher_tokenizer(task.teacher)
             if student_tokens["sha256"] != teacher_tokens["sha256"]:
                 raise ValueError(
                     f"task '{task.spec.name}': teacher {task.teacher} tokenizes with {teacher_tokens['name_or_path']} "
@@ -316,6 +320,10 @@ class TaskTrainer(EngineTrainer):
                 max_layer=max(self.mapping),
                 **self.cfg.distill.capture_layers(self.mapping, self.cfg.distill.weights.attn),
             )
+        # Per teacher directory, its weights' digest: read by rank 0 alone, not once per rank.
+        self.teacher_sha256: dict[str, str] = distributed.on_main(
+            lambda: {path: weights_sha256(path) for path in teachers}
+        )
         return teachers
 
     def _build_model(self, student_dir: Path) -> torch.nn.Module:

@@ -63,6 +63,40 @@ def test_rank_0_failure_reaches_every_rank(tmp_path, fail):
     assert outcomes == {0: expected, 1: expected}
 
 
+def _on_main_rank(rank: int, store: str, fail: bool, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch.distributed as dist
+
+    from dist_kd import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    calls = []
+
+    def digest() -> dict:
+        calls.append(rank)
+        if fail:
+            raise FileNotFoundError("model directory t holds no *.safetensors or *.bin weights")
+        return {"t": f"digest made by rank {rank}"}
+
+    try:
+        outcome = ("ok", distributed.on_main(digest))
+    except FileNotFoundError as err:
+        outcome = ("FileNotFoundError", str(err))
+    distributed.barrier()  # still in step
+    dist.destroy_process_group()
+    results.put((rank, (outcome, calls)))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_on_main_computes_on_rank_0_alone_and_tells_every_rank(tmp_path, fail):
+    outcomes = _two_ranks(_on_main_rank, str(tmp_path / "store"), fail)
+    if fail:
+        expected = ("FileNotFoundError", "model directory t holds no *.safetensors or *.bin weights")
+    else:
+        expected = ("ok", {"t": "digest made by rank 0"})
+    assert outcomes == {0: (expected, [0]), 1: (expected, [])}
+
+
 class _Engine:
     """What save_checkpoint asks of a DeepSpeed engine: each rank writes its own file under the tag."""
 
