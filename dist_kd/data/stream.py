@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,6 +247,15 @@ class _PieceReader:
             start += take
             index += 1
         return out
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker leaves SIGTERM, SIGINT and SIGUSR1 to its trainer. ``scancel``, a preemption, the
+    launchers and Ctrl-C signal the whole process group: torch's worker handler died on SIGTERM, and the trainer,
+    saving its checkpoint, then failed with "DataLoader worker ... is killed by signal: Terminated". The workers
+    still end with the trainer (torch's workers watch their parent)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _collate(items: list[np.ndarray | None], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -525,6 +535,7 @@ class CorpusStream:
                     # global torch RNG, which also drives dropout, so a resumed run (whose iterator starts
                     # after the checkpoint's RNG state is restored) would draw other dropout masks.
                     generator=torch.Generator().manual_seed(self.seed),
+                    worker_init_fn=_ignore_stop_signals,
                 )
             )
         return self._track(source, iteration)

@@ -65,17 +65,26 @@ def run_until_lines_then_sigterm(
     timeout: float = 300,
     sig: int = signal.SIGTERM,
     expect_code: int = 0,
+    group: bool = False,
 ) -> str:
     """Run ``python ARGS...``, send ``sig`` once ``metrics`` has ``lines`` lines, wait; returns stderr.
 
+    ``group``: the process runs in its own process group and the signal goes to the whole group, its DataLoader
+    workers included, as ``scancel``, a preemption, a launcher or Ctrl-C send it.
     Fails unless the process exits with ``expect_code`` (a preempted run checkpoints and exits 0).
     """
     cmd = [sys.executable, *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=group,
+    )  # fmt: skip
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
-            proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             break
         time.sleep(0.02)
     _, stderr = proc.communicate(timeout=timeout)

@@ -190,6 +190,19 @@ def test_resume_after_sigterm_gives_the_same_losses(tiny_bert_dir, tiny_corpus, 
     assert initial[0] == pytest.approx(initial[1]), "the step-0 figures survive the resume"
 
 
+def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(tiny_bert_dir, tiny_corpus, tmp_path):
+    """scancel, a preemption and the launchers signal every process: the DataLoader workers died of SIGTERM and the
+    trainer's checkpoint save failed on the dead worker (exit 2, no checkpoint)."""
+    out = tmp_path / "run"
+    steps = ["train.max_steps=3000", "run.log_every=3", "run.save_every=0", "eval.texts=null", "data.num_workers=2"]
+    args = ["launch/general.py", "--debug", "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, out, *steps)]
+    stderr = run_until_lines_then_sigterm(args, out / "metrics.jsonl", lines=3, group=True)
+    assert "received SIGTERM: saving a checkpoint" in stderr and "Traceback" not in stderr
+    assert stderr.count("received SIGTERM") == 1, "the workers leave the signal to the trainer"
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= 9
+
+
 def test_batches_of_a_shard_found_corrupt_while_reading_stay_out_of_the_logged_losses(
     tiny_bert_dir, tiny_corpus, tmp_path
 ):
