@@ -52,6 +52,18 @@ def default_device(local_rank: int) -> str:
     return f"cuda:{distributed.device_index(local_rank, torch.cuda.device_count(), os.environ)}"
 
 
+def _words_read(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of words >= 1 or 'all', got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     defaults = aug.AugmentConfig()
@@ -63,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--glove", required=True, help="GloVe text file, .npy (+ --glove-vocab) or directory")
     parser.add_argument("--glove-vocab", default=None, help="vocabulary of a .npy: .txt lines or .parquet 'index'")
     parser.add_argument("--glove-dim", type=int, default=None, help="expected vector dimension (checked)")
+    parser.add_argument(
+        "--glove-max-words",
+        type=_words_read,
+        default=defaults.glove_max_words,
+        help=f"GloVe words read, the file's first (most frequent) N; 'all' reads every word (default "
+        f"{defaults.glove_max_words}, as TinyBERT's code)",
+    )
     parser.add_argument("--output", required=True, help="output directory (augmented.parquet)")
     add_task_arguments(parser, unlabeled=True)
     parser.add_argument("--split", default=None, help="split of a DatasetDict directory")
@@ -102,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             max_seq_length=args.max_seq_length,
+            glove_max_words=args.glove_max_words,
         )
         aug.augment_task(
             spec,

@@ -74,6 +74,11 @@ class AugmentConfig:
     batch_size: int = doc("masked sequences per masked-LM forward pass", default=256)
     max_seq_length: int | None = doc("masked-LM context in pieces; null -> the model's maximum", default=None)
     chunk_size: int = doc("examples whose candidates are computed together", default=512)
+    glove_max_words: int | None = doc(
+        "GloVe words read: the file's first N (its most frequent), as TinyBERT's code reads 100,000; a rarer word "
+        "stays as it is and is no candidate. null -> every word",
+        default=100_000,
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_t <= 1.0:
@@ -81,6 +86,8 @@ class AugmentConfig:
         for name in ("n_a", "k", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.glove_max_words is not None and self.glove_max_words < 1:
+            raise ValueError(f"glove_max_words must be >= 1 or null, got {self.glove_max_words}")
         if self.max_seq_length is not None and self.max_seq_length < 3:
             raise ValueError(f"max_seq_length must be >= 3 (CLS, a word, SEP), got {self.max_seq_length}")
 
@@ -380,22 +387,35 @@ def _stable_topk(scores, k: int, decimals: int) -> list[list[int]]:
 class GloveNeighbours:
     """K nearest GloVe words by cosine similarity, from batched matrix products, cached per word."""
 
-    def __init__(self, glove: GloveVectors, k: int, device: str = "cpu", max_scores: int = 1 << 25) -> None:
+    def __init__(
+        self,
+        glove: GloveVectors,
+        k: int,
+        device: str = "cpu",
+        max_scores: int = 1 << 25,
+        max_words: int | None = None,
+    ) -> None:
         import torch
 
         self.glove = glove
         self.k = k
-        matrix = torch.from_numpy(np.array(glove.vectors, dtype=np.float32)).to(device)  # copy: the map is read-only
-        self.unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        # The file's first max_words rows (GloVe files rank words by frequency): rarer words are no candidates,
+        # and have none (TinyBERT's code reads 100,000; over GloVe 6B's 400,000, a rare name's neighbours are
+        # other rare names: "bicknor" -> "shtokavian").
+        self.num_words = len(glove.words) if max_words is None else min(max_words, len(glove.words))
+        rows = np.array(glove.vectors[: self.num_words], dtype=np.float32)  # copy: the map is read-only
+        matrix = torch.from_numpy(rows).to(device)
+        norms = matrix.norm(dim=1, keepdim=True)
+        self.unit = matrix / norms.clamp_min(1e-12)
         # Bounds the (queries x vocabulary) score block: 2^25 float32 scores = 128 MiB.
-        self.queries_per_block = max(1, max_scores // max(1, len(glove.words)))
-        # Words that may never replace another: punctuation and symbols (GloVe 6B puts "!" next to "hello" and
-        # "." next to "the"), and the 840B file's words with spaces, which are no single word of a text.
+        self.queries_per_block = max(1, max_scores // max(1, self.num_words))
+        # Words that may never replace another: anything but a word of letters (GloVe 6B puts "!" next to "hello",
+        # "2014-15" next to "2019", "'m" next to "i"; 840B holds words with spaces), and words whose vector is zero
+        # (a padding or unknown row), whose cosine with every word is 0.
+        self.zero = (norms.squeeze(1) == 0).cpu()
         self.banned = torch.tensor(
-            [not any(c.isalnum() for c in word) or any(c.isspace() for c in word) for word in glove.words],
-            dtype=torch.bool,
-            device=device,
-        )
+            [not word.isalpha() for word in glove.words[: self.num_words]], dtype=torch.bool, device=device
+        ) | self.zero.to(device)
         self._cache: dict[str, list[str]] = {}
 
     def neighbours(self, words: Iterable[str]) -> dict[str, list[str]]:
@@ -408,8 +428,8 @@ class GloveNeighbours:
             if word in self._cache:
                 continue
             row = self.glove.lookup(word)
-            if row is None:
-                self._cache[word] = []  # absent from GloVe: the word stays as it is
+            if row is None or row >= self.num_words or self.zero[row]:
+                self._cache[word] = []  # absent from GloVe's words read (or a zero vector): it stays as it is
             else:
                 todo.append((word, row))
         for start in range(0, len(todo), self.queries_per_block):
@@ -419,7 +439,8 @@ class GloveNeighbours:
                 scores = (self.unit[rows] @ self.unit.T).masked_fill(self.banned, float("-inf"))
                 # The word itself in every spelling a cased file (840B) holds: "Bank" for "bank" is no change.
                 for index, (word, row) in enumerate(block):
-                    scores[index, sorted(self._spellings(word) | {row})] = float("-inf")
+                    spellings = {r for r in self._spellings(word) if r < self.num_words}
+                    scores[index, sorted(spellings | {row})] = float("-inf")
             ranked = _stable_topk(scores, self.k + _SELF_MARGIN, _GLOVE_DECIMALS)
             for (word, _), ids in zip(block, ranked):
                 # A word listed twice in the file, or in a spelling _spellings does not try ("bAnk"), is
@@ -526,7 +547,7 @@ class MaskedLMCandidates:
                 continue
             surface = self._surface(index)
             bracketed = re.fullmatch(r"\[.*\]|<.*>", surface) is not None
-            if bracketed or "\ufffd" in surface or not any(c.isalnum() for c in surface):
+            if bracketed or "\ufffd" in surface or not surface.isalpha():
                 continue
             banned[index] = False
         return banned.to(self.device)
@@ -654,18 +675,27 @@ CJK = (
 def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
     """Split text into words and punctuation like BERT's basic tokenizer, keeping character offsets.
 
-    Special tokens (``[SEP]``) stay whole and are never replaced, nor is punctuation. A CJK ideograph is a
-    word of its own, as BERT splits it: a run of them as one word was many pieces, had no candidates, and
-    Chinese text came back unchanged in every copy.
+    Special tokens (``[SEP]``) stay whole and are never replaced, nor is punctuation. Only words of letters are
+    replaced, as in TinyBERT's code: numbers ("2019", "15") and words with digits ("covid19") are kept, and so are
+    the two sides of a contraction ("don't", "it's": a word joined to an apostrophe and letters), whose pieces
+    "t", "s" and "ll" had no meaning of their own. A CJK ideograph is a word of its own, as BERT splits it: a run of
+    them as one word was many pieces, had no candidates, and Chinese text came back unchanged in every copy.
     """
     specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
     pattern = re.compile((f"({specials})|" if specials else "") + rf"([{CJK}]|[^\W{CJK}]+)|([^\w\s])")
     words = []
     for match in pattern.finditer(text):
         is_word = match.lastindex == (2 if specials else 1)
-        replaceable = is_word and any(c.isalnum() for c in match.group())
-        words.append(Word(match.start(), match.end(), match.group(), replaceable))
+        start, end = match.start(), match.end()
+        contraction = (start >= 2 and text[start - 1] in _APOSTROPHES and text[start - 2].isalnum()) or (
+            end + 1 < len(text) and text[end] in _APOSTROPHES and text[end + 1].isalpha()
+        )
+        replaceable = is_word and match.group().isalpha() and not contraction
+        words.append(Word(start, end, match.group(), replaceable))
     return words
+
+
+_APOSTROPHES = "'\u2019"
 
 
 def _match_case(original: str, replacement: str) -> str:
@@ -834,7 +864,9 @@ def build_augmenter(
             mlm_dir, config.k, batch_size=config.batch_size, device=device, max_seq_length=config.max_seq_length
         )
     glove = load_glove(glove_path, vocab_path=glove_vocab, expected_dim=glove_dim)
-    return Augmenter(masked_lm, GloveNeighbours(glove, config.k, device=device), config)
+    return Augmenter(
+        masked_lm, GloveNeighbours(glove, config.k, device=device, max_words=config.glove_max_words), config
+    )
 
 
 # ---------------------------------------------------------------------------------- output and rank parts

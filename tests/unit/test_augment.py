@@ -403,10 +403,10 @@ def test_vectors_replaced_at_the_same_path_are_not_taken_for_the_old_ones(tmp_pa
 def test_batched_neighbours_match_a_plain_loop(tmp_path):
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(300, 16)).astype(np.float32)
-    words = [f"w{i}" for i in range(300)]
+    words = _letter_words(300)
     glove = aug.GloveVectors(words=words, vectors=vectors, source="test")
     neighbours = aug.GloveNeighbours(glove, k=5, max_scores=300 * 7)  # several query blocks
-    queries = [f"w{i}" for i in range(0, 300, 11)] + ["missing"]
+    queries = [words[i] for i in range(0, 300, 11)] + ["missing"]
     got = neighbours.neighbours(queries)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     for query in queries[:-1]:
@@ -547,9 +547,41 @@ def test_glove_npy_rows_must_match_vocabulary(tmp_path):
 def test_split_words_keeps_offsets():
     words = aug.split_words("Don't stop, [SEP] now!", ["[SEP]", "[CLS]"])
     assert [(w.text, w.replaceable) for w in words] == [
-        ("Don", True), ("'", False), ("t", True), ("stop", True), (",", False), ("[SEP]", False), ("now", True),
+        ("Don", False), ("'", False), ("t", False), ("stop", True), (",", False), ("[SEP]", False), ("now", True),
         ("!", False),
     ]  # fmt: skip
+
+
+def test_only_words_of_letters_outside_contractions_are_replaced():
+    """As TinyBERT's code: numbers ("2 films", "2019") and words with digits keep their meaning, and the two sides
+    of a contraction are no words ("do'fxff", "it'eds" came out of "don't", "it's")."""
+    text = "The 2 films cost 15 million in 2019; it's covid19 we'll don’t students' café 'hello'"
+    replaceable = {w.text for w in aug.split_words(text) if w.replaceable}
+    assert replaceable == {"The", "films", "cost", "million", "in", "students", "café", "hello"}
+
+
+def _letter_words(count: int) -> list[str]:
+    """Distinct words of letters only ("ba", "bb", ...): words with digits are never candidates."""
+    return ["".join(chr(97 + (i // 26**p) % 26) for p in (2, 1, 0)) for i in range(count)]
+
+
+def test_glove_candidates_are_words_of_letters_from_the_first_words_read_and_no_zero_vector():
+    words = ["good", "great", "2014-15", ":d", "'m", "fine", "nice", "zero", "rare", "rarer"]
+    vectors = np.array(
+        [[1, 0.1], [1, 0.2], [1, 0.12], [1, 0.11], [1, 0.13], [1, 0.3], [1, 0.4], [0, 0], [1, 0.16], [1, 0.17]],
+        dtype=np.float32,
+    )
+    glove = aug.GloveVectors(words=words, vectors=vectors, source="test")
+    everything = aug.GloveNeighbours(glove, k=5).neighbours(["good", "zero", "rare"])
+    # the nearest are "2014-15", ":d", "'m": no words of letters, so never candidates; the zero vector neither
+    assert everything == {
+        "good": ["rare", "rarer", "great", "fine", "nice"],
+        "zero": [],
+        "rare": ["rarer", "great", "good", "fine", "nice"],
+    }
+    # the first 7 words read (a GloVe file's most frequent): the rarer ones are no candidates and have none
+    first = aug.GloveNeighbours(glove, k=5, max_words=7).neighbours(["good", "rare"])
+    assert first == {"good": ["great", "fine", "nice"], "rare": []}
 
 
 def test_config_validation():
