@@ -135,7 +135,7 @@ def configure_logging(rank: int, debug: bool = False) -> None:
     On the other ranks dist_kd's own warnings show only where they are about that rank (:class:`SameOnEveryRank`);
     errors show from every rank. transformers' own bars (``Loading weights``, ``Writing model shards``: one per
     model loaded or saved) show on rank 0 at a terminal only: every rank drew them, and in a log file each is a
-    carriage-return line.
+    carriage-return line. transformers' warnings (its load reports among them) show on rank 0 only.
     """
     level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
     root = logging.getLogger()
@@ -150,6 +150,8 @@ def configure_logging(rank: int, debug: bool = False) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if rank != 0:  # its load reports and warnings say on every rank what rank 0 says (8 lines per model each)
+            hf_logging.set_verbosity_error()
 
 
 LOG_FILE_REFRESH_S = 60.0  # seconds between progress lines when stderr is a file (a SLURM log), not a terminal
@@ -185,7 +187,13 @@ def progress(**kwargs):
     stream = sys.stderr
     notebook = "notebook" in tqdm.__module__  # Jupyter's widget draws in place without a terminal
     if not notebook and not (hasattr(stream, "isatty") and stream.isatty()):
-        kwargs = {**kwargs, "file": _LineStream(stream), "mininterval": LOG_FILE_REFRESH_S}
+        # maxinterval too: tqdm's monitor thread otherwise redraws a slow bar every 10 s, between the minute lines.
+        kwargs = {
+            **kwargs,
+            "file": _LineStream(stream),
+            "mininterval": LOG_FILE_REFRESH_S,
+            "maxinterval": LOG_FILE_REFRESH_S,
+        }
     return tqdm(**kwargs)
 
 

@@ -303,7 +303,7 @@ def _write_classifier(model, task: str, tokenizer, output: Path, run_dir: Path, 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from dist_kd.cli import bad_input
+    from dist_kd.cli import bad_input, configure_logging
 
     parser = argparse.ArgumentParser(description="a checkpoint's student encoder as a Hugging Face directory")
     parser.add_argument(
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "--task", default=None, help="a task run's task: its classifier (encoder and head) instead of the encoder"
     )
     args = parser.parse_args(argv)
+    configure_logging(0)  # as the other commands: its warnings formatted, transformers' bars only at a terminal
     try:
         written = export_checkpoint(args.checkpoint, args.output, args.task)
         loader = "AutoModel" if args.task is None else "AutoModelForSequenceClassification"

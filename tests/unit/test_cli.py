@@ -180,6 +180,8 @@ def test_progress_bar_in_a_log_file_writes_whole_lines_without_carriage_returns(
         stream = _Stream(tty)
         monkeypatch.setattr(sys, "stderr", stream)
         bar = progress_bar(200, 0, "general distillation", True)
+        if not tty:  # tqdm's monitor thread redraws a bar idle for maxinterval (10 s): lines at 0:00, 1:00, 1:20
+            assert bar.maxinterval >= bar.mininterval >= 60, (bar.mininterval, bar.maxinterval)
         for step in range(200):
             if step % 2 == 0:
                 bar.set_postfix(loss=f"{1 / (step + 1):.4f}", refresh=False)
@@ -249,6 +251,7 @@ def test_transformers_bars_only_on_rank_0_at_a_terminal(monkeypatch):
 
     from dist_kd.cli import configure_logging
 
+    verbosity = hf_logging.get_verbosity()
     try:
         for rank, tty, shown in ((0, True, True), (0, False, False), (1, True, False)):
             hf_logging.enable_progress_bar()
@@ -257,6 +260,7 @@ def test_transformers_bars_only_on_rank_0_at_a_terminal(monkeypatch):
             assert hf_logging.is_progress_bar_enabled() is shown, (rank, tty)
     finally:
         hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
 
 
 LOGGING_RANK = """
@@ -272,6 +276,8 @@ os.kill(os.getpid(), signal.SIGUSR1)  # this rank's own signal
 stop.restore()
 logging.getLogger("dist_kd.train.general").error("this rank failed")
 logging.getLogger("some_library").warning("a library's own warning")
+from transformers.utils import logging as hf_logging
+hf_logging.get_logger("transformers.modeling_utils").warning("BertModel LOAD REPORT")
 """
 
 
@@ -280,7 +286,7 @@ def test_a_warning_the_same_on_every_rank_shows_once_a_ranks_own_and_errors_from
     import subprocess
     from pathlib import Path
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TRANSFORMERS_VERBOSITY": "warning"}
     logs = {
         rank: subprocess.run(
             [sys.executable, "-c", LOGGING_RANK, str(rank)],
@@ -298,6 +304,8 @@ def test_a_warning_the_same_on_every_rank_shows_once_a_ranks_own_and_errors_from
         assert "a library's own warning" in log, log
     assert "[rank 0] WARNING dist_kd.models.teacher: fp16 teachers are slow" in logs[0], logs[0]
     assert "fp16 teachers" not in logs[1], logs[1]
+    # transformers' warnings (a load report per model: 8 lines, on every rank) come from rank 0 alone
+    assert "BertModel LOAD REPORT" in logs[0] and "BertModel LOAD REPORT" not in logs[1], logs
 
 
 def test_bad_input_from_another_rank_names_it(capsys):
