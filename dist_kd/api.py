@@ -6,7 +6,10 @@ object) plus ``key=value`` overrides, exactly as ``dist-kd general`` / ``dist-kd
 
     from dist_kd import api
 
-    result = api.general("launch/configs/quickstart.yaml", ["teacher.path=models/MiniLM", "train.max_steps=50"])
+    result = api.general(
+        "launch/configs/quickstart.yaml",
+        ["teacher.path=models/MiniLM", "data.shards=corpus/news-128", "eval.texts=dev.jsonl", "train.max_steps=50"],
+    )
     result.student            # the student as a Hugging Face directory
     result.summary["quality"]  # spread and probe accuracy of teacher, student and a random init
 
