@@ -8,6 +8,7 @@ stage's sections (``train.epochs`` is the task stage's own addition).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +194,28 @@ class TaskDistillConfig(DistillConfig):
             raise ValueError(
                 "distill.weights.pred must be 0 in phase intermediate (logits come from the store in phase prediction)"
             )
+        # Keys of the other phase: accepted (one file may serve both phases), but said, since they change nothing.
+        unread = _OTHER_PHASE_KEYS[self.phase]
+        given = [f"distill.{field.name}" for field in dataclasses.fields(self) if field.name in unread
+                 and getattr(self, field.name) != _default_of(field)]  # fmt: skip
+        if given:
+            logger.warning(
+                "%s: read in phase %s only; this run (phase %s) does not use %s", ", ".join(given),
+                "intermediate" if self.phase == "prediction" else "prediction", self.phase,
+                "them" if len(given) > 1 else "it",
+            )  # fmt: skip
+
+
+# The distill keys a phase does not read: phase prediction learns its heads from the store's probabilities and the
+# labels; phase intermediate the layers, against a live teacher.
+_OTHER_PHASE_KEYS = {
+    "prediction": ("layer_map", "weights", "projection", "normalize", "attention", "relation_heads"),
+    "intermediate": ("temperature", "soft_weight", "hard_weight"),
+}
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 @dataclass

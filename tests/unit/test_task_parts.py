@@ -265,6 +265,25 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
     assert cfg.train.epochs == 2 and cfg.distill.hard_weight == 0.5 and cfg.distill.phase == "prediction"
 
 
+def test_keys_of_the_other_phase_are_said_to_do_nothing(tmp_path, caplog):
+    """distill.weights.pred=3 or a layer map in phase prediction ran with exit 0, no word, and the same losses."""
+    caplog.set_level("WARNING", logger="dist_kd.train.task_config")
+    _task_config(tmp_path, GOOD, ["distill.hard_weight=0.5", "distill.temperature=2"])
+    assert not caplog.records  # the keys phase prediction reads
+    _task_config(tmp_path, GOOD, ["distill.weights.pred=3", "distill.layer_map=top", "distill.hard_weight=0.5"])
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "distill.layer_map, distill.weights: read in phase intermediate only; this run (phase prediction) does not "
+        "use them"
+    )
+    caplog.clear()
+    _task_config(tmp_path, GOOD, ["distill.phase=intermediate", "distill.temperature=2", "distill.layer_map=top"])
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "distill.temperature: read in phase prediction only; this run (phase intermediate) does not use it"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
