@@ -308,6 +308,7 @@ class GeneralTrainer(EngineTrainer):
         self.last_terms: dict[str, float] | None = logged[-1] if logged else None
         self._teacher_quality: QualityReport | None = None
         self._last_quality: tuple[int, QualityReport] | None = None
+        self._collapsed = False  # at the last evaluation
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
@@ -548,9 +549,17 @@ class GeneralTrainer(EngineTrainer):
         ratio = None
         if student.probe is not None and teacher.probe:
             ratio = student.probe / teacher.probe
+        if self.info.is_main:
+            probe = "" if student.probe is None else f", probe {student.probe:.3f} (teacher {teacher.probe:.3f})"
+            logger.info("step %d held-out quality: spread %.3f (teacher %.3f)%s", self.step, student.spread,
+                        teacher.spread, probe)  # fmt: skip
         reasons = collapse_reasons(student, self.heldout.chance)
-        if reasons and self.info.is_main:
+        # Said when the student becomes collapsed and when it stops being so, not at every evaluation after.
+        if reasons and not self._collapsed and self.info.is_main:
             logger.warning("the student looks collapsed at step %d: %s", self.step, "; ".join(reasons))
+        elif not reasons and self._collapsed and self.info.is_main:
+            logger.info("the student no longer looks collapsed at step %d", self.step)
+        self._collapsed = bool(reasons)
         return {
             "eval_spread": student.spread,
             "eval_spread_teacher": teacher.spread,
