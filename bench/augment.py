@@ -38,28 +38,30 @@ class OneWordBaseline:
         import torch
 
         mlm = self.masked_lm
-        ids = list(ids)
-        if len(ids) > mlm.max_seq_length:
-            ids = ids[: mlm.max_seq_length - 1] + ids[-1:]
-        original, ids[position] = ids[position], mlm.tokenizer.mask_token_id
+        original = ids[position]
+        sequence, types = mlm.model_input(ids, position)  # the masked text, then the text (TinyBERT's input)
+        inputs = {"input_ids": torch.tensor([sequence], device=mlm.device)}
+        if mlm.segments:
+            inputs["token_type_ids"] = torch.tensor([types], device=mlm.device)
         with torch.inference_mode():
-            logits = mlm.model(input_ids=torch.tensor([ids], device=mlm.device)).logits[0, position]
+            logits = mlm.model(**inputs).logits[0, position]
             scores = torch.log_softmax(logits.float(), dim=-1).masked_fill(mlm.banned, float("-inf"))
             scores[original] = float("-inf")
         ranked = aug._stable_topk(scores[None], self.k + aug._SELF_MARGIN, aug._MLM_DECIMALS)[0]
         return aug._other_words(mlm._surface(original), [mlm._surface(i) for i in ranked])[: self.k]
 
     def _glove(self, word: str) -> list[str]:
+        neighbours = self.augmenter.glove
         row = self.glove.lookup(word)
-        if row is None:
+        if row is None or row >= neighbours.num_words or neighbours.zero[row]:
             return []
         vectors = self.glove.vectors
         query = np.asarray(vectors[row], np.float64)
         query /= max(np.linalg.norm(query), 1e-12)
         scored = []
-        banned = self.augmenter.glove.banned
-        own = self.augmenter.glove._spellings(word) | {row}
-        for index in range(len(self.glove.words)):  # the loop the batched version replaces
+        banned = neighbours.banned
+        own = neighbours._spellings(word) | {row}
+        for index in range(neighbours.num_words):  # the loop the batched version replaces
             if index in own or banned[index]:
                 continue
             vector = np.asarray(vectors[index], np.float64)

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dist_kd.config import doc
+from dist_kd.data.encode import uses_token_types
 from dist_kd.io import atomic_path, read_parquet_metadata, sha256_file, weights_sha256, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
@@ -521,6 +522,8 @@ class MaskedLMCandidates:
             max_seq_length = min(limits)
         self.max_seq_length = max_seq_length
         self.head = next((getattr(self.model, n) for n in _HEAD_NAMES if hasattr(self.model, n)), None)
+        self.segments = uses_token_types(self.tokenizer, config)
+        self.template = _pair_template(self.tokenizer)
         self.surface: dict[int, str] = {}
         self.banned = self._banned_ids()
         self._cache: collections.OrderedDict[tuple[int, ...], dict[int, list[str]]] = collections.OrderedDict()
@@ -612,30 +615,58 @@ class MaskedLMCandidates:
             self._cache.popitem(last=False)
         return out
 
+    def model_input(self, ids: Sequence[int], position: int) -> tuple[list[int], list[int]]:
+        """The masked-LM's input for the piece at ``position`` of a text's ``ids``, and its segment ids.
+
+        As TinyBERT's code: the text with that piece masked, then the text as written as the second segment
+        (``[CLS] masked [SEP] text [SEP]``, segment ids 0 then 1), so the model sees the word it replaces and
+        proposes words near it rather than any word the context admits ("good" -> "bad"). The masked text is cut
+        to the context as a text alone is (keeping its closing special token); the second one to what is left,
+        and left out where nothing is (or where the tokenizer makes no pairs).
+        """
+        ids = list(ids)
+        if len(ids) > self.max_seq_length:  # cut to the model's context, keeping the closing special token
+            ids = ids[: self.max_seq_length - 1] + ids[-1:]
+        masked = list(ids)
+        masked[position] = self.tokenizer.mask_token_id
+        frame = self.template
+        if frame is not None:
+            masked_body = masked[frame.lead : len(masked) - frame.tail]
+            body = ids[frame.lead : len(ids) - frame.tail]
+            used = len(frame.before) + len(masked_body) + len(frame.between) + len(frame.after)
+            room = min(self.max_seq_length - used, len(body))
+            if room > 0:
+                pair = frame.before + masked_body + frame.between + body[:room] + frame.after
+                types = (frame.types_before + [frame.first] * len(masked_body) + frame.types_between
+                         + [frame.second] * room + frame.types_after)  # fmt: skip
+                return pair, types
+        return masked, [0] * len(masked)
+
     def _forward(self, batch: Sequence[tuple[tuple[int, ...], int]]) -> list[list[int]]:
         import torch
 
-        length = max(min(len(ids), self.max_seq_length) for ids, _ in batch)
+        inputs = [self.model_input(ids, position) for ids, position in batch]
+        length = max(len(ids) for ids, _ in inputs)
         input_ids = torch.full((len(batch), length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        token_types = torch.zeros((len(batch), length), dtype=torch.long)
         attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
         originals = []
-        for row, (ids, position) in enumerate(batch):
-            if len(ids) > self.max_seq_length:  # cut to the model's context, keeping the closing special token
-                ids = ids[: self.max_seq_length - 1] + ids[-1:]
-            ids = list(ids)
+        for row, ((ids, position), (sequence, types)) in enumerate(zip(batch, inputs, strict=True)):
             originals.append(ids[position])
-            ids[position] = self.tokenizer.mask_token_id
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            token_types[row, : len(types)] = torch.tensor(types)
+            attention_mask[row, : len(sequence)] = 1
         positions = torch.tensor([position for _, position in batch])
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        model_inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        if self.segments:  # a model with one segment embedding (RoBERTa) reads both texts as segment 0
+            model_inputs["token_type_ids"] = token_types.to(self.device)
         rows = torch.arange(len(batch), device=self.device)
         with torch.inference_mode():
             if self.head is not None:
-                hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+                hidden = self.model.base_model(**model_inputs)[0]
                 logits = self.head(hidden[rows, positions.to(self.device)])
             else:
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = self.model(**model_inputs).logits
                 logits = logits[rows, positions.to(self.device)]
             scores = torch.log_softmax(logits.float(), dim=-1)
             scores = scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
@@ -649,6 +680,43 @@ class MaskedLMCandidates:
             word = self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token_id)]).strip()
             self.surface[token_id] = word
         return word
+
+
+@dataclasses.dataclass
+class _PairFrame:
+    """How a tokenizer frames a sentence pair: the special ids (and segment ids) before the first text, between
+    the two and after the second; each text's segment id; and how many special ids frame a text alone."""
+
+    before: list[int]
+    types_before: list[int]
+    between: list[int]
+    types_between: list[int]
+    after: list[int]
+    types_after: list[int]
+    first: int
+    second: int
+    lead: int
+    tail: int
+
+
+def _pair_template(tokenizer) -> _PairFrame | None:
+    """The tokenizer's pair framing, learnt from one pair; None where it makes no pairs, or puts another number of
+    special ids before the first text of a pair than before a text alone (the masked position would move)."""
+    single = tokenizer("a", return_special_tokens_mask=True)["special_tokens_mask"]
+    pair = tokenizer("a", "b", return_special_tokens_mask=True, return_token_type_ids=True)
+    special, ids = pair["special_tokens_mask"], list(pair["input_ids"])
+    types = list(pair.get("token_type_ids") or [0] * len(ids))
+    runs = [i for i in range(len(ids)) if not special[i] and (i == 0 or special[i - 1])]
+    lead = next((i for i, flag in enumerate(single) if not flag), len(single))
+    tail = next((i for i, flag in enumerate(reversed(single)) if not flag), len(single))
+    if len(runs) != 2 or runs[0] != lead:
+        return None
+    first_end = next(i for i in range(runs[0], len(ids)) if special[i])
+    second_end = next((i for i in range(runs[1], len(ids)) if special[i]), len(ids))
+    return _PairFrame(
+        ids[: runs[0]], types[: runs[0]], ids[first_end : runs[1]], types[first_end : runs[1]], ids[second_end:],
+        types[second_end:], types[runs[0]], types[runs[1]], lead, tail,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ augmentation
@@ -924,7 +992,10 @@ def build_metadata(
         "task": task,
         "task_type": task_type,
         "label_names": list(label_names),
-        "parameters": dataclasses.asdict(config) | {"algorithm": "tinybert" if mlm_dir else "glove_only"},
+        "parameters": dataclasses.asdict(config)
+        | {"algorithm": "tinybert" if mlm_dir else "glove_only"}
+        # what the masked-LM reads: the masked text, then the text (TinyBERT's pair); sets read otherwise are remade
+        | ({"masked_lm_input": "pair"} if mlm_dir else {}),
         "seed": config.seed,
         "masked_lm": None
         if mlm_dir is None

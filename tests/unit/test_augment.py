@@ -722,6 +722,47 @@ def test_non_finite_glove_values_are_refused_naming_the_row(tmp_path):
     assert aug.load_glove(tmp_path / "v.npy", tmp_path / "words.txt").words == ["a"]
 
 
+def test_the_masked_lm_sees_the_masked_text_then_the_text_as_its_second_segment(biased_mlm_dir, bpe_mlm_dir):
+    """As TinyBERT's code: [CLS] masked [SEP] text [SEP], segment ids 0 then 1 (the model saw the masked text alone,
+    so its candidates were any word the context admits, not words near the one replaced)."""
+    import torch
+
+    bert = aug.MaskedLMCandidates(biased_mlm_dir, k=3, max_seq_length=32)
+    tokenizer = bert.tokenizer
+    ids = tokenizer("the bank raised rates")["input_ids"]
+    body = ids[1:-1]
+    cls, sep, mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
+    pair, types = bert.model_input(ids, 2)
+    masked = list(body)
+    masked[1] = mask
+    assert pair == [cls, *masked, sep, *body, sep]
+    assert types == [0] * (len(body) + 2) + [1] * (len(body) + 1)
+    # the model's scores at the masked position, computed here from the pair, give the candidates
+    with torch.no_grad():
+        logits = bert.model(input_ids=torch.tensor([pair]), token_type_ids=torch.tensor([types])).logits[0, 2]
+    logits[bert.banned[: logits.shape[0]]] = float("-inf")
+    logits[ids[2]] = float("-inf")
+    expected = [bert._surface(i) for i in torch.topk(logits, 3).indices.tolist()]
+    (found,) = bert.candidates([(ids, [2])])
+    assert found[2] == expected
+    # the second text is cut to the context left; with none left, the masked text alone
+    long = tokenizer("the bank raised rates " * 2)["input_ids"]
+    room = 32 - len(long) - 1
+    pair, types = bert.model_input(long, 2)
+    assert pair == [*long[:2], mask, *long[3:], *long[1 : 1 + room], sep] and types == [0] * len(long) + [1] * 6
+    longest = tokenizer("the bank raised rates " * 8)["input_ids"]
+    pair, types = bert.model_input(longest, 2)
+    assert pair == [*longest[:2], mask, *longest[3:31], longest[-1]] and types == [0] * 32
+    # RoBERTa frames a pair as <s> a </s></s> b </s>, and its one segment embedding gets no segment ids
+    roberta = aug.MaskedLMCandidates(bpe_mlm_dir, k=2)
+    ids = roberta.tokenizer("the bank raised rates")["input_ids"]
+    pair, _ = roberta.model_input(ids, 2)
+    bos, eos, mask = roberta.tokenizer.bos_token_id, roberta.tokenizer.eos_token_id, roberta.tokenizer.mask_token_id
+    masked = list(ids[1:-1])
+    masked[1] = mask
+    assert pair == [bos, *masked, eos, eos, *ids[1:-1], eos] and not roberta.segments and bert.segments
+
+
 def test_an_explicit_masked_lm_length_is_used_as_given_or_refused(biased_mlm_dir):
     # The tiny masked-LM has 128 positions; a longer context asked for was cut to 128 without a word while the
     # augmented set's metadata recorded the asked value.
