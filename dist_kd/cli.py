@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -212,6 +213,29 @@ def bad_input(err: Exception, show: bool = True, rank: int = 0) -> int:
     return BAD_INPUT_EXIT_CODE
 
 
+PEER_LOST_EXIT_CODE = 1
+# What gloo and NCCL say when a peer of a collective is gone (it exited, was killed, or its node failed).
+_PEER_LOST = re.compile(
+    r"Connection (closed|reset) by peer|ncclRemoteError|NCCL communicator was aborted|"
+    r"remote process exited or there was a network error"
+)
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The message, in ``err`` or its causes, saying that another rank of the process group is gone; or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, RuntimeError) and _PEER_LOST.search(str(err)):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:200] if text.strip() else text
+
+
 def run_in_process_group(body: Callable[[], int], bad: tuple[type[Exception], ...] = (ValueError, OSError)) -> int:
     """Run a command's ``body`` (which may start the process group) and tear the group down; returns the exit code.
 
@@ -227,10 +251,20 @@ def run_in_process_group(body: Callable[[], int], bad: tuple[type[Exception], ..
     failed: BaseException | None = None
     try:
         return body()
-    except bad as err:
+    except Exception as err:
         failed = err
         rank = distributed.current().rank
-        return bad_input(err, show=not distributed.reported_elsewhere(err, rank), rank=rank)
+        if lost_peer(err):  # the other rank's own log says why: here one line, not a traceback of gloo's
+            print(
+                f"error: [rank {rank}] lost contact with another rank (it exited or was killed; its log or the "
+                f"launcher's says why): {_first_line(lost_peer(err))}; a rerun resumes from the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            return PEER_LOST_EXIT_CODE
+        if isinstance(err, bad):
+            return bad_input(err, show=not distributed.reported_elsewhere(err, rank), rank=rank)
+        raise
     except BaseException as err:
         failed = err
         raise

@@ -159,3 +159,44 @@ def test_a_checkpoint_save_failing_on_one_rank_stops_every_rank(tmp_path, fail):
     # The step before is whole and still the newest; the failed save left nothing a resume could take.
     assert [step for step, _ in ckpt.complete_checkpoints(checkpoints)] == [1]
     assert ckpt.damage(checkpoints / "step-00000001") is None
+
+
+def _peer_dies(rank: int, store: str, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import contextlib
+    import io
+
+    import torch
+    import torch.distributed as dist
+
+    from dist_kd.cli import run_in_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)  # killed, or crashed in its own code
+    time.sleep(1.0)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            code = run_in_process_group(lambda: dist.all_reduce(torch.ones(4)) or 0)
+    except BaseException as err:  # noqa: BLE001 - the test reports it
+        code, stderr = None, io.StringIO(f"raised {type(err).__name__}: {err}")
+    results.put((rank, (code, stderr.getvalue())))
+
+
+def test_a_rank_that_lost_its_peer_says_so_in_one_line(tmp_path):
+    """A rank killed mid-run left the others with tens of lines of gloo traceback and no word of the cause."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    procs = [context.Process(target=_peer_dies, args=(rank, str(tmp_path / "store"), results)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    code, stderr = results.get(timeout=300)[1]
+    for proc in procs:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    assert code == 1, stderr
+    assert stderr.startswith("error: [rank 0] lost contact with another rank (it exited or was killed"), stderr
+    assert stderr.count("\n") == 1 and "a rerun resumes from the last checkpoint" in stderr, stderr
