@@ -52,8 +52,8 @@ class OneWordBaseline:
 
     def _glove(self, word: str) -> list[str]:
         neighbours = self.augmenter.glove
-        row = self.glove.lookup(word)
-        if row is None or row >= neighbours.num_words or neighbours.zero[row]:
+        row = neighbours.row_of(word)
+        if row is None:
             return []
         vectors = self.glove.vectors
         query = np.asarray(vectors[row], np.float64)

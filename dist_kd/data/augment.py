@@ -428,8 +428,8 @@ class GloveNeighbours:
         for word in words:
             if word in self._cache:
                 continue
-            row = self.glove.lookup(word)
-            if row is None or row >= self.num_words or self.zero[row]:
+            row = self.row_of(word)
+            if row is None:
                 self._cache[word] = []  # absent from GloVe's words read (or a zero vector): it stays as it is
             else:
                 todo.append((word, row))
@@ -448,6 +448,16 @@ class GloveNeighbours:
                 # the word itself too; the margin keeps K others.
                 self._cache[word] = _other_words(word, [self.glove.words[i] for i in ids])[: self.k]
         return {word: self._cache[word] for word in words}
+
+    def row_of(self, word: str) -> int | None:
+        """The row of ``word`` among the words read, as written, else lower-cased (GloVe 6B/42B are lower-case;
+        in a cased file, "Apple" may be past the first N words while "apple" is not); None where neither is
+        there with a non-zero vector."""
+        for spelling in (word, word.lower()):
+            row = self.glove.index.get(spelling)
+            if row is not None and row < self.num_words and not self.zero[row]:
+                return row
+        return None
 
     def _spellings(self, word: str) -> set[int]:
         """Rows of ``word`` in its usual spellings (as written, lower, upper, capitalised)."""
@@ -745,8 +755,9 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
 
     Special tokens (``[SEP]``) stay whole and are never replaced, nor is punctuation. Only words of letters are
     replaced, as in TinyBERT's code: numbers ("2019", "15") and words with digits ("covid19") are kept, and so are
-    the two sides of a contraction ("don't", "it's": a word joined to an apostrophe and letters), whose pieces
-    "t", "s" and "ll" had no meaning of their own. A CJK ideograph is a word of its own, as BERT splits it: a run of
+    the two sides of a contraction ("don't", "it's": a word joined to an apostrophe and letters; and in tokenized
+    text, as SST-2's "it 's", a clitic s, t, re, ve, ll, m or d after an apostrophe), whose pieces "t", "s" and
+    "ll" had no meaning of their own. A CJK ideograph is a word of its own, as BERT splits it: a run of
     them as one word was many pieces, had no candidates, and Chinese text came back unchanged in every copy.
     """
     specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
@@ -755,8 +766,12 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
     for match in pattern.finditer(text):
         is_word = match.lastindex == (2 if specials else 1)
         start, end = match.start(), match.end()
-        contraction = (start >= 2 and text[start - 1] in _APOSTROPHES and text[start - 2].isalnum()) or (
-            end + 1 < len(text) and text[end] in _APOSTROPHES and text[end + 1].isalpha()
+        after_apostrophe = start >= 1 and text[start - 1] in _APOSTROPHES
+        contraction = (
+            (after_apostrophe and start >= 2 and text[start - 2].isalnum())
+            # tokenized text (SST-2's "it 's", "we 're"): a clitic after an apostrophe that follows a space
+            or (after_apostrophe and match.group().lower() in _CLITICS)
+            or (end + 1 < len(text) and text[end] in _APOSTROPHES and text[end + 1].isalpha())
         )
         replaceable = is_word and match.group().isalpha() and not contraction
         words.append(Word(start, end, match.group(), replaceable))
@@ -764,6 +779,7 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
 
 
 _APOSTROPHES = "'\u2019"
+_CLITICS = frozenset({"s", "t", "re", "ve", "ll", "m", "d"})
 
 
 def _match_case(original: str, replacement: str) -> str:

@@ -558,6 +558,18 @@ def test_only_words_of_letters_outside_contractions_are_replaced():
     text = "The 2 films cost 15 million in 2019; it's covid19 we'll don’t students' café 'hello'"
     replaceable = {w.text for w in aug.split_words(text) if w.replaceable}
     assert replaceable == {"The", "films", "cost", "million", "in", "students", "café", "hello"}
+    # tokenized text, as SST-2 writes it: the clitic after a spaced apostrophe is no word either ("'ll" -> "'lil")
+    sst2 = "it 's a film we 're told it 'll do , but does n't"
+    assert {w.text for w in aug.split_words(sst2) if w.replaceable} == {
+        "it",
+        "a",
+        "film",
+        "we",
+        "told",
+        "do",
+        "but",
+        "does",
+    }
 
 
 def _letter_words(count: int) -> list[str]:
@@ -582,6 +594,12 @@ def test_glove_candidates_are_words_of_letters_from_the_first_words_read_and_no_
     # the first 7 words read (a GloVe file's most frequent): the rarer ones are no candidates and have none
     first = aug.GloveNeighbours(glove, k=5, max_words=7).neighbours(["good", "rare"])
     assert first == {"good": ["great", "fine", "nice"], "rare": []}
+    # a cased file: a spelling past the words read, or with a zero vector, is looked up lower-cased, as a spelling
+    # the file lacks is ("Good" had no candidates while "gOOd" had good's)
+    cased = aug.GloveVectors(words=[*words, "Good", "Great"], vectors=np.vstack([vectors, [[1, 0.1], [0, 0]]]),
+                             source="test")  # fmt: skip
+    found = aug.GloveNeighbours(cased, k=2, max_words=7).neighbours(["Good", "gOOd", "Great"])
+    assert found == {"Good": ["great", "fine"], "gOOd": ["great", "fine"], "Great": ["fine", "good"]}
 
 
 def test_config_validation():
