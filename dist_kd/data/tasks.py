@@ -731,15 +731,17 @@ def _glue_key(spec: TaskSpec) -> str | None:
 def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
     """A GLUE task read from a file that lacks a registry column (the TSV's) but has the one ``datasets`` saves
     GLUE with reads that: MRPC's ``label``, ``sentence1``, ``sentence2`` for the TSV's ``Quality``,
-    ``#1 String``, ``#2 String``; MNLI's ``premise``, ``hypothesis``; or ``text_b``. ``--label label`` cannot
-    name it, since a column left at its default means the registry's; a column the user named is kept."""
+    ``#1 String``, ``#2 String``; MNLI's ``premise``, ``hypothesis``; QQP's ids ``idx`` for ``id``; or
+    ``text_b``. ``--label label`` cannot name it, since a column left at its default means the registry's; a
+    column the user named is kept."""
     key = _glue_key(spec)
     if key is None:
         return spec
     base = GLUE_TASKS[key]
     text_a, text_b = GLUE_DATASETS_TEXT_COLUMNS.get(key, (None, None))
     moved = {}
-    for role, others in (("label", ["label"]), ("text_a", [text_a]), ("text_b", [text_b, DEFAULT_TEXT_B])):
+    roles = (("label", ["label"]), ("text_a", [text_a]), ("text_b", [text_b, DEFAULT_TEXT_B]), ("id_column", ["idx"]))
+    for role, others in roles:
         named = getattr(spec, role)
         if named is None or named != getattr(base, role) or named in columns:
             continue

@@ -258,6 +258,10 @@ def test_glue_splits_saved_by_datasets_read_with_the_registry_spec(tmp_path):
         table = load_task_examples(path, resolve_task_spec("mrpc"))
         assert table.column("label").to_pylist() == [1, 0]
         assert table.column("text_a").to_pylist() == ["a", "c"] and table.column("text_b").to_pylist() == ["b", "d"]
+    qqp_rows = [("q1", "q2", 1), ("q3", "q4", 0)]
+    for path in _hf_glue(tmp_path / "qqp", ["question1", "question2"], ["not_duplicate", "duplicate"], qqp_rows):
+        table = load_task_examples(path, resolve_task_spec("qqp"))  # its ids are idx, not the TSV's id
+        assert table.column("label").to_pylist() == [1, 0] and table.column("example_id").to_pylist() == ["0", "1"]
     labels = GLUE_TASKS["mnli"].labels
     for path in mnli:
         table = load_task_examples(path, resolve_task_spec("mnli"))
