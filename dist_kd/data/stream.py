@@ -252,10 +252,18 @@ class _PieceReader:
 def _ignore_stop_signals(_worker_id: int) -> None:
     """A DataLoader worker leaves SIGTERM, SIGINT and SIGUSR1 to its trainer. ``scancel``, a preemption, the
     launchers and Ctrl-C signal the whole process group: torch's worker handler died on SIGTERM, and the trainer,
-    saving its checkpoint, then failed with "DataLoader worker ... is killed by signal: Terminated". The workers
-    still end with the trainer (torch's workers watch their parent)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    saving its checkpoint, then failed with "DataLoader worker ... is killed by signal: Terminated".
+
+    Only the first SIGTERM is let pass: torch stops a worker that does not end when told (one stuck reading a
+    stalled filesystem) with a SIGTERM, and the trainer's exit waits for its workers.
+    """
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _let_the_next_sigterm_end_the_worker)
+
+
+def _let_the_next_sigterm_end_the_worker(_signum: int, _frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _collate(items: list[np.ndarray | None], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

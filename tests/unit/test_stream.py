@@ -365,3 +365,30 @@ def test_sequences_longer_than_the_manifest_says_name_the_shard(corpus, tmp_path
         with pytest.raises(ValueError, match=rf"shard-000000\.tar: sequence 0 has {SEQ_LEN} tokens, more than the "
                            rf"seq_len {SEQ_LEN // 2} of .*edited/manifest.json"):  # fmt: skip
             list(_stream(edited, shuffle=False, num_workers=num_workers, skip_corrupt=skip_corrupt))
+
+
+WORKER_SIGNALS = """
+import os, signal, sys, time
+from dist_kd.data.stream import _ignore_stop_signals
+_ignore_stop_signals(0)
+for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):
+    os.kill(os.getpid(), sig)  # a group's signal: the trainer handles it, the worker reads on
+time.sleep(0.2)
+print("alive", flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # torch stopping a worker that did not end when told
+time.sleep(5)
+print("still alive", flush=True)
+"""
+
+
+def test_a_loader_worker_leaves_the_first_stop_signals_to_the_trainer_but_a_second_sigterm_ends_it():
+    """The group's SIGTERM killed the workers and failed the trainer's checkpoint save; a worker that ignored every
+    SIGTERM could no longer be stopped by torch, and the trainer's exit waited on it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "alive\n" and proc.returncode == -signal.SIGTERM, (proc.stdout, proc.returncode, proc.stderr)
