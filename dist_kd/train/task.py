@@ -125,6 +125,9 @@ class TaskTrainer(EngineTrainer):
 
         self.cfg, self.info = cfg, info
         self.phase = cfg.distill.phase
+        note = cfg.distill.other_phase_note()
+        if note is not None:
+            logger.warning(note)
         self.run_dir = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.train.seed)
 

@@ -194,16 +194,20 @@ class TaskDistillConfig(DistillConfig):
             raise ValueError(
                 "distill.weights.pred must be 0 in phase intermediate (logits come from the store in phase prediction)"
             )
-        # Keys of the other phase: accepted (one file may serve both phases), but said, since they change nothing.
+
+    def other_phase_note(self) -> str | None:
+        """The distill keys set away from their defaults that this phase does not read, said in one line (the
+        trainer logs it; accepted, since one file may serve both phases, but they change nothing); None if none."""
         unread = _OTHER_PHASE_KEYS[self.phase]
         given = [f"distill.{field.name}" for field in dataclasses.fields(self) if field.name in unread
                  and getattr(self, field.name) != _default_of(field)]  # fmt: skip
-        if given:
-            logger.warning(
-                "%s: read in phase %s only; this run (phase %s) does not use %s", ", ".join(given),
-                "intermediate" if self.phase == "prediction" else "prediction", self.phase,
-                "them" if len(given) > 1 else "it",
-            )  # fmt: skip
+        if not given:
+            return None
+        other = "intermediate" if self.phase == "prediction" else "prediction"
+        return (
+            f"{', '.join(given)}: read in phase {other} only; this run (phase {self.phase}) does not use "
+            f"{'them' if len(given) > 1 else 'it'}"
+        )
 
 
 # The distill keys a phase does not read: phase prediction learns its heads from the store's probabilities and the

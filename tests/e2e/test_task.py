@@ -434,9 +434,12 @@ def test_one_class_predictions_for_two_evaluations_are_warned(pipeline, tmp_path
     assert len(warnings) == 1 and "task 'topic'" in warnings[0], proc.stderr[-2000:]
     learning = run_script(
         "launch/task.py", "--debug", "--config", str(_config(pipeline, tmp_path / "fine", share=False,
-        train={"epochs": 2}, deepspeed={"config": "ds_configs/zero0.json"})),
+        train={"epochs": 2}, deepspeed={"config": "ds_configs/zero0.json"})), "distill.layer_map=top",
     )  # fmt: skip
     assert "fell into one class" not in learning.stderr
+    # a key of the other phase is said to do nothing, once
+    note = "distill.layer_map: read in phase intermediate only; this run (phase prediction) does not use it"
+    assert learning.stderr.count(note) == 1, learning.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
