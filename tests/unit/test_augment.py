@@ -740,7 +740,7 @@ def test_non_finite_glove_values_are_refused_naming_the_row(tmp_path):
     assert aug.load_glove(tmp_path / "v.npy", tmp_path / "words.txt").words == ["a"]
 
 
-def test_the_masked_lm_sees_the_masked_text_then_the_text_as_its_second_segment(biased_mlm_dir, bpe_mlm_dir):
+def test_the_masked_lm_sees_the_masked_text_then_the_text_as_its_second_segment(biased_mlm_dir, bpe_mlm_dir, tmp_path):
     """As TinyBERT's code: [CLS] masked [SEP] text [SEP], segment ids 0 then 1 (the model saw the masked text alone,
     so its candidates were any word the context admits, not words near the one replaced)."""
     import torch
@@ -755,14 +755,29 @@ def test_the_masked_lm_sees_the_masked_text_then_the_text_as_its_second_segment(
     masked[1] = mask
     assert pair == [cls, *masked, sep, *body, sep]
     assert types == [0] * (len(body) + 2) + [1] * (len(body) + 1)
-    # the model's scores at the masked position, computed here from the pair, give the candidates
-    with torch.no_grad():
-        logits = bert.model(input_ids=torch.tensor([pair]), token_type_ids=torch.tensor([types])).logits[0, 2]
-    logits[bert.banned[: logits.shape[0]]] = float("-inf")
-    logits[ids[2]] = float("-inf")
-    expected = [bert._surface(i) for i in torch.topk(logits, 3).indices.tolist()]
-    (found,) = bert.candidates([(ids, [2])])
-    assert found[2] == expected
+    # an unbiased masked-LM's scores at the masked position, computed here from the pair, give the candidates; the
+    # masked text alone gives others (so a run that read it alone is told apart)
+    from dist_kd.testing import build_tiny_bert
+
+    plain = aug.MaskedLMCandidates(
+        build_tiny_bert(tmp_path / "plain", seed=3, model_class="BertForMaskedLM", num_layers=2), k=3
+    )
+    ids = plain.tokenizer("the bank raised rates on loans")["input_ids"]
+    expected, alone = {}, {}
+    for position in range(1, len(ids) - 1):
+        sequence, segments = plain.model_input(ids, position)
+        masked = list(ids)
+        masked[position] = mask
+        for out, inputs in ((expected, (sequence, segments)), (alone, (masked, [0] * len(masked)))):
+            with torch.no_grad():
+                logits = plain.model(
+                    input_ids=torch.tensor([inputs[0]]), token_type_ids=torch.tensor([inputs[1]])
+                ).logits[0, position]
+            logits[plain.banned[: logits.shape[0]]] = float("-inf")
+            logits[ids[position]] = float("-inf")
+            out[position] = [plain._surface(i) for i in torch.topk(logits, 3).indices.tolist()]
+    (found,) = plain.candidates([(ids, list(expected))])
+    assert found == expected and found != alone
     # the second text is cut to the context left; with none left, the masked text alone
     long = tokenizer("the bank raised rates " * 2)["input_ids"]
     room = 32 - len(long) - 1
