@@ -53,7 +53,7 @@ from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
 from dist_kd.predict import batched_logits
-from dist_kd.train.common import check_run_kind
+from dist_kd.train.common import check_run_kind, progress_bar
 from dist_kd.train.engine import (
     TrainConfig,
     build_ds_config,
@@ -234,6 +234,7 @@ class TeacherTrainer:
         step, epoch, since_log, last_loss = 0, 0, 0, math.nan
         loss_sum = torch.zeros((), device=info.device)
         started = time.perf_counter()
+        bar = progress_bar(max_steps, 0, f"teacher {self.index + 1}/{cfg.num_teachers}", info.is_main)
         while step < max_steps:
             # Same permutation on every rank (seeded by teacher and epoch); each rank takes its slice of every
             # global batch. Wrapping pads the last batch, so all ranks run the same number of steps.
@@ -268,7 +269,10 @@ class TeacherTrainer:
                     )
                     loss_sum.zero_()
                     since_log = 0
+                    bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+                bar.update(1)
             epoch += 1
+        bar.close()
         return {"steps": step, "final_loss": last_loss}
 
     @torch.no_grad()

@@ -29,8 +29,18 @@ def finetuned(tmp_path_factory):
         "--output", str(root / "out"), "--num-teachers", "2", "--seeds", "3", "4", "--dropouts", "0.1", "0.2",
         "--max-steps", "4", "--batch-size", "8", "--lr", "1e-3", "--cpu",
     ]  # fmt: skip
-    run_script(*args, timeout=300)
+    proc = run_script(*args, timeout=300)
+    (root / "stderr.txt").write_text(proc.stderr)
     return root, args
+
+
+def test_each_teacher_has_a_progress_bar(finetuned):
+    """finetune showed nothing between "teacher 1/2: seed 3" and its dev score, even at a terminal."""
+    root, _ = finetuned
+    lines = (root / "stderr.txt").read_text().splitlines()
+    for teacher in (1, 2):
+        bar = [line for line in lines if line.startswith(f"teacher {teacher}/2: ")]
+        assert bar and "4/4" in bar[-1] and "loss=" in bar[-1], lines[-20:]
 
 
 def test_exported_teachers_load_with_the_task_label_maps(finetuned):
