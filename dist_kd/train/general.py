@@ -293,6 +293,8 @@ class GeneralTrainer(EngineTrainer):
         self.initial_quality: dict[str, float | None] | None = None
         if resume_from is not None:
             self._load(resume_from)  # every check passes before the run directory changes
+        else:
+            logger.info("new run in %s", self.run_dir.resolve())
         # --- the run directory: only now -------------------------------------------------------------
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -481,8 +483,9 @@ class GeneralTrainer(EngineTrainer):
                     with self._window.paused():  # tokens/s counts training only
                         self.save()
                 if stop_agreed(stop.requested):
-                    self.save()
-                    logger.warning("stopped at step %d; run again with run.resume=auto to continue", self.step)
+                    saved = self.save()
+                    logger.warning("stopped at step %d with its checkpoint %s; run again with run.resume=auto to "
+                                   "continue", self.step, saved)  # fmt: skip
                     return False
             self.save()
             return True

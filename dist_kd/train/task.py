@@ -249,6 +249,8 @@ class TaskTrainer(EngineTrainer):
             state = ckpt.load_checkpoint(self.engine, resume_from)
             self.load_state_dict(state)
             logger.info("resumed from %s at step %d", resume_from, self.step)
+        else:
+            logger.info("new run in %s", self.run_dir.resolve())
         # --- the run directory: only now -------------------------------------------------------------
         self._reconcile_best(resume_from is not None)
         if info.is_main:
@@ -486,8 +488,9 @@ class TaskTrainer(EngineTrainer):
                     with self._window.paused():
                         self.save()
                 if stop_agreed(stop.requested):
-                    self.save()
-                    logger.warning("stopped at step %d; run again with run.resume=auto to continue", self.step)
+                    saved = self.save()
+                    logger.warning("stopped at step %d with its checkpoint %s; run again with run.resume=auto to "
+                                   "continue", self.step, saved)  # fmt: skip
                     return False
             if self._saved_step != self.step:  # a finished run started again has nothing new to save
                 self.save()

@@ -201,6 +201,8 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(tiny_b
     assert stderr.count("received SIGTERM") == 1, "the workers leave the signal to the trainer"
     saved = sorted((out / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= 9
+    assert f"with its checkpoint {saved[0]}; run again" in stderr, stderr[-2000:]
+    assert f"new run in {out.resolve()}" in stderr
 
 
 def test_batches_of_a_shard_found_corrupt_while_reading_stay_out_of_the_logged_losses(
