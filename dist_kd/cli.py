@@ -254,10 +254,11 @@ def run_in_process_group(body: Callable[[], int], bad: tuple[type[Exception], ..
     except Exception as err:
         failed = err
         rank = distributed.current().rank
-        if lost_peer(err):  # the other rank's own log says why: here one line, not a traceback of gloo's
+        lost = lost_peer(err)
+        if lost is not None:  # the other rank's own log says why: here one line, not a traceback of gloo's
             print(
                 f"error: [rank {rank}] lost contact with another rank (it exited or was killed; its log or the "
-                f"launcher's says why): {_first_line(lost_peer(err))}; a rerun resumes from the last checkpoint",
+                f"launcher's says why): {_first_line(lost)}; a rerun resumes from the last checkpoint",
                 file=sys.stderr,
                 flush=True,
             )

@@ -440,8 +440,7 @@ class GloveNeighbours:
                 scores = (self.unit[rows] @ self.unit.T).masked_fill(self.banned, float("-inf"))
                 # The word itself in every spelling a cased file (840B) holds: "Bank" for "bank" is no change.
                 for index, (word, row) in enumerate(block):
-                    spellings = {r for r in self._spellings(word) if r < self.num_words}
-                    scores[index, sorted(spellings | {row})] = float("-inf")
+                    scores[index, sorted(self._spellings(word) | {row})] = float("-inf")
             ranked = _stable_topk(scores, self.k + _SELF_MARGIN, _GLOVE_DECIMALS)
             for (word, _), ids in zip(block, ranked):
                 # A word listed twice in the file, or in a spelling _spellings does not try ("bAnk"), is
@@ -460,9 +459,9 @@ class GloveNeighbours:
         return None
 
     def _spellings(self, word: str) -> set[int]:
-        """Rows of ``word`` in its usual spellings (as written, lower, upper, capitalised)."""
+        """Rows of ``word`` in its usual spellings (as written, lower, upper, capitalised) among the words read."""
         found = (self.glove.index.get(w) for w in (word, word.lower(), word.upper(), word.capitalize()))
-        return {row for row in found if row is not None}
+        return {row for row in found if row is not None and row < self.num_words}
 
 
 def _other_words(word: str, candidates: Iterable[str]) -> list[str]:

@@ -179,8 +179,8 @@ def resolve_task_spec(
     Raises:
         ValueError: invalid fields, or labels that disagree with a GLUE task's order.
     """
-    key = name.lower().replace("-", "")
-    if key in GLUE_TASKS:
+    key = _glue_key(name)
+    if key is not None:
         base = GLUE_TASKS[key]
         if labels is not None:
             label_order_check(base.labels, list(labels), f"the labels given for GLUE task '{key}'", task=key)
@@ -723,8 +723,9 @@ def task_schema(spec: TaskSpec) -> pa.Schema:
     )
 
 
-def _glue_key(spec: TaskSpec) -> str | None:
-    key = spec.name.lower().replace("-", "")
+def _glue_key(name: str) -> str | None:
+    """The GLUE registry's key for a task name (case-insensitive, ``sst-2`` as ``sst2``), or None."""
+    key = name.lower().replace("-", "")
     return key if key in GLUE_TASKS else None
 
 
@@ -734,7 +735,7 @@ def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
     ``#1 String``, ``#2 String``; MNLI's ``premise``, ``hypothesis``; QQP's ids ``idx`` for ``id``; or
     ``text_b``. ``--label label`` cannot name it, since a column left at its default means the registry's; a
     column the user named is kept."""
-    key = _glue_key(spec)
+    key = _glue_key(spec.name)
     if key is None:
         return spec
     base = GLUE_TASKS[key]
@@ -754,7 +755,7 @@ def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
 def _glue_class_names(spec: TaskSpec, names: list[str] | None) -> list[str] | None:
     """ClassLabel names of a GLUE task's file, as the task's labels where they are ``datasets``' GLUE names for
     the TSV's ids (SST-2's negative, positive are 0, 1); any other names are kept, to be mapped by name."""
-    key = _glue_key(spec)
+    key = _glue_key(spec.name)
     if names is None or key is None or spec.labels != GLUE_TASKS[key].labels:
         return names
     return list(spec.labels) if names == GLUE_DATASETS_CLASS_NAMES.get(key) else names
