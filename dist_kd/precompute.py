@@ -46,7 +46,13 @@ from dist_kd import distributed
 from dist_kd.config import doc
 from dist_kd.data import soft_targets as store
 from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_token_types
-from dist_kd.data.tasks import MissingColumnError, TaskSpec, label_order_check, load_task_examples
+from dist_kd.data.tasks import (
+    MissingColumnError,
+    TaskSpec,
+    head_label_order,
+    label_order_check,
+    load_task_examples,
+)
 from dist_kd.io import read_parquet_metadata, sha256_file, weights_sha256, write_json_atomic, write_parquet_atomic
 from dist_kd.models.teacher import DTYPES, check_max_length, check_model_dir
 from dist_kd.predict import batched_logits, teacher_label_names
@@ -102,10 +108,23 @@ class PrecomputeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EnsembleCheck:
-    """What the teachers agree on (the result of :func:`check_teachers`)."""
+    """What the teachers agree on (the result of :func:`check_teachers`).
+
+    Attributes:
+        label_names: the store's classes (the task's labels; empty for regression).
+        tokenizer: the shared tokenizer's fingerprint.
+        label_orders: per teacher, its output columns in the task's order (:func:`head_label_order`; empty
+            for regression).
+    """
 
     label_names: list[str]
     tokenizer: dict[str, Any]
+    label_orders: list[list[int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def reordered(self) -> bool:
+        """Whether some teacher names the task's classes in another order than the task's."""
+        return any(order != sorted(order) for order in self.label_orders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,16 +174,17 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int 
 
     Raises:
         FileNotFoundError: a directory or its config.json is missing.
-        ValueError: two teachers differ in label names/order or tokenizer (both are named), a teacher's
-            labels differ from the task's (via :func:`label_order_check`), a regression task meets a
-            teacher with more than one output, or ``max_length`` exceeds a teacher's position embeddings.
+        ValueError: two teachers differ in tokenizer (both are named), a teacher's classes differ from the
+            task's or are transformers' default names (:func:`head_label_order`; another order of the same
+            names is read by name), a regression task meets a teacher with more than one output, or
+            ``max_length`` exceeds a teacher's position embeddings.
     """
     from transformers import AutoConfig
 
     from dist_kd.data.tokenizer import tokenizer_fingerprint
 
-    first_labels: list[str] | None = None
     first_fingerprint: dict[str, Any] | None = None
+    orders: list[list[int]] = []
     for path in paths:
         check_model_dir(path, "teacher")
         config = AutoConfig.from_pretrained(path)
@@ -177,17 +197,12 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int 
                     f"teacher {path} has {config.num_labels} outputs ({teacher_label_names(config, path)}); "
                     f"task '{spec.name}' is regression and needs one"
                 )
-            labels: list[str] = []
         else:
-            labels = teacher_label_names(config, path)
-        if first_labels is None:
-            first_labels, first_fingerprint = labels, fingerprint
+            what = f"teacher {path} (config.json id2label)"
+            orders.append(head_label_order(spec, teacher_label_names(config, path), what))
+        if first_fingerprint is None:
+            first_fingerprint = fingerprint
             continue
-        if labels != first_labels:
-            raise ValueError(
-                f"teachers disagree on labels: {paths[0]} has {first_labels}, {path} has {labels}; an ensemble "
-                "averages class columns, so every teacher needs the same label names in the same order"
-            )
         if fingerprint["sha256"] != first_fingerprint["sha256"]:
             first, this = first_fingerprint, fingerprint
             raise ValueError(
@@ -196,9 +211,11 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int 
                 f"{this['name_or_path']} (vocab {this['vocab_size']}, sha256 {this['sha256'][:16]})"
                 "; inputs are tokenised once for the whole ensemble"
             )
-    if spec.type == "classification":
-        label_order_check(spec.labels, first_labels, f"teacher {paths[0]} (config.json id2label)", spec.name)
-    return EnsembleCheck(label_names=list(first_labels), tokenizer=first_fingerprint)
+    for path, order in zip(paths, orders):
+        if order != sorted(order):
+            logger.info("teacher %s names the task's classes in another order; its outputs are read by name "
+                        "(columns %s in the task's order %s)", path, order, list(spec.labels))  # fmt: skip
+    return EnsembleCheck(label_names=list(spec.labels), tokenizer=first_fingerprint, label_orders=orders)
 
 
 # ---------------------------------------------------------------------------------------- data and keys
@@ -276,6 +293,8 @@ def build_store_metadata(
             "dtype": config.dtype,
             "chunk_size": config.chunk_size,
             "tokenizer": check.tokenizer,
+            # Only where some teacher's columns were reordered, so that earlier stores keep their run key.
+            **({"teacher_label_orders": check.label_orders} if check.reordered else {}),
         },
     )
 
@@ -440,9 +459,19 @@ class TeacherEnsemble:
         device: where the teachers run.
         max_length: truncation length in pieces (within every teacher's positions: :func:`check_teachers`).
         batch_size: sequences per forward pass.
+        label_orders: per teacher, its output columns in the task's order (:attr:`EnsembleCheck.label_orders`);
+            None or empty keeps every teacher's own order.
     """
 
-    def __init__(self, paths: Sequence[str | Path], dtype: str, device: torch.device, max_length: int, batch_size: int):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        dtype: str,
+        device: torch.device,
+        max_length: int,
+        batch_size: int,
+        label_orders: Sequence[Sequence[int]] | None = None,
+    ):
         from dist_kd.models.teacher import Teacher
 
         self.tokenizer = _load_tokenizer(paths[0])
@@ -451,6 +480,7 @@ class TeacherEnsemble:
             for path in paths
         ]
         self.device, self.max_length, self.batch_size = device, max_length, batch_size
+        self.label_orders = [list(order) for order in label_orders] if label_orders else [None] * len(paths)
         self.pad_id = pad_id_of(self.tokenizer)
         self.use_token_types = uses_token_types(self.tokenizer)
 
@@ -465,10 +495,15 @@ class TeacherEnsemble:
         def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
             per_teacher = [t.logits(batch["input_ids"], batch["attention_mask"], **extra) for t in self.teachers]
-            return torch.stack([logits.float() for logits in per_teacher], dim=1)
+            return torch.stack([_in_order(logits.float(), order) for logits, order in
+                                zip(per_teacher, self.label_orders)], dim=1)  # fmt: skip
 
         rows = self.encode(text_a, text_b)
         return batched_logits(forward, rows, self.pad_id, self.batch_size, self.device, self.use_token_types)
+
+
+def _in_order(logits: torch.Tensor, order: list[int] | None) -> torch.Tensor:
+    return logits if order is None or order == sorted(order) else logits[:, order]
 
 
 def soft_targets_from_logits(logits_NKC: np.ndarray, task_type: str, temperature: float) -> np.ndarray:
@@ -678,7 +713,9 @@ def precompute_soft_targets(
 
         @functools.cache
         def ensemble() -> TeacherEnsemble:
-            return TeacherEnsemble(config.teachers, config.dtype, device, config.max_length, config.batch_size)
+            return TeacherEnsemble(
+                config.teachers, config.dtype, device, config.max_length, config.batch_size, check.label_orders
+            )
 
         from dist_kd.cli import progress as tqdm
 

@@ -232,7 +232,8 @@ def evaluate_classifier(
 ) -> dict:
     """Score an HF ``*ForSequenceClassification`` directory on task data (``launch/evaluate.py``).
 
-    The model's ``id2label`` must equal the task's label order (a regression model has one output).
+    The model's ``id2label`` must name the task's classes; outputs in another order are read by name
+    (:func:`dist_kd.data.tasks.head_label_order`). A regression model has one output.
 
     Args:
         model_dir: the classifier (e.g. a task run's ``tasks/<name>/`` or ``best/<name>/``) with tokenizer.
@@ -258,7 +259,7 @@ def evaluate_classifier(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from dist_kd.data.encode import pad_id_of, tokenize_rows, uses_token_types
-    from dist_kd.data.tasks import label_order_check
+    from dist_kd.data.tasks import head_label_order
     from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.evaluate import compute_metrics, predicted_classes
     from dist_kd.io import write_json_atomic
@@ -270,10 +271,9 @@ def evaluate_classifier(
     config = AutoConfig.from_pretrained(model_dir)
     check_classifier(config, model_dir)
     check_max_length(config, max_length, model_dir, "--max-length")
+    order = None
     if spec.type == "classification":
-        label_order_check(
-            spec.labels, teacher_label_names(config, model_dir), f"model {model_dir} (id2label)", spec.name
-        )
+        order = head_label_order(spec, teacher_label_names(config, model_dir), f"model {model_dir} (id2label)")
     elif config.num_labels != 1:
         raise ValueError(f"model {model_dir} has {config.num_labels} outputs; regression task '{spec.name}' needs 1")
     table = _load_examples(data, spec, label_optional)
@@ -284,6 +284,8 @@ def evaluate_classifier(
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
     logits = batched_logits(lambda batch: model(**batch).logits, rows, pad_id_of(tokenizer), batch_size, device,
                             uses_token_types(tokenizer, config))  # fmt: skip
+    if order is not None and order != sorted(order):  # the model names the task's classes in another order
+        logits = logits[:, order]
     labels = table.column("label").to_pylist()
     labelled = np.array([label is not None for label in labels])
     metrics = None

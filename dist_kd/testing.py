@@ -182,6 +182,26 @@ def build_tiny_roberta(directory: str | Path, seed: int = 0, num_layers: int = 2
     return build_tiny_encoder(directory, "roberta", seed=seed, num_layers=num_layers, hidden_size=hidden_size)
 
 
+def reorder_classifier_outputs(model_dir: str | Path, directory: str | Path, perm: list[int]) -> Path:
+    """A copy of an HF sequence classifier with its outputs permuted: output ``j`` is the original's class
+    ``perm[j]`` (head weights and ``id2label``), as a head trained with the classes in another order is."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(model_dir, directory)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    head = getattr(model.classifier, "out_proj", model.classifier)  # RoBERTa's head ends in out_proj
+    with torch.no_grad():
+        head.weight.copy_(head.weight[perm].clone())
+        head.bias.copy_(head.bias[perm].clone())
+    names = [model.config.id2label[index] for index in perm]
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
 def random_sentences(num: int, seed: int = 0, min_words: int = 3, max_words: int = 20) -> list[str]:
     """Deterministic pseudo-English sentences over the tiny vocabulary (plus a few multi-piece words)."""
     rng = random.Random(seed)

@@ -4,16 +4,16 @@
         --text-a text --label category --output runs/task/eval-topic
 
 ``--model`` is any HF ``*ForSequenceClassification`` directory with a tokenizer (``tasks/<name>/`` or
-``best/<name>/`` of a task run, a fine-tuned teacher). Its ``id2label`` is the label order unless ``--labels``
-(or a GLUE task's registry) gives one, which must then match it; a one-output model without a ``problem_type``
-is a regression, as transformers trains it. A task run's classifier holds ``task.json``: the column, metric
-and length flags not given take what it was trained with, and data without the second texts a pair classifier
-was trained on is refused. Prints the task metrics as JSON; with
-``--output`` writes ``predictions.jsonl`` (one line per row) and ``metrics.json`` into that directory, replacing
-a previous evaluation there as a whole; an ``--output`` that is a file, or a directory holding other files, is
-refused. Rows without a label (a test set) get predictions and no metrics, as does data without the default
-``label`` column; a file where only some rows lack one is scored over its labelled rows, with a warning; a
-``--label`` column the data lacks is an error. Bad input exits with code 2.
+``best/<name>/`` of a task run, a fine-tuned teacher). Its ``id2label`` names the classes unless ``--labels`` (or a
+GLUE task's registry) gives them, which it must then name (outputs in another order are read by name); a one-output
+model without a ``problem_type`` is a regression, as transformers trains it. A task run's classifier holds
+``task.json``: the column, metric and length flags not given take what it was trained with, and data without the
+second texts a pair classifier was trained on is refused. Prints the task metrics as JSON; with ``--output`` writes
+``predictions.jsonl`` (one line per row) and ``metrics.json`` into that directory, replacing a previous evaluation
+there as a whole; an ``--output`` that is a file, or a directory holding other files, is refused. Rows without a
+label (a test set) get predictions and no metrics, as does data without the default ``label`` column; a file where
+only some rows lack one is scored over its labelled rows, with a warning; a ``--label`` column the data lacks is an
+error. Bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(0)  # as the other commands: transformers' bars only at a terminal, not in a log file
     import torch
 
-    from dist_kd.data.tasks import GLUE_TASKS
+    from dist_kd.data.tasks import glue_key
     from dist_kd.predict import evaluate_classifier, read_task_record
 
     try:
         _trained_defaults(args, read_task_record(args.model))
         labels = task_type = None
-        if args.labels is None and args.task.lower() not in GLUE_TASKS:
+        if args.labels is None and glue_key(args.task) is None:
             labels, task_type = _model_labels(args.model, args.task_type)
         spec = task_spec_from_args(args, labels=labels, task_type=task_type)
         device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ def resolve_task_spec(
     Raises:
         ValueError: invalid fields, or labels that disagree with a GLUE task's order.
     """
-    key = _glue_key(name)
+    key = glue_key(name)
     if key is not None:
         base = GLUE_TASKS[key]
         if labels is not None:
@@ -225,18 +225,74 @@ def label_order_check(expected: Sequence[str], found: Sequence[str], what: str, 
     """
     expected_list = [str(label) for label in expected]
     found_list = [str(label) for label in found]
-    if expected_list == found_list:
-        return
+    if expected_list != found_list:
+        raise _label_order_error(expected_list, found_list, what, task)
+
+
+def _label_order_error(expected_list: list[str], found_list: list[str], what: str, task: str | None) -> ValueError:
     hint = (
         "the same labels in a different order"
         if sorted(expected_list) == sorted(found_list)
         else "a different label set"
     )
     owner = f"task '{task}'" if task else "the task"
-    raise ValueError(
+    return ValueError(
         f"{what} has labels {found_list}, {owner} expects {expected_list} ({hint}); "
         "label order must match exactly, retrain or remap explicitly"
     )
+
+
+_DEFAULT_HEAD_LABEL = re.compile(r"LABEL_\d+")
+
+
+def head_label_order(spec: TaskSpec, names: Sequence[str], what: str) -> list[int]:
+    """The columns of a classification head's outputs in the task's label order: ``logits[:, order]``.
+
+    A head names its classes in ``config.json``'s ``id2label``. Names equal to the task's labels give
+    ``0..C-1``. A head naming the same classes in another order is read by name: Hugging Face's GLUE models
+    name ``datasets``' classes in ``datasets``' order (MNLI's entailment, neutral, contradiction; SST-2's
+    negative, positive, which are the GLUE files' ids 0, 1). Names match exactly, else ignoring case where
+    that is unambiguous (``NEGATIVE``).
+
+    Args:
+        spec: a classification task.
+        names: the head's label names in output order (:func:`dist_kd.predict.teacher_label_names`).
+        what: who the head belongs to, for messages, e.g. ``"teacher runs/t1 (config.json id2label)"``.
+
+    Raises:
+        ValueError: other classes than the task's, or transformers' default names ``LABEL_0``, ... that say
+            nothing of which class is which (the message says how to name them).
+    """
+    expected = [str(label) for label in spec.labels]
+    found = [str(name) for name in names]
+    key = glue_key(spec.name)
+    datasets_names = GLUE_DATASETS_CLASS_NAMES.get(key) if key and expected == GLUE_TASKS[key].labels else None
+    for candidates in _label_spellings(found, datasets_names, expected):
+        if sorted(candidates) == sorted(expected):
+            return [candidates.index(label) for label in expected]
+    if found and all(_DEFAULT_HEAD_LABEL.fullmatch(name) for name in found):
+        raise ValueError(
+            f"{what} has transformers' default label names {found}, which do not say which class each output "
+            f"is; task '{spec.name}' expects {expected}: write the class of each output into the model's "
+            "config.json (id2label, and label2id to match)"
+        )
+    raise _label_order_error(expected, found, what, spec.name)
+
+
+def _label_spellings(found: list[str], datasets_names: list[str] | None, expected: list[str]) -> Iterator[list[str]]:
+    """A head's names as the task may spell them: as they are, ``datasets``' GLUE class names as the GLUE
+    files' ids, then either with case ignored where no two names differ only in case."""
+    spellings = [found]
+    if datasets_names is not None:
+        lowered = {name.lower(): label for name, label in zip(datasets_names, expected)}
+        if len({name.lower() for name in found}) == len(found) and all(name.lower() in lowered for name in found):
+            spellings.append([lowered[name.lower()] for name in found])
+    yield from spellings
+    by_case = {label.lower(): label for label in expected}
+    if len(by_case) == len(expected):
+        for names in spellings:
+            if len({name.lower() for name in names}) == len(names) and all(n.lower() in by_case for n in names):
+                yield [by_case[name.lower()] for name in names]
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -723,7 +779,7 @@ def task_schema(spec: TaskSpec) -> pa.Schema:
     )
 
 
-def _glue_key(name: str) -> str | None:
+def glue_key(name: str) -> str | None:
     """The GLUE registry's key for a task name (case-insensitive, ``sst-2`` as ``sst2``), or None."""
     key = name.lower().replace("-", "")
     return key if key in GLUE_TASKS else None
@@ -735,7 +791,7 @@ def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
     ``#1 String``, ``#2 String``; MNLI's ``premise``, ``hypothesis``; QQP's ids ``idx`` for ``id``; or
     ``text_b``. ``--label label`` cannot name it, since a column left at its default means the registry's; a
     column the user named is kept."""
-    key = _glue_key(spec.name)
+    key = glue_key(spec.name)
     if key is None:
         return spec
     base = GLUE_TASKS[key]
@@ -755,7 +811,7 @@ def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
 def _glue_class_names(spec: TaskSpec, names: list[str] | None) -> list[str] | None:
     """ClassLabel names of a GLUE task's file, as the task's labels where they are ``datasets``' GLUE names for
     the TSV's ids (SST-2's negative, positive are 0, 1); any other names are kept, to be mapped by name."""
-    key = _glue_key(spec.name)
+    key = glue_key(spec.name)
     if names is None or key is None or spec.labels != GLUE_TASKS[key].labels:
         return names
     return list(spec.labels) if names == GLUE_DATASETS_CLASS_NAMES.get(key) else names

@@ -20,7 +20,7 @@ from dist_kd.precompute import (
     precompute_soft_targets,
 )
 from dist_kd.predict import length_batches
-from dist_kd.testing import build_tiny_bert, random_sentences
+from dist_kd.testing import build_tiny_bert, random_sentences, reorder_classifier_outputs
 
 LABELS = ["neg", "neu", "pos"]
 ID2LABEL = dict(enumerate(LABELS))
@@ -204,23 +204,39 @@ def test_length_batches_sort_by_length_and_cover_every_row():
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
 
 
-def test_teachers_with_different_label_order_are_refused(setup, tmp_path):
-    root, teachers, data, spec, _ = setup
-    permuted = str(_teacher(tmp_path / "permuted", seed=9, labels=["pos", "neu", "neg"]))
-    with pytest.raises(ValueError, match="teachers disagree on labels") as err:
-        precompute_soft_targets(spec, data, tmp_path / "out", _config([teachers[0], permuted]), progress=False)
-    assert teachers[0] in str(err.value) and permuted in str(err.value)
-    assert not (tmp_path / "out").exists()  # refused before any output
+def test_a_teacher_naming_the_classes_in_another_order_is_read_by_name(setup, tmp_path):
+    """A teacher whose head lists the task's classes in another order (a Hugging Face MNLI model against the GLUE
+    files' order) gives the soft targets of the same teacher in the task's order."""
+    _, teachers, data, spec, _ = setup
+    twin = str(reorder_classifier_outputs(teachers[0], tmp_path / "twin", perm=[2, 0, 1]))  # pos, neg, neu: a rotation
+    config = {"keep_teacher_logits": True, "temperature": 2.0}
+    reference = precompute_soft_targets(spec, data, tmp_path / "ref", _config([teachers[0], teachers[1]], **config),
+                                        progress=False)  # fmt: skip
+    mixed = precompute_soft_targets(spec, data, tmp_path / "mixed", _config([twin, teachers[1]], **config),
+                                    progress=False)  # fmt: skip
+    ref = st.load_soft_targets(reference.directory, expected_labels=LABELS, task="topic")
+    got = st.load_soft_targets(mixed.directory, expected_labels=LABELS, task="topic")
+    np.testing.assert_allclose(got.teacher_logits(), ref.teacher_logits(), atol=1e-6)
+    np.testing.assert_allclose(got.soft_probs(), ref.soft_probs(), atol=1e-6)
+    # The order is part of the run's record (a head renamed later is a new run); stores in order carry none.
+    assert got.metadata.extra["teacher_label_orders"] == [[1, 2, 0], [0, 1, 2]]
+    assert "teacher_label_orders" not in ref.metadata.extra
 
 
 def test_teachers_that_disagree_with_the_task_are_refused(setup, tmp_path):
     _, teachers, data, _, _ = setup
-    spec = resolve_task_spec("topic", labels=["pos", "neu", "neg"], text_a="a", text_b="b", label="y")
-    with pytest.raises(ValueError, match=r"same labels in a different order"):
+    spec = resolve_task_spec("topic", labels=["neg", "neu", "mixed"], text_a="a", text_b="b", label="y")
+    with pytest.raises(ValueError, match=r"a different label set"):
         precompute_soft_targets(spec, data, tmp_path / "out", _config(teachers), progress=False)
     sst2 = resolve_task_spec("sst2", text_a="a", text_b="b", label=None)  # GLUE registry labels ["0", "1"]
     with pytest.raises(ValueError, match="a different label set"):
         precompute_soft_targets(sst2, data, tmp_path / "out", _config(teachers), progress=False)
+    unnamed = str(_teacher(tmp_path / "unnamed", seed=4, labels=["LABEL_0", "LABEL_1", "LABEL_2"]))
+    spec = resolve_task_spec("topic", labels=LABELS, text_a="a", text_b="b", label="y")
+    with pytest.raises(ValueError, match=r"default label names .* config.json \(id2label") as err:
+        precompute_soft_targets(spec, data, tmp_path / "out", _config([teachers[0], unnamed]), progress=False)
+    assert unnamed in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before any output
 
 
 def test_teachers_with_different_tokenizers_are_refused(setup, tmp_path):

@@ -169,6 +169,43 @@ def test_output_directory_of_a_previous_evaluation_is_replaced_whole(classifier,
     assert sorted(path.name for path in output.iterdir()) == ["metrics.json", "predictions.jsonl"]
 
 
+def test_a_model_naming_the_classes_in_another_order_is_scored_by_name(classifier, data, tmp_path):
+    """Its outputs are read by their names: the scores and predictions of the same model in the task's order."""
+    from dist_kd.testing import reorder_classifier_outputs
+
+    twin = reorder_classifier_outputs(classifier, tmp_path / "twin", perm=[1, 0])
+    assert json.loads((twin / "config.json").read_text())["id2label"] == {"0": "pos", "1": "neg"}
+    first = evaluate_classifier(classifier, _spec("category"), data, output=tmp_path / "first")
+    second = evaluate_classifier(twin, _spec("category"), data, output=tmp_path / "second")
+    assert second["metrics"] == pytest.approx(first["metrics"])
+    lines = [[json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+             for name in ("first", "second")]  # fmt: skip
+    assert [line["prediction"] for line in lines[1]] == [line["prediction"] for line in lines[0]]
+    for mine, theirs in zip(*lines):
+        assert mine["logits"] == pytest.approx(theirs["logits"], abs=1e-5)
+
+
+def test_evaluate_names_glue_tasks_as_the_other_commands_do(tmp_path, capsys):
+    """`--task SST-2` is GLUE's SST-2 (its labels from the registry, as `sst2` and the other commands take it),
+    and a Hugging Face SST-2 model names datasets' classes negative, positive for the GLUE files' ids 0, 1."""
+    from dist_kd.testing import build_tiny_bert, random_sentences
+
+    names = ["negative", "positive"]
+    model = build_tiny_bert(
+        tmp_path / "sst2", num_layers=1, model_class="BertForSequenceClassification", num_labels=2,
+        id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)},
+    )  # fmt: skip
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps({"sentence": s, "label": i % 2}) + "\n"
+                            for i, s in enumerate(random_sentences(6, seed=2))))  # fmt: skip
+    reports = []
+    for task in ("sst2", "SST-2"):
+        assert _evaluate_main(["--model", str(model), "--task", task, "--data", str(data), "--cpu"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["metrics"] == reports[1]["metrics"] and reports[0]["num_labelled"] == 6
+    assert reports[0]["task"] == reports[1]["task"] == "sst2"
+
+
 def test_output_directory_holding_other_files_is_refused_untouched(classifier, data, tmp_path, capsys):
     output = tmp_path / "run"
     output.mkdir()

@@ -12,6 +12,7 @@ import pytest
 from dist_kd.data.tasks import (
     GLUE_TASKS,
     TaskSpec,
+    head_label_order,
     label_order_check,
     load_task_examples,
     resolve_task_spec,
@@ -202,6 +203,44 @@ def test_glue_registry():
     assert resolve_task_spec("sst2", text_a="review").text_a == "review"
     with pytest.raises(ValueError, match=r"has labels \['neutral', 'entailment', 'contradiction'\]"):
         resolve_task_spec("mnli", labels=["neutral", "entailment", "contradiction"])
+
+
+@pytest.mark.parametrize(
+    "task, names, order",
+    [
+        ("topic", ["business", "sport", "tech"], [0, 1, 2]),
+        ("topic", ["tech", "business", "sport"], [1, 2, 0]),
+        ("topic", ["SPORT", "Business", "tech"], [1, 0, 2]),  # case ignored: no two labels differ only in it
+        ("mnli", ["entailment", "neutral", "contradiction"], [2, 0, 1]),  # Hugging Face's MNLI models
+        ("sst2", ["negative", "positive"], [0, 1]),  # datasets' class names for the GLUE files' ids 0, 1
+        ("SST-2", ["POSITIVE", "NEGATIVE"], [1, 0]),
+        ("cola", ["unacceptable", "acceptable"], [0, 1]),
+        ("qnli", ["not_entailment", "entailment"], [1, 0]),
+    ],
+)
+def test_a_head_naming_the_task_classes_in_any_order_is_read_by_name(task, names, order):
+    spec = TOPIC if task == "topic" else resolve_task_spec(task)
+    assert head_label_order(spec, names, "model m") == order
+    logits = [[10 * column + row for column in range(len(names))] for row in range(2)]  # a head's outputs
+    reordered = [[line[column] for column in order] for line in logits]
+    # Column c of the reordered outputs is the head's output named like the task's class c.
+    spellings = {"negative": "0", "positive": "1", "unacceptable": "0", "acceptable": "1"}
+    for c, label in enumerate(spec.labels):
+        head_column = [spellings.get(n.lower(), n.lower()) for n in names].index(label.lower())
+        assert [line[c] for line in reordered] == [line[head_column] for line in logits]
+
+
+def test_a_head_is_refused_when_its_names_do_not_say_the_task_classes():
+    with pytest.raises(ValueError, match=r"default label names \['LABEL_0', 'LABEL_1'\].*config.json"):
+        head_label_order(resolve_task_spec("sst2"), ["LABEL_0", "LABEL_1"], "model m (id2label)")
+    with pytest.raises(ValueError, match=r"model m has labels .*a different label set"):
+        head_label_order(TOPIC, ["business", "sport", "politics"], "model m")
+    with pytest.raises(ValueError, match="a different label set"):  # datasets' names are GLUE's, not any task's
+        head_label_order(TaskSpec(name="polarity", labels=["0", "1"]), ["negative", "positive"], "model m")
+    cased = TaskSpec(name="cased", labels=["a", "A"])  # names differing only in case match exactly or not at all
+    assert head_label_order(cased, ["A", "a"], "model m") == [1, 0]
+    with pytest.raises(ValueError, match="a different label set"):
+        head_label_order(cased, ["a", "b"], "model m")
 
 
 def test_glue_data_saved_by_datasets_reads_its_label_and_text_b_columns(tmp_path):
