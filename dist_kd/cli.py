@@ -130,18 +130,37 @@ class SameOnEveryRank(logging.Filter):
         return not (record.name == "dist_kd" or record.name.startswith("dist_kd."))
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """At a terminal, each log line goes through ``tqdm.write``: it clears the progress bars drawn there, writes
+    the line and draws them again below it. Written plainly, a line was appended to the bar's own line ("... 28%|##7
+    | 83/300 ... 2026-12-05 ... step 100 held-out quality ..."). A log file has no bar line to break."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not (hasattr(self.stream, "isatty") and self.stream.isatty()):
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # as logging.StreamHandler: a failing handler reports and never raises into the run
+            self.handleError(record)
+
+
 def configure_logging(rank: int, debug: bool = False) -> None:
     """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank.
 
     On the other ranks dist_kd's own warnings show only where they are about that rank (:class:`SameOnEveryRank`);
     errors show from every rank. transformers' own bars (``Loading weights``, ``Writing model shards``: one per
     model loaded or saved) show on rank 0 at a terminal only: every rank drew them, and in a log file each is a
-    carriage-return line. transformers' warnings (its load reports among them) show on rank 0 only.
+    carriage-return line. transformers' warnings (its load reports among them) show on rank 0 only. At a
+    terminal a log line is written above the progress bars, not onto one (:class:`_BarSafeHandler`).
     """
     level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig: a process that configured logging itself keeps its own
-        handler = logging.StreamHandler()
+        handler = _BarSafeHandler()
         handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
         if rank != 0:
             handler.addFilter(SameOnEveryRank())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -261,6 +262,53 @@ def test_transformers_bars_only_on_rank_0_at_a_terminal(monkeypatch):
     finally:
         hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(verbosity)
+
+
+BAR_AND_LOG = """
+import logging
+from dist_kd.cli import configure_logging, progress
+configure_logging(0)
+bar = progress(total=10, desc="general distillation")
+bar.update(3)
+bar.refresh()
+logging.getLogger("dist_kd.train.general").info("step 3 held-out quality")
+bar.update(7)
+bar.close()
+"""
+
+
+def test_a_log_line_at_a_terminal_is_written_above_the_progress_bar_not_onto_it():
+    """At a terminal the bar's line has no newline; a log line written plainly was glued to its end
+    ("... 3/10 [00:00<00:00, 3.2it/s]2026-12-05 ... step 3 held-out quality")."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import termios
+    from pathlib import Path
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", BAR_AND_LOG], stderr=follower, stdout=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    chunks = []
+    while chunk := _read_terminal(leader):
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    before, after = b"".join(chunks).decode().split("step 3 held-out quality")
+    drawn, line_start = before.rsplit("\r", 1)
+    assert re.fullmatch(r"[\d-]+ [\d:,]+ \[rank 0\] INFO dist_kd\.train\.general: ", line_start), repr(before)
+    assert drawn.endswith("\r" + " " * 119), repr(drawn[-200:])  # the bar was cleared from the line first
+    assert "3/10" in drawn and "10/10" in after  # drawn before the line, and again below it
+
+
+def _read_terminal(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the child closed the terminal
+        return b""
 
 
 LOGGING_RANK = """
