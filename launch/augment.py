@@ -24,7 +24,13 @@ import os
 import sys
 
 from dist_kd import distributed
-from dist_kd.cli import add_launcher_argument, add_task_arguments, bad_input, configure_logging, task_spec_from_args
+from dist_kd.cli import (
+    add_launcher_argument,
+    add_task_arguments,
+    configure_logging,
+    run_in_process_group,
+    task_spec_from_args,
+)
 from dist_kd.data import augment as aug
 
 logger = logging.getLogger("dist_kd.augment")
@@ -100,29 +106,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse -> build -> run; rank 0 merges the parts. Returns the exit code (2 for bad input)."""
+    """Parse -> build -> run; rank 0 merges the parts. Returns the exit code (2 for bad input, said once when
+    every rank has it)."""
     import torch.distributed as dist
 
     args = parse_args(argv)
     rank, world_size, local_rank = (0, 1, 0) if args.debug else launcher_env()
     configure_logging(rank, debug=args.debug)
     use_group = rendezvous(world_size) and not args.debug
-    if use_group:
-        # gloo: the barrier only orders file writes, and works with or without GPUs.
-        os.environ.update({k: v for k, v in distributed.discover_environment().items() if k.startswith("MASTER_")})
-        timeout = datetime.timedelta(seconds=args.wait_timeout)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
-    try:
-        spec = task_spec_from_args(args)
-        config = aug.AugmentConfig(
-            p_t=args.p_t,
-            n_a=args.n_a,
-            k=args.k,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            max_seq_length=args.max_seq_length,
-            glove_max_words=args.glove_max_words,
-        )
+
+    def body() -> int:
+        if use_group:
+            # gloo: the group only orders file writes and shares errors, and works with or without GPUs.
+            os.environ.update({k: v for k, v in distributed.discover_environment().items() if k.startswith("MASTER_")})
+            timeout = datetime.timedelta(seconds=args.wait_timeout)
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        with distributed.shared_failure():
+            spec = task_spec_from_args(args)
+            config = aug.AugmentConfig(
+                p_t=args.p_t,
+                n_a=args.n_a,
+                k=args.k,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                max_seq_length=args.max_seq_length,
+                glove_max_words=args.glove_max_words,
+            )
         aug.augment_task(
             spec,
             args.data,
@@ -141,11 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_timeout=args.wait_timeout,
         )
         return 0
-    except (ValueError, OSError) as err:  # OSError: an output it cannot write
-        return bad_input(err)
-    finally:
-        if use_group and dist.is_initialized():
-            dist.destroy_process_group()
+
+    return run_in_process_group(body)  # bad input: ValueError, or OSError for an output it cannot write
 
 
 if __name__ == "__main__":

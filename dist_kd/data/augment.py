@@ -985,16 +985,19 @@ def build_metadata(
     spec=None,
     encoding: str = "utf-8",
     split: str | None = None,
+    digests: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """The ``dist_kd`` metadata of an augmented set; independent of the number of ranks.
 
     ``spec`` (the :class:`dist_kd.data.tasks.TaskSpec`), ``encoding`` and ``split`` say how the data was read:
-    they are part of the run key, so a rank part read from other columns is never reused.
+    they are part of the run key, so a rank part read from other columns is never reused. ``digests`` are
+    :func:`input_digests` computed already (by one rank, for all); None computes them here.
     """
     from dist_kd import __version__
     from dist_kd.io import data_fingerprint
 
     data_path = Path(data_path)
+    digests = digests if digests is not None else input_digests(mlm_dir, data_path)
     read_as: dict[str, Any] = {"encoding": encoding, "split": split}
     if spec is not None:
         read_as["columns"] = {
@@ -1014,16 +1017,26 @@ def build_metadata(
         "seed": config.seed,
         "masked_lm": None
         if mlm_dir is None
-        else {"path": str(Path(mlm_dir).resolve()), "sha256": weights_sha256(mlm_dir)},
+        else {"path": str(Path(mlm_dir).resolve()), "sha256": digests["masked_lm"]},
         "glove": {"source": glove.source, "num_words": len(glove.words), "dim": glove.dim, "sha256": glove.sha256},
         "source_data": {
             "path": str(data_path.resolve()),
-            "sha256": sha256_file(data_path) if data_path.is_file() else None,
+            "sha256": digests["data"],
             # A datasets directory has no single file to hash: the names and bytes of its files.
             "fingerprint": None if data_path.is_file() else data_fingerprint(data_path),
             **read_as,
         },
         "num_examples": num_examples,
+    }
+
+
+def input_digests(mlm_dir: str | Path | None, data_path: str | Path) -> dict[str, str | None]:
+    """sha256 of the masked-LM's weights and of the data file (None for a model-free run or a data directory,
+    which :func:`build_metadata` fingerprints by its files' names and bytes)."""
+    data_path = Path(data_path)
+    return {
+        "masked_lm": None if mlm_dir is None else weights_sha256(mlm_dir),
+        "data": sha256_file(data_path) if data_path.is_file() else None,
     }
 
 
@@ -1136,7 +1149,9 @@ def augment_task(
     Each of ``world_size`` ranks augments a contiguous share into ``output_dir/parts/`` (a part from an
     earlier run with the same inputs is reused), then rank 0 waits for every part and merges them; the
     result is the same file one process writes. A merged set of the same inputs already there is kept, and
-    nothing is augmented again.
+    nothing is augmented again. In a process group, an error on any rank while it reads the inputs or
+    augments its share is raised on every rank there (:func:`dist_kd.distributed.shared_failure`: said once,
+    and no rank augments on for a set that cannot be merged), and rank 0 alone hashes the masked-LM and the data.
 
     Args:
         spec: the task (a :class:`dist_kd.data.tasks.TaskSpec`).
@@ -1147,15 +1162,19 @@ def augment_task(
     Returns:
         The merged table on rank 0, None on the other ranks.
     """
+    from dist_kd import distributed
     from dist_kd.data.tasks import load_task_examples
 
-    examples = load_task_examples(
-        data_path, spec, require_labels=spec.label is not None, encoding=encoding, split=split
-    )
-    _check_before_augmenting(final_path(output_dir), spec.name, examples.column("example_id").to_pylist(), config.n_a)
-    augmenter = build_augmenter(
-        mlm_dir, glove_path, config, glove_vocab=glove_vocab, glove_dim=glove_dim, device=device
-    )
+    with distributed.shared_failure():
+        examples = load_task_examples(
+            data_path, spec, require_labels=spec.label is not None, encoding=encoding, split=split
+        )
+        ids = examples.column("example_id").to_pylist()
+        _check_before_augmenting(final_path(output_dir), spec.name, ids, config.n_a)
+        augmenter = build_augmenter(
+            mlm_dir, glove_path, config, glove_vocab=glove_vocab, glove_dim=glove_dim, device=device
+        )
+    digests = distributed.on_main(lambda: input_digests(mlm_dir, data_path))
     metadata = build_metadata(
         config,
         task=spec.name,
@@ -1168,6 +1187,7 @@ def augment_task(
         spec=spec,
         encoding=encoding,
         split=split,
+        digests=digests,
     )
     metadata["run"] = run_key(metadata)
     done = final_path(output_dir)
@@ -1176,12 +1196,13 @@ def augment_task(
         return pq.read_table(done) if rank == 0 else None
     start, stop = shard_range(examples.num_rows, rank, world_size)
     part = part_path(output_dir, rank, world_size)
-    if part.is_file() and read_parquet_metadata(part).get("run") == metadata["run"]:
-        logger.info("reusing %s from an earlier run with the same inputs", part)
-    else:
-        logger.info("augmenting examples %d..%d of %d on %s", start, stop, examples.num_rows, device)
-        table = augmenter.augment(examples.slice(start, stop - start), spec.name, progress=progress and rank == 0)
-        write_parquet_atomic(table, part, metadata)
+    with distributed.shared_failure():
+        if part.is_file() and read_parquet_metadata(part).get("run") == metadata["run"]:
+            logger.info("reusing %s from an earlier run with the same inputs", part)
+        else:
+            logger.info("augmenting examples %d..%d of %d on %s", start, stop, examples.num_rows, device)
+            table = augmenter.augment(examples.slice(start, stop - start), spec.name, progress=progress and rank == 0)
+            write_parquet_atomic(table, part, metadata)
     if barrier is not None:
         barrier()
     if rank != 0:

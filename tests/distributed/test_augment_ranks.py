@@ -1,5 +1,6 @@
 """launch/augment.py on 2 ranks writes the same file as on 1: under torchrun (gloo barrier) and with bare
-RANK/WORLD_SIZE variables (filesystem polling, e.g. a SLURM array)."""
+RANK/WORLD_SIZE variables (filesystem polling, e.g. a SLURM array); an error is said once, by the rank that had
+it."""
 
 from __future__ import annotations
 
@@ -89,4 +90,44 @@ def test_two_ranks_without_process_group_poll_for_parts(inputs, tmp_path):
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=180)
         _check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    _assert_same(tmp_path / "out", reference)
+
+
+def _torchrun(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           script, *args]  # fmt: skip
+    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_an_error_every_rank_has_is_said_once(inputs, tmp_path):
+    """Every rank refused the same data, and each printed the same line."""
+    args, _ = inputs
+    bad = [arg if arg != "no,yes" else "no,maybe" for arg in args]  # the data's 'yes' is no label of the task
+    proc = _torchrun(SCRIPT, [*bad, "--output", str(tmp_path / "x")])
+    assert proc.returncode != 0
+    assert len(_errors(proc)) == 1 and "unknown label 'yes'" in _errors(proc)[0], proc.stderr[-3000:]
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_error_of_one_rank_stops_every_rank_before_augmenting(inputs, tmp_path):
+    """Rank 1 cannot read its GloVe file: it says so, and rank 0 stops there too instead of augmenting its share
+    for a set that cannot be merged."""
+    args, _ = inputs
+    worker = str(Path(__file__).parent / "workers" / "augment_one_rank.py")
+    proc = _torchrun(worker, [*args, "--output", str(tmp_path / "x")], {"MODE": "setup", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    assert _errors(proc) == ["error: [rank 1] GloVe /node2/glove.txt is gone"], proc.stderr[-4000:]
+    assert "augmenting examples" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_rank_0_alone_hashes_the_masked_lm_and_the_data(inputs, tmp_path):
+    args, reference = inputs
+    worker = str(Path(__file__).parent / "workers" / "augment_one_rank.py")
+    proc = _torchrun(worker, [*args, "--output", str(tmp_path / "out")], {"MODE": "hash", "PYTHONPATH": str(ROOT)})
+    _check(proc)
     _assert_same(tmp_path / "out", reference)
