@@ -136,7 +136,11 @@ class _BarSafeHandler(logging.StreamHandler):
     | 83/300 ... 2026-12-05 ... step 100 held-out quality ..."). A log file has no bar line to break."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not (hasattr(self.stream, "isatty") and self.stream.isatty()):
+        try:
+            terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        except ValueError:  # a closed stream: StreamHandler's emit reports it through handleError
+            terminal = False
+        if not terminal:
             super().emit(record)
             return
         try:
@@ -277,7 +281,8 @@ def run_in_process_group(body: Callable[[], int], bad: tuple[type[Exception], ..
         if lost is not None:  # the other rank's own log says why: here one line, not a traceback of gloo's
             print(
                 f"error: [rank {rank}] lost contact with another rank (it exited or was killed; its log or the "
-                f"launcher's says why): {_first_line(lost)}; a rerun resumes from the last checkpoint",
+                f"launcher's says why): {_first_line(lost)}; a rerun resumes (training from its last checkpoint, "
+                "precompute and augment from the chunks and parts written)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -5,9 +5,10 @@ over (augmented) data, so the ensemble runs here, once, and the task stage loads
 
 Design:
 
-- **Checks first, weights last.** Label names and order (``config.id2label``) and the tokenizer fingerprint
-  are compared across teachers and against the task before any weights load: averaging softmaxes whose
-  columns mean different classes, or that saw different token ids, would be silently wrong.
+- **Checks first, weights last.** Each teacher's label names (``config.id2label``) are matched to the task's
+  (another order is read by name: :func:`dist_kd.data.tasks.head_label_order`) and the tokenizer fingerprints
+  compared across teachers before any weights load: averaging softmaxes whose columns mean different classes,
+  or that saw different token ids, would be silently wrong.
 - **Chunks are the unit of work and of resume.** Examples ``[c * chunk_size, (c + 1) * chunk_size)`` form
   chunk ``c``, whatever the world size. Chunks not yet on disk are dealt to ranks round-robin; each is
   written atomically to ``OUTPUT/_chunks/chunk-NNNNNN.parquet`` tagged with the run's key. A restart (any
@@ -336,6 +337,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 REUSE_MUST_MATCH = (
     ("task_type",), ("label_names",), ("temperature",), ("teachers",),
     ("extra", "max_length"), ("extra", "dtype"), ("extra", "tokenizer"),
+    ("extra", "teacher_label_orders"),  # the same weights under renamed labels give other columns
 )  # fmt: skip
 
 

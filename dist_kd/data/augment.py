@@ -985,7 +985,7 @@ def build_metadata(
     spec=None,
     encoding: str = "utf-8",
     split: str | None = None,
-    digests: dict[str, str | None] | None = None,
+    digests: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``dist_kd`` metadata of an augmented set; independent of the number of ranks.
 
@@ -994,10 +994,9 @@ def build_metadata(
     :func:`input_digests` computed already (by one rank, for all); None computes them here.
     """
     from dist_kd import __version__
-    from dist_kd.io import data_fingerprint
 
     data_path = Path(data_path)
-    digests = digests if digests is not None else input_digests(mlm_dir, data_path)
+    digests = digests or input_digests(mlm_dir, data_path)
     read_as: dict[str, Any] = {"encoding": encoding, "split": split}
     if spec is not None:
         read_as["columns"] = {
@@ -1022,21 +1021,24 @@ def build_metadata(
         "source_data": {
             "path": str(data_path.resolve()),
             "sha256": digests["data"],
-            # A datasets directory has no single file to hash: the names and bytes of its files.
-            "fingerprint": None if data_path.is_file() else data_fingerprint(data_path),
+            "fingerprint": digests["fingerprint"],
             **read_as,
         },
         "num_examples": num_examples,
     }
 
 
-def input_digests(mlm_dir: str | Path | None, data_path: str | Path) -> dict[str, str | None]:
-    """sha256 of the masked-LM's weights and of the data file (None for a model-free run or a data directory,
-    which :func:`build_metadata` fingerprints by its files' names and bytes)."""
+def input_digests(mlm_dir: str | Path | None, data_path: str | Path) -> dict[str, Any]:
+    """What a run key holds of the inputs' bytes: the masked-LM's weights sha256 (None without one), and the
+    data file's sha256, or for a ``datasets`` directory, which has no single file to hash, the names and bytes
+    of its files (``fingerprint``)."""
+    from dist_kd.io import data_fingerprint
+
     data_path = Path(data_path)
     return {
         "masked_lm": None if mlm_dir is None else weights_sha256(mlm_dir),
         "data": sha256_file(data_path) if data_path.is_file() else None,
+        "fingerprint": None if data_path.is_file() else data_fingerprint(data_path),
     }
 
 
@@ -1175,23 +1177,25 @@ def augment_task(
             mlm_dir, glove_path, config, glove_vocab=glove_vocab, glove_dim=glove_dim, device=device
         )
     digests = distributed.on_main(lambda: input_digests(mlm_dir, data_path))
-    metadata = build_metadata(
-        config,
-        task=spec.name,
-        task_type=spec.type,
-        label_names=spec.labels,
-        mlm_dir=mlm_dir,
-        glove=augmenter.glove.glove,
-        data_path=data_path,
-        num_examples=examples.num_rows,
-        spec=spec,
-        encoding=encoding,
-        split=split,
-        digests=digests,
-    )
-    metadata["run"] = run_key(metadata)
+    with distributed.shared_failure():
+        metadata = build_metadata(
+            config,
+            task=spec.name,
+            task_type=spec.type,
+            label_names=spec.labels,
+            mlm_dir=mlm_dir,
+            glove=augmenter.glove.glove,
+            data_path=data_path,
+            num_examples=examples.num_rows,
+            spec=spec,
+            encoding=encoding,
+            split=split,
+            digests=digests,
+        )
+        metadata["run"] = run_key(metadata)
     done = final_path(output_dir)
-    if finished_run(done) == metadata["run"]:  # every rank sees it, so all skip alike
+    # Rank 0 decides for all: a rank that skipped while another augmented would leave it alone in a collective.
+    if distributed.on_main(lambda: finished_run(done) == metadata["run"]):
         logger.info("%s already holds this augmentation (same data, settings and vectors): kept", done)
         return pq.read_table(done) if rank == 0 else None
     start, stop = shard_range(examples.num_rows, rank, world_size)

@@ -8,8 +8,10 @@ directories into one shape: a table with ``example_id``, ``text_a``, ``text_b`` 
 Label order is explicit: a classification task carries its label list, and a label index means "position
 in that list" everywhere downstream (soft targets, teacher heads, student heads). Labels in files may be
 names or ids; they are resolved against the list here, once, so nothing later has to guess.
-:func:`label_order_check` is the one place that compares two label orders; stages call it on teachers,
-soft-target stores and students so that a mismatch is an error rather than silently permuted classes.
+:func:`label_order_check` is the one place that compares two label orders; stages call it on soft-target
+stores, augmented sets and students so that a mismatch is an error rather than silently permuted classes.
+A model's head names each output (``id2label``), so :func:`head_label_order` reads one that names the task's
+classes in another order by those names (teachers in precompute, classifiers in evaluate).
 """
 
 from __future__ import annotations

@@ -113,14 +113,17 @@ def test_an_error_every_rank_has_is_said_once(inputs, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_an_error_of_one_rank_stops_every_rank_before_augmenting(inputs, tmp_path):
-    """Rank 1 cannot read its GloVe file: it says so, and rank 0 stops there too instead of augmenting its share
-    for a set that cannot be merged."""
+@pytest.mark.parametrize(
+    "mode, said", [("setup", "GloVe /node2/glove.txt is gone"), ("metadata", "/node2/data: Input/output error")]
+)
+def test_an_error_of_one_rank_stops_every_rank_before_augmenting(inputs, tmp_path, mode, said):
+    """Rank 1 cannot read its GloVe file, or its data when the run key is made: it says so, and rank 0 stops
+    there too instead of augmenting its share for a set that cannot be merged."""
     args, _ = inputs
     worker = str(Path(__file__).parent / "workers" / "augment_one_rank.py")
-    proc = _torchrun(worker, [*args, "--output", str(tmp_path / "x")], {"MODE": "setup", "PYTHONPATH": str(ROOT)})
+    proc = _torchrun(worker, [*args, "--output", str(tmp_path / "x")], {"MODE": mode, "PYTHONPATH": str(ROOT)})
     assert proc.returncode != 0
-    assert _errors(proc) == ["error: [rank 1] GloVe /node2/glove.txt is gone"], proc.stderr[-4000:]
+    assert _errors(proc) == [f"error: [rank 1] {said}"], proc.stderr[-4000:]
     assert "augmenting examples" not in proc.stderr
     assert not (tmp_path / "x").exists()
 

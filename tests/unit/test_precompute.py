@@ -194,6 +194,17 @@ def test_reuse_refuses_stores_computed_otherwise(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"reuse: soft-target store .*missing does not exist"):
         config = _config(teachers[:2], reuse=[str(tmp_path / "missing")])
         precompute_soft_targets(spec, data, out, config, progress=False)
+    # The same weights with the labels renamed in config.json: other columns, so the earlier rows do not carry over.
+    import shutil
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(teachers[0], renamed)
+    config_json = json.loads((renamed / "config.json").read_text())
+    config_json["id2label"] = {"0": "pos", "1": "neg", "2": "neu"}
+    config_json["label2id"] = {"pos": 0, "neg": 1, "neu": 2}
+    (renamed / "config.json").write_text(json.dumps(config_json))
+    with pytest.raises(ValueError, match=r"reuse: .*earlier was not computed like this run.*teacher_label_orders"):
+        precompute_soft_targets(spec, data, out, _config([str(renamed), teachers[1]], reuse=reuse), progress=False)
     assert not out.exists() or not any(out.rglob("*.parquet"))  # nothing was written for a refused run
 
 

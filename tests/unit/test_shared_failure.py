@@ -199,4 +199,4 @@ def test_a_rank_that_lost_its_peer_says_so_in_one_line(tmp_path):
             proc.kill()
     assert code == 1, stderr
     assert stderr.startswith("error: [rank 0] lost contact with another rank (it exited or was killed"), stderr
-    assert stderr.count("\n") == 1 and "a rerun resumes from the last checkpoint" in stderr, stderr
+    assert stderr.count("\n") == 1 and "a rerun resumes (training from its last checkpoint" in stderr, stderr
