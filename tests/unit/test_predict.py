@@ -206,6 +206,45 @@ def test_evaluate_names_glue_tasks_as_the_other_commands_do(tmp_path, capsys):
     assert reports[0]["task"] == reports[1]["task"] == "sst2"
 
 
+def test_a_hugging_face_mnli_model_on_a_split_saved_by_datasets_scores_as_plain_transformers(tmp_path):
+    """Both sides in datasets' MNLI order (entailment, neutral, contradiction) against the GLUE registry's
+    (contradiction, entailment, neutral): the data's labels map by name and the model's outputs by name, so the
+    accuracy is the one plain transformers gives on the raw label ids."""
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dist_kd.testing import build_tiny_bert, random_sentences
+
+    names = ["entailment", "neutral", "contradiction"]
+    model_dir = build_tiny_bert(
+        tmp_path / "mnli", seed=3, num_layers=1, model_class="BertForSequenceClassification", num_labels=3,
+        id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)},
+    )  # fmt: skip
+    premises, hypotheses = random_sentences(9, seed=4), random_sentences(9, seed=5)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        encoded = tokenizer(premises, hypotheses, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        predicted = model(**encoded).logits.argmax(-1).numpy()
+    labels = [int(p) if i % 3 else int(p + 1) % 3 for i, p in enumerate(predicted)]  # 6 of 9 as predicted
+    features = datasets.Features({
+        "premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=names), "idx": datasets.Value("int32"),
+    })  # fmt: skip
+    rows = {"premise": premises, "hypothesis": hypotheses, "label": labels, "idx": list(range(9))}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "validation_matched"))
+
+    spec = resolve_task_spec("mnli")
+    report = evaluate_classifier(model_dir, spec, tmp_path / "validation_matched", output=tmp_path / "eval")
+    assert report["metrics"]["accuracy"] == pytest.approx(float(np.mean(predicted == np.array(labels))))
+    assert report["metrics"]["accuracy"] == pytest.approx(6 / 9)
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [line["prediction"] for line in lines] == [names[p] for p in predicted]
+    assert [line["label"] for line in lines] == [names[label] for label in labels]
+
+
 def test_output_directory_holding_other_files_is_refused_untouched(classifier, data, tmp_path, capsys):
     output = tmp_path / "run"
     output.mkdir()
