@@ -202,6 +202,18 @@ def reorder_classifier_outputs(model_dir: str | Path, directory: str | Path, per
     return Path(directory)
 
 
+def fail_on_rank(function, error: Exception, rank: str = "1"):
+    """``function``, raising ``error`` instead on the rank whose ``RANK`` variable is ``rank`` (distributed tests:
+    an input missing on one node, a failure of one rank alone)."""
+
+    def patched(*args, **kwargs):
+        if os.environ.get("RANK") == rank:
+            raise error
+        return function(*args, **kwargs)
+
+    return patched
+
+
 def random_sentences(num: int, seed: int = 0, min_words: int = 3, max_words: int = 20) -> list[str]:
     """Deterministic pseudo-English sentences over the tiny vocabulary (plus a few multi-piece words)."""
     rng = random.Random(seed)

@@ -20,10 +20,16 @@ def _free_port() -> int:
 
 
 def run_ranks(
-    script: str, *args: str, nproc: int = 2, timeout: float = 300, cuda: bool = False, env: dict | None = None
+    script: str,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 300,
+    cuda: bool = False,
+    env: dict | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Start ``script`` (in tests/distributed/workers) on ``nproc`` ranks with torchrun (CPU ranks unless
-    ``cuda``; ``env`` adds variables); fail on a non-zero exit."""
+    """Start ``script`` (in tests/distributed/workers, or a path) on ``nproc`` ranks with torchrun (CPU ranks
+    unless ``cuda``; ``env`` adds variables); with ``check``, fail on a non-zero exit."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -32,7 +38,7 @@ def run_ranks(
         str(WORKERS / script), *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         pytest.fail(f"{script} failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 

@@ -93,21 +93,15 @@ def test_two_ranks_without_process_group_poll_for_parts(inputs, tmp_path):
     _assert_same(tmp_path / "out", reference)
 
 
-def _torchrun(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           script, *args]  # fmt: skip
-    return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=180, cwd=ROOT)
-
-
 def _errors(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
 
 
-def test_an_error_every_rank_has_is_said_once(inputs, tmp_path):
+def test_an_error_every_rank_has_is_said_once(inputs, tmp_path, ranks):
     """Every rank refused the same data, and each printed the same line."""
     args, _ = inputs
     bad = [arg if arg != "no,yes" else "no,maybe" for arg in args]  # the data's 'yes' is no label of the task
-    proc = _torchrun(SCRIPT, [*bad, "--output", str(tmp_path / "x")])
+    proc = ranks(SCRIPT, *bad, "--output", str(tmp_path / "x"), timeout=180, check=False)
     assert proc.returncode != 0
     assert len(_errors(proc)) == 1 and "unknown label 'yes'" in _errors(proc)[0], proc.stderr[-3000:]
     assert not (tmp_path / "x").exists()
@@ -116,21 +110,20 @@ def test_an_error_every_rank_has_is_said_once(inputs, tmp_path):
 @pytest.mark.parametrize(
     "mode, said", [("setup", "GloVe /node2/glove.txt is gone"), ("metadata", "/node2/data: Input/output error")]
 )
-def test_an_error_of_one_rank_stops_every_rank_before_augmenting(inputs, tmp_path, mode, said):
+def test_an_error_of_one_rank_stops_every_rank_before_augmenting(inputs, tmp_path, mode, said, ranks):
     """Rank 1 cannot read its GloVe file, or its data when the run key is made: it says so, and rank 0 stops
     there too instead of augmenting its share for a set that cannot be merged."""
     args, _ = inputs
-    worker = str(Path(__file__).parent / "workers" / "augment_one_rank.py")
-    proc = _torchrun(worker, [*args, "--output", str(tmp_path / "x")], {"MODE": mode, "PYTHONPATH": str(ROOT)})
+    env = {"MODE": mode, "PYTHONPATH": str(ROOT)}
+    proc = ranks("augment_one_rank.py", *args, "--output", str(tmp_path / "x"), timeout=180, env=env, check=False)
     assert proc.returncode != 0
     assert _errors(proc) == [f"error: [rank 1] {said}"], proc.stderr[-4000:]
     assert "augmenting examples" not in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_rank_0_alone_hashes_the_masked_lm_and_the_data(inputs, tmp_path):
+def test_rank_0_alone_hashes_the_masked_lm_and_the_data(inputs, tmp_path, ranks):
     args, reference = inputs
-    worker = str(Path(__file__).parent / "workers" / "augment_one_rank.py")
-    proc = _torchrun(worker, [*args, "--output", str(tmp_path / "out")], {"MODE": "hash", "PYTHONPATH": str(ROOT)})
-    _check(proc)
+    ranks("augment_one_rank.py", *args, "--output", str(tmp_path / "out"), timeout=180,
+          env={"MODE": "hash", "PYTHONPATH": str(ROOT)})  # fmt: skip
     _assert_same(tmp_path / "out", reference)

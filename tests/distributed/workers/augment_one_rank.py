@@ -8,23 +8,14 @@ import os
 import sys
 
 import dist_kd.data.augment as aug
+from dist_kd.testing import fail_on_rank
 from launch.augment import main
-
-
-def _fail_on_rank_1(function, error: Exception):
-    def patched(*args, **kwargs):
-        if os.environ.get("RANK") == "1":
-            raise error
-        return function(*args, **kwargs)
-
-    return patched
-
 
 if __name__ == "__main__":
     if os.environ["MODE"] == "setup":
-        aug.build_augmenter = _fail_on_rank_1(aug.build_augmenter, FileNotFoundError("GloVe /node2/glove.txt is gone"))
+        aug.build_augmenter = fail_on_rank(aug.build_augmenter, FileNotFoundError("GloVe /node2/glove.txt is gone"))
     elif os.environ["MODE"] == "metadata":
-        aug.build_metadata = _fail_on_rank_1(aug.build_metadata, OSError("/node2/data: Input/output error"))
+        aug.build_metadata = fail_on_rank(aug.build_metadata, OSError("/node2/data: Input/output error"))
     else:
-        aug.input_digests = _fail_on_rank_1(aug.input_digests, RuntimeError("rank 1 hashed the inputs"))
+        aug.input_digests = fail_on_rank(aug.input_digests, RuntimeError("rank 1 hashed the inputs"))
     sys.exit(main(sys.argv[1:]))

@@ -7,22 +7,13 @@ import os
 import sys
 
 import dist_kd.precompute as precompute
+from dist_kd.testing import fail_on_rank
 from launch.precompute import main
-
-
-def _fail_on_rank_1(function, error: Exception):
-    def patched(*args, **kwargs):
-        if os.environ.get("RANK") == "1":
-            raise error
-        return function(*args, **kwargs)
-
-    return patched
-
 
 if __name__ == "__main__":
     if os.environ["FAIL_AT"] == "setup":
         error = FileNotFoundError("teacher directory /node2/t1 does not exist")
-        precompute.check_teachers = _fail_on_rank_1(precompute.check_teachers, error)
+        precompute.check_teachers = fail_on_rank(precompute.check_teachers, error)
     else:
-        precompute._compute_chunk = _fail_on_rank_1(precompute._compute_chunk, ValueError("chunk 1 broke"))
+        precompute._compute_chunk = fail_on_rank(precompute._compute_chunk, ValueError("chunk 1 broke"))
     sys.exit(main(sys.argv[1:]))
