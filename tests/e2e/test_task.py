@@ -261,12 +261,23 @@ def test_evaluate_command_reproduces_eval_json(pipeline, two_rank_run, tmp_path)
         assert printed["metrics"][key] == pytest.approx(value, abs=1e-9), key
     lines = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
     assert lines == (two_rank_run / "predictions" / "topic.dev.jsonl").read_text().splitlines()
-    bad = run_script(
+    # The task's labels in another order: the classifier's outputs are read by their names, to the same scores
+    # and predictions; other labels are refused.
+    reordered = run_script(
         "launch/evaluate.py", "--model", str(two_rank_run / "tasks" / "topic"), "--task", "topic", "--labels",
         "politics,business,sport", "--data", str(pipeline / "topic_dev.jsonl"), "--text-a", "text", "--cpu",
+        "--output", str(tmp_path / "reordered"),
+    )  # fmt: skip
+    again = json.loads(reordered.stdout[reordered.stdout.index("{") :])["metrics"]
+    assert again == pytest.approx(printed["metrics"], abs=1e-9)
+    predicted = [json.loads(line)["prediction"] for line in (tmp_path / "reordered" / "predictions.jsonl").open()]
+    assert predicted == [json.loads(line)["prediction"] for line in lines]
+    bad = run_script(
+        "launch/evaluate.py", "--model", str(two_rank_run / "tasks" / "topic"), "--task", "topic", "--labels",
+        "politics,business,weather", "--data", str(pipeline / "topic_dev.jsonl"), "--text-a", "text", "--cpu",
         check=False,
     )  # fmt: skip
-    assert bad.returncode == 2 and "label order must match" in bad.stderr
+    assert bad.returncode == 2 and "a different label set" in bad.stderr
 
 
 def test_student_of_the_soft_targets_reaches_the_ensemble(pipeline):
