@@ -201,6 +201,9 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int 
         else:
             what = f"teacher {path} (config.json id2label)"
             orders.append(head_label_order(spec, teacher_label_names(config, path), what))
+            if orders[-1] != sorted(orders[-1]):
+                logger.info("teacher %s names the task's classes in another order; its outputs are read by name "
+                            "(columns %s in the task's order %s)", path, orders[-1], list(spec.labels))  # fmt: skip
         if first_fingerprint is None:
             first_fingerprint = fingerprint
             continue
@@ -212,10 +215,6 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int 
                 f"{this['name_or_path']} (vocab {this['vocab_size']}, sha256 {this['sha256'][:16]})"
                 "; inputs are tokenised once for the whole ensemble"
             )
-    for path, order in zip(paths, orders):
-        if order != sorted(order):
-            logger.info("teacher %s names the task's classes in another order; its outputs are read by name "
-                        "(columns %s in the task's order %s)", path, order, list(spec.labels))  # fmt: skip
     return EnsembleCheck(label_names=list(spec.labels), tokenizer=first_fingerprint, label_orders=orders)
 
 

@@ -267,9 +267,7 @@ def head_label_order(spec: TaskSpec, names: Sequence[str], what: str) -> list[in
     """
     expected = [str(label) for label in spec.labels]
     found = [str(name) for name in names]
-    key = glue_key(spec.name)
-    datasets_names = GLUE_DATASETS_CLASS_NAMES.get(key) if key and expected == GLUE_TASKS[key].labels else None
-    for candidates in _label_spellings(found, datasets_names, expected):
+    for candidates in _label_spellings(found, _datasets_class_names(spec), expected):
         if sorted(candidates) == sorted(expected):
             return [candidates.index(label) for label in expected]
     if found and all(_DEFAULT_HEAD_LABEL.fullmatch(name) for name in found):
@@ -810,13 +808,21 @@ def _glue_columns_of(spec: TaskSpec, columns: list[str]) -> TaskSpec:
     return dataclasses.replace(spec, **moved) if moved else spec
 
 
+def _datasets_class_names(spec: TaskSpec) -> list[str] | None:
+    """``datasets``' ClassLabel names for the ids of a GLUE task with the registry's labels (SST-2's negative,
+    positive for 0, 1), or None (another task, or a GLUE task whose labels are names already)."""
+    key = glue_key(spec.name)
+    if key is None or spec.labels != GLUE_TASKS[key].labels:
+        return None
+    return GLUE_DATASETS_CLASS_NAMES.get(key)
+
+
 def _glue_class_names(spec: TaskSpec, names: list[str] | None) -> list[str] | None:
     """ClassLabel names of a GLUE task's file, as the task's labels where they are ``datasets``' GLUE names for
     the TSV's ids (SST-2's negative, positive are 0, 1); any other names are kept, to be mapped by name."""
-    key = glue_key(spec.name)
-    if names is None or key is None or spec.labels != GLUE_TASKS[key].labels:
+    if names is None or names != _datasets_class_names(spec):
         return names
-    return list(spec.labels) if names == GLUE_DATASETS_CLASS_NAMES.get(key) else names
+    return list(spec.labels)
 
 
 def _texts(values: list[Any], path: Path, where: RowPlaces, column: str | None, role: str) -> list[Any]:
