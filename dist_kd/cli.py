@@ -116,18 +116,19 @@ def drop_launcher_variables() -> None:
 
 
 class SameOnEveryRank(logging.Filter):
-    """On a rank other than 0: drops dist_kd's warnings unless marked ``extra=RANK_SPECIFIC``.
+    """On a rank other than 0: drops dist_kd's warnings unless marked ``extra=RANK_SPECIFIC``, and Python's.
 
-    Every rank runs the same set-up, so a warning such as "fp16 teachers are slow ... on a CPU" came once per
-    rank (64 copies on 64 ranks); rank 0 says it. Kept: warnings about one rank alone (a shard it found damaged
-    while reading, its own failure; :data:`dist_kd.distributed.RANK_SPECIFIC`), every error, and other
-    libraries' records (and, with ``--debug``, dist_kd's INFO and DEBUG lines).
+    Every rank runs the same set-up, so a warning such as "the shards hold fewer sequences than one epoch of
+    the run" came once per rank (64 copies on 64 ranks); rank 0 says it. The same holds for Python warnings
+    (``warnings.warn``: a library's FutureWarning where every rank calls it). Kept: warnings about one rank alone
+    (a shard it found damaged while reading, its own failure; :data:`dist_kd.distributed.RANK_SPECIFIC`), every
+    error, and other libraries' records (and, with ``--debug``, dist_kd's INFO and DEBUG lines).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING or getattr(record, "rank_specific", False):
             return True
-        return not (record.name == "dist_kd" or record.name.startswith("dist_kd."))
+        return not (record.name in ("dist_kd", "py.warnings") or record.name.startswith("dist_kd."))
 
 
 class _BarSafeHandler(logging.StreamHandler):
@@ -152,30 +153,86 @@ class _BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def configure_logging(rank: int, debug: bool = False) -> None:
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LOG_LEVEL_VARIABLE = "DIST_KD_LOG_LEVEL"
+
+
+def _log_level_name(value: str) -> str:
+    name = value.strip().lower()
+    if name not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} (--log-level or ${LOG_LEVEL_VARIABLE}): expected one of {', '.join(LOG_LEVELS)}"
+        )
+    return name
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    """``--log-level``, defaulting to ``$DIST_KD_LOG_LEVEL`` (checked as the flag is): how much the command logs
+    (:func:`configure_logging`)."""
+    parser.add_argument(
+        "--log-level",
+        type=_log_level_name,
+        default=os.environ.get(LOG_LEVEL_VARIABLE) or None,
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+        help=f"rank 0's log level (default info, or ${LOG_LEVEL_VARIABLE}); the other ranks log warnings and "
+        "errors, or errors alone at error",
+    )
+
+
+def log_level(name: str | None, debug: bool = False) -> int:
+    """The level ``--log-level`` names; else ``$DIST_KD_LOG_LEVEL``; else DEBUG with ``debug``, INFO without.
+
+    Raises:
+        ValueError: ``$DIST_KD_LOG_LEVEL`` names no level.
+    """
+    name = name or os.environ.get(LOG_LEVEL_VARIABLE) or None
+    if name is None:
+        return logging.DEBUG if debug else logging.INFO
+    try:
+        return LOG_LEVELS[_log_level_name(name)]
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(str(err)) from None
+
+
+def configure_logging(rank: int, debug: bool = False, level: str | None = None) -> None:
     """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank.
 
-    On the other ranks dist_kd's own warnings show only where they are about that rank (:class:`SameOnEveryRank`);
-    errors show from every rank. transformers' own bars (``Loading weights``, ``Writing model shards``: one per
-    model loaded or saved) show on rank 0 at a terminal only: every rank drew them, and in a log file each is a
-    carriage-return line. transformers' warnings (its load reports among them) show on rank 0 only. At a
-    terminal a log line is written above the progress bars, not onto one (:class:`_BarSafeHandler`).
+    ``level`` (``--log-level``; else ``$DIST_KD_LOG_LEVEL``) sets rank 0's level; the other ranks keep warnings
+    and errors (debug: everything), or errors alone at ``error``. On the other ranks dist_kd's own warnings show
+    only where they are about that rank (:class:`SameOnEveryRank`); errors show from every rank.
+
+    The lines of transformers (its load reports among them) and Python's warnings go through the same handler:
+    dated, tagged with the rank, and at a terminal written above the progress bars, not onto one
+    (:class:`_BarSafeHandler`); each printed its own way, a FutureWarning of torch once per rank. transformers'
+    warnings show on rank 0 only, and at ``error`` not at all. Its own bars (``Loading weights``, ``Writing
+    model shards``: one per model loaded or saved) show on rank 0 at a terminal only: every rank drew them, and
+    in a log file each is a carriage-return line.
+
+    Raises:
+        ValueError: ``$DIST_KD_LOG_LEVEL`` names no level.
     """
-    level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
+    chosen = log_level(level, debug)
+    ours = chosen if rank == 0 or debug else max(chosen, logging.WARNING)
     root = logging.getLogger()
-    if not root.handlers:  # as logging.basicConfig: a process that configured logging itself keeps its own
+    installed = not root.handlers  # as logging.basicConfig: a process that configured logging itself keeps its own
+    if installed:
         handler = _BarSafeHandler()
         handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
         if rank != 0:
             handler.addFilter(SameOnEveryRank())
         root.addHandler(handler)
-        root.setLevel(level)
-    if rank != 0 or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        from transformers.utils import logging as hf_logging
+        root.setLevel(ours)
+        logging.captureWarnings(True)
+    from transformers.utils import logging as hf_logging
 
+    if installed:
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+    if rank != 0 or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         hf_logging.disable_progress_bar()
-        if rank != 0:  # its load reports and warnings say on every rank what rank 0 says (8 lines per model each)
-            hf_logging.set_verbosity_error()
+    # Other ranks: its load reports and warnings say on every rank what rank 0 says (8 lines per model each).
+    if rank != 0 or chosen >= logging.ERROR:
+        hf_logging.set_verbosity_error()
 
 
 LOG_FILE_REFRESH_S = 60.0  # seconds between progress lines when stderr is a file (a SLURM log), not a terminal
@@ -319,6 +376,7 @@ def config_job_parser(
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config (YAML + overrides) and exit"
     )
+    add_log_level_argument(parser)
     add_launcher_argument(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser
@@ -357,9 +415,10 @@ def run_config_job(
 
     def body() -> int:
         try:
-            cfg = load_config(config_class, args.config, overrides)
             info = distributed.init_distributed()  # may wait for the other ranks
-            configure_logging(info.rank)
+            configure_logging(info.rank, level=getattr(args, "log_level", None))
+            with distributed.shared_failure():  # a config error every rank has: said once, not once per rank
+                cfg = load_config(config_class, args.config, overrides)
             result = run_training(cfg, trainer_class, finish, info)
         except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops), or one before training
             print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)

@@ -376,17 +376,45 @@ def set_thread_count() -> int | None:
     return threads
 
 
+NVIDIA_DEVICE_NODE = Path("/dev/nvidiactl")  # present where an NVIDIA driver is loaded
+
+
+def prefer_cpu_accelerator(say: bool = True) -> None:
+    """Where torch sees no CUDA device, tell DeepSpeed to use its CPU accelerator (``DS_ACCELERATOR=cpu``, unless
+    the environment names one) before it is imported.
+
+    Left to guess, DeepSpeed warned "Setting accelerator to CPU. If you have GPU or other accelerator, we were
+    unable to detect it." on every rank of every CPU run, and in ``dist-kd export``. dist_kd runs on CUDA or the
+    CPU, so there is nothing to guess. Where the machine has an NVIDIA driver that torch cannot use, it says
+    why instead (with ``say``: rank 0; a CPU build of torch, or no device visible), unless
+    ``CUDA_VISIBLE_DEVICES`` hides the GPUs on purpose (empty or -1).
+    """
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1")  # the GPUs hidden on purpose
+    if say and not hidden and NVIDIA_DEVICE_NODE.exists():
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} is a CPU build (install a CUDA build of torch to use the GPU)"
+        else:
+            why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable device: check the driver "
+                   "(nvidia-smi) and CUDA_VISIBLE_DEVICES")  # fmt: skip
+        _say(f"running on the CPU: this machine has an NVIDIA driver, but {why}")
+
+
 def init_distributed(force_cpu: bool = False) -> DistInfo:
     """Initialise (once) the process group for this process and return its place in the job.
 
     Args:
         force_cpu: run on the CPU even when CUDA is available (debug mode, tests).
     """
-    import deepspeed
     import torch.distributed as dist
 
     # What the environment says, completed (a one process job's MASTER_* replaced) unless a group already runs.
     found = discover_environment()
+    prefer_cpu_accelerator(say=found.get("RANK") == "0")
+    import deepspeed
+
     if not dist.is_initialized():
         _say_about_rank_variables(found)
         from_slurm = not ("RANK" in os.environ and "WORLD_SIZE" in os.environ)  # discover_environment's choice

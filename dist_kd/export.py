@@ -117,6 +117,9 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     fp16 optimizer's ``fp32_groups``, in the order of the engine's parameter groups (decayed, then not).
     """
     if any(checkpoint.glob("*optim_states.pt")):
+        from dist_kd.distributed import prefer_cpu_accelerator
+
+        prefer_cpu_accelerator()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
@@ -142,13 +145,25 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
     """The checkpoint directory ``checkpoint`` names, as an absolute path (the run directory is two levels up,
     also from a relative ``step-N`` given inside ``RUN/checkpoints``); ``RUN/checkpoints/latest``, the file
-    holding the newest complete tag that the trainer writes for DeepSpeed's tools, names that tag.
+    holding the newest complete tag that the trainer writes for DeepSpeed's tools, names that tag. A run
+    directory, or its ``checkpoints/``, names its newest whole checkpoint (as a resume would take).
 
     Raises:
-        FileNotFoundError: ``latest`` names a checkpoint that is not there.
+        FileNotFoundError: ``latest`` names a checkpoint that is not there; a run directory holds no whole
+            checkpoint.
     """
     # abspath, not resolve: a RUN/checkpoints that is a link (to scratch space) must keep RUN as its parent.
     checkpoint = Path(os.path.abspath(checkpoint))
+    if not (checkpoint / "meta.json").is_file():
+        steps = checkpoint if checkpoint.name == "checkpoints" else checkpoint / "checkpoints"
+        if steps.is_dir() and (steps.parent / "config.yaml").is_file():
+            newest = latest_checkpoint(steps)
+            if newest is None:
+                raise FileNotFoundError(
+                    f"{steps} holds no whole checkpoint (a step-N directory with meta.json): the run saved none yet"
+                )
+            logger.info("exporting %s, the newest whole checkpoint of %s", newest.name, steps.parent)
+            return newest
     if checkpoint.name == "latest" and checkpoint.is_file():
         tag = checkpoint.read_text().strip()
         target = checkpoint.parent / tag
@@ -303,18 +318,21 @@ def _write_classifier(model, task: str, tokenizer, output: Path, run_dir: Path, 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from dist_kd.cli import bad_input, configure_logging
+    from dist_kd.cli import add_log_level_argument, bad_input, configure_logging
 
     parser = argparse.ArgumentParser(description="a checkpoint's student encoder as a Hugging Face directory")
     parser.add_argument(
-        "--checkpoint", required=True, help="RUN_DIR/checkpoints/step-NNNNNNNN (or RUN_DIR/checkpoints/latest)"
+        "--checkpoint",
+        required=True,
+        help="RUN_DIR/checkpoints/step-NNNNNNNN, RUN_DIR/checkpoints/latest, or RUN_DIR (its newest whole checkpoint)",
     )
     parser.add_argument("--output", required=True, help="the HF directory to write")
     parser.add_argument(
         "--task", default=None, help="a task run's task: its classifier (encoder and head) instead of the encoder"
     )
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
-    configure_logging(0)  # as the other commands: its warnings formatted, transformers' bars only at a terminal
+    configure_logging(0, level=args.log_level)  # as the other commands: lines formatted, HF bars at a terminal only
     try:
         written = export_checkpoint(args.checkpoint, args.output, args.task)
         loader = "AutoModel" if args.task is None else "AutoModelForSequenceClassification"

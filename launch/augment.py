@@ -26,6 +26,7 @@ import sys
 from dist_kd import distributed
 from dist_kd.cli import (
     add_launcher_argument,
+    add_log_level_argument,
     add_task_arguments,
     configure_logging,
     run_in_process_group,
@@ -101,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     parser.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="seconds rank 0 waits for parts")
     parser.add_argument("--debug", action="store_true", help="one process, ignore launcher variables, debug logs")
+    add_log_level_argument(parser)
     add_launcher_argument(parser)
     return parser.parse_args(argv)
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     rank, world_size, local_rank = (0, 1, 0) if args.debug else launcher_env()
-    configure_logging(rank, debug=args.debug)
+    configure_logging(rank, debug=args.debug, level=args.log_level)
     use_group = rendezvous(world_size) and not args.debug
 
     def body() -> int:

@@ -27,6 +27,7 @@ if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dist_kd.cli import (  # noqa: E402
+    add_log_level_argument,
     add_task_arguments,
     bad_input,
     configure_logging,
@@ -51,12 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="truncation length in pieces (default: the length in the model's task.json, else 128)",
     )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    add_log_level_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(0)  # as the other commands: transformers' bars only at a terminal, not in a log file
+    configure_logging(0, level=args.log_level)  # as the other commands: transformers' bars at a terminal only
     import torch
 
     from dist_kd.data.tasks import glue_key

@@ -21,6 +21,7 @@ import sys
 from dist_kd import distributed
 from dist_kd.cli import (
     add_launcher_argument,
+    add_log_level_argument,
     add_task_arguments,
     configure_logging,
     positive_int,
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deepspeed-config", default=defaults.deepspeed_config, help="DeepSpeed JSON")
     add_task_arguments(parser, metric=True)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
+    add_log_level_argument(parser)
     add_launcher_argument(parser)
     return parser.parse_args(argv)
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         info = distributed.init_distributed(force_cpu=args.cpu)
-        configure_logging(info.rank)
+        configure_logging(info.rank, level=args.log_level)
         with distributed.shared_failure():  # the same refusal on every rank: said once
             spec = task_spec_from_args(args)
             cfg = FinetuneConfig(

@@ -20,7 +20,7 @@ if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_kd.cli import bad_input, configure_logging
+    from dist_kd.cli import add_log_level_argument, bad_input, configure_logging
     from dist_kd.mlm import MlmHeadConfig, fit_mlm_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch_size", "lr", "mask_prob", "eval_batches", "top_k", "seed", "train_layers"):
         value = getattr(defaults, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
-    configure_logging(0)
+    configure_logging(0, level=args.log_level)
     try:
-        cfg = MlmHeadConfig(**{name: value for name, value in vars(args).items()})
+        cfg = MlmHeadConfig(**{name: value for name, value in vars(args).items() if name != "log_level"})
         result = fit_mlm_head(cfg)
     except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err)

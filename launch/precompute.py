@@ -22,6 +22,7 @@ import sys
 from dist_kd import distributed
 from dist_kd.cli import (
     add_launcher_argument,
+    add_log_level_argument,
     add_task_arguments,
     configure_logging,
     run_in_process_group,
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_level_argument(parser)
     add_launcher_argument(parser)
     return parser.parse_args(argv)
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         info = distributed.init_distributed(force_cpu=args.cpu)
-        configure_logging(info.rank)
+        configure_logging(info.rank, level=args.log_level)
         with distributed.shared_failure():  # the same refusal on every rank: said once
             spec = task_spec_from_args(args)
             config = PrecomputeConfig(

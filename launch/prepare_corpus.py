@@ -12,12 +12,11 @@ and prints a summary. The logic lives in ``dist_kd.data.corpus``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from dist_kd.cli import bad_input
+from dist_kd.cli import add_log_level_argument, bad_input, configure_logging
 from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
 
 
@@ -61,13 +60,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_level_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, write the corpus, print the summary; returns the exit code (2: bad input)."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(0, level=args.log_level)
     try:
         summary = prepare_corpus(
             args.input,

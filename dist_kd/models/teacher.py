@@ -47,15 +47,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
     if device.type == "cpu" and name == "fp16":
-        _warn_cpu_fp16()
+        _note_cpu_fp16()
         return torch.float32
     return DTYPES[name]
 
 
 @functools.cache
-def _warn_cpu_fp16() -> None:
+def _note_cpu_fp16() -> None:
     """Once per process: a precompute of 3 teachers, or a task run's teachers, said it once per model."""
-    logger.warning("fp16 teachers are slow or unsupported on a CPU; running the teacher(s) in fp32 instead")
+    logger.info("fp16 teachers run in fp32 on a CPU (fp16 matmuls are slow or unsupported there)")
 
 
 def check_model_dir(path: str | Path, what: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,19 @@ def test_two_ranks_with_deepspeed_launcher(zero, tiny_bert_dir, tiny_corpus, tmp
     _check_run(out, 16, 4)
     meta = json.loads((out / "checkpoints" / "step-00000016" / "meta.json").read_text())
     assert meta["world_size"] == 2
+
+
+@pytest.mark.distributed
+def test_a_config_error_under_a_launcher_is_said_once_not_once_per_rank(tiny_bert_dir, tiny_corpus, tmp_path):
+    """Each rank read the config before the process group and printed the same error: 64 lines on 64 ranks."""
+    proc = run_script(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "launch/general.py",
+        "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, tmp_path / "run", "train.max_step=3"), check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown config key 'train.max_step'; did you mean 'train.max_steps'?"], proc.stderr
+    assert not (tmp_path / "run").exists()  # (torchrun itself prints a traceback of the failed ranks)
 
 
 def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
@@ -400,6 +414,34 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(finished_run, tmp_pat
     bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x"),
                      check=False)  # fmt: skip
     assert bad.returncode == 2 and "is not a complete dist_kd checkpoint" in bad.stderr
+    # DeepSpeed's reader, imported on a machine without CUDA, warned "Setting accelerator to CPU. If you have GPU..."
+    assert "Setting accelerator" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_export_of_a_run_directory_takes_its_newest_whole_checkpoint(finished_run, tmp_path):
+    """``--checkpoint RUN`` or ``RUN/checkpoints``: "not a complete dist_kd checkpoint (no meta.json)" before."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    newest = run / "checkpoints" / "step-00000006"
+    shutil.copytree(run / "checkpoints" / "step-00000004", newest)
+    (newest / "meta.json").unlink()  # a save cut short: not whole
+    theirs = load_file(finished_run / "student" / "model.safetensors")
+    for given in (run, run / "checkpoints"):
+        out = tmp_path / f"from-{given.name}"
+        proc = run_script("-m", "dist_kd", "export", "--checkpoint", str(given), "--output", str(out))
+        assert f"exporting step-00000004, the newest whole checkpoint of {run}" in proc.stderr, proc.stderr
+        mine = load_file(out / "model.safetensors")
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0, msg=name)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(run), "--output", str(tmp_path / "none"),
+                     check=False)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert f"error: {run / 'checkpoints'} holds no whole checkpoint (a step-N directory with meta.json)" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,9 @@ def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, 
 
     events.clear()
     assert run_config_job(parser.parse_args(["--config", str(config), "steps=0"]), Config, Trainer, finish) == 2
-    assert events == [("teardown",)] and capsys.readouterr().err == "error: steps must be >= 1, got 0\n"
+    # read inside the process group, so that under a launcher a config error every rank has is said once
+    assert events == [("init", None), ("teardown",)]
+    assert capsys.readouterr().err == "error: steps must be >= 1, got 0\n"
 
     # another live run holds the run directory: one line, exit 2, before the trainer exists
     import json
@@ -320,48 +322,98 @@ def test_a_log_line_at_a_terminal_is_written_above_the_progress_bar_not_onto_it(
 
 
 LOGGING_RANK = """
-import logging, os, signal, sys
+import logging, os, signal, sys, warnings
 import torch
 from dist_kd.cli import configure_logging
-configure_logging(int(sys.argv[1]))
+configure_logging(int(sys.argv[1]), level=sys.argv[2] if len(sys.argv) > 2 else None)
 from dist_kd.models.teacher import resolve_dtype
 from dist_kd.train.common import StopSignal
-resolve_dtype("fp16", torch.device("cpu"))  # set-up: the same on every rank
+resolve_dtype("fp16", torch.device("cpu"))  # set-up: the same on every rank (an INFO line)
+logging.getLogger("dist_kd.data.stream").warning("the shards hold fewer sequences than one epoch")
+warnings.warn("a library's FutureWarning", FutureWarning)  # as torch's, where every rank calls it
 stop = StopSignal()
 os.kill(os.getpid(), signal.SIGUSR1)  # this rank's own signal
 stop.restore()
 logging.getLogger("dist_kd.train.general").error("this rank failed")
+logging.getLogger("dist_kd.train.general").debug("a debug line")
 logging.getLogger("some_library").warning("a library's own warning")
 from transformers.utils import logging as hf_logging
 hf_logging.get_logger("transformers.modeling_utils").warning("BertModel LOAD REPORT")
 """
 
 
-def test_a_warning_the_same_on_every_rank_shows_once_a_ranks_own_and_errors_from_each():
-    """Set-up warnings ('fp16 teachers are slow ... on a CPU') printed once per rank: 64 copies on 64 ranks."""
+def _rank_log(rank: int, *level: str, **env: str) -> str:
     import subprocess
     from pathlib import Path
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TRANSFORMERS_VERBOSITY": "warning"}
-    logs = {
-        rank: subprocess.run(
-            [sys.executable, "-c", LOGGING_RANK, str(rank)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        ).stderr  # fmt: skip
-        for rank in (0, 1)
-    }
+    env = {name: value for name, value in os.environ.items() if name != "DIST_KD_LOG_LEVEL"} | env
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TRANSFORMERS_VERBOSITY": "warning"}
+    return subprocess.run(
+        [sys.executable, "-W", "default", "-c", LOGGING_RANK, str(rank), *level],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stderr
+
+
+def test_a_warning_the_same_on_every_rank_shows_once_a_ranks_own_and_errors_from_each():
+    """Set-up warnings printed once per rank: 64 copies on 64 ranks. Python's warnings (a FutureWarning of
+    torch's) and transformers' went around the log's format (no date or rank) and onto the progress bar's line."""
+    logs = {rank: _rank_log(rank) for rank in (0, 1)}
     for rank, log in logs.items():
         assert f"[rank {rank}] WARNING dist_kd.train.common: received SIGUSR1" in log, log
         assert f"[rank {rank}] ERROR dist_kd.train.general: this rank failed" in log, log
-        assert "a library's own warning" in log, log
-    assert "[rank 0] WARNING dist_kd.models.teacher: fp16 teachers are slow" in logs[0], logs[0]
-    assert "fp16 teachers" not in logs[1], logs[1]
+        assert f"[rank {rank}] WARNING some_library: a library's own warning" in log, log
+    rank0 = logs[0]
+    assert "[rank 0] INFO dist_kd.models.teacher: fp16 teachers run in fp32 on a CPU" in rank0, rank0
+    assert "[rank 0] WARNING dist_kd.data.stream: the shards hold fewer sequences" in rank0, rank0
+    assert re.search(r"\[rank 0\] WARNING py\.warnings: .*FutureWarning: a library's FutureWarning", rank0), rank0
     # transformers' warnings (a load report per model: 8 lines, on every rank) come from rank 0 alone
-    assert "BertModel LOAD REPORT" in logs[0] and "BertModel LOAD REPORT" not in logs[1], logs
+    assert "[rank 0] WARNING transformers.modeling_utils: BertModel LOAD REPORT" in rank0, rank0
+    assert not any(line and not re.match(r"[\d-]+ [\d:,]+ \[rank 0\] ", line) for line in rank0.splitlines()
+                   if not line.startswith("  ")), rank0  # fmt: skip
+    for said_by_rank_0 in ("fp16 teachers", "fewer sequences", "FutureWarning", "BertModel LOAD REPORT"):
+        assert said_by_rank_0 not in logs[1], logs[1]
+
+
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_log_level_sets_rank_0s_level_and_error_silences_the_warnings_of_every_rank(how):
+    """--log-level (or $DIST_KD_LOG_LEVEL): warning drops rank 0's INFO lines; error every warning, library
+    and Python ones included, and keeps the errors."""
+
+    def log(rank, level):
+        return _rank_log(rank, level) if how == "flag" else _rank_log(rank, DIST_KD_LOG_LEVEL=level.upper())
+
+    quiet = log(0, "warning")
+    assert "fp16 teachers" not in quiet and "fewer sequences" in quiet and "FutureWarning" in quiet, quiet
+    for rank in (0, 1):
+        errors_only = log(rank, "error")
+        assert f"[rank {rank}] ERROR dist_kd.train.general: this rank failed" in errors_only, errors_only
+        for warned in ("SIGUSR1", "fewer sequences", "FutureWarning", "a library's own warning", "LOAD REPORT"):
+            assert warned not in errors_only, errors_only
+    assert "DEBUG dist_kd.train.general: a debug line" in log(0, "debug") and "debug line" not in log(1, "debug")
+
+
+def test_log_level_flag_and_variable_are_checked_when_parsed(monkeypatch, capsys):
+    from dist_kd.cli import add_log_level_argument
+
+    def parse(argv):
+        parser = argparse.ArgumentParser(prog="dist-kd general")
+        add_log_level_argument(parser)
+        return parser.parse_args(argv).log_level
+
+    monkeypatch.delenv("DIST_KD_LOG_LEVEL", raising=False)
+    assert parse([]) is None and parse(["--log-level", "WARNING"]) == "warning"
+    monkeypatch.setenv("DIST_KD_LOG_LEVEL", "Error")
+    assert parse([]) == "error" and parse(["--log-level", "info"]) == "info"  # the flag wins
+    monkeypatch.setenv("DIST_KD_LOG_LEVEL", "loud")
+    with pytest.raises(SystemExit) as stopped:
+        parse([])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "'loud' (--log-level or $DIST_KD_LOG_LEVEL): expected one of debug, info, warning, error" in err, err
 
 
 def test_bad_input_from_another_rank_names_it(capsys):
