@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -47,9 +48,33 @@ def _load(module_name: str):
         return module
 
 
+VERSIONED = ("torch", "deepspeed", "transformers", "datasets", "webdataset", "pyarrow", "tokenizers")
+
+
+def versions() -> str:
+    """``dist-kd --version``: dist_kd's version and those of Python and the packages a run depends on, in one
+    line each, for a bug report (read from the installed metadata: nothing is imported)."""
+    import platform
+    from importlib import metadata
+
+    from dist_kd import __version__
+
+    lines = [f"dist_kd {__version__}", f"python {platform.python_version()}"]
+    for name in VERSIONED:
+        try:
+            lines.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{name} not installed")
+    return "\n".join(lines)
+
+
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: dist-kd COMMAND [flags ...]   (dist-kd COMMAND --help for its flags)", "", "commands:"]
+    lines = [
+        "usage: dist-kd COMMAND [flags ...]   (dist-kd COMMAND --help for its flags; dist-kd --version)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -65,9 +90,20 @@ def _drop_launcher_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # stdout's reader left (`dist-kd general --help | head`): a traceback said nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
+        return 141  # as a shell's 128 + SIGPIPE
+
+
+def _run(argv: list[str] | None) -> int:
     argv = _drop_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(versions())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

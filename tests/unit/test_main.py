@@ -35,3 +35,34 @@ def test_the_documented_python_dash_m_forms_run_their_command(tmp_path, module, 
     args = [arg.replace("RUN", str(tmp_path / "run")).replace("OUT", str(tmp_path / "out")) for arg in args]
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and said.replace("RUN", str(tmp_path / "run")) in proc.stderr, proc.stderr
+
+
+def test_version_names_dist_kd_python_and_the_packages_a_run_depends_on(capsys):
+    """For a bug report: `dist-kd --version` was "unknown command '--version'"."""
+    import platform
+    from importlib import metadata
+
+    import dist_kd
+
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[:2] == [f"dist_kd {dist_kd.__version__}", f"python {platform.python_version()}"]
+        assert f"torch {metadata.version('torch')}" in lines and f"deepspeed {metadata.version('deepspeed')}" in lines
+    assert dist_kd.__version__ == metadata.version("dist_kd")  # the package's own and its installed metadata agree
+
+
+def test_output_into_a_pipe_whose_reader_left_ends_without_a_traceback():
+    """`dist-kd | head -3` printed a BrokenPipeError traceback when head had left before the usage was written."""
+    import os
+    import subprocess
+    import sys
+
+    for argv in (["--help"], ["--version"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone: every write meets a closed pipe
+        proc = subprocess.run([sys.executable, "-m", "dist_kd", *argv], stdout=write, stderr=subprocess.PIPE,
+                              timeout=120)  # fmt: skip
+        os.close(write)
+        err = proc.stderr.decode()
+        assert proc.returncode == 141 and "Traceback" not in err and "Exception ignored" not in err, err
