@@ -19,6 +19,7 @@ only reduces across ranks (:func:`skip_shm_op`).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -443,7 +444,18 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         shm_op = get_accelerator().device_name() == "cpu" and (world_size > 1 or not skip_shm_op())
         if shm_op:
             guard_jit_build()
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        # DeepSpeed prints "DeepSpeed ...deepspeed_shm_comm_op built successfully" on stdout, on every rank and
+        # every run (loading the op it built once): a debug line here, unless the start fails. (A build's compiler
+        # output does not go through Python's stdout: it shows as before.)
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        except BaseException:
+            sys.stdout.write(printed.getvalue())
+            raise
+        for line in printed.getvalue().splitlines():
+            logger.debug("deepspeed: %s", line)
         if shm_op and world_size > 1:
             release_shm_buffer(rank)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
