@@ -131,12 +131,13 @@ def run_training(
         OutputWriteError: another write in the run directory failed (a full or read-only filesystem).
     """
     from dist_kd import distributed
+    from dist_kd.cli import attach_run_log, detach_run_log, note_run_failure
     from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
     from dist_kd.train.common import RunSignals, check_inputs_outside_outputs, check_run_kind
     from dist_kd.train.runlock import RunDirInUse, RunDirNotWritable, RunLock
 
     info = info or distributed.init_distributed()
-    trainer = lock = None
+    trainer = lock = run_log = None
     with distributed.shared_failure():  # before the lock creates the directory: another kind of run in it
         check_run_kind(cfg.run.output_dir, "task" if hasattr(cfg, "tasks") else "general")
         inputs = {f"{key}.path": getattr(getattr(cfg, key, None), "path", None) for key in ("student", "teacher")}
@@ -154,9 +155,13 @@ def run_training(
         refused = distributed.broadcast_object(refused)
         if refused:
             raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
+        if lock is not None:  # rank 0, the run directory its own
+            run_log = attach_run_log(cfg.run.output_dir, info.rank)
         try:
             with RunSignals():  # preemption during set-up or the export: no death by signal (see RunSignals)
                 trainer = trainer_class(cfg, info)
+                if run_log is not None:  # the set-up passed its checks: the run writes its log from here on
+                    run_log.start()
                 if not trainer.train():
                     return RunResult(Path(cfg.run.output_dir), completed=False)
                 # finish writes on rank 0 (summary, model card, report): a failure there stops every rank alike.
@@ -170,9 +175,13 @@ def run_training(
             if failed is None:
                 raise
             raise failed from err
+    except BaseException as err:
+        note_run_failure(run_log, err, expected=(ValueError, FileNotFoundError, CheckpointSaveError, OSError))
+        raise
     finally:
         if trainer is not None:
             trainer.close()
+        detach_run_log(run_log)
         if lock is not None:
             lock.release()
         # The process group stays up for the script's next stage (DeepSpeed caches its groups; a new group

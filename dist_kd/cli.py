@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from dist_kd.data.tasks import TaskSpec, resolve_task_spec
@@ -194,6 +195,78 @@ def log_level(name: str | None, debug: bool = False) -> int:
         raise ValueError(str(err)) from None
 
 
+def log_format(rank: int) -> logging.Formatter:
+    """The format of every log line: date, ``[rank N]``, level, logger, message."""
+    return logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+RUN_LOG = "train.log"
+
+
+class RunLog(logging.FileHandler):
+    """A run's ``train.log``: this process's log lines (those that pass the root logger's level), appended, so that
+    a run directory keeps its log after the terminal or the job's output is gone; a resumed run appends.
+
+    Lines are held back until :meth:`start` (the run's set-up passed its checks): a run refused at set-up (bad
+    input, a resume that does not fit) leaves the directory as it was. Where a write fails (a full disk), one
+    line says so and the file is left alone; logging's own report printed a traceback for every line after.
+    """
+
+    def __init__(self, path: Path, rank: int):
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+        self.setFormatter(log_format(rank))
+        self.held: list[logging.LogRecord] | None = []
+        self.failed = False
+
+    def start(self) -> None:
+        held, self.held = self.held or [], None
+        for record in held:
+            self.emit(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held is not None:
+            self.held.append(record)
+        elif not self.failed:
+            try:
+                super().emit(record)  # opens the file at its first line: an error there is not the run's
+            except Exception:  # noqa: BLE001 - as logging's handlers: report, never raise into the run
+                self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"dist_kd: {self.baseFilename} is no longer written ({error}); the log goes on on the terminal",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
+def attach_run_log(run_dir: str | Path, rank: int) -> RunLog:
+    """A :class:`RunLog` for ``run_dir/train.log`` on the root logger; lines are held until its ``start()``."""
+    handler = RunLog(Path(run_dir) / RUN_LOG, rank)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def note_run_failure(handler: logging.Handler | None, err: BaseException, expected: tuple[type, ...] = ()) -> None:
+    """Write the error that stops a run into its ``train.log`` alone (the terminal hears it from the command's
+    ``error:`` line or Python's traceback): an ``expected`` error (bad input, a full disk) or Ctrl-C as its
+    message, anything else with its traceback."""
+    if handler is None:
+        return
+    brief = isinstance(err, (*expected, KeyboardInterrupt))
+    record = logging.LogRecord(
+        "dist_kd.run", logging.ERROR, "", 0, "run stopped: %s: %s", (type(err).__name__, err),
+        None if brief else (type(err), err, err.__traceback__),
+    )  # fmt: skip
+    handler.handle(record)
+
+
+def detach_run_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
 def configure_logging(rank: int, debug: bool = False, level: str | None = None) -> None:
     """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank.
 
@@ -217,7 +290,7 @@ def configure_logging(rank: int, debug: bool = False, level: str | None = None) 
     installed = not root.handlers  # as logging.basicConfig: a process that configured logging itself keeps its own
     if installed:
         handler = _BarSafeHandler()
-        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(log_format(rank))
         if rank != 0:
             handler.addFilter(SameOnEveryRank())
         root.addHandler(handler)

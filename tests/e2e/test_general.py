@@ -202,6 +202,11 @@ def test_resume_after_sigterm_gives_the_same_losses(tiny_bert_dir, tiny_corpus, 
     initial = [json.loads((run / "summary.json").read_text())["quality"]["rows"]["student at step 0"]
                for run in (straight, interrupted)]  # fmt: skip
     assert initial[0] == pytest.approx(initial[1]), "the step-0 figures survive the resume"
+    # the run directory keeps its log: the first process's lines, its stop, then the resumed process's
+    log = (interrupted / "train.log").read_text()
+    said = [f"new run in {interrupted.resolve()}", f"stopped at step {stopped_at} with its checkpoint",
+            f"resumed from {saved[0]} at step {stopped_at}", "held-out quality"]  # fmt: skip
+    assert all(line in log for line in said) and sorted(said[:3], key=log.index) == said[:3], log[-3000:]
 
 
 def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(tiny_bert_dir, tiny_corpus, tmp_path):

@@ -421,3 +421,65 @@ def test_bad_input_from_another_rank_names_it(capsys):
     assert capsys.readouterr().err == "error: [rank 3] data.shards is not set\n"
     bad_input(ValueError("data.shards is not set"))
     assert capsys.readouterr().err == "error: data.shards is not set\n"
+
+
+def test_run_log_holds_lines_until_the_run_starts_then_appends_them_and_the_error_that_stops_it(tmp_path, capsys):
+    """train.log: a run refused at set-up leaves no trace in its directory; a started run's lines (the held ones
+    first), and the error that stopped it, are appended after an earlier run's."""
+    import logging
+
+    from dist_kd.cli import attach_run_log, detach_run_log, note_run_failure
+
+    log = logging.getLogger("dist_kd.train.general")
+    log.setLevel(logging.INFO)
+    try:
+        refused = attach_run_log(tmp_path, 0)
+        log.info("set-up line of a refused run")
+        note_run_failure(refused, ValueError("cannot resume"), expected=(ValueError,))
+        detach_run_log(refused)
+        assert list(tmp_path.iterdir()) == []  # nothing written, not even an empty file
+
+        (tmp_path / "train.log").write_text("an earlier run's line\n")
+        run = attach_run_log(tmp_path, 3)
+        log.info("new run in %s", tmp_path)
+        run.start()
+        log.warning("a step's warning")
+        try:
+            raise RuntimeError("a bug")
+        except RuntimeError as err:
+            note_run_failure(run, err, expected=(ValueError,))
+        detach_run_log(run)
+        log.info("after the run: not in its log")
+    finally:
+        log.setLevel(logging.NOTSET)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert lines[0] == "an earlier run's line"
+    started = rf"[\d-]+ [\d:,]+ \[rank 3\] INFO dist_kd\.train\.general: new run in {re.escape(str(tmp_path))}"
+    assert re.fullmatch(started, lines[1]), lines
+    assert lines[2].endswith("[rank 3] WARNING dist_kd.train.general: a step's warning")
+    assert (
+        lines[3].endswith("ERROR dist_kd.run: run stopped: RuntimeError: a bug")
+        and lines[4] == "Traceback (most recent call last):"
+    )
+    assert lines[-1] == "RuntimeError: a bug"
+    assert "refused" not in "\n".join(lines) and "after the run" not in "\n".join(lines)
+
+
+def test_run_log_that_cannot_be_written_says_so_once_and_the_run_goes_on(tmp_path, capsys):
+    import logging
+
+    from dist_kd.cli import attach_run_log, detach_run_log
+
+    (tmp_path / "train.log").mkdir()  # the file cannot be opened (as a full or read-only disk refuses it)
+    log = logging.getLogger("dist_kd.train.general")
+    log.setLevel(logging.INFO)
+    run = attach_run_log(tmp_path, 0)
+    try:
+        run.start()
+        for step in range(3):
+            log.info("step %d", step)
+    finally:
+        detach_run_log(run)
+        log.setLevel(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert err.count("train.log is no longer written (") == 1 and "Traceback" not in err, err
