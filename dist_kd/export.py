@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="RUN_DIR/checkpoints/step-NNNNNNNN, RUN_DIR/checkpoints/latest, or RUN_DIR (its newest whole checkpoint)",
+        help="RUN_DIR/checkpoints/step-NNNNNNNN, RUN_DIR/checkpoints/latest, or RUN_DIR or RUN_DIR/checkpoints "
+        "(the newest whole checkpoint)",
     )
     parser.add_argument("--output", required=True, help="the HF directory to write")
     parser.add_argument(

@@ -70,7 +70,8 @@ class DistillConfig:
     )
     attention: str = doc(
         "raw_scores (TinyBERT: MSE of QK^T/sqrt(d) head by head; equal head counts) | relations (MiniLMv2: KL of "
-        "query-query, key-key and value-value relations in relation_heads heads; any head counts and widths)",
+        "query-query, key-key and value-value relations in relation_heads heads, which must divide both widths; "
+        "any head counts)",
         "raw_scores",
     )
     relation_heads: int = doc("relation heads of distill.attention=relations (must divide both widths)", 12)
