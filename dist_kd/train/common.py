@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import signal
 import time
 from collections.abc import Sequence
@@ -226,6 +227,62 @@ def stop_agreed(local: bool) -> bool:
     agreement is a host-side all-reduce (:func:`distributed.any_rank`): no host-device sync at every step.
     """
     return distributed.any_rank(local)
+
+
+class Diverged(ValueError):
+    """The student's weights are no longer finite: the run stops without saving them (said as one ``error:``
+    line, exit code 2; the checkpoints saved before stay as they are)."""
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """True on every rank when every parameter of ``module`` is finite (under ZeRO-3, this rank's partition of
+    it). Collective; one host-device sync per parameter, so it runs where the loop syncs anyway (a log line
+    with a non-finite loss, an evaluation, a save)."""
+    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+    return not distributed.any_rank(not local)
+
+
+class DivergenceGuard:
+    """Stops a run whose student diverged before anything of it is saved, exported or evaluated.
+
+    A step on a loss of nan or inf (a learning rate too high, an overflow) makes every weight nan under fp32
+    and bf16; the run went on, its checkpoints (which replaced the good ones past ``run.keep_last``), its
+    export and its held-out figures all nan, and it exited 0. Now a log line whose loss is not finite checks
+    the weights: no longer finite, the run stops (:class:`Diverged`); still finite (fp16's loss scaling
+    skipped the step), a warning. Each save and evaluation checks the weights first, so a checkpoint or an
+    export is never of diverged weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, run_dir: Path, train_cfg: Any):
+        self.module, self.run_dir, self.train_cfg = module, Path(run_dir), train_cfg
+
+    def after_log(self, record: dict[str, Any]) -> None:
+        loss = record.get("loss")
+        if loss is None or math.isfinite(loss):
+            return
+        if weights_finite(self.module):
+            logger.warning("the loss was %s in the steps up to %d, but the weights are finite (steps skipped, as "
+                           "fp16's loss scaling does on an overflow)", loss, record["step"])  # fmt: skip
+            return
+        raise self._diverged(record["step"], f"its loss was {loss} in the steps up to step {record['step']}")
+
+    def before(self, what: str, step: int) -> None:
+        """Before a save or an evaluation (``what``) at ``step`` (collective)."""
+        if not weights_finite(self.module):
+            raise self._diverged(step, f"found before {what}")
+
+    def _diverged(self, step: int, how: str) -> Diverged:
+        from dist_kd.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(self.run_dir / "checkpoints")
+        kept = f"{last} is its last checkpoint" if last is not None else "it saved no checkpoint"
+        cfg = self.train_cfg
+        return Diverged(
+            f"the student diverged by step {step}: its weights are no longer finite (nan or inf; {how}). Nothing "
+            f"of it was saved; {kept}. Start again in a new run.output_dir with a lower train.lr (this run: "
+            f"{cfg.lr:g}), train.clip on (this run: {cfg.clip:g}) or train.precision=fp32 (this run: "
+            f"{cfg.precision}); a resume with the same settings diverges the same way"
+        )
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):

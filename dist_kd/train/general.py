@@ -50,7 +50,15 @@ from dist_kd.quality import (
 )
 from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
-from dist_kd.train.common import LossWindow, RunConfig, StopSignal, other_kind, progress_bar, stop_agreed
+from dist_kd.train.common import (
+    DivergenceGuard,
+    LossWindow,
+    RunConfig,
+    StopSignal,
+    other_kind,
+    progress_bar,
+    stop_agreed,
+)
 from dist_kd.train.engine import (
     DeepSpeedSection,
     EngineTrainer,
@@ -261,6 +269,7 @@ class GeneralTrainer(EngineTrainer):
         self.model = DistillStudent(student, projections, cfg.distill.attention)
         compile_models([student, self.teacher.model], cfg.train, ds_config)
         self.engine = build_engine(self.model, cfg.train, ds_config)
+        self.guard = DivergenceGuard(self.engine.module, self.run_dir, cfg.train)
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
@@ -414,7 +423,8 @@ class GeneralTrainer(EngineTrainer):
         self.initial_quality = state.get("initial_quality")
 
     def save(self) -> Path:
-        """A complete checkpoint of the current step (collective)."""
+        """A complete checkpoint of the current step (collective); never of diverged weights."""
+        self.guard.before("its checkpoint", self.step)
         return ckpt.save_checkpoint(
             self.engine, self.run_dir / "checkpoints", self.step, self.state_dict(), self.meta, self.cfg.run.keep_last
         )
@@ -518,7 +528,9 @@ class GeneralTrainer(EngineTrainer):
             if self.first_terms is None:
                 self.first_terms = terms
             self.last_terms = terms
+        self.guard.after_log(record)  # a diverged student stops here, its line and figures unwritten
         if evaluate:
+            self.guard.before("the held-out evaluation", self.step)
             quality = self.quality_record()
             record.update({key: value for key, value in quality.items() if value is not None})
             self._window.restart_clock()  # the evaluation is not training time

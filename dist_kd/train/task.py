@@ -55,7 +55,7 @@ from dist_kd.objective import tinybert_objective
 from dist_kd.predict import TASK_RECORD, batched_logits, length_batches, task_record, write_predictions
 from dist_kd.sentence_modules import carry_sentence_modules
 from dist_kd.train import checkpoint as ckpt
-from dist_kd.train.common import LossWindow, StopSignal, progress_bar, stop_agreed
+from dist_kd.train.common import DivergenceGuard, LossWindow, StopSignal, progress_bar, stop_agreed
 from dist_kd.train.engine import (
     EngineTrainer,
     autocast_of,
@@ -197,6 +197,7 @@ class TaskTrainer(EngineTrainer):
         compile_models([encoder, *(teacher.model for teacher in self.teachers.values())], cfg.train, ds_config)
         train_cfg = dataclasses.replace(cfg.train, max_steps=self.max_steps)
         self.engine = build_engine(self.model, train_cfg, ds_config)
+        self.guard = DivergenceGuard(self.engine.module, self.run_dir, cfg.train)
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
@@ -388,7 +389,8 @@ class TaskTrainer(EngineTrainer):
             self._window.load_state_dict(state["window"])
 
     def save(self) -> Path:
-        """A complete checkpoint of the current step (collective)."""
+        """A complete checkpoint of the current step (collective); never of diverged weights."""
+        self.guard.before("its checkpoint", self.step)
         self._saved_step = self.step
         return ckpt.save_checkpoint(
             self.engine, self.run_dir / "checkpoints", self.step, self.state_dict(), self.meta, self.cfg.run.keep_last
@@ -477,6 +479,7 @@ class TaskTrainer(EngineTrainer):
                 dev = None
                 if self.step % self.eval_every == 0 or self.step == self.max_steps:
                     with self._window.paused():  # tokens/s counts training only
+                        self.guard.before("the dev evaluation", self.step)  # best/ never takes diverged weights
                         dev = self.evaluate()
                 # An evaluation step always gets a line: it carries the dev figures (as the general stage's
                 # carries its quality figures).
@@ -518,6 +521,7 @@ class TaskTrainer(EngineTrainer):
         }
         if dev:
             record["dev"] = dev
+        self.guard.after_log(record)  # a diverged student stops here, its line unwritten
         self.metrics.log(record)
         return record
 

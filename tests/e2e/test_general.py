@@ -117,6 +117,53 @@ def test_a_config_error_under_a_launcher_is_said_once_not_once_per_rank(tiny_ber
     assert not (tmp_path / "run").exists()  # (torchrun itself prints a traceback of the failed ranks)
 
 
+POISON_AT_STEP_3 = """
+import sys
+import torch
+from dist_kd.main import main
+from dist_kd.train.general import GeneralTrainer
+
+step = GeneralTrainer.train_step
+
+
+def poisoned(self, batch):  # the update of step 3 leaves a nan weight, as a step on a nan loss does
+    terms = step(self, batch)
+    if self.step == 2:
+        with torch.no_grad():
+            next(self.engine.module.parameters()).fill_(float("nan"))
+    return terms
+
+
+GeneralTrainer.train_step = poisoned
+sys.exit(main(["general", "--debug", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.parametrize("found_at", ["log line", "save"])
+def test_a_diverged_student_stops_the_run_before_it_saves_or_exports_anything(
+    found_at, tiny_bert_dir, tiny_corpus, tmp_path
+):
+    """The run went on with nan weights: nan checkpoints replaced the good ones past run.keep_last, the export
+    and the held-out figures were nan, and it exited 0."""
+    out = tmp_path / "run"
+    log_every = "1" if found_at == "log line" else "50"  # at 50, the step-4 save is the first to look
+    proc = run_script("-c", POISON_AT_STEP_3, "--config", CONFIG, *_args(
+        tiny_bert_dir, tiny_corpus, out, "train.max_steps=8", "run.save_every=2", f"run.log_every={log_every}",
+    ), check=False)  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    how = "its loss was nan in the steps up to step 4" if found_at == "log line" else "found before its checkpoint"
+    assert errors[0].startswith(f"error: the student diverged by step 4: its weights are no longer finite (nan or "
+                                f"inf; {how}). Nothing of it was saved; {out / 'checkpoints' / 'step-00000002'} is "
+                                "its last checkpoint"), errors[0]  # fmt: skip
+    assert sorted(path.name for path in (out / "checkpoints").glob("step-*")) == ["step-00000002"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert not (out / "student").exists() and "Traceback" not in proc.stderr
+    if found_at == "log line":  # the lines of the steps before; the diverged one unwritten
+        assert [record["step"] for record in _metrics(out)] == [1, 2, 3]
+    assert "ERROR dist_kd.run: run stopped: Diverged: the student diverged by step 4" in (out / "train.log").read_text()
+
+
 def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
     out = tmp_path / "debug"
     proc = run_script(

@@ -157,3 +157,43 @@ def test_resume_with_another_feed_forward_width_is_refused_in_one_line(tasks_roo
     assert len(errors) == 1 and "student.intermediate_size: checkpoint has 64, this run has 48" in errors[0]
     assert "Traceback" not in proc.stderr
     assert snapshot(run) == before
+
+
+POISON_AT_STEP_3 = """
+import sys
+import torch
+from dist_kd.main import main
+from dist_kd.train.task import TaskTrainer
+
+step = TaskTrainer.train_step
+
+
+def poisoned(self, task_index, rows):  # the update of step 3 leaves nan weights, as a step on a nan loss does
+    terms = step(self, task_index, rows)
+    if self.step == 2:
+        with torch.no_grad():
+            next(self.engine.module.parameters()).fill_(float("nan"))
+    return terms
+
+
+TaskTrainer.train_step = poisoned
+sys.exit(main(["task", "--debug", *sys.argv[1:]]))
+"""
+
+
+def test_a_diverged_student_stops_before_its_dev_evaluation_and_keeps_the_best_classifiers(tasks_root):
+    """Diverged weights went on to the dev evaluation (best/ could take them), the checkpoints and the export."""
+    out = tasks_root / "diverged"
+    config = _config(tasks_root, out, eval={"every": 2}, run={"save_every": 2, "log_every": 1})
+    proc = run_script("-c", POISON_AT_STEP_3, "--config", str(config), check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    said = (
+        "error: the student diverged by step 4: its weights are no longer finite (nan or inf; found before the "
+        f"dev evaluation). Nothing of it was saved; {out / 'checkpoints' / 'step-00000002'} is its last checkpoint"
+    )
+    assert errors[0].startswith(said), errors[0]
+    assert sorted(path.name for path in (out / "checkpoints").glob("step-*")) == ["step-00000002"]
+    for task in ("topic", "long", "share"):  # the step-2 evaluation's classifiers
+        assert json.loads((out / "best" / task / "best.json").read_text())["step"] == 2
+    assert not (out / "tasks").exists() and "Traceback" not in proc.stderr
