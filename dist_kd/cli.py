@@ -180,15 +180,20 @@ def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def log_level(name: str | None, debug: bool = False) -> int:
-    """The level ``--log-level`` names; else ``$DIST_KD_LOG_LEVEL``; else DEBUG with ``debug``, INFO without.
+def log_level(name: str | int | None, debug: bool = False) -> int:
+    """DEBUG with ``debug`` (a command's ``--debug``); else the level ``name`` gives (``--log-level``: a name or
+    a :mod:`logging` level); else ``$DIST_KD_LOG_LEVEL``'s; else INFO.
 
     Raises:
-        ValueError: ``$DIST_KD_LOG_LEVEL`` names no level.
+        ValueError: ``name`` or ``$DIST_KD_LOG_LEVEL`` names no level.
     """
+    if debug:
+        return logging.DEBUG
+    if isinstance(name, int):
+        return name
     name = name or os.environ.get(LOG_LEVEL_VARIABLE) or None
     if name is None:
-        return logging.DEBUG if debug else logging.INFO
+        return logging.INFO
     try:
         return LOG_LEVELS[_log_level_name(name)]
     except argparse.ArgumentTypeError as err:
@@ -267,12 +272,22 @@ def detach_run_log(handler: logging.Handler | None) -> None:
         handler.close()
 
 
-def configure_logging(rank: int, debug: bool = False, level: str | None = None) -> None:
+def _one_line_end(record: logging.LogRecord) -> bool:
+    """A captured warning's text ends in a newline (``warnings.formatwarning``): with the handler's own, a blank
+    line followed each one."""
+    if isinstance(record.msg, str):
+        record.msg = record.msg.rstrip("\n")
+    return True
+
+
+def configure_logging(rank: int, debug: bool = False, level: str | int | None = None) -> None:
     """INFO logs on rank 0 (DEBUG with ``debug``), warnings only on the other ranks, each line tagged with its rank.
 
     ``level`` (``--log-level``; else ``$DIST_KD_LOG_LEVEL``) sets rank 0's level; the other ranks keep warnings
-    and errors (debug: everything), or errors alone at ``error``. On the other ranks dist_kd's own warnings show
-    only where they are about that rank (:class:`SameOnEveryRank`); errors show from every rank.
+    and errors (with ``debug``, what rank 0 logs), or errors alone at ``error``. The debug level is dist_kd's
+    own: other libraries stay at INFO (matplotlib alone logged 2,000 debug lines of font lookups). On the other
+    ranks dist_kd's own warnings show only where they are about that rank (:class:`SameOnEveryRank`); errors
+    show from every rank.
 
     The lines of transformers (its load reports among them) and Python's warnings go through the same handler:
     dated, tagged with the rank, and at a terminal written above the progress bars, not onto one
@@ -294,8 +309,10 @@ def configure_logging(rank: int, debug: bool = False, level: str | None = None) 
         if rank != 0:
             handler.addFilter(SameOnEveryRank())
         root.addHandler(handler)
-        root.setLevel(ours)
+        root.setLevel(max(ours, logging.INFO))
+        logging.getLogger("dist_kd").setLevel(ours)
         logging.captureWarnings(True)
+        logging.getLogger("py.warnings").addFilter(_one_line_end)
     from transformers.utils import logging as hf_logging
 
     if installed:
@@ -488,10 +505,20 @@ def run_config_job(
 
     def body() -> int:
         try:
+            # Read before the process group starts: a one-process job says its error at once. Under a launcher
+            # every rank waits for the group, so that an error every rank has is said once, not once per rank.
+            refused = None
+            try:
+                cfg = load_config(config_class, args.config, overrides)
+            except (ValueError, FileNotFoundError) as err:
+                if distributed.discover_environment()["WORLD_SIZE"] == "1":
+                    raise
+                refused = err
             info = distributed.init_distributed()  # may wait for the other ranks
             configure_logging(info.rank, level=getattr(args, "log_level", None))
-            with distributed.shared_failure():  # a config error every rank has: said once, not once per rank
-                cfg = load_config(config_class, args.config, overrides)
+            with distributed.shared_failure():
+                if refused is not None:
+                    raise refused
             result = run_training(cfg, trainer_class, finish, info)
         except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops), or one before training
             print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)

@@ -22,7 +22,7 @@ import yaml
 
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, check_replaceable_dir, write_json_atomic
-from dist_kd.train.checkpoint import complete_checkpoints, damaged_files, latest_checkpoint
+from dist_kd.train.checkpoint import complete_checkpoints, damage, damaged_files, latest_checkpoint
 from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
 logger = logging.getLogger(__name__)
@@ -155,10 +155,16 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     # abspath, not resolve: a RUN/checkpoints that is a link (to scratch space) must keep RUN as its parent.
     checkpoint = Path(os.path.abspath(checkpoint))
     if not (checkpoint / "meta.json").is_file():
-        steps = checkpoint if checkpoint.name == "checkpoints" else checkpoint / "checkpoints"
-        if steps.is_dir() and (steps.parent / "config.yaml").is_file():
+        # RUN (a run directory named "checkpoints" too), else RUN/checkpoints
+        steps = next((d for d in (checkpoint / "checkpoints", checkpoint) if (d.parent / "config.yaml").is_file()
+                      and d.name == "checkpoints" and d.is_dir()), None)  # fmt: skip
+        if steps is not None:
             newest = latest_checkpoint(steps)
             if newest is None:
+                saved = complete_checkpoints(steps)
+                if saved:
+                    raise FileNotFoundError(f"{steps}: every checkpoint the run saved is damaged ({len(saved)}; the "
+                                            f"newest, {saved[-1][1].name}: {damage(saved[-1][1])})")  # fmt: skip
                 raise FileNotFoundError(
                     f"{steps} holds no whole checkpoint (a step-N directory with meta.json): the run saved none yet"
                 )

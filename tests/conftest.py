@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.pop("DIST_KD_LOG_LEVEL", None)  # tests read the INFO lines of the commands they start
 
 
 def pytest_collection_modifyitems(config, items):

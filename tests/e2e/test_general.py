@@ -489,6 +489,17 @@ def test_export_of_a_run_directory_takes_its_newest_whole_checkpoint(finished_ru
         assert mine.keys() == theirs.keys()
         for name in mine:
             torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0, msg=name)
+    named = tmp_path / "named" / "checkpoints"  # a run directory that is itself called checkpoints
+    shutil.copytree(run, named)
+    run_script("-m", "dist_kd", "export", "--checkpoint", str(named), "--output", str(tmp_path / "from-named"))
+    assert load_file(tmp_path / "from-named" / "model.safetensors").keys() == theirs.keys()
+    model_file = next((run / "checkpoints" / "step-00000004").glob("*model_states.pt"))
+    model_file.write_bytes(model_file.read_bytes()[:100])  # every checkpoint damaged: not "the run saved none"
+    bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(run), "--output", str(tmp_path / "none"),
+                     check=False)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    said = f"error: {run / 'checkpoints'}: every checkpoint the run saved is damaged (1; the newest, step-00000004: "
+    assert said in bad.stderr, bad.stderr
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(run), "--output", str(tmp_path / "none"),
                      check=False)  # fmt: skip

@@ -128,9 +128,8 @@ def test_config_job_runs_finishes_stops_and_reports_bad_input(tmp_path, capsys, 
 
     events.clear()
     assert run_config_job(parser.parse_args(["--config", str(config), "steps=0"]), Config, Trainer, finish) == 2
-    # read inside the process group, so that under a launcher a config error every rank has is said once
-    assert events == [("init", None), ("teardown",)]
-    assert capsys.readouterr().err == "error: steps must be >= 1, got 0\n"
+    # one process: said at once, before a process group starts (under a launcher, once for every rank)
+    assert events == [("teardown",)] and capsys.readouterr().err == "error: steps must be >= 1, got 0\n"
 
     # another live run holds the run directory: one line, exit 2, before the trainer exists
     import json
@@ -336,6 +335,7 @@ os.kill(os.getpid(), signal.SIGUSR1)  # this rank's own signal
 stop.restore()
 logging.getLogger("dist_kd.train.general").error("this rank failed")
 logging.getLogger("dist_kd.train.general").debug("a debug line")
+logging.getLogger("matplotlib.font_manager").debug("a font lookup")  # 2,000 of them at the root's debug level
 logging.getLogger("some_library").warning("a library's own warning")
 from transformers.utils import logging as hf_logging
 hf_logging.get_logger("transformers.modeling_utils").warning("BertModel LOAD REPORT")
@@ -372,7 +372,8 @@ def test_a_warning_the_same_on_every_rank_shows_once_a_ranks_own_and_errors_from
     assert re.search(r"\[rank 0\] WARNING py\.warnings: .*FutureWarning: a library's FutureWarning", rank0), rank0
     # transformers' warnings (a load report per model: 8 lines, on every rank) come from rank 0 alone
     assert "[rank 0] WARNING transformers.modeling_utils: BertModel LOAD REPORT" in rank0, rank0
-    assert not any(line and not re.match(r"[\d-]+ [\d:,]+ \[rank 0\] ", line) for line in rank0.splitlines()
+    # every line in the log's format (a warning's source line indented below it), none blank
+    assert not any(not re.match(r"[\d-]+ [\d:,]+ \[rank 0\] ", line) for line in rank0.splitlines()
                    if not line.startswith("  ")), rank0  # fmt: skip
     for said_by_rank_0 in ("fp16 teachers", "fewer sequences", "FutureWarning", "BertModel LOAD REPORT"):
         assert said_by_rank_0 not in logs[1], logs[1]
@@ -393,7 +394,25 @@ def test_log_level_sets_rank_0s_level_and_error_silences_the_warnings_of_every_r
         assert f"[rank {rank}] ERROR dist_kd.train.general: this rank failed" in errors_only, errors_only
         for warned in ("SIGUSR1", "fewer sequences", "FutureWarning", "a library's own warning", "LOAD REPORT"):
             assert warned not in errors_only, errors_only
-    assert "DEBUG dist_kd.train.general: a debug line" in log(0, "debug") and "debug line" not in log(1, "debug")
+    debug = log(0, "debug")
+    assert "DEBUG dist_kd.train.general: a debug line" in debug and "debug line" not in log(1, "debug")
+    assert "a font lookup" not in debug, debug
+
+
+def test_log_level_of_a_name_a_logging_level_debug_or_the_variable(monkeypatch):
+    import logging
+
+    from dist_kd.cli import log_level
+
+    monkeypatch.setenv("DIST_KD_LOG_LEVEL", "error")
+    assert log_level(None) == logging.ERROR and log_level("Warning") == logging.WARNING
+    assert log_level(logging.WARNING) == logging.WARNING  # as a library user passes it
+    assert log_level(None, debug=True) == logging.DEBUG  # a command's --debug over the environment
+    monkeypatch.setenv("DIST_KD_LOG_LEVEL", "loud")
+    with pytest.raises(ValueError, match="'loud' .*expected one of debug, info, warning, error"):
+        log_level(None)
+    monkeypatch.delenv("DIST_KD_LOG_LEVEL")
+    assert log_level(None) == logging.INFO
 
 
 def test_log_level_flag_and_variable_are_checked_when_parsed(monkeypatch, capsys):
