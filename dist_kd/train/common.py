@@ -281,7 +281,8 @@ class DivergenceGuard:
             f"the student diverged by step {step}: its weights are no longer finite (nan or inf; {how}). Nothing "
             f"of it was saved; {kept}. Start again in a new run.output_dir with a lower train.lr (this run: "
             f"{cfg.lr:g}), train.clip on (this run: {cfg.clip:g}) or train.precision=fp32 (this run: "
-            f"{cfg.precision}); a resume with the same settings diverges the same way"
+            f"{cfg.precision}), or teacher.dtype=bf16 where an fp16 teacher overflows; a resume with the same "
+            "settings diverges the same way"
         )
 
 
