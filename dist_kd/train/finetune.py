@@ -53,7 +53,7 @@ from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
 from dist_kd.predict import batched_logits
-from dist_kd.train.common import check_run_kind, progress_bar
+from dist_kd.train.common import Diverged, check_run_kind, progress_bar, weights_finite
 from dist_kd.train.engine import (
     TrainConfig,
     build_ds_config,
@@ -270,10 +270,25 @@ class TeacherTrainer:
                     loss_sum.zero_()
                     since_log = 0
                     bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+                    if not math.isfinite(last_loss):  # the same on every rank (all-reduced)
+                        self._check_finite(step, f"its loss was {last_loss} in the steps up to step {step}")
                 bar.update(1)
             epoch += 1
         bar.close()
+        self._check_finite(step, "found before its export")
         return {"steps": step, "final_loss": last_loss}
+
+    def _check_finite(self, step: int, how: str) -> None:
+        """Stop before a diverged teacher is exported (its soft targets would be nan); collective. A non-finite
+        loss whose weights are finite (fp16's loss scaling skipped the step) trains on."""
+        if weights_finite(self.engine.module):
+            return
+        cfg = self.cfg
+        raise Diverged(
+            f"teacher {self.index + 1} diverged by step {step}: its weights are no longer finite (nan or inf; {how}). "
+            f"It was not exported; the teachers before it were. Run again with a lower --lr (this run: {cfg.lr:g}), "
+            f"--clip on (this run: {cfg.clip:g}) or --precision fp32 (this run: {cfg.precision})"
+        )
 
     @torch.no_grad()
     def predict(self, data: Encoded) -> np.ndarray:

@@ -387,3 +387,46 @@ def test_the_teachers_dropout_reaches_a_head_whose_base_sets_its_own(tmp_path):
     config.save_pretrained(base)
     model = build_classifier(base, resolve_task_spec("demo", labels=LABELS), dropout=0.05)
     assert model.config.classifier_dropout == 0.05 and model.config.hidden_dropout_prob == 0.05
+
+
+POISON_TEACHER_2 = """
+import sys
+import dist_kd.train.finetune as finetune
+from dist_kd.main import main
+
+loss_of, train, poisoned = finetune.hard_label_loss, finetune.TeacherTrainer.train, []
+
+
+def nan_loss(*args):  # teacher 2 trains on a nan loss (a learning rate far too high, an overflow)
+    return loss_of(*args) * (float("nan") if poisoned else 1.0)
+
+
+def train_and_mark(self, data, metrics):
+    poisoned[:] = [True] if self.index == 1 else []
+    return train(self, data, metrics)
+
+
+finetune.hard_label_loss, finetune.TeacherTrainer.train = nan_loss, train_and_mark
+sys.exit(main(["finetune", *sys.argv[1:]]))
+"""
+
+
+def test_a_diverged_teacher_stops_the_run_before_its_export(finetuned, tmp_path):
+    """A nan teacher was exported and its nan soft targets fed precompute."""
+    import shutil
+
+    root, args = finetuned
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    shutil.rmtree(out / "teacher-2")
+    rerun = list(args[1:])
+    rerun[rerun.index("--output") + 1] = str(out)
+    proc = run_script("-c", POISON_TEACHER_2, *rerun, timeout=300, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    said = (
+        "error: teacher 2 diverged by step 4: its weights are no longer finite (nan or inf; its loss was nan "
+        "in the steps up to step 4). It was not exported"
+    )
+    assert errors[0].startswith(said), errors[0]
+    assert (out / "teacher-1" / "finetune.json").is_file() and not (out / "teacher-2").exists()
