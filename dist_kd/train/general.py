@@ -500,6 +500,10 @@ class GeneralTrainer(EngineTrainer):
             self.save()
             return True
         finally:
+            # The DataLoader's workers shut down now: an error's traceback keeps this frame (and the iterator)
+            # alive to the interpreter's exit, where the workers, which leave the first SIGTERM to the trainer,
+            # were waited for forever (a diverged run printed its error and never exited).
+            batches.close()
             bar.close()
             stop.restore()
 

@@ -135,31 +135,35 @@ def poisoned(self, batch):  # the update of step 3 leaves a nan weight, as a ste
 
 
 GeneralTrainer.train_step = poisoned
-sys.exit(main(["general", "--debug", *sys.argv[1:]]))
+sys.exit(main(["general", *sys.argv[1:]]))
 """
 
 
-@pytest.mark.parametrize("found_at", ["log line", "save"])
+@pytest.mark.parametrize("found_at", ["log line", "save", "log line, DataLoader workers"])
 def test_a_diverged_student_stops_the_run_before_it_saves_or_exports_anything(
     found_at, tiny_bert_dir, tiny_corpus, tmp_path
 ):
     """The run went on with nan weights: nan checkpoints replaced the good ones past run.keep_last, the export
-    and the held-out figures were nan, and it exited 0."""
+    and the held-out figures were nan, and it exited 0. With DataLoader workers (not --debug), the process
+    printed the error and then waited for its workers forever."""
     out = tmp_path / "run"
-    log_every = "1" if found_at == "log line" else "50"  # at 50, the step-4 save is the first to look
-    proc = run_script("-c", POISON_AT_STEP_3, "--config", CONFIG, *_args(
+    log_every = "50" if found_at == "save" else "1"  # at 50, the step-4 save is the first to look
+    workers = "workers" in found_at
+    flags = [] if workers else ["--debug"]  # --debug reads the data in the main process
+    proc = run_script("-c", POISON_AT_STEP_3, *flags, "--config", CONFIG, *_args(
         tiny_bert_dir, tiny_corpus, out, "train.max_steps=8", "run.save_every=2", f"run.log_every={log_every}",
-    ), check=False)  # fmt: skip
+        *(["data.num_workers=1"] if workers else []),
+    ), timeout=240, check=False)  # fmt: skip
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    how = "its loss was nan in the steps up to step 4" if found_at == "log line" else "found before its checkpoint"
+    how = "found before its checkpoint" if found_at == "save" else "its loss was nan in the steps up to step 4"
     assert errors[0].startswith(f"error: the student diverged by step 4: its weights are no longer finite (nan or "
                                 f"inf; {how}). Nothing of it was saved; {out / 'checkpoints' / 'step-00000002'} is "
                                 "its last checkpoint"), errors[0]  # fmt: skip
     assert sorted(path.name for path in (out / "checkpoints").glob("step-*")) == ["step-00000002"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     assert not (out / "student").exists() and "Traceback" not in proc.stderr
-    if found_at == "log line":  # the lines of the steps before; the diverged one unwritten
+    if found_at != "save":  # the lines of the steps before; the diverged one unwritten
         assert [record["step"] for record in _metrics(out)] == [1, 2, 3]
     assert "ERROR dist_kd.run: run stopped: Diverged: the student diverged by step 4" in (out / "train.log").read_text()
 
