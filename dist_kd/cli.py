@@ -222,6 +222,8 @@ class RunLog(logging.FileHandler):
         self.setFormatter(log_format(rank))
         self.held: list[logging.LogRecord] | None = []
         self.failed = False
+        self.mirror: logging.Handler | None = None  # attach_run_log's stand-in for logging's last resort
+        self.level_was: int | None = None  # the "dist_kd" logger's level before attach_run_log raised it
 
     def start(self) -> None:
         held, self.held = self.held or [], None
@@ -246,9 +248,24 @@ class RunLog(logging.FileHandler):
 
 
 def attach_run_log(run_dir: str | Path, rank: int) -> RunLog:
-    """A :class:`RunLog` for ``run_dir/train.log`` on the root logger; lines are held until its ``start()``."""
+    """A :class:`RunLog` for ``run_dir/train.log`` on the root logger; lines are held until its ``start()``.
+
+    In a process that configured no logging (``dist_kd.api`` in a script or a notebook), Python printed
+    warnings through its last-resort handler, which any handler on the root logger switches off: the run's
+    warnings would have gone to the file alone. There a stderr handler for warnings stands in for it, and
+    dist_kd's INFO lines reach the file, until :func:`detach_run_log`.
+    """
+    root, ours = logging.getLogger(), logging.getLogger("dist_kd")
     handler = RunLog(Path(run_dir) / RUN_LOG, rank)
-    logging.getLogger().addHandler(handler)
+    if not root.handlers:
+        handler.mirror = logging.StreamHandler()
+        handler.mirror.setLevel(logging.WARNING)
+        handler.mirror.setFormatter(log_format(rank))
+        root.addHandler(handler.mirror)
+        if ours.getEffectiveLevel() > logging.INFO:
+            handler.level_was = ours.level
+            ours.setLevel(logging.INFO)
+    root.addHandler(handler)
     return handler
 
 
@@ -266,10 +283,16 @@ def note_run_failure(handler: logging.Handler | None, err: BaseException, expect
     handler.handle(record)
 
 
-def detach_run_log(handler: logging.Handler | None) -> None:
-    if handler is not None:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+def detach_run_log(handler: RunLog | None) -> None:
+    if handler is None:
+        return
+    root = logging.getLogger()
+    root.removeHandler(handler)
+    handler.close()
+    if handler.mirror is not None:
+        root.removeHandler(handler.mirror)
+    if handler.level_was is not None:
+        logging.getLogger("dist_kd").setLevel(handler.level_was)
 
 
 def _one_line_end(record: logging.LogRecord) -> bool:
@@ -507,15 +530,17 @@ def run_config_job(
         try:
             # Read before the process group starts: a one-process job says its error at once. Under a launcher
             # every rank waits for the group, so that an error every rank has is said once, not once per rank.
+            # Logging first: the config's own warnings (a key its phase does not read) in the log's format.
+            found = distributed.discover_environment()
+            configure_logging(int(found["RANK"]), level=getattr(args, "log_level", None))
             refused = None
             try:
                 cfg = load_config(config_class, args.config, overrides)
             except (ValueError, FileNotFoundError) as err:
-                if distributed.discover_environment()["WORLD_SIZE"] == "1":
+                if found["WORLD_SIZE"] == "1":
                     raise
                 refused = err
             info = distributed.init_distributed()  # may wait for the other ranks
-            configure_logging(info.rank, level=getattr(args, "log_level", None))
             with distributed.shared_failure():
                 if refused is not None:
                     raise refused

@@ -236,9 +236,13 @@ class Diverged(ValueError):
 
 def weights_finite(module: torch.nn.Module) -> bool:
     """True on every rank when every parameter of ``module`` is finite (under ZeRO-3, this rank's partition of
-    it). Collective; one host-device sync per parameter, so it runs where the loop syncs anyway (a log line
-    with a non-finite loss, an evaluation, a save)."""
-    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+    it). Collective; one host-device sync per device the weights lie on, so it runs where the loop syncs anyway
+    (a log line with a non-finite loss, an evaluation, a save)."""
+    finite: dict[torch.device, list[torch.Tensor]] = {}
+    for parameter in module.parameters():
+        tensor = getattr(parameter, "ds_tensor", parameter)  # ZeRO-3 offloaded to the CPU: apart from the GPU's
+        finite.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+    local = all(bool(torch.stack(flags).all()) for flags in finite.values())
     return not distributed.any_rank(not local)
 
 

@@ -5,6 +5,7 @@ soft-target store, a 2-class and a regression task on hard labels. Cheap: the st
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,18 @@ def test_a_diverged_student_stops_before_its_dev_evaluation_and_keeps_the_best_c
     for task in ("topic", "long", "share"):  # the step-2 evaluation's classifiers
         assert json.loads((out / "best" / task / "best.json").read_text())["step"] == 2
     assert not (out / "tasks").exists() and "Traceback" not in proc.stderr
+
+
+def test_a_warning_of_the_config_is_in_the_logs_format_and_follows_the_log_level(tasks_root, tmp_path):
+    """The config is read before the process group starts: its warnings came before logging was set up, as
+    bare lines that --log-level error did not silence."""
+    config = _config(tasks_root, tmp_path / "run", student={"path": str(tmp_path / "missing")})
+    data = yaml.safe_load(config.read_text())
+    data["tasks"][0]["train"] = str(tasks_root / "long_train.jsonl")  # beside its soft targets: not read
+    config.write_text(yaml.safe_dump(data))
+    for level, shown in (("info", True), ("error", False)):
+        proc = run_script("launch/task.py", "--config", str(config), "--log-level", level, check=False)
+        assert proc.returncode == 2 and "student.path" in proc.stderr.splitlines()[-1], proc.stderr
+        warned = re.search(r"^[\d-]+ [\d:,]+ \[rank 0\] WARNING dist_kd\.[\w.]+: task 'topic': train .* is not read",
+                           proc.stderr, re.MULTILINE)  # fmt: skip
+        assert bool(warned) is shown and ("is not read" in proc.stderr) is shown, proc.stderr

@@ -502,3 +502,34 @@ def test_run_log_that_cannot_be_written_says_so_once_and_the_run_goes_on(tmp_pat
         log.setLevel(logging.NOTSET)
     err = capsys.readouterr().err
     assert err.count("train.log is no longer written (") == 1 and "Traceback" not in err, err
+
+
+UNCONFIGURED = """
+import logging, sys
+from dist_kd.cli import attach_run_log, detach_run_log
+log = logging.getLogger("dist_kd.train.general")
+run = attach_run_log(sys.argv[1], 0)
+run.start()
+log.info("new run in RUN")
+log.warning("the student looks collapsed")
+detach_run_log(run)
+assert not logging.getLogger().handlers and logging.getLogger("dist_kd").level == logging.NOTSET
+log.warning("after the run")
+"""
+
+
+def test_a_run_in_a_process_without_logging_set_up_keeps_its_warnings_on_the_terminal(tmp_path):
+    """dist_kd.api in a script: train.log's handler on the root logger switched off Python's last-resort
+    printing, so warnings went to the file alone; and the file got no INFO line."""
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", UNCONFIGURED, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\[rank 0\] WARNING dist_kd.train.general: the student looks collapsed", proc.stderr)
+    assert "new run in" not in proc.stderr and proc.stderr.rstrip().endswith("after the run"), proc.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "INFO dist_kd.train.general: new run in RUN" in log and "looks collapsed" in log
+    assert "after the run" not in log
