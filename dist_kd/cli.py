@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -396,13 +397,16 @@ def bad_input(err: Exception, show: bool = True, rank: int = 0) -> int:
 
     An OSError of the system (an output on a read-only or full disk, a file where a directory should be) is
     said as ``PATH: reason`` instead of Python's ``[Errno 30] ...: 'PATH'``. A rank other than 0 names itself
-    (``error: [rank 3] ...``): its error may be its own.
+    (``error: [rank 3] ...``): its error may be its own. At ``--log-level debug`` the traceback follows (for a
+    bug report, where the error is not the input's).
     """
     if show:
         text = str(err)
         if isinstance(err, OSError) and err.filename is not None and err.strerror:
             text = f"{err.filename}: {err.strerror}"
         print(f"error: {f'[rank {rank}] ' if rank else ''}{text}", file=sys.stderr, flush=True)
+        if logging.getLogger("dist_kd").isEnabledFor(logging.DEBUG):  # --log-level debug: where it was raised
+            traceback.print_exception(err, file=sys.stderr)
     return BAD_INPUT_EXIT_CODE
 
 

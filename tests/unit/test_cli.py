@@ -533,3 +533,24 @@ def test_a_run_in_a_process_without_logging_set_up_keeps_its_warnings_on_the_ter
     log = (tmp_path / "train.log").read_text()
     assert "INFO dist_kd.train.general: new run in RUN" in log and "looks collapsed" in log
     assert "after the run" not in log
+
+
+def test_bad_input_at_the_debug_level_shows_where_it_was_raised(capsys):
+    import logging
+
+    def refuse():
+        raise ValueError("data.shards is not set")
+
+    ours = logging.getLogger("dist_kd")
+    for level, traced in ((logging.INFO, False), (logging.DEBUG, True)):
+        ours.setLevel(level)
+        try:
+            try:
+                refuse()
+            except ValueError as err:
+                assert bad_input(err) == 2
+        finally:
+            ours.setLevel(logging.NOTSET)
+        err = capsys.readouterr().err
+        assert err.startswith("error: data.shards is not set\n")
+        assert ("Traceback (most recent call last):" in err and "in refuse" in err) is traced, err
