@@ -157,6 +157,7 @@ class _BarSafeHandler(logging.StreamHandler):
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 LOG_LEVEL_VARIABLE = "DIST_KD_LOG_LEVEL"
+_traceback_errors = False  # bad_input adds the traceback: --log-level debug (not a command's --debug)
 
 
 def _log_level_name(value: str) -> str:
@@ -323,7 +324,9 @@ def configure_logging(rank: int, debug: bool = False, level: str | int | None = 
     Raises:
         ValueError: ``$DIST_KD_LOG_LEVEL`` names no level.
     """
+    global _traceback_errors
     chosen = log_level(level, debug)
+    _traceback_errors = log_level(level) <= logging.DEBUG
     ours = chosen if rank == 0 or debug else max(chosen, logging.WARNING)
     root = logging.getLogger()
     installed = not root.handlers  # as logging.basicConfig: a process that configured logging itself keeps its own
@@ -405,7 +408,7 @@ def bad_input(err: Exception, show: bool = True, rank: int = 0) -> int:
         if isinstance(err, OSError) and err.filename is not None and err.strerror:
             text = f"{err.filename}: {err.strerror}"
         print(f"error: {f'[rank {rank}] ' if rank else ''}{text}", file=sys.stderr, flush=True)
-        if logging.getLogger("dist_kd").isEnabledFor(logging.DEBUG):  # --log-level debug: where it was raised
+        if _traceback_errors:  # --log-level debug: where it was raised
             traceback.print_exception(err, file=sys.stderr)
     return BAD_INPUT_EXIT_CODE
 

@@ -535,22 +535,27 @@ def test_a_run_in_a_process_without_logging_set_up_keeps_its_warnings_on_the_ter
     assert "after the run" not in log
 
 
-def test_bad_input_at_the_debug_level_shows_where_it_was_raised(capsys):
-    import logging
+def test_bad_input_at_the_debug_level_shows_where_it_was_raised(capsys, monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    from dist_kd import cli
 
     def refuse():
         raise ValueError("data.shards is not set")
 
-    ours = logging.getLogger("dist_kd")
-    for level, traced in ((logging.INFO, False), (logging.DEBUG, True)):
-        ours.setLevel(level)
+    for traced in (False, True):
+        monkeypatch.setattr(cli, "_traceback_errors", traced)
         try:
-            try:
-                refuse()
-            except ValueError as err:
-                assert bad_input(err) == 2
-        finally:
-            ours.setLevel(logging.NOTSET)
+            refuse()
+        except ValueError as err:
+            assert bad_input(err) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: data.shards is not set\n")
         assert ("Traceback (most recent call last):" in err and "in refuse" in err) is traced, err
+    # --log-level debug (or the variable) asks for it; a command's --debug (one process) does not
+    script = ("from dist_kd import cli; cli.configure_logging(0, debug=True); print(cli._traceback_errors); "
+              "cli.configure_logging(0, level='debug'); print(cli._traceback_errors)")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.split() == ["False", "True"], out
