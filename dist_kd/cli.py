@@ -233,8 +233,12 @@ class RunLog(logging.FileHandler):
             self.emit(record)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.held is not None:
-            self.held.append(record)
+        if self.held is not None:  # held as its text: no arguments formatted later, no traceback's frames kept
+            held = logging.makeLogRecord(record.__dict__)
+            held.msg, held.args = record.getMessage(), None
+            if record.exc_info:
+                held.exc_text, held.exc_info = self.formatter.formatException(record.exc_info), None
+            self.held.append(held)
         elif not self.failed:
             try:
                 super().emit(record)  # opens the file at its first line: an error there is not the run's

@@ -460,7 +460,9 @@ def test_run_log_holds_lines_until_the_run_starts_then_appends_them_and_the_erro
 
         (tmp_path / "train.log").write_text("an earlier run's line\n")
         run = attach_run_log(tmp_path, 3)
-        log.info("new run in %s", tmp_path)
+        where = [str(tmp_path)]
+        log.info("new run in %s", where)
+        where[0] = "changed after the line was logged"  # held lines keep what they said when logged
         run.start()
         log.warning("a step's warning")
         try:
@@ -473,7 +475,7 @@ def test_run_log_holds_lines_until_the_run_starts_then_appends_them_and_the_erro
         log.setLevel(logging.NOTSET)
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert lines[0] == "an earlier run's line"
-    started = rf"[\d-]+ [\d:,]+ \[rank 3\] INFO dist_kd\.train\.general: new run in {re.escape(str(tmp_path))}"
+    started = rf"[\d-]+ [\d:,]+ \[rank 3\] INFO dist_kd\.train\.general: new run in {re.escape(str([str(tmp_path)]))}"
     assert re.fullmatch(started, lines[1]), lines
     assert lines[2].endswith("[rank 3] WARNING dist_kd.train.general: a step's warning")
     assert (
