@@ -469,7 +469,8 @@ def run_in_process_group(body: Callable[[], int], bad: tuple[type[Exception], ..
             )
             return PEER_LOST_EXIT_CODE
         if isinstance(err, bad):
-            return bad_input(err, show=not distributed.reported_elsewhere(err, rank), rank=rank)
+            said = distributed.reported_elsewhere(err, rank) or getattr(err, "already_said", False)
+            return bad_input(err, show=not said, rank=rank)
         raise
     except BaseException as err:
         failed = err
@@ -551,6 +552,9 @@ def run_config_job(
                 if found["WORLD_SIZE"] == "1":
                     raise
                 refused = err
+                if found["RANK"] == "0":  # said at once: ranks that never come (sbatch without srun) are waited for
+                    bad_input(err)
+                    err.already_said = True
             info = distributed.init_distributed()  # may wait for the other ranks
             with distributed.shared_failure():
                 if refused is not None:

@@ -823,3 +823,35 @@ def test_default_run_on_a_gpu_trains_under_autocast_exports_fp32_and_resumes_com
                cuda=True)  # fmt: skip
     assert [r["step"] for r in _metrics(out)] == [2, 4, 6, 8]
     assert any((tmp_path / "inductor").rglob("*.py")), "the resumed run did not compile"
+
+
+def test_a_config_error_of_a_job_whose_other_ranks_never_come_is_said_at_once(tmp_path):
+    """sbatch without srun: SLURM says 2 tasks and one process runs. Its config error waited behind the process
+    group's start (10 minutes, for a rank that never comes) instead of being said."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.e2e.conftest import REPO, script_env
+
+    env = {**script_env(), "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "123",
+           "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": "29537"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "dist_kd", "general", "--config", CONFIG, "train.max_step=3"],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    lines, deadline = [], time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and not any(line.startswith("error:") for line in lines):
+            if not select.select([proc.stderr], [], [], 1.0)[0]:
+                continue  # waiting, silent: the test fails at its deadline, not at pytest's timeout
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    errors = [line.rstrip() for line in lines if line.startswith("error:")]
+    assert errors == ["error: unknown config key 'train.max_step'; did you mean 'train.max_steps'?"], "".join(lines)
