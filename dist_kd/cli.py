@@ -329,8 +329,9 @@ def configure_logging(rank: int, debug: bool = False, level: str | int | None = 
         ValueError: ``$DIST_KD_LOG_LEVEL`` names no level.
     """
     global _traceback_errors
-    chosen = log_level(level, debug)
-    _traceback_errors = log_level(level) <= logging.DEBUG
+    named = log_level(level)  # --log-level or the variable: a command's --debug asks for debug lines alone
+    chosen = logging.DEBUG if debug else named
+    _traceback_errors = named <= logging.DEBUG
     ours = chosen if rank == 0 or debug else max(chosen, logging.WARNING)
     root = logging.getLogger()
     installed = not root.handlers  # as logging.basicConfig: a process that configured logging itself keeps its own

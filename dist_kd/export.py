@@ -22,7 +22,7 @@ import yaml
 
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, check_replaceable_dir, write_json_atomic
-from dist_kd.train.checkpoint import complete_checkpoints, damage, damaged_files, latest_checkpoint
+from dist_kd.train.checkpoint import all_damaged, complete_checkpoints, damaged_files, latest_checkpoint
 from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
 logger = logging.getLogger(__name__)
@@ -161,10 +161,9 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
         if steps is not None:
             newest = latest_checkpoint(steps)
             if newest is None:
-                saved = complete_checkpoints(steps)
-                if saved:
-                    raise FileNotFoundError(f"{steps}: every checkpoint the run saved is damaged ({len(saved)}; the "
-                                            f"newest, {saved[-1][1].name}: {damage(saved[-1][1])})")  # fmt: skip
+                damaged = all_damaged(steps)
+                if damaged:
+                    raise FileNotFoundError(f"{steps}: every checkpoint the run saved is damaged ({damaged})")
                 raise FileNotFoundError(
                     f"{steps} holds no whole checkpoint (a step-N directory with meta.json): the run saved none yet"
                 )

@@ -159,6 +159,17 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return None
 
 
+def all_damaged(checkpoints_dir: Path) -> str | None:
+    """For a ``checkpoints_dir`` where :func:`latest_checkpoint` found none whole: how many finished checkpoints
+    it holds, all damaged, and what is wrong with the newest (``"2 damaged; newest step-00000040: missing
+    rank00001.pt"``); None where it holds none."""
+    saved = complete_checkpoints(checkpoints_dir)
+    if not saved:
+        return None
+    _, newest = saved[-1]
+    return f"{len(saved)} damaged; newest {newest.name}: {damage(newest)}"
+
+
 def resume_point(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint a run starts from: the newest whole one under ``run_dir/checkpoints``, or None.
 
@@ -173,13 +184,12 @@ def resume_point(run_dir: Path, resume: str) -> Path | None:
             f"run.output_dir {run_dir} already holds a run; use run.resume=auto to continue it "
             "or choose another run.output_dir"
         )
-    saved = complete_checkpoints(run_dir / "checkpoints")
-    if latest is None and saved:
-        _, newest = saved[-1]
+    damaged = all_damaged(run_dir / "checkpoints") if latest is None else None
+    if damaged:
         raise ValueError(
-            f"cannot resume {run_dir}: no checkpoint under {run_dir / 'checkpoints'} is whole ({len(saved)} damaged; "
-            f"newest {newest.name}: {damage(newest)}); restore the missing files, or delete the checkpoints "
-            "directory to start this run again from step 0, or choose another run.output_dir"
+            f"cannot resume {run_dir}: no checkpoint under {run_dir / 'checkpoints'} is whole ({damaged}); restore "
+            "the missing files, or delete the checkpoints directory to start this run again from step 0, or choose "
+            "another run.output_dir"
         )
     return latest
 

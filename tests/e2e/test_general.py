@@ -502,7 +502,7 @@ def test_export_of_a_run_directory_takes_its_newest_whole_checkpoint(finished_ru
     bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(run), "--output", str(tmp_path / "none"),
                      check=False)  # fmt: skip
     assert bad.returncode == 2, bad.stderr
-    said = f"error: {run / 'checkpoints'}: every checkpoint the run saved is damaged (1; the newest, step-00000004: "
+    said = f"error: {run / 'checkpoints'}: every checkpoint the run saved is damaged (1 damaged; newest step-00000004: "
     assert said in bad.stderr, bad.stderr
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     bad = run_script("-m", "dist_kd", "export", "--checkpoint", str(run), "--output", str(tmp_path / "none"),
