@@ -13,7 +13,8 @@ import pytest
 WORKERS = Path(__file__).parent / "workers"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local port no one listens on now (for a launcher's --master_port)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -34,7 +35,7 @@ def run_ranks(
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
         str(WORKERS / script), *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

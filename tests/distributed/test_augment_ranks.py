@@ -5,13 +5,14 @@ it."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from tests.distributed.conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -20,12 +21,6 @@ SCRIPT = str(ROOT / "launch" / "augment.py")
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_name, None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _check(proc: subprocess.CompletedProcess) -> None:
@@ -68,7 +63,7 @@ def _assert_same(output: Path, reference) -> None:
 def test_two_ranks_under_torchrun_match_one(inputs, tmp_path):
     args, reference = inputs
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
         SCRIPT, *args, "--output", str(tmp_path / "out"),
     ]  # fmt: skip
     _check(subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180))

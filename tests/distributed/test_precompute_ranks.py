@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -21,12 +22,6 @@ for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_name, None)
 LABELS = ["business", "sport", "tech"]
 NUM_ROWS = 13
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -69,7 +64,7 @@ def test_two_ranks_write_the_same_store_as_one(inputs, tmp_path):
 
     args, single = inputs
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            SCRIPT, *args, "--output", str(out)]  # fmt: skip
     proc = _run(cmd)
     assert "5 to compute on 2 rank(s)" in proc.stderr
@@ -90,7 +85,7 @@ def test_bad_input_exits_2_with_one_error_line(inputs, tmp_path):
 
 
 def _two_ranks(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            script, *args]  # fmt: skip
     # 150 s: far below the process group's 10-minute timeout, which a rank waiting for the other would reach
     return subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=150, cwd=ROOT)
@@ -150,7 +145,7 @@ def test_two_ranks_reuse_an_earlier_store_through_the_flag(inputs, tmp_path):
 
     args, single = inputs
     out = tmp_path / "reusing"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            SCRIPT, *args, "--reuse", str(single), "--output", str(out)]  # fmt: skip
     proc = _run(cmd)
     assert "examples from the reused stores, 0 through the teachers" in proc.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.conftest import free_port
 from tests.e2e.conftest import run_script, run_until_lines_then_sigterm, snapshot
 
 CONFIG = "launch/configs/quickstart.yaml"
@@ -108,7 +109,7 @@ def test_two_ranks_with_deepspeed_launcher(zero, tiny_bert_dir, tiny_corpus, tmp
 def test_a_config_error_under_a_launcher_is_said_once_not_once_per_rank(tiny_bert_dir, tiny_corpus, tmp_path):
     """Each rank read the config before the process group and printed the same error: 64 lines on 64 ranks."""
     proc = run_script(
-        "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "launch/general.py",
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "launch/general.py",
         "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, tmp_path / "run", "train.max_step=3"), check=False,
     )  # fmt: skip
     assert proc.returncode != 0
@@ -838,7 +839,7 @@ def test_a_config_error_of_a_job_whose_other_ranks_never_come_is_said_at_once(tm
     from tests.e2e.conftest import REPO, script_env
 
     env = {**script_env(), "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "123",
-           "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": "29537"}  # fmt: skip
+           "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(free_port())}  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "dist_kd", "general", "--config", CONFIG, "train.max_step=3"],
                             cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     lines, deadline = [], time.monotonic() + 120
