@@ -30,8 +30,21 @@ def _exact(tensor: torch.Tensor):
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
+def _pair_weights(mask_BL: torch.Tensor, pair_mask: torch.Tensor | None, like_BHLL: torch.Size) -> torch.Tensor | None:
+    """``(B, 1, L, L)`` fp32: 1 where both tokens are real and ``pair_mask`` allows the pair (None: no pair mask)."""
+    if pair_mask is None:
+        return None
+    batch, _, length, _ = like_BHLL
+    if pair_mask.shape != (batch, 1, length, length):
+        raise ValueError(f"pair_mask has shape {tuple(pair_mask.shape)}, expected {(batch, 1, length, length)}")
+    return pair_mask.to(torch.float32) * (mask_BL[:, :, None] * mask_BL[:, None, :])[:, None]
+
+
 def attention_mse(
-    student_scores: torch.Tensor, teacher_scores: torch.Tensor, attention_mask: torch.Tensor | None
+    student_scores: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pair_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE between unnormalized attention scores (QK^T / sqrt(d), before mask and softmax).
 
@@ -39,10 +52,11 @@ def attention_mse(
         student_scores: ``(B, H, L, L)``.
         teacher_scores: ``(B, H, L, L)``, same head count (TinyBERT compares head by head).
         attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding; None means all real.
+        pair_mask: ``(B, 1, L, L)`` boolean, the pairs the layers' softmax sees (a sliding window); None: all.
 
     Returns:
-        Scalar fp32: mean over (b, h, i, j) where tokens i and j are both real. This equals
-        ``1/H * sum_h MSE(A_S_h, A_T_h)`` of the paper restricted to real token pairs.
+        Scalar fp32: mean over (b, h, i, j) where tokens i and j are both real (and ``pair_mask`` allows the
+        pair). This equals ``1/H * sum_h MSE(A_S_h, A_T_h)`` of the paper restricted to real token pairs.
     """
     if student_scores.shape != teacher_scores.shape:
         raise ValueError(
@@ -50,10 +64,15 @@ def attention_mse(
             f"{tuple(teacher_scores.shape)}; (B, H, L, L) must match, including the head count"
         )
     batch, heads, length, _ = student_scores.shape
-    if attention_mask is None:  # every pair real: a plain mean
+    if attention_mask is None and pair_mask is None:  # every pair real: a plain mean
         return F.mse_loss(student_scores.float(), teacher_scores.float())
     squared_BHLL = F.mse_loss(student_scores.float(), teacher_scores.float(), reduction="none")
     mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), student_scores.device)
+    pairs_B1LL = _pair_weights(mask_BL, pair_mask, student_scores.shape)
+    if pairs_B1LL is not None:
+        with _exact(squared_BHLL):
+            total = (squared_BHLL * pairs_B1LL).sum()
+        return total / (pairs_B1LL.sum() * heads).clamp_min(1.0)
     # sum over (b, h, i, j) of m_bi m_bj d^2 as one contraction: no (B, 1, L, L) pair mask is built, and the
     # backward is one broadcast product (a measured 2-4x over masking by multiplication on a CPU).
     with _exact(squared_BHLL):
@@ -116,19 +135,24 @@ def hidden_variance(hidden_BLD: torch.Tensor, attention_mask: torch.Tensor | Non
     return ((values - mean_D).square() * weight).sum() / (count * hidden_BLD.shape[-1])
 
 
-def score_variance(scores_BHLL: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def score_variance(
+    scores_BHLL: torch.Tensor, attention_mask: torch.Tensor | None, pair_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Variance of attention scores over the real (query, key) pairs of each head, averaged over heads.
 
     Args:
         scores_BHLL: ``(B, H, L, L)``.
         attention_mask: ``(B, L)``, 1 for real tokens; None means all real.
+        pair_mask: as in :func:`attention_mse`.
 
     Returns:
         Scalar fp32, the :func:`attention_mse` of predicting each head's mean score everywhere.
     """
     batch, heads, length, _ = scores_BHLL.shape
     mask_BL = _mask_BL(attention_mask, torch.Size((batch, length)), scores_BHLL.device)
-    pair_B1LL = (mask_BL[:, :, None] * mask_BL[:, None, :])[:, None]
+    pair_B1LL = _pair_weights(mask_BL, pair_mask, scores_BHLL.shape)
+    if pair_B1LL is None:
+        pair_B1LL = (mask_BL[:, :, None] * mask_BL[:, None, :])[:, None]
     count = pair_B1LL.sum().clamp_min(1.0)
     values = scores_BHLL.float()
     mean_H = (values * pair_B1LL).sum((0, 2, 3)) / count

@@ -178,9 +178,13 @@ def tinybert_objective(
         loss = hidden_mse(student_BLD, teacher_BLD, attention_mask)
         return loss / hidden_variance(teacher_BLD, attention_mask).clamp_min(1e-12) if relative else loss
 
-    def score_term(student_BHLL, teacher_BHLL):
-        loss = attention_mse(student_BHLL, teacher_BHLL, attention_mask)
-        return loss / score_variance(teacher_BHLL, attention_mask).clamp_min(1e-12) if relative else loss
+    def score_term(m, n):
+        # pairs outside a sliding window (of the student's layer or the teacher's) reach no softmax: left out
+        windows = [mask for mask in (student.score_masks.get(m), teacher.score_masks.get(n)) if mask is not None]
+        pairs = windows[0] if len(windows) == 1 else (windows[0] & windows[1]) if windows else None
+        student_BHLL, teacher_BHLL = student.scores[m], teacher.scores[n]
+        loss = attention_mse(student_BHLL, teacher_BHLL, attention_mask, pairs)
+        return loss / score_variance(teacher_BHLL, attention_mask, pairs).clamp_min(1e-12) if relative else loss
 
     terms: dict[str, torch.Tensor] = {}
     if weights.embd > 0:
@@ -197,9 +201,7 @@ def tinybert_objective(
                 for s, t in zip(student.qkv[m], teacher.qkv[n], strict=True)
             )
         else:
-            terms["attn"] = sum(
-                score_term(student.scores[m], teacher.scores[n]) for m, n in enumerate(mapping, start=1)
-            )
+            terms["attn"] = sum(score_term(m, n) for m, n in enumerate(mapping, start=1))
     if weights.pred > 0:
         if student_logits is None or teacher_logits is None:
             raise ValueError("distill.weights.pred > 0 needs student and teacher logits")

@@ -124,7 +124,9 @@ def build_tiny_encoder(
     Args:
         arch: ``roberta``; ``mpnet`` (relative position bias in attention); ``deberta-v2`` (DeBERTa-v3's
             layout: disentangled attention with c2p and p2c, shared position keys, log-bucketed positions);
-            ``deberta-v2-unshared`` (DeBERTa-v2's separate position projections, no buckets).
+            ``deberta-v2-unshared`` (DeBERTa-v2's separate position projections, no buckets); ``electra``
+            (embeddings half the hidden width, projected up); ``distilbert``; ``modernbert`` (pre-LN, rotary
+            positions, fused Wqkv, a gated MLP, no biases; every second layer a sliding window of 8 tokens).
         **overrides: set on the config after the defaults.
     """
     import torch
@@ -147,8 +149,27 @@ def build_tiny_encoder(
         position_biased_input=False,
         type_vocab_size=0,
     )
+    ids = dict(pad_token_id=0, cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3)
+    own_names = {  # the families that do not take BERT's config names
+        "distilbert": dict(
+            vocab_size=common["vocab_size"], dim=hidden_size, n_layers=num_layers, n_heads=num_heads,
+            hidden_dim=2 * hidden_size, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
+            pad_token_id=0,
+        ),
+        "modernbert": dict(
+            vocab_size=common["vocab_size"], hidden_size=hidden_size, num_hidden_layers=num_layers,
+            num_attention_heads=num_heads, intermediate_size=2 * hidden_size, max_position_embeddings=128,
+            global_attn_every_n_layers=2, local_attention=8, attention_dropout=0.0, mlp_dropout=0.0,
+            embedding_dropout=0.0, **ids,
+        ),
+    }  # fmt: skip
+    if arch in own_names:
+        common = own_names[arch]
     configs = {
         "roberta": ("RobertaConfig", "RobertaModel", dict(max_position_embeddings=132)),
+        "electra": ("ElectraConfig", "ElectraModel", dict(embedding_size=hidden_size // 2)),
+        "distilbert": ("DistilBertConfig", "DistilBertModel", {}),
+        "modernbert": ("ModernBertConfig", "ModernBertModel", {}),
         "mpnet": ("MPNetConfig", "MPNetModel", dict(max_position_embeddings=132, relative_attention_num_buckets=32)),
         "deberta-v2": (
             "DebertaV2Config",

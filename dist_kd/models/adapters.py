@@ -161,7 +161,8 @@ ADAPTERS = (
     ),
 )
 
-# Registry-path encoders: BERT, RoBERTa, XLM-R, ELECTRA (attention.self.*), DistilBERT (q_lin, ...).
+# Registry-path encoders: BERT, RoBERTa, XLM-R, ELECTRA (attention.self.*), DistilBERT (q_lin, ...), ModernBERT
+# (attn.Wqkv, attn.Wo).
 REGISTRY_INNER_ROWS = (
     "attention.self.query.",
     "attention.self.key.",
@@ -169,8 +170,12 @@ REGISTRY_INNER_ROWS = (
     "attention.q_lin.",
     "attention.k_lin.",
     "attention.v_lin.",
+    "attn.Wqkv.",
 )
-REGISTRY_INNER_COLUMNS = ("attention.output.dense.", "attention.out_lin.")
+REGISTRY_INNER_COLUMNS = ("attention.output.dense.", "attention.out_lin.", "attn.Wo.")
+# Fused projections: name fragment -> the number of equal blocks stacked on their output (row) axis, each cut
+# alike. ModernBERT's Wqkv stacks query, key and value; its gated MLP's Wi stacks the input and the gate.
+FUSED_ROWS = {"attn.Wqkv.": 3, "mlp.Wi.": 2}
 
 
 def adapter_for(model: nn.Module) -> Adapter | None:

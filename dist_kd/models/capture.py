@@ -13,10 +13,11 @@ registry keyed by ``config._attn_implementation``; dist_kd registers one more en
 
 Layers are marked by setting attributes on the modules of each transformer layer, so the mechanism is
 independent of the architecture's attribute names: any encoder whose attention goes through the registry
-(BERT, RoBERTa, ELECTRA, XLM-R, ...) works. An encoder that does not (its attention never calls the
-registry) is rejected at load time with a clear error rather than silently returning no scores, unless
+(BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, ModernBERT, ...) works. An encoder whose attention never calls
+the registry is rejected at load time with a clear error rather than silently returning no scores, unless
 an adapter reads it (``adapters.py``: MPNet and DeBERTa-v2/v3, whose attention adds position terms in
-their own code).
+their own code). A captured layer that attends within a sliding window (ModernBERT's local layers) also
+hands over its mask, so that the attention loss leaves out the pairs outside the window.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ATTN_IMPLEMENTATION = "dist_kd"
 _LAYER_ATTR = "_dist_kd_layer"
 _SINK_ATTR = "_dist_kd_sink"
 _QKV_ATTR = "_dist_kd_qkv"
+_MASK_ATTR = "_dist_kd_mask_sink"
 
 
 @dataclass
@@ -42,6 +44,10 @@ class EncoderFeatures:
         scores: 1-based layer index -> ``(B, H, L, L)`` raw attention scores of that layer.
         qkv: 1-based layer index -> ``(query, key, value)``, each ``(B, H, L, d_head)``, as the layer's
             attention received them (for the relation loss, ``distill.attention: relations``).
+        score_masks: 1-based layer index -> ``(B, 1, L, L)`` boolean, the (query, key) pairs its softmax
+            sees, for the captured layers that see fewer than every real pair: ModernBERT's sliding-window
+            layers. Their scores outside the window are never used, so the attention loss leaves them out
+            as it leaves out padding.
         last_hidden: ``(B, L, D)`` output of the last layer that ran.
     """
 
@@ -49,6 +55,7 @@ class EncoderFeatures:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    score_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     last_hidden: torch.Tensor | None = None
 
 
@@ -82,6 +89,10 @@ def _capture_attention(
     # (Q * s) K^T: the scaling on the (B, H, L, d) query, not on the (B, H, L, L) scores (L > d in practice).
     scores_BHLL = torch.matmul(query * scaling, key.transpose(-1, -2))
     deliver(module, scores_BHLL if captured else None, (query, key, value))
+    if captured and kwargs.get("sliding_window") is not None and attention_mask is not None:
+        # a sliding-window layer: its boolean mask (SDPA's format, registered below) holds the window
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        getattr(module, _MASK_ATTR)[getattr(module, _LAYER_ATTR)] = allowed
     # finfo.min rather than -inf: a fully padded query row must give a finite softmax, as SDPA does.
     probs = masked_softmax(scores_BHLL.float(), attention_mask, torch.finfo(torch.float32).min).to(value.dtype)
     probs = fast_dropout(probs, dropout, module.training)
@@ -114,7 +125,8 @@ def find_layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
                 return module, child_name, child
     raise ValueError(
         f"{type(model).__name__}: found no list of {num_layers} transformer layers named 'layer' or 'layers'; "
-        "dist_kd supports BERT-family encoders (BERT, RoBERTa, ELECTRA, XLM-R, ...)"
+        "dist_kd supports BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, ModernBERT, MPNet and DeBERTa-v2/v3 "
+        "(docs/encoders.md)"
     )
 
 
@@ -131,6 +143,7 @@ class FeatureCapture:
         self.model = model
         self.sink: dict[int, torch.Tensor] = {}
         self.qkv_sink: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.mask_sink: dict[int, torch.Tensor] = {}
         from dist_kd.models.adapters import install_adapter
 
         qkv_layers = list(qkv_layers or [])
@@ -142,6 +155,7 @@ class FeatureCapture:
                 for attr, wanted, sink in (
                     (_SINK_ATTR, score_layers, self.sink),
                     (_QKV_ATTR, qkv_layers, self.qkv_sink),
+                    (_MASK_ATTR, score_layers, self.mask_sink),
                 ):
                     if index in wanted:
                         setattr(module, attr, sink)
@@ -168,6 +182,7 @@ class FeatureCapture:
         """
         self.sink.clear()
         self.qkv_sink.clear()
+        self.mask_sink.clear()
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **extra
@@ -187,10 +202,12 @@ class FeatureCapture:
             hidden={n: states[n] for n in wanted},
             scores=dict(self.sink),
             qkv=dict(self.qkv_sink),
+            score_masks=dict(self.mask_sink),
             last_hidden=states[-1],
         )
         self.sink.clear()
         self.qkv_sink.clear()
+        self.mask_sink.clear()
         return features
 
 

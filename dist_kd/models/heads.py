@@ -3,16 +3,21 @@
 Each task head is taken from the architecture's own ``*ForSequenceClassification`` model, built for the
 task's label count, so that a task's student exports as a stock classifier directory (the shared encoder
 plus that task's head) that anyone can load with ``AutoModelForSequenceClassification`` and that computes
-exactly the logits it computed in training. Three head shapes cover the BERT family:
+exactly the logits it computed in training. Five head shapes cover the BERT family:
 
 - ``pooled`` (BERT): ``classifier`` is a linear layer on the dropout of the encoder's pooler output;
 - ``sequence`` (RoBERTa, XLM-R, ELECTRA, MPNet): ``classifier`` is a module that reads the sequence output
   itself (it takes the first token through dense + tanh + linear);
 - ``context`` (DeBERTa-v2/v3): the classifier model's own ``pooler`` (first token, dense, activation) on the
-  sequence output, then dropout and a linear ``classifier``; the pooler belongs to the head.
+  sequence output, then dropout and a linear ``classifier``; the pooler belongs to the head;
+- ``pre_classifier`` (DistilBERT): the first token through ``pre_classifier`` (linear), ReLU and dropout, then
+  a linear ``classifier``;
+- ``prediction_head`` (ModernBERT): the first token or the mean of the real tokens (the config's
+  ``classifier_pooling``) through the classifier model's ``head`` (dense, activation, LayerNorm), dropout and a
+  linear ``classifier``.
 
-Other layouts (DistilBERT's pre-classifier) are refused with a clear error rather than trained with a head
-that would not export. Regression tasks have one output.
+Other layouts are refused with a clear error rather than trained with a head that would not export.
+Regression tasks have one output.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import nn
 
 from dist_kd.data.tokenizer import save_tokenizer
 
-HEAD_STYLES = ("pooled", "sequence", "context")
+HEAD_STYLES = ("pooled", "sequence", "context", "pre_classifier", "prediction_head")
 
 
 def _task_config(encoder_config, num_outputs: int, labels: list[str] | None):
@@ -46,6 +51,11 @@ def _task_config(encoder_config, num_outputs: int, labels: list[str] | None):
         config.problem_type = "regression"
     config.architectures = None
     return config
+
+
+def _set_head_dropout(config, rate: float) -> None:
+    """The task head's dropout under its family's name (DistilBERT's ``seq_classif_dropout``)."""
+    setattr(config, "seq_classif_dropout" if config.model_type == "distilbert" else "classifier_dropout", rate)
 
 
 def _classifier_model(config):
@@ -71,37 +81,75 @@ class TaskHead(nn.Module):
         super().__init__()
         config = _task_config(encoder.config, num_outputs, labels)
         if dropout is not None:
-            config.classifier_dropout = dropout
+            _set_head_dropout(config, dropout)
         model = _classifier_model(config)
         self.model_type = type(model).__name__
         classifier = getattr(model, "classifier", None)
-        if isinstance(classifier, nn.Linear) and getattr(encoder, "pooler", None) is not None:
+        linear = isinstance(classifier, nn.Linear)
+        self.pooling = "cls"
+        if linear and getattr(encoder, "pooler", None) is not None:
             self.style = "pooled"
             self.dropout = getattr(model, "dropout", None) or nn.Identity()
-        elif isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Linear):
+        elif isinstance(classifier, nn.Module) and not linear:
             self.style = "sequence"
             self.dropout = nn.Identity()
-        elif isinstance(classifier, nn.Linear) and isinstance(getattr(model, "pooler", None), nn.Module):
+        elif linear and isinstance(getattr(model, "pooler", None), nn.Module):
             self.style = "context"
             self.pooler = model.pooler
             self.dropout = getattr(model, "dropout", None) or nn.Identity()
+        elif linear and isinstance(getattr(model, "pre_classifier", None), nn.Linear):
+            self.style = "pre_classifier"
+            self.pre_classifier = model.pre_classifier
+            self.dropout = model.dropout
+        elif linear and isinstance(getattr(model, "head", None), nn.Module) and hasattr(model, "drop"):
+            self.style = "prediction_head"
+            self.head = model.head
+            self.dropout = model.drop
+            self.pooling = config.classifier_pooling
+            if self.pooling not in ("cls", "mean"):
+                raise ValueError(
+                    f"{self.model_type}: classifier_pooling {self.pooling!r} in the encoder's config.json; dist_kd's "
+                    "task heads pool with 'cls' or 'mean'"
+                )
         else:
             raise ValueError(
                 f"{self.model_type}: dist_kd's task heads support BERT-style classifiers (a linear layer on the "
-                "pooler output), RoBERTa-style ones (a head module on the sequence output) and DeBERTa-style ones "
-                "(the classifier's own pooler on the sequence output); this architecture has none of them"
+                "pooler output), RoBERTa-style ones (a head module on the sequence output), DeBERTa-style ones "
+                "(the classifier's own pooler on the sequence output), DistilBERT's (a pre-classifier on the first "
+                "token) and ModernBERT's (a prediction head on the pooled tokens); this architecture has none of them"
             )
         self.classifier = classifier
         self.num_outputs = num_outputs
         self.labels = labels
         self.dropout_rate = dropout  # the exported classifier's classifier_dropout (None: the config's own)
 
-    def forward(self, outputs) -> torch.Tensor:
-        """``(B, C)`` logits from the encoder's outputs."""
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The classifier model's modules this head holds (under the same names), for the export."""
+        extra = {"context": "pooler", "pre_classifier": "pre_classifier", "prediction_head": "head"}.get(self.style)
+        return ("classifier",) if extra is None else (extra, "classifier")
+
+    def forward(self, outputs, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C)`` logits from the encoder's outputs (``attention_mask`` ``(B, L)``: for mean pooling)."""
         if self.style == "pooled":
             return self.classifier(self.dropout(outputs.pooler_output))
         if self.style == "context":
             return self.classifier(self.dropout(self.pooler(outputs.last_hidden_state)))
+        if self.style == "pre_classifier":
+            first = self.pre_classifier(outputs.last_hidden_state[:, 0])
+            return self.classifier(self.dropout(torch.relu(first)))
+        if self.style == "prediction_head":
+            states = outputs.last_hidden_state
+            if self.pooling == "mean":
+                real = (
+                    torch.ones(states.shape[:2], dtype=states.dtype, device=states.device)
+                    if attention_mask is None
+                    else attention_mask.to(states.dtype)
+                )
+                pooled = (states * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True)
+            else:
+                pooled = states[:, 0]
+            return self.classifier(self.dropout(self.head(pooled)))
         return self.classifier(outputs.last_hidden_state)
 
 
@@ -139,12 +187,12 @@ class MultiTaskStudent(nn.Module):
         """
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        logits = self.heads[task](outputs)
+        logits = self.heads[task](outputs, attention_mask)
         if self.training and len(self.heads) > 1:
-            logits = logits + (0.0 * self._idle_heads(task, outputs)).to(logits.dtype)
+            logits = logits + (0.0 * self._idle_heads(task, outputs, attention_mask)).to(logits.dtype)
         return logits
 
-    def _idle_heads(self, task: str, outputs) -> torch.Tensor:
+    def _idle_heads(self, task: str, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
         """The sum of every other head's logits on the detached encoder outputs (eval mode: no dropout draws,
         so the random stream, and with it a run's dropout masks, stays that of the active head alone)."""
         pooled = getattr(outputs, "pooler_output", None)
@@ -157,7 +205,8 @@ class MultiTaskStudent(nn.Module):
             if name != task:
                 head.train(False)
                 try:  # a diverged head (inf or NaN) must not turn the active task's logits into NaN (0 x inf)
-                    total = total + torch.nan_to_num(head(detached).float().sum(), nan=0.0, posinf=0.0, neginf=0.0)
+                    logits = head(detached, attention_mask).float().sum()
+                    total = total + torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
                 finally:
                     head.train(True)
         return total
@@ -167,7 +216,7 @@ class MultiTaskStudent(nn.Module):
         head = self.heads[task]
         config = _task_config(self.encoder.config, head.num_outputs, head.labels)
         if head.dropout_rate is not None:  # as trained, for whoever fine-tunes the export further
-            config.classifier_dropout = head.dropout_rate
+            _set_head_dropout(config, head.dropout_rate)
         model = _classifier_model(config)
         base = getattr(model, model.base_model_prefix)
         wanted = base.state_dict().keys()
@@ -175,9 +224,8 @@ class MultiTaskStudent(nn.Module):
         result = base.load_state_dict({k: v for k, v in self.encoder.state_dict().items() if k in wanted}, strict=False)
         if result.missing_keys:
             raise ValueError(f"{type(model).__name__}: the encoder lacks weights {result.missing_keys[:5]} for export")
-        model.classifier.load_state_dict(head.classifier.state_dict())
-        if head.style == "context":
-            model.pooler.load_state_dict(head.pooler.state_dict())
+        for part in head.parts:
+            getattr(model, part).load_state_dict(getattr(head, part).state_dict())
         return model
 
     def export_task(self, task: str, directory: str | Path, tokenizer=None) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dist_kd.config import doc
-from dist_kd.models.adapters import install_adapter
+from dist_kd.models.adapters import FUSED_ROWS, install_adapter
 from dist_kd.models.capture import (
     ATTN_IMPLEMENTATION,
     EncoderFeatures,
@@ -55,7 +55,8 @@ class StudentConfig:
     )
     shared_projection: bool = doc("one W_h shared by all layers instead of one per layer", False)
     calibrate: bool = doc(
-        "with init teacher: match each state dimension's mean and std to the teacher's on a few corpus batches",
+        "with init teacher: match each state dimension's mean and std to the teacher's on a few corpus batches "
+        "(post-LN encoders; a pre-LN one, e.g. ModernBERT, starts as cut, with a warning)",
         True,
     )
     calibration_batches: int = doc("micro-batches of the corpus used by student.calibrate", 8)
@@ -189,8 +190,11 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
     Where the student is narrower (hidden, feed-forward or head width, head count), every teacher matrix
     is cut to a consistent subset of its units (weight selection, Xu et al. 2023): the same residual
     dimensions everywhere, whole heads and evenly spaced dimensions within each head, evenly spaced
-    feed-forward units. Nothing is rescaled: LayerNorm re-normalises the kept dimensions, and measured on
-    all-MiniLM-L6-v2 -> 3 x 192, rescaling the cut sums made every layer's states less like the teacher's.
+    feed-forward units; a fused projection (ModernBERT's Wqkv, its gated MLP's Wi) is cut block by block alike.
+    Keeping evenly spaced dimensions of a head keeps rotary position pairs (i, i + d/2) together at their
+    frequencies when the teacher's head width is a multiple of the student's. Nothing is rescaled: LayerNorm
+    re-normalises the kept dimensions, and measured on all-MiniLM-L6-v2 -> 3 x 192, rescaling the cut sums
+    made every layer's states less like the teacher's.
     With equal widths this is an exact copy of the mapped layers.
 
     Returns:
@@ -225,17 +229,23 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
             if s_size == t_size:
                 continue
             inner = heads_differ and any(key in name for key in (inner_columns if axis else inner_rows))
-            if (s_size, t_size) == (s_heads, t_heads) and any(key in name for key in per_head):
+            # A fused projection stacks equal blocks on its rows (query, key, value): each block is cut alike.
+            blocks = next((n for key, n in FUSED_ROWS.items() if key in name), 1) if axis == 0 else 1
+            if s_size % blocks or t_size % blocks:
+                blocks = 1
+            s_unit, t_unit = s_size // blocks, t_size // blocks
+            if (s_unit, t_unit) == (s_heads, t_heads) and any(key in name for key in per_head):
                 keep = evenly_spaced(t_heads, s_heads)  # the heads the inner selection keeps
-            elif (s_size, t_size) == (s_hidden, t_hidden):
+            elif (s_unit, t_unit) == (s_hidden, t_hidden):
                 keep = selection.inner if inner else selection.residual
-            elif (s_size, t_size) == (s_ffn, t_ffn):
+            elif (s_unit, t_unit) == (s_ffn, t_ffn):
                 keep = selection.ffn
             else:
                 raise ValueError(
                     f"student.init=teacher: cannot select the teacher's {t_name} {tuple(source.shape)} down to "
                     f"{tuple(value.shape)} (axis {axis} is neither the hidden nor the feed-forward width)"
                 )
+            keep = torch.cat([block * t_unit + keep for block in range(blocks)])
             source = source.index_select(axis, keep.to(source.device))
         new_state[name] = source.to(value.dtype)
     student.load_state_dict(new_state)
@@ -253,6 +263,27 @@ def _keep_output(store: dict):
         store["out"] = output
 
     return hook
+
+
+class NotPostLayerNorm(ValueError):
+    """The student's states are not LayerNorm outputs (a pre-LN encoder): ``student.calibrate`` cannot apply."""
+
+
+def _check_post_layer_norm(student: nn.Module, norms: list[nn.Module | None], batch: dict) -> None:
+    """Raise :class:`NotPostLayerNorm` unless every state of ``student`` on ``batch`` is the output of ``norms[i]``."""
+    outputs: list[dict[str, torch.Tensor]] = [{} for _ in norms]
+    handles = [norm.register_forward_hook(_keep_output(out)) for norm, out in zip(norms, outputs) if norm is not None]
+    try:
+        states = student(**batch, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index, (norm, out) in enumerate(zip(norms, outputs, strict=True)):
+        if norm is None or "out" not in out or not torch.equal(out["out"], states[index]) or norm.bias is None:
+            raise NotPostLayerNorm(
+                f"state {index} of {type(student).__name__} is not the output of a LayerNorm with a gain and a "
+                "bias (a pre-LN encoder such as ModernBERT), so its statistics cannot be set through them"
+            )
 
 
 @torch.no_grad()
@@ -284,12 +315,17 @@ def calibrate_to_teacher(
         The relative MSE (MSE over the teacher's variance) of each state, embeddings first, after calibration.
 
     Raises:
-        ValueError: a layer's output is not the output of a LayerNorm (a pre-LN encoder).
+        NotPostLayerNorm: a state is not the output of a LayerNorm (a pre-LN encoder such as ModernBERT);
+            checked on the first batch before any weight changes.
     """
     _, _, layers = find_layer_list(student)
     norms = [_output_layer_norm(student.embeddings), *(_output_layer_norm(layer) for layer in layers)]
     was_training = student.training
     student.eval()
+    try:
+        _check_post_layer_norm(student, norms, batches[0])
+    finally:
+        student.train(was_training)
     teacher_states = []
     for batch in batches:
         states = teacher(**batch, output_hidden_states=True).hidden_states
@@ -300,16 +336,7 @@ def calibrate_to_teacher(
             student_rows, teacher_rows = [], []
             for batch, targets in zip(batches, teacher_states, strict=True):
                 real = batch["attention_mask"].bool()
-                captured: dict[str, torch.Tensor] = {}
-                handle = None if norm is None else norm.register_forward_hook(_keep_output(captured))
                 states = student(**batch, output_hidden_states=True).hidden_states[index]
-                if handle is not None:
-                    handle.remove()
-                if norm is None or not torch.equal(captured["out"], states):
-                    raise ValueError(
-                        f"student.calibrate: state {index} of {type(student).__name__} is not the output of a "
-                        "LayerNorm (a pre-LN encoder?); set student.calibrate=false"
-                    )
                 student_rows.append(states.float()[real])
                 target = targets[index][real]
                 teacher_rows.append(target if residual is None else target.index_select(-1, residual.to(target.device)))

@@ -30,6 +30,7 @@ from dist_kd.model_card import encoder_load_snippet, model_card, write_model_car
 from dist_kd.models.fields import ffn_width
 from dist_kd.models.student import (
     DistillStudent,
+    NotPostLayerNorm,
     Projections,
     StudentConfig,
     build_projections,
@@ -353,10 +354,17 @@ class GeneralTrainer(EngineTrainer):
             batches.append({name: tensor.to(self.info.device) for name, tensor in batch.items()})
             if len(batches) == self.cfg.student.calibration_batches:
                 break
-        same_width = student.config.hidden_size == self.teacher.hidden_size
-        errors = calibrate_to_teacher(
-            student.to(self.info.device), self.teacher.model, self.mapping, batches, None if same_width else residual
-        )
+        selected = None if student.config.hidden_size == self.teacher.hidden_size else residual
+        try:
+            student.to(self.info.device)
+            errors = calibrate_to_teacher(student, self.teacher.model, self.mapping, batches, selected)
+        except NotPostLayerNorm as err:
+            logger.warning(
+                "student.calibrate skipped: %s. The student starts as cut from the teacher "
+                "(student.calibrate=false starts it so without this check)",
+                err,
+            )
+            return
         logger.info(
             "calibrated the student on %d sequences: relative MSE per state %s",
             sum(len(batch["input_ids"]) for batch in batches),

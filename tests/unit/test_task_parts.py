@@ -95,15 +95,32 @@ def test_sampler_resumes_exactly_and_refuses_other_data():
 
 
 @pytest.mark.parametrize(
-    "arch, style", [("bert", "pooled"), ("roberta", "sequence"), ("mpnet", "sequence"), ("deberta-v2", "context")]
+    "arch, style",
+    [
+        ("bert", "pooled"),
+        ("roberta", "sequence"),
+        ("mpnet", "sequence"),
+        ("deberta-v2", "context"),
+        ("electra", "sequence"),
+        ("distilbert", "pre_classifier"),
+        ("modernbert", "prediction_head"),
+        ("modernbert-mean", "prediction_head"),
+    ],
 )
 def test_task_heads_export_as_stock_classifiers_with_the_same_logits(arch, style, tiny_bert_dir, tmp_path):
+    """Each family's head computes its stock classifier's logits (padding in the batch: ModernBERT's mean
+    pooling reads the real tokens alone), and exports as that classifier."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     from dist_kd.models.heads import MultiTaskStudent
     from dist_kd.testing import build_tiny_encoder
 
-    model_dir = tiny_bert_dir if arch == "bert" else build_tiny_encoder(tmp_path / "encoder", arch)
+    if arch == "bert":
+        model_dir = tiny_bert_dir
+    elif arch == "modernbert-mean":
+        model_dir = build_tiny_encoder(tmp_path / "encoder", "modernbert", classifier_pooling="mean")
+    else:
+        model_dir = build_tiny_encoder(tmp_path / "encoder", arch)
     encoder = AutoModel.from_pretrained(model_dir)
     student = MultiTaskStudent(encoder, {"topic": (3, ["a", "b", "c"]), "score": (1, None)}).eval()
     assert {head.style for head in student.heads.values()} == {style}
@@ -124,7 +141,7 @@ def test_task_heads_export_as_stock_classifiers_with_the_same_logits(arch, style
     }
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta", "deberta-v2"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "deberta-v2", "distilbert", "modernbert"])
 def test_in_training_idle_heads_get_zero_gradients_and_draw_no_dropout(arch, tiny_bert_dir, tmp_path):
     """ZeRO-3 re-used the last gradient of a head that took no part in a step; every head now gets one, zero
     for the idle ones. The active head's logits, and the random stream (its dropout masks), are unchanged."""
@@ -156,7 +173,8 @@ def test_in_training_idle_heads_get_zero_gradients_and_draw_no_dropout(arch, tin
     student("topic", ids, mask).sum().backward()
     assert all(param.grad is None for name, param in student.heads.named_parameters() if not name.startswith("topic."))
     # The export carries the head's dropout as trained (its config left classifier_dropout empty).
-    assert student.task_model("topic").config.classifier_dropout == 0.3
+    exported = student.task_model("topic").config
+    assert getattr(exported, "seq_classif_dropout" if arch == "distilbert" else "classifier_dropout") == 0.3
     # A diverged idle head (inf weights) leaves the active task alone: 0 x inf was NaN in its logits and loss.
     student.train()
     with torch.no_grad():
