@@ -263,7 +263,7 @@ def evaluate_classifier(
     from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.evaluate import compute_metrics, predicted_classes
     from dist_kd.io import write_json_atomic
-    from dist_kd.models.teacher import check_max_length, check_model_dir
+    from dist_kd.models.teacher import check_max_length, check_model_dir, load_pretrained
 
     if output is not None:
         output = check_output_dir(output)  # before inference, so a bad --output costs no model run
@@ -281,7 +281,8 @@ def evaluate_classifier(
     tokenizer = load_tokenizer(model_dir)
     rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
     device = torch.device(device)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
+    model, _ = load_pretrained(AutoModelForSequenceClassification, model_dir, "model")
+    model = model.to(device).eval()
     logits = batched_logits(lambda batch: model(**batch).logits, rows, pad_id_of(tokenizer), batch_size, device,
                             uses_token_types(tokenizer, config))  # fmt: skip
     if order is not None and order != sorted(order):  # the model names the task's classes in another order

@@ -494,7 +494,7 @@ class MaskedLMCandidates:
         from transformers import AutoConfig, AutoModelForMaskedLM
 
         from dist_kd.data.tokenizer import load_tokenizer
-        from dist_kd.models.teacher import check_max_length, max_input_length
+        from dist_kd.models.teacher import check_max_length, load_pretrained, max_input_length
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
@@ -511,7 +511,8 @@ class MaskedLMCandidates:
         # Half precision on GPU doubles throughput; candidate ranking is rounded anyway. fp32 on CPU, where
         # fp16 matmuls are slow or unsupported.
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        model, loading = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+        # its own error below for a missing masked-LM head, which names the fix
+        model, loading = load_pretrained(AutoModelForMaskedLM, model_dir, "masked-LM", new_head=True, dtype=dtype)
         prefix = model.base_model_prefix + "."
         untrained = sorted(key for key in loading["missing_keys"] if not key.startswith(prefix))
         if untrained:

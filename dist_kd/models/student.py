@@ -367,13 +367,14 @@ def build_student(
 
     register_attention()
     if cfg.path:
-        from dist_kd.models.teacher import check_model_dir, readable_weights
+        from dist_kd.models.teacher import check_model_dir, load_pretrained
 
         path = check_model_dir(cfg.path, "student.path")
         config = AutoConfig.from_pretrained(path)
         set_dropout(config, cfg.dropout)
-        with readable_weights(path, "student.path"):
-            model = AutoModel.from_pretrained(path, config=config, attn_implementation=ATTN_IMPLEMENTATION)
+        model, _ = load_pretrained(
+            AutoModel, path, "student.path", config=config, attn_implementation=ATTN_IMPLEMENTATION
+        )
     else:
         config = student_config_from_teacher(teacher_config, cfg, mapping)
         model = AutoModel.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)

@@ -142,6 +142,74 @@ def readable_weights(path: str | Path, what: str):
         ) from None
 
 
+class _WithoutLoadReport(logging.Filter):
+    """Drops transformers' LOAD REPORT warning (see :func:`load_pretrained`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _listed(keys: list[str], most: int = 3) -> str:
+    return ", ".join(keys[:most]) + (f", ... ({len(keys)} in all)" if len(keys) > most else "")
+
+
+def load_pretrained(auto_class, path: str | Path, what: str, new_head: bool = False, **kwargs):
+    """``auto_class.from_pretrained(path, **kwargs)`` with dist_kd's own words for what the files lack.
+
+    transformers logs a LOAD REPORT table (a multi-line warning in terminal colours) for every difference
+    between the files and the model, the expected ones too: a fine-tuned classifier's head when only its
+    encoder is loaded (the TinyBERT task recipe's teacher), the new head of a classifier about to be fine-tuned
+    (every teacher of ``dist-kd finetune``). Here that table is dropped, and the differences that matter are
+    said in one line each:
+
+    - encoder weights missing from the files (they would start random): a warning naming them; the pooler
+      alone (many sentence-embedding checkpoints ship none, and distillation never reads it) is an INFO line;
+    - a classification head missing from the files of a classifier (``new_head`` False): an error, as it would
+      predict with random weights;
+    - weights the model does not use (the head of a classifier loaded as an encoder): a DEBUG line.
+
+    Returns:
+        ``(model, loading)``, ``loading`` as transformers' ``output_loading_info`` gives it.
+
+    Raises:
+        ValueError: the weights file is damaged (:func:`readable_weights`), or a head is missing as above.
+    """
+    quiet = _WithoutLoadReport()
+    source = logging.getLogger("transformers.modeling_utils")
+    source.addFilter(quiet)
+    try:
+        with readable_weights(path, what):
+            model, loading = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        source.removeFilter(quiet)
+    prefix = getattr(model, "base_model_prefix", "")
+    with_head = bool(prefix) and getattr(model, prefix, model) is not model
+
+    def in_head(key: str) -> bool:
+        return with_head and not key.startswith(f"{prefix}.")
+
+    missing = sorted(loading["missing_keys"])
+    head = [key for key in missing if in_head(key)]
+    encoder = [key for key in missing if not in_head(key)]
+    if head and not new_head:
+        raise ValueError(
+            f"{what} {path}: its weights hold no classification head ({_listed(head)} missing), so it would "
+            "predict with random weights; give a fine-tuned *ForSequenceClassification directory"
+        )
+    pooler = [key for key in encoder if ".pooler." in f".{key}"]
+    if pooler and len(pooler) == len(encoder):
+        logger.info("%s %s has no pooler weights (%s): its pooler starts random", what, path, _listed(pooler))
+    elif encoder:
+        logger.warning(
+            "%s %s: %d weights of %s are not in its files and start random (%s); is it a checkpoint of this "
+            "architecture?", what, path, len(encoder), type(model).__name__, _listed(encoder),
+        )  # fmt: skip
+    if loading["unexpected_keys"]:
+        logger.debug("%s %s: weights not used by %s: %s", what, path, type(model).__name__,
+                     _listed(sorted(loading["unexpected_keys"])))  # fmt: skip
+    return model, loading
+
+
 def load_frozen(model: nn.Module) -> nn.Module:
     """Put a model in eval mode with every parameter frozen."""
     model.eval()
@@ -183,8 +251,9 @@ class Teacher:
         self.dtype = resolve_dtype(dtype, self.device)
         register_attention()
         auto = getattr(transformers, model_class)
-        with readable_weights(self.path, "teacher.path"):
-            model = auto.from_pretrained(self.path, attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype)
+        model, _ = load_pretrained(
+            auto, self.path, "teacher.path", attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype
+        )
         self.config = model.config
         # A teacher with one segment embedding (type_vocab_size 1, or 0) reads every text as segment 0, as it was
         # trained; a BERT tokenizer's segment 1 on a pair's second text would index past it.

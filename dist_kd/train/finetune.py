@@ -144,6 +144,8 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     """The base encoder with a fresh sequence-classification head carrying the task's label maps."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from dist_kd.models.teacher import load_pretrained
+
     labels = spec.labels if spec.type == "classification" else ["score"]
     config = AutoConfig.from_pretrained(
         base,
@@ -163,9 +165,9 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     register_attention()
     # fp32 whatever the base is stored in: transformers loads a base saved in fp16 (its config's dtype) as fp16,
     # which the engine would then train in fp16 without master weights, and export as fp16.
-    model, loading = AutoModelForSequenceClassification.from_pretrained(
-        base, config=config, attn_implementation=ATTN_IMPLEMENTATION, ignore_mismatched_sizes=True,
-        output_loading_info=True, dtype=torch.float32,
+    model, loading = load_pretrained(
+        AutoModelForSequenceClassification, base, "--base", new_head=True, config=config,
+        attn_implementation=ATTN_IMPLEMENTATION, ignore_mismatched_sizes=True, dtype=torch.float32,
     )  # fmt: skip
     set_fp32(model.config)
     _fresh_head(model, loading, base)

@@ -346,8 +346,9 @@ class TaskTrainer(EngineTrainer):
                 from transformers import AutoModel
 
                 from dist_kd.layer_map import layer_map
+                from dist_kd.models.teacher import load_pretrained
 
-                source = AutoModel.from_pretrained(student_dir)
+                source, _ = load_pretrained(AutoModel, student_dir, "student.path")
                 mapping = layer_map(self.source_config.num_hidden_layers, self.student_shape.num_layers)
             encoder = build_student(self.student_shape, self.source_config, source, mapping)
         if self.phase == "intermediate":

@@ -535,3 +535,77 @@ def test_a_fine_tuned_teacher_takes_every_encoder_dropout_of_its_family(tmp_path
         base = _tiny_family(tmp_path / family, family)
         model = build_classifier(base, TaskSpec(name="t", labels=["a", "b"]), dropout=0.3)
         assert _dropout_rates(model.base_model) == {0.3}, family
+
+
+# ------------------------------------------------------------------ loading: dist_kd's words, not the LOAD REPORT
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _without(directory, source, names) -> None:
+    """A copy of the HF directory ``source`` in ``directory`` whose weights lack the tensors ``names`` picks."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, directory)
+    weights = load_file(directory / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not names(k)}, directory / "model.safetensors", {"format": "pt"})
+
+
+def test_loads_say_what_the_files_lack_in_dist_kds_words(tmp_path, caplog):
+    """transformers' LOAD REPORT table (multi-line, in terminal colours) came with every expected difference:
+    a fine-tuned classifier's head under its encoder (the task recipe's teacher), the new head of every teacher
+    dist-kd finetune trains. It is dropped; missing encoder weights are a warning naming them, a missing pooler
+    an INFO line, a classifier without its head an error, unused weights a DEBUG line."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from dist_kd.data.tasks import TaskSpec
+    from dist_kd.models.teacher import load_pretrained
+    from dist_kd.testing import build_tiny_bert
+    from dist_kd.train.finetune import build_classifier
+
+    classifier = build_tiny_bert(tmp_path / "classifier", model_class="BertForSequenceClassification")
+    source = logging.getLogger("transformers.modeling_utils")
+    seen = _Records()
+    source.addHandler(seen)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # the tests' environment sets transformers to errors only
+    try:
+        AutoModel.from_pretrained(classifier)  # transformers alone reports the classifier's head
+        assert any("LOAD REPORT" in str(record.msg) for record in seen.records)
+        seen.records.clear()
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, logger="dist_kd")
+        teacher = Teacher(classifier, dtype="fp32")
+        build_classifier(build_tiny_bert(tmp_path / "base"), TaskSpec(name="t", labels=["a", "b", "c"]), dropout=0.1)
+        assert not [record for record in seen.records if "LOAD REPORT" in str(record.msg)]
+    finally:
+        source.removeHandler(seen)
+        hf_logging.set_verbosity(verbosity)
+    assert type(teacher.model).__name__ == "BertModel"
+    assert "weights not used by BertModel: classifier.bias, classifier.weight" in caplog.text
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+    _without(tmp_path / "no-pooler", classifier, lambda key: "pooler" in key)
+    _without(tmp_path / "no-layer", classifier, lambda key: "layer.1." in key)
+    _without(tmp_path / "no-head", classifier, lambda key: key.startswith("classifier."))
+    caplog.clear()
+    Teacher(tmp_path / "no-pooler", dtype="fp32")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(said) == 1 and said[0][0] == "INFO" and "has no pooler weights (pooler.dense.bias" in said[0][1], said
+    caplog.clear()
+    Teacher(tmp_path / "no-layer", dtype="fp32")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "16 weights of BertModel are not in its files and start random" in warned[0], warned
+    assert "encoder.layer.1.attention" in warned[0]
+    with pytest.raises(ValueError, match=r"no-head: its weights hold no classification head \(classifier.bias"):
+        load_pretrained(AutoModelForSequenceClassification, tmp_path / "no-head", "model")
