@@ -321,17 +321,14 @@ def calibrate_to_teacher(
     _, _, layers = find_layer_list(student)
     norms = [_output_layer_norm(student.embeddings), *(_output_layer_norm(layer) for layer in layers)]
     was_training = student.training
-    student.eval()
-    try:
-        _check_post_layer_norm(student, norms, batches[0])
-    finally:
-        student.train(was_training)
-    teacher_states = []
-    for batch in batches:
-        states = teacher(**batch, output_hidden_states=True).hidden_states
-        teacher_states.append([states[n].float() for n in [0, *mapping]])
+    student.eval()  # the statistics of the states without dropout, as the teacher's (frozen, in eval mode)
     errors = []
     try:
+        _check_post_layer_norm(student, norms, batches[0])
+        teacher_states = []
+        for batch in batches:
+            states = teacher(**batch, output_hidden_states=True).hidden_states
+            teacher_states.append([states[n].float() for n in [0, *mapping]])
         for index, norm in enumerate(norms):
             student_rows, teacher_rows = [], []
             for batch, targets in zip(batches, teacher_states, strict=True):

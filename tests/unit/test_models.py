@@ -261,9 +261,9 @@ def test_head_mismatch_and_wider_student_are_clear(tiny_bert_dir):
         build_student(wide_heads, teacher.config, teacher.model, [2, 4])
 
 
-def _selected_student(teacher_dir, **shape):
+def _selected_student(teacher_dir, dropout=0.0, **shape):
     teacher = Teacher(teacher_dir, dtype="fp32")
-    cfg = StudentConfig(num_layers=2, dropout=0.0, init="teacher", **shape)
+    cfg = StudentConfig(num_layers=2, dropout=dropout, init="teacher", **shape)
     mapping = layer_map(teacher.num_layers, 2)
     return teacher.model, build_student(cfg, teacher.config, teacher.model, mapping), mapping
 
@@ -325,10 +325,13 @@ def test_weight_selection_is_exact_when_the_dropped_units_are_silent(tiny_bert_d
 
 def test_calibration_matches_every_state_dimension_to_its_teacher_dimension(tiny_bert_dir):
     """After calibration, each student state dimension has the mean and std of its teacher dimension on the
-    calibration batches (checked with a fresh forward pass), and the reported errors are those states'."""
+    calibration batches (checked with a fresh forward pass without dropout), and the reported errors are those
+    states'. The student trains with dropout: calibration measures it in eval mode, as the teacher runs."""
     from dist_kd.models.student import calibrate_to_teacher, unit_selection
 
-    teacher, student, mapping = _selected_student(tiny_bert_dir, hidden_size=16, num_heads=4, intermediate_size=32)
+    teacher, student, mapping = _selected_student(
+        tiny_bert_dir, dropout=0.3, hidden_size=16, num_heads=4, intermediate_size=32
+    )
     ids, mask = _batch(tiny_bert_dir, num=6)
     batches = [{"input_ids": ids[:3], "attention_mask": mask[:3]}, {"input_ids": ids[3:], "attention_mask": mask[3:]}]
     residual = unit_selection(student.config, teacher.config).residual
