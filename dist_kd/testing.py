@@ -125,7 +125,7 @@ def build_tiny_encoder(
         arch: ``roberta``; ``mpnet`` (relative position bias in attention); ``deberta-v2`` (DeBERTa-v3's
             layout: disentangled attention with c2p and p2c, shared position keys, log-bucketed positions);
             ``deberta-v2-unshared`` (DeBERTa-v2's separate position projections, no buckets); ``electra``
-            (embeddings half the hidden width, projected up); ``distilbert``; ``modernbert`` (pre-LN, rotary
+            (embeddings a quarter of the hidden width, projected up); ``distilbert``; ``modernbert`` (pre-LN, rotary
             positions, fused Wqkv, a gated MLP, no biases; every second layer a sliding window of 8 tokens).
         **overrides: set on the config after the defaults.
     """
@@ -167,7 +167,7 @@ def build_tiny_encoder(
         common = own_names[arch]
     configs = {
         "roberta": ("RobertaConfig", "RobertaModel", dict(max_position_embeddings=132)),
-        "electra": ("ElectraConfig", "ElectraModel", dict(embedding_size=hidden_size // 2)),
+        "electra": ("ElectraConfig", "ElectraModel", dict(embedding_size=hidden_size // 4)),
         "distilbert": ("DistilBertConfig", "DistilBertModel", {}),
         "modernbert": ("ModernBertConfig", "ModernBertModel", {}),
         "mpnet": ("MPNetConfig", "MPNetModel", dict(max_position_embeddings=132, relative_attention_num_buckets=32)),

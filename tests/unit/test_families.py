@@ -225,3 +225,22 @@ def test_calibration_of_a_pre_ln_student_is_refused_before_it_changes_a_weight(t
         calibrate_to_teacher(student, teacher.model, [2, 4], [{"input_ids": ids, "attention_mask": mask}])
     assert all(torch.equal(value, before[name]) for name, value in student.state_dict().items())
     assert student.training
+
+
+def test_electra_student_keeps_the_teachers_embedding_projection_cut(tmp_path):
+    """ELECTRA's embeddings are narrower than its layers and projected up: a narrower student keeps the rows
+    of the projection that its residual dimensions select, so its embedding output is the teacher's, cut."""
+    from dist_kd.models.student import DistillStudent, StudentConfig, build_student, unit_selection
+
+    teacher_dir = build_tiny_encoder(tmp_path / "electra", "electra", num_layers=2, hidden_size=32, num_heads=4)
+    teacher = Teacher(teacher_dir, dtype="fp32")
+    assert teacher.config.embedding_size == 8
+    cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, init="teacher", dropout=0.0)
+    student = build_student(cfg, teacher.config, teacher.model, [1, 2]).eval()
+    residual = unit_selection(student.config, teacher.config).residual
+    project = teacher.model.embeddings_project
+    torch.testing.assert_close(student.embeddings_project.weight, project.weight[residual])
+    ids, mask = _batch(teacher_dir)
+    with torch.no_grad():
+        got = DistillStudent(student, None)(ids, mask).embeddings
+    torch.testing.assert_close(got, teacher.features(ids, mask).embeddings[..., residual])
