@@ -15,6 +15,7 @@ never part of the exported student: ``DistillStudent.student`` is what gets save
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import ffn_width, set_dropout, set_ffn_width, set_fp32
 
 INITS = ("random", "teacher")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -249,6 +251,19 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
             source = source.index_select(axis, keep.to(source.device))
         new_state[name] = source.to(value.dtype)
     student.load_state_dict(new_state)
+    # Outside the layers the student's modules are the teacher's, except where its shape removes one: ELECTRA
+    # builds no embeddings_project when embedding_size equals the student's hidden_size.
+    dropped = sorted(key for key in t_state if not key.startswith(t_prefix) and key not in new_state)
+    if dropped:
+        hint = (
+            f"; give it a hidden_size other than the teacher's embedding_size ({teacher.config.embedding_size})"
+            if any("embeddings_project" in key for key in dropped)
+            else ""
+        )
+        logger.warning(
+            "student.init=teacher: the student's shape leaves out the teacher's %s, so it computes differently "
+            "there%s", ", ".join(dropped), hint,
+        )  # fmt: skip
     return selection
 
 

@@ -227,9 +227,10 @@ def test_calibration_of_a_pre_ln_student_is_refused_before_it_changes_a_weight(t
     assert student.training
 
 
-def test_electra_student_keeps_the_teachers_embedding_projection_cut(tmp_path):
+def test_electra_student_keeps_the_teachers_embedding_projection_cut(tmp_path, caplog):
     """ELECTRA's embeddings are narrower than its layers and projected up: a narrower student keeps the rows
-    of the projection that its residual dimensions select, so its embedding output is the teacher's, cut."""
+    of the projection that its residual dimensions select, so its embedding output is the teacher's, cut. A
+    student as wide as the embeddings has no projection (transformers builds none): a warning says so."""
     from dist_kd.models.student import DistillStudent, StudentConfig, build_student, unit_selection
 
     teacher_dir = build_tiny_encoder(tmp_path / "electra", "electra", num_layers=2, hidden_size=32, num_heads=4)
@@ -244,3 +245,9 @@ def test_electra_student_keeps_the_teachers_embedding_projection_cut(tmp_path):
     with torch.no_grad():
         got = DistillStudent(student, None)(ids, mask).embeddings
     torch.testing.assert_close(got, teacher.features(ids, mask).embeddings[..., residual])
+    assert not caplog.records
+    as_wide = StudentConfig(num_layers=2, hidden_size=8, num_heads=4, intermediate_size=32, init="teacher")
+    build_student(as_wide, teacher.config, teacher.model, [1, 2])
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warned) == 1 and "leaves out the teacher's embeddings_project.bias" in warned[0], warned
+    assert "other than the teacher's embedding_size (8)" in warned[0]
