@@ -53,9 +53,15 @@ def _task_config(encoder_config, num_outputs: int, labels: list[str] | None):
     return config
 
 
+HEAD_DROPOUT_FIELDS = {"distilbert": ("seq_classif_dropout",), "deberta-v2": ("cls_dropout", "pooler_dropout")}
+
+
 def _set_head_dropout(config, rate: float) -> None:
-    """The task head's dropout under its family's name (DistilBERT's ``seq_classif_dropout``)."""
-    setattr(config, "seq_classif_dropout" if config.model_type == "distilbert" else "classifier_dropout", rate)
+    """The task head's dropout under its family's names (DistilBERT's ``seq_classif_dropout``; DeBERTa's
+    ``cls_dropout`` and its context pooler's ``pooler_dropout``; ``classifier_dropout`` elsewhere). MPNet's head
+    has none of its own: it reads the encoder's ``hidden_dropout_prob``, which this leaves alone."""
+    for name in HEAD_DROPOUT_FIELDS.get(config.model_type, ("classifier_dropout",)):
+        setattr(config, name, rate)
 
 
 def _classifier_model(config):

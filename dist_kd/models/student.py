@@ -15,7 +15,6 @@ never part of the exported student: ``DistillStudent.student`` is what gets save
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import ffn_width, set_dropout, set_ffn_width, set_fp32
 
 INITS = ("random", "teacher")
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -203,8 +201,9 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
         The selection used (the projections W_e/W_h start as its transpose).
 
     Raises:
-        ValueError: the student is wider than the teacher somewhere, or its parameters do not match the
-            teacher's names (another architecture).
+        ValueError: the student is wider than the teacher somewhere, its parameters do not match the
+            teacher's names (another architecture), or its shape leaves out a teacher module outside the layers
+            (ELECTRA's embeddings_project where the student is as wide as the embeddings).
     """
     from dist_kd.models.adapters import selection_names
 
@@ -256,14 +255,14 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
     dropped = sorted(key for key in t_state if not key.startswith(t_prefix) and key not in new_state)
     if dropped:
         hint = (
-            f"; give it a hidden_size other than the teacher's embedding_size ({teacher.config.embedding_size})"
+            f"give it a hidden_size other than the teacher's embedding_size ({teacher.config.embedding_size}), "
             if any("embeddings_project" in key for key in dropped)
             else ""
         )
-        logger.warning(
-            "student.init=teacher: the student's shape leaves out the teacher's %s, so it computes differently "
-            "there%s", ", ".join(dropped), hint,
-        )  # fmt: skip
+        raise ValueError(
+            f"student.init=teacher: the student's shape leaves out the teacher's {', '.join(dropped)}, so the cut "
+            f"would compute something else there; {hint}or use student.init=random"
+        )
     return selection
 
 
@@ -271,6 +270,15 @@ def _output_layer_norm(module: nn.Module) -> nn.Module | None:
     """The last LayerNorm registered in ``module`` (in post-LN encoders, the one that produces its output)."""
     norms = [child for child in module.modules() if isinstance(child, nn.LayerNorm)]
     return norms[-1] if norms else None
+
+
+def _output_maps(student: nn.Module) -> list[nn.Module | None]:
+    """The module whose output is each state of ``student``: the output LayerNorm of the embeddings and of each
+    layer, or (ELECTRA with embeddings narrower than its layers) the linear map that projects the embeddings up."""
+    _, _, layers = find_layer_list(student)
+    project = getattr(student, "embeddings_project", None)
+    first = project if isinstance(project, nn.Linear) else _output_layer_norm(student.embeddings)
+    return [first, *(_output_layer_norm(layer) for layer in layers)]
 
 
 def _keep_output(store: dict):
@@ -285,7 +293,8 @@ class NotPostLayerNorm(ValueError):
 
 
 def _check_post_layer_norm(student: nn.Module, norms: list[nn.Module | None], batch: dict) -> None:
-    """Raise :class:`NotPostLayerNorm` unless every state of ``student`` on ``batch`` is the output of ``norms[i]``."""
+    """Raise :class:`NotPostLayerNorm` unless every state of ``student`` on ``batch`` is the output of ``norms[i]``
+    (a LayerNorm or linear map with a bias, whose weight and bias can take a per-dimension scale and shift)."""
     outputs: list[dict[str, torch.Tensor]] = [{} for _ in norms]
     handles = [norm.register_forward_hook(_keep_output(out)) for norm, out in zip(norms, outputs) if norm is not None]
     try:
@@ -297,7 +306,8 @@ def _check_post_layer_norm(student: nn.Module, norms: list[nn.Module | None], ba
         if norm is None or "out" not in out or not torch.equal(out["out"], states[index]) or norm.bias is None:
             raise NotPostLayerNorm(
                 f"state {index} of {type(student).__name__} is not the output of a LayerNorm with a gain and a "
-                "bias (a pre-LN encoder such as ModernBERT), so its statistics cannot be set through them"
+                "bias (a pre-LN encoder such as ModernBERT has none there), so its statistics cannot be set "
+                "through them"
             )
 
 
@@ -314,10 +324,11 @@ def calibrate_to_teacher(
     A student cut from the teacher runs teacher layer g(m) on the output of student layer m-1, not on
     what that layer saw in the teacher, so its states drift in scale and gather a large component shared by
     every token; Adam, moving each weight by about the learning rate per step, needs thousands of steps to
-    undo that. For the embeddings and each layer m, in order, this rescales the output LayerNorm's gain and
-    shifts its bias so that, on ``batches``, each dimension of the student's state has the mean and
-    standard deviation of its teacher dimension (layer g(m), dimension ``residual[k]``): the same
-    correction as re-estimating normalisation statistics after pruning.
+    undo that. For the embeddings and each layer m, in order, this rescales the output LayerNorm's gain (or,
+    for ELECTRA's projected embeddings, the projection's rows) and shifts its bias so that, on ``batches``,
+    each dimension of the student's state has the mean and standard deviation of its teacher dimension
+    (layer g(m), dimension ``residual[k]``): the same correction as re-estimating normalisation statistics
+    after pruning.
 
     Args:
         student: the student encoder (post-LN: every layer ends in a LayerNorm).
@@ -333,8 +344,7 @@ def calibrate_to_teacher(
         NotPostLayerNorm: a state is not the output of a LayerNorm (a pre-LN encoder such as ModernBERT);
             checked on the first batch before any weight changes.
     """
-    _, _, layers = find_layer_list(student)
-    norms = [_output_layer_norm(student.embeddings), *(_output_layer_norm(layer) for layer in layers)]
+    norms = _output_maps(student)
     was_training = student.training
     student.eval()  # the statistics of the states without dropout, as the teacher's (frozen, in eval mode)
     errors = []
@@ -354,7 +364,8 @@ def calibrate_to_teacher(
                 teacher_rows.append(target if residual is None else target.index_select(-1, residual.to(target.device)))
             s_rows, t_rows = torch.cat(student_rows), torch.cat(teacher_rows)
             scale = t_rows.std(0) / s_rows.std(0).clamp_min(1e-6)
-            norm.weight.mul_(scale.to(norm.weight.dtype))
+            # a LayerNorm's gain (D,) or a linear map's rows (D, in): output dimension d scaled by scale[d]
+            norm.weight.mul_(scale.view(-1, *[1] * (norm.weight.dim() - 1)).to(norm.weight.dtype))
             norm.bias.copy_((scale * (norm.bias.float() - s_rows.mean(0)) + t_rows.mean(0)).to(norm.bias.dtype))
             corrected = (s_rows - s_rows.mean(0)) * scale + t_rows.mean(0)
             errors.append(float((corrected - t_rows).square().mean() / t_rows.var(0, unbiased=False).mean()))

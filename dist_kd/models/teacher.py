@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,11 +143,22 @@ def readable_weights(path: str | Path, what: str):
         ) from None
 
 
-class _WithoutLoadReport(logging.Filter):
-    """Drops transformers' LOAD REPORT warning (see :func:`load_pretrained`)."""
+_TIED_HEAD = re.compile(r"tied weights mapping .* to tie (\S+) to (\S+), but both are absent")
+
+
+class _HeldLoadNotes(logging.Filter):
+    """Holds back transformers' LOAD REPORT and its tied-weights notes during one load (see :func:`load_pretrained`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
+        text = str(record.msg)
+        if "LOAD REPORT" in text or _TIED_HEAD.search(text):
+            self.held.append(record)
+            return False
+        return True
 
 
 def _listed(keys: list[str], most: int = 3) -> str:
@@ -159,14 +171,18 @@ def load_pretrained(auto_class, path: str | Path, what: str, new_head: bool = Fa
     transformers logs a LOAD REPORT table (a multi-line warning in terminal colours) for every difference
     between the files and the model, the expected ones too: a fine-tuned classifier's head when only its
     encoder is loaded (the TinyBERT task recipe's teacher), the new head of a classifier about to be fine-tuned
-    (every teacher of ``dist-kd finetune``). Here that table is dropped, and the differences that matter are
-    said in one line each:
+    (every teacher of ``dist-kd finetune``), and, for a new masked-LM head, a note that its tied weights are
+    "absent from the checkpoint". Here these are held back, and the differences that matter are said in one
+    line each:
 
     - encoder weights missing from the files (they would start random): a warning naming them; the pooler
       alone (many sentence-embedding checkpoints ship none, and distillation never reads it) is an INFO line;
-    - a classification head missing from the files of a classifier (``new_head`` False): an error, as it would
-      predict with random weights;
+    - a head missing from the files of a model that needs its head (``new_head`` False): an error, as it would
+      predict with random weights; a classifier's pooler (BERT's head reads it) counts as its head here;
     - weights the model does not use (the head of a classifier loaded as an encoder): a DEBUG line.
+
+    Where transformers raises (weights of another shape than the config's), the held report is logged first,
+    as transformers' error points to it. A tied-weights note about weights outside the head is logged as is.
 
     Returns:
         ``(model, loading)``, ``loading`` as transformers' ``output_loading_info`` gives it.
@@ -174,27 +190,39 @@ def load_pretrained(auto_class, path: str | Path, what: str, new_head: bool = Fa
     Raises:
         ValueError: the weights file is damaged (:func:`readable_weights`), or a head is missing as above.
     """
-    quiet = _WithoutLoadReport()
+    held = _HeldLoadNotes()
     source = logging.getLogger("transformers.modeling_utils")
-    source.addFilter(quiet)
+    source.addFilter(held)
     try:
         with readable_weights(path, what):
             model, loading = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception:
+        source.removeFilter(held)
+        for record in held.held:
+            source.handle(record)
+        raise
     finally:
-        source.removeFilter(quiet)
+        source.removeFilter(held)
     prefix = getattr(model, "base_model_prefix", "")
     with_head = bool(prefix) and getattr(model, prefix, model) is not model
 
     def in_head(key: str) -> bool:
-        return with_head and not key.startswith(f"{prefix}.")
+        if not with_head:
+            return False
+        # the base model's pooler is part of what a classifier reads, so a head model without it is headless
+        return not key.startswith(f"{prefix}.") or (not new_head and key.startswith(f"{prefix}.pooler."))
 
+    for record in held.held:
+        tied = _TIED_HEAD.search(str(record.msg))
+        if tied and not (new_head and all(in_head(key) for key in tied.groups())):
+            source.handle(record)
     missing = sorted(loading["missing_keys"])
     head = [key for key in missing if in_head(key)]
     encoder = [key for key in missing if not in_head(key)]
     if head and not new_head:
         raise ValueError(
-            f"{what} {path}: its weights hold no classification head ({_listed(head)} missing), so it would "
-            "predict with random weights; give a fine-tuned *ForSequenceClassification directory"
+            f"{what} {path}: its weights hold no trained head ({_listed(head)} missing), so it would predict "
+            f"with random weights; give a fine-tuned {type(model).__name__} directory"
         )
     pooler = [key for key in encoder if ".pooler." in f".{key}"]
     if pooler and len(pooler) == len(encoder):

@@ -227,11 +227,18 @@ def test_calibration_of_a_pre_ln_student_is_refused_before_it_changes_a_weight(t
     assert student.training
 
 
-def test_electra_student_keeps_the_teachers_embedding_projection_cut(tmp_path, caplog):
+def test_electra_student_keeps_the_teachers_embedding_projection_cut_and_is_calibrated_through_it(tmp_path):
     """ELECTRA's embeddings are narrower than its layers and projected up: a narrower student keeps the rows
-    of the projection that its residual dimensions select, so its embedding output is the teacher's, cut. A
-    student as wide as the embeddings has no projection (transformers builds none): a warning says so."""
-    from dist_kd.models.student import DistillStudent, StudentConfig, build_student, unit_selection
+    of the projection that its residual dimensions select, so its embedding output is the teacher's, cut, and
+    calibration sets that state's statistics through the projection (ELECTRA is post-LN; it was refused as
+    pre-LN). A student as wide as the embeddings would have no projection (transformers builds none): refused."""
+    from dist_kd.models.student import (
+        DistillStudent,
+        StudentConfig,
+        build_student,
+        calibrate_to_teacher,
+        unit_selection,
+    )
 
     teacher_dir = build_tiny_encoder(tmp_path / "electra", "electra", num_layers=2, hidden_size=32, num_heads=4)
     teacher = Teacher(teacher_dir, dtype="fp32")
@@ -245,9 +252,17 @@ def test_electra_student_keeps_the_teachers_embedding_projection_cut(tmp_path, c
     with torch.no_grad():
         got = DistillStudent(student, None)(ids, mask).embeddings
     torch.testing.assert_close(got, teacher.features(ids, mask).embeddings[..., residual])
-    assert not caplog.records
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    errors = calibrate_to_teacher(student, teacher.model, [1, 2], batches, residual)
+    assert len(errors) == 3
+    with torch.no_grad():
+        states = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    real = mask.bool()
+    for index, n in enumerate([0, 1, 2]):
+        s_rows = states[index][real]
+        t_rows = teacher.features(ids, mask).embeddings[real] if n == 0 else teacher.features(ids, mask).hidden[n][real]
+        torch.testing.assert_close(s_rows.mean(0), t_rows[:, residual].mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(s_rows.std(0), t_rows[:, residual].std(0), atol=1e-4, rtol=1e-4)
     as_wide = StudentConfig(num_layers=2, hidden_size=8, num_heads=4, intermediate_size=32, init="teacher")
-    build_student(as_wide, teacher.config, teacher.model, [1, 2])
-    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    assert len(warned) == 1 and "leaves out the teacher's embeddings_project.bias" in warned[0], warned
-    assert "other than the teacher's embedding_size (8)" in warned[0]
+    with pytest.raises(ValueError, match=r"leaves out the teacher's embeddings_project.bias.*embedding_size \(8\)"):
+        build_student(as_wide, teacher.config, teacher.model, [1, 2])

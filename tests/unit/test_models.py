@@ -610,5 +610,47 @@ def test_loads_say_what_the_files_lack_in_dist_kds_words(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "16 weights of BertModel are not in its files and start random" in warned[0], warned
     assert "encoder.layer.1.attention" in warned[0]
-    with pytest.raises(ValueError, match=r"no-head: its weights hold no classification head \(classifier.bias"):
+    with pytest.raises(ValueError, match=r"no-head: its weights hold no trained head \(classifier.bias"):
         load_pretrained(AutoModelForSequenceClassification, tmp_path / "no-head", "model")
+    # BERT's classifier reads the pooler: a classifier without it would score with a random one
+    with pytest.raises(ValueError, match=r"no-pooler: its weights hold no trained head \(bert.pooler.dense.bias"):
+        load_pretrained(AutoModelForSequenceClassification, tmp_path / "no-pooler", "model")
+
+
+def test_a_load_that_transformers_refuses_still_shows_its_report_and_a_new_mlm_head_no_tied_weights_note(
+    tmp_path, caplog
+):
+    """Weights of another shape than config.json's: transformers raises "look at the above report", so the held
+    report is shown. A masked-LM head fitted on an encoder (launch/mlm_head.py) is new by design: transformers'
+    note that its tied weights are "absent from the checkpoint" is not shown."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    from dist_kd.models.teacher import load_pretrained
+    from dist_kd.testing import build_tiny_bert
+
+    base = build_tiny_bert(tmp_path / "base")
+    shutil.copytree(base, tmp_path / "other-shape")
+    config = json.loads((tmp_path / "other-shape" / "config.json").read_text())
+    (tmp_path / "other-shape" / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    source = logging.getLogger("transformers.modeling_utils")
+    seen = _Records()
+    source.addHandler(seen)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    try:
+        with pytest.raises(RuntimeError, match="above report"):
+            Teacher(tmp_path / "other-shape", dtype="fp32")
+        assert [r for r in seen.records if "LOAD REPORT" in str(r.msg) and "intermediate" in str(r.msg)]
+        seen.records.clear()
+        AutoModelForMaskedLM.from_pretrained(base)  # transformers alone notes the new head's tied weights
+        assert [r for r in seen.records if "tied weights mapping" in str(r.msg)]
+        seen.records.clear()
+        load_pretrained(AutoModelForMaskedLM, base, "encoder", new_head=True)
+        assert not seen.records, [str(r.msg)[:200] for r in seen.records]
+    finally:
+        source.removeHandler(seen)
+        hf_logging.set_verbosity(verbosity)

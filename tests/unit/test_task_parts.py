@@ -173,8 +173,17 @@ def test_in_training_idle_heads_get_zero_gradients_and_draw_no_dropout(arch, tin
     student("topic", ids, mask).sum().backward()
     assert all(param.grad is None for name, param in student.heads.named_parameters() if not name.startswith("topic."))
     # The export carries the head's dropout as trained (its config left classifier_dropout empty).
-    exported = student.task_model("topic").config
-    assert getattr(exported, "seq_classif_dropout" if arch == "distilbert" else "classifier_dropout") == 0.3
+    from dist_kd.models.heads import HEAD_DROPOUT_FIELDS
+
+    exported = student.task_model("topic")
+    assert {getattr(exported.config, name) for name in HEAD_DROPOUT_FIELDS.get(arch, ("classifier_dropout",))} == {0.3}
+    # the rate is the head's own dropout module's, in training and in the export (DeBERTa's was left at 0.0)
+    head_rates = {
+        m.p
+        for name, m in exported.named_modules()
+        if "Dropout" in type(m).__name__ and not name.startswith(exported.base_model_prefix)
+    }
+    assert head_rates == {0.3}, head_rates
     # A diverged idle head (inf weights) leaves the active task alone: 0 x inf was NaN in its logits and loss.
     student.train()
     with torch.no_grad():
