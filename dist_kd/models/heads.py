@@ -23,6 +23,8 @@ Regression tasks have one output.
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from dist_kd.data.tokenizer import save_tokenizer
 
+logger = logging.getLogger(__name__)
 HEAD_STYLES = ("pooled", "sequence", "context", "pre_classifier", "prediction_head")
 
 
@@ -56,12 +59,20 @@ def _task_config(encoder_config, num_outputs: int, labels: list[str] | None):
 HEAD_DROPOUT_FIELDS = {"distilbert": ("seq_classif_dropout",), "deberta-v2": ("cls_dropout", "pooler_dropout")}
 
 
-def _set_head_dropout(config, rate: float) -> None:
+def set_head_dropout(config, rate: float) -> None:
     """The task head's dropout under its family's names (DistilBERT's ``seq_classif_dropout``; DeBERTa's
     ``cls_dropout`` and its context pooler's ``pooler_dropout``; ``classifier_dropout`` elsewhere). MPNet's head
     has none of its own: it reads the encoder's ``hidden_dropout_prob``, which this leaves alone."""
     for name in HEAD_DROPOUT_FIELDS.get(config.model_type, ("classifier_dropout",)):
         setattr(config, name, rate)
+
+
+@functools.cache
+def _note_mpnet_head_dropout() -> None:
+    logger.warning(
+        "student.head_dropout: MPNet's classification head has no dropout of its own (it reads the encoder's "
+        "hidden_dropout_prob, which student.dropout sets), so it does not change it"
+    )
 
 
 def _classifier_model(config):
@@ -87,7 +98,9 @@ class TaskHead(nn.Module):
         super().__init__()
         config = _task_config(encoder.config, num_outputs, labels)
         if dropout is not None:
-            _set_head_dropout(config, dropout)
+            set_head_dropout(config, dropout)
+            if config.model_type == "mpnet":
+                _note_mpnet_head_dropout()
         model = _classifier_model(config)
         self.model_type = type(model).__name__
         classifier = getattr(model, "classifier", None)
@@ -222,7 +235,7 @@ class MultiTaskStudent(nn.Module):
         head = self.heads[task]
         config = _task_config(self.encoder.config, head.num_outputs, head.labels)
         if head.dropout_rate is not None:  # as trained, for whoever fine-tunes the export further
-            _set_head_dropout(config, head.dropout_rate)
+            set_head_dropout(config, head.dropout_rate)
         model = _classifier_model(config)
         base = getattr(model, model.base_model_prefix)
         wanted = base.state_dict().keys()

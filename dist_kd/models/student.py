@@ -184,7 +184,9 @@ def _layer_prefix(model: nn.Module) -> str:
     return f"{name}."
 
 
-def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]) -> UnitSelection:
+def init_from_teacher(
+    student: nn.Module, teacher: nn.Module, mapping: list[int], source_name: str = "the teacher"
+) -> UnitSelection:
     """Initialise the student from the teacher: embeddings, pooler and student layer m from teacher layer g(m).
 
     Where the student is narrower (hidden, feed-forward or head width, head count), every teacher matrix
@@ -255,12 +257,12 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
     dropped = sorted(key for key in t_state if not key.startswith(t_prefix) and key not in new_state)
     if dropped:
         hint = (
-            f"give it a hidden_size other than the teacher's embedding_size ({teacher.config.embedding_size}), "
+            f"give it a hidden_size other than {source_name}'s embedding_size ({teacher.config.embedding_size}), "
             if any("embeddings_project" in key for key in dropped)
             else ""
         )
         raise ValueError(
-            f"student.init=teacher: the student's shape leaves out the teacher's {', '.join(dropped)}, so the cut "
+            f"student.init=teacher: the student's shape leaves out {source_name}'s {', '.join(dropped)}, so the cut "
             f"would compute something else there; {hint}or use student.init=random"
         )
     return selection
@@ -375,7 +377,11 @@ def calibrate_to_teacher(
 
 
 def build_student(
-    cfg: StudentConfig, teacher_config, teacher_model: nn.Module | None = None, mapping: list[int] | None = None
+    cfg: StudentConfig,
+    teacher_config,
+    teacher_model: nn.Module | None = None,
+    mapping: list[int] | None = None,
+    source_name: str = "the teacher",
 ) -> nn.Module:
     """Build the student encoder (fp32, train mode, ``dist_kd`` attention).
 
@@ -385,6 +391,7 @@ def build_student(
         teacher_model: the teacher encoder, needed for ``init: teacher``.
         mapping: g(1..M), needed for ``init: teacher`` (and read for per-layer settings such as ModernBERT's
             ``layer_types``; None: the uniform map's).
+        source_name: what ``teacher_model`` is, in messages (a task run cuts its student from ``student.path``).
     """
     from transformers import AutoConfig, AutoModel
 
@@ -404,7 +411,7 @@ def build_student(
         if cfg.init == "teacher":
             if teacher_model is None or mapping is None:
                 raise ValueError("student.init=teacher needs the teacher model and the layer mapping")
-            init_from_teacher(model, teacher_model, mapping)
+            init_from_teacher(model, teacher_model, mapping, source_name)
     install_adapter(model)
     install_fast_dropout(model)
     model = model.float()

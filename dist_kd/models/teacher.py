@@ -224,6 +224,12 @@ def load_pretrained(auto_class, path: str | Path, what: str, new_head: bool = Fa
             f"{what} {path}: its weights hold no trained head ({_listed(head)} missing), so it would predict "
             f"with random weights; give a fine-tuned {type(model).__name__} directory"
         )
+    reshaped = sorted(entry[0] for entry in loading["mismatched_keys"] if not in_head(entry[0]))
+    if reshaped:  # ignore_mismatched_sizes (finetune) left them random
+        logger.warning(
+            "%s %s: %d weights of %s have another shape in its files than its config.json gives and start random "
+            "(%s)", what, path, len(reshaped), type(model).__name__, _listed(reshaped),
+        )  # fmt: skip
     pooler = [key for key in encoder if ".pooler." in f".{key}"]
     if pooler and len(pooler) == len(encoder):
         logger.info("%s %s has no pooler weights (%s): its pooler starts random", what, path, _listed(pooler))

@@ -144,6 +144,7 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     """The base encoder with a fresh sequence-classification head carrying the task's label maps."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from dist_kd.models.heads import set_head_dropout
     from dist_kd.models.teacher import load_pretrained
 
     labels = spec.labels if spec.type == "classification" else ["score"]
@@ -157,9 +158,7 @@ def build_classifier(base: str | Path, spec: TaskSpec, dropout: float):
     # Every encoder dropout under its family's names (ModernBERT's MLP and embedding dropout too); a config
     # with none is refused with the fields it lacks.
     set_dropout(config, dropout)
-    for name in ("classifier_dropout", "seq_classif_dropout", "cls_dropout"):  # the head's, where the family has one
-        if getattr(config, name, None) is not None:
-            setattr(config, name, dropout)
+    set_head_dropout(config, dropout)  # the head's, under its family's names (DeBERTa's pooler too)
     # dist_kd's attention entry (SDPA, or on a CPU in training the explicit path with the cheaper dropout
     # mask) and its dropout modules: the same model, faster to fine-tune on a CPU (models/dropout.py).
     register_attention()

@@ -350,7 +350,7 @@ class TaskTrainer(EngineTrainer):
 
                 source, _ = load_pretrained(AutoModel, student_dir, "student.path")
                 mapping = layer_map(self.source_config.num_hidden_layers, self.student_shape.num_layers)
-            encoder = build_student(self.student_shape, self.source_config, source, mapping)
+            encoder = build_student(self.student_shape, self.source_config, source, mapping, "student.path")
         if self.phase == "intermediate":
             teacher = next(iter(self.teachers.values()))
             projections = build_projections(

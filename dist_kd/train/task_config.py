@@ -100,7 +100,11 @@ class TaskStudentConfig:
     dropout: float | None = doc(
         "hidden and attention dropout (ModernBERT: also embedding and MLP dropout; null keeps the directory's)", None
     )
-    head_dropout: float | None = doc("dropout before the task heads (null: the architecture's default)", None)
+    head_dropout: float | None = doc(
+        "dropout in the task heads (null: the architecture's default; MPNet's head has none of its own: it reads "
+        "student.dropout)",
+        None,
+    )
     init: str = doc(
         "pretrained (path's weights) | random (path's architecture and tokenizer, new random weights: the "
         "baseline without general distillation) | teacher (cut from path's weights: layers g(m) of a uniform "

@@ -266,3 +266,5 @@ def test_electra_student_keeps_the_teachers_embedding_projection_cut_and_is_cali
     as_wide = StudentConfig(num_layers=2, hidden_size=8, num_heads=4, intermediate_size=32, init="teacher")
     with pytest.raises(ValueError, match=r"leaves out the teacher's embeddings_project.bias.*embedding_size \(8\)"):
         build_student(as_wide, teacher.config, teacher.model, [1, 2])
+    with pytest.raises(ValueError, match=r"leaves out student.path's embeddings_project.bias"):  # a task run's cut
+        build_student(as_wide, teacher.config, teacher.model, [1, 2], "student.path")

@@ -538,6 +538,13 @@ def test_a_fine_tuned_teacher_takes_every_encoder_dropout_of_its_family(tmp_path
         base = _tiny_family(tmp_path / family, family)
         model = build_classifier(base, TaskSpec(name="t", labels=["a", "b"]), dropout=0.3)
         assert _dropout_rates(model.base_model) == {0.3}, family
+    # the head's dropout too: DeBERTa's context pooler kept its checkpoint's 0.0
+    from dist_kd.testing import build_tiny_encoder
+
+    for family in ("deberta-v2", "distilbert", "modernbert", "roberta"):
+        base = build_tiny_encoder(tmp_path / f"{family}-head", family)
+        model = build_classifier(base, TaskSpec(name="t", labels=["a", "b"]), dropout=0.3)
+        assert _dropout_rates(model) == {0.3}, (family, _dropout_rates(model))
 
 
 # ------------------------------------------------------------------ loading: dist_kd's words, not the LOAD REPORT
@@ -654,3 +661,25 @@ def test_a_load_that_transformers_refuses_still_shows_its_report_and_a_new_mlm_h
     finally:
         source.removeHandler(seen)
         hf_logging.set_verbosity(verbosity)
+
+
+def test_a_finetune_base_of_another_shape_than_its_config_warns_of_the_weights_it_leaves_random(tmp_path, caplog):
+    """finetune loads with ignore_mismatched_sizes (a base classifier of another label count): an encoder weight of
+    another shape than config.json's started random without a word."""
+    import json
+    import shutil
+
+    from dist_kd.data.tasks import TaskSpec
+    from dist_kd.testing import build_tiny_bert
+    from dist_kd.train.finetune import build_classifier
+
+    base = build_tiny_bert(tmp_path / "base")
+    shutil.copytree(base, tmp_path / "shorter")
+    config = json.loads((tmp_path / "shorter" / "config.json").read_text())
+    (tmp_path / "shorter" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    caplog.set_level(logging.INFO, logger="dist_kd")
+    build_classifier(tmp_path / "shorter", TaskSpec(name="t", labels=["a", "b"]), dropout=0.1)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "1 weights of BertForSequenceClassification have another shape" in warned[0]
+    assert "bert.embeddings.position_embeddings.weight" in warned[0]

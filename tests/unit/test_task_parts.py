@@ -497,3 +497,20 @@ def test_pairs_in_training_and_single_texts_in_dev_are_an_error(tmp_path, tiny_t
     single = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a", text_b=None)
     with pytest.raises(ValueError, match=r"dev rows of dev.jsonl are single texts \(the task has no text_b\); set"):
         _check_pairs(single, "store", pa.table({"text_b": ["b"]}), "dev.jsonl", pa.table({"text_b": pa.nulls(1)}))
+
+
+def test_an_mpnet_head_dropout_that_cannot_apply_is_said_once(tmp_path, caplog):
+    """MPNet's classification head reads the encoder's hidden dropout: student.head_dropout does not change it."""
+    from transformers import AutoModel
+
+    from dist_kd.models import heads
+    from dist_kd.models.heads import MultiTaskStudent
+    from dist_kd.testing import build_tiny_encoder
+
+    heads._note_mpnet_head_dropout.cache_clear()
+    encoder = AutoModel.from_pretrained(build_tiny_encoder(tmp_path / "mpnet", "mpnet"))
+    MultiTaskStudent(encoder, {"a": (2, ["x", "y"]), "b": (1, None)})
+    assert not caplog.records
+    MultiTaskStudent(encoder, {"a": (2, ["x", "y"]), "b": (1, None)}, dropout=0.3)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "MPNet's classification head has no dropout of its own" in warned[0], warned
