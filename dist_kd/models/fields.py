@@ -6,7 +6,8 @@ dropout rates ``hidden_dropout_prob`` / ``attention_probs_dropout_prob``; Distil
 ``embedding_dropout``, ``attention_dropout`` and ``mlp_dropout``. Setting BERT's names on another family's
 config only adds attributes its model never reads: the setting is silently lost and the saved config.json
 carries numbers that describe nothing. Task-head dropout (``classifier_dropout``, DistilBERT's
-``seq_classif_dropout``) is not among these: the heads set their own.
+``seq_classif_dropout``, DeBERTa's ``cls_dropout`` and ``pooler_dropout``) is not among these:
+``dist_kd.models.heads.set_head_dropout`` sets it, for task heads and fine-tuned teachers alike.
 """
 
 from __future__ import annotations
