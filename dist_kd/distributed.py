@@ -34,6 +34,15 @@ from typing import TypeVar
 
 import torch
 
+# torch.distributed.nn.functional takes ``group=group.WORLD`` as a default argument of its functions, evaluated
+# when it is first imported. transformers imports it (through torch's FSDP) when a model class first loads; were
+# that after a process group started, those defaults would hold the group, destroy_process_group could not free
+# it, and its gloo worker threads would live on into the interpreter's shutdown, where one releasing a finished
+# barrier needs the GIL and aborts the process ("terminate called without an active exception", SIGABRT, after
+# the run's work is done). Imported here, before any group exists, the defaults are None.
+if torch.distributed.is_available():
+    import torch.distributed.nn.functional  # noqa: F401
+
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)

@@ -35,3 +35,15 @@ def test_a_killed_run_leaves_no_buffer(ranks, tmp_path):
         ranks("shm_teardown.py", str(tmp_path), "--kill", env={"LOCAL_SIZE": "2"})
     left = [path for path in _records(tmp_path)[0]["paths"] if Path(path).exists()]
     assert not left, f"a SIGKILLed run left shared-memory buffers: {left}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+@pytest.mark.parametrize("how", ["init_distributed", "init_process_group"])
+def test_teardown_stops_the_groups_threads(ranks, tmp_path, how):
+    """A model class loaded after the group started does not keep the group alive past ``teardown``: its
+    worker threads would otherwise outlive the interpreter's shutdown, where a rare one aborts the process."""
+    ranks("group_teardown.py", str(tmp_path), how)
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["started"], (rank, "no gloo threads at start: the check would look at the wrong names")
+        assert record["after_teardown"] == [], (rank, record)
