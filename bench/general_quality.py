@@ -4,6 +4,7 @@ initialisation and the projection does to the student, measured on held-out labe
     bash launch/quickstart.sh train.max_steps=1          # once: installs the assets, writes the shards and texts
     python bench/general_quality.py                       # every recipe below, 300 steps each (~6 min a recipe)
     python bench/general_quality.py --recipes tinybert dist_kd --steps 300 --eval-every 50
+    python bench/general_quality.py --recipes dist_kd sentence --other-texts data/example/sentiment_dev.jsonl
 
 Each recipe is a ``launch/general.py`` run of the quickstart config (all-MiniLM-L6-v2 -> 3 x 192 on BBC
 News) with a few overrides, in its own run directory under ``--output``; a run already finished there is
@@ -12,7 +13,10 @@ mean-pooled last states; the teacher's is ~0.07, a collapsed student's ~1) and i
 accuracy on the 400 held-out topic articles, beside the teacher's. The bench prints one table: recipe,
 step, spread, probe, probe / teacher, and the loss terms, then the summary rows of each run (step 0 and a
 random-init student of the same shape), and writes them to ``--output/quality.md`` and ``quality.json``.
-It asserts nothing.
+With ``--other-texts`` (a labelled task-data file: a task the recipes were not tuned on, e.g. the example's
+tweet sentiment) it adds the spread and probe of the teacher and of each recipe's exported student there.
+``--seed`` sets ``train.seed`` (use another ``--output`` per seed: finished runs are reused). It asserts
+nothing.
 
 Recipes (cumulative, in the order the causes were found; docs/quality.md):
 
@@ -22,6 +26,7 @@ Recipes (cumulative, in the order the causes were found; docs/quality.md):
 - ``normalized``: + each layer's term divided by the teacher's variance there.
 - ``dist_kd``: + no learnt W_h (student dimension k against teacher dimension 2k): the quickstart default,
   launch/configs/quickstart.yaml as it is.
+- ``sentence``: + the sentence-embedding term (``distill.weights.sentence=1``), not TinyBERT's.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ RECIPES: dict[str, list[str]] = {
         "student.calibrate=true",
     ],
     "dist_kd": [],
+    "sentence": ["distill.weights.sentence=1"],
 }  # fmt: skip
 
 
@@ -69,7 +75,8 @@ def run_recipe(name: str, args: argparse.Namespace) -> Path:
     cmd = [
         sys.executable, "launch/general.py", "--config", "launch/configs/quickstart.yaml",
         f"teacher.path={teacher_dir()}", f"run.output_dir={out}", f"train.max_steps={args.steps}",
-        f"eval.every={args.eval_every}", "run.progress=false", "run.save_every=0", *RECIPES[name],
+        f"eval.every={args.eval_every}", f"train.seed={args.seed}", "run.progress=false", "run.save_every=0",
+        *RECIPES[name],
     ]  # fmt: skip
     print(f"running {name}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -95,12 +102,31 @@ def rows_of(name: str, run_dir: Path) -> list[dict]:
     return rows
 
 
+def embedding_quality(model_dir: str | Path, texts: str) -> tuple[float, float]:
+    """Spread and 5-fold probe accuracy of ``model_dir``'s sentence embeddings (pooled as its modules pool)
+    on the labelled ``texts``, as a general run measures its held-out texts."""
+    import torch
+    from transformers import AutoModel
+
+    from dist_kd.data.tokenizer import load_tokenizer
+    from dist_kd.quality import HeldOutTexts, QualityConfig, last_states
+
+    cfg = QualityConfig(texts=texts)
+    held = HeldOutTexts.from_file(texts, load_tokenizer(model_dir), cfg)
+    held.use_pooling_of(model_dir)
+    report = held.report(last_states(AutoModel.from_pretrained(model_dir)), torch.device("cpu"), cfg.batch_size,
+                         cfg.folds)  # fmt: skip
+    return report.spread, report.probe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--output", default="runs/bench-quality")
+    parser.add_argument("--seed", type=int, default=42, help="train.seed of every run")
+    parser.add_argument("--other-texts", default=None, help="a labelled task-data file to probe the students on")
     args = parser.parse_args()
     table, summaries = [], {}
     for name in args.recipes:
@@ -119,6 +145,12 @@ def main() -> None:
         for model in quality.get("order", quality["rows"]):
             row = quality["rows"][model]
             lines.append(f"| {name} | {model} | {row['spread']:.3f} | {row['probe']:.3f} | {row['probe_ratio']:.3f} |")
+    if args.other_texts:
+        lines += ["", f"On {args.other_texts}:", "", "| model | spread | probe |", "|---" * 3 + "|"]
+        models = {"teacher": teacher_dir(), **{name: Path(args.output) / name / "student" for name in summaries}}
+        for name, model_dir in models.items():
+            spread, probe = embedding_quality(model_dir, args.other_texts)
+            lines.append(f"| {name} | {spread:.3f} | {probe:.3f} |")
     print("\n".join(lines))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The combined TinyBERT objective over captured features.
 
-``L = w_embd * L_embd + w_hidden * sum_m L_hidn(m) + w_attn * sum_m L_attn(m) + w_pred * L_pred``
+``L = w_embd * L_embd + w_hidden * sum_m L_hidn(m) + w_attn * sum_m L_attn(m) + w_pred * L_pred + w_sent * L_sent``
 
 The per-layer terms are summed over the M student layers, as in the paper (``L = sum_m lambda_m L(m)``)
 and the reference implementation. Terms whose weight is 0 are not computed at all (general
@@ -11,6 +11,14 @@ distillation has no prediction loss; a prediction-only task stage needs no atten
 the student misses. With raw MSE a layer's weight in the sum is its scale: all-MiniLM-L6-v2's last layer
 has a fifth of the variance of its middle layers and its raw scores dwarf every state term, so a student's
 last layer (the one every downstream use reads) gets almost no signal and collapses (docs/quality.md).
+
+``L_sent`` (not TinyBERT's; weight 0 by default) is the MSE between sentence embeddings: the student's last
+layer and the teacher's layer g(M), each pooled over the real tokens of a row as the teacher's
+sentence-transformers modules pool (mean without them), the student's states compared as the hidden-state term
+compares them. Token-level terms leave the pooled embeddings of a small student far from the teacher's: most of
+their variation across texts is lost, and what is left is one vector common to all (docs/quality.md). With
+``normalize: variance`` it is divided by the teacher's variance of pooled embeddings across the rows of the
+micro-batch.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ from dist_kd.losses import (
 )
 from dist_kd.models.capture import EncoderFeatures
 from dist_kd.models.student import Projections, SelectedDimensions
+from dist_kd.quality import sentence_pool
 
-TERMS = ("embd", "hidden", "attn", "pred")
+TERMS = ("embd", "hidden", "attn", "pred", "sentence")
 NORMALIZATIONS = ("none", "variance")
 ATTENTION_LOSSES = ("raw_scores", "relations")
 
@@ -46,6 +55,13 @@ class LossWeights:
     hidden: float = doc("hidden-state loss weight (summed over student layers)", 1.0)
     attn: float = doc("raw attention-score loss weight (summed over student layers)", 1.0)
     pred: float = doc("prediction-layer soft cross-entropy weight (0 in general distillation)", 0.0)
+    sentence: float = doc(
+        "sentence-embedding loss weight (general distillation only): MSE of the student's pooled last layer "
+        "against the teacher's pooled layer g(M), pooled as the teacher's sentence-transformers modules pool "
+        "(mean without them); with normalize=variance over the teacher's variance of pooled embeddings across "
+        "the micro-batch (needs data.micro_batch_size >= 2)",
+        0.0,
+    )
 
     def __post_init__(self):
         for name in TERMS:
@@ -147,6 +163,7 @@ def tinybert_objective(
     normalize: str = "none",
     attention: str = "raw_scores",
     relation_heads: int = 12,
+    pooling: tuple[str, ...] = ("mean_tokens",),
 ) -> dict[str, torch.Tensor]:
     """Weighted TinyBERT loss and each of its terms.
 
@@ -163,10 +180,15 @@ def tinybert_objective(
         normalize: ``none`` | ``variance`` (each layer term divided by the teacher's variance there).
         attention: ``raw_scores`` (TinyBERT) | ``relations`` (MiniLMv2: sum over Q, K, V of the relation KL).
         relation_heads: R of the relation loss.
+        pooling: how the sentence term pools a row's states (sentence-transformers' pooling modes,
+            concatenated; :func:`dist_kd.quality.sentence_pool`).
 
     Returns:
-        ``{"loss": total, "embd": ..., "hidden": ..., "attn": ..., "pred": ...}`` (fp32 scalars; only the
-        terms with a positive weight).
+        ``{"loss": total, "embd": ..., "hidden": ..., "attn": ..., "pred": ..., "sentence": ...}`` (fp32
+        scalars; only the terms with a positive weight).
+
+    Raises:
+        ValueError: the sentence term normalized over a batch of one row (it has no variance across rows).
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
@@ -202,6 +224,21 @@ def tinybert_objective(
             )
         else:
             terms["attn"] = sum(score_term(m, n) for m, n in enumerate(mapping, start=1))
+    if weights.sentence > 0:
+        last = len(mapping)
+        student_BLD, teacher_BLD = student.hidden[last], teacher.hidden[mapping[-1]]
+        if projections is not None:
+            student_BLD, teacher_BLD = projections.compare(last, student_BLD, teacher_BLD)
+        mask_BL = (
+            attention_mask
+            if attention_mask is not None
+            else torch.ones(teacher_BLD.shape[:2], device=teacher_BLD.device)
+        )
+        student_BE, teacher_BE = (sentence_pool(states, mask_BL, pooling) for states in (student_BLD, teacher_BLD))
+        loss = (student_BE - teacher_BE).square().mean()
+        if relative and teacher_BE.shape[0] < 2:
+            raise ValueError("distill.weights.sentence with normalize=variance needs at least 2 rows per batch")
+        terms["sentence"] = loss / teacher_BE.var(0, correction=0).mean().clamp_min(1e-12) if relative else loss
     if weights.pred > 0:
         if student_logits is None or teacher_logits is None:
             raise ValueError("distill.weights.pred > 0 needs student and teacher logits")

@@ -70,6 +70,11 @@ def sentence_pool(
     return torch.cat(parts, dim=1)
 
 
+def pooling_name(modes: Sequence[str]) -> str:
+    """Pooling modes in words, e.g. ``mean`` or ``cls + mean`` (concatenated)."""
+    return " + ".join(mode.removesuffix("_tokens").removesuffix("_token") for mode in modes)
+
+
 def pooling_note(quality: dict) -> str:
     """`` (cls pooling, ...)`` where a summary's embeddings were not mean-pooled; nothing for mean pooling."""
     pooling = quality.get("pooling") or "mean"
@@ -263,7 +268,7 @@ class HeldOutTexts:
     @property
     def pooling_name(self) -> str:
         """The pooling in words, e.g. ``mean`` or ``cls + mean`` (concatenated)."""
-        return " + ".join(mode.removesuffix("_tokens").removesuffix("_token") for mode in self.pooling)
+        return pooling_name(self.pooling)
 
     def __len__(self) -> int:
         return len(self.rows)

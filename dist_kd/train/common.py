@@ -330,7 +330,7 @@ class LossWindow:
         groups: names of the per-task losses (``task/<name>``: the loss of that task's batches).
     """
 
-    TERMS = ("loss", "soft", "hard", "embd", "hidden", "attn", "pred")
+    TERMS = ("loss", "soft", "hard", "embd", "hidden", "attn", "pred", "sentence")
 
     def __init__(self, device: torch.device, groups: Sequence[str] = ()):
         self.device = device

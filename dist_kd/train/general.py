@@ -47,9 +47,10 @@ from dist_kd.quality import (
     QualityReport,
     collapse_reasons,
     last_states,
+    pooling_name,
     pooling_note,
 )
-from dist_kd.sentence_modules import carry_sentence_modules
+from dist_kd.sentence_modules import carry_sentence_modules, sentence_pooling
 from dist_kd.train import checkpoint as ckpt
 from dist_kd.train.common import (
     DivergenceGuard,
@@ -214,6 +215,23 @@ class GeneralTrainer(EngineTrainer):
             check_heads(teacher_config.num_attention_heads, cfg.student.num_heads)
         if weights.attn > 0 and not cfg.student.path:
             cfg.distill.check_relation_heads(teacher_config.hidden_size, cfg.student.hidden_size)
+        if weights.sentence > 0 and cfg.distill.normalize == "variance" and cfg.data.micro_batch_size < 2:
+            raise ValueError(
+                "distill.weights.sentence with distill.normalize=variance divides by the teacher's variance of "
+                "sentence embeddings across a micro-batch: data.micro_batch_size must be >= 2, got "
+                f"{cfg.data.micro_batch_size}"
+            )
+        # The sentence term pools as the teacher's sentence-transformers modules do (mean without them).
+        found = sentence_pooling(cfg.teacher.path) if weights.sentence > 0 else None
+        self.pooling: tuple[str, ...] = found[0] if found else ("mean_tokens",)
+        if weights.sentence > 0:
+            logger.info(
+                "the sentence term compares %s-pooled embeddings (%s)",
+                pooling_name(self.pooling),
+                "the teacher's sentence-transformers pooling"
+                if found
+                else "the teacher has no sentence-transformers modules",
+            )
         self.global_batch = check_batch(
             cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
         )
@@ -457,6 +475,7 @@ class GeneralTrainer(EngineTrainer):
                 normalize=self.cfg.distill.normalize,
                 attention=self.cfg.distill.attention,
                 relation_heads=self.cfg.distill.relation_heads,
+                pooling=self.pooling,
             )
         self.engine.backward(terms["loss"])
         self.engine.step()

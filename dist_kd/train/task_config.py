@@ -194,6 +194,11 @@ class TaskDistillConfig(DistillConfig):
             raise ValueError("distill.soft_weight and distill.hard_weight must be >= 0")
         if self.phase == "prediction" and self.soft_weight == 0 and self.hard_weight == 0:
             raise ValueError("distill.soft_weight and distill.hard_weight are both 0: nothing to learn from")
+        if self.weights.sentence > 0:
+            raise ValueError(
+                "distill.weights.sentence is a term of general distillation (launch/general.py); a task run takes "
+                "the sentence embeddings its student starts with: set it to 0"
+            )
         if self.phase == "intermediate" and self.weights.pred > 0:
             raise ValueError(
                 "distill.weights.pred must be 0 in phase intermediate (logits come from the store in phase prediction)"

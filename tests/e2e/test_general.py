@@ -60,15 +60,8 @@ def _check_run(run_dir: Path, max_steps: int, log_every: int):
     assert f"{records[-1]['tokens_seen']} tokens" in card and "2 layers x 16" in card
 
 
-def test_quality_pools_as_the_sentence_teachers_modules_and_its_student_encodes(tiny_bert_dir, tiny_corpus, tmp_path):
-    """The quality figures mean-pooled a CLS-pooled sentence-transformers teacher's states: the summary's spread
-    was not the spread of what SentenceTransformer(student/) encodes."""
-    import shutil
-
-    import torch
-
-    from dist_kd.quality import embedding_spread
-
+def _cls_pooled_teacher(tiny_bert_dir: Path, tmp_path: Path) -> Path:
+    """The tiny teacher with sentence-transformers modules that pool its CLS token."""
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_bert_dir, teacher)
     (teacher / "1_Pooling").mkdir()
@@ -78,6 +71,17 @@ def test_quality_pools_as_the_sentence_teachers_modules_and_its_student_encodes(
     ]))  # fmt: skip
     (teacher / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
                                                                    "pooling_mode_cls_token": True}))  # fmt: skip
+    return teacher
+
+
+def test_quality_pools_as_the_sentence_teachers_modules_and_its_student_encodes(tiny_bert_dir, tiny_corpus, tmp_path):
+    """The quality figures mean-pooled a CLS-pooled sentence-transformers teacher's states: the summary's spread
+    was not the spread of what SentenceTransformer(student/) encodes."""
+    import torch
+
+    from dist_kd.quality import embedding_spread
+
+    teacher = _cls_pooled_teacher(tiny_bert_dir, tmp_path)
     out = tmp_path / "run"
     proc = run_script("launch/general.py", "--debug", "--config", CONFIG,
                       *_args(teacher, tiny_corpus, out, "train.max_steps=4", "run.log_every=2"))  # fmt: skip
@@ -88,6 +92,32 @@ def test_quality_pools_as_the_sentence_teachers_modules_and_its_student_encodes(
     texts = [json.loads(line)["text"] for line in (tiny_corpus / "probe.jsonl").read_text().splitlines()]
     encoded = torch.as_tensor(st.SentenceTransformer(str(out / "student"), device="cpu").encode(texts))
     assert embedding_spread(encoded) == pytest.approx(quality["rows"]["student at step 4"]["spread"], abs=1e-4)
+
+
+def test_sentence_term_pools_as_the_teachers_modules_and_adds_to_the_loss(tiny_bert_dir, tiny_corpus, tmp_path):
+    teacher = _cls_pooled_teacher(tiny_bert_dir, tmp_path)
+    out = tmp_path / "run"
+    proc = run_script("launch/general.py", "--debug", "--config", CONFIG,
+                      *_args(teacher, tiny_corpus, out, "train.max_steps=4", "run.log_every=2",
+                             "distill.weights.sentence=2.0"))  # fmt: skip
+    assert "the sentence term compares cls-pooled embeddings (the teacher's sentence-transformers pooling)" in (
+        proc.stderr
+    )
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        layers = record["loss_embd"] + record["loss_hidden"] + record["loss_attn"]
+        assert record["loss_sentence"] > 0
+        assert record["loss"] == pytest.approx(layers + 2.0 * record["loss_sentence"])
+    # normalised by a variance across the micro-batch's rows, which one row does not have: refused up front
+    bad = run_script("launch/general.py", "--debug", "--config", CONFIG,
+                     *_args(teacher, tiny_corpus, tmp_path / "bad", "train.max_steps=4",
+                            "distill.weights.sentence=1.0", "data.micro_batch_size=1"), check=False)  # fmt: skip
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert bad.returncode != 0 and len(errors) == 1, bad.stderr[-2000:]
+    assert "distill.weights.sentence with distill.normalize=variance" in errors[0]
+    assert "data.micro_batch_size must be >= 2, got 1" in errors[0]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.distributed
