@@ -185,7 +185,8 @@ def run_training(
         if lock is not None:
             lock.release()
         # The process group stays up for the script's next stage (DeepSpeed caches its groups; a new group
-        # after a teardown would not match them). The commands tear it down when they exit.
+        # after a teardown would not match them). The commands tear it down when they exit; in a script, the
+        # exit handler init_distributed registers does (distributed._teardown_at_exit).
 
 
 def general(config: Any, overrides: Sequence[str] = ()) -> RunResult:

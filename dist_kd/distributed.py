@@ -18,6 +18,7 @@ only reduces across ranks (:func:`skip_shm_op`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
@@ -465,6 +466,7 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
             raise
         for line in printed.getvalue().splitlines():
             logger.debug("deepspeed: %s", line)
+        atexit.register(_teardown_at_exit)
         if shm_op and world_size > 1:
             release_shm_buffer(rank)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -657,6 +659,36 @@ def release_shm_buffer(rank: int) -> None:
         shm_buffer_path(rank).unlink(missing_ok=True)
 
 
+def _free_captured_group(group) -> None:
+    """Replace ``group`` by None where a function took it as a default argument when first imported:
+    torch.distributed.nn.functional's collectives (imported after the group started, which this module's own
+    import of it prevents for the groups dist_kd starts) and DeepSpeed's ``TorchBackend.barrier`` and
+    ``monitored_barrier`` (imported after a group started elsewhere). Such a default would keep the group, and
+    its gloo threads, alive past ``destroy_process_group``; None means the default group, as before."""
+    import inspect
+
+    functions = []
+    module = sys.modules.get("torch.distributed.nn.functional")
+    if module is not None:
+        functions += [value for value in vars(module).values() if inspect.isfunction(value)]
+    backend = getattr(sys.modules.get("deepspeed.comm.torch"), "TorchBackend", None)
+    functions += [getattr(backend, name) for name in ("barrier", "monitored_barrier") if hasattr(backend, name)]
+    for function in functions:
+        defaults = getattr(function, "__defaults__", None)
+        if defaults and any(value is group for value in defaults):
+            function.__defaults__ = tuple(None if value is group else value for value in defaults)
+
+
+def _teardown_at_exit() -> None:
+    """A group still up when the interpreter exits (a Python API script, which keeps it for its next stage) is
+    destroyed while the interpreter is whole: after it, gloo's threads could release a finished collective
+    only by taking the GIL of an interpreter being torn down, which aborts the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        teardown(in_step=False)
+
+
 def teardown(in_step: bool = True) -> None:
     """Destroy the process group if one exists (safe to call twice).
 
@@ -675,6 +707,7 @@ def teardown(in_step: bool = True) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        _free_captured_group(dist.group.WORLD)
         synced = False
         with contextlib.suppress(Exception):
             if in_step or dist.get_world_size() == 1:
