@@ -133,12 +133,13 @@ def main() -> None:
         run_dir = run_recipe(name, args)
         table += rows_of(name, run_dir)
         summaries[name] = json.loads((run_dir / "summary.json").read_text())["quality"]
-    lines = ["| recipe | step | spread | probe | probe / teacher | loss | hidden | attn |", "|---" * 8 + "|"]
+    lines = ["| recipe | step | spread | probe | probe / teacher | loss | hidden | attn | sentence |", "|---" * 9 + "|"]
     nan = float("nan")
     for row in table:
         lines.append(
             f"| {row['recipe']} | {row['step']} | {row['spread']:.3f} | {row['probe']:.3f} | {row['ratio']:.3f} | "
-            f"{row['loss']:.3f} | {row.get('loss_hidden', nan):.3f} | {row.get('loss_attn', nan):.3f} |"
+            f"{row['loss']:.3f} | {row.get('loss_hidden', nan):.3f} | {row.get('loss_attn', nan):.3f} | "
+            f"{row.get('loss_sentence', nan):.3f} |"
         )
     lines += ["", "| recipe | model | spread | probe | probe / teacher |", "|---" * 5 + "|"]
     for name, quality in summaries.items():

@@ -150,6 +150,43 @@ class DistillConfig:
         return build_layer_map(num_teacher_layers, num_student_layers, self.layer_map)
 
 
+def sentence_term(
+    student_BLD: torch.Tensor,
+    teacher_BLD: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pooling: tuple[str, ...],
+    relative: bool,
+) -> torch.Tensor:
+    """The sentence term: MSE between the rows' pooled embeddings, over the rows with a real token.
+
+    A row without one (a corrupt shard's, under ``data.skip_corrupt``) has no sentence: it is left out, where
+    CLS or last-token pooling would read padding. ``relative`` divides by the teacher's variance of pooled
+    embeddings across those rows; with fewer than 2 of them there is none, and the term is 0 (it keeps the
+    graph). Rows are weighted rather than selected, so nothing waits for the device.
+
+    Args:
+        student_BLD: the student's states as the hidden-state term compares them, ``(B, L, D)``.
+        teacher_BLD: the teacher's, ``(B, L, D)``.
+        attention_mask: ``(B, L)``, 1 for real tokens; None means all real.
+        pooling: sentence-transformers' pooling modes, concatenated (:func:`dist_kd.quality.sentence_pool`).
+        relative: divide by the teacher's variance across rows (``normalize: variance``).
+
+    Returns:
+        Scalar fp32.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones(teacher_BLD.shape[:2], device=teacher_BLD.device)
+    student_BE, teacher_BE = (sentence_pool(states, attention_mask, pooling) for states in (student_BLD, teacher_BLD))
+    rows_B = (attention_mask.to(teacher_BE.device).sum(1) > 0).float()
+    count = rows_B.sum()
+    error = (rows_B * (student_BE - teacher_BE).square().mean(1)).sum() / count.clamp_min(1.0)
+    if not relative:
+        return error
+    centre_E = (rows_B[:, None] * teacher_BE).sum(0) / count.clamp_min(1.0)
+    variance = (rows_B[:, None] * (teacher_BE - centre_E).square()).sum(0).mean() / count.clamp_min(1.0)
+    return (count >= 2).float() * error / variance.clamp_min(1e-12)
+
+
 def tinybert_objective(
     student: EncoderFeatures,
     teacher: EncoderFeatures,
@@ -186,9 +223,6 @@ def tinybert_objective(
     Returns:
         ``{"loss": total, "embd": ..., "hidden": ..., "attn": ..., "pred": ..., "sentence": ...}`` (fp32
         scalars; only the terms with a positive weight).
-
-    Raises:
-        ValueError: the sentence term normalized over a batch of one row (it has no variance across rows).
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
@@ -229,16 +263,7 @@ def tinybert_objective(
         student_BLD, teacher_BLD = student.hidden[last], teacher.hidden[mapping[-1]]
         if projections is not None:
             student_BLD, teacher_BLD = projections.compare(last, student_BLD, teacher_BLD)
-        mask_BL = (
-            attention_mask
-            if attention_mask is not None
-            else torch.ones(teacher_BLD.shape[:2], device=teacher_BLD.device)
-        )
-        student_BE, teacher_BE = (sentence_pool(states, mask_BL, pooling) for states in (student_BLD, teacher_BLD))
-        loss = (student_BE - teacher_BE).square().mean()
-        if relative and teacher_BE.shape[0] < 2:
-            raise ValueError("distill.weights.sentence with normalize=variance needs at least 2 rows per batch")
-        terms["sentence"] = loss / teacher_BE.var(0, correction=0).mean().clamp_min(1e-12) if relative else loss
+        terms["sentence"] = sentence_term(student_BLD, teacher_BLD, attention_mask, pooling, relative)
     if weights.pred > 0:
         if student_logits is None or teacher_logits is None:
             raise ValueError("distill.weights.pred > 0 needs student and teacher logits")

@@ -490,6 +490,10 @@ def merged_settings(*parts: dict[str, Any]) -> dict[str, Any]:
     return {**merged, "changeable": changeable}
 
 
+# Changeable settings added after checkpoints first recorded them: one without the key ran at this value.
+ADDED_CHANGEABLE: dict[str, Any] = {"distill.weights.sentence": 0.0}
+
+
 def check_changeable(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Settings a resume may change (``changeable`` in ``meta.json``): a warning naming each with both values.
 
@@ -501,6 +505,8 @@ def check_changeable(saved: dict[str, Any], current: dict[str, Any], checkpoint:
     see changed.
     """
     before, now = saved.get("changeable") or {}, current.get("changeable") or {}
+    if before:  # a checkpoint that records changeable settings, from before some were added
+        before = {**{key: value for key, value in ADDED_CHANGEABLE.items() if key in now}, **before}
     changed = [f"{key} {before[key]} -> {new}" for key, new in now.items() if key in before and before[key] != new]
     if changed:
         logger.warning(

@@ -390,5 +390,15 @@ class LossWindow:
         return {"names": self.names, "totals": self.totals.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["names"] == self.names:  # a checkpoint of other tasks is refused elsewhere
-            self.totals = torch.tensor(state["totals"], dtype=torch.float64, device=self.device)
+        """Restore by name: a checkpoint of a release with fewer loss terms restores the ones it has (a
+        checkpoint of other tasks is refused elsewhere)."""
+        saved, totals = state["names"], state["totals"]
+        if not set(saved) <= set(self.index):
+            return
+        restored = [0.0] * len(self.totals)
+        count = len(self.names)
+        for place, name in enumerate(saved):
+            restored[self.index[name]] = totals[place]
+            restored[count + self.index[name]] = totals[len(saved) + place]
+        restored[-2:] = totals[-2:]
+        self.totals = torch.tensor(restored, dtype=torch.float64, device=self.device)

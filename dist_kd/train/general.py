@@ -215,6 +215,17 @@ class GeneralTrainer(EngineTrainer):
             check_heads(teacher_config.num_attention_heads, cfg.student.num_heads)
         if weights.attn > 0 and not cfg.student.path:
             cfg.distill.check_relation_heads(teacher_config.hidden_size, cfg.student.hidden_size)
+        student_width = student_config.hidden_size if student_config is not None else cfg.student.hidden_size
+        learnt = cfg.distill.projection == "always" or (
+            cfg.distill.projection == "auto" and student_width != teacher_config.hidden_size
+        )
+        if weights.sentence > 0 and learnt:
+            raise ValueError(
+                f"distill.weights.sentence needs the student's own dimensions held to the teacher's: with "
+                f"distill.projection={cfg.distill.projection} (a learnt W_h, student width {student_width}, teacher "
+                f"{teacher_config.hidden_size}) the student can keep a component common to all its sentences in "
+                "directions W_h maps to almost nothing, unseen by the term; set distill.projection=select"
+            )
         if weights.sentence > 0 and cfg.distill.normalize == "variance" and cfg.data.micro_batch_size < 2:
             raise ValueError(
                 "distill.weights.sentence with distill.normalize=variance divides by the teacher's variance of "
@@ -230,7 +241,7 @@ class GeneralTrainer(EngineTrainer):
                 pooling_name(self.pooling),
                 "the teacher's sentence-transformers pooling"
                 if found
-                else "the teacher has no sentence-transformers modules",
+                else "no sentence-transformers pooling of the teacher's to follow",
             )
         self.global_batch = check_batch(
             cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size

@@ -109,15 +109,28 @@ def test_sentence_term_pools_as_the_teachers_modules_and_adds_to_the_loss(tiny_b
         layers = record["loss_embd"] + record["loss_hidden"] + record["loss_attn"]
         assert record["loss_sentence"] > 0
         assert record["loss"] == pytest.approx(layers + 2.0 * record["loss_sentence"])
-    # normalised by a variance across the micro-batch's rows, which one row does not have: refused up front
-    bad = run_script("launch/general.py", "--debug", "--config", CONFIG,
-                     *_args(teacher, tiny_corpus, tmp_path / "bad", "train.max_steps=4",
-                            "distill.weights.sentence=1.0", "data.micro_batch_size=1"), check=False)  # fmt: skip
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
-    assert bad.returncode != 0 and len(errors) == 1, bad.stderr[-2000:]
-    assert "distill.weights.sentence with distill.normalize=variance" in errors[0]
-    assert "data.micro_batch_size must be >= 2, got 1" in errors[0]
-    assert not (tmp_path / "bad").exists()
+    # The same run from the same teacher without its modules (mean pooling) differs only in the term's pooling:
+    # its first logged sentence term differs too, so the pooling reaches the loss, not only the log line.
+    plain = run_script("launch/general.py", "--debug", "--config", CONFIG,
+                       *_args(tiny_bert_dir, tiny_corpus, tmp_path / "mean", "train.max_steps=2", "run.log_every=2",
+                              "distill.weights.sentence=2.0"))  # fmt: skip
+    assert "compares mean-pooled embeddings (no sentence-transformers pooling of the teacher's" in plain.stderr
+    first = _metrics(tmp_path / "mean")[0]
+    assert first["loss_hidden"] == pytest.approx(records[0]["loss_hidden"], rel=1e-2)  # same steps but the term
+    assert first["loss_sentence"] != pytest.approx(records[0]["loss_sentence"], rel=1e-3)
+    for extra, said in [
+        # normalised by a variance across the micro-batch's rows, which one row does not have
+        (["data.micro_batch_size=1"], "distill.normalize=variance divides by the teacher's variance of sentence"),
+        # a learnt W_h would hide from the term the common component it is there for
+        (["distill.projection=auto"], "with distill.projection=auto (a learnt W_h, student width 16, teacher 32)"),
+    ]:
+        bad = run_script("launch/general.py", "--debug", "--config", CONFIG,
+                         *_args(teacher, tiny_corpus, tmp_path / "bad", "train.max_steps=4",
+                                "distill.weights.sentence=1.0", *extra), check=False)  # fmt: skip
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+        assert bad.returncode != 0 and len(errors) == 1, bad.stderr[-2000:]
+        assert said in errors[0] and "distill.weights.sentence" in errors[0], errors[0]
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.distributed

@@ -346,6 +346,53 @@ def test_a_resume_names_another_loss_setting_and_refuses_another_projection(tmp_
     assert "data.micro_batch_size" not in caplog.text  # unchanged settings are not named
 
 
+def test_a_checkpoint_from_before_the_sentence_term_ran_without_it(tmp_path, caplog):
+    """A checkpoint written before distill.weights.sentence existed has no such key: it ran at 0, so turning
+    the term on at a resume is named like any other changed weight, and leaving it at 0 says nothing."""
+    from dist_kd.objective import DistillConfig, LossWeights
+
+    def meta(**distill):
+        return ckpt.merged_settings(_general_meta(), DistillConfig(**distill).resume_meta())
+
+    old = meta()
+    del old["changeable"]["distill.weights.sentence"]
+    final = _saved(tmp_path, {**_meta(), **old})
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, {**_meta(), **meta()}, 1)
+    assert "other settings" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        ckpt.check_resume(final, {**_meta(), **meta(weights=LossWeights(sentence=1.0))}, 1)
+    assert "distill.weights.sentence 0.0 -> 1.0" in caplog.text, caplog.text
+
+
+def test_an_open_log_window_of_a_release_with_fewer_loss_terms_is_restored_by_name():
+    from dist_kd.train.common import LossWindow
+
+    cpu = torch.device("cpu")
+    window = LossWindow(cpu)
+    window.add({"loss": torch.tensor(3.0), "hidden": torch.tensor(2.0)}, tokens=10, rows=2)
+    window.add({"loss": torch.tensor(5.0), "hidden": torch.tensor(4.0)}, tokens=6, rows=1)
+    state = window.state_dict()
+    # the same window as an earlier release wrote it, without the names added since (the sentence term)
+    names = [name for name in state["names"] if name != "sentence"]
+    place = {name: i for i, name in enumerate(state["names"])}
+    count = len(state["names"])
+    old = {
+        "names": names,
+        "totals": [state["totals"][place[n]] for n in names] + [state["totals"][count + place[n]] for n in names]
+        + state["totals"][-2:],
+    }  # fmt: skip
+    resumed = LossWindow(cpu)
+    resumed.load_state_dict(old)
+    stats = resumed.reduce()
+    assert stats.values == {"loss": 4.0, "hidden": 3.0} and stats.tokens == 16 and stats.rows == 3
+    elsewhere = LossWindow(cpu, groups=["other"])  # a window of other tasks is not restored
+    elsewhere.add({"loss": torch.tensor(1.0)}, tokens=1, rows=1, group="other")
+    mine = LossWindow(cpu, groups=["mine"])
+    mine.load_state_dict(elsewhere.state_dict())
+    assert mine.reduce().rows == 0
+
+
 def test_a_resume_on_fewer_ranks_keeps_every_old_ranks_open_log_window(tmp_path, monkeypatch):
     """ZeRO-0 saved by 3 ranks, resumed on 2: rank 2's open window (its loss sums, tokens and rows since the last
     log line) was never read, so the next line averaged without it and tokens_seen stayed short for the run."""

@@ -33,9 +33,12 @@ def _by_hand(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray, mode: s
         if mode == "mean_tokens":
             rows_s.append(sum(student[b, i] for i in real) / len(real))
             rows_t.append(sum(teacher[b, i] for i in real) / len(real))
-        else:  # cls_token
+        elif mode == "cls_token":
             rows_s.append(student[b, 0])
             rows_t.append(teacher[b, 0])
+        else:  # lasttoken
+            rows_s.append(student[b, real[-1]])
+            rows_t.append(teacher[b, real[-1]])
     pooled_s, pooled_t = np.stack(rows_s), np.stack(rows_t)
     mse = float(((pooled_s - pooled_t) ** 2).mean())
     centred = pooled_t - pooled_t.mean(axis=0)
@@ -86,14 +89,29 @@ def test_only_the_last_layer_gets_a_gradient_and_an_unmasked_batch_pools_every_t
     assert terms["sentence"].item() == pytest.approx(masked["sentence"].item(), rel=1e-6)
 
 
-def test_a_one_row_batch_has_no_variance_to_divide_by():
+@pytest.mark.parametrize("mode", ["mean_tokens", "cls_token", "lasttoken"])
+def test_rows_without_a_real_token_are_left_out_and_fewer_than_two_rows_give_zero(mode):
+    """A corrupt shard's rows come fully masked (data.skip_corrupt): CLS or last-token pooling would read their
+    padding, and the teacher's variance over identical rows would be 0."""
     student, teacher = _features(4, seed=5), _features(4, seed=6)
-    one = EncoderFeatures(teacher.embeddings[:1], {n: h[:1] for n, h in teacher.hidden.items()}, {})
-    alone = EncoderFeatures(student.embeddings[:1], {n: h[:1] for n, h in student.hidden.items()}, {})
-    with pytest.raises(ValueError, match="at least 2 rows"):
-        tinybert_objective(alone, one, [1, 2], MASK[:1], ONLY_SENTENCE, normalize="variance")
-    raw = tinybert_objective(alone, one, [1, 2], MASK[:1], ONLY_SENTENCE)  # raw MSE needs no variance
-    assert raw["sentence"].item() > 0
+    mask = MASK.clone()
+    mask[1] = 0
+    both = tinybert_objective(student, teacher, [1, 2], mask, ONLY_SENTENCE, normalize="variance", pooling=(mode,))
+    kept = [0, 2]
+    mse, variance = _by_hand(student.hidden[2].numpy()[kept], teacher.hidden[2].numpy()[kept], MASK.numpy()[kept],
+                             mode)  # fmt: skip
+    assert both["sentence"].item() == pytest.approx(mse / variance, rel=1e-5)
+    mask[2] = 0  # one real row: no variance across rows, nothing to learn from
+    student.hidden[2].requires_grad_(True)
+    one = tinybert_objective(student, teacher, [1, 2], mask, ONLY_SENTENCE, normalize="variance", pooling=(mode,))
+    assert one["sentence"].item() == 0.0
+    one["loss"].backward()  # the graph is kept: a step on such a batch moves nothing
+    assert student.hidden[2].grad.abs().sum() == 0
+    raw = tinybert_objective(student, teacher, [1, 2], mask, ONLY_SENTENCE, pooling=(mode,))
+    assert raw["sentence"].item() > 0  # the raw MSE needs no variance
+    mask[0] = 0
+    nothing = tinybert_objective(student, teacher, [1, 2], mask, ONLY_SENTENCE, pooling=(mode,))
+    assert nothing["sentence"].item() == 0.0
 
 
 def test_weight_is_checked_and_task_runs_refuse_it():
