@@ -179,11 +179,12 @@ def sentence_term(
     student_BE, teacher_BE = (sentence_pool(states, attention_mask, pooling) for states in (student_BLD, teacher_BLD))
     rows_B = (attention_mask.to(teacher_BE.device).sum(1) > 0).float()
     count = rows_B.sum()
-    error = (rows_B * (student_BE - teacher_BE).square().mean(1)).sum() / count.clamp_min(1.0)
+    per_row = count.clamp_min(1.0)
+    error = (rows_B * (student_BE - teacher_BE).square().mean(1)).sum() / per_row
     if not relative:
         return error
-    centre_E = (rows_B[:, None] * teacher_BE).sum(0) / count.clamp_min(1.0)
-    variance = (rows_B[:, None] * (teacher_BE - centre_E).square()).sum(0).mean() / count.clamp_min(1.0)
+    centre_E = (rows_B[:, None] * teacher_BE).sum(0) / per_row
+    variance = (rows_B[:, None] * (teacher_BE - centre_E).square()).sum(0).mean() / per_row
     return (count >= 2).float() * error / variance.clamp_min(1e-12)
 
 

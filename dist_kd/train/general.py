@@ -215,27 +215,28 @@ class GeneralTrainer(EngineTrainer):
             check_heads(teacher_config.num_attention_heads, cfg.student.num_heads)
         if weights.attn > 0 and not cfg.student.path:
             cfg.distill.check_relation_heads(teacher_config.hidden_size, cfg.student.hidden_size)
-        student_width = student_config.hidden_size if student_config is not None else cfg.student.hidden_size
-        learnt = cfg.distill.projection == "always" or (
-            cfg.distill.projection == "auto" and student_width != teacher_config.hidden_size
-        )
-        if weights.sentence > 0 and learnt:
-            raise ValueError(
-                f"distill.weights.sentence needs the student's own dimensions held to the teacher's: with "
-                f"distill.projection={cfg.distill.projection} (a learnt W_h, student width {student_width}, teacher "
-                f"{teacher_config.hidden_size}) the student can keep a component common to all its sentences in "
-                "directions W_h maps to almost nothing, unseen by the term; set distill.projection=select"
-            )
-        if weights.sentence > 0 and cfg.distill.normalize == "variance" and cfg.data.micro_batch_size < 2:
-            raise ValueError(
-                "distill.weights.sentence with distill.normalize=variance divides by the teacher's variance of "
-                "sentence embeddings across a micro-batch: data.micro_batch_size must be >= 2, got "
-                f"{cfg.data.micro_batch_size}"
-            )
         # The sentence term pools as the teacher's sentence-transformers modules do (mean without them).
-        found = sentence_pooling(cfg.teacher.path) if weights.sentence > 0 else None
-        self.pooling: tuple[str, ...] = found[0] if found else ("mean_tokens",)
+        self.pooling: tuple[str, ...] = ("mean_tokens",)
         if weights.sentence > 0:
+            student_width = student_config.hidden_size if student_config is not None else cfg.student.hidden_size
+            if cfg.distill.projection == "always" or (
+                cfg.distill.projection == "auto" and student_width != teacher_config.hidden_size
+            ):
+                raise ValueError(
+                    f"distill.weights.sentence needs the student's own dimensions held to the teacher's: with "
+                    f"distill.projection={cfg.distill.projection} (a learnt W_h, student width {student_width}, "
+                    f"teacher {teacher_config.hidden_size}) the student can keep a component common to all its "
+                    "sentences in directions W_h maps to almost nothing, unseen by the term; set "
+                    "distill.projection=select"
+                )
+            if cfg.distill.normalize == "variance" and cfg.data.micro_batch_size < 2:
+                raise ValueError(
+                    "distill.weights.sentence with distill.normalize=variance divides by the teacher's variance of "
+                    "sentence embeddings across a micro-batch: data.micro_batch_size must be >= 2, got "
+                    f"{cfg.data.micro_batch_size}"
+                )
+            found = sentence_pooling(cfg.teacher.path)
+            self.pooling = found[0] if found else self.pooling
             logger.info(
                 "the sentence term compares %s-pooled embeddings (%s)",
                 pooling_name(self.pooling),
