@@ -131,32 +131,19 @@ def run_training(
         OutputWriteError: another write in the run directory failed (a full or read-only filesystem).
     """
     from dist_kd import distributed
-    from dist_kd.cli import attach_run_log, detach_run_log, note_run_failure
     from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
     from dist_kd.train.common import RunSignals, check_inputs_outside_outputs, check_run_kind
-    from dist_kd.train.runlock import RunDirInUse, RunDirNotWritable, RunLock
+    from dist_kd.train.runlock import owned_run_dir
 
     info = info or distributed.init_distributed()
-    trainer = lock = run_log = None
     with distributed.shared_failure():  # before the lock creates the directory: another kind of run in it
         check_run_kind(cfg.run.output_dir, "task" if hasattr(cfg, "tasks") else "general")
         inputs = {f"{key}.path": getattr(getattr(cfg, key, None), "path", None) for key in ("student", "teacher")}
         inputs.update({f"tasks[{t.name}].teacher": t.teacher for t in getattr(cfg, "tasks", [])})
         check_inputs_outside_outputs(cfg.run.output_dir, inputs)
-    try:
-        refused = None
-        if info.is_main:
-            lock = RunLock(cfg.run.output_dir)
-            try:
-                lock.acquire()
-            except (RunDirInUse, RunDirNotWritable) as err:
-                lock, refused = None, (type(err).__name__, str(err))
-        # Every rank learns why rank 0 refused and stops with the same error (they would wait for it forever).
-        refused = distributed.broadcast_object(refused)
-        if refused:
-            raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
-        if lock is not None:  # rank 0, the run directory its own
-            run_log = attach_run_log(cfg.run.output_dir, info.rank)
+    expected = (ValueError, FileNotFoundError, CheckpointSaveError, OSError)
+    with owned_run_dir(cfg.run.output_dir, info, expected=expected) as run_log:
+        trainer = None
         try:
             with RunSignals():  # preemption during set-up or the export: no death by signal (see RunSignals)
                 trainer = trainer_class(cfg, info)
@@ -175,18 +162,12 @@ def run_training(
             if failed is None:
                 raise
             raise failed from err
-    except BaseException as err:
-        note_run_failure(run_log, err, expected=(ValueError, FileNotFoundError, CheckpointSaveError, OSError))
-        raise
-    finally:
-        if trainer is not None:
-            trainer.close()
-        detach_run_log(run_log)
-        if lock is not None:
-            lock.release()
-        # The process group stays up for the script's next stage (DeepSpeed caches its groups; a new group
-        # after a teardown would not match them). The commands tear it down when they exit; in a script, the
-        # exit handler init_distributed registers does (distributed._teardown_at_exit).
+        finally:
+            if trainer is not None:
+                trainer.close()
+    # The process group stays up for the script's next stage (DeepSpeed caches its groups; a new group after a
+    # teardown would not match them). The commands tear it down when they exit; in a script, the exit handler
+    # init_distributed registers does (distributed._teardown_at_exit).
 
 
 def general(config: Any, overrides: Sequence[str] = ()) -> RunResult:

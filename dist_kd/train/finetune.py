@@ -11,7 +11,7 @@ Output directory::
 
     OUTPUT/teacher-1 ... teacher-K   HF model + tokenizer + finetune.json (params, dev metrics) + dev_logits.npy
     OUTPUT/report.json               every teacher's dev metrics and the ensemble's (mean of softmaxes)
-    OUTPUT/config.yaml, metrics.jsonl
+    OUTPUT/config.yaml, metrics.jsonl, train.log (rank 0's log lines, appended by each run)
 
 Teachers are exported atomically, so a restart skips the teachers already finished with the same settings;
 a teacher that was not finished trains again from step 0, and its ``metrics.jsonl`` lines from the interrupted
@@ -63,6 +63,7 @@ from dist_kd.train.engine import (
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger
+from dist_kd.train.runlock import owned_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -481,10 +482,31 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         digests = None
         if info.is_main:  # every byte of the base and the data: read once, by rank 0, and told to the others
             digests = data_fingerprint(cfg.dev), data_fingerprint(cfg.train), weights_sha256(cfg.base)
-            output.mkdir(parents=True, exist_ok=True)
-            with atomic_path(output / "config.yaml") as tmp:
-                tmp.write_text(_config_yaml(spec, cfg))
-    dev_sha256, train_sha256, base_sha256 = distributed.broadcast_object(digests)
+    digests = distributed.broadcast_object(digests)
+    # One run writes the directory (another, or a requeued twin still alive, is refused), and rank 0's log
+    # lines go to its train.log from here on.
+    with owned_run_dir(output, info, "--output", expected=(ValueError, FileNotFoundError, OSError)) as run_log:
+        with distributed.shared_failure():
+            if info.is_main:
+                with atomic_path(output / "config.yaml") as tmp:
+                    tmp.write_text(_config_yaml(spec, cfg))
+        if run_log is not None:
+            run_log.start()
+        return _train_teachers(spec, cfg, info, tokenizer, train, dev, digests)
+
+
+def _train_teachers(
+    spec: TaskSpec,
+    cfg: FinetuneConfig,
+    info: distributed.DistInfo,
+    tokenizer: Any,
+    train: Encoded,
+    dev: Encoded,
+    digests: tuple[str, str, str],
+) -> dict:
+    """The K teachers in turn (a finished one with the same settings reused), then the report."""
+    output = Path(cfg.output)
+    dev_sha256, train_sha256, base_sha256 = digests
     metrics = MetricsLogger(output, enabled=info.is_main)
     entries, all_logits = [], []
     for index in range(cfg.num_teachers):

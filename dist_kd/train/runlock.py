@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,18 @@ class RunLock:
             release if they stayed empty).
         heartbeat_s: seconds between heartbeats.
         stale_s: a heartbeat older than this means the owner is gone.
+        flag: how the user names the directory, for messages (``--output`` in dist-kd finetune).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_s: float = STALE_S,
+        flag: str = "run.output_dir",
+    ):
         self.run_dir = Path(run_dir)
+        self.flag = flag
         self.path = self.run_dir / LOCK_NAME
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_s
@@ -130,7 +139,7 @@ class RunLock:
             self.release()  # a directory this lock created and left empty goes again
             reason = f"{err.strerror or type(err).__name__} ({err.filename})" if err.filename else str(err)
             raise RunDirNotWritable(
-                f"run.output_dir {self.run_dir} cannot be written: {reason}; choose a writable run.output_dir"
+                f"{self.flag} {self.run_dir} cannot be written: {reason}; choose a writable {self.flag}"
             ) from None
         self._held = True
         self._thread = threading.Thread(target=self._beat, name="dist_kd-run-lock", daemon=True)
@@ -179,8 +188,8 @@ class RunLock:
                 time.sleep(min(poll, max(0.05, self.stale_s - age)))
                 continue
             raise RunDirInUse(
-                f"run.output_dir {self.run_dir} is in use by another run ({self.describe(owner, age)}; lock "
-                f"{self.path}): wait for it to finish, stop it, or choose another run.output_dir"
+                f"{self.flag} {self.run_dir} is in use by another run ({self.describe(owner, age)}; lock "
+                f"{self.path}): wait for it to finish, stop it, or choose another {self.flag}"
             )
 
     def _take_over(self, payload: str) -> bool:
@@ -229,3 +238,49 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def owned_run_dir(
+    run_dir: str | os.PathLike, info: Any, flag: str = "run.output_dir", expected: tuple[type, ...] = (ValueError,)
+) -> Iterator[Any]:
+    """One writer for the run directory, and its ``train.log``: what every training command holds while it runs.
+
+    Rank 0 takes the directory's :class:`RunLock`; every rank raises rank 0's refusal (the others would wait
+    for it forever). Rank 0 then writes its log lines to ``run_dir/train.log``, held until the caller's
+    ``log.start()`` (the set-up passed its checks: a run refused at set-up leaves the directory as it was).
+    The error that stops the run goes into the log, with its traceback unless it is one of ``expected`` (bad
+    input, a full disk), before the lock is given back.
+
+    Yields:
+        The :class:`dist_kd.cli.RunLog` on rank 0, None on the other ranks.
+
+    Raises:
+        RunDirInUse: another live run writes to the directory.
+        RunDirNotWritable: the directory cannot be created or written.
+    """
+    from dist_kd import distributed
+    from dist_kd.cli import attach_run_log, detach_run_log, note_run_failure
+
+    lock = run_log = refused = None
+    try:
+        if info.is_main:
+            lock = RunLock(run_dir, flag=flag)
+            try:
+                lock.acquire()
+            except (RunDirInUse, RunDirNotWritable) as err:
+                lock, refused = None, (type(err).__name__, str(err))
+        refused = distributed.broadcast_object(refused)
+        if refused:
+            raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
+        if lock is not None:  # rank 0, the run directory its own
+            run_log = attach_run_log(run_dir, info.rank)
+        try:
+            yield run_log
+        except BaseException as err:
+            note_run_failure(run_log, err, expected=expected)
+            raise
+    finally:
+        detach_run_log(run_log)
+        if lock is not None:
+            lock.release()

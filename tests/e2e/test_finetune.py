@@ -194,6 +194,33 @@ def test_rerun_after_a_crash_logs_each_teacher_step_once(finetuned, tmp_path):
     assert retrained[-1]["loss"] == pytest.approx(result["final_loss"]) and result["final_loss"] != 999.0
 
 
+def test_the_output_keeps_the_runs_log_and_one_run_writes_it(finetuned, tmp_path):
+    """finetune wrote no train.log (a cluster job's output was its only log), and took no lock: a second run, or
+    a requeue while the first still ran, trained and exported the same teacher-N directories alongside it."""
+    from dist_kd.train.runlock import LOCK_NAME, RunLock
+    from tests.e2e.conftest import snapshot
+
+    root, args = finetuned
+    log = (root / "out" / "train.log").read_text()
+    said = ["teacher 1/2: seed 3, dropout 0.10", "teacher 1 dev accuracy = ", "teacher 2 dev accuracy = "]
+    assert all(line in log for line in said) and sorted(said, key=log.index) == said, log[-3000:]
+    assert "[rank 0] INFO dist_kd.train.finetune: " in log and not (root / "out" / LOCK_NAME).exists()
+
+    out = tmp_path / "out"
+    held = RunLock(out)
+    held.acquire()  # a live run of this host (this process) owns the directory
+    try:
+        before = snapshot(out)
+        busy = list(args)
+        busy[busy.index("--output") + 1] = str(out)
+        proc = run_script(*busy, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"error: --output {out} is in use by another run (host " in proc.stderr, proc.stderr[-2000:]
+        assert "choose another --output" in proc.stderr and snapshot(out) == before
+    finally:
+        held.release()
+
+
 def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetuned, tmp_path):
     root, args = finetuned
     bad = list(args)
@@ -204,7 +231,7 @@ def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetun
     assert f"error: max_length (--max-length) 200 exceeds the max_position_embeddings 128 of model {root / 'base'}" in (
         proc.stderr
     )
-    assert not (tmp_path / "out" / "teacher-1").exists()
+    assert not (tmp_path / "out").exists()  # refused before the run took the directory: nothing written
     proc = run_script(*bad, "--max-length", "0", check=False)
     assert proc.returncode == 2 and "argument --max-length: expected a positive integer (>= 1), got 0" in proc.stderr
 
