@@ -543,13 +543,18 @@ class TaskTrainer(EngineTrainer):
 
     @torch.no_grad()
     def dev_losses(self, task: TaskData) -> dict[str, float]:
-        """Phase intermediate: the layer losses against the task's teacher on its dev set (mean per row)."""
+        """Phase intermediate: the layer losses against the task's teacher on its dev set (mean per row).
+
+        The dev set goes in batches of ``data.micro_batch_size`` rows, as the training loss does: each term is a
+        mean over a batch's real tokens (pairs), divided by the teacher's variance there under ``normalize:
+        variance``, so the figure depends on the batch size; that of training makes it compare with the training
+        loss, and keeps it the same for any ``eval.batch_size``."""
         module = self.engine.module
         was_training = module.training
         module.eval()
         sums: dict[str, float] = {}
         try:
-            for rows in length_batches(task.dev_rows.lengths, self.cfg.eval.batch_size):
+            for rows in length_batches(task.dev_rows.lengths, self.cfg.data.micro_batch_size):
                 batch = {
                     name: tensor.to(self.info.device)
                     for name, tensor in pad_rows(task.dev_rows, rows, self.pad_id).items()

@@ -249,7 +249,9 @@ class EvalConfig:
     """Dev-set evaluation."""
 
     every: int | None = doc("optimizer steps between dev evaluations (null: after each epoch)", None)
-    batch_size: int = doc("rows per dev forward pass", 128)
+    batch_size: int = doc(
+        "rows per dev forward pass (phase intermediate's dev loss: data.micro_batch_size, as its training loss)", 128
+    )
 
     def __post_init__(self):
         if self.every is not None and self.every < 1:

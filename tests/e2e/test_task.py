@@ -345,6 +345,20 @@ def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_lea
     assert report["phase"] == "intermediate" and dev[-1] < dev[0]
     student = AutoModel.from_pretrained(out / "student")
     assert student.config.num_hidden_layers == 2 and not (out / "tasks").exists()
+    # The dev loss goes in batches of the training's micro-batch size: it does not move with eval.batch_size
+    # (its terms are means over a batch's tokens, so with eval.batch_size's batches it did).
+    short = {"share": False, "distill": {"phase": "intermediate"}, "teacher": {"path": teacher, "dtype": "fp32"},
+             "train": {"max_steps": 2, "epochs": None}, "data": {"micro_batch_size": 4}}  # fmt: skip
+    dev_losses = []
+    for size in (1, 64):
+        run = pipeline / f"phase1-eval-{size}"
+        run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, run, **short)),
+                   f"eval.batch_size={size}")  # fmt: skip
+        history = json.loads((run / "eval.json").read_text())["history"]
+        dev_losses.append([(h["step"], h["tasks"]["topic"]["loss"]) for h in history])
+    assert dev_losses[0] and [s for s, _ in dev_losses[0]] == [s for s, _ in dev_losses[1]]
+    for (_, a), (_, b) in zip(*dev_losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
     # The phase-1 student is the phase-2 starting point.
     phase2 = pipeline / "phase2"
     run_script("launch/task.py", "--debug", "--config",
