@@ -550,6 +550,11 @@ def check_resume(checkpoint: Path, meta: dict[str, Any], world_size: int) -> Non
     check_changeable(saved, meta, checkpoint)
 
 
+def saved_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """Rank 0's trainer state in ``checkpoint`` (its step and data position), read before anything is built."""
+    return torch.load(checkpoint / "rank00000.pt", map_location="cpu", weights_only=False)
+
+
 def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     """Load model/optimizer/scheduler into ``engine`` and return this rank's trainer state (RNG restored).
 

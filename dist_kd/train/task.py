@@ -167,12 +167,8 @@ class TaskTrainer(EngineTrainer):
         self.names = [task.spec.name for task in self.tasks]
         self.pad_id = pad_id_of(self.tokenizer)
         self.use_token_types = uses_token_types(self.tokenizer, self.student_config)
-        rows_per_step = cfg.data.micro_batch_size * info.world_size * cfg.train.grad_accum
-        self.steps_per_epoch = max(1, math.ceil(sum(task.num_rows for task in self.tasks) / rows_per_step))
-        self.max_steps = (
-            max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch)) if cfg.train.epochs else cfg.train.max_steps
-        )
-        self.eval_every = cfg.eval.every or self.steps_per_epoch
+        self.rows_per_step = cfg.data.micro_batch_size * info.world_size * cfg.train.grad_accum
+        self.steps_per_epoch = max(1, math.ceil(sum(task.num_rows for task in self.tasks) / self.rows_per_step))
         weights = [entry.weight for entry in cfg.tasks]  # every task has one, or none has (checked)
         if weights[0] is None:
             weights = [float(task.num_rows) for task in self.tasks]
@@ -186,6 +182,11 @@ class TaskTrainer(EngineTrainer):
         )
         self.teachers = self._load_teachers() if self.phase == "intermediate" else {}
         resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
+        self.epochs_at = self._epochs_origin(resume_from)
+        self.max_steps = cfg.train.max_steps
+        if cfg.train.epochs:
+            origin, left = self.epochs_at, cfg.train.epochs - self.epochs_at["epoch"]
+            self.max_steps = max(1, origin["step"], origin["step"] + math.ceil(left * self.steps_per_epoch))
         ds_config = build_ds_config(
             cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
             cfg.train.clip, ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
@@ -275,6 +276,46 @@ class TaskTrainer(EngineTrainer):
         )
 
     # --- set-up helpers ------------------------------------------------------------------------------
+
+    def _epochs_origin(self, resume_from: Path | None) -> dict[str, Any]:
+        """Where this run counts its epochs from: ``{"step", "epoch", "rows_per_step"}``, the epoch at
+        ``step`` and the rows each step took since; the epoch at a later step is that epoch plus the steps since,
+        over :attr:`steps_per_epoch`. A new run counts from step 0. A resume keeps its checkpoint's origin,
+        unless the rows per step changed (``train.grad_accum``, ``data.micro_batch_size``, or the world size
+        under ZeRO 0, which a resume may change): counted in the new steps from the start, ``train.epochs``
+        would train other than its epochs of rows (fewer, or be refused as past the end). Then the epochs done
+        are counted in the old steps, and the rest in the new ones from the checkpoint's step."""
+        origin = {"step": 0, "epoch": 0.0, "rows_per_step": self.rows_per_step}
+        if resume_from is None:
+            return origin
+        state = ckpt.saved_trainer_state(resume_from)
+        step = int(state["step"])
+        rows = sum(state["sampler"]["positions"])  # rows drawn, all tasks and epochs, every rank
+        # A checkpoint of an earlier release: its rows per step from the rows it drew (one geometry, or that
+        # run's epochs were already counted in the wrong steps).
+        saved = state.get("epochs_at") or {"step": 0, "epoch": 0.0, "rows_per_step": rows // step if step else 0}
+        if saved["rows_per_step"] in (0, self.rows_per_step):
+            return {**saved, "rows_per_step": self.rows_per_step}
+        total = sum(task.num_rows for task in self.tasks)
+        before = max(1, math.ceil(total / saved["rows_per_step"]))
+        epoch = saved["epoch"] + (step - saved["step"]) / before
+        if self.cfg.train.epochs:
+            logger.warning(
+                "resuming at step %d, epoch %.4f, with %d rows a step (%d before): the epochs left of train.epochs="
+                "%g go in steps of %d rows",
+                step, epoch, self.rows_per_step, saved["rows_per_step"], self.cfg.train.epochs, self.rows_per_step,
+            )  # fmt: skip
+        return {"step": step, "epoch": epoch, "rows_per_step": self.rows_per_step}
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs trained by the end of ``step``."""
+        return self.epochs_at["epoch"] + (step - self.epochs_at["step"]) / self.steps_per_epoch
+
+    def _evaluation_due(self) -> bool:
+        """Every ``eval.every`` steps, else at the end of each epoch (and, in :meth:`train`, at the last step)."""
+        if self.cfg.eval.every:
+            return self.step % self.cfg.eval.every == 0
+        return math.floor(self.epoch_at(self.step) + 1e-9) > math.floor(self.epoch_at(self.step - 1) + 1e-9)
 
     def _load_teachers(self) -> dict[str, Any]:
         """Phase intermediate: one frozen teacher per distinct directory, checked against the student."""
@@ -378,6 +419,7 @@ class TaskTrainer(EngineTrainer):
             "history": self.history,
             "best": self.best,
             "window": self._window.state_dict(),
+            "epochs_at": self.epochs_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -478,7 +520,7 @@ class TaskTrainer(EngineTrainer):
                     self._window.add(terms, tokens, len(mine), group=self.names[task_index])
                 self.step += 1
                 dev = None
-                if self.step % self.eval_every == 0 or self.step == self.max_steps:
+                if self._evaluation_due() or self.step == self.max_steps:
                     with self._window.paused():  # tokens/s counts training only
                         self.guard.before("the dev evaluation", self.step)  # best/ never takes diverged weights
                         dev = self.evaluate()
@@ -596,7 +638,7 @@ class TaskTrainer(EngineTrainer):
                 self._export_task(task, self.run_dir / "best" / task.spec.name, logits, metrics, best=True)
         if not results:
             return results
-        self.history.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "tasks": results})
+        self.history.append({"step": self.step, "epoch": round(self.epoch_at(self.step), 4), "tasks": results})
         if self.info.is_main:
             self._warn_single_class()
             write_json_atomic(self.run_dir / "eval.json", self.eval_report())  # the trackers get them with the line

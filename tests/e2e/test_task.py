@@ -320,6 +320,36 @@ def test_resume_after_sigterm_gives_the_same_run(pipeline):
         assert b["tasks"]["topic"]["accuracy"] == pytest.approx(a["tasks"]["topic"]["accuracy"])
 
 
+def test_train_epochs_hold_across_a_resume_with_other_rows_per_step(pipeline):
+    """train.epochs counted the steps of a resumed run in its own batches from step 0: a resume that doubled
+    train.grad_accum (allowed, with a warning) ended with 0.9 of its 2 epochs trained (or, past the first epoch,
+    was refused as past the end), and its evaluations were not at the epochs' ends."""
+    out = pipeline / "epochs-regrouped"
+    settings = {"share": False, "data": {"micro_batch_size": 16, "group_by_length": False}, "train": {"epochs": 2},
+                "run": {"log_every": 1}, "deepspeed": {"config": "ds_configs/zero0.json"}}  # fmt: skip
+    run_until_lines_then_sigterm(["launch/task.py", "--debug", "--config", str(_config(pipeline, out, **settings))],
+                                 out / "metrics.jsonl", lines=10)  # fmt: skip
+    stopped = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
+    settings["train"]["grad_accum"] = 2
+    proc = run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, **settings)))
+
+    # An epoch of the topic task's 600 rows is ceil(600 / 16) = 38 steps of 16 rows, or 19 steps of 32: 608 rows.
+    rows_per_epoch = 608
+    lines = _metrics(out)
+    rows = sum(16 * sum(line["task_batches"].values()) for line in lines)  # 16-row micro-batches, 1 rank
+    assert 2 * rows_per_epoch <= rows < 2 * rows_per_epoch + 32, rows  # 2 epochs, then at most one 32-row step
+    # Evaluations at the end of each epoch: the first steps by which the rows drawn reach 608, then 1,216.
+    drawn, ends = 0, []
+    for line in lines:
+        before, drawn = drawn, drawn + 16 * sum(line["task_batches"].values())
+        if before < rows_per_epoch * (len(ends) + 1) <= drawn:
+            ends.append(line["step"])
+    history = json.loads((out / "eval.json").read_text())["history"]
+    assert [h["step"] for h in history] == ends, (ends, [h["step"] for h in history])
+    assert history[-1]["epoch"] == pytest.approx(rows / rows_per_epoch, abs=1e-3)
+    assert f"resuming at step {stopped}, epoch " in proc.stderr, proc.stderr[-3000:]
+
+
 def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_learns(pipeline):
     from transformers import AutoModel
 
