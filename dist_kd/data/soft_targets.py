@@ -275,6 +275,12 @@ def write_soft_targets(
     }
     path = directory / MANIFEST_NAME
     write_json_atomic(path, manifest)
+    # Part files of an earlier write that this one did not replace (more rows then, or fewer per file): the
+    # manifest never lists them, but a reader of the directory (datasets, pyarrow.dataset) took their rows too.
+    listed = {entry["name"] for entry in files}
+    for stale in directory.glob("part-*.parquet"):
+        if stale.name not in listed:
+            stale.unlink(missing_ok=True)
     return path
 
 

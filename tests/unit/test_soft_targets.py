@@ -129,6 +129,23 @@ def test_rewrite_removes_the_old_manifest_first(tmp_path):
     assert not st.is_complete(tmp_path)
 
 
+def test_a_rewrite_leaves_no_part_file_of_the_earlier_store(tmp_path):
+    """A store rewritten with fewer rows (or more per file) kept the earlier write's later part files: the
+    manifest left them out, but a directory reader (datasets, pyarrow.dataset) read their rows as well."""
+    import pyarrow.dataset as ds
+
+    metadata = _metadata()
+    st.write_soft_targets(_rows(7, metadata, seed=1), tmp_path, metadata, rows_per_file=2)
+    assert len(list(tmp_path.glob("part-*.parquet"))) == 4
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    rows = _rows(5, metadata, seed=2)
+    st.write_soft_targets(rows, tmp_path, metadata, rows_per_file=3)
+    assert sorted(p.name for p in tmp_path.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    read = ds.dataset(str(tmp_path), format="parquet", exclude_invalid_files=True).to_table()
+    assert read.column("example_id").to_pylist() == rows.column("example_id").to_pylist()
+    assert (tmp_path / "notes.txt").is_file()
+
+
 def test_label_order_and_task_checks(tmp_path):
     metadata = _metadata()
     st.write_soft_targets(_rows(3, metadata), tmp_path, metadata)
