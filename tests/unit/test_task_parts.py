@@ -514,3 +514,51 @@ def test_an_mpnet_head_dropout_that_cannot_apply_is_said_once(tmp_path, caplog):
     MultiTaskStudent(encoder, {"a": (2, ["x", "y"]), "b": (1, None)}, dropout=0.3)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "MPNet's classification head has no dropout of its own" in warned[0], warned
+
+
+# ---------------------------------------------------------------------------------------------- epochs
+
+
+@pytest.mark.parametrize(
+    "saved, expected",
+    [
+        # this release's checkpoint, same rows per step: its origin kept (a run never changed counts from 0)
+        (
+            {"step": 40, "positions": [320, 320], "epochs_at": {"step": 0, "epoch": 0.0, "rows_per_step": 16}},
+            {"step": 0, "epoch": 0.0},
+        ),
+        # 16 -> 32 rows a step at step 40: 40 steps of a 40-step epoch done (640 rows / 16), the rest from there
+        (
+            {"step": 40, "positions": [320, 320], "epochs_at": {"step": 0, "epoch": 0.0, "rows_per_step": 16}},
+            {"step": 40, "epoch": 1.0, "rows_per_step": 32},
+        ),
+        # a second change: the epochs of the first origin carry on (step 10 at epoch 0.25, 30 steps of 20/epoch)
+        (
+            {"step": 40, "positions": [500, 300], "epochs_at": {"step": 10, "epoch": 0.25, "rows_per_step": 32}},
+            {"step": 40, "epoch": 1.75, "rows_per_step": 16},
+        ),
+        # an earlier release's checkpoint (no origin): its rows per step from its rows drawn, 640 / 40
+        ({"step": 40, "positions": [320, 320]}, {"step": 40, "epoch": 1.0, "rows_per_step": 32}),
+        ({"step": 40, "positions": [640, 640]}, {"step": 0, "epoch": 0.0, "rows_per_step": 32}),
+    ],
+)
+def test_epochs_are_counted_in_the_steps_that_trained_them(saved, expected, monkeypatch, tmp_path):
+    """An epoch is ceil(rows / rows per step) steps; a resume with other rows per step counts the epochs done in
+    the checkpoint's steps (train.epochs trained fewer epochs, or was refused, when counted in the new ones)."""
+    from types import SimpleNamespace
+
+    from dist_kd.train import checkpoint as ckpt
+    from dist_kd.train.task import TaskTrainer
+
+    rows_per_step = expected.get("rows_per_step", 16)
+    trainer = SimpleNamespace(
+        rows_per_step=rows_per_step, tasks=[SimpleNamespace(num_rows=400), SimpleNamespace(num_rows=240)],
+        cfg=SimpleNamespace(train=SimpleNamespace(epochs=3)),
+    )  # fmt: skip
+    state = {"step": saved["step"], "sampler": {"positions": saved["positions"]}}
+    if "epochs_at" in saved:
+        state["epochs_at"] = saved["epochs_at"]
+    monkeypatch.setattr(ckpt, "saved_trainer_state", lambda checkpoint: state)
+    assert TaskTrainer._epochs_origin(trainer, None) == {"step": 0, "epoch": 0.0, "rows_per_step": rows_per_step}
+    origin = TaskTrainer._epochs_origin(trainer, tmp_path)
+    assert origin == pytest.approx({"rows_per_step": rows_per_step, **expected})
