@@ -409,6 +409,17 @@ def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str,
 UNCOMPARED = ("schedule", "changeable")  # meta.json keys a resume may change (warned about, not refused)
 
 
+def _same(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """``saved[key] == current[key]``; a model recorded with its weights' digest (``KEY.sha256``, in both) is
+    the same model at another ``path``: a copy staged to a job's local disk resumes, a retrained one does not."""
+    before, now = saved[key], current[key]
+    if before == now:
+        return True
+    if isinstance(before, dict) and isinstance(now, dict) and f"{key}.sha256" in saved and f"{key}.sha256" in current:
+        return {k: v for k, v in before.items() if k != "path"} == {k: v for k, v in now.items() if k != "path"}
+    return False
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume when what defines the run (teacher, student shape, tasks, optimizer settings, ...)
     changed since the checkpoint.
@@ -422,8 +433,13 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
     Raises:
         ValueError: naming each differing field with its saved and current value.
     """
-    differing = [key for key in current if key not in UNCOMPARED and key in saved and saved[key] != current[key]]
+    differing = [key for key in current if key not in UNCOMPARED and key in saved and not _same(key, saved, current)]
     if not differing:  # keys an older checkpoint lacks are not compared
+        for key in current:
+            before, now = saved.get(key), current[key]
+            moved = isinstance(before, dict) and isinstance(now, dict) and before.get("path") != now.get("path")
+            if moved:
+                logger.info("%s: %s moved to %s (the same weights)", key, before["path"], now["path"])
         return
     details = "; ".join(f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}" for key in differing)
     way_out = ""

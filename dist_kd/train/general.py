@@ -25,7 +25,7 @@ import torch
 from dist_kd import distributed
 from dist_kd.config import config_to_dict, doc, dump_config
 from dist_kd.data.tokenizer import save_tokenizer
-from dist_kd.io import atomic_dir, atomic_path, data_fingerprint
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, weights_sha256
 from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.fields import ffn_width
 from dist_kd.models.student import (
@@ -322,6 +322,9 @@ class GeneralTrainer(EngineTrainer):
                 "intermediate_size": ffn_width(student.config),  # DistilBERT's hidden_dim
                 "layer_map": self.mapping,
             },
+            # The teacher's weights (read by rank 0 alone): another teacher at the same path is not resumed, and
+            # the same one moved elsewhere (staged to a job's local disk) is; checkpoints before it have the path.
+            "teacher.sha256": distributed.on_main(lambda: weights_sha256(cfg.teacher.path)),
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
             # What the student's ids mean; dist-kd export checks the tokenizer it ships against it.
             "tokenizer.sha256": tokenizer_fingerprint(self.tokenizer)["sha256"],

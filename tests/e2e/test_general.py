@@ -146,6 +146,9 @@ def test_two_ranks_with_deepspeed_launcher(zero, tiny_bert_dir, tiny_corpus, tmp
     _check_run(out, 16, 4)
     meta = json.loads((out / "checkpoints" / "step-00000016" / "meta.json").read_text())
     assert meta["world_size"] == 2
+    from dist_kd.io import weights_sha256
+
+    assert meta["teacher.sha256"] == weights_sha256(tiny_bert_dir)  # the teacher known by its weights
 
 
 @pytest.mark.distributed

@@ -199,6 +199,30 @@ def test_settings_the_checkpoint_cannot_honour_are_refused_with_the_way_out(tmp_
     ckpt.check_compatible(older, _meta(**change), final)  # a checkpoint from before these keys: not compared
 
 
+def test_a_teacher_is_the_same_by_its_weights_not_its_path(tmp_path, caplog):
+    """General runs compared the teacher by path and shape: other weights at the same path resumed silently (the
+    loss jumped), and the same teacher staged elsewhere (a job's local disk) was refused."""
+    import logging
+
+    final = _save(tmp_path / "checkpoints", 11)
+    teacher = {"path": "/shared/teacher", "model_type": "bert", "num_layers": 6}
+    saved = {"teacher": teacher, "teacher.sha256": "aa", **_meta()}
+    staged = {"teacher": {**teacher, "path": "/tmp/job/teacher"}, "teacher.sha256": "aa", **_meta()}
+    with caplog.at_level(logging.INFO, logger="dist_kd.train.checkpoint"):
+        ckpt.check_compatible(saved, staged, final)
+    assert "teacher: /shared/teacher moved to /tmp/job/teacher (the same weights)" in caplog.text
+    retrained = {"teacher": teacher, "teacher.sha256": "bb", **_meta()}
+    with pytest.raises(ValueError, match="teacher.sha256: checkpoint has 'aa', this run has 'bb'"):
+        ckpt.check_compatible(saved, retrained, final)
+    with pytest.raises(ValueError, match="teacher: checkpoint has .*'num_layers': 6.*this run has .*'num_layers': 4"):
+        ckpt.check_compatible(saved, {**staged, "teacher": {**staged["teacher"], "num_layers": 4}}, final)
+    # a checkpoint from before the digest: the path is all it knows the teacher by, so a move is refused
+    older = {key: value for key, value in saved.items() if key != "teacher.sha256"}
+    with pytest.raises(ValueError, match="teacher: checkpoint has .*'/shared/teacher'.*this run has .*'/tmp/job/"):
+        ckpt.check_compatible(older, staged, final)
+    ckpt.check_compatible(older, retrained, final)  # its digest is not compared: unknown then
+
+
 def test_a_bf16_checkpoint_of_the_other_bf16_mode_names_the_setting_that_resumes_it(tmp_path):
     """DeepSpeed's bf16 optimizer (a bf16 module, fp32 masters) and autocast (an fp32 module) keep different
     state: a checkpoint of one does not load into the other, and the refusal names train.bf16_mode."""
