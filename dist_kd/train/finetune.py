@@ -334,9 +334,25 @@ def _differing(params: dict[str, Any], saved: dict[str, Any]) -> list[str]:
         if key == "task" and isinstance(mine, dict) and isinstance(theirs, dict):
             differ += [f"task.{field}" for field in sorted({*mine, *theirs} - {"metric"})
                        if mine.get(field) != theirs.get(field)]  # fmt: skip
+        elif key in ("train", "base") and f"{key}_sha256" in params and f"{key}_sha256" in saved:
+            continue  # known by its bytes (compared under its own key): the same file or base moved is the same
         elif mine != theirs:
             differ.append(key)
     return differ
+
+
+def _then_and_now(key: str, params: dict[str, Any], saved: dict[str, Any]) -> str:
+    """``KEY: SAVED then, NOW now`` for a setting :func:`_differing` named (digests cut to 12 characters)."""
+    mine, theirs = params, saved
+    if key.startswith("task."):
+        key_in, mine, theirs = key.removeprefix("task."), params.get("task") or {}, saved.get("task") or {}
+    else:
+        key_in = key
+
+    def shown(value: Any) -> str:
+        return repr(value[:12] + "...") if key.endswith("_sha256") and isinstance(value, str) else repr(value)
+
+    return f"{key}: {shown(theirs.get(key_in))} then, {shown(mine.get(key_in))} now"
 
 
 def teacher_params(spec: TaskSpec, cfg: FinetuneConfig, index: int) -> dict[str, Any]:
@@ -525,9 +541,10 @@ def _train_teachers(
                         params.pop(key)
                 differ = _differing(params, previous["params"])
                 if differ:
+                    details = "; ".join(_then_and_now(key, params, previous["params"]) for key in differ)
                     raise ValueError(
-                        f"{target} was trained with other settings ({', '.join(differ)} differ); use another "
-                        "--output or delete it"
+                        f"{target} was trained with other settings ({', '.join(differ)} differ: {details}); use "
+                        "another --output or delete it"
                     )
         if previous is not None:
             logger.info("teacher %d: reusing %s", index + 1, target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -115,7 +116,8 @@ def test_rerun_reuses_finished_teachers_and_bad_input_exits_2(finetuned):
     other = list(args)
     other[other.index("--labels") + 1] = ",".join(reversed(LABELS))
     proc = run_script(*other, timeout=300, check=False)
-    assert proc.returncode == 2 and "(task.labels differ)" in proc.stderr
+    assert proc.returncode == 2
+    assert "(task.labels differ: task.labels: ['neg', 'pos'] then, ['pos', 'neg'] now)" in proc.stderr
     bad = [*args[:-1], "--seeds", "1", "2", "3", "--cpu"]
     proc = run_script(*bad, check=False)
     assert proc.returncode == 2
@@ -310,13 +312,19 @@ def test_edited_training_data_at_the_same_path_is_not_reused(finetuned, tmp_path
     shutil.copy(root / "train.jsonl", tmp_path / "train.jsonl")
     run = _one_teacher(args, tmp_path / "out", train=tmp_path / "train.jsonl")
     run_script(*run, timeout=300)
+    # The same bytes elsewhere (staged to a job's disk) are the same data: reused (it was refused by path).
+    (tmp_path / "staged").mkdir()
+    shutil.copy(root / "train.jsonl", tmp_path / "staged" / "train.jsonl")
+    staged = _one_teacher(args, tmp_path / "out", train=tmp_path / "staged" / "train.jsonl")
+    assert "teacher 1: reusing" in run_script(*staged, timeout=300).stderr
     # The user fixes labels in place and reruns the same command: the teacher of the old labels must not stay.
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     flipped = [{**row, "y": LABELS[1 - LABELS.index(row["y"])]} for row in rows]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in flipped))
     proc = run_script(*run, timeout=300, check=False)
     assert proc.returncode == 2
-    assert "teacher-1 was trained with other settings (train_sha256 differ)" in proc.stderr
+    assert "teacher-1 was trained with other settings (train_sha256 differ: train_sha256: '" in proc.stderr
+    assert re.search(r"train_sha256: '[0-9a-f]{12}\.\.\.' then, '[0-9a-f]{12}\.\.\.' now\)", proc.stderr)
 
 
 def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_path):
@@ -387,10 +395,13 @@ def test_a_base_replaced_in_place_or_inside_the_output_is_refused(finetuned, tmp
     run_script(*run, timeout=300)
     params = json.loads((tmp_path / "out" / "teacher-1" / "finetune.json").read_text())["params"]
     assert params["world_size"] == 1 and len(params["base_sha256"]) == 64
+    shutil.copytree(tmp_path / "base", tmp_path / "staged-base")  # the same base elsewhere: reused
+    staged = _one_teacher(args, tmp_path / "out", base=tmp_path / "staged-base")
+    assert "teacher 1: reusing" in run_script(*staged, timeout=300).stderr
     shutil.rmtree(tmp_path / "base")
     build_tiny_bert(tmp_path / "base", seed=9, num_layers=2)  # another checkpoint at the same path
     proc = run_script(*run, timeout=300, check=False)
-    assert proc.returncode == 2 and "teacher-1 was trained with other settings (base_sha256 differ)" in proc.stderr
+    assert proc.returncode == 2 and "teacher-1 was trained with other settings (base_sha256 differ: " in proc.stderr
     inside = list(run)
     inside[inside.index("--base") + 1] = str(tmp_path / "out" / "teacher-1")
     before = (tmp_path / "out" / "teacher-1" / "model.safetensors").read_bytes()
