@@ -324,3 +324,10 @@ def write_parquet_atomic(table, path: str | os.PathLike, metadata: dict[str, Any
     table = table.replace_schema_metadata(encode_parquet_metadata(metadata))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output") -> None:
+    """Refuse an output directory that is a file, before any work (found when the first output was written)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory: give a directory for the output")

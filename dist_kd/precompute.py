@@ -54,7 +54,14 @@ from dist_kd.data.tasks import (
     label_order_check,
     load_task_examples,
 )
-from dist_kd.io import read_parquet_metadata, sha256_file, weights_sha256, write_json_atomic, write_parquet_atomic
+from dist_kd.io import (
+    check_output_dir,
+    read_parquet_metadata,
+    sha256_file,
+    weights_sha256,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from dist_kd.models.teacher import DTYPES, check_max_length, check_model_dir
 from dist_kd.predict import batched_logits, teacher_label_names
 
@@ -663,6 +670,7 @@ def precompute_soft_targets(
     output = Path(output_dir)
     # Every rank checks the inputs; a refusal on any rank (a file missing on one node) stops every rank there.
     with distributed.shared_failure():
+        check_output_dir(output)
         data_path = resolve_data_path(data_path)
         spec = spec_for_data(spec, data_path)
         check = check_teachers(config.teachers, spec, config.max_length)

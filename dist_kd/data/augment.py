@@ -49,7 +49,14 @@ import pyarrow.parquet as pq
 
 from dist_kd.config import doc
 from dist_kd.data.encode import uses_token_types
-from dist_kd.io import atomic_path, read_parquet_metadata, sha256_file, weights_sha256, write_parquet_atomic
+from dist_kd.io import (
+    atomic_path,
+    check_output_dir,
+    read_parquet_metadata,
+    sha256_file,
+    weights_sha256,
+    write_parquet_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1128,6 +1135,26 @@ def _check_before_augmenting(done: Path, task: str, ids: list[str], n_a: int) ->
         )
 
 
+def check_device(device: str) -> None:
+    """Refuse, before any work, a device torch cannot name or a CUDA device this machine lacks (they failed
+    with a traceback at the first masked-LM batch, after the data and GloVe were read)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"device (--device) {device!r} is not a device torch knows: give cpu, cuda or cuda:N"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(
+                f"device (--device) {device!r}: this machine has {count} CUDA device(s); give "
+                + (f"cuda:0 .. cuda:{count - 1}, or cpu" if count else "cpu")
+            )
+
+
 def augment_task(
     spec,
     data_path: str | Path,
@@ -1169,6 +1196,8 @@ def augment_task(
     from dist_kd.data.tasks import load_task_examples
 
     with distributed.shared_failure():
+        check_output_dir(output_dir)  # found when the merged set was written, after all the work
+        check_device(device)
         examples = load_task_examples(
             data_path, spec, require_labels=spec.label is not None, encoding=encoding, split=split
         )

@@ -72,7 +72,7 @@ from dist_kd.data.shards import (  # noqa: F401
     shard_name,
 )
 from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint  # noqa: F401
-from dist_kd.io import write_json_atomic
+from dist_kd.io import check_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -776,9 +776,11 @@ def prepare_corpus(
     Raises:
         FileNotFoundError: for a missing input or tokenizer.
         FileExistsError: when ``output_dir`` holds a corpus and ``overwrite`` is false.
-        ValueError: for bad options or bad inputs (naming the file and, for JSONL, the line).
+        ValueError: for bad options or bad inputs (naming the file and, for JSONL, the line), or an
+            ``output_dir`` that is a file.
     """
     _validate_options(seq_len, shard_size, num_workers, packing, txt_document, encoding_errors)
+    check_output_dir(output_dir)
     started = time.perf_counter()
     sources = discover_inputs(inputs)
     tok = load_tokenizer(tokenizer)
