@@ -92,13 +92,15 @@ class TrainConfig:
             raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.seed < 0:
             raise ValueError(f"train.seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # nan passed, for torch's "Invalid learning rate: nan"
+            raise ValueError(f"train.lr must be a number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay must be a number >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.clip < 0:
+        if not self.clip >= 0:  # nan too
             raise ValueError(f"train.clip must be >= 0, got {self.clip}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from dist_kd.train.engine import (
     build_engine,
     full_precision_weights,
     release_engine,
+    resolve_ds_path,
     resolve_precision,
 )
 from dist_kd.train.metrics import MetricsLogger
@@ -69,6 +71,13 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE = "finetune.json"
 DEV_LOGITS_FILE = "dev_logits.npy"
+
+
+# The engine's names of finetune's training settings -> its flags (weight_decay and clip: FinetuneConfig's own).
+_FLAG_OF = {
+    "lr": "--lr", "warmup_ratio": "--warmup-ratio", "weight_decay": "weight_decay", "clip": "clip",
+    "precision": "--precision", "bf16_mode": "--bf16-mode", "config": "--deepspeed-config",
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -114,6 +123,15 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        # The training settings as the engine checks them, before the data is read and config.yaml written (they
+        # were checked when teacher 1 began, under the train.* names of the other commands).
+        try:
+            TrainConfig(lr=self.lr, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay, clip=self.clip,
+                        precision=self.precision, bf16_mode=self.bf16_mode)  # fmt: skip
+            resolve_ds_path(self.deepspeed_config)
+        except (ValueError, FileNotFoundError) as err:
+            flags = re.sub(r"\b(?:train|deepspeed)\.(\w+)", lambda m: _FLAG_OF.get(m[1], m[1]), str(err))
+            raise type(err)(flags) from None
 
 
 @dataclasses.dataclass

@@ -224,3 +224,26 @@ def test_a_run_directorys_config_names_existing_inputs_by_absolute_paths(tmp_pat
     assert written["run"]["output_dir"] == "runs/x"
     (tmp_path / "written.yaml").write_text(yaml.safe_dump(written))
     assert load_config(TaskConfig, tmp_path / "written.yaml").student.path == str(tmp_path / "student")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr": -1.0}, r"^--lr must be a number > 0, got -1.0$"),
+        ({"lr": float("nan")}, r"^--lr must be a number > 0, got nan$"),
+        ({"warmup_ratio": 2.0}, r"^--warmup-ratio must be in \[0, 1\), got 2.0$"),
+        ({"precision": "fp64"}, r"^--precision must be one of \['auto', 'fp32', 'bf16', 'fp16'\], got 'fp64'$"),
+        ({"bf16_mode": "x"}, r"^--bf16-mode must be one of"),
+        ({"weight_decay": float("nan")}, r"^weight_decay must be a number >= 0, got nan$"),
+        ({"clip": -1.0}, r"^clip must be >= 0, got -1.0$"),
+        ({"deepspeed_config": "nope.json"}, r"^--deepspeed-config nope.json does not exist"),
+    ],
+)
+def test_finetune_settings_are_checked_with_its_flags_before_any_work(setting, message):
+    """dist-kd finetune read and encoded the data, wrote config.yaml and began teacher 1 before "train.lr must be
+    > 0" (a key it does not have); --lr nan reached torch ("Invalid learning rate: nan")."""
+    from dist_kd.train.finetune import FinetuneConfig
+
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        FinetuneConfig(**setting)
+    FinetuneConfig()  # the defaults pass
