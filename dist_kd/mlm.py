@@ -217,6 +217,9 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         f"an earlier masked-LM head (with {RESULT_FILE})", "mlm-head", "an earlier head's directory",
     )  # fmt: skip
     head = MlmHead(cfg.encoder, cfg.seed, cfg.train_layers)
+    vocab_size = head.model.config.vocab_size
+    if cfg.top_k > vocab_size:  # torch's "selected index k out of range" at the first held-out batch
+        raise ValueError(f"top_k (--top-k) {cfg.top_k} exceeds the encoder's vocabulary of {vocab_size} pieces")
     loader = build_corpus_loader(
         cfg.shards, micro_batch_size=cfg.batch_size, num_workers=0, seed=cfg.seed, shuffle=False,
         teacher_tokenizer=head.tokenizer,
@@ -256,7 +259,7 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         "encoder": str(Path(cfg.encoder).resolve()),
         "config": asdict(cfg),
         "seconds": round(time.perf_counter() - start, 1),
-        "last_train_loss": float(loss),
+        "last_train_loss": loss.item(),
         "held_out_before": before,
         "held_out_after": after,
     }

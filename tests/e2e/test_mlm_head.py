@@ -38,12 +38,13 @@ def test_augment_accepts_the_fitted_head(tiny_bert_dir, tiny_corpus, tmp_path):
     from dist_kd.data.augment import MaskedLMCandidates
 
     out = tmp_path / "mlm"
-    run_script(
+    proc = run_script(
         "launch/mlm_head.py", "--encoder", str(tiny_bert_dir), "--shards", str(tiny_corpus / "shards"),
         "--output", str(out), "--steps", "5", "--batch-size", "4", "--eval-batches", "1",
     )  # fmt: skip
     candidates = MaskedLMCandidates(out, k=3, batch_size=8, device="cpu")
     assert candidates.tokenizer.mask_token_id is not None
+    assert "Warning" not in proc.stderr, proc.stderr  # float() of the last loss warned of its gradient every run
 
 
 def test_bad_input_is_one_error_line(tmp_path, tiny_bert_dir):
@@ -57,6 +58,15 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_bert_dir):
         str(tmp_path / "o"), "--mask-prob", "1.5", check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and "mask_prob" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    vocab = json.loads((tiny_bert_dir / "config.json").read_text())["vocab_size"]
+    proc = run_script(
+        "launch/mlm_head.py", "--encoder", str(tiny_bert_dir), "--shards", str(tmp_path), "--output",
+        str(tmp_path / "o"), "--top-k", str(vocab + 1), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: top_k (--top-k) {vocab + 1} exceeds the encoder's vocabulary of {vocab} pieces"
+    ), proc.stderr
     assert not (tmp_path / "o").exists()
     # An output holding the user's files (here the encoder itself) was replaced whole: the encoder deleted.
     before = sorted(path.name for path in tiny_bert_dir.iterdir())
