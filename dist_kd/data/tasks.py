@@ -935,8 +935,9 @@ def load_task_examples(
             missing = [row for row, value in enumerate(labels) if value is None]
             if missing:
                 raise ValueError(
-                    f"task data {path}: {where.subject(missing)} no label in column '{spec.label}'; pass "
-                    "require_labels=False for unlabeled (test) data"
+                    f"task data {path}: {where.subject(missing)} no label in column '{spec.label}', and every row "
+                    "needs one here (training and dev data): label them or leave them out (rows without labels, "
+                    "such as test data, go to dist-kd precompute or evaluate, which take them)"
                 )
     if spec.label is None and require_labels:
         raise ValueError(f"task '{spec.name}' has no label column (label: null) but labels are required")

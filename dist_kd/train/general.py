@@ -211,6 +211,12 @@ class GeneralTrainer(EngineTrainer):
             num_student_layers = student_config.num_hidden_layers
         self.mapping = cfg.distill.mapping(num_teacher_layers, num_student_layers)
         weights = cfg.distill.weights
+        temperature = next(field.default for field in dataclasses.fields(cfg.distill) if field.name == "temperature")
+        if cfg.distill.temperature != temperature and info.is_main:  # accepted (one file may serve both stages)
+            logger.warning(
+                "distill.temperature: read by the prediction term of task runs only; general distillation has no "
+                "logits, so this run does not use it"
+            )
         if weights.attn > 0 and not cfg.student.path and cfg.distill.attention == "raw_scores":
             check_heads(teacher_config.num_attention_heads, cfg.student.num_heads)
         if weights.attn > 0 and not cfg.student.path:

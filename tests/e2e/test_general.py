@@ -220,10 +220,14 @@ def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
     proc = run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
         *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=16", "run.log_every=4", "run.save_every=8",
-               "eval.every=8"),
+               "eval.every=8", "distill.temperature=2"),
     )  # fmt: skip
     _check_run(out, 16, 4)
     assert "student saved to" in proc.stdout and "quality on 60 held-out texts" in proc.stdout
+    # a key general distillation does not read was taken without a word
+    assert "WARNING dist_kd.train.general: distill.temperature: read by the prediction term of task runs only" in (
+        proc.stderr
+    )
     quality = json.loads((out / "summary.json").read_text())["quality"]
     assert quality["order"] == ["teacher", "student at step 0", "student at step 16", "random init, same shape"]
     assert sorted(quality["rows"]) == sorted(quality["order"])

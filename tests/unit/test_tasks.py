@@ -534,7 +534,9 @@ def test_errors_name_the_line_in_jsonl_files(tmp_path, reader):
     with pytest.raises(ValueError, match=r"d.jsonl: line 6, column 'sentiment' holds unknown label 'maybe'"):
         load_task_examples(path, spec)
     path.write_text("\n".join([lines[0], "", lines[1], "  ", lines[2]]) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"d.jsonl: line 5 has no label in column 'sentiment'"):
+    # says what to do from the command line (it named require_labels=False, a Python argument)
+    unlabelled = r"d.jsonl: line 5 has no label in column 'sentiment', and every row needs one here \(training and dev"
+    with pytest.raises(ValueError, match=unlabelled + r" data\): label them or leave them out \(rows without labels"):
         load_task_examples(path, spec)
     path.write_text("\n".join([lines[0], "", json.dumps({"text": None, "sentiment": "pos", "n": extra[1]})]) + "\n")
     with pytest.raises(ValueError, match=r"d.jsonl: line 3 has no text in column 'text'"):
