@@ -9,7 +9,8 @@ the dropout rate, as in the paper's ensembles.
 
 Output directory::
 
-    OUTPUT/teacher-1 ... teacher-K   HF model + tokenizer + finetune.json (params, dev metrics) + dev_logits.npy
+    OUTPUT/teacher-1 ... teacher-K   HF model + tokenizer + task.json + finetune.json (params, dev metrics)
+                                     + dev_logits.npy
     OUTPUT/report.json               every teacher's dev metrics and the ensemble's (mean of softmaxes)
     OUTPUT/config.yaml, metrics.jsonl, train.log (rank 0's log lines, appended by each run)
 
@@ -45,7 +46,7 @@ from dist_kd.data.encode import (
     tokenize_rows,
     uses_token_types,
 )
-from dist_kd.data.tasks import TaskSpec, load_task_examples
+from dist_kd.data.tasks import TaskSpec, has_pairs, load_task_examples
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, weights_sha256, write_json_atomic
@@ -53,7 +54,7 @@ from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
-from dist_kd.predict import batched_logits
+from dist_kd.predict import TASK_RECORD, batched_logits, task_record
 from dist_kd.train.common import Diverged, check_run_kind, progress_bar, weights_finite
 from dist_kd.train.engine import (
     TrainConfig,
@@ -324,14 +325,15 @@ class TeacherTrainer:
         finally:
             self.engine.module.train()
 
-    def export(self, target: Path, result: dict[str, Any], dev_logits: np.ndarray) -> None:
-        """Save the HF classifier + tokenizer + results to ``target`` atomically (collective)."""
+    def export(self, target: Path, result: dict[str, Any], dev_logits: np.ndarray, record: dict[str, Any]) -> None:
+        """Save the HF classifier + tokenizer + its task record + results to ``target`` atomically (collective)."""
         module = self.engine.module
         with full_precision_weights(self.engine, module):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.save_pretrained(tmp)
                     save_tokenizer(self.tokenizer, tmp)
+                    write_json_atomic(tmp / TASK_RECORD, record, indent=2)
                     _write_dev_results(tmp, result, dev_logits)
         distributed.barrier()
 
@@ -511,7 +513,9 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
         check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
         tokenizer = load_tokenizer(cfg.base)
-        train = encode(tokenizer, load_task_examples(cfg.train, spec), cfg.max_length)
+        train_table = load_task_examples(cfg.train, spec)
+        pairs = has_pairs(train_table)
+        train = encode(tokenizer, train_table, cfg.max_length)
         dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
         digests = None
         if info.is_main:  # every byte of the base and the data: read once, by rank 0, and told to the others
@@ -526,7 +530,10 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
                     tmp.write_text(_config_yaml(spec, cfg))
         if run_log is not None:
             run_log.start()
-        return _train_teachers(spec, cfg, info, tokenizer, train, dev, digests)
+        # Each teacher's task.json, as a task run's classifiers have: dist-kd evaluate takes its text columns and
+        # length from it (it scored a teacher trained at --max-length 16 at 128).
+        record = task_record(spec, pairs, cfg.max_length)
+        return _train_teachers(spec, cfg, info, tokenizer, train, dev, digests, record)
 
 
 def _train_teachers(
@@ -537,6 +544,7 @@ def _train_teachers(
     train: Encoded,
     dev: Encoded,
     digests: tuple[str, str, str],
+    record: dict[str, Any],
 ) -> dict:
     """The K teachers in turn (a finished one with the same settings reused), then the report."""
     output = Path(cfg.output)
@@ -585,7 +593,7 @@ def _train_teachers(
                 dev_logits = trainer.predict(dev)
                 result = {"params": params, **trained, "dev": _dev_metrics(spec, dev_logits, dev.labels),
                           "dev_sha256": dev_sha256}  # fmt: skip
-                trainer.export(target, result, dev_logits)
+                trainer.export(target, result, dev_logits, record)
             finally:
                 trainer.close()
             logger.info("teacher %d dev %s = %.4f", index + 1, spec.metric, result["dev"][spec.metric])

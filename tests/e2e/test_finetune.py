@@ -85,6 +85,23 @@ def test_report_metrics_match_an_independent_evaluation(finetuned):
     assert {line["teacher"] for line in lines} == {1, 2} and all(np.isfinite(line["loss"]) for line in lines)
 
 
+def test_evaluate_scores_a_teacher_as_it_was_trained(finetuned, tmp_path):
+    """A teacher recorded its columns and length in finetune.json alone, which dist-kd evaluate does not read: it
+    took the default text column and length 128 (a teacher trained at --max-length 16 scored 0.52, not 0.68)."""
+    root, _ = finetuned
+    record = json.loads((root / "out" / "teacher-1" / "task.json").read_text())
+    assert record["max_length"] == 128 and record["pairs"] is False
+    assert record["task"]["text_a"] == "body" and record["task"]["label"] == "y" and record["task"]["text_b"] is None
+    proc = run_script(
+        "launch/evaluate.py", "--model", str(root / "out" / "teacher-1"), "--task", "demo", "--labels",
+        ",".join(LABELS), "--data", str(root / "dev.jsonl"), "--output", str(tmp_path / "eval"),
+    )  # fmt: skip
+    report = json.loads((root / "out" / "report.json").read_text())
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["num_labelled"] == 10, proc.stderr[-2000:]  # the labels of column y, as trained
+    assert scored["metrics"]["accuracy"] == pytest.approx(report["teachers"][0]["dev"]["accuracy"])
+
+
 def test_the_ensemble_feeds_precompute(finetuned, tmp_path):
     from dist_kd.data.soft_targets import load_soft_targets
     from dist_kd.data.tasks import resolve_task_spec
