@@ -63,7 +63,7 @@ from dist_kd.io import (
     write_parquet_atomic,
 )
 from dist_kd.models.teacher import DTYPES, check_max_length, check_model_dir
-from dist_kd.predict import batched_logits, teacher_label_names
+from dist_kd.predict import batched_logits, read_task_record, teacher_label_names
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,12 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int 
         config = AutoConfig.from_pretrained(path)
         if max_length is not None:
             check_max_length(config, max_length, path, "max_length (--max-length)")
+            trained = (read_task_record(path) or {}).get("max_length")
+            if isinstance(trained, int) and trained != max_length and distributed.current().is_main:
+                logger.warning(
+                    "teacher %s was trained on inputs cut to %d pieces (its task.json); they are cut to %d here "
+                    "(--max-length)", path, trained, max_length,
+                )  # fmt: skip
         fingerprint = tokenizer_fingerprint(_load_tokenizer(path))
         if spec.type == "regression":
             if config.num_labels != 1:

@@ -102,7 +102,9 @@ def test_evaluate_scores_a_teacher_as_it_was_trained(finetuned, tmp_path):
     assert scored["metrics"]["accuracy"] == pytest.approx(report["teachers"][0]["dev"]["accuracy"])
 
 
-def test_the_ensemble_feeds_precompute(finetuned, tmp_path):
+def test_the_ensemble_feeds_precompute(finetuned, tmp_path, caplog):
+    import logging
+
     from dist_kd.data.soft_targets import load_soft_targets
     from dist_kd.data.tasks import resolve_task_spec
     from dist_kd.precompute import PrecomputeConfig, precompute_soft_targets
@@ -110,9 +112,16 @@ def test_the_ensemble_feeds_precompute(finetuned, tmp_path):
     root, _ = finetuned
     spec = resolve_task_spec("demo", labels=LABELS, text_a="body", label="y")
     teachers = [str(root / "out" / f"teacher-{k}") for k in (1, 2)]
-    precompute_soft_targets(spec, root / "dev.jsonl", tmp_path / "st", PrecomputeConfig(teachers=teachers),
-                            progress=False)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="dist_kd.precompute"):
+        precompute_soft_targets(spec, root / "dev.jsonl", tmp_path / "st", PrecomputeConfig(teachers=teachers),
+                                progress=False)  # fmt: skip
+        assert "was trained on inputs cut to" not in caplog.text  # trained at 128, the length used
+        precompute_soft_targets(spec, root / "dev.jsonl", tmp_path / "st16",
+                                PrecomputeConfig(teachers=teachers, max_length=16), progress=False)  # fmt: skip
     assert load_soft_targets(tmp_path / "st", expected_labels=LABELS).soft_probs().shape == (10, 2)
+    # a length other than the teachers' own is said (each teacher's task.json records it)
+    said = f"teacher {teachers[0]} was trained on inputs cut to 128 pieces (its task.json); they are cut to 16 here"
+    assert said in caplog.text
 
 
 def test_rerun_reuses_finished_teachers_and_bad_input_exits_2(finetuned):
