@@ -566,6 +566,14 @@ def check_resume(checkpoint: Path, meta: dict[str, Any], world_size: int) -> Non
     check_changeable(saved, meta, checkpoint)
 
 
+def finished(checkpoint: Path | None) -> bool:
+    """True when ``checkpoint`` was taken at its run's last step (its schedule's ``max_steps``)."""
+    if checkpoint is None:
+        return False
+    meta = read_meta(checkpoint)
+    return int(meta.get("step", -1)) == int((meta.get("schedule") or {}).get("max_steps", -2))
+
+
 def saved_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """Rank 0's trainer state in ``checkpoint`` (its step and data position), read before anything is built."""
     return torch.load(checkpoint / "rank00000.pt", map_location="cpu", weights_only=False)

@@ -55,7 +55,7 @@ from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
 from dist_kd.predict import TASK_RECORD, batched_logits, task_record
-from dist_kd.train.common import Diverged, check_run_kind, progress_bar, weights_finite
+from dist_kd.train.common import Diverged, ExitOnSignal, check_run_kind, progress_bar, weights_finite
 from dist_kd.train.engine import (
     TrainConfig,
     build_ds_config,
@@ -131,7 +131,8 @@ class FinetuneConfig:
                         precision=self.precision, bf16_mode=self.bf16_mode)  # fmt: skip
             resolve_ds_path(self.deepspeed_config)
         except (ValueError, FileNotFoundError) as err:
-            flags = re.sub(r"\b(?:train|deepspeed)\.(\w+)", lambda m: _FLAG_OF.get(m[1], m[1]), str(err))
+            # the key that opens the message alone: a path in it (train.zero2.json) stays as given
+            flags = re.sub(r"^(?:train|deepspeed)\.(\w+)", lambda m: _FLAG_OF.get(m[1], m[1]), str(err), count=1)
             raise type(err)(flags) from None
 
 
@@ -523,7 +524,9 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     digests = distributed.broadcast_object(digests)
     # One run writes the directory (another, or a requeued twin still alive, is refused), and rank 0's log
     # lines go to its train.log from here on.
-    with owned_run_dir(output, info, "--output", expected=(ValueError, FileNotFoundError, OSError)) as run_log:
+    expected = (ValueError, FileNotFoundError, OSError, SystemExit)
+    stopping = "stopping now (a teacher not yet exported trains again from step 0 on the next run)"
+    with owned_run_dir(output, info, "--output", expected=expected) as run_log, ExitOnSignal(stopping):
         with distributed.shared_failure():
             if info.is_main:
                 with atomic_path(output / "config.yaml") as tmp:

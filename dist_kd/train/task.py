@@ -186,7 +186,9 @@ class TaskTrainer(EngineTrainer):
         self.max_steps = cfg.train.max_steps
         if cfg.train.epochs:
             origin, left = self.epochs_at, cfg.train.epochs - self.epochs_at["epoch"]
-            self.max_steps = max(1, origin["step"], origin["step"] + math.ceil(left * self.steps_per_epoch))
+            self.max_steps = max(1, origin["step"] + math.ceil(left * self.steps_per_epoch))
+            if self.max_steps < origin["step"] and ckpt.finished(resume_from):
+                self.max_steps = origin["step"]  # a finished run started again (its last step rounded up)
         ds_config = build_ds_config(
             cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
             cfg.train.clip, ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
@@ -246,6 +248,8 @@ class TaskTrainer(EngineTrainer):
             self.meta["distill.layer_map"] = self.mapping
         if resume_from is not None:
             ckpt.check_resume(resume_from, self.meta, info.world_size)
+            if self._epochs_note:
+                logger.warning("%s", self._epochs_note)
         self._window = LossWindow(info.device, self.names)
         if resume_from is not None:  # every check passes before the run directory changes
             state = ckpt.load_checkpoint(self.engine, resume_from)
@@ -285,6 +289,7 @@ class TaskTrainer(EngineTrainer):
         under ZeRO 0, which a resume may change): counted in the new steps from the start, ``train.epochs``
         would train other than its epochs of rows (fewer, or be refused as past the end). Then the epochs done
         are counted in the old steps, and the rest in the new ones from the checkpoint's step."""
+        self._epochs_note: str | None = None
         origin = {"step": 0, "epoch": 0.0, "rows_per_step": self.rows_per_step}
         if resume_from is None:
             return origin
@@ -299,12 +304,12 @@ class TaskTrainer(EngineTrainer):
         total = sum(task.num_rows for task in self.tasks)
         before = max(1, math.ceil(total / saved["rows_per_step"]))
         epoch = saved["epoch"] + (step - saved["step"]) / before
-        if self.cfg.train.epochs:
-            logger.warning(
-                "resuming at step %d, epoch %.4f, with %d rows a step (%d before): the epochs left of train.epochs="
-                "%g go in steps of %d rows",
-                step, epoch, self.rows_per_step, saved["rows_per_step"], self.cfg.train.epochs, self.rows_per_step,
-            )  # fmt: skip
+        if self.cfg.train.epochs:  # said once the resume passed its checks
+            self._epochs_note = (
+                f"resuming at step {step}, epoch {epoch:.4f}, with {self.rows_per_step} rows a step "
+                f"({saved['rows_per_step']} before): the epochs left of train.epochs={self.cfg.train.epochs:g} go "
+                f"in steps of {self.rows_per_step} rows"
+            )
         return {"step": step, "epoch": epoch, "rows_per_step": self.rows_per_step}
 
     def epoch_at(self, step: int) -> float:

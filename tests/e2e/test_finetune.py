@@ -88,18 +88,24 @@ def test_report_metrics_match_an_independent_evaluation(finetuned):
 def test_evaluate_scores_a_teacher_as_it_was_trained(finetuned, tmp_path):
     """A teacher recorded its columns and length in finetune.json alone, which dist-kd evaluate does not read: it
     took the default text column and length 128 (a teacher trained at --max-length 16 scored 0.52, not 0.68)."""
-    root, _ = finetuned
-    record = json.loads((root / "out" / "teacher-1" / "task.json").read_text())
-    assert record["max_length"] == 128 and record["pairs"] is False
+    root, args = finetuned
+    out = tmp_path / "short"
+    run_script(*_one_teacher(args, out), "--max-length", "8", timeout=300)  # shorter than most dev texts
+    record = json.loads((out / "teacher-1" / "task.json").read_text())
+    assert record["max_length"] == 8 and record["pairs"] is False
     assert record["task"]["text_a"] == "body" and record["task"]["label"] == "y" and record["task"]["text_b"] is None
     proc = run_script(
-        "launch/evaluate.py", "--model", str(root / "out" / "teacher-1"), "--task", "demo", "--labels",
-        ",".join(LABELS), "--data", str(root / "dev.jsonl"), "--output", str(tmp_path / "eval"),
+        "launch/evaluate.py", "--model", str(out / "teacher-1"), "--task", "demo", "--labels", ",".join(LABELS),
+        "--data", str(root / "dev.jsonl"), "--output", str(tmp_path / "eval"),
     )  # fmt: skip
-    report = json.loads((root / "out" / "report.json").read_text())
     scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert scored["num_labelled"] == 10, proc.stderr[-2000:]  # the labels of column y, as trained
-    assert scored["metrics"]["accuracy"] == pytest.approx(report["teachers"][0]["dev"]["accuracy"])
+    # the logits of the teacher's own dev scoring, at its length (128 gives others)
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    expected = np.load(out / "teacher-1" / "dev_logits.npy")
+    np.testing.assert_allclose(np.array([line["logits"] for line in lines]), expected, atol=1e-5)
+    result = json.loads((out / "teacher-1" / "finetune.json").read_text())
+    assert scored["metrics"]["accuracy"] == pytest.approx(result["dev"]["accuracy"])
 
 
 def test_the_ensemble_feeds_precompute(finetuned, tmp_path, caplog):
@@ -247,6 +253,23 @@ def test_the_output_keeps_the_runs_log_and_one_run_writes_it(finetuned, tmp_path
         assert "choose another --output" in proc.stderr and snapshot(out) == before
     finally:
         held.release()
+
+
+def test_sigterm_gives_the_lock_back_and_says_so_in_the_log(finetuned, tmp_path):
+    """finetune has no checkpoints and SIGTERM ends it (exit 143), but it ended by the signal's default action:
+    the run lock stayed, refused for minutes to a rerun on another node, and train.log did not say why."""
+    import signal
+
+    from dist_kd.train.runlock import LOCK_NAME
+    from tests.e2e.conftest import run_until_lines_then_sigterm
+
+    root, args = finetuned
+    out = tmp_path / "out"
+    run = [*_one_teacher(args, out), "--max-steps", "100000"]
+    stderr = run_until_lines_then_sigterm(run, out / "metrics.jsonl", lines=1, expect_code=128 + signal.SIGTERM)
+    assert "received SIGTERM: stopping now (a teacher not yet exported trains again from step 0" in stderr
+    assert not (out / LOCK_NAME).exists() and not (out / "teacher-1").exists()
+    assert "ERROR dist_kd.run: run stopped: SystemExit: 143" in (out / "train.log").read_text()
 
 
 def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetuned, tmp_path):
