@@ -187,8 +187,9 @@ class TaskTrainer(EngineTrainer):
         if cfg.train.epochs:
             origin, left = self.epochs_at, cfg.train.epochs - self.epochs_at["epoch"]
             self.max_steps = max(1, origin["step"] + math.ceil(left * self.steps_per_epoch))
-            if self.max_steps < origin["step"] and ckpt.finished(resume_from):
-                self.max_steps = origin["step"]  # a finished run started again (its last step rounded up)
+            # A finished run started again, whose last (old) step went past train.epochs by less than one step.
+            if self.max_steps < origin["step"] and -left < self._epoch_slack and ckpt.finished(resume_from):
+                self.max_steps = origin["step"]
         ds_config = build_ds_config(
             cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
             cfg.train.clip, ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
@@ -290,6 +291,7 @@ class TaskTrainer(EngineTrainer):
         would train other than its epochs of rows (fewer, or be refused as past the end). Then the epochs done
         are counted in the old steps, and the rest in the new ones from the checkpoint's step."""
         self._epochs_note: str | None = None
+        self._epoch_slack = 0.0  # one step of the checkpoint's rows per step, in epochs, where they changed
         origin = {"step": 0, "epoch": 0.0, "rows_per_step": self.rows_per_step}
         if resume_from is None:
             return origin
@@ -304,6 +306,7 @@ class TaskTrainer(EngineTrainer):
         total = sum(task.num_rows for task in self.tasks)
         before = max(1, math.ceil(total / saved["rows_per_step"]))
         epoch = saved["epoch"] + (step - saved["step"]) / before
+        self._epoch_slack = 1.0 / before + 1e-9
         if self.cfg.train.epochs:  # said once the resume passed its checks
             self._epochs_note = (
                 f"resuming at step {step}, epoch {epoch:.4f}, with {self.rows_per_step} rows a step "

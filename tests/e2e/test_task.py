@@ -348,6 +348,16 @@ def test_train_epochs_hold_across_a_resume_with_other_rows_per_step(pipeline):
     assert [h["step"] for h in history] == ends, (ends, [h["step"] for h in history])
     assert history[-1]["epoch"] == pytest.approx(rows / rows_per_epoch, abs=1e-3)
     assert f"resuming at step {stopped}, epoch " in proc.stderr, proc.stderr[-3000:]
+    # Started again: in the first rows per step the finished run has nothing left (its last step went past the
+    # 2 epochs by less than a step); asked for 1 epoch it is refused, as past the end, whatever the rows per step.
+    last = lines[-1]["step"]
+    settings["train"]["grad_accum"] = 1
+    proc = run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, **settings)))
+    assert _metrics(out)[-1]["step"] == last and f"{last} steps" in proc.stderr, proc.stderr[-3000:]
+    for accum in (1, 2):
+        settings["train"].update(epochs=1, grad_accum=accum)
+        proc = run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, **settings)), check=False)
+        assert proc.returncode == 2 and f"it is at step {last}, past this run's" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_learns(pipeline):
