@@ -441,7 +441,15 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
             if moved:
                 logger.info("%s: %s moved to %s (the same weights)", key, before["path"], now["path"])
         return
-    details = "; ".join(f"{key}: checkpoint has {saved[key]!r}, this run has {current[key]!r}" for key in differing)
+
+    def at(meta: dict[str, Any], key: str) -> str:  # a model's digest: where that model is
+        model = meta.get(key.removesuffix(".sha256")) if key.endswith(".sha256") else None
+        return f" ({model['path']})" if isinstance(model, dict) and model.get("path") else ""
+
+    details = "; ".join(
+        f"{key}: checkpoint has {saved[key]!r}{at(saved, key)}, this run has {current[key]!r}{at(current, key)}"
+        for key in differing
+    )
     way_out = ""
     if {saved.get("train.precision"), current.get("train.precision")} == set(BF16_MODE_OF_PRECISION):
         mode = BF16_MODE_OF_PRECISION[saved["train.precision"]]

@@ -98,11 +98,13 @@ def test_task_resume_refuses_another_micro_batch_under_length_grouping(tiny_bert
 
 def test_intermediate_phase_resume_with_another_teacher_is_refused(tiny_bert_dir, tmp_path):
     """Phase intermediate recorded no teacher in its checkpoints: a resume against another teacher (another
-    tasks[].teacher or teacher.path) went on silently, its projections learnt against the first one."""
+    tasks[].teacher or teacher.path) went on silently, its projections learnt against the first one. The same
+    teacher copied elsewhere (staged to a job's disk) is the same teacher: known by its weights, it resumes."""
     import shutil
 
-    other = tmp_path / "other_teacher"
-    shutil.copytree(tiny_bert_dir, other)
+    from dist_kd.testing import build_tiny_bert
+
+    other = build_tiny_bert(tmp_path / "other_teacher", seed=1)  # the same shape, other weights
     path, out = _task_config(
         tmp_path, tiny_bert_dir, "intermediate", num_rows=48, max_steps=2, log_every=1,
         teacher={"path": str(tiny_bert_dir), "dtype": "fp32"}, distill={"phase": "intermediate"},
@@ -113,6 +115,14 @@ def test_intermediate_phase_resume_with_another_teacher_is_refused(tiny_bert_dir
                       f"teacher.path={other}", check=False)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     [error] = _errors(proc)
-    saved, now = error.split("tasks[topic].teacher: checkpoint has ")[1].split(", this run has ")
-    assert f"'path': '{Path(tiny_bert_dir).resolve()}'" in saved and f"'path': '{other.resolve()}'" in now, error
+    assert "tasks[topic].teacher.sha256: checkpoint has " in error, error
+    assert f"({Path(tiny_bert_dir).resolve()}), this run has '" in error and f"({other.resolve()})" in error, error
     assert snapshot(out) == before
+    staged = tmp_path / "staged_teacher"
+    shutil.copytree(tiny_bert_dir, staged)
+    proc = run_script("launch/task.py", "--debug", "--config", str(path), "train.max_steps=3",
+                      f"teacher.path={staged}")  # fmt: skip
+    assert f"tasks[topic].teacher: {Path(tiny_bert_dir).resolve()} moved to {staged.resolve()} (the same weights)" in (
+        proc.stderr
+    ), proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr

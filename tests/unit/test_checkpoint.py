@@ -212,7 +212,7 @@ def test_a_teacher_is_the_same_by_its_weights_not_its_path(tmp_path, caplog):
         ckpt.check_compatible(saved, staged, final)
     assert "teacher: /shared/teacher moved to /tmp/job/teacher (the same weights)" in caplog.text
     retrained = {"teacher": teacher, "teacher.sha256": "bb", **_meta()}
-    with pytest.raises(ValueError, match="teacher.sha256: checkpoint has 'aa', this run has 'bb'"):
+    with pytest.raises(ValueError, match=r"teacher.sha256: checkpoint has 'aa' \(/shared/teacher\), this run has 'bb'"):
         ckpt.check_compatible(saved, retrained, final)
     with pytest.raises(ValueError, match="teacher: checkpoint has .*'num_layers': 6.*this run has .*'num_layers': 4"):
         ckpt.check_compatible(saved, {**staged, "teacher": {**staged["teacher"], "num_layers": 4}}, final)
