@@ -331,6 +331,9 @@ class GeneralTrainer(EngineTrainer):
             # The teacher's weights (read by rank 0 alone): another teacher at the same path is not resumed, and
             # the same one moved elsewhere (staged to a job's local disk) is; checkpoints before it have the path.
             "teacher.sha256": distributed.on_main(lambda: weights_sha256(cfg.teacher.path)),
+            # The sentence term's pooling follows the teacher's sentence-transformers modules: a teacher of the
+            # same weights moved to a directory with other modules (or none) would change the term silently.
+            **({"distill.sentence_pooling": pooling_name(self.pooling)} if weights.sentence > 0 else {}),
             "corpus": data_fingerprint(cfg.data.shards),  # another corpus in the same place is not resumed
             # What the student's ids mean; dist-kd export checks the tokenizer it ships against it.
             "tokenizer.sha256": tokenizer_fingerprint(self.tokenizer)["sha256"],

@@ -118,6 +118,18 @@ def test_sentence_term_pools_as_the_teachers_modules_and_adds_to_the_loss(tiny_b
     first = _metrics(tmp_path / "mean")[0]
     assert first["loss_hidden"] == pytest.approx(records[0]["loss_hidden"], rel=1e-2)  # same steps but the term
     assert first["loss_sentence"] != pytest.approx(records[0]["loss_sentence"], rel=1e-3)
+    from dist_kd.io import weights_sha256
+
+    # The teacher's weights without its modules (so mean pooling) is not the run's teacher: its sentence term
+    # would change on resume, which the teacher's digest alone does not show.
+    meta = json.loads(next((out / "checkpoints").glob("step-*/meta.json")).read_text())
+    assert meta["distill.sentence_pooling"] == "cls" and meta["teacher.sha256"] == weights_sha256(tiny_bert_dir)
+    other = run_script("launch/general.py", "--debug", "--config", CONFIG,
+                       *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=6", "run.log_every=2",
+                              "distill.weights.sentence=2.0"), check=False)  # fmt: skip
+    assert other.returncode != 0 and "distill.sentence_pooling: checkpoint has 'cls', this run has 'mean'" in (
+        other.stderr
+    ), other.stderr[-2000:]
     for extra, said in [
         # normalised by a variance across the micro-batch's rows, which one row does not have
         (["data.micro_batch_size=1"], "distill.normalize=variance divides by the teacher's variance of sentence"),
