@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from dist_kd.data.tasks import glue_key
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, check_replaceable_dir, write_json_atomic
 from dist_kd.train.checkpoint import all_damaged, complete_checkpoints, damaged_files, latest_checkpoint
@@ -196,6 +197,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
     from dist_kd.sentence_modules import carry_sentence_modules
 
     checkpoint = resolve_checkpoint(checkpoint)
+    if task is not None:  # a GLUE task's name as its config may spell it (SST-2): the run knows it as sst2
+        task = glue_key(task) or task
     classifier = _classifier_in(Path(output))
     if task is not None:
         _check_classifier_output(Path(output), classifier, task)
@@ -303,7 +306,7 @@ def _write_classifier(model, task: str, tokenizer, output: Path, run_dir: Path, 
     from dist_kd.train.task_config import TaskConfig
 
     cfg = load_config(TaskConfig, run_dir / "config.yaml")
-    entry = next((entry for entry in cfg.tasks if entry.name == task), None)
+    entry = next((entry for entry in cfg.tasks if entry.spec().name == task), None)
     if entry is None:  # config.yaml edited since the run
         raise ValueError(f"--task {task}: {run_dir / 'config.yaml'} lists no task {task!r} (its checkpoint does)")
     spec = dataclasses.replace(entry.spec(), labels=model.heads[task].labels or [])

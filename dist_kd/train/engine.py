@@ -634,6 +634,20 @@ def full_precision_weights(engine, module: torch.nn.Module):
                 parameter.data = data
 
 
+def exported_weights(engine, module: torch.nn.Module):
+    """A context for forward passes (dev scores, quality figures) with the weights the exports write.
+
+    Under ZeRO 0-2 with a half-precision module (DeepSpeed's bf16/fp16 optimizers), that is
+    :func:`full_precision_weights`: the scores are those of the exported fp32 model, not of the engine's copy
+    rounded to 8 or 11 bits. fp32 and autocast modules already hold those weights (nothing to do). Under ZeRO-3
+    the module stays as it is: its forward hooks would partition the weights gathered for the context midway
+    through the pass, so a half-precision ZeRO-3 run is scored on its half-precision copy.
+    """
+    if engine.zero_optimization_stage() == 3 or not any(p.dtype in HALF_DTYPES for p in module.parameters()):
+        return contextlib.nullcontext(module)
+    return full_precision_weights(engine, module)
+
+
 def master_weights(engine, parameters: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
     """The optimizer's fp32 copy of each of ``parameters`` (whole), or None where it keeps none.
 

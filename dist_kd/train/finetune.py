@@ -60,6 +60,7 @@ from dist_kd.train.engine import (
     TrainConfig,
     build_ds_config,
     build_engine,
+    exported_weights,
     full_precision_weights,
     release_engine,
     resolve_ds_path,
@@ -317,12 +318,16 @@ class TeacherTrainer:
         """``(N, C)`` float32 dev logits in row order.
 
         Every rank scores the whole dev set: under ZeRO-3 each forward is collective, so ranks must run the
-        same batches, and dev sets are small next to training.
+        same batches, and dev sets are small next to training. The weights are the fp32 ones the export writes,
+        not a bf16/fp16 engine's rounded copy (ZeRO 0-2: :func:`dist_kd.train.engine.exported_weights`): the
+        saved dev logits and results are the exported teacher's.
         """
-        self.engine.module.eval()
+        module = self.engine.module
+        module.eval()
         try:
-            return batched_logits(lambda batch: self.engine.module(**batch).logits, data.rows, self.pad_id,
-                                  self.cfg.eval_batch_size, self.info.device, self.use_token_types)  # fmt: skip
+            with exported_weights(self.engine, module):
+                return batched_logits(lambda batch: module(**batch).logits, data.rows, self.pad_id,
+                                      self.cfg.eval_batch_size, self.info.device, self.use_token_types)  # fmt: skip
         finally:
             self.engine.module.train()
 

@@ -71,6 +71,7 @@ from dist_kd.train.engine import (
     build_engine,
     check_batch,
     compile_models,
+    exported_weights,
     full_precision_weights,
     resolve_precision,
 )
@@ -609,11 +610,18 @@ class GeneralTrainer(EngineTrainer):
         """The student's figures at the current step (the last evaluation's when it was at this step)."""
         if self._last_quality is not None and self._last_quality[0] == self.step:
             return self._last_quality[1]
-        return self.quality(self.engine.module.student)  # e.g. a finished run started again
+        return self.student_quality()  # e.g. a finished run started again
+
+    def student_quality(self) -> QualityReport:
+        """The student's figures with the fp32 weights its export writes, not a bf16/fp16 engine's rounded copy
+        (ZeRO 0-2: :func:`dist_kd.train.engine.exported_weights`)."""
+        student = self.engine.module.student
+        with exported_weights(self.engine, student):
+            return self.quality(student)
 
     def quality_record(self) -> dict[str, float | None]:
         """The student's quality beside the teacher's, as ``eval_*`` metrics; warns when it looks collapsed."""
-        student = self.quality(self.engine.module.student)
+        student = self.student_quality()
         self._last_quality = (self.step, student)
         teacher = self.teacher_quality()
         ratio = None

@@ -64,6 +64,7 @@ from dist_kd.train.engine import (
     build_engine,
     check_batch,
     compile_models,
+    exported_weights,
     full_precision_weights,
     resolve_precision,
 )
@@ -581,13 +582,16 @@ class TaskTrainer(EngineTrainer):
     @torch.no_grad()
     def dev_logits(self, task: TaskData) -> np.ndarray:
         """``(N, C)`` logits of the current student on ``task``'s dev set (every rank runs every batch: under
-        ZeRO-3 each forward gathers partitioned weights collectively)."""
+        ZeRO-3 each forward gathers partitioned weights collectively). The weights are the fp32 ones the exports
+        write, not a bf16/fp16 engine's rounded copy (ZeRO 0-2: :func:`dist_kd.train.engine.exported_weights`),
+        so eval.json, best/ and the dev predictions are those of the exported classifier."""
         module = self.engine.module
         was_training = module.training
         module.eval()
         try:
-            return batched_logits(lambda batch: module(task.spec.name, **batch), task.dev_rows, self.pad_id,
-                                  self.cfg.eval.batch_size, self.info.device, self.use_token_types)  # fmt: skip
+            with exported_weights(self.engine, module):
+                return batched_logits(lambda batch: module(task.spec.name, **batch), task.dev_rows, self.pad_id,
+                                      self.cfg.eval.batch_size, self.info.device, self.use_token_types)  # fmt: skip
         finally:
             module.train(was_training)
 
@@ -821,7 +825,11 @@ class TaskTrainer(EngineTrainer):
             title = f"dist_kd student for {task.spec.name}"
             directory = directory or self.run_dir / "tasks" / task.spec.name  # best/<name> loads itself
             load, tag = classifier_load_snippet(directory, task.pairs), "text-classification"
-            summary = f"A classifier for {task.spec.name} (labels: {', '.join(task.spec.labels or [])})."
+            summary = (
+                f"A classifier for {task.spec.name} (labels: {', '.join(task.spec.labels)})."
+                if task.spec.type == "classification"
+                else f"A regression head for {task.spec.name}: one output, the predicted score."
+            )
         return model_card(title, summary, facts, dev, load, tag)
 
 

@@ -79,6 +79,7 @@ def _check(tmp_path, precision: str, zero: str, nproc: int) -> None:
             assert torch.equal(tensor.to(half), module[name]), name  # the module is the master rounded
         extra = sum(int((tensor != module[name].float()).sum()) for name, tensor in exported.items())
         assert extra > 0.5 * sum(t.numel() for t in exported.values()), "most weights should carry bits beyond half"
+    _check_scoring(tmp_path, exported, half, zero)
     # The checkpoint of the same step, read back as dist-kd export reads it (zero_to_fp32 for ZeRO 1-3).
     saved = fp32_state_dict(tmp_path / "checkpoints" / "step-00000004")
     assert saved.keys() >= exported.keys()
@@ -90,3 +91,26 @@ def _check(tmp_path, precision: str, zero: str, nproc: int) -> None:
         theirs = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), tag="step-00000004")
         for name, tensor in exported.items():
             torch.testing.assert_close(theirs[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def _check_scoring(tmp_path, exported: dict[str, torch.Tensor], half: torch.dtype | None, zero: str) -> None:
+    """Dev scores and quality figures are computed inside ``exported_weights``: under ZeRO 0-2 the forward is
+    that of the exported fp32 weights (an fp32 model loaded from them), not of the engine's half copy; under
+    ZeRO-3 the module is left as it is (its forward hooks would partition weights gathered for the context)."""
+    from transformers import AutoConfig, AutoModel
+
+    forward = torch.load(tmp_path / "forward.pt")
+    weights = {name.removeprefix("student."): t for name, t in exported.items() if name.startswith("student.")}
+    config = AutoConfig.from_pretrained(tmp_path / "student_config")
+    reference = AutoModel.from_config(config).eval()
+    reference.load_state_dict(weights)
+    with torch.no_grad():
+        expected = reference(input_ids=forward["input_ids"], attention_mask=forward["attention_mask"]).last_hidden_state
+    if half is None or zero.startswith("zero3"):
+        torch.testing.assert_close(forward["scored"], forward["as_is"], rtol=0, atol=0)
+    if half is not None and not zero.startswith("zero3"):
+        torch.testing.assert_close(forward["scored"], expected, rtol=1e-5, atol=1e-5)
+        half_error = (forward["as_is"] - expected).abs().max().item()
+        assert half_error > 1e-3, f"the half copy's forward should differ from the fp32 weights' ({half_error})"
+    elif half is None:
+        torch.testing.assert_close(forward["scored"], expected, rtol=1e-5, atol=1e-5)

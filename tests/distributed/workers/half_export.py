@@ -1,7 +1,7 @@
 """Worker: train student + projections a few steps in a bf16/fp16/fp32 (or bf16-autocast) DeepSpeed engine on CPU
 ranks, save a checkpoint, and write what an export sees inside ``full_precision_weights`` (OUT/exported.pt,
-rank 0) beside the module's own weights (OUT/module.pt) and whether the module came back unchanged
-(OUT/rank<r>.json)."""
+rank 0) beside the module's own weights (OUT/module.pt), the student's forward inside ``exported_weights`` and
+outside it (OUT/forward.pt), and whether the module came back unchanged (OUT/rank<r>.json)."""
 
 import json
 import sys
@@ -15,7 +15,14 @@ from dist_kd.models.student import DistillStudent, StudentConfig, build_projecti
 from dist_kd.models.teacher import Teacher
 from dist_kd.objective import LossWeights, tinybert_objective
 from dist_kd.testing import random_sentences
-from dist_kd.train.engine import TrainConfig, build_ds_config, build_engine, full_precision_weights, gathered_parameters
+from dist_kd.train.engine import (
+    TrainConfig,
+    build_ds_config,
+    build_engine,
+    exported_weights,
+    full_precision_weights,
+    gathered_parameters,
+)
 
 
 def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str, device: str = "cpu") -> None:
@@ -53,12 +60,21 @@ def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str, device: s
             before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         with full_precision_weights(engine, engine.module) as module:
             exported = {n: p.detach().clone() for n, p in module.named_parameters()}
+        # Dev scores and quality figures: the forward of the exported weights (ZeRO 0-2), beside the module's own
+        student = engine.module.student
+        with torch.no_grad():
+            with exported_weights(engine, student) as scoring:
+                scored = scoring(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
+            as_is = student(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
         with gathered_parameters(engine, list(engine.module.parameters())):
             after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         restored = all(after[n].dtype == before[n].dtype and torch.equal(after[n], before[n]) for n in names)
         if info.is_main:
             torch.save({n: t.cpu() for n, t in exported.items()}, out / "exported.pt")
             torch.save({n: t.cpu() for n, t in before.items()}, out / "module.pt")
+            torch.save({"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "scored": scored, "as_is": as_is},
+                       out / "forward.pt")  # fmt: skip
+            student.config.save_pretrained(out / "student_config")
         (out / f"rank{info.rank}.json").write_text(json.dumps({"restored": restored, "world_size": info.world_size}))
     finally:
         distributed.teardown()
