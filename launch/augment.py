@@ -97,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-a", type=int, default=defaults.n_a, help="augmented copies per example")
     parser.add_argument("--k", type=int, default=defaults.k, help="candidates per word")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--stop-words",
+        choices=sorted(aug.STOP_WORD_LISTS),
+        default=defaults.stop_words,
+        help="words never replaced: tinybert, the English stop words TinyBERT's code keeps (pronouns, articles, "
+        "auxiliaries, prepositions, not/no/nor); none replaces every word of letters (default %(default)s)",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="masked sequences per pass")
     parser.add_argument("--max-seq-length", type=int, default=None, help="masked-LM context in pieces")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 max_seq_length=args.max_seq_length,
                 glove_max_words=args.glove_max_words,
+                stop_words=args.stop_words,
             )
         aug.augment_task(
             spec,

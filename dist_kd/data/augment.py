@@ -24,8 +24,9 @@ a few candidates (docs/augment.md).
 
 Deliberate differences from the reference: exactly N_a copies per example (duplicates are kept, so row
 counts are predictable), the original word is never its own candidate, continuation pieces / special
-tokens / punctuation are never candidates, stop words are not skipped, both texts of a pair are augmented
-in the same copy, and the text outside replaced words (spacing, punctuation, case) is kept as it was.
+tokens / punctuation are never candidates, both texts of a pair are augmented in the same copy, and the text
+outside replaced words (spacing, punctuation, case) is kept as it was. As in the reference, its stop words are
+never replaced (``stop_words: none`` replaces them too).
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ _TOPK_MARGIN = 16
 _SELF_MARGIN = 8
 
 
+# The English stop words TinyBERT's augmentation never replaces (NLTK's list without its wh-words). Without
+# them, 42 % of a GloVe-only run's replacements on 500 tweets fell on these words, negations (not, no, nor)
+# among them.
+TINYBERT_STOP_WORDS = frozenset(
+    """
+    i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him
+    his himself she she's her hers herself it it's its itself they them their theirs themselves this that
+    that'll these those am is are was were be been being have has had having do does did doing a an the and but
+    if or because as until while of at by for with about against between into through during before after above
+    below to from up down in out on off over under again further then once here there all any both each few more
+    most other some such no nor not only own same so than too very s t can will just don don't should should've
+    now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven
+    haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't
+    weren weren't won won't wouldn wouldn't 's 're
+    """.split()
+)
+STOP_WORD_LISTS: dict[str, frozenset[str]] = {"tinybert": TINYBERT_STOP_WORDS, "none": frozenset()}
+
+
 @dataclasses.dataclass
 class AugmentConfig:
     """Parameters of the augmentation (defaults: the TinyBERT paper's)."""
@@ -87,8 +107,15 @@ class AugmentConfig:
         "stays as it is and is no candidate. null -> every word",
         default=100_000,
     )
+    stop_words: str = doc(
+        "words never replaced: tinybert (the English stop words TinyBERT's code keeps: pronouns, articles, "
+        "auxiliaries, prepositions, negations such as not/no/nor) | none (every word of letters may be replaced)",
+        default="tinybert",
+    )
 
     def __post_init__(self) -> None:
+        if self.stop_words not in STOP_WORD_LISTS:
+            raise ValueError(f"stop_words must be one of {', '.join(sorted(STOP_WORD_LISTS))}, got {self.stop_words!r}")
         if not 0.0 <= self.p_t <= 1.0:
             raise ValueError(f"p_t must be in [0, 1], got {self.p_t}")
         for name in ("n_a", "k", "batch_size", "chunk_size"):
@@ -156,8 +183,11 @@ def _read_vocab(path: Path) -> list[str]:
                 f"{table.column_names}"
             )
         return [str(word) for word in table.column(column).to_pylist()]
-    # One word per line; split on "\n" only: GloVe words include characters str.splitlines breaks on.
-    text = path.read_text(encoding="utf-8")
+    # One word per line; split on "\n" only: GloVe words include characters str.splitlines breaks on, and "\r"
+    # too (read_text's newline translation split such a word in two), but a file of CRLF lines throughout.
+    text = path.read_bytes().decode("utf-8")
+    if text.count("\r\n") == text.count("\n") > 0:
+        text = text.replace("\r\n", "\n")
     return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
 
 
@@ -458,8 +488,12 @@ class GloveNeighbours:
     def row_of(self, word: str) -> int | None:
         """The row of ``word`` among the words read, as written, else lower-cased (GloVe 6B/42B are lower-case;
         in a cased file, "Apple" may be past the first N words while "apple" is not); None where neither is
-        there with a non-zero vector."""
-        for spelling in (word, word.lower()):
+        there with a non-zero vector. A decomposed spelling ("cafe" + U+0301) is looked up composed, as GloVe
+        writes its words."""
+        import unicodedata
+
+        composed = unicodedata.normalize("NFC", word)
+        for spelling in dict.fromkeys((word, word.lower(), composed, composed.lower())):
             row = self.glove.index.get(spelling)
             if row is not None and row < self.num_words and not self.zero[row]:
                 return row
@@ -472,14 +506,22 @@ class GloveNeighbours:
 
 
 def _other_words(word: str, candidates: Iterable[str]) -> list[str]:
-    """``candidates`` without ``word`` in any capitalisation and without repeats, in order."""
-    seen = {word.lower()}
+    """``candidates`` without ``word`` in any capitalisation or accents ("café" is no change of "cafe": an
+    uncased tokenizer reads both alike) and without repeats, in order."""
+    seen = {_plain(word)}
     out = []
     for candidate in candidates:
-        if candidate.lower() not in seen:
-            seen.add(candidate.lower())
+        if _plain(candidate) not in seen:
+            seen.add(_plain(candidate))
             out.append(candidate)
     return out
+
+
+def _plain(word: str) -> str:
+    """``word`` lower-cased without its accents (combining marks)."""
+    import unicodedata
+
+    return "".join(c for c in unicodedata.normalize("NFD", word.lower()) if not unicodedata.combining(c))
 
 
 # ------------------------------------------------------------------------------------------- masked LM
@@ -767,11 +809,10 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
     "ll" had no meaning of their own. A CJK ideograph is a word of its own, as BERT splits it: a run of
     them as one word was many pieces, had no candidates, and Chinese text came back unchanged in every copy.
     """
-    specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
-    pattern = re.compile((f"({specials})|" if specials else "") + rf"([{CJK}]|[^\W{CJK}]+)|([^\w\s])")
+    pattern = _word_pattern(tuple(special_tokens))
     words = []
     for match in pattern.finditer(text):
-        is_word = match.lastindex == (2 if specials else 1)
+        is_word = match.lastindex == (2 if special_tokens and any(special_tokens) else 1)
         start, end = match.start(), match.end()
         after_apostrophe = start >= 1 and text[start - 1] in _APOSTROPHES
         contraction = (
@@ -779,20 +820,60 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
             # tokenized text (SST-2's "it 's", "we 're"): a clitic after an apostrophe that follows a space
             or (after_apostrophe and match.group().lower() in _CLITICS)
             or (end + 1 < len(text) and text[end] in _APOSTROPHES and text[end + 1].isalpha())
+            # and the word before a split negation (PTB's "did n't", "ca n't")
+            or _NEGATION_AFTER.match(text, end) is not None
         )
-        replaceable = is_word and match.group().isalpha() and not contraction
+        replaceable = is_word and _is_letters(match.group()) and not contraction
         words.append(Word(start, end, match.group(), replaceable))
     return words
+
+
+@functools.lru_cache(maxsize=8)
+def _word_pattern(special_tokens: tuple[str, ...]) -> re.Pattern:
+    """Special tokens (group 1 when there are any), words (the next group) or a punctuation character. A word
+    is a CJK ideograph or a run of word characters and combining marks: ``\\w`` alone stops at a mark, which
+    split a decomposed "café" (e + U+0301) and every Devanagari word at its vowel signs."""
+    specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
+    word = rf"[{CJK}]|(?:[^\W{CJK}]|[{_combining_marks()}])+"
+    return re.compile((f"({specials})|" if specials else "") + rf"({word})|([^\w\s])")
+
+
+@functools.lru_cache(maxsize=1)
+def _combining_marks() -> str:
+    """A character class body of every Unicode combining mark (categories Mn, Mc, Me)."""
+    import sys
+    import unicodedata
+
+    ranges: list[tuple[int, int]] = []
+    for code in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(code)).startswith("M"):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+    return "".join(re.escape(chr(a)) + ("" if a == b else "-" + re.escape(chr(b))) for a, b in ranges)
+
+
+def _is_letters(word: str) -> bool:
+    """Letters, with the combining marks that belong to them (a word of digits or marks alone is not)."""
+    import unicodedata
+
+    return word[:1].isalpha() and all(c.isalpha() or unicodedata.category(c).startswith("M") for c in word)
+
+
+_NEGATION_AFTER = re.compile(r"\s+n['\u2019]t\b", re.IGNORECASE)
 
 
 _APOSTROPHES = "'\u2019"
 _CLITICS = frozenset({"s", "t", "re", "ve", "ll", "m", "d"})
 
 
-def _match_case(original: str, replacement: str) -> str:
+def _match_case(original: str, replacement: str, starts_sentence: bool = True) -> str:
+    """``replacement`` in ``original``'s capitalisation; "I", capital wherever it stands, passes its capital on
+    at the start of a sentence only ("then I left" -> "then me left", not "then Me left")."""
     if len(original) > 1 and original.isupper():
         return replacement.upper()
-    if original[:1].isupper():
+    if original[:1].isupper() and (original != "I" or starts_sentence):
         return replacement[:1].upper() + replacement[1:]
     return replacement
 
@@ -828,7 +909,12 @@ class Augmenter:
 
     def word_candidates(self, texts: Sequence[str]) -> list[list[WordCandidates]]:
         """Candidates for every word of each text (computed in batches across all the texts)."""
-        split = [split_words(text, self.special_tokens) for text in texts]
+        stop_words = STOP_WORD_LISTS[self.config.stop_words]
+        split = [
+            [dataclasses.replace(w, replaceable=False) if w.replaceable and w.text.lower() in stop_words else w
+             for w in split_words(text, self.special_tokens)]
+            for text in texts
+        ]  # fmt: skip
         if self.masked_lm is None:
             neighbours = self.glove.neighbours(sorted({w.text for words in split for w in words if w.replaceable}))
             return [
@@ -875,7 +961,9 @@ class Augmenter:
             if rng.random() < self.config.p_t:
                 replacement = entry.candidates[rng.randrange(len(entry.candidates))]
                 pieces.append(text[cursor : entry.word.start])
-                pieces.append(_match_case(entry.word.text, replacement))
+                before = text[: entry.word.start].rstrip()
+                starts_sentence = not before or before[-1] in ".!?"
+                pieces.append(_match_case(entry.word.text, replacement, starts_sentence))
                 cursor = entry.word.end
         pieces.append(text[cursor:])
         return "".join(pieces)
@@ -1024,7 +1112,12 @@ def build_metadata(
         "seed": config.seed,
         "masked_lm": None
         if mlm_dir is None
-        else {"path": str(Path(mlm_dir).resolve()), "sha256": digests["masked_lm"]},
+        else {
+            "path": str(Path(mlm_dir).resolve()),
+            "sha256": digests["masked_lm"],
+            # the tokenizer decides which words are one piece (masked-LM) and which are GloVe's
+            "tokenizer": digests["masked_lm_tokenizer"],
+        },
         "glove": {"source": glove.source, "num_words": len(glove.words), "dim": glove.dim, "sha256": glove.sha256},
         "source_data": {
             "path": str(data_path.resolve()),
@@ -1037,14 +1130,16 @@ def build_metadata(
 
 
 def input_digests(mlm_dir: str | Path | None, data_path: str | Path) -> dict[str, Any]:
-    """What a run key holds of the inputs' bytes: the masked-LM's weights sha256 (None without one), and the
-    data file's sha256, or for a ``datasets`` directory, which has no single file to hash, the names and bytes
-    of its files (``fingerprint``)."""
+    """What a run key holds of the inputs' bytes: the masked-LM's weights sha256 and its tokenizer's (None
+    without one), and the data file's sha256, or for a ``datasets`` directory, which has no single file to
+    hash, the names and bytes of its files (``fingerprint``)."""
+    from dist_kd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from dist_kd.io import data_fingerprint
 
     data_path = Path(data_path)
     return {
         "masked_lm": None if mlm_dir is None else weights_sha256(mlm_dir),
+        "masked_lm_tokenizer": None if mlm_dir is None else tokenizer_fingerprint(load_tokenizer(mlm_dir))["sha256"],
         "data": sha256_file(data_path) if data_path.is_file() else None,
         "fingerprint": None if data_path.is_file() else data_fingerprint(data_path),
     }

@@ -7,6 +7,8 @@ replaced multi-piece word must read "joy", and any routing mistake shows up as t
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -128,7 +130,7 @@ def _random_examples(num: int, seed: int = 0) -> pa.Table:
 
 
 def test_replacements_come_from_the_right_source(biased_mlm_dir, glove_txt):
-    augmenter = _augmenter(biased_mlm_dir, glove_txt, p_t=1.0, n_a=2, k=1)
+    augmenter = _augmenter(biased_mlm_dir, glove_txt, p_t=1.0, n_a=2, k=1, stop_words="none")
     text = "The team played happiness, xyzzy [SEP] bank."
     sources = {c.word.text: c.source for c in augmenter.word_candidates([text])[0]}
     assert sources == {
@@ -160,7 +162,7 @@ def test_glove_only_replaces_every_word_from_glove(glove_txt):
 
 
 def test_candidate_lists(biased_mlm_dir, glove_txt):
-    augmenter = _augmenter(biased_mlm_dir, glove_txt, k=2)
+    augmenter = _augmenter(biased_mlm_dir, glove_txt, k=2, stop_words="none")
     words = augmenter.word_candidates(["the markets rose quickly"])[0]
     by_word = {c.word.text: c.candidates for c in words}
     assert by_word["the"] == ["bank", "market"]
@@ -558,8 +560,9 @@ def test_only_words_of_letters_outside_contractions_are_replaced():
     text = "The 2 films cost 15 million in 2019; it's covid19 we'll don’t students' café 'hello'"
     replaceable = {w.text for w in aug.split_words(text) if w.replaceable}
     assert replaceable == {"The", "films", "cost", "million", "in", "students", "café", "hello"}
-    # tokenized text, as SST-2 writes it: the clitic after a spaced apostrophe is no word either ("'ll" -> "'lil")
-    sst2 = "it 's a film we 're told it 'll do , but does n't"
+    # tokenized text, as SST-2 writes it: the clitic after a spaced apostrophe is no word either ("'ll" -> "'lil"),
+    # nor the word before a split negation ("does n't" -> "lot n't", "ca n't" -> "anymore n't")
+    sst2 = "it 's a film we 're told it 'll do , but does n't and ca n’t"
     assert {w.text for w in aug.split_words(sst2) if w.replaceable} == {
         "it",
         "a",
@@ -568,8 +571,15 @@ def test_only_words_of_letters_outside_contractions_are_replaced():
         "told",
         "do",
         "but",
-        "does",
+        "and",
     }
+    # A word goes on through its combining marks (a decomposed "café", Devanagari's vowel signs): \w alone
+    # stopped at each mark, left "́" behind a replaced "cafe" and made single consonants of a Hindi word.
+    marked = "cafe\u0301 nai\u0308ve \u0939\u093f\u0928\u094d\u0926\u0940 \u0301x"
+    assert [(w.text, w.replaceable) for w in aug.split_words(marked)] == [
+        ("cafe\u0301", True), ("nai\u0308ve", True), ("\u0939\u093f\u0928\u094d\u0926\u0940", True),
+        ("\u0301x", False),  # a mark with no letter before it starts no word of letters
+    ]  # fmt: skip
 
 
 def _letter_words(count: int) -> list[str]:
@@ -697,7 +707,7 @@ def test_byte_level_bpe_continuation_pieces_and_lone_bytes_are_never_candidates(
 
 
 def test_a_cased_masked_lm_never_offers_the_word_itself_in_another_case(bpe_mlm_dir, glove_txt):
-    augmenter = _augmenter(bpe_mlm_dir, glove_txt, k=3)
+    augmenter = _augmenter(bpe_mlm_dir, glove_txt, k=3, stop_words="none")
     candidates = {c.word.text: c.candidates for c in augmenter.word_candidates(["the bank raised rates"])[0]}
     assert candidates["the"][:2] == ["Bank", "rates"]  # for another word, "Bank" is a fine candidate
     assert candidates["bank"][0] == "rates" and len(candidates["bank"]) == 3
@@ -817,3 +827,91 @@ def test_a_roberta_masked_lm_reads_sentences_past_its_usable_positions(bpe_mlm_d
     (found,) = masked_lm.candidates([(ids, [2, 128, len(ids) - 2])])
     assert sorted(found) == [2, 128, len(ids) - 2]
     assert found[len(ids) - 2] == []  # past the context: no candidates
+
+
+def test_tinybert_stop_words_are_kept_and_none_replaces_them(glove_txt):
+    """TinyBERT's code never replaces its stop words; replacing them took 42 % of a GloVe-only run's replacements
+    on tweets and turned negations into other words ("not driving" -> "would stopping")."""
+    # The list as TinyBERT's code writes it: NLTK's English stop words without what/which/who/whom/when/where/
+    # why/how, 173 words.
+    assert len(aug.TINYBERT_STOP_WORDS) == 173
+    assert {"not", "no", "nor", "the", "is", "did", "i", "don't", "'s"} <= aug.TINYBERT_STOP_WORDS
+    assert not {"never", "what", "how", "happiness"} & aug.TINYBERT_STOP_WORDS
+    text = "Not the Happiness , NOR what I did never"
+    kept = aug.build_augmenter(None, glove_txt, aug.AugmentConfig(k=2))
+    replaceable = {c.word.text for c in kept.word_candidates([text])[0] if c.source != "none"}
+    assert replaceable == {"Happiness", "what", "never"}
+    every = aug.build_augmenter(None, glove_txt, aug.AugmentConfig(k=2, stop_words="none"))
+    replaceable = {c.word.text for c in every.word_candidates([text])[0] if c.source != "none"}
+    assert replaceable == {"Not", "the", "Happiness", "NOR", "what", "I", "did", "never"}
+    with pytest.raises(ValueError, match="stop_words must be one of none, tinybert, got 'nltk'"):
+        aug.AugmentConfig(stop_words="nltk")
+
+
+def test_i_passes_its_capital_on_at_the_start_of_a_sentence_only():
+    """ "then I left" became "then Me left": "I" is a capital wherever it stands."""
+    cases = [
+        ("I", "me", True, "Me"),
+        ("I", "me", False, "me"),
+        ("The", "bank", False, "Bank"),
+        ("NASA", "esa", False, "ESA"),
+    ]
+    for original, replacement, starts, expected in cases:
+        assert aug._match_case(original, replacement, starts) == expected
+    words = [
+        aug.WordCandidates(w, ["me"] if w.text == "I" else [], "glove") for w in aug.split_words("I said. Then I left")
+    ]
+    augmenter = aug.Augmenter(None, aug.GloveNeighbours(aug.GloveVectors(["x"], np.ones((1, 2), np.float32), "t"), k=1),
+                              aug.AugmentConfig(p_t=1.0))  # fmt: skip
+    assert augmenter._sample("I said. Then I left", words, random.Random(0)) == "Me said. Then me left"
+
+
+def test_decomposed_words_find_their_glove_row_and_accents_are_no_change():
+    words = ["café", "cafe", "coffee", "naïve", "tea"]
+    vectors = np.array([[1, 0.1], [1, 0.11], [1, 0.3], [0, 1], [1, 0.5]], dtype=np.float32)
+    neighbours = aug.GloveNeighbours(aug.GloveVectors(words=words, vectors=vectors, source="test"), k=2)
+    found = neighbours.neighbours(["cafe\u0301"])  # NFD, as some text arrives; GloVe writes words composed
+    assert found["cafe\u0301"] == ["coffee", "tea"]  # not "cafe": only its accent differs
+    assert neighbours.neighbours(["cafe"])["cafe"] == ["coffee", "tea"]
+
+
+def test_a_glove_word_with_a_carriage_return_loads_again_from_its_cache(tmp_path):
+    """The text parser keeps odd words (840B has words with spaces); its cached vocabulary was read back with
+    newline translation, which split a word holding "\\r" in two, and no later load worked."""
+    source = tmp_path / "g.txt"
+    source.write_bytes(b"the 0.1 0.2\nbank 0.3 0.1\nodd\rword 0.5 0.5\nmarket 0.3 0.2\n")
+    first = aug.load_glove(source)
+    assert first.words == ["the", "bank", "odd\rword", "market"]
+    assert aug.load_glove(source).words == first.words  # from the cache it wrote
+    crlf = tmp_path / "vocab.txt"
+    crlf.write_bytes(b"the\r\nbank\r\n")
+    assert aug._read_vocab(crlf) == ["the", "bank"]  # a file of CRLF lines throughout is still read as lines
+
+
+def test_a_set_made_with_another_masked_lm_tokenizer_is_made_again(biased_mlm_dir, glove_txt, tmp_path):
+    """The run key held the masked-LM's weights but not its tokenizer, which decides what goes to the masked-LM
+    and what to GloVe: a tokenizer fixed in place (lower-casing off) kept the set made with the old one."""
+    import json
+    import shutil
+
+    from dist_kd.data.tasks import TaskSpec
+
+    mlm = tmp_path / "mlm"
+    shutil.copytree(biased_mlm_dir, mlm)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Quickly happiness {i}", "label": "a"}) + "\n" for i in range(3)))
+    spec = TaskSpec(name="t", labels=["a", "b"], text_a="text")
+    config = aug.AugmentConfig(n_a=1, k=1)
+    aug.augment_task(spec, data, tmp_path / "out", glove_txt, config, mlm_dir=mlm, progress=False)
+    before = read_parquet_metadata(aug.final_path(tmp_path / "out"))
+    written = aug.final_path(tmp_path / "out").stat().st_mtime_ns
+    settings = json.loads((mlm / "tokenizer.json").read_text())
+    settings["normalizer"]["lowercase"] = False
+    (mlm / "tokenizer.json").write_text(json.dumps(settings))
+    settings = json.loads((mlm / "tokenizer_config.json").read_text())
+    (mlm / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
+    aug.augment_task(spec, data, tmp_path / "out", glove_txt, config, mlm_dir=mlm, progress=False)
+    after = read_parquet_metadata(aug.final_path(tmp_path / "out"))
+    assert after["masked_lm"]["sha256"] == before["masked_lm"]["sha256"]  # the same weights
+    assert after["masked_lm"]["tokenizer"] != before["masked_lm"]["tokenizer"]
+    assert aug.final_path(tmp_path / "out").stat().st_mtime_ns != written  # made again, not kept
