@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -570,3 +571,30 @@ def run_config_job(
 
     # RunDirInUse is a ValueError
     return run_in_process_group(body, (ValueError, FileNotFoundError, CheckpointSaveError, OutputWriteError))
+
+
+class ExitOnSignal:
+    """SIGTERM / SIGUSR1 end the process with the code their default action gives (128 + the signal), but as a
+    ``SystemExit`` raised in the main thread, so that ``finally`` blocks run: the run lock is given back and the
+    run's log says why it stopped (killed by the default action, a rerun from another host found the lock held
+    for minutes), or a half-written output is removed. For a command without checkpoints (dist-kd finetune,
+    prepare-corpus), where stopping at once loses nothing that stopping later would keep."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        # a rank's own (see configure_logging): every rank of a job says what it received
+        logging.getLogger(__name__).warning(
+            "received %s: %s", signal.Signals(signum).name, self.what, extra={"rank_specific": True}
+        )
+        raise SystemExit(128 + signum)
+
+    def __enter__(self) -> ExitOnSignal:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dist_kd.cli import add_log_level_argument, bad_input, configure_logging
+from dist_kd.cli import ExitOnSignal, add_log_level_argument, bad_input, configure_logging
 from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
 
 
@@ -68,21 +68,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, write the corpus, print the summary; returns the exit code (2: bad input)."""
     args = parse_args(argv)
     configure_logging(0, level=args.log_level)
+    # SIGTERM (scancel, a time limit, timeout) ends the run through its cleanup: an --overwrite run's hidden
+    # copy of the new corpus is removed, and a corpus being replaced stays as it was.
     try:
-        summary = prepare_corpus(
-            args.input,
-            args.tokenizer,
-            args.output,
-            seq_len=args.seq_len,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            packing=args.packing,
-            txt_document=args.txt_document,
-            text_column=args.text_column,
-            encoding_errors=args.encoding_errors,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+        with ExitOnSignal("prepare-corpus stops; a corpus being replaced stays as it was"):
+            summary = prepare_corpus(
+                args.input,
+                args.tokenizer,
+                args.output,
+                seq_len=args.seq_len,
+                shard_size=args.shard_size,
+                num_workers=args.num_workers,
+                packing=args.packing,
+                txt_document=args.txt_document,
+                text_column=args.text_column,
+                encoding_errors=args.encoding_errors,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
     except (ValueError, OSError) as err:  # OSError: FileExistsError, an output it cannot write
         return bad_input(err)
     print(f"wrote {args.output}: {summary.format()}")

@@ -676,11 +676,44 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
             raise FileExistsError(f"{output} already holds a corpus ({manifest}); pass --overwrite to replace it")
         # Resolved so that a symlinked output keeps its link and the sibling is on the target's file system.
         target = output.resolve()
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+        _remove_abandoned_siblings(target)
+        # The writer's host and pid in the name: a run killed past its cleanup (SIGKILL, the OOM killer) is
+        # told from a live one by the next run on the same host.
+        owner = f"{_host_tag()}-{os.getpid()}-"
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{owner}", dir=target.parent))
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob(".shard-*.tar.tmp"):
         stale.unlink()
     return output
+
+
+def _host_tag() -> str:
+    """This host's name as it can stand in a file name (no "-": the name's fields are split on it)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _remove_abandoned_siblings(target: Path) -> None:
+    """Remove the hidden ``.NAME.new-HOST-PID-*`` directories of ``--overwrite`` runs that were killed before
+    their cleanup (a partial corpus each, up to the size of a whole one) where HOST is this host and PID no longer
+    runs; say where any other such directory is (another host's, or one of an earlier release) and leave it."""
+    from dist_kd.train.runlock import _pid_alive
+
+    host = _host_tag()
+    for sibling in sorted(target.parent.glob(f".{target.name}.new-*")):
+        fields = sibling.name[len(f".{target.name}.new-") :].split("-")
+        if not sibling.is_dir() or (sibling / MANIFEST_NAME).exists():
+            continue  # complete: a swap that stopped between its renames; the data is left to the user
+        if len(fields) == 3 and fields[0] == host and fields[1].isdigit() and not _pid_alive(int(fields[1])):
+            logger.warning("removing %s, left by an --overwrite run that was killed (pid %s)", sibling, fields[1])
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            logger.warning(
+                "%s holds part of a corpus being written by another --overwrite run (or one killed on another host, "
+                "or by an earlier release): remove it if no run is writing there",
+                sibling,
+            )
 
 
 def _swap_in(new: Path, output: Path) -> None:

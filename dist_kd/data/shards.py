@@ -37,6 +37,9 @@ class CorruptShardError(ValueError):
         self.reason = reason or ""
         super().__init__(f"corrupt corpus shard {self.shard}: {reason}" if reason is not None else self.shard)
 
+    def __reduce__(self):  # a DataLoader worker's error pickles to the trainer with its shard and reason
+        return (type(self), (self.shard, self.reason))
+
 
 def shard_name(index: int) -> str:
     """The file name of shard ``index`` (``shard-000042.tar``)."""

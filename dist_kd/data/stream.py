@@ -290,6 +290,18 @@ class _WorkerDataset(IterableDataset):
         self.spec = spec
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        # In a DataLoader worker, an error of the data (a corrupt shard, a sequence too long, a failed read)
+        # goes to the trainer as an item: torch would re-raise it as a "Caught ... in DataLoader worker"
+        # traceback whose message is that whole text, where the user wants the one line naming the shard.
+        try:
+            yield from self._batches()
+        except (ValueError, OSError) as err:
+            yield {"_error": err}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         info = get_worker_info()
         num_workers = spec["num_workers"]
@@ -549,8 +561,21 @@ class CorpusStream:
         return self._track(source, iteration)
 
     def _track(self, source: Iterator[dict[str, Any]], iteration: int) -> Iterator[dict[str, torch.Tensor]]:
+        try:
+            yield from self._tracked(source, iteration)
+        finally:
+            # The workers end with the iterator, whatever ends it: an error of the data left them running, and
+            # at the interpreter's exit Python's one SIGTERM to each (which they pass over, _ignore_stop_signals)
+            # then hung the trainer after its error line until the job's time limit.
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _tracked(self, source: Iterator[dict[str, Any]], iteration: int) -> Iterator[dict[str, torch.Tensor]]:
         num_workers = self._logical_workers
         for batch in source:
+            if "_error" in batch:
+                raise batch["_error"]  # a worker's (see _WorkerDataset.__iter__), as the main process raises it
             if iteration != self._iteration:
                 raise RuntimeError("a CorpusStream iterator was used after a newer one was started")
             worker = batch.pop("_worker")
@@ -620,13 +645,14 @@ class CorpusStream:
             return
         plan = _EpochPlan(self._counts, self._order(self._epoch), intervals)
         window = state["window"] if self.shuffle else 1
-        delivered = []
+        delivered, passed_over = [], 0
         for rank in range(state["world_size"]):
             row = _rank_workers(plan.total, state["world_size"], state["num_workers"], state["micro_batch_size"], rank)
             for worker, (start, num_batches) in enumerate(row):
-                done = _consumed_batches(state["batches_consumed"], state["num_workers"], worker)
-                done *= state["micro_batch_size"]
-                done = min(num_batches * state["micro_batch_size"], math.ceil(done / window) * window)
+                handed_out = _consumed_batches(state["batches_consumed"], state["num_workers"], worker)
+                handed_out *= state["micro_batch_size"]
+                done = min(num_batches * state["micro_batch_size"], math.ceil(handed_out / window) * window)
+                passed_over += done - handed_out  # the rest of a shuffle window read in part: not known which
                 delivered.append((start, start + done))
         remaining = []
         for start, end in _subtract([(0, plan.total)], delivered):
@@ -638,12 +664,19 @@ class CorpusStream:
         self._batches_consumed = 0
         changed = [f"{key} {state[key]} -> {current[key]}" for key in ("world_size", "num_workers",
                    "micro_batch_size", "window", "excluded_shards") if state[key] != current[key]]  # fmt: skip
-        logger.info(
-            "corpus stream: epoch %d resumed with a new layout (%s); %d sequences left in the epoch",
-            self._epoch,
-            ", ".join(changed),
-            sum(end - start for start, end in self._intervals),
-        )
+        left = sum(end - start for start, end in self._intervals)
+        if passed_over:
+            logger.warning(
+                "corpus stream: epoch %d resumed with a new layout (%s): %d sequences of shuffle windows read in part "
+                "are passed over in this epoch (which of them were used is not kept; keep the world size, "
+                "data.num_workers and data.micro_batch_size to resume exactly); %d sequences left in the epoch",
+                self._epoch, ", ".join(changed), passed_over, left,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "corpus stream: epoch %d resumed with a new layout (%s); %d sequences left in the epoch",
+                self._epoch, ", ".join(changed), left,
+            )  # fmt: skip
 
 
 def build_corpus_loader(

@@ -220,30 +220,6 @@ class RunSignals:
         self.restore()
 
 
-class ExitOnSignal:
-    """SIGTERM / SIGUSR1 end the process with the code their default action gives (128 + the signal), but as a
-    ``SystemExit`` raised in the main thread, so that ``finally`` blocks run: the run lock is given back and the
-    run's log says why it stopped (killed by the default action, a rerun from another host found the lock held
-    for minutes). For a command without checkpoints (dist-kd finetune), where stopping at once loses nothing
-    that stopping later would keep."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        logger.warning("received %s: %s", signal.Signals(signum).name, self.what, extra=distributed.RANK_SPECIFIC)
-        raise SystemExit(128 + signum)
-
-    def __enter__(self) -> ExitOnSignal:
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def stop_agreed(local: bool) -> bool:
     """True on every rank when any rank was asked to stop.
 

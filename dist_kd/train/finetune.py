@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from dist_kd import distributed
+from dist_kd.cli import ExitOnSignal
 from dist_kd.config import doc
 from dist_kd.data.encode import (
     TokenizedRows,
@@ -55,7 +56,7 @@ from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
 from dist_kd.predict import TASK_RECORD, batched_logits, task_record
-from dist_kd.train.common import Diverged, ExitOnSignal, check_run_kind, progress_bar, weights_finite
+from dist_kd.train.common import Diverged, check_run_kind, progress_bar, weights_finite
 from dist_kd.train.engine import (
     TrainConfig,
     build_ds_config,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import random
 import re
@@ -28,6 +29,8 @@ from dist_kd.data.stream import build_corpus_loader
 from dist_kd.testing import build_tiny_tokenizer, random_sentences
 
 SEQ_LEN = 16
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +155,65 @@ def test_a_failed_overwrite_leaves_the_old_corpus_intact(tmp_path, text_inputs, 
     prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, expected, **options)
     assert _tree_bytes(out) == {**_tree_bytes(expected), "NOTES.md": b"kept by the user"}
     assert sorted(path.name for path in tmp_path.iterdir()) == ["expected", "out"]
+
+
+def test_an_overwrite_removes_what_a_killed_one_left_and_nothing_else(
+    tmp_path, text_inputs, tiny_tokenizer_dir, caplog
+):
+    """An --overwrite run killed past its cleanup (SIGKILL, the OOM killer) left a hidden partial corpus beside
+    the output, up to a whole corpus in size, that no later run removed."""
+    import subprocess
+
+    from dist_kd.data.corpus import _host_tag
+
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    out = tmp_path / "out"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a process that has ended
+    siblings = {
+        "killed": f".out.new-{_host_tag()}-{dead_pid}-abcd1234",  # this host, its pid gone: removed
+        "live": f".out.new-{_host_tag()}-{os.getpid()}-efgh5678",  # a run still writing: kept
+        "elsewhere": ".out.new-otherhost-1-ijkl9012",  # another host's: kept, said
+        "older": ".out.new-mnop3456",  # an earlier release's name: kept, said
+        "swapping": f".out.new-{_host_tag()}-{dead_pid}-qrst7890",  # complete (stopped mid-swap): kept
+    }
+    for name in siblings.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard-000000.tar").write_bytes(b"partial")
+    (tmp_path / siblings["swapping"] / "manifest.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, overwrite=True, **options)
+    left = {path.name for path in tmp_path.iterdir()}
+    assert left == {"out", *(name for key, name in siblings.items() if key != "killed")}
+    assert f"removing {tmp_path / siblings['killed']}, left by an --overwrite run that was killed" in caplog.text
+    for key in ("live", "elsewhere", "older"):
+        assert f"{tmp_path / siblings[key]} holds part of a corpus being written by another" in caplog.text
+
+
+def test_sigterm_ends_an_overwrite_through_its_cleanup(tmp_path, tiny_tokenizer_dir):
+    """scancel or a time limit killed prepare-corpus by SIGTERM's default action: no cleanup ran."""
+    import subprocess
+    import time
+
+    (tmp_path / "big.txt").write_text("\n\n".join(random_sentences(20000, seed=1)))
+    out = tmp_path / "out"
+    command = [sys.executable, "launch/prepare_corpus.py", "--input", str(tmp_path / "big.txt"), "--tokenizer",
+               str(tiny_tokenizer_dir), "--seq-len", "16", "--shard-size", "50", "--num-workers", "0",
+               "--no-progress", "--output", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    before = _tree_bytes(out)
+    running = subprocess.Popen([*command, "--overwrite"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.new-*/shard-000002.tar")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.new-*/shard-000002.tar")), "the overwrite wrote no shard in 120 s"
+    running.send_signal(signal.SIGTERM)
+    _, stderr = running.communicate(timeout=60)
+    assert running.returncode == 128 + signal.SIGTERM, stderr
+    assert "received SIGTERM: prepare-corpus stops; a corpus being replaced stays as it was" in stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["big.txt", "out"]
+    assert _tree_bytes(out) == before
 
 
 def test_overwrite_through_a_symlink_keeps_the_link(tmp_path, text_inputs, tiny_tokenizer_dir):

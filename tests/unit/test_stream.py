@@ -139,14 +139,15 @@ def test_resume_gives_exactly_the_uninterrupted_batches(corpus, num_workers, con
     assert before + after == reference
 
 
-def test_resize_continues_the_epoch_without_repeats(corpus):
+def test_resize_continues_the_epoch_without_repeats(corpus, caplog):
     everything = Counter(_sequences(corpus))
     old = [_stream(corpus, rank=rank, world_size=2, num_workers=2, shuffle_buffer=6) for rank in range(2)]
     before = Counter(row for stream in old for row in _rows(_take(stream, 5)))
     state = old[0].state_dict()
     new = [_stream(corpus, rank=rank, world_size=3, num_workers=1, shuffle_buffer=6) for rank in range(3)]
-    for stream in new:
-        stream.load_state_dict(state)
+    with caplog.at_level(logging.INFO, logger="dist_kd.data.stream"):
+        for stream in new:
+            stream.load_state_dict(state)
     after_per_rank = [_rows(stream) for stream in new]
     assert len({len(rows) for rows in after_per_rank}) == 1
     after = Counter(row for rows in after_per_rank for row in rows)
@@ -155,6 +156,16 @@ def test_resize_continues_the_epoch_without_repeats(corpus):
     missing = sum(everything.values()) - sum(before.values()) - sum(after.values())
     assert 0 <= missing < 2 * 2 * 6 + 3 * BATCH
     assert all(stream.epoch == 1 for stream in new)
+    # The windows' part is said as a warning with its count (an INFO line said only what was left): each rank's
+    # 5 batches went round-robin to its 2 workers, 3 and 2 batches of 4 sequences, so in windows of 6 the first
+    # worker stopped at a window's end (12) and the second 4 sequences into its second window (8 of 12).
+    passed_over = 2 * ((-(3 * BATCH) % 6) + (-(2 * BATCH) % 6))
+    assert passed_over == 8
+    [record] = {r.getMessage(): r for r in caplog.records if "passed over" in r.getMessage()}.values()
+    assert record.levelno == logging.WARNING
+    left = sum(everything.values()) - sum(before.values()) - passed_over
+    assert f": {passed_over} sequences of shuffle windows read in part are passed over" in record.getMessage()
+    assert f"; {left} sequences left in the epoch" in record.getMessage()
 
 
 @pytest.mark.parametrize(
@@ -250,8 +261,13 @@ def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers, caplo
     data = bytearray(shard.read_bytes())
     data[512 * 4 + 100 : 512 * 4 + 108] = b"garbage!"  # the tar header of the 3rd member; the size is unchanged
     shard.write_bytes(bytes(data))
-    with pytest.raises(CorruptShardError, match=r"shard-000002\.tar.*checksum"):
+    with pytest.raises(CorruptShardError, match=r"shard-000002\.tar.*checksum") as raised:
         list(_stream(damaged, shuffle=False, num_workers=num_workers))
+    # From a DataLoader worker too, the error is the one line that names the shard ("Caught CorruptShardError in
+    # DataLoader worker process 0." and a traceback, before), with its shard and reason.
+    assert str(raised.value).startswith(f"corrupt corpus shard {damaged / 'shard-000002.tar'}: bad tar header")
+    assert "\n" not in str(raised.value) and raised.value.shard == str(damaged / "shard-000002.tar")
+    assert "checksum" in raised.value.reason
     stream = _stream(damaged, shuffle=False, num_workers=num_workers, skip_corrupt=True)
     with caplog.at_level(logging.WARNING, logger="dist_kd.data.stream"):
         batches = list(stream)
@@ -392,3 +408,43 @@ def test_a_loader_worker_leaves_the_first_stop_signals_to_the_trainer_but_a_seco
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout == "alive\n" and proc.returncode == -signal.SIGTERM, (proc.stdout, proc.returncode, proc.stderr)
+
+
+def test_a_data_error_in_a_worker_ends_the_process(corpus, tmp_path):
+    """A trainer that stopped on a corrupt shard found by a DataLoader worker printed its error and then never
+    exited: the workers outlived the iterator, and at exit they passed over Python's one SIGTERM to each (they
+    leave signals to the trainer), so the job held its nodes until its time limit."""
+    import subprocess
+    import sys
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    shard = damaged / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[512 * 4 + 100 : 512 * 4 + 108] = b"garbage!"
+    shard.write_bytes(bytes(data))
+    script = f"""
+import sys
+from dist_kd.data.stream import build_corpus_loader
+
+stream = build_corpus_loader({str(damaged)!r}, micro_batch_size={BATCH}, num_workers=2, shuffle=False)
+
+def batches():  # as the general trainer draws them
+    while True:
+        yield from stream
+
+source = batches()
+try:
+    for _ in range(1000):
+        next(source)
+except ValueError as err:
+    print("error:", err, file=sys.stderr)
+    sys.exit(2)
+finally:
+    source.close()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: corrupt corpus shard {shard}: bad tar header checksum at byte 2048"
+    ], proc.stderr[-3000:]
