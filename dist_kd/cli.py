@@ -582,16 +582,19 @@ class ExitOnSignal:
 
     def __init__(self, what: str):
         self.what = what
+        self.pid = os.getpid()
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
-        # a rank's own (see configure_logging): every rank of a job says what it received
-        logging.getLogger(__name__).warning(
-            "received %s: %s", signal.Signals(signum).name, self.what, extra={"rank_specific": True}
-        )
+        if os.getpid() == self.pid:  # not in a process forked meanwhile (prepare-corpus's tokenizers)
+            # a rank's own (see configure_logging): every rank of a job says what it received
+            logging.getLogger(__name__).warning(
+                "received %s: %s", signal.Signals(signum).name, self.what, extra={"rank_specific": True}
+            )
         raise SystemExit(128 + signum)
 
     def __enter__(self) -> ExitOnSignal:
+        self.pid = os.getpid()
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         return self
 

@@ -452,7 +452,7 @@ class GloveNeighbours:
         # (a padding or unknown row), whose cosine with every word is 0.
         self.zero = (norms.squeeze(1) == 0).cpu()
         self.banned = torch.tensor(
-            [not word.isalpha() for word in glove.words[: self.num_words]], dtype=torch.bool, device=device
+            [not _is_letters(word) for word in glove.words[: self.num_words]], dtype=torch.bool, device=device
         ) | self.zero.to(device)
         self._cache: dict[str, list[str]] = {}
 
@@ -506,8 +506,8 @@ class GloveNeighbours:
 
 
 def _other_words(word: str, candidates: Iterable[str]) -> list[str]:
-    """``candidates`` without ``word`` in any capitalisation or accents ("café" is no change of "cafe": an
-    uncased tokenizer reads both alike) and without repeats, in order."""
+    """``candidates`` without ``word`` in any capitalisation or Unicode form (a decomposed "café" is the
+    composed one) and without repeats, in order."""
     seen = {_plain(word)}
     out = []
     for candidate in candidates:
@@ -518,10 +518,10 @@ def _other_words(word: str, candidates: Iterable[str]) -> list[str]:
 
 
 def _plain(word: str) -> str:
-    """``word`` lower-cased without its accents (combining marks)."""
+    """``word`` lower-cased and composed (NFC); accents stay: "ma" and "má" are other words."""
     import unicodedata
 
-    return "".join(c for c in unicodedata.normalize("NFD", word.lower()) if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", word.lower())
 
 
 # ------------------------------------------------------------------------------------------- masked LM
@@ -609,7 +609,7 @@ class MaskedLMCandidates:
                 continue
             surface = self._surface(index)
             bracketed = re.fullmatch(r"\[.*\]|<.*>", surface) is not None
-            if bracketed or "\ufffd" in surface or not surface.isalpha():
+            if bracketed or "\ufffd" in surface or not _is_letters(surface):
                 continue
             banned[index] = False
         return banned.to(self.device)
@@ -855,7 +855,10 @@ def _combining_marks() -> str:
 
 
 def _is_letters(word: str) -> bool:
-    """Letters, with the combining marks that belong to them (a word of digits or marks alone is not)."""
+    """Letters, with the combining marks that belong to them (a word of digits or marks alone is not): the
+    words augmentation replaces, and the only candidates it offers."""
+    if word.isalpha():
+        return True
     import unicodedata
 
     return word[:1].isalpha() and all(c.isalpha() or unicodedata.category(c).startswith("M") for c in word)

@@ -687,6 +687,9 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     return output
 
 
+ABANDONED_S = 600.0  # an --overwrite run's copy unchanged this long, its pid gone, was abandoned
+
+
 def _host_tag() -> str:
     """This host's name as it can stand in a file name (no "-": the name's fields are split on it)."""
     import socket
@@ -696,8 +699,9 @@ def _host_tag() -> str:
 
 def _remove_abandoned_siblings(target: Path) -> None:
     """Remove the hidden ``.NAME.new-HOST-PID-*`` directories of ``--overwrite`` runs that were killed before
-    their cleanup (a partial corpus each, up to the size of a whole one) where HOST is this host and PID no longer
-    runs; say where any other such directory is (another host's, or one of an earlier release) and leave it."""
+    their cleanup (a partial corpus each, up to the size of a whole one): HOST is this host, PID no longer runs
+    and nothing in it changed for ``ABANDONED_S`` (a container that shares the host's name but not its process
+    ids could be writing there). Say where any other such directory is, and leave it."""
     from dist_kd.train.runlock import _pid_alive
 
     host = _host_tag()
@@ -705,7 +709,9 @@ def _remove_abandoned_siblings(target: Path) -> None:
         fields = sibling.name[len(f".{target.name}.new-") :].split("-")
         if not sibling.is_dir() or (sibling / MANIFEST_NAME).exists():
             continue  # complete: a swap that stopped between its renames; the data is left to the user
-        if len(fields) == 3 and fields[0] == host and fields[1].isdigit() and not _pid_alive(int(fields[1])):
+        untouched = time.time() - max(p.stat().st_mtime for p in [sibling, *sibling.iterdir()]) > ABANDONED_S
+        ours = len(fields) == 3 and fields[0] == host and fields[1].isdigit()
+        if ours and untouched and not _pid_alive(int(fields[1])):
             logger.warning("removing %s, left by an --overwrite run that was killed (pid %s)", sibling, fields[1])
             shutil.rmtree(sibling, ignore_errors=True)
         else:

@@ -35,10 +35,11 @@ class CorruptShardError(ValueError):
         # The one-argument form (a full message) lets DataLoader workers re-raise this type in the main process.
         self.shard = str(shard)
         self.reason = reason or ""
+        self._reason = reason
         super().__init__(f"corrupt corpus shard {self.shard}: {reason}" if reason is not None else self.shard)
 
     def __reduce__(self):  # a DataLoader worker's error pickles to the trainer with its shard and reason
-        return (type(self), (self.shard, self.reason))
+        return (type(self), (self.shard, self._reason))
 
 
 def shard_name(index: int) -> str:

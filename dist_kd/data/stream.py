@@ -293,12 +293,12 @@ class _WorkerDataset(IterableDataset):
         if get_worker_info() is None:
             yield from self._batches()
             return
-        # In a DataLoader worker, an error of the data (a corrupt shard, a sequence too long, a failed read)
-        # goes to the trainer as an item: torch would re-raise it as a "Caught ... in DataLoader worker"
-        # traceback whose message is that whole text, where the user wants the one line naming the shard.
+        # In a DataLoader worker, a corrupt shard goes to the trainer as an item: torch would re-raise it as a
+        # "Caught CorruptShardError in DataLoader worker" traceback whose message is that whole text, where the
+        # user wants the one line naming the shard. Any other error keeps torch's way, with the worker's traceback.
         try:
             yield from self._batches()
-        except (ValueError, OSError) as err:
+        except CorruptShardError as err:
             yield {"_error": err}
 
     def _batches(self) -> Iterator[dict[str, Any]]:

@@ -866,13 +866,16 @@ def test_i_passes_its_capital_on_at_the_start_of_a_sentence_only():
     assert augmenter._sample("I said. Then I left", words, random.Random(0)) == "Me said. Then me left"
 
 
-def test_decomposed_words_find_their_glove_row_and_accents_are_no_change():
-    words = ["café", "cafe", "coffee", "naïve", "tea"]
-    vectors = np.array([[1, 0.1], [1, 0.11], [1, 0.3], [0, 1], [1, 0.5]], dtype=np.float32)
+def test_decomposed_words_find_their_glove_row_and_words_with_marks_are_candidates():
+    """A word may hold combining marks (a decomposed "café", Devanagari's vowel signs), and so may its
+    candidates: isalpha() alone banned every Hindi word with a vowel sign."""
+    words = ["café", "cafe", "coffee", "naïve", "tea", "हिन्दी", "भाषा", "किताब", "नमक", "2019"]
+    vectors = np.array([[1, 0.1], [1, 0.11], [1, 0.3], [0, 1], [1, 0.5], [-1, 1], [-1, 0.98], [-1, 0.95],
+                        [-1, 0.9], [-1, 0.99]], dtype=np.float32)  # fmt: skip
     neighbours = aug.GloveNeighbours(aug.GloveVectors(words=words, vectors=vectors, source="test"), k=2)
     found = neighbours.neighbours(["cafe\u0301"])  # NFD, as some text arrives; GloVe writes words composed
-    assert found["cafe\u0301"] == ["coffee", "tea"]  # not "cafe": only its accent differs
-    assert neighbours.neighbours(["cafe"])["cafe"] == ["coffee", "tea"]
+    assert found["cafe\u0301"] == ["cafe", "coffee"]  # the word itself ("café") is none; "cafe" is another word
+    assert neighbours.neighbours(["हिन्दी"])["हिन्दी"] == ["भाषा", "किताब"]  # "2019" is no word of letters
 
 
 def test_a_glove_word_with_a_carriage_return_loads_again_from_its_cache(tmp_path):

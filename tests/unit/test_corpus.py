@@ -10,6 +10,7 @@ import random
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,24 +178,30 @@ def test_an_overwrite_removes_what_a_killed_one_left_and_nothing_else(
         "elsewhere": ".out.new-otherhost-1-ijkl9012",  # another host's: kept, said
         "older": ".out.new-mnop3456",  # an earlier release's name: kept, said
         "swapping": f".out.new-{_host_tag()}-{dead_pid}-qrst7890",  # complete (stopped mid-swap): kept
+        # its pid gone but written to in the last ABANDONED_S: a container sharing the host name may own it
+        "recent": f".out.new-{_host_tag()}-{dead_pid}-uvwx1234",
     }
     for name in siblings.values():
         (tmp_path / name).mkdir()
         (tmp_path / name / "shard-000000.tar").write_bytes(b"partial")
     (tmp_path / siblings["swapping"] / "manifest.json").write_text("{}")
+    past = time.time() - 601
+    for key, name in siblings.items():
+        if key != "recent":
+            for path in (tmp_path / name / "shard-000000.tar", tmp_path / name):
+                os.utime(path, (past, past))
     with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
         prepare_corpus([text_inputs], tiny_tokenizer_dir, out, overwrite=True, **options)
     left = {path.name for path in tmp_path.iterdir()}
     assert left == {"out", *(name for key, name in siblings.items() if key != "killed")}
     assert f"removing {tmp_path / siblings['killed']}, left by an --overwrite run that was killed" in caplog.text
-    for key in ("live", "elsewhere", "older"):
+    for key in ("live", "elsewhere", "older", "recent"):
         assert f"{tmp_path / siblings[key]} holds part of a corpus being written by another" in caplog.text
 
 
 def test_sigterm_ends_an_overwrite_through_its_cleanup(tmp_path, tiny_tokenizer_dir):
     """scancel or a time limit killed prepare-corpus by SIGTERM's default action: no cleanup ran."""
     import subprocess
-    import time
 
     (tmp_path / "big.txt").write_text("\n\n".join(random_sentences(20000, seed=1)))
     out = tmp_path / "out"

@@ -410,6 +410,15 @@ def test_a_loader_worker_leaves_the_first_stop_signals_to_the_trainer_but_a_seco
     assert proc.stdout == "alive\n" and proc.returncode == -signal.SIGTERM, (proc.stdout, proc.returncode, proc.stderr)
 
 
+def test_a_corrupt_shard_error_pickles_as_it_was_raised():
+    """It crosses from a DataLoader worker to the trainer pickled: its one-argument form came back as the message."""
+    import pickle
+
+    for error in (CorruptShardError("/x/shard-000001.tar", "truncated"), CorruptShardError("/x/shard-000001.tar")):
+        again = pickle.loads(pickle.dumps(error))
+        assert (str(again), again.shard, again.reason) == (str(error), error.shard, error.reason)
+
+
 def test_a_data_error_in_a_worker_ends_the_process(corpus, tmp_path):
     """A trainer that stopped on a corrupt shard found by a DataLoader worker printed its error and then never
     exited: the workers outlived the iterator, and at exit they passed over Python's one SIGTERM to each (they
