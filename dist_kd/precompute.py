@@ -552,7 +552,13 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
         )
     record_path = output / CHUNKS_DIR / RUN_RECORD
     if record_path.is_file():
-        found = json.loads(record_path.read_text())
+        try:
+            found = json.loads(record_path.read_text())
+        except (OSError, ValueError) as err:  # a truncated write, a disk error: say which file, and the way out
+            raise ValueError(
+                f"{record_path} (the record of a partial precompute) does not read ({err}); delete "
+                f"{output / CHUNKS_DIR} to start over"
+            ) from None
         if found != record:
             changes = "; ".join(_differences(found, record))
             raise ValueError(

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         logger.warning("%s holds a %s, not an object; the report leaves out what it holds", path, type(loaded).__name__)
         return None
     return loaded
+
+
+SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)  # a JSON object of another shape
+
+
+def _section(path: Path, build: Callable[[], Any], empty: Any) -> Any:
+    """``build()``, or ``empty`` where ``path`` (valid JSON) does not hold what a dist_kd run writes there: said in
+    a warning naming the file, and the report leaves that section out instead of failing whole."""
+    try:
+        return build()
+    except SHAPE_ERRORS as err:
+        logger.warning(
+            "%s does not hold what a dist_kd run writes there (%s: %s); the report leaves out what it holds",
+            path, type(err).__name__, err,
+        )  # fmt: skip
+        return empty
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -151,7 +168,7 @@ def _task_evaluations(eval_report: dict[str, Any] | None) -> dict[str, tuple[str
         metric = entry.get("metric")
         points = [
             (h["step"], h["tasks"][task][metric])
-            for h in eval_report.get("history", [])
+            for h in eval_report.get("history") or []
             if isinstance((h.get("tasks", {}).get(task) or {}).get(metric), int | float)
         ]
         found[task] = (metric, points)
@@ -177,13 +194,15 @@ def write_report(run_dir: str | Path) -> Path:
     summary = _read_json(run_dir / "summary.json")
     eval_report = _read_json(run_dir / "eval.json")
     quality_records = [r for r in records if "eval_spread" in r]
-    evaluations = _task_evaluations(eval_report)
+    evaluations = _section(run_dir / "eval.json", lambda: _task_evaluations(eval_report), {})
     plots = _plots(run_dir, records, evaluations, quality_records)
 
     lines = [f"# Run report: {run_dir}", ""]
     runs = _by_teacher(records)
     if "" not in runs:  # fine-tuned teachers: one row each, then their dev metrics
-        lines += _teacher_lines(runs, _read_json(run_dir / "report.json"))
+        finetune = _read_json(run_dir / "report.json")
+        lines += _loss_lines(runs)
+        lines += _section(run_dir / "report.json", lambda: _finetune_lines(finetune), [])
     elif records:
         first, last = records[0], records[-1]
         speeds = [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), int | float)]
@@ -201,7 +220,23 @@ def write_report(run_dir: str | Path) -> Path:
         terms = [k for k in logged[-1] if k == "loss" or k.startswith("loss_")]
         lines += [f"| {key} | {_fmt(logged[0].get(key))} | {_fmt(logged[-1].get(key))} |" for key in terms]
         lines.append("")
-    quality = (summary or {}).get("quality")
+    lines += _section(run_dir / "summary.json", lambda: _quality_lines((summary or {}).get("quality")), [])
+    lines += _section(run_dir / "eval.json", lambda: _dev_lines(evaluations, eval_report), [])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots] + [""]
+    elif importlib.util.find_spec("matplotlib") is None:
+        lines += ["(No plots: install matplotlib, then run `dist-kd report RUN_DIR` again.)", ""]
+    else:
+        lines += ["(No plots yet: nothing logged to draw; `dist-kd report RUN_DIR` again once the run has logged.)", ""]
+    path = run_dir / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return path
+
+
+def _quality_lines(quality: dict[str, Any] | None) -> list[str]:
+    """summary.json's held-out quality table (none without it)."""
+    lines: list[str] = []
     if quality:
         from dist_kd.quality import pooling_note
 
@@ -218,7 +253,13 @@ def write_report(run_dir: str | Path) -> Path:
             row = quality["rows"][name]
             lines.append(f"| {name} | {_fmt(row['spread'])} | {_fmt(row['probe'])} | {_fmt(row['probe_ratio'])} |")
         lines.append("")
-    if evaluations:
+    return lines
+
+
+def _dev_lines(evaluations: dict[str, Any], eval_report: dict[str, Any] | None) -> list[str]:
+    """eval.json's final and best dev metrics per task (none without evaluations)."""
+    lines: list[str] = []
+    if evaluations and eval_report:
         lines += ["## Dev metrics", "", "| task | metric | final | best (step) |", "| --- | --- | --- | --- |"]
         for task, (metric, _) in evaluations.items():  # the tasks _task_evaluations could read
             entry = eval_report["tasks"][task]
@@ -226,20 +267,11 @@ def write_report(run_dir: str | Path) -> Path:
             best = entry.get("best") or {}
             lines.append(f"| {task} | {metric} | {_fmt(final)} | {_fmt(best.get(metric))} ({best.get('step')}) |")
         lines.append("")
-    if plots:
-        lines += ["## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots] + [""]
-    elif importlib.util.find_spec("matplotlib") is None:
-        lines += ["(No plots: install matplotlib, then run `dist-kd report RUN_DIR` again.)", ""]
-    else:
-        lines += ["(No plots yet: nothing logged to draw; `dist-kd report RUN_DIR` again once the run has logged.)", ""]
-    path = run_dir / "report.md"
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
-    return path
+    return lines
 
 
-def _teacher_lines(runs: dict[str, list[dict[str, Any]]], finetune: dict[str, Any] | None) -> list[str]:
-    """A fine-tuning directory's tables: each teacher's logged loss, and the dev metrics of report.json."""
+def _loss_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each fine-tuned teacher's logged loss and speed."""
     lines = [
         "| teacher | logged steps | first loss | last loss | median samples/s |",
         "| --- | --- | --- | --- | --- |",
@@ -250,6 +282,12 @@ def _teacher_lines(runs: dict[str, list[dict[str, Any]]], finetune: dict[str, An
         lines.append(f"| {label} | {part[0]['step']} to {part[-1]['step']} | {_fmt(part[0].get('loss'))} | "
                      f"{_fmt(part[-1].get('loss'))} | {median} |")  # fmt: skip
     lines.append("")
+    return lines
+
+
+def _finetune_lines(finetune: dict[str, Any] | None) -> list[str]:
+    """report.json's dev metrics of each teacher and of their ensemble (none without it)."""
+    lines: list[str] = []
     if finetune and finetune.get("teachers"):
         metric = finetune.get("metric")
         lines += [f"## Dev {metric} ({finetune.get('num_dev')} rows)", "", "| model | " + str(metric) + " |",

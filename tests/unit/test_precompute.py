@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -342,6 +343,13 @@ def test_resume_with_other_parameters_is_refused(setup, tmp_path):
     changed.write_text(data.read_text().replace("ex0", "exZ"))
     with pytest.raises(ValueError, match=r"partial precompute.*source_data.sha256"):
         precompute_soft_targets(spec, changed, out, _config(teachers[:2]), progress=False)
+    # A record cut short (a full disk, a copy interrupted) was "error: Expecting value: line 1 column 1": no file
+    # named, no way out said.
+    record = out / CHUNKS_DIR / "run.json"
+    record.write_text("")
+    said = rf"{re.escape(str(record))} \(the record of a partial precompute\) does not read \(Expecting value"
+    with pytest.raises(ValueError, match=said + rf".*\); delete {re.escape(str(out / CHUNKS_DIR))} to start over"):
+        precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
 
 
 def test_a_length_beyond_a_teachers_positions_is_refused_before_anything_is_written(setup, tmp_path):

@@ -75,6 +75,26 @@ def test_a_damaged_eval_json_is_said_and_left_out(tmp_path, caplog):
     assert "| share | pearson | n/a |" in text and "| topic |" not in text
 
 
+def test_json_of_another_shape_is_said_and_its_section_left_out(tmp_path, caplog):
+    """Valid JSON of another shape (a hand-edited or truncated-by-a-tool file) was a TypeError or KeyError
+    traceback, and at the end of a run "report: not written ('num_texts')": the whole report lost over one
+    section, naming neither the file nor the field."""
+    import logging
+
+    run = tmp_path / "run"
+    _general_run(run)
+    (run / "summary.json").write_text(json.dumps({"quality": {"rows": {}}}))  # no num_texts, no texts
+    (run / "eval.json").write_text(json.dumps({"tasks": {"topic": {"metric": "accuracy"}}, "history": ["step 5"]}))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.report"):
+        text = write_report(run).read_text()
+    for name, error in (("summary.json", "KeyError: 'num_texts'"), ("eval.json", "AttributeError")):
+        assert f"{run / name} does not hold what a dist_kd run writes there ({error}" in caplog.text, caplog.text
+    assert "10 logged steps, 10 to 100" in text  # the rest of the report is there
+    assert "## Quality" not in text and "## Dev metrics" not in text
+    (run / "eval.json").write_text(json.dumps({"tasks": {"topic": {"metric": "accuracy"}}, "history": None}))
+    assert "| topic | accuracy | n/a |" in write_report(run).read_text()  # no history yet: nothing to plot
+
+
 def test_finetune_report_has_a_row_and_a_loss_line_per_teacher(tmp_path, monkeypatch):
     """A fine-tuning directory logs K teachers whose steps each start again at 1: one table row per teacher
     (not the first teacher's first line against the last one's last), the dev metrics of report.json, and
