@@ -594,7 +594,6 @@ class ExitOnSignal:
         raise SystemExit(128 + signum)
 
     def __enter__(self) -> ExitOnSignal:
-        self.pid = os.getpid()
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         return self
 

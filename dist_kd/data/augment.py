@@ -810,9 +810,10 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
     them as one word was many pieces, had no candidates, and Chinese text came back unchanged in every copy.
     """
     pattern = _word_pattern(tuple(special_tokens))
+    word_group = pattern.groups - 1  # the groups: special tokens (where there are any), words, punctuation
     words = []
     for match in pattern.finditer(text):
-        is_word = match.lastindex == (2 if special_tokens and any(special_tokens) else 1)
+        is_word = match.lastindex == word_group
         start, end = match.start(), match.end()
         after_apostrophe = start >= 1 and text[start - 1] in _APOSTROPHES
         contraction = (

@@ -35,11 +35,10 @@ class CorruptShardError(ValueError):
         # The one-argument form (a full message) lets DataLoader workers re-raise this type in the main process.
         self.shard = str(shard)
         self.reason = reason or ""
-        self._reason = reason
         super().__init__(f"corrupt corpus shard {self.shard}: {reason}" if reason is not None else self.shard)
 
     def __reduce__(self):  # a DataLoader worker's error pickles to the trainer with its shard and reason
-        return (type(self), (self.shard, self._reason))
+        return (type(self), (self.shard,) if self.args == (self.shard,) else (self.shard, self.reason))
 
 
 def shard_name(index: int) -> str:

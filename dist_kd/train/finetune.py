@@ -330,7 +330,7 @@ class TeacherTrainer:
                 return batched_logits(lambda batch: module(**batch).logits, data.rows, self.pad_id,
                                       self.cfg.eval_batch_size, self.info.device, self.use_token_types)  # fmt: skip
         finally:
-            self.engine.module.train()
+            module.train()
 
     def export(self, target: Path, result: dict[str, Any], dev_logits: np.ndarray, record: dict[str, Any]) -> None:
         """Save the HF classifier + tokenizer + its task record + results to ``target`` atomically (collective)."""
