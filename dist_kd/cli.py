@@ -75,6 +75,10 @@ def add_task_arguments(
         "--text-b", type=optional_value, default="text_b", action=_StoreGiven, help="column of the second text; none"
     )
     parser.set_defaults(text_b_given=False)
+    parser.add_argument(
+        "--id-column", default=None, help="column of stable example ids (default example_id where the data has it, "
+        "else <task>-<row>)"
+    )  # fmt: skip
     if unlabeled:
         # label_given: a named label column must exist; the default one may be missing (unlabeled data).
         parser.add_argument(
@@ -104,6 +108,7 @@ def task_spec_from_args(
         text_b=args.text_b,
         label=args.label,
         metric=getattr(args, "metric", None),
+        id_column=args.id_column,
     )
 
 

@@ -147,10 +147,13 @@ def compute_metrics(
         floats. ``metrics[metric]`` is the headline value.
 
     Raises:
-        ValueError: an unknown task type or metric, a metric of the other task type, or mismatched shapes.
+        ValueError: an unknown task type or metric, a metric of the other task type, mismatched shapes, or
+            predictions that are not finite (an argmax reads nan as the largest value, so rows of nan logits
+            were class 0, and a nan regression prediction gave a plausible Spearman).
     """
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
+    _check_finite(predictions)
     if task_type == "classification":
         allowed = CLASSIFICATION_METRICS
         if predictions.ndim == 2:
@@ -177,6 +180,21 @@ def compute_metrics(
     if metric not in allowed:
         raise ValueError(f"metric {metric!r} does not apply to a {task_type} task; expected one of {list(allowed)}")
     return results
+
+
+def _check_finite(predictions: np.ndarray) -> None:
+    if not np.issubdtype(predictions.dtype, np.floating):
+        return
+    bad = ~np.isfinite(predictions)
+    if bad.ndim == 2:
+        bad = bad.any(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        shown = ", ".join(str(row) for row in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ValueError(
+            f"{len(rows)} of {len(bad)} predictions are not finite (nan or inf; rows {shown}): the model's outputs "
+            "overflowed (fp16) or its weights are not finite, and no metric over them means anything"
+        )
 
 
 def predicted_classes(logits: np.ndarray) -> int:

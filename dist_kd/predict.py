@@ -170,7 +170,26 @@ def write_predictions(path: str | Path, spec: TaskSpec, table: pa.Table, logits:
         tmp.write_text("".join(line + "\n" for line in lines))
 
 
-def _load_examples(data: str | Path, spec: TaskSpec, label_optional: bool = False) -> pa.Table:
+def _load_examples(
+    data: str | Path, spec: TaskSpec, label_optional: bool = False, id_optional: bool = False
+) -> pa.Table:
+    """The rows to score, as :func:`_load_labelled` reads them; an id column from the model's task record that the
+    data lacks (``id_optional``) numbers the rows instead, as a test set without the training data's ids."""
+    from dist_kd.data.tasks import MissingColumnError
+
+    try:
+        return _load_labelled(data, spec, label_optional)
+    except MissingColumnError as err:
+        if not (id_optional and err.role == "id_column"):
+            raise
+    logger.warning(
+        "data %s has no column %r, the id column of the model's task.json; its rows are numbered (%s-0, %s-1, ...; "
+        "--id-column names another)", data, spec.id_column, spec.name, spec.name,
+    )  # fmt: skip
+    return _load_labelled(data, dataclasses.replace(spec, id_column=None), label_optional)
+
+
+def _load_labelled(data: str | Path, spec: TaskSpec, label_optional: bool = False) -> pa.Table:
     """The rows to score. Data without the default ``label`` column is a test set (predictions, no metrics),
     but a column the user named (``--label category``) that is missing is a typo, which would otherwise end in
     null metrics and exit 0: the task reader's column check is required for it."""
@@ -229,6 +248,7 @@ def evaluate_classifier(
     device: torch.device | str = "cpu",
     output: str | Path | None = None,
     label_optional: bool = False,
+    id_optional: bool = False,
 ) -> dict:
     """Score an HF ``*ForSequenceClassification`` directory on task data (``launch/evaluate.py``).
 
@@ -246,6 +266,8 @@ def evaluate_classifier(
             previous evaluation (only those files) is replaced as a whole once the new one is complete.
         label_optional: data without ``spec.label`` is a test set, as without the default ``label`` column
             (the column came from the model's task record, not from the user).
+        id_optional: data without ``spec.id_column`` has its rows numbered, with a warning (the column came from
+            the model's task record, not from the user).
 
     Returns:
         ``{"task", "model", "data", "num_rows", "num_labelled", "metrics"}``; ``metrics`` are over the labelled
@@ -276,17 +298,26 @@ def evaluate_classifier(
         order = head_label_order(spec, teacher_label_names(config, model_dir), f"model {model_dir} (id2label)")
     elif config.num_labels != 1:
         raise ValueError(f"model {model_dir} has {config.num_labels} outputs; regression task '{spec.name}' needs 1")
-    table = _load_examples(data, spec, label_optional)
+    table = _load_examples(data, spec, label_optional, id_optional)
     _check_pairs_as_trained(read_task_record(model_dir), table, model_dir, data, spec)
     tokenizer = load_tokenizer(model_dir)
     rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
     device = torch.device(device)
-    model, _ = load_pretrained(AutoModelForSequenceClassification, model_dir, "model")
+    model, _ = load_pretrained(AutoModelForSequenceClassification, model_dir, "model")  # in fp32
     model = model.to(device).eval()
     logits = batched_logits(lambda batch: model(**batch).logits, rows, pad_id_of(tokenizer), batch_size, device,
                             uses_token_types(tokenizer, config))  # fmt: skip
     if order is not None and order != sorted(order):  # the model names the task's classes in another order
         logits = logits[:, order]
+    finite = np.isfinite(logits).all(axis=1)
+    if not finite.all():  # every row, labelled or not: its prediction would be written as nan
+        ids = table.column("example_id").to_pylist()
+        bad = [str(ids[row]) for row in np.flatnonzero(~finite)]
+        raise ValueError(
+            f"model {model_dir} gave outputs that are not finite (nan or inf) on {len(bad)} of {len(ids)} rows of "
+            f"{data} (example ids {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): its weights are not "
+            "finite or its outputs overflow in the precision it is stored in"
+        )
     labels = table.column("label").to_pylist()
     labelled = np.array([label is not None for label in labels])
     metrics = None

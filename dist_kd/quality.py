@@ -9,7 +9,7 @@ vector can still match the teacher's large common component and score a low MSE.
   its teacher's.
 - **probe**: the k-fold cross-validated accuracy of a multinomial logistic regression trained on the frozen
   embeddings of labelled held-out texts. It is read against the teacher's probe on the same
-  folds (a ratio), and against chance (1 / number of classes).
+  folds (a ratio), and against chance (the share of the most frequent class).
 
 The maths are plain tensor functions on ``(N, D)`` embeddings, deterministic for a given seed.
 :class:`HeldOutTexts` holds the tokenised texts (and labels) a run evaluates on, read from a task-data
@@ -84,7 +84,8 @@ def pooling_note(quality: dict) -> str:
 def embedding_spread(embeddings_ND: torch.Tensor | np.ndarray) -> float:
     """Mean cosine similarity over all pairs of distinct rows (1.0: every row points the same way).
 
-    Uses ``|sum_i u_i|^2 = N + sum_{i != j} u_i.u_j`` for unit vectors u, so it is O(N D), not O(N^2 D).
+    Uses ``|sum_i u_i|^2 = sum_i |u_i|^2 + sum_{i != j} u_i.u_j`` for the rows scaled to unit length, so it is
+    O(N D), not O(N^2 D). A row of zeros (no direction) counts as cosine 0 with every other row.
     """
     x = torch.as_tensor(embeddings_ND, dtype=torch.float64)
     count = x.shape[0]
@@ -92,7 +93,7 @@ def embedding_spread(embeddings_ND: torch.Tensor | np.ndarray) -> float:
         raise ValueError(f"the spread needs at least 2 embeddings, got {count}")
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     total = unit.sum(0)
-    return float((total.dot(total) - count) / (count * (count - 1)))
+    return float((total.dot(total) - unit.pow(2).sum()) / (count * (count - 1)))
 
 
 def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarray:

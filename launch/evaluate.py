@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
         report = evaluate_classifier(args.model, spec, args.data, batch_size=args.batch_size,
                                      max_length=args.max_length, device=device, output=args.output,
-                                     label_optional=args.label_optional)  # fmt: skip
+                                     label_optional=args.label_optional, id_optional=args.id_optional)  # fmt: skip
     except (ValueError, OSError) as err:  # OSError: an output it cannot write
         return bad_input(err)
     print(json.dumps(report, indent=2))
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _trained_defaults(args: argparse.Namespace, record: dict | None) -> None:
     """Flags not given take what the model's task record says it was trained with (a task run's classifier):
-    the text and label columns, the metric and the truncation length."""
+    the text, label and id columns, the metric and the truncation length."""
     task = (record or {}).get("task") or {}
     if args.text_a is None and task.get("text_a"):
         args.text_a = task["text_a"]
@@ -91,6 +91,9 @@ def _trained_defaults(args: argparse.Namespace, record: dict | None) -> None:
     args.label_optional = False
     if not args.label_given and task.get("label"):  # missing from the data: a test set, as the default column
         args.label, args.label_optional = task["label"], True
+    args.id_optional = False
+    if args.id_column is None and task.get("id_column"):  # missing from the data: its rows are numbered
+        args.id_column, args.id_optional = task["id_column"], True
     if args.metric is None and task.get("metric"):
         args.metric = task["metric"]
     if args.max_length is None:

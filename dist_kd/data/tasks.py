@@ -414,6 +414,9 @@ def _read_jsonl(path: Path, encoding: str) -> pa.Table:
             parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
             # an explicit schema puts its fields first; keep the file's column order
             table = pjson.read_json(path, parse_options=parse).select(table.schema.names)
+        # pyarrow.json passes bytes that are not UTF-8 into its strings; the full check finds them, and the
+        # line-by-line reading names the file.
+        table.validate(full=True)
         return table
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeError):
         return _read_jsonl_python(path, encoding)

@@ -184,12 +184,17 @@ def load_pretrained(auto_class, path: str | Path, what: str, new_head: bool = Fa
     Where transformers raises (weights of another shape than the config's), the held report is logged first,
     as transformers' error points to it. A tied-weights note about weights outside the head is logged as is.
 
+    The weights load in fp32 unless ``dtype`` is given: transformers 5 keeps the dtype they were saved in, so a
+    checkpoint stored in bf16 or fp16 (many shared ones are) became a half-precision student to train, or a
+    classifier scored in half precision.
+
     Returns:
         ``(model, loading)``, ``loading`` as transformers' ``output_loading_info`` gives it.
 
     Raises:
         ValueError: the weights file is damaged (:func:`readable_weights`), or a head is missing as above.
     """
+    kwargs.setdefault("dtype", torch.float32)
     held = _HeldLoadNotes()
     source = logging.getLogger("transformers.modeling_utils")
     source.addFilter(held)

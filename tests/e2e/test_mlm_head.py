@@ -127,3 +127,16 @@ def test_training_batches_are_every_batch_but_the_held_out_ones_each_pass(tiny_b
     held_out = list(stream)
     with pytest.raises(ValueError, match=f"corpus c has no batches left after the {len(everything)} held out"):
         next(training_batches(stream, held_out, "corpus c"))
+
+
+def test_an_encoder_saved_in_bf16_gets_a_head_fitted_in_fp32(tiny_bert_dir, tmp_path):
+    """transformers 5 loads weights in the dtype they were saved in: a bf16 encoder's new head was made and
+    trained in bf16."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from dist_kd.mlm import MlmHead
+
+    AutoModel.from_pretrained(tiny_bert_dir).to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "half")
+    head = MlmHead(tmp_path / "half")
+    assert {parameter.dtype for parameter in head.model.parameters()} == {torch.float32}

@@ -409,3 +409,87 @@ def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_
         assert _evaluate_main(["--model", str(model_dir), "--task", "para", "--data", str(relabelled), "--cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
     assert "has no column 'same', the label column of the model's task.json" in caplog.text
+
+
+def test_evaluate_takes_the_id_column_of_the_model_s_task_record(classifier, tmp_path, capsys, caplog):
+    """A task trained with id_column 'guid' was evaluated with ids demo-0, demo-1, ... (the run's own dev
+    predictions said g7, g9, ...), and a repeated guid passed unseen."""
+    import logging
+    import shutil
+
+    from dist_kd.io import write_json_atomic
+    from dist_kd.predict import TASK_RECORD, task_record
+    from dist_kd.testing import random_sentences
+
+    model_dir = tmp_path / "copy"  # the module's classifier, with a task record beside it
+    shutil.copytree(classifier, model_dir)
+    spec = resolve_task_spec("demo", labels=LABELS, text_a="text", label="category", id_column="guid")
+    write_json_atomic(model_dir / TASK_RECORD, task_record(spec, pairs=False, max_length=16))
+    texts = random_sentences(4, seed=3)
+    rows = [{"guid": f"g{7 + 2 * i}", "text": t, "category": LABELS[i % 2]} for i, t in enumerate(texts)]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--model", str(model_dir), "--task", "demo", "--data", str(data), "--cpu"]
+    out = tmp_path / "out"
+    assert _evaluate_main([*argv, "--output", str(out)]) == 0, capsys.readouterr().err
+    ids = [json.loads(line)["example_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ids == ["g7", "g9", "g11", "g13"]
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("".join(json.dumps({**row, "guid": "g7"}) + "\n" for row in rows))
+    assert _evaluate_main([*argv[:-2], str(repeated), "--cpu"]) == 2
+    assert "column 'guid' repeats the id 'g7'" in capsys.readouterr().err
+    # --id-column names another; a test file without the record's column has its rows numbered, with a warning
+    assert _evaluate_main([*argv, "--id-column", "text", "--output", str(out)]) == 0
+    ids = [json.loads(line)["example_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ids == texts
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": row["text"]}) + "\n" for row in rows))
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
+        assert _evaluate_main([*argv[:-2], str(plain), "--cpu", "--output", str(out)]) == 0
+    assert "has no column 'guid', the id column of the model's task.json" in caplog.text
+    ids = [json.loads(line)["example_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert ids == ["demo-0", "demo-1", "demo-2", "demo-3"]
+    assert _evaluate_main([*argv[:-2], str(plain), "--cpu", "--id-column", "guid"]) == 2  # one the user names
+    assert "has no column 'guid' (id_column" in capsys.readouterr().err
+
+
+def test_a_classifier_stored_in_half_precision_is_scored_in_fp32(classifier, data, tmp_path):
+    """transformers 5 loads weights in the dtype they were saved in: a bf16 checkpoint was scored in bf16."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(classifier, dtype=torch.float32)
+    half = tmp_path / "half"
+    model.to(torch.bfloat16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(classifier).save_pretrained(half)
+    reference = AutoModelForSequenceClassification.from_pretrained(half, dtype=torch.float32).eval()
+    assert AutoModelForSequenceClassification.from_pretrained(half).dtype == torch.bfloat16  # what it did
+    out = tmp_path / "out"
+    evaluate_classifier(half, _spec("category"), data, output=out, max_length=32)
+    tokenizer = AutoTokenizer.from_pretrained(half)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    with torch.no_grad():
+        expected = np.stack([
+            reference(**tokenizer(text, truncation=True, max_length=32, return_tensors="pt")).logits[0].numpy()
+            for text in texts
+        ])  # fmt: skip
+    found = [json.loads(line)["logits"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(found, expected, atol=1e-5)
+
+
+def test_outputs_that_are_not_finite_are_an_error_naming_the_rows(classifier, data, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(classifier)
+    with torch.no_grad():
+        model.classifier.bias[0] = float("nan")
+    broken = tmp_path / "broken"
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(classifier).save_pretrained(broken)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"not finite \(nan or inf\) on 6 of 6 rows of .*example ids demo-0, "):
+        evaluate_classifier(broken, _spec("category"), data, output=out)
+    assert not out.exists()

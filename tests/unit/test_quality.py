@@ -40,6 +40,13 @@ def test_spread_known_values():
         embedding_spread(torch.ones(1, 3))
 
 
+def test_spread_zero_row_counts_as_cosine_zero():
+    # three identical directions and a row of zeros: 6 of the 12 ordered pairs have cosine 1, the 6 with the
+    # zero row have none (0, as torch's cosine_similarity gives it); the formula's diagonal assumed unit rows
+    x = torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.5, 1.0], [0.0, 0.0]])
+    assert embedding_spread(x) == pytest.approx(6 / 12, abs=1e-12)
+
+
 def test_mean_pool_ignores_padding():
     hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])

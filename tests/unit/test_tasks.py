@@ -165,6 +165,16 @@ def test_csv_quoted_fields_span_lines_and_encoding(tmp_path):
     assert table.column("text_a").to_pylist() == ["two\r\nlines, one tweet", "caf\xe9"]
 
 
+def test_jsonl_that_is_not_utf8_is_named_as_a_csv_is(tmp_path):
+    # pyarrow.json takes the bytes into its strings without a word; the error came later, naming no file
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"text_a": "caf\xe9", "label": "a"}\n{"text_a": "ok", "label": "b"}\n'.encode("latin-1"))
+    spec = TaskSpec(name="t", labels=["a", "b"])
+    with pytest.raises(ValueError, match=r"latin\.jsonl is not valid utf-8 text.*convert it to UTF-8"):
+        load_task_examples(path, spec)
+    assert load_task_examples(path, spec, encoding="latin-1").column("text_a").to_pylist() == ["caf\xe9", "ok"]
+
+
 def test_default_columns_and_optional_text_b(tmp_path):
     spec = TaskSpec(name="t", labels=["neg", "pos"])  # text_a / text_b / label by default; text_b optional
     path = _write(tmp_path / "d.jsonl", [{"text_a": "good", "label": "pos"}], "jsonl")
