@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -140,12 +142,54 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+ABANDONED_S = 600.0  # a temporary directory unchanged this long, its writer's pid gone, was abandoned
+
+
+def host_tag() -> str:
+    """This host's name as it can stand in a file name (no "-": :func:`writer_tag`'s fields are split on it)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def writer_tag() -> str:
+    """``HOST-PID-``, the start of a temporary directory's name, so that the next writer on this host tells one
+    left by a killed process (SIGKILL, the OOM killer: no cleanup ran) from one being written
+    (:func:`killed_writer`)."""
+    return f"{host_tag()}-{os.getpid()}-"
+
+
+def killed_writer(directory: Path, tag: str) -> int | None:
+    """The pid of the killed process that left ``directory``, or None when it may still be written.
+
+    ``tag`` is the part of its name that :func:`writer_tag` began (``HOST-PID-XXXX``): HOST must be this host,
+    PID no longer run, and nothing in the directory have changed for ``ABANDONED_S`` (a container that shares
+    the host's name but not its process ids could be writing there). Another form (another host's, an earlier
+    release's name) is None too.
+    """
+    from dist_kd.train.runlock import _pid_alive
+
+    fields = tag.split("-")
+    if len(fields) != 3 or fields[0] != host_tag() or not fields[1].isdigit():
+        return None
+    try:
+        changed = max(path.stat().st_mtime for path in [directory, *directory.iterdir()])
+    except OSError:  # removed meanwhile
+        return None
+    if time.time() - changed <= ABANDONED_S or _pid_alive(int(fields[1])):
+        return None
+    return int(fields[1])
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; move it onto ``path`` if the block succeeds.
 
     An existing directory at ``path`` is replaced only after the new one is complete. Before the rename, the
-    directory and everything in it get the modes the umask implies, whatever mode their writers chose.
+    directory and everything in it get the modes the umask implies, whatever mode their writers chose. The
+    temporary directory's name carries this host and pid, so that the one a killed process left (a whole
+    model, for an export) is removed by a later write of ``path`` (:func:`killed_writer`).
     """
     final = Path(os.path.abspath(path))  # "." has no name to derive a temporary one from
     final.parent.mkdir(parents=True, exist_ok=True)  # its own error names the directory in the way
@@ -155,8 +199,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(old, final)
     if trash.exists():
         shutil.rmtree(trash, ignore_errors=True)
+    prefix = f".{final.name}."
+    for sibling in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        if sibling.is_dir() and killed_writer(sibling, sibling.name[len(prefix) : -len(".tmp")]) is not None:
+            shutil.rmtree(sibling, ignore_errors=True)
     with _naming(final):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix + writer_tag(), suffix=".tmp", dir=final.parent))
     _ordinary_mode(tmp, directory=True)
     try:
         with _writes_named(final):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import codecs
 import fnmatch
+import glob
 import gzip
 import itertools
 import json
@@ -72,7 +73,7 @@ from dist_kd.data.shards import (  # noqa: F401
     shard_name,
 )
 from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint  # noqa: F401
-from dist_kd.io import check_output_dir, write_json_atomic
+from dist_kd.io import check_output_dir, killed_writer, write_json_atomic, writer_tag
 
 logger = logging.getLogger(__name__)
 
@@ -679,40 +680,24 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
         _remove_abandoned_siblings(target)
         # The writer's host and pid in the name: a run killed past its cleanup (SIGKILL, the OOM killer) is
         # told from a live one by the next run on the same host.
-        owner = f"{_host_tag()}-{os.getpid()}-"
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{owner}", dir=target.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{writer_tag()}", dir=target.parent))
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob(".shard-*.tar.tmp"):
         stale.unlink()
     return output
 
 
-ABANDONED_S = 600.0  # an --overwrite run's copy unchanged this long, its pid gone, was abandoned
-
-
-def _host_tag() -> str:
-    """This host's name as it can stand in a file name (no "-": the name's fields are split on it)."""
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-
-
 def _remove_abandoned_siblings(target: Path) -> None:
     """Remove the hidden ``.NAME.new-HOST-PID-*`` directories of ``--overwrite`` runs that were killed before
-    their cleanup (a partial corpus each, up to the size of a whole one): HOST is this host, PID no longer runs
-    and nothing in it changed for ``ABANDONED_S`` (a container that shares the host's name but not its process
-    ids could be writing there). Say where any other such directory is, and leave it."""
-    from dist_kd.train.runlock import _pid_alive
-
-    host = _host_tag()
-    for sibling in sorted(target.parent.glob(f".{target.name}.new-*")):
-        fields = sibling.name[len(f".{target.name}.new-") :].split("-")
+    their cleanup (a partial corpus each, up to the size of a whole one; :func:`dist_kd.io.killed_writer`).
+    Say where any other such directory is, and leave it."""
+    prefix = f".{target.name}.new-"
+    for sibling in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
         if not sibling.is_dir() or (sibling / MANIFEST_NAME).exists():
             continue  # complete: a swap that stopped between its renames; the data is left to the user
-        untouched = time.time() - max(p.stat().st_mtime for p in [sibling, *sibling.iterdir()]) > ABANDONED_S
-        ours = len(fields) == 3 and fields[0] == host and fields[1].isdigit()
-        if ours and untouched and not _pid_alive(int(fields[1])):
-            logger.warning("removing %s, left by an --overwrite run that was killed (pid %s)", sibling, fields[1])
+        pid = killed_writer(sibling, sibling.name[len(prefix) :])
+        if pid is not None:
+            logger.warning("removing %s, left by an --overwrite run that was killed (pid %s)", sibling, pid)
             shutil.rmtree(sibling, ignore_errors=True)
         else:
             logger.warning(

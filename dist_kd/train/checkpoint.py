@@ -9,6 +9,7 @@ Layout under ``run_dir/checkpoints/``::
                                    (for resume checks) and every file's size (to verify it is whole)
     latest                         the newest complete tag, for DeepSpeed's own tools (zero_to_fp32.py)
     .tmp-step-00000750/            a save in progress (or interrupted): never resumed from; the next save removes it
+    .pruned-step-00000250/         an older checkpoint being deleted (keep_last); the next save removes what is left
 
 Every rank writes into the temporary directory (a shared filesystem, as DeepSpeed itself assumes); after
 a barrier rank 0 writes ``meta.json`` and renames the directory, so a checkpoint is either complete
@@ -276,7 +277,14 @@ def save_checkpoint(
             point_latest(checkpoints_dir, name)
             if keep_last > 0:
                 for old in prunable(checkpoints_dir, keep_last):
-                    shutil.rmtree(old, ignore_errors=True)
+                    # Out of the checkpoints' names first: a prune cut short (a kill once meta.json was gone)
+                    # left a step directory that no later prune counted, on the disk for good.
+                    pruned = checkpoints_dir / f".pruned-{old.name}"
+                    try:
+                        old.rename(pruned)
+                    except OSError:
+                        pruned = old
+                    shutil.rmtree(pruned, ignore_errors=True)
     return final
 
 
@@ -304,10 +312,12 @@ def point_latest(checkpoints_dir: Path, name: str) -> None:
 
 def remove_unfinished_saves(checkpoints_dir: Path) -> None:
     """Delete what interrupted saves left: ``.tmp-step-*`` (a rank killed mid-save, e.g. SIGKILLed after SLURM's
-    KillWait while it checkpointed on SIGTERM) and ``.damaged-step-*``. Called by rank 0 before a save, when no
-    rank writes into the directory (the run lock keeps other runs out). Such a save is rarely of a step that is
-    saved again, and a large run's was nearly a whole checkpoint, left on the disk at every preemption."""
-    for leftover in sorted([*checkpoints_dir.glob(".tmp-step-*"), *checkpoints_dir.glob(".damaged-step-*")]):
+    KillWait while it checkpointed on SIGTERM), ``.damaged-step-*`` and ``.pruned-step-*`` (a prune cut short).
+    Called by rank 0 before a save, when no rank writes into the directory (the run lock keeps other runs out).
+    Such a save is rarely of a step that is saved again, and a large run's was nearly a whole checkpoint, left on
+    the disk at every preemption."""
+    patterns = (".tmp-step-*", ".damaged-step-*", ".pruned-step-*")
+    for leftover in sorted(path for pattern in patterns for path in checkpoints_dir.glob(pattern)):
         if leftover.is_dir():
             logger.info("removing %s, left by an interrupted save", leftover)
             shutil.rmtree(leftover, ignore_errors=True)

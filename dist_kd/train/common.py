@@ -229,6 +229,23 @@ def stop_agreed(local: bool) -> bool:
     return distributed.any_rank(local)
 
 
+def check_run_lock() -> None:
+    """Raise :class:`~dist_kd.train.runlock.RunDirInUse` on every rank when rank 0's run lock was taken over by
+    another run (this one stalled past the lock's staleness: a suspended job, a hung filesystem); collective.
+    The other run owns the directory now: this one writes nothing more there."""
+    from dist_kd.train.runlock import RunDirInUse, lost_lock
+
+    lock = lost_lock()
+    if not distributed.any_rank(lock is not None):
+        return
+    where = f"its run lock {lock.path} is now held by another run ({lock.lost})" if lock else "its run lock was taken"
+    raise RunDirInUse(
+        f"this run stopped writing: {where}, taken over while this run stalled for longer than the lock's "
+        "staleness (a suspended job or node, a hung filesystem). That run owns the directory now; nothing more of "
+        "this one was saved"
+    )
+
+
 class Diverged(ValueError):
     """The student's weights are no longer finite: the run stops without saving them (said as one ``error:``
     line, exit code 2; the checkpoints saved before stay as they are)."""
@@ -261,6 +278,7 @@ class DivergenceGuard:
         self.module, self.run_dir, self.train_cfg = module, Path(run_dir), train_cfg
 
     def after_log(self, record: dict[str, Any]) -> None:
+        check_run_lock()  # collective, as the log line: a run whose directory another run took over stops here
         loss = record.get("loss")
         if loss is None or math.isfinite(loss):
             return
@@ -272,6 +290,7 @@ class DivergenceGuard:
 
     def before(self, what: str, step: int) -> None:
         """Before a save or an evaluation (``what``) at ``step`` (collective)."""
+        check_run_lock()
         if not weights_finite(self.module):
             raise self._diverged(step, f"found before {what}")
 

@@ -56,7 +56,7 @@ from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
 from dist_kd.predict import TASK_RECORD, batched_logits, task_record
-from dist_kd.train.common import Diverged, check_run_kind, progress_bar, weights_finite
+from dist_kd.train.common import Diverged, check_run_kind, check_run_lock, progress_bar, weights_finite
 from dist_kd.train.engine import (
     TrainConfig,
     build_ds_config,
@@ -282,6 +282,7 @@ class TeacherTrainer:
                     # The only host sync of the loop: mean loss over the logged steps and all ranks.
                     last_loss = distributed.all_reduce_mean(loss_sum / since_log).item()
                     elapsed = time.perf_counter() - started
+                    check_run_lock()  # collective: a run whose directory another run took over writes no more
                     metrics.log(
                         {
                             "teacher": self.index + 1,
@@ -304,7 +305,9 @@ class TeacherTrainer:
 
     def _check_finite(self, step: int, how: str) -> None:
         """Stop before a diverged teacher is exported (its soft targets would be nan); collective. A non-finite
-        loss whose weights are finite (fp16's loss scaling skipped the step) trains on."""
+        loss whose weights are finite (fp16's loss scaling skipped the step) trains on. A run whose directory
+        another run took over (:func:`check_run_lock`) stops here too."""
+        check_run_lock()
         if weights_finite(self.engine.module):
             return
         cfg = self.cfg

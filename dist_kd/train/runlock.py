@@ -3,8 +3,13 @@
 ``run_dir/.dist_kd.lock`` holds the owner as JSON (host, pid, SLURM job id, a random token, start time);
 its modification time is the heartbeat, renewed every ``heartbeat_s`` seconds by a daemon thread of the
 owning process (rank 0). A lock is held while its heartbeat is younger than ``stale_s`` and, on the same
-host, while its pid is alive. Otherwise it is stale (a killed or preempted job, a dead node) and the next
-run takes it over, saying so.
+host, while its pid is alive; the process that wrote it, still alive on this host, holds it whatever its
+heartbeat's age (a stopped run: Ctrl-Z, ``scontrol suspend``). Otherwise it is stale (a killed or preempted
+job, a dead node) and the next run takes it over, saying so.
+
+- A run whose lock was taken over all the same (its node stalled longer than ``stale_s``) stops at its next
+  log line, save or evaluation after its heartbeat finds it (within ``heartbeat_s``), without writing more
+  (:func:`lost_lock`, checked by the trainers).
 
 - A second run on the same directory is refused with one line naming the owner and the lock file.
 - A SLURM requeue (the same job id) whose old heartbeat is still fresh, on another node, waits until it is
@@ -42,6 +47,27 @@ class RunDirInUse(ValueError):
 
 class RunDirNotWritable(ValueError):
     """The run directory cannot be created or written (a read-only or full filesystem, a file in the way)."""
+
+
+_HELD: list[RunLock] = []  # the locks this process holds, for lost_lock()
+
+
+def lost_lock() -> RunLock | None:
+    """A lock this process holds that another run has taken over (its heartbeat found it), or None."""
+    return next((lock for lock in _HELD if lock.lost is not None), None)
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` of this host began (seconds since the epoch, to about a second), from Linux's /proc;
+    None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))  # fmt: skip
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, starttime, after "pid (comm) "
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,6 +112,7 @@ class RunLock:
         }
         self._created: list[Path] = []  # directories this lock made, deepest first
         self._held = False
+        self.lost: str | None = None  # who took the lock over, once the heartbeat finds it taken
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -106,16 +133,25 @@ class RunLock:
         return owner, age
 
     def _alive(self, owner: dict[str, Any] | None, age: float) -> bool:
-        if age >= self.stale_s:
-            return False
         if owner is not None and owner.get("host") == self.owner["host"]:
             pid = int(owner.get("pid", -1))
             # Our own pid in a lock written before this process began: an earlier run's, whose pid this process
             # now has (a requeue in a container numbers its processes alike); that run is gone.
             if pid == os.getpid():
-                return float(owner.get("started", 0.0)) >= _LOADED
-            return _pid_alive(pid)
-        return True
+                return float(owner.get("started", 0.0)) >= _LOADED and age < self.stale_s
+            if not _pid_alive(pid):
+                return False
+            if self._writer_lives(owner, pid):
+                return True  # stopped (Ctrl-Z, scontrol suspend) or stalled, not gone: its heartbeat resumes with it
+        return age < self.stale_s
+
+    @staticmethod
+    def _writer_lives(owner: dict[str, Any], pid: int) -> bool:
+        """Whether live process ``pid`` of this host is the one that wrote the lock: it began before the lock
+        did. A process that began later has the pid of one that ended (or lives in another pid namespace
+        under the same host name), and is judged by the heartbeat."""
+        began = _process_started(pid)
+        return began is not None and began <= float(owner.get("started", 0.0)) + 2.0  # /proc/stat: whole seconds
 
     @staticmethod
     def describe(owner: dict[str, Any] | None, age: float) -> str:
@@ -142,6 +178,7 @@ class RunLock:
                 f"{self.flag} {self.run_dir} cannot be written: {reason}; choose a writable {self.flag}"
             ) from None
         self._held = True
+        _HELD.append(self)
         self._thread = threading.Thread(target=self._beat, name="dist_kd-run-lock", daemon=True)
         self._thread.start()
 
@@ -187,9 +224,13 @@ class RunLock:
                     said, first_beat = True, beat
                 time.sleep(min(poll, max(0.05, self.stale_s - age)))
                 continue
+            stopped = ""
+            if age >= self.stale_s:  # held by its live writer alone
+                stopped = (f"; its heartbeat stopped, but pid {owner.get('pid')} lives on this host: a stopped run "
+                           f"goes on with kill -CONT {owner.get('pid')}")  # fmt: skip
             raise RunDirInUse(
                 f"{self.flag} {self.run_dir} is in use by another run ({self.describe(owner, age)}; lock "
-                f"{self.path}): wait for it to finish, stop it, or choose another {self.flag}"
+                f"{self.path}{stopped}): wait for it to finish, stop it, or choose another {self.flag}"
             )
 
     def _take_over(self, payload: str) -> bool:
@@ -208,12 +249,13 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             if not self.holds():
+                found = self.read_owner()
+                self.lost = self.describe(*found) if found else "the lock file removed"
                 logger.error(
-                    "the run lock %s is no longer this run's (taken over after a stalled heartbeat?); "
-                    "two runs may now write %s",
-                    self.path,
-                    self.run_dir,
-                )
+                    "the run lock %s is no longer this run's (%s; taken over after this run's heartbeat stalled "
+                    "for over %.0f s): the run stops at its next log line, save or evaluation, writing nothing more "
+                    "to %s", self.path, self.lost, self.stale_s, self.run_dir,
+                )  # fmt: skip
                 return
             with contextlib.suppress(OSError):
                 os.utime(self.path)
@@ -226,6 +268,8 @@ class RunLock:
         if self._held and self.holds():
             self.path.unlink(missing_ok=True)
         self._held = False
+        if self in _HELD:
+            _HELD.remove(self)
         for directory in self._created:  # only if empty: a start refused before writing anything leaves nothing
             try:
                 directory.rmdir()

@@ -71,6 +71,28 @@ def test_a_save_removes_what_interrupted_saves_of_other_steps_left(tmp_path):
     assert ckpt.damage(tmp_path / "step-00000010") is None and ckpt.damage(tmp_path / "step-00000020") is None
 
 
+def test_a_prune_cut_short_is_finished_by_the_next_save(tmp_path, monkeypatch):
+    """A kill during keep_last's deletion, once meta.json was gone, left a step directory that no later prune
+    counted (not a whole checkpoint) and no clean-up matched (not a .tmp- one): on the disk for good."""
+    import shutil
+
+    _save(tmp_path, 10, keep_last=1)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the kill: meta.json is deleted, then the process is gone
+        (path / "meta.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 20, keep_last=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-00000020"
+    for step in (30, 40):
+        _save(tmp_path, step, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000040"]
+
+
 @pytest.mark.parametrize(
     ("harm", "reason"),
     [

@@ -165,7 +165,7 @@ def test_an_overwrite_removes_what_a_killed_one_left_and_nothing_else(
     the output, up to a whole corpus in size, that no later run removed."""
     import subprocess
 
-    from dist_kd.data.corpus import _host_tag
+    from dist_kd.io import host_tag as _host_tag
 
     options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
     out = tmp_path / "out"

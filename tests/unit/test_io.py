@@ -166,3 +166,37 @@ def test_a_deletion_of_the_earlier_output_cut_short_is_never_put_back(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "weights").write_text("new")
     assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_atomic_dir_removes_the_copy_a_killed_writer_left_and_nothing_else(tmp_path):
+    """A process killed while it wrote an export (SIGKILL, the OOM killer) left its hidden copy, a whole model,
+    beside the output for good: nothing but that write's own cleanup ever removed it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from dist_kd.io import host_tag
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    siblings = {
+        "killed": f".student.{host_tag()}-{dead}-abcd1234.tmp",  # this host, its pid gone, untouched: removed
+        "live": f".student.{host_tag()}-{os.getpid()}-efgh5678.tmp",  # a write going on
+        "elsewhere": ".student.otherhost-1-ijkl9012.tmp",  # another host's: cannot tell
+        "older": ".student.mnop3456.tmp",  # an earlier release's name: cannot tell
+        "recent": f".student.{host_tag()}-{dead}-uvwx1234.tmp",  # changed in the last 10 minutes
+        "other output": f".student.x.{host_tag()}-{dead}-qrst7890.tmp",  # of output "student.x"
+    }
+    past = time.time() - 601
+    for key, name in siblings.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+        if key != "recent":
+            for path in (tmp_path / name / "model.safetensors", tmp_path / name):
+                os.utime(path, (past, past))
+    with atomic_dir(tmp_path / "student") as tmp:
+        assert tmp.name.startswith(f".student.{host_tag()}-{os.getpid()}-")
+        (tmp / "config.json").write_text("{}")
+    left = {path.name for path in tmp_path.iterdir()}
+    assert left == {"student", *(name for key, name in siblings.items() if key != "killed")}

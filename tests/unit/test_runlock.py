@@ -69,6 +69,37 @@ def test_same_host_live_pid_is_refused_and_dead_pid_is_taken_over(tmp_path, capl
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_stopped_run_keeps_its_lock_whatever_its_heartbeats_age(tmp_path, caplog):
+    """A run stopped (Ctrl-Z, scontrol suspend) past the staleness lost its lock to the next run on the
+    directory, and went on writing beside it when continued."""
+    import signal
+    import socket
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        started = time.time()  # the lock is written after its process began
+        _plant(tmp_path, age=5000, host=socket.gethostname(), pid=sleeper.pid, started=started)
+        with pytest.raises(RunDirInUse) as caught:
+            RunLock(tmp_path, stale_s=180).acquire()
+        assert f"heartbeat 5000 s ago; lock {tmp_path / LOCK_NAME}; its heartbeat stopped, but pid {sleeper.pid}" in (
+            str(caught.value)
+        )
+        assert f"kill -CONT {sleeper.pid}" in str(caught.value)
+        # The same live pid in a lock written before that process began: a pid used again after the writer
+        # ended (or another pid namespace); judged by the heartbeat, which is stale.
+        _plant(tmp_path, age=5000, host=socket.gethostname(), pid=sleeper.pid, started=started - 3600)
+        lock = RunLock(tmp_path, stale_s=180)
+        with caplog.at_level("WARNING"):
+            lock.acquire()
+        assert lock.holds() and "taking over the stale lock" in caplog.text
+        lock.release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_another_hosts_old_heartbeat_is_stale(tmp_path):
     _plant(tmp_path, age=500)
     lock = RunLock(tmp_path, stale_s=180)
@@ -153,12 +184,21 @@ def test_heartbeat_renews_the_lock_and_notices_a_take_over(tmp_path, caplog):
     while path.stat().st_mtime < 100 and time.time() < deadline:
         time.sleep(0.02)
     assert time.time() - path.stat().st_mtime < 5  # beaten
+    from dist_kd.train.common import check_run_lock
+    from dist_kd.train.runlock import lost_lock
+
+    check_run_lock()  # held: nothing to say
+    assert lost_lock() is None
     with caplog.at_level("ERROR"):
         _plant(tmp_path, age=0)  # someone took it over
         time.sleep(0.3)
-    assert "is no longer this run's" in caplog.text
+    assert "is no longer this run's (host other-node, pid 1" in caplog.text
+    assert lost_lock() is lock
+    with pytest.raises(RunDirInUse, match=f"its run lock {path} is now held by another run \\(host other-node, pid 1"):
+        check_run_lock()  # what the trainers call at each log line, save and evaluation
     lock.release()
     assert json.loads(path.read_text())["token"] == "theirs"  # not ours to remove
+    assert lost_lock() is None  # released: a later run of this process starts clean
 
 
 def test_two_takers_of_a_stale_lock_end_with_one_owner(tmp_path):
