@@ -121,7 +121,8 @@ class Adapter:
 
     Attributes:
         family: the name in messages and docs.
-        attention_classes: class names of the self-attention modules whose forward is replaced.
+        attention_classes: the self-attention modules whose forward is replaced, as ``file.Class``: the last part
+            of the class's module and its name (DeBERTa v1's attention has v2's class name and other weights).
         forward: the replacement forward (bound to each module).
         inner_rows: state-dict name fragments of linear layers whose output dimensions are attention-inner
             (query/key/value), for weight selection when the student has fewer heads than the teacher.
@@ -140,7 +141,7 @@ class Adapter:
 ADAPTERS = (
     Adapter(
         "MPNet",
-        ("MPNetSelfAttention",),
+        ("modeling_mpnet.MPNetSelfAttention",),
         _mpnet_forward,
         inner_rows=("attention.attn.q.", "attention.attn.k.", "attention.attn.v."),
         inner_columns=("attention.attn.o.",),
@@ -148,7 +149,7 @@ ADAPTERS = (
     ),
     Adapter(
         "DeBERTa-v2/v3",
-        ("DisentangledSelfAttention",),
+        ("modeling_deberta_v2.DisentangledSelfAttention",),
         _deberta_v2_forward,
         inner_rows=(
             "attention.self.query_proj.",
@@ -178,9 +179,15 @@ REGISTRY_INNER_COLUMNS = ("attention.output.dense.", "attention.out_lin.", "attn
 FUSED_ROWS = {"attn.Wqkv.": 3, "mlp.Wi.": 2}
 
 
+def _class_name(module: nn.Module) -> str:
+    """``file.Class`` of a module's class, as :attr:`Adapter.attention_classes` names them."""
+    kind = type(module)
+    return f"{kind.__module__.rsplit('.', 1)[-1]}.{kind.__name__}"
+
+
 def adapter_for(model: nn.Module) -> Adapter | None:
     """The adapter whose attention class occurs in ``model`` (None: its attention uses the registry)."""
-    names = {type(module).__name__ for module in model.modules()}
+    names = {_class_name(module) for module in model.modules()}
     return next((a for a in ADAPTERS if names.intersection(a.attention_classes)), None)
 
 
@@ -194,7 +201,7 @@ def install_adapter(model: nn.Module) -> Adapter | None:
     if adapter is None:
         return None
     for module in model.modules():
-        if type(module).__name__ in adapter.attention_classes and getattr(module, _ADAPTED_ATTR, None) is None:
+        if _class_name(module) in adapter.attention_classes and getattr(module, _ADAPTED_ATTR, None) is None:
             module.forward = types.MethodType(adapter.forward, module)
             setattr(module, _ADAPTED_ATTR, adapter.family)
     return adapter

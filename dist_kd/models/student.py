@@ -102,6 +102,9 @@ def student_config_from_teacher(teacher_config, cfg: StudentConfig, mapping: lis
     config.num_hidden_layers = cfg.num_layers
     config.hidden_size = cfg.hidden_size
     config.num_attention_heads = cfg.num_heads
+    for attr in ("attention_head_size", "head_dim"):  # DeBERTa-v2's (xlarge, xxlarge) reads it before the width
+        if vars(config).get(attr) is not None:  # set in config.json, not a property of the class
+            setattr(config, attr, cfg.hidden_size // cfg.num_heads)
     set_ffn_width(config, cfg.intermediate_size)
     set_dropout(config, cfg.dropout)
     set_fp32(config)
@@ -280,7 +283,11 @@ def _output_maps(student: nn.Module) -> list[nn.Module | None]:
     _, _, layers = find_layer_list(student)
     project = getattr(student, "embeddings_project", None)
     first = project if isinstance(project, nn.Linear) else _output_layer_norm(student.embeddings)
-    return [first, *(_output_layer_norm(layer) for layer in layers)]
+    maps = [first, *(_output_layer_norm(layer) for layer in layers)]
+    conv = getattr(getattr(student, "encoder", None), "conv", None)
+    if isinstance(conv, nn.Module) and len(maps) > 1:  # DeBERTa-v2 (xlarge, xxlarge): a convolution after layer 1
+        maps[1] = _output_layer_norm(conv)  # whose LayerNorm gives state 1
+    return maps
 
 
 def _keep_output(store: dict):
@@ -304,8 +311,12 @@ def _check_post_layer_norm(student: nn.Module, norms: list[nn.Module | None], ba
     finally:
         for handle in handles:
             handle.remove()
+    mask = batch.get("attention_mask")
+    real = mask.bool() if mask is not None else torch.ones(states[0].shape[:2], dtype=torch.bool)
     for index, (norm, out) in enumerate(zip(norms, outputs, strict=True)):
-        if norm is None or "out" not in out or not torch.equal(out["out"], states[index]) or norm.bias is None:
+        # At real tokens: DeBERTa zeroes the padding after its LayerNorms
+        same = "out" in out and torch.equal(out["out"][real], states[index][real])
+        if norm is None or not same or norm.bias is None:
             raise NotPostLayerNorm(
                 f"state {index} of {type(student).__name__} is not the output of a LayerNorm with a gain and a "
                 "bias (a pre-LN encoder such as ModernBERT has none there), so its statistics cannot be set "

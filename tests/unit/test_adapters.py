@@ -116,3 +116,47 @@ def test_full_size_copy_of_the_teacher_has_the_teachers_scores(arch, tmp_path):
     for n in (1, 2):
         torch.testing.assert_close(got.scores[n], expected.scores[n])
         torch.testing.assert_close(got.hidden[n], expected.hidden[n])
+
+
+def test_deberta_v1_is_left_to_the_registry_check_not_given_v2s_forward(tmp_path):
+    """DeBERTa v1's attention class has v2's name (DisentangledSelfAttention) and another layout (a fused
+    in_proj): v2's forward was installed on it, and every forward raised an AttributeError, hidden states only
+    too. Now it gets the clear refusal where a loss needs its scores, and trains on hidden states."""
+    import transformers
+
+    from dist_kd.models.adapters import adapter_for
+    from dist_kd.testing import build_tiny_tokenizer, tiny_vocab
+
+    config = transformers.DebertaConfig(
+        vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=16,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.DebertaModel(config)
+    assert adapter_for(model) is None
+    model.save_pretrained(tmp_path / "v1")
+    build_tiny_tokenizer(tmp_path / "v1")
+    ids, mask = _batch(tmp_path / "v1")
+    with pytest.raises(RuntimeError, match="DebertaModel did not route attention through the 'dist_kd'"):
+        Teacher(tmp_path / "v1", dtype="fp32", score_layers=[1]).features(ids, mask)
+    features = Teacher(tmp_path / "v1", dtype="fp32", score_layers=[]).features(ids, mask)
+    assert sorted(features.hidden) == [1, 2] and not features.scores
+
+
+@pytest.mark.parametrize("init", ["random", "teacher"])
+def test_a_deberta_teacher_naming_its_head_width_gives_the_student_its_own(init, tmp_path):
+    """DeBERTa-v2-xlarge/xxlarge set attention_head_size (64) in config.json, and DeBERTa reads it before
+    hidden_size / heads: a student of 16 x 4 heads was built with the teacher's 8-wide heads (query 32 x 16)."""
+    from transformers import AutoModel
+
+    from dist_kd.models.student import StudentConfig, build_student
+
+    teacher_dir = build_tiny_encoder(tmp_path / "t", "deberta-v2", num_layers=2, attention_head_size=8)
+    teacher = Teacher(teacher_dir, dtype="fp32")
+    cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, init=init, dropout=0.0)
+    student = build_student(cfg, teacher.config, teacher.model, [1, 2])
+    assert student.encoder.layer[0].attention.self.query_proj.weight.shape == (16, 16)
+    student.save_pretrained(tmp_path / "s")
+    reloaded = AutoModel.from_pretrained(tmp_path / "s")
+    assert reloaded.config.attention_head_size == 4
+    assert reloaded.encoder.layer[0].attention.self.query_proj.weight.shape == (16, 16)

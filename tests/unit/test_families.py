@@ -268,3 +268,37 @@ def test_electra_student_keeps_the_teachers_embedding_projection_cut_and_is_cali
         build_student(as_wide, teacher.config, teacher.model, [1, 2])
     with pytest.raises(ValueError, match=r"leaves out student.path's embeddings_project.bias"):  # a task run's cut
         build_student(as_wide, teacher.config, teacher.model, [1, 2], "student.path")
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_deberta_students_are_calibrated_on_padded_batches_and_through_the_convolution(conv, tmp_path):
+    """DeBERTa is post-LN, but its calibration was skipped as if pre-LN: its embeddings zero the padding after
+    their LayerNorm (a padded batch failed the check once the norm had a bias, as any trained one has), and
+    v2-xlarge/xxlarge's convolution after layer 1 ends in its own LayerNorm (the check failed every time)."""
+    from transformers import AutoModel
+
+    from dist_kd.models.student import StudentConfig, build_student, calibrate_to_teacher, unit_selection
+
+    extra = dict(conv_kernel_size=3, conv_act="gelu") if conv else {}
+    teacher_dir = build_tiny_encoder(tmp_path / "d", "deberta-v2", num_layers=3, hidden_size=32, num_heads=4, **extra)
+    model = AutoModel.from_pretrained(teacher_dir)
+    with torch.no_grad():  # trained LayerNorms have biases
+        for name, parameter in model.named_parameters():
+            if "LayerNorm.bias" in name:
+                parameter.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(teacher_dir)
+    teacher = Teacher(teacher_dir, dtype="fp32")
+    cfg = StudentConfig(num_layers=2, hidden_size=16, num_heads=2, intermediate_size=32, init="teacher", dropout=0.0)
+    student = build_student(cfg, teacher.config, teacher.model, [1, 3])
+    residual = unit_selection(student.config, teacher.config).residual
+    ids, mask = _batch(teacher_dir)
+    assert not mask.bool().all()  # padded
+    calibrate_to_teacher(student, teacher.model, [1, 3], [{"input_ids": ids, "attention_mask": mask}], residual)
+    with torch.no_grad():
+        states = student.eval()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        target = teacher.features(ids, mask)
+    real = mask.bool()
+    for index, t_state in enumerate([target.embeddings, target.hidden[1], target.hidden[3]]):
+        s_rows, t_rows = states[index][real], t_state[real][:, residual]
+        torch.testing.assert_close(s_rows.mean(0), t_rows.mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(s_rows.std(0), t_rows.std(0), atol=1e-4, rtol=1e-4)
