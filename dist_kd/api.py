@@ -99,7 +99,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def load_run_config(config_class: type, config: Any, overrides: Sequence[str] = ()) -> Any:
-    """A validated ``config_class`` from a YAML path, a dict shaped like the YAML, or an instance.
+    """A validated ``config_class`` from a YAML path, a dict shaped like the YAML, or an instance, with
+    ``overrides`` (``key=value`` strings, or one such string) applied after it.
 
     Raises:
         ValueError: an unknown key (named with the closest known one) or a bad value.
@@ -107,6 +108,8 @@ def load_run_config(config_class: type, config: Any, overrides: Sequence[str] = 
     """
     from dist_kd.config import config_from_dict, load_config
 
+    if isinstance(overrides, str):  # one override: list() would have split it into characters
+        overrides = [overrides]
     if isinstance(config, (str, Path)):
         return load_config(config_class, config, list(overrides))
     if isinstance(config, config_class):

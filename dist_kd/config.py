@@ -55,7 +55,24 @@ class _Written:
 
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` whose numbers and dates keep their written text (:class:`_Written`): a string key
-    takes the text (YAML 1.1 reads ``001`` as 1, ``12:30`` as 750), any other key the typed value."""
+    takes the text (YAML 1.1 reads ``001`` as 1, ``12:30`` as 750), any other key the typed value. A key
+    given twice in one mapping is an error (YAML keeps the last, so a second ``train:`` section dropped the
+    first's settings without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' given twice (first at line {seen[key] + 1}); YAML would keep only "
+                        "the last: merge them", key_node.start_mark,
+                    )  # fmt: skip
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _keeping_text(construct):
@@ -97,6 +114,18 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+_TYPE_WORDS = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+               bool: ("true or false", "booleans")}  # fmt: skip
+
+
+def _type_words(tp: Any) -> str:
+    """A type as a message says it: ``list[int]`` is "a list of integers"."""
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_TYPE_WORDS.get(item, (None, 'values'))[1]}"
+    return _TYPE_WORDS.get(tp, (getattr(tp, "__name__", str(tp)),))[0]
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, or raise ValueError naming the key."""
     written, text = value, None
@@ -121,7 +150,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(written, alt, where)
             except ValueError:
                 continue
-        raise ValueError(f"config key '{where}' has value {_plain(value)!r}, which is none of {tp}")
+        expected = " or ".join(_type_words(alt) for alt in typing.get_args(tp))
+        raise ValueError(f"config key '{where}' has value {_plain(value)!r}; expected {expected}")
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ValueError(f"config key '{where}' must be a list, got {_plain(value)!r}")
@@ -276,10 +306,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = {}
     if path is not None:
         path = shipped_file(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a directory; give a YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            loaded = yaml.load(path.read_text(), Loader=_Loader) or {}  # noqa: S506 - a SafeLoader
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 - a SafeLoader
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it "
+                             "as UTF-8") from None  # fmt: skip
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

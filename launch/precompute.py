@@ -4,13 +4,13 @@
         runs/sst2-teachers/teacher-2 runs/sst2-teachers/teacher-3 --output data/sst2-soft [--temperature 1.0] \
         [--keep-teacher-logits] [--batch-size 64] [--max-length 128] [--dtype fp16] [--reuse STORE ...]
 
-The same arguments work with ``python launch/precompute.py`` (one process) and
-``torchrun --nproc_per_node N launch/precompute.py``. Custom task: ``--task topic --labels business,sport,tech
---text-a text --label category``. ``--reuse data/sst2-soft-orig`` takes the targets of rows already in an earlier
-store of the same teachers (an augmented set repeats its original rows) instead of running the teachers on them.
-Re-running the same command after a crash resumes from the finished chunks. Data without the label column
-gives a store without labels (a warning names the columns found); a column named with ``--label`` must exist.
-Bad input exits with code 2 and one ``error: ...`` line.
+The same arguments work with ``python launch/precompute.py`` (one process; ``--debug`` also ignores launcher
+variables the shell exported) and ``torchrun --nproc_per_node N launch/precompute.py``. Custom task: ``--task topic
+--labels business,sport,tech --text-a text --label category``. ``--reuse data/sst2-soft-orig`` takes the targets of
+rows already in an earlier store of the same teachers (an augmented set repeats its original rows) instead of
+running the teachers on them. Re-running the same command after a crash resumes from the finished chunks. Data
+without the label column gives a store without labels (a warning names the columns found); a column named with
+``--label`` must exist. Bad input exits with code 2 and one ``error: ...`` line.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dist_kd.cli import (
     add_log_level_argument,
     add_task_arguments,
     configure_logging,
+    drop_launcher_variables,
     run_in_process_group,
     task_spec_from_args,
 )
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="one process, ignore launcher variables, debug logs")
     add_log_level_argument(parser)
     add_launcher_argument(parser)
     return parser.parse_args(argv)
@@ -64,10 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run; returns the exit code."""
     args = parse_args(argv)
+    if args.debug:
+        drop_launcher_variables()
 
     def body() -> int:
         info = distributed.init_distributed(force_cpu=args.cpu)
-        configure_logging(info.rank, level=args.log_level)
+        configure_logging(info.rank, debug=args.debug, level=args.log_level)
         with distributed.shared_failure():  # the same refusal on every rank: said once
             spec = task_spec_from_args(args)
             config = PrecomputeConfig(

@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="one process (--num-workers 0), debug logs")
     add_log_level_argument(parser)
     return parser.parse_args(argv)
 
@@ -67,7 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, write the corpus, print the summary; returns the exit code (2: bad input)."""
     args = parse_args(argv)
-    configure_logging(0, level=args.log_level)
+    if args.debug:
+        args.num_workers = 0
+    configure_logging(0, debug=args.debug, level=args.log_level)
     # SIGTERM (scancel, a time limit, timeout) ends the run through its cleanup: an --overwrite run's hidden
     # copy of the new corpus is removed, and a corpus being replaced stays as it was.
     try:

@@ -984,9 +984,23 @@ class Augmenter:
         Returns:
             A table with :func:`augmented_schema`; augmented rows have ids ``<id>-aug<k>`` (k = 0..N_a-1)
             and null labels.
+
+        Raises:
+            ValueError: ``examples`` lacks one of those columns (a raw file's table, not the task reader's), or
+                ``task`` is not a name (a TaskSpec given for it).
         """
         from dist_kd.cli import progress as tqdm
 
+        if not isinstance(task, str):
+            raise ValueError(f"Augmenter.augment: task is the task's name (a str), got {type(task).__name__}")
+        wanted = ("example_id", "text_a", "text_b", "label")
+        missing = [name for name in wanted if name not in examples.column_names]
+        if missing:
+            raise ValueError(
+                f"Augmenter.augment: the table has no column {', '.join(missing)} (it has {examples.column_names}); "
+                "give it the columns of dist_kd.data.tasks.load_task_examples (example_id, text_a, text_b: null for "
+                "single texts, label: null where unlabelled)"
+            )
         rows = examples.to_pylist()
         out: dict[str, list[Any]] = {"example_id": [], "task": [], "text_a": [], "text_b": [], "label": []}
         chunk_size = self.config.chunk_size

@@ -37,6 +37,7 @@ from dist_kd.models.student import (
     build_student,
     calibrate_to_teacher,
     check_heads,
+    student_config_from_teacher,
     unit_selection,
 )
 from dist_kd.models.teacher import Teacher, TeacherConfig, check_max_length, check_model_dir
@@ -101,6 +102,9 @@ class DataConfig:
             raise ValueError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("shuffle_buffer", "eval_batches"):  # read after the models are built: checked here
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -124,6 +128,7 @@ class GeneralConfig:
     def __post_init__(self):
         if self.distill.weights.pred > 0:
             raise ValueError("distill.weights.pred must be 0 in general distillation (there are no labels or logits)")
+        self.distill.weights.check_layer_terms()
 
 
 def _teacher_config(path: str):
@@ -192,6 +197,24 @@ class GeneralTrainer(EngineTrainer):
         info: this process's place in the job (``distributed.init_distributed()``).
     """
 
+    def _say_unread_student_keys(self, student_config) -> None:
+        """A warning naming the student keys that ``student.path`` overrides: the directory fixes the shape and
+        the weights (a 4 x 32 student was trained while config.yaml said 2 x 16, without a word)."""
+        cfg = self.cfg.student
+        own = {
+            "num_layers": student_config.num_hidden_layers,
+            "hidden_size": student_config.hidden_size,
+            "num_heads": student_config.num_attention_heads,
+            "intermediate_size": ffn_width(student_config),
+        }
+        unread = [f"student.{name}={getattr(cfg, name)} (its {value})" for name, value in own.items()
+                  if getattr(cfg, name) != value]  # fmt: skip
+        if cfg.init != "random":
+            unread.append(f"student.init={cfg.init} (it starts from its own weights)")
+        if unread and self.info.is_main:
+            logger.warning("student.path %s fixes the student's shape and weights; not used: %s", cfg.path,
+                           ", ".join(unread))  # fmt: skip
+
     def _set_up(self, cfg: GeneralConfig, info: distributed.DistInfo) -> None:
         from dist_kd.data.shards import read_manifest
         from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint
@@ -218,14 +241,19 @@ class GeneralTrainer(EngineTrainer):
                 "distill.temperature: read by the prediction term of task runs only; general distillation has no "
                 "logits, so this run does not use it"
             )
-        if weights.attn > 0 and not cfg.student.path and cfg.distill.attention == "raw_scores":
-            check_heads(teacher_config.num_attention_heads, cfg.student.num_heads)
-        if weights.attn > 0 and not cfg.student.path:
-            cfg.distill.check_relation_heads(teacher_config.hidden_size, cfg.student.hidden_size)
+        if student_config is not None:
+            self._say_unread_student_keys(student_config)
+        elif cfg.student.init == "teacher":  # a wider student is an error now, not after the teacher loads
+            unit_selection(student_config_from_teacher(teacher_config, cfg.student, self.mapping), teacher_config)
+        student_heads = student_config.num_attention_heads if student_config is not None else cfg.student.num_heads
+        student_width = student_config.hidden_size if student_config is not None else cfg.student.hidden_size
+        if weights.attn > 0 and cfg.distill.attention == "raw_scores":
+            check_heads(teacher_config.num_attention_heads, student_heads)
+        if weights.attn > 0:
+            cfg.distill.check_relation_heads(teacher_config.hidden_size, student_width)
         # The sentence term pools as the teacher's sentence-transformers modules do (mean without them).
         self.pooling: tuple[str, ...] = ("mean_tokens",)
         if weights.sentence > 0:
-            student_width = student_config.hidden_size if student_config is not None else cfg.student.hidden_size
             if cfg.distill.projection == "always" or (
                 cfg.distill.projection == "auto" and student_width != teacher_config.hidden_size
             ):

@@ -203,6 +203,8 @@ class TaskDistillConfig(DistillConfig):
             raise ValueError(
                 "distill.weights.pred must be 0 in phase intermediate (logits come from the store in phase prediction)"
             )
+        if self.phase == "intermediate":
+            self.weights.check_layer_terms()
 
     def other_phase_note(self) -> str | None:
         """The distill keys set away from their defaults that this phase does not read, said in one line (the

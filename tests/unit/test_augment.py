@@ -161,6 +161,18 @@ def test_glove_only_replaces_every_word_from_glove(glove_txt):
     assert metadata["masked_lm"] is None and metadata["parameters"]["algorithm"] == "glove_only"
 
 
+def test_augment_names_what_its_table_and_task_lack(glove_txt):
+    # a raw file's table (no text_b, no example_id) or a TaskSpec for the name ended in a bare KeyError
+    from dist_kd.data.tasks import TaskSpec
+
+    augmenter = _augmenter(None, glove_txt, n_a=1)
+    raw = pa.table({"text_a": ["markets fell"], "label": ["a"]})
+    with pytest.raises(ValueError, match=r"has no column example_id, text_b \(it has \['text_a', 'label'\]\)"):
+        augmenter.augment(raw, "t")
+    with pytest.raises(ValueError, match="task is the task's name \\(a str\\), got TaskSpec"):
+        augmenter.augment(_examples(["markets fell"]), TaskSpec(name="t", labels=["a", "b"]))
+
+
 def test_candidate_lists(biased_mlm_dir, glove_txt):
     augmenter = _augmenter(biased_mlm_dir, glove_txt, k=2, stop_words="none")
     words = augmenter.word_candidates(["the markets rose quickly"])[0]

@@ -129,6 +129,50 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
         load_config(Outer, path, [])
 
 
+def test_a_value_of_none_of_a_keys_types_says_them_in_words():
+    # it said "which is none of typing.Union[str, list[int]]"
+    with pytest.raises(ValueError, match=r"'distill.layer_map' has value \[1.5, 2\]; expected a string or a list of "
+                                         r"integers$"):  # fmt: skip
+        load_config(Outer, None, ["distill.layer_map=[1.5, 2]"])
+
+
+def test_zero_weights_on_every_layer_term_are_refused_with_the_config():
+    # the objective said it at the first step, after the run directory had been written
+    from dist_kd.train.general import GeneralConfig
+    from dist_kd.train.task_config import TaskDistillConfig
+
+    zero = ["distill.weights.embd=0", "distill.weights.hidden=0", "distill.weights.attn=0"]
+    with pytest.raises(ValueError, match=r"every layer-loss weight \(distill.weights.embd, .*\) is 0"):
+        load_config(GeneralConfig, None, zero)
+    assert load_config(GeneralConfig, None, [*zero, "distill.weights.sentence=1"]).distill.weights.sentence == 1
+    weights = {"embd": 0, "hidden": 0, "attn": 0}
+    with pytest.raises(ValueError, match="every layer-loss weight"):
+        TaskDistillConfig(phase="intermediate", weights=DistillConfig().weights.__class__(**weights))
+    TaskDistillConfig(phase="prediction", weights=DistillConfig().weights.__class__(**weights))  # not read there
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_kept(tmp_path):
+    # YAML keeps the last: a second `inner:` section dropped the first's settings without a word
+    path = tmp_path / "twice.yaml"
+    path.write_text("inner:\n  rate: 2\nsteps: 5\ninner:\n  name: x\n")
+    with pytest.raises(ValueError, match=rf"{path} line 4, column 1 .*key 'inner' given twice \(first at line 1\)"):
+        load_config(Outer, path, [])
+    path.write_text("steps: 5\ninner: {rate: 2, rate: 3}\n")
+    with pytest.raises(ValueError, match=r"line 2, column \d+ .*key 'rate' given twice \(first at line 2\)"):
+        load_config(Outer, path, [])
+    path.write_text("steps: 5\ninner: {rate: 2}\n")  # the same names in two mappings are fine
+    assert load_config(Outer, path, []).steps == 5
+
+
+def test_a_config_that_is_not_utf8_or_is_a_directory_is_named(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("steps: 5\ninner: {name: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"config file {path} is not UTF-8 text .*save it as UTF-8"):
+        load_config(Outer, path, [])
+    with pytest.raises(ValueError, match=rf"config file {tmp_path} is a directory"):
+        load_config(Outer, tmp_path, [])
+
+
 def test_override_that_is_not_valid_yaml_is_one_error_naming_it():
     """A value YAML cannot parse (an unclosed list, a leading @ or %) is a ValueError naming the override, which
     the commands print as one error line, not a yaml traceback."""
@@ -247,3 +291,12 @@ def test_finetune_settings_are_checked_with_its_flags_before_any_work(setting, m
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         FinetuneConfig(**setting)
     FinetuneConfig()  # the defaults pass
+
+
+def test_the_api_takes_one_override_as_a_string():
+    # list("train.max_steps=5") split it into characters: "override 't' must look like key.subkey=value"
+    from dist_kd.api import load_run_config
+    from dist_kd.train.general import GeneralConfig
+
+    assert load_run_config(GeneralConfig, {}, "train.max_steps=5").train.max_steps == 5
+    assert load_run_config(GeneralConfig, {}, ["train.max_steps=6"]).train.max_steps == 6
