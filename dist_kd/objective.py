@@ -68,10 +68,10 @@ class LossWeights:
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.weights.{name} must be >= 0, got {getattr(self, name)}")
 
-    def check_layer_terms(self) -> None:
-        """Raise unless some term of the layer losses (all but ``pred``) has a weight: checked with the config,
-        before a run writes anything (the objective said it at the first step)."""
-        layer_terms = [name for name in TERMS if name != "pred"]
+    def check_layer_terms(self, sentence: bool = True) -> None:
+        """Raise unless some term of the layer losses (all but ``pred``; ``sentence`` where the stage has it) has a
+        weight: checked with the config, before a run writes anything (the objective said it at the first step)."""
+        layer_terms = [name for name in TERMS if name != "pred" and (sentence or name != "sentence")]
         if not any(getattr(self, name) > 0 for name in layer_terms):
             raise ValueError(
                 f"every layer-loss weight ({', '.join(f'distill.weights.{name}' for name in layer_terms)}) is 0: "

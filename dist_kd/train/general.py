@@ -201,15 +201,17 @@ class GeneralTrainer(EngineTrainer):
         """A warning naming the student keys that ``student.path`` overrides: the directory fixes the shape and
         the weights (a 4 x 32 student was trained while config.yaml said 2 x 16, without a word)."""
         cfg = self.cfg.student
+        defaults = StudentConfig()
         own = {
             "num_layers": student_config.num_hidden_layers,
             "hidden_size": student_config.hidden_size,
             "num_heads": student_config.num_attention_heads,
             "intermediate_size": ffn_width(student_config),
         }
+        # Keys set (not at their defaults) to other values than the directory's
         unread = [f"student.{name}={getattr(cfg, name)} (its {value})" for name, value in own.items()
-                  if getattr(cfg, name) != value]  # fmt: skip
-        if cfg.init != "random":
+                  if getattr(cfg, name) not in (value, getattr(defaults, name))]  # fmt: skip
+        if cfg.init != defaults.init:
             unread.append(f"student.init={cfg.init} (it starts from its own weights)")
         if unread and self.info.is_main:
             logger.warning("student.path %s fixes the student's shape and weights; not used: %s", cfg.path,

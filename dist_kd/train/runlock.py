@@ -57,16 +57,16 @@ def lost_lock() -> RunLock | None:
     return next((lock for lock in _HELD if lock.lost is not None), None)
 
 
-def _process_started(pid: int) -> float | None:
-    """When process ``pid`` of this host began (seconds since the epoch, to about a second), from Linux's /proc;
-    None where that cannot be read."""
+def _process_started(pid: int | str) -> float | None:
+    """When process ``pid`` of this host began, in clock ticks since boot, from Linux's /proc (``"self"``: this
+    process); None where that cannot be read or the process has ended (a zombie that was not reaped yet)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))  # fmt: skip
-        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, starttime, after "pid (comm) "
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, ValueError, IndexError):
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3, state, on
+        if fields[0] in ("Z", "X"):
+            return None
+        return float(fields[19])  # field 22, starttime
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -109,6 +109,7 @@ class RunLock:
             "job_id": os.environ.get("SLURM_JOB_ID"),
             "token": uuid.uuid4().hex,
             "started": time.time(),
+            "proc_started": _process_started("self"),  # tells this process from another that has its pid later
         }
         self._created: list[Path] = []  # directories this lock made, deepest first
         self._held = False
@@ -147,11 +148,12 @@ class RunLock:
 
     @staticmethod
     def _writer_lives(owner: dict[str, Any], pid: int) -> bool:
-        """Whether live process ``pid`` of this host is the one that wrote the lock: it began before the lock
-        did. A process that began later has the pid of one that ended (or lives in another pid namespace
-        under the same host name), and is judged by the heartbeat."""
-        began = _process_started(pid)
-        return began is not None and began <= float(owner.get("started", 0.0)) + 2.0  # /proc/stat: whole seconds
+        """Whether live process ``pid`` of this host is the one that wrote the lock: it began when the writer
+        did (``proc_started``, in clock ticks since boot). Another process with that pid (the pid used again, or
+        one of another pid namespace under the same host name), a zombie, or a lock that does not record it is
+        judged by the heartbeat."""
+        began, known = _process_started(pid), owner.get("proc_started")
+        return began is not None and isinstance(known, (int, float)) and began == known
 
     @staticmethod
     def describe(owner: dict[str, Any] | None, age: float) -> str:

@@ -204,7 +204,7 @@ class TaskDistillConfig(DistillConfig):
                 "distill.weights.pred must be 0 in phase intermediate (logits come from the store in phase prediction)"
             )
         if self.phase == "intermediate":
-            self.weights.check_layer_terms()
+            self.weights.check_layer_terms(sentence=False)  # a term of general distillation only
 
     def other_phase_note(self) -> str | None:
         """The distill keys set away from their defaults that this phase does not read, said in one line (the

@@ -97,3 +97,29 @@ def test_precompute_and_prepare_corpus_take_debug(tiny_bert_dir, tmp_path):
     run_script(*corpus, "--output", str(tmp_path / "debug"), "--debug")
     plain, debug = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("plain", "debug"))
     assert debug["shards"] == plain["shards"] and debug["num_sequences"] == plain["num_sequences"] > 0
+
+
+def test_student_keys_left_at_their_defaults_are_not_named(caplog):
+    """Only keys a config sets (away from their defaults) to another value than the directory's are named: with
+    student.path alone, every run named the defaults 4 x 312 as not used."""
+    import logging
+    from types import SimpleNamespace
+
+    from transformers import BertConfig
+
+    from dist_kd.models.student import StudentConfig
+    from dist_kd.train.general import GeneralTrainer
+
+    directory = BertConfig(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536)
+    trainer = SimpleNamespace(info=SimpleNamespace(is_main=True))
+    trainer.cfg = SimpleNamespace(student=StudentConfig(path="/s"))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.train.general"):
+        GeneralTrainer._say_unread_student_keys(trainer, directory)
+    assert not caplog.records
+    trainer.cfg = SimpleNamespace(student=StudentConfig(path="/s", num_layers=3, num_heads=12, init="teacher"))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.train.general"):
+        GeneralTrainer._say_unread_student_keys(trainer, directory)
+    assert caplog.records[-1].getMessage() == (
+        "student.path /s fixes the student's shape and weights; not used: student.num_layers=3 (its 6), "
+        "student.init=teacher (it starts from its own weights)"
+    )

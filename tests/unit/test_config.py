@@ -146,7 +146,8 @@ def test_zero_weights_on_every_layer_term_are_refused_with_the_config():
         load_config(GeneralConfig, None, zero)
     assert load_config(GeneralConfig, None, [*zero, "distill.weights.sentence=1"]).distill.weights.sentence == 1
     weights = {"embd": 0, "hidden": 0, "attn": 0}
-    with pytest.raises(ValueError, match="every layer-loss weight"):
+    with pytest.raises(ValueError, match=r"every layer-loss weight \(distill.weights.embd, distill.weights.hidden, "
+                                         r"distill.weights.attn\) is 0"):  # fmt: skip
         TaskDistillConfig(phase="intermediate", weights=DistillConfig().weights.__class__(**weights))
     TaskDistillConfig(phase="prediction", weights=DistillConfig().weights.__class__(**weights))  # not read there
 

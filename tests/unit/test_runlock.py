@@ -71,29 +71,47 @@ def test_same_host_live_pid_is_refused_and_dead_pid_is_taken_over(tmp_path, capl
 
 def test_a_stopped_run_keeps_its_lock_whatever_its_heartbeats_age(tmp_path, caplog):
     """A run stopped (Ctrl-Z, scontrol suspend) past the staleness lost its lock to the next run on the
-    directory, and went on writing beside it when continued."""
+    directory, and went on writing beside it when continued. The lock records when its writer began, so
+    another process with its pid (pid 1 of a container sharing the host name, a pid used again) or a writer
+    killed but not yet reaped (a zombie) does not hold it."""
     import signal
     import socket
 
+    from dist_kd.train.runlock import _process_started
+
+    host = socket.gethostname()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         os.kill(sleeper.pid, signal.SIGSTOP)
         time.sleep(0.1)
-        started = time.time()  # the lock is written after its process began
-        _plant(tmp_path, age=5000, host=socket.gethostname(), pid=sleeper.pid, started=started)
+        began = _process_started(sleeper.pid)
+        assert began is not None  # Linux's /proc
+        _plant(tmp_path, age=5000, host=host, pid=sleeper.pid, proc_started=began)
         with pytest.raises(RunDirInUse) as caught:
             RunLock(tmp_path, stale_s=180).acquire()
         assert f"heartbeat 5000 s ago; lock {tmp_path / LOCK_NAME}; its heartbeat stopped, but pid {sleeper.pid}" in (
             str(caught.value)
         )
         assert f"kill -CONT {sleeper.pid}" in str(caught.value)
-        # The same live pid in a lock written before that process began: a pid used again after the writer
-        # ended (or another pid namespace); judged by the heartbeat, which is stale.
-        _plant(tmp_path, age=5000, host=socket.gethostname(), pid=sleeper.pid, started=started - 3600)
+        for other in (
+            dict(pid=sleeper.pid, proc_started=began - 100),  # the pid, another process: used again
+            dict(pid=1, proc_started=began),  # a container's pid 1 that was killed; the host's pid 1 lives
+            dict(pid=sleeper.pid),  # a lock of an earlier release: no start recorded
+        ):
+            _plant(tmp_path, age=5000, host=host, **other)
+            lock = RunLock(tmp_path, stale_s=180)
+            with caplog.at_level("WARNING"):
+                lock.acquire()
+            assert lock.holds() and "taking over the stale lock" in caplog.text
+            lock.release()
+        os.kill(sleeper.pid, signal.SIGKILL)  # killed, not yet reaped: a zombie whose pid still answers
+        deadline = time.time() + 10
+        while _process_started(sleeper.pid) is not None and time.time() < deadline:
+            time.sleep(0.05)
+        _plant(tmp_path, age=5000, host=host, pid=sleeper.pid, proc_started=began)
         lock = RunLock(tmp_path, stale_s=180)
-        with caplog.at_level("WARNING"):
-            lock.acquire()
-        assert lock.holds() and "taking over the stale lock" in caplog.text
+        lock.acquire()
+        assert lock.holds()
         lock.release()
     finally:
         sleeper.kill()
