@@ -325,11 +325,36 @@ def takes_weight_decay(name: str, parameter: torch.Tensor) -> bool:
     return parameter.dim() >= 2 and "LayerNorm" not in name and "layer_norm" not in name
 
 
+class DecoupledAdamax(torch.optim.Adamax):
+    """Adamax with decoupled weight decay, as AdamW's: a step first scales each decayed weight that has a gradient
+    by ``1 - lr x weight_decay``, then takes Adamax's step without decay.
+
+    torch's Adamax adds the decay to the gradient (L2), where Adamax's update divides it by its own size: a
+    weight without a gradient (the student's pooler in general distillation, an idle task head) moved about
+    ``lr`` towards 0 at every step, not ``lr x wd x w``.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        decays = [group["weight_decay"] for group in self.param_groups]
+        for group, decay in zip(self.param_groups, decays):
+            if decay:
+                for parameter in group["params"]:
+                    if parameter.grad is not None:
+                        parameter.mul_(1.0 - group["lr"] * decay)
+            group["weight_decay"] = 0.0
+        try:
+            return super().step(closure)
+        finally:
+            for group, decay in zip(self.param_groups, decays):
+                group["weight_decay"] = decay
+
+
 def build_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (default) or Adamax over the trainable parameters."""
+    """AdamW (default) or Adamax (with decoupled weight decay) over the trainable parameters."""
     groups = parameter_groups(module, cfg.weight_decay)
     if cfg.optimizer == "adamax":
-        return torch.optim.Adamax(groups, lr=cfg.lr)
+        return DecoupledAdamax(groups, lr=cfg.lr)
     fused = fused_kwargs(module) if cfg.fused_optimizer else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, **fused)
 
@@ -349,7 +374,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     from transformers import get_scheduler
 
     warmup = math.ceil(cfg.max_steps * cfg.warmup_ratio)
-    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
+    # transformers' constant ignores the warmup it is given: constant_with_warmup is warmup, then constant
+    name = "constant_with_warmup" if cfg.scheduler == "constant" and warmup > 0 else cfg.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
 
 
 def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:

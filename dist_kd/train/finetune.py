@@ -275,6 +275,7 @@ class TeacherTrainer:
                 batch = collate(data, rows, self.pad_id, info.device, self.spec.type)
                 loss = hard_label_loss(self._forward(batch), batch["labels"], self.spec.type)
                 self.engine.backward(loss)
+                step_lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
                 self.engine.step()
                 step, since_log = step + 1, since_log + 1
                 loss_sum += loss.detach().float()
@@ -288,7 +289,7 @@ class TeacherTrainer:
                             "teacher": self.index + 1,
                             "step": step,
                             "loss": last_loss,
-                            "lr": self.engine.get_lr()[0],
+                            "lr": step_lr,
                             "samples_per_s": step * global_batch / elapsed,
                         }
                     )

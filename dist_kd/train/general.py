@@ -341,6 +341,7 @@ class GeneralTrainer(EngineTrainer):
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
+        self.step_lr: float | None = None  # the rate of the last optimizer step, for its log line
         self.empty_batches = 0  # this rank's micro-batches of fully masked rows in this process (skip_corrupt)
         self._window = LossWindow(info.device)
         self.meta = {
@@ -533,6 +534,7 @@ class GeneralTrainer(EngineTrainer):
                 pooling=self.pooling,
             )
         self.engine.backward(terms["loss"])
+        self.step_lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
         self.engine.step()
         return {name: value.detach() for name, value in terms.items()}
 
@@ -600,7 +602,7 @@ class GeneralTrainer(EngineTrainer):
             "step": self.step,
             **loss,
             **{f"loss_{name}": value for name, value in values.items()},
-            "lr": self.engine.get_lr()[0],
+            "lr": self.step_lr,  # the last step's rate; get_lr() after it is the next step's
             "tokens_per_s": window.tokens / elapsed,
             "samples_per_s": window.rows / elapsed,
             "tokens_seen": self.tokens_seen,

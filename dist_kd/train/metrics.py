@@ -244,12 +244,13 @@ def matmul_parameters(module: torch.nn.Module) -> int:
 
     Embedding tables are lookups, not products, and are left out, as in the usual 6N estimate; for a small
     student they are most of its parameters (all-MiniLM-L6-v2: 11.7M of 22.7M), so counting them would
-    roughly double the FLOPs claimed.
+    roughly double the FLOPs claimed. So is the pooler, which runs on one token of each sequence (and gets no
+    gradient in general distillation): counted per token, it put the MFU 0.8-1.9 % too high.
     """
     return sum(
         getattr(layer.weight, "ds_numel", layer.weight.numel())
-        for layer in module.modules()
-        if isinstance(layer, torch.nn.Linear)
+        for name, layer in module.named_modules()
+        if isinstance(layer, torch.nn.Linear) and "pooler" not in name.split(".")
     )
 
 

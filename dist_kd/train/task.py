@@ -205,6 +205,7 @@ class TaskTrainer(EngineTrainer):
         self.guard = DivergenceGuard(self.engine.module, self.run_dir, cfg.train)
         self.step = 0
         self.tokens_seen = 0
+        self.step_lr: float | None = None  # the rate of the last optimizer step, for its log line
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}
         # Digests of the data (stores or files) and the dev sets, read by rank 0 alone. The dev sets: eval.json and
@@ -490,6 +491,7 @@ class TaskTrainer(EngineTrainer):
             hard_rows = float(task.has_label[rows].sum()) / self.info.world_size
             terms = self._prediction_terms(task, mine, batch, hard_rows)
         self.engine.backward(terms["loss"])
+        self.step_lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
         self.engine.step()
         return {name: value.detach() for name, value in terms.items()}
 
@@ -564,7 +566,7 @@ class TaskTrainer(EngineTrainer):
             "step": self.step,
             "loss": values["loss"],
             **{f"loss_{name}": value for name, value in values.items() if name != "loss" and "/" not in name},
-            "lr": self.engine.get_lr()[0],
+            "lr": self.step_lr,  # the last step's rate; get_lr() after it is the next step's
             "tokens_per_s": window.tokens / elapsed,
             "samples_per_s": window.rows / elapsed,
             "tokens_seen": self.tokens_seen,

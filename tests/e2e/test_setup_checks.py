@@ -123,3 +123,19 @@ def test_student_keys_left_at_their_defaults_are_not_named(caplog):
         "student.path /s fixes the student's shape and weights; not used: student.num_layers=3 (its 6), "
         "student.init=teacher (it starts from its own weights)"
     )
+
+
+def test_the_logged_lr_is_the_rate_its_step_applied(tiny_bert_dir, tiny_corpus, tmp_path):
+    """Each line's lr was read after the step had moved the schedule on: the next step's rate (step 1 logged
+    lr/3 where it applied 0, the last step 0)."""
+    import json
+
+    run_dir = tmp_path / "run"
+    proc = _general(tiny_bert_dir, tiny_corpus, run_dir, "train.max_steps=6", "train.warmup_ratio=0.34",
+                    "train.lr=0.001", "run.log_every=1", "run.save_every=0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {line["step"]: line["lr"] for line in lines if "lr" in line}
+    # 3 warmup steps (ceil(0.34 x 6)): the multiplier of step s (0-based) is s/3, then (6 - s)/3
+    expected = {s + 1: 1e-3 * (s / 3 if s < 3 else (6 - s) / 3) for s in range(6)}
+    assert logged == pytest.approx(expected, abs=1e-12)

@@ -96,7 +96,7 @@ def test_batch_check_and_precision():
         resolve_precision("fp16", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup"])
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "constant"])
 def test_schedules_warm_up_then_follow_their_shape(name):
     """train.scheduler through transformers.get_scheduler: the lr multiplier at each step against the formula."""
     import math
@@ -113,11 +113,48 @@ def test_schedules_warm_up_then_follow_their_shape(name):
         "linear": lambda s: (100 - s) / 90,
         "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * (s - 10) / 90)),
         "constant_with_warmup": lambda s: 1.0,
+        "constant": lambda s: 1.0,  # transformers' constant ignored the warmup: 1.0 from the first step
     }[name]
     expected = [s / 10 if s < 10 else shape(s) for s in range(100)]
     assert values == pytest.approx(expected, abs=1e-9)
     with pytest.raises(ValueError, match=r"train.scheduler must be one of \['linear', 'cosine'"):
         TrainConfig(scheduler="cosine_annealing")
+
+
+def test_adamax_decays_weights_as_adamw_does_decoupled_from_its_update():
+    """torch's Adamax adds the decay to the gradient, which its update divides by its own size: a weight without
+    a gradient moved about lr towards 0 per step (the student's pooler lost 80 % in 30 steps at lr 1e-3)."""
+    from transformers import BertConfig, BertModel
+
+    from dist_kd.train.engine import build_optimizer
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 vocab_size=50))  # fmt: skip
+    cfg = TrainConfig(optimizer="adamax", lr=1e-3, weight_decay=0.01, max_steps=10)
+    optimizer = build_optimizer(model, cfg)
+    reference = torch.optim.Adamax([torch.nn.Parameter(model.encoder.layer[0].output.dense.weight.detach().clone())],
+                                   lr=1e-3)  # fmt: skip
+    pooler, dense = model.pooler.dense.weight, model.encoder.layer[0].output.dense.weight
+    pooler_before, dense_before = pooler.detach().clone(), dense.detach().clone()
+    for _ in range(5):
+        optimizer.zero_grad()
+        reference.zero_grad()
+        gradient = torch.randn_like(dense)
+        dense.grad, reference.param_groups[0]["params"][0].grad = gradient.clone(), gradient.clone()
+        pooler.grad = torch.zeros_like(pooler)  # as DeepSpeed hands a weight no loss reaches: decay alone moves it
+        with torch.no_grad():
+            reference.param_groups[0]["params"][0].mul_(1 - 1e-3 * 0.01)
+        optimizer.step()
+        reference.step()
+    torch.testing.assert_close(pooler, pooler_before * (1 - 1e-3 * 0.01) ** 5, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(dense, reference.param_groups[0]["params"][0], rtol=0, atol=1e-7)
+    assert not torch.equal(dense, dense_before)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]  # kept for the checkpoint
+    zero_grad = torch.optim.Adamax([torch.nn.Parameter(torch.ones(3))], lr=1e-3, weight_decay=0.01)
+    zero_grad.param_groups[0]["params"][0].grad = torch.zeros(3)
+    zero_grad.step()  # what torch's L2 decay does to a weight whose gradient is 0: a step of about lr
+    assert float(zero_grad.param_groups[0]["params"][0][0]) == pytest.approx(1 - 1e-3, abs=1e-6)
 
 
 def test_no_weight_decay_on_bias_and_layernorm():
