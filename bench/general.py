@@ -54,6 +54,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -151,12 +152,20 @@ def make_documents(
 
 
 def text_documents(
-    paths: list[str], tokenizer, num_body_tokens: int, seq_len: int, multiple: int, fewer_ok: bool = False
+    paths: list[str],
+    tokenizer,
+    num_body_tokens: int,
+    seq_len: int,
+    multiple: int,
+    fewer_ok: bool = False,
+    paragraphs: bool = False,
 ) -> list[np.ndarray]:
     """Real documents: every ``.txt`` file under ``paths`` (files or directories, sorted), tokenised without
     special tokens and cut to ``seq_len`` with [CLS] and [SEP], until ``num_body_tokens`` as in
     :func:`make_documents`. With ``fewer_ok``, all the files give when that is less (cut to a multiple of
-    ``multiple`` documents) instead of an error."""
+    ``multiple`` documents) instead of an error. With ``paragraphs``, each blank-line-separated paragraph is a
+    document, as ``prepare_corpus`` reads .txt files by default (a BBC article cut to 128 pieces fills its row;
+    its paragraphs leave rows padded as real documents do)."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -170,12 +179,14 @@ def text_documents(
     for file in files:
         if total >= num_body_tokens and not len(documents) % multiple:
             break
-        body = tokenizer(file.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-        if len(body) < 1:
-            continue
-        body = np.asarray(body[: seq_len - 2], dtype=np.int64)
-        documents.append(body)
-        total += len(body) + 1
+        text = file.read_text(encoding="utf-8", errors="replace")
+        for part in [p for p in re.split(r"\n\s*\n", text) if p.strip()] if paragraphs else [text]:
+            body = tokenizer(part, add_special_tokens=False)["input_ids"]
+            if len(body) < 1:
+                continue
+            body = np.asarray(body[: seq_len - 2], dtype=np.int64)
+            documents.append(body)
+            total += len(body) + 1
     if fewer_ok:  # all the files gave: whole batches of what there is
         documents = documents[: len(documents) - len(documents) % multiple]
         if documents:

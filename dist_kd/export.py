@@ -262,9 +262,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
         if modules_dir is not None:
-            width = model.config.hidden_size
-            source_width = json.loads((Path(modules_dir) / "config.json").read_text()).get("hidden_size", width)
-            carry_sentence_modules(modules_dir, tmp, width, source_width)
+            from transformers import AutoConfig
+
+            # AutoConfig reads each family's name for the width (DistilBERT's config.json says dim)
+            source_width = AutoConfig.from_pretrained(modules_dir).hidden_size
+            carry_sentence_modules(modules_dir, tmp, model.config.hidden_size, source_width)
         facts = {"run": str(run_dir), "checkpoint": f"{checkpoint.name} (step {meta.get('step')})"}
         facts.update({key: json.dumps(value) for key, value in meta.items() if key in ("teacher", "student", "phase")})
         write_model_card(

@@ -126,10 +126,13 @@ class MlmHead:
 
     def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``(P, V)`` vocabulary logits at the ``(B, L)`` bool ``positions`` (encoder under no_grad)."""
+        prediction_head = _prediction_head(self.model)
+        if prediction_head is None:  # the head's parts sit on the model itself: the whole forward, every position
+            self.model.eval()  # the heads have no dropout; the encoder's stays off, as below
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
         self.encoder.eval()
         with torch.set_grad_enabled(self.trains_encoder and torch.is_grad_enabled()):
             states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        prediction_head = _prediction_head(self.model)
         return prediction_head(states[positions])
 
     def save(self, directory: Path) -> None:
@@ -137,12 +140,13 @@ class MlmHead:
         save_tokenizer(self.tokenizer, directory)
 
 
-def _prediction_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The module mapping final states to vocabulary logits (``cls`` in BERT, ``lm_head`` in RoBERTa)."""
+def _prediction_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module mapping final states to vocabulary logits (``cls`` in BERT, ``lm_head`` in RoBERTa); None
+    where the head's layers are attributes of the model itself (DistilBERT, ELECTRA, ModernBERT)."""
     for name in ("cls", "lm_head", "predictions"):
         if hasattr(model, name):
             return getattr(model, name)
-    raise ValueError(f"{type(model).__name__}: found no masked-LM head (cls, lm_head, predictions)")
+    return None
 
 
 @torch.no_grad()
@@ -162,7 +166,12 @@ def masked_accuracy(
         hitsk += int((top == targets[:, None]).any(dim=1).sum())
         loss += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
         total += int(targets.numel())
-    return {"top1": hits1 / max(total, 1), f"top{cfg.top_k}": hitsk / max(total, 1), "loss": loss / max(total, 1)}
+    if not total:  # 0.0 would read as a perfect loss
+        raise ValueError(
+            f"the {len(batches)} held-out batches have no masked position (--mask-prob {cfg.mask_prob} over their "
+            "tokens); raise --mask-prob, --batch-size or --eval-batches"
+        )
+    return {"top1": hits1 / total, f"top{cfg.top_k}": hitsk / total, "loss": loss / total, "positions": total}
 
 
 def _mask(head: MlmHead, batch: dict[str, torch.Tensor], cfg: MlmHeadConfig, generator: torch.Generator):
@@ -241,10 +250,14 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
     bar = progress_bar(cfg.steps, 0, "MLM head", progress)
     start = time.perf_counter()
-    loss = torch.tensor(0.0)
+    loss, empty = None, 0
     for _ in range(cfg.steps):
         batch = next(stream)
         masked, chosen = _mask(head, batch, cfg, generator)
+        if not chosen.any():  # no position masked (a small batch, a low --mask-prob): a nan loss, nothing to learn
+            empty += 1
+            bar.update(1)
+            continue
         logits = head.logits_at(masked, batch["attention_mask"], chosen)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["input_ids"][chosen])
         optimizer.zero_grad(set_to_none=True)
@@ -259,7 +272,8 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         "encoder": str(Path(cfg.encoder).resolve()),
         "config": asdict(cfg),
         "seconds": round(time.perf_counter() - start, 1),
-        "last_train_loss": loss.item(),
+        "last_train_loss": None if loss is None else loss.item(),
+        "steps_without_masked_positions": empty,
         "held_out_before": before,
         "held_out_after": after,
     }

@@ -5,9 +5,9 @@ applied after the encoder (``Pooling``, ``Normalize``, ``Dense``...) and where t
 exported without them loads in ``SentenceTransformer(dir)`` with a default pooling and no normalisation, so
 its embeddings are not the teacher's kind. The files are copied as they are, except ``Pooling``'s input
 width, set to the student's: ``embedding_dimension`` in sentence-transformers 6, ``word_embedding_dimension``
-before (6 still reads the old name, but only where the new one is absent), each one the file has. A ``Dense``
-module holds weights of the teacher's width; a student of another width cannot use them, and then nothing
-is carried (with a warning).
+before (6 still reads the old name, but only where the new one is absent), each one the file has. Any module
+but the encoder, ``Pooling`` and ``Normalize`` (a ``Dense``, a ``LayerNorm``) holds weights of the teacher's
+width; a student of another width cannot use them, and then nothing is carried (with a warning).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 TOP_LEVEL_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# The modules a student of another width can take over (Pooling's input width is rewritten); the encoder itself
+# is the student.
+WIDTH_FREE_MODULES = (".Transformer", ".Pooling", ".Normalize")
 POOLING_WIDTH_KEYS = ("embedding_dimension", "word_embedding_dimension")  # sentence-transformers >= 6, < 6
 
 
@@ -45,11 +48,14 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
         logger.warning("%s does not parse; the student gets no sentence-transformers modules", listing)
         return False
     kinds = [str(module.get("type", "")) for module in modules]
-    if hidden_size != source_hidden and any(kind.endswith(".Dense") for kind in kinds):
+    # Modules that read the token states without weights of their width; any other (Dense, LayerNorm, ...)
+    # holds weights made for source_hidden.
+    unsized = [kind for kind in kinds if hidden_size != source_hidden and not kind.endswith(WIDTH_FREE_MODULES)]
+    if unsized:
         logger.warning(
-            "%s has a Dense module made for width %d; the %d-wide student cannot use it, so no sentence-transformers "
+            "%s has modules made for width %d (%s); the %d-wide student cannot use them, so no sentence-transformers "
             "modules are carried (load the student with AutoModel and pool it yourself)",
-            source, source_hidden, hidden_size,
+            source, source_hidden, ", ".join(kind.rsplit(".", 1)[-1] for kind in unsized), hidden_size,
         )  # fmt: skip
         return False
     for name in TOP_LEVEL_FILES:
@@ -94,8 +100,11 @@ def sentence_pooling(source: str | Path) -> tuple[tuple[str, ...], bool] | None:
         logger.warning("%s: no readable Pooling module; quality is measured on mean-pooled states", source)
         return None
     named = settings.get("pooling_mode")
-    if isinstance(named, str) and named in POOLING_NAMES:
-        modes: tuple[str, ...] = (POOLING_NAMES[named],)
+    if isinstance(named, str):
+        named = [named]
+    if isinstance(named, list) and named:  # sentence-transformers 6: one name, or a list concatenated in its order
+        known = [POOLING_NAMES.get(name) if isinstance(name, str) else None for name in named]
+        modes: tuple[str, ...] = tuple(known) if all(known) else ()
     else:
         modes = tuple(mode for mode in POOLING_MODES if settings.get(f"pooling_mode_{mode}"))
     if not modes:

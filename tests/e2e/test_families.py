@@ -87,3 +87,32 @@ def test_task_stage_of_a_family_with_its_own_head_layout(family, tmp_path):
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, classifier(**batch).logits)
+
+
+def test_export_of_a_narrower_distilbert_student_leaves_out_its_teachers_dense_module(tiny_corpus, tmp_path):
+    """dist-kd export read the modules' width from config.json's hidden_size, which DistilBERT's (dim) lacks:
+    it took the student's, carried the teacher's 32-wide Dense into the 16-wide student, and
+    SentenceTransformer(student).encode failed. The run's own student/ export refused it already."""
+    teacher = build_tiny_encoder(tmp_path / "teacher", "distilbert", num_layers=2, hidden_size=32, num_heads=4)
+    assert "hidden_size" not in json.loads((teacher / "config.json").read_text())
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (teacher / "modules.json").write_text(json.dumps(modules))
+    for path, config in (("1_Pooling", {"embedding_dimension": 32, "pooling_mode": "mean"}),
+                         ("2_Dense", {"in_features": 32, "out_features": 8})):  # fmt: skip
+        (teacher / path).mkdir()
+        (teacher / path / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    proc = run_script(
+        "launch/general.py", "--debug", "--config", "launch/configs/quickstart.yaml", f"teacher.path={teacher}",
+        f"data.shards={tiny_corpus / 'shards'}", f"run.output_dir={run}", "student.num_layers=1",
+        "student.hidden_size=16", "student.num_heads=4", "student.intermediate_size=32", "data.micro_batch_size=4",
+        "data.num_workers=0", "eval.texts=null", "train.max_steps=2", "run.save_every=2",
+    )  # fmt: skip
+    assert "modules made for width 32 (Dense)" in proc.stderr
+    proc = run_script("-m", "dist_kd", "export", "--checkpoint", str(run), "--output", str(tmp_path / "export"))
+    assert "modules made for width 32 (Dense)" in proc.stderr
+    assert not (tmp_path / "export" / "modules.json").exists() and (tmp_path / "export" / "config.json").exists()

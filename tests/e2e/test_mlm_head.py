@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.e2e.conftest import run_script
@@ -140,3 +141,46 @@ def test_an_encoder_saved_in_bf16_gets_a_head_fitted_in_fp32(tiny_bert_dir, tmp_
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "half")
     head = MlmHead(tmp_path / "half")
     assert {parameter.dtype for parameter in head.model.parameters()} == {torch.float32}
+
+
+def test_families_whose_head_sits_on_the_model_are_fitted_too(tmp_path):
+    """DistilBERT, ELECTRA and ModernBERT keep their masked-LM head's layers on the model itself (no cls or
+    lm_head module): mlm-head refused them ("found no masked-LM head") after loading the model and the corpus,
+    while augment reads them."""
+    from transformers import AutoTokenizer
+
+    from dist_kd.mlm import MlmHead
+    from dist_kd.testing import build_tiny_encoder
+
+    for family in ("distilbert", "electra", "modernbert"):
+        encoder = build_tiny_encoder(tmp_path / family, family, num_layers=2)
+        head = MlmHead(encoder)
+        batch = AutoTokenizer.from_pretrained(encoder)(["the cat sat on the mat", "a bank"], padding=True,
+                                                       return_tensors="pt")  # fmt: skip
+        positions = batch["attention_mask"].bool()
+        positions[:, 0] = False
+        logits = head.logits_at(batch["input_ids"], batch["attention_mask"], positions)
+        assert logits.shape == (int(positions.sum()), head.model.config.vocab_size)
+        logits.float().logsumexp(-1).sum().backward()
+        trained = {id(p) for p in head.head_parameters}
+        assert all(p.grad is not None for p in head.head_parameters), family
+        assert all(p.grad is None for p in head.model.parameters() if id(p) not in trained), family
+
+
+def test_batches_without_a_masked_position_are_passed_over_and_said(tiny_bert_dir, tiny_corpus, tmp_path):
+    """A batch with no position masked gave a nan training loss (written as NaN, which JSON readers refuse),
+    and held-out batches without one a loss of 0.0 over no positions, which read as a perfect head."""
+    from dist_kd.mlm import MlmHeadConfig, fit_mlm_head
+
+    base = dict(encoder=str(tiny_bert_dir), shards=str(tiny_corpus / "shards"), steps=4, batch_size=1,
+                eval_batches=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"the 1 held-out batches have no masked position \(--mask-prob 1e-06"):
+        fit_mlm_head(MlmHeadConfig(**base, mask_prob=1e-6, output=str(tmp_path / "none")), progress=False)
+    assert not (tmp_path / "none").exists()
+    # 2 % of about 30 maskable pieces: about half the one-sequence batches have no masked position (seeded)
+    some = MlmHeadConfig(**{**base, "eval_batches": 8, "steps": 8}, mask_prob=0.02, output=str(tmp_path / "some"))
+    result = fit_mlm_head(some, progress=False)
+    written = json.loads((tmp_path / "some" / "mlm.json").read_text(), parse_constant=pytest.fail)  # no NaN
+    assert written["held_out_after"]["positions"] == result["held_out_before"]["positions"] > 0
+    assert 1 <= written["steps_without_masked_positions"] < 8
+    assert written["last_train_loss"] > 0

@@ -61,7 +61,13 @@ def test_no_modules_or_a_dense_of_another_width_carries_nothing(tiny_bert_dir, t
     (teacher / "modules.json").write_text(json.dumps(modules))
     with caplog.at_level("WARNING"):
         assert not carry_sentence_modules(teacher, student, 32, 384)
-    assert "Dense module made for width 384" in caplog.text and not (student / "modules.json").exists()
+    assert "modules made for width 384 (Dense)" in caplog.text and not (student / "modules.json").exists()
+    # any module holding weights of the teacher's width: a LayerNorm(384) was carried, and encode() failed
+    modules[3] = {"idx": 3, "name": "3", "path": "3_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}
+    (teacher / "modules.json").write_text(json.dumps(modules))
+    assert not carry_sentence_modules(teacher, student, 32, 384)
+    assert "modules made for width 384 (LayerNorm)" in caplog.text and not (student / "modules.json").exists()
+    assert carry_sentence_modules(teacher, student, 384, 384)  # at the teacher's width they fit
 
 
 @pytest.mark.parametrize("key", ["embedding_dimension", "word_embedding_dimension"])
@@ -96,6 +102,8 @@ def test_sentence_transformers_reports_the_students_width(tiny_bert_dir, tmp_pat
         ({"pooling_mode_weightedmean_tokens": True}, True),
         ({"pooling_mode_lasttoken": True}, False),
         ({"pooling_mode": "cls"}, False),  # the single-string spelling
+        # sentence-transformers 6 writes several modes as a list, concatenated in its order: read as mean pooling
+        ({"pooling_mode": ["mean", "cls"]}, True),
     ],
 )
 def test_quality_pools_as_the_teachers_modules_do(tiny_bert_dir, tmp_path, settings, normalise):
