@@ -496,7 +496,13 @@ class TeacherEnsemble:
         self.device, self.max_length, self.batch_size = device, max_length, batch_size
         self.label_orders = [list(order) for order in label_orders] if label_orders else [None] * len(paths)
         self.pad_id = pad_id_of(self.tokenizer)
-        self.use_token_types = uses_token_types(self.tokenizer)
+        # Each teacher its own segment ids, as its own tokenizer and config give them: the teachers share the
+        # vocabulary (check_teachers), not the model inputs (a DistilBERT tokenizer emits no token_type_ids, and a
+        # BERT teacher after it read the second text of a pair as segment 0).
+        self.token_types = [
+            uses_token_types(self.tokenizer if index == 0 else _load_tokenizer(path), teacher.config)
+            for index, (path, teacher) in enumerate(zip(paths, self.teachers))
+        ]
 
     def encode(self, text_a: list[str], text_b: list[str | None]) -> TokenizedRows:
         """Token ids and segment ids per row (single texts and pairs may mix)."""
@@ -507,13 +513,14 @@ class TeacherEnsemble:
         """``(N, K, C)`` float32 logits of every teacher, rows in the order given."""
 
         def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
-            per_teacher = [t.logits(batch["input_ids"], batch["attention_mask"], **extra) for t in self.teachers]
+            types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+            per_teacher = [teacher.logits(batch["input_ids"], batch["attention_mask"], **(types if uses else {}))
+                           for teacher, uses in zip(self.teachers, self.token_types)]  # fmt: skip
             return torch.stack([_in_order(logits.float(), order) for logits, order in
                                 zip(per_teacher, self.label_orders)], dim=1)  # fmt: skip
 
         rows = self.encode(text_a, text_b)
-        return batched_logits(forward, rows, self.pad_id, self.batch_size, self.device, self.use_token_types)
+        return batched_logits(forward, rows, self.pad_id, self.batch_size, self.device, any(self.token_types))
 
 
 def _in_order(logits: torch.Tensor, order: list[int] | None) -> torch.Tensor:

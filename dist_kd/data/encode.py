@@ -57,6 +57,10 @@ def tokenize_rows(tokenizer, text_a: Sequence[str], text_b: Sequence[str | None]
         text_a: first texts.
         text_b: second texts, None for single-text rows.
         max_length: truncate each row to this many pieces (special tokens included).
+
+    Raises:
+        ValueError: ``max_length`` leaves no piece of text beside the special tokens (transformers then only logs
+            an error and returns rows uncut).
     """
     if len(text_a) != len(text_b):
         raise ValueError(f"text_a has {len(text_a)} rows but text_b {len(text_b)}")
@@ -65,6 +69,14 @@ def tokenize_rows(tokenizer, text_a: Sequence[str], text_b: Sequence[str | None]
     row_types: list[np.ndarray | None] = [None] * num_rows
     pairs = [row for row, second in enumerate(text_b) if second is not None]
     singles = [row for row, second in enumerate(text_b) if second is None]
+    for rows, is_pair in ((singles, False), (pairs, True)):
+        special = tokenizer.num_special_tokens_to_add(pair=is_pair)
+        if rows and max_length <= special:
+            raise ValueError(
+                f"a maximum length of {max_length} pieces leaves no room for text: the tokenizer adds {special} "
+                f"special tokens to {'a sentence pair' if is_pair else 'a text'}; give a longer one (--max-length, "
+                "or data.max_length in a task config)"
+            )
     for rows, is_pair in ((singles, False), (pairs, True)):
         for start in range(0, len(rows), ENCODE_CHUNK):
             chunk = rows[start : start + ENCODE_CHUNK]

@@ -171,7 +171,7 @@ def load_task_data(
     dev_table = dev_rows = None
     if dev:
         dev_table = load_task_examples(dev, spec)
-        _check_pairs(spec, source, table, dev, dev_table)
+        check_pairs(spec, source, table, dev, dev_table)
         dev_rows = tokenize_rows(
             tokenizer, dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist(), max_length
         )
@@ -179,7 +179,7 @@ def load_task_data(
     return TaskData(spec, rows, soft, labels, has_label, dev_table, dev_rows, teacher, source, pairs)
 
 
-def _check_pairs(spec: TaskSpec, source: str, table, dev: str, dev_table) -> None:
+def check_pairs(spec: TaskSpec, source: str, table, dev: str, dev_table) -> None:
     """Training and dev rows must both be sentence pairs or both single texts: a store made with precompute's
     ``--text-b`` and a config without ``text_b`` would score the pair task's dev set on its first texts only."""
     train_pairs, dev_pairs = has_pairs(table), has_pairs(dev_table)

@@ -47,8 +47,9 @@ from dist_kd.data.encode import (
     tokenize_rows,
     uses_token_types,
 )
+from dist_kd.data.multitask import check_pairs
 from dist_kd.data.tasks import TaskSpec, has_pairs, load_task_examples
-from dist_kd.data.tokenizer import save_tokenizer
+from dist_kd.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, weights_sha256, write_json_atomic
 from dist_kd.losses import ensemble_probs, hard_label_loss
@@ -454,9 +455,20 @@ def _saved_dev_logits(target: Path, previous: dict[str, Any], dev_sha256: str, n
 
 @torch.no_grad()
 def _rescore(target: Path, cfg: FinetuneConfig, info: distributed.DistInfo, tokenizer, dev: Encoded) -> np.ndarray:
-    """Dev logits of the exported teacher in ``target`` (every rank scores; only the exported weights)."""
+    """Dev logits of the exported teacher in ``target`` (every rank scores; only the exported weights).
+
+    Raises:
+        ValueError: the teacher's own tokenizer is not the base's, which tokenised ``dev`` (a base's tokenizer
+            replaced in place after a teacher of an earlier release, which did not record it, was exported).
+    """
     from transformers import AutoModelForSequenceClassification
 
+    own = tokenizer_fingerprint(load_tokenizer(target))["sha256"]
+    if own != tokenizer_fingerprint(tokenizer)["sha256"]:
+        raise ValueError(
+            f"{target} has another tokenizer than --base {cfg.base}, whose tokenizer reads the dev data here: use "
+            "another --output or delete it"
+        )
     model = AutoModelForSequenceClassification.from_pretrained(target).to(info.device).eval()
     return batched_logits(lambda batch: model(**batch).logits, dev.rows, pad_id_of(tokenizer), cfg.eval_batch_size,
                           info.device, uses_token_types(tokenizer, model.config))  # fmt: skip
@@ -506,7 +518,6 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     """
     from transformers import AutoConfig
 
-    from dist_kd.data.tokenizer import load_tokenizer
     from dist_kd.models.teacher import check_max_length, check_model_dir
 
     info = info or distributed.init_distributed()  # DeepSpeed's engines need a process group
@@ -525,9 +536,11 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
         tokenizer = load_tokenizer(cfg.base)
         train_table = load_task_examples(cfg.train, spec)
+        dev_table = load_task_examples(cfg.dev, spec)
+        check_pairs(spec, cfg.train, train_table, cfg.dev, dev_table)  # pairs trained, first texts scored otherwise
         pairs = has_pairs(train_table)
         train = encode(tokenizer, train_table, cfg.max_length)
-        dev = encode(tokenizer, load_task_examples(cfg.dev, spec), cfg.max_length)
+        dev = encode(tokenizer, dev_table, cfg.max_length)
         digests = None
         if info.is_main:  # every byte of the base and the data: read once, by rank 0, and told to the others
             digests = data_fingerprint(cfg.dev), data_fingerprint(cfg.train), weights_sha256(cfg.base)
@@ -570,12 +583,12 @@ def _train_teachers(
         # a base replaced in place, and another world size (the global batch and steps follow it).
         params = {
             **teacher_params(spec, cfg, index), "train_sha256": train_sha256, "base_sha256": base_sha256,
-            "world_size": info.world_size,
+            "world_size": info.world_size, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
         }  # fmt: skip
         with distributed.shared_failure():  # the same refusal on every rank: said once
             previous = _read_result(target) if (target / RESULT_FILE).is_file() else None
             if previous is not None:
-                for key in ("train_sha256", "base_sha256", "world_size"):
+                for key in ("train_sha256", "base_sha256", "world_size", "tokenizer_sha256"):
                     if key not in previous["params"]:  # exported before it was recorded
                         params.pop(key)
                 differ = _differing(params, previous["params"])

@@ -517,3 +517,43 @@ def test_a_diverged_teacher_stops_the_run_before_its_export(finetuned, tmp_path)
     )
     assert errors[0].startswith(said), errors[0]
     assert (out / "teacher-1" / "finetune.json").is_file() and not (out / "teacher-2").exists()
+
+
+def test_a_base_tokenizer_replaced_in_place_is_not_reused_and_pairs_are_scored_as_pairs(finetuned, tmp_path):
+    """The base's weights alone were compared: a tokenizer replaced in place (cased for uncased) reused the
+    teachers trained on the old one, and a re-score read the dev set with the new one (0.3 where the teacher
+    scores 1.0). A dev file without the training rows' second texts was scored on its first texts alone, and a
+    length that leaves no room for text besides the special tokens crashed mid-training."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root, args = finetuned
+    shutil.copytree(root / "base", tmp_path / "base")
+    run = _one_teacher(args, tmp_path / "out", base=tmp_path / "base")
+    run_script(*run, timeout=300)
+    params = json.loads((tmp_path / "out" / "teacher-1" / "finetune.json").read_text())["params"]
+    assert len(params["tokenizer_sha256"]) == 64
+    cased = AutoTokenizer.from_pretrained(tmp_path / "base", do_lower_case=False)
+    cased.save_pretrained(tmp_path / "base")  # the same weights, another tokenizer
+    proc = run_script(*run, timeout=300, check=False)
+    assert proc.returncode == 2 and "teacher-1 was trained with other settings (tokenizer_sha256 differ" in proc.stderr
+    # A teacher of an earlier release (no tokenizer recorded) re-scored on a new dev set: not with another tokenizer
+    record_path = tmp_path / "out" / "teacher-1" / "finetune.json"
+    record = json.loads(record_path.read_text())
+    del record["params"]["tokenizer_sha256"]
+    record_path.write_text(json.dumps(record))
+    dev = tmp_path / "dev2.jsonl"
+    dev.write_text((root / "dev.jsonl").read_text().splitlines(keepends=True)[0] * 3)
+    proc = run_script(*_one_teacher(args, tmp_path / "out", base=tmp_path / "base", dev=dev), timeout=300, check=False)
+    assert proc.returncode == 2 and "teacher-1 has another tokenizer than --base" in proc.stderr
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    pairs.write_text("".join(json.dumps({**row, "text_b": row["body"][::-1]}) + "\n" for row in rows))
+    paired = _one_teacher(args, tmp_path / "pairs-out", train=pairs)
+    proc = run_script(*paired, timeout=300, check=False)
+    assert proc.returncode == 2 and "are sentence pairs (text_b) but the dev rows of" in proc.stderr
+    proc = run_script(*_one_teacher(args, tmp_path / "short"), "--max-length", "2", timeout=300, check=False)
+    assert proc.returncode == 2
+    assert "a maximum length of 2 pieces leaves no room for text: the tokenizer adds 2 special tokens" in proc.stderr

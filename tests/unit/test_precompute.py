@@ -482,3 +482,37 @@ def test_the_command_line_tells_a_named_label_column_from_the_default():
     assert parse_args(base).label_given is False and parse_args(base).label == "label"
     named = parse_args([*base, "--label", "category"])
     assert named.label_given is True and named.label == "category"
+
+
+def test_each_teacher_gets_the_segment_ids_its_own_tokenizer_gives(tmp_path):
+    """A DistilBERT teacher (its tokenizer emits no token_type_ids) and a BERT teacher of the same vocabulary
+    pass the tokenizer check; the ensemble decided segment ids from the first teacher's tokenizer alone, so the
+    BERT teacher after it read the second text of every pair as segment 0 (its logits 0.6 off)."""
+    import transformers
+    from transformers import BertTokenizerFast, DistilBertTokenizerFast
+
+    from dist_kd.testing import tiny_bert_config, tiny_vocab
+
+    vocab = {word: index for index, word in enumerate(tiny_vocab())}
+    labels = dict(num_labels=3, id2label=ID2LABEL, label2id={name: i for i, name in ID2LABEL.items()})
+    torch.manual_seed(0)
+    distil = transformers.DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=128, **labels)  # fmt: skip
+    transformers.DistilBertForSequenceClassification(distil).save_pretrained(tmp_path / "distil")
+    DistilBertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512).save_pretrained(tmp_path / "distil")
+    bert = tiny_bert_config(num_layers=2, initializer_range=0.2)
+    for key, value in labels.items():
+        setattr(bert, key, value)
+    transformers.BertForSequenceClassification(bert).save_pretrained(tmp_path / "bert")
+    BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512).save_pretrained(tmp_path / "bert")
+    rows = [{"a": a, "b": b} for a, b in zip(random_sentences(6, seed=1), random_sentences(6, seed=2))]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = resolve_task_spec("topic", labels=LABELS, text_a="a", text_b="b", label=None)
+    teachers = [str(tmp_path / "distil"), str(tmp_path / "bert")]
+    assert "token_type_ids" not in transformers.AutoTokenizer.from_pretrained(teachers[0]).model_input_names
+    precompute_soft_targets(spec, data, tmp_path / "store", _config(teachers, keep_teacher_logits=True),
+                            progress=False)  # fmt: skip
+    stored = st.load_soft_targets(tmp_path / "store").teacher_logits()  # (N, K, C)
+    for index, teacher in enumerate(teachers):
+        np.testing.assert_allclose(stored[:, index], _independent_logits(teacher, rows), atol=1e-5, err_msg=teacher)

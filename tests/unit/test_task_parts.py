@@ -492,11 +492,11 @@ def test_pairs_in_training_and_single_texts_in_dev_are_an_error(tmp_path, tiny_t
     # A store made with --text-b beside a config with text_b: null named a column 'None'.
     import pyarrow as pa
 
-    from dist_kd.data.multitask import _check_pairs
+    from dist_kd.data.multitask import check_pairs
 
     single = resolve_task_spec("topic", labels=["x", "y", "z"], text_a="text_a", text_b=None)
     with pytest.raises(ValueError, match=r"dev rows of dev.jsonl are single texts \(the task has no text_b\); set"):
-        _check_pairs(single, "store", pa.table({"text_b": ["b"]}), "dev.jsonl", pa.table({"text_b": pa.nulls(1)}))
+        check_pairs(single, "store", pa.table({"text_b": ["b"]}), "dev.jsonl", pa.table({"text_b": pa.nulls(1)}))
 
 
 def test_an_mpnet_head_dropout_that_cannot_apply_is_said_once(tmp_path, caplog):
