@@ -69,6 +69,17 @@ class DistInfo:
         return self.rank == 0
 
 
+def _address_in_use(err: BaseException) -> bool:
+    """Whether ``err`` (torch's DistNetworkError, or its cause) says the rendezvous port was taken (EADDRINUSE)."""
+    seen = 0
+    while err is not None and seen < 8:
+        text = str(err)
+        if "EADDRINUSE" in text or "address already in use" in text.lower():
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -461,8 +472,14 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         try:
             with contextlib.redirect_stdout(printed):
                 deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        except BaseException:
+        except BaseException as err:
             sys.stdout.write(printed.getvalue())
+            if _address_in_use(err):  # a 30-line traceback on rank 0 that never named the fix
+                address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                raise ValueError(
+                    f"the rendezvous port {address} is in use (another job on this node, or one that ended a moment "
+                    "ago): export MASTER_PORT=<a free port> for every rank and start again"
+                ) from None
             raise
         for line in printed.getvalue().splitlines():
             logger.debug("deepspeed: %s", line)

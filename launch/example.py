@@ -310,12 +310,18 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dist_kd.cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="write topic_/sentiment_ train/dev JSONL files")
     data.add_argument("--output", required=True)
-    data.add_argument("--topic-sizes", type=int, nargs=2, default=[1000, 400], metavar=("TRAIN", "DEV"))
-    data.add_argument("--sentiment-sizes", type=int, nargs=2, default=[3000, 1000], metavar=("TRAIN", "DEV"))
+    # Each class takes its share of the rows, rounded on its own: the defaults give 999 / 400 and 3,001 / 1,000.
+    sizes = "train and dev rows, split by class (each class's share rounded: a total may differ by a few rows)"
+    data.add_argument("--topic-sizes", type=positive_int, nargs=2, default=[1000, 400], metavar=("TRAIN", "DEV"),
+                      help=sizes)  # fmt: skip
+    data.add_argument("--sentiment-sizes", type=positive_int, nargs=2, default=[3000, 1000], metavar=("TRAIN", "DEV"),
+                      help=sizes)  # fmt: skip
     files = commands.add_parser("corpus-files", help="list the BBC article files outside a task file's examples")
     files.add_argument("--exclude", required=True, help="JSONL whose example_id values are left out (a dev set)")
     files.add_argument("--output", required=True, help="text file, one path per line")

@@ -18,8 +18,9 @@
 #      ratio to the best single teacher, and how long each part took (runs/example/timings.txt).
 #
 #   bash launch/example.sh [--all] [--jobs N] [key=value ...]   # overrides go to every task.py run
-# Re-running skips what is finished (teachers, stores, runs). The five small-student runs go --jobs at a time,
-# each on its share of the cores (default on a CPU-only machine: 2, since a 3 x 192 student's step gains only
+# Re-running skips what is finished (teachers, stores, runs), whatever changed since: delete a part's directory to
+# make it again (overrides given to a re-run apply only to runs not made yet). The five small-student runs go
+# --jobs at a time, each on its share of the cores (default on a CPU-only machine: 2, since a 3 x 192 student's step gains only
 # 1.5-1.8x from a second thread; see docs/performance.md); their logs are then runs/example/logs/NAME.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +30,18 @@ while [ $# -gt 0 ]; do
   case $1 in
     --all) ALL=1; shift ;;
     --jobs) JOBS=${2:?--jobs takes a number}; shift 2 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    -*) echo "error: unknown option '$1' (--all, --jobs N, --help; key=value overrides go to launch/task.py)" >&2
+        exit 2 ;;
     *) break ;;
   esac
 done
 [[ -z $JOBS || $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs takes a number >= 1, got '$JOBS'" >&2; exit 2; }
 
 bash launch/setup.sh
+if [ $# -gt 0 ]; then  # a mistyped key is said now, not after the teachers and stores (20 minutes on a CPU)
+  python launch/task.py --config launch/configs/task_example.yaml --print-config "$@" > /dev/null
+fi
 mkdir -p runs/example/logs
 TIMINGS=runs/example/timings.txt
 STARTED=$SECONDS
@@ -101,7 +108,13 @@ done
 task() {  # task NAME CONFIG [key=value ...]: one launch/task.py run into runs/example/NAME, unless finished
   local name=$1 config=$2
   shift 2
-  [ -f "runs/example/$name/student/config.json" ] && return 0
+  if [ -f "runs/example/$name/student/config.json" ]; then
+    if [ ${#OVERRIDES[@]} -gt 0 ]; then
+      echo "example: runs/example/$name is finished and kept as it is; the overrides apply to runs not made yet" \
+        "(delete runs/example/$name to train it again with them)" >&2
+    fi
+    return 0
+  fi
   timed "student_$name" python launch/task.py --config "$config" run.output_dir="runs/example/$name" "$@" "${OVERRIDES[@]}"
 }
 OVERRIDES=("$@")

@@ -31,6 +31,26 @@ def no_launcher(monkeypatch):
     os.environ.update(saved)
 
 
+def test_a_launchers_port_in_use_is_one_error_that_says_what_to_set():
+    """A launcher's (or SLURM's derived) rendezvous port held by another process: rank 0 printed a 30-line
+    DistNetworkError traceback that never named MASTER_PORT."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        script = "from dist_kd import distributed\ndistributed.init_distributed(force_cpu=True)\n"
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHERS}
+        env.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port), MASTER_ADDR="127.0.0.1", CUDA_VISIBLE_DEVICES="",
+                   OMP_NUM_THREADS="1")  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"ValueError: the rendezvous port 127.0.0.1:{port} is in use (another job on this node, or one that ended a "
+        "moment ago): export MASTER_PORT=<a free port> for every rank and start again"
+    ), done.stderr[-2000:]
+
+
 @pytest.mark.usefixtures("no_launcher")
 def test_launcher_and_slurm_variables_are_kept(monkeypatch):
     monkeypatch.setenv("RANK", "3")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,17 @@ def test_report_embeds_the_dev_curves_of_every_student(tmp_path):
     assert "| b | 0.7800 | 0.9750 |" in text
     assert "![dev curves](dev_curves.png)" in text and (output.parent / "dev_curves.png").stat().st_size > 1000
     assert "- a: [report](../a/report.md)" in text
+
+
+def test_example_sh_answers_help_and_refuses_unknown_options_before_any_work(tmp_path):
+    """--help (or a mistyped --jobs=2) fell through to the overrides: the whole pipeline ran (setup, quickstart,
+    teachers, stores: about 20 minutes on a CPU) before each task.py run refused them."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "launch" / "example.sh"
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "bash launch/example.sh [--all] [--jobs N] [key=value ...]" in shown.stdout
+    assert "set -euo" not in shown.stdout
+    for option in ("--jobs=2", "-x"):
+        refused = subprocess.run(["bash", str(script), option], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and f"error: unknown option '{option}'" in refused.stderr
