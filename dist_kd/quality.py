@@ -317,7 +317,8 @@ class HeldOutTexts:
             labels = np.array([names.index(str(cell)) for cell in cells], dtype=np.int64)
             if len(labels) < cfg.folds:
                 raise ValueError(f"eval.texts {path}: {len(labels)} texts are fewer than eval.folds={cfg.folds}")
-        rows = tokenize_rows(tokenizer, [str(text) for text in texts], [None] * len(texts), cfg.max_length)
+        rows = tokenize_rows(tokenizer, [str(text) for text in texts], [None] * len(texts), cfg.max_length,
+                             "eval.max_length")  # fmt: skip
         return cls(rows, labels, names, str(path), pad_id_of(tokenizer), uses_token_types(tokenizer))
 
     @classmethod

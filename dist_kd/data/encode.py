@@ -49,7 +49,13 @@ class TokenizedRows:
         return self.ids[self.offsets[index] : self.offsets[index + 1]]
 
 
-def tokenize_rows(tokenizer, text_a: Sequence[str], text_b: Sequence[str | None], max_length: int) -> TokenizedRows:
+def tokenize_rows(
+    tokenizer,
+    text_a: Sequence[str],
+    text_b: Sequence[str | None],
+    max_length: int,
+    flag: str = "--max-length",
+) -> TokenizedRows:
     """Tokenise rows of single texts (``text_b`` None) and pairs, keeping the rows' order.
 
     Args:
@@ -57,6 +63,7 @@ def tokenize_rows(tokenizer, text_a: Sequence[str], text_b: Sequence[str | None]
         text_a: first texts.
         text_b: second texts, None for single-text rows.
         max_length: truncate each row to this many pieces (special tokens included).
+        flag: where the user set ``max_length``, for the error below.
 
     Raises:
         ValueError: ``max_length`` leaves no piece of text beside the special tokens (transformers then only logs
@@ -74,8 +81,7 @@ def tokenize_rows(tokenizer, text_a: Sequence[str], text_b: Sequence[str | None]
         if rows and max_length <= special:
             raise ValueError(
                 f"a maximum length of {max_length} pieces leaves no room for text: the tokenizer adds {special} "
-                f"special tokens to {'a sentence pair' if is_pair else 'a text'}; give a longer one (--max-length, "
-                "or data.max_length in a task config)"
+                f"special tokens to {'a sentence pair' if is_pair else 'a text'}; give a longer one ({flag})"
             )
     for rows, is_pair in ((singles, False), (pairs, True)):
         for start in range(0, len(rows), ENCODE_CHUNK):

@@ -167,14 +167,14 @@ def load_task_data(
             "to train on the soft targets only, or re-run launch/precompute.py with --label naming the data's label "
             "column"
         )
-    rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
+    texts = table.column("text_a").to_pylist(), table.column("text_b").to_pylist()
+    rows = tokenize_rows(tokenizer, *texts, max_length, "data.max_length")
     dev_table = dev_rows = None
     if dev:
         dev_table = load_task_examples(dev, spec)
         check_pairs(spec, source, table, dev, dev_table)
-        dev_rows = tokenize_rows(
-            tokenizer, dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist(), max_length
-        )
+        dev_texts = dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist()
+        dev_rows = tokenize_rows(tokenizer, *dev_texts, max_length, "data.max_length")
     pairs = has_pairs(table)
     return TaskData(spec, rows, soft, labels, has_label, dev_table, dev_rows, teacher, source, pairs)
 

@@ -402,6 +402,8 @@ def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str,
         ds_config: the filled DeepSpeed config (its precision and ZeRO stage as resolved).
         max_steps: the run's total steps (the task stage derives it from epochs).
     """
+    from dist_kd.train.engine import built_scheduler
+
     precision = next((key for key in ("bf16", "fp16") if ds_config.get(key, {}).get("enabled")), "fp32")
     if ds_config.get("torch_autocast", {}).get("enabled"):  # fp32 weights and optimizer state, unlike "bf16"
         precision = "bf16-autocast"
@@ -412,7 +414,13 @@ def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str,
         "train.seed": train.seed,
         "train.precision": precision,
         "deepspeed.zero_stage": int(ds_config.get("zero_optimization", {}).get("stage", 0)),
-        "schedule": {"max_steps": max_steps, "warmup_ratio": train.warmup_ratio, "scheduler": train.scheduler},
+        "schedule": {
+            "max_steps": max_steps,
+            "warmup_ratio": train.warmup_ratio,
+            # the one built: a checkpoint of the constant run of an earlier release (no warmup) resumed under
+            # constant_with_warmup is told the schedule changed
+            "scheduler": built_scheduler(train.scheduler, max_steps, train.warmup_ratio),
+        },
     }
 
 

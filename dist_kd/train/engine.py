@@ -296,6 +296,9 @@ def build_ds_config(
         ds_config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16})
     # Offload with a torch optimizer is fine for our small students; DeepSpeed otherwise insists on its own.
     ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+    # ZeRO 1-3 take only the optimizer classes DeepSpeed lists unless told: train.optimizer=adamax (torch's
+    # Adamax with decoupled decay, stepped on ZeRO's flat partitions like any torch optimizer) was refused.
+    ds_config.setdefault("zero_allow_untested_optimizer", True)
     return ds_config
 
 
@@ -374,9 +377,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     from transformers import get_scheduler
 
     warmup = math.ceil(cfg.max_steps * cfg.warmup_ratio)
-    # transformers' constant ignores the warmup it is given: constant_with_warmup is warmup, then constant
-    name = "constant_with_warmup" if cfg.scheduler == "constant" and warmup > 0 else cfg.scheduler
+    name = built_scheduler(cfg.scheduler, cfg.max_steps, cfg.warmup_ratio)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
+
+
+def built_scheduler(scheduler: str, max_steps: int, warmup_ratio: float) -> str:
+    """The transformers schedule ``train.scheduler`` builds: ``constant`` with a warmup is
+    ``constant_with_warmup`` (transformers' ``constant`` ignores the warmup it is given; until this release a
+    constant run took its full rate from step 1, which a checkpoint's record still says)."""
+    warmup = math.ceil(max_steps * warmup_ratio)
+    return "constant_with_warmup" if scheduler == "constant" and warmup > 0 else scheduler
 
 
 def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:

@@ -139,3 +139,12 @@ def test_the_logged_lr_is_the_rate_its_step_applied(tiny_bert_dir, tiny_corpus, 
     # 3 warmup steps (ceil(0.34 x 6)): the multiplier of step s (0-based) is s/3, then (6 - s)/3
     expected = {s + 1: 1e-3 * (s / 3 if s < 3 else (6 - s) / 3) for s in range(6)}
     assert logged == pytest.approx(expected, abs=1e-12)
+
+
+def test_adamax_trains_under_zero_2(tiny_bert_dir, tiny_corpus, tmp_path):
+    """DeepSpeed's ZeRO takes only the optimizer classes it lists: train.optimizer=adamax stopped at the engine
+    with "You are using an untested ZeRO Optimizer"."""
+    proc = _general(tiny_bert_dir, tiny_corpus, tmp_path / "run", "train.optimizer=adamax",
+                    "deepspeed.config=ds_configs/zero2.json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "student" / "config.json").exists()

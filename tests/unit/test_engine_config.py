@@ -303,3 +303,18 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_mark_each_step(
             TrainConfig(compile=True, compile_mode=mode, grad_accum=2)
     TrainConfig(compile=True, compile_mode="max-autotune-no-cudagraphs", grad_accum=2)
     TrainConfig(compile=False, compile_mode="reduce-overhead", grad_accum=2)  # not compiled: nothing replays
+
+
+def test_a_constant_run_of_the_release_before_resumed_mid_warmup_is_told_its_schedule_changed(caplog, tmp_path):
+    """transformers' constant ignored the warmup, so constant runs took their full rate from step 1; resumed
+    under the warmup they now get, their rate fell mid-run without a word (both records said "constant")."""
+    from dist_kd.train.checkpoint import check_schedule, settings_meta
+
+    meta = settings_meta(TrainConfig(scheduler="constant", warmup_ratio=0.5, max_steps=4), {}, 4)
+    assert meta["schedule"]["scheduler"] == "constant_with_warmup"
+    no_warmup = settings_meta(TrainConfig(scheduler="constant", warmup_ratio=0.0, max_steps=4), {}, 4)
+    assert no_warmup["schedule"]["scheduler"] == "constant"
+    saved = {"step": 1, "schedule": {"max_steps": 4, "warmup_ratio": 0.5, "scheduler": "constant"}}  # before
+    with caplog.at_level("WARNING"):
+        check_schedule(saved, meta, tmp_path / "step-00000001")
+    assert "with another schedule (scheduler constant -> constant_with_warmup)" in caplog.text

@@ -562,3 +562,19 @@ def test_epochs_are_counted_in_the_steps_that_trained_them(saved, expected, monk
     assert TaskTrainer._epochs_origin(trainer, None) == {"step": 0, "epoch": 0.0, "rows_per_step": rows_per_step}
     origin = TaskTrainer._epochs_origin(trainer, tmp_path)
     assert origin == pytest.approx({"rows_per_step": rows_per_step, **expected})
+
+
+def test_a_max_length_with_no_room_for_text_names_the_setting(tiny_tokenizer_dir):
+    """transformers returns rows uncut (it logs an error) when max_length is at most its special tokens: a
+    batch then crashed mid-run, or trained at full length while the run recorded the cut."""
+    from dist_kd.data.encode import tokenize_rows
+    from dist_kd.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    long = "the game was good " * 20
+    with pytest.raises(ValueError, match=r"of 2 pieces .* adds 2 special tokens to a text; give a longer one \(x\)"):
+        tokenize_rows(tokenizer, [long], [None], 2, "x")
+    with pytest.raises(ValueError, match=r"of 3 pieces .* adds 3 special tokens to a sentence pair.*--max-length"):
+        tokenize_rows(tokenizer, [long, "a"], [None, long], 3)
+    rows = tokenize_rows(tokenizer, [long, long], [None, long], 4)
+    assert rows.lengths.tolist() == [4, 4]
