@@ -113,7 +113,7 @@ def stratified_split(
     """Seeded train/dev samples that keep each label's share (dev first, then train; disjoint).
 
     Raises:
-        ValueError: fewer rows than ``num_train + num_dev``.
+        ValueError: fewer rows than ``num_train + num_dev``, or sizes so small that a split is empty.
     """
     if num_train + num_dev > len(rows):
         raise ValueError(f"asked for {num_train} train + {num_dev} dev rows, but there are {len(rows)}")
@@ -129,6 +129,11 @@ def stratified_split(
         take_dev, take_train = round(num_dev * share), round(num_train * share)
         dev += group[:take_dev]
         train += group[take_dev : take_dev + take_train]
+    if not train or not dev:  # every class's share rounded to 0: empty files, then a teacher with nothing to learn
+        raise ValueError(
+            f"{num_train} train + {num_dev} dev rows over {len(by_label)} classes give an empty split (each class "
+            f"takes its share, rounded); ask for at least {len(by_label)} of each"
+        )
     rng.shuffle(train)
     rng.shuffle(dev)
     return train, dev

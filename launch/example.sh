@@ -36,12 +36,21 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+for arg in "$@"; do  # the overrides: options go before them
+  if [[ $arg == -* ]]; then
+    echo "error: option '$arg' after a key=value override; give example.sh's options (--all, --jobs N) first" >&2
+    exit 2
+  fi
+done
 [[ -z $JOBS || $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs takes a number >= 1, got '$JOBS'" >&2; exit 2; }
 
 bash launch/setup.sh
 if [ $# -gt 0 ]; then  # a mistyped key is said now, not after the teachers and stores (20 minutes on a CPU)
-  python launch/task.py --config launch/configs/task_example.yaml --print-config "$@" > /dev/null
+  for config in launch/configs/task_example{,_aug,_hard,_intermediate}.yaml; do
+    python launch/task.py --config "$config" --print-config "$@" > /dev/null
+  done
 fi
+exec 3>&2  # the terminal's stderr, for notes from runs whose output goes to a log
 mkdir -p runs/example/logs
 TIMINGS=runs/example/timings.txt
 STARTED=$SECONDS
@@ -65,7 +74,8 @@ pool() {  # pool FUNCTION...: run the functions, $JOBS at a time with $CORES / $
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
     echo "example: $item started ($threads threads; log runs/example/logs/$item.log)"
     # A background subshell keeps errexit (a function called in an && or || list would not).
-    ( export OMP_NUM_THREADS=$threads; "$item" > "runs/example/logs/$item.log" 2>&1; echo "example: $item finished" ) &
+    # Appended: a re-run that keeps a finished run leaves its log as it was.
+    ( export OMP_NUM_THREADS=$threads; "$item" >> "runs/example/logs/$item.log" 2>&1; echo "example: $item finished" ) &
     pids+=($!)
   done
   for index in "${!pids[@]}"; do
@@ -111,7 +121,7 @@ task() {  # task NAME CONFIG [key=value ...]: one launch/task.py run into runs/e
   if [ -f "runs/example/$name/student/config.json" ]; then
     if [ ${#OVERRIDES[@]} -gt 0 ]; then
       echo "example: runs/example/$name is finished and kept as it is; the overrides apply to runs not made yet" \
-        "(delete runs/example/$name to train it again with them)" >&2
+        "(delete runs/example/$name to train it again with them)" >&3
     fi
     return 0
   fi

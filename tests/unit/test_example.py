@@ -60,6 +60,9 @@ def test_stratified_split_is_seeded_disjoint_and_keeps_label_shares():
     assert Counter(r["label"] for r in train) == {"a": 30, "b": 20}
     with pytest.raises(ValueError, match="there are 100"):
         stratified_split(rows, 90, 20, seed=0)
+    five = [{"example_id": str(i), "label": "abcde"[i % 5]} for i in range(100)]  # 1 row of 5 classes rounds to 0
+    with pytest.raises(ValueError, match=r"1 train \+ 1 dev rows over 5 classes give an empty split"):
+        stratified_split(five, 1, 1, seed=0)
 
 
 def test_prepare_writes_four_task_files(assets, tmp_path):
@@ -171,3 +174,7 @@ def test_example_sh_answers_help_and_refuses_unknown_options_before_any_work(tmp
     for option in ("--jobs=2", "-x"):
         refused = subprocess.run(["bash", str(script), option], capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and f"error: unknown option '{option}'" in refused.stderr
+    # an option after an override reached every task.py run (or task.py's usage), after the whole set-up
+    refused = subprocess.run(["bash", str(script), "train.epochs=1", "--all"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "error: option '--all' after a key=value override" in refused.stderr
