@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,21 @@ def _stream_rate(shards: Path, batch_size: int, num_workers: int, shuffle: bool,
     return sequences / (time.perf_counter() - started)
 
 
+def _copies(inputs: list, repeat: int, scratch: Path) -> list:
+    """``repeat`` copies of the inputs under other names: prepare_corpus reads an input given twice once (a
+    list repeated read one copy of BBC, not four)."""
+    if repeat <= 1:
+        return list(inputs)
+    copies = []
+    for index in range(repeat):
+        for number, source in enumerate(map(Path, inputs)):
+            target = scratch / f"copy-{index}" / f"{number}-{source.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+            copies.append(target)
+    return copies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", help="corpus files/directories (default: BBC News if installed)")
@@ -85,7 +101,7 @@ def main() -> None:
             f"corpus: {source}; seq_len {args.seq_len}; {args.num_workers} tokeniser processes; {os.cpu_count()} CPUs"
         )
         summary = prepare_corpus(
-            inputs * args.repeat,
+            _copies(inputs, args.repeat, scratch),
             tokenizer,
             scratch / "shards",
             seq_len=args.seq_len,
