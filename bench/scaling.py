@@ -102,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 512])
     parser.add_argument("--bytes-per-gradient", type=int, default=2, help="2: bf16/fp16 gradients; 4: fp32")
     parser.add_argument("--nvlink-gb-s", type=float, default=450 * 0.8, help="NVLink bus bandwidth per GPU")
-    parser.add_argument("--network-gb-s", type=float, default=400 / 8 * 0.9, help="network bandwidth per GPU")
+    parser.add_argument(
+        "--network-gb-s", type=float, default=400 / 8 * 0.9,
+        help="network bandwidth per GPU (default: one 400 Gb/s NIC for the ring, the pessimistic end)",
+    )  # fmt: skip
     parser.add_argument(
         "--loader-sequences-per-s", type=float, default=None, help="one DataLoader worker's rate (bench/corpus.py)"
     )
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers per GPU (data.num_workers)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per GPU (data.num_workers)")
     args = parser.parse_args(argv)
 
     link = Link(args.nvlink_gb_s * 1e9, args.network_gb_s * 1e9)
