@@ -29,6 +29,7 @@ from dist_kd.cli import (
     add_log_level_argument,
     add_task_arguments,
     configure_logging,
+    positive_int,
     run_in_process_group,
     task_spec_from_args,
 )
@@ -94,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default=None, help="split of a DatasetDict directory")
     parser.add_argument("--encoding", default="utf-8", help="text encoding of TSV / CSV / JSONL files")
     parser.add_argument("--p-t", type=float, default=defaults.p_t, help="replacement probability per word")
-    parser.add_argument("--n-a", type=int, default=defaults.n_a, help="augmented copies per example")
-    parser.add_argument("--k", type=int, default=defaults.k, help="candidates per word")
+    parser.add_argument("--n-a", type=positive_int, default=defaults.n_a, help="augmented copies per example")
+    parser.add_argument("--k", type=positive_int, default=defaults.k, help="candidates per word")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--stop-words",
@@ -104,7 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="words never replaced: tinybert, the English stop words TinyBERT's code keeps (pronouns, articles, "
         "auxiliaries, prepositions, not/no/nor); none replaces every word of letters (default %(default)s)",
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="masked sequences per pass")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="masked sequences per pass"
+    )
     parser.add_argument("--max-seq-length", type=int, default=None, help="masked-LM context in pieces")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     parser.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="seconds rank 0 waits for parts")

@@ -26,6 +26,7 @@ from dist_kd.cli import (
     add_task_arguments,
     configure_logging,
     drop_launcher_variables,
+    positive_int,
     run_in_process_group,
     task_spec_from_args,
 )
@@ -44,10 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--keep-teacher-logits", action="store_true", help="also store K x C raw logits per row")
     add_task_arguments(parser, unlabeled=True)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--max-length", type=positive_int, default=defaults.max_length)
     parser.add_argument("--dtype", default=defaults.dtype, help="fp16 | bf16 | fp32 (fp16 runs as fp32 on a CPU)")
-    parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="examples per resumable chunk")
+    parser.add_argument(
+        "--chunk-size", type=positive_int, default=defaults.chunk_size, help="examples per resumable chunk"
+    )
     parser.add_argument(
         "--reuse",
         nargs="+",

@@ -3,6 +3,7 @@ run, not 8 copies writing the same output."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from launch import augment as augment_cli
@@ -47,3 +48,32 @@ def test_default_device_under_a_per_task_gpu_binding(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert augment_cli.default_device(5) == "cuda:5"
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "flag"),
+    [
+        (
+            "precompute",
+            ["--task", "t", "--data", "d", "--teachers", "x", "--output", "o", "--chunk-size", "0"],
+            "--chunk-size",
+        ),
+        ("augment", ["--task", "t", "--data", "d", "--glove", "g", "--output", "o", "--n-a", "0"], "--n-a"),
+        ("mlm_head", ["--encoder", "e", "--shards", "s", "--output", "o", "--top-k", "0"], "--top-k"),
+    ],
+)
+def test_a_count_below_one_names_its_flag(script, argv, flag, capsys):
+    """These said the field's Python name ("chunk_size must be >= 1"), not the flag the user typed."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    try:
+        module = importlib.import_module(f"launch.{script}")
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(argv)
+    assert stopped.value.code == 2
+    assert f"argument {flag}: expected a positive integer (>= 1), got 0" in capsys.readouterr().err
