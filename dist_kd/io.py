@@ -142,6 +142,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def process_started(pid: int | str) -> float | None:
+    """When process ``pid`` of this host began, in clock ticks since boot, from Linux's /proc (``"self"``: this
+    process); None where that cannot be read or the process has ended (a zombie that was not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3, state, on
+        if fields[0] in ("Z", "X"):
+            return None
+        return float(fields[19])  # field 22, starttime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (owned by anyone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 ABANDONED_S = 600.0  # a temporary directory unchanged this long, its writer's pid gone, was abandoned
 
 
@@ -168,8 +192,6 @@ def killed_writer(directory: Path, tag: str) -> int | None:
     the host's name but not its process ids could be writing there). Another form (another host's, an earlier
     release's name) is None too.
     """
-    from dist_kd.train.runlock import _pid_alive
-
     fields = tag.split("-")
     if len(fields) != 3 or fields[0] != host_tag() or not fields[1].isdigit():
         return None
@@ -177,7 +199,7 @@ def killed_writer(directory: Path, tag: str) -> int | None:
         changed = max(path.stat().st_mtime for path in [directory, *directory.iterdir()])
     except OSError:  # removed meanwhile
         return None
-    if time.time() - changed <= ABANDONED_S or _pid_alive(int(fields[1])):
+    if time.time() - changed <= ABANDONED_S or pid_alive(int(fields[1])):
         return None
     return int(fields[1])
 

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dist_kd.io import pid_alive, process_started
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".dist_kd.lock"
@@ -55,29 +57,6 @@ _HELD: list[RunLock] = []  # the locks this process holds, for lost_lock()
 def lost_lock() -> RunLock | None:
     """A lock this process holds that another run has taken over (its heartbeat found it), or None."""
     return next((lock for lock in _HELD if lock.lost is not None), None)
-
-
-def _process_started(pid: int | str) -> float | None:
-    """When process ``pid`` of this host began, in clock ticks since boot, from Linux's /proc (``"self"``: this
-    process); None where that cannot be read or the process has ended (a zombie that was not reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3, state, on
-        if fields[0] in ("Z", "X"):
-            return None
-        return float(fields[19])  # field 22, starttime
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 class RunLock:
@@ -109,7 +88,7 @@ class RunLock:
             "job_id": os.environ.get("SLURM_JOB_ID"),
             "token": uuid.uuid4().hex,
             "started": time.time(),
-            "proc_started": _process_started("self"),  # tells this process from another that has its pid later
+            "proc_started": process_started("self"),  # tells this process from another that has its pid later
         }
         self._created: list[Path] = []  # directories this lock made, deepest first
         self._held = False
@@ -140,7 +119,7 @@ class RunLock:
             # now has (a requeue in a container numbers its processes alike); that run is gone.
             if pid == os.getpid():
                 return float(owner.get("started", 0.0)) >= _LOADED and age < self.stale_s
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return False
             if self._writer_lives(owner, pid):
                 return True  # stopped (Ctrl-Z, scontrol suspend) or stalled, not gone: its heartbeat resumes with it
@@ -152,7 +131,7 @@ class RunLock:
         did (``proc_started``, in clock ticks since boot). Another process with that pid (the pid used again, or
         one of another pid namespace under the same host name), a zombie, or a lock that does not record it is
         judged by the heartbeat."""
-        began, known = _process_started(pid), owner.get("proc_started")
+        began, known = process_started(pid), owner.get("proc_started")
         return began is not None and isinstance(known, (int, float)) and began == known
 
     @staticmethod

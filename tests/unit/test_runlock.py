@@ -77,14 +77,14 @@ def test_a_stopped_run_keeps_its_lock_whatever_its_heartbeats_age(tmp_path, capl
     import signal
     import socket
 
-    from dist_kd.train.runlock import _process_started
+    from dist_kd.io import process_started
 
     host = socket.gethostname()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         os.kill(sleeper.pid, signal.SIGSTOP)
         time.sleep(0.1)
-        began = _process_started(sleeper.pid)
+        began = process_started(sleeper.pid)
         assert began is not None  # Linux's /proc
         _plant(tmp_path, age=5000, host=host, pid=sleeper.pid, proc_started=began)
         with pytest.raises(RunDirInUse) as caught:
@@ -106,7 +106,7 @@ def test_a_stopped_run_keeps_its_lock_whatever_its_heartbeats_age(tmp_path, capl
             lock.release()
         os.kill(sleeper.pid, signal.SIGKILL)  # killed, not yet reaped: a zombie whose pid still answers
         deadline = time.time() + 10
-        while _process_started(sleeper.pid) is not None and time.time() < deadline:
+        while process_started(sleeper.pid) is not None and time.time() < deadline:
             time.sleep(0.05)
         _plant(tmp_path, age=5000, host=host, pid=sleeper.pid, proc_started=began)
         lock = RunLock(tmp_path, stale_s=180)
