@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dist_kd.io import listed
+
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman")
 
@@ -182,18 +184,21 @@ def compute_metrics(
     return results
 
 
-def _check_finite(predictions: np.ndarray) -> None:
+def non_finite_rows(predictions: np.ndarray) -> np.ndarray:
+    """Positions of the rows of ``predictions`` (``(N,)`` values or ``(N, C)`` logits) holding nan or inf."""
+    predictions = np.asarray(predictions)
     if not np.issubdtype(predictions.dtype, np.floating):
-        return
+        return np.zeros(0, dtype=np.int64)
     bad = ~np.isfinite(predictions)
-    if bad.ndim == 2:
-        bad = bad.any(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        shown = ", ".join(str(row) for row in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    return np.flatnonzero(bad.any(axis=1) if bad.ndim == 2 else bad)
+
+
+def _check_finite(predictions: np.ndarray) -> None:
+    rows = non_finite_rows(predictions)
+    if len(rows):
         raise ValueError(
-            f"{len(rows)} of {len(bad)} predictions are not finite (nan or inf; rows {shown}): the model's outputs "
-            "overflowed (fp16) or its weights are not finite, and no metric over them means anything"
+            f"{len(rows)} of {len(predictions)} predictions are not finite (nan or inf; rows {listed(rows)}): the "
+            "model's outputs overflowed (fp16) or its weights are not finite, and no metric over them means anything"
         )
 
 

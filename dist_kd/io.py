@@ -166,6 +166,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def listed(items, limit: int = 5) -> str:
+    """The first ``limit`` of ``items``, comma-separated, with ", ..." where more were left out (for messages)."""
+    return ", ".join(str(item) for item in items[:limit]) + (", ..." if len(items) > limit else "")
+
+
 ABANDONED_S = 600.0  # a temporary directory unchanged this long, its writer's pid gone, was abandoned
 
 
@@ -289,10 +294,10 @@ def check_replaceable_dir(
         raise ValueError(f"{where} is a file; give a directory")
     others = sorted(strangers(output)) if output.is_dir() and any(output.iterdir()) else []
     if others:
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise ValueError(
-            f"{flag} {output} holds files other than {kind} ({shown}); the output replaces its directory whole, "
-            f"which would delete them: give a new or empty directory (e.g. {flag} {example}), or {replaced} (replaced)"
+            f"{flag} {output} holds files other than {kind} ({listed(others)}); the output replaces its directory "
+            f"whole, which would delete them: give a new or empty directory (e.g. {flag} {example}), or {replaced} "
+            "(replaced)"
         )
     return output
 

@@ -26,7 +26,7 @@ import torch
 
 from dist_kd.data.encode import TokenizedRows, pad_rows
 from dist_kd.data.tasks import TaskSpec, has_pairs
-from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir
+from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir, listed
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def evaluate_classifier(
     from dist_kd.data.encode import pad_id_of, tokenize_rows, uses_token_types
     from dist_kd.data.tasks import head_label_order
     from dist_kd.data.tokenizer import load_tokenizer
-    from dist_kd.evaluate import compute_metrics, predicted_classes
+    from dist_kd.evaluate import compute_metrics, non_finite_rows, predicted_classes
     from dist_kd.io import write_json_atomic
     from dist_kd.models.teacher import check_max_length, check_model_dir, load_pretrained
 
@@ -309,14 +309,13 @@ def evaluate_classifier(
                             uses_token_types(tokenizer, config))  # fmt: skip
     if order is not None and order != sorted(order):  # the model names the task's classes in another order
         logits = logits[:, order]
-    finite = np.isfinite(logits).all(axis=1)
-    if not finite.all():  # every row, labelled or not: its prediction would be written as nan
+    bad_rows = non_finite_rows(logits)
+    if len(bad_rows):  # every row, labelled or not: its prediction would be written as nan
         ids = table.column("example_id").to_pylist()
-        bad = [str(ids[row]) for row in np.flatnonzero(~finite)]
         raise ValueError(
-            f"model {model_dir} gave outputs that are not finite (nan or inf) on {len(bad)} of {len(ids)} rows of "
-            f"{data} (example ids {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): its weights are not "
-            "finite or its outputs overflow in the precision it is stored in"
+            f"model {model_dir} gave outputs that are not finite (nan or inf) on {len(bad_rows)} of {len(ids)} rows "
+            f"of {data} (example ids {listed([ids[row] for row in bad_rows])}): its weights are not finite or its "
+            "outputs overflow in the precision it is stored in"
         )
     labels = table.column("label").to_pylist()
     labelled = np.array([label is not None for label in labels])
@@ -326,9 +325,9 @@ def evaluate_classifier(
             ids = table.column("example_id").to_pylist()
             unlabelled = [str(ids[row]) for row in np.flatnonzero(~labelled)]
             logger.warning(
-                "data %s: %d of %d rows have no label (example ids %s%s); the metrics are over the %d labelled "
-                "rows, every row is predicted", data, len(unlabelled), len(labels), ", ".join(unlabelled[:5]),
-                ", ..." if len(unlabelled) > 5 else "", int(labelled.sum()),
+                "data %s: %d of %d rows have no label (example ids %s); the metrics are over the %d labelled "
+                "rows, every row is predicted", data, len(unlabelled), len(labels), listed(unlabelled),
+                int(labelled.sum()),
             )  # fmt: skip
         known = np.asarray([label for label in labels if label is not None])
         metrics = compute_metrics(spec.type, spec.metric, logits[labelled], known, spec.num_labels)

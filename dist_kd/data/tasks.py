@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from dist_kd.config import doc
 from dist_kd.evaluate import CLASSIFICATION_METRICS, REGRESSION_METRICS
-from dist_kd.io import parquet_metadata_of
+from dist_kd.io import listed, parquet_metadata_of
 
 logger = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ def _read_datasets(path: Path, split: str | None) -> tuple[pa.Table, dict[str, l
         if split is None and len(splits) == 1:
             split = splits[0]
         if split not in loaded:
-            shown = ", ".join(str(Path(path) / name) for name in splits[:3]) + (", ..." if len(splits) > 3 else "")
+            shown = listed([Path(path) / name for name in splits], limit=3)
             raise ValueError(
                 f"task data {path} holds splits {splits}: give the split's own directory ({shown}; augment also "
                 f"takes --split){'' if split is None else f', not split {split!r}'}"
