@@ -930,3 +930,40 @@ def test_a_set_made_with_another_masked_lm_tokenizer_is_made_again(biased_mlm_di
     assert after["masked_lm"]["sha256"] == before["masked_lm"]["sha256"]  # the same weights
     assert after["masked_lm"]["tokenizer"] != before["masked_lm"]["tokenizer"]
     assert aug.final_path(tmp_path / "out").stat().st_mtime_ns != written  # made again, not kept
+
+
+def test_augmentation_summary_counts_words_copies_and_stop_words(glove_txt, tmp_path):
+    def rows(example_id, text_a, text_b, copies):
+        return [(example_id, text_a, text_b)] + [(f"{example_id}-aug{k}", a, b) for k, (a, b) in enumerate(copies)]
+
+    table = pa.table(
+        dict(zip(("example_id", "text_a", "text_b"), zip(*(
+            rows("x", "The cat sat on the mat.", None, [
+                ("The dog sat on the mat.", None),  # 1 of 6 words
+                ("A cat sat in the mat.", None),  # 2 of 6, both stop words
+                ("The cat sat on the mat.", None),  # the example itself
+            ])
+            + rows("x-aug", "It's 2019, folks!", "Hello there", [("It's 2019, people!", "Hello there")])  # 1 of 6
+        ))))
+    )  # fmt: skip
+    summary = aug.augmentation_summary(table)
+    assert summary == {
+        "examples": 2,
+        "copies": 4,
+        "identical_copies": 1 / 4,
+        "words": 3 * 6 + 6,  # "It's" is two words, "2019" one; the punctuation none
+        "words_replaced": 4 / 24,
+        "replaced_stop_words": 2 / 4,
+    }
+    # A set written by augment: no copy of p_t = 0 differs, and the directory reads as its table does.
+    augmenter = _augmenter(None, glove_txt, p_t=0.0, n_a=3, k=3)
+    write_parquet_atomic(augmenter.augment(_random_examples(5), "t"), aug.final_path(tmp_path), {})
+    unchanged = aug.augmentation_summary(tmp_path)
+    assert (unchanged["examples"], unchanged["copies"], unchanged["identical_copies"]) == (5, 15, 1.0)
+    assert unchanged["words_replaced"] == 0.0 and unchanged["words"] > 0
+    every = aug.augmentation_summary(_augmenter(None, glove_txt, p_t=1.0, n_a=3, k=3).augment(_random_examples(5), "t"))
+    assert every["identical_copies"] < 1.0 and every["words_replaced"] > 0.0  # the fixture has few of the words
+    shuffled = table.set_column(2, "text_b", pa.array([None, None, None, None, "Hello", "Hello"]))
+    shuffled = shuffled.set_column(1, "text_a", pa.array(table["text_a"].to_pylist()[:5] + ["Hi"]))
+    with pytest.raises(ValueError, match="copy x-aug-aug0 has 1 words where its example has 4"):
+        aug.augmentation_summary(shuffled)
