@@ -8,14 +8,17 @@ environment or ``torch.distributed``, so several ranks can be simulated in one p
 How an epoch is laid out (all of it a pure function of the manifest, the seed and the epoch):
 
 1. **Order.** The shards are permuted with ``(seed, epoch)`` (identity when ``shuffle=False``) and their
-   sequences concatenated into one virtual list of the epoch.
+   sequences concatenated into one virtual list of the epoch. With shuffling, the layout of every epoch
+   after the first starts at a position of that list drawn from ``(seed, epoch)`` and wraps around to its
+   beginning.
 2. **Ranks.** With ``M`` sequences in the epoch, rank ``r`` takes the contiguous range
    ``[r * M // world, (r + 1) * M // world)`` and uses its first ``num_batches * micro_batch_size``,
    where ``num_batches = (M // world) // micro_batch_size`` is the same on every rank.
    **Remainder policy:** every rank must run the same number of steps (DeepSpeed collectives would hang
    otherwise) with full micro-batches, so the up to ``world * micro_batch_size - 1`` sequences that do not
    fill a micro-batch on every rank are left out of that epoch, and never padded or wrapped. With shuffling
-   they are different sequences each epoch (the shard order changes); without it the same tail is dropped.
+   they are different sequences each epoch (the layout starts elsewhere, a corpus of one shard included);
+   without it the same tail is dropped.
    Every other sequence of the epoch is delivered exactly once across all ranks and workers.
 3. **Workers.** A rank's batches are split into contiguous runs, one per DataLoader worker (the first
    ``num_batches % num_workers`` workers get one more). The DataLoader takes batches from its workers
@@ -137,6 +140,22 @@ def _subtract(intervals: list[Interval], removed: list[Interval]) -> list[Interv
         if cursor < end:
             out.append((cursor, end))
     return out
+
+
+def rotate_intervals(intervals: list[Interval], offset: int) -> list[Interval]:
+    """``intervals``, their concatenation started ``offset`` positions in and wrapped around to its beginning."""
+    out, tail = [], []
+    for start, end in intervals:
+        length = end - start
+        if offset >= length:
+            tail.append((start, end))
+        elif offset > 0:
+            out.append((start + offset, end))
+            tail.append((start, start + offset))
+        else:
+            out.append((start, end))
+        offset = max(offset - length, 0)
+    return out + tail
 
 
 def _rank_workers(total: int, world_size: int, num_workers: int, batch_size: int, rank: int) -> list[tuple[int, int]]:
@@ -466,7 +485,14 @@ class CorpusStream:
 
     def _full_intervals(self, epoch: int) -> list[Interval]:
         plan = _EpochPlan(self._counts, self._order(epoch), [(0, int(self._counts.sum()))])
-        return _subtract(plan.intervals, [plan.shard_range(index) for index in self._excluded])
+        intervals = _subtract(plan.intervals, [plan.shard_range(index) for index in self._excluded])
+        total = sum(end - start for start, end in intervals)
+        if not self.shuffle or total == 0 or epoch == 0:
+            return intervals
+        # After the first epoch, the layout starts at a seeded position of the virtual list and wraps around, so
+        # that the sequences left out (the layout's tail, each rank's last part batch) differ each epoch: a new
+        # shard order alone moved nothing in a corpus of one shard. The first epoch is laid out as before.
+        return rotate_intervals(intervals, int(np.random.default_rng([self.seed, epoch, 1]).integers(total)))
 
     def _order(self, epoch: int) -> np.ndarray:
         return epoch_shard_order(len(self._names), self.seed, epoch, self.shuffle)

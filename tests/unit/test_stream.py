@@ -112,6 +112,38 @@ def test_shuffle_is_seeded_and_changes_each_epoch(corpus):
     assert epoch0 != _rows(_stream(corpus, shuffle=False))
 
 
+def test_rotate_intervals_matches_rolling_the_positions():
+    import numpy as np
+
+    from dist_kd.data.stream import rotate_intervals
+
+    intervals = [(3, 7), (10, 11), (20, 25)]
+    positions = [p for start, end in intervals for p in range(start, end)]
+    for offset in range(len(positions)):
+        rotated = rotate_intervals(intervals, offset)
+        assert [p for start, end in rotated for p in range(start, end)] == np.roll(positions, -offset).tolist()
+        assert all(end > start for start, end in rotated)
+
+
+def test_the_sequences_left_out_differ_each_epoch_in_a_corpus_of_one_shard(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "docs.txt").write_text("\n".join(random_sentences(40, seed=3)) + "\n")
+    prepare_corpus(
+        [tmp_path / "docs.txt"], tiny_tokenizer_dir, tmp_path / "one", seq_len=SEQ_LEN, shard_size=10_000,
+        txt_document="line", num_workers=0, progress=False,
+    )  # fmt: skip
+    sequences = set(_sequences(tmp_path / "one"))
+    assert len(read_manifest(tmp_path / "one")["shards"]) == 1 and len(sequences) % 8
+    stream = _stream(tmp_path / "one", micro_batch_size=8, shuffle_buffer=4)
+    left_out = []
+    for _ in range(4):
+        rows = _rows(stream)
+        assert len(rows) == len(set(rows)) == len(sequences) // 8 * 8
+        left_out.append(frozenset(sequences - set(rows)))
+    assert len(set(left_out)) > 1  # the same ones every epoch before: only the shard order moved, one shard
+    unshuffled = _stream(tmp_path / "one", micro_batch_size=8, shuffle=False)
+    assert _rows(unshuffled) == _rows(unshuffled)  # without shuffling, the same tail each epoch (documented)
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize(
     ("num_workers", "consumed"),
