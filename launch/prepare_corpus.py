@@ -72,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.num_workers = 0
     configure_logging(0, debug=args.debug, level=args.log_level)
     # SIGTERM (scancel, a time limit, timeout) ends the run through its cleanup: an --overwrite run's hidden
-    # copy of the new corpus is removed, and a corpus being replaced stays as it was.
+    # copy of the new corpus is removed, and a corpus being replaced stays as it was unless the new one was
+    # complete and already swapped in.
     try:
-        with ExitOnSignal("prepare-corpus stops; a corpus being replaced stays as it was"):
+        with ExitOnSignal("prepare-corpus stops; a corpus being replaced stays as it was until the new one is whole"):
             summary = prepare_corpus(
                 args.input,
                 args.tokenizer,

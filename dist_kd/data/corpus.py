@@ -671,13 +671,14 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     corpus is written next to it and swapped in at the end (:func:`_swap_in`), so a run that fails, for
     instance on a wrong ``text_column`` found while streaming, leaves the old one as it was.
     """
+    # Resolved so that a symlinked output keeps its link and the siblings are on the target's file system.
+    target = output.resolve()
+    if target.parent.is_dir():
+        _recover_killed_swaps(target)
     manifest = output / MANIFEST_NAME
     if manifest.exists():
         if not overwrite:
             raise FileExistsError(f"{output} already holds a corpus ({manifest}); pass --overwrite to replace it")
-        # Resolved so that a symlinked output keeps its link and the sibling is on the target's file system.
-        target = output.resolve()
-        _remove_abandoned_siblings(target)
         # The writer's host and pid in the name: a run killed past its cleanup (SIGKILL, the OOM killer) is
         # told from a live one by the next run on the same host.
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{writer_tag()}", dir=target.parent))
@@ -687,24 +688,37 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     return output
 
 
-def _remove_abandoned_siblings(target: Path) -> None:
-    """Remove the hidden ``.NAME.new-HOST-PID-*`` directories of ``--overwrite`` runs that were killed before
-    their cleanup (a partial corpus each, up to the size of a whole one; :func:`dist_kd.io.killed_writer`).
-    Say where any other such directory is, and leave it."""
-    prefix = f".{target.name}.new-"
-    for sibling in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
-        if not sibling.is_dir() or (sibling / MANIFEST_NAME).exists():
-            continue  # complete: a swap that stopped between its renames; the data is left to the user
-        pid = killed_writer(sibling, sibling.name[len(prefix) :])
-        if pid is not None:
-            logger.warning("removing %s, left by an --overwrite run that was killed (pid %s)", sibling, pid)
-            shutil.rmtree(sibling, ignore_errors=True)
-        else:
-            logger.warning(
-                "%s holds part of a corpus being written by another --overwrite run (or one killed on another host, "
-                "or by an earlier release): remove it if no run is writing there",
-                sibling,
-            )
+def _recover_killed_swaps(target: Path) -> None:
+    """Clean up after ``--overwrite`` runs killed before their cleanup (SIGKILL, the OOM killer), on this host.
+
+    Their hidden siblings of ``target`` are ``.NAME.new-HOST-PID-*`` (the new corpus, partial or complete) and
+    ``.NAME.old-HOST-PID-*`` (the corpus replaced, between :func:`_swap_in`'s renames or while it is deleted):
+    up to the size of a whole corpus each. A killed run's old corpus goes back in place where ``target`` is
+    missing (killed between the two renames: the run did not finish, so the corpus stays as it was), and is
+    removed where the new one is in place; its new corpus is removed (:func:`dist_kd.io.killed_writer`). Say
+    where any other such directory is (a live run's, or one killed on another host), and leave it.
+    """
+    for kind in ("old", "new"):  # the old corpus first: it may go back where the new one was never put
+        prefix = f".{target.name}.{kind}-"
+        for sibling in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
+            if not sibling.is_dir():
+                continue
+            pid = killed_writer(sibling, sibling.name[len(prefix) :])
+            if pid is None:
+                logger.warning(
+                    "%s holds %s corpus of another --overwrite run (or one killed on another host, or by an earlier "
+                    "release): remove it if no run is writing there",
+                    sibling, "the replaced" if kind == "old" else "part of the new",
+                )  # fmt: skip
+            elif kind == "old" and not target.exists() and (sibling / MANIFEST_NAME).is_file():
+                logger.warning(
+                    "putting %s back as %s: an --overwrite run (pid %s) was killed while it swapped its new corpus in",
+                    sibling, target, pid,
+                )  # fmt: skip
+                os.replace(sibling, target)
+            else:
+                logger.warning("removing %s, left by an --overwrite run that was killed (pid %s)", sibling, pid)
+                shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _swap_in(new: Path, output: Path) -> None:
@@ -720,7 +734,11 @@ def _swap_in(new: Path, output: Path) -> None:
     for entry in old.iterdir():
         if not _corpus_entry(entry.name):
             os.replace(entry, target / entry.name)
-    shutil.rmtree(old)
+    try:
+        shutil.rmtree(old)
+    except BaseException:  # SIGTERM's SystemExit mid-way: the new corpus is in place, the old one goes all the same
+        shutil.rmtree(old, ignore_errors=True)
+        raise
 
 
 def _write_corpus(

@@ -177,7 +177,9 @@ def test_an_overwrite_removes_what_a_killed_one_left_and_nothing_else(
         "live": f".out.new-{_host_tag()}-{os.getpid()}-efgh5678",  # a run still writing: kept
         "elsewhere": ".out.new-otherhost-1-ijkl9012",  # another host's: kept, said
         "older": ".out.new-mnop3456",  # an earlier release's name: kept, said
-        "swapping": f".out.new-{_host_tag()}-{dead_pid}-qrst7890",  # complete (stopped mid-swap): kept
+        "swapping": f".out.new-{_host_tag()}-{dead_pid}-qrst7890",  # complete, its run killed: removed
+        "replaced": f".out.old-{_host_tag()}-{dead_pid}-qrst7890",  # killed while deleting the old corpus: removed
+        "replacing": f".out.old-{_host_tag()}-{os.getpid()}-efgh5678",  # a run still deleting it: kept, said
         # its pid gone but written to in the last ABANDONED_S: a container sharing the host name may own it
         "recent": f".out.new-{_host_tag()}-{dead_pid}-uvwx1234",
     }
@@ -188,15 +190,71 @@ def test_an_overwrite_removes_what_a_killed_one_left_and_nothing_else(
     past = time.time() - 601
     for key, name in siblings.items():
         if key != "recent":
-            for path in (tmp_path / name / "shard-000000.tar", tmp_path / name):
+            for path in (*(tmp_path / name).iterdir(), tmp_path / name):
                 os.utime(path, (past, past))
     with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
         prepare_corpus([text_inputs], tiny_tokenizer_dir, out, overwrite=True, **options)
     left = {path.name for path in tmp_path.iterdir()}
-    assert left == {"out", *(name for key, name in siblings.items() if key != "killed")}
-    assert f"removing {tmp_path / siblings['killed']}, left by an --overwrite run that was killed" in caplog.text
+    removed = ("killed", "swapping", "replaced")
+    assert left == {"out", *(name for key, name in siblings.items() if key not in removed)}
+    for key in removed:
+        assert f"removing {tmp_path / siblings[key]}, left by an --overwrite run that was killed" in caplog.text
     for key in ("live", "elsewhere", "older", "recent"):
-        assert f"{tmp_path / siblings[key]} holds part of a corpus being written by another" in caplog.text
+        assert f"{tmp_path / siblings[key]} holds part of the new corpus of another --overwrite run" in caplog.text
+    assert f"{tmp_path / siblings['replacing']} holds the replaced corpus of another --overwrite run" in caplog.text
+
+
+def test_a_corpus_whose_overwrite_was_killed_between_its_renames_is_put_back(
+    tmp_path, text_inputs, tiny_tokenizer_dir, caplog
+):
+    """Killed between _swap_in's two renames, an --overwrite left no corpus at the output: the old one hidden as
+    .NAME.old-*, the new one as .NAME.new-*. The next run wrote a fresh corpus and left both behind."""
+    import subprocess
+
+    from dist_kd.io import host_tag as _host_tag
+
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    out = tmp_path / "out"
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, out, **options)
+    before = _tree_bytes(out)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tag = f"{_host_tag()}-{int(gone.stdout)}-abcd1234"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / f".out.new-{tag}", **options)
+    os.replace(out, tmp_path / f".out.old-{tag}")
+    past = time.time() - 601
+    for path in [*tmp_path.glob(".out.*/*"), *tmp_path.glob(".out.*")]:
+        os.utime(path, (past, past))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"), pytest.raises(FileExistsError):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)  # the old corpus is back: not replaced
+    assert f"putting {tmp_path / f'.out.old-{tag}'} back as {out}" in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"] and _tree_bytes(out) == before
+
+
+def test_a_sigterm_while_the_replaced_corpus_is_deleted_still_deletes_it(
+    tmp_path, text_inputs, tiny_tokenizer_dir, monkeypatch
+):
+    import shutil
+
+    from dist_kd.data import corpus
+
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    out = tmp_path / "out"
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, out, **options)
+    rmtree = shutil.rmtree
+
+    def interrupted(path, ignore_errors=False):
+        if ".out.old-" in str(path) and not ignore_errors:
+            next(Path(path).iterdir()).unlink()  # part of the way
+            raise SystemExit(128 + signal.SIGTERM)  # as cli.ExitOnSignal raises it
+        rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(corpus.shutil, "rmtree", interrupted)
+    with pytest.raises(SystemExit):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, overwrite=True, **options)
+    monkeypatch.undo()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # the old corpus was left hidden, whole
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "expected", **options)
+    assert _tree_bytes(out) == _tree_bytes(tmp_path / "expected")  # the new one is in place
 
 
 def test_sigterm_ends_an_overwrite_through_its_cleanup(tmp_path, tiny_tokenizer_dir):
@@ -218,7 +276,7 @@ def test_sigterm_ends_an_overwrite_through_its_cleanup(tmp_path, tiny_tokenizer_
     running.send_signal(signal.SIGTERM)
     _, stderr = running.communicate(timeout=60)
     assert running.returncode == 128 + signal.SIGTERM, stderr
-    assert "received SIGTERM: prepare-corpus stops; a corpus being replaced stays as it was" in stderr
+    assert "received SIGTERM: prepare-corpus stops; a corpus being replaced stays as it was until the new" in stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["big.txt", "out"]
     assert _tree_bytes(out) == before
 
