@@ -118,7 +118,8 @@ def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand input paths into the ordered list of sources (files and ``datasets`` directories).
 
     Directories are walked in sorted order; files with unsupported suffixes inside them are skipped. A file
-    found more than once (overlapping inputs) is kept where it was first found, with a warning.
+    found more than once (overlapping inputs) is kept where it was first found, with a warning; so is a file
+    inside a ``datasets`` directory among the inputs (read with the directory).
 
     Raises:
         FileNotFoundError: for a path that does not exist.
@@ -147,10 +148,11 @@ def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     # every document of the repeated file twice; the first place a file is found keeps its order.
     unique: dict[Path, Path] = {}
     repeated: list[Path] = []
+    datasets_dirs = {source.resolve() for source in sources if source.is_dir()}  # _walk's only directories
     for source in sources:
         key = source.resolve()
-        if key in unique:
-            repeated.append(source)
+        if key in unique or (source.is_file() and not datasets_dirs.isdisjoint(key.parents)):
+            repeated.append(source)  # read already, or as part of a datasets directory among the inputs
         else:
             unique[key] = source
     if repeated:

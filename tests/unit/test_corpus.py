@@ -682,6 +682,20 @@ def test_overlapping_inputs_read_each_file_once(tmp_path, text_inputs, tiny_toke
     assert _tree_bytes(tmp_path / "once") == _tree_bytes(tmp_path / "twice")
 
 
+def test_a_file_inside_a_datasets_directory_among_the_inputs_is_read_once(tmp_path, caplog):
+    """A saved datasets directory is one source: its own .arrow file, given too, did not match it."""
+    import logging
+
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["one doc", "two doc"]}).save_to_disk(str(tmp_path / "saved"))
+    [arrow] = sorted((tmp_path / "saved").glob("*.arrow"))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        assert discover_inputs([arrow, tmp_path / "saved"]) == [tmp_path / "saved"]
+        assert discover_inputs([tmp_path / "saved", arrow]) == [tmp_path / "saved"]
+    assert caplog.text.count("1 input(s) found more than once") == 2 and arrow.name in caplog.text
+
+
 def test_a_full_disk_mid_shard_names_the_shard_and_leaves_no_temporary_file(tmp_path):
     """A write that filled the disk said "[Errno 28] No space left on device" naming no file, and the abort's
     close flushed the buffer, failed again, and left the partial .shard-NNNNNN.tar.tmp behind."""
