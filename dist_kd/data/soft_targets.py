@@ -366,6 +366,7 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
             "run launch/precompute.py with --dtype bf16 or fp32)"
         )
     if metadata.task_type == "classification":
+        _check_probabilities(probs.to_numpy(zero_copy_only=False).reshape(-1, metadata.num_classes), table, where)
         low, high = pc.min(table.column("label")).as_py(), pc.max(table.column("label")).as_py()
         if low is not None and (low < 0 or high >= metadata.num_classes):
             raise ValueError(
@@ -382,6 +383,23 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
                 f"{where}: teacher_logits must be {metadata.num_teachers} x {metadata.num_classes} (K x C) per row, "
                 f"found {bounds[0]}..{bounds[1]} x {bounds[2]}..{bounds[3]}"
             )
+
+
+PROBABILITY_SUM_TOLERANCE = 1e-3  # a mean of float32 softmaxes sums to 1 within about 1e-6
+
+
+def _check_probabilities(probs: np.ndarray, table: pa.Table, where: str) -> None:
+    """Raise unless every row of ``probs`` is a distribution: values in [0, 1], summing to 1."""
+    sums = probs.sum(axis=1, dtype=np.float64)
+    bad = np.flatnonzero((np.abs(sums - 1.0) > PROBABILITY_SUM_TOLERANCE) | (probs < 0).any(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        ids = table.column("example_id")
+        raise ValueError(
+            f"{where}: soft_probs of {len(bad)} of {len(probs)} rows are not probabilities (row {row}, example_id "
+            f"{ids[row].as_py()!r}: {np.round(probs[row], 4).tolist()}, sum {sums[row]:.4f}): a classification "
+            "store holds the mean of the teachers' softmaxes, each row summing to 1 (logits belong in teacher_logits)"
+        )
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -209,6 +209,38 @@ def test_rows_that_disagree_with_metadata_are_refused(tmp_path):
             st.check_rows(nulls, _metadata(has_teacher_logits=False), "store Y")
 
 
+def test_soft_probs_that_are_not_probabilities_are_refused_on_write_and_read(tmp_path):
+    """Logits written as soft_probs (a store made elsewhere) loaded, and the soft cross-entropy went below 0."""
+    metadata = _metadata(has_teacher_logits=False)
+    examples = pa.table({"example_id": ["a", "b", "c"], "text_a": ["a", "b", "c"],
+                         "text_b": pa.array([None] * 3, pa.string()), "label": [0, 1, 2]})  # fmt: skip
+    fine = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]], dtype=np.float32)
+    st.check_rows(st.build_rows(examples, "topic", fine, None, "classification"), metadata, "fine")
+    for bad, shown in (
+        ([[-0.9, 0.2, 0.3]], "sum -0.4000"),  # logits
+        ([[0.5, 0.4, 0.3]], "sum 1.2000"),
+        ([[1.5, -0.2, -0.3]], "sum 1.0000"),  # sums to 1, negative values
+    ):
+        probs = fine.copy()
+        probs[1] = bad[0]
+        rows = st.build_rows(examples, "topic", probs, None, "classification")
+        said = rf"rows to write: soft_probs of 1 of 3 rows are not probabilities \(row 1, example_id 'b': .*{shown}\)"
+        with pytest.raises(ValueError, match=said):
+            st.write_soft_targets(rows, tmp_path / "w", metadata)
+    st.write_soft_targets(st.build_rows(examples, "topic", fine, None, "classification"), tmp_path / "s", metadata)
+    part = tmp_path / "s" / "part-00000.parquet"
+    table = pq.read_table(part)
+    column = table.schema.get_field_index("soft_probs")
+    logits = pa.array([[2.0, -1.0, 0.5]] * 3, table.schema.field(column).type)
+    pq.write_table(table.set_column(column, table.schema.field(column), logits), part)
+    with pytest.raises(ValueError, match="soft_probs of 3 of 3 rows are not probabilities"):
+        st.load_soft_targets(tmp_path / "s", verify_checksums=False)
+    regression = _metadata(task_type="regression", label_names=None, has_teacher_logits=False)
+    values = np.array([[3.5], [-2.0], [0.0]], dtype=np.float32)  # a regression store holds predictions
+    st.check_rows(st.build_rows(examples.set_column(3, "label", pa.array([1.0, 2.0, 3.0])), "topic", values, None,
+                                "regression"), regression, "regression")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
