@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +64,7 @@ from dist_kd.io import (
     write_parquet_atomic,
 )
 from dist_kd.models.teacher import DTYPES, check_max_length, check_model_dir
-from dist_kd.predict import batched_logits, read_task_record, teacher_label_names
+from dist_kd.predict import batched_logits, check_classifier, read_task_record, teacher_label_names
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,8 @@ class PrecomputeConfig:
                     f"(got {self.teachers})"
                 )
             first_of[resolved] = path
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):  # nan passed "<= 0"; inf gave uniform rows
+            raise ValueError(f"temperature (--temperature) must be a number > 0, got {self.temperature}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         for name in ("batch_size", "max_length", "chunk_size", "rows_per_file"):
@@ -196,6 +197,7 @@ def check_teachers(paths: Sequence[str | Path], spec: TaskSpec, max_length: int 
     for path in paths:
         check_model_dir(path, "teacher")
         config = AutoConfig.from_pretrained(path)
+        check_classifier(config, path, "teacher (--teachers)")  # before run.json: the corrected command is this run
         if max_length is not None:
             check_max_length(config, max_length, path, "max_length (--max-length)")
             trained = (read_task_record(path) or {}).get("max_length")
@@ -490,7 +492,9 @@ class TeacherEnsemble:
 
         self.tokenizer = _load_tokenizer(paths[0])
         self.teachers = [
-            Teacher(path, dtype=dtype, device=device, model_class="AutoModelForSequenceClassification")
+            Teacher(
+                path, dtype=dtype, device=device, model_class="AutoModelForSequenceClassification", flag="--teachers"
+            )  # fmt: skip
             for path in paths
         ]
         self.device, self.max_length, self.batch_size = device, max_length, batch_size

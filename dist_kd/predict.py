@@ -92,13 +92,14 @@ def teacher_label_names(config: Any, path: str | Path) -> list[str]:
     return [id2label[index] for index in range(len(id2label))]
 
 
-def check_classifier(config: Any, path: str | Path) -> None:
+def check_classifier(config: Any, path: str | Path, what: str = "model") -> None:
     """Raise when ``config`` names an architecture without a sequence-classification head (an encoder such as
-    a task run's ``student/``), which ``AutoModelForSequenceClassification`` would load with a new random head."""
+    a task run's ``student/``), which ``AutoModelForSequenceClassification`` would load with a new random head.
+    ``what`` names the model's role in the message ("teacher (--teachers)")."""
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ValueError(
-            f"model {path} is a {architectures[0]} (config.json architectures), an encoder without a classification "
+            f"{what} {path} is a {architectures[0]} (config.json architectures), an encoder without a classification "
             "head, which would score with new random weights; give a *ForSequenceClassification directory (a task "
             "run's tasks/<name>/ or best/<name>/, not its student/)"
         )

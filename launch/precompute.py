@@ -26,6 +26,7 @@ from dist_kd.cli import (
     add_task_arguments,
     configure_logging,
     drop_launcher_variables,
+    positive_float,
     positive_int,
     run_in_process_group,
     task_spec_from_args,
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="TSV / CSV / JSONL / Parquet file, datasets or augment dir")
     parser.add_argument("--teachers", required=True, nargs="+", help="HF *ForSequenceClassification directories")
     parser.add_argument("--output", required=True, help="soft-target store directory")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--temperature", type=positive_float, default=defaults.temperature)
     parser.add_argument("--keep-teacher-logits", action="store_true", help="also store K x C raw logits per row")
     add_task_arguments(parser, unlabeled=True)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,8 @@ class StoreMetadata:
             raise ValueError(f"store metadata: a regression store has no label_names, got {self.label_names}")
         if not self.teachers:
             raise ValueError("store metadata: teachers must list at least one teacher")
-        if self.temperature <= 0:
-            raise ValueError(f"store metadata: temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"store metadata: temperature must be a number > 0, got {self.temperature}")
 
     @property
     def num_classes(self) -> int:

@@ -269,6 +269,7 @@ class Teacher:
         max_layer: drop the layers above this one (general distillation never reads them); None keeps all.
         model_class: the transformers auto class to load with (``AutoModel`` for an encoder,
             ``AutoModelForSequenceClassification`` to also get logits).
+        flag: how the user names ``path``, for messages.
     """
 
     def __init__(
@@ -280,19 +281,18 @@ class Teacher:
         max_layer: int | None = None,
         qkv_layers: list[int] | None = None,
         model_class: str = "AutoModel",
+        flag: str = "teacher.path",
     ):
         import transformers
 
         from dist_kd.models.capture import truncate_layers
 
-        self.path = check_model_dir(path, "teacher.path")
+        self.path = check_model_dir(path, flag)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         register_attention()
         auto = getattr(transformers, model_class)
-        model, _ = load_pretrained(
-            auto, self.path, "teacher.path", attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype
-        )
+        model, _ = load_pretrained(auto, self.path, flag, attn_implementation=ATTN_IMPLEMENTATION, dtype=self.dtype)
         self.config = model.config
         # A teacher with one segment embedding (type_vocab_size 1, or 0) reads every text as segment 0, as it was
         # trained; a BERT tokenizer's segment 1 on a pair's second text would index past it.

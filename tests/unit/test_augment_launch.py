@@ -77,3 +77,22 @@ def test_a_count_below_one_names_its_flag(script, argv, flag, capsys):
         module.main(argv)
     assert stopped.value.code == 2
     assert f"argument {flag}: expected a positive integer (>= 1), got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "said"), [("inf", "got inf"), ("nan", "got nan"), ("0", "number > 0, got 0"), ("x", "'x'")])
+def test_precompute_refuses_a_temperature_that_is_not_a_positive_number_at_its_flag(value, said, capsys):
+    """inf wrote rows of 1/C and a manifest that is not JSON (Infinity); nan failed after every teacher ran."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    try:
+        module = importlib.import_module("launch.precompute")
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--task", "t", "--data", "d", "--teachers", "x", "--output", "o", "--temperature", value])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --temperature: expected a" in error and said in error

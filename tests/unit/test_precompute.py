@@ -249,6 +249,14 @@ def test_teachers_that_disagree_with_the_task_are_refused(setup, tmp_path):
         precompute_soft_targets(spec, data, tmp_path / "out", _config([teachers[0], unnamed]), progress=False)
     assert unnamed in str(err.value)
     assert not (tmp_path / "out").exists()  # refused before any output
+    # An encoder without its head (a task run's student/): refused from its config.json, before any output,
+    # naming the flag; it was refused when its weights loaded, after _chunks/run.json was written.
+    encoder = str(build_tiny_bert(tmp_path / "encoder", seed=5, num_layers=2))
+    with pytest.raises(
+        ValueError, match=r"teacher \(--teachers\) .*encoder is a BertModel \(config.json architectures"
+    ):
+        precompute_soft_targets(spec, data, tmp_path / "out", _config([teachers[0], encoder]), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_teachers_with_different_tokenizers_are_refused(setup, tmp_path):
@@ -429,6 +437,8 @@ def test_augmented_directory_is_read_with_canonical_columns(setup, tmp_path):
         ({"teachers": ["a", "b", "a/"]}, "'a' and 'a/' are the same directory; list each teacher once"),
         ({"teachers": ["a", "./b/../a"]}, "'a' and './b/../a' are the same directory"),
         ({"temperature": 0}, "temperature"),
+        ({"temperature": float("inf")}, r"temperature \(--temperature\) must be a number > 0, got inf"),  # rows 1/C
+        ({"temperature": float("nan")}, r"temperature \(--temperature\) must be a number > 0, got nan"),
         ({"dtype": "int8"}, "dtype"),
         ({"batch_size": 0}, "batch_size"),
     ],
