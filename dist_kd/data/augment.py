@@ -799,6 +799,9 @@ CJK = (
 )
 
 
+_JOINS = re.compile(f"[^\\W{CJK}]")  # a word character other than a CJK ideograph: two of them make one word
+
+
 def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
     """Split text into words and punctuation like BERT's basic tokenizer, keeping character offsets.
 
@@ -958,17 +961,24 @@ class Augmenter:
         return out
 
     def _sample(self, text: str, words: list[WordCandidates], rng: random.Random) -> str:
-        pieces, cursor = [], 0
+        pieces, cursor, last = [], 0, ""  # last: the last character written
         for entry in words:
             if not entry.candidates:
                 continue  # no draw: the stream of a text does not depend on words that cannot change
             if rng.random() < self.config.p_t:
                 replacement = entry.candidates[rng.randrange(len(entry.candidates))]
                 pieces.append(text[cursor : entry.word.start])
+                last = pieces[-1][-1:] or last
                 before = text[: entry.word.start].rstrip()
                 starts_sentence = not before or before[-1] in ".!?"
-                pieces.append(_match_case(entry.word.text, replacement, starts_sentence))
-                cursor = entry.word.end
+                word = _match_case(entry.word.text, replacement, starts_sentence)
+                # A CJK ideograph is a word beside letters without a space ("iphone中"): a replacement of
+                # letters there is set apart by spaces, or it would join its neighbours into one new word.
+                following = text[entry.word.end : entry.word.end + 1]
+                word = (" " if _JOINS.match(last) and _JOINS.match(word) else "") + word
+                word += " " if _JOINS.match(word[-1]) and _JOINS.match(following) else ""
+                pieces.append(word)
+                last, cursor = word[-1], entry.word.end
         pieces.append(text[cursor:])
         return "".join(pieces)
 
@@ -1043,14 +1053,15 @@ def augmentation_summary(augmented: pa.Table | str | Path, stop_words: Iterable[
         ``examples``, ``copies``, ``identical_copies`` (share of copies equal to their example, every text),
         ``words`` (words of the examples' texts, one per copy: numbers and contractions included, punctuation
         not), ``words_replaced`` (share of those words a copy replaced), ``replaced_stop_words`` (share of the
-        replacements that fell on ``stop_words``, any case). A copy is compared word by word with its example
-        (a replacement is one word of letters for one word).
+        replacements that fell on ``stop_words``, any case), ``copies_not_compared``. A copy is compared word by
+        word with its example; one with another number of words (a CJK ideograph replaced by a word of several,
+        a set made elsewhere) is left out of the word counts, and counted there.
     """
     if not isinstance(augmented, pa.Table):
         path = Path(augmented)
         augmented = pq.read_table(final_path(path) if path.is_dir() else path)
     stop = {word.lower() for word in stop_words}
-    counts = dict.fromkeys(("examples", "copies", "identical", "words", "replaced", "stop"), 0)
+    counts = dict.fromkeys(("examples", "copies", "identical", "words", "replaced", "stop", "not_compared"), 0)
     original: dict[str, Any] | None = None
     words_of: dict[str, list[str]] = {}  # the example's words, by text column
 
@@ -1069,13 +1080,13 @@ def augmentation_summary(augmented: pa.Table | str | Path, stop_words: Iterable[
             continue
         counts["copies"] += 1
         counts["identical"] += all(original[name] == row[name] for name in words_of)
-        for name, words_before in words_of.items():
-            words_after = words_before if row[name] == original[name] else words(row[name])
-            if len(words_before) != len(words_after):
-                raise ValueError(
-                    f"augmented set: copy {row['example_id']} has {len(words_after)} words where its example has "
-                    f"{len(words_before)}; augmentation replaces one word with one word (is this an augmented set?)"
-                )
+        pairs = [
+            (before, before if row[name] == original[name] else words(row[name])) for name, before in words_of.items()
+        ]
+        if any(len(before) != len(after) for before, after in pairs):
+            counts["not_compared"] += 1
+            continue
+        for words_before, words_after in pairs:
             changed = [a for a, b in zip(words_before, words_after) if a != b]
             counts["words"] += len(words_before)
             counts["replaced"] += len(changed)
@@ -1087,6 +1098,7 @@ def augmentation_summary(augmented: pa.Table | str | Path, stop_words: Iterable[
         "words": counts["words"],
         "words_replaced": counts["replaced"] / max(counts["words"], 1),
         "replaced_stop_words": counts["stop"] / max(counts["replaced"], 1),
+        "copies_not_compared": counts["not_compared"],
     }
 
 

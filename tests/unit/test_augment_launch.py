@@ -79,7 +79,9 @@ def test_a_count_below_one_names_its_flag(script, argv, flag, capsys):
     assert f"argument {flag}: expected a positive integer (>= 1), got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("value", "said"), [("inf", "got inf"), ("nan", "got nan"), ("0", "number > 0, got 0"), ("x", "'x'")])
+@pytest.mark.parametrize(
+    ("value", "said"), [("inf", "got inf"), ("nan", "got nan"), ("0", "number > 0, got 0"), ("x", "'x'")]
+)
 def test_precompute_refuses_a_temperature_that_is_not_a_positive_number_at_its_flag(value, said, capsys):
     """inf wrote rows of 1/C and a manifest that is not JSON (Infinity); nan failed after every teacher ran."""
     import importlib
