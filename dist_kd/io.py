@@ -216,14 +216,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing directory at ``path`` is replaced only after the new one is complete. Before the rename, the
     directory and everything in it get the modes the umask implies, whatever mode their writers chose. The
     temporary directory's name carries this host and pid, so that the one a killed process left (a whole
-    model, for an export) is removed by a later write of ``path`` (:func:`killed_writer`).
+    model, for an export) is removed by a later write of ``path`` (:func:`killed_writer`). A symbolic link at
+    ``path`` (a scratch directory linked in) is written through: the output replaces its target, and the link
+    stays.
     """
-    final = Path(os.path.abspath(path))  # "." has no name to derive a temporary one from
+    given = Path(os.path.abspath(path))  # "." has no name to derive a temporary one from
+    # A link: the swap's renames would move the link itself aside, and rmtree refuses a link.
+    final = given.resolve() if given.is_symlink() else given
     final.parent.mkdir(parents=True, exist_ok=True)  # its own error names the directory in the way
     old = final.with_name(f".{final.name}.old")  # the earlier output, whole, while the new one moves in
     trash = final.with_name(f".{final.name}.trash")  # what is being deleted: never put back
-    if old.is_dir() and not final.exists():  # a swap killed between its two renames: the earlier output back
-        os.replace(old, final)
+    if old.is_dir() and not old.is_symlink() and not final.exists():  # a swap killed between its two renames
+        os.replace(old, final)  # the earlier output back
+    for base in {given, final}:  # links an earlier release's swap of a link left beside it
+        for link in (base.with_name(f".{base.name}.old"), base.with_name(f".{base.name}.trash")):
+            if link.is_symlink():
+                link.unlink()
     if trash.exists():
         shutil.rmtree(trash, ignore_errors=True)
     prefix = f".{final.name}."

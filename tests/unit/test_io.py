@@ -168,6 +168,29 @@ def test_a_deletion_of_the_earlier_output_cut_short_is_never_put_back(tmp_path):
     assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_an_output_that_is_a_symbolic_link_is_written_through_the_link(tmp_path):
+    """The swap's renames moved the link aside ("Cannot call rmtree on a symbolic link"), the output became a
+    real directory, the linked scratch directory stayed empty, and every later write failed ("Not a directory")
+    on the .old link left behind."""
+    scratch, link = tmp_path / "scratch" / "model", tmp_path / "runs" / "model"
+    scratch.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(scratch)
+    for text in ("first", "second"):
+        with atomic_dir(link) as tmp:
+            (tmp / "weights").write_text(text)
+        assert link.is_symlink() and link.resolve() == scratch.resolve()
+        assert (scratch / "weights").read_text() == text
+        assert sorted(p.name for p in link.parent.iterdir()) == ["model"]
+        assert sorted(p.name for p in scratch.parent.iterdir()) == ["model"]
+    # What an earlier release left beside the link: its .old and .trash links are removed, not followed.
+    (link.parent / ".model.old").symlink_to(scratch)
+    (link.parent / ".model.trash").symlink_to(scratch)
+    with atomic_dir(link.parent / ".." / "runs" / "model") as tmp:
+        (tmp / "weights").write_text("third")
+    assert (scratch / "weights").read_text() == "third" and sorted(p.name for p in link.parent.iterdir()) == ["model"]
+
+
 def test_atomic_dir_removes_the_copy_a_killed_writer_left_and_nothing_else(tmp_path):
     """A process killed while it wrote an export (SIGKILL, the OOM killer) left its hidden copy, a whole model,
     beside the output for good: nothing but that write's own cleanup ever removed it."""
