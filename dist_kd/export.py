@@ -215,6 +215,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
         "an earlier dist_kd model", "student-export", "an earlier dist_kd model (its README.md a dist_kd model card)",
     )  # fmt: skip
     run_dir = checkpoint.parent.parent
+    if not checkpoint.exists():  # a typo, or a step that keep_last pruned: not a save cut short
+        whole = [path.name for _, path in complete_checkpoints(checkpoint.parent)] if checkpoint.parent.is_dir() else []
+        listed = f"; the whole checkpoints in {checkpoint.parent}: {', '.join(whole[-5:])}" if whole else ""
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist{listed}")
     if not (checkpoint / "meta.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete dist_kd checkpoint (no meta.json)")
     try:
@@ -241,6 +245,16 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     if head is not None:  # the shared encoder and this task's head; the other tasks' heads stay behind
         weights = {key: value for key, value in weights.items() if key.startswith(("encoder.", f"heads.{head}."))}
+    shapes = model.state_dict()
+    wrong = [key for key, value in weights.items() if key in shapes and shapes[key].shape != value.shape]
+    if wrong:  # load_state_dict's RuntimeError was a traceback of one "size mismatch" line per weight
+        key = wrong[0]
+        raise ValueError(
+            f"{checkpoint}: the weights do not fit the student the run's config describes ({len(wrong)} of another "
+            f"shape, {key} {tuple(weights[key].shape)} in the checkpoint, {tuple(shapes[key].shape)} built): "
+            f"{'the student.path directory changed since the run, or ' if 'tasks' in config else ''}"
+            f"{run_dir / 'config.yaml'} was edited; put the run's model and config back"
+        )
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

@@ -224,6 +224,34 @@ def test_a_truncated_checkpoint_file_is_named(sentence_student, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_a_student_path_of_another_shape_and_a_step_that_is_not_there_are_one_line(sentence_student, tmp_path, capsys):
+    """A student.path rebuilt at another width since the run gave load_state_dict's 50-line traceback (exit 1);
+    a mistyped or pruned step was called "not a complete dist_kd checkpoint", as a save cut short."""
+    import shutil
+
+    student = tmp_path / "st"
+    shutil.copytree(sentence_student, student)
+    run, _ = _task_run(tmp_path, student, {"dropout": 0.3}, num_layers=2)
+    shutil.rmtree(student)
+    build_tiny_bert(student, num_layers=2, hidden_size=48, num_heads=4)  # the same tokenizer, another width
+    checkpoint = run / "checkpoints" / "step-00000010"
+    capsys.readouterr()
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint}: the weights do not fit the student the run's config describes (")
+    assert (
+        "(37 of another shape, embeddings.word_embeddings.weight (300, 32) in the checkpoint, (300, 48) built): " in err
+    )
+    assert "the student.path directory changed since the run" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    typo = run / "checkpoints" / "step-38"
+    assert main(["--checkpoint", str(typo), "--output", str(tmp_path / "out")]) == 2
+    said = f"error: checkpoint {typo} does not exist; the whole checkpoints in {run / 'checkpoints'}: step-00000010\n"
+    assert capsys.readouterr().err == said
+    assert main(["--checkpoint", str(tmp_path / "no-such-run"), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'no-such-run'} does not exist\n"
+
+
 def test_saved_tokenizers_carry_no_truncation_and_no_load_options(tiny_tokenizer_dir, tmp_path):
     """The runs saved their live tokenizer: tokenizer.json kept the truncation of its last call (the run's
     max_length), which the tokenizers library applies to every input, and tokenizer_config.json gained

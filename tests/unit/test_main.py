@@ -23,7 +23,7 @@ def test_deepspeed_modules_local_rank_before_the_command_is_dropped(capsys):
     ("module", "args", "said"),
     [
         ("dist_kd.report", ["RUN"], "RUN has no metrics.jsonl: not a dist_kd run directory"),
-        ("dist_kd.export", ["--checkpoint", "RUN", "--output", "OUT"], "RUN is not a complete dist_kd checkpoint"),
+        ("dist_kd.export", ["--checkpoint", "RUN", "--output", "OUT"], "checkpoint RUN does not exist"),
     ],
 )
 def test_the_documented_python_dash_m_forms_run_their_command(tmp_path, module, args, said):
