@@ -7,7 +7,9 @@ its embeddings are not the teacher's kind. The files are copied as they are, exc
 width, set to the student's: ``embedding_dimension`` in sentence-transformers 6, ``word_embedding_dimension``
 before (6 still reads the old name, but only where the new one is absent), each one the file has. Any module
 but the encoder, ``Pooling`` and ``Normalize`` (a ``Dense``, a ``LayerNorm``) holds weights of the teacher's
-width; a student of another width cannot use them, and then nothing is carried (with a warning).
+width; a student of another width cannot use them, and then nothing is carried (with a warning). The encoder
+module is the student, at the top of its directory: a teacher's encoder folder (``0_Transformer/``, as
+sentence-transformers before 2.0 saved it) is not copied, and ``modules.json`` points the module at the top.
 """
 
 from __future__ import annotations
@@ -61,8 +63,22 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
     for name in TOP_LEVEL_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
+    listed = []
     for module in modules:
         path = module.get("path") or ""
+        if str(module.get("type", "")).endswith(".Transformer"):
+            # The encoder is the student, whose files are at the top of target. A teacher saved with the
+            # encoder in a folder of its own (sentence-transformers before 2.0: 0_Transformer/) had that folder
+            # copied, and SentenceTransformer(student) ran the teacher; its settings (max_seq_length) come along.
+            if (
+                path
+                and (source / path / "sentence_bert_config.json").is_file()
+                and not (target / "sentence_bert_config.json").exists()
+            ):
+                shutil.copy2(source / path / "sentence_bert_config.json", target / "sentence_bert_config.json")
+            listed.append({**module, "path": ""})
+            continue
+        listed.append(module)
         if not path or not (source / path).is_dir():
             continue
         shutil.copytree(source / path, target / path, dirs_exist_ok=True)
@@ -73,6 +89,8 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
             for key in keys:  # every version's name the file has; a file with neither gets the one all read
                 settings[key] = hidden_size
             config.write_text(json.dumps(settings, indent=2) + "\n")
+    if listed != modules:
+        (target / "modules.json").write_text(json.dumps(listed, indent=2) + "\n")
     return True
 
 

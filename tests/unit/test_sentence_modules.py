@@ -149,3 +149,36 @@ def test_quality_pools_as_the_teachers_modules_do(tiny_bert_dir, tmp_path, setti
     st = pytest.importorskip("sentence_transformers")
     encoded = torch.as_tensor(st.SentenceTransformer(str(student), device="cpu").encode(texts))
     torch.testing.assert_close(encoded, pooled, atol=2e-5, rtol=1e-4)
+
+
+def test_a_teachers_encoder_folder_is_not_carried_the_student_is_the_encoder(tiny_bert_dir, tmp_path):
+    """A teacher saved as sentence-transformers before 2.0 did (the encoder in 0_Transformer/) had that folder
+    copied into the student's export: SentenceTransformer(student) then ran the teacher, without a word."""
+    from dist_kd.testing import build_tiny_bert
+
+    teacher = tmp_path / "teacher"
+    modules = _sentence_teacher(teacher, width=32)
+    modules[0]["path"] = "0_Transformer"
+    (teacher / "modules.json").write_text(json.dumps(modules))
+    build_tiny_bert(teacher / "0_Transformer", seed=7, num_layers=2)  # other weights than the student's
+    (teacher / "0_Transformer" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48}))
+    (teacher / "sentence_bert_config.json").unlink()
+    student = tmp_path / "student"
+    shutil.copytree(tiny_bert_dir, student)
+    assert carry_sentence_modules(teacher, student, hidden_size=32, source_hidden=32)
+    assert not (student / "0_Transformer").exists()
+    carried = json.loads((student / "modules.json").read_text())
+    assert carried[0] == {**modules[0], "path": ""} and carried[1:] == modules[1:]
+    assert json.loads((student / "sentence_bert_config.json").read_text()) == {"max_seq_length": 48}
+
+    st = pytest.importorskip("sentence_transformers")
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["the cat sat on the mat", "a completely different sentence about markets"]
+    encoded = torch.as_tensor(st.SentenceTransformer(str(student), device="cpu").encode(texts))
+    batch = AutoTokenizer.from_pretrained(student)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = AutoModel.from_pretrained(student)(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(encoded, expected, atol=1e-5, rtol=1e-4)  # the student's states, not the teacher's
