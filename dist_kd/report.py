@@ -265,7 +265,9 @@ def _dev_lines(evaluations: dict[str, Any], eval_report: dict[str, Any] | None) 
             entry = eval_report["tasks"][task]
             final = (entry.get("final") or {}).get(metric)
             best = entry.get("best") or {}
-            lines.append(f"| {task} | {metric} | {_fmt(final)} | {_fmt(best.get(metric))} ({best.get('step')}) |")
+            # an intermediate-phase run keeps no best model: "n/a (None)" before
+            best_cell = f"{_fmt(best.get(metric))} ({best.get('step')})" if best.get("step") is not None else "–"
+            lines.append(f"| {task} | {metric} | {_fmt(final)} | {best_cell} |")
         lines.append("")
     return lines
 

@@ -148,3 +148,16 @@ def test_a_run_with_nothing_to_plot_says_so_not_to_install_matplotlib(tmp_path, 
     real = importlib.util.find_spec
     monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
     assert "No plots: install matplotlib" in write_report(tmp_path).read_text()
+
+
+def test_a_dev_table_without_a_best_model_says_so_once():
+    """An intermediate-phase task run keeps no best model: its row read "n/a (None)"."""
+    from dist_kd.report import _dev_lines
+
+    evaluations = {"topic": ("loss", None), "sentiment": ("accuracy", None)}
+    tasks = {
+        "topic": {"final": {"loss": 2.832}},
+        "sentiment": {"final": {"accuracy": 0.5}, "best": {"accuracy": 0.75, "step": 4}},
+    }
+    lines = _dev_lines(evaluations, {"tasks": tasks})
+    assert "| topic | loss | 2.832 | – |" in lines and "| sentiment | accuracy | 0.5 | 0.75 (4) |" in lines
