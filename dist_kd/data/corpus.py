@@ -696,8 +696,9 @@ def _recover_killed_swaps(target: Path) -> None:
     Their hidden siblings of ``target`` are ``.NAME.new-HOST-PID-*`` (the new corpus, partial or complete) and
     ``.NAME.old-HOST-PID-*`` (the corpus replaced, between :func:`_swap_in`'s renames or while it is deleted):
     up to the size of a whole corpus each. A killed run's old corpus goes back in place where ``target`` is
-    missing (killed between the two renames: the run did not finish, so the corpus stays as it was), and is
-    removed where the new one is in place; its new corpus is removed (:func:`dist_kd.io.killed_writer`). Say
+    missing (killed between the two renames: the run did not finish, so the corpus stays as it was) if it is
+    whole, and is removed otherwise, the files the user kept in it moved over to the new one where that is in
+    place; its new corpus is removed (:func:`dist_kd.io.killed_writer`). Say
     where any other such directory is (a live run's, or one killed on another host), and leave it.
     """
     for kind in ("old", "new"):  # the old corpus first: it may go back where the new one was never put
@@ -712,15 +713,29 @@ def _recover_killed_swaps(target: Path) -> None:
                     "release): remove it if no run is writing there",
                     sibling, "the replaced" if kind == "old" else "part of the new",
                 )  # fmt: skip
-            elif kind == "old" and not target.exists() and (sibling / MANIFEST_NAME).is_file():
+            elif kind == "old" and not target.exists() and _whole_corpus(sibling):
                 logger.warning(
                     "putting %s back as %s: an --overwrite run (pid %s) was killed while it swapped its new corpus in",
                     sibling, target, pid,
                 )  # fmt: skip
                 os.replace(sibling, target)
             else:
+                if kind == "old" and target.is_dir():  # files the user kept beside the corpus, not yet moved over
+                    for entry in sibling.iterdir():
+                        if not _corpus_entry(entry.name) and not (target / entry.name).exists():
+                            os.replace(entry, target / entry.name)
                 logger.warning("removing %s, left by an --overwrite run that was killed (pid %s)", sibling, pid)
                 shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _whole_corpus(directory: Path) -> bool:
+    """Whether ``directory`` holds a corpus with every shard its manifest lists, at its recorded size (a
+    deletion cut short can leave the manifest and some shards)."""
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        return all((directory / shard["name"]).stat().st_size == shard["num_bytes"] for shard in manifest["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _swap_in(new: Path, output: Path) -> None:

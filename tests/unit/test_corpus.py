@@ -230,6 +230,47 @@ def test_a_corpus_whose_overwrite_was_killed_between_its_renames_is_put_back(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"] and _tree_bytes(out) == before
 
 
+def test_a_killed_swaps_old_corpus_keeps_the_users_files_and_goes_back_only_whole(
+    tmp_path, text_inputs, tiny_tokenizer_dir, caplog
+):
+    """Killed after the new corpus was in place but before the user's files moved over, the old corpus (with
+    NOTES.md) was removed with them; one killed part of the way through its deletion was put back, broken."""
+    import shutil
+    import subprocess
+
+    from dist_kd.io import host_tag as _host_tag
+
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tag = f"{_host_tag()}-{int(gone.stdout)}-abcd1234"
+    out, old = tmp_path / "out", tmp_path / f".out.old-{tag}"
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, old, **options)
+    (old / "NOTES.md").write_text("mine")
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)  # the new corpus, in place
+    past = time.time() - 601
+    for path in [*old.iterdir(), old]:
+        os.utime(path, (past, past))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, overwrite=True, **options)
+    assert f"removing {old}, left by an --overwrite run that was killed" in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"] and (out / "NOTES.md").read_text() == "mine"
+    # Part of the way through its deletion (a shard gone, the manifest left), the output since removed: not put back.
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, old, **options)
+    first = sorted(old.glob("shard-*.tar"))[0]
+    first.unlink()
+    for path in [*old.iterdir(), old]:
+        os.utime(path, (past, past))
+    shutil.rmtree(out)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)  # a fresh corpus, not a FileExistsError
+    assert f"removing {old}" in caplog.text and "putting" not in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    expected = tmp_path / "expected"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, expected, **options)
+    assert _tree_bytes(out) == _tree_bytes(expected)
+
+
 def test_a_sigterm_while_the_replaced_corpus_is_deleted_still_deletes_it(
     tmp_path, text_inputs, tiny_tokenizer_dir, monkeypatch
 ):
