@@ -570,7 +570,11 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
                 f"{record_path} (the record of a partial precompute) does not read ({err}); delete "
                 f"{output / CHUNKS_DIR} to start over"
             ) from None
-        if found != record:
+        if found != record and not any((output / CHUNKS_DIR).glob("chunk-*.parquet")):
+            # A run that stopped before its first chunk (a teacher refused as it loaded): nothing to keep.
+            logger.info("%s: no chunk of the earlier run with other parameters was written; starting over", output)
+            write_json_atomic(record_path, record)
+        elif found != record:
             changes = "; ".join(_differences(found, record))
             raise ValueError(
                 f"{output} holds a partial precompute started with other parameters ({changes}); resume it with the "

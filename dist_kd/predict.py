@@ -92,12 +92,21 @@ def teacher_label_names(config: Any, path: str | Path) -> list[str]:
     return [id2label[index] for index in range(len(id2label))]
 
 
+# Classes known to have no sequence-classification head (an encoder, a language model, another task's head).
+NOT_SEQUENCE_CLASSIFIERS = (
+    "Model", "ForMaskedLM", "ForPreTraining", "ForCausalLM", "ForTokenClassification", "ForQuestionAnswering",
+    "ForMultipleChoice",
+)  # fmt: skip
+
+
 def check_classifier(config: Any, path: str | Path, what: str = "model") -> None:
     """Raise when ``config`` names an architecture without a sequence-classification head (an encoder such as
     a task run's ``student/``), which ``AutoModelForSequenceClassification`` would load with a new random head.
     ``what`` names the model's role in the message ("teacher (--teachers)")."""
     architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+    # Only the classes known to have no such head: a classifier of a class of its own
+    # (BertForMultiLabelSequenceClassification) loads its head, and weights decide (load_pretrained) elsewhere.
+    if architectures and all(name.endswith(NOT_SEQUENCE_CLASSIFIERS) for name in architectures):
         raise ValueError(
             f"{what} {path} is a {architectures[0]} (config.json architectures), an encoder without a classification "
             "head, which would score with new random weights; give a *ForSequenceClassification directory (a task "

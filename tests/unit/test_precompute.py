@@ -259,6 +259,34 @@ def test_teachers_that_disagree_with_the_task_are_refused(setup, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_stopped_before_its_first_chunk_does_not_refuse_the_corrected_command(setup, tmp_path):
+    """A teacher without its head whose config.json names no architectures is refused only as its weights load,
+    after _chunks/run.json: the corrected command was refused as "a partial precompute started with other
+    parameters" with nothing computed. A classifier of a class of its own (not *ForSequenceClassification)
+    was refused by name."""
+    import shutil
+
+    _, teachers, data, spec, _ = setup
+    encoder = build_tiny_bert(tmp_path / "encoder", seed=5, num_layers=2, id2label=dict(enumerate(LABELS)))
+    config_file = encoder / "config.json"
+    settings = json.loads(config_file.read_text())
+    del settings["architectures"]
+    config_file.write_text(json.dumps(settings))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"--teachers .*encoder: its weights hold no trained head"):
+        precompute_soft_targets(spec, data, out, _config([teachers[0], str(encoder)]), progress=False)
+    assert sorted(p.name for p in (out / "_chunks").iterdir()) == ["run.json"]
+    renamed = tmp_path / "renamed"  # the fix: a real classifier, of a class named otherwise
+    shutil.copytree(teachers[1], renamed)
+    settings = json.loads((renamed / "config.json").read_text())
+    settings["architectures"] = ["BertForMultiLabelSequenceClassification"]
+    (renamed / "config.json").write_text(json.dumps(settings))
+    precompute_soft_targets(spec, data, out, _config([teachers[0], str(renamed)]), progress=False)
+    reference = tmp_path / "reference"
+    precompute_soft_targets(spec, data, reference, _config(teachers[:2]), progress=False)
+    np.testing.assert_array_equal(st.load_soft_targets(out).soft_probs(), st.load_soft_targets(reference).soft_probs())
+
+
 def test_teachers_with_different_tokenizers_are_refused(setup, tmp_path):
     _, teachers, data, spec, _ = setup
     other = _teacher(tmp_path / "other_tok", seed=4)
