@@ -249,11 +249,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
     wrong = [key for key, value in weights.items() if key in shapes and shapes[key].shape != value.shape]
     if wrong:  # load_state_dict's RuntimeError was a traceback of one "size mismatch" line per weight
         key = wrong[0]
+        # The student is built from student.path's config where the run has one, else from the teacher's.
+        source = "student.path" if (config.get("student") or {}).get("path") else "teacher.path"
         raise ValueError(
             f"{checkpoint}: the weights do not fit the student the run's config describes ({len(wrong)} of another "
-            f"shape, {key} {tuple(weights[key].shape)} in the checkpoint, {tuple(shapes[key].shape)} built): "
-            f"{'the student.path directory changed since the run, or ' if 'tasks' in config else ''}"
-            f"{run_dir / 'config.yaml'} was edited; put the run's model and config back"
+            f"shape, {key} {tuple(weights[key].shape)} in the checkpoint, {tuple(shapes[key].shape)} built): the "
+            f"{source} directory changed since the run, or {run_dir / 'config.yaml'} was edited; put the run's model "
+            "and config back"
         )
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:

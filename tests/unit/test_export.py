@@ -282,3 +282,26 @@ def test_saved_tokenizers_carry_no_truncation_and_no_load_options(tiny_tokenizer
     reloaded(text, truncation=True, max_length=8)
     save_tokenizer(reloaded, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "tokenizer.json").read_text())["truncation"]["max_length"] == 64
+
+
+def test_a_general_run_whose_student_does_not_fit_names_the_directory_it_is_built_from(tmp_path, capsys):
+    """The shape error blamed config.yaml alone; a general run's student is built from teacher.path's config
+    (or from student.path where the run has one)."""
+    from transformers import BertConfig, BertModel
+
+    teacher = build_tiny_bert(tmp_path / "teacher", num_layers=2)
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step-00000004"
+    checkpoint.mkdir(parents=True)
+    student = {"num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32}
+    config = {"teacher": {"path": str(teacher)}, "student": student, "data": {"shards": str(tmp_path / "shards")},
+              "run": {"output_dir": str(run)}}  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    wider = BertConfig(vocab_size=300, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    module = {f"student.{name}": value for name, value in BertModel(wider).state_dict().items()}
+    torch.save({"module": module, "buffer_names": []}, checkpoint / "mp_rank_00_model_states.pt")
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 4}))
+    capsys.readouterr()
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "embeddings.word_embeddings.weight (300, 24) in the checkpoint, (300, 16) built): the teacher.path " in err
