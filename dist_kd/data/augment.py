@@ -40,6 +40,7 @@ import logging
 import os
 import random
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -802,6 +803,12 @@ CJK = (
 _JOINS = re.compile(f"[^\\W{CJK}]")  # a word character other than a CJK ideograph: two of them make one word
 
 
+def _joins(character: str) -> bool:
+    """Whether ``character`` joins a word beside it into one (a word character other than a CJK ideograph, or
+    a combining mark, which the word pattern keeps within its word: a decomposed "café" ends in one)."""
+    return bool(character) and (_JOINS.match(character) is not None or unicodedata.category(character)[0] == "M")
+
+
 def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
     """Split text into words and punctuation like BERT's basic tokenizer, keeping character offsets.
 
@@ -975,8 +982,8 @@ class Augmenter:
                 # A CJK ideograph is a word beside letters without a space ("iphone中"): a replacement of
                 # letters there is set apart by spaces, or it would join its neighbours into one new word.
                 following = text[entry.word.end : entry.word.end + 1]
-                word = (" " if _JOINS.match(last) and _JOINS.match(word) else "") + word
-                word += " " if _JOINS.match(word[-1]) and _JOINS.match(following) else ""
+                word = (" " if _joins(last) and _joins(word[0]) else "") + word
+                word += " " if _joins(word[-1]) and _joins(following) else ""
                 pieces.append(word)
                 last, cursor = word[-1], entry.word.end
         pieces.append(text[cursor:])

@@ -982,3 +982,7 @@ def test_a_word_of_letters_in_place_of_a_cjk_ideograph_is_set_apart_by_spaces(tm
     assert out[3] == "bank中"  # 日's candidate (every word as far: the first) is CJK: no space beside one
     assert out[5] == "a bank, b"  # a space or punctuation there already: none added
     assert aug.augmentation_summary(augmenter.augment(_examples(["iphone中国 phone"]), "t"))["words_replaced"] == 0.5
+    # A replacement ending in a combining mark (a decomposed "café") joins the letters after it just the same.
+    _write_glove_text(tmp_path / "marks.txt", ["中", "cafe\u0301"], np.array([[1, 0], [0.9, 0.1]], dtype=np.float32))
+    marked = _augmenter(None, tmp_path / "marks.txt", p_t=1.0, n_a=1, k=1).augment(_examples(["中abc"]), "t")
+    assert marked.column("text_a").to_pylist()[1] == "cafe\u0301 abc"
