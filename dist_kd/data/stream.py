@@ -142,6 +142,19 @@ def _subtract(intervals: list[Interval], removed: list[Interval]) -> list[Interv
     return out
 
 
+def _subtract_in_order(intervals: list[Interval], removed: list[Interval]) -> list[Interval]:
+    """``intervals`` (disjoint, in layout order) minus ``removed``, in the same order (touching pieces joined):
+    :func:`_subtract` sorts them, which would undo an epoch's seeded start."""
+    out: list[Interval] = []
+    for start, end in intervals:
+        for piece in _subtract([(start, end)], removed):
+            if out and out[-1][1] == piece[0]:
+                out[-1] = (out[-1][0], piece[1])
+            else:
+                out.append(piece)
+    return out
+
+
 def rotate_intervals(intervals: list[Interval], offset: int) -> list[Interval]:
     """``intervals``, their concatenation started ``offset`` positions in and wrapped around to its beginning."""
     out, tail = [], []
@@ -685,7 +698,7 @@ class CorpusStream:
             remaining.extend(plan.to_virtual(start, end))
         newly_excluded = set(current["excluded_shards"]) - set(state["excluded_shards"])
         cut = [plan.shard_range(self._names.index(name)) for name in sorted(newly_excluded)]
-        self._intervals = _subtract(remaining, cut)
+        self._intervals = _subtract_in_order(remaining, cut)
         self._generation = int(state["generation"]) + 1
         self._batches_consumed = 0
         changed = [f"{key} {state[key]} -> {current[key]}" for key in ("world_size", "num_workers",

@@ -140,6 +140,12 @@ def test_the_sequences_left_out_differ_each_epoch_in_a_corpus_of_one_shard(tmp_p
         assert len(rows) == len(set(rows)) == len(sequences) // 8 * 8
         left_out.append(frozenset(sequences - set(rows)))
     assert len(set(left_out)) > 1  # the same ones every epoch before: only the shard order moved, one shard
+    # A resume on another number of ranks keeps the epoch's seeded start (it was laid out from the beginning).
+    state = stream.state_dict()
+    assert state["epoch"] == 4 and state["intervals"][0][0] != 0
+    resized = _stream(tmp_path / "one", micro_batch_size=8, shuffle_buffer=4, world_size=2)
+    resized.load_state_dict(state)
+    assert resized.state_dict()["intervals"] == state["intervals"] and resized.state_dict()["generation"] == 1
     unshuffled = _stream(tmp_path / "one", micro_batch_size=8, shuffle=False)
     assert _rows(unshuffled) == _rows(unshuffled)  # without shuffling, the same tail each epoch (documented)
 
