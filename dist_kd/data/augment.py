@@ -1078,7 +1078,9 @@ def augmentation_summary(augmented: pa.Table | str | Path, stop_words: Iterable[
     def words(text: str | None) -> list[str]:
         return [match.group() for match in pattern.finditer(text or "") if match.lastindex == word_group]
 
-    for row in augmented.select(["example_id", "text_a", "text_b"]).to_pylist():
+    columns = augmented.select(["example_id", "text_a", "text_b"])
+    # Batch by batch: Python rows of a whole TinyBERT-size set (millions) took gigabytes at the end of augment.
+    for row in (row for batch in columns.to_batches(max_chunksize=8192) for row in batch.to_pylist()):
         base, _, k = row["example_id"].rpartition("-aug")
         if original is None or base != original["example_id"] or not k.isdigit():
             original = row
