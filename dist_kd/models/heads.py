@@ -236,7 +236,11 @@ class MultiTaskStudent(nn.Module):
         config = _task_config(self.encoder.config, head.num_outputs, head.labels)
         if head.dropout_rate is not None:  # as trained, for whoever fine-tunes the export further
             set_head_dropout(config, head.dropout_rate)
-        model = _classifier_model(config)
+        # Its random initialisation, overwritten below, must not draw from the global CPU generator, which
+        # draws the dropout masks of a CPU run: each best/ export mid-run moved every later mask, so that
+        # eval.every changed the model trained, and a resume that kept a best/ of the lost steps was not the run.
+        with torch.random.fork_rng(devices=[]):
+            model = _classifier_model(config)
         base = getattr(model, model.base_model_prefix)
         wanted = base.state_dict().keys()
         # The classifier's base may lack parts of the encoder it does not use (RoBERTa's has no pooler).

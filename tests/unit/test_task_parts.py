@@ -232,6 +232,23 @@ def test_a_student_saved_in_fp16_gives_fp32_heads_and_fp32_exports(tmp_path):
     assert {p.dtype for p in AutoModel.from_config(derived.config).parameters()} == {torch.float32}
 
 
+def test_a_task_export_draws_nothing_from_the_global_generator(tiny_bert_dir, tmp_path):
+    """The classifier export_task builds (and overwrites) drew its random init from the CPU generator that draws a
+    CPU run's dropout masks: a best/ export mid-run moved every later mask (eval.every changed the model trained,
+    and a resume that kept a best/ of the lost steps went another way)."""
+    from transformers import AutoModel
+
+    from dist_kd.models.heads import MultiTaskStudent
+
+    student = MultiTaskStudent(AutoModel.from_pretrained(tiny_bert_dir), {"topic": (3, ["a", "b", "c"])}).eval()
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    student.export_task("topic", tmp_path / "topic")
+    student.task_model("topic")
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ losses
 
 
