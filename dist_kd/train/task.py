@@ -549,6 +549,12 @@ class TaskTrainer(EngineTrainer):
                     logger.warning("stopped at step %d with its checkpoint %s; run again with run.resume=auto to "
                                    "continue", self.step, saved)  # fmt: skip
                     return False
+            last = self.history[-1]["step"] if self.history else None
+            if last != self.step and any(task.dev_rows is not None for task in self.tasks):
+                # A run resumed at its last step (train.max_steps set to its checkpoint's) trains nothing, so the
+                # loop's evaluation at max_steps never ran: eval.json and the model cards kept an earlier step's.
+                self.guard.before("the dev evaluation", self.step)
+                self.evaluate()
             if self._saved_step != self.step:  # a finished run started again has nothing new to save
                 self.save()
             return True

@@ -636,6 +636,27 @@ def test_a_best_exported_after_the_checkpoint_is_the_best_the_resumed_run_report
     assert [h["step"] for h in report["history"]] == [4, 6]  # the lost run's later evaluations are gone
 
 
+def test_a_run_resumed_at_its_last_step_scores_it(pipeline, tmp_path):
+    """train.max_steps set to the checkpoint's step trains nothing: the loop's evaluation at max_steps never ran,
+    so eval.json and the model cards gave an earlier step's figures for the model of this step."""
+    out = tmp_path / "run"
+    settings = {"train": {"epochs": None, "max_steps": 6}, "eval": {"every": 4}, "run": {"save_every": 3},
+                "deepspeed": {"config": "ds_configs/zero0.json"}}  # fmt: skip
+    run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, share=False, **settings)))
+    assert [h["step"] for h in json.loads((out / "eval.json").read_text())["history"]] == [4, 6]
+    resumed = _config(pipeline, out, share=False, **{**settings, "train": {"epochs": None, "max_steps": 6}})
+    run_script("launch/task.py", "--debug", "--config", str(resumed))  # finished: scored at 6 already, once
+    assert [h["step"] for h in json.loads((out / "eval.json").read_text())["history"]] == [4, 6]
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    (out / "checkpoints" / "latest").write_text("step-00000003")
+    shorter = _config(pipeline, out, share=False, **{**settings, "train": {"epochs": None, "max_steps": 3}})
+    run_script("launch/task.py", "--debug", "--config", str(shorter))
+    report = json.loads((out / "eval.json").read_text())
+    assert report["step"] == 3 and [h["step"] for h in report["history"]] == [3]
+    card = (out / "tasks" / "topic" / "README.md").read_text()
+    assert "(step 3)" in card and "(step 4)" not in card, card
+
+
 def test_resume_refuses_a_dev_set_or_teacher_changed_in_place(pipeline, tmp_path):
     """Edited in place, the dev file mixed two dev sets in eval.json and best/; a teacher retrained in place
     (same path and shape, new weights) was distilled from with the old one's projections. Both are refused,
