@@ -66,6 +66,13 @@ class TaskEntry:
                 f"task '{self.name}': a task name may not contain {' or '.join(repr(c) for c in bad)} (it names the "
                 "task's head and its directories best/<name>/ and tasks/<name>/); use '-' or '_' instead"
             )
+        import torch
+
+        if self.name in dir(torch.nn.ModuleDict):  # the heads' ModuleDict refused it mid-set-up with a KeyError
+            raise ValueError(
+                f"task '{self.name}': the name is taken by torch's ModuleDict, which keys the task heads (one of its "
+                f"attributes: type, eval, train, half, keys, ...); rename the task (e.g. '{self.name}_task')"
+            )
         if not self.train and not self.soft_targets:
             raise ValueError(f"task '{self.name}': give train (hard labels) or soft_targets (a precompute store)")
         if self.train and self.soft_targets:  # a warning: configs (and run directories) of earlier releases have both
