@@ -736,6 +736,27 @@ class TaskTrainer(EngineTrainer):
             for name in decided["remove"]:
                 logger.warning("task '%s': removing best/%s, an earlier run's export", name, name)
                 shutil.rmtree(self.run_dir / "best" / name, ignore_errors=True)
+            if not resumed:
+                self._remove_other_tasks_outputs()
+
+    def _remove_other_tasks_outputs(self) -> None:
+        """From scratch: remove the outputs an earlier run in this directory left for tasks this run does not
+        have (its best/, tasks/ and dev predictions; only what dist_kd writes there), which stayed beside this
+        run's while eval.json named this run's tasks alone."""
+        ours = {task.spec.name for task in self.tasks}
+        found = [path for path in (self.run_dir / "best").glob("*") if (path / BEST_RECORD).is_file()]
+        found += [path for path in (self.run_dir / "tasks").glob("*") if (path / TASK_RECORD).is_file()]
+        found += list((self.run_dir / "predictions").glob("*.dev.jsonl"))
+        for path in sorted(found):
+            name = path.name[: -len(".dev.jsonl")] if path.suffix == ".jsonl" else path.name
+            if name in ours:
+                continue
+            logger.warning("removing %s: an earlier run's output for task '%s', which this run does not train", path,
+                           name)  # fmt: skip
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _export_task(
         self,

@@ -657,6 +657,23 @@ def test_a_run_resumed_at_its_last_step_scores_it(pipeline, tmp_path):
     assert "(step 3)" in card and "(step 4)" not in card, card
 
 
+def test_a_run_from_scratch_removes_an_earlier_runs_outputs_for_other_tasks(pipeline, tmp_path):
+    """best/share, tasks/share and predictions/share.dev.jsonl of an earlier run stayed beside a topic-only
+    run's outputs, while its eval.json named topic alone."""
+    out = tmp_path / "run"
+    settings = {"train": {"epochs": None, "max_steps": 2}, "eval": {"every": 2},
+                "deepspeed": {"config": "ds_configs/zero0.json"}}  # fmt: skip
+    run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, **settings)))
+    assert (out / "best" / "share").is_dir() and (out / "predictions" / "share.dev.jsonl").is_file()
+    shutil.rmtree(out / "checkpoints")
+    (out / "predictions" / "notes.txt").write_text("mine")  # not a dist_kd output: stays
+    proc = run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, share=False, **settings)))
+    assert sorted(p.name for p in (out / "best").iterdir()) == ["topic"]
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == ["topic"]
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["notes.txt", "topic.dev.jsonl"]
+    assert f"removing {out / 'best' / 'share'}: an earlier run's output for task 'share'" in proc.stderr
+
+
 def test_resume_refuses_a_dev_set_or_teacher_changed_in_place(pipeline, tmp_path):
     """Edited in place, the dev file mixed two dev sets in eval.json and best/; a teacher retrained in place
     (same path and shape, new weights) was distilled from with the old one's projections. Both are refused,
