@@ -99,8 +99,9 @@ def _plain(value: Any) -> Any:
 
 
 def _closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    by_case = {choice.lower(): choice for choice in choices}  # text_A is text_a mistyped, not text_b
+    match = difflib.get_close_matches(name.lower(), list(by_case), n=1, cutoff=0.0)
+    return f"; did you mean '{by_case[match[0]]}'?" if match else ""
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:

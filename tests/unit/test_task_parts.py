@@ -340,6 +340,8 @@ def test_keys_of_the_other_phase_are_said_to_do_nothing(tmp_path, caplog):
         ("tasks: [{name: a, labels: [x, y], train: T, weight: 2}, {name: b, labels: [x, y], train: T}]\n",
          "weight to every task or to none"),
         ("tasks: [{name: a, labels: [x, y], train: T, wieght: 2}]\n", "did you mean 'tasks\\[0\\].weight'"),
+        # text_A was "did you mean 'tasks[0].text_b'": case was a difference like any other
+        ("tasks: [{name: a, labels: [x, y], train: T, text_A: t}]\n", "did you mean 'tasks\\[0\\].text_a'"),
         # the heads' ModuleDict raised KeyError "attribute 'type' already exists" after the data had loaded
         ("tasks: [{name: type, labels: [x, y], train: T}]\n", r"task 'type': the name is taken by torch's ModuleDict"),
         ("tasks: [{name: eval, labels: [x, y], train: T}]\n", r"rename the task \(e.g. 'eval_task'\)"),
