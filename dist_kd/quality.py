@@ -293,9 +293,10 @@ class HeldOutTexts:
         wanted = [cfg.text] + ([cfg.label] if cfg.label else [])
         missing = [column for column in wanted if column not in table.column_names]
         if missing:
+            fix = " (or eval.label=null: the spread alone, no probe)" if missing[0] == cfg.label else ""
             raise ValueError(
                 f"eval.texts {path}: no column {missing[0]!r} (eval.text / eval.label); columns found: "
-                f"{table.column_names}"
+                f"{table.column_names}: name the column{fix}"
             )
         where = RowPlaces(path, spec, "utf-8", table.num_rows)  # the rows' lines in the file, for the errors
         table = table.slice(0, cfg.max_texts)
@@ -309,7 +310,8 @@ class HeldOutTexts:
             unlabelled = [row for row, cell in enumerate(cells) if cell is None or cell == ""]
             if unlabelled:
                 raise ValueError(
-                    f"eval.texts {path}: {where.subject(unlabelled, limit=5)} no label in column {cfg.label!r}"
+                    f"eval.texts {path}: {where.subject(unlabelled, limit=5)} no label in column {cfg.label!r}: the "
+                    "probe needs every text's label (eval.label=null measures the spread alone)"
                 )
             names = sorted({str(cell) for cell in cells})
             if len(names) < 2:

@@ -124,8 +124,13 @@ def test_heldout_texts_errors_name_the_file_and_column(tiny_bert_dir, tmp_path):
     with pytest.raises(ValueError, match=r"gaps\.csv: line 3 has no text in column 'text'"):
         HeldOutTexts.from_file(gaps, tokenizer, QualityConfig())
     gaps.write_text("text,label\na b,x\ng h,y\nc d,\ne f,y\n")
-    with pytest.raises(ValueError, match=r"gaps\.csv: line 4 has no label in column 'label'"):
+    with pytest.raises(ValueError, match=r"gaps\.csv: line 4 has no label in column 'label': .*eval.label=null"):
         HeldOutTexts.from_file(gaps, tokenizer, QualityConfig())
+    # Labels are optional only with eval.label=null: the messages said nothing of it.
+    bare = _write_jsonl(tmp_path / "bare.jsonl", [{"text": "a b"}] * 6)
+    with pytest.raises(ValueError, match=r"no column 'label' .*name the column \(or eval.label=null: the spread alone"):
+        HeldOutTexts.from_file(bare, tokenizer, QualityConfig())
+    assert HeldOutTexts.from_file(gaps, tokenizer, QualityConfig(label=None)).labels is None
     with pytest.raises(ValueError, match="eval.every"):
         QualityConfig(every=0)
 
