@@ -680,7 +680,10 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     manifest = output / MANIFEST_NAME
     if manifest.exists():
         if not overwrite:
-            raise FileExistsError(f"{output} already holds a corpus ({manifest}); pass --overwrite (overwrite=True from Python) to replace it")
+            raise FileExistsError(
+                f"{output} already holds a corpus ({manifest}); pass --overwrite (overwrite=True from Python) to "
+                "replace it"
+            )
         # The writer's host and pid in the name: a run killed past its cleanup (SIGKILL, the OOM killer) is
         # told from a live one by the next run on the same host.
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{writer_tag()}", dir=target.parent))

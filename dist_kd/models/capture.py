@@ -164,6 +164,31 @@ class FeatureCapture:
         self.score_layers = sorted(set(score_layers))
         self.qkv_layers = sorted(set(qkv_layers))
         self.num_layers = len(layers)
+        self._check_routing()
+
+    def _check_routing(self) -> None:
+        """One forward pass of a short batch in eval mode (no dropout draws), so that an architecture whose
+        attention dist_kd cannot read is refused while the run sets up, in one line, not with a traceback at its
+        first step."""
+        if not (self.score_layers or self.qkv_layers):
+            return
+        parameter = next(self.model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        ids = torch.arange(1, 5, device=device).unsqueeze(0) % max(int(self.model.config.vocab_size), 1)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                self(ids, torch.ones_like(ids))
+        except RuntimeError as err:
+            if "did not route attention" not in str(err):
+                raise
+            raise ValueError(str(err)) from None
+        finally:
+            self.model.train(was_training)
+            self.sink.clear()
+            self.qkv_sink.clear()
+            self.mask_sink.clear()
 
     def __call__(
         self,
