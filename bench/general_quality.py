@@ -22,6 +22,8 @@ Recipes (cumulative, in the order the causes were found; docs/quality.md):
 
 - ``tinybert``: TinyBERT as published: random init, raw MSE terms, learnt W_h with bias, lr 1e-3.
 - ``teacher_init``: + weight selection from the teacher (layers 2/4/6, every other unit), lr 3e-4.
+- ``teacher_init_variance``, ``teacher_init_select``: ``teacher_init`` with one change alone, each layer's
+  term over the teacher's variance, or fixed dimensions for W_h (docs/quality.md's recipe table).
 - ``calibrated``: + each state dimension's mean and std matched to the teacher's on 8 corpus batches.
 - ``normalized``: + each layer's term divided by the teacher's variance there.
 - ``dist_kd``: + no learnt W_h (student dimension k against teacher dimension 2k): the quickstart default,
@@ -46,6 +48,15 @@ RECIPES: dict[str, list[str]] = {
     ],
     "teacher_init": [
         "student.init=teacher", "train.lr=3e-4", "distill.normalize=none", "distill.projection=auto",
+        "student.calibrate=false",
+    ],
+    # docs/quality.md's recipe table: the teacher's cut with one of the three changes alone
+    "teacher_init_variance": [
+        "student.init=teacher", "train.lr=3e-4", "distill.normalize=variance", "distill.projection=auto",
+        "student.calibrate=false",
+    ],
+    "teacher_init_select": [
+        "student.init=teacher", "train.lr=3e-4", "distill.normalize=none", "distill.projection=select",
         "student.calibrate=false",
     ],
     "calibrated": [
