@@ -554,7 +554,9 @@ class TaskTrainer(EngineTrainer):
                 # A run resumed at its last step (train.max_steps set to its checkpoint's) trains nothing, so the
                 # loop's evaluation at max_steps never ran: eval.json and the model cards kept an earlier step's.
                 self.guard.before("the dev evaluation", self.step)
-                self.evaluate()
+                dev = self.evaluate()
+                if dev:  # an evaluation step's line, with no training since the checkpoint to report beside it
+                    self.metrics.log({"step": self.step, "dev": dev})
             if self._saved_step != self.step:  # a finished run started again has nothing new to save
                 self.save()
             return True
@@ -744,15 +746,23 @@ class TaskTrainer(EngineTrainer):
         have (its best/, tasks/ and dev predictions; only what dist_kd writes there), which stayed beside this
         run's while eval.json named this run's tasks alone."""
         ours = {task.spec.name for task in self.tasks}
+        scored = {task.spec.name for task in self.tasks if task.dev_rows is not None}
         found = [path for path in (self.run_dir / "best").glob("*") if (path / BEST_RECORD).is_file()]
         found += [path for path in (self.run_dir / "tasks").glob("*") if (path / TASK_RECORD).is_file()]
-        found += list((self.run_dir / "predictions").glob("*.dev.jsonl"))
+        earlier = {path.name for path in found}  # the tasks an earlier dist_kd run exported
+        # Their dev predictions too (a file of another name is the user's), and those of a task this run trains
+        # without a dev set: it writes none, and the earlier model's would sit beside its tasks/<name>/.
+        found += [
+            path
+            for name in sorted(earlier - scored)
+            if (path := self.run_dir / "predictions" / f"{name}.dev.jsonl").is_file()
+        ]
         for path in sorted(found):
             name = path.name[: -len(".dev.jsonl")] if path.suffix == ".jsonl" else path.name
-            if name in ours:
-                continue
-            logger.warning("removing %s: an earlier run's output for task '%s', which this run does not train", path,
-                           name)  # fmt: skip
+            if name in ours and path.suffix != ".jsonl":
+                continue  # this run's own task: its best/ was settled above, its tasks/ is replaced at the end
+            logger.warning("removing %s: an earlier run's output for task '%s', which this run %s", path, name,
+                           "trains without a dev set" if name in ours else "does not train")  # fmt: skip
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

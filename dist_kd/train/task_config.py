@@ -68,10 +68,10 @@ class TaskEntry:
             )
         import torch
 
-        if self.name in dir(torch.nn.ModuleDict):  # the heads' ModuleDict refused it mid-set-up with a KeyError
+        if hasattr(torch.nn.ModuleDict(), self.name):  # the heads' ModuleDict refused it mid-set-up (a KeyError)
             raise ValueError(
                 f"task '{self.name}': the name is taken by torch's ModuleDict, which keys the task heads (one of its "
-                f"attributes: type, eval, train, half, keys, ...); rename the task (e.g. '{self.name}_task')"
+                f"attributes: type, eval, train, training, half, keys, ...); rename the task (e.g. '{self.name}_task')"
             )
         if not self.train and not self.soft_targets:
             raise ValueError(f"task '{self.name}': give train (hard labels) or soft_targets (a precompute store)")

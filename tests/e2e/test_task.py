@@ -653,6 +653,8 @@ def test_a_run_resumed_at_its_last_step_scores_it(pipeline, tmp_path):
     run_script("launch/task.py", "--debug", "--config", str(shorter))
     report = json.loads((out / "eval.json").read_text())
     assert report["step"] == 3 and [h["step"] for h in report["history"]] == [3]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 3 and lines[-1]["dev"] == report["history"][0]["tasks"]  # the trackers get it too
     card = (out / "tasks" / "topic" / "README.md").read_text()
     assert "(step 3)" in card and "(step 4)" not in card, card
 
@@ -667,11 +669,22 @@ def test_a_run_from_scratch_removes_an_earlier_runs_outputs_for_other_tasks(pipe
     assert (out / "best" / "share").is_dir() and (out / "predictions" / "share.dev.jsonl").is_file()
     shutil.rmtree(out / "checkpoints")
     (out / "predictions" / "notes.txt").write_text("mine")  # not a dist_kd output: stays
+    (out / "predictions" / "teacher.dev.jsonl").write_text("mine too\n")  # no dist_kd export of 'teacher': stays
     proc = run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, share=False, **settings)))
     assert sorted(p.name for p in (out / "best").iterdir()) == ["topic"]
     assert sorted(p.name for p in (out / "tasks").iterdir()) == ["topic"]
-    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["notes.txt", "topic.dev.jsonl"]
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["notes.txt", "teacher.dev.jsonl",
+                                                                       "topic.dev.jsonl"]  # fmt: skip
     assert f"removing {out / 'best' / 'share'}: an earlier run's output for task 'share'" in proc.stderr
+    # This run's own task trained without a dev set writes no predictions: the earlier model's are removed.
+    shutil.rmtree(out / "checkpoints")
+    undev = _config(pipeline, out, share=False, **settings)
+    config = yaml.safe_load(undev.read_text())
+    del config["tasks"][0]["dev"]
+    undev.write_text(yaml.safe_dump(config))
+    proc = run_script("launch/task.py", "--debug", "--config", str(undev))
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["notes.txt", "teacher.dev.jsonl"]
+    assert "which this run trains without a dev set" in proc.stderr
 
 
 def test_resume_refuses_a_dev_set_or_teacher_changed_in_place(pipeline, tmp_path):

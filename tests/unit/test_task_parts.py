@@ -345,6 +345,9 @@ def test_keys_of_the_other_phase_are_said_to_do_nothing(tmp_path, caplog):
         # the heads' ModuleDict raised KeyError "attribute 'type' already exists" after the data had loaded
         ("tasks: [{name: type, labels: [x, y], train: T}]\n", r"task 'type': the name is taken by torch's ModuleDict"),
         ("tasks: [{name: eval, labels: [x, y], train: T}]\n", r"rename the task \(e.g. 'eval_task'\)"),
+        # an instance's attributes too (training, _modules), which dir() of the class leaves out
+        ("tasks: [{name: training, labels: [x, y], train: T}]\n", r"task 'training': the name is taken"),
+        ("tasks: [{name: _modules, labels: [x, y], train: T}]\n", r"task '_modules': the name is taken"),
         # '.' ended the run in a traceback from torch's ModuleDict, '/' nested best/<name>/ in directories
         ("tasks: [{name: mnli.m, labels: [x, y], train: T}]\n", "task 'mnli.m': a task name may not contain '.'"),
         ("tasks: [{name: a/b, labels: [x, y], train: T}]\n", "task 'a/b': a task name may not contain '/'"),
