@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +58,9 @@ from dist_kd.data.tasks import (
 )
 from dist_kd.io import (
     check_output_dir,
+    host_tag,
+    pid_alive,
+    process_started,
     read_parquet_metadata,
     sha256_file,
     weights_sha256,
@@ -70,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 CHUNKS_DIR = "_chunks"
 RUN_RECORD = "run.json"
+WRITER_RECORD = "writer.json"  # the host and process of the run writing _chunks/, to tell a live run from an ended one
 # A directory of the augmentation stage (launch/augment.py) holds its rows in this file.
 AUGMENTED_FILE = "augmented.parquet"
 
@@ -570,9 +575,10 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
                 f"{record_path} (the record of a partial precompute) does not read ({err}); delete "
                 f"{output / CHUNKS_DIR} to start over"
             ) from None
-        if found != record and not any((output / CHUNKS_DIR).glob("chunk-*.parquet")):
-            # A run that stopped before its first chunk (a teacher refused as it loaded): nothing to keep.
-            logger.info("%s: no chunk of the earlier run with other parameters was written; starting over", output)
+        if found != record and not any((output / CHUNKS_DIR).glob("chunk-*.parquet")) and _writer_ended(output):
+            # A run that ended before its first chunk (a teacher refused as it loaded): nothing to keep. One that
+            # may still be loading its teachers (alive, or on another host) is refused below.
+            logger.info("%s: the earlier run with other parameters ended before its first chunk; starting over", output)
             write_json_atomic(record_path, record)
         elif found != record:
             changes = "; ".join(_differences(found, record))
@@ -582,7 +588,23 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
             )
     else:
         write_json_atomic(record_path, record)
+    write_json_atomic(output / CHUNKS_DIR / WRITER_RECORD, {"host": host_tag(), "pid": os.getpid(),
+                                                            "started": process_started("self")})  # fmt: skip
     return "work"
+
+
+def _writer_ended(output: Path) -> bool:
+    """Whether the process that last took on ``output``'s partial run (``_chunks/writer.json``, rank 0) has
+    ended: on this host, its pid gone or used again by another process, or this process (an earlier call of
+    the API, which returned). Unknown (another host's, a record of an earlier release, none) is False."""
+    try:
+        writer = json.loads((output / CHUNKS_DIR / WRITER_RECORD).read_text())
+        host, pid, started = writer["host"], int(writer["pid"]), writer["started"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != host_tag():
+        return False
+    return pid == os.getpid() or not pid_alive(pid) or (started is not None and process_started(pid) != started)
 
 
 def _missing_chunks(output: Path, bounds: list[tuple[int, int]], key: str) -> list[int]:

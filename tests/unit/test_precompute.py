@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -275,7 +276,7 @@ def test_a_run_stopped_before_its_first_chunk_does_not_refuse_the_corrected_comm
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"--teachers .*encoder: its weights hold no trained head"):
         precompute_soft_targets(spec, data, out, _config([teachers[0], str(encoder)]), progress=False)
-    assert sorted(p.name for p in (out / "_chunks").iterdir()) == ["run.json"]
+    assert sorted(p.name for p in (out / "_chunks").iterdir()) == ["run.json", "writer.json"]
     renamed = tmp_path / "renamed"  # the fix: a real classifier, of a class named otherwise
     shutil.copytree(teachers[1], renamed)
     settings = json.loads((renamed / "config.json").read_text())
@@ -554,3 +555,32 @@ def test_each_teacher_gets_the_segment_ids_its_own_tokenizer_gives(tmp_path):
     stored = st.load_soft_targets(tmp_path / "store").teacher_logits()  # (N, K, C)
     for index, teacher in enumerate(teachers):
         np.testing.assert_allclose(stored[:, index], _independent_logits(teacher, rows), atol=1e-5, err_msg=teacher)
+
+
+def test_a_partial_run_is_started_over_only_when_its_writer_has_ended(tmp_path):
+    """Starting over where no chunk was written let a run with other parameters take over one still loading its
+    teachers, whose store then replaced the other's: only an ended writer's partial run is started over."""
+    import subprocess
+    import sys
+
+    from dist_kd.io import host_tag, process_started
+    from dist_kd.precompute import CHUNKS_DIR, WRITER_RECORD, _writer_ended
+
+    (tmp_path / CHUNKS_DIR).mkdir()
+    record = tmp_path / CHUNKS_DIR / WRITER_RECORD
+    assert not _writer_ended(tmp_path)  # no record (an earlier release's run): refused, as before
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid, started, host, ended in (
+            (live.pid, process_started(live.pid), host_tag(), False),  # alive: it may be loading its teachers
+            (live.pid, process_started(live.pid), "otherhost", False),  # another host's: cannot tell
+            (live.pid, -1.0, host_tag(), True),  # its pid, another process: the writer ended
+            (os.getpid(), process_started("self"), host_tag(), True),  # an earlier call in this process
+        ):
+            record.write_text(json.dumps({"host": host, "pid": pid, "started": started}))
+            assert _writer_ended(tmp_path) is ended, (pid, host)
+    finally:
+        live.kill()
+        live.wait()
+    record.write_text(json.dumps({"host": host_tag(), "pid": live.pid, "started": 1.0}))
+    assert _writer_ended(tmp_path)  # its pid gone
