@@ -361,10 +361,13 @@ class LossWindow:
         # Layout: sums per name, counts per name, tokens, rows.
         self.totals = torch.zeros(2 * len(self.names) + 2, dtype=torch.float64, device=self.device)
         self.started = time.perf_counter()
+        self.carried = 0.0  # training seconds of a window restored from a checkpoint, counted at restart_clock
 
     def restart_clock(self) -> None:
-        """Start the window's time now: work done since it opened (an evaluation) is not training time."""
-        self.started = time.perf_counter()
+        """Start the window's time now: work done since it opened (an evaluation, a resume's loading) is not
+        training time; a window restored from a checkpoint keeps the training time it had."""
+        self.started = time.perf_counter() - self.carried
+        self.carried = 0.0
 
     @contextlib.contextmanager
     def paused(self):
@@ -405,8 +408,9 @@ class LossWindow:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's open window (the time it has been open is not kept)."""
-        return {"names": self.names, "totals": self.totals.tolist()}
+        """This rank's open window, with the training time it has been open (its first line after a resume
+        divided the tokens before the stop by the time after it alone)."""
+        return {"names": self.names, "totals": self.totals.tolist(), "seconds": time.perf_counter() - self.started}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore by name: a checkpoint of a release with fewer loss terms restores the ones it has (a
@@ -421,3 +425,4 @@ class LossWindow:
             restored[count + self.index[name]] = totals[len(saved) + place]
         restored[-2:] = totals[-2:]
         self.totals = torch.tensor(restored, dtype=torch.float64, device=self.device)
+        self.carried = float(state.get("seconds", 0.0))  # a checkpoint of an earlier release: not kept

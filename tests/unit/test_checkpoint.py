@@ -439,6 +439,36 @@ def test_an_open_log_window_of_a_release_with_fewer_loss_terms_is_restored_by_na
     assert mine.reduce().rows == 0
 
 
+def test_a_restored_log_window_keeps_its_training_time(monkeypatch):
+    """The first tokens_per_s after a resume divided the tokens of the whole window by the time since the resume
+    alone (7x too high in the reviewer's run)."""
+    from dist_kd.train import common
+
+    now = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    window = common.LossWindow(torch.device("cpu"))
+    window.add({"loss": torch.tensor(1.0)}, tokens=600, rows=6)
+    now[0] += 6.0  # six seconds of training, then the save and the kill
+    state = window.state_dict()
+    resumed = common.LossWindow(torch.device("cpu"))
+    now[0] += 500.0  # down, requeued, loading
+    resumed.load_state_dict(state)
+    now[0] += 30.0
+    resumed.restart_clock()  # training begins again
+    resumed.add({"loss": torch.tensor(1.0)}, tokens=400, rows=4)
+    now[0] += 4.0
+    stats = resumed.reduce()
+    assert stats.tokens == 1000 and stats.seconds == 10.0  # 100 tokens/s, as the run that was not stopped
+    resumed.add({"loss": torch.tensor(1.0)}, tokens=100, rows=1)
+    now[0] += 2.0
+    resumed.restart_clock()  # an evaluation: the carried time is not counted twice
+    assert resumed.reduce().seconds == 0.0
+    old = common.LossWindow(torch.device("cpu"))
+    old.load_state_dict({k: v for k, v in state.items() if k != "seconds"})
+    old.restart_clock()
+    assert old.reduce().seconds == 0.0
+
+
 def test_a_resume_on_fewer_ranks_keeps_every_old_ranks_open_log_window(tmp_path, monkeypatch):
     """ZeRO-0 saved by 3 ranks, resumed on 2: rank 2's open window (its loss sums, tokens and rows since the last
     log line) was never read, so the next line averaged without it and tokens_seen stayed short for the run."""
