@@ -206,7 +206,9 @@ class QualityConfig:
     )
     text: str = doc("column of the texts in eval.texts", "text")
     label: str | None = doc("column of the probe's labels in eval.texts (null: spread only)", "label")
-    max_texts: int = doc("use at most this many texts (the first ones)", 2000)
+    max_texts: int = doc(
+        "use at most this many texts (the first ones; of data.eval_shards too, after data.eval_batches)", 2000
+    )
     max_length: int = doc("truncate each text to this many pieces", 128)
     batch_size: int = doc("texts per forward pass", 64)
     folds: int = doc("folds of the cross-validated linear probe", 5)

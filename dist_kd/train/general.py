@@ -470,6 +470,7 @@ class GeneralTrainer(EngineTrainer):
                 break
             for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
                 sequences.append(ids[mask.bool()].numpy())
+        sequences = sequences[: self.cfg.eval.max_texts]  # as eval.texts' file is cut (it was ignored here)
         heldout = HeldOutTexts.from_sequences(sequences, self.tokenizer, self.cfg.data.eval_shards)
         heldout.use_pooling_of(self.cfg.teacher.path)
         return heldout

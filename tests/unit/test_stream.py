@@ -374,6 +374,17 @@ def _general_trainer(tokenizer_dir: Path, eval_shards: Path, skip_corrupt: bool,
     return trainer
 
 
+def test_general_held_out_shards_take_at_most_eval_max_texts(corpus, tiny_tokenizer_dir):
+    """eval.max_texts cut eval.texts' file only: the held-out shards gave every sequence of data.eval_batches."""
+    import dataclasses
+
+    trainer = _general_trainer(tiny_tokenizer_dir, corpus, skip_corrupt=False)
+    everything = len(trainer._heldout_texts())
+    assert everything > 10
+    trainer.cfg = dataclasses.replace(trainer.cfg, eval=dataclasses.replace(trainer.cfg.eval, max_texts=10))
+    assert len(trainer._heldout_texts()) == 10
+
+
 def test_general_held_out_shards_skip_corrupt_ones_as_the_corpus_does(corpus, tiny_tokenizer_dir, tmp_path):
     """data.eval_shards (and calibration) read through the same data.skip_corrupt as the training corpus."""
     damaged, lost = _truncated_copy(corpus, tmp_path)
