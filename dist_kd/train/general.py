@@ -14,6 +14,7 @@ Host syncs (``.item()``) happen only at log steps; loss terms are accumulated as
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -547,6 +548,7 @@ class GeneralTrainer(EngineTrainer):
         if self.step == 0 and self.heldout is not None:
             self.initial_quality = self.quality_record()  # what the initialisation alone gives
             self.initial_quality["pooling"] = self.heldout.pooling_name  # a resume under other pooling drops it
+            self.initial_quality["texts"] = self.heldout_key()  # and one on other texts or settings
         # The first window's tokens/s and the bar's rate count training only, not set-up or that evaluation.
         bar = progress_bar(
             cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
@@ -651,6 +653,13 @@ class GeneralTrainer(EngineTrainer):
         student = self.engine.module.student
         with exported_weights(self.engine, student):
             return self.quality(student)
+
+    def heldout_key(self) -> str:
+        """What the quality figures were measured on: the held-out texts' source and number, and the eval
+        settings that change them (not eval.every or eval.batch_size)."""
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg.eval).items() if k not in ("every", "batch_size")}
+        return json.dumps({"source": str(self.heldout.source), "num_texts": len(self.heldout), **settings},
+                          sort_keys=True)  # fmt: skip
 
     def quality_record(self) -> dict[str, float | None]:
         """The student's quality beside the teacher's, as ``eval_*`` metrics; warns when it looks collapsed."""
@@ -781,6 +790,12 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
         # Measured before a resume under another pooling (a release that mean-pooled every teacher).
         logger.warning("the step-0 quality was measured with %s pooling, this run pools %s: left out of the summary",
                        initial.get("pooling", "mean"), trainer.heldout.pooling_name)  # fmt: skip
+        initial = None
+    if initial is not None and initial.get("texts", trainer.heldout_key()) != trainer.heldout_key():
+        # Measured before a resume with other held-out texts or eval settings (a checkpoint of an earlier
+        # release does not record them, and keeps its row).
+        logger.warning("the step-0 quality was measured on other held-out texts or eval settings than this run's "
+                       "(eval.*, data.eval_shards changed at the resume): left out of the summary")  # fmt: skip
         initial = None
     if initial is not None:
         reports["student at step 0"] = QualityReport(spread=initial["eval_spread"], probe=initial["eval_probe"])
