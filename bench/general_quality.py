@@ -41,35 +41,28 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The teacher's cut with TinyBERT's objective; each recipe changes some of these settings.
+_CUT = {"student.init": "teacher", "train.lr": "3e-4", "distill.normalize": "none", "distill.projection": "auto",
+        "student.calibrate": "false"}  # fmt: skip
+
+
+def _recipe(**changes: str) -> list[str]:
+    """``_CUT`` with ``changes`` (keys with ``__`` for the dots), as key=value overrides."""
+    settings = {**_CUT, **{key.replace("__", "."): value for key, value in changes.items()}}
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
 RECIPES: dict[str, list[str]] = {
-    "tinybert": [
-        "student.init=random", "train.lr=1e-3", "distill.normalize=none", "distill.projection=auto",
-        "student.calibrate=false",
-    ],
-    "teacher_init": [
-        "student.init=teacher", "train.lr=3e-4", "distill.normalize=none", "distill.projection=auto",
-        "student.calibrate=false",
-    ],
-    # docs/quality.md's recipe table: the teacher's cut with one of the three changes alone
-    "teacher_init_variance": [
-        "student.init=teacher", "train.lr=3e-4", "distill.normalize=variance", "distill.projection=auto",
-        "student.calibrate=false",
-    ],
-    "teacher_init_select": [
-        "student.init=teacher", "train.lr=3e-4", "distill.normalize=none", "distill.projection=select",
-        "student.calibrate=false",
-    ],
-    "calibrated": [
-        "student.init=teacher", "train.lr=3e-4", "distill.normalize=none", "distill.projection=auto",
-        "student.calibrate=true",
-    ],
-    "normalized": [
-        "student.init=teacher", "train.lr=3e-4", "distill.normalize=variance", "distill.projection=auto",
-        "student.calibrate=true",
-    ],
+    "tinybert": _recipe(student__init="random", train__lr="1e-3"),
+    "teacher_init": _recipe(),
+    # docs/quality.md's recipe table: the teacher's cut with one change alone
+    "teacher_init_variance": _recipe(distill__normalize="variance"),
+    "teacher_init_select": _recipe(distill__projection="select"),
+    "calibrated": _recipe(student__calibrate="true"),
+    "normalized": _recipe(distill__normalize="variance", student__calibrate="true"),
     "dist_kd": [],
     "sentence": ["distill.weights.sentence=1"],
-}  # fmt: skip
+}
 
 
 def teacher_dir() -> str:
