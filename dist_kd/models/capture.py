@@ -130,6 +130,10 @@ def find_layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     )
 
 
+class AttentionNotRouted(RuntimeError):
+    """The model's attention did not go through the dist_kd implementation: its scores cannot be captured."""
+
+
 class FeatureCapture:
     """Marks layers of a model for capture and collects their features on each forward pass.
 
@@ -180,9 +184,7 @@ class FeatureCapture:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 self(ids, torch.ones_like(ids))
-        except RuntimeError as err:
-            if "did not route attention" not in str(err):
-                raise
+        except AttentionNotRouted as err:
             raise ValueError(str(err)) from None
         finally:
             self.model.train(was_training)
@@ -216,7 +218,7 @@ class FeatureCapture:
         missing = [n for n in self.score_layers if n not in self.sink]
         missing += [n for n in self.qkv_layers if n not in self.qkv_sink and n not in missing]
         if missing:
-            raise RuntimeError(
+            raise AttentionNotRouted(
                 f"{type(self.model).__name__} did not route attention through the '{ATTN_IMPLEMENTATION}' "
                 f"implementation for layers {missing}; its raw attention scores or inputs cannot be captured "
                 "(docs/encoders.md lists the supported encoders)"
