@@ -155,6 +155,14 @@ def process_started(pid: int | str) -> float | None:
         return None
 
 
+def same_process(pid: int, started: object) -> bool:
+    """Whether live process ``pid`` of this host is the one that began at ``started`` (as
+    :func:`process_started` gave it then). False for a pid that is gone, a zombie, another process that has the
+    pid now (used again, or one of another pid namespace under the same host name), a ``started`` that was not
+    recorded, and where /proc cannot be read: callers decide what an unknown start means."""
+    return isinstance(started, (int, float)) and pid_alive(pid) and process_started(pid) == started
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (owned by anyone)."""
     try:

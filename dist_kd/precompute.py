@@ -62,6 +62,7 @@ from dist_kd.io import (
     pid_alive,
     process_started,
     read_parquet_metadata,
+    same_process,
     sha256_file,
     weights_sha256,
     write_json_atomic,
@@ -604,7 +605,9 @@ def _writer_ended(output: Path) -> bool:
         return False
     if host != host_tag():
         return False
-    return pid == os.getpid() or not pid_alive(pid) or (started is not None and process_started(pid) != started)
+    if started is None:  # /proc was not readable: the pid alone tells
+        return pid == os.getpid() or not pid_alive(pid)
+    return pid == os.getpid() or not same_process(pid, started)
 
 
 def _missing_chunks(output: Path, bounds: list[tuple[int, int]], key: str) -> list[int]:

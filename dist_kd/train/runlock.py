@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dist_kd.io import pid_alive, process_started
+from dist_kd.io import pid_alive, process_started, same_process
 
 logger = logging.getLogger(__name__)
 
@@ -121,18 +121,12 @@ class RunLock:
                 return float(owner.get("started", 0.0)) >= _LOADED and age < self.stale_s
             if not pid_alive(pid):
                 return False
-            if self._writer_lives(owner, pid):
-                return True  # stopped (Ctrl-Z, scontrol suspend) or stalled, not gone: its heartbeat resumes with it
+            if same_process(pid, owner.get("proc_started")):
+                # The lock's writer, stopped (Ctrl-Z, scontrol suspend) or stalled, not gone: its heartbeat resumes
+                # with it. Another process with its pid, a zombie, or a lock that does not record when its writer
+                # began is judged by the heartbeat.
+                return True
         return age < self.stale_s
-
-    @staticmethod
-    def _writer_lives(owner: dict[str, Any], pid: int) -> bool:
-        """Whether live process ``pid`` of this host is the one that wrote the lock: it began when the writer
-        did (``proc_started``, in clock ticks since boot). Another process with that pid (the pid used again, or
-        one of another pid namespace under the same host name), a zombie, or a lock that does not record it is
-        judged by the heartbeat."""
-        began, known = process_started(pid), owner.get("proc_started")
-        return began is not None and isinstance(known, (int, float)) and began == known
 
     @staticmethod
     def describe(owner: dict[str, Any] | None, age: float) -> str:

@@ -223,3 +223,25 @@ def test_atomic_dir_removes_the_copy_a_killed_writer_left_and_nothing_else(tmp_p
         (tmp / "config.json").write_text("{}")
     left = {path.name for path in tmp_path.iterdir()}
     assert left == {"student", *(name for key, name in siblings.items() if key != "killed")}
+
+
+def test_same_process_tells_the_recorded_process_from_one_that_took_its_pid_or_ended():
+    import os
+    import subprocess
+    import sys
+
+    from dist_kd.io import process_started, same_process
+
+    began = process_started("self")
+    assert began is not None  # Linux: /proc is readable
+    assert same_process(os.getpid(), began)
+    assert not same_process(os.getpid(), began - 1)  # another process that had this pid before
+    assert not same_process(os.getpid(), None)  # a record without the start: unknown, not "the same"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child_began = process_started(child.pid)
+        assert same_process(child.pid, child_began)
+    finally:
+        child.kill()
+        child.wait()
+    assert not same_process(child.pid, child_began)  # gone
