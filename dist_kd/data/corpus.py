@@ -71,6 +71,7 @@ from dist_kd.data.shards import (  # noqa: F401
     read_manifest,
     read_shard,
     shard_name,
+    shard_problem,
 )
 from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint  # noqa: F401
 from dist_kd.io import check_output_dir, killed_writer, write_json_atomic, writer_tag
@@ -736,7 +737,7 @@ def _whole_corpus(directory: Path) -> bool:
     deletion cut short can leave the manifest and some shards)."""
     try:
         manifest = json.loads((directory / MANIFEST_NAME).read_text())
-        return all((directory / shard["name"]).stat().st_size == shard["num_bytes"] for shard in manifest["shards"])
+        return all(shard_problem(directory / shard["name"], shard) is None for shard in manifest["shards"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -196,6 +196,17 @@ def _parse_npy_header(header: bytes) -> tuple[np.dtype, int]:
     return parsed
 
 
+def shard_problem(path: Path, shard: dict) -> str | None:
+    """Why the shard file ``path`` is not the one its manifest entry ``shard`` describes, by existence and size
+    (``num_bytes``, where recorded); None when it looks whole. Reading and checksums are the callers' part."""
+    if not path.is_file():
+        return "file is missing"
+    size = path.stat().st_size
+    if "num_bytes" in shard and size != shard["num_bytes"]:
+        return f"size is {size} bytes, manifest says {shard['num_bytes']} (truncated?)"
+    return None
+
+
 def read_shard(path: str | os.PathLike, expected_num_sequences: int | None = None) -> list[np.ndarray]:
     """Read a shard's ``input_ids`` arrays, in file order, validating the tar and npy structure.
 

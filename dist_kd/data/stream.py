@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_kd.data.shards import CorruptShardError, read_manifest, read_shard
+from dist_kd.data.shards import CorruptShardError, read_manifest, read_shard, shard_problem
 from dist_kd.data.tokenizer import check_tokenizer_matches
 from dist_kd.distributed import RANK_SPECIFIC
 from dist_kd.io import sha256_file
@@ -480,12 +480,8 @@ class CorpusStream:
         excluded = []
         for index, shard in enumerate(self.manifest["shards"]):
             path = self.shards_dir / shard["name"]
-            reason = None
-            if not path.is_file():
-                reason = "file is missing"
-            elif "num_bytes" in shard and path.stat().st_size != shard["num_bytes"]:
-                reason = f"size is {path.stat().st_size} bytes, manifest says {shard['num_bytes']} (truncated?)"
-            elif verify_checksums and sha256_file(path) != shard["sha256"]:
+            reason = shard_problem(path, shard)
+            if reason is None and verify_checksums and sha256_file(path) != shard["sha256"]:
                 reason = "sha256 differs from the manifest's"
             if reason is None:
                 continue
