@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,11 +57,7 @@ from dist_kd.data.tasks import (
 )
 from dist_kd.io import (
     check_output_dir,
-    host_tag,
-    pid_alive,
-    process_started,
     read_parquet_metadata,
-    same_process,
     sha256_file,
     weights_sha256,
     write_json_atomic,
@@ -70,12 +65,13 @@ from dist_kd.io import (
 )
 from dist_kd.models.teacher import DTYPES, check_max_length, check_model_dir
 from dist_kd.predict import batched_logits, check_classifier, read_task_record, teacher_label_names
+from dist_kd.train.common import check_run_lock
+from dist_kd.train.runlock import locked_run_dir
 
 logger = logging.getLogger(__name__)
 
 CHUNKS_DIR = "_chunks"
 RUN_RECORD = "run.json"
-WRITER_RECORD = "writer.json"  # the host and process of the run writing _chunks/, to tell a live run from an ended one
 # A directory of the augmentation stage (launch/augment.py) holds its rows in this file.
 AUGMENTED_FILE = "augmented.parquet"
 
@@ -576,9 +572,9 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
                 f"{record_path} (the record of a partial precompute) does not read ({err}); delete "
                 f"{output / CHUNKS_DIR} to start over"
             ) from None
-        if found != record and not any((output / CHUNKS_DIR).glob("chunk-*.parquet")) and _writer_ended(output):
-            # A run that ended before its first chunk (a teacher refused as it loaded): nothing to keep. One that
-            # may still be loading its teachers (alive, or on another host) is refused below.
+        if found != record and not any((output / CHUNKS_DIR).glob("chunk-*.parquet")):
+            # A run that ended before its first chunk (a teacher refused as it loaded): nothing to keep. The caller
+            # holds the output's run lock, so no run that may still be loading its teachers is taken over.
             logger.info("%s: the earlier run with other parameters ended before its first chunk; starting over", output)
             write_json_atomic(record_path, record)
         elif found != record:
@@ -589,25 +585,7 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
             )
     else:
         write_json_atomic(record_path, record)
-    write_json_atomic(output / CHUNKS_DIR / WRITER_RECORD, {"host": host_tag(), "pid": os.getpid(),
-                                                            "started": process_started("self")})  # fmt: skip
     return "work"
-
-
-def _writer_ended(output: Path) -> bool:
-    """Whether the process that last took on ``output``'s partial run (``_chunks/writer.json``, rank 0) has
-    ended: on this host, its pid gone or used again by another process, or this process (an earlier call of
-    the API, which returned). Unknown (another host's, a record of an earlier release, none) is False."""
-    try:
-        writer = json.loads((output / CHUNKS_DIR / WRITER_RECORD).read_text())
-        host, pid, started = writer["host"], int(writer["pid"]), writer["started"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if host != host_tag():
-        return False
-    if started is None:  # /proc was not readable: the pid alone tells
-        return pid == os.getpid() or not pid_alive(pid)
-    return pid == os.getpid() or not same_process(pid, started)
 
 
 def _missing_chunks(output: Path, bounds: list[tuple[int, int]], key: str) -> list[int]:
@@ -742,74 +720,78 @@ def precompute_soft_targets(
     key = run_key(record)
     bounds = chunk_bounds(examples.num_rows, config.chunk_size)
 
-    # Rank 0 decides and every rank learns the outcome, so a refusal raises everywhere instead of
-    # leaving the other ranks waiting at a barrier.
-    decision: dict[str, Any] = {}
-    if info.is_main:
-        try:
-            decision["status"] = _prepare_work_dir(output, record)
-            decision["missing"] = _missing_chunks(output, bounds, key) if decision["status"] == "work" else []
-        except ValueError as err:
-            decision["error"] = str(err)
-    decision = distributed.broadcast_object(decision)
-    if "error" in decision:
-        raise distributed.said_by(ValueError(decision["error"]), 0)  # rank 0's refusal, raised by every rank
-    if decision["status"] == "done":
-        logger.info("%s is already complete for these inputs; nothing to do", output)
-        return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)
+    # One run writes the output at a time: a second one (the same command started twice) is refused, and a run
+    # that finds the lock free knows that the run that wrote a partial run's record has ended.
+    with locked_run_dir(output, info, flag="--output"):
+        # Rank 0 decides and every rank learns the outcome, so a refusal raises everywhere instead of
+        # leaving the other ranks waiting at a barrier.
+        decision: dict[str, Any] = {}
+        if info.is_main:
+            try:
+                decision["status"] = _prepare_work_dir(output, record)
+                decision["missing"] = _missing_chunks(output, bounds, key) if decision["status"] == "work" else []
+            except ValueError as err:
+                decision["error"] = str(err)
+        decision = distributed.broadcast_object(decision)
+        if "error" in decision:
+            raise distributed.said_by(ValueError(decision["error"]), 0)  # rank 0's refusal, raised by every rank
+        if decision["status"] == "done":
+            logger.info("%s is already complete for these inputs; nothing to do", output)
+            return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)
 
-    # Dealing the *missing* chunks round-robin keeps ranks balanced on a resume too.
-    mine = decision["missing"][info.rank :: info.world_size]
-    reused_chunks = len(bounds) - len(decision["missing"])
-    if info.is_main:
-        logger.info(
-            "%d examples in %d chunks: %d done earlier, %d to compute on %d rank(s)",
-            examples.num_rows, len(bounds), reused_chunks, len(decision["missing"]), info.world_size,
-        )  # fmt: skip
-    computed, from_reuse, seconds = 0, 0, 0.0
-    if mine:
-        # Read only by a rank with chunks to compute, and the teachers loaded on first use: chunks made of
-        # reused rows need none.
-        reused = load_reused_targets(metadata.extra["reused_from"], metadata) if config.reuse else None
+        # Dealing the *missing* chunks round-robin keeps ranks balanced on a resume too.
+        mine = decision["missing"][info.rank :: info.world_size]
+        reused_chunks = len(bounds) - len(decision["missing"])
+        if info.is_main:
+            logger.info(
+                "%d examples in %d chunks: %d done earlier, %d to compute on %d rank(s)",
+                examples.num_rows, len(bounds), reused_chunks, len(decision["missing"]), info.world_size,
+            )  # fmt: skip
+        computed, from_reuse, seconds = 0, 0, 0.0
+        if mine:
+            # Read only by a rank with chunks to compute, and the teachers loaded on first use: chunks made of
+            # reused rows need none.
+            reused = load_reused_targets(metadata.extra["reused_from"], metadata) if config.reuse else None
 
-        @functools.cache
-        def ensemble() -> TeacherEnsemble:
-            return TeacherEnsemble(
-                config.teachers, config.dtype, device, config.max_length, config.batch_size, check.label_orders
-            )
-
-        from dist_kd.cli import progress as tqdm
-
-        total = sum(bounds[index][1] - bounds[index][0] for index in mine)
-        with tqdm(total=total, desc="precompute", unit="ex", disable=not (progress and info.is_main)) as bar:
-            for index in mine:
-                start, stop = bounds[index]
-                began = time.perf_counter()
-                rows, ran = _compute_chunk(
-                    ensemble, examples.slice(start, stop - start), spec, config, reused, metadata.num_classes
+            @functools.cache
+            def ensemble() -> TeacherEnsemble:
+                return TeacherEnsemble(
+                    config.teachers, config.dtype, device, config.max_length, config.batch_size, check.label_orders
                 )
-                seconds += time.perf_counter() - began
-                write_parquet_atomic(rows, chunk_path(output, index), {"run": key, "chunk": index})
-                computed += ran
-                from_reuse += stop - start - ran
-                bar.update(stop - start)
-                if on_chunk_written is not None:
-                    on_chunk_written(index)
-        ensemble.cache_clear()
-        del reused
-        if from_reuse:
-            logger.info("rank %d: %d examples from the reused stores, %d through the teachers", info.rank,
-                        from_reuse, computed)  # fmt: skip
-    distributed.barrier()
 
-    if info.is_main:
-        still_missing = _missing_chunks(output, bounds, key)
-        if still_missing:
-            raise ValueError(f"{output}: chunks {still_missing[:10]} are missing after every rank finished")
-        store.write_soft_targets(_read_chunks(output, len(bounds)), output, metadata, config.rows_per_file)
-        shutil.rmtree(output / CHUNKS_DIR)
-        logger.info("wrote %s: %d rows", output, examples.num_rows)
-    distributed.barrier()
-    return PrecomputeResult(
-        output, examples.num_rows, computed, reused_chunks if info.is_main else 0, seconds, from_reuse
-    )
+            from dist_kd.cli import progress as tqdm
+
+            total = sum(bounds[index][1] - bounds[index][0] for index in mine)
+            with tqdm(total=total, desc="precompute", unit="ex", disable=not (progress and info.is_main)) as bar:
+                for index in mine:
+                    start, stop = bounds[index]
+                    began = time.perf_counter()
+                    rows, ran = _compute_chunk(
+                        ensemble, examples.slice(start, stop - start), spec, config, reused, metadata.num_classes
+                    )
+                    seconds += time.perf_counter() - began
+                    write_parquet_atomic(rows, chunk_path(output, index), {"run": key, "chunk": index})
+                    computed += ran
+                    from_reuse += stop - start - ran
+                    bar.update(stop - start)
+                    if on_chunk_written is not None:
+                        on_chunk_written(index)
+            ensemble.cache_clear()
+            del reused
+            if from_reuse:
+                logger.info("rank %d: %d examples from the reused stores, %d through the teachers", info.rank,
+                            from_reuse, computed)  # fmt: skip
+        distributed.barrier()
+        check_run_lock()  # a run that stalled past the lock's staleness and was taken over merges nothing
+
+        if info.is_main:
+            still_missing = _missing_chunks(output, bounds, key)
+            if still_missing:
+                raise ValueError(f"{output}: chunks {still_missing[:10]} are missing after every rank finished")
+            store.write_soft_targets(_read_chunks(output, len(bounds)), output, metadata, config.rows_per_file)
+            shutil.rmtree(output / CHUNKS_DIR)
+            logger.info("wrote %s: %d rows", output, examples.num_rows)
+        distributed.barrier()
+        return PrecomputeResult(
+            output, examples.num_rows, computed, reused_chunks if info.is_main else 0, seconds, from_reuse
+        )

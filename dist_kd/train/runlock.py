@@ -260,16 +260,46 @@ class RunLock:
 
 
 @contextlib.contextmanager
+def locked_run_dir(run_dir: str | os.PathLike, info: Any, flag: str = "run.output_dir") -> Iterator[RunLock | None]:
+    """Rank 0 holds ``run_dir``'s :class:`RunLock` for the block; every rank raises rank 0's refusal (the others
+    would wait for it forever). Collective.
+
+    Yields:
+        The lock on rank 0, None on the other ranks.
+
+    Raises:
+        RunDirInUse: another live run writes to the directory.
+        RunDirNotWritable: the directory cannot be created or written.
+    """
+    from dist_kd import distributed
+
+    lock = refused = None
+    if info.is_main:
+        lock = RunLock(run_dir, flag=flag)
+        try:
+            lock.acquire()
+        except (RunDirInUse, RunDirNotWritable) as err:
+            lock, refused = None, (type(err).__name__, str(err))
+    try:
+        refused = distributed.broadcast_object(refused)
+        if refused:
+            raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
 def owned_run_dir(
     run_dir: str | os.PathLike, info: Any, flag: str = "run.output_dir", expected: tuple[type, ...] = (ValueError,)
 ) -> Iterator[Any]:
     """One writer for the run directory, and its ``train.log``: what every training command holds while it runs.
 
-    Rank 0 takes the directory's :class:`RunLock`; every rank raises rank 0's refusal (the others would wait
-    for it forever). Rank 0 then writes its log lines to ``run_dir/train.log``, held until the caller's
-    ``log.start()`` (the set-up passed its checks: a run refused at set-up leaves the directory as it was).
-    The error that stops the run goes into the log, with its traceback unless it is one of ``expected`` (bad
-    input, a full disk), before the lock is given back.
+    Rank 0 takes the directory's lock (:func:`locked_run_dir`). Rank 0 then writes its log lines to
+    ``run_dir/train.log``, held until the caller's ``log.start()`` (the set-up passed its checks: a run refused
+    at set-up leaves the directory as it was). The error that stops the run goes into the log, with its
+    traceback unless it is one of ``expected`` (bad input, a full disk), before the lock is given back.
 
     Yields:
         The :class:`dist_kd.cli.RunLog` on rank 0, None on the other ranks.
@@ -278,28 +308,14 @@ def owned_run_dir(
         RunDirInUse: another live run writes to the directory.
         RunDirNotWritable: the directory cannot be created or written.
     """
-    from dist_kd import distributed
     from dist_kd.cli import attach_run_log, detach_run_log, note_run_failure
 
-    lock = run_log = refused = None
-    try:
-        if info.is_main:
-            lock = RunLock(run_dir, flag=flag)
-            try:
-                lock.acquire()
-            except (RunDirInUse, RunDirNotWritable) as err:
-                lock, refused = None, (type(err).__name__, str(err))
-        refused = distributed.broadcast_object(refused)
-        if refused:
-            raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
-        if lock is not None:  # rank 0, the run directory its own
-            run_log = attach_run_log(run_dir, info.rank)
+    with locked_run_dir(run_dir, info, flag) as lock:
+        run_log = attach_run_log(run_dir, info.rank) if lock is not None else None  # rank 0, the directory its own
         try:
             yield run_log
         except BaseException as err:
             note_run_failure(run_log, err, expected=expected)
             raise
-    finally:
-        detach_run_log(run_log)
-        if lock is not None:
-            lock.release()
+        finally:
+            detach_run_log(run_log)

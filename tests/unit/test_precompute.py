@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -276,7 +276,7 @@ def test_a_run_stopped_before_its_first_chunk_does_not_refuse_the_corrected_comm
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"--teachers .*encoder: its weights hold no trained head"):
         precompute_soft_targets(spec, data, out, _config([teachers[0], str(encoder)]), progress=False)
-    assert sorted(p.name for p in (out / "_chunks").iterdir()) == ["run.json", "writer.json"]
+    assert sorted(p.name for p in (out / "_chunks").iterdir()) == ["run.json"]
     renamed = tmp_path / "renamed"  # the fix: a real classifier, of a class named otherwise
     shutil.copytree(teachers[1], renamed)
     settings = json.loads((renamed / "config.json").read_text())
@@ -557,30 +557,33 @@ def test_each_teacher_gets_the_segment_ids_its_own_tokenizer_gives(tmp_path):
         np.testing.assert_allclose(stored[:, index], _independent_logits(teacher, rows), atol=1e-5, err_msg=teacher)
 
 
-def test_a_partial_run_is_started_over_only_when_its_writer_has_ended(tmp_path):
-    """Starting over where no chunk was written let a run with other parameters take over one still loading its
-    teachers, whose store then replaced the other's: only an ended writer's partial run is started over."""
+def test_one_run_writes_an_output_at_a_time_and_an_ended_runs_empty_partial_run_is_started_over(setup, tmp_path):
+    """Two precomputes on one --output (the same command started twice) both wrote chunks and merged the store;
+    and a run with other parameters could take over a partial run whose writer was still loading its teachers.
+    The output's run lock refuses the second run, and a partial run without chunks is started over only once
+    its writer's lock is gone."""
     import subprocess
     import sys
 
-    from dist_kd.io import host_tag, process_started
-    from dist_kd.precompute import CHUNKS_DIR, WRITER_RECORD, _writer_ended
+    from dist_kd.train.runlock import LOCK_NAME, RunDirInUse, RunLock
 
-    (tmp_path / CHUNKS_DIR).mkdir()
-    record = tmp_path / CHUNKS_DIR / WRITER_RECORD
-    assert not _writer_ended(tmp_path)  # no record (an earlier release's run): refused, as before
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        for pid, started, host, ended in (
-            (live.pid, process_started(live.pid), host_tag(), False),  # alive: it may be loading its teachers
-            (live.pid, process_started(live.pid), "otherhost", False),  # another host's: cannot tell
-            (live.pid, -1.0, host_tag(), True),  # its pid, another process: the writer ended
-            (os.getpid(), process_started("self"), host_tag(), True),  # an earlier call in this process
-        ):
-            record.write_text(json.dumps({"host": host, "pid": pid, "started": started}))
-            assert _writer_ended(tmp_path) is ended, (pid, host)
-    finally:
-        live.kill()
-        live.wait()
-    record.write_text(json.dumps({"host": host_tag(), "pid": live.pid, "started": 1.0}))
-    assert _writer_ended(tmp_path)  # its pid gone
+    _, teachers, data, spec, _ = setup
+    out = tmp_path / "out"
+    (out / "_chunks").mkdir(parents=True)
+    earlier = {"teachers": ["other"], "temperature": 3.0}  # a run with other parameters, before its first chunk
+    (out / "_chunks" / "run.json").write_text(json.dumps(earlier))
+    with RunLock(out, flag="--output"):  # its writer, alive (loading its teachers)
+        with pytest.raises(RunDirInUse, match=rf"--output {re.escape(str(out))} .*{LOCK_NAME}"):
+            precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
+        assert json.loads((out / "_chunks" / "run.json").read_text()) == earlier  # not taken over
+    # Its writer killed: the lock it left is stale (its pid is gone), and the partial run holds no chunk.
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer.kill()
+    writer.wait()
+    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": writer.pid, "token": "x",
+                                             "started": 0.0, "proc_started": 1.0}))  # fmt: skip
+    precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
+    reference = tmp_path / "reference"
+    precompute_soft_targets(spec, data, reference, _config(teachers[:2]), progress=False)
+    np.testing.assert_array_equal(st.load_soft_targets(out).soft_probs(), st.load_soft_targets(reference).soft_probs())
+    assert not (out / LOCK_NAME).exists() and not (out / "_chunks").exists()
