@@ -98,10 +98,39 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _closest(name: str, choices: list[str]) -> str:
-    by_case = {choice.lower(): choice for choice in choices}  # text_A is text_a mistyped, not text_b
-    match = difflib.get_close_matches(name.lower(), list(by_case), n=1, cutoff=0.0)
-    return f"; did you mean '{by_case[match[0]]}'?" if match else ""
+def _closest(where: str, section: list[str], others: list[str] = ()) -> str:
+    """``"; did you mean 'KEY'?"`` for the unknown key ``where``, or where to find the keys when none is close. The same name
+    in another section comes first (``train.micro_batch_size`` is ``data.micro_batch_size``), then a close name
+    in its own section, then one in another; names compare without case (``text_A`` is ``text_a`` mistyped,
+    not ``text_b``) and without their section (whose shared prefix made any key look close)."""
+    leaf = where.rsplit(".", 1)[-1].lower()
+    for pool, cutoff in ((others, 1.0), (section, 0.6), (others, 0.75)):
+        by_leaf = {key.rsplit(".", 1)[-1].lower(): key for key in reversed(pool) if key != where}
+        match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=cutoff)
+        if match:
+            return f"; did you mean '{by_leaf[match[0]]}'?"
+    return "; python -m dist_kd.config lists every key"
+
+
+class _UnknownKey(ValueError):
+    """A key no field has; :func:`config_from_dict` names the closest key of the whole config."""
+
+    def __init__(self, where: str, section: list[str]):
+        super().__init__(f"unknown config key '{where}'{_closest(where, section)}")
+        self.where, self.section = where, section
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of the config dataclass ``cls`` and of its sections, dotted (not those of list items)."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for field in dataclasses.fields(cls):
+        where = f"{prefix}.{field.name}" if prefix else field.name
+        keys.append(where)
+        tp, _ = _strip_optional(hints[field.name])
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_dotted_keys(tp, where))
+    return keys
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -206,8 +235,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         key = _plain(key)
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            known = [f"{prefix}.{n}" if prefix else n for n in names]
-            raise ValueError(f"unknown config key '{where}'{_closest(where, known)}")
+            raise _UnknownKey(where, [f"{prefix}.{n}" if prefix else n for n in names])
         kwargs[key] = _coerce(value, hints[key], where)
         if fields[key].metadata.get("path") and isinstance(kwargs[key], str):
             # A shell expands ~ only at the start of a word: `run.output_dir=~/runs/x` reaches us unexpanded.
@@ -233,7 +261,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             child = {}
             node[part] = child
         node = child
-    node[parts[-1]] = value
+    earlier = node.get(parts[-1])
+    # `train.lr=0.5 train={seed: 3}` keeps train.lr, as a section in the YAML file would (merged, not replaced)
+    node[parts[-1]] = _merge(earlier, value) if isinstance(value, dict) and isinstance(earlier, dict) else value
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -333,7 +363,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def config_from_dict(cls: type[T], data: dict[str, Any], overrides: list[str] | None = None) -> T:
     """Build a config dataclass from a dict shaped like the YAML and dotted overrides (validated as a file is)."""
-    return _build(cls, _merge(data, parse_overrides(list(overrides or []))))
+    try:
+        return _build(cls, _merge(data, parse_overrides(list(overrides or []))))
+    except _UnknownKey as err:
+        others = [key for key in _dotted_keys(cls) if key not in err.section]
+        raise ValueError(f"unknown config key '{err.where}'{_closest(err.where, err.section, others)}") from None
 
 
 def _type_name(tp: Any) -> str:

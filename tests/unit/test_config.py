@@ -53,6 +53,35 @@ def test_unknown_key_names_closest():
         load_config(Outer, None, ["distill.weights.atn=1"])
 
 
+@pytest.mark.parametrize(
+    "override, key, said",
+    [
+        # A key of another section was "did you mean" its own section's closest key, close or not (cutoff 0).
+        ("train.micro_batch_size=8", "train.micro_batch_size", "did you mean 'data.micro_batch_size'?"),  # was
+        ("data.lr=1e-4", "data.lr", "did you mean 'train.lr'?"),  # train.global_batch_size, data.shards,
+        ("data.max_steps=3", "data.max_steps", "did you mean 'train.max_steps'?"),  # data.num_workers
+        ("train.max_step=3", "train.max_step", "did you mean 'train.max_steps'?"),  # its own section's, as before
+        ("trian.lr=1", "trian", "did you mean 'train'?"),
+        ("train.learning_rate=1", "train.learning_rate", "python -m dist_kd.config lists every key"),  # was warmup
+    ],
+)
+def test_an_unknown_key_is_told_the_same_name_in_another_section_and_no_far_one(override, key, said):
+    from dist_kd.train.general import GeneralConfig
+
+    with pytest.raises(ValueError) as err:
+        load_config(GeneralConfig, None, [override])
+    assert str(err.value) == f"unknown config key '{key}'; {said}"
+
+
+def test_a_section_given_whole_after_one_of_its_keys_keeps_that_key():
+    """`inner.rate=2 inner={name: y}` dropped inner.rate (the section replaced it), which the same section in
+    the YAML file does not do."""
+    for overrides in (["inner.rate=2", "inner={name: y}"], ["inner={name: y}", "inner.rate=2"]):
+        cfg = load_config(Outer, None, overrides)
+        assert (cfg.inner.rate, cfg.inner.name) == (2.0, "y"), overrides
+    assert load_config(Outer, None, ["inner.rate=2", "inner.rate=3"]).inner.rate == 3.0  # the last of one key
+
+
 def test_type_and_validation_errors(tmp_path):
     with pytest.raises(ValueError, match="'steps' must be an integer"):
         load_config(Outer, None, ["steps=abc"])
