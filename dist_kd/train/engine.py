@@ -258,19 +258,34 @@ def build_ds_config(
             "the optimizer and schedule come from the train section (train.optimizer, train.lr, train.weight_decay, "
             "train.warmup_ratio, ...); remove the key(s) from the JSON"
         )
-    filled: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * world_size,
-        "gradient_clipping": clip,
+    filled: dict[str, tuple[Any, str]] = {  # each key's value, and the run config's key(s) that give it
+        "train_micro_batch_size_per_gpu": (micro_batch_size, "data.micro_batch_size"),
+        "gradient_accumulation_steps": (grad_accum, "train.grad_accum"),
+        "train_batch_size": (
+            micro_batch_size * grad_accum * world_size,
+            "data.micro_batch_size x train.grad_accum x world size",
+        ),
+        "gradient_clipping": (clip, "train.clip"),
     }
-    for key, value in filled.items():
+    for key, (value, given_by) in filled.items():
         if key in ds_config and ds_config[key] != value:
             raise ValueError(
                 f"deepspeed.config {source} sets {key}={ds_config[key]}, but the run config gives {value} "
-                "(micro_batch_size x grad_accum x world size); remove the key from the JSON"
+                f"({given_by}); remove the key from the JSON"
             )
-    ds_config.update(filled)
+        ds_config[key] = value
+    for key in ("fp16", "bf16", "bfloat16"):
+        if key in ds_config and not isinstance(ds_config[key], dict):
+            raise ValueError(
+                f'deepspeed.config {source}: {key} must be an object such as {{"enabled": true}}, got '
+                f"{json.dumps(ds_config[key])}"
+            )
+    if "bfloat16" in ds_config:  # DeepSpeed's older name of the bf16 section, read where bf16 is absent
+        if "bf16" in ds_config:
+            raise ValueError(
+                f"deepspeed.config {source} sets both 'bf16' and its older name 'bfloat16'; keep one ('bf16')"
+            )
+        ds_config["bf16"] = ds_config.pop("bfloat16")
     if "torch_autocast" in ds_config:
         raise ValueError(
             f"deepspeed.config {source} sets 'torch_autocast', which dist_kd sets from train.precision and "

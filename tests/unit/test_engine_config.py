@@ -86,6 +86,43 @@ def test_disagreeing_json_is_an_error(tmp_path):
     assert build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)["a_section_of_a_newer_deepspeed"] == {}  # close to none
 
 
+def test_a_json_key_that_disagrees_names_the_run_config_key_that_gives_it(tmp_path):
+    """Every disagreement was explained as "(micro_batch_size x grad_accum x world size)", a clip one too."""
+    path = tmp_path / "ds.json"
+    for key, value, ours, given_by in (
+        ("gradient_clipping", 0.5, 1.0, "train.clip"),
+        ("train_micro_batch_size_per_gpu", 4, 8, "data.micro_batch_size"),
+        ("gradient_accumulation_steps", 2, 1, "train.grad_accum"),
+        ("train_batch_size", 100, 16, "data.micro_batch_size x train.grad_accum x world size"),
+    ):
+        path.write_text(json.dumps({key: value}))
+        with pytest.raises(ValueError) as err:
+            build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+        said = f"sets {key}={value}, but the run config gives {ours} ({given_by}); remove the key from the JSON"
+        assert str(err.value).endswith(said), key
+
+
+def test_deepspeeds_older_bfloat16_section_is_read_as_bf16_and_a_section_not_an_object_is_refused(tmp_path):
+    """DeepSpeed reads "bfloat16" where "bf16" is absent; dist_kd wrote "bf16" beside it, so the JSON's
+    request was dropped (an fp32 run with it passed, and auto mode took autocast for it). "bf16": true crashed
+    with an AttributeError traceback."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bfloat16": {"enabled": True}}))
+    with pytest.raises(ValueError, match=r"ds.json enables bf16, but train.precision resolves to fp32"):
+        build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    config = build_ds_config(str(path), 8, 1, 2, "bf16", 1.0)  # auto at ZeRO-0: DeepSpeed's bf16, as the JSON asks
+    assert config["bf16"] == {"enabled": True} and "bfloat16" not in config and "torch_autocast" not in config
+    path.write_text(json.dumps({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}))
+    with pytest.raises(ValueError, match=r"sets both 'bf16' and its older name 'bfloat16'"):
+        build_ds_config(str(path), 8, 1, 2, "bf16", 1.0)
+    for key in ("fp16", "bf16", "bfloat16"):
+        path.write_text(json.dumps({key: True}))
+        with pytest.raises(
+            ValueError, match=rf'ds.json: {key} must be an object such as {{"enabled": true}}, got true'
+        ):
+            build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+
+
 def test_batch_check_and_precision():
     assert check_batch(8, 2, 4, None) == 64
     with pytest.raises(ValueError, match="global_batch_size=60"):
