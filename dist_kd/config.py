@@ -99,10 +99,10 @@ def _plain(value: Any) -> Any:
 
 
 def _closest(where: str, section: list[str], others: list[str] = ()) -> str:
-    """``"; did you mean 'KEY'?"`` for the unknown key ``where``, or where to find the keys when none is close. The same name
-    in another section comes first (``train.micro_batch_size`` is ``data.micro_batch_size``), then a close name
-    in its own section, then one in another; names compare without case (``text_A`` is ``text_a`` mistyped,
-    not ``text_b``) and without their section (whose shared prefix made any key look close)."""
+    """``"; did you mean 'KEY'?"`` for the unknown key ``where``, or where to find the keys when none is close.
+    The same name in another section comes first (``train.micro_batch_size`` is ``data.micro_batch_size``), then
+    a close name in its own section, then one in another; names compare without case (``text_A`` is ``text_a``
+    mistyped, not ``text_b``) and without their section (whose shared prefix made any key look close)."""
     leaf = where.rsplit(".", 1)[-1].lower()
     for pool, cutoff in ((others, 1.0), (section, 0.6), (others, 0.75)):
         by_leaf = {key.rsplit(".", 1)[-1].lower(): key for key in reversed(pool) if key != where}

@@ -15,6 +15,7 @@ held-out top-1 / top-k accuracy of the fitted head against the untrained one) th
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,8 +55,8 @@ class MlmHeadConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # inf trained to nan and was saved
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 def mask_tokens(
@@ -268,6 +269,11 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     after = masked_accuracy(head, held_out, cfg, cfg.seed + 1)
+    if not math.isfinite(after["loss"]):
+        raise ValueError(
+            f"the head's held-out loss is {after['loss']} after {cfg.steps} steps at --lr {cfg.lr:g}: training "
+            f"diverged; lower --lr (nothing was written to {cfg.output})"
+        )
     result = {
         "encoder": str(Path(cfg.encoder).resolve()),
         "config": asdict(cfg),

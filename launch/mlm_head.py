@@ -20,7 +20,7 @@ if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_kd.cli import add_log_level_argument, bad_input, configure_logging, positive_int
+    from dist_kd.cli import add_log_level_argument, bad_input, configure_logging, positive_float, positive_int
     from dist_kd.mlm import MlmHeadConfig, fit_mlm_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch_size", "lr", "mask_prob", "eval_batches", "top_k", "seed", "train_layers"):
         value = getattr(defaults, name)
         kind = positive_int if name in ("steps", "batch_size", "eval_batches", "top_k") else type(value)
+        kind = positive_float if name == "lr" else kind
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     add_log_level_argument(parser)
     args = parser.parse_args(argv)

@@ -184,3 +184,23 @@ def test_batches_without_a_masked_position_are_passed_over_and_said(tiny_bert_di
     assert written["held_out_after"]["positions"] == result["held_out_before"]["positions"] > 0
     assert 1 <= written["steps_without_masked_positions"] < 8
     assert written["last_train_loss"] > 0
+
+
+def test_a_learning_rate_that_is_not_finite_or_a_head_that_diverged_is_refused_and_nothing_written(
+    tiny_bert_dir, tiny_corpus, tmp_path
+):
+    """--lr inf passed the "> 0" check, trained to nan, saved the head and printed "loss": NaN with exit 0."""
+    from dist_kd.mlm import MlmHeadConfig, fit_mlm_head
+
+    common = ["--encoder", str(tiny_bert_dir), "--shards", str(tiny_corpus / "shards"), "--output", str(tmp_path / "o")]
+    for lr in ("inf", "nan", "-1"):
+        proc = run_script("launch/mlm_head.py", *common, "--lr", lr, check=False)
+        assert proc.returncode == 2 and "argument --lr: expected a finite number > 0" in proc.stderr, proc.stderr
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got inf"):
+        MlmHeadConfig(encoder=str(tiny_bert_dir), shards=str(tiny_corpus / "shards"), output="o", lr=float("inf"))
+    shards, out = str(tiny_corpus / "shards"), tmp_path / "o"
+    cfg = MlmHeadConfig(encoder=str(tiny_bert_dir), shards=shards, output=str(out), steps=4, batch_size=8,
+                        eval_batches=2, lr=1e30)  # fmt: skip
+    with pytest.raises(ValueError, match=r"held-out loss is nan after 4 steps at --lr 1e\+30: training diverged"):
+        fit_mlm_head(cfg, progress=False)
+    assert not (tmp_path / "o").exists()
