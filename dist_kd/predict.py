@@ -212,8 +212,9 @@ def _load_labelled(data: str | Path, spec: TaskSpec, label_optional: bool = Fals
             if err.role != "label":
                 raise
             logger.warning(
-                "data %s has no column %r, the label column of the model's task.json; reading labels from %r if it "
-                "has one (--label names another)", data, spec.label, DEFAULT_LABEL_COLUMN,
+                "data %s has no column %r, the task's label column (the model's task.json, or the GLUE task's); "
+                "reading labels from %r if it has one, else scoring none (--label names another)",
+                data, spec.label, DEFAULT_LABEL_COLUMN,
             )  # fmt: skip
             spec = dataclasses.replace(spec, label=DEFAULT_LABEL_COLUMN)
     named = spec.label not in (None, DEFAULT_LABEL_COLUMN) and not label_optional

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _trained_defaults(args, read_task_record(args.model))
+        if not args.label_given and glue_key(args.task) is not None:
+            args.label_optional = True  # GLUE's own column (mrpc's Quality): its test splits have none
         labels = task_type = None
         if args.labels is None and glue_key(args.task) is None:
             labels, task_type = _model_labels(args.model, args.task_type)

@@ -206,6 +206,32 @@ def test_evaluate_names_glue_tasks_as_the_other_commands_do(tmp_path, capsys):
     assert reports[0]["task"] == reports[1]["task"] == "sst2"
 
 
+def test_a_glue_test_split_without_the_tasks_label_column_is_scored_as_a_test_set(tmp_path, capsys):
+    """GLUE's MRPC labels sit in `Quality`, which its test split lacks: without a task.json it was refused as a
+    column named with --label ("leave --label out", which the user had), so no MRPC test split could be scored.
+    A dev split with the column is still scored, and a column the user names must exist."""
+    from dist_kd.testing import build_tiny_bert, random_sentences
+
+    model = build_tiny_bert(
+        tmp_path / "mrpc", num_layers=1, model_class="BertForSequenceClassification", num_labels=2,
+        id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1},
+    )  # fmt: skip
+    a, b = random_sentences(4, seed=3), random_sentences(4, seed=4)
+    head = "#1 ID\t#2 ID\t#1 String\t#2 String"
+    test, dev = tmp_path / "test.tsv", tmp_path / "dev.tsv"
+    test.write_text(f"index\t{head}\n" + "".join(f"{i}\t1\t2\t{x}\t{y}\n" for i, (x, y) in enumerate(zip(a, b))))
+    dev.write_text(f"Quality\t{head}\n" + "".join(f"{i % 2}\t1\t2\t{x}\t{y}\n" for i, (x, y) in enumerate(zip(a, b))))
+    argv = ["--model", str(model), "--task", "mrpc", "--cpu", "--data"]
+    assert _evaluate_main([*argv, str(test)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"] is None and report["num_rows"] == 4 and report["num_labelled"] == 0
+    assert _evaluate_main([*argv, str(dev)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_labelled"] == 4 and report["metrics"]["accuracy"] is not None
+    assert _evaluate_main([*argv, str(test), "--label", "Quality"]) == 2
+    assert "has no label column 'Quality' (--label)" in capsys.readouterr().err
+
+
 def test_a_hugging_face_mnli_model_on_a_split_saved_by_datasets_scores_as_plain_transformers(tmp_path):
     """Both sides in datasets' MNLI order (entailment, neutral, contradiction) against the GLUE registry's
     (contradiction, entailment, neutral): the data's labels map by name and the model's outputs by name, so the
@@ -408,7 +434,7 @@ def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_
     with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
         assert _evaluate_main(["--model", str(model_dir), "--task", "para", "--data", str(relabelled), "--cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
-    assert "has no column 'same', the label column of the model's task.json" in caplog.text
+    assert "has no column 'same', the task's label column (the model's task.json" in caplog.text
 
 
 def test_evaluate_takes_the_id_column_of_the_model_s_task_record(classifier, tmp_path, capsys, caplog):
