@@ -23,7 +23,8 @@ message the command line prints; a run stopped by SIGTERM/SIGUSR1 checkpoints an
 
 The other stages are library functions with their own arguments (docs/api.md shows each in use):
 :func:`prepare_corpus`, :func:`finetune_teachers`, :func:`augment_task` (or :func:`build_augmenter` for tables
-in memory), :func:`precompute_soft_targets`, :func:`export_checkpoint`, :func:`write_report` and
+in memory), :func:`precompute_soft_targets`, :func:`export_checkpoint`, :func:`write_report`,
+:func:`evaluate_classifier` (``dist-kd evaluate``), :func:`fit_mlm_head` (``dist-kd mlm-head``) and
 :func:`compute_metrics`.
 """
 
@@ -40,20 +41,25 @@ from dist_kd.data.augment import AugmentConfig, augment_task, build_augmenter
 from dist_kd.data.corpus import prepare_corpus
 from dist_kd.evaluate import compute_metrics
 from dist_kd.export import export_checkpoint
+from dist_kd.mlm import MlmHeadConfig, fit_mlm_head
 from dist_kd.precompute import PrecomputeConfig, precompute_soft_targets
+from dist_kd.predict import evaluate_classifier
 from dist_kd.report import write_report
 from dist_kd.train.finetune import FinetuneConfig, finetune_teachers
 
 __all__ = [
     "AugmentConfig",
     "FinetuneConfig",
+    "MlmHeadConfig",
     "PrecomputeConfig",
     "RunResult",
     "augment_task",
     "build_augmenter",
     "compute_metrics",
+    "evaluate_classifier",
     "export_checkpoint",
     "finetune_teachers",
+    "fit_mlm_head",
     "general",
     "load_run_config",
     "precompute_soft_targets",
