@@ -79,7 +79,7 @@ def test_every_subcommand_has_its_function_in_the_api_and_docs_api_md_lists_them
     docs = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
     listed = set(re.findall(r"^\| `api\.(\w+)\(", docs, flags=re.MULTILINE))
     functions = {name for name in api.__all__ if callable(getattr(api, name)) and name[0].islower()}
-    assert listed == functions - {"load_run_config", "run_training"}  # those two: api.md's own sections
+    assert listed == functions - {"load_run_config", "run_training"}  # what general and task are built on
     by_command = {"prepare-corpus": "prepare_corpus", "general": "general", "augment": "augment_task",
                   "finetune": "finetune_teachers", "precompute": "precompute_soft_targets", "task": "task",
                   "evaluate": "evaluate_classifier", "mlm-head": "fit_mlm_head", "export": "export_checkpoint",
