@@ -374,7 +374,8 @@ class GeneralTrainer(EngineTrainer):
             **ckpt.merged_settings(data_settings_meta(cfg), cfg.distill.resume_meta()),
         }
         if resume_from is not None:
-            ckpt.check_resume(resume_from, self.meta, info.world_size)
+            with distributed.shared_failure():  # every rank reads the same refusal: said once, not once per rank
+                ckpt.check_resume(resume_from, self.meta, info.world_size)
         self.initial_quality: dict[str, float | None] | None = None
         if resume_from is not None:
             self._load(resume_from)  # every check passes before the run directory changes

@@ -250,7 +250,8 @@ class TaskTrainer(EngineTrainer):
             )
             self.meta["distill.layer_map"] = self.mapping
         if resume_from is not None:
-            ckpt.check_resume(resume_from, self.meta, info.world_size)
+            with distributed.shared_failure():  # every rank reads the same refusal: said once, not once per rank
+                ckpt.check_resume(resume_from, self.meta, info.world_size)
             if self._epochs_note:
                 logger.warning("%s", self._epochs_note)
         self._window = LossWindow(info.device, self.names)

@@ -117,6 +117,20 @@ def test_resume_on_another_world_size_under_zero2_is_refused(straight, tiny_bert
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+def test_a_resume_refusal_every_rank_reads_is_said_once(straight, tiny_bert_dir, tiny_corpus, tmp_path):  # noqa: F811
+    """A setting that differs from the checkpoint's was said by each rank: 64 error lines on 64 ranks."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight["zero2"], out)
+    proc = run_script(*_command(29664, tiny_bert_dir, tiny_corpus, out, "zero2"), "train.lr=1e-3", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.lstrip().startswith("error:")]
+    assert len(errors) == 1 and "cannot resume from" in errors[0] and "train.lr: checkpoint has 0.003" in errors[0], (
+        errors
+    )
+
+
 def test_resume_on_another_world_size_under_zero0_continues(straight, tiny_bert_dir, tiny_corpus, tmp_path):  # noqa: F811
     """ZeRO 0 keeps the whole optimizer state in one file: a 2-rank run continues on 1 rank, each step once."""
     import shutil
