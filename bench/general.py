@@ -677,10 +677,11 @@ def measure(args: argparse.Namespace, teacher_path: Path, info: distributed.Dist
         "",
         f"dist_kd / baseline tokens/s: {rows[0].tokens_per_s / baseline.tokens_per_s:.2f}x",
     ]
-    if not args.no_padded_dist_kd:
+    if not args.no_padded_dist_kd:  # by name: with --ablations, their rows come between packed and padded
+        packed, padded = by_name["dist_kd (packed)"], by_name["dist_kd (padded batches)"]
         lines.append(
-            f"  packing (dist_kd packed / dist_kd padded): {rows[0].tokens_per_s / rows[1].tokens_per_s:.2f}x; "
-            f"step path (dist_kd padded / baseline): {rows[1].tokens_per_s / baseline.tokens_per_s:.2f}x"
+            f"  packing (dist_kd packed / dist_kd padded): {packed.tokens_per_s / padded.tokens_per_s:.2f}x; "
+            f"step path (dist_kd padded / baseline): {padded.tokens_per_s / baseline.tokens_per_s:.2f}x"
         )
     if peer:
         ratios = [("packed", "dist_kd (packed)", "textbrewer (packed)")]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="train.seed of every run")
     parser.add_argument("--other-texts", default=None, help="a labelled task-data file to probe the students on")
     args = parser.parse_args()
+    # The runs start in the checkout (the config's data paths are relative to it); --output is the caller's.
+    args.output = os.path.abspath(args.output)
     table, summaries = [], {}
     for name in args.recipes:
         run_dir = run_recipe(name, args)
