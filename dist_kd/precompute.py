@@ -694,6 +694,7 @@ def precompute_soft_targets(
         FileNotFoundError: missing data or teacher directories.
         ValueError: teachers that disagree (labels, order, tokenizer) or disagree with the task; an output
             holding a store or partial run with other parameters; a chunk missing at merge time.
+        RunDirInUse: another live precompute writes ``output_dir`` (a ValueError; its ``.dist_kd.lock``).
     """
     info = distributed.current()
     device = device or info.device
