@@ -256,12 +256,13 @@ def init_from_teacher(
         new_state[name] = source.to(value.dtype)
     student.load_state_dict(new_state)
     # Outside the layers the student's modules are the teacher's, except where its shape removes one: ELECTRA
-    # builds no embeddings_project when embedding_size equals the student's hidden_size.
+    # builds no embeddings_project (DeBERTa-v2 no embeddings.embed_proj) when embedding_size equals the student's
+    # hidden_size.
     dropped = sorted(key for key in t_state if not key.startswith(t_prefix) and key not in new_state)
     if dropped:
         hint = (
             f"give it a hidden_size other than {source_name}'s embedding_size ({teacher.config.embedding_size}), "
-            if any("embeddings_project" in key for key in dropped)
+            if any("embeddings_project" in key or "embed_proj" in key for key in dropped)  # ELECTRA, DeBERTa-v2
             else ""
         )
         raise ValueError(

@@ -92,7 +92,10 @@ def max_input_length(config) -> int | None:
     )
     if limit is None or relative_only:
         return None
-    if getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "mpnet":  # transformers' MPNet numbers positions from 2 whatever its pad_token_id
+        limit -= 2
+    elif model_type in PADDING_OFFSET_POSITIONS:
         limit -= (getattr(config, "pad_token_id", None) or 0) + 1
     return limit
 

@@ -270,6 +270,21 @@ def test_electra_student_keeps_the_teachers_embedding_projection_cut_and_is_cali
         build_student(as_wide, teacher.config, teacher.model, [1, 2], "student.path")
 
 
+def test_a_deberta_student_as_wide_as_the_teachers_embeddings_is_told_what_to_change(tmp_path):
+    """DeBERTa-v2's projection of narrow embeddings is embeddings.embed_proj: the refusal gave ELECTRA's hint only."""
+    from dist_kd.models.student import StudentConfig, build_student
+    from dist_kd.models.teacher import Teacher
+    from dist_kd.testing import build_tiny_encoder
+
+    teacher = Teacher(build_tiny_encoder(tmp_path / "deberta", "deberta-v2", embedding_size=16), dtype="fp32")
+    as_wide = StudentConfig(num_layers=2, hidden_size=16, num_heads=4, intermediate_size=32, init="teacher")
+    said = r"leaves out the teacher's embeddings.embed_proj.weight, .*other than the teacher's embedding_size"
+    with pytest.raises(ValueError, match=said + r" \(16\), or use"):
+        build_student(as_wide, teacher.config, teacher.model, [1, 2])
+    narrower = StudentConfig(num_layers=2, hidden_size=8, num_heads=4, intermediate_size=32, init="teacher")
+    assert build_student(narrower, teacher.config, teacher.model, [1, 2]) is not None
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_deberta_students_are_calibrated_on_padded_batches_and_through_the_convolution(conv, tmp_path):
     """DeBERTa is post-LN, but its calibration was skipped as if pre-LN: its embeddings zero the padding after
