@@ -174,7 +174,12 @@ def resolve_ds_path(path: str) -> Path:
     if not candidate.is_file() and not candidate.is_absolute():
         candidate = REPO_ROOT / path if (REPO_ROOT / path).is_file() else shipped_file(path)
     if not candidate.is_file():
-        raise FileNotFoundError(f"deepspeed.config {path} does not exist (see ds_configs/ for the shipped ones)")
+        # Named as they resolve from anywhere: an installed package has no ds_configs/ folder in the working one.
+        folder = shipped_file("ds_configs/zero0.json").parent
+        shipped = sorted(f"ds_configs/{item.name}" for item in folder.glob("*.json"))
+        raise FileNotFoundError(
+            f"deepspeed.config {path} does not exist; the shipped ones are {', '.join(shipped)}, or give a path"
+        )
     return candidate
 
 
