@@ -100,16 +100,39 @@ def _plain(value: Any) -> Any:
 
 def _closest(where: str, section: list[str], others: list[str] = ()) -> str:
     """``"; did you mean 'KEY'?"`` for the unknown key ``where``, or where to find the keys when none is close.
-    The same name in another section comes first (``train.micro_batch_size`` is ``data.micro_batch_size``), then
-    a close name in its own section, then one in another; names compare without case (``text_A`` is ``text_a``
-    mistyped, not ``text_b``) and without their section (whose shared prefix made any key look close)."""
-    leaf = where.rsplit(".", 1)[-1].lower()
-    for pool, cutoff in ((others, 1.0), (section, 0.6), (others, 0.75)):
-        by_leaf = {key.rsplit(".", 1)[-1].lower(): key for key in reversed(pool) if key != where}
-        match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=cutoff)
-        if match:
-            return f"; did you mean '{by_leaf[match[0]]}'?"
-    return "; python -m dist_kd.config lists every key"
+
+    Names compare without case (``text_A`` is ``text_a`` mistyped, not ``text_b``) and without their section
+    (whose shared prefix made any key look close). In order: a key of its own section whose name holds the
+    given one or is held by it (``data.batch_size``: ``data.micro_batch_size``; ``train.lr_rate``: ``train.lr``);
+    the same name in one other section (``train.micro_batch_size``: ``data.micro_batch_size``); a close name in
+    its own section, then in another; else the section's keys where they are few.
+    """
+
+    def leaf(key: str) -> str:
+        return key.rsplit(".", 1)[-1].lower()
+
+    given = leaf(where)
+    own = [key for key in section if key != where]
+    held = [key for key in own if min(len(given), len(leaf(key))) >= 2 and (given in leaf(key) or leaf(key) in given)]
+    same = [key for key in others if leaf(key) == given]
+    if held:
+        best = max(held, key=lambda key: difflib.SequenceMatcher(None, given, leaf(key)).ratio())
+    elif len(same) == 1:  # `path` is teacher.path and student.path: a name of several sections tells nothing
+        best = same[0]
+    else:
+        best = None
+        for pool, cutoff in ((own, 0.6), (others, 0.75)):
+            by_leaf = {leaf(key): key for key in reversed(pool)}
+            match = difflib.get_close_matches(given, list(by_leaf), n=1, cutoff=cutoff)
+            if match:
+                best = by_leaf[match[0]]
+                break
+    parent = where.rsplit(".", 1)[0] if "." in where else None
+    keys = f"{f'{parent} has' if parent else 'the sections are'} {', '.join(leaf(key) for key in own)}"
+    few = bool(own) and len(own) <= 8  # a section's keys, where they fit in the line
+    if best is not None:  # from another section: its own keys too, where few (deepspeed.path: teacher.path, or config)
+        return f"; did you mean '{best}'?" + (f" ({keys})" if few and best not in own else "")
+    return f"; {keys}" if few else "; python -m dist_kd.config lists every key"
 
 
 class _UnknownKey(ValueError):

@@ -63,6 +63,12 @@ def test_unknown_key_names_closest():
         ("train.max_step=3", "train.max_step", "did you mean 'train.max_steps'?"),  # its own section's, as before
         ("trian.lr=1", "trian", "did you mean 'train'?"),
         ("train.learning_rate=1", "train.learning_rate", "python -m dist_kd.config lists every key"),  # was warmup
+        # A name held in (or holding) one of its own section's comes before the same name elsewhere.
+        ("data.batch_size=8", "data.batch_size", "did you mean 'data.micro_batch_size'?"),  # not eval.batch_size
+        ("student.hidden=8", "student.hidden", "did you mean 'student.hidden_size'?"),  # not distill.weights.hidden
+        ("train.lr_rate=1", "train.lr_rate", "did you mean 'train.lr'?"),
+        # A section of few keys names them beside a key of another section.
+        ("deepspeed.path=x", "deepspeed.path", "did you mean 'teacher.path'? (deepspeed has config)"),
     ],
 )
 def test_an_unknown_key_is_told_the_same_name_in_another_section_and_no_far_one(override, key, said):

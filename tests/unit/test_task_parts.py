@@ -342,6 +342,9 @@ def test_keys_of_the_other_phase_are_said_to_do_nothing(tmp_path, caplog):
         ("tasks: [{name: a, labels: [x, y], train: T, wieght: 2}]\n", "did you mean 'tasks\\[0\\].weight'"),
         # text_A was "did you mean 'tasks[0].text_b'": case was a difference like any other
         ("tasks: [{name: a, labels: [x, y], train: T, text_A: t}]\n", "did you mean 'tasks\\[0\\].text_a'"),
+        # a name that one of its section's holds
+        ("tasks: [{name: a, labels: [x, y], train: T, dev_data: D}]\n", "did you mean 'tasks\\[0\\].dev'"),
+        ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {soft: 1}\n", "did you mean 'distill.soft_weight'"),
         # the heads' ModuleDict raised KeyError "attribute 'type' already exists" after the data had loaded
         ("tasks: [{name: type, labels: [x, y], train: T}]\n", r"task 'type': the name is taken by torch's ModuleDict"),
         ("tasks: [{name: eval, labels: [x, y], train: T}]\n", r"rename the task \(e.g. 'eval_task'\)"),
