@@ -554,7 +554,7 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
     """
     if store.is_complete(output):
         found = run_record(store.read_store_metadata(output))
-        if found == record:
+        if found == record:  # a store whose _chunks were left (see precompute_soft_targets for the others)
             # A crash between the manifest and the clean-up leaves chunks behind; they are no longer needed.
             shutil.rmtree(output / CHUNKS_DIR, ignore_errors=True)
             return "done"
@@ -586,6 +586,15 @@ def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
     else:
         write_json_atomic(record_path, record)
     return "work"
+
+
+def _complete_for(output: Path, record: dict[str, Any]) -> bool:
+    """Whether ``output`` holds a complete store of the run ``record`` describes (a refusal of one that holds
+    another run's is :func:`_prepare_work_dir`'s)."""
+    try:
+        return store.is_complete(output) and run_record(store.read_store_metadata(output)) == record
+    except (OSError, ValueError):
+        return False
 
 
 def _missing_chunks(output: Path, bounds: list[tuple[int, int]], key: str) -> list[int]:
@@ -721,6 +730,11 @@ def precompute_soft_targets(
     key = run_key(record)
     bounds = chunk_bounds(examples.num_rows, config.chunk_size)
 
+    # A store already complete for these inputs needs nothing written, not even a lock (it may be read-only).
+    complete = info.is_main and not (output / CHUNKS_DIR).exists() and _complete_for(output, record)
+    if distributed.broadcast_object(complete):
+        logger.info("%s is already complete for these inputs; nothing to do", output)
+        return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)
     # One run writes the output at a time: a second one (the same command started twice) is refused, and a run
     # that finds the lock free knows that the run that wrote a partial run's record has ended.
     with locked_run_dir(output, info, flag="--output"):

@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from dist_kd.data.encode import TokenizedRows, pad_rows
-from dist_kd.data.tasks import TaskSpec, has_pairs
+from dist_kd.data.tasks import GLUE_TASKS, TaskSpec, glue_key, has_pairs
 from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir, listed
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def evaluate_classifier(
     max_length: int = 128,
     device: torch.device | str = "cpu",
     output: str | Path | None = None,
-    label_optional: bool = False,
+    label_optional: bool | None = None,
     id_optional: bool = False,
 ) -> dict:
     """Score an HF ``*ForSequenceClassification`` directory on task data (``launch/evaluate.py``).
@@ -276,7 +276,8 @@ def evaluate_classifier(
         output: a directory for ``predictions.jsonl`` and ``metrics.json`` (None writes nothing). One holding a
             previous evaluation (only those files) is replaced as a whole once the new one is complete.
         label_optional: data without ``spec.label`` is a test set, as without the default ``label`` column
-            (the column came from the model's task record, not from the user).
+            (the column came from the model's task record or the GLUE registry, not from the user). None (the
+            default): so for a GLUE task's own column (MRPC's ``Quality``, which its test split lacks).
         id_optional: data without ``spec.id_column`` has its rows numbered, with a warning (the column came from
             the model's task record, not from the user).
 
@@ -309,6 +310,9 @@ def evaluate_classifier(
         order = head_label_order(spec, teacher_label_names(config, model_dir), f"model {model_dir} (id2label)")
     elif config.num_labels != 1:
         raise ValueError(f"model {model_dir} has {config.num_labels} outputs; regression task '{spec.name}' needs 1")
+    if label_optional is None:
+        key = glue_key(spec.name)
+        label_optional = key is not None and spec.label == GLUE_TASKS[key].label
     table = _load_examples(data, spec, label_optional, id_optional)
     _check_pairs_as_trained(read_task_record(model_dir), table, model_dir, data, spec)
     tokenizer = load_tokenizer(model_dir)

@@ -285,12 +285,13 @@ def build_ds_config(
                 f'deepspeed.config {source}: {key} must be an object such as {{"enabled": true}}, got '
                 f"{json.dumps(ds_config[key])}"
             )
-    if "bfloat16" in ds_config:  # DeepSpeed's older name of the bf16 section, read where bf16 is absent
-        if "bf16" in ds_config:
-            raise ValueError(
-                f"deepspeed.config {source} sets both 'bf16' and its older name 'bfloat16'; keep one ('bf16')"
-            )
-        ds_config["bf16"] = ds_config.pop("bfloat16")
+    if "bfloat16" in ds_config:  # DeepSpeed's older name of the bf16 section, read (as here) where bf16 is absent
+        older = ds_config.pop("bfloat16")
+        if "bf16" not in ds_config:
+            ds_config["bf16"] = older
+        elif older != ds_config["bf16"]:
+            logger.warning("deepspeed.config %s: its 'bfloat16' section is ignored for its 'bf16' one, as DeepSpeed "
+                           "does", source)  # fmt: skip
     if "torch_autocast" in ds_config:
         raise ValueError(
             f"deepspeed.config {source} sets 'torch_autocast', which dist_kd sets from train.precision and "

@@ -282,8 +282,9 @@ def locked_run_dir(run_dir: str | os.PathLike, info: Any, flag: str = "run.outpu
             lock, refused = None, (type(err).__name__, str(err))
     try:
         refused = distributed.broadcast_object(refused)
-        if refused:
-            raise {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]](refused[1])
+        if refused:  # rank 0's, said by it alone
+            kind = {"RunDirInUse": RunDirInUse, "RunDirNotWritable": RunDirNotWritable}[refused[0]]
+            raise distributed.said_by(kind(refused[1]), 0)
         yield lock
     finally:
         if lock is not None:

@@ -112,6 +112,19 @@ def test_an_error_every_rank_has_is_said_once(inputs, tmp_path):
     )  # left as it was
 
 
+def test_an_output_another_run_writes_is_refused_once_and_left_as_it_was(inputs, tmp_path):
+    """The run lock's refusal was raised by every rank as its own: one line per rank."""
+    from dist_kd.train.runlock import RunLock
+
+    args, _ = inputs
+    out = tmp_path / "busy"
+    with RunLock(out, flag="--output"):  # a live run of this process holds it
+        proc = _two_ranks(SCRIPT, [*args, "--output", str(out)])
+        assert proc.returncode != 0 and len(_errors(proc)) == 1, proc.stderr[-3000:]
+        assert _errors(proc)[0].startswith(f"error: --output {out} is in use by another run")
+        assert sorted(path.name for path in out.iterdir()) == [".dist_kd.lock"]
+
+
 @pytest.mark.parametrize("fail_at", ["setup", "chunk"])
 def test_a_failure_on_one_rank_is_said_by_that_rank_and_ends_the_job(inputs, tmp_path, fail_at):
     """Rank 1 alone fails. It used to print nothing (only rank 0 printed errors) and then wait at the final

@@ -114,9 +114,9 @@ def test_deepspeeds_older_bfloat16_section_is_read_as_bf16_and_a_section_not_an_
         build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
     config = build_ds_config(str(path), 8, 1, 2, "bf16", 1.0)  # auto at ZeRO-0: DeepSpeed's bf16, as the JSON asks
     assert config["bf16"] == {"enabled": True} and "bfloat16" not in config and "torch_autocast" not in config
-    path.write_text(json.dumps({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}))
-    with pytest.raises(ValueError, match=r"sets both 'bf16' and its older name 'bfloat16'"):
-        build_ds_config(str(path), 8, 1, 2, "bf16", 1.0)
+    path.write_text(json.dumps({"bfloat16": {"enabled": True}, "bf16": {"enabled": False}}))  # bf16's, as DeepSpeed
+    config = build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+    assert config["bf16"] == {"enabled": False} and "bfloat16" not in config
     for key in ("fp16", "bf16", "bfloat16"):
         path.write_text(json.dumps({key: True}))
         with pytest.raises(

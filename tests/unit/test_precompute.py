@@ -401,12 +401,16 @@ def test_a_length_beyond_a_teachers_positions_is_refused_before_anything_is_writ
     assert result.num_rows == NUM_ROWS
 
 
-def test_complete_store_is_kept_and_not_overwritten_by_other_parameters(setup, tmp_path):
+def test_complete_store_is_kept_and_not_overwritten_by_other_parameters(setup, tmp_path, monkeypatch):
+    import dist_kd.precompute as module
+
     _, teachers, data, spec, _ = setup
     out = tmp_path / "out"
     precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
     before = _files(out)
-    again = precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
+    with monkeypatch.context() as patch:  # nothing written, not even a lock: a finished store may be read-only
+        patch.setattr(module, "locked_run_dir", lambda *a, **k: pytest.fail("took the run lock of a finished store"))
+        again = precompute_soft_targets(spec, data, out, _config(teachers[:2]), progress=False)
     assert again.computed_examples == 0 and _files(out) == before
     with pytest.raises(ValueError, match=r"already holds a soft-target store.*keep_teacher_logits|has_teacher_logits"):
         precompute_soft_targets(spec, data, out, _config(teachers[:2], keep_teacher_logits=True), progress=False)

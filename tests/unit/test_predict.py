@@ -234,6 +234,11 @@ def test_a_glue_test_split_without_the_tasks_label_column_is_scored_as_a_test_se
     assert report["num_labelled"] == 4 and report["metrics"]["accuracy"] is not None
     assert _evaluate_main([*argv, str(test), "--label", "Quality"]) == 2
     assert "has no label column 'Quality' (--label)" in capsys.readouterr().err
+    # The API as the command: its spec's label is the registry's column, which it did not name either
+    assert evaluate_classifier(model, resolve_task_spec("mrpc"), test)["metrics"] is None
+    assert evaluate_classifier(model, resolve_task_spec("mrpc"), dev)["num_labelled"] == 4
+    with pytest.raises(ValueError, match="has no label column 'Quality'"):
+        evaluate_classifier(model, resolve_task_spec("mrpc"), test, label_optional=False)
 
 
 def test_a_hugging_face_mnli_model_on_a_split_saved_by_datasets_scores_as_plain_transformers(tmp_path):
