@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _trained_defaults(args, read_task_record(args.model))
-        if not args.label_given and glue_key(args.task) is not None:
-            args.label_optional = True  # GLUE's own column (mrpc's Quality): its test splits have none
         labels = task_type = None
         if args.labels is None and glue_key(args.task) is None:
             labels, task_type = _model_labels(args.model, args.task_type)
@@ -90,7 +88,9 @@ def _trained_defaults(args: argparse.Namespace, record: dict | None) -> None:
         args.text_a = task["text_a"]
     if not args.text_b_given and "text_b" in task:
         args.text_b = task["text_b"]
-    args.label_optional = False
+    # A column the user named must exist; one not named may be missing (None: evaluate_classifier's rule, which
+    # makes a GLUE task's own column, as MRPC's Quality, optional: its test splits have none).
+    args.label_optional = False if args.label_given else None
     if not args.label_given and task.get("label"):  # missing from the data: a test set, as the default column
         args.label, args.label_optional = task["label"], True
     args.id_optional = False
