@@ -98,7 +98,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _closest(where: str, section: list[str], others: list[str] = ()) -> str:
+def _closest(where: str, section: list[str], others: list[str]) -> str:
     """``"; did you mean 'KEY'?"`` for the unknown key ``where``, or where to find the keys when none is close.
 
     Names compare without case (``text_A`` is ``text_a`` mistyped, not ``text_b``) and without their section
@@ -136,10 +136,10 @@ def _closest(where: str, section: list[str], others: list[str] = ()) -> str:
 
 
 class _UnknownKey(ValueError):
-    """A key no field has; :func:`config_from_dict` names the closest key of the whole config."""
+    """A key no field has; :func:`config_from_dict`, which knows the whole config, says the closest one."""
 
     def __init__(self, where: str, section: list[str]):
-        super().__init__(f"unknown config key '{where}'{_closest(where, section)}")
+        super().__init__(f"unknown config key '{where}'")
         self.where, self.section = where, section
 
 

@@ -730,11 +730,14 @@ def precompute_soft_targets(
     key = run_key(record)
     bounds = chunk_bounds(examples.num_rows, config.chunk_size)
 
+    def already_complete() -> PrecomputeResult:
+        logger.info("%s is already complete for these inputs; nothing to do", output)
+        return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)
+
     # A store already complete for these inputs needs nothing written, not even a lock (it may be read-only).
     complete = info.is_main and not (output / CHUNKS_DIR).exists() and _complete_for(output, record)
     if distributed.broadcast_object(complete):
-        logger.info("%s is already complete for these inputs; nothing to do", output)
-        return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)
+        return already_complete()
     # One run writes the output at a time: a second one (the same command started twice) is refused, and a run
     # that finds the lock free knows that the run that wrote a partial run's record has ended.
     with locked_run_dir(output, info, flag="--output"):
@@ -750,9 +753,8 @@ def precompute_soft_targets(
         decision = distributed.broadcast_object(decision)
         if "error" in decision:
             raise distributed.said_by(ValueError(decision["error"]), 0)  # rank 0's refusal, raised by every rank
-        if decision["status"] == "done":
-            logger.info("%s is already complete for these inputs; nothing to do", output)
-            return PrecomputeResult(output, store.read_manifest(output)["num_rows"], 0, len(bounds), 0.0)
+        if decision["status"] == "done":  # complete, with the _chunks a crash before their removal left
+            return already_complete()
 
         # Dealing the *missing* chunks round-robin keeps ranks balanced on a resume too.
         mine = decision["missing"][info.rank :: info.world_size]

@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", required=True, help="corpus shards (launch/prepare_corpus.py) in its tokenizer")
     parser.add_argument("--output", required=True, help="output directory (HF *ForMaskedLM)")
     defaults = MlmHeadConfig()
+    checked = {"steps": positive_int, "batch_size": positive_int, "eval_batches": positive_int, "top_k": positive_int,
+               "lr": positive_float}  # fmt: skip
     for name in ("steps", "batch_size", "lr", "mask_prob", "eval_batches", "top_k", "seed", "train_layers"):
         value = getattr(defaults, name)
-        kind = positive_int if name in ("steps", "batch_size", "eval_batches", "top_k") else type(value)
-        kind = positive_float if name == "lr" else kind
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=checked.get(name, type(value)), default=value)
     add_log_level_argument(parser)
     args = parser.parse_args(argv)
     configure_logging(0, level=args.log_level)

@@ -792,7 +792,7 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
         logger.warning("the step-0 quality was measured with %s pooling, this run pools %s: left out of the summary",
                        initial.get("pooling", "mean"), trainer.heldout.pooling_name)  # fmt: skip
         initial = None
-    if initial is not None and initial.get("texts", trainer.heldout_key()) != trainer.heldout_key():
+    if initial is not None and initial.get("texts", key := trainer.heldout_key()) != key:
         # Measured before a resume with other held-out texts or eval settings (a checkpoint of an earlier
         # release does not record them, and keeps its row).
         logger.warning("the step-0 quality was measured on other held-out texts or eval settings than this run's "
