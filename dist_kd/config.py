@@ -1,8 +1,8 @@
 """Run configuration: nested dataclasses, YAML files and dotted command-line overrides.
 
 Precedence is dataclass defaults <- YAML file <- ``a.b=c`` overrides. Every key is checked against the
-dataclass fields: an unknown key is an error naming the closest known one (users write these files by
-hand, and a typo that silently falls back to a default wastes a cluster job). Field-level validation
+dataclass fields: an unknown key is an error naming the closest known one, where one is close (users write
+these files by hand, and a typo that silently falls back to a default wastes a cluster job). Field-level validation
 lives in each dataclass's ``__post_init__`` and raises ``ValueError`` naming the field and the allowed values.
 
 A value given for a string key is the text as written: YAML would read ``001`` as 1, ``0755`` as 493, ``12:30``
@@ -486,8 +486,9 @@ def reference_markdown() -> str:
         "",
         "Generated from the code by `python -m dist_kd.config > docs/config.md` (a test checks it is current);",
         "`dist-kd general --help` and `dist-kd task --help` print the same list. Set a key in the YAML file or on",
-        "the command line as `key.sub=value`; an unknown key is an error naming the closest known one, and",
-        "`--print-config` prints the resolved config and exits. A `str` or `path` key takes its value as written",
+        "the command line as `key.sub=value`; an unknown key is an error naming the closest known one (where",
+        "none is close, the keys of its section, or where to find them), and `--print-config` prints the",
+        "resolved config and exits. A `str` or `path` key takes its value as written",
         "(`run.output_dir=001` is `001`, not YAML's 1; quote `yes`/`no`/`on`/`off`), and a `path` key expands a",
         "leading `~` to the home directory.",
     ]
