@@ -16,6 +16,7 @@ classes in another order by those names (teachers in precompute, classifiers in 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -316,12 +317,15 @@ def _read_text(path: Path, encoding: str) -> str:
     try:
         # newline="": the csv module sees line ends itself, so quoted fields may span lines (tweets do).
         with open(path, encoding=encoding, newline="") as handle:
-            return handle.read()
+            text = handle.read()
     except UnicodeDecodeError as err:
         raise ValueError(
             f"task data {path} is not valid {encoding} text ({err}); convert it to UTF-8 (e.g. iconv -f latin1 -t "
             "utf-8), or with dist-kd augment pass its encoding (--encoding latin-1); the other commands read UTF-8"
         ) from None
+    # A UTF-8 byte-order mark (Excel, Notepad) is no part of the first column's name or the first JSON line, as
+    # for pyarrow's readers; the utf-8-sig and utf-16 codecs drop theirs themselves.
+    return text.removeprefix("\ufeff") if codecs.lookup(encoding).name == "utf-8" else text
 
 
 def _rows_to_table(path: Path, header: list[str], rows: list[tuple[int, list[str]]]) -> pa.Table:
@@ -424,7 +428,7 @@ def _read_jsonl(path: Path, encoding: str) -> pa.Table:
 
 def _read_delimited_python(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.Table:
     """The csv module's reading: slow, but its errors name the line and the fields found."""
-    rows = _delimited_rows(_read_text(path, encoding), fmt)
+    rows = _delimited_rows(_read_text(path, encoding), fmt, path)
     if not rows:
         raise ValueError(f"task data {path} is empty: no header and no rows")
     header, body = rows[0][1], rows[1:]
@@ -437,9 +441,15 @@ def _headerless(first_row: list[str], fmt: str, spec: TaskSpec) -> bool:
     return fmt == "tsv" and bool(spec.tsv_columns) and spec.text_a not in first_row
 
 
-def _delimited_rows(text: str, fmt: str) -> list[tuple[int, list[str]]]:
+# csv's limit on one field's characters when dist_kd reads (the largest a C long holds everywhere).
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _delimited_rows(text: str, fmt: str, path: Path) -> list[tuple[int, list[str]]]:
     """The non-empty rows of TSV/CSV text, each with the 1-based line it starts on (a quoted CSV field may
     span lines, and empty lines are skipped, so the row number alone does not find a row in the file)."""
+    # The csv module refuses a field over 128 KiB by default (a whole article in one cell; pyarrow reads it).
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     if fmt == "tsv":
         # GLUE TSVs contain unbalanced quotes inside sentences; quoting must be off or rows merge.
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -447,10 +457,13 @@ def _delimited_rows(text: str, fmt: str) -> list[tuple[int, list[str]]]:
         reader = csv.reader(io.StringIO(text, newline=""))
     rows = []
     start = 1
-    for row in reader:
-        if row:
-            rows.append((start, row))
-        start = reader.line_num + 1
+    try:
+        for row in reader:
+            if row:
+                rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise ValueError(f"task data {path}: line {start} cannot be read as {fmt.upper()} ({err})") from None
     return rows
 
 
@@ -479,6 +492,7 @@ def _read_jsonl_python(path: Path, encoding: str) -> pa.Table:
             raise ValueError(
                 f"task data {path}: line {number} must be a JSON object, found {type(record).__name__}{hint}"
             )
+        _check_surrogates(record, path, number)
         records.append(record)
     if not records:
         return pa.table({})
@@ -487,6 +501,22 @@ def _read_jsonl_python(path: Path, encoding: str) -> pa.Table:
         for key in record:
             columns.setdefault(key, [])
     return pa.table({key: _json_column([record.get(key) for record in records]) for key in columns})
+
+
+def _check_surrogates(record: dict[str, Any], path: Path, number: int) -> None:
+    """JSON may escape half of a character (``"\\ud83d"``, as ``json.dumps`` writes a text cut inside an
+    emoji); such a string is no UTF-8 text, and every later step (pyarrow, the tokenizer) would refuse it."""
+    for key, value in record.items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"task data {path}: line {number}, field '{key}' holds a lone surrogate {value[err.start]!r} at "
+                f"character {err.start} (half of a character, as a text cut inside an emoji), which is no text; "
+                "remove it or write the whole character"
+            ) from None
 
 
 def _json_column(values: list[Any]) -> pa.Array:
@@ -601,7 +631,7 @@ class RowPlaces:
         if self.fmt == "jsonl":
             lines = [number for number, _ in _jsonl_lines(text)]
         else:
-            rows = _delimited_rows(text, self.fmt)
+            rows = _delimited_rows(text, self.fmt, self.path)
             if rows and not _headerless(rows[0][1], self.fmt, self.spec):
                 rows = rows[1:]
             lines = [line for line, _ in rows]
@@ -655,6 +685,9 @@ def _resolve_labels(
     ``where(row)`` says where a row is in the file, for the errors."""
     out: list[Any] = []
     if spec.type == "regression":
+        # datasets' GLUE writes STS-B's unlabelled test rows as the score -1.0 (a ClassLabel's -1 elsewhere); a
+        # similarity score is 0-5, so -1 is no label there, not a score to compare predictions with.
+        no_score = -1.0 if glue_key(spec.name) == "stsb" else None
         for row, value in enumerate(values):
             if value is None or (isinstance(value, str) and not value.strip()):
                 out.append(None)
@@ -676,12 +709,15 @@ def _resolve_labels(
                     f"task data {path}: {where(row)}, column '{spec.label}' holds {value!r}, expected a finite number "
                     f"(task '{spec.name}' is regression)"
                 )
-            out.append(number)
+            out.append(None if number == no_score else number)
         return out
     index_of = {label: i for i, label in enumerate(spec.labels)}
-    # Integer ids are accepted only when no label name is itself an integer: with labels ["1", "2"],
-    # the cell "1" must mean the label named "1", and a cell "0" is an error, not label "1".
-    ids_allowed = not any(_as_int(label) is not None for label in spec.labels)
+    # Labels named by numbers (["1", "2"], or ["0.0", "0.5", "1.0"] as YAML writes floats) match a numeric cell
+    # by value: 1, 1.0 and "1.00" are the label "1" (or "1.0"). Integer ids are accepted only when no label name
+    # is itself a number: with labels ["1", "2"], the cell "1" must mean the label named "1", and a cell "0" is
+    # an error, not label "1".
+    value_of = {number: i for i, label in enumerate(spec.labels) if (number := _as_number(label)) is not None}
+    ids_allowed = not value_of
     for row, value in enumerate(values):
         if value is None or (isinstance(value, str) and not value.strip()):
             out.append(None)
@@ -700,10 +736,14 @@ def _resolve_labels(
             value = names[int(value)]
         if isinstance(value, bool):
             value = _bool_label(value, spec, path, where(row))
-        key = _cell_key(value)
+        key = str(value).strip()
         if key in index_of:
             out.append(index_of[key])
             continue
+        if (number := _as_number(key)) is not None and number in value_of:
+            out.append(value_of[number])
+            continue
+        key = _cell_key(value)
         number = _as_int(key)
         if ids_allowed and number is not None and 0 <= number < len(spec.labels):
             out.append(number)
@@ -743,6 +783,15 @@ def _cell_key(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value).strip()
+
+
+def _as_number(text: str) -> float | None:
+    """``text`` as a finite number, or None (``"nan"``, ``"inf"`` and words are no number here)."""
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _as_int(text: str) -> int | None:

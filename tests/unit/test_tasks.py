@@ -636,3 +636,80 @@ def test_a_json_array_file_is_named_as_such(tmp_path):
     path.write_text('[{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}]\n')  # the array on one line
     with pytest.raises(ValueError, match=r"line 1 must be a JSON object, found list \(a JSON array: write one"):
         load_task_examples(path, spec)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_labels_named_by_numbers_match_numeric_cells_by_value(tmp_path, fmt):
+    # YAML `labels: [0.0, 0.5, 1.0]` gives the names "0.0", "0.5", "1.0"; JSONL and Parquet hold the cells as
+    # floats, and 1.0 was read as the id 1 ("0.5") after its text "1" missed the label "1.0".
+    spec = TaskSpec(name="t", labels=["0.0", "0.5", "1.0"], text_a="text", label="y")
+    cells = [0.0, 0.5, 1.0, 1] if fmt != "csv" else ["0.0", "0.5", "1.0", "1"]
+    rows = [{"text": f"x{i}", "y": cell} for i, cell in enumerate(cells)]
+    labels = load_task_examples(_write(tmp_path / f"d.{fmt}", rows, fmt), spec).column("label").to_pylist()
+    assert labels == [0, 1, 2, 2]
+    # labels named by numbers are never ids: 2 is no label here, not index 2
+    rows.append({"text": "x4", "y": 2.0 if fmt != "csv" else "2"})
+    with pytest.raises(ValueError, match=r"holds unknown label .*2.*; task 't' allows \['0.0', '0.5', '1.0'\]$"):
+        load_task_examples(_write(tmp_path / f"e.{fmt}", rows, fmt), spec)
+
+
+@pytest.mark.parametrize("fmt", ["datasets", "parquet"])
+def test_stsb_test_rows_saved_by_datasets_have_no_label(tmp_path, fmt):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {
+            "sentence1": datasets.Value("string"),
+            "sentence2": datasets.Value("string"),
+            "label": datasets.Value("float32"),
+        }
+    )
+    rows = {"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [-1.0, -1.0]}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    path = tmp_path / ("ds" if fmt == "datasets" else "test.parquet")
+    split.save_to_disk(str(path)) if fmt == "datasets" else split.to_parquet(str(path))
+    spec = resolve_task_spec("stsb")
+    assert load_task_examples(path, spec, require_labels=False).column("label").to_pylist() == [None, None]
+    # another regression task keeps -1.0 as a score
+    other = dataclasses.replace(spec, name="sim", label="label")
+    assert load_task_examples(path, other, require_labels=False).column("label").to_pylist() == [-1.0, -1.0]
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv"])
+def test_a_field_over_csv_default_limit_beside_a_ragged_row_names_the_row(tmp_path, fmt):
+    # A ragged row sends the file to the csv module, whose default limit (128 KiB a field) was a bare
+    # _csv.Error traceback; the whole article reads, and the ragged row is named.
+    sep = "\t" if fmt == "tsv" else ","
+    spec = TaskSpec(name="t", labels=["neg", "pos"], text_a="text", label="y")
+    path = tmp_path / f"d.{fmt}"
+    path.write_text(f"text{sep}y\n{'w' * 200_000}{sep}pos\n")
+    assert len(load_task_examples(path, spec).column("text_a")[0].as_py()) == 200_000
+    path.write_text(f"text{sep}y\n{'w' * 200_000}{sep}pos\nb{sep}neg{sep}extra\n")
+    with pytest.raises(ValueError, match=rf"d.{fmt}: line 3 has 3 fields, the header has 2"):
+        load_task_examples(path, spec)
+
+
+def test_a_jsonl_text_with_half_a_character_names_the_line_and_field(tmp_path):
+    spec = TaskSpec(name="t", labels=["neg", "pos"], text_a="text", label="y")
+    path = tmp_path / "d.jsonl"
+    # json.dumps writes a text cut inside an emoji as a lone surrogate escape
+    path.write_text(json.dumps({"text": "fine", "y": "pos"}) + "\n" + json.dumps({"text": "cut \ud83d", "y": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl: line 2, field 'text' holds a lone surrogate '\\ud83d'"):
+        load_task_examples(path, spec)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv", "d.tsv"])
+def test_a_utf8_byte_order_mark_is_no_part_of_the_data_in_either_reader(tmp_path, name):
+    spec = TaskSpec(name="t", labels=["neg", "pos"], text_a="text", label="y")
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        # labels that mix names and ids send the file to the line-by-line reader
+        body = json.dumps({"text": "hello", "y": "pos"}) + "\n" + json.dumps({"text": "bye", "y": 0}) + "\n"
+    else:
+        sep = "\t" if name.endswith(".tsv") else ","
+        body = f"text{sep}y\nhello{sep}pos\nbye{sep}0{sep}\n"  # a ragged row: the csv module's reading
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    if name.endswith(".jsonl"):
+        assert load_task_examples(path, spec).column("label").to_pylist() == [1, 0]
+    else:
+        with pytest.raises(ValueError, match=r"line 3 has 3 fields, the header has 2 \(\['text', 'y'\]\)"):
+            load_task_examples(path, spec)
