@@ -373,10 +373,11 @@ def load_glove(
     if path.is_dir():
         matrices = sorted(path.glob("*.npy"))
         vocabs = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".txt"))
-        if vocab_path is None and (len(matrices) != 1 or len(vocabs) != 1):
+        if len(matrices) != 1 or (vocab_path is None and len(vocabs) != 1):
+            held = "one .npy" if vocab_path is not None else "one .npy and one vocabulary (.parquet or .txt)"
             raise ValueError(
-                f"GloVe directory {path} must hold exactly one .npy and one vocabulary (.parquet or .txt); found "
-                f"{[p.name for p in matrices + vocabs]}. Point --glove at the .npy and --glove-vocab at the words"
+                f"GloVe directory {path} must hold exactly {held}; found {[p.name for p in matrices + vocabs]}. "
+                "Point --glove at the .npy and --glove-vocab at the words"
             )
         return _load_npy(matrices[0], Path(vocab_path) if vocab_path else vocabs[0], expected_dim)
     if path.suffix == ".npy":
@@ -397,18 +398,25 @@ def load_glove(
     return dataclasses.replace(_load_npy(npy_cache, vocab_cache, expected_dim), source=str(path))
 
 
-def _stable_topk(scores, k: int, decimals: int) -> list[list[int]]:
+def _stable_topk(scores, k: int, decimals: int, rescore: Callable[[Any], Any] | None = None) -> list[list[int]]:
     """Top-k ids per row, robust to last-bit noise: rounded scores, ties broken by the smaller id.
 
     A plain ``topk`` with a margin finds a window of candidates; the window is ranked by (rounded score, id).
     Rounding is monotone, so ids outside the window cannot tie the k-th unless the window's last rounded
     score equals the k-th's; only such rows (mass ties, e.g. synthetic data) are re-ranked over the whole
     row in float64 as rounded score minus ``id * 1e-12``.
+
+    Rounding absorbs noise except where a score lies on a rounding boundary (a cosine of 0.8193850 is
+    0.81938 or 0.81939 by its last bit, and a batched matrix product's last bits depend on the batch's
+    shape). ``rescore(ids)``, where given, computes the window's scores again in float64, the same way
+    whatever else the batch holds, and those are rounded instead.
     """
     import torch
 
     width = min(k + _TOPK_MARGIN, scores.shape[-1])
     values, ids = torch.topk(scores.float(), width, dim=-1)
+    if rescore is not None:
+        values = torch.where(torch.isinf(values), values.double(), rescore(ids).double())
     rounded = torch.round(values.double(), decimals=decimals).cpu().tolist()
     out = []
     for row, (row_values, row_ids) in enumerate(zip(rounded, ids.cpu().tolist())):
@@ -479,7 +487,14 @@ class GloveNeighbours:
                 # The word itself in every spelling a cased file (840B) holds: "Bank" for "bank" is no change.
                 for index, (word, row) in enumerate(block):
                     scores[index, sorted(self._spellings(word) | {row})] = float("-inf")
-            ranked = _stable_topk(scores, self.k + _SELF_MARGIN, _GLOVE_DECIMALS)
+            queries = self.unit[rows].double().unsqueeze(1)
+            # float32 products are exact in float64, and each window's sum is one dot product of its own
+            ranked = _stable_topk(
+                scores,
+                self.k + _SELF_MARGIN,
+                _GLOVE_DECIMALS,
+                rescore=lambda ids, queries=queries: (queries * self.unit[ids].double()).sum(-1),
+            )
             for (word, _), ids in zip(block, ranked):
                 # A word listed twice in the file, or in a spelling _spellings does not try ("bAnk"), is
                 # the word itself too; the margin keeps K others.
@@ -635,7 +650,9 @@ class MaskedLMCandidates:
             for position, (start, end) in enumerate(offsets):
                 while start < end and text[start].isspace():  # a piece's own leading space ("Ġbank")
                     start += 1
-                if start == end:  # special tokens, a lone "▁"
+                # special tokens; a lone word-start marker ("▁" before "art"), whose offsets may cover the
+                # space or the word's first character: it is no piece of the word
+                if start == end or not self._surface(ids[position]):
                     continue
                 word = bisect.bisect_right(starts, start) - 1
                 if word >= 0 and start < spans[word].end:
@@ -800,7 +817,8 @@ CJK = (
 )
 
 
-_JOINS = re.compile(f"[^\\W{CJK}]")  # a word character other than a CJK ideograph: two of them make one word
+# A word character other than "_" (punctuation to BERT) or a CJK ideograph: two of them make one word.
+_JOINS = re.compile(f"[^\\W_{CJK}]")
 
 
 def _joins(character: str) -> bool:
@@ -845,8 +863,9 @@ def _word_pattern(special_tokens: tuple[str, ...]) -> re.Pattern:
     is a CJK ideograph or a run of word characters and combining marks: ``\\w`` alone stops at a mark, which
     split a decomposed "café" (e + U+0301) and every Devanagari word at its vowel signs."""
     specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
-    word = rf"[{CJK}]|(?:[^\W{CJK}]|[{_combining_marks()}])+"
-    return re.compile((f"({specials})|" if specials else "") + rf"({word})|([^\w\s])")
+    word = rf"[{CJK}]|(?:[^\W_{CJK}]|[{_combining_marks()}])+"
+    # "_" is punctuation, as BERT's tokenizer reads it: "new_york" is "new", "_", "york"
+    return re.compile((f"({specials})|" if specials else "") + rf"({word})|([^\w\s]|_)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -1048,13 +1067,19 @@ def _append(out: dict[str, list[Any]], example_id: str, task: str, text_a: str, 
     out["label"].append(label)
 
 
-def augmentation_summary(augmented: pa.Table | str | Path, stop_words: Iterable[str] = TINYBERT_STOP_WORDS) -> dict:
+def augmentation_summary(
+    augmented: pa.Table | str | Path, stop_words: Iterable[str] = TINYBERT_STOP_WORDS, n_a: int | None = None
+) -> dict:
     """How much an augmented set's copies differ from their examples.
 
     Args:
         augmented: the table :meth:`Augmenter.augment` returns, or an augmented set (its directory or
             ``augmented.parquet``): each example followed by its copies ``<id>-aug<k>``.
         stop_words: the words whose share of the replacements is counted (TinyBERT's by default).
+        n_a: the copies per example (a set's metadata gives it): each example is followed by that many rows.
+            Without it, a row is a copy when its id is the next ``<id>-aug<k>`` of the example before, so an
+            example whose own id ends in ``-aug<k>`` right after one with the ids of its copies is taken for a
+            copy (with ``n_a`` it is not).
 
     Returns:
         ``examples``, ``copies``, ``identical_copies`` (share of copies equal to their example, every text),
@@ -1065,8 +1090,10 @@ def augmentation_summary(augmented: pa.Table | str | Path, stop_words: Iterable[
         a set made elsewhere) is left out of the word counts, and counted there.
     """
     if not isinstance(augmented, pa.Table):
-        path = Path(augmented)
-        augmented = pq.read_table(final_path(path) if path.is_dir() else path)
+        path = final_path(Path(augmented)) if Path(augmented).is_dir() else Path(augmented)
+        augmented = pq.read_table(path)
+        if n_a is None:
+            n_a = ((read_parquet_metadata(path) or {}).get("parameters") or {}).get("n_a")
     stop = {word.lower() for word in stop_words}
     counts = dict.fromkeys(("examples", "copies", "identical", "words", "replaced", "stop", "not_compared"), 0)
     original: dict[str, Any] | None = None
@@ -1080,14 +1107,20 @@ def augmentation_summary(augmented: pa.Table | str | Path, stop_words: Iterable[
 
     columns = augmented.select(["example_id", "text_a", "text_b"])
     # Batch by batch: Python rows of a whole TinyBERT-size set (millions) took gigabytes at the end of augment.
-    for row in (row for batch in columns.to_batches(max_chunksize=8192) for row in batch.to_pylist()):
-        base, _, k = row["example_id"].rpartition("-aug")
-        if original is None or base != original["example_id"] or not k.isdigit():
-            original = row
+    copies_of_original = 0
+    rows = (row for batch in columns.to_batches(max_chunksize=8192) for row in batch.to_pylist())
+    for position, row in enumerate(rows):
+        if n_a is not None:
+            is_copy = position % (n_a + 1) != 0
+        else:
+            is_copy = original is not None and row["example_id"] == f"{original['example_id']}-aug{copies_of_original}"
+        if not is_copy:
+            original, copies_of_original = row, 0
             words_of = {name: words(row[name]) for name in ("text_a", "text_b") if row[name] is not None}
             counts["examples"] += 1
             continue
         counts["copies"] += 1
+        copies_of_original += 1
         counts["identical"] += all(original[name] == row[name] for name in words_of)
         pairs = [
             (before, before if row[name] == original[name] else words(row[name])) for name, before in words_of.items()
@@ -1441,7 +1474,7 @@ def augment_task(
         Path(path).unlink()
     if not any(parts[0].parent.iterdir()):
         parts[0].parent.rmdir()
-    summary = augmentation_summary(merged)
+    summary = augmentation_summary(merged, n_a=config.n_a)
     logger.info(
         "wrote %s: %d rows; the copies replace %.1f %% of the words (%.1f %% of the replacements fall on TinyBERT's "
         "stop words), "

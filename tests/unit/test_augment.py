@@ -431,6 +431,32 @@ def test_batched_neighbours_match_a_plain_loop(tmp_path):
     assert got["missing"] == []
 
 
+def test_glove_neighbours_do_not_depend_on_the_words_asked_with_them():
+    """A cosine on a rounding boundary (0.8193850 in GloVe 6B, 'alleged' and 'accusations') rounded to either
+    side by its last bit, which a batched product's shape moves: one rank and two ranks wrote other copies.
+    Here 30 words lie within a float32 step of the boundary 0.550005 from the query: the window is scored again
+    in float64, the same way whatever the block holds, and ranked by the exact cosines (ties by id)."""
+    rng = np.random.default_rng(0)
+    dim = 50
+    query = rng.normal(size=dim)
+    query /= np.linalg.norm(query)
+    near = []
+    for cosine in 0.550005 + rng.uniform(-3e-8, 3e-8, size=30):
+        other = rng.normal(size=dim)
+        other -= (other @ query) * query
+        near.append(cosine * query + np.sqrt(1 - cosine**2) * other / np.linalg.norm(other))
+    vectors = np.concatenate([query[None], np.array(near), rng.normal(size=(300, dim))]).astype(np.float32)
+    words = _letter_words(len(vectors))
+    glove = aug.GloveVectors(words=words, vectors=vectors, source="test")
+    alone = aug.GloveNeighbours(glove, k=5).neighbours([words[0]])[words[0]]
+    for others in (1, 6, 40):
+        asked = [words[0]] + words[-others:]
+        assert aug.GloveNeighbours(glove, k=5).neighbours(asked)[words[0]] == alone, others
+    unit = aug.GloveNeighbours(glove, k=5).unit.double().numpy()  # its float32 unit vectors, in float64
+    exact = sorted(range(1, len(words)), key=lambda j: (-round(float(unit[0] @ unit[j]), 5), j))
+    assert alone == [words[j] for j in exact[:5]]
+
+
 def test_glove_neighbours_are_never_punctuation(tmp_path):
     # As in GloVe 6B, where "!" is among the nearest words of "hello" and "." among those of "the".
     words = ["hello", "!", "...", "hey", "at name@domain.com", "goodbye", "kiss"]
@@ -553,6 +579,15 @@ def test_glove_npy_rows_must_match_vocabulary(tmp_path):
         aug.load_glove(tmp_path / "g.npy")
     with pytest.raises(FileNotFoundError):
         aug.load_glove(tmp_path / "absent.txt")
+    # A directory and its vocabulary (--glove DIR --glove-vocab FILE) still needs exactly one .npy: none was an
+    # IndexError traceback, two took the first name sorted without a word.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"GloVe directory .*empty must hold exactly one .npy; found \[\]"):
+        aug.load_glove(empty, vocab_path=tmp_path / "vocab.txt")
+    np.save(tmp_path / "h.npy", vectors)
+    with pytest.raises(ValueError, match=r"must hold exactly one .npy; found \['g.npy', 'h.npy', 'vocab.txt'\]"):
+        aug.load_glove(tmp_path, vocab_path=tmp_path / "vocab.txt")
 
 
 # ------------------------------------------------------------------------------------------------ misc
@@ -737,7 +772,7 @@ def test_words_are_split_as_berts_normalizer_and_pre_tokenizer_split_them():
 
     normalizer = BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False)
     for text in ("我喜欢这部电影, said Ann; かなは一語 and 한국어 too! 東京-2020", "plain words, no CJK (at all)",
-                 "𠀀𠀁 rare ideographs 豈"):  # fmt: skip
+                 "𠀀𠀁 rare ideographs 豈", "I love new_york and #happy_days __init__"):  # fmt: skip
         reference = [word for word, _ in BertPreTokenizer().pre_tokenize_str(normalizer.normalize_str(text))]
         words = split_words(text)
         assert [word.text for word in words] == reference, text
@@ -969,6 +1004,15 @@ def test_augmentation_summary_counts_words_copies_and_stop_words(glove_txt, tmp_
     other = table.set_column(1, "text_a", pa.array(table["text_a"].to_pylist()[:5] + ["Hi"]))
     changed = {"copies_not_compared": 1, "words": 18, "words_replaced": 3 / 18, "replaced_stop_words": 2 / 3}
     assert aug.augmentation_summary(other) == summary | changed
+    # An example whose own id ends in "-aug<k>" past the copies of the one before ("x", "x-aug5" with N_a = 2)
+    # was taken for a copy of it, and its copies for examples.
+    two = _augmenter(None, glove_txt, p_t=1.0, n_a=2, k=3)
+    ids = _random_examples(3).set_column(0, "example_id", pa.array(["x", "x-aug5", "y"]))
+    write_parquet_atomic(two.augment(ids, "t"), aug.final_path(tmp_path), {"parameters": {"n_a": 2}})
+    for counted in (aug.augmentation_summary(tmp_path), aug.augmentation_summary(two.augment(ids, "t"))):
+        assert (counted["examples"], counted["copies"]) == (3, 6)
+    ids = ids.set_column(0, "example_id", pa.array(["x", "x-aug2", "y"]))  # the next copy's id: n_a tells
+    assert aug.augmentation_summary(two.augment(ids, "t"), n_a=2)["examples"] == 3
 
 
 def test_a_word_of_letters_in_place_of_a_cjk_ideograph_is_set_apart_by_spaces(tmp_path):
@@ -986,3 +1030,41 @@ def test_a_word_of_letters_in_place_of_a_cjk_ideograph_is_set_apart_by_spaces(tm
     _write_glove_text(tmp_path / "marks.txt", ["中", "cafe\u0301"], np.array([[1, 0], [0.9, 0.1]], dtype=np.float32))
     marked = _augmenter(None, tmp_path / "marks.txt", p_t=1.0, n_a=1, k=1).augment(_examples(["中abc"]), "t")
     assert marked.column("text_a").to_pylist()[1] == "cafe\u0301 abc"
+
+
+def test_a_sentencepiece_word_start_marker_of_its_own_is_no_piece_of_the_word(tmp_path, glove_txt):
+    """A SentencePiece tokenizer writes a word it has no "▁word" piece for as "▁" + "word"; the lone "▁" had
+    offsets over the word's first character at the start of a text (and everywhere with XLM-R's
+    pre-tokenizer), so the word counted two pieces there (GloVe) and one elsewhere (masked-LM)."""
+    import torch
+    from tokenizers import SentencePieceUnigramTokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AlbertConfig, AlbertForMaskedLM, PreTrainedTokenizerFast
+
+    from dist_kd.testing import random_sentences
+
+    unigram = SentencePieceUnigramTokenizer()
+    specials = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
+    unigram.train_from_iterator(
+        random_sentences(400, seed=0), vocab_size=400, special_tokens=specials, unk_token="<unk>"
+    )
+    ids = {token: unigram.token_to_id(token) for token in ("[CLS]", "[SEP]")}
+    unigram._tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=list(ids.items())
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=unigram._tokenizer, unk_token="<unk>", pad_token="<pad>", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
+    tokenizer.save_pretrained(tmp_path)
+    config = AlbertConfig(vocab_size=len(tokenizer), embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    AlbertForMaskedLM(config).save_pretrained(tmp_path)
+    vocab = tokenizer.get_vocab()
+    lone = [word for word in vocab if word.isalpha() and word.isascii() and "▁" + word not in vocab]
+    word = next(word for word in lone if tokenizer.tokenize(f"{word} x")[:2] == ["▁", word])
+    augmenter = _augmenter(tmp_path, glove_txt, k=2, stop_words="none")
+    first, second = augmenter.word_candidates([f"{word} said", f"said {word}"])
+    assert [c.source for c in first if c.word.text == word] == ["mlm"]
+    assert [c.source for c in second if c.word.text == word] == ["mlm"]
