@@ -558,6 +558,7 @@ def run_config_job(
         return 0
 
     def body() -> int:
+        cfg = None
         try:
             # Read before the process group starts: a one-process job says its error at once. Under a launcher
             # every rank waits for the group, so that an error every rank has is said once, not once per rank.
@@ -580,7 +581,7 @@ def run_config_job(
                     raise refused
             result = run_training(cfg, trainer_class, finish, info)
         except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and stops), or one before training
-            print("interrupted: stopped without a checkpoint; a rerun resumes from the last one", file=sys.stderr)
+            print(f"interrupted: {_resumes_from(cfg)}", file=sys.stderr)
             return 130
         if result.lines:
             print("\n".join(result.lines), flush=True)
@@ -588,6 +589,20 @@ def run_config_job(
 
     # RunDirInUse is a ValueError
     return run_in_process_group(body, (ValueError, FileNotFoundError, CheckpointSaveError, OutputWriteError))
+
+
+def _resumes_from(cfg) -> str:
+    """What a rerun of an interrupted run starts from, in words: a second Ctrl-C may land before the first one's
+    checkpoint is saved, or after (the run said "stopped without a checkpoint" then too)."""
+    from dist_kd.train.checkpoint import latest_checkpoint
+
+    run_dir = getattr(getattr(cfg, "run", None), "output_dir", None)
+    if run_dir is None:
+        return "a rerun resumes from the newest whole checkpoint of its run directory, if any"
+    newest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if newest is None:
+        return f"no checkpoint in {run_dir}; a rerun starts from step 0"
+    return f"a rerun resumes from {newest}"
 
 
 class ExitOnSignal:

@@ -32,9 +32,12 @@ import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +119,9 @@ def damage(checkpoint: Path) -> str | None:
     try:
         meta = json.loads((checkpoint / "meta.json").read_text())
     except FileNotFoundError:
-        return "no meta.json (an unfinished save)"
+        # a save renames its directory into place once meta.json is written: without it, something removed it
+        # (or a release before 0.1 was cut short mid-save)
+        return "no meta.json"
     except (OSError, ValueError) as err:
         return f"meta.json does not parse ({err})"
     ranks = int(meta.get("world_size", 1))
@@ -138,21 +143,28 @@ def damaged_files(checkpoint: Path, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def complete_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint that finished saving (has ``meta.json``), oldest first."""
+def step_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-N`` directory, whole or damaged (:func:`damage`), oldest first. A save
+    writes ``.tmp-step-N`` and renames it once its ``meta.json`` is written, so a ``step-N`` without one is
+    damaged, not a save in progress: it is skipped with a warning, counts as damaged, and is pruned."""
     if not checkpoints_dir.is_dir():
         return []
     found = []
     for path in checkpoints_dir.iterdir():
         match = STEP_DIR.match(path.name)
-        if match and (path / "meta.json").is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
+def whole_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The whole checkpoints of ``checkpoints_dir``, oldest first (no warning for the others)."""
+    return [path for _, path in step_checkpoints(checkpoints_dir) if damage(path) is None]
+
+
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The newest whole checkpoint, or None; newer damaged ones are skipped with a warning each."""
-    for _, path in reversed(complete_checkpoints(checkpoints_dir)):
+    for _, path in reversed(step_checkpoints(checkpoints_dir)):
         problem = damage(path)
         if problem is None:
             return path
@@ -164,7 +176,7 @@ def all_damaged(checkpoints_dir: Path) -> str | None:
     """For a ``checkpoints_dir`` where :func:`latest_checkpoint` found none whole: how many finished checkpoints
     it holds, all damaged, and what is wrong with the newest (``"2 damaged; newest step-00000040: missing
     rank00001.pt"``); None where it holds none."""
-    saved = complete_checkpoints(checkpoints_dir)
+    saved = step_checkpoints(checkpoints_dir)
     if not saved:
         return None
     _, newest = saved[-1]
@@ -294,8 +306,8 @@ def point_latest(checkpoints_dir: Path, name: str) -> None:
     itself fitted), the stale file is removed, with a warning, rather than left naming a checkpoint that
     pruning then deletes or an older one that an export would silently take."""
     latest = checkpoints_dir / "latest"
-    with contextlib.suppress(OSError):
-        if latest.read_text().strip() == name:
+    with contextlib.suppress(OSError):  # bytes: a damaged file that is no UTF-8 is rewritten, not an error
+        if latest.read_bytes().strip() == name.encode():
             return
     try:
         with atomic_path(latest) as tmp:
@@ -330,7 +342,7 @@ def prunable(checkpoints_dir: Path, keep_last: int) -> list[Path]:
     nothing to resume from. A damaged one older than every kept whole one can never be resumed from and goes
     too; one between them stays (skipped on resume, replaced when its step is saved again).
     """
-    saved = complete_checkpoints(checkpoints_dir)
+    saved = step_checkpoints(checkpoints_dir)
     whole = [step for step, path in saved if damage(path) is None]
     if not whole:
         return []
@@ -602,7 +614,34 @@ def finished(checkpoint: Path | None) -> bool:
 
 def saved_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """Rank 0's trainer state in ``checkpoint`` (its step and data position), read before anything is built."""
-    return torch.load(checkpoint / "rank00000.pt", map_location="cpu", weights_only=False)
+    with readable(checkpoint):
+        return torch.load(checkpoint / "rank00000.pt", map_location="cpu", weights_only=False)
+
+
+# What reading a state file that has its saved size but not its saved bytes raises (a node that crashed after the
+# sizes were recorded can leave zeros): pickle's, torch's zip reader's ("PytorchStreamReader failed", "filename
+# 'storages' not found"), a short read.
+_UNREADABLE = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, KeyError)
+
+
+@contextlib.contextmanager
+def readable(checkpoint: Path) -> Iterator[None]:
+    """Turn a state file of ``checkpoint`` that does not read into one error naming the checkpoint and the
+    whole ones before it (a traceback from torch's unpickler named neither)."""
+    try:
+        yield
+    except _UNREADABLE as err:
+        older = [path.name for path in whole_checkpoints(checkpoint.parent) if path.name < checkpoint.name]
+        advice = (
+            f"move it out of {checkpoint.parent} to resume from {older[-1]}, the newest whole one before it"
+            if older
+            else "no whole checkpoint is older: delete the checkpoints directory to start again from step 0"
+        )
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"checkpoint {checkpoint} does not load ({type(err).__name__}: {message}); where a file in it is damaged "
+            f"(its sizes are as saved, so not truncated: overwritten, or zeros from a crash), {advice}"
+        ) from None
 
 
 def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
@@ -620,19 +659,21 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
     from dist_kd.train.engine import follow_schedule
 
     info = distributed.current()
-    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True)
+    with readable(checkpoint):
+        engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True)
     if engine.lr_scheduler is not None:  # the first step after a resume with another schedule takes its rate
         follow_schedule(engine.lr_scheduler)
     own = checkpoint / f"rank{info.rank:05d}.pt"
     path = own if own.is_file() else checkpoint / "rank00000.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    with readable(checkpoint):
+        state = torch.load(path, map_location="cpu", weights_only=False)
     if path == own:
         set_rng_state(state["rng"])
         saved_world = int(read_meta(checkpoint).get("world_size", info.world_size))
         for old_rank in range(info.rank + info.world_size, saved_world, info.world_size):
-            _add_window(
-                state, torch.load(checkpoint / f"rank{old_rank:05d}.pt", map_location="cpu", weights_only=False)
-            )
+            with readable(checkpoint):
+                other = torch.load(checkpoint / f"rank{old_rank:05d}.pt", map_location="cpu", weights_only=False)
+            _add_window(state, other)
     else:
         state.pop("window", None)
     return state

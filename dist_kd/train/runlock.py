@@ -22,6 +22,7 @@ job, a dead node) and the next run takes it over, saying so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -148,10 +149,11 @@ class RunLock:
             self._acquire(poll)
         except OSError as err:
             self.release()  # a directory this lock created and left empty goes again
-            reason = f"{err.strerror or type(err).__name__} ({err.filename})" if err.filename else str(err)
-            raise RunDirNotWritable(
-                f"{self.flag} {self.run_dir} cannot be written: {reason}; choose a writable {self.flag}"
-            ) from None
+            reason = err.strerror or str(err)
+            if err.filename:
+                reason = f"{err.strerror or type(err).__name__} ({err.filename})"
+            advice = "make room there" if err.errno == errno.ENOSPC else f"choose a writable {self.flag}"
+            raise RunDirNotWritable(f"{self.flag} {self.run_dir} cannot be written: {reason}; {advice}") from None
         self._held = True
         _HELD.append(self)
         self._thread = threading.Thread(target=self._beat, name="dist_kd-run-lock", daemon=True)
@@ -170,8 +172,14 @@ class RunLock:
             except FileExistsError:
                 pass
             else:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(payload)
+                try:
+                    with os.fdopen(fd, "w") as handle:
+                        handle.write(payload)
+                except OSError:
+                    # a full disk: the empty file just made would hold the directory, unreadable, until stale
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
+                    raise
                 break
             found = self.read_owner()
             if found is None:

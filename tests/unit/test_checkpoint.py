@@ -29,6 +29,11 @@ class FakeEngine:
         if self.fail is not None:
             raise self.fail
 
+    lr_scheduler = None
+
+    def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+        return torch.load(ckpt.Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=True)
+
 
 def _save(directory, step, engine=None, keep_last=0):
     return ckpt.save_checkpoint(engine or FakeEngine(), directory, step, {"step": step}, {"student": 1}, keep_last)
@@ -38,7 +43,7 @@ def test_save_writes_a_whole_checkpoint_the_latest_tag_and_keeps_the_last(tmp_pa
     for step in (10, 20, 30):
         final = _save(tmp_path, step, keep_last=2)
     assert final == tmp_path / "step-00000030" and ckpt.damage(final) is None
-    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [20, 30]
+    assert [s for s, _ in ckpt.step_checkpoints(tmp_path)] == [20, 30]
     assert (tmp_path / "latest").read_text() == "step-00000030"
     meta = json.loads((final / "meta.json").read_text())
     assert meta["step"] == 30 and meta["world_size"] == 1 and meta["student"] == 1
@@ -164,13 +169,13 @@ def test_keep_last_counts_whole_checkpoints_only(tmp_path):
     damaged = _save(tmp_path, 11)
     (damaged / "rank00000.pt").unlink()
     _save(tmp_path, 12, keep_last=1)  # older than the whole one kept: the damaged one goes
-    assert [step for step, _ in ckpt.complete_checkpoints(tmp_path)] == [12]
+    assert [step for step, _ in ckpt.step_checkpoints(tmp_path)] == [12]
     for step in (13, 14):
         _save(tmp_path, step)
     (tmp_path / "step-00000014" / "rank00000.pt").unlink()  # the newest is damaged
     _save(tmp_path, 15, keep_last=2)
     # whole 13 and 15 are kept and the damaged 14 between them stays; 12 goes
-    assert [step for step, _ in ckpt.complete_checkpoints(tmp_path)] == [13, 14, 15]
+    assert [step for step, _ in ckpt.step_checkpoints(tmp_path)] == [13, 14, 15]
     assert ckpt.prunable(tmp_path, 2) == []
     assert ckpt.prunable(tmp_path, 1) == [tmp_path / "step-00000013", tmp_path / "step-00000014"]
 
@@ -554,7 +559,7 @@ def test_a_latest_tag_that_cannot_be_written_names_no_checkpoint_and_is_put_righ
     monkeypatch.setattr(ckpt, "atomic_path", full_for_latest)
     with caplog.at_level(logging.WARNING):
         _save(tmp_path, 20, keep_last=1)
-    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [20]
+    assert [s for s, _ in ckpt.step_checkpoints(tmp_path)] == [20]
     assert not (tmp_path / "latest").exists()  # not left naming the pruned step-00000010
     assert "could not write" in caplog.text and "step-00000020 is saved and resumes" in caplog.text
     monkeypatch.setattr(ckpt, "atomic_path", real)
@@ -577,3 +582,51 @@ def test_a_refused_write_with_little_room_left_is_not_called_a_full_disk(tmp_pat
     with pytest.raises(ckpt.CheckpointSaveError) as caught:  # nothing said: little room is the likely cause
         _save(tmp_path, 20, FakeEngine(fail=RuntimeError("unexpected pos 6208 vs 6100")))
     assert caught.value.disk_full and "no space left on the device (7 MiB free there)" in str(caught.value)
+
+
+def test_a_step_directory_without_meta_json_is_damaged_not_invisible(tmp_path, caplog):
+    """A save renames its directory into place once meta.json is written; a step-N without one was not listed,
+    so a run whose checkpoints had all lost it started again from step 0 without a word (and replaced its
+    metrics), one whose newest had lost it resumed from an older one without a warning, and none was pruned."""
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    for step in (10, 13):
+        _save(checkpoints, step)
+    (checkpoints / "step-00000013" / "meta.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resume_point(run, "auto") == checkpoints / "step-00000010"
+    assert "checkpoint " + str(checkpoints / "step-00000013") + " is damaged (no meta.json)" in caplog.text
+    _save(checkpoints, 15, keep_last=1)  # older than the one whole checkpoint kept: pruned
+    assert [step for step, _ in ckpt.step_checkpoints(checkpoints)] == [15]
+    (checkpoints / "step-00000015" / "meta.json").unlink()
+    with pytest.raises(ValueError, match=r"no checkpoint under .* is whole \(1 damaged; newest step-00000015: no meta"):
+        ckpt.resume_point(run, "auto")
+
+
+@pytest.mark.parametrize("damage", ["zeros", "garbage"])
+def test_a_state_file_of_its_saved_size_that_does_not_load_names_the_checkpoint(tmp_path, damage):
+    """Zeros from a crash after the sizes were recorded pass the size check: torch's unpickler raised a
+    traceback naming neither the checkpoint nor the whole one before it."""
+    for step in (10, 13):
+        _save(tmp_path, step)
+    state = tmp_path / "step-00000013" / "rank00000.pt"
+    size = state.stat().st_size
+    state.write_bytes(b"\0" * size if damage == "zeros" else b"\xff" * size)
+    assert ckpt.damage(tmp_path / "step-00000013") is None  # the sizes cannot tell
+    with pytest.raises(ValueError, match=r"step-00000013 does not load \(.*move it out of .* to resume from "
+                                         r"step-00000010, the newest whole one before it"):  # fmt: skip
+        ckpt.saved_trainer_state(tmp_path / "step-00000013")
+    with pytest.raises(ValueError, match=r"step-00000013 does not load"):
+        ckpt.load_checkpoint(FakeEngine(), tmp_path / "step-00000013")
+    state = tmp_path / "step-00000010" / "rank00000.pt"
+    state.write_bytes(b"\0" * state.stat().st_size)
+    with pytest.raises(ValueError, match=r"no whole checkpoint is older: delete the checkpoints directory"):
+        ckpt.saved_trainer_state(tmp_path / "step-00000010")
+
+
+def test_a_latest_file_of_bytes_that_are_no_text_is_rewritten_by_the_next_save(tmp_path):
+    """point_latest read it as UTF-8 outside its OSError guard: every save of the run failed."""
+    _save(tmp_path, 10)
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00bad")
+    _save(tmp_path, 20)
+    assert (tmp_path / "latest").read_text() == "step-00000020"

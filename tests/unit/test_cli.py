@@ -561,3 +561,22 @@ def test_bad_input_at_the_debug_level_shows_where_it_was_raised(capsys, monkeypa
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.split() == ["False", "True"], out
+
+
+def test_a_second_ctrl_c_says_what_a_rerun_resumes_from(tmp_path):
+    """It said "stopped without a checkpoint" also when it landed after the first one's checkpoint was saved."""
+    from types import SimpleNamespace
+
+    from dist_kd.cli import _resumes_from
+    from dist_kd.train import checkpoint as ckpt
+
+    def run(path):
+        return SimpleNamespace(run=SimpleNamespace(output_dir=str(path)))
+
+    assert _resumes_from(None).startswith("a rerun resumes from the newest whole checkpoint")
+    assert _resumes_from(run(tmp_path)) == f"no checkpoint in {tmp_path}; a rerun starts from step 0"
+    saved = tmp_path / "checkpoints" / ckpt.step_dir_name(15)
+    saved.mkdir(parents=True)
+    (saved / "rank00000.pt").write_bytes(b"x")
+    (saved / "meta.json").write_text('{"world_size": 1}')
+    assert _resumes_from(run(tmp_path)) == f"a rerun resumes from {saved}"

@@ -252,6 +252,38 @@ def test_a_run_dir_that_cannot_be_written_is_one_error_naming_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_a_full_disk_while_taking_the_lock_leaves_no_empty_lock_behind(tmp_path, monkeypatch):
+    """The lock file was created, its owner could not be written, and the empty file refused every rerun (an
+    unreadable owner) until it went stale, after the disk had room again."""
+    import errno
+
+    from dist_kd.train import runlock
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.handle = real(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(runlock.os, "fdopen", Full)
+    with pytest.raises(RunDirNotWritable, match=r"cannot be written: No space left on device; make room there$"):
+        RunLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    monkeypatch.setattr(runlock.os, "fdopen", real)
+    with RunLock(tmp_path / "run") as lock:  # the rerun once there is room
+        assert lock.holds()
+
+
 def test_every_rank_stops_with_rank_0s_refusal(tmp_path, monkeypatch):
     """Rank 0 takes the lock; the other ranks raise the error it broadcasts instead of waiting for it."""
     from types import SimpleNamespace

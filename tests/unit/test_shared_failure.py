@@ -157,7 +157,7 @@ def test_a_checkpoint_save_failing_on_one_rank_stops_every_rank(tmp_path, fail):
     }[fail]
     assert outcomes == {0: expected, 1: expected}
     # The step before is whole and still the newest; the failed save left nothing a resume could take.
-    assert [step for step, _ in ckpt.complete_checkpoints(checkpoints)] == [1]
+    assert [step for step, _ in ckpt.step_checkpoints(checkpoints)] == [1]
     assert ckpt.damage(checkpoints / "step-00000001") is None
 
 
