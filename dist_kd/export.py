@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import yaml
 from dist_kd.data.tasks import glue_key
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, check_replaceable_dir, write_json_atomic
-from dist_kd.train.checkpoint import all_damaged, complete_checkpoints, damaged_files, latest_checkpoint
+from dist_kd.train.checkpoint import all_damaged, damaged_files, latest_checkpoint, whole_checkpoints
 from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
 logger = logging.getLogger(__name__)
@@ -171,16 +172,36 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
             logger.info("exporting %s, the newest whole checkpoint of %s", newest.name, steps.parent)
             return newest
     if checkpoint.name == "latest" and checkpoint.is_file():
-        tag = checkpoint.read_text().strip()
+        try:
+            tag = checkpoint.read_text().strip()
+        except UnicodeDecodeError:
+            raise FileNotFoundError(
+                f"{checkpoint} is not a checkpoint's name (it holds bytes that are no text); give the checkpoint "
+                f"itself ({checkpoint.parent}/step-N) or the run directory, whose newest whole checkpoint is taken"
+            ) from None
         target = checkpoint.parent / tag
         if not tag or not target.is_dir():
             raise FileNotFoundError(f"{checkpoint} names the checkpoint {tag!r}, which is not in {checkpoint.parent}")
         newest = latest_checkpoint(checkpoint.parent)
-        if newest is not None and newest != target:  # a run that could not update `latest` (a full disk)
+        if newest is not None and newest.name > target.name:  # a run that could not update `latest` (a full disk)
             logger.warning("%s names %s, but %s is newer and whole; exporting %s as named", checkpoint, tag,
                            newest.name, tag)  # fmt: skip
         return target
     return checkpoint
+
+
+def _check_not_an_input(output: Path, run_dir: Path, config: dict) -> None:
+    """Refuse an ``--output`` that is a model the run reads (its teacher, its starting student): an earlier
+    dist_kd export there passes the replaceable check, and the export replaced the model the run came from."""
+    target = output.resolve()
+    for section in ("teacher", "student"):
+        path = ((config or {}).get(section) or {}).get("path")
+        if path and Path(path).expanduser().resolve() == target:
+            raise ValueError(
+                f"--output {output} is {section}.path of the run {run_dir} (the model it "
+                f"{'was distilled from' if section == 'teacher' else 'started from'}): the export would replace it; "
+                "give another directory"
+            )
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | None = None) -> Path:
@@ -216,7 +237,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
     )  # fmt: skip
     run_dir = checkpoint.parent.parent
     if not checkpoint.exists():  # a typo, or a step that keep_last pruned: not a save cut short
-        whole = [path.name for _, path in complete_checkpoints(checkpoint.parent)] if checkpoint.parent.is_dir() else []
+        whole = [path.name for path in whole_checkpoints(checkpoint.parent)]
         listed = f"; the whole checkpoints in {checkpoint.parent}: {', '.join(whole[-5:])}" if whole else ""
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist{listed}")
     if not (checkpoint / "meta.json").is_file():
@@ -227,12 +248,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
         raise ValueError(f"checkpoint {checkpoint} is damaged: meta.json does not parse ({err})") from None
     problem = damaged_files(checkpoint, meta)
     if problem:  # a truncated file was a traceback from torch.load, or an OSError naming no file
-        older = [path.name for _, path in complete_checkpoints(checkpoint.parent) if path != checkpoint]
+        older = [path.name for path in whole_checkpoints(checkpoint.parent) if path.name < checkpoint.name]
         advice = f"; export an earlier one ({', '.join(older[-3:])})" if older else ""
         raise ValueError(f"checkpoint {checkpoint} is damaged: {problem}{advice}")
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: {checkpoint} must sit in RUN/checkpoints/")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    _check_not_an_input(Path(output), run_dir, config)
     model, prefix, tokenizer_dir, modules_dir = _student_model(run_dir, config)
     if task is not None:
         model, prefix, head = _with_task_head(model, prefix, run_dir, config, meta, task), "", task
@@ -240,7 +262,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
         head = None
     try:
         state = fp32_state_dict(checkpoint)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:  # a damaged file the sizes missed
+    except (RuntimeError, OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        # a damaged file the sizes missed (zeros from a crash: "filename 'storages' not found")
         raise ValueError(f"checkpoint {checkpoint} does not load ({type(err).__name__}: {err})") from None
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     if head is not None:  # the shared encoder and this task's head; the other tasks' heads stay behind
@@ -276,7 +299,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
         return _write_classifier(model, head, tokenizer, output, run_dir, checkpoint, meta)
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
-        save_tokenizer(tokenizer, tmp)
+        save_tokenizer(tokenizer, tmp, model.config)
         if modules_dir is not None:
             from transformers import AutoConfig
 

@@ -18,6 +18,7 @@ file (``eval.texts``) or taken from held-out corpus shards (``data.eval_shards``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 
 from dist_kd.config import doc
 from dist_kd.data.encode import TokenizedRows, pad_id_of, pad_rows, tokenize_rows, uses_token_types
+
+logger = logging.getLogger(__name__)
 
 # A student is called collapsed when its spread exceeds this (every text close to one direction) ...
 COLLAPSED_SPREAD = 0.95
@@ -262,11 +265,17 @@ class HeldOutTexts:
         embeddings before it, as for a teacher without modules, so that figures stay comparable across teachers
         and releases.
         """
-        from dist_kd.sentence_modules import sentence_pooling
+        from dist_kd.sentence_modules import modules_after_pooling, sentence_pooling
 
         found = sentence_pooling(model_dir)
         if found is not None:
             self.pooling = found[0]
+            after = modules_after_pooling(model_dir)
+            if after:  # a Dense (LaBSE): SentenceTransformer(student) gives other embeddings than those measured
+                logger.warning(
+                    "%s: quality is measured on the pooled states, without its %s module(s) after the pooling: the "
+                    "spread and probe are not those of SentenceTransformer's embeddings", model_dir, ", ".join(after),
+                )  # fmt: skip
 
     @property
     def pooling_name(self) -> str:

@@ -7,8 +7,8 @@ at the end of every general and task run. Plots:
 - ``loss.png``: the loss and each loss term over steps (log scale), per-task losses of a task run, and one
   line per teacher of a fine-tuning directory;
 - ``lr_throughput.png``: learning rate and tokens (fine-tuning: samples) per second over steps;
-- ``quality.png`` (general, with held-out text): spread and probe accuracy at each evaluation, the
-  teacher's as dashed lines;
+- ``quality.png`` (general, with held-out text): spread and probe accuracy at step 0 (summary.json's) and at
+  each evaluation, the teacher's as dashed lines;
 - ``dev.png`` (task): each task's dev metric at each evaluation.
 
 Without matplotlib the report is written without plots, and says so.
@@ -194,6 +194,12 @@ def write_report(run_dir: str | Path) -> Path:
     summary = _read_json(run_dir / "summary.json")
     eval_report = _read_json(run_dir / "eval.json")
     quality_records = [r for r in records if "eval_spread" in r]
+    # Step 0's measurement is summary.json's (metrics.jsonl's first line is after the first steps): without it a
+    # run shorter than eval.every plotted one point.
+    start = (((summary or {}).get("quality") or {}).get("rows") or {}).get("student at step 0")
+    if isinstance(start, dict) and not any(r.get("step") == 0 for r in quality_records):
+        quality_records = [{"step": 0, "eval_spread": start.get("spread"), "eval_probe": start.get("probe")}]
+        quality_records += [r for r in records if "eval_spread" in r]
     evaluations = _section(run_dir / "eval.json", lambda: _task_evaluations(eval_report), {})
     plots = _plots(run_dir, records, evaluations, quality_records)
 

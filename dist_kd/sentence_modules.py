@@ -46,8 +46,10 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
         return False
     try:
         modules = json.loads(listing.read_text())
-    except ValueError:
-        logger.warning("%s does not parse; the student gets no sentence-transformers modules", listing)
+        if not isinstance(modules, list) or not all(isinstance(module, dict) for module in modules):
+            raise ValueError("not a list of modules")
+    except ValueError as err:
+        logger.warning("%s does not parse (%s); the student gets no sentence-transformers modules", listing, err)
         return False
     kinds = [str(module.get("type", "")) for module in modules]
     # Modules that read the token states without weights of their width; any other (Dense, LayerNorm, ...)
@@ -60,6 +62,20 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
             source, source_hidden, ", ".join(kind.rsplit(".", 1)[-1] for kind in unsized), hidden_size,
         )  # fmt: skip
         return False
+    # Read before anything is copied: a Pooling config that does not parse ended the run after its training, with
+    # an error naming no file, and no student written.
+    pooling: dict[str, dict] = {}
+    for module in modules:
+        path = module.get("path") or ""
+        config = source / path / "config.json"
+        if str(module.get("type", "")).endswith(".Pooling") and path and config.is_file():
+            try:
+                pooling[path] = json.loads(config.read_text())
+                if not isinstance(pooling[path], dict):
+                    raise ValueError(f"a JSON {type(pooling[path]).__name__}, not an object")
+            except (OSError, ValueError) as err:
+                logger.warning("%s does not parse (%s); the student gets no sentence-transformers modules", config, err)
+                return False
     for name in TOP_LEVEL_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
@@ -82,9 +98,9 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
         if not path or not (source / path).is_dir():
             continue
         shutil.copytree(source / path, target / path, dirs_exist_ok=True)
-        config = target / path / "config.json"
-        if str(module.get("type", "")).endswith(".Pooling") and config.is_file():
-            settings = json.loads(config.read_text())
+        if path in pooling:
+            settings = pooling[path]
+            config = target / path / "config.json"
             keys = [key for key in POOLING_WIDTH_KEYS if key in settings] or ["word_embedding_dimension"]
             for key in keys:  # every version's name the file has; a file with neither gets the one all read
                 settings[key] = hidden_size
@@ -130,3 +146,14 @@ def sentence_pooling(source: str | Path) -> tuple[tuple[str, ...], bool] | None:
         return None
     normalised = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
     return modes, normalised
+
+
+def modules_after_pooling(source: str | Path) -> list[str]:
+    """The names of ``source``'s sentence-transformers modules that dist_kd's pooling does not apply (``Dense``,
+    ``LayerNorm``; not the encoder, ``Pooling`` or ``Normalize``); empty without readable modules."""
+    try:
+        modules = json.loads((Path(source) / "modules.json").read_text())
+        kinds = [str(module.get("type", "")) for module in modules]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    return [kind.rsplit(".", 1)[-1] for kind in kinds if not kind.endswith(WIDTH_FREE_MODULES)]

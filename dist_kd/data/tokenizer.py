@@ -102,13 +102,35 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+def save_tokenizer(tokenizer, directory: str | os.PathLike, model_config=None) -> None:
     """``tokenizer.save_pretrained(directory)`` as the tokenizer was loaded (:func:`load_tokenizer`): with the
     truncation and padding its files shipped with, not those its last call left in the Rust backend
     (``tokenizer.json`` then cut every input to the run's ``max_length`` for anyone reading it with the
     tokenizers library), and without the load options (``local_files_only``) that transformers writes into
     ``tokenizer_config.json``. transformers sets the backend's truncation and padding again on every call, so
-    the live tokenizer is unchanged."""
+    the live tokenizer is unchanged.
+
+    ``model_config``: the config of the model saved beside it; a ``model_max_length`` beyond what its position
+    embeddings hold (a student of fewer positions than its teacher) is saved as that limit, so that
+    ``tokenizer(text, truncation=True)`` gives inputs the model takes."""
+    from dist_kd.models.teacher import max_input_length
+
+    limit = None if model_config is None else max_input_length(model_config)
+    shipped_length = tokenizer.model_max_length
+    if limit is not None and shipped_length > limit:
+        tokenizer.model_max_length = limit
+        tokenizer.init_kwargs["model_max_length"] = limit
+    else:
+        limit = None
+    try:
+        _save_as_loaded(tokenizer, directory)
+    finally:
+        if limit is not None:
+            tokenizer.model_max_length = shipped_length
+            tokenizer.init_kwargs["model_max_length"] = shipped_length
+
+
+def _save_as_loaded(tokenizer, directory: str | os.PathLike) -> None:
     backend = tokenizer.backend_tokenizer
     truncation, padding = getattr(tokenizer, "_dist_kd_shipped", (None, None))
     backend.no_truncation()

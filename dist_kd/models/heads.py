@@ -256,4 +256,4 @@ class MultiTaskStudent(nn.Module):
         model = self.task_model(task)
         model.save_pretrained(directory)
         if tokenizer is not None:
-            save_tokenizer(tokenizer, directory)
+            save_tokenizer(tokenizer, directory, model.config)

@@ -344,7 +344,7 @@ class TeacherTrainer:
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     module.save_pretrained(tmp)
-                    save_tokenizer(self.tokenizer, tmp)
+                    save_tokenizer(self.tokenizer, tmp, module.config)
                     write_json_atomic(tmp / TASK_RECORD, record, indent=2)
                     _write_dev_results(tmp, result, dev_logits)
         distributed.barrier()

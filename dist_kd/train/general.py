@@ -329,6 +329,9 @@ class GeneralTrainer(EngineTrainer):
             always=cfg.distill.projection == "always",
             select=cfg.distill.projection == "select",
         )
+        # whether student.calibrate ran (False: skipped, a pre-LN teacher; None: not asked, or a resumed run's
+        # checkpoint says it): for the model card
+        self.calibrated: bool | None = None
         if cfg.student.init == "teacher" and not cfg.student.path:
             selection = unit_selection(student.config, teacher_config)
             if isinstance(projections, Projections):
@@ -342,6 +345,7 @@ class GeneralTrainer(EngineTrainer):
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self.step = 0
         self.tokens_seen = 0
+        self.sequences_seen: int | None = 0
         self.step_lr: float | None = None  # the rate of the last optimizer step, for its log line
         self.empty_batches = 0  # this rank's micro-batches of fully masked rows in this process (skip_corrupt)
         self._window = LossWindow(info.device)
@@ -440,7 +444,9 @@ class GeneralTrainer(EngineTrainer):
                 "(student.calibrate=false starts it so without this check)",
                 err,
             )
+            self.calibrated = False
             return
+        self.calibrated = True
         logger.info(
             "calibrated the student on %d sequences: relative MSE per state %s",
             sum(len(batch["input_ids"]) for batch in batches),
@@ -494,6 +500,8 @@ class GeneralTrainer(EngineTrainer):
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "sequences_seen": self.sequences_seen,
+            "calibrated": self.calibrated,
             "data": self.loader.state_dict(),
             "window": self._window.state_dict(),
             "initial_quality": self.initial_quality,
@@ -502,6 +510,9 @@ class GeneralTrainer(EngineTrainer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
+        # checkpoints of earlier releases count no sequences (None: the card says steps x batch), nor calibration
+        self.sequences_seen = state.get("sequences_seen")
+        self.calibrated = state.get("calibrated", self.calibrated)
         self.loader.load_state_dict(state["data"])
         if "window" in state:
             self._window.load_state_dict(state["window"])
@@ -599,6 +610,8 @@ class GeneralTrainer(EngineTrainer):
         window = self._window.reduce()  # one sync for every term
         values = dict(sorted(window.values.items()))
         self.tokens_seen += window.tokens
+        if self.sequences_seen is not None:
+            self.sequences_seen += window.rows
         elapsed = max(window.seconds, 1e-9)
         # No loss terms when every batch of the window, on every rank, was fully masked (data.skip_corrupt).
         loss = {"loss": values.pop("loss")} if "loss" in values else {}
@@ -700,7 +713,7 @@ class GeneralTrainer(EngineTrainer):
             if self.info.is_main:
                 with atomic_dir(target) as tmp:
                     student.save_pretrained(tmp)
-                    save_tokenizer(self.tokenizer, tmp)
+                    save_tokenizer(self.tokenizer, tmp, student.config)
                     write_model_card(tmp, self.model_card())
                     carry_sentence_modules(
                         self.cfg.teacher.path, tmp, student.config.hidden_size, self.teacher.hidden_size
@@ -712,26 +725,40 @@ class GeneralTrainer(EngineTrainer):
         """The exported student's README.md: teacher, method, data, steps and, when measured, its quality."""
         cfg, student = self.cfg, self.meta["student"]
         teacher = self.meta["teacher"]
+        weights = cfg.distill.weights
+        attention = (
+            "raw attention-score MSE"
+            if cfg.distill.attention == "raw_scores"
+            else f"MiniLMv2 attention-relation KL ({cfg.distill.relation_heads} relation heads)"
+        )
+        terms = [
+            name
+            for name, weight in (
+                ("embedding MSE", weights.embd),
+                ("hidden-state MSE", weights.hidden),
+                (attention, weights.attn),
+                ("sentence-embedding MSE", weights.sentence),
+            )
+            if weight > 0
+        ]
+        calibration = {True: ", calibrated", False: ", not calibrated: a pre-LN teacher", None: ""}[
+            self.calibrated if self.calibrated is not None or not cfg.student.calibrate else True
+        ]
         facts = {
             "teacher": f"{cfg.teacher.path} ({teacher['model_type']}, {teacher['num_layers']} layers x "
             f"{teacher['hidden_size']})",
             "student": f"{student['num_layers']} layers x {student['hidden_size']}, {student['num_heads']} heads, "
             f"FFN {student['intermediate_size']}",
-            "method": "TinyBERT general distillation: embedding, hidden-state and "
-            + (
-                "raw attention-score MSE"
-                if cfg.distill.attention == "raw_scores"
-                else f"MiniLMv2 attention-relation KL ({cfg.distill.relation_heads} relation heads)"
-            )
-            + f" through the layer map g = {self.mapping}",
+            "method": f"TinyBERT general distillation: {', '.join(terms)} through the layer map g = {self.mapping}",
             "initialisation": cfg.student.path
-            or cfg.student.init
-            + (" (weight selection, calibrated)" if cfg.student.init == "teacher" and cfg.student.calibrate else ""),
+            or cfg.student.init + (f" (weight selection{calibration})" if cfg.student.init == "teacher" else ""),
             "loss settings": f"weights {dataclasses.asdict(cfg.distill.weights)}, projection {cfg.distill.projection}, "
             f"normalize {cfg.distill.normalize}, attention {cfg.distill.attention}",
             "corpus": f"{cfg.data.shards} ({self.manifest['num_sequences']} sequences of {self.manifest['seq_len']} "
             "tokens)",
-            "steps": f"{self.step} x {self.global_batch} sequences, {self.tokens_seen} tokens, lr {cfg.train.lr}",
+            "steps": f"{self.step}: "
+            + (f"{self.sequences_seen}" if self.sequences_seen is not None else f"{self.step} x {self.global_batch}")
+            + f" sequences, {self.tokens_seen} tokens, lr {cfg.train.lr}",
         }
         metrics = {}
         if quality:

@@ -802,7 +802,7 @@ class TaskTrainer(EngineTrainer):
             if self.info.is_main:
                 with atomic_dir(exported["student"]) as tmp:
                     encoder.save_pretrained(tmp)
-                    save_tokenizer(self.tokenizer, tmp)
+                    save_tokenizer(self.tokenizer, tmp, encoder.config)
                     write_model_card(tmp, self.model_card(None))
                     if self.cfg.student.init != "random":  # the pooling the starting encoder was made for
                         width = encoder.config.hidden_size
@@ -841,9 +841,16 @@ class TaskTrainer(EngineTrainer):
             "student start": f"{cfg.student.path} (init {cfg.student.init})",
             "tasks": ", ".join(f"{t.spec.name} ({t.num_rows} rows from {t.source})" for t in self.tasks),
             "steps": f"{self.step} x {self.global_batch} rows, lr {cfg.train.lr}",
-            "soft / hard weight": f"{cfg.distill.soft_weight} / {cfg.distill.hard_weight}, temperature "
-            f"{cfg.distill.temperature}",
         }
+        if self.phase == "prediction":
+            # a task without a soft-target store trains on its hard labels alone (weight 1), whatever the weights
+            hard_only = [t.spec.name for t in self.tasks if t.soft is None]
+            soft = [t.spec.name for t in self.tasks if t.soft is not None]
+            facts["soft / hard weight"] = "; ".join(
+                ([f"{cfg.distill.soft_weight} / {cfg.distill.hard_weight}, temperature {cfg.distill.temperature} "
+                  f"({', '.join(soft)})"] if soft else [])
+                + ([f"hard labels alone ({', '.join(hard_only)}: no soft targets)"] if hard_only else [])
+            )  # fmt: skip
         latest = dict(self.history[-1]["tasks"]) if self.history else {}
         if task is not None and metrics is not None:
             latest[task.spec.name] = metrics

@@ -765,11 +765,15 @@ def test_general_distillation_from_another_family(arch, tiny_corpus, tmp_path):
         assert student.config.pooler_hidden_size == 16
     skipped = proc.stderr.count("student.calibrate skipped")
     assert skipped == (arch == "modernbert"), proc.stderr[-3000:]
+    card = (out / "student" / "README.md").read_text()
     if arch == "modernbert":  # student layer m has the attention kind of teacher layer g(m) = 2m
         assert student.config.layer_types == ["sliding_attention", "sliding_attention"]
         assert "calibrated the student" not in proc.stderr
+        # the card said "calibrated" from the config
+        assert "| initialisation | teacher (weight selection, not calibrated: a pre-LN teacher) |" in card
     elif init.endswith("teacher"):
         assert "calibrated the student" in proc.stderr
+        assert "| initialisation | teacher (weight selection, calibrated) |" in card
 
 
 @pytest.mark.parametrize("bf16_mode", ["autocast", "deepspeed"])

@@ -50,6 +50,7 @@ def _task_run(root, student_dir, student: dict, num_layers: int):
     module["heads.topic.classifier.weight"] = torch.zeros(2, 32)
     checkpoint = run / "checkpoints" / "step-00000010"
     torch.save({"module": module, "buffer_names": []}, checkpoint / "mp_rank_00_model_states.pt")
+    torch.save({"step": 10}, checkpoint / "rank00000.pt")  # the trainer's state: a whole checkpoint has it
     (checkpoint / "meta.json").write_text(json.dumps({"step": 10}))
     (run / "checkpoints" / "latest").write_text("step-00000010")
     return run, encoder
@@ -82,6 +83,10 @@ def test_a_checkpoint_named_from_inside_checkpoints_or_by_latest_exports(
     capsys.readouterr()
     assert main(["--checkpoint", "run/checkpoints/latest", "--output", str(tmp_path / "gone")]) == 2
     assert "names the checkpoint 'step-00000020', which is not in" in capsys.readouterr().err
+    # a latest of bytes that are no text: one line naming it (a UnicodeDecodeError naming no file before)
+    (run / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00bad")
+    assert main(["--checkpoint", "run/checkpoints/latest", "--output", str(tmp_path / "gone")]) == 2
+    assert "latest is not a checkpoint's name (it holds bytes that are no text)" in capsys.readouterr().err
     # RUN/checkpoints as a link to scratch space: the run is still the link's parent, not the target's
     (run / "checkpoints").rename(tmp_path / "scratch")
     (run / "checkpoints").symlink_to(tmp_path / "scratch")
@@ -284,6 +289,25 @@ def test_saved_tokenizers_carry_no_truncation_and_no_load_options(tiny_tokenizer
     assert json.loads((tmp_path / "again" / "tokenizer.json").read_text())["truncation"]["max_length"] == 64
 
 
+def test_a_saved_tokenizer_truncates_to_what_the_model_beside_it_holds(tiny_tokenizer_dir, tmp_path):
+    """A student of fewer positions than its teacher's tokenizer allows was saved with the teacher's
+    model_max_length: tokenizer(text, truncation=True) then gave inputs AutoModel failed on."""
+    from transformers import AutoTokenizer, BertConfig
+
+    from dist_kd.data.tokenizer import load_tokenizer, save_tokenizer
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    shipped = tokenizer.model_max_length
+    short = BertConfig(max_position_embeddings=40)
+    save_tokenizer(tokenizer, tmp_path / "short", short)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "short")
+    text = " ".join(random_sentences(20, seed=1))
+    assert saved.model_max_length == 40 and len(saved(text, truncation=True)["input_ids"]) == 40
+    assert tokenizer.model_max_length == shipped > 40  # the live tokenizer is as it was
+    save_tokenizer(tokenizer, tmp_path / "long", BertConfig(max_position_embeddings=shipped + 100))
+    assert AutoTokenizer.from_pretrained(tmp_path / "long").model_max_length == shipped  # never raised
+
+
 def test_a_general_run_whose_student_does_not_fit_names_the_directory_it_is_built_from(tmp_path, capsys):
     """The shape error blamed config.yaml alone; a general run's student is built from teacher.path's config
     (or from student.path where the run has one)."""
@@ -305,3 +329,32 @@ def test_a_general_run_whose_student_does_not_fit_names_the_directory_it_is_buil
     assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "embeddings.word_embeddings.weight (300, 24) in the checkpoint, (300, 16) built): the teacher.path " in err
+
+
+def test_a_checkpoint_of_zeros_at_its_saved_sizes_is_one_line_naming_it(sentence_student, tmp_path, capsys):
+    """A model-states file of zeros (a crash after the sizes were recorded) passes the size check; torch's reader
+    raised KeyError("filename 'storages' not found"), a traceback."""
+    run, _ = _task_run(tmp_path, sentence_student, {"dropout": 0.3}, num_layers=2)
+    states = run / "checkpoints" / "step-00000010" / "mp_rank_00_model_states.pt"
+    states.write_bytes(b"\0" * states.stat().st_size)
+    assert main(["--checkpoint", str(states.parent), "--output", str(tmp_path / "out")]) == 2
+    assert "step-00000010 does not load (KeyError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_the_runs_own_starting_model_is_refused(sentence_student, tmp_path, capsys):
+    """A run whose student.path is an earlier dist_kd export (a second round of distillation): --output there
+    passed the check that lets an earlier export be replaced, and replaced the model the run started from."""
+    import shutil
+
+    from dist_kd.model_card import model_card, write_model_card
+
+    start = tmp_path / "round1"
+    shutil.copytree(sentence_student, start)
+    write_model_card(start, model_card("round 1", "an earlier export", {}, None, "", "feature-extraction"))
+    run, _ = _task_run(tmp_path, start, {"dropout": 0.3}, num_layers=2)
+    before = sorted((p.name, p.stat().st_size) for p in start.iterdir())
+    assert main(["--checkpoint", str(run), "--output", str(start)]) == 2
+    assert f"--output {start} is student.path of the run {run}" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_size) for p in start.iterdir()) == before
+    assert main(["--checkpoint", str(run), "--output", str(tmp_path / "round2")]) == 0

@@ -161,3 +161,20 @@ def test_a_dev_table_without_a_best_model_says_so_once():
     }
     lines = _dev_lines(evaluations, {"tasks": tasks})
     assert "| topic | loss | 2.832 | – |" in lines and "| sentiment | accuracy | 0.5 | 0.75 (4) |" in lines
+
+
+def test_quality_plot_starts_at_the_step_0_measurement_of_the_summary(tmp_path, monkeypatch):
+    """Step 0 is measured (summary.json's "student at step 0") but not logged: a run shorter than eval.every
+    plotted a single point."""
+    import dist_kd.report as report
+
+    run = tmp_path / "run"
+    _general_run(run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["quality"]["rows"]["student at step 0"] = {"spread": 0.7, "probe": 0.8, "probe_ratio": 0.8 / 0.94}
+    (run / "summary.json").write_text(json.dumps(summary))
+    seen = []
+    monkeypatch.setattr(report, "_plots", lambda run_dir, records, evaluations, quality: seen.append(quality) or [])
+    write_report(run)
+    assert [(r["step"], r["eval_spread"], r["eval_probe"]) for r in seen[0]] == [(0, 0.7, 0.8), (50, 0.5, 0.9),
+                                                                                (100, 0.5, 0.9)]  # fmt: skip

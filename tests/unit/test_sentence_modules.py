@@ -182,3 +182,42 @@ def test_a_teachers_encoder_folder_is_not_carried_the_student_is_the_encoder(tin
     mask = batch["attention_mask"].unsqueeze(-1).float()
     expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
     torch.testing.assert_close(encoded, expected, atol=1e-5, rtol=1e-4)  # the student's states, not the teacher's
+
+
+@pytest.mark.parametrize("damage", ['{"word_embedding_dimension": 384, "pooling_mode_mean', "[1, 2]"])
+def test_a_pooling_config_that_does_not_parse_carries_nothing_with_a_warning(tiny_bert_dir, tmp_path, damage, caplog):
+    """json.loads of the copied Pooling config raised at the run's end, after its training: an error naming no
+    file, and no student written, at every rerun."""
+    teacher = tmp_path / "teacher"
+    _sentence_teacher(teacher, width=384)
+    config = teacher / "1_Pooling" / "config.json"
+    config.write_text(damage)
+    student = tmp_path / "student"
+    shutil.copytree(tiny_bert_dir, student)
+    with caplog.at_level("WARNING"):
+        assert not carry_sentence_modules(teacher, student, hidden_size=32, source_hidden=384)
+    assert (
+        f"{config} does not parse" in caplog.text and "the student gets no sentence-transformers modules" in caplog.text
+    )
+    assert sorted(p.name for p in student.iterdir()) == sorted(p.name for p in tiny_bert_dir.iterdir())  # untouched
+    (teacher / "modules.json").write_text('{"not": "a list"}')
+    assert not carry_sentence_modules(teacher, student, hidden_size=32, source_hidden=384)
+    assert "modules.json does not parse (not a list of modules)" in caplog.text
+
+
+def test_quality_says_it_leaves_out_a_dense_module_after_the_pooling(tiny_bert_dir, tmp_path, caplog):
+    """With a Dense after the pooling (LaBSE), the spread and probe were not those of SentenceTransformer's
+    embeddings, without a word."""
+    from dist_kd.quality import HeldOutTexts
+
+    teacher = tmp_path / "teacher"
+    modules = _sentence_teacher(teacher, width=32)
+    held = HeldOutTexts.__new__(HeldOutTexts)
+    with caplog.at_level("WARNING"):
+        held.use_pooling_of(teacher)
+    assert "module(s) after the pooling" not in caplog.text  # Pooling and Normalize alone: measured as encoded
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (teacher / "modules.json").write_text(json.dumps(modules))
+    with caplog.at_level("WARNING"):
+        held.use_pooling_of(teacher)
+    assert "without its Dense module(s) after the pooling" in caplog.text and held.pooling == ("mean_tokens",)
