@@ -1093,7 +1093,10 @@ def augmentation_summary(
         path = final_path(Path(augmented)) if Path(augmented).is_dir() else Path(augmented)
         augmented = pq.read_table(path)
         if n_a is None:
-            n_a = ((read_parquet_metadata(path) or {}).get("parameters") or {}).get("n_a")
+            try:
+                n_a = ((read_parquet_metadata(path) or {}).get("parameters") or {}).get("n_a")
+            except ValueError:  # a set written elsewhere, without dist_kd's metadata: the ids tell
+                n_a = None
     stop = {word.lower() for word in stop_words}
     counts = dict.fromkeys(("examples", "copies", "identical", "words", "replaced", "stop", "not_compared"), 0)
     original: dict[str, Any] | None = None

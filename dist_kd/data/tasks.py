@@ -323,9 +323,9 @@ def _read_text(path: Path, encoding: str) -> str:
             f"task data {path} is not valid {encoding} text ({err}); convert it to UTF-8 (e.g. iconv -f latin1 -t "
             "utf-8), or with dist-kd augment pass its encoding (--encoding latin-1); the other commands read UTF-8"
         ) from None
-    # A UTF-8 byte-order mark (Excel, Notepad) is no part of the first column's name or the first JSON line, as
-    # for pyarrow's readers; the utf-8-sig and utf-16 codecs drop theirs themselves.
-    return text.removeprefix("\ufeff") if codecs.lookup(encoding).name == "utf-8" else text
+    # A byte-order mark (Excel, Notepad; Windows' "Unicode" files are UTF-16-LE with one) is no part of the first
+    # column's name or the first JSON line, as for pyarrow's readers; only utf-8-sig, utf-16 and utf-32 drop it.
+    return text.removeprefix("\ufeff") if codecs.lookup(encoding).name.startswith("utf") else text
 
 
 def _rows_to_table(path: Path, header: list[str], rows: list[tuple[int, list[str]]]) -> pa.Table:

@@ -622,6 +622,9 @@ def saved_trainer_state(checkpoint: Path) -> dict[str, Any]:
 # sizes were recorded can leave zeros): pickle's, torch's zip reader's ("PytorchStreamReader failed", "filename
 # 'storages' not found"), a short read.
 _UNREADABLE = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, KeyError)
+# A RuntimeError or KeyError counts as such only when it says so (others, from DeepSpeed or a collective, are not
+# the files' fault and keep their traceback).
+_READ_FAILURE = re.compile(r"PytorchStreamReader|zip archive|filename '.*' not found|unpickl|invalid load key", re.I)
 
 
 @contextlib.contextmanager
@@ -631,6 +634,8 @@ def readable(checkpoint: Path) -> Iterator[None]:
     try:
         yield
     except _UNREADABLE as err:
+        if isinstance(err, RuntimeError | KeyError) and not _READ_FAILURE.search(str(err)):
+            raise  # an out-of-memory error, a collective's: not the checkpoint's files
         older = [path.name for path in whole_checkpoints(checkpoint.parent) if path.name < checkpoint.name]
         advice = (
             f"move it out of {checkpoint.parent} to resume from {older[-1]}, the newest whole one before it"

@@ -1011,6 +1011,9 @@ def test_augmentation_summary_counts_words_copies_and_stop_words(glove_txt, tmp_
     write_parquet_atomic(two.augment(ids, "t"), aug.final_path(tmp_path), {"parameters": {"n_a": 2}})
     for counted in (aug.augmentation_summary(tmp_path), aug.augmentation_summary(two.augment(ids, "t"))):
         assert (counted["examples"], counted["copies"]) == (3, 6)
+    # a set written elsewhere (no dist_kd metadata) is summarised by its ids, as its table is
+    pq.write_table(two.augment(ids, "t"), aug.final_path(tmp_path))
+    assert (aug.augmentation_summary(tmp_path)["examples"], aug.augmentation_summary(tmp_path)["copies"]) == (3, 6)
     ids = ids.set_column(0, "example_id", pa.array(["x", "x-aug2", "y"]))  # the next copy's id: n_a tells
     assert aug.augmentation_summary(two.augment(ids, "t"), n_a=2)["examples"] == 3
 

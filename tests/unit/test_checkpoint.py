@@ -630,3 +630,24 @@ def test_a_latest_file_of_bytes_that_are_no_text_is_rewritten_by_the_next_save(t
     (tmp_path / "latest").write_bytes(b"\xff\xfe\x00bad")
     _save(tmp_path, 20)
     assert (tmp_path / "latest").read_text() == "step-00000020"
+
+
+def test_an_out_of_memory_error_while_loading_is_not_called_a_damaged_checkpoint(tmp_path):
+    """Every RuntimeError of DeepSpeed's load (a CUDA out-of-memory, a collective's) read as damaged files, with
+    advice to set a whole checkpoint aside."""
+    for step in (10, 20):
+        _save(tmp_path, step)
+
+    class Full(FakeEngine):
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        ckpt.load_checkpoint(Full(), tmp_path / "step-00000020")
+
+    class Broken(FakeEngine):
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    with pytest.raises(ValueError, match=r"step-00000020 does not load .*resume from step-00000010"):
+        ckpt.load_checkpoint(Broken(), tmp_path / "step-00000020")

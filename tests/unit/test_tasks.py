@@ -697,8 +697,9 @@ def test_a_jsonl_text_with_half_a_character_names_the_line_and_field(tmp_path):
         load_task_examples(path, spec)
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16-le"])
 @pytest.mark.parametrize("name", ["d.jsonl", "d.csv", "d.tsv"])
-def test_a_utf8_byte_order_mark_is_no_part_of_the_data_in_either_reader(tmp_path, name):
+def test_a_byte_order_mark_is_no_part_of_the_data_in_either_reader(tmp_path, name, encoding):
     spec = TaskSpec(name="t", labels=["neg", "pos"], text_a="text", label="y")
     path = tmp_path / name
     if name.endswith(".jsonl"):
@@ -707,9 +708,9 @@ def test_a_utf8_byte_order_mark_is_no_part_of_the_data_in_either_reader(tmp_path
     else:
         sep = "\t" if name.endswith(".tsv") else ","
         body = f"text{sep}y\nhello{sep}pos\nbye{sep}0{sep}\n"  # a ragged row: the csv module's reading
-    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    path.write_bytes(("\ufeff" + body).encode(encoding))  # Windows' "Unicode" text: UTF-16-LE with a BOM
     if name.endswith(".jsonl"):
-        assert load_task_examples(path, spec).column("label").to_pylist() == [1, 0]
+        assert load_task_examples(path, spec, encoding=encoding).column("label").to_pylist() == [1, 0]
     else:
         with pytest.raises(ValueError, match=r"line 3 has 3 fields, the header has 2 \(\['text', 'y'\]\)"):
-            load_task_examples(path, spec)
+            load_task_examples(path, spec, encoding=encoding)
