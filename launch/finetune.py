@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropouts", type=float, nargs="+", default=None, help="one per teacher (default 0.1)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per teacher")
+    parser.add_argument("--log-every", type=positive_int, default=defaults.log_every,
+                        help="optimizer steps between metrics.jsonl lines")  # fmt: skip
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="micro-batch per rank")
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 dropouts=args.dropouts,
                 epochs=args.epochs,
                 max_steps=args.max_steps,
+                log_every=args.log_every,
                 lr=args.lr,
                 warmup_ratio=args.warmup_ratio,
                 batch_size=args.batch_size,

@@ -265,7 +265,9 @@ def test_sigterm_gives_the_lock_back_and_says_so_in_the_log(finetuned, tmp_path)
 
     root, args = finetuned
     out = tmp_path / "out"
-    run = [*_one_teacher(args, out), "--max-steps", "100000"]
+    # 3 epochs of 24 rows were 9 steps, under --log-every 10: the first metrics line came with the last step, and
+    # the signal could arrive after teacher-1 was exported. Enough epochs, and a line at every step.
+    run = [*_one_teacher(args, out), "--max-steps", "100000", "--epochs", "100000", "--log-every", "1"]
     stderr = run_until_lines_then_sigterm(run, out / "metrics.jsonl", lines=1, expect_code=128 + signal.SIGTERM)
     assert "received SIGTERM: stopping now (a teacher not yet exported trains again from step 0" in stderr
     assert not (out / LOCK_NAME).exists() and not (out / "teacher-1").exists()
