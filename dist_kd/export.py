@@ -24,7 +24,13 @@ import yaml
 from dist_kd.data.tasks import glue_key
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, check_replaceable_dir, write_json_atomic
-from dist_kd.train.checkpoint import all_damaged, damaged_files, latest_checkpoint, whole_checkpoints
+from dist_kd.train.checkpoint import (
+    all_damaged,
+    damaged_files,
+    latest_checkpoint,
+    whole_before,
+    whole_checkpoints,
+)
 from dist_kd.train.engine import HALF_DTYPES, takes_weight_decay
 
 logger = logging.getLogger(__name__)
@@ -248,7 +254,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
         raise ValueError(f"checkpoint {checkpoint} is damaged: meta.json does not parse ({err})") from None
     problem = damaged_files(checkpoint, meta)
     if problem:  # a truncated file was a traceback from torch.load, or an OSError naming no file
-        older = [path.name for path in whole_checkpoints(checkpoint.parent) if path.name < checkpoint.name]
+        older = [path.name for path in whole_before(checkpoint)]
         advice = f"; export an earlier one ({', '.join(older[-3:])})" if older else ""
         raise ValueError(f"checkpoint {checkpoint} is damaged: {problem}{advice}")
     if not (run_dir / "config.yaml").is_file():

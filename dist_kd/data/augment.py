@@ -54,6 +54,7 @@ from dist_kd.data.encode import uses_token_types
 from dist_kd.io import (
     atomic_path,
     check_output_dir,
+    parquet_metadata_of,
     read_parquet_metadata,
     sha256_file,
     weights_sha256,
@@ -1091,12 +1092,11 @@ def augmentation_summary(
     """
     if not isinstance(augmented, pa.Table):
         path = final_path(Path(augmented)) if Path(augmented).is_dir() else Path(augmented)
-        augmented = pq.read_table(path)
-        if n_a is None:
-            try:
-                n_a = ((read_parquet_metadata(path) or {}).get("parameters") or {}).get("n_a")
-            except ValueError:  # a set written elsewhere, without dist_kd's metadata: the ids tell
-                n_a = None
+        augmented = pq.read_table(path, columns=["example_id", "text_a", "text_b"])  # the footer read once
+        if n_a is None:  # a set written elsewhere, without dist_kd's metadata: the ids tell
+            found = parquet_metadata_of(augmented.schema.metadata)
+            parameters = found.get("parameters") if isinstance(found, dict) else None
+            n_a = parameters.get("n_a") if isinstance(parameters, dict) else None
     stop = {word.lower() for word in stop_words}
     counts = dict.fromkeys(("examples", "copies", "identical", "words", "replaced", "stop", "not_compared"), 0)
     original: dict[str, Any] | None = None

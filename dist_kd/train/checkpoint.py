@@ -162,6 +162,11 @@ def whole_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return [path for _, path in step_checkpoints(checkpoints_dir) if damage(path) is None]
 
 
+def whole_before(checkpoint: Path) -> list[Path]:
+    """The whole checkpoints older than ``checkpoint`` (a ``step-N`` directory), in its directory, oldest first."""
+    return [path for path in whole_checkpoints(checkpoint.parent) if path.name < checkpoint.name]
+
+
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The newest whole checkpoint, or None; newer damaged ones are skipped with a warning each."""
     for _, path in reversed(step_checkpoints(checkpoints_dir)):
@@ -636,9 +641,9 @@ def readable(checkpoint: Path) -> Iterator[None]:
     except _UNREADABLE as err:
         if isinstance(err, RuntimeError | KeyError) and not _READ_FAILURE.search(str(err)):
             raise  # an out-of-memory error, a collective's: not the checkpoint's files
-        older = [path.name for path in whole_checkpoints(checkpoint.parent) if path.name < checkpoint.name]
+        older = whole_before(checkpoint)
         advice = (
-            f"move it out of {checkpoint.parent} to resume from {older[-1]}, the newest whole one before it"
+            f"move it out of {checkpoint.parent} to resume from {older[-1].name}, the newest whole one before it"
             if older
             else "no whole checkpoint is older: delete the checkpoints directory to start again from step 0"
         )

@@ -1016,6 +1016,9 @@ def test_augmentation_summary_counts_words_copies_and_stop_words(glove_txt, tmp_
     assert (aug.augmentation_summary(tmp_path)["examples"], aug.augmentation_summary(tmp_path)["copies"]) == (3, 6)
     ids = ids.set_column(0, "example_id", pa.array(["x", "x-aug2", "y"]))  # the next copy's id: n_a tells
     assert aug.augmentation_summary(two.augment(ids, "t"), n_a=2)["examples"] == 3
+    assert aug.augmentation_summary(two.augment(ids, "t"))["examples"] != 3  # the ids alone miscount
+    write_parquet_atomic(two.augment(ids, "t"), aug.final_path(tmp_path), {"parameters": {"n_a": 2}})
+    assert aug.augmentation_summary(tmp_path)["examples"] == 3  # the set's metadata gives N_a
 
 
 def test_a_word_of_letters_in_place_of_a_cjk_ideograph_is_set_apart_by_spaces(tmp_path):

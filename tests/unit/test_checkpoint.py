@@ -180,6 +180,15 @@ def test_keep_last_counts_whole_checkpoints_only(tmp_path):
     assert ckpt.prunable(tmp_path, 1) == [tmp_path / "step-00000013", tmp_path / "step-00000014"]
 
 
+def test_whole_before_lists_the_whole_checkpoints_older_than_one(tmp_path):
+    """The advice of a damaged checkpoint (resume, export) names the whole ones before it, never a damaged one."""
+    saved = [_save(tmp_path, step) for step in (3, 7, 9, 12)]
+    (saved[1] / "rank00000.pt").unlink()  # step 7 is damaged
+    assert ckpt.whole_before(saved[3]) == [saved[0], saved[2]]
+    assert ckpt.whole_before(saved[2]) == [saved[0]] and ckpt.whole_before(saved[0]) == []
+    assert ckpt.whole_before(tmp_path / "step-00000010") == [saved[0], saved[2]]  # a step that is not saved
+
+
 class _Train:
     optimizer, lr, weight_decay, seed, warmup_ratio, scheduler = "adamw", 3e-3, 0.01, 42, 0.1, "linear"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -222,6 +223,15 @@ def test_a_truncated_checkpoint_file_is_named(sentence_student, tmp_path, capsys
     assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"error: checkpoint {checkpoint} is damaged: mp_rank_00_model_states.pt has {size // 2} bytes, {size}" in err
+    assert "export an earlier one" not in err  # there is none
+    shutil.copytree(checkpoint, checkpoint.with_name("step-00000004"))  # damaged too: not named
+    checkpoint.with_name("step-00000002").mkdir()  # whole: its rank file, and no sizes to check
+    (checkpoint.with_name("step-00000002") / "meta.json").write_text(json.dumps({"step": 2}))
+    (checkpoint.with_name("step-00000002") / "rank00000.pt").write_bytes(b"")
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(truncated?); export an earlier one (step-00000002)")
+    for name in ("step-00000002", "step-00000004"):
+        shutil.rmtree(checkpoint.with_name(name))
     (checkpoint / "meta.json").write_text(json.dumps({"step": 10}))  # an earlier release's: no sizes recorded
     assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
