@@ -272,6 +272,8 @@ def test_sigterm_gives_the_lock_back_and_says_so_in_the_log(finetuned, tmp_path)
     assert "received SIGTERM: stopping now (a teacher not yet exported trains again from step 0" in stderr
     assert not (out / LOCK_NAME).exists() and not (out / "teacher-1").exists()
     assert "ERROR dist_kd.run: run stopped: SystemExit: 143" in (out / "train.log").read_text()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)), steps  # --log-every 1: a line at every step
 
 
 def test_max_length_beyond_the_base_is_refused_before_any_teacher_trains(finetuned, tmp_path):
