@@ -53,10 +53,13 @@ keeps the number of steps equal on all ranks. Skipped shards are counted in ``sk
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 import math
 import os
 import signal
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,21 +284,61 @@ class _PieceReader:
         return out
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _ignore_stop_signals(closing: Any, _worker_id: int) -> None:
     """A DataLoader worker leaves SIGTERM, SIGINT and SIGUSR1 to its trainer. ``scancel``, a preemption, the
     launchers and Ctrl-C signal the whole process group: torch's worker handler died on SIGTERM, and the trainer,
     saving its checkpoint, then failed with "DataLoader worker ... is killed by signal: Terminated".
 
-    Only the first SIGTERM is let pass: torch stops a worker that does not end when told (one stuck reading a
-    stalled filesystem) with a SIGTERM, and the trainer's exit waits for its workers.
+    A worker lets every SIGTERM pass while its trainer reads from it, however many come: the ``deepspeed`` and
+    ``torchrun`` launchers pass the group's signal on to each rank's process tree, a second SIGTERM to every
+    worker that the first version (which let one pass) died of, in the middle of the rank's stop checkpoint.
+    Once the trainer closes the loader (``closing``, a multiprocessing event it sets; see ``_closing``) a
+    SIGTERM ends the worker: torch stops one that does not end when told (stuck reading a stalled filesystem)
+    with a SIGTERM, and the trainer's exit waits for its workers.
     """
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _let_the_next_sigterm_end_the_worker)
+    signal.signal(signal.SIGTERM, functools.partial(_sigterm_in_worker, closing))
 
 
-def _let_the_next_sigterm_end_the_worker(_signum: int, _frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _sigterm_in_worker(closing: Any, _signum: int, _frame: Any) -> None:
+    if closing.is_set():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# The iterators of the loaders whose workers run, with their events (set when the trainer closes a loader):
+# closed at the interpreter's exit too, before multiprocessing's own clean-up signals the workers still running
+# and waits for them (a trainer's error path that keeps the iterator referenced hung there).
+_OPEN_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EXIT_HANDLER: list[bool] = []  # registered once
+
+
+def _closing() -> Any:
+    """A new loader's event (see :func:`_ignore_stop_signals`)."""
+    import multiprocessing
+
+    event = multiprocessing.get_context().Event()
+    if not _EXIT_HANDLER:  # after multiprocessing.util's (imported by the event): exit handlers run newest first
+        atexit.register(_close_every_loader)
+        _EXIT_HANDLER.append(True)
+    return event
+
+
+def _close_loader(source: Any) -> None:
+    """End the workers of ``source``, a DataLoader iterator: from now on a SIGTERM ends them (torch's, for one
+    that does not end when told), and torch's shutdown tells them to end and waits."""
+    closing = _OPEN_LOADERS.pop(source, None)
+    if closing is not None:
+        closing.set()
+    shutdown = getattr(source, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _close_every_loader() -> None:
+    for source in list(_OPEN_LOADERS):
+        _close_loader(source)
 
 
 def _collate(items: list[np.ndarray | None], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -579,6 +622,7 @@ class CorpusStream:
         if self.num_workers == 0:
             source = iter(dataset)
         else:
+            closing = _closing()
             source = iter(
                 DataLoader(
                     dataset,
@@ -590,9 +634,10 @@ class CorpusStream:
                     # global torch RNG, which also drives dropout, so a resumed run (whose iterator starts
                     # after the checkpoint's RNG state is restored) would draw other dropout masks.
                     generator=torch.Generator().manual_seed(self.seed),
-                    worker_init_fn=_ignore_stop_signals,
+                    worker_init_fn=functools.partial(_ignore_stop_signals, closing),
                 )
             )
+            _OPEN_LOADERS[source] = closing
         return self._track(source, iteration)
 
     def _track(self, source: Iterator[dict[str, Any]], iteration: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -600,11 +645,9 @@ class CorpusStream:
             yield from self._tracked(source, iteration)
         finally:
             # The workers end with the iterator, whatever ends it: an error of the data left them running, and
-            # at the interpreter's exit Python's one SIGTERM to each (which they pass over, _ignore_stop_signals)
-            # then hung the trainer after its error line until the job's time limit.
-            shutdown = getattr(source, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            # at the interpreter's exit multiprocessing's SIGTERM to each (which they pass over while their
+            # trainer reads from them) then hung the trainer after its error line until the job's time limit.
+            _close_loader(source)
 
     def _tracked(self, source: Iterator[dict[str, Any]], iteration: int) -> Iterator[dict[str, torch.Tensor]]:
         num_workers = self._logical_workers

@@ -433,22 +433,26 @@ def test_sequences_longer_than_the_manifest_says_name_the_shard(corpus, tmp_path
 
 
 WORKER_SIGNALS = """
-import os, signal, sys, time
+import multiprocessing, os, signal, sys, time
 from dist_kd.data.stream import _ignore_stop_signals
-_ignore_stop_signals(0)
-for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):
-    os.kill(os.getpid(), sig)  # a group's signal: the trainer handles it, the worker reads on
+closing = multiprocessing.Event()
+_ignore_stop_signals(closing, 0)
+for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM, signal.SIGTERM):
+    os.kill(os.getpid(), sig)  # the group's signal, then the launcher's: the trainer handles them, the worker reads on
 time.sleep(0.2)
 print("alive", flush=True)
+closing.set()  # the trainer closes the loader
 os.kill(os.getpid(), signal.SIGTERM)  # torch stopping a worker that did not end when told
 time.sleep(5)
 print("still alive", flush=True)
 """
 
 
-def test_a_loader_worker_leaves_the_first_stop_signals_to_the_trainer_but_a_second_sigterm_ends_it():
+def test_a_loader_worker_leaves_stop_signals_to_the_trainer_until_it_closes_the_loader():
     """The group's SIGTERM killed the workers and failed the trainer's checkpoint save; a worker that ignored every
-    SIGTERM could no longer be stopped by torch, and the trainer's exit waited on it."""
+    SIGTERM could no longer be stopped by torch, and the trainer's exit waited on it. A worker that let one SIGTERM
+    pass died of the launcher's (``deepspeed``, ``torchrun``), which follows the group's, in the middle of the
+    rank's stop checkpoint."""
     import os
     import signal
     import subprocess
@@ -457,6 +461,66 @@ def test_a_loader_worker_leaves_the_first_stop_signals_to_the_trainer_but_a_seco
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout == "alive\n" and proc.returncode == -signal.SIGTERM, (proc.stdout, proc.returncode, proc.stderr)
+
+
+LOADER_SIGNALS = """
+import os, signal, sys, time
+import psutil
+from dist_kd.data.stream import build_corpus_loader
+
+stream = build_corpus_loader(sys.argv[1], micro_batch_size=4, num_workers=2, shuffle=False)
+
+def batches():  # as the general trainer draws them
+    while True:
+        yield from stream
+
+source = batches()
+next(source)
+workers = psutil.Process().children()
+for _ in range(3):  # the group's SIGTERM and the launchers' after it (this process leaves them to the test)
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+drawn = sum(1 for _ in zip(range(40), source))  # the workers read on: every batch arrives
+source.close()  # the loader closes: the workers end, none left behind
+_, left = psutil.wait_procs(workers, timeout=10)
+print(len(workers), drawn, left, flush=True)
+"""
+
+
+def test_loader_workers_read_on_through_repeated_sigterms_and_end_with_the_loader(corpus):
+    """End to end through a real DataLoader: three SIGTERMs to each worker, batches still arrive; closing ends
+    them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", LOADER_SIGNALS, str(corpus)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[0] == "2 40 []", (proc.stdout, proc.stderr[-3000:])
+
+
+def test_a_process_that_exits_with_its_loader_open_ends(corpus):
+    """Exiting with the stream's iterator still open (a trainer's error path that keeps it referenced) hung the
+    process: multiprocessing's exit handler signals the workers and waits for them, and they passed its SIGTERM
+    over, leaving it to their trainer."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+from dist_kd.data.stream import build_corpus_loader
+stream = build_corpus_loader({str(corpus)!r}, micro_batch_size=4, num_workers=2, shuffle=False)
+source = iter(stream)
+next(source)
+print("exiting", flush=True)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "exiting\n", (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_corrupt_shard_error_pickles_as_it_was_raised():
