@@ -256,10 +256,13 @@ def save_checkpoint(
         if info.is_main:
             point_latest(checkpoints_dir, name)
         return final
-    if info.is_main:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        remove_unfinished_saves(checkpoints_dir)
-    distributed.barrier()
+    with distributed.shared_failure(CheckpointSaveError):  # also the barrier before the save
+        if info.is_main:
+            try:
+                checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _save_failed(checkpoints_dir, tmp_tag, err, remove=False) from err
+            remove_unfinished_saves(checkpoints_dir)
     # A failure on one rank (its rank file, rank 0's meta.json or rename) stops every rank with the same one
     # line; before, the other ranks went on to the next barrier, matched it against a later one of the failed
     # rank and carried on as if the save had succeeded. The unfinished save is removed once every rank has
@@ -267,7 +270,10 @@ def save_checkpoint(
     try:
         with distributed.shared_failure(CheckpointSaveError):
             try:
-                engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
+                with _writes_recorded(engine) as failed_writes:
+                    engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
+                if failed_writes:
+                    raise failed_writes[0]
                 torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
             except Exception as err:  # noqa: BLE001 - any failure mid-save: say why in one line
                 raise _save_failed(checkpoints_dir, tmp_tag, err, remove=False) from err
@@ -303,6 +309,46 @@ def save_checkpoint(
                         pruned = old
                     shutil.rmtree(pruned, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _writes_recorded(engine) -> Iterator[list[BaseException]]:
+    """Inside DeepSpeed's ``save_checkpoint``, a write that fails is recorded, not raised (yields the list).
+
+    DeepSpeed writes each rank's files between two barriers. A write that raised on one rank (a full disk, a
+    quota) sent that rank on to the agreement on the save's outcome while the others waited in DeepSpeed's last
+    barrier: every rank hung, without a word, until the process group's timeout (30 minutes by default). With
+    the failure recorded, the rank goes through DeepSpeed's barriers like the others (skipping its later
+    writes), and the caller raises it once the save has returned, where every rank agrees on it.
+    """
+    failures: list[BaseException] = []
+
+    def recorded(write):
+        def call(*args, **kwargs):
+            if failures:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - raised by the caller after DeepSpeed's last barrier
+                failures.append(err)
+                return None
+
+        return call
+
+    # The checkpoint engine writes every state file; rank 0 also copies DeepSpeed's recovery scripts.
+    owners = [(getattr(engine, "checkpoint_engine", None), "save"), (engine, "_copy_recovery_script")]
+    patched = [(owner, name, vars(owner).get(name)) for owner, name in owners
+               if owner is not None and callable(getattr(owner, name, None))]  # fmt: skip
+    for owner, name, _ in patched:
+        setattr(owner, name, recorded(getattr(owner, name)))
+    try:
+        yield failures
+    finally:
+        for owner, name, own in patched:
+            if own is None:
+                delattr(owner, name)  # the class's method again
+            else:
+                setattr(owner, name, own)
 
 
 def point_latest(checkpoints_dir: Path, name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,11 +35,22 @@ def run_ranks(
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    # --standalone: torchrun picks a free port itself (a port found free here could be taken before it bound it)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
         str(WORKERS / script), *args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own process group: a rank that hangs past the timeout is killed with the launcher, not left behind
+    # spinning on the CI's two cores through every test after it.
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:  # fmt: skip
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            pytest.fail(f"{script} did not end within {timeout} s (a hang):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         pytest.fail(f"{script} failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
