@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dist_kd.io import pid_alive, process_started, same_process
+from dist_kd.io import pid_alive, process_started, recover_interrupted_writes, same_process
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,20 @@ class RunLock:
         self.release()
 
 
+def _recover_interrupted_writes(run_dir: Path) -> None:
+    """The run directory's and its subdirectories' leftovers of writes killed midway (:func:`dist_kd.io.
+    recover_interrupted_writes`); ``checkpoints/`` has its own (:func:`dist_kd.train.checkpoint.
+    remove_unfinished_saves`)."""
+    try:
+        subdirectories = [path for path in run_dir.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    except OSError:
+        return
+    for directory in [run_dir, *sorted(subdirectories)]:
+        if directory.name != "checkpoints" or directory == run_dir:
+            for line in recover_interrupted_writes(directory):
+                logger.warning("%s", line)
+
+
 @contextlib.contextmanager
 def locked_run_dir(run_dir: str | os.PathLike, info: Any, flag: str = "run.output_dir") -> Iterator[RunLock | None]:
     """Rank 0 holds ``run_dir``'s :class:`RunLock` for the block; every rank raises rank 0's refusal (the others
@@ -288,6 +302,8 @@ def locked_run_dir(run_dir: str | os.PathLike, info: Any, flag: str = "run.outpu
             lock.acquire()
         except (RunDirInUse, RunDirNotWritable) as err:
             lock, refused = None, (type(err).__name__, str(err))
+        else:
+            _recover_interrupted_writes(Path(run_dir))
     try:
         refused = distributed.broadcast_object(refused)
         if refused:  # rank 0's, said by it alone

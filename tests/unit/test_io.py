@@ -245,3 +245,45 @@ def test_same_process_tells_the_recorded_process_from_one_that_took_its_pid_or_e
         child.kill()
         child.wait()
     assert not same_process(child.pid, child_began)  # gone
+
+
+def test_recover_interrupted_writes_puts_back_a_swapped_out_output_and_removes_dead_writers_leftovers(
+    tmp_path, monkeypatch
+):
+    """A kill between atomic_dir's two renames left a finished task run without best/<task> (eval.json naming it)
+    when no later evaluation wrote that task's best again; killed exports left whole models in hidden
+    directories, and killed atomic_path writes their temporary files, for good."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from dist_kd.io import host_tag, recover_interrupted_writes
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-7.cluster.example")  # a host name with dots
+    host = host_tag()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    for name in (".share.old", ".topic.old", "topic", ".x.trash", f".share.{host}-{dead}-abcd1234.tmp",
+                 f".share.{host}-{os.getpid()}-efgh5678.tmp", f".share.otherhost-{dead}-ijkl9012.tmp"):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.json").write_text(name)
+    for name in (".eval.json.k2j4h5g6.tmp", ".config.yaml.a1b2c3d4.tmp", ".gitignore"):
+        (tmp_path / name).write_text("x")
+    past = time.time() - 61
+    os.utime(tmp_path / ".eval.json.k2j4h5g6.tmp", (past, past))
+    done = recover_interrupted_writes(tmp_path)
+    assert (tmp_path / "share" / "best.json").read_text() == ".share.old"  # put back
+    assert (tmp_path / "topic" / "best.json").read_text() == "topic"  # a whole output beside its .old: kept
+    assert {path.name for path in tmp_path.iterdir()} == {
+        "share", "topic", ".topic.old",
+        f".share.{host}-{os.getpid()}-efgh5678.tmp",  # a write going on (this process)
+        f".share.otherhost-{dead}-ijkl9012.tmp",  # another host's: cannot tell
+        ".config.yaml.a1b2c3d4.tmp",  # changed in the last minute
+        ".gitignore",
+    }  # fmt: skip
+    assert sorted(done) == sorted([
+        f"{tmp_path / 'share'} put back (its replacement was killed midway)",
+        f"{tmp_path / f'.share.{host}-{dead}-abcd1234.tmp'} removed (left by process {dead}, which has ended)",
+    ])  # fmt: skip

@@ -341,3 +341,21 @@ def test_a_model_input_where_the_run_writes_its_exports_is_refused(tmp_path):
     # elsewhere, or beside the exports in the same directory, is fine (phase 1's student/ read by phase 2's run)
     check_inputs_outside_outputs(run, {"student.path": str(tmp_path / "phase1" / "student"), "teacher.path": ""})
     check_inputs_outside_outputs(run, {"teacher.path": str(run / "teacher"), "student.path": str(run / "students")})
+
+
+def test_taking_a_run_directory_puts_right_what_killed_writes_left(tmp_path, caplog):
+    """A finished task run killed inside best/share's swap lost best/share when it was resumed (eval.json named
+    it); the run that takes the directory puts it back, and checkpoints/ keeps to its own clean-up."""
+    import logging
+
+    from dist_kd.train.runlock import locked_run_dir
+
+    run = tmp_path / "run"
+    for path in (run / "best" / ".share.old", run / "best" / "topic", run / "checkpoints" / ".step-00000004.old"):
+        path.mkdir(parents=True)
+        (path / "best.json").write_text("{}")
+    info = type("Info", (), {"is_main": True, "rank": 0, "world_size": 1})()
+    with caplog.at_level(logging.WARNING), locked_run_dir(run, info):
+        assert (run / "best" / "share" / "best.json").is_file() and not (run / "best" / ".share.old").exists()
+    assert (run / "checkpoints" / ".step-00000004.old").is_dir()
+    assert f"{run / 'best' / 'share'} put back (its replacement was killed midway)" in caplog.text
