@@ -54,11 +54,11 @@ keeps the number of steps equal on all ranks. Skipped shards are counted in ``sk
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import math
 import os
 import signal
+import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -284,56 +284,52 @@ class _PieceReader:
         return out
 
 
-def _ignore_stop_signals(closing: Any, _worker_id: int) -> None:
-    """A DataLoader worker leaves SIGTERM, SIGINT and SIGUSR1 to its trainer. ``scancel``, a preemption, the
-    launchers and Ctrl-C signal the whole process group: torch's worker handler died on SIGTERM, and the trainer,
-    saving its checkpoint, then failed with "DataLoader worker ... is killed by signal: Terminated".
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker leaves SIGTERM, SIGINT and SIGUSR1 to its trainer, however many come. ``scancel``, a
+    preemption, the launchers and Ctrl-C signal the whole process group, and the ``deepspeed`` and ``torchrun``
+    launchers then pass the signal on to each rank's processes: torch's worker handler died on SIGTERM (an
+    earlier version let one SIGTERM pass and died of the launcher's), and the trainer, saving its checkpoint,
+    failed with "DataLoader worker ... is killed by signal: Terminated". No Python handler: one that took a
+    lock deadlocked when a second SIGTERM came while it ran.
 
-    A worker lets every SIGTERM pass while its trainer reads from it, however many come: the ``deepspeed`` and
-    ``torchrun`` launchers pass the group's signal on to each rank's process tree, a second SIGTERM to every
-    worker that the first version (which let one pass) died of, in the middle of the rank's stop checkpoint.
-    Once the trainer closes the loader (``closing``, a multiprocessing event it sets; see ``_closing``) a
-    SIGTERM ends the worker: torch stops one that does not end when told (stuck reading a stalled filesystem)
-    with a SIGTERM, and the trainer's exit waits for its workers.
+    A worker that does not end when told (stuck reading a stalled filesystem) therefore outlives torch's
+    SIGTERM: the trainer's close ends it with SIGKILL (:func:`_close_loader`), and so does the interpreter's
+    exit for loaders still open, before multiprocessing's own clean-up would wait on it for ever.
     """
-    for sig in (signal.SIGINT, signal.SIGUSR1):
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, functools.partial(_sigterm_in_worker, closing))
 
 
-def _sigterm_in_worker(closing: Any, _signum: int, _frame: Any) -> None:
-    if closing.is_set():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-# The iterators of the loaders whose workers run, with their events (set when the trainer closes a loader):
-# closed at the interpreter's exit too, before multiprocessing's own clean-up signals the workers still running
-# and waits for them (a trainer's error path that keeps the iterator referenced hung there).
-_OPEN_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The iterators of the loaders whose workers run: closed at the interpreter's exit too, before multiprocessing's
+# own clean-up signals the workers still running and waits for them (a trainer's error path that kept the
+# iterator referenced hung there).
+_OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
 _EXIT_HANDLER: list[bool] = []  # registered once
 
 
-def _closing() -> Any:
-    """A new loader's event (see :func:`_ignore_stop_signals`)."""
-    import multiprocessing
+def _opened(source: Any) -> None:
+    """Note a DataLoader iterator whose workers run (closed at the latest when the interpreter exits)."""
+    import multiprocessing.util  # noqa: F401 - its exit handler, registered at import, runs after ours
 
-    event = multiprocessing.get_context().Event()
-    if not _EXIT_HANDLER:  # after multiprocessing.util's (imported by the event): exit handlers run newest first
+    if not _EXIT_HANDLER:  # exit handlers run newest first
         atexit.register(_close_every_loader)
         _EXIT_HANDLER.append(True)
-    return event
+    _OPEN_LOADERS.add(source)
 
 
 def _close_loader(source: Any) -> None:
-    """End the workers of ``source``, a DataLoader iterator: from now on a SIGTERM ends them (torch's, for one
-    that does not end when told), and torch's shutdown tells them to end and waits."""
-    closing = _OPEN_LOADERS.pop(source, None)
-    if closing is not None:
-        closing.set()
+    """End the workers of ``source``, a DataLoader iterator: torch's shutdown tells them to end and waits; one
+    still running then (stuck, past torch's SIGTERM, which it passes over) is killed."""
+    if sys.is_finalizing():  # the exit handler closed it; the module's globals may be gone
+        return
+    _OPEN_LOADERS.discard(source)
     shutdown = getattr(source, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    for worker in getattr(source, "_workers", None) or []:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def _close_every_loader() -> None:
@@ -622,7 +618,6 @@ class CorpusStream:
         if self.num_workers == 0:
             source = iter(dataset)
         else:
-            closing = _closing()
             source = iter(
                 DataLoader(
                     dataset,
@@ -634,10 +629,10 @@ class CorpusStream:
                     # global torch RNG, which also drives dropout, so a resumed run (whose iterator starts
                     # after the checkpoint's RNG state is restored) would draw other dropout masks.
                     generator=torch.Generator().manual_seed(self.seed),
-                    worker_init_fn=functools.partial(_ignore_stop_signals, closing),
+                    worker_init_fn=_ignore_stop_signals,
                 )
             )
-            _OPEN_LOADERS[source] = closing
+            _opened(source)
         return self._track(source, iteration)
 
     def _track(self, source: Iterator[dict[str, Any]], iteration: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -645,8 +640,8 @@ class CorpusStream:
             yield from self._tracked(source, iteration)
         finally:
             # The workers end with the iterator, whatever ends it: an error of the data left them running, and
-            # at the interpreter's exit multiprocessing's SIGTERM to each (which they pass over while their
-            # trainer reads from them) then hung the trainer after its error line until the job's time limit.
+            # at the interpreter's exit multiprocessing's SIGTERM to each (which they pass over, leaving stop
+            # signals to the trainer) then hung the trainer after its error line until the job's time limit.
             _close_loader(source)
 
     def _tracked(self, source: Iterator[dict[str, Any]], iteration: int) -> Iterator[dict[str, torch.Tensor]]:

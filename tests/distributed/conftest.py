@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -40,15 +40,19 @@ def run_ranks(
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
         str(WORKERS / script), *args,
     ]  # fmt: skip
-    # Its own process group: a rank that hangs past the timeout is killed with the launcher, not left behind
-    # spinning on the CI's two cores through every test after it.
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as popen:  # fmt: skip
+    # A rank that hangs past the timeout is killed with the launcher (torchrun starts each rank in a session of
+    # its own), not left behind spinning on the CI's two cores through every test after it.
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as popen:
         try:
             stdout, stderr = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            stdout, stderr = popen.communicate()
+            import psutil
+
+            launcher = psutil.Process(popen.pid)
+            for process in [*launcher.children(recursive=True), launcher]:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            stdout, stderr = popen.communicate(timeout=60)
             pytest.fail(f"{script} did not end within {timeout} s (a hang):\n{stdout[-4000:]}\n{stderr[-8000:]}")
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:

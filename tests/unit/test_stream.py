@@ -433,34 +433,57 @@ def test_sequences_longer_than_the_manifest_says_name_the_shard(corpus, tmp_path
 
 
 WORKER_SIGNALS = """
-import multiprocessing, os, signal, sys, time
+import os, signal, sys, time
 from dist_kd.data.stream import _ignore_stop_signals
-closing = multiprocessing.Event()
-_ignore_stop_signals(closing, 0)
-for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM, signal.SIGTERM):
-    os.kill(os.getpid(), sig)  # the group's signal, then the launcher's: the trainer handles them, the worker reads on
+_ignore_stop_signals(0)
+for _ in range(200):  # the group's signal, then the launcher's, in a burst: the trainer handles them
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):
+        os.kill(os.getpid(), sig)
 time.sleep(0.2)
 print("alive", flush=True)
-closing.set()  # the trainer closes the loader
-os.kill(os.getpid(), signal.SIGTERM)  # torch stopping a worker that did not end when told
-time.sleep(5)
-print("still alive", flush=True)
 """
 
 
-def test_a_loader_worker_leaves_stop_signals_to_the_trainer_until_it_closes_the_loader():
-    """The group's SIGTERM killed the workers and failed the trainer's checkpoint save; a worker that ignored every
-    SIGTERM could no longer be stopped by torch, and the trainer's exit waited on it. A worker that let one SIGTERM
-    pass died of the launcher's (``deepspeed``, ``torchrun``), which follows the group's, in the middle of the
-    rank's stop checkpoint."""
+def test_a_loader_worker_leaves_every_stop_signal_to_the_trainer():
+    """The group's SIGTERM killed the workers and failed the trainer's checkpoint save; a worker that let one
+    SIGTERM pass died of the launcher's (``deepspeed``, ``torchrun``), which follows the group's, in the middle of
+    the rank's stop checkpoint; a handler that took a lock deadlocked under two SIGTERMs in a row."""
     import os
-    import signal
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.stdout == "alive\n" and proc.returncode == -signal.SIGTERM, (proc.stdout, proc.returncode, proc.stderr)
+    assert proc.stdout == "alive\n" and proc.returncode == 0, (proc.stdout, proc.returncode, proc.stderr)
+
+
+def _stuck_worker() -> None:
+    import time
+
+    from dist_kd.data.stream import _ignore_stop_signals
+
+    _ignore_stop_signals(0)
+    time.sleep(600)  # reading a stalled filesystem
+
+
+def test_closing_a_loader_kills_a_worker_that_outlives_torchs_shutdown():
+    """A worker that passes SIGTERM over and does not end when told would hold the trainer's exit for ever."""
+    import multiprocessing
+    import signal
+    import time
+
+    from dist_kd.data.stream import _close_loader
+
+    worker = multiprocessing.get_context("fork").Process(target=_stuck_worker, daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    worker.terminate()  # what torch's shutdown does to a worker that did not end
+    worker.join(timeout=1)
+    assert worker.is_alive()
+    told = []
+    source = type("Iterator", (), {"_workers": [worker], "_shutdown_workers": lambda self: told.append(True)})()
+    _close_loader(source)
+    assert told and not worker.is_alive() and worker.exitcode == -signal.SIGKILL
 
 
 LOADER_SIGNALS = """
@@ -477,10 +500,10 @@ def batches():  # as the general trainer draws them
 source = batches()
 next(source)
 workers = psutil.Process().children()
-for _ in range(3):  # the group's SIGTERM and the launchers' after it (this process leaves them to the test)
+for _ in range(50):  # the group's SIGTERM and the launchers' after it, in a burst
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+time.sleep(0.3)
 drawn = sum(1 for _ in zip(range(40), source))  # the workers read on: every batch arrives
 source.close()  # the loader closes: the workers end, none left behind
 _, left = psutil.wait_procs(workers, timeout=10)
@@ -489,7 +512,7 @@ print(len(workers), drawn, left, flush=True)
 
 
 def test_loader_workers_read_on_through_repeated_sigterms_and_end_with_the_loader(corpus):
-    """End to end through a real DataLoader: three SIGTERMs to each worker, batches still arrive; closing ends
+    """End to end through a real DataLoader: 50 SIGTERMs to each worker, batches still arrive; closing ends
     them."""
     import os
     import subprocess
@@ -511,6 +534,7 @@ def test_a_process_that_exits_with_its_loader_open_ends(corpus):
     import sys
 
     script = f"""
+import multiprocessing
 from dist_kd.data.stream import build_corpus_loader
 stream = build_corpus_loader({str(corpus)!r}, micro_batch_size=4, num_workers=2, shuffle=False)
 source = iter(stream)
