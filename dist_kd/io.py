@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -279,29 +280,31 @@ def recover_interrupted_writes(directory: Path) -> list[str]:
     """Put right what writes killed midway left in ``directory`` (one level); returns what was done, in words.
 
     Called by the process that has just taken a run directory's lock (:mod:`dist_kd.train.runlock`), so that
-    no other run writes there: an output whose :func:`atomic_dir` swap was killed between its two renames
-    (``.NAME.old`` without ``NAME``: a finished task run's ``best/<task>`` that no later evaluation writes
-    again) is put back; ``.NAME.trash`` is deleted; the temporary directories of writers of this host whose
-    process has ended (a whole model each, for an export) are removed whatever their age; and
-    :func:`atomic_path`'s temporary files unchanged for a minute. :func:`atomic_dir` does the same for its own
-    ``path`` alone, and only when that path is written again.
+    no other run writes there: a model directory whose :func:`atomic_dir` swap was killed between its two
+    renames (``.NAME.old`` with a ``config.json``, without ``NAME``: a finished task run's ``best/<task>`` that
+    no later evaluation writes again) is put back; ``.NAME.trash`` beside a model ``NAME`` is deleted; the
+    temporary directories of writers of this host whose process has ended (a whole model each, for an export)
+    are removed whatever their age; and so are :func:`atomic_path`'s temporary files beside their file, once
+    unchanged for a minute. :func:`atomic_dir` does the same for its own ``path`` alone, and only when that path
+    is written again. Anything else (a directory that is not a model, another program's file) is left as it is.
     """
     done: list[str] = []
     try:
         entries = sorted(directory.iterdir())
     except OSError:
         return done
-    names = {entry.name for entry in entries}
     for entry in entries:
         name = entry.name
         if not name.startswith(".") or entry.is_symlink():
             continue
         try:
-            if name.endswith(".old") and entry.is_dir() and name[1:-4] and name[1:-4] not in names:
-                os.replace(entry, directory / name[1:-4])
-                done.append(f"{directory / name[1:-4]} put back (its replacement was killed midway)")
-            elif name.endswith(".trash") and entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+            if name.endswith((".old", ".trash")) and entry.is_dir():
+                output = directory / name[1 : name.rindex(".")]
+                if name.endswith(".old") and not output.exists() and (entry / "config.json").is_file():
+                    os.replace(entry, output)
+                    done.append(f"{output} put back (its replacement was killed midway)")
+                elif name.endswith(".trash") and (output / "config.json").is_file():
+                    shutil.rmtree(entry, ignore_errors=True)
             elif name.endswith(".tmp") and entry.is_dir():
                 # .NAME.HOST-PID-XXXXXXXX.tmp (writer_tag); HOST may hold dots, XXXXXXXX holds no "-"
                 head, mark, tail = name[:-4].rpartition(f".{host_tag()}-")
@@ -309,12 +312,15 @@ def recover_interrupted_writes(directory: Path) -> list[str]:
                 if head and mark and pid.isdigit() and rest and "-" not in rest and not pid_alive(int(pid)):
                     shutil.rmtree(entry, ignore_errors=True)
                     done.append(f"{entry} removed (left by process {pid}, which has ended)")
-            elif name.endswith(".tmp") and entry.is_file():
+            elif (match := _TMP_FILE.match(name)) and entry.is_file() and (directory / match.group(1)).is_file():
                 if time.time() - entry.stat().st_mtime > TMP_FILE_ABANDONED_S:
                     entry.unlink()
         except OSError:
             continue  # removed meanwhile, or not ours to change: the next write of that path deals with it
     return done
+
+
+_TMP_FILE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path's (tempfile.mkstemp's random part)
 
 
 def check_replaceable_dir(

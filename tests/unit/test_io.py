@@ -265,22 +265,26 @@ def test_recover_interrupted_writes_puts_back_a_swapped_out_output_and_removes_d
     host = host_tag()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(gone.stdout)
-    for name in (".share.old", ".topic.old", "topic", ".x.trash", f".share.{host}-{dead}-abcd1234.tmp",
-                 f".share.{host}-{os.getpid()}-efgh5678.tmp", f".share.otherhost-{dead}-ijkl9012.tmp"):  # fmt: skip
+    for name in (".share.old", ".topic.old", "topic", ".topic.trash", ".cache.old", ".local.trash",
+                 f".share.{host}-{dead}-abcd1234.tmp", f".share.{host}-{os.getpid()}-efgh5678.tmp",
+                 f".share.otherhost-{dead}-ijkl9012.tmp"):  # fmt: skip
         (tmp_path / name).mkdir()
-        (tmp_path / name / "best.json").write_text(name)
-    for name in (".eval.json.k2j4h5g6.tmp", ".config.yaml.a1b2c3d4.tmp", ".gitignore"):
+        (tmp_path / name / ("notes.txt" if name in (".cache.old", ".local.trash") else "config.json")).write_text(name)
+    for name in ("eval.json", ".eval.json.k2j4h5g6.tmp", "config.yaml", ".config.yaml.a1b2c3d4.tmp",
+                 ".notes.txt.k2j4h5g6.tmp", ".gitignore"):  # fmt: skip
         (tmp_path / name).write_text("x")
     past = time.time() - 61
-    os.utime(tmp_path / ".eval.json.k2j4h5g6.tmp", (past, past))
+    for name in (".eval.json.k2j4h5g6.tmp", ".notes.txt.k2j4h5g6.tmp"):
+        os.utime(tmp_path / name, (past, past))
     done = recover_interrupted_writes(tmp_path)
-    assert (tmp_path / "share" / "best.json").read_text() == ".share.old"  # put back
-    assert (tmp_path / "topic" / "best.json").read_text() == "topic"  # a whole output beside its .old: kept
+    assert (tmp_path / "share" / "config.json").read_text() == ".share.old"  # put back
+    assert (tmp_path / "topic" / "config.json").read_text() == "topic"  # a whole output beside its .old: kept
     assert {path.name for path in tmp_path.iterdir()} == {
-        "share", "topic", ".topic.old",
+        "share", "topic", ".topic.old", "eval.json", "config.yaml",
         f".share.{host}-{os.getpid()}-efgh5678.tmp",  # a write going on (this process)
         f".share.otherhost-{dead}-ijkl9012.tmp",  # another host's: cannot tell
         ".config.yaml.a1b2c3d4.tmp",  # changed in the last minute
+        ".cache.old", ".local.trash", ".notes.txt.k2j4h5g6.tmp",  # no model, no file of that name: not ours
         ".gitignore",
     }  # fmt: skip
     assert sorted(done) == sorted([

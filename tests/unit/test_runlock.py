@@ -353,9 +353,9 @@ def test_taking_a_run_directory_puts_right_what_killed_writes_left(tmp_path, cap
     run = tmp_path / "run"
     for path in (run / "best" / ".share.old", run / "best" / "topic", run / "checkpoints" / ".step-00000004.old"):
         path.mkdir(parents=True)
-        (path / "best.json").write_text("{}")
+        (path / "config.json").write_text("{}")
     info = type("Info", (), {"is_main": True, "rank": 0, "world_size": 1})()
     with caplog.at_level(logging.WARNING), locked_run_dir(run, info):
-        assert (run / "best" / "share" / "best.json").is_file() and not (run / "best" / ".share.old").exists()
+        assert (run / "best" / "share" / "config.json").is_file() and not (run / "best" / ".share.old").exists()
     assert (run / "checkpoints" / ".step-00000004.old").is_dir()
     assert f"{run / 'best' / 'share'} put back (its replacement was killed midway)" in caplog.text
