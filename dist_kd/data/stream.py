@@ -54,6 +54,7 @@ keeps the number of steps equal on all ranks. Skipped shards are counted in ``sk
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -296,8 +297,25 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     SIGTERM: the trainer's close ends it with SIGKILL (:func:`_close_loader`), and so does the interpreter's
     exit for loaders still open, before multiprocessing's own clean-up would wait on it for ever.
     """
-    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the trainer while it forked this worker
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread while it starts a loader's workers: a forked worker inherits the
+    mask and so passes a group's SIGTERM over even before its ``worker_init_fn`` runs (torch's own handler, set
+    first, ended it: a preemption landing at an epoch's start crashed the rank). The trainer's own signals wait
+    meanwhile (milliseconds) and then reach its handler."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # The iterators of the loaders whose workers run: closed at the interpreter's exit too, before multiprocessing's
@@ -618,20 +636,21 @@ class CorpusStream:
         if self.num_workers == 0:
             source = iter(dataset)
         else:
-            source = iter(
-                DataLoader(
-                    dataset,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    pin_memory=self.pin_memory,
-                    prefetch_factor=self.prefetch_factor,
-                    # Its own generator: starting an iterator otherwise draws the workers' base seed from the
-                    # global torch RNG, which also drives dropout, so a resumed run (whose iterator starts
-                    # after the checkpoint's RNG state is restored) would draw other dropout masks.
-                    generator=torch.Generator().manual_seed(self.seed),
-                    worker_init_fn=_ignore_stop_signals,
+            with _stop_signals_blocked():
+                source = iter(
+                    DataLoader(
+                        dataset,
+                        batch_size=None,
+                        num_workers=self.num_workers,
+                        pin_memory=self.pin_memory,
+                        prefetch_factor=self.prefetch_factor,
+                        # Its own generator: starting an iterator otherwise draws the workers' base seed from the
+                        # global torch RNG, which also drives dropout, so a resumed run (whose iterator starts
+                        # after the checkpoint's RNG state is restored) would draw other dropout masks.
+                        generator=torch.Generator().manual_seed(self.seed),
+                        worker_init_fn=_ignore_stop_signals,
+                    )
                 )
-            )
             _opened(source)
         return self._track(source, iteration)
 

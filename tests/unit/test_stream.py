@@ -487,20 +487,14 @@ def test_closing_a_loader_kills_a_worker_that_outlives_torchs_shutdown():
 
 
 LOADER_SIGNALS = """
-import os, signal, sys, time
+import signal, sys, time
 import psutil
 from dist_kd.data.stream import build_corpus_loader
 
 stream = build_corpus_loader(sys.argv[1], micro_batch_size=4, num_workers=2, shuffle=False)
-
-def batches():  # as the general trainer draws them
-    while True:
-        yield from stream
-
-source = batches()
-next(source)
+source = iter(stream)  # starts the workers
 workers = psutil.Process().children()
-for _ in range(50):  # the group's SIGTERM and the launchers' after it, in a burst
+for _ in range(50):  # the group's SIGTERM and the launchers' after it, in a burst, from the workers' first moments
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
 time.sleep(0.3)
@@ -512,8 +506,9 @@ print(len(workers), drawn, left, flush=True)
 
 
 def test_loader_workers_read_on_through_repeated_sigterms_and_end_with_the_loader(corpus):
-    """End to end through a real DataLoader: 50 SIGTERMs to each worker, batches still arrive; closing ends
-    them."""
+    """End to end through a real DataLoader: 50 SIGTERMs to each worker from its first moments (before its
+    worker_init_fn ran, torch's handler ended it: a preemption at an epoch's start), batches still arrive; closing
+    ends them."""
     import os
     import subprocess
     import sys
