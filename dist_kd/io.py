@@ -198,13 +198,13 @@ def writer_tag() -> str:
     return f"{host_tag()}-{os.getpid()}-"
 
 
-def killed_writer(directory: Path, tag: str) -> int | None:
+def killed_writer(directory: Path, tag: str, abandoned_s: float = ABANDONED_S) -> int | None:
     """The pid of the killed process that left ``directory``, or None when it may still be written.
 
     ``tag`` is the part of its name that :func:`writer_tag` began (``HOST-PID-XXXX``): HOST must be this host,
-    PID no longer run, and nothing in the directory have changed for ``ABANDONED_S`` (a container that shares
-    the host's name but not its process ids could be writing there). Another form (another host's, an earlier
-    release's name) is None too.
+    PID no longer run, and nothing in the directory have changed for ``abandoned_s`` (a container that shares
+    the host's name but not its process ids could be writing there; 0 where a lock already rules that out).
+    Another form (another host's, an earlier release's name) is None too.
     """
     fields = tag.split("-")
     if len(fields) != 3 or fields[0] != host_tag() or not fields[1].isdigit():
@@ -213,7 +213,7 @@ def killed_writer(directory: Path, tag: str) -> int | None:
         changed = max(path.stat().st_mtime for path in [directory, *directory.iterdir()])
     except OSError:  # removed meanwhile
         return None
-    if time.time() - changed <= ABANDONED_S or pid_alive(int(fields[1])):
+    if time.time() - changed <= abandoned_s or pid_alive(int(fields[1])):
         return None
     return int(fields[1])
 
@@ -306,10 +306,9 @@ def recover_interrupted_writes(directory: Path) -> list[str]:
                 elif name.endswith(".trash") and (output / "config.json").is_file():
                     shutil.rmtree(entry, ignore_errors=True)
             elif name.endswith(".tmp") and entry.is_dir():
-                # .NAME.HOST-PID-XXXXXXXX.tmp (writer_tag); HOST may hold dots, XXXXXXXX holds no "-"
-                head, mark, tail = name[:-4].rpartition(f".{host_tag()}-")
-                pid, _, rest = tail.partition("-")
-                if head and mark and pid.isdigit() and rest and "-" not in rest and not pid_alive(int(pid)):
+                # .NAME.HOST-PID-XXXXXXXX.tmp (writer_tag); HOST may hold dots, so NAME ends at this host's
+                head, mark, tail = name[: -len(".tmp")].rpartition(f".{host_tag()}-")
+                if head and mark and (pid := killed_writer(entry, f"{host_tag()}-{tail}", abandoned_s=0)) is not None:
                     shutil.rmtree(entry, ignore_errors=True)
                     done.append(f"{entry} removed (left by process {pid}, which has ended)")
             elif (match := _TMP_FILE.match(name)) and entry.is_file() and (directory / match.group(1)).is_file():
