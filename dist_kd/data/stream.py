@@ -57,6 +57,7 @@ import atexit
 import contextlib
 import logging
 import math
+import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
 import os
 import signal
 import sys
@@ -322,17 +323,6 @@ def _stop_signals_blocked() -> Iterator[None]:
 # own clean-up signals the workers still running and waits for them (a trainer's error path that kept the
 # iterator referenced hung there).
 _OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
-_EXIT_HANDLER: list[bool] = []  # registered once
-
-
-def _opened(source: Any) -> None:
-    """Note a DataLoader iterator whose workers run (closed at the latest when the interpreter exits)."""
-    import multiprocessing.util  # noqa: F401 - its exit handler, registered at import, runs after ours
-
-    if not _EXIT_HANDLER:  # exit handlers run newest first
-        atexit.register(_close_every_loader)
-        _EXIT_HANDLER.append(True)
-    _OPEN_LOADERS.add(source)
 
 
 def _close_loader(source: Any) -> None:
@@ -353,6 +343,10 @@ def _close_loader(source: Any) -> None:
 def _close_every_loader() -> None:
     for source in list(_OPEN_LOADERS):
         _close_loader(source)
+
+
+# Exit handlers run newest first: this one before multiprocessing's, registered when it was imported (above).
+atexit.register(_close_every_loader)
 
 
 def _collate(items: list[np.ndarray | None], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -651,7 +645,7 @@ class CorpusStream:
                         worker_init_fn=_ignore_stop_signals,
                     )
                 )
-            _opened(source)
+            _OPEN_LOADERS.add(source)  # closed at the latest when the interpreter exits
         return self._track(source, iteration)
 
     def _track(self, source: Iterator[dict[str, Any]], iteration: int) -> Iterator[dict[str, torch.Tensor]]:
