@@ -272,13 +272,16 @@ def _recover_interrupted_writes(run_dir: Path) -> None:
     recover_interrupted_writes`); ``checkpoints/`` has its own (:func:`dist_kd.train.checkpoint.
     remove_unfinished_saves`)."""
     try:
-        subdirectories = [path for path in run_dir.iterdir() if path.is_dir() and not path.name.startswith(".")]
+        subdirectories = [
+            path
+            for path in run_dir.iterdir()
+            if path.is_dir() and not path.name.startswith(".") and path.name != "checkpoints"
+        ]
     except OSError:
         return
     for directory in [run_dir, *sorted(subdirectories)]:
-        if directory.name != "checkpoints" or directory == run_dir:
-            for line in recover_interrupted_writes(directory):
-                logger.warning("%s", line)
+        for line in recover_interrupted_writes(directory):
+            logger.warning("%s", line)
 
 
 @contextlib.contextmanager
