@@ -104,6 +104,7 @@ def _closest(where: str, section: list[str], others: list[str]) -> str:
     Names compare without case (``text_A`` is ``text_a`` mistyped, not ``text_b``) and without their section
     (whose shared prefix made any key look close). In order: a key of its own section whose name holds the
     given one or is held by it (``data.batch_size``: ``data.micro_batch_size``; ``train.lr_rate``: ``train.lr``);
+    or that one abbreviates (``distill.weights.attention``: ``distill.weights.attn``, not ``distill.attention``);
     the same name in one other section (``train.micro_batch_size``: ``data.micro_batch_size``); a close name in
     its own section, then in another; else the section's keys where they are few.
     """
@@ -113,7 +114,14 @@ def _closest(where: str, section: list[str], others: list[str]) -> str:
 
     given = leaf(where)
     own = [key for key in section if key != where]
-    held = [key for key in own if min(len(given), len(leaf(key))) >= 2 and (given in leaf(key) or leaf(key) in given)]
+    held = [
+        key
+        for key in own
+        if min(len(given), len(leaf(key))) >= 2
+        and (given in leaf(key) or leaf(key) in given)
+        or _abbreviates(given, leaf(key))
+        or _abbreviates(leaf(key), given)
+    ]
     same = [key for key in others if leaf(key) == given]
     if held:
         best = max(held, key=lambda key: difflib.SequenceMatcher(None, given, leaf(key)).ratio())
@@ -133,6 +141,13 @@ def _closest(where: str, section: list[str], others: list[str]) -> str:
     if best is not None:  # from another section: its own keys too, where few (deepspeed.path: teacher.path, or config)
         return f"; did you mean '{best}'?" + (f" ({keys})" if few and best not in own else "")
     return f"; {keys}" if few else "; python -m dist_kd.config lists every key"
+
+
+def _abbreviates(short: str, name: str) -> bool:
+    """Whether ``short`` (3 letters or more) is ``name`` with letters left out, its first kept (``attn``:
+    ``attention``; ``embd``: ``embedding``)."""
+    letters = iter(name[1:])
+    return 3 <= len(short) < len(name) and short[0] == name[0] and all(char in letters for char in short[1:])
 
 
 class _UnknownKey(ValueError):

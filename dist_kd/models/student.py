@@ -53,7 +53,11 @@ class StudentConfig:
     path: str | None = doc(
         "start from this HF directory instead of building from the teacher's config", None, path=True
     )
-    shared_projection: bool = doc("one W_h shared by all layers instead of one per layer", False)
+    shared_projection: bool = doc(
+        "one W_h shared by all layers instead of one per layer (only where W_h is learnt: distill.projection "
+        "auto at other widths, or always)",
+        False,
+    )
     calibrate: bool = doc(
         "with init teacher: match each state dimension's mean and std to the teacher's on a few corpus batches "
         "(post-LN encoders; a pre-LN one, e.g. ModernBERT, starts as cut, with a warning)",
@@ -119,7 +123,8 @@ def check_heads(teacher_heads: int, student_heads: int) -> None:
     if teacher_heads != student_heads:
         raise ValueError(
             f"the attention loss needs equal head counts, but the teacher has {teacher_heads} heads and the student "
-            f"{student_heads}; set student.num_heads={teacher_heads} or distill.weights.attn=0"
+            f"{student_heads}; set student.num_heads={teacher_heads}, distill.attention=relations (any head count) or "
+            f"distill.weights.attn=0"
         )
 
 

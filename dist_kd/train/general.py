@@ -329,6 +329,12 @@ class GeneralTrainer(EngineTrainer):
             always=cfg.distill.projection == "always",
             select=cfg.distill.projection == "select",
         )
+        if cfg.student.shared_projection and not isinstance(projections, Projections) and info.is_main:
+            logger.warning(
+                "student.shared_projection is not used: distill.projection=%s learns no W_h here (%s)",
+                cfg.distill.projection,
+                "it selects teacher dimensions" if projections is not None else "the widths are equal",
+            )
         # whether student.calibrate ran (False: skipped, a pre-LN teacher; None: not asked, or a resumed run's
         # checkpoint says it): for the model card
         self.calibrated: bool | None = None

@@ -52,7 +52,9 @@ class TaskEntry:
     text_a: str | None = doc("column of the first text (default text_a, or the GLUE registry's)", None)
     text_b: str | None = doc("column of the second text; null for single texts", "text_b")
     label: str | None = doc("label column", "label")
-    id_column: str | None = doc("column with stable example ids (default <task>-<row>)", None)
+    id_column: str | None = doc(
+        "column with stable example ids (default example_id where the data has it, else <task>-<row>)", None
+    )
     weight: float | None = doc("sampling weight (default: proportional to the task's training rows)", None)
 
     def __post_init__(self):

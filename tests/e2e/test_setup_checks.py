@@ -53,9 +53,15 @@ def test_a_bad_setting_is_refused_before_the_run_directory_changes(extra, said, 
 
 def test_the_keys_that_student_path_overrides_are_named(tiny_bert_dir, tiny_corpus, tmp_path):
     """student.path fixes the shape and the weights: a 4 x 32 student was trained while config.yaml said 2 x 16,
-    without a word. Only the keys that differ are named (the heads agree)."""
-    proc = _general(tiny_bert_dir, tiny_corpus, tmp_path / "run", f"student.path={tiny_bert_dir}", "train.max_steps=1")
+    without a word. Only the keys that differ are named (the heads agree). student.shared_projection where no
+    W_h is learnt (here the widths are equal) was taken without a word too."""
+    proc = _general(tiny_bert_dir, tiny_corpus, tmp_path / "run", f"student.path={tiny_bert_dir}", "train.max_steps=1",
+                    "student.shared_projection=true")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "student.shared_projection is not used: distill.projection=select learns no W_h here (the widths are equal)"
+        in proc.stderr
+    )
     assert (
         f"student.path {tiny_bert_dir} fixes the student's shape and weights; not used: student.num_layers=2 (its 4), "
         "student.hidden_size=16 (its 32), student.intermediate_size=32 (its 64), student.init=teacher (it starts "

@@ -67,6 +67,8 @@ def test_unknown_key_names_closest():
         ("data.batch_size=8", "data.batch_size", "did you mean 'data.micro_batch_size'?"),  # not eval.batch_size
         ("student.hidden=8", "student.hidden", "did you mean 'student.hidden_size'?"),  # not distill.weights.hidden
         ("train.lr_rate=1", "train.lr_rate", "did you mean 'train.lr'?"),
+        # A close name of its own section comes before the same name elsewhere (was distill.attention, a choice).
+        ("distill.weights.attention=0.5", "distill.weights.attention", "did you mean 'distill.weights.attn'?"),
         # A section of few keys names them beside a key of another section.
         ("deepspeed.path=x", "deepspeed.path", "did you mean 'teacher.path'? (deepspeed has config)"),
     ],
