@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +58,7 @@ from dist_kd.data.tasks import (
 )
 from dist_kd.io import (
     check_output_dir,
+    listed,
     read_parquet_metadata,
     sha256_file,
     weights_sha256,
@@ -546,6 +548,24 @@ def soft_targets_from_logits(logits_NKC: np.ndarray, task_type: str, temperature
 # ------------------------------------------------------------------------------------------- the run
 
 
+def _check_store_output(output: Path, data_path: Path, teachers: Sequence[str | os.PathLike]) -> None:
+    """Refuse an ``--output`` holding anything but a store: the write removes the ``part-NNNNN.parquet`` files
+    its manifest does not list, and a reader of the directory (pandas, datasets) takes every Parquet file in it,
+    so a data or augmentation directory given by mistake lost its files or mixed them with the store's."""
+    for flag, inputs in (("--data", [data_path]), ("--teachers", teachers)):
+        for given in inputs:
+            path = Path(given).resolve()
+            if path == output.resolve() or output.resolve() in path.parents:
+                raise ValueError(f"--output {output} holds the {flag} {given}: give the store a directory of its own")
+    strangers = store.store_strangers(output) if output.is_dir() else []
+    if strangers:
+        raise ValueError(
+            f"--output {output} holds files that are not a soft-target store's ({listed(strangers)}); the store's "
+            f"write would mix its files with them: give a new or empty directory (e.g. --output soft/<task>), or "
+            "an earlier store"
+        )
+
+
 def _prepare_work_dir(output: Path, record: dict[str, Any]) -> str:
     """On rank 0: ``done`` when the store is already complete for this run, else ``work`` (run.json written).
 
@@ -712,6 +732,7 @@ def precompute_soft_targets(
     with distributed.shared_failure():
         check_output_dir(output)
         data_path = resolve_data_path(data_path)
+        _check_store_output(output, data_path, config.teachers)
         spec = spec_for_data(spec, data_path)
         check = check_teachers(config.teachers, spec, config.max_length)
         examples, missing_label = _load_examples(data_path, spec, require_label_column, warn=info.is_main)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,13 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = ".manifest.json"
 LEGACY_MANIFEST_NAME = "_manifest.json"  # stores written by earlier versions
 PART_PATTERN = "part-{index:05d}.parquet"
+PART_NAME = re.compile(r"^part-\d{5}\.parquet$")  # PART_PATTERN's names, and no other (a user's part-0.parquet)
+# What a store directory holds: its parts and manifest (an earlier version's too), a precompute's chunks and run
+# lock while it writes, and the temporary files of atomic writes (atomic_path's .NAME.XXXXXXXX.tmp)
+_STORE_NAME = re.compile(
+    r"^(part-\d{5}\.parquet|\.manifest\.json|_manifest\.json|_chunks|\.dist_kd\.lock(\..+)?"
+    r"|\.(part-\d{5}\.parquet|\.manifest\.json)\.[a-z0-9_]{8}\.tmp)$"
+)
 DEFAULT_ROWS_PER_FILE = 1_000_000
 TEXT_COLUMNS = ("example_id", "task", "text_a", "text_b", "label")
 
@@ -280,9 +288,14 @@ def write_soft_targets(
     # manifest never lists them, but a reader of the directory (datasets, pyarrow.dataset) took their rows too.
     listed = {entry["name"] for entry in files}
     for stale in directory.glob("part-*.parquet"):
-        if stale.name not in listed:
+        if PART_NAME.match(stale.name) and stale.name not in listed:
             stale.unlink(missing_ok=True)
     return path
+
+
+def store_strangers(directory: Path) -> list[str]:
+    """The names in ``directory`` that a soft-target store, or a precompute writing one, does not have."""
+    return sorted(path.name for path in directory.iterdir() if not _STORE_NAME.match(path.name))
 
 
 class _PartWriter:

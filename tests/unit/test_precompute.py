@@ -489,6 +489,36 @@ def test_missing_inputs(setup, tmp_path):
         precompute_soft_targets(spec, data, tmp_path / "o", _config([str(tmp_path / "nope")]), progress=False)
 
 
+def test_an_output_holding_anything_but_a_store_is_refused_before_any_work(setup, tmp_path):
+    """A data directory given as --output lost its part-N.parquet files (pyarrow.dataset's names; the store's
+    write removed the parts its manifest did not list), the input among them; an augmentation directory given
+    as --output read back as augmented rows and store rows mixed."""
+    import shutil
+
+    _, teachers, data, spec, _ = setup
+    user = tmp_path / "spark"
+    user.mkdir()
+    table = pa.table({"id": ["u0", "u1"], "a": ["one text", "another"], "y": ["neg", "pos"]})
+    for name in ("part-0.parquet", "part-1.parquet"):
+        pq.write_table(table, user / name)
+    before = _files(user)
+    with pytest.raises(ValueError, match=r"--output .*spark holds the --data .*part-0.parquet"):
+        precompute_soft_targets(spec, user / "part-0.parquet", user, _config(teachers[:1]), progress=False)
+    shutil.copy(data, tmp_path / "data.jsonl")
+    with pytest.raises(ValueError, match=r"holds files that are not a soft-target store's \(part-0.parquet, "):
+        precompute_soft_targets(spec, tmp_path / "data.jsonl", user, _config(teachers[:1]), progress=False)
+    with pytest.raises(ValueError, match=r"holds the --teachers"):
+        precompute_soft_targets(spec, data, teachers[0], _config(teachers[:1]), progress=False)
+    assert _files(user) == before
+    # A store (and one still being written: its chunks, lock and temporary files) is taken as before.
+    out = tmp_path / "out"
+    precompute_soft_targets(spec, data, out, _config(teachers[:1]), progress=False)
+    (out / CHUNKS_DIR).mkdir()
+    (out / ".part-00001.parquet.a1b2c3d4.tmp").write_bytes(b"")
+    assert st.store_strangers(out) == []
+    precompute_soft_targets(spec, data, out, _config(teachers[:1]), progress=False)
+
+
 def test_a_missing_label_column_is_a_warning_unless_named(setup, tmp_path, caplog):
     import dataclasses
     import logging

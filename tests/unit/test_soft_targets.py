@@ -138,12 +138,14 @@ def test_a_rewrite_leaves_no_part_file_of_the_earlier_store(tmp_path):
     st.write_soft_targets(_rows(7, metadata, seed=1), tmp_path, metadata, rows_per_file=2)
     assert len(list(tmp_path.glob("part-*.parquet"))) == 4
     (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "part-0.parquet").write_bytes(b"another writer's part (pyarrow.dataset, Spark name theirs so)")
     rows = _rows(5, metadata, seed=2)
     st.write_soft_targets(rows, tmp_path, metadata, rows_per_file=3)
-    assert sorted(p.name for p in tmp_path.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    names = ["part-0.parquet", "part-00000.parquet", "part-00001.parquet"]  # another writer's names are left
+    assert sorted(p.name for p in tmp_path.glob("part-*.parquet")) == names and (tmp_path / "notes.txt").is_file()
+    (tmp_path / "part-0.parquet").unlink()
     read = ds.dataset(str(tmp_path), format="parquet", exclude_invalid_files=True).to_table()
     assert read.column("example_id").to_pylist() == rows.column("example_id").to_pylist()
-    assert (tmp_path / "notes.txt").is_file()
 
 
 def test_label_order_and_task_checks(tmp_path):
