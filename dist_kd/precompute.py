@@ -247,6 +247,11 @@ def resolve_data_path(path: str | Path) -> Path:
         raise FileNotFoundError(f"task data {path} does not exist")
     if path.is_dir() and (path / AUGMENTED_FILE).is_file():
         return path / AUGMENTED_FILE
+    if path.is_dir() and any((path / "parts").glob("part-*-of-*.parquet")):
+        raise ValueError(
+            f"task data {path} is an unfinished augmentation: parts/ holds its ranks' parts, but {AUGMENTED_FILE} "
+            "is missing (launch/augment.py did not finish); run the same augment command again to finish it"
+        )
     return path
 
 

@@ -117,6 +117,18 @@ class StoreMetadata:
                                            "source_data") if name not in data)  # fmt: skip
         if unknown or missing:
             raise ValueError(f"{where}: soft-target metadata has unknown keys {unknown} / lacks keys {missing}")
+        kinds = {"task": (str, "a string"), "task_type": (str, "a string"), "label_names": (list, "a list of names"),
+                 "temperature": ((int, float), "a number"), "teachers": (list, "a list of {path, sha256}"),
+                 "source_data": (dict, "a mapping"), "has_teacher_logits": (bool, "true or false"),
+                 "version": (int, "an integer"), "extra": (dict, "a mapping")}  # fmt: skip
+        for name, (kind, said) in kinds.items():
+            value = data.get(name, FORMAT_VERSION if name == "version" else None)
+            if name in data and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+                raise ValueError(f"{where}: soft-target metadata {name} must be {said}, got {value!r}")
+        if not all(isinstance(name, str) for name in data["label_names"]):
+            raise ValueError(f"{where}: soft-target metadata label_names must be names, got {data['label_names']!r}")
+        if not all(isinstance(teacher, dict) for teacher in data["teachers"]):
+            raise ValueError(f"{where}: soft-target metadata teachers must be {{path, sha256}} mappings")
         if data.get("version", FORMAT_VERSION) > FORMAT_VERSION:
             raise ValueError(
                 f"{where}: store format version {data['version']} is newer than this dist_kd reads "
@@ -362,6 +374,15 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
         return
     import pyarrow.compute as pc
 
+    for name in ("example_id", "task", "text_a"):  # text_b may be null (single texts), label too (unlabelled rows)
+        column = table.column(name)
+        if column.null_count:
+            first = pc.index(pc.is_null(column), True).as_py()
+            raise ValueError(
+                f"{where}: {name} is missing (null) in {column.null_count} row{'s' if column.null_count > 1 else ''}, "
+                f"the first row {first}; every row "
+                f"needs a {name}"
+            )
     missing = table.column("soft_probs").null_count + pc.list_flatten(table.column("soft_probs")).null_count
     if missing:
         raise ValueError(f"{where}: soft_probs holds {missing} missing (null) rows or values; every row needs "
@@ -447,9 +468,33 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise ValueError(f"{path}: format is {found!r}, expected {FORMAT!r}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Raise, naming ``path`` and the field, unless ``manifest`` has the fields a reader uses, of their types."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not count(manifest.get("num_rows")):
+        raise ValueError(f"{path}: num_rows must be a row count, got {manifest.get('num_rows')!r}")
+    if not isinstance(manifest.get("metadata"), dict):
+        raise ValueError(f"{path}: metadata must be the store's metadata (a mapping), got {manifest.get('metadata')!r}")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise ValueError(f"{path}: files must be a list of part files, got {files!r}")
+    for index, entry in enumerate(files):
+        fine = isinstance(entry, dict) and isinstance(entry.get("name"), str) and PART_NAME.match(entry["name"])
+        if not (fine and count(entry.get("num_rows")) and isinstance(entry.get("sha256"), str)):
+            raise ValueError(
+                f"{path}: files[{index}] must be {{name: part-NNNNN.parquet, num_rows: count, sha256: hex}}, "
+                f"got {entry!r}"
+            )
 
 
 def read_store_metadata(directory: str | Path) -> StoreMetadata:

@@ -460,6 +460,10 @@ def test_augmented_directory_is_read_with_canonical_columns(setup, tmp_path):
     write_parquet_atomic(table, tmp_path / "aug2" / "augmented.parquet", meta)
     with pytest.raises(ValueError, match="augmented data"):
         precompute_soft_targets(spec, tmp_path / "aug2", tmp_path / "st2", _config(teachers[:1]), progress=False)
+    # An augmentation killed before its merge: a rank's part, no augmented.parquet (was "not a datasets directory").
+    write_parquet_atomic(table, tmp_path / "aug3" / "parts" / "part-00000-of-00002.parquet", meta)
+    with pytest.raises(ValueError, match=r"aug3 is an unfinished augmentation: parts/ holds .* run the same augment"):
+        precompute_soft_targets(spec, tmp_path / "aug3", tmp_path / "st3", _config(teachers[:1]), progress=False)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -193,6 +194,12 @@ def test_rows_that_disagree_with_metadata_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"store X: label holds class ids -1..2"):
         st.check_rows(rows.set_column(4, "label", pa.array([-1, None, 2], pa.int64())), metadata, "store X")
     st.check_rows(rows.set_column(4, "label", pa.array([None, None, None], pa.int64())), metadata, "unlabelled")
+    # A null text (a store written elsewhere) failed in the task stage's tokenizer, naming no file or row.
+    for name in ("example_id", "text_a"):
+        index = rows.schema.get_field_index(name)
+        holes = rows.set_column(index, rows.schema.field(index), pa.array(["x", None, None], pa.string()))
+        with pytest.raises(ValueError, match=rf"^store Z: {name} is missing \(null\) in 2 rows, the first row 1;"):
+            st.check_rows(holes, metadata, "store Z")
     # NaN targets (fp16 teachers that overflowed) made every loss of the task NaN.
     probs = np.full((3, 3), 1 / 3, dtype=np.float32)
     probs[1, 2] = np.nan
@@ -262,6 +269,33 @@ def test_newer_format_version_is_refused():
     data = _metadata().to_dict() | {"version": st.FORMAT_VERSION + 1}
     with pytest.raises(ValueError, match="upgrade dist_kd"):
         st.StoreMetadata.from_dict(data, "somewhere")
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda m: m.pop("files"), "files must be a list of part files, got None"),
+        (lambda m: m.pop("num_rows"), "num_rows must be a row count, got None"),
+        (lambda m: m.pop("metadata"), r"metadata must be the store's metadata \(a mapping\), got None"),
+        (lambda m: m["files"][0].pop("sha256"), r"files\[0\] must be \{name: part-NNNNN.parquet, num_rows: count"),
+        (lambda m: m["files"][0].update(name="../x.parquet"), r"files\[0\] must be"),
+        (lambda m: m["metadata"].update(temperature="2.0"), "metadata temperature must be a number, got '2.0'"),
+        (lambda m: m["metadata"].update(label_names=None), "metadata label_names must be a list of names, got None"),
+        (lambda m: m["metadata"].update(label_names=[0, 1, 2]), "metadata label_names must be names"),
+        (lambda m: m["metadata"].update(version="1"), "metadata version must be an integer, got '1'"),
+        (lambda m: m["metadata"].update(has_teacher_logits=1), "metadata has_teacher_logits must be true or false"),
+    ],
+)
+def test_a_manifest_without_a_field_or_of_another_type_names_the_file_and_the_field(tmp_path, edit, said):
+    """A hand-edited or foreign manifest failed with a bare KeyError or TypeError (exit 1, a traceback)."""
+    metadata = _metadata()
+    st.write_soft_targets(_rows(3, metadata), tmp_path, metadata)
+    path = tmp_path / st.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*{said}"):
+        st.load_soft_targets(tmp_path)
 
 
 def test_hidden_manifest_lets_datasets_read_the_store_and_legacy_stores_still_load(tmp_path):
