@@ -133,13 +133,20 @@ def damage(checkpoint: Path) -> str | None:
 
 def damaged_files(checkpoint: Path, meta: dict[str, Any]) -> str | None:
     """The first file that ``meta.json`` lists and that is missing or not of its recorded size, said in words;
-    None when all are whole (or the checkpoint predates the sizes)."""
-    for name, size in (meta.get("files") or {}).items():
+    None when all are whole (or the checkpoint predates the sizes). A list without DeepSpeed's model states, or
+    with an empty state file (torch writes none), was recorded from a save that wrote its files elsewhere or
+    later (another checkpoint writer): not whole either."""
+    files = meta.get("files")
+    if files is not None and not any(name.endswith("model_states.pt") for name in files):
+        return "no DeepSpeed model states file (the save wrote none here)"
+    for name, size in (files or {}).items():
         path = checkpoint / name
         if not path.is_file():
             return f"missing {name}"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} when saved (truncated?)"
+        if size == 0 and name.endswith(".pt"):
+            return f"{name} is empty (0 bytes when saved)"
     return None
 
 
@@ -687,6 +694,12 @@ def readable(checkpoint: Path) -> Iterator[None]:
     except _UNREADABLE as err:
         if isinstance(err, RuntimeError | KeyError) and not _READ_FAILURE.search(str(err)):
             raise  # an out-of-memory error, a collective's: not the checkpoint's files
+        if "weights only load failed" in str(err).lower():  # whole files holding what torch's safe loader refuses
+            raise ValueError(
+                f"checkpoint {checkpoint} does not load: torch's weights-only loader refuses an object in it "
+                f"({str(err).splitlines()[0]}); its files are not damaged: it was written by another checkpoint "
+                "writer or DeepSpeed release than this run reads with"
+            ) from None
         older = whole_before(checkpoint)
         advice = (
             f"move it out of {checkpoint.parent} to resume from {older[-1].name}, the newest whole one before it"

@@ -191,6 +191,33 @@ _DS_SECTIONS = (
 )  # fmt: skip
 
 
+# DeepSpeed settings that change how checkpoints are written or read, which dist_kd's resume does not follow:
+# (section, key or None for the whole section, why). Each trained and saved, and then every resume failed (or
+# read a checkpoint marked whole that had no model files).
+_DS_UNSUPPORTED = (
+    ("checkpoint", "writer", "another checkpoint writer (FastPersist, decoupled, ...): dist_kd marks a checkpoint "
+     "whole when DeepSpeed's save returns (a decoupled one has not written it yet) and resumes with DeepSpeed's "
+     "default loader, which refuses the files those write"),
+    ("checkpoint", "load_universal", "dist_kd resumes its own checkpoints, at the world size and ZeRO stage that "
+     "wrote them (a universal load fails on them)"),
+    ("zero_optimization", "elastic_checkpoint", "its resume needs DeepSpeed's own optimizers (dist_kd's torch AdamW "
+     "fails there); dist_kd resumes at the world size that wrote the checkpoint"),
+    ("nebula", None, "DeepSpeed no longer has the Nebula checkpoint service"),
+    ("datastates_ckpt", None, "another checkpoint engine: dist_kd writes and resumes with DeepSpeed's default one"),
+)  # fmt: skip
+
+
+def _check_unsupported_ds_keys(ds_config: dict[str, Any], source: Path) -> None:
+    """Refuse the settings of ``_DS_UNSUPPORTED`` (a false or null value is the default, and taken)."""
+    for section, key, why in _DS_UNSUPPORTED:
+        value = ds_config.get(section)
+        if key is not None:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value not in (None, False):
+            name = f"{section}.{key}" if key else section
+            raise ValueError(f"deepspeed.config {source}: {name} is not supported ({why}); remove it")
+
+
 def _check_ds_keys(ds_config: dict[str, Any], source: Path) -> None:
     """Refuse a top-level key that is a misspelling of one DeepSpeed reads: DeepSpeed ignores keys it does not
     know, so ``zero_optimisation: {stage: 2}`` ran at ZeRO-0 without a word. A key close to none is left alone
@@ -221,6 +248,7 @@ def _check_ds_keys(ds_config: dict[str, Any], source: Path) -> None:
         raise ValueError(f"deepspeed.config {source}: zero_optimization must hold a stage of 0, 1, 2 or 3, got {shown}")
     if "stage" in zero:
         zero["stage"] = stage  # as a number, for every later reading of it
+    _check_unsupported_ds_keys(ds_config, source)
 
 
 def build_ds_config(

@@ -98,12 +98,27 @@ def test_a_prune_cut_short_is_finished_by_the_next_save(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000040"]
 
 
+def _edit_meta(checkpoint, edit):
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    edit(meta["files"])
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+def _emptied(checkpoint, name):
+    (checkpoint / name).write_bytes(b"")
+    _edit_meta(checkpoint, lambda files: files.update({name: 0}))
+
+
 @pytest.mark.parametrize(
     ("harm", "reason"),
     [
         (lambda d: (d / "rank00000.pt").unlink(), "missing rank00000.pt"),
         (lambda d: (d / "mp_rank_00_model_states.pt").write_bytes(b"cut"), "3 bytes, .* when saved"),
         (lambda d: (d / "meta.json").write_text("{"), "meta.json does not parse"),
+        # Recorded from a save whose writer had not written DeepSpeed's files yet (a decoupled one), or wrote
+        # them empty (a mock one): marked whole, then every resume failed.
+        (lambda d: _edit_meta(d, lambda files: files.pop("mp_rank_00_model_states.pt")), "no DeepSpeed model states"),
+        (lambda d: _emptied(d, "mp_rank_00_model_states.pt"), "mp_rank_00_model_states.pt is empty"),
     ],
 )
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog, harm, reason):
@@ -660,3 +675,15 @@ def test_an_out_of_memory_error_while_loading_is_not_called_a_damaged_checkpoint
 
     with pytest.raises(ValueError, match=r"step-00000020 does not load .*resume from step-00000010"):
         ckpt.load_checkpoint(Broken(), tmp_path / "step-00000020")
+
+    class Refused(FakeEngine):  # torch.load(weights_only=True) of files another checkpoint writer saved, whole
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+            import pickle
+
+            raise pickle.UnpicklingError("Weights only load failed. This file can still be loaded, ...\nmore")
+
+    with pytest.raises(ValueError) as refused:
+        ckpt.load_checkpoint(Refused(), tmp_path / "step-00000020")
+    said = str(refused.value)
+    assert "weights-only loader refuses an object in it (Weights only load failed." in said
+    assert "its files are not damaged" in said and "delete" not in said and "move it out" not in said

@@ -88,6 +88,38 @@ def test_disagreeing_json_is_an_error(tmp_path):
     assert build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)["a_section_of_a_newer_deepspeed"] == {}  # close to none
 
 
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"checkpoint": {"writer": {"type": "python", "decoupled": True}}}, "checkpoint.writer is not supported"),
+        ({"checkpoint": {"writer": {"type": "fast"}}}, r"checkpoint.writer .*DeepSpeed's default loader"),
+        ({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal is not supported"),
+        ({"zero_optimization": {"stage": 1, "elastic_checkpoint": True}}, "zero_optimization.elastic_checkpoint"),
+        ({"nebula": {"enabled": True}}, "nebula is not supported"),
+        ({"datastates_ckpt": {"enabled": True}}, "datastates_ckpt is not supported"),
+    ],
+)
+def test_deepspeed_settings_whose_checkpoints_do_not_resume_are_refused(tmp_path, given, said):
+    """Each trained and saved; then every resume failed (a decoupled writer's checkpoint was renamed before its
+    files were written, a FastPersist one's loaded as "damaged: delete the checkpoints directory"), or crashed
+    in DeepSpeed's universal / elastic loaders."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(given))
+    with pytest.raises(ValueError, match=rf"^deepspeed.config .*ds.json: {said}.*; remove it$"):
+        build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+
+
+def test_deepspeed_checkpoint_settings_that_resume_are_taken(tmp_path):
+    """The defaults written out, and the checkpoint settings whose resume equals an uninterrupted run's."""
+    path = tmp_path / "ds.json"
+    for given in (
+        {"checkpoint": {"tag_validation": "FAIL", "use_node_local_storage": True, "load_universal": False}},
+        {"zero_optimization": {"stage": 1, "elastic_checkpoint": False}, "checkpoint": {"writer": None}},
+    ):
+        path.write_text(json.dumps(given))
+        assert build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)["checkpoint"] == given["checkpoint"]
+
+
 def test_a_json_key_that_disagrees_names_the_run_config_key_that_gives_it(tmp_path):
     """Every disagreement was explained as "(micro_batch_size x grad_accum x world size)", a clip one too."""
     path = tmp_path / "ds.json"
