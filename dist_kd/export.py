@@ -120,10 +120,13 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The engine module's weights at ``checkpoint`` in fp32: the optimizer's master weights where the run
     trained in bf16/fp16.
 
-    ZeRO 1-3 go through DeepSpeed's zero_to_fp32 reader. It does not read ZeRO-0 checkpoints. For those, the
+    ZeRO 1-3 go through DeepSpeed's zero_to_fp32 reader, except DeepSpeed's bf16 optimizer's (ZeRO-1 with fp32
+    gradient accumulation: :func:`_bf16_optimizer_state_dict`). It does not read ZeRO-0 checkpoints. For those, the
     module's weights are in ``mp_rank_00_model_states.pt``. In half precision that file also holds DeepSpeed's
     fp16 optimizer's ``fp32_groups``, in the order of the engine's parameter groups (decayed, then not).
     """
+    if any(checkpoint.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return _bf16_optimizer_state_dict(checkpoint)
     if any(checkpoint.glob("*optim_states.pt")):
         from dist_kd.distributed import prefer_cpu_accelerator
 
@@ -147,6 +150,38 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         if shapes != [tuple(tensor.shape) for tensor in flat]:
             raise ValueError(f"{model_file}: the optimizer's fp32 weights do not line up with the module's parameters")
         module = dict(module) | dict(zip(order, flat, strict=True))
+    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
+
+
+def _bf16_optimizer_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint of DeepSpeed's bf16 optimizer (ZeRO-1 with bf16 and fp32 gradient
+    accumulation), which zero_to_fp32 does not read: each rank's file holds its slice of every parameter group's
+    flat fp32 buffer; the slices in rank order are the buffer, whose parameters lie in ``param_shapes``' order
+    from its start (the padding at its end). Buffers come from the module."""
+    import math
+
+    model_file = checkpoint / "mp_rank_00_model_states.pt"
+    saved = torch.load(model_file, map_location="cpu", weights_only=False)
+    ranks = int(saved.get("dp_world_size") or 1)
+    files = [checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(ranks)]
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{checkpoint} misses {', '.join(missing)} of its {ranks} ranks' optimizer states")
+    slices = [torch.load(path, map_location="cpu", weights_only=False) for path in files]
+    slices = [own["optimizer_state_dict"]["single_partition_of_fp32_groups"] for own in slices]
+    weights: dict[str, torch.Tensor] = {}
+    for index, shapes in enumerate(saved["param_shapes"]):
+        flat = torch.cat([own[index] for own in slices])
+        offset = 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            weights[name] = flat[offset : offset + size].view(shape).clone()
+            offset += size
+        if offset > flat.numel():
+            raise ValueError(f"{checkpoint}: the optimizer's fp32 weights do not line up with the module's parameters")
+    for name, source in (saved.get("shared_params") or {}).items():
+        weights[name] = weights[source]
+    module = {name: weights.get(name, tensor) for name, tensor in saved["module"].items()}
     return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
 
 
