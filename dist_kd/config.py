@@ -122,6 +122,9 @@ def _closest(where: str, section: list[str], others: list[str]) -> str:
         or _abbreviates(given, leaf(key))
         or _abbreviates(leaf(key), given)
     ]
+    # A close spelling of its own section's beats a short key whose letters a long typo holds (intemrediate_size:
+    # intermediate_size, not init; inti: init, not intermediate_size)
+    held += [key for key in own if key not in held and difflib.SequenceMatcher(None, given, leaf(key)).ratio() >= 0.75]
     same = [key for key in others if leaf(key) == given]
     if held:
         best = max(held, key=lambda key: difflib.SequenceMatcher(None, given, leaf(key)).ratio())

@@ -125,8 +125,10 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     module's weights are in ``mp_rank_00_model_states.pt``. In half precision that file also holds DeepSpeed's
     fp16 optimizer's ``fp32_groups``, in the order of the engine's parameter groups (decayed, then not).
     """
-    if any(checkpoint.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        return _bf16_optimizer_state_dict(checkpoint)
+    if (checkpoint / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file():
+        weights = _bf16_optimizer_state_dict(checkpoint)
+        if weights is not None:
+            return weights
     if any(checkpoint.glob("*optim_states.pt")):
         from dist_kd.distributed import prefer_cpu_accelerator
 
@@ -153,22 +155,29 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
 
 
-def _bf16_optimizer_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+def _bf16_optimizer_state_dict(checkpoint: Path) -> dict[str, torch.Tensor] | None:
     """The fp32 master weights of a checkpoint of DeepSpeed's bf16 optimizer (ZeRO-1 with bf16 and fp32 gradient
-    accumulation), which zero_to_fp32 does not read: each rank's file holds its slice of every parameter group's
-    flat fp32 buffer; the slices in rank order are the buffer, whose parameters lie in ``param_shapes``' order
-    from its start (the padding at its end). Buffers come from the module."""
+    accumulation), which zero_to_fp32 does not read; None for another engine's bf16 checkpoint (ZeRO 1-3's own
+    optimizer names its files ``bf16_zero_...`` too, and records its ``zero_stage``: zero_to_fp32 reads those).
+
+    Each rank's file holds its slice of every parameter group's flat fp32 buffer; the slices in rank order are
+    the buffer, whose parameters lie in ``param_shapes``' order from its start (the padding at its end). Buffers
+    come from the module."""
     import math
 
+    first = torch.load(checkpoint / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]  # fmt: skip
     model_file = checkpoint / "mp_rank_00_model_states.pt"
+    if "zero_stage" in first or not model_file.is_file():
+        return None
     saved = torch.load(model_file, map_location="cpu", weights_only=False)
     ranks = int(saved.get("dp_world_size") or 1)
-    files = [checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(ranks)]
+    files = [checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(1, ranks)]
     missing = [path.name for path in files if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{checkpoint} misses {', '.join(missing)} of its {ranks} ranks' optimizer states")
-    slices = [torch.load(path, map_location="cpu", weights_only=False) for path in files]
-    slices = [own["optimizer_state_dict"]["single_partition_of_fp32_groups"] for own in slices]
+    states = [first, *(torch.load(p, map_location="cpu", weights_only=False)["optimizer_state_dict"] for p in files)]
+    slices = [own["single_partition_of_fp32_groups"] for own in states]
     weights: dict[str, torch.Tensor] = {}
     for index, shapes in enumerate(saved["param_shapes"]):
         flat = torch.cat([own[index] for own in slices])

@@ -45,13 +45,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = ".manifest.json"
 LEGACY_MANIFEST_NAME = "_manifest.json"  # stores written by earlier versions
 PART_PATTERN = "part-{index:05d}.parquet"
-PART_NAME = re.compile(r"^part-\d{5}\.parquet$")  # PART_PATTERN's names, and no other (a user's part-0.parquet)
-# What a store directory holds: its parts and manifest (an earlier version's too), a precompute's chunks and run
-# lock while it writes, and the temporary files of atomic writes (atomic_path's .NAME.XXXXXXXX.tmp)
-_STORE_NAME = re.compile(
-    r"^(part-\d{5}\.parquet|\.manifest\.json|_manifest\.json|_chunks|\.dist_kd\.lock(\..+)?"
-    r"|\.(part-\d{5}\.parquet|\.manifest\.json)\.[a-z0-9_]{8}\.tmp)$"
-)
+PART_NAME = re.compile(r"^part-\d{5,}\.parquet$")  # PART_PATTERN's names, and no other (a user's part-0.parquet)
 DEFAULT_ROWS_PER_FILE = 1_000_000
 TEXT_COLUMNS = ("example_id", "task", "text_a", "text_b", "label")
 
@@ -306,8 +300,11 @@ def write_soft_targets(
 
 
 def store_strangers(directory: Path) -> list[str]:
-    """The names in ``directory`` that a soft-target store, or a precompute writing one, does not have."""
-    return sorted(path.name for path in directory.iterdir() if not _STORE_NAME.match(path.name))
+    """The names in ``directory`` that a soft-target store does not have, leaving out hidden ones (``.`` or
+    ``_`` first: a store's manifest, a precompute's ``_chunks`` and lock, temporary files, a ``.DS_Store``),
+    which Parquet readers of the directory (pyarrow.dataset, datasets) skip too."""
+    return sorted(path.name for path in directory.iterdir()
+                  if not path.name.startswith((".", "_")) and not PART_NAME.match(path.name))  # fmt: skip
 
 
 class _PartWriter:

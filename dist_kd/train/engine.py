@@ -202,7 +202,7 @@ _DS_UNSUPPORTED = (
      "wrote them (a universal load fails on them)"),
     ("zero_optimization", "elastic_checkpoint", "its resume needs DeepSpeed's own optimizers (dist_kd's torch AdamW "
      "fails there); dist_kd resumes at the world size that wrote the checkpoint"),
-    ("nebula", None, "DeepSpeed no longer has the Nebula checkpoint service"),
+    ("nebula", "enabled", "DeepSpeed no longer has the Nebula checkpoint service"),
     ("datastates_ckpt", None, "another checkpoint engine: dist_kd writes and resumes with DeepSpeed's default one"),
 )  # fmt: skip
 

@@ -69,6 +69,10 @@ def test_unknown_key_names_closest():
         ("train.lr_rate=1", "train.lr_rate", "did you mean 'train.lr'?"),
         # A close name of its own section comes before the same name elsewhere (was distill.attention, a choice).
         ("distill.weights.attention=0.5", "distill.weights.attention", "did you mean 'distill.weights.attn'?"),
+        # ... and a close spelling before a short key whose letters the typo holds in order
+        ("student.intemrediate_size=8", "student.intemrediate_size", "did you mean 'student.intermediate_size'?"),
+        ("train.sede=3", "train.sede", "did you mean 'train.seed'?"),
+        ("student.inti=random", "student.inti", "did you mean 'student.init'?"),
         # A section of few keys names them beside a key of another section.
         ("deepspeed.path=x", "deepspeed.path", "did you mean 'teacher.path'? (deepspeed has config)"),
     ],

@@ -519,7 +519,11 @@ def test_an_output_holding_anything_but_a_store_is_refused_before_any_work(setup
     precompute_soft_targets(spec, data, out, _config(teachers[:1]), progress=False)
     (out / CHUNKS_DIR).mkdir()
     (out / ".part-00001.parquet.a1b2c3d4.tmp").write_bytes(b"")
+    (out / "._manifest.json.a1b2c3d4.tmp").write_bytes(b"")  # an earlier release's manifest, its write killed
+    (out / ".DS_Store").write_bytes(b"")  # hidden: no reader of the directory takes it
+    (out / "part-100000.parquet").write_bytes(b"")  # PART_PATTERN past 99,999 parts
     assert st.store_strangers(out) == []
+    (out / "part-100000.parquet").unlink()
     precompute_soft_targets(spec, data, out, _config(teachers[:1]), progress=False)
 
 
