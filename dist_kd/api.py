@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,12 @@ def load_run_config(config_class: type, config: Any, overrides: Sequence[str] = 
     from dist_kd.config import config_from_dict, load_config
 
     if isinstance(overrides, str):  # one override: list() would have split it into characters
+        several = re.search(r"\s([A-Za-z_][\w.]*)=", overrides)
+        if several:  # "a=1 b=2" set a to "1 b=2" (a value may hold spaces, so it cannot be split here)
+            raise ValueError(
+                f"overrides {overrides!r} is one string holding several key=value pairs ({several.group(1)}= too); "
+                "give a list, one pair each: ['KEY=VALUE', 'KEY=VALUE']"
+            )
         overrides = [overrides]
     if isinstance(config, (str, Path)):
         return load_config(config_class, config, list(overrides))

@@ -260,11 +260,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return text  # as written: YAML's reading of `001` (1) or `12:30` (750) is not what was meant
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, os.PathLike):  # a pathlib.Path in an API caller's dict
+            return os.fspath(value)
         hint = ""
         if isinstance(value, bool | datetime.date):  # YAML 1.1 reads yes/no/on/off unquoted as booleans
             hint = "; YAML reads yes, no, on, off as booleans: quote the value"
         raise ValueError(f"config key '{where}' must be a string, got {_plain(value)!r}{hint}")
     return value
+
+
+def paths_as_text(instance: Any) -> None:
+    """Turn the ``os.PathLike`` values of a config dataclass's fields into ``str`` (an API caller's
+    ``pathlib.Path``), so that they write to JSON and YAML as the strings their fields say they are."""
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if isinstance(value, os.PathLike):
+            setattr(instance, field.name, os.fspath(value))
+        elif isinstance(value, list) and any(isinstance(item, os.PathLike) for item in value):
+            setattr(instance, field.name, [os.fspath(i) if isinstance(i, os.PathLike) else i for i in value])
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:

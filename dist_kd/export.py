@@ -263,6 +263,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
         FileNotFoundError: ``checkpoint`` is not a complete checkpoint of a dist_kd run.
         ValueError: the weights do not fit the architecture the run's config describes.
     """
+    if task is not None and not isinstance(task, str):
+        raise TypeError(f"task must be a task's name (a str) or None, got {task!r}")
     from dist_kd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from dist_kd.model_card import encoder_load_snippet, is_dist_kd_model, model_card, write_model_card
     from dist_kd.sentence_modules import carry_sentence_modules

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dist_kd.config import doc
+from dist_kd.config import doc, paths_as_text
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, write_json_atomic
 
@@ -48,6 +48,7 @@ class MlmHeadConfig:
     train_layers: int = doc("also train the encoder's top N transformer layers (0: head only)", 0)
 
     def __post_init__(self):
+        paths_as_text(self)  # mlm.json, written after the training, holds them
         if self.train_layers < 0:
             raise ValueError(f"train_layers must be >= 0, got {self.train_layers}")
         for name in ("steps", "batch_size", "eval_batches", "top_k"):

@@ -46,12 +46,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dist_kd import distributed
-from dist_kd.config import doc
+from dist_kd.config import doc, paths_as_text
 from dist_kd.data import soft_targets as store
 from dist_kd.data.encode import TokenizedRows, pad_id_of, tokenize_rows, uses_token_types
 from dist_kd.data.tasks import (
     MissingColumnError,
     TaskSpec,
+    check_task_spec,
     head_label_order,
     label_order_check,
     load_task_examples,
@@ -96,6 +97,7 @@ class PrecomputeConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        paths_as_text(self)
         if not self.teachers:
             raise ValueError("teachers: give at least one teacher directory (--teachers DIR1 DIR2 ...)")
         self.teachers = [str(path) for path in self.teachers]
@@ -730,6 +732,7 @@ def precompute_soft_targets(
             holding a store or partial run with other parameters; a chunk missing at merge time.
         RunDirInUse: another live precompute writes ``output_dir`` (a ValueError; its ``.dist_kd.lock``).
     """
+    check_task_spec(spec)
     info = distributed.current()
     device = device or info.device
     output = Path(output_dir)

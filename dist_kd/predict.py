@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from dist_kd.data.encode import TokenizedRows, pad_rows
-from dist_kd.data.tasks import GLUE_TASKS, TaskSpec, glue_key, has_pairs
+from dist_kd.data.tasks import GLUE_TASKS, TaskSpec, check_task_spec, glue_key, has_pairs
 from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir, listed
 
 logger = logging.getLogger(__name__)
@@ -290,6 +290,7 @@ def evaluate_classifier(
             named explicitly (not the default ``label``) that the data lacks, ``max_length`` beyond the
             model's position embeddings, or an ``output`` that is a file or a directory holding other files.
     """
+    check_task_spec(spec)
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from dist_kd.data.encode import pad_id_of, tokenize_rows, uses_token_types

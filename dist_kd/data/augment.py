@@ -1422,7 +1422,9 @@ def augment_task(
         The merged table on rank 0, None on the other ranks.
     """
     from dist_kd import distributed
-    from dist_kd.data.tasks import load_task_examples
+    from dist_kd.data.tasks import check_task_spec, load_task_examples
+
+    check_task_spec(spec)
 
     with distributed.shared_failure():
         check_output_dir(output_dir)  # found when the merged set was written, after all the work

@@ -115,8 +115,8 @@ def _is_dataset_dir(path: Path) -> bool:
     )
 
 
-def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand input paths into the ordered list of sources (files and ``datasets`` directories).
+def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """Expand input paths (or one path) into the ordered list of sources (files and ``datasets`` directories).
 
     Directories are walked in sorted order; files with unsupported suffixes inside them are skipped. A file
     found more than once (overlapping inputs) is kept where it was first found, with a warning; so is a file
@@ -126,6 +126,8 @@ def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         FileNotFoundError: for a path that does not exist.
         ValueError: for a file with an unsupported suffix, or a directory without any input.
     """
+    if isinstance(inputs, str | os.PathLike):  # one path: iterating a str walked "/" for its first character
+        inputs = [inputs]
     if not inputs:
         raise ValueError("no input paths given (expected at least one file or directory)")
     sources: list[Path] = []
@@ -802,7 +804,7 @@ def _write_corpus(
 
 
 def prepare_corpus(
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     tokenizer: str | os.PathLike,
     output_dir: str | os.PathLike,
     seq_len: int = 128,
@@ -818,7 +820,7 @@ def prepare_corpus(
     """Tokenise ``inputs`` with ``tokenizer``, pack them, and write shards plus ``manifest.json``.
 
     Args:
-        inputs: files and directories (see the module docstring for the formats).
+        inputs: files and directories, or one of them (see the module docstring for the formats).
         tokenizer: the teacher's tokenizer directory (a fast tokenizer).
         output_dir: the corpus directory to write.
         seq_len: tokens per sequence, ``[CLS]`` and ``[SEP]`` included.
@@ -845,6 +847,8 @@ def prepare_corpus(
     _validate_options(seq_len, shard_size, num_workers, packing, txt_document, encoding_errors)
     check_output_dir(output_dir)
     started = time.perf_counter()
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
     sources = discover_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     for role in ("cls", "sep", "pad"):

@@ -146,6 +146,16 @@ GLUE_DATASETS_TEXT_COLUMNS: dict[str, tuple[str, str]] = {
 }
 
 
+def check_task_spec(spec: Any) -> None:
+    """Raise a TypeError naming what to pass unless ``spec`` is a :class:`TaskSpec` (an API caller's task name
+    failed deep inside with "'str' object has no attribute 'type'")."""
+    if not isinstance(spec, TaskSpec):
+        raise TypeError(
+            f"spec must be a TaskSpec, got {type(spec).__name__} {spec!r}: make one with "
+            "dist_kd.data.tasks.resolve_task_spec (a GLUE name, or a task name with labels=[...] and its columns)"
+        )
+
+
 def resolve_task_spec(
     name: str,
     *,

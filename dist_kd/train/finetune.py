@@ -38,7 +38,7 @@ import torch
 
 from dist_kd import distributed
 from dist_kd.cli import ExitOnSignal
-from dist_kd.config import doc
+from dist_kd.config import doc, paths_as_text
 from dist_kd.data.encode import (
     TokenizedRows,
     length_grouped_order,
@@ -48,7 +48,7 @@ from dist_kd.data.encode import (
     uses_token_types,
 )
 from dist_kd.data.multitask import check_pairs
-from dist_kd.data.tasks import TaskSpec, has_pairs, load_task_examples
+from dist_kd.data.tasks import TaskSpec, check_task_spec, has_pairs, load_task_examples
 from dist_kd.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 from dist_kd.evaluate import compute_metrics
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, weights_sha256, write_json_atomic
@@ -111,6 +111,7 @@ class FinetuneConfig:
     log_every: int = doc("optimizer steps between metrics.jsonl lines", 10)
 
     def __post_init__(self) -> None:
+        paths_as_text(self)  # config.yaml holds them
         if self.num_teachers < 1:
             raise ValueError(f"num_teachers must be >= 1, got {self.num_teachers}")
         self.seeds = list(self.seeds) if self.seeds else list(range(1, self.num_teachers + 1))
@@ -516,6 +517,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         ValueError: bad settings (``max_length`` beyond the base's position embeddings among them), or an exported
             teacher in ``output`` made with other settings.
     """
+    check_task_spec(spec)
     from transformers import AutoConfig
 
     from dist_kd.models.teacher import check_max_length, check_model_dir

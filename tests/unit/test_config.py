@@ -342,3 +342,51 @@ def test_the_api_takes_one_override_as_a_string():
 
     assert load_run_config(GeneralConfig, {}, "train.max_steps=5").train.max_steps == 5
     assert load_run_config(GeneralConfig, {}, ["train.max_steps=6"]).train.max_steps == 6
+    # Several pairs in one string set the first key to the rest ("runs/x train.epochs=1"), without a word.
+    with pytest.raises(ValueError, match=r"one string holding several key=value pairs \(train.max_steps= too\); give"):
+        load_run_config(GeneralConfig, {}, "run.output_dir=runs/x train.max_steps=1")
+    spaced = load_run_config(GeneralConfig, {}, "run.output_dir=runs/my run")  # a value may hold spaces
+    assert spaced.run.output_dir == "runs/my run"
+
+
+def test_the_api_names_what_to_pass_for_a_task_given_by_name(tmp_path):
+    """A task's name where a TaskSpec belongs failed deep inside: "'str' object has no attribute 'type'"."""
+    from dist_kd import api
+    from dist_kd.train.finetune import FinetuneConfig
+
+    calls = [
+        lambda: api.evaluate_classifier(tmp_path, "sst2", tmp_path / "dev.tsv"),
+        lambda: api.precompute_soft_targets("sst2", tmp_path / "d.tsv", tmp_path / "o", api.PrecomputeConfig(["t"])),
+        lambda: api.finetune_teachers("sst2", FinetuneConfig()),
+        lambda: api.augment_task("sst2", tmp_path / "d.tsv", tmp_path / "o", tmp_path / "g", api.AugmentConfig()),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"spec must be a TaskSpec, got str 'sst2': make one with .*resolve_task"):
+            call()
+    with pytest.raises(TypeError, match=r"task must be a task's name \(a str\) or None, got True"):
+        api.export_checkpoint(tmp_path, tmp_path / "out", task=True)
+
+
+def test_api_callers_paths_become_the_strings_the_fields_say():
+    """fit_mlm_head trained every step, then could not write mlm.json (a PosixPath is no JSON); finetune_teachers
+    failed writing config.yaml; a Path in an api.general dict was refused as no string."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from dist_kd.config import config_from_dict
+    from dist_kd.mlm import MlmHeadConfig
+    from dist_kd.precompute import PrecomputeConfig
+    from dist_kd.train.finetune import FinetuneConfig
+    from dist_kd.train.general import GeneralConfig
+
+    mlm = MlmHeadConfig(encoder=Path("/m/encoder"), shards=Path("shards"), output=Path("out"))
+    assert json.loads(json.dumps(dataclasses.asdict(mlm)))["encoder"] == "/m/encoder"
+    finetune = FinetuneConfig(train=Path("/d/train.jsonl"), base=Path("/m/base"))
+    assert yaml.safe_load(yaml.safe_dump(dataclasses.asdict(finetune)))["train"] == "/d/train.jsonl"
+    precompute = PrecomputeConfig(teachers=[Path("/t/1"), "/t/2"])
+    assert precompute.teachers == ["/t/1", "/t/2"]
+    general = config_from_dict(GeneralConfig, {"teacher": {"path": Path("/m/teacher")}})
+    assert general.teacher.path == "/m/teacher"

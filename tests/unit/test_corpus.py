@@ -118,7 +118,8 @@ def test_round_trip_one_document_per_sequence(tmp_path, text_inputs, texts, tiny
 def test_shards_are_byte_identical_on_a_second_run(tmp_path, text_inputs, tiny_tokenizer_dir):
     options = dict(seq_len=SEQ_LEN, shard_size=9, progress=False)
     prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "one", num_workers=0, **options)
-    prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "two", num_workers=2, **options)
+    # One path as a str (the API's callers): iterated, its first character "/" was walked as a directory.
+    prepare_corpus(str(text_inputs), tiny_tokenizer_dir, tmp_path / "two", num_workers=2, **options)
     first = _tree_bytes(tmp_path / "one")
     assert len(first) > 3 and "manifest.json" in first
     assert _tree_bytes(tmp_path / "two") == first
