@@ -558,6 +558,14 @@ def run_config_job(
         return 0
 
     def body() -> int:
+        from dist_kd.train.common import RunSignals
+
+        # A preemption from here on is remembered (the run stops at its first step with a checkpoint), not the
+        # death by signal that SLURM does not requeue: the process group may wait minutes for the other nodes.
+        with RunSignals():
+            return start()
+
+    def start() -> int:
         cfg = None
         try:
             # Read before the process group starts: a one-process job says its error at once. Under a launcher

@@ -197,7 +197,9 @@ class RunSignals:
     current: RunSignals | None = None
 
     def __init__(self):
-        self.requested = False
+        # one inside another (the command line's around its start-up: the process group's wait for the other
+        # nodes): a signal the outer one got carries over
+        self.requested = bool(RunSignals.current and RunSignals.current.requested)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self.outer, RunSignals.current = RunSignals.current, self
 

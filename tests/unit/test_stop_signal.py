@@ -72,19 +72,46 @@ def finish(trainer, cfg, info):
     return ["student exported"]
 
 
+info = SimpleNamespace(rank=0, world_size=1, is_main=True)
+if where == "start":  # through the command line, the signal while the process group waits for other nodes
+    import argparse
+
+    from dist_kd import cli, distributed
+
+    @dataclass
+    class Run:
+        output_dir: str = ""
+
+    @dataclass
+    class Config:
+        run: Run = field(default_factory=Run)
+
+    def waiting():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return info
+
+    distributed.init_distributed = waiting
+    args = argparse.Namespace(config=None, overrides=[f"run.output_dir={run_dir}"], debug=True, log_level=None)
+    print("exit", cli.run_config_job(args, Config, Trainer, finish))
+    sys.exit(0)
 cfg = SimpleNamespace(run=SimpleNamespace(output_dir=run_dir))
-result = api.run_training(cfg, Trainer, finish, SimpleNamespace(rank=0, world_size=1, is_main=True))
+result = api.run_training(cfg, Trainer, finish, info)
 print("completed" if result.completed else "preempted", *result.lines)
 """
 
 
 @pytest.mark.parametrize(
     "where, expected",
-    [("setup", "checkpoint at step 1, stopped\npreempted\n"), ("finish", "completed student exported\n")],
+    [
+        ("setup", "checkpoint at step 1, stopped\npreempted\n"),
+        ("finish", "completed student exported\n"),
+        ("start", "checkpoint at step 1, stopped\nexit 0\n"),
+    ],
 )
 def test_a_preemption_signal_outside_the_loop_does_not_kill_the_run(where, expected, tmp_path):
     """SIGTERM/SIGUSR1 while a run sets up or exports killed it (exit -15/-10: not requeued by the SLURM script);
-    one during set-up now stops the loop at its first step, one after the loop lets the run finish."""
+    one during set-up now stops the loop at its first step, one after the loop lets the run finish. So does
+    one while the command line starts (the process group waited for other nodes, under the default action)."""
     import subprocess
     import sys
 
