@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 import stat
+import tarfile
 import tempfile
 import time
 import zlib
@@ -74,7 +75,7 @@ from dist_kd.data.shards import (  # noqa: F401
     shard_problem,
 )
 from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint  # noqa: F401
-from dist_kd.io import check_output_dir, killed_writer, write_json_atomic, writer_tag
+from dist_kd.io import check_output_dir, killed_writer, listed, write_json_atomic, writer_tag
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +180,11 @@ def _walk(directory: Path) -> list[Path]:
 
 
 def _open_text(path: Path, encoding_errors: str):
+    # utf-8-sig: a byte-order mark (Notepad, Excel's "CSV UTF-8") is no text; it became tokens (BPE) or failed
+    # a JSONL file's first line
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors=encoding_errors)
-    return open(path, encoding="utf-8", errors=encoding_errors)
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors=encoding_errors)
+    return open(path, encoding="utf-8-sig", errors=encoding_errors)
 
 
 def _bounded_lines(handle: Any, path: Path) -> Iterator[str]:
@@ -666,7 +669,23 @@ def _check_seq_len(seq_len: int, tokenizer_dir: Path, tok: Any) -> None:
 
 def _corpus_entry(name: str) -> bool:
     """A file that belongs to a corpus (or to a run writing one), as opposed to the user's own files."""
-    return name == MANIFEST_NAME or fnmatch.fnmatch(name, "shard-*.tar") or fnmatch.fnmatch(name, ".*.tmp")
+    return (
+        name == MANIFEST_NAME
+        or fnmatch.fnmatch(name, "shard-*.tar")
+        or fnmatch.fnmatch(name, ".shard-*.tar.tmp")  # ShardWriter's
+        or fnmatch.fnmatch(name, f".{MANIFEST_NAME}.*.tmp")  # write_json_atomic's
+    )
+
+
+def _written_by_dist_kd(shard: Path) -> bool:
+    """Whether ``shard`` is a shard this command wrote (its first member ``<12 digits>.input_ids.npy``), not
+    another program's file of the same name (webdataset's ``shard-%06d.tar``)."""
+    try:
+        with tarfile.open(shard) as archive:
+            first = archive.next()
+    except (OSError, tarfile.TarError):
+        return False
+    return first is not None and re.fullmatch(rf"\d{{12}}{re.escape(SAMPLE_SUFFIX)}", first.name) is not None
 
 
 def _prepare_output(output: Path, overwrite: bool) -> Path:
@@ -691,6 +710,13 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
         # told from a live one by the next run on the same host.
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{writer_tag()}", dir=target.parent))
     output.mkdir(parents=True, exist_ok=True)
+    # Shards of a run killed before its manifest are replaced; another program's of the same name are not.
+    foreign = sorted(path.name for path in output.glob("shard-*.tar") if not _written_by_dist_kd(path))
+    if foreign:
+        raise FileExistsError(
+            f"{output} holds shard files that dist_kd did not write ({listed(foreign)}): a corpus written there "
+            "would replace or delete them; give a new or empty directory"
+        )
     for stale in output.glob(".shard-*.tar.tmp"):
         stale.unlink()
     return output

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -137,6 +138,60 @@ def test_overwrite_with_a_smaller_corpus_removes_stale_shards(tmp_path, text_inp
     )  # fmt: skip
     names = {shard["name"] for shard in read_manifest(tmp_path / "out")["shards"]}
     assert {path.name for path in (tmp_path / "out").glob("shard-*.tar")} == names
+
+
+def test_another_programs_shards_in_the_output_are_refused_and_a_killed_runs_replaced(
+    tmp_path, text_inputs, tiny_tokenizer_dir
+):
+    """webdataset's shard-%06d.tar names are ours too: a run into a directory of the user's shards (no manifest)
+    replaced shard 0 and deleted the rest. A killed run's shards (no manifest either) are still replaced."""
+    import io
+    import tarfile
+
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    for index in range(3):
+        with tarfile.open(out / f"shard-{index:06d}.tar", "w") as archive:
+            member = tarfile.TarInfo(f"sample{index:04d}.jpg")
+            member.size = 3
+            archive.addfile(member, io.BytesIO(b"jpg"))
+    (out / ".backup.tmp").write_text("the user's")
+    before = _tree_bytes(out)
+    with pytest.raises(FileExistsError, match=r"holds shard files that dist_kd did not write \(shard-000000.tar, "):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)
+    assert _tree_bytes(out) == before
+    expected = tmp_path / "expected"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, expected, **options)
+    killed = tmp_path / "killed"
+    shutil.copytree(expected, killed)
+    (killed / "manifest.json").unlink()  # killed before its manifest
+    (killed / ".backup.tmp").write_text("the user's")
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, killed, **options)
+    assert _tree_bytes(killed) == {**_tree_bytes(expected), ".backup.tmp": b"the user's"}
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, killed, overwrite=True, **options)
+    assert (killed / ".backup.tmp").read_text() == "the user's"  # an overwrite leaves it too
+
+
+def test_a_byte_order_mark_is_no_text(tmp_path, tiny_tokenizer_dir):
+    """Notepad's and Excel's UTF-8 files begin with one: in a .txt it became tokens (a BPE tokenizer's), and a
+    .jsonl failed at its first line ("Unexpected UTF-8 BOM")."""
+    text = "the market rose today\n\nshares fell again\n"
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    plain.mkdir(), marked.mkdir()
+    (plain / "a.txt").write_text(text)
+    (marked / "a.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (plain / "b.jsonl").write_text('{"text": "one more line"}\n')
+    (marked / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one more line"}\n')
+    (plain / "c.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (marked / "c.txt.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + text.encode()))
+    assert [list(iter_documents(marked / name, "paragraph")) for name in ("a.txt", "c.txt.gz")] == [
+        ["the market rose today", "shares fell again"]
+    ] * 2
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    prepare_corpus(plain, tiny_tokenizer_dir, tmp_path / "one", **options)
+    prepare_corpus(marked, tiny_tokenizer_dir, tmp_path / "two", **options)
+    assert _tree_bytes(tmp_path / "one") == _tree_bytes(tmp_path / "two")
 
 
 def test_a_failed_overwrite_leaves_the_old_corpus_intact(tmp_path, text_inputs, tiny_tokenizer_dir):
