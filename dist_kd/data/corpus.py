@@ -137,7 +137,13 @@ def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> 
         if not path.exists():
             raise FileNotFoundError(f"input {path} does not exist")
         if path.is_dir():
-            found = _walk(path)
+            skipped: list[Path] = []
+            found = _walk(path, skipped)
+            if skipped:  # a .txt.xz or .csv among them: data the user meant, left out (said, not silently)
+                logger.warning(
+                    "input directory %s: %d file(s) of other types than %s are not read: %s",
+                    path, len(skipped), ", ".join(SUPPORTED_SUFFIXES), listed([str(item) for item in skipped]),
+                )  # fmt: skip
             if not found:
                 raise ValueError(
                     f"input directory {path} holds no corpus files (expected {', '.join(SUPPORTED_SUFFIXES)} files "
@@ -155,8 +161,9 @@ def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> 
     datasets_dirs = {source.resolve() for source in sources if source.is_dir()}  # _walk's only directories
     for source in sources:
         key = source.resolve()
-        if key in unique or (source.is_file() and not datasets_dirs.isdisjoint(key.parents)):
-            repeated.append(source)  # read already, or as part of a datasets directory among the inputs
+        # read already, or as part of a datasets directory among the inputs (a file or split directory in it)
+        if key in unique or not datasets_dirs.isdisjoint(key.parents):
+            repeated.append(source)
         else:
             unique[key] = source
     if repeated:
@@ -167,15 +174,19 @@ def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> 
     return list(unique.values())
 
 
-def _walk(directory: Path) -> list[Path]:
+def _walk(directory: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """The corpus files and ``datasets`` directories under ``directory``, in sorted order; the files of other
+    types (hidden ones aside) are added to ``skipped``."""
     if _is_dataset_dir(directory):
         return [directory]
     found = []
     for entry in sorted(directory.iterdir(), key=lambda p: p.name):
         if entry.is_dir():
-            found.extend(_walk(entry))
+            found.extend(_walk(entry, skipped))
         elif _suffix(entry) is not None:
             found.append(entry)
+        elif skipped is not None and not entry.name.startswith("."):
+            skipped.append(entry)
     return found
 
 

@@ -779,6 +779,21 @@ def test_overlapping_inputs_read_each_file_once(tmp_path, text_inputs, tiny_toke
     assert _tree_bytes(tmp_path / "once") == _tree_bytes(tmp_path / "twice")
 
 
+def test_the_files_a_directory_walk_leaves_out_are_named(text_inputs, tmp_path, caplog):
+    """A .txt.xz (or .csv) among the inputs was left out without a word; hidden files are not named."""
+    import shutil
+
+    (tmp_path / "in").mkdir()
+    for name in ("a.txt", "README.md"):
+        shutil.copy(text_inputs / name, tmp_path / "in" / name)
+    (tmp_path / "in" / "more.txt.xz").write_bytes(b"")
+    (tmp_path / "in" / ".DS_Store").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        assert discover_inputs([tmp_path / "in"]) == [tmp_path / "in" / "a.txt"]
+    assert f"input directory {tmp_path / 'in'}: 2 file(s) of other types than .txt" in caplog.text
+    assert "README.md" in caplog.text and "more.txt.xz" in caplog.text and ".DS_Store" not in caplog.text
+
+
 def test_a_file_inside_a_datasets_directory_among_the_inputs_is_read_once(tmp_path, caplog):
     """A saved datasets directory is one source: its own .arrow file, given too, did not match it."""
     import logging
@@ -791,6 +806,15 @@ def test_a_file_inside_a_datasets_directory_among_the_inputs_is_read_once(tmp_pa
         assert discover_inputs([arrow, tmp_path / "saved"]) == [tmp_path / "saved"]
         assert discover_inputs([tmp_path / "saved", arrow]) == [tmp_path / "saved"]
     assert caplog.text.count("1 input(s) found more than once") == 2 and arrow.name in caplog.text
+    # A DatasetDict and one of its splits: the split was read twice, without a word.
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a doc"]}),
+                                   "test": datasets.Dataset.from_dict({"text": ["b doc"]})})  # fmt: skip
+    splits.save_to_disk(str(tmp_path / "dict"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.corpus"):
+        assert discover_inputs([tmp_path / "dict", tmp_path / "dict" / "train"]) == [tmp_path / "dict"]
+        assert discover_inputs([tmp_path / "dict" / "train", tmp_path / "dict"]) == [tmp_path / "dict"]
+    assert caplog.text.count("1 input(s) found more than once") == 2
 
 
 def test_a_full_disk_mid_shard_names_the_shard_and_leaves_no_temporary_file(tmp_path):
