@@ -46,9 +46,11 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 import zlib
 from collections import deque
@@ -483,12 +485,26 @@ def _document_batches(
 _WORKER_TOKENIZER = None
 
 
-def _init_tokenizer_worker(tokenizer_dir: str) -> None:
+def _init_tokenizer_worker(tokenizer_dir: str, parent: int | None = None) -> None:
     global _WORKER_TOKENIZER
+    if parent is not None and parent != os.getpid():  # a worker process (--num-workers 0 tokenises in-process)
+        # The command's stop handlers (forked with it) are not the worker's: it ends on the pool's shutdown, or
+        # once its parent is gone.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        threading.Thread(target=_end_with, args=(parent,), daemon=True, name="end-with-parent").start()
     # One Rust thread per process: the parallelism is the processes; nested thread pools only contend.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
     _WORKER_TOKENIZER.model_max_length = 1 << 62  # documents are cut by the packer, not the tokenizer
+
+
+def _end_with(parent: int) -> None:
+    """End this worker once ``parent`` is gone: a command killed with SIGKILL (the OOM killer) left a worker
+    blocked on a full result pipe running for ever, holding the command's stdout open (``| tee`` hung)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -826,7 +842,9 @@ def _write_corpus(
     batches = _document_batches(sources, txt_document, text_column, encoding_errors, num_documents)
     bar = tqdm(desc="prepare_corpus", unit="tok", unit_scale=True, disable=not progress)
     try:
-        for flat, lengths in _ordered_map(_tokenize_batch, batches, num_workers, _init_tokenizer_worker, (tokenizer,)):
+        for flat, lengths in _ordered_map(
+            _tokenize_batch, batches, num_workers, _init_tokenizer_worker, (tokenizer, os.getpid())
+        ):
             num_input_tokens += len(flat)
             for sequence in packer.add(flat, lengths):
                 writer.write(sequence)

@@ -844,3 +844,37 @@ def test_a_full_disk_mid_shard_names_the_shard_and_leaves_no_temporary_file(tmp_
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "shard-000000.tar")
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_worker_ends_once_its_command_is_killed(tmp_path):
+    """A SIGKILLed prepare-corpus (the OOM killer) left a worker blocked on a full result pipe running for ever,
+    holding the command's stdout open: ``dist-kd prepare-corpus ... | tee log`` hung."""
+    import subprocess
+
+    script = (
+        "import os, time\n"
+        "from dist_kd.data.corpus import _end_with\n"
+        "parent = os.getpid()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    import threading\n"
+        "    threading.Thread(target=_end_with, args=(parent,), daemon=True).start()\n"
+        "    time.sleep(120)  # blocked, as on a full pipe\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "os._exit(0)  # killed: no clean-up\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    worker = int(proc.stdout)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+            with open(f"/proc/{worker}/stat") as stat:  # reaped by init once it ends: a zombie counts as ended
+                if stat.read().split(") ")[-1].startswith("Z"):
+                    return
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived its parent by 20 s")
