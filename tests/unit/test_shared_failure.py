@@ -110,7 +110,8 @@ class _Engine:
         # Rank 0 writes last: a rank that failed first and removed the unfinished save at once pulled the
         # directory from under it (rank 0 then reported "Parent directory ... does not exist").
         time.sleep(1.0 if self.rank == 0 else 0.0)
-        (Path(save_dir) / tag / f"zero_rank_{self.rank}.pt").write_bytes(b"x" * (10 + self.rank))
+        name = f"zero_pp_rank_{self.rank}_mp_rank_00_model_states.pt"  # DeepSpeed's ZeRO-3 name
+        (Path(save_dir) / tag / name).write_bytes(b"x" * (10 + self.rank))
 
 
 def _saving_rank(rank: int, store: str, checkpoints: str, fail: str, results) -> None:
