@@ -724,8 +724,6 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     """
     # Resolved so that a symlinked output keeps its link and the siblings are on the target's file system.
     target = output.resolve()
-    if target.parent.is_dir():
-        _recover_killed_swaps(target)
     manifest = output / MANIFEST_NAME
     if manifest.exists():
         if not overwrite:
@@ -913,46 +911,54 @@ def prepare_corpus(
     fingerprint = tokenizer_fingerprint(tok)
     dtype = np.dtype(np.uint16) if fingerprint["vocab_size"] <= 65535 else np.dtype(np.int32)
     output = Path(output_dir)
-    work = _prepare_output(output, overwrite)
-    try:
-        shards, writer, packer, num_documents, num_input_tokens = _write_corpus(
-            sources, tok, str(tokenizer), work, seq_len, shard_size, num_workers, packing, txt_document,
-            text_column, encoding_errors, dtype, progress,
-        )  # fmt: skip
-        if not shards:
-            raise ValueError(
-                f"inputs {[str(p) for p in inputs]} gave no sequence of {seq_len} tokens "
-                f"({num_documents} documents, {num_input_tokens} tokens)"
-            )
-        names = {shard["name"] for shard in shards}
-        for stale in work.glob("shard-*.tar"):
-            if stale.name not in names:  # left by an earlier, larger (incomplete) corpus in the same directory
-                stale.unlink()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "tokenizer": fingerprint,
-            "seq_len": seq_len,
-            "num_sequences": writer.num_sequences,
-            "num_tokens": writer.num_tokens,
-            "num_documents": num_documents,
-            "dtype": dtype.name,
-            "packing": packing,
-            "special_tokens": {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id},
-            "options": {
-                "txt_document": txt_document,
-                "text_column": text_column,
-                "encoding_errors": encoding_errors,
-                "shard_size": shard_size,
-            },
-            "shards": shards,
-        }
-        write_json_atomic(work / MANIFEST_NAME, manifest)
-    except BaseException:
+    from dist_kd.train.runlock import RunLock
+
+    # One writer at a time (two runs into one output each deleted and replaced the other's shards, and both
+    # exited 0 with a corpus that contradicted its manifest); the lock moves with the user's files on a swap.
+    target = output.resolve()  # a symlinked output: the siblings of its target
+    if target.parent.is_dir():  # before the lock, which would make the directory a killed swap left missing
+        _recover_killed_swaps(target)
+    with RunLock(output, flag="--output"):
+        work = _prepare_output(output, overwrite)
+        try:
+            shards, writer, packer, num_documents, num_input_tokens = _write_corpus(
+                sources, tok, str(tokenizer), work, seq_len, shard_size, num_workers, packing, txt_document,
+                text_column, encoding_errors, dtype, progress,
+            )  # fmt: skip
+            if not shards:
+                raise ValueError(
+                    f"inputs {[str(p) for p in inputs]} gave no sequence of {seq_len} tokens "
+                    f"({num_documents} documents, {num_input_tokens} tokens)"
+                )
+            names = {shard["name"] for shard in shards}
+            for stale in work.glob("shard-*.tar"):
+                if stale.name not in names:  # left by an earlier, larger (incomplete) corpus in the same directory
+                    stale.unlink()
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "tokenizer": fingerprint,
+                "seq_len": seq_len,
+                "num_sequences": writer.num_sequences,
+                "num_tokens": writer.num_tokens,
+                "num_documents": num_documents,
+                "dtype": dtype.name,
+                "packing": packing,
+                "special_tokens": {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id},
+                "options": {
+                    "txt_document": txt_document,
+                    "text_column": text_column,
+                    "encoding_errors": encoding_errors,
+                    "shard_size": shard_size,
+                },
+                "shards": shards,
+            }
+            write_json_atomic(work / MANIFEST_NAME, manifest)
+        except BaseException:
+            if work != output:
+                shutil.rmtree(work, ignore_errors=True)  # the corpus being replaced stays as it was
+            raise
         if work != output:
-            shutil.rmtree(work, ignore_errors=True)  # the corpus being replaced stays as it was
-        raise
-    if work != output:
-        _swap_in(work, output)
+            _swap_in(work, output)
     summary = CorpusSummary(
         num_documents=num_documents,
         num_input_tokens=num_input_tokens,

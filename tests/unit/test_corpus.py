@@ -652,7 +652,10 @@ def test_prepare_corpus_command(tmp_path, text_inputs, tiny_tokenizer_dir, monke
     # an output it cannot write (here a file in the way; a read-only disk alike) is one error line, not a traceback
     (tmp_path / "file").write_text("x")
     assert main([*argv, "--output", str(tmp_path / "file" / "shards"), "--num-workers", "0", "--no-progress"]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path / 'file' / 'shards'}: Not a directory"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --output {tmp_path / 'file' / 'shards'} cannot be written: Not a directory "
+        f"({tmp_path / 'file' / 'shards'}); choose a writable --output"
+    )
 
 
 def test_shards_are_standard_tar_and_webdataset_files(tmp_path, text_inputs, tiny_tokenizer_dir):
@@ -878,3 +881,22 @@ def test_a_tokenizer_worker_ends_once_its_command_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the worker outlived its parent by 20 s")
+
+
+def test_one_run_writes_an_output_at_a_time(tmp_path, text_inputs, tiny_tokenizer_dir):
+    """Two runs into one output deleted and replaced each other's shards, and both exited 0 with a corpus that
+    contradicted its manifest (checksums)."""
+    from dist_kd.train.runlock import RunDirInUse, RunLock
+
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    out = tmp_path / "out"
+    with RunLock(out, flag="--output"), pytest.raises(RunDirInUse, match=r"--output"):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)
+    assert not out.exists()  # made by the other run's lock, and removed with it: nothing written
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)
+    (out / "NOTES.md").write_text("kept")
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, out, overwrite=True, **options)
+    assert sorted(path.name for path in out.iterdir() if not path.name.startswith("shard-")) == [
+        "NOTES.md",
+        "manifest.json",
+    ]  # the lock moved with the user's file and was removed
