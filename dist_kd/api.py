@@ -116,10 +116,14 @@ def load_run_config(config_class: type, config: Any, overrides: Sequence[str] = 
     from dist_kd.config import config_from_dict, load_config
 
     if isinstance(overrides, str):  # one override: list() would have split it into characters
-        several = re.search(r"\s([A-Za-z_][\w.]*)=", overrides)
-        if several:  # "a=1 b=2" set a to "1 b=2" (a value may hold spaces, so it cannot be split here)
+        # "a.b=1 c.d=2" set a.b to "1 c.d=2"; a value may hold spaces and "=" ("runs/bs 32 lr=1e-4"), so only a
+        # dotted name of one of the config's sections counts as a second pair
+        sections = {field.name for field in dataclasses.fields(config_class)}
+        names = re.findall(r"\s([A-Za-z_]\w*\.[\w.]+)=", overrides)
+        several = [name for name in names if name.split(".")[0] in sections]
+        if several:
             raise ValueError(
-                f"overrides {overrides!r} is one string holding several key=value pairs ({several.group(1)}= too); "
+                f"overrides {overrides!r} is one string holding several key=value pairs ({several[0]}= too); "
                 "give a list, one pair each: ['KEY=VALUE', 'KEY=VALUE']"
             )
         overrides = [overrides]

@@ -345,8 +345,8 @@ def test_the_api_takes_one_override_as_a_string():
     # Several pairs in one string set the first key to the rest ("runs/x train.epochs=1"), without a word.
     with pytest.raises(ValueError, match=r"one string holding several key=value pairs \(train.max_steps= too\); give"):
         load_run_config(GeneralConfig, {}, "run.output_dir=runs/x train.max_steps=1")
-    spaced = load_run_config(GeneralConfig, {}, "run.output_dir=runs/my run")  # a value may hold spaces
-    assert spaced.run.output_dir == "runs/my run"
+    for value in ("runs/my run", "runs/bs 32 lr=1e-4", "/tmp/a b=c"):  # a value may hold spaces, and "="
+        assert load_run_config(GeneralConfig, {}, f"run.output_dir={value}").run.output_dir == value
 
 
 def test_the_api_names_what_to_pass_for_a_task_given_by_name(tmp_path):
