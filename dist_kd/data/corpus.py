@@ -121,7 +121,8 @@ def _is_dataset_dir(path: Path) -> bool:
 def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
     """Expand input paths (or one path) into the ordered list of sources (files and ``datasets`` directories).
 
-    Directories are walked in sorted order; files with unsupported suffixes inside them are skipped. A file
+    Directories are walked in sorted order; files with unsupported suffixes inside them are skipped, named in a
+    warning (hidden ones aside). A file
     found more than once (overlapping inputs) is kept where it was first found, with a warning; so is a file
     inside a ``datasets`` directory among the inputs (read with the directory).
 
