@@ -117,8 +117,7 @@ def _closest(where: str, section: list[str], others: list[str]) -> str:
     held = [
         key
         for key in own
-        if min(len(given), len(leaf(key))) >= 2
-        and (given in leaf(key) or leaf(key) in given)
+        if (min(len(given), len(leaf(key))) >= 2 and (given in leaf(key) or leaf(key) in given))
         or _abbreviates(given, leaf(key))
         or _abbreviates(leaf(key), given)
     ]

@@ -165,10 +165,13 @@ def _bf16_optimizer_state_dict(checkpoint: Path) -> dict[str, torch.Tensor] | No
     come from the module."""
     import math
 
-    first = torch.load(checkpoint / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
-                       weights_only=False)["optimizer_state_dict"]  # fmt: skip
     model_file = checkpoint / "mp_rank_00_model_states.pt"
-    if "zero_stage" in first or not model_file.is_file():
+    if not model_file.is_file():  # ZeRO-3's model states are per rank
+        return None
+    # Memory-mapped: for ZeRO 1-2's own optimizer this is only a look at its keys (zero_to_fp32 reads the file)
+    first = torch.load(checkpoint / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False, mmap=True)["optimizer_state_dict"]  # fmt: skip
+    if "zero_stage" in first:
         return None
     saved = torch.load(model_file, map_location="cpu", weights_only=False)
     ranks = int(saved.get("dp_world_size") or 1)

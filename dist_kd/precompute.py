@@ -559,10 +559,11 @@ def _check_store_output(output: Path, data_path: Path, teachers: Sequence[str | 
     """Refuse an ``--output`` holding anything but a store: the write removes the ``part-NNNNN.parquet`` files
     its manifest does not list, and a reader of the directory (pandas, datasets) takes every Parquet file in it,
     so a data or augmentation directory given by mistake lost its files or mixed them with the store's."""
+    target = output.resolve()
     for flag, inputs in (("--data", [data_path]), ("--teachers", teachers)):
         for given in inputs:
             path = Path(given).resolve()
-            if path == output.resolve() or output.resolve() in path.parents:
+            if path == target or target in path.parents:
                 raise ValueError(f"--output {output} holds the {flag} {given}: give the store a directory of its own")
     strangers = store.store_strangers(output) if output.is_dir() else []
     if strangers:

@@ -116,7 +116,7 @@ class StoreMetadata:
                  "source_data": (dict, "a mapping"), "has_teacher_logits": (bool, "true or false"),
                  "version": (int, "an integer"), "extra": (dict, "a mapping")}  # fmt: skip
         for name, (kind, said) in kinds.items():
-            value = data.get(name, FORMAT_VERSION if name == "version" else None)
+            value = data.get(name)
             if name in data and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
                 raise ValueError(f"{where}: soft-target metadata {name} must be {said}, got {value!r}")
         if not all(isinstance(name, str) for name in data["label_names"]):
@@ -377,8 +377,7 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
             first = pc.index(pc.is_null(column), True).as_py()
             raise ValueError(
                 f"{where}: {name} is missing (null) in {column.null_count} row{'s' if column.null_count > 1 else ''}, "
-                f"the first row {first}; every row "
-                f"needs a {name}"
+                f"the first row {first}; every row needs a {name}"
             )
     missing = table.column("soft_probs").null_count + pc.list_flatten(table.column("soft_probs")).null_count
     if missing:
