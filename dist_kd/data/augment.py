@@ -214,7 +214,7 @@ def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVe
             np.asarray(vectors[start : start + (1 << 16)]), path, lambda row, start=start: f"row {start + row} "
             f"(word {words[start + row]!r})"
         )  # fmt: skip
-    return GloveVectors(words=words, vectors=vectors, source=str(path))
+    return GloveVectors(words=words, vectors=vectors, source=str(Path(path).resolve()))
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -386,9 +386,11 @@ def load_glove(
             raise ValueError(f"GloVe vectors {path} are a .npy matrix; give their vocabulary (--glove-vocab)")
         return _load_npy(path, Path(vocab_path), expected_dim)
     npy_cache, vocab_cache = _cache_paths(path, Path(cache_dir) if cache_dir else None)
+    source = str(path.resolve())  # a run key holds it: the same file named another way is the same vectors
     if npy_cache.is_file() and vocab_cache.is_file():
-        glove = _load_npy(npy_cache, vocab_cache, expected_dim)
-        return dataclasses.replace(glove, source=str(path))
+        glove = _load_npy(npy_cache, vocab_cache, None)
+        _check_dim(glove.dim, expected_dim, path)  # the file the user named, not the cache
+        return dataclasses.replace(glove, source=source)
     logger.info("converting GloVe text file %s to %s (once)", path, npy_cache)
     words, vectors = _parse_glove_text(path, expected_dim)
     npy_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +398,7 @@ def load_glove(
         tmp.write_text("\n".join(words) + "\n", encoding="utf-8")
     with atomic_path(npy_cache) as tmp, open(tmp, "wb") as handle:
         np.save(handle, vectors)
-    return dataclasses.replace(_load_npy(npy_cache, vocab_cache, expected_dim), source=str(path))
+    return dataclasses.replace(_load_npy(npy_cache, vocab_cache, expected_dim), source=source)
 
 
 def _stable_topk(scores, k: int, decimals: int, rescore: Callable[[Any], Any] | None = None) -> list[list[int]]:
@@ -927,6 +929,11 @@ class WordCandidates:
     source: str  # "mlm" | "glove" | "none"
 
 
+# Without a masked-LM there is no tokenizer to name its special tokens: these, BERT's and RoBERTa's, are kept as
+# written (a `[SEP]` joining two fields read back by the teacher's tokenizer as its separator)
+GLOVE_ONLY_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]", "<s>", "</s>", "<pad>", "<unk>", "<mask>")
+
+
 class Augmenter:
     """TinyBERT augmentation over a masked-LM and GloVe neighbours (see the module docstring).
 
@@ -939,7 +946,9 @@ class Augmenter:
         self.masked_lm = masked_lm
         self.glove = glove
         self.config = config
-        self.special_tokens = [] if masked_lm is None else list(masked_lm.tokenizer.all_special_tokens)
+        self.special_tokens = (
+            list(GLOVE_ONLY_SPECIAL_TOKENS) if masked_lm is None else list(masked_lm.tokenizer.all_special_tokens)
+        )
 
     def word_candidates(self, texts: Sequence[str]) -> list[list[WordCandidates]]:
         """Candidates for every word of each text (computed in batches across all the texts)."""
@@ -1477,6 +1486,10 @@ def augment_task(
     merged = merge_parts(parts, final_path(output_dir), metadata)
     for path in parts:
         Path(path).unlink()
+    # parts of an interrupted run with another number of ranks are of no use now (and read as rows by tools
+    # that read every Parquet file under the directory)
+    for path in parts[0].parent.glob("part-*-of-*.parquet"):
+        path.unlink()
     if not any(parts[0].parent.iterdir()):
         parts[0].parent.rmdir()
     summary = augmentation_summary(merged, n_a=config.n_a)

@@ -8,6 +8,8 @@ replaced multi-piece word must read "joy", and any routing mistake shows up as t
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -161,6 +163,19 @@ def test_glove_only_replaces_every_word_from_glove(glove_txt):
     assert metadata["masked_lm"] is None and metadata["parameters"]["algorithm"] == "glove_only"
 
 
+def test_glove_only_keeps_special_tokens_written_in_the_text(glove_txt):
+    """--mlm none has no tokenizer: "[SEP]" was split into "[", "SEP", "]" and "SEP" replaced ("[OCT]"), so a
+    field separator became text for the teacher's tokenizer."""
+    augmenter = _augmenter(None, glove_txt, p_t=1.0, n_a=1, k=1)
+    text = "Markets fell [SEP] happiness [MASK] <s> quickly </s>"
+    sources = {c.word.text: c.source for c in augmenter.word_candidates([text])[0]}
+    assert {token: sources[token] for token in ("[SEP]", "[MASK]", "<s>", "</s>")} == dict.fromkeys(
+        ("[SEP]", "[MASK]", "<s>", "</s>"), "none"
+    )
+    out = augmenter.augment(_examples([text]), "t")
+    assert out.column("text_a").to_pylist()[1] == "Stocks fell [SEP] joy [MASK] <s> rapidly </s>"
+
+
 def test_augment_names_what_its_table_and_task_lack(glove_txt):
     # a raw file's table (no text_b, no example_id) or a TaskSpec for the name ended in a bare KeyError
     from dist_kd.data.tasks import TaskSpec
@@ -273,6 +288,35 @@ def test_a_rank_part_read_from_other_columns_is_not_reused(glove_txt, tmp_path):
     assert rank_one_part("title")[0] == "quickly 2"
     # The run was stopped and restarted with the right column: the part of the wrong one must not be merged.
     assert rank_one_part("body")[0] == "happiness 2"
+
+
+def test_a_rank_part_is_reused_when_the_glove_path_is_written_another_way(glove_txt, tmp_path, monkeypatch):
+    """The run key held the GloVe path as typed: the same file named by an absolute path (a SLURM resubmit from
+    another directory) augmented everything again. And a part of a run with another number of ranks stayed
+    beside the merged set after it, where readers of every Parquet file under the directory read its rows twice."""
+    import json
+    import os
+
+    from dist_kd.data.tasks import TaskSpec
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"quickly {i}", "label": "a"}) + "\n" for i in range(4)))
+    spec = TaskSpec(name="t", labels=["a", "b"], text_a="text")
+    config = aug.AugmentConfig(n_a=1)
+    out = tmp_path / "out"
+    # an interrupted 3-rank run left its rank 2's part
+    aug.augment_task(spec, data, out, glove_txt, config, rank=2, world_size=3, progress=False)
+    assert aug.part_path(out, 2, 3).is_file()
+    monkeypatch.chdir(glove_txt.parent)
+    aug.augment_task(spec, data, out, glove_txt.name, config, rank=1, world_size=2, progress=False)
+    calls = []
+    real = aug.Augmenter.augment
+    monkeypatch.setattr(aug.Augmenter, "augment", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    merged = aug.augment_task(
+        spec, data, out, Path(os.path.abspath(glove_txt)), config, world_size=2, wait_timeout=5, progress=False
+    )
+    assert len(calls) == 1  # rank 0's share only: rank 1's part, written with a relative path, was reused
+    assert merged.num_rows == 8 and not (out / "parts").exists()  # the other run's part is gone too
 
 
 def test_a_finished_set_of_the_same_inputs_is_kept_and_one_of_other_settings_redone(glove_txt, tmp_path, monkeypatch):
@@ -567,6 +611,10 @@ def test_glove_dimension_other_than_expected(tmp_path, glove_txt):
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     with pytest.raises(ValueError, match="dimension 8, expected 300"):
         aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "vocab.txt", expected_dim=300)
+    # A text file converted once: a later run's error named the cache file, not the file the user gave
+    aug.load_glove(glove_txt, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=rf"GloVe vectors {re.escape(str(glove_txt))} have dimension 8, expected 50"):
+        aug.load_glove(glove_txt, expected_dim=50, cache_dir=tmp_path)
 
 
 def test_glove_npy_rows_must_match_vocabulary(tmp_path):
