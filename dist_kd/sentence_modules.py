@@ -107,7 +107,30 @@ def carry_sentence_modules(source: str | Path, target: str | Path, hidden_size: 
             config.write_text(json.dumps(settings, indent=2) + "\n")
     if listed != modules:
         (target / "modules.json").write_text(json.dumps(listed, indent=2) + "\n")
+    _fit_max_seq_length(target)
     return True
+
+
+def _fit_max_seq_length(target: Path) -> None:
+    """Lower the carried ``max_seq_length`` to what the student (``target``'s config.json) can read: a student of
+    fewer positions than its teacher's setting crashed in ``SentenceTransformer.encode`` on every longer text."""
+    from transformers import AutoConfig
+
+    from dist_kd.models.teacher import max_input_length
+
+    settings_path = target / "sentence_bert_config.json"
+    if not settings_path.is_file():
+        return
+    try:
+        settings = json.loads(settings_path.read_text())
+    except ValueError:
+        return  # carried as the source has it; sentence-transformers names the file
+    held = settings.get("max_seq_length") if isinstance(settings, dict) else None
+    limit = max_input_length(AutoConfig.from_pretrained(target))
+    if limit is not None and isinstance(held, int) and held > limit:
+        logger.info("sentence-transformers' max_seq_length %s is more than the student reads: %d", held, limit)
+        settings["max_seq_length"] = limit
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 # sentence-transformers' pooling modes, in the order its Pooling module concatenates them.

@@ -221,3 +221,23 @@ def test_quality_says_it_leaves_out_a_dense_module_after_the_pooling(tiny_bert_d
     with caplog.at_level("WARNING"):
         held.use_pooling_of(teacher)
     assert "without its Dense module(s) after the pooling" in caplog.text and held.pooling == ("mean_tokens",)
+
+
+def test_max_seq_length_is_lowered_to_the_students_positions(tmp_path):
+    """A student of fewer positions than the teacher's max_seq_length (64 here, MiniLM's 256 against a student of
+    128 positions) got the teacher's setting: SentenceTransformer(student).encode failed on every longer text."""
+    from dist_kd.testing import build_tiny_bert
+
+    teacher = tmp_path / "teacher"
+    _sentence_teacher(teacher, width=32)
+    student = build_tiny_bert(tmp_path / "student", max_position_embeddings=16)
+    assert carry_sentence_modules(teacher, student, hidden_size=32, source_hidden=32)
+    assert json.loads((student / "sentence_bert_config.json").read_text()) == {"max_seq_length": 16,
+                                                                                "do_lower_case": False}  # fmt: skip
+    roomy = build_tiny_bert(tmp_path / "roomy", max_position_embeddings=128)
+    assert carry_sentence_modules(teacher, roomy, hidden_size=32, source_hidden=32)
+    assert json.loads((roomy / "sentence_bert_config.json").read_text())["max_seq_length"] == 64  # kept
+
+    st = pytest.importorskip("sentence_transformers")
+    encoded = st.SentenceTransformer(str(student), device="cpu").encode(["word " * 40])
+    assert encoded.shape == (1, 32)
