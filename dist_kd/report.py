@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [
             f"{len(records)} logged steps, {first['step']} to {last['step']}"
             + (f"; {last['tokens_seen']:,} tokens" if isinstance(last.get("tokens_seen"), int) else "")
-            + (f"; median {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s" if speeds else "")
+            + (f"; median {statistics.median(speeds):,.0f} tokens/s" if speeds else "")
             + ".",
             "",
             "| term | first log | last log |",
@@ -285,8 +286,8 @@ def _loss_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     for label, part in runs.items():
-        speeds = sorted(r["samples_per_s"] for r in part if isinstance(r.get("samples_per_s"), int | float))
-        median = f"{speeds[len(speeds) // 2]:,.0f}" if speeds else "-"
+        speeds = [r["samples_per_s"] for r in part if isinstance(r.get("samples_per_s"), int | float)]
+        median = f"{statistics.median(speeds):,.0f}" if speeds else "-"
         lines.append(f"| {label} | {part[0]['step']} to {part[-1]['step']} | {_fmt(part[0].get('loss'))} | "
                      f"{_fmt(part[-1].get('loss'))} | {median} |")  # fmt: skip
     lines.append("")
