@@ -71,6 +71,7 @@ def write_model_card(directory: str | Path, text: str) -> Path:
 
 
 def encoder_load_snippet(directory: str | Path) -> str:
+    directory = Path(directory).resolve()  # a relative one loads only from where the export ran
     return (
         "from transformers import AutoModel, AutoTokenizer\n\n"
         f'model = AutoModel.from_pretrained("{directory}")\n'
@@ -80,6 +81,7 @@ def encoder_load_snippet(directory: str | Path) -> str:
 
 def classifier_load_snippet(directory: str | Path, pairs: bool = False) -> str:
     example = '{"text": "a first sentence", "text_pair": "a second one"}' if pairs else '"an example sentence"'
+    directory = Path(directory).resolve()
     return (
         "from transformers import pipeline\n\n"
         f'classify = pipeline("text-classification", model="{directory}")\n'

@@ -77,9 +77,13 @@ def test_a_checkpoint_named_from_inside_checkpoints_or_by_latest_exports(
     assert main(["--checkpoint", "step-00000010", "--output", str(tmp_path / "relative")]) == 0, capsys.readouterr()
     monkeypatch.chdir(tmp_path)
     assert main(["--checkpoint", "run/checkpoints/latest", "--output", str(tmp_path / "latest")]) == 0
-    for out in ("relative", "latest"):
+    assert main(["--checkpoint", "run/checkpoints/latest", "--output", "typed"]) == 0
+    for out in ("relative", "latest", "typed"):
         _exported(tmp_path / out, encoder)
-        assert "step-00000010 (step 10)" in (tmp_path / out / "README.md").read_text()
+        card = (tmp_path / out / "README.md").read_text()
+        assert "step-00000010 (step 10)" in card
+        # the card's loading code names the export wherever it is read from (it said "typed", as given)
+        assert f'AutoModel.from_pretrained("{(tmp_path / out).resolve()}")' in card
     (run / "checkpoints" / "latest").write_text("step-00000020")
     capsys.readouterr()
     assert main(["--checkpoint", "run/checkpoints/latest", "--output", str(tmp_path / "gone")]) == 2

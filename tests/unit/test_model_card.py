@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -27,7 +29,8 @@ def test_card_has_metadata_facts_metrics_and_loading_code(tmp_path):
     assert "| accuracy | 0.9123 |" in text and "skipped" not in text
     code = text.split("```python\n")[1].split("```")[0]
     compile(code, "card", "exec")  # the loading code is valid Python
-    assert 'pipeline("text-classification", model="runs/x/tasks/sst2")' in code
+    # the absolute path: a relative one (`dist-kd export --output exp`) loaded only from where the export ran
+    assert f'pipeline("text-classification", model="{Path("runs/x/tasks/sst2").resolve()}")' in code
     path = write_model_card(tmp_path, text)
     assert path == tmp_path / "README.md" and path.read_text() == text
 
