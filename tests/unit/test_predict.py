@@ -444,6 +444,16 @@ def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_
         assert _evaluate_main(["--model", str(model_dir), "--task", "para", "--data", str(relabelled), "--cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
     assert "has no column 'same', the task's label column (the model's task.json" in caplog.text
+    # Some rows without a second text: scored on their first alone, as before, but said (not a word before)
+    partial = tmp_path / "partial.jsonl"
+    rows = [{"s1": a, "s2": b, "same": LABELS[i % 2]} for i, (a, b) in enumerate(zip(firsts, seconds))]
+    rows[2]["s2"] = None
+    del rows[4]["s2"]
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
+        assert _evaluate_main(["--model", str(model_dir), "--task", "para", "--data", str(partial), "--cpu"]) == 0
+    assert f"2 of the 6 rows of {partial} have no second text (column 's2'; the first is row 3)" in caplog.text
 
 
 def test_evaluate_takes_the_id_column_of_the_model_s_task_record(classifier, tmp_path, capsys, caplog):
