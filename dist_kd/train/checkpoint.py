@@ -718,7 +718,8 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
 
     A checkpoint from a different world size (ZeRO 0 only: :func:`check_world_size`) restores the model,
     optimizer and step; the data position then comes from rank 0's state (the stream documents how it
-    continues without repeating shards). A rank without its own state starts an empty log window: rank 0's
+    continues without repeating shards). A rank without its own state starts an empty log window (holding rank 0's micro-batch counts, which are
+    every rank's): rank 0's
     open window holds rank 0's own loss sums and tokens, which the next log line would count once more for
     every such rank (and add to ``tokens_seen``). On fewer ranks, rank ``r`` also takes the open windows of the
     old ranks ``r + W, r + 2W, ...`` (W the new world size), so that the next line counts every old rank's
@@ -743,14 +744,20 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
             with readable(checkpoint):
                 other = torch.load(checkpoint / f"rank{old_rank:05d}.pt", map_location="cpu", weights_only=False)
             _add_window(state, other)
-    else:
-        state.pop("window", None)
+    elif state.get("window") is not None:  # rank 0's micro-batch counts (the same on every rank), not its sums
+        window = state["window"]
+        names = len(window["names"])
+        batches = window.get("batches") or window["totals"][names : 2 * names]
+        state["window"] = {"names": window["names"], "totals": [0.0] * len(window["totals"]), "batches": batches}
     return state
 
 
 def _add_window(state: dict[str, Any], other: dict[str, Any]) -> None:
-    """Add ``other``'s open log window (its sums, counts, tokens and rows) into ``state``'s."""
+    """Add ``other``'s open log window (its sums, counts, tokens and rows) into ``state``'s; the micro-batch
+    counts, the same on every rank, stay ``state``'s own."""
     mine, theirs = state.get("window"), other.get("window")
     if mine is None or theirs is None or mine["names"] != theirs["names"]:
         return
+    names = len(mine["names"])
+    mine.setdefault("batches", mine["totals"][names : 2 * names])  # a checkpoint of an earlier release
     mine["totals"] = [a + b for a, b in zip(mine["totals"], theirs["totals"], strict=True)]

@@ -362,6 +362,10 @@ class LossWindow:
     def reset(self) -> None:
         # Layout: sums per name, counts per name, tokens, rows.
         self.totals = torch.zeros(2 * len(self.names) + 2, dtype=torch.float64, device=self.device)
+        # This rank's micro-batches per name, not reduced: every rank draws the same task for a micro-batch, so
+        # they are the run's. The reduced counts over the world size were not, after a resume on another number
+        # of ranks (the window of the old ranks merged, or an empty one on a new rank).
+        self.batches = [0] * len(self.names)
         self.started = time.perf_counter()
         self.carried = 0.0  # training seconds of a window restored from a checkpoint, counted at restart_clock
 
@@ -390,6 +394,7 @@ class LossWindow:
                 raise KeyError(f"loss term {name!r} is not one the log window knows ({self.names})")
             self.totals[self.index[name]] += value.detach().double()
             self.totals[count + self.index[name]] += 1
+            self.batches[self.index[name]] += 1
         self.totals[-2] += tokens.to(self.device) if torch.is_tensor(tokens) else tokens
         self.totals[-1] += rows
 
@@ -401,7 +406,7 @@ class LossWindow:
         sums, counts = reduced[:count], reduced[count : 2 * count]
         stats = WindowStats(
             values={name: total / n for name, total, n in zip(self.names, sums, counts, strict=True) if n},
-            batches={name: round(n / world_size) for name, n in zip(self.names, counts, strict=True) if n},
+            batches={name: n for name, n in zip(self.names, self.batches, strict=True) if n},
             tokens=round(reduced[-2]),
             rows=round(reduced[-1]),
             seconds=time.perf_counter() - self.started,
@@ -412,7 +417,12 @@ class LossWindow:
     def state_dict(self) -> dict[str, Any]:
         """This rank's open window, with the training time it has been open (its first line after a resume
         divided the tokens before the stop by the time after it alone)."""
-        return {"names": self.names, "totals": self.totals.tolist(), "seconds": time.perf_counter() - self.started}
+        return {
+            "names": self.names,
+            "totals": self.totals.tolist(),
+            "batches": list(self.batches),
+            "seconds": time.perf_counter() - self.started,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore by name: a checkpoint of a release with fewer loss terms restores the ones it has (a
@@ -422,9 +432,13 @@ class LossWindow:
             return
         restored = [0.0] * len(self.totals)
         count = len(self.names)
+        # a checkpoint of an earlier release has no batch counts: its rank's own counts are them
+        batches = state.get("batches") or totals[len(saved) : 2 * len(saved)]
+        self.batches = [0] * count
         for place, name in enumerate(saved):
             restored[self.index[name]] = totals[place]
             restored[count + self.index[name]] = totals[len(saved) + place]
+            self.batches[self.index[name]] = round(batches[place])
         restored[-2:] = totals[-2:]
         self.totals = torch.tensor(restored, dtype=torch.float64, device=self.device)
         self.carried = float(state.get("seconds", 0.0))  # a checkpoint of an earlier release: not kept

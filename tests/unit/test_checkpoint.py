@@ -503,6 +503,7 @@ def test_a_resume_on_fewer_ranks_keeps_every_old_ranks_open_log_window(tmp_path,
     log line) was never read, so the next line averaged without it and tokens_seen stayed short for the run."""
     from types import SimpleNamespace
 
+    from dist_kd.train import common
     from dist_kd.train.common import LossWindow
 
     class Engine(FakeEngine):
@@ -534,6 +535,13 @@ def test_a_resume_on_fewer_ranks_keeps_every_old_ranks_open_log_window(tmp_path,
     # The next line's all-reduce sums the 2 ranks' windows: it must equal the 3 old ranks' sum.
     torch.testing.assert_close(sum(w.totals for w in resumed), sum(w.totals for w in windows))
     torch.testing.assert_close(resumed[1].totals, windows[1].totals)  # rank 1 had no old rank to take
+    # Micro-batches per term are every rank's (1 here): rank 0 counted rank 2's too, and task_batches jumped
+    assert [w.batches[w.index["loss"]] for w in resumed] == [1, 1]
+    with monkeypatch.context() as patch:  # the line rank 0 logs: the 2 ranks' sums, its own batch counts
+        patch.setattr(common.distributed, "current", lambda: SimpleNamespace(world_size=2))
+        patch.setattr(common.distributed, "all_reduce_mean", lambda t: sum(w.totals for w in resumed) / 2)
+        stats = resumed[0].reduce()
+    assert stats.batches == {"loss": 1, "attn": 1} and stats.tokens == 303 and stats.values["loss"] == 2.0
 
 
 def test_a_rank_without_its_own_state_starts_an_empty_log_window(tmp_path, monkeypatch):
@@ -566,6 +574,14 @@ def test_a_rank_without_its_own_state_starts_an_empty_log_window(tmp_path, monke
     # What the next log line's all-reduce sums: the open window once, as one rank would have logged it.
     summed = sum(w.totals for w in windows)
     torch.testing.assert_close(summed, window.totals)
+    # and the micro-batch count, every rank's, is rank 0's on rank 1 too (it was halved in the line)
+    assert [w.batches[w.index["loss"]] for w in windows] == [1, 1]
+    del state["window"]["batches"]  # a checkpoint of an earlier release: its counts are rank 0's own
+    torch.save(dict(state, rng=ckpt.rng_state()), checkpoint / "rank00000.pt")
+    loaded = ckpt.load_checkpoint(LoadingEngine(), checkpoint)  # as rank 1 of 2
+    old = LossWindow(torch.device("cpu"))
+    old.load_state_dict(loaded["window"])
+    assert old.batches[old.index["loss"]] == 1 and not old.totals.any()
 
 
 def test_a_latest_tag_that_cannot_be_written_names_no_checkpoint_and_is_put_right(tmp_path, monkeypatch, caplog):
