@@ -179,6 +179,21 @@ class MetricsLogger:
             handle.write(json.dumps(record) + "\n")
         self.scalars(record, record["step"])
 
+    def add_to_step(self, record: dict[str, Any]) -> None:
+        """``record``'s fields into the last line when that line is of ``record["step"]`` (rewritten atomically),
+        else a new line: a run resumed at its last step evaluates that step, whose training line the stopped
+        process wrote, and two lines of one step broke "one line per step"."""
+        if not self.enabled:
+            return
+        records = self.records()
+        if not records or records[-1]["step"] != record["step"]:
+            self.log(record)
+            return
+        records[-1].update(record)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in records))
+        self.scalars(record, record["step"])
+
     def scalars(self, values: dict[str, Any], step: int) -> None:
         """Numbers for the trackers only (e.g. ``dev/<task>/<metric>``); metrics.jsonl is not touched."""
         numbers = _numbers(values)

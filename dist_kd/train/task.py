@@ -556,8 +556,8 @@ class TaskTrainer(EngineTrainer):
                 # loop's evaluation at max_steps never ran: eval.json and the model cards kept an earlier step's.
                 self.guard.before("the dev evaluation", self.step)
                 dev = self.evaluate()
-                if dev:  # an evaluation step's line, with no training since the checkpoint to report beside it
-                    self.metrics.log({"step": self.step, "dev": dev})
+                if dev:  # the step's line (the stopped process's, where it logged it) gets the dev figures
+                    self.metrics.add_to_step({"step": self.step, "dev": dev})
             if self._saved_step != self.step:  # a finished run started again has nothing new to save
                 self.save()
             return True

@@ -640,8 +640,8 @@ def test_a_run_resumed_at_its_last_step_scores_it(pipeline, tmp_path):
     """train.max_steps set to the checkpoint's step trains nothing: the loop's evaluation at max_steps never ran,
     so eval.json and the model cards gave an earlier step's figures for the model of this step."""
     out = tmp_path / "run"
-    settings = {"train": {"epochs": None, "max_steps": 6}, "eval": {"every": 4}, "run": {"save_every": 3},
-                "deepspeed": {"config": "ds_configs/zero0.json"}}  # fmt: skip
+    settings = {"train": {"epochs": None, "max_steps": 6}, "eval": {"every": 4}, "run": {"save_every": 3,
+                "log_every": 3}, "deepspeed": {"config": "ds_configs/zero0.json"}}  # fmt: skip
     run_script("launch/task.py", "--debug", "--config", str(_config(pipeline, out, share=False, **settings)))
     assert [h["step"] for h in json.loads((out / "eval.json").read_text())["history"]] == [4, 6]
     resumed = _config(pipeline, out, share=False, **{**settings, "train": {"epochs": None, "max_steps": 6}})
@@ -655,6 +655,8 @@ def test_a_run_resumed_at_its_last_step_scores_it(pipeline, tmp_path):
     assert report["step"] == 3 and [h["step"] for h in report["history"]] == [3]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 3 and lines[-1]["dev"] == report["history"][0]["tasks"]  # the trackers get it too
+    # one line for step 3: the training figures the stopped process logged there, with the dev figures added
+    assert [line["step"] for line in lines] == [3] and "loss" in lines[-1]
     card = (out / "tasks" / "topic" / "README.md").read_text()
     assert "(step 3)" in card and "(step 4)" not in card, card
 

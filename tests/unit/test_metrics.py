@@ -186,6 +186,23 @@ def test_wandb_and_mlflow_get_every_number_and_a_resumed_run_continues_the_same_
     assert calls == []  # other ranks track nothing
 
 
+def test_figures_for_a_logged_step_join_its_line(tmp_path, monkeypatch):
+    """A run resumed at its last step evaluates it: the dev figures went to a second line of that step."""
+    calls = []
+    _fake_trackers(monkeypatch, calls)
+    logger = MetricsLogger(tmp_path, enabled=True, report_to=["wandb"])
+    logger.log({"step": 4, "loss": 2.0})
+    logger.log({"step": 8, "loss": 1.0})
+    logger.add_to_step({"step": 8, "dev": {"topic": {"accuracy": 0.5}}})
+    logger.add_to_step({"step": 9, "dev": {"topic": {"accuracy": 0.6}}})  # no line of step 9: a line of its own
+    assert logger.records() == [{"step": 4, "loss": 2.0}, {"step": 8, "loss": 1.0, "dev": {"topic": {"accuracy": 0.5}}},
+                                {"step": 9, "dev": {"topic": {"accuracy": 0.6}}}]  # fmt: skip
+    assert ("log", 8, {"dev/topic/accuracy": 0.5}) in calls  # the trackers get the new figures alone
+    logger.close()
+    MetricsLogger(tmp_path, enabled=False).add_to_step({"step": 9, "dev": {}})  # other ranks write nothing
+    assert len(logger.records()) == 3
+
+
 def test_matmul_parameters_count_linear_weights_not_embeddings(tiny_bert_dir):
     from transformers import AutoModel
 
