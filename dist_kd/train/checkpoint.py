@@ -718,10 +718,10 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
 
     A checkpoint from a different world size (ZeRO 0 only: :func:`check_world_size`) restores the model,
     optimizer and step; the data position then comes from rank 0's state (the stream documents how it
-    continues without repeating shards). A rank without its own state starts an empty log window (holding rank 0's micro-batch counts, which are
-    every rank's): rank 0's
-    open window holds rank 0's own loss sums and tokens, which the next log line would count once more for
-    every such rank (and add to ``tokens_seen``). On fewer ranks, rank ``r`` also takes the open windows of the
+    continues without repeating shards). A rank without its own state starts an empty log window (holding rank
+    0's micro-batch counts, which are every rank's): rank 0's open window holds rank 0's own loss sums and
+    tokens, which the next log line would count once more for every such rank (and add to ``tokens_seen``).
+    On fewer ranks, rank ``r`` also takes the open windows of the
     old ranks ``r + W, r + 2W, ...`` (W the new world size), so that the next line counts every old rank's
     once. The learning rate is the one this run's schedule gives at the checkpoint's step
     (:func:`dist_kd.train.engine.follow_schedule`), whatever schedule saved it.
