@@ -790,9 +790,13 @@ def _bool_label(value: bool, spec: TaskSpec, path: Path, place: str) -> str:
 
 
 def _cell_key(value: Any) -> str:
+    """A label cell as the text of a class id where it is a whole number: the float 1.0 (JSONL, Parquet) and
+    the text "1.0" (pandas writes an int column holding a missing value as floats to CSV) are id 1 alike."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    number = _as_number(text)
+    return str(int(number)) if number is not None and number.is_integer() else text
 
 
 def _as_number(text: str) -> float | None:

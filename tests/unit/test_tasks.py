@@ -63,6 +63,19 @@ def test_label_ids_accepted_when_names_are_not_integers(tmp_path):
     assert load_task_examples(path, spec).column("label").to_pylist() == [2, 1, 0]
 
 
+def test_a_class_id_written_as_a_float_is_the_id_in_every_format(tmp_path):
+    """pandas writes an int label column holding a missing value as 1.0, 0.0 to CSV: read from JSONL and
+    Parquet as ids 1, 0, the same cells in a CSV were refused ("unknown label '1.0'; ... or their ids 0..1")."""
+    spec = TaskSpec(name="bin", labels=["neg", "pos"], text_a="text")
+    rows = [{"text": "x", "label": "1.0"}, {"text": "y", "label": "0.0"}, {"text": "z", "label": " 1 "}]
+    assert load_task_examples(_write(tmp_path / "d.csv", rows, "csv"), spec).column("label").to_pylist() == [1, 0, 1]
+    floats = [{"text": "x", "label": 1.0}, {"text": "y", "label": 0.0}]
+    assert load_task_examples(_write(tmp_path / "d.jsonl", floats, "jsonl"), spec).column("label").to_pylist() == [1, 0]
+    _write(tmp_path / "d.csv", [{"text": "x", "label": "1.5"}], "csv")
+    with pytest.raises(ValueError, match=r"unknown label '1.5'"):
+        load_task_examples(tmp_path / "d.csv", spec)
+
+
 def test_integer_label_names_are_names_never_ids(tmp_path):
     # Labels named "1", "2": the cell "1" is the label named "1" (index 0), and "0" is unknown, not index 0.
     spec = TaskSpec(name="stars", labels=["1", "2"], text_a="text", label="stars")
