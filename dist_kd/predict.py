@@ -256,13 +256,16 @@ def check_output_dir(output: str | Path, flag: str = "--output") -> Path:
     return check_replaceable_dir(output, flag, strangers, "a previous evaluation", "eval", only)
 
 
+DEFAULT_MAX_LENGTH = 128
+
+
 def evaluate_classifier(
     model_dir: str | Path,
     spec: TaskSpec,
     data: str | Path,
     *,
     batch_size: int = 128,
-    max_length: int = 128,
+    max_length: int | None = None,
     device: torch.device | str = "cpu",
     output: str | Path | None = None,
     label_optional: bool | None = None,
@@ -278,7 +281,8 @@ def evaluate_classifier(
         spec: the task; unlabeled rows are allowed (no metrics then).
         data: task data file or ``datasets`` directory.
         batch_size: rows per forward pass.
-        max_length: truncation length in pieces.
+        max_length: truncation length in pieces; None: the length the model's ``task.json`` says it was trained
+            with (a task run's classifier), else 128 (``dist-kd evaluate``'s default).
         device: where to run.
         output: a directory for ``predictions.jsonl`` and ``metrics.json`` (None writes nothing). One holding a
             previous evaluation (only those files) is replaced as a whole once the new one is complete.
@@ -312,6 +316,9 @@ def evaluate_classifier(
     model_dir = check_model_dir(model_dir, "--model")
     config = AutoConfig.from_pretrained(model_dir)
     check_classifier(config, model_dir)
+    record = read_task_record(model_dir)
+    if max_length is None:  # scored as trained: eval.json's figures, not those of longer inputs
+        max_length = (record or {}).get("max_length") or DEFAULT_MAX_LENGTH
     check_max_length(config, max_length, model_dir, "--max-length")
     order = None
     if spec.type == "classification":
@@ -322,7 +329,7 @@ def evaluate_classifier(
         key = glue_key(spec.name)
         label_optional = key is not None and spec.label == GLUE_TASKS[key].label
     table = _load_examples(data, spec, label_optional, id_optional)
-    _check_pairs_as_trained(read_task_record(model_dir), table, model_dir, data, spec)
+    _check_pairs_as_trained(record, table, model_dir, data, spec)
     tokenizer = load_tokenizer(model_dir)
     rows = tokenize_rows(tokenizer, table.column("text_a").to_pylist(), table.column("text_b").to_pylist(), max_length)
     device = torch.device(device)

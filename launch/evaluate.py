@@ -35,8 +35,6 @@ from dist_kd.cli import (  # noqa: E402
     task_spec_from_args,
 )
 
-DEFAULT_MAX_LENGTH = 128
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _trained_defaults(args: argparse.Namespace, record: dict | None) -> None:
     """Flags not given take what the model's task record says it was trained with (a task run's classifier):
-    the text, label and id columns, the metric and the truncation length."""
+    the text, label and id columns and the metric (the truncation length: evaluate_classifier reads it)."""
     task = (record or {}).get("task") or {}
     if args.text_a is None and task.get("text_a"):
         args.text_a = task["text_a"]
@@ -98,8 +96,6 @@ def _trained_defaults(args: argparse.Namespace, record: dict | None) -> None:
         args.id_column, args.id_optional = task["id_column"], True
     if args.metric is None and task.get("metric"):
         args.metric = task["metric"]
-    if args.max_length is None:
-        args.max_length = (record or {}).get("max_length") or DEFAULT_MAX_LENGTH
 
 
 def _model_labels(model: str, task_type: str | None) -> tuple[list[str] | None, str | None]:

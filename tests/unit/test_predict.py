@@ -425,6 +425,12 @@ def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_
         np.testing.assert_allclose([p["logits"] for p in predictions], expected, atol=1e-5)
     report = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
     assert report["metrics"]["accuracy"] == pytest.approx(np.mean(expected.argmax(1) == np.arange(6) % 2))
+    # The API without max_length scores at the trained length too (it took 128: other figures than eval.json's)
+    from dist_kd.predict import evaluate_classifier
+
+    evaluate_classifier(model_dir, spec, data, output=tmp_path / "api")
+    predictions = [json.loads(line) for line in (tmp_path / "api" / "predictions.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([p["logits"] for p in predictions], expected, atol=1e-5)
     argv = ["--model", str(model_dir), "--task", "para", "--data", str(data), "--cpu"]
     assert _evaluate_main([*argv, "--text-b", "none"]) == 2
     assert "was trained on sentence pairs (its task.json: text_b 's2') but the data" in capsys.readouterr().err
