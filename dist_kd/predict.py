@@ -76,13 +76,6 @@ def _check_pairs_as_trained(record: dict | None, table: pa.Table, model_dir: Pat
             f"{record['task'].get('text_b')!r}) but the data {data} has no second text (column {spec.text_b!r}): "
             "name the data's second-text column with --text-b"
         )
-    if trained and given and table.column("text_b").null_count:
-        logger.warning(
-            "model %s was trained on sentence pairs but %d of the %d rows of %s have no second text (column %r; "
-            "the first is row %d): they are scored on their first text alone",
-            model_dir, table.column("text_b").null_count, table.num_rows, data, spec.text_b,
-            table.column("text_b").to_pylist().index(None) + 1,
-        )  # fmt: skip
     if trained is False and given:
         logger.warning(
             "model %s was trained on single texts (its %s) but the data %s gives pairs (column %r); it reads them "

@@ -989,6 +989,12 @@ def load_task_examples(
     # pair task with some empty second texts keeps them, as a tokenizer given (a, "") does.
     if where.fmt in ("tsv", "csv") and all(not value for value in text_b):
         text_b = [None] * num_rows
+    unpaired = [row for row, value in enumerate(text_b) if value is None]
+    if 0 < len(unpaired) < num_rows:  # a pair task's rows without a second text: read (and scored) as single texts
+        logger.warning(
+            "task data %s: %s no second text in column '%s' (text_b) where the other rows have one; they are read "
+            "as single texts", path, where.subject(unpaired), spec.text_b,
+        )  # fmt: skip
 
     if require_label_column is None:
         require_label_column = require_labels

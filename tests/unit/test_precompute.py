@@ -535,7 +535,7 @@ def test_a_missing_label_column_is_a_warning_unless_named(setup, tmp_path, caplo
     misnamed = dataclasses.replace(spec, label="category")
     with caplog.at_level(logging.WARNING, logger="dist_kd.precompute"):
         precompute_soft_targets(misnamed, data, tmp_path / "st", _config(teachers[:1]), progress=False)
-    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "dist_kd.precompute"]
     assert len(warnings) == 1
     assert f"task data {data} has no label column 'category' (columns found: id, a, b, y)" in warnings[0]
     assert "--label COLUMN" in warnings[0]

@@ -457,9 +457,9 @@ def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_
     del rows[4]["s2"]
     partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dist_kd.predict"):
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
         assert _evaluate_main(["--model", str(model_dir), "--task", "para", "--data", str(partial), "--cpu"]) == 0
-    assert f"2 of the 6 rows of {partial} have no second text (column 's2'; the first is row 3)" in caplog.text
+    assert f"{partial}: lines [3, 5] have no second text in column 's2' (text_b) where the other" in caplog.text
 
 
 def test_evaluate_takes_the_id_column_of_the_model_s_task_record(classifier, tmp_path, capsys, caplog):
