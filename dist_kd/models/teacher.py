@@ -79,7 +79,9 @@ def check_model_dir(path: str | Path, what: str) -> Path:
 
 # Architectures whose position ids start after the padding id (fairseq's layout): a RoBERTa with 514 position
 # embeddings and padding id 1 takes 512 pieces, and one more is an index error deep inside the embedding.
-PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "roberta-prelayernorm")
+PADDING_OFFSET_POSITIONS = (
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "roberta-prelayernorm", "data2vec-text",
+)  # fmt: skip
 
 
 def max_input_length(config) -> int | None:
@@ -246,10 +248,41 @@ def load_pretrained(auto_class, path: str | Path, what: str, new_head: bool = Fa
             "%s %s: %d weights of %s are not in its files and start random (%s); is it a checkpoint of this "
             "architecture?", what, path, len(encoder), type(model).__name__, _listed(encoder),
         )  # fmt: skip
-    if loading["unexpected_keys"]:
-        logger.debug("%s %s: weights not used by %s: %s", what, path, type(model).__name__,
-                     _listed(sorted(loading["unexpected_keys"])))  # fmt: skip
+    unused = sorted(loading["unexpected_keys"])
+    # Weights of a module missing inside one the model has (a layer's distance_embedding), not of a head it lacks
+    # (classifier.weight, cls.predictions.bias): the checkpoint's architecture holds something this transformers
+    # release does not build, and the model runs without it.
+    inside = [key for key in unused if key.count(".") >= 2 and _has_module(model, key.rsplit(".", 2)[0])]
+    relative = getattr(model.config, "position_embedding_type", "absolute")
+    if isinstance(relative, str) and relative.startswith("relative") and inside:
+        raise ValueError(
+            f"{what} {path}: its config.json says position_embedding_type {relative!r}, which this transformers "
+            f"release ({_transformers_version()}) does not build: {type(model).__name__} would run with absolute "
+            f"positions alone, without its files' {_listed(inside)}; use a checkpoint with absolute positions"
+        )
+    if inside:
+        logger.warning(
+            "%s %s: %d weights in its files belong inside %s's layers but it has no place for them (%s): it runs "
+            "without them; is it a checkpoint of this architecture and transformers release?",
+            what, path, len(inside), type(model).__name__, _listed(inside),
+        )  # fmt: skip
+    if unused:
+        logger.debug("%s %s: weights not used by %s: %s", what, path, type(model).__name__, _listed(unused))
     return model, loading
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}"
 
 
 def load_frozen(model: nn.Module) -> nn.Module:

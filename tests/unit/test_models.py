@@ -625,6 +625,40 @@ def test_loads_say_what_the_files_lack_in_dist_kds_words(tmp_path, caplog):
         load_pretrained(AutoModelForSequenceClassification, tmp_path / "no-pooler", "model")
 
 
+def test_weights_inside_the_layers_that_the_model_does_not_build_are_said(tmp_path, caplog):
+    """A BERT trained with relative position embeddings (transformers 4's position_embedding_type
+    relative_key_query, a distance_embedding in every layer) loaded as a plain absolute-position BERT, the
+    checkpoint's distance weights a DEBUG line: a wrong teacher, without a word."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from dist_kd.models.teacher import load_pretrained
+    from dist_kd.testing import build_tiny_bert
+
+    def with_distances(directory, config_extra):
+        build_tiny_bert(directory, num_layers=2)
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**config, **config_extra}))
+        weights = load_file(directory / "model.safetensors")
+        for layer in range(2):
+            weights[f"encoder.layer.{layer}.attention.self.distance_embedding.weight"] = torch.zeros(255, 8)
+        save_file(weights, directory / "model.safetensors", {"format": "pt"})
+        return directory
+
+    relative = with_distances(tmp_path / "relative", {"position_embedding_type": "relative_key_query"})
+    with pytest.raises(ValueError, match=r"position_embedding_type 'relative_key_query', which this transformers"):
+        Teacher(relative, dtype="fp32")
+    # The same extra weights under a config that says nothing of them: loaded, with a warning naming them
+    caplog.clear()
+    load_pretrained(AutoModel, with_distances(tmp_path / "other", {}), "teacher.path")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "2 weights in its files belong inside BertModel's layers" in warned[0], warned
+    assert "encoder.layer.0.attention.self.distance_embedding.weight" in warned[0]
+
+
 def test_a_load_that_transformers_refuses_still_shows_its_report_and_a_new_mlm_head_no_tied_weights_note(
     tmp_path, caplog
 ):
