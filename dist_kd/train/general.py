@@ -168,16 +168,28 @@ def data_settings_meta(cfg: GeneralConfig) -> dict[str, Any]:
     return {"data.shuffle": cfg.data.shuffle, "changeable": changeable}
 
 
-def _check_student_tokenizer(student_path: str, teacher_tokenizer: Any, teacher_path: str) -> None:
+def _check_student_tokenizer(
+    student_path: str, teacher_tokenizer: Any, teacher_path: str, student_config: Any = None
+) -> None:
     """Refuse a student.path whose own vocabulary (token -> id) is not the teacher's: the student reads the
     teacher's token ids, so its pre-trained embedding rows would be looked up by another vocabulary's ids (and
     the export ships the teacher's tokenizer). Only the vocabulary counts (the embedding lookup); a student
-    directory without a tokenizer, or with one that does not load, is taken as it is."""
+    directory without a tokenizer, or with one that does not load, is taken as it is where its embedding table
+    (``student_config.vocab_size``) holds every teacher token id: a smaller one failed with an IndexError
+    inside torch at the first forward."""
     from dist_kd.data.tokenizer import load_tokenizer
 
     try:
         student = load_tokenizer(student_path).get_vocab()
     except (FileNotFoundError, ValueError):  # no tokenizer files there (check_tokenizer_dir), or none that loads
+        rows, ids = getattr(student_config, "vocab_size", None), len(teacher_tokenizer)
+        if isinstance(rows, int) and rows < ids:
+            raise ValueError(
+                f"student.path {student_path} has embeddings for {rows} token ids (config.json vocab_size) but "
+                f"teacher.path {teacher_path}'s tokenizer gives ids up to {ids - 1}: the student reads the "
+                "teacher's token ids, so start it from a model of the teacher's vocabulary (or leave student.path "
+                "out: the student is cut from the teacher)"
+            ) from None
         return
     teacher = teacher_tokenizer.get_vocab()
     if student != teacher:
@@ -292,7 +304,7 @@ class GeneralTrainer(EngineTrainer):
         self.tokenizer = load_tokenizer(cfg.teacher.path)
         check_tokenizer_matches(self.manifest["tokenizer"], self.tokenizer, cfg.data.shards)
         if cfg.student.path:
-            _check_student_tokenizer(cfg.student.path, self.tokenizer, cfg.teacher.path)
+            _check_student_tokenizer(cfg.student.path, self.tokenizer, cfg.teacher.path, student_config)
         # Sequences longer than the position embeddings fail at the first forward, deep inside the model.
         self._position_models = [(teacher_config, cfg.teacher.path)]
         if student_config is not None:

@@ -490,6 +490,10 @@ def mismatched_models(tmp_path_factory, tiny_bert_dir):
     build_tiny_bert(root / "reversed", num_layers=2)
     vocab = {token: index for index, token in enumerate(reversed(tiny_vocab()))}
     BertTokenizerFast(vocab=vocab).save_pretrained(root / "reversed")
+    build_tiny_bert(root / "small_student", vocab_size=100, num_layers=2)  # and no tokenizer to compare
+    for path in (root / "small_student").iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            path.unlink()
     for name, damaged in (("bad_tokenizer", "tokenizer.json"), ("bad_config", "config.json")):
         shutil.copytree(tiny_bert_dir, root / name)
         (root / name / damaged).write_text('{"model":')
@@ -610,6 +614,11 @@ def test_export_of_a_run_directory_takes_its_newest_whole_checkpoint(finished_ru
             ["student.path=MODELS/reversed"],
             r"student.path .*reversed has its own vocabulary \(\d+ tokens; \d+ with another id or missing, e.g. .*not "
             r"teacher.path",
+        ),
+        (  # a student without a tokenizer failed inside torch at the first forward (IndexError)
+            "student of fewer ids, no tokenizer",
+            ["student.path=MODELS/small_student"],
+            r"student.path .*small_student has embeddings for 100 token ids \(config.json vocab_size\) but teacher",
         ),
         (
             "damaged tokenizer",
