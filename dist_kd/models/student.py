@@ -288,7 +288,11 @@ def _output_maps(student: nn.Module) -> list[nn.Module | None]:
     layer, or (ELECTRA with embeddings narrower than its layers) the linear map that projects the embeddings up."""
     _, _, layers = find_layer_list(student)
     project = getattr(student, "embeddings_project", None)
-    first = project if isinstance(project, nn.Linear) else _output_layer_norm(student.embeddings)
+    embeddings = getattr(student, "embeddings", None)
+    if not isinstance(project, nn.Linear) and not isinstance(embeddings, nn.Module):
+        # EuroBERT (embed_tokens, pre-LN layers): no embeddings module whose output LayerNorm gives state 0
+        raise NotPostLayerNorm(f"{type(student).__name__} has no embeddings module with an output LayerNorm")
+    first = project if isinstance(project, nn.Linear) else _output_layer_norm(embeddings)
     maps = [first, *(_output_layer_norm(layer) for layer in layers)]
     conv = getattr(getattr(student, "encoder", None), "conv", None)
     if isinstance(conv, nn.Module) and len(maps) > 1:  # DeBERTa-v2 (xlarge, xxlarge): a convolution after layer 1

@@ -317,3 +317,19 @@ def test_deberta_students_are_calibrated_on_padded_batches_and_through_the_convo
         s_rows, t_rows = states[index][real], t_state[real][:, residual]
         torch.testing.assert_close(s_rows.mean(0), t_rows.mean(0), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(s_rows.std(0), t_rows.std(0), atol=1e-4, rtol=1e-4)
+
+
+def test_calibration_of_a_student_without_an_embeddings_module_is_refused_as_pre_ln():
+    """EuroBERT (embed_tokens, pre-LN layers) is accepted as a teacher (its attention routes through dist_kd's),
+    but the default student.calibrate read student.embeddings: an AttributeError traceback, not the documented
+    skip with a warning."""
+    import transformers
+
+    from dist_kd.models.student import NotPostLayerNorm, _output_maps
+
+    if not hasattr(transformers, "EuroBertModel"):
+        pytest.skip("this transformers has no EuroBERT")
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}
+    config = transformers.EuroBertConfig(vocab_size=64, pad_token_id=0, intermediate_size=64, **shape)
+    with pytest.raises(NotPostLayerNorm, match="EuroBertModel has no embeddings module"):
+        _output_maps(transformers.EuroBertModel(config))
