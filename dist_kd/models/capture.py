@@ -109,6 +109,11 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
+SUPPORTED_ENCODERS = (
+    "dist_kd supports BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, ModernBERT, MPNet and DeBERTa-v2/v3 (docs/encoders.md)"
+)
+
+
 def find_layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """Locate the encoder's list of transformer layers (``encoder.layer`` in BERT, ``layers`` elsewhere).
 
@@ -125,8 +130,7 @@ def find_layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
                 return module, child_name, child
     raise ValueError(
         f"{type(model).__name__}: found no list of {num_layers} transformer layers named 'layer' or 'layers'; "
-        "dist_kd supports BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, ModernBERT, MPNet and DeBERTa-v2/v3 "
-        "(docs/encoders.md)"
+        f"{SUPPORTED_ENCODERS}"
     )
 
 
@@ -220,8 +224,8 @@ class FeatureCapture:
         if missing:
             raise AttentionNotRouted(
                 f"{type(self.model).__name__} did not route attention through the '{ATTN_IMPLEMENTATION}' "
-                f"implementation for layers {missing}; its raw attention scores or inputs cannot be captured "
-                "(docs/encoders.md lists the supported encoders)"
+                f"implementation for layers {missing}; its raw attention scores or inputs cannot be captured: "
+                f"{SUPPORTED_ENCODERS}"
             )
         wanted = hidden_layers if hidden_layers is not None else range(1, len(states))
         features = EncoderFeatures(
