@@ -181,19 +181,33 @@ class QualityReport:
     probe: float | None = None
 
 
-def collapse_reasons(report: QualityReport, chance: float | None) -> list[str]:
-    """Why ``report`` looks like a collapsed encoder (empty when it does not).
+def collapse_reasons(report: QualityReport, chance: float | None, teacher: QualityReport | None = None) -> list[str]:
+    """Why ``report`` looks like a collapsed encoder (empty when it does not). Each reason starts with its
+    kind, two words (``embedding spread``, ``probe accuracy``): :func:`reason_kind`.
+
+    The probe is near chance within ``CHANCE_MARGIN``, or within half the room above chance where that is less
+    (a most frequent class of 0.95 or more left none: a perfect probe was "near chance"); and only where the
+    teacher's probe is not near chance too (on texts of one dominant class the probe tells nothing).
 
     Args:
         report: the encoder's figures.
         chance: the probe accuracy of always predicting the most frequent class (None: no probe).
+        teacher: the teacher's figures on the same texts (None: not compared).
     """
     reasons = []
     if report.spread > COLLAPSED_SPREAD:
         reasons.append(f"embedding spread {report.spread:.3f} > {COLLAPSED_SPREAD} (its sentences all look alike)")
-    if report.probe is not None and chance is not None and report.probe < chance + CHANCE_MARGIN:
-        reasons.append(f"probe accuracy {report.probe:.3f} is near chance ({chance:.3f})")
+    if report.probe is not None and chance is not None:
+        near = chance + min(CHANCE_MARGIN, (1.0 - chance) / 2)
+        teacher_above = teacher is None or teacher.probe is None or teacher.probe >= near
+        if report.probe < near and teacher_above:
+            reasons.append(f"probe accuracy {report.probe:.3f} is near chance ({chance:.3f})")
     return reasons
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a :func:`collapse_reasons` reason: its first two words."""
+    return " ".join(reason.split()[:2])
 
 
 @dataclass

@@ -51,6 +51,7 @@ from dist_kd.quality import (
     last_states,
     pooling_name,
     pooling_note,
+    reason_kind,
 )
 from dist_kd.sentence_modules import carry_sentence_modules, sentence_pooling
 from dist_kd.train import checkpoint as ckpt
@@ -418,7 +419,7 @@ class GeneralTrainer(EngineTrainer):
         self.last_terms: dict[str, float] | None = logged[-1] if logged else None
         self._teacher_quality: QualityReport | None = None
         self._last_quality: tuple[int, QualityReport] | None = None
-        self._collapsed = False  # at the last evaluation
+        self._collapsed: set[str] = set()  # the kinds of reason the last evaluation found (quality.reason_kind)
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
@@ -705,13 +706,15 @@ class GeneralTrainer(EngineTrainer):
             probe = "" if student.probe is None else f", probe {student.probe:.3f} (teacher {teacher.probe:.3f})"
             logger.info("step %d held-out quality: spread %.3f (teacher %.3f)%s", self.step, student.spread,
                         teacher.spread, probe)  # fmt: skip
-        reasons = collapse_reasons(student, self.heldout.chance)
-        # Said when the student becomes collapsed and when it stops being so, not at every evaluation after.
-        if reasons and not self._collapsed and self.info.is_main:
-            logger.warning("the student looks collapsed at step %d: %s", self.step, "; ".join(reasons))
+        reasons = collapse_reasons(student, self.heldout.chance, teacher)
+        # Said when the student becomes collapsed (or so for another reason) and when it stops being so, not at
+        # every evaluation after.
+        new = [reason for reason in reasons if reason_kind(reason) not in self._collapsed]
+        if new and self.info.is_main:
+            logger.warning("the student looks collapsed at step %d: %s", self.step, "; ".join(new))
         elif not reasons and self._collapsed and self.info.is_main:
             logger.info("the student no longer looks collapsed at step %d", self.step)
-        self._collapsed = bool(reasons)
+        self._collapsed = {reason_kind(reason) for reason in reasons}
         return {
             "eval_spread": student.spread,
             "eval_spread_teacher": teacher.spread,
@@ -863,7 +866,7 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
         "pooling": trainer.heldout.pooling_name,
         "rows": rows,
         "order": list(rows),
-        "collapsed": collapse_reasons(final, trainer.heldout.chance),
+        "collapsed": collapse_reasons(final, trainer.heldout.chance, teacher),
     }
 
 

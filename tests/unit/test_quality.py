@@ -86,6 +86,38 @@ def test_collapse_reasons():
     assert "spread" in collapse_reasons(QualityReport(spread=0.99, probe=0.9), chance=0.25)[0]
     assert "chance" in collapse_reasons(QualityReport(spread=0.3, probe=0.27), chance=0.25)[0]
     assert collapse_reasons(QualityReport(spread=0.3), chance=None) == []
+    # A most frequent class of 0.97: a perfect probe was "near chance" (0.97 + 0.05 > 1); half the room is the margin
+    assert collapse_reasons(QualityReport(spread=0.07, probe=1.0), chance=0.97) == []
+    assert "chance" in collapse_reasons(QualityReport(spread=0.07, probe=0.98), chance=0.97)[0]
+    # The teacher's probe at chance too (texts of one dominant class): the probe tells nothing of the student
+    teacher_at_chance, teacher_above = QualityReport(spread=0.1, probe=0.97), QualityReport(spread=0.1, probe=1.0)
+    assert collapse_reasons(QualityReport(spread=0.5, probe=0.97), chance=0.97, teacher=teacher_at_chance) == []
+    assert collapse_reasons(QualityReport(spread=0.5, probe=0.97), chance=0.97, teacher=teacher_above) != []
+
+
+def test_a_new_reason_of_collapse_is_said_while_the_student_is_still_collapsed(caplog):
+    """Collapsed by its spread at one evaluation and by its probe (spread fine) at the next: the second went
+    unsaid, as the student was still flagged."""
+    import logging
+    import types
+
+    from dist_kd.train.general import GeneralTrainer
+
+    trainer = types.SimpleNamespace(
+        info=types.SimpleNamespace(is_main=True), heldout=types.SimpleNamespace(chance=0.35), _collapsed=set(),
+        _last_quality=None, step=0, teacher_quality=lambda: QualityReport(0.1, 0.95),
+    )  # fmt: skip
+    said = []
+    for step, (spread, probe) in enumerate([(0.97, 0.9), (0.5, 0.36), (0.97, 0.36), (0.5, 0.9), (0.99, 0.9)]):
+        trainer.step, trainer.student_quality = step, lambda spread=spread, probe=probe: QualityReport(spread, probe)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dist_kd.train.general"):
+            GeneralTrainer.quality_record(trainer)
+        said.append([r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()])
+    assert [len(lines) for lines in said] == [1, 1, 1, 1, 1], said
+    assert "embedding spread" in said[0][0] and "probe accuracy" in said[1][0] and "embedding spread" not in said[1][0]
+    assert "embedding spread" in said[2][0] and "probe accuracy" not in said[2][0]  # only the new reason
+    assert "no longer looks collapsed at step 3" in said[3][0] and "embedding spread" in said[4][0]
 
 
 def _write_jsonl(path, rows):
