@@ -125,6 +125,23 @@ def check_run_kind(run_dir: str | Path, kind: str, flag: str = "run.output_dir")
             f"{flag} {run_dir} holds {RUN_KINDS[found]}, and {RUN_KINDS[kind]} would overwrite its "
             "config.yaml and metrics.jsonl: give a directory of its own"
         )
+    if found is None and _users_yaml(Path(run_dir) / "config.yaml"):
+        raise ValueError(
+            f"{flag} {run_dir} holds a config.yaml that is no dist_kd run's, which {RUN_KINDS[kind]} would "
+            "overwrite (and its metrics.jsonl): give a directory of its own"
+        )
+
+
+def _users_yaml(path: Path) -> bool:
+    """Whether ``path`` is a YAML file of someone else's: it parses (one that does not, damaged, is left to the
+    run's own checks) and is no dist_kd run's config."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return not (isinstance(loaded, dict) and config_kind(loaded) is not None)
 
 
 # What a training run replaces whole in its run directory (atomic_dir): a model given as an input there is lost.

@@ -314,6 +314,9 @@ def test_the_kind_of_run_a_directory_holds_comes_from_its_config_yaml(tmp_path):
     assert run_kind(tmp_path) is None  # nothing there yet
     (tmp_path / "config.yaml").write_text("just: a user's file\n")
     assert run_kind(tmp_path) is None
+    for kind in ("general", "task", "finetune"):  # it was replaced, and a metrics.jsonl beside it emptied
+        with pytest.raises(ValueError, match=r"holds a config.yaml that is no dist_kd run's, which a"):
+            check_run_kind(tmp_path, kind)
     general = dataclasses.asdict(GeneralConfig())
     task = {field.name: {} for field in dataclasses.fields(TaskConfig)}  # a valid TaskConfig needs task files
     assert {"distill", "teacher"} <= set(task) and "tasks" in task
@@ -327,6 +330,7 @@ def test_the_kind_of_run_a_directory_holds_comes_from_its_config_yaml(tmp_path):
     assert run_kind(tmp_path) == "finetune"
     (tmp_path / "config.yaml").write_text("{unclosed")
     assert run_kind(tmp_path) is None  # damaged: left to the run's own checks
+    check_run_kind(tmp_path, "general")
 
 
 def test_a_model_input_where_the_run_writes_its_exports_is_refused(tmp_path):
