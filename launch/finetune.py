@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="optimizer steps between metrics.jsonl lines")  # fmt: skip
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="decoupled weight decay")
+    parser.add_argument("--clip", type=float, default=defaults.clip, help="gradient-norm clipping (0 disables)")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="micro-batch per rank")
     parser.add_argument("--max-length", type=positive_int, default=defaults.max_length, help="truncation length")
     parser.add_argument(
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 log_every=args.log_every,
                 lr=args.lr,
                 warmup_ratio=args.warmup_ratio,
+                weight_decay=args.weight_decay,
+                clip=args.clip,
                 batch_size=args.batch_size,
                 max_length=args.max_length,
                 group_by_length=args.group_by_length,

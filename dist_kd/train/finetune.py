@@ -77,9 +77,9 @@ RESULT_FILE = "finetune.json"
 DEV_LOGITS_FILE = "dev_logits.npy"
 
 
-# The engine's names of finetune's training settings -> its flags (weight_decay and clip: FinetuneConfig's own).
+# The engine's names of finetune's training settings -> its flags.
 _FLAG_OF = {
-    "lr": "--lr", "warmup_ratio": "--warmup-ratio", "weight_decay": "weight_decay", "clip": "clip",
+    "lr": "--lr", "warmup_ratio": "--warmup-ratio", "weight_decay": "--weight-decay", "clip": "--clip",
     "precision": "--precision", "bf16_mode": "--bf16-mode", "config": "--deepspeed-config",
 }  # fmt: skip
 
@@ -121,6 +121,9 @@ class FinetuneConfig:
                 raise ValueError(
                     f"{name}: give one per teacher ({self.num_teachers} for --num-teachers), got {getattr(self, name)}"
                 )
+        if any(isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 for seed in self.seeds):
+            # torch's and numpy's generators take no others: teacher k was refused only when it began to train
+            raise ValueError(f"seeds (--seeds) must be whole numbers in 0..2**63-1, got {self.seeds}")
         if any(not 0 <= rate < 1 for rate in self.dropouts):
             raise ValueError(f"dropouts must lie in [0, 1), got {self.dropouts}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "log_every"):
@@ -253,7 +256,7 @@ class TeacherTrainer:
         train_cfg = TrainConfig(max_steps=max_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
                                 seed=self.seed, weight_decay=cfg.weight_decay, precision=cfg.precision,
                                 bf16_mode=cfg.bf16_mode)  # fmt: skip
-        precision = resolve_precision(cfg.precision, info.device)
+        precision = self.precision = resolve_precision(cfg.precision, info.device)
         ds_config = build_ds_config(cfg.deepspeed_config, cfg.batch_size, 1, info.world_size, precision, cfg.clip,
                                     cfg.bf16_mode)  # fmt: skip
         self.engine = build_engine(self.model, train_cfg, ds_config)
@@ -316,8 +319,9 @@ class TeacherTrainer:
         cfg = self.cfg
         raise Diverged(
             f"teacher {self.index + 1} diverged by step {step}: its weights are no longer finite (nan or inf; {how}). "
-            f"It was not exported; the teachers before it were. Run again with a lower --lr (this run: {cfg.lr:g}), "
-            f"--clip on (this run: {cfg.clip:g}) or --precision fp32 (this run: {cfg.precision})"
+            f"It was not exported; the teachers before it were. Run again with {_steadier(cfg, self.precision)} "
+            f"into another --output (or delete {Path(cfg.output) / 'teacher-*'}: a teacher trained with other "
+            "settings is not reused)"
         )
 
     @torch.no_grad()
@@ -358,14 +362,25 @@ class TeacherTrainer:
         self.model = None
 
 
+def _steadier(cfg: FinetuneConfig, precision: str) -> str:
+    """The settings that steady a diverging teacher, those this run (at ``precision``) can still change."""
+    ways = [f"a lower --lr (this run: {cfg.lr:g})"]
+    if cfg.clip <= 0:
+        ways.append("gradient clipping (--clip 1.0; off in this run)")
+    if precision != "fp32":
+        ways.append(f"--precision fp32 (this run: {precision})")
+    return ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
+
+
 def _differing(params: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """The settings in which ``params`` and an exported teacher's ``saved`` ones differ, a task's by field
-    (``task.labels``). The headline metric is not one: it picks a figure of the dev metrics, which hold them all."""
+    (``task.labels``). The headline metric is not one: it picks a figure of the dev metrics, which hold them all;
+    nor is the id column, which training never reads."""
     differ = []
     for key in sorted({*params, *saved}):
         mine, theirs = params.get(key), saved.get(key)
         if key == "task" and isinstance(mine, dict) and isinstance(theirs, dict):
-            differ += [f"task.{field}" for field in sorted({*mine, *theirs} - {"metric"})
+            differ += [f"task.{field}" for field in sorted({*mine, *theirs} - {"metric", "id_column"})
                        if mine.get(field) != theirs.get(field)]  # fmt: skip
         elif key in ("train", "base") and f"{key}_sha256" in params and f"{key}_sha256" in saved:
             continue  # known by its bytes (compared under its own key): the same file or base moved is the same
@@ -490,6 +505,13 @@ def _write_dev_results(directory: Path, result: dict[str, Any], dev_logits: np.n
     return result
 
 
+def _read_record(target: Path) -> Any:
+    try:
+        return json.loads((target / TASK_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _update_dev_results(target: Path, result: dict[str, Any], dev_logits: np.ndarray, info) -> dict[str, Any]:
     """Write re-scored dev logits and metrics into an exported teacher (rank 0; collective barrier)."""
     if info.is_main:
@@ -552,7 +574,11 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     expected = (ValueError, FileNotFoundError, OSError, SystemExit)
     stopping = "stopping now (a teacher not yet exported trains again from step 0 on the next run)"
     with owned_run_dir(output, info, "--output", expected=expected) as run_log, ExitOnSignal(stopping):
-        with distributed.shared_failure():
+        # Every exported teacher's settings before anything is written: a rerun refused at teacher 3 had
+        # config.yaml rewritten with settings no teacher was trained with (and teachers 1-2 re-scored).
+        params = [_params(spec, cfg, info, tokenizer, digests, index) for index in range(cfg.num_teachers)]
+        with distributed.shared_failure():  # the same refusal on every rank: said once
+            previous = [_reusable(output / f"teacher-{index + 1}", params[index]) for index in range(cfg.num_teachers)]
             if info.is_main:
                 with atomic_path(output / "config.yaml") as tmp:
                     tmp.write_text(_config_yaml(spec, cfg))
@@ -561,7 +587,38 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         # Each teacher's task.json, as a task run's classifiers have: dist-kd evaluate takes its text columns and
         # length from it (it scored a teacher trained at --max-length 16 at 128).
         record = task_record(spec, pairs, cfg.max_length)
-        return _train_teachers(spec, cfg, info, tokenizer, train, dev, digests, record)
+        return _train_teachers(spec, cfg, info, tokenizer, train, dev, digests, record, params, previous)
+
+
+def _params(spec: TaskSpec, cfg: FinetuneConfig, info, tokenizer: Any, digests: tuple[str, str, str], index: int):
+    """What determines teacher ``index`` in this run: its settings, the training data's and base's bytes (the
+    same path with edited data, fixed labels, must train again; so must a base replaced in place), the world
+    size (the global batch and steps follow it) and the tokenizer."""
+    _, train_sha256, base_sha256 = digests
+    return {
+        **teacher_params(spec, cfg, index), "train_sha256": train_sha256, "base_sha256": base_sha256,
+        "world_size": info.world_size, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
+    }  # fmt: skip
+
+
+def _reusable(target: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The exported teacher at ``target``'s results when it was trained with ``params`` (None when there is
+    none); raise when it was trained with other settings."""
+    previous = _read_result(target) if (target / RESULT_FILE).is_file() else None
+    if previous is None:
+        return None
+    params = dict(params)
+    for key in ("train_sha256", "base_sha256", "world_size", "tokenizer_sha256"):
+        if key not in previous["params"]:  # exported before it was recorded
+            params.pop(key)
+    differ = _differing(params, previous["params"])
+    if differ:
+        details = "; ".join(_then_and_now(key, params, previous["params"]) for key in differ)
+        raise ValueError(
+            f"{target} was trained with other settings ({', '.join(differ)} differ: {details}); use another "
+            "--output or delete it"
+        )
+    return previous
 
 
 def _train_teachers(
@@ -573,35 +630,21 @@ def _train_teachers(
     dev: Encoded,
     digests: tuple[str, str, str],
     record: dict[str, Any],
+    all_params: list[dict[str, Any]],
+    reusable: list[dict[str, Any] | None],
 ) -> dict:
-    """The K teachers in turn (a finished one with the same settings reused), then the report."""
+    """The K teachers in turn (``reusable[k]``: a finished one with the same settings ``all_params[k]``,
+    reused), then the report."""
     output = Path(cfg.output)
-    dev_sha256, train_sha256, base_sha256 = digests
+    dev_sha256 = digests[0]
     metrics = MetricsLogger(output, enabled=info.is_main)
     entries, all_logits = [], []
     for index in range(cfg.num_teachers):
-        target = output / f"teacher-{index + 1}"
-        # The training data's bytes too: the same path with edited data (fixed labels) must train again; so must
-        # a base replaced in place, and another world size (the global batch and steps follow it).
-        params = {
-            **teacher_params(spec, cfg, index), "train_sha256": train_sha256, "base_sha256": base_sha256,
-            "world_size": info.world_size, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
-        }  # fmt: skip
-        with distributed.shared_failure():  # the same refusal on every rank: said once
-            previous = _read_result(target) if (target / RESULT_FILE).is_file() else None
-            if previous is not None:
-                for key in ("train_sha256", "base_sha256", "world_size", "tokenizer_sha256"):
-                    if key not in previous["params"]:  # exported before it was recorded
-                        params.pop(key)
-                differ = _differing(params, previous["params"])
-                if differ:
-                    details = "; ".join(_then_and_now(key, params, previous["params"]) for key in differ)
-                    raise ValueError(
-                        f"{target} was trained with other settings ({', '.join(differ)} differ: {details}); use "
-                        "another --output or delete it"
-                    )
+        target, params, previous = output / f"teacher-{index + 1}", all_params[index], reusable[index]
         if previous is not None:
             logger.info("teacher %d: reusing %s", index + 1, target)
+            if info.is_main and _read_record(target) != record:  # this run's metric or id column: evaluate reads it
+                write_json_atomic(target / TASK_RECORD, record, indent=2)
             result, dev_logits = previous, _saved_dev_logits(target, previous, dev_sha256, len(dev))
             if dev_logits is None:
                 logger.info("teacher %d: dev data %s differs from the one scored before; re-scoring", index + 1,

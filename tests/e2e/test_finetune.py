@@ -147,13 +147,20 @@ def test_rerun_reuses_finished_teachers_and_bad_input_exits_2(finetuned):
     run_script(*args, timeout=300)  # the fixture's two-teacher report back, for the tests after this one
     other = list(args)
     other[other.index("--labels") + 1] = ",".join(reversed(LABELS))
+    recorded = (root / "out" / "config.yaml").read_text()
     proc = run_script(*other, timeout=300, check=False)
     assert proc.returncode == 2
     assert "(task.labels differ: task.labels: ['neg', 'pos'] then, ['pos', 'neg'] now)" in proc.stderr
+    # refused before anything was written: config.yaml said labels no teacher was trained with
+    assert (root / "out" / "config.yaml").read_text() == recorded
     bad = [*args[:-1], "--seeds", "1", "2", "3", "--cpu"]
     proc = run_script(*bad, check=False)
     assert proc.returncode == 2
     assert "error: seeds: give one per teacher (2 for --num-teachers)" in proc.stderr
+    # a seed no generator takes: refused before any work (teacher 1 trained, then "train.seed must be >= 0")
+    proc = run_script(*[*args[:-1], "--seeds", "1", "-1", "--cpu"], check=False)
+    assert proc.returncode == 2 and "error: seeds (--seeds) must be whole numbers in 0..2**63-1" in proc.stderr
+    assert (root / "out" / "teacher-1" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_rerun_with_another_dev_set_rescores_reused_teachers(finetuned, tmp_path):
@@ -520,6 +527,10 @@ def test_a_diverged_teacher_stops_the_run_before_its_export(finetuned, tmp_path)
         "in the steps up to step 4). It was not exported"
     )
     assert errors[0].startswith(said), errors[0]
+    # advice that can be followed: a lower --lr into another --output (the same one refuses teacher-1 as of other
+    # settings); no --clip (on already) and no --precision fp32 (fp32 already on a CPU)
+    assert "Run again with a lower --lr (this run: 0.001) into another --output" in errors[0], errors[0]
+    assert "--clip" not in errors[0] and "--precision" not in errors[0]
     assert (out / "teacher-1" / "finetune.json").is_file() and not (out / "teacher-2").exists()
 
 

@@ -1,0 +1,38 @@
+"""What makes an exported teacher reusable, and the advice a diverged teacher's error gives."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dist_kd.data.tasks import TaskSpec
+from dist_kd.train.finetune import FinetuneConfig, _differing, _steadier
+
+
+def _params(**task):
+    spec = TaskSpec(name="demo", labels=["neg", "pos"], **task)
+    return {"task": dataclasses.asdict(spec), "lr": 1e-3}
+
+
+def test_the_metric_and_the_id_column_do_not_make_a_teacher_another():
+    """Training reads no ids: a rerun with --id-column alone was refused ("task.id_column differ")."""
+    assert _differing(_params(id_column="id", metric="f1"), _params()) == []
+    assert _differing(_params(label="y"), _params()) == ["task.label"]
+    assert _differing({**_params(), "lr": 1e-4}, _params()) == ["lr"]
+
+
+def test_the_advice_names_only_settings_that_would_change_something():
+    on_cpu = FinetuneConfig()
+    assert _steadier(on_cpu, "fp32") == "a lower --lr (this run: 2e-05)"
+    unclipped = FinetuneConfig(clip=0.0)
+    assert _steadier(unclipped, "bf16") == (
+        "a lower --lr (this run: 2e-05), gradient clipping (--clip 1.0; off in this run) or --precision fp32 "
+        "(this run: bf16)"
+    )
+
+
+@pytest.mark.parametrize("seeds", [[1, -1], [1, 2**63], [1, True], [1, 2.5]])
+def test_seeds_no_generator_takes_are_refused_at_once(seeds):
+    with pytest.raises(ValueError, match=r"seeds \(--seeds\) must be whole numbers in 0..2\*\*63-1"):
+        FinetuneConfig(num_teachers=2, seeds=seeds)
