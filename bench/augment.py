@@ -71,7 +71,7 @@ class OneWordBaseline:
         return aug._other_words(word, ranked)[: self.k]
 
     def word_candidates(self, text: str) -> list[aug.WordCandidates]:
-        words = aug.split_words(text, self.augmenter.special_tokens)
+        words = self.augmenter.words(text)  # the library's reading: stop words kept (its default list too)
         ((ids, positions),) = self.masked_lm.piece_spans([text], [words])
         out = []
         for word, pieces in zip(words, positions):

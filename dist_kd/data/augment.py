@@ -950,14 +950,17 @@ class Augmenter:
             list(GLOVE_ONLY_SPECIAL_TOKENS) if masked_lm is None else list(masked_lm.tokenizer.all_special_tokens)
         )
 
+    def words(self, text: str) -> list[Word]:
+        """``text``'s words as this augmenter reads them: its special tokens whole, stop words not replaceable."""
+        stop_words = STOP_WORD_LISTS[self.config.stop_words]
+        return [
+            dataclasses.replace(w, replaceable=False) if w.replaceable and w.text.lower() in stop_words else w
+            for w in split_words(text, self.special_tokens)
+        ]
+
     def word_candidates(self, texts: Sequence[str]) -> list[list[WordCandidates]]:
         """Candidates for every word of each text (computed in batches across all the texts)."""
-        stop_words = STOP_WORD_LISTS[self.config.stop_words]
-        split = [
-            [dataclasses.replace(w, replaceable=False) if w.replaceable and w.text.lower() in stop_words else w
-             for w in split_words(text, self.special_tokens)]
-            for text in texts
-        ]  # fmt: skip
+        split = [self.words(text) for text in texts]
         if self.masked_lm is None:
             neighbours = self.glove.neighbours(sorted({w.text for words in split for w in words if w.replaceable}))
             return [
