@@ -149,6 +149,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # an assertion deep in torch otherwise
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
 
     from dist_kd.testing import build_tiny_bert
 

@@ -539,9 +539,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch sees no CUDA device")
+        parser.error("--device cuda: torch sees no CUDA device here")
     if not 3 <= args.min_doc_len <= args.seq_len:
-        raise ValueError(f"--min-doc-len must be within 3..--seq-len ({args.seq_len}), got {args.min_doc_len}")
+        parser.error(f"--min-doc-len must be within 3..--seq-len ({args.seq_len}), got {args.min_doc_len}")
+    if args.peer == "textbrewer" and not has_textbrewer():  # found after both engines were built, as a traceback
+        parser.error("--peer textbrewer: textbrewer is not installed (pip install -e '.[bench]')")
     if args.device == "cpu" and torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise place the engine on the GPU
 

@@ -84,7 +84,8 @@ def run_recipe(name: str, args: argparse.Namespace) -> Path:
         *RECIPES[name],
     ]  # fmt: skip
     print(f"running {name}: {' '.join(cmd[2:])}", flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:  # the launcher said why (no corpus yet: the quickstart's)
+        sys.exit(f"{name}: launch/general.py failed (its error is above)")
     return out
 
 

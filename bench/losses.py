@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # an assertion deep in torch otherwise
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     torch.manual_seed(0)
     device = torch.device(args.device)
     shape = (args.batch, args.heads, args.seq_len, args.seq_len)

@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # an assertion deep in torch otherwise
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     import transformers
 
     transformers.logging.set_verbosity_error()
