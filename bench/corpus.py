@@ -6,8 +6,9 @@
 
 Prepare's time is wall time from the call (tokenizer loading and worker start-up included). The stream is
 read with ``num_workers=0``, i.e. in the calling process, so its figure is the rate one
-DataLoader worker sustains; the headroom printed is that rate over the ~10k sequences/s (length 128) a
-small student consumes on one H100. ``--stream-workers N`` adds a run with N DataLoader workers.
+DataLoader worker sustains; the headroom printed is that rate over the 14,843 sequences/s (length 128) one GPU
+consumes at the 1.9M tokens/s target for a 4L-312 student (docs/performance.md). ``--stream-workers N`` adds a
+run with N DataLoader workers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 from dist_kd.data.corpus import prepare_corpus
 from dist_kd.data.stream import build_corpus_loader
 
-GPU_SEQUENCES_PER_S = 10_000
+# What one GPU consumes at issue 15's target for a BERT-base -> 4L-312 student, 1.9M tokens/s of length 128
+# (docs/performance.md); its fastest measured row, 0.84M tokens/s at 1,024 x 128 on an H200, is 6,500.
+GPU_SEQUENCES_PER_S = 1_900_000 // 128
 
 
 def _real_assets() -> tuple[list[Path], Path] | None:
@@ -117,7 +120,8 @@ def main() -> None:
             rate = _stream_rate(scratch / "shards", args.batch_size, 0, shuffle, args.min_sequences)
             print(
                 f"stream (1 process, shuffle={shuffle}, batch {args.batch_size}): {rate:,.0f} sequences/s "
-                f"= {rate / GPU_SEQUENCES_PER_S:.1f}x the ~{GPU_SEQUENCES_PER_S:,} seq/s one GPU consumes"
+                f"= {rate / GPU_SEQUENCES_PER_S:.1f}x the {GPU_SEQUENCES_PER_S:,} seq/s one GPU consumes at the 4L-312 "
+                f"target"
             )
         if args.stream_workers:
             rate = _stream_rate(scratch / "shards", args.batch_size, args.stream_workers, True, args.min_sequences)
