@@ -405,7 +405,8 @@ def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text
 
 def text_rows(plan, teacher_path, student_cfg, mapping, weights, info, kinds, shape, seq_len, batch, peak, flops):
     """dist_kd (ZeRO-0, fp16 teacher), then the peer, on :func:`real_text_batches` (one model on the device at a
-    time, so each row's peak memory is its own). MFU with dist_kd's FLOPs per token (every token, padding too)."""
+    time, so each row's peak memory is its own). MFU with dist_kd's FLOPs per token over the real tokens/s, as
+    every row's: the padding a padded row also computes is not counted (its note gives the real share)."""
 
     def rows(name: str, step) -> list[Result]:
         out = []

@@ -11,9 +11,10 @@
 # Then runs the suite; everything lands in OUTPUT_DIR (gpu_suite.json, gpu_suite.md, suite.log), the two
 # reports rewritten after every row. Further arguments go to bench/gpu_suite.py.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 out=${1:?usage: bash bench/gpu_suite.sh OUTPUT_DIR [gpu_suite.py arguments]}
+out=$(realpath -m "$out")  # where it was given: a relative one landed under the repository
 shift
+cd "$(dirname "$0")/.."
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
   echo "gpu_suite: installing the carried wheels" >&2

@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per GPU (data.num_workers)")
     args = parser.parse_args(argv)
+    if args.suite is not None and not args.suite.is_file():
+        parser.error(f"--suite {args.suite} does not exist (bash bench/gpu_suite.sh OUT writes OUT/gpu_suite.json)")
 
     link = Link(args.nvlink_gb_s * 1e9, args.network_gb_s * 1e9)
     tokens_per_step = args.micro_batch * args.seq_len * args.grad_accum
@@ -145,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                 throughput = budget = "not measured (needs the suite's T1)"
             print(f"| {gpus} | {sent / 1e6:.0f} MB | {comm_s * 1e3:.2f} ms | {threshold / 1e6:.2f} M tokens/s per GPU "
                   f"| {throughput} | {budget} |")  # fmt: skip
-    if not rates:
+    if not rates and args.suite:
+        print(
+            f"\nper-GPU tokens/s: {args.suite} has no dist_kd row at seq {args.seq_len} x micro-batch "
+            f"{args.micro_batch} (a --smoke suite has none at the real shapes): pass its --seq-len and --micro-batch"
+        )
+    elif not rates:
         print("\nper-GPU tokens/s: not measured here; run bash bench/gpu_suite.sh OUT on a GPU and pass --suite "
               "OUT/gpu_suite.json")  # fmt: skip
     return 0

@@ -58,3 +58,9 @@ def test_throughput_and_budget_from_a_suite(scaling, tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("| 1 |"))
     assert "2.0 M .. 2.0 M" in line and f"{scaling.TINYBERT_TOKENS / 2.0e6 / 60:.0f} min" in line
+    # A suite without a row at these shapes (a --smoke one) is said to be so, not "not measured here; pass --suite"
+    scaling.main(["--suite", str(suite), "--gpus", "1", "--micro-batch", "64"])
+    assert f"{suite} has no dist_kd row at seq 128 x micro-batch 64" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a missing file: a usage error, not a FileNotFoundError traceback
+        scaling.main(["--suite", str(tmp_path / "missing.json")])
+    assert "missing.json does not exist" in capsys.readouterr().err
