@@ -387,7 +387,7 @@ class TaskTrainer(EngineTrainer):
     def _build_model(self, student_dir: Path) -> torch.nn.Module:
         from dist_kd.models.dropout import install_fast_dropout
         from dist_kd.models.heads import MultiTaskStudent
-        from dist_kd.models.student import DistillStudent, build_projections, build_student
+        from dist_kd.models.student import DistillStudent, Projections, build_projections, build_student
 
         dropout = self.cfg.student.encoder_dropout(self.source_config)
         if self.student_shape is None:
@@ -412,6 +412,8 @@ class TaskTrainer(EngineTrainer):
                 always=self.cfg.distill.projection == "always",
                 select=self.cfg.distill.projection == "select",
             )
+            if source is not None and isinstance(projections, Projections):
+                _start_as_cut(projections, encoder.config, self.source_config, teacher.hidden_size)
             return DistillStudent(encoder, projections, self.cfg.distill.attention)
         tasks = {t.spec.name: (t.spec.num_labels, t.spec.labels if t.spec.type == "classification" else None)
                  for t in self.tasks}  # fmt: skip
@@ -918,3 +920,14 @@ def finish_task(trainer: TaskTrainer, cfg, info) -> list[str]:
     from dist_kd.report import report_at_end
 
     return [*task_summary_lines(trainer, exported), report_at_end(trainer.run_dir)]
+
+
+def _start_as_cut(projections, student_config, source_config, teacher_width: int) -> None:
+    """W_e and W_h of a student cut from ``student.path`` (``init: teacher``) start as the transpose of the
+    units it kept, as general distillation starts them, where the teacher's states are as wide as the source's
+    (the fine-tuned teacher itself, or a model of its width): random maps sent random gradients into a student
+    that sits close to its source (a step-0 loss 3.2x the cut's). Of another width there is no correspondence."""
+    from dist_kd.models.student import unit_selection
+
+    if source_config.hidden_size == teacher_width:
+        projections.init_as_selection(unit_selection(student_config, source_config).residual)

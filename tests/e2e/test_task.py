@@ -452,6 +452,33 @@ def test_intermediate_phase_copy_of_the_teacher_starts_at_zero_and_a_student_lea
     assert (phase2 / "tasks" / "topic" / "config.json").is_file()
 
 
+def test_intermediate_phase_student_cut_from_the_teacher_starts_its_projections_as_the_cut(pipeline):
+    """init: teacher in phase intermediate built W_e/W_h at random, where general distillation starts them as the
+    transpose of the units kept: a step-0 loss 3.2x the cut's, random gradients into a student close to its
+    source."""
+    import torch
+
+    from dist_kd.models.student import unit_selection
+    from dist_kd.testing import tiny_bert_config
+
+    teacher = str(pipeline / "teachers" / "teacher-1")
+    out = pipeline / "phase1-cut"
+    shape = {"path": teacher, "init": "teacher", "num_layers": 2, "hidden_size": 16, "num_heads": 4,
+             "intermediate_size": 32, "dropout": 0.0}  # fmt: skip
+    run_script("launch/task.py", "--debug", "--config", str(_config(
+        pipeline, out, share=False, student=shape, teacher={"path": teacher, "dtype": "fp32"},
+        distill={"phase": "intermediate"}, train={"max_steps": 1, "epochs": None, "lr": 1e-9},
+        run={"save_every": 1},
+    )))  # fmt: skip
+    states = torch.load(out / "checkpoints" / "step-00000001" / "mp_rank_00_model_states.pt", weights_only=False)
+    residual = unit_selection(tiny_bert_config(num_layers=2, hidden_size=16, intermediate_size=32),
+                              tiny_bert_config()).residual  # fmt: skip
+    expected = torch.zeros(32, 16)
+    expected[residual, torch.arange(16)] = 1.0
+    for name in ("projections.embedding.weight", "projections.layers.0.weight", "projections.layers.1.weight"):
+        torch.testing.assert_close(states["module"][name], expected, atol=1e-6, rtol=0)  # one step at lr 1e-9
+
+
 def test_compiled_intermediate_phase_copy_of_the_teacher_starts_at_zero(pipeline, monkeypatch):
     """train.compile in the task stage (ZeRO-2, the tests' JSON): the student's encoder and the teacher compile
     (kernels are written), and a copy of the teacher still matches it exactly (every loss term 0), as in the
