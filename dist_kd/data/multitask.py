@@ -106,10 +106,11 @@ def load_task_data(
         spec: the task.
         train: task data with hard labels (file, ``datasets`` directory, or an augment output directory).
         soft_targets: a soft-target store; when given, its rows are the training rows.
-        dev: dev data (labels required), or None.
+        dev: dev data (labels required where ``need_labels``), or None.
         tokenizer: the student's tokenizer.
         max_length: truncation length in pieces.
-        need_labels: every training row must have a label (hard-label training without a store).
+        need_labels: every training row must have a label (hard-label training without a store), and every dev
+            row (its metrics): phase prediction.
         teacher: the task's teacher directory (phase intermediate), recorded as given.
         temperature: ``distill.temperature``, the t the student's logits are divided by. A classification
             store's targets must be at the same t (the loss compares softmax(z_T/t) with softmax(z_S/t)): they
@@ -171,7 +172,8 @@ def load_task_data(
     rows = tokenize_rows(tokenizer, *texts, max_length, "data.max_length")
     dev_table = dev_rows = None
     if dev:
-        dev_table = load_task_examples(dev, spec)
+        # phase intermediate scores dev sets by the layer losses alone: unlabelled ones were refused
+        dev_table = load_task_examples(dev, spec, require_labels=need_labels, require_label_column=need_labels)
         check_pairs(spec, source, table, dev, dev_table)
         dev_texts = dev_table.column("text_a").to_pylist(), dev_table.column("text_b").to_pylist()
         dev_rows = tokenize_rows(tokenizer, *dev_texts, max_length, "data.max_length")

@@ -465,11 +465,20 @@ def test_intermediate_phase_student_cut_from_the_teacher_starts_its_projections_
     out = pipeline / "phase1-cut"
     shape = {"path": teacher, "init": "teacher", "num_layers": 2, "hidden_size": 16, "num_heads": 4,
              "intermediate_size": 32, "dropout": 0.0}  # fmt: skip
-    run_script("launch/task.py", "--debug", "--config", str(_config(
+    config = _config(
         pipeline, out, share=False, student=shape, teacher={"path": teacher, "dtype": "fp32"},
         distill={"phase": "intermediate"}, train={"max_steps": 1, "epochs": None, "lr": 1e-9},
         run={"save_every": 1},
-    )))  # fmt: skip
+    )  # fmt: skip
+    # and a dev set without labels, which the layer losses never read (it was refused: "no column 'label'")
+    unlabelled = pipeline / "topic_dev_unlabelled.jsonl"
+    rows = [json.loads(line) for line in (pipeline / "topic_dev.jsonl").read_text().splitlines()]
+    unlabelled.write_text("".join(json.dumps({"text": row["text"]}) + "\n" for row in rows))
+    settings = yaml.safe_load(config.read_text())
+    settings["tasks"][0]["dev"] = str(unlabelled)
+    config.write_text(yaml.safe_dump(settings))
+    run_script("launch/task.py", "--debug", "--config", str(config))
+    assert json.loads((out / "eval.json").read_text())["history"][-1]["tasks"]["topic"]["loss"] > 0
     states = torch.load(out / "checkpoints" / "step-00000001" / "mp_rank_00_model_states.pt", weights_only=False)
     residual = unit_selection(tiny_bert_config(num_layers=2, hidden_size=16, intermediate_size=32),
                               tiny_bert_config()).residual  # fmt: skip
