@@ -118,13 +118,15 @@ def student_config_from_teacher(teacher_config, cfg: StudentConfig, mapping: lis
     return config
 
 
-def check_heads(teacher_heads: int, student_heads: int) -> None:
-    """The attention loss compares head by head, so the counts must match."""
+def check_heads(teacher_heads: int, student_heads: int, reshape: str = "") -> None:
+    """The attention loss compares head by head, so the counts must match. ``reshape``: the settings that give
+    the student another head count where ``student.num_heads`` alone does not (a task run's pretrained
+    student.path fixes its shape)."""
     if teacher_heads != student_heads:
         raise ValueError(
             f"the attention loss needs equal head counts, but the teacher has {teacher_heads} heads and the student "
-            f"{student_heads}; set student.num_heads={teacher_heads}, distill.attention=relations (any head count) or "
-            f"distill.weights.attn=0"
+            f"{student_heads}; set {reshape}student.num_heads={teacher_heads}, distill.attention=relations (any head "
+            "count) or distill.weights.attn=0"
         )
 
 

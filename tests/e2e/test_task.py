@@ -608,6 +608,9 @@ def test_one_class_predictions_for_two_evaluations_are_warned(pipeline, tmp_path
         # the teacher reads the student's batches: a RuntimeError inside its embeddings mid-training
         ("teacher of fewer positions", ["distill.phase=intermediate", "teacher.path=SHORT"],
          r"data.max_length 32 exceeds the max_position_embeddings 16 of model .*short_teacher"),
+        # student.num_heads alone is refused for a pretrained student.path: the advice names what reshapes it
+        ("teacher of other heads", ["distill.phase=intermediate", "teacher.path=HEADS"],
+         r"set student.init=teacher \(or random\) and student.num_heads=8, distill.attention=relations"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
@@ -618,9 +621,12 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
     before = snapshot(two_rank_run)
     if "SHORT" in " ".join(overrides):
         build_tiny_bert(tmp_path / "short_teacher", max_position_embeddings=16)
+    if "HEADS" in " ".join(overrides):
+        build_tiny_bert(tmp_path / "heads_teacher", num_heads=8)
     substitutions = {"SOFT": str(pipeline / "soft"), "SHARE": str(pipeline / "share_train.jsonl"),
-                     "RUN": str(two_rank_run), "SHORT": str(tmp_path / "short_teacher")}  # fmt: skip
-    overrides = [re.sub("SOFT|SHARE|RUN|SHORT", lambda m: substitutions[m.group(0)], o) for o in overrides]
+                     "RUN": str(two_rank_run), "SHORT": str(tmp_path / "short_teacher"),
+                     "HEADS": str(tmp_path / "heads_teacher")}  # fmt: skip
+    overrides = [re.sub("SOFT|SHARE|RUN|SHORT|HEADS", lambda m: substitutions[m.group(0)], o) for o in overrides]
     proc = run_script("launch/task.py", "--debug", "--config", str(pipeline / "run2.yaml"), *overrides, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
