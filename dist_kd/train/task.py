@@ -392,10 +392,11 @@ class TaskTrainer(EngineTrainer):
         from dist_kd.models.student import DistillStudent, Projections, build_projections, build_student
 
         dropout = self.cfg.student.encoder_dropout(self.source_config)
+        source = None  # the model a student of a new shape is cut from (init: teacher)
         if self.student_shape is None:
             encoder = build_student(StudentConfig(path=str(student_dir), dropout=dropout), self.student_config)
         else:
-            source, mapping = None, None
+            mapping = None
             if self.student_shape.init == "teacher":
                 from transformers import AutoModel
 
