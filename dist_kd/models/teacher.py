@@ -249,10 +249,14 @@ def load_pretrained(auto_class, path: str | Path, what: str, new_head: bool = Fa
             "architecture?", what, path, len(encoder), type(model).__name__, _listed(encoder),
         )  # fmt: skip
     unused = sorted(loading["unexpected_keys"])
-    # Weights of a module missing inside one the model has (a layer's distance_embedding), not of a head it lacks
-    # (classifier.weight, cls.predictions.bias): the checkpoint's architecture holds something this transformers
-    # release does not build, and the model runs without it.
-    inside = [key for key in unused if key.count(".") >= 2 and _has_module(model, key.rsplit(".", 2)[0])]
+    # Weights of a module missing inside one the encoder has (a layer's distance_embedding), not of a head (a
+    # classifier's, cls.predictions, or bert-base's NSP head cls.seq_relationship beside the masked-LM's cls): the
+    # checkpoint's architecture holds something this transformers release does not build, and it runs without it.
+    base = f"{prefix}." if with_head else ""
+    inside = [
+        key for key in unused
+        if key.startswith(base) and key.count(".") >= 2 and _has_module(model, key.rsplit(".", 2)[0])
+    ]  # fmt: skip
     relative = getattr(model.config, "position_embedding_type", "absolute")
     if isinstance(relative, str) and relative.startswith("relative") and inside:
         raise ValueError(

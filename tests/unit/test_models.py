@@ -657,6 +657,18 @@ def test_weights_inside_the_layers_that_the_model_does_not_build_are_said(tmp_pa
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "2 weights in its files belong inside BertModel's layers" in warned[0], warned
     assert "encoder.layer.0.attention.self.distance_embedding.weight" in warned[0]
+    # bert-base-uncased as a masked-LM: its NSP head (cls.seq_relationship) sits beside the masked-LM's cls and
+    # is dropped as transformers always drops it, without a word
+    from transformers import AutoModelForMaskedLM
+
+    masked_lm = build_tiny_bert(tmp_path / "pretraining", model_class="BertForMaskedLM", num_layers=1)
+    weights = load_file(masked_lm / "model.safetensors")
+    weights.update({"cls.seq_relationship.weight": torch.zeros(2, 32), "cls.seq_relationship.bias": torch.zeros(2)})
+    save_file(weights, masked_lm / "model.safetensors", {"format": "pt"})
+    caplog.clear()
+    _, loading = load_pretrained(AutoModelForMaskedLM, masked_lm, "masked-LM")
+    assert "cls.seq_relationship.bias" in loading["unexpected_keys"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_a_load_that_transformers_refuses_still_shows_its_report_and_a_new_mlm_head_no_tied_weights_note(
