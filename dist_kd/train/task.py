@@ -368,8 +368,11 @@ class TaskTrainer(EngineTrainer):
                 )
             self.mapping = self.cfg.distill.mapping(config.num_hidden_layers, self.student_config.num_hidden_layers)
             if self.cfg.distill.weights.attn > 0 and self.cfg.distill.attention == "raw_scores":
-                # a pretrained student.path fixes the shape: another head count is a student cut or built anew
-                reshape = "student.init=teacher (or random) and " if self.student_shape is None else ""
+                # a pretrained student.path fixes the shape: another head count is a student cut from it (where it
+                # has more heads than asked) or built anew
+                heads, wanted = self.student_config.num_attention_heads, config.num_attention_heads
+                cut = "student.init=teacher (or random)" if heads > wanted else "student.init=random"
+                reshape = f"{cut} and " if self.student_shape is None else ""
                 check_heads(config.num_attention_heads, self.student_config.num_attention_heads, reshape)
             if self.cfg.distill.weights.attn > 0:
                 self.cfg.distill.check_relation_heads(config.hidden_size, self.student_config.hidden_size)
