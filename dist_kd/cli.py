@@ -299,6 +299,15 @@ def note_run_failure(handler: logging.Handler | None, err: BaseException, expect
     message, anything else with its traceback."""
     if handler is None:
         return
+    lost = lost_peer(err)
+    if lost is not None:  # another rank's failure: one line (gloo's ~60 lines of traceback said nothing of it)
+        record = logging.LogRecord(
+            "dist_kd.run", logging.ERROR, "", 0, "run stopped: lost contact with another rank (it exited or was "
+            "killed; its error is in its own output, the launcher's or the job's log): %s", (_first_line(lost),),
+            None,
+        )  # fmt: skip
+        handler.handle(record)
+        return
     brief = isinstance(err, (*expected, KeyboardInterrupt))
     record = logging.LogRecord(
         "dist_kd.run", logging.ERROR, "", 0, "run stopped: %s: %s", (type(err).__name__, err),

@@ -580,3 +580,23 @@ def test_a_second_ctrl_c_says_what_a_rerun_resumes_from(tmp_path):
     (saved / "rank00000.pt").write_bytes(b"x")
     (saved / "meta.json").write_text('{"world_size": 1}')
     assert _resumes_from(run(tmp_path)) == f"a rerun resumes from {saved}"
+
+
+def test_a_lost_rank_is_one_line_in_train_log_not_a_gloo_traceback(tmp_path):
+    """Another rank failed (a corrupt shard only it read): rank 0's train.log held gloo's "Connection closed by
+    peer" and ~60 lines of its traceback, not a word of what happened."""
+    from dist_kd.cli import attach_run_log, detach_run_log, note_run_failure
+
+    run = attach_run_log(tmp_path, 0)
+    run.start()
+    try:
+        try:
+            raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+        except RuntimeError as cause:
+            raise RuntimeError("all_reduce failed") from cause
+    except RuntimeError as err:
+        note_run_failure(run, err, expected=(ValueError,))
+    detach_run_log(run)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert len(lines) == 1 and "run stopped: lost contact with another rank (it exited or was killed;" in lines[0]
+    assert lines[0].endswith("Connection closed by peer [127.0.0.1]:1234"), lines
