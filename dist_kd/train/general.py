@@ -232,96 +232,16 @@ class GeneralTrainer(EngineTrainer):
                            ", ".join(unread))  # fmt: skip
 
     def _set_up(self, cfg: GeneralConfig, info: distributed.DistInfo) -> None:
-        from dist_kd.data.shards import read_manifest
-        from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint
+        from dist_kd.data.tokenizer import tokenizer_fingerprint
 
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.train.seed)
 
         # --- validate every input before writing anything -------------------------------------------
-        teacher_config = _teacher_config(cfg.teacher.path)
+        with distributed.shared_failure():  # the same bad input on every rank: one error line, not one per rank
+            teacher_config, weights, resume_from, ds_config = self._validate(cfg, info)
         num_teacher_layers = teacher_config.num_hidden_layers
-        num_student_layers = cfg.student.num_layers
-        student_config = None  # a student built here copies the teacher's position embeddings
-        if cfg.student.path:
-            from transformers import AutoConfig
-
-            student_config = AutoConfig.from_pretrained(check_model_dir(cfg.student.path, "student.path"))
-            num_student_layers = student_config.num_hidden_layers
-        self.mapping = cfg.distill.mapping(num_teacher_layers, num_student_layers)
-        weights = cfg.distill.weights
-        temperature = next(field.default for field in dataclasses.fields(cfg.distill) if field.name == "temperature")
-        if cfg.distill.temperature != temperature and info.is_main:  # accepted (one file may serve both stages)
-            logger.warning(
-                "distill.temperature: read by the prediction term of task runs only; general distillation has no "
-                "logits, so this run does not use it"
-            )
-        if student_config is not None:
-            self._say_unread_student_keys(student_config)
-        elif cfg.student.init == "teacher":  # a wider student is an error now, not after the teacher loads
-            unit_selection(student_config_from_teacher(teacher_config, cfg.student, self.mapping), teacher_config)
-        student_heads = student_config.num_attention_heads if student_config is not None else cfg.student.num_heads
-        student_width = student_config.hidden_size if student_config is not None else cfg.student.hidden_size
-        if weights.attn > 0 and cfg.distill.attention == "raw_scores":
-            check_heads(teacher_config.num_attention_heads, student_heads)
-        if weights.attn > 0:
-            cfg.distill.check_relation_heads(teacher_config.hidden_size, student_width)
-        # The sentence term pools as the teacher's sentence-transformers modules do (mean without them).
-        self.pooling: tuple[str, ...] = ("mean_tokens",)
-        if weights.sentence > 0:
-            if cfg.distill.projection == "always" or (
-                cfg.distill.projection == "auto" and student_width != teacher_config.hidden_size
-            ):
-                raise ValueError(
-                    f"distill.weights.sentence needs the student's own dimensions held to the teacher's: with "
-                    f"distill.projection={cfg.distill.projection} (a learnt W_h, student width {student_width}, "
-                    f"teacher {teacher_config.hidden_size}) the student can keep a component common to all its "
-                    "sentences in directions W_h maps to almost nothing, unseen by the term; set "
-                    "distill.projection=select"
-                )
-            if cfg.distill.normalize == "variance" and cfg.data.micro_batch_size < 2:
-                raise ValueError(
-                    "distill.weights.sentence with distill.normalize=variance divides by the teacher's variance of "
-                    "sentence embeddings across a micro-batch: data.micro_batch_size must be >= 2, got "
-                    f"{cfg.data.micro_batch_size}"
-                )
-            found = sentence_pooling(cfg.teacher.path)
-            self.pooling = found[0] if found else self.pooling
-            logger.info(
-                "the sentence term compares %s-pooled embeddings (%s)",
-                pooling_name(self.pooling),
-                "the teacher's sentence-transformers pooling"
-                if found
-                else "no sentence-transformers pooling of the teacher's to follow",
-            )
-        self.global_batch = check_batch(
-            cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
-        )
-        self.precision = resolve_precision(cfg.train.precision, info.device)
-        if not cfg.data.shards:
-            raise ValueError("data.shards is not set; prepare a corpus with launch/prepare_corpus.py")
-        self.manifest = read_manifest(cfg.data.shards)
-        self.tokenizer = load_tokenizer(cfg.teacher.path)
-        check_tokenizer_matches(self.manifest["tokenizer"], self.tokenizer, cfg.data.shards)
-        if cfg.student.path:
-            _check_student_tokenizer(cfg.student.path, self.tokenizer, cfg.teacher.path, student_config)
-        # Sequences longer than the position embeddings fail at the first forward, deep inside the model.
-        self._position_models = [(teacher_config, cfg.teacher.path)]
-        if student_config is not None:
-            self._position_models.append((student_config, cfg.student.path))
-        self._check_seq_len(self.manifest, cfg.data.shards)
-        self.heldout = self._heldout_texts()
-        resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
-        ds_config = build_ds_config(
-            cfg.deepspeed.config,
-            cfg.data.micro_batch_size,
-            cfg.train.grad_accum,
-            info.world_size,
-            self.precision,
-            cfg.train.clip,
-            ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
-        )
 
         # --- build ---------------------------------------------------------------------------------
         self.teacher = Teacher(
@@ -422,6 +342,100 @@ class GeneralTrainer(EngineTrainer):
         self._collapsed: set[str] = set()  # the kinds of reason the last evaluation found (quality.reason_kind)
 
     # --- set-up helpers ------------------------------------------------------------------------------
+
+    def _validate(self, cfg: GeneralConfig, info: distributed.DistInfo):
+        """Every input checked before anything is built or written; sets the set-up attributes it finds
+        (mapping, pooling, global batch, precision, manifest, tokenizer, held-out texts).
+
+        Returns:
+            ``(teacher_config, weights, resume_from, ds_config)``.
+        """
+        from dist_kd.data.shards import read_manifest
+        from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer
+
+        teacher_config = _teacher_config(cfg.teacher.path)
+        num_teacher_layers = teacher_config.num_hidden_layers
+        num_student_layers = cfg.student.num_layers
+        student_config = None  # a student built here copies the teacher's position embeddings
+        if cfg.student.path:
+            from transformers import AutoConfig
+
+            student_config = AutoConfig.from_pretrained(check_model_dir(cfg.student.path, "student.path"))
+            num_student_layers = student_config.num_hidden_layers
+        self.mapping = cfg.distill.mapping(num_teacher_layers, num_student_layers)
+        weights = cfg.distill.weights
+        temperature = next(field.default for field in dataclasses.fields(cfg.distill) if field.name == "temperature")
+        if cfg.distill.temperature != temperature and info.is_main:  # accepted (one file may serve both stages)
+            logger.warning(
+                "distill.temperature: read by the prediction term of task runs only; general distillation has no "
+                "logits, so this run does not use it"
+            )
+        if student_config is not None:
+            self._say_unread_student_keys(student_config)
+        elif cfg.student.init == "teacher":  # a wider student is an error now, not after the teacher loads
+            unit_selection(student_config_from_teacher(teacher_config, cfg.student, self.mapping), teacher_config)
+        student_heads = student_config.num_attention_heads if student_config is not None else cfg.student.num_heads
+        student_width = student_config.hidden_size if student_config is not None else cfg.student.hidden_size
+        if weights.attn > 0 and cfg.distill.attention == "raw_scores":
+            check_heads(teacher_config.num_attention_heads, student_heads)
+        if weights.attn > 0:
+            cfg.distill.check_relation_heads(teacher_config.hidden_size, student_width)
+        # The sentence term pools as the teacher's sentence-transformers modules do (mean without them).
+        self.pooling: tuple[str, ...] = ("mean_tokens",)
+        if weights.sentence > 0:
+            if cfg.distill.projection == "always" or (
+                cfg.distill.projection == "auto" and student_width != teacher_config.hidden_size
+            ):
+                raise ValueError(
+                    f"distill.weights.sentence needs the student's own dimensions held to the teacher's: with "
+                    f"distill.projection={cfg.distill.projection} (a learnt W_h, student width {student_width}, "
+                    f"teacher {teacher_config.hidden_size}) the student can keep a component common to all its "
+                    "sentences in directions W_h maps to almost nothing, unseen by the term; set "
+                    "distill.projection=select"
+                )
+            if cfg.distill.normalize == "variance" and cfg.data.micro_batch_size < 2:
+                raise ValueError(
+                    "distill.weights.sentence with distill.normalize=variance divides by the teacher's variance of "
+                    "sentence embeddings across a micro-batch: data.micro_batch_size must be >= 2, got "
+                    f"{cfg.data.micro_batch_size}"
+                )
+            found = sentence_pooling(cfg.teacher.path)
+            self.pooling = found[0] if found else self.pooling
+            logger.info(
+                "the sentence term compares %s-pooled embeddings (%s)",
+                pooling_name(self.pooling),
+                "the teacher's sentence-transformers pooling"
+                if found
+                else "no sentence-transformers pooling of the teacher's to follow",
+            )
+        self.global_batch = check_batch(
+            cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
+        )
+        self.precision = resolve_precision(cfg.train.precision, info.device)
+        if not cfg.data.shards:
+            raise ValueError("data.shards is not set; prepare a corpus with launch/prepare_corpus.py")
+        self.manifest = read_manifest(cfg.data.shards)
+        self.tokenizer = load_tokenizer(cfg.teacher.path)
+        check_tokenizer_matches(self.manifest["tokenizer"], self.tokenizer, cfg.data.shards)
+        if cfg.student.path:
+            _check_student_tokenizer(cfg.student.path, self.tokenizer, cfg.teacher.path, student_config)
+        # Sequences longer than the position embeddings fail at the first forward, deep inside the model.
+        self._position_models = [(teacher_config, cfg.teacher.path)]
+        if student_config is not None:
+            self._position_models.append((student_config, cfg.student.path))
+        self._check_seq_len(self.manifest, cfg.data.shards)
+        self.heldout = self._heldout_texts()
+        resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
+        ds_config = build_ds_config(
+            cfg.deepspeed.config,
+            cfg.data.micro_batch_size,
+            cfg.train.grad_accum,
+            info.world_size,
+            self.precision,
+            cfg.train.clip,
+            ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
+        )
+        return teacher_config, weights, resume_from, ds_config
 
     def _check_seq_len(self, manifest: dict[str, Any], shards: str) -> None:
         """The corpus's sequences fit the teacher's (and a ``student.path`` student's) position embeddings."""

@@ -138,6 +138,18 @@ def test_a_resume_refusal_every_rank_reads_is_said_once(straight, tiny_bert_dir,
     )
 
 
+def test_a_set_up_refusal_every_rank_reads_is_said_once(tiny_bert_dir, tiny_corpus, tmp_path):  # noqa: F811
+    """train.global_batch_size that disagrees with the ranks' batches was one error line per rank."""
+    out = tmp_path / "run"
+    proc = run_script(
+        *_command(29668, tiny_bert_dir, tiny_corpus, out, "zero2"), "train.global_batch_size=7", check=False
+    )
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.lstrip().startswith("error:")]
+    assert len(errors) == 1 and "train.global_batch_size=7 but" in errors[0], errors
+    assert not (out / "config.yaml").exists()
+
+
 def test_resume_on_another_world_size_under_zero0_continues(straight, tiny_bert_dir, tiny_corpus, tmp_path):  # noqa: F811
     """ZeRO 0 keeps the whole optimizer state in one file: a 2-rank run continues on 1 rank, each step once."""
     import shutil
