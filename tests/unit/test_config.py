@@ -320,8 +320,8 @@ def test_a_run_directorys_config_names_existing_inputs_by_absolute_paths(tmp_pat
         ({"warmup_ratio": 2.0}, r"^--warmup-ratio must be in \[0, 1\), got 2.0$"),
         ({"precision": "fp64"}, r"^--precision must be one of \['auto', 'fp32', 'bf16', 'fp16'\], got 'fp64'$"),
         ({"bf16_mode": "x"}, r"^--bf16-mode must be one of"),
-        ({"weight_decay": float("nan")}, r"^weight_decay must be a number >= 0, got nan$"),
-        ({"clip": -1.0}, r"^clip must be >= 0, got -1.0$"),
+        ({"weight_decay": float("nan")}, r"^--weight-decay must be a number >= 0, got nan$"),
+        ({"clip": -1.0}, r"^--clip must be >= 0, got -1.0$"),
         ({"deepspeed_config": "nope.json"}, r"^--deepspeed-config nope.json does not exist"),
     ],
 )
