@@ -637,6 +637,17 @@ def on_main(compute: Callable[[], T]) -> T:
     return broadcast_object(result)
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (collective; ``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj, src: int = 0):
     """Broadcast a picklable object from ``src`` to every rank."""
     import torch.distributed as dist

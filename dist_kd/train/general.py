@@ -884,7 +884,9 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
     }
 
 
-def summary_lines(trainer: GeneralTrainer, quality: dict | None) -> list[str]:
+def summary_lines(
+    trainer: GeneralTrainer, quality: dict | None, ranks: list[tuple[dict[str, str], int]] | None = None
+) -> list[str]:
     """The short report printed at the end of the main job."""
     lines = [f"student saved to {trainer.run_dir / 'student'} (load with transformers.AutoModel.from_pretrained)"]
     if trainer.first_terms and trainer.last_terms:
@@ -908,14 +910,19 @@ def summary_lines(trainer: GeneralTrainer, quality: dict | None) -> list[str]:
             lines.append(f"{name:<26}{cell(row['spread'], 8)}{cell(row['probe'], 8)}{cell(row['probe_ratio'], 10)}")
         if quality["collapsed"]:
             lines.append("WARNING: the student looks collapsed: " + "; ".join(quality["collapsed"]))
-    skipped = trainer.loader.skipped_shards  # this rank's view: damage found while reading is seen per rank
+    # Damage found while reading is seen by the rank that read the shard: every rank's (``ranks``: each rank's
+    # skipped shards and empty micro-batches, in rank order; this rank's alone without it).
+    ranks = ranks or [(trainer.loader.skipped_shards, trainer.empty_batches)]
+    skipped = sorted({name for shards, _ in ranks for name in shards})
     if skipped:
-        names = ", ".join(sorted(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
+        names = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         lines.append(f"skipped {len(skipped)} corrupt corpus shard(s) (data.skip_corrupt): {names}")
-    if trainer.empty_batches:
+    empty = [count for _, count in ranks]
+    if sum(empty):
+        where = "" if len(ranks) == 1 else " (" + ", ".join(f"rank {r}: {n}" for r, n in enumerate(empty) if n) + ")"
         lines.append(
-            f"{trainer.empty_batches} micro-batch(es) of this rank held only rows of a corrupt shard and trained on "
-            "nothing; they are left out of the logged losses"
+            f"{sum(empty)} micro-batch(es){where} held only rows of a corrupt shard and trained on nothing; they are "
+            "left out of the logged losses"
         )
     return lines
 
@@ -937,12 +944,13 @@ def finish_general(trainer: GeneralTrainer, cfg: GeneralConfig, info) -> list[st
     trainer.export()
     # Every rank runs it: under ZeRO-3 each forward gathers partitioned weights collectively.
     quality = quality_summary(trainer)
+    ranks = distributed.gather_objects((dict(trainer.loader.skipped_shards), trainer.empty_batches))
     if not info.is_main:
         return []
     from dist_kd.model_card import write_model_card
     from dist_kd.report import report_at_end
 
-    lines = summary_lines(trainer, quality)
+    lines = summary_lines(trainer, quality, ranks)
     write_summary(trainer.run_dir, lines, quality)
     if quality:
         write_model_card(trainer.run_dir / "student", trainer.model_card(quality))  # with the measured quality

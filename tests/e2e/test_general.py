@@ -366,7 +366,7 @@ def test_batches_of_a_shard_found_corrupt_while_reading_stay_out_of_the_logged_l
     assert empty == list(range(17, 33)), empty
     assert all(("loss" in r) == (r["tokens_per_s"] > 0) for r in records)
     assert all(r["loss"] > 0 and r["loss_attn"] > 0 for r in records if "loss" in r)
-    assert "16 micro-batch(es) of this rank held only rows of a corrupt shard" in proc.stdout
+    assert "16 micro-batch(es) held only rows of a corrupt shard" in proc.stdout
     # The run ends inside the bad shard: the summary's and the report's last log are step 16's, the last real one.
     first, last = records[0], records[15]
     assert last["step"] == 16

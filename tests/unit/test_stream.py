@@ -289,6 +289,13 @@ def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplo
 
     trainer = SimpleNamespace(run_dir=tmp_path, first_terms=None, last_terms=None, loader=streams[0], empty_batches=0)
     assert summary_lines(trainer, None)[-1] == "skipped 1 corrupt corpus shard(s) (data.skip_corrupt): shard-000003.tar"
+    # On 2 ranks, a shard only rank 1 read was in neither the summary nor summary.json: every rank's count
+    ranks = [({}, 0), ({"shard-000003.tar": "bad member"}, 16)]
+    assert summary_lines(trainer, None, ranks)[-2:] == [
+        "skipped 1 corrupt corpus shard(s) (data.skip_corrupt): shard-000003.tar",
+        "16 micro-batch(es) (rank 1: 16) held only rows of a corrupt shard and trained on nothing; they are left out "
+        "of the logged losses",
+    ]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
