@@ -56,7 +56,7 @@ from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
 from dist_kd.models.fields import set_dropout, set_fp32
-from dist_kd.predict import TASK_RECORD, batched_logits, task_record
+from dist_kd.predict import TASK_RECORD, batched_logits, read_task_record, task_record
 from dist_kd.train.common import Diverged, check_run_kind, check_run_lock, progress_bar, weights_finite
 from dist_kd.train.engine import (
     TrainConfig,
@@ -505,13 +505,6 @@ def _write_dev_results(directory: Path, result: dict[str, Any], dev_logits: np.n
     return result
 
 
-def _read_record(target: Path) -> Any:
-    try:
-        return json.loads((target / TASK_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _update_dev_results(target: Path, result: dict[str, Any], dev_logits: np.ndarray, info) -> dict[str, Any]:
     """Write re-scored dev logits and metrics into an exported teacher (rank 0; collective barrier)."""
     if info.is_main:
@@ -576,7 +569,8 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     with owned_run_dir(output, info, "--output", expected=expected) as run_log, ExitOnSignal(stopping):
         # Every exported teacher's settings before anything is written: a rerun refused at teacher 3 had
         # config.yaml rewritten with settings no teacher was trained with (and teachers 1-2 re-scored).
-        params = [_params(spec, cfg, info, tokenizer, digests, index) for index in range(cfg.num_teachers)]
+        tokenizer_sha256 = tokenizer_fingerprint(tokenizer)["sha256"]  # read once, not once per teacher
+        params = [_params(spec, cfg, info, tokenizer_sha256, digests, index) for index in range(cfg.num_teachers)]
         with distributed.shared_failure():  # the same refusal on every rank: said once
             previous = [_reusable(output / f"teacher-{index + 1}", params[index]) for index in range(cfg.num_teachers)]
             if info.is_main:
@@ -590,14 +584,16 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         return _train_teachers(spec, cfg, info, tokenizer, train, dev, digests, record, params, previous)
 
 
-def _params(spec: TaskSpec, cfg: FinetuneConfig, info, tokenizer: Any, digests: tuple[str, str, str], index: int):
+def _params(
+    spec: TaskSpec, cfg: FinetuneConfig, info, tokenizer_sha256: str, digests: tuple[str, str, str], index: int
+):
     """What determines teacher ``index`` in this run: its settings, the training data's and base's bytes (the
     same path with edited data, fixed labels, must train again; so must a base replaced in place), the world
     size (the global batch and steps follow it) and the tokenizer."""
     _, train_sha256, base_sha256 = digests
     return {
         **teacher_params(spec, cfg, index), "train_sha256": train_sha256, "base_sha256": base_sha256,
-        "world_size": info.world_size, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
+        "world_size": info.world_size, "tokenizer_sha256": tokenizer_sha256,
     }  # fmt: skip
 
 
@@ -643,7 +639,7 @@ def _train_teachers(
         target, params, previous = output / f"teacher-{index + 1}", all_params[index], reusable[index]
         if previous is not None:
             logger.info("teacher %d: reusing %s", index + 1, target)
-            if info.is_main and _read_record(target) != record:  # this run's metric or id column: evaluate reads it
+            if info.is_main and read_task_record(target) != record:  # this run's metric or id column: evaluate reads it
                 write_json_atomic(target / TASK_RECORD, record, indent=2)
             result, dev_logits = previous, _saved_dev_logits(target, previous, dev_sha256, len(dev))
             if dev_logits is None:
