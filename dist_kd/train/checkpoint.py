@@ -745,10 +745,12 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
                 other = torch.load(checkpoint / f"rank{old_rank:05d}.pt", map_location="cpu", weights_only=False)
             _add_window(state, other)
     elif state.get("window") is not None:  # rank 0's micro-batch counts (the same on every rank), not its sums
+        from dist_kd.train.common import window_batches
+
         window = state["window"]
-        names = len(window["names"])
-        batches = window.get("batches") or window["totals"][names : 2 * names]
-        state["window"] = {"names": window["names"], "totals": [0.0] * len(window["totals"]), "batches": batches}
+        state["window"] = {
+            "names": window["names"], "totals": [0.0] * len(window["totals"]), "batches": window_batches(window)
+        }  # fmt: skip
     return state
 
 
@@ -758,6 +760,7 @@ def _add_window(state: dict[str, Any], other: dict[str, Any]) -> None:
     mine, theirs = state.get("window"), other.get("window")
     if mine is None or theirs is None or mine["names"] != theirs["names"]:
         return
-    names = len(mine["names"])
-    mine.setdefault("batches", mine["totals"][names : 2 * names])  # a checkpoint of an earlier release
+    from dist_kd.train.common import window_batches
+
+    mine["batches"] = window_batches(mine)  # the counts, before the sums are added
     mine["totals"] = [a + b for a, b in zip(mine["totals"], theirs["totals"], strict=True)]

@@ -354,6 +354,13 @@ class WindowStats:
     seconds: float
 
 
+def window_batches(state: dict[str, Any]) -> list[float]:
+    """The micro-batch counts of a saved :class:`LossWindow` (its ``state_dict``); a checkpoint of an earlier
+    release has none: its rank's own counts, the second block of its totals, are them."""
+    names = len(state["names"])
+    return state.get("batches") or state["totals"][names : 2 * names]
+
+
 class LossWindow:
     """Loss terms, real tokens and rows of this rank, summed on the device between log lines.
 
@@ -449,8 +456,7 @@ class LossWindow:
             return
         restored = [0.0] * len(self.totals)
         count = len(self.names)
-        # a checkpoint of an earlier release has no batch counts: its rank's own counts are them
-        batches = state.get("batches") or totals[len(saved) : 2 * len(saved)]
+        batches = window_batches(state)
         self.batches = [0] * count
         for place, name in enumerate(saved):
             restored[self.index[name]] = totals[place]
