@@ -148,7 +148,9 @@ def test_sentence_term_pools_as_the_teachers_modules_and_adds_to_the_loss(tiny_b
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize(  # ZeRO-2's 2-rank general runs are in CI in tests/distributed/test_resume_ranks.py
+    "zero", [pytest.param("zero2", marks=pytest.mark.slow), "zero3"]
+)
 def test_two_ranks_with_deepspeed_launcher(zero, tiny_bert_dir, tiny_corpus, tmp_path):
     out = tmp_path / zero
     run_script(

@@ -488,10 +488,11 @@ def test_intermediate_phase_student_cut_from_the_teacher_starts_its_projections_
         torch.testing.assert_close(states["module"][name], expected, atol=1e-6, rtol=0)  # one step at lr 1e-9
 
 
+@pytest.mark.slow  # 2-3 minutes of inductor compiles on 2 CPU cores; the prediction phase's twin below is in CI
 def test_compiled_intermediate_phase_copy_of_the_teacher_starts_at_zero(pipeline, monkeypatch):
     """train.compile in the task stage (ZeRO-2, the tests' JSON): the student's encoder and the teacher compile
     (kernels are written), and a copy of the teacher still matches it exactly (every loss term 0), as in the
-    eager run above; a prediction-phase run compiles its encoder and trains."""
+    eager run above."""
     teacher = str(pipeline / "teachers" / "teacher-1")
     copy = pipeline / "phase1-copy-compiled"
     cache = pipeline / "inductor-task"
@@ -505,8 +506,11 @@ def test_compiled_intermediate_phase_copy_of_the_teacher_starts_at_zero(pipeline
     for record in _metrics(copy):
         for key in ("loss", "loss_embd", "loss_hidden", "loss_attn"):
             assert record[key] < 1e-9, (record["step"], key, record[key])
-    # the prediction phase: the student's encoder under its heads compiles (with dropout: the CPU's cheaper
-    # mask steps aside inside the graph), trains and writes its classifier
+
+
+def test_compiled_prediction_phase_trains_and_writes_its_classifier(pipeline, monkeypatch):
+    """train.compile in the prediction phase: the student's encoder under its heads compiles (with dropout: the
+    CPU's cheaper mask steps aside inside the graph), trains and writes its classifier."""
     predicted = pipeline / "prediction-compiled"
     cache = pipeline / "inductor-task-prediction"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))

@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "threads.py"
 NUMBER = r"([\d.]+)"
 
 
+@pytest.mark.slow  # half a minute of real-size steps; the bench's figures are not checked anyway
 def test_bench_threads_prints_a_row_per_model(tiny_bert_dir):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--base", str(tiny_bert_dir), "--steps", "1"],
