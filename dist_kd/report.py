@@ -202,13 +202,21 @@ def write_report(run_dir: str | Path) -> Path:
         quality_records = [{"step": 0, "eval_spread": start.get("spread"), "eval_probe": start.get("probe")}]
         quality_records += [r for r in records if "eval_spread" in r]
     evaluations = _section(run_dir / "eval.json", lambda: _task_evaluations(eval_report), {})
+    finetune, left_out = None, []
+    if "" not in _by_teacher(records):  # a fine-tuning directory: its ensemble is report.json's teachers
+        finetune = _read_json(run_dir / "report.json")
+        records, left_out = _section(run_dir / "report.json", lambda: _ensemble_records(records, finetune),
+                                     (records, []))  # fmt: skip
     plots = _plots(run_dir, records, evaluations, quality_records)
 
     lines = [f"# Run report: {run_dir}", ""]
     runs = _by_teacher(records)
     if "" not in runs:  # fine-tuned teachers: one row each, then their dev metrics
-        finetune = _read_json(run_dir / "report.json")
         lines += _loss_lines(runs)
+        if left_out:
+            names = ", ".join(f"teacher-{k}" for k in left_out)
+            lines += [f"metrics.jsonl also holds the lines of {names}, of an earlier run with more teachers: not in "
+                      "this ensemble (report.json), left out here.", ""]  # fmt: skip
         lines += _section(run_dir / "report.json", lambda: _finetune_lines(finetune), [])
     elif records:
         first, last = records[0], records[-1]
@@ -277,6 +285,17 @@ def _dev_lines(evaluations: dict[str, Any], eval_report: dict[str, Any] | None) 
             lines.append(f"| {task} | {metric} | {_fmt(final)} | {best_cell} |")
         lines.append("")
     return lines
+
+
+def _ensemble_records(records: list[dict[str, Any]], finetune: dict[str, Any] | None) -> tuple[list, list[int]]:
+    """A fine-tuning directory's lines of the teachers in report.json's ensemble, and the numbers of those left
+    out (a rerun with fewer teachers leaves teacher-K+1.. and their lines behind). Without report.json (a run
+    not finished), every line."""
+    if not finetune or not finetune.get("teachers"):
+        return records, []
+    kept = {int(str(t["dir"]).removeprefix("teacher-")) for t in finetune["teachers"]}
+    left_out = sorted({r["teacher"] for r in records if isinstance(r.get("teacher"), int)} - kept)
+    return [r for r in records if r.get("teacher") not in left_out], left_out
 
 
 def _loss_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:

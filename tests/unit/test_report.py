@@ -131,6 +131,36 @@ def test_finetune_report_has_a_row_and_a_loss_line_per_teacher(tmp_path, monkeyp
     assert {"teacher 1 loss", "teacher 2 loss"} <= set(drawn)
 
 
+def test_finetune_report_leaves_out_teachers_beyond_the_ensemble(tmp_path, monkeypatch):
+    """A rerun with --num-teachers 2 after 3 leaves teacher-3 and its metrics.jsonl lines behind (with a warning):
+    the report's table and plots are report.json's ensemble, and a line says what was left out."""
+    run = tmp_path / "teachers"
+    run.mkdir()
+    records = [{"teacher": k, "step": s, "loss": k / s, "lr": 1e-5, "samples_per_s": 100.0 * k}
+               for k in (1, 2, 3) for s in (10, 20)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    finetune = {"metric": "accuracy", "task_type": "classification", "num_dev": 400,
+                "teachers": [{"dir": f"teacher-{k}", "dev": {"accuracy": 0.9}} for k in (1, 2)],
+                "ensemble_dev": {"accuracy": 0.94}}  # fmt: skip
+    (run / "report.json").write_text(json.dumps(finetune))
+    matplotlib = pytest.importorskip("matplotlib")
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    text = write_report(run).read_text()
+    assert "| teacher 1 | 10 to 20 |" in text and "| teacher 2 | 10 to 20 |" in text
+    assert "| teacher 3 |" not in text and "teacher 3 loss" not in drawn and "teacher 1 loss" in drawn
+    assert "metrics.jsonl also holds the lines of teacher-3, of an earlier run with more teachers" in text
+    # Before report.json (a run still training its teachers), every teacher's lines are shown.
+    (run / "report.json").unlink()
+    assert "| teacher 3 | 10 to 20 |" in write_report(run).read_text()
+
+
 def test_not_a_run_directory_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} has no metrics.jsonl: not a dist_kd run directory\n"
