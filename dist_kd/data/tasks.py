@@ -970,6 +970,12 @@ def load_task_examples(
         text_b: list[Any] = [None] * num_rows
     else:
         text_b = _column(raw, spec.text_b, path, spec, "text_b")
+    if require_label_column is None:
+        require_label_column = require_labels
+    # Every missing column is an error before the rows' warnings (a caller that retries without the label
+    # column, as precompute does, would say them twice).
+    has_labels = spec.label is not None and (require_label_column or spec.label in raw.column_names)
+    label_cells = _column(raw, spec.label, path, spec, "label") if has_labels else None
     for row, value in enumerate(text_a):
         if value is None:
             raise ValueError(
@@ -996,13 +1002,11 @@ def load_task_examples(
             "as single texts", path, where.subject(unpaired), spec.text_b,
         )  # fmt: skip
 
-    if require_label_column is None:
-        require_label_column = require_labels
-    if spec.label is None or (not require_label_column and spec.label not in raw.column_names):
+    if label_cells is None:
         labels: list[Any] = [None] * num_rows
     else:
         column_names = _glue_class_names(spec, class_names.get(spec.label))
-        labels = _resolve_labels(_column(raw, spec.label, path, spec, "label"), spec, path, column_names, where)
+        labels = _resolve_labels(label_cells, spec, path, column_names, where)
         if require_labels:
             missing = [row for row, value in enumerate(labels) if value is None]
             if missing:

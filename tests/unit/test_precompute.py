@@ -540,6 +540,9 @@ def test_a_missing_label_column_is_a_warning_unless_named(setup, tmp_path, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == caplog_name]
     assert len(warnings) == 1
     assert f"task data {data} has no label column 'category' (columns found: id, a, b, y)" in warnings[0]
+    # ... said once: the data was read a second time without the label column, and its warnings said twice
+    unpaired = [r.getMessage() for r in caplog.records if "no second text in column" in r.getMessage()]
+    assert len(unpaired) == 1, unpaired
     assert "--label COLUMN" in warnings[0]
     loaded = st.load_soft_targets(tmp_path / "st")
     assert loaded.table.column("label").to_pylist() == [None] * len(rows)
