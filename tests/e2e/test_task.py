@@ -108,6 +108,10 @@ def test_two_ranks_multitask_run_follows_the_contract(two_rank_run):
         for key in ("step", "loss", "lr", "tokens_per_s", "samples_per_s", "task_loss", "task_batches"):
             assert key in record, key
     assert {name for r in records for name in r["task_batches"]} == {"topic", "share"}
+    # tasks without a weight are drawn in proportion to their training rows: topic's 600 against share's 300 (about
+    # 170 draws, so 2/3 give or take 0.036; equal weights would be 1/2)
+    counts = {name: sum(r["task_batches"].get(name, 0) for r in records) for name in ("topic", "share")}
+    assert abs(counts["topic"] / sum(counts.values()) - 2 / 3) < 0.08, counts
     assert any("loss_soft" in r for r in records) and any("loss_hard" in r for r in records)
     topic_losses = [r["task_loss"]["topic"] for r in records if "topic" in r["task_loss"]]
     assert np.mean(topic_losses[-3:]) < 0.8 * np.mean(topic_losses[:3]), "the topic loss should fall"

@@ -53,6 +53,24 @@ def test_multiclass_mcc_reduces_to_binary_formula():
     assert matthews_corrcoef(BIN_PREDS, BIN_LABELS, num_classes=2) == pytest.approx(4 / math.sqrt(240))
 
 
+def test_mcc_of_unbalanced_classes_is_the_correlation_of_one_hot_codes():
+    """The hand-worked cases above have balanced classes, where predicted.actual = actual.actual: unbalanced ones
+    against the binary formula and against R_K's definition (Gorodkin 2004) as the correlation of the one-hot
+    coded predictions and labels, summed over the classes."""
+    # TP=3, FP=1, TN=1, FN=0: (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = 3 / sqrt(4*3*2*1)
+    assert matthews_corrcoef(np.array([1, 1, 1, 1, 0]), np.array([1, 1, 1, 0, 0])) == pytest.approx(3 / math.sqrt(24))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        classes, rows = int(rng.integers(2, 6)), int(rng.integers(5, 80))
+        labels = rng.choice(classes, size=rows, p=rng.dirichlet(np.ones(classes) * 0.7))
+        preds = np.where(rng.random(rows) < 0.6, labels, rng.integers(0, classes, size=rows))
+        x = np.eye(classes)[preds] - np.eye(classes)[preds].mean(0)
+        y = np.eye(classes)[labels] - np.eye(classes)[labels].mean(0)
+        denominator = math.sqrt((x * x).sum() * (y * y).sum())
+        expected = (x * y).sum() / denominator if denominator > 0 else 0.0
+        assert matthews_corrcoef(preds, labels, num_classes=classes) == pytest.approx(expected, abs=1e-12)
+
+
 def test_correlations_by_hand():
     x = np.array([1.0, 2.0, 3.0, 4.0])
     y = np.array([2.0, 4.0, 5.0, 4.0])

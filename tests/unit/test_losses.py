@@ -180,6 +180,23 @@ def test_prediction_loss_mixes_soft_and_hard():
         prediction_loss(z, None, None)
 
 
+def test_prediction_loss_hard_term_over_the_labelled_rows_and_hard_rows():
+    """The hard term is the sum of the labelled rows' cross-entropies over their count, or over ``hard_rows``
+    (data-parallel: the micro-batch's labelled rows over the world size), computed here row by row."""
+    import math
+
+    z = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.1, -0.3], [2.0, 0.0, 1.0], [-1.0, 1.0, 0.0]])
+    y = torch.tensor([2, 0, 0, 1])
+    labelled = torch.tensor([True, False, True, True])
+    row_ce = [math.log(sum(math.exp(v) for v in row)) - row[int(k)] for row, k in zip(z.tolist(), y, strict=True)]
+    summed = row_ce[0] + row_ce[2] + row_ce[3]
+    mean = prediction_loss(z, None, y, hard_weight=1.0, label_mask=labelled)
+    assert mean["hard"].item() == pytest.approx(summed / 3, rel=1e-6)
+    spread = prediction_loss(z, None, y, hard_weight=0.5, label_mask=labelled, hard_rows=2.5)
+    assert spread["hard"].item() == pytest.approx(summed / 2.5, rel=1e-6)
+    assert spread["loss"].item() == pytest.approx(0.5 * summed / 2.5, rel=1e-6)
+
+
 def _relation_kl_by_loops(student, teacher, mask, heads):
     """MiniLMv2's relation KL written out example by example, relation head by relation head, query by query."""
     import math

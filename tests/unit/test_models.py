@@ -730,3 +730,52 @@ def test_a_finetune_base_of_another_shape_than_its_config_warns_of_the_weights_i
     assert len(warned) == 1, warned
     assert "1 weights of BertForSequenceClassification have another shape" in warned[0]
     assert "bert.embeddings.position_embeddings.weight" in warned[0]
+
+
+def test_unit_selection_keeps_whole_teacher_heads():
+    """Each student head takes evenly spaced dimensions of one teacher head (narrower heads: fewer dimensions
+    of the same head, never pieces of two, never one twice); teacher heads floor(k * T / S) are kept."""
+    from transformers import BertConfig
+
+    from dist_kd.models.student import unit_selection
+
+    teacher = BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    student = BertConfig(hidden_size=18, num_attention_heads=3, intermediate_size=40)
+    # heads 0, 1, 2 of 4 (floor(4k/3)); dimensions 0, 1, 2, 4, 5, 6 of each head's 8 (floor(8k/6))
+    assert unit_selection(student, teacher).inner.tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16, 17, 18, 20,
+                                                               21, 22]  # fmt: skip
+    for t_heads, t_dim, s_heads, s_dim in [(12, 32, 12, 16), (12, 64, 4, 48), (4, 8, 2, 8), (6, 16, 5, 3)]:
+        teacher = BertConfig(hidden_size=t_heads * t_dim, num_attention_heads=t_heads, intermediate_size=64)
+        student = BertConfig(hidden_size=s_heads * s_dim, num_attention_heads=s_heads, intermediate_size=32)
+        inner = unit_selection(student, teacher).inner
+        assert len(set(inner.tolist())) == inner.numel() == s_heads * s_dim
+        heads = inner.view(s_heads, s_dim) // t_dim
+        assert (heads == heads[:, :1]).all(), "a student head spans two teacher heads"
+        assert heads[:, 0].tolist() == [k * t_heads // s_heads for k in range(s_heads)]
+
+
+def test_prediction_term_is_the_papers_soft_cross_entropy_at_temperature_t():
+    """L_pred = CE(softmax(z_T / t), log_softmax(z_S / t)), written out per row, at t = 2 (t = 1 would not tell a
+    target softened by t from one that is not)."""
+    import math
+
+    from dist_kd.models.capture import EncoderFeatures
+
+    features = EncoderFeatures(embeddings=torch.zeros(2, 3, 4), hidden={}, scores={})
+    z_s = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    z_t = torch.tensor([[2.0, 0.0, -1.0], [1.0, 1.0, 4.0]])
+    terms = tinybert_objective(
+        features, features, [], torch.ones(2, 3), LossWeights(embd=0.0, hidden=0.0, attn=0.0, pred=1.0),
+        student_logits=z_s, teacher_logits=z_t, temperature=2.0,
+    )  # fmt: skip
+
+    def softmax(row):
+        exps = [math.exp(v / 2.0) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    expected = [
+        -sum(p * math.log(q) for p, q in zip(softmax(t), softmax(s), strict=True))
+        for s, t in zip(z_s.tolist(), z_t.tolist(), strict=True)
+    ]
+    assert set(terms) == {"pred", "loss"}
+    assert terms["pred"].item() == pytest.approx(sum(expected) / 2, rel=1e-6)

@@ -72,6 +72,10 @@ def test_probe_separates_separable_classes_and_not_noise():
     assert linear_probe(separable, labels, 3) == 1.0
     noise = rng.normal(size=(150, 8))
     assert linear_probe(noise, labels, 3) < 0.55  # chance is about 1/3
+    # More dimensions than rows: a classifier scored on rows it was fitted to would get them all right; every
+    # row is scored by the folds that did not see it, so noise stays near chance (1/2 here).
+    wide, coins = rng.normal(size=(60, 128)), rng.integers(0, 2, size=60)
+    assert linear_probe(wide, coins, 2) < 0.75
 
 
 def test_probe_is_scale_invariant():
