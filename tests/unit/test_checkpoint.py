@@ -703,3 +703,27 @@ def test_an_out_of_memory_error_while_loading_is_not_called_a_damaged_checkpoint
     said = str(refused.value)
     assert "weights-only loader refuses an object in it (Weights only load failed." in said
     assert "its files are not damaged" in said and "delete" not in said and "move it out" not in said
+
+
+def test_a_resume_draws_the_random_numbers_the_saved_run_would_have_drawn_next(tmp_path):
+    """Dropout masks and sampling after a resume: Python's, NumPy's and torch's generators continue from where
+    the checkpoint left them (a resume that skipped them trained on other masks than the uninterrupted run)."""
+    import random
+
+    import numpy as np
+
+    class LoadingEngine(FakeEngine):
+        lr_scheduler = None
+
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states):
+            pass
+
+    def draws():
+        return random.random(), float(np.random.random()), torch.rand(3).tolist()
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    checkpoint = ckpt.save_checkpoint(FakeEngine(), tmp_path, 3, {"step": 3}, {"student": 1}, 0)
+    expected = draws()  # what the run drew next
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)  # a new process: other states
+    assert ckpt.load_checkpoint(LoadingEngine(), checkpoint)["step"] == 3
+    assert draws() == expected
