@@ -266,8 +266,9 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         loss.backward()
         optimizer.step()
         schedule.step()
+        # refresh=False: a refreshing postfix draws the bar every step, in a log file one line a step
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     after = masked_accuracy(head, held_out, cfg, cfg.seed + 1)
     if not math.isfinite(after["loss"]):

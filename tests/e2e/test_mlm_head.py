@@ -21,6 +21,9 @@ def test_fitted_head_beats_untrained_and_keeps_encoder(tiny_bert_dir, tiny_corpu
         "--top-k", "5",
     )  # fmt: skip
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    # stderr is a pipe, as a SLURM log: the bar is a line when it starts and ends (and once a minute), not a step
+    bar_lines = [line for line in proc.stderr.splitlines() if line.startswith("MLM head")]
+    assert 2 <= len(bar_lines) <= 4, proc.stderr[-3000:]
     result = json.loads((out / "mlm.json").read_text())
     assert printed["held_out_after"] == result["held_out_after"]
     before, after = result["held_out_before"], result["held_out_after"]
