@@ -7,6 +7,8 @@ import importlib.util
 import json
 import re
 
+import pytest
+
 from tests.e2e.conftest import run_script
 
 
@@ -50,6 +52,7 @@ def test_smoke_suite_writes_every_row_and_both_reports(tmp_path):
     assert table.count("\n| 2L-16 | 32 |") == len(report["rows"]) == 12 + len(text_rows) and "wrote" in proc.stdout
 
 
+@pytest.mark.slow  # CI time (a cold torch.compile); the suite's own --smoke above is in CI
 def test_smoke_profile_times_every_phase_and_lists_operators(tmp_path):
     """bench/gpu_profile.py --smoke: the phase timings and the profiler tables on the CPU."""
     phases = ["teacher forward", "student forward", "loss", "backward", "optimizer step"]
