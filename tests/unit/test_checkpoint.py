@@ -727,3 +727,18 @@ def test_a_resume_draws_the_random_numbers_the_saved_run_would_have_drawn_next(t
     random.seed(2), np.random.seed(2), torch.manual_seed(2)  # a new process: other states
     assert ckpt.load_checkpoint(LoadingEngine(), checkpoint)["step"] == 3
     assert draws() == expected
+
+
+def test_resume_never_refuses_a_directory_that_holds_a_run(tmp_path):
+    """A run without a checkpoint yet still has its metrics.jsonl, which a fresh start would overwrite."""
+    assert ckpt.resume_point(tmp_path / "fresh", "never") is None
+    metrics_only = tmp_path / "metrics_only"
+    metrics_only.mkdir()
+    (metrics_only / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="already holds a run"):
+        ckpt.resume_point(metrics_only, "never")
+    checkpointed = tmp_path / "checkpointed"
+    _save(checkpointed / "checkpoints", 5)
+    with pytest.raises(ValueError, match="already holds a run"):
+        ckpt.resume_point(checkpointed, "never")
+    assert ckpt.resume_point(checkpointed, "auto") == checkpointed / "checkpoints" / "step-00000005"

@@ -372,3 +372,42 @@ def test_an_output_that_is_the_runs_own_starting_model_is_refused(sentence_stude
     assert f"--output {start} is student.path of the run {run}" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_size) for p in start.iterdir()) == before
     assert main(["--checkpoint", str(run), "--output", str(tmp_path / "round2")]) == 0
+
+
+def test_a_task_export_takes_that_tasks_head_and_leaves_the_other_tasks_heads(sentence_student, tmp_path, capsys):
+    """--task topic of a two-task run: the head of the other task stays in the checkpoint."""
+    from safetensors.torch import load_file
+
+    run, encoder = _task_run(tmp_path, sentence_student, {}, 2)
+    checkpoint = run / "checkpoints" / "step-00000010"
+    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)
+    weight = torch.arange(64, dtype=torch.float32).reshape(2, 32)
+    states["module"] |= {"heads.topic.classifier.weight": weight, "heads.topic.classifier.bias": torch.ones(2),
+                         "heads.other.classifier.weight": torch.zeros(3, 32),
+                         "heads.other.classifier.bias": torch.zeros(3)}  # fmt: skip
+    torch.save(states, checkpoint / "mp_rank_00_model_states.pt")
+    tasks = [{"name": "topic", "labels": ["a", "b"], "type": "classification"},
+             {"name": "other", "labels": ["x", "y", "z"], "type": "classification"}]  # fmt: skip
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 10, "tasks": tasks}))
+    out = tmp_path / "topic"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(out), "--task", "topic"]) == 0, capsys.readouterr()
+    exported = load_file(out / "model.safetensors")
+    head = [value for name, value in exported.items() if value.shape == weight.shape and "classifier" in name]
+    assert len(head) == 1 and torch.equal(head[0], weight)
+
+
+def test_a_latest_older_than_the_newest_whole_checkpoint_is_exported_as_named_with_a_warning(
+    sentence_student, tmp_path, caplog
+):
+    from dist_kd.export import resolve_checkpoint
+
+    run, _ = _task_run(tmp_path, sentence_student, {}, 2)
+    shutil.copytree(run / "checkpoints" / "step-00000010", run / "checkpoints" / "step-00000020")
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(run / "checkpoints" / "latest") == run / "checkpoints" / "step-00000010"
+    assert "step-00000020 is newer and whole" in caplog.text
+    caplog.clear()
+    (run / "checkpoints" / "latest").write_text("step-00000020")
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(run / "checkpoints" / "latest") == run / "checkpoints" / "step-00000020"
+    assert "newer" not in caplog.text

@@ -551,3 +551,13 @@ def test_outputs_that_are_not_finite_are_an_error_naming_the_rows(classifier, da
     with pytest.raises(ValueError, match=r"not finite \(nan or inf\) on 6 of 6 rows of .*example ids demo-0, "):
         evaluate_classifier(broken, _spec("category"), data, output=out)
     assert not out.exists()
+
+
+def test_an_id2label_with_a_gap_in_its_ids_is_named():
+    from types import SimpleNamespace
+
+    from dist_kd.predict import teacher_label_names
+
+    assert teacher_label_names(SimpleNamespace(id2label={"1": "pos", "0": "neg"}), "t") == ["neg", "pos"]
+    with pytest.raises(ValueError, match=r"teacher t: config.json id2label has ids \[0, 2\], expected 0..C-1"):
+        teacher_label_names(SimpleNamespace(id2label={0: "neg", 2: "pos"}), "t")

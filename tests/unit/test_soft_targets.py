@@ -312,3 +312,17 @@ def test_hidden_manifest_lets_datasets_read_the_store_and_legacy_stores_still_lo
     assert st.load_soft_targets(store).table.column("example_id").to_pylist() == loaded["example_id"]
     st.write_soft_targets(rows, store, metadata)  # rewriting it leaves one manifest, the new one
     assert not (store / "_manifest.json").exists() and (store / ".manifest.json").is_file()
+
+
+def test_a_part_file_of_another_store_or_a_manifest_row_count_edited_is_refused(tmp_path):
+    metadata, hotter = _metadata(), _metadata(temperature=4.0)
+    st.write_soft_targets(_rows(5, metadata), tmp_path / "a", metadata)
+    st.write_soft_targets(_rows(5, hotter), tmp_path / "b", hotter)
+    (tmp_path / "a" / "part-00000.parquet").write_bytes((tmp_path / "b" / "part-00000.parquet").read_bytes())
+    with pytest.raises(ValueError, match="carries other metadata"):
+        st.load_soft_targets(tmp_path / "a", verify_checksums=False)  # the checksum check is off: metadata still
+    st.write_soft_targets(_rows(5, metadata), tmp_path / "c", metadata)
+    manifest = json.loads((tmp_path / "c" / st.MANIFEST_NAME).read_text())
+    (tmp_path / "c" / st.MANIFEST_NAME).write_text(json.dumps(manifest | {"num_rows": 6}))
+    with pytest.raises(ValueError, match="5 rows, manifest says 6"):
+        st.load_soft_targets(tmp_path / "c")

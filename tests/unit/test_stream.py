@@ -596,3 +596,48 @@ finally:
     assert proc.stderr.strip().splitlines() == [
         f"error: corrupt corpus shard {shard}: bad tar header checksum at byte 2048"
     ], proc.stderr[-3000:]
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_out_of_range(tmp_path):
+    import numpy as np
+
+    from dist_kd.data.stream import check_token_ids
+
+    check_token_ids(tmp_path / "shard.tar", [np.array([0, 9])], vocab_size=10)  # the largest id is vocab_size - 1
+    with pytest.raises(CorruptShardError, match="token id 10"):
+        check_token_ids(tmp_path / "shard.tar", [np.array([0, 10])], vocab_size=10)
+
+
+def test_the_first_epoch_starts_at_the_beginning_of_the_shard_order(corpus):
+    from dist_kd.data.stream import epoch_shard_order
+
+    manifest = read_manifest(corpus)
+    order = epoch_shard_order(len(manifest["shards"]), 5, 0, True)
+    shards = [manifest["shards"][index] for index in order]
+    expected = [tuple(int(t) for t in a) for s in shards for a in read_shard(corpus / s["name"], s["num_sequences"])]
+    rows = _rows(_stream(corpus, shuffle_buffer=1))  # windows of one: the layout order itself
+    assert rows == expected[: len(rows)]
+
+
+def test_a_state_saved_after_the_last_batch_of_an_epoch_resumes_with_the_next_epoch(corpus):
+    interrupted = _stream(corpus)
+    _take(interrupted, len(interrupted))  # the trainer saves while the iterator is still open
+    reference = _stream(corpus)
+    list(reference)
+    resumed = _stream(corpus)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert _rows([next(iter(resumed))]) == _rows([next(iter(reference))]) and resumed.epoch == 1
+
+
+@pytest.mark.parametrize("micro_batch_size", [BATCH, 2 * BATCH])  # the same layout, and a new one
+def test_a_shard_found_corrupt_on_resume_is_left_out_of_the_rest_of_the_epoch(corpus, tmp_path, micro_batch_size):
+    damaged, lost = _truncated_copy(corpus, tmp_path)
+    interrupted = _stream(corpus)
+    _take(interrupted, 3)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = _stream(damaged, skip_corrupt=True, micro_batch_size=micro_batch_size)
+    assert len(resumed) == (len(_sequences(corpus)) - sum(lost.values())) // micro_batch_size
+    resumed.load_state_dict(state)
+    batches = list(resumed)  # the rest of epoch 0
+    assert batches and all(bool(batch["attention_mask"].all()) for batch in batches), "rows of the corrupt shard"
+    assert not Counter(_rows(batches)) & lost

@@ -727,3 +727,10 @@ def test_a_byte_order_mark_is_no_part_of_the_data_in_either_reader(tmp_path, nam
     else:
         with pytest.raises(ValueError, match=r"line 3 has 3 fields, the header has 2 \(\['text', 'y'\]\)"):
             load_task_examples(path, spec, encoding=encoding)
+
+
+def test_a_boolean_label_matching_two_labels_but_for_case_is_refused(tmp_path):
+    """Labels True and TRUE: a JSON true names neither more than the other, so it must not pick the first."""
+    path = _write(tmp_path / "d.jsonl", [{"text": "a", "label": True}], "jsonl")
+    with pytest.raises(ValueError, match=r"holds the boolean true, which matches only a label named 'true'"):
+        load_task_examples(path, TaskSpec(name="yn", labels=["True", "TRUE", "false"], text_a="text"))
