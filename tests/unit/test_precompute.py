@@ -634,3 +634,34 @@ def test_one_run_writes_an_output_at_a_time_and_an_ended_runs_empty_partial_run_
     precompute_soft_targets(spec, data, reference, _config(teachers[:2]), progress=False)
     np.testing.assert_array_equal(st.load_soft_targets(out).soft_probs(), st.load_soft_targets(reference).soft_probs())
     assert not (out / LOCK_NAME).exists() and not (out / "_chunks").exists()
+
+
+@pytest.mark.parametrize("use_token_types", [True, False])
+def test_batched_logits_are_in_row_order_and_pass_segment_ids_only_where_the_model_takes_them(use_token_types):
+    """A RoBERTa-type model has one segment: given token_type_ids of a pair's second text (1), it indexes past
+    its one-row type embedding."""
+    from dist_kd.data.encode import TokenizedRows
+    from dist_kd.predict import batched_logits
+
+    row_ids = [[5, 6], [7, 8, 9, 10], [11], [12, 13, 14]]
+    row_types = [[0, 1], [0, 0, 1, 1], [0], [0, 1, 1]]
+    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in row_ids])]).astype(np.int64)
+    rows = TokenizedRows(np.concatenate(row_ids).astype(np.int32), np.concatenate(row_types).astype(np.int8), offsets)
+    seen = []
+
+    def forward(batch):
+        seen.append(sorted(batch))
+        mask = batch["attention_mask"]
+        ids_sum = (batch["input_ids"] * mask).sum(1, keepdim=True)
+        types_sum = (
+            batch["token_type_ids"].sum(1, keepdim=True) if "token_type_ids" in batch else -mask.sum(1, keepdim=True)
+        )
+        return torch.cat([ids_sum, types_sum], dim=1).double()  # a wider dtype: returned as float32
+
+    out = batched_logits(forward, rows, pad_id=0, batch_size=3, device=torch.device("cpu"),
+                         use_token_types=use_token_types)  # fmt: skip
+    expected_types = [sum(t) for t in row_types] if use_token_types else [-len(ids) for ids in row_ids]
+    np.testing.assert_array_equal(out, np.array([[sum(ids), t] for ids, t in zip(row_ids, expected_types)]))
+    assert out.dtype == np.float32 and len(seen) == 2  # batches of 3 and 1
+    names = ["attention_mask", "input_ids", "token_type_ids"][: 3 if use_token_types else 2]
+    assert all(keys == names for keys in seen), seen
