@@ -119,14 +119,7 @@ def test_finetune_report_has_a_row_and_a_loss_line_per_teacher(tmp_path, monkeyp
     assert (run / "loss.png").read_bytes()[:8] == PNG and (run / "lr_throughput.png").read_bytes()[:8] == PNG
     import dist_kd.report as report
 
-    drawn = []
-    real_plot = matplotlib.axes.Axes.plot
-
-    def plot(self, *args, **kwargs):
-        drawn.append(kwargs.get("label"))
-        return real_plot(self, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    drawn = _plotted_labels(monkeypatch, matplotlib)
     report._plots(run, records, {}, [])
     assert {"teacher 1 loss", "teacher 2 loss"} <= set(drawn)
 
@@ -144,14 +137,7 @@ def test_finetune_report_leaves_out_teachers_beyond_the_ensemble(tmp_path, monke
                 "ensemble_dev": {"accuracy": 0.94}}  # fmt: skip
     (run / "report.json").write_text(json.dumps(finetune))
     matplotlib = pytest.importorskip("matplotlib")
-    drawn = []
-    real_plot = matplotlib.axes.Axes.plot
-
-    def plot(self, *args, **kwargs):
-        drawn.append(kwargs.get("label"))
-        return real_plot(self, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    drawn = _plotted_labels(monkeypatch, matplotlib)
     text = write_report(run).read_text()
     assert "| teacher 1 | 10 to 20 |" in text and "| teacher 2 | 10 to 20 |" in text
     assert "| teacher 3 |" not in text and "teacher 3 loss" not in drawn and "teacher 1 loss" in drawn
@@ -209,3 +195,16 @@ def test_quality_plot_starts_at_the_step_0_measurement_of_the_summary(tmp_path, 
     write_report(run)
     assert [(r["step"], r["eval_spread"], r["eval_probe"]) for r in seen[0]] == [(0, 0.7, 0.8), (50, 0.5, 0.9),
                                                                                 (100, 0.5, 0.9)]  # fmt: skip
+
+
+def _plotted_labels(monkeypatch, matplotlib) -> list:
+    """The label of every line the report draws from now on, in order."""
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    return drawn
