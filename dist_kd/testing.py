@@ -274,12 +274,15 @@ def topic_examples(num: int, seed: int = 0, num_keywords: int = 2) -> list[dict[
     return rows
 
 
-def run_process_group(command: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+def run_process_group(
+    command: list[str], timeout: float, popen=subprocess.Popen, **popen_kwargs
+) -> subprocess.CompletedProcess:
     """Run ``command`` in a process group of its own (text output captured) and kill the whole group when it
     ends or after ``timeout`` seconds, so none of its children (a launcher's ranks) outlive it and hold a
-    port or a device. ``returncode`` is None when the timeout stopped it (with what it wrote by then)."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen_kwargs)  # fmt: skip
+    port or a device. ``returncode`` is None when the timeout stopped it (with what it wrote by then).
+    ``popen``: what starts it (the tests pass one that forks the test process where it can)."""
+    proc = popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                 **popen_kwargs)  # fmt: skip
     timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

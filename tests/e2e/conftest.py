@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dist_kd.testing import run_process_group
+from tests import forked
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,7 +48,7 @@ def run_script(*args: str, timeout: float = 600, check: bool = True, cuda: bool 
     The job runs in its own process group, and nothing of it outlives the call: a launcher's rank processes
     left behind by a timeout (or a crash) would hold the tests' fixed ports and hang the next run on them."""
     cmd = list(args) if args[0] == "deepspeed" else [sys.executable, *args]
-    proc = run_process_group(cmd, timeout, cwd=REPO, env=script_env(cuda))
+    proc = run_process_group(cmd, timeout, popen=forked.popen, cwd=REPO, env=script_env(cuda))
     if proc.returncode is None:
         pytest.fail(f"{' '.join(cmd)} did not end in {timeout:.0f} s (all its processes were killed)\n"
                     f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")  # fmt: skip
@@ -74,10 +75,7 @@ def run_until_lines_then_sigterm(
     Fails unless the process exits with ``expect_code`` (a preempted run checkpoints and exits 0).
     """
     cmd = [sys.executable, *args]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=group,
-    )  # fmt: skip
+    proc = forked.popen(cmd, cwd=REPO, env=script_env(), text=True, start_new_session=group)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
