@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
 
     print("out", os.getcwd(), os.environ.get("FORKED_X"), os.environ.get("FORKED_GONE"), sys.argv[1:])
     print("err line", file=sys.stderr)
-    sys.stderr.write("bar 1\rbar 2\r\n")
+    sys.stderr.write("bar 1\\rbar 2\\r\\n")
     print("pgid", os.getpgid(0) == os.getpid())
     import dist_kd.models.dropout as dropout
     print("fast dropout", dropout._enabled)
