@@ -59,13 +59,6 @@ _PYTEST_FILTERS = {
 _warmed = False
 
 
-def _in_process_group() -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def can_fork(command: list[str], env: dict[str, str] | None = None) -> bool:
     """Whether ``command`` (``[python, SCRIPT|-m MODULE|-c CODE, ...]``) may run in a fork of this process."""
     if os.environ.get("DIST_KD_TEST_FORK", "1") == "0" or not hasattr(os, "fork") or sys.platform != "linux":
@@ -75,9 +68,11 @@ def can_fork(command: list[str], env: dict[str, str] | None = None) -> bool:
     if (env or {}).get("CUDA_VISIBLE_DEVICES", "") != "":
         return False  # a command on the GPUs: CUDA does not survive a fork
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch is None:
+        return True
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         return False
-    return not _in_process_group()  # the child would share the group's sockets
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())  # would share its sockets
 
 
 def warm() -> None:
