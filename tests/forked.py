@@ -121,7 +121,10 @@ class ForkedScript:
         err_read, err_write = (None, None) if merge_stderr else os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with warnings.catch_warnings():  # Python 3.12+ warns of any fork of a process with threads: this one is
+            # the point, and the child starts what it needs afresh (_child)
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the child: never returns into the test
             code = 70
             try:
@@ -224,6 +227,7 @@ def _child(args: list[str], cwd: str, env: dict[str, str], new_session: bool, ou
     for fd in {null, out_fd, err_fd} - {0, 1, 2}:
         os.close(fd)
     _fresh_exit_handlers()
+    _fresh_thread_pools()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -271,6 +275,28 @@ def _fresh_exit_handlers() -> None:
         util._finalizer_registry.clear()
         util._run_after_forkers()
         atexit.register(util._exit_function)
+
+
+def _fresh_thread_pools() -> None:
+    """A thread pool the test process holds comes into the child with its workers counted but gone (a fork keeps
+    only the thread that forked): torch's inductor keeps one for its compiles, made by a test that compiled in
+    the test process, and a compile in the child queued its work there and waited for ever. A pool's next
+    ``submit`` in the child drops the dead workers first, so that it starts its own as a new pool does."""
+    from concurrent.futures import thread
+
+    adjust = thread.ThreadPoolExecutor._adjust_thread_count
+    if getattr(adjust, "_forked_child", False):
+        return
+
+    def adjust_after_fork(self):
+        workers = getattr(self, "_threads", None)
+        if workers and any(not worker.is_alive() for worker in workers):
+            self._threads = {worker for worker in workers if worker.is_alive()}
+            self._idle_semaphore = threading.Semaphore(0)  # the dead workers' "idle" counts, which took new work
+        adjust(self)
+
+    adjust_after_fork._forked_child = True
+    thread.ThreadPoolExecutor._adjust_thread_count = adjust_after_fork
 
 
 def _fresh_stdio() -> None:

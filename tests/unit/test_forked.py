@@ -132,6 +132,38 @@ def test_signals_timeouts_and_a_merged_stderr(script, tmp_path):
     assert stopped.returncode is None and "out " in stopped.stdout  # the timeout killed it, what it wrote kept
 
 
+POOL_SCRIPT = """
+import concurrent.futures, sys
+held = sys.modules.get("forked_test_pool_holder")  # only in the fork: the test process's module
+pool = held.pool if held else concurrent.futures.ThreadPoolExecutor(2)
+print("pool", pool.submit(lambda: 6 * 7).result(timeout=20))
+"""
+
+
+def test_a_thread_pool_of_the_test_process_works_in_the_command(tmp_path, monkeypatch):
+    """A pool whose workers ran in the test process (torch's inductor keeps one for its compiles) comes into the
+    fork with those workers gone: the command's first task waited for ever in the queue (a compile hung on
+    Python 3.13). Python 3.12+ warns of every fork of a process with threads; this one is meant, and is not."""
+    import concurrent.futures
+    import types
+    import warnings
+
+    held = types.ModuleType("forked_test_pool_holder")
+    held.pool = concurrent.futures.ThreadPoolExecutor(2)
+    assert list(held.pool.map(abs, [-1, -2, -3])) == [1, 2, 3] and len(held.pool._threads) == 2  # idle workers
+    monkeypatch.setitem(sys.modules, held.__name__, held)
+    (tmp_path / "pool.py").write_text(POOL_SCRIPT)
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            fresh, fork = _both(tmp_path / "pool.py", "", tmp_path)
+    finally:
+        held.pool.shutdown()
+    assert fresh.returncode == fork.returncode == 0, fork.stderr[-2000:]
+    assert fork.stdout == fresh.stdout == "pool 42\n"
+    assert not [w for w in said if "multi-threaded" in str(w.message)], [str(w.message) for w in said]
+
+
 def test_commands_that_cannot_fork_run_in_a_new_interpreter(monkeypatch):
     assert not forked.can_fork(["deepspeed", "--num_gpus", "2", "launch/general.py"], _env())
     assert not forked.can_fork([sys.executable, "launch/general.py"], _env(CUDA_VISIBLE_DEVICES="0"))
