@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install dist_kd (editable) with the real assets; `bash launch/setup.sh dev` adds the test and lint tools.
-# On a machine without an NVIDIA GPU, torch is pinned to the CPU wheel: an unpinned torch pulls several GB
-# of CUDA packages that a CPU cannot use.
+# A torch already installed is kept. Otherwise, on a machine without an NVIDIA GPU, torch is pinned to 2.13.0,
+# which is a CPU build where pip's indexes hold one for this Python; where they do not, pip takes that version's
+# default build, a CUDA one of several GB (it runs on the CPU all the same), and the script says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -21,6 +22,11 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q torch
   else
     python -m pip install -q torch==2.13.0
+    cuda=$(python -c "import torch; print(torch.version.cuda or '')" 2>/dev/null) || cuda=
+    if [ -n "$cuda" ]; then
+      echo "setup: note: pip installed torch 2.13.0's CUDA $cuda build (several GB; it runs on this CPU)." \
+        "For the CPU-only build, install torch from PyTorch's CPU wheel index first; this script keeps it" >&2
+    fi
   fi
 fi
 echo "setup: installing dist_kd and its dependencies ($extras; a few minutes on a fresh machine)" >&2
