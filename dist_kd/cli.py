@@ -330,7 +330,9 @@ def detach_run_log(handler: RunLog | None) -> None:
 
 def _one_line_end(record: logging.LogRecord) -> bool:
     """A captured warning's text ends in a newline (``warnings.formatwarning``): with the handler's own, a blank
-    line followed each one."""
+    line followed each one. Python 3.11+ logs that text as the message, 3.10 as the argument of ``"%s"``."""
+    if record.msg == "%s" and isinstance(record.args, tuple) and len(record.args) == 1:
+        record.msg, record.args = str(record.args[0]), None
     if isinstance(record.msg, str):
         record.msg = record.msg.rstrip("\n")
     return True

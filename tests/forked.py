@@ -10,6 +10,7 @@ interpreter's would, not as the test process left it:
   state (the dropout switch read from the environment, held run locks, open loaders) is the command's own;
 - ``os.environ``, the working directory, ``sys.argv``/``sys.path[0]``, stdin/stdout/stderr, signal handlers,
   the logging tree, warnings filters and torch's global settings are reset to what ``python SCRIPT`` has;
+- thread pools the test process holds (torch's inductor keeps one) start their own workers in the child;
 - exit handlers and non-daemon threads run at the end, and the exit code follows Python's own rules.
 
 Where that cannot hold, the command runs in a new interpreter as before: the deepspeed launcher, a command
@@ -57,6 +58,7 @@ _PYTEST_FILTERS = {
     ("always", None, PendingDeprecationWarning, None, 0),
 }
 _warmed = False
+_child_stdio = False  # in a child, once fds 0-2 are its own
 
 
 def can_fork(command: list[str], env: dict[str, str] | None = None) -> bool:
@@ -133,8 +135,8 @@ class ForkedScript:
                     os.close(err_read)
                 code = _child(command[1:], os.fspath(cwd), env, start_new_session, out_write, err_write or out_write)
             except BaseException:  # noqa: BLE001 (the child's own set-up failed: say so on its stderr)
-                with contextlib.suppress(Exception):
-                    os.write(err_write or out_write, traceback.format_exc().encode())
+                with contextlib.suppress(OSError):  # stderr once the child's are in place, else the pipe's end
+                    os.write(2 if _child_stdio else err_write or out_write, traceback.format_exc().encode())
             finally:
                 os._exit(code)
         self.pid = pid
@@ -226,6 +228,8 @@ def _child(args: list[str], cwd: str, env: dict[str, str], new_session: bool, ou
     os.dup2(err_fd, 2)
     for fd in {null, out_fd, err_fd} - {0, 1, 2}:
         os.close(fd)
+    global _child_stdio
+    _child_stdio = True
     _fresh_exit_handlers()
     _fresh_thread_pools()
     os.chdir(cwd)
@@ -336,7 +340,9 @@ def _fresh_logging(old_stdout) -> None:
         for handler in logger.handlers:
             if type(handler) is logging.StreamHandler:
                 to_stdout = handler.stream is old_stdout or getattr(handler.stream, "name", None) == "<stdout>"
-                handler.setStream(sys.stdout if to_stdout else sys.stderr)
+                with contextlib.suppress(ValueError, OSError):  # a test's stream may be closed (setStream flushes)
+                    handler.flush()
+                handler.stream = sys.stdout if to_stdout else sys.stderr
     logging.Logger.manager._clear_cache()
     transformers = sys.modules.get("transformers")
     if transformers is not None:  # its logging as at import: its own handler, its verbosity from the environment

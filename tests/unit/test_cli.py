@@ -600,3 +600,22 @@ def test_a_lost_rank_is_one_line_in_train_log_not_a_gloo_traceback(tmp_path):
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert len(lines) == 1 and "run stopped: lost contact with another rank (it exited or was killed;" in lines[0]
     assert lines[0].endswith("Connection closed by peer [127.0.0.1]:1234"), lines
+
+
+@pytest.mark.parametrize("python", ["3.10", "3.11+"])
+def test_a_captured_warning_is_one_log_line_as_either_python_logs_it(python):
+    """logging.captureWarnings logs warnings.formatwarning's text, which ends in a newline: Python 3.11+ as the
+    record's message, 3.10 as the argument of "%s", where the filter missed it and a blank line followed every
+    warning on 3.10."""
+    import logging
+    import warnings
+
+    from dist_kd.cli import _one_line_end
+
+    text = warnings.formatwarning("a library's FutureWarning", FutureWarning, "lib.py", 10, "x = 1")
+    assert text.endswith("\n")
+    msg, args = ("%s", (text,)) if python == "3.10" else (text, ())
+    record = logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, msg, args, None)
+    assert _one_line_end(record)
+    line = logging.Formatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert line == "WARNING py.warnings: " + text.rstrip("\n"), line
