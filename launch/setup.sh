@@ -17,10 +17,11 @@ if [ "$major" -lt 3 ] || { [ "$major" -eq 3 ] && [ "$minor" -lt 10 ]; }; then
   exit 1
 fi
 if ! python -c "import torch" 2>/dev/null; then
-  echo "setup: installing torch (the CPU wheel without an NVIDIA GPU)" >&2
   if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "setup: installing torch (pip's default build, for the NVIDIA GPU)" >&2
     python -m pip install -q torch
   else
+    echo "setup: installing torch 2.13.0 (no NVIDIA GPU: its CPU build where pip's indexes hold one)" >&2
     python -m pip install -q torch==2.13.0
     cuda=$(python -c "import torch; print(torch.version.cuda or '')" 2>/dev/null) || cuda=
     if [ -n "$cuda" ]; then
