@@ -14,8 +14,9 @@ interpreter's would, not as the test process left it:
 - exit handlers and non-daemon threads run at the end, and the exit code follows Python's own rules.
 
 Where that cannot hold, the command runs in a new interpreter as before: the deepspeed launcher, a command
-that needs the GPUs, a test process holding a process group or a CUDA context, a platform without fork, or
-``DIST_KD_TEST_FORK=0`` in the environment (a whole suite in new interpreters, to compare).
+that needs the GPUs, a test process holding a process group or a CUDA context or whose autograd refuses to run
+in a fork, a platform without fork, or ``DIST_KD_TEST_FORK=0`` in the environment (a whole suite in new
+interpreters, to compare).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ _PYTEST_FILTERS = {
 }
 _warmed = False
 _child_stdio = False  # in a child, once fds 0-2 are its own
+_autograd_refused = False  # once a backward failed in a fork of this process
 
 
 def can_fork(command: list[str], env: dict[str, str] | None = None) -> bool:
@@ -74,7 +76,50 @@ def can_fork(command: list[str], env: dict[str, str] | None = None) -> bool:
         return True
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return False
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized())  # would share its sockets
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False  # would share its sockets
+    return _autograd_runs_in_a_fork()
+
+
+def _fork() -> int:
+    with warnings.catch_warnings():  # Python 3.12+ warns of any fork of a process with threads: this one is the
+        # point, and the child starts what it needs afresh (_child)
+        warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+        return os.fork()
+
+
+def _autograd_runs_in_a_fork() -> bool:
+    """torch's autograd refuses every backward in a child forked after its engine started threads for a device
+    ("Unable to handle autograd's threading in combination with fork-based multiprocessing"), which a test in
+    this process may have done: a fork tries one backward first (a few ms), and from the first refusal on every
+    command starts a new interpreter. (On Python 3.10, 24 commands of one pytest worker failed so.)"""
+    global _autograd_refused
+    if _autograd_refused:
+        return False
+    pid = _fork()
+    if pid == 0:
+        code = 1
+        try:
+            sys.modules["torch"].ones(1, requires_grad=True).sum().backward()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline, status = time.monotonic() + 30, None
+    while status is None:
+        done, waited = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = os.waitstatus_to_exitcode(waited)
+        elif time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = -signal.SIGKILL
+        else:
+            time.sleep(0.002)
+    if status != 0:
+        _autograd_refused = True
+        print(f"tests/forked: a backward failed in a fork of this process (exit {status}); its commands now start "
+              "new interpreters", file=sys.stderr)  # fmt: skip
+    return status == 0
 
 
 def warm() -> None:
@@ -123,10 +168,7 @@ class ForkedScript:
         err_read, err_write = (None, None) if merge_stderr else os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        with warnings.catch_warnings():  # Python 3.12+ warns of any fork of a process with threads: this one is
-            # the point, and the child starts what it needs afresh (_child)
-            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
-            pid = os.fork()
+        pid = _fork()
         if pid == 0:  # the child: never returns into the test
             code = 70
             try:

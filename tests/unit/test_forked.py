@@ -178,3 +178,33 @@ def test_commands_that_cannot_fork_run_in_a_new_interpreter(monkeypatch):
     assert not forked.can_fork([sys.executable, "launch/general.py"], _env())
     proc = forked.popen([sys.executable, "-c", "print(1)"], cwd=".", env=_env())
     assert isinstance(proc, subprocess.Popen) and proc.communicate(timeout=60)[0] == b"1\n"
+
+
+def test_once_autograd_refuses_a_fork_commands_start_new_interpreters(monkeypatch, capfd):
+    """After torch's autograd started threads for a device in the test process, every backward in a fork of it
+    raises; the probe (a backward in a fork) sees it and the commands start new interpreters from then on."""
+    import types
+
+    import torch
+
+    parent = os.getpid()
+
+    class Tensor:
+        def sum(self):
+            return self
+
+        def backward(self):  # as torch's engine in a child forked after its device threads started
+            if os.getpid() != parent:
+                raise RuntimeError("Unable to handle autograd's threading in combination with fork-based ...")
+
+    command = [sys.executable, "-c", "print(1)"]
+    monkeypatch.setattr(forked, "_autograd_refused", False)
+    assert forked.can_fork(command, _env())  # the real torch: a backward runs in a fork
+    fake = types.SimpleNamespace(ones=lambda *a, **k: Tensor(), cuda=torch.cuda, distributed=torch.distributed)
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    assert not forked.can_fork(command, _env())
+    assert "a backward failed in a fork of this process (exit 1)" in capfd.readouterr().err
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    assert not forked.can_fork(command, _env())  # remembered: no fork from now on
+    proc = forked.popen(command, cwd=".", env=_env())
+    assert isinstance(proc, subprocess.Popen) and proc.communicate(timeout=60)[0] == b"1\n"
