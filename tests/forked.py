@@ -117,8 +117,9 @@ def _autograd_runs_in_a_fork() -> bool:
             time.sleep(0.002)
     if status != 0:
         _autograd_refused = True
-        print(f"tests/forked: a backward failed in a fork of this process (exit {status}); its commands now start "
-              "new interpreters", file=sys.stderr)  # fmt: skip
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?")
+        print(f"tests/forked: a backward failed in a fork of this process (exit {status}) at {test}; its commands "
+              "now start new interpreters", file=sys.stderr)  # fmt: skip
     return status == 0
 
 
