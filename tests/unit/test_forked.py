@@ -48,6 +48,15 @@ SCRIPT = textwrap.dedent(
 ).replace("signal_name()", "int(__import__('signal').getsignal(__import__('signal').SIGTERM))")
 
 
+@pytest.fixture(autouse=True)
+def forks_allowed(request, monkeypatch):
+    """These tests are of the fork itself: a backward refused in a fork of this worker, by a test of another file
+    before (the fallback that tests/forked.py then takes), must not turn them into new interpreters."""
+    monkeypatch.setattr(forked, "_autograd_refused", False)
+    if "autograd" not in request.node.name:
+        monkeypatch.setattr(forked, "_autograd_runs_in_a_fork", lambda: True)
+
+
 @pytest.fixture
 def script(tmp_path):
     path = tmp_path / "script.py"
@@ -198,7 +207,6 @@ def test_once_autograd_refuses_a_fork_commands_start_new_interpreters(monkeypatc
                 raise RuntimeError("Unable to handle autograd's threading in combination with fork-based ...")
 
     command = [sys.executable, "-c", "print(1)"]
-    monkeypatch.setattr(forked, "_autograd_refused", False)
     assert forked.can_fork(command, _env())  # the real torch: a backward runs in a fork
     fake = types.SimpleNamespace(ones=lambda *a, **k: Tensor(), cuda=torch.cuda, distributed=torch.distributed)
     monkeypatch.setitem(sys.modules, "torch", fake)
