@@ -178,19 +178,44 @@ def _read_vocab(path: Path) -> list[str]:
         raise FileNotFoundError(f"GloVe vocabulary {path} does not exist")
     if path.suffix == ".parquet":
         table = pq.read_table(path)
-        column = "index" if "index" in table.column_names else ("word" if "word" in table.column_names else None)
+        # 'word' first: a vocabulary written with pandas' reset_index() has 'index' too, holding row numbers
+        column = "word" if "word" in table.column_names else ("index" if "index" in table.column_names else None)
         if column is None:
             raise ValueError(
-                f"GloVe vocabulary {path} needs a column 'index' (or 'word') of words; columns found: "
+                f"GloVe vocabulary {path} needs a column 'word' (or 'index') of words; columns found: "
                 f"{table.column_names}"
             )
-        return [str(word) for word in table.column(column).to_pylist()]
+        kind = table.schema.field(column).type
+        text = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category dtype
+        if not (pa.types.is_string(text) or pa.types.is_large_string(text)):
+            raise ValueError(f"GloVe vocabulary {path}: column {column!r} holds {kind}, expected the words as strings")
+        return table.column(column).to_pylist()
     # One word per line; split on "\n" only: GloVe words include characters str.splitlines breaks on, and "\r"
     # too (read_text's newline translation split such a word in two), but a file of CRLF lines throughout.
-    text = path.read_bytes().decode("utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"GloVe vocabulary {path}: line {line} is not UTF-8 (byte {raw[err.start]:#04x}); write it as UTF-8, "
+            "one word per line"
+        ) from None
     if text.count("\r\n") == text.count("\n") > 0:
         text = text.replace("\r\n", "\n")
     return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+
+
+def _remove_parts(directory: Path) -> None:
+    """Remove the rank parts under ``directory`` (and it, when empty) once the merged set is final: this run's,
+    and those of an interrupted run with other settings or another number of ranks, which are of no use now and
+    read as rows by tools that read every Parquet file under the output directory."""
+    if not directory.is_dir():
+        return
+    for path in directory.glob("part-*-of-*.parquet"):
+        path.unlink()
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def _check_dim(found: int, expected_dim: int | None, path: Path) -> None:
@@ -199,9 +224,17 @@ def _check_dim(found: int, expected_dim: int | None, path: Path) -> None:
 
 
 def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVectors:
-    vectors = np.load(path, mmap_mode="r")
-    if vectors.ndim != 2:
-        raise ValueError(f"GloVe vectors {path} must be a 2-D (words x dim) array, found shape {vectors.shape}")
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):  # not a .npy file (numpy then says it holds pickled data), or one of objects
+        raise ValueError(
+            f"GloVe vectors {path} are not a .npy array of numbers (np.save of a words x dim float matrix)"
+        ) from None
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.number):
+        raise ValueError(
+            f"GloVe vectors {path} must be a 2-D (words x dim) array of numbers, found shape {vectors.shape} of "
+            f"{vectors.dtype}"
+        )
     words = _read_vocab(vocab_path)
     if len(words) != vectors.shape[0]:
         raise ValueError(
@@ -1470,7 +1503,10 @@ def augment_task(
     # Rank 0 decides for all: a rank that skipped while another augmented would leave it alone in a collective.
     if distributed.on_main(lambda: finished_run(done) == metadata["run"]):
         logger.info("%s already holds this augmentation (same data, settings and vectors): kept", done)
-        return pq.read_table(done) if rank == 0 else None
+        if rank != 0:
+            return None
+        _remove_parts(part_path(output_dir, 0, world_size).parent)  # an interrupted run's, with other settings
+        return pq.read_table(done)
     start, stop = shard_range(examples.num_rows, rank, world_size)
     part = part_path(output_dir, rank, world_size)
     with distributed.shared_failure():
@@ -1487,14 +1523,7 @@ def augment_task(
     parts = [part_path(output_dir, r, world_size) for r in range(world_size)]
     wait_for_parts(parts, metadata["run"], wait_timeout)
     merged = merge_parts(parts, final_path(output_dir), metadata)
-    for path in parts:
-        Path(path).unlink()
-    # parts of an interrupted run with another number of ranks are of no use now (and read as rows by tools
-    # that read every Parquet file under the directory)
-    for path in parts[0].parent.glob("part-*-of-*.parquet"):
-        path.unlink()
-    if not any(parts[0].parent.iterdir()):
-        parts[0].parent.rmdir()
+    _remove_parts(parts[0].parent)
     summary = augmentation_summary(merged, n_a=config.n_a)
     logger.info(
         "wrote %s: %d rows; the copies replace %.1f %% of the words (%.1f %% of the replacements fall on TinyBERT's "

@@ -351,6 +351,25 @@ def test_a_finished_set_of_the_same_inputs_is_kept_and_one_of_other_settings_red
     assert calls == [1] and aug.final_path(tmp_path / "out").read_bytes() == before
 
 
+def test_a_kept_set_removes_the_parts_an_interrupted_run_of_other_settings_left(glove_txt, tmp_path):
+    """The parts were removed after a merge only: a finished set kept by a rerun left the part of an interrupted
+    run with other settings beside it, read as rows by tools that read every Parquet file under the directory."""
+    import json
+
+    from dist_kd.data.tasks import TaskSpec
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"quickly {i}", "label": "a"}) + "\n" for i in range(4)))
+    spec = TaskSpec(name="t", labels=["a", "b"], text_a="text")
+    out = tmp_path / "out"
+    first = aug.augment_task(spec, data, out, glove_txt, aug.AugmentConfig(n_a=1), progress=False)
+    aug.augment_task(spec, data, out, glove_txt, aug.AugmentConfig(n_a=3), rank=1, world_size=2, progress=False)
+    assert aug.part_path(out, 1, 2).is_file()  # the rerun with other settings stopped before rank 0's merge
+    kept = aug.augment_task(spec, data, out, glove_txt, aug.AugmentConfig(n_a=1), progress=False)
+    assert kept.num_rows == first.num_rows == 8
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["augmented.parquet"]
+
+
 def test_ids_the_copies_would_repeat_and_missing_ids_are_refused_before_augmenting(glove_txt, tmp_path):
     """Ids x0 and x0-aug0 gave the set x0-aug0 twice (found by the next command, after the whole run); a missing
     id became the id 'None'."""
@@ -563,6 +582,38 @@ def test_glove_line_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(b"a 1 2 3\nb 1 2 3\ncaf\xe9 1 2 3\n")
     with pytest.raises(ValueError, match=r"latin.txt: line 3 is not UTF-8 \(byte 0xe9 at column 4\)"):
         aug.load_glove(path)
+
+
+def test_a_glove_vocabulary_written_by_pandas_is_read_from_its_words(tmp_path):
+    """pandas' reset_index() writes 'index' (row numbers) beside 'word': the words read were '0', '1', ... and
+    every augmented copy equalled its example, with exit 0."""
+    words, vectors = _glove_words_and_vectors()
+    np.save(tmp_path / "g.npy", vectors)
+    pq.write_table(pa.table({"index": list(range(len(words))), "word": words}), tmp_path / "pandas.parquet")
+    glove = aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "pandas.parquet")
+    assert glove.words == words and glove.lookup(words[3]) == 3
+    pq.write_table(pa.table({"index": list(range(len(words)))}), tmp_path / "numbers.parquet")
+    with pytest.raises(ValueError, match=r"numbers.parquet: column 'index' holds int64, expected the words as strings"):
+        aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "numbers.parquet")
+
+
+def test_glove_files_that_are_not_what_they_claim_are_named(tmp_path):
+    """numpy's own errors named no file, and for a file that is not .npy at all advised loading it unsafely."""
+    words, vectors = _glove_words_and_vectors()
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    (tmp_path / "html.npy").write_text("<html>not found</html>")  # a failed download
+    np.save(tmp_path / "objects.npy", np.array([["a"] * 3] * len(words), dtype=object), allow_pickle=True)
+    np.save(tmp_path / "text.npy", np.array([["a"] * 3] * len(words)))
+    for name in ("html.npy", "objects.npy"):
+        with pytest.raises(ValueError, match=rf"GloVe vectors \S*{name} are not a .npy array of numbers") as err:
+            aug.load_glove(tmp_path / name, vocab_path=tmp_path / "vocab.txt")
+        assert "unsafe" not in str(err.value)
+    with pytest.raises(ValueError, match=r"text.npy must be a 2-D \(words x dim\) array of numbers, found shape"):
+        aug.load_glove(tmp_path / "text.npy", vocab_path=tmp_path / "vocab.txt")
+    np.save(tmp_path / "g.npy", vectors)
+    (tmp_path / "latin.txt").write_bytes(("\n".join(words[:2]) + "\ncaf\xe9\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"vocabulary \S*latin.txt: line 3 is not UTF-8 \(byte 0xe9\)"):
+        aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "latin.txt")
 
 
 def test_glove_line_with_more_values_than_the_others_is_refused(tmp_path):
