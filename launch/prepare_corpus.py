@@ -17,7 +17,14 @@ import sys
 from collections.abc import Sequence
 
 from dist_kd.cli import ExitOnSignal, add_log_level_argument, bad_input, configure_logging
-from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, prepare_corpus
+from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, TokenizerWorkerDied, prepare_corpus
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on: a SLURM or cgroup allocation's, not the whole node's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -26,6 +33,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--input",
         nargs="+",
+        action="extend",  # --input a.txt --input b.txt reads both (the last alone, before)
         required=True,
         help="files or directories (.txt, .txt.gz, .jsonl, .parquet, .arrow, datasets dirs saved with save_to_disk)",
     )
@@ -36,8 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=max(1, (os.cpu_count() or 2) - 1),
-        help="tokeniser processes (0: in this process)",
+        default=max(1, _usable_cores() - 1),
+        help="tokeniser processes (0: in this process; default: the cores this process may use, less one)",
     )
     parser.add_argument(
         "--packing",
@@ -90,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
+    except TokenizerWorkerDied as err:  # not the input's fault: said in one line all the same, exit 1
+        bad_input(err)
+        return 1
     except (ValueError, OSError) as err:  # OSError: FileExistsError, an output it cannot write
         return bad_input(err)
     print(f"wrote {args.output}: {summary.format()}")

@@ -99,6 +99,10 @@ _CHARS_PER_TASK = 1 << 20
 _MAX_PARAGRAPH_CHARS = _CHARS_PER_TASK
 
 
+class TokenizerWorkerDied(RuntimeError):
+    """A tokeniser process died mid-run (the OOM killer, a signal): not the input's fault, but said in one line."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Inputs: discovery and documents
 # ----------------------------------------------------------------------------------------------------------
@@ -547,7 +551,7 @@ def _ordered_map(
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool:
-        raise RuntimeError(
+        raise TokenizerWorkerDied(
             f"a tokenizer worker process died (killed for memory?) while {num_workers} workers tokenised the "
             "corpus; retry with fewer --num-workers, and --txt-document line for text files without blank lines"
         ) from None
@@ -716,6 +720,16 @@ def _written_by_dist_kd(shard: Path) -> bool:
     return first is not None and re.fullmatch(rf"\d{{12}}{re.escape(SAMPLE_SUFFIX)}", first.name) is not None
 
 
+def _corpus_manifest(path: Path) -> bool:
+    """Whether ``path`` is a dist_kd corpus manifest (of this format version or another), not another
+    program's ``manifest.json``."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest and "shards" in manifest
+
+
 def _prepare_output(output: Path, overwrite: bool) -> Path:
     """The directory to write into: ``output`` itself, or a new hidden sibling when it holds a corpus.
 
@@ -726,6 +740,20 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     # Resolved so that a symlinked output keeps its link and the siblings are on the target's file system.
     target = output.resolve()
     manifest = output / MANIFEST_NAME
+    # Shards of a run killed before its manifest are replaced; another program's of the same name are not, nor
+    # is a manifest.json of another format (webdataset tools and others write that name too): --overwrite
+    # would delete them.
+    foreign = sorted(path.name for path in output.glob("shard-*.tar") if not _written_by_dist_kd(path))
+    if foreign:
+        raise FileExistsError(
+            f"{output} holds shard files that dist_kd did not write ({listed(foreign)}): a corpus written there "
+            "would replace or delete them; give a new or empty directory"
+        )
+    if manifest.exists() and not _corpus_manifest(manifest):
+        raise FileExistsError(
+            f"{manifest} is not the manifest of a dist_kd corpus (a JSON object with 'format_version' and "
+            "'shards'): a corpus written there would replace it; give a new or empty directory"
+        )
     if manifest.exists():
         if not overwrite:
             raise FileExistsError(
@@ -736,13 +764,6 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
         # told from a live one by the next run on the same host.
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.new-{writer_tag()}", dir=target.parent))
     output.mkdir(parents=True, exist_ok=True)
-    # Shards of a run killed before its manifest are replaced; another program's of the same name are not.
-    foreign = sorted(path.name for path in output.glob("shard-*.tar") if not _written_by_dist_kd(path))
-    if foreign:
-        raise FileExistsError(
-            f"{output} holds shard files that dist_kd did not write ({listed(foreign)}): a corpus written there "
-            "would replace or delete them; give a new or empty directory"
-        )
     for stale in output.glob(".shard-*.tar.tmp"):
         stale.unlink()
     return output

@@ -78,9 +78,11 @@ class RunLock:
         stale_s: float = STALE_S,
         flag: str = "run.output_dir",
     ):
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir)  # as the user wrote it, for messages
         self.flag = flag
-        self.path = self.run_dir / LOCK_NAME
+        # Absolute: the lock is released where it was taken even after a chdir, or once the directory it named
+        # is another (prepare-corpus --output . --overwrite swaps a new directory in under the working one).
+        self.path = Path(os.path.abspath(run_dir)) / LOCK_NAME
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_s
         self.owner = {
@@ -160,9 +162,9 @@ class RunLock:
         self._thread.start()
 
     def _acquire(self, poll: float) -> None:
-        missing = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
+        missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         if missing:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._created = missing  # run.output_dir=runs/x in an empty directory makes runs/ too
         payload = json.dumps(self.owner)
         said, first_beat = False, 0.0

@@ -173,6 +173,48 @@ def test_another_programs_shards_in_the_output_are_refused_and_a_killed_runs_rep
     assert (killed / ".backup.tmp").read_text() == "the user's"  # an overwrite leaves it too
 
 
+def test_overwrite_refuses_another_programs_manifest_and_shards(tmp_path, text_inputs, tiny_tokenizer_dir):
+    """With a manifest.json present, the output was taken for a corpus without looking at it: --overwrite
+    deleted another program's manifest.json and its shard-*.tar files, and exited 0."""
+    import io
+    import tarfile
+
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False, overwrite=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"webdataset": "my manifest"}')
+    before = _tree_bytes(foreign)
+    with pytest.raises(FileExistsError, match=r"manifest.json is not the manifest of a dist_kd corpus"):
+        prepare_corpus([text_inputs], tiny_tokenizer_dir, foreign, **options)
+    assert _tree_bytes(foreign) == before
+    # a dist_kd corpus with another program's shard beside it: that shard is refused too
+    mixed = tmp_path / "mixed"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, mixed, **options)
+    with tarfile.open(mixed / "shard-000099.tar", "w") as archive:
+        member = tarfile.TarInfo("sample0000.jpg")
+        member.size = 3
+        archive.addfile(member, io.BytesIO(b"jpg"))
+    before = _tree_bytes(mixed)
+    with pytest.raises(FileExistsError, match=r"holds shard files that dist_kd did not write \(shard-000099.tar\)"):
+        prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, mixed, **options)
+    assert _tree_bytes(mixed) == before
+
+
+def test_overwrite_of_the_working_directory_leaves_no_lock(tmp_path, text_inputs, tiny_tokenizer_dir, monkeypatch):
+    """--output . --overwrite: the lock, moved into the new corpus with the user's files, was released by its
+    relative path in the old directory (gone by then), so it stayed, and the next run took over a 'stale' lock."""
+    options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
+    out = tmp_path / "out"
+    prepare_corpus([text_inputs], tiny_tokenizer_dir, out, **options)
+    monkeypatch.chdir(out)
+    prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, ".", overwrite=True, **options)
+    assert not (out / ".dist_kd.lock").exists()
+    assert {path.name for path in out.iterdir()} == {
+        "manifest.json",
+        *(s["name"] for s in read_manifest(out)["shards"]),
+    }
+
+
 def test_a_byte_order_mark_is_no_text(tmp_path, tiny_tokenizer_dir):
     """Notepad's and Excel's UTF-8 files begin with one: in a .txt it became tokens (a BPE tokenizer's), and a
     .jsonl failed at its first line ("Unexpected UTF-8 BOM")."""
@@ -658,6 +700,33 @@ def test_prepare_corpus_command(tmp_path, text_inputs, tiny_tokenizer_dir, monke
     )
 
 
+def test_prepare_corpus_command_takes_repeated_inputs_and_says_a_dead_worker_in_one_line(
+    tmp_path, text_inputs, tiny_tokenizer_dir, monkeypatch, capsys
+):
+    """--input a --input b read b alone (argparse kept the last list); a tokenizer worker killed mid-run ended
+    in a traceback; the default --num-workers counted the node's cores, not those the process may use."""
+    import launch.prepare_corpus as command
+    from dist_kd.data.corpus import TokenizerWorkerDied
+
+    argv = ["--tokenizer", str(tiny_tokenizer_dir), "--seq-len", "16", "--num-workers", "0", "--no-progress"]
+    command.main(["--input", str(text_inputs / "a.txt"), "--input", str(text_inputs / "c.jsonl"), *argv,
+                  "--output", str(tmp_path / "repeated")])  # fmt: skip
+    command.main(["--input", str(text_inputs / "a.txt"), str(text_inputs / "c.jsonl"), *argv,
+                  "--output", str(tmp_path / "listed")])  # fmt: skip
+    assert _tree_bytes(tmp_path / "repeated") == _tree_bytes(tmp_path / "listed")
+    capsys.readouterr()
+
+    def die(*args, **kwargs):
+        raise TokenizerWorkerDied("a tokenizer worker process died (killed for memory?)")
+
+    monkeypatch.setattr(command, "prepare_corpus", die)
+    assert command.main(["--input", str(text_inputs), *argv, "--output", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == "error: a tokenizer worker process died (killed for memory?)\n"
+    monkeypatch.setattr(command.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(command.os, "cpu_count", lambda: 64)
+    assert command.parse_args(["--input", "x", "--tokenizer", "t", "--output", "o"]).num_workers == 3
+
+
 def test_shards_are_standard_tar_and_webdataset_files(tmp_path, text_inputs, tiny_tokenizer_dir):
     import tarfile
 
@@ -711,12 +780,12 @@ def _die_on_three(item: int) -> int:
 
 
 def test_a_killed_tokenizer_worker_is_an_error_not_a_hang():
-    from dist_kd.data.corpus import _ordered_map
+    from dist_kd.data.corpus import TokenizerWorkerDied, _ordered_map
 
     assert list(_ordered_map(_die_on_three, range(3), 2, lambda: None, ())) == [0, 2, 4]
     signal.alarm(60)  # a hang fails the test instead of blocking the suite
     try:
-        with pytest.raises(RuntimeError, match=r"a tokenizer worker process died .*fewer --num-workers"):
+        with pytest.raises(TokenizerWorkerDied, match=r"a tokenizer worker process died .*fewer --num-workers"):
             list(_ordered_map(_die_on_three, range(8), 2, lambda: None, ()))
     finally:
         signal.alarm(0)
