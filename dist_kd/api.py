@@ -151,6 +151,7 @@ def run_training(
         OutputWriteError: another write in the run directory failed (a full or read-only filesystem).
     """
     from dist_kd import distributed
+    from dist_kd.io import check_output_outside_data
     from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
     from dist_kd.train.common import RunSignals, check_inputs_outside_outputs, check_run_kind
     from dist_kd.train.runlock import owned_run_dir
@@ -161,6 +162,9 @@ def run_training(
         inputs = {f"{key}.path": getattr(getattr(cfg, key, None), "path", None) for key in ("student", "teacher")}
         inputs.update({f"tasks[{t.name}].teacher": t.teacher for t in getattr(cfg, "tasks", [])})
         check_inputs_outside_outputs(cfg.run.output_dir, inputs)
+        keys = ("train", "dev", "soft_targets")  # the data a task run fingerprints
+        data = {f"tasks[{t.name}].{key}": getattr(t, key) for t in getattr(cfg, "tasks", []) for key in keys}
+        check_output_outside_data(cfg.run.output_dir, "run.output_dir", data)
     expected = (ValueError, FileNotFoundError, CheckpointSaveError, OSError)
     with owned_run_dir(cfg.run.output_dir, info, expected=expected) as run_log:
         trainer = None

@@ -394,6 +394,31 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
     return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
+def check_output_outside_data(output: str | os.PathLike, flag: str, inputs: dict[str, Any]) -> None:
+    """Refuse an output directory inside a data directory it reads: the data's digest (:func:`data_fingerprint`,
+    what tells a rerun it may keep or resume its work) takes in every file under that directory, the run's own
+    among them, so the same command run again found other data and refused to resume (a precompute's finished
+    chunks lost) or to keep what it had made.
+
+    Args:
+        flag: how the user names the output (``--output``, ``run.output_dir``).
+        inputs: flag or key -> the data path (None or empty: not given; a file: nothing to check).
+
+    Raises:
+        ValueError: naming both.
+    """
+    target = Path(output).resolve()
+    for key, given in inputs.items():
+        if not given or not Path(given).is_dir():
+            continue
+        data = Path(given).resolve()
+        if target == data or data in target.parents:
+            raise ValueError(
+                f"{flag} {output} lies inside {key} {given}: the data's digest would take in this run's own files, "
+                f"and a rerun would take them for other data; give {flag} a directory outside it"
+            )
+
+
 def data_fingerprint(path: str | os.PathLike) -> str:
     """A sha256 that changes when the data under ``path`` changes (recorded in checkpoints, checked on resume).
 

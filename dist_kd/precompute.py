@@ -59,6 +59,7 @@ from dist_kd.data.tasks import (
 )
 from dist_kd.io import (
     check_output_dir,
+    check_output_outside_data,
     listed,
     read_parquet_metadata,
     sha256_file,
@@ -565,6 +566,7 @@ def _check_store_output(output: Path, data_path: Path, teachers: Sequence[str | 
             path = Path(given).resolve()
             if path == target or target in path.parents:
                 raise ValueError(f"--output {output} holds the {flag} {given}: give the store a directory of its own")
+    check_output_outside_data(output, "--output", {"--data": data_path})
     strangers = store.store_strangers(output) if output.is_dir() else []
     if strangers:
         raise ValueError(

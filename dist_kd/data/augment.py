@@ -54,6 +54,7 @@ from dist_kd.data.encode import uses_token_types
 from dist_kd.io import (
     atomic_path,
     check_output_dir,
+    check_output_outside_data,
     parquet_metadata_of,
     read_parquet_metadata,
     sha256_file,
@@ -1473,6 +1474,7 @@ def augment_task(
 
     with distributed.shared_failure():
         check_output_dir(output_dir)  # found when the merged set was written, after all the work
+        check_output_outside_data(output_dir, "--output", {"--data": data_path})
         check_device(device)
         examples = load_task_examples(
             data_path, spec, require_labels=spec.label is not None, encoding=encoding, split=split

@@ -51,7 +51,15 @@ from dist_kd.data.multitask import check_pairs
 from dist_kd.data.tasks import TaskSpec, check_task_spec, has_pairs, load_task_examples
 from dist_kd.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 from dist_kd.evaluate import compute_metrics
-from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, sha256_file, weights_sha256, write_json_atomic
+from dist_kd.io import (
+    atomic_dir,
+    atomic_path,
+    check_output_outside_data,
+    data_fingerprint,
+    sha256_file,
+    weights_sha256,
+    write_json_atomic,
+)
 from dist_kd.losses import ensemble_probs, hard_label_loss
 from dist_kd.models.capture import ATTN_IMPLEMENTATION, register_attention
 from dist_kd.models.dropout import install_fast_dropout
@@ -549,6 +557,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
                 f"base {cfg.base} is inside --output {cfg.output}, whose teacher-N directories the run replaces "
                 "(and every teacher is built from the base): give a base outside it, or another --output"
             )
+        check_output_outside_data(output, "--output", {"--train": cfg.train, "--dev": cfg.dev})
         # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
         check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
         tokenizer = load_tokenizer(cfg.base)

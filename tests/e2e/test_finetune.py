@@ -442,7 +442,7 @@ def test_a_run_directory_of_another_kind_is_refused_untouched(finetuned, tmp_pat
     assert snapshot(general) == before
 
 
-def test_a_base_replaced_in_place_or_inside_the_output_is_refused(finetuned, tmp_path):
+def test_a_base_replaced_in_place_or_inside_the_output_and_an_output_inside_the_data_are_refused(finetuned, tmp_path):
     """A base replaced at the same path (another checkpoint) still reused the teachers of the old one; a base
     inside --output (OUT/teacher-1) was overwritten by teacher 1, and teacher 2 started from teacher 1."""
     import shutil
@@ -467,6 +467,11 @@ def test_a_base_replaced_in_place_or_inside_the_output_is_refused(finetuned, tmp
     before = (tmp_path / "out" / "teacher-1" / "model.safetensors").read_bytes()
     proc = run_script(*inside, timeout=300, check=False)
     assert proc.returncode == 2 and "is inside --output" in proc.stderr
+    assert (tmp_path / "out" / "teacher-1" / "model.safetensors").read_bytes() == before
+    nested = list(run)  # an --output inside the training data's directory: a rerun would take it for other data
+    nested[nested.index("--train") + 1] = str(tmp_path)
+    proc = run_script(*nested, timeout=300, check=False)
+    assert proc.returncode == 2 and f"error: --output {tmp_path / 'out'} lies inside --train {tmp_path}" in proc.stderr
     assert (tmp_path / "out" / "teacher-1" / "model.safetensors").read_bytes() == before
 
 

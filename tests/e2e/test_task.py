@@ -739,6 +739,22 @@ def test_a_run_from_scratch_removes_an_earlier_runs_outputs_for_other_tasks(pipe
     assert "which this run trains without a dev set" in proc.stderr
 
 
+def test_a_run_directory_inside_the_data_it_reads_is_refused(pipeline, tmp_path):
+    """The data's digest takes in every file under a data directory: a run directory inside one made the same
+    command's resume find 'other data' and refuse it."""
+    shutil.copytree(pipeline / "soft", tmp_path / "soft")
+    out = tmp_path / "soft" / "run"
+    settings = yaml.safe_load(_config(pipeline, tmp_path / "first", share=False).read_text())
+    settings["tasks"][0]["soft_targets"] = str(tmp_path / "soft")
+    settings["run"]["output_dir"] = str(out)
+    (tmp_path / "inside.yaml").write_text(yaml.safe_dump(settings))
+    before = snapshot(tmp_path / "soft")
+    proc = run_script("launch/task.py", "--debug", "--config", str(tmp_path / "inside.yaml"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: run.output_dir {out} lies inside tasks[topic].soft_targets {tmp_path / 'soft'}: " in proc.stderr
+    assert snapshot(tmp_path / "soft") == before and not out.exists()
+
+
 def test_resume_refuses_a_dev_set_or_teacher_changed_in_place(pipeline, tmp_path):
     """Edited in place, the dev file mixed two dev sets in eval.json and best/; a teacher retrained in place
     (same path and shape, new weights) was distilled from with the old one's projections. Both are refused,

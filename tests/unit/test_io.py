@@ -81,6 +81,24 @@ def test_data_fingerprint_follows_content_not_names_or_times(tmp_path):
     assert data_fingerprint(corpus) != listed
 
 
+def test_an_output_inside_a_data_directory_is_refused(tmp_path):
+    """data_fingerprint takes in every file under a data directory, so an output written inside it changed the
+    data's digest: the same command, run again, found 'other data' and refused to resume or keep its work."""
+    from dist_kd.io import check_output_outside_data
+
+    data = tmp_path / "ds"
+    (data / "train").mkdir(parents=True)
+    (data / "train.jsonl").write_text("{}\n")
+    for output in (data / "soft", data / "train" / "deeper" / "out", data):
+        with pytest.raises(ValueError, match=rf"--output {output} lies inside --data {data}: the data's digest"):
+            check_output_outside_data(output, "--output", {"--dev": None, "--data": data})
+    check_output_outside_data(tmp_path / "ds2", "--output", {"--data": data})  # a sibling sharing a prefix
+    check_output_outside_data(data / "out", "--output", {"--data": data / "train.jsonl"})  # a file: its bytes
+    (tmp_path / "link").symlink_to(data)
+    with pytest.raises(ValueError, match=r"lies inside --train"):
+        check_output_outside_data(tmp_path / "link" / "out", "--output", {"--train": str(data)})
+
+
 def test_an_output_that_cannot_be_made_is_named_not_its_temporary_sibling(tmp_path):
     """The error named the hidden temporary name (/out/.x.g9mxc16f.tmp), not the output asked for."""
     (tmp_path / "file").write_text("x")

@@ -513,6 +513,9 @@ def test_an_output_holding_anything_but_a_store_is_refused_before_any_work(setup
         precompute_soft_targets(spec, tmp_path / "data.jsonl", user, _config(teachers[:1]), progress=False)
     with pytest.raises(ValueError, match=r"holds the --teachers"):
         precompute_soft_targets(spec, data, teachers[0], _config(teachers[:1]), progress=False)
+    # inside a data directory: its files would change the data's digest, and a rerun would refuse the store
+    with pytest.raises(ValueError, match=r"--output .*spark/soft lies inside --data .*spark: the data's digest"):
+        precompute_soft_targets(spec, user, user / "soft", _config(teachers[:1]), progress=False)
     assert _files(user) == before
     # A store (and one still being written: its chunks, lock and temporary files) is taken as before.
     out = tmp_path / "out"
