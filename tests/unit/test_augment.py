@@ -370,6 +370,26 @@ def test_a_kept_set_removes_the_parts_an_interrupted_run_of_other_settings_left(
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["augmented.parquet"]
 
 
+def test_an_output_inside_a_data_directory_is_refused(glove_txt, tmp_path):
+    """A directory's data is keyed by the digest of every file under it: the set written inside it changed
+    that digest, so the same command's rerun took it for other data and augmented everything again."""
+    import datasets
+
+    from dist_kd.data.tasks import TaskSpec
+
+    data = tmp_path / "ds"
+    datasets.Dataset.from_list([{"text": f"quickly {i}", "label": "a"} for i in range(4)]).save_to_disk(data)
+    spec = TaskSpec(name="t", labels=["a", "b"], text_a="text")
+    before = sorted(data.rglob("*"))
+    with pytest.raises(ValueError, match=r"--output \S*ds/aug lies inside --data \S*ds: the data's digest"):
+        aug.augment_task(spec, data, data / "aug", glove_txt, aug.AugmentConfig(n_a=1), progress=False)
+    assert sorted(data.rglob("*")) == before
+    assert (
+        aug.augment_task(spec, data, tmp_path / "aug", glove_txt, aug.AugmentConfig(n_a=1), progress=False).num_rows
+        == 8
+    )
+
+
 def test_ids_the_copies_would_repeat_and_missing_ids_are_refused_before_augmenting(glove_txt, tmp_path):
     """Ids x0 and x0-aug0 gave the set x0-aug0 twice (found by the next command, after the whole run); a missing
     id became the id 'None'."""
