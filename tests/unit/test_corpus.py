@@ -140,22 +140,28 @@ def test_overwrite_with_a_smaller_corpus_removes_stale_shards(tmp_path, text_inp
     assert {path.name for path in (tmp_path / "out").glob("shard-*.tar")} == names
 
 
+def _foreign_shard(path: Path, index: int) -> None:
+    """Another program's webdataset shard of dist_kd's name (an image sample)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        member = tarfile.TarInfo(f"sample{index:04d}.jpg")
+        member.size = 3
+        archive.addfile(member, io.BytesIO(b"jpg"))
+
+
 def test_another_programs_shards_in_the_output_are_refused_and_a_killed_runs_replaced(
     tmp_path, text_inputs, tiny_tokenizer_dir
 ):
     """webdataset's shard-%06d.tar names are ours too: a run into a directory of the user's shards (no manifest)
     replaced shard 0 and deleted the rest. A killed run's shards (no manifest either) are still replaced."""
-    import io
-    import tarfile
 
     options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False)
     out = tmp_path / "out"
     out.mkdir()
     for index in range(3):
-        with tarfile.open(out / f"shard-{index:06d}.tar", "w") as archive:
-            member = tarfile.TarInfo(f"sample{index:04d}.jpg")
-            member.size = 3
-            archive.addfile(member, io.BytesIO(b"jpg"))
+        _foreign_shard(out / f"shard-{index:06d}.tar", index)
     (out / ".backup.tmp").write_text("the user's")
     before = _tree_bytes(out)
     with pytest.raises(FileExistsError, match=r"holds shard files that dist_kd did not write \(shard-000000.tar, "):
@@ -176,8 +182,6 @@ def test_another_programs_shards_in_the_output_are_refused_and_a_killed_runs_rep
 def test_overwrite_refuses_another_programs_manifest_and_shards(tmp_path, text_inputs, tiny_tokenizer_dir):
     """With a manifest.json present, the output was taken for a corpus without looking at it: --overwrite
     deleted another program's manifest.json and its shard-*.tar files, and exited 0."""
-    import io
-    import tarfile
 
     options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False, overwrite=True)
     foreign = tmp_path / "foreign"
@@ -190,10 +194,7 @@ def test_overwrite_refuses_another_programs_manifest_and_shards(tmp_path, text_i
     # a dist_kd corpus with another program's shard beside it: that shard is refused too
     mixed = tmp_path / "mixed"
     prepare_corpus([text_inputs], tiny_tokenizer_dir, mixed, **options)
-    with tarfile.open(mixed / "shard-000099.tar", "w") as archive:
-        member = tarfile.TarInfo("sample0000.jpg")
-        member.size = 3
-        archive.addfile(member, io.BytesIO(b"jpg"))
+    _foreign_shard(mixed / "shard-000099.tar", 0)
     before = _tree_bytes(mixed)
     with pytest.raises(FileExistsError, match=r"holds shard files that dist_kd did not write \(shard-000099.tar\)"):
         prepare_corpus([text_inputs / "a.txt"], tiny_tokenizer_dir, mixed, **options)
