@@ -7,8 +7,9 @@ lives in each dataclass's ``__post_init__`` and raises ``ValueError`` naming the
 
 A value given for a string key is the text as written: YAML would read ``001`` as 1, ``0755`` as 493, ``12:30``
 as 750 and ``2024_01_05`` as 20240105, so numbers and dates keep the text they were written as for such keys
-(:class:`_Loader`); booleans (``yes``, ``off``) are refused with a hint to quote them. A ``~`` at the start of a
-path-valued key (``doc(..., path=True)``) is the user's home directory, as in a shell.
+(:class:`_Loader`); booleans (``yes``, ``off``) are refused with a hint to quote them. A number key reads
+leading zeros in decimal (``0300`` is 300, not octal 192) and refuses base-60 numbers (``1:00``). A ``~`` at
+the start of a path-valued key (``doc(..., path=True)``) is the user's home directory, as in a shell.
 
 The stage-specific dataclasses (general distillation, task distillation) are defined by the modules
 that use them; this module only knows how to build any of them from a mapping.
@@ -196,6 +197,24 @@ def _type_words(tp: Any) -> str:
     return _TYPE_WORDS.get(tp, (getattr(tp, "__name__", str(tp)),))[0]
 
 
+def _number_as_written(value: Any, text: str, where: str) -> Any:
+    """A number key's value as its text says in decimal: YAML 1.1 reads ``0300`` as octal (192) and ``1:00`` in
+    base 60 (60), which silently ran 192 steps for ``train.max_steps=0300``. Leading zeros are decimal here; a
+    base-60 number is refused."""
+    import re
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    written = text.strip()
+    if ":" in written:
+        raise ValueError(
+            f"config key '{where}' has {written!r}, which YAML reads in base 60 as {value}; write the number itself"
+        )
+    if re.fullmatch(r"[-+]?0[0-7_]+", written):  # octal to YAML 1.1 (0900 is no octal: YAML keeps that text)
+        return int(written.replace("_", ""))
+    return value
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, or raise ValueError naming the key."""
     written, text = value, None
@@ -236,10 +255,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ValueError(f"config key '{where}' must be true or false, got {_plain(value)!r}")
+    if tp in (int, float) and text is not None:
+        value = _number_as_written(value, text, where)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
+            return int(value)
+        digits = value.strip().lstrip("+-") if isinstance(value, str) else ""
+        if digits.isascii() and digits.isdigit():  # 0900, which YAML keeps as text
             return int(value)
         raise ValueError(f"config key '{where}' must be an integer, got {_plain(value)!r}")
     if tp is float:
@@ -520,7 +544,8 @@ def reference_markdown() -> str:
         "none is close, the keys of its section, or where to find them), and `--print-config` prints the",
         "resolved config and exits. A `str` or `path` key takes its value as written",
         "(`run.output_dir=001` is `001`, not YAML's 1; quote `yes`/`no`/`on`/`off`), and a `path` key expands a",
-        "leading `~` to the home directory.",
+        "leading `~` to the home directory. A number key reads leading zeros in decimal (`train.max_steps=0300` is",
+        "300, not YAML's octal 192) and refuses YAML's base-60 numbers (`1:30`).",
     ]
     for module, name, title in REFERENCE:
         cls = getattr(importlib.import_module(module), name)

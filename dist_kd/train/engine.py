@@ -127,7 +127,9 @@ class DeepSpeedSection:
     """Which DeepSpeed JSON to start from."""
 
     config: str = doc(
-        "DeepSpeed JSON (ZeRO stage, offload); batch/precision keys are filled in. ZeRO-0 (the default), with a "
+        "DeepSpeed JSON (ZeRO stage, offload); batch and clipping keys are filled in, and fp16/bf16's 'enabled' "
+        "(their other settings, e.g. a static fp16 loss_scale, are kept); DeepSpeed reads the whole JSON before "
+        "any model loads, so a misspelt key inside a section is an error naming it. ZeRO-0 (the default), with a "
         "bf16 student under autocast, was the fastest on one H200 (docs/performance.md) for students that fit a "
         "GPU; ZeRO 1-3 shard optimizer state for large ones, and ZeRO-2/3 (whose shipped JSONs set "
         "overlap_comm) overlap the gradient reduction with the backward",
@@ -216,6 +218,9 @@ def _check_unsupported_ds_keys(ds_config: dict[str, Any], source: Path) -> None:
         if value not in (None, False):
             name = f"{section}.{key}" if key else section
             raise ValueError(f"deepspeed.config {source}: {name} is not supported ({why}); remove it")
+    # A disabled Nebula section is a no-op that DeepSpeed 0.19+ refuses all the same (it dropped the service):
+    # a JSON of an older release keeps working.
+    ds_config.pop("nebula", None)
 
 
 def _check_ds_keys(ds_config: dict[str, Any], source: Path) -> None:
@@ -338,17 +343,69 @@ def build_ds_config(
     for key in ("fp16", "bf16"):
         if ds_config.get(key, {}).get("enabled") and precision != key:
             raise ValueError(f"deepspeed.config {source} enables {key}, but train.precision resolves to {precision}")
-        ds_config[key] = {"enabled": precision == key and not autocast}
+        # "enabled" alone is the run config's: the section's other settings (a static loss_scale, the loss
+        # scaler's window, bf16's immediate_grad_update) are DeepSpeed's business and stay as the JSON has them.
+        ds_config[key] = {**ds_config.get(key, {}), "enabled": precision == key and not autocast}
     if autocast:
         ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    if precision == "fp16":
-        ds_config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16})
+    if precision == "fp16":  # dynamic loss scaling from 2^16, unless the JSON says otherwise
+        ds_config["fp16"].setdefault("loss_scale", 0)
+        ds_config["fp16"].setdefault("initial_scale_power", 16)
     # Offload with a torch optimizer is fine for our small students; DeepSpeed otherwise insists on its own.
     ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
     # ZeRO 1-3 take only the optimizer classes DeepSpeed lists unless told: train.optimizer=adamax (torch's
     # Adamax with decoupled decay, stepped on ZeRO's flat partitions like any torch optimizer) was refused.
     ds_config.setdefault("zero_allow_untested_optimizer", True)
+    _check_with_deepspeed(ds_config, source)
     return ds_config
+
+
+def _check_with_deepspeed(ds_config: dict[str, Any], source: Path) -> None:
+    """Have DeepSpeed read the config now: a misspelt or mistyped key inside a section
+    (``zero_optimization.overlap_comms``) or a section it has dropped (``amp``) was found by
+    ``deepspeed.initialize``, after the teacher had loaded and the student been calibrated, as a pydantic
+    message naming neither file nor section, or a traceback."""
+    import copy
+
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    trial = copy.deepcopy(ds_config)
+    trial.pop("train_batch_size", None)  # DeepSpeed takes its world size here from a process group there may not be
+    try:
+        DeepSpeedConfig(trial)
+    except (ValueError, DeepSpeedConfigError, AssertionError) as err:
+        errors = err.errors() if hasattr(err, "errors") else None  # pydantic's ValidationError
+        if not errors:
+            raise ValueError(f"deepspeed.config {source}: DeepSpeed refuses it: {err}") from None
+        first = errors[0]
+        path = tuple(str(part) for part in first["loc"])
+        # the section holding the key: the one (object) whose nested keys reach it
+        sections = [key for key, value in ds_config.items() if isinstance(value, dict) and _reaches(value, path)]
+        where = (
+            ".".join((sections[0], *path)) if len(sections) == 1 else f"{'.'.join(path)} (of DeepSpeed's {err.title})"
+        )
+        if first["type"] == "extra_forbidden":
+            what = " is not a setting DeepSpeed knows there (misspelt?)"
+        else:
+            what = ": " + first["msg"].removeprefix("Value error, ")
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ValueError(f"deepspeed.config {source}: {where}{what}{more}") from None
+
+
+def _reaches(section: dict[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether ``path`` leads into ``section`` (its last key, the one refused, may be absent: a missing one)."""
+    for part in path[:-1]:
+        section = section.get(part)
+        if not isinstance(section, dict):
+            return False
+    return bool(path) and (path[-1] in section or len(path) > 1)
+
+
+def check_compile(train: TrainConfig, ds_config: dict[str, Any]) -> None:
+    """``train.compile`` with ZeRO-3 is refused: its parameter hooks gather and release weights around every
+    submodule's forward. Called with the set-up's checks, before any model loads."""
+    if train.compile and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise ValueError("train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3")
 
 
 def check_batch(micro_batch_size: int, grad_accum: int, world_size: int, global_batch_size: int | None) -> int:
@@ -494,10 +551,9 @@ def compile_models(models: Iterable[torch.nn.Module], train: TrainConfig, ds_con
         ValueError: ``train.compile`` with ZeRO-3, whose parameter hooks gather and release weights around
             every submodule's forward.
     """
+    check_compile(train, ds_config)
     if not train.compile:
         return
-    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
-        raise ValueError("train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3")
     for model in models:
         install_output_hooks(model)
         model.compile(mode=train.compile_mode)

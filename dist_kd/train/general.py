@@ -73,6 +73,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
     check_batch,
+    check_compile,
     compile_models,
     exported_weights,
     full_precision_weights,
@@ -435,6 +436,7 @@ class GeneralTrainer(EngineTrainer):
             cfg.train.clip,
             ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
         )
+        check_compile(cfg.train, ds_config)
         return teacher_config, weights, resume_from, ds_config
 
     def _check_seq_len(self, manifest: dict[str, Any], shards: str) -> None:

@@ -63,6 +63,7 @@ from dist_kd.train.engine import (
     build_ds_config,
     build_engine,
     check_batch,
+    check_compile,
     compile_models,
     exported_weights,
     full_precision_weights,
@@ -149,6 +150,12 @@ class TaskTrainer(EngineTrainer):
             cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, cfg.train.global_batch_size
         )
         self.precision = resolve_precision(cfg.train.precision, info.device)
+        resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
+        ds_config = build_ds_config(  # before the data and teachers load: a bad JSON costs nothing
+            cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
+            cfg.train.clip, ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
+        )  # fmt: skip
+        check_compile(cfg.train, ds_config)
         self.tasks = [
             load_task_data(
                 entry.spec(), train=entry.train, soft_targets=entry.soft_targets, dev=entry.dev,
@@ -182,7 +189,6 @@ class TaskTrainer(EngineTrainer):
             group_rows=cfg.data.micro_batch_size,
         )
         self.teachers = self._load_teachers() if self.phase == "intermediate" else {}
-        resume_from = ckpt.resume_point(self.run_dir, cfg.run.resume)
         self.epochs_at = self._epochs_origin(resume_from)
         self.max_steps = cfg.train.max_steps
         if cfg.train.epochs:
@@ -191,10 +197,6 @@ class TaskTrainer(EngineTrainer):
             # A finished run started again, whose last (old) step went past train.epochs by less than one step.
             if self.max_steps < origin["step"] and -left < self._epoch_slack and ckpt.finished(resume_from):
                 self.max_steps = origin["step"]
-        ds_config = build_ds_config(
-            cfg.deepspeed.config, cfg.data.micro_batch_size, cfg.train.grad_accum, info.world_size, self.precision,
-            cfg.train.clip, ckpt.resumed_bf16_mode(cfg.train.bf16_mode, resume_from),
-        )  # fmt: skip
 
         # --- build ---------------------------------------------------------------------------------
         self.model = self._build_model(student_dir)

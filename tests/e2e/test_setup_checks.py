@@ -37,18 +37,37 @@ def _general(tiny_bert_dir, tiny_corpus, run_dir, *extra):
             ["student.path=TEACHER", "distill.attention=relations", "distill.relation_heads=5"],
             "distill.relation_heads 5 does not divide the teacher's width 32",
         ),
+        (["train.compile=true", "deepspeed.config=ds_configs/zero3.json"], "train.compile works with ZeRO 0-2"),
+        (
+            ["deepspeed.config=JSON"],
+            "ds.json: zero_optimization.overlap_comms is not a setting DeepSpeed knows there (misspelt?)",
+        ),
     ],
-    ids=["zero weights", "shuffle buffer", "eval batches", "wider cut student", "relation heads of student.path"],
+    ids=[
+        "zero weights",
+        "shuffle buffer",
+        "eval batches",
+        "wider cut student",
+        "relation heads of student.path",
+        "compile at zero 3",
+        "deepspeed key",
+    ],  # fmt: skip
 )
 def test_a_bad_setting_is_refused_before_the_run_directory_changes(extra, said, tiny_bert_dir, tiny_corpus, tmp_path):
     """Each of these ended at the first step (after "new run in ..." and config.yaml were written; a resume had
-    its config.yaml replaced by one that never trained), or after the teacher had loaded."""
-    extra = [item.replace("SHARDS", str(tiny_corpus / "eval")).replace("TEACHER", str(tiny_bert_dir)) for item in extra]
+    its config.yaml replaced by one that never trained), or after the teacher had loaded and the student been
+    calibrated."""
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2, "overlap_comms": true}}')
+    extra = [
+        item.replace("SHARDS", str(tiny_corpus / "eval")).replace("TEACHER", str(tiny_bert_dir))
+        .replace("JSON", str(tmp_path / "ds.json")) for item in extra
+    ]  # fmt: skip
     run_dir = tmp_path / "run"
     proc = _general(tiny_bert_dir, tiny_corpus, run_dir, *extra)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert said in proc.stderr
     assert "new run in" not in proc.stderr and not run_dir.exists()
+    assert "calibrated the student" not in proc.stderr
 
 
 def test_the_keys_that_student_path_overrides_are_named(tiny_bert_dir, tiny_corpus, tmp_path):

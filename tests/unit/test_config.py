@@ -143,6 +143,22 @@ def test_a_string_key_takes_numbers_and_dates_as_written(text, tmp_path):
     assert load_config(Outer, None, ["path=null"]).path is None
 
 
+def test_a_number_key_reads_leading_zeros_in_decimal_and_refuses_base_60(tmp_path):
+    """`train.max_steps=0300` ran 192 steps (YAML 1.1's octal) and `train.seed=1:00` seeded 60 (base 60), without
+    a word, while `0900` (no octal) was refused as text."""
+    path = tmp_path / "c.yaml"
+    for text, steps in (("0300", 300), ("0900", 900), ("+017", 17), ("1_000", 1000), ("'12'", 12), ("0x10", 16)):
+        assert load_config(Outer, None, [f"steps={text}"]).steps == steps, text
+        path.write_text(f"steps: {text}\n")
+        assert load_config(Outer, path).steps == steps, text
+    assert load_config(Outer, None, ["inner.rate=0300"]).inner.rate == 300.0
+    for override in ("steps=1:00", "inner.rate=1:30.5"):
+        with pytest.raises(ValueError, match=r"has '1:[0-9.]+', which YAML reads in base 60 as [0-9.]+; write the"):
+            load_config(Outer, None, [override])
+    with pytest.raises(ValueError, match=r"'steps' must be an integer, got '١٢'"):  # digits, but not ASCII ones
+        load_config(Outer, None, ["steps=١٢"])
+
+
 @dataclass
 class WithPaths:
     output_dir: str = doc("a run directory", "runs/x", path=True)

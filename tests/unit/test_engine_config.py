@@ -121,7 +121,9 @@ def test_deepspeed_checkpoint_settings_that_resume_are_taken(tmp_path):
         },  # what DeepSpeed releases before 0.18 took
     ):
         path.write_text(json.dumps(given))
-        assert build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)["checkpoint"] == given["checkpoint"]
+        config = build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+        assert config["checkpoint"] == given["checkpoint"]
+        assert "nebula" not in config  # disabled: a no-op, which DeepSpeed 0.19+ refuses all the same
 
 
 def test_a_json_key_that_disagrees_names_the_run_config_key_that_gives_it(tmp_path):
@@ -159,6 +161,42 @@ def test_deepspeeds_older_bfloat16_section_is_read_as_bf16_and_a_section_not_an_
             ValueError, match=rf'ds.json: {key} must be an object such as {{"enabled": true}}, got true'
         ):
             build_ds_config(str(path), 8, 1, 2, "fp32", 1.0)
+
+
+def test_the_jsons_own_precision_settings_are_kept(tmp_path):
+    """Only "enabled" is the run config's: a static fp16 loss_scale became dynamic (0), the loss scaler's other
+    settings and bf16's immediate_grad_update were dropped, without a word."""
+    path = tmp_path / "ds.json"
+    scaler = {"enabled": True, "loss_scale": 128, "initial_scale_power": 8, "loss_scale_window": 500, "hysteresis": 4}
+    path.write_text(json.dumps({"fp16": scaler}))
+    assert build_ds_config(str(path), 8, 1, 2, "fp16", 1.0)["fp16"] == scaler
+    path.write_text(json.dumps({"fp16": {"loss_scale_window": 200}}))  # the rest as dist_kd sets it
+    assert build_ds_config(str(path), 8, 1, 2, "fp16", 1.0)["fp16"] == {
+        "enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 200,
+    }  # fmt: skip
+    path.write_text(json.dumps({"bf16": {"enabled": True, "immediate_grad_update": False}}))
+    config = build_ds_config(str(path), 8, 1, 2, "bf16", 1.0, "deepspeed")
+    assert config["bf16"] == {"enabled": True, "immediate_grad_update": False} and config["fp16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize(
+    "section, said",
+    [
+        ({"zero_optimization": {"stage": 2, "overlap_comms": True}},
+         r"zero_optimization.overlap_comms is not a setting DeepSpeed knows there \(misspelt\?\)$"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+         r"zero_optimization.offload_param.device: Input should be 'none', 'cpu' or 'nvme'$"),
+        ({"fp16": {"loss_scale": "high"}}, r"fp16.loss_scale: fp16.loss_scale must be a number$"),
+        ({"amp": {"enabled": True}}, r"DeepSpeed refuses it: NVIDIA Apex AMP integration has been removed"),
+    ],
+)  # fmt: skip
+def test_a_section_deepspeed_refuses_is_one_error_naming_the_file_and_key(tmp_path, section, said):
+    """Found by deepspeed.initialize, after the teacher had loaded: a pydantic message naming neither file nor
+    section (exit 2), or for a section DeepSpeed dropped, a 44-line traceback (exit 1)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(section))
+    with pytest.raises(ValueError, match=rf"^deepspeed.config {path}: {said}"):
+        build_ds_config(str(path), 8, 1, 2, "fp16", 1.0)
 
 
 def test_batch_check_and_precision():
