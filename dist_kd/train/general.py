@@ -631,6 +631,11 @@ class GeneralTrainer(EngineTrainer):
                     logger.warning("stopped at step %d with its checkpoint %s; run again with run.resume=auto to "
                                    "continue", self.step, saved)  # fmt: skip
                     return False
+            if any(self._window.batches):
+                # Resumed at its last step with the steps since its last line still open (stopped between log
+                # lines, then ended there with train.max_steps): that step's line and evaluation were never
+                # written, and the tokens of those steps were missing from the model card.
+                self._log(self.heldout is not None)
             self.save()
             return True
         finally:

@@ -304,6 +304,17 @@ def test_resume_after_sigterm_gives_the_same_losses(tiny_bert_dir, tiny_corpus, 
     stopped_at = int(saved[0].name.split("-")[1])
     assert 3 <= stopped_at < 150, f"stopped at {stopped_at}: the signal came too late to test resume"
     assert not (interrupted / "student").exists()
+    # Ended where it stopped (train.max_steps = that step): the steps since the last line were never logged, nor
+    # that step evaluated, and the model card counted the logged steps' tokens only.
+    ended = tmp_path / "ended"
+    shutil.copytree(interrupted, ended)
+    until = [*steps[1:], f"train.max_steps={stopped_at}"]
+    run_script("launch/general.py", "--debug", "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, ended, *until))
+    per_step = _metrics(straight)[0]["tokens_seen"] // 3
+    last = _metrics(ended)[-1]
+    assert last["step"] == stopped_at and last["tokens_seen"] == stopped_at * per_step
+    assert "eval_spread" in last or stopped_at % 3 == 0  # a step logged before the stop keeps its line
+    assert f" sequences, {stopped_at * per_step} tokens, lr " in (ended / "student" / "README.md").read_text()
 
     run_script(
         "launch/general.py", "--debug", "--config", CONFIG, *_args(tiny_bert_dir, tiny_corpus, interrupted, *steps)
