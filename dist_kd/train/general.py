@@ -41,7 +41,7 @@ from dist_kd.models.student import (
     student_config_from_teacher,
     unit_selection,
 )
-from dist_kd.models.teacher import Teacher, TeacherConfig, check_max_length, check_model_dir
+from dist_kd.models.teacher import DTYPES, Teacher, TeacherConfig, check_max_length, check_model_dir
 from dist_kd.objective import DistillConfig, tinybert_objective
 from dist_kd.quality import (
     HeldOutTexts,
@@ -315,7 +315,7 @@ class GeneralTrainer(EngineTrainer):
             # What the student's ids mean; dist-kd export checks the tokenizer it ships against it.
             "tokenizer.sha256": tokenizer_fingerprint(self.tokenizer)["sha256"],
             **ckpt.settings_meta(cfg.train, ds_config, cfg.train.max_steps),
-            **ckpt.merged_settings(data_settings_meta(cfg), cfg.distill.resume_meta()),
+            **ckpt.merged_settings(data_settings_meta(cfg), cfg.distill.resume_meta(), self._model_settings_meta()),
         }
         if resume_from is not None:
             with distributed.shared_failure():  # every rank reads the same refusal: said once, not once per rank
@@ -586,6 +586,14 @@ class GeneralTrainer(EngineTrainer):
         self.step_lr = self.engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
         self.engine.step()
         return {name: value.detach() for name, value in terms.items()}
+
+    def _model_settings_meta(self) -> dict[str, Any]:
+        """Settings that change how the models run, not which parameters they have: a resume may change them,
+        named in a warning (another teacher precision changes its targets; the student's dropout and the
+        clipping change its updates)."""
+        teacher_dtype = next(name for name, dtype in DTYPES.items() if dtype == self.teacher.dtype)  # as resolved
+        changeable = {"student.dropout": self.cfg.student.dropout, "train.clip": self.cfg.train.clip}
+        return {"changeable": {**changeable, "teacher.dtype": teacher_dtype}}
 
     def train(self) -> bool:
         """Run until ``train.max_steps`` or a stop signal. Returns True when training finished."""

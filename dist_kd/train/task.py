@@ -106,6 +106,12 @@ def objective_meta(cfg: TaskConfig, phase: str) -> dict[str, Any]:
     """The task objective's settings for a checkpoint's ``meta.json`` (:meth:`DistillConfig.resume_meta`; in
     phase prediction also the soft and hard weights, which may change with a warning)."""
     meta = cfg.distill.resume_meta(layer_losses=phase == "intermediate")
+    # They change how the student runs and steps, not which parameters it has (nor the teachers' dtype, which
+    # phase intermediate's targets depend on, a change of it named too).
+    meta["changeable"].update({"student.dropout": cfg.student.dropout, "student.head_dropout": cfg.student.head_dropout,
+                               "train.clip": cfg.train.clip})  # fmt: skip
+    if phase == "intermediate":
+        meta["changeable"]["teacher.dtype"] = cfg.teacher.dtype
     if phase == "prediction":
         meta["changeable"].update({"distill.soft_weight": cfg.distill.soft_weight,
                                    "distill.hard_weight": cfg.distill.hard_weight})  # fmt: skip

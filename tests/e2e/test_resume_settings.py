@@ -41,10 +41,14 @@ def test_general_resume_refuses_another_shuffle_and_trains_on_with_another_batch
     assert snapshot(out) == before
     # Another micro-batch size and accumulation: the stream counts sequences; the run trains on and says so.
     # So does another loss weight.
+    # So do another dropout, clipping and teacher precision (accepted without a word before; on a CPU an fp16
+    # teacher runs in fp32, so bf16 is the change there).
     proc = run_script(*args, "data.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=6",
-                      "distill.weights.attn=0.5")  # fmt: skip
+                      "distill.weights.attn=0.5", "student.dropout=0.0", "train.clip=0.5",
+                      "teacher.dtype=bf16")  # fmt: skip
     assert "data.micro_batch_size 4 -> 2, train.grad_accum 1 -> 2" in proc.stderr, proc.stderr[-3000:]
     assert "distill.weights.attn 1.0 -> 0.5" in proc.stderr
+    assert "student.dropout 0.1 -> 0.0, train.clip 1.0 -> 0.5, teacher.dtype fp32 -> bf16" in proc.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
 

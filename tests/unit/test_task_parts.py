@@ -309,6 +309,24 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
     assert cfg.train.epochs == 2 and cfg.distill.hard_weight == 0.5 and cfg.distill.phase == "prediction"
 
 
+def test_a_resume_names_another_dropout_clipping_or_teacher_precision(tmp_path, caplog):
+    """They change how the student runs and steps (and, in phase intermediate, the teacher's targets): a resume
+    with other values was accepted without a word."""
+    from dist_kd.train.checkpoint import check_changeable
+    from dist_kd.train.task import objective_meta
+
+    phase = ["distill.phase=intermediate", "teacher.path=T"]
+    before = _task_config(tmp_path, GOOD, phase)
+    changed = ["student.dropout=0.2", "student.head_dropout=0", "train.clip=0.5", "teacher.dtype=bf16"]
+    after = _task_config(tmp_path, GOOD, [*phase, *changed])
+    saved, now = objective_meta(before, "intermediate"), objective_meta(after, "intermediate")
+    caplog.set_level("WARNING")
+    check_changeable({**saved, "step": 4}, now, tmp_path / "step-00000004")
+    assert "student.dropout None -> 0.2, student.head_dropout None -> 0.0, train.clip 1.0 -> 0.5, " in caplog.text
+    assert "teacher.dtype fp16 -> bf16" in caplog.text
+    assert "teacher.dtype" not in objective_meta(before, "prediction")["changeable"]  # no teacher runs there
+
+
 def test_keys_of_the_other_phase_are_said_to_do_nothing(tmp_path, caplog):
     """distill.weights.pred=3 or a layer map in phase prediction ran with exit 0, no word, and the same losses. The
     trainer says it (dist-kd export, which loads a finished run's config again, does not)."""
