@@ -98,7 +98,9 @@ class DataConfig:
     eval_shards: str | None = doc(
         "held-out shards: their sequences are the quality texts when eval.texts is null", None, path=True
     )
-    eval_batches: int = doc("micro-batches of eval_shards used as quality texts", 8)
+    eval_batches: int = doc(
+        "quality texts from eval_shards: the first eval_batches x micro_batch_size sequences (all, where fewer)", 8
+    )
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
@@ -507,12 +509,16 @@ class GeneralTrainer(EngineTrainer):
         manifest = read_manifest(self.cfg.data.eval_shards)
         check_tokenizer_matches(manifest["tokenizer"], self.tokenizer, self.cfg.data.eval_shards)
         self._check_seq_len(manifest, self.cfg.data.eval_shards)
+        # The first eval_batches micro-batches' worth of sequences, in order, read one at a time: read in whole
+        # micro-batches, the last partial one was dropped (46 sequences at 32 a batch gave 32 texts; at 64, an
+        # error), and they are texts to measure, not batches to train on.
+        loader = self._eval_loader(self.cfg.data.eval_shards, micro_batch_size=1)
+        wanted = min(self.cfg.data.eval_batches * self.cfg.data.micro_batch_size, loader.num_batches_per_epoch)
         sequences = []
-        for index, batch in enumerate(self._eval_loader(self.cfg.data.eval_shards)):
-            if index >= self.cfg.data.eval_batches:
+        for index, batch in enumerate(loader):
+            if index >= wanted:  # one epoch at most: the stream starts the next one after it
                 break
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
-                sequences.append(ids[mask.bool()].numpy())
+            sequences.append(batch["input_ids"][0][batch["attention_mask"][0].bool()].numpy())
         sequences = sequences[: self.cfg.eval.max_texts]  # as eval.texts' file is cut (it was ignored here)
         heldout = HeldOutTexts.from_sequences(sequences, self.tokenizer, self.cfg.data.eval_shards)
         heldout.use_pooling_of(self.cfg.teacher.path)
@@ -836,12 +842,12 @@ class GeneralTrainer(EngineTrainer):
         random_student = AutoModel.from_config(self.engine.module.student.config).to(self.info.device)
         return self.quality(random_student)
 
-    def _eval_loader(self, shards: str):
+    def _eval_loader(self, shards: str, micro_batch_size: int | None = None):
         from dist_kd.data.stream import build_corpus_loader
 
         return build_corpus_loader(
             shards,
-            micro_batch_size=self.cfg.data.micro_batch_size,
+            micro_batch_size=micro_batch_size or self.cfg.data.micro_batch_size,
             rank=0,
             world_size=1,
             num_workers=0,

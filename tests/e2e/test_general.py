@@ -671,6 +671,23 @@ def test_bad_input_is_one_clear_line_and_leaves_the_run_alone(
     assert snapshot(finished_run) == before
 
 
+def test_held_out_shards_give_all_their_sequences_up_to_eval_batches(tiny_bert_dir, tiny_corpus, tmp_path):
+    """The held-out shards were read in whole training micro-batches: a last partial one was dropped (46
+    sequences at 32 a batch gave 32 texts), and fewer sequences than one micro-batch were refused."""
+    from dist_kd.data.shards import read_manifest
+
+    held_out = read_manifest(tiny_corpus / "eval")["num_sequences"]
+    for micro_batch, batches, texts in ((held_out - 1, 8, held_out), (held_out + 5, 8, held_out), (4, 2, 8)):
+        out = tmp_path / f"mbs{micro_batch}"
+        run_script(
+            "launch/general.py", "--debug", "--config", CONFIG,
+            *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=1", "eval.texts=null",
+                   f"data.micro_batch_size={micro_batch}", f"data.eval_shards={tiny_corpus / 'eval'}",
+                   f"data.eval_batches={batches}"),
+        )  # fmt: skip
+        assert json.loads((out / "summary.json").read_text())["quality"]["num_texts"] == texts, micro_batch
+
+
 def test_a_run_without_a_whole_checkpoint_is_refused_and_keeps_its_metrics(finished_run, tiny_bert_dir, tiny_corpus,
                                                                            tmp_path):  # fmt: skip
     """Every checkpoint damaged: starting again from step 0 would wipe metrics.jsonl without a word."""
