@@ -557,7 +557,9 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
             "; the dev data changed since the checkpoint, whose eval.json and best/ exports were scored on the "
             "earlier dev set, which the new one would be mixed with"
         )
-    if any(key.startswith(("train.", "deepspeed.", "data.")) or key.endswith(".dev") for key in differing):
+    if any(key.endswith(".metric") for key in differing):
+        way_out += "; best/ holds the step the checkpoint's metric picked, which another metric did not judge"
+    if any(key.startswith(("train.", "deepspeed.", "data.")) or key.endswith((".dev", ".metric")) for key in differing):
         way_out += (
             f"; to go on from these weights under new settings, export them (dist-kd export --checkpoint {checkpoint} "
             "--output DIR) and start a new run.output_dir with student.path=DIR"

@@ -218,11 +218,16 @@ class TaskTrainer(EngineTrainer):
         self.best: dict[str, dict[str, Any]] = {}
         # Digests of the data (stores or files) and the dev sets, read by rank 0 alone. The dev sets: eval.json and
         # best/ hold the earlier evaluations, which another dev set would mix with the new ones (and best/ pick
-        # across the two). One key per task, so the error names the task.
+        # across the two). One key per task, so the error names the task: by its resolved name ('MRPC' and
+        # 'mrpc' are one task), and None for a task without one (a dev set added or dropped on resume left the
+        # earlier best/ and dev predictions beside the new exports).
         data_digests = distributed.on_main(
             lambda: {
                 "data": {t.spec.name: data_fingerprint(t.source) for t in self.tasks},
-                **{f"tasks[{entry.name}].dev": data_fingerprint(entry.dev) for entry in cfg.tasks if entry.dev},
+                **{
+                    f"tasks[{task.spec.name}].dev": data_fingerprint(entry.dev) if entry.dev else None
+                    for task, entry in zip(self.tasks, cfg.tasks, strict=True)
+                },
             }
         )
         self.meta = {
@@ -237,6 +242,9 @@ class TaskTrainer(EngineTrainer):
                 {"name": t.spec.name, "type": t.spec.type, "labels": t.spec.labels, "rows": t.num_rows}
                 for t in self.tasks
             ],
+            # best/ holds the step the metric picked: another metric would judge its later scores against a best
+            # it did not pick (and the steps it would have picked are gone). Top-level keys, as the dev digests.
+            **{f"tasks[{t.spec.name}].metric": t.spec.metric for t in self.tasks},
             # Top-level keys, which a checkpoint written before them lacks and is not compared on: the student
             # dict above is compared as a whole. Either would otherwise fail mid-load with a size mismatch.
             "student.intermediate_size": ffn_width(self.student_config),

@@ -201,8 +201,6 @@ class TaskDistillConfig(DistillConfig):
             raise ValueError(f"distill.phase must be one of {list(PHASES)}, got {self.phase!r}")
         if self.soft_weight < 0 or self.hard_weight < 0:
             raise ValueError("distill.soft_weight and distill.hard_weight must be >= 0")
-        if self.phase == "prediction" and self.soft_weight == 0 and self.hard_weight == 0:
-            raise ValueError("distill.soft_weight and distill.hard_weight are both 0: nothing to learn from")
         if self.weights.sentence > 0:
             raise ValueError(
                 "distill.weights.sentence is a term of general distillation (launch/general.py); a task run takes "
@@ -323,6 +321,13 @@ class TaskConfig:
         if duplicates:
             given = [task.name for task in self.tasks if task.spec().name in duplicates]
             raise ValueError(f"tasks: the names {duplicates} appear more than once (as {given})")
+        stored = [task.name for task in self.tasks if task.soft_targets]
+        both_zero = self.distill.soft_weight == 0 and self.distill.hard_weight == 0
+        if self.distill.phase == "prediction" and both_zero and stored:  # hard-label tasks train at weight 1 anyway
+            raise ValueError(
+                f"distill.soft_weight and distill.hard_weight are both 0: the tasks with soft targets ({stored}) "
+                "have nothing to learn from"
+            )
         weighted = [task.name for task in self.tasks if task.weight is not None]
         if weighted and len(weighted) != len(self.tasks):
             raise ValueError(f"tasks: give a weight to every task or to none (only {weighted} have one)")

@@ -793,5 +793,17 @@ def test_resume_refuses_a_dev_set_or_teacher_changed_in_place(pipeline, tmp_path
     assert re.search(r"error: cannot resume from .*: tasks\[topic\]\.teacher\.sha256: checkpoint has", proc.stderr)
     assert snapshot(out) == before
     weights.write_bytes(kept)
+    # The dev set dropped (the earlier best/ and dev predictions stayed beside the new exports), or another metric
+    # (best/ kept the step the old one picked): both were accepted without a word.
+    for change, said in (
+        ({"dev": None}, rf"tasks\[topic\]\.dev: checkpoint has {digest}, this run has None"),
+        ({"metric": "f1"}, r"tasks\[topic\]\.metric: checkpoint has 'accuracy', this run has 'f1'.*best/ holds"),
+    ):
+        settings = yaml.safe_load(config(4).read_text())
+        settings["tasks"][0].update(change)
+        (tmp_path / "changed.yaml").write_text(yaml.safe_dump(settings))
+        proc = run_script("launch/task.py", "--debug", "--config", str(tmp_path / "changed.yaml"), check=False)
+        assert proc.returncode == 2 and re.search(rf"error: cannot resume from .*: {said}", proc.stderr), change
+        assert snapshot(out) == before
     proc = run_script("launch/task.py", "--debug", "--config", str(config(4)))
     assert "resumed from" in proc.stderr and _metrics(out)[-1]["step"] == 4

@@ -309,6 +309,17 @@ def test_config_reads_tasks_and_glue_defaults(tmp_path):
     assert cfg.train.epochs == 2 and cfg.distill.hard_weight == 0.5 and cfg.distill.phase == "prediction"
 
 
+def test_both_target_weights_at_zero_are_refused_only_where_a_task_has_soft_targets(tmp_path):
+    """Tasks of hard labels alone train at weight 1 whatever the two weights: a run of such tasks with both at 0
+    was refused as having nothing to learn from."""
+    zero = ["distill.soft_weight=0", "distill.hard_weight=0"]
+    hard_only = "student: {path: S}\ntasks:\n  - {name: stsb, train: T}\n"
+    assert _task_config(tmp_path, hard_only, zero).distill.soft_weight == 0
+    with pytest.raises(ValueError, match=r"both 0: the tasks with soft targets \(\['topic'\]\) have nothing to learn"):
+        _task_config(tmp_path, GOOD, zero)
+    assert _task_config(tmp_path, GOOD, [*zero, "distill.phase=intermediate", "teacher.path=T"])  # no targets read
+
+
 def test_a_resume_names_another_dropout_clipping_or_teacher_precision(tmp_path, caplog):
     """They change how the student runs and steps (and, in phase intermediate, the teacher's targets): a resume
     with other values was accepted without a word."""
@@ -373,7 +384,7 @@ def test_keys_of_the_other_phase_are_said_to_do_nothing(tmp_path, caplog):
         ("tasks: [{name: mnli.m, labels: [x, y], train: T}]\n", "task 'mnli.m': a task name may not contain '.'"),
         ("tasks: [{name: a/b, labels: [x, y], train: T}]\n", "task 'a/b': a task name may not contain '/'"),
         ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {phase: both}\n", "distill.phase must be one of"),
-        ("tasks: [{name: a, labels: [x, y], train: T}]\ndistill: {soft_weight: 0}\n", "both 0"),
+        ("tasks: [{name: a, labels: [x, y], soft_targets: S}]\ndistill: {soft_weight: 0}\n", "both 0"),
         # a metric of the other type failed only at the first evaluation, an epoch into the run
         ("tasks: [{name: a, labels: [x, y], train: T, metric: pearson}]\n",
          "tasks\\[0\\]: task 'a': metric 'pearson' does not apply to a classification task"),
