@@ -114,6 +114,30 @@ SUPPORTED_ENCODERS = (
 )
 
 
+def check_encoder_config(config, key: str) -> None:
+    """Refuse a model whose config lacks what a transformer encoder of a supported family has (FNet has no
+    attention heads, Funnel's depth cannot be set): its fields were read, and failed, as a traceback.
+
+    Args:
+        key: the config key naming the model (``teacher.path``), for the message.
+
+    Raises:
+        ValueError: naming the model, what it lacks and the supported families.
+    """
+    missing = [name for name in ("num_hidden_layers", "hidden_size", "num_attention_heads") if not _has(config, name)]
+    if missing:
+        raise ValueError(
+            f"{key}: a {type(config).__name__} ({config.model_type}) has no {', '.join(missing)}: {SUPPORTED_ENCODERS}"
+        )
+
+
+def _has(config, name: str) -> bool:
+    try:
+        return isinstance(getattr(config, name), int)
+    except (AttributeError, NotImplementedError):  # Funnel's num_hidden_layers is a property that may not be read
+        return False
+
+
 def find_layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """Locate the encoder's list of transformer layers (``encoder.layer`` in BERT, ``layers`` elsewhere).
 

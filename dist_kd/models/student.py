@@ -25,6 +25,7 @@ from dist_kd.config import doc
 from dist_kd.models.adapters import FUSED_ROWS, install_adapter
 from dist_kd.models.capture import (
     ATTN_IMPLEMENTATION,
+    SUPPORTED_ENCODERS,
     EncoderFeatures,
     FeatureCapture,
     find_layer_list,
@@ -103,7 +104,13 @@ def student_config_from_teacher(teacher_config, cfg: StudentConfig, mapping: lis
         if mapping is None:
             mapping = layer_map(teacher_config.num_hidden_layers, cfg.num_layers)
         config.layer_types = [layer_types[g - 1] for g in mapping]
-    config.num_hidden_layers = cfg.num_layers
+    try:
+        config.num_hidden_layers = cfg.num_layers
+    except NotImplementedError:  # Funnel's depth is its blocks': not a stack of layers to pick from
+        raise ValueError(
+            f"a {type(config).__name__} ({config.model_type}) does not take another number of layers: "
+            f"{SUPPORTED_ENCODERS}"
+        ) from None
     config.hidden_size = cfg.hidden_size
     config.num_attention_heads = cfg.num_heads
     for attr in ("attention_head_size", "head_dim"):  # DeBERTa-v2's (xlarge, xxlarge) reads it before the width

@@ -324,10 +324,12 @@ class Teacher:
         flag: str = "teacher.path",
     ):
         import transformers
+        from transformers import AutoConfig
 
-        from dist_kd.models.capture import truncate_layers
+        from dist_kd.models.capture import check_encoder_config, truncate_layers
 
         self.path = check_model_dir(path, flag)
+        check_encoder_config(AutoConfig.from_pretrained(self.path), f"{flag} {path}")  # before its weights load
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         register_attention()

@@ -28,6 +28,7 @@ from dist_kd.config import config_to_dict, doc, dump_config
 from dist_kd.data.tokenizer import save_tokenizer
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, weights_sha256
 from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
+from dist_kd.models.capture import check_encoder_config
 from dist_kd.models.fields import ffn_width
 from dist_kd.models.student import (
     DistillStudent,
@@ -139,7 +140,9 @@ class GeneralConfig:
 def _teacher_config(path: str):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(check_model_dir(path, "teacher.path"))
+    config = AutoConfig.from_pretrained(check_model_dir(path, "teacher.path"))
+    check_encoder_config(config, f"teacher.path {path}")
+    return config
 
 
 def device_mask(host_mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:

@@ -48,6 +48,7 @@ from dist_kd.evaluate import compute_metrics, predicted_classes
 from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, weights_sha256, write_json_atomic
 from dist_kd.losses import prediction_loss
 from dist_kd.model_card import classifier_load_snippet, encoder_load_snippet, model_card, write_model_card
+from dist_kd.models.capture import check_encoder_config
 from dist_kd.models.fields import ffn_width
 from dist_kd.models.student import StudentConfig, unit_selection
 from dist_kd.models.teacher import check_max_length, check_model_dir
@@ -142,6 +143,7 @@ class TaskTrainer(EngineTrainer):
         # --- validate every input before writing anything -------------------------------------------
         student_dir = check_model_dir(cfg.student.path, "student.path")
         self.source_config = AutoConfig.from_pretrained(student_dir)
+        check_encoder_config(self.source_config, f"student.path {student_dir}")
         self.student_shape = cfg.student.new_shape(self.source_config)
         self.student_config = cfg.student.encoder_config(self.source_config)
         if self.student_shape is not None:

@@ -146,6 +146,30 @@ def test_deberta_v1_is_left_to_the_registry_check_not_given_v2s_forward(tmp_path
     assert sorted(features.hidden) == [1, 2] and not features.scores
 
 
+def test_families_without_heads_or_a_settable_depth_are_refused_in_one_line(tmp_path):
+    """FNet (no attention heads) and Funnel (a depth of blocks that cannot be set) ended in an AttributeError or
+    NotImplementedError traceback, exit 1, where other unsupported families get the supported list."""
+    import transformers
+
+    from dist_kd.models.capture import check_encoder_config
+    from dist_kd.models.student import StudentConfig, student_config_from_teacher
+    from dist_kd.testing import tiny_vocab
+
+    fnet = transformers.FNetConfig(vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=2)
+    with pytest.raises(ValueError, match=r"^teacher.path T: a FNetConfig \(fnet\) has no num_attention_heads: dist_kd"):
+        check_encoder_config(fnet, "teacher.path T")
+    transformers.FNetModel(fnet).save_pretrained(tmp_path / "fnet")
+    with pytest.raises(ValueError, match=r"FNetConfig \(fnet\) has no num_attention_heads: dist_kd supports"):
+        Teacher(tmp_path / "fnet", dtype="fp32")
+    funnel = transformers.FunnelConfig(vocab_size=len(tiny_vocab()), d_model=32, n_head=4, d_head=8, d_inner=64,
+                                       block_sizes=[1, 1])  # fmt: skip
+    check_encoder_config(funnel, "teacher.path T")  # its fields read; its depth cannot be set
+    shape = StudentConfig(num_layers=1, hidden_size=32, num_heads=4, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"FunnelConfig \(funnel\) does not take another number of layers: dist_kd"):
+        student_config_from_teacher(funnel, shape)
+    check_encoder_config(transformers.BertConfig(), "teacher.path T")
+
+
 @pytest.mark.parametrize("init", ["random", "teacher"])
 def test_a_deberta_teacher_naming_its_head_width_gives_the_student_its_own(init, tmp_path):
     """DeBERTa-v2-xlarge/xxlarge set attention_head_size (64) in config.json, and DeBERTa reads it before
