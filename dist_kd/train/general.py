@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -725,11 +726,22 @@ class GeneralTrainer(EngineTrainer):
         with exported_weights(self.engine, student):
             return self.quality(student)
 
-    def heldout_key(self) -> str:
+    def heldout_key(self, as_typed: bool = False) -> str:
         """What the quality figures were measured on: the held-out texts' source and number, and the eval
-        settings that change them (not eval.every or eval.batch_size)."""
-        settings = {k: v for k, v in dataclasses.asdict(self.cfg.eval).items() if k not in ("every", "batch_size")}
-        return json.dumps({"source": str(self.heldout.source), "num_texts": len(self.heldout), **settings},
+        settings that change them (not eval.every or eval.batch_size). Paths are absolute: a resume that names
+        the same file another way (config.yaml's absolute paths, ``./dev.jsonl``) is on the same texts.
+        ``as_typed``: paths as given, the key of the releases before."""
+
+        def where(path: Any) -> Any:
+            return path if as_typed or not path else os.path.abspath(os.path.expanduser(str(path)))
+
+        paths = {f.name for f in dataclasses.fields(self.cfg.eval) if f.metadata.get("path")}
+        settings = {
+            key: where(value) if key in paths else value
+            for key, value in dataclasses.asdict(self.cfg.eval).items()
+            if key not in ("every", "batch_size")
+        }
+        return json.dumps({"source": str(where(self.heldout.source)), "num_texts": len(self.heldout), **settings},
                           sort_keys=True)  # fmt: skip
 
     def quality_record(self) -> dict[str, float | None]:
@@ -878,7 +890,10 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
         logger.warning("the step-0 quality was measured with %s pooling, this run pools %s: left out of the summary",
                        initial.get("pooling", "mean"), trainer.heldout.pooling_name)  # fmt: skip
         initial = None
-    if initial is not None and initial.get("texts", key := trainer.heldout_key()) != key:
+    if initial is not None and initial.get("texts", key := trainer.heldout_key()) not in (
+        key,
+        trainer.heldout_key(as_typed=True),  # recorded by a release before, with the paths as typed
+    ):
         # Measured before a resume with other held-out texts or eval settings (a checkpoint of an earlier
         # release does not record them, and keeps its row).
         logger.warning("the step-0 quality was measured on other held-out texts or eval settings than this run's "

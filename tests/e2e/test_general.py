@@ -688,6 +688,23 @@ def test_held_out_shards_give_all_their_sequences_up_to_eval_batches(tiny_bert_d
         assert json.loads((out / "summary.json").read_text())["quality"]["num_texts"] == texts, micro_batch
 
 
+def test_a_resume_naming_the_held_out_file_another_way_keeps_the_step_0_figures(tiny_bert_dir, tiny_corpus, tmp_path):
+    """config.yaml names the held-out file by its absolute path: a run started with a relative one and resumed
+    with --config RUN/config.yaml lost its step-0 row, with a warning that the eval settings had changed."""
+    import os
+
+    from tests.e2e.conftest import REPO
+
+    out = tmp_path / "run"
+    relative = os.path.relpath(tiny_corpus / "probe.jsonl", REPO)  # the commands run in the repository
+    run_script("launch/general.py", "--debug", "--config", CONFIG,
+               *_args(tiny_bert_dir, tiny_corpus, out, "train.max_steps=2", f"eval.texts={relative}"))  # fmt: skip
+    proc = run_script("launch/general.py", "--debug", "--config", str(out / "config.yaml"), "train.max_steps=4")
+    assert "resumed from" in proc.stderr and "step-0 quality was measured on other" not in proc.stderr
+    rows = json.loads((out / "summary.json").read_text())["quality"]["rows"]
+    assert "student at step 0" in rows and "student at step 4" in rows
+
+
 def test_a_run_without_a_whole_checkpoint_is_refused_and_keeps_its_metrics(finished_run, tiny_bert_dir, tiny_corpus,
                                                                            tmp_path):  # fmt: skip
     """Every checkpoint damaged: starting again from step 0 would wipe metrics.jsonl without a word."""
