@@ -182,7 +182,6 @@ def test_another_programs_shards_in_the_output_are_refused_and_a_killed_runs_rep
 def test_overwrite_refuses_another_programs_manifest_and_shards(tmp_path, text_inputs, tiny_tokenizer_dir):
     """With a manifest.json present, the output was taken for a corpus without looking at it: --overwrite
     deleted another program's manifest.json and its shard-*.tar files, and exited 0."""
-
     options = dict(seq_len=SEQ_LEN, shard_size=5, num_workers=0, progress=False, overwrite=True)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
