@@ -35,6 +35,8 @@ from typing import TypeVar
 
 import torch
 
+from dist_kd.io import usable_cores
+
 # torch.distributed.nn.functional takes ``group=group.WORLD`` as a default argument of its functions, evaluated
 # when it is first imported. transformers imports it (through torch's FSDP) when a model class first loads; were
 # that after a process group started, those defaults would hold the group, destroy_process_group could not free
@@ -384,7 +386,7 @@ def set_thread_count() -> int | None:
     """Apply :func:`threads_per_rank` unless OMP_NUM_THREADS says otherwise; returns the count it set."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     # Two short readings, the smaller kept: the previous stage of a pipeline still exiting, or a spike, is not
     # work that will compete with this run.
     load = min(busy_cores(0.15), busy_cores(0.15))

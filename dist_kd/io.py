@@ -394,6 +394,11 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
     return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a SLURM or cgroup allocation's, not the whole node's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def check_output_outside_data(output: str | os.PathLike, flag: str, inputs: dict[str, Any]) -> None:
     """Refuse an output directory inside a data directory it reads: the data's digest (:func:`data_fingerprint`,
     what tells a rerun it may keep or resume its work) takes in every file under that directory, the run's own

@@ -12,19 +12,12 @@ and prints a summary. The logic lives in ``dist_kd.data.corpus``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from dist_kd.cli import ExitOnSignal, add_log_level_argument, bad_input, configure_logging
 from dist_kd.data.corpus import ENCODING_ERRORS, PACKINGS, TXT_DOCUMENT_MODES, TokenizerWorkerDied, prepare_corpus
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on: a SLURM or cgroup allocation's, not the whole node's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 2
+from dist_kd.io import usable_cores
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -44,7 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=max(1, _usable_cores() - 1),
+        default=max(1, usable_cores() - 1),
         help="tokeniser processes (0: in this process; default: the cores this process may use, less one)",
     )
     parser.add_argument(

@@ -722,8 +722,8 @@ def test_prepare_corpus_command_takes_repeated_inputs_and_says_a_dead_worker_in_
     monkeypatch.setattr(command, "prepare_corpus", die)
     assert command.main(["--input", str(text_inputs), *argv, "--output", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err == "error: a tokenizer worker process died (killed for memory?)\n"
-    monkeypatch.setattr(command.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(command.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert command.parse_args(["--input", "x", "--tokenizer", "t", "--output", "o"]).num_workers == 3
 
 
