@@ -216,7 +216,8 @@ def test_a_step_zero_row_measured_with_other_pooling_is_left_out_of_the_summary(
             heldout=Heldout(), initial_quality=initial, step=4,
             teacher_quality=lambda: QualityReport(spread=0.1, probe=0.9),
             current_quality=lambda: QualityReport(spread=0.3, probe=0.8),
-            random_init_quality=lambda: QualityReport(spread=0.99, probe=0.5), heldout_key=lambda: "texts of now",
+            random_init_quality=lambda: QualityReport(spread=0.99, probe=0.5),
+            heldout_key=lambda as_typed=False: "texts as typed" if as_typed else "texts of now",
         )  # fmt: skip
         return list(quality_summary(fake)["rows"])
 
@@ -228,6 +229,7 @@ def test_a_step_zero_row_measured_with_other_pooling_is_left_out_of_the_summary(
     # A resume with other held-out texts or eval settings: the step-0 row was of the old texts (a probe on texts
     # without labels, in the reviewer's run).
     assert "student at step 0" in rows({**same, "texts": "texts of now"})
+    assert "student at step 0" in rows({**same, "texts": "texts as typed"})  # a release before: paths as typed
     with caplog.at_level(logging.WARNING):
         assert "student at step 0" not in rows({**same, "texts": "texts of then"})
     assert "measured on other held-out texts or eval settings" in caplog.text
