@@ -455,12 +455,17 @@ _PEER_LOST = re.compile(
 )
 
 
-def lost_peer(err: BaseException) -> str | None:
-    """The message, in ``err`` or its causes, saying that another rank of the process group is gone; or None."""
+# What gloo and NCCL say when a collective waited for the other ranks longer than the group's timeout.
+_TIMED_OUT = re.compile(r"Timed out waiting \d+ms|Watchdog caught collective operation timeout")
+
+
+def lost_peer(err: BaseException, pattern: re.Pattern = _PEER_LOST) -> str | None:
+    """The message, in ``err`` or its causes, saying that another rank of the process group is gone (or, with
+    ``_TIMED_OUT``, that waiting for the others timed out); or None."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, RuntimeError) and _PEER_LOST.search(str(err)):
+        if isinstance(err, RuntimeError) and pattern.search(str(err)):
             return str(err)
         err = err.__cause__ or err.__context__
     return None
@@ -494,6 +499,16 @@ def run_in_process_group(body: Callable[[], int], bad: tuple[type[Exception], ..
                 f"error: [rank {rank}] lost contact with another rank (it exited or was killed; its log or the "
                 f"launcher's says why): {_first_line(lost)}; a rerun resumes (training from its last checkpoint, "
                 "precompute and augment from the chunks and parts written)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return PEER_LOST_EXIT_CODE
+        waited = lost_peer(err, _TIMED_OUT)
+        if waited is not None:  # gloo's traceback named no setting
+            print(
+                f"error: [rank {rank}] waited for the other ranks past the process group's timeout "
+                f"({_first_line(waited)}): a rank still working (precompute's and augment's --wait-timeout set it, "
+                "24 h by default; training's is DEEPSPEED_TIMEOUT minutes, 10 by default) or hung; a rerun resumes",
                 file=sys.stderr,
                 flush=True,
             )

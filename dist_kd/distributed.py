@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import io
 import logging
 import os
@@ -426,11 +427,14 @@ def prefer_cpu_accelerator(say: bool = True) -> None:
         _say(f"running on the CPU: this machine has an NVIDIA driver, but {why}")
 
 
-def init_distributed(force_cpu: bool = False) -> DistInfo:
+def init_distributed(force_cpu: bool = False, timeout_s: float | None = None) -> DistInfo:
     """Initialise (once) the process group for this process and return its place in the job.
 
     Args:
         force_cpu: run on the CPU even when CUDA is available (debug mode, tests).
+        timeout_s: how long a collective waits for the other ranks (None: DeepSpeed's, ``DEEPSPEED_TIMEOUT``
+            minutes, 10 by default); a command whose ranks wait while one works alone (precompute's last chunk
+            and merge) sets a longer one. A rank that dies is found at once either way.
     """
     import torch.distributed as dist
 
@@ -473,7 +477,8 @@ def init_distributed(force_cpu: bool = False) -> DistInfo:
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
-                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+                extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **extra)
         except BaseException as err:
             sys.stdout.write(printed.getvalue())
             if _address_in_use(err):  # a 30-line traceback on rank 0 that never named the fix

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="one process, ignore launcher variables, debug logs")
+    parser.add_argument(
+        "--wait-timeout",
+        type=positive_float,
+        default=24 * 3600.0,
+        help="seconds a rank waits for the others (a rank's last chunk, rank 0's merge) before the run fails",
+    )
     add_log_level_argument(parser)
     add_launcher_argument(parser)
     return parser.parse_args(argv)
@@ -74,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         drop_launcher_variables()
 
     def body() -> int:
-        info = distributed.init_distributed(force_cpu=args.cpu)
+        # The other ranks wait while one computes its last chunk, or rank 0 merges: DeepSpeed's 10 minutes ended a
+        # run (and every rerun, dealt the same chunk) where one chunk of a large teacher took longer.
+        info = distributed.init_distributed(force_cpu=args.cpu, timeout_s=args.wait_timeout)
         configure_logging(info.rank, debug=args.debug, level=args.log_level)
         with distributed.shared_failure():  # the same refusal on every rank: said once
             spec = task_spec_from_args(args)

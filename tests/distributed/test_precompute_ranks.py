@@ -143,6 +143,19 @@ def test_a_failure_on_one_rank_is_said_by_that_rank_and_ends_the_job(inputs, tmp
         assert not (tmp_path / "x").exists()
 
 
+def test_the_ranks_wait_for_each_other_as_long_as_wait_timeout_says(inputs, tmp_path):
+    """The group had DeepSpeed's 10 minutes: rank 1, done with its chunks, failed at the barrier while rank 0
+    computed one more (a large teacher's chunk on a CPU takes longer), and every rerun, dealt the same chunk, did
+    too. --wait-timeout (24 h by default) is the group's timeout: here 15 s, against rank 0's 3 x 12 s."""
+    args, _ = inputs
+    worker = str(Path(__file__).parent / "workers" / "precompute_slow_rank.py")
+    env = {"SLOW": "12", "PYTHONPATH": str(ROOT)}
+    proc = _two_ranks(worker, [*args, "--output", str(tmp_path / "x"), "--wait-timeout", "15"], env)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    said = [line for line in _errors(proc) if "waited for the other ranks past the process group's timeout" in line]
+    assert said and "15000ms" in said[0] and "--wait-timeout" in said[0], proc.stderr[-4000:]
+
+
 def test_manifest_describes_the_run(inputs):
     _, single = inputs
     manifest = json.loads((single / ".manifest.json").read_text())
