@@ -18,7 +18,7 @@ from pathlib import Path
 if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_kd.cli import config_job_parser, run_config_job  # noqa: E402
+from dist_kd.cli import catch_stop_signals, config_job_parser, run_config_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,10 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_kd.train.general import GeneralConfig, GeneralTrainer, finish_general
+    with catch_stop_signals():  # a preemption while torch and DeepSpeed import: a checkpoint at the first step
+        from dist_kd.train.general import GeneralConfig, GeneralTrainer, finish_general
 
-    # --debug reads data in the main process too, so that one process can be stepped through.
-    return run_config_job(parse_args(argv), GeneralConfig, GeneralTrainer, finish_general, ["data.num_workers=0"])
+        # --debug reads data in the main process too, so that one process can be stepped through.
+        return run_config_job(parse_args(argv), GeneralConfig, GeneralTrainer, finish_general, ["data.num_workers=0"])
 
 
 if __name__ == "__main__":

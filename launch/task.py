@@ -19,7 +19,7 @@ from pathlib import Path
 if (Path(__file__).resolve().parents[1] / "dist_kd" / "__init__.py").is_file():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_kd.cli import config_job_parser, run_config_job  # noqa: E402
+from dist_kd.cli import catch_stop_signals, config_job_parser, run_config_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_kd.train.task import TaskTrainer, finish_task
-    from dist_kd.train.task_config import TaskConfig
+    with catch_stop_signals():  # a preemption while torch and DeepSpeed import: a checkpoint at the first step
+        from dist_kd.train.task import TaskTrainer, finish_task
+        from dist_kd.train.task_config import TaskConfig
 
-    return run_config_job(parse_args(argv), TaskConfig, TaskTrainer, finish_task)
+        return run_config_job(parse_args(argv), TaskConfig, TaskTrainer, finish_task)
 
 
 if __name__ == "__main__":

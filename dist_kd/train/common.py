@@ -219,6 +219,11 @@ class RunSignals:
         self.requested = bool(RunSignals.current and RunSignals.current.requested)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self.outer, RunSignals.current = RunSignals.current, self
+        from dist_kd.cli import early_stop_signal
+
+        early = early_stop_signal()  # received while the command line started (catch_stop_signals)
+        if early is not None:  # read after this one's handlers are in: a signal between the two is caught here
+            self._handle(early, None)
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
