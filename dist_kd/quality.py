@@ -19,6 +19,7 @@ file (``eval.texts``) or taken from held-out corpus shards (``data.eval_shards``
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,10 @@ def linear_probe(
     if num_folds < 2 or x.shape[0] < num_folds:
         raise ValueError(f"the probe needs num_folds >= 2 and at least num_folds rows, got {num_folds}, {x.shape[0]}")
     folds = torch.as_tensor(stratified_folds(y.numpy(), num_folds, seed))
+    smallest = min(int((folds != fold).sum()) for fold in range(num_folds))
+    if smallest < 2:  # one training row has no standard deviation: the probe was computed from NaN
+        raise ValueError(f"the probe needs at least 2 training rows in each of its {num_folds} folds; "
+                         f"{x.shape[0]} rows leave {smallest}")  # fmt: skip
     correct = 0
     for fold in range(num_folds):
         test = folds == fold
@@ -342,15 +347,31 @@ class HeldOutTexts:
             if len(names) < 2:
                 raise ValueError(f"eval.texts {path}: the probe needs at least 2 classes in {cfg.label!r}, got {names}")
             labels = np.array([names.index(str(cell)) for cell in cells], dtype=np.int64)
-            if len(labels) < cfg.folds:
-                raise ValueError(f"eval.texts {path}: {len(labels)} texts are fewer than eval.folds={cfg.folds}")
+            if len(labels) < cfg.folds or len(labels) - math.ceil(len(labels) / cfg.folds) < 2:
+                raise ValueError(
+                    f"eval.texts {path}: {len(labels)} texts are too few for eval.folds={cfg.folds} (each fold "
+                    "trains the probe on the others: at least 2 texts there)"
+                )
         rows = tokenize_rows(tokenizer, [str(text) for text in texts], [None] * len(texts), cfg.max_length,
                              "eval.max_length")  # fmt: skip
         return cls(rows, labels, names, str(path), pad_id_of(tokenizer), uses_token_types(tokenizer))
 
     @classmethod
-    def from_sequences(cls, sequences: list[np.ndarray], tokenizer, source: str) -> HeldOutTexts:
-        """Unlabelled token sequences (held-out corpus shards), spread only."""
+    def from_sequences(
+        cls, sequences: list[np.ndarray], tokenizer, source: str, max_length: int | None = None
+    ) -> HeldOutTexts:
+        """Unlabelled token sequences (held-out corpus shards), spread only; each cut to ``max_length`` pieces
+        (``eval.max_length``, as texts are), its last piece ([SEP]) kept.
+
+        Raises:
+            ValueError: a sequence without tokens (a row of a damaged shard, fully masked): it would pool to a
+                zero vector, of cosine 0 with every text, and make a collapsed student look spread.
+        """
+        if any(len(sequence) == 0 for sequence in sequences):
+            raise ValueError(f"held-out texts {source}: a sequence without tokens")
+        if max_length is not None:
+            cut = [np.concatenate([s[: max_length - 1], s[-1:]]) if len(s) > max_length else s for s in sequences]
+            sequences = cut
         lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

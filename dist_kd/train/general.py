@@ -518,13 +518,21 @@ class GeneralTrainer(EngineTrainer):
         # error), and they are texts to measure, not batches to train on.
         loader = self._eval_loader(self.cfg.data.eval_shards, micro_batch_size=1)
         wanted = min(self.cfg.data.eval_batches * self.cfg.data.micro_batch_size, loader.num_batches_per_epoch)
-        sequences = []
+        sequences, empty = [], 0
         for index, batch in enumerate(loader):
             if index >= wanted:  # one epoch at most: the stream starts the next one after it
                 break
-            sequences.append(batch["input_ids"][0][batch["attention_mask"][0].bool()].numpy())
+            sequence = batch["input_ids"][0][batch["attention_mask"][0].bool()].numpy()
+            if len(sequence):
+                sequences.append(sequence)
+            else:  # a row of a shard found damaged while reading (data.skip_corrupt): no text
+                empty += 1
+        if empty:
+            logger.warning("%d held-out sequences of data.eval_shards came from damaged shards: left out", empty)
         sequences = sequences[: self.cfg.eval.max_texts]  # as eval.texts' file is cut (it was ignored here)
-        heldout = HeldOutTexts.from_sequences(sequences, self.tokenizer, self.cfg.data.eval_shards)
+        heldout = HeldOutTexts.from_sequences(
+            sequences, self.tokenizer, self.cfg.data.eval_shards, self.cfg.eval.max_length
+        )
         heldout.use_pooling_of(self.cfg.teacher.path)
         return heldout
 

@@ -141,6 +141,10 @@ def test_heldout_texts_from_file(tiny_bert_dir, tmp_path):
     assert texts.chance == pytest.approx(np.bincount(texts.labels).max() / 30)
     unlabelled = HeldOutTexts.from_file(path, tokenizer, QualityConfig(label=None))
     assert unlabelled.labels is None and unlabelled.chance is None
+    # 3 texts in 2 folds: one fold's probe would train on 1 text (its figure came from NaN); 4 are enough
+    with pytest.raises(ValueError, match=r"probe.jsonl: 3 texts are too few for eval.folds=2 \(each fold trains"):
+        HeldOutTexts.from_file(path, tokenizer, QualityConfig(max_texts=3, folds=2))
+    assert len(HeldOutTexts.from_file(path, tokenizer, QualityConfig(max_texts=4, folds=2))) == 4
 
 
 def test_heldout_texts_errors_name_the_file_and_column(tiny_bert_dir, tmp_path):
@@ -233,3 +237,34 @@ def test_a_step_zero_row_measured_with_other_pooling_is_left_out_of_the_summary(
     with caplog.at_level(logging.WARNING):
         assert "student at step 0" not in rows({**same, "texts": "texts of then"})
     assert "measured on other held-out texts or eval settings" in caplog.text
+
+
+def test_held_out_sequences_are_cut_to_eval_max_length_and_empty_ones_refused(tmp_path):
+    """eval.max_length cut eval.texts but not the held-out shards' sequences; a sequence of no tokens (a damaged
+    shard's masked row) became a zero embedding, of cosine 0 with every text."""
+    import numpy as np
+
+    from dist_kd.quality import HeldOutTexts
+    from dist_kd.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "tok")
+    sequences = [np.array([2, 7, 8, 9, 10, 3]), np.array([2, 7, 3])]
+    heldout = HeldOutTexts.from_sequences(sequences, tokenizer, "shards", max_length=4)
+    rows = heldout.rows
+    assert [rows.ids[a:b].tolist() for a, b in zip(rows.offsets[:-1], rows.offsets[1:], strict=True)] == [
+        [2, 7, 8, 3], [2, 7, 3],
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"held-out texts shards: a sequence without tokens"):
+        HeldOutTexts.from_sequences([*sequences, np.array([], dtype=np.int64)], tokenizer, "shards")
+
+
+def test_the_probe_refuses_folds_that_train_on_one_row():
+    """One training row has no standard deviation: the probe's figure came from NaN (0.5 on two texts)."""
+    import torch
+
+    from dist_kd.quality import linear_probe
+
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"at least 2 training rows in each of its 2 folds; 3 rows leave 1"):
+        linear_probe(x, [0, 1, 0], 2, num_folds=2)
+    assert 0.0 <= linear_probe(torch.randn(4, 4), [0, 1, 0, 1], 2, num_folds=2) <= 1.0

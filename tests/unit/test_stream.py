@@ -406,6 +406,23 @@ def test_general_held_out_shards_skip_corrupt_ones_as_the_corpus_does(corpus, ti
     assert not seen - remaining
 
 
+def test_held_out_rows_of_a_shard_damaged_mid_read_are_left_out_not_measured_as_empty_texts(
+    corpus, tiny_tokenizer_dir, tmp_path, caplog
+):
+    """A shard found damaged while reading (data.skip_corrupt) gives fully masked rows: they became texts of no
+    tokens, pooled to zero vectors (cosine 0 with everything), and pulled a collapsed student's spread down."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    shard = damaged / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[512 * 4 + 100 : 512 * 4 + 108] = b"garbage!"  # a member's header, past the ones read at open
+    shard.write_bytes(bytes(data))
+    caplog.set_level("WARNING")
+    heldout = _general_trainer(tiny_tokenizer_dir, damaged, skip_corrupt=True)._heldout_texts()
+    assert (heldout.rows.lengths > 0).all() and len(heldout) < len(_sequences(corpus))
+    assert "held-out sequences of data.eval_shards came from damaged shards: left out" in caplog.text
+
+
 def test_general_held_out_shards_of_another_tokenizer_or_too_long_are_refused(corpus, tiny_tokenizer_dir, tmp_path):
     from transformers import BertTokenizerFast
 
