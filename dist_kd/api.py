@@ -92,8 +92,10 @@ class RunResult:
 
     @property
     def summary(self) -> dict[str, Any] | None:
-        """summary.json of a general run (quality table and summary lines), None before the end."""
-        return _read_json(self.run_dir / "summary.json")
+        """summary.json of a general run (quality table and summary lines), None before the end: also for a run
+        stopped by a signal, whose run directory may still hold the summary of an earlier segment that ended
+        (a finished run continued with more ``train.max_steps``)."""
+        return _read_json(self.run_dir / "summary.json") if self.completed else None
 
     @property
     def eval(self) -> dict[str, Any] | None:

@@ -125,10 +125,26 @@ def slurm_port(env: Mapping[str, str]) -> int:
     return 20000 + (job + 1009 * step) % 20000
 
 
+# "<pid>:<port>" of the one-process group a dist_kd process started (set beside the RANK=0, WORLD_SIZE=1 and
+# MASTER_PORT it exported for it), so that a child process that inherits them (a notebook's `!dist-kd task ...`
+# after api.general) does not take them for a launcher's and try to listen on its parent's port.
+ONE_PROCESS_MARK = "DIST_KD_ONE_PROCESS"
+
+
+def launcher_variables(env: Mapping[str, str]) -> bool:
+    """RANK and WORLD_SIZE are set by a launcher (or by hand): both there, and not the one-process values a dist_kd
+    parent process exported for its own group (:data:`ONE_PROCESS_MARK`)."""
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return False
+    pid, _, port = env.get(ONE_PROCESS_MARK, "").partition(":")
+    inherited = pid not in ("", str(os.getpid())) and env["WORLD_SIZE"] == "1" and env.get("MASTER_PORT") == port
+    return not inherited
+
+
 def discover_environment() -> dict[str, str]:
     """The RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* variables this process should use (launcher, SLURM or none)."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if launcher_variables(env):
         found = {k: env[k] for k in ("RANK", "WORLD_SIZE") if k in env}
         found["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
     elif "SLURM_PROCID" in env and int(slurm_tasks(env)) > 1:
@@ -199,6 +215,8 @@ def _say_about_rank_variables(found: Mapping[str, str]) -> None:
     """RANK / WORLD_SIZE that no launcher set (left exported in a shell) made rank 0 wait in silence for ranks
     that never start; one of the two alone was ignored without a word."""
     env = os.environ
+    if not launcher_variables(env) and "RANK" in env and "WORLD_SIZE" in env:
+        return  # a dist_kd parent's one-process values
     if ("RANK" in env) != ("WORLD_SIZE" in env):
         given = "RANK" if "RANK" in env else "WORLD_SIZE"
         other = "WORLD_SIZE" if given == "RANK" else "RANK"
@@ -445,9 +463,14 @@ def init_distributed(force_cpu: bool = False, timeout_s: float | None = None) ->
 
     if not dist.is_initialized():
         _say_about_rank_variables(found)
-        from_slurm = not ("RANK" in os.environ and "WORLD_SIZE" in os.environ)  # discover_environment's choice
+        from_slurm = not launcher_variables(os.environ)  # discover_environment's choice
         if from_slurm and found["WORLD_SIZE"] != "1" and found["RANK"] == "0":
             _say(slurm_wait_message(found))
+        # What the caller had, put back by teardown (an API caller's process goes on after the group).
+        if not _CALLER_ENV:
+            _CALLER_ENV.update({key: os.environ.get(key) for key in (*found, ONE_PROCESS_MARK)})
+        if from_slurm and found["WORLD_SIZE"] == "1":
+            os.environ[ONE_PROCESS_MARK] = f"{os.getpid()}:{found['MASTER_PORT']}"
     os.environ.update({k: v for k, v in found.items() if not dist.is_initialized() or k not in os.environ})
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -528,6 +551,7 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 _HOST_GROUP: list = []  # the gloo group of any_rank beside a default group that is not gloo (NCCL)
+_CALLER_ENV: dict[str, str | None] = {}  # the rendezvous variables as they were before init_distributed set them
 
 
 def _host_group():
@@ -750,7 +774,41 @@ def teardown(in_step: bool = True) -> None:
                 synced = True
         rank = dist.get_rank()
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
         if synced:
             with contextlib.suppress(OSError):
                 shm_buffer_path(rank).unlink(missing_ok=True)
     _HOST_GROUP.clear()
+    for key, value in _CALLER_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _CALLER_ENV.clear()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop the process groups DeepSpeed keeps in module globals (its data-parallel and world groups, cached by
+    the first ``deepspeed.initialize``): after ``torch.distributed.destroy_process_group`` they name destroyed
+    groups, and the next run in the process failed in ``deepspeed.initialize`` ("Group ... is not registered").
+    DeepSpeed 0.19's own destroy does this (``_release_process_group_references``), not torch's; it is called
+    where it exists, and these names, which earlier releases keep too, are set back to their initial values."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        with contextlib.suppress(Exception):
+            release(group=None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):  # fmt: skip
+        cached = getattr(groups, name, None)
+        if isinstance(cached, dict):
+            cached.clear()
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+                 "_MPU_TENSOR_MODEL_PARALLEL_RANK", "mesh_device", "mpu"):  # fmt: skip
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    if hasattr(groups, "expert_tensor_parallel_world_size"):
+        groups.expert_tensor_parallel_world_size = 1

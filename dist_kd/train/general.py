@@ -931,6 +931,13 @@ def quality_summary(trainer: GeneralTrainer) -> dict | None:
     }
 
 
+def loss_cell(value: float) -> str:
+    """A loss for the summary's 12-wide columns: 4 decimals, or 4 significant digits where those would not leave
+    a space between the columns (a diverged run's 1.8e24 ran into the cell before it)."""
+    text = f"{value:.4f}"
+    return text if len(text) <= 11 else f"{value:.4g}"
+
+
 def summary_lines(
     trainer: GeneralTrainer, quality: dict | None, ranks: list[tuple[dict[str, str], int]] | None = None
 ) -> list[str]:
@@ -939,7 +946,8 @@ def summary_lines(
     if trainer.first_terms and trainer.last_terms:
         lines.append(f"{'term':<14}{'first log':>12}{'last log':>12}")
         for name in trainer.first_terms:
-            lines.append(f"{name:<14}{trainer.first_terms[name]:>12.4f}{trainer.last_terms.get(name, math.nan):>12.4f}")
+            first, last = trainer.first_terms[name], trainer.last_terms.get(name, math.nan)
+            lines.append(f"{name:<14}{loss_cell(first):>12}{loss_cell(last):>12}")
     if quality:
         probe = "no labels: no probe"
         if quality["num_classes"]:

@@ -70,3 +70,51 @@ def test_the_documented_pipeline_runs_through_the_python_api(tmp_path):
     assert result["report"] == str(tmp_path / "task" / "report.md")
     predictions = (tmp_path / "task" / "predictions" / "topic.dev.jsonl").read_text().splitlines()
     assert len(predictions) == 48
+
+
+AGAIN = r"""
+import json, os, subprocess, sys
+from pathlib import Path
+from dist_kd import api, distributed
+from dist_kd.testing import build_tiny_bert, random_sentences
+
+root = Path(sys.argv[1])
+teacher = build_tiny_bert(root / "teacher")
+(root / "text.txt").write_text("\n\n".join(random_sentences(200, seed=1)))
+api.prepare_corpus([root / "text.txt"], teacher, root / "corpus", seq_len=32, shard_size=64, num_workers=0,
+                   progress=False)
+tiny = [f"teacher.path={teacher}", f"data.shards={root / 'corpus'}", "train.max_steps=2", "eval.texts=null",
+        "data.micro_batch_size=4", "data.num_workers=0", "student.num_layers=2", "student.hidden_size=16",
+        "student.num_heads=4", "student.intermediate_size=32"]
+names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+before = {key: os.environ.get(key) for key in names}
+first = api.general("launch/configs/quickstart.yaml", [*tiny, f"run.output_dir={root / 'a'}"])
+during = {key: os.environ.get(key) for key in names}
+# A command started from this process while its group runs (a notebook's `!dist-kd general ...`).
+child = subprocess.run([sys.executable, "-m", "dist_kd", "general", "--config", "launch/configs/quickstart.yaml",
+                        *tiny, f"run.output_dir={root / 'b'}"], capture_output=True, text=True)
+distributed.teardown()
+after = {key: os.environ.get(key) for key in names}
+second = api.general("launch/configs/quickstart.yaml", [*tiny, f"run.output_dir={root / 'c'}"])
+print(json.dumps({"before": before, "during": during, "after": after, "child": [child.returncode, child.stderr[-2000:]],
+                  "completed": [first.completed, second.completed]}))
+"""
+
+
+def test_a_process_goes_on_after_a_run_and_after_teardown(tmp_path):
+    """A child command started while the API's group runs picks its own port (it inherited RANK=0, WORLD_SIZE=1
+    and the parent's MASTER_PORT, took them for a launcher's and was refused: "the rendezvous port ... is in use");
+    teardown gives the caller back its environment, and a run after it works (DeepSpeed's cached groups named the
+    destroyed group: "Group ... is not registered")."""
+    proc = subprocess.run(
+        [sys.executable, "-c", AGAIN, str(tmp_path)], cwd=REPO, env=script_env(), capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["before"] == dict.fromkeys(result["before"])  # script_env sets none of them
+    assert result["during"]["WORLD_SIZE"] == "1" and result["during"]["MASTER_PORT"]
+    assert result["child"][0] == 0, result["child"][1]
+    assert (tmp_path / "b" / "student" / "config.json").is_file()
+    assert result["after"] == result["before"]
+    assert result["completed"] == [True, True]

@@ -13,7 +13,7 @@ from dist_kd.distributed import device_index, discover_environment
 
 LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
              "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
-             "SLURM_STEP_ID", "SLURM_STEP_NODELIST", "SLURM_NODELIST")  # fmt: skip
+             "SLURM_STEP_ID", "SLURM_STEP_NODELIST", "SLURM_NODELIST", "DIST_KD_ONE_PROCESS")  # fmt: skip
 
 
 @pytest.fixture
@@ -49,6 +49,36 @@ def test_a_launchers_port_in_use_is_one_error_that_says_what_to_set():
         f"ValueError: the rendezvous port 127.0.0.1:{port} is in use (another job on this node, or one that ended a "
         "moment ago): export MASTER_PORT=<a free port> for every rank and start again"
     ), done.stderr[-2000:]
+
+
+@pytest.mark.usefixtures("no_launcher")
+def test_a_dist_kd_parents_one_process_values_are_not_a_launchers(monkeypatch):
+    """A process that a dist_kd process started (a notebook's `!dist-kd ...` after api.general) inherits the
+    RANK=0, WORLD_SIZE=1 and MASTER_PORT its parent exported for its own group: it took them for a launcher's
+    and tried to listen on the parent's port ("the rendezvous port ... is in use")."""
+    parent = os.getpid() + 1
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_PORT", "41234")
+    monkeypatch.setenv("DIST_KD_ONE_PROCESS", f"{parent}:41234")
+    found = discover_environment()
+    assert found["WORLD_SIZE"] == "1" and found["MASTER_ADDR"] == "127.0.0.1"
+    assert found["MASTER_PORT"] != "41234"  # a free port of its own
+    # Under SLURM with several tasks, the step's variables count again.
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert discover_environment()["RANK"] == "1"
+    for key in ("SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key)
+    # What a launcher set over them is a launcher's: its own port (torchrun --nproc-per-node 1), several ranks,
+    # or the process that set the mark itself.
+    for changes in ({"MASTER_PORT": "29500"}, {"WORLD_SIZE": "2"}, {"DIST_KD_ONE_PROCESS": f"{os.getpid()}:41234"}):
+        with monkeypatch.context() as patched:
+            for key, value in changes.items():
+                patched.setenv(key, value)
+            found = discover_environment()
+            assert (found["WORLD_SIZE"], found["MASTER_PORT"]) == (
+                os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]), changes  # fmt: skip
 
 
 @pytest.mark.usefixtures("no_launcher")
