@@ -6,8 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-extras="assets"
-[ "${1:-}" = "dev" ] && extras="dev,assets"
+case "${1:-}" in
+  "") extras="assets" ;;
+  dev) extras="dev,assets" ;;
+  *) echo "setup: unknown argument '$1': \`bash launch/setup.sh\` installs dist_kd with its assets," \
+       "\`bash launch/setup.sh dev\` adds the test and lint tools" >&2; exit 2 ;;
+esac
 version=$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {
   echo "setup: no working \`python\` on PATH; activate a Python 3.10+ environment first" >&2; exit 1; }
 IFS=. read -r major minor <<< "$version"

@@ -151,3 +151,25 @@ def test_sbatch_submitted_outside_the_checkout_runs_the_installed_commands(gener
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: student.path runs/quickstart/student does not exist (expected a Hugging Face model directory)"
     ), proc.stderr[-3000:]
+
+
+def test_a_finished_run_whose_student_is_a_link_is_not_requeued(general_args, tmp_path):
+    """student/ as a symbolic link to other storage is written through (README): the script compared the link's
+    own inode and time, which the export never changes, took every finished run for a stopped one and requeued
+    it forever."""
+    storage = tmp_path / "storage" / "student"
+    storage.mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "student").symlink_to(storage)
+    proc, requeued = sbatch("general.sbatch", [*general_args, "train.max_steps=2"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert (storage / "config.json").is_file() and (tmp_path / "run" / "student").is_symlink()
+    assert requeued == [] and "requeueing" not in proc.stdout, proc.stdout
+
+
+def test_bad_input_exits_2_before_srun(general_args, tmp_path):
+    """docs/contracts.md: bad input exits with 2. The script's own read of the config exited 1."""
+    proc, requeued = sbatch("general.sbatch", [*general_args, "train.max_step=3"], tmp_path)
+    assert proc.returncode == 2 and requeued == [], proc.stdout + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'train.max_step'")
+    assert not (tmp_path / "run").exists()

@@ -95,3 +95,11 @@ def test_no_python_on_path_is_said(tmp_path):
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # no python at all
     proc = subprocess.run(["/bin/bash", str(SETUP)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no working `python` on PATH" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argument", ["--dev", "test"])
+def test_an_unknown_argument_is_refused_before_any_install(tmp_path, argument):
+    """`bash launch/setup.sh --dev` installed the default extras without a word: no test tools."""
+    proc, pip = _setup(tmp_path, "3.11", argument)
+    assert proc.returncode == 2 and pip == [], proc.stderr
+    assert f"unknown argument '{argument}'" in proc.stderr and "launch/setup.sh dev" in proc.stderr
