@@ -378,7 +378,7 @@ def peer_rows(plan, teacher_path, student_cfg, mapping, device, shape, seq_len, 
 def real_text_batches(plan, tokenizer, vocab, text, seq_len, batch, device, text_tokenizer) -> dict[str, list[dict]]:
     """Real text cut to ``seq_len``, packed and padded (built once per length, shared by the students). Padded
     rows hold a paragraph each (as ``prepare_corpus --packing document`` reads .txt files): whole articles cut to
-    128 pieces filled their rows (2,175 of the 2,176 BBC articles are longer), so they measured the packed rows
+    128 pieces filled their rows (2,224 of the 2,225 BBC articles are longer), so they measured the packed rows
     again.
 
     The batches carry the real-text tokenizer's ids in the random teacher's vocabulary (ids above it wrap),

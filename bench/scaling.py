@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{tokens_per_step:,} tokens per rank per optimizer step; gradients {args.bytes_per_gradient} bytes; "
           f"NVLink {args.nvlink_gb_s:.0f} GB/s (<= {GPUS_PER_NODE} GPUs), network {args.network_gb_s:.0f} GB/s "
           "per GPU")  # fmt: skip
+    loader_limit = float("inf")
     if args.loader_sequences_per_s:
         loader_limit = args.loader_sequences_per_s * args.workers * args.seq_len
         print(f"data loader: {args.workers} workers x {args.loader_sequences_per_s:,.0f} sequences/s = "
@@ -138,19 +139,24 @@ def main(argv: list[str] | None = None) -> int:
             comm_s = sent / link.bus_bytes_s(gpus)
             threshold = tokens_per_step / comm_s if comm_s else float("inf")
             if rate:
-                compute_s = tokens_per_step / rate
+                # The workers prefetch while the GPU computes: a rank runs at the slower of the two.
+                compute_s = tokens_per_step / min(rate, loader_limit)
                 best = gpus * tokens_per_step / max(compute_s, comm_s)
                 worst = gpus * tokens_per_step / (compute_s + comm_s)
                 throughput = f"{best / 1e6:.1f} M .. {worst / 1e6:.1f} M"
+                if loader_limit < rate:
+                    throughput += " (loader-bound)"
                 budget = f"{hours(TINYBERT_TOKENS / best)} .. {hours(TINYBERT_TOKENS / worst)}"
             else:
                 throughput = budget = "not measured (needs the suite's T1)"
             print(f"| {gpus} | {sent / 1e6:.0f} MB | {comm_s * 1e3:.2f} ms | {threshold / 1e6:.2f} M tokens/s per GPU "
                   f"| {throughput} | {budget} |")  # fmt: skip
     if not rates and args.suite:
+        shapes = ", ".join(STUDENTS)
         print(
-            f"\nper-GPU tokens/s: {args.suite} has no dist_kd row at seq {args.seq_len} x micro-batch "
-            f"{args.micro_batch} (a --smoke suite has none at the real shapes): pass its --seq-len and --micro-batch"
+            f"\nper-GPU tokens/s: {args.suite} has no dist_kd row of {shapes} at seq {args.seq_len} x micro-batch "
+            f"{args.micro_batch}: give the --seq-len and --micro-batch of its rows (a --smoke suite has these "
+            "students only with --full-shapes)"
         )
     elif not rates:
         print("\nper-GPU tokens/s: not measured here; run bash bench/gpu_suite.sh OUT on a GPU and pass --suite "

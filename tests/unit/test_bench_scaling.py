@@ -60,7 +60,14 @@ def test_throughput_and_budget_from_a_suite(scaling, tmp_path, capsys):
     assert "2.0 M .. 2.0 M" in line and f"{scaling.TINYBERT_TOKENS / 2.0e6 / 60:.0f} min" in line
     # A suite without a row at these shapes (a --smoke one) is said to be so, not "not measured here; pass --suite"
     scaling.main(["--suite", str(suite), "--gpus", "1", "--micro-batch", "64"])
-    assert f"{suite} has no dist_kd row at seq 128 x micro-batch 64" in capsys.readouterr().out
+    assert f"{suite} has no dist_kd row of 4L-312, 6L-768 at seq 128 x micro-batch 64" in capsys.readouterr().out
+    # A data loader slower than the GPU sets the rate: it printed its limit and left the figures at T1.
+    scaling.main(["--suite", str(suite), "--gpus", "8", "--loader-sequences-per-s", "100", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert "25,600 tokens/s per GPU before it becomes the limit" in out
+    line = next(line for line in out.splitlines() if line.startswith("| 8 |"))
+    assert "0.2 M .. 0.2 M (loader-bound)" in line, line  # 8 x 25,600 = 204,800, the all-reduce beside it small
+    assert f"{scaling.TINYBERT_TOKENS / (8 * 25600) / 3600:.1f} h" in line
     with pytest.raises(SystemExit):  # a missing file: a usage error, not a FileNotFoundError traceback
         scaling.main(["--suite", str(tmp_path / "missing.json")])
     assert "missing.json does not exist" in capsys.readouterr().err
