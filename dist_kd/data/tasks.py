@@ -243,11 +243,15 @@ def label_order_check(expected: Sequence[str], found: Sequence[str], what: str, 
 
 
 def _label_order_error(expected_list: list[str], found_list: list[str], what: str, task: str | None) -> ValueError:
-    hint = (
-        "the same labels in a different order"
-        if sorted(expected_list) == sorted(found_list)
-        else "a different label set"
-    )
+    folded = [label.casefold() for label in expected_list], [label.casefold() for label in found_list]
+    if sorted(expected_list) == sorted(found_list):
+        hint = "the same labels in a different order"
+    elif folded[0] == folded[1]:
+        hint = "the same labels in another casing"
+    elif sorted(folded[0]) == sorted(folded[1]):
+        hint = "the same labels in another casing and order"
+    else:
+        hint = "a different label set"
     owner = f"task '{task}'" if task else "the task"
     return ValueError(
         f"{what} has labels {found_list}, {owner} expects {expected_list} ({hint}); "

@@ -79,6 +79,18 @@ def set_dropout(config, rate: float) -> None:
         setattr(config, name, rate)
 
 
+def clear_task_labels(config) -> None:
+    """Give an encoder's config the label fields of a model with no task (transformers' defaults): a student
+    made from a fine-tuned classifier (``student.path``, or a classifier teacher's config) carried its
+    ``id2label`` into the exported encoder, which a later ``AutoModelForSequenceClassification`` read as that
+    task's labels."""
+    config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+    config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
+    config.problem_type = None
+    if getattr(config, "finetuning_task", None) is not None:
+        config.finetuning_task = None
+
+
 def set_fp32(config) -> None:
     """Record fp32 as ``config``'s dtype.
 

@@ -32,7 +32,7 @@ from dist_kd.models.capture import (
     register_attention,
 )
 from dist_kd.models.dropout import install_fast_dropout
-from dist_kd.models.fields import ffn_width, set_dropout, set_ffn_width, set_fp32
+from dist_kd.models.fields import clear_task_labels, ffn_width, set_dropout, set_ffn_width, set_fp32
 
 INITS = ("random", "teacher")
 
@@ -119,6 +119,7 @@ def student_config_from_teacher(teacher_config, cfg: StudentConfig, mapping: lis
     set_ffn_width(config, cfg.intermediate_size)
     set_dropout(config, cfg.dropout)
     set_fp32(config)
+    clear_task_labels(config)
     for attr in ("_name_or_path", "architectures"):
         if hasattr(config, attr):
             setattr(config, attr, None if attr == "architectures" else "")
@@ -432,6 +433,7 @@ def build_student(
         path = check_model_dir(cfg.path, "student.path")
         config = AutoConfig.from_pretrained(path)
         set_dropout(config, cfg.dropout)
+        clear_task_labels(config)
         model, _ = load_pretrained(
             AutoModel, path, "student.path", config=config, attn_implementation=ATTN_IMPLEMENTATION
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 from dist_kd.config import doc
 from dist_kd.data.tasks import TaskSpec, resolve_task_spec
-from dist_kd.models.fields import dropout_rate, ffn_width, set_dropout, set_fp32
+from dist_kd.models.fields import clear_task_labels, dropout_rate, ffn_width, set_dropout, set_fp32
 from dist_kd.models.student import StudentConfig, student_config_from_teacher
 from dist_kd.models.teacher import TeacherConfig
 from dist_kd.objective import DistillConfig
@@ -184,6 +184,7 @@ class TaskStudentConfig:
         config = copy.deepcopy(source_config)
         set_dropout(config, self.encoder_dropout(source_config))
         set_fp32(config)
+        clear_task_labels(config)
         return config
 
 

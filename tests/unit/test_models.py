@@ -779,3 +779,31 @@ def test_prediction_term_is_the_papers_soft_cross_entropy_at_temperature_t():
     ]
     assert set(terms) == {"pred", "loss"}
     assert terms["pred"].item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+
+
+def test_an_encoder_made_from_a_classifier_carries_no_task_labels(tmp_path):
+    """student.path (or a teacher) that is a fine-tuned classifier: its id2label went into the exported encoder's
+    config.json, and AutoModelForSequenceClassification read the student as a 3-label model of that task."""
+    from transformers import AutoConfig
+
+    from dist_kd.models.student import StudentConfig, build_student, student_config_from_teacher
+    from dist_kd.testing import build_tiny_bert
+    from dist_kd.train.task_config import TaskStudentConfig
+
+    labels = {0: "sport", 1: "business", 2: "politics"}
+    path = build_tiny_bert(tmp_path / "classifier", model_class="BertForSequenceClassification", num_labels=3,
+                           id2label=labels, label2id={v: k for k, v in labels.items()})  # fmt: skip
+    source = AutoConfig.from_pretrained(path)
+    assert source.id2label == labels  # the classifier's own, as saved
+    shaped = StudentConfig(num_layers=1, hidden_size=16, num_heads=4, intermediate_size=32)
+    configs = {
+        "task, pretrained": TaskStudentConfig(path=str(path)).encoder_config(source),
+        "task, new shape": TaskStudentConfig(path=str(path), init="random", num_layers=1).encoder_config(source),
+        "from a teacher": student_config_from_teacher(source, shaped),
+        "general, student.path": build_student(StudentConfig(path=str(path)), source).config,
+    }
+    for name, config in configs.items():
+        assert config.id2label == {0: "LABEL_0", 1: "LABEL_1"}, name
+        assert config.num_labels == 2 and config.problem_type is None, name
+        assert config.to_dict()["label2id"] == {"LABEL_0": 0, "LABEL_1": 1}, name
+    assert source.id2label == labels  # the source config is not changed

@@ -156,6 +156,12 @@ def test_label_order_and_task_checks(tmp_path):
         st.load_soft_targets(tmp_path, expected_labels=["pos", "neu", "neg"])
     with pytest.raises(ValueError, match="a different label set"):
         st.load_soft_targets(tmp_path, expected_labels=["neg", "pos"])
+    # Labels that differ in case alone were "a different label set", with nothing pointing at the case.
+    stored = metadata.label_names
+    with pytest.raises(ValueError, match=r"\(the same labels in another casing\)"):
+        st.load_soft_targets(tmp_path, expected_labels=[label.upper() for label in stored])
+    with pytest.raises(ValueError, match=r"\(the same labels in another casing and order\)"):
+        st.load_soft_targets(tmp_path, expected_labels=[label.title() for label in reversed(stored)])
     with pytest.raises(ValueError, match="computed for task 'topic', not 'sst2'"):
         st.load_soft_targets(tmp_path, task="sst2")
 
