@@ -73,7 +73,8 @@ def _check_pairs_as_trained(record: dict | None, table: pa.Table, model_dir: Pat
     if trained and not given:
         raise ValueError(
             f"model {model_dir} was trained on sentence pairs (its {TASK_RECORD}: text_b "
-            f"{record['task'].get('text_b')!r}) but the data {data} has no second text (column {spec.text_b!r}): "
+            f"{record['task'].get('text_b')!r}) but the data {data} has no second text "
+            f"({'--text-b none' if spec.text_b is None else f'column {spec.text_b!r}'}): "
             "name the data's second-text column with --text-b"
         )
     if trained is False and given:
@@ -306,6 +307,14 @@ def evaluate_classifier(
 
     if output is not None:
         output = check_output_dir(output)  # before inference, so a bad --output costs no model run
+        target = output.resolve()
+        for flag, given in (("--data", data), ("--model", model_dir)):
+            if target == Path(given).resolve() or target in Path(given).resolve().parents:
+                # A data file named predictions.jsonl alone in its directory passed for a previous evaluation.
+                raise ValueError(
+                    f"{flag} {given} lies inside --output {output}, which the evaluation replaces whole: give "
+                    "--output a directory of its own"
+                )
     model_dir = check_model_dir(model_dir, "--model")
     config = AutoConfig.from_pretrained(model_dir)
     check_classifier(config, model_dir)

@@ -197,7 +197,9 @@ def write_report(run_dir: str | Path) -> Path:
     quality_records = [r for r in records if "eval_spread" in r]
     # Step 0's measurement is summary.json's (metrics.jsonl's first line is after the first steps): without it a
     # run shorter than eval.every plotted one point.
-    start = (((summary or {}).get("quality") or {}).get("rows") or {}).get("student at step 0")
+    start = _section(run_dir / "summary.json",
+                     lambda: (((summary or {}).get("quality") or {}).get("rows") or {}).get("student at step 0"),
+                     None)  # fmt: skip
     if isinstance(start, dict) and not any(r.get("step") == 0 for r in quality_records):
         quality_records = [{"step": 0, "eval_spread": start.get("spread"), "eval_probe": start.get("probe")}]
         quality_records += [r for r in records if "eval_spread" in r]
@@ -347,12 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="report.md and PNG plots of a run directory")
     parser.add_argument("run_dirs", nargs="+", help="run directories (general, task or finetune)")
     args = parser.parse_args(argv)
-    try:
-        for run_dir in args.run_dirs:
+    status = 0
+    for run_dir in args.run_dirs:  # one bad directory does not cost the others their report
+        try:
             print(f"wrote {write_report(run_dir)}")
-    except OSError as err:  # FileNotFoundError: not a run directory; others: a report it cannot write
-        return bad_input(err)
-    return 0
+        except OSError as err:  # FileNotFoundError: not a run directory; others: a report it cannot write
+            status = bad_input(err)
+    return status
 
 
 if __name__ == "__main__":

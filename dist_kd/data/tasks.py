@@ -996,7 +996,8 @@ def load_task_examples(
         )  # fmt: skip
     # CSV / TSV write a missing value as an empty cell: a text_b column left empty in every row (pandas writes
     # one for single-text data) holds no second texts, as null in JSONL, not pairs "[CLS] a [SEP] [SEP]". A
-    # pair task with some empty second texts keeps them, as a tokenizer given (a, "") does.
+    # pair task with some empty second texts keeps them, "[CLS] a [SEP] [SEP]", as a tokenizer called on the
+    # batch (texts, second_texts) does (called on one pair, (a, "") it drops the empty second text).
     if where.fmt in ("tsv", "csv") and all(not value for value in text_b):
         text_b = [None] * num_rows
     unpaired = [row for row, value in enumerate(text_b) if value is None]

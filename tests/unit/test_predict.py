@@ -303,6 +303,22 @@ def test_output_directory_holding_other_files_is_refused_untouched(classifier, d
     assert sorted(path.name for path in output.iterdir()) == ["config.json", "metrics.json"]
 
 
+def test_an_output_holding_the_data_is_refused_untouched(classifier, data, tmp_path, capsys):
+    """The data named predictions.jsonl, alone in its directory, and that directory given as --output: it passed
+    for a previous evaluation and the data was replaced by the predictions (exit 0)."""
+    output = tmp_path / "mine"
+    output.mkdir()
+    moved = output / "predictions.jsonl"
+    moved.write_bytes(Path(data).read_bytes())
+    argv = ["--model", str(classifier), "--task", "demo", "--data", str(moved), "--text-a", "text", "--cpu"]
+    assert _evaluate_main([*argv, "--label", "category", "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --data {moved} lies inside --output {output}, which the evaluation replaces whole: give --output "
+        "a directory of its own\n"
+    )
+    assert moved.read_bytes() == Path(data).read_bytes() and [path.name for path in output.iterdir()] == [moved.name]
+
+
 def test_output_that_is_the_current_directory_is_refused(classifier, data, tmp_path, monkeypatch, capsys):
     """--output . (empty, or holding a previous evaluation) passed the check, ran the model, then crashed on
     "PosixPath('.') has an empty name"; replacing the directory whole would have moved the shell's own away."""
@@ -440,7 +456,10 @@ def test_evaluate_reads_a_task_runs_columns_and_length_from_its_task_record(tmp_
     np.testing.assert_allclose([p["logits"] for p in predictions], expected, atol=1e-5)
     argv = ["--model", str(model_dir), "--task", "para", "--data", str(data), "--cpu"]
     assert _evaluate_main([*argv, "--text-b", "none"]) == 2
-    assert "was trained on sentence pairs (its task.json: text_b 's2') but the data" in capsys.readouterr().err
+    assert (
+        f"was trained on sentence pairs (its task.json: text_b 's2') but the data {data} has no second text "
+        "(--text-b none): name" in capsys.readouterr().err
+    )  # it said "(column None)"
     assert _evaluate_main([*argv, "--text-b", "missing"]) == 2  # a named column the data lacks
     assert "missing" in capsys.readouterr().err
     test = tmp_path / "test.jsonl"  # the record's label column missing: a test set, as without `label`

@@ -94,6 +94,13 @@ def test_json_of_another_shape_is_said_and_its_section_left_out(tmp_path, caplog
     assert "## Quality" not in text and "## Dev metrics" not in text
     (run / "eval.json").write_text(json.dumps({"tasks": {"topic": {"metric": "accuracy"}}, "history": None}))
     assert "| topic | accuracy | n/a |" in write_report(run).read_text()  # no history yet: nothing to plot
+    # Quality rows of another shape: the step-0 lookup ran outside the sections (AttributeError traceback).
+    for rows in (["teacher"], 3):
+        caplog.clear()
+        (run / "summary.json").write_text(json.dumps({"quality": {"rows": rows}}))
+        with caplog.at_level(logging.WARNING, logger="dist_kd.report"):
+            assert "10 logged steps, 10 to 100" in write_report(run).read_text()
+        assert f"{run / 'summary.json'} does not hold what a dist_kd run writes there" in caplog.text, rows
 
 
 def test_finetune_report_has_a_row_and_a_loss_line_per_teacher(tmp_path, monkeypatch):
@@ -150,6 +157,13 @@ def test_finetune_report_leaves_out_teachers_beyond_the_ensemble(tmp_path, monke
 def test_not_a_run_directory_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} has no metrics.jsonl: not a dist_kd run directory\n"
+    # Among several, the others still get their report (the first bad one stopped the rest), and the exit says.
+    run = tmp_path / "run"
+    _general_run(run)
+    assert main([str(tmp_path / "missing"), str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert out == f"wrote {run / 'report.md'}\n" and (run / "report.md").is_file()
+    assert err == f"error: {tmp_path / 'missing'} has no metrics.jsonl: not a dist_kd run directory\n"
 
 
 def test_a_run_with_nothing_to_plot_says_so_not_to_install_matplotlib(tmp_path, monkeypatch):
