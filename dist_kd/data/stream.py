@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
@@ -499,6 +501,7 @@ class CorpusStream:
         self.pad_id = int(self.manifest.get("special_tokens", {}).get("pad", 0))
         self.vocab_size = int(self.manifest["tokenizer"].get("vocab_size") or 0)  # 0: unknown, not checked
         self._names = [shard["name"] for shard in self.manifest["shards"]]
+        self._corpus_digest: str | None = None
         self._counts = np.array([int(shard["num_sequences"]) for shard in self.manifest["shards"]], dtype=np.int64)
         if int(self._counts.sum()) != int(self.manifest["num_sequences"]):
             raise ValueError(
@@ -689,6 +692,7 @@ class CorpusStream:
             "shuffle": self.shuffle,
             "num_sequences": int(self._counts.sum()),
             "num_shards": len(self._names),
+            "corpus": self.corpus_digest(),
             "world_size": self.world_size,
             "num_workers": self._logical_workers,
             "micro_batch_size": self.micro_batch_size,
@@ -699,6 +703,16 @@ class CorpusStream:
             "intervals": [[start, end] for start, end in self._intervals],
             "batches_consumed": self._batches_consumed,
         }
+
+    def corpus_digest(self) -> str:
+        """A digest of the manifest's shards (names, sequence counts, sha256 in order): the positions a state
+        holds point at these sequences. A corpus of other shards with the same totals passed the totals' check
+        and was read from positions that meant other sequences."""
+        if self._corpus_digest is None:
+            shards = self.manifest["shards"]
+            listed = [[shard["name"], int(shard["num_sequences"]), shard.get("sha256")] for shard in shards]
+            self._corpus_digest = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+        return self._corpus_digest
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (call before iterating).
@@ -718,6 +732,11 @@ class CorpusStream:
                     f"corpus stream state field '{field}' is {state[field]!r} but this stream has {current[field]!r} "
                     f"(corpus {self.shards_dir}); resuming would not continue the same data order"
                 )
+        if state.get("corpus", current["corpus"]) != current["corpus"]:  # states of earlier releases lack it
+            raise ValueError(
+                f"corpus stream state comes from another corpus than {self.shards_dir} (its manifest's shards, their "
+                "sequence counts or sha256 differ); resuming would read other sequences at the saved positions"
+            )
         self._iteration += 1  # invalidates iterators over the old position
         self._epoch = int(state["epoch"])
         intervals = [(int(start), int(end)) for start, end in state["intervals"]]

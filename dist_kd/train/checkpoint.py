@@ -559,7 +559,14 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
         )
     if any(key.endswith(".metric") for key in differing):
         way_out += "; best/ holds the step the checkpoint's metric picked, which another metric did not judge"
-    if any(key.startswith(("train.", "deepspeed.", "data.")) or key.endswith((".dev", ".metric")) for key in differing):
+    if "corpus" in differing:
+        way_out += (
+            "; 'corpus' is a digest of data.shards' manifest (its shards' names, sequence counts and sha256): the "
+            "corpus there changed since the checkpoint (shards added, removed or prepared again), where the saved "
+            "data position would point at other sequences"
+        )
+    if any(key.startswith(("train.", "deepspeed.", "data.")) or key.endswith((".dev", ".metric")) or key == "corpus"
+           for key in differing):  # fmt: skip
         way_out += (
             f"; to go on from these weights under new settings, export them (dist-kd export --checkpoint {checkpoint} "
             "--output DIR) and start a new run.output_dir with student.path=DIR"
@@ -746,13 +753,21 @@ def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:
             with readable(checkpoint):
                 other = torch.load(checkpoint / f"rank{old_rank:05d}.pt", map_location="cpu", weights_only=False)
             _add_window(state, other)
-    elif state.get("window") is not None:  # rank 0's micro-batch counts (the same on every rank), not its sums
-        from dist_kd.train.common import window_batches
+            if "corrupt" in state and "corrupt" in other:  # what the old rank met of damaged shards
+                state["corrupt"] = {
+                    "empty_batches": state["corrupt"]["empty_batches"] + other["corrupt"]["empty_batches"],
+                    "skipped_shards": {**other["corrupt"]["skipped_shards"], **state["corrupt"]["skipped_shards"]},
+                }
+    else:
+        if "corrupt" in state:  # rank 0's own, counted by rank 0
+            state["corrupt"] = {"empty_batches": 0, "skipped_shards": {}}
+        if state.get("window") is not None:  # rank 0's micro-batch counts (the same on every rank), not its sums
+            from dist_kd.train.common import window_batches
 
-        window = state["window"]
-        state["window"] = {
-            "names": window["names"], "totals": [0.0] * len(window["totals"]), "batches": window_batches(window)
-        }  # fmt: skip
+            window = state["window"]
+            state["window"] = {
+                "names": window["names"], "totals": [0.0] * len(window["totals"]), "batches": window_batches(window)
+            }  # fmt: skip
     return state
 
 

@@ -293,7 +293,8 @@ class GeneralTrainer(EngineTrainer):
         self.tokens_seen = 0
         self.sequences_seen: int | None = 0
         self.step_lr: float | None = None  # the rate of the last optimizer step, for its log line
-        self.empty_batches = 0  # this rank's micro-batches of fully masked rows in this process (skip_corrupt)
+        self.empty_batches = 0  # this rank's micro-batches of fully masked rows (skip_corrupt), resumes included
+        self._no_tokens_since = (0, 0)  # set as training starts
         self._window = LossWindow(info.device)
         self.meta = {
             "teacher": {
@@ -558,6 +559,8 @@ class GeneralTrainer(EngineTrainer):
             "data": self.loader.state_dict(),
             "window": self._window.state_dict(),
             "initial_quality": self.initial_quality,
+            # what the summary says of damaged shards (data.skip_corrupt) covers the whole run, resumes included
+            "corrupt": {"empty_batches": self.empty_batches, "skipped_shards": dict(self.loader.skipped_shards)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -570,6 +573,10 @@ class GeneralTrainer(EngineTrainer):
         if "window" in state:
             self._window.load_state_dict(state["window"])
         self.initial_quality = state.get("initial_quality")
+        corrupt = state.get("corrupt") or {}  # checkpoints of earlier releases: counted from the resume
+        self.empty_batches = corrupt.get("empty_batches", 0)
+        for name, reason in (corrupt.get("skipped_shards") or {}).items():
+            self.loader.skipped_shards.setdefault(name, reason)
 
     def save(self) -> Path:
         """A complete checkpoint of the current step (collective); never of diverged weights."""
@@ -626,6 +633,9 @@ class GeneralTrainer(EngineTrainer):
         bar = progress_bar(
             cfg.train.max_steps, self.step, "general distillation", self.info.is_main and cfg.run.progress
         )
+        # (the first epoch that counts whole, tokens_seen then): see _check_tokens_came. A resumed run's epoch
+        # may have begun before the checkpoint, or be the rest of one laid out afresh: the next one counts.
+        self._no_tokens_since = (self.loader.epoch + int(self.step > 0), self.tokens_seen)
         self._window.restart_clock()
         try:
             while self.step < cfg.train.max_steps:
@@ -636,7 +646,9 @@ class GeneralTrainer(EngineTrainer):
                     tokens = int(mask.sum())
                     # Fully masked rows only (a shard found corrupt while reading, data.skip_corrupt): the
                     # batch trains on nothing, and its zero losses stay out of the logged means.
-                    self._window.add(terms if tokens else {}, tokens=tokens, rows=mask.shape[0])
+                    # Rows of such a shard are no sequence seen (the model card and samples_per_s count these).
+                    rows = int((mask.sum(dim=1) > 0).sum()) if tokens < mask.numel() else mask.shape[0]
+                    self._window.add(terms if tokens else {}, tokens=tokens, rows=rows)
                     if not tokens:
                         self.empty_batches += 1
                 self.step += 1
@@ -706,7 +718,27 @@ class GeneralTrainer(EngineTrainer):
             record.update({key: value for key, value in quality.items() if value is not None})
             self._window.restart_clock()  # the evaluation is not training time
         self.metrics.log(record)
+        self._check_tokens_came()
         return record
+
+    def _check_tokens_came(self) -> None:
+        """Stop a run that a whole epoch gave no token (collective values: every rank stops at the same step).
+
+        With ``data.skip_corrupt``, the rows of a shard found damaged while reading are fully masked and train
+        on nothing; a corpus damaged throughout ran every step that way and exported an untrained student with
+        exit 0 (its model card: "0 tokens"). The same corpus found bad at the start is refused already.
+        """
+        first_whole, tokens = self._no_tokens_since
+        if self.tokens_seen != tokens:
+            self._no_tokens_since = (self.loader.epoch + 1, self.tokens_seen)
+        elif self.loader.epoch > first_whole:  # epoch first_whole went by from its start without a token
+            skipped = sorted(self.loader.skipped_shards)
+            names = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            raise ValueError(
+                f"data.shards {self.cfg.data.shards}: a whole epoch gave no token to train on by step {self.step}: "
+                f"every shard read was found corrupt (data.skip_corrupt skipped {len(skipped)} here: {names}); "
+                "prepare the corpus again (dist-kd prepare-corpus) or point data.shards at an undamaged copy"
+            )
 
     # --- quality ---------------------------------------------------------------------------------------
 

@@ -353,20 +353,26 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(tiny_b
     assert f"new run in {out.resolve()}" in stderr
 
 
+def _damaged_copy(tiny_corpus: Path, tmp_path: Path, names: list[str]) -> Path:
+    """A copy of the corpus whose shards ``names`` are found bad only while reading (one member's tar header
+    overwritten, the size unchanged)."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus / "shards", corpus / "shards")
+    for name in names:
+        shard = corpus / "shards" / name
+        data = bytearray(shard.read_bytes())
+        data[512 * 4 + 100 : 512 * 4 + 108] = b"garbage!"
+        shard.write_bytes(bytes(data))
+    return corpus
+
+
 def test_batches_of_a_shard_found_corrupt_while_reading_stay_out_of_the_logged_losses(
     tiny_bert_dir, tiny_corpus, tmp_path
 ):
     """data.skip_corrupt turns a shard found bad only while reading into fully masked rows (every rank keeps its
     step count). Their zero losses were logged as the window's loss: lines of "loss 0.0" and a summary whose last
     log read 0.0000 for every term, as if the student were perfect."""
-    import shutil
-
-    corpus = tmp_path / "corpus"
-    shutil.copytree(tiny_corpus / "shards", corpus / "shards")
-    shard = corpus / "shards" / "shard-000001.tar"
-    data = bytearray(shard.read_bytes())
-    data[512 * 4 + 100 : 512 * 4 + 108] = b"garbage!"  # a member's tar header; the size is unchanged
-    shard.write_bytes(bytes(data))
+    corpus = _damaged_copy(tiny_corpus, tmp_path, ["shard-000001.tar"])
     out = tmp_path / "run"
     proc = run_script(
         "launch/general.py", "--debug", "--config", CONFIG,
@@ -377,6 +383,7 @@ def test_batches_of_a_shard_found_corrupt_while_reading_stay_out_of_the_logged_l
     # In order, shard 1 (64 sequences) is steps 17-32 at 4 sequences a step: those lines have no real token.
     empty = [r["step"] for r in records if r["tokens_per_s"] == 0]
     assert empty == list(range(17, 33)), empty
+    assert all((r["samples_per_s"] > 0) == (r["tokens_per_s"] > 0) for r in records)  # masked rows: no sequence
     assert all(("loss" in r) == (r["tokens_per_s"] > 0) for r in records)
     assert all(r["loss"] > 0 and r["loss_attn"] > 0 for r in records if "loss" in r)
     assert "16 micro-batch(es) held only rows of a corrupt shard" in proc.stdout
@@ -387,6 +394,43 @@ def test_batches_of_a_shard_found_corrupt_while_reading_stay_out_of_the_logged_l
     assert logged and float(logged.group(2)) == pytest.approx(last["loss"], abs=1e-4), proc.stdout
     report = (out / "report.md").read_text()
     assert f"| loss | {first['loss']:.4g} | {last['loss']:.4g} |" in report, report
+
+
+def test_a_corpus_damaged_throughout_stops_after_an_epoch_without_a_token(tiny_bert_dir, tiny_corpus, tmp_path):
+    """Every shard found bad only while reading: every step trained on fully masked rows, and the run exported an
+    untrained student with exit 0 (its model card: "0 tokens"). It stops once a whole epoch gave no token."""
+    shards = sorted(path.name for path in (tiny_corpus / "shards").glob("shard-*.tar"))
+    corpus = _damaged_copy(tiny_corpus, tmp_path, shards)
+    out = tmp_path / "run"
+    proc = run_script(
+        "launch/general.py", "--debug", "--config", CONFIG,
+        *_args(tiny_bert_dir, tiny_corpus, out, f"data.shards={corpus / 'shards'}", "data.skip_corrupt=true",
+               "train.max_steps=400", "run.log_every=1", "eval.every=null"),
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: data.shards {corpus / 'shards'}: a whole epoch gave no token to train on by step ")
+    assert f"data.skip_corrupt skipped {len(shards)} here" in last, last
+    steps = [r["step"] for r in _metrics(out)]
+    per_epoch = json.loads((corpus / "shards" / "manifest.json").read_text())["num_sequences"] // 4  # 4 a step
+    assert steps[-1] == per_epoch + 1, (steps[-1], per_epoch)  # the first step of the second epoch
+    assert not (out / "student").exists()
+
+
+def test_the_summary_counts_damaged_batches_across_a_resume(tiny_bert_dir, tiny_corpus, tmp_path):
+    """The summary's count of micro-batches that held only rows of a corrupt shard restarted at each resume: a run
+    continued past step 24 said 8 where the whole run had 16 (the count is saved in the checkpoint now)."""
+    corpus = _damaged_copy(tiny_corpus, tmp_path, ["shard-000001.tar"])
+    out = tmp_path / "run"
+    common = (f"data.shards={corpus / 'shards'}", "data.shuffle=false", "data.skip_corrupt=true", "eval.every=null")
+    for steps, damaged in ((24, 8), (32, 16)):  # shard 1 is steps 17-32
+        proc = run_script(
+            "launch/general.py", "--debug", "--config", CONFIG,
+            *_args(tiny_bert_dir, tiny_corpus, out, *common, f"train.max_steps={steps}"),
+        )  # fmt: skip
+        assert f"{damaged} micro-batch(es) held only rows of a corrupt shard" in proc.stdout, proc.stdout[-2000:]
+        assert "skipped 1 corrupt corpus shard(s) (data.skip_corrupt): shard-000001.tar" in proc.stdout
 
 
 def test_copy_of_teacher_starts_at_zero_loss(tiny_bert_dir, tiny_corpus, tmp_path):

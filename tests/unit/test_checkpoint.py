@@ -248,6 +248,11 @@ def test_settings_the_checkpoint_cannot_honour_are_refused_with_the_way_out(tmp_
         ckpt.check_compatible(saved, _meta({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}), final)
     older = {key: value for key, value in saved.items() if not key.startswith(("train.", "deepspeed."))}
     ckpt.check_compatible(older, _meta(**change), final)  # a checkpoint from before these keys: not compared
+    # Another corpus: two digests said nothing of what changed, nor of the way out.
+    with pytest.raises(ValueError, match="corpus: checkpoint has 'aa', this run has 'bb'") as caught:
+        ckpt.check_compatible({**saved, "corpus": "aa"}, {**_meta(), "corpus": "bb"}, final)
+    assert "a digest of data.shards' manifest" in str(caught.value) and "shards added, removed" in str(caught.value)
+    assert f"dist-kd export --checkpoint {final} --output DIR" in str(caught.value)
 
 
 def test_a_teacher_is_the_same_by_its_weights_not_its_path(tmp_path, caplog):

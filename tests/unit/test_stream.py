@@ -238,6 +238,29 @@ def test_state_from_another_seed_is_rejected(corpus):
         _stream(corpus, seed=2).load_state_dict(state)
 
 
+def test_state_from_another_corpus_with_the_same_totals_is_rejected(corpus, tmp_path):
+    """docs/corpus.md: a state from another corpus is an error. Only the totals were compared: shards of other
+    sequences, or the same shards listed in another order, took the saved positions for other sequences."""
+    state = _stream(corpus).state_dict()
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    first, second = manifest["shards"][0], manifest["shards"][1]
+    assert first["num_sequences"] == second["num_sequences"]  # same totals, same shard sizes
+    manifest["shards"][0], manifest["shards"][1] = second, first
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"comes from another corpus than .*other.*read other sequences"):
+        _stream(other).load_state_dict(state)
+    manifest["shards"][0], manifest["shards"][1] = first, dict(second, sha256="0" * 64)  # rewritten in place
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="comes from another corpus"):
+        _stream(other).load_state_dict(state)
+    # The same corpus elsewhere (moved, copied) is the same data; a state of an earlier release has no digest.
+    shutil.copy(corpus / "manifest.json", other / "manifest.json")
+    _stream(other).load_state_dict(state)
+    _stream(corpus).load_state_dict({key: value for key, value in state.items() if key != "corpus"})
+
+
 def test_tokenizer_mismatch_is_a_clear_error(corpus, tiny_tokenizer_dir, tmp_path):
     from transformers import BertTokenizerFast
 
