@@ -138,21 +138,23 @@ class DeepSpeedSection:
     )
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def resolve_precision(name: str, device: torch.device, setting: str = "train.precision", say: bool = True) -> str:
     """``auto`` -> bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.
 
     bf16 on a CPU is allowed when asked for (DeepSpeed's CPU accelerator trains it): it runs the GPU's
     mixed-precision path (``train.bf16_mode``: fp32 weights under torch.autocast, or DeepSpeed's bf16
     optimizer with fp32 masters), and CPUs with AMX or AVX512-BF16 run its matrix products faster than fp32.
-    fp16 needs a GPU."""
+    fp16 needs a GPU. ``setting``: how the user names it (finetune's ``--precision``), in the messages;
+    ``say``: warn about an emulated bf16 (once per run, not per call)."""
     if name != "auto":
+        given = f"{setting}={name}" if "." in setting else f"{setting} {name}"  # a config key, or a flag
         if device.type == "cpu" and name == "fp16":
-            raise ValueError("train.precision=fp16 needs a GPU; use fp32, auto or bf16 on a CPU")
-        if device.type == "cpu" and name == "bf16" and not cpu_has_bf16():
+            raise ValueError(f"{given} needs a GPU; use fp32, auto or bf16 on a CPU")
+        if device.type == "cpu" and name == "bf16" and not cpu_has_bf16() and say:
             logger.warning(
-                "train.precision=bf16: this CPU has no AMX or AVX512-BF16, so its bf16 matrix products are emulated "
-                "(usually slower than fp32)"
-            )
+                "%s: this CPU has no AMX or AVX512-BF16, so its bf16 matrix products are emulated (usually slower "
+                "than fp32)", given,
+            )  # fmt: skip
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -264,7 +264,7 @@ class TeacherTrainer:
         train_cfg = TrainConfig(max_steps=max_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
                                 seed=self.seed, weight_decay=cfg.weight_decay, precision=cfg.precision,
                                 bf16_mode=cfg.bf16_mode)  # fmt: skip
-        precision = self.precision = resolve_precision(cfg.precision, info.device)
+        precision = self.precision = resolve_precision(cfg.precision, info.device, "--precision", say=False)
         ds_config = build_ds_config(cfg.deepspeed_config, cfg.batch_size, 1, info.world_size, precision, cfg.clip,
                                     cfg.bf16_mode)  # fmt: skip
         self.engine = build_engine(self.model, train_cfg, ds_config)
@@ -558,6 +558,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
                 "(and every teacher is built from the base): give a base outside it, or another --output"
             )
         check_output_outside_data(output, "--output", {"--train": cfg.train, "--dev": cfg.dev})
+        resolve_precision(cfg.precision, info.device, "--precision")  # fp16 on a CPU: refused before any write
         # Before any teacher trains: a length beyond the position embeddings would crash the first long batch.
         check_max_length(AutoConfig.from_pretrained(cfg.base), cfg.max_length, cfg.base, "max_length (--max-length)")
         tokenizer = load_tokenizer(cfg.base)
@@ -609,6 +610,15 @@ def _params(
 def _reusable(target: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     """The exported teacher at ``target``'s results when it was trained with ``params`` (None when there is
     none); raise when it was trained with other settings."""
+    if target.is_dir() and not (target / RESULT_FILE).is_file() and any(target.iterdir()):
+        # Every teacher this command exports holds its finetune.json (written in place whole): this one was
+        # made otherwise, and the export would replace it, with whatever else it holds.
+        raise ValueError(
+            f"{target} exists and holds no {RESULT_FILE}: it is not a teacher this command exported, and training "
+            "would replace it whole; move it away, or give another --output"
+        )
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, where the teacher's directory goes: move it, or give another --output")
     previous = _read_result(target) if (target / RESULT_FILE).is_file() else None
     if previous is None:
         return None
@@ -619,6 +629,8 @@ def _reusable(target: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     differ = _differing(params, previous["params"])
     if differ:
         details = "; ".join(_then_and_now(key, params, previous["params"]) for key in differ)
+        if "train_sha256" in differ:  # not a file's sha256: a renamed copy of the same bytes differs too
+            details += " (train_sha256 digests the --train data's file names and bytes)"
         raise ValueError(
             f"{target} was trained with other settings ({', '.join(differ)} differ: {details}); use another "
             "--output or delete it"

@@ -384,7 +384,8 @@ def test_edited_training_data_at_the_same_path_is_not_reused(finetuned, tmp_path
     proc = run_script(*run, timeout=300, check=False)
     assert proc.returncode == 2
     assert "teacher-1 was trained with other settings (train_sha256 differ: train_sha256: '" in proc.stderr
-    assert re.search(r"train_sha256: '[0-9a-f]{12}\.\.\.' then, '[0-9a-f]{12}\.\.\.' now\)", proc.stderr)
+    digests = r"train_sha256: '[0-9a-f]{12}\.\.\.' then, '[0-9a-f]{12}\.\.\.' now"
+    assert re.search(digests + r" \(train_sha256 digests the --train data's file names and bytes\)\)", proc.stderr)
 
 
 def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_path):
@@ -440,6 +441,41 @@ def test_a_run_directory_of_another_kind_is_refused_untouched(finetuned, tmp_pat
     proc = run_script(*bad, check=False)
     assert proc.returncode == 2 and f"error: --output {general} holds a general distillation run" in proc.stderr
     assert snapshot(general) == before
+
+
+def test_a_teacher_directory_this_command_did_not_export_is_refused_untouched(finetuned, tmp_path):
+    """OUTPUT/teacher-1 holding someone's model and notes, but no finetune.json: it was trained over and replaced
+    whole, the notes gone, exit 0. An empty one is taken."""
+    from tests.e2e.conftest import snapshot
+
+    root, args = finetuned
+    output = tmp_path / "out"
+    (output / "teacher-1").mkdir(parents=True)
+    (output / "teacher-1" / "NOTES.txt").write_text("mine")
+    (output / "teacher-2").mkdir()  # empty
+    before = snapshot(output)
+    bad = list(args)
+    bad[bad.index("--output") + 1] = str(output)
+    proc = run_script(*bad, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {output / 'teacher-1'} exists and holds no finetune.json: it is not a teacher this command "
+        "exported, and training would replace it whole; move it away, or give another --output"
+    )
+    assert snapshot(output) == before
+
+
+def test_fp16_on_a_cpu_is_refused_by_its_flag_before_anything_is_written(finetuned, tmp_path):
+    """It said "train.precision=fp16 needs a GPU" (another command's key) after the lock, train.log and a
+    config.yaml recording fp16 were written."""
+    root, args = finetuned
+    bad = [*args, "--precision", "fp16"]
+    bad[bad.index("--output") + 1] = str(tmp_path / "out")
+    proc = run_script(*bad, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: --precision fp16 needs a GPU; use fp32, auto or bf16 on a CPU", last
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_base_replaced_in_place_or_inside_the_output_and_an_output_inside_the_data_are_refused(finetuned, tmp_path):

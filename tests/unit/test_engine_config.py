@@ -205,8 +205,10 @@ def test_batch_check_and_precision():
         check_batch(8, 2, 4, 60)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # DeepSpeed's CPU accelerator trains bf16
-    with pytest.raises(ValueError, match="fp16 needs a GPU; use fp32, auto or bf16"):
+    with pytest.raises(ValueError, match="^train.precision=fp16 needs a GPU; use fp32, auto or bf16"):
         resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="^--precision fp16 needs a GPU"):  # finetune's flag, as the user wrote it
+        resolve_precision("fp16", torch.device("cpu"), "--precision")
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "constant"])
