@@ -57,13 +57,18 @@ print(json.dumps({
 """
 
 
-def test_the_documented_pipeline_runs_through_the_python_api(tmp_path):
+def _run(script: str, tmp_path) -> dict:
+    """Run ``script`` in a plain Python process (argv[1]: ``tmp_path``); returns the JSON of its last line."""
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=script_env(), capture_output=True, text=True,
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=script_env(), capture_output=True, text=True,
         timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_documented_pipeline_runs_through_the_python_api(tmp_path):
+    result = _run(SCRIPT, tmp_path)
     assert result["general"] == [True, True, True]
     assert result["augmented_rows"] == 96 * 3  # each example and its 2 copies
     assert result["task"] == [True, ["topic"]]
@@ -106,12 +111,7 @@ def test_a_process_goes_on_after_a_run_and_after_teardown(tmp_path):
     and the parent's MASTER_PORT, took them for a launcher's and was refused: "the rendezvous port ... is in use");
     teardown gives the caller back its environment, and a run after it works (DeepSpeed's cached groups named the
     destroyed group: "Group ... is not registered")."""
-    proc = subprocess.run(
-        [sys.executable, "-c", AGAIN, str(tmp_path)], cwd=REPO, env=script_env(), capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run(AGAIN, tmp_path)
     assert result["before"] == dict.fromkeys(result["before"])  # script_env sets none of them
     assert result["during"]["WORLD_SIZE"] == "1" and result["during"]["MASTER_PORT"]
     assert result["child"][0] == 0, result["child"][1]
