@@ -304,22 +304,27 @@ def skip_shm_op() -> bool:
     return True
 
 
-def guard_jit_build(name: str = SHM_OP, stale_after: float = STALE_LOCK_S, poll: float = 5.0) -> None:
+def guard_jit_build(
+    name: str = SHM_OP, stale_after: float = STALE_LOCK_S, poll: float = 5.0, quiet: float = 3.0
+) -> None:
     """Make DeepSpeed's JIT build of ``name`` visible and never a silent hang.
 
     - No build yet: one line says the first run builds it (about a minute, once per machine).
     - A ``lock`` file in its build directory while a process on this host builds there (or the lock is
       younger than ``stale_after`` seconds: a build on another node sharing the directory): wait, with a
-      line naming the lock every 30 s.
+      line naming the lock every 30 s. For the first ``quiet`` seconds it is looked at often and nothing is
+      said: another rank that loads the op built already holds the lock a moment while it checks the op is
+      current (that was "... is building", and a 5 s wait, at starts with nothing to build).
     - A lock that no process on this host builds under and older than ``stale_after``: left by a build
       that was killed; it is removed, with a line naming it, and the build starts again.
     """
     directories = extension_dirs(name)
-    if not any((d / f"{name}.so").is_file() for d in directories):
+    # Said by each node's first process: the node's other ranks wait for the same build (it printed once per rank).
+    if not any((d / f"{name}.so").is_file() for d in directories) and os.environ.get("LOCAL_RANK", "0") == "0":
         _say(f"DeepSpeed builds its CPU op {name} with a C++ compiler (first run on this machine, about a minute)")
     for directory in directories:
         lock = directory / "lock"
-        said = -1e9
+        said, began = -1e9, time.monotonic()
         while True:
             try:
                 age = time.time() - lock.stat().st_mtime
@@ -333,14 +338,15 @@ def guard_jit_build(name: str = SHM_OP, stale_after: float = STALE_LOCK_S, poll:
                 )
                 lock.unlink(missing_ok=True)
                 break
-            if time.monotonic() - said >= 30:
+            waited = time.monotonic() - began
+            if waited >= quiet and time.monotonic() - said >= 30:
                 who = f"process {', '.join(map(str, builders))} on this host" if builders else "another process"
                 _say(
                     f"waiting for {lock}: {who} is building {name} (a lock with no build is removed after "
                     f"{stale_after / 60:.0f} minutes)"
                 )
                 said = time.monotonic()
-            time.sleep(poll)
+            time.sleep(min(poll, 0.1) if waited < quiet else poll)
 
 
 def local_process_count(env: dict[str, str] | None = None) -> int:

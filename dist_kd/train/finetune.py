@@ -270,7 +270,7 @@ class TeacherTrainer:
         self.engine = build_engine(self.model, train_cfg, ds_config)
         step, epoch, since_log, last_loss = 0, 0, 0, math.nan
         loss_sum = torch.zeros((), device=info.device)
-        started = time.perf_counter()
+        window_began = time.perf_counter()  # each line's samples/s is its window's, as in general and task runs
         bar = progress_bar(max_steps, 0, f"teacher {self.index + 1}/{cfg.num_teachers}", info.is_main)
         while step < max_steps:
             # Same permutation on every rank (seeded by teacher and epoch); each rank takes its slice of every
@@ -295,7 +295,7 @@ class TeacherTrainer:
                 if step % cfg.log_every == 0 or step == max_steps:
                     # The only host sync of the loop: mean loss over the logged steps and all ranks.
                     last_loss = distributed.all_reduce_mean(loss_sum / since_log).item()
-                    elapsed = time.perf_counter() - started
+                    elapsed = max(time.perf_counter() - window_began, 1e-9)
                     check_run_lock()  # collective: a run whose directory another run took over writes no more
                     metrics.log(
                         {
@@ -303,11 +303,12 @@ class TeacherTrainer:
                             "step": step,
                             "loss": last_loss,
                             "lr": step_lr,
-                            "samples_per_s": step * global_batch / elapsed,
+                            "samples_per_s": since_log * global_batch / elapsed,
                         }
                     )
                     loss_sum.zero_()
                     since_log = 0
+                    window_began = time.perf_counter()  # the log's own time is not the next window's
                     bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                     if not math.isfinite(last_loss):  # the same on every rank (all-reduced)
                         self._check_finite(step, f"its loss was {last_loss} in the steps up to step {step}")

@@ -295,6 +295,7 @@ class GeneralTrainer(EngineTrainer):
         self.step_lr: float | None = None  # the rate of the last optimizer step, for its log line
         self.empty_batches = 0  # this rank's micro-batches of fully masked rows (skip_corrupt), resumes included
         self._no_tokens_since = (0, 0)  # set as training starts
+        self._collapsed: set[str] = set()  # the kinds of reason the last evaluation found (quality.reason_kind)
         self._window = LossWindow(info.device)
         self.meta = {
             "teacher": {
@@ -347,7 +348,6 @@ class GeneralTrainer(EngineTrainer):
         self.last_terms: dict[str, float] | None = logged[-1] if logged else None
         self._teacher_quality: QualityReport | None = None
         self._last_quality: tuple[int, QualityReport] | None = None
-        self._collapsed: set[str] = set()  # the kinds of reason the last evaluation found (quality.reason_kind)
 
     # --- set-up helpers ------------------------------------------------------------------------------
 
@@ -561,6 +561,7 @@ class GeneralTrainer(EngineTrainer):
             "initial_quality": self.initial_quality,
             # what the summary says of damaged shards (data.skip_corrupt) covers the whole run, resumes included
             "corrupt": {"empty_batches": self.empty_batches, "skipped_shards": dict(self.loader.skipped_shards)},
+            "collapsed": sorted(self._collapsed),  # what the last evaluation warned of: not said again on resume
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -573,6 +574,7 @@ class GeneralTrainer(EngineTrainer):
         if "window" in state:
             self._window.load_state_dict(state["window"])
         self.initial_quality = state.get("initial_quality")
+        self._collapsed = set(state.get("collapsed") or ())
         corrupt = state.get("corrupt") or {}  # checkpoints of earlier releases: counted from the resume
         self.empty_batches = corrupt.get("empty_batches", 0)
         for name, reason in (corrupt.get("skipped_shards") or {}).items():

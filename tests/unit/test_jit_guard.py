@@ -26,8 +26,12 @@ def test_extension_dir_follows_torch_extensions_dir(tmp_path, monkeypatch):
 
 def test_first_build_is_announced_and_a_built_op_is_quiet(tmp_path, monkeypatch, capsys):
     directory = _build_dir(tmp_path, monkeypatch)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     guard_jit_build("op_x", poll=0.01)
     assert "builds its CPU op op_x" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the node's other ranks wait for the same build: said once, not per rank
+    guard_jit_build("op_x", poll=0.01)
+    assert capsys.readouterr().err == ""
     (directory / "op_x.so").write_bytes(b"")
     guard_jit_build("op_x", poll=0.01)
     assert capsys.readouterr().err == ""
@@ -62,7 +66,7 @@ def test_a_lock_held_by_a_running_build_is_waited_for_and_kept(tmp_path, monkeyp
             finished.set()
 
         threading.Thread(target=build_ends, daemon=True).start()
-        guard_jit_build("op_x", stale_after=600, poll=0.05)
+        guard_jit_build("op_x", stale_after=600, poll=0.05, quiet=0)
         assert finished.is_set()  # returned only once the lock was gone
         err = capsys.readouterr().err
         assert f"waiting for {lock}: process {builder.pid} on this host is building op_x" in err
@@ -72,6 +76,25 @@ def test_a_lock_held_by_a_running_build_is_waited_for_and_kept(tmp_path, monkeyp
         builder.wait()
 
 
+def test_a_lock_held_a_moment_is_waited_for_quietly(tmp_path, monkeypatch, capsys):
+    """A rank loading the op built already holds the lock a moment (torch checks the op is current): another rank
+    said "... is building op_x" and slept 5 s, though nothing was built."""
+    directory = _build_dir(tmp_path, monkeypatch)
+    (directory / "op_x.so").write_bytes(b"")
+    lock = directory / "lock"
+    lock.write_text("")
+
+    def check_ends():
+        time.sleep(0.3)
+        lock.unlink()
+
+    threading.Thread(target=check_ends, daemon=True).start()
+    started = time.monotonic()
+    guard_jit_build("op_x", stale_after=600)  # the default 5 s poll
+    assert 0.3 <= time.monotonic() - started < 2.0 and not lock.exists()
+    assert capsys.readouterr().err == ""
+
+
 def test_a_young_lock_is_waited_for_even_without_a_local_build(tmp_path, monkeypatch, capsys):
     """Another node that shares the directory may be building: wait until the lock is stale, then remove it."""
     directory = _build_dir(tmp_path, monkeypatch)
@@ -79,7 +102,7 @@ def test_a_young_lock_is_waited_for_even_without_a_local_build(tmp_path, monkeyp
     lock = directory / "lock"
     lock.write_text("")
     started = time.monotonic()
-    guard_jit_build("op_x", stale_after=0.5, poll=0.05)
+    guard_jit_build("op_x", stale_after=0.5, poll=0.05, quiet=0)
     assert time.monotonic() - started >= 0.4 and not lock.exists()
     err = capsys.readouterr().err
     assert f"waiting for {lock}: another process is building op_x" in err and f"removing {lock}" in err
