@@ -322,7 +322,10 @@ def detach_run_log(handler: RunLog | None) -> None:
         return
     root = logging.getLogger()
     root.removeHandler(handler)
-    handler.close()
+    try:
+        handler.close()
+    except OSError:  # its last lines cannot be flushed (a full disk): the error that stopped the run is said
+        pass
     if handler.mirror is not None:
         root.removeHandler(handler.mirror)
     if handler.level_was is not None:

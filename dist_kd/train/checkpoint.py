@@ -81,10 +81,22 @@ def write_failure(err: BaseException) -> str | None:
 
 
 def output_write_failed(run_dir: Path, err: BaseException) -> OutputWriteError | None:
-    """``err`` as one line naming the run directory when a write failed there, else None (not a write failure)."""
+    """``err`` as one line naming the run directory when a write failed there, else None (not a write failure).
+
+    A full, over-quota or read-only filesystem anywhere; a permission refused on a file inside ``run_dir`` (one
+    refused elsewhere is an input's, not this)."""
     reason = write_failure(err)
     if reason is None:
-        return None
+        inside = run_dir.resolve()
+        denied = next(
+            (cause for cause in error_causes(err)
+             if getattr(cause, "errno", None) in (errno.EACCES, errno.EPERM) and getattr(cause, "filename", None)
+             and (inside == Path(cause.filename).resolve() or inside in Path(cause.filename).resolve().parents)),
+            None,
+        )  # fmt: skip
+        if denied is None:
+            return None
+        reason = f"{denied.strerror} ({denied.filename})"
     try:
         free = f" ({shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free there)" if run_dir.exists() else ""
     except OSError:
@@ -408,6 +420,14 @@ def prunable(checkpoints_dir: Path, keep_last: int) -> list[Path]:
     return [path for step, path in saved if step < oldest_kept]
 
 
+def _read_only(path: Path) -> bool:
+    """Whether ``path`` lies on a filesystem mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException, remove: bool = True) -> CheckpointSaveError:
     """Remove the unfinished save (where ``remove``) and describe the failure in one line (a full disk said as
     such)."""
@@ -422,7 +442,8 @@ def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException, remove
     denied = next((c for c in error_causes(err) if getattr(c, "errno", None) in refused), None)
     if denied is None and not full and not os.access(checkpoints_dir, os.W_OK):
         # DeepSpeed reports an unwritable directory as "Parent directory ... does not exist".
-        denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(checkpoints_dir))
+        number = errno.EROFS if _read_only(checkpoints_dir) else errno.EACCES
+        denied = OSError(number, os.strerror(number), str(checkpoints_dir))
     previous = latest_checkpoint(checkpoints_dir)
     kept = f"; the newest whole checkpoint, {previous.name}, is intact" if previous else ""
     # Little room left counts as full only when nothing says otherwise (DeepSpeed's own errors hide the errno).

@@ -34,7 +34,9 @@ class RunConfig:
     )
     log_every: int = doc("optimizer steps between metric lines", 10)
     save_every: int = doc("optimizer steps between checkpoints (0: only at the end)", 500)
-    keep_last: int = doc("complete checkpoints kept (0 keeps all)", 3)
+    keep_last: int = doc(
+        "complete checkpoints kept (0 keeps all); the disk must hold one more while a new one is saved", 3
+    )
     resume: str = doc("auto (continue from the newest checkpoint if any) | never (refuse a used directory)", "auto")
     report_to: list[str] = doc(
         "trackers that also receive every metric line and the dev metrics: tensorboard (run_dir/tensorboard), "
@@ -257,11 +259,20 @@ def check_run_lock() -> None:
     """Raise :class:`~dist_kd.train.runlock.RunDirInUse` on every rank when rank 0's run lock was taken over by
     another run (this one stalled past the lock's staleness: a suspended job, a hung filesystem); collective.
     The other run owns the directory now: this one writes nothing more there."""
-    from dist_kd.train.runlock import RunDirInUse, lost_lock
+    from dist_kd.train.runlock import REMOVED, RunDirInUse, RunDirRemoved, lost_lock
 
     lock = lost_lock()
     if not distributed.any_rank(lock is not None):
         return
+    if distributed.any_rank(lock is not None and lock.lost in (REMOVED, "the lock file removed")):
+        # Saves and exports would make the directory again (mkdir) and finish there, apart from its config.yaml,
+        # train.log and earlier checkpoints, or wherever it was moved to.
+        where = lock.run_dir if lock else "its run directory"
+        raise RunDirRemoved(
+            f"this run stopped writing: {where} was removed or moved away while the run wrote it (its run lock is "
+            "gone); nothing more of this run was saved. Put the directory back and run the same command again to "
+            "resume from its last checkpoint"
+        )
     where = f"its run lock {lock.path} is now held by another run ({lock.lost})" if lock else "its run lock was taken"
     raise RunDirInUse(
         f"this run stopped writing: {where}, taken over while this run stalled for longer than the lock's "

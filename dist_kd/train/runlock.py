@@ -48,6 +48,10 @@ class RunDirInUse(ValueError):
     """Another live run owns the run directory."""
 
 
+class RunDirRemoved(ValueError):
+    """The run directory was removed or moved away while the run wrote it."""
+
+
 class RunDirNotWritable(ValueError):
     """The run directory cannot be created or written (a read-only or full filesystem, a file in the way)."""
 
@@ -55,8 +59,15 @@ class RunDirNotWritable(ValueError):
 _HELD: list[RunLock] = []  # the locks this process holds, for lost_lock()
 
 
+REMOVED = "the run directory removed or moved away"  # RunLock.lost when its directory is gone
+
+
 def lost_lock() -> RunLock | None:
-    """A lock this process holds that another run has taken over (its heartbeat found it), or None."""
+    """A lock this process holds that is no longer its own, or None: taken over by another run (its heartbeat
+    found it), or gone with its directory (looked at here: one stat a log line, save or evaluation)."""
+    for lock in _HELD:
+        if lock.lost is None and not lock.path.exists():
+            lock.lost = REMOVED if not lock.run_dir.is_dir() else "the lock file removed"
     return next((lock for lock in _HELD if lock.lost is not None), None)
 
 
@@ -220,8 +231,13 @@ class RunLock:
 
     def _take_over(self, payload: str) -> bool:
         tmp = self.path.with_name(f"{LOCK_NAME}.{self.owner['token']}")
-        tmp.write_text(payload)
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(payload)
+            os.replace(tmp, self.path)
+        except OSError as err:  # a full disk: no empty temporary left behind (nothing would ever remove it)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
         time.sleep(min(0.2, self.stale_s / 10))  # a concurrent take-over renames after us: the last one wins
         found = self.read_owner()
         return found is not None and found[0] is not None and found[0].get("token") == self.owner["token"]
@@ -235,6 +251,9 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             if not self.holds():
                 found = self.read_owner()
+                if found is None and not self.run_dir.is_dir():
+                    self.lost = REMOVED  # said by the trainers' next check (check_run_lock)
+                    return
                 self.lost = self.describe(*found) if found else "the lock file removed"
                 logger.error(
                     "the run lock %s is no longer this run's (%s; taken over after this run's heartbeat stalled "
@@ -251,7 +270,11 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._held and self.holds():
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as err:  # a read-only filesystem now: the error that stops the run is the one to say
+                logger.warning("could not remove the run lock %s (%s): the next run takes it over", self.path,
+                               err.strerror or err)  # fmt: skip
         self._held = False
         if self in _HELD:
             _HELD.remove(self)

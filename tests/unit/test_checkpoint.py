@@ -747,3 +747,23 @@ def test_resume_never_refuses_a_directory_that_holds_a_run(tmp_path):
     with pytest.raises(ValueError, match="already holds a run"):
         ckpt.resume_point(checkpointed, "never")
     assert ckpt.resume_point(checkpointed, "auto") == checkpointed / "checkpoints" / "step-00000005"
+
+
+def test_a_permission_refused_inside_the_run_directory_is_one_line_and_one_elsewhere_is_not_ours(tmp_path):
+    """chmod 444 metrics.jsonl (or 555 on the run directory) mid-run was a traceback: only a full, over-quota or
+    read-only filesystem counted as a write failure. A refusal on an input outside the run is not one."""
+    import errno
+
+    run = tmp_path / "run"
+    run.mkdir()
+    inside = PermissionError(errno.EACCES, "Permission denied", str(run / "metrics.jsonl"))
+    failed = ckpt.output_write_failed(run, inside)
+    assert failed is not None and str(failed).startswith(
+        f"writing under run.output_dir {run} failed: Permission denied ({run / 'metrics.jsonl'})"
+    ), failed
+    try:  # wrapped, as a library raises it
+        raise RuntimeError("could not save") from PermissionError(errno.EPERM, "Operation not permitted", str(run))
+    except RuntimeError as err:
+        assert "Operation not permitted" in str(ckpt.output_write_failed(run, err))
+    outside = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data.jsonl"))
+    assert ckpt.output_write_failed(run, outside) is None

@@ -506,6 +506,27 @@ def test_run_log_that_cannot_be_written_says_so_once_and_the_run_goes_on(tmp_pat
     assert err.count("train.log is no longer written (") == 1 and "Traceback" not in err, err
 
 
+def test_a_run_log_whose_last_lines_cannot_be_flushed_is_closed_quietly(tmp_path, monkeypatch):
+    """A disk full at the end: closing train.log raised ENOSPC in the run's `finally` and a traceback replaced the
+    one-line error that stopped the run."""
+    import errno
+    import logging
+
+    from dist_kd.cli import attach_run_log, detach_run_log
+
+    run = attach_run_log(tmp_path, 0)
+    run.start()
+    run.emit(logging.makeLogRecord({"msg": "a line", "levelno": logging.WARNING, "levelname": "WARNING"}))
+    assert run.stream is not None  # the file is open
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run, "flush", full)
+    detach_run_log(run)  # raised
+    assert run not in logging.getLogger().handlers
+
+
 UNCONFIGURED = """
 import logging, sys
 from dist_kd.cli import attach_run_log, detach_run_log

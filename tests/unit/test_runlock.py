@@ -284,6 +284,70 @@ def test_a_full_disk_while_taking_the_lock_leaves_no_empty_lock_behind(tmp_path,
         assert lock.holds()
 
 
+def test_a_full_disk_while_taking_over_a_stale_lock_leaves_no_temporary_and_names_the_lock(tmp_path, monkeypatch):
+    """The take-over's temporary `.dist_kd.lock.<token>` stayed, empty, for good, and the error named no file."""
+    import errno
+    from pathlib import Path
+
+    stale = _plant(tmp_path / "run", pid=2**22 + 7, host=os.uname().nodename)  # a dead pid on this host
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(f"{LOCK_NAME}."):
+            real(self, "")  # created, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(RunDirNotWritable, match=rf"No space left on device \({stale}\); make room there$"):
+        RunLock(tmp_path / "run").acquire()
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [LOCK_NAME]
+
+
+def test_a_lock_that_cannot_be_removed_does_not_replace_the_runs_error(tmp_path, monkeypatch, caplog):
+    """A filesystem gone read-only: the run's one-line error was replaced by a traceback of the lock's unlink."""
+    import errno
+    from pathlib import Path
+
+    lock = RunLock(tmp_path / "run")
+    real = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self.name == LOCK_NAME:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    with pytest.raises(ValueError, match="the run's own error"), lock:
+        monkeypatch.setattr(Path, "unlink", read_only)
+        raise ValueError("the run's own error")
+    assert "could not remove the run lock" in caplog.text and "Read-only file system" in caplog.text
+
+
+def test_a_run_directory_removed_or_moved_stops_the_run_in_one_line(tmp_path):
+    """rm -rf or mv of the run directory mid-run: saves made it again and the run finished there with exit 0
+    (a directory without config.yaml or train.log; or the run split across two), or it stopped later saying
+    another run had taken its lock over."""
+    import shutil
+
+    from dist_kd.train.common import check_run_lock
+    from dist_kd.train.runlock import REMOVED, RunDirRemoved, lost_lock
+
+    for gone in ("removed", "moved"):
+        run_dir = tmp_path / gone
+        with RunLock(run_dir) as lock:
+            check_run_lock()  # nothing wrong yet
+            if gone == "removed":
+                shutil.rmtree(run_dir)
+            else:
+                run_dir.rename(tmp_path / "elsewhere")
+            assert lost_lock() is lock and lock.lost == REMOVED
+            with pytest.raises(RunDirRemoved, match=rf"^this run stopped writing: {run_dir} was removed or moved"):
+                check_run_lock()
+            run_dir.mkdir()  # a save made it again: still not this run's directory
+            with pytest.raises(RunDirRemoved):
+                check_run_lock()
+
+
 def test_every_rank_stops_with_rank_0s_refusal(tmp_path, monkeypatch):
     """Rank 0 takes the lock; the other ranks raise the error it broadcasts instead of waiting for it."""
     from types import SimpleNamespace
