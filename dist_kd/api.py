@@ -155,7 +155,7 @@ def run_training(
     from dist_kd import distributed
     from dist_kd.io import check_output_outside_data
     from dist_kd.train.checkpoint import CheckpointSaveError, output_write_failed
-    from dist_kd.train.common import RunSignals, check_inputs_outside_outputs, check_run_kind
+    from dist_kd.train.common import RunSignals, check_inputs_outside_outputs, check_run_kind, check_run_lock
     from dist_kd.train.runlock import owned_run_dir
 
     info = info or distributed.init_distributed()
@@ -180,6 +180,8 @@ def run_training(
                 # finish writes on rank 0 (summary, model card, report): a failure there stops every rank alike.
                 with distributed.shared_failure():
                     lines = finish(trainer, cfg, info)
+                # A directory moved away during the last save or the export was made again by them: said, not 0.
+                check_run_lock()
                 return RunResult(Path(cfg.run.output_dir), completed=True, lines=lines)
         except (ValueError, FileNotFoundError, CheckpointSaveError):
             raise

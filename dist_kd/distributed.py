@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import io
 import logging
 import os
@@ -468,6 +469,14 @@ def init_distributed(force_cpu: bool = False, timeout_s: float | None = None) ->
     import deepspeed
 
     if not dist.is_initialized():
+        if _TORN_DOWN and found["WORLD_SIZE"] != "1":
+            # The ranks would meet again at the launcher's MASTER_PORT, where a rank may still reach the old
+            # group's store (the collector frees it when it runs): a gloo "connectFullMesh failed", or a hang.
+            raise ValueError(
+                f"a process group of {found['WORLD_SIZE']} ranks cannot start again in a process where "
+                "dist_kd.distributed.teardown() ended one: keep the group up between stages (call teardown() once, "
+                "at the end, or not at all) or run each stage in a process of its own"
+            )
         _say_about_rank_variables(found)
         from_slurm = not launcher_variables(os.environ)  # discover_environment's choice
         if from_slurm and found["WORLD_SIZE"] != "1" and found["RANK"] == "0":
@@ -558,6 +567,7 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 _HOST_GROUP: list = []  # the gloo group of any_rank beside a default group that is not gloo (NCCL)
 _CALLER_ENV: dict[str, str | None] = {}  # the rendezvous variables as they were before init_distributed set them
+_TORN_DOWN: list[int] = []  # groups of several ranks that teardown() ended in this process
 
 
 def _host_group():
@@ -778,9 +788,12 @@ def teardown(in_step: bool = True) -> None:
             if in_step or dist.get_world_size() == 1:
                 dist.barrier()
                 synced = True
-        rank = dist.get_rank()
+        rank, ranks = dist.get_rank(), dist.get_world_size()
         dist.destroy_process_group()
         _forget_deepspeed_groups()
+        gc.collect()  # the group's rendezvous store is freed by the collector: its port listened on after
+        if ranks > 1:
+            _TORN_DOWN.append(ranks)
         if synced:
             with contextlib.suppress(OSError):
                 shm_buffer_path(rank).unlink(missing_ok=True)

@@ -259,26 +259,33 @@ def check_run_lock() -> None:
     """Raise :class:`~dist_kd.train.runlock.RunDirInUse` on every rank when rank 0's run lock was taken over by
     another run (this one stalled past the lock's staleness: a suspended job, a hung filesystem); collective.
     The other run owns the directory now: this one writes nothing more there."""
-    from dist_kd.train.runlock import REMOVED, RunDirInUse, RunDirRemoved, lost_lock
+    from dist_kd.train.runlock import LOCK_FILE_REMOVED, REMOVED, RunDirInUse, RunDirRemoved, lost_lock
 
     lock = lost_lock()
     if not distributed.any_rank(lock is not None):
         return
-    if distributed.any_rank(lock is not None and lock.lost in (REMOVED, "the lock file removed")):
-        # Saves and exports would make the directory again (mkdir) and finish there, apart from its config.yaml,
-        # train.log and earlier checkpoints, or wherever it was moved to.
-        where = lock.run_dir if lock else "its run directory"
-        raise RunDirRemoved(
-            f"this run stopped writing: {where} was removed or moved away while the run wrote it (its run lock is "
-            "gone); nothing more of this run was saved. Put the directory back and run the same command again to "
-            "resume from its last checkpoint"
-        )
+    # Every rank raises, each from rank 0's state (the lock is rank 0's): said once, by rank 0.
+    if distributed.any_rank(lock is not None and lock.lost == REMOVED):
+        # Saves and exports would make the directory again (mkdir) and go on there, without its config.yaml,
+        # train.log and earlier checkpoints (or those went wherever it was moved).
+        raise distributed.said_by(RunDirRemoved(
+            f"this run stopped writing: {lock.run_dir if lock else 'its run directory'} was removed or moved away "
+            "while the run wrote it (its run lock went with it); anything written since is in a directory made "
+            "again at that path. Put the directory back and run the same command again to resume (from its last "
+            "checkpoint, if it saved one)"
+        ), 0)  # fmt: skip
+    if distributed.any_rank(lock is not None and lock.lost == LOCK_FILE_REMOVED):
+        raise distributed.said_by(RunDirRemoved(
+            f"this run stopped writing: its run lock {lock.path if lock else ''} was removed while the run held it "
+            "(by hand, or a clean-up job), so nothing keeps a second run out of the directory; run the same "
+            "command again to resume (from its last checkpoint, if it saved one)"
+        ), 0)  # fmt: skip
     where = f"its run lock {lock.path} is now held by another run ({lock.lost})" if lock else "its run lock was taken"
-    raise RunDirInUse(
+    raise distributed.said_by(RunDirInUse(
         f"this run stopped writing: {where}, taken over while this run stalled for longer than the lock's "
         "staleness (a suspended job or node, a hung filesystem). That run owns the directory now; nothing more of "
         "this one was saved"
-    )
+    ), 0)  # fmt: skip
 
 
 class Diverged(ValueError):

@@ -736,11 +736,12 @@ class GeneralTrainer(EngineTrainer):
         elif self.loader.epoch > first_whole:  # epoch first_whole went by from its start without a token
             skipped = sorted(self.loader.skipped_shards)
             names = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-            raise ValueError(
+            # Every rank stops here (the counts are all ranks'); said once, by rank 0, naming the shards it skipped.
+            raise distributed.said_by(ValueError(
                 f"data.shards {self.cfg.data.shards}: a whole epoch gave no token to train on by step {self.step}: "
-                f"every shard read was found corrupt (data.skip_corrupt skipped {len(skipped)} here: {names}); "
+                f"every shard read was found corrupt (data.skip_corrupt skipped {len(skipped)} on rank 0: {names}); "
                 "prepare the corpus again (dist-kd prepare-corpus) or point data.shards at an undamaged copy"
-            )
+            ), 0)  # fmt: skip
 
     # --- quality ---------------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ _HELD: list[RunLock] = []  # the locks this process holds, for lost_lock()
 
 
 REMOVED = "the run directory removed or moved away"  # RunLock.lost when its directory is gone
+LOCK_FILE_REMOVED = "the lock file removed"  # ... when the lock file alone is
 
 
 def lost_lock() -> RunLock | None:
@@ -67,7 +68,7 @@ def lost_lock() -> RunLock | None:
     found it), or gone with its directory (looked at here: one stat a log line, save or evaluation)."""
     for lock in _HELD:
         if lock.lost is None and not lock.path.exists():
-            lock.lost = REMOVED if not lock.run_dir.is_dir() else "the lock file removed"
+            lock.lost = REMOVED if not lock.run_dir.is_dir() else LOCK_FILE_REMOVED
     return next((lock for lock in _HELD if lock.lost is not None), None)
 
 
@@ -251,10 +252,10 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             if not self.holds():
                 found = self.read_owner()
-                if found is None and not self.run_dir.is_dir():
-                    self.lost = REMOVED  # said by the trainers' next check (check_run_lock)
+                if found is None:  # no other run: said by the trainers' next check (check_run_lock)
+                    self.lost = REMOVED if not self.run_dir.is_dir() else LOCK_FILE_REMOVED
                     return
-                self.lost = self.describe(*found) if found else "the lock file removed"
+                self.lost = self.describe(*found)
                 logger.error(
                     "the run lock %s is no longer this run's (%s; taken over after this run's heartbeat stalled "
                     "for over %.0f s): the run stops at its next log line, save or evaluation, writing nothing more "

@@ -48,3 +48,15 @@ def test_the_groups_threads_end_with_it(ranks, tmp_path, how):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["started"], (rank, "no gloo threads at start: the check would look at the wrong names")
         assert record["after_end"] == [], (rank, record)
+
+
+def test_a_group_of_several_ranks_is_not_started_again_after_teardown(ranks, tmp_path):
+    """api.general, teardown(), api.general under a launcher: the ranks met again at the launcher's MASTER_PORT,
+    where one could reach the old group's store, still alive until the collector ran ("Gloo connectFullMesh
+    failed", or a hang). Refused on every rank in one line instead (a one-process run starts again)."""
+    ranks("group_teardown.py", str(tmp_path), "start_again")
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["again"].startswith("a process group of 2 ranks cannot start again in a process where "
+                                          "dist_kd.distributed.teardown() ended one"), record  # fmt: skip
+        assert record["after_end"] == [], record

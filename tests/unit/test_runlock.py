@@ -344,8 +344,13 @@ def test_a_run_directory_removed_or_moved_stops_the_run_in_one_line(tmp_path):
             with pytest.raises(RunDirRemoved, match=rf"^this run stopped writing: {run_dir} was removed or moved"):
                 check_run_lock()
             run_dir.mkdir()  # a save made it again: still not this run's directory
-            with pytest.raises(RunDirRemoved):
+            with pytest.raises(RunDirRemoved, match="was removed or moved away"):
                 check_run_lock()
+    # The lock file alone removed (by hand, a clean-up job): said as such, not as the directory gone.
+    with RunLock(tmp_path / "kept") as lock:
+        lock.path.unlink()
+        with pytest.raises(RunDirRemoved, match=rf"^this run stopped writing: its run lock {lock.path} was removed"):
+            check_run_lock()
 
 
 def test_every_rank_stops_with_rank_0s_refusal(tmp_path, monkeypatch):

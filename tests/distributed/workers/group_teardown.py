@@ -11,6 +11,8 @@ the process. Writes OUT/rank<r>.json. Modes:
   torch.distributed.nn.functional imported after it (both capture the group); ``teardown``.
 - ``api_exit``: dist_kd starts the group and the script ends without a teardown (a Python API script); the
   record is written at exit, after dist_kd's exit handler.
+- ``start_again``: as ``init_distributed``, then ``init_distributed`` once more: the error it raises is
+  recorded (``again``).
 """
 
 import atexit
@@ -45,7 +47,7 @@ def main() -> None:
         import torch.distributed.nn.functional  # noqa: F401
     from dist_kd import distributed
 
-    if how in ("init_distributed", "api_exit"):
+    if how in ("init_distributed", "api_exit", "start_again"):
         distributed.init_distributed(force_cpu=True)
     elif how == "init_process_group":
         import torch.distributed as dist
@@ -59,6 +61,12 @@ def main() -> None:
     if how == "api_exit":
         return
     distributed.teardown()
+    if how == "start_again":
+        try:
+            distributed.init_distributed(force_cpu=True)
+            record["again"] = "started"
+        except ValueError as err:
+            record["again"] = str(err)
     write()
 
 
