@@ -268,11 +268,12 @@ def check_run_lock() -> None:
     if distributed.any_rank(lock is not None and lock.lost == REMOVED):
         # Saves and exports would make the directory again (mkdir) and go on there, without its config.yaml,
         # train.log and earlier checkpoints (or those went wherever it was moved).
+        remade = lock is not None and lock.run_dir.exists()
+        remade = "; what it wrote since is in a directory made again at that path" if remade else ""
         raise distributed.said_by(RunDirRemoved(
             f"this run stopped writing: {lock.run_dir if lock else 'its run directory'} was removed or moved away "
-            "while the run wrote it (its run lock went with it); anything written since is in a directory made "
-            "again at that path. Put the directory back and run the same command again to resume (from its last "
-            "checkpoint, if it saved one)"
+            f"while the run wrote it (its run lock went with it){remade}. Put the directory back and run the same "
+            "command again to resume (from its last checkpoint, if it saved one)"
         ), 0)  # fmt: skip
     if distributed.any_rank(lock is not None and lock.lost == LOCK_FILE_REMOVED):
         raise distributed.said_by(RunDirRemoved(
