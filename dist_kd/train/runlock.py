@@ -68,8 +68,18 @@ def lost_lock() -> RunLock | None:
     found it), or gone with its directory (looked at here: one stat a log line, save or evaluation)."""
     for lock in _HELD:
         if lock.lost is None and not lock.path.exists():
-            lock.lost = REMOVED if not lock.run_dir.is_dir() else LOCK_FILE_REMOVED
+            lock.lost = lock.why_gone()
     return next((lock for lock in _HELD if lock.lost is not None), None)
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``directory``, None where it is not there: a directory made again at the same path
+    (a save after the run's directory was moved away) is another one."""
+    try:
+        found = directory.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 class RunLock:
@@ -108,6 +118,7 @@ class RunLock:
         self._created: list[Path] = []  # directories this lock made, deepest first
         self._held = False
         self.lost: str | None = None  # who took the lock over, once the heartbeat finds it taken
+        self._dir_id: tuple[int, int] | None = None  # the run directory's (device, inode) while held
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -169,6 +180,7 @@ class RunLock:
             advice = "make room there" if err.errno == errno.ENOSPC else f"choose a writable {self.flag}"
             raise RunDirNotWritable(f"{self.flag} {self.run_dir} cannot be written: {reason}; {advice}") from None
         self._held = True
+        self._dir_id = _identity(self.run_dir)
         _HELD.append(self)
         self._thread = threading.Thread(target=self._beat, name="dist_kd-run-lock", daemon=True)
         self._thread.start()
@@ -243,6 +255,11 @@ class RunLock:
         found = self.read_owner()
         return found is not None and found[0] is not None and found[0].get("token") == self.owner["token"]
 
+    def why_gone(self) -> str:
+        """Why the lock file is gone: its directory removed or moved away (a save may have made one again at
+        the path), or the file alone removed."""
+        return LOCK_FILE_REMOVED if _identity(self.run_dir) == self._dir_id else REMOVED
+
     def holds(self) -> bool:
         """True while the lock file is this lock's (nobody took it over)."""
         found = self.read_owner()
@@ -253,7 +270,7 @@ class RunLock:
             if not self.holds():
                 found = self.read_owner()
                 if found is None:  # no other run: said by the trainers' next check (check_run_lock)
-                    self.lost = REMOVED if not self.run_dir.is_dir() else LOCK_FILE_REMOVED
+                    self.lost = self.why_gone()
                     return
                 self.lost = self.describe(*found)
                 logger.error(

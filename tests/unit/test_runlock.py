@@ -346,6 +346,13 @@ def test_a_run_directory_removed_or_moved_stops_the_run_in_one_line(tmp_path):
             run_dir.mkdir()  # a save made it again: still not this run's directory
             with pytest.raises(RunDirRemoved, match="was removed or moved away"):
                 check_run_lock()
+    # Moved while the last save ran, which made the directory again before any check: the lock file is missing
+    # from a directory at the path, but not the run's own (it was said as the lock file alone removed).
+    with RunLock(tmp_path / "late") as lock:
+        (tmp_path / "late").rename(tmp_path / "late-moved")
+        (tmp_path / "late").mkdir()
+        with pytest.raises(RunDirRemoved, match="late was removed or moved away.*made again at that path"):
+            check_run_lock()
     # The lock file alone removed (by hand, a clean-up job): said as such, not as the directory gone.
     with RunLock(tmp_path / "kept") as lock:
         lock.path.unlink()
