@@ -348,8 +348,7 @@ def check_replaceable_dir(
         ValueError: naming the directory, what in it is not an earlier output, and what to give instead.
     """
     output = Path(output)
-    here, target = Path.cwd().resolve(), output.resolve()
-    if target == here or target in here.parents:
+    if within(Path.cwd(), output):
         raise ValueError(
             f"{flag} {output} is the current directory or holds it; the output replaces its directory whole: "
             f"give a directory of its own (e.g. {flag} {example})"
@@ -399,6 +398,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``root`` or lies under it, both resolved (symbolic links and ``..`` followed)."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
 def check_output_outside_data(output: str | os.PathLike, flag: str, inputs: dict[str, Any]) -> None:
     """Refuse an output directory inside a data directory it reads: the data's digest (:func:`data_fingerprint`,
     what tells a rerun it may keep or resume its work) takes in every file under that directory, the run's own
@@ -412,12 +416,8 @@ def check_output_outside_data(output: str | os.PathLike, flag: str, inputs: dict
     Raises:
         ValueError: naming both.
     """
-    target = Path(output).resolve()
     for key, given in inputs.items():
-        if not given or not Path(given).is_dir():
-            continue
-        data = Path(given).resolve()
-        if target == data or data in target.parents:
+        if given and Path(given).is_dir() and within(output, given):
             raise ValueError(
                 f"{flag} {output} lies inside {key} {given}: the data's digest would take in this run's own files, "
                 f"and a rerun would take them for other data; give {flag} a directory outside it"

@@ -64,6 +64,7 @@ from dist_kd.io import (
     read_parquet_metadata,
     sha256_file,
     weights_sha256,
+    within,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -560,11 +561,9 @@ def _check_store_output(output: Path, data_path: Path, teachers: Sequence[str | 
     """Refuse an ``--output`` holding anything but a store: the write removes the ``part-NNNNN.parquet`` files
     its manifest does not list, and a reader of the directory (pandas, datasets) takes every Parquet file in it,
     so a data or augmentation directory given by mistake lost its files or mixed them with the store's."""
-    target = output.resolve()
     for flag, inputs in (("--data", [data_path]), ("--teachers", teachers)):
         for given in inputs:
-            path = Path(given).resolve()
-            if path == target or target in path.parents:
+            if within(given, output):
                 raise ValueError(f"--output {output} holds the {flag} {given}: give the store a directory of its own")
     check_output_outside_data(output, "--output", {"--data": data_path})
     strangers = store.store_strangers(output) if output.is_dir() else []

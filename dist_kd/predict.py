@@ -26,7 +26,7 @@ import torch
 
 from dist_kd.data.encode import TokenizedRows, pad_rows
 from dist_kd.data.tasks import GLUE_TASKS, TaskSpec, check_task_spec, glue_key, has_pairs
-from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir, listed
+from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir, listed, within
 
 logger = logging.getLogger(__name__)
 
@@ -307,9 +307,8 @@ def evaluate_classifier(
 
     if output is not None:
         output = check_output_dir(output)  # before inference, so a bad --output costs no model run
-        target = output.resolve()
         for flag, given in (("--data", data), ("--model", model_dir)):
-            if target == Path(given).resolve() or target in Path(given).resolve().parents:
+            if within(given, output):
                 # A data file named predictions.jsonl alone in its directory passed for a previous evaluation.
                 raise ValueError(
                     f"{flag} {given} lies inside --output {output}, which the evaluation replaces whole: give "

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from dist_kd import distributed
-from dist_kd.io import atomic_path, error_causes, write_errno, write_json_atomic
+from dist_kd.io import atomic_path, error_causes, within, write_errno, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class CheckpointSaveError(RuntimeError):
 
 
 NO_SPACE = "no space left on the device"  # in a CheckpointSaveError's message when the disk is full
+PERMISSION_REFUSED = (errno.EACCES, errno.EPERM)  # a write refused for want of permission
 
 
 class OutputWriteError(RuntimeError):
@@ -87,11 +88,10 @@ def output_write_failed(run_dir: Path, err: BaseException) -> OutputWriteError |
     refused elsewhere is an input's, not this)."""
     reason = write_failure(err)
     if reason is None:
-        inside = run_dir.resolve()
         denied = next(
             (cause for cause in error_causes(err)
-             if getattr(cause, "errno", None) in (errno.EACCES, errno.EPERM) and getattr(cause, "filename", None)
-             and (inside == Path(cause.filename).resolve() or inside in Path(cause.filename).resolve().parents)),
+             if getattr(cause, "errno", None) in PERMISSION_REFUSED and getattr(cause, "filename", None)
+             and within(cause.filename, run_dir)),
             None,
         )  # fmt: skip
         if denied is None:
@@ -438,7 +438,7 @@ def _save_failed(checkpoints_dir: Path, tmp_tag: str, err: BaseException, remove
     if remove:
         shutil.rmtree(checkpoints_dir / tmp_tag, ignore_errors=True)
     full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in error_causes(err))
-    refused = (errno.EACCES, errno.EPERM, errno.EROFS)
+    refused = (*PERMISSION_REFUSED, errno.EROFS)
     denied = next((c for c in error_causes(err) if getattr(c, "errno", None) in refused), None)
     if denied is None and not full and not os.access(checkpoints_dir, os.W_OK):
         # DeepSpeed reports an unwritable directory as "Parent directory ... does not exist".

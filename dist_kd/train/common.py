@@ -18,6 +18,7 @@ import torch
 
 from dist_kd import distributed
 from dist_kd.config import doc
+from dist_kd.io import within
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +161,11 @@ def check_inputs_outside_outputs(run_dir: str | Path, inputs: dict[str, str | No
     Raises:
         ValueError: naming the key, the path and the run directory.
     """
-    outputs = [(Path(run_dir) / name).resolve() for name in REPLACED_OUTPUTS]
+    outputs = [Path(run_dir) / name for name in REPLACED_OUTPUTS]
     for key, given in inputs.items():
         if not given:
             continue
-        path = Path(given).resolve()
-        hit = next((out for out in outputs if path == out or out in path.parents), None)
+        hit = next((out for out in outputs if within(given, out)), None)
         if hit is not None:
             raise ValueError(
                 f"{key} {given} lies in {hit}, which this run replaces with its own export: give run.output_dir "

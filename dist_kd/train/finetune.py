@@ -58,6 +58,7 @@ from dist_kd.io import (
     data_fingerprint,
     sha256_file,
     weights_sha256,
+    within,
     write_json_atomic,
 )
 from dist_kd.losses import ensemble_probs, hard_label_loss
@@ -552,8 +553,7 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
     with distributed.shared_failure():
         check_run_kind(output, "finetune", "--output")
         check_model_dir(cfg.base, "base")
-        base = Path(cfg.base).resolve()
-        if base == output.resolve() or output.resolve() in base.parents:  # teacher-1 would replace its own base
+        if within(cfg.base, output):  # teacher-1 would replace its own base
             raise ValueError(
                 f"base {cfg.base} is inside --output {cfg.output}, whose teacher-N directories the run replaces "
                 "(and every teacher is built from the base): give a base outside it, or another --output"

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, write_json_atomic
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, within, write_json_atomic
 
 
 def _mode(path) -> int:
@@ -309,3 +309,20 @@ def test_recover_interrupted_writes_puts_back_a_swapped_out_output_and_removes_d
         f"{tmp_path / 'share'} put back (its replacement was killed midway)",
         f"{tmp_path / f'.share.{host}-{dead}-abcd1234.tmp'} removed (left by process {dead}, which has ended)",
     ])  # fmt: skip
+
+
+def test_within_follows_links_and_dots_and_compares_whole_names(tmp_path, monkeypatch):
+    (tmp_path / "run" / "student").mkdir(parents=True)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "run", target_is_directory=True)
+    assert within(tmp_path / "run", tmp_path / "run")  # the directory itself
+    assert within(tmp_path / "run" / "student" / "model.safetensors", tmp_path / "run")  # not there yet: still inside
+    assert within(tmp_path / "alias" / "student", tmp_path / "run")  # through a link
+    assert within(tmp_path / "run" / "student", tmp_path / "alias")
+    assert within(tmp_path / "runs" / ".." / "run" / "student", tmp_path / "run")
+    assert not within(tmp_path / "runs", tmp_path / "run")  # a name that merely starts alike
+    assert not within(tmp_path / "run" / "..", tmp_path / "run")
+    assert not within(tmp_path, tmp_path / "run")  # the parent is not inside
+    monkeypatch.chdir(tmp_path / "run")
+    assert within("student", tmp_path / "alias")  # relative to the current directory
+    assert within(tmp_path / "run", ".")
