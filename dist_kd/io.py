@@ -345,7 +345,8 @@ def check_replaceable_dir(
             metrics.json``).
 
     Raises:
-        ValueError: naming the directory, what in it is not an earlier output, and what to give instead.
+        ValueError: naming the directory, what in it is not an earlier output (or the directory this process
+            cannot write the output in), and what to give instead.
     """
     output = Path(output)
     if within(Path.cwd(), output):
@@ -357,6 +358,16 @@ def check_replaceable_dir(
     if existing is not None and not existing.is_dir():
         where = f"{flag} {output}" if existing == output else f"{flag} {output}: {existing}"
         raise ValueError(f"{where} is a file; give a directory")
+    # The copy is made beside the output and renamed onto it: a directory this process cannot write in was
+    # found only there, after the work (an evaluation's inference, a head's training) was done and lost.
+    parent = output.resolve().parent if existing == output else existing  # a link: its target's, as atomic_dir
+    if parent is not None:
+        try:
+            tempfile.TemporaryDirectory(prefix=".dist_kd-probe-", dir=parent).cleanup()
+        except OSError as err:
+            raise ValueError(
+                f"{flag} {output}: cannot write in {parent} ({err.strerror or err}); give a directory you can write to"
+            ) from err
     others = sorted(strangers(output)) if output.is_dir() and any(output.iterdir()) else []
     if others:
         raise ValueError(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,20 @@ def tiny_roberta_dir(tmp_path_factory):
     from dist_kd.testing import build_tiny_roberta
 
     return build_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta"), seed=0)
+
+
+@pytest.fixture
+def refuse_mkdir_in(monkeypatch):
+    """Call with a directory (and an errno): os.mkdir is refused in it, as a read-only mount or another user's
+    directory would refuse it (chmod alone does not stop root, who runs CI)."""
+    original = os.mkdir
+
+    def refuse(directory, number=errno.EACCES):
+        def mkdir(path, *args, **kwargs):
+            if Path(path).parent == Path(directory):
+                raise OSError(number, os.strerror(number), str(path))
+            return original(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+
+    return refuse

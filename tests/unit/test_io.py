@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import stat
 
 import pytest
 
-from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, within, write_json_atomic
+from dist_kd.io import atomic_dir, atomic_path, check_replaceable_dir, data_fingerprint, within, write_json_atomic
 
 
 def _mode(path) -> int:
@@ -25,8 +28,6 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
 
 
 def test_atomic_dir_gives_owner_only_files_inside_ordinary_permissions(tmp_path):
-    import os
-
     (tmp_path / "plain.txt").write_text("x")
     (tmp_path / "plain_dir").mkdir()
     with atomic_dir(tmp_path / "export") as tmp:
@@ -52,7 +53,6 @@ def test_a_failed_block_leaves_the_old_output(tmp_path):
 
 def test_data_fingerprint_follows_content_not_names_or_times(tmp_path):
     import json
-    import os
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a"}\n')
@@ -146,8 +146,6 @@ def test_a_write_failure_in_an_atomic_block_names_the_output_and_keeps_the_earli
 def test_a_swap_stopped_between_its_two_renames_keeps_the_earlier_output(tmp_path, monkeypatch):
     """atomic_dir moves the earlier output aside, then the new one in: a failure of the second rename lost the
     earlier output under the final name (only a hidden .model.old held it, which nothing restored)."""
-    import os
-
     from dist_kd import io
 
     out = tmp_path / "model"
@@ -212,7 +210,6 @@ def test_an_output_that_is_a_symbolic_link_is_written_through_the_link(tmp_path)
 def test_atomic_dir_removes_the_copy_a_killed_writer_left_and_nothing_else(tmp_path):
     """A process killed while it wrote an export (SIGKILL, the OOM killer) left its hidden copy, a whole model,
     beside the output for good: nothing but that write's own cleanup ever removed it."""
-    import os
     import subprocess
     import sys
     import time
@@ -244,7 +241,6 @@ def test_atomic_dir_removes_the_copy_a_killed_writer_left_and_nothing_else(tmp_p
 
 
 def test_same_process_tells_the_recorded_process_from_one_that_took_its_pid_or_ended():
-    import os
     import subprocess
     import sys
 
@@ -271,7 +267,6 @@ def test_recover_interrupted_writes_puts_back_a_swapped_out_output_and_removes_d
     """A kill between atomic_dir's two renames left a finished task run without best/<task> (eval.json naming it)
     when no later evaluation wrote that task's best again; killed exports left whole models in hidden
     directories, and killed atomic_path writes their temporary files, for good."""
-    import os
     import socket
     import subprocess
     import sys
@@ -326,3 +321,24 @@ def test_within_follows_links_and_dots_and_compares_whole_names(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "run")
     assert within("student", tmp_path / "alias")  # relative to the current directory
     assert within(tmp_path / "run", ".")
+
+
+@pytest.mark.parametrize("number", [errno.EACCES, errno.EROFS])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, refuse_mkdir_in, number):
+    """The copy is made beside the output: a directory the process cannot write in was found after the work."""
+    (tmp_path / "locked" / "eval").mkdir(parents=True)
+    (tmp_path / "open").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "locked" / "eval", target_is_directory=True)
+    refuse_mkdir_in(tmp_path / "locked", number)
+    args = ("--output", lambda path: [], "a previous evaluation", "eval", "one")
+    for output, where in [
+        (tmp_path / "locked" / "eval", tmp_path / "locked"),  # replaced in place
+        (tmp_path / "locked" / "new", tmp_path / "locked"),  # made there
+        (tmp_path / "locked" / "a" / "b", tmp_path / "locked"),  # its parents made there first
+        (tmp_path / "link", tmp_path / "locked"),  # a link's target is replaced, beside the target
+    ]:
+        expected = f"--output {output}: cannot write in {where} ({os.strerror(number)}); give a directory you can"
+        with pytest.raises(ValueError, match="^" + re.escape(expected)):
+            check_replaceable_dir(output, *args)
+    assert check_replaceable_dir(tmp_path / "open" / "eval", *args) == tmp_path / "open" / "eval"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["eval", "link", "locked", "open"]  # no probe left

@@ -580,3 +580,19 @@ def test_an_id2label_with_a_gap_in_its_ids_is_named():
     assert teacher_label_names(SimpleNamespace(id2label={"1": "pos", "0": "neg"}), "t") == ["neg", "pos"]
     with pytest.raises(ValueError, match=r"teacher t: config.json id2label has ids \[0, 2\], expected 0..C-1"):
         teacher_label_names(SimpleNamespace(id2label={0: "neg", 2: "pos"}), "t")
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused_before_inference(
+    classifier, data, tmp_path, refuse_mkdir_in, capsys
+):
+    """A read-only or foreign --output's parent was found after the model had run over all the data."""
+    (tmp_path / "shared").mkdir()
+    refuse_mkdir_in(tmp_path / "shared")
+    output = tmp_path / "shared" / "eval"
+    argv = ["--model", str(classifier), "--task", "demo", "--data", str(data), "--text-a", "text", "--cpu"]
+    assert _evaluate_main([*argv, "--label", "category", "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output {output}: cannot write in {tmp_path / 'shared'} (Permission denied); give a directory you "
+        "can write to\n"
+    )
+    assert not output.exists() and list((tmp_path / "shared").iterdir()) == []
