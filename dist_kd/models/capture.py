@@ -267,8 +267,14 @@ class FeatureCapture:
 
 
 def truncate_layers(model: nn.Module, num_layers: int) -> None:
-    """Drop the transformer layers above ``num_layers``: general distillation never reads them."""
+    """Drop the transformer layers above ``num_layers``: general distillation never reads them.
+
+    Every state the cut model gives is the full model's at the same index. A family whose last hidden state is
+    its final norm's output (ModernBERT: ``tie_last_hidden_states``) would otherwise give layer ``num_layers``
+    normed, once it is the last, and a layer map ending below the top would hold the student to another target.
+    """
     parent, name, layers = find_layer_list(model)
     if num_layers < len(layers):
         setattr(parent, name, nn.ModuleList(list(layers)[:num_layers]))
         model.config.num_hidden_layers = num_layers
+        model.config.tie_last_hidden_states = False  # unset means the family's default (ModernBERT's: tied)

@@ -333,3 +333,22 @@ def test_calibration_of_a_student_without_an_embeddings_module_is_refused_as_pre
     config = transformers.EuroBertConfig(vocab_size=64, pad_token_id=0, intermediate_size=64, **shape)
     with pytest.raises(NotPostLayerNorm, match="EuroBertModel has no embeddings module"):
         _output_maps(transformers.EuroBertModel(config))
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "roberta", "mpnet", "deberta-v2"])
+def test_a_teacher_cut_above_its_last_mapped_layer_gives_the_full_models_states(family, tmp_path):
+    """A layer map ending below the top cuts the teacher there; ModernBERT then gave its final norm's output as the
+    last mapped layer's state (transformers ties the last state to it), another target than the full model's."""
+    from transformers import AutoModel
+
+    model_dir = build_tiny_encoder(tmp_path / family, family, num_layers=4, hidden_size=32, num_heads=4)
+    ids, mask = _batch(model_dir)
+    stock = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        full = stock(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for top in (2, 3):
+        features = Teacher(model_dir, dtype="fp32", score_layers=[1, top], max_layer=top).features(ids, mask)
+        assert sorted(features.hidden) == list(range(1, top + 1))
+        real = mask.bool()
+        for n in range(1, top + 1):
+            torch.testing.assert_close(features.hidden[n][real], full[n][real], atol=1e-5, rtol=1e-4)
