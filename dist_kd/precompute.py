@@ -557,6 +557,20 @@ def soft_targets_from_logits(logits_NKC: np.ndarray, task_type: str, temperature
 # ------------------------------------------------------------------------------------------- the run
 
 
+def check_distinct_teachers(teachers: Sequence[str | os.PathLike], digests: Sequence[str]) -> None:
+    """Refuse two teachers with the same weights (a directory copied, a run repeated with its seed): the
+    ensemble's average would count that teacher twice, and nothing in the store would show it."""
+    first_of: dict[str, str | os.PathLike] = {}
+    for path, digest in zip(teachers, digests, strict=True):
+        if digest in first_of:
+            raise ValueError(
+                f"--teachers {first_of[digest]} and {path} hold the same weights (sha256 {digest[:12]}...), so the "
+                "ensemble would count one teacher twice; list each teacher once (teachers fine-tuned apart, e.g. "
+                "with other --seeds, differ)"
+            )
+        first_of[digest] = path
+
+
 def _check_store_output(output: Path, data_path: Path, teachers: Sequence[str | os.PathLike]) -> None:
     """Refuse an ``--output`` holding anything but a store: the write removes the ``part-NNNNN.parquet`` files
     its manifest does not list, and a reader of the directory (pandas, datasets) takes every Parquet file in it,
@@ -751,6 +765,7 @@ def precompute_soft_targets(
         if info.is_main:
             hashes = {"teachers": [weights_sha256(path) for path in config.teachers], "data": data_sha256(data_path)}
     hashes = distributed.broadcast_object(hashes)
+    check_distinct_teachers(config.teachers, hashes["teachers"])
     metadata = build_store_metadata(spec, config, check, data_path, hashes, examples.num_rows)
     if missing_label is not None:
         metadata = dataclasses.replace(metadata, extra={**metadata.extra, "label_column_missing": missing_label})

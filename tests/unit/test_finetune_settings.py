@@ -36,3 +36,11 @@ def test_the_advice_names_only_settings_that_would_change_something():
 def test_seeds_no_generator_takes_are_refused_at_once(seeds):
     with pytest.raises(ValueError, match=r"seeds \(--seeds\) must be whole numbers in 0..2\*\*63-1"):
         FinetuneConfig(num_teachers=2, seeds=seeds)
+
+
+def test_two_teachers_of_one_seed_and_dropout_are_refused_and_of_one_seed_alone_are_not():
+    with pytest.raises(ValueError, match=r"^teachers 1 and 3 have the same seed and dropout \(7, 0.1\)"):
+        FinetuneConfig(num_teachers=3, seeds=[7, 8, 7])
+    with pytest.raises(ValueError, match=r"^teachers 2 and 3 have the same seed and dropout \(1, 0.2\)"):
+        FinetuneConfig(num_teachers=3, seeds=[1, 1, 1], dropouts=[0.1, 0.2, 0.2])
+    assert FinetuneConfig(num_teachers=2, seeds=[1, 1], dropouts=[0.1, 0.2]).seeds == [1, 1]  # other dropouts

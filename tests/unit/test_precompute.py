@@ -485,6 +485,18 @@ def test_config_validation(kw, match):
         PrecomputeConfig(**({"teachers": ["t"]} | kw))
 
 
+def test_a_teacher_copied_under_another_name_is_refused_before_anything_is_written(setup, tmp_path):
+    """Paths alone told "t1" and "./t1" apart; a copy of t1 was averaged in twice: (2 t1 + t2) / 3."""
+    import shutil
+
+    _, teachers, data, spec, _ = setup
+    copy = shutil.copytree(teachers[0], tmp_path / "t1-copy")
+    expected = rf"^--teachers {re.escape(teachers[0])} and {re.escape(str(copy))} hold the same weights \(sha256 "
+    with pytest.raises(ValueError, match=expected):
+        precompute_soft_targets(spec, data, tmp_path / "st", _config([teachers[0], teachers[1], str(copy)]))
+    assert not (tmp_path / "st").exists()
+
+
 def test_missing_inputs(setup, tmp_path):
     _, teachers, data, spec, _ = setup
     with pytest.raises(FileNotFoundError, match="task data"):
