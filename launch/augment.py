@@ -72,6 +72,37 @@ def _words_read(text: str) -> int | None:
     return value
 
 
+def _encoding(text: str) -> str:
+    """A codec Python knows (an unknown one was a LookupError traceback when the data was opened)."""
+    import codecs
+
+    try:
+        codecs.lookup(text)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {text!r} (e.g. utf-8, latin-1, cp1252)") from None
+    return text
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:  # nan fails too
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def _seq_length(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"expected a length of at least 3 pieces (CLS, a word, SEP), got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     defaults = aug.AugmentConfig()
@@ -93,8 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output directory (augmented.parquet)")
     add_task_arguments(parser, unlabeled=True)
     parser.add_argument("--split", default=None, help="split of a DatasetDict directory")
-    parser.add_argument("--encoding", default="utf-8", help="text encoding of TSV / CSV / JSONL files")
-    parser.add_argument("--p-t", type=float, default=defaults.p_t, help="replacement probability per word")
+    parser.add_argument("--encoding", type=_encoding, default="utf-8", help="text encoding of TSV / CSV / JSONL files")
+    parser.add_argument("--p-t", type=_probability, default=defaults.p_t, help="replacement probability per word")
     parser.add_argument("--n-a", type=positive_int, default=defaults.n_a, help="augmented copies per example")
     parser.add_argument("--k", type=positive_int, default=defaults.k, help="candidates per word")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -108,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=positive_int, default=defaults.batch_size, help="masked sequences per pass"
     )
-    parser.add_argument("--max-seq-length", type=int, default=None, help="masked-LM context in pieces")
+    parser.add_argument("--max-seq-length", type=_seq_length, default=None, help="masked-LM context in pieces")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     parser.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="seconds rank 0 waits for parts")
     parser.add_argument("--debug", action="store_true", help="one process, ignore launcher variables, debug logs")

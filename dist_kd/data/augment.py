@@ -190,7 +190,14 @@ def _read_vocab(path: Path) -> list[str]:
         text = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category dtype
         if not (pa.types.is_string(text) or pa.types.is_large_string(text)):
             raise ValueError(f"GloVe vocabulary {path}: column {column!r} holds {kind}, expected the words as strings")
-        return table.column(column).to_pylist()
+        words = table.column(column).to_pylist()
+        if table.column(column).null_count:  # pandas' read_csv reads the words "null", "nan", "NA" as missing
+            raise ValueError(
+                f"GloVe vocabulary {path}: row {words.index(None)} of column {column!r} is null "
+                f"({table.column(column).null_count} of {len(words)} rows are null), expected a word in every row; "
+                "read the words with pandas.read_csv(..., keep_default_na=False) before writing them"
+            )
+        return words
     # One word per line; split on "\n" only: GloVe words include characters str.splitlines breaks on, and "\r"
     # too (read_text's newline translation split such a word in two), but a file of CRLF lines throughout.
     raw = path.read_bytes()
@@ -237,6 +244,12 @@ def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVe
             f"{vectors.dtype}"
         )
     words = _read_vocab(vocab_path)
+    dim = int(vectors.shape[1])
+    if words and all(_is_vector_line(word, dim) for word in words[:3]):  # the GloVe text file given as the list
+        raise ValueError(
+            f"GloVe vocabulary {vocab_path} holds lines of a word and {dim} numbers (a GloVe text file), "
+            f"expected one word per line: give it alone as --glove, or the list of its words as --glove-vocab"
+        )
     if len(words) != vectors.shape[0]:
         raise ValueError(
             f"GloVe vectors {path} have {vectors.shape[0]} rows but the vocabulary {vocab_path} has {len(words)} "
@@ -249,6 +262,18 @@ def _load_npy(path: Path, vocab_path: Path, expected_dim: int | None) -> GloveVe
             f"(word {words[start + row]!r})"
         )  # fmt: skip
     return GloveVectors(words=words, vectors=vectors, source=str(Path(path).resolve()))
+
+
+def _is_vector_line(line: str, dim: int) -> bool:
+    """Whether ``line`` reads as a GloVe text line of ``dim`` numbers (a word of the 840B file may hold spaces)."""
+    parts = line.rsplit(" ", dim)
+    if len(parts) != dim + 1:
+        return False
+    try:
+        [float(value) for value in parts[1:]]
+    except ValueError:
+        return False
+    return True
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -845,6 +870,12 @@ class Word:
     text: str
     replaceable: bool
 
+    @property
+    def visible(self) -> str:
+        """The word as BERT's tokenizer reads it: without the invisible characters it deletes (a soft hyphen, a
+        zero-width joiner), so "happi\u00adness" is looked up, and its case matched, as "happiness"."""
+        return _invisible().sub("", self.text)
+
 
 # The CJK ideographs that BERT's basic tokenizer makes words of one character each (its _is_chinese_char;
 # kana and hangul are not among them).
@@ -889,8 +920,9 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
             # and the word before a split negation (PTB's "did n't", "ca n't")
             or _NEGATION_AFTER.match(text, end) is not None
         )
-        replaceable = is_word and _is_letters(match.group()) and not contraction
-        words.append(Word(start, end, match.group(), replaceable))
+        word = Word(start, end, match.group(), False)
+        word.replaceable = is_word and _is_letters(word.visible) and not contraction
+        words.append(word)
     return words
 
 
@@ -898,27 +930,48 @@ def split_words(text: str, special_tokens: Sequence[str] = ()) -> list[Word]:
 def _word_pattern(special_tokens: tuple[str, ...]) -> re.Pattern:
     """Special tokens (group 1 when there are any), words (the next group) or a punctuation character. A word
     is a CJK ideograph or a run of word characters and combining marks: ``\\w`` alone stops at a mark, which
-    split a decomposed "café" (e + U+0301) and every Devanagari word at its vowel signs."""
+    split a decomposed "café" (e + U+0301) and every Devanagari word at its vowel signs. The run goes through the
+    invisible characters BERT's tokenizer deletes (a soft hyphen in web text, the zero-width non-joiner inside
+    Persian and Hindi words): cut there, a fragment of one word ("##ness") was replaced as a word of its own."""
     specials = "|".join(re.escape(token) for token in sorted(special_tokens, key=len, reverse=True) if token)
-    word = rf"[{CJK}]|(?:[^\W_{CJK}]|[{_combining_marks()}])+"
+    marks, invisible = _character_classes()
+    word = rf"[{CJK}]|(?:[^\W_{CJK}]|[{marks}{invisible}])+"
     # "_" is punctuation, as BERT's tokenizer reads it: "new_york" is "new", "_", "york"
     return re.compile((f"({specials})|" if specials else "") + rf"({word})|([^\w\s]|_)")
 
 
 @functools.lru_cache(maxsize=1)
-def _combining_marks() -> str:
-    """A character class body of every Unicode combining mark (categories Mn, Mc, Me)."""
+def _character_classes() -> tuple[str, str]:
+    """Character class bodies, as ranges, of every Unicode combining mark (categories Mn, Mc, Me), and of what
+    BERT's tokenizer deletes before it splits (its clean_text): NUL, U+FFFD, and the control and format characters
+    (Cc, Cf) other than tab, newline and carriage return. One pass over the code points makes both."""
     import sys
-    import unicodedata
 
-    ranges: list[tuple[int, int]] = []
+    marks: list[tuple[int, int]] = []
+    invisible: list[tuple[int, int]] = []
     for code in range(sys.maxunicode + 1):
-        if unicodedata.category(chr(code)).startswith("M"):
-            if ranges and ranges[-1][1] == code - 1:
-                ranges[-1] = (ranges[-1][0], code)
-            else:
-                ranges.append((code, code))
-    return "".join(re.escape(chr(a)) + ("" if a == b else "-" + re.escape(chr(b))) for a, b in ranges)
+        char = chr(code)
+        category = unicodedata.category(char)
+        if category[0] == "M":
+            ranges = marks
+        elif category in ("Cc", "Cf") and char not in "\t\n\r" or char == "\ufffd":
+            ranges = invisible
+        else:
+            continue
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+
+    def body(ranges: list[tuple[int, int]]) -> str:
+        return "".join(re.escape(chr(a)) + ("" if a == b else "-" + re.escape(chr(b))) for a, b in ranges)
+
+    return body(marks), body(invisible)
+
+
+@functools.lru_cache(maxsize=1)
+def _invisible() -> re.Pattern:
+    return re.compile(f"[{_character_classes()[1]}]")
 
 
 def _is_letters(word: str) -> bool:
@@ -926,8 +979,6 @@ def _is_letters(word: str) -> bool:
     words augmentation replaces, and the only candidates it offers."""
     if word.isalpha():
         return True
-    import unicodedata
-
     return word[:1].isalpha() and all(c.isalpha() or unicodedata.category(c).startswith("M") for c in word)
 
 
@@ -988,7 +1039,7 @@ class Augmenter:
         """``text``'s words as this augmenter reads them: its special tokens whole, stop words not replaceable."""
         stop_words = STOP_WORD_LISTS[self.config.stop_words]
         return [
-            dataclasses.replace(w, replaceable=False) if w.replaceable and w.text.lower() in stop_words else w
+            dataclasses.replace(w, replaceable=False) if w.replaceable and w.visible.lower() in stop_words else w
             for w in split_words(text, self.special_tokens)
         ]
 
@@ -996,10 +1047,10 @@ class Augmenter:
         """Candidates for every word of each text (computed in batches across all the texts)."""
         split = [self.words(text) for text in texts]
         if self.masked_lm is None:
-            neighbours = self.glove.neighbours(sorted({w.text for words in split for w in words if w.replaceable}))
+            neighbours = self.glove.neighbours(sorted({w.visible for words in split for w in words if w.replaceable}))
             return [
                 [
-                    WordCandidates(w, neighbours.get(w.text, []), "glove")
+                    WordCandidates(w, neighbours.get(w.visible, []), "glove")
                     if w.replaceable
                     else WordCandidates(w, [], "none")
                     for w in words
@@ -1016,7 +1067,7 @@ class Augmenter:
                 if len(pieces) == 1 and ids[pieces[0]] != self.masked_lm.tokenizer.unk_token_id:
                     single.append(pieces[0])
                 else:
-                    glove_words.add(word.text)
+                    glove_words.add(word.visible)
             jobs.append((ids, single))
         mlm = self.masked_lm.candidates(jobs)
         neighbours = self.glove.neighbours(sorted(glove_words))
@@ -1029,7 +1080,7 @@ class Augmenter:
                 elif len(pieces) == 1 and pieces[0] in by_position:
                     row.append(WordCandidates(word, by_position[pieces[0]], "mlm"))
                 else:
-                    row.append(WordCandidates(word, neighbours.get(word.text, []), "glove"))
+                    row.append(WordCandidates(word, neighbours.get(word.visible, []), "glove"))
             out.append(row)
         return out
 
@@ -1044,7 +1095,7 @@ class Augmenter:
                 last = pieces[-1][-1:] or last
                 before = text[: entry.word.start].rstrip()
                 starts_sentence = not before or before[-1] in ".!?"
-                word = _match_case(entry.word.text, replacement, starts_sentence)
+                word = _match_case(entry.word.visible, replacement, starts_sentence)
                 # A CJK ideograph is a word beside letters without a space ("iphone中"): a replacement of
                 # letters there is set apart by spaces, or it would join its neighbours into one new word.
                 following = text[entry.word.end : entry.word.end + 1]
@@ -1402,7 +1453,8 @@ def _check_before_augmenting(done: Path, task: str, ids: list[str], n_a: int) ->
         )
     given = set(ids)
     parts = (i.rpartition("-aug") for i in ids if "-aug" in i)
-    clash = next((f"{base}-aug{k}" for base, _, k in parts if k.isdigit() and int(k) < n_a and base in given), None)
+    copies = {str(k) for k in range(n_a)}  # k as the copies write it: "a-aug01" is no copy's id ("a-aug1" is)
+    clash = next((f"{base}-aug{k}" for base, _, k in parts if k in copies and base in given), None)
     if clash is not None:
         raise ValueError(
             f"task '{task}': the example id {clash!r} is also the id of an augmented copy (ids <id>-aug<k>, k < "

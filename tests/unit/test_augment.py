@@ -146,6 +146,24 @@ def test_replacements_come_from_the_right_source(biased_mlm_dir, glove_txt):
     assert out.column("text_a").to_pylist() == [text] + ["Bank bank bank joy, xyzzy [SEP] market."] * 2
 
 
+def test_a_word_with_an_invisible_character_inside_is_replaced_whole_or_kept(biased_mlm_dir, glove_txt):
+    """BERT reads "happi\u00adness" (a soft hyphen) as "happiness"; cut at the hyphen, "ness" was replaced on its
+    own ("happi\u00adbank") and "ba\u200dnk" (a zero-width joiner) became "market\u200dnk"."""
+    texts = ["ba\u200dnk happi\u00adness", "market\u00adbank game"]
+    sources = [{c.word.text: c.source for c in row} for row in _augmenter(
+        biased_mlm_dir, glove_txt, stop_words="none").word_candidates(texts)]  # fmt: skip
+    # "ba\u200dnk" is the one piece "bank"; "market\u00adbank" is BERT's "marketbank": pieces, no GloVe entry
+    assert sources == [{"ba\u200dnk": "mlm", "happi\u00adness": "glove"}, {"market\u00adbank": "glove", "game": "mlm"}]
+    # k = 1, p_t = 1: the masked-LM's favourite for "bank" is "market"; GloVe knows "happiness" and not "bank" (kept
+    # whole, as is "market\u00adbank", which has no candidate as a whole word)
+    for mlm_dir, expected in [(biased_mlm_dir, ["market joy", "market\u00adbank bank"]),
+                              (None, ["ba\u200dnk joy", "market\u00adbank game"])]:  # fmt: skip
+        out = _augmenter(mlm_dir, glove_txt, p_t=1.0, n_a=1, k=1, stop_words="none").augment(_examples(texts), "t")
+        assert out.column("text_a").to_pylist()[1::2] == expected
+    glove_only = _augmenter(None, glove_txt, p_t=1.0, n_a=1, k=1, stop_words="none")
+    assert glove_only.augment(_examples(["Happi\u00adness"]), "t").column("text_a").to_pylist()[1] == "Joy"
+
+
 def test_glove_only_replaces_every_word_from_glove(glove_txt):
     """--mlm none: single-piece words take GloVe neighbours too, and the metadata says so."""
     augmenter = _augmenter(None, glove_txt, p_t=1.0, n_a=1, k=1)
@@ -404,6 +422,12 @@ def test_ids_the_copies_would_repeat_and_missing_ids_are_refused_before_augmenti
     with pytest.raises(ValueError, match=r"the example id 'x0-aug1' is also the id of an augmented copy"):
         aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=2), progress=False)
     assert aug.augment_task(spec, data, tmp_path / "out", glove_txt, aug.AugmentConfig(n_a=1), progress=False)
+    rows[1]["id"] = "x0-aug01"  # no copy's id: the copies write k without leading zeros
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ids = aug.augment_task(spec, data, tmp_path / "padded", glove_txt, aug.AugmentConfig(n_a=2), progress=False)
+    assert sorted(ids.column("example_id").to_pylist()) == sorted(
+        ["x0", "x0-aug0", "x0-aug1", "x0-aug01", "x0-aug01-aug0", "x0-aug01-aug1"]
+    )
     rows[1]["id"] = None
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ValueError, match=r"data.jsonl: line 2 has no id in column 'id'"):
@@ -615,6 +639,27 @@ def test_a_glove_vocabulary_written_by_pandas_is_read_from_its_words(tmp_path):
     pq.write_table(pa.table({"index": list(range(len(words)))}), tmp_path / "numbers.parquet")
     with pytest.raises(ValueError, match=r"numbers.parquet: column 'index' holds int64, expected the words as strings"):
         aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "numbers.parquet")
+
+
+def test_a_glove_vocabulary_that_is_the_text_file_or_has_null_words_is_refused(tmp_path):
+    """The GloVe text file given as the vocabulary of its .npy matched row for row, every word read as its whole
+    line ("happiness 1.000000 ..."): no word was found, and every copy equalled its example, with exit 0. A null
+    word (pandas reads "null", "nan" and "NA" as missing) was an AttributeError mid-run."""
+    words, vectors = _glove_words_and_vectors()
+    np.save(tmp_path / "g.npy", vectors)
+    text = _write_glove_text(tmp_path / "glove.8d.txt", words, vectors)
+    expected = r"glove.8d.txt holds lines of a word and 8 numbers \(a GloVe text file\), expected one word per line"
+    with pytest.raises(ValueError, match=expected):
+        aug.load_glove(tmp_path / "g.npy", vocab_path=text)
+    with pytest.raises(ValueError, match=expected):
+        aug.load_glove(tmp_path, vocab_path=text)  # the directory form
+    # words that merely hold spaces and numbers, as some of the 840B file's do, are words
+    (tmp_path / "spaced.txt").write_text("".join(f"{word} 1 2\n" for word in words))
+    assert aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "spaced.txt").words[0] == "happiness 1 2"
+    pq.write_table(pa.table({"word": [*words[:5], None, *words[6:]]}), tmp_path / "nulls.parquet")
+    with pytest.raises(ValueError, match=r"nulls.parquet: row 5 of column 'word' is null \(1 of 47 rows are null\), .*"
+                       r"keep_default_na=False"):  # fmt: skip
+        aug.load_glove(tmp_path / "g.npy", vocab_path=tmp_path / "nulls.parquet")
 
 
 def test_glove_files_that_are_not_what_they_claim_are_named(tmp_path):
@@ -889,12 +934,16 @@ def test_words_are_split_as_berts_normalizer_and_pre_tokenizer_split_them():
 
     from dist_kd.data.augment import split_words
 
-    normalizer = BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    # clean_text deletes NUL, U+FFFD and the control and format characters: a soft hyphen or a zero-width
+    # (non-)joiner inside a word leaves BERT one word, and a word cut there had a fragment replaced ("##ness").
+    normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
     for text in ("我喜欢这部电影, said Ann; かなは一語 and 한국어 too! 東京-2020", "plain words, no CJK (at all)",
-                 "𠀀𠀁 rare ideographs 豈", "I love new_york and #happy_days __init__"):  # fmt: skip
+                 "𠀀𠀁 rare ideographs 豈", "I love new_york and #happy_days __init__",
+                 "happi\u00adness ba\u200dnk, \u200b alone \u2060x\u2060 ,\u200bword",
+                 "می\u200cخواهم a\x00b \ufffd! \x07"):  # fmt: skip
         reference = [word for word, _ in BertPreTokenizer().pre_tokenize_str(normalizer.normalize_str(text))]
         words = split_words(text)
-        assert [word.text for word in words] == reference, text
+        assert [word.visible for word in words if word.visible] == reference, text
         assert all(text[word.start : word.end] == word.text for word in words)  # offsets into the original
     assert [word.replaceable for word in split_words("电影!")] == [True, True, False]
 

@@ -98,3 +98,22 @@ def test_precompute_refuses_a_temperature_that_is_not_a_positive_number_at_its_f
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert "argument --temperature: expected a" in error and said in error
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--encoding", "latin-2x", "unknown encoding 'latin-2x'"),  # was a LookupError traceback at the data
+        ("--p-t", "1.5", "expected a probability in [0, 1], got '1.5'"),  # said "p_t must be ..."
+        ("--p-t", "nan", "expected a probability in [0, 1], got 'nan'"),
+        ("--max-seq-length", "2", "expected a length of at least 3 pieces (CLS, a word, SEP), got '2'"),
+    ],
+)
+def test_augment_flags_out_of_range_are_named_by_their_flag(flag, value, said, capsys):
+    argv = ["--task", "t", "--data", "d", "--mlm", "none", "--glove", "g", "--output", "o", flag, value]
+    with pytest.raises(SystemExit) as stopped:
+        augment_cli.main(argv)
+    assert stopped.value.code == 2
+    assert f"argument {flag}: {said}" in capsys.readouterr().err
+    args = augment_cli.parse_args([*argv[:-2], "--encoding", "Latin-1", "--p-t", "0", "--max-seq-length", "3"])
+    assert (args.encoding, args.p_t, args.max_seq_length) == ("Latin-1", 0.0, 3)
