@@ -833,6 +833,9 @@ def precompute_soft_targets(
                         ensemble, examples.slice(start, stop - start), spec, config, reused, metadata.num_classes
                     )
                     seconds += time.perf_counter() - began
+                    # Checked as the merge checks them, before the chunk counts as done: teachers overflowing in fp16
+                    # were found at the merge, after every chunk, and the chunks kept refused the rerun's --dtype.
+                    store.check_rows(rows, metadata, f"{output}: chunk {index} (examples {start}..{stop - 1})")
                     write_parquet_atomic(rows, chunk_path(output, index), {"run": key, "chunk": index})
                     computed += ran
                     from_reuse += stop - start - ran

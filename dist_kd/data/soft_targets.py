@@ -553,6 +553,13 @@ def load_soft_targets(
                 raise ValueError(f"{where} holds a regression task, but labels {list(expected_labels)} were expected")
         else:
             label_order_check(expected_labels, metadata.label_names, f"{where} (metadata label_names)", task)
+    if columns is not None:  # pyarrow's own error named neither the store nor what it holds
+        held = soft_target_schema(metadata.task_type, metadata.has_teacher_logits).names
+        absent = [name for name in columns if name not in held]
+        if absent:
+            hint = " (teacher_logits are kept only by a precompute run with --keep-teacher-logits)" if (
+                "teacher_logits" in absent) else ""  # fmt: skip
+            raise ValueError(f"{where} has no column {', '.join(absent)}; its columns: {held}{hint}")
     tables = []
     for entry in manifest["files"]:
         path = directory / entry["name"]

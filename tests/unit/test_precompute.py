@@ -497,6 +497,29 @@ def test_a_teacher_copied_under_another_name_is_refused_before_anything_is_writt
     assert not (tmp_path / "st").exists()
 
 
+def test_a_teacher_giving_non_finite_outputs_stops_the_run_at_its_first_chunk(setup, tmp_path):
+    """Found at the merge, after every chunk had been computed and kept; the kept chunks then refused the rerun
+    with another --dtype that the message advised."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    _, teachers, data, spec, _ = setup
+    broken = tmp_path / "overflowing"
+    shutil.copytree(teachers[1], broken)
+    model = AutoModelForSequenceClassification.from_pretrained(broken)
+    with torch.no_grad():
+        model.classifier.bias[0] = float("inf")
+    model.save_pretrained(broken)
+    written = []  # 12 values: the 4 rows of the first chunk, 3 classes each
+    with pytest.raises(ValueError, match=r"st: chunk 0 \(examples 0\.\.3\): soft_probs holds 12 NaN or infinite"):
+        precompute_soft_targets(
+            spec, data, tmp_path / "st", _config([teachers[0], str(broken)]), progress=False,
+            on_chunk_written=written.append,
+        )  # fmt: skip
+    assert written == [] and not list((tmp_path / "st").rglob("chunk-*"))
+
+
 def test_missing_inputs(setup, tmp_path):
     _, teachers, data, spec, _ = setup
     with pytest.raises(FileNotFoundError, match="task data"):

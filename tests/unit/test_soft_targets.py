@@ -77,6 +77,18 @@ def test_without_teacher_logits_and_regression(tmp_path):
     assert loaded.table.schema.field("label").type == pa.float64()
 
 
+def test_columns_the_store_lacks_are_named_with_the_ones_it_has(tmp_path):
+    """A column asked for that the store lacks was pyarrow's "No match for FieldRef.Name" and a schema dump."""
+    metadata = _metadata(has_teacher_logits=False)
+    st.write_soft_targets(_rows(4, metadata), tmp_path, metadata)
+    assert st.load_soft_targets(tmp_path, columns=["label"]).table.column_names == ["example_id", "label", "soft_probs"]
+    with pytest.raises(ValueError, match=r"store .* has no column teacher_logits; its columns: \['example_id', .*\] "
+                       r"\(teacher_logits are kept only by a precompute run with --keep-teacher-logits\)"):  # fmt: skip
+        st.load_soft_targets(tmp_path, columns=["teacher_logits"])
+    with pytest.raises(ValueError, match=r"has no column lable, labels; its columns: \['example_id', 'task', "):
+        st.load_soft_targets(tmp_path, columns=["lable", "labels"])
+
+
 def test_empty_store_is_valid(tmp_path):
     metadata = _metadata()
     st.write_soft_targets([], tmp_path, metadata)
