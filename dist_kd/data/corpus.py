@@ -126,7 +126,7 @@ def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> 
     """Expand input paths (or one path) into the ordered list of sources (files and ``datasets`` directories).
 
     Directories are walked in sorted order; files with unsupported suffixes inside them are skipped, named in a
-    warning (hidden ones aside). A file
+    warning; hidden files and directories (names starting with ".") are not read. A file
     found more than once (overlapping inputs) is kept where it was first found, with a warning; so is a file
     inside a ``datasets`` directory among the inputs (read with the directory).
 
@@ -145,7 +145,11 @@ def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> 
             raise FileNotFoundError(f"input {path} does not exist")
         if path.is_dir():
             skipped: list[Path] = []
-            found = _walk(path, skipped)
+            hidden: list[Path] = []
+            found = _walk(path, skipped, hidden)
+            if hidden:
+                logger.info("input directory %s: %d hidden entries are not read: %s", path, len(hidden),
+                            listed([str(item) for item in hidden]))  # fmt: skip
             if skipped:  # a .txt.xz or .csv among them: data the user meant, left out (said, not silently)
                 logger.warning(
                     "input directory %s: %d file(s) of other types than %s are not read: %s",
@@ -181,18 +185,32 @@ def discover_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> 
     return list(unique.values())
 
 
-def _walk(directory: Path, skipped: list[Path] | None = None) -> list[Path]:
+def _walk(
+    directory: Path, skipped: list[Path] | None = None, hidden: list[Path] | None = None, seen: set[Path] | None = None
+) -> list[Path]:
     """The corpus files and ``datasets`` directories under ``directory``, in sorted order; the files of other
-    types (hidden ones aside) are added to ``skipped``."""
+    types are added to ``skipped``, and the hidden entries, never read, to ``hidden``.
+
+    Hidden files and directories (``.ipynb_checkpoints/``, macOS's ``._*`` copies) were read as corpus: another
+    copy of every document, which the check of files found twice did not catch. A directory reached again through
+    a link (``up -> ..``) is walked once: two such links made the walk branch at every level, and it never ended.
+    """
+    seen = set() if seen is None else seen
+    if directory.resolve() in seen:
+        return []
+    seen.add(directory.resolve())
     if _is_dataset_dir(directory):
         return [directory]
     found = []
     for entry in sorted(directory.iterdir(), key=lambda p: p.name):
-        if entry.is_dir():
-            found.extend(_walk(entry, skipped))
+        if entry.name.startswith("."):
+            if hidden is not None:
+                hidden.append(entry)
+        elif entry.is_dir():
+            found.extend(_walk(entry, skipped, hidden, seen))
         elif _suffix(entry) is not None:
             found.append(entry)
-        elif skipped is not None and not entry.name.startswith("."):
+        elif skipped is not None:
             skipped.append(entry)
     return found
 

@@ -852,7 +852,7 @@ def test_overlapping_inputs_read_each_file_once(tmp_path, text_inputs, tiny_toke
 
 
 def test_the_files_a_directory_walk_leaves_out_are_named(text_inputs, tmp_path, caplog):
-    """A .txt.xz (or .csv) among the inputs was left out without a word; hidden files are not named."""
+    """A .txt.xz (or .csv) among the inputs was left out without a word; hidden files are not named among them."""
     import shutil
 
     (tmp_path / "in").mkdir()
@@ -864,6 +864,31 @@ def test_the_files_a_directory_walk_leaves_out_are_named(text_inputs, tmp_path, 
         assert discover_inputs([tmp_path / "in"]) == [tmp_path / "in" / "a.txt"]
     assert f"input directory {tmp_path / 'in'}: 2 file(s) of other types than .txt" in caplog.text
     assert "README.md" in caplog.text and "more.txt.xz" in caplog.text and ".DS_Store" not in caplog.text
+
+
+def test_hidden_entries_are_not_read_and_a_directory_reached_again_through_a_link_is_walked_once(
+    text_inputs, tmp_path, caplog
+):
+    """Jupyter's .ipynb_checkpoints/a-checkpoint.txt (a file of its own, so not caught as found twice) doubled every
+    document; two links to ".." made the walk branch at every level until the kernel's link limit (a hang)."""
+    root = tmp_path / "in"
+    for sub in ("x", "y", ".ipynb_checkpoints"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(text_inputs / "a.txt", root / "a.txt")
+    shutil.copy(text_inputs / "a.txt", root / ".ipynb_checkpoints" / "a-checkpoint.txt")
+    shutil.copy(text_inputs / "a.txt", root / "._a.txt")  # macOS's copy of a file's attributes
+    shutil.copy(text_inputs / "a.txt", root / "x" / "b.txt")
+    (root / "x" / "up").symlink_to("..", target_is_directory=True)
+    (root / "y" / "up").symlink_to("..", target_is_directory=True)
+    (root / "y" / "again").symlink_to("../x", target_is_directory=True)
+    with caplog.at_level(logging.INFO, logger="dist_kd.data.corpus"):
+        assert discover_inputs([root]) == [root / "a.txt", root / "x" / "b.txt"]
+    assert f"input directory {root}: 2 hidden entries are not read: " in caplog.text
+    assert "found more than once" not in caplog.text
+    hidden = tmp_path / ".data"  # a hidden directory given as the input itself is read
+    hidden.mkdir()
+    shutil.copy(text_inputs / "a.txt", hidden / "b.txt")
+    assert discover_inputs([hidden]) == [hidden / "b.txt"]
 
 
 def test_a_file_inside_a_datasets_directory_among_the_inputs_is_read_once(tmp_path, caplog):
