@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--encoding-errors",
         choices=ENCODING_ERRORS,
         default="strict",
-        help="non-UTF-8 bytes in text files: strict (an error naming the file), replace or ignore",
+        help="non-UTF-8 bytes in text files and table columns: strict (an error naming the file), replace or ignore",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -377,12 +377,36 @@ def _check_column(names: Sequence[str], text_column: str, where: Path) -> None:
         )
 
 
-def _table_documents(path: Path, text_column: str) -> Iterator[str]:
+def _arrow_texts(column: Any, where: str, text_column: str, encoding_errors: str, first_row: int) -> Iterator[str]:
+    """The texts of an Arrow string column whose rows may hold bytes that are not UTF-8 (a Spark job can write
+    them): such a row is named, or its bytes replaced or dropped as ``encoding_errors`` says. pyarrow's own
+    UnicodeDecodeError was reported as a byte offset into the binary file, with advice that did not help."""
+    import pyarrow as pa
+
+    try:
+        values = column.to_pylist()
+    except UnicodeDecodeError:
+        binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+        values = []
+        for row, raw in enumerate(column.cast(binary).to_pylist(), first_row):
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                if encoding_errors == "strict":
+                    raise ValueError(
+                        f"{where}: row {row} of column '{text_column}' is not UTF-8 text ({error.reason} at byte "
+                        f"{error.start} of the row); pass --encoding-errors replace to substitute such bytes"
+                    ) from None
+                values.append(raw.decode("utf-8", encoding_errors))
+    yield from _column_texts(values, where, text_column)
+
+
+def _table_documents(path: Path, text_column: str, encoding_errors: str = "strict") -> Iterator[str]:
     import pyarrow as pa
 
     kind = "Parquet" if path.name.lower().endswith(".parquet") else "Arrow IPC"
     try:
-        yield from _table_rows(path, text_column)
+        yield from _table_rows(path, text_column, encoding_errors)
     except pa.ArrowException as error:
         # pyarrow's own message names no file (e.g. "Parquet file size is 0 bytes").
         raise ValueError(
@@ -390,7 +414,7 @@ def _table_documents(path: Path, text_column: str) -> Iterator[str]:
         ) from None
 
 
-def _table_rows(path: Path, text_column: str) -> Iterator[str]:
+def _table_rows(path: Path, text_column: str, encoding_errors: str) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -409,19 +433,40 @@ def _table_rows(path: Path, text_column: str) -> Iterator[str]:
             reader = pa.ipc.open_stream(source)
             batches = iter(reader)
         _check_column(reader.schema.names, text_column, path)
+    row = 0
     for batch in batches:
-        yield from _column_texts(batch.column(text_column).to_pylist(), str(path), text_column)
+        yield from _arrow_texts(batch.column(text_column), str(path), text_column, encoding_errors, row)
+        row += batch.num_rows
 
 
-def _dataset_documents(path: Path, text_column: str) -> Iterator[str]:
+def _dataset_documents(path: Path, text_column: str, encoding_errors: str = "strict") -> Iterator[str]:
     import datasets
+    import pyarrow as pa
 
-    loaded = datasets.load_from_disk(str(path))
-    splits = [loaded[name] for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
-    for split in splits:
+    def unreadable(error: BaseException) -> ValueError:
+        # A partial copy (an empty state.json), a cut .arrow file, or another tool's directory holding files of
+        # the same names: datasets' own errors (a KeyError traceback among them) named no directory.
+        return ValueError(
+            f"{path} is not a readable datasets directory saved with save_to_disk ({type(error).__name__}: "
+            f"{error}); save it again, or leave it out of --input"
+        )
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException) as error:
+        raise unreadable(error) from None
+    names = sorted(loaded) if isinstance(loaded, datasets.DatasetDict) else [None]
+    for name in names:
+        split = loaded if name is None else loaded[name]
+        where = str(path) if name is None else f"{path} (split {name})"
         _check_column(split.column_names, text_column, path)
-        for batch in split.select_columns([text_column]).iter(batch_size=1024):
-            yield from _column_texts(batch[text_column], str(path), text_column)
+        row = 0
+        try:
+            for batch in split.select_columns([text_column]).with_format("arrow").iter(batch_size=1024):
+                yield from _arrow_texts(batch.column(text_column), where, text_column, encoding_errors, row)
+                row += batch.num_rows
+        except (OSError, pa.ArrowException) as error:
+            raise unreadable(error) from None
 
 
 def _undecodable_position(path: Path, chunk_size: int = 1 << 20) -> tuple[int, int]:
@@ -463,7 +508,7 @@ def iter_documents(
     """
     try:
         if source.is_dir():
-            yield from _dataset_documents(source, text_column)
+            yield from _dataset_documents(source, text_column, encoding_errors)
             return
         suffix = _suffix(source)
         if suffix in TEXT_SUFFIXES:
@@ -471,7 +516,7 @@ def iter_documents(
         elif suffix in JSONL_SUFFIXES:
             yield from _jsonl_documents(source, text_column, encoding_errors)
         else:
-            yield from _table_documents(source, text_column)
+            yield from _table_documents(source, text_column, encoding_errors)
     except UnicodeDecodeError as error:
         # error.start counts from the start of the decoder's current chunk, not of the file.
         offset, line = _undecodable_position(source)
@@ -531,9 +576,16 @@ def _end_with(parent: int) -> None:
 
 
 def _tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` without special tokens, as (flat int32 ids, per-document lengths)."""
+    """Token ids of ``texts`` without special tokens, as (flat int32 ids, per-document lengths).
+
+    A special token's text written in a document ("[SEP]", HTML's "<s>" for a RoBERTa tokenizer) is text, not
+    markup: it was stored as the special id inside a sequence's body, where the teacher read a separator."""
     encoded = _WORKER_TOKENIZER(
-        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+        texts,
+        add_special_tokens=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        split_special_tokens=True,
     )["input_ids"]
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))

@@ -124,6 +124,11 @@ def check_encoder_config(config, key: str) -> None:
     Raises:
         ValueError: naming the model, what it lacks and the supported families.
     """
+    if getattr(config, "is_encoder_decoder", False):  # T5 (sentence-T5, GTR): its encoder alone ran without inputs
+        raise ValueError(
+            f"{key}: a {type(config).__name__} ({config.model_type}) is an encoder-decoder, not an encoder: "
+            f"{SUPPORTED_ENCODERS}"
+        )
     missing = [name for name in ("num_hidden_layers", "hidden_size", "num_attention_heads") if not _has(config, name)]
     if missing:
         raise ValueError(

@@ -168,6 +168,15 @@ def test_families_without_heads_or_a_settable_depth_are_refused_in_one_line(tmp_
     with pytest.raises(ValueError, match=r"FunnelConfig \(funnel\) does not take another number of layers: dist_kd"):
         student_config_from_teacher(funnel, shape)
     check_encoder_config(transformers.BertConfig(), "teacher.path T")
+    # T5 (sentence-T5, GTR) names layers, width and heads too: its encoder ran without inputs ("You must specify
+    # exactly one of input_ids or inputs_embeds"), naming neither the teacher nor the supported families
+    t5 = transformers.T5Config(vocab_size=len(tiny_vocab()), d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64)
+    with pytest.raises(ValueError, match=r"^teacher.path T: a T5Config \(t5\) is an encoder-decoder, not an encoder: "
+                       "dist_kd supports"):  # fmt: skip
+        check_encoder_config(t5, "teacher.path T")
+    transformers.T5Model(t5).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match=r"T5Config \(t5\) is an encoder-decoder, not an encoder"):
+        Teacher(tmp_path / "t5", dtype="fp32")
 
 
 @pytest.mark.parametrize("init", ["random", "teacher"])

@@ -116,6 +116,20 @@ def test_round_trip_one_document_per_sequence(tmp_path, text_inputs, texts, tiny
         assert (ids[row, len(expected) :] == tokenizer.pad_token_id).all()
 
 
+def test_special_tokens_written_in_the_text_are_stored_as_text(tmp_path, tiny_tokenizer_dir):
+    """ "[SEP]" written in a document was stored as the separator's id inside a sequence's body."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("the old [MASK] house [SEP] of the [CLS] city [PAD]\n")
+    prepare_corpus([tmp_path / "in"], tiny_tokenizer_dir, tmp_path / "out", seq_len=64, packing="document",
+                   num_workers=0)  # fmt: skip
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    [row] = [ids[ids != tokenizer.pad_token_id].tolist() for ids in _all_sequences(tmp_path / "out")]
+    assert row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id
+    body = tokenizer.convert_ids_to_tokens(row[1:-1])
+    assert not set(row[1:-1]) & set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}, body
+    assert body[:5] == ["the", "old", "[UNK]", "m", "##a"]  # "[" is not in the tiny vocabulary: [UNK]
+
+
 def test_shards_are_byte_identical_on_a_second_run(tmp_path, text_inputs, tiny_tokenizer_dir):
     options = dict(seq_len=SEQ_LEN, shard_size=9, progress=False)
     prepare_corpus([text_inputs], tiny_tokenizer_dir, tmp_path / "one", num_workers=0, **options)
@@ -994,3 +1008,57 @@ def test_one_run_writes_an_output_at_a_time(tmp_path, text_inputs, tiny_tokenize
         "NOTES.md",
         "manifest.json",
     ]  # the lock moved with the user's file and was removed
+
+
+def _column_with_a_latin1_row():
+    """A string column whose second row holds the latin-1 byte of "café" (pyarrow does not check; Spark writes such)."""
+    import pyarrow as pa
+
+    data = pa.py_buffer(b"the first row" + b"caf\xe9 second row")
+    offsets = pa.py_buffer(np.array([0, 13, 28], np.int32).tobytes())
+    return pa.Array.from_buffers(pa.string(), 2, [None, offsets, data])
+
+
+def test_bytes_that_are_not_utf8_in_a_table_name_the_row_and_follow_encoding_errors(tmp_path):
+    """Reported as a byte offset into the binary Parquet file, with advice (--encoding-errors replace) that gave the
+    same error; a datasets directory was "Is a directory"."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = _column_with_a_latin1_row()
+    pq.write_table(pa.table({"text": pa.concat_arrays([pa.array(["zero"]), column])}), tmp_path / "a.parquet")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["x", "y"]}).save_to_disk(str(saved))
+    [arrow] = saved.glob("*.arrow")
+    schema = pa.schema([("text", pa.string())])
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(pa.table({"text": column}, schema=schema))
+    for source, where, row in [(tmp_path / "a.parquet", "a.parquet", 2), (saved, "saved", 1)]:
+        with pytest.raises(ValueError, match=rf"{where}: row {row} of column 'text' is not UTF-8 text \(invalid "
+                           r"continuation byte at byte 3 of the row\); pass --encoding-errors replace"):  # fmt: skip
+            list(iter_documents(source))
+        assert list(iter_documents(source, encoding_errors="replace"))[-2:] == ["the first row", "caf\ufffd second row"]
+        assert list(iter_documents(source, encoding_errors="ignore"))[-1] == "caf second row"
+
+
+def test_a_datasets_directory_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    """A partial copy (an empty state.json) or another tool's directory with files of the same names was datasets'
+    own error naming nothing (a KeyError traceback for the second); a cut .arrow file the same."""
+    import datasets
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("state.json", "dataset_info.json"):
+        (other / name).write_text("{}\n")
+    partial = tmp_path / "partial"
+    datasets.Dataset.from_dict({"text": ["the house"] * 50}).save_to_disk(str(partial))
+    (partial / "state.json").write_text("")
+    cut = tmp_path / "cut"
+    datasets.Dataset.from_dict({"text": ["the house"] * 50}).save_to_disk(str(cut))
+    [arrow] = cut.glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:60])
+    said = r" is not a readable datasets directory saved with save_to_disk \(\w+: .*\); save it again, or leave it"
+    for directory in (other, partial, cut):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(directory))}{said} out of --input$"):
+            list(iter_documents(directory))
