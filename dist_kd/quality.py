@@ -95,9 +95,17 @@ def embedding_spread(embeddings_ND: torch.Tensor | np.ndarray) -> float:
     count = x.shape[0]
     if count < 2:
         raise ValueError(f"the spread needs at least 2 embeddings, got {count}")
+    _check_finite(x, "the spread")
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     total = unit.sum(0)
     return float((total.dot(total) - unit.pow(2).sum()) / (count * (count - 1)))
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    """A NaN made the spread NaN (never flagged as collapsed) and the probe an accuracy read off NaN logits."""
+    bad = (~torch.isfinite(x).all(1)).sum().item()
+    if bad:
+        raise ValueError(f"{what} needs finite embeddings; {bad} of {x.shape[0]} rows hold NaN or infinity")
 
 
 def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
@@ -160,6 +168,7 @@ def linear_probe(
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{x.shape[0]} embeddings but {y.shape[0]} labels")
+    _check_finite(x, "the probe")
     if num_folds < 2 or x.shape[0] < num_folds:
         raise ValueError(f"the probe needs num_folds >= 2 and at least num_folds rows, got {num_folds}, {x.shape[0]}")
     folds = torch.as_tensor(stratified_folds(y.numpy(), num_folds, seed))
@@ -343,6 +352,12 @@ class HeldOutTexts:
                     f"eval.texts {path}: {where.subject(unlabelled, limit=5)} no label in column {cfg.label!r}: the "
                     "probe needs every text's label (eval.label=null measures the spread alone)"
                 )
+            score = next((cell for cell in cells if isinstance(cell, float) and not cell.is_integer()), None)
+            if score is not None:  # every distinct score was a class: 58 classes of 60 texts, a meaningless probe
+                raise ValueError(
+                    f"eval.texts {path}: column {cfg.label!r} holds scores (e.g. {score}), not classes; the probe "
+                    "needs class labels (eval.label=null measures the spread alone)"
+                )
             names = sorted({str(cell) for cell in cells})
             if len(names) < 2:
                 raise ValueError(f"eval.texts {path}: the probe needs at least 2 classes in {cfg.label!r}, got {names}")
@@ -403,9 +418,23 @@ class HeldOutTexts:
         assert out is not None  # at least 2 rows (checked in __init__)
         return out
 
-    def report(self, forward: Forward, device: torch.device, batch_size: int, folds: int) -> QualityReport:
-        """Spread (and probe, with labels) of the encoder behind ``forward``."""
+    def report(
+        self, forward: Forward, device: torch.device, batch_size: int, folds: int, name: str = "the encoder"
+    ) -> QualityReport:
+        """Spread (and probe, with labels) of the encoder behind ``forward`` (``name``, for the error).
+
+        Raises:
+            ValueError: embeddings that are not finite (an fp16 model overflowing): the spread was NaN, never
+                flagged, and the probe a number read off NaN logits, which looked like an accuracy.
+        """
         embeddings = self.embeddings(forward, device, batch_size)
+        bad = np.flatnonzero((~torch.isfinite(embeddings).all(1)).numpy())
+        if len(bad):
+            raise ValueError(
+                f"{name} gives embeddings that are not finite (NaN or infinity) for {len(bad)} of {len(embeddings)} "
+                f"held-out texts of {self.source} (rows {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}"
+                "); a model run in fp16 overflows so: run it in bf16 or fp32"
+            )
         probe = None
         if self.labels is not None:
             probe = linear_probe(embeddings, self.labels, len(self.label_names), num_folds=folds)

@@ -151,6 +151,17 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
     return written
 
 
+def _current_texts(evaluations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The held-out evaluations measured on the texts and settings of the last one (``eval_texts``), and the others
+    (a resume on other texts: one line across both compared figures of different texts). Lines of a release
+    that did not record ``eval_texts`` are kept: nothing tells them apart."""
+    current = evaluations[-1].get("eval_texts") if evaluations else None
+    if current is None:
+        return evaluations, []
+    other = [r for r in evaluations if r.get("eval_texts") not in (None, current)]
+    return [r for r in evaluations if r.get("eval_texts") in (None, current)], other
+
+
 def _by_teacher(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """``{"": records}``, or for a fine-tuning directory (lines carry ``teacher``) ``{"teacher k": its lines}``."""
     teachers = sorted({r["teacher"] for r in records if isinstance(r.get("teacher"), int)})
@@ -194,7 +205,7 @@ def write_report(run_dir: str | Path) -> Path:
     records = read_metrics(run_dir)
     summary = _read_json(run_dir / "summary.json")
     eval_report = _read_json(run_dir / "eval.json")
-    quality_records = [r for r in records if "eval_spread" in r]
+    quality_records, other_texts = _current_texts([r for r in records if "eval_spread" in r])
     # Step 0's measurement is summary.json's (metrics.jsonl's first line is after the first steps): without it a
     # run shorter than eval.every plotted one point.
     start = _section(run_dir / "summary.json",
@@ -202,7 +213,7 @@ def write_report(run_dir: str | Path) -> Path:
                      None)  # fmt: skip
     if isinstance(start, dict) and not any(r.get("step") == 0 for r in quality_records):
         quality_records = [{"step": 0, "eval_spread": start.get("spread"), "eval_probe": start.get("probe")}]
-        quality_records += [r for r in records if "eval_spread" in r]
+        quality_records += _current_texts([r for r in records if "eval_spread" in r])[0]
     evaluations = _section(run_dir / "eval.json", lambda: _task_evaluations(eval_report), {})
     finetune, left_out = None, []
     if "" not in _by_teacher(records):  # a fine-tuning directory: its ensemble is report.json's teachers
@@ -239,6 +250,11 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("")
     lines += _section(run_dir / "summary.json", lambda: _quality_lines((summary or {}).get("quality")), [])
     lines += _section(run_dir / "eval.json", lambda: _dev_lines(evaluations, eval_report), [])
+    if other_texts:
+        steps = [r.get("step") for r in other_texts]
+        lines += [f"{len(other_texts)} held-out evaluation(s) in metrics.jsonl (steps {steps[0]} to {steps[-1]}) were "
+                  "measured on other held-out texts or eval settings, before a resume that changed them: left out of "
+                  "quality.png.", ""]  # fmt: skip
     if plots:
         lines += ["## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots] + [""]
     elif importlib.util.find_spec("matplotlib") is None:

@@ -14,6 +14,7 @@ Host syncs (``.item()``) happen only at log steps; loss terms are accumulated as
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -745,15 +746,18 @@ class GeneralTrainer(EngineTrainer):
 
     # --- quality ---------------------------------------------------------------------------------------
 
-    def quality(self, model: torch.nn.Module) -> QualityReport:
-        """Spread and probe of an encoder on the held-out texts (every rank: ZeRO-3 forwards are collective)."""
+    def quality(self, model: torch.nn.Module, name: str) -> QualityReport:
+        """Spread and probe of an encoder (``name``, for an error) on the held-out texts (every rank: ZeRO-3
+        forwards are collective)."""
         cfg = self.cfg.eval
-        return self.heldout.report(last_states(model), self.info.device, cfg.batch_size, cfg.folds)
+        return self.heldout.report(last_states(model), self.info.device, cfg.batch_size, cfg.folds, name)
 
     def teacher_quality(self) -> QualityReport:
         """The teacher's figures at layer g(M), the layer the student's last layer learns from (computed once)."""
         if self._teacher_quality is None:
-            self._teacher_quality = self.quality(self.teacher.model)
+            dtype = next(name for name, dtype in DTYPES.items() if dtype == self.teacher.dtype)
+            name = f"the teacher (teacher.path {self.cfg.teacher.path}, teacher.dtype {dtype})"
+            self._teacher_quality = self.quality(self.teacher.model, name)
         return self._teacher_quality
 
     def current_quality(self) -> QualityReport:
@@ -767,7 +771,7 @@ class GeneralTrainer(EngineTrainer):
         (ZeRO 0-2: :func:`dist_kd.train.engine.exported_weights`)."""
         student = self.engine.module.student
         with exported_weights(self.engine, student):
-            return self.quality(student)
+            return self.quality(student, f"the student at step {self.step}")
 
     def heldout_key(self, as_typed: bool = False) -> str:
         """What the quality figures were measured on: the held-out texts' source and number, and the eval
@@ -787,8 +791,10 @@ class GeneralTrainer(EngineTrainer):
         return json.dumps({"source": str(where(self.heldout.source)), "num_texts": len(self.heldout), **settings},
                           sort_keys=True)  # fmt: skip
 
-    def quality_record(self) -> dict[str, float | None]:
-        """The student's quality beside the teacher's, as ``eval_*`` metrics; warns when it looks collapsed."""
+    def quality_record(self) -> dict[str, float | str | None]:
+        """The student's quality beside the teacher's, as ``eval_*`` metrics; warns when it looks collapsed.
+        ``eval_texts`` tells the lines measured on one set of held-out texts and eval settings from those of
+        another (a resume that changed them): the report plots the current set's alone."""
         student = self.student_quality()
         self._last_quality = (self.step, student)
         teacher = self.teacher_quality()
@@ -814,6 +820,7 @@ class GeneralTrainer(EngineTrainer):
             "eval_probe": student.probe,
             "eval_probe_teacher": teacher.probe,
             "eval_probe_ratio": ratio,
+            "eval_texts": hashlib.sha256(self.heldout_key().encode()).hexdigest()[:12],
         }
 
     # --- export and summary ----------------------------------------------------------------------------
@@ -898,7 +905,7 @@ class GeneralTrainer(EngineTrainer):
 
         torch.manual_seed(self.cfg.train.seed + 1)
         random_student = AutoModel.from_config(self.engine.module.student.config).to(self.info.device)
-        return self.quality(random_student)
+        return self.quality(random_student, "a randomly initialised student")
 
     def _eval_loader(self, shards: str, micro_batch_size: int | None = None):
         from dist_kd.data.stream import build_corpus_loader

@@ -258,6 +258,7 @@ def test_debug_mode_single_process(tiny_bert_dir, tiny_corpus, tmp_path):
     assert records[16]["eval_probe"] == final["probe"]
     assert records[16]["eval_probe_ratio"] == pytest.approx(final["probe"] / teacher["probe"])
     assert records[8]["eval_spread_teacher"] == pytest.approx(teacher["spread"], abs=1e-6)
+    assert records[8]["eval_texts"] == records[16]["eval_texts"] and len(records[8]["eval_texts"]) == 12  # one set
     card = (out / "student" / "README.md").read_text()  # rewritten with the measured quality
     assert f"| student at step 16: probe accuracy | {final['probe']:.4f} |" in card
 

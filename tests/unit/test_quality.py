@@ -109,7 +109,7 @@ def test_a_new_reason_of_collapse_is_said_while_the_student_is_still_collapsed(c
 
     trainer = types.SimpleNamespace(
         info=types.SimpleNamespace(is_main=True), heldout=types.SimpleNamespace(chance=0.35), _collapsed=set(),
-        _last_quality=None, step=0, teacher_quality=lambda: QualityReport(0.1, 0.95),
+        _last_quality=None, step=0, teacher_quality=lambda: QualityReport(0.1, 0.95), heldout_key=lambda: "texts",
     )  # fmt: skip
     said = []
     for step, (spread, probe) in enumerate([(0.97, 0.9), (0.5, 0.36), (0.97, 0.36), (0.5, 0.9), (0.99, 0.9)]):
@@ -268,3 +268,49 @@ def test_the_probe_refuses_folds_that_train_on_one_row():
     with pytest.raises(ValueError, match=r"at least 2 training rows in each of its 2 folds; 3 rows leave 1"):
         linear_probe(x, [0, 1, 0], 2, num_folds=2)
     assert 0.0 <= linear_probe(torch.randn(4, 4), [0, 1, 0, 1], 2, num_folds=2) <= 1.0
+
+
+def test_scores_as_probe_labels_are_refused_and_whole_numbers_are_classes(tiny_bert_dir, tmp_path):
+    """A regression file's scores were each a class (58 classes of 60 texts): a meaningless probe, unflagged."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    scored = _write_jsonl(tmp_path / "sts.jsonl", [{"text": f"a b {i}", "label": i / 7} for i in range(12)])
+    with pytest.raises(ValueError, match=r"sts.jsonl: column 'label' holds scores \(e.g. 0.142857.*\), not classes; "
+                       r"the probe needs class labels \(eval.label=null"):  # fmt: skip
+        HeldOutTexts.from_file(scored, tokenizer, QualityConfig(folds=2))
+    assert HeldOutTexts.from_file(scored, tokenizer, QualityConfig(label=None, folds=2)).labels is None
+    whole = _write_jsonl(tmp_path / "ids.jsonl", [{"text": f"a b {i}", "label": float(i % 2)} for i in range(12)])
+    assert HeldOutTexts.from_file(whole, tokenizer, QualityConfig(folds=2)).label_names == ["0.0", "1.0"]
+
+
+def test_embeddings_that_are_not_finite_are_an_error_naming_the_encoder_and_rows(tiny_bert_dir, tmp_path):
+    """One NaN made the spread NaN (never flagged: nan > 0.95 is False) and the probe a figure read off NaN
+    logits, which looked like an accuracy, and as the teacher's divided every probe / teacher."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from dist_kd.quality import last_states
+    from dist_kd.testing import topic_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = HeldOutTexts.from_file(
+        _write_jsonl(tmp_path / "p.jsonl", topic_examples(30, seed=2)), tokenizer, QualityConfig()
+    )
+    forward = last_states(AutoModel.from_pretrained(tiny_bert_dir))
+
+    def overflowing(batch):
+        states = forward(batch).clone()
+        states[batch["input_ids"][:, 1] % 3 == 0, 0, 0] = float("inf")  # some rows, as an fp16 overflow leaves
+        return states
+
+    bad = np.flatnonzero((texts.embeddings(overflowing, torch.device("cpu"), 8).isfinite().all(1) == 0).numpy())
+    assert 0 < len(bad) < 30
+    said = rf"^the teacher gives embeddings that are not finite \(NaN or infinity\) for {len(bad)} of 30 held-out "
+    with pytest.raises(ValueError, match=said + rf"texts of .*p.jsonl \(rows {bad[0]}, .*run it in bf16 or fp32$"):
+        texts.report(overflowing, torch.device("cpu"), 8, 3, name="the teacher")
+    nan = torch.randn(6, 4)
+    nan[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"the spread needs finite embeddings; 1 of 6 rows hold NaN or infinity"):
+        embedding_spread(nan)
+    with pytest.raises(ValueError, match=r"the probe needs finite embeddings; 1 of 6 rows"):
+        linear_probe(nan, np.array([0, 1] * 3), 2, num_folds=2)

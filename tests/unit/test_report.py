@@ -211,6 +211,35 @@ def test_quality_plot_starts_at_the_step_0_measurement_of_the_summary(tmp_path, 
                                                                                 (100, 0.5, 0.9)]  # fmt: skip
 
 
+def test_evaluations_on_other_held_out_texts_before_a_resume_are_left_out_of_the_quality_plot(tmp_path, monkeypatch):
+    """A run resumed with other eval.texts drew the lines of both sets of texts as one student line, against the
+    teacher's figure on the last set alone."""
+    import dist_kd.report as report
+
+    run = tmp_path / "run"
+    _general_run(run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    extra = []
+    for record in records:
+        if "eval_spread" in record:
+            record["eval_texts"] = "aaaa" if record["step"] == 50 else "bbbb"
+    for step, spread in ((120, 0.4), (150, 0.3)):
+        extra.append({"step": step, "loss": 0.05, "eval_spread": spread, "eval_spread_teacher": 0.1, "eval_probe": 0.8,
+                      "eval_probe_teacher": 0.85, "eval_texts": "bbbb" if step == 150 else "aaaa"})  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + extra))
+    seen = []
+    monkeypatch.setattr(report, "_plots", lambda run_dir, records, evaluations, quality: seen.append(quality) or [])
+    text = write_report(run).read_text()
+    assert [(r["step"], r["eval_spread"]) for r in seen[0]] == [(100, 0.5), (150, 0.3)]
+    assert ("2 held-out evaluation(s) in metrics.jsonl (steps 50 to 120) were measured on other held-out texts or "
+            "eval settings") in text  # fmt: skip
+    for record in records + extra:  # lines of a release that wrote no eval_texts: all kept, as before
+        record.pop("eval_texts", None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + extra))
+    assert "measured on other held-out texts" not in write_report(run).read_text()
+    assert [r["step"] for r in seen[1]] == [50, 100, 120, 150]
+
+
 def _plotted_labels(monkeypatch, matplotlib) -> list:
     """The label of every line the report draws from now on, in order."""
     drawn = []
