@@ -269,7 +269,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
     if task is not None and not isinstance(task, str):
         raise TypeError(f"task must be a task's name (a str) or None, got {task!r}")
     from dist_kd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from dist_kd.model_card import encoder_load_snippet, is_dist_kd_model, model_card, write_model_card
+    from dist_kd.model_card import (
+        encoder_load_snippet,
+        is_dist_kd_model,
+        model_card,
+        saved_model_strangers,
+        write_model_card,
+    )
     from dist_kd.sentence_modules import carry_sentence_modules
 
     checkpoint = resolve_checkpoint(checkpoint)
@@ -287,7 +293,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, task: str | No
     # Before any work: the export replaces its directory whole, so one holding anything but an earlier
     # dist_kd model (".", a run or home directory) is refused, not deleted.
     check_replaceable_dir(
-        output, "--output", lambda path: [] if is_dist_kd_model(path) else [p.name for p in path.iterdir()],
+        output, "--output",
+        lambda path: saved_model_strangers(path) if is_dist_kd_model(path) else [p.name for p in path.iterdir()],
         "an earlier dist_kd model", "student-export", "an earlier dist_kd model (its README.md a dist_kd model card)",
     )  # fmt: skip
     run_dir = checkpoint.parent.parent

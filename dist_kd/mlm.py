@@ -220,11 +220,14 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
     """
     from dist_kd.data.stream import build_corpus_loader
     from dist_kd.io import check_replaceable_dir
+    from dist_kd.model_card import saved_model_strangers
     from dist_kd.train.common import progress_bar
 
     # The output replaces its directory whole: refused before any work unless it is new, empty or an earlier head.
     check_replaceable_dir(
-        cfg.output, "--output", lambda path: [] if (path / RESULT_FILE).is_file() else [p.name for p in path.iterdir()],
+        cfg.output, "--output",
+        lambda path: saved_model_strangers(path, [RESULT_FILE]) if (path / RESULT_FILE).is_file()
+        else [p.name for p in path.iterdir()],
         f"an earlier masked-LM head (with {RESULT_FILE})", "mlm-head", "an earlier head's directory",
     )  # fmt: skip
     head = MlmHead(cfg.encoder, cfg.seed, cfg.train_layers)

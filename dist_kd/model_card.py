@@ -3,6 +3,9 @@ and how to load it. The Hugging Face hub and ``huggingface_hub.ModelCard`` read 
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,36 @@ def model_card(
         lines += ["", "## Loading", "", "```python", load.strip(), "```"]
     lines += ["", "Made with dist_kd (TinyBERT / MT-DNN-KD distillation on DeepSpeed).", ""]
     return "\n".join(lines)
+
+
+# What save_pretrained, a tokenizer's save and the sentence-transformers modules write (with the card and a task
+# run's task.json): an earlier output holds these alone.
+_SAVED_MODEL_FILE = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|task|modules"
+    r"|sentence_bert_config|config_sentence_transformers)\.json|README\.md|vocab\.txt|merges\.txt|[\w.-]+\.model"
+    r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json"
+)
+
+
+def saved_model_strangers(directory: str | Path, own: Sequence[str] = ()) -> list[str]:
+    """The names in ``directory`` that a saved model (a dist_kd export, a masked-LM head) would not hold, besides
+    ``own``: a fine-tuning run's ``checkpoint-500/``, a hub clone's ``.git``, notes. They were deleted with the
+    earlier output it replaced, with exit 0. The module folders its ``modules.json`` lists are the model's."""
+    directory = Path(directory)
+    modules: set[str] = set()
+    try:
+        listed = json.loads((directory / "modules.json").read_text())
+        modules = {str(entry.get("path")) for entry in listed if isinstance(entry, dict) and entry.get("path")}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if entry.name not in own
+        and not (entry.is_dir() and entry.name in modules)
+        and not (entry.is_file() and _SAVED_MODEL_FILE.fullmatch(entry.name))
+    )
 
 
 def is_dist_kd_model(directory: str | Path) -> bool:

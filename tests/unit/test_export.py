@@ -149,6 +149,18 @@ def test_an_output_holding_anything_but_an_earlier_dist_kd_model_is_refused_unto
     for output in ("exported", "exported", str(tmp_path / "empty")):
         assert main(["--checkpoint", checkpoint, "--output", output]) == 0, capsys.readouterr().err
         _exported(work / output if output == "exported" else tmp_path / "empty", encoder)
+    # An earlier export the user has added to (an HF Trainer's checkpoint there, a hub clone's .git, notes): its
+    # README.md still our card, it was replaced whole and their files deleted, with exit 0.
+    exported = work / "exported"
+    (exported / "checkpoint-500").mkdir()
+    (exported / ".git").mkdir()
+    (exported / "my_notes.txt").write_text("mine")
+    before = sorted(path.relative_to(exported) for path in exported.rglob("*"))
+    assert main(["--checkpoint", checkpoint, "--output", "exported"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --output exported holds files other than an earlier dist_kd model (.git, checkpoint-500, my_notes.txt)"
+    )
+    assert sorted(path.relative_to(exported) for path in exported.rglob("*")) == before
 
 
 def test_a_relative_student_path_read_from_elsewhere_is_named_not_taken_for_a_hub_model(

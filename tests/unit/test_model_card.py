@@ -131,3 +131,25 @@ def test_task_card_says_which_tasks_learnt_soft_targets_and_which_their_labels_a
     card = TaskTrainer.model_card(trainer, None)
     said = "| soft / hard weight | 1.0 / 0.0, temperature 1.0 (topic); hard labels alone (sentiment: no soft targets) |"
     assert (said in card) == (phase == "prediction") and ("soft / hard" in card) == (phase == "prediction")
+
+
+def test_the_files_a_saved_model_holds_are_told_from_the_users(tmp_path):
+    import json
+
+    from dist_kd.model_card import saved_model_strangers
+
+    model = tmp_path / "model"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / "2_Normalize").mkdir()
+    (model / "modules.json").write_text(json.dumps([{"idx": 0, "path": "", "type": "t"},
+                                                   {"idx": 1, "path": "1_Pooling", "type": "p"}]))  # fmt: skip
+    for name in ("config.json", "model.safetensors", "model-00001-of-00002.safetensors", "README.md", "vocab.txt",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spm.model", "task.json",
+                 "mlm.json", "merges.txt", "vocab.json", "sentence_bert_config.json", ".hidden",
+                 "notes.txt"):  # fmt: skip
+        (model / name).write_text("x")
+    (model / "config.json.bak").write_text("x")
+    assert saved_model_strangers(model) == [".hidden", "2_Normalize", "config.json.bak", "mlm.json", "notes.txt"]
+    assert saved_model_strangers(model, ["mlm.json", "notes.txt"]) == [".hidden", "2_Normalize", "config.json.bak"]
+    (model / "modules.json").write_text("not json")  # its folders are then no longer known to be the model's
+    assert "1_Pooling" in saved_model_strangers(model)
