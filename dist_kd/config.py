@@ -23,6 +23,7 @@ import datetime
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -265,6 +266,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         digits = value.strip().lstrip("+-") if isinstance(value, str) else ""
         if digits.isascii() and digits.isdigit():  # 0900, which YAML keeps as text
             return int(value)
+        with contextlib.suppress(ValueError, OverflowError):  # 1e5, which YAML 1.1 keeps as text (float keys take it)
+            number = float(value) if isinstance(value, str) and value.isascii() else math.nan
+            if number.is_integer():
+                return int(number)
         raise ValueError(f"config key '{where}' must be an integer, got {_plain(value)!r}")
     if tp is float:
         number = None
@@ -288,6 +293,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         hint = ""
         if isinstance(value, bool | datetime.date):  # YAML 1.1 reads yes/no/on/off unquoted as booleans
             hint = "; YAML reads yes, no, on, off as booleans: quote the value"
+        elif isinstance(value, dict):  # `runs/a: b` is a mapping to YAML
+            hint = "; YAML reads ': ' and '{' as a mapping: quote the value for a string"
         raise ValueError(f"config key '{where}' must be a string, got {_plain(value)!r}{hint}")
     return value
 
@@ -311,6 +318,12 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         key = _plain(key)
         where = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(key, str) and "." in key and key not in names:  # "train.lr: 1e-4" in a file or dict
+            head, _, rest = key.partition(".")
+            raise ValueError(
+                f"config key '{where}' is dotted: nest it ({head}: {{{rest}: ...}}); dotted keys are for key=value "
+                "overrides on the command line"
+            )
         if key not in names:
             raise _UnknownKey(where, [f"{prefix}.{n}" if prefix else n for n in names])
         kwargs[key] = _coerce(value, hints[key], where)
@@ -361,6 +374,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 f"override '{item}': the value is not valid YAML ({problem}); quote it for a string, "
                 f"e.g. {key}=\"'{raw}'\" in a shell"
             ) from None
+        if re.search(r"(^|\s)#", raw) and "#" not in str(value):  # `run.output_dir=runs/exp #3` gave runs/exp
+            raise ValueError(
+                f"override '{item}': YAML reads ' #' and what follows as a comment, and would drop it; quote "
+                f"the value for a string, e.g. {key}=\"'{raw}'\" in a shell"
+            )
         _set_dotted(tree, key.strip(), value)
     return tree
 

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         config_help="run config YAML (launch/configs/task_*.yaml)",
         debug_help="one process, no launcher",
         config_class=TaskConfig,
-    ).parse_args(argv)
+    ).parse_intermixed_args(argv)  # key=value after a flag too (parse_args refused the second block)
 
 
 def main(argv: list[str] | None = None) -> int:

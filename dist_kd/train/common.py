@@ -48,6 +48,8 @@ class RunConfig:
     progress: bool = doc("tqdm progress bar on rank 0", True)
 
     def __post_init__(self):
+        if not str(self.output_dir).strip():  # "" wrote the whole run (checkpoints/, student/ ...) into the cwd
+            raise ValueError("run.output_dir must name a directory, got an empty path")
         if self.resume not in RESUME_MODES:
             raise ValueError(f"run.resume must be one of {list(RESUME_MODES)}, got {self.resume!r}")
         if self.log_every < 1:

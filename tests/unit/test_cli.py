@@ -640,3 +640,21 @@ def test_a_captured_warning_is_one_log_line_as_either_python_logs_it(python):
     assert _one_line_end(record)
     line = logging.Formatter("%(levelname)s %(name)s: %(message)s").format(record)
     assert line == "WARNING py.warnings: " + text.rstrip("\n"), line
+
+
+@pytest.mark.parametrize("script", ["general", "task"])
+def test_overrides_after_a_flag_are_taken_with_the_others(script):
+    """`--config C a=1 --print-config b=2` was "unrecognized arguments: b=2": argparse's positional list took only
+    the first block."""
+    import importlib
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    try:
+        module = importlib.import_module(f"launch.{script}")
+    finally:
+        sys.path.pop(0)
+    args = module.parse_args(["--config", "c.yaml", "train.max_steps=3", "--print-config", "train.lr=1e-3", "--debug",
+                              "run.output_dir=x"])  # fmt: skip
+    assert args.overrides == ["train.max_steps=3", "train.lr=1e-3", "run.output_dir=x"]
+    assert args.print_config and args.debug and args.config == "c.yaml"

@@ -406,3 +406,42 @@ def test_api_callers_paths_become_the_strings_the_fields_say():
     assert precompute.teachers == ["/t/1", "/t/2"]
     general = config_from_dict(GeneralConfig, {"teacher": {"path": Path("/m/teacher")}})
     assert general.teacher.path == "/m/teacher"
+
+
+def test_an_override_whose_value_yaml_would_cut_at_a_comment_is_refused():
+    """`run.output_dir=runs/exp #3` (quoted by the shell) gave runs/exp: the run wrote to another directory."""
+    for item in ("path=runs/exp #3", "inner.name=topic #2", "path=#x"):
+        with pytest.raises(ValueError, match=rf"override '{re.escape(item)}': YAML reads ' #' and what follows as a "
+                           "comment, and would drop it; quote the value"):  # fmt: skip
+            load_config(Outer, None, [item])
+    cfg = load_config(Outer, None, ["path='runs/exp #3'", "inner.name=a#b", "distill.layer_map=[1, 3]"])
+    assert (cfg.path, cfg.inner.name) == ("runs/exp #3", "a#b")
+
+
+def test_integer_keys_take_whole_numbers_in_exponent_form_and_strings_given_structure_say_to_quote(tmp_path):
+    """1e5 (text to YAML 1.1) was refused for an int key while 1.0e+5 and float keys took it."""
+    assert [load_config(Outer, None, [f"steps={text}"]).steps for text in ("1e5", "1.0e5", "1.0e+5", "2E3")] == [
+        100000, 100000, 100000, 2000]  # fmt: skip
+    with pytest.raises(ValueError, match=r"config key 'steps' must be an integer, got '1.5e0'"):
+        load_config(Outer, None, ["steps=1.5e0"])
+    with pytest.raises(ValueError, match=r"config key 'inner.name' must be a string, got \{'runs/a': 'b'\}; YAML "
+                       r"reads ': ' and '\{' as a mapping: quote the value for a string"):  # fmt: skip
+        load_config(Outer, None, ["inner.name=runs/a: b"])
+
+
+def test_a_dotted_key_in_a_file_says_to_nest_it(tmp_path):
+    """`train.lr: 1e-4` in a YAML file was "unknown config key 'train.lr'; did you mean 'train.lr'?"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("inner.rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"config key 'inner.rate' is dotted: nest it \(inner: \{rate: ...\}\); "
+                       "dotted keys are for key=value overrides"):  # fmt: skip
+        load_config(Outer, path)
+
+
+def test_an_empty_run_directory_is_refused():
+    """run.output_dir: "" ran the whole run into the current directory, with exit 0."""
+    from dist_kd.train.common import RunConfig
+
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match=r"run.output_dir must name a directory, got an empty path"):
+            RunConfig(output_dir=empty)
