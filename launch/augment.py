@@ -22,6 +22,8 @@ import datetime
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from dist_kd import distributed
 from dist_kd.cli import (
@@ -60,16 +62,21 @@ def default_device(local_rank: int) -> str:
     return f"cuda:{distributed.device_index(local_rank, torch.cuda.device_count(), os.environ)}"
 
 
+def _checked(text: str, convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Any:
+    """A flag's value as ``convert`` reads it, where ``accept`` takes it; else argparse's error naming the flag."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not accept(value):  # nan fails every comparison
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def _words_read(text: str) -> int | None:
     if text.lower() == "all":
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of words >= 1 or 'all', got {text!r}")
-    return value
+    return _checked(text, int, lambda value: value >= 1, "a number of words >= 1 or 'all'")
 
 
 def _encoding(text: str) -> str:
@@ -84,23 +91,11 @@ def _encoding(text: str) -> str:
 
 
 def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:  # nan fails too
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return value
+    return _checked(text, float, lambda value: 0 <= value <= 1, "a probability in [0, 1]")
 
 
 def _seq_length(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 3:
-        raise argparse.ArgumentTypeError(f"expected a length of at least 3 pieces (CLS, a word, SEP), got {text!r}")
-    return value
+    return _checked(text, int, lambda value: value >= 3, "a length of at least 3 pieces (CLS, a word, SEP)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
