@@ -376,7 +376,11 @@ def calibrate_to_teacher(
     Raises:
         NotPostLayerNorm: a state is not the output of a LayerNorm (a pre-LN encoder such as ModernBERT);
             checked on the first batch before any weight changes.
+        ValueError: ``batches`` hold fewer than 2 real tokens.
     """
+    real_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    if real_tokens < 2:  # the statistics of fewer tokens are NaN: the student's gains and biases became NaN
+        raise ValueError(f"calibration needs at least 2 real tokens in its batches, got {real_tokens}")
     norms = _output_maps(student)
     was_training = student.training
     student.eval()  # the statistics of the states without dropout, as the teacher's (frozen, in eval mode)

@@ -276,9 +276,9 @@ class GeneralTrainer(EngineTrainer):
                 cfg.distill.projection,
                 "it selects teacher dimensions" if projections is not None else "the widths are equal",
             )
-        # whether student.calibrate ran (False: skipped, a pre-LN teacher; None: not asked, or a resumed run's
-        # checkpoint says it): for the model card
-        self.calibrated: bool | None = None
+        # whether student.calibrate ran (False: skipped, a pre-LN teacher; a string: skipped for that reason; None:
+        # not asked, or a resumed run's checkpoint says it): for the model card
+        self.calibrated: bool | str | None = None
         if cfg.student.init == "teacher" and not cfg.student.path:
             selection = unit_selection(student.config, teacher_config)
             if isinstance(projections, Projections):
@@ -472,11 +472,20 @@ class GeneralTrainer(EngineTrainer):
 
     def _calibrate(self, student: torch.nn.Module, residual: torch.Tensor) -> None:
         """``student.calibrate``: the student's state statistics to the teacher's, on the corpus's first batches."""
-        batches = []
+        wanted, batches, read = self.cfg.student.calibration_batches, [], 0
         for batch in self._eval_loader(self.cfg.data.shards):
-            batches.append({name: tensor.to(self.info.device) for name, tensor in batch.items()})
-            if len(batches) == self.cfg.student.calibration_batches:
+            read += 1
+            # The rows of a shard found damaged (data.skip_corrupt) are fully masked: no statistics, and a corpus
+            # whose first batches were all such calibrated the student to NaN weights.
+            if batch["attention_mask"].any():
+                batches.append({name: tensor.to(self.info.device) for name, tensor in batch.items()})
+            if len(batches) == wanted or read >= 8 * wanted:
                 break
+        if not batches:
+            self.calibrated = f"no token in the corpus's first {read} batches (damaged shards, data.skip_corrupt)"
+            logger.warning("student.calibrate skipped: %s. The student starts as cut from the teacher",
+                           self.calibrated)  # fmt: skip
+            return
         selected = None if student.config.hidden_size == self.teacher.hidden_size else residual
         try:
             student.to(self.info.device)
@@ -862,9 +871,12 @@ class GeneralTrainer(EngineTrainer):
             )
             if weight > 0
         ]
-        calibration = {True: ", calibrated", False: ", not calibrated: a pre-LN teacher", None: ""}[
-            self.calibrated if self.calibrated is not None or not cfg.student.calibrate else True
-        ]
+        if isinstance(self.calibrated, str):
+            calibration = f", not calibrated: {self.calibrated}"
+        else:
+            calibration = {True: ", calibrated", False: ", not calibrated: a pre-LN teacher", None: ""}[
+                self.calibrated if self.calibrated is not None or not cfg.student.calibrate else True
+            ]
         facts = {
             "teacher": f"{cfg.teacher.path} ({teacher['model_type']}, {teacher['num_layers']} layers x "
             f"{teacher['hidden_size']})",

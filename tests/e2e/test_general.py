@@ -413,6 +413,9 @@ def test_a_corpus_damaged_throughout_stops_after_an_epoch_without_a_token(tiny_b
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: data.shards {corpus / 'shards'}: a whole epoch gave no token to train on by step ")
     assert f"data.skip_corrupt skipped {len(shards)} on rank 0" in last, last
+    # the calibration's batches were all masked rows: its statistics of no token made the student NaN, which the
+    # step-0 evaluation found (the run never got to the epoch's check); it is skipped now, and says why
+    assert "student.calibrate skipped: no token in the corpus's first " in proc.stderr
     steps = [r["step"] for r in _metrics(out)]
     per_epoch = json.loads((corpus / "shards" / "manifest.json").read_text())["num_sequences"] // 4  # 4 a step
     assert steps[-1] == per_epoch + 1, (steps[-1], per_epoch)  # the first step of the second epoch

@@ -352,6 +352,20 @@ def test_calibration_matches_every_state_dimension_to_its_teacher_dimension(tiny
         assert errors[index] == pytest.approx(relative.item(), rel=1e-3)
 
 
+def test_calibration_on_batches_without_a_real_token_is_refused_before_a_weight_changes(tiny_bert_dir):
+    """Fully masked batches (a damaged shard's rows under data.skip_corrupt) gave statistics of no token: NaN gains
+    and biases, a student of NaN states."""
+    from dist_kd.models.student import calibrate_to_teacher, unit_selection
+
+    teacher, student, mapping = _selected_student(tiny_bert_dir, hidden_size=16, num_heads=4, intermediate_size=32)
+    ids, mask = _batch(tiny_bert_dir, num=4)
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+    residual = unit_selection(student.config, teacher.config).residual
+    with pytest.raises(ValueError, match=r"calibration needs at least 2 real tokens in its batches, got 0"):
+        calibrate_to_teacher(student, teacher, mapping, [{"input_ids": ids, "attention_mask": mask * 0}], residual)
+    assert all(torch.equal(value, before[name]) for name, value in student.state_dict().items())
+
+
 def test_projections_start_as_the_selection_transpose():
     from dist_kd.models.student import evenly_spaced
 
