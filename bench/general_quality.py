@@ -121,23 +121,20 @@ def run_recipe(name: str, args: argparse.Namespace) -> Path:
 def rows_of(name: str, run_dir: Path) -> list[dict]:
     """The eval lines of ``metrics.jsonl`` as table rows: those on the last evaluation's held-out texts and
     settings (a resume that changed them left lines of other texts before it)."""
+    from dist_kd.report import current_texts
+
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evaluations = [record for record in records if "eval_spread" in record]
-    current = evaluations[-1].get("eval_texts") if evaluations else None
-    rows = []
-    for record in evaluations:
-        if record.get("eval_texts") in (None, current):
-            rows.append(
-                {
-                    "recipe": name,
-                    "step": record["step"],
-                    "spread": record["eval_spread"],
-                    "probe": record.get("eval_probe"),
-                    "ratio": record.get("eval_probe_ratio"),
-                    **{key: value for key, value in record.items() if key.startswith("loss")},
-                }
-            )
-    return rows
+    return [
+        {
+            "recipe": name,
+            "step": record["step"],
+            "spread": record["eval_spread"],
+            "probe": record.get("eval_probe"),
+            "ratio": record.get("eval_probe_ratio"),
+            **{key: value for key, value in record.items() if key.startswith("loss")},
+        }
+        for record in current_texts([record for record in records if "eval_spread" in record])[0]
+    ]
 
 
 def embedding_quality(model_dir: str | Path, texts: str) -> tuple[float, float]:

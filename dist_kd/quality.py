@@ -101,9 +101,14 @@ def embedding_spread(embeddings_ND: torch.Tensor | np.ndarray) -> float:
     return float((total.dot(total) - unit.pow(2).sum()) / (count * (count - 1)))
 
 
+def _non_finite_rows(x: torch.Tensor) -> np.ndarray:
+    """The rows of ``x`` holding NaN or infinity."""
+    return np.flatnonzero((~torch.isfinite(x).all(1)).numpy())
+
+
 def _check_finite(x: torch.Tensor, what: str) -> None:
     """A NaN made the spread NaN (never flagged as collapsed) and the probe an accuracy read off NaN logits."""
-    bad = (~torch.isfinite(x).all(1)).sum().item()
+    bad = len(_non_finite_rows(x))
     if bad:
         raise ValueError(f"{what} needs finite embeddings; {bad} of {x.shape[0]} rows hold NaN or infinity")
 
@@ -428,7 +433,7 @@ class HeldOutTexts:
                 flagged, and the probe a number read off NaN logits, which looked like an accuracy.
         """
         embeddings = self.embeddings(forward, device, batch_size)
-        bad = np.flatnonzero((~torch.isfinite(embeddings).all(1)).numpy())
+        bad = _non_finite_rows(embeddings)
         if len(bad):
             raise ValueError(
                 f"{name} gives embeddings that are not finite (NaN or infinity) for {len(bad)} of {len(embeddings)} "

@@ -151,7 +151,7 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
     return written
 
 
-def _current_texts(evaluations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def current_texts(evaluations: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The held-out evaluations measured on the texts and settings of the last one (``eval_texts``), and the others
     (a resume on other texts: one line across both compared figures of different texts). Lines of a release
     that did not record ``eval_texts`` are kept: nothing tells them apart."""
@@ -205,15 +205,17 @@ def write_report(run_dir: str | Path) -> Path:
     records = read_metrics(run_dir)
     summary = _read_json(run_dir / "summary.json")
     eval_report = _read_json(run_dir / "eval.json")
-    quality_records, other_texts = _current_texts([r for r in records if "eval_spread" in r])
+    quality_records, other_texts = current_texts([r for r in records if "eval_spread" in r])
     # Step 0's measurement is summary.json's (metrics.jsonl's first line is after the first steps): without it a
     # run shorter than eval.every plotted one point.
     start = _section(run_dir / "summary.json",
                      lambda: (((summary or {}).get("quality") or {}).get("rows") or {}).get("student at step 0"),
                      None)  # fmt: skip
     if isinstance(start, dict) and not any(r.get("step") == 0 for r in quality_records):
-        quality_records = [{"step": 0, "eval_spread": start.get("spread"), "eval_probe": start.get("probe")}]
-        quality_records += _current_texts([r for r in records if "eval_spread" in r])[0]
+        quality_records = [
+            {"step": 0, "eval_spread": start.get("spread"), "eval_probe": start.get("probe")},
+            *quality_records,
+        ]
     evaluations = _section(run_dir / "eval.json", lambda: _task_evaluations(eval_report), {})
     finetune, left_out = None, []
     if "" not in _by_teacher(records):  # a fine-tuning directory: its ensemble is report.json's teachers

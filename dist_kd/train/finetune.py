@@ -135,15 +135,15 @@ class FinetuneConfig:
             raise ValueError(f"seeds (--seeds) must be whole numbers in 0..2**63-1, got {self.seeds}")
         if any(not 0 <= rate < 1 for rate in self.dropouts):
             raise ValueError(f"dropouts must lie in [0, 1), got {self.dropouts}")
-        pairs = list(zip(self.seeds, self.dropouts, strict=True))
-        twins = [k + 1 for k, pair in enumerate(pairs) if pair in pairs[:k]]
-        if twins:  # the same run twice: one teacher counted twice in the ensemble's average
-            first = pairs.index(pairs[twins[0] - 1]) + 1
-            raise ValueError(
-                f"teachers {first} and {twins[0]} have the same seed and dropout ({pairs[first - 1][0]}, "
-                f"{pairs[first - 1][1]}) and would train the same teacher; give each teacher its own --seeds "
-                f"(got seeds {self.seeds}, dropouts {self.dropouts})"
-            )
+        first_of: dict[tuple[int, float], int] = {}
+        for k, pair in enumerate(zip(self.seeds, self.dropouts, strict=True), 1):
+            if pair in first_of:  # the same run twice: one teacher counted twice in the ensemble's average
+                raise ValueError(
+                    f"teachers {first_of[pair]} and {k} have the same seed and dropout ({pair[0]}, {pair[1]}) and "
+                    f"would train the same teacher; give each teacher its own --seeds (got seeds {self.seeds}, "
+                    f"dropouts {self.dropouts})"
+                )
+            first_of[pair] = k
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -628,9 +628,12 @@ class GeneralTrainer(EngineTrainer):
         """Settings that change how the models run, not which parameters they have: a resume may change them,
         named in a warning (another teacher precision changes its targets; the student's dropout and the
         clipping change its updates)."""
-        teacher_dtype = next(name for name, dtype in DTYPES.items() if dtype == self.teacher.dtype)  # as resolved
         changeable = {"student.dropout": self.cfg.student.dropout, "train.clip": self.cfg.train.clip}
-        return {"changeable": {**changeable, "teacher.dtype": teacher_dtype}}
+        return {"changeable": {**changeable, "teacher.dtype": self.teacher_dtype_name()}}
+
+    def teacher_dtype_name(self) -> str:
+        """The teacher's precision as resolved (fp16 asked on a CPU runs fp32), by its config name."""
+        return next(name for name, dtype in DTYPES.items() if dtype == self.teacher.dtype)
 
     def train(self) -> bool:
         """Run until ``train.max_steps`` or a stop signal. Returns True when training finished."""
@@ -764,8 +767,7 @@ class GeneralTrainer(EngineTrainer):
     def teacher_quality(self) -> QualityReport:
         """The teacher's figures at layer g(M), the layer the student's last layer learns from (computed once)."""
         if self._teacher_quality is None:
-            dtype = next(name for name, dtype in DTYPES.items() if dtype == self.teacher.dtype)
-            name = f"the teacher (teacher.path {self.cfg.teacher.path}, teacher.dtype {dtype})"
+            name = f"the teacher (teacher.path {self.cfg.teacher.path}, teacher.dtype {self.teacher_dtype_name()})"
             self._teacher_quality = self.quality(self.teacher.model, name)
         return self._teacher_quality
 
