@@ -92,13 +92,14 @@ class MlmHead:
     def __init__(self, encoder_dir: str | Path, seed: int = 0, train_layers: int = 0):
         from transformers import AutoModelForMaskedLM
 
-        from dist_kd.data.tokenizer import load_tokenizer
+        from dist_kd.data.tokenizer import load_tokenizer, require_special_tokens
         from dist_kd.models.teacher import check_model_dir, load_pretrained
 
         self.encoder_dir = check_model_dir(encoder_dir, "encoder")
         self.tokenizer = load_tokenizer(self.encoder_dir)
-        if self.tokenizer.mask_token_id is None:
-            raise ValueError(f"encoder {self.encoder_dir}: its tokenizer has no mask token")
+        require_special_tokens(
+            self.tokenizer, self.encoder_dir, ("mask",), f"encoder {self.encoder_dir}: its tokenizer"
+        )
         torch.manual_seed(seed)
         try:  # the head this fits is missing from the encoder's files: expected, not said
             self.model, _ = load_pretrained(AutoModelForMaskedLM, self.encoder_dir, "encoder", new_head=True)

@@ -620,7 +620,7 @@ class MaskedLMCandidates:
         import torch
         from transformers import AutoConfig, AutoModelForMaskedLM
 
-        from dist_kd.data.tokenizer import load_tokenizer
+        from dist_kd.data.tokenizer import load_tokenizer, require_special_tokens
         from dist_kd.models.teacher import check_max_length, load_pretrained, max_input_length
 
         model_dir = Path(model_dir)
@@ -632,8 +632,7 @@ class MaskedLMCandidates:
         # Fast only (augmentation needs word_ids), and never the special-tokens-only tokenizer of a directory
         # without vocabulary files, whose every word would be [UNK].
         self.tokenizer = load_tokenizer(model_dir)
-        if self.tokenizer.mask_token_id is None:
-            raise ValueError(f"masked-LM {model_dir}: its tokenizer has no mask token")
+        require_special_tokens(self.tokenizer, model_dir, ("mask",), f"masked-LM {model_dir}: its tokenizer")
         self.device = torch.device(device)
         # Half precision on GPU doubles throughput; candidate ranking is rounded anyway. fp32 on CPU, where
         # fp16 matmuls are slow or unsupported.

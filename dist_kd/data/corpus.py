@@ -76,7 +76,12 @@ from dist_kd.data.shards import (  # noqa: F401
     shard_name,
     shard_problem,
 )
-from dist_kd.data.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint  # noqa: F401
+from dist_kd.data.tokenizer import (  # noqa: F401
+    check_tokenizer_matches,
+    load_tokenizer,
+    require_special_tokens,
+    tokenizer_fingerprint,
+)
 from dist_kd.io import check_output_dir, killed_writer, listed, write_json_atomic, writer_tag
 
 logger = logging.getLogger(__name__)
@@ -996,9 +1001,7 @@ def prepare_corpus(
         inputs = [inputs]
     sources = discover_inputs(inputs)
     tok = load_tokenizer(tokenizer)
-    for role in ("cls", "sep", "pad"):
-        if getattr(tok, f"{role}_token_id") is None:
-            raise ValueError(f"tokenizer {tokenizer} has no {role} token (expected a BERT-style tokenizer)")
+    require_special_tokens(tok, tokenizer, ("cls", "sep", "pad"), f"tokenizer {tokenizer}")
     _check_seq_len(seq_len, Path(tokenizer), tok)
     fingerprint = tokenizer_fingerprint(tok)
     dtype = np.dtype(np.uint16) if fingerprint["vocab_size"] <= 65535 else np.dtype(np.int32)

@@ -102,6 +102,39 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def require_special_tokens(tokenizer, path: str | os.PathLike, roles: tuple[str, ...], what: str) -> None:
+    """Raise a clear error unless ``tokenizer`` has a token for each role (``"cls"``, ``"sep"``, ``"pad"``,
+    ``"mask"``).
+
+    A directory holding tokenizer.json alone loads, but nothing there says which of its tokens is [CLS] or
+    [MASK] (tokenizer_config.json and special_tokens_map.json do), so every role is missing: the error then
+    names those files rather than blaming the tokenizer's kind.
+
+    Args:
+        tokenizer: a tokenizer from :func:`load_tokenizer`.
+        path: the directory it was loaded from, for the message.
+        roles: the special tokens the caller needs.
+        what: how the message names the tokenizer, e.g. ``"tokenizer data/teacher"``.
+
+    Raises:
+        ValueError: naming the missing roles and what to do.
+    """
+    missing = [role for role in roles if getattr(tokenizer, f"{role}_token_id") is None]
+    if not missing:
+        return
+    said = " and ".join(f"{role} token" for role in missing)
+    path = Path(path)
+    if not any((path / name).is_file() for name in SPECIAL_TOKEN_FILES):
+        raise ValueError(
+            f"{what} has no {said}: {path} holds no {' or '.join(SPECIAL_TOKEN_FILES)}, which name the special "
+            f"tokens; save the whole tokenizer there: tokenizer.save_pretrained('{path}')"
+        )
+    raise ValueError(f"{what} has no {said} (expected a BERT-style tokenizer)")
+
+
 def save_tokenizer(tokenizer, directory: str | os.PathLike, model_config=None) -> None:
     """``tokenizer.save_pretrained(directory)`` as the tokenizer was loaded (:func:`load_tokenizer`): with the
     truncation and padding its files shipped with, not those its last call left in the Rust backend

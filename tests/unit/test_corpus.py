@@ -693,6 +693,33 @@ def test_load_tokenizer_refuses_directories_without_a_vocabulary(tmp_path, tiny_
     assert len(tokenizer) == len(tiny_vocab()) and tokenizer.tokenize("the game") == ["the", "game"]
 
 
+def test_a_tokenizer_json_alone_is_refused_naming_the_files_that_name_its_special_tokens(tmp_path, tiny_tokenizer_dir):
+    from dist_kd.data.tokenizer import require_special_tokens
+
+    # tokenizer.json loads alone, but nothing then says which token is [CLS], [SEP], [PAD] or [MASK].
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", bare / "tokenizer.json")
+    tokenizer = load_tokenizer(bare)
+    assert tokenizer.cls_token_id is None and tokenizer.mask_token_id is None
+    (tmp_path / "x.txt").write_text("the game\n")
+    with pytest.raises(ValueError) as caught:
+        prepare_corpus([tmp_path / "x.txt"], bare, tmp_path / "out", num_workers=0)
+    message = str(caught.value)
+    assert "has no cls token and sep token and pad token" in message
+    assert f"{bare} holds no tokenizer_config.json or special_tokens_map.json" in message
+    assert "save_pretrained" in message and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"encoder x: its tokenizer has no mask token: .* holds no tokenizer_config"):
+        require_special_tokens(tokenizer, bare, ("mask",), "encoder x: its tokenizer")
+
+    # With the files there, a tokenizer that truly lacks a role is said as the wrong kind of tokenizer.
+    complete = load_tokenizer(tiny_tokenizer_dir)
+    require_special_tokens(complete, tiny_tokenizer_dir, ("cls", "sep", "pad", "mask"), "t")  # nothing missing
+    complete.cls_token = None
+    with pytest.raises(ValueError, match=r"^t has no cls token \(expected a BERT-style tokenizer\)$"):
+        require_special_tokens(complete, tiny_tokenizer_dir, ("cls", "sep"), "t")
+
+
 def test_prepare_corpus_command(tmp_path, text_inputs, tiny_tokenizer_dir, monkeypatch, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     try:
