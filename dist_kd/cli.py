@@ -116,7 +116,7 @@ def task_spec_from_args(
     return resolve_task_spec(
         args.task,
         type=args.task_type or task_type,
-        labels=args.labels.split(",") if args.labels else labels,
+        labels=[label.strip() for label in args.labels.split(",")] if args.labels else labels,
         text_a=args.text_a,
         text_b=args.text_b,
         label=args.label,

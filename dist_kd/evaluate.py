@@ -35,6 +35,18 @@ def _check_pair(predictions: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     return predictions, labels
 
 
+def _class_ids(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` as int64 class ids, refusing fractions: a cast truncated P(positive) of 0.9 to class 0."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and not np.all(values == np.round(values)):
+        example = float(values[values != np.round(values)][0])
+        raise ValueError(
+            f"{what} must be whole class ids, found {example!r}; pass class ids, or logits / probabilities of "
+            "shape (N, C) to compute_metrics (a 1-D probability is not a class)"
+        )
+    return values.astype(np.int64)
+
+
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
     """Counts ``M[true, predicted]`` as an ``(C, C)`` int64 array.
 
@@ -44,7 +56,7 @@ def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: i
         num_classes: C; default ``max(id) + 1`` (at least 2).
     """
     predictions, labels = _check_pair(predictions, labels)
-    predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
+    predictions, labels = _class_ids(predictions, "predictions"), _class_ids(labels, "labels")
     found = int(max(predictions.max(), labels.max())) + 1
     num_classes = max(found, 2) if num_classes is None else num_classes
     if found > num_classes or min(predictions.min(), labels.min()) < 0:
@@ -161,7 +173,7 @@ def compute_metrics(
         if predictions.ndim == 2:
             num_classes = predictions.shape[1] if num_classes is None else num_classes
             predictions = predictions.argmax(axis=1)
-        predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
+        predictions, labels = _class_ids(predictions, "predictions"), _class_ids(labels, "labels")
         results = {
             "accuracy": accuracy(predictions, labels),
             "f1": f1(predictions, labels, num_classes),

@@ -401,7 +401,8 @@ def _warn_csv_quoted(path: Path, table: pa.Table) -> None:
         column = table.column(name)
         if not pa.types.is_string(column.type):
             continue
-        quoted = pc.match_substring_regex(column, r'^".*"".*"$')
+        # A quoted cell holds a doubled quote inside, or is a bare "" (pandas' one empty field on a row).
+        quoted = pc.match_substring_regex(column, r'^"(.*"".*)?"$')
         count = pc.sum(quoted).as_py() or 0
         if count:
             example = column.filter(quoted)[0].as_py()

@@ -38,6 +38,8 @@ def test_fallback_labels_only_when_flags_do_not_give_them():
     args = _parse(["--task", "topic", "--labels", "p,q", "--metric", "f1"], metric=True)
     spec = task_spec_from_args(args, labels=["x", "y", "z"])
     assert spec.labels == ["p", "q"] and spec.metric == "f1"
+    # "neg, pos" as typed after a comma: the space is no part of the label (the file's cells are stripped too)
+    assert task_spec_from_args(_parse(["--task", "topic", "--labels", "neg, pos "])).labels == ["neg", "pos"]
     assert task_spec_from_args(_parse(["--task", "score"]), task_type="regression").type == "regression"
 
 

@@ -139,6 +139,21 @@ def test_predictions_that_are_not_finite_are_refused_not_scored():
     assert compute_metrics("classification", "accuracy", np.array([1, 0]), np.array([1, 0]))["accuracy"] == 1.0
 
 
+def test_one_dimensional_fractions_are_refused_as_class_ids():
+    # P(positive) as (N,) floats was cast to class 0 for every row: accuracy 0.25 where the argmax gives 1.0
+    probabilities = np.array([0.9, 0.2, 0.8, 0.1])
+    with pytest.raises(ValueError, match=r"predictions must be whole class ids, found 0\.9; .*shape \(N, C\)"):
+        compute_metrics("classification", "accuracy", probabilities, np.array([1, 0, 1, 0]))
+    with pytest.raises(ValueError, match=r"labels must be whole class ids, found 1\.7"):
+        compute_metrics("classification", "accuracy", np.array([1, 1, 0, 1]), np.array([1.7, 1.2, 0.4, 1.0]))
+    with pytest.raises(ValueError, match=r"labels must be whole class ids, found 0\.5"):
+        f1(np.array([0, 1]), np.array([0.5, 1.0]), num_classes=2)
+    two_columns = np.stack([1 - probabilities, probabilities], axis=1)  # the same as (N, C): scored
+    assert compute_metrics("classification", "accuracy", two_columns, np.array([1, 0, 1, 0]))["accuracy"] == 1.0
+    # whole numbers in a float array (labels read from a Parquet float column) are ids
+    assert compute_metrics("classification", "accuracy", np.array([1.0, 0.0]), np.array([1.0, 0.0]))["accuracy"] == 1.0
+
+
 def test_class_id_out_of_range():
     with pytest.raises(ValueError, match="0..1"):
         f1(np.array([0, 2]), np.array([0, 1]), num_classes=2)

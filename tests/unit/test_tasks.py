@@ -636,6 +636,13 @@ def test_a_tsv_written_with_csv_quoting_is_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
         load_task_examples(path, spec)
     assert "CSV-quoted" not in caplog.text
+    # A file of one column: Python's csv writer (pandas' to_csv) writes a row's one empty field as "", which
+    # a TSV keeps as a two-character text; it was not warned.
+    path.write_text('sentence\nx\n""\ny\n')
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
+        table = load_task_examples(path, spec, require_labels=False)
+    assert table.column("text_a").to_pylist() == ["x", '""', "y"]
+    assert "1 cells of column 'sentence' look CSV-quoted (e.g. '\"\"')" in caplog.text
 
 
 def test_a_json_array_file_is_named_as_such(tmp_path):
