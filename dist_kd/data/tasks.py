@@ -389,7 +389,28 @@ def _read_delimited(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.T
         table = _read_delimited_python(path, fmt, spec, encoding)
     if tsv:
         _warn_csv_quoted(path, table)
+    if table.num_columns == 1:
+        _warn_blank_rows(path, fmt, encoding)
     return table
+
+
+def _warn_blank_rows(path: Path, fmt: str, encoding: str) -> None:
+    """In a file of one column a blank line may be an empty text, but TSV/CSV readers skip it as no row: the
+    rows after it (and ids counted by row, ``<task>-<row>``) then stand one earlier than the file's lines."""
+    blank, last_row = [], 0
+    for line, row in _delimited_rows(_read_text(path, encoding), fmt, path, keep_blank=True):
+        if row:
+            last_row = line
+        else:
+            blank.append(line)
+    inside = [line for line in blank if line < last_row]  # blank lines at the end shift nothing
+    if inside:
+        shown = ", ".join(map(str, inside[:5])) + (", ..." if len(inside) > 5 else "")
+        logger.warning(
+            "task data %s has one column and %d blank lines between its rows (lines %s): they are skipped, not read "
+            "as empty texts, so the rows after them (and ids counted by row) do not match the file's line numbers; "
+            "remove them, or give each row an id column", path, len(inside), shown,
+        )  # fmt: skip
 
 
 def _warn_csv_quoted(path: Path, table: pa.Table) -> None:
@@ -460,9 +481,10 @@ def _headerless(first_row: list[str], fmt: str, spec: TaskSpec) -> bool:
 _CSV_FIELD_LIMIT = 2**31 - 1
 
 
-def _delimited_rows(text: str, fmt: str, path: Path) -> list[tuple[int, list[str]]]:
+def _delimited_rows(text: str, fmt: str, path: Path, keep_blank: bool = False) -> list[tuple[int, list[str]]]:
     """The non-empty rows of TSV/CSV text, each with the 1-based line it starts on (a quoted CSV field may
-    span lines, and empty lines are skipped, so the row number alone does not find a row in the file)."""
+    span lines, and empty lines are skipped, so the row number alone does not find a row in the file).
+    ``keep_blank``: the empty lines too, as empty rows."""
     # The csv module refuses a field over 128 KiB by default (a whole article in one cell; pyarrow reads it).
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     if fmt == "tsv":
@@ -474,7 +496,7 @@ def _delimited_rows(text: str, fmt: str, path: Path) -> list[tuple[int, list[str
     start = 1
     try:
         for row in reader:
-            if row:
+            if row or keep_blank:
                 rows.append((start, row))
             start = reader.line_num + 1
     except csv.Error as err:

@@ -619,6 +619,31 @@ def test_text_cells_that_are_not_strings_are_decoded_or_refused_not_stringified(
     assert "empty.jsonl: line 2 has an empty text in column 'text_a'" in caplog.text
 
 
+@pytest.mark.parametrize("fmt", ["tsv", "csv"])
+def test_blank_lines_between_the_rows_of_a_one_column_file_are_warned(tmp_path, caplog, fmt):
+    """A blank line of a one-column file may be an empty text; it is skipped as no row, so the rows after it
+    stood one line earlier than the user's file, silently (predictions counted by row then shifted)."""
+    import logging
+
+    spec = resolve_task_spec("demo", labels=["0", "1"], text_a="sentence")
+    path = tmp_path / f"test.{fmt}"
+    quoted = '"a quoted\n\nfield"\n' if fmt == "csv" else "d\n"  # a blank line inside a value is no blank row
+    path.write_text("sentence\na\n\nb\n\n\nc\n" + quoted + "\n\n")
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
+        table = load_task_examples(path, spec, require_labels=False)
+    assert table.num_rows == 4 and table.column("text_a").to_pylist()[:3] == ["a", "b", "c"]
+    assert "has one column and 3 blank lines between its rows (lines 3, 5, 6)" in caplog.text
+    caplog.clear()
+    path.write_text("sentence\na\nb\n\n\n")  # at the end only: nothing shifts
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):
+        load_task_examples(path, spec, require_labels=False)
+    assert "blank lines" not in caplog.text
+    path.write_text("sentence\tlabel\na\t0\n\nb\t1\n".replace("\t", "\t" if fmt == "tsv" else ","))
+    with caplog.at_level(logging.WARNING, logger="dist_kd.data.tasks"):  # two columns: a blank line is no row
+        load_task_examples(path, spec)
+    assert "blank lines" not in caplog.text
+
+
 def test_a_tsv_written_with_csv_quoting_is_warned(tmp_path, caplog):
     """pandas' to_csv(sep="\\t") quotes cells holding a '"'; a TSV is read without quoting (GLUE's hold unbalanced
     quotes), so the text kept the quotes and doubled inner quotes, silently."""
