@@ -200,7 +200,7 @@ def shard_problem(path: Path, shard: dict) -> str | None:
     """Why the shard file ``path`` is not the one its manifest entry ``shard`` describes, by existence and size
     (``num_bytes``, where recorded); None when it looks whole. Reading and checksums are the callers' part."""
     if not path.is_file():
-        return "file is missing"
+        return "is not a file (a directory or another kind of entry)" if path.exists() else "file is missing"
     size = path.stat().st_size
     if "num_bytes" in shard and size != shard["num_bytes"]:
         return f"size is {size} bytes, manifest says {shard['num_bytes']} (truncated?)"
@@ -252,12 +252,14 @@ def read_shard(path: str | os.PathLike, expected_num_sequences: int | None = Non
             offset = start + size + (-size % _TAR_BLOCK)
             if header[156:157] not in (b"0", b"\0") or not name.endswith(SAMPLE_SUFFIX):
                 continue
-            if data[start : start + 6] != _NPY_MAGIC:
-                raise ValueError(f"member {name} is not a .npy array")
+            if data[start : start + 6] != _NPY_MAGIC or size < 10:
+                raise ValueError(f"member {name} is not a .npy array ({size} bytes)")
             if data[start + 6] == 1:
                 header_len, body = int.from_bytes(data[start + 8 : start + 10], "little"), start + 10
             else:
                 header_len, body = int.from_bytes(data[start + 8 : start + 12], "little"), start + 12
+            if body + header_len > end:
+                raise ValueError(f"member {name} is {size} bytes, too short for its .npy header")
             try:
                 dtype, length = _parse_npy_header(data[body : body + header_len])
             except (ValueError, SyntaxError, KeyError, TypeError) as error:

@@ -290,6 +290,7 @@ class GeneralTrainer(EngineTrainer):
         self.engine = build_engine(self.model, cfg.train, ds_config)
         self.guard = DivergenceGuard(self.engine.module, self.run_dir, cfg.train)
         self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
+        self._check_ranks_skip_alike()
         self.step = 0
         self.tokens_seen = 0
         self.sequences_seen: int | None = 0
@@ -469,6 +470,24 @@ class GeneralTrainer(EngineTrainer):
             verify_checksums=self.cfg.data.verify_checksums and shards == self.cfg.data.shards,
             pin_memory=self.info.device.type == "cuda",
         )
+
+    def _check_ranks_skip_alike(self) -> None:
+        """Every rank lays the epoch out over the shards it found undamaged at the start (``data.skip_corrupt``);
+        ranks that found different ones (node-local copies of a corpus, a shard replaced while they started)
+        read some sequences twice and others never, and ran different numbers of batches per epoch. Collective."""
+        found = distributed.gather_objects(sorted(self.loader.skipped_shards))
+        if all(names == found[0] for names in found):
+            return
+
+        def said(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "none"
+
+        ranks = "; ".join(f"rank {rank}: {said(names)}" for rank, names in enumerate(found))
+        raise distributed.said_by(ValueError(
+            f"data.shards {self.cfg.data.shards}: the ranks found different corpus shards damaged ({ranks}), so "
+            "they would not read the same corpus; every rank must see the same files: copy the corpus again where "
+            "a rank found damage (or point data.shards at one shared copy)"
+        ), 0)  # fmt: skip
 
     def _calibrate(self, student: torch.nn.Module, residual: torch.Tensor) -> None:
         """``student.calibrate``: the student's state statistics to the teacher's, on the corpus's first batches."""

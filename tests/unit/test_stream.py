@@ -321,6 +321,58 @@ def test_truncated_shard_is_named_or_skipped_and_counted(corpus, tmp_path, caplo
     ]
 
 
+def test_a_member_cut_inside_its_npy_header_is_a_corrupt_shard_not_an_index_error(corpus, tmp_path):
+    """A member whose tar header says 6 bytes, the file ending after the .npy magic (a manifest without
+    num_bytes, as the stream accepts): reading the version byte past the end was an IndexError, which
+    skip_corrupt did not catch either."""
+    import json
+
+    from dist_kd.data.shards import _tar_header
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    shard = damaged / "shard-000003.tar"
+    first_member_end = 512 + 512  # tar header + the first .npy, padded to a block
+    shard.write_bytes(shard.read_bytes()[:first_member_end] + _tar_header("x.input_ids.npy", 6) + b"\x93NUMPY")
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry.pop("num_bytes", None)
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptShardError, match=r"shard-000003\.tar: member x\.input_ids\.npy is not a \.npy array"):
+        read_shard(shard)
+    stream = _stream(damaged, shuffle=False, skip_corrupt=True)
+    batches = list(stream)
+    assert stream.skipped_shards.keys() == {"shard-000003.tar"} and len(batches) == len(stream)
+    shard.unlink()
+    shard.mkdir()  # a directory in a shard's place was said to be a missing file
+    with pytest.raises(CorruptShardError, match=r"shard-000003\.tar: is not a file \(a directory"):
+        _stream(damaged)
+
+
+def test_ranks_that_found_different_shards_damaged_are_refused(monkeypatch):
+    """Each rank lays its epoch out over the shards it found undamaged; with node-local copies they could
+    disagree and read some sequences twice, others never, in different numbers of batches."""
+    from types import SimpleNamespace
+
+    from dist_kd import distributed
+    from dist_kd.train.general import GeneralTrainer
+
+    def trainer(found):
+        monkeypatch.setattr(distributed, "gather_objects", lambda names: found)
+        cfg = SimpleNamespace(data=SimpleNamespace(shards="corpus/shards"))
+        return SimpleNamespace(cfg=cfg, loader=SimpleNamespace(skipped_shards={}))
+
+    GeneralTrainer._check_ranks_skip_alike(trainer([["shard-000003.tar"]] * 3))  # alike: nothing said
+    GeneralTrainer._check_ranks_skip_alike(trainer([[], []]))
+    with pytest.raises(ValueError) as raised:
+        GeneralTrainer._check_ranks_skip_alike(trainer([[], ["shard-000003.tar"], []]))
+    assert str(raised.value).startswith(
+        "data.shards corpus/shards: the ranks found different corpus shards damaged (rank 0: none; rank 1: "
+        "shard-000003.tar; rank 2: none)"
+    )
+    assert distributed.reported_elsewhere(raised.value, 1) and distributed.agreed(raised.value)  # said once
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_corrupt_member_found_while_reading(corpus, tmp_path, num_workers, caplog):
     damaged = tmp_path / "damaged"
