@@ -289,7 +289,8 @@ class GeneralTrainer(EngineTrainer):
         compile_models([student, self.teacher.model], cfg.train, ds_config)
         self.engine = build_engine(self.model, cfg.train, ds_config)
         self.guard = DivergenceGuard(self.engine.module, self.run_dir, cfg.train)
-        self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
+        with distributed.shared_failure():  # a shard found damaged by one rank alone (a node's copy): every rank stops
+            self.loader = self._build_loader(cfg.data.shards, shuffle=cfg.data.shuffle)
         self._check_ranks_skip_alike()
         self.step = 0
         self.tokens_seen = 0
