@@ -31,12 +31,14 @@ def test_bf16_modes_follow_the_fp32_run(ranks, tiny_bert_dir, tmp_path):
     assert reference[-1] < 0.6 * reference[0]
     torch.testing.assert_close(torch.tensor(autocast["losses"]), reference, rtol=1e-2, atol=0)
     assert not torch.equal(torch.tensor(autocast["losses"]), reference)
-    # DeepSpeed's ZeRO-0 bf16 optimizer strays further: besides bf16 everywhere, it takes one AdamW step on
-    # zero gradients when it is built (to create the state), so its Adam step count runs one ahead and
-    # bias correction shrinks its first steps (0.74x at the first). Only "it trains" is checked of it.
+    # DeepSpeed's ZeRO-0 bf16 optimizer takes one AdamW step on zero gradients when it is built (to create the
+    # state); its Adam step count then ran one ahead and bias correction shrank its first steps (0.745x at the
+    # first), 2 % off fp32 within 6 steps. build_engine empties that state: no step before training, and the
+    # run follows fp32 within bf16's rounding (bf16 weights too, so a little wider than autocast's).
+    assert all(report[mode]["adam_steps_before_training"] == [] for mode in report), report
     losses = torch.tensor(deepspeed["losses"])
     assert losses[-1] < 0.6 * losses[0]
-    torch.testing.assert_close(losses, reference, rtol=0.2, atol=0)
+    torch.testing.assert_close(losses, reference, rtol=1e-2, atol=0)
     weights = {mode: torch.load(tmp_path / f"{mode}-rank0.pt") for mode in report}
     for mode in report:  # the ranks took the same steps (gradients averaged, then clipped alike)
         other = torch.load(tmp_path / f"{mode}-rank1.pt")

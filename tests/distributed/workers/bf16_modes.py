@@ -4,7 +4,8 @@ Modes: ``fp32``; ``fp32-deepspeed-clip`` (fp32 with DeepSpeed's own per-tensor g
 build_engine replaces by torch's clip_grad_norm_); ``bf16-autocast`` (train.bf16_mode=autocast, the default);
 ``bf16-deepspeed`` (DeepSpeed's bf16 optimizer). Rank 0 writes OUT/modes.json: per mode the losses of every
 step (and for fp32 the gradient norms before clipping), the module's parameter dtypes, the dtype of the
-captured attention scores, the optimizer's class and whether build_engine replaced DeepSpeed's clipping; and
+captured attention scores, the optimizer's class, the step counts its AdamW held before training and whether
+build_engine replaced DeepSpeed's clipping; and
 each rank its exported (fp32) weights to OUT/<mode>-rank<r>.pt.
 """
 
@@ -35,6 +36,8 @@ def run(mode: str, teacher: Teacher, mapping, batches, info) -> dict:
     train = TrainConfig(max_steps=10, lr=5e-3, warmup_ratio=0.0, clip=0.5, bf16_mode=bf16_mode)
     ds_config = build_ds_config("ds_configs/zero0.json", 2, 1, info.world_size, precision, train.clip, bf16_mode)
     engine = build_engine(model, train, ds_config)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # AdamW, inside DeepSpeed's bf16 optimizer
+    steps_before = sorted({float(state["step"]) for state in inner.state.values() if "step" in state})
     norms: list[float] = []
     overridden = "clip_fp32_gradients" in vars(engine)  # build_engine's clipping in place of DeepSpeed's
     if variant == "deepspeed-clip":
@@ -56,6 +59,7 @@ def run(mode: str, teacher: Teacher, mapping, batches, info) -> dict:
     result = {
         "losses": losses,
         "grad_norms": norms,
+        "adam_steps_before_training": steps_before,
         "clip_overridden": overridden,
         "param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
         "score_dtype": score_dtype,
