@@ -115,6 +115,29 @@ def _naming(final: Path) -> Iterator[None]:
         raise OSError(err.errno, err.strerror, str(final)) from err
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to the disk. A directory on a filesystem that cannot
+    flush one (some network filesystems refuse it with EINVAL) is left as it is: their renames are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not (Path(path).is_dir() and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: str | os.PathLike) -> None:
+    """:func:`fsync_path` for every file and directory under ``root`` (``root`` included): before a rename
+    makes a new output the current one and the old one is deleted. Without it a node that crashed (or lost
+    power) shortly after could leave the new files at their sizes but holding zeros, the old ones gone."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(directory, name))
+        fsync_path(directory)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -254,6 +277,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         with _writes_named(final):
             yield tmp
             _ordinary_modes_under(tmp)
+            sync_tree(tmp)
             if final.exists():
                 if old.exists():  # a stale one beside a whole output
                     os.replace(old, trash)
@@ -265,9 +289,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                     os.replace(old, final)  # the earlier output stays where it was
                     raise
                 os.replace(old, trash)  # a deletion cut short leaves a .trash, never a half .old to restore
+                fsync_path(final.parent)  # the renames on the disk before the earlier output goes
                 shutil.rmtree(trash)
             else:
                 os.replace(tmp, final)
+                fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

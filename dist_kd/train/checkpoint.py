@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from dist_kd import distributed
-from dist_kd.io import atomic_path, error_causes, within, write_errno, write_json_atomic
+from dist_kd.io import atomic_path, error_causes, fsync_path, within, write_errno, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +289,16 @@ def save_checkpoint(
     try:
         with distributed.shared_failure(CheckpointSaveError):
             try:
-                with _writes_recorded(engine) as failed_writes:
+                with _writes_recorded(engine) as (failed_writes, written):
                     engine.save_checkpoint(str(checkpoints_dir), tag=tmp_tag, save_latest=False)
                 if failed_writes:
                     raise failed_writes[0]
-                torch.save(dict(rank_state, rng=rng_state()), checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt")
+                rank_file = checkpoints_dir / tmp_tag / f"rank{info.rank:05d}.pt"
+                torch.save(dict(rank_state, rng=rng_state()), rank_file)
+                # On the disk before the checkpoint goes live and older ones are pruned: a node that crashed
+                # soon after could leave the files at their sizes but holding zeros, and nothing older.
+                for path in [*written, rank_file]:
+                    fsync_path(path)
             except Exception as err:  # noqa: BLE001 - any failure mid-save: say why in one line
                 raise _save_failed(checkpoints_dir, tmp_tag, err, remove=False) from err
     except CheckpointSaveError:
@@ -308,6 +313,7 @@ def save_checkpoint(
                     checkpoints_dir / tmp_tag / "meta.json",
                     dict(meta, step=step, world_size=info.world_size, files=files),
                 )
+                fsync_path(checkpoints_dir / tmp_tag)  # every rank's files are in it, and meta.json
                 if final.exists():  # a damaged checkpoint of this step: out of the way, then replaced
                     damaged = checkpoints_dir / f".damaged-{name}"
                     shutil.rmtree(damaged, ignore_errors=True)
@@ -317,6 +323,7 @@ def save_checkpoint(
             except Exception as err:  # noqa: BLE001
                 raise _save_failed(checkpoints_dir, tmp_tag, err) from err
             point_latest(checkpoints_dir, name)
+            fsync_path(checkpoints_dir)  # the rename and `latest` on the disk before older checkpoints go
             if keep_last > 0:
                 for old in prunable(checkpoints_dir, keep_last):
                     # Out of the checkpoints' names first: a prune cut short (a kill once meta.json was gone)
@@ -332,7 +339,8 @@ def save_checkpoint(
 
 @contextlib.contextmanager
 def _writes_recorded(engine) -> Iterator[list[BaseException]]:
-    """Inside DeepSpeed's ``save_checkpoint``, a write that fails is recorded, not raised (yields the list).
+    """Inside DeepSpeed's ``save_checkpoint``, a write that fails is recorded, not raised (yields the list of
+    failures, and the paths of the files written).
 
     DeepSpeed writes each rank's files between two barriers. A write that raised on one rank (a full disk, a
     quota) sent that rank on to the agreement on the save's outcome while the others waited in DeepSpeed's last
@@ -341,16 +349,21 @@ def _writes_recorded(engine) -> Iterator[list[BaseException]]:
     writes), and the caller raises it once the save has returned, where every rank agrees on it.
     """
     failures: list[BaseException] = []
+    written: list[str] = []  # the state files this rank wrote (the checkpoint engine's save(state_dict, path))
 
-    def recorded(write):
+    def recorded(write, record: bool):
         def call(*args, **kwargs):
             if failures:
                 return None
             try:
-                return write(*args, **kwargs)
+                result = write(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - raised by the caller after DeepSpeed's last barrier
                 failures.append(err)
                 return None
+            path = args[1] if len(args) > 1 else kwargs.get("path")
+            if record and path is not None:
+                written.append(str(path))
+            return result
 
         return call
 
@@ -359,9 +372,9 @@ def _writes_recorded(engine) -> Iterator[list[BaseException]]:
     patched = [(owner, name, vars(owner).get(name)) for owner, name in owners
                if owner is not None and callable(getattr(owner, name, None))]  # fmt: skip
     for owner, name, _ in patched:
-        setattr(owner, name, recorded(getattr(owner, name)))
+        setattr(owner, name, recorded(getattr(owner, name), record=name == "save"))
     try:
-        yield failures
+        yield failures, written
     finally:
         for owner, name, own in patched:
             if own is None:
@@ -737,10 +750,27 @@ def readable(checkpoint: Path) -> Iterator[None]:
             else "no whole checkpoint is older: delete the checkpoints directory to start again from step 0"
         )
         message = str(err).splitlines()[0] if str(err) else ""
+        bad = damaged_state_file(checkpoint)
+        where = f"its file {bad} is damaged" if bad else "where a file in it is damaged"
         raise ValueError(
-            f"checkpoint {checkpoint} does not load ({type(err).__name__}: {message}); where a file in it is damaged "
+            f"checkpoint {checkpoint} does not load ({type(err).__name__}: {message}); {where} "
             f"(its sizes are as saved, so not truncated: overwritten, or zeros from a crash), {advice}"
         ) from None
+
+
+def damaged_state_file(checkpoint: Path) -> str | None:
+    """The name of the first state file (``*.pt``, a zip archive as torch saves it) of ``checkpoint`` that is no
+    zip archive or whose bytes fail the archive's checksums; None where each one reads whole. Reads every file
+    once: for an error message only."""
+    for path in sorted(checkpoint.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if archive.testzip() is None:
+                    continue
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            pass
+        return path.name
+    return None
 
 
 def load_checkpoint(engine, checkpoint: Path) -> dict[str, Any]:

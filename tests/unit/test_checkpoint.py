@@ -51,6 +51,41 @@ def test_save_writes_a_whole_checkpoint_the_latest_tag_and_keeps_the_last(tmp_pa
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_save_flushes_its_files_before_it_goes_live_and_before_older_checkpoints_go(tmp_path, monkeypatch):
+    """DeepSpeed writes its state files without fsync: a node that crashed soon after a save could leave them at
+    their recorded sizes but holding zeros, once keep_last had deleted the checkpoint before (nothing to resume)."""
+
+    class WritingEngine(FakeEngine):  # writes through a checkpoint engine, as DeepSpeed's engine does
+        class checkpoint_engine:  # noqa: N801
+            @staticmethod
+            def save(state_dict, path):
+                torch.save(state_dict, path)
+
+        def save_checkpoint(self, save_dir, tag, save_latest):
+            target = ckpt.Path(save_dir) / tag
+            target.mkdir(parents=True, exist_ok=True)
+            self.checkpoint_engine.save({"w": torch.arange(4)}, str(target / "mp_rank_00_model_states.pt"))
+            self.checkpoint_engine.save({"m": torch.arange(4)}, path=str(target / "zero_pp_rank_0_optim_states.pt"))
+
+    _save(tmp_path, 10, WritingEngine())
+    events: list[tuple[str, bool, bool]] = []  # (name, step 20 live, step 10 still there)
+
+    def fsync_path(path):
+        path = ckpt.Path(path)
+        name = path.name if path != tmp_path else "checkpoints/"
+        events.append((name, (tmp_path / "step-00000020").exists(), (tmp_path / "step-00000010").exists()))
+
+    monkeypatch.setattr(ckpt, "fsync_path", fsync_path)
+    _save(tmp_path, 20, WritingEngine(), keep_last=1)
+    names = [name for name, _, _ in events]
+    written = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_optim_states.pt", "rank00000.pt", ".tmp-step-00000020"]
+    # (meta.json is flushed by write_json_atomic itself, before its directory)
+    assert names[: len(written)] == written, names
+    assert all(not live and kept for name, live, kept in events if name in written)  # before it goes live
+    assert ("checkpoints/", True, True) in events  # the rename and latest, before step 10 is pruned
+    assert [step for step, _ in ckpt.step_checkpoints(tmp_path)] == [20]
+
+
 def test_a_whole_step_is_not_saved_again(tmp_path):
     """A finished run started again resumes at its last step: its checkpoint is never taken down to re-save."""
     final = _save(tmp_path, 10)
@@ -658,7 +693,8 @@ def test_a_state_file_of_its_saved_size_that_does_not_load_names_the_checkpoint(
     size = state.stat().st_size
     state.write_bytes(b"\0" * size if damage == "zeros" else b"\xff" * size)
     assert ckpt.damage(tmp_path / "step-00000013") is None  # the sizes cannot tell
-    with pytest.raises(ValueError, match=r"step-00000013 does not load \(.*move it out of .* to resume from "
+    with pytest.raises(ValueError, match=r"step-00000013 does not load \(.*\); its file rank00000\.pt is damaged "
+                                         r"\(.*move it out of .* to resume from "
                                          r"step-00000010, the newest whole one before it"):  # fmt: skip
         ckpt.saved_trainer_state(tmp_path / "step-00000013")
     with pytest.raises(ValueError, match=r"step-00000013 does not load"):
@@ -667,6 +703,21 @@ def test_a_state_file_of_its_saved_size_that_does_not_load_names_the_checkpoint(
     state.write_bytes(b"\0" * state.stat().st_size)
     with pytest.raises(ValueError, match=r"no whole checkpoint is older: delete the checkpoints directory"):
         ckpt.saved_trainer_state(tmp_path / "step-00000010")
+
+
+def test_the_damaged_state_file_is_found_by_the_archives_checksums(tmp_path):
+    checkpoint = _save(tmp_path, 10)
+    assert ckpt.damaged_state_file(checkpoint) is None  # whole
+    state = checkpoint / "mp_rank_00_model_states.pt"
+    data = bytearray(state.read_bytes())
+    at = data.index(bytes(torch.arange(100).numpy().tobytes()[8:16]))  # inside the stored tensor's bytes
+    data[at] ^= 0xFF  # still a zip archive of the same size; its CRC no longer holds
+    state.write_bytes(bytes(data))
+    assert ckpt.damaged_state_file(checkpoint) == "mp_rank_00_model_states.pt"
+    (checkpoint / "rank00000.pt").write_bytes(b"\0" * 64)  # the first in name order is named
+    assert ckpt.damaged_state_file(checkpoint) == "mp_rank_00_model_states.pt"
+    state.unlink()
+    assert ckpt.damaged_state_file(checkpoint) == "rank00000.pt"
 
 
 def test_a_latest_file_of_bytes_that_are_no_text_is_rewritten_by_the_next_save(tmp_path):

@@ -51,6 +51,38 @@ def test_a_failed_block_leaves_the_old_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
+def test_atomic_dir_flushes_every_new_file_before_the_earlier_output_goes(tmp_path, monkeypatch):
+    """Without fsync, a node that crashed soon after a swap could leave the new files at their sizes but holding
+    zeros, and the earlier output already deleted."""
+    import dist_kd.io as io
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "old.bin").write_bytes(b"earlier")
+    synced: list[tuple[str, bool, bool]] = []  # (path, the new output in place, the earlier one still there)
+
+    def fsync_path(path):
+        synced.append((os.fspath(path), (out / "new.bin").exists(), (out / "old.bin").exists() or any(
+            p.name.endswith((".old", ".trash")) for p in tmp_path.iterdir())))  # fmt: skip
+        real_fsync_path(path)
+
+    real_fsync_path = io.fsync_path
+    monkeypatch.setattr(io, "fsync_path", fsync_path)
+    with atomic_dir(out) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "new.bin").write_bytes(b"new")
+        (tmp / "sub" / "part.bin").write_bytes(b"part")
+        new_tmp = tmp
+    names = [path for path, _, _ in synced]
+    for path in (new_tmp / "new.bin", new_tmp / "sub" / "part.bin", new_tmp / "sub", new_tmp):
+        assert names.count(os.fspath(path)) == 1, names
+    # the files and their directories before the rename; the parent after it, before the earlier output goes
+    assert all(not moved for path, moved, _ in synced if path != os.fspath(tmp_path))
+    assert synced[-1] == (os.fspath(tmp_path), True, True)
+    assert (out / "new.bin").read_bytes() == b"new" and not (out / "old.bin").exists()
+    io.fsync_path(tmp_path)  # a directory flushes (or is left alone where its filesystem cannot)
+
+
 def test_data_fingerprint_follows_content_not_names_or_times(tmp_path):
     import json
 
