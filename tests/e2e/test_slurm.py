@@ -57,12 +57,14 @@ def sbatch(
     preempt_when: Path | None = None,
     submit_dir: Path = REPO,
     shell_signal: signal.Signals | None = None,
+    restart_count: int = 0,
 ):
     """Run ``bash launch/slurm/SCRIPT ARGS`` as SLURM would (job 4242, submitted from ``submit_dir``; SLURM runs a
     copy of the script from its spool directory); returns the finished process and the job ids it requeued.
 
     ``preempt_when``: once that file is non-empty, the task gets SIGUSR1 (``--signal=USR1@N``), or with
-    ``shell_signal`` the batch script itself gets that signal (``--signal=B:USR1@N``, ``scancel``'s SIGTERM)."""
+    ``shell_signal`` the batch script itself gets that signal (``--signal=B:USR1@N``, ``scancel``'s SIGTERM).
+    ``restart_count``: SLURM_RESTART_COUNT, the times the job was requeued before (unset at 0, as SLURM does)."""
     requeued = tmp_path / "requeued.txt"
     requeued.unlink(missing_ok=True)
     tools = _tools(tmp_path / "bin")
@@ -77,6 +79,9 @@ def sbatch(
         REQUEUED=str(requeued),
         PREEMPT_WHEN=str(preempt_when or "") if shell_signal is None else "",
     )
+    env.pop("SLURM_RESTART_COUNT", None)
+    if restart_count:
+        env["SLURM_RESTART_COUNT"] = str(restart_count)
     spool = tmp_path / "spool"
     spool.mkdir(exist_ok=True)
     shutil.copy(REPO / "launch" / "slurm" / script, spool / script)
@@ -118,6 +123,21 @@ def test_a_preempted_continuation_of_a_finished_run_is_requeued(general_args, tm
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "received SIGUSR1" in proc.stderr and "requeueing job 4242" in proc.stdout, proc.stderr[-3000:]
     assert requeued == ["4242"]
+
+
+def test_a_requeued_job_of_a_run_started_with_resume_never_continues_it(general_args, tmp_path):
+    """run.resume=never guards the first start; the requeued job (SLURM_RESTART_COUNT 1) was refused by it
+    ("already holds a run"), exit 2, and the run stopped for good."""
+    args = [*general_args, "train.max_steps=40", "run.resume=never"]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    proc, requeued = sbatch("general.sbatch", args, tmp_path, metrics)
+    assert proc.returncode == 0 and requeued == ["4242"], proc.stdout + proc.stderr[-3000:]
+    proc, requeued = sbatch("general.sbatch", args, tmp_path, restart_count=1)
+    assert proc.returncode == 0 and requeued == [], proc.stdout + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr and (tmp_path / "run" / "student" / "config.json").is_file()
+    # A new submission of the same command (no restart count) is still refused by run.resume=never.
+    proc, _ = sbatch("general.sbatch", args, tmp_path)
+    assert proc.returncode == 2 and "already holds a run; use run.resume=auto" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
