@@ -156,10 +156,12 @@ class RunLock:
 
     @staticmethod
     def describe(owner: dict[str, Any] | None, age: float) -> str:
+        # A heartbeat in the future: the writer's clock (or the file server's) runs ahead of this host's.
+        beat = f"heartbeat {age:.0f} s ago" if age >= -1 else f"heartbeat {-age:.0f} s in the future (clock skew)"
         if owner is None:
-            return f"an unreadable owner, heartbeat {age:.0f} s ago"
+            return f"an unreadable owner, {beat}"
         job = f", SLURM job {owner['job_id']}" if owner.get("job_id") else ""
-        return f"host {owner.get('host')}, pid {owner.get('pid')}{job}, heartbeat {age:.0f} s ago"
+        return f"host {owner.get('host')}, pid {owner.get('pid')}{job}, {beat}"
 
     # --- taking and giving back -------------------------------------------------------------------------
 
@@ -201,6 +203,8 @@ class RunLock:
                 try:
                     with os.fdopen(fd, "w") as handle:
                         handle.write(payload)
+                        handle.flush()
+                        os.fsync(handle.fileno())  # never an empty lock after a node crash
                 except OSError:
                     # a full disk: the empty file just made would hold the directory, unreadable, until stale
                     with contextlib.suppress(OSError):
@@ -224,11 +228,15 @@ class RunLock:
             # A requeue of this job: its earlier run, on another node, is gone but its heartbeat is not stale yet.
             # Not when that run is alive on this host (its pid), or its heartbeat moves on while we wait: then it
             # is a second run in the same allocation (an salloc shell, one batch script), which waits for nothing.
-            if same_job and owner.get("host") != self.owner["host"] and not (said and beat > first_beat + 1.0):
+            # An unreadable lock likewise (a start killed, or its node lost, between making the file and writing
+            # it; or a run writing it this moment): refused at once, it stopped a requeued job for good.
+            earlier = same_job and owner.get("host") != self.owner["host"]
+            if (earlier or owner is None) and not (said and beat > first_beat + 1.0):
                 if not said:
+                    whose = "an earlier run of this SLURM job" if earlier else "a run whose lock cannot be read"
                     logger.warning(
-                        "%s is held by an earlier run of this SLURM job (%s); waiting up to %.0f s for it to go stale",
-                        self.path, self.describe(owner, age), self.stale_s - age,
+                        "%s is held by %s (%s); waiting up to %.0f s for it to go stale",
+                        self.path, whose, self.describe(owner, age), self.stale_s - age,
                     )  # fmt: skip
                     said, first_beat = True, beat
                 time.sleep(min(poll, max(0.05, self.stale_s - age)))

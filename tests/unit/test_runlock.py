@@ -183,6 +183,43 @@ def test_a_second_run_in_the_same_slurm_job_is_refused_not_kept_waiting(tmp_path
     assert isinstance(refused, RunDirInUse) and "host other-node" in str(refused)
 
 
+def test_an_unreadable_lock_is_waited_for_until_stale_unless_its_heartbeat_moves(tmp_path, caplog):
+    """An empty lock file (a start killed, or its node lost, between making the file and writing it) was refused
+    at once as "in use", which stopped a requeued SLURM job for good; it goes stale like any other now."""
+    import logging
+
+    path = tmp_path / LOCK_NAME
+    path.write_text("")
+    lock = RunLock(tmp_path, stale_s=0.6)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="dist_kd.train.runlock"):
+        assert _outcome(lock, within=20.0) is None
+    assert time.monotonic() - started >= 0.4 and lock.holds()
+    assert "is held by a run whose lock cannot be read (an unreadable owner, heartbeat 0 s ago)" in caplog.text
+    lock.release()
+    # unreadable, but its heartbeat moves on: a live run (its payload damaged) is refused, not taken over
+    path.write_text("{not json")
+    beating = threading.Event()
+
+    def beat():
+        while not beating.wait(0.05):
+            os.utime(path)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        refused = _outcome(RunLock(tmp_path, stale_s=5.0), within=20.0)
+    finally:
+        beating.set()
+        thread.join()
+    assert isinstance(refused, RunDirInUse) and "an unreadable owner" in str(refused)
+
+
+def test_a_heartbeat_from_a_clock_running_ahead_is_said_as_clock_skew():
+    assert RunLock.describe(None, -300.0) == "an unreadable owner, heartbeat 300 s in the future (clock skew)"
+    assert RunLock.describe({"host": "n1", "pid": 7}, 12.4) == "host n1, pid 7, heartbeat 12 s ago"
+
+
 def test_a_requeue_given_the_old_runs_pid_takes_its_lock_over(tmp_path, monkeypatch):
     """In a container a requeued job's process may get the pid its earlier run had: that run is gone, though a
     process with its pid is alive (this one)."""
