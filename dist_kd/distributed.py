@@ -142,18 +142,48 @@ def launcher_variables(env: Mapping[str, str]) -> bool:
     return not inherited
 
 
+def _check_place(found: Mapping[str, str], names: Mapping[str, str]) -> None:
+    """RANK, WORLD_SIZE and LOCAL_RANK as integers with 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0, or one line
+    naming the variables they came from (``names``: RANK/WORLD_SIZE/LOCAL_RANK -> the variable read). Out of
+    range they waited the whole rendezvous timeout and ended in a gloo or TCPStore traceback, or hung."""
+    values = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = found[key].strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(f"{names[key]}={found[key]!r} is not an integer (the process's {key.lower()})")
+        values[key] = int(text)
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(
+            f"{names['RANK']}={rank}, {names['WORLD_SIZE']}={world_size}, {names['LOCAL_RANK']}={local_rank}: a "
+            f"rank must lie in 0..{names['WORLD_SIZE']}-1 (and the local rank be 0 or more); start the job with "
+            "deepspeed, torchrun or srun, or set the variables for each process alike"
+        )
+
+
 def discover_environment() -> dict[str, str]:
-    """The RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* variables this process should use (launcher, SLURM or none)."""
+    """The RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* variables this process should use (launcher, SLURM or none).
+
+    Raises:
+        ValueError: a rank, world size or local rank that is no integer, or out of range (one line naming the
+            variables).
+    """
     env = os.environ
     if launcher_variables(env):
         found = {k: env[k] for k in ("RANK", "WORLD_SIZE") if k in env}
         found["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+        _check_place(found, {key: key for key in found})
+    elif "SLURM_PROCID" in env and not re.fullmatch(r"\s*[+-]?\d+\s*", slurm_tasks(env)):
+        tasks = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+        raise ValueError(f"{tasks}={slurm_tasks(env)!r} is not an integer (the tasks of the SLURM step)")
     elif "SLURM_PROCID" in env and int(slurm_tasks(env)) > 1:
         found = {
             "RANK": env["SLURM_PROCID"],
             "WORLD_SIZE": slurm_tasks(env),
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         }
+        tasks = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+        _check_place(found, {"RANK": "SLURM_PROCID", "WORLD_SIZE": tasks, "LOCAL_RANK": "SLURM_LOCALID"})
         # The step's first node: a step of a multi-node job may not start on the job's first node (two steps
         # side by side, `srun ... augment & srun ... precompute &`), where nobody would listen.
         nodelist = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)),

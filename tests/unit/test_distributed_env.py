@@ -129,6 +129,33 @@ def test_slurm_step_tasks_are_the_world_size(monkeypatch):
 
 
 @pytest.mark.usefixtures("no_launcher")
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2, WORLD_SIZE=2, LOCAL_RANK=0: a rank must lie in 0..WORLD_SIZE-1"),
+        ({"RANK": "-1", "WORLD_SIZE": "1"}, "RANK=-1, WORLD_SIZE=1, LOCAL_RANK=0: a rank must lie"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0, WORLD_SIZE=0, LOCAL_RANK=0: a rank must lie"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-3"}, "LOCAL_RANK=-3: a rank must lie"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer (the process's rank)"),
+        ({"RANK": "0", "WORLD_SIZE": "2.0"}, "WORLD_SIZE='2.0' is not an integer"),
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2"},
+         "SLURM_PROCID=3, SLURM_NTASKS=2, SLURM_LOCALID=0: a rank must lie in 0..SLURM_NTASKS-1"),
+        ({"SLURM_PROCID": "4", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2"},
+         "SLURM_PROCID=4, SLURM_STEP_NUM_TASKS=2"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "two"}, "SLURM_NTASKS='two' is not an integer"),
+    ],
+)  # fmt: skip
+def test_a_rank_outside_its_world_is_one_line_naming_the_variables(monkeypatch, variables, message):
+    """RANK=2 of WORLD_SIZE=2 waited the whole rendezvous timeout, then a gloo traceback; RANK=-1 hung; a rank
+    that is no integer was a bare int() error."""
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError) as raised:
+        discover_environment()
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.usefixtures("no_launcher")
 def test_two_srun_steps_of_one_job_rendezvous_on_different_ports(monkeypatch):
     """The port came from the job id alone: ``srun -n 2 dist-kd augment & srun -n 2 dist-kd precompute &`` in one
     allocation had both steps' rank 0 listen on one port (EADDRINUSE, or the other step's ranks joining)."""
