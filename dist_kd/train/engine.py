@@ -128,10 +128,11 @@ class DeepSpeedSection:
 
     config: str = doc(
         "DeepSpeed JSON (ZeRO stage, offload); batch and clipping keys are filled in, and fp16/bf16's 'enabled' "
-        "(their other settings, e.g. a static fp16 loss_scale, are kept); DeepSpeed reads the whole JSON before "
-        "any model loads, so a misspelt key inside a section is an error naming it. ZeRO-0 (the default), with a "
-        "bf16 student under autocast, was the fastest on one H200 (docs/performance.md) for students that fit a "
-        "GPU; ZeRO 1-3 shard optimizer state for large ones, and ZeRO-2/3 (whose shipped JSONs set "
+        '(their other settings, e.g. a static fp16 loss_scale, are kept); the "auto" values of a JSON written for '
+        "the HF Trainer are filled the same way (in zero_optimization, DeepSpeed's defaults); DeepSpeed reads "
+        "the whole JSON before any model loads, so a misspelt key inside a section is an error naming it. ZeRO-0 "
+        "(the default), with a bf16 student under autocast, was the fastest on one H200 (docs/performance.md) for "
+        "students that fit a GPU; ZeRO 1-3 shard optimizer state for large ones, and ZeRO-2/3 (whose shipped JSONs set "
         "overlap_comm) overlap the gradient reduction with the backward",
         "ds_configs/zero0.json",
         path=True,
@@ -289,6 +290,7 @@ def build_ds_config(
     if not isinstance(ds_config, dict):
         raise ValueError(f"deepspeed.config {source} must hold a JSON object")
     _check_ds_keys(ds_config, source)
+    _drop_auto(ds_config)
     owned = [key for key in ("optimizer", "scheduler") if key in ds_config]
     if owned:
         # The engine gets dist_kd's AdamW and schedule (train.lr, train.warmup_ratio, ...); DeepSpeed would
@@ -309,9 +311,9 @@ def build_ds_config(
     }
     for key, (value, given_by) in filled.items():
         if key in ds_config and ds_config[key] != value:
-            raise ValueError(
-                f"deepspeed.config {source} sets {key}={ds_config[key]}, but the run config gives {value} "
-                f"({given_by}); remove the key from the JSON"
+            raise ValueError(  # json.dumps: "32", a string, is not the 32 it would print as
+                f"deepspeed.config {source} sets {key}={json.dumps(ds_config[key])}, but the run config gives "
+                f"{value} ({given_by}); remove the key from the JSON"
             )
         ds_config[key] = value
     for key in ("fp16", "bf16", "bfloat16"):
@@ -360,6 +362,18 @@ def build_ds_config(
     ds_config.setdefault("zero_allow_untested_optimizer", True)
     _check_with_deepspeed(ds_config, source)
     return ds_config
+
+
+def _drop_auto(ds_config: dict[str, Any]) -> None:
+    """Remove the ``"auto"`` values of a JSON written for the Hugging Face Trainer, which fills them in: at the top
+    level (the batch keys, ``gradient_clipping``: dist_kd fills them from the run config), in ``fp16`` / ``bf16``
+    (``enabled`` comes from ``train.precision``) and in ``zero_optimization`` (DeepSpeed's defaults apply). "auto"
+    was read as True ("enables fp16") or refused as a value the run config disagrees with."""
+    sections = [ds_config, *(ds_config[key] for key in ("fp16", "bf16", "bfloat16", "zero_optimization")
+                             if isinstance(ds_config.get(key), dict))]  # fmt: skip
+    for section in sections:
+        for key in [key for key, value in section.items() if value == "auto"]:
+            del section[key]
 
 
 def _check_with_deepspeed(ds_config: dict[str, Any], source: Path) -> None:

@@ -142,6 +142,25 @@ def test_a_json_key_that_disagrees_names_the_run_config_key_that_gives_it(tmp_pa
         assert str(err.value).endswith(said), key
 
 
+def test_a_hugging_face_style_json_of_auto_values_is_filled_and_a_string_number_is_said_as_one(tmp_path):
+    """ "auto" (written for the HF Trainer, which fills it in) was read as True in fp16/bf16 ("enables fp16") and
+    refused at the top level; "32", a string, was said as "sets train_batch_size=32, but the run config gives 32"."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "overlap_comm": True},
+    }))  # fmt: skip
+    ds = build_ds_config(str(path), 8, 2, 2, "fp32", 1.0)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        32, 8, 2)  # fmt: skip
+    assert ds["gradient_clipping"] == 1.0 and ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # DeepSpeed's default bucket
+    path.write_text(json.dumps({"train_batch_size": "32"}))
+    with pytest.raises(ValueError, match=r'sets train_batch_size="32", but the run config gives 32 \('):
+        build_ds_config(str(path), 8, 2, 2, "fp32", 1.0)
+
+
 def test_deepspeeds_older_bfloat16_section_is_read_as_bf16_and_a_section_not_an_object_is_refused(tmp_path):
     """DeepSpeed reads "bfloat16" where "bf16" is absent; dist_kd wrote "bf16" beside it, so the JSON's
     request was dropped (an fp32 run with it passed, and auto mode took autocast for it). "bf16": true crashed
