@@ -154,6 +154,23 @@ def _outcome(lock: RunLock, within: float = 30.0) -> BaseException | None:
     return raised[0] if raised else None
 
 
+def _outcome_while_beating(path, lock: RunLock) -> BaseException | None:
+    """:func:`_outcome` while another writer's heartbeat renews ``path`` every 0.05 s."""
+    beating = threading.Event()
+
+    def beat():
+        while not beating.wait(0.05):
+            os.utime(path)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        return _outcome(lock, within=20.0)
+    finally:
+        beating.set()
+        thread.join()
+
+
 def test_a_second_run_in_the_same_slurm_job_is_refused_not_kept_waiting(tmp_path, monkeypatch):
     """Two runs on one directory inside one allocation (an salloc shell) share SLURM_JOB_ID: the second was
     taken for a requeue and waited as long as the first lived."""
@@ -167,19 +184,7 @@ def test_a_second_run_in_the_same_slurm_job_is_refused_not_kept_waiting(tmp_path
     assert isinstance(refused, RunDirInUse) and "in use by another run" in str(refused)
     # on another node: waited for while its heartbeat stands still, refused once it moves on
     path = _plant(tmp_path, age=0, job_id="777")
-    beating = threading.Event()
-
-    def beat():
-        while not beating.wait(0.05):
-            os.utime(path)
-
-    thread = threading.Thread(target=beat)
-    thread.start()
-    try:
-        refused = _outcome(RunLock(tmp_path, stale_s=5.0), within=20.0)
-    finally:
-        beating.set()
-        thread.join()
+    refused = _outcome_while_beating(path, RunLock(tmp_path, stale_s=5.0))
     assert isinstance(refused, RunDirInUse) and "host other-node" in str(refused)
 
 
@@ -199,19 +204,7 @@ def test_an_unreadable_lock_is_waited_for_until_stale_unless_its_heartbeat_moves
     lock.release()
     # unreadable, but its heartbeat moves on: a live run (its payload damaged) is refused, not taken over
     path.write_text("{not json")
-    beating = threading.Event()
-
-    def beat():
-        while not beating.wait(0.05):
-            os.utime(path)
-
-    thread = threading.Thread(target=beat)
-    thread.start()
-    try:
-        refused = _outcome(RunLock(tmp_path, stale_s=5.0), within=20.0)
-    finally:
-        beating.set()
-        thread.join()
+    refused = _outcome_while_beating(path, RunLock(tmp_path, stale_s=5.0))
     assert isinstance(refused, RunDirInUse) and "an unreadable owner" in str(refused)
 
 
