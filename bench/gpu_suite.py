@@ -17,21 +17,24 @@ synchronised around every step) over the same packed batches (every token real):
   ``contiguous_gradients`` and ``overlap_comm`` off (``OUTPUT/zero2_lean.json``);
 - ``naive`` (fp32 eager models returning every layer's states and attention matrices, torch AdamW);
 - the first row again at a larger micro-batch (1,024 x 128), where launch overheads are amortised;
-- the first row again under ``train.compile`` (student and teacher compiled; the warm-up steps compile them),
-  in ``train.compile_mode`` default and reduce-overhead (CUDA graphs);
 - the largest micro-batch of the ZeRO-0 row that fits (doubling until the device is out of memory);
+- the first row again under ``train.compile`` (student and teacher compiled; the warm-up steps compile them),
+  in ``train.compile_mode`` default and reduce-overhead (CUDA graphs), each started only with 90 s of the
+  budget left;
 
-and, before all of them, the ``gpu``-marked tests (``pytest -m gpu``). Each row has real tokens/s (median
-step), MFU (6 FLOPs per trained matmul weight and token plus 2 per teacher weight that runs, and attention's
-two L x L products likewise: ``metrics.distill_flops_per_token``; over the device's dense bf16 peak, the same
-formula for every row, so MFU ratios are speed ratios) and the peak memory the device allocated. Each row
+and, after all of them, the ``gpu``-marked tests (``pytest -m gpu``) in the time left. Each row has real
+tokens/s (median step), MFU (6 FLOPs per trained matmul weight and token plus 2 per teacher weight that runs,
+and attention's two L x L products likewise: ``metrics.distill_flops_per_token``; over the device's dense bf16
+peak, the same formula for every row, so MFU ratios are speed ratios) and the peak memory the device allocated. Each row
 releases its engine before the next is built (``release_engine``), so each peak is the row's own.
 
 Writes ``OUTPUT/gpu_suite.json`` (every figure, the device and versions) and ``OUTPUT/gpu_suite.md`` (the
 tables) after every unit of work, so a run cut short keeps what it measured. The rows the targets need come
-first (seq 128: dist_kd and the naive loop for each student), the largest-batch searches last. A unit that
-fails leaves a row with the error and the suite goes on; no unit starts after ``--budget-s`` (420 s on a GPU),
-and the ones left are listed as skipped. It asserts nothing: it measures.
+first (seq 128: dist_kd and the naive loop for each student), then seq 512, the largest-batch searches and the
+compiled rows. A unit that fails leaves a row with the error and the suite goes on; no unit starts after
+``--budget-s`` (300 s on a GPU), and the ones left are listed as skipped. The tests then get what is left up to
+``--deadline-s`` (450 s), at most 240 s; on a GPU the whole command ends within 8 minutes, the carried wheels'
+install included. It asserts nothing: it measures.
 
 Peer rows: TextBrewer's ``GeneralDistiller`` (``bench/general.py``'s peer step: fp32 eager models, TinyBERT's
 hidden and attention matches on the same layers) on the same batches, when textbrewer is installed (carry
@@ -43,6 +46,7 @@ the peer; as many batches as the text gives, up to the plan's steps (the 2,225 a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -50,6 +54,8 @@ import json
 import logging
 import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +73,6 @@ from dist_kd import distributed  # noqa: E402
 from dist_kd.layer_map import layer_map  # noqa: E402
 from dist_kd.models.student import StudentConfig  # noqa: E402
 from dist_kd.objective import LossWeights  # noqa: E402
-from dist_kd.testing import run_process_group  # noqa: E402
 from dist_kd.train.metrics import peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,8 +137,13 @@ COMPILED = {  # train.compile_mode -> its row
 }
 PEER = "textbrewer GeneralDistiller"
 LARGEST = "largest micro-batch that fits (ZeRO-0, fp16 teacher)"
-FULL_BUDGET_S = 420.0  # rows start up to 7 minutes in; the last (a largest-batch search) ends well inside 8
-GPU_TESTS_TIMEOUT_S = 240.0  # the gpu tests start one process per export case (about 20 s each on 2 CPU cores)
+# On one H200 the rows without the compiled ones took about 175 s, a compiled row about 60 s, `pytest -m gpu`
+# about 350 s (docs/performance.md): rows start up to 5 minutes in, and the tests end by 7.5 minutes.
+FULL_BUDGET_S = 300.0
+FULL_DEADLINE_S = 450.0
+GPU_TESTS_TIMEOUT_S = 240.0
+GPU_TESTS_LEAST_S = 30.0  # fewer seconds than this left: the tests are not started (said in the report)
+COMPILED_ROW_S = 90.0  # a compiled row is started only with this much of the budget left
 
 
 @dataclass
@@ -160,7 +170,8 @@ def peak_memory_gb(device: torch.device) -> float | None:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
 def batches_for(tokenizer, vocab: int, seq_len: int, batch: int, count: int, seed: int) -> list[dict]:
@@ -192,10 +203,13 @@ class Suite:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def run(self, what: Result, unit: Callable[[], list[Result]]) -> None:
-        """Add ``unit()``'s rows; or ``what`` with a note when the budget is spent or the unit fails."""
-        if self.budget_s is not None and self.elapsed() > self.budget_s:
-            self.rows.append(dataclasses.replace(what, note=f"skipped: the {self.budget_s:.0f} s budget was spent"))
+    def run(self, what: Result, unit: Callable[[], list[Result]], needs_s: float = 0.0) -> None:
+        """Add ``unit()``'s rows; or ``what`` with a note when the budget is spent (less than ``needs_s``
+        seconds of it left: a unit that takes long) or the unit fails."""
+        if self.budget_s is not None and self.elapsed() + needs_s > self.budget_s:
+            spent = f"the {self.budget_s:.0f} s budget was spent" if self.elapsed() > self.budget_s else (
+                f"less than the {needs_s:.0f} s it takes was left of the {self.budget_s:.0f} s budget")  # fmt: skip
+            self.rows.append(dataclasses.replace(what, note=f"skipped: {spent}"))
         else:
             try:
                 self.rows.extend(unit())
@@ -343,20 +357,22 @@ def measure(
                                dtype, mode)  # fmt: skip
                 suite.run(Result(shape.name, seq_len, plan.large_batch, LARGE), unit)
             del large
-        if index == 0:  # train.compile against the first row (its warm-up steps compile: about a minute each)
-            for compile_mode, name in COMPILED.items():
-                for shape, student_cfg, mapping in students:
-                    _, zero, dtype, mode, _ = rows[0]
-                    unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype,
-                                   mode, compile_mode=compile_mode)  # fmt: skip
-                    suite.run(Result(shape.name, seq_len, batch, name), unit)
-                    torch._dynamo.reset()  # the row's graphs and guards (and CUDA graphs): none is reused after
         del data
     for seq_len, batch in plan.lengths:
         for shape, student_cfg, mapping in students:
             suite.run(Result(shape.name, seq_len, batch, LARGEST),
                       partial(largest_batch, plan, teacher_path, student_cfg, mapping, weights, info, tokenizer, vocab,
                               shape, seq_len, batch))  # fmt: skip
+    # train.compile against the first row, last (its warm-up steps compile: about a minute each)
+    seq_len, batch = plan.lengths[0]
+    data = batches(seq_len, batch)
+    for compile_mode, name in COMPILED.items():
+        for shape, student_cfg, mapping in students:
+            _, zero, dtype, mode, _ = rows[0]
+            unit = partial(dist_kd_row, shape, student_cfg, mapping, seq_len, batch, data, name, zero, dtype, mode,
+                           compile_mode=compile_mode)  # fmt: skip
+            suite.run(Result(shape.name, seq_len, batch, name), unit, needs_s=COMPILED_ROW_S)
+            torch._dynamo.reset()  # the row's graphs and guards (and CUDA graphs): none is reused after
 
 
 def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None) -> float | None:
@@ -474,9 +490,10 @@ def largest_batch(plan, teacher_path, student_cfg, mapping, weights, info, token
             bench.synchronize(info.device)
             fits, memory = size, peak_memory_gb(info.device)
         except (RuntimeError, torch.OutOfMemoryError) as error:
-            if not is_out_of_memory(error):
-                raise
-            note = f"{size} ran out of memory"
+            # Out of memory, or an allocation failure said otherwise (cuBLAS's workspace): the sizes that ran
+            # are the answer, and the error is said with it.
+            note = f"{size} ran out of memory" if is_out_of_memory(error) else (
+                f"{size} failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")  # fmt: skip
             break
         finally:
             if built is not None:
@@ -493,18 +510,61 @@ GPU_TESTS_COMMAND = [
     # Serially, with or without pytest-xdist installed (the project's addopts name its --dist option).
     # -v: each test's outcome on its own line as it ends, so a run stopped at its timeout still says them.
     "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=--strict-markers -ra",
+    # the quick ones first (half-precision teachers, the fp32 export of half engines), the whole runs last
+    "tests/unit", "tests/distributed", "tests/e2e",
 ]  # fmt: skip
+# What a parent's process group leaves in the environment: the tests' launchers set their own.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", distributed.ONE_PROCESS_MARK)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from Linux's /proc; those that left its process
+    group or session (``setsid``: the tests' launch scripts) included, which killing the group misses."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state": the ppid
+        parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
-    """``pytest -m gpu`` in a subprocess (run first: a correctness check is worth more than one more row). Its
-    whole process group goes when it ends or times out (the tests' own rank processes too: none is left on the
-    device while the rows are timed)."""
+    """``pytest -m gpu`` in a subprocess, after the rows (the figures are what a short loan is for), with a
+    clean environment. When it ends or times out every process below it goes, those that left its process
+    group too, so none is left on the device; its output goes to a file, which a process still holding it
+    cannot keep the suite waiting on (a pipe did, 30 s, and then lost what it held)."""
     started = time.perf_counter()
-    proc = run_process_group(command or [sys.executable, *GPU_TESTS_COMMAND], timeout_s, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(command or [sys.executable, *GPU_TESTS_COMMAND], cwd=REPO, env=env, stdout=output,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            below = descendants(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in below:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        output.seek(0)
+        stdout = output.read()
+    lines = [line for line in stdout.splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    if proc.returncode is None:  # what ended before the timeout, from -v's lines ("path::test PASSED [ 5%]")
+    if returncode is None:  # what ended before the timeout, from -v's lines ("path::test PASSED [ 5%]")
         outcomes = [line for line in lines if "::" in line and (" PASSED" in line or " FAILED" in line
                                                                 or " ERROR" in line or " SKIPPED" in line)]  # fmt: skip
         failed = [line for line in outcomes if " FAILED" in line or " ERROR" in line]
@@ -513,12 +573,12 @@ def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
             "exit_code": None,
             "summary": f"stopped after {timeout_s:.0f} s: {passed} passed, {len(failed)} failed before",
             "failures": sorted(set(failures + failed)),
-            "output_tail": proc.stdout[-3000:],
+            "output_tail": stdout[-3000:],
             "seconds": timeout_s,
         }
     return {
-        "exit_code": proc.returncode,
-        "summary": lines[-1] if lines else proc.stderr.strip()[-300:],
+        "exit_code": returncode,
+        "summary": lines[-1] if lines else "(no output)",
         "failures": failures,
         "seconds": time.perf_counter() - started,
     }
@@ -587,8 +647,15 @@ def main(argv: list[str] | None = None) -> int:
                         "lengths, micro-batches of 4 and 2 (every row at its real shapes; 30 minutes for the 44 "
                         "rows on 2 slow CPU cores)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds; the "
-                        "rest are recorded as skipped (default: 420 on a GPU, so the suite ends within 8 minutes; "
-                        "none with --smoke)")  # fmt: skip
+                        "rest are recorded as skipped (default: 300 on a GPU; none with --smoke)")  # fmt: skip
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=FULL_DEADLINE_S,
+        help="the gpu tests, after the rows, "
+        f"run until this many seconds after the start, {GPU_TESTS_TIMEOUT_S:.0f} s at most "
+        "(default: %(default).0f: with the wheels' install, the command ends within 8 minutes)",
+    )
     parser.add_argument("--skip-gpu-tests", action="store_true", help="leave the gpu-marked tests out (run them "
                         "apart: python -m pytest -m gpu)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -620,11 +687,9 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke,
         }
         suite = Suite(output, header, budget_s)
-        # The tests first (their processes start before this one joins a process group).
-        if plan.gpu_tests and not args.skip_gpu_tests:
-            suite.gpu_tests = gpu_tests(GPU_TESTS_TIMEOUT_S)
-        else:
-            suite.gpu_tests = {"note": "not run (--skip-gpu-tests)" if args.skip_gpu_tests else "not run (--smoke)"}
+        run_tests = plan.gpu_tests and not args.skip_gpu_tests
+        suite.gpu_tests = {"note": "after the rows" if run_tests else "not run (--skip-gpu-tests)"
+                           if args.skip_gpu_tests else "not run (--smoke)"}  # fmt: skip
         suite.write()
         info = distributed.init_distributed(force_cpu=args.smoke)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -632,6 +697,15 @@ def main(argv: list[str] | None = None) -> int:
             measure(suite, plan, teacher_path, info, vocab, args.text or default_text(), args.text_tokenizer)
         finally:
             distributed.teardown()
+    if run_tests:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the device's memory for the tests' own processes
+        left = min(GPU_TESTS_TIMEOUT_S, args.deadline_s - suite.elapsed())
+        if left >= GPU_TESTS_LEAST_S:
+            suite.gpu_tests = gpu_tests(left)
+        else:
+            suite.gpu_tests = {"note": f"not run: {max(left, 0):.0f} s left before --deadline-s "
+                               f"{args.deadline_s:.0f}; run them apart: python3 -m pytest -m gpu"}  # fmt: skip
     report = suite.write()
     print(markdown(report))
     print(f"wrote {output / 'gpu_suite.json'} and {output / 'gpu_suite.md'} in {report['seconds']:.0f} s")

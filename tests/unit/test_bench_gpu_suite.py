@@ -129,6 +129,81 @@ def test_gpu_tests_past_their_timeout_leave_no_process_behind(suite_module, tmp_
     assert not _running(pid), "the test run's own child process outlived the timeout"
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_gpu_tests_stop_a_process_that_left_their_session_and_keep_what_was_said(suite_module, tmp_path):
+    """The tests' launch scripts run in sessions of their own (setsid): killing pytest's process group left them
+    running on the device while the rows were timed, and one holding the output pipe kept the suite waiting
+    30 s and then lost every line ("0 passed" after a test had passed)."""
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, subprocess, sys, time\n"
+        "print('tests/unit/test_precision.py::test_a[cuda] PASSED [ 50%]', flush=True)\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(120)\n"
+    )
+    started = time.monotonic()
+    result = suite_module.gpu_tests(3.0, [sys.executable, "-u", "-c", child])
+    assert time.monotonic() - started < 15, "the suite waited on a process that kept the output open"
+    assert result["summary"] == "stopped after 3 s: 1 passed, 0 failed before"
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid), "a process that left the tests' session outlived the timeout"
+
+
+def test_the_gpu_tests_run_without_the_suites_rank_variables_quick_ones_first(suite_module, monkeypatch, tmp_path):
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("RANK", "0")
+    child = "import os; print(sorted(k for k in ('RANK', 'MASTER_PORT', 'PATH') if k in os.environ))"
+    result = suite_module.gpu_tests(60.0, [sys.executable, "-c", child])
+    assert result["exit_code"] == 0 and result["summary"] == "['PATH']"
+    paths = [arg for arg in suite_module.GPU_TESTS_COMMAND if arg.startswith("tests/")]
+    assert paths == ["tests/unit", "tests/distributed", "tests/e2e"]
+
+
+def test_a_long_unit_is_skipped_when_less_than_it_takes_is_left(suite_module, tmp_path):
+    m = suite_module
+    suite = m.Suite(tmp_path, HEADER, budget_s=60.0)
+    ran = []
+    suite.run(m.Result("s", 8, 2, "quick"), lambda: ran.append("quick") or [])
+    suite.run(m.Result("s", 8, 2, "compiled"), lambda: ran.append("compiled") or [], needs_s=m.COMPILED_ROW_S)
+    assert ran == ["quick"]
+    (row,) = _rows(tmp_path)
+    assert row["note"] == "skipped: less than the 90 s it takes was left of the 60 s budget"
+
+
+def test_the_largest_batch_search_keeps_what_fit_when_an_allocation_fails_otherwise(suite_module, monkeypatch):
+    """cuBLAS's workspace failing to allocate is no "out of memory" by its words: the search re-raised it and
+    its row lost the sizes that had run."""
+    from types import SimpleNamespace
+
+    m = suite_module
+    assert m.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert m.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not m.is_out_of_memory(RuntimeError("CUDA error: an illegal memory access"))
+    released, failing = [], []
+
+    def build(teacher, student, mapping, weights, dtype, zero, size, info):
+        def step(batch):
+            if size > 32:
+                raise RuntimeError(failing[0])
+
+        return step, {"release": lambda: released.append(size)}
+
+    monkeypatch.setattr(m.bench, "build_dist_kd_step", build)
+    monkeypatch.setattr(m, "batches_for", lambda *args, **kwargs: [None])
+    info, plan = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(max_batch_doublings=6)
+    for failure, said in (("CUDA error: CUBLAS_STATUS_ALLOC_FAILED", "64 ran out of memory"),
+                          ("CUDA error: misaligned address\nmore", "64 failed: RuntimeError: CUDA error: misaligned "
+                                                                  "address")):  # fmt: skip
+        failing[:] = [failure]
+        (row,) = m.largest_batch(plan, "t", None, None, None, info, None, 0, SimpleNamespace(name="s"), 128, 8)
+        assert (row.micro_batch, row.note) == (32, said)
+    assert released == [16, 32, 64] * 2  # every engine built is released, the failed one too
+
+
 def test_full_shapes_is_a_cpu_dry_run_option(suite_module, tmp_path):
     """--full-shapes changes the --smoke plan only: the real shapes with tiny micro-batches, no gpu tests."""
     m = suite_module
