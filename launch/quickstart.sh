@@ -3,7 +3,10 @@
 # BBC News text with the teacher's tokenizer, distil all-MiniLM-L6-v2 into a 3-layer student, and print a
 # summary with the student's quality on held-out articles beside the teacher's and a random init's.
 #
-#   bash launch/quickstart.sh [key=value ...]        # e.g. train.max_steps=50 for a faster look
+#   bash launch/quickstart.sh [key=value ...]        # e.g. train.max_steps=50 run.output_dir=runs/quick
+#
+# The overrides go to the training step (the corpus is sharded with the built-in teacher's tokenizer); relative
+# paths are the checkout's, whatever directory it starts from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
