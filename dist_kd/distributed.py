@@ -116,6 +116,11 @@ def slurm_tasks(env) -> str:
     return env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
 
 
+def _slurm_tasks_name(env) -> str:
+    """The variable :func:`slurm_tasks` read, for messages."""
+    return "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+
+
 def slurm_port(env: Mapping[str, str]) -> int:
     """A rendezvous port in 20000-39999 from the job and step ids, so every task of a step agrees without talking
     first, and two steps of one job run side by side (``srun ... augment & srun ... precompute &``) do not
@@ -174,16 +179,18 @@ def discover_environment() -> dict[str, str]:
         found["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
         _check_place(found, {key: key for key in found})
     elif "SLURM_PROCID" in env and not re.fullmatch(r"\s*[+-]?\d+\s*", slurm_tasks(env)):
-        tasks = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
-        raise ValueError(f"{tasks}={slurm_tasks(env)!r} is not an integer (the tasks of the SLURM step)")
+        raise ValueError(
+            f"{_slurm_tasks_name(env)}={slurm_tasks(env)!r} is not an integer (the tasks of the SLURM step)"
+        )
     elif "SLURM_PROCID" in env and int(slurm_tasks(env)) > 1:
         found = {
             "RANK": env["SLURM_PROCID"],
             "WORLD_SIZE": slurm_tasks(env),
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         }
-        tasks = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
-        _check_place(found, {"RANK": "SLURM_PROCID", "WORLD_SIZE": tasks, "LOCAL_RANK": "SLURM_LOCALID"})
+        _check_place(
+            found, {"RANK": "SLURM_PROCID", "WORLD_SIZE": _slurm_tasks_name(env), "LOCAL_RANK": "SLURM_LOCALID"}
+        )
         # The step's first node: a step of a multi-node job may not start on the job's first node (two steps
         # side by side, `srun ... augment & srun ... precompute &`), where nobody would listen.
         nodelist = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)),

@@ -405,11 +405,10 @@ def _warn_blank_rows(path: Path, fmt: str, encoding: str) -> None:
             blank.append(line)
     inside = [line for line in blank if line < last_row]  # blank lines at the end shift nothing
     if inside:
-        shown = ", ".join(map(str, inside[:5])) + (", ..." if len(inside) > 5 else "")
         logger.warning(
             "task data %s has one column and %d blank lines between its rows (lines %s): they are skipped, not read "
             "as empty texts, so the rows after them (and ids counted by row) do not match the file's line numbers; "
-            "remove them, or give each row an id column", path, len(inside), shown,
+            "remove them, or give each row an id column", path, len(inside), listed(inside),
         )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ import torch
 from dist_kd import distributed
 from dist_kd.config import config_to_dict, doc, dump_config
 from dist_kd.data.tokenizer import save_tokenizer
-from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, weights_sha256
+from dist_kd.io import atomic_dir, atomic_path, data_fingerprint, listed, weights_sha256
 from dist_kd.model_card import encoder_load_snippet, model_card, write_model_card
 from dist_kd.models.capture import check_encoder_config
 from dist_kd.models.fields import ffn_width
@@ -479,11 +479,7 @@ class GeneralTrainer(EngineTrainer):
         found = distributed.gather_objects(sorted(self.loader.skipped_shards))
         if all(names == found[0] for names in found):
             return
-
-        def said(names: list[str]) -> str:
-            return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "none"
-
-        ranks = "; ".join(f"rank {rank}: {said(names)}" for rank, names in enumerate(found))
+        ranks = "; ".join(f"rank {rank}: {listed(names, 3) or 'none'}" for rank, names in enumerate(found))
         raise distributed.said_by(ValueError(
             f"data.shards {self.cfg.data.shards}: the ranks found different corpus shards damaged ({ranks}), so "
             "they would not read the same corpus; every rank must see the same files: copy the corpus again where "
