@@ -46,7 +46,6 @@ the peer; as many batches as the text gives, up to the plan's steps (the 2,225 a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -54,8 +53,6 @@ import json
 import logging
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +70,7 @@ from dist_kd import distributed  # noqa: E402
 from dist_kd.layer_map import layer_map  # noqa: E402
 from dist_kd.models.student import StudentConfig  # noqa: E402
 from dist_kd.objective import LossWeights  # noqa: E402
+from dist_kd.testing import run_process_group  # noqa: E402
 from dist_kd.train.metrics import peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -517,54 +515,17 @@ GPU_TESTS_COMMAND = [
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", distributed.ONE_PROCESS_MARK)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, theirs, ...), from Linux's /proc; those that left its process
-    group or session (``setsid``: the tests' launch scripts) included, which killing the group misses."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state": the ppid
-        parents.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
     """``pytest -m gpu`` in a subprocess, after the rows (the figures are what a short loan is for), with a
-    clean environment. When it ends or times out every process below it goes, those that left its process
-    group too, so none is left on the device; its output goes to a file, which a process still holding it
-    cannot keep the suite waiting on (a pipe did, 30 s, and then lost what it held)."""
+    clean environment. When it ends or times out every process below it goes (``run_process_group``), those
+    that left its process group too (the tests' launch scripts), so none is left on the device or holding
+    its output open (which kept the suite waiting 30 s and then lost what the tests had said)."""
     started = time.perf_counter()
     env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
-    with tempfile.TemporaryFile("w+") as output:
-        proc = subprocess.Popen(command or [sys.executable, *GPU_TESTS_COMMAND], cwd=REPO, env=env, stdout=output,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-        try:
-            returncode = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            returncode = None
-        finally:
-            below = descendants(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            for pid in below:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-        output.seek(0)
-        stdout = output.read()
-    lines = [line for line in stdout.splitlines() if line.strip()]
+    proc = run_process_group(command or [sys.executable, *GPU_TESTS_COMMAND], timeout_s, cwd=REPO, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    if returncode is None:  # what ended before the timeout, from -v's lines ("path::test PASSED [ 5%]")
+    if proc.returncode is None:  # what ended before the timeout, from -v's lines ("path::test PASSED [ 5%]")
         outcomes = [line for line in lines if "::" in line and (" PASSED" in line or " FAILED" in line
                                                                 or " ERROR" in line or " SKIPPED" in line)]  # fmt: skip
         failed = [line for line in outcomes if " FAILED" in line or " ERROR" in line]
@@ -573,12 +534,12 @@ def gpu_tests(timeout_s: float, command: list[str] | None = None) -> dict:
             "exit_code": None,
             "summary": f"stopped after {timeout_s:.0f} s: {passed} passed, {len(failed)} failed before",
             "failures": sorted(set(failures + failed)),
-            "output_tail": stdout[-3000:],
+            "output_tail": proc.stdout[-3000:],
             "seconds": timeout_s,
         }
     return {
-        "exit_code": returncode,
-        "summary": lines[-1] if lines else "(no output)",
+        "exit_code": proc.returncode,
+        "summary": lines[-1] if lines else proc.stderr.strip()[-300:],
         "failures": failures,
         "seconds": time.perf_counter() - started,
     }

@@ -158,25 +158,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with _writes_named(final):
             yield tmp
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            fsync_path(tmp)
             os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """Fields 3 on (state, ppid, ...) of Linux's /proc/PID/stat: after "pid (comm) ", whose comm may hold
+    spaces and parentheses. Raises OSError or ValueError where it cannot be read."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def process_started(pid: int | str) -> float | None:
     """When process ``pid`` of this host began, in clock ticks since boot, from Linux's /proc (``"self"``: this
     process); None where that cannot be read or the process has ended (a zombie that was not reaped yet)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3, state, on
+        fields = _stat_fields(pid)
         if fields[0] in ("Z", "X"):
             return None
         return float(fields[19])  # field 22, starttime
     except (OSError, ValueError, IndexError):
         return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` on this host (children, theirs, ...), from Linux's /proc (none where it cannot
+    be read); those that left its process group or session (``setsid``) included, which killing the group misses."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            children.setdefault(int(_stat_fields(entry.name)[1]), []).append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def same_process(pid: int, started: object) -> bool:

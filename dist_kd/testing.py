@@ -279,8 +279,11 @@ def run_process_group(
 ) -> subprocess.CompletedProcess:
     """Run ``command`` in a process group of its own (text output captured) and kill the whole group when it
     ends or after ``timeout`` seconds, so none of its children (a launcher's ranks) outlive it and hold a
-    port or a device. ``returncode`` is None when the timeout stopped it (with what it wrote by then).
-    ``popen``: what starts it (the tests pass one that forks the test process where it can)."""
+    port or a device; those that left the group (a nested run's own, in a session of its own) too, so none
+    keeps the output open either. ``returncode`` is None when the timeout stopped it (with what it wrote by
+    then). ``popen``: what starts it (the tests pass one that forks the test process where it can)."""
+    from dist_kd.io import descendants
+
     proc = popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                  **popen_kwargs)  # fmt: skip
     timed_out = False
@@ -289,8 +292,12 @@ def run_process_group(
     except subprocess.TimeoutExpired:
         timed_out, stdout, stderr = True, "", ""
     finally:
+        below = descendants(proc.pid)  # before the kill: the orphans' parent becomes another process
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
     if timed_out:
         with contextlib.suppress(subprocess.TimeoutExpired):
             stdout, stderr = proc.communicate(timeout=30)
