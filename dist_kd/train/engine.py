@@ -543,9 +543,13 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
 
     half = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
     start = [p.detach().clone() for p in module.parameters()] if half else []
+    # Made before DeepSpeed registers its hooks on the module's tree (exported_weights).
+    stage3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    twin = _storage_free_copy(module) if half and stage3 else None
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    engine.dist_kd_scoring_twin = twin
     if half:
         seed_master_weights(engine, start)
         forget_warmup_step(engine.optimizer)
@@ -794,17 +798,52 @@ def full_precision_weights(engine, module: torch.nn.Module):
 
 
 def exported_weights(engine, module: torch.nn.Module):
-    """A context for forward passes (dev scores, quality figures) with the weights the exports write.
+    """A context for forward passes (dev scores, quality figures) with the weights the exports write; it
+    yields the module to run, ``module`` or a twin of it.
 
     Under ZeRO 0-2 with a half-precision module (DeepSpeed's bf16/fp16 optimizers), that is
     :func:`full_precision_weights`: the scores are those of the exported fp32 model, not of the engine's copy
     rounded to 8 or 11 bits. fp32 and autocast modules already hold those weights (nothing to do). Under ZeRO-3
-    the module stays as it is: its forward hooks would partition the weights gathered for the context midway
-    through the pass, so a half-precision ZeRO-3 run is scored on its half-precision copy.
+    the module's forward hooks would partition the weights gathered for the context midway through a pass, so
+    a half-precision ZeRO-3 engine is scored on :func:`_scoring_twin`: a plain fp32 copy of ``module`` loaded
+    with the master weights (every rank must enter; the forward passes inside are each rank's own).
     """
-    if engine.zero_optimization_stage() == 3 or not any(p.dtype in HALF_DTYPES for p in module.parameters()):
+    if not any(p.dtype in HALF_DTYPES for p in module.parameters()):
         return contextlib.nullcontext(module)
+    if engine.zero_optimization_stage() == 3:
+        return _scoring_twin(engine, module)
     return full_precision_weights(engine, module)
+
+
+def _storage_free_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` (tree, ties, dtypes, train/eval modes) whose tensors hold no storage (meta)."""
+    import copy
+
+    return copy.deepcopy(module).to("meta")
+
+
+@contextlib.contextmanager
+def _scoring_twin(engine, module: torch.nn.Module):
+    """ZeRO-3 in half precision: ``module``'s part of the engine's twin (made by :func:`build_engine` before
+    DeepSpeed hooked the module), given storage on the engine's device and the fp32 master weights (and the
+    module's buffers) for the context, released after it. No hook of DeepSpeed's is on it, so a forward through
+    it gathers nothing and is not collective. The cost: one fp32 copy of ``module`` while the context lasts.
+    """
+    twin = getattr(engine, "dist_kd_scoring_twin", None)
+    if twin is None:
+        raise RuntimeError("a ZeRO-3 engine in half precision that build_engine did not make has no scoring twin")
+    name = next(name for name, part in engine.module.named_modules() if part is module)
+    twin = twin.get_submodule(name)
+    twin.to_empty(device=engine.device)
+    with full_precision_weights(engine, module), torch.no_grad():
+        sources = dict(module.named_parameters()) | dict(module.named_buffers())
+        for key, tensor in [*twin.named_parameters(), *twin.named_buffers()]:
+            tensor.copy_(sources[key])
+    twin.train(module.training)
+    try:
+        yield twin
+    finally:
+        twin.to("meta")
 
 
 def master_weights(engine, parameters: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:

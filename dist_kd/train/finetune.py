@@ -349,14 +349,14 @@ class TeacherTrainer:
 
         Every rank scores the whole dev set: under ZeRO-3 each forward is collective, so ranks must run the
         same batches, and dev sets are small next to training. The weights are the fp32 ones the export writes,
-        not a bf16/fp16 engine's rounded copy (ZeRO 0-2: :func:`dist_kd.train.engine.exported_weights`): the
+        not a bf16/fp16 engine's rounded copy (:func:`dist_kd.train.engine.exported_weights`): the
         saved dev logits and results are the exported teacher's.
         """
         module = self.engine.module
         module.eval()
         try:
-            with exported_weights(self.engine, module):
-                return batched_logits(lambda batch: module(**batch).logits, data.rows, self.pad_id,
+            with exported_weights(self.engine, module) as scoring:
+                return batched_logits(lambda batch: scoring(**batch).logits, data.rows, self.pad_id,
                                       self.cfg.eval_batch_size, self.info.device, self.use_token_types)  # fmt: skip
         finally:
             module.train()

@@ -795,10 +795,10 @@ class GeneralTrainer(EngineTrainer):
 
     def student_quality(self) -> QualityReport:
         """The student's figures with the fp32 weights its export writes, not a bf16/fp16 engine's rounded copy
-        (ZeRO 0-2: :func:`dist_kd.train.engine.exported_weights`)."""
+        (:func:`dist_kd.train.engine.exported_weights`)."""
         student = self.engine.module.student
-        with exported_weights(self.engine, student):
-            return self.quality(student, f"the student at step {self.step}")
+        with exported_weights(self.engine, student) as scoring:
+            return self.quality(scoring, f"the student at step {self.step}")
 
     def heldout_key(self, as_typed: bool = False) -> str:
         """What the quality figures were measured on: the held-out texts' source and number, and the eval

@@ -620,14 +620,14 @@ class TaskTrainer(EngineTrainer):
     def dev_logits(self, task: TaskData) -> np.ndarray:
         """``(N, C)`` logits of the current student on ``task``'s dev set (every rank runs every batch: under
         ZeRO-3 each forward gathers partitioned weights collectively). The weights are the fp32 ones the exports
-        write, not a bf16/fp16 engine's rounded copy (ZeRO 0-2: :func:`dist_kd.train.engine.exported_weights`),
+        write, not a bf16/fp16 engine's rounded copy (:func:`dist_kd.train.engine.exported_weights`),
         so eval.json, best/ and the dev predictions are those of the exported classifier."""
         module = self.engine.module
         was_training = module.training
         module.eval()
         try:
-            with exported_weights(self.engine, module):
-                return batched_logits(lambda batch: module(task.spec.name, **batch), task.dev_rows, self.pad_id,
+            with exported_weights(self.engine, module) as scoring:
+                return batched_logits(lambda batch: scoring(task.spec.name, **batch), task.dev_rows, self.pad_id,
                                       self.cfg.eval.batch_size, self.info.device, self.use_token_types)  # fmt: skip
         finally:
             module.train(was_training)

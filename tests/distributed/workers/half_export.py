@@ -66,13 +66,16 @@ def main(teacher_dir: str, out_dir: str, ds_json: str, precision: str, device: s
             with exported_weights(engine, student) as scoring:
                 scored = scoring(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
             as_is = student(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
+        twin = getattr(engine, "dist_kd_scoring_twin", None)
+        twin_after = None if twin is None else next(twin.parameters()).device.type
         with gathered_parameters(engine, list(engine.module.parameters())):
             after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         restored = all(after[n].dtype == before[n].dtype and torch.equal(after[n], before[n]) for n in names)
         if info.is_main:
             torch.save({n: t.cpu() for n, t in exported.items()}, out / "exported.pt")
             torch.save({n: t.cpu() for n, t in before.items()}, out / "module.pt")
-            torch.save({"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "scored": scored, "as_is": as_is},
+            torch.save({"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "scored": scored, "as_is": as_is,
+                        "twin_after": twin_after},
                        out / "forward.pt")  # fmt: skip
             student.config.save_pretrained(out / "student_config")
         (out / f"rank{info.rank}.json").write_text(json.dumps({"restored": restored, "world_size": info.world_size}))
