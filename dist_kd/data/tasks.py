@@ -456,9 +456,25 @@ def _read_jsonl(path: Path, encoding: str) -> pa.Table:
         # pyarrow.json passes bytes that are not UTF-8 into its strings; the full check finds them, and the
         # line-by-line reading names the file.
         table.validate(full=True)
+        if _beyond_int64(table):
+            return _read_jsonl_python(path, encoding)
         return table
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeError):
         return _read_jsonl_python(path, encoding)
+
+
+def _beyond_int64(table: pa.Table) -> bool:
+    """Whether a float column holds a whole number outside int64: pyarrow.json reads an integer too large for
+    int64 as the nearest double (18446744073709551615 -> 1.8446744073709552e+19), so neighbouring ids became
+    one; json's reading keeps such integers as written."""
+    import pyarrow.compute as pc
+
+    for column in table.columns:
+        if pa.types.is_floating(column.type) and len(column):
+            beyond = pc.greater_equal(pc.abs(column), 2.0**63)
+            if pc.any(pc.and_(beyond, pc.equal(pc.floor(column), column))).as_py():
+                return True
+    return False
 
 
 def _read_delimited_python(path: Path, fmt: str, spec: TaskSpec, encoding: str) -> pa.Table:
@@ -555,11 +571,16 @@ def _check_surrogates(record: dict[str, Any], path: Path, number: int) -> None:
             ) from None
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _json_column(values: list[Any]) -> pa.Array:
     """One JSONL field as an array; fields that mix types (labels ``"sport"`` and ``2``) become strings, a
-    boolean as JSON writes it (``true``, as a column of booleans alone is read: :func:`_bool_label`)."""
+    boolean as JSON writes it (``true``, as a column of booleans alone is read: :func:`_bool_label`), as do
+    numbers among which an integer exceeds int64 (ids of 64-bit hashes; written as they are)."""
     kinds = {type(value) for value in values if value is not None}
-    if kinds <= {int, float} or kinds in ({str}, {bool}):
+    beyond = any(type(value) is int and not _INT64_MIN <= value <= _INT64_MAX for value in values)
+    if (kinds <= {int, float} and not beyond) or kinds in ({str}, {bool}):
         return pa.array(values)
     return pa.array(
         [None if value is None else _json_bool(value) if isinstance(value, bool) else str(value) for value in values],

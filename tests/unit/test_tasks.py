@@ -487,6 +487,23 @@ def test_jsonl_iso_date_strings_load_as_written_through_both_readers(tmp_path):
     assert load_task_examples(slow, spec).to_pydict() == expected
 
 
+def test_jsonl_integer_ids_beyond_int64_load_as_written(tmp_path):
+    """pyarrow.json reads an integer beyond int64 as the nearest double: three neighbouring 64-bit hash ids
+    became one ('1.8446744073709552e+19'), refused as a repeated id. Both readers give them as written, and
+    the ids within int64 stay as pyarrow read them (exact beyond 2**53)."""
+    spec = TaskSpec(name="h", labels=["a", "b"], text_a="text", id_column="id")
+    big = [2**64 - 1, 2**64 - 2, -(2**63) - 1]
+    rows = [{"id": value, "text": f"t{index}", "label": "a"} for index, value in enumerate(big)]
+    fast = _write(tmp_path / "fast.jsonl", rows, "jsonl")
+    slow = _write(tmp_path / "slow.jsonl", [dict(row, n=1 if index else "one") for index, row in enumerate(rows)],
+                  "jsonl")  # fmt: skip
+    for path in (fast, slow):
+        assert load_task_examples(path, spec).column("example_id").to_pylist() == [str(value) for value in big]
+    within = [2**53 + 1, 2**63 - 1, 7]
+    exact = _write(tmp_path / "within.jsonl", [dict(row, id=value) for row, value in zip(rows, within)], "jsonl")
+    assert load_task_examples(exact, spec).column("example_id").to_pylist() == [str(value) for value in within]
+
+
 @pytest.mark.parametrize("labels", [["false", "true"], ["True", "False"]])
 def test_boolean_labels_match_the_labels_named_true_and_false(tmp_path, labels):
     spec = TaskSpec(name="yn", labels=labels, text_a="text")
