@@ -128,7 +128,10 @@ class StoreMetadata:
                 f"{where}: store format version {data['version']} is newer than this dist_kd reads "
                 f"({FORMAT_VERSION}); upgrade dist_kd"
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as err:  # named "store metadata" alone: which of a run's stores was not said
+            raise ValueError(f"{where}: {str(err).replace('store metadata: ', 'soft-target metadata ', 1)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +407,8 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
                 f"{where}: label holds class ids {low}..{high}, expected 0..{metadata.num_classes - 1} (indices into "
                 f"label_names {metadata.label_names}) or null"
             )
+    else:  # a NaN target counted as a label: the hard loss of its batches was NaN
+        _check_finite(table.column("label"), 1, where, "label", "a regression target, or null where unlabelled")
     if metadata.has_teacher_logits:
         outer = pc.list_value_length(table.column("teacher_logits"))
         inner = pc.list_value_length(pc.list_flatten(table.column("teacher_logits")))
@@ -414,6 +419,26 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
                 f"{where}: teacher_logits must be {metadata.num_teachers} x {metadata.num_classes} (K x C) per row, "
                 f"found {bounds[0]}..{bounds[1]} x {bounds[2]}..{bounds[3]}"
             )
+        # The targets at another temperature are recomputed from them (a NaN one made the student diverge).
+        logits = pc.list_flatten(pc.list_flatten(table.column("teacher_logits")))
+        _check_finite(logits, metadata.num_teachers * metadata.num_classes, where, "teacher_logits",
+                      "finite raw logits")  # fmt: skip
+
+
+def _check_finite(values: pa.Array | pa.ChunkedArray, per_row: int, where: str, name: str, expected: str) -> None:
+    """Raise naming the first row of ``values`` (``per_row`` values a row, nulls allowed) that is not finite."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    array = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls come as NaN
+    bad = ~np.isfinite(array)
+    if values.null_count:
+        bad &= ~values.is_null().to_numpy(zero_copy_only=False)
+    if bad.any():
+        rows = np.unique(np.flatnonzero(bad) // per_row)
+        raise ValueError(
+            f"{where}: {name} is NaN or infinite in {len(rows)} row{'s' if len(rows) > 1 else ''}, the first row "
+            f"{int(rows[0])} ({array[np.flatnonzero(bad)[0]]}); expected {expected}"
+        )
 
 
 PROBABILITY_SUM_TOLERANCE = 1e-3  # a mean of float32 softmaxes sums to 1 within about 1e-6
@@ -433,6 +458,13 @@ def _check_probabilities(probs: np.ndarray, table: pa.Table, where: str) -> None
         )
 
 
+def manifest_path(directory: Path) -> Path:
+    """The manifest a reader reads: ``.manifest.json``, or an earlier version's ``_manifest.json`` alone."""
+    if not (directory / MANIFEST_NAME).is_file() and (directory / LEGACY_MANIFEST_NAME).is_file():
+        return directory / LEGACY_MANIFEST_NAME
+    return directory / MANIFEST_NAME
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of a complete store.
 
@@ -449,9 +481,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         )
     if not directory.is_dir():
         raise FileNotFoundError(f"soft-target store {directory} does not exist (expected a directory)")
-    path = directory / MANIFEST_NAME
-    if not path.is_file() and (directory / LEGACY_MANIFEST_NAME).is_file():
-        path = directory / LEGACY_MANIFEST_NAME
+    path = manifest_path(directory)
     if not path.is_file():
         if any(directory.glob("part-*.parquet")) or (directory / "_chunks").is_dir():
             raise ValueError(
@@ -496,7 +526,7 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
 def read_store_metadata(directory: str | Path) -> StoreMetadata:
     """The metadata of a complete store, from its manifest only (cheap: no Parquet file is opened)."""
     manifest = read_manifest(directory)
-    return StoreMetadata.from_dict(manifest["metadata"], str(Path(directory) / MANIFEST_NAME))
+    return StoreMetadata.from_dict(manifest["metadata"], str(manifest_path(Path(directory))))
 
 
 def is_complete(directory: str | Path) -> bool:
@@ -543,7 +573,8 @@ def load_soft_targets(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    metadata = StoreMetadata.from_dict(manifest["metadata"], str(directory / MANIFEST_NAME))
+    manifest_name = manifest_path(directory).name
+    metadata = StoreMetadata.from_dict(manifest["metadata"], str(directory / manifest_name))
     where = f"soft-target store {directory}"
     if task is not None and metadata.task != task:
         raise ValueError(f"{where} was computed for task '{metadata.task}', not '{task}'")
@@ -560,23 +591,35 @@ def load_soft_targets(
             hint = " (teacher_logits are kept only by a precompute run with --keep-teacher-logits)" if (
                 "teacher_logits" in absent) else ""  # fmt: skip
             raise ValueError(f"{where} has no column {', '.join(absent)}; its columns: {held}{hint}")
+    schema = soft_target_schema(metadata.task_type, metadata.has_teacher_logits)
+    wanted = schema.names if columns is None else list(dict.fromkeys(["example_id", *columns, "soft_probs"]))
     tables = []
     for entry in manifest["files"]:
         path = directory / entry["name"]
         if not path.is_file():
-            raise FileNotFoundError(f"{where}: part file {entry['name']} listed in {MANIFEST_NAME} is missing")
+            raise FileNotFoundError(f"{where}: part file {entry['name']} listed in {manifest_name} is missing")
         if verify_checksums and sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{where}: {entry['name']} has another sha256 than {MANIFEST_NAME} records (modified?)")
+            raise ValueError(f"{where}: {entry['name']} has another sha256 than {manifest_name} records (modified?)")
         if read_parquet_metadata(path) != manifest["metadata"]:
-            raise ValueError(f"{where}: {entry['name']} carries other metadata than {MANIFEST_NAME}")
-        wanted = None if columns is None else list(dict.fromkeys(["example_id", *columns, "soft_probs"]))
-        table = pq.read_table(path, columns=wanted)
+            raise ValueError(f"{where}: {entry['name']} carries other metadata than {manifest_name}")
+        # Each part's columns are checked before the parts are joined (pyarrow's errors named no file).
+        absent = [name for name in wanted if name not in pq.read_schema(path).names]
+        if absent:
+            raise ValueError(f"{where}: {entry['name']} has no column {', '.join(absent)}; a part of this store holds "
+                             f"{schema.names}")  # fmt: skip
+        table = pq.read_table(path, columns=wanted if columns is not None else None)
         if table.num_rows != entry["num_rows"]:
             raise ValueError(f"{where}: {entry['name']} has {table.num_rows} rows, manifest says {entry['num_rows']}")
+        if columns is None:
+            check_rows(table, metadata, f"{where}: {entry['name']}")
+        else:
+            found = table.schema.remove_metadata()
+            expected = pa.schema([schema.field(name) for name in wanted])
+            if not found.equals(expected):
+                raise ValueError(f"{where}: {entry['name']}: schema\n{found}\ndiffers from the soft-target "
+                                 f"schema\n{expected}")  # fmt: skip
         tables.append(table)
-    table = pa.concat_tables(tables) if tables else soft_target_schema(metadata.task_type).empty_table()
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     if table.num_rows != manifest["num_rows"]:
         raise ValueError(f"{where}: {table.num_rows} rows, manifest says {manifest['num_rows']}")
-    if columns is None:
-        check_rows(table, metadata, where)
     return SoftTargets(table=table.replace_schema_metadata(None), metadata=metadata, directory=directory)

@@ -344,3 +344,68 @@ def test_a_part_file_of_another_store_or_a_manifest_row_count_edited_is_refused(
     (tmp_path / "c" / st.MANIFEST_NAME).write_text(json.dumps(manifest | {"num_rows": 6}))
     with pytest.raises(ValueError, match="5 rows, manifest says 6"):
         st.load_soft_targets(tmp_path / "c")
+
+
+def test_non_finite_teacher_logits_or_regression_labels_are_refused_naming_the_row(tmp_path):
+    """A store made elsewhere with a NaN teacher logit loaded; its targets recomputed at another temperature
+    were NaN and the task run ended as "the student diverged". A NaN regression label counted as a label."""
+    metadata = _metadata()
+    rows = _rows(6, metadata)
+    logits = rows.column("teacher_logits").to_pylist()
+    logits[2][0][1], logits[4][1][0] = float("nan"), float("inf")
+    column = rows.schema.get_field_index("teacher_logits")
+    bad = rows.set_column(column, rows.schema.field(column), pa.array(logits, rows.schema.field(column).type))
+    with pytest.raises(
+        ValueError, match=r"^rows to write: teacher_logits is NaN or infinite in 2 rows, the first row 2"
+    ):
+        st.write_soft_targets(bad, tmp_path / "w", metadata)
+    st.write_soft_targets(rows, tmp_path / "r", metadata)  # the same rows put in place of a written part
+    part = tmp_path / "r" / "part-00000.parquet"
+    pq.write_table(bad.replace_schema_metadata(pq.read_table(part).schema.metadata), part)
+    with pytest.raises(ValueError, match=r"part-00000.parquet: teacher_logits is NaN or infinite in 2 rows"):
+        st.load_soft_targets(tmp_path / "r", verify_checksums=False)
+
+    regression = _metadata(task_type="regression", label_names=[], has_teacher_logits=False)
+    examples = pa.table({"example_id": ["a", "b", "c"], "text_a": ["a", "b", "c"],
+                         "text_b": pa.array([None] * 3, pa.string()), "label": [0.5, None, float("nan")]})  # fmt: skip
+    targets = np.full((3, 1), 0.5, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"label is NaN or infinite in 1 row, the first row 2 \(nan\); expected a "):
+        st.write_soft_targets(st.build_rows(examples, "topic", targets, None, "regression"), tmp_path / "g", regression)
+    fine = examples.set_column(3, "label", pa.array([0.5, None, -2.0]))  # a null is an unlabelled row
+    st.write_soft_targets(st.build_rows(fine, "topic", targets, None, "regression"), tmp_path / "g", regression)
+
+
+def test_metadata_errors_name_the_manifest_read(tmp_path):
+    """Metadata a manifest holds that its checks refuse was said as "store metadata: ...", naming no store
+    (a run with several stores), and a legacy store's errors named .manifest.json, which it lacks."""
+    metadata = _metadata()
+    st.write_soft_targets(_rows(3, metadata), tmp_path, metadata)
+    path = tmp_path / st.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["metadata"]["temperature"] = 0
+    path.write_text(json.dumps(manifest))
+    said = "soft-target metadata temperature must be a number > 0, got 0"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {said}"):
+        st.load_soft_targets(tmp_path)
+    legacy = path.rename(tmp_path / st.LEGACY_MANIFEST_NAME)
+    for read in (st.load_soft_targets, st.read_store_metadata):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(legacy))}: {said}"):
+            read(tmp_path)
+    manifest["metadata"]["temperature"] = 2.0
+    legacy.write_text(json.dumps(manifest))
+    (tmp_path / "part-00000.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"part file part-00000.parquet listed in _manifest.json is missing"):
+        st.load_soft_targets(tmp_path)
+
+
+@pytest.mark.parametrize("columns", [None, ["text_a", "text_b"]])
+def test_a_part_without_a_column_is_named_before_the_parts_are_joined(tmp_path, columns):
+    """A part file that lost a column failed in pyarrow ("Schema at index 1 was different", or "No match for
+    FieldRef.Name(text_b)" when reading some columns, as precompute --reuse does), naming no store or file."""
+    metadata = _metadata()
+    st.write_soft_targets(_rows(6, metadata), tmp_path, metadata, rows_per_file=3)
+    part = tmp_path / "part-00001.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns(["text_b"]).replace_schema_metadata(table.schema.metadata), part)
+    with pytest.raises(ValueError, match=r"^soft-target store .*: part-00001.parquet has no column text_b; a part "):
+        st.load_soft_targets(tmp_path, columns=columns, verify_checksums=False)
