@@ -370,7 +370,8 @@ class TeacherTrainer:
                     module.save_pretrained(tmp)
                     save_tokenizer(self.tokenizer, tmp, module.config)
                     write_json_atomic(tmp / TASK_RECORD, record, indent=2)
-                    _write_dev_results(tmp, result, dev_logits)
+                    # A rerun reuses the teacher only while its weights are these (_reusable).
+                    _write_dev_results(tmp, {**result, "weights_sha256": weights_sha256(tmp)}, dev_logits)
         distributed.barrier()
 
     def close(self) -> None:
@@ -645,7 +646,25 @@ def _reusable(target: Path, params: dict[str, Any]) -> dict[str, Any] | None:
             f"{target} was trained with other settings ({', '.join(differ)} differ: {details}); use another "
             "--output or delete it"
         )
+    _check_weights(target, previous)
     return previous
+
+
+def _check_weights(target: Path, previous: dict[str, Any]) -> None:
+    """Raise unless the weights in ``target`` are those its finetune.json records (teachers exported before it
+    recorded them pass): a copy cut short or a failing disk left a teacher that was reused, reported finished,
+    and failed to load in precompute."""
+    recorded = previous.get("weights_sha256")
+    if recorded is None:
+        return
+    try:
+        found = weights_sha256(target)
+    except FileNotFoundError:
+        found = None
+    if found != recorded:
+        said = "holds no weights file" if found is None else "holds other weights than its finetune.json records"
+        raise ValueError(f"{target} {said} (damaged or replaced since it was exported); delete {target} to train "
+                         "that teacher again")  # fmt: skip
 
 
 def _train_teachers(

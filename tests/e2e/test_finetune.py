@@ -409,6 +409,33 @@ def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_pat
     assert proc.returncode == 2 and f"{result} is damaged: it lacks a teacher's steps, final_loss;" in proc.stderr
 
 
+def test_a_finished_teacher_with_damaged_weights_is_named_not_reused(finetuned, tmp_path):
+    """A teacher whose weights file was cut (a copy of the output interrupted) was reused, reported finished
+    with exit 0, and failed only when precompute loaded it."""
+    import shutil
+
+    from dist_kd.io import weights_sha256
+
+    root, args = finetuned
+    weights = root / "out" / "teacher-1" / "model.safetensors"
+    recorded = json.loads((root / "out" / "teacher-1" / "finetune.json").read_text())["weights_sha256"]
+    assert recorded == weights_sha256(weights.parent)  # the digest of the weights exported
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    damaged = out / "teacher-1" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    rerun = list(args)
+    rerun[rerun.index("--output") + 1] = str(out)
+    proc = run_script(*rerun, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    teacher = out / "teacher-1"
+    assert (f"error: {teacher} holds other weights than its finetune.json records (damaged or replaced since it "
+            f"was exported); delete {teacher} to train that teacher again") in proc.stderr  # fmt: skip
+    damaged.unlink()
+    proc = run_script(*rerun, timeout=300, check=False)
+    assert proc.returncode == 2 and f"error: {teacher} holds no weights file" in proc.stderr
+
+
 def test_a_run_directory_of_another_kind_is_refused_untouched(finetuned, tmp_path):
     """A general run given a fine-tuning directory as run.output_dir replaced its config.yaml and emptied its
     metrics.jsonl; finetune given a general run's directory overwrote that run's config.yaml. Both exited 0."""
