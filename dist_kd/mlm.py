@@ -58,6 +58,10 @@ class MlmHeadConfig:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if not (math.isfinite(self.lr) and self.lr > 0):  # inf trained to nan and was saved
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63 - 1:
+            # torch's generators take 0..2**64-1 but overflowed past int64 ("Overflow when unpacking long long",
+            # after the encoder loaded); the masking generator is seeded with seed + 1
+            raise ValueError(f"seed (--seed) must be a whole number in 0..2**63-2, got {self.seed!r}")
 
 
 def mask_tokens(
@@ -245,6 +249,13 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         held_out.append(batch)
         if len(held_out) == cfg.eval_batches:
             break
+    if len(held_out) < cfg.eval_batches:
+        # The whole corpus held out: said after the "before" evaluation, as "no batches left after the N held
+        # out", N not the number asked for.
+        raise ValueError(
+            f"--eval-batches {cfg.eval_batches} holds out the whole corpus {cfg.shards} ({len(held_out)} batches "
+            f"of --batch-size {cfg.batch_size}), leaving nothing to train on: give fewer --eval-batches"
+        )
 
     stream = training_batches(loader, held_out, f"corpus {cfg.shards}")
     before = masked_accuracy(head, held_out, cfg, cfg.seed + 1)

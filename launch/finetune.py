@@ -41,11 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dev", required=True, help="dev data scored with the task metric")
     parser.add_argument("--base", required=True, help="HF directory of the base encoder (with tokenizer)")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--num-teachers", type=int, default=defaults.num_teachers)
+    parser.add_argument("--num-teachers", type=positive_int, default=defaults.num_teachers)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one per teacher (default 1..K)")
     parser.add_argument("--dropouts", type=float, nargs="+", default=None, help="one per teacher (default 0.1)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per teacher")
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per teacher")
     parser.add_argument("--log-every", type=positive_int, default=defaults.log_every,
                         help="optimizer steps between metrics.jsonl lines")  # fmt: skip
     parser.add_argument("--lr", type=float, default=defaults.lr)

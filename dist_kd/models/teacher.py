@@ -64,6 +64,8 @@ def check_model_dir(path: str | Path, what: str) -> Path:
     if not path:
         raise ValueError(f"{what} is not set; give a local Hugging Face model directory")
     path = Path(path)
+    if path.exists() and not path.is_dir():  # a weights file given for its directory was said not to exist
+        raise ValueError(f"{what} {path} is a file; give the Hugging Face model directory holding it ({path.parent})")
     if not path.is_dir():
         raise FileNotFoundError(f"{what} {path} does not exist (expected a Hugging Face model directory)")
     if not (path / "config.json").is_file():

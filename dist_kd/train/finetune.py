@@ -122,7 +122,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         paths_as_text(self)  # config.yaml holds them
         if self.num_teachers < 1:
-            raise ValueError(f"num_teachers must be >= 1, got {self.num_teachers}")
+            raise ValueError(f"num_teachers (--num-teachers) must be >= 1, got {self.num_teachers}")
         self.seeds = list(self.seeds) if self.seeds else list(range(1, self.num_teachers + 1))
         self.dropouts = list(self.dropouts) if self.dropouts else [0.1] * self.num_teachers
         for name in ("seeds", "dropouts"):
@@ -134,7 +134,7 @@ class FinetuneConfig:
             # torch's and numpy's generators take no others: teacher k was refused only when it began to train
             raise ValueError(f"seeds (--seeds) must be whole numbers in 0..2**63-1, got {self.seeds}")
         if any(not 0 <= rate < 1 for rate in self.dropouts):
-            raise ValueError(f"dropouts must lie in [0, 1), got {self.dropouts}")
+            raise ValueError(f"dropouts (--dropouts) must lie in [0, 1), got {self.dropouts}")
         first_of: dict[tuple[int, float], int] = {}
         for k, pair in enumerate(zip(self.seeds, self.dropouts, strict=True), 1):
             if pair in first_of:  # the same run twice: one teacher counted twice in the ensemble's average
@@ -146,9 +146,10 @@ class FinetuneConfig:
             first_of[pair] = k
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                flag = "" if name == "eval_batch_size" else f" (--{name.replace('_', '-')})"  # the API's alone
+                raise ValueError(f"{name}{flag} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+            raise ValueError(f"max_steps (--max-steps) must be >= 1, or None for whole epochs, got {self.max_steps}")
         # The training settings as the engine checks them, before the data is read and config.yaml written (they
         # were checked when teacher 1 began, under the train.* names of the other commands).
         try:

@@ -207,3 +207,19 @@ def test_a_learning_rate_that_is_not_finite_or_a_head_that_diverged_is_refused_a
     with pytest.raises(ValueError, match=r"held-out loss is nan after 4 steps at --lr 1e\+30: training diverged"):
         fit_mlm_head(cfg, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_seed_no_generator_takes_or_a_held_out_part_past_the_corpus_is_named(tiny_bert_dir, tiny_corpus, tmp_path):
+    """--seed 2**64-1 ended as "Overflow when unpacking long long" after the encoder loaded; --eval-batches
+    beyond the corpus held all of it out and was said after a whole evaluation as "no batches left after the
+    71 held out", naming no flag."""
+    from dist_kd.mlm import MlmHeadConfig, fit_mlm_head
+
+    base = {"encoder": str(tiny_bert_dir), "shards": str(tiny_corpus / "shards"), "output": str(tmp_path / "o")}
+    for seed in (2**64 - 1, -1, 2**63 - 1):
+        with pytest.raises(ValueError, match=rf"^seed \(--seed\) must be a whole number in 0..2\*\*63-2, got {seed}$"):
+            MlmHeadConfig(**base, seed=seed)
+    MlmHeadConfig(**base, seed=2**63 - 2)
+    with pytest.raises(ValueError, match=r"^--eval-batches 100000 holds out the whole corpus .* \((\d+) batches of "):
+        fit_mlm_head(MlmHeadConfig(**base, eval_batches=100_000, batch_size=4, steps=2), progress=False)
+    assert not (tmp_path / "o").exists()

@@ -44,3 +44,31 @@ def test_two_teachers_of_one_seed_and_dropout_are_refused_and_of_one_seed_alone_
     with pytest.raises(ValueError, match=r"^teachers 2 and 3 have the same seed and dropout \(1, 0.2\)"):
         FinetuneConfig(num_teachers=3, seeds=[1, 1, 1], dropouts=[0.1, 0.2, 0.2])
     assert FinetuneConfig(num_teachers=2, seeds=[1, 1], dropouts=[0.1, 0.2]).seeds == [1, 1]  # other dropouts
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"num_teachers": 0}, "num_teachers (--num-teachers) must be >= 1, got 0"),
+        ({"epochs": 0}, "epochs (--epochs) must be >= 1, got 0"),
+        ({"max_steps": 0}, "max_steps (--max-steps) must be >= 1, or None for whole epochs, got 0"),
+        ({"dropouts": [0.1, 1.0]}, r"dropouts (--dropouts) must lie in [0, 1), got [0.1, 1.0]"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be >= 1, got 0"),  # a setting of the API alone
+    ],
+)
+def test_a_setting_out_of_range_is_named_with_its_flag(settings, said):
+    """Field names alone ("max_steps must be >= 1 or null"), which no command-line user can pass."""
+    with pytest.raises(ValueError) as caught:
+        FinetuneConfig(**({"num_teachers": 2} | settings))
+    assert str(caught.value) == said
+
+
+def test_the_command_refuses_counts_below_one_as_it_parses():
+    """--num-teachers, --epochs and --max-steps 0 went on to the settings' checks, named by their fields."""
+    from launch.finetune import parse_args
+
+    needed = ["--train", "t", "--dev", "d", "--base", "b", "--output", "o", "--task", "demo"]
+    for flag in ("--num-teachers", "--epochs", "--max-steps"):
+        with pytest.raises(SystemExit):
+            parse_args([*needed, flag, "0"])
+        assert getattr(parse_args([*needed, flag, "3"]), flag[2:].replace("-", "_")) == 3

@@ -821,3 +821,15 @@ def test_an_encoder_made_from_a_classifier_carries_no_task_labels(tmp_path):
         assert config.num_labels == 2 and config.problem_type is None, name
         assert config.to_dict()["label2id"] == {"LABEL_0": 0, "LABEL_1": 1}, name
     assert source.id2label == labels  # the source config is not changed
+
+
+def test_a_weights_file_given_for_its_model_directory_is_named_as_a_file(tiny_bert_dir, tmp_path):
+    """--base DIR/model.safetensors was said not to exist."""
+    from dist_kd.models.teacher import check_model_dir
+
+    weights = next(tiny_bert_dir.glob("model.*"))
+    with pytest.raises(ValueError, match=rf"^--base {weights} is a file; give the Hugging Face model directory "):
+        check_model_dir(weights, "--base")
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(expected a Hugging Face model directory\)"):
+        check_model_dir(tmp_path / "nope", "--base")
+    assert check_model_dir(str(tiny_bert_dir), "--base") == tiny_bert_dir
