@@ -92,7 +92,10 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
         written.append(name)
 
     terms = sorted({k for r in records for k in r if k == "loss" or k.startswith("loss_")})
-    task_names = sorted({name for r in records for name in (r.get("task_loss") or {})})
+    # Each task's loss where a line holds it as a number (a hand-edited or foreign line may hold anything).
+    task_losses = [(r["step"], name, value) for r in records if isinstance(r.get("task_loss"), dict)
+                   for name, value in r["task_loss"].items() if isinstance(value, int | float)]  # fmt: skip
+    task_names = sorted({name for _, name, _ in task_losses})
     runs = _by_teacher(records)  # a fine-tuning directory: each teacher's steps count from 1 again
     if terms:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -101,9 +104,8 @@ def _plots(run_dir: Path, records, evaluations, quality_records) -> list[str]:
                 name = f"{label} {key}".strip()
                 ax.plot(*_series(part, key), label=name, linewidth=2 if key == "loss" else 1)
         for name in task_names:
-            steps = [r["step"] for r in records if name in (r.get("task_loss") or {})]
-            values = [r["task_loss"][name] for r in records if name in (r.get("task_loss") or {})]
-            ax.plot(steps, values, linestyle=":", label=f"task {name}")
+            points = [(step, value) for step, task, value in task_losses if task == name]
+            ax.plot([step for step, _ in points], [value for _, value in points], linestyle=":", label=f"task {name}")
         if all(v > 0 for key in terms for v in _series(records, key)[1]):
             ax.set_yscale("log")
         ax.set_xlabel("step")

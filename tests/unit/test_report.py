@@ -76,6 +76,21 @@ def test_a_damaged_eval_json_is_said_and_left_out(tmp_path, caplog):
     assert "| share | pearson | n/a |" in text and "| topic |" not in text
 
 
+def test_task_losses_of_another_shape_are_left_out_of_the_loss_plot(tmp_path):
+    """A metrics.jsonl line whose task_loss was a list, a string or held a list (hand-edited, or another tool's)
+    was a TypeError/IndexError traceback: no report at all."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "task"
+    run.mkdir()
+    odd = [["topic"], "topic", {"topic": [0.5]}, {"topic": None}]
+    records = [{"step": 5 * (i + 1), "loss": 1.0, "task_loss": value} for i, value in enumerate(odd)]
+    records.append({"step": 30, "loss": 0.5, "task_loss": {"topic": 0.4}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report(run).read_text()
+    assert "5 logged steps, 5 to 30" in text
+    assert (run / "loss.png").read_bytes()[:8] == PNG
+
+
 def test_json_of_another_shape_is_said_and_its_section_left_out(tmp_path, caplog):
     """Valid JSON of another shape (a hand-edited or truncated-by-a-tool file) was a TypeError or KeyError
     traceback, and at the end of a run "report: not written ('num_texts')": the whole report lost over one
