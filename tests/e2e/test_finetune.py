@@ -388,17 +388,23 @@ def test_edited_training_data_at_the_same_path_is_not_reused(finetuned, tmp_path
     assert re.search(digests + r" \(train_sha256 digests the --train data's file names and bytes\)\)", proc.stderr)
 
 
-def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_path):
-    """A hand-edited or cut finetune.json gave json's "Expecting value: line 1 column 1" naming no file."""
+def _copy_of_the_output(finetuned, tmp_path):
+    """A copy of the fixture's finished output, and the fixture's command with --output the copy."""
     import shutil
 
     root, args = finetuned
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
-    result = out / "teacher-2" / "finetune.json"
-    result.write_text(result.read_text()[:40])
     rerun = list(args)
     rerun[rerun.index("--output") + 1] = str(out)
+    return out, rerun
+
+
+def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_path):
+    """A hand-edited or cut finetune.json gave json's "Expecting value: line 1 column 1" naming no file."""
+    out, rerun = _copy_of_the_output(finetuned, tmp_path)
+    result = out / "teacher-2" / "finetune.json"
+    result.write_text(result.read_text()[:40])
     proc = run_script(*rerun, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: {result} is damaged: not JSON (" in proc.stderr
@@ -412,20 +418,14 @@ def test_damaged_finetune_json_of_a_finished_teacher_is_named(finetuned, tmp_pat
 def test_a_finished_teacher_with_damaged_weights_is_named_not_reused(finetuned, tmp_path):
     """A teacher whose weights file was cut (a copy of the output interrupted) was reused, reported finished
     with exit 0, and failed only when precompute loaded it."""
-    import shutil
-
     from dist_kd.io import weights_sha256
 
-    root, args = finetuned
-    weights = root / "out" / "teacher-1" / "model.safetensors"
-    recorded = json.loads((root / "out" / "teacher-1" / "finetune.json").read_text())["weights_sha256"]
-    assert recorded == weights_sha256(weights.parent)  # the digest of the weights exported
-    out = tmp_path / "out"
-    shutil.copytree(root / "out", out)
+    exported = finetuned[0] / "out" / "teacher-1"
+    recorded = json.loads((exported / "finetune.json").read_text())["weights_sha256"]
+    assert recorded == weights_sha256(exported)  # the digest of the weights exported
+    out, rerun = _copy_of_the_output(finetuned, tmp_path)
     damaged = out / "teacher-1" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])
-    rerun = list(args)
-    rerun[rerun.index("--output") + 1] = str(out)
     proc = run_script(*rerun, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     teacher = out / "teacher-1"
