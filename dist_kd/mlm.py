@@ -106,7 +106,7 @@ class MlmHead:
         )
         torch.manual_seed(seed)
         try:  # the head this fits is missing from the encoder's files: expected, not said
-            self.model, _ = load_pretrained(AutoModelForMaskedLM, self.encoder_dir, "encoder", new_head=True)
+            self.model, loading = load_pretrained(AutoModelForMaskedLM, self.encoder_dir, "encoder", new_head=True)
         except ValueError as err:
             if "Unrecognized configuration class" not in str(err):
                 raise
@@ -114,6 +114,16 @@ class MlmHead:
                 f"encoder {self.encoder_dir}: transformers has no masked-LM class for it ({err})"
             ) from None
         self.encoder = self.model.base_model
+        # A checkpoint that ships its masked-LM head (a full BERT's) loads it: the fit goes on from that head.
+        prefix = f"{self.model.base_model_prefix}."
+        head_names = [name for name, _ in self.model.named_parameters() if not name.startswith(prefix)]
+        missing = set(loading.get("missing_keys") or ())
+        self.head_from_checkpoint = bool(head_names) and not any(name in missing for name in head_names)
+        if self.head_from_checkpoint:
+            logger.info(
+                "encoder %s ships a masked-LM head: the fit goes on from it, and held_out_before is that head's "
+                "figures (such a checkpoint can also be given to --mlm as it is)", self.encoder_dir,
+            )  # fmt: skip
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)  # the output matrix is tied to these input embeddings: frozen too
         from dist_kd.models.capture import find_layer_list
@@ -297,6 +307,7 @@ def fit_mlm_head(cfg: MlmHeadConfig, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "last_train_loss": None if loss is None else loss.item(),
         "steps_without_masked_positions": empty,
+        "head": "checkpoint" if head.head_from_checkpoint else "fresh",  # the head held_out_before is of
         "held_out_before": before,
         "held_out_after": after,
     }

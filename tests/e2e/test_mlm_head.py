@@ -223,3 +223,30 @@ def test_a_seed_no_generator_takes_or_a_held_out_part_past_the_corpus_is_named(t
     with pytest.raises(ValueError, match=r"^--eval-batches 100000 holds out the whole corpus .* \((\d+) batches of "):
         fit_mlm_head(MlmHeadConfig(**base, eval_batches=100_000, batch_size=4, steps=2), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_that_ships_its_head_is_fitted_from_that_head_and_says_so(tiny_bert_dir, tiny_corpus, tmp_path):
+    """A full BERT checkpoint (with its masked-LM head) had that head loaded and trained on while mlm.json and the
+    docs called held_out_before the untrained head's figures."""
+    import shutil
+
+    from transformers import AutoModelForMaskedLM
+
+    from dist_kd.mlm import MlmHead, MlmHeadConfig, fit_mlm_head
+
+    assert MlmHead(tiny_bert_dir).head_from_checkpoint is False
+    with_head = tmp_path / "with-head"
+    torch.manual_seed(7)
+    AutoModelForMaskedLM.from_pretrained(tiny_bert_dir).save_pretrained(with_head)
+    for path in tiny_bert_dir.iterdir():
+        if "token" in path.name or path.name == "vocab.txt":
+            shutil.copy(path, with_head / path.name)
+    saved = AutoModelForMaskedLM.from_pretrained(with_head).cls.predictions.transform.dense.weight
+    head = MlmHead(with_head, seed=0)
+    assert head.head_from_checkpoint is True
+    torch.testing.assert_close(head.model.cls.predictions.transform.dense.weight, saved, rtol=0, atol=0)
+    settings = {"shards": str(tiny_corpus / "shards"), "steps": 2, "batch_size": 4, "eval_batches": 1}
+    fresh = fit_mlm_head(MlmHeadConfig(encoder=str(tiny_bert_dir), output=str(tmp_path / "a"), **settings), False)
+    kept = fit_mlm_head(MlmHeadConfig(encoder=str(with_head), output=str(tmp_path / "b"), **settings), False)
+    assert (fresh["head"], kept["head"]) == ("fresh", "checkpoint")
+    assert json.loads((tmp_path / "b" / "mlm.json").read_text())["head"] == "checkpoint"
