@@ -835,12 +835,12 @@ def _scoring_twin(engine, module: torch.nn.Module):
     name = next(name for name, part in engine.module.named_modules() if part is module)
     twin = twin.get_submodule(name)
     twin.to_empty(device=engine.device)
-    with full_precision_weights(engine, module), torch.no_grad():
-        sources = dict(module.named_parameters()) | dict(module.named_buffers())
-        for key, tensor in [*twin.named_parameters(), *twin.named_buffers()]:
-            tensor.copy_(sources[key])
-    twin.train(module.training)
     try:
+        with full_precision_weights(engine, module), torch.no_grad():
+            sources = dict(module.named_parameters()) | dict(module.named_buffers())
+            for key, tensor in [*twin.named_parameters(), *twin.named_buffers()]:
+                tensor.copy_(sources[key])
+        twin.train(module.training)
         yield twin
     finally:
         twin.to("meta")

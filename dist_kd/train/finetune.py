@@ -594,7 +594,8 @@ def finetune_teachers(spec: TaskSpec, cfg: FinetuneConfig, info: distributed.Dis
         tokenizer_sha256 = tokenizer_fingerprint(tokenizer)["sha256"]  # read once, not once per teacher
         params = [_params(spec, cfg, info, tokenizer_sha256, digests, index) for index in range(cfg.num_teachers)]
         with distributed.shared_failure():  # the same refusal on every rank: said once
-            previous = [_reusable(output / f"teacher-{index + 1}", params[index]) for index in range(cfg.num_teachers)]
+            previous = [_reusable(output / f"teacher-{index + 1}", params[index], info.is_main)
+                        for index in range(cfg.num_teachers)]  # fmt: skip
             if info.is_main:
                 with atomic_path(output / "config.yaml") as tmp:
                     tmp.write_text(_config_yaml(spec, cfg))
@@ -619,9 +620,10 @@ def _params(
     }  # fmt: skip
 
 
-def _reusable(target: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+def _reusable(target: Path, params: dict[str, Any], check_weights: bool = True) -> dict[str, Any] | None:
     """The exported teacher at ``target``'s results when it was trained with ``params`` (None when there is
-    none); raise when it was trained with other settings."""
+    none); raise when it was trained with other settings, or (``check_weights``: rank 0, which wrote them, reads
+    them once for every rank) holds other weights than it recorded."""
     if target.is_dir() and not (target / RESULT_FILE).is_file() and any(target.iterdir()):
         # Every teacher this command exports holds its finetune.json (written in place whole): this one was
         # made otherwise, and the export would replace it, with whatever else it holds.
@@ -647,7 +649,8 @@ def _reusable(target: Path, params: dict[str, Any]) -> dict[str, Any] | None:
             f"{target} was trained with other settings ({', '.join(differ)} differ: {details}); use another "
             "--output or delete it"
         )
-    _check_weights(target, previous)
+    if check_weights:
+        _check_weights(target, previous)
     return previous
 
 
