@@ -366,10 +366,7 @@ class _PartWriter:
 
 def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
     """Raise unless ``table`` has the store schema and lists of length C (and K x C) for ``metadata``."""
-    expected = soft_target_schema(metadata.task_type, metadata.has_teacher_logits)
-    found = table.schema.remove_metadata()
-    if not found.equals(expected):
-        raise ValueError(f"{where}: schema\n{found}\ndiffers from the soft-target schema\n{expected}")
+    _check_schema(table, soft_target_schema(metadata.task_type, metadata.has_teacher_logits), where)
     if table.num_rows == 0:
         return
     import pyarrow.compute as pc
@@ -423,6 +420,12 @@ def check_rows(table: pa.Table, metadata: StoreMetadata, where: str) -> None:
         logits = pc.list_flatten(pc.list_flatten(table.column("teacher_logits")))
         _check_finite(logits, metadata.num_teachers * metadata.num_classes, where, "teacher_logits",
                       "finite raw logits")  # fmt: skip
+
+
+def _check_schema(table: pa.Table, expected: pa.Schema, where: str) -> None:
+    found = table.schema.remove_metadata()
+    if not found.equals(expected):
+        raise ValueError(f"{where}: schema\n{found}\ndiffers from the soft-target schema\n{expected}")
 
 
 def _check_finite(values: pa.Array | pa.ChunkedArray, per_row: int, where: str, name: str, expected: str) -> None:
@@ -603,7 +606,8 @@ def load_soft_targets(
         if read_parquet_metadata(path) != manifest["metadata"]:
             raise ValueError(f"{where}: {entry['name']} carries other metadata than {manifest_name}")
         # Each part's columns are checked before the parts are joined (pyarrow's errors named no file).
-        absent = [name for name in wanted if name not in pq.read_schema(path).names]
+        held = pq.read_schema(path).names
+        absent = [name for name in wanted if name not in held]
         if absent:
             raise ValueError(f"{where}: {entry['name']} has no column {', '.join(absent)}; a part of this store holds "
                              f"{schema.names}")  # fmt: skip
@@ -613,11 +617,7 @@ def load_soft_targets(
         if columns is None:
             check_rows(table, metadata, f"{where}: {entry['name']}")
         else:
-            found = table.schema.remove_metadata()
-            expected = pa.schema([schema.field(name) for name in wanted])
-            if not found.equals(expected):
-                raise ValueError(f"{where}: {entry['name']}: schema\n{found}\ndiffers from the soft-target "
-                                 f"schema\n{expected}")  # fmt: skip
+            _check_schema(table, pa.schema([schema.field(name) for name in wanted]), f"{where}: {entry['name']}")
         tables.append(table)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if table.num_rows != manifest["num_rows"]:

@@ -506,7 +506,7 @@ def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str,
         ds_config: the filled DeepSpeed config (its precision and ZeRO stage as resolved).
         max_steps: the run's total steps (the task stage derives it from epochs).
     """
-    from dist_kd.train.engine import built_scheduler
+    from dist_kd.train.engine import built_scheduler, zero_stage
 
     precision = next((key for key in ("bf16", "fp16") if ds_config.get(key, {}).get("enabled")), "fp32")
     if ds_config.get("torch_autocast", {}).get("enabled"):  # fp32 weights and optimizer state, unlike "bf16"
@@ -517,7 +517,7 @@ def settings_meta(train, ds_config: dict[str, Any], max_steps: int) -> dict[str,
         "train.weight_decay": train.weight_decay,
         "train.seed": train.seed,
         "train.precision": precision,
-        "deepspeed.zero_stage": int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        "deepspeed.zero_stage": zero_stage(ds_config),
         "schedule": {
             "max_steps": max_steps,
             "warmup_ratio": train.warmup_ratio,

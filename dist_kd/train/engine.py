@@ -336,7 +336,7 @@ def build_ds_config(
         )
     json_bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
     if bf16_mode == "auto":
-        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        stage = zero_stage(ds_config)
         bf16_mode = "deepspeed" if json_bf16 or stage > 0 else "autocast"
     elif bf16_mode == "autocast" and json_bf16:
         raise ValueError(
@@ -417,10 +417,15 @@ def _reaches(section: dict[str, Any], path: tuple[str, ...]) -> bool:
     return bool(path) and (path[-1] in section or len(path) > 1)
 
 
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 without a zero_optimization section)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def check_compile(train: TrainConfig, ds_config: dict[str, Any]) -> None:
     """``train.compile`` with ZeRO-3 is refused: its parameter hooks gather and release weights around every
     submodule's forward. Called with the set-up's checks, before any model loads."""
-    if train.compile and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+    if train.compile and zero_stage(ds_config) == 3:
         raise ValueError("train.compile works with ZeRO 0-2; this run's deepspeed.config is ZeRO-3")
 
 
@@ -544,8 +549,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str,
     half = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
     start = [p.detach().clone() for p in module.parameters()] if half else []
     # Made before DeepSpeed registers its hooks on the module's tree (exported_weights).
-    stage3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
-    twin = _storage_free_copy(module) if half and stage3 else None
+    twin = _storage_free_copy(module) if half and zero_stage(ds_config) == 3 else None
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
